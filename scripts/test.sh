@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# The whole test suite: installs and starts what the tests need when it is missing, then runs the
+# format check, clippy with warnings denied, and every test. `.ci/run` calls this script.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/deps.sh
+ensure_build_deps
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --release --all-targets -- -D warnings
+echo "== cargo test"
+cargo test --release -- --test-threads=4

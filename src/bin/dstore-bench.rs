@@ -1,0 +1,259 @@
+//! Load generator for dstore: drives item PUTs at a chosen concurrency, or `_bulk` requests, with fresh
+//! uuids, and prints items/s, latency percentiles and error counts.
+//!
+//! `dstore-bench --embedded` starts a dstore in-process on a temporary directory first, so one command
+//! measures the embedded default; without it, `--url` names a running server.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use clap::{Parser, ValueEnum};
+use hdrhistogram::Histogram;
+use serde_json::json;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+use uuid::Uuid;
+
+#[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
+enum Mode {
+    Put,
+    Bulk,
+}
+
+#[derive(Parser, Debug)]
+#[command(name = "dstore-bench", about = "Load generator for dstore")]
+struct Args {
+    /// Server address (host:port) when not --embedded.
+    #[arg(long, default_value = "127.0.0.1:2020")]
+    address: String,
+    /// Start a dstore in this process on a temporary directory.
+    #[arg(long)]
+    embedded: bool,
+    /// Journal durability of the embedded server: sync or buffered.
+    #[arg(long, default_value = "sync")]
+    durability: String,
+    #[arg(long, value_enum, default_value = "put")]
+    mode: Mode,
+    /// Concurrent connections.
+    #[arg(long, default_value_t = 64)]
+    concurrency: usize,
+    /// Seconds of load.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Items per `_bulk` request.
+    #[arg(long, default_value_t = 1000)]
+    bulk_size: usize,
+    #[arg(long, default_value = "bench")]
+    project: String,
+}
+
+/// A minimal HTTP/1.1 keep-alive connection: the client must not cost more CPU than the server.
+struct Connection {
+    stream: BufReader<TcpStream>,
+    host: String,
+}
+
+impl Connection {
+    async fn open(address: &str) -> std::io::Result<Connection> {
+        let stream = TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        Ok(Connection { stream: BufReader::new(stream), host: address.to_string() })
+    }
+
+    /// Sends a request and returns the status code and body.
+    async fn request(&mut self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
+        let head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n", self.host, body.len());
+        let stream = self.stream.get_mut();
+        stream.write_all(head.as_bytes()).await?;
+        stream.write_all(body).await?;
+        let mut line = String::new();
+        self.stream.read_line(&mut line).await?;
+        let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let mut length = 0usize;
+        loop {
+            line.clear();
+            if self.stream.read_line(&mut line).await? == 0 {
+                return Err(std::io::ErrorKind::UnexpectedEof.into());
+            }
+            if line == "\r\n" {
+                break;
+            }
+            if let Some((name, value)) = line.split_once(':') {
+                if name.eq_ignore_ascii_case("content-length") {
+                    length = value.trim().parse().unwrap_or(0);
+                }
+            }
+        }
+        let mut body = vec![0; length];
+        self.stream.read_exact(&mut body).await?;
+        Ok((status, body))
+    }
+}
+
+fn blueprint() -> serde_json::Value {
+    json!({
+        "postgresql": {"table": "articles"},
+        "elasticsearch": {"type": "article"},
+        "columns": {
+            "title": {"type": "string"},
+            "body": {"type": "text"},
+            "views": {"type": "integer"},
+            "date_created": {"type": "datetime", "validation": {"required": true}},
+            "location": {"type": "point"}
+        }
+    })
+}
+
+fn item(id: Uuid, version: u64) -> serde_json::Value {
+    json!({
+        "id": id,
+        "project_version": version,
+        "title": "A benchmark article",
+        "body": "Lorem ipsum dolor sit amet, consectetur adipiscing elit.",
+        "views": 42,
+        "date_created": "2026-11-22 10:00:00",
+        "location": {"type": "Point", "coordinates": [8.54, 47.37]}
+    })
+}
+
+async fn setup(address: &str, project: &str) -> Result<u64, String> {
+    let mut c = Connection::open(address).await.map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    let path = format!("/{project}/article/_blueprint");
+    let (status, body) = c.request("PUT", &path, blueprint().to_string().as_bytes()).await.map_err(|e| e.to_string())?;
+    if status != 200 {
+        return Err(format!("PUT {path} answered {status}: {}", String::from_utf8_lossy(&body)));
+    }
+    let (_, _) = c.request("POST", &format!("/{project}/_version"), b"").await.map_err(|e| e.to_string())?;
+    let (_, body) = c.request("GET", &format!("/{project}/_version"), b"").await.map_err(|e| e.to_string())?;
+    let versions: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
+    versions["project_version"].as_u64().ok_or_else(|| "no version".to_string())
+}
+
+#[derive(Default)]
+struct Totals {
+    items: AtomicU64,
+    errors: AtomicU64,
+}
+
+async fn worker(args: Arc<Args>, address: String, version: u64, stop: Arc<AtomicBool>, totals: Arc<Totals>) -> Histogram<u64> {
+    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let Ok(mut connection) = Connection::open(&address).await else {
+        totals.errors.fetch_add(1, Ordering::Relaxed);
+        return histogram;
+    };
+    while !stop.load(Ordering::Relaxed) {
+        let method = if args.mode == Mode::Put { "PUT" } else { "POST" };
+        let (path, body, count) = match args.mode {
+            Mode::Put => {
+                let id = Uuid::new_v4();
+                (format!("/{}/article/{id}", args.project), item(id, version).to_string().into_bytes(), 1)
+            }
+            Mode::Bulk => {
+                let mut body = Vec::with_capacity(args.bulk_size * 300);
+                for _ in 0..args.bulk_size {
+                    let id = Uuid::new_v4();
+                    body.extend_from_slice(json!({"put": {"blueprint": "article", "id": id}}).to_string().as_bytes());
+                    body.push(b'\n');
+                    body.extend_from_slice(item(id, version).to_string().as_bytes());
+                    body.push(b'\n');
+                }
+                (format!("/{}/_bulk", args.project), body, args.bulk_size as u64)
+            }
+        };
+        let started = Instant::now();
+        match connection.request(method, &path, &body).await {
+            Ok((200 | 201, response)) => {
+                let failed = args.mode == Mode::Bulk && response.windows(14).any(|w| w == b"\"errors\":true");
+                if failed {
+                    totals.errors.fetch_add(1, Ordering::Relaxed);
+                } else {
+                    totals.items.fetch_add(count, Ordering::Relaxed);
+                }
+            }
+            Ok(_) => {
+                totals.errors.fetch_add(count, Ordering::Relaxed);
+            }
+            Err(_) => {
+                totals.errors.fetch_add(count, Ordering::Relaxed);
+                match Connection::open(&address).await {
+                    Ok(c) => connection = c,
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+                continue;
+            }
+        }
+        let _ = histogram.record(started.elapsed().as_micros() as u64);
+    }
+    histogram
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Arc::new(Args::parse());
+    let runtime = tokio::runtime::Runtime::new().expect("a runtime");
+    runtime.block_on(async move {
+        let mut _dir = None;
+        let address = if args.embedded {
+            let dir = tempfile_dir();
+            let mut settings = dstore::config::Settings::default();
+            settings.server.host = "127.0.0.1".into();
+            settings.server.port = 0;
+            settings.storage.data_dir = dir.clone();
+            settings.storage.durability = match args.durability.as_str() {
+                "buffered" => dstore::journal::Durability::Buffered,
+                _ => dstore::journal::Durability::Sync,
+            };
+            settings.log.level = "warn".into();
+            dstore::telemetry::init(&settings.log);
+            let app = dstore::startup::Application::build(settings).await.expect("dstore starts");
+            let address = format!("127.0.0.1:{}", app.port());
+            tokio::spawn(app.run_until_stopped());
+            _dir = Some(dir);
+            address
+        } else {
+            args.address.clone()
+        };
+        let version = match setup(&address, &args.project).await {
+            Ok(v) => v,
+            Err(e) => {
+                eprintln!("dstore-bench: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
+        };
+        let stop = Arc::new(AtomicBool::new(false));
+        let totals = Arc::new(Totals::default());
+        let started = Instant::now();
+        let workers: Vec<_> = (0..args.concurrency)
+            .map(|_| tokio::spawn(worker(args.clone(), address.clone(), version, stop.clone(), totals.clone())))
+            .collect();
+        tokio::time::sleep(Duration::from_secs(args.duration)).await;
+        stop.store(true, Ordering::Relaxed);
+        let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+        for w in workers {
+            if let Ok(h) = w.await {
+                let _ = histogram.add(h);
+            }
+        }
+        let elapsed = started.elapsed().as_secs_f64();
+        let items = totals.items.load(Ordering::Relaxed);
+        let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+        println!(
+            "mode={:?} concurrency={} durability={} duration={elapsed:.1}s",
+            args.mode,
+            args.concurrency,
+            if args.embedded { args.durability.as_str() } else { "server's" }
+        );
+        println!("items={items} items/s={:.0} requests={} errors={}", items as f64 / elapsed, histogram.len(), totals.errors.load(Ordering::Relaxed));
+        println!("latency_ms p50={:.2} p95={:.2} p99={:.2} max={:.2}", ms(0.5), ms(0.95), ms(0.99), histogram.max() as f64 / 1000.0);
+        if let Some(dir) = _dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+        std::process::ExitCode::SUCCESS
+    })
+}
+
+fn tempfile_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("dstore-bench-{}", Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    dir
+}

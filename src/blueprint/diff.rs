@@ -1,0 +1,214 @@
+//! Edits and changes: applying a PUT body to a working copy, and the changes between two snapshots.
+//!
+//! Columns and blueprints are matched by `uid`, never by name, so renames, swaps and a column removed
+//! and created again under the same name are all told apart. [`diff`] works on any two snapshots, in
+//! either direction: `diff(a, b)` and `diff(b, a)` are each other's inverse.
+
+use std::collections::HashMap;
+
+use indexmap::IndexMap;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::ident::Ident;
+use super::model::{Blueprint, Blueprints, Column, Uid};
+use super::parse::BlueprintInput;
+use super::FieldError;
+
+/// One recorded change (DESIGN §1 change kinds).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind")]
+pub enum Change {
+    #[serde(rename = "blueprint.create")]
+    BlueprintCreate { blueprint: Ident, definition: Value },
+    #[serde(rename = "blueprint.remove")]
+    BlueprintRemove { blueprint: Ident, definition: Value },
+    #[serde(rename = "blueprint.update")]
+    BlueprintUpdate {
+        blueprint: Ident,
+        option: String,
+        from: Value,
+        to: Value,
+    },
+    #[serde(rename = "column.create")]
+    ColumnCreate {
+        blueprint: Ident,
+        column: Ident,
+        definition: Value,
+    },
+    #[serde(rename = "column.update")]
+    ColumnUpdate {
+        blueprint: Ident,
+        column: Ident,
+        option: String,
+        from: Value,
+        to: Value,
+    },
+    #[serde(rename = "column.rename")]
+    ColumnRename { blueprint: Ident, from: Ident, to: Ident },
+    #[serde(rename = "column.remove")]
+    ColumnRemove {
+        blueprint: Ident,
+        column: Ident,
+        definition: Value,
+    },
+}
+
+/// Hands out project-wide uids.
+pub trait UidSource {
+    fn next_uid(&mut self) -> Uid;
+}
+
+impl UidSource for Uid {
+    fn next_uid(&mut self) -> Uid {
+        *self += 1;
+        *self
+    }
+}
+
+/// Applies a client's blueprint body to the current definition (if any), keeping uids of the columns
+/// it keeps or renames. `base` prefixes error paths.
+pub fn apply_edit(
+    current: Option<&Blueprint>,
+    input: BlueprintInput,
+    uids: &mut impl UidSource,
+    base: &str,
+) -> Result<Blueprint, Vec<FieldError>> {
+    let empty = IndexMap::new();
+    let existing = current.map_or(&empty, |bp| &bp.columns);
+    // The current column each body entry stands for: its key, or — when the rename was already
+    // applied by an earlier, identical request — its target.
+    let sources: Vec<Option<&Ident>> = input
+        .columns
+        .iter()
+        .map(|c| {
+            existing
+                .get_key_value(&c.name)
+                .or_else(|| existing.get_key_value(c.target()))
+                .map(|(k, _)| k)
+        })
+        .collect();
+    let renamed_away: Vec<&Ident> = input
+        .columns
+        .iter()
+        .zip(&sources)
+        .filter_map(|(c, source)| source.filter(|s| *s != c.target()))
+        .collect();
+    let mut errors = Vec::new();
+    for (column, source) in input.columns.iter().zip(&sources) {
+        let target = column.target();
+        let is_rename = source.is_some_and(|s| s != target);
+        if is_rename && existing.contains_key(target) && !renamed_away.contains(&target) {
+            errors.push(FieldError::new(
+                format!("{base}/columns/{}/column_id", column.name),
+                format!(
+                    "cannot rename {:?} to {:?}: a column named {:?} already exists",
+                    column.name.as_str(),
+                    target.as_str(),
+                    target.as_str()
+                ),
+            ));
+        }
+    }
+    if !errors.is_empty() {
+        return Err(errors);
+    }
+    let columns = input
+        .columns
+        .into_iter()
+        .zip(sources)
+        .map(|(column, source)| {
+            let uid = match source {
+                Some(name) => existing[name].uid,
+                None => uids.next_uid(),
+            };
+            (column.target().clone(), Column { uid, def: column.def })
+        })
+        .collect();
+    Ok(Blueprint {
+        uid: current.map_or_else(|| uids.next_uid(), |bp| bp.uid),
+        table: input.table,
+        es_type: input.es_type,
+        columns,
+    })
+}
+
+/// The changes that turn snapshot `from` into snapshot `to`.
+pub fn diff(from: &Blueprints, to: &Blueprints) -> Vec<Change> {
+    let by_uid = |set: &Blueprints| -> HashMap<Uid, (Ident, Blueprint)> {
+        set.iter()
+            .map(|(name, bp)| (bp.uid, (name.clone(), bp.clone())))
+            .collect()
+    };
+    let (old, new) = (by_uid(from), by_uid(to));
+    let mut changes = Vec::new();
+    for (name, bp) in from {
+        if !new.contains_key(&bp.uid) {
+            changes.push(Change::BlueprintRemove {
+                blueprint: name.clone(),
+                definition: bp.to_public(),
+            });
+        }
+    }
+    for (name, bp) in to {
+        match old.get(&bp.uid) {
+            None => changes.push(Change::BlueprintCreate {
+                blueprint: name.clone(),
+                definition: bp.to_public(),
+            }),
+            Some((_, before)) => diff_blueprint(name, before, bp, &mut changes),
+        }
+    }
+    changes
+}
+
+fn diff_blueprint(name: &Ident, before: &Blueprint, after: &Blueprint, changes: &mut Vec<Change>) {
+    let update = |option: &str, from: &Ident, to: &Ident| Change::BlueprintUpdate {
+        blueprint: name.clone(),
+        option: option.into(),
+        from: Value::from(from.as_str()),
+        to: Value::from(to.as_str()),
+    };
+    if before.table != after.table {
+        changes.push(update("postgresql.table", &before.table, &after.table));
+    }
+    if before.es_type != after.es_type {
+        changes.push(update("elasticsearch.type", &before.es_type, &after.es_type));
+    }
+    for (old_name, column) in &before.columns {
+        match after.column_by_uid(column.uid) {
+            Some((new_name, _)) if new_name != old_name => changes.push(Change::ColumnRename {
+                blueprint: name.clone(),
+                from: old_name.clone(),
+                to: new_name.clone(),
+            }),
+            Some(_) => {}
+            None => changes.push(Change::ColumnRemove {
+                blueprint: name.clone(),
+                column: old_name.clone(),
+                definition: column.def.to_public(),
+            }),
+        }
+    }
+    for (new_name, column) in &after.columns {
+        let Some((_, old)) = before.column_by_uid(column.uid) else {
+            changes.push(Change::ColumnCreate {
+                blueprint: name.clone(),
+                column: new_name.clone(),
+                definition: column.def.to_public(),
+            });
+            continue;
+        };
+        for ((option, from), (_, to)) in old.def.options().into_iter().zip(column.def.options()) {
+            if from != to {
+                changes.push(Change::ColumnUpdate {
+                    blueprint: name.clone(),
+                    column: new_name.clone(),
+                    option: option.into(),
+                    from,
+                    to,
+                });
+            }
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! The pure model of blueprints: identifiers, the column type table, parsing and validation of
+//! blueprints and items, the change log differ, and transforms of items between versions.
+//!
+//! This module does no I/O and knows nothing of stores, queues or HTTP; everything in it is a plain
+//! function of its arguments, tested without a server.
+
+pub mod check;
+pub mod diff;
+pub mod ident;
+pub mod model;
+pub mod parse;
+pub mod transform;
+pub mod types;
+pub mod value;
+
+use serde::Serialize;
+
+pub use diff::{apply_edit, diff, Change};
+pub use ident::Ident;
+pub use model::{Blueprint, Blueprints, Column, ColumnDef, Uid};
+pub use parse::{parse_blueprint, BlueprintInput};
+pub use types::{BaseType, ColumnType};
+
+/// One problem with a client's input: where (a JSON pointer) and why.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct FieldError {
+    pub path: String,
+    pub message: String,
+}
+
+impl FieldError {
+    pub fn new(path: impl Into<String>, message: impl Into<String>) -> FieldError {
+        FieldError {
+            path: path.into(),
+            message: message.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod proptests;

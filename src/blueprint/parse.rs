@@ -1,0 +1,353 @@
+//! Parsing a blueprint body into typed values, reporting every problem at once.
+//!
+//! The parser walks the JSON by hand instead of deriving `Deserialize` so that it can keep going after
+//! the first error and name each problem by its JSON pointer (`/columns/title/type`).
+
+use indexmap::IndexMap;
+use serde_json::{Map, Value};
+
+use super::check::check_column_value;
+use super::ident::Ident;
+use super::model::{ColumnDef, Pattern, Validation};
+use super::types::{BaseType, ColumnType};
+use super::FieldError;
+
+/// A blueprint as a client sent it: columns in body order, with their rename instructions.
+#[derive(Clone, Debug, PartialEq)]
+pub struct BlueprintInput {
+    pub table: Ident,
+    pub es_type: Ident,
+    pub columns: Vec<ColumnInput>,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ColumnInput {
+    /// The key in the body: the current name of the column.
+    pub name: Ident,
+    /// `column_id`: the name the column is renamed to.
+    pub rename_to: Option<Ident>,
+    pub def: ColumnDef,
+}
+
+impl ColumnInput {
+    /// The name the column has once the edit is applied.
+    pub fn target(&self) -> &Ident {
+        self.rename_to.as_ref().unwrap_or(&self.name)
+    }
+}
+
+/// Escapes a key for use in a JSON pointer (RFC 6901).
+pub fn pointer_segment(key: &str) -> String {
+    key.replace('~', "~0").replace('/', "~1")
+}
+
+struct Errors<'a> {
+    base: &'a str,
+    list: Vec<FieldError>,
+}
+
+impl Errors<'_> {
+    fn push(&mut self, path: &str, message: impl Into<String>) {
+        self.list.push(FieldError::new(format!("{}{path}", self.base), message));
+    }
+
+    fn unknown_keys(&mut self, path: &str, object: &Map<String, Value>, known: &[&str]) {
+        for key in object.keys().filter(|k| !known.contains(&k.as_str())) {
+            self.push(
+                &format!("{path}/{}", pointer_segment(key)),
+                format!("unknown key; expected one of {}", known.join(", ")),
+            );
+        }
+    }
+}
+
+/// Parses the public form of one blueprint; `base` prefixes every error path.
+pub fn parse_blueprint(body: &Value, base: &str) -> Result<BlueprintInput, Vec<FieldError>> {
+    let mut errors = Errors { base, list: Vec::new() };
+    let Value::Object(top) = body else {
+        errors.push("", "a blueprint must be a JSON object");
+        return Err(errors.list);
+    };
+    errors.unknown_keys("", top, &["postgresql", "elasticsearch", "columns"]);
+    let table = named_section(&mut errors, top, "postgresql", "table");
+    let es_type = named_section(&mut errors, top, "elasticsearch", "type");
+    let columns = match top.get("columns") {
+        None => Vec::new(),
+        Some(Value::Object(columns)) => columns
+            .iter()
+            .filter_map(|(name, column)| parse_column(&mut errors, name, column))
+            .collect(),
+        Some(_) => {
+            errors.push("/columns", "must be an object of column definitions");
+            Vec::new()
+        }
+    };
+    check_column_names(&mut errors, &columns);
+    match (table, es_type) {
+        (Some(table), Some(es_type)) if errors.list.is_empty() => Ok(BlueprintInput {
+            table,
+            es_type,
+            columns,
+        }),
+        _ => Err(errors.list),
+    }
+}
+
+/// Reads `{"postgresql": {"table": "…"}}`-shaped sections.
+fn named_section(
+    errors: &mut Errors,
+    top: &Map<String, Value>,
+    section: &str,
+    key: &str,
+) -> Option<Ident> {
+    let path = format!("/{section}");
+    let Some(value) = top.get(section) else {
+        errors.push(&path, format!("is required: {{\"{key}\": \"<name>\"}}"));
+        return None;
+    };
+    let Value::Object(object) = value else {
+        errors.push(&path, format!("must be an object like {{\"{key}\": \"<name>\"}}"));
+        return None;
+    };
+    errors.unknown_keys(&path, object, &[key]);
+    ident_at(errors, &format!("{path}/{key}"), object.get(key))
+}
+
+fn ident_at(errors: &mut Errors, path: &str, value: Option<&Value>) -> Option<Ident> {
+    match value {
+        None => errors.push(path, "is required"),
+        Some(Value::String(name)) => match Ident::parse(name) {
+            Ok(ident) => return Some(ident),
+            Err(reason) => errors.push(path, format!("{name:?} {reason}")),
+        },
+        Some(_) => errors.push(path, "must be a string"),
+    }
+    None
+}
+
+const COLUMN_KEYS: &[&str] = &[
+    "type",
+    "column_id",
+    "nullable",
+    "default",
+    "validation",
+    "index",
+    "unique",
+    "comment",
+    "elasticsearch",
+];
+
+fn parse_column(errors: &mut Errors, name: &str, column: &Value) -> Option<ColumnInput> {
+    let path = format!("/columns/{}", pointer_segment(name));
+    let before = errors.list.len();
+    let ident = Ident::parse(name)
+        .map_err(|reason| errors.push(&path, format!("column name {name:?} {reason}")))
+        .ok();
+    let Value::Object(object) = column else {
+        errors.push(&path, "a column must be an object with at least a \"type\"");
+        return None;
+    };
+    errors.unknown_keys(&path, object, COLUMN_KEYS);
+    let ty = match object.get("type") {
+        None => {
+            errors.push(&format!("{path}/type"), "is required");
+            None
+        }
+        Some(Value::String(raw)) => raw
+            .parse::<ColumnType>()
+            .map_err(|reason| errors.push(&format!("{path}/type"), reason))
+            .ok(),
+        Some(_) => {
+            errors.push(&format!("{path}/type"), "must be a string such as \"string\" or \"point[]\"");
+            None
+        }
+    };
+    let rename_to = object
+        .get("column_id")
+        .and_then(|v| ident_at(errors, &format!("{path}/column_id"), Some(v)));
+    let flag = |errors: &mut Errors, key: &str, default: bool| match object.get(key) {
+        None => default,
+        Some(Value::Bool(b)) => *b,
+        Some(_) => {
+            errors.push(&format!("{path}/{key}"), "must be true or false");
+            default
+        }
+    };
+    let nullable = flag(errors, "nullable", true);
+    let index = flag(errors, "index", false);
+    let unique = flag(errors, "unique", false);
+    let comment = match object.get("comment") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(s)) => Some(s.clone()),
+        Some(_) => {
+            errors.push(&format!("{path}/comment"), "must be a string");
+            None
+        }
+    };
+    let elasticsearch = match object.get("elasticsearch") {
+        None => None,
+        Some(Value::Object(mapping)) => Some(mapping.clone()),
+        Some(_) => {
+            errors.push(&format!("{path}/elasticsearch"), "must be an object of mapping parameters");
+            None
+        }
+    };
+    let ty = ty?;
+    let validation = match object.get("validation") {
+        None => Validation::default(),
+        Some(v) => parse_validation(errors, &format!("{path}/validation"), ty, v),
+    };
+    let mut def = ColumnDef {
+        ty,
+        nullable,
+        default: None,
+        validation,
+        index,
+        unique,
+        comment,
+        elasticsearch,
+    };
+    if let Some(default) = object.get("default") {
+        def.default = parse_default(errors, &format!("{path}/default"), &def, default);
+    }
+    if errors.list.len() > before {
+        return None;
+    }
+    Some(ColumnInput {
+        name: ident?,
+        rename_to,
+        def,
+    })
+}
+
+fn parse_default(errors: &mut Errors, path: &str, def: &ColumnDef, default: &Value) -> Option<Value> {
+    if def.validation.required {
+        errors.push(path, "contradicts validation.required: a required column never uses its default");
+        return None;
+    }
+    if default.is_null() {
+        if !def.nullable {
+            errors.push(path, "null contradicts nullable: false");
+        }
+        return None;
+    }
+    check_column_value(def, default)
+        .map_err(|reason| errors.push(path, reason))
+        .ok()
+}
+
+const VALIDATION_KEYS: &[&str] = &["required", "min", "max", "min_length", "max_length", "pattern", "enum"];
+
+fn parse_validation(errors: &mut Errors, path: &str, ty: ColumnType, value: &Value) -> Validation {
+    let mut out = Validation::default();
+    let Value::Object(object) = value else {
+        errors.push(path, "must be an object");
+        return out;
+    };
+    errors.unknown_keys(path, object, VALIDATION_KEYS);
+    let base = ty.base();
+    let mut applies = |errors: &mut Errors, key: &str, ok: bool, to: &str| {
+        if !ok && object.contains_key(key) {
+            errors.push(&format!("{path}/{key}"), format!("applies only to {to} columns, not {ty}"));
+        }
+        ok
+    };
+    let numeric = applies(errors, "min", base.is_numeric(), "integer and float")
+        & applies(errors, "max", base.is_numeric(), "integer and float");
+    let textual = applies(errors, "min_length", base.is_textual(), "string and text")
+        & applies(errors, "max_length", base.is_textual(), "string and text")
+        & applies(errors, "pattern", base.is_textual(), "string and text");
+    let enumerable = !matches!(
+        base,
+        BaseType::Json | BaseType::Boolean | BaseType::Point | BaseType::LineString | BaseType::Polygon
+    );
+    applies(errors, "enum", enumerable, "uuid, string, text, date, datetime, integer and float");
+
+    for (key, value) in object {
+        let at = format!("{path}/{key}");
+        match key.as_str() {
+            "required" => match value {
+                Value::Bool(b) => out.required = *b,
+                _ => errors.push(&at, "must be true or false"),
+            },
+            "min" | "max" if numeric => match value.as_f64().filter(|f| f.is_finite()) {
+                Some(f) if key == "min" => out.min = Some(f),
+                Some(f) => out.max = Some(f),
+                None => errors.push(&at, "must be a number"),
+            },
+            "min_length" | "max_length" if textual => match value.as_u64() {
+                Some(n) if key == "min_length" => out.min_length = Some(n),
+                Some(n) => out.max_length = Some(n),
+                None => errors.push(&at, "must be a whole number of characters, zero or more"),
+            },
+            "pattern" if textual => match value {
+                Value::String(source) => match Pattern::compile(source) {
+                    Ok(pattern) => out.pattern = Some(pattern),
+                    Err(reason) => errors.push(&at, format!("{source:?} {reason}")),
+                },
+                _ => errors.push(&at, "must be a regular expression in a string"),
+            },
+            "enum" if enumerable => out.one_of = parse_enum(errors, &at, base, value),
+            _ => {}
+        }
+    }
+    if let (Some(min), Some(max)) = (out.min, out.max) {
+        if min > max {
+            errors.push(&format!("{path}/min"), format!("min {min} is greater than max {max}"));
+        }
+    }
+    if let (Some(min), Some(max)) = (out.min_length, out.max_length) {
+        if min > max {
+            errors.push(
+                &format!("{path}/min_length"),
+                format!("min_length {min} is greater than max_length {max}"),
+            );
+        }
+    }
+    if base == BaseType::String && out.max_length == Some(0) {
+        errors.push(&format!("{path}/max_length"), "must be at least 1");
+    }
+    out
+}
+
+fn parse_enum(errors: &mut Errors, path: &str, base: BaseType, value: &Value) -> Option<Vec<Value>> {
+    let Value::Array(items) = value else {
+        errors.push(path, "must be an array of allowed values");
+        return None;
+    };
+    if items.is_empty() {
+        errors.push(path, "must list at least one allowed value");
+        return None;
+    }
+    let mut allowed = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        match super::value::canonicalize_scalar(base, item) {
+            Ok(v) => allowed.push(v),
+            Err(reason) => errors.push(&format!("{path}/{i}"), reason),
+        }
+    }
+    Some(allowed)
+}
+
+/// Two columns may not end up with the same name.
+fn check_column_names(errors: &mut Errors, columns: &[ColumnInput]) {
+    let mut seen: IndexMap<&Ident, &Ident> = IndexMap::new();
+    for column in columns {
+        if let Some(first) = seen.insert(column.target(), &column.name) {
+            errors.push(
+                &format!("/columns/{}", column.name),
+                format!(
+                    "would be named {:?}, which column {:?} is already named",
+                    column.target().as_str(),
+                    first.as_str()
+                ),
+            );
+        }
+        if ["id", "project_version", "links"].contains(&column.target().as_str()) {
+            errors.push(
+                &format!("/columns/{}", column.name),
+                format!("{:?} is reserved: every item carries it", column.target().as_str()),
+            );
+        }
+    }
+}

@@ -1,0 +1,206 @@
+//! Property tests of the differ and the transformer.
+
+use indexmap::IndexMap;
+use proptest::prelude::*;
+use serde_json::{json, Map, Value};
+use uuid::Uuid;
+
+use super::check::check_item;
+use super::diff::{apply_edit, diff, Change};
+use super::model::{Blueprint, Blueprints, Column, ColumnDef};
+use super::parse::parse_blueprint;
+use super::transform::transform;
+use super::types::{BaseType, ColumnType};
+use super::Ident;
+
+fn base_type() -> impl Strategy<Value = BaseType> {
+    proptest::sample::select(BaseType::ALL.to_vec())
+}
+
+fn column_type() -> impl Strategy<Value = ColumnType> {
+    (base_type(), any::<bool>()).prop_map(|(b, many)| if many { ColumnType::Many(b) } else { ColumnType::One(b) })
+}
+
+fn position() -> impl Strategy<Value = Value> {
+    (-180i32..=180, -90i32..=90, 0u8..4).prop_map(|(x, y, q)| json!([x as f64 + q as f64 / 4.0 * 0.5, y as f64 * 0.5]))
+}
+
+fn scalar(base: BaseType) -> BoxedStrategy<Value> {
+    match base {
+        BaseType::Uuid => any::<u128>().prop_map(|n| json!(Uuid::from_u128(n))).boxed(),
+        BaseType::String | BaseType::Text => "[a-z ]{0,12}".prop_map(Value::from).boxed(),
+        BaseType::Point => position().prop_map(|p| json!({"type": "Point", "coordinates": p})).boxed(),
+        BaseType::LineString => proptest::collection::vec(position(), 2..4)
+            .prop_map(|ps| json!({"type": "LineString", "coordinates": ps}))
+            .boxed(),
+        BaseType::Polygon => proptest::collection::vec(position(), 3..5)
+            .prop_map(|mut ring| {
+                ring.push(ring[0].clone());
+                json!({"type": "Polygon", "coordinates": [ring]})
+            })
+            .boxed(),
+        BaseType::Date => (0i64..80_000).prop_map(|d| {
+            let date = chrono::NaiveDate::from_ymd_opt(1900, 1, 1).unwrap() + chrono::Duration::days(d);
+            json!(date.format("%Y-%m-%d").to_string())
+        })
+        .boxed(),
+        BaseType::DateTime => (0i64..4_000_000_000).prop_map(|s| {
+            json!(chrono::DateTime::from_timestamp(s, 0).unwrap().format("%Y-%m-%d %H:%M:%S").to_string())
+        })
+        .boxed(),
+        BaseType::Float => (-1.0e6f64..1.0e6).prop_map(|f| json!(f)).boxed(),
+        BaseType::Integer => any::<i32>().prop_map(Value::from).boxed(),
+        BaseType::Boolean => any::<bool>().prop_map(Value::from).boxed(),
+        BaseType::Json => ("[a-z]{1,5}", any::<i16>()).prop_map(|(k, v)| json!({ k: [v, null, "x"] })).boxed(),
+    }
+}
+
+fn value(ty: ColumnType) -> BoxedStrategy<Value> {
+    match ty {
+        ColumnType::One(b) => prop_oneof![1 => Just(Value::Null), 4 => scalar(b)].boxed(),
+        ColumnType::Many(b) => proptest::collection::vec(scalar(b), 0..3).prop_map(Value::Array).boxed(),
+    }
+}
+
+fn ident(name: &str) -> Ident {
+    Ident::parse(name).unwrap()
+}
+
+/// A blueprint with `n` columns named `c0…`, uids 1…n.
+fn blueprint(types: &[ColumnType]) -> Blueprint {
+    let columns = types
+        .iter()
+        .enumerate()
+        .map(|(i, ty)| (ident(&format!("c{i}")), Column { uid: i as u64 + 1, def: ColumnDef::of_type(*ty) }))
+        .collect();
+    Blueprint { uid: 100, table: ident("t"), es_type: ident("t"), columns }
+}
+
+/// What happens to each column of A in B.
+#[derive(Clone, Debug)]
+enum Fate {
+    Keep,
+    Rename,
+    Remove,
+    ToText,
+}
+
+fn fate() -> impl Strategy<Value = Fate> {
+    prop_oneof![Just(Fate::Keep), Just(Fate::Rename), Just(Fate::Remove), Just(Fate::ToText)]
+}
+
+/// B derived from A: columns renamed, removed or turned into text, plus `added` new columns.
+fn evolve(a: &Blueprint, fates: &[Fate], added: &[ColumnType]) -> Blueprint {
+    let mut columns = IndexMap::new();
+    for ((name, column), fate) in a.columns.iter().zip(fates) {
+        let mut column = column.clone();
+        let name = match fate {
+            Fate::Keep => name.clone(),
+            Fate::Rename => ident(&format!("r{}", column.uid)),
+            Fate::Remove => continue,
+            Fate::ToText => {
+                if let ColumnType::One(b) = column.def.ty {
+                    if b != BaseType::Json {
+                        column.def.ty = ColumnType::One(BaseType::Text);
+                    }
+                }
+                name.clone()
+            }
+        };
+        columns.insert(name, column);
+    }
+    for (i, ty) in added.iter().enumerate() {
+        columns.insert(ident(&format!("n{i}")), Column { uid: 1000 + i as u64, def: ColumnDef::of_type(*ty) });
+    }
+    Blueprint { columns, ..a.clone() }
+}
+
+fn scenario() -> impl Strategy<Value = (Blueprint, Blueprint, Map<String, Value>)> {
+    proptest::collection::vec(column_type(), 1..8)
+        .prop_flat_map(|types| {
+            let values: Vec<BoxedStrategy<Value>> = types.iter().map(|t| value(*t)).collect();
+            let n = types.len();
+            (
+                Just(types),
+                values,
+                proptest::collection::vec(fate(), n),
+                proptest::collection::vec(column_type(), 0..3),
+            )
+        })
+        .prop_map(|(types, values, fates, added)| {
+            let a = blueprint(&types);
+            let b = evolve(&a, &fates, &added);
+            let body: Map<String, Value> =
+                a.columns.keys().zip(values).map(|(name, v)| (name.to_string(), v)).collect();
+            let item = check_item(&a, 1, Uuid::nil(), &body).expect("generated items are valid");
+            (a, b, item)
+        })
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(256))]
+
+    #[test]
+    fn going_to_a_version_and_back_keeps_every_shared_column((a, b, item) in scenario()) {
+        let there = transform(&item, &a, &b, 2);
+        let back = transform(&there, &b, &a, 1);
+        for (name, column) in &a.columns {
+            if b.column_by_uid(column.uid).is_some() {
+                prop_assert_eq!(&back[name.as_str()], &item[name.as_str()], "column {} lost on the way", name);
+            }
+        }
+        // The target version's view holds exactly its columns plus the item keys.
+        prop_assert_eq!(there.len(), b.columns.len() + 3);
+    }
+
+    #[test]
+    fn diff_in_one_direction_mirrors_the_other((a, b, _item) in scenario()) {
+        let (sa, sb): (Blueprints, Blueprints) = ([(ident("x"), a)].into(), [(ident("x"), b)].into());
+        let forward = diff(&sa, &sb);
+        let backward = diff(&sb, &sa);
+        let count = |changes: &[Change], kind: &str| changes.iter().filter(|c| serde_json::to_value(c).unwrap()["kind"] == kind).count();
+        prop_assert_eq!(count(&forward, "column.create"), count(&backward, "column.remove"));
+        prop_assert_eq!(count(&forward, "column.remove"), count(&backward, "column.create"));
+        prop_assert_eq!(count(&forward, "column.rename"), count(&backward, "column.rename"));
+        prop_assert_eq!(count(&forward, "column.update"), count(&backward, "column.update"));
+        prop_assert!(diff(&sa, &sa).is_empty());
+    }
+
+    #[test]
+    fn resending_the_public_form_changes_nothing((a, b, _item) in scenario()) {
+        for bp in [a, b] {
+            let input = parse_blueprint(&bp.to_public(), "").expect("the public form parses");
+            let mut uids = 5000u64;
+            let edited = apply_edit(Some(&bp), input, &mut uids, "").expect("a re-send applies");
+            prop_assert_eq!(&edited, &bp);
+        }
+    }
+}
+
+#[test]
+fn a_rename_plus_a_type_change_is_two_changes() {
+    let a = blueprint(&[ColumnType::One(BaseType::Integer)]);
+    let mut b = a.clone();
+    let (_, mut column) = b.columns.shift_remove_entry(&ident("c0")).unwrap();
+    column.def.ty = ColumnType::One(BaseType::Float);
+    b.columns.insert(ident("renamed"), column);
+    let changes = diff(&[(ident("x"), a)].into(), &[(ident("x"), b)].into());
+    assert_eq!(changes.len(), 2, "{changes:?}");
+    assert!(matches!(&changes[0], Change::ColumnRename { to, .. } if to.as_str() == "renamed"));
+    assert!(matches!(&changes[1], Change::ColumnUpdate { option, .. } if option == "type"));
+}
+
+#[test]
+fn lossy_type_changes_become_null_and_lossless_ones_convert() {
+    use super::transform::convert;
+    let def = |t: &str| ColumnDef::of_type(t.parse().unwrap());
+    assert_eq!(convert(&def("integer"), &def("float"), &json!(3)), json!(3));
+    assert_eq!(convert(&def("float"), &def("integer"), &json!(3.5)), Value::Null);
+    assert_eq!(convert(&def("float"), &def("integer"), &json!(3.0)), json!(3));
+    assert_eq!(convert(&def("date"), &def("datetime"), &json!("2020-01-02")), json!("2020-01-02 00:00:00"));
+    assert_eq!(convert(&def("datetime"), &def("date"), &json!("2020-01-02 10:00:00")), Value::Null);
+    assert_eq!(convert(&def("integer"), &def("string"), &json!(7)), json!("7"));
+    assert_eq!(convert(&def("string"), &def("integer"), &json!("x7")), Value::Null);
+    assert_eq!(convert(&def("uuid"), &def("uuid[]"), &json!(Uuid::nil())), json!([Uuid::nil()]));
+    assert_eq!(convert(&def("boolean"), &def("point"), &json!(true)), Value::Null);
+}

@@ -1,0 +1,300 @@
+//! Strict checking and canonical forms of column values (DESIGN §2).
+//!
+//! [`canonicalize`] either refuses a JSON value with a reason or returns the one form every store is
+//! given: integers as whole numbers in the `i32` range (PostgreSQL INTEGER), floats as finite numbers,
+//! uuids lowercase and hyphenated, dates as `YYYY-MM-DD`, datetimes as `YYYY-MM-DD HH:MM:SS[.ffffff]` in
+//! UTC (a time without an offset is UTC, whatever the server's time zone), geometries as GeoJSON of the
+//! declared type with valid WGS 84 coordinates. It never looks at anything but its arguments.
+
+use chrono::{DateTime, NaiveDate, NaiveDateTime, Timelike, Utc};
+use serde_json::{Map, Number, Value};
+
+use super::types::{BaseType, ColumnType};
+
+/// Checks `value` against `ty`; `null` is handled by the caller (nullability is a column option).
+pub fn canonicalize(ty: ColumnType, value: &Value) -> Result<Value, String> {
+    match ty {
+        ColumnType::One(base) => canonicalize_scalar(base, value),
+        ColumnType::Many(base) => {
+            let Value::Array(items) = value else {
+                return Err(format!("expected an array of {}, found {}", base.name(), kind(value)));
+            };
+            items
+                .iter()
+                .enumerate()
+                .map(|(i, item)| {
+                    if item.is_null() {
+                        return Err(format!("element {i} is null; array elements cannot be null"));
+                    }
+                    canonicalize_scalar(base, item).map_err(|e| format!("element {i}: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Value::Array)
+        }
+    }
+}
+
+/// Checks one scalar value.
+pub fn canonicalize_scalar(base: BaseType, value: &Value) -> Result<Value, String> {
+    match base {
+        BaseType::Uuid => {
+            let raw = expect_str(value, "a uuid")?;
+            uuid::Uuid::parse_str(raw)
+                .map(|u| Value::String(u.hyphenated().to_string()))
+                .map_err(|_| format!("{raw:?} is not a uuid"))
+        }
+        BaseType::String | BaseType::Text => expect_str(value, "a string").map(|s| Value::String(s.into())),
+        BaseType::Integer => integer(value),
+        BaseType::Float => float(value),
+        BaseType::Boolean => match value {
+            Value::Bool(_) => Ok(value.clone()),
+            other => Err(format!("expected true or false, found {}", kind(other))),
+        },
+        BaseType::Date => {
+            let raw = expect_str(value, "a date (YYYY-MM-DD)")?;
+            parse_date(raw).map(|d| Value::String(d.format("%Y-%m-%d").to_string()))
+        }
+        BaseType::DateTime => {
+            let raw = expect_str(value, "a datetime")?;
+            parse_datetime(raw).map(|t| Value::String(format_datetime(&t)))
+        }
+        BaseType::Json => Ok(value.clone()),
+        BaseType::Point => geometry(value, "Point", point),
+        BaseType::LineString => geometry(value, "LineString", line_string),
+        BaseType::Polygon => geometry(value, "Polygon", polygon),
+    }
+}
+
+fn kind(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+fn expect_str<'a>(value: &'a Value, what: &str) -> Result<&'a str, String> {
+    value
+        .as_str()
+        .ok_or_else(|| format!("expected {what}, found {}", kind(value)))
+}
+
+fn integer(value: &Value) -> Result<Value, String> {
+    let Value::Number(n) = value else {
+        return Err(format!("expected a whole number, found {}", kind(value)));
+    };
+    let out_of_range = || format!("{n} is out of the integer range {}..={}", i32::MIN, i32::MAX);
+    if let Some(i) = n.as_i64() {
+        return i32::try_from(i).map(Value::from).map_err(|_| out_of_range());
+    }
+    if n.is_u64() {
+        return Err(out_of_range());
+    }
+    let f = n.as_f64().unwrap_or(f64::NAN);
+    if f.fract() != 0.0 {
+        return Err(format!("{n} is not a whole number"));
+    }
+    if f < i32::MIN as f64 || f > i32::MAX as f64 {
+        return Err(out_of_range());
+    }
+    Ok(Value::from(f as i32))
+}
+
+fn float(value: &Value) -> Result<Value, String> {
+    match value {
+        Value::Number(n) => match n.as_f64() {
+            Some(f) if f.is_finite() && f.abs() <= f32::MAX as f64 => Ok(value.clone()),
+            _ => Err(format!("{n} is out of the float range")),
+        },
+        other => Err(format!("expected a number, found {}", kind(other))),
+    }
+}
+
+/// Parses `YYYY-MM-DD`.
+pub fn parse_date(raw: &str) -> Result<NaiveDate, String> {
+    NaiveDate::parse_from_str(raw, "%Y-%m-%d")
+        .map_err(|_| format!("{raw:?} is not a date; expected YYYY-MM-DD"))
+}
+
+/// Parses RFC 3339 or `YYYY-MM-DD[ HH:MM:SS[.fff]]` (also with `T`); no offset means UTC.
+pub fn parse_datetime(raw: &str) -> Result<DateTime<Utc>, String> {
+    if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
+        return Ok(t.with_timezone(&Utc));
+    }
+    for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
+        if let Ok(t) = NaiveDateTime::parse_from_str(raw, format) {
+            return Ok(t.and_utc());
+        }
+    }
+    if let Ok(d) = NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
+        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    }
+    Err(format!(
+        "{raw:?} is not a datetime; expected RFC 3339 or YYYY-MM-DD[ HH:MM:SS]"
+    ))
+}
+
+/// The canonical datetime text: UTC, seconds, microseconds only when present (PostgreSQL's precision).
+pub fn format_datetime(t: &DateTime<Utc>) -> String {
+    let micros = t.nanosecond() / 1_000 % 1_000_000;
+    if micros == 0 {
+        t.format("%Y-%m-%d %H:%M:%S").to_string()
+    } else {
+        format!("{}.{micros:06}", t.format("%Y-%m-%d %H:%M:%S"))
+    }
+}
+
+type Coordinates = fn(&Value) -> Result<(), String>;
+
+fn geometry(value: &Value, expected: &str, check: Coordinates) -> Result<Value, String> {
+    let Value::Object(object) = value else {
+        return Err(format!("expected a GeoJSON {expected}, found {}", kind(value)));
+    };
+    match object.get("type").and_then(Value::as_str) {
+        Some(t) if t == expected => {}
+        Some(t) => return Err(format!("expected a GeoJSON {expected}, found a {t}")),
+        None => return Err(format!("expected a GeoJSON {expected} with a \"type\" member")),
+    }
+    let coordinates = object
+        .get("coordinates")
+        .ok_or_else(|| format!("GeoJSON {expected} has no \"coordinates\""))?;
+    check(coordinates)?;
+    let mut canonical = Map::new();
+    canonical.insert("type".into(), Value::String(expected.into()));
+    canonical.insert("coordinates".into(), normalize_numbers(coordinates));
+    Ok(Value::Object(canonical))
+}
+
+fn normalize_numbers(value: &Value) -> Value {
+    match value {
+        Value::Array(items) => Value::Array(items.iter().map(normalize_numbers).collect()),
+        Value::Number(n) => n
+            .as_f64()
+            .and_then(Number::from_f64)
+            .map(Value::Number)
+            .unwrap_or_else(|| value.clone()),
+        other => other.clone(),
+    }
+}
+
+fn point(value: &Value) -> Result<(), String> {
+    let Some(position) = value.as_array() else {
+        return Err("a position must be an array [longitude, latitude]".into());
+    };
+    if position.len() < 2 || position.len() > 3 {
+        return Err(format!(
+            "a position has 2 or 3 numbers, found {}",
+            position.len()
+        ));
+    }
+    let numbers: Vec<f64> = position
+        .iter()
+        .map(|n| n.as_f64().filter(|f| f.is_finite()))
+        .collect::<Option<_>>()
+        .ok_or("a position must hold only numbers")?;
+    if !(-180.0..=180.0).contains(&numbers[0]) {
+        return Err(format!("longitude {} is outside -180..180", numbers[0]));
+    }
+    if !(-90.0..=90.0).contains(&numbers[1]) {
+        return Err(format!("latitude {} is outside -90..90", numbers[1]));
+    }
+    Ok(())
+}
+
+fn positions(value: &Value, min: usize, what: &str) -> Result<Vec<Value>, String> {
+    let Some(items) = value.as_array() else {
+        return Err(format!("{what} coordinates must be an array of positions"));
+    };
+    if items.len() < min {
+        return Err(format!("{what} needs at least {min} positions, found {}", items.len()));
+    }
+    for (i, p) in items.iter().enumerate() {
+        point(p).map_err(|e| format!("position {i}: {e}"))?;
+    }
+    Ok(items.clone())
+}
+
+fn line_string(value: &Value) -> Result<(), String> {
+    positions(value, 2, "a LineString").map(drop)
+}
+
+fn polygon(value: &Value) -> Result<(), String> {
+    let Some(rings) = value.as_array() else {
+        return Err("Polygon coordinates must be an array of linear rings".into());
+    };
+    if rings.is_empty() {
+        return Err("a Polygon needs at least one linear ring".into());
+    }
+    for (i, ring) in rings.iter().enumerate() {
+        let positions = positions(ring, 4, "a linear ring").map_err(|e| format!("ring {i}: {e}"))?;
+        if positions.first() != positions.last() {
+            return Err(format!("ring {i} is not closed: its first and last positions differ"));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn one(base: BaseType, v: Value) -> Result<Value, String> {
+        canonicalize(ColumnType::One(base), &v)
+    }
+
+    #[test]
+    fn integers_must_be_whole_and_in_range() {
+        assert_eq!(one(BaseType::Integer, json!(42)), Ok(json!(42)));
+        assert_eq!(one(BaseType::Integer, json!(42.0)), Ok(json!(42)));
+        assert!(one(BaseType::Integer, json!(4.5)).unwrap_err().contains("whole"));
+        assert!(one(BaseType::Integer, json!(3_000_000_000u64)).unwrap_err().contains("range"));
+        assert!(one(BaseType::Integer, json!(u64::MAX)).unwrap_err().contains("range"));
+        assert!(one(BaseType::Integer, json!("1")).is_err());
+    }
+
+    #[test]
+    fn datetimes_without_offset_are_utc_and_offsets_are_applied() {
+        assert_eq!(
+            one(BaseType::DateTime, json!("2020-01-02 03:04:05")),
+            Ok(json!("2020-01-02 03:04:05"))
+        );
+        assert_eq!(
+            one(BaseType::DateTime, json!("2020-01-02T03:04:05+02:00")),
+            Ok(json!("2020-01-02 01:04:05"))
+        );
+        assert_eq!(
+            one(BaseType::DateTime, json!("2020-01-02T03:04:05.25Z")),
+            Ok(json!("2020-01-02 03:04:05.250000"))
+        );
+        assert!(one(BaseType::DateTime, json!("2020-13-02 03:04:05")).is_err());
+        assert!(one(BaseType::Date, json!("2020-02-30")).is_err());
+        assert_eq!(one(BaseType::Date, json!("2020-02-29")), Ok(json!("2020-02-29")));
+    }
+
+    #[test]
+    fn geometries_must_have_the_declared_type_and_valid_coordinates() {
+        let p = json!({"type": "Point", "coordinates": [8.5, 47.3]});
+        assert_eq!(one(BaseType::Point, p.clone()), Ok(p));
+        assert!(one(BaseType::Point, json!({"type": "Point", "coordinates": [200, 1]})).is_err());
+        assert!(one(BaseType::LineString, json!({"type": "Point", "coordinates": [1, 1]})).is_err());
+        assert!(one(BaseType::LineString, json!({"type": "LineString", "coordinates": [[1, 1]]})).is_err());
+        let open = json!({"type": "Polygon", "coordinates": [[[0,0],[1,0],[1,1],[0,1]]]});
+        assert!(one(BaseType::Polygon, open).unwrap_err().contains("closed"));
+        let closed = json!({"type": "Polygon", "coordinates": [[[0,0],[1,0],[1,1],[0,0]]]});
+        assert!(one(BaseType::Polygon, closed).is_ok());
+    }
+
+    #[test]
+    fn arrays_check_every_element() {
+        let ty = ColumnType::Many(BaseType::Uuid);
+        assert!(canonicalize(ty, &json!(["not-a-uuid"])).unwrap_err().contains("element 0"));
+        assert!(canonicalize(ty, &json!([null])).is_err());
+        assert!(canonicalize(ty, &json!("x")).is_err());
+        let u = "3F2504E0-4F89-11D3-9A0C-0305E82C3301";
+        assert_eq!(canonicalize(ty, &json!([u])), Ok(json!([u.to_lowercase()])));
+    }
+}

@@ -1,0 +1,318 @@
+//! Settings: a TOML file plus environment variables, with dstore's original variable names.
+//!
+//! Precedence, lowest first: built-in defaults, the TOML file (`--config` or `DSTORE_CONFIG`), then
+//! environment variables. Both the original names (`PORT`, `LEVEL_PATH`, `PROJECT_FILE_PATH`,
+//! `POSTGRESQL_*`, `ELASTICSEARCH_HOST`, `QUEUE_CONNECTIONSTRING`) and namespaced ones (`DSTORE_*`)
+//! are read. Nothing here opens a connection.
+
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+use thiserror::Error;
+
+use crate::journal::Durability;
+
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("cannot read configuration file {path}: {source}")]
+    Read { path: PathBuf, source: std::io::Error },
+    #[error("configuration file {path} is invalid: {source}")]
+    Parse { path: PathBuf, source: toml::de::Error },
+    #[error("environment variable {name}={value:?} is invalid: {reason}")]
+    Env { name: String, value: String, reason: String },
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub storage: StorageSettings,
+    pub projection: ProjectionSettings,
+    pub log: LogSettings,
+    pub postgresql: Option<PostgresSettings>,
+    pub elasticsearch: Option<ElasticsearchSettings>,
+    pub queue: Option<QueueSettings>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ServerSettings {
+    pub host: String,
+    pub port: u16,
+    /// Largest accepted body of a blueprint or item request, in bytes.
+    pub max_body_bytes: usize,
+    /// Largest accepted `_bulk` body, in bytes.
+    pub max_bulk_bytes: usize,
+    /// HTTP worker threads; 0 means one per core.
+    pub workers: usize,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageSettings {
+    /// Where the journal and the RocksDB keyspaces live (`LEVEL_PATH`).
+    pub data_dir: PathBuf,
+    /// Where the catalog lives (`PROJECT_FILE_PATH`); defaults to `<data_dir>/catalog`.
+    pub catalog_dir: Option<PathBuf>,
+    pub durability: Durability,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProjectionSettings {
+    /// Tasks a projector takes at once.
+    pub batch_size: usize,
+    /// Writes are refused with 503 once a projector has this many tasks waiting.
+    pub max_pending_tasks: u64,
+    /// How long `?wait=true` writes and freezes wait for the projectors, in seconds.
+    pub wait_timeout_secs: u64,
+    /// Whether the embedded RocksDB keyspace projector runs.
+    pub rocksdb: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LogSettings {
+    /// A `tracing` filter such as `info` or `dstore=debug,info`.
+    pub level: String,
+    pub json: bool,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PostgresSettings {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: String,
+    pub database: String,
+    /// A full connection URL; when set it wins over the fields above.
+    pub url: Option<String>,
+    pub max_connections: u32,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ElasticsearchSettings {
+    pub url: String,
+    /// Prefix of every index and alias name dstore creates.
+    pub index_prefix: String,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSettings {
+    pub url: String,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings {
+            server: ServerSettings::default(),
+            storage: StorageSettings::default(),
+            projection: ProjectionSettings::default(),
+            log: LogSettings::default(),
+            postgresql: None,
+            elasticsearch: None,
+            queue: None,
+        }
+    }
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        ServerSettings {
+            host: "0.0.0.0".into(),
+            port: 2020,
+            max_body_bytes: 1 << 20,
+            max_bulk_bytes: 64 << 20,
+            workers: 0,
+        }
+    }
+}
+
+impl Default for StorageSettings {
+    fn default() -> Self {
+        StorageSettings { data_dir: PathBuf::from("data"), catalog_dir: None, durability: Durability::Sync }
+    }
+}
+
+impl Default for ProjectionSettings {
+    fn default() -> Self {
+        ProjectionSettings { batch_size: 1000, max_pending_tasks: 5_000_000, wait_timeout_secs: 30, rocksdb: true }
+    }
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        LogSettings { level: "info".into(), json: false }
+    }
+}
+
+impl Default for PostgresSettings {
+    fn default() -> Self {
+        PostgresSettings {
+            host: "localhost".into(),
+            port: 5432,
+            user: "postgres".into(),
+            password: String::new(),
+            database: "dstore".into(),
+            url: None,
+            max_connections: 8,
+        }
+    }
+}
+
+impl Default for ElasticsearchSettings {
+    fn default() -> Self {
+        ElasticsearchSettings { url: "http://localhost:9200".into(), index_prefix: String::new() }
+    }
+}
+
+impl StorageSettings {
+    pub fn catalog_dir(&self) -> PathBuf {
+        self.catalog_dir.clone().unwrap_or_else(|| self.data_dir.join("catalog"))
+    }
+}
+
+impl Settings {
+    /// Reads the file (if any), then the process environment.
+    pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        let mut settings = match file {
+            Some(path) => Settings::from_file(path)?,
+            None => Settings::default(),
+        };
+        settings.apply_env(|name| std::env::var(name).ok())?;
+        Ok(settings)
+    }
+
+    pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+    }
+
+    /// Applies environment overrides read through `var`.
+    pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
+        let first = |names: &[&str]| names.iter().find_map(|n| var(n).filter(|v| !v.is_empty()).map(|v| (n.to_string(), v)));
+        fn parsed<T: std::str::FromStr>((name, value): (String, String)) -> Result<T, ConfigError>
+        where
+            T::Err: std::fmt::Display,
+        {
+            value.parse().map_err(|e: T::Err| ConfigError::Env { name, value, reason: e.to_string() })
+        }
+        if let Some(v) = first(&["DSTORE_HOST"]) {
+            self.server.host = v.1;
+        }
+        if let Some(v) = first(&["DSTORE_PORT", "PORT"]) {
+            self.server.port = parsed(v)?;
+        }
+        if let Some(v) = first(&["DSTORE_DATA_DIR", "LEVEL_PATH"]) {
+            self.storage.data_dir = v.1.into();
+        }
+        if let Some(v) = first(&["DSTORE_CATALOG_DIR", "PROJECT_FILE_PATH"]) {
+            self.storage.catalog_dir = Some(v.1.into());
+        }
+        if let Some((name, value)) = first(&["DSTORE_DURABILITY"]) {
+            self.storage.durability = match value.as_str() {
+                "sync" => Durability::Sync,
+                "buffered" => Durability::Buffered,
+                _ => return Err(ConfigError::Env { name, value, reason: "expected sync or buffered".into() }),
+            };
+        }
+        if let Some(v) = first(&["DSTORE_LOG", "RUST_LOG"]) {
+            self.log.level = v.1;
+        }
+        if let Some(v) = first(&["DSTORE_MAX_PENDING_TASKS"]) {
+            self.projection.max_pending_tasks = parsed(v)?;
+        }
+        if let Some(v) = first(&["DSTORE_WAIT_TIMEOUT_SECS"]) {
+            self.projection.wait_timeout_secs = parsed(v)?;
+        }
+        let pg_vars = ["POSTGRESQL_HOST", "POSTGRESQL_PORT", "POSTGRESQL_USER", "POSTGRESQL_PASSWORD", "POSTGRESQL_DATABASE", "DATABASE_URL", "DSTORE_POSTGRESQL_URL"];
+        if pg_vars.iter().any(|n| first(&[n]).is_some()) {
+            let pg = self.postgresql.get_or_insert_with(PostgresSettings::default);
+            if let Some(v) = first(&["POSTGRESQL_HOST"]) {
+                pg.host = v.1;
+            }
+            if let Some(v) = first(&["POSTGRESQL_PORT"]) {
+                pg.port = parsed(v)?;
+            }
+            if let Some(v) = first(&["POSTGRESQL_USER"]) {
+                pg.user = v.1;
+            }
+            if let Some(v) = first(&["POSTGRESQL_PASSWORD"]) {
+                pg.password = v.1;
+            }
+            if let Some(v) = first(&["POSTGRESQL_DATABASE"]) {
+                pg.database = v.1;
+            }
+            if let Some(v) = first(&["DSTORE_POSTGRESQL_URL", "DATABASE_URL"]) {
+                pg.url = Some(v.1);
+            }
+        }
+        if let Some(v) = first(&["DSTORE_ELASTICSEARCH_URL", "ELASTICSEARCH_HOST"]) {
+            let es = self.elasticsearch.get_or_insert_with(ElasticsearchSettings::default);
+            es.url = if v.1.contains("://") { v.1 } else { format!("http://{}", v.1) };
+        }
+        if let Some(v) = first(&["DSTORE_ELASTICSEARCH_INDEX_PREFIX"]) {
+            self.elasticsearch.get_or_insert_with(ElasticsearchSettings::default).index_prefix = v.1;
+        }
+        if let Some(v) = first(&["DSTORE_QUEUE_URL", "QUEUE_CONNECTIONSTRING"]) {
+            self.queue = Some(QueueSettings { url: v.1 });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn with_env(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
+        let env: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let mut settings = Settings::default();
+        settings.apply_env(|name| env.get(name).cloned())?;
+        Ok(settings)
+    }
+
+    #[test]
+    fn original_variable_names_are_honoured() {
+        let s = with_env(&[
+            ("PORT", "3030"),
+            ("LEVEL_PATH", "/tmp/d"),
+            ("PROJECT_FILE_PATH", "/tmp/c"),
+            ("POSTGRESQL_HOST", "db"),
+            ("POSTGRESQL_PORT", "6543"),
+            ("ELASTICSEARCH_HOST", "es:9200"),
+            ("QUEUE_CONNECTIONSTRING", "amqp://guest:guest@mq:5672"),
+        ])
+        .unwrap();
+        assert_eq!(s.server.port, 3030);
+        assert_eq!(s.storage.data_dir, PathBuf::from("/tmp/d"));
+        assert_eq!(s.storage.catalog_dir(), PathBuf::from("/tmp/c"));
+        let pg = s.postgresql.unwrap();
+        assert_eq!((pg.host.as_str(), pg.port), ("db", 6543));
+        assert_eq!(s.elasticsearch.unwrap().url, "http://es:9200");
+        assert_eq!(s.queue.unwrap().url, "amqp://guest:guest@mq:5672");
+    }
+
+    #[test]
+    fn a_bad_port_names_the_variable() {
+        let err = with_env(&[("PORT", "http")]).unwrap_err().to_string();
+        assert!(err.contains("PORT") && err.contains("http"), "{err}");
+    }
+
+    #[test]
+    fn the_shipped_configuration_file_parses() {
+        let settings: Settings = toml::from_str(include_str!("../deploy/dstore.toml")).unwrap();
+        assert_eq!(settings.server.port, 2020);
+        assert_eq!(settings.storage.data_dir, PathBuf::from("/var/lib/dstore"));
+    }
+
+    #[test]
+    fn the_file_rejects_unknown_settings() {
+        let err = toml::from_str::<Settings>("[server]\nprot = 1\n").unwrap_err().to_string();
+        assert!(err.contains("prot"), "{err}");
+    }
+}

@@ -1,0 +1,115 @@
+//! The only place where errors become HTTP status codes.
+//!
+//! Every error body is `{"status": "<what went wrong>", "errors": [{"path": …, "message": …}]}`. A 4xx
+//! says exactly which field is wrong and why; a 5xx logs the whole cause and tells the client little.
+
+use actix_web::http::StatusCode;
+use actix_web::{HttpResponse, ResponseError};
+use serde_json::json;
+
+use crate::blueprint::FieldError;
+use crate::catalog::CatalogError;
+use crate::journal::JournalError;
+
+#[derive(Debug)]
+pub enum ApiError {
+    /// 400: the request cannot be read.
+    BadRequest(String, Vec<FieldError>),
+    /// 404
+    NotFound(String),
+    /// 405
+    MethodNotAllowed,
+    /// 409
+    Conflict(String),
+    /// 413
+    TooLarge(usize),
+    /// 422: well-formed, but not a valid blueprint or item.
+    Invalid(String, Vec<FieldError>),
+    /// 503: a store the request needs cannot take it now.
+    Unavailable(String),
+    /// 500: our fault; the cause is logged, not shown.
+    Internal(String),
+}
+
+impl ApiError {
+    pub fn bad_request(path: &str, message: impl Into<String>) -> ApiError {
+        let message = message.into();
+        ApiError::BadRequest(message.clone(), vec![FieldError::new(path, message)])
+    }
+
+    pub fn invalid(path: &str, message: impl Into<String>) -> ApiError {
+        ApiError::Invalid("invalid item".into(), vec![FieldError::new(path, message)])
+    }
+
+    pub fn internal(cause: impl std::fmt::Display) -> ApiError {
+        ApiError::Internal(cause.to_string())
+    }
+}
+
+impl std::fmt::Display for ApiError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ApiError::BadRequest(m, _)
+            | ApiError::NotFound(m)
+            | ApiError::Conflict(m)
+            | ApiError::Invalid(m, _)
+            | ApiError::Unavailable(m)
+            | ApiError::Internal(m) => f.write_str(m),
+            ApiError::MethodNotAllowed => f.write_str("method not allowed"),
+            ApiError::TooLarge(limit) => write!(f, "request body is larger than the limit of {limit} bytes"),
+        }
+    }
+}
+
+impl ResponseError for ApiError {
+    fn status_code(&self) -> StatusCode {
+        match self {
+            ApiError::BadRequest(..) => StatusCode::BAD_REQUEST,
+            ApiError::NotFound(_) => StatusCode::NOT_FOUND,
+            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::Invalid(..) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+
+    fn error_response(&self) -> HttpResponse {
+        let (status, errors) = match self {
+            ApiError::Internal(cause) => {
+                tracing::error!(%cause, "internal error");
+                ("internal error; the cause is in the server log".to_string(), Vec::new())
+            }
+            ApiError::BadRequest(_, errors) | ApiError::Invalid(_, errors) => (self.to_string(), errors.clone()),
+            ApiError::TooLarge(_) => (self.to_string(), vec![FieldError::new("", self.to_string())]),
+            _ => (self.to_string(), Vec::new()),
+        };
+        HttpResponse::build(self.status_code()).json(json!({"status": status, "errors": errors}))
+    }
+}
+
+impl From<CatalogError> for ApiError {
+    fn from(error: CatalogError) -> Self {
+        match error {
+            CatalogError::NotFound(m) => ApiError::NotFound(m),
+            CatalogError::Conflict(m) => ApiError::Conflict(m),
+            CatalogError::Invalid(errors) => ApiError::Invalid("invalid blueprint".into(), errors),
+            CatalogError::Storage(e) => ApiError::Unavailable(format!("the catalog cannot be written: {e}")),
+            CatalogError::Corrupt(e) => ApiError::internal(format!("corrupt catalog record: {e}")),
+        }
+    }
+}
+
+impl From<JournalError> for ApiError {
+    fn from(error: JournalError) -> Self {
+        match error {
+            JournalError::Catalog(e) => e.into(),
+            e @ (JournalError::Storage(_) | JournalError::Closed | JournalError::Backlog { .. }) => {
+                ApiError::Unavailable(e.to_string())
+            }
+            e @ JournalError::Stale => ApiError::Unavailable(e.to_string()),
+            e @ JournalError::Corrupt(_) => ApiError::internal(e),
+        }
+    }
+}

@@ -1,0 +1,115 @@
+//! The HTTP API of DESIGN §3: the route table, shared state and path parsing.
+//!
+//! Handlers live one file per resource; `error.rs` is the only place that chooses status codes. Paths
+//! follow Elasticsearch conventions (project first, `_`-prefixed verbs), so verb routes are registered
+//! before the item routes they would otherwise shadow.
+
+mod blueprints;
+pub mod body;
+pub mod error;
+mod health;
+mod items;
+mod projects;
+mod versions;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::{web, HttpResponse};
+
+use crate::blueprint::Ident;
+use crate::catalog::Catalog;
+use crate::config::Settings;
+use crate::journal::Journal;
+use crate::projector::Registry;
+use error::ApiError;
+
+/// What every handler can reach.
+pub struct AppState {
+    pub catalog: Arc<Catalog>,
+    pub journal: Arc<Journal>,
+    pub registry: Registry,
+    pub settings: Settings,
+}
+
+impl AppState {
+    pub fn wait_timeout(&self) -> Duration {
+        Duration::from_secs(self.settings.projection.wait_timeout_secs)
+    }
+}
+
+pub type State = web::Data<AppState>;
+
+/// Parses a name from the URL; hostile names are refused before anything else happens.
+pub fn ident(what: &str, raw: &str) -> Result<Ident, ApiError> {
+    Ident::parse(raw).map_err(|reason| ApiError::bad_request(what, format!("{what} name {raw:?} {reason}")))
+}
+
+/// Parses a version number from the URL.
+pub fn version_number(raw: &str) -> Result<u32, ApiError> {
+    raw.parse::<u32>()
+        .ok()
+        .filter(|n| *n > 0)
+        .ok_or_else(|| ApiError::bad_request("version", format!("version {raw:?} is not a positive whole number")))
+}
+
+pub fn routes(config: &mut web::ServiceConfig) {
+    config
+        .service(resource("/_health").route(web::get().to(health::live)))
+        .service(resource("/_health/ready").route(web::get().to(health::ready)))
+        .service(resource("/_dead_letters").route(web::get().to(health::dead_letters)))
+        .service(resource("/_version").route(web::get().to(versions::all)))
+        .service(
+            resource("/_project")
+                .route(web::get().to(projects::get_all))
+                .route(web::put().to(projects::put_all))
+                .route(web::delete().to(projects::delete_all)),
+        )
+        .service(
+            resource("/{project}/_blueprint")
+                .route(web::get().to(blueprints::get_all))
+                .route(web::put().to(blueprints::put_all)),
+        )
+        .service(resource("/{project}/_blueprint/{version}").route(web::get().to(blueprints::get_all_at)))
+        .service(
+            resource("/{project}/_version")
+                .route(web::get().to(versions::get))
+                .route(web::post().to(versions::freeze)),
+        )
+        .service(resource("/{project}/_version/{version}/_retire").route(web::post().to(versions::retire)))
+        .service(
+            resource("/{project}/_project")
+                .route(web::get().to(projects::get))
+                .route(web::put().to(projects::put))
+                .route(web::delete().to(projects::delete)),
+        )
+        .service(resource("/{project}/_bulk").route(web::post().to(items::bulk)))
+        .service(
+            resource("/{project}/{blueprint}/_blueprint")
+                .route(web::get().to(blueprints::get))
+                .route(web::put().to(blueprints::put))
+                .route(web::delete().to(blueprints::delete)),
+        )
+        .service(resource("/{project}/{blueprint}/_blueprint/{version}").route(web::get().to(blueprints::get_at)))
+        .service(resource("/{project}/{blueprint}").route(web::post().to(items::create)))
+        .service(
+            resource("/{project}/{blueprint}/{id}")
+                .route(web::put().to(items::put))
+                .route(web::get().to(items::get))
+                .route(web::delete().to(items::delete)),
+        )
+        .default_service(web::to(not_found));
+}
+
+/// A resource whose unsupported methods answer 405 with a JSON body.
+fn resource(path: &str) -> actix_web::Resource {
+    web::resource(path).default_service(web::to(method_not_allowed))
+}
+
+async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
+    Err(ApiError::MethodNotAllowed)
+}
+
+async fn not_found(request: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
+    Err(ApiError::NotFound(format!("no route for {} {}", request.method(), request.path())))
+}

@@ -1,0 +1,102 @@
+//! Project routes: read all blueprints, put them all and freeze, delete a project from every store.
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use serde_json::{json, Map, Value};
+
+use super::blueprints::parse_blueprint_set;
+use super::error::ApiError;
+use super::versions::freeze_project;
+use super::{body, ident, State};
+use crate::blueprint::model::blueprints_to_public;
+use crate::blueprint::{FieldError, Ident};
+use crate::catalog::Project;
+
+fn describe(p: &Project) -> Value {
+    json!({
+        "project": p.name,
+        "project_version": p.latest().map(|v| v.number),
+        "blueprints": blueprints_to_public(&p.working.blueprints),
+    })
+}
+
+/// GET /{project}/_project
+pub async fn get(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let project = ident("project", &path)?;
+    let snapshot = state.catalog.snapshot();
+    Ok(HttpResponse::Ok().json(describe(snapshot.project(&project)?)))
+}
+
+/// Puts every blueprint of a project and freezes when something changed.
+async fn put_and_freeze(state: &State, project: &Ident, body: &Value, base: &str) -> Result<Value, ApiError> {
+    let inputs = parse_blueprint_set(body, base)?;
+    state.catalog.put_blueprints(project, inputs)?;
+    let snapshot = state.catalog.snapshot();
+    let p = snapshot.project(project)?;
+    let changed = p.has_unfrozen_changes();
+    let number = match freeze_project(state, project).await {
+        Ok(number) => number,
+        Err(ApiError::Conflict(_)) => p.latest().map_or(0, |v| v.number),
+        Err(e) => return Err(e),
+    };
+    Ok(json!({"project_version": number, "changed": changed}))
+}
+
+/// PUT /{project}/_project
+pub async fn put(state: State, request: HttpRequest, path: web::Path<String>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let project = ident("project", &path)?;
+    let body = body::json(&request, payload, state.settings.server.max_body_bytes).await?;
+    Ok(HttpResponse::Ok().json(put_and_freeze(&state, &project, &body, "").await?))
+}
+
+/// DELETE /{project}/_project
+pub async fn delete(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let project = ident("project", &path)?;
+    state.catalog.snapshot().project(&project)?;
+    state.journal.drop_project(project).await?;
+    Ok(HttpResponse::Ok().json(json!({"success": true})))
+}
+
+/// GET /_project
+pub async fn get_all(state: State) -> Result<HttpResponse, ApiError> {
+    let snapshot = state.catalog.snapshot();
+    let out: Map<String, Value> = snapshot.projects.iter().map(|(n, p)| (n.to_string(), describe(p))).collect();
+    Ok(HttpResponse::Ok().json(out))
+}
+
+/// PUT /_project: `{"myblog": {"article": {…}}, …}`; every project is checked before any is changed.
+pub async fn put_all(state: State, request: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+    let body = body::json(&request, payload, state.settings.server.max_body_bytes).await?;
+    let Value::Object(projects) = body else {
+        return Err(ApiError::Invalid("invalid projects".into(), vec![FieldError::new("", "must be an object of projects by name")]));
+    };
+    let mut errors = Vec::new();
+    let mut named = Vec::new();
+    for (name, blueprints) in &projects {
+        let at = format!("/{}", crate::blueprint::parse::pointer_segment(name));
+        match Ident::parse(name) {
+            Err(reason) => errors.push(FieldError::new(&at, format!("project name {name:?} {reason}"))),
+            Ok(project) => match parse_blueprint_set(blueprints, &at) {
+                Ok(_) => named.push((project, blueprints, at)),
+                Err(ApiError::Invalid(_, mut e)) => errors.append(&mut e),
+                Err(e) => return Err(e),
+            },
+        }
+    }
+    if !errors.is_empty() {
+        return Err(ApiError::Invalid("invalid projects".into(), errors));
+    }
+    let mut out = Map::new();
+    for (project, blueprints, at) in named {
+        out.insert(project.to_string(), put_and_freeze(&state, &project, blueprints, &at).await?);
+    }
+    Ok(HttpResponse::Ok().json(out))
+}
+
+/// DELETE /_project
+pub async fn delete_all(state: State) -> Result<HttpResponse, ApiError> {
+    let names: Vec<Ident> = state.catalog.snapshot().projects.keys().cloned().collect();
+    for project in &names {
+        state.journal.drop_project(project.clone()).await?;
+    }
+    Ok(HttpResponse::Ok().json(json!({"success": true, "deleted": names})))
+}

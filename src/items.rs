@@ -1,0 +1,135 @@
+//! Preparing item writes: from a client's body to journal entries (DESIGN §4 steps 1–2).
+//!
+//! Everything here reads one catalog snapshot and nothing else, so a prepared entry is consistent with
+//! exactly one set of live versions; the journal refuses it if that set changed before it was
+//! committed (see `Snapshot::epoch`), and the caller prepares it again.
+
+use serde_json::{Map, Value};
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::blueprint::check::check_item;
+use crate::blueprint::transform::transform;
+use crate::blueprint::{Blueprint, FieldError, Ident};
+use crate::catalog::{Project, Snapshot};
+use crate::journal::task::VersionDoc;
+use crate::journal::{Entry, ItemRecord};
+
+#[derive(Debug, Error)]
+pub enum ItemError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("invalid item")]
+    Invalid(Vec<FieldError>),
+}
+
+fn invalid(path: &str, message: impl Into<String>) -> ItemError {
+    ItemError::Invalid(vec![FieldError::new(path, message)])
+}
+
+/// The newest version's definition of a blueprint, for requests that name no version.
+fn newest<'a>(project: &'a Project, name: &Ident) -> Result<(u32, &'a Blueprint), ItemError> {
+    project
+        .versions
+        .iter()
+        .rev()
+        .find_map(|v| v.blueprints.get(name).map(|bp| (v.number, bp)))
+        .ok_or_else(|| {
+            ItemError::NotFound(format!(
+                "blueprint {name:?} is in no frozen version of project {:?}",
+                project.name.as_str()
+            ))
+        })
+}
+
+/// Validates an upsert of `id` and transforms it into every live version holding its blueprint.
+pub fn prepare_upsert(
+    snapshot: &Snapshot,
+    project: &Ident,
+    blueprint: &Ident,
+    id: Uuid,
+    body: &Value,
+) -> Result<Entry, ItemError> {
+    let p = snapshot.projects.get(project).ok_or_else(|| ItemError::NotFound(format!("project {project:?} does not exist")))?;
+    newest(p, blueprint)?;
+    let Value::Object(body) = body else {
+        return Err(invalid("", "an item must be a JSON object"));
+    };
+    let number = match body.get("project_version") {
+        None => return Err(invalid("/project_version", "is required: the version of the blueprint this item is written for")),
+        Some(v) => v
+            .as_u64()
+            .and_then(|n| u32::try_from(n).ok())
+            .ok_or_else(|| invalid("/project_version", format!("{v} is not a version number")))?,
+    };
+    let version = p.version(number).ok_or_else(|| {
+        invalid("/project_version", format!("version {number} does not exist (latest is {})", p.latest().map_or(0, |v| v.number)))
+    })?;
+    if p.is_retired(number) {
+        return Err(invalid("/project_version", format!("version {number} is retired and takes no more writes")));
+    }
+    let bp = version
+        .blueprints
+        .get(blueprint)
+        .ok_or_else(|| invalid("/project_version", format!("version {number} has no blueprint {:?}", blueprint.as_str())))?;
+    let item = check_item(bp, number, id, body).map_err(ItemError::Invalid)?;
+    let docs = p
+        .live_holders(bp.uid)
+        .into_iter()
+        .map(|(w, target)| VersionDoc {
+            version: w,
+            doc: if w == number { item.clone() } else { transform(&item, bp, target, w) },
+        })
+        .collect();
+    Ok(Entry::Upsert { blueprint: blueprint.clone(), blueprint_uid: bp.uid, id, version: number, body: item, docs })
+}
+
+/// A delete of `id` from every live version that holds the blueprint.
+pub fn prepare_delete(
+    snapshot: &Snapshot,
+    project: &Ident,
+    blueprint: &Ident,
+    id: Uuid,
+    existing: Option<&ItemRecord>,
+) -> Result<Entry, ItemError> {
+    let p = snapshot.projects.get(project).ok_or_else(|| ItemError::NotFound(format!("project {project:?} does not exist")))?;
+    let uid = match existing {
+        Some(record) => record.blueprint_uid,
+        None => newest(p, blueprint)?.1.uid,
+    };
+    let versions = p.live_holders(uid).into_iter().map(|(w, _)| w).collect();
+    Ok(Entry::Delete { blueprint: blueprint.clone(), id, versions })
+}
+
+/// An item as a client of `version` (default: the newest version holding its blueprint) sees it.
+pub fn read_at(
+    snapshot: &Snapshot,
+    project: &Ident,
+    blueprint: &Ident,
+    record: &ItemRecord,
+    version: Option<u32>,
+) -> Result<Map<String, Value>, ItemError> {
+    let p = snapshot.projects.get(project).ok_or_else(|| ItemError::NotFound(format!("project {project:?} does not exist")))?;
+    let holds = |number: u32| {
+        p.version(number)
+            .and_then(|v| v.blueprints.values().find(|bp| bp.uid == record.blueprint_uid))
+    };
+    let number = match version {
+        Some(n) if p.version(n).is_none() => {
+            return Err(ItemError::NotFound(format!("version {n} of project {:?} does not exist", project.as_str())))
+        }
+        Some(n) => n,
+        None => p
+            .versions
+            .iter()
+            .rev()
+            .map(|v| v.number)
+            .find(|n| holds(*n).is_some())
+            .unwrap_or(record.version),
+    };
+    let to = holds(number).ok_or_else(|| {
+        ItemError::NotFound(format!("version {number} has no blueprint {:?}", blueprint.as_str()))
+    })?;
+    let from = holds(record.version).ok_or_else(|| ItemError::NotFound("the item's own version is gone".into()))?;
+    Ok(if number == record.version { record.body.clone() } else { transform(&record.body, from, to, number) })
+}

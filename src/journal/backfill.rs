@@ -1,0 +1,157 @@
+//! Back-filling a newly frozen version with the items written before it existed.
+//!
+//! A back-fill walks the project's items in key order, transforms each into the new version and queues
+//! it with the revision it already has, so a write that happens during the back-fill (a higher revision)
+//! always wins in every store. Each chunk and the cursor after it are committed in one batch, so a
+//! restart resumes exactly where it stopped. Progress is readable at any time.
+
+use std::sync::Arc;
+
+use rocksdb::{Direction, IteratorMode};
+use serde::{Deserialize, Serialize};
+
+use super::writer::{BackfillItem, Command};
+use super::{decode, keys, ItemRecord, Journal, JournalError, CF_ITEMS, CF_META};
+use crate::blueprint::transform::transform;
+use crate::blueprint::Ident;
+
+const CHUNK: usize = 512;
+
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct BackfillState {
+    /// Items of the project when the back-fill started.
+    pub total: u64,
+    /// Items looked at so far (projected, or skipped because the version lacks their blueprint).
+    pub done: u64,
+    /// The last item key looked at.
+    pub cursor: Option<Vec<u8>>,
+    pub finished: bool,
+}
+
+impl Journal {
+    pub fn backfill_state(&self, project: &Ident, version: u32) -> Result<Option<BackfillState>, JournalError> {
+        match self.db.get_cf(self.cf(CF_META), keys::backfill(project, version))? {
+            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Starts back-filling `version`; items written from now on already carry it.
+    pub fn start_backfill(self: &Arc<Self>, project: Ident, version: u32) -> Result<(), JournalError> {
+        let (from, to) = (keys::project_prefix(&project), keys::project_end(&project));
+        let total = self
+            .db
+            .iterator_cf(self.cf(CF_ITEMS), IteratorMode::From(&from, Direction::Forward))
+            .map_while(Result::ok)
+            .take_while(|(key, _)| key.as_ref() < to.as_slice())
+            .count() as u64;
+        let state = BackfillState { total, finished: total == 0, ..BackfillState::default() };
+        self.db.put_cf(self.cf(CF_META), keys::backfill(&project, version), serde_json::to_vec(&state)?)?;
+        if !state.finished {
+            self.spawn_backfill(project, version, state);
+        }
+        Ok(())
+    }
+
+    /// Resumes every back-fill a previous run left unfinished.
+    pub fn resume_backfills(self: &Arc<Self>) -> Result<(), JournalError> {
+        let prefix = b"backfill/";
+        for entry in self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(prefix, Direction::Forward)) {
+            let (key, value) = entry?;
+            if !key.starts_with(prefix) {
+                break;
+            }
+            let state: BackfillState = decode(&value)?;
+            let key = String::from_utf8_lossy(&key).into_owned();
+            let mut parts = key.split('/').skip(1);
+            let project = parts.next().and_then(|p| Ident::parse(p).ok());
+            let version = parts.next().and_then(|v| v.parse().ok());
+            if let (Some(project), Some(version), false) = (project, version, state.finished) {
+                self.spawn_backfill(project, version, state);
+            }
+        }
+        Ok(())
+    }
+
+    fn spawn_backfill(self: &Arc<Self>, project: Ident, version: u32, state: BackfillState) {
+        let journal = self.clone();
+        self.runtime.spawn(async move {
+            if let Err(error) = journal.run_backfill(&project, version, state).await {
+                tracing::error!(%project, version, %error, "back-fill stopped; it resumes at the next start");
+            }
+        });
+    }
+
+    async fn run_backfill(&self, project: &Ident, version: u32, mut state: BackfillState) -> Result<(), JournalError> {
+        tracing::info!(%project, version, total = state.total, "back-fill started");
+        while !state.finished {
+            let (items, looked_at, cursor) = self.backfill_chunk(project, version, state.cursor.as_deref())?;
+            state.done += looked_at;
+            state.finished = looked_at < CHUNK as u64;
+            if cursor.is_some() {
+                state.cursor = cursor;
+            }
+            let (project, state) = (project.clone(), state.clone());
+            let go_on = self
+                .send(|reply| Command::Backfill { project, version, items, state, reply })
+                .await?;
+            if !go_on {
+                tracing::info!(version, "back-fill stopped: the version was retired or removed");
+                return Ok(());
+            }
+        }
+        tracing::info!(%project, version, done = state.done, "back-fill finished");
+        Ok(())
+    }
+
+    /// Reads and transforms the next chunk after `cursor`.
+    fn backfill_chunk(
+        &self,
+        project: &Ident,
+        version: u32,
+        cursor: Option<&[u8]>,
+    ) -> Result<(Vec<BackfillItem>, u64, Option<Vec<u8>>), JournalError> {
+        let snapshot = self.catalog.snapshot();
+        let Some(target) = snapshot.projects.get(project).and_then(|p| p.version(version)).cloned() else {
+            return Ok((Vec::new(), 0, None));
+        };
+        let p = snapshot.project(project)?;
+        let start = keys::project_prefix(project);
+        let end = keys::project_end(project);
+        let iter = self
+            .db
+            .iterator_cf(self.cf(CF_ITEMS), IteratorMode::From(cursor.unwrap_or(&start), Direction::Forward));
+        let mut items = Vec::new();
+        let mut looked_at = 0;
+        let mut last = None;
+        for entry in iter {
+            let (key, value) = entry?;
+            if key.as_ref() >= end.as_slice() || looked_at >= CHUNK as u64 {
+                break;
+            }
+            if Some(key.as_ref()) == cursor {
+                continue;
+            }
+            looked_at += 1;
+            let record: ItemRecord = decode(&value)?;
+            last = Some(key.to_vec());
+            let Some((name, to)) = target.blueprints.iter().find(|(_, bp)| bp.uid == record.blueprint_uid) else {
+                continue;
+            };
+            let Some(from) = p
+                .version(record.version)
+                .and_then(|v| v.blueprints.values().find(|bp| bp.uid == record.blueprint_uid))
+            else {
+                continue;
+            };
+            let id = key[key.len() - 16..].try_into().map(uuid::Uuid::from_bytes).unwrap_or_default();
+            items.push(BackfillItem {
+                blueprint: name.clone(),
+                id,
+                revision: record.revision,
+                doc: transform(&record.body, from, to, version),
+            });
+        }
+        Ok((items, looked_at, last))
+    }
+}

@@ -1,0 +1,55 @@
+//! Byte layouts of the journal's keys.
+
+use uuid::Uuid;
+
+use crate::blueprint::Ident;
+
+/// `project \0 blueprint \0 id(16)` in the `items` column family.
+pub fn item(project: &Ident, blueprint: &Ident, id: &Uuid) -> Vec<u8> {
+    let mut key = project_prefix(project);
+    key.extend_from_slice(blueprint.as_str().as_bytes());
+    key.push(0);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+/// `project \0`: every item key of the project starts with it.
+pub fn project_prefix(project: &Ident) -> Vec<u8> {
+    let mut key = project.as_str().as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+/// The first key after every key of the project.
+pub fn project_end(project: &Ident) -> Vec<u8> {
+    let mut key = project.as_str().as_bytes().to_vec();
+    key.push(1);
+    key
+}
+
+/// `projector \0 seq(u64 BE)` in the `tasks` and `dead` column families.
+pub fn task(projector: &str, seq: u64) -> Vec<u8> {
+    let mut key = projector_prefix(projector);
+    key.extend_from_slice(&seq.to_be_bytes());
+    key
+}
+
+pub fn projector_prefix(projector: &str) -> Vec<u8> {
+    let mut key = projector.as_bytes().to_vec();
+    key.push(0);
+    key
+}
+
+/// The seq at the end of a task key.
+pub fn task_seq(key: &[u8]) -> u64 {
+    key.len()
+        .checked_sub(8)
+        .and_then(|start| key[start..].try_into().ok())
+        .map_or(0, u64::from_be_bytes)
+}
+
+pub fn backfill(project: &Ident, version: u32) -> Vec<u8> {
+    format!("backfill/{project}/{version:010}").into_bytes()
+}
+
+pub const LAST_SEQ: &[u8] = b"last_seq";

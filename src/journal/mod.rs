@@ -1,0 +1,423 @@
+//! dstore's own durable journal: accepted writes and pending projector tasks, committed atomically.
+//!
+//! Every change goes through one writer thread ([`writer`]) that groups concurrent requests into one
+//! RocksDB write batch (and one fsync, with `Durability::Sync`), hands out the sequence numbers that
+//! order tasks (a write's revision is its sequence number), and only then answers. The batch holds the
+//! item's latest state (`items`), one task per enabled projector (`tasks`) and the last sequence number,
+//! so a crash leaves a write either fully accepted with all its tasks or absent. Projectors take tasks
+//! in sequence order ([`Journal::pending`]) and remove them once applied ([`Journal::ack`]).
+
+pub mod backfill;
+mod keys;
+pub mod task;
+mod writer;
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use thiserror::Error;
+use tokio::sync::{oneshot, watch, Notify};
+use uuid::Uuid;
+
+use crate::blueprint::{Ident, Uid};
+use crate::catalog::{Catalog, CatalogError, Version};
+use task::{Task, VersionDoc};
+pub use writer::Command;
+
+const CF_ITEMS: &str = "items";
+const CF_TASKS: &str = "tasks";
+const CF_DEAD: &str = "dead";
+const CF_META: &str = "meta";
+
+/// How hard the journal works to keep an acknowledged write.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Durability {
+    /// fsync before answering (concurrent writes share one fsync): survives power loss.
+    Sync,
+    /// Written to the operating system before answering: survives a crash of dstore, not of the machine.
+    Buffered,
+}
+
+#[derive(Clone, Debug)]
+pub struct JournalSettings {
+    pub durability: Durability,
+    /// Refuse writes (503) when a projector has this many tasks waiting.
+    pub max_pending: u64,
+}
+
+#[derive(Debug, Error)]
+pub enum JournalError {
+    #[error("journal storage failed: {0}")]
+    Storage(#[from] rocksdb::Error),
+    #[error("journal is shutting down")]
+    Closed,
+    #[error("the versions of the project changed while the write was prepared")]
+    Stale,
+    #[error("{0}")]
+    Catalog(#[from] CatalogError),
+    #[error("projector {projector} is {pending} tasks behind (limit {limit}); try again later")]
+    Backlog { projector: String, pending: u64, limit: u64 },
+    #[error("journal record is corrupt: {0}")]
+    Corrupt(#[from] serde_json::Error),
+}
+
+/// One item write or delete, validated and transformed, ready to be journaled.
+#[derive(Clone, Debug)]
+pub enum Entry {
+    Upsert {
+        blueprint: Ident,
+        blueprint_uid: Uid,
+        id: Uuid,
+        /// The version the client wrote at, and the canonical body at that version.
+        version: u32,
+        body: Map<String, Value>,
+        /// The item as every live version holding the blueprint sees it.
+        docs: Vec<VersionDoc>,
+    },
+    Delete {
+        blueprint: Ident,
+        id: Uuid,
+        versions: Vec<u32>,
+    },
+}
+
+/// The latest accepted state of an item.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ItemRecord {
+    pub revision: u64,
+    pub version: u32,
+    pub blueprint_uid: Uid,
+    pub body: Map<String, Value>,
+}
+
+/// A task that a projector refused for good.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct DeadLetter {
+    pub projector: String,
+    pub task: Task,
+    pub reason: String,
+    pub at: String,
+}
+
+/// What the journal knows of one projector's progress.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct ProjectorProgress {
+    /// Every task with a lower or equal seq has been applied or dead-lettered.
+    pub applied_through: u64,
+    pub pending: u64,
+    pub applied: u64,
+    pub dead_letters: u64,
+    pub last_error: Option<String>,
+}
+
+struct Lane {
+    /// No task of this projector below this seq is pending. Scans start here, so they never wade
+    /// through the deletion markers of tasks already acknowledged (new tasks only get higher seqs).
+    floor: AtomicU64,
+    applied: watch::Sender<u64>,
+    wake: Notify,
+    /// Cuts a retry backoff short (a client asked to retry now).
+    retry: Notify,
+    progress: Mutex<ProjectorProgress>,
+}
+
+pub struct Journal {
+    db: Arc<DB>,
+    catalog: Arc<Catalog>,
+    commands: std::sync::mpsc::SyncSender<Command>,
+    last_seq: Arc<AtomicU64>,
+    lanes: HashMap<&'static str, Lane>,
+    settings: JournalSettings,
+    /// Where background work (back-fills) runs: the runtime that opened the journal.
+    runtime: tokio::runtime::Handle,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl Drop for Journal {
+    /// Stops the writer thread and waits for it, so the database is closed when the journal is gone.
+    fn drop(&mut self) {
+        let _ = self.commands.send(Command::Shutdown);
+        let writer = self.writer.lock().ok().and_then(|mut w| w.take());
+        // The writer thread itself may drop the last reference; it must not wait for itself.
+        if let Some(writer) = writer.filter(|w| w.thread().id() != std::thread::current().id()) {
+            let _ = writer.join();
+        }
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, JournalError> {
+    Ok(serde_json::from_slice(bytes)?)
+}
+
+impl Journal {
+    /// Opens (or creates) the journal and starts its writer thread. Must be called inside a Tokio
+    /// runtime, which then runs the journal's background work.
+    pub fn open(
+        path: &Path,
+        catalog: Arc<Catalog>,
+        projectors: Vec<&'static str>,
+        settings: JournalSettings,
+    ) -> Result<Arc<Journal>, JournalError> {
+        let mut options = Options::default();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        options.increase_parallelism(2);
+        let families = [CF_ITEMS, CF_TASKS, CF_DEAD, CF_META]
+            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let db = Arc::new(DB::open_cf_descriptors(&options, path, families)?);
+        let last_seq = match db.get_cf(db.cf_handle(CF_META).expect("meta cf"), keys::LAST_SEQ)? {
+            Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().unwrap_or_default()),
+            None => 0,
+        };
+        let last_seq = Arc::new(AtomicU64::new(last_seq));
+        let (commands, receiver) = std::sync::mpsc::sync_channel(4096);
+        let lanes = projectors
+            .iter()
+            .map(|name| {
+                let lane = Lane {
+                    floor: AtomicU64::new(0),
+                    applied: watch::channel(0).0,
+                    wake: Notify::new(),
+                    retry: Notify::new(),
+                    progress: Mutex::new(ProjectorProgress::default()),
+                };
+                (*name, lane)
+            })
+            .collect();
+        let journal = Arc::new(Journal {
+            db: db.clone(),
+            catalog: catalog.clone(),
+            commands,
+            last_seq: last_seq.clone(),
+            lanes,
+            settings: settings.clone(),
+            runtime: tokio::runtime::Handle::current(),
+            writer: Mutex::new(None),
+        });
+        for name in &projectors {
+            journal.refresh_progress(name)?;
+        }
+        let weak = Arc::downgrade(&journal);
+        let worker = writer::Writer::new(db, catalog, projectors, last_seq, settings.durability);
+        let thread = std::thread::Builder::new()
+            .name("journal-writer".into())
+            .spawn(move || worker.run(receiver, weak))
+            .map_err(|e| JournalError::Storage(rocksdb::Error::new(e.to_string())))?;
+        *journal.writer.lock().expect("writer lock") = Some(thread);
+        Ok(journal)
+    }
+
+    pub fn catalog(&self) -> &Arc<Catalog> {
+        &self.catalog
+    }
+
+    pub fn projectors(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.lanes.keys().copied()
+    }
+
+    pub fn last_seq(&self) -> u64 {
+        self.last_seq.load(Ordering::Acquire)
+    }
+
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.db.cf_handle(name).expect("column family exists")
+    }
+
+    async fn send<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, JournalError>>) -> Command) -> Result<T, JournalError> {
+        let (reply, answer) = oneshot::channel();
+        let command = make(reply);
+        let commands = self.commands.clone();
+        // The channel is bounded: block a helper thread, not the async runtime, when it is full.
+        match commands.try_send(command) {
+            Ok(()) => {}
+            Err(std::sync::mpsc::TrySendError::Full(command)) => {
+                tokio::task::spawn_blocking(move || commands.send(command))
+                    .await
+                    .map_err(|_| JournalError::Closed)?
+                    .map_err(|_| JournalError::Closed)?;
+            }
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(JournalError::Closed),
+        }
+        answer.await.map_err(|_| JournalError::Closed)?
+    }
+
+    /// Journals item writes transformed against catalog `epoch`; answers their revisions.
+    pub async fn write(&self, epoch: u64, project: Ident, entries: Vec<Entry>) -> Result<Vec<u64>, JournalError> {
+        self.check_backlog()?;
+        self.send(|reply| Command::Write { epoch, project, entries, reply }).await
+    }
+
+    fn check_backlog(&self) -> Result<(), JournalError> {
+        let last = self.last_seq();
+        for (name, lane) in &self.lanes {
+            let pending = last.saturating_sub(*lane.applied.borrow());
+            if pending > self.settings.max_pending {
+                return Err(JournalError::Backlog {
+                    projector: name.to_string(),
+                    pending,
+                    limit: self.settings.max_pending,
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Freezes the working copy and queues its migrations ahead of any write into it.
+    pub async fn freeze(&self, project: Ident) -> Result<(Arc<Version>, u64), JournalError> {
+        self.send(|reply| Command::Freeze { project, reply }).await
+    }
+
+    /// Queues the migrations of `version` again for the projectors that have not finished them, and
+    /// has those projectors retry at once instead of at the end of their backoff.
+    pub async fn remigrate(&self, project: Ident, version: u32, projectors: Vec<String>) -> Result<u64, JournalError> {
+        let names = projectors.clone();
+        let seq = self.send(|reply| Command::Migrate { project, version, projectors, reply }).await?;
+        for name in names {
+            if let Some(lane) = self.lanes.get(name.as_str()) {
+                lane.retry.notify_one();
+            }
+        }
+        Ok(seq)
+    }
+
+    /// Waits until a client asks the projector to retry now, or `timeout` passes.
+    pub async fn wait_for_retry(&self, projector: &str, timeout: Duration) {
+        match self.lanes.get(projector) {
+            Some(lane) => {
+                let _ = tokio::time::timeout(timeout, lane.retry.notified()).await;
+            }
+            None => tokio::time::sleep(timeout).await,
+        }
+    }
+
+    /// Forgets a project in the catalog and the journal and queues its removal from every store.
+    pub async fn drop_project(&self, project: Ident) -> Result<u64, JournalError> {
+        self.send(|reply| Command::DropProject { project, reply }).await
+    }
+
+    /// The latest accepted state of an item, if it exists.
+    pub fn item(&self, project: &Ident, blueprint: &Ident, id: &Uuid) -> Result<Option<ItemRecord>, JournalError> {
+        match self.db.get_cf(self.cf(CF_ITEMS), keys::item(project, blueprint, id))? {
+            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Iterates a projector's pending tasks from its floor, oldest first.
+    fn scan_tasks(&self, projector: &str) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>> + '_ {
+        let floor = self.lanes.get(projector).map_or(0, |lane| lane.floor.load(Ordering::Acquire));
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_lower_bound(keys::task(projector, floor));
+        options.set_iterate_upper_bound(keys::task(projector, u64::MAX));
+        self.db
+            .iterator_cf_opt(self.cf(CF_TASKS), options, IteratorMode::Start)
+    }
+
+    /// Up to `limit` pending tasks of a projector, oldest first.
+    pub fn pending(&self, projector: &str, limit: usize) -> Result<Vec<Task>, JournalError> {
+        let mut tasks: Vec<Task> = Vec::new();
+        for entry in self.scan_tasks(projector).take(limit) {
+            tasks.push(decode(&entry?.1)?);
+        }
+        if let (Some(first), Some(lane)) = (tasks.first(), self.lanes.get(projector)) {
+            lane.floor.fetch_max(first.seq, Ordering::AcqRel);
+        }
+        Ok(tasks)
+    }
+
+    /// Removes applied tasks and moves refused ones to the dead letters, in one batch.
+    pub fn ack(&self, projector: &str, applied: &[u64], dead: Vec<DeadLetter>) -> Result<(), JournalError> {
+        let mut batch = WriteBatch::default();
+        for seq in applied {
+            batch.delete_cf(self.cf(CF_TASKS), keys::task(projector, *seq));
+        }
+        for letter in &dead {
+            batch.delete_cf(self.cf(CF_TASKS), keys::task(projector, letter.task.seq));
+            batch.put_cf(self.cf(CF_DEAD), keys::task(projector, letter.task.seq), serde_json::to_vec(letter)?);
+        }
+        self.db.write(batch)?;
+        if let Some(lane) = self.lanes.get(projector) {
+            let mut progress = lane.progress.lock().expect("progress lock");
+            progress.applied += applied.len() as u64;
+            progress.dead_letters += dead.len() as u64;
+        }
+        self.refresh_progress(projector)
+    }
+
+    /// Recomputes how far a projector got: everything before its oldest pending task is done.
+    pub fn refresh_progress(&self, projector: &str) -> Result<(), JournalError> {
+        let Some(lane) = self.lanes.get(projector) else { return Ok(()) };
+        let last = self.last_seq();
+        let oldest = self.scan_tasks(projector).next().transpose()?.map(|(key, _)| keys::task_seq(&key));
+        let through = oldest.map_or(last, |seq| seq - 1);
+        lane.applied.send_if_modified(|current| {
+            let moved = *current != through;
+            *current = through;
+            moved
+        });
+        lane.progress.lock().expect("progress lock").applied_through = through;
+        Ok(())
+    }
+
+    pub fn note_error(&self, projector: &str, error: Option<String>) {
+        if let Some(lane) = self.lanes.get(projector) {
+            lane.progress.lock().expect("progress lock").last_error = error;
+        }
+    }
+
+    pub fn progress(&self, projector: &str) -> ProjectorProgress {
+        let lane = &self.lanes[projector];
+        let mut progress = lane.progress.lock().expect("progress lock").clone();
+        progress.pending = self.last_seq().saturating_sub(progress.applied_through);
+        progress
+    }
+
+    /// Wakes the dispatchers after a commit.
+    fn wake_all(&self) {
+        for lane in self.lanes.values() {
+            lane.wake.notify_one();
+        }
+    }
+
+    /// Waits until the projector has new tasks or `timeout` passes.
+    pub async fn wait_for_tasks(&self, projector: &str, timeout: Duration) {
+        if let Some(lane) = self.lanes.get(projector) {
+            let _ = tokio::time::timeout(timeout, lane.wake.notified()).await;
+        }
+    }
+
+    /// Waits until every projector has applied `seq`; on time-out, names the ones still behind.
+    pub async fn wait_projected(&self, seq: u64, timeout: Duration) -> Result<(), Vec<&'static str>> {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut behind = Vec::new();
+        for (name, lane) in &self.lanes {
+            let mut applied = lane.applied.subscribe();
+            let reached = tokio::time::timeout_at(deadline, applied.wait_for(|through| *through >= seq)).await;
+            if !matches!(reached, Ok(Ok(_))) {
+                behind.push(*name);
+            }
+        }
+        if behind.is_empty() {
+            Ok(())
+        } else {
+            behind.sort_unstable();
+            Err(behind)
+        }
+    }
+
+    /// Dead letters of every projector, oldest first.
+    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, JournalError> {
+        self.db
+            .iterator_cf(self.cf(CF_DEAD), IteratorMode::Start)
+            .take(limit)
+            .map(|entry| decode(&entry?.1))
+            .collect()
+    }
+}

@@ -1,0 +1,64 @@
+//! The unit of work a projector receives, and what it answers for each one.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::blueprint::Ident;
+
+/// One pending task, as stored in the journal and delivered to a projector.
+///
+/// `seq` orders tasks: a projector sees them in increasing `seq`. `revision` orders the states of one
+/// item: a store keeps, per item and version, the highest revision it has seen (a delete included), so
+/// replays, retries and late back-fill tasks never move an item backwards.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub seq: u64,
+    pub project: Ident,
+    pub op: TaskOp,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum TaskOp {
+    /// Create the structures of a frozen version (idempotent).
+    Migrate { version: u32 },
+    /// Write an item into each listed version, as that version sees it.
+    Upsert {
+        blueprint: Ident,
+        id: Uuid,
+        revision: u64,
+        docs: Vec<VersionDoc>,
+    },
+    /// Delete an item from each listed version.
+    Delete {
+        blueprint: Ident,
+        id: Uuid,
+        revision: u64,
+        versions: Vec<u32>,
+    },
+    /// Remove everything a project has in the store.
+    DropProject,
+}
+
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct VersionDoc {
+    pub version: u32,
+    pub doc: Map<String, Value>,
+}
+
+impl Task {
+    /// A short description for logs and dead letters.
+    pub fn describe(&self) -> String {
+        match &self.op {
+            TaskOp::Migrate { version } => format!("migrate {}/v{version}", self.project),
+            TaskOp::Upsert { blueprint, id, revision, .. } => {
+                format!("upsert {}/{blueprint}/{id} at revision {revision}", self.project)
+            }
+            TaskOp::Delete { blueprint, id, revision, .. } => {
+                format!("delete {}/{blueprint}/{id} at revision {revision}", self.project)
+            }
+            TaskOp::DropProject => format!("drop project {}", self.project),
+        }
+    }
+}

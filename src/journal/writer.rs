@@ -1,0 +1,270 @@
+//! The journal's single writer thread: group commit, sequence numbers, atomic batches.
+//!
+//! Commands waiting in the channel when the thread wakes are staged into one `WriteBatch`, written with
+//! one (optionally synced) write, and answered only after it. A command that cannot be staged (a stale
+//! epoch, an unknown project) is answered at once and adds nothing to the batch. Sequence numbers are
+//! published after the batch is durable, so a reader that sees `last_seq = n` finds every task ≤ n.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc::Receiver;
+use std::sync::{Arc, Weak};
+
+use rocksdb::{WriteBatch, WriteOptions, DB};
+use serde_json::Map;
+use serde_json::Value;
+use tokio::sync::oneshot;
+use uuid::Uuid;
+
+use super::backfill::BackfillState;
+use super::task::{Task, TaskOp, VersionDoc};
+use super::{keys, Durability, Entry, ItemRecord, Journal, JournalError, CF_ITEMS, CF_META, CF_TASKS};
+use crate::blueprint::Ident;
+use crate::catalog::{Catalog, Version};
+
+type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
+
+/// An item a back-fill projects into its new version, with the revision it already has.
+#[derive(Debug)]
+pub struct BackfillItem {
+    pub blueprint: Ident,
+    pub id: Uuid,
+    pub revision: u64,
+    pub doc: Map<String, Value>,
+}
+
+pub enum Command {
+    Write {
+        epoch: u64,
+        project: Ident,
+        entries: Vec<Entry>,
+        reply: Reply<Vec<u64>>,
+    },
+    Freeze {
+        project: Ident,
+        reply: Reply<(Arc<Version>, u64)>,
+    },
+    Migrate {
+        project: Ident,
+        version: u32,
+        projectors: Vec<String>,
+        reply: Reply<u64>,
+    },
+    DropProject {
+        project: Ident,
+        reply: Reply<u64>,
+    },
+    Backfill {
+        project: Ident,
+        version: u32,
+        items: Vec<BackfillItem>,
+        state: BackfillState,
+        /// Answers false when the version is gone or retired and the back-fill should stop.
+        reply: Reply<bool>,
+    },
+    /// Ends the writer thread after the commands before it.
+    Shutdown,
+}
+
+pub struct Writer {
+    db: Arc<DB>,
+    catalog: Arc<Catalog>,
+    projectors: Vec<&'static str>,
+    last_seq: Arc<AtomicU64>,
+    durability: Durability,
+}
+
+/// An answer to send once the batch is written.
+type Answer = Box<dyn FnOnce(Option<&rocksdb::Error>) + Send>;
+
+fn answer<T: Send + 'static>(reply: Reply<T>, value: T) -> Answer {
+    Box::new(move |failure| {
+        let _ = reply.send(match failure {
+            None => Ok(value),
+            Some(e) => Err(JournalError::Storage(e.clone())),
+        });
+    })
+}
+
+/// The batch being built, with the next sequence numbers.
+struct Stage<'a> {
+    batch: WriteBatch,
+    seq: u64,
+    answers: Vec<Answer>,
+    writer: &'a Writer,
+}
+
+impl Stage<'_> {
+    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
+        self.writer.db.cf_handle(name).expect("column family exists")
+    }
+
+    fn next_seq(&mut self) -> u64 {
+        self.seq += 1;
+        self.seq
+    }
+
+    /// Queues `op` once for each projector in `to`.
+    fn task<'p>(&mut self, project: &Ident, op: TaskOp, to: impl IntoIterator<Item = &'p str>) -> u64 {
+        let seq = self.next_seq();
+        let task = Task { seq, project: project.clone(), op };
+        let bytes = serde_json::to_vec(&task).expect("tasks serialize");
+        for projector in to {
+            let key = keys::task(projector, seq);
+            self.batch.put_cf(self.cf(CF_TASKS), key, &bytes);
+        }
+        seq
+    }
+
+    fn all_projectors(&self) -> Vec<&'static str> {
+        self.writer.projectors.clone()
+    }
+}
+
+impl Writer {
+    pub fn new(
+        db: Arc<DB>,
+        catalog: Arc<Catalog>,
+        projectors: Vec<&'static str>,
+        last_seq: Arc<AtomicU64>,
+        durability: Durability,
+    ) -> Writer {
+        Writer { db, catalog, projectors, last_seq, durability }
+    }
+
+    pub fn run(self, commands: Receiver<Command>, journal: Weak<Journal>) {
+        let mut options = WriteOptions::default();
+        options.set_sync(self.durability == Durability::Sync);
+        while let Ok(first) = commands.recv() {
+            if matches!(first, Command::Shutdown) {
+                return;
+            }
+            let mut stage = Stage {
+                batch: WriteBatch::default(),
+                seq: self.last_seq.load(Ordering::Acquire),
+                answers: Vec::new(),
+                writer: &self,
+            };
+            stage_command(&mut stage, first);
+            let mut stopping = false;
+            while stage.answers.len() < 4096 {
+                match commands.try_recv() {
+                    Ok(Command::Shutdown) => {
+                        stopping = true;
+                        break;
+                    }
+                    Ok(command) => stage_command(&mut stage, command),
+                    Err(_) => break,
+                }
+            }
+            if stage.answers.is_empty() && !stopping {
+                continue;
+            }
+            let seq = stage.seq;
+            let meta = stage.cf(CF_META);
+            stage.batch.put_cf(meta, keys::LAST_SEQ, seq.to_be_bytes());
+            let Stage { batch, answers, .. } = stage;
+            let result = self.db.write_opt(batch, &options);
+            if result.is_ok() {
+                self.last_seq.store(seq, Ordering::Release);
+            } else {
+                tracing::error!(error = ?result, "journal batch write failed");
+            }
+            for answer in answers {
+                answer(result.as_ref().err());
+            }
+            if let Some(journal) = journal.upgrade() {
+                journal.wake_all();
+            }
+            if stopping {
+                return;
+            }
+        }
+    }
+}
+
+fn stage_command(stage: &mut Stage, command: Command) {
+    match command {
+        Command::Write { epoch, project, entries, reply } => {
+            if stage.writer.catalog.snapshot().epoch != epoch {
+                let _ = reply.send(Err(JournalError::Stale));
+                return;
+            }
+            let revisions = entries.into_iter().map(|entry| stage_entry(stage, &project, entry)).collect();
+            stage.answers.push(answer(reply, revisions));
+        }
+        Command::Freeze { project, reply } => {
+            let projectors = stage.all_projectors();
+            match stage.writer.catalog.freeze(&project, &projectors) {
+                Ok(version) => {
+                    let seq = stage.task(&project, TaskOp::Migrate { version: version.number }, projectors);
+                    stage.answers.push(answer(reply, (version, seq)));
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e.into()));
+                }
+            }
+        }
+        Command::Migrate { project, version, projectors, reply } => {
+            let seq = stage.task(&project, TaskOp::Migrate { version }, projectors.iter().map(String::as_str));
+            stage.answers.push(answer(reply, seq));
+        }
+        Command::DropProject { project, reply } => {
+            if let Err(e) = stage.writer.catalog.delete_project(&project) {
+                let _ = reply.send(Err(e.into()));
+                return;
+            }
+            let items = stage.cf(CF_ITEMS);
+            stage.batch.delete_range_cf(items, keys::project_prefix(&project), keys::project_end(&project));
+            let meta = stage.cf(CF_META);
+            let (from, to) = (keys::backfill(&project, 0), keys::backfill(&project, u32::MAX));
+            stage.batch.delete_range_cf(meta, from, to);
+            stage.batch.delete_cf(meta, keys::backfill(&project, u32::MAX));
+            let seq = stage.task(&project, TaskOp::DropProject, stage.all_projectors());
+            stage.answers.push(answer(reply, seq));
+        }
+        Command::Shutdown => {}
+        Command::Backfill { project, version, items, state, reply } => {
+            let snapshot = stage.writer.catalog.snapshot();
+            let live = snapshot
+                .projects
+                .get(&project)
+                .is_some_and(|p| p.version(version).is_some() && !p.is_retired(version));
+            if !live {
+                let _ = reply.send(Ok(false));
+                return;
+            }
+            for item in items {
+                let op = TaskOp::Upsert {
+                    blueprint: item.blueprint,
+                    id: item.id,
+                    revision: item.revision,
+                    docs: vec![VersionDoc { version, doc: item.doc }],
+                };
+                stage.task(&project, op, stage.all_projectors());
+            }
+            let meta = stage.cf(CF_META);
+            let state = serde_json::to_vec(&state).expect("state serializes");
+            stage.batch.put_cf(meta, keys::backfill(&project, version), state);
+            stage.answers.push(answer(reply, true));
+        }
+    }
+}
+
+fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
+    let items = stage.cf(CF_ITEMS);
+    match entry {
+        Entry::Upsert { blueprint, blueprint_uid, id, version, body, docs } => {
+            let revision = stage.seq + 1;
+            let key = keys::item(project, &blueprint, &id);
+            let record = ItemRecord { revision, version, blueprint_uid, body };
+            stage.batch.put_cf(items, key, serde_json::to_vec(&record).expect("records serialize"));
+            let op = TaskOp::Upsert { blueprint, id, revision, docs };
+            stage.task(project, op, stage.all_projectors())
+        }
+        Entry::Delete { blueprint, id, versions } => {
+            let revision = stage.seq + 1;
+            stage.batch.delete_cf(items, keys::item(project, &blueprint, &id));
+            stage.task(project, TaskOp::Delete { blueprint, id, revision, versions }, stage.all_projectors())
+        }
+    }
+}

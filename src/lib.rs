@@ -1,0 +1,12 @@
+//! dstore: a blueprint-driven write service. See ARCHITECTURE.md for how the modules fit together.
+
+pub mod blueprint;
+pub mod catalog;
+pub mod config;
+pub mod http;
+pub mod items;
+pub mod journal;
+pub mod projector;
+pub mod queue;
+pub mod startup;
+pub mod telemetry;

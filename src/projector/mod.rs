@@ -1,0 +1,109 @@
+//! The projector contract and the registry of enabled projectors.
+//!
+//! A projector turns journal tasks into the shape of one store. Delivery is at-least-once and in `seq`
+//! order, so every method must be idempotent: applying a task twice, or an older revision after a newer
+//! one, leaves the store as if the newest revision alone had been applied. A projector never sees a
+//! client request; it is given only tasks and the catalog to look blueprints up. The dispatcher calls
+//! `migrate` and `drop_project` for the `Migrate` and `DropProject` tasks, in their place in the queue,
+//! and `apply` for runs of item tasks.
+
+pub mod conformance;
+pub mod rocksdb;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::Serialize;
+use serde_json::Value;
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::blueprint::Ident;
+use crate::catalog::{Catalog, Version};
+use crate::journal::task::Task;
+
+/// Whether retrying can help.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The store is unreachable, overloaded or asked us to retry: keep the task and retry later.
+    Transient,
+    /// The store refuses this task for good: move it to the dead letters with the reason.
+    Permanent,
+}
+
+#[derive(Clone, Debug, Error)]
+#[error("{message}")]
+pub struct ProjectorError {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl ProjectorError {
+    pub fn transient(message: impl Into<String>) -> ProjectorError {
+        ProjectorError { kind: ErrorKind::Transient, message: message.into() }
+    }
+
+    pub fn permanent(message: impl Into<String>) -> ProjectorError {
+        ProjectorError { kind: ErrorKind::Permanent, message: message.into() }
+    }
+}
+
+/// What became of one task of a batch.
+pub type Outcome = Result<(), ProjectorError>;
+
+#[derive(Clone, Debug, Serialize)]
+pub struct Health {
+    pub reachable: bool,
+    pub detail: String,
+}
+
+#[async_trait]
+pub trait Projector: Send + Sync {
+    /// A stable name: `rocksdb`, `postgresql`, `elasticsearch`. Tasks are queued under it.
+    fn name(&self) -> &'static str;
+
+    /// Creates what a frozen version needs in the store; running it again finishes or confirms it.
+    async fn migrate(&self, project: &Ident, version: &Version) -> Result<(), ProjectorError>;
+
+    /// Applies `Upsert` and `Delete` tasks in order. `Err` means the batch should be retried as a
+    /// whole; `Ok` holds one outcome per task, in order, and a permanent error in it dead-letters
+    /// only that task.
+    async fn apply(&self, catalog: &Catalog, tasks: &[Task]) -> Result<Vec<Outcome>, ProjectorError>;
+
+    /// Removes everything the store holds for a project; a project it never saw is not an error.
+    async fn drop_project(&self, project: &Ident) -> Result<(), ProjectorError>;
+
+    /// What the store holds for an item in one version: its document as the store returns it
+    /// (geometries as GeoJSON), or `None` when absent or deleted. Used by checks and tests.
+    async fn read(&self, project: &Ident, version: u32, blueprint: &Ident, id: &Uuid) -> Result<Option<Value>, ProjectorError>;
+
+    /// Whether the store answers.
+    async fn health(&self) -> Health;
+}
+
+/// The enabled projectors.
+#[derive(Clone, Default)]
+pub struct Registry {
+    projectors: Vec<Arc<dyn Projector>>,
+}
+
+impl Registry {
+    pub fn new(projectors: Vec<Arc<dyn Projector>>) -> Registry {
+        Registry { projectors }
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.projectors.iter().map(|p| p.name()).collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Projector>> {
+        self.projectors.iter()
+    }
+}
+
+/// Capped exponential backoff for transient failures.
+pub fn backoff(attempt: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << attempt.min(7))).min(Duration::from_secs(10))
+}

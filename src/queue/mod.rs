@@ -1,0 +1,4 @@
+//! How tasks reach projectors. The in-process [`dispatcher`] feeds each enabled projector from the
+//! journal in sequence order.
+
+pub mod dispatcher;

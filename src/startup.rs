@@ -1,0 +1,130 @@
+//! The one place that wires dstore together: stores, journal, dispatchers and the HTTP server.
+
+use std::net::TcpListener;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use actix_web::dev::Server;
+use actix_web::{web, App, HttpServer};
+use thiserror::Error;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::catalog::{Catalog, CatalogError};
+use crate::config::Settings;
+use crate::http::{self, AppState};
+use crate::journal::{Journal, JournalError, JournalSettings};
+use crate::projector::rocksdb::RocksProjector;
+use crate::projector::{Projector, Registry};
+use crate::queue::dispatcher;
+
+#[derive(Debug, Error)]
+pub enum StartupError {
+    #[error("cannot create the data directory {path} (storage.data_dir / LEVEL_PATH): {source}")]
+    DataDir { path: PathBuf, source: std::io::Error },
+    #[error("cannot open the catalog at {path} (storage.catalog_dir / PROJECT_FILE_PATH): {source}")]
+    Catalog { path: PathBuf, source: CatalogError },
+    #[error("cannot open the journal at {path} (storage.data_dir / LEVEL_PATH): {source}")]
+    Journal { path: PathBuf, source: JournalError },
+    #[error("cannot open the RocksDB keyspaces at {path} (storage.data_dir / LEVEL_PATH): {source}")]
+    Keyspaces { path: PathBuf, source: rocksdb::Error },
+    #[error("cannot listen on {address} (server.host, server.port / PORT): {source}")]
+    Listen { address: String, source: std::io::Error },
+}
+
+pub struct Application {
+    port: u16,
+    server: Server,
+    shutdown: watch::Sender<bool>,
+    dispatchers: Vec<JoinHandle<()>>,
+    rocksdb: Option<Arc<RocksProjector>>,
+    journal: Arc<Journal>,
+}
+
+impl Application {
+    pub async fn build(settings: Settings) -> Result<Application, StartupError> {
+        Application::build_with(settings, Vec::new()).await
+    }
+
+    /// Builds the service with `extra` projectors beside the configured ones (tests and embedders).
+    pub async fn build_with(settings: Settings, extra: Vec<Arc<dyn Projector>>) -> Result<Application, StartupError> {
+        let data_dir = settings.storage.data_dir.clone();
+        std::fs::create_dir_all(&data_dir).map_err(|source| StartupError::DataDir { path: data_dir.clone(), source })?;
+        let catalog_dir = settings.storage.catalog_dir();
+        let catalog = Arc::new(Catalog::open(&catalog_dir).map_err(|source| StartupError::Catalog { path: catalog_dir, source })?);
+
+        let mut projectors: Vec<Arc<dyn Projector>> = Vec::new();
+        let mut rocksdb = None;
+        if settings.projection.rocksdb {
+            let path = data_dir.join("keyspaces");
+            let projector = Arc::new(RocksProjector::open(&path).map_err(|source| StartupError::Keyspaces { path, source })?);
+            rocksdb = Some(projector.clone());
+            projectors.push(projector);
+        }
+        projectors.extend(extra);
+        let registry = Registry::new(projectors);
+
+        let journal_dir = data_dir.join("journal");
+        let journal_settings = JournalSettings {
+            durability: settings.storage.durability,
+            max_pending: settings.projection.max_pending_tasks,
+        };
+        let journal = Journal::open(&journal_dir, catalog.clone(), registry.names(), journal_settings)
+            .map_err(|source| StartupError::Journal { path: journal_dir.clone(), source })?;
+        journal
+            .resume_backfills()
+            .map_err(|source| StartupError::Journal { path: journal_dir, source })?;
+
+        let (shutdown, stop) = watch::channel(false);
+        let dispatchers = registry
+            .iter()
+            .map(|p| tokio::spawn(dispatcher::run(journal.clone(), p.clone(), settings.projection.batch_size, stop.clone())))
+            .collect();
+
+        let address = format!("{}:{}", settings.server.host, settings.server.port);
+        let listener = TcpListener::bind(&address).map_err(|source| StartupError::Listen { address: address.clone(), source })?;
+        let port = listener.local_addr().map_err(|source| StartupError::Listen { address: address.clone(), source })?.port();
+        let workers = match settings.server.workers {
+            0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
+            n => n,
+        };
+        let state = web::Data::new(AppState { catalog, journal: journal.clone(), registry, settings });
+        let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
+            .workers(workers)
+            .backlog(4096)
+            .listen(listener)
+            .map_err(|source| StartupError::Listen { address, source })?
+            .run();
+        tracing::info!(port, "dstore is serving");
+        Ok(Application { port, server, shutdown, dispatchers, rocksdb, journal })
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The embedded keyspace projector, when enabled (tests read it directly).
+    pub fn rocksdb(&self) -> Option<Arc<RocksProjector>> {
+        self.rocksdb.clone()
+    }
+
+    /// Stops the server gracefully from elsewhere (tests, signal handlers of embedders).
+    pub fn handle(&self) -> actix_web::dev::ServerHandle {
+        self.server.handle()
+    }
+
+    pub fn journal(&self) -> Arc<Journal> {
+        self.journal.clone()
+    }
+
+    /// Serves until SIGINT/SIGTERM (handled by the server), then stops the dispatchers.
+    pub async fn run_until_stopped(self) -> std::io::Result<()> {
+        let result = self.server.await;
+        let _ = self.shutdown.send(true);
+        for dispatcher in self.dispatchers {
+            let _ = dispatcher.await;
+        }
+        tracing::info!("dstore stopped");
+        result
+    }
+}

@@ -1,0 +1,214 @@
+use reqwest::Method;
+use serde_json::json;
+
+use crate::helpers::{article, spawn_app, spawn_app_with};
+
+#[tokio::test]
+async fn the_seed_flow_freezes_version_1_and_refuses_an_empty_freeze_with_409() {
+    let app = spawn_app().await;
+    // No Content-Type header, as `curl -d` sends it.
+    let put = app.send(Method::PUT, "/myblog/article/_blueprint", Some(article().to_string())).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(put.body["success"], true);
+    assert_eq!(put.body["changes"][0]["kind"], "blueprint.create");
+
+    let frozen = app.post("/myblog/_version", None).await;
+    assert_eq!((frozen.status, &frozen.body), (200, &json!({"project_version": 1})));
+
+    let again = app.post("/myblog/_version", None).await;
+    assert_eq!(again.status, 409);
+    assert_eq!(again.body["status"], "nothing changed since version 1");
+
+    let read = app.get("/myblog/article/_blueprint/1").await;
+    assert_eq!((read.status, &read.body), (200, &article()));
+}
+
+#[tokio::test]
+async fn a_bad_blueprint_reports_every_problem_with_its_path_in_one_422() {
+    let app = spawn_app().await;
+    let body = json!({
+        "postgresql": {},
+        "columns": {
+            "title": {"type": "strnig"},
+            "Bad-Name": {"type": "string"},
+            "count": {"type": "integer", "validation": {"min": 5, "max": 1}},
+            "flag": {"type": "boolean", "nullable": false, "default": null},
+            "label": {"type": "string", "validation": {"min": 1}},
+            "extra": {"type": "text", "colour": "red"}
+        },
+        "surprise": true
+    });
+    let answer = app.put("/myblog/article/_blueprint", &body).await;
+    assert_eq!(answer.status, 422, "{}", answer.body);
+    let paths = answer.paths();
+    for expected in [
+        "/postgresql/table",
+        "/elasticsearch",
+        "/columns/title/type",
+        "/columns/Bad-Name",
+        "/columns/count/validation/min",
+        "/columns/flag/default",
+        "/columns/label/validation/min",
+        "/columns/extra/colour",
+        "/surprise",
+    ] {
+        assert!(paths.contains(&expected.to_string()), "missing {expected} in {paths:?}");
+    }
+    assert!(answer.messages().contains("unknown type \"strnig\""), "{}", answer.messages());
+    // Nothing was stored.
+    assert_eq!(app.get("/myblog/article/_blueprint").await.status, 404);
+}
+
+#[tokio::test]
+async fn renames_swaps_and_edits_are_recorded_as_changes_and_resending_records_nothing() {
+    let app = spawn_app().await;
+    let v1 = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"}, "columns": {
+        "a": {"type": "string"}, "b": {"type": "integer"}, "c": {"type": "integer"}}});
+    app.put_and_freeze("p", "thing", &v1).await;
+
+    let edit = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"}, "columns": {
+        "a": {"type": "string", "column_id": "b"},
+        "b": {"type": "integer", "column_id": "a"},
+        "c": {"type": "float", "column_id": "d", "nullable": false, "default": 0}}});
+    let first = app.put("/p/thing/_blueprint", &edit).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let kinds: Vec<String> = first.body["changes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| format!("{} {}", c["kind"].as_str().unwrap(), c["option"].as_str().unwrap_or("")))
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            "column.rename ",
+            "column.rename ",
+            "column.rename ",
+            "column.update type",
+            "column.update nullable",
+            "column.update default"
+        ],
+        "{}",
+        first.body
+    );
+    let current = app.get("/p/thing/_blueprint").await.body;
+    assert_eq!(current["columns"]["b"]["type"], "string");
+    assert_eq!(current["columns"]["a"]["type"], "integer");
+    assert_eq!(current["columns"]["d"]["type"], "float");
+
+    // Re-sending what GET returns is a no-op.
+    let resend = app.put("/p/thing/_blueprint", &current).await;
+    assert_eq!(resend.body["changes"], json!([]), "{}", resend.body);
+
+    // The rename onto an existing column is refused.
+    let clash = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"}, "columns": {
+        "a": {"type": "integer", "column_id": "b"}, "b": {"type": "string"}}});
+    let refused = app.put("/p/thing/_blueprint", &clash).await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert!(refused.messages().contains("already"), "{}", refused.messages());
+
+    // The frozen version did not move.
+    let frozen = app.get("/p/thing/_blueprint/1").await;
+    assert_eq!(frozen.body["columns"]["a"]["type"], "string");
+    assert_eq!(app.post("/p/_version", None).await.body["project_version"], 2);
+    let versions = app.get("/p/_version").await;
+    assert_eq!(versions.body["versions"][1]["changes"].as_array().unwrap().len(), 6, "{}", versions.body);
+}
+
+#[tokio::test]
+async fn reading_unknown_things_answers_404_and_malformed_input_400() {
+    let app = spawn_app().await;
+    assert_eq!(app.get("/nothing/_blueprint").await.status, 404);
+    assert_eq!(app.get("/nothing/_version").await.status, 404);
+    assert_eq!(app.post("/nothing/_version", None).await.status, 404);
+    app.put_and_freeze("myblog", "article", &article()).await;
+    assert_eq!(app.get("/myblog/comment/_blueprint").await.status, 404);
+    assert_eq!(app.get("/myblog/article/_blueprint/7").await.status, 404);
+    assert_eq!(app.get("/myblog/_blueprint/7").await.status, 404);
+    assert_eq!(app.get("/myblog/_blueprint/seven").await.status, 400);
+
+    let malformed = app.send(Method::PUT, "/myblog/article/_blueprint", Some("{\"postgresql\": ".into())).await;
+    assert_eq!(malformed.status, 400);
+    assert!(malformed.body["status"].as_str().unwrap().contains("malformed JSON"), "{}", malformed.body);
+    assert!(malformed.body["errors"].is_array());
+
+    let wrong_method = app.send(Method::PATCH, "/myblog/article/_blueprint", None).await;
+    assert_eq!(wrong_method.status, 405);
+    assert!(wrong_method.body["status"].is_string());
+}
+
+#[tokio::test]
+async fn hostile_names_are_refused_with_400_before_touching_any_store() {
+    let app = spawn_app().await;
+    for path in [
+        "/My%20Blog/article/_blueprint",
+        "/..%2F..%2Fetc/article/_blueprint",
+        "/myblog/..%2Farticle/_blueprint",
+        "/my'blog/article/_blueprint",
+        "/myblog/ar%22ticle/_blueprint",
+        "/caf%C3%A9/article/_blueprint",
+        "/_x/article/_blueprint",
+    ] {
+        let answer = app.put(path, &article()).await;
+        assert_eq!(answer.status, 400, "{path}: {}", answer.body);
+        assert!(answer.body["errors"][0]["message"].is_string(), "{path}");
+    }
+    assert_eq!(app.get("/_project").await.body, json!({}));
+}
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_with_413() {
+    let app = spawn_app_with(|s| s.server.max_body_bytes = 1024).await;
+    let mut big = article();
+    big["columns"]["title"]["comment"] = json!("x".repeat(2000));
+    let answer = app.put("/myblog/article/_blueprint", &big).await;
+    assert_eq!(answer.status, 413, "{}", answer.body);
+    assert!(answer.body["status"].as_str().unwrap().contains("1024"));
+}
+
+#[tokio::test]
+async fn two_blueprints_cannot_share_a_table_and_project_routes_put_all_and_freeze() {
+    let app = spawn_app().await;
+    let mut comment = article();
+    comment["elasticsearch"]["type"] = json!("comment");
+    let body = json!({"myblog": {"article": article(), "comment": comment}});
+    let clash = app.put("/_project", &body).await;
+    assert_eq!(clash.status, 422, "{}", clash.body);
+    assert!(clash.paths().iter().any(|p| p.ends_with("/postgresql/table")), "{}", clash.body);
+
+    let mut comment = article();
+    comment["postgresql"]["table"] = json!("comments");
+    comment["elasticsearch"]["type"] = json!("comment");
+    let body = json!({"myblog": {"article": article(), "comment": comment}});
+    let put = app.put("/_project", &body).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(put.body["myblog"]["project_version"], 1);
+    let again = app.put("/myblog/_project", &body["myblog"]).await;
+    assert_eq!((again.body["project_version"].as_u64(), again.body["changed"].as_bool()), (Some(1), Some(false)));
+
+    let all = app.get("/_version").await;
+    assert_eq!(all.body["myblog"]["blueprints"]["comment"], json!([1]));
+    let project = app.get("/myblog/_project").await;
+    assert_eq!(project.body["blueprints"]["article"], article());
+
+    assert_eq!(app.delete("/myblog/_project").await.status, 200);
+    assert_eq!(app.get("/myblog/_project").await.status, 404);
+}
+
+#[tokio::test]
+async fn the_catalog_survives_a_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    {
+        let app = spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+        app.put_and_freeze("myblog", "article", &article()).await;
+        let mut edited = article();
+        edited["columns"]["summary"] = json!({"type": "text"});
+        app.put("/myblog/article/_blueprint", &edited).await;
+        app.stop().await;
+    }
+    let app = spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+    assert_eq!(app.get("/myblog/article/_blueprint/1").await.body, article());
+    assert_eq!(app.get("/myblog/article/_blueprint").await.body["columns"]["summary"]["type"], "text");
+    assert_eq!(app.post("/myblog/_version", None).await.body["project_version"], 2);
+}

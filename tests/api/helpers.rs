@@ -1,0 +1,130 @@
+//! Starts the real service on a random port with its own temporary data directory.
+
+use std::sync::Arc;
+
+use dstore::config::Settings;
+use dstore::projector::rocksdb::RocksProjector;
+use dstore::projector::Projector;
+use dstore::startup::Application;
+use reqwest::{Method, Response};
+use serde_json::{json, Value};
+use tempfile::TempDir;
+
+pub struct TestApp {
+    pub address: String,
+    pub client: reqwest::Client,
+    pub rocksdb: Option<Arc<RocksProjector>>,
+    pub dir: TempDir,
+    handle: actix_web::dev::ServerHandle,
+    running: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+pub async fn spawn_app() -> TestApp {
+    spawn_app_with(|_| {}).await
+}
+
+pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
+    spawn_app_with_projectors(configure, Vec::new()).await
+}
+
+pub async fn spawn_app_with_projectors(configure: impl FnOnce(&mut Settings), extra: Vec<Arc<dyn Projector>>) -> TestApp {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut settings = Settings::default();
+    settings.server.host = "127.0.0.1".into();
+    settings.server.port = 0;
+    settings.server.workers = 2;
+    settings.storage.data_dir = dir.path().to_path_buf();
+    settings.projection.wait_timeout_secs = 10;
+    configure(&mut settings);
+    let app = Application::build_with(settings, extra).await.expect("the service starts");
+    let address = format!("http://127.0.0.1:{}", app.port());
+    let rocksdb = app.rocksdb();
+    let handle = app.handle();
+    let running = tokio::spawn(app.run_until_stopped());
+    TestApp { address, client: reqwest::Client::new(), rocksdb, dir, handle, running }
+}
+
+/// A response's status and JSON body (Null when the body is not JSON).
+pub struct Answer {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Answer {
+    pub async fn from(response: Response) -> Answer {
+        let status = response.status().as_u16();
+        let text = response.text().await.expect("a body");
+        let body = serde_json::from_str(&text).unwrap_or(Value::Null);
+        Answer { status, body }
+    }
+
+    /// The messages of the error body, joined, for assertions.
+    pub fn messages(&self) -> String {
+        self.body["errors"]
+            .as_array()
+            .map(|errors| errors.iter().map(|e| format!("{} {}", e["path"], e["message"])).collect::<Vec<_>>().join("\n"))
+            .unwrap_or_default()
+    }
+
+    pub fn paths(&self) -> Vec<String> {
+        self.body["errors"]
+            .as_array()
+            .map(|errors| errors.iter().map(|e| e["path"].as_str().unwrap_or_default().to_string()).collect())
+            .unwrap_or_default()
+    }
+}
+
+impl TestApp {
+    /// Stops the service and waits until it has released its stores.
+    pub async fn stop(self) {
+        drop(self.rocksdb);
+        self.handle.stop(true).await;
+        self.running.await.expect("the server task ends").expect("the server stops cleanly");
+    }
+
+    pub async fn send(&self, method: Method, path: &str, body: Option<String>) -> Answer {
+        let mut request = self.client.request(method, format!("{}{path}", self.address));
+        if let Some(body) = body {
+            request = request.body(body);
+        }
+        Answer::from(request.send().await.expect("the request is sent")).await
+    }
+
+    pub async fn get(&self, path: &str) -> Answer {
+        self.send(Method::GET, path, None).await
+    }
+
+    pub async fn put(&self, path: &str, body: &Value) -> Answer {
+        self.send(Method::PUT, path, Some(body.to_string())).await
+    }
+
+    pub async fn post(&self, path: &str, body: Option<&Value>) -> Answer {
+        self.send(Method::POST, path, body.map(Value::to_string)).await
+    }
+
+    pub async fn delete(&self, path: &str) -> Answer {
+        self.send(Method::DELETE, path, None).await
+    }
+
+    /// Puts a blueprint and freezes; returns the new version.
+    pub async fn put_and_freeze(&self, project: &str, blueprint: &str, body: &Value) -> u64 {
+        let put = self.put(&format!("/{project}/{blueprint}/_blueprint"), body).await;
+        assert_eq!(put.status, 200, "{}", put.body);
+        let frozen = self.post(&format!("/{project}/_version"), None).await;
+        assert_eq!(frozen.status, 200, "{}", frozen.body);
+        frozen.body["project_version"].as_u64().expect("a version number")
+    }
+}
+
+/// The seed's article blueprint.
+pub fn article() -> Value {
+    json!({
+        "postgresql": {"table": "articles"},
+        "elasticsearch": {"type": "article"},
+        "columns": {
+            "title": {"type": "string"},
+            "date_created": {"type": "datetime", "validation": {"required": true}},
+            "location": {"type": "point", "nullable": true}
+        }
+    })
+}

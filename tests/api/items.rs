@@ -1,0 +1,226 @@
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{article, spawn_app, TestApp};
+
+const ID: &str = "0b7a1dd1-56a2-4b7e-8dc5-3f1c2a8c9e01";
+
+async fn blog() -> TestApp {
+    let app = spawn_app().await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    app
+}
+
+fn seed_item() -> Value {
+    json!({
+        "id": ID,
+        "project_version": 1,
+        "title": "Hello",
+        "date_created": "2020-01-02 03:04:05",
+        "location": {"type": "Point", "coordinates": [8.54, 47.37]}
+    })
+}
+
+#[tokio::test]
+async fn the_seed_item_flow_writes_reads_and_deletes() {
+    let app = blog().await;
+    let put = app.send(Method::PUT, &format!("/myblog/article/{ID}"), Some(seed_item().to_string())).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(put.body["success"], true);
+    let revision = put.body["revision"].as_u64().expect("a revision");
+
+    let read = app.get(&format!("/myblog/article/{ID}")).await;
+    assert_eq!(read.status, 200);
+    let mut expected = seed_item();
+    expected["links"] = json!([]);
+    assert_eq!(read.body, expected);
+
+    let second = app.put(&format!("/myblog/article/{ID}"), &seed_item()).await;
+    assert!(second.body["revision"].as_u64().unwrap() > revision);
+
+    let deleted = app.delete(&format!("/myblog/article/{ID}")).await;
+    assert_eq!((deleted.status, &deleted.body["found"]), (200, &json!(true)));
+    assert_eq!(app.get(&format!("/myblog/article/{ID}")).await.status, 404);
+    let again = app.delete(&format!("/myblog/article/{ID}")).await;
+    assert_eq!((again.status, &again.body["found"]), (200, &json!(false)));
+}
+
+#[tokio::test]
+async fn an_invalid_item_lists_every_bad_field_and_stores_nothing() {
+    let app = spawn_app().await;
+    let blueprint = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"}, "columns": {
+        "n": {"type": "integer", "validation": {"min": 0, "max": 10}},
+        "f": {"type": "float"},
+        "u": {"type": "uuid"},
+        "d": {"type": "date"},
+        "t": {"type": "datetime", "validation": {"required": true}},
+        "g": {"type": "polygon"},
+        "s": {"type": "string", "validation": {"max_length": 3, "pattern": "^[a-z]+$", "enum": ["abc", "xyz"]}},
+        "tags": {"type": "string[]"},
+        "nn": {"type": "boolean", "nullable": false}
+    }});
+    app.put_and_freeze("p", "thing", &blueprint).await;
+    let item = json!({
+        "id": "7f0c5a62-8a3b-4c43-9d0e-3e2f1b0a9c11",
+        "project_version": 1,
+        "links": ["nope"],
+        "n": 4.5, "f": "1.5", "u": "xyz", "d": "2021-02-30", "g": {"type": "Point", "coordinates": [0, 0]},
+        "s": "ABCD", "tags": ["ok", 3], "nn": null, "unknown": 1
+    });
+    let answer = app.put(&format!("/p/thing/{ID}"), &item).await;
+    assert_eq!(answer.status, 422, "{}", answer.body);
+    let mut paths = answer.paths();
+    paths.sort();
+    assert_eq!(paths, ["/d", "/f", "/g", "/id", "/links", "/n", "/nn", "/s", "/t", "/tags", "/u", "/unknown"], "{}", answer.messages());
+    assert_eq!(app.get(&format!("/p/thing/{ID}")).await.status, 404);
+
+    let out_of_range = app.put(&format!("/p/thing/{ID}"), &json!({"project_version": 1, "t": "2020-01-01", "nn": true, "n": 11})).await;
+    assert!(out_of_range.messages().contains("maximum"), "{}", out_of_range.body);
+    let too_big = app.put(&format!("/p/thing/{ID}"), &json!({"project_version": 1, "t": "2020-01-01", "nn": true, "n": 3_000_000_000u64})).await;
+    assert!(too_big.messages().contains("range"), "{}", too_big.body);
+}
+
+#[tokio::test]
+async fn project_version_must_name_a_frozen_version_holding_the_blueprint() {
+    let app = blog().await;
+    let mut item = seed_item();
+    item.as_object_mut().unwrap().remove("project_version");
+    assert_eq!(app.put(&format!("/myblog/article/{ID}"), &item).await.paths(), ["/project_version"]);
+    item["project_version"] = json!(2);
+    let answer = app.put(&format!("/myblog/article/{ID}"), &item).await;
+    assert_eq!(answer.status, 422);
+    assert!(answer.messages().contains("does not exist"));
+    assert_eq!(app.put(&format!("/myblog/comment/{ID}"), &seed_item()).await.status, 404);
+    assert_eq!(app.put(&format!("/nope/article/{ID}"), &seed_item()).await.status, 404);
+    assert_eq!(app.put("/myblog/article/not-a-uuid", &seed_item()).await.status, 400);
+    let malformed = app.send(Method::PUT, &format!("/myblog/article/{ID}"), Some("{".into())).await;
+    assert_eq!(malformed.status, 400);
+}
+
+#[tokio::test]
+async fn post_generates_an_id_and_wait_returns_once_the_keyspace_has_the_item() {
+    let app = blog().await;
+    let mut item = seed_item();
+    item.as_object_mut().unwrap().remove("id");
+    let created = app.post("/myblog/article?wait=true", Some(&item)).await;
+    assert_eq!(created.status, 201, "{}", created.body);
+    assert_eq!(created.body["projected"], true);
+    let id: Uuid = created.body["id"].as_str().unwrap().parse().unwrap();
+    let stored = app.rocksdb.as_ref().unwrap().get(&"myblog".parse_ident(), 1, &"article".parse_ident(), &id);
+    assert_eq!(stored.unwrap()["title"], "Hello");
+
+    item["id"] = json!(ID);
+    let refused = app.post("/myblog/article", Some(&item)).await;
+    assert_eq!(refused.status, 422);
+}
+
+#[tokio::test]
+async fn bulk_answers_per_line_and_journals_the_valid_ones() {
+    let app = blog().await;
+    let other = "5d3e4f5a-6b7c-4d8e-9f00-112233445566";
+    let body = [
+        json!({"put": {"blueprint": "article", "id": ID}}),
+        seed_item(),
+        json!({"put": {"blueprint": "article", "id": other}}),
+        json!({"project_version": 1, "title": 5}),
+        json!({"create": {"blueprint": "article"}}),
+        json!({"project_version": 1, "date_created": "2021-05-06"}),
+        json!({"delete": {"blueprint": "article", "id": other}}),
+        json!({"put": {"blueprint": "nope", "id": other}}),
+        json!({"project_version": 1}),
+    ]
+    .iter()
+    .map(Value::to_string)
+    .collect::<Vec<_>>()
+    .join("\n");
+    let answer = app.send(Method::POST, "/myblog/_bulk?wait=true", Some(body)).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    assert_eq!(answer.body["errors"], true);
+    let statuses: Vec<u64> = answer.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i.as_object().unwrap().values().next().unwrap()["status"].as_u64().unwrap())
+        .collect();
+    assert_eq!(statuses, [200, 422, 201, 200, 404]);
+    assert_eq!(app.get(&format!("/myblog/article/{ID}")).await.status, 200);
+    assert_eq!(app.rocksdb.as_ref().unwrap().count(&"myblog".parse_ident(), 1, &"article".parse_ident()), 2);
+
+    let broken = app.send(Method::POST, "/myblog/_bulk", Some("{\"put\": \n".into())).await;
+    assert_eq!(broken.status, 400);
+    assert_eq!(broken.body["errors"][0]["path"], "/line/1");
+}
+
+#[tokio::test]
+async fn freezing_a_new_version_backfills_existing_items_and_retired_versions_take_no_writes() {
+    let app = blog().await;
+    for i in 0..1200u32 {
+        let id = Uuid::from_u128(u128::from(i) + 1);
+        let mut item = seed_item();
+        item["id"] = json!(id);
+        item["title"] = json!(format!("t{i}"));
+        let put = app.put(&format!("/myblog/article/{id}"), &item).await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    let mut v2 = article();
+    v2["columns"]["title"]["column_id"] = json!("headline");
+    v2["columns"]["views"] = json!({"type": "integer", "default": 0});
+    assert_eq!(app.put_and_freeze("myblog", "article", &v2).await, 2);
+
+    let mut finished = Value::Null;
+    for _ in 0..100 {
+        finished = app.get("/myblog/_version").await.body["versions"][1]["backfill"].clone();
+        if finished["finished"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(finished, json!({"total": 1200, "done": 1200, "finished": true}));
+    // Wait for the projector through a write that queues behind the back-fill.
+    let mut last = seed_item();
+    last["project_version"] = json!(2);
+    last.as_object_mut().unwrap().remove("title");
+    assert_eq!(app.put(&format!("/myblog/article/{ID}?wait=true"), &last).await.body["projected"], true);
+
+    let keyspaces = app.rocksdb.as_ref().unwrap();
+    let (project, blueprint) = ("myblog".parse_ident(), "article".parse_ident());
+    assert_eq!(keyspaces.count(&project, 2, &blueprint), 1201);
+    let moved = keyspaces.get(&project, 2, &blueprint, &Uuid::from_u128(6)).unwrap();
+    assert_eq!((&moved["headline"], &moved["views"], moved.get("title")), (&json!("t5"), &json!(0), None));
+
+    assert_eq!(app.post("/myblog/_version/1/_retire", None).await.status, 200);
+    let refused = app.put(&format!("/myblog/article/{ID}"), &seed_item()).await;
+    assert_eq!(refused.status, 422);
+    assert!(refused.messages().contains("retired"));
+}
+
+#[tokio::test]
+async fn deleting_a_project_removes_its_items_from_the_journal_and_the_keyspaces() {
+    let app = blog().await;
+    assert_eq!(app.put(&format!("/myblog/article/{ID}?wait=true"), &seed_item()).await.body["projected"], true);
+    assert_eq!(app.delete("/myblog/_project").await.status, 200);
+    assert_eq!(app.get(&format!("/myblog/article/{ID}")).await.status, 404);
+    app.put_and_freeze("myblog", "article", &article()).await;
+    assert_eq!(app.get(&format!("/myblog/article/{ID}")).await.status, 404);
+    let (project, blueprint) = ("myblog".parse_ident(), "article".parse_ident());
+    for _ in 0..50 {
+        if app.rocksdb.as_ref().unwrap().count(&project, 1, &blueprint) == 0 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the keyspace still holds the deleted project's items");
+}
+
+trait ParseIdent {
+    fn parse_ident(&self) -> dstore::blueprint::Ident;
+}
+
+impl ParseIdent for &str {
+    fn parse_ident(&self) -> dstore::blueprint::Ident {
+        dstore::blueprint::Ident::parse(self).unwrap()
+    }
+}

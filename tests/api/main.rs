@@ -1,0 +1,8 @@
+//! Black-box tests: each starts the real service on a random port and drives it over HTTP.
+
+mod blueprints;
+mod helpers;
+mod items;
+mod kitchensink;
+mod projectors;
+mod process;
