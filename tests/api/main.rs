@@ -4,5 +4,5 @@ mod blueprints;
 mod helpers;
 mod items;
 mod kitchensink;
-mod projectors;
 mod process;
+mod projectors;
