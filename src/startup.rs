@@ -150,7 +150,7 @@ impl Application {
             settings,
         });
         let server =
-            HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
+            HttpServer::new(move || App::new().app_data(state.clone()).configure(http::configure))
                 .workers(workers)
                 .backlog(4096)
                 .listen(listener)
@@ -192,6 +192,7 @@ impl Application {
         for dispatcher in self.dispatchers {
             let _ = dispatcher.await;
         }
+        self.journal.close().await;
         tracing::info!("dstore stopped");
         result
     }
