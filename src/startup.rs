@@ -149,9 +149,12 @@ impl Application {
             registry,
             settings,
         });
+        let requests = web::Data::new(http::observe::RequestMetrics::default());
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .app_data(requests.clone())
+                .wrap(actix_web::middleware::from_fn(http::observe::observe))
                 .configure(http::configure)
         })
         .workers(workers)

@@ -4,5 +4,6 @@ mod blueprints;
 mod helpers;
 mod items;
 mod kitchensink;
+mod operations;
 mod process;
 mod projectors;
