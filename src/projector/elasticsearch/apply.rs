@@ -167,7 +167,7 @@ impl ElasticsearchProjector {
 
 fn index_of<'a>(action: &'a BulkAction) -> &'a str {
     match action {
-        BulkAction::Index { index, .. } | BulkAction::Delete { index, .. } => index,
+        BulkAction::Index { index, .. } | BulkAction::Delete { index, .. } => index.as_str(),
     }
 }
 

@@ -38,7 +38,7 @@ impl ElasticsearchProjector {
         let index = self.names.index(project, version, name);
         let body = mapping::index_body(project, version, name, blueprint);
         if !self.client.create_index(&index, &body).await? {
-            let found = self.client.mappings(&[&index]).await?;
+            let found = self.client.mappings(&[index.as_str()]).await?;
             let existing = found.get(&index).cloned().unwrap_or(Value::Null);
             if let Some(difference) = mapping::first_difference(&existing, &body["mappings"]) {
                 return Err(ProjectorError::permanent(format!(
@@ -81,7 +81,7 @@ impl ElasticsearchProjector {
     /// Deletes every index whose `_meta` names the project; their aliases go with them.
     pub(super) async fn delete_project_indexes(&self, project: &Ident) -> Result<(), ProjectorError> {
         let pattern = self.names.project_indexes(project);
-        let mappings = self.client.mappings(&[&pattern]).await?;
+        let mappings = self.client.mappings(&[pattern.as_str()]).await?;
         let ours: Vec<&str> = mappings
             .iter()
             .filter(|(_, m)| owner(m).is_some_and(|(p, _, _)| p == project.as_str()))

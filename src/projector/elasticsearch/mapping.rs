@@ -79,12 +79,14 @@ pub fn check_override(ty: ColumnType, over: &Map<String, Value>) -> Vec<(String,
     schema::check_property(&effective, None)
         .into_iter()
         // A problem in a generated parameter is ours, not the client's; report only what they sent.
-        .filter(|(path, _)| over.contains_key(first_segment(path)))
+        .filter(|(path, _)| over.contains_key(&first_key(path)))
         .collect()
 }
 
-fn first_segment(path: &str) -> &str {
-    path.trim_start_matches('/').split('/').next().unwrap_or_default()
+/// The unescaped first segment of a JSON pointer: the override key a problem is under.
+fn first_key(path: &str) -> String {
+    let segment = path.trim_start_matches('/').split('/').next().unwrap_or_default();
+    segment.replace("~1", "/").replace("~0", "~")
 }
 
 /// Every override problem of a parsed blueprint, as field errors under `base/columns/<name>/elasticsearch`.
