@@ -5,5 +5,5 @@ mod elasticsearch;
 mod helpers;
 mod items;
 mod kitchensink;
-mod projectors;
 mod process;
+mod projectors;
