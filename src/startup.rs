@@ -94,7 +94,9 @@ impl Application {
         }
         if let Some(es) = &settings.elasticsearch {
             // Sends nothing yet: an unreachable server only delays its tasks and shows in health.
-            projectors.push(Arc::new(ElasticsearchProjector::new(es).map_err(StartupError::Elasticsearch)?));
+            projectors.push(Arc::new(
+                ElasticsearchProjector::new(es).map_err(StartupError::Elasticsearch)?,
+            ));
         }
         projectors.extend(extra);
         let registry = Registry::new(projectors);

@@ -27,7 +27,12 @@ async fn es_url() -> String {
         .or_else(|_| std::env::var("DSTORE_TEST_ELASTICSEARCH_URL"))
         .unwrap_or_else(|_| DEFAULT_URL.into());
     let url = url.trim_end_matches('/').to_string();
-    if let Err(e) = reqwest::Client::new().get(&url).timeout(Duration::from_secs(5)).send().await {
+    if let Err(e) = reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+    {
         panic!(
             "no Elasticsearch API answers at {url} ({e}); run the tests through scripts/test.sh, which starts \
              osmem-server, or point DSTORE_TEST_ELASTICSEARCH_URL or ELASTICSEARCH_URL at a server"
@@ -37,7 +42,10 @@ async fn es_url() -> String {
 }
 
 fn unique_prefix() -> String {
-    format!("dstore_test_{}_", &Uuid::new_v4().simple().to_string()[..12])
+    format!(
+        "dstore_test_{}_",
+        &Uuid::new_v4().simple().to_string()[..12]
+    )
 }
 
 fn ident(s: &str) -> Ident {
@@ -52,11 +60,19 @@ struct Es {
 
 impl Es {
     async fn new() -> Es {
-        Es { url: es_url().await, client: reqwest::Client::new() }
+        Es {
+            url: es_url().await,
+            client: reqwest::Client::new(),
+        }
     }
 
     async fn call(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
-        let response = self.client.request(method, format!("{}/{path}", self.url)).send().await.expect("elasticsearch answers");
+        let response = self
+            .client
+            .request(method, format!("{}/{path}", self.url))
+            .send()
+            .await
+            .expect("elasticsearch answers");
         let status = response.status().as_u16();
         (status, response.json().await.unwrap_or(Value::Null))
     }
@@ -66,13 +82,21 @@ impl Es {
     }
 
     async fn search(&self, index: &str, query: Value) -> Value {
-        let response = self.client.post(format!("{}/{index}/_search", self.url)).json(&query).send().await.expect("elasticsearch answers");
+        let response = self
+            .client
+            .post(format!("{}/{index}/_search", self.url))
+            .json(&query)
+            .send()
+            .await
+            .expect("elasticsearch answers");
         assert_eq!(response.status().as_u16(), 200, "search {index}");
         response.json().await.expect("a JSON answer")
     }
 
     async fn refresh(&self, index: &str) {
-        let (status, body) = self.call(reqwest::Method::POST, &format!("{index}/_refresh")).await;
+        let (status, body) = self
+            .call(reqwest::Method::POST, &format!("{index}/_refresh"))
+            .await;
         assert_eq!(status, 200, "refresh {index}: {body}");
     }
 
@@ -86,7 +110,10 @@ impl Es {
         if status == 404 {
             return Vec::new();
         }
-        let mut targets: Vec<String> = body.as_object().map(|o| o.keys().cloned().collect()).unwrap_or_default();
+        let mut targets: Vec<String> = body
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
         targets.sort();
         targets
     }
@@ -99,14 +126,20 @@ impl Es {
             if status == 200 && body["found"] == true {
                 return body["_source"].clone();
             }
-            assert!(Instant::now() < deadline, "{index}/{id} never appeared: {status} {body}");
+            assert!(
+                Instant::now() < deadline,
+                "{index}/{id} never appeared: {status} {body}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
 
 async fn spawn_app_with_es(url: &str, prefix: &str) -> TestApp {
-    let settings = ElasticsearchSettings { url: url.into(), index_prefix: prefix.into() };
+    let settings = ElasticsearchSettings {
+        url: url.into(),
+        index_prefix: prefix.into(),
+    };
     spawn_app_with(move |s| s.elasticsearch = Some(settings)).await
 }
 
@@ -115,7 +148,10 @@ async fn the_elasticsearch_projector_passes_the_conformance_suite() {
     let url = es_url().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
-    let settings = ElasticsearchSettings { url, index_prefix: unique_prefix() };
+    let settings = ElasticsearchSettings {
+        url,
+        index_prefix: unique_prefix(),
+    };
     let projector = Arc::new(ElasticsearchProjector::new(&settings).expect("valid settings"));
     conformance::run(projector, &catalog, &ident("conformance")).await;
 }
@@ -125,38 +161,90 @@ async fn kitchensink_items_read_back_from_source_at_v2_and_the_alias_follows_the
     let es = Es::new().await;
     let prefix = unique_prefix();
     let app = spawn_app_with_es(&es.url, &prefix).await;
-    let (v1_index, v2_index, alias) =
-        (format!("{prefix}dstore_v1_kitchensink"), format!("{prefix}dstore_v2_kitchensink"), format!("{prefix}dstore_kitchensink"));
+    let (v1_index, v2_index, alias) = (
+        format!("{prefix}dstore_v1_kitchensink"),
+        format!("{prefix}dstore_v2_kitchensink"),
+        format!("{prefix}dstore_kitchensink"),
+    );
 
-    assert_eq!(app.put_and_freeze("dstore", "kitchensink", &blueprint_v1()).await, 1);
+    assert_eq!(
+        app.put_and_freeze("dstore", "kitchensink", &blueprint_v1())
+            .await,
+        1
+    );
     assert_eq!(es.alias_targets(&alias).await, [v1_index.clone()]);
     let first = Uuid::new_v4();
-    let put = app.put(&format!("/dstore/kitchensink/{first}?wait=true"), &item_v1(first)).await;
-    assert_eq!((put.status, &put.body["projected"]), (200, &json!(true)), "{}", put.body);
-    assert_eq!(app.put_and_freeze("dstore", "kitchensink", &blueprint_v2()).await, 2);
-    assert_eq!(es.alias_targets(&alias).await, [v2_index.clone()], "the alias must move to v2");
+    let put = app
+        .put(
+            &format!("/dstore/kitchensink/{first}?wait=true"),
+            &item_v1(first),
+        )
+        .await;
+    assert_eq!(
+        (put.status, &put.body["projected"]),
+        (200, &json!(true)),
+        "{}",
+        put.body
+    );
+    assert_eq!(
+        app.put_and_freeze("dstore", "kitchensink", &blueprint_v2())
+            .await,
+        2
+    );
+    assert_eq!(
+        es.alias_targets(&alias).await,
+        [v2_index.clone()],
+        "the alias must move to v2"
+    );
 
     let second = Uuid::new_v4();
-    let put = app.put(&format!("/dstore/kitchensink/{second}?wait=true"), &item_v2(second, first)).await;
-    assert_eq!((put.status, &put.body["projected"]), (200, &json!(true)), "{}", put.body);
+    let put = app
+        .put(
+            &format!("/dstore/kitchensink/{second}?wait=true"),
+            &item_v2(second, first),
+        )
+        .await;
+    assert_eq!(
+        (put.status, &put.body["projected"]),
+        (200, &json!(true)),
+        "{}",
+        put.body
+    );
 
     for id in [first, second] {
         for (version, index) in [(1, &v1_index), (2, &v2_index)] {
-            let expected = app.get(&format!("/dstore/kitchensink/{id}?version={version}")).await;
+            let expected = app
+                .get(&format!("/dstore/kitchensink/{id}?version={version}"))
+                .await;
             assert_eq!(expected.status, 200, "{}", expected.body);
-            assert_eq!(es.wait_for_source(index, id).await, expected.body, "{index}/{id}");
+            assert_eq!(
+                es.wait_for_source(index, id).await,
+                expected.body,
+                "{index}/{id}"
+            );
         }
     }
 
     es.refresh(&alias).await;
-    let found = es.search(&alias, json!({"query": {"term": {"id": second}}})).await;
-    assert_eq!(found["hits"]["hits"][0]["_index"], json!(v2_index), "a search through the alias reads v2: {found}");
+    let found = es
+        .search(&alias, json!({"query": {"term": {"id": second}}}))
+        .await;
+    assert_eq!(
+        found["hits"]["hits"][0]["_index"],
+        json!(v2_index),
+        "a search through the alias reads v2: {found}"
+    );
 
-    let deleted = app.delete(&format!("/dstore/kitchensink/{second}?wait=true")).await;
+    let deleted = app
+        .delete(&format!("/dstore/kitchensink/{second}?wait=true"))
+        .await;
     assert_eq!(deleted.body["projected"], true, "{}", deleted.body);
     for index in [&v1_index, &v2_index] {
         let (status, body) = es.get(&format!("{index}/_doc/{second}")).await;
-        assert!(status == 404 && body["found"] == false, "{index}: {status} {body}");
+        assert!(
+            status == 404 && body["found"] == false,
+            "{index}: {status} {body}"
+        );
     }
     app.stop().await;
 }
@@ -165,8 +253,10 @@ async fn kitchensink_items_read_back_from_source_at_v2_and_the_alias_follows_the
 async fn every_generated_mapping_passes_the_official_schemas() {
     let schemas = schema::Schemas::load();
     let mut overridden = crate::kitchensink::blueprint_v1();
-    overridden["columns"]["c_string"]["elasticsearch"] = json!({"ignore_above": 256, "fields": {"text": {"type": "text"}}});
-    overridden["columns"]["c_text"]["elasticsearch"] = json!({"type": "text", "analyzer": "english", "index_phrases": true});
+    overridden["columns"]["c_string"]["elasticsearch"] =
+        json!({"ignore_above": 256, "fields": {"text": {"type": "text"}}});
+    overridden["columns"]["c_text"]["elasticsearch"] =
+        json!({"type": "text", "analyzer": "english", "index_phrases": true});
     overridden["columns"]["c_polygon"]["elasticsearch"] = json!({"orientation": "clockwise"});
     let blueprints = [
         ("kitchensink_v1", blueprint_v1()),
@@ -185,7 +275,15 @@ async fn every_generated_mapping_passes_the_official_schemas() {
                 .columns
                 .iter()
                 .enumerate()
-                .map(|(i, c)| (c.target().clone(), dstore::blueprint::Column { uid: i as u64 + 2, def: c.def.clone() }))
+                .map(|(i, c)| {
+                    (
+                        c.target().clone(),
+                        dstore::blueprint::Column {
+                            uid: i as u64 + 2,
+                            def: c.def.clone(),
+                        },
+                    )
+                })
                 .collect(),
         };
         let body = mapping::index_body(&ident("project"), 3, &ident(name), &blueprint);
@@ -193,7 +291,12 @@ async fn every_generated_mapping_passes_the_official_schemas() {
         assert!(problems.is_empty(), "{name}: {problems:#?}\n{body:#}");
         assert_eq!(body["mappings"]["dynamic"], "strict");
         for column in blueprint.columns.keys() {
-            assert!(body["mappings"]["properties"].get(column.as_str()).is_some(), "{name}: {column} is not mapped");
+            assert!(
+                body["mappings"]["properties"]
+                    .get(column.as_str())
+                    .is_some(),
+                "{name}: {column} is not mapped"
+            );
         }
     }
 }
@@ -202,8 +305,10 @@ async fn every_generated_mapping_passes_the_official_schemas() {
 async fn a_mapping_override_with_an_unknown_or_legacy_parameter_is_refused_with_422() {
     let app = spawn_app().await; // Elasticsearch disabled: the check runs anyway
     let mut body = crate::helpers::article();
-    body["columns"]["location"]["elasticsearch"] = json!({"type": "geo_shape", "tree": "quadtree", "precision": "1m"});
-    body["columns"]["title"]["elasticsearch"] = json!({"index": "not_analyzed", "include_in_all": true});
+    body["columns"]["location"]["elasticsearch"] =
+        json!({"type": "geo_shape", "tree": "quadtree", "precision": "1m"});
+    body["columns"]["title"]["elasticsearch"] =
+        json!({"index": "not_analyzed", "include_in_all": true});
     let refused = app.put("/myblog/article/_blueprint", &body).await;
     assert_eq!(refused.status, 422, "{}", refused.body);
     let mut paths = refused.paths();
@@ -220,9 +325,17 @@ async fn a_mapping_override_with_an_unknown_or_legacy_parameter_is_refused_with_
         refused.messages()
     );
 
-    let whole = app.put("/myblog/_blueprint", &json!({"article": body})).await;
+    let whole = app
+        .put("/myblog/_blueprint", &json!({"article": body}))
+        .await;
     assert_eq!(whole.status, 422, "{}", whole.body);
-    assert!(whole.paths().contains(&"/article/columns/location/elasticsearch/tree".to_string()), "{}", whole.messages());
+    assert!(
+        whole
+            .paths()
+            .contains(&"/article/columns/location/elasticsearch/tree".to_string()),
+        "{}",
+        whole.messages()
+    );
 
     let mut fine = crate::helpers::article();
     fine["columns"]["title"]["elasticsearch"] = json!({"fields": {"text": {"type": "text"}}});
@@ -244,8 +357,15 @@ async fn a_document_elasticsearch_rejects_goes_to_the_dead_letters_without_block
     assert_eq!(app.put_and_freeze("shop", "code", &blueprint).await, 1);
     let (bad, good) = (Uuid::new_v4(), Uuid::new_v4());
     let item = |id: Uuid, code: &str| json!({"id": id, "project_version": 1, "code": code});
-    assert_eq!(app.put(&format!("/shop/code/{bad}"), &item(bad, "not a number")).await.status, 200);
-    let put = app.put(&format!("/shop/code/{good}?wait=true"), &item(good, "12")).await;
+    assert_eq!(
+        app.put(&format!("/shop/code/{bad}"), &item(bad, "not a number"))
+            .await
+            .status,
+        200
+    );
+    let put = app
+        .put(&format!("/shop/code/{good}?wait=true"), &item(good, "12"))
+        .await;
     assert_eq!(put.status, 200, "{}", put.body);
 
     let index = format!("{prefix}shop_v1_code");
@@ -253,21 +373,34 @@ async fn a_document_elasticsearch_rejects_goes_to_the_dead_letters_without_block
     let deadline = Instant::now() + Duration::from_secs(20);
     let letter = loop {
         let letters = app.get("/_dead_letters").await.body;
-        let found = letters["dead_letters"].as_array().into_iter().flatten().find(|l| {
-            l["projector"] == "elasticsearch" && l.to_string().contains(&bad.to_string())
-        });
+        let found = letters["dead_letters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| {
+                l["projector"] == "elasticsearch" && l.to_string().contains(&bad.to_string())
+            });
         if let Some(letter) = found {
             break letter.clone();
         }
-        assert!(Instant::now() < deadline, "no dead letter for {bad}: {letters}");
+        assert!(
+            Instant::now() < deadline,
+            "no dead letter for {bad}: {letters}"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
     let reason = letter["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains(&index) && reason.contains("code"), "the reason names the index and Elasticsearch's cause: {reason}");
+    assert!(
+        reason.contains(&index) && reason.contains("code"),
+        "the reason names the index and Elasticsearch's cause: {reason}"
+    );
     let (status, _) = es.get(&format!("{index}/_doc/{bad}")).await;
     assert_eq!(status, 404);
     let rocks = app.rocksdb.as_ref().expect("rocksdb projector");
-    assert!(rocks.get(&ident("shop"), 1, &ident("code"), &bad).is_some(), "other stores still got the item");
+    assert!(
+        rocks.get(&ident("shop"), 1, &ident("code"), &bad).is_some(),
+        "other stores still got the item"
+    );
     app.stop().await;
 }
 
@@ -282,9 +415,14 @@ async fn dropping_a_project_deletes_its_indexes_and_aliases_and_nothing_else() {
     v2["columns"]["summary"] = json!({"type": "text"});
     app.put_and_freeze("blog", "article", &v2).await;
     // Another project whose indexes match the pattern `blog_v*`.
-    app.put_and_freeze("blog_vintage", "article", &article).await;
+    app.put_and_freeze("blog_vintage", "article", &article)
+        .await;
     let kept = format!("{prefix}blog_vintage_v1_article");
-    for index in [format!("{prefix}blog_v1_article"), format!("{prefix}blog_v2_article"), kept.clone()] {
+    for index in [
+        format!("{prefix}blog_v1_article"),
+        format!("{prefix}blog_v2_article"),
+        kept.clone(),
+    ] {
         assert!(es.exists(&index).await, "{index} was not created");
     }
 
@@ -292,36 +430,82 @@ async fn dropping_a_project_deletes_its_indexes_and_aliases_and_nothing_else() {
     assert_eq!(dropped.status, 200, "{}", dropped.body);
     let deadline = Instant::now() + Duration::from_secs(20);
     while es.exists(&format!("{prefix}blog_v2_article")).await {
-        assert!(Instant::now() < deadline, "the indexes of the dropped project are still there");
+        assert!(
+            Instant::now() < deadline,
+            "the indexes of the dropped project are still there"
+        );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(!es.exists(&format!("{prefix}blog_v1_article")).await);
-    assert!(es.alias_targets(&format!("{prefix}blog_article")).await.is_empty(), "the alias survived");
-    assert!(es.exists(&kept).await, "an index of another project was deleted");
-    assert_eq!(es.alias_targets(&format!("{prefix}blog_vintage_article")).await, [kept]);
+    assert!(
+        es.alias_targets(&format!("{prefix}blog_article"))
+            .await
+            .is_empty(),
+        "the alias survived"
+    );
+    assert!(
+        es.exists(&kept).await,
+        "an index of another project was deleted"
+    );
+    assert_eq!(
+        es.alias_targets(&format!("{prefix}blog_vintage_article"))
+            .await,
+        [kept]
+    );
     app.stop().await;
 }
 
 #[tokio::test]
 async fn an_unreachable_elasticsearch_neither_stops_dstore_nor_loses_writes_and_health_says_so() {
     let app = spawn_app_with(|s| {
-        s.elasticsearch = Some(ElasticsearchSettings { url: "http://127.0.0.1:9".into(), index_prefix: unique_prefix() });
+        s.elasticsearch = Some(ElasticsearchSettings {
+            url: "http://127.0.0.1:9".into(),
+            index_prefix: unique_prefix(),
+        });
         s.projection.wait_timeout_secs = 1;
     })
     .await;
     let ready = app.get("/_health/ready").await.body;
-    assert_eq!(ready["projectors"]["elasticsearch"]["health"]["reachable"], false, "{ready}");
-    assert_eq!(ready["projectors"]["rocksdb"]["health"]["reachable"], true, "{ready}");
-    assert_eq!(app.put("/myblog/article/_blueprint", &crate::helpers::article()).await.status, 200);
+    assert_eq!(
+        ready["projectors"]["elasticsearch"]["health"]["reachable"], false,
+        "{ready}"
+    );
+    assert_eq!(
+        ready["projectors"]["rocksdb"]["health"]["reachable"], true,
+        "{ready}"
+    );
+    assert_eq!(
+        app.put("/myblog/article/_blueprint", &crate::helpers::article())
+            .await
+            .status,
+        200
+    );
     let frozen = app.post("/myblog/_version", None).await;
-    assert_eq!(frozen.status, 503, "the freeze waits for a store that is down: {}", frozen.body);
-    assert!(frozen.body["status"].as_str().unwrap_or_default().contains("elasticsearch"), "{}", frozen.body);
+    assert_eq!(
+        frozen.status, 503,
+        "the freeze waits for a store that is down: {}",
+        frozen.body
+    );
+    assert!(
+        frozen.body["status"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("elasticsearch"),
+        "{}",
+        frozen.body
+    );
     app.stop().await;
 }
 
 #[test]
 fn an_invalid_index_prefix_is_refused_at_start() {
-    let settings = ElasticsearchSettings { url: "http://localhost:9200".into(), index_prefix: "Upper".into() };
-    let error = ElasticsearchProjector::new(&settings).err().expect("refused").to_string();
+    let settings = ElasticsearchSettings {
+        url: "http://localhost:9200".into(),
+        index_prefix: "Upper".into(),
+    };
+    let error = ElasticsearchProjector::new(&settings)
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(error.contains("Upper"), "{error}");
 }

@@ -38,11 +38,17 @@ enum Target {
 }
 
 impl ElasticsearchProjector {
-    pub(super) async fn apply_tasks(&self, catalog: &Catalog, tasks: &[Task]) -> Result<Vec<Outcome>, ProjectorError> {
+    pub(super) async fn apply_tasks(
+        &self,
+        catalog: &Catalog,
+        tasks: &[Task],
+    ) -> Result<Vec<Outcome>, ProjectorError> {
         let (planned, indexes) = self.plan(tasks);
         let mut targets = HashMap::new();
         for (index, (project, version, blueprint)) in indexes {
-            let target = self.prepare(catalog, &index, project, version, blueprint).await?;
+            let target = self
+                .prepare(catalog, &index, project, version, blueprint)
+                .await?;
             targets.insert(index, target);
         }
 
@@ -78,25 +84,71 @@ impl ElasticsearchProjector {
 
     /// Every action of the batch, and every index they write to with what it holds.
     #[allow(clippy::type_complexity)]
-    fn plan<'a>(&self, tasks: &'a [Task]) -> (Vec<Planned<'a>>, HashMap<String, (&'a crate::blueprint::Ident, u32, &'a crate::blueprint::Ident)>) {
+    fn plan<'a>(
+        &self,
+        tasks: &'a [Task],
+    ) -> (
+        Vec<Planned<'a>>,
+        HashMap<
+            String,
+            (
+                &'a crate::blueprint::Ident,
+                u32,
+                &'a crate::blueprint::Ident,
+            ),
+        >,
+    ) {
         let mut planned = Vec::new();
         let mut indexes = HashMap::new();
         for (position, task) in tasks.iter().enumerate() {
             match &task.op {
-                TaskOp::Upsert { blueprint, id, revision, docs } => {
+                TaskOp::Upsert {
+                    blueprint,
+                    id,
+                    revision,
+                    docs,
+                } => {
                     for doc in docs {
                         let index = self.names.index(&task.project, doc.version, blueprint);
-                        indexes.entry(index.clone()).or_insert((&task.project, doc.version, blueprint));
-                        let action = BulkAction::Index { index, id: id.to_string(), version: *revision, doc: &doc.doc };
-                        planned.push(Planned { task: position, action });
+                        indexes.entry(index.clone()).or_insert((
+                            &task.project,
+                            doc.version,
+                            blueprint,
+                        ));
+                        let action = BulkAction::Index {
+                            index,
+                            id: id.to_string(),
+                            version: *revision,
+                            doc: &doc.doc,
+                        };
+                        planned.push(Planned {
+                            task: position,
+                            action,
+                        });
                     }
                 }
-                TaskOp::Delete { blueprint, id, revision, versions } => {
+                TaskOp::Delete {
+                    blueprint,
+                    id,
+                    revision,
+                    versions,
+                } => {
                     for version in versions {
                         let index = self.names.index(&task.project, *version, blueprint);
-                        indexes.entry(index.clone()).or_insert((&task.project, *version, blueprint));
-                        let action = BulkAction::Delete { index, id: id.to_string(), version: *revision };
-                        planned.push(Planned { task: position, action });
+                        indexes.entry(index.clone()).or_insert((
+                            &task.project,
+                            *version,
+                            blueprint,
+                        ));
+                        let action = BulkAction::Delete {
+                            index,
+                            id: id.to_string(),
+                            version: *revision,
+                        };
+                        planned.push(Planned {
+                            task: position,
+                            action,
+                        });
                     }
                 }
                 TaskOp::Migrate { .. } | TaskOp::DropProject => {}
@@ -130,8 +182,14 @@ impl ElasticsearchProjector {
         let Some(definition) = definition else {
             return Ok(Target::Gone);
         };
-        tracing::warn!(index, "an index written to was missing; creating it from the catalog");
-        match self.ensure_index(project, version, blueprint, &definition).await {
+        tracing::warn!(
+            index,
+            "an index written to was missing; creating it from the catalog"
+        );
+        match self
+            .ensure_index(project, version, blueprint, &definition)
+            .await
+        {
             Ok(_) => Ok(Target::Ready),
             Err(e) if e.kind == ErrorKind::Transient => Err(e),
             Err(e) => Ok(Target::Failed(e)),
@@ -149,12 +207,16 @@ impl ElasticsearchProjector {
             200..=299 | 409 => Ok(()),
             404 if matches!(action, BulkAction::Delete { .. }) && item.error.is_none() => Ok(()),
             status => {
-                let (kind, reason) = item.error.unwrap_or_else(|| ("error".into(), format!("status {status}")));
+                let (kind, reason) = item
+                    .error
+                    .unwrap_or_else(|| ("error".into(), format!("status {status}")));
                 if kind == "index_not_found_exception" {
                     // Deleted behind dstore's back: check it again on the retry.
                     self.forget(&[index]);
                 }
-                let message = format!("elasticsearch refused to {verb} {index}/{id} ({status} {kind}): {reason}");
+                let message = format!(
+                    "elasticsearch refused to {verb} {index}/{id} ({status} {kind}): {reason}"
+                );
                 if is_transient_status(status) || kind == "index_not_found_exception" {
                     Err(ProjectorError::transient(message))
                 } else {
@@ -175,7 +237,11 @@ fn index_of<'a>(action: &'a BulkAction) -> &'a str {
 fn merge(outcome: &mut Outcome, error: ProjectorError) {
     match outcome {
         Ok(()) => *outcome = Err(error),
-        Err(current) if current.kind == ErrorKind::Permanent && error.kind == ErrorKind::Transient => *current = error,
+        Err(current)
+            if current.kind == ErrorKind::Permanent && error.kind == ErrorKind::Transient =>
+        {
+            *current = error
+        }
         Err(_) => {}
     }
 }
@@ -221,11 +287,21 @@ mod tests {
 
     #[test]
     fn large_batches_are_split_between_tasks() {
-        let doc: Map<String, Value> = [("x".to_string(), Value::String("y".repeat(3 << 20)))].into_iter().collect();
+        let doc: Map<String, Value> = [("x".to_string(), Value::String("y".repeat(3 << 20)))]
+            .into_iter()
+            .collect();
         let planned: Vec<Planned> = (0..5)
             .flat_map(|task| {
                 let doc = &doc;
-                (0..2).map(move |_| Planned { task, action: BulkAction::Index { index: "i".into(), id: "a".into(), version: 1, doc } })
+                (0..2).map(move |_| Planned {
+                    task,
+                    action: BulkAction::Index {
+                        index: "i".into(),
+                        id: "a".into(),
+                        version: 1,
+                        doc,
+                    },
+                })
             })
             .collect();
         let sizes: Vec<usize> = chunks(&planned).iter().map(|c| c.len()).collect();

@@ -13,7 +13,8 @@ use elasticsearch::http::response::Response;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::Url;
 use elasticsearch::indices::{
-    IndicesCreateParts, IndicesDeleteParts, IndicesExistsParts, IndicesGetAliasParts, IndicesGetMappingParts,
+    IndicesCreateParts, IndicesDeleteParts, IndicesExistsParts, IndicesGetAliasParts,
+    IndicesGetMappingParts,
 };
 use elasticsearch::{BulkParts, Elasticsearch, GetParts};
 use serde_json::{json, Map, Value};
@@ -31,11 +32,18 @@ pub enum EsError {
     #[error("invalid elasticsearch url {url:?}: {reason}")]
     Url { url: String, reason: String },
     #[error("invalid elasticsearch index prefix {prefix:?}: {reason}")]
-    Prefix { prefix: String, reason: &'static str },
+    Prefix {
+        prefix: String,
+        reason: &'static str,
+    },
     #[error("elasticsearch is unreachable: {0}")]
     Unreachable(String),
     #[error("elasticsearch answered {status} ({kind}): {reason}")]
-    Refused { status: u16, kind: String, reason: String },
+    Refused {
+        status: u16,
+        kind: String,
+        reason: String,
+    },
     #[error("elasticsearch sent an answer dstore cannot read: {0}")]
     Unreadable(String),
 }
@@ -78,15 +86,32 @@ pub fn is_transient_status(status: u16) -> bool {
 pub fn reason(error: &Value) -> (String, String) {
     match error {
         Value::Object(e) => {
-            let kind = e.get("type").and_then(Value::as_str).unwrap_or("error").to_string();
-            let mut reason = e.get("reason").and_then(Value::as_str).unwrap_or("no reason given").to_string();
-            if let Some(cause) = e.get("caused_by").and_then(|c| c.get("reason")).and_then(Value::as_str) {
+            let kind = e
+                .get("type")
+                .and_then(Value::as_str)
+                .unwrap_or("error")
+                .to_string();
+            let mut reason = e
+                .get("reason")
+                .and_then(Value::as_str)
+                .unwrap_or("no reason given")
+                .to_string();
+            if let Some(cause) = e
+                .get("caused_by")
+                .and_then(|c| c.get("reason"))
+                .and_then(Value::as_str)
+            {
                 reason = format!("{reason} (caused by: {cause})");
             }
             (kind, reason)
         }
         Value::Null => ("error".into(), "no reason given".into()),
-        other => ("error".into(), other.as_str().map_or_else(|| other.to_string(), str::to_string)),
+        other => (
+            "error".into(),
+            other
+                .as_str()
+                .map_or_else(|| other.to_string(), str::to_string),
+        ),
     }
 }
 
@@ -101,8 +126,17 @@ pub struct BulkItem {
 /// An index operation or a delete for `_bulk`, versioned externally.
 #[derive(Clone, Debug)]
 pub enum BulkAction<'a> {
-    Index { index: String, id: String, version: u64, doc: &'a Map<String, Value> },
-    Delete { index: String, id: String, version: u64 },
+    Index {
+        index: String,
+        id: String,
+        version: u64,
+        doc: &'a Map<String, Value>,
+    },
+    Delete {
+        index: String,
+        id: String,
+        version: u64,
+    },
 }
 
 #[derive(Clone)]
@@ -114,12 +148,21 @@ pub struct EsClient {
 impl EsClient {
     /// Builds the client; nothing is sent until the first request.
     pub fn new(url: &str) -> Result<EsClient, EsError> {
-        let parsed = Url::parse(url).map_err(|e| EsError::Url { url: url.into(), reason: e.to_string() })?;
+        let parsed = Url::parse(url).map_err(|e| EsError::Url {
+            url: url.into(),
+            reason: e.to_string(),
+        })?;
         let transport = TransportBuilder::new(SingleNodeConnectionPool::new(parsed))
             .timeout(REQUEST_TIMEOUT)
             .build()
-            .map_err(|e| EsError::Url { url: url.into(), reason: e.to_string() })?;
-        Ok(EsClient { es: Elasticsearch::new(transport), url: url.into() })
+            .map_err(|e| EsError::Url {
+                url: url.into(),
+                reason: e.to_string(),
+            })?;
+        Ok(EsClient {
+            es: Elasticsearch::new(transport),
+            url: url.into(),
+        })
     }
 
     pub fn url(&self) -> &str {
@@ -134,7 +177,13 @@ impl EsClient {
 
     /// Creates an index; `Ok(false)` when it already exists.
     pub async fn create_index(&self, index: &str, body: &Value) -> Result<bool, EsError> {
-        let response = self.es.indices().create(IndicesCreateParts::Index(index)).body(body).send().await;
+        let response = self
+            .es
+            .indices()
+            .create(IndicesCreateParts::Index(index))
+            .body(body)
+            .send()
+            .await;
         match ok_json(read(response).await?) {
             Ok(_) => Ok(true),
             Err(e) if e.kind() == Some("resource_already_exists_exception") => Ok(false),
@@ -143,7 +192,12 @@ impl EsClient {
     }
 
     pub async fn index_exists(&self, index: &str) -> Result<bool, EsError> {
-        let response = self.es.indices().exists(IndicesExistsParts::Index(&[index])).send().await;
+        let response = self
+            .es
+            .indices()
+            .exists(IndicesExistsParts::Index(&[index]))
+            .send()
+            .await;
         let (status, body) = read(response).await?;
         match status {
             200..=299 => Ok(true),
@@ -169,27 +223,45 @@ impl EsClient {
         }
         let body = ok_json((status, body))?;
         let Value::Object(indexes) = body else {
-            return Err(EsError::Unreadable(format!("mappings are not an object: {body}")));
+            return Err(EsError::Unreadable(format!(
+                "mappings are not an object: {body}"
+            )));
         };
-        Ok(indexes.into_iter().map(|(index, v)| (index, v.get("mappings").cloned().unwrap_or(Value::Null))).collect())
+        Ok(indexes
+            .into_iter()
+            .map(|(index, v)| (index, v.get("mappings").cloned().unwrap_or(Value::Null)))
+            .collect())
     }
 
     /// The indexes an alias points to; none when the alias does not exist.
     pub async fn alias_holders(&self, alias: &str) -> Result<Vec<String>, EsError> {
-        let response = self.es.indices().get_alias(IndicesGetAliasParts::Name(&[alias])).send().await;
+        let response = self
+            .es
+            .indices()
+            .get_alias(IndicesGetAliasParts::Name(&[alias]))
+            .send()
+            .await;
         let (status, body) = read(response).await?;
         if status == 404 {
             return Ok(Vec::new());
         }
         match ok_json((status, body))? {
             Value::Object(indexes) => Ok(indexes.keys().cloned().collect()),
-            other => Err(EsError::Unreadable(format!("aliases are not an object: {other}"))),
+            other => Err(EsError::Unreadable(format!(
+                "aliases are not an object: {other}"
+            ))),
         }
     }
 
     /// Applies alias actions atomically (one `_aliases` call).
     pub async fn update_aliases(&self, actions: Vec<Value>) -> Result<(), EsError> {
-        let response = self.es.indices().update_aliases().body(json!({"actions": actions})).send().await;
+        let response = self
+            .es
+            .indices()
+            .update_aliases()
+            .body(json!({"actions": actions}))
+            .send()
+            .await;
         ok_json(read(response).await?).map(drop)
     }
 
@@ -199,7 +271,13 @@ impl EsClient {
         if indexes.is_empty() {
             return Ok(());
         }
-        let response = self.es.indices().delete(IndicesDeleteParts::Index(indexes)).ignore_unavailable(true).send().await;
+        let response = self
+            .es
+            .indices()
+            .delete(IndicesDeleteParts::Index(indexes))
+            .ignore_unavailable(true)
+            .send()
+            .await;
         let (status, body) = read(response).await?;
         if status == 404 {
             return Ok(());
@@ -226,7 +304,12 @@ impl EsClient {
         let mut lines: Vec<JsonBody<Value>> = Vec::with_capacity(actions.len() * 2);
         for action in actions {
             match action {
-                BulkAction::Index { index, id, version, doc } => {
+                BulkAction::Index {
+                    index,
+                    id,
+                    version,
+                    doc,
+                } => {
                     lines.push(json!({"index": {"_index": index, "_id": id, "version": version, "version_type": "external"}}).into());
                     lines.push(JsonBody::new(Value::Object((*doc).clone())));
                 }
@@ -237,9 +320,16 @@ impl EsClient {
         }
         let response = self.es.bulk(BulkParts::None).body(lines).send().await;
         let body = ok_json(read(response).await?)?;
-        let items = body.get("items").and_then(Value::as_array).ok_or_else(|| EsError::Unreadable("a bulk answer without items".into()))?;
+        let items = body
+            .get("items")
+            .and_then(Value::as_array)
+            .ok_or_else(|| EsError::Unreadable("a bulk answer without items".into()))?;
         if items.len() != actions.len() {
-            return Err(EsError::Unreadable(format!("{} bulk results for {} actions", items.len(), actions.len())));
+            return Err(EsError::Unreadable(format!(
+                "{} bulk results for {} actions",
+                items.len(),
+                actions.len()
+            )));
         }
         items.iter().map(bulk_item).collect()
     }
@@ -250,7 +340,9 @@ fn bulk_item(item: &Value) -> Result<BulkItem, EsError> {
     let result = item
         .as_object()
         .and_then(|o| o.values().next())
-        .ok_or_else(|| EsError::Unreadable(format!("a bulk result that is not an action: {item}")))?;
+        .ok_or_else(|| {
+            EsError::Unreadable(format!("a bulk result that is not an action: {item}"))
+        })?;
     let status = result
         .get("status")
         .and_then(Value::as_u64)
@@ -264,14 +356,19 @@ fn bulk_item(item: &Value) -> Result<BulkItem, EsError> {
 async fn read(response: Result<Response, elasticsearch::Error>) -> Result<(u16, Value), EsError> {
     let response = response.map_err(|e| EsError::Unreachable(e.to_string()))?;
     let status = response.status_code().as_u16();
-    let bytes = response.bytes().await.map_err(|e| EsError::Unreachable(format!("reading the answer failed: {e}")))?;
+    let bytes = response
+        .bytes()
+        .await
+        .map_err(|e| EsError::Unreachable(format!("reading the answer failed: {e}")))?;
     let body = if bytes.is_empty() {
         Value::Null
     } else {
         match serde_json::from_slice(&bytes) {
             Ok(body) => body,
             // A proxy's HTML error page, say: keep the start of it for the message.
-            Err(_) if !(200..300).contains(&status) => Value::String(String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into()),
+            Err(_) if !(200..300).contains(&status) => {
+                Value::String(String::from_utf8_lossy(&bytes[..bytes.len().min(200)]).into())
+            }
             Err(e) => return Err(EsError::Unreadable(format!("invalid JSON: {e}"))),
         }
     };
@@ -291,7 +388,11 @@ fn refused(status: u16, body: &Value) -> EsError {
         Some(error) => reason(error),
         None => ("http_error".to_string(), body.to_string()),
     };
-    EsError::Refused { status, kind, reason }
+    EsError::Refused {
+        status,
+        kind,
+        reason,
+    }
 }
 
 #[cfg(test)]
@@ -300,9 +401,17 @@ mod tests {
 
     #[test]
     fn too_many_requests_and_server_errors_are_transient_and_the_rest_permanent() {
-        let refused = |status| EsError::Refused { status, kind: "x".into(), reason: "y".into() };
+        let refused = |status| EsError::Refused {
+            status,
+            kind: "x".into(),
+            reason: "y".into(),
+        };
         assert!(refused(429).is_transient() && refused(503).is_transient());
-        assert!(!refused(400).is_transient() && !refused(404).is_transient() && !refused(409).is_transient());
+        assert!(
+            !refused(400).is_transient()
+                && !refused(404).is_transient()
+                && !refused(409).is_transient()
+        );
         assert!(EsError::Unreachable("refused".into()).is_transient());
     }
 
@@ -313,7 +422,10 @@ mod tests {
         assert_eq!(read.status, 400);
         let (kind, reason) = read.error.unwrap();
         assert_eq!(kind, "document_parsing_exception");
-        assert!(reason.contains("failed to parse field [i]") && reason.contains("abc"), "{reason}");
+        assert!(
+            reason.contains("failed to parse field [i]") && reason.contains("abc"),
+            "{reason}"
+        );
         assert!(bulk_item(&json!({"index": {}})).is_err());
         assert!(bulk_item(&json!(7)).is_err());
     }

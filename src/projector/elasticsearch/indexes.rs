@@ -19,13 +19,22 @@ const DELETE_CHUNK: usize = 50;
 /// `(project, version, blueprint)` from an index's `_meta`, if dstore created it.
 fn owner(mappings: &Value) -> Option<(&str, u64, &str)> {
     let meta = &mappings["_meta"]["dstore"];
-    Some((meta["project"].as_str()?, meta["version"].as_u64()?, meta["blueprint"].as_str()?))
+    Some((
+        meta["project"].as_str()?,
+        meta["version"].as_u64()?,
+        meta["blueprint"].as_str()?,
+    ))
 }
 
 impl ElasticsearchProjector {
-    pub(super) async fn migrate_version(&self, project: &Ident, version: &Version) -> Result<(), ProjectorError> {
+    pub(super) async fn migrate_version(
+        &self,
+        project: &Ident,
+        version: &Version,
+    ) -> Result<(), ProjectorError> {
         for (name, blueprint) in &version.blueprints {
-            self.ensure_index(project, version.number, name, blueprint).await?;
+            self.ensure_index(project, version.number, name, blueprint)
+                .await?;
         }
         for name in version.blueprints.keys() {
             self.point_alias(project, version.number, name).await?;
@@ -34,7 +43,13 @@ impl ElasticsearchProjector {
     }
 
     /// Creates the index of a blueprint in a version, or confirms the existing one; returns its name.
-    pub(super) async fn ensure_index(&self, project: &Ident, version: u32, name: &Ident, blueprint: &Blueprint) -> Result<String, ProjectorError> {
+    pub(super) async fn ensure_index(
+        &self,
+        project: &Ident,
+        version: u32,
+        name: &Ident,
+        blueprint: &Blueprint,
+    ) -> Result<String, ProjectorError> {
         let index = self.names.index(project, version, name);
         let body = mapping::index_body(project, version, name, blueprint);
         if !self.client.create_index(&index, &body).await? {
@@ -51,7 +66,12 @@ impl ElasticsearchProjector {
     }
 
     /// Moves the blueprint's alias to this version's index, unless a newer version already holds it.
-    async fn point_alias(&self, project: &Ident, version: u32, name: &Ident) -> Result<(), ProjectorError> {
+    async fn point_alias(
+        &self,
+        project: &Ident,
+        version: u32,
+        name: &Ident,
+    ) -> Result<(), ProjectorError> {
         let alias = self.names.alias(project, name);
         let target = self.names.index(project, version, name);
         let holders = self.client.alias_holders(&alias).await?;
@@ -79,7 +99,10 @@ impl ElasticsearchProjector {
     }
 
     /// Deletes every index whose `_meta` names the project; their aliases go with them.
-    pub(super) async fn delete_project_indexes(&self, project: &Ident) -> Result<(), ProjectorError> {
+    pub(super) async fn delete_project_indexes(
+        &self,
+        project: &Ident,
+    ) -> Result<(), ProjectorError> {
         let pattern = self.names.project_indexes(project);
         let mappings = self.client.mappings(&[pattern.as_str()]).await?;
         let ours: Vec<&str> = mappings
@@ -101,7 +124,8 @@ mod tests {
 
     #[test]
     fn the_owner_of_an_index_is_read_from_its_meta() {
-        let m = json!({"_meta": {"dstore": {"project": "blog", "version": 2, "blueprint": "article"}}});
+        let m =
+            json!({"_meta": {"dstore": {"project": "blog", "version": 2, "blueprint": "article"}}});
         assert_eq!(owner(&m), Some(("blog", 2, "article")));
         assert_eq!(owner(&json!({"properties": {}})), None);
     }

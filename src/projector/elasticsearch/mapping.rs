@@ -24,7 +24,8 @@ pub const GC_DELETES: &str = "1d";
 pub const DATE_FORMAT: &str = "yyyy-MM-dd";
 
 /// `datetime` columns: the canonical `YYYY-MM-DD HH:MM:SS` (UTC), with or without microseconds, and ISO.
-pub const DATETIME_FORMAT: &str = "yyyy-MM-dd HH:mm:ss||yyyy-MM-dd HH:mm:ss.SSSSSS||strict_date_optional_time";
+pub const DATETIME_FORMAT: &str =
+    "yyyy-MM-dd HH:mm:ss||yyyy-MM-dd HH:mm:ss.SSSSSS||strict_date_optional_time";
 
 /// Longest string a keyword column indexes, in characters: Lucene refuses terms over 32766 bytes,
 /// and 8191 characters stay under it in UTF-8. Longer values are kept in `_source`, not indexed.
@@ -74,7 +75,10 @@ pub fn column_mapping(def: &ColumnDef) -> Map<String, Value> {
 
 /// Checks a column's override as it would be applied: `(pointer below the override, message)`.
 pub fn check_override(ty: ColumnType, over: &Map<String, Value>) -> Vec<(String, String)> {
-    let def = ColumnDef { elasticsearch: Some(over.clone()), ..ColumnDef::of_type(ty) };
+    let def = ColumnDef {
+        elasticsearch: Some(over.clone()),
+        ..ColumnDef::of_type(ty)
+    };
     let effective = column_mapping(&def);
     schema::check_property(&effective, None)
         .into_iter()
@@ -85,7 +89,11 @@ pub fn check_override(ty: ColumnType, over: &Map<String, Value>) -> Vec<(String,
 
 /// The unescaped first segment of a JSON pointer: the override key a problem is under.
 fn first_key(path: &str) -> String {
-    let segment = path.trim_start_matches('/').split('/').next().unwrap_or_default();
+    let segment = path
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or_default();
     segment.replace("~1", "/").replace("~0", "~")
 }
 
@@ -95,7 +103,10 @@ pub fn check_overrides(input: &BlueprintInput, base: &str) -> Vec<FieldError> {
     for column in &input.columns {
         if let Some(over) = &column.def.elasticsearch {
             for (path, message) in check_override(column.def.ty, over) {
-                let at = format!("{base}/columns/{}/elasticsearch{path}", pointer_segment(column.name.as_str()));
+                let at = format!(
+                    "{base}/columns/{}/elasticsearch{path}",
+                    pointer_segment(column.name.as_str())
+                );
                 errors.push(FieldError::new(at, message));
             }
         }
@@ -116,7 +127,10 @@ pub fn type_mapping(project: &Ident, version: u32, name: &Ident, blueprint: &Blu
     properties.insert("project_version".into(), json!({"type": "integer"}));
     properties.insert("links".into(), json!({"type": "keyword"}));
     for (column, definition) in &blueprint.columns {
-        properties.insert(column.to_string(), Value::Object(column_mapping(&definition.def)));
+        properties.insert(
+            column.to_string(),
+            Value::Object(column_mapping(&definition.def)),
+        );
     }
     json!({"dynamic": "strict", "_meta": meta(project, version, name, blueprint), "properties": properties})
 }
@@ -132,9 +146,9 @@ pub fn index_body(project: &Ident, version: u32, name: &Ident, blueprint: &Bluep
 /// Whether `found` holds everything `wanted` says (a store may add defaults, never drop or change).
 pub fn includes(found: &Value, wanted: &Value) -> bool {
     match (found, wanted) {
-        (Value::Object(found), Value::Object(wanted)) => {
-            wanted.iter().all(|(k, w)| found.get(k).is_some_and(|f| includes(f, w)))
-        }
+        (Value::Object(found), Value::Object(wanted)) => wanted
+            .iter()
+            .all(|(k, w)| found.get(k).is_some_and(|f| includes(f, w))),
         (Value::Number(f), Value::Number(w)) => f.as_f64() == w.as_f64(),
         (found, wanted) => found == wanted,
     }
@@ -145,14 +159,23 @@ pub fn first_difference(found: &Value, wanted: &Value) -> Option<String> {
     let wanted_properties = wanted["properties"].as_object()?;
     for (field, mapping) in wanted_properties {
         if !includes(&found["properties"][field], mapping) {
-            return Some(format!("field {field:?} is mapped as {} instead of {mapping}", found["properties"][field]));
+            return Some(format!(
+                "field {field:?} is mapped as {} instead of {mapping}",
+                found["properties"][field]
+            ));
         }
     }
     if !includes(&found["_meta"], &wanted["_meta"]) {
-        return Some(format!("it belongs to {} instead of {}", found["_meta"], wanted["_meta"]));
+        return Some(format!(
+            "it belongs to {} instead of {}",
+            found["_meta"], wanted["_meta"]
+        ));
     }
     if found["dynamic"] != wanted["dynamic"] {
-        return Some(format!("its dynamic mapping is {} instead of {}", found["dynamic"], wanted["dynamic"]));
+        return Some(format!(
+            "its dynamic mapping is {} instead of {}",
+            found["dynamic"], wanted["dynamic"]
+        ));
     }
     None
 }
@@ -165,7 +188,11 @@ mod tests {
     fn every_column_type_gets_a_mapping_that_passes_the_allow_list() {
         for ty in ColumnType::all() {
             let mapping = generated(ty);
-            assert_eq!(schema::check_property(&mapping, None), Vec::new(), "{ty}: {mapping:?}");
+            assert_eq!(
+                schema::check_property(&mapping, None),
+                Vec::new(),
+                "{ty}: {mapping:?}"
+            );
         }
     }
 
@@ -173,7 +200,10 @@ mod tests {
     fn an_override_without_a_type_adjusts_the_generated_mapping() {
         let mut def = ColumnDef::of_type(ColumnType::One(BaseType::String));
         def.elasticsearch = json!({"ignore_above": 10}).as_object().cloned();
-        assert_eq!(Value::Object(column_mapping(&def)), json!({"type": "keyword", "ignore_above": 10}));
+        assert_eq!(
+            Value::Object(column_mapping(&def)),
+            json!({"type": "keyword", "ignore_above": 10})
+        );
         def.elasticsearch = json!({"type": "text"}).as_object().cloned();
         assert_eq!(Value::Object(column_mapping(&def)), json!({"type": "text"}));
     }
@@ -181,7 +211,10 @@ mod tests {
     #[test]
     fn an_override_naming_a_parameter_of_another_type_is_refused() {
         let over = json!({"format": "yyyy"});
-        let problems = check_override(ColumnType::One(BaseType::Integer), over.as_object().expect("object"));
+        let problems = check_override(
+            ColumnType::One(BaseType::Integer),
+            over.as_object().expect("object"),
+        );
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].0, "/format");
     }

@@ -87,7 +87,11 @@ impl Projector for ElasticsearchProjector {
         self.migrate_version(project, version).await
     }
 
-    async fn apply(&self, catalog: &Catalog, tasks: &[Task]) -> Result<Vec<Outcome>, ProjectorError> {
+    async fn apply(
+        &self,
+        catalog: &Catalog,
+        tasks: &[Task],
+    ) -> Result<Vec<Outcome>, ProjectorError> {
         self.apply_tasks(catalog, tasks).await
     }
 
@@ -95,7 +99,13 @@ impl Projector for ElasticsearchProjector {
         self.delete_project_indexes(project).await
     }
 
-    async fn read(&self, project: &Ident, version: u32, blueprint: &Ident, id: &Uuid) -> Result<Option<Value>, ProjectorError> {
+    async fn read(
+        &self,
+        project: &Ident,
+        version: u32,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<Value>, ProjectorError> {
         let index = self.names.index(project, version, blueprint);
         Ok(self.client.source(&index, &id.to_string()).await?)
     }
@@ -103,11 +113,21 @@ impl Projector for ElasticsearchProjector {
     async fn health(&self) -> Health {
         match self.client.info().await {
             Ok(info) => {
-                let distribution = info["version"]["distribution"].as_str().unwrap_or("elasticsearch");
-                let number = info["version"]["number"].as_str().unwrap_or("unknown version");
-                Health { reachable: true, detail: format!("{distribution} {number} at {}", self.client.url()) }
+                let distribution = info["version"]["distribution"]
+                    .as_str()
+                    .unwrap_or("elasticsearch");
+                let number = info["version"]["number"]
+                    .as_str()
+                    .unwrap_or("unknown version");
+                Health {
+                    reachable: true,
+                    detail: format!("{distribution} {number} at {}", self.client.url()),
+                }
             }
-            Err(error) => Health { reachable: false, detail: format!("{} ({error})", self.client.url()) },
+            Err(error) => Health {
+                reachable: false,
+                detail: format!("{} ({error})", self.client.url()),
+            },
         }
     }
 }

@@ -18,17 +18,28 @@ pub struct Names {
 
 impl Names {
     pub fn new(prefix: &str) -> Result<Names, EsError> {
-        let refuse = |reason| Err(EsError::Prefix { prefix: prefix.into(), reason });
+        let refuse = |reason| {
+            Err(EsError::Prefix {
+                prefix: prefix.into(),
+                reason,
+            })
+        };
         if prefix.len() > MAX_PREFIX {
             return refuse("longer than 100 characters");
         }
-        if !prefix.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-' || b == b'.') {
-            return refuse("only lowercase letters, digits, '_', '-' and '.' are allowed in index names");
+        if !prefix.bytes().all(|b| {
+            b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-' || b == b'.'
+        }) {
+            return refuse(
+                "only lowercase letters, digits, '_', '-' and '.' are allowed in index names",
+            );
         }
         if prefix.starts_with(['_', '-', '.']) {
             return refuse("index names cannot start with '_', '-' or '.'");
         }
-        Ok(Names { prefix: prefix.into() })
+        Ok(Names {
+            prefix: prefix.into(),
+        })
     }
 
     pub fn index(&self, project: &Ident, version: u32, blueprint: &Ident) -> String {
@@ -57,8 +68,14 @@ mod tests {
     #[test]
     fn names_follow_the_documented_pattern() {
         let names = Names::new("test-").expect("a valid prefix");
-        assert_eq!(names.index(&ident("myblog"), 2, &ident("article")), "test-myblog_v2_article");
-        assert_eq!(names.alias(&ident("myblog"), &ident("article")), "test-myblog_article");
+        assert_eq!(
+            names.index(&ident("myblog"), 2, &ident("article")),
+            "test-myblog_v2_article"
+        );
+        assert_eq!(
+            names.alias(&ident("myblog"), &ident("article")),
+            "test-myblog_article"
+        );
         assert_eq!(names.project_indexes(&ident("myblog")), "test-myblog_v*");
     }
 

@@ -38,17 +38,29 @@ pub struct FieldType {
 
 impl FieldType {
     pub fn params(&self) -> impl Iterator<Item = &Param> {
-        self.bases.iter().flat_map(|b| b.iter()).chain(self.own.iter())
+        self.bases
+            .iter()
+            .flat_map(|b| b.iter())
+            .chain(self.own.iter())
     }
 
     pub fn param(&self, key: &str) -> Option<Kind> {
-        self.params().find(|(name, _)| *name == key).map(|(_, kind)| *kind)
+        self.params()
+            .find(|(name, _)| *name == key)
+            .map(|(_, kind)| *kind)
     }
 }
 
 /// Legacy `geo_shape` prefix-tree parameters: Elasticsearch 8 refuses them although the schema of
 /// `geo_shape` still lists `strategy`.
-pub const REFUSED: &[&str] = &["tree", "precision", "tree_levels", "strategy", "distance_error_pct", "points_only"];
+pub const REFUSED: &[&str] = &[
+    "tree",
+    "precision",
+    "tree_levels",
+    "strategy",
+    "distance_error_pct",
+    "points_only",
+];
 
 pub fn field_type(name: &str) -> Option<&'static FieldType> {
     FIELD_TYPES.iter().find(|t| t.name == name)
@@ -56,16 +68,29 @@ pub fn field_type(name: &str) -> Option<&'static FieldType> {
 
 /// Checks one field mapping. `implicit_type` is the type used when the mapping has no `type` key
 /// (`object` inside `properties`). Returns `(JSON pointer below the mapping, message)` per problem.
-pub fn check_property(mapping: &Map<String, Value>, implicit_type: Option<&str>) -> Vec<(String, String)> {
+pub fn check_property(
+    mapping: &Map<String, Value>,
+    implicit_type: Option<&str>,
+) -> Vec<(String, String)> {
     let mut problems = Vec::new();
     check_into(mapping, implicit_type, "", &mut problems);
     problems
 }
 
-fn check_into(mapping: &Map<String, Value>, implicit_type: Option<&str>, at: &str, problems: &mut Vec<(String, String)>) {
+fn check_into(
+    mapping: &Map<String, Value>,
+    implicit_type: Option<&str>,
+    at: &str,
+    problems: &mut Vec<(String, String)>,
+) {
     let type_name = match mapping.get("type") {
         Some(Value::String(name)) => name.as_str(),
-        Some(_) => return problems.push((format!("{at}/type"), "must be a string naming a field type".into())),
+        Some(_) => {
+            return problems.push((
+                format!("{at}/type"),
+                "must be a string naming a field type".into(),
+            ))
+        }
         None => match implicit_type {
             Some(name) => name,
             None => return problems.push((format!("{at}/type"), "is required".into())),
@@ -73,7 +98,10 @@ fn check_into(mapping: &Map<String, Value>, implicit_type: Option<&str>, at: &st
     };
     let Some(field_type) = field_type(type_name) else {
         let known: Vec<&str> = FIELD_TYPES.iter().map(|t| t.name).collect();
-        let message = format!("{type_name:?} is not an Elasticsearch 8 field type; expected one of {}", known.join(", "));
+        let message = format!(
+            "{type_name:?} is not an Elasticsearch 8 field type; expected one of {}",
+            known.join(", ")
+        );
         return problems.push((format!("{at}/type"), message));
     };
     for (key, value) in mapping {
@@ -82,11 +110,17 @@ fn check_into(mapping: &Map<String, Value>, implicit_type: Option<&str>, at: &st
             continue;
         }
         if REFUSED.contains(&key.as_str()) {
-            problems.push((path, format!("{key:?} is a legacy parameter that Elasticsearch 8 refuses")));
+            problems.push((
+                path,
+                format!("{key:?} is a legacy parameter that Elasticsearch 8 refuses"),
+            ));
             continue;
         }
         let Some(kind) = field_type.param(key) else {
-            problems.push((path, format!("{key:?} is not a mapping parameter of a {type_name} field")));
+            problems.push((
+                path,
+                format!("{key:?} is not a mapping parameter of a {type_name} field"),
+            ));
             continue;
         };
         check_value(kind, value, &path, problems);
@@ -96,10 +130,14 @@ fn check_into(mapping: &Map<String, Value>, implicit_type: Option<&str>, at: &st
 fn check_value(kind: Kind, value: &Value, path: &str, problems: &mut Vec<(String, String)>) {
     let fits = match (kind, value) {
         (Kind::Any, _) => true,
-        (Kind::Bool, Value::Bool(_)) | (Kind::Number, Value::Number(_)) | (Kind::Str, Value::String(_)) => true,
+        (Kind::Bool, Value::Bool(_))
+        | (Kind::Number, Value::Number(_))
+        | (Kind::Str, Value::String(_)) => true,
         (Kind::Object, Value::Object(_)) | (Kind::Array, Value::Array(_)) => true,
         (Kind::OneOf(options), Value::String(s)) => options.contains(&s.as_str()),
-        (Kind::OneOf(options), Value::Bool(b)) => options.contains(&if *b { "true" } else { "false" }),
+        (Kind::OneOf(options), Value::Bool(b)) => {
+            options.contains(&if *b { "true" } else { "false" })
+        }
         (Kind::Properties, Value::Object(fields)) => {
             for (name, field) in fields {
                 let at = format!("{path}/{}", pointer_segment(name));
@@ -217,7 +255,10 @@ mod tests {
     }
 
     fn name_of(reference: &Value) -> &str {
-        reference.as_str().and_then(|r| r.rsplit('/').next()).expect("a $ref")
+        reference
+            .as_str()
+            .and_then(|r| r.rsplit('/').next())
+            .expect("a $ref")
     }
 
     /// The kind of a parameter as the schema describes it, by the rules the table follows.
@@ -233,7 +274,9 @@ mod tests {
         if let Some(options) = p.get("enum") {
             return format!("OneOf({options})");
         }
-        let to_property = p["additionalProperties"]["$ref"].as_str().is_some_and(|r| r.ends_with("_types.mapping.Property"));
+        let to_property = p["additionalProperties"]["$ref"]
+            .as_str()
+            .is_some_and(|r| r.ends_with("_types.mapping.Property"));
         match p.get("type").and_then(Value::as_str) {
             Some("object") if to_property => "Properties".into(),
             Some("boolean") => "Bool".into(),
@@ -265,7 +308,10 @@ mod tests {
 
     fn describe_kind(kind: Kind) -> String {
         match kind {
-            Kind::OneOf(options) => format!("OneOf({})", serde_json::to_string(options).expect("strings")),
+            Kind::OneOf(options) => format!(
+                "OneOf({})",
+                serde_json::to_string(options).expect("strings")
+            ),
             other => format!("{other:?}"),
         }
     }
@@ -273,7 +319,9 @@ mod tests {
     #[test]
     fn the_allow_list_says_what_the_official_schemas_say() {
         let schemas = schemas();
-        let discriminator = schemas["_types.mapping.Property"]["discriminator"]["mapping"].as_object().expect("a discriminator");
+        let discriminator = schemas["_types.mapping.Property"]["discriminator"]["mapping"]
+            .as_object()
+            .expect("a discriminator");
         let mut differences = Vec::new();
         for (name, reference) in discriminator {
             if name == "{dynamic_type}" {
@@ -284,10 +332,16 @@ mod tests {
             expected.remove("type");
             expected.retain(|key, _| !REFUSED.contains(&key.as_str()));
             let actual: BTreeMap<String, String> = field_type(name)
-                .map(|t| t.params().map(|(k, kind)| (k.to_string(), describe_kind(*kind))).collect())
+                .map(|t| {
+                    t.params()
+                        .map(|(k, kind)| (k.to_string(), describe_kind(*kind)))
+                        .collect()
+                })
                 .unwrap_or_default();
             if actual != expected {
-                differences.push(format!("{name}: the schema says {expected:?}\n  the table says {actual:?}"));
+                differences.push(format!(
+                    "{name}: the schema says {expected:?}\n  the table says {actual:?}"
+                ));
             }
         }
         for t in FIELD_TYPES {
@@ -301,15 +355,33 @@ mod tests {
     #[test]
     fn legacy_and_unknown_parameters_are_named_by_their_path() {
         let problems = |mapping: Value| {
-            let mut found: Vec<String> = check_property(mapping.as_object().expect("object"), Some("keyword")).into_iter().map(|(p, _)| p).collect();
+            let mut found: Vec<String> =
+                check_property(mapping.as_object().expect("object"), Some("keyword"))
+                    .into_iter()
+                    .map(|(p, _)| p)
+                    .collect();
             found.sort();
             found
         };
-        assert_eq!(problems(json!({"type": "geo_shape", "tree": "quadtree", "precision": "1m"})), ["/precision", "/tree"]);
-        assert_eq!(problems(json!({"index": "not_analyzed", "include_in_all": true})), ["/include_in_all", "/index"]);
+        assert_eq!(
+            problems(json!({"type": "geo_shape", "tree": "quadtree", "precision": "1m"})),
+            ["/precision", "/tree"]
+        );
+        assert_eq!(
+            problems(json!({"index": "not_analyzed", "include_in_all": true})),
+            ["/include_in_all", "/index"]
+        );
         assert_eq!(problems(json!({"type": "string"})), ["/type"]);
-        assert_eq!(problems(json!({"fields": {"raw": {"ignore_above": 3}, "bad": {"type": "text", "zzz": 1}}})), ["/fields/bad/zzz", "/fields/raw/type"]);
-        assert_eq!(problems(json!({"type": "object", "properties": {"a": {"enabled": "no"}}})), ["/properties/a/enabled"]);
+        assert_eq!(
+            problems(
+                json!({"fields": {"raw": {"ignore_above": 3}, "bad": {"type": "text", "zzz": 1}}})
+            ),
+            ["/fields/bad/zzz", "/fields/raw/type"]
+        );
+        assert_eq!(
+            problems(json!({"type": "object", "properties": {"a": {"enabled": "no"}}})),
+            ["/properties/a/enabled"]
+        );
     }
 
     #[test]
@@ -320,7 +392,11 @@ mod tests {
             json!({"type": "object", "dynamic": false, "properties": {"a": {"type": "keyword"}, "b": {}}}),
             json!({"type": "date", "format": "yyyy", "null_value": "1970"}),
         ] {
-            assert_eq!(check_property(mapping.as_object().expect("object"), Some("keyword")), Vec::<(String, String)>::new(), "{mapping}");
+            assert_eq!(
+                check_property(mapping.as_object().expect("object"), Some("keyword")),
+                Vec::<(String, String)>::new(),
+                "{mapping}"
+            );
         }
     }
 }

@@ -6,7 +6,14 @@
 use serde_json::Value;
 
 /// Parameters Elasticsearch 8 refuses although a schema may still list them.
-const REFUSED: &[&str] = &["tree", "precision", "tree_levels", "strategy", "distance_error_pct", "points_only"];
+const REFUSED: &[&str] = &[
+    "tree",
+    "precision",
+    "tree_levels",
+    "strategy",
+    "distance_error_pct",
+    "points_only",
+];
 
 pub struct Schemas {
     all: Value,
@@ -16,12 +23,16 @@ impl Schemas {
     pub fn load() -> Schemas {
         let text = include_str!("../../data/elasticsearch-mapping.schema.json");
         let mut all: Value = serde_json::from_str(text).expect("the vendored schema is JSON");
-        Schemas { all: all["openapi_components_schemas"].take() }
+        Schemas {
+            all: all["openapi_components_schemas"].take(),
+        }
     }
 
     fn named(&self, reference: &str) -> &Value {
         let name = reference.rsplit('/').next().unwrap_or_default();
-        self.all.get(name).unwrap_or_else(|| panic!("the schema has no {name}"))
+        self.all
+            .get(name)
+            .unwrap_or_else(|| panic!("the schema has no {name}"))
     }
 
     /// Every property a schema lists, following `allOf`.
@@ -40,7 +51,12 @@ impl Schemas {
     /// Problems of a whole `mappings` object, as `path: message`.
     pub fn check_type_mapping(&self, mapping: &Value) -> Vec<String> {
         let mut problems = Vec::new();
-        self.check_object(mapping, self.named("_types.mapping.TypeMapping"), "", &mut problems);
+        self.check_object(
+            mapping,
+            self.named("_types.mapping.TypeMapping"),
+            "",
+            &mut problems,
+        );
         problems
     }
 
@@ -65,7 +81,10 @@ impl Schemas {
 
     /// One field mapping: its `type` (default `object`) picks the schema through the discriminator.
     fn check_property(&self, value: &Value, path: &str, problems: &mut Vec<String>) {
-        let ty = value.get("type").and_then(Value::as_str).unwrap_or("object");
+        let ty = value
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("object");
         let discriminator = &self.all["_types.mapping.Property"]["discriminator"]["mapping"];
         match discriminator.get(ty).and_then(Value::as_str) {
             Some(reference) => self.check_object(value, self.named(reference), path, problems),
@@ -114,7 +133,9 @@ impl Schemas {
         if !fits {
             return problems.push(format!("{path}: {value} is not of type {}", schema["type"]));
         }
-        if let (Some(object), Some(additional)) = (value.as_object(), schema.get("additionalProperties")) {
+        if let (Some(object), Some(additional)) =
+            (value.as_object(), schema.get("additionalProperties"))
+        {
             for (key, v) in object {
                 self.check_value(v, additional, &format!("{path}/{key}"), problems);
             }
@@ -139,8 +160,16 @@ fn the_validator_refuses_legacy_and_unknown_parameters() {
         }
     });
     let problems = schemas.check_type_mapping(&mapping);
-    for path in ["/_id", "/properties/a/tree", "/properties/b/type", "/properties/c/index"] {
-        assert!(problems.iter().any(|p| p.starts_with(&format!("{path}:"))), "{path} not reported: {problems:#?}");
+    for path in [
+        "/_id",
+        "/properties/a/tree",
+        "/properties/b/type",
+        "/properties/c/index",
+    ] {
+        assert!(
+            problems.iter().any(|p| p.starts_with(&format!("{path}:"))),
+            "{path} not reported: {problems:#?}"
+        );
     }
     assert_eq!(problems.len(), 4, "{problems:#?}");
 }
