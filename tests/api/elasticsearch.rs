@@ -10,8 +10,8 @@ use std::time::{Duration, Instant};
 use dstore::blueprint::{parse_blueprint, Ident};
 use dstore::catalog::Catalog;
 use dstore::config::ElasticsearchSettings;
-use dstore::projector::conformance;
 use dstore::projector::elasticsearch::{mapping, ElasticsearchProjector};
+use dstore::projector::{conformance, ErrorKind, Projector};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
@@ -104,6 +104,14 @@ impl Es {
         self.call(reqwest::Method::HEAD, index).await.0 == 200
     }
 
+    /// Deletes the indexes a test created (by exact name: Elasticsearch refuses wildcard deletes).
+    async fn clean_up(&self, prefix: &str) {
+        let (_, indexes) = self.get(&format!("{prefix}*/_mapping")).await;
+        for index in indexes.as_object().into_iter().flat_map(|o| o.keys()) {
+            self.call(reqwest::Method::DELETE, index).await;
+        }
+    }
+
     /// The indexes an alias points to.
     async fn alias_targets(&self, alias: &str) -> Vec<String> {
         let (status, body) = self.get(&format!("_alias/{alias}")).await;
@@ -145,15 +153,17 @@ async fn spawn_app_with_es(url: &str, prefix: &str) -> TestApp {
 
 #[tokio::test]
 async fn the_elasticsearch_projector_passes_the_conformance_suite() {
-    let url = es_url().await;
+    let es = Es::new().await;
     let dir = tempfile::tempdir().expect("temp dir");
     let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
+    let prefix = unique_prefix();
     let settings = ElasticsearchSettings {
-        url,
-        index_prefix: unique_prefix(),
+        url: es.url.clone(),
+        index_prefix: prefix.clone(),
     };
     let projector = Arc::new(ElasticsearchProjector::new(&settings).expect("valid settings"));
     conformance::run(projector, &catalog, &ident("conformance")).await;
+    es.clean_up(&prefix).await;
 }
 
 #[tokio::test]
@@ -172,7 +182,7 @@ async fn kitchensink_items_read_back_from_source_at_v2_and_the_alias_follows_the
             .await,
         1
     );
-    assert_eq!(es.alias_targets(&alias).await, [v1_index.clone()]);
+    assert_eq!(es.alias_targets(&alias).await, [v1_index.as_str()]);
     let first = Uuid::new_v4();
     let put = app
         .put(
@@ -193,7 +203,7 @@ async fn kitchensink_items_read_back_from_source_at_v2_and_the_alias_follows_the
     );
     assert_eq!(
         es.alias_targets(&alias).await,
-        [v2_index.clone()],
+        [v2_index.as_str()],
         "the alias must move to v2"
     );
 
@@ -247,6 +257,7 @@ async fn kitchensink_items_read_back_from_source_at_v2_and_the_alias_follows_the
         );
     }
     app.stop().await;
+    es.clean_up(&prefix).await;
 }
 
 #[tokio::test]
@@ -402,6 +413,7 @@ async fn a_document_elasticsearch_rejects_goes_to_the_dead_letters_without_block
         "other stores still got the item"
     );
     app.stop().await;
+    es.clean_up(&prefix).await;
 }
 
 #[tokio::test]
@@ -453,6 +465,7 @@ async fn dropping_a_project_deletes_its_indexes_and_aliases_and_nothing_else() {
         [kept]
     );
     app.stop().await;
+    es.clean_up(&prefix).await;
 }
 
 #[tokio::test]
@@ -508,4 +521,214 @@ fn an_invalid_index_prefix_is_refused_at_start() {
         .expect("refused")
         .to_string();
     assert!(error.contains("Upper"), "{error}");
+}
+
+#[tokio::test]
+async fn a_migration_finishes_a_half_done_one_and_refuses_an_index_with_another_mapping() {
+    let es = Es::new().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
+    let prefix = unique_prefix();
+    let settings = ElasticsearchSettings {
+        url: es.url.clone(),
+        index_prefix: prefix.clone(),
+    };
+    let projector = ElasticsearchProjector::new(&settings).expect("valid settings");
+    let (done, clash) = (ident("halfdone"), ident("clash"));
+    conformance::freeze_sample(&catalog, &done);
+    conformance::freeze_sample(&catalog, &clash);
+    let snapshot = catalog.snapshot();
+    let version = |p: &Ident| snapshot.projects[p].version(1).expect("version 1").clone();
+    let sample = ident("sample");
+
+    // A first attempt created the index, then stopped before the alias.
+    let blueprint = &version(&done).blueprints[&sample];
+    let body = mapping::index_body(&done, 1, &sample, blueprint);
+    let index = format!("{prefix}halfdone_v1_sample");
+    let created = es
+        .client
+        .put(format!("{}/{index}", es.url))
+        .json(&body)
+        .send()
+        .await
+        .expect("elasticsearch answers");
+    assert_eq!(created.status().as_u16(), 200);
+    projector
+        .migrate(&done, &version(&done))
+        .await
+        .expect("the retry finishes the migration");
+    assert_eq!(
+        es.alias_targets(&format!("{prefix}halfdone_sample")).await,
+        [index.as_str()]
+    );
+
+    let foreign = json!({"mappings": {"properties": {"title": {"type": "text"}}}});
+    let index = format!("{prefix}clash_v1_sample");
+    es.client
+        .put(format!("{}/{index}", es.url))
+        .json(&foreign)
+        .send()
+        .await
+        .expect("elasticsearch answers");
+    let error = projector
+        .migrate(&clash, &version(&clash))
+        .await
+        .expect_err("a foreign index is refused");
+    assert_eq!(error.kind, ErrorKind::Permanent, "{error}");
+    assert!(
+        error.message.contains(&index) && error.message.contains("\"id\" is not mapped"),
+        "{error}"
+    );
+    es.clean_up(&prefix).await;
+}
+
+/// A stand-in for Elasticsearch that answers every request with `answer(method, path)`.
+async fn fake_elasticsearch(answer: fn(&str, &str) -> (u16, Value)) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("a port");
+    let url = format!("http://{}", listener.local_addr().expect("an address"));
+    tokio::spawn(async move {
+        while let Ok((mut socket, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut request = Vec::new();
+                let mut buffer = [0u8; 8192];
+                // Read the head and as much body as its content-length announces.
+                let (head, body_length) = loop {
+                    let Ok(n) = socket.read(&mut buffer).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    request.extend_from_slice(&buffer[..n]);
+                    if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+                        let head = String::from_utf8_lossy(&request[..end]).to_string();
+                        let length = head
+                            .lines()
+                            .find_map(|l| {
+                                l.to_ascii_lowercase()
+                                    .strip_prefix("content-length:")
+                                    .map(|v| v.trim().parse().unwrap_or(0))
+                            })
+                            .unwrap_or(0usize);
+                        break (head, end + 4 + length);
+                    }
+                };
+                while request.len() < body_length {
+                    let Ok(n) = socket.read(&mut buffer).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        break;
+                    }
+                    request.extend_from_slice(&buffer[..n]);
+                }
+                let mut words = head.split_whitespace();
+                let (method, path) = (
+                    words.next().unwrap_or_default(),
+                    words.next().unwrap_or_default(),
+                );
+                let (status, body) = answer(method, path);
+                let body = body.to_string();
+                let response = format!(
+                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(response.as_bytes()).await;
+            });
+        }
+    });
+    url
+}
+
+fn upsert(project: &Ident, revision: u64) -> dstore::journal::task::Task {
+    let id = Uuid::new_v4();
+    dstore::journal::task::Task {
+        seq: revision,
+        project: project.clone(),
+        op: dstore::journal::task::TaskOp::Upsert {
+            blueprint: ident("sample"),
+            id,
+            revision,
+            docs: vec![dstore::journal::task::VersionDoc {
+                version: 1,
+                doc: conformance::sample_doc(id, "t"),
+            }],
+        },
+    }
+}
+
+#[tokio::test]
+async fn bulk_results_are_judged_one_by_one_429_retried_conflicts_fine_rejections_final() {
+    let url = fake_elasticsearch(|method, path| match (method, path) {
+        ("HEAD", _) => (200, Value::Null),
+        ("POST", p) if p.starts_with("/_bulk") => (
+            200,
+            json!({"errors": true, "items": [
+                {"index": {"status": 429, "error": {"type": "es_rejected_execution_exception", "reason": "queue is full"}}},
+                {"index": {"status": 409, "error": {"type": "version_conflict_engine_exception", "reason": "newer"}}},
+                {"index": {"status": 400, "error": {"type": "document_parsing_exception", "reason": "failed to parse field [count]"}}},
+                {"index": {"status": 201}},
+            ]}),
+        ),
+        _ => (500, json!({"error": "unexpected"})),
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
+    let projector = ElasticsearchProjector::new(&ElasticsearchSettings {
+        url,
+        index_prefix: String::new(),
+    })
+    .expect("valid settings");
+    let project = ident("fake");
+    let tasks: Vec<_> = (1..=4).map(|r| upsert(&project, r)).collect();
+    let outcomes = projector
+        .apply(&catalog, &tasks)
+        .await
+        .expect("the batch is judged task by task");
+    assert_eq!(
+        outcomes[0].as_ref().map_err(|e| e.kind),
+        Err(ErrorKind::Transient),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes[1].is_ok(),
+        "a version conflict means a newer revision is there: {outcomes:?}"
+    );
+    let rejected = outcomes[2].as_ref().expect_err("rejected");
+    assert_eq!(rejected.kind, ErrorKind::Permanent);
+    assert!(
+        rejected.message.contains("document_parsing_exception")
+            && rejected.message.contains("[count]"),
+        "{rejected}"
+    );
+    assert!(outcomes[3].is_ok(), "{outcomes:?}");
+}
+
+#[tokio::test]
+async fn a_store_answering_503_keeps_every_task_for_a_retry_and_reports_unhealthy() {
+    let url = fake_elasticsearch(|_, _| (503, json!({"error": {"type": "cluster_block_exception", "reason": "no master"}, "status": 503}))).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
+    let projector = ElasticsearchProjector::new(&ElasticsearchSettings {
+        url,
+        index_prefix: String::new(),
+    })
+    .expect("valid settings");
+    let project = ident("fake");
+    let error = projector
+        .apply(&catalog, &[upsert(&project, 1)])
+        .await
+        .expect_err("nothing can be written");
+    assert_eq!(error.kind, ErrorKind::Transient, "{error}");
+    assert!(error.message.contains("503"), "{error}");
+    let read = projector
+        .read(&project, 1, &ident("sample"), &Uuid::new_v4())
+        .await
+        .expect_err("nothing can be read");
+    assert_eq!(read.kind, ErrorKind::Transient);
+    assert!(!projector.health().await.reachable);
 }

@@ -386,6 +386,14 @@ fn ok_json((status, body): (u16, Value)) -> Result<Value, EsError> {
 fn refused(status: u16, body: &Value) -> EsError {
     let (kind, reason) = match body.get("error") {
         Some(error) => reason(error),
+        // A HEAD answer, or a proxy's: say what the status means.
+        None if body.is_null() => {
+            let text = elasticsearch::http::StatusCode::from_u16(status)
+                .ok()
+                .and_then(|s| s.canonical_reason())
+                .unwrap_or("no body");
+            ("http_error".to_string(), text.to_lowercase())
+        }
         None => ("http_error".to_string(), body.to_string()),
     };
     EsError::Refused {

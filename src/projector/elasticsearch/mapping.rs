@@ -158,6 +158,9 @@ pub fn includes(found: &Value, wanted: &Value) -> bool {
 pub fn first_difference(found: &Value, wanted: &Value) -> Option<String> {
     let wanted_properties = wanted["properties"].as_object()?;
     for (field, mapping) in wanted_properties {
+        if found["properties"][field].is_null() {
+            return Some(format!("field {field:?} is not mapped"));
+        }
         if !includes(&found["properties"][field], mapping) {
             return Some(format!(
                 "field {field:?} is mapped as {} instead of {mapping}",
