@@ -31,31 +31,37 @@ pub const DATETIME_FORMAT: &str =
 /// and 8191 characters stay under it in UTF-8. Longer values are kept in `_source`, not indexed.
 pub const KEYWORD_IGNORE_ABOVE: u64 = 8191;
 
+/// `{"type": ty, …params}`.
+fn field(ty: &str, params: &[(&str, Value)]) -> Map<String, Value> {
+    let mut mapping = Map::new();
+    mapping.insert("type".into(), Value::from(ty));
+    for (key, value) in params {
+        mapping.insert((*key).into(), value.clone());
+    }
+    mapping
+}
+
 /// The generated mapping of a scalar kind; an array column maps like its element.
-fn base_mapping(base: BaseType) -> Value {
+fn base_mapping(base: BaseType) -> Map<String, Value> {
     match base {
-        BaseType::Uuid => json!({"type": "keyword"}),
-        BaseType::String => json!({"type": "keyword", "ignore_above": KEYWORD_IGNORE_ABOVE}),
-        BaseType::Text => json!({"type": "text"}),
-        BaseType::Point => json!({"type": "geo_point"}),
-        BaseType::LineString | BaseType::Polygon => json!({"type": "geo_shape"}),
-        BaseType::Date => json!({"type": "date", "format": DATE_FORMAT}),
-        BaseType::DateTime => json!({"type": "date", "format": DATETIME_FORMAT}),
-        BaseType::Float => json!({"type": "float"}),
-        BaseType::Integer => json!({"type": "integer"}),
-        BaseType::Boolean => json!({"type": "boolean"}),
-        BaseType::Json => json!({"type": "object", "enabled": false}),
+        BaseType::Uuid => field("keyword", &[]),
+        BaseType::String => field("keyword", &[("ignore_above", json!(KEYWORD_IGNORE_ABOVE))]),
+        BaseType::Text => field("text", &[]),
+        BaseType::Point => field("geo_point", &[]),
+        BaseType::LineString | BaseType::Polygon => field("geo_shape", &[]),
+        BaseType::Date => field("date", &[("format", json!(DATE_FORMAT))]),
+        BaseType::DateTime => field("date", &[("format", json!(DATETIME_FORMAT))]),
+        BaseType::Float => field("float", &[]),
+        BaseType::Integer => field("integer", &[]),
+        BaseType::Boolean => field("boolean", &[]),
+        BaseType::Json => field("object", &[("enabled", json!(false))]),
     }
 }
 
 /// The mapping dstore generates for a column type, before any override.
 pub fn generated(ty: ColumnType) -> Map<String, Value> {
-    let mapping = match ty {
+    match ty {
         ColumnType::One(base) | ColumnType::Many(base) => base_mapping(base),
-    };
-    match mapping {
-        Value::Object(map) => map,
-        _ => unreachable!("every base mapping is an object"),
     }
 }
 
