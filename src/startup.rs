@@ -159,7 +159,7 @@ impl Application {
             settings,
         });
         let server =
-            HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
+            HttpServer::new(move || App::new().app_data(state.clone()).configure(http::configure))
                 .workers(workers)
                 .backlog(4096)
                 .listen(listener)
@@ -201,6 +201,7 @@ impl Application {
         for dispatcher in self.dispatchers {
             let _ = dispatcher.await;
         }
+        self.journal.close().await;
         tracing::info!("dstore stopped");
         result
     }

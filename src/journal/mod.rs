@@ -147,6 +147,9 @@ pub struct Journal {
     /// Where background work (back-fills) runs: the runtime that opened the journal.
     runtime: tokio::runtime::Handle,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set by [`Journal::close`]: background work stops at its next step.
+    closing: std::sync::atomic::AtomicBool,
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for Journal {
@@ -209,6 +212,8 @@ impl Journal {
             settings: settings.clone(),
             runtime: tokio::runtime::Handle::current(),
             writer: Mutex::new(None),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            background: Mutex::new(Vec::new()),
         });
         for name in &projectors {
             journal.refresh_progress(name)?;
@@ -221,6 +226,19 @@ impl Journal {
             .map_err(JournalError::Thread)?;
         *journal.writer.lock().expect("writer lock") = Some(thread);
         Ok(journal)
+    }
+
+    /// Stops background work (back-fills resume at the next start) and waits for it to end.
+    pub async fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        let tasks = std::mem::take(&mut *self.background.lock().expect("background lock"));
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
