@@ -2,6 +2,7 @@
 //! (`DSTORE_TEST_ELASTICSEARCH_URL`), or a real cluster when `ELASTICSEARCH_URL` is set. A missing
 //! server fails these tests; it never skips them. Each test uses its own index prefix.
 
+mod fake;
 mod schema;
 
 use std::sync::Arc;
@@ -582,67 +583,6 @@ async fn a_migration_finishes_a_half_done_one_and_refuses_an_index_with_another_
     es.clean_up(&prefix).await;
 }
 
-/// A stand-in for Elasticsearch that answers every request with `answer(method, path)`.
-async fn fake_elasticsearch(answer: fn(&str, &str) -> (u16, Value)) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("a port");
-    let url = format!("http://{}", listener.local_addr().expect("an address"));
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            tokio::spawn(async move {
-                let mut request = Vec::new();
-                let mut buffer = [0u8; 8192];
-                // Read the head and as much body as its content-length announces.
-                let (head, body_length) = loop {
-                    let Ok(n) = socket.read(&mut buffer).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    request.extend_from_slice(&buffer[..n]);
-                    if let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
-                        let head = String::from_utf8_lossy(&request[..end]).to_string();
-                        let length = head
-                            .lines()
-                            .find_map(|l| {
-                                l.to_ascii_lowercase()
-                                    .strip_prefix("content-length:")
-                                    .map(|v| v.trim().parse().unwrap_or(0))
-                            })
-                            .unwrap_or(0usize);
-                        break (head, end + 4 + length);
-                    }
-                };
-                while request.len() < body_length {
-                    let Ok(n) = socket.read(&mut buffer).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        break;
-                    }
-                    request.extend_from_slice(&buffer[..n]);
-                }
-                let mut words = head.split_whitespace();
-                let (method, path) = (
-                    words.next().unwrap_or_default(),
-                    words.next().unwrap_or_default(),
-                );
-                let (status, body) = answer(method, path);
-                let body = body.to_string();
-                let response = format!(
-                    "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
-                    body.len()
-                );
-                let _ = socket.write_all(response.as_bytes()).await;
-            });
-        }
-    });
-    url
-}
-
 fn upsert(project: &Ident, revision: u64) -> dstore::journal::task::Task {
     let id = Uuid::new_v4();
     dstore::journal::task::Task {
@@ -662,7 +602,7 @@ fn upsert(project: &Ident, revision: u64) -> dstore::journal::task::Task {
 
 #[tokio::test]
 async fn bulk_results_are_judged_one_by_one_429_retried_conflicts_fine_rejections_final() {
-    let url = fake_elasticsearch(|method, path| match (method, path) {
+    let url = fake::elasticsearch(|method, path| match (method, path) {
         ("HEAD", _) => (200, Value::Null),
         ("POST", p) if p.starts_with("/_bulk") => (
             200,
@@ -710,7 +650,11 @@ async fn bulk_results_are_judged_one_by_one_429_retried_conflicts_fine_rejection
 
 #[tokio::test]
 async fn a_store_answering_503_keeps_every_task_for_a_retry_and_reports_unhealthy() {
-    let url = fake_elasticsearch(|_, _| (503, json!({"error": {"type": "cluster_block_exception", "reason": "no master"}, "status": 503}))).await;
+    let url = fake::elasticsearch(|_, _| {
+        let error = json!({"type": "cluster_block_exception", "reason": "no master"});
+        (503, json!({"error": error, "status": 503}))
+    })
+    .await;
     let dir = tempfile::tempdir().expect("temp dir");
     let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
     let projector = ElasticsearchProjector::new(&ElasticsearchSettings {

@@ -7,6 +7,10 @@
 //! for good (a document its mapping rejects) fails its task only, with Elasticsearch's reason; 429 and
 //! 5xx make the task transient, so the dispatcher retries from it with backoff.
 //!
+//! Documents are sent as the journal holds them: geometries are GeoJSON, which `geo_shape` takes for
+//! lines and polygons and `geo_point` takes for points (Elasticsearch 8 documents GeoJSON `Point` among
+//! its geo_point formats), so `_source` reads back exactly what dstore wrote.
+//!
 //! Indexes are never created implicitly: Elasticsearch would give them a dynamic mapping. An index this
 //! process has not seen yet is checked, and created from the catalog if its migration was lost.
 
