@@ -20,6 +20,7 @@ use serde_json::{Map, Value};
 
 use super::client::{is_transient_status, BulkAction, BulkItem};
 use super::ElasticsearchProjector;
+use crate::blueprint::Ident;
 use crate::catalog::Catalog;
 use crate::journal::task::{Task, TaskOp};
 use crate::projector::{ErrorKind, Outcome, ProjectorError};
@@ -32,6 +33,9 @@ struct Planned<'a> {
     task: usize,
     action: BulkAction<'a>,
 }
+
+/// Whose an index is: project, version, blueprint.
+type Place<'a> = (&'a Ident, u32, &'a Ident);
 
 /// The state of an index the batch writes to.
 enum Target {
@@ -49,10 +53,8 @@ impl ElasticsearchProjector {
     ) -> Result<Vec<Outcome>, ProjectorError> {
         let (planned, indexes) = self.plan(tasks);
         let mut targets = HashMap::new();
-        for (index, (project, version, blueprint)) in indexes {
-            let target = self
-                .prepare(catalog, &index, project, version, blueprint)
-                .await?;
+        for (index, place) in indexes {
+            let target = self.prepare(catalog, &index, place).await?;
             targets.insert(index, target);
         }
 
@@ -86,22 +88,8 @@ impl ElasticsearchProjector {
         Ok(outcomes)
     }
 
-    /// Every action of the batch, and every index they write to with what it holds.
-    #[allow(clippy::type_complexity)]
-    fn plan<'a>(
-        &self,
-        tasks: &'a [Task],
-    ) -> (
-        Vec<Planned<'a>>,
-        HashMap<
-            String,
-            (
-                &'a crate::blueprint::Ident,
-                u32,
-                &'a crate::blueprint::Ident,
-            ),
-        >,
-    ) {
+    /// Every action of the batch, and every index they write to with whose it is.
+    fn plan<'a>(&self, tasks: &'a [Task]) -> (Vec<Planned<'a>>, HashMap<String, Place<'a>>) {
         let mut planned = Vec::new();
         let mut indexes = HashMap::new();
         for (position, task) in tasks.iter().enumerate() {
@@ -166,9 +154,7 @@ impl ElasticsearchProjector {
         &self,
         catalog: &Catalog,
         index: &str,
-        project: &crate::blueprint::Ident,
-        version: u32,
-        blueprint: &crate::blueprint::Ident,
+        (project, version, blueprint): Place<'_>,
     ) -> Result<Target, ProjectorError> {
         if self.knows(index) {
             return Ok(Target::Ready);
