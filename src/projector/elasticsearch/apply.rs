@@ -4,8 +4,9 @@
 //! Elasticsearch keeps a document only if its revision is higher than the one it holds (a delete
 //! included, see `mapping::GC_DELETES`), so a version conflict means a newer state is already there and
 //! counts as success, as does deleting a document that is not there. An action Elasticsearch refuses
-//! for good (a document its mapping rejects) fails its task only, with Elasticsearch's reason; 429 and
-//! 5xx make the task transient, so the dispatcher retries from it with backoff.
+//! for good (a document its mapping rejects) fails its task only, with Elasticsearch's reason; 429, 5xx
+//! and a cluster refusing dstore itself (see `client::is_transient_status`) make the task transient,
+//! so the dispatcher retries from it with capped backoff.
 //!
 //! Documents are sent as the journal holds them: geometries are GeoJSON, which `geo_shape` takes for
 //! lines and polygons and `geo_point` takes for points (Elasticsearch 8 documents GeoJSON `Point` among

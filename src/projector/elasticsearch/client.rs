@@ -1,8 +1,10 @@
 //! The only place that talks to Elasticsearch: a thin wrapper over the `elasticsearch` crate that
 //! turns every answer into data or a typed [`EsError`].
 //!
-//! Invariants: no method panics on anything the server sends; a failure to connect, a timeout, 429
-//! and 5xx are transient (retrying can help), any other non-2xx answer is permanent; `_bulk` results
+//! Invariants: no method panics on anything the server sends; a failure to connect, a timeout, 429,
+//! 5xx, and 401/403/408 are transient (retrying can help: the server is busy, down, or refuses dstore
+//! itself — bad credentials, a read-only block — rather than one document), any other non-2xx answer
+//! is permanent; `_bulk` results
 //! are read item by item, one [`BulkItem`] per action, in request order. Nothing here knows about
 //! blueprints or tasks.
 
@@ -77,8 +79,11 @@ impl From<EsError> for ProjectorError {
     }
 }
 
+/// Whether an answer with this status may succeed later unchanged. 401 and 403 refuse dstore, not a
+/// document (bad credentials, an index blocked read-only when the disk fills up): dead-lettering every
+/// write until an operator fixes the cluster would lose them, so they wait instead.
 pub fn is_transient_status(status: u16) -> bool {
-    status == 429 || status >= 500
+    matches!(status, 401 | 403 | 408 | 429) || status >= 500
 }
 
 /// The `type: reason (caused by …)` of an Elasticsearch error object, or the error itself when it is
@@ -408,13 +413,17 @@ mod tests {
     use super::*;
 
     #[test]
-    fn too_many_requests_and_server_errors_are_transient_and_the_rest_permanent() {
+    fn busy_down_or_blocked_servers_are_transient_and_refused_documents_permanent() {
         let refused = |status| EsError::Refused {
             status,
             kind: "x".into(),
             reason: "y".into(),
         };
         assert!(refused(429).is_transient() && refused(503).is_transient());
+        assert!(
+            refused(403).is_transient(),
+            "a read-only block lifts once disk space is freed"
+        );
         assert!(
             !refused(400).is_transient()
                 && !refused(404).is_transient()
