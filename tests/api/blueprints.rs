@@ -302,10 +302,7 @@ async fn a_blueprint_with_too_many_columns_is_refused_with_422() {
 #[tokio::test]
 async fn malformed_query_strings_and_paths_get_json_errors() {
     let app = spawn_app().await;
-    for path in [
-        "/_dead_letters?limit=lots",
-        "/myblog/%FF%FE/_blueprint",
-    ] {
+    for path in ["/_dead_letters?limit=lots", "/myblog/%FF%FE/_blueprint"] {
         let answer = app.get(path).await;
         assert_eq!(answer.status, 400, "{path}: {}", answer.body);
         assert!(answer.body["status"].is_string(), "{path}");
