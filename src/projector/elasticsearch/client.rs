@@ -157,7 +157,7 @@ impl EsClient {
             url: url.into(),
             reason: e.to_string(),
         })?;
-        let transport = TransportBuilder::new(SingleNodeConnectionPool::new(parsed))
+        let transport = TransportBuilder::new(SingleNodeConnectionPool::new(parsed.clone()))
             .timeout(REQUEST_TIMEOUT)
             .build()
             .map_err(|e| EsError::Url {
@@ -166,10 +166,11 @@ impl EsClient {
             })?;
         Ok(EsClient {
             es: Elasticsearch::new(transport),
-            url: url.into(),
+            url: without_credentials(&parsed),
         })
     }
 
+    /// The server's URL without credentials, for health reports and logs.
     pub fn url(&self) -> &str {
         &self.url
     }
@@ -340,6 +341,14 @@ impl EsClient {
     }
 }
 
+fn without_credentials(url: &Url) -> String {
+    let mut shown = url.clone();
+    // Both fail only for URLs that cannot carry credentials anyway.
+    let _ = shown.set_password(None);
+    let _ = shown.set_username("");
+    shown.to_string()
+}
+
 /// One entry of `items`: `{"index": {"status": 201, …}}` or `{"delete": {…, "error": {…}}}`.
 fn bulk_item(item: &Value) -> Result<BulkItem, EsError> {
     let result = item
@@ -430,6 +439,12 @@ mod tests {
                 && !refused(409).is_transient()
         );
         assert!(EsError::Unreachable("refused".into()).is_transient());
+    }
+
+    #[test]
+    fn credentials_in_the_url_are_not_shown() {
+        let client = EsClient::new("http://dstore:secret@es.internal:9200").unwrap();
+        assert_eq!(client.url(), "http://es.internal:9200/");
     }
 
     #[test]

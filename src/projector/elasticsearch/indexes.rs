@@ -52,7 +52,9 @@ impl ElasticsearchProjector {
     ) -> Result<String, ProjectorError> {
         let index = self.names.index(project, version, name);
         let body = mapping::index_body(project, version, name, blueprint);
-        if !self.client.create_index(&index, &body).await? {
+        if self.client.create_index(&index, &body).await? {
+            tracing::info!(index = %index, "index created");
+        } else {
             let found = self.client.mappings(&[index.as_str()]).await?;
             let existing = found.get(&index).cloned().unwrap_or(Value::Null);
             if let Some(difference) = mapping::first_difference(&existing, &body["mappings"]) {
@@ -95,6 +97,7 @@ impl ElasticsearchProjector {
             .collect();
         actions.push(json!({"add": {"index": target, "alias": alias}}));
         self.client.update_aliases(actions).await?;
+        tracing::info!(alias = %alias, index = %target, "alias moved to the newest version");
         Ok(())
     }
 
@@ -110,6 +113,7 @@ impl ElasticsearchProjector {
             .filter(|(_, m)| owner(m).is_some_and(|(p, _, _)| p == project.as_str()))
             .map(|(index, _)| index.as_str())
             .collect();
+        tracing::info!(%project, indexes = ours.len(), "deleting the indexes of a dropped project");
         for chunk in ours.chunks(DELETE_CHUNK) {
             self.client.delete_indexes(chunk).await?;
         }
