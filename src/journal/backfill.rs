@@ -200,7 +200,7 @@ impl Journal {
                 continue;
             }
             looked_at += 1;
-            let record: ItemRecord = decode(&value)?;
+            let record: ItemRecord = super::codec::decode_record(&value)?;
             last = Some(key.to_vec());
             let Some((name, to)) = target
                 .blueprints
@@ -220,11 +220,11 @@ impl Journal {
                 .try_into()
                 .map(uuid::Uuid::from_bytes)
                 .unwrap_or_default();
+            let doc = super::codec::doc_bytes(&transform(&record.body, from, to, version));
             items.push(BackfillItem {
-                blueprint: name.clone(),
                 id,
                 revision: record.revision,
-                doc: transform(&record.body, from, to, version),
+                task: super::codec::upsert_body(project, name, &id, &[(version, &doc)]),
             });
         }
         Ok(Chunk {
