@@ -6,6 +6,10 @@ cd "$(dirname "$0")/.."
 . scripts/deps.sh
 ensure_build_deps
 
+# The shared target directory keeps dependencies (RocksDB takes long to build) between checkouts;
+# dstore's own artifacts are rebuilt, since cargo identifies them the same way in every checkout.
+cargo clean --release --package dstore --quiet
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
