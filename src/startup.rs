@@ -14,6 +14,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
 use crate::http::{self, AppState};
 use crate::journal::{Journal, JournalError, JournalSettings};
+use crate::projector::postgres::{PgError, PostgresProjector};
 use crate::projector::rocksdb::RocksProjector;
 use crate::projector::{Projector, Registry};
 use crate::queue::dispatcher;
@@ -28,6 +29,8 @@ pub enum StartupError {
     Journal { path: PathBuf, source: JournalError },
     #[error("cannot open the RocksDB keyspaces at {path} (storage.data_dir / LEVEL_PATH): {source}")]
     Keyspaces { path: PathBuf, source: rocksdb::Error },
+    #[error("cannot set up the postgresql projector: {0}")]
+    Postgres(#[source] PgError),
     #[error("cannot listen on {address} (server.host, server.port / PORT): {source}")]
     Listen { address: String, source: std::io::Error },
 }
@@ -59,6 +62,15 @@ impl Application {
             let path = data_dir.join("keyspaces");
             let projector = Arc::new(RocksProjector::open(&path).map_err(|source| StartupError::Keyspaces { path, source })?);
             rocksdb = Some(projector.clone());
+            projectors.push(projector);
+        }
+        if let Some(pg) = &settings.postgresql {
+            let projector = Arc::new(PostgresProjector::new(pg).map_err(StartupError::Postgres)?);
+            // The store may be down or not yet created: dstore serves anyway and says so.
+            tokio::spawn({
+                let projector = projector.clone();
+                async move { projector.announce().await }
+            });
             projectors.push(projector);
         }
         projectors.extend(extra);

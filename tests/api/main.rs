@@ -5,4 +5,5 @@ mod helpers;
 mod items;
 mod kitchensink;
 mod projectors;
+mod postgres;
 mod process;

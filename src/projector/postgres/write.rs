@@ -1,0 +1,262 @@
+//! Applying a batch of item tasks: one plan, one transaction, one statement per table and kind.
+//!
+//! The plan keeps, per (schema, table, id), only the task with the highest revision (a newer delete
+//! wins over an older upsert and the other way round), so each row is touched once. Upserts go in as
+//! one `INSERT … SELECT … FROM jsonb_to_recordset($1) … ON CONFLICT (id) DO UPDATE … WHERE
+//! t._revision < EXCLUDED._revision` per table, skipping ids whose tombstone is at least as new;
+//! deletes record or raise the tombstone and remove older rows. Each statement runs under a
+//! savepoint: when PostgreSQL refuses rows for good, the statement is replayed row by row, each under
+//! its own savepoint, so only the refused rows' tasks fail and the rest of the batch is applied.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Map, Value};
+use sqlx::postgres::PgConnection;
+use sqlx::AssertSqlSafe;
+use uuid::Uuid;
+
+use super::ddl::{input_type, is_geometry, BLUEPRINTS, TOMBSTONES};
+use super::error::{classify, describe, Failure};
+use super::ident::{qualified, quote, NameError};
+use super::values::to_input;
+use crate::blueprint::{Blueprint, Ident};
+use crate::catalog::{Snapshot, Version};
+use crate::journal::task::{Task, TaskOp};
+use crate::projector::{Outcome, ProjectorError};
+
+/// One row to write: the newest state of an item in one version, and the task it came from.
+pub struct Upsert<'a> {
+    pub id: Uuid,
+    pub revision: i64,
+    pub task: usize,
+    pub doc: &'a Map<String, Value>,
+}
+
+pub struct Delete {
+    pub id: Uuid,
+    pub revision: i64,
+    pub task: usize,
+}
+
+/// Everything a batch writes into one table.
+pub struct Group<'a> {
+    pub schema: String,
+    pub blueprint: &'a Blueprint,
+    pub upserts: Vec<Upsert<'a>>,
+    pub deletes: Vec<Delete>,
+}
+
+pub struct Plan<'a> {
+    pub groups: Vec<Group<'a>>,
+    /// The versions the batch writes into, to make sure they are migrated first.
+    pub versions: Vec<(&'a Ident, &'a Version)>,
+    pub outcomes: Vec<Outcome>,
+}
+
+enum Op<'a> {
+    Upsert(&'a Map<String, Value>),
+    Delete,
+}
+
+/// Plans a batch. Versions or blueprints the catalog no longer holds (a project deleted since the
+/// task was queued) need no write; their tasks succeed.
+pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
+    let mut outcomes: Vec<Outcome> = tasks.iter().map(|_| Ok(())).collect();
+    let mut newest: HashMap<(String, &'a Ident, Uuid), (i64, usize, Op<'a>, &'a Blueprint)> = HashMap::new();
+    let mut versions: BTreeMap<String, (&'a Ident, &'a Version)> = BTreeMap::new();
+    for (index, task) in tasks.iter().enumerate() {
+        let (blueprint, id, revision, writes): (_, _, _, Vec<(u32, Op<'a>)>) = match &task.op {
+            TaskOp::Upsert { blueprint, id, revision, docs } => {
+                (blueprint, *id, *revision, docs.iter().map(|d| (d.version, Op::Upsert(&d.doc))).collect())
+            }
+            TaskOp::Delete { blueprint, id, revision, versions } => {
+                (blueprint, *id, *revision, versions.iter().map(|v| (*v, Op::Delete)).collect())
+            }
+            TaskOp::Migrate { .. } | TaskOp::DropProject => continue,
+        };
+        let Ok(revision) = i64::try_from(revision) else {
+            outcomes[index] = Err(ProjectorError::permanent(format!("revision {revision} does not fit a postgresql bigint")));
+            continue;
+        };
+        for (number, op) in writes {
+            let Some(version) = snapshot.projects.get(&task.project).and_then(|p| p.version(number)) else {
+                continue;
+            };
+            let Some(definition) = version.blueprints.get(blueprint) else {
+                continue;
+            };
+            let schema = super::ident::schema_name(&task.project, number);
+            versions.entry(schema.clone()).or_insert((&task.project, version.as_ref()));
+            let key = (schema, &definition.table, id);
+            // Equal revisions are redeliveries of one write: the later copy is as good as the first.
+            if newest.get(&key).is_none_or(|(current, ..)| *current <= revision) {
+                newest.insert(key, (revision, index, op, definition));
+            }
+        }
+    }
+    let mut groups: BTreeMap<(String, &'a Ident), Group<'a>> = BTreeMap::new();
+    for ((schema, table, id), (revision, task, op, blueprint)) in newest {
+        let group = groups.entry((schema.clone(), table)).or_insert_with(|| Group {
+            schema,
+            blueprint,
+            upserts: Vec::new(),
+            deletes: Vec::new(),
+        });
+        match op {
+            Op::Upsert(doc) => group.upserts.push(Upsert { id, revision, task, doc }),
+            Op::Delete => group.deletes.push(Delete { id, revision, task }),
+        }
+    }
+    let mut groups: Vec<Group<'a>> = groups.into_values().collect();
+    for group in &mut groups {
+        // Task order: when two rows compete for a unique value, the earlier write gets it.
+        group.upserts.sort_by_key(|u| u.task);
+        group.deletes.sort_by_key(|d| d.task);
+    }
+    Plan { groups, versions: versions.into_values().collect(), outcomes }
+}
+
+/// The upsert statement of a blueprint's table; `$1` is a JSON array of rows, `$2` the table name.
+pub fn upsert_sql(schema: &str, blueprint: &Blueprint) -> Result<String, NameError> {
+    let mut record = vec!["id UUID".to_owned(), "project_version INTEGER".into(), "links UUID[]".into(), "_revision BIGINT".into()];
+    let mut targets = vec!["id".to_owned(), "project_version".into(), "links".into(), "_revision".into()];
+    let mut sources = vec!["i.id".to_owned(), "i.project_version".into(), "COALESCE(i.links, '{}')".into(), "i._revision".into()];
+    for (name, column) in &blueprint.columns {
+        let q = quote(name.as_str())?;
+        record.push(format!("{q} {}", input_type(&column.def)));
+        sources.push(if is_geometry(column.def.ty) {
+            format!("ST_SetSRID(ST_GeomFromGeoJSON(i.{q}), 4326)")
+        } else {
+            format!("i.{q}")
+        });
+        targets.push(q);
+    }
+    let updates: Vec<String> = targets[1..].iter().map(|t| format!("{t} = EXCLUDED.{t}")).collect();
+    Ok(format!(
+        "WITH i AS (SELECT * FROM jsonb_to_recordset($1) AS r({record})) \
+         INSERT INTO {table} AS t ({targets}) \
+         SELECT {sources} FROM i \
+         WHERE NOT EXISTS (SELECT 1 FROM {tombstones} d WHERE d.table_name = $2 AND d.id = i.id AND d._revision >= i._revision) \
+         ON CONFLICT (id) DO UPDATE SET {updates} WHERE t._revision < EXCLUDED._revision",
+        record = record.join(", "),
+        table = qualified(schema, blueprint.table.as_str())?,
+        targets = targets.join(", "),
+        sources = sources.join(", "),
+        tombstones = qualified(schema, TOMBSTONES)?,
+        updates = updates.join(", "),
+    ))
+}
+
+/// The delete statement: `$1` ids, `$2` revisions, `$3` the table name.
+pub fn delete_sql(schema: &str, blueprint: &Blueprint) -> Result<String, NameError> {
+    Ok(format!(
+        "WITH i AS (SELECT * FROM UNNEST($1::uuid[], $2::bigint[]) AS r(id, _revision)), \
+         tomb AS (INSERT INTO {tombstones} AS d (table_name, id, _revision) SELECT $3, id, _revision FROM i \
+                  ON CONFLICT (table_name, id) DO UPDATE SET _revision = EXCLUDED._revision \
+                  WHERE d._revision < EXCLUDED._revision) \
+         DELETE FROM {table} AS t USING i WHERE t.id = i.id AND t._revision < i._revision",
+        tombstones = qualified(schema, TOMBSTONES)?,
+        table = qualified(schema, blueprint.table.as_str())?,
+    ))
+}
+
+/// The statement that records which table holds a blueprint (part of a migration).
+pub fn register_sql(schema: &str) -> Result<String, NameError> {
+    Ok(format!(
+        "INSERT INTO {} (blueprint, table_name, definition) VALUES ($1, $2, $3) \
+         ON CONFLICT (blueprint) DO UPDATE SET table_name = EXCLUDED.table_name, definition = EXCLUDED.definition",
+        qualified(schema, BLUEPRINTS)?
+    ))
+}
+
+/// The row a write sends for one document: the item keys, the revision and every column.
+fn row(blueprint: &Blueprint, upsert: &Upsert<'_>) -> Value {
+    let doc = upsert.doc;
+    let mut row = Map::with_capacity(blueprint.columns.len() + 4);
+    row.insert("id".into(), Value::String(upsert.id.hyphenated().to_string()));
+    row.insert("project_version".into(), doc.get("project_version").cloned().unwrap_or(Value::Null));
+    row.insert("links".into(), doc.get("links").cloned().unwrap_or(Value::Null));
+    row.insert("_revision".into(), Value::from(upsert.revision));
+    for (name, column) in &blueprint.columns {
+        let value = doc.get(name.as_str()).map_or(Value::Null, |v| to_input(column.def.ty, v));
+        row.insert(name.to_string(), value);
+    }
+    Value::Object(row)
+}
+
+/// A failure of the batch as a whole (not of single rows): the transaction must be abandoned.
+pub struct Abort {
+    pub what: String,
+    pub error: sqlx::Error,
+}
+
+/// Writes one group inside the caller's transaction, recording refused rows in `outcomes`.
+pub async fn apply_group(conn: &mut PgConnection, group: &Group<'_>, outcomes: &mut [Outcome]) -> Result<(), Abort> {
+    let table = group.blueprint.table.as_str();
+    let place = format!("{}.{table}", group.schema);
+    let name_error = |e: NameError| Abort { what: place.clone(), error: sqlx::Error::Protocol(e.to_string()) };
+    if !group.upserts.is_empty() {
+        let sql = upsert_sql(&group.schema, group.blueprint).map_err(name_error)?;
+        let rows: Vec<&Upsert<'_>> = group.upserts.iter().collect();
+        let run = |rows: Vec<&Upsert<'_>>| {
+            let json = Value::Array(rows.iter().map(|u| row(group.blueprint, u)).collect());
+            sqlx::query(AssertSqlSafe(sql.clone())).bind(sqlx::types::Json(json)).bind(table.to_owned())
+        };
+        if let Err(error) = guarded(conn, run(rows)).await.map_err(|error| Abort { what: format!("upsert into {place}"), error })? {
+            for upsert in &group.upserts {
+                let refused = guarded(conn, run(vec![upsert]))
+                    .await
+                    .map_err(|error| Abort { what: format!("upsert into {place}"), error })?;
+                if let Err(error) = refused {
+                    refuse(outcomes, upsert.task, &place, upsert.id, &error);
+                }
+            }
+            tracing::warn!(table = %place, error = %describe(&error), "postgresql refused rows; applied the others one by one");
+        }
+    }
+    if !group.deletes.is_empty() {
+        let sql = delete_sql(&group.schema, group.blueprint).map_err(name_error)?;
+        let run = |deletes: &[&Delete]| {
+            let ids: Vec<Uuid> = deletes.iter().map(|d| d.id).collect();
+            let revisions: Vec<i64> = deletes.iter().map(|d| d.revision).collect();
+            sqlx::query(AssertSqlSafe(sql.clone())).bind(ids).bind(revisions).bind(table.to_owned())
+        };
+        let all: Vec<&Delete> = group.deletes.iter().collect();
+        if guarded(conn, run(&all)).await.map_err(|error| Abort { what: format!("delete from {place}"), error })?.is_err() {
+            for delete in &group.deletes {
+                let refused = guarded(conn, run(&[delete]))
+                    .await
+                    .map_err(|error| Abort { what: format!("delete from {place}"), error })?;
+                if let Err(error) = refused {
+                    refuse(outcomes, delete.task, &place, delete.id, &error);
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn refuse(outcomes: &mut [Outcome], task: usize, place: &str, id: Uuid, error: &sqlx::Error) {
+    if outcomes[task].is_ok() {
+        outcomes[task] = Err(ProjectorError::permanent(format!("postgresql refused {place} row {id}: {}", describe(error))));
+    }
+}
+
+type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+/// Runs `query` under a savepoint. `Ok(Err(_))`: PostgreSQL refused the rows for good and the
+/// savepoint was rolled back, so the transaction goes on; `Err(_)`: the batch must be retried.
+async fn guarded(conn: &mut PgConnection, query: PgQuery<'_>) -> Result<Result<(), sqlx::Error>, sqlx::Error> {
+    sqlx::raw_sql("SAVEPOINT dstore_rows").execute(&mut *conn).await?;
+    match query.execute(&mut *conn).await {
+        Ok(_) => {
+            sqlx::raw_sql("RELEASE SAVEPOINT dstore_rows").execute(&mut *conn).await?;
+            Ok(Ok(()))
+        }
+        Err(error) if classify(&error) == Failure::Row => {
+            sqlx::raw_sql("ROLLBACK TO SAVEPOINT dstore_rows").execute(&mut *conn).await?;
+            Ok(Err(error))
+        }
+        Err(error) => Err(error),
+    }
+}
