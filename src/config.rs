@@ -15,14 +15,24 @@ use crate::journal::Durability;
 #[derive(Debug, Error)]
 pub enum ConfigError {
     #[error("cannot read configuration file {path}: {source}")]
-    Read { path: PathBuf, source: std::io::Error },
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("configuration file {path} is invalid: {source}")]
-    Parse { path: PathBuf, source: toml::de::Error },
+    Parse {
+        path: PathBuf,
+        source: toml::de::Error,
+    },
     #[error("environment variable {name}={value:?} is invalid: {reason}")]
-    Env { name: String, value: String, reason: String },
+    Env {
+        name: String,
+        value: String,
+        reason: String,
+    },
 }
 
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
     pub server: ServerSettings,
@@ -105,20 +115,6 @@ pub struct QueueSettings {
     pub url: String,
 }
 
-impl Default for Settings {
-    fn default() -> Self {
-        Settings {
-            server: ServerSettings::default(),
-            storage: StorageSettings::default(),
-            projection: ProjectionSettings::default(),
-            log: LogSettings::default(),
-            postgresql: None,
-            elasticsearch: None,
-            queue: None,
-        }
-    }
-}
-
 impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
@@ -133,19 +129,31 @@ impl Default for ServerSettings {
 
 impl Default for StorageSettings {
     fn default() -> Self {
-        StorageSettings { data_dir: PathBuf::from("data"), catalog_dir: None, durability: Durability::Sync }
+        StorageSettings {
+            data_dir: PathBuf::from("data"),
+            catalog_dir: None,
+            durability: Durability::Sync,
+        }
     }
 }
 
 impl Default for ProjectionSettings {
     fn default() -> Self {
-        ProjectionSettings { batch_size: 1000, max_pending_tasks: 5_000_000, wait_timeout_secs: 30, rocksdb: true }
+        ProjectionSettings {
+            batch_size: 1000,
+            max_pending_tasks: 5_000_000,
+            wait_timeout_secs: 30,
+            rocksdb: true,
+        }
     }
 }
 
 impl Default for LogSettings {
     fn default() -> Self {
-        LogSettings { level: "info".into(), json: false }
+        LogSettings {
+            level: "info".into(),
+            json: false,
+        }
     }
 }
 
@@ -165,13 +173,18 @@ impl Default for PostgresSettings {
 
 impl Default for ElasticsearchSettings {
     fn default() -> Self {
-        ElasticsearchSettings { url: "http://localhost:9200".into(), index_prefix: String::new() }
+        ElasticsearchSettings {
+            url: "http://localhost:9200".into(),
+            index_prefix: String::new(),
+        }
     }
 }
 
 impl StorageSettings {
     pub fn catalog_dir(&self) -> PathBuf {
-        self.catalog_dir.clone().unwrap_or_else(|| self.data_dir.join("catalog"))
+        self.catalog_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("catalog"))
     }
 }
 
@@ -187,18 +200,32 @@ impl Settings {
     }
 
     pub fn from_file(path: &Path) -> Result<Settings, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.into(), source })?;
-        toml::from_str(&text).map_err(|source| ConfigError::Parse { path: path.into(), source })
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.into(),
+            source,
+        })?;
+        toml::from_str(&text).map_err(|source| ConfigError::Parse {
+            path: path.into(),
+            source,
+        })
     }
 
     /// Applies environment overrides read through `var`.
     pub fn apply_env(&mut self, var: impl Fn(&str) -> Option<String>) -> Result<(), ConfigError> {
-        let first = |names: &[&str]| names.iter().find_map(|n| var(n).filter(|v| !v.is_empty()).map(|v| (n.to_string(), v)));
+        let first = |names: &[&str]| {
+            names
+                .iter()
+                .find_map(|n| var(n).filter(|v| !v.is_empty()).map(|v| (n.to_string(), v)))
+        };
         fn parsed<T: std::str::FromStr>((name, value): (String, String)) -> Result<T, ConfigError>
         where
             T::Err: std::fmt::Display,
         {
-            value.parse().map_err(|e: T::Err| ConfigError::Env { name, value, reason: e.to_string() })
+            value.parse().map_err(|e: T::Err| ConfigError::Env {
+                name,
+                value,
+                reason: e.to_string(),
+            })
         }
         if let Some(v) = first(&["DSTORE_HOST"]) {
             self.server.host = v.1;
@@ -216,7 +243,13 @@ impl Settings {
             self.storage.durability = match value.as_str() {
                 "sync" => Durability::Sync,
                 "buffered" => Durability::Buffered,
-                _ => return Err(ConfigError::Env { name, value, reason: "expected sync or buffered".into() }),
+                _ => {
+                    return Err(ConfigError::Env {
+                        name,
+                        value,
+                        reason: "expected sync or buffered".into(),
+                    })
+                }
             };
         }
         if let Some(v) = first(&["DSTORE_LOG", "RUST_LOG"]) {
@@ -228,9 +261,19 @@ impl Settings {
         if let Some(v) = first(&["DSTORE_WAIT_TIMEOUT_SECS"]) {
             self.projection.wait_timeout_secs = parsed(v)?;
         }
-        let pg_vars = ["POSTGRESQL_HOST", "POSTGRESQL_PORT", "POSTGRESQL_USER", "POSTGRESQL_PASSWORD", "POSTGRESQL_DATABASE", "DATABASE_URL", "DSTORE_POSTGRESQL_URL"];
+        let pg_vars = [
+            "POSTGRESQL_HOST",
+            "POSTGRESQL_PORT",
+            "POSTGRESQL_USER",
+            "POSTGRESQL_PASSWORD",
+            "POSTGRESQL_DATABASE",
+            "DATABASE_URL",
+            "DSTORE_POSTGRESQL_URL",
+        ];
         if pg_vars.iter().any(|n| first(&[n]).is_some()) {
-            let pg = self.postgresql.get_or_insert_with(PostgresSettings::default);
+            let pg = self
+                .postgresql
+                .get_or_insert_with(PostgresSettings::default);
             if let Some(v) = first(&["POSTGRESQL_HOST"]) {
                 pg.host = v.1;
             }
@@ -251,11 +294,19 @@ impl Settings {
             }
         }
         if let Some(v) = first(&["DSTORE_ELASTICSEARCH_URL", "ELASTICSEARCH_HOST"]) {
-            let es = self.elasticsearch.get_or_insert_with(ElasticsearchSettings::default);
-            es.url = if v.1.contains("://") { v.1 } else { format!("http://{}", v.1) };
+            let es = self
+                .elasticsearch
+                .get_or_insert_with(ElasticsearchSettings::default);
+            es.url = if v.1.contains("://") {
+                v.1
+            } else {
+                format!("http://{}", v.1)
+            };
         }
         if let Some(v) = first(&["DSTORE_ELASTICSEARCH_INDEX_PREFIX"]) {
-            self.elasticsearch.get_or_insert_with(ElasticsearchSettings::default).index_prefix = v.1;
+            self.elasticsearch
+                .get_or_insert_with(ElasticsearchSettings::default)
+                .index_prefix = v.1;
         }
         if let Some(v) = first(&["DSTORE_QUEUE_URL", "QUEUE_CONNECTIONSTRING"]) {
             self.queue = Some(QueueSettings { url: v.1 });
@@ -270,7 +321,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn with_env(pairs: &[(&str, &str)]) -> Result<Settings, ConfigError> {
-        let env: HashMap<String, String> = pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        let env: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
         let mut settings = Settings::default();
         settings.apply_env(|name| env.get(name).cloned())?;
         Ok(settings)
@@ -312,7 +366,9 @@ mod tests {
 
     #[test]
     fn the_file_rejects_unknown_settings() {
-        let err = toml::from_str::<Settings>("[server]\nprot = 1\n").unwrap_err().to_string();
+        let err = toml::from_str::<Settings>("[server]\nprot = 1\n")
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("prot"), "{err}");
     }
 }

@@ -50,38 +50,68 @@ pub fn prepare_upsert(
     id: Uuid,
     body: &Value,
 ) -> Result<Entry, ItemError> {
-    let p = snapshot.projects.get(project).ok_or_else(|| ItemError::NotFound(format!("project {project:?} does not exist")))?;
+    let p = snapshot
+        .projects
+        .get(project)
+        .ok_or_else(|| ItemError::NotFound(format!("project {project:?} does not exist")))?;
     newest(p, blueprint)?;
     let Value::Object(body) = body else {
         return Err(invalid("", "an item must be a JSON object"));
     };
     let number = match body.get("project_version") {
-        None => return Err(invalid("/project_version", "is required: the version of the blueprint this item is written for")),
+        None => {
+            return Err(invalid(
+                "/project_version",
+                "is required: the version of the blueprint this item is written for",
+            ))
+        }
         Some(v) => v
             .as_u64()
             .and_then(|n| u32::try_from(n).ok())
             .ok_or_else(|| invalid("/project_version", format!("{v} is not a version number")))?,
     };
     let version = p.version(number).ok_or_else(|| {
-        invalid("/project_version", format!("version {number} does not exist (latest is {})", p.latest().map_or(0, |v| v.number)))
+        invalid(
+            "/project_version",
+            format!(
+                "version {number} does not exist (latest is {})",
+                p.latest().map_or(0, |v| v.number)
+            ),
+        )
     })?;
     if p.is_retired(number) {
-        return Err(invalid("/project_version", format!("version {number} is retired and takes no more writes")));
+        return Err(invalid(
+            "/project_version",
+            format!("version {number} is retired and takes no more writes"),
+        ));
     }
-    let bp = version
-        .blueprints
-        .get(blueprint)
-        .ok_or_else(|| invalid("/project_version", format!("version {number} has no blueprint {:?}", blueprint.as_str())))?;
+    let bp = version.blueprints.get(blueprint).ok_or_else(|| {
+        invalid(
+            "/project_version",
+            format!("version {number} has no blueprint {:?}", blueprint.as_str()),
+        )
+    })?;
     let item = check_item(bp, number, id, body).map_err(ItemError::Invalid)?;
     let docs = p
         .live_holders(bp.uid)
         .into_iter()
         .map(|(w, target)| VersionDoc {
             version: w,
-            doc: if w == number { item.clone() } else { transform(&item, bp, target, w) },
+            doc: if w == number {
+                item.clone()
+            } else {
+                transform(&item, bp, target, w)
+            },
         })
         .collect();
-    Ok(Entry::Upsert { blueprint: blueprint.clone(), blueprint_uid: bp.uid, id, version: number, body: item, docs })
+    Ok(Entry::Upsert {
+        blueprint: blueprint.clone(),
+        blueprint_uid: bp.uid,
+        id,
+        version: number,
+        body: item,
+        docs,
+    })
 }
 
 /// A delete of `id` from every live version that holds the blueprint.
@@ -92,13 +122,20 @@ pub fn prepare_delete(
     id: Uuid,
     existing: Option<&ItemRecord>,
 ) -> Result<Entry, ItemError> {
-    let p = snapshot.projects.get(project).ok_or_else(|| ItemError::NotFound(format!("project {project:?} does not exist")))?;
+    let p = snapshot
+        .projects
+        .get(project)
+        .ok_or_else(|| ItemError::NotFound(format!("project {project:?} does not exist")))?;
     let uid = match existing {
         Some(record) => record.blueprint_uid,
         None => newest(p, blueprint)?.1.uid,
     };
     let versions = p.live_holders(uid).into_iter().map(|(w, _)| w).collect();
-    Ok(Entry::Delete { blueprint: blueprint.clone(), id, versions })
+    Ok(Entry::Delete {
+        blueprint: blueprint.clone(),
+        id,
+        versions,
+    })
 }
 
 /// An item as a client of `version` (default: the newest version holding its blueprint) sees it.
@@ -109,14 +146,23 @@ pub fn read_at(
     record: &ItemRecord,
     version: Option<u32>,
 ) -> Result<Map<String, Value>, ItemError> {
-    let p = snapshot.projects.get(project).ok_or_else(|| ItemError::NotFound(format!("project {project:?} does not exist")))?;
+    let p = snapshot
+        .projects
+        .get(project)
+        .ok_or_else(|| ItemError::NotFound(format!("project {project:?} does not exist")))?;
     let holds = |number: u32| {
-        p.version(number)
-            .and_then(|v| v.blueprints.values().find(|bp| bp.uid == record.blueprint_uid))
+        p.version(number).and_then(|v| {
+            v.blueprints
+                .values()
+                .find(|bp| bp.uid == record.blueprint_uid)
+        })
     };
     let number = match version {
         Some(n) if p.version(n).is_none() => {
-            return Err(ItemError::NotFound(format!("version {n} of project {:?} does not exist", project.as_str())))
+            return Err(ItemError::NotFound(format!(
+                "version {n} of project {:?} does not exist",
+                project.as_str()
+            )))
         }
         Some(n) => n,
         None => p
@@ -128,8 +174,16 @@ pub fn read_at(
             .unwrap_or(record.version),
     };
     let to = holds(number).ok_or_else(|| {
-        ItemError::NotFound(format!("version {number} has no blueprint {:?}", blueprint.as_str()))
+        ItemError::NotFound(format!(
+            "version {number} has no blueprint {:?}",
+            blueprint.as_str()
+        ))
     })?;
-    let from = holds(record.version).ok_or_else(|| ItemError::NotFound("the item's own version is gone".into()))?;
-    Ok(if number == record.version { record.body.clone() } else { transform(&record.body, from, to, number) })
+    let from = holds(record.version)
+        .ok_or_else(|| ItemError::NotFound("the item's own version is gone".into()))?;
+    Ok(if number == record.version {
+        record.body.clone()
+    } else {
+        transform(&record.body, from, to, number)
+    })
 }

@@ -22,17 +22,30 @@ use crate::queue::dispatcher;
 #[derive(Debug, Error)]
 pub enum StartupError {
     #[error("cannot create the data directory {path} (storage.data_dir / LEVEL_PATH): {source}")]
-    DataDir { path: PathBuf, source: std::io::Error },
-    #[error("cannot open the catalog at {path} (storage.catalog_dir / PROJECT_FILE_PATH): {source}")]
+    DataDir {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error(
+        "cannot open the catalog at {path} (storage.catalog_dir / PROJECT_FILE_PATH): {source}"
+    )]
     Catalog { path: PathBuf, source: CatalogError },
     #[error("cannot open the journal at {path} (storage.data_dir / LEVEL_PATH): {source}")]
     Journal { path: PathBuf, source: JournalError },
-    #[error("cannot open the RocksDB keyspaces at {path} (storage.data_dir / LEVEL_PATH): {source}")]
-    Keyspaces { path: PathBuf, source: rocksdb::Error },
+    #[error(
+        "cannot open the RocksDB keyspaces at {path} (storage.data_dir / LEVEL_PATH): {source}"
+    )]
+    Keyspaces {
+        path: PathBuf,
+        source: rocksdb::Error,
+    },
     #[error("cannot set up the postgresql projector: {0}")]
     Postgres(#[source] PgError),
     #[error("cannot listen on {address} (server.host, server.port / PORT): {source}")]
-    Listen { address: String, source: std::io::Error },
+    Listen {
+        address: String,
+        source: std::io::Error,
+    },
 }
 
 pub struct Application {
@@ -50,17 +63,32 @@ impl Application {
     }
 
     /// Builds the service with `extra` projectors beside the configured ones (tests and embedders).
-    pub async fn build_with(settings: Settings, extra: Vec<Arc<dyn Projector>>) -> Result<Application, StartupError> {
+    pub async fn build_with(
+        settings: Settings,
+        extra: Vec<Arc<dyn Projector>>,
+    ) -> Result<Application, StartupError> {
         let data_dir = settings.storage.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).map_err(|source| StartupError::DataDir { path: data_dir.clone(), source })?;
+        std::fs::create_dir_all(&data_dir).map_err(|source| StartupError::DataDir {
+            path: data_dir.clone(),
+            source,
+        })?;
         let catalog_dir = settings.storage.catalog_dir();
-        let catalog = Arc::new(Catalog::open(&catalog_dir).map_err(|source| StartupError::Catalog { path: catalog_dir, source })?);
+        let catalog =
+            Arc::new(
+                Catalog::open(&catalog_dir).map_err(|source| StartupError::Catalog {
+                    path: catalog_dir,
+                    source,
+                })?,
+            );
 
         let mut projectors: Vec<Arc<dyn Projector>> = Vec::new();
         let mut rocksdb = None;
         if settings.projection.rocksdb {
             let path = data_dir.join("keyspaces");
-            let projector = Arc::new(RocksProjector::open(&path).map_err(|source| StartupError::Keyspaces { path, source })?);
+            let projector = Arc::new(
+                RocksProjector::open(&path)
+                    .map_err(|source| StartupError::Keyspaces { path, source })?,
+            );
             rocksdb = Some(projector.clone());
             projectors.push(projector);
         }
@@ -81,34 +109,74 @@ impl Application {
             durability: settings.storage.durability,
             max_pending: settings.projection.max_pending_tasks,
         };
-        let journal = Journal::open(&journal_dir, catalog.clone(), registry.names(), journal_settings)
-            .map_err(|source| StartupError::Journal { path: journal_dir.clone(), source })?;
+        let journal = Journal::open(
+            &journal_dir,
+            catalog.clone(),
+            registry.names(),
+            journal_settings,
+        )
+        .map_err(|source| StartupError::Journal {
+            path: journal_dir.clone(),
+            source,
+        })?;
         journal
             .resume_backfills()
-            .map_err(|source| StartupError::Journal { path: journal_dir, source })?;
+            .map_err(|source| StartupError::Journal {
+                path: journal_dir,
+                source,
+            })?;
 
         let (shutdown, stop) = watch::channel(false);
         let dispatchers = registry
             .iter()
-            .map(|p| tokio::spawn(dispatcher::run(journal.clone(), p.clone(), settings.projection.batch_size, stop.clone())))
+            .map(|p| {
+                tokio::spawn(dispatcher::run(
+                    journal.clone(),
+                    p.clone(),
+                    settings.projection.batch_size,
+                    stop.clone(),
+                ))
+            })
             .collect();
 
         let address = format!("{}:{}", settings.server.host, settings.server.port);
-        let listener = TcpListener::bind(&address).map_err(|source| StartupError::Listen { address: address.clone(), source })?;
-        let port = listener.local_addr().map_err(|source| StartupError::Listen { address: address.clone(), source })?.port();
+        let listener = TcpListener::bind(&address).map_err(|source| StartupError::Listen {
+            address: address.clone(),
+            source,
+        })?;
+        let port = listener
+            .local_addr()
+            .map_err(|source| StartupError::Listen {
+                address: address.clone(),
+                source,
+            })?
+            .port();
         let workers = match settings.server.workers {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
-        let state = web::Data::new(AppState { catalog, journal: journal.clone(), registry, settings });
-        let server = HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
-            .workers(workers)
-            .backlog(4096)
-            .listen(listener)
-            .map_err(|source| StartupError::Listen { address, source })?
-            .run();
+        let state = web::Data::new(AppState {
+            catalog,
+            journal: journal.clone(),
+            registry,
+            settings,
+        });
+        let server =
+            HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
+                .workers(workers)
+                .backlog(4096)
+                .listen(listener)
+                .map_err(|source| StartupError::Listen { address, source })?
+                .run();
         tracing::info!(port, "dstore is serving");
-        Ok(Application { port, server, shutdown, dispatchers, rocksdb, journal })
+        Ok(Application {
+            port,
+            server,
+            shutdown,
+            dispatchers,
+            rocksdb,
+            journal,
+        })
     }
 
     pub fn port(&self) -> u16 {

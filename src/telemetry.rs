@@ -7,6 +7,12 @@ use crate::config::LogSettings;
 /// Installs the global subscriber once; later calls (tests) are ignored.
 pub fn init(settings: &LogSettings) {
     let filter = EnvFilter::try_new(&settings.level).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
-    let _ = if settings.json { builder.json().try_init() } else { builder.try_init() };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = if settings.json {
+        builder.json().try_init()
+    } else {
+        builder.try_init()
+    };
 }

@@ -58,18 +58,34 @@ impl Connection {
     async fn open(address: &str) -> std::io::Result<Connection> {
         let stream = TcpStream::connect(address).await?;
         stream.set_nodelay(true)?;
-        Ok(Connection { stream: BufReader::new(stream), host: address.to_string() })
+        Ok(Connection {
+            stream: BufReader::new(stream),
+            host: address.to_string(),
+        })
     }
 
     /// Sends a request and returns the status code and body.
-    async fn request(&mut self, method: &str, path: &str, body: &[u8]) -> std::io::Result<(u16, Vec<u8>)> {
-        let head = format!("{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n", self.host, body.len());
+    async fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: &[u8],
+    ) -> std::io::Result<(u16, Vec<u8>)> {
+        let head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nContent-Length: {}\r\n\r\n",
+            self.host,
+            body.len()
+        );
         let stream = self.stream.get_mut();
         stream.write_all(head.as_bytes()).await?;
         stream.write_all(body).await?;
         let mut line = String::new();
         self.stream.read_line(&mut line).await?;
-        let status = line.split(' ').nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+        let status = line
+            .split(' ')
+            .nth(1)
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(0);
         let mut length = 0usize;
         loop {
             line.clear();
@@ -118,16 +134,32 @@ fn item(id: Uuid, version: u64) -> serde_json::Value {
 }
 
 async fn setup(address: &str, project: &str) -> Result<u64, String> {
-    let mut c = Connection::open(address).await.map_err(|e| format!("cannot connect to {address}: {e}"))?;
+    let mut c = Connection::open(address)
+        .await
+        .map_err(|e| format!("cannot connect to {address}: {e}"))?;
     let path = format!("/{project}/article/_blueprint");
-    let (status, body) = c.request("PUT", &path, blueprint().to_string().as_bytes()).await.map_err(|e| e.to_string())?;
+    let (status, body) = c
+        .request("PUT", &path, blueprint().to_string().as_bytes())
+        .await
+        .map_err(|e| e.to_string())?;
     if status != 200 {
-        return Err(format!("PUT {path} answered {status}: {}", String::from_utf8_lossy(&body)));
+        return Err(format!(
+            "PUT {path} answered {status}: {}",
+            String::from_utf8_lossy(&body)
+        ));
     }
-    let (_, _) = c.request("POST", &format!("/{project}/_version"), b"").await.map_err(|e| e.to_string())?;
-    let (_, body) = c.request("GET", &format!("/{project}/_version"), b"").await.map_err(|e| e.to_string())?;
+    let (_, _) = c
+        .request("POST", &format!("/{project}/_version"), b"")
+        .await
+        .map_err(|e| e.to_string())?;
+    let (_, body) = c
+        .request("GET", &format!("/{project}/_version"), b"")
+        .await
+        .map_err(|e| e.to_string())?;
     let versions: serde_json::Value = serde_json::from_slice(&body).map_err(|e| e.to_string())?;
-    versions["project_version"].as_u64().ok_or_else(|| "no version".to_string())
+    versions["project_version"]
+        .as_u64()
+        .ok_or_else(|| "no version".to_string())
 }
 
 #[derive(Default)]
@@ -136,35 +168,59 @@ struct Totals {
     errors: AtomicU64,
 }
 
-async fn worker(args: Arc<Args>, address: String, version: u64, stop: Arc<AtomicBool>, totals: Arc<Totals>) -> Histogram<u64> {
-    let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+async fn worker(
+    args: Arc<Args>,
+    address: String,
+    version: u64,
+    stop: Arc<AtomicBool>,
+    totals: Arc<Totals>,
+) -> Histogram<u64> {
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
     let Ok(mut connection) = Connection::open(&address).await else {
         totals.errors.fetch_add(1, Ordering::Relaxed);
         return histogram;
     };
     while !stop.load(Ordering::Relaxed) {
-        let method = if args.mode == Mode::Put { "PUT" } else { "POST" };
+        let method = if args.mode == Mode::Put {
+            "PUT"
+        } else {
+            "POST"
+        };
         let (path, body, count) = match args.mode {
             Mode::Put => {
                 let id = Uuid::new_v4();
-                (format!("/{}/article/{id}", args.project), item(id, version).to_string().into_bytes(), 1)
+                (
+                    format!("/{}/article/{id}", args.project),
+                    item(id, version).to_string().into_bytes(),
+                    1,
+                )
             }
             Mode::Bulk => {
                 let mut body = Vec::with_capacity(args.bulk_size * 300);
                 for _ in 0..args.bulk_size {
                     let id = Uuid::new_v4();
-                    body.extend_from_slice(json!({"put": {"blueprint": "article", "id": id}}).to_string().as_bytes());
+                    body.extend_from_slice(
+                        json!({"put": {"blueprint": "article", "id": id}})
+                            .to_string()
+                            .as_bytes(),
+                    );
                     body.push(b'\n');
                     body.extend_from_slice(item(id, version).to_string().as_bytes());
                     body.push(b'\n');
                 }
-                (format!("/{}/_bulk", args.project), body, args.bulk_size as u64)
+                (
+                    format!("/{}/_bulk", args.project),
+                    body,
+                    args.bulk_size as u64,
+                )
             }
         };
         let started = Instant::now();
         match connection.request(method, &path, &body).await {
             Ok((200 | 201, response)) => {
-                let failed = args.mode == Mode::Bulk && response.windows(14).any(|w| w == b"\"errors\":true");
+                let failed = args.mode == Mode::Bulk
+                    && response.windows(14).any(|w| w == b"\"errors\":true");
                 if failed {
                     totals.errors.fetch_add(1, Ordering::Relaxed);
                 } else {
@@ -205,7 +261,9 @@ fn main() -> std::process::ExitCode {
             };
             settings.log.level = "warn".into();
             dstore::telemetry::init(&settings.log);
-            let app = dstore::startup::Application::build(settings).await.expect("dstore starts");
+            let app = dstore::startup::Application::build(settings)
+                .await
+                .expect("dstore starts");
             let address = format!("127.0.0.1:{}", app.port());
             tokio::spawn(app.run_until_stopped());
             _dir = Some(dir);
@@ -224,11 +282,20 @@ fn main() -> std::process::ExitCode {
         let totals = Arc::new(Totals::default());
         let started = Instant::now();
         let workers: Vec<_> = (0..args.concurrency)
-            .map(|_| tokio::spawn(worker(args.clone(), address.clone(), version, stop.clone(), totals.clone())))
+            .map(|_| {
+                tokio::spawn(worker(
+                    args.clone(),
+                    address.clone(),
+                    version,
+                    stop.clone(),
+                    totals.clone(),
+                ))
+            })
             .collect();
         tokio::time::sleep(Duration::from_secs(args.duration)).await;
         stop.store(true, Ordering::Relaxed);
-        let mut histogram = Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+        let mut histogram =
+            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
         for w in workers {
             if let Ok(h) = w.await {
                 let _ = histogram.add(h);
@@ -241,10 +308,25 @@ fn main() -> std::process::ExitCode {
             "mode={:?} concurrency={} durability={} duration={elapsed:.1}s",
             args.mode,
             args.concurrency,
-            if args.embedded { args.durability.as_str() } else { "server's" }
+            if args.embedded {
+                args.durability.as_str()
+            } else {
+                "server's"
+            }
         );
-        println!("items={items} items/s={:.0} requests={} errors={}", items as f64 / elapsed, histogram.len(), totals.errors.load(Ordering::Relaxed));
-        println!("latency_ms p50={:.2} p95={:.2} p99={:.2} max={:.2}", ms(0.5), ms(0.95), ms(0.99), histogram.max() as f64 / 1000.0);
+        println!(
+            "items={items} items/s={:.0} requests={} errors={}",
+            items as f64 / elapsed,
+            histogram.len(),
+            totals.errors.load(Ordering::Relaxed)
+        );
+        println!(
+            "latency_ms p50={:.2} p95={:.2} p99={:.2} max={:.2}",
+            ms(0.5),
+            ms(0.95),
+            ms(0.99),
+            histogram.max() as f64 / 1000.0
+        );
         if let Some(dir) = _dir {
             let _ = std::fs::remove_dir_all(dir);
         }

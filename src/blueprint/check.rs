@@ -44,10 +44,14 @@ fn check_rules(def: &ColumnDef, value: &Value) -> Result<(), String> {
         if def.ty.base().is_textual() {
             let length = s.chars().count() as u64;
             if let Some(min) = rules.min_length.filter(|min| length < *min) {
-                return Err(format!("is {length} characters long, shorter than min_length {min}"));
+                return Err(format!(
+                    "is {length} characters long, shorter than min_length {min}"
+                ));
             }
             if let Some(max) = rules.max_length.filter(|max| length > *max) {
-                return Err(format!("is {length} characters long, longer than max_length {max}"));
+                return Err(format!(
+                    "is {length} characters long, longer than max_length {max}"
+                ));
             }
             if let Some(pattern) = rules.pattern.as_ref().filter(|p| !p.0.is_match(s)) {
                 return Err(format!("does not match the pattern {:?}", pattern.as_str()));
@@ -60,7 +64,10 @@ fn check_rules(def: &ColumnDef, value: &Value) -> Result<(), String> {
             _ => a == value,
         });
         if !found {
-            return Err(format!("{value} is not one of the allowed values {}", Value::Array(allowed.clone())));
+            return Err(format!(
+                "{value} is not one of the allowed values {}",
+                Value::Array(allowed.clone())
+            ));
         }
     }
     Ok(())
@@ -99,7 +106,8 @@ pub fn check_item(
     item.insert("links".into(), links);
 
     for key in body.keys() {
-        let known = ITEM_KEYS.contains(&key.as_str()) || blueprint.columns.contains_key(key.as_str());
+        let known =
+            ITEM_KEYS.contains(&key.as_str()) || blueprint.columns.contains_key(key.as_str());
         if !known {
             errors.push(FieldError::new(
                 format!("/{}", pointer_segment(key)),
@@ -116,7 +124,10 @@ pub fn check_item(
         let path = || format!("/{name}");
         let value = match body.get(name.as_str()) {
             Some(Value::Null) if !def.nullable => {
-                errors.push(FieldError::new(path(), "must not be null (nullable: false)"));
+                errors.push(FieldError::new(
+                    path(),
+                    "must not be null (nullable: false)",
+                ));
                 continue;
             }
             Some(Value::Null) => Value::Null,
@@ -134,7 +145,10 @@ pub fn check_item(
             None => {
                 let fallback = def.fallback();
                 if fallback.is_null() && !def.nullable {
-                    errors.push(FieldError::new(path(), "is required: it is not nullable and has no default"));
+                    errors.push(FieldError::new(
+                        path(),
+                        "is required: it is not nullable and has no default",
+                    ));
                     continue;
                 }
                 fallback

@@ -45,7 +45,11 @@ pub enum Change {
         to: Value,
     },
     #[serde(rename = "column.rename")]
-    ColumnRename { blueprint: Ident, from: Ident, to: Ident },
+    ColumnRename {
+        blueprint: Ident,
+        from: Ident,
+        to: Ident,
+    },
     #[serde(rename = "column.remove")]
     ColumnRemove {
         blueprint: Ident,
@@ -122,7 +126,13 @@ pub fn apply_edit(
                 Some(name) => existing[name].uid,
                 None => uids.next_uid(),
             };
-            (column.target().clone(), Column { uid, def: column.def })
+            (
+                column.target().clone(),
+                Column {
+                    uid,
+                    def: column.def,
+                },
+            )
         })
         .collect();
     Ok(Blueprint {
@@ -173,7 +183,11 @@ fn diff_blueprint(name: &Ident, before: &Blueprint, after: &Blueprint, changes: 
         changes.push(update("postgresql.table", &before.table, &after.table));
     }
     if before.es_type != after.es_type {
-        changes.push(update("elasticsearch.type", &before.es_type, &after.es_type));
+        changes.push(update(
+            "elasticsearch.type",
+            &before.es_type,
+            &after.es_type,
+        ));
     }
     for (old_name, column) in &before.columns {
         match after.column_by_uid(column.uid) {

@@ -84,7 +84,19 @@ mod tests {
     #[test]
     fn refuses_hostile_and_malformed_names() {
         for bad in [
-            "", "1abc", "_x", "Abc", "a-b", "a.b", "..", "a/b", "a\"b", "a'b", "é", "a b", "a\0",
+            "",
+            "1abc",
+            "_x",
+            "Abc",
+            "a-b",
+            "a.b",
+            "..",
+            "a/b",
+            "a\"b",
+            "a'b",
+            "é",
+            "a b",
+            "a\0",
             &"x".repeat(64),
         ] {
             assert!(Ident::parse(bad).is_err(), "{bad:?}");

@@ -121,7 +121,10 @@ impl Validation {
         put("max", self.max.map(number));
         put("min_length", self.min_length.map(Value::from));
         put("max_length", self.max_length.map(Value::from));
-        put("pattern", self.pattern.as_ref().map(|p| Value::from(p.as_str())));
+        put(
+            "pattern",
+            self.pattern.as_ref().map(|p| Value::from(p.as_str())),
+        );
         put("enum", self.one_of.clone().map(Value::Array));
         Value::Object(out)
     }
@@ -186,7 +189,10 @@ impl ColumnDef {
             ("type", get("type")),
             ("nullable", Value::Bool(self.nullable)),
             ("default", get("default")),
-            ("validation", public.get("validation").cloned().unwrap_or(json!({}))),
+            (
+                "validation",
+                public.get("validation").cloned().unwrap_or(json!({})),
+            ),
             ("index", Value::Bool(self.index)),
             ("unique", Value::Bool(self.unique)),
             ("comment", get("comment")),

@@ -48,7 +48,8 @@ struct Errors<'a> {
 
 impl Errors<'_> {
     fn push(&mut self, path: &str, message: impl Into<String>) {
-        self.list.push(FieldError::new(format!("{}{path}", self.base), message));
+        self.list
+            .push(FieldError::new(format!("{}{path}", self.base), message));
     }
 
     fn unknown_keys(&mut self, path: &str, object: &Map<String, Value>, known: &[&str]) {
@@ -63,7 +64,10 @@ impl Errors<'_> {
 
 /// Parses the public form of one blueprint; `base` prefixes every error path.
 pub fn parse_blueprint(body: &Value, base: &str) -> Result<BlueprintInput, Vec<FieldError>> {
-    let mut errors = Errors { base, list: Vec::new() };
+    let mut errors = Errors {
+        base,
+        list: Vec::new(),
+    };
     let Value::Object(top) = body else {
         errors.push("", "a blueprint must be a JSON object");
         return Err(errors.list);
@@ -106,7 +110,10 @@ fn named_section(
         return None;
     };
     let Value::Object(object) = value else {
-        errors.push(&path, format!("must be an object like {{\"{key}\": \"<name>\"}}"));
+        errors.push(
+            &path,
+            format!("must be an object like {{\"{key}\": \"<name>\"}}"),
+        );
         return None;
     };
     errors.unknown_keys(&path, object, &[key]);
@@ -158,7 +165,10 @@ fn parse_column(errors: &mut Errors, name: &str, column: &Value) -> Option<Colum
             .map_err(|reason| errors.push(&format!("{path}/type"), reason))
             .ok(),
         Some(_) => {
-            errors.push(&format!("{path}/type"), "must be a string such as \"string\" or \"point[]\"");
+            errors.push(
+                &format!("{path}/type"),
+                "must be a string such as \"string\" or \"point[]\"",
+            );
             None
         }
     };
@@ -188,7 +198,10 @@ fn parse_column(errors: &mut Errors, name: &str, column: &Value) -> Option<Colum
         None => None,
         Some(Value::Object(mapping)) => Some(mapping.clone()),
         Some(_) => {
-            errors.push(&format!("{path}/elasticsearch"), "must be an object of mapping parameters");
+            errors.push(
+                &format!("{path}/elasticsearch"),
+                "must be an object of mapping parameters",
+            );
             None
         }
     };
@@ -220,9 +233,17 @@ fn parse_column(errors: &mut Errors, name: &str, column: &Value) -> Option<Colum
     })
 }
 
-fn parse_default(errors: &mut Errors, path: &str, def: &ColumnDef, default: &Value) -> Option<Value> {
+fn parse_default(
+    errors: &mut Errors,
+    path: &str,
+    def: &ColumnDef,
+    default: &Value,
+) -> Option<Value> {
     if def.validation.required {
-        errors.push(path, "contradicts validation.required: a required column never uses its default");
+        errors.push(
+            path,
+            "contradicts validation.required: a required column never uses its default",
+        );
         return None;
     }
     if default.is_null() {
@@ -236,7 +257,15 @@ fn parse_default(errors: &mut Errors, path: &str, def: &ColumnDef, default: &Val
         .ok()
 }
 
-const VALIDATION_KEYS: &[&str] = &["required", "min", "max", "min_length", "max_length", "pattern", "enum"];
+const VALIDATION_KEYS: &[&str] = &[
+    "required",
+    "min",
+    "max",
+    "min_length",
+    "max_length",
+    "pattern",
+    "enum",
+];
 
 fn parse_validation(errors: &mut Errors, path: &str, ty: ColumnType, value: &Value) -> Validation {
     let mut out = Validation::default();
@@ -246,9 +275,12 @@ fn parse_validation(errors: &mut Errors, path: &str, ty: ColumnType, value: &Val
     };
     errors.unknown_keys(path, object, VALIDATION_KEYS);
     let base = ty.base();
-    let mut applies = |errors: &mut Errors, key: &str, ok: bool, to: &str| {
+    let applies = |errors: &mut Errors, key: &str, ok: bool, to: &str| {
         if !ok && object.contains_key(key) {
-            errors.push(&format!("{path}/{key}"), format!("applies only to {to} columns, not {ty}"));
+            errors.push(
+                &format!("{path}/{key}"),
+                format!("applies only to {to} columns, not {ty}"),
+            );
         }
         ok
     };
@@ -259,9 +291,18 @@ fn parse_validation(errors: &mut Errors, path: &str, ty: ColumnType, value: &Val
         & applies(errors, "pattern", base.is_textual(), "string and text");
     let enumerable = !matches!(
         base,
-        BaseType::Json | BaseType::Boolean | BaseType::Point | BaseType::LineString | BaseType::Polygon
+        BaseType::Json
+            | BaseType::Boolean
+            | BaseType::Point
+            | BaseType::LineString
+            | BaseType::Polygon
     );
-    applies(errors, "enum", enumerable, "uuid, string, text, date, datetime, integer and float");
+    applies(
+        errors,
+        "enum",
+        enumerable,
+        "uuid, string, text, date, datetime, integer and float",
+    );
 
     for (key, value) in object {
         let at = format!("{path}/{key}");
@@ -293,7 +334,10 @@ fn parse_validation(errors: &mut Errors, path: &str, ty: ColumnType, value: &Val
     }
     if let (Some(min), Some(max)) = (out.min, out.max) {
         if min > max {
-            errors.push(&format!("{path}/min"), format!("min {min} is greater than max {max}"));
+            errors.push(
+                &format!("{path}/min"),
+                format!("min {min} is greater than max {max}"),
+            );
         }
     }
     if let (Some(min), Some(max)) = (out.min_length, out.max_length) {
@@ -310,7 +354,12 @@ fn parse_validation(errors: &mut Errors, path: &str, ty: ColumnType, value: &Val
     out
 }
 
-fn parse_enum(errors: &mut Errors, path: &str, base: BaseType, value: &Value) -> Option<Vec<Value>> {
+fn parse_enum(
+    errors: &mut Errors,
+    path: &str,
+    base: BaseType,
+    value: &Value,
+) -> Option<Vec<Value>> {
     let Value::Array(items) = value else {
         errors.push(path, "must be an array of allowed values");
         return None;
@@ -346,7 +395,10 @@ fn check_column_names(errors: &mut Errors, columns: &[ColumnInput]) {
         if ["id", "project_version", "links"].contains(&column.target().as_str()) {
             errors.push(
                 &format!("/columns/{}", column.name),
-                format!("{:?} is reserved: every item carries it", column.target().as_str()),
+                format!(
+                    "{:?} is reserved: every item carries it",
+                    column.target().as_str()
+                ),
             );
         }
     }

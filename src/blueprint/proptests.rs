@@ -18,18 +18,29 @@ fn base_type() -> impl Strategy<Value = BaseType> {
 }
 
 fn column_type() -> impl Strategy<Value = ColumnType> {
-    (base_type(), any::<bool>()).prop_map(|(b, many)| if many { ColumnType::Many(b) } else { ColumnType::One(b) })
+    (base_type(), any::<bool>()).prop_map(|(b, many)| {
+        if many {
+            ColumnType::Many(b)
+        } else {
+            ColumnType::One(b)
+        }
+    })
 }
 
 fn position() -> impl Strategy<Value = Value> {
-    (-180i32..=180, -90i32..=90, 0u8..4).prop_map(|(x, y, q)| json!([x as f64 + q as f64 / 4.0 * 0.5, y as f64 * 0.5]))
+    (-179i32..=179, -90i32..=90, 0u8..4)
+        .prop_map(|(x, y, q)| json!([x as f64 + q as f64 / 4.0 * 0.5, y as f64 * 0.5]))
 }
 
 fn scalar(base: BaseType) -> BoxedStrategy<Value> {
     match base {
-        BaseType::Uuid => any::<u128>().prop_map(|n| json!(Uuid::from_u128(n))).boxed(),
+        BaseType::Uuid => any::<u128>()
+            .prop_map(|n| json!(Uuid::from_u128(n)))
+            .boxed(),
         BaseType::String | BaseType::Text => "[a-z ]{0,12}".prop_map(Value::from).boxed(),
-        BaseType::Point => position().prop_map(|p| json!({"type": "Point", "coordinates": p})).boxed(),
+        BaseType::Point => position()
+            .prop_map(|p| json!({"type": "Point", "coordinates": p}))
+            .boxed(),
         BaseType::LineString => proptest::collection::vec(position(), 2..4)
             .prop_map(|ps| json!({"type": "LineString", "coordinates": ps}))
             .boxed(),
@@ -39,26 +50,36 @@ fn scalar(base: BaseType) -> BoxedStrategy<Value> {
                 json!({"type": "Polygon", "coordinates": [ring]})
             })
             .boxed(),
-        BaseType::Date => (0i64..80_000).prop_map(|d| {
-            let date = chrono::NaiveDate::from_ymd_opt(1900, 1, 1).unwrap() + chrono::Duration::days(d);
-            json!(date.format("%Y-%m-%d").to_string())
-        })
-        .boxed(),
-        BaseType::DateTime => (0i64..4_000_000_000).prop_map(|s| {
-            json!(chrono::DateTime::from_timestamp(s, 0).unwrap().format("%Y-%m-%d %H:%M:%S").to_string())
-        })
-        .boxed(),
+        BaseType::Date => (0i64..80_000)
+            .prop_map(|d| {
+                let date = chrono::NaiveDate::from_ymd_opt(1900, 1, 1).unwrap()
+                    + chrono::Duration::days(d);
+                json!(date.format("%Y-%m-%d").to_string())
+            })
+            .boxed(),
+        BaseType::DateTime => (0i64..4_000_000_000)
+            .prop_map(|s| {
+                json!(chrono::DateTime::from_timestamp(s, 0)
+                    .unwrap()
+                    .format("%Y-%m-%d %H:%M:%S")
+                    .to_string())
+            })
+            .boxed(),
         BaseType::Float => (-1.0e6f64..1.0e6).prop_map(|f| json!(f)).boxed(),
         BaseType::Integer => any::<i32>().prop_map(Value::from).boxed(),
         BaseType::Boolean => any::<bool>().prop_map(Value::from).boxed(),
-        BaseType::Json => ("[a-z]{1,5}", any::<i16>()).prop_map(|(k, v)| json!({ k: [v, null, "x"] })).boxed(),
+        BaseType::Json => ("[a-z]{1,5}", any::<i16>())
+            .prop_map(|(k, v)| json!({ k: [v, null, "x"] }))
+            .boxed(),
     }
 }
 
 fn value(ty: ColumnType) -> BoxedStrategy<Value> {
     match ty {
         ColumnType::One(b) => prop_oneof![1 => Just(Value::Null), 4 => scalar(b)].boxed(),
-        ColumnType::Many(b) => proptest::collection::vec(scalar(b), 0..3).prop_map(Value::Array).boxed(),
+        ColumnType::Many(b) => proptest::collection::vec(scalar(b), 0..3)
+            .prop_map(Value::Array)
+            .boxed(),
     }
 }
 
@@ -71,9 +92,22 @@ fn blueprint(types: &[ColumnType]) -> Blueprint {
     let columns = types
         .iter()
         .enumerate()
-        .map(|(i, ty)| (ident(&format!("c{i}")), Column { uid: i as u64 + 1, def: ColumnDef::of_type(*ty) }))
+        .map(|(i, ty)| {
+            (
+                ident(&format!("c{i}")),
+                Column {
+                    uid: i as u64 + 1,
+                    def: ColumnDef::of_type(*ty),
+                },
+            )
+        })
         .collect();
-    Blueprint { uid: 100, table: ident("t"), es_type: ident("t"), columns }
+    Blueprint {
+        uid: 100,
+        table: ident("t"),
+        es_type: ident("t"),
+        columns,
+    }
 }
 
 /// What happens to each column of A in B.
@@ -86,7 +120,12 @@ enum Fate {
 }
 
 fn fate() -> impl Strategy<Value = Fate> {
-    prop_oneof![Just(Fate::Keep), Just(Fate::Rename), Just(Fate::Remove), Just(Fate::ToText)]
+    prop_oneof![
+        Just(Fate::Keep),
+        Just(Fate::Rename),
+        Just(Fate::Remove),
+        Just(Fate::ToText)
+    ]
 }
 
 /// B derived from A: columns renamed, removed or turned into text, plus `added` new columns.
@@ -110,9 +149,18 @@ fn evolve(a: &Blueprint, fates: &[Fate], added: &[ColumnType]) -> Blueprint {
         columns.insert(name, column);
     }
     for (i, ty) in added.iter().enumerate() {
-        columns.insert(ident(&format!("n{i}")), Column { uid: 1000 + i as u64, def: ColumnDef::of_type(*ty) });
+        columns.insert(
+            ident(&format!("n{i}")),
+            Column {
+                uid: 1000 + i as u64,
+                def: ColumnDef::of_type(*ty),
+            },
+        );
     }
-    Blueprint { columns, ..a.clone() }
+    Blueprint {
+        columns,
+        ..a.clone()
+    }
 }
 
 fn scenario() -> impl Strategy<Value = (Blueprint, Blueprint, Map<String, Value>)> {
@@ -130,8 +178,12 @@ fn scenario() -> impl Strategy<Value = (Blueprint, Blueprint, Map<String, Value>
         .prop_map(|(types, values, fates, added)| {
             let a = blueprint(&types);
             let b = evolve(&a, &fates, &added);
-            let body: Map<String, Value> =
-                a.columns.keys().zip(values).map(|(name, v)| (name.to_string(), v)).collect();
+            let body: Map<String, Value> = a
+                .columns
+                .keys()
+                .zip(values)
+                .map(|(name, v)| (name.to_string(), v))
+                .collect();
             let item = check_item(&a, 1, Uuid::nil(), &body).expect("generated items are valid");
             (a, b, item)
         })
@@ -195,12 +247,40 @@ fn lossy_type_changes_become_null_and_lossless_ones_convert() {
     use super::transform::convert;
     let def = |t: &str| ColumnDef::of_type(t.parse().unwrap());
     assert_eq!(convert(&def("integer"), &def("float"), &json!(3)), json!(3));
-    assert_eq!(convert(&def("float"), &def("integer"), &json!(3.5)), Value::Null);
-    assert_eq!(convert(&def("float"), &def("integer"), &json!(3.0)), json!(3));
-    assert_eq!(convert(&def("date"), &def("datetime"), &json!("2020-01-02")), json!("2020-01-02 00:00:00"));
-    assert_eq!(convert(&def("datetime"), &def("date"), &json!("2020-01-02 10:00:00")), Value::Null);
-    assert_eq!(convert(&def("integer"), &def("string"), &json!(7)), json!("7"));
-    assert_eq!(convert(&def("string"), &def("integer"), &json!("x7")), Value::Null);
-    assert_eq!(convert(&def("uuid"), &def("uuid[]"), &json!(Uuid::nil())), json!([Uuid::nil()]));
-    assert_eq!(convert(&def("boolean"), &def("point"), &json!(true)), Value::Null);
+    assert_eq!(
+        convert(&def("float"), &def("integer"), &json!(3.5)),
+        Value::Null
+    );
+    assert_eq!(
+        convert(&def("float"), &def("integer"), &json!(3.0)),
+        json!(3)
+    );
+    assert_eq!(
+        convert(&def("date"), &def("datetime"), &json!("2020-01-02")),
+        json!("2020-01-02 00:00:00")
+    );
+    assert_eq!(
+        convert(
+            &def("datetime"),
+            &def("date"),
+            &json!("2020-01-02 10:00:00")
+        ),
+        Value::Null
+    );
+    assert_eq!(
+        convert(&def("integer"), &def("string"), &json!(7)),
+        json!("7")
+    );
+    assert_eq!(
+        convert(&def("string"), &def("integer"), &json!("x7")),
+        Value::Null
+    );
+    assert_eq!(
+        convert(&def("uuid"), &def("uuid[]"), &json!(Uuid::nil())),
+        json!([Uuid::nil()])
+    );
+    assert_eq!(
+        convert(&def("boolean"), &def("point"), &json!(true)),
+        Value::Null
+    );
 }

@@ -95,7 +95,9 @@ fn to_text(from: BaseType, value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
         Value::Bool(b) => b.to_string(),
-        Value::Number(n) if from == BaseType::Float => n.as_f64().map_or(n.to_string(), |f| f.to_string()),
+        Value::Number(n) if from == BaseType::Float => {
+            n.as_f64().map_or(n.to_string(), |f| f.to_string())
+        }
         other => other.to_string(),
     }
 }

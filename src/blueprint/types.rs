@@ -59,7 +59,10 @@ impl BaseType {
     }
 
     pub fn is_geometry(self) -> bool {
-        matches!(self, BaseType::Point | BaseType::LineString | BaseType::Polygon)
+        matches!(
+            self,
+            BaseType::Point | BaseType::LineString | BaseType::Polygon
+        )
     }
 
     pub fn is_textual(self) -> bool {
@@ -164,7 +167,10 @@ mod tests {
     #[test]
     fn unknown_types_are_refused_with_the_list_of_known_ones() {
         let err = "varchar".parse::<ColumnType>().unwrap_err();
-        assert!(err.contains("varchar") && err.contains("linestring[]"), "{err}");
+        assert!(
+            err.contains("varchar") && err.contains("linestring[]"),
+            "{err}"
+        );
         assert!("string[][]".parse::<ColumnType>().is_err());
     }
 }

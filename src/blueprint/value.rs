@@ -17,14 +17,20 @@ pub fn canonicalize(ty: ColumnType, value: &Value) -> Result<Value, String> {
         ColumnType::One(base) => canonicalize_scalar(base, value),
         ColumnType::Many(base) => {
             let Value::Array(items) = value else {
-                return Err(format!("expected an array of {}, found {}", base.name(), kind(value)));
+                return Err(format!(
+                    "expected an array of {}, found {}",
+                    base.name(),
+                    kind(value)
+                ));
             };
             items
                 .iter()
                 .enumerate()
                 .map(|(i, item)| {
                     if item.is_null() {
-                        return Err(format!("element {i} is null; array elements cannot be null"));
+                        return Err(format!(
+                            "element {i} is null; array elements cannot be null"
+                        ));
                     }
                     canonicalize_scalar(base, item).map_err(|e| format!("element {i}: {e}"))
                 })
@@ -43,7 +49,9 @@ pub fn canonicalize_scalar(base: BaseType, value: &Value) -> Result<Value, Strin
                 .map(|u| Value::String(u.hyphenated().to_string()))
                 .map_err(|_| format!("{raw:?} is not a uuid"))
         }
-        BaseType::String | BaseType::Text => expect_str(value, "a string").map(|s| Value::String(s.into())),
+        BaseType::String | BaseType::Text => {
+            expect_str(value, "a string").map(|s| Value::String(s.into()))
+        }
         BaseType::Integer => integer(value),
         BaseType::Float => float(value),
         BaseType::Boolean => match value {
@@ -86,9 +94,17 @@ fn integer(value: &Value) -> Result<Value, String> {
     let Value::Number(n) = value else {
         return Err(format!("expected a whole number, found {}", kind(value)));
     };
-    let out_of_range = || format!("{n} is out of the integer range {}..={}", i32::MIN, i32::MAX);
+    let out_of_range = || {
+        format!(
+            "{n} is out of the integer range {}..={}",
+            i32::MIN,
+            i32::MAX
+        )
+    };
     if let Some(i) = n.as_i64() {
-        return i32::try_from(i).map(Value::from).map_err(|_| out_of_range());
+        return i32::try_from(i)
+            .map(Value::from)
+            .map_err(|_| out_of_range());
     }
     if n.is_u64() {
         return Err(out_of_range());
@@ -151,12 +167,19 @@ type Coordinates = fn(&Value) -> Result<(), String>;
 
 fn geometry(value: &Value, expected: &str, check: Coordinates) -> Result<Value, String> {
     let Value::Object(object) = value else {
-        return Err(format!("expected a GeoJSON {expected}, found {}", kind(value)));
+        return Err(format!(
+            "expected a GeoJSON {expected}, found {}",
+            kind(value)
+        ));
     };
     match object.get("type").and_then(Value::as_str) {
         Some(t) if t == expected => {}
         Some(t) => return Err(format!("expected a GeoJSON {expected}, found a {t}")),
-        None => return Err(format!("expected a GeoJSON {expected} with a \"type\" member")),
+        None => {
+            return Err(format!(
+                "expected a GeoJSON {expected} with a \"type\" member"
+            ))
+        }
     }
     let coordinates = object
         .get("coordinates")
@@ -209,7 +232,10 @@ fn positions(value: &Value, min: usize, what: &str) -> Result<Vec<Value>, String
         return Err(format!("{what} coordinates must be an array of positions"));
     };
     if items.len() < min {
-        return Err(format!("{what} needs at least {min} positions, found {}", items.len()));
+        return Err(format!(
+            "{what} needs at least {min} positions, found {}",
+            items.len()
+        ));
     }
     for (i, p) in items.iter().enumerate() {
         point(p).map_err(|e| format!("position {i}: {e}"))?;
@@ -229,9 +255,12 @@ fn polygon(value: &Value) -> Result<(), String> {
         return Err("a Polygon needs at least one linear ring".into());
     }
     for (i, ring) in rings.iter().enumerate() {
-        let positions = positions(ring, 4, "a linear ring").map_err(|e| format!("ring {i}: {e}"))?;
+        let positions =
+            positions(ring, 4, "a linear ring").map_err(|e| format!("ring {i}: {e}"))?;
         if positions.first() != positions.last() {
-            return Err(format!("ring {i} is not closed: its first and last positions differ"));
+            return Err(format!(
+                "ring {i} is not closed: its first and last positions differ"
+            ));
         }
     }
     Ok(())
@@ -250,9 +279,15 @@ mod tests {
     fn integers_must_be_whole_and_in_range() {
         assert_eq!(one(BaseType::Integer, json!(42)), Ok(json!(42)));
         assert_eq!(one(BaseType::Integer, json!(42.0)), Ok(json!(42)));
-        assert!(one(BaseType::Integer, json!(4.5)).unwrap_err().contains("whole"));
-        assert!(one(BaseType::Integer, json!(3_000_000_000u64)).unwrap_err().contains("range"));
-        assert!(one(BaseType::Integer, json!(u64::MAX)).unwrap_err().contains("range"));
+        assert!(one(BaseType::Integer, json!(4.5))
+            .unwrap_err()
+            .contains("whole"));
+        assert!(one(BaseType::Integer, json!(3_000_000_000u64))
+            .unwrap_err()
+            .contains("range"));
+        assert!(one(BaseType::Integer, json!(u64::MAX))
+            .unwrap_err()
+            .contains("range"));
         assert!(one(BaseType::Integer, json!("1")).is_err());
     }
 
@@ -272,16 +307,31 @@ mod tests {
         );
         assert!(one(BaseType::DateTime, json!("2020-13-02 03:04:05")).is_err());
         assert!(one(BaseType::Date, json!("2020-02-30")).is_err());
-        assert_eq!(one(BaseType::Date, json!("2020-02-29")), Ok(json!("2020-02-29")));
+        assert_eq!(
+            one(BaseType::Date, json!("2020-02-29")),
+            Ok(json!("2020-02-29"))
+        );
     }
 
     #[test]
     fn geometries_must_have_the_declared_type_and_valid_coordinates() {
         let p = json!({"type": "Point", "coordinates": [8.5, 47.3]});
         assert_eq!(one(BaseType::Point, p.clone()), Ok(p));
-        assert!(one(BaseType::Point, json!({"type": "Point", "coordinates": [200, 1]})).is_err());
-        assert!(one(BaseType::LineString, json!({"type": "Point", "coordinates": [1, 1]})).is_err());
-        assert!(one(BaseType::LineString, json!({"type": "LineString", "coordinates": [[1, 1]]})).is_err());
+        assert!(one(
+            BaseType::Point,
+            json!({"type": "Point", "coordinates": [200, 1]})
+        )
+        .is_err());
+        assert!(one(
+            BaseType::LineString,
+            json!({"type": "Point", "coordinates": [1, 1]})
+        )
+        .is_err());
+        assert!(one(
+            BaseType::LineString,
+            json!({"type": "LineString", "coordinates": [[1, 1]]})
+        )
+        .is_err());
         let open = json!({"type": "Polygon", "coordinates": [[[0,0],[1,0],[1,1],[0,1]]]});
         assert!(one(BaseType::Polygon, open).unwrap_err().contains("closed"));
         let closed = json!({"type": "Polygon", "coordinates": [[[0,0],[1,0],[1,1],[0,0]]]});
@@ -291,7 +341,9 @@ mod tests {
     #[test]
     fn arrays_check_every_element() {
         let ty = ColumnType::Many(BaseType::Uuid);
-        assert!(canonicalize(ty, &json!(["not-a-uuid"])).unwrap_err().contains("element 0"));
+        assert!(canonicalize(ty, &json!(["not-a-uuid"]))
+            .unwrap_err()
+            .contains("element 0"));
         assert!(canonicalize(ty, &json!([null])).is_err());
         assert!(canonicalize(ty, &json!("x")).is_err());
         let u = "3F2504E0-4F89-11D3-9A0C-0305E82C3301";

@@ -99,21 +99,30 @@ impl Catalog {
                 writes.push(Write::WorkingCopy);
                 Project::new(name.clone())
             }
-            None => return Err(CatalogError::NotFound(format!("project {name:?} does not exist"))),
+            None => {
+                return Err(CatalogError::NotFound(format!(
+                    "project {name:?} does not exist"
+                )))
+            }
         };
         let result = edit(&mut project, &mut writes)?;
         let mut batch = WriteBatch::default();
         let mut epoch_moves = false;
         for write in &writes {
             match write {
-                Write::WorkingCopy => batch.put(project_key(name), serde_json::to_vec(&project.working)?),
+                Write::WorkingCopy => {
+                    batch.put(project_key(name), serde_json::to_vec(&project.working)?)
+                }
                 Write::Version(n) => {
                     let version = project.version(*n).expect("written version exists");
                     batch.put(version_key(name, *n), serde_json::to_vec(version.as_ref())?);
                     epoch_moves = true;
                 }
                 Write::Status(n) => {
-                    batch.put(status_key(name, *n), serde_json::to_vec(&project.status[n])?);
+                    batch.put(
+                        status_key(name, *n),
+                        serde_json::to_vec(&project.status[n])?,
+                    );
                     epoch_moves = true;
                 }
             }
@@ -161,7 +170,12 @@ impl Catalog {
             let mut errors = Vec::new();
             for (name, input) in inputs {
                 let base = format!("/{name}");
-                match apply_edit(p.working.blueprints.get(&name), input, &mut p.working.last_uid, &base) {
+                match apply_edit(
+                    p.working.blueprints.get(&name),
+                    input,
+                    &mut p.working.last_uid,
+                    &base,
+                ) {
                     Ok(bp) => {
                         next.insert(name, bp);
                     }
@@ -176,7 +190,11 @@ impl Catalog {
         })
     }
 
-    pub fn delete_blueprint(&self, project: &Ident, name: &Ident) -> Result<Vec<Change>, CatalogError> {
+    pub fn delete_blueprint(
+        &self,
+        project: &Ident,
+        name: &Ident,
+    ) -> Result<Vec<Change>, CatalogError> {
         self.update(project, false, |p, writes| {
             let mut next = p.working.blueprints.clone();
             if next.remove(name).is_none() {
@@ -190,7 +208,11 @@ impl Catalog {
     }
 
     /// Freezes the working copy as the next version. `projectors` start with a pending migration.
-    pub fn freeze(&self, project: &Ident, projectors: &[&str]) -> Result<Arc<Version>, CatalogError> {
+    pub fn freeze(
+        &self,
+        project: &Ident,
+        projectors: &[&str],
+    ) -> Result<Arc<Version>, CatalogError> {
         self.update(project, false, |p, writes| {
             if !p.has_unfrozen_changes() {
                 return Err(CatalogError::Conflict(match p.latest() {
@@ -217,7 +239,11 @@ impl Catalog {
             };
             p.versions.push(Arc::new(version));
             p.status.insert(number, status);
-            writes.extend([Write::Version(number), Write::Status(number), Write::WorkingCopy]);
+            writes.extend([
+                Write::Version(number),
+                Write::Status(number),
+                Write::WorkingCopy,
+            ]);
             Ok(p.versions[number as usize - 1].clone())
         })
     }
@@ -230,10 +256,9 @@ impl Catalog {
         state: MigrationState,
     ) -> Result<(), CatalogError> {
         self.update(project, false, |p, writes| {
-            let status = p
-                .status
-                .get_mut(&number)
-                .ok_or_else(|| CatalogError::NotFound(format!("version {number} does not exist")))?;
+            let status = p.status.get_mut(&number).ok_or_else(|| {
+                CatalogError::NotFound(format!("version {number} does not exist"))
+            })?;
             status.migrations.insert(projector.to_string(), state);
             writes.push(Write::Status(number));
             Ok(())
@@ -243,10 +268,9 @@ impl Catalog {
     /// Stops projecting into a version; reads of it keep working.
     pub fn retire(&self, project: &Ident, number: u32) -> Result<(), CatalogError> {
         self.update(project, false, |p, writes| {
-            let status = p
-                .status
-                .get_mut(&number)
-                .ok_or_else(|| CatalogError::NotFound(format!("version {number} does not exist")))?;
+            let status = p.status.get_mut(&number).ok_or_else(|| {
+                CatalogError::NotFound(format!("version {number} does not exist"))
+            })?;
             if status.retired {
                 return Ok(());
             }
@@ -299,17 +323,29 @@ fn check_unique_names(blueprints: &Blueprints, edited: Option<&Ident>) -> Result
     let mut tables: BTreeMap<&Ident, &Ident> = BTreeMap::new();
     let mut types: BTreeMap<&Ident, &Ident> = BTreeMap::new();
     for (name, bp) in blueprints {
-        let base = if edited.is_some() { String::new() } else { format!("/{name}") };
+        let base = if edited.is_some() {
+            String::new()
+        } else {
+            format!("/{name}")
+        };
         if let Some(other) = tables.insert(&bp.table, name) {
             errors.push(FieldError::new(
                 format!("{base}/postgresql/table"),
-                format!("table {:?} is already used by blueprint {:?}", bp.table.as_str(), other.as_str()),
+                format!(
+                    "table {:?} is already used by blueprint {:?}",
+                    bp.table.as_str(),
+                    other.as_str()
+                ),
             ));
         }
         if let Some(other) = types.insert(&bp.es_type, name) {
             errors.push(FieldError::new(
                 format!("{base}/elasticsearch/type"),
-                format!("type {:?} is already used by blueprint {:?}", bp.es_type.as_str(), other.as_str()),
+                format!(
+                    "type {:?} is already used by blueprint {:?}",
+                    bp.es_type.as_str(),
+                    other.as_str()
+                ),
             ));
         }
     }
@@ -329,13 +365,17 @@ fn load(db: &DB) -> Result<Snapshot, CatalogError> {
         let (Some(kind), Some(name)) = (parts.next(), parts.next()) else {
             continue;
         };
-        let Ok(name) = Ident::parse(name) else { continue };
+        let Ok(name) = Ident::parse(name) else {
+            continue;
+        };
         let project = projects
             .entry(name.clone())
             .or_insert_with(|| Project::new(name));
         match kind {
             "project" => project.working = serde_json::from_slice(&value)?,
-            "version" => project.versions.push(Arc::new(serde_json::from_slice(&value)?)),
+            "version" => project
+                .versions
+                .push(Arc::new(serde_json::from_slice(&value)?)),
             "status" => {
                 let status: VersionStatus = serde_json::from_slice(&value)?;
                 let number = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
@@ -346,6 +386,9 @@ fn load(db: &DB) -> Result<Snapshot, CatalogError> {
     }
     Ok(Snapshot {
         epoch: 1,
-        projects: projects.into_iter().map(|(k, v)| (k, Arc::new(v))).collect(),
+        projects: projects
+            .into_iter()
+            .map(|(k, v)| (k, Arc::new(v)))
+            .collect(),
     })
 }

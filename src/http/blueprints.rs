@@ -14,57 +14,100 @@ fn parse_names(path: &(String, String)) -> Result<(Ident, Ident), ApiError> {
 
 fn frozen<'a>(project: &'a Project, raw: &str) -> Result<&'a Blueprints, ApiError> {
     let number = version_number(raw)?;
-    project.version(number).map(|v| &v.blueprints).ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "version {number} of project {:?} does not exist (latest is {})",
-            project.name.as_str(),
-            project.latest().map_or(0, |v| v.number)
-        ))
-    })
+    project
+        .version(number)
+        .map(|v| &v.blueprints)
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "version {number} of project {:?} does not exist (latest is {})",
+                project.name.as_str(),
+                project.latest().map_or(0, |v| v.number)
+            ))
+        })
 }
 
-fn blueprint_in(blueprints: &Blueprints, project: &Ident, name: &Ident, place: &str) -> Result<Value, ApiError> {
+fn blueprint_in(
+    blueprints: &Blueprints,
+    project: &Ident,
+    name: &Ident,
+    place: &str,
+) -> Result<Value, ApiError> {
     blueprints
         .get(name)
         .map(|bp| bp.to_public())
-        .ok_or_else(|| ApiError::NotFound(format!("blueprint {name:?} does not exist in {place} of {:?}", project.as_str())))
+        .ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "blueprint {name:?} does not exist in {place} of {:?}",
+                project.as_str()
+            ))
+        })
 }
 
 /// PUT /{project}/{blueprint}/_blueprint
-pub async fn put(state: State, request: HttpRequest, path: web::Path<(String, String)>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn put(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let (project, name) = parse_names(&path)?;
     let body = body::json(&request, payload, state.settings.server.max_body_bytes).await?;
-    let input = parse_blueprint(&body, "").map_err(|errors| ApiError::Invalid("invalid blueprint".into(), errors))?;
+    let input = parse_blueprint(&body, "")
+        .map_err(|errors| ApiError::Invalid("invalid blueprint".into(), errors))?;
     let changes = state.catalog.put_blueprint(&project, &name, input)?;
     Ok(HttpResponse::Ok().json(json!({"success": true, "changes": changes})))
 }
 
 /// GET /{project}/{blueprint}/_blueprint
-pub async fn get(state: State, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
+pub async fn get(
+    state: State,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
     let (project, name) = parse_names(&path)?;
     let snapshot = state.catalog.snapshot();
     let p = snapshot.project(&project)?;
-    Ok(HttpResponse::Ok().json(blueprint_in(&p.working.blueprints, &project, &name, "the working copy")?))
+    Ok(HttpResponse::Ok().json(blueprint_in(
+        &p.working.blueprints,
+        &project,
+        &name,
+        "the working copy",
+    )?))
 }
 
 /// DELETE /{project}/{blueprint}/_blueprint
-pub async fn delete(state: State, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
+pub async fn delete(
+    state: State,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
     let (project, name) = parse_names(&path)?;
     let changes = state.catalog.delete_blueprint(&project, &name)?;
     Ok(HttpResponse::Ok().json(json!({"success": true, "changes": changes})))
 }
 
 /// GET /{project}/{blueprint}/_blueprint/{version}
-pub async fn get_at(state: State, path: web::Path<(String, String, String)>) -> Result<HttpResponse, ApiError> {
+pub async fn get_at(
+    state: State,
+    path: web::Path<(String, String, String)>,
+) -> Result<HttpResponse, ApiError> {
     let (project, name) = (ident("project", &path.0)?, ident("blueprint", &path.1)?);
     let snapshot = state.catalog.snapshot();
     let p = snapshot.project(&project)?;
     let blueprints = frozen(p, &path.2)?;
-    Ok(HttpResponse::Ok().json(blueprint_in(blueprints, &project, &name, &format!("version {}", path.2))?))
+    Ok(HttpResponse::Ok().json(blueprint_in(
+        blueprints,
+        &project,
+        &name,
+        &format!("version {}", path.2),
+    )?))
 }
 
 /// PUT /{project}/_blueprint: replaces the whole working copy.
-pub async fn put_all(state: State, request: HttpRequest, path: web::Path<String>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn put_all(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
     let body = body::json(&request, payload, state.settings.server.max_body_bytes).await?;
     let inputs = parse_blueprint_set(&body, "")?;
@@ -73,11 +116,17 @@ pub async fn put_all(state: State, request: HttpRequest, path: web::Path<String>
 }
 
 /// Parses `{"article": {…}, "comment": {…}}`; every error path starts with `base/<blueprint>`.
-pub fn parse_blueprint_set(body: &Value, base: &str) -> Result<Vec<(Ident, crate::blueprint::BlueprintInput)>, ApiError> {
+pub fn parse_blueprint_set(
+    body: &Value,
+    base: &str,
+) -> Result<Vec<(Ident, crate::blueprint::BlueprintInput)>, ApiError> {
     let Value::Object(set) = body else {
         return Err(ApiError::Invalid(
             "invalid blueprints".into(),
-            vec![crate::blueprint::FieldError::new(base, "must be an object of blueprints by name")],
+            vec![crate::blueprint::FieldError::new(
+                base,
+                "must be an object of blueprints by name",
+            )],
         ));
     };
     let mut errors = Vec::new();
@@ -85,7 +134,10 @@ pub fn parse_blueprint_set(body: &Value, base: &str) -> Result<Vec<(Ident, crate
     for (name, definition) in set {
         let at = format!("{base}/{}", crate::blueprint::parse::pointer_segment(name));
         match Ident::parse(name) {
-            Err(reason) => errors.push(crate::blueprint::FieldError::new(&at, format!("blueprint name {name:?} {reason}"))),
+            Err(reason) => errors.push(crate::blueprint::FieldError::new(
+                &at,
+                format!("blueprint name {name:?} {reason}"),
+            )),
             Ok(name) => match parse_blueprint(definition, &at) {
                 Ok(input) => inputs.push((name, input)),
                 Err(mut e) => errors.append(&mut e),
@@ -108,7 +160,10 @@ pub async fn get_all(state: State, path: web::Path<String>) -> Result<HttpRespon
 }
 
 /// GET /{project}/_blueprint/{version}
-pub async fn get_all_at(state: State, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
+pub async fn get_all_at(
+    state: State,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path.0)?;
     let snapshot = state.catalog.snapshot();
     let p = snapshot.project(&project)?;

@@ -56,7 +56,9 @@ impl std::fmt::Display for ApiError {
             | ApiError::Unavailable(m)
             | ApiError::Internal(m) => f.write_str(m),
             ApiError::MethodNotAllowed => f.write_str("method not allowed"),
-            ApiError::TooLarge(limit) => write!(f, "request body is larger than the limit of {limit} bytes"),
+            ApiError::TooLarge(limit) => {
+                write!(f, "request body is larger than the limit of {limit} bytes")
+            }
         }
     }
 }
@@ -79,10 +81,18 @@ impl ResponseError for ApiError {
         let (status, errors) = match self {
             ApiError::Internal(cause) => {
                 tracing::error!(%cause, "internal error");
-                ("internal error; the cause is in the server log".to_string(), Vec::new())
+                (
+                    "internal error; the cause is in the server log".to_string(),
+                    Vec::new(),
+                )
             }
-            ApiError::BadRequest(_, errors) | ApiError::Invalid(_, errors) => (self.to_string(), errors.clone()),
-            ApiError::TooLarge(_) => (self.to_string(), vec![FieldError::new("", self.to_string())]),
+            ApiError::BadRequest(_, errors) | ApiError::Invalid(_, errors) => {
+                (self.to_string(), errors.clone())
+            }
+            ApiError::TooLarge(_) => (
+                self.to_string(),
+                vec![FieldError::new("", self.to_string())],
+            ),
             _ => (self.to_string(), Vec::new()),
         };
         HttpResponse::build(self.status_code()).json(json!({"status": status, "errors": errors}))
@@ -95,7 +105,9 @@ impl From<CatalogError> for ApiError {
             CatalogError::NotFound(m) => ApiError::NotFound(m),
             CatalogError::Conflict(m) => ApiError::Conflict(m),
             CatalogError::Invalid(errors) => ApiError::Invalid("invalid blueprint".into(), errors),
-            CatalogError::Storage(e) => ApiError::Unavailable(format!("the catalog cannot be written: {e}")),
+            CatalogError::Storage(e) => {
+                ApiError::Unavailable(format!("the catalog cannot be written: {e}"))
+            }
             CatalogError::Corrupt(e) => ApiError::internal(format!("corrupt catalog record: {e}")),
         }
     }
@@ -105,11 +117,12 @@ impl From<JournalError> for ApiError {
     fn from(error: JournalError) -> Self {
         match error {
             JournalError::Catalog(e) => e.into(),
-            e @ (JournalError::Storage(_) | JournalError::Closed | JournalError::Backlog { .. }) => {
+            e
+            @ (JournalError::Storage(_) | JournalError::Closed | JournalError::Backlog { .. }) => {
                 ApiError::Unavailable(e.to_string())
             }
             e @ JournalError::Stale => ApiError::Unavailable(e.to_string()),
-            e @ JournalError::Corrupt(_) => ApiError::internal(e),
+            e @ (JournalError::Corrupt(_) | JournalError::Thread(_)) => ApiError::internal(e),
         }
     }
 }

@@ -31,7 +31,8 @@ pub async fn ready(state: State) -> HttpResponse {
             json!({"status": status, "health": health, "progress": progress}),
         );
     }
-    let body = json!({"status": if all_ready { "ready" } else { "degraded" }, "projectors": projectors});
+    let body =
+        json!({"status": if all_ready { "ready" } else { "degraded" }, "projectors": projectors});
     HttpResponse::Ok().json(body)
 }
 
@@ -41,7 +42,10 @@ pub struct DeadLetterParams {
 }
 
 /// GET /_dead_letters
-pub async fn dead_letters(state: State, params: web::Query<DeadLetterParams>) -> Result<HttpResponse, ApiError> {
+pub async fn dead_letters(
+    state: State,
+    params: web::Query<DeadLetterParams>,
+) -> Result<HttpResponse, ApiError> {
     let letters = state.journal.dead_letters(params.limit.unwrap_or(100))?;
     Ok(HttpResponse::Ok().json(json!({"dead_letters": letters})))
 }

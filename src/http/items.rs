@@ -40,11 +40,19 @@ struct WriteParams {
 fn write_params(request: &HttpRequest) -> Result<WriteParams, ApiError> {
     web::Query::<WriteParams>::from_query(request.query_string())
         .map(web::Query::into_inner)
-        .map_err(|e| ApiError::bad_request("", format!("invalid query string: {e}; expected wait=true|false and timeout=<seconds>")))
+        .map_err(|e| {
+            ApiError::bad_request(
+                "",
+                format!(
+                    "invalid query string: {e}; expected wait=true|false and timeout=<seconds>"
+                ),
+            )
+        })
 }
 
 fn item_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw).map_err(|_| ApiError::bad_request("id", format!("item id {raw:?} is not a uuid")))
+    Uuid::parse_str(raw)
+        .map_err(|_| ApiError::bad_request("id", format!("item id {raw:?} is not a uuid")))
 }
 
 /// Journals entries prepared by `prepare`, preparing them again while the live versions move.
@@ -59,20 +67,34 @@ async fn journal<T>(
         if entries.is_empty() {
             return Ok((Vec::new(), extra));
         }
-        match state.journal.write(snapshot.epoch, project.clone(), entries).await {
+        match state
+            .journal
+            .write(snapshot.epoch, project.clone(), entries)
+            .await
+        {
             Err(JournalError::Stale) => continue,
             Ok(revisions) => return Ok((revisions, extra)),
             Err(e) => return Err(e.into()),
         }
     }
-    Err(ApiError::Unavailable("the project's versions kept changing while the write was prepared; try again".into()))
+    Err(ApiError::Unavailable(
+        "the project's versions kept changing while the write was prepared; try again".into(),
+    ))
 }
 
 /// Adds `projected` (and answers 202 when the projectors did not catch up in time).
-async fn answer(state: &State, params: &WriteParams, mut body: Map<String, Value>, last: u64, status: actix_web::http::StatusCode) -> HttpResponse {
+async fn answer(
+    state: &State,
+    params: &WriteParams,
+    mut body: Map<String, Value>,
+    last: u64,
+    status: actix_web::http::StatusCode,
+) -> HttpResponse {
     let mut status = status;
     if params.wait {
-        let timeout = params.timeout.map_or_else(|| state.wait_timeout(), Duration::from_secs);
+        let timeout = params
+            .timeout
+            .map_or_else(|| state.wait_timeout(), Duration::from_secs);
         match state.journal.wait_projected(last, timeout).await {
             Ok(()) => {
                 body.insert("projected".into(), Value::Bool(true));
@@ -95,31 +117,81 @@ fn success(id: &Uuid, revision: u64) -> Map<String, Value> {
     body
 }
 
-async fn upsert(state: State, request: HttpRequest, project: Ident, blueprint: Ident, id: Uuid, payload: web::Payload, status: actix_web::http::StatusCode) -> Result<HttpResponse, ApiError> {
+async fn upsert(
+    state: State,
+    request: HttpRequest,
+    project: Ident,
+    blueprint: Ident,
+    id: Uuid,
+    payload: web::Payload,
+    status: actix_web::http::StatusCode,
+) -> Result<HttpResponse, ApiError> {
     let params = write_params(&request)?;
     let body = body::json(&request, payload, state.settings.server.max_body_bytes).await?;
     let (revisions, ()) = journal(&state, &project, |snapshot| {
-        Ok((vec![prepare_upsert(snapshot, &project, &blueprint, id, &body)?], ()))
+        Ok((
+            vec![prepare_upsert(snapshot, &project, &blueprint, id, &body)?],
+            (),
+        ))
     })
     .await?;
-    Ok(answer(&state, &params, success(&id, revisions[0]), revisions[0], status).await)
+    Ok(answer(
+        &state,
+        &params,
+        success(&id, revisions[0]),
+        revisions[0],
+        status,
+    )
+    .await)
 }
 
 /// PUT /{project}/{blueprint}/{id}
-pub async fn put(state: State, request: HttpRequest, path: web::Path<(String, String, String)>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn put(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<(String, String, String)>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let (project, blueprint) = (ident("project", &path.0)?, ident("blueprint", &path.1)?);
     let id = item_id(&path.2)?;
-    upsert(state, request, project, blueprint, id, payload, actix_web::http::StatusCode::OK).await
+    upsert(
+        state,
+        request,
+        project,
+        blueprint,
+        id,
+        payload,
+        actix_web::http::StatusCode::OK,
+    )
+    .await
 }
 
 /// POST /{project}/{blueprint}: creates an item with a generated id.
-pub async fn create(state: State, request: HttpRequest, path: web::Path<(String, String)>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn create(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<(String, String)>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let (project, blueprint) = (ident("project", &path.0)?, ident("blueprint", &path.1)?);
-    upsert(state, request, project, blueprint, Uuid::now_v7(), payload, actix_web::http::StatusCode::CREATED).await
+    upsert(
+        state,
+        request,
+        project,
+        blueprint,
+        Uuid::now_v7(),
+        payload,
+        actix_web::http::StatusCode::CREATED,
+    )
+    .await
 }
 
 /// DELETE /{project}/{blueprint}/{id}: deleting a missing item is not an error.
-pub async fn delete(state: State, request: HttpRequest, path: web::Path<(String, String, String)>) -> Result<HttpResponse, ApiError> {
+pub async fn delete(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<(String, String, String)>,
+) -> Result<HttpResponse, ApiError> {
     let (project, blueprint) = (ident("project", &path.0)?, ident("blueprint", &path.1)?);
     let id = item_id(&path.2)?;
     let params = write_params(&request)?;
@@ -131,7 +203,14 @@ pub async fn delete(state: State, request: HttpRequest, path: web::Path<(String,
     .await?;
     let mut body = success(&id, revisions[0]);
     body.insert("found".into(), Value::Bool(found));
-    Ok(answer(&state, &params, body, revisions[0], actix_web::http::StatusCode::OK).await)
+    Ok(answer(
+        &state,
+        &params,
+        body,
+        revisions[0],
+        actix_web::http::StatusCode::OK,
+    )
+    .await)
 }
 
 #[derive(Debug, Deserialize)]
@@ -141,18 +220,28 @@ struct ReadParams {
 }
 
 /// GET /{project}/{blueprint}/{id}?version=N
-pub async fn get(state: State, request: HttpRequest, path: web::Path<(String, String, String)>) -> Result<HttpResponse, ApiError> {
+pub async fn get(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<(String, String, String)>,
+) -> Result<HttpResponse, ApiError> {
     let (project, blueprint) = (ident("project", &path.0)?, ident("blueprint", &path.1)?);
     let id = item_id(&path.2)?;
-    let params = web::Query::<ReadParams>::from_query(request.query_string())
-        .map_err(|e| ApiError::bad_request("", format!("invalid query string: {e}; expected version=<number>")))?;
+    let params = web::Query::<ReadParams>::from_query(request.query_string()).map_err(|e| {
+        ApiError::bad_request(
+            "",
+            format!("invalid query string: {e}; expected version=<number>"),
+        )
+    })?;
     let version = params.version.as_deref().map(version_number).transpose()?;
     let snapshot = state.catalog.snapshot();
     snapshot.project(&project)?;
     let record = state
         .journal
         .item(&project, &blueprint, &id)?
-        .ok_or_else(|| ApiError::NotFound(format!("item {id} does not exist in {project}/{blueprint}")))?;
+        .ok_or_else(|| {
+            ApiError::NotFound(format!("item {id} does not exist in {project}/{blueprint}"))
+        })?;
     let doc = read_at(&snapshot, &project, &blueprint, &record, version)?;
     Ok(HttpResponse::Ok()
         .insert_header(("x-dstore-revision", record.revision.to_string()))
@@ -181,7 +270,12 @@ struct BulkOp {
 /// "article"}}` or `{"delete": {"blueprint": "article", "id": "…"}}`, followed for `put` and `create`
 /// by the item on the next line. Each operation succeeds or fails on its own; the valid ones are
 /// journaled together.
-pub async fn bulk(state: State, request: HttpRequest, path: web::Path<String>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn bulk(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let started = Instant::now();
     let project = ident("project", &path)?;
     let params = write_params(&request)?;
@@ -190,7 +284,8 @@ pub async fn bulk(state: State, request: HttpRequest, path: web::Path<String>, p
     let ops = parse_bulk(&raw)?;
     let (revisions, outcomes) = journal(&state, &project, |snapshot| {
         let mut entries = Vec::with_capacity(ops.len());
-        let mut outcomes: Vec<Result<usize, (u16, Vec<FieldError>)>> = Vec::with_capacity(ops.len());
+        let mut outcomes: Vec<Result<usize, (u16, Vec<FieldError>)>> =
+            Vec::with_capacity(ops.len());
         for op in &ops {
             outcomes.push(match prepare_op(&state, snapshot, &project, op) {
                 Ok(entry) => {
@@ -220,25 +315,44 @@ pub async fn bulk(state: State, request: HttpRequest, path: web::Path<String>, p
         })
         .collect();
     let mut body = Map::new();
-    body.insert("took_ms".into(), json!(started.elapsed().as_millis() as u64));
+    body.insert(
+        "took_ms".into(),
+        json!(started.elapsed().as_millis() as u64),
+    );
     body.insert("errors".into(), Value::Bool(errors));
     body.insert("items".into(), Value::Array(items));
     let last = revisions.iter().copied().max().unwrap_or(0);
     Ok(answer(&state, &params, body, last, actix_web::http::StatusCode::OK).await)
 }
 
-fn prepare_op(state: &State, snapshot: &Snapshot, project: &Ident, op: &BulkOp) -> Result<Entry, (u16, Vec<FieldError>)> {
+fn prepare_op(
+    state: &State,
+    snapshot: &Snapshot,
+    project: &Ident,
+    op: &BulkOp,
+) -> Result<Entry, (u16, Vec<FieldError>)> {
     if let Some(error) = &op.error {
         return Err(error.clone());
     }
-    let (blueprint, id) = (op.blueprint.as_ref().expect("checked"), op.id.expect("checked"));
+    let (blueprint, id) = (
+        op.blueprint.as_ref().expect("checked"),
+        op.id.expect("checked"),
+    );
     let result = match op.action {
         "delete" => state
             .journal
             .item(project, blueprint, &id)
             .map_err(ItemError::from)
-            .and_then(|existing| prepare_delete(snapshot, project, blueprint, id, existing.as_ref())),
-        _ => prepare_upsert(snapshot, project, blueprint, id, op.body.as_ref().expect("checked")),
+            .and_then(|existing| {
+                prepare_delete(snapshot, project, blueprint, id, existing.as_ref())
+            }),
+        _ => prepare_upsert(
+            snapshot,
+            project,
+            blueprint,
+            id,
+            op.body.as_ref().expect("checked"),
+        ),
     };
     result.map_err(|e| match e {
         ItemError::NotFound(m) => (404, vec![FieldError::new("", m)]),
@@ -255,44 +369,83 @@ fn parse_bulk(raw: &[u8]) -> Result<Vec<BulkOp>, ApiError> {
     let mut ops = Vec::new();
     while let Some((number, line)) = lines.next() {
         let bad = |message: String| ApiError::bad_request(&format!("/line/{number}"), message);
-        let action: Value = serde_json::from_slice(line).map_err(|e| bad(format!("malformed action line: {e}")))?;
-        let (name, meta) = match action.as_object().map(|o| o.iter().collect::<Vec<_>>()).as_deref() {
+        let action: Value =
+            serde_json::from_slice(line).map_err(|e| bad(format!("malformed action line: {e}")))?;
+        let (name, meta) = match action
+            .as_object()
+            .map(|o| o.iter().collect::<Vec<_>>())
+            .as_deref()
+        {
             Some([(name, meta)]) => (name.as_str(), *meta),
-            _ => return Err(bad("an action line is an object with one key: put, create or delete".into())),
+            _ => {
+                return Err(bad(
+                    "an action line is an object with one key: put, create or delete".into(),
+                ))
+            }
         };
         let action = match name {
             "put" | "index" => "put",
             "create" => "create",
             "delete" => "delete",
-            other => return Err(bad(format!("unknown action {other:?}; expected put, create or delete"))),
+            other => {
+                return Err(bad(format!(
+                    "unknown action {other:?}; expected put, create or delete"
+                )))
+            }
         };
-        let mut op = BulkOp { action, blueprint: None, id: None, body: None, error: None };
+        let mut op = BulkOp {
+            action,
+            blueprint: None,
+            id: None,
+            body: None,
+            error: None,
+        };
         if action != "delete" {
             let Some((_, doc)) = lines.next() else {
-                return Err(bad(format!("the {action} action has no item line after it")));
+                return Err(bad(format!(
+                    "the {action} action has no item line after it"
+                )));
             };
             match serde_json::from_slice(doc) {
                 Ok(doc) => op.body = Some(doc),
-                Err(e) => op.error = Some((400, vec![FieldError::new("", format!("malformed JSON: {e}"))])),
+                Err(e) => {
+                    op.error = Some((
+                        400,
+                        vec![FieldError::new("", format!("malformed JSON: {e}"))],
+                    ))
+                }
             }
         }
         let mut problems = Vec::new();
-        match meta.get("blueprint").and_then(Value::as_str).map(Ident::parse) {
+        match meta
+            .get("blueprint")
+            .and_then(Value::as_str)
+            .map(Ident::parse)
+        {
             Some(Ok(bp)) => op.blueprint = Some(bp),
             Some(Err(reason)) => problems.push(FieldError::new("/blueprint", reason)),
             None => problems.push(FieldError::new("/blueprint", "is required")),
         }
         match (action, meta.get("id")) {
             ("create", None) => op.id = Some(Uuid::now_v7()),
-            ("create", Some(_)) => problems.push(FieldError::new("/id", "create generates the id; use put to choose one")),
+            ("create", Some(_)) => problems.push(FieldError::new(
+                "/id",
+                "create generates the id; use put to choose one",
+            )),
             (_, Some(Value::String(raw))) => match Uuid::parse_str(raw) {
                 Ok(id) => op.id = Some(id),
                 Err(_) => problems.push(FieldError::new("/id", format!("{raw:?} is not a uuid"))),
             },
             (_, _) => problems.push(FieldError::new("/id", "is required: a uuid")),
         }
-        if let Some(unknown) = meta.as_object().and_then(|m| m.keys().find(|k| !["blueprint", "id"].contains(&k.as_str()))) {
-            problems.push(FieldError::new(format!("/{unknown}"), "unknown key; expected blueprint and id"));
+        if let Some(unknown) = meta.as_object().and_then(|m| {
+            m.keys()
+                .find(|k| !["blueprint", "id"].contains(&k.as_str()))
+        }) {
+            problems.push(FieldError::new(
+                format!("/{unknown}"),
+                "unknown key; expected blueprint and id",
+            ));
         }
         if !problems.is_empty() && op.error.is_none() {
             op.error = Some((400, problems));

@@ -42,15 +42,18 @@ pub type State = web::Data<AppState>;
 
 /// Parses a name from the URL; hostile names are refused before anything else happens.
 pub fn ident(what: &str, raw: &str) -> Result<Ident, ApiError> {
-    Ident::parse(raw).map_err(|reason| ApiError::bad_request(what, format!("{what} name {raw:?} {reason}")))
+    Ident::parse(raw)
+        .map_err(|reason| ApiError::bad_request(what, format!("{what} name {raw:?} {reason}")))
 }
 
 /// Parses a version number from the URL.
 pub fn version_number(raw: &str) -> Result<u32, ApiError> {
-    raw.parse::<u32>()
-        .ok()
-        .filter(|n| *n > 0)
-        .ok_or_else(|| ApiError::bad_request("version", format!("version {raw:?} is not a positive whole number")))
+    raw.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+        ApiError::bad_request(
+            "version",
+            format!("version {raw:?} is not a positive whole number"),
+        )
+    })
 }
 
 pub fn routes(config: &mut web::ServiceConfig) {
@@ -70,13 +73,19 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .route(web::get().to(blueprints::get_all))
                 .route(web::put().to(blueprints::put_all)),
         )
-        .service(resource("/{project}/_blueprint/{version}").route(web::get().to(blueprints::get_all_at)))
+        .service(
+            resource("/{project}/_blueprint/{version}")
+                .route(web::get().to(blueprints::get_all_at)),
+        )
         .service(
             resource("/{project}/_version")
                 .route(web::get().to(versions::get))
                 .route(web::post().to(versions::freeze)),
         )
-        .service(resource("/{project}/_version/{version}/_retire").route(web::post().to(versions::retire)))
+        .service(
+            resource("/{project}/_version/{version}/_retire")
+                .route(web::post().to(versions::retire)),
+        )
         .service(
             resource("/{project}/_project")
                 .route(web::get().to(projects::get))
@@ -90,7 +99,10 @@ pub fn routes(config: &mut web::ServiceConfig) {
                 .route(web::put().to(blueprints::put))
                 .route(web::delete().to(blueprints::delete)),
         )
-        .service(resource("/{project}/{blueprint}/_blueprint/{version}").route(web::get().to(blueprints::get_at)))
+        .service(
+            resource("/{project}/{blueprint}/_blueprint/{version}")
+                .route(web::get().to(blueprints::get_at)),
+        )
         .service(resource("/{project}/{blueprint}").route(web::post().to(items::create)))
         .service(
             resource("/{project}/{blueprint}/{id}")
@@ -111,5 +123,9 @@ async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
 }
 
 async fn not_found(request: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {
-    Err(ApiError::NotFound(format!("no route for {} {}", request.method(), request.path())))
+    Err(ApiError::NotFound(format!(
+        "no route for {} {}",
+        request.method(),
+        request.path()
+    )))
 }

@@ -27,7 +27,12 @@ pub async fn get(state: State, path: web::Path<String>) -> Result<HttpResponse, 
 }
 
 /// Puts every blueprint of a project and freezes when something changed.
-async fn put_and_freeze(state: &State, project: &Ident, body: &Value, base: &str) -> Result<Value, ApiError> {
+async fn put_and_freeze(
+    state: &State,
+    project: &Ident,
+    body: &Value,
+    base: &str,
+) -> Result<Value, ApiError> {
     let inputs = parse_blueprint_set(body, base)?;
     state.catalog.put_blueprints(project, inputs)?;
     let snapshot = state.catalog.snapshot();
@@ -42,7 +47,12 @@ async fn put_and_freeze(state: &State, project: &Ident, body: &Value, base: &str
 }
 
 /// PUT /{project}/_project
-pub async fn put(state: State, request: HttpRequest, path: web::Path<String>, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn put(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
     let body = body::json(&request, payload, state.settings.server.max_body_bytes).await?;
     Ok(HttpResponse::Ok().json(put_and_freeze(&state, &project, &body, "").await?))
@@ -59,22 +69,36 @@ pub async fn delete(state: State, path: web::Path<String>) -> Result<HttpRespons
 /// GET /_project
 pub async fn get_all(state: State) -> Result<HttpResponse, ApiError> {
     let snapshot = state.catalog.snapshot();
-    let out: Map<String, Value> = snapshot.projects.iter().map(|(n, p)| (n.to_string(), describe(p))).collect();
+    let out: Map<String, Value> = snapshot
+        .projects
+        .iter()
+        .map(|(n, p)| (n.to_string(), describe(p)))
+        .collect();
     Ok(HttpResponse::Ok().json(out))
 }
 
 /// PUT /_project: `{"myblog": {"article": {…}}, …}`; every project is checked before any is changed.
-pub async fn put_all(state: State, request: HttpRequest, payload: web::Payload) -> Result<HttpResponse, ApiError> {
+pub async fn put_all(
+    state: State,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
     let body = body::json(&request, payload, state.settings.server.max_body_bytes).await?;
     let Value::Object(projects) = body else {
-        return Err(ApiError::Invalid("invalid projects".into(), vec![FieldError::new("", "must be an object of projects by name")]));
+        return Err(ApiError::Invalid(
+            "invalid projects".into(),
+            vec![FieldError::new("", "must be an object of projects by name")],
+        ));
     };
     let mut errors = Vec::new();
     let mut named = Vec::new();
     for (name, blueprints) in &projects {
         let at = format!("/{}", crate::blueprint::parse::pointer_segment(name));
         match Ident::parse(name) {
-            Err(reason) => errors.push(FieldError::new(&at, format!("project name {name:?} {reason}"))),
+            Err(reason) => errors.push(FieldError::new(
+                &at,
+                format!("project name {name:?} {reason}"),
+            )),
             Ok(project) => match parse_blueprint_set(blueprints, &at) {
                 Ok(_) => named.push((project, blueprints, at)),
                 Err(ApiError::Invalid(_, mut e)) => errors.append(&mut e),
@@ -87,7 +111,10 @@ pub async fn put_all(state: State, request: HttpRequest, payload: web::Payload) 
     }
     let mut out = Map::new();
     for (project, blueprints, at) in named {
-        out.insert(project.to_string(), put_and_freeze(&state, &project, blueprints, &at).await?);
+        out.insert(
+            project.to_string(),
+            put_and_freeze(&state, &project, blueprints, &at).await?,
+        );
     }
     Ok(HttpResponse::Ok().json(out))
 }

@@ -17,19 +17,33 @@ pub async fn freeze_project(state: &State, project: &Ident) -> Result<u32, ApiEr
     let (number, seq) = if p.has_unfrozen_changes() {
         let (version, seq) = state.journal.freeze(project.clone()).await?;
         if version.number > 1 {
-            state.journal.start_backfill(project.clone(), version.number)?;
+            state
+                .journal
+                .start_backfill(project.clone(), version.number)?;
         }
         (version.number, seq)
     } else {
-        let latest = p.latest().ok_or_else(|| ApiError::Conflict("the working copy has no blueprints to freeze".into()))?;
+        let latest = p.latest().ok_or_else(|| {
+            ApiError::Conflict("the working copy has no blueprints to freeze".into())
+        })?;
         let unfinished = unfinished_migrations(p, latest.number);
         if unfinished.is_empty() {
-            return Err(ApiError::Conflict(format!("nothing changed since version {}", latest.number)));
+            return Err(ApiError::Conflict(format!(
+                "nothing changed since version {}",
+                latest.number
+            )));
         }
-        let seq = state.journal.remigrate(project.clone(), latest.number, unfinished).await?;
+        let seq = state
+            .journal
+            .remigrate(project.clone(), latest.number, unfinished)
+            .await?;
         (latest.number, seq)
     };
-    if let Err(behind) = state.journal.wait_projected(seq, state.wait_timeout()).await {
+    if let Err(behind) = state
+        .journal
+        .wait_projected(seq, state.wait_timeout())
+        .await
+    {
         let snapshot = state.catalog.snapshot();
         let reasons: Vec<String> = behind
             .iter()
@@ -91,7 +105,10 @@ pub async fn all(state: State) -> Result<HttpResponse, ApiError> {
 }
 
 /// POST /{project}/_version/{version}/_retire
-pub async fn retire(state: State, path: web::Path<(String, String)>) -> Result<HttpResponse, ApiError> {
+pub async fn retire(
+    state: State,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path.0)?;
     let number = version_number(&path.1)?;
     state.catalog.retire(&project, number)?;
@@ -103,13 +120,18 @@ fn describe(state: &State, p: &Project) -> Result<Value, ApiError> {
     let mut versions = Vec::new();
     for version in &p.versions {
         for name in version.blueprints.keys() {
-            let list = per_blueprint.entry(name.to_string()).or_insert_with(|| json!([]));
-            list.as_array_mut().expect("array").push(json!(version.number));
+            let list = per_blueprint
+                .entry(name.to_string())
+                .or_insert_with(|| json!([]));
+            list.as_array_mut()
+                .expect("array")
+                .push(json!(version.number));
         }
         let status = p.status.get(&version.number).cloned().unwrap_or_default();
-        let backfill = state.journal.backfill_state(&p.name, version.number)?.map(|b| {
-            json!({"total": b.total, "done": b.done, "finished": b.finished})
-        });
+        let backfill = state
+            .journal
+            .backfill_state(&p.name, version.number)?
+            .map(|b| json!({"total": b.total, "done": b.done, "finished": b.finished}));
         versions.push(json!({
             "project_version": version.number,
             "frozen_at": version.frozen_at,

@@ -17,6 +17,13 @@ use crate::blueprint::Ident;
 
 const CHUNK: usize = 512;
 
+/// The next items of a back-fill, and where the walk stands after them.
+struct Chunk {
+    items: Vec<BackfillItem>,
+    looked_at: u64,
+    cursor: Option<Vec<u8>>,
+}
+
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct BackfillState {
     /// Items of the project when the back-fill started.
@@ -29,24 +36,46 @@ pub struct BackfillState {
 }
 
 impl Journal {
-    pub fn backfill_state(&self, project: &Ident, version: u32) -> Result<Option<BackfillState>, JournalError> {
-        match self.db.get_cf(self.cf(CF_META), keys::backfill(project, version))? {
+    pub fn backfill_state(
+        &self,
+        project: &Ident,
+        version: u32,
+    ) -> Result<Option<BackfillState>, JournalError> {
+        match self
+            .db
+            .get_cf(self.cf(CF_META), keys::backfill(project, version))?
+        {
             Some(bytes) => Ok(Some(decode(&bytes)?)),
             None => Ok(None),
         }
     }
 
     /// Starts back-filling `version`; items written from now on already carry it.
-    pub fn start_backfill(self: &Arc<Self>, project: Ident, version: u32) -> Result<(), JournalError> {
+    pub fn start_backfill(
+        self: &Arc<Self>,
+        project: Ident,
+        version: u32,
+    ) -> Result<(), JournalError> {
         let (from, to) = (keys::project_prefix(&project), keys::project_end(&project));
         let total = self
             .db
-            .iterator_cf(self.cf(CF_ITEMS), IteratorMode::From(&from, Direction::Forward))
+            .iterator_cf(
+                self.cf(CF_ITEMS),
+                IteratorMode::From(&from, Direction::Forward),
+            )
             .map_while(Result::ok)
             .take_while(|(key, _)| key.as_ref() < to.as_slice())
             .count() as u64;
-        let state = BackfillState { total, finished: total == 0, ..BackfillState::default() };
-        self.db.put_cf(self.cf(CF_META), keys::backfill(&project, version), serde_json::to_vec(&state)?)?;
+        let state = BackfillState {
+            total,
+            finished: total == 0,
+            ..BackfillState::default()
+        };
+        self.db.put_cf(
+            self.cf(CF_META),
+            keys::backfill(&project, version),
+            serde_json::to_vec(&state)?,
+        )?;
         if !state.finished {
             self.spawn_backfill(project, version, state);
         }
@@ -56,7 +85,10 @@ impl Journal {
     /// Resumes every back-fill a previous run left unfinished.
     pub fn resume_backfills(self: &Arc<Self>) -> Result<(), JournalError> {
         let prefix = b"backfill/";
-        for entry in self.db.iterator_cf(self.cf(CF_META), IteratorMode::From(prefix, Direction::Forward)) {
+        for entry in self.db.iterator_cf(
+            self.cf(CF_META),
+            IteratorMode::From(prefix, Direction::Forward),
+        ) {
             let (key, value) = entry?;
             if !key.starts_with(prefix) {
                 break;
@@ -82,10 +114,19 @@ impl Journal {
         });
     }
 
-    async fn run_backfill(&self, project: &Ident, version: u32, mut state: BackfillState) -> Result<(), JournalError> {
+    async fn run_backfill(
+        &self,
+        project: &Ident,
+        version: u32,
+        mut state: BackfillState,
+    ) -> Result<(), JournalError> {
         tracing::info!(%project, version, total = state.total, "back-fill started");
         while !state.finished {
-            let (items, looked_at, cursor) = self.backfill_chunk(project, version, state.cursor.as_deref())?;
+            let Chunk {
+                items,
+                looked_at,
+                cursor,
+            } = self.backfill_chunk(project, version, state.cursor.as_deref())?;
             state.done += looked_at;
             state.finished = looked_at < CHUNK as u64;
             if cursor.is_some() {
@@ -93,10 +134,19 @@ impl Journal {
             }
             let (project, state) = (project.clone(), state.clone());
             let go_on = self
-                .send(|reply| Command::Backfill { project, version, items, state, reply })
+                .send(|reply| Command::Backfill {
+                    project,
+                    version,
+                    items,
+                    state,
+                    reply,
+                })
                 .await?;
             if !go_on {
-                tracing::info!(version, "back-fill stopped: the version was retired or removed");
+                tracing::info!(
+                    version,
+                    "back-fill stopped: the version was retired or removed"
+                );
                 return Ok(());
             }
         }
@@ -110,17 +160,27 @@ impl Journal {
         project: &Ident,
         version: u32,
         cursor: Option<&[u8]>,
-    ) -> Result<(Vec<BackfillItem>, u64, Option<Vec<u8>>), JournalError> {
+    ) -> Result<Chunk, JournalError> {
         let snapshot = self.catalog.snapshot();
-        let Some(target) = snapshot.projects.get(project).and_then(|p| p.version(version)).cloned() else {
-            return Ok((Vec::new(), 0, None));
+        let Some(target) = snapshot
+            .projects
+            .get(project)
+            .and_then(|p| p.version(version))
+            .cloned()
+        else {
+            return Ok(Chunk {
+                items: Vec::new(),
+                looked_at: 0,
+                cursor: None,
+            });
         };
         let p = snapshot.project(project)?;
         let start = keys::project_prefix(project);
         let end = keys::project_end(project);
-        let iter = self
-            .db
-            .iterator_cf(self.cf(CF_ITEMS), IteratorMode::From(cursor.unwrap_or(&start), Direction::Forward));
+        let iter = self.db.iterator_cf(
+            self.cf(CF_ITEMS),
+            IteratorMode::From(cursor.unwrap_or(&start), Direction::Forward),
+        );
         let mut items = Vec::new();
         let mut looked_at = 0;
         let mut last = None;
@@ -135,16 +195,24 @@ impl Journal {
             looked_at += 1;
             let record: ItemRecord = decode(&value)?;
             last = Some(key.to_vec());
-            let Some((name, to)) = target.blueprints.iter().find(|(_, bp)| bp.uid == record.blueprint_uid) else {
-                continue;
-            };
-            let Some(from) = p
-                .version(record.version)
-                .and_then(|v| v.blueprints.values().find(|bp| bp.uid == record.blueprint_uid))
+            let Some((name, to)) = target
+                .blueprints
+                .iter()
+                .find(|(_, bp)| bp.uid == record.blueprint_uid)
             else {
                 continue;
             };
-            let id = key[key.len() - 16..].try_into().map(uuid::Uuid::from_bytes).unwrap_or_default();
+            let Some(from) = p.version(record.version).and_then(|v| {
+                v.blueprints
+                    .values()
+                    .find(|bp| bp.uid == record.blueprint_uid)
+            }) else {
+                continue;
+            };
+            let id = key[key.len() - 16..]
+                .try_into()
+                .map(uuid::Uuid::from_bytes)
+                .unwrap_or_default();
             items.push(BackfillItem {
                 blueprint: name.clone(),
                 id,
@@ -152,6 +220,10 @@ impl Journal {
                 doc: transform(&record.body, from, to, version),
             });
         }
-        Ok((items, looked_at, last))
+        Ok(Chunk {
+            items,
+            looked_at,
+            cursor: last,
+        })
     }
 }

@@ -30,6 +30,9 @@ use crate::catalog::{Catalog, CatalogError, Version};
 use task::{Task, VersionDoc};
 pub use writer::Command;
 
+/// A raw key and value read from RocksDB.
+type KeyValue = (Box<[u8]>, Box<[u8]>);
+
 const CF_ITEMS: &str = "items";
 const CF_TASKS: &str = "tasks";
 const CF_DEAD: &str = "dead";
@@ -56,6 +59,8 @@ pub struct JournalSettings {
 pub enum JournalError {
     #[error("journal storage failed: {0}")]
     Storage(#[from] rocksdb::Error),
+    #[error("cannot start the journal writer thread: {0}")]
+    Thread(std::io::Error),
     #[error("journal is shutting down")]
     Closed,
     #[error("the versions of the project changed while the write was prepared")]
@@ -63,7 +68,11 @@ pub enum JournalError {
     #[error("{0}")]
     Catalog(#[from] CatalogError),
     #[error("projector {projector} is {pending} tasks behind (limit {limit}); try again later")]
-    Backlog { projector: String, pending: u64, limit: u64 },
+    Backlog {
+        projector: String,
+        pending: u64,
+        limit: u64,
+    },
     #[error("journal record is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
 }
@@ -209,7 +218,7 @@ impl Journal {
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || worker.run(receiver, weak))
-            .map_err(|e| JournalError::Storage(rocksdb::Error::new(e.to_string())))?;
+            .map_err(JournalError::Thread)?;
         *journal.writer.lock().expect("writer lock") = Some(thread);
         Ok(journal)
     }
@@ -230,7 +239,10 @@ impl Journal {
         self.db.cf_handle(name).expect("column family exists")
     }
 
-    async fn send<T>(&self, make: impl FnOnce(oneshot::Sender<Result<T, JournalError>>) -> Command) -> Result<T, JournalError> {
+    async fn send<T>(
+        &self,
+        make: impl FnOnce(oneshot::Sender<Result<T, JournalError>>) -> Command,
+    ) -> Result<T, JournalError> {
         let (reply, answer) = oneshot::channel();
         let command = make(reply);
         let commands = self.commands.clone();
@@ -243,15 +255,28 @@ impl Journal {
                     .map_err(|_| JournalError::Closed)?
                     .map_err(|_| JournalError::Closed)?;
             }
-            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => return Err(JournalError::Closed),
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
+                return Err(JournalError::Closed)
+            }
         }
         answer.await.map_err(|_| JournalError::Closed)?
     }
 
     /// Journals item writes transformed against catalog `epoch`; answers their revisions.
-    pub async fn write(&self, epoch: u64, project: Ident, entries: Vec<Entry>) -> Result<Vec<u64>, JournalError> {
+    pub async fn write(
+        &self,
+        epoch: u64,
+        project: Ident,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<u64>, JournalError> {
         self.check_backlog()?;
-        self.send(|reply| Command::Write { epoch, project, entries, reply }).await
+        self.send(|reply| Command::Write {
+            epoch,
+            project,
+            entries,
+            reply,
+        })
+        .await
     }
 
     fn check_backlog(&self) -> Result<(), JournalError> {
@@ -276,9 +301,21 @@ impl Journal {
 
     /// Queues the migrations of `version` again for the projectors that have not finished them, and
     /// has those projectors retry at once instead of at the end of their backoff.
-    pub async fn remigrate(&self, project: Ident, version: u32, projectors: Vec<String>) -> Result<u64, JournalError> {
+    pub async fn remigrate(
+        &self,
+        project: Ident,
+        version: u32,
+        projectors: Vec<String>,
+    ) -> Result<u64, JournalError> {
         let names = projectors.clone();
-        let seq = self.send(|reply| Command::Migrate { project, version, projectors, reply }).await?;
+        let seq = self
+            .send(|reply| Command::Migrate {
+                project,
+                version,
+                projectors,
+                reply,
+            })
+            .await?;
         for name in names {
             if let Some(lane) = self.lanes.get(name.as_str()) {
                 lane.retry.notify_one();
@@ -299,20 +336,35 @@ impl Journal {
 
     /// Forgets a project in the catalog and the journal and queues its removal from every store.
     pub async fn drop_project(&self, project: Ident) -> Result<u64, JournalError> {
-        self.send(|reply| Command::DropProject { project, reply }).await
+        self.send(|reply| Command::DropProject { project, reply })
+            .await
     }
 
     /// The latest accepted state of an item, if it exists.
-    pub fn item(&self, project: &Ident, blueprint: &Ident, id: &Uuid) -> Result<Option<ItemRecord>, JournalError> {
-        match self.db.get_cf(self.cf(CF_ITEMS), keys::item(project, blueprint, id))? {
+    pub fn item(
+        &self,
+        project: &Ident,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<ItemRecord>, JournalError> {
+        match self
+            .db
+            .get_cf(self.cf(CF_ITEMS), keys::item(project, blueprint, id))?
+        {
             Some(bytes) => Ok(Some(decode(&bytes)?)),
             None => Ok(None),
         }
     }
 
     /// Iterates a projector's pending tasks from its floor, oldest first.
-    fn scan_tasks(&self, projector: &str) -> impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>> + '_ {
-        let floor = self.lanes.get(projector).map_or(0, |lane| lane.floor.load(Ordering::Acquire));
+    fn scan_tasks(
+        &self,
+        projector: &str,
+    ) -> impl Iterator<Item = Result<KeyValue, rocksdb::Error>> + '_ {
+        let floor = self
+            .lanes
+            .get(projector)
+            .map_or(0, |lane| lane.floor.load(Ordering::Acquire));
         let mut options = rocksdb::ReadOptions::default();
         options.set_iterate_lower_bound(keys::task(projector, floor));
         options.set_iterate_upper_bound(keys::task(projector, u64::MAX));
@@ -333,14 +385,23 @@ impl Journal {
     }
 
     /// Removes applied tasks and moves refused ones to the dead letters, in one batch.
-    pub fn ack(&self, projector: &str, applied: &[u64], dead: Vec<DeadLetter>) -> Result<(), JournalError> {
+    pub fn ack(
+        &self,
+        projector: &str,
+        applied: &[u64],
+        dead: Vec<DeadLetter>,
+    ) -> Result<(), JournalError> {
         let mut batch = WriteBatch::default();
         for seq in applied {
             batch.delete_cf(self.cf(CF_TASKS), keys::task(projector, *seq));
         }
         for letter in &dead {
             batch.delete_cf(self.cf(CF_TASKS), keys::task(projector, letter.task.seq));
-            batch.put_cf(self.cf(CF_DEAD), keys::task(projector, letter.task.seq), serde_json::to_vec(letter)?);
+            batch.put_cf(
+                self.cf(CF_DEAD),
+                keys::task(projector, letter.task.seq),
+                serde_json::to_vec(letter)?,
+            );
         }
         self.db.write(batch)?;
         if let Some(lane) = self.lanes.get(projector) {
@@ -353,9 +414,15 @@ impl Journal {
 
     /// Recomputes how far a projector got: everything before its oldest pending task is done.
     pub fn refresh_progress(&self, projector: &str) -> Result<(), JournalError> {
-        let Some(lane) = self.lanes.get(projector) else { return Ok(()) };
+        let Some(lane) = self.lanes.get(projector) else {
+            return Ok(());
+        };
         let last = self.last_seq();
-        let oldest = self.scan_tasks(projector).next().transpose()?.map(|(key, _)| keys::task_seq(&key));
+        let oldest = self
+            .scan_tasks(projector)
+            .next()
+            .transpose()?
+            .map(|(key, _)| keys::task_seq(&key));
         let through = oldest.map_or(last, |seq| seq - 1);
         lane.applied.send_if_modified(|current| {
             let moved = *current != through;
@@ -394,12 +461,18 @@ impl Journal {
     }
 
     /// Waits until every projector has applied `seq`; on time-out, names the ones still behind.
-    pub async fn wait_projected(&self, seq: u64, timeout: Duration) -> Result<(), Vec<&'static str>> {
+    pub async fn wait_projected(
+        &self,
+        seq: u64,
+        timeout: Duration,
+    ) -> Result<(), Vec<&'static str>> {
         let deadline = tokio::time::Instant::now() + timeout;
         let mut behind = Vec::new();
         for (name, lane) in &self.lanes {
             let mut applied = lane.applied.subscribe();
-            let reached = tokio::time::timeout_at(deadline, applied.wait_for(|through| *through >= seq)).await;
+            let reached =
+                tokio::time::timeout_at(deadline, applied.wait_for(|through| *through >= seq))
+                    .await;
             if !matches!(reached, Ok(Ok(_))) {
                 behind.push(*name);
             }

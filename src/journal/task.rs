@@ -52,11 +52,27 @@ impl Task {
     pub fn describe(&self) -> String {
         match &self.op {
             TaskOp::Migrate { version } => format!("migrate {}/v{version}", self.project),
-            TaskOp::Upsert { blueprint, id, revision, .. } => {
-                format!("upsert {}/{blueprint}/{id} at revision {revision}", self.project)
+            TaskOp::Upsert {
+                blueprint,
+                id,
+                revision,
+                ..
+            } => {
+                format!(
+                    "upsert {}/{blueprint}/{id} at revision {revision}",
+                    self.project
+                )
             }
-            TaskOp::Delete { blueprint, id, revision, .. } => {
-                format!("delete {}/{blueprint}/{id} at revision {revision}", self.project)
+            TaskOp::Delete {
+                blueprint,
+                id,
+                revision,
+                ..
+            } => {
+                format!(
+                    "delete {}/{blueprint}/{id} at revision {revision}",
+                    self.project
+                )
             }
             TaskOp::DropProject => format!("drop project {}", self.project),
         }

@@ -17,7 +17,9 @@ use uuid::Uuid;
 
 use super::backfill::BackfillState;
 use super::task::{Task, TaskOp, VersionDoc};
-use super::{keys, Durability, Entry, ItemRecord, Journal, JournalError, CF_ITEMS, CF_META, CF_TASKS};
+use super::{
+    keys, Durability, Entry, ItemRecord, Journal, JournalError, CF_ITEMS, CF_META, CF_TASKS,
+};
 use crate::blueprint::Ident;
 use crate::catalog::{Catalog, Version};
 
@@ -93,9 +95,10 @@ struct Stage<'a> {
     writer: &'a Writer,
 }
 
-impl Stage<'_> {
-    fn cf(&self, name: &str) -> &rocksdb::ColumnFamily {
-        self.writer.db.cf_handle(name).expect("column family exists")
+impl<'a> Stage<'a> {
+    fn cf(&self, name: &str) -> &'a rocksdb::ColumnFamily {
+        let writer: &'a Writer = self.writer;
+        writer.db.cf_handle(name).expect("column family exists")
     }
 
     fn next_seq(&mut self) -> u64 {
@@ -104,9 +107,18 @@ impl Stage<'_> {
     }
 
     /// Queues `op` once for each projector in `to`.
-    fn task<'p>(&mut self, project: &Ident, op: TaskOp, to: impl IntoIterator<Item = &'p str>) -> u64 {
+    fn task<'p>(
+        &mut self,
+        project: &Ident,
+        op: TaskOp,
+        to: impl IntoIterator<Item = &'p str>,
+    ) -> u64 {
         let seq = self.next_seq();
-        let task = Task { seq, project: project.clone(), op };
+        let task = Task {
+            seq,
+            project: project.clone(),
+            op,
+        };
         let bytes = serde_json::to_vec(&task).expect("tasks serialize");
         for projector in to {
             let key = keys::task(projector, seq);
@@ -128,7 +140,13 @@ impl Writer {
         last_seq: Arc<AtomicU64>,
         durability: Durability,
     ) -> Writer {
-        Writer { db, catalog, projectors, last_seq, durability }
+        Writer {
+            db,
+            catalog,
+            projectors,
+            last_seq,
+            durability,
+        }
     }
 
     pub fn run(self, commands: Receiver<Command>, journal: Weak<Journal>) {
@@ -184,19 +202,33 @@ impl Writer {
 
 fn stage_command(stage: &mut Stage, command: Command) {
     match command {
-        Command::Write { epoch, project, entries, reply } => {
+        Command::Write {
+            epoch,
+            project,
+            entries,
+            reply,
+        } => {
             if stage.writer.catalog.snapshot().epoch != epoch {
                 let _ = reply.send(Err(JournalError::Stale));
                 return;
             }
-            let revisions = entries.into_iter().map(|entry| stage_entry(stage, &project, entry)).collect();
+            let revisions = entries
+                .into_iter()
+                .map(|entry| stage_entry(stage, &project, entry))
+                .collect();
             stage.answers.push(answer(reply, revisions));
         }
         Command::Freeze { project, reply } => {
             let projectors = stage.all_projectors();
             match stage.writer.catalog.freeze(&project, &projectors) {
                 Ok(version) => {
-                    let seq = stage.task(&project, TaskOp::Migrate { version: version.number }, projectors);
+                    let seq = stage.task(
+                        &project,
+                        TaskOp::Migrate {
+                            version: version.number,
+                        },
+                        projectors,
+                    );
                     stage.answers.push(answer(reply, (version, seq)));
                 }
                 Err(e) => {
@@ -204,8 +236,17 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 }
             }
         }
-        Command::Migrate { project, version, projectors, reply } => {
-            let seq = stage.task(&project, TaskOp::Migrate { version }, projectors.iter().map(String::as_str));
+        Command::Migrate {
+            project,
+            version,
+            projectors,
+            reply,
+        } => {
+            let seq = stage.task(
+                &project,
+                TaskOp::Migrate { version },
+                projectors.iter().map(String::as_str),
+            );
             stage.answers.push(answer(reply, seq));
         }
         Command::DropProject { project, reply } => {
@@ -214,16 +255,31 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 return;
             }
             let items = stage.cf(CF_ITEMS);
-            stage.batch.delete_range_cf(items, keys::project_prefix(&project), keys::project_end(&project));
+            stage.batch.delete_range_cf(
+                items,
+                keys::project_prefix(&project),
+                keys::project_end(&project),
+            );
             let meta = stage.cf(CF_META);
-            let (from, to) = (keys::backfill(&project, 0), keys::backfill(&project, u32::MAX));
+            let (from, to) = (
+                keys::backfill(&project, 0),
+                keys::backfill(&project, u32::MAX),
+            );
             stage.batch.delete_range_cf(meta, from, to);
-            stage.batch.delete_cf(meta, keys::backfill(&project, u32::MAX));
+            stage
+                .batch
+                .delete_cf(meta, keys::backfill(&project, u32::MAX));
             let seq = stage.task(&project, TaskOp::DropProject, stage.all_projectors());
             stage.answers.push(answer(reply, seq));
         }
         Command::Shutdown => {}
-        Command::Backfill { project, version, items, state, reply } => {
+        Command::Backfill {
+            project,
+            version,
+            items,
+            state,
+            reply,
+        } => {
             let snapshot = stage.writer.catalog.snapshot();
             let live = snapshot
                 .projects
@@ -238,13 +294,18 @@ fn stage_command(stage: &mut Stage, command: Command) {
                     blueprint: item.blueprint,
                     id: item.id,
                     revision: item.revision,
-                    docs: vec![VersionDoc { version, doc: item.doc }],
+                    docs: vec![VersionDoc {
+                        version,
+                        doc: item.doc,
+                    }],
                 };
                 stage.task(&project, op, stage.all_projectors());
             }
             let meta = stage.cf(CF_META);
             let state = serde_json::to_vec(&state).expect("state serializes");
-            stage.batch.put_cf(meta, keys::backfill(&project, version), state);
+            stage
+                .batch
+                .put_cf(meta, keys::backfill(&project, version), state);
             stage.answers.push(answer(reply, true));
         }
     }
@@ -253,18 +314,54 @@ fn stage_command(stage: &mut Stage, command: Command) {
 fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
     let items = stage.cf(CF_ITEMS);
     match entry {
-        Entry::Upsert { blueprint, blueprint_uid, id, version, body, docs } => {
+        Entry::Upsert {
+            blueprint,
+            blueprint_uid,
+            id,
+            version,
+            body,
+            docs,
+        } => {
             let revision = stage.seq + 1;
             let key = keys::item(project, &blueprint, &id);
-            let record = ItemRecord { revision, version, blueprint_uid, body };
-            stage.batch.put_cf(items, key, serde_json::to_vec(&record).expect("records serialize"));
-            let op = TaskOp::Upsert { blueprint, id, revision, docs };
+            let record = ItemRecord {
+                revision,
+                version,
+                blueprint_uid,
+                body,
+            };
+            stage.batch.put_cf(
+                items,
+                key,
+                serde_json::to_vec(&record).expect("records serialize"),
+            );
+            let op = TaskOp::Upsert {
+                blueprint,
+                id,
+                revision,
+                docs,
+            };
             stage.task(project, op, stage.all_projectors())
         }
-        Entry::Delete { blueprint, id, versions } => {
+        Entry::Delete {
+            blueprint,
+            id,
+            versions,
+        } => {
             let revision = stage.seq + 1;
-            stage.batch.delete_cf(items, keys::item(project, &blueprint, &id));
-            stage.task(project, TaskOp::Delete { blueprint, id, revision, versions }, stage.all_projectors())
+            stage
+                .batch
+                .delete_cf(items, keys::item(project, &blueprint, &id));
+            stage.task(
+                project,
+                TaskOp::Delete {
+                    blueprint,
+                    id,
+                    revision,
+                    versions,
+                },
+                stage.all_projectors(),
+            )
         }
     }
 }

@@ -63,7 +63,9 @@ pub fn sample_doc(id: Uuid, title: &str) -> Map<String, Value> {
 pub fn freeze_sample(catalog: &Catalog, project: &Ident) {
     let blueprint = Ident::parse("sample").expect("ident");
     let input = parse_blueprint(&sample_blueprint(), "").expect("the sample blueprint parses");
-    catalog.put_blueprint(project, &blueprint, input).expect("blueprint stored");
+    catalog
+        .put_blueprint(project, &blueprint, input)
+        .expect("blueprint stored");
     catalog.freeze(project, &[]).expect("version frozen");
 }
 
@@ -75,7 +77,10 @@ fn upsert(project: &Ident, seq: u64, id: Uuid, revision: u64, title: &str) -> Ta
             blueprint: Ident::parse("sample").expect("ident"),
             id,
             revision,
-            docs: vec![VersionDoc { version: 1, doc: sample_doc(id, title) }],
+            docs: vec![VersionDoc {
+                version: 1,
+                doc: sample_doc(id, title),
+            }],
         },
     }
 }
@@ -84,7 +89,12 @@ fn delete(project: &Ident, seq: u64, id: Uuid, revision: u64) -> Task {
     Task {
         seq,
         project: project.clone(),
-        op: TaskOp::Delete { blueprint: Ident::parse("sample").expect("ident"), id, revision, versions: vec![1] },
+        op: TaskOp::Delete {
+            blueprint: Ident::parse("sample").expect("ident"),
+            id,
+            revision,
+            versions: vec![1],
+        },
     }
 }
 
@@ -92,13 +102,21 @@ fn delete(project: &Ident, seq: u64, id: Uuid, revision: u64) -> Task {
 pub async fn run(projector: Arc<dyn Projector>, catalog: &Catalog, project: &Ident) {
     freeze_sample(catalog, project);
     let snapshot = catalog.snapshot();
-    let version = snapshot.project(project).expect("project").version(1).expect("version 1").clone();
+    let version = snapshot
+        .project(project)
+        .expect("project")
+        .version(1)
+        .expect("version 1")
+        .clone();
     let blueprint = Ident::parse("sample").expect("ident");
     let name = projector.name();
     let apply = |tasks: Vec<Task>| {
         let projector = projector.clone();
         async move {
-            let outcomes = projector.apply(catalog, &tasks).await.unwrap_or_else(|e| panic!("{name}: apply failed: {e}"));
+            let outcomes = projector
+                .apply(catalog, &tasks)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: apply failed: {e}"));
             assert_eq!(outcomes.len(), tasks.len(), "{name}: one outcome per task");
             for (task, outcome) in tasks.iter().zip(outcomes) {
                 outcome.unwrap_or_else(|e| panic!("{name}: {} refused: {e}", task.describe()));
@@ -108,46 +126,119 @@ pub async fn run(projector: Arc<dyn Projector>, catalog: &Catalog, project: &Ide
     let read = |id: Uuid| {
         let projector = projector.clone();
         let (project, blueprint) = (project.clone(), blueprint.clone());
-        async move { projector.read(&project, 1, &blueprint, &id).await.unwrap_or_else(|e| panic!("{name}: read failed: {e}")) }
+        async move {
+            projector
+                .read(&project, 1, &blueprint, &id)
+                .await
+                .unwrap_or_else(|e| panic!("{name}: read failed: {e}"))
+        }
     };
     let title = |doc: Option<Value>| doc.map(|d| d["title"].clone());
 
-    projector.migrate(project, &version).await.unwrap_or_else(|e| panic!("{name}: migrate failed: {e}"));
-    projector.migrate(project, &version).await.unwrap_or_else(|e| panic!("{name}: a second migrate failed: {e}"));
+    projector
+        .migrate(project, &version)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: migrate failed: {e}"));
+    projector
+        .migrate(project, &version)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: a second migrate failed: {e}"));
 
     let a = Uuid::new_v4();
     apply(vec![upsert(project, 10, a, 10, "ten")]).await;
-    let stored = read(a).await.unwrap_or_else(|| panic!("{name}: the upserted item is missing"));
-    for key in ["id", "title", "body", "owner", "day", "count", "done", "tags", "counts", "links"] {
-        assert_eq!(stored[key], sample_doc(a, "ten")[key], "{name}: {key} differs: {stored}");
+    let stored = read(a)
+        .await
+        .unwrap_or_else(|| panic!("{name}: the upserted item is missing"));
+    for key in [
+        "id", "title", "body", "owner", "day", "count", "done", "tags", "counts", "links",
+    ] {
+        assert_eq!(
+            stored[key],
+            sample_doc(a, "ten")[key],
+            "{name}: {key} differs: {stored}"
+        );
     }
-    assert_eq!(stored["place"]["coordinates"], json!([8.5, 47.25]), "{name}: point: {stored}");
+    assert_eq!(
+        stored["place"]["coordinates"],
+        json!([8.5, 47.25]),
+        "{name}: point: {stored}"
+    );
 
     apply(vec![upsert(project, 11, a, 8, "older")]).await;
-    assert_eq!(title(read(a).await), Some(json!("ten")), "{name}: an older revision overwrote a newer one");
+    assert_eq!(
+        title(read(a).await),
+        Some(json!("ten")),
+        "{name}: an older revision overwrote a newer one"
+    );
     apply(vec![upsert(project, 10, a, 10, "ten")]).await;
-    assert_eq!(title(read(a).await), Some(json!("ten")), "{name}: a redelivered task changed the item");
+    assert_eq!(
+        title(read(a).await),
+        Some(json!("ten")),
+        "{name}: a redelivered task changed the item"
+    );
 
     apply(vec![delete(project, 12, a, 12)]).await;
-    assert_eq!(read(a).await, None, "{name}: the deleted item is still there");
+    assert_eq!(
+        read(a).await,
+        None,
+        "{name}: the deleted item is still there"
+    );
     apply(vec![upsert(project, 13, a, 11, "late")]).await;
-    assert_eq!(read(a).await, None, "{name}: a late write brought a deleted item back");
+    assert_eq!(
+        read(a).await,
+        None,
+        "{name}: a late write brought a deleted item back"
+    );
     apply(vec![upsert(project, 14, a, 15, "again")]).await;
-    assert_eq!(title(read(a).await), Some(json!("again")), "{name}: a newer write after a delete was lost");
+    assert_eq!(
+        title(read(a).await),
+        Some(json!("again")),
+        "{name}: a newer write after a delete was lost"
+    );
 
     // A batch mixing many items, repeated ids and deletes, applied in order.
     let ids: Vec<Uuid> = (0..50).map(|_| Uuid::new_v4()).collect();
-    let mut batch: Vec<Task> = ids.iter().enumerate().map(|(i, id)| upsert(project, 100 + i as u64, *id, 100 + i as u64, "first")).collect();
+    let mut batch: Vec<Task> = ids
+        .iter()
+        .enumerate()
+        .map(|(i, id)| upsert(project, 100 + i as u64, *id, 100 + i as u64, "first"))
+        .collect();
     batch.push(upsert(project, 200, ids[0], 200, "second"));
     batch.push(delete(project, 201, ids[1], 201));
     batch.push(upsert(project, 202, ids[2], 99, "stale"));
     apply(batch).await;
-    assert_eq!(title(read(ids[0]).await), Some(json!("second")), "{name}: the later task of a batch must win");
-    assert_eq!(read(ids[1]).await, None, "{name}: a delete inside a batch was lost");
-    assert_eq!(title(read(ids[2]).await), Some(json!("first")), "{name}: a stale task inside a batch won");
-    assert_eq!(title(read(ids[49]).await), Some(json!("first")), "{name}: the last item of a batch is missing");
+    assert_eq!(
+        title(read(ids[0]).await),
+        Some(json!("second")),
+        "{name}: the later task of a batch must win"
+    );
+    assert_eq!(
+        read(ids[1]).await,
+        None,
+        "{name}: a delete inside a batch was lost"
+    );
+    assert_eq!(
+        title(read(ids[2]).await),
+        Some(json!("first")),
+        "{name}: a stale task inside a batch won"
+    );
+    assert_eq!(
+        title(read(ids[49]).await),
+        Some(json!("first")),
+        "{name}: the last item of a batch is missing"
+    );
 
-    projector.drop_project(project).await.unwrap_or_else(|e| panic!("{name}: drop failed: {e}"));
-    assert_eq!(read(ids[0]).await, None, "{name}: an item survived the drop of its project");
-    projector.drop_project(project).await.unwrap_or_else(|e| panic!("{name}: a second drop failed: {e}"));
+    projector
+        .drop_project(project)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: drop failed: {e}"));
+    assert_eq!(
+        read(ids[0]).await,
+        None,
+        "{name}: an item survived the drop of its project"
+    );
+    projector
+        .drop_project(project)
+        .await
+        .unwrap_or_else(|e| panic!("{name}: a second drop failed: {e}"));
 }

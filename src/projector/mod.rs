@@ -43,11 +43,17 @@ pub struct ProjectorError {
 
 impl ProjectorError {
     pub fn transient(message: impl Into<String>) -> ProjectorError {
-        ProjectorError { kind: ErrorKind::Transient, message: message.into() }
+        ProjectorError {
+            kind: ErrorKind::Transient,
+            message: message.into(),
+        }
     }
 
     pub fn permanent(message: impl Into<String>) -> ProjectorError {
-        ProjectorError { kind: ErrorKind::Permanent, message: message.into() }
+        ProjectorError {
+            kind: ErrorKind::Permanent,
+            message: message.into(),
+        }
     }
 }
 
@@ -71,14 +77,24 @@ pub trait Projector: Send + Sync {
     /// Applies `Upsert` and `Delete` tasks in order. `Err` means the batch should be retried as a
     /// whole; `Ok` holds one outcome per task, in order, and a permanent error in it dead-letters
     /// only that task.
-    async fn apply(&self, catalog: &Catalog, tasks: &[Task]) -> Result<Vec<Outcome>, ProjectorError>;
+    async fn apply(
+        &self,
+        catalog: &Catalog,
+        tasks: &[Task],
+    ) -> Result<Vec<Outcome>, ProjectorError>;
 
     /// Removes everything the store holds for a project; a project it never saw is not an error.
     async fn drop_project(&self, project: &Ident) -> Result<(), ProjectorError>;
 
     /// What the store holds for an item in one version: its document as the store returns it
     /// (geometries as GeoJSON), or `None` when absent or deleted. Used by checks and tests.
-    async fn read(&self, project: &Ident, version: u32, blueprint: &Ident, id: &Uuid) -> Result<Option<Value>, ProjectorError>;
+    async fn read(
+        &self,
+        project: &Ident,
+        version: u32,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<Value>, ProjectorError>;
 
     /// Whether the store answers.
     async fn health(&self) -> Health;

@@ -18,7 +18,12 @@ use crate::journal::{DeadLetter, Journal};
 use crate::projector::{backoff, ErrorKind, Projector, ProjectorError};
 
 /// Runs until `shutdown` turns true.
-pub async fn run(journal: Arc<Journal>, projector: Arc<dyn Projector>, batch_size: usize, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    journal: Arc<Journal>,
+    projector: Arc<dyn Projector>,
+    batch_size: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let name = projector.name();
     let mut attempt = 0;
     while !*shutdown.borrow() {
@@ -58,7 +63,11 @@ pub async fn run(journal: Arc<Journal>, projector: Arc<dyn Projector>, batch_siz
 }
 
 /// Applies the longest leading run of tasks that can go together and acknowledges it.
-async fn apply_run(journal: &Journal, projector: &dyn Projector, tasks: &[Task]) -> Result<(), ProjectorError> {
+async fn apply_run(
+    journal: &Journal,
+    projector: &dyn Projector,
+    tasks: &[Task],
+) -> Result<(), ProjectorError> {
     let name = projector.name();
     let first = &tasks[0];
     let (applied, dead) = match &first.op {
@@ -85,7 +94,9 @@ async fn apply_run(journal: &Journal, projector: &dyn Projector, tasks: &[Task])
             for (task, outcome) in run.iter().zip(outcomes) {
                 match outcome {
                     Ok(()) => applied.push(task.seq),
-                    Err(e) if e.kind == ErrorKind::Permanent => dead.push(dead_letter(name, task, &e)),
+                    Err(e) if e.kind == ErrorKind::Permanent => {
+                        dead.push(dead_letter(name, task, &e))
+                    }
                     Err(e) => {
                         retry = Some(e);
                         break;
@@ -99,7 +110,12 @@ async fn apply_run(journal: &Journal, projector: &dyn Projector, tasks: &[Task])
     ack(journal, name, &applied, dead)
 }
 
-fn ack(journal: &Journal, name: &str, applied: &[u64], dead: Vec<DeadLetter>) -> Result<(), ProjectorError> {
+fn ack(
+    journal: &Journal,
+    name: &str,
+    applied: &[u64],
+    dead: Vec<DeadLetter>,
+) -> Result<(), ProjectorError> {
     for letter in &dead {
         tracing::error!(projector = name, task = %letter.task.describe(), reason = %letter.reason, "dead letter");
     }
@@ -141,7 +157,9 @@ async fn migrate(
     let result = projector.migrate(&task.project, &version).await;
     let state = match &result {
         Ok(()) => MigrationState::Done,
-        Err(e) => MigrationState::Failed { error: e.message.clone() },
+        Err(e) => MigrationState::Failed {
+            error: e.message.clone(),
+        },
     };
     if let Err(e) = catalog.set_migration(&task.project, number, name, state) {
         tracing::warn!(projector = name, error = %e, "cannot record migration state");

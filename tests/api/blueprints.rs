@@ -1,26 +1,35 @@
 use reqwest::Method;
 use serde_json::json;
 
-use crate::helpers::{article, spawn_app, spawn_app_with};
+use crate::helpers::{article, article_normal, spawn_app, spawn_app_with};
 
 #[tokio::test]
 async fn the_seed_flow_freezes_version_1_and_refuses_an_empty_freeze_with_409() {
     let app = spawn_app().await;
     // No Content-Type header, as `curl -d` sends it.
-    let put = app.send(Method::PUT, "/myblog/article/_blueprint", Some(article().to_string())).await;
+    let put = app
+        .send(
+            Method::PUT,
+            "/myblog/article/_blueprint",
+            Some(article().to_string()),
+        )
+        .await;
     assert_eq!(put.status, 200, "{}", put.body);
     assert_eq!(put.body["success"], true);
     assert_eq!(put.body["changes"][0]["kind"], "blueprint.create");
 
     let frozen = app.post("/myblog/_version", None).await;
-    assert_eq!((frozen.status, &frozen.body), (200, &json!({"project_version": 1})));
+    assert_eq!(
+        (frozen.status, &frozen.body),
+        (200, &json!({"project_version": 1}))
+    );
 
     let again = app.post("/myblog/_version", None).await;
     assert_eq!(again.status, 409);
     assert_eq!(again.body["status"], "nothing changed since version 1");
 
     let read = app.get("/myblog/article/_blueprint/1").await;
-    assert_eq!((read.status, &read.body), (200, &article()));
+    assert_eq!((read.status, &read.body), (200, &article_normal()));
 }
 
 #[tokio::test]
@@ -52,9 +61,16 @@ async fn a_bad_blueprint_reports_every_problem_with_its_path_in_one_422() {
         "/columns/extra/colour",
         "/surprise",
     ] {
-        assert!(paths.contains(&expected.to_string()), "missing {expected} in {paths:?}");
+        assert!(
+            paths.contains(&expected.to_string()),
+            "missing {expected} in {paths:?}"
+        );
     }
-    assert!(answer.messages().contains("unknown type \"strnig\""), "{}", answer.messages());
+    assert!(
+        answer.messages().contains("unknown type \"strnig\""),
+        "{}",
+        answer.messages()
+    );
     // Nothing was stored.
     assert_eq!(app.get("/myblog/article/_blueprint").await.status, 404);
 }
@@ -76,7 +92,13 @@ async fn renames_swaps_and_edits_are_recorded_as_changes_and_resending_records_n
         .as_array()
         .unwrap()
         .iter()
-        .map(|c| format!("{} {}", c["kind"].as_str().unwrap(), c["option"].as_str().unwrap_or("")))
+        .map(|c| {
+            format!(
+                "{} {}",
+                c["kind"].as_str().unwrap(),
+                c["option"].as_str().unwrap_or("")
+            )
+        })
         .collect();
     assert_eq!(
         kinds,
@@ -105,14 +127,29 @@ async fn renames_swaps_and_edits_are_recorded_as_changes_and_resending_records_n
         "a": {"type": "integer", "column_id": "b"}, "b": {"type": "string"}}});
     let refused = app.put("/p/thing/_blueprint", &clash).await;
     assert_eq!(refused.status, 422, "{}", refused.body);
-    assert!(refused.messages().contains("already"), "{}", refused.messages());
+    assert!(
+        refused.messages().contains("already"),
+        "{}",
+        refused.messages()
+    );
 
     // The frozen version did not move.
     let frozen = app.get("/p/thing/_blueprint/1").await;
     assert_eq!(frozen.body["columns"]["a"]["type"], "string");
-    assert_eq!(app.post("/p/_version", None).await.body["project_version"], 2);
+    assert_eq!(
+        app.post("/p/_version", None).await.body["project_version"],
+        2
+    );
     let versions = app.get("/p/_version").await;
-    assert_eq!(versions.body["versions"][1]["changes"].as_array().unwrap().len(), 6, "{}", versions.body);
+    assert_eq!(
+        versions.body["versions"][1]["changes"]
+            .as_array()
+            .unwrap()
+            .len(),
+        6,
+        "{}",
+        versions.body
+    );
 }
 
 #[tokio::test]
@@ -127,12 +164,27 @@ async fn reading_unknown_things_answers_404_and_malformed_input_400() {
     assert_eq!(app.get("/myblog/_blueprint/7").await.status, 404);
     assert_eq!(app.get("/myblog/_blueprint/seven").await.status, 400);
 
-    let malformed = app.send(Method::PUT, "/myblog/article/_blueprint", Some("{\"postgresql\": ".into())).await;
+    let malformed = app
+        .send(
+            Method::PUT,
+            "/myblog/article/_blueprint",
+            Some("{\"postgresql\": ".into()),
+        )
+        .await;
     assert_eq!(malformed.status, 400);
-    assert!(malformed.body["status"].as_str().unwrap().contains("malformed JSON"), "{}", malformed.body);
+    assert!(
+        malformed.body["status"]
+            .as_str()
+            .unwrap()
+            .contains("malformed JSON"),
+        "{}",
+        malformed.body
+    );
     assert!(malformed.body["errors"].is_array());
 
-    let wrong_method = app.send(Method::PATCH, "/myblog/article/_blueprint", None).await;
+    let wrong_method = app
+        .send(Method::PATCH, "/myblog/article/_blueprint", None)
+        .await;
     assert_eq!(wrong_method.status, 405);
     assert!(wrong_method.body["status"].is_string());
 }
@@ -174,7 +226,14 @@ async fn two_blueprints_cannot_share_a_table_and_project_routes_put_all_and_free
     let body = json!({"myblog": {"article": article(), "comment": comment}});
     let clash = app.put("/_project", &body).await;
     assert_eq!(clash.status, 422, "{}", clash.body);
-    assert!(clash.paths().iter().any(|p| p.ends_with("/postgresql/table")), "{}", clash.body);
+    assert!(
+        clash
+            .paths()
+            .iter()
+            .any(|p| p.ends_with("/postgresql/table")),
+        "{}",
+        clash.body
+    );
 
     let mut comment = article();
     comment["postgresql"]["table"] = json!("comments");
@@ -184,12 +243,18 @@ async fn two_blueprints_cannot_share_a_table_and_project_routes_put_all_and_free
     assert_eq!(put.status, 200, "{}", put.body);
     assert_eq!(put.body["myblog"]["project_version"], 1);
     let again = app.put("/myblog/_project", &body["myblog"]).await;
-    assert_eq!((again.body["project_version"].as_u64(), again.body["changed"].as_bool()), (Some(1), Some(false)));
+    assert_eq!(
+        (
+            again.body["project_version"].as_u64(),
+            again.body["changed"].as_bool()
+        ),
+        (Some(1), Some(false))
+    );
 
     let all = app.get("/_version").await;
     assert_eq!(all.body["myblog"]["blueprints"]["comment"], json!([1]));
     let project = app.get("/myblog/_project").await;
-    assert_eq!(project.body["blueprints"]["article"], article());
+    assert_eq!(project.body["blueprints"]["article"], article_normal());
 
     assert_eq!(app.delete("/myblog/_project").await.status, 200);
     assert_eq!(app.get("/myblog/_project").await.status, 404);
@@ -208,7 +273,16 @@ async fn the_catalog_survives_a_restart() {
         app.stop().await;
     }
     let app = spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
-    assert_eq!(app.get("/myblog/article/_blueprint/1").await.body, article());
-    assert_eq!(app.get("/myblog/article/_blueprint").await.body["columns"]["summary"]["type"], "text");
-    assert_eq!(app.post("/myblog/_version", None).await.body["project_version"], 2);
+    assert_eq!(
+        app.get("/myblog/article/_blueprint/1").await.body,
+        article_normal()
+    );
+    assert_eq!(
+        app.get("/myblog/article/_blueprint").await.body["columns"]["summary"]["type"],
+        "text"
+    );
+    assert_eq!(
+        app.post("/myblog/_version", None).await.body["project_version"],
+        2
+    );
 }

@@ -14,7 +14,7 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub rocksdb: Option<Arc<RocksProjector>>,
-    pub dir: TempDir,
+    _dir: TempDir,
     handle: actix_web::dev::ServerHandle,
     running: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -27,7 +27,10 @@ pub async fn spawn_app_with(configure: impl FnOnce(&mut Settings)) -> TestApp {
     spawn_app_with_projectors(configure, Vec::new()).await
 }
 
-pub async fn spawn_app_with_projectors(configure: impl FnOnce(&mut Settings), extra: Vec<Arc<dyn Projector>>) -> TestApp {
+pub async fn spawn_app_with_projectors(
+    configure: impl FnOnce(&mut Settings),
+    extra: Vec<Arc<dyn Projector>>,
+) -> TestApp {
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = Settings::default();
     settings.server.host = "127.0.0.1".into();
@@ -36,12 +39,21 @@ pub async fn spawn_app_with_projectors(configure: impl FnOnce(&mut Settings), ex
     settings.storage.data_dir = dir.path().to_path_buf();
     settings.projection.wait_timeout_secs = 10;
     configure(&mut settings);
-    let app = Application::build_with(settings, extra).await.expect("the service starts");
+    let app = Application::build_with(settings, extra)
+        .await
+        .expect("the service starts");
     let address = format!("http://127.0.0.1:{}", app.port());
     let rocksdb = app.rocksdb();
     let handle = app.handle();
     let running = tokio::spawn(app.run_until_stopped());
-    TestApp { address, client: reqwest::Client::new(), rocksdb, dir, handle, running }
+    TestApp {
+        address,
+        client: reqwest::Client::new(),
+        rocksdb,
+        _dir: dir,
+        handle,
+        running,
+    }
 }
 
 /// A response's status and JSON body (Null when the body is not JSON).
@@ -62,14 +74,31 @@ impl Answer {
     pub fn messages(&self) -> String {
         self.body["errors"]
             .as_array()
-            .map(|errors| errors.iter().map(|e| format!("{} {}", e["path"], e["message"])).collect::<Vec<_>>().join("\n"))
+            .map(|errors| {
+                errors
+                    .iter()
+                    .map(|e| {
+                        format!(
+                            "{} {}",
+                            e["path"].as_str().unwrap_or_default(),
+                            e["message"].as_str().unwrap_or_default()
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join("\n")
+            })
             .unwrap_or_default()
     }
 
     pub fn paths(&self) -> Vec<String> {
         self.body["errors"]
             .as_array()
-            .map(|errors| errors.iter().map(|e| e["path"].as_str().unwrap_or_default().to_string()).collect())
+            .map(|errors| {
+                errors
+                    .iter()
+                    .map(|e| e["path"].as_str().unwrap_or_default().to_string())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 }
@@ -79,11 +108,16 @@ impl TestApp {
     pub async fn stop(self) {
         drop(self.rocksdb);
         self.handle.stop(true).await;
-        self.running.await.expect("the server task ends").expect("the server stops cleanly");
+        self.running
+            .await
+            .expect("the server task ends")
+            .expect("the server stops cleanly");
     }
 
     pub async fn send(&self, method: Method, path: &str, body: Option<String>) -> Answer {
-        let mut request = self.client.request(method, format!("{}{path}", self.address));
+        let mut request = self
+            .client
+            .request(method, format!("{}{path}", self.address));
         if let Some(body) = body {
             request = request.body(body);
         }
@@ -99,7 +133,8 @@ impl TestApp {
     }
 
     pub async fn post(&self, path: &str, body: Option<&Value>) -> Answer {
-        self.send(Method::POST, path, body.map(Value::to_string)).await
+        self.send(Method::POST, path, body.map(Value::to_string))
+            .await
     }
 
     pub async fn delete(&self, path: &str) -> Answer {
@@ -108,12 +143,23 @@ impl TestApp {
 
     /// Puts a blueprint and freezes; returns the new version.
     pub async fn put_and_freeze(&self, project: &str, blueprint: &str, body: &Value) -> u64 {
-        let put = self.put(&format!("/{project}/{blueprint}/_blueprint"), body).await;
+        let put = self
+            .put(&format!("/{project}/{blueprint}/_blueprint"), body)
+            .await;
         assert_eq!(put.status, 200, "{}", put.body);
         let frozen = self.post(&format!("/{project}/_version"), None).await;
         assert_eq!(frozen.status, 200, "{}", frozen.body);
-        frozen.body["project_version"].as_u64().expect("a version number")
+        frozen.body["project_version"]
+            .as_u64()
+            .expect("a version number")
     }
+}
+
+/// The article blueprint as GET returns it: options at their default (`nullable: true`) are omitted.
+pub fn article_normal() -> Value {
+    let mut normal = article();
+    normal["columns"]["location"] = json!({"type": "point"});
+    normal
 }
 
 /// The seed's article blueprint.

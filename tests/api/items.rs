@@ -27,7 +27,13 @@ fn seed_item() -> Value {
 #[tokio::test]
 async fn the_seed_item_flow_writes_reads_and_deletes() {
     let app = blog().await;
-    let put = app.send(Method::PUT, &format!("/myblog/article/{ID}"), Some(seed_item().to_string())).await;
+    let put = app
+        .send(
+            Method::PUT,
+            &format!("/myblog/article/{ID}"),
+            Some(seed_item().to_string()),
+        )
+        .await;
     assert_eq!(put.status, 200, "{}", put.body);
     assert_eq!(put.body["success"], true);
     let revision = put.body["revision"].as_u64().expect("a revision");
@@ -38,11 +44,16 @@ async fn the_seed_item_flow_writes_reads_and_deletes() {
     expected["links"] = json!([]);
     assert_eq!(read.body, expected);
 
-    let second = app.put(&format!("/myblog/article/{ID}"), &seed_item()).await;
+    let second = app
+        .put(&format!("/myblog/article/{ID}"), &seed_item())
+        .await;
     assert!(second.body["revision"].as_u64().unwrap() > revision);
 
     let deleted = app.delete(&format!("/myblog/article/{ID}")).await;
-    assert_eq!((deleted.status, &deleted.body["found"]), (200, &json!(true)));
+    assert_eq!(
+        (deleted.status, &deleted.body["found"]),
+        (200, &json!(true))
+    );
     assert_eq!(app.get(&format!("/myblog/article/{ID}")).await.status, 404);
     let again = app.delete(&format!("/myblog/article/{ID}")).await;
     assert_eq!((again.status, &again.body["found"]), (200, &json!(false)));
@@ -74,12 +85,31 @@ async fn an_invalid_item_lists_every_bad_field_and_stores_nothing() {
     assert_eq!(answer.status, 422, "{}", answer.body);
     let mut paths = answer.paths();
     paths.sort();
-    assert_eq!(paths, ["/d", "/f", "/g", "/id", "/links", "/n", "/nn", "/s", "/t", "/tags", "/u", "/unknown"], "{}", answer.messages());
+    assert_eq!(
+        paths,
+        ["/d", "/f", "/g", "/id", "/links", "/n", "/nn", "/s", "/t", "/tags", "/u", "/unknown"],
+        "{}",
+        answer.messages()
+    );
     assert_eq!(app.get(&format!("/p/thing/{ID}")).await.status, 404);
 
-    let out_of_range = app.put(&format!("/p/thing/{ID}"), &json!({"project_version": 1, "t": "2020-01-01", "nn": true, "n": 11})).await;
-    assert!(out_of_range.messages().contains("maximum"), "{}", out_of_range.body);
-    let too_big = app.put(&format!("/p/thing/{ID}"), &json!({"project_version": 1, "t": "2020-01-01", "nn": true, "n": 3_000_000_000u64})).await;
+    let out_of_range = app
+        .put(
+            &format!("/p/thing/{ID}"),
+            &json!({"project_version": 1, "t": "2020-01-01", "nn": true, "n": 11}),
+        )
+        .await;
+    assert!(
+        out_of_range.messages().contains("maximum"),
+        "{}",
+        out_of_range.body
+    );
+    let too_big = app
+        .put(
+            &format!("/p/thing/{ID}"),
+            &json!({"project_version": 1, "t": "2020-01-01", "nn": true, "n": 3_000_000_000u64}),
+        )
+        .await;
     assert!(too_big.messages().contains("range"), "{}", too_big.body);
 }
 
@@ -88,15 +118,41 @@ async fn project_version_must_name_a_frozen_version_holding_the_blueprint() {
     let app = blog().await;
     let mut item = seed_item();
     item.as_object_mut().unwrap().remove("project_version");
-    assert_eq!(app.put(&format!("/myblog/article/{ID}"), &item).await.paths(), ["/project_version"]);
+    assert_eq!(
+        app.put(&format!("/myblog/article/{ID}"), &item)
+            .await
+            .paths(),
+        ["/project_version"]
+    );
     item["project_version"] = json!(2);
     let answer = app.put(&format!("/myblog/article/{ID}"), &item).await;
     assert_eq!(answer.status, 422);
     assert!(answer.messages().contains("does not exist"));
-    assert_eq!(app.put(&format!("/myblog/comment/{ID}"), &seed_item()).await.status, 404);
-    assert_eq!(app.put(&format!("/nope/article/{ID}"), &seed_item()).await.status, 404);
-    assert_eq!(app.put("/myblog/article/not-a-uuid", &seed_item()).await.status, 400);
-    let malformed = app.send(Method::PUT, &format!("/myblog/article/{ID}"), Some("{".into())).await;
+    assert_eq!(
+        app.put(&format!("/myblog/comment/{ID}"), &seed_item())
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        app.put(&format!("/nope/article/{ID}"), &seed_item())
+            .await
+            .status,
+        404
+    );
+    assert_eq!(
+        app.put("/myblog/article/not-a-uuid", &seed_item())
+            .await
+            .status,
+        400
+    );
+    let malformed = app
+        .send(
+            Method::PUT,
+            &format!("/myblog/article/{ID}"),
+            Some("{".into()),
+        )
+        .await;
     assert_eq!(malformed.status, 400);
 }
 
@@ -109,7 +165,12 @@ async fn post_generates_an_id_and_wait_returns_once_the_keyspace_has_the_item() 
     assert_eq!(created.status, 201, "{}", created.body);
     assert_eq!(created.body["projected"], true);
     let id: Uuid = created.body["id"].as_str().unwrap().parse().unwrap();
-    let stored = app.rocksdb.as_ref().unwrap().get(&"myblog".parse_ident(), 1, &"article".parse_ident(), &id);
+    let stored = app.rocksdb.as_ref().unwrap().get(
+        &"myblog".parse_ident(),
+        1,
+        &"article".parse_ident(),
+        &id,
+    );
     assert_eq!(stored.unwrap()["title"], "Hello");
 
     item["id"] = json!(ID);
@@ -136,20 +197,34 @@ async fn bulk_answers_per_line_and_journals_the_valid_ones() {
     .map(Value::to_string)
     .collect::<Vec<_>>()
     .join("\n");
-    let answer = app.send(Method::POST, "/myblog/_bulk?wait=true", Some(body)).await;
+    let answer = app
+        .send(Method::POST, "/myblog/_bulk?wait=true", Some(body))
+        .await;
     assert_eq!(answer.status, 200, "{}", answer.body);
     assert_eq!(answer.body["errors"], true);
     let statuses: Vec<u64> = answer.body["items"]
         .as_array()
         .unwrap()
         .iter()
-        .map(|i| i.as_object().unwrap().values().next().unwrap()["status"].as_u64().unwrap())
+        .map(|i| {
+            i.as_object().unwrap().values().next().unwrap()["status"]
+                .as_u64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(statuses, [200, 422, 201, 200, 404]);
     assert_eq!(app.get(&format!("/myblog/article/{ID}")).await.status, 200);
-    assert_eq!(app.rocksdb.as_ref().unwrap().count(&"myblog".parse_ident(), 1, &"article".parse_ident()), 2);
+    assert_eq!(
+        app.rocksdb
+            .as_ref()
+            .unwrap()
+            .count(&"myblog".parse_ident(), 1, &"article".parse_ident()),
+        2
+    );
 
-    let broken = app.send(Method::POST, "/myblog/_bulk", Some("{\"put\": \n".into())).await;
+    let broken = app
+        .send(Method::POST, "/myblog/_bulk", Some("{\"put\": \n".into()))
+        .await;
     assert_eq!(broken.status, 400);
     assert_eq!(broken.body["errors"][0]["path"], "/line/1");
 }
@@ -178,21 +253,39 @@ async fn freezing_a_new_version_backfills_existing_items_and_retired_versions_ta
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(finished, json!({"total": 1200, "done": 1200, "finished": true}));
+    assert_eq!(
+        finished,
+        json!({"total": 1200, "done": 1200, "finished": true})
+    );
     // Wait for the projector through a write that queues behind the back-fill.
     let mut last = seed_item();
     last["project_version"] = json!(2);
     last.as_object_mut().unwrap().remove("title");
-    assert_eq!(app.put(&format!("/myblog/article/{ID}?wait=true"), &last).await.body["projected"], true);
+    assert_eq!(
+        app.put(&format!("/myblog/article/{ID}?wait=true"), &last)
+            .await
+            .body["projected"],
+        true
+    );
 
     let keyspaces = app.rocksdb.as_ref().unwrap();
     let (project, blueprint) = ("myblog".parse_ident(), "article".parse_ident());
     assert_eq!(keyspaces.count(&project, 2, &blueprint), 1201);
-    let moved = keyspaces.get(&project, 2, &blueprint, &Uuid::from_u128(6)).unwrap();
-    assert_eq!((&moved["headline"], &moved["views"], moved.get("title")), (&json!("t5"), &json!(0), None));
+    let moved = keyspaces
+        .get(&project, 2, &blueprint, &Uuid::from_u128(6))
+        .unwrap();
+    assert_eq!(
+        (&moved["headline"], &moved["views"], moved.get("title")),
+        (&json!("t5"), &json!(0), None)
+    );
 
-    assert_eq!(app.post("/myblog/_version/1/_retire", None).await.status, 200);
-    let refused = app.put(&format!("/myblog/article/{ID}"), &seed_item()).await;
+    assert_eq!(
+        app.post("/myblog/_version/1/_retire", None).await.status,
+        200
+    );
+    let refused = app
+        .put(&format!("/myblog/article/{ID}"), &seed_item())
+        .await;
     assert_eq!(refused.status, 422);
     assert!(refused.messages().contains("retired"));
 }
@@ -200,7 +293,12 @@ async fn freezing_a_new_version_backfills_existing_items_and_retired_versions_ta
 #[tokio::test]
 async fn deleting_a_project_removes_its_items_from_the_journal_and_the_keyspaces() {
     let app = blog().await;
-    assert_eq!(app.put(&format!("/myblog/article/{ID}?wait=true"), &seed_item()).await.body["projected"], true);
+    assert_eq!(
+        app.put(&format!("/myblog/article/{ID}?wait=true"), &seed_item())
+            .await
+            .body["projected"],
+        true
+    );
     assert_eq!(app.delete("/myblog/_project").await.status, 200);
     assert_eq!(app.get(&format!("/myblog/article/{ID}")).await.status, 404);
     app.put_and_freeze("myblog", "article", &article()).await;

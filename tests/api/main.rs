@@ -4,6 +4,6 @@ mod blueprints;
 mod helpers;
 mod items;
 mod kitchensink;
-mod projectors;
 mod postgres;
 mod process;
+mod projectors;

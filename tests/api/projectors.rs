@@ -39,7 +39,11 @@ impl Projector for Broken {
         }
     }
 
-    async fn apply(&self, _catalog: &Catalog, tasks: &[Task]) -> Result<Vec<Outcome>, ProjectorError> {
+    async fn apply(
+        &self,
+        _catalog: &Catalog,
+        tasks: &[Task],
+    ) -> Result<Vec<Outcome>, ProjectorError> {
         Ok(tasks.iter().map(|_| Ok(())).collect())
     }
 
@@ -47,30 +51,64 @@ impl Projector for Broken {
         Ok(())
     }
 
-    async fn read(&self, _: &Ident, _: u32, _: &Ident, _: &Uuid) -> Result<Option<Value>, ProjectorError> {
+    async fn read(
+        &self,
+        _: &Ident,
+        _: u32,
+        _: &Ident,
+        _: &Uuid,
+    ) -> Result<Option<Value>, ProjectorError> {
         Ok(None)
     }
 
     async fn health(&self) -> Health {
-        Health { reachable: true, detail: "test double".into() }
+        Health {
+            reachable: true,
+            detail: "test double".into(),
+        }
     }
 }
 
 #[tokio::test]
 async fn a_failed_migration_is_reported_and_the_freeze_can_be_retried_to_completion() {
     let fixed = Arc::new(AtomicBool::new(false));
-    let app = spawn_app_with_projectors(|s| s.projection.wait_timeout_secs = 2, vec![Arc::new(Broken { fixed: fixed.clone() })]).await;
-    assert_eq!(app.put("/myblog/article/_blueprint", &article()).await.status, 200);
+    let app = spawn_app_with_projectors(
+        |s| s.projection.wait_timeout_secs = 2,
+        vec![Arc::new(Broken {
+            fixed: fixed.clone(),
+        })],
+    )
+    .await;
+    assert_eq!(
+        app.put("/myblog/article/_blueprint", &article())
+            .await
+            .status,
+        200
+    );
     let failed = app.post("/myblog/_version", None).await;
     assert_eq!(failed.status, 503, "{}", failed.body);
     let status = failed.body["status"].as_str().unwrap();
-    assert!(status.contains("broken: the store refused the schema"), "{status}");
+    assert!(
+        status.contains("broken: the store refused the schema"),
+        "{status}"
+    );
     let versions = app.get("/myblog/_version").await.body;
-    assert_eq!(versions["versions"][0]["migrations"]["broken"]["state"], "failed", "{versions}");
-    assert_eq!(versions["versions"][0]["migrations"]["rocksdb"]["state"], "done", "{versions}");
+    assert_eq!(
+        versions["versions"][0]["migrations"]["broken"]["state"], "failed",
+        "{versions}"
+    );
+    assert_eq!(
+        versions["versions"][0]["migrations"]["rocksdb"]["state"], "done",
+        "{versions}"
+    );
 
     fixed.store(true, Ordering::SeqCst);
     let retried = app.post("/myblog/_version", None).await;
-    assert_eq!((retried.status, &retried.body["project_version"]), (200, &serde_json::json!(1)), "{}", retried.body);
+    assert_eq!(
+        (retried.status, &retried.body["project_version"]),
+        (200, &serde_json::json!(1)),
+        "{}",
+        retried.body
+    );
     assert_eq!(app.post("/myblog/_version", None).await.status, 409);
 }

@@ -170,7 +170,7 @@ impl PostgresProjector {
         let schema = schema_name(project, version.number);
         let what = format!("migrate {schema}");
         let mut tx = self.pool.begin().await.map_err(|e| self.failed(&what, &e))?;
-        self.ensure_postgis(&mut tx).await?;
+        self.ensure_postgis(&mut *tx).await?;
         let mut statements = ddl::schema_statements(&schema, project, version.number)?;
         for blueprint in version.blueprints.values() {
             statements.extend(ddl::table_statements(&schema, blueprint)?);
@@ -219,7 +219,7 @@ impl Projector for PostgresProjector {
         }
         let mut tx = self.pool.begin().await.map_err(|e| self.failed("begin a batch", &e))?;
         for group in &plan.groups {
-            write::apply_group(&mut tx, group, &mut outcomes)
+            write::apply_group(&mut *tx, group, &mut outcomes)
                 .await
                 .map_err(|abort| self.failed(&abort.what, &abort.error))?;
         }
@@ -263,7 +263,7 @@ impl Projector for PostgresProjector {
             return Ok(None);
         };
         let select = read::select_sql(&schema, &shape)?;
-        let row: Option<Json<Map<String, Value>>> = match sqlx::query_scalar(AssertSqlSafe(select)).bind(id).fetch_optional(&self.pool).await {
+        let row: Option<Json<Map<String, Value>>> = match sqlx::query_scalar(AssertSqlSafe(select)).bind(*id).fetch_optional(&self.pool).await {
             Ok(row) => row,
             Err(e) if classify(&e) == Failure::Missing => return Ok(None),
             Err(e) => return Err(self.failed(&what, &e)),

@@ -86,7 +86,7 @@ pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
                 continue;
             };
             let schema = super::ident::schema_name(&task.project, number);
-            versions.entry(schema.clone()).or_insert((&task.project, version.as_ref()));
+            versions.entry(schema.clone()).or_insert((&task.project, &**version));
             let key = (schema, &definition.table, id);
             // Equal revisions are redeliveries of one write: the later copy is as good as the first.
             if newest.get(&key).is_none_or(|(current, ..)| *current <= revision) {
@@ -194,40 +194,31 @@ pub struct Abort {
 pub async fn apply_group(conn: &mut PgConnection, group: &Group<'_>, outcomes: &mut [Outcome]) -> Result<(), Abort> {
     let table = group.blueprint.table.as_str();
     let place = format!("{}.{table}", group.schema);
+    let abort = |what: &str| {
+        let what = format!("{what} {place}");
+        move |error: sqlx::Error| Abort { what, error }
+    };
     let name_error = |e: NameError| Abort { what: place.clone(), error: sqlx::Error::Protocol(e.to_string()) };
     if !group.upserts.is_empty() {
         let sql = upsert_sql(&group.schema, group.blueprint).map_err(name_error)?;
-        let rows: Vec<&Upsert<'_>> = group.upserts.iter().collect();
-        let run = |rows: Vec<&Upsert<'_>>| {
-            let json = Value::Array(rows.iter().map(|u| row(group.blueprint, u)).collect());
-            sqlx::query(AssertSqlSafe(sql.clone())).bind(sqlx::types::Json(json)).bind(table.to_owned())
-        };
-        if let Err(error) = guarded(conn, run(rows)).await.map_err(|error| Abort { what: format!("upsert into {place}"), error })? {
+        let all: Vec<&Upsert<'_>> = group.upserts.iter().collect();
+        let batch = upsert_query(&sql, group.blueprint, &all);
+        if let Err(error) = guarded(conn, batch).await.map_err(abort("upsert into"))? {
+            tracing::warn!(table = %place, error = %describe(&error), "postgresql refused rows; applying them one by one");
             for upsert in &group.upserts {
-                let refused = guarded(conn, run(vec![upsert]))
-                    .await
-                    .map_err(|error| Abort { what: format!("upsert into {place}"), error })?;
-                if let Err(error) = refused {
+                let one = upsert_query(&sql, group.blueprint, &[upsert]);
+                if let Err(error) = guarded(conn, one).await.map_err(abort("upsert into"))? {
                     refuse(outcomes, upsert.task, &place, upsert.id, &error);
                 }
             }
-            tracing::warn!(table = %place, error = %describe(&error), "postgresql refused rows; applied the others one by one");
         }
     }
     if !group.deletes.is_empty() {
         let sql = delete_sql(&group.schema, group.blueprint).map_err(name_error)?;
-        let run = |deletes: &[&Delete]| {
-            let ids: Vec<Uuid> = deletes.iter().map(|d| d.id).collect();
-            let revisions: Vec<i64> = deletes.iter().map(|d| d.revision).collect();
-            sqlx::query(AssertSqlSafe(sql.clone())).bind(ids).bind(revisions).bind(table.to_owned())
-        };
         let all: Vec<&Delete> = group.deletes.iter().collect();
-        if guarded(conn, run(&all)).await.map_err(|error| Abort { what: format!("delete from {place}"), error })?.is_err() {
+        if guarded(conn, delete_query(&sql, table, &all)).await.map_err(abort("delete from"))?.is_err() {
             for delete in &group.deletes {
-                let refused = guarded(conn, run(&[delete]))
-                    .await
-                    .map_err(|error| Abort { what: format!("delete from {place}"), error })?;
-                if let Err(error) = refused {
+                if let Err(error) = guarded(conn, delete_query(&sql, table, &[delete])).await.map_err(abort("delete from"))? {
                     refuse(outcomes, delete.task, &place, delete.id, &error);
                 }
             }
@@ -236,17 +227,28 @@ pub async fn apply_group(conn: &mut PgConnection, group: &Group<'_>, outcomes: &
     Ok(())
 }
 
+type PgQuery = sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>;
+
+fn upsert_query(sql: &str, blueprint: &Blueprint, rows: &[&Upsert<'_>]) -> PgQuery {
+    let json = Value::Array(rows.iter().map(|u| row(blueprint, u)).collect());
+    sqlx::query(AssertSqlSafe(sql.to_owned())).bind(sqlx::types::Json(json)).bind(blueprint.table.to_string())
+}
+
+fn delete_query(sql: &str, table: &str, rows: &[&Delete]) -> PgQuery {
+    let ids: Vec<Uuid> = rows.iter().map(|d| d.id).collect();
+    let revisions: Vec<i64> = rows.iter().map(|d| d.revision).collect();
+    sqlx::query(AssertSqlSafe(sql.to_owned())).bind(ids).bind(revisions).bind(table.to_owned())
+}
+
 fn refuse(outcomes: &mut [Outcome], task: usize, place: &str, id: Uuid, error: &sqlx::Error) {
     if outcomes[task].is_ok() {
         outcomes[task] = Err(ProjectorError::permanent(format!("postgresql refused {place} row {id}: {}", describe(error))));
     }
 }
 
-type PgQuery<'q> = sqlx::query::Query<'q, sqlx::Postgres, sqlx::postgres::PgArguments>;
-
 /// Runs `query` under a savepoint. `Ok(Err(_))`: PostgreSQL refused the rows for good and the
 /// savepoint was rolled back, so the transaction goes on; `Err(_)`: the batch must be retried.
-async fn guarded(conn: &mut PgConnection, query: PgQuery<'_>) -> Result<Result<(), sqlx::Error>, sqlx::Error> {
+async fn guarded(conn: &mut PgConnection, query: PgQuery) -> Result<Result<(), sqlx::Error>, sqlx::Error> {
     sqlx::raw_sql("SAVEPOINT dstore_rows").execute(&mut *conn).await?;
     match query.execute(&mut *conn).await {
         Ok(_) => {

@@ -66,11 +66,19 @@ impl RocksProjector {
     pub fn open(path: &Path) -> Result<RocksProjector, rocksdb::Error> {
         let mut options = rocksdb::Options::default();
         options.create_if_missing(true);
-        Ok(RocksProjector { db: Arc::new(DB::open(&options, path)?) })
+        Ok(RocksProjector {
+            db: Arc::new(DB::open(&options, path)?),
+        })
     }
 
     /// An item as stored for one version; `None` when absent or deleted.
-    pub fn get(&self, project: &Ident, version: u32, blueprint: &Ident, id: &Uuid) -> Option<Value> {
+    pub fn get(
+        &self,
+        project: &Ident,
+        version: u32,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Option<Value> {
         let value = self.db.get(key(project, version, blueprint, id)).ok()??;
         match value.get(8) {
             Some(1) => serde_json::from_slice(&value[9..]).ok(),
@@ -110,7 +118,11 @@ impl Projector for RocksProjector {
         Ok(())
     }
 
-    async fn apply(&self, _catalog: &Catalog, tasks: &[Task]) -> Result<Vec<Outcome>, ProjectorError> {
+    async fn apply(
+        &self,
+        _catalog: &Catalog,
+        tasks: &[Task],
+    ) -> Result<Vec<Outcome>, ProjectorError> {
         let db = self.db.clone();
         let tasks = tasks.to_vec();
         let this = RocksProjector { db };
@@ -126,27 +138,53 @@ impl Projector for RocksProjector {
         self.write(batch)
     }
 
-    async fn read(&self, project: &Ident, version: u32, blueprint: &Ident, id: &Uuid) -> Result<Option<Value>, ProjectorError> {
+    async fn read(
+        &self,
+        project: &Ident,
+        version: u32,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<Value>, ProjectorError> {
         Ok(self.get(project, version, blueprint, id))
     }
 
     async fn health(&self) -> Health {
-        Health { reachable: true, detail: "embedded".into() }
+        Health {
+            reachable: true,
+            detail: "embedded".into(),
+        }
     }
 }
+
+/// One keyspace write: a document, or a tombstone when `doc` is `None`.
+type Write<'a> = (Vec<u8>, u64, Option<&'a Map<String, Value>>);
 
 impl RocksProjector {
     fn apply_blocking(&self, tasks: &[Task]) -> Result<Vec<Outcome>, ProjectorError> {
         // Every (key, revision, document) the batch wants written, in task order.
-        let mut writes: Vec<(Vec<u8>, u64, Option<&Map<String, Value>>)> = Vec::new();
+        let mut writes: Vec<Write> = Vec::new();
         for task in tasks {
             match &task.op {
-                TaskOp::Upsert { blueprint, id, revision, docs } => {
+                TaskOp::Upsert {
+                    blueprint,
+                    id,
+                    revision,
+                    docs,
+                } => {
                     for d in docs {
-                        writes.push((key(&task.project, d.version, blueprint, id), *revision, Some(&d.doc)));
+                        writes.push((
+                            key(&task.project, d.version, blueprint, id),
+                            *revision,
+                            Some(&d.doc),
+                        ));
                     }
                 }
-                TaskOp::Delete { blueprint, id, revision, versions } => {
+                TaskOp::Delete {
+                    blueprint,
+                    id,
+                    revision,
+                    versions,
+                } => {
                     for v in versions {
                         writes.push((key(&task.project, *v, blueprint, id), *revision, None));
                     }
@@ -157,7 +195,8 @@ impl RocksProjector {
         let stored = self.db.multi_get(writes.iter().map(|(k, _, _)| k));
         let mut newest: HashMap<&[u8], u64> = HashMap::with_capacity(writes.len());
         for ((key, _, _), value) in writes.iter().zip(stored) {
-            let value = value.map_err(|e| ProjectorError::transient(format!("rocksdb read failed: {e}")))?;
+            let value = value
+                .map_err(|e| ProjectorError::transient(format!("rocksdb read failed: {e}")))?;
             newest.insert(key, value.as_deref().map_or(0, stored_revision));
         }
         let mut batch = WriteBatch::default();
