@@ -21,10 +21,6 @@ use uuid::Uuid;
 use crate::helpers::{spawn_app_with, TestApp};
 use crate::kitchensink::{blueprint_v1, blueprint_v2, item_v1, item_v2, sample};
 
-const TYPES: [&str; 12] = [
-    "uuid", "string", "text", "point", "linestring", "polygon", "date", "datetime", "float", "integer", "boolean", "json",
-];
-
 fn server_url() -> String {
     std::env::var("DSTORE_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
