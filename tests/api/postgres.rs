@@ -96,6 +96,16 @@ fn sample_doc(id: Uuid, title: &str) -> Value {
     Value::Object(conformance::sample_doc(id, title))
 }
 
+/// Numbers as floats: PostGIS prints `0` where dstore's canonical GeoJSON holds `0.0`.
+fn floats(value: Value) -> Value {
+    match value {
+        Value::Array(items) => Value::Array(items.into_iter().map(floats).collect()),
+        Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (k, floats(v))).collect()),
+        Value::Number(n) => json!(n.as_f64().expect("a finite number")),
+        other => other,
+    }
+}
+
 async fn schemas(conn: &mut PgConnection) -> Vec<String> {
     sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname ~ '_v[0-9]+$' ORDER BY 1")
         .fetch_all(conn)
@@ -157,7 +167,7 @@ async fn kitchensink_items_written_over_http_read_back_from_sql_in_both_versions
         );
         let row = sqlx::query(AssertSqlSafe(query)).bind(second).fetch_one(&mut sql).await.expect("the row is in postgresql");
         for geometry in ["point", "linestring", "polygon"] {
-            assert_eq!(row.get::<Value, _>(geometry), sample(geometry), "{schema} {geometry}");
+            assert_eq!(floats(row.get::<Value, _>(geometry)), sample(geometry), "{schema} {geometry}");
         }
         for text in ["uuid", "string", "text", "date", "datetime"] {
             assert_eq!(json!(row.get::<String, _>(text)), sample(text), "{schema} {text}");
@@ -183,7 +193,7 @@ async fn kitchensink_items_written_over_http_read_back_from_sql_in_both_versions
     .await
     .unwrap();
     let coordinates = sample("point")["coordinates"].clone();
-    assert_eq!(arrays.get::<Value, _>("point"), json!({"type": "MultiPoint", "coordinates": [coordinates, coordinates]}));
+    assert_eq!(floats(arrays.get::<Value, _>("point")), json!({"type": "MultiPoint", "coordinates": [coordinates, coordinates]}));
     assert_eq!(arrays.get::<Value, _>("polygon")["type"], "MultiPolygon");
     assert_eq!(arrays.get::<i32, _>("lines"), 2);
     assert_eq!(arrays.get::<Vec<String>, _>("datetimes"), vec!["2021-03-04 05:06:07+00"; 2]);

@@ -2,7 +2,7 @@
 //!
 //! A version's schema records, per blueprint, its table and column types (`_blueprints`), so a read
 //! needs no catalog and still works for a version the catalog has forgotten. Geometries come back
-//! through `ST_AsGeoJSON`. A missing schema, table or row is `None`, never an error.
+//! through `ST_AsGeoJSON` with 15 decimals, enough for every coordinate dstore accepts. A missing schema, table or row is `None`, never an error.
 
 use serde::{Deserialize, Serialize};
 
@@ -31,7 +31,7 @@ pub fn select_sql(schema: &str, shape: &Shape) -> Result<String, NameError> {
     let mut columns = vec!["id".to_owned(), "project_version".into(), "links".into()];
     for (name, ty) in &shape.columns {
         let q = quote(name)?;
-        columns.push(if is_geometry(*ty) { format!("ST_AsGeoJSON({q})::jsonb AS {q}") } else { q });
+        columns.push(if is_geometry(*ty) { format!("ST_AsGeoJSON({q}, 15)::jsonb AS {q}") } else { q });
     }
     Ok(format!(
         "SELECT to_jsonb(r) FROM (SELECT {} FROM {} WHERE id = $1) r",

@@ -41,9 +41,24 @@ pub fn from_stored(ty: ColumnType, value: Value) -> Value {
                 Some(Value::Array(parts)) => parts,
                 _ => Vec::new(),
             };
-            Value::Array(parts.into_iter().map(|c| json!({"type": single, "coordinates": c})).collect())
+            Value::Array(parts.into_iter().map(|c| json!({"type": single, "coordinates": floats(c)})).collect())
+        }
+        (ColumnType::One(base), Value::Object(mut geometry)) if base.is_geometry() => {
+            if let Some(coordinates) = geometry.remove("coordinates") {
+                geometry.insert("coordinates".into(), floats(coordinates));
+            }
+            Value::Object(geometry)
         }
         (_, value) => value,
+    }
+}
+
+/// Coordinates as floats, as dstore's canonical GeoJSON has them (PostGIS prints `0`, not `0.0`).
+fn floats(value: Value) -> Value {
+    match value {
+        Value::Array(items) => Value::Array(items.into_iter().map(floats).collect()),
+        Value::Number(n) => n.as_f64().and_then(serde_json::Number::from_f64).map_or(Value::Number(n), Value::Number),
+        other => other,
     }
 }
 
@@ -90,6 +105,12 @@ mod tests {
         assert_eq!(from_stored(ColumnType::Many(BaseType::Point), multi), points);
         let empty = to_input(ColumnType::Many(BaseType::Polygon), &json!([]));
         assert_eq!(from_stored(ColumnType::Many(BaseType::Polygon), empty), json!([]));
+    }
+
+    #[test]
+    fn coordinates_read_back_as_floats_like_the_canonical_geojson() {
+        let stored = json!({"type": "Point", "coordinates": [0, 47.25]});
+        assert_eq!(from_stored(ColumnType::One(BaseType::Point), stored), json!({"type": "Point", "coordinates": [0.0, 47.25]}));
     }
 
     #[test]
