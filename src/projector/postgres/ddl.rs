@@ -9,7 +9,7 @@
 use serde_json::Value;
 
 use super::ident::{derived_name, literal, qualified, quote, NameError};
-use super::values::to_input;
+use super::values::{to_geojson, to_input};
 use crate::blueprint::{BaseType, Blueprint, ColumnDef, ColumnType, Ident};
 
 /// Longest `VARCHAR(n)` PostgreSQL accepts; a longer `max_length` stays TEXT.
@@ -68,15 +68,6 @@ fn array_type(base: BaseType) -> &'static str {
 /// Whether the column is stored as a PostGIS geometry (scalar or multi).
 pub fn is_geometry(ty: ColumnType) -> bool {
     ty.base().is_geometry()
-}
-
-/// The type a column is read as from the JSON input of a write: geometries arrive as GeoJSON.
-pub fn input_type(def: &ColumnDef) -> String {
-    if is_geometry(def.ty) {
-        "JSONB".to_owned()
-    } else {
-        column_type(def)
-    }
 }
 
 /// The index method that serves a column: GiST for geometries, GIN for arrays and JSON.
@@ -162,10 +153,11 @@ fn column_definition(name: &Ident, def: &ColumnDef) -> Result<String, NameError>
 
 /// A column default as a constant SQL expression of the column's type.
 fn default_expression(def: &ColumnDef, default: &Value) -> Result<String, NameError> {
-    let input = to_input(def.ty, default);
     if is_geometry(def.ty) {
-        return Ok(format!("ST_SetSRID(ST_GeomFromGeoJSON({}), 4326)", literal(&input.to_string())?));
+        let geojson = to_geojson(def.ty, default).to_string();
+        return Ok(format!("ST_SetSRID(ST_GeomFromGeoJSON({}), 4326)", literal(&geojson)?));
     }
+    let input = to_input(def.ty, default);
     let ty = column_type(def);
     match (def.ty, &input) {
         (ColumnType::Many(base), Value::Array(items)) if !items.is_empty() => {

@@ -2,7 +2,7 @@
 //!
 //! The plan keeps, per (schema, table, id), only the task with the highest revision (a newer delete
 //! wins over an older upsert and the other way round), so each row is touched once. Upserts go in as
-//! one `INSERT … SELECT … FROM jsonb_to_recordset($1) … ON CONFLICT (id) DO UPDATE … WHERE
+//! one `INSERT … SELECT … FROM json_to_recordset($1) … ON CONFLICT (id) DO UPDATE … WHERE
 //! t._revision < EXCLUDED._revision` per table, skipping ids whose tombstone is at least as new;
 //! deletes record or raise the tombstone and remove older rows. Each statement runs under a
 //! savepoint: when PostgreSQL refuses rows for good, the statement is replayed row by row, each under
@@ -15,7 +15,7 @@ use sqlx::postgres::PgConnection;
 use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
-use super::ddl::{input_type, is_geometry, BLUEPRINTS, TOMBSTONES};
+use super::ddl::{column_type, BLUEPRINTS, TOMBSTONES};
 use super::error::{classify, describe, Failure};
 use super::ident::{qualified, quote, NameError};
 use super::values::to_input;
@@ -116,24 +116,21 @@ pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
     Plan { groups, versions: versions.into_values().collect(), outcomes }
 }
 
-/// The upsert statement of a blueprint's table; `$1` is a JSON array of rows, `$2` the table name.
+/// The upsert statement of a blueprint's table; `$1` is a JSON array of rows (as text), `$2` the
+/// table name.
 pub fn upsert_sql(schema: &str, blueprint: &Blueprint) -> Result<String, NameError> {
     let mut record = vec!["id UUID".to_owned(), "project_version INTEGER".into(), "links UUID[]".into(), "_revision BIGINT".into()];
     let mut targets = vec!["id".to_owned(), "project_version".into(), "links".into(), "_revision".into()];
     let mut sources = vec!["i.id".to_owned(), "i.project_version".into(), "COALESCE(i.links, '{}')".into(), "i._revision".into()];
     for (name, column) in &blueprint.columns {
         let q = quote(name.as_str())?;
-        record.push(format!("{q} {}", input_type(&column.def)));
-        sources.push(if is_geometry(column.def.ty) {
-            format!("ST_SetSRID(ST_GeomFromGeoJSON(i.{q}), 4326)")
-        } else {
-            format!("i.{q}")
-        });
+        record.push(format!("{q} {}", column_type(&column.def)));
+        sources.push(format!("i.{q}"));
         targets.push(q);
     }
     let updates: Vec<String> = targets[1..].iter().map(|t| format!("{t} = EXCLUDED.{t}")).collect();
     Ok(format!(
-        "WITH i AS (SELECT * FROM jsonb_to_recordset($1) AS r({record})) \
+        "WITH i AS (SELECT * FROM json_to_recordset($1::text::json) AS r({record})) \
          INSERT INTO {table} AS t ({targets}) \
          SELECT {sources} FROM i \
          WHERE NOT EXISTS (SELECT 1 FROM {tombstones} d WHERE d.table_name = $2 AND d.id = i.id AND d._revision >= i._revision) \
@@ -230,8 +227,9 @@ pub async fn apply_group(conn: &mut PgConnection, group: &Group<'_>, outcomes: &
 type PgQuery = sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
 fn upsert_query(sql: &str, blueprint: &Blueprint, rows: &[&Upsert<'_>]) -> PgQuery {
-    let json = Value::Array(rows.iter().map(|u| row(blueprint, u)).collect());
-    sqlx::query(AssertSqlSafe(sql.to_owned())).bind(sqlx::types::Json(json)).bind(blueprint.table.to_string())
+    // Sent as text and read with json_to_recordset: one parse on the server, no jsonb conversion.
+    let json = Value::Array(rows.iter().map(|u| row(blueprint, u)).collect()).to_string();
+    sqlx::query(AssertSqlSafe(sql.to_owned())).bind(json).bind(blueprint.table.to_string())
 }
 
 fn delete_query(sql: &str, table: &str, rows: &[&Delete]) -> PgQuery {
