@@ -24,7 +24,11 @@ use dstore::projector::{conformance, Projector};
 
 #[derive(Parser)]
 struct Args {
-    #[arg(long, env = "DSTORE_TEST_POSTGRES_URL", default_value = "postgres://postgres@127.0.0.1:5432")]
+    #[arg(
+        long,
+        env = "DSTORE_TEST_POSTGRES_URL",
+        default_value = "postgres://postgres@127.0.0.1:5432"
+    )]
     url: String,
     /// Rows written by each method in each round.
     #[arg(long, default_value_t = 10_000)]
@@ -44,17 +48,31 @@ async fn main() -> Result<(), Failure> {
     let args = Args::parse();
     let server = args.url.trim_end_matches('/').to_owned();
     let database = format!("dstore_bench_{}", Uuid::new_v4().simple());
-    let settings = PostgresSettings { url: Some(format!("{server}/{database}")), max_connections: 4, ..PostgresSettings::default() };
+    let settings = PostgresSettings {
+        url: Some(format!("{server}/{database}")),
+        max_connections: 4,
+        ..PostgresSettings::default()
+    };
     let projector = Arc::new(PostgresProjector::new(&settings)?);
     let dir = tempfile_dir()?;
     let catalog = Catalog::open(&dir.join("catalog"))?;
-    let projects: Vec<Ident> = ["bench_dstore", "bench_single", "bench_copy"].iter().map(|p| Ident::parse(p)).collect::<Result<_, _>>()?;
+    let projects: Vec<Ident> = ["bench_dstore", "bench_single", "bench_copy"]
+        .iter()
+        .map(|p| Ident::parse(p))
+        .collect::<Result<_, _>>()?;
     for project in &projects {
         conformance::freeze_sample(&catalog, project);
-        let version = catalog.snapshot().project(project)?.version(1).ok_or("version 1")?.clone();
+        let version = catalog
+            .snapshot()
+            .project(project)?
+            .version(1)
+            .ok_or("version 1")?
+            .clone();
         projector.migrate(project, &version).await?;
     }
-    let docs: Vec<Map<String, Value>> = (0..args.rows).map(|i| conformance::sample_doc(Uuid::new_v4(), &format!("title {i}"))).collect();
+    let docs: Vec<Map<String, Value>> = (0..args.rows)
+        .map(|i| conformance::sample_doc(Uuid::new_v4(), &format!("title {i}")))
+        .collect();
     println!("dstore-pg-bench: {} rows of the conformance sample blueprint (15 columns, 4 geometries), batches of {}", args.rows, args.batch);
 
     let mut conn = PgConnection::connect(&format!("{server}/{database}")).await?;
@@ -70,12 +88,23 @@ async fn main() -> Result<(), Failure> {
             single_row(&mut conn, &docs).await?,
             copy(&mut conn, &docs, args.batch).await?,
         );
-        println!("round {round}: dstore {:.0}, single-row {:.0}, copy {:.0} rows/s", rates.0, rates.1, rates.2);
+        println!(
+            "round {round}: dstore {:.0}, single-row {:.0}, copy {:.0} rows/s",
+            rates.0, rates.1, rates.2
+        );
         projected = projected.max(rates.0);
         single = single.max(rates.1);
         copied = copied.max(rates.2);
-        for (schema, name) in [("bench_dstore_v1", "dstore"), ("bench_single_v1", "single"), ("bench_copy_v1", "copy")] {
-            let count: i64 = sqlx::query_scalar(AssertSqlSafe(format!("SELECT count(*) FROM {schema}.samples"))).fetch_one(&mut conn).await?;
+        for (schema, name) in [
+            ("bench_dstore_v1", "dstore"),
+            ("bench_single_v1", "single"),
+            ("bench_copy_v1", "copy"),
+        ] {
+            let count: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+                "SELECT count(*) FROM {schema}.samples"
+            )))
+            .fetch_one(&mut conn)
+            .await?;
             if count as usize != args.rows {
                 return Err(format!("{name} wrote {count} rows instead of {}", args.rows).into());
             }
@@ -84,14 +113,33 @@ async fn main() -> Result<(), Failure> {
     conn.close().await?;
     println!("best of {} rounds:", args.rounds.max(1));
     println!("{:<44} {:>12}", "method", "rows/s");
-    println!("{:<44} {:>12.0}", format!("dstore PostgresProjector::apply ({} tasks)", args.batch), projected);
-    println!("{:<44} {:>12.0}", "one INSERT per transaction (sqlx)", single);
-    println!("{:<44} {:>12.0}", format!("COPY FROM STDIN ({} rows per COPY)", args.batch), copied);
-    println!("dstore / COPY = {:.0} % (target >= 50 %); dstore / single-row = {:.1}x (target >= 5x)", 100.0 * projected / copied, projected / single);
+    println!(
+        "{:<44} {:>12.0}",
+        format!("dstore PostgresProjector::apply ({} tasks)", args.batch),
+        projected
+    );
+    println!(
+        "{:<44} {:>12.0}",
+        "one INSERT per transaction (sqlx)", single
+    );
+    println!(
+        "{:<44} {:>12.0}",
+        format!("COPY FROM STDIN ({} rows per COPY)", args.batch),
+        copied
+    );
+    println!(
+        "dstore / COPY = {:.0} % (target >= 50 %); dstore / single-row = {:.1}x (target >= 5x)",
+        100.0 * projected / copied,
+        projected / single
+    );
 
     projector.pool().close().await;
     let mut admin = PgConnection::connect(&format!("{server}/postgres")).await?;
-    sqlx::query(AssertSqlSafe(format!("DROP DATABASE \"{database}\" WITH (FORCE)"))).execute(&mut admin).await?;
+    sqlx::query(AssertSqlSafe(format!(
+        "DROP DATABASE \"{database}\" WITH (FORCE)"
+    )))
+    .execute(&mut admin)
+    .await?;
     std::fs::remove_dir_all(dir)?;
     Ok(())
 }
@@ -102,18 +150,35 @@ fn tempfile_dir() -> Result<std::path::PathBuf, Failure> {
     Ok(dir)
 }
 
-async fn projection(projector: &PostgresProjector, catalog: &Catalog, project: &Ident, docs: &[Map<String, Value>], batch: usize) -> Result<f64, Failure> {
+async fn projection(
+    projector: &PostgresProjector,
+    catalog: &Catalog,
+    project: &Ident,
+    docs: &[Map<String, Value>],
+    batch: usize,
+) -> Result<f64, Failure> {
     let blueprint = Ident::parse("sample")?;
     let tasks: Vec<Task> = docs
         .iter()
         .enumerate()
         .map(|(i, doc)| {
-            let id = doc["id"].as_str().and_then(|s| Uuid::parse_str(s).ok()).unwrap_or_else(Uuid::new_v4);
+            let id = doc["id"]
+                .as_str()
+                .and_then(|s| Uuid::parse_str(s).ok())
+                .unwrap_or_else(Uuid::new_v4);
             let revision = i as u64 + 1;
             Task {
                 seq: revision,
                 project: project.clone(),
-                op: TaskOp::Upsert { blueprint: blueprint.clone(), id, revision, docs: vec![VersionDoc { version: 1, doc: doc.clone() }] },
+                op: TaskOp::Upsert {
+                    blueprint: blueprint.clone(),
+                    id,
+                    revision,
+                    docs: vec![VersionDoc {
+                        version: 1,
+                        doc: doc.clone(),
+                    }],
+                },
             }
         })
         .collect();
@@ -138,7 +203,16 @@ async fn single_row(conn: &mut PgConnection, docs: &[Map<String, Value>]) -> Res
     let started = Instant::now();
     for (i, doc) in docs.iter().enumerate() {
         let text = |key: &str| doc[key].as_str().unwrap_or_default().to_owned();
-        let strings = |key: &str| doc[key].as_array().map(|a| a.iter().filter_map(|v| v.as_str().map(str::to_owned)).collect::<Vec<_>>()).unwrap_or_default();
+        let strings = |key: &str| {
+            doc[key]
+                .as_array()
+                .map(|a| {
+                    a.iter()
+                        .filter_map(|v| v.as_str().map(str::to_owned))
+                        .collect::<Vec<_>>()
+                })
+                .unwrap_or_default()
+        };
         sqlx::query(AssertSqlSafe(sql.clone()))
             .bind(text("id"))
             .bind(1i32)
@@ -158,14 +232,27 @@ async fn single_row(conn: &mut PgConnection, docs: &[Map<String, Value>]) -> Res
             .bind(sqlx::types::Json(doc["extra"].clone()))
             .bind(strings("tags"))
             .bind(multi_point(&doc["stops"]).to_string())
-            .bind(doc["counts"].as_array().map(|a| a.iter().filter_map(|v| v.as_i64().map(|n| n as i32)).collect::<Vec<_>>()).unwrap_or_default())
+            .bind(
+                doc["counts"]
+                    .as_array()
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(|v| v.as_i64().map(|n| n as i32))
+                            .collect::<Vec<_>>()
+                    })
+                    .unwrap_or_default(),
+            )
             .execute(&mut *conn)
             .await?;
     }
     Ok(docs.len() as f64 / started.elapsed().as_secs_f64())
 }
 
-async fn copy(conn: &mut PgConnection, docs: &[Map<String, Value>], batch: usize) -> Result<f64, Failure> {
+async fn copy(
+    conn: &mut PgConnection,
+    docs: &[Map<String, Value>],
+    batch: usize,
+) -> Result<f64, Failure> {
     let statement = format!("COPY bench_copy_v1.samples ({COLUMNS}) FROM STDIN");
     let started = Instant::now();
     for (n, chunk) in docs.chunks(batch).enumerate() {
@@ -204,13 +291,21 @@ async fn copy(conn: &mut PgConnection, docs: &[Map<String, Value>], batch: usize
 }
 
 fn multi_point(points: &Value) -> Value {
-    let coordinates: Vec<Value> = points.as_array().into_iter().flatten().map(|p| p["coordinates"].clone()).collect();
+    let coordinates: Vec<Value> = points
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|p| p["coordinates"].clone())
+        .collect();
     serde_json::json!({"type": "MultiPoint", "coordinates": coordinates})
 }
 
 /// COPY text format: backslash, tab, newline and carriage return are escaped.
 fn escape(text: &str) -> String {
-    text.replace('\\', "\\\\").replace('\t', "\\t").replace('\n', "\\n").replace('\r', "\\r")
+    text.replace('\\', "\\\\")
+        .replace('\t', "\\t")
+        .replace('\n', "\\n")
+        .replace('\r', "\\r")
 }
 
 /// A PostgreSQL array literal of scalars, escaped for COPY.
@@ -233,14 +328,38 @@ fn wkt(geometry: &Value) -> String {
         format!("{} {}", p[0], p[1])
     }
     fn ring(r: &Value) -> String {
-        format!("({})", r.as_array().into_iter().flatten().map(position).collect::<Vec<_>>().join(","))
+        format!(
+            "({})",
+            r.as_array()
+                .into_iter()
+                .flatten()
+                .map(position)
+                .collect::<Vec<_>>()
+                .join(",")
+        )
     }
     let c = &geometry["coordinates"];
     let body = match geometry["type"].as_str().unwrap_or_default() {
         "Point" => format!("POINT({})", position(c)),
         "LineString" => format!("LINESTRING{}", ring(c)),
-        "Polygon" => format!("POLYGON({})", c.as_array().into_iter().flatten().map(ring).collect::<Vec<_>>().join(",")),
-        "MultiPoint" => format!("MULTIPOINT({})", c.as_array().into_iter().flatten().map(|p| format!("({})", position(p))).collect::<Vec<_>>().join(",")),
+        "Polygon" => format!(
+            "POLYGON({})",
+            c.as_array()
+                .into_iter()
+                .flatten()
+                .map(ring)
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
+        "MultiPoint" => format!(
+            "MULTIPOINT({})",
+            c.as_array()
+                .into_iter()
+                .flatten()
+                .map(|p| format!("({})", position(p)))
+                .collect::<Vec<_>>()
+                .join(",")
+        ),
         other => panic!("no WKT for {other}"),
     };
     format!("SRID=4326;{body}")

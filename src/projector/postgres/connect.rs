@@ -35,7 +35,10 @@ pub fn options(settings: &PostgresSettings) -> Result<PgConnectOptions, PgError>
     };
     // Timestamps are written with an explicit offset; UTC here makes reads independent of the
     // server's configured time zone too.
-    Ok(options.application_name("dstore").options([("TimeZone", "UTC")]).disable_statement_logging())
+    Ok(options
+        .application_name("dstore")
+        .options([("TimeZone", "UTC")])
+        .disable_statement_logging())
 }
 
 pub fn lazy_pool(options: &PgConnectOptions, max_connections: u32) -> PgPool {
@@ -47,7 +50,12 @@ pub fn lazy_pool(options: &PgConnectOptions, max_connections: u32) -> PgPool {
 
 /// `host:port/database`, for messages.
 pub fn target(options: &PgConnectOptions) -> String {
-    format!("{}:{}/{}", options.get_host(), options.get_port(), options.get_database().unwrap_or(options.get_username()))
+    format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or(options.get_username())
+    )
 }
 
 /// Connects once, outside the pool: `Err(None)` when the server does not answer in time.
@@ -87,12 +95,18 @@ pub fn explain(options: &PgConnectOptions, error: &sqlx::Error) -> String {
         "check postgresql.user / POSTGRESQL_USER and postgresql.password / POSTGRESQL_PASSWORD"
     } else if code == "3D000" {
         "dstore creates postgresql.database / POSTGRESQL_DATABASE when the user may (CREATEDB)"
-    } else if matches!(error, sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)) {
+    } else if matches!(
+        error,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
+    ) {
         "check postgresql.host / POSTGRESQL_HOST and postgresql.port / POSTGRESQL_PORT, or postgresql.url"
     } else {
         "check the postgresql settings"
     };
-    format!("cannot use postgresql at {target}: {}; {hint}", describe(error))
+    format!(
+        "cannot use postgresql at {target}: {}; {hint}",
+        describe(error)
+    )
 }
 
 /// Creates the configured database through the `postgres` maintenance database (or `template1`).
@@ -103,14 +117,17 @@ pub async fn create_database(options: &PgConnectOptions) -> Result<(), String> {
     let quoted = quote(&name).map_err(|e| e.to_string())?;
     let mut last = String::new();
     for maintenance in ["postgres", "template1"] {
-        let mut connection = match PgConnection::connect_with(&options.clone().database(maintenance)).await {
-            Ok(connection) => connection,
-            Err(error) => {
-                last = explain(options, &error);
-                continue;
-            }
-        };
-        let created = sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}"))).execute(&mut connection).await;
+        let mut connection =
+            match PgConnection::connect_with(&options.clone().database(maintenance)).await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    last = explain(options, &error);
+                    continue;
+                }
+            };
+        let created = sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+            .execute(&mut connection)
+            .await;
         let _ = connection.close().await;
         return match created {
             Ok(_) => {
@@ -119,7 +136,10 @@ pub async fn create_database(options: &PgConnectOptions) -> Result<(), String> {
             }
             // Someone else created it in the meantime.
             Err(error) if sqlstate(&error).as_deref() == Some("42P04") => Ok(()),
-            Err(error) => Err(format!("cannot create database {name:?}: {}", describe(&error))),
+            Err(error) => Err(format!(
+                "cannot create database {name:?}: {}",
+                describe(&error)
+            )),
         };
     }
     Err(last)

@@ -90,7 +90,11 @@ fn index_method(ty: ColumnType) -> &'static str {
 }
 
 /// The statements that create a version's schema and its bookkeeping tables.
-pub fn schema_statements(schema: &str, project: &Ident, version: u32) -> Result<Vec<String>, NameError> {
+pub fn schema_statements(
+    schema: &str,
+    project: &Ident,
+    version: u32,
+) -> Result<Vec<String>, NameError> {
     let s = quote(schema)?;
     Ok(vec![
         format!("CREATE SCHEMA IF NOT EXISTS {s}"),
@@ -118,7 +122,10 @@ pub fn table_statements(schema: &str, blueprint: &Blueprint) -> Result<Vec<Strin
     for (name, column) in &blueprint.columns {
         columns.push(column_definition(name, &column.def)?);
     }
-    let mut statements = vec![format!("CREATE TABLE IF NOT EXISTS {table} (\n  {}\n)", columns.join(",\n  "))];
+    let mut statements = vec![format!(
+        "CREATE TABLE IF NOT EXISTS {table} (\n  {}\n)",
+        columns.join(",\n  ")
+    )];
     for (name, column) in blueprint.columns.iter().filter(|(_, c)| c.def.index) {
         let index = derived_name(&[blueprint.table.as_str(), name.as_str(), "idx"]);
         statements.push(format!(
@@ -130,7 +137,11 @@ pub fn table_statements(schema: &str, blueprint: &Blueprint) -> Result<Vec<Strin
     }
     for (name, column) in &blueprint.columns {
         if let Some(comment) = &column.def.comment {
-            statements.push(format!("COMMENT ON COLUMN {table}.{} IS {}", quote(name.as_str())?, literal(comment)?));
+            statements.push(format!(
+                "COMMENT ON COLUMN {table}.{} IS {}",
+                quote(name.as_str())?,
+                literal(comment)?
+            ));
         }
     }
     Ok(statements)
@@ -155,7 +166,10 @@ fn column_definition(name: &Ident, def: &ColumnDef) -> Result<String, NameError>
 fn default_expression(def: &ColumnDef, default: &Value) -> Result<String, NameError> {
     if is_geometry(def.ty) {
         let geojson = to_geojson(def.ty, default).to_string();
-        return Ok(format!("ST_SetSRID(ST_GeomFromGeoJSON({}), 4326)", literal(&geojson)?));
+        return Ok(format!(
+            "ST_SetSRID(ST_GeomFromGeoJSON({}), 4326)",
+            literal(&geojson)?
+        ));
     }
     let input = to_input(def.ty, default);
     let ty = column_type(def);
@@ -169,7 +183,9 @@ fn default_expression(def: &ColumnDef, default: &Value) -> Result<String, NameEr
             Ok(format!("ARRAY[{}]::{ty}", items.join(", ")))
         }
         (ColumnType::Many(_), _) => Ok(format!("'{{}}'::{ty}")),
-        (ColumnType::One(BaseType::Json), value) => Ok(format!("{}::JSONB", literal(&value.to_string())?)),
+        (ColumnType::One(BaseType::Json), value) => {
+            Ok(format!("{}::JSONB", literal(&value.to_string())?))
+        }
         (ColumnType::One(_), value) => Ok(format!("{}::{ty}", literal(&text_of(value))?)),
     }
 }
@@ -195,7 +211,9 @@ mod tests {
         let catalog = Catalog::open(dir.path()).unwrap();
         let project = Ident::parse("snap").unwrap();
         let input = parse_blueprint(&body, "").unwrap();
-        catalog.put_blueprint(&project, &Ident::parse("sample").unwrap(), input).unwrap();
+        catalog
+            .put_blueprint(&project, &Ident::parse("sample").unwrap(), input)
+            .unwrap();
         let version = catalog.freeze(&project, &[]).unwrap();
         version.blueprints.values().next().unwrap().clone()
     }
@@ -219,16 +237,24 @@ mod tests {
 
     /// Compares with the stored snapshot; `UPDATE_SNAPSHOTS=1` rewrites it.
     fn assert_snapshot(file: &str, actual: &str) {
-        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("src/projector/postgres/snapshots").join(file);
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/projector/postgres/snapshots")
+            .join(file);
         if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
             std::fs::write(&path, actual).unwrap();
         }
         let expected = std::fs::read_to_string(&path).unwrap_or_default();
-        assert_eq!(actual, expected, "DDL differs from {}; rerun with UPDATE_SNAPSHOTS=1 to accept", path.display());
+        assert_eq!(
+            actual,
+            expected,
+            "DDL differs from {}; rerun with UPDATE_SNAPSHOTS=1 to accept",
+            path.display()
+        );
     }
 
     fn ddl(blueprint: &Blueprint) -> String {
-        let mut statements = schema_statements("snap_v1", &Ident::parse("snap").unwrap(), 1).unwrap();
+        let mut statements =
+            schema_statements("snap_v1", &Ident::parse("snap").unwrap(), 1).unwrap();
         statements.extend(table_statements("snap_v1", blueprint).unwrap());
         statements.join(";\n") + ";\n"
     }
@@ -246,16 +272,37 @@ mod tests {
     #[test]
     fn every_type_of_the_table_has_its_postgresql_type() {
         let expected = [
-            ("uuid", "UUID"), ("string", "TEXT"), ("text", "TEXT"), ("point", "GEOMETRY(Point,4326)"),
-            ("linestring", "GEOMETRY(LineString,4326)"), ("polygon", "GEOMETRY(Polygon,4326)"), ("date", "DATE"),
-            ("datetime", "TIMESTAMPTZ"), ("float", "REAL"), ("integer", "INTEGER"), ("boolean", "BOOLEAN"),
-            ("json", "JSONB"), ("uuid[]", "UUID[]"), ("string[]", "TEXT[]"), ("text[]", "TEXT[]"),
-            ("point[]", "GEOMETRY(MultiPoint,4326)"), ("linestring[]", "GEOMETRY(MultiLineString,4326)"),
-            ("polygon[]", "GEOMETRY(MultiPolygon,4326)"), ("date[]", "DATE[]"), ("datetime[]", "TIMESTAMPTZ[]"),
-            ("float[]", "REAL[]"), ("integer[]", "INTEGER[]"), ("boolean[]", "BOOLEAN[]"), ("json[]", "JSONB[]"),
+            ("uuid", "UUID"),
+            ("string", "TEXT"),
+            ("text", "TEXT"),
+            ("point", "GEOMETRY(Point,4326)"),
+            ("linestring", "GEOMETRY(LineString,4326)"),
+            ("polygon", "GEOMETRY(Polygon,4326)"),
+            ("date", "DATE"),
+            ("datetime", "TIMESTAMPTZ"),
+            ("float", "REAL"),
+            ("integer", "INTEGER"),
+            ("boolean", "BOOLEAN"),
+            ("json", "JSONB"),
+            ("uuid[]", "UUID[]"),
+            ("string[]", "TEXT[]"),
+            ("text[]", "TEXT[]"),
+            ("point[]", "GEOMETRY(MultiPoint,4326)"),
+            ("linestring[]", "GEOMETRY(MultiLineString,4326)"),
+            ("polygon[]", "GEOMETRY(MultiPolygon,4326)"),
+            ("date[]", "DATE[]"),
+            ("datetime[]", "TIMESTAMPTZ[]"),
+            ("float[]", "REAL[]"),
+            ("integer[]", "INTEGER[]"),
+            ("boolean[]", "BOOLEAN[]"),
+            ("json[]", "JSONB[]"),
         ];
         for (ty, sql) in expected {
-            assert_eq!(column_type(&ColumnDef::of_type(ty.parse().unwrap())), sql, "{ty}");
+            assert_eq!(
+                column_type(&ColumnDef::of_type(ty.parse().unwrap())),
+                sql,
+                "{ty}"
+            );
         }
         assert_eq!(ColumnType::all().count(), expected.len());
     }

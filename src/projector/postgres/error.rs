@@ -38,7 +38,10 @@ pub enum Failure {
 
 /// The SQLSTATE of a database error, if the error came from the server.
 pub fn sqlstate(error: &sqlx::Error) -> Option<String> {
-    error.as_database_error().and_then(|e| e.code()).map(|c| c.into_owned())
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned())
 }
 
 pub fn classify(error: &sqlx::Error) -> Failure {
@@ -95,7 +98,10 @@ mod tests {
         for code in ["22001", "22P02", "23505", "23502", "54000", "XX000"] {
             assert_eq!(classify_code(code), Failure::Row, "{code}");
         }
-        for code in ["08006", "08001", "40001", "40P01", "53300", "57P01", "57014", "58030", "55P03", "42703"] {
+        for code in [
+            "08006", "08001", "40001", "40P01", "53300", "57P01", "57014", "58030", "55P03",
+            "42703",
+        ] {
             assert_eq!(classify_code(code), Failure::Transient, "{code}");
         }
         assert_eq!(classify_code("3F000"), Failure::Missing);
@@ -106,6 +112,11 @@ mod tests {
     #[test]
     fn errors_without_a_server_answer_are_transient() {
         assert_eq!(classify(&sqlx::Error::PoolTimedOut), Failure::Transient);
-        assert_eq!(classify(&sqlx::Error::Io(std::io::ErrorKind::ConnectionRefused.into())), Failure::Transient);
+        assert_eq!(
+            classify(&sqlx::Error::Io(
+                std::io::ErrorKind::ConnectionRefused.into()
+            )),
+            Failure::Transient
+        );
     }
 }

@@ -28,7 +28,12 @@ pub enum NameError {
 
 /// Validates `name` and returns it double-quoted, ready to be written into SQL.
 pub fn quote(name: &str) -> Result<String, NameError> {
-    let refuse = |reason| Err(NameError::Identifier { name: name.to_owned(), reason });
+    let refuse = |reason| {
+        Err(NameError::Identifier {
+            name: name.to_owned(),
+            reason,
+        })
+    };
     if name.is_empty() {
         return refuse("it is empty");
     }
@@ -89,7 +94,9 @@ pub fn derived_name(parts: &[&str]) -> String {
 
 /// FNV-1a: tiny, and stable across Rust releases (unlike `DefaultHasher`), which names must be.
 fn fnv1a(text: &str) -> u32 {
-    text.bytes().fold(0x811c_9dc5, |hash, byte| (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193))
+    text.bytes().fold(0x811c_9dc5, |hash, byte| {
+        (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    })
 }
 
 #[cfg(test)]
@@ -128,14 +135,22 @@ mod tests {
     fn a_project_pattern_does_not_match_the_schemas_of_a_project_with_a_longer_name() {
         let pattern = regex::Regex::new(&schema_pattern(&Ident::parse("a").unwrap())).unwrap();
         assert!(pattern.is_match("a_v1") && pattern.is_match("a_v12"));
-        assert!(!pattern.is_match("a_v1_v1") && !pattern.is_match("ab_v1") && !pattern.is_match("a_v"));
+        assert!(
+            !pattern.is_match("a_v1_v1") && !pattern.is_match("ab_v1") && !pattern.is_match("a_v")
+        );
     }
 
     #[test]
     fn derived_names_are_shortened_with_a_hash() {
-        assert_eq!(derived_name(&["articles", "title", "idx"]), "articles_title_idx");
+        assert_eq!(
+            derived_name(&["articles", "title", "idx"]),
+            "articles_title_idx"
+        );
         let long = derived_name(&[&"t".repeat(63), &"c".repeat(63), "idx"]);
         assert_eq!(long.len(), MAX_NAME_BYTES);
-        assert_ne!(long, derived_name(&[&"t".repeat(63), &"c".repeat(62), "idx"]));
+        assert_ne!(
+            long,
+            derived_name(&[&"t".repeat(63), &"c".repeat(62), "idx"])
+        );
     }
 }

@@ -83,7 +83,10 @@ impl PostgresProjector {
     }
 
     fn forget_migrations(&self, prefix: Option<&str>) {
-        let mut migrated = self.migrated.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut migrated = self
+            .migrated
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         match prefix {
             Some(pattern) => {
                 let pattern = regex::Regex::new(pattern).ok();
@@ -94,7 +97,10 @@ impl PostgresProjector {
     }
 
     fn is_migrated(&self, schema: &str) -> bool {
-        self.migrated.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).contains(schema)
+        self.migrated
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(schema)
     }
 
     /// Turns a failed statement into a projector error, noting what it reveals about the store.
@@ -109,7 +115,10 @@ impl PostgresProjector {
             self.database_ready.store(false, Ordering::SeqCst);
         }
         if error.as_database_error().is_none() {
-            return ProjectorError::transient(format!("postgresql: {what}: {}", connect::explain(&self.options, error)));
+            return ProjectorError::transient(format!(
+                "postgresql: {what}: {}",
+                connect::explain(&self.options, error)
+            ));
         }
         error::transient(what, error)
     }
@@ -123,9 +132,16 @@ impl PostgresProjector {
         match connect::probe(&self.options).await {
             Ok(()) => {}
             Err(Some(error)) if classify(&error) == Failure::NoDatabase => {
-                connect::create_database(&self.options).await.map_err(ProjectorError::transient)?;
+                connect::create_database(&self.options)
+                    .await
+                    .map_err(ProjectorError::transient)?;
             }
-            Err(Some(error)) => return Err(ProjectorError::transient(connect::explain(&self.options, &error))),
+            Err(Some(error)) => {
+                return Err(ProjectorError::transient(connect::explain(
+                    &self.options,
+                    &error,
+                )))
+            }
             Err(None) => return Err(ProjectorError::transient(connect::no_answer(&self.options))),
         }
         self.database_ready.store(true, Ordering::SeqCst);
@@ -165,18 +181,29 @@ impl PostgresProjector {
         Ok(())
     }
 
-    async fn migrate_version(&self, project: &Ident, version: &Version) -> Result<(), ProjectorError> {
+    async fn migrate_version(
+        &self,
+        project: &Ident,
+        version: &Version,
+    ) -> Result<(), ProjectorError> {
         self.ensure_database().await?;
         let schema = schema_name(project, version.number);
         let what = format!("migrate {schema}");
-        let mut tx = self.pool.begin().await.map_err(|e| self.failed(&what, &e))?;
-        self.ensure_postgis(&mut *tx).await?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.failed(&what, &e))?;
+        self.ensure_postgis(&mut tx).await?;
         let mut statements = ddl::schema_statements(&schema, project, version.number)?;
         for blueprint in version.blueprints.values() {
             statements.extend(ddl::table_statements(&schema, blueprint)?);
         }
         for statement in statements {
-            sqlx::raw_sql(AssertSqlSafe(statement)).execute(&mut *tx).await.map_err(|e| self.failed(&what, &e))?;
+            sqlx::raw_sql(AssertSqlSafe(statement))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.failed(&what, &e))?;
         }
         let register = write::register_sql(&schema)?;
         for (name, blueprint) in &version.blueprints {
@@ -189,7 +216,10 @@ impl PostgresProjector {
                 .map_err(|e| self.failed(&what, &e))?;
         }
         tx.commit().await.map_err(|e| self.failed(&what, &e))?;
-        self.migrated.lock().unwrap_or_else(|poisoned| poisoned.into_inner()).insert(schema);
+        self.migrated
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(schema);
         Ok(())
     }
 }
@@ -204,7 +234,11 @@ impl Projector for PostgresProjector {
         self.migrate_version(project, version).await
     }
 
-    async fn apply(&self, catalog: &Catalog, tasks: &[Task]) -> Result<Vec<Outcome>, ProjectorError> {
+    async fn apply(
+        &self,
+        catalog: &Catalog,
+        tasks: &[Task],
+    ) -> Result<Vec<Outcome>, ProjectorError> {
         let snapshot = catalog.snapshot();
         let plan = write::plan(&snapshot, tasks);
         let mut outcomes = plan.outcomes;
@@ -217,53 +251,87 @@ impl Projector for PostgresProjector {
                 self.migrate_version(project, version).await?;
             }
         }
-        let mut tx = self.pool.begin().await.map_err(|e| self.failed("begin a batch", &e))?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.failed("begin a batch", &e))?;
         for group in &plan.groups {
-            write::apply_group(&mut *tx, group, &mut outcomes)
+            write::apply_group(&mut tx, group, &mut outcomes)
                 .await
                 .map_err(|abort| self.failed(&abort.what, &abort.error))?;
         }
-        tx.commit().await.map_err(|e| self.failed("commit a batch", &e))?;
+        tx.commit()
+            .await
+            .map_err(|e| self.failed("commit a batch", &e))?;
         Ok(outcomes)
     }
 
     async fn drop_project(&self, project: &Ident) -> Result<(), ProjectorError> {
         let pattern = schema_pattern(project);
         let what = format!("drop the schemas of {project}");
-        let schemas: Vec<String> = match sqlx::query_scalar("SELECT nspname::text FROM pg_namespace WHERE nspname ~ $1 ORDER BY 1")
-            .bind(&pattern)
-            .fetch_all(&self.pool)
-            .await
+        let schemas: Vec<String> = match sqlx::query_scalar(
+            "SELECT nspname::text FROM pg_namespace WHERE nspname ~ $1 ORDER BY 1",
+        )
+        .bind(&pattern)
+        .fetch_all(&self.pool)
+        .await
         {
             Ok(schemas) => schemas,
             // No database yet: nothing was ever projected, so nothing to drop.
             Err(e) if classify(&e) == Failure::NoDatabase => return Ok(()),
             Err(e) => return Err(self.failed(&what, &e)),
         };
-        let mut tx = self.pool.begin().await.map_err(|e| self.failed(&what, &e))?;
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.failed(&what, &e))?;
         for schema in &schemas {
             let statement = format!("DROP SCHEMA IF EXISTS {} CASCADE", quote(schema)?);
-            sqlx::raw_sql(AssertSqlSafe(statement)).execute(&mut *tx).await.map_err(|e| self.failed(&what, &e))?;
+            sqlx::raw_sql(AssertSqlSafe(statement))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.failed(&what, &e))?;
         }
         tx.commit().await.map_err(|e| self.failed(&what, &e))?;
         self.forget_migrations(Some(&pattern));
         Ok(())
     }
 
-    async fn read(&self, project: &Ident, version: u32, blueprint: &Ident, id: &Uuid) -> Result<Option<Value>, ProjectorError> {
+    async fn read(
+        &self,
+        project: &Ident,
+        version: u32,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<Value>, ProjectorError> {
         let schema = schema_name(project, version);
         let what = format!("read {schema}");
-        let lookup = format!("SELECT definition FROM {} WHERE blueprint = $1", qualified(&schema, ddl::BLUEPRINTS)?);
-        let shape: Option<Json<Shape>> = match sqlx::query_scalar(AssertSqlSafe(lookup)).bind(blueprint.as_str()).fetch_optional(&self.pool).await {
+        let lookup = format!(
+            "SELECT definition FROM {} WHERE blueprint = $1",
+            qualified(&schema, ddl::BLUEPRINTS)?
+        );
+        let shape: Option<Json<Shape>> = match sqlx::query_scalar(AssertSqlSafe(lookup))
+            .bind(blueprint.as_str())
+            .fetch_optional(&self.pool)
+            .await
+        {
             Ok(shape) => shape,
-            Err(e) if matches!(classify(&e), Failure::Missing | Failure::NoDatabase) => return Ok(None),
+            Err(e) if matches!(classify(&e), Failure::Missing | Failure::NoDatabase) => {
+                return Ok(None)
+            }
             Err(e) => return Err(self.failed(&what, &e)),
         };
         let Some(Json(shape)) = shape else {
             return Ok(None);
         };
         let select = read::select_sql(&schema, &shape)?;
-        let row: Option<Json<Map<String, Value>>> = match sqlx::query_scalar(AssertSqlSafe(select)).bind(*id).fetch_optional(&self.pool).await {
+        let row: Option<Json<Map<String, Value>>> = match sqlx::query_scalar(AssertSqlSafe(select))
+            .bind(*id)
+            .fetch_optional(&self.pool)
+            .await
+        {
             Ok(row) => row,
             Err(e) if classify(&e) == Failure::Missing => return Ok(None),
             Err(e) => return Err(self.failed(&what, &e)),
@@ -273,18 +341,30 @@ impl Projector for PostgresProjector {
 
     async fn health(&self) -> Health {
         if let Err(error) = self.ensure_database().await {
-            return Health { reachable: false, detail: error.message };
+            return Health {
+                reachable: false,
+                detail: error.message,
+            };
         }
         let probe = async {
-            let version: String = sqlx::query_scalar("SELECT current_setting('server_version')").fetch_one(&self.pool).await?;
+            let version: String = sqlx::query_scalar("SELECT current_setting('server_version')")
+                .fetch_one(&self.pool)
+                .await?;
             Ok::<_, sqlx::Error>(version)
         };
         match tokio::time::timeout(Duration::from_secs(3), probe).await {
-            Ok(Ok(version)) => Health { reachable: true, detail: format!("postgresql {version} at {}", self.target()) },
-            Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) => {
-                Health { reachable: false, detail: connect::diagnose(&self.options).await }
-            }
-            Ok(Err(error)) => Health { reachable: false, detail: connect::explain(&self.options, &error) },
+            Ok(Ok(version)) => Health {
+                reachable: true,
+                detail: format!("postgresql {version} at {}", self.target()),
+            },
+            Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) => Health {
+                reachable: false,
+                detail: connect::diagnose(&self.options).await,
+            },
+            Ok(Err(error)) => Health {
+                reachable: false,
+                detail: connect::explain(&self.options, &error),
+            },
         }
     }
 }

@@ -21,7 +21,11 @@ impl Shape {
     pub fn of(blueprint: &Blueprint) -> Shape {
         Shape {
             table: blueprint.table.to_string(),
-            columns: blueprint.columns.iter().map(|(name, c)| (name.to_string(), c.def.ty)).collect(),
+            columns: blueprint
+                .columns
+                .iter()
+                .map(|(name, c)| (name.to_string(), c.def.ty))
+                .collect(),
         }
     }
 }
@@ -31,7 +35,11 @@ pub fn select_sql(schema: &str, shape: &Shape) -> Result<String, NameError> {
     let mut columns = vec!["id".to_owned(), "project_version".into(), "links".into()];
     for (name, ty) in &shape.columns {
         let q = quote(name)?;
-        columns.push(if is_geometry(*ty) { format!("ST_AsGeoJSON({q}, 15)::jsonb AS {q}") } else { q });
+        columns.push(if is_geometry(*ty) {
+            format!("ST_AsGeoJSON({q}, 15)::jsonb AS {q}")
+        } else {
+            q
+        });
     }
     Ok(format!(
         "SELECT to_jsonb(r) FROM (SELECT {} FROM {} WHERE id = $1) r",

@@ -18,9 +18,12 @@ pub fn to_input(ty: ColumnType, value: &Value) -> Value {
     match (ty, value) {
         (_, Value::Null) => Value::Null,
         (ColumnType::One(BaseType::DateTime), Value::String(s)) => Value::String(format!("{s}+00")),
-        (ColumnType::Many(BaseType::DateTime), Value::Array(items)) => {
-            Value::Array(items.iter().map(|item| to_input(ColumnType::One(BaseType::DateTime), item)).collect())
-        }
+        (ColumnType::Many(BaseType::DateTime), Value::Array(items)) => Value::Array(
+            items
+                .iter()
+                .map(|item| to_input(ColumnType::One(BaseType::DateTime), item))
+                .collect(),
+        ),
         (ColumnType::One(base) | ColumnType::Many(base), _) if base.is_geometry() => {
             let geojson = to_geojson(ty, value);
             // Not expected after validation; PostGIS then refuses the row with its own message.
@@ -123,7 +126,10 @@ pub fn from_stored(ty: ColumnType, value: Value) -> Value {
             Value::String(parse_datetime(&s).map_or(s, |t| format_datetime(&t)))
         }
         (ColumnType::Many(BaseType::DateTime), Value::Array(items)) => Value::Array(
-            items.into_iter().map(|item| from_stored(ColumnType::One(BaseType::DateTime), item)).collect(),
+            items
+                .into_iter()
+                .map(|item| from_stored(ColumnType::One(BaseType::DateTime), item))
+                .collect(),
         ),
         (ColumnType::Many(base), Value::Object(mut multi)) if base.is_geometry() => {
             let single = single_name(base);
@@ -131,7 +137,12 @@ pub fn from_stored(ty: ColumnType, value: Value) -> Value {
                 Some(Value::Array(parts)) => parts,
                 _ => Vec::new(),
             };
-            Value::Array(parts.into_iter().map(|c| json!({"type": single, "coordinates": floats(c)})).collect())
+            Value::Array(
+                parts
+                    .into_iter()
+                    .map(|c| json!({"type": single, "coordinates": floats(c)}))
+                    .collect(),
+            )
         }
         (ColumnType::One(base), Value::Object(mut geometry)) if base.is_geometry() => {
             if let Some(coordinates) = geometry.remove("coordinates") {
@@ -147,7 +158,10 @@ pub fn from_stored(ty: ColumnType, value: Value) -> Value {
 fn floats(value: Value) -> Value {
     match value {
         Value::Array(items) => Value::Array(items.into_iter().map(floats).collect()),
-        Value::Number(n) => n.as_f64().and_then(serde_json::Number::from_f64).map_or(Value::Number(n), Value::Number),
+        Value::Number(n) => n
+            .as_f64()
+            .and_then(serde_json::Number::from_f64)
+            .map_or(Value::Number(n), Value::Number),
         other => other,
     }
 }
@@ -171,7 +185,10 @@ fn single_name(base: BaseType) -> &'static str {
 }
 
 /// Orders a read row like the journal's documents: `id`, `project_version`, `links`, then columns.
-pub fn document(mut row: Map<String, Value>, columns: &[(String, ColumnType)]) -> Map<String, Value> {
+pub fn document(
+    mut row: Map<String, Value>,
+    columns: &[(String, ColumnType)],
+) -> Map<String, Value> {
     let mut doc = Map::with_capacity(columns.len() + 3);
     for key in ["id", "project_version", "links"] {
         doc.insert(key.into(), row.remove(key).unwrap_or(Value::Null));
@@ -191,10 +208,19 @@ mod tests {
     fn arrays_of_geometries_travel_as_multi_geometries_and_come_back_as_arrays() {
         let points = json!([{"type": "Point", "coordinates": [1.0, 2.0]}, {"type": "Point", "coordinates": [3.0, 4.0]}]);
         let multi = to_geojson(ColumnType::Many(BaseType::Point), &points);
-        assert_eq!(multi, json!({"type": "MultiPoint", "coordinates": [[1.0, 2.0], [3.0, 4.0]]}));
-        assert_eq!(from_stored(ColumnType::Many(BaseType::Point), multi), points);
+        assert_eq!(
+            multi,
+            json!({"type": "MultiPoint", "coordinates": [[1.0, 2.0], [3.0, 4.0]]})
+        );
+        assert_eq!(
+            from_stored(ColumnType::Many(BaseType::Point), multi),
+            points
+        );
         let empty = to_geojson(ColumnType::Many(BaseType::Polygon), &json!([]));
-        assert_eq!(from_stored(ColumnType::Many(BaseType::Polygon), empty), json!([]));
+        assert_eq!(
+            from_stored(ColumnType::Many(BaseType::Polygon), empty),
+            json!([])
+        );
     }
 
     #[test]
@@ -207,20 +233,35 @@ mod tests {
         );
         let none = to_input(ColumnType::Many(BaseType::Point), &json!([]));
         assert_eq!(none, json!("0104000020e610000000000000"));
-        assert_eq!(ewkb_hex(&json!({"type": "Circle", "coordinates": [1.0]})), None);
+        assert_eq!(
+            ewkb_hex(&json!({"type": "Circle", "coordinates": [1.0]})),
+            None
+        );
     }
 
     #[test]
     fn coordinates_read_back_as_floats_like_the_canonical_geojson() {
         let stored = json!({"type": "Point", "coordinates": [0, 47.25]});
-        assert_eq!(from_stored(ColumnType::One(BaseType::Point), stored), json!({"type": "Point", "coordinates": [0.0, 47.25]}));
+        assert_eq!(
+            from_stored(ColumnType::One(BaseType::Point), stored),
+            json!({"type": "Point", "coordinates": [0.0, 47.25]})
+        );
     }
 
     #[test]
     fn datetimes_are_sent_in_utc_and_read_back_in_canonical_form() {
         let ty = ColumnType::One(BaseType::DateTime);
-        assert_eq!(to_input(ty, &json!("2021-03-04 05:06:07")), json!("2021-03-04 05:06:07+00"));
-        assert_eq!(from_stored(ty, json!("2021-03-04T05:06:07+00:00")), json!("2021-03-04 05:06:07"));
-        assert_eq!(from_stored(ty, json!("2021-03-04T05:06:07.25+00:00")), json!("2021-03-04 05:06:07.250000"));
+        assert_eq!(
+            to_input(ty, &json!("2021-03-04 05:06:07")),
+            json!("2021-03-04 05:06:07+00")
+        );
+        assert_eq!(
+            from_stored(ty, json!("2021-03-04T05:06:07+00:00")),
+            json!("2021-03-04 05:06:07")
+        );
+        assert_eq!(
+            from_stored(ty, json!("2021-03-04T05:06:07.25+00:00")),
+            json!("2021-03-04 05:06:07.250000")
+        );
     }
 }

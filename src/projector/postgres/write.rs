@@ -58,52 +58,93 @@ enum Op<'a> {
     Delete,
 }
 
+/// A row of one table in one version: (schema, table, id).
+type RowKey<'a> = (String, &'a Ident, Uuid);
+/// The newest write of a row so far: (revision, task index, what, blueprint as frozen).
+type Newest<'a> = (i64, usize, Op<'a>, &'a Blueprint);
+
 /// Plans a batch. Versions or blueprints the catalog no longer holds (a project deleted since the
 /// task was queued) need no write; their tasks succeed.
 pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
     let mut outcomes: Vec<Outcome> = tasks.iter().map(|_| Ok(())).collect();
-    let mut newest: HashMap<(String, &'a Ident, Uuid), (i64, usize, Op<'a>, &'a Blueprint)> = HashMap::new();
+    let mut newest: HashMap<RowKey<'a>, Newest<'a>> = HashMap::new();
     let mut versions: BTreeMap<String, (&'a Ident, &'a Version)> = BTreeMap::new();
     for (index, task) in tasks.iter().enumerate() {
         let (blueprint, id, revision, writes): (_, _, _, Vec<(u32, Op<'a>)>) = match &task.op {
-            TaskOp::Upsert { blueprint, id, revision, docs } => {
-                (blueprint, *id, *revision, docs.iter().map(|d| (d.version, Op::Upsert(&d.doc))).collect())
-            }
-            TaskOp::Delete { blueprint, id, revision, versions } => {
-                (blueprint, *id, *revision, versions.iter().map(|v| (*v, Op::Delete)).collect())
-            }
+            TaskOp::Upsert {
+                blueprint,
+                id,
+                revision,
+                docs,
+            } => (
+                blueprint,
+                *id,
+                *revision,
+                docs.iter()
+                    .map(|d| (d.version, Op::Upsert(&d.doc)))
+                    .collect(),
+            ),
+            TaskOp::Delete {
+                blueprint,
+                id,
+                revision,
+                versions,
+            } => (
+                blueprint,
+                *id,
+                *revision,
+                versions.iter().map(|v| (*v, Op::Delete)).collect(),
+            ),
             TaskOp::Migrate { .. } | TaskOp::DropProject => continue,
         };
         let Ok(revision) = i64::try_from(revision) else {
-            outcomes[index] = Err(ProjectorError::permanent(format!("revision {revision} does not fit a postgresql bigint")));
+            outcomes[index] = Err(ProjectorError::permanent(format!(
+                "revision {revision} does not fit a postgresql bigint"
+            )));
             continue;
         };
         for (number, op) in writes {
-            let Some(version) = snapshot.projects.get(&task.project).and_then(|p| p.version(number)) else {
+            let Some(version) = snapshot
+                .projects
+                .get(&task.project)
+                .and_then(|p| p.version(number))
+            else {
                 continue;
             };
             let Some(definition) = version.blueprints.get(blueprint) else {
                 continue;
             };
             let schema = super::ident::schema_name(&task.project, number);
-            versions.entry(schema.clone()).or_insert((&task.project, &**version));
+            versions
+                .entry(schema.clone())
+                .or_insert((&task.project, &**version));
             let key = (schema, &definition.table, id);
             // Equal revisions are redeliveries of one write: the later copy is as good as the first.
-            if newest.get(&key).is_none_or(|(current, ..)| *current <= revision) {
+            if newest
+                .get(&key)
+                .is_none_or(|(current, ..)| *current <= revision)
+            {
                 newest.insert(key, (revision, index, op, definition));
             }
         }
     }
     let mut groups: BTreeMap<(String, &'a Ident), Group<'a>> = BTreeMap::new();
     for ((schema, table, id), (revision, task, op, blueprint)) in newest {
-        let group = groups.entry((schema.clone(), table)).or_insert_with(|| Group {
-            schema,
-            blueprint,
-            upserts: Vec::new(),
-            deletes: Vec::new(),
-        });
+        let group = groups
+            .entry((schema.clone(), table))
+            .or_insert_with(|| Group {
+                schema,
+                blueprint,
+                upserts: Vec::new(),
+                deletes: Vec::new(),
+            });
         match op {
-            Op::Upsert(doc) => group.upserts.push(Upsert { id, revision, task, doc }),
+            Op::Upsert(doc) => group.upserts.push(Upsert {
+                id,
+                revision,
+                task,
+                doc,
+            }),
             Op::Delete => group.deletes.push(Delete { id, revision, task }),
         }
     }
@@ -113,22 +154,44 @@ pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
         group.upserts.sort_by_key(|u| u.task);
         group.deletes.sort_by_key(|d| d.task);
     }
-    Plan { groups, versions: versions.into_values().collect(), outcomes }
+    Plan {
+        groups,
+        versions: versions.into_values().collect(),
+        outcomes,
+    }
 }
 
 /// The upsert statement of a blueprint's table; `$1` is a JSON array of rows (as text), `$2` the
 /// table name.
 pub fn upsert_sql(schema: &str, blueprint: &Blueprint) -> Result<String, NameError> {
-    let mut record = vec!["id UUID".to_owned(), "project_version INTEGER".into(), "links UUID[]".into(), "_revision BIGINT".into()];
-    let mut targets = vec!["id".to_owned(), "project_version".into(), "links".into(), "_revision".into()];
-    let mut sources = vec!["i.id".to_owned(), "i.project_version".into(), "COALESCE(i.links, '{}')".into(), "i._revision".into()];
+    let mut record = vec![
+        "id UUID".to_owned(),
+        "project_version INTEGER".into(),
+        "links UUID[]".into(),
+        "_revision BIGINT".into(),
+    ];
+    let mut targets = vec![
+        "id".to_owned(),
+        "project_version".into(),
+        "links".into(),
+        "_revision".into(),
+    ];
+    let mut sources = vec![
+        "i.id".to_owned(),
+        "i.project_version".into(),
+        "COALESCE(i.links, '{}')".into(),
+        "i._revision".into(),
+    ];
     for (name, column) in &blueprint.columns {
         let q = quote(name.as_str())?;
         record.push(format!("{q} {}", column_type(&column.def)));
         sources.push(format!("i.{q}"));
         targets.push(q);
     }
-    let updates: Vec<String> = targets[1..].iter().map(|t| format!("{t} = EXCLUDED.{t}")).collect();
+    let updates: Vec<String> = targets[1..]
+        .iter()
+        .map(|t| format!("{t} = EXCLUDED.{t}"))
+        .collect();
     Ok(format!(
         "WITH i AS (SELECT * FROM json_to_recordset($1::text::json) AS r({record})) \
          INSERT INTO {table} AS t ({targets}) \
@@ -170,12 +233,23 @@ pub fn register_sql(schema: &str) -> Result<String, NameError> {
 fn row(blueprint: &Blueprint, upsert: &Upsert<'_>) -> Value {
     let doc = upsert.doc;
     let mut row = Map::with_capacity(blueprint.columns.len() + 4);
-    row.insert("id".into(), Value::String(upsert.id.hyphenated().to_string()));
-    row.insert("project_version".into(), doc.get("project_version").cloned().unwrap_or(Value::Null));
-    row.insert("links".into(), doc.get("links").cloned().unwrap_or(Value::Null));
+    row.insert(
+        "id".into(),
+        Value::String(upsert.id.hyphenated().to_string()),
+    );
+    row.insert(
+        "project_version".into(),
+        doc.get("project_version").cloned().unwrap_or(Value::Null),
+    );
+    row.insert(
+        "links".into(),
+        doc.get("links").cloned().unwrap_or(Value::Null),
+    );
     row.insert("_revision".into(), Value::from(upsert.revision));
     for (name, column) in &blueprint.columns {
-        let value = doc.get(name.as_str()).map_or(Value::Null, |v| to_input(column.def.ty, v));
+        let value = doc
+            .get(name.as_str())
+            .map_or(Value::Null, |v| to_input(column.def.ty, v));
         row.insert(name.to_string(), value);
     }
     Value::Object(row)
@@ -188,14 +262,21 @@ pub struct Abort {
 }
 
 /// Writes one group inside the caller's transaction, recording refused rows in `outcomes`.
-pub async fn apply_group(conn: &mut PgConnection, group: &Group<'_>, outcomes: &mut [Outcome]) -> Result<(), Abort> {
+pub async fn apply_group(
+    conn: &mut PgConnection,
+    group: &Group<'_>,
+    outcomes: &mut [Outcome],
+) -> Result<(), Abort> {
     let table = group.blueprint.table.as_str();
     let place = format!("{}.{table}", group.schema);
     let abort = |what: &str| {
         let what = format!("{what} {place}");
         move |error: sqlx::Error| Abort { what, error }
     };
-    let name_error = |e: NameError| Abort { what: place.clone(), error: sqlx::Error::Protocol(e.to_string()) };
+    let name_error = |e: NameError| Abort {
+        what: place.clone(),
+        error: sqlx::Error::Protocol(e.to_string()),
+    };
     if !group.upserts.is_empty() {
         let sql = upsert_sql(&group.schema, group.blueprint).map_err(name_error)?;
         let all: Vec<&Upsert<'_>> = group.upserts.iter().collect();
@@ -213,9 +294,16 @@ pub async fn apply_group(conn: &mut PgConnection, group: &Group<'_>, outcomes: &
     if !group.deletes.is_empty() {
         let sql = delete_sql(&group.schema, group.blueprint).map_err(name_error)?;
         let all: Vec<&Delete> = group.deletes.iter().collect();
-        if guarded(conn, delete_query(&sql, table, &all)).await.map_err(abort("delete from"))?.is_err() {
+        if guarded(conn, delete_query(&sql, table, &all))
+            .await
+            .map_err(abort("delete from"))?
+            .is_err()
+        {
             for delete in &group.deletes {
-                if let Err(error) = guarded(conn, delete_query(&sql, table, &[delete])).await.map_err(abort("delete from"))? {
+                if let Err(error) = guarded(conn, delete_query(&sql, table, &[delete]))
+                    .await
+                    .map_err(abort("delete from"))?
+                {
                     refuse(outcomes, delete.task, &place, delete.id, &error);
                 }
             }
@@ -229,32 +317,49 @@ type PgQuery = sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArg
 fn upsert_query(sql: &str, blueprint: &Blueprint, rows: &[&Upsert<'_>]) -> PgQuery {
     // Sent as text and read with json_to_recordset: one parse on the server, no jsonb conversion.
     let json = Value::Array(rows.iter().map(|u| row(blueprint, u)).collect()).to_string();
-    sqlx::query(AssertSqlSafe(sql.to_owned())).bind(json).bind(blueprint.table.to_string())
+    sqlx::query(AssertSqlSafe(sql.to_owned()))
+        .bind(json)
+        .bind(blueprint.table.to_string())
 }
 
 fn delete_query(sql: &str, table: &str, rows: &[&Delete]) -> PgQuery {
     let ids: Vec<Uuid> = rows.iter().map(|d| d.id).collect();
     let revisions: Vec<i64> = rows.iter().map(|d| d.revision).collect();
-    sqlx::query(AssertSqlSafe(sql.to_owned())).bind(ids).bind(revisions).bind(table.to_owned())
+    sqlx::query(AssertSqlSafe(sql.to_owned()))
+        .bind(ids)
+        .bind(revisions)
+        .bind(table.to_owned())
 }
 
 fn refuse(outcomes: &mut [Outcome], task: usize, place: &str, id: Uuid, error: &sqlx::Error) {
     if outcomes[task].is_ok() {
-        outcomes[task] = Err(ProjectorError::permanent(format!("postgresql refused {place} row {id}: {}", describe(error))));
+        outcomes[task] = Err(ProjectorError::permanent(format!(
+            "postgresql refused {place} row {id}: {}",
+            describe(error)
+        )));
     }
 }
 
 /// Runs `query` under a savepoint. `Ok(Err(_))`: PostgreSQL refused the rows for good and the
 /// savepoint was rolled back, so the transaction goes on; `Err(_)`: the batch must be retried.
-async fn guarded(conn: &mut PgConnection, query: PgQuery) -> Result<Result<(), sqlx::Error>, sqlx::Error> {
-    sqlx::raw_sql("SAVEPOINT dstore_rows").execute(&mut *conn).await?;
+async fn guarded(
+    conn: &mut PgConnection,
+    query: PgQuery,
+) -> Result<Result<(), sqlx::Error>, sqlx::Error> {
+    sqlx::raw_sql("SAVEPOINT dstore_rows")
+        .execute(&mut *conn)
+        .await?;
     match query.execute(&mut *conn).await {
         Ok(_) => {
-            sqlx::raw_sql("RELEASE SAVEPOINT dstore_rows").execute(&mut *conn).await?;
+            sqlx::raw_sql("RELEASE SAVEPOINT dstore_rows")
+                .execute(&mut *conn)
+                .await?;
             Ok(Ok(()))
         }
         Err(error) if classify(&error) == Failure::Row => {
-            sqlx::raw_sql("ROLLBACK TO SAVEPOINT dstore_rows").execute(&mut *conn).await?;
+            sqlx::raw_sql("ROLLBACK TO SAVEPOINT dstore_rows")
+                .execute(&mut *conn)
+                .await?;
             Ok(Err(error))
         }
         Err(error) => Err(error),
