@@ -19,6 +19,7 @@ use dstore::blueprint::Ident;
 use dstore::catalog::Catalog;
 use dstore::config::PostgresSettings;
 use dstore::journal::task::{Task, TaskOp, VersionDoc};
+use dstore::projector::postgres::ident::quote;
 use dstore::projector::postgres::PostgresProjector;
 use dstore::projector::{conformance, Projector};
 
@@ -136,7 +137,8 @@ async fn main() -> Result<(), Failure> {
     projector.pool().close().await;
     let mut admin = PgConnection::connect(&format!("{server}/postgres")).await?;
     sqlx::query(AssertSqlSafe(format!(
-        "DROP DATABASE \"{database}\" WITH (FORCE)"
+        "DROP DATABASE {} WITH (FORCE)",
+        quote(&database)?
     )))
     .execute(&mut admin)
     .await?;

@@ -12,6 +12,7 @@ use dstore::blueprint::Ident;
 use dstore::catalog::Catalog;
 use dstore::config::PostgresSettings;
 use dstore::journal::task::{Task, TaskOp, VersionDoc};
+use dstore::projector::postgres::ident::quote;
 use dstore::projector::postgres::PostgresProjector;
 use dstore::projector::{conformance, ErrorKind, Projector};
 use serde_json::{json, Value};
@@ -50,10 +51,13 @@ impl TestDatabase {
     async fn create() -> TestDatabase {
         let name = TestDatabase::unique_name();
         let mut admin = connect(&format!("{}/postgres", server_url())).await;
-        sqlx::query(AssertSqlSafe(format!("CREATE DATABASE \"{name}\"")))
-            .execute(&mut admin)
-            .await
-            .expect("test database created");
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE DATABASE {}",
+            quote(&name).unwrap()
+        )))
+        .execute(&mut admin)
+        .await
+        .expect("test database created");
         TestDatabase { name }
     }
 
@@ -76,8 +80,8 @@ impl TestDatabase {
     async fn drop(self) {
         let mut admin = connect(&format!("{}/postgres", server_url())).await;
         sqlx::query(AssertSqlSafe(format!(
-            "DROP DATABASE IF EXISTS \"{}\" WITH (FORCE)",
-            self.name
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote(&self.name).unwrap()
         )))
         .execute(&mut admin)
         .await
@@ -536,6 +540,9 @@ async fn inside_one_batch_a_refused_row_fails_alone_and_the_newest_revision_wins
     let mut too_long = sample_doc(refused, "ok");
     // VARCHAR(40) refuses this title (dstore's validation would have stopped it first).
     too_long["title"] = json!("x".repeat(41));
+    let nul = Uuid::new_v4();
+    // PostgreSQL text cannot hold NUL, which JSON can.
+    let with_nul = sample_doc(nul, "a\u{0}b");
     let tasks = vec![
         upsert(&project, kept, 1, sample_doc(kept, "one")),
         upsert(&project, refused, 2, too_long),
@@ -545,6 +552,7 @@ async fn inside_one_batch_a_refused_row_fails_alone_and_the_newest_revision_wins
         upsert(&project, kept, 7, sample_doc(kept, "seven")),
         upsert(&project, kept, 6, sample_doc(kept, "six")),
         delete(&project, stale_delete, 2),
+        upsert(&project, nul, 8, with_nul),
     ];
     let outcomes = projector
         .apply(&catalog, &tasks)
@@ -556,7 +564,7 @@ async fn inside_one_batch_a_refused_row_fails_alone_and_the_newest_revision_wins
         .filter(|(_, o)| o.is_err())
         .map(|(i, _)| i)
         .collect();
-    assert_eq!(failed, vec![1], "{outcomes:?}");
+    assert_eq!(failed, vec![1, 8], "{outcomes:?}");
     let error = outcomes[1].as_ref().unwrap_err();
     assert_eq!(error.kind, ErrorKind::Permanent);
     assert!(
@@ -576,6 +584,12 @@ async fn inside_one_batch_a_refused_row_fails_alone_and_the_newest_revision_wins
     };
     assert_eq!(read(kept).await.unwrap()["title"], "seven");
     assert_eq!(read(refused).await, None);
+    assert_eq!(read(nul).await, None);
+    let message = &outcomes[8].as_ref().unwrap_err().message;
+    assert!(
+        message.contains(&nul.to_string()) && message.contains("sqlstate 22"),
+        "{message}"
+    );
     assert_eq!(read(stale_delete).await.unwrap()["title"], "kept");
     assert_eq!(read(new_delete).await, None);
     db.drop().await;
