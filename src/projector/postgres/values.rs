@@ -13,6 +13,11 @@ use serde_json::{json, Map, Value};
 use crate::blueprint::value::{format_datetime, parse_datetime};
 use crate::blueprint::{BaseType, ColumnType};
 
+/// Whether [`to_input`] changes values of this type (the others are sent as they are).
+pub fn is_converted(ty: ColumnType) -> bool {
+    ty.base().is_geometry() || ty.base() == BaseType::DateTime
+}
+
 /// The value a write sends for a column of type `ty`.
 pub fn to_input(ty: ColumnType, value: &Value) -> Value {
     match (ty, value) {

@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 use sqlx::postgres::PgConnection;
 use sqlx::AssertSqlSafe;
@@ -18,7 +19,7 @@ use uuid::Uuid;
 use super::ddl::{column_type, BLUEPRINTS, TOMBSTONES};
 use super::error::{classify, describe, Failure};
 use super::ident::{qualified, quote, NameError};
-use super::values::to_input;
+use super::values::{is_converted, to_input};
 use crate::blueprint::{Blueprint, Ident};
 use crate::catalog::{Snapshot, Version};
 use crate::journal::task::{Task, TaskOp};
@@ -229,30 +230,32 @@ pub fn register_sql(schema: &str) -> Result<String, NameError> {
     ))
 }
 
-/// The row a write sends for one document: the item keys, the revision and every column.
-fn row(blueprint: &Blueprint, upsert: &Upsert<'_>) -> Value {
-    let doc = upsert.doc;
-    let mut row = Map::with_capacity(blueprint.columns.len() + 4);
-    row.insert(
-        "id".into(),
-        Value::String(upsert.id.hyphenated().to_string()),
-    );
-    row.insert(
-        "project_version".into(),
-        doc.get("project_version").cloned().unwrap_or(Value::Null),
-    );
-    row.insert(
-        "links".into(),
-        doc.get("links").cloned().unwrap_or(Value::Null),
-    );
-    row.insert("_revision".into(), Value::from(upsert.revision));
-    for (name, column) in &blueprint.columns {
-        let value = doc
-            .get(name.as_str())
-            .map_or(Value::Null, |v| to_input(column.def.ty, v));
-        row.insert(name.to_string(), value);
+/// The row a write sends for one document: the item keys, the revision and every column. Serialized
+/// straight from the journal's document; only geometries and datetimes are converted.
+struct Row<'a> {
+    blueprint: &'a Blueprint,
+    upsert: &'a Upsert<'a>,
+}
+
+impl Serialize for Row<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let doc = self.upsert.doc;
+        let get = |key: &str| doc.get(key).unwrap_or(&Value::Null);
+        let mut row = serializer.serialize_map(Some(self.blueprint.columns.len() + 4))?;
+        row.serialize_entry("id", &self.upsert.id)?;
+        row.serialize_entry("project_version", get("project_version"))?;
+        row.serialize_entry("links", get("links"))?;
+        row.serialize_entry("_revision", &self.upsert.revision)?;
+        for (name, column) in &self.blueprint.columns {
+            let value = get(name.as_str());
+            if is_converted(column.def.ty) {
+                row.serialize_entry(name.as_str(), &to_input(column.def.ty, value))?;
+            } else {
+                row.serialize_entry(name.as_str(), value)?;
+            }
+        }
+        row.end()
     }
-    Value::Object(row)
 }
 
 /// A failure of the batch as a whole (not of single rows): the transaction must be abandoned.
@@ -280,11 +283,12 @@ pub async fn apply_group(
     if !group.upserts.is_empty() {
         let sql = upsert_sql(&group.schema, group.blueprint).map_err(name_error)?;
         let all: Vec<&Upsert<'_>> = group.upserts.iter().collect();
-        let batch = upsert_query(&sql, group.blueprint, &all);
+        let batch = upsert_query(&sql, group.blueprint, &all).map_err(abort("encode rows for"))?;
         if let Err(error) = guarded(conn, batch).await.map_err(abort("upsert into"))? {
             tracing::warn!(table = %place, error = %describe(&error), "postgresql refused rows; applying them one by one");
             for upsert in &group.upserts {
-                let one = upsert_query(&sql, group.blueprint, &[upsert]);
+                let one = upsert_query(&sql, group.blueprint, &[upsert])
+                    .map_err(abort("encode a row for"))?;
                 if let Err(error) = guarded(conn, one).await.map_err(abort("upsert into"))? {
                     refuse(outcomes, upsert.task, &place, upsert.id, &error);
                 }
@@ -314,12 +318,20 @@ pub async fn apply_group(
 
 type PgQuery = sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>;
 
-fn upsert_query(sql: &str, blueprint: &Blueprint, rows: &[&Upsert<'_>]) -> PgQuery {
+fn upsert_query(
+    sql: &str,
+    blueprint: &Blueprint,
+    rows: &[&Upsert<'_>],
+) -> Result<PgQuery, sqlx::Error> {
     // Sent as text and read with json_to_recordset: one parse on the server, no jsonb conversion.
-    let json = Value::Array(rows.iter().map(|u| row(blueprint, u)).collect()).to_string();
-    sqlx::query(AssertSqlSafe(sql.to_owned()))
+    let rows: Vec<Row<'_>> = rows
+        .iter()
+        .map(|upsert| Row { blueprint, upsert })
+        .collect();
+    let json = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
+    Ok(sqlx::query(AssertSqlSafe(sql.to_owned()))
         .bind(json)
-        .bind(blueprint.table.to_string())
+        .bind(blueprint.table.to_string()))
 }
 
 fn delete_query(sql: &str, table: &str, rows: &[&Delete]) -> PgQuery {
