@@ -92,7 +92,7 @@ pub fn prepare_upsert(
         )
     })?;
     let item = check_item(bp, number, id, body).map_err(ItemError::Invalid)?;
-    let docs = p
+    let docs: Vec<VersionDoc> = p
         .live_holders(bp.uid)
         .into_iter()
         .map(|(w, target)| VersionDoc {
@@ -104,14 +104,14 @@ pub fn prepare_upsert(
             },
         })
         .collect();
-    Ok(Entry::Upsert {
-        blueprint: blueprint.clone(),
-        blueprint_uid: bp.uid,
+    Ok(Entry::upsert(
+        project,
+        blueprint.clone(),
+        bp.uid,
         id,
-        version: number,
-        body: item,
-        docs,
-    })
+        number,
+        &docs,
+    ))
 }
 
 /// A delete of `id` from every live version that holds the blueprint.
@@ -131,11 +131,7 @@ pub fn prepare_delete(
         None => newest(p, blueprint)?.1.uid,
     };
     let versions = p.live_holders(uid).into_iter().map(|(w, _)| w).collect();
-    Ok(Entry::Delete {
-        blueprint: blueprint.clone(),
-        id,
-        versions,
-    })
+    Ok(Entry::delete(project, blueprint.clone(), id, versions))
 }
 
 /// An item as a client of `version` (default: the newest version holding its blueprint) sees it.

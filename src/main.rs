@@ -7,6 +7,10 @@ use clap::{Parser, Subcommand};
 use dstore::config::Settings;
 use dstore::startup::Application;
 
+/// mimalloc: the journal and the projectors allocate many small, short-lived buffers.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// dstore: describe records once as blueprints, freeze them into versions, and write items to every
 /// store for every live version.
 #[derive(Parser)]

@@ -161,13 +161,16 @@ impl Application {
             registry,
             settings,
         });
-        let server =
-            HttpServer::new(move || App::new().app_data(state.clone()).configure(http::routes))
-                .workers(workers)
-                .backlog(4096)
-                .listen(listener)
-                .map_err(|source| StartupError::Listen { address, source })?
-                .run();
+        let server = HttpServer::new(move || {
+            App::new()
+                .app_data(state.clone())
+                .configure(http::configure)
+        })
+        .workers(workers)
+        .backlog(4096)
+        .listen(listener)
+        .map_err(|source| StartupError::Listen { address, source })?
+        .run();
         tracing::info!(port, "dstore is serving");
         Ok(Application {
             port,
@@ -204,6 +207,7 @@ impl Application {
         for dispatcher in self.dispatchers {
             let _ = dispatcher.await;
         }
+        self.journal.close().await;
         tracing::info!("dstore stopped");
         result
     }

@@ -15,6 +15,10 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
+/// mimalloc: the journal and the projectors allocate many small, short-lived buffers.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 enum Mode {
     Put,
@@ -162,6 +166,55 @@ async fn setup(address: &str, project: &str) -> Result<u64, String> {
         .ok_or_else(|| "no version".to_string())
 }
 
+/// Request bodies built once and given fresh ids in place, so the client spends its CPU on sending.
+struct Template {
+    unit: Vec<u8>,
+    /// Where the id placeholder sits in `unit`.
+    slots: Vec<usize>,
+}
+
+const PLACEHOLDER: &str = "00000000-0000-4000-8000-000000000000";
+
+impl Template {
+    fn new(mode: Mode, version: u64) -> Template {
+        let id: Uuid = PLACEHOLDER.parse().expect("a uuid");
+        let mut unit = Vec::new();
+        if mode == Mode::Bulk {
+            unit.extend_from_slice(
+                json!({"put": {"blueprint": "article", "id": id}})
+                    .to_string()
+                    .as_bytes(),
+            );
+            unit.push(b'\n');
+        }
+        unit.extend_from_slice(item(id, version).to_string().as_bytes());
+        unit.push(b'\n');
+        let slots = unit
+            .windows(PLACEHOLDER.len())
+            .enumerate()
+            .filter(|(_, w)| *w == PLACEHOLDER.as_bytes())
+            .map(|(i, _)| i)
+            .collect();
+        Template { unit, slots }
+    }
+
+    fn body(&self, units: usize) -> Vec<u8> {
+        self.unit.repeat(units)
+    }
+
+    /// Writes a fresh id into the `index`-th unit of `body` and returns it.
+    fn fill(&self, body: &mut [u8], index: usize) -> Uuid {
+        let id = Uuid::new_v4();
+        let mut text = [0u8; 36];
+        id.hyphenated().encode_lower(&mut text);
+        let base = index * self.unit.len();
+        for slot in &self.slots {
+            body[base + slot..base + slot + 36].copy_from_slice(&text);
+        }
+        id
+    }
+}
+
 #[derive(Default)]
 struct Totals {
     items: AtomicU64,
@@ -177,6 +230,12 @@ async fn worker(
 ) -> Histogram<u64> {
     let mut histogram =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    let template = Template::new(args.mode, version);
+    let mut body = template.body(if args.mode == Mode::Bulk {
+        args.bulk_size
+    } else {
+        1
+    });
     let Ok(mut connection) = Connection::open(&address).await else {
         totals.errors.fetch_add(1, Ordering::Relaxed);
         return histogram;
@@ -187,33 +246,16 @@ async fn worker(
         } else {
             "POST"
         };
-        let (path, body, count) = match args.mode {
+        let (path, count) = match args.mode {
             Mode::Put => {
-                let id = Uuid::new_v4();
-                (
-                    format!("/{}/article/{id}", args.project),
-                    item(id, version).to_string().into_bytes(),
-                    1,
-                )
+                let id = template.fill(&mut body, 0);
+                (format!("/{}/article/{id}", args.project), 1)
             }
             Mode::Bulk => {
-                let mut body = Vec::with_capacity(args.bulk_size * 300);
-                for _ in 0..args.bulk_size {
-                    let id = Uuid::new_v4();
-                    body.extend_from_slice(
-                        json!({"put": {"blueprint": "article", "id": id}})
-                            .to_string()
-                            .as_bytes(),
-                    );
-                    body.push(b'\n');
-                    body.extend_from_slice(item(id, version).to_string().as_bytes());
-                    body.push(b'\n');
+                for i in 0..args.bulk_size {
+                    template.fill(&mut body, i);
                 }
-                (
-                    format!("/{}/_bulk", args.project),
-                    body,
-                    args.bulk_size as u64,
-                )
+                (format!("/{}/_bulk", args.project), args.bulk_size as u64)
             }
         };
         let started = Instant::now();
@@ -249,6 +291,7 @@ fn main() -> std::process::ExitCode {
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     runtime.block_on(async move {
         let mut _dir = None;
+        let mut server = None;
         let address = if args.embedded {
             let dir = tempfile_dir();
             let mut settings = dstore::config::Settings::default();
@@ -265,7 +308,7 @@ fn main() -> std::process::ExitCode {
                 .await
                 .expect("dstore starts");
             let address = format!("127.0.0.1:{}", app.port());
-            tokio::spawn(app.run_until_stopped());
+            server = Some((app.handle(), tokio::spawn(app.run_until_stopped())));
             _dir = Some(dir);
             address
         } else {
@@ -327,6 +370,10 @@ fn main() -> std::process::ExitCode {
             ms(0.99),
             histogram.max() as f64 / 1000.0
         );
+        if let Some((handle, running)) = server {
+            handle.stop(true).await;
+            let _ = running.await;
+        }
         if let Some(dir) = _dir {
             let _ = std::fs::remove_dir_all(dir);
         }

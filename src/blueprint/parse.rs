@@ -12,6 +12,10 @@ use super::model::{ColumnDef, Pattern, Validation};
 use super::types::{BaseType, ColumnType};
 use super::FieldError;
 
+/// Most columns a blueprint may have: PostgreSQL tables stop at 1600 columns and Elasticsearch
+/// indexes at 1000 mapped fields by default, and dstore adds a few of its own.
+pub const MAX_COLUMNS: usize = 900;
+
 /// A blueprint as a client sent it: columns in body order, with their rename instructions.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BlueprintInput {
@@ -77,6 +81,16 @@ pub fn parse_blueprint(body: &Value, base: &str) -> Result<BlueprintInput, Vec<F
     let es_type = named_section(&mut errors, top, "elasticsearch", "type");
     let columns = match top.get("columns") {
         None => Vec::new(),
+        Some(Value::Object(columns)) if columns.len() > MAX_COLUMNS => {
+            errors.push(
+                "/columns",
+                format!(
+                    "has {} columns; a blueprint holds at most {MAX_COLUMNS}",
+                    columns.len()
+                ),
+            );
+            Vec::new()
+        }
         Some(Value::Object(columns)) => columns
             .iter()
             .filter_map(|(name, column)| parse_column(&mut errors, name, column))

@@ -60,7 +60,10 @@ pub fn canonicalize_scalar(base: BaseType, value: &Value) -> Result<Value, Strin
         },
         BaseType::Date => {
             let raw = expect_str(value, "a date (YYYY-MM-DD)")?;
-            parse_date(raw).map(|d| Value::String(d.format("%Y-%m-%d").to_string()))
+            parse_date(raw).map(|d| {
+                use chrono::Datelike;
+                Value::String(format!("{:04}-{:02}-{:02}", d.year(), d.month(), d.day()))
+            })
         }
         BaseType::DateTime => {
             let raw = expect_str(value, "a datetime")?;
@@ -155,12 +158,24 @@ pub fn parse_datetime(raw: &str) -> Result<DateTime<Utc>, String> {
 
 /// The canonical datetime text: UTC, seconds, microseconds only when present (PostgreSQL's precision).
 pub fn format_datetime(t: &DateTime<Utc>) -> String {
+    use chrono::Datelike;
+    use std::fmt::Write;
+    let mut out = String::with_capacity(26);
+    let _ = write!(
+        out,
+        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+        t.year(),
+        t.month(),
+        t.day(),
+        t.hour(),
+        t.minute(),
+        t.second()
+    );
     let micros = t.nanosecond() / 1_000 % 1_000_000;
-    if micros == 0 {
-        t.format("%Y-%m-%d %H:%M:%S").to_string()
-    } else {
-        format!("{}.{micros:06}", t.format("%Y-%m-%d %H:%M:%S"))
+    if micros != 0 {
+        let _ = write!(out, ".{micros:06}");
     }
+    out
 }
 
 type Coordinates = fn(&Value) -> Result<(), String>;

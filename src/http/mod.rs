@@ -56,7 +56,22 @@ pub fn version_number(raw: &str) -> Result<u32, ApiError> {
     })
 }
 
-pub fn routes(config: &mut web::ServiceConfig) {
+/// The whole HTTP surface: extractor error handling and the route table.
+pub fn configure(config: &mut web::ServiceConfig) {
+    // Extractor failures (undecodable paths, malformed query strings) answer in the JSON error shape.
+    config
+        .app_data(
+            web::PathConfig::default().error_handler(|e, _| {
+                ApiError::bad_request("", format!("invalid path: {e}")).into()
+            }),
+        )
+        .app_data(web::QueryConfig::default().error_handler(|e, _| {
+            ApiError::bad_request("", format!("invalid query string: {e}")).into()
+        }));
+    routes(config);
+}
+
+fn routes(config: &mut web::ServiceConfig) {
     config
         .service(resource("/_health").route(web::get().to(health::live)))
         .service(resource("/_health/ready").route(web::get().to(health::ready)))

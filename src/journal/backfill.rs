@@ -107,11 +107,14 @@ impl Journal {
 
     fn spawn_backfill(self: &Arc<Self>, project: Ident, version: u32, state: BackfillState) {
         let journal = self.clone();
-        self.runtime.spawn(async move {
+        let task = self.runtime.spawn(async move {
             if let Err(error) = journal.run_backfill(&project, version, state).await {
                 tracing::error!(%project, version, %error, "back-fill stopped; it resumes at the next start");
             }
         });
+        let mut background = self.background.lock().expect("background lock");
+        background.retain(|t| !t.is_finished());
+        background.push(task);
     }
 
     async fn run_backfill(
@@ -122,6 +125,10 @@ impl Journal {
     ) -> Result<(), JournalError> {
         tracing::info!(%project, version, total = state.total, "back-fill started");
         while !state.finished {
+            if self.is_closing() {
+                tracing::info!(%project, version, done = state.done, "back-fill paused until the next start");
+                return Ok(());
+            }
             let Chunk {
                 items,
                 looked_at,
@@ -193,7 +200,7 @@ impl Journal {
                 continue;
             }
             looked_at += 1;
-            let record: ItemRecord = decode(&value)?;
+            let record: ItemRecord = super::codec::decode_record(&value)?;
             last = Some(key.to_vec());
             let Some((name, to)) = target
                 .blueprints
@@ -213,11 +220,11 @@ impl Journal {
                 .try_into()
                 .map(uuid::Uuid::from_bytes)
                 .unwrap_or_default();
+            let doc = super::codec::doc_bytes(&transform(&record.body, from, to, version));
             items.push(BackfillItem {
-                blueprint: name.clone(),
                 id,
                 revision: record.revision,
-                doc: transform(&record.body, from, to, version),
+                task: super::codec::upsert_body(project, name, &id, &[(version, &doc)]),
             });
         }
         Ok(Chunk {

@@ -8,6 +8,7 @@
 //! in sequence order ([`Journal::pending`]) and remove them once applied ([`Journal::ack`]).
 
 pub mod backfill;
+mod codec;
 mod keys;
 pub mod task;
 mod writer;
@@ -27,7 +28,7 @@ use uuid::Uuid;
 
 use crate::blueprint::{Ident, Uid};
 use crate::catalog::{Catalog, CatalogError, Version};
-use task::{Task, VersionDoc};
+use task::{Task, TaskOp, VersionDoc};
 pub use writer::Command;
 
 /// A raw key and value read from RocksDB.
@@ -77,24 +78,71 @@ pub enum JournalError {
     Corrupt(#[from] serde_json::Error),
 }
 
-/// One item write or delete, validated and transformed, ready to be journaled.
+/// One item write or delete, validated, transformed and encoded, ready to be journaled.
 #[derive(Clone, Debug)]
 pub enum Entry {
     Upsert {
         blueprint: Ident,
         blueprint_uid: Uid,
         id: Uuid,
-        /// The version the client wrote at, and the canonical body at that version.
+        /// The version the client wrote at.
         version: u32,
-        body: Map<String, Value>,
-        /// The item as every live version holding the blueprint sees it.
-        docs: Vec<VersionDoc>,
+        /// The canonical body at that version, as JSON.
+        record: Vec<u8>,
+        /// The task body (see `codec`), carrying the item as every live version holding it sees it.
+        task: Vec<u8>,
     },
     Delete {
         blueprint: Ident,
         id: Uuid,
-        versions: Vec<u32>,
+        task: Vec<u8>,
     },
+}
+
+impl Entry {
+    /// Encodes an upsert; the document at the client's own version is serialized once for both the
+    /// record and the task.
+    pub fn upsert(
+        project: &Ident,
+        blueprint: Ident,
+        blueprint_uid: Uid,
+        id: Uuid,
+        version: u32,
+        docs: &[VersionDoc],
+    ) -> Entry {
+        let encoded: Vec<(u32, Vec<u8>)> = docs
+            .iter()
+            .map(|d| (d.version, codec::doc_bytes(&d.doc)))
+            .collect();
+        let slices: Vec<(u32, &[u8])> = encoded.iter().map(|(v, b)| (*v, b.as_slice())).collect();
+        let task = codec::upsert_body(project, &blueprint, &id, &slices);
+        let record = match encoded.into_iter().find(|(v, _)| *v == version) {
+            Some((_, bytes)) => bytes,
+            None => Vec::new(),
+        };
+        Entry::Upsert {
+            blueprint,
+            blueprint_uid,
+            id,
+            version,
+            record,
+            task,
+        }
+    }
+
+    pub fn delete(project: &Ident, blueprint: Ident, id: Uuid, versions: Vec<u32>) -> Entry {
+        let op = TaskOp::Delete {
+            blueprint: blueprint.clone(),
+            id,
+            revision: 0,
+            versions,
+        };
+        Entry::Delete {
+            blueprint,
+            id,
+            task: codec::task_body(project, &op),
+        }
+    }
 }
 
 /// The latest accepted state of an item.
@@ -147,6 +195,9 @@ pub struct Journal {
     /// Where background work (back-fills) runs: the runtime that opened the journal.
     runtime: tokio::runtime::Handle,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// Set by [`Journal::close`]: background work stops at its next step.
+    closing: std::sync::atomic::AtomicBool,
+    background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
 }
 
 impl Drop for Journal {
@@ -209,6 +260,8 @@ impl Journal {
             settings: settings.clone(),
             runtime: tokio::runtime::Handle::current(),
             writer: Mutex::new(None),
+            closing: std::sync::atomic::AtomicBool::new(false),
+            background: Mutex::new(Vec::new()),
         });
         for name in &projectors {
             journal.refresh_progress(name)?;
@@ -221,6 +274,19 @@ impl Journal {
             .map_err(JournalError::Thread)?;
         *journal.writer.lock().expect("writer lock") = Some(thread);
         Ok(journal)
+    }
+
+    /// Stops background work (back-fills resume at the next start) and waits for it to end.
+    pub async fn close(&self) {
+        self.closing.store(true, Ordering::Release);
+        let tasks = std::mem::take(&mut *self.background.lock().expect("background lock"));
+        for task in tasks {
+            let _ = task.await;
+        }
+    }
+
+    fn is_closing(&self) -> bool {
+        self.closing.load(Ordering::Acquire)
     }
 
     pub fn catalog(&self) -> &Arc<Catalog> {
@@ -351,7 +417,7 @@ impl Journal {
             .db
             .get_cf(self.cf(CF_ITEMS), keys::item(project, blueprint, id))?
         {
-            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            Some(bytes) => Ok(Some(codec::decode_record(&bytes)?)),
             None => Ok(None),
         }
     }
@@ -376,7 +442,7 @@ impl Journal {
     pub fn pending(&self, projector: &str, limit: usize) -> Result<Vec<Task>, JournalError> {
         let mut tasks: Vec<Task> = Vec::new();
         for entry in self.scan_tasks(projector).take(limit) {
-            tasks.push(decode(&entry?.1)?);
+            tasks.push(codec::decode_task(&entry?.1)?);
         }
         if let (Some(first), Some(lane)) = (tasks.first(), self.lanes.get(projector)) {
             lane.floor.fetch_max(first.seq, Ordering::AcqRel);

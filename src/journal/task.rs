@@ -18,8 +18,9 @@ pub struct Task {
     pub op: TaskOp,
 }
 
+// Externally tagged: an internally tagged enum would be buffered whole before it is decoded.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
+#[serde(rename_all = "snake_case")]
 pub enum TaskOp {
     /// Create the structures of a frozen version (idempotent).
     Migrate { version: u32 },

@@ -10,16 +10,12 @@ use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Weak};
 
 use rocksdb::{WriteBatch, WriteOptions, DB};
-use serde_json::Map;
-use serde_json::Value;
 use tokio::sync::oneshot;
 use uuid::Uuid;
 
 use super::backfill::BackfillState;
-use super::task::{Task, TaskOp, VersionDoc};
-use super::{
-    keys, Durability, Entry, ItemRecord, Journal, JournalError, CF_ITEMS, CF_META, CF_TASKS,
-};
+use super::task::TaskOp;
+use super::{codec, keys, Durability, Entry, Journal, JournalError, CF_ITEMS, CF_META, CF_TASKS};
 use crate::blueprint::Ident;
 use crate::catalog::{Catalog, Version};
 
@@ -28,10 +24,10 @@ type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
 /// An item a back-fill projects into its new version, with the revision it already has.
 #[derive(Debug)]
 pub struct BackfillItem {
-    pub blueprint: Ident,
     pub id: Uuid,
     pub revision: u64,
-    pub doc: Map<String, Value>,
+    /// The encoded `Upsert` task body (see `codec`).
+    pub task: Vec<u8>,
 }
 
 pub enum Command {
@@ -106,23 +102,19 @@ impl<'a> Stage<'a> {
         self.seq
     }
 
-    /// Queues `op` once for each projector in `to`.
+    /// Queues an encoded task once for each projector in `to`; answers its seq. The revision of an
+    /// item task is its own seq unless given (back-fills keep the item's revision).
     fn task<'p>(
         &mut self,
-        project: &Ident,
-        op: TaskOp,
+        revision: Option<u64>,
+        body: &[u8],
         to: impl IntoIterator<Item = &'p str>,
     ) -> u64 {
         let seq = self.next_seq();
-        let task = Task {
-            seq,
-            project: project.clone(),
-            op,
-        };
-        let bytes = serde_json::to_vec(&task).expect("tasks serialize");
+        let value = codec::task_value(seq, revision.unwrap_or(seq), body);
+        let tasks = self.cf(CF_TASKS);
         for projector in to {
-            let key = keys::task(projector, seq);
-            self.batch.put_cf(self.cf(CF_TASKS), key, &bytes);
+            self.batch.put_cf(tasks, keys::task(projector, seq), &value);
         }
         seq
     }
@@ -222,13 +214,10 @@ fn stage_command(stage: &mut Stage, command: Command) {
             let projectors = stage.all_projectors();
             match stage.writer.catalog.freeze(&project, &projectors) {
                 Ok(version) => {
-                    let seq = stage.task(
-                        &project,
-                        TaskOp::Migrate {
-                            version: version.number,
-                        },
-                        projectors,
-                    );
+                    let migrate = TaskOp::Migrate {
+                        version: version.number,
+                    };
+                    let seq = stage.task(None, &codec::task_body(&project, &migrate), projectors);
                     stage.answers.push(answer(reply, (version, seq)));
                 }
                 Err(e) => {
@@ -242,11 +231,8 @@ fn stage_command(stage: &mut Stage, command: Command) {
             projectors,
             reply,
         } => {
-            let seq = stage.task(
-                &project,
-                TaskOp::Migrate { version },
-                projectors.iter().map(String::as_str),
-            );
+            let body = codec::task_body(&project, &TaskOp::Migrate { version });
+            let seq = stage.task(None, &body, projectors.iter().map(String::as_str));
             stage.answers.push(answer(reply, seq));
         }
         Command::DropProject { project, reply } => {
@@ -269,7 +255,8 @@ fn stage_command(stage: &mut Stage, command: Command) {
             stage
                 .batch
                 .delete_cf(meta, keys::backfill(&project, u32::MAX));
-            let seq = stage.task(&project, TaskOp::DropProject, stage.all_projectors());
+            let body = codec::task_body(&project, &TaskOp::DropProject);
+            let seq = stage.task(None, &body, stage.all_projectors());
             stage.answers.push(answer(reply, seq));
         }
         Command::Shutdown => {}
@@ -290,16 +277,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 return;
             }
             for item in items {
-                let op = TaskOp::Upsert {
-                    blueprint: item.blueprint,
-                    id: item.id,
-                    revision: item.revision,
-                    docs: vec![VersionDoc {
-                        version,
-                        doc: item.doc,
-                    }],
-                };
-                stage.task(&project, op, stage.all_projectors());
+                stage.task(Some(item.revision), &item.task, stage.all_projectors());
             }
             let meta = stage.cf(CF_META);
             let state = serde_json::to_vec(&state).expect("state serializes");
@@ -313,55 +291,31 @@ fn stage_command(stage: &mut Stage, command: Command) {
 
 fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
     let items = stage.cf(CF_ITEMS);
+    let revision = stage.seq + 1;
     match entry {
         Entry::Upsert {
             blueprint,
             blueprint_uid,
             id,
             version,
-            body,
-            docs,
+            record,
+            task,
         } => {
-            let revision = stage.seq + 1;
-            let key = keys::item(project, &blueprint, &id);
-            let record = ItemRecord {
-                revision,
-                version,
-                blueprint_uid,
-                body,
-            };
-            stage.batch.put_cf(
-                items,
-                key,
-                serde_json::to_vec(&record).expect("records serialize"),
-            );
-            let op = TaskOp::Upsert {
-                blueprint,
-                id,
-                revision,
-                docs,
-            };
-            stage.task(project, op, stage.all_projectors())
+            let value = codec::record_value(revision, version, blueprint_uid, &record);
+            stage
+                .batch
+                .put_cf(items, keys::item(project, &blueprint, &id), value);
+            stage.task(None, &task, stage.all_projectors())
         }
         Entry::Delete {
             blueprint,
             id,
-            versions,
+            task,
         } => {
-            let revision = stage.seq + 1;
             stage
                 .batch
                 .delete_cf(items, keys::item(project, &blueprint, &id));
-            stage.task(
-                project,
-                TaskOp::Delete {
-                    blueprint,
-                    id,
-                    revision,
-                    versions,
-                },
-                stage.all_projectors(),
-            )
+            stage.task(None, &task, stage.all_projectors())
         }
     }
 }

@@ -286,3 +286,25 @@ async fn the_catalog_survives_a_restart() {
         2
     );
 }
+
+#[tokio::test]
+async fn a_blueprint_with_too_many_columns_is_refused_with_422() {
+    let app = spawn_app().await;
+    let mut body = article();
+    for i in 0..900 {
+        body["columns"][format!("c{i}")] = json!({"type": "integer"});
+    }
+    let answer = app.put("/myblog/article/_blueprint", &body).await;
+    assert_eq!(answer.status, 422, "{}", answer.body);
+    assert_eq!(answer.paths(), ["/columns"]);
+}
+
+#[tokio::test]
+async fn malformed_query_strings_and_paths_get_json_errors() {
+    let app = spawn_app().await;
+    for path in ["/_dead_letters?limit=lots", "/myblog/%FF%FE/_blueprint"] {
+        let answer = app.get(path).await;
+        assert_eq!(answer.status, 400, "{path}: {}", answer.body);
+        assert!(answer.body["status"].is_string(), "{path}");
+    }
+}

@@ -322,3 +322,60 @@ impl ParseIdent for &str {
         dstore::blueprint::Ident::parse(self).unwrap()
     }
 }
+
+#[tokio::test]
+async fn a_backfill_interrupted_by_a_restart_resumes_and_finishes() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let total = 6000;
+    {
+        let app = crate::helpers::spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+        app.put_and_freeze("myblog", "article", &article()).await;
+        let mut body = String::new();
+        for i in 0..total {
+            let mut item = seed_item();
+            item["id"] = json!(Uuid::from_u128(i + 1));
+            body.push_str(&json!({"put": {"blueprint": "article", "id": item["id"]}}).to_string());
+            body.push('\n');
+            body.push_str(&item.to_string());
+            body.push('\n');
+        }
+        let bulk = app.send(Method::POST, "/myblog/_bulk", Some(body)).await;
+        assert_eq!(bulk.body["errors"], false);
+        let mut v2 = article();
+        v2["columns"]["views"] = json!({"type": "integer"});
+        app.put_and_freeze("myblog", "article", &v2).await;
+        app.stop().await;
+    }
+    let app = crate::helpers::spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+    let mut backfill = Value::Null;
+    for _ in 0..200 {
+        backfill = app.get("/myblog/_version").await.body["versions"][1]["backfill"].clone();
+        if backfill["finished"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        backfill,
+        json!({"total": total, "done": total, "finished": true})
+    );
+    let mut last = seed_item();
+    last["id"] = json!(Uuid::from_u128(1));
+    last["project_version"] = json!(2);
+    assert_eq!(
+        app.put(
+            &format!("/myblog/article/{}?wait=true", Uuid::from_u128(1)),
+            &last
+        )
+        .await
+        .body["projected"],
+        true
+    );
+    let count =
+        app.rocksdb
+            .as_ref()
+            .unwrap()
+            .count(&"myblog".parse_ident(), 2, &"article".parse_ident());
+    assert_eq!(count, total as usize);
+}

@@ -98,12 +98,17 @@ impl RocksProjector {
             .count()
     }
 
-    fn write(&self, batch: WriteBatch) -> Result<(), ProjectorError> {
-        let mut options = WriteOptions::default();
-        options.set_sync(true);
-        self.db
-            .write_opt(batch, &options)
-            .map_err(|e| ProjectorError::transient(format!("rocksdb keyspace write failed: {e}")))
+    /// Writes durably before the journal lets go of the tasks; the fsync runs off the async threads.
+    async fn write(&self, batch: WriteBatch) -> Result<(), ProjectorError> {
+        let db = self.db.clone();
+        tokio::task::spawn_blocking(move || {
+            let mut options = WriteOptions::default();
+            options.set_sync(true);
+            db.write_opt(batch, &options)
+        })
+        .await
+        .map_err(|e| ProjectorError::transient(format!("rocksdb keyspace write stopped: {e}")))?
+        .map_err(|e| ProjectorError::transient(format!("rocksdb keyspace write failed: {e}")))
     }
 }
 
@@ -123,19 +128,16 @@ impl Projector for RocksProjector {
         _catalog: &Catalog,
         tasks: &[Task],
     ) -> Result<Vec<Outcome>, ProjectorError> {
-        let db = self.db.clone();
-        let tasks = tasks.to_vec();
-        let this = RocksProjector { db };
-        tokio::task::spawn_blocking(move || this.apply_blocking(&tasks))
-            .await
-            .map_err(|e| ProjectorError::transient(format!("rocksdb apply task failed: {e}")))?
+        let batch = self.stage(tasks)?;
+        self.write(batch).await?;
+        Ok(tasks.iter().map(|_| Ok(())).collect())
     }
 
     async fn drop_project(&self, project: &Ident) -> Result<(), ProjectorError> {
         let (from, to) = project_range(project);
         let mut batch = WriteBatch::default();
         batch.delete_range(from, to);
-        self.write(batch)
+        self.write(batch).await
     }
 
     async fn read(
@@ -160,7 +162,8 @@ impl Projector for RocksProjector {
 type Write<'a> = (Vec<u8>, u64, Option<&'a Map<String, Value>>);
 
 impl RocksProjector {
-    fn apply_blocking(&self, tasks: &[Task]) -> Result<Vec<Outcome>, ProjectorError> {
+    /// The batch that applies `tasks`: only writes newer than what the keyspace holds.
+    fn stage(&self, tasks: &[Task]) -> Result<WriteBatch, ProjectorError> {
         // Every (key, revision, document) the batch wants written, in task order.
         let mut writes: Vec<Write> = Vec::new();
         for task in tasks {
@@ -207,7 +210,6 @@ impl RocksProjector {
                 batch.put(key, encode(*revision, *doc));
             }
         }
-        self.write(batch)?;
-        Ok(tasks.iter().map(|_| Ok(())).collect())
+        Ok(batch)
     }
 }
