@@ -12,6 +12,8 @@ mod connect;
 pub mod ddl;
 mod error;
 pub mod ident;
+mod migrate;
+mod plan;
 mod read;
 pub mod values;
 mod write;
@@ -23,7 +25,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
-use sqlx::postgres::{PgConnectOptions, PgConnection, PgPool};
+use sqlx::postgres::{PgConnectOptions, PgPool};
 use sqlx::types::Json;
 use sqlx::AssertSqlSafe;
 use uuid::Uuid;
@@ -35,7 +37,7 @@ use crate::blueprint::Ident;
 use crate::catalog::{Catalog, Version};
 use crate::config::PostgresSettings;
 use crate::journal::task::Task;
-use error::{classify, describe, Failure};
+use error::{classify, Failure};
 use ident::{qualified, quote, schema_name, schema_pattern};
 use read::Shape;
 
@@ -82,12 +84,13 @@ impl PostgresProjector {
         }
     }
 
-    fn forget_migrations(&self, prefix: Option<&str>) {
+    /// Forgets the schemas matching `pattern` (all of them with `None`) as migrated.
+    fn forget_migrations(&self, pattern: Option<&str>) {
         let mut migrated = self
             .migrated
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
-        match prefix {
+        match pattern {
             Some(pattern) => {
                 let pattern = regex::Regex::new(pattern).ok();
                 migrated.retain(|schema| !pattern.as_ref().is_some_and(|p| p.is_match(schema)));
@@ -113,8 +116,6 @@ impl PostgresProjector {
         if error.as_database_error().is_none() {
             // Connection trouble: the next attempt checks the server directly and explains it.
             self.database_ready.store(false, Ordering::SeqCst);
-        }
-        if error.as_database_error().is_none() {
             return ProjectorError::transient(format!(
                 "postgresql: {what}: {}",
                 connect::explain(&self.options, error)
@@ -147,81 +148,6 @@ impl PostgresProjector {
         self.database_ready.store(true, Ordering::SeqCst);
         Ok(())
     }
-
-    /// Enables PostGIS, or says precisely why it cannot.
-    async fn ensure_postgis(&self, conn: &mut PgConnection) -> Result<(), ProjectorError> {
-        let (enabled, available, major): (bool, bool, i32) = sqlx::query_as(
-            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'postgis'), \
-                    EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'), \
-                    current_setting('server_version_num')::int / 10000",
-        )
-        .fetch_one(&mut *conn)
-        .await
-        .map_err(|e| self.failed("check postgis", &e))?;
-        if enabled {
-            return Ok(());
-        }
-        if !available {
-            return Err(ProjectorError::transient(format!(
-                "postgis is not installed on the postgresql server at {}; install it \
-                 (Debian/Ubuntu: apt-get install postgresql-{major}-postgis-3) and freeze again",
-                self.target()
-            )));
-        }
-        sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS postgis")
-            .execute(&mut *conn)
-            .await
-            .map_err(|e| {
-                ProjectorError::transient(format!(
-                    "cannot enable postgis in {}: {}; a superuser can run CREATE EXTENSION postgis there",
-                    self.target(),
-                    describe(&e)
-                ))
-            })?;
-        Ok(())
-    }
-
-    async fn migrate_version(
-        &self,
-        project: &Ident,
-        version: &Version,
-    ) -> Result<(), ProjectorError> {
-        self.ensure_database().await?;
-        let schema = schema_name(project, version.number);
-        let what = format!("migrate {schema}");
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| self.failed(&what, &e))?;
-        self.ensure_postgis(&mut tx).await?;
-        let mut statements = ddl::schema_statements(&schema, project, version.number)?;
-        for blueprint in version.blueprints.values() {
-            statements.extend(ddl::table_statements(&schema, blueprint)?);
-        }
-        for statement in statements {
-            sqlx::raw_sql(AssertSqlSafe(statement))
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.failed(&what, &e))?;
-        }
-        let register = write::register_sql(&schema)?;
-        for (name, blueprint) in &version.blueprints {
-            sqlx::query(AssertSqlSafe(register.clone()))
-                .bind(name.as_str())
-                .bind(blueprint.table.as_str())
-                .bind(Json(Shape::of(blueprint)))
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| self.failed(&what, &e))?;
-        }
-        tx.commit().await.map_err(|e| self.failed(&what, &e))?;
-        self.migrated
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .insert(schema);
-        Ok(())
-    }
 }
 
 #[async_trait]
@@ -240,7 +166,7 @@ impl Projector for PostgresProjector {
         tasks: &[Task],
     ) -> Result<Vec<Outcome>, ProjectorError> {
         let snapshot = catalog.snapshot();
-        let plan = write::plan(&snapshot, tasks);
+        let plan = plan::plan(&snapshot, tasks);
         let mut outcomes = plan.outcomes;
         if plan.groups.is_empty() {
             return Ok(outcomes);

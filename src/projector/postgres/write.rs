@@ -1,17 +1,15 @@
-//! Applying a batch of item tasks: one plan, one transaction, one statement per table and kind.
+//! Writing a planned batch (see [`super::plan`]): one statement per table and kind, in the caller's
+//! transaction.
 //!
-//! The plan keeps, per (schema, table, id), only the task with the highest revision (a newer delete
-//! wins over an older upsert and the other way round), so each row is touched once. Upserts go in as
+//! Upserts go in as
 //! one `INSERT … SELECT … FROM json_to_recordset($1) … ON CONFLICT (id) DO UPDATE … WHERE
 //! t._revision < EXCLUDED._revision` per table, skipping ids whose tombstone is at least as new;
 //! deletes record or raise the tombstone and remove older rows. Each statement runs under a
 //! savepoint: when PostgreSQL refuses rows for good, the statement is replayed row by row, each under
 //! its own savepoint, so only the refused rows' tasks fail and the rest of the batch is applied.
 
-use std::collections::{BTreeMap, HashMap};
-
 use serde::ser::{Serialize, SerializeMap, Serializer};
-use serde_json::{Map, Value};
+use serde_json::Value;
 use sqlx::postgres::PgConnection;
 use sqlx::AssertSqlSafe;
 use uuid::Uuid;
@@ -19,148 +17,10 @@ use uuid::Uuid;
 use super::ddl::{column_type, BLUEPRINTS, TOMBSTONES};
 use super::error::{classify, describe, Failure};
 use super::ident::{qualified, quote, NameError};
+use super::plan::{Delete, Group, Upsert};
 use super::values::{is_converted, to_input};
-use crate::blueprint::{Blueprint, Ident};
-use crate::catalog::{Snapshot, Version};
-use crate::journal::task::{Task, TaskOp};
+use crate::blueprint::Blueprint;
 use crate::projector::{Outcome, ProjectorError};
-
-/// One row to write: the newest state of an item in one version, and the task it came from.
-pub struct Upsert<'a> {
-    pub id: Uuid,
-    pub revision: i64,
-    pub task: usize,
-    pub doc: &'a Map<String, Value>,
-}
-
-pub struct Delete {
-    pub id: Uuid,
-    pub revision: i64,
-    pub task: usize,
-}
-
-/// Everything a batch writes into one table.
-pub struct Group<'a> {
-    pub schema: String,
-    pub blueprint: &'a Blueprint,
-    pub upserts: Vec<Upsert<'a>>,
-    pub deletes: Vec<Delete>,
-}
-
-pub struct Plan<'a> {
-    pub groups: Vec<Group<'a>>,
-    /// The versions the batch writes into, to make sure they are migrated first.
-    pub versions: Vec<(&'a Ident, &'a Version)>,
-    pub outcomes: Vec<Outcome>,
-}
-
-enum Op<'a> {
-    Upsert(&'a Map<String, Value>),
-    Delete,
-}
-
-/// A row of one table in one version: (schema, table, id).
-type RowKey<'a> = (String, &'a Ident, Uuid);
-/// The newest write of a row so far: (revision, task index, what, blueprint as frozen).
-type Newest<'a> = (i64, usize, Op<'a>, &'a Blueprint);
-
-/// Plans a batch. Versions or blueprints the catalog no longer holds (a project deleted since the
-/// task was queued) need no write; their tasks succeed.
-pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
-    let mut outcomes: Vec<Outcome> = tasks.iter().map(|_| Ok(())).collect();
-    let mut newest: HashMap<RowKey<'a>, Newest<'a>> = HashMap::new();
-    let mut versions: BTreeMap<String, (&'a Ident, &'a Version)> = BTreeMap::new();
-    for (index, task) in tasks.iter().enumerate() {
-        let (blueprint, id, revision, writes): (_, _, _, Vec<(u32, Op<'a>)>) = match &task.op {
-            TaskOp::Upsert {
-                blueprint,
-                id,
-                revision,
-                docs,
-            } => (
-                blueprint,
-                *id,
-                *revision,
-                docs.iter()
-                    .map(|d| (d.version, Op::Upsert(&d.doc)))
-                    .collect(),
-            ),
-            TaskOp::Delete {
-                blueprint,
-                id,
-                revision,
-                versions,
-            } => (
-                blueprint,
-                *id,
-                *revision,
-                versions.iter().map(|v| (*v, Op::Delete)).collect(),
-            ),
-            TaskOp::Migrate { .. } | TaskOp::DropProject => continue,
-        };
-        let Ok(revision) = i64::try_from(revision) else {
-            outcomes[index] = Err(ProjectorError::permanent(format!(
-                "revision {revision} does not fit a postgresql bigint"
-            )));
-            continue;
-        };
-        for (number, op) in writes {
-            let Some(version) = snapshot
-                .projects
-                .get(&task.project)
-                .and_then(|p| p.version(number))
-            else {
-                continue;
-            };
-            let Some(definition) = version.blueprints.get(blueprint) else {
-                continue;
-            };
-            let schema = super::ident::schema_name(&task.project, number);
-            versions
-                .entry(schema.clone())
-                .or_insert((&task.project, &**version));
-            let key = (schema, &definition.table, id);
-            // Equal revisions are redeliveries of one write: the later copy is as good as the first.
-            if newest
-                .get(&key)
-                .is_none_or(|(current, ..)| *current <= revision)
-            {
-                newest.insert(key, (revision, index, op, definition));
-            }
-        }
-    }
-    let mut groups: BTreeMap<(String, &'a Ident), Group<'a>> = BTreeMap::new();
-    for ((schema, table, id), (revision, task, op, blueprint)) in newest {
-        let group = groups
-            .entry((schema.clone(), table))
-            .or_insert_with(|| Group {
-                schema,
-                blueprint,
-                upserts: Vec::new(),
-                deletes: Vec::new(),
-            });
-        match op {
-            Op::Upsert(doc) => group.upserts.push(Upsert {
-                id,
-                revision,
-                task,
-                doc,
-            }),
-            Op::Delete => group.deletes.push(Delete { id, revision, task }),
-        }
-    }
-    let mut groups: Vec<Group<'a>> = groups.into_values().collect();
-    for group in &mut groups {
-        // Task order: when two rows compete for a unique value, the earlier write gets it.
-        group.upserts.sort_by_key(|u| u.task);
-        group.deletes.sort_by_key(|d| d.task);
-    }
-    Plan {
-        groups,
-        versions: versions.into_values().collect(),
-        outcomes,
-    }
-}
 
 /// The upsert statement of a blueprint's table; `$1` is a JSON array of rows (as text), `$2` the
 /// table name.
