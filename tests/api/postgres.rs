@@ -767,3 +767,80 @@ async fn an_unreachable_server_is_reported_by_health_and_the_service_still_serve
     );
     app.stop().await;
 }
+
+/// Forwards connections from `port` on 127.0.0.1 to the test server, from the moment it is called.
+async fn forward(port: u16) {
+    let options: sqlx::postgres::PgConnectOptions = server_url().parse().expect("a postgres url");
+    let upstream = format!("{}:{}", options.get_host(), options.get_port());
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("the port is free again");
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn writes_wait_in_the_journal_while_postgresql_is_down_and_arrive_when_it_returns() {
+    let db = TestDatabase::create().await;
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/{}", db.name);
+    let app = spawn_app_with(|s| {
+        s.projection.wait_timeout_secs = 1;
+        s.postgresql = Some(PostgresSettings {
+            url: Some(url),
+            ..PostgresSettings::default()
+        });
+    })
+    .await;
+    assert_eq!(
+        app.put("/myblog/article/_blueprint", &crate::helpers::article())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(app.post("/myblog/_version", None).await.status, 503);
+    let id = Uuid::new_v4();
+    let item =
+        json!({"project_version": 1, "title": "waiting", "date_created": "2021-01-02 03:04:05"});
+    let put = app.put(&format!("/myblog/article/{id}"), &item).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+
+    forward(port).await;
+    let mut sql = db.sql().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let title: Result<String, _> =
+            sqlx::query_scalar("SELECT title FROM myblog_v1.articles WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut sql)
+                .await;
+        if let Ok(title) = title {
+            assert_eq!(title, "waiting");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the waiting write never reached postgresql"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ready = app.get("/_health/ready").await.body;
+    assert_eq!(
+        ready["projectors"]["postgresql"]["health"]["reachable"], true,
+        "{ready}"
+    );
+    app.stop().await;
+    db.drop().await;
+}
