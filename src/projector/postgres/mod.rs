@@ -9,13 +9,13 @@
 //! first use, and `health` explains what to fix. Names reach SQL only through [`ident::quote`].
 
 mod connect;
-pub mod ddl;
+mod ddl;
 mod error;
 pub mod ident;
 mod migrate;
 mod plan;
 mod read;
-pub mod values;
+mod values;
 mod write;
 
 use std::collections::HashSet;
