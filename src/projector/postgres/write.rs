@@ -1,12 +1,12 @@
 //! Writing a planned batch (see [`super::plan`]): one statement per table and kind, in the caller's
 //! transaction.
 //!
-//! Upserts go in as
-//! one `INSERT … SELECT … FROM json_to_recordset($1) … ON CONFLICT (id) DO UPDATE … WHERE
-//! t._revision < EXCLUDED._revision` per table, skipping ids whose tombstone is at least as new;
-//! deletes record or raise the tombstone and remove older rows. Each statement runs under a
+//! Upserts go in as one `INSERT … SELECT … FROM json_to_recordset($1) … ON CONFLICT (id) DO UPDATE
+//! … WHERE t._revision < EXCLUDED._revision` per table, skipping ids whose tombstone is at least as
+//! new; deletes record or raise the tombstone and remove older rows. Each statement runs under a
 //! savepoint: when PostgreSQL refuses rows for good, the statement is replayed row by row, each under
-//! its own savepoint, so only the refused rows' tasks fail and the rest of the batch is applied.
+//! its own savepoint, so only the refused rows' tasks fail and the rest of the batch is applied. A
+//! task whose row is refused in one version keeps what it wrote into the others.
 
 use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::Value;
