@@ -79,7 +79,7 @@ impl PostgresProjector {
             Ok(()) => tracing::info!(target = %self.target(), "postgresql projector connected"),
             Err(error) => tracing::warn!(
                 %error,
-                "postgresql projector cannot reach its store; its tasks wait in the journal until it answers"
+                "postgresql projector cannot use its store; its tasks wait in the journal until it can"
             ),
         }
     }
