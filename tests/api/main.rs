@@ -1,9 +1,11 @@
 //! Black-box tests: each starts the real service on a random port and drives it over HTTP.
 
 mod blueprints;
+mod elasticsearch;
 mod helpers;
 mod items;
 mod kitchensink;
+mod operations;
 mod postgres;
 mod process;
 mod projectors;
