@@ -47,6 +47,55 @@ ensure_build_deps() {
 # Build products are kept between runs (and between clones) so RocksDB is compiled once.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dstore-target}"
 
+# PostgreSQL with PostGIS for the PostgreSQL projector's tests: installs a server when there is none,
+# the PostGIS package matching its major version when missing, starts the cluster when it does not
+# accept connections, and waits until it does. Tests reach it as DSTORE_TEST_POSTGRES_URL (default
+# postgres://postgres@127.0.0.1:5432; the Debian cluster trusts local TCP connections only after
+# pg_hba.conf says so, which this function arranges for 127.0.0.1 when it installed the server).
+ensure_postgres() {
+    local url="${DSTORE_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}"
+    export DSTORE_TEST_POSTGRES_URL="$url"
+    if [ "$url" != "postgres://postgres@127.0.0.1:5432" ]; then
+        echo "dstore: using the PostgreSQL server at DSTORE_TEST_POSTGRES_URL" >&2
+        return 0
+    fi
+    local fresh=""
+    if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+        echo "dstore: installing PostgreSQL" >&2
+        apt_install postgresql
+        fresh=1
+    fi
+    local major
+    major=$(ls /usr/lib/postgresql | sort -n | tail -1)
+    if [ -n "$(missing_packages "postgresql-$major-postgis-3")" ]; then
+        echo "dstore: installing PostGIS for PostgreSQL $major" >&2
+        apt_install "postgresql-$major-postgis-3"
+    fi
+    if [ ! -d "/etc/postgresql/$major/main" ]; then
+        as_root pg_createcluster "$major" main >/dev/null
+        fresh=1
+    fi
+    local hba="/etc/postgresql/$major/main/pg_hba.conf"
+    if [ -n "$fresh" ] && ! as_root grep -q "^host all postgres 127.0.0.1/32 trust" "$hba"; then
+        # A throwaway test server: trust the postgres user over loopback, ahead of the defaults.
+        as_root sed -i '1i host all postgres 127.0.0.1/32 trust' "$hba"
+        as_root pg_ctlcluster --skip-systemctl-redirect "$major" main reload >/dev/null 2>&1 || true
+    fi
+    if ! pg_isready -q -h 127.0.0.1 -p 5432; then
+        echo "dstore: starting PostgreSQL $major" >&2
+        as_root pg_ctlcluster --skip-systemctl-redirect "$major" main start
+    fi
+    local tries=0
+    until pg_isready -q -h 127.0.0.1 -p 5432; do
+        tries=$((tries + 1))
+        if [ "$tries" -gt 60 ]; then
+            echo "dstore: PostgreSQL $major did not start; see /var/log/postgresql/postgresql-$major-main.log" >&2
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
 # An Elasticsearch API for the tests. With ELASTICSEARCH_URL set, the tests use that cluster;
 # otherwise osmem-server (an in-memory engine from PyPI) is installed into a virtualenv when missing
 # and started on a fixed local port for as long as the calling script runs. Exports

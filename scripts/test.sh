@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
 ensure_build_deps
+ensure_postgres
 
 # The shared target directory keeps dependencies (RocksDB takes long to build) between checkouts;
 # dstore's own artifacts are rebuilt, since cargo identifies them the same way in every checkout.

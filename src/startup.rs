@@ -15,6 +15,7 @@ use crate::config::Settings;
 use crate::http::{self, AppState};
 use crate::journal::{Journal, JournalError, JournalSettings};
 use crate::projector::elasticsearch::{ElasticsearchProjector, EsError};
+use crate::projector::postgres::{PgError, PostgresProjector};
 use crate::projector::rocksdb::RocksProjector;
 use crate::projector::{Projector, Registry};
 use crate::queue::dispatcher;
@@ -39,6 +40,8 @@ pub enum StartupError {
         path: PathBuf,
         source: rocksdb::Error,
     },
+    #[error("cannot set up the postgresql projector: {0}")]
+    Postgres(#[source] PgError),
     #[error("invalid elasticsearch settings (elasticsearch.url / ELASTICSEARCH_HOST, elasticsearch.index_prefix): {0}")]
     Elasticsearch(EsError),
     #[error("cannot listen on {address} (server.host, server.port / PORT): {source}")]
@@ -90,6 +93,15 @@ impl Application {
                     .map_err(|source| StartupError::Keyspaces { path, source })?,
             );
             rocksdb = Some(projector.clone());
+            projectors.push(projector);
+        }
+        if let Some(pg) = &settings.postgresql {
+            let projector = Arc::new(PostgresProjector::new(pg).map_err(StartupError::Postgres)?);
+            // The store may be down or not yet created: dstore serves anyway and says so.
+            tokio::spawn({
+                let projector = projector.clone();
+                async move { projector.announce().await }
+            });
             projectors.push(projector);
         }
         if let Some(es) = &settings.elasticsearch {

@@ -9,6 +9,7 @@
 
 pub mod conformance;
 pub mod elasticsearch;
+pub mod postgres;
 pub mod rocksdb;
 
 use std::sync::Arc;

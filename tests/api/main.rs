@@ -6,5 +6,6 @@ mod helpers;
 mod items;
 mod kitchensink;
 mod operations;
+mod postgres;
 mod process;
 mod projectors;

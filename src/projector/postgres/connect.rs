@@ -1,0 +1,146 @@
+//! Connection settings, the lazy pool, creating the database, and explaining connection failures.
+//!
+//! Nothing here connects at construction: dstore starts whatever the state of the server, and every
+//! failure message names the setting to fix (`postgresql.host` / `POSTGRESQL_HOST` …).
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{ConnectOptions, Connection, PgConnection};
+
+use super::error::{describe, sqlstate, PgError};
+use super::ident::quote;
+use crate::config::PostgresSettings;
+
+/// How long an operation waits for a connection before the attempt counts as failed (and is retried).
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a direct connection attempt may take before the server counts as not answering.
+const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
+
+pub fn options(settings: &PostgresSettings) -> Result<PgConnectOptions, PgError> {
+    let options = match &settings.url {
+        Some(url) => PgConnectOptions::from_str(url).map_err(PgError::Url)?,
+        None => {
+            let mut options = PgConnectOptions::new()
+                .host(&settings.host)
+                .port(settings.port)
+                .username(&settings.user)
+                .database(&settings.database);
+            if !settings.password.is_empty() {
+                options = options.password(&settings.password);
+            }
+            options
+        }
+    };
+    // Timestamps are written with an explicit offset; UTC here makes reads independent of the
+    // server's configured time zone too.
+    Ok(options
+        .application_name("dstore")
+        .options([("TimeZone", "UTC")])
+        .disable_statement_logging())
+}
+
+pub fn lazy_pool(options: &PgConnectOptions, max_connections: u32) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(max_connections.max(1))
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_lazy_with(options.clone())
+}
+
+/// `host:port/database`, for messages.
+pub fn target(options: &PgConnectOptions) -> String {
+    format!(
+        "{}:{}/{}",
+        options.get_host(),
+        options.get_port(),
+        options.get_database().unwrap_or(options.get_username())
+    )
+}
+
+/// Connects once, outside the pool: `Err(None)` when the server does not answer in time.
+pub async fn probe(options: &PgConnectOptions) -> Result<(), Option<sqlx::Error>> {
+    match tokio::time::timeout(PROBE_TIMEOUT, PgConnection::connect_with(options)).await {
+        Ok(Ok(connection)) => {
+            let _ = connection.close().await;
+            Ok(())
+        }
+        Ok(Err(error)) => Err(Some(error)),
+        Err(_) => Err(None),
+    }
+}
+
+/// Why the pool cannot connect (the pool itself only says it timed out).
+pub async fn diagnose(options: &PgConnectOptions) -> String {
+    match probe(options).await {
+        Ok(()) => format!("postgresql at {} answers again", target(options)),
+        Err(Some(error)) => explain(options, &error),
+        Err(None) => no_answer(options),
+    }
+}
+
+pub fn no_answer(options: &PgConnectOptions) -> String {
+    format!(
+        "no answer from postgresql at {} within {} seconds; check postgresql.host / POSTGRESQL_HOST and postgresql.port / POSTGRESQL_PORT",
+        target(options),
+        PROBE_TIMEOUT.as_secs()
+    )
+}
+
+/// A connection failure in words that name the setting to fix.
+pub fn explain(options: &PgConnectOptions, error: &sqlx::Error) -> String {
+    let target = target(options);
+    let code = sqlstate(error).unwrap_or_default();
+    let hint = if code.starts_with("28") {
+        "check postgresql.user / POSTGRESQL_USER and postgresql.password / POSTGRESQL_PASSWORD"
+    } else if code == "3D000" {
+        "dstore creates postgresql.database / POSTGRESQL_DATABASE when the user may (CREATEDB)"
+    } else if matches!(
+        error,
+        sqlx::Error::Io(_) | sqlx::Error::PoolTimedOut | sqlx::Error::Tls(_)
+    ) {
+        "check postgresql.host / POSTGRESQL_HOST and postgresql.port / POSTGRESQL_PORT, or postgresql.url"
+    } else {
+        "check the postgresql settings"
+    };
+    format!(
+        "cannot use postgresql at {target}: {}; {hint}",
+        describe(error)
+    )
+}
+
+/// Creates the configured database through the `postgres` maintenance database (or `template1`).
+pub async fn create_database(options: &PgConnectOptions) -> Result<(), String> {
+    let Some(name) = options.get_database().map(str::to_owned) else {
+        return Err("no database is configured (postgresql.database / POSTGRESQL_DATABASE)".into());
+    };
+    let quoted = quote(&name).map_err(|e| e.to_string())?;
+    let mut last = String::new();
+    for maintenance in ["postgres", "template1"] {
+        let mut connection =
+            match PgConnection::connect_with(&options.clone().database(maintenance)).await {
+                Ok(connection) => connection,
+                Err(error) => {
+                    last = explain(options, &error);
+                    continue;
+                }
+            };
+        let created = sqlx::query(sqlx::AssertSqlSafe(format!("CREATE DATABASE {quoted}")))
+            .execute(&mut connection)
+            .await;
+        let _ = connection.close().await;
+        return match created {
+            Ok(_) => {
+                tracing::info!(database = %name, "created the postgresql database");
+                Ok(())
+            }
+            // Someone else created it in the meantime.
+            Err(error) if sqlstate(&error).as_deref() == Some("42P04") => Ok(()),
+            Err(error) => Err(format!(
+                "cannot create database {name:?}: {}",
+                describe(&error)
+            )),
+        };
+    }
+    Err(last)
+}

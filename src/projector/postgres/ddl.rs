@@ -1,0 +1,309 @@
+//! The PostgreSQL shape of a frozen version: SQL types of DESIGN §2 and the DDL of a migration.
+//!
+//! Pure functions of a blueprint, snapshot-tested. Every statement is idempotent (`IF NOT EXISTS`,
+//! `COMMENT ON` overwrites), so running the whole list again finishes a half-done migration. Column
+//! options live inline in `CREATE TABLE` (versions are frozen, so a table is created once, whole);
+//! only indexes and comments are separate statements. Values written into DDL go through
+//! [`literal`]; names through [`quote`].
+
+use serde_json::Value;
+
+use super::ident::{derived_name, literal, qualified, quote, NameError};
+use super::values::{to_geojson, to_input};
+use crate::blueprint::{BaseType, Blueprint, ColumnDef, ColumnType, Ident};
+
+/// Longest `VARCHAR(n)` PostgreSQL accepts; a longer `max_length` stays TEXT.
+const MAX_VARCHAR: u64 = 10_485_760;
+
+/// Per schema: the tombstones of deleted items, so a late write never brings one back.
+pub const TOMBSTONES: &str = "_tombstones";
+/// Per schema: which table holds which blueprint, and its definition, so reads need no catalog.
+pub const BLUEPRINTS: &str = "_blueprints";
+
+/// The SQL type of a column, exactly as DESIGN §2 lists it.
+pub fn column_type(def: &ColumnDef) -> String {
+    match def.ty {
+        ColumnType::One(base) => scalar_type(base, def.validation.max_length),
+        ColumnType::Many(base) => array_type(base).to_owned(),
+    }
+}
+
+fn scalar_type(base: BaseType, max_length: Option<u64>) -> String {
+    let name = match base {
+        BaseType::Uuid => "UUID",
+        BaseType::String => match max_length.filter(|n| (1..=MAX_VARCHAR).contains(n)) {
+            Some(n) => return format!("VARCHAR({n})"),
+            None => "TEXT",
+        },
+        BaseType::Text => "TEXT",
+        BaseType::Point => "GEOMETRY(Point,4326)",
+        BaseType::LineString => "GEOMETRY(LineString,4326)",
+        BaseType::Polygon => "GEOMETRY(Polygon,4326)",
+        BaseType::Date => "DATE",
+        BaseType::DateTime => "TIMESTAMPTZ",
+        BaseType::Float => "REAL",
+        BaseType::Integer => "INTEGER",
+        BaseType::Boolean => "BOOLEAN",
+        BaseType::Json => "JSONB",
+    };
+    name.to_owned()
+}
+
+fn array_type(base: BaseType) -> &'static str {
+    match base {
+        BaseType::Uuid => "UUID[]",
+        BaseType::String | BaseType::Text => "TEXT[]",
+        BaseType::Point => "GEOMETRY(MultiPoint,4326)",
+        BaseType::LineString => "GEOMETRY(MultiLineString,4326)",
+        BaseType::Polygon => "GEOMETRY(MultiPolygon,4326)",
+        BaseType::Date => "DATE[]",
+        BaseType::DateTime => "TIMESTAMPTZ[]",
+        BaseType::Float => "REAL[]",
+        BaseType::Integer => "INTEGER[]",
+        BaseType::Boolean => "BOOLEAN[]",
+        BaseType::Json => "JSONB[]",
+    }
+}
+
+/// Whether the column is stored as a PostGIS geometry (scalar or multi).
+pub fn is_geometry(ty: ColumnType) -> bool {
+    ty.base().is_geometry()
+}
+
+/// The index method that serves a column: GiST for geometries, GIN for arrays and JSON.
+fn index_method(ty: ColumnType) -> &'static str {
+    match ty {
+        ColumnType::One(BaseType::Point | BaseType::LineString | BaseType::Polygon)
+        | ColumnType::Many(BaseType::Point | BaseType::LineString | BaseType::Polygon) => "gist",
+        ColumnType::One(BaseType::Json) | ColumnType::Many(_) => "gin",
+        ColumnType::One(
+            BaseType::Uuid
+            | BaseType::String
+            | BaseType::Text
+            | BaseType::Date
+            | BaseType::DateTime
+            | BaseType::Float
+            | BaseType::Integer
+            | BaseType::Boolean,
+        ) => "btree",
+    }
+}
+
+/// The statements that create a version's schema and its bookkeeping tables.
+pub fn schema_statements(
+    schema: &str,
+    project: &Ident,
+    version: u32,
+) -> Result<Vec<String>, NameError> {
+    let s = quote(schema)?;
+    Ok(vec![
+        format!("CREATE SCHEMA IF NOT EXISTS {s}"),
+        format!("COMMENT ON SCHEMA {s} IS {}", literal(&format!("dstore project {project}, version {version}"))?),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (table_name TEXT NOT NULL, id UUID NOT NULL, _revision BIGINT NOT NULL, PRIMARY KEY (table_name, id))",
+            qualified(schema, TOMBSTONES)?
+        ),
+        format!(
+            "CREATE TABLE IF NOT EXISTS {} (blueprint TEXT PRIMARY KEY, table_name TEXT NOT NULL, definition JSONB NOT NULL)",
+            qualified(schema, BLUEPRINTS)?
+        ),
+    ])
+}
+
+/// The statements that create one blueprint's table, its indexes and its comments.
+pub fn table_statements(schema: &str, blueprint: &Blueprint) -> Result<Vec<String>, NameError> {
+    let table = qualified(schema, blueprint.table.as_str())?;
+    let mut columns = vec![
+        "id UUID PRIMARY KEY".to_owned(),
+        "project_version INTEGER NOT NULL".to_owned(),
+        "links UUID[] NOT NULL DEFAULT '{}'".to_owned(),
+        "_revision BIGINT NOT NULL".to_owned(),
+    ];
+    for (name, column) in &blueprint.columns {
+        columns.push(column_definition(name, &column.def)?);
+    }
+    let mut statements = vec![format!(
+        "CREATE TABLE IF NOT EXISTS {table} (\n  {}\n)",
+        columns.join(",\n  ")
+    )];
+    for (name, column) in blueprint.columns.iter().filter(|(_, c)| c.def.index) {
+        let index = derived_name(&[blueprint.table.as_str(), name.as_str(), "idx"]);
+        statements.push(format!(
+            "CREATE INDEX IF NOT EXISTS {} ON {table} USING {} ({})",
+            quote(&index)?,
+            index_method(column.def.ty),
+            quote(name.as_str())?
+        ));
+    }
+    for (name, column) in &blueprint.columns {
+        if let Some(comment) = &column.def.comment {
+            statements.push(format!(
+                "COMMENT ON COLUMN {table}.{} IS {}",
+                quote(name.as_str())?,
+                literal(comment)?
+            ));
+        }
+    }
+    Ok(statements)
+}
+
+fn column_definition(name: &Ident, def: &ColumnDef) -> Result<String, NameError> {
+    let mut sql = format!("{} {}", quote(name.as_str())?, column_type(def));
+    if !def.nullable {
+        sql.push_str(" NOT NULL");
+    }
+    if let Some(default) = def.default.as_ref().filter(|d| !d.is_null()) {
+        sql.push_str(" DEFAULT ");
+        sql.push_str(&default_expression(def, default)?);
+    }
+    if def.unique {
+        sql.push_str(" UNIQUE");
+    }
+    Ok(sql)
+}
+
+/// A column default as a constant SQL expression of the column's type.
+fn default_expression(def: &ColumnDef, default: &Value) -> Result<String, NameError> {
+    if is_geometry(def.ty) {
+        let geojson = to_geojson(def.ty, default).to_string();
+        return Ok(format!(
+            "ST_SetSRID(ST_GeomFromGeoJSON({}), 4326)",
+            literal(&geojson)?
+        ));
+    }
+    let input = to_input(def.ty, default);
+    let ty = column_type(def);
+    match (def.ty, &input) {
+        (ColumnType::Many(base), Value::Array(items)) if !items.is_empty() => {
+            let element = scalar_type(base, None);
+            let items = items
+                .iter()
+                .map(|item| Ok(format!("{}::{element}", literal(&text_of(item))?)))
+                .collect::<Result<Vec<_>, NameError>>()?;
+            Ok(format!("ARRAY[{}]::{ty}", items.join(", ")))
+        }
+        (ColumnType::Many(_), _) => Ok(format!("'{{}}'::{ty}")),
+        (ColumnType::One(BaseType::Json), value) => {
+            Ok(format!("{}::JSONB", literal(&value.to_string())?))
+        }
+        (ColumnType::One(_), value) => Ok(format!("{}::{ty}", literal(&text_of(value))?)),
+    }
+}
+
+/// The text PostgreSQL parses a scalar from: strings unquoted, anything else as JSON.
+fn text_of(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blueprint::parse_blueprint;
+    use crate::catalog::Catalog;
+    use crate::projector::conformance;
+    use serde_json::json;
+
+    fn frozen(body: Value) -> Blueprint {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
+        let project = Ident::parse("snap").unwrap();
+        let input = parse_blueprint(&body, "").unwrap();
+        catalog
+            .put_blueprint(&project, &Ident::parse("sample").unwrap(), input)
+            .unwrap();
+        let version = catalog.freeze(&project, &[]).unwrap();
+        version.blueprints.values().next().unwrap().clone()
+    }
+
+    fn options_blueprint() -> Value {
+        json!({
+            "postgresql": {"table": "places"}, "elasticsearch": {"type": "place"},
+            "columns": {
+                "name": {"type": "string", "nullable": false, "unique": true, "validation": {"max_length": 80},
+                         "comment": "the place's name"},
+                "kind": {"type": "string", "default": "it's a shop", "index": true},
+                "at": {"type": "point", "index": true, "default": {"type": "Point", "coordinates": [1.5, 2.5]}},
+                "opened": {"type": "datetime", "default": "2020-01-02 03:04:05"},
+                "tags": {"type": "string[]", "default": ["a", "b"], "index": true},
+                "none": {"type": "integer[]", "default": []},
+                "meta": {"type": "json", "default": {"k": "v'"}},
+                "rating": {"type": "float", "default": 2.5, "nullable": false}
+            }
+        })
+    }
+
+    /// Compares with the stored snapshot; `UPDATE_SNAPSHOTS=1` rewrites it.
+    fn assert_snapshot(file: &str, actual: &str) {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("src/projector/postgres/snapshots")
+            .join(file);
+        if std::env::var_os("UPDATE_SNAPSHOTS").is_some() {
+            std::fs::write(&path, actual).unwrap();
+        }
+        let expected = std::fs::read_to_string(&path).unwrap_or_default();
+        assert_eq!(
+            actual,
+            expected,
+            "DDL differs from {}; rerun with UPDATE_SNAPSHOTS=1 to accept",
+            path.display()
+        );
+    }
+
+    fn ddl(blueprint: &Blueprint) -> String {
+        let mut statements =
+            schema_statements("snap_v1", &Ident::parse("snap").unwrap(), 1).unwrap();
+        statements.extend(table_statements("snap_v1", blueprint).unwrap());
+        statements.join(";\n") + ";\n"
+    }
+
+    #[test]
+    fn the_sample_blueprint_becomes_the_type_table_of_design_section_2() {
+        assert_snapshot("sample.sql", &ddl(&frozen(conformance::sample_blueprint())));
+    }
+
+    #[test]
+    fn column_options_become_not_null_defaults_unique_indexes_and_comments() {
+        assert_snapshot("options.sql", &ddl(&frozen(options_blueprint())));
+    }
+
+    #[test]
+    fn every_type_of_the_table_has_its_postgresql_type() {
+        let expected = [
+            ("uuid", "UUID"),
+            ("string", "TEXT"),
+            ("text", "TEXT"),
+            ("point", "GEOMETRY(Point,4326)"),
+            ("linestring", "GEOMETRY(LineString,4326)"),
+            ("polygon", "GEOMETRY(Polygon,4326)"),
+            ("date", "DATE"),
+            ("datetime", "TIMESTAMPTZ"),
+            ("float", "REAL"),
+            ("integer", "INTEGER"),
+            ("boolean", "BOOLEAN"),
+            ("json", "JSONB"),
+            ("uuid[]", "UUID[]"),
+            ("string[]", "TEXT[]"),
+            ("text[]", "TEXT[]"),
+            ("point[]", "GEOMETRY(MultiPoint,4326)"),
+            ("linestring[]", "GEOMETRY(MultiLineString,4326)"),
+            ("polygon[]", "GEOMETRY(MultiPolygon,4326)"),
+            ("date[]", "DATE[]"),
+            ("datetime[]", "TIMESTAMPTZ[]"),
+            ("float[]", "REAL[]"),
+            ("integer[]", "INTEGER[]"),
+            ("boolean[]", "BOOLEAN[]"),
+            ("json[]", "JSONB[]"),
+        ];
+        for (ty, sql) in expected {
+            assert_eq!(
+                column_type(&ColumnDef::of_type(ty.parse().unwrap())),
+                sql,
+                "{ty}"
+            );
+        }
+        assert_eq!(ColumnType::all().count(), expected.len());
+    }
+}

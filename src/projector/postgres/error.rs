@@ -1,0 +1,122 @@
+//! What a PostgreSQL failure means for dstore: retry later, refuse one row, or a missing structure.
+//!
+//! Classified by SQLSTATE class. Anything that is not clearly the row's fault is transient, so a
+//! task is never dead-lettered because the server was down, restarting, overloaded or misconfigured:
+//! it waits in the journal and the problem shows in `/_health/ready`.
+
+use thiserror::Error;
+
+use super::ident::NameError;
+use crate::projector::ProjectorError;
+
+#[derive(Debug, Error)]
+pub enum PgError {
+    #[error("invalid postgresql connection url (postgresql.url / DATABASE_URL): {0}")]
+    Url(#[source] sqlx::Error),
+    #[error(transparent)]
+    Name(#[from] NameError),
+}
+
+impl From<NameError> for ProjectorError {
+    fn from(error: NameError) -> ProjectorError {
+        ProjectorError::permanent(error.to_string())
+    }
+}
+
+/// What a failed statement means.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Failure {
+    /// The rows themselves are refused (bad data, a constraint): retrying them cannot help.
+    Row,
+    /// The schema or table is missing: the version has to be migrated (again).
+    Missing,
+    /// The database does not exist yet.
+    NoDatabase,
+    /// Connection loss, serialization failure, overload, shutdown, anything unknown: retry later.
+    Transient,
+}
+
+/// The SQLSTATE of a database error, if the error came from the server.
+pub fn sqlstate(error: &sqlx::Error) -> Option<String> {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .map(|c| c.into_owned())
+}
+
+pub fn classify(error: &sqlx::Error) -> Failure {
+    sqlstate(error).map_or(Failure::Transient, |code| classify_code(&code))
+}
+
+/// Classes 22 (data exception), 23 (integrity constraint) and 54 (row too large) are the row's
+/// fault; PostGIS reports invalid geometries as XX000. Classes 08, 40, 53, 57, 58 and everything
+/// else are retried.
+pub fn classify_code(code: &str) -> Failure {
+    match code {
+        "3F000" | "42P01" => Failure::Missing,
+        "3D000" => Failure::NoDatabase,
+        "XX000" => Failure::Row,
+        _ => match code.get(..2) {
+            Some("22" | "23" | "54") => Failure::Row,
+            _ => Failure::Transient,
+        },
+    }
+}
+
+/// PostgreSQL's own words: message, detail and SQLSTATE.
+pub fn describe(error: &sqlx::Error) -> String {
+    match error.as_database_error() {
+        Some(db) => {
+            let mut text = db.message().to_owned();
+            if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
+                if let Some(detail) = pg.detail() {
+                    text.push_str(" (");
+                    text.push_str(detail);
+                    text.push(')');
+                }
+            }
+            if let Some(code) = db.code() {
+                text.push_str(&format!(" [sqlstate {code}]"));
+            }
+            text
+        }
+        None => error.to_string(),
+    }
+}
+
+/// A transient projector error with context: `what` failed because of `error`.
+pub fn transient(what: &str, error: &sqlx::Error) -> ProjectorError {
+    ProjectorError::transient(format!("postgresql: {what}: {}", describe(error)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn data_and_constraint_errors_refuse_the_row_and_the_rest_is_retried() {
+        for code in ["22001", "22P02", "23505", "23502", "54000", "XX000"] {
+            assert_eq!(classify_code(code), Failure::Row, "{code}");
+        }
+        for code in [
+            "08006", "08001", "40001", "40P01", "53300", "57P01", "57014", "58030", "55P03",
+            "42703",
+        ] {
+            assert_eq!(classify_code(code), Failure::Transient, "{code}");
+        }
+        assert_eq!(classify_code("3F000"), Failure::Missing);
+        assert_eq!(classify_code("42P01"), Failure::Missing);
+        assert_eq!(classify_code("3D000"), Failure::NoDatabase);
+    }
+
+    #[test]
+    fn errors_without_a_server_answer_are_transient() {
+        assert_eq!(classify(&sqlx::Error::PoolTimedOut), Failure::Transient);
+        assert_eq!(
+            classify(&sqlx::Error::Io(
+                std::io::ErrorKind::ConnectionRefused.into()
+            )),
+            Failure::Transient
+        );
+    }
+}

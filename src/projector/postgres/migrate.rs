@@ -1,0 +1,95 @@
+//! Migrations: PostGIS, the version's schema, its bookkeeping tables and one table per blueprint, all
+//! in one transaction.
+//!
+//! DDL is transactional in PostgreSQL, so a migration that fails leaves nothing behind; and since every
+//! statement is idempotent, running it again over a schema changed or half-built by hand finishes the
+//! job. The version's blueprints are recorded in `_blueprints` so reads need no catalog.
+
+use sqlx::postgres::PgConnection;
+use sqlx::types::Json;
+use sqlx::AssertSqlSafe;
+
+use super::error::describe;
+use super::ident::schema_name;
+use super::read::Shape;
+use super::{ddl, write, PostgresProjector};
+use crate::blueprint::Ident;
+use crate::catalog::Version;
+use crate::projector::ProjectorError;
+
+impl PostgresProjector {
+    /// Enables PostGIS, or says precisely why it cannot.
+    async fn ensure_postgis(&self, conn: &mut PgConnection) -> Result<(), ProjectorError> {
+        let (enabled, available, major): (bool, bool, i32) = sqlx::query_as(
+            "SELECT EXISTS (SELECT 1 FROM pg_extension WHERE extname = 'postgis'), \
+                    EXISTS (SELECT 1 FROM pg_available_extensions WHERE name = 'postgis'), \
+                    current_setting('server_version_num')::int / 10000",
+        )
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(|e| self.failed("check postgis", &e))?;
+        if enabled {
+            return Ok(());
+        }
+        if !available {
+            return Err(ProjectorError::transient(format!(
+                "postgis is not installed on the postgresql server at {}; install it \
+                 (Debian/Ubuntu: apt-get install postgresql-{major}-postgis-3) and freeze again",
+                self.target()
+            )));
+        }
+        sqlx::raw_sql("CREATE EXTENSION IF NOT EXISTS postgis")
+            .execute(&mut *conn)
+            .await
+            .map_err(|e| {
+                ProjectorError::transient(format!(
+                    "cannot enable postgis in {}: {}; a superuser can run CREATE EXTENSION postgis there",
+                    self.target(),
+                    describe(&e)
+                ))
+            })?;
+        Ok(())
+    }
+
+    pub(super) async fn migrate_version(
+        &self,
+        project: &Ident,
+        version: &Version,
+    ) -> Result<(), ProjectorError> {
+        self.ensure_database().await?;
+        let schema = schema_name(project, version.number);
+        let what = format!("migrate {schema}");
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.failed(&what, &e))?;
+        self.ensure_postgis(&mut tx).await?;
+        let mut statements = ddl::schema_statements(&schema, project, version.number)?;
+        for blueprint in version.blueprints.values() {
+            statements.extend(ddl::table_statements(&schema, blueprint)?);
+        }
+        for statement in statements {
+            sqlx::raw_sql(AssertSqlSafe(statement))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.failed(&what, &e))?;
+        }
+        let register = write::register_sql(&schema)?;
+        for (name, blueprint) in &version.blueprints {
+            sqlx::query(AssertSqlSafe(register.clone()))
+                .bind(name.as_str())
+                .bind(blueprint.table.as_str())
+                .bind(Json(Shape::of(blueprint)))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.failed(&what, &e))?;
+        }
+        tx.commit().await.map_err(|e| self.failed(&what, &e))?;
+        self.migrated
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .insert(schema);
+        Ok(())
+    }
+}

@@ -1,0 +1,296 @@
+//! The PostgreSQL/PostGIS projector: a schema per project version (`myblog_v2`), a table per
+//! blueprint, every item as that version sees it.
+//!
+//! Invariants: per item and version the table keeps the row of the highest revision seen, and a
+//! delete leaves a tombstone in the schema's `_tombstones`, so redelivered, stale or late tasks never
+//! move an item backwards or bring it back. Failures the server may recover from are transient (the
+//! journal keeps the tasks); only rows PostgreSQL refuses for good are permanent, one task at a time.
+//! A down or misconfigured server never stops dstore: the pool is lazy, the database is created on
+//! first use, and `health` explains what to fix. Names reach SQL only through [`ident::quote`].
+
+mod connect;
+mod ddl;
+mod error;
+pub mod ident;
+mod migrate;
+mod plan;
+mod read;
+mod values;
+mod write;
+
+use std::collections::HashSet;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde_json::{Map, Value};
+use sqlx::postgres::{PgConnectOptions, PgPool};
+use sqlx::types::Json;
+use sqlx::AssertSqlSafe;
+use uuid::Uuid;
+
+pub use error::PgError;
+
+use super::{Health, Outcome, Projector, ProjectorError};
+use crate::blueprint::Ident;
+use crate::catalog::{Catalog, Version};
+use crate::config::PostgresSettings;
+use crate::journal::task::Task;
+use error::{classify, Failure};
+use ident::{qualified, quote, schema_name, schema_pattern};
+use read::Shape;
+
+pub struct PostgresProjector {
+    pool: PgPool,
+    options: PgConnectOptions,
+    /// Set once the configured database is known to exist; cleared when it disappears.
+    database_ready: AtomicBool,
+    /// Schemas migrated by this process, so writes into a version never migrated here (the
+    /// projector was added after the freeze, or the schema was dropped by hand) migrate it first.
+    migrated: Mutex<HashSet<String>>,
+}
+
+impl PostgresProjector {
+    /// Builds the projector without connecting; only malformed settings are an error.
+    pub fn new(settings: &PostgresSettings) -> Result<PostgresProjector, PgError> {
+        let options = connect::options(settings)?;
+        Ok(PostgresProjector {
+            pool: connect::lazy_pool(&options, settings.max_connections),
+            options,
+            database_ready: AtomicBool::new(false),
+            migrated: Mutex::new(HashSet::new()),
+        })
+    }
+
+    /// The connection pool (benchmarks and tests query the store through it).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// `host:port/database`.
+    pub fn target(&self) -> String {
+        connect::target(&self.options)
+    }
+
+    /// Checks the server once at startup, creates the database when missing, and logs the result.
+    pub async fn announce(&self) {
+        match self.ensure_database().await {
+            Ok(()) => tracing::info!(target = %self.target(), "postgresql projector connected"),
+            Err(error) => tracing::warn!(
+                %error,
+                "postgresql projector cannot use its store; its tasks wait in the journal until it can"
+            ),
+        }
+    }
+
+    /// Forgets the schemas matching `pattern` (all of them with `None`) as migrated.
+    fn forget_migrations(&self, pattern: Option<&str>) {
+        let mut migrated = self
+            .migrated
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        match pattern {
+            Some(pattern) => {
+                let pattern = regex::Regex::new(pattern).ok();
+                migrated.retain(|schema| !pattern.as_ref().is_some_and(|p| p.is_match(schema)));
+            }
+            None => migrated.clear(),
+        }
+    }
+
+    fn is_migrated(&self, schema: &str) -> bool {
+        self.migrated
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .contains(schema)
+    }
+
+    /// Turns a failed statement into a projector error, noting what it reveals about the store.
+    fn failed(&self, what: &str, error: &sqlx::Error) -> ProjectorError {
+        match classify(error) {
+            Failure::Missing => self.forget_migrations(None),
+            Failure::NoDatabase => self.database_ready.store(false, Ordering::SeqCst),
+            Failure::Row | Failure::Transient => {}
+        }
+        if error.as_database_error().is_none() {
+            // Connection trouble: the next attempt checks the server directly and explains it.
+            self.database_ready.store(false, Ordering::SeqCst);
+            return ProjectorError::transient(format!(
+                "postgresql: {what}: {}",
+                connect::explain(&self.options, error)
+            ));
+        }
+        error::transient(what, error)
+    }
+
+    /// Makes sure the configured database exists, creating it on first use. Connects directly, not
+    /// through the pool, so a refused connection is reported at once and with its cause.
+    async fn ensure_database(&self) -> Result<(), ProjectorError> {
+        if self.database_ready.load(Ordering::SeqCst) {
+            return Ok(());
+        }
+        match connect::probe(&self.options).await {
+            Ok(()) => {}
+            Err(Some(error)) if classify(&error) == Failure::NoDatabase => {
+                connect::create_database(&self.options)
+                    .await
+                    .map_err(ProjectorError::transient)?;
+            }
+            Err(Some(error)) => {
+                return Err(ProjectorError::transient(connect::explain(
+                    &self.options,
+                    &error,
+                )))
+            }
+            Err(None) => return Err(ProjectorError::transient(connect::no_answer(&self.options))),
+        }
+        self.database_ready.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Projector for PostgresProjector {
+    fn name(&self) -> &'static str {
+        "postgresql"
+    }
+
+    async fn migrate(&self, project: &Ident, version: &Version) -> Result<(), ProjectorError> {
+        self.migrate_version(project, version).await
+    }
+
+    async fn apply(
+        &self,
+        catalog: &Catalog,
+        tasks: &[Task],
+    ) -> Result<Vec<Outcome>, ProjectorError> {
+        let snapshot = catalog.snapshot();
+        let plan = plan::plan(&snapshot, tasks);
+        let mut outcomes = plan.outcomes;
+        if plan.groups.is_empty() {
+            return Ok(outcomes);
+        }
+        self.ensure_database().await?;
+        for (project, version) in &plan.versions {
+            if !self.is_migrated(&schema_name(project, version.number)) {
+                self.migrate_version(project, version).await?;
+            }
+        }
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.failed("begin a batch", &e))?;
+        for group in &plan.groups {
+            write::apply_group(&mut tx, group, &mut outcomes)
+                .await
+                .map_err(|abort| self.failed(&abort.what, &abort.error))?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| self.failed("commit a batch", &e))?;
+        Ok(outcomes)
+    }
+
+    async fn drop_project(&self, project: &Ident) -> Result<(), ProjectorError> {
+        let pattern = schema_pattern(project);
+        let what = format!("drop the schemas of {project}");
+        let schemas: Vec<String> = match sqlx::query_scalar(
+            "SELECT nspname::text FROM pg_namespace WHERE nspname ~ $1 ORDER BY 1",
+        )
+        .bind(&pattern)
+        .fetch_all(&self.pool)
+        .await
+        {
+            Ok(schemas) => schemas,
+            // No database yet: nothing was ever projected, so nothing to drop.
+            Err(e) if classify(&e) == Failure::NoDatabase => return Ok(()),
+            Err(e) => return Err(self.failed(&what, &e)),
+        };
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.failed(&what, &e))?;
+        for schema in &schemas {
+            let statement = format!("DROP SCHEMA IF EXISTS {} CASCADE", quote(schema)?);
+            sqlx::raw_sql(AssertSqlSafe(statement))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| self.failed(&what, &e))?;
+        }
+        tx.commit().await.map_err(|e| self.failed(&what, &e))?;
+        self.forget_migrations(Some(&pattern));
+        Ok(())
+    }
+
+    async fn read(
+        &self,
+        project: &Ident,
+        version: u32,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<Value>, ProjectorError> {
+        let schema = schema_name(project, version);
+        let what = format!("read {schema}");
+        let lookup = format!(
+            "SELECT definition FROM {} WHERE blueprint = $1",
+            qualified(&schema, ddl::BLUEPRINTS)?
+        );
+        let shape: Option<Json<Shape>> = match sqlx::query_scalar(AssertSqlSafe(lookup))
+            .bind(blueprint.as_str())
+            .fetch_optional(&self.pool)
+            .await
+        {
+            Ok(shape) => shape,
+            Err(e) if matches!(classify(&e), Failure::Missing | Failure::NoDatabase) => {
+                return Ok(None)
+            }
+            Err(e) => return Err(self.failed(&what, &e)),
+        };
+        let Some(Json(shape)) = shape else {
+            return Ok(None);
+        };
+        let select = read::select_sql(&schema, &shape)?;
+        let row: Option<Json<Map<String, Value>>> = match sqlx::query_scalar(AssertSqlSafe(select))
+            .bind(*id)
+            .fetch_optional(&self.pool)
+            .await
+        {
+            Ok(row) => row,
+            Err(e) if classify(&e) == Failure::Missing => return Ok(None),
+            Err(e) => return Err(self.failed(&what, &e)),
+        };
+        Ok(row.map(|Json(row)| Value::Object(values::document(row, &shape.columns))))
+    }
+
+    async fn health(&self) -> Health {
+        if let Err(error) = self.ensure_database().await {
+            return Health {
+                reachable: false,
+                detail: error.message,
+            };
+        }
+        let probe = async {
+            let version: String = sqlx::query_scalar("SELECT current_setting('server_version')")
+                .fetch_one(&self.pool)
+                .await?;
+            Ok::<_, sqlx::Error>(version)
+        };
+        match tokio::time::timeout(Duration::from_secs(3), probe).await {
+            Ok(Ok(version)) => Health {
+                reachable: true,
+                detail: format!("postgresql {version} at {}", self.target()),
+            },
+            Ok(Err(sqlx::Error::PoolTimedOut)) | Err(_) => Health {
+                reachable: false,
+                detail: connect::diagnose(&self.options).await,
+            },
+            Ok(Err(error)) => Health {
+                reachable: false,
+                detail: connect::explain(&self.options, &error),
+            },
+        }
+    }
+}

@@ -1,0 +1,222 @@
+//! Planning a batch of item tasks: which row of which table each task writes, newest revision only.
+//!
+//! Per (schema, table, id) only the task with the highest revision is kept — a newer delete wins over
+//! an older upsert and the other way round — so each row is touched once per batch and a multi-row
+//! `ON CONFLICT` never meets the same id twice. Versions or blueprints the catalog no longer holds (a
+//! project deleted after the task was queued) need no write. Pure: no I/O.
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::blueprint::{Blueprint, Ident};
+use crate::catalog::{Snapshot, Version};
+use crate::journal::task::{Task, TaskOp};
+use crate::projector::{Outcome, ProjectorError};
+
+/// One row to write: the newest state of an item in one version, and the task it came from.
+pub struct Upsert<'a> {
+    pub id: Uuid,
+    pub revision: i64,
+    pub task: usize,
+    pub doc: &'a Map<String, Value>,
+}
+
+pub struct Delete {
+    pub id: Uuid,
+    pub revision: i64,
+    pub task: usize,
+}
+
+/// Everything a batch writes into one table.
+pub struct Group<'a> {
+    pub schema: String,
+    pub blueprint: &'a Blueprint,
+    pub upserts: Vec<Upsert<'a>>,
+    pub deletes: Vec<Delete>,
+}
+
+pub struct Plan<'a> {
+    pub groups: Vec<Group<'a>>,
+    /// The versions the batch writes into, to make sure they are migrated first.
+    pub versions: Vec<(&'a Ident, &'a Version)>,
+    pub outcomes: Vec<Outcome>,
+}
+
+enum Op<'a> {
+    Upsert(&'a Map<String, Value>),
+    Delete,
+}
+
+/// A row of one table in one version: (schema, table, id).
+type RowKey<'a> = (String, &'a Ident, Uuid);
+/// The newest write of a row so far: (revision, task index, what, blueprint as frozen).
+type Newest<'a> = (i64, usize, Op<'a>, &'a Blueprint);
+
+/// Plans a batch. Versions or blueprints the catalog no longer holds (a project deleted since the
+/// task was queued) need no write; their tasks succeed.
+pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
+    let mut outcomes: Vec<Outcome> = tasks.iter().map(|_| Ok(())).collect();
+    let mut newest: HashMap<RowKey<'a>, Newest<'a>> = HashMap::new();
+    let mut versions: BTreeMap<String, (&'a Ident, &'a Version)> = BTreeMap::new();
+    for (index, task) in tasks.iter().enumerate() {
+        let (blueprint, id, revision, writes): (_, _, _, Vec<(u32, Op<'a>)>) = match &task.op {
+            TaskOp::Upsert {
+                blueprint,
+                id,
+                revision,
+                docs,
+            } => (
+                blueprint,
+                *id,
+                *revision,
+                docs.iter()
+                    .map(|d| (d.version, Op::Upsert(&d.doc)))
+                    .collect(),
+            ),
+            TaskOp::Delete {
+                blueprint,
+                id,
+                revision,
+                versions,
+            } => (
+                blueprint,
+                *id,
+                *revision,
+                versions.iter().map(|v| (*v, Op::Delete)).collect(),
+            ),
+            TaskOp::Migrate { .. } | TaskOp::DropProject => continue,
+        };
+        let Ok(revision) = i64::try_from(revision) else {
+            outcomes[index] = Err(ProjectorError::permanent(format!(
+                "revision {revision} does not fit a postgresql bigint"
+            )));
+            continue;
+        };
+        for (number, op) in writes {
+            let Some(version) = snapshot
+                .projects
+                .get(&task.project)
+                .and_then(|p| p.version(number))
+            else {
+                continue;
+            };
+            let Some(definition) = version.blueprints.get(blueprint) else {
+                continue;
+            };
+            let schema = super::ident::schema_name(&task.project, number);
+            versions
+                .entry(schema.clone())
+                .or_insert((&task.project, &**version));
+            let key = (schema, &definition.table, id);
+            // Equal revisions are redeliveries of one write: the later copy is as good as the first.
+            if newest
+                .get(&key)
+                .is_none_or(|(current, ..)| *current <= revision)
+            {
+                newest.insert(key, (revision, index, op, definition));
+            }
+        }
+    }
+    let mut groups: BTreeMap<(String, &'a Ident), Group<'a>> = BTreeMap::new();
+    for ((schema, table, id), (revision, task, op, blueprint)) in newest {
+        let group = groups
+            .entry((schema.clone(), table))
+            .or_insert_with(|| Group {
+                schema,
+                blueprint,
+                upserts: Vec::new(),
+                deletes: Vec::new(),
+            });
+        match op {
+            Op::Upsert(doc) => group.upserts.push(Upsert {
+                id,
+                revision,
+                task,
+                doc,
+            }),
+            Op::Delete => group.deletes.push(Delete { id, revision, task }),
+        }
+    }
+    let mut groups: Vec<Group<'a>> = groups.into_values().collect();
+    for group in &mut groups {
+        // Task order: when two rows compete for a unique value, the earlier write gets it.
+        group.upserts.sort_by_key(|u| u.task);
+        group.deletes.sort_by_key(|d| d.task);
+    }
+    Plan {
+        groups,
+        versions: versions.into_values().collect(),
+        outcomes,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::catalog::Catalog;
+    use crate::journal::task::VersionDoc;
+    use crate::projector::conformance;
+
+    fn upsert(seq: u64, id: Uuid, revision: u64, version: u32) -> Task {
+        Task {
+            seq,
+            project: Ident::parse("p").unwrap(),
+            op: TaskOp::Upsert {
+                blueprint: Ident::parse("sample").unwrap(),
+                id,
+                revision,
+                docs: vec![VersionDoc {
+                    version,
+                    doc: conformance::sample_doc(id, "t"),
+                }],
+            },
+        }
+    }
+
+    fn delete(seq: u64, id: Uuid, revision: u64) -> Task {
+        Task {
+            seq,
+            project: Ident::parse("p").unwrap(),
+            op: TaskOp::Delete {
+                blueprint: Ident::parse("sample").unwrap(),
+                id,
+                revision,
+                versions: vec![1],
+            },
+        }
+    }
+
+    #[test]
+    fn each_row_is_written_once_by_its_newest_task_and_unknown_versions_are_skipped() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
+        conformance::freeze_sample(&catalog, &Ident::parse("p").unwrap());
+        let snapshot = catalog.snapshot();
+        let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
+        let tasks = vec![
+            upsert(1, a, 5, 1),
+            delete(2, a, 4),
+            upsert(3, b, 6, 1),
+            delete(4, b, 7),
+            upsert(5, c, 8, 1),
+            upsert(6, c, 9, 2),
+            upsert(7, a, u64::MAX, 1),
+        ];
+        let plan = plan(&snapshot, &tasks);
+        assert_eq!(plan.groups.len(), 1);
+        let group = &plan.groups[0];
+        assert_eq!(group.schema, "p_v1");
+        let upserts: Vec<(Uuid, usize)> = group.upserts.iter().map(|u| (u.id, u.task)).collect();
+        assert_eq!(upserts, vec![(a, 0), (c, 4)]);
+        let deletes: Vec<(Uuid, usize)> = group.deletes.iter().map(|d| (d.id, d.task)).collect();
+        assert_eq!(deletes, vec![(b, 3)]);
+        assert_eq!(plan.versions.len(), 1);
+        assert!(plan.outcomes[..6].iter().all(Result::is_ok));
+        assert!(
+            plan.outcomes[6].is_err(),
+            "a revision beyond bigint is refused"
+        );
+    }
+}

@@ -1,0 +1,846 @@
+//! The PostgreSQL/PostGIS projector against a real server: each test in its own fresh database.
+//!
+//! The server comes from `DSTORE_TEST_POSTGRES_URL` (default `postgres://postgres@127.0.0.1:5432`,
+//! without a database); `scripts/test.sh` installs and starts one with PostGIS. A missing server fails
+//! the tests with a message saying so: they never skip silently.
+
+use std::net::TcpListener;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dstore::blueprint::Ident;
+use dstore::catalog::Catalog;
+use dstore::config::PostgresSettings;
+use dstore::journal::task::{Task, TaskOp, VersionDoc};
+use dstore::projector::postgres::ident::quote;
+use dstore::projector::postgres::PostgresProjector;
+use dstore::projector::{conformance, ErrorKind, Projector};
+use serde_json::{json, Value};
+use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
+use uuid::Uuid;
+
+use crate::helpers::{spawn_app_with, TestApp};
+use crate::kitchensink::{blueprint_v1, blueprint_v2, item_v1, item_v2, sample};
+
+fn server_url() -> String {
+    std::env::var("DSTORE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+async fn connect(url: &str) -> PgConnection {
+    PgConnection::connect(url).await.unwrap_or_else(|e| {
+        panic!(
+            "cannot reach the test postgresql server at {url}: {e}\n\
+             start one with PostGIS (scripts/test.sh does) or point DSTORE_TEST_POSTGRES_URL at one"
+        )
+    })
+}
+
+/// A database of its own for one test, dropped by [`TestDatabase::drop`].
+struct TestDatabase {
+    name: String,
+}
+
+impl TestDatabase {
+    fn unique_name() -> String {
+        format!("dstore_test_{}", Uuid::new_v4().simple())
+    }
+
+    async fn create() -> TestDatabase {
+        let name = TestDatabase::unique_name();
+        let mut admin = connect(&format!("{}/postgres", server_url())).await;
+        sqlx::query(AssertSqlSafe(format!(
+            "CREATE DATABASE {}",
+            quote(&name).unwrap()
+        )))
+        .execute(&mut admin)
+        .await
+        .expect("test database created");
+        TestDatabase { name }
+    }
+
+    fn settings(&self) -> PostgresSettings {
+        PostgresSettings {
+            url: Some(format!("{}/{}", server_url(), self.name)),
+            max_connections: 4,
+            ..PostgresSettings::default()
+        }
+    }
+
+    fn projector(&self) -> Arc<PostgresProjector> {
+        Arc::new(PostgresProjector::new(&self.settings()).expect("valid settings"))
+    }
+
+    async fn sql(&self) -> PgConnection {
+        connect(&format!("{}/{}", server_url(), self.name)).await
+    }
+
+    async fn drop(self) {
+        let mut admin = connect(&format!("{}/postgres", server_url())).await;
+        sqlx::query(AssertSqlSafe(format!(
+            "DROP DATABASE IF EXISTS {} WITH (FORCE)",
+            quote(&self.name).unwrap()
+        )))
+        .execute(&mut admin)
+        .await
+        .expect("test database dropped");
+    }
+}
+
+fn ident(name: &str) -> Ident {
+    Ident::parse(name).expect("an identifier")
+}
+
+fn upsert(project: &Ident, id: Uuid, revision: u64, doc: Value) -> Task {
+    let Value::Object(doc) = doc else {
+        panic!("a document is an object")
+    };
+    Task {
+        seq: revision,
+        project: project.clone(),
+        op: TaskOp::Upsert {
+            blueprint: ident("sample"),
+            id,
+            revision,
+            docs: vec![VersionDoc { version: 1, doc }],
+        },
+    }
+}
+
+fn delete(project: &Ident, id: Uuid, revision: u64) -> Task {
+    Task {
+        seq: revision,
+        project: project.clone(),
+        op: TaskOp::Delete {
+            blueprint: ident("sample"),
+            id,
+            revision,
+            versions: vec![1],
+        },
+    }
+}
+
+fn sample_doc(id: Uuid, title: &str) -> Value {
+    Value::Object(conformance::sample_doc(id, title))
+}
+
+/// Numbers as floats: PostGIS prints `0` where dstore's canonical GeoJSON holds `0.0`.
+fn floats(value: Value) -> Value {
+    match value {
+        Value::Array(items) => Value::Array(items.into_iter().map(floats).collect()),
+        Value::Object(map) => Value::Object(map.into_iter().map(|(k, v)| (k, floats(v))).collect()),
+        Value::Number(n) => json!(n.as_f64().expect("a finite number")),
+        other => other,
+    }
+}
+
+async fn schemas(conn: &mut PgConnection) -> Vec<String> {
+    sqlx::query_scalar(
+        "SELECT nspname::text FROM pg_namespace WHERE nspname ~ '_v[0-9]+$' ORDER BY 1",
+    )
+    .fetch_all(conn)
+    .await
+    .expect("schemas listed")
+}
+
+/// Polls `check` until it holds or 10 seconds pass.
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !check().await {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+async fn app_with(db: &TestDatabase) -> TestApp {
+    let settings = db.settings();
+    spawn_app_with(|s| s.postgresql = Some(settings)).await
+}
+
+#[tokio::test]
+async fn the_postgres_projector_passes_the_conformance_suite() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
+    conformance::run(db.projector(), &catalog, &ident("conformance")).await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn kitchensink_items_written_over_http_read_back_from_sql_in_both_versions() {
+    let db = TestDatabase::create().await;
+    let app = app_with(&db).await;
+    assert_eq!(
+        app.put_and_freeze("dstore", "kitchensink", &blueprint_v1())
+            .await,
+        1
+    );
+    let first = Uuid::new_v4();
+    let put = app
+        .put(
+            &format!("/dstore/kitchensink/{first}?wait=true"),
+            &item_v1(first),
+        )
+        .await;
+    assert_eq!(
+        (put.status, &put.body["projected"]),
+        (200, &json!(true)),
+        "{}",
+        put.body
+    );
+    assert_eq!(
+        app.put_and_freeze("dstore", "kitchensink", &blueprint_v2())
+            .await,
+        2
+    );
+    let second = Uuid::new_v4();
+    let put = app
+        .put(
+            &format!("/dstore/kitchensink/{second}?wait=true"),
+            &item_v2(second, first),
+        )
+        .await;
+    assert_eq!(
+        (put.status, &put.body["projected"]),
+        (200, &json!(true)),
+        "{}",
+        put.body
+    );
+
+    let mut sql = db.sql().await;
+    for (schema, prefix) in [("dstore_v1", "c"), ("dstore_v2", "s")] {
+        let query = format!(
+            "SELECT ST_AsGeoJSON({p}_point)::jsonb AS point, ST_AsGeoJSON({p}_linestring)::jsonb AS linestring, \
+                    ST_AsGeoJSON({p}_polygon)::jsonb AS polygon, {p}_uuid::text AS uuid, {p}_string AS string, \
+                    {p}_text AS text, {p}_date::text AS date, \
+                    to_char({p}_datetime AT TIME ZONE 'UTC', 'YYYY-MM-DD HH24:MI:SS') AS datetime, \
+                    {p}_float::float8 AS float, {p}_integer AS integer, {p}_boolean AS boolean, {p}_json AS json, \
+                    links::text[] AS links, project_version \
+             FROM {schema}.kitchensinks WHERE id = $1",
+            p = prefix
+        );
+        let row = sqlx::query(AssertSqlSafe(query))
+            .bind(second)
+            .fetch_one(&mut sql)
+            .await
+            .expect("the row is in postgresql");
+        for geometry in ["point", "linestring", "polygon"] {
+            assert_eq!(
+                floats(row.get::<Value, _>(geometry)),
+                sample(geometry),
+                "{schema} {geometry}"
+            );
+        }
+        for text in ["uuid", "string", "text", "date", "datetime"] {
+            assert_eq!(
+                json!(row.get::<String, _>(text)),
+                sample(text),
+                "{schema} {text}"
+            );
+        }
+        assert_eq!(
+            row.get::<f64, _>("float"),
+            f64::from(11.11111f32),
+            "{schema}: REAL holds single precision"
+        );
+        assert_eq!(row.get::<i32, _>("integer"), 42);
+        assert!(row.get::<bool, _>("boolean"));
+        assert_eq!(row.get::<Value, _>("json"), sample("json"));
+        assert_eq!(row.get::<Vec<String>, _>("links"), vec![first.to_string()]);
+        assert_eq!(
+            row.get::<i32, _>("project_version"),
+            if prefix == "c" { 1 } else { 2 }
+        );
+    }
+    sqlx::raw_sql("SET extra_float_digits = 0")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    let real: String =
+        sqlx::query_scalar("SELECT c_float::text FROM dstore_v1.kitchensinks WHERE id = $1")
+            .bind(second)
+            .fetch_one(&mut sql)
+            .await
+            .unwrap();
+    assert_eq!(real, "11.1111", "REAL keeps 11.11111 as 11.1111");
+
+    let arrays = sqlx::query(
+        "SELECT ST_AsGeoJSON(a_point)::jsonb AS point, ST_AsGeoJSON(a_polygon)::jsonb AS polygon, \
+                ST_NumGeometries(a_linestring) AS lines, a_datetime::text[] AS datetimes, a_json, a_integer, a_uuid::text[] AS uuids \
+         FROM dstore_v2.kitchensinks WHERE id = $1",
+    )
+    .bind(second)
+    .fetch_one(&mut sql)
+    .await
+    .unwrap();
+    let coordinates = sample("point")["coordinates"].clone();
+    assert_eq!(
+        floats(arrays.get::<Value, _>("point")),
+        json!({"type": "MultiPoint", "coordinates": [coordinates, coordinates]})
+    );
+    assert_eq!(arrays.get::<Value, _>("polygon")["type"], "MultiPolygon");
+    assert_eq!(arrays.get::<i32, _>("lines"), 2);
+    assert_eq!(
+        arrays.get::<Vec<String>, _>("datetimes"),
+        vec!["2021-03-04 05:06:07+00"; 2]
+    );
+    assert_eq!(
+        arrays.get::<Vec<Value>, _>("a_json"),
+        vec![sample("json"), sample("json")]
+    );
+    assert_eq!(arrays.get::<Vec<i32>, _>("a_integer"), vec![42, 42]);
+    assert_eq!(
+        arrays.get::<Vec<String>, _>("uuids"),
+        vec![sample("uuid").as_str().unwrap().to_owned(); 2]
+    );
+
+    // The projector's own read gives back exactly what the API serves, in both versions.
+    let reader = db.projector();
+    for version in [1, 2] {
+        let served = app
+            .get(&format!("/dstore/kitchensink/{second}?version={version}"))
+            .await
+            .body;
+        let stored = reader
+            .read(&ident("dstore"), version, &ident("kitchensink"), &second)
+            .await
+            .unwrap();
+        assert_eq!(stored, Some(served), "version {version}");
+    }
+    // The item written before v2 existed is back-filled into it.
+    eventually("the first item is back-filled into version 2", || {
+        let reader = reader.clone();
+        async move {
+            reader
+                .read(&ident("dstore"), 2, &ident("kitchensink"), &first)
+                .await
+                .unwrap()
+                .is_some()
+        }
+    })
+    .await;
+
+    let deleted = app
+        .delete(&format!("/dstore/kitchensink/{second}?wait=true"))
+        .await;
+    assert_eq!(deleted.body["projected"], true, "{}", deleted.body);
+    for schema in ["dstore_v1", "dstore_v2"] {
+        let left: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT count(*) FROM {schema}.kitchensinks WHERE id = $1"
+        )))
+        .bind(second)
+        .fetch_one(&mut sql)
+        .await
+        .unwrap();
+        assert_eq!(left, 0, "{schema} still holds the deleted item");
+    }
+    app.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn every_column_has_the_exact_postgresql_type_of_the_type_table() {
+    let db = TestDatabase::create().await;
+    let app = app_with(&db).await;
+    app.put_and_freeze("dstore", "kitchensink", &blueprint_v1())
+        .await;
+    app.put_and_freeze("dstore", "kitchensink", &blueprint_v2())
+        .await;
+    let mut sql = db.sql().await;
+    let columns: Vec<(String, String, String)> = sqlx::query_as(
+        "SELECT column_name::text, data_type::text, udt_name::text FROM information_schema.columns \
+         WHERE table_schema = 'dstore_v2' AND table_name = 'kitchensinks' ORDER BY ordinal_position",
+    )
+    .fetch_all(&mut sql)
+    .await
+    .unwrap();
+    let found = |name: &str| {
+        columns
+            .iter()
+            .find(|(column, ..)| column == name)
+            .map(|(_, data_type, udt)| (data_type.as_str(), udt.as_str()))
+            .unwrap_or_else(|| panic!("no column {name} in {columns:?}"))
+    };
+    assert_eq!(found("id"), ("uuid", "uuid"));
+    assert_eq!(found("project_version"), ("integer", "int4"));
+    assert_eq!(found("links"), ("ARRAY", "_uuid"));
+    let scalars = [
+        ("uuid", "uuid", "uuid"),
+        ("string", "text", "text"),
+        ("text", "text", "text"),
+        ("point", "USER-DEFINED", "geometry"),
+        ("linestring", "USER-DEFINED", "geometry"),
+        ("polygon", "USER-DEFINED", "geometry"),
+        ("date", "date", "date"),
+        ("datetime", "timestamp with time zone", "timestamptz"),
+        ("float", "real", "float4"),
+        ("integer", "integer", "int4"),
+        ("boolean", "boolean", "bool"),
+        ("json", "jsonb", "jsonb"),
+    ];
+    for (ty, data_type, udt) in scalars {
+        assert_eq!(found(&format!("s_{ty}")), (data_type, udt), "s_{ty}");
+        let array = if data_type == "USER-DEFINED" {
+            (data_type, udt.to_owned())
+        } else {
+            ("ARRAY", format!("_{udt}"))
+        };
+        assert_eq!(
+            found(&format!("a_{ty}")),
+            (array.0, array.1.as_str()),
+            "a_{ty}"
+        );
+    }
+    let geometries: Vec<(String, String, i32)> = sqlx::query_as(
+        "SELECT f_geometry_column::text, type::text, srid FROM geometry_columns \
+         WHERE f_table_schema = 'dstore_v2' AND f_table_name = 'kitchensinks' ORDER BY 1",
+    )
+    .fetch_all(&mut sql)
+    .await
+    .unwrap();
+    let expected: Vec<(String, String, i32)> = [
+        ("a_linestring", "MULTILINESTRING"),
+        ("a_point", "MULTIPOINT"),
+        ("a_polygon", "MULTIPOLYGON"),
+        ("s_linestring", "LINESTRING"),
+        ("s_point", "POINT"),
+        ("s_polygon", "POLYGON"),
+    ]
+    .into_iter()
+    .map(|(c, t)| (c.to_owned(), t.to_owned(), 4326))
+    .collect();
+    assert_eq!(geometries, expected);
+    assert_eq!(schemas(&mut sql).await, ["dstore_v1", "dstore_v2"]);
+    app.stop().await;
+    db.drop().await;
+}
+
+/// name, is_nullable, data_type, character_maximum_length, column_default
+type ColumnFacts = (String, String, String, Option<i32>, Option<String>);
+
+#[tokio::test]
+async fn column_options_become_not_null_defaults_unique_indexes_and_comments() {
+    let db = TestDatabase::create().await;
+    let app = app_with(&db).await;
+    let blueprint = json!({
+        "postgresql": {"table": "places"}, "elasticsearch": {"type": "place"},
+        "columns": {
+            "name": {"type": "string", "nullable": false, "unique": true, "validation": {"max_length": 80}, "comment": "the name"},
+            "kind": {"type": "string", "default": "shop"},
+            "at": {"type": "point", "index": true}
+        }
+    });
+    assert_eq!(app.put_and_freeze("geo", "place", &blueprint).await, 1);
+    let mut sql = db.sql().await;
+    let columns: Vec<ColumnFacts> = sqlx::query_as(
+        "SELECT column_name::text, is_nullable::text, data_type::text, character_maximum_length::int, column_default::text \
+         FROM information_schema.columns WHERE table_schema = 'geo_v1' AND table_name = 'places' ORDER BY ordinal_position",
+    )
+    .fetch_all(&mut sql)
+    .await
+    .unwrap();
+    let name = columns.iter().find(|c| c.0 == "name").unwrap();
+    assert_eq!(
+        (name.1.as_str(), name.2.as_str(), name.3),
+        ("NO", "character varying", Some(80))
+    );
+    let kind = columns.iter().find(|c| c.0 == "kind").unwrap();
+    assert_eq!(kind.4.as_deref(), Some("'shop'::text"));
+    let indexes: Vec<String> = sqlx::query_scalar(
+        "SELECT indexdef FROM pg_indexes WHERE schemaname = 'geo_v1' AND tablename = 'places'",
+    )
+    .fetch_all(&mut sql)
+    .await
+    .unwrap();
+    assert!(
+        indexes
+            .iter()
+            .any(|d| d.contains("UNIQUE") && d.contains("(name)")),
+        "{indexes:?}"
+    );
+    assert!(
+        indexes.iter().any(|d| d.contains("USING gist (at)")),
+        "{indexes:?}"
+    );
+    let comment: Option<String> = sqlx::query_scalar(
+        "SELECT col_description('geo_v1.places'::regclass, (SELECT attnum FROM pg_attribute \
+         WHERE attrelid = 'geo_v1.places'::regclass AND attname = 'name'))::text",
+    )
+    .fetch_one(&mut sql)
+    .await
+    .unwrap();
+    assert_eq!(comment.as_deref(), Some("the name"));
+    app.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_row_postgresql_refuses_goes_to_the_dead_letters_without_blocking_the_rest() {
+    let db = TestDatabase::create().await;
+    let app = app_with(&db).await;
+    let blueprint = json!({
+        "postgresql": {"table": "coupons"}, "elasticsearch": {"type": "coupon"},
+        "columns": {"code": {"type": "string", "unique": true}}
+    });
+    assert_eq!(app.put_and_freeze("shop", "coupon", &blueprint).await, 1);
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    for (id, code) in [(a, "x"), (b, "x"), (c, "y")] {
+        let put = app
+            .put(
+                &format!("/shop/coupon/{id}?wait=true"),
+                &json!({"project_version": 1, "code": code}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    let letters = app.get("/_dead_letters").await.body;
+    let letters = letters["dead_letters"]
+        .as_array()
+        .expect("a list of dead letters")
+        .clone();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["projector"], "postgresql");
+    let reason = letters[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("duplicate key")
+            && reason.contains(&b.to_string())
+            && reason.contains("23505"),
+        "{reason}"
+    );
+    let mut sql = db.sql().await;
+    let stored: Vec<Uuid> = sqlx::query_scalar("SELECT id FROM shop_v1.coupons ORDER BY code")
+        .fetch_all(&mut sql)
+        .await
+        .unwrap();
+    assert_eq!(stored, vec![a, c]);
+    app.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn inside_one_batch_a_refused_row_fails_alone_and_the_newest_revision_wins() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
+    let project = ident("batch");
+    conformance::freeze_sample(&catalog, &project);
+    let projector = db.projector();
+    let (kept, refused, stale_delete, new_delete) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    let mut too_long = sample_doc(refused, "ok");
+    // VARCHAR(40) refuses this title (dstore's validation would have stopped it first).
+    too_long["title"] = json!("x".repeat(41));
+    let nul = Uuid::new_v4();
+    // PostgreSQL text cannot hold NUL, which JSON can.
+    let with_nul = sample_doc(nul, "a\u{0}b");
+    let tasks = vec![
+        upsert(&project, kept, 1, sample_doc(kept, "one")),
+        upsert(&project, refused, 2, too_long),
+        upsert(&project, stale_delete, 3, sample_doc(stale_delete, "kept")),
+        upsert(&project, new_delete, 4, sample_doc(new_delete, "gone")),
+        delete(&project, new_delete, 5),
+        upsert(&project, kept, 7, sample_doc(kept, "seven")),
+        upsert(&project, kept, 6, sample_doc(kept, "six")),
+        delete(&project, stale_delete, 2),
+        upsert(&project, nul, 8, with_nul),
+    ];
+    let outcomes = projector
+        .apply(&catalog, &tasks)
+        .await
+        .expect("the batch is applied");
+    let failed: Vec<usize> = outcomes
+        .iter()
+        .enumerate()
+        .filter(|(_, o)| o.is_err())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(failed, vec![1, 8], "{outcomes:?}");
+    let error = outcomes[1].as_ref().unwrap_err();
+    assert_eq!(error.kind, ErrorKind::Permanent);
+    assert!(
+        error.message.contains("value too long") && error.message.contains("22001"),
+        "{}",
+        error.message
+    );
+    let read = |id| {
+        let projector = projector.clone();
+        let project = project.clone();
+        async move {
+            projector
+                .read(&project, 1, &ident("sample"), &id)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(read(kept).await.unwrap()["title"], "seven");
+    assert_eq!(read(refused).await, None);
+    assert_eq!(read(nul).await, None);
+    let message = &outcomes[8].as_ref().unwrap_err().message;
+    assert!(
+        message.contains(&nul.to_string()) && message.contains("sqlstate 22"),
+        "{message}"
+    );
+    assert_eq!(read(stale_delete).await.unwrap()["title"], "kept");
+    assert_eq!(read(new_delete).await, None);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn dropping_a_project_drops_all_its_schemas_and_no_other() {
+    let db = TestDatabase::create().await;
+    let app = app_with(&db).await;
+    let blueprint = crate::helpers::article();
+    app.put_and_freeze("a", "article", &blueprint).await;
+    let mut second = blueprint.clone();
+    second["columns"]["summary"] = json!({"type": "text"});
+    app.put_and_freeze("a", "article", &second).await;
+    // `a_v1` is another project, whose schema `a_v1_v1` must survive the drop of `a`.
+    app.put_and_freeze("a_v1", "article", &blueprint).await;
+    let mut sql = db.sql().await;
+    assert_eq!(schemas(&mut sql).await, ["a_v1", "a_v1_v1", "a_v2"]);
+    let dropped = app.delete("/a/_project").await;
+    assert!(dropped.status < 300, "{}", dropped.body);
+    eventually("the schemas of project a are dropped", || {
+        let url = format!("{}/{}", server_url(), db.name);
+        async move { schemas(&mut connect(&url).await).await == ["a_v1_v1"] }
+    })
+    .await;
+    app.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_half_done_migration_is_finished_by_running_it_again() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
+    let project = ident("resume");
+    conformance::freeze_sample(&catalog, &project);
+    let version = catalog
+        .snapshot()
+        .project(&project)
+        .unwrap()
+        .version(1)
+        .unwrap()
+        .clone();
+    let projector = db.projector();
+    projector
+        .migrate(&project, &version)
+        .await
+        .expect("first migration");
+    let mut sql = db.sql().await;
+    sqlx::raw_sql("DROP TABLE resume_v1.samples; DROP TABLE resume_v1._tombstones")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    projector
+        .migrate(&project, &version)
+        .await
+        .expect("the migration runs again");
+    let tables: Vec<String> = sqlx::query_scalar(
+        "SELECT tablename::text FROM pg_tables WHERE schemaname = 'resume_v1' ORDER BY 1",
+    )
+    .fetch_all(&mut sql)
+    .await
+    .unwrap();
+    assert_eq!(tables, ["_blueprints", "_tombstones", "samples"]);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn writes_into_a_version_never_migrated_by_this_projector_migrate_it_first() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
+    let project = ident("late");
+    conformance::freeze_sample(&catalog, &project);
+    let projector = db.projector();
+    let id = Uuid::new_v4();
+    let outcomes = projector
+        .apply(
+            &catalog,
+            &[upsert(&project, id, 1, sample_doc(id, "hello"))],
+        )
+        .await
+        .unwrap();
+    assert!(outcomes[0].is_ok(), "{outcomes:?}");
+    assert_eq!(
+        projector
+            .read(&project, 1, &ident("sample"), &id)
+            .await
+            .unwrap()
+            .unwrap()["title"],
+        "hello"
+    );
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_missing_database_is_created_on_first_use() {
+    let name = TestDatabase::unique_name();
+    let db = TestDatabase { name: name.clone() };
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
+    let project = ident("fresh");
+    conformance::freeze_sample(&catalog, &project);
+    let version = catalog
+        .snapshot()
+        .project(&project)
+        .unwrap()
+        .version(1)
+        .unwrap()
+        .clone();
+    let projector = db.projector();
+    assert_eq!(
+        projector
+            .read(&project, 1, &ident("sample"), &Uuid::new_v4())
+            .await
+            .unwrap(),
+        None
+    );
+    projector
+        .migrate(&project, &version)
+        .await
+        .expect("the database is created and migrated");
+    let mut admin = connect(&format!("{}/postgres", server_url())).await;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(&name)
+            .fetch_one(&mut admin)
+            .await
+            .unwrap();
+    assert!(exists);
+    assert!(projector.health().await.reachable);
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_server_is_reported_by_health_and_the_service_still_serves() {
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let app = spawn_app_with(|s| {
+        s.projection.wait_timeout_secs = 2;
+        s.postgresql = Some(PostgresSettings {
+            host: "127.0.0.1".into(),
+            port,
+            ..PostgresSettings::default()
+        });
+    })
+    .await;
+    let ready = app.get("/_health/ready").await.body;
+    let postgresql = &ready["projectors"]["postgresql"];
+    assert_eq!(postgresql["health"]["reachable"], false, "{ready}");
+    let detail = postgresql["health"]["detail"].as_str().unwrap();
+    assert!(
+        detail.contains("POSTGRESQL_HOST") && detail.contains(&port.to_string()),
+        "{detail}"
+    );
+    assert_eq!(ready["projectors"]["rocksdb"]["status"], "ready", "{ready}");
+    assert_eq!(
+        app.put("/myblog/article/_blueprint", &crate::helpers::article())
+            .await
+            .status,
+        200
+    );
+    let frozen = app.post("/myblog/_version", None).await;
+    assert_eq!(frozen.status, 503, "{}", frozen.body);
+    assert!(
+        frozen.body["status"]
+            .as_str()
+            .unwrap()
+            .contains("postgresql"),
+        "{}",
+        frozen.body
+    );
+    app.stop().await;
+}
+
+/// Forwards connections from `port` on 127.0.0.1 to the test server, from the moment it is called.
+async fn forward(port: u16) {
+    let options: sqlx::postgres::PgConnectOptions = server_url().parse().expect("a postgres url");
+    let upstream = format!("{}:{}", options.get_host(), options.get_port());
+    let listener = tokio::net::TcpListener::bind(("127.0.0.1", port))
+        .await
+        .expect("the port is free again");
+    tokio::spawn(async move {
+        while let Ok((mut client, _)) = listener.accept().await {
+            let upstream = upstream.clone();
+            tokio::spawn(async move {
+                if let Ok(mut server) = tokio::net::TcpStream::connect(&upstream).await {
+                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                }
+            });
+        }
+    });
+}
+
+#[tokio::test]
+async fn writes_wait_in_the_journal_while_postgresql_is_down_and_arrive_when_it_returns() {
+    let db = TestDatabase::create().await;
+    let port = TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/{}", db.name);
+    let app = spawn_app_with(|s| {
+        s.projection.wait_timeout_secs = 1;
+        s.postgresql = Some(PostgresSettings {
+            url: Some(url),
+            ..PostgresSettings::default()
+        });
+    })
+    .await;
+    assert_eq!(
+        app.put("/myblog/article/_blueprint", &crate::helpers::article())
+            .await
+            .status,
+        200
+    );
+    assert_eq!(app.post("/myblog/_version", None).await.status, 503);
+    let id = Uuid::new_v4();
+    let item =
+        json!({"project_version": 1, "title": "waiting", "date_created": "2021-01-02 03:04:05"});
+    let put = app.put(&format!("/myblog/article/{id}"), &item).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+
+    forward(port).await;
+    let mut sql = db.sql().await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let title: Result<String, _> =
+            sqlx::query_scalar("SELECT title FROM myblog_v1.articles WHERE id = $1")
+                .bind(id)
+                .fetch_one(&mut sql)
+                .await;
+        if let Ok(title) = title {
+            assert_eq!(title, "waiting");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the waiting write never reached postgresql"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let ready = app.get("/_health/ready").await.body;
+    assert_eq!(
+        ready["projectors"]["postgresql"]["health"]["reachable"], true,
+        "{ready}"
+    );
+    app.stop().await;
+    db.drop().await;
+}
