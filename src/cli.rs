@@ -324,16 +324,23 @@ async fn blueprint_put(
 ) -> Result<(), CliError> {
     let definition = read_json(file)?;
     let path = [project, blueprint, "_blueprint"];
-    let body = client.call(Method::PUT, &path, &[], Some(&definition)).await?.1;
+    let body = client
+        .call(Method::PUT, &path, &[], Some(&definition))
+        .await?
+        .1;
     client.summary(&body, || {
         let changes = body["changes"].as_array().cloned().unwrap_or_default();
         if changes.is_empty() {
             return format!("{project}/{blueprint}: unchanged (the working copy already holds it)");
         }
         let mut out = format!(
-            "{project}/{blueprint}: {} change{} in the working copy; `dstore freeze {project}` makes them a version",
-            changes.len(),
-            if changes.len() == 1 { "" } else { "s" }
+            "{project}/{blueprint}: {} in the working copy; `dstore freeze {project}` makes {} a version",
+            if changes.len() == 1 {
+                "1 change".to_string()
+            } else {
+                format!("{} changes", changes.len())
+            },
+            if changes.len() == 1 { "it" } else { "them" }
         );
         for change in &changes {
             let _ = write!(out, "\n  {}", describe_change(change));
@@ -533,9 +540,7 @@ fn render_versions(projects: &[Value]) -> String {
                 let _ = writeln!(out, "    back-fill:  {bar}");
             }
         }
-        let edits = project["unfrozen_changes"]
-            .as_array()
-            .map_or(0, Vec::len);
+        let edits = project["unfrozen_changes"].as_array().map_or(0, Vec::len);
         if edits > 0 {
             let _ = writeln!(
                 out,
