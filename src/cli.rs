@@ -533,6 +533,15 @@ fn render_versions(projects: &[Value]) -> String {
                     None => format!("{store} {}", state["state"].as_str().unwrap_or("?")),
                 })
                 .collect();
+            let changes: Vec<String> = version["changes"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(describe_change)
+                .collect();
+            if !changes.is_empty() {
+                let _ = writeln!(out, "    changes: {}", summarize(&changes, 3));
+            }
             if !migrations.is_empty() {
                 let _ = writeln!(out, "    migrations: {}", migrations.join(", "));
             }
@@ -629,6 +638,15 @@ fn describe_change(change: &Value) -> String {
         _ if change.get("column").is_some() => format!("{kind} {blueprint}.{}", text("column")),
         _ => format!("{kind} {blueprint}"),
     }
+}
+
+/// The first `shown` entries, then how many more.
+fn summarize(entries: &[String], shown: usize) -> String {
+    let mut text = entries[..entries.len().min(shown)].join(", ");
+    if entries.len() > shown {
+        let _ = write!(text, " and {} more", entries.len() - shown);
+    }
+    text
 }
 
 fn projection_note(status: StatusCode, body: &Value) -> String {

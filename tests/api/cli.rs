@@ -177,6 +177,7 @@ async fn cli_puts_a_blueprint_freezes_and_writes_reads_and_deletes_an_item() {
         text.contains("myblog: newest version 1")
             && text.contains("version 1")
             && text.contains("blueprints: article")
+            && text.contains("changes: blueprint.create article")
             && text.contains("rocksdb done"),
         "{text}"
     );
