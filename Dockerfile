@@ -1,3 +1,4 @@
+# syntax=docker/dockerfile:1
 # dstore in a container: `docker build -t dstore .`, or `docker compose up` for the full local stack
 # (docker-compose.yml). The image runs as the unprivileged dstore user with its data in the
 # /var/lib/dstore volume; configure it with the environment variables of /etc/default/dstore.

@@ -77,7 +77,7 @@ fi
 step "build the .deb with cargo-deb (or take DSTORE_DEB)"
 if [ -z "${DSTORE_DEB:-}" ] && ! cargo deb --version >/dev/null 2>&1; then
     echo "   installing cargo-deb"
-    cargo install cargo-deb --locked --quiet
+    cargo install cargo-deb --version 3.8.0 --locked --quiet
 fi
 deb="$work/dstore.deb"
 if [ -n "${DSTORE_DEB:-}" ]; then
