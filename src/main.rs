@@ -1,5 +1,5 @@
 //! The `dstore` binary: reads the configuration, sets up logging and runs the service; its client
-//! commands (`blueprint`, `freeze`, `versions`, `item`, in `cli.rs`) talk to a running server.
+//! commands (`blueprint`, `freeze`, `versions`, `item`, in `cli/`) talk to a running server.
 
 mod cli;
 
