@@ -20,6 +20,13 @@ fi
 . scripts/deps.sh
 ensure_build_deps
 
+# One package test per machine at a time: they share dpkg, /usr/bin/dstore and /var/lib/dstore.
+exec 9>/tmp/dstore-package-test.lock
+if ! flock -w 900 9; then
+    echo "== package: FAILED: another package test held /tmp/dstore-package-test.lock for 15 minutes" >&2
+    exit 1
+fi
+
 passed=0
 step() { echo "== package: $*"; }
 ok() {
