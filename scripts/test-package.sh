@@ -153,18 +153,13 @@ server="http://127.0.0.1:$port"
 export DSTORE_SERVER="$server"
 
 start_server() {
-    # As systemd would: the dstore user, /etc/default/dstore, the installed configuration.
-    (
-        cd /
-        set -a
-        # shellcheck disable=SC1091
-        . /etc/default/dstore
-        set +a
-        export PORT="$port" DSTORE_HOST=127.0.0.1
-        # setpriv execs dstore itself (runuser would stay as its parent), so SIGTERM reaches it.
-        exec setpriv --reuid=dstore --regid=dstore --init-groups \
-            /usr/bin/dstore --config /etc/dstore/dstore.toml serve
-    ) >>"$work/dstore.log" 2>&1 &
+    # As systemd would: a clean environment plus /etc/default/dstore, the dstore user, the installed
+    # configuration. Each program execs the next, so $! is dstore itself and SIGTERM reaches it.
+    env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 NO_COLOR=1 TEST_PORT="$port" \
+        setpriv --reuid=dstore --regid=dstore --init-groups \
+        /bin/sh -c 'cd / && set -a && . /etc/default/dstore && set +a &&
+            PORT=$TEST_PORT DSTORE_HOST=127.0.0.1 exec /usr/bin/dstore --config /etc/dstore/dstore.toml serve' \
+        >>"$work/dstore.log" 2>&1 &
     server_pid=$!
     for _ in $(seq 1 200); do
         if curl -fsS "$server/_health" >/dev/null 2>&1; then
