@@ -46,3 +46,49 @@ ensure_build_deps() {
 
 # Build products are kept between runs (and between clones) so RocksDB is compiled once.
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/dstore-target}"
+
+# An Elasticsearch API for the tests. With ELASTICSEARCH_URL set, the tests use that cluster;
+# otherwise osmem-server (an in-memory engine from PyPI) is installed into a virtualenv when missing
+# and started on a fixed local port for as long as the calling script runs. Exports
+# DSTORE_TEST_ELASTICSEARCH_URL either way.
+ensure_elasticsearch() {
+    if [ -n "${ELASTICSEARCH_URL:-}" ]; then
+        export DSTORE_TEST_ELASTICSEARCH_URL="$ELASTICSEARCH_URL"
+        echo "dstore: testing against the Elasticsearch cluster at $ELASTICSEARCH_URL" >&2
+        return
+    fi
+    local port="${DSTORE_TEST_ELASTICSEARCH_PORT:-39200}"
+    local url="http://127.0.0.1:$port"
+    export DSTORE_TEST_ELASTICSEARCH_URL="$url"
+    if curl -fsS -m 2 "$url" >/dev/null 2>&1; then
+        echo "dstore: an Elasticsearch API already answers at $url" >&2
+        return
+    fi
+    local venv="$HOME/.cache/dstore-osmem-venv"
+    if ! "$venv/bin/python" -c 'import osmem_server' 2>/dev/null; then
+        if ! command -v python3 >/dev/null || ! python3 -c 'import venv, ensurepip' 2>/dev/null; then
+            echo "dstore: installing python3 and venv for osmem-server" >&2
+            apt_install python3 python3-venv
+        fi
+        echo "dstore: installing osmem-server from PyPI into $venv" >&2
+        rm -rf "$venv"
+        python3 -m venv "$venv"
+        "$venv/bin/python" -m pip install --quiet --disable-pip-version-check osmem-server
+    fi
+    local binary log
+    binary=$("$venv/bin/python" -c 'import osmem_server; print(osmem_server.resolve_binary())')
+    log="${TMPDIR:-/tmp}/dstore-osmem-$port.log"
+    echo "dstore: starting osmem-server on $url (log: $log)" >&2
+    # -no-stdin-watch: CI has no stdin; -parent-pid: it stops with the script that started it.
+    nohup "$binary" -addr "127.0.0.1:$port" -no-stdin-watch -parent-pid "$$" >"$log" 2>&1 </dev/null &
+    local waited=0
+    until curl -fsS -m 2 "$url" >/dev/null 2>&1; do
+        if [ "$waited" -ge 30 ]; then
+            echo "dstore: osmem-server did not answer on $url within 30s; its log:" >&2
+            cat "$log" >&2
+            return 1
+        fi
+        sleep 1
+        waited=$((waited + 1))
+    done
+}

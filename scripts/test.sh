@@ -13,6 +13,7 @@ cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --release --all-targets -- -D warnings
 echo "== cargo test"
+ensure_elasticsearch
 cargo test --release -- --test-threads=4
 echo "== package test"
 bash scripts/test-package.sh

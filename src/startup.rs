@@ -14,6 +14,7 @@ use crate::catalog::{Catalog, CatalogError};
 use crate::config::Settings;
 use crate::http::{self, AppState};
 use crate::journal::{Journal, JournalError, JournalSettings};
+use crate::projector::elasticsearch::{ElasticsearchProjector, EsError};
 use crate::projector::rocksdb::RocksProjector;
 use crate::projector::{Projector, Registry};
 use crate::queue::dispatcher;
@@ -38,6 +39,8 @@ pub enum StartupError {
         path: PathBuf,
         source: rocksdb::Error,
     },
+    #[error("invalid elasticsearch settings (elasticsearch.url / ELASTICSEARCH_HOST, elasticsearch.index_prefix): {0}")]
+    Elasticsearch(EsError),
     #[error("cannot listen on {address} (server.host, server.port / PORT): {source}")]
     Listen {
         address: String,
@@ -88,6 +91,12 @@ impl Application {
             );
             rocksdb = Some(projector.clone());
             projectors.push(projector);
+        }
+        if let Some(es) = &settings.elasticsearch {
+            // Sends nothing yet: an unreachable server only delays its tasks and shows in health.
+            projectors.push(Arc::new(
+                ElasticsearchProjector::new(es).map_err(StartupError::Elasticsearch)?,
+            ));
         }
         projectors.extend(extra);
         let registry = Registry::new(projectors);
@@ -149,9 +158,12 @@ impl Application {
             registry,
             settings,
         });
+        let requests = web::Data::new(http::observe::RequestMetrics::default());
         let server = HttpServer::new(move || {
             App::new()
                 .app_data(state.clone())
+                .app_data(requests.clone())
+                .wrap(actix_web::middleware::from_fn(http::observe::observe))
                 .configure(http::configure)
         })
         .workers(workers)

@@ -7,6 +7,7 @@ use super::error::ApiError;
 use super::{body, ident, version_number, State};
 use crate::blueprint::{model::blueprints_to_public, parse_blueprint, Blueprints, Ident};
 use crate::catalog::Project;
+use crate::projector::elasticsearch;
 
 fn parse_names(path: &(String, String)) -> Result<(Ident, Ident), ApiError> {
     Ok((ident("project", &path.0)?, ident("blueprint", &path.1)?))
@@ -54,6 +55,10 @@ pub async fn put(
     let body = body::json(&request, payload, state.settings.server.max_body_bytes).await?;
     let input = parse_blueprint(&body, "")
         .map_err(|errors| ApiError::Invalid("invalid blueprint".into(), errors))?;
+    let errors = elasticsearch::check_overrides(&input, "");
+    if !errors.is_empty() {
+        return Err(ApiError::Invalid("invalid blueprint".into(), errors));
+    }
     let changes = state.catalog.put_blueprint(&project, &name, input)?;
     Ok(HttpResponse::Ok().json(json!({"success": true, "changes": changes})))
 }
@@ -139,7 +144,10 @@ pub fn parse_blueprint_set(
                 format!("blueprint name {name:?} {reason}"),
             )),
             Ok(name) => match parse_blueprint(definition, &at) {
-                Ok(input) => inputs.push((name, input)),
+                Ok(input) => {
+                    errors.append(&mut elasticsearch::check_overrides(&input, &at));
+                    inputs.push((name, input));
+                }
                 Err(mut e) => errors.append(&mut e),
             },
         }

@@ -37,15 +37,45 @@ pub async fn ready(state: State) -> HttpResponse {
 }
 
 #[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
 pub struct DeadLetterParams {
     limit: Option<usize>,
+    projector: Option<String>,
 }
 
-/// GET /_dead_letters
+/// GET /_dead_letters?projector=&limit=: the tasks a store refused for good, with the reason.
 pub async fn dead_letters(
     state: State,
     params: web::Query<DeadLetterParams>,
 ) -> Result<HttpResponse, ApiError> {
-    let letters = state.journal.dead_letters(params.limit.unwrap_or(100))?;
+    let letters = state
+        .journal
+        .dead_letters(params.projector.as_deref(), params.limit.unwrap_or(100))?;
     Ok(HttpResponse::Ok().json(json!({"dead_letters": letters})))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryParams {
+    projector: Option<String>,
+}
+
+/// POST /_dead_letters/_retry?projector=: queues the dead letters again once their cause is fixed.
+pub async fn retry_dead_letters(
+    state: State,
+    params: web::Query<RetryParams>,
+) -> Result<HttpResponse, ApiError> {
+    if let Some(name) = &params.projector {
+        if !state.registry.names().contains(&name.as_str()) {
+            return Err(ApiError::NotFound(format!(
+                "projector {name:?} is not enabled; enabled: {}",
+                state.registry.names().join(", ")
+            )));
+        }
+    }
+    let retried = state
+        .journal
+        .retry_dead_letters(params.projector.as_deref())
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({"retried": retried})))
 }

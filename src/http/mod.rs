@@ -6,9 +6,12 @@
 
 mod blueprints;
 pub mod body;
+mod docs;
 pub mod error;
 mod health;
 mod items;
+mod metrics;
+pub mod observe;
 mod projects;
 mod versions;
 
@@ -74,8 +77,14 @@ pub fn configure(config: &mut web::ServiceConfig) {
 fn routes(config: &mut web::ServiceConfig) {
     config
         .service(resource("/_health").route(web::get().to(health::live)))
+        .service(resource("/_metrics").route(web::get().to(metrics::metrics)))
+        .service(resource("/_openapi.json").route(web::get().to(docs::openapi)))
+        .service(resource("/_docs").route(web::get().to(docs::page)))
         .service(resource("/_health/ready").route(web::get().to(health::ready)))
         .service(resource("/_dead_letters").route(web::get().to(health::dead_letters)))
+        .service(
+            resource("/_dead_letters/_retry").route(web::post().to(health::retry_dead_letters)),
+        )
         .service(resource("/_version").route(web::get().to(versions::all)))
         .service(
             resource("/_project")

@@ -169,7 +169,11 @@ pub struct ProjectorProgress {
     /// Every task with a lower or equal seq has been applied or dead-lettered.
     pub applied_through: u64,
     pub pending: u64,
+    /// Tasks applied since the service started.
     pub applied: u64,
+    /// Tasks refused for good since the service started.
+    pub failed: u64,
+    /// Dead letters waiting now.
     pub dead_letters: u64,
     pub last_error: Option<String>,
 }
@@ -473,7 +477,7 @@ impl Journal {
         if let Some(lane) = self.lanes.get(projector) {
             let mut progress = lane.progress.lock().expect("progress lock");
             progress.applied += applied.len() as u64;
-            progress.dead_letters += dead.len() as u64;
+            progress.failed += dead.len() as u64;
         }
         self.refresh_progress(projector)
     }
@@ -509,6 +513,16 @@ impl Journal {
         let lane = &self.lanes[projector];
         let mut progress = lane.progress.lock().expect("progress lock").clone();
         progress.pending = self.last_seq().saturating_sub(progress.applied_through);
+        let prefix = keys::projector_prefix(projector);
+        progress.dead_letters = self
+            .db
+            .iterator_cf(
+                self.cf(CF_DEAD),
+                IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+            )
+            .map_while(Result::ok)
+            .take_while(|(key, _)| key.starts_with(&prefix))
+            .count() as u64;
         progress
     }
 
@@ -551,12 +565,75 @@ impl Journal {
         }
     }
 
-    /// Dead letters of every projector, oldest first.
-    pub fn dead_letters(&self, limit: usize) -> Result<Vec<DeadLetter>, JournalError> {
-        self.db
-            .iterator_cf(self.cf(CF_DEAD), IteratorMode::Start)
-            .take(limit)
-            .map(|entry| decode(&entry?.1))
-            .collect()
+    /// Estimated (items, bytes) the journal holds, from RocksDB's own statistics.
+    pub fn size(&self) -> (u64, u64) {
+        let property = |cf: &str, name: &str| {
+            self.db
+                .property_int_value_cf(self.cf(cf), name)
+                .ok()
+                .flatten()
+                .unwrap_or(0)
+        };
+        let items = property(CF_ITEMS, "rocksdb.estimate-num-keys");
+        let bytes = [CF_ITEMS, CF_TASKS, CF_DEAD, CF_META]
+            .iter()
+            .map(|cf| {
+                property(cf, "rocksdb.total-sst-files-size")
+                    + property(cf, "rocksdb.cur-size-all-mem-tables")
+            })
+            .sum();
+        (items, bytes)
+    }
+
+    /// Dead letters, oldest first; only those of `projector` when given.
+    pub fn dead_letters(
+        &self,
+        projector: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, JournalError> {
+        Ok(self
+            .dead_entries(projector, limit)?
+            .into_iter()
+            .map(|(_, letter)| letter)
+            .collect())
+    }
+
+    fn dead_entries(
+        &self,
+        projector: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, DeadLetter)>, JournalError> {
+        let prefix = projector.map(keys::projector_prefix).unwrap_or_default();
+        let mut out = Vec::new();
+        for entry in self.db.iterator_cf(
+            self.cf(CF_DEAD),
+            IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        ) {
+            let (key, value) = entry?;
+            if !key.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            out.push((key.to_vec(), decode(&value)?));
+        }
+        Ok(out)
+    }
+
+    /// Queues dead letters again (after the cause was fixed), behind every pending task; the
+    /// revision guard keeps them from undoing anything newer. Answers how many were queued.
+    pub async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, JournalError> {
+        let letters = self.dead_entries(projector, usize::MAX)?;
+        if letters.is_empty() {
+            return Ok(0);
+        }
+        let names: Vec<String> = letters.iter().map(|(_, l)| l.projector.clone()).collect();
+        let count = self
+            .send(|reply| Command::Requeue { letters, reply })
+            .await?;
+        for name in names {
+            if let Some(lane) = self.lanes.get(name.as_str()) {
+                lane.retry.notify_one();
+            }
+        }
+        Ok(count)
     }
 }

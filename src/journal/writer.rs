@@ -59,6 +59,11 @@ pub enum Command {
         /// Answers false when the version is gone or retired and the back-fill should stop.
         reply: Reply<bool>,
     },
+    /// Moves dead letters back into the queue of their projector, behind every pending task.
+    Requeue {
+        letters: Vec<(Vec<u8>, super::DeadLetter)>,
+        reply: Reply<usize>,
+    },
     /// Ends the writer thread after the commands before it.
     Shutdown,
 }
@@ -260,6 +265,23 @@ fn stage_command(stage: &mut Stage, command: Command) {
             stage.answers.push(answer(reply, seq));
         }
         Command::Shutdown => {}
+        Command::Requeue { letters, reply } => {
+            let count = letters.len();
+            let dead = stage.cf(super::CF_DEAD);
+            for (key, letter) in letters {
+                let task = &letter.task;
+                let revision = match &task.op {
+                    TaskOp::Upsert { revision, .. } | TaskOp::Delete { revision, .. } => {
+                        Some(*revision)
+                    }
+                    TaskOp::Migrate { .. } | TaskOp::DropProject => None,
+                };
+                let body = codec::task_body(&task.project, &task.op);
+                stage.task(revision, &body, [letter.projector.as_str()]);
+                stage.batch.delete_cf(dead, key);
+            }
+            stage.answers.push(answer(reply, count));
+        }
         Command::Backfill {
             project,
             version,

@@ -8,6 +8,7 @@
 //! and `apply` for runs of item tasks.
 
 pub mod conformance;
+pub mod elasticsearch;
 pub mod rocksdb;
 
 use std::sync::Arc;

@@ -2,8 +2,10 @@
 
 mod blueprints;
 mod cli;
+mod elasticsearch;
 mod helpers;
 mod items;
 mod kitchensink;
+mod operations;
 mod process;
 mod projectors;

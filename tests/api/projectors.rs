@@ -20,9 +20,13 @@ async fn the_rocksdb_projector_passes_the_conformance_suite() {
     conformance::run(projector, &catalog, &Ident::parse("conformance").unwrap()).await;
 }
 
-/// A projector whose migrations fail until it is told the store is fixed.
+/// A projector whose store misbehaves until it is told it is fixed: migrations fail, items are
+/// refused for good (`refuse`) or the store is unreachable (`down`).
+#[derive(Clone, Default)]
 struct Broken {
     fixed: Arc<AtomicBool>,
+    refuse: Arc<AtomicBool>,
+    down: Arc<AtomicBool>,
 }
 
 #[async_trait]
@@ -44,7 +48,22 @@ impl Projector for Broken {
         _catalog: &Catalog,
         tasks: &[Task],
     ) -> Result<Vec<Outcome>, ProjectorError> {
-        Ok(tasks.iter().map(|_| Ok(())).collect())
+        if self.down.load(Ordering::SeqCst) {
+            return Err(ProjectorError::transient("connection refused"));
+        }
+        let refuse = self.refuse.load(Ordering::SeqCst);
+        Ok(tasks
+            .iter()
+            .map(|_| {
+                if refuse {
+                    Err(ProjectorError::permanent(
+                        "value too long for type character varying(3)",
+                    ))
+                } else {
+                    Ok(())
+                }
+            })
+            .collect())
     }
 
     async fn drop_project(&self, _project: &Ident) -> Result<(), ProjectorError> {
@@ -76,6 +95,7 @@ async fn a_failed_migration_is_reported_and_the_freeze_can_be_retried_to_complet
         |s| s.projection.wait_timeout_secs = 2,
         vec![Arc::new(Broken {
             fixed: fixed.clone(),
+            ..Broken::default()
         })],
     )
     .await;
@@ -111,4 +131,133 @@ async fn a_failed_migration_is_reported_and_the_freeze_can_be_retried_to_complet
         retried.body
     );
     assert_eq!(app.post("/myblog/_version", None).await.status, 409);
+}
+
+#[tokio::test]
+async fn refused_items_become_dead_letters_that_can_be_retried_once_the_cause_is_fixed() {
+    let broken = Broken {
+        fixed: Arc::new(AtomicBool::new(true)),
+        ..Broken::default()
+    };
+    broken.refuse.store(true, Ordering::SeqCst);
+    let app = spawn_app_with_projectors(
+        |s| s.projection.wait_timeout_secs = 5,
+        vec![Arc::new(broken.clone())],
+    )
+    .await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let id = Uuid::new_v4();
+    let item =
+        serde_json::json!({"project_version": 1, "title": "Hello", "date_created": "2020-01-02"});
+    let put = app
+        .put(&format!("/myblog/article/{id}?wait=true"), &item)
+        .await;
+    assert_eq!(
+        put.body["projected"], true,
+        "a dead letter counts as handled: {}",
+        put.body
+    );
+
+    let letters = app.get("/_dead_letters").await.body["dead_letters"].clone();
+    assert_eq!(letters.as_array().unwrap().len(), 1, "{letters}");
+    assert_eq!(letters[0]["projector"], "broken");
+    assert_eq!(
+        letters[0]["task"]["op"]["upsert"]["id"],
+        serde_json::json!(id)
+    );
+    assert!(letters[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("character varying(3)"));
+    // The other store was not held up.
+    let stored = app.rocksdb.as_ref().unwrap().get(
+        &Ident::parse("myblog").unwrap(),
+        1,
+        &Ident::parse("article").unwrap(),
+        &id,
+    );
+    assert!(stored.is_some());
+
+    assert_eq!(
+        app.post("/_dead_letters/_retry?projector=nope", None)
+            .await
+            .status,
+        404
+    );
+    broken.refuse.store(false, Ordering::SeqCst);
+    let retried = app.post("/_dead_letters/_retry", None).await;
+    assert_eq!(retried.body["retried"], 1, "{}", retried.body);
+    let later = app
+        .put(
+            &format!("/myblog/article/{}?wait=true", Uuid::new_v4()),
+            &item,
+        )
+        .await;
+    assert_eq!(later.body["projected"], true);
+    assert_eq!(
+        app.get("/_dead_letters").await.body["dead_letters"],
+        serde_json::json!([])
+    );
+}
+
+#[tokio::test]
+async fn a_projector_far_behind_makes_the_journal_refuse_writes_with_503_instead_of_growing() {
+    let broken = Broken {
+        fixed: Arc::new(AtomicBool::new(true)),
+        ..Broken::default()
+    };
+    let app = spawn_app_with_projectors(
+        |s| s.projection.max_pending_tasks = 5,
+        vec![Arc::new(broken.clone())],
+    )
+    .await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    broken.down.store(true, Ordering::SeqCst);
+    let item = serde_json::json!({"project_version": 1, "date_created": "2020-01-02"});
+    let mut statuses = Vec::new();
+    for _ in 0..10 {
+        statuses.push(
+            app.put(&format!("/myblog/article/{}", Uuid::new_v4()), &item)
+                .await
+                .status,
+        );
+    }
+    assert_eq!(&statuses[..5], [200; 5], "{statuses:?}");
+    let refused = app
+        .put(&format!("/myblog/article/{}", Uuid::new_v4()), &item)
+        .await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(
+        refused.body["status"].as_str().unwrap().contains("broken"),
+        "{}",
+        refused.body
+    );
+    let ready = app.get("/_health/ready").await.body;
+    assert_eq!(
+        ready["projectors"]["broken"]["status"], "failing",
+        "{ready}"
+    );
+    assert_eq!(
+        ready["projectors"]["broken"]["progress"]["last_error"],
+        "connection refused"
+    );
+
+    broken.down.store(false, Ordering::SeqCst);
+    let mut accepted = 0;
+    for _ in 0..100 {
+        if app
+            .put(&format!("/myblog/article/{}", Uuid::new_v4()), &item)
+            .await
+            .status
+            == 200
+        {
+            accepted += 1;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        accepted, 1,
+        "writes are accepted again once the projector caught up"
+    );
 }

@@ -1,0 +1,107 @@
+//! GET /_metrics: the Prometheus text exposition of requests, the journal, projectors and back-fills.
+
+use std::fmt::Write;
+
+use actix_web::{web, HttpResponse};
+
+use super::observe::RequestMetrics;
+use super::State;
+
+pub async fn metrics(state: State, requests: web::Data<RequestMetrics>) -> HttpResponse {
+    let mut out = String::with_capacity(4096);
+    requests.render(&mut out);
+    let journal = &state.journal;
+    let mut gauge = |name: &str, help: &str, kind: &str, samples: Vec<(String, u64)>| {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (labels, value) in samples {
+            let _ = writeln!(out, "{name}{labels} {value}");
+        }
+    };
+    gauge(
+        "dstore_journal_last_seq",
+        "Sequence number of the newest journal entry.",
+        "counter",
+        vec![(String::new(), journal.last_seq())],
+    );
+    let (items, bytes) = journal.size();
+    gauge(
+        "dstore_journal_items",
+        "Items whose latest state the journal holds (estimate).",
+        "gauge",
+        vec![(String::new(), items)],
+    );
+    gauge(
+        "dstore_journal_size_bytes",
+        "Bytes the journal occupies on disk and in memory (estimate).",
+        "gauge",
+        vec![(String::new(), bytes)],
+    );
+    let projectors: Vec<_> = state
+        .registry
+        .names()
+        .into_iter()
+        .map(|name| (name, journal.progress(name)))
+        .collect();
+    let per = |f: &dyn Fn(&crate::journal::ProjectorProgress) -> u64| {
+        projectors
+            .iter()
+            .map(|(name, p)| (format!("{{projector=\"{name}\"}}"), f(p)))
+            .collect::<Vec<_>>()
+    };
+    gauge(
+        "dstore_projector_pending_tasks",
+        "Tasks waiting for a projector.",
+        "gauge",
+        per(&|p| p.pending),
+    );
+    gauge(
+        "dstore_projector_applied_total",
+        "Tasks applied since start.",
+        "counter",
+        per(&|p| p.applied),
+    );
+    gauge(
+        "dstore_projector_failed_total",
+        "Tasks refused for good since start.",
+        "counter",
+        per(&|p| p.failed),
+    );
+    gauge(
+        "dstore_projector_dead_letters",
+        "Dead letters waiting for a retry.",
+        "gauge",
+        per(&|p| p.dead_letters),
+    );
+    gauge(
+        "dstore_projector_failing",
+        "1 while the projector's last attempt failed.",
+        "gauge",
+        per(&|p| u64::from(p.last_error.is_some())),
+    );
+    let mut total = Vec::new();
+    let mut done = Vec::new();
+    for (name, project) in &state.catalog.snapshot().projects {
+        for version in &project.versions {
+            if let Ok(Some(b)) = journal.backfill_state(name, version.number) {
+                let labels = format!("{{project=\"{name}\",version=\"{}\"}}", version.number);
+                total.push((labels.clone(), b.total));
+                done.push((labels, b.done));
+            }
+        }
+    }
+    gauge(
+        "dstore_backfill_items_total",
+        "Items a back-fill has to look at.",
+        "gauge",
+        total,
+    );
+    gauge(
+        "dstore_backfill_items_done",
+        "Items a back-fill has looked at.",
+        "gauge",
+        done,
+    );
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(out)
+}

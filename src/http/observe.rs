@@ -1,0 +1,167 @@
+//! Request observation: request ids, per-route metrics and request logs.
+//!
+//! Every response carries `x-request-id` (the client's, when it sent a sane one, else a new one), and
+//! every log line written while handling the request is inside a span holding it. Requests are counted
+//! by method, route pattern (never the raw path, so ids do not explode the label set) and status, with
+//! a latency histogram, and rendered in the Prometheus text format by `/_metrics`.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock};
+use std::time::Instant;
+
+use actix_web::body::MessageBody;
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::header::{HeaderName, HeaderValue};
+use actix_web::middleware::Next;
+use actix_web::web;
+use tracing::Instrument;
+
+/// Upper bounds of the latency buckets, in seconds.
+const BUCKETS: [f64; 12] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 5.0,
+];
+
+#[derive(Default)]
+struct Series {
+    count: AtomicU64,
+    micros: AtomicU64,
+    buckets: [AtomicU64; BUCKETS.len()],
+}
+
+type Key = (String, String, u16);
+
+/// Request counters and latency histograms by method, route and status.
+#[derive(Default)]
+pub struct RequestMetrics {
+    series: RwLock<HashMap<Key, Arc<Series>>>,
+}
+
+impl RequestMetrics {
+    fn record(&self, method: &str, route: &str, status: u16, seconds: f64) {
+        let key = (method.to_string(), route.to_string(), status);
+        let existing = self.series.read().expect("metrics lock").get(&key).cloned();
+        let series = match existing {
+            Some(series) => series,
+            None => self
+                .series
+                .write()
+                .expect("metrics lock")
+                .entry(key)
+                .or_default()
+                .clone(),
+        };
+        series.count.fetch_add(1, Ordering::Relaxed);
+        series
+            .micros
+            .fetch_add((seconds * 1e6) as u64, Ordering::Relaxed);
+        if let Some(i) = BUCKETS.iter().position(|b| seconds <= *b) {
+            series.buckets[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// The Prometheus text exposition of the request series.
+    pub fn render(&self, out: &mut String) {
+        let series = self.series.read().expect("metrics lock");
+        let mut keys: Vec<&Key> = series.keys().collect();
+        keys.sort();
+        out.push_str(
+            "# HELP dstore_http_requests_total HTTP requests by method, route and status.\n",
+        );
+        out.push_str("# TYPE dstore_http_requests_total counter\n");
+        for key @ (method, route, status) in &keys {
+            let s = &series[*key];
+            let _ = writeln!(
+                out,
+                "dstore_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {}",
+                s.count.load(Ordering::Relaxed)
+            );
+        }
+        out.push_str(
+            "# HELP dstore_http_request_duration_seconds Time to answer an HTTP request.\n",
+        );
+        out.push_str("# TYPE dstore_http_request_duration_seconds histogram\n");
+        for key @ (method, route, status) in &keys {
+            let s = &series[*key];
+            let labels = format!("method=\"{method}\",route=\"{route}\",status=\"{status}\"");
+            let mut cumulative = 0;
+            for (bound, bucket) in BUCKETS.iter().zip(&s.buckets) {
+                cumulative += bucket.load(Ordering::Relaxed);
+                let _ = writeln!(out, "dstore_http_request_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {cumulative}");
+            }
+            let count = s.count.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "dstore_http_request_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {count}"
+            );
+            let sum = s.micros.load(Ordering::Relaxed) as f64 / 1e6;
+            let _ = writeln!(
+                out,
+                "dstore_http_request_duration_seconds_sum{{{labels}}} {sum}"
+            );
+            let _ = writeln!(
+                out,
+                "dstore_http_request_duration_seconds_count{{{labels}}} {count}"
+            );
+        }
+    }
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// A request id: the client's when it is short and printable, else process start time and a counter.
+fn request_id(request: &ServiceRequest) -> String {
+    let given = request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.bytes().all(|b| b.is_ascii_graphic()));
+    match given {
+        Some(id) => id.to_string(),
+        None => {
+            static START: std::sync::OnceLock<u64> = std::sync::OnceLock::new();
+            let start = START.get_or_init(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0, |d| d.as_secs())
+            });
+            format!("{start:x}-{:x}", NEXT_ID.fetch_add(1, Ordering::Relaxed))
+        }
+    }
+}
+
+/// The middleware: id, span, metrics, log line.
+pub async fn observe(
+    request: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<impl MessageBody>, actix_web::Error> {
+    let started = Instant::now();
+    let id = request_id(&request);
+    let metrics = request.app_data::<web::Data<RequestMetrics>>().cloned();
+    let span = tracing::info_span!("request", id = %id, method = %request.method(), path = %request.path());
+    let mut response = next.call(request).instrument(span.clone()).await?;
+    let elapsed = started.elapsed().as_secs_f64();
+    let status = response.status().as_u16();
+    let method = response.request().method().to_string();
+    let route = response
+        .request()
+        .match_pattern()
+        .unwrap_or_else(|| "unmatched".into());
+    if let Some(metrics) = metrics {
+        metrics.record(&method, &route, status, elapsed);
+    }
+    span.in_scope(|| {
+        if status >= 500 {
+            tracing::warn!(status, elapsed_ms = elapsed * 1e3, "request failed");
+        } else {
+            tracing::debug!(status, elapsed_ms = elapsed * 1e3, "request");
+        }
+    });
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response
+            .headers_mut()
+            .insert(HeaderName::from_static("x-request-id"), value);
+    }
+    Ok(response)
+}

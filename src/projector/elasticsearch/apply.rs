@@ -1,0 +1,303 @@
+//! Applying a run of item tasks through `_bulk`.
+//!
+//! Each task becomes one action per version it names, versioned externally with the item's revision:
+//! Elasticsearch keeps a document only if its revision is higher than the one it holds (a delete
+//! included, see `mapping::GC_DELETES`), so a version conflict means a newer state is already there and
+//! counts as success, as does deleting a document that is not there. An action Elasticsearch refuses
+//! for good (a document its mapping rejects) fails its task only, with Elasticsearch's reason; 429, 5xx
+//! and a cluster refusing dstore itself (see `client::is_transient_status`) make the task transient,
+//! so the dispatcher retries from it with capped backoff.
+//!
+//! Documents are sent as the journal holds them: geometries are GeoJSON, which `geo_shape` takes for
+//! lines and polygons and `geo_point` takes for points (Elasticsearch 8 documents GeoJSON `Point` among
+//! its geo_point formats), so `_source` reads back exactly what dstore wrote.
+//!
+//! Indexes are never created implicitly: Elasticsearch would give them a dynamic mapping. An index this
+//! process has not seen yet is checked, and created from the catalog if its migration was lost.
+
+use std::collections::HashMap;
+
+use serde_json::{Map, Value};
+
+use super::client::{is_transient_status, BulkAction, BulkItem};
+use super::ElasticsearchProjector;
+use crate::blueprint::Ident;
+use crate::catalog::Catalog;
+use crate::journal::task::{Task, TaskOp};
+use crate::projector::{ErrorKind, Outcome, ProjectorError};
+
+/// Largest `_bulk` body dstore sends, in bytes of documents (Elasticsearch's default limit is 100 MB).
+const MAX_BULK_BYTES: usize = 8 << 20;
+
+/// One action and the task (by position) it belongs to.
+struct Planned<'a> {
+    task: usize,
+    action: BulkAction<'a>,
+}
+
+/// Whose an index is: project, version, blueprint.
+type Place<'a> = (&'a Ident, u32, &'a Ident);
+
+/// The state of an index the batch writes to.
+enum Target {
+    Ready,
+    /// The version or blueprint no longer exists (dropped or retired meanwhile): nothing to write.
+    Gone,
+    Failed(ProjectorError),
+}
+
+impl ElasticsearchProjector {
+    pub(super) async fn apply_tasks(
+        &self,
+        catalog: &Catalog,
+        tasks: &[Task],
+    ) -> Result<Vec<Outcome>, ProjectorError> {
+        let (planned, indexes) = self.plan(tasks);
+        let mut targets = HashMap::new();
+        for (index, place) in indexes {
+            let target = self.prepare(catalog, &index, place).await?;
+            targets.insert(index, target);
+        }
+
+        let mut outcomes: Vec<Outcome> = tasks.iter().map(|_| Ok(())).collect();
+        let mut sendable = Vec::with_capacity(planned.len());
+        for p in planned {
+            match &targets[index_of(&p.action)] {
+                Target::Ready => sendable.push(p),
+                Target::Gone => {}
+                Target::Failed(error) => merge(&mut outcomes[p.task], error.clone()),
+            }
+        }
+        for chunk in chunks(&sendable) {
+            let actions: Vec<BulkAction> = chunk.iter().map(|p| p.action.clone()).collect();
+            match self.client.bulk(&actions).await {
+                Ok(items) => {
+                    for (p, item) in chunk.iter().zip(items) {
+                        if let Err(error) = self.judge(&p.action, item) {
+                            merge(&mut outcomes[p.task], error);
+                        }
+                    }
+                }
+                Err(error) => {
+                    let error = ProjectorError::from(error);
+                    for p in chunk {
+                        merge(&mut outcomes[p.task], error.clone());
+                    }
+                }
+            }
+        }
+        Ok(outcomes)
+    }
+
+    /// Every action of the batch, and every index they write to with whose it is.
+    fn plan<'a>(&self, tasks: &'a [Task]) -> (Vec<Planned<'a>>, HashMap<String, Place<'a>>) {
+        let mut planned = Vec::new();
+        let mut indexes = HashMap::new();
+        for (position, task) in tasks.iter().enumerate() {
+            match &task.op {
+                TaskOp::Upsert {
+                    blueprint,
+                    id,
+                    revision,
+                    docs,
+                } => {
+                    for doc in docs {
+                        let index = self.names.index(&task.project, doc.version, blueprint);
+                        indexes.entry(index.clone()).or_insert((
+                            &task.project,
+                            doc.version,
+                            blueprint,
+                        ));
+                        let action = BulkAction::Index {
+                            index,
+                            id: id.to_string(),
+                            version: *revision,
+                            doc: &doc.doc,
+                        };
+                        planned.push(Planned {
+                            task: position,
+                            action,
+                        });
+                    }
+                }
+                TaskOp::Delete {
+                    blueprint,
+                    id,
+                    revision,
+                    versions,
+                } => {
+                    for version in versions {
+                        let index = self.names.index(&task.project, *version, blueprint);
+                        indexes.entry(index.clone()).or_insert((
+                            &task.project,
+                            *version,
+                            blueprint,
+                        ));
+                        let action = BulkAction::Delete {
+                            index,
+                            id: id.to_string(),
+                            version: *revision,
+                        };
+                        planned.push(Planned {
+                            task: position,
+                            action,
+                        });
+                    }
+                }
+                TaskOp::Migrate { .. } | TaskOp::DropProject => {}
+            }
+        }
+        (planned, indexes)
+    }
+
+    /// Makes sure an index exists before anything is written to it. A transient failure fails the batch.
+    async fn prepare(
+        &self,
+        catalog: &Catalog,
+        index: &str,
+        (project, version, blueprint): Place<'_>,
+    ) -> Result<Target, ProjectorError> {
+        if self.knows(index) {
+            return Ok(Target::Ready);
+        }
+        if self.client.index_exists(index).await? {
+            self.remember(index);
+            return Ok(Target::Ready);
+        }
+        let snapshot = catalog.snapshot();
+        let definition = snapshot
+            .projects
+            .get(project)
+            .and_then(|p| p.version(version))
+            .and_then(|v| v.blueprints.get(blueprint).cloned());
+        let Some(definition) = definition else {
+            return Ok(Target::Gone);
+        };
+        tracing::warn!(
+            index,
+            "an index written to was missing; creating it from the catalog"
+        );
+        match self
+            .ensure_index(project, version, blueprint, &definition)
+            .await
+        {
+            Ok(_) => Ok(Target::Ready),
+            Err(e) if e.kind == ErrorKind::Transient => Err(e),
+            Err(e) => Ok(Target::Failed(e)),
+        }
+    }
+
+    /// What one bulk result means for its task.
+    fn judge(&self, action: &BulkAction, item: BulkItem) -> Outcome {
+        let (verb, id) = match action {
+            BulkAction::Index { id, .. } => ("write", id),
+            BulkAction::Delete { id, .. } => ("delete", id),
+        };
+        let index = index_of(action);
+        match item.status {
+            200..=299 | 409 => Ok(()),
+            404 if matches!(action, BulkAction::Delete { .. }) && item.error.is_none() => Ok(()),
+            status => {
+                let (kind, reason) = item
+                    .error
+                    .unwrap_or_else(|| ("error".into(), format!("status {status}")));
+                if kind == "index_not_found_exception" {
+                    // Deleted behind dstore's back: check it again on the retry.
+                    self.forget(&[index]);
+                }
+                let message = format!(
+                    "elasticsearch refused to {verb} {index}/{id} ({status} {kind}): {reason}"
+                );
+                if is_transient_status(status) || kind == "index_not_found_exception" {
+                    Err(ProjectorError::transient(message))
+                } else {
+                    Err(ProjectorError::permanent(message))
+                }
+            }
+        }
+    }
+}
+
+fn index_of<'a>(action: &'a BulkAction) -> &'a str {
+    match action {
+        BulkAction::Index { index, .. } | BulkAction::Delete { index, .. } => index.as_str(),
+    }
+}
+
+/// A task fails as its worst action: transient over permanent, the first error of a kind kept.
+fn merge(outcome: &mut Outcome, error: ProjectorError) {
+    match outcome {
+        Ok(()) => *outcome = Err(error),
+        Err(current)
+            if current.kind == ErrorKind::Permanent && error.kind == ErrorKind::Transient =>
+        {
+            *current = error
+        }
+        Err(_) => {}
+    }
+}
+
+/// Splits the actions into bulk requests of bounded size, never splitting a task's actions apart.
+fn chunks<'p, 'a>(planned: &'p [Planned<'a>]) -> Vec<&'p [Planned<'a>]> {
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, p) in planned.iter().enumerate() {
+        let size = match &p.action {
+            BulkAction::Index { doc, .. } => approximate_size(doc),
+            BulkAction::Delete { .. } => 100,
+        };
+        let new_task = i > start && planned[i - 1].task != p.task;
+        if new_task && bytes + size > MAX_BULK_BYTES {
+            out.push(&planned[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += size;
+    }
+    if start < planned.len() {
+        out.push(&planned[start..]);
+    }
+    out
+}
+
+fn approximate_size(doc: &Map<String, Value>) -> usize {
+    serde_json::to_vec(doc).map_or(0, |bytes| bytes.len()) + 100
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_transient_error_outranks_a_permanent_one() {
+        let mut outcome: Outcome = Ok(());
+        merge(&mut outcome, ProjectorError::permanent("refused"));
+        merge(&mut outcome, ProjectorError::transient("busy"));
+        merge(&mut outcome, ProjectorError::permanent("refused again"));
+        assert_eq!(outcome.unwrap_err().message, "busy");
+    }
+
+    #[test]
+    fn large_batches_are_split_between_tasks() {
+        let doc: Map<String, Value> = [("x".to_string(), Value::String("y".repeat(3 << 20)))]
+            .into_iter()
+            .collect();
+        let planned: Vec<Planned> = (0..5)
+            .flat_map(|task| {
+                let doc = &doc;
+                (0..2).map(move |_| Planned {
+                    task,
+                    action: BulkAction::Index {
+                        index: "i".into(),
+                        id: "a".into(),
+                        version: 1,
+                        doc,
+                    },
+                })
+            })
+            .collect();
+        let sizes: Vec<usize> = chunks(&planned).iter().map(|c| c.len()).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 10);
+        assert!(sizes.iter().all(|s| s % 2 == 0 && *s > 0), "{sizes:?}");
+        assert!(sizes.len() > 1, "{sizes:?}");
+    }
+}

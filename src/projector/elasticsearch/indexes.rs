@@ -1,0 +1,136 @@
+//! Index lifecycle: create a version's indexes, point each blueprint's alias at the newest version,
+//! delete a project's indexes.
+//!
+//! Invariants: every step is idempotent, so a retried migration finishes a half-done one; an existing
+//! index is accepted only when its mapping includes the one dstore wants; an alias only ever moves
+//! forward (to a higher version), in one atomic `_aliases` call; nothing is deleted or moved unless its
+//! `_meta` names the project.
+
+use serde_json::{json, Value};
+
+use super::{mapping, ElasticsearchProjector};
+use crate::blueprint::{Blueprint, Ident};
+use crate::catalog::Version;
+use crate::projector::ProjectorError;
+
+/// Indexes per delete request, to keep URLs short.
+const DELETE_CHUNK: usize = 50;
+
+/// `(project, version, blueprint)` from an index's `_meta`, if dstore created it.
+fn owner(mappings: &Value) -> Option<(&str, u64, &str)> {
+    let meta = &mappings["_meta"]["dstore"];
+    Some((
+        meta["project"].as_str()?,
+        meta["version"].as_u64()?,
+        meta["blueprint"].as_str()?,
+    ))
+}
+
+impl ElasticsearchProjector {
+    pub(super) async fn migrate_version(
+        &self,
+        project: &Ident,
+        version: &Version,
+    ) -> Result<(), ProjectorError> {
+        for (name, blueprint) in &version.blueprints {
+            self.ensure_index(project, version.number, name, blueprint)
+                .await?;
+        }
+        for name in version.blueprints.keys() {
+            self.point_alias(project, version.number, name).await?;
+        }
+        Ok(())
+    }
+
+    /// Creates the index of a blueprint in a version, or confirms the existing one; returns its name.
+    pub(super) async fn ensure_index(
+        &self,
+        project: &Ident,
+        version: u32,
+        name: &Ident,
+        blueprint: &Blueprint,
+    ) -> Result<String, ProjectorError> {
+        let index = self.names.index(project, version, name);
+        let body = mapping::index_body(project, version, name, blueprint);
+        if self.client.create_index(&index, &body).await? {
+            tracing::info!(index = %index, "index created");
+        } else {
+            let found = self.client.mappings(&[index.as_str()]).await?;
+            let existing = found.get(&index).cloned().unwrap_or(Value::Null);
+            if let Some(difference) = mapping::first_difference(&existing, &body["mappings"]) {
+                return Err(ProjectorError::permanent(format!(
+                    "index {index} already exists and differs from version {version} of {project}/{name}: {difference}"
+                )));
+            }
+        }
+        self.remember(&index);
+        Ok(index)
+    }
+
+    /// Moves the blueprint's alias to this version's index, unless a newer version already holds it.
+    async fn point_alias(
+        &self,
+        project: &Ident,
+        version: u32,
+        name: &Ident,
+    ) -> Result<(), ProjectorError> {
+        let alias = self.names.alias(project, name);
+        let target = self.names.index(project, version, name);
+        let holders = self.client.alias_holders(&alias).await?;
+        if holders == [target.as_str()] {
+            return Ok(());
+        }
+        if !holders.is_empty() {
+            let names: Vec<&str> = holders.iter().map(String::as_str).collect();
+            let mappings = self.client.mappings(&names).await?;
+            let newer = mappings.values().filter_map(owner).any(|(p, v, b)| {
+                p == project.as_str() && b == name.as_str() && v > u64::from(version)
+            });
+            if newer {
+                return Ok(());
+            }
+        }
+        let mut actions: Vec<Value> = holders
+            .iter()
+            .filter(|h| **h != target)
+            .map(|h| json!({"remove": {"index": h, "alias": alias}}))
+            .collect();
+        actions.push(json!({"add": {"index": target, "alias": alias}}));
+        self.client.update_aliases(actions).await?;
+        tracing::info!(alias = %alias, index = %target, "alias moved to the newest version");
+        Ok(())
+    }
+
+    /// Deletes every index whose `_meta` names the project; their aliases go with them.
+    pub(super) async fn delete_project_indexes(
+        &self,
+        project: &Ident,
+    ) -> Result<(), ProjectorError> {
+        let pattern = self.names.project_indexes(project);
+        let mappings = self.client.mappings(&[pattern.as_str()]).await?;
+        let ours: Vec<&str> = mappings
+            .iter()
+            .filter(|(_, m)| owner(m).is_some_and(|(p, _, _)| p == project.as_str()))
+            .map(|(index, _)| index.as_str())
+            .collect();
+        tracing::info!(%project, indexes = ours.len(), "deleting the indexes of a dropped project");
+        for chunk in ours.chunks(DELETE_CHUNK) {
+            self.client.delete_indexes(chunk).await?;
+        }
+        self.forget(&ours);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_owner_of_an_index_is_read_from_its_meta() {
+        let m =
+            json!({"_meta": {"dstore": {"project": "blog", "version": 2, "blueprint": "article"}}});
+        assert_eq!(owner(&m), Some(("blog", 2, "article")));
+        assert_eq!(owner(&json!({"properties": {}})), None);
+    }
+}

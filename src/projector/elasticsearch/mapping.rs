@@ -1,0 +1,240 @@
+//! The index dstore creates for one blueprint of one frozen version: settings, a strict mapping built
+//! from the type table of DESIGN §2, and the `_meta` that says whose index it is.
+//!
+//! Invariants: the mapping is `"dynamic": "strict"`, so a document with a key the version does not
+//! know is refused rather than silently mapped; it uses only types and parameters Elasticsearch 8
+//! accepts (a test checks every generated mapping against the official schemas); a column's
+//! `elasticsearch` override is applied here and checked in [`check_overrides`]. Pure: no I/O.
+
+use serde_json::{json, Map, Value};
+
+use super::schema;
+use crate::blueprint::parse::{pointer_segment, BlueprintInput};
+use crate::blueprint::types::{BaseType, ColumnType};
+use crate::blueprint::{Blueprint, ColumnDef, FieldError, Ident};
+
+/// How long Elasticsearch remembers the version of a deleted document. Deletes are external-versioned
+/// like writes, so while the tombstone lives an older revision (a redelivered task, a back-fill chunk
+/// queued behind the delete) is refused as a conflict. The default of 60s is shorter than an outage of
+/// the store that holds such a task back, so dstore keeps tombstones for a day; each costs a few dozen
+/// bytes of heap per deleted document until then.
+pub const GC_DELETES: &str = "1d";
+
+/// `date` columns: the canonical `YYYY-MM-DD`.
+pub const DATE_FORMAT: &str = "yyyy-MM-dd";
+
+/// `datetime` columns: the canonical `YYYY-MM-DD HH:MM:SS` (UTC), with or without microseconds, and ISO.
+pub const DATETIME_FORMAT: &str =
+    "yyyy-MM-dd HH:mm:ss||yyyy-MM-dd HH:mm:ss.SSSSSS||strict_date_optional_time";
+
+/// Longest string a keyword column indexes, in characters: Lucene refuses terms over 32766 bytes,
+/// and 8191 characters stay under it in UTF-8. Longer values are kept in `_source`, not indexed.
+pub const KEYWORD_IGNORE_ABOVE: u64 = 8191;
+
+/// `{"type": ty, …params}`.
+fn field(ty: &str, params: &[(&str, Value)]) -> Map<String, Value> {
+    let mut mapping = Map::new();
+    mapping.insert("type".into(), Value::from(ty));
+    for (key, value) in params {
+        mapping.insert((*key).into(), value.clone());
+    }
+    mapping
+}
+
+/// The generated mapping of a scalar kind; an array column maps like its element.
+fn base_mapping(base: BaseType) -> Map<String, Value> {
+    match base {
+        BaseType::Uuid => field("keyword", &[]),
+        BaseType::String => field("keyword", &[("ignore_above", json!(KEYWORD_IGNORE_ABOVE))]),
+        BaseType::Text => field("text", &[]),
+        BaseType::Point => field("geo_point", &[]),
+        BaseType::LineString | BaseType::Polygon => field("geo_shape", &[]),
+        BaseType::Date => field("date", &[("format", json!(DATE_FORMAT))]),
+        BaseType::DateTime => field("date", &[("format", json!(DATETIME_FORMAT))]),
+        BaseType::Float => field("float", &[]),
+        BaseType::Integer => field("integer", &[]),
+        BaseType::Boolean => field("boolean", &[]),
+        BaseType::Json => field("object", &[("enabled", json!(false))]),
+    }
+}
+
+/// The mapping dstore generates for a column type, before any override.
+pub fn generated(ty: ColumnType) -> Map<String, Value> {
+    match ty {
+        ColumnType::One(base) | ColumnType::Many(base) => base_mapping(base),
+    }
+}
+
+/// A column's mapping: an override with a `type` replaces the generated mapping; one without adds
+/// or replaces parameters of it.
+pub fn column_mapping(def: &ColumnDef) -> Map<String, Value> {
+    match &def.elasticsearch {
+        None => generated(def.ty),
+        Some(over) if over.contains_key("type") => over.clone(),
+        Some(over) => {
+            let mut mapping = generated(def.ty);
+            mapping.extend(over.iter().map(|(k, v)| (k.clone(), v.clone())));
+            mapping
+        }
+    }
+}
+
+/// Checks a column's override as it would be applied: `(pointer below the override, message)`.
+pub fn check_override(ty: ColumnType, over: &Map<String, Value>) -> Vec<(String, String)> {
+    let def = ColumnDef {
+        elasticsearch: Some(over.clone()),
+        ..ColumnDef::of_type(ty)
+    };
+    let effective = column_mapping(&def);
+    schema::check_property(&effective, None)
+        .into_iter()
+        // A problem in a generated parameter is ours, not the client's; report only what they sent.
+        .filter(|(path, _)| over.contains_key(&first_key(path)))
+        .collect()
+}
+
+/// The unescaped first segment of a JSON pointer: the override key a problem is under.
+fn first_key(path: &str) -> String {
+    let segment = path
+        .trim_start_matches('/')
+        .split('/')
+        .next()
+        .unwrap_or_default();
+    segment.replace("~1", "/").replace("~0", "~")
+}
+
+/// Every override problem of a parsed blueprint, as field errors under `base/columns/<name>/elasticsearch`.
+pub fn check_overrides(input: &BlueprintInput, base: &str) -> Vec<FieldError> {
+    let mut errors = Vec::new();
+    for column in &input.columns {
+        if let Some(over) = &column.def.elasticsearch {
+            for (path, message) in check_override(column.def.ty, over) {
+                let at = format!(
+                    "{base}/columns/{}/elasticsearch{path}",
+                    pointer_segment(column.name.as_str())
+                );
+                errors.push(FieldError::new(at, message));
+            }
+        }
+    }
+    errors
+}
+
+/// Who an index belongs to, kept in the mapping's `_meta` so dstore never touches an index of another
+/// project whose name happens to match.
+pub fn meta(project: &Ident, version: u32, name: &Ident, blueprint: &Blueprint) -> Value {
+    json!({"dstore": {"project": project, "version": version, "blueprint": name, "type": blueprint.es_type}})
+}
+
+/// The mapping of one blueprint in one version: strict, with `id`, `project_version` and `links`.
+pub fn type_mapping(project: &Ident, version: u32, name: &Ident, blueprint: &Blueprint) -> Value {
+    let mut properties = Map::new();
+    properties.insert("id".into(), json!({"type": "keyword"}));
+    properties.insert("project_version".into(), json!({"type": "integer"}));
+    properties.insert("links".into(), json!({"type": "keyword"}));
+    for (column, definition) in &blueprint.columns {
+        properties.insert(
+            column.to_string(),
+            Value::Object(column_mapping(&definition.def)),
+        );
+    }
+    json!({"dynamic": "strict", "_meta": meta(project, version, name, blueprint), "properties": properties})
+}
+
+/// The body of the create-index request.
+pub fn index_body(project: &Ident, version: u32, name: &Ident, blueprint: &Blueprint) -> Value {
+    json!({
+        "settings": {"index": {"gc_deletes": GC_DELETES}},
+        "mappings": type_mapping(project, version, name, blueprint),
+    })
+}
+
+/// Whether `found` holds everything `wanted` says (a store may add defaults, never drop or change).
+pub fn includes(found: &Value, wanted: &Value) -> bool {
+    match (found, wanted) {
+        (Value::Object(found), Value::Object(wanted)) => wanted
+            .iter()
+            .all(|(k, w)| found.get(k).is_some_and(|f| includes(f, w))),
+        (Value::Number(f), Value::Number(w)) => f.as_f64() == w.as_f64(),
+        (found, wanted) => found == wanted,
+    }
+}
+
+/// Where an existing index's mapping differs from the one dstore wants, for the error message.
+pub fn first_difference(found: &Value, wanted: &Value) -> Option<String> {
+    let wanted_properties = wanted["properties"].as_object()?;
+    for (field, mapping) in wanted_properties {
+        if found["properties"][field].is_null() {
+            return Some(format!("field {field:?} is not mapped"));
+        }
+        if !includes(&found["properties"][field], mapping) {
+            return Some(format!(
+                "field {field:?} is mapped as {} instead of {mapping}",
+                found["properties"][field]
+            ));
+        }
+    }
+    if !includes(&found["_meta"], &wanted["_meta"]) {
+        return Some(format!(
+            "it belongs to {} instead of {}",
+            found["_meta"], wanted["_meta"]
+        ));
+    }
+    if found["dynamic"] != wanted["dynamic"] {
+        return Some(format!(
+            "its dynamic mapping is {} instead of {}",
+            found["dynamic"], wanted["dynamic"]
+        ));
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_column_type_gets_a_mapping_that_passes_the_allow_list() {
+        for ty in ColumnType::all() {
+            let mapping = generated(ty);
+            assert_eq!(
+                schema::check_property(&mapping, None),
+                Vec::new(),
+                "{ty}: {mapping:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_override_without_a_type_adjusts_the_generated_mapping() {
+        let mut def = ColumnDef::of_type(ColumnType::One(BaseType::String));
+        def.elasticsearch = json!({"ignore_above": 10}).as_object().cloned();
+        assert_eq!(
+            Value::Object(column_mapping(&def)),
+            json!({"type": "keyword", "ignore_above": 10})
+        );
+        def.elasticsearch = json!({"type": "text"}).as_object().cloned();
+        assert_eq!(Value::Object(column_mapping(&def)), json!({"type": "text"}));
+    }
+
+    #[test]
+    fn an_override_naming_a_parameter_of_another_type_is_refused() {
+        let over = json!({"format": "yyyy"});
+        let problems = check_override(
+            ColumnType::One(BaseType::Integer),
+            over.as_object().expect("object"),
+        );
+        assert_eq!(problems.len(), 1, "{problems:?}");
+        assert_eq!(problems[0].0, "/format");
+    }
+
+    #[test]
+    fn a_mapping_with_added_defaults_still_counts_as_the_same() {
+        let wanted = json!({"dynamic": "strict", "properties": {"a": {"type": "keyword", "ignore_above": 8191}}});
+        let found = json!({"dynamic": "strict", "properties": {"a": {"type": "keyword", "ignore_above": 8191.0, "index": true}}});
+        assert!(includes(&found, &wanted));
+        assert_eq!(first_difference(&found, &wanted), None);
+        let other = json!({"dynamic": "strict", "properties": {"a": {"type": "text"}}});
+        assert!(first_difference(&other, &wanted).is_some_and(|d| d.contains("\"a\"")));
+    }
+}

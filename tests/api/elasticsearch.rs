@@ -1,0 +1,678 @@
+//! The Elasticsearch projector against a live Elasticsearch API: the engine `scripts/test.sh` starts
+//! (`DSTORE_TEST_ELASTICSEARCH_URL`), or a real cluster when `ELASTICSEARCH_URL` is set. A missing
+//! server fails these tests; it never skips them. Each test uses its own index prefix.
+
+mod fake;
+mod schema;
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dstore::blueprint::{parse_blueprint, Ident};
+use dstore::catalog::Catalog;
+use dstore::config::ElasticsearchSettings;
+use dstore::projector::elasticsearch::{mapping, ElasticsearchProjector};
+use dstore::projector::{conformance, ErrorKind, Projector};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{spawn_app, spawn_app_with, TestApp};
+use crate::kitchensink::{blueprint_v1, blueprint_v2, item_v1, item_v2};
+
+/// The port `scripts/deps.sh` starts osmem-server on.
+const DEFAULT_URL: &str = "http://127.0.0.1:39200";
+
+/// The server under test; panics with how to get one when it does not answer.
+async fn es_url() -> String {
+    let url = std::env::var("ELASTICSEARCH_URL")
+        .or_else(|_| std::env::var("DSTORE_TEST_ELASTICSEARCH_URL"))
+        .unwrap_or_else(|_| DEFAULT_URL.into());
+    let url = url.trim_end_matches('/').to_string();
+    if let Err(e) = reqwest::Client::new()
+        .get(&url)
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await
+    {
+        panic!(
+            "no Elasticsearch API answers at {url} ({e}); run the tests through scripts/test.sh, which starts \
+             osmem-server, or point DSTORE_TEST_ELASTICSEARCH_URL or ELASTICSEARCH_URL at a server"
+        );
+    }
+    url
+}
+
+fn unique_prefix() -> String {
+    format!(
+        "dstore_test_{}_",
+        &Uuid::new_v4().simple().to_string()[..12]
+    )
+}
+
+fn ident(s: &str) -> Ident {
+    Ident::parse(s).expect("an identifier")
+}
+
+/// A thin client for assertions straight against the server.
+struct Es {
+    url: String,
+    client: reqwest::Client,
+}
+
+impl Es {
+    async fn new() -> Es {
+        Es {
+            url: es_url().await,
+            client: reqwest::Client::new(),
+        }
+    }
+
+    async fn call(&self, method: reqwest::Method, path: &str) -> (u16, Value) {
+        let response = self
+            .client
+            .request(method, format!("{}/{path}", self.url))
+            .send()
+            .await
+            .expect("elasticsearch answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
+    async fn get(&self, path: &str) -> (u16, Value) {
+        self.call(reqwest::Method::GET, path).await
+    }
+
+    async fn search(&self, index: &str, query: Value) -> Value {
+        let response = self
+            .client
+            .post(format!("{}/{index}/_search", self.url))
+            .json(&query)
+            .send()
+            .await
+            .expect("elasticsearch answers");
+        assert_eq!(response.status().as_u16(), 200, "search {index}");
+        response.json().await.expect("a JSON answer")
+    }
+
+    async fn refresh(&self, index: &str) {
+        let (status, body) = self
+            .call(reqwest::Method::POST, &format!("{index}/_refresh"))
+            .await;
+        assert_eq!(status, 200, "refresh {index}: {body}");
+    }
+
+    async fn exists(&self, index: &str) -> bool {
+        self.call(reqwest::Method::HEAD, index).await.0 == 200
+    }
+
+    /// Deletes the indexes a test created (by exact name: Elasticsearch refuses wildcard deletes).
+    async fn clean_up(&self, prefix: &str) {
+        let (_, indexes) = self.get(&format!("{prefix}*/_mapping")).await;
+        for index in indexes.as_object().into_iter().flat_map(|o| o.keys()) {
+            self.call(reqwest::Method::DELETE, index).await;
+        }
+    }
+
+    /// The indexes an alias points to.
+    async fn alias_targets(&self, alias: &str) -> Vec<String> {
+        let (status, body) = self.get(&format!("_alias/{alias}")).await;
+        if status == 404 {
+            return Vec::new();
+        }
+        let mut targets: Vec<String> = body
+            .as_object()
+            .map(|o| o.keys().cloned().collect())
+            .unwrap_or_default();
+        targets.sort();
+        targets
+    }
+
+    /// A document's `_source`, waiting up to 20 s for it to appear (back-fills run in the background).
+    async fn wait_for_source(&self, index: &str, id: Uuid) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let (status, body) = self.get(&format!("{index}/_doc/{id}")).await;
+            if status == 200 && body["found"] == true {
+                return body["_source"].clone();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{index}/{id} never appeared: {status} {body}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+async fn spawn_app_with_es(url: &str, prefix: &str) -> TestApp {
+    let settings = ElasticsearchSettings {
+        url: url.into(),
+        index_prefix: prefix.into(),
+    };
+    spawn_app_with(move |s| s.elasticsearch = Some(settings)).await
+}
+
+#[tokio::test]
+async fn the_elasticsearch_projector_passes_the_conformance_suite() {
+    let es = Es::new().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
+    let prefix = unique_prefix();
+    let settings = ElasticsearchSettings {
+        url: es.url.clone(),
+        index_prefix: prefix.clone(),
+    };
+    let projector = Arc::new(ElasticsearchProjector::new(&settings).expect("valid settings"));
+    conformance::run(projector, &catalog, &ident("conformance")).await;
+    es.clean_up(&prefix).await;
+}
+
+#[tokio::test]
+async fn kitchensink_items_read_back_from_source_at_v2_and_the_alias_follows_the_newest_version() {
+    let es = Es::new().await;
+    let prefix = unique_prefix();
+    let app = spawn_app_with_es(&es.url, &prefix).await;
+    let (v1_index, v2_index, alias) = (
+        format!("{prefix}dstore_v1_kitchensink"),
+        format!("{prefix}dstore_v2_kitchensink"),
+        format!("{prefix}dstore_kitchensink"),
+    );
+
+    assert_eq!(
+        app.put_and_freeze("dstore", "kitchensink", &blueprint_v1())
+            .await,
+        1
+    );
+    assert_eq!(es.alias_targets(&alias).await, [v1_index.as_str()]);
+    let first = Uuid::new_v4();
+    let put = app
+        .put(
+            &format!("/dstore/kitchensink/{first}?wait=true"),
+            &item_v1(first),
+        )
+        .await;
+    assert_eq!(
+        (put.status, &put.body["projected"]),
+        (200, &json!(true)),
+        "{}",
+        put.body
+    );
+    assert_eq!(
+        app.put_and_freeze("dstore", "kitchensink", &blueprint_v2())
+            .await,
+        2
+    );
+    assert_eq!(
+        es.alias_targets(&alias).await,
+        [v2_index.as_str()],
+        "the alias must move to v2"
+    );
+
+    let second = Uuid::new_v4();
+    let put = app
+        .put(
+            &format!("/dstore/kitchensink/{second}?wait=true"),
+            &item_v2(second, first),
+        )
+        .await;
+    assert_eq!(
+        (put.status, &put.body["projected"]),
+        (200, &json!(true)),
+        "{}",
+        put.body
+    );
+
+    for id in [first, second] {
+        for (version, index) in [(1, &v1_index), (2, &v2_index)] {
+            let expected = app
+                .get(&format!("/dstore/kitchensink/{id}?version={version}"))
+                .await;
+            assert_eq!(expected.status, 200, "{}", expected.body);
+            assert_eq!(
+                es.wait_for_source(index, id).await,
+                expected.body,
+                "{index}/{id}"
+            );
+        }
+    }
+
+    es.refresh(&alias).await;
+    let found = es
+        .search(&alias, json!({"query": {"term": {"id": second}}}))
+        .await;
+    assert_eq!(
+        found["hits"]["hits"][0]["_index"],
+        json!(v2_index),
+        "a search through the alias reads v2: {found}"
+    );
+
+    let deleted = app
+        .delete(&format!("/dstore/kitchensink/{second}?wait=true"))
+        .await;
+    assert_eq!(deleted.body["projected"], true, "{}", deleted.body);
+    for index in [&v1_index, &v2_index] {
+        let (status, body) = es.get(&format!("{index}/_doc/{second}")).await;
+        assert!(
+            status == 404 && body["found"] == false,
+            "{index}: {status} {body}"
+        );
+    }
+    app.stop().await;
+    es.clean_up(&prefix).await;
+}
+
+#[tokio::test]
+async fn every_generated_mapping_passes_the_official_schemas() {
+    let schemas = schema::Schemas::load();
+    let mut overridden = crate::kitchensink::blueprint_v1();
+    overridden["columns"]["c_string"]["elasticsearch"] =
+        json!({"ignore_above": 256, "fields": {"text": {"type": "text"}}});
+    overridden["columns"]["c_text"]["elasticsearch"] =
+        json!({"type": "text", "analyzer": "english", "index_phrases": true});
+    overridden["columns"]["c_polygon"]["elasticsearch"] = json!({"orientation": "clockwise"});
+    let blueprints = [
+        ("kitchensink_v1", blueprint_v1()),
+        ("kitchensink_v2", blueprint_v2()),
+        ("sample", conformance::sample_blueprint()),
+        ("overridden", overridden),
+    ];
+    for (name, body) in blueprints {
+        let input = parse_blueprint(&body, "").unwrap_or_else(|e| panic!("{name}: {e:?}"));
+        assert!(mapping::check_overrides(&input, "").is_empty(), "{name}");
+        let blueprint = dstore::blueprint::Blueprint {
+            uid: 1,
+            table: input.table.clone(),
+            es_type: input.es_type.clone(),
+            columns: input
+                .columns
+                .iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    (
+                        c.target().clone(),
+                        dstore::blueprint::Column {
+                            uid: i as u64 + 2,
+                            def: c.def.clone(),
+                        },
+                    )
+                })
+                .collect(),
+        };
+        let body = mapping::index_body(&ident("project"), 3, &ident(name), &blueprint);
+        let problems = schemas.check_type_mapping(&body["mappings"]);
+        assert!(problems.is_empty(), "{name}: {problems:#?}\n{body:#}");
+        assert_eq!(body["mappings"]["dynamic"], "strict");
+        for column in blueprint.columns.keys() {
+            assert!(
+                body["mappings"]["properties"]
+                    .get(column.as_str())
+                    .is_some(),
+                "{name}: {column} is not mapped"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_mapping_override_with_an_unknown_or_legacy_parameter_is_refused_with_422() {
+    let app = spawn_app().await; // Elasticsearch disabled: the check runs anyway
+    let mut body = crate::helpers::article();
+    body["columns"]["location"]["elasticsearch"] =
+        json!({"type": "geo_shape", "tree": "quadtree", "precision": "1m"});
+    body["columns"]["title"]["elasticsearch"] =
+        json!({"index": "not_analyzed", "include_in_all": true});
+    let refused = app.put("/myblog/article/_blueprint", &body).await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    let mut paths = refused.paths();
+    paths.sort();
+    assert_eq!(
+        paths,
+        [
+            "/columns/location/elasticsearch/precision",
+            "/columns/location/elasticsearch/tree",
+            "/columns/title/elasticsearch/include_in_all",
+            "/columns/title/elasticsearch/index",
+        ],
+        "{}",
+        refused.messages()
+    );
+
+    let whole = app
+        .put("/myblog/_blueprint", &json!({"article": body}))
+        .await;
+    assert_eq!(whole.status, 422, "{}", whole.body);
+    assert!(
+        whole
+            .paths()
+            .contains(&"/article/columns/location/elasticsearch/tree".to_string()),
+        "{}",
+        whole.messages()
+    );
+
+    let mut fine = crate::helpers::article();
+    fine["columns"]["title"]["elasticsearch"] = json!({"fields": {"text": {"type": "text"}}});
+    let accepted = app.put("/myblog/article/_blueprint", &fine).await;
+    assert_eq!(accepted.status, 200, "{}", accepted.body);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_document_elasticsearch_rejects_goes_to_the_dead_letters_without_blocking_others() {
+    let es = Es::new().await;
+    let prefix = unique_prefix();
+    let app = spawn_app_with_es(&es.url, &prefix).await;
+    // A string column mapped as an integer: Elasticsearch refuses any value that is not a number.
+    let blueprint = json!({
+        "postgresql": {"table": "codes"}, "elasticsearch": {"type": "code"},
+        "columns": {"code": {"type": "string", "elasticsearch": {"type": "integer"}}}
+    });
+    assert_eq!(app.put_and_freeze("shop", "code", &blueprint).await, 1);
+    let (bad, good) = (Uuid::new_v4(), Uuid::new_v4());
+    let item = |id: Uuid, code: &str| json!({"id": id, "project_version": 1, "code": code});
+    assert_eq!(
+        app.put(&format!("/shop/code/{bad}"), &item(bad, "not a number"))
+            .await
+            .status,
+        200
+    );
+    let put = app
+        .put(&format!("/shop/code/{good}?wait=true"), &item(good, "12"))
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+
+    let index = format!("{prefix}shop_v1_code");
+    assert_eq!(es.wait_for_source(&index, good).await["code"], "12");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let letter = loop {
+        let letters = app.get("/_dead_letters").await.body;
+        let found = letters["dead_letters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| {
+                l["projector"] == "elasticsearch" && l.to_string().contains(&bad.to_string())
+            });
+        if let Some(letter) = found {
+            break letter.clone();
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no dead letter for {bad}: {letters}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    let reason = letter["reason"].as_str().unwrap_or_default();
+    assert!(
+        reason.contains(&index) && reason.contains("code"),
+        "the reason names the index and Elasticsearch's cause: {reason}"
+    );
+    let (status, _) = es.get(&format!("{index}/_doc/{bad}")).await;
+    assert_eq!(status, 404);
+    let rocks = app.rocksdb.as_ref().expect("rocksdb projector");
+    assert!(
+        rocks.get(&ident("shop"), 1, &ident("code"), &bad).is_some(),
+        "other stores still got the item"
+    );
+    app.stop().await;
+    es.clean_up(&prefix).await;
+}
+
+#[tokio::test]
+async fn dropping_a_project_deletes_its_indexes_and_aliases_and_nothing_else() {
+    let es = Es::new().await;
+    let prefix = unique_prefix();
+    let app = spawn_app_with_es(&es.url, &prefix).await;
+    let article = crate::helpers::article();
+    app.put_and_freeze("blog", "article", &article).await;
+    let mut v2 = article.clone();
+    v2["columns"]["summary"] = json!({"type": "text"});
+    app.put_and_freeze("blog", "article", &v2).await;
+    // Another project whose indexes match the pattern `blog_v*`.
+    app.put_and_freeze("blog_vintage", "article", &article)
+        .await;
+    let kept = format!("{prefix}blog_vintage_v1_article");
+    for index in [
+        format!("{prefix}blog_v1_article"),
+        format!("{prefix}blog_v2_article"),
+        kept.clone(),
+    ] {
+        assert!(es.exists(&index).await, "{index} was not created");
+    }
+
+    let dropped = app.delete("/blog/_project").await;
+    assert_eq!(dropped.status, 200, "{}", dropped.body);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while es.exists(&format!("{prefix}blog_v2_article")).await {
+        assert!(
+            Instant::now() < deadline,
+            "the indexes of the dropped project are still there"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!es.exists(&format!("{prefix}blog_v1_article")).await);
+    assert!(
+        es.alias_targets(&format!("{prefix}blog_article"))
+            .await
+            .is_empty(),
+        "the alias survived"
+    );
+    assert!(
+        es.exists(&kept).await,
+        "an index of another project was deleted"
+    );
+    assert_eq!(
+        es.alias_targets(&format!("{prefix}blog_vintage_article"))
+            .await,
+        [kept]
+    );
+    app.stop().await;
+    es.clean_up(&prefix).await;
+}
+
+#[tokio::test]
+async fn an_unreachable_elasticsearch_neither_stops_dstore_nor_loses_writes_and_health_says_so() {
+    let app = spawn_app_with(|s| {
+        s.elasticsearch = Some(ElasticsearchSettings {
+            url: "http://127.0.0.1:9".into(),
+            index_prefix: unique_prefix(),
+        });
+        s.projection.wait_timeout_secs = 1;
+    })
+    .await;
+    let ready = app.get("/_health/ready").await.body;
+    assert_eq!(
+        ready["projectors"]["elasticsearch"]["health"]["reachable"], false,
+        "{ready}"
+    );
+    assert_eq!(
+        ready["projectors"]["rocksdb"]["health"]["reachable"], true,
+        "{ready}"
+    );
+    assert_eq!(
+        app.put("/myblog/article/_blueprint", &crate::helpers::article())
+            .await
+            .status,
+        200
+    );
+    let frozen = app.post("/myblog/_version", None).await;
+    assert_eq!(
+        frozen.status, 503,
+        "the freeze waits for a store that is down: {}",
+        frozen.body
+    );
+    assert!(
+        frozen.body["status"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("elasticsearch"),
+        "{}",
+        frozen.body
+    );
+    app.stop().await;
+}
+
+#[test]
+fn an_invalid_index_prefix_is_refused_at_start() {
+    let settings = ElasticsearchSettings {
+        url: "http://localhost:9200".into(),
+        index_prefix: "Upper".into(),
+    };
+    let error = ElasticsearchProjector::new(&settings)
+        .err()
+        .expect("refused")
+        .to_string();
+    assert!(error.contains("Upper"), "{error}");
+}
+
+#[tokio::test]
+async fn a_migration_finishes_a_half_done_one_and_refuses_an_index_with_another_mapping() {
+    let es = Es::new().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
+    let prefix = unique_prefix();
+    let settings = ElasticsearchSettings {
+        url: es.url.clone(),
+        index_prefix: prefix.clone(),
+    };
+    let projector = ElasticsearchProjector::new(&settings).expect("valid settings");
+    let (done, clash) = (ident("halfdone"), ident("clash"));
+    conformance::freeze_sample(&catalog, &done);
+    conformance::freeze_sample(&catalog, &clash);
+    let snapshot = catalog.snapshot();
+    let version = |p: &Ident| snapshot.projects[p].version(1).expect("version 1").clone();
+    let sample = ident("sample");
+
+    // A first attempt created the index, then stopped before the alias.
+    let blueprint = &version(&done).blueprints[&sample];
+    let body = mapping::index_body(&done, 1, &sample, blueprint);
+    let index = format!("{prefix}halfdone_v1_sample");
+    let created = es
+        .client
+        .put(format!("{}/{index}", es.url))
+        .json(&body)
+        .send()
+        .await
+        .expect("elasticsearch answers");
+    assert_eq!(created.status().as_u16(), 200);
+    projector
+        .migrate(&done, &version(&done))
+        .await
+        .expect("the retry finishes the migration");
+    assert_eq!(
+        es.alias_targets(&format!("{prefix}halfdone_sample")).await,
+        [index.as_str()]
+    );
+
+    let foreign = json!({"mappings": {"properties": {"title": {"type": "text"}}}});
+    let index = format!("{prefix}clash_v1_sample");
+    es.client
+        .put(format!("{}/{index}", es.url))
+        .json(&foreign)
+        .send()
+        .await
+        .expect("elasticsearch answers");
+    let error = projector
+        .migrate(&clash, &version(&clash))
+        .await
+        .expect_err("a foreign index is refused");
+    assert_eq!(error.kind, ErrorKind::Permanent, "{error}");
+    assert!(
+        error.message.contains(&index) && error.message.contains("\"id\" is not mapped"),
+        "{error}"
+    );
+    es.clean_up(&prefix).await;
+}
+
+fn upsert(project: &Ident, revision: u64) -> dstore::journal::task::Task {
+    let id = Uuid::new_v4();
+    dstore::journal::task::Task {
+        seq: revision,
+        project: project.clone(),
+        op: dstore::journal::task::TaskOp::Upsert {
+            blueprint: ident("sample"),
+            id,
+            revision,
+            docs: vec![dstore::journal::task::VersionDoc {
+                version: 1,
+                doc: conformance::sample_doc(id, "t"),
+            }],
+        },
+    }
+}
+
+#[tokio::test]
+async fn bulk_results_are_judged_one_by_one_429_retried_conflicts_fine_rejections_final() {
+    let url = fake::elasticsearch(|method, path| match (method, path) {
+        ("HEAD", _) => (200, Value::Null),
+        ("POST", p) if p.starts_with("/_bulk") => (
+            200,
+            json!({"errors": true, "items": [
+                {"index": {"status": 429, "error": {"type": "es_rejected_execution_exception", "reason": "queue is full"}}},
+                {"index": {"status": 409, "error": {"type": "version_conflict_engine_exception", "reason": "newer"}}},
+                {"index": {"status": 400, "error": {"type": "document_parsing_exception", "reason": "failed to parse field [count]"}}},
+                {"index": {"status": 201}},
+            ]}),
+        ),
+        _ => (500, json!({"error": "unexpected"})),
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
+    let projector = ElasticsearchProjector::new(&ElasticsearchSettings {
+        url,
+        index_prefix: String::new(),
+    })
+    .expect("valid settings");
+    let project = ident("fake");
+    let tasks: Vec<_> = (1..=4).map(|r| upsert(&project, r)).collect();
+    let outcomes = projector
+        .apply(&catalog, &tasks)
+        .await
+        .expect("the batch is judged task by task");
+    assert_eq!(
+        outcomes[0].as_ref().map_err(|e| e.kind),
+        Err(ErrorKind::Transient),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes[1].is_ok(),
+        "a version conflict means a newer revision is there: {outcomes:?}"
+    );
+    let rejected = outcomes[2].as_ref().expect_err("rejected");
+    assert_eq!(rejected.kind, ErrorKind::Permanent);
+    assert!(
+        rejected.message.contains("document_parsing_exception")
+            && rejected.message.contains("[count]"),
+        "{rejected}"
+    );
+    assert!(outcomes[3].is_ok(), "{outcomes:?}");
+}
+
+#[tokio::test]
+async fn a_store_answering_503_keeps_every_task_for_a_retry_and_reports_unhealthy() {
+    let url = fake::elasticsearch(|_, _| {
+        let error = json!({"type": "cluster_block_exception", "reason": "no master"});
+        (503, json!({"error": error, "status": 503}))
+    })
+    .await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
+    let projector = ElasticsearchProjector::new(&ElasticsearchSettings {
+        url,
+        index_prefix: String::new(),
+    })
+    .expect("valid settings");
+    let project = ident("fake");
+    let error = projector
+        .apply(&catalog, &[upsert(&project, 1)])
+        .await
+        .expect_err("nothing can be written");
+    assert_eq!(error.kind, ErrorKind::Transient, "{error}");
+    assert!(error.message.contains("503"), "{error}");
+    let read = projector
+        .read(&project, 1, &ident("sample"), &Uuid::new_v4())
+        .await
+        .expect_err("nothing can be read");
+    assert_eq!(read.kind, ErrorKind::Transient);
+    assert!(!projector.health().await.reachable);
+}

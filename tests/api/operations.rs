@@ -1,0 +1,127 @@
+//! The operator's view: the OpenAPI document, the docs page, metrics and request ids.
+
+use crate::helpers::{article, spawn_app};
+
+/// Every route of the service, as `(method, path)`.
+const ROUTES: &[(&str, &str)] = &[
+    ("get", "/_health"),
+    ("get", "/_health/ready"),
+    ("get", "/_metrics"),
+    ("get", "/_openapi.json"),
+    ("get", "/_docs"),
+    ("get", "/_dead_letters"),
+    ("post", "/_dead_letters/_retry"),
+    ("get", "/_version"),
+    ("get", "/_project"),
+    ("put", "/_project"),
+    ("delete", "/_project"),
+    ("get", "/{project}/_blueprint"),
+    ("put", "/{project}/_blueprint"),
+    ("get", "/{project}/_blueprint/{version}"),
+    ("get", "/{project}/_version"),
+    ("post", "/{project}/_version"),
+    ("post", "/{project}/_version/{version}/_retire"),
+    ("get", "/{project}/_project"),
+    ("put", "/{project}/_project"),
+    ("delete", "/{project}/_project"),
+    ("post", "/{project}/_bulk"),
+    ("get", "/{project}/{blueprint}/_blueprint"),
+    ("put", "/{project}/{blueprint}/_blueprint"),
+    ("delete", "/{project}/{blueprint}/_blueprint"),
+    ("get", "/{project}/{blueprint}/_blueprint/{version}"),
+    ("post", "/{project}/{blueprint}"),
+    ("put", "/{project}/{blueprint}/{id}"),
+    ("get", "/{project}/{blueprint}/{id}"),
+    ("delete", "/{project}/{blueprint}/{id}"),
+];
+
+#[tokio::test]
+async fn the_openapi_document_covers_every_route_and_the_error_body() {
+    let app = spawn_app().await;
+    let doc = app.get("/_openapi.json").await;
+    assert_eq!(doc.status, 200);
+    assert_eq!(doc.body["openapi"], "3.0.3");
+    let paths = doc.body["paths"].as_object().unwrap();
+    for (method, path) in ROUTES {
+        assert!(
+            paths.get(*path).and_then(|p| p.get(*method)).is_some(),
+            "{method} {path} is not documented"
+        );
+    }
+    let documented: usize = paths.values().map(|p| p.as_object().unwrap().len()).sum();
+    assert_eq!(
+        documented,
+        ROUTES.len(),
+        "the document lists a route the service does not have"
+    );
+    let error = &doc.body["components"]["schemas"]["Error"];
+    assert_eq!(error["required"], serde_json::json!(["status", "errors"]));
+    // A route that does not exist answers in the documented error shape.
+    let missing = app.get("/a/b/c/d/e").await;
+    assert_eq!(missing.status, 404);
+    assert!(missing.body["status"].is_string() && missing.body["errors"].is_array());
+}
+
+#[tokio::test]
+async fn the_docs_page_renders_the_document_without_loading_anything_from_elsewhere() {
+    let app = spawn_app().await;
+    let response = app
+        .client
+        .get(format!("{}/_docs", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert!(response.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/html"));
+    let page = response.text().await.unwrap();
+    assert!(page.contains("_openapi.json"));
+    assert!(
+        !page.contains("http://") && !page.contains("https://"),
+        "the page must work offline"
+    );
+}
+
+#[tokio::test]
+async fn metrics_count_requests_by_route_and_report_projectors_and_request_ids_are_echoed() {
+    let app = spawn_app().await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let response = app
+        .client
+        .get(format!("{}/myblog/article/_blueprint", app.address))
+        .header("x-request-id", "trace-42")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-request-id"], "trace-42");
+    let generated = app
+        .client
+        .get(format!("{}/_health", app.address))
+        .send()
+        .await
+        .unwrap();
+    assert!(!generated.headers()["x-request-id"].is_empty());
+
+    let text = app
+        .client
+        .get(format!("{}/_metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for line in [
+        "dstore_http_requests_total{method=\"PUT\",route=\"/{project}/{blueprint}/_blueprint\",status=\"200\"} 1",
+        "dstore_http_requests_total{method=\"POST\",route=\"/{project}/_version\",status=\"200\"} 1",
+        "dstore_projector_pending_tasks{projector=\"rocksdb\"}",
+        "dstore_projector_dead_letters{projector=\"rocksdb\"} 0",
+        "dstore_journal_last_seq",
+        "dstore_journal_size_bytes",
+    ] {
+        assert!(text.contains(line), "missing {line:?} in\n{text}");
+    }
+    assert!(text.contains("dstore_http_request_duration_seconds_bucket{method=\"PUT\""));
+}
