@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # The whole test suite: installs and starts what the tests need when it is missing, then runs the
-# format check, clippy with warnings denied, and every test. `.ci/run` calls this script.
+# format check, clippy with warnings denied, every test, and the package test
+# (scripts/test-package.sh: builds the .deb, installs, upgrades, removes and purges it here).
+# `.ci/run` calls this script.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
@@ -18,3 +20,5 @@ cargo clippy --release --all-targets -- -D warnings
 echo "== cargo test"
 ensure_elasticsearch
 cargo test --release -- --test-threads=4
+echo "== package test"
+bash scripts/test-package.sh

@@ -1,4 +1,7 @@
-//! The `dstore` binary: reads the configuration, sets up logging and runs the service.
+//! The `dstore` binary: reads the configuration, sets up logging and runs the service; its client
+//! commands (`blueprint`, `freeze`, `versions`, `item`, in `cli/`) talk to a running server.
+
+mod cli;
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -14,9 +17,20 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 /// dstore: describe records once as blueprints, freeze them into versions, and write items to every
 /// store for every live version.
 #[derive(Parser)]
-#[command(name = "dstore", version, about)]
+#[command(
+    name = "dstore",
+    version,
+    about,
+    after_help = "\
+Without a command, dstore serves (`dstore serve`). The blueprint, freeze, versions and item commands
+talk to a running server (--server, or DSTORE_SERVER; default http://127.0.0.1:2020), e.g.:
+  dstore blueprint put myblog article article.json
+  dstore freeze myblog
+  dstore item put myblog article item.json
+  dstore versions myblog --watch"
+)]
 struct Cli {
-    /// A TOML configuration file; environment variables override it.
+    /// A TOML configuration file for serve and check-config; environment variables override it.
     #[arg(long, short, env = "DSTORE_CONFIG", global = true)]
     config: Option<PathBuf>,
     #[command(subcommand)]
@@ -29,10 +43,17 @@ enum Command {
     Serve,
     /// Check the configuration and print the settings in effect.
     CheckConfig,
+    #[command(flatten)]
+    Client(cli::ClientCommand),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Client commands talk to a server over HTTP and need no configuration file.
+    let command = match cli.command {
+        Some(Command::Client(command)) => return cli::run(command),
+        command => command,
+    };
     let settings = match Settings::load(cli.config.as_deref()) {
         Ok(settings) => settings,
         Err(error) => {
@@ -41,12 +62,13 @@ fn main() -> ExitCode {
         }
     };
     dstore::telemetry::init(&settings.log);
-    match cli.command.unwrap_or(Command::Serve) {
+    match command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings),
         Command::CheckConfig => {
             println!("{}", toml::to_string_pretty(&settings).unwrap_or_default());
             ExitCode::SUCCESS
         }
+        Command::Client(command) => cli::run(command),
     }
 }
 

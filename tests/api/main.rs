@@ -1,6 +1,7 @@
 //! Black-box tests: each starts the real service on a random port and drives it over HTTP.
 
 mod blueprints;
+mod cli;
 mod elasticsearch;
 mod helpers;
 mod items;

@@ -1,0 +1,132 @@
+//! The arguments of the client commands (clap). `dstore --help` is generated from these doc comments,
+//! so they are written for users.
+
+use std::path::PathBuf;
+
+use clap::{Args, Subcommand};
+
+/// Where the server is, and how to print its answers. Shared by every client command.
+#[derive(Args, Clone, Debug)]
+pub struct Connection {
+    /// Base URL of the dstore server.
+    #[arg(
+        long,
+        env = "DSTORE_SERVER",
+        default_value = "http://127.0.0.1:2020",
+        global = true
+    )]
+    pub server: String,
+    /// Print the server's JSON answer as it is instead of a summary.
+    #[arg(long, global = true)]
+    pub json: bool,
+}
+
+/// The commands that talk to a running server.
+#[derive(Subcommand, Debug)]
+pub enum ClientCommand {
+    /// Put, show or remove a blueprint in a project's working copy (on a running server).
+    Blueprint {
+        #[command(subcommand)]
+        command: BlueprintCommand,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Freeze a project's working copy as its next version (on a running server).
+    Freeze {
+        /// The project, e.g. `myblog`.
+        project: String,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show versions, migrations and back-fill progress (of one project, or of all).
+    Versions {
+        /// The project; all projects when omitted.
+        project: Option<String>,
+        /// Keep showing progress until every back-fill has finished.
+        #[arg(long, short)]
+        watch: bool,
+        /// With --watch: give up (exit 1) after this many seconds.
+        #[arg(long, value_name = "SECONDS", requires = "watch")]
+        timeout: Option<u64>,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Put, show or delete an item (on a running server).
+    Item {
+        #[command(subcommand)]
+        command: ItemCommand,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum BlueprintCommand {
+    /// Put a blueprint from a JSON file (`-` reads standard input) into the working copy.
+    Put {
+        /// The project, e.g. `myblog`.
+        project: String,
+        /// The blueprint, e.g. `article`.
+        blueprint: String,
+        /// A JSON file with the blueprint's definition, or `-` for standard input.
+        file: PathBuf,
+    },
+    /// Print a blueprint as JSON: the working copy, or as frozen in --version.
+    Get {
+        /// The project, e.g. `myblog`.
+        project: String,
+        /// The blueprint, e.g. `article`.
+        blueprint: String,
+        /// A frozen version instead of the working copy.
+        #[arg(long, short)]
+        version: Option<u32>,
+    },
+    /// Remove a blueprint from the working copy (takes effect at the next freeze).
+    Delete {
+        /// The project, e.g. `myblog`.
+        project: String,
+        /// The blueprint, e.g. `article`.
+        blueprint: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ItemCommand {
+    /// Write an item from a JSON file (`-` reads standard input). Its `id` names the item; without
+    /// one the server generates it.
+    Put {
+        /// The project, e.g. `myblog`.
+        project: String,
+        /// The blueprint, e.g. `article`.
+        blueprint: String,
+        /// A JSON file with one item (with `project_version`), or `-` for standard input.
+        file: PathBuf,
+        /// Answer only once every store has the write.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// Print an item as JSON, as a client of --version sees it (default: the newest version).
+    Get {
+        /// The project, e.g. `myblog`.
+        project: String,
+        /// The blueprint, e.g. `article`.
+        blueprint: String,
+        /// The item's uuid.
+        id: String,
+        /// The version whose clients' view to show.
+        #[arg(long, short)]
+        version: Option<u32>,
+    },
+    /// Delete an item from every store and version (a missing item is not an error).
+    Delete {
+        /// The project, e.g. `myblog`.
+        project: String,
+        /// The blueprint, e.g. `article`.
+        blueprint: String,
+        /// The item's uuid.
+        id: String,
+        /// Answer only once every store has the delete.
+        #[arg(long)]
+        wait: bool,
+    },
+}

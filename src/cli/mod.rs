@@ -1,0 +1,360 @@
+//! The client half of the `dstore` binary: the README's curl recipes as commands against a running
+//! server (put a blueprint from a file, freeze, show versions and back-fill progress, put or delete an
+//! item from a file).
+//!
+//! Everything goes through the public HTTP API, so the commands work against any server, local or
+//! remote. Errors are the server's own JSON errors, printed field by field; a command exits with 0 on
+//! success and 1 on any failure. Nothing here panics on a bad answer or a bad file.
+
+mod args;
+mod client;
+mod render;
+
+use std::fmt::Write as _;
+use std::io::{IsTerminal, Read, Write};
+use std::path::Path;
+use std::process::ExitCode;
+use std::time::{Duration, Instant};
+
+use reqwest::{Method, StatusCode};
+use serde_json::Value;
+
+pub use args::{BlueprintCommand, ClientCommand, ItemCommand};
+use client::{print_json, CliError, Client};
+use render::{backfills_finished, describe_change, render_progress_lines, render_versions};
+
+/// Runs one client command; prints its result or its error.
+pub fn run(command: ClientCommand) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("dstore: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(dispatch(command)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("dstore: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn dispatch(command: ClientCommand) -> Result<(), CliError> {
+    match command {
+        ClientCommand::Blueprint {
+            command,
+            connection,
+        } => {
+            let client = Client::new(&connection)?;
+            match command {
+                BlueprintCommand::Put {
+                    project,
+                    blueprint,
+                    file,
+                } => blueprint_put(&client, &project, &blueprint, &file).await,
+                BlueprintCommand::Get {
+                    project,
+                    blueprint,
+                    version,
+                } => {
+                    let mut path = vec![project.as_str(), blueprint.as_str(), "_blueprint"];
+                    let version = version.map(|v| v.to_string());
+                    path.extend(version.as_deref());
+                    let body = client.call(Method::GET, &path, &[], None).await?.1;
+                    print_json(&body);
+                    Ok(())
+                }
+                BlueprintCommand::Delete { project, blueprint } => {
+                    let path = [project.as_str(), blueprint.as_str(), "_blueprint"];
+                    let body = client.call(Method::DELETE, &path, &[], None).await?.1;
+                    client.summary(&body, || {
+                        format!("{project}/{blueprint}: removed from the working copy; `dstore freeze {project}` makes it a version")
+                    });
+                    Ok(())
+                }
+            }
+        }
+        ClientCommand::Freeze {
+            project,
+            connection,
+        } => {
+            let client = Client::new(&connection)?;
+            let body = client
+                .call(Method::POST, &[&project, "_version"], &[], None)
+                .await?
+                .1;
+            client.summary(&body, || {
+                format!("{project}: frozen as version {}", body["project_version"])
+            });
+            Ok(())
+        }
+        ClientCommand::Versions {
+            project,
+            watch,
+            timeout,
+            connection,
+        } => {
+            let client = Client::new(&connection)?;
+            versions(&client, project.as_deref(), watch, timeout).await
+        }
+        ClientCommand::Item {
+            command,
+            connection,
+        } => {
+            let client = Client::new(&connection)?;
+            match command {
+                ItemCommand::Put {
+                    project,
+                    blueprint,
+                    file,
+                    wait,
+                } => item_put(&client, &project, &blueprint, &file, wait).await,
+                ItemCommand::Get {
+                    project,
+                    blueprint,
+                    id,
+                    version,
+                } => {
+                    let version = version.map(|v| v.to_string());
+                    let query: Vec<(&str, &str)> =
+                        version.iter().map(|v| ("version", v.as_str())).collect();
+                    let path = [project.as_str(), blueprint.as_str(), id.as_str()];
+                    let body = client.call(Method::GET, &path, &query, None).await?.1;
+                    print_json(&body);
+                    Ok(())
+                }
+                ItemCommand::Delete {
+                    project,
+                    blueprint,
+                    id,
+                    wait,
+                } => {
+                    let path = [project.as_str(), blueprint.as_str(), id.as_str()];
+                    let query = wait_query(wait);
+                    let (status, body) = client.call(Method::DELETE, &path, &query, None).await?;
+                    client.summary(&body, || {
+                        let what = if body["found"] == Value::Bool(false) {
+                            "did not exist; nothing to delete"
+                        } else {
+                            "deleted"
+                        };
+                        format!(
+                            "{project}/{blueprint}/{id}: {what} (revision {}){}",
+                            body["revision"],
+                            projection_note(status, &body)
+                        )
+                    });
+                    Ok(())
+                }
+            }
+        }
+    }
+}
+
+async fn blueprint_put(
+    client: &Client,
+    project: &str,
+    blueprint: &str,
+    file: &Path,
+) -> Result<(), CliError> {
+    let definition = read_json(file)?;
+    let path = [project, blueprint, "_blueprint"];
+    let body = client
+        .call(Method::PUT, &path, &[], Some(&definition))
+        .await?
+        .1;
+    client.summary(&body, || {
+        let changes = body["changes"].as_array().cloned().unwrap_or_default();
+        if changes.is_empty() {
+            return format!("{project}/{blueprint}: unchanged (the working copy already holds it)");
+        }
+        let mut out = format!(
+            "{project}/{blueprint}: {} in the working copy; `dstore freeze {project}` makes {} a version",
+            if changes.len() == 1 {
+                "1 change".to_string()
+            } else {
+                format!("{} changes", changes.len())
+            },
+            if changes.len() == 1 { "it" } else { "them" }
+        );
+        for change in &changes {
+            let _ = write!(out, "\n  {}", describe_change(change));
+        }
+        out
+    });
+    Ok(())
+}
+
+async fn item_put(
+    client: &Client,
+    project: &str,
+    blueprint: &str,
+    file: &Path,
+    wait: bool,
+) -> Result<(), CliError> {
+    let item = read_json(file)?;
+    let Some(fields) = item.as_object() else {
+        return Err(CliError::Input(format!(
+            "{} must hold one JSON object (an item), not {}",
+            file.display(),
+            kind_of(&item)
+        )));
+    };
+    let query = wait_query(wait);
+    let (status, body) = match fields.get("id") {
+        Some(Value::String(id)) => {
+            client
+                .call(Method::PUT, &[project, blueprint, id], &query, Some(&item))
+                .await?
+        }
+        Some(other) => {
+            return Err(CliError::Input(format!(
+                "the \"id\" in {} must be a uuid string, not {}",
+                file.display(),
+                kind_of(other)
+            )))
+        }
+        None => {
+            client
+                .call(Method::POST, &[project, blueprint], &query, Some(&item))
+                .await?
+        }
+    };
+    client.summary(&body, || {
+        let verb = if status == StatusCode::CREATED {
+            "created"
+        } else {
+            "written"
+        };
+        format!(
+            "{project}/{blueprint}/{}: {verb} (revision {}){}",
+            body["id"].as_str().unwrap_or("?"),
+            body["revision"],
+            projection_note(status, &body)
+        )
+    });
+    Ok(())
+}
+
+async fn versions(
+    client: &Client,
+    project: Option<&str>,
+    watch: bool,
+    timeout: Option<u64>,
+) -> Result<(), CliError> {
+    let path: Vec<&str> = match project {
+        Some(project) => vec![project, "_version"],
+        None => vec!["_version"],
+    };
+    let fetch = || async {
+        let body = client.call(Method::GET, &path, &[], None).await?.1;
+        Ok::<_, CliError>(match project {
+            Some(_) => vec![body],
+            None => body
+                .as_object()
+                .map(|all| all.values().cloned().collect())
+                .unwrap_or_default(),
+        })
+    };
+    let mut projects = fetch().await?;
+    if client.json && !watch {
+        print_json(&Value::Array(projects));
+        return Ok(());
+    }
+    if !watch {
+        print!("{}", render_versions(&projects));
+        return Ok(());
+    }
+    let terminal = std::io::stdout().is_terminal() && !client.json;
+    let started = Instant::now();
+    let mut shown_lines = 0;
+    let mut last_progress = String::new();
+    loop {
+        let finished = backfills_finished(&projects);
+        if terminal {
+            // Redraw the table in place.
+            let table = render_versions(&projects);
+            let mut out = std::io::stdout().lock();
+            if shown_lines > 0 {
+                let _ = write!(out, "\x1b[{shown_lines}A\x1b[J");
+            }
+            let _ = write!(out, "{table}");
+            let _ = out.flush();
+            shown_lines = table.lines().count();
+        } else if !finished {
+            let progress = render_progress_lines(&projects);
+            if progress != last_progress {
+                print!("{progress}");
+                let _ = std::io::stdout().flush();
+                last_progress = progress;
+            }
+        }
+        if finished {
+            if client.json {
+                print_json(&Value::Array(projects));
+            } else if !terminal {
+                print!("{}", render_versions(&projects));
+            }
+            return Ok(());
+        }
+        if let Some(limit) = timeout {
+            if started.elapsed() >= Duration::from_secs(limit) {
+                return Err(CliError::Transport(format!(
+                    "back-fills still running after {limit} s:\n{}",
+                    render_progress_lines(&projects).trim_end()
+                )));
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        projects = fetch().await?;
+    }
+}
+
+fn projection_note(status: StatusCode, body: &Value) -> String {
+    if status == StatusCode::ACCEPTED || body["projected"] == false {
+        format!(
+            "; not yet in every store (still pending: {}), it stays safely queued",
+            body["pending"]
+        )
+    } else if body["projected"] == true {
+        "; in every store".into()
+    } else {
+        String::new()
+    }
+}
+
+fn wait_query(wait: bool) -> Vec<(&'static str, &'static str)> {
+    if wait {
+        vec![("wait", "true")]
+    } else {
+        Vec::new()
+    }
+}
+
+fn read_json(file: &Path) -> Result<Value, CliError> {
+    let mut text = String::new();
+    let read = if file == Path::new("-") {
+        std::io::stdin().read_to_string(&mut text).map(|_| ())
+    } else {
+        std::fs::read_to_string(file).map(|t| text = t)
+    };
+    read.map_err(|e| CliError::Input(format!("cannot read {}: {e}", file.display())))?;
+    serde_json::from_str(&text)
+        .map_err(|e| CliError::Input(format!("{} is not valid JSON: {e}", file.display())))
+}
+
+fn kind_of(value: &Value) -> &'static str {
+    match value {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}

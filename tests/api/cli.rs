@@ -1,0 +1,347 @@
+//! The client commands of the `dstore` binary against a real server: what they print and how they exit.
+
+use std::io::Write;
+use std::process::{Command, Output, Stdio};
+
+use serde_json::{json, Value};
+
+use crate::helpers::{article, spawn_app, TestApp};
+
+/// Runs the built binary with `args` against `app` (via DSTORE_SERVER), feeding `stdin`.
+async fn dstore(app: &TestApp, args: &[&str], stdin: Option<&str>) -> Output {
+    dstore_at(&app.address, args, stdin).await
+}
+
+/// Runs the built binary with `args` against the server at `address`.
+async fn dstore_at(address: &str, args: &[&str], stdin: Option<&str>) -> Output {
+    let (address, args, stdin) = (
+        address.to_string(),
+        args.iter().map(|a| a.to_string()).collect::<Vec<_>>(),
+        stdin.map(str::to_string),
+    );
+    tokio::task::spawn_blocking(move || {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_dstore"))
+            .args(&args)
+            .env("DSTORE_SERVER", address)
+            .env_remove("DSTORE_CONFIG")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the binary starts");
+        let mut input = child.stdin.take().expect("stdin");
+        if let Some(text) = stdin {
+            input.write_all(text.as_bytes()).expect("stdin is written");
+        }
+        drop(input);
+        child.wait_with_output().expect("the binary ends")
+    })
+    .await
+    .expect("the blocking task ends")
+}
+
+fn stdout(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+fn assert_success(output: &Output) {
+    assert!(
+        output.status.success(),
+        "exit {:?}\nstdout: {}\nstderr: {}",
+        output.status.code(),
+        stdout(output),
+        stderr(output)
+    );
+}
+
+fn write_file(dir: &tempfile::TempDir, name: &str, body: &Value) -> String {
+    let path = dir.path().join(name);
+    std::fs::write(&path, body.to_string()).expect("the file is written");
+    path.to_string_lossy().into_owned()
+}
+
+#[tokio::test]
+async fn cli_puts_a_blueprint_freezes_and_writes_reads_and_deletes_an_item() {
+    let app = spawn_app().await;
+    let dir = tempfile::tempdir().unwrap();
+    let blueprint = write_file(&dir, "article.json", &article());
+
+    let put = dstore(
+        &app,
+        &["blueprint", "put", "myblog", "article", &blueprint],
+        None,
+    )
+    .await;
+    assert_success(&put);
+    assert_eq!(
+        stdout(&put),
+        "myblog/article: 1 change in the working copy; `dstore freeze myblog` makes it a version\n  blueprint.create article\n"
+    );
+
+    let again = dstore(
+        &app,
+        &["blueprint", "put", "myblog", "article", &blueprint],
+        None,
+    )
+    .await;
+    assert_success(&again);
+    assert!(stdout(&again).contains("unchanged"), "{}", stdout(&again));
+
+    let mut edited = article();
+    edited["columns"]["summary"] = json!({"type": "text"});
+    edited["columns"]["title"]["validation"] = json!({"max_length": 200});
+    let edited = serde_json::to_string(&edited).unwrap();
+    let edit = dstore(
+        &app,
+        &["blueprint", "put", "myblog", "article", "-"],
+        Some(&edited),
+    )
+    .await;
+    assert_success(&edit);
+    let text = stdout(&edit);
+    assert!(
+        text.contains(": 2 changes in the working copy")
+            && text.contains("\n  column.create article.summary")
+            && text.contains("\n  column.update article.title validation"),
+        "{text}"
+    );
+
+    let freeze = dstore(&app, &["freeze", "myblog"], None).await;
+    assert_success(&freeze);
+    assert_eq!(stdout(&freeze).trim(), "myblog: frozen as version 1");
+
+    let got = dstore(
+        &app,
+        &["blueprint", "get", "myblog", "article", "--version", "1"],
+        None,
+    )
+    .await;
+    assert_success(&got);
+    let got: Value = serde_json::from_slice(&got.stdout).expect("blueprint get prints JSON");
+    assert_eq!(got["columns"]["title"]["type"], "string");
+
+    let id = "0b7a1dd1-56a2-4b7e-8dc5-3f1c2a8c9e01";
+    let item =
+        json!({"id": id, "project_version": 1, "title": "Hello", "date_created": "2020-01-02"});
+    let put = dstore(
+        &app,
+        &["item", "put", "myblog", "article", "-", "--wait"],
+        Some(&item.to_string()),
+    )
+    .await;
+    assert_success(&put);
+    assert!(
+        stdout(&put).starts_with(&format!("myblog/article/{id}: written (revision "))
+            && stdout(&put).contains("in every store"),
+        "{}",
+        stdout(&put)
+    );
+
+    let generated = write_file(
+        &dir,
+        "new.json",
+        &json!({"project_version": 1, "date_created": "2020-01-03"}),
+    );
+    let create = dstore(
+        &app,
+        &["item", "put", "myblog", "article", &generated],
+        None,
+    )
+    .await;
+    assert_success(&create);
+    assert!(
+        stdout(&create).contains(": created (revision "),
+        "{}",
+        stdout(&create)
+    );
+
+    let read = dstore(&app, &["item", "get", "myblog", "article", id], None).await;
+    assert_success(&read);
+    let read: Value = serde_json::from_slice(&read.stdout).expect("item get prints JSON");
+    assert_eq!(read["title"], "Hello");
+
+    let delete = dstore(&app, &["item", "delete", "myblog", "article", id], None).await;
+    assert_success(&delete);
+    assert!(stdout(&delete).contains(": deleted"), "{}", stdout(&delete));
+    let missing = app.get(&format!("/myblog/article/{id}")).await;
+    assert_eq!(missing.status, 404);
+
+    let versions = dstore(&app, &["versions", "myblog"], None).await;
+    assert_success(&versions);
+    let text = stdout(&versions);
+    assert!(
+        text.contains("myblog: newest version 1")
+            && text.contains("version 1")
+            && text.contains("blueprints: article")
+            && text.contains("changes: blueprint.create article")
+            && text.contains("rocksdb done"),
+        "{text}"
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn cli_versions_watch_waits_for_the_backfill_and_draws_a_full_bar() {
+    let app = spawn_app().await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let mut bulk = String::new();
+    for day in 1..=28 {
+        bulk.push_str("{\"create\": {\"blueprint\": \"article\"}}\n");
+        bulk.push_str(&format!(
+            "{{\"project_version\": 1, \"date_created\": \"2020-02-{day:02}\"}}\n"
+        ));
+    }
+    let written = app
+        .send(reqwest::Method::POST, "/myblog/_bulk", Some(bulk))
+        .await;
+    assert_eq!(written.status, 200, "{}", written.body);
+    let mut next = article();
+    next["columns"]["summary"] = json!({"type": "text"});
+    app.put_and_freeze("myblog", "article", &next).await;
+
+    let watch = dstore(
+        &app,
+        &["versions", "myblog", "--watch", "--timeout", "30"],
+        None,
+    )
+    .await;
+    assert_success(&watch);
+    let text = stdout(&watch);
+    assert!(
+        text.contains(&format!("[{}] 100%  28/28 items, finished", "#".repeat(30))),
+        "{text}"
+    );
+    assert!(text.contains("myblog: newest version 2"), "{text}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn cli_prints_the_servers_errors_and_exits_non_zero() {
+    let app = spawn_app().await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+
+    let invalid =
+        json!({"id": "0b7a1dd1-56a2-4b7e-8dc5-3f1c2a8c9e02", "project_version": 1, "title": 5});
+    let put = dstore(
+        &app,
+        &["item", "put", "myblog", "article", "-"],
+        Some(&invalid.to_string()),
+    )
+    .await;
+    assert_eq!(put.status.code(), Some(1), "{}", stdout(&put));
+    let message = stderr(&put);
+    assert!(
+        message.starts_with("dstore: the server answered 422 Unprocessable Entity: invalid item")
+            && message.contains("\n  /title: ")
+            && message.contains("\n  /date_created: "),
+        "{message}"
+    );
+
+    let nothing = dstore(&app, &["freeze", "myblog"], None).await;
+    assert_eq!(nothing.status.code(), Some(1));
+    assert!(
+        stderr(&nothing).contains("409 Conflict: nothing changed since version 1"),
+        "{}",
+        stderr(&nothing)
+    );
+
+    let unknown = dstore(&app, &["versions", "nosuchproject"], None).await;
+    assert_eq!(unknown.status.code(), Some(1));
+    assert!(
+        stderr(&unknown).contains("404 Not Found"),
+        "{}",
+        stderr(&unknown)
+    );
+
+    let not_json = dstore(
+        &app,
+        &["blueprint", "put", "myblog", "article", "-"],
+        Some("{oops"),
+    )
+    .await;
+    assert_eq!(not_json.status.code(), Some(1));
+    assert!(
+        stderr(&not_json)
+            .starts_with("dstore: - is not valid JSON: key must be a string at line 1"),
+        "{}",
+        stderr(&not_json)
+    );
+
+    let no_file = dstore(
+        &app,
+        &["item", "put", "myblog", "article", "/no/such/file.json"],
+        None,
+    )
+    .await;
+    assert_eq!(no_file.status.code(), Some(1));
+    assert!(
+        stderr(&no_file).starts_with("dstore: cannot read /no/such/file.json: "),
+        "{}",
+        stderr(&no_file)
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn cli_says_when_no_server_answers() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let down = format!("http://127.0.0.1:{port}");
+    let output = dstore_at(
+        "http://127.0.0.1:1",
+        &["freeze", "myblog", "--server", &down],
+        None,
+    )
+    .await;
+    assert_eq!(output.status.code(), Some(1));
+    let message = stderr(&output);
+    assert!(
+        message.starts_with(&format!(
+            "dstore: cannot reach the dstore server at {down}/: "
+        )) && message.contains("is it running?"),
+        "{message}"
+    );
+    let bad = dstore_at(
+        "http://127.0.0.1:1",
+        &["freeze", "myblog", "--server", "localhost"],
+        None,
+    )
+    .await;
+    assert_eq!(bad.status.code(), Some(1));
+    assert!(
+        stderr(&bad).contains("is not an http(s) URL"),
+        "{}",
+        stderr(&bad)
+    );
+}
+
+#[tokio::test]
+async fn cli_help_describes_every_client_command() {
+    let none = "http://127.0.0.1:1";
+    let help = dstore_at(none, &["--help"], None).await;
+    assert_success(&help);
+    let text = stdout(&help);
+    for command in [
+        "serve",
+        "check-config",
+        "blueprint",
+        "freeze",
+        "versions",
+        "item",
+        "DSTORE_SERVER",
+    ] {
+        assert!(text.contains(command), "{command} missing from:\n{text}");
+    }
+    let item = dstore_at(none, &["item", "--help"], None).await;
+    assert!(stdout(&item).contains("--server"), "{}", stdout(&item));
+    let wrong = dstore_at(none, &["item", "put", "myblog"], None).await;
+    assert_eq!(wrong.status.code(), Some(2));
+    assert!(stderr(&wrong).contains("<BLUEPRINT>"), "{}", stderr(&wrong));
+}
