@@ -64,11 +64,39 @@ fn main() -> ExitCode {
     dstore::telemetry::init(&settings.log);
     match command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings),
-        Command::CheckConfig => {
-            println!("{}", toml::to_string_pretty(&settings).unwrap_or_default());
-            ExitCode::SUCCESS
-        }
+        Command::CheckConfig => check_config(&settings),
         Command::Client(command) => cli::run(command),
+    }
+}
+
+/// Prints the settings in effect and whether each configured store answers; fails if one does not.
+fn check_config(settings: &Settings) -> ExitCode {
+    println!("{}", toml::to_string_pretty(settings).unwrap_or_default());
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("dstore: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let checks = runtime.block_on(dstore::startup::check_stores(settings));
+    let mut ok = true;
+    for check in checks {
+        match check.result {
+            Ok(detail) => println!("ok      {:<14} {detail}", check.store),
+            Err(error) => {
+                ok = false;
+                println!(
+                    "FAILING {:<14} {error} (check {})",
+                    check.store, check.setting
+                );
+            }
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 

@@ -224,3 +224,95 @@ impl Application {
         result
     }
 }
+
+/// What `dstore check-config` reports for one store: its name and whether it answers.
+pub struct StoreCheck {
+    pub store: &'static str,
+    pub setting: &'static str,
+    pub result: Result<String, String>,
+}
+
+/// Checks every configured store without starting the service: the data directories are writable,
+/// PostgreSQL and Elasticsearch answer, the RabbitMQ broker accepts connections.
+pub async fn check_stores(settings: &Settings) -> Vec<StoreCheck> {
+    let mut checks = Vec::new();
+    let data_dir = &settings.storage.data_dir;
+    let writable = std::fs::create_dir_all(data_dir)
+        .and_then(|()| tempfile_in(data_dir))
+        .map(|()| format!("{} is writable", data_dir.display()))
+        .map_err(|e| format!("{}: {e}", data_dir.display()));
+    checks.push(StoreCheck {
+        store: "journal",
+        setting: "storage.data_dir / LEVEL_PATH",
+        result: writable,
+    });
+    if let Some(pg) = &settings.postgresql {
+        let result = match PostgresProjector::new(pg) {
+            Ok(projector) => health_result(projector.health().await),
+            Err(e) => Err(e.to_string()),
+        };
+        checks.push(StoreCheck {
+            store: "postgresql",
+            setting: "postgresql.* / POSTGRESQL_*",
+            result,
+        });
+    }
+    if let Some(es) = &settings.elasticsearch {
+        let result = match ElasticsearchProjector::new(es) {
+            Ok(projector) => health_result(projector.health().await),
+            Err(e) => Err(e.to_string()),
+        };
+        checks.push(StoreCheck {
+            store: "elasticsearch",
+            setting: "elasticsearch.url / ELASTICSEARCH_HOST",
+            result,
+        });
+    }
+    if let Some(queue) = &settings.queue {
+        checks.push(StoreCheck {
+            store: "rabbitmq",
+            setting: "queue.url / QUEUE_CONNECTIONSTRING",
+            result: broker_answers(&queue.url).await,
+        });
+    }
+    checks
+}
+
+fn health_result(health: crate::projector::Health) -> Result<String, String> {
+    if health.reachable {
+        Ok(health.detail)
+    } else {
+        Err(health.detail)
+    }
+}
+
+fn tempfile_in(dir: &std::path::Path) -> std::io::Result<()> {
+    let probe = dir.join(format!(".dstore-check-{}", std::process::id()));
+    std::fs::write(&probe, b"probe")?;
+    std::fs::remove_file(probe)
+}
+
+/// Whether a TCP connection to the broker of an `amqp://user:pass@host:port/vhost` URL opens.
+async fn broker_answers(url: &str) -> Result<String, String> {
+    let rest = url
+        .strip_prefix("amqp://")
+        .or_else(|| url.strip_prefix("amqps://"))
+        .ok_or_else(|| format!("{url:?} is not an amqp:// URL"))?;
+    let authority = rest.split('/').next().unwrap_or_default();
+    let host_port = authority.rsplit('@').next().unwrap_or_default();
+    let address = if host_port.contains(':') {
+        host_port.to_string()
+    } else {
+        format!("{host_port}:5672")
+    };
+    match tokio::time::timeout(
+        std::time::Duration::from_secs(3),
+        tokio::net::TcpStream::connect(&address),
+    )
+    .await
+    {
+        Ok(Ok(_)) => Ok(format!("{address} accepts connections")),
+        Ok(Err(e)) => Err(format!("{address}: {e}")),
+        Err(_) => Err(format!("{address}: no answer within 3 s")),
+    }
+}

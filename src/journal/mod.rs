@@ -233,8 +233,15 @@ impl Journal {
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.increase_parallelism(2);
-        let families = [CF_ITEMS, CF_TASKS, CF_DEAD, CF_META]
-            .map(|name| ColumnFamilyDescriptor::new(name, Options::default()));
+        let families = [CF_ITEMS, CF_TASKS, CF_DEAD, CF_META].map(|name| {
+            let mut cf = Options::default();
+            if name == CF_TASKS {
+                // Tasks live for milliseconds: most never reach a file, and those that do are
+                // read once; compressing them costs more than it saves.
+                cf.set_compression_type(rocksdb::DBCompressionType::None);
+            }
+            ColumnFamilyDescriptor::new(name, cf)
+        });
         let db = Arc::new(DB::open_cf_descriptors(&options, path, families)?);
         let last_seq = match db.get_cf(db.cf_handle(CF_META).expect("meta cf"), keys::LAST_SEQ)? {
             Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().unwrap_or_default()),

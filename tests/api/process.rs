@@ -63,3 +63,30 @@ async fn the_binary_honours_the_original_variables_and_stops_cleanly_on_sigterm(
     };
     assert!(status.success(), "{status}");
 }
+
+#[test]
+fn check_config_reports_each_store_and_fails_when_one_does_not_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let output = Command::new(env!("CARGO_BIN_EXE_dstore"))
+        .arg("check-config")
+        .env("LEVEL_PATH", dir.path())
+        .env("POSTGRESQL_HOST", "127.0.0.1")
+        .env("POSTGRESQL_DATABASE", "postgres")
+        .env("ELASTICSEARCH_HOST", "http://127.0.0.1:9")
+        .env_remove("DSTORE_CONFIG")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(!output.status.success(), "{stdout}");
+    assert!(stdout.contains("ok      journal"), "{stdout}");
+    assert!(stdout.contains("ok      postgresql"), "{stdout}");
+    assert!(stdout.contains("FAILING elasticsearch"), "{stdout}");
+    assert!(
+        stdout.contains("ELASTICSEARCH_HOST"),
+        "the failing line names the setting: {stdout}"
+    );
+    assert!(
+        stdout.contains("port = 2020"),
+        "the settings in effect are printed: {stdout}"
+    );
+}
