@@ -90,3 +90,160 @@ fn check_config_reports_each_store_and_fails_when_one_does_not_answer() {
         "the settings in effect are printed: {stdout}"
     );
 }
+
+struct Server {
+    child: std::process::Child,
+    port: u16,
+}
+
+impl Server {
+    async fn start(data: &std::path::Path, port: u16) -> Server {
+        let child = Command::new(env!("CARGO_BIN_EXE_dstore"))
+            .env("PORT", port.to_string())
+            .env("LEVEL_PATH", data)
+            .env("DSTORE_HOST", "127.0.0.1")
+            .env_remove("DSTORE_CONFIG")
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let client = reqwest::Client::new();
+        let started = Instant::now();
+        while client
+            .get(format!("http://127.0.0.1:{port}/_health"))
+            .send()
+            .await
+            .is_err()
+        {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "dstore did not start"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Server { child, port }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    async fn stop(mut self) {
+        Command::new("kill")
+            .arg("-TERM")
+            .arg(self.child.id().to_string())
+            .status()
+            .unwrap();
+        let started = Instant::now();
+        while self.child.try_wait().unwrap().is_none() {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "dstore did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_acknowledged_write_survives_kill_9_and_reaches_the_keyspace_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = Server::start(dir.path(), port).await;
+    let client = reqwest::Client::new();
+    let blueprint = serde_json::json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
+        "columns": {"n": {"type": "integer"}}});
+    client
+        .put(server.url("/p/thing/_blueprint"))
+        .body(blueprint.to_string())
+        .send()
+        .await
+        .unwrap();
+    client.post(server.url("/p/_version")).send().await.unwrap();
+
+    // Writers run until the process disappears under them.
+    let writers: Vec<_> = (0..8)
+        .map(|w| {
+            let (client, base) = (client.clone(), server.url(""));
+            tokio::spawn(async move {
+                let mut acknowledged = Vec::new();
+                for n in 0.. {
+                    let id = uuid::Uuid::new_v4();
+                    let body = serde_json::json!({"project_version": 1, "n": w * 1_000_000 + n});
+                    match client
+                        .put(format!("{base}/p/thing/{id}"))
+                        .body(body.to_string())
+                        .send()
+                        .await
+                    {
+                        Ok(response) if response.status() == 200 => acknowledged.push(id),
+                        Ok(_) => {}
+                        Err(_) => break,
+                    }
+                }
+                acknowledged
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut killed = server.child;
+    killed.kill().unwrap(); // SIGKILL
+    killed.wait().unwrap();
+    let mut acknowledged = Vec::new();
+    for writer in writers {
+        acknowledged.extend(writer.await.unwrap());
+    }
+    assert!(
+        acknowledged.len() > 100,
+        "the load ran: {} writes",
+        acknowledged.len()
+    );
+
+    let server = Server::start(dir.path(), port).await;
+    let mut in_journal = 0;
+    for id in &acknowledged {
+        let response = client
+            .get(server.url(&format!("/p/thing/{id}")))
+            .send()
+            .await
+            .unwrap();
+        if response.status() == 200 {
+            in_journal += 1;
+        }
+    }
+    // A last write with wait=true returns once the keyspace projector has caught up behind it.
+    let body = serde_json::json!({"project_version": 1, "n": -1});
+    let last = client
+        .put(server.url(&format!("/p/thing/{}?wait=true", uuid::Uuid::new_v4())))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(last.status(), 200);
+    server.stop().await;
+
+    let keyspaces =
+        dstore::projector::rocksdb::RocksProjector::open(&dir.path().join("keyspaces")).unwrap();
+    let (project, blueprint) = (
+        dstore::blueprint::Ident::parse("p").unwrap(),
+        dstore::blueprint::Ident::parse("thing").unwrap(),
+    );
+    let in_keyspace = acknowledged
+        .iter()
+        .filter(|id| keyspaces.get(&project, 1, &blueprint, id).is_some())
+        .count();
+    println!(
+        "kill -9: acknowledged {}, in the journal after restart {in_journal}, in the RocksDB keyspace {in_keyspace}",
+        acknowledged.len()
+    );
+    assert_eq!(
+        in_journal,
+        acknowledged.len(),
+        "an acknowledged write was lost from the journal"
+    );
+    assert_eq!(
+        in_keyspace,
+        acknowledged.len(),
+        "an acknowledged write never reached the keyspace"
+    );
+}
