@@ -220,6 +220,22 @@ impl Application {
             let _ = dispatcher.await;
         }
         self.journal.close().await;
+        // The databases close when their last handle goes; the HTTP workers drop theirs on their own
+        // threads. Wait for that, so "stopped" means another process may open the data directory.
+        let journal = Arc::downgrade(&self.journal);
+        let catalog = Arc::downgrade(self.journal.catalog());
+        let keyspaces = self.rocksdb.as_ref().map(Arc::downgrade);
+        drop(self.journal);
+        drop(self.rocksdb);
+        let released = || {
+            journal.strong_count() == 0
+                && catalog.strong_count() == 0
+                && keyspaces.as_ref().is_none_or(|k| k.strong_count() == 0)
+        };
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !released() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         tracing::info!("dstore stopped");
         result
     }

@@ -222,7 +222,7 @@ impl Journal {
                 .unwrap_or_default();
             let doc = super::codec::doc_bytes(&transform(&record.body, from, to, version));
             items.push(BackfillItem {
-                id,
+                key: key.to_vec(),
                 revision: record.revision,
                 task: super::codec::upsert_body(project, name, &id, &[(version, &doc)]),
             });

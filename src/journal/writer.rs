@@ -11,7 +11,6 @@ use std::sync::{Arc, Weak};
 
 use rocksdb::{WriteBatch, WriteOptions, DB};
 use tokio::sync::oneshot;
-use uuid::Uuid;
 
 use super::backfill::BackfillState;
 use super::task::TaskOp;
@@ -24,7 +23,8 @@ type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
 /// An item a back-fill projects into its new version, with the revision it already has.
 #[derive(Debug)]
 pub struct BackfillItem {
-    pub id: Uuid,
+    /// The item's key in the `items` column family.
+    pub key: Vec<u8>,
     pub revision: u64,
     /// The encoded `Upsert` task body (see `codec`).
     pub task: Vec<u8>,
@@ -298,8 +298,17 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 let _ = reply.send(Ok(false));
                 return;
             }
+            let current = stage.cf(CF_ITEMS);
             for item in items {
-                stage.task(Some(item.revision), &item.task, stage.all_projectors());
+                // An item written or deleted since the chunk was read needs no back-fill: a write
+                // already carried the new version, and a delete must not be followed by a late upsert.
+                let unchanged = matches!(
+                    stage.writer.db.get_pinned_cf(current, &item.key),
+                    Ok(Some(value)) if value.get(..8) == Some(&item.revision.to_be_bytes()[..])
+                );
+                if unchanged {
+                    stage.task(Some(item.revision), &item.task, stage.all_projectors());
+                }
             }
             let meta = stage.cf(CF_META);
             let state = serde_json::to_vec(&state).expect("state serializes");
