@@ -185,18 +185,11 @@ async fn kitchensink_items_read_back_from_source_at_v2_and_the_alias_follows_the
     );
     assert_eq!(es.alias_targets(&alias).await, [v1_index.as_str()]);
     let first = Uuid::new_v4();
-    let put = app
-        .put(
-            &format!("/dstore/kitchensink/{first}?wait=true"),
-            &item_v1(first),
-        )
-        .await;
-    assert_eq!(
-        (put.status, &put.body["projected"]),
-        (200, &json!(true)),
-        "{}",
-        put.body
-    );
+    app.put_projected(
+        &format!("/dstore/kitchensink/{first}?wait=true"),
+        &item_v1(first),
+    )
+    .await;
     assert_eq!(
         app.put_and_freeze("dstore", "kitchensink", &blueprint_v2())
             .await,
@@ -209,18 +202,11 @@ async fn kitchensink_items_read_back_from_source_at_v2_and_the_alias_follows_the
     );
 
     let second = Uuid::new_v4();
-    let put = app
-        .put(
-            &format!("/dstore/kitchensink/{second}?wait=true"),
-            &item_v2(second, first),
-        )
-        .await;
-    assert_eq!(
-        (put.status, &put.body["projected"]),
-        (200, &json!(true)),
-        "{}",
-        put.body
-    );
+    app.put_projected(
+        &format!("/dstore/kitchensink/{second}?wait=true"),
+        &item_v2(second, first),
+    )
+    .await;
 
     for id in [first, second] {
         for (version, index) in [(1, &v1_index), (2, &v2_index)] {

@@ -141,6 +141,18 @@ impl TestApp {
         self.send(Method::DELETE, path, None).await
     }
 
+    /// Writes with `?wait=true` in `path` and asserts every projector applied the write.
+    pub async fn put_projected(&self, path: &str, body: &Value) -> Answer {
+        let put = self.put(path, body).await;
+        assert_eq!(
+            (put.status, &put.body["projected"]),
+            (200, &json!(true)),
+            "{}",
+            put.body
+        );
+        put
+    }
+
     /// Puts a blueprint and freezes; returns the new version.
     pub async fn put_and_freeze(&self, project: &str, blueprint: &str, body: &Value) -> u64 {
         let put = self

@@ -119,18 +119,11 @@ async fn kitchensink_items_read_back_across_two_versions_and_deletes_reach_both(
     }
 
     let second = Uuid::new_v4();
-    let put = app
-        .put(
-            &format!("/dstore/kitchensink/{second}?wait=true"),
-            &item_v2(second, first),
-        )
-        .await;
-    assert_eq!(
-        (put.status, &put.body["projected"]),
-        (200, &json!(true)),
-        "{}",
-        put.body
-    );
+    app.put_projected(
+        &format!("/dstore/kitchensink/{second}?wait=true"),
+        &item_v2(second, first),
+    )
+    .await;
     let at_v1 = app
         .get(&format!("/dstore/kitchensink/{second}?version=1"))
         .await

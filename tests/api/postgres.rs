@@ -182,36 +182,22 @@ async fn kitchensink_items_written_over_http_read_back_from_sql_in_both_versions
         1
     );
     let first = Uuid::new_v4();
-    let put = app
-        .put(
-            &format!("/dstore/kitchensink/{first}?wait=true"),
-            &item_v1(first),
-        )
-        .await;
-    assert_eq!(
-        (put.status, &put.body["projected"]),
-        (200, &json!(true)),
-        "{}",
-        put.body
-    );
+    app.put_projected(
+        &format!("/dstore/kitchensink/{first}?wait=true"),
+        &item_v1(first),
+    )
+    .await;
     assert_eq!(
         app.put_and_freeze("dstore", "kitchensink", &blueprint_v2())
             .await,
         2
     );
     let second = Uuid::new_v4();
-    let put = app
-        .put(
-            &format!("/dstore/kitchensink/{second}?wait=true"),
-            &item_v2(second, first),
-        )
-        .await;
-    assert_eq!(
-        (put.status, &put.body["projected"]),
-        (200, &json!(true)),
-        "{}",
-        put.body
-    );
+    app.put_projected(
+        &format!("/dstore/kitchensink/{second}?wait=true"),
+        &item_v2(second, first),
+    )
+    .await;
 
     let mut sql = db.sql().await;
     for (schema, prefix) in [("dstore_v1", "c"), ("dstore_v2", "s")] {
