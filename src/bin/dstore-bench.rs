@@ -50,6 +50,9 @@ struct Args {
     bulk_size: usize,
     #[arg(long, default_value = "bench")]
     project: String,
+    /// HTTP worker threads of the embedded server (0: one per core).
+    #[arg(long, default_value_t = 0)]
+    workers: usize,
 }
 
 /// A minimal HTTP/1.1 keep-alive connection: the client must not cost more CPU than the server.
@@ -297,6 +300,7 @@ fn main() -> std::process::ExitCode {
             let mut settings = dstore::config::Settings::default();
             settings.server.host = "127.0.0.1".into();
             settings.server.port = 0;
+            settings.server.workers = args.workers;
             settings.storage.data_dir = dir.clone();
             settings.storage.durability = match args.durability.as_str() {
                 "buffered" => dstore::journal::Durability::Buffered,
