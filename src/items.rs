@@ -21,6 +21,9 @@ pub enum ItemError {
     NotFound(String),
     #[error("invalid item")]
     Invalid(Vec<FieldError>),
+    /// The journal could not be read while preparing the write.
+    #[error(transparent)]
+    Journal(#[from] crate::journal::JournalError),
 }
 
 fn invalid(path: &str, message: impl Into<String>) -> ItemError {

@@ -25,6 +25,7 @@ impl From<ItemError> for ApiError {
         match error {
             ItemError::NotFound(m) => ApiError::NotFound(m),
             ItemError::Invalid(errors) => ApiError::Invalid("invalid item".into(), errors),
+            ItemError::Journal(e) => e.into(),
         }
     }
 }
@@ -248,12 +249,6 @@ pub async fn get(
         .json(doc))
 }
 
-impl From<JournalError> for ItemError {
-    fn from(error: JournalError) -> Self {
-        ItemError::NotFound(error.to_string())
-    }
-}
-
 /// One line pair of a `_bulk` body.
 struct BulkOp {
     action: &'static str,
@@ -357,6 +352,17 @@ fn prepare_op(
     result.map_err(|e| match e {
         ItemError::NotFound(m) => (404, vec![FieldError::new("", m)]),
         ItemError::Invalid(errors) => (422, errors),
+        ItemError::Journal(e) => {
+            let error = ApiError::from(e);
+            let status = actix_web::ResponseError::status_code(&error).as_u16();
+            let message = if status >= 500 && status != 503 {
+                tracing::error!(cause = %error, "bulk operation failed");
+                "internal error; the cause is in the server log".to_string()
+            } else {
+                error.to_string()
+            };
+            (status, vec![FieldError::new("", message)])
+        }
     })
 }
 
