@@ -41,7 +41,7 @@ struct Cli {
 enum Command {
     /// Serve the HTTP API and run every enabled projector (the default).
     Serve,
-    /// Check the configuration and print the settings in effect.
+    /// Check the configuration: print the settings in effect and whether each configured store answers.
     CheckConfig,
     #[command(flatten)]
     Client(cli::ClientCommand),
