@@ -62,13 +62,7 @@ async fn main() -> Result<(), Failure> {
         .map(|p| Ident::parse(p))
         .collect::<Result<_, _>>()?;
     for project in &projects {
-        conformance::freeze_sample(&catalog, project);
-        let version = catalog
-            .snapshot()
-            .project(project)?
-            .version(1)
-            .ok_or("version 1")?
-            .clone();
+        let version = conformance::freeze_sample(&catalog, project);
         projector.migrate(project, &version).await?;
     }
     let docs: Vec<Map<String, Value>> = (0..args.rows)

@@ -76,7 +76,8 @@ pub fn canonicalize_scalar(base: BaseType, value: &Value) -> Result<Value, Strin
     }
 }
 
-fn kind(value: &Value) -> &'static str {
+/// How a JSON value is described in error messages ("a string", "null" …).
+pub fn kind(value: &Value) -> &'static str {
     match value {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",

@@ -202,7 +202,7 @@ async fn item_put(
         return Err(CliError::Input(format!(
             "{} must hold one JSON object (an item), not {}",
             file.display(),
-            kind_of(&item)
+            dstore::blueprint::value::kind(&item)
         )));
     };
     let query = wait_query(wait);
@@ -216,7 +216,7 @@ async fn item_put(
             return Err(CliError::Input(format!(
                 "the \"id\" in {} must be a uuid string, not {}",
                 file.display(),
-                kind_of(other)
+                dstore::blueprint::value::kind(other)
             )))
         }
         None => {
@@ -346,15 +346,4 @@ fn read_json(file: &Path) -> Result<Value, CliError> {
     read.map_err(|e| CliError::Input(format!("cannot read {}: {e}", file.display())))?;
     serde_json::from_str(&text)
         .map_err(|e| CliError::Input(format!("{} is not valid JSON: {e}", file.display())))
-}
-
-fn kind_of(value: &Value) -> &'static str {
-    match value {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
-    }
 }

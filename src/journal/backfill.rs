@@ -50,36 +50,34 @@ impl Journal {
         }
     }
 
-    /// Starts back-filling `version`; items written from now on already carry it.
+    /// Starts back-filling `version`; items written from now on already carry it. Counting the
+    /// items to look at is left to the background task, so a freeze never waits for a full scan.
     pub fn start_backfill(
         self: &Arc<Self>,
         project: Ident,
         version: u32,
     ) -> Result<(), JournalError> {
-        let (from, to) = (keys::project_prefix(&project), keys::project_end(&project));
-        let total = self
-            .db
+        let state = BackfillState::default();
+        self.db.put_cf(
+            self.cf(CF_META),
+            keys::backfill(&project, version),
+            serde_json::to_vec(&state)?,
+        )?;
+        self.spawn_backfill(project, version, state);
+        Ok(())
+    }
+
+    /// How many items a project has in the journal.
+    fn count_items(&self, project: &Ident) -> u64 {
+        let (from, to) = (keys::project_prefix(project), keys::project_end(project));
+        self.db
             .iterator_cf(
                 self.cf(CF_ITEMS),
                 IteratorMode::From(&from, Direction::Forward),
             )
             .map_while(Result::ok)
             .take_while(|(key, _)| key.as_ref() < to.as_slice())
-            .count() as u64;
-        let state = BackfillState {
-            total,
-            finished: total == 0,
-            ..BackfillState::default()
-        };
-        self.db.put_cf(
-            self.cf(CF_META),
-            keys::backfill(&project, version),
-            serde_json::to_vec(&state)?,
-        )?;
-        if !state.finished {
-            self.spawn_backfill(project, version, state);
-        }
-        Ok(())
+            .count() as u64
     }
 
     /// Resumes every back-fill a previous run left unfinished.
@@ -108,6 +106,13 @@ impl Journal {
     fn spawn_backfill(self: &Arc<Self>, project: Ident, version: u32, state: BackfillState) {
         let journal = self.clone();
         let task = self.runtime.spawn(async move {
+            let mut state = state;
+            if state.cursor.is_none() && state.done == 0 {
+                let (counter, name) = (journal.clone(), project.clone());
+                state.total = tokio::task::spawn_blocking(move || counter.count_items(&name))
+                    .await
+                    .unwrap_or(0);
+            }
             if let Err(error) = journal.run_backfill(&project, version, state).await {
                 tracing::error!(%project, version, %error, "back-fill stopped; it resumes at the next start");
             }

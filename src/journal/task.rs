@@ -48,7 +48,49 @@ pub struct VersionDoc {
     pub doc: Map<String, Value>,
 }
 
+/// One item write into one version, as a store applies it: a document, or a delete.
+#[derive(Clone, Copy, Debug)]
+pub struct VersionWrite<'a> {
+    pub blueprint: &'a Ident,
+    pub id: Uuid,
+    pub revision: u64,
+    pub version: u32,
+    /// `None` for a delete.
+    pub doc: Option<&'a Map<String, Value>>,
+}
+
 impl Task {
+    /// The writes an item task makes, one per version; none for `Migrate` and `DropProject`.
+    pub fn version_writes(&self) -> impl Iterator<Item = VersionWrite<'_>> {
+        let (item, docs, deletes): (_, &[VersionDoc], &[u32]) = match &self.op {
+            TaskOp::Upsert {
+                blueprint,
+                id,
+                revision,
+                docs,
+            } => (Some((blueprint, *id, *revision)), docs, &[]),
+            TaskOp::Delete {
+                blueprint,
+                id,
+                revision,
+                versions,
+            } => (Some((blueprint, *id, *revision)), &[], versions),
+            TaskOp::Migrate { .. } | TaskOp::DropProject => (None, &[], &[]),
+        };
+        item.into_iter().flat_map(move |(blueprint, id, revision)| {
+            let write = move |version, doc| VersionWrite {
+                blueprint,
+                id,
+                revision,
+                version,
+                doc,
+            };
+            docs.iter()
+                .map(move |d| write(d.version, Some(&d.doc)))
+                .chain(deletes.iter().map(move |v| write(*v, None)))
+        })
+    }
+
     /// A short description for logs and dead letters.
     pub fn describe(&self) -> String {
         match &self.op {

@@ -320,9 +320,9 @@ fn stage_command(stage: &mut Stage, command: Command) {
     }
 }
 
+/// Stages one item write; its revision is the seq of its task.
 fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
     let items = stage.cf(CF_ITEMS);
-    let revision = stage.seq + 1;
     match entry {
         Entry::Upsert {
             blueprint,
@@ -332,11 +332,12 @@ fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
             record,
             task,
         } => {
+            let revision = stage.task(None, &task, stage.all_projectors());
             let value = codec::record_value(revision, version, blueprint_uid, &record);
             stage
                 .batch
                 .put_cf(items, keys::item(project, &blueprint, &id), value);
-            stage.task(None, &task, stage.all_projectors())
+            revision
         }
         Entry::Delete {
             blueprint,

@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::Projector;
 use crate::blueprint::{parse_blueprint, Ident};
-use crate::catalog::Catalog;
+use crate::catalog::{Catalog, Version};
 use crate::journal::task::{Task, TaskOp, VersionDoc};
 
 /// A blueprint with one column of every scalar type and a few arrays.
@@ -59,14 +59,14 @@ pub fn sample_doc(id: Uuid, title: &str) -> Map<String, Value> {
     }
 }
 
-/// Creates `project` with the sample blueprint frozen as version 1 in `catalog`.
-pub fn freeze_sample(catalog: &Catalog, project: &Ident) {
+/// Creates `project` with the sample blueprint frozen as version 1 in `catalog`; returns that version.
+pub fn freeze_sample(catalog: &Catalog, project: &Ident) -> Arc<Version> {
     let blueprint = Ident::parse("sample").expect("ident");
     let input = parse_blueprint(&sample_blueprint(), "").expect("the sample blueprint parses");
     catalog
         .put_blueprint(project, &blueprint, input)
         .expect("blueprint stored");
-    catalog.freeze(project, &[]).expect("version frozen");
+    catalog.freeze(project, &[]).expect("version frozen")
 }
 
 fn upsert(project: &Ident, seq: u64, id: Uuid, revision: u64, title: &str) -> Task {
@@ -100,14 +100,7 @@ fn delete(project: &Ident, seq: u64, id: Uuid, revision: u64) -> Task {
 
 /// Runs the whole suite; panics with a description of the first broken promise.
 pub async fn run(projector: Arc<dyn Projector>, catalog: &Catalog, project: &Ident) {
-    freeze_sample(catalog, project);
-    let snapshot = catalog.snapshot();
-    let version = snapshot
-        .project(project)
-        .expect("project")
-        .version(1)
-        .expect("version 1")
-        .clone();
+    let version = freeze_sample(catalog, project);
     let blueprint = Ident::parse("sample").expect("ident");
     let name = projector.name();
     let apply = |tasks: Vec<Task>| {

@@ -152,17 +152,24 @@ async fn spawn_app_with_es(url: &str, prefix: &str) -> TestApp {
     spawn_app_with(move |s| s.elasticsearch = Some(settings)).await
 }
 
+/// A projector talking to `url` with `prefix`, and an empty catalog in a temporary directory.
+fn direct(url: &str, prefix: &str) -> (tempfile::TempDir, Catalog, ElasticsearchProjector) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
+    let settings = ElasticsearchSettings {
+        url: url.into(),
+        index_prefix: prefix.into(),
+    };
+    let projector = ElasticsearchProjector::new(&settings).expect("valid settings");
+    (dir, catalog, projector)
+}
+
 #[tokio::test]
 async fn the_elasticsearch_projector_passes_the_conformance_suite() {
     let es = Es::new().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
     let prefix = unique_prefix();
-    let settings = ElasticsearchSettings {
-        url: es.url.clone(),
-        index_prefix: prefix.clone(),
-    };
-    let projector = Arc::new(ElasticsearchProjector::new(&settings).expect("valid settings"));
+    let (_dir, catalog, projector) = direct(&es.url, &prefix);
+    let projector = Arc::new(projector);
     conformance::run(projector, &catalog, &ident("conformance")).await;
     es.clean_up(&prefix).await;
 }
@@ -513,23 +520,15 @@ fn an_invalid_index_prefix_is_refused_at_start() {
 #[tokio::test]
 async fn a_migration_finishes_a_half_done_one_and_refuses_an_index_with_another_mapping() {
     let es = Es::new().await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
     let prefix = unique_prefix();
-    let settings = ElasticsearchSettings {
-        url: es.url.clone(),
-        index_prefix: prefix.clone(),
-    };
-    let projector = ElasticsearchProjector::new(&settings).expect("valid settings");
+    let (_dir, catalog, projector) = direct(&es.url, &prefix);
     let (done, clash) = (ident("halfdone"), ident("clash"));
-    conformance::freeze_sample(&catalog, &done);
-    conformance::freeze_sample(&catalog, &clash);
-    let snapshot = catalog.snapshot();
-    let version = |p: &Ident| snapshot.projects[p].version(1).expect("version 1").clone();
+    let done_v1 = conformance::freeze_sample(&catalog, &done);
+    let clash_v1 = conformance::freeze_sample(&catalog, &clash);
     let sample = ident("sample");
 
     // A first attempt created the index, then stopped before the alias.
-    let blueprint = &version(&done).blueprints[&sample];
+    let blueprint = &done_v1.blueprints[&sample];
     let body = mapping::index_body(&done, 1, &sample, blueprint);
     let index = format!("{prefix}halfdone_v1_sample");
     let created = es
@@ -541,7 +540,7 @@ async fn a_migration_finishes_a_half_done_one_and_refuses_an_index_with_another_
         .expect("elasticsearch answers");
     assert_eq!(created.status().as_u16(), 200);
     projector
-        .migrate(&done, &version(&done))
+        .migrate(&done, &done_v1)
         .await
         .expect("the retry finishes the migration");
     assert_eq!(
@@ -558,7 +557,7 @@ async fn a_migration_finishes_a_half_done_one_and_refuses_an_index_with_another_
         .await
         .expect("elasticsearch answers");
     let error = projector
-        .migrate(&clash, &version(&clash))
+        .migrate(&clash, &clash_v1)
         .await
         .expect_err("a foreign index is refused");
     assert_eq!(error.kind, ErrorKind::Permanent, "{error}");
@@ -602,13 +601,7 @@ async fn bulk_results_are_judged_one_by_one_429_retried_conflicts_fine_rejection
         _ => (500, json!({"error": "unexpected"})),
     })
     .await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
-    let projector = ElasticsearchProjector::new(&ElasticsearchSettings {
-        url,
-        index_prefix: String::new(),
-    })
-    .expect("valid settings");
+    let (_dir, catalog, projector) = direct(&url, "");
     let project = ident("fake");
     let tasks: Vec<_> = (1..=4).map(|r| upsert(&project, r)).collect();
     let outcomes = projector
@@ -641,13 +634,7 @@ async fn a_store_answering_503_keeps_every_task_for_a_retry_and_reports_unhealth
         (503, json!({"error": error, "status": 503}))
     })
     .await;
-    let dir = tempfile::tempdir().expect("temp dir");
-    let catalog = Catalog::open(&dir.path().join("catalog")).expect("catalog");
-    let projector = ElasticsearchProjector::new(&ElasticsearchSettings {
-        url,
-        index_prefix: String::new(),
-    })
-    .expect("valid settings");
+    let (_dir, catalog, projector) = direct(&url, "");
     let project = ident("fake");
     let error = projector
         .apply(&catalog, &[upsert(&project, 1)])

@@ -611,14 +611,7 @@ async fn a_half_done_migration_is_finished_by_running_it_again() {
     let dir = tempfile::tempdir().unwrap();
     let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
     let project = ident("resume");
-    conformance::freeze_sample(&catalog, &project);
-    let version = catalog
-        .snapshot()
-        .project(&project)
-        .unwrap()
-        .version(1)
-        .unwrap()
-        .clone();
+    let version = conformance::freeze_sample(&catalog, &project);
     let projector = db.projector();
     projector
         .migrate(&project, &version)
@@ -678,14 +671,7 @@ async fn a_missing_database_is_created_on_first_use() {
     let dir = tempfile::tempdir().unwrap();
     let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
     let project = ident("fresh");
-    conformance::freeze_sample(&catalog, &project);
-    let version = catalog
-        .snapshot()
-        .project(&project)
-        .unwrap()
-        .version(1)
-        .unwrap()
-        .clone();
+    let version = conformance::freeze_sample(&catalog, &project);
     let projector = db.projector();
     assert_eq!(
         projector

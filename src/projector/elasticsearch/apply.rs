@@ -23,7 +23,7 @@ use super::client::{is_transient_status, BulkAction, BulkItem};
 use super::ElasticsearchProjector;
 use crate::blueprint::Ident;
 use crate::catalog::Catalog;
-use crate::journal::task::{Task, TaskOp};
+use crate::journal::task::Task;
 use crate::projector::{ErrorKind, Outcome, ProjectorError};
 
 /// Largest `_bulk` body dstore sends, in bytes of documents (Elasticsearch's default limit is 100 MB).
@@ -94,57 +94,29 @@ impl ElasticsearchProjector {
         let mut planned = Vec::new();
         let mut indexes = HashMap::new();
         for (position, task) in tasks.iter().enumerate() {
-            match &task.op {
-                TaskOp::Upsert {
-                    blueprint,
-                    id,
-                    revision,
-                    docs,
-                } => {
-                    for doc in docs {
-                        let index = self.names.index(&task.project, doc.version, blueprint);
-                        indexes.entry(index.clone()).or_insert((
-                            &task.project,
-                            doc.version,
-                            blueprint,
-                        ));
-                        let action = BulkAction::Index {
-                            index,
-                            id: id.to_string(),
-                            version: *revision,
-                            doc: &doc.doc,
-                        };
-                        planned.push(Planned {
-                            task: position,
-                            action,
-                        });
-                    }
-                }
-                TaskOp::Delete {
-                    blueprint,
-                    id,
-                    revision,
-                    versions,
-                } => {
-                    for version in versions {
-                        let index = self.names.index(&task.project, *version, blueprint);
-                        indexes.entry(index.clone()).or_insert((
-                            &task.project,
-                            *version,
-                            blueprint,
-                        ));
-                        let action = BulkAction::Delete {
-                            index,
-                            id: id.to_string(),
-                            version: *revision,
-                        };
-                        planned.push(Planned {
-                            task: position,
-                            action,
-                        });
-                    }
-                }
-                TaskOp::Migrate { .. } | TaskOp::DropProject => {}
+            for write in task.version_writes() {
+                let index = self
+                    .names
+                    .index(&task.project, write.version, write.blueprint);
+                indexes.entry(index.clone()).or_insert((
+                    &task.project,
+                    write.version,
+                    write.blueprint,
+                ));
+                let (id, version) = (write.id.to_string(), write.revision);
+                let action = match write.doc {
+                    Some(doc) => BulkAction::Index {
+                        index,
+                        id,
+                        version,
+                        doc,
+                    },
+                    None => BulkAction::Delete { index, id, version },
+                };
+                planned.push(Planned {
+                    task: position,
+                    action,
+                });
             }
         }
         (planned, indexes)

@@ -12,7 +12,7 @@ use uuid::Uuid;
 
 use crate::blueprint::{Blueprint, Ident};
 use crate::catalog::{Snapshot, Version};
-use crate::journal::task::{Task, TaskOp};
+use crate::journal::task::Task;
 use crate::projector::{Outcome, ProjectorError};
 
 /// One row to write: the newest state of an item in one version, and the task it came from.
@@ -61,40 +61,16 @@ pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
     let mut newest: HashMap<RowKey<'a>, Newest<'a>> = HashMap::new();
     let mut versions: BTreeMap<String, (&'a Ident, &'a Version)> = BTreeMap::new();
     for (index, task) in tasks.iter().enumerate() {
-        let (blueprint, id, revision, writes): (_, _, _, Vec<(u32, Op<'a>)>) = match &task.op {
-            TaskOp::Upsert {
-                blueprint,
-                id,
-                revision,
-                docs,
-            } => (
-                blueprint,
-                *id,
-                *revision,
-                docs.iter()
-                    .map(|d| (d.version, Op::Upsert(&d.doc)))
-                    .collect(),
-            ),
-            TaskOp::Delete {
-                blueprint,
-                id,
-                revision,
-                versions,
-            } => (
-                blueprint,
-                *id,
-                *revision,
-                versions.iter().map(|v| (*v, Op::Delete)).collect(),
-            ),
-            TaskOp::Migrate { .. } | TaskOp::DropProject => continue,
-        };
-        let Ok(revision) = i64::try_from(revision) else {
-            outcomes[index] = Err(ProjectorError::permanent(format!(
-                "revision {revision} does not fit a postgresql bigint"
-            )));
-            continue;
-        };
-        for (number, op) in writes {
+        for write in task.version_writes() {
+            let Ok(revision) = i64::try_from(write.revision) else {
+                outcomes[index] = Err(ProjectorError::permanent(format!(
+                    "revision {} does not fit a postgresql bigint",
+                    write.revision
+                )));
+                break;
+            };
+            let (number, blueprint, id) = (write.version, write.blueprint, write.id);
+            let op = write.doc.map_or(Op::Delete, Op::Upsert);
             let Some(version) = snapshot
                 .projects
                 .get(&task.project)
@@ -156,7 +132,7 @@ pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
 mod tests {
     use super::*;
     use crate::catalog::Catalog;
-    use crate::journal::task::VersionDoc;
+    use crate::journal::task::{TaskOp, VersionDoc};
     use crate::projector::conformance;
 
     fn upsert(seq: u64, id: Uuid, revision: u64, version: u32) -> Task {

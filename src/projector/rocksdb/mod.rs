@@ -18,7 +18,7 @@ use uuid::Uuid;
 use super::{Health, Outcome, Projector, ProjectorError};
 use crate::blueprint::Ident;
 use crate::catalog::{Catalog, Version};
-use crate::journal::task::{Task, TaskOp};
+use crate::journal::task::Task;
 
 pub struct RocksProjector {
     db: Arc<DB>,
@@ -165,36 +165,18 @@ impl RocksProjector {
     /// The batch that applies `tasks`: only writes newer than what the keyspace holds.
     fn stage(&self, tasks: &[Task]) -> Result<WriteBatch, ProjectorError> {
         // Every (key, revision, document) the batch wants written, in task order.
-        let mut writes: Vec<Write> = Vec::new();
-        for task in tasks {
-            match &task.op {
-                TaskOp::Upsert {
-                    blueprint,
-                    id,
-                    revision,
-                    docs,
-                } => {
-                    for d in docs {
-                        writes.push((
-                            key(&task.project, d.version, blueprint, id),
-                            *revision,
-                            Some(&d.doc),
-                        ));
-                    }
-                }
-                TaskOp::Delete {
-                    blueprint,
-                    id,
-                    revision,
-                    versions,
-                } => {
-                    for v in versions {
-                        writes.push((key(&task.project, *v, blueprint, id), *revision, None));
-                    }
-                }
-                TaskOp::Migrate { .. } | TaskOp::DropProject => {}
-            }
-        }
+        let writes: Vec<Write> = tasks
+            .iter()
+            .flat_map(|task| {
+                task.version_writes().map(|w| {
+                    (
+                        key(&task.project, w.version, w.blueprint, &w.id),
+                        w.revision,
+                        w.doc,
+                    )
+                })
+            })
+            .collect();
         let stored = self.db.multi_get(writes.iter().map(|(k, _, _)| k));
         let mut newest: HashMap<&[u8], u64> = HashMap::with_capacity(writes.len());
         for ((key, _, _), value) in writes.iter().zip(stored) {
