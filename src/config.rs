@@ -109,10 +109,40 @@ pub struct ElasticsearchSettings {
     pub index_prefix: String,
 }
 
+/// RabbitMQ as the way tasks reach projectors (see `queue::rabbitmq`).
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct QueueSettings {
+    /// `amqp://user:password@host:port/vhost` (`QUEUE_CONNECTIONSTRING`).
     pub url: String,
+    /// Prefix of every exchange and queue dstore declares; one per dstore deployment on a broker.
+    #[serde(default = "default_namespace")]
+    pub namespace: String,
+    /// Projectors applied by `dstore worker` processes; `dstore serve` only relays their tasks.
+    #[serde(default)]
+    pub external: Vec<String>,
+    /// Tasks a consumer holds unacknowledged at once (the broker's prefetch).
+    #[serde(default = "default_prefetch")]
+    pub prefetch: u16,
+}
+
+fn default_namespace() -> String {
+    "dstore".into()
+}
+
+fn default_prefetch() -> u16 {
+    500
+}
+
+impl QueueSettings {
+    pub fn new(url: impl Into<String>) -> QueueSettings {
+        QueueSettings {
+            url: url.into(),
+            namespace: default_namespace(),
+            external: Vec::new(),
+            prefetch: default_prefetch(),
+        }
+    }
 }
 
 impl Default for ServerSettings {
@@ -309,7 +339,26 @@ impl Settings {
                 .index_prefix = v.1;
         }
         if let Some(v) = first(&["DSTORE_QUEUE_URL", "QUEUE_CONNECTIONSTRING"]) {
-            self.queue = Some(QueueSettings { url: v.1 });
+            match &mut self.queue {
+                Some(queue) => queue.url = v.1,
+                None => self.queue = Some(QueueSettings::new(v.1)),
+            }
+        }
+        if let Some(queue) = &mut self.queue {
+            if let Some(v) = first(&["DSTORE_QUEUE_NAMESPACE"]) {
+                queue.namespace = v.1;
+            }
+            if let Some(v) = first(&["DSTORE_QUEUE_EXTERNAL"]) {
+                queue.external =
+                    v.1.split(',')
+                        .map(str::trim)
+                        .filter(|name| !name.is_empty())
+                        .map(String::from)
+                        .collect();
+            }
+            if let Some(v) = first(&["DSTORE_QUEUE_PREFETCH"]) {
+                queue.prefetch = parsed(v)?;
+            }
         }
         Ok(())
     }

@@ -43,6 +43,16 @@ enum Command {
     Serve,
     /// Check the configuration: print the settings in effect and whether each configured store answers.
     CheckConfig,
+    /// Apply one projector's tasks from RabbitMQ in this process (needs QUEUE_CONNECTIONSTRING and the
+    /// store's settings); run `dstore serve` with queue.external naming the projector.
+    Worker {
+        /// rocksdb, postgresql (or postgres) or elasticsearch.
+        #[arg(long, short)]
+        projector: String,
+        /// Base URL of the dstore server, whose catalog the worker reads.
+        #[arg(long, env = "DSTORE_SERVER", default_value = "http://127.0.0.1:2020")]
+        server: String,
+    },
     #[command(flatten)]
     Client(cli::ClientCommand),
 }
@@ -65,6 +75,7 @@ fn main() -> ExitCode {
     match command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings),
         Command::CheckConfig => check_config(&settings),
+        Command::Worker { projector, server } => worker(settings, &projector, &server),
         Command::Client(command) => cli::run(command),
     }
 }
@@ -72,12 +83,8 @@ fn main() -> ExitCode {
 /// Prints the settings in effect and whether each configured store answers; fails if one does not.
 fn check_config(settings: &Settings) -> ExitCode {
     println!("{}", toml::to_string_pretty(settings).unwrap_or_default());
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("dstore: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
-        }
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     let checks = runtime.block_on(dstore::startup::check_stores(settings));
     let mut ok = true;
@@ -100,13 +107,30 @@ fn check_config(settings: &Settings) -> ExitCode {
     }
 }
 
-fn serve(settings: Settings) -> ExitCode {
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("dstore: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
+fn runtime() -> Option<tokio::runtime::Runtime> {
+    tokio::runtime::Runtime::new()
+        .inspect_err(|error| eprintln!("dstore: cannot start the async runtime: {error}"))
+        .ok()
+}
+
+fn worker(settings: Settings, projector: &str, server: &str) -> ExitCode {
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
+    };
+    runtime.block_on(async {
+        match dstore::startup::run_worker(settings, projector, server).await {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("dstore: {error}");
+                ExitCode::FAILURE
+            }
         }
+    })
+}
+
+fn serve(settings: Settings) -> ExitCode {
+    let Some(runtime) = runtime() else {
+        return ExitCode::FAILURE;
     };
     runtime.block_on(async {
         match Application::build(settings).await {

@@ -11,6 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::catalog::{Catalog, CatalogError};
+use crate::config::QueueSettings;
 use crate::config::Settings;
 use crate::http::{self, AppState};
 use crate::journal::{Journal, JournalError, JournalSettings};
@@ -19,6 +20,8 @@ use crate::projector::postgres::{PgError, PostgresProjector};
 use crate::projector::rocksdb::RocksProjector;
 use crate::projector::{Projector, Registry};
 use crate::queue::dispatcher;
+use crate::queue::rabbitmq::{self, Broker};
+use crate::queue::view::CatalogView;
 
 #[derive(Debug, Error)]
 pub enum StartupError {
@@ -44,6 +47,10 @@ pub enum StartupError {
     Postgres(#[source] PgError),
     #[error("invalid elasticsearch settings (elasticsearch.url / ELASTICSEARCH_HOST, elasticsearch.index_prefix): {0}")]
     Elasticsearch(EsError),
+    #[error("invalid queue settings: {0}")]
+    Queue(String),
+    #[error("{0}")]
+    Unconfigured(String),
     #[error("cannot listen on {address} (server.host, server.port / PORT): {source}")]
     Listen {
         address: String,
@@ -55,7 +62,8 @@ pub struct Application {
     port: u16,
     server: Server,
     shutdown: watch::Sender<bool>,
-    dispatchers: Vec<JoinHandle<()>>,
+    /// The dispatchers, or the broker relay, reports and consumers.
+    background: Vec<JoinHandle<()>>,
     rocksdb: Option<Arc<RocksProjector>>,
     journal: Arc<Journal>,
 }
@@ -84,34 +92,34 @@ impl Application {
                 })?,
             );
 
+        let external = match &settings.queue {
+            Some(queue) => external_projectors(queue, &settings)?,
+            None => Vec::new(),
+        };
         let mut projectors: Vec<Arc<dyn Projector>> = Vec::new();
+        let mut elsewhere = Vec::new();
         let mut rocksdb = None;
         if settings.projection.rocksdb {
-            let path = data_dir.join("keyspaces");
-            let projector = Arc::new(
-                RocksProjector::open(&path)
-                    .map_err(|source| StartupError::Keyspaces { path, source })?,
-            );
-            rocksdb = Some(projector.clone());
-            projectors.push(projector);
+            if external.contains(&"rocksdb") {
+                // The keyspaces of `dstore worker --projector rocksdb` live in the worker's directory.
+                elsewhere.push("rocksdb");
+            } else {
+                let projector = open_keyspaces(&settings)?;
+                rocksdb = Some(projector.clone());
+                projectors.push(projector);
+            }
         }
-        if let Some(pg) = &settings.postgresql {
-            let projector = Arc::new(PostgresProjector::new(pg).map_err(StartupError::Postgres)?);
-            // The store may be down or not yet created: dstore serves anyway and says so.
-            tokio::spawn({
-                let projector = projector.clone();
-                async move { projector.announce().await }
-            });
-            projectors.push(projector);
+        if settings.postgresql.is_some() {
+            projectors.push(open_projector("postgresql", &settings)?);
         }
-        if let Some(es) = &settings.elasticsearch {
-            // Sends nothing yet: an unreachable server only delays its tasks and shows in health.
-            projectors.push(Arc::new(
-                ElasticsearchProjector::new(es).map_err(StartupError::Elasticsearch)?,
-            ));
+        if settings.elasticsearch.is_some() {
+            projectors.push(open_projector("elasticsearch", &settings)?);
         }
         projectors.extend(extra);
-        let registry = Registry::new(projectors);
+        let mut registry = Registry::new(projectors);
+        for name in elsewhere {
+            registry.add_elsewhere(name);
+        }
 
         let journal_dir = data_dir.join("journal");
         let journal_settings = JournalSettings {
@@ -136,17 +144,48 @@ impl Application {
             })?;
 
         let (shutdown, stop) = watch::channel(false);
-        let dispatchers = registry
-            .iter()
-            .map(|p| {
-                tokio::spawn(dispatcher::run(
-                    journal.clone(),
-                    p.clone(),
-                    settings.projection.batch_size,
-                    stop.clone(),
-                ))
-            })
-            .collect();
+        let broker = settings.queue.clone().map(|q| Arc::new(Broker::new(q)));
+        let background = match &broker {
+            None => registry
+                .iter()
+                .map(|p| {
+                    tokio::spawn(dispatcher::run(
+                        journal.clone(),
+                        p.clone(),
+                        settings.projection.batch_size,
+                        stop.clone(),
+                    ))
+                })
+                .collect(),
+            Some(broker) => {
+                let batch = settings.projection.batch_size;
+                let mut tasks = vec![
+                    tokio::spawn(rabbitmq::relay::run(
+                        journal.clone(),
+                        broker.clone(),
+                        registry.names(),
+                        batch,
+                        stop.clone(),
+                    )),
+                    tokio::spawn(rabbitmq::reports::collect(
+                        journal.clone(),
+                        broker.clone(),
+                        stop.clone(),
+                    )),
+                ];
+                let view = Arc::new(CatalogView::Local(catalog.clone()));
+                for projector in registry.iter().filter(|p| !external.contains(&p.name())) {
+                    tasks.push(tokio::spawn(rabbitmq::consumer::run(
+                        broker.clone(),
+                        projector.clone(),
+                        view.clone(),
+                        batch,
+                        stop.clone(),
+                    )));
+                }
+                tasks
+            }
+        };
 
         let address = format!("{}:{}", settings.server.host, settings.server.port);
         let listener = TcpListener::bind(&address).map_err(|source| StartupError::Listen {
@@ -168,6 +207,7 @@ impl Application {
             catalog,
             journal: journal.clone(),
             registry,
+            broker,
             settings,
         });
         let requests = web::Data::new(http::observe::RequestMetrics::default());
@@ -188,7 +228,7 @@ impl Application {
             port,
             server,
             shutdown,
-            dispatchers,
+            background,
             rocksdb,
             journal,
         })
@@ -212,12 +252,12 @@ impl Application {
         self.journal.clone()
     }
 
-    /// Serves until SIGINT/SIGTERM (handled by the server), then stops the dispatchers.
+    /// Serves until SIGINT/SIGTERM (handled by the server), then stops the projection loops.
     pub async fn run_until_stopped(self) -> std::io::Result<()> {
         let result = self.server.await;
         let _ = self.shutdown.send(true);
-        for dispatcher in self.dispatchers {
-            let _ = dispatcher.await;
+        for task in self.background {
+            let _ = task.await;
         }
         self.journal.close().await;
         // The databases close when their last handle goes; the HTTP workers drop theirs on their own
@@ -238,6 +278,156 @@ impl Application {
         }
         tracing::info!("dstore stopped");
         result
+    }
+}
+
+/// The names `queue.external` may hold, as projectors name themselves.
+const PROJECTOR_NAMES: [&str; 3] = ["rocksdb", "postgresql", "elasticsearch"];
+
+/// A projector's name as projectors call themselves (`postgres` is accepted for `postgresql`).
+pub fn projector_name(name: &str) -> Option<&'static str> {
+    let name = if name == "postgres" {
+        "postgresql"
+    } else {
+        name
+    };
+    PROJECTOR_NAMES.into_iter().find(|known| *known == name)
+}
+
+/// The projectors `dstore worker` processes apply instead of this one; each must be enabled.
+fn external_projectors(
+    queue: &QueueSettings,
+    settings: &Settings,
+) -> Result<Vec<&'static str>, StartupError> {
+    let valid_namespace = !queue.namespace.is_empty()
+        && queue.namespace.len() <= 100
+        && queue
+            .namespace
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "._-".contains(c));
+    if !valid_namespace {
+        return Err(StartupError::Queue(format!(
+            "queue.namespace {:?} must be 1 to 100 letters, digits, '.', '_' or '-'",
+            queue.namespace
+        )));
+    }
+    let enabled = |name: &str| match name {
+        "rocksdb" => settings.projection.rocksdb,
+        "postgresql" => settings.postgresql.is_some(),
+        _ => settings.elasticsearch.is_some(),
+    };
+    queue
+        .external
+        .iter()
+        .map(|raw| match projector_name(raw) {
+            Some(name) if enabled(name) => Ok(name),
+            Some(name) => Err(StartupError::Queue(format!(
+                "queue.external names {name}, which is not enabled here"
+            ))),
+            None => Err(StartupError::Queue(format!(
+                "queue.external names {raw:?}; projectors are {}",
+                PROJECTOR_NAMES.join(", ")
+            ))),
+        })
+        .collect()
+}
+
+/// Opens the embedded keyspaces under the data directory.
+pub fn open_keyspaces(settings: &Settings) -> Result<Arc<RocksProjector>, StartupError> {
+    let data_dir = &settings.storage.data_dir;
+    std::fs::create_dir_all(data_dir).map_err(|source| StartupError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let path = data_dir.join("keyspaces");
+    RocksProjector::open(&path)
+        .map(Arc::new)
+        .map_err(|source| StartupError::Keyspaces { path, source })
+}
+
+/// Opens one projector by name, from its settings (`dstore worker` runs exactly one).
+pub fn open_projector(name: &str, settings: &Settings) -> Result<Arc<dyn Projector>, StartupError> {
+    match projector_name(name) {
+        Some("rocksdb") => Ok(open_keyspaces(settings)?),
+        Some("postgresql") => {
+            let pg = settings.postgresql.as_ref().ok_or_else(|| {
+                StartupError::Unconfigured(
+                    "the postgresql projector has no settings (POSTGRESQL_HOST … or [postgresql])"
+                        .into(),
+                )
+            })?;
+            let projector = Arc::new(PostgresProjector::new(pg).map_err(StartupError::Postgres)?);
+            // The store may be down or not yet created: dstore serves anyway and says so.
+            tokio::spawn({
+                let projector = projector.clone();
+                async move { projector.announce().await }
+            });
+            Ok(projector)
+        }
+        Some(_) => {
+            let es = settings.elasticsearch.as_ref().ok_or_else(|| {
+                StartupError::Unconfigured(
+                    "the elasticsearch projector has no settings (ELASTICSEARCH_HOST or [elasticsearch])"
+                        .into(),
+                )
+            })?;
+            // Sends nothing yet: an unreachable server only delays its tasks and shows in health.
+            Ok(Arc::new(
+                ElasticsearchProjector::new(es).map_err(StartupError::Elasticsearch)?,
+            ))
+        }
+        None => Err(StartupError::Queue(format!(
+            "there is no projector {name:?}; projectors are {}",
+            PROJECTOR_NAMES.join(", ")
+        ))),
+    }
+}
+
+/// Runs one projector as a `dstore worker`: consumes its queue until SIGINT or SIGTERM, reading the
+/// catalog from the server at `server`.
+pub async fn run_worker(
+    settings: Settings,
+    projector: &str,
+    server: &str,
+) -> Result<(), StartupError> {
+    let queue = settings.queue.clone().ok_or_else(|| {
+        StartupError::Unconfigured(
+            "a worker takes its tasks from RabbitMQ: set QUEUE_CONNECTIONSTRING (or [queue] url)"
+                .into(),
+        )
+    })?;
+    external_projectors(&queue, &settings)?;
+    let projector = open_projector(projector, &settings)?;
+    let name = projector.name();
+    let broker = Arc::new(Broker::new(queue));
+    let view = Arc::new(CatalogView::remote(server));
+    let (shutdown, stop) = watch::channel(false);
+    tracing::info!(projector = name, queue = %broker.queue(name), server, "dstore worker is consuming");
+    let consumer = tokio::spawn(rabbitmq::consumer::run(
+        broker,
+        projector,
+        view,
+        settings.projection.batch_size,
+        stop,
+    ));
+    stop_signal().await;
+    let _ = shutdown.send(true);
+    let _ = consumer.await;
+    tracing::info!(projector = name, "dstore worker stopped");
+    Ok(())
+}
+
+/// Waits for SIGINT or SIGTERM.
+async fn stop_signal() {
+    let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = async {
+            match term.as_mut() {
+                Some(term) => { term.recv().await; }
+                None => std::future::pending().await,
+            }
+        } => {}
     }
 }
 

@@ -180,7 +180,7 @@ async fn projection(
         .collect();
     let started = Instant::now();
     for chunk in tasks.chunks(batch) {
-        let outcomes = projector.apply(catalog, chunk).await?;
+        let outcomes = projector.apply(&catalog.snapshot(), chunk).await?;
         if let Some(Err(e)) = outcomes.into_iter().find(Result::is_err) {
             return Err(e.into());
         }

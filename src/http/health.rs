@@ -5,6 +5,7 @@ use serde_json::{json, Map};
 
 use super::error::ApiError;
 use super::State;
+use crate::projector::Health;
 
 /// GET /_health: the process answers.
 pub async fn live() -> HttpResponse {
@@ -15,9 +16,15 @@ pub async fn live() -> HttpResponse {
 pub async fn ready(state: State) -> HttpResponse {
     let mut projectors = Map::new();
     let mut all_ready = true;
-    for projector in state.registry.iter() {
-        let health = projector.health().await;
-        let progress = state.journal.progress(projector.name());
+    for name in state.registry.names() {
+        let health = match state.registry.get(name) {
+            Some(projector) => projector.health().await,
+            None => Health {
+                reachable: true,
+                detail: "opened by dstore worker processes only; see its progress".into(),
+            },
+        };
+        let progress = state.journal.progress(name);
         let status = if !health.reachable || progress.last_error.is_some() {
             all_ready = false;
             "failing"
@@ -27,12 +34,23 @@ pub async fn ready(state: State) -> HttpResponse {
             "ready"
         };
         projectors.insert(
-            projector.name().into(),
+            name.into(),
             json!({"status": status, "health": health, "progress": progress}),
         );
     }
-    let body =
+    let links = state.broker.as_ref().map(|b| b.links()).unwrap_or_default();
+    // The journal keeps every task while the broker is away; a lost link only delays projection.
+    all_ready &= links.values().all(|link| link.connected);
+    let mut body =
         json!({"status": if all_ready { "ready" } else { "degraded" }, "projectors": projectors});
+    if let Some(broker) = &state.broker {
+        body["queue"] = json!({
+            "transport": "rabbitmq",
+            "namespace": broker.settings.namespace,
+            "external": broker.settings.external,
+            "links": links,
+        });
+    }
     HttpResponse::Ok().json(body)
 }
 

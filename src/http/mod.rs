@@ -25,6 +25,7 @@ use crate::catalog::Catalog;
 use crate::config::Settings;
 use crate::journal::Journal;
 use crate::projector::Registry;
+use crate::queue::rabbitmq::Broker;
 use error::ApiError;
 
 /// What every handler can reach.
@@ -32,6 +33,8 @@ pub struct AppState {
     pub catalog: Arc<Catalog>,
     pub journal: Arc<Journal>,
     pub registry: Registry,
+    /// The RabbitMQ links of this process, when tasks travel through a broker.
+    pub broker: Option<Arc<Broker>>,
     pub settings: Settings,
 }
 
@@ -106,6 +109,7 @@ fn routes(config: &mut web::ServiceConfig) {
                 .route(web::get().to(versions::get))
                 .route(web::post().to(versions::freeze)),
         )
+        .service(resource("/{project}/_catalog").route(web::get().to(versions::catalog)))
         .service(
             resource("/{project}/_version/{version}/_retire")
                 .route(web::post().to(versions::retire)),

@@ -115,6 +115,25 @@ pub async fn retire(
     Ok(HttpResponse::Ok().json(json!({"project_version": number, "retired": true})))
 }
 
+/// GET /{project}/_catalog: the frozen versions exactly as stored, internal uids included, and the
+/// retired ones. `dstore worker` processes read the catalog through it.
+pub async fn catalog(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let project = ident("project", &path)?;
+    let snapshot = state.catalog.snapshot();
+    let p = snapshot.project(&project)?;
+    let retired: Vec<u32> = p
+        .versions
+        .iter()
+        .map(|v| v.number)
+        .filter(|n| p.is_retired(*n))
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "project": p.name,
+        "versions": p.versions,
+        "retired": retired,
+    })))
+}
+
 fn describe(state: &State, p: &Project) -> Result<Value, ApiError> {
     let mut per_blueprint: Map<String, Value> = Map::new();
     let mut versions = Vec::new();

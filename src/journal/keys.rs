@@ -52,4 +52,9 @@ pub fn backfill(project: &Ident, version: u32) -> Vec<u8> {
     format!("backfill/{project}/{version:010}").into_bytes()
 }
 
+/// The relay's cursor of one projector: the last seq the broker confirmed.
+pub fn published(projector: &str) -> Vec<u8> {
+    format!("published/{projector}").into_bytes()
+}
+
 pub const LAST_SEQ: &[u8] = b"last_seq";

@@ -28,11 +28,15 @@ use uuid::Uuid;
 
 use crate::blueprint::{Ident, Uid};
 use crate::catalog::{Catalog, CatalogError, Version};
+pub use codec::decode_task;
 use task::{Task, TaskOp, VersionDoc};
 pub use writer::Command;
 
 /// A raw key and value read from RocksDB.
 type KeyValue = (Box<[u8]>, Box<[u8]>);
+
+/// A task's seq and its stored value.
+pub type RawTask = (u64, Box<[u8]>);
 
 const CF_ITEMS: &str = "items";
 const CF_TASKS: &str = "tasks";
@@ -195,6 +199,8 @@ pub struct Journal {
     commands: std::sync::mpsc::SyncSender<Command>,
     last_seq: Arc<AtomicU64>,
     lanes: HashMap<&'static str, Lane>,
+    /// Notified after every commit (the broker relay waits on it).
+    committed: Notify,
     settings: JournalSettings,
     /// Where background work (back-fills) runs: the runtime that opened the journal.
     runtime: tokio::runtime::Handle,
@@ -268,6 +274,7 @@ impl Journal {
             commands,
             last_seq: last_seq.clone(),
             lanes,
+            committed: Notify::new(),
             settings: settings.clone(),
             runtime: tokio::runtime::Handle::current(),
             writer: Mutex::new(None),
@@ -461,6 +468,49 @@ impl Journal {
         Ok(tasks)
     }
 
+    /// Up to `limit` raw pending tasks of a projector with a seq above `after`, oldest first: the
+    /// outbox a broker relay publishes from. Values are in the task format of [`decode_task`].
+    pub fn outbox(
+        &self,
+        projector: &str,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<RawTask>, JournalError> {
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_lower_bound(keys::task(projector, after.saturating_add(1)));
+        options.set_iterate_upper_bound(keys::task(projector, u64::MAX));
+        let mut out = Vec::new();
+        for entry in self
+            .db
+            .iterator_cf_opt(self.cf(CF_TASKS), options, IteratorMode::Start)
+            .take(limit)
+        {
+            let (key, value) = entry?;
+            out.push((keys::task_seq(&key), value));
+        }
+        Ok(out)
+    }
+
+    /// The last seq a broker confirmed for a projector: tasks up to it have left the outbox.
+    pub fn published(&self, projector: &str) -> Result<u64, JournalError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_META), keys::published(projector))?
+            .and_then(|bytes| bytes.as_slice().try_into().ok())
+            .map_or(0, u64::from_be_bytes))
+    }
+
+    /// Records that the broker confirmed every task of a projector up to `seq`. Not synced: a
+    /// cursor lost in a crash only makes the relay publish those tasks again, which is harmless.
+    pub fn mark_published(&self, projector: &str, seq: u64) -> Result<(), JournalError> {
+        self.db.put_cf(
+            self.cf(CF_META),
+            keys::published(projector),
+            seq.to_be_bytes(),
+        )?;
+        Ok(())
+    }
+
     /// Removes applied tasks and moves refused ones to the dead letters, in one batch.
     pub fn ack(
         &self,
@@ -500,6 +550,9 @@ impl Journal {
             .next()
             .transpose()?
             .map(|(key, _)| keys::task_seq(&key));
+        if let Some(oldest) = oldest {
+            lane.floor.fetch_max(oldest, Ordering::AcqRel);
+        }
         let through = oldest.map_or(last, |seq| seq - 1);
         lane.applied.send_if_modified(|current| {
             let moved = *current != through;
@@ -538,6 +591,12 @@ impl Journal {
         for lane in self.lanes.values() {
             lane.wake.notify_one();
         }
+        self.committed.notify_one();
+    }
+
+    /// Waits until something is committed or `timeout` passes.
+    pub async fn wait_for_commit(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.committed.notified()).await;
     }
 
     /// Waits until the projector has new tasks or `timeout` passes.

@@ -107,7 +107,7 @@ pub async fn run(projector: Arc<dyn Projector>, catalog: &Catalog, project: &Ide
         let projector = projector.clone();
         async move {
             let outcomes = projector
-                .apply(catalog, &tasks)
+                .apply(&catalog.snapshot(), &tasks)
                 .await
                 .unwrap_or_else(|e| panic!("{name}: apply failed: {e}"));
             assert_eq!(outcomes.len(), tasks.len(), "{name}: one outcome per task");

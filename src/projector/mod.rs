@@ -3,7 +3,8 @@
 //! A projector turns journal tasks into the shape of one store. Delivery is at-least-once and in `seq`
 //! order, so every method must be idempotent: applying a task twice, or an older revision after a newer
 //! one, leaves the store as if the newest revision alone had been applied. A projector never sees a
-//! client request; it is given only tasks and the catalog to look blueprints up. The dispatcher calls
+//! client request; it is given only tasks and a catalog snapshot to look blueprints up (in a worker
+//! process, a copy of the server's catalog). The dispatcher calls
 //! `migrate` and `drop_project` for the `Migrate` and `DropProject` tasks, in their place in the queue,
 //! and `apply` for runs of item tasks.
 
@@ -22,7 +23,7 @@ use thiserror::Error;
 use uuid::Uuid;
 
 use crate::blueprint::Ident;
-use crate::catalog::{Catalog, Version};
+use crate::catalog::{Snapshot, Version};
 use crate::journal::task::Task;
 
 /// Whether retrying can help.
@@ -78,9 +79,11 @@ pub trait Projector: Send + Sync {
     /// Applies `Upsert` and `Delete` tasks in order. `Err` means the batch should be retried as a
     /// whole; `Ok` holds one outcome per task, in order, and a permanent error in it dead-letters
     /// only that task.
+    /// `snapshot` holds every version the tasks name, unless the project was dropped since: a version
+    /// missing from it needs no write.
     async fn apply(
         &self,
-        catalog: &Catalog,
+        snapshot: &Snapshot,
         tasks: &[Task],
     ) -> Result<Vec<Outcome>, ProjectorError>;
 
@@ -101,23 +104,42 @@ pub trait Projector: Send + Sync {
     async fn health(&self) -> Health;
 }
 
-/// The enabled projectors.
+/// The enabled projectors: those this process can reach, and the names of those only `dstore worker`
+/// processes elsewhere open (the embedded keyspaces of a worker, say). Tasks are queued for all.
 #[derive(Clone, Default)]
 pub struct Registry {
     projectors: Vec<Arc<dyn Projector>>,
+    elsewhere: Vec<&'static str>,
 }
 
 impl Registry {
     pub fn new(projectors: Vec<Arc<dyn Projector>>) -> Registry {
-        Registry { projectors }
+        Registry {
+            projectors,
+            elsewhere: Vec::new(),
+        }
+    }
+
+    /// Adds a projector that only worker processes open.
+    pub fn add_elsewhere(&mut self, name: &'static str) {
+        self.elsewhere.push(name);
     }
 
     pub fn names(&self) -> Vec<&'static str> {
-        self.projectors.iter().map(|p| p.name()).collect()
+        self.projectors
+            .iter()
+            .map(|p| p.name())
+            .chain(self.elsewhere.iter().copied())
+            .collect()
     }
 
+    /// The projectors this process can reach.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Projector>> {
         self.projectors.iter()
+    }
+
+    pub fn get(&self, name: &str) -> Option<&Arc<dyn Projector>> {
+        self.projectors.iter().find(|p| p.name() == name)
     }
 }
 

@@ -23,7 +23,7 @@ use crate::kitchensink::{blueprint_v1, blueprint_v2, item_v1, item_v2};
 const DEFAULT_URL: &str = "http://127.0.0.1:39200";
 
 /// The server under test; panics with how to get one when it does not answer.
-async fn es_url() -> String {
+pub(crate) async fn es_url() -> String {
     let url = std::env::var("ELASTICSEARCH_URL")
         .or_else(|_| std::env::var("DSTORE_TEST_ELASTICSEARCH_URL"))
         .unwrap_or_else(|_| DEFAULT_URL.into());
@@ -42,7 +42,7 @@ async fn es_url() -> String {
     url
 }
 
-fn unique_prefix() -> String {
+pub(crate) fn unique_prefix() -> String {
     format!(
         "dstore_test_{}_",
         &Uuid::new_v4().simple().to_string()[..12]
@@ -54,13 +54,13 @@ fn ident(s: &str) -> Ident {
 }
 
 /// A thin client for assertions straight against the server.
-struct Es {
-    url: String,
+pub(crate) struct Es {
+    pub(crate) url: String,
     client: reqwest::Client,
 }
 
 impl Es {
-    async fn new() -> Es {
+    pub(crate) async fn new() -> Es {
         Es {
             url: es_url().await,
             client: reqwest::Client::new(),
@@ -82,7 +82,7 @@ impl Es {
         self.call(reqwest::Method::GET, path).await
     }
 
-    async fn search(&self, index: &str, query: Value) -> Value {
+    pub(crate) async fn search(&self, index: &str, query: Value) -> Value {
         let response = self
             .client
             .post(format!("{}/{index}/_search", self.url))
@@ -94,7 +94,7 @@ impl Es {
         response.json().await.expect("a JSON answer")
     }
 
-    async fn refresh(&self, index: &str) {
+    pub(crate) async fn refresh(&self, index: &str) {
         let (status, body) = self
             .call(reqwest::Method::POST, &format!("{index}/_refresh"))
             .await;
@@ -106,7 +106,7 @@ impl Es {
     }
 
     /// Deletes the indexes a test created (by exact name: Elasticsearch refuses wildcard deletes).
-    async fn clean_up(&self, prefix: &str) {
+    pub(crate) async fn clean_up(&self, prefix: &str) {
         let (_, indexes) = self.get(&format!("{prefix}*/_mapping")).await;
         for index in indexes.as_object().into_iter().flat_map(|o| o.keys()) {
             self.call(reqwest::Method::DELETE, index).await;
@@ -605,7 +605,7 @@ async fn bulk_results_are_judged_one_by_one_429_retried_conflicts_fine_rejection
     let project = ident("fake");
     let tasks: Vec<_> = (1..=4).map(|r| upsert(&project, r)).collect();
     let outcomes = projector
-        .apply(&catalog, &tasks)
+        .apply(&catalog.snapshot(), &tasks)
         .await
         .expect("the batch is judged task by task");
     assert_eq!(
@@ -637,7 +637,7 @@ async fn a_store_answering_503_keeps_every_task_for_a_retry_and_reports_unhealth
     let (_dir, catalog, projector) = direct(&url, "");
     let project = ident("fake");
     let error = projector
-        .apply(&catalog, &[upsert(&project, 1)])
+        .apply(&catalog.snapshot(), &[upsert(&project, 1)])
         .await
         .expect_err("nothing can be written");
     assert_eq!(error.kind, ErrorKind::Transient, "{error}");

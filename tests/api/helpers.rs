@@ -31,6 +31,10 @@ pub async fn spawn_app_with_projectors(
     configure: impl FnOnce(&mut Settings),
     extra: Vec<Arc<dyn Projector>>,
 ) -> TestApp {
+    // DSTORE_TEST_LOG=debug (a tracing filter) shows the service's logs of a failing test.
+    if let Ok(level) = std::env::var("DSTORE_TEST_LOG") {
+        dstore::telemetry::init(&dstore::config::LogSettings { level, json: false });
+    }
     let dir = tempfile::tempdir().expect("temp dir");
     let mut settings = Settings::default();
     settings.server.host = "127.0.0.1".into();

@@ -3,6 +3,7 @@
 mod blueprints;
 mod cli;
 mod elasticsearch;
+mod faults;
 mod helpers;
 mod items;
 mod kitchensink;
@@ -10,3 +11,4 @@ mod operations;
 mod postgres;
 mod process;
 mod projectors;
+mod rabbitmq;

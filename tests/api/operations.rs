@@ -21,6 +21,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/{project}/_version"),
     ("post", "/{project}/_version"),
     ("post", "/{project}/_version/{version}/_retire"),
+    ("get", "/{project}/_catalog"),
     ("get", "/{project}/_project"),
     ("put", "/{project}/_project"),
     ("delete", "/{project}/_project"),

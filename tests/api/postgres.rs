@@ -22,7 +22,7 @@ use uuid::Uuid;
 use crate::helpers::{spawn_app_with, TestApp};
 use crate::kitchensink::{blueprint_v1, blueprint_v2, item_v1, item_v2, sample};
 
-fn server_url() -> String {
+pub(crate) fn server_url() -> String {
     std::env::var("DSTORE_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
         .trim_end_matches('/')
@@ -39,8 +39,8 @@ async fn connect(url: &str) -> PgConnection {
 }
 
 /// A database of its own for one test, dropped by [`TestDatabase::drop`].
-struct TestDatabase {
-    name: String,
+pub(crate) struct TestDatabase {
+    pub(crate) name: String,
 }
 
 impl TestDatabase {
@@ -48,7 +48,7 @@ impl TestDatabase {
         format!("dstore_test_{}", Uuid::new_v4().simple())
     }
 
-    async fn create() -> TestDatabase {
+    pub(crate) async fn create() -> TestDatabase {
         let name = TestDatabase::unique_name();
         let mut admin = connect(&format!("{}/postgres", server_url())).await;
         sqlx::query(AssertSqlSafe(format!(
@@ -61,7 +61,7 @@ impl TestDatabase {
         TestDatabase { name }
     }
 
-    fn settings(&self) -> PostgresSettings {
+    pub(crate) fn settings(&self) -> PostgresSettings {
         PostgresSettings {
             url: Some(format!("{}/{}", server_url(), self.name)),
             max_connections: 4,
@@ -73,11 +73,11 @@ impl TestDatabase {
         Arc::new(PostgresProjector::new(&self.settings()).expect("valid settings"))
     }
 
-    async fn sql(&self) -> PgConnection {
+    pub(crate) async fn sql(&self) -> PgConnection {
         connect(&format!("{}/{}", server_url(), self.name)).await
     }
 
-    async fn drop(self) {
+    pub(crate) async fn drop(self) {
         let mut admin = connect(&format!("{}/postgres", server_url())).await;
         sqlx::query(AssertSqlSafe(format!(
             "DROP DATABASE IF EXISTS {} WITH (FORCE)",
@@ -541,7 +541,7 @@ async fn inside_one_batch_a_refused_row_fails_alone_and_the_newest_revision_wins
         upsert(&project, nul, 8, with_nul),
     ];
     let outcomes = projector
-        .apply(&catalog, &tasks)
+        .apply(&catalog.snapshot(), &tasks)
         .await
         .expect("the batch is applied");
     let failed: Vec<usize> = outcomes
@@ -647,7 +647,7 @@ async fn writes_into_a_version_never_migrated_by_this_projector_migrate_it_first
     let id = Uuid::new_v4();
     let outcomes = projector
         .apply(
-            &catalog,
+            &catalog.snapshot(),
             &[upsert(&project, id, 1, sample_doc(id, "hello"))],
         )
         .await

@@ -3,7 +3,7 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use dstore::blueprint::Ident;
-use dstore::catalog::{Catalog, Version};
+use dstore::catalog::{Catalog, Snapshot, Version};
 use dstore::journal::task::Task;
 use dstore::projector::rocksdb::RocksProjector;
 use dstore::projector::{conformance, Health, Outcome, Projector, ProjectorError};
@@ -45,7 +45,7 @@ impl Projector for Broken {
 
     async fn apply(
         &self,
-        _catalog: &Catalog,
+        _snapshot: &Snapshot,
         tasks: &[Task],
     ) -> Result<Vec<Outcome>, ProjectorError> {
         if self.down.load(Ordering::SeqCst) {

@@ -22,7 +22,7 @@ use serde_json::{Map, Value};
 use super::client::{is_transient_status, BulkAction, BulkItem};
 use super::ElasticsearchProjector;
 use crate::blueprint::Ident;
-use crate::catalog::Catalog;
+use crate::catalog::Snapshot;
 use crate::journal::task::Task;
 use crate::projector::{ErrorKind, Outcome, ProjectorError};
 
@@ -49,13 +49,13 @@ enum Target {
 impl ElasticsearchProjector {
     pub(super) async fn apply_tasks(
         &self,
-        catalog: &Catalog,
+        snapshot: &Snapshot,
         tasks: &[Task],
     ) -> Result<Vec<Outcome>, ProjectorError> {
         let (planned, indexes) = self.plan(tasks);
         let mut targets = HashMap::new();
         for (index, place) in indexes {
-            let target = self.prepare(catalog, &index, place).await?;
+            let target = self.prepare(snapshot, &index, place).await?;
             targets.insert(index, target);
         }
 
@@ -125,7 +125,7 @@ impl ElasticsearchProjector {
     /// Makes sure an index exists before anything is written to it. A transient failure fails the batch.
     async fn prepare(
         &self,
-        catalog: &Catalog,
+        snapshot: &Snapshot,
         index: &str,
         (project, version, blueprint): Place<'_>,
     ) -> Result<Target, ProjectorError> {
@@ -136,7 +136,6 @@ impl ElasticsearchProjector {
             self.remember(index);
             return Ok(Target::Ready);
         }
-        let snapshot = catalog.snapshot();
         let definition = snapshot
             .projects
             .get(project)

@@ -32,7 +32,7 @@ use self::client::EsClient;
 use self::names::Names;
 use super::{Health, Outcome, Projector, ProjectorError};
 use crate::blueprint::Ident;
-use crate::catalog::{Catalog, Version};
+use crate::catalog::{Snapshot, Version};
 use crate::config::ElasticsearchSettings;
 use crate::journal::task::Task;
 
@@ -89,10 +89,10 @@ impl Projector for ElasticsearchProjector {
 
     async fn apply(
         &self,
-        catalog: &Catalog,
+        snapshot: &Snapshot,
         tasks: &[Task],
     ) -> Result<Vec<Outcome>, ProjectorError> {
-        self.apply_tasks(catalog, tasks).await
+        self.apply_tasks(snapshot, tasks).await
     }
 
     async fn drop_project(&self, project: &Ident) -> Result<(), ProjectorError> {

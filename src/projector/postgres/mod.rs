@@ -34,7 +34,7 @@ pub use error::PgError;
 
 use super::{Health, Outcome, Projector, ProjectorError};
 use crate::blueprint::Ident;
-use crate::catalog::{Catalog, Version};
+use crate::catalog::{Snapshot, Version};
 use crate::config::PostgresSettings;
 use crate::journal::task::Task;
 use error::{classify, Failure};
@@ -162,11 +162,10 @@ impl Projector for PostgresProjector {
 
     async fn apply(
         &self,
-        catalog: &Catalog,
+        snapshot: &Snapshot,
         tasks: &[Task],
     ) -> Result<Vec<Outcome>, ProjectorError> {
-        let snapshot = catalog.snapshot();
-        let plan = plan::plan(&snapshot, tasks);
+        let plan = plan::plan(snapshot, tasks);
         let mut outcomes = plan.outcomes;
         if plan.groups.is_empty() {
             return Ok(outcomes);

@@ -17,7 +17,7 @@ use uuid::Uuid;
 
 use super::{Health, Outcome, Projector, ProjectorError};
 use crate::blueprint::Ident;
-use crate::catalog::{Catalog, Version};
+use crate::catalog::{Snapshot, Version};
 use crate::journal::task::Task;
 
 pub struct RocksProjector {
@@ -125,7 +125,7 @@ impl Projector for RocksProjector {
 
     async fn apply(
         &self,
-        _catalog: &Catalog,
+        _snapshot: &Snapshot,
         tasks: &[Task],
     ) -> Result<Vec<Outcome>, ProjectorError> {
         let batch = self.stage(tasks)?;

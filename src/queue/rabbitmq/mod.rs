@@ -1,0 +1,280 @@
+//! Tasks through RabbitMQ: the journal's outbox is relayed to the broker, projectors consume it in
+//! this process or in `dstore worker` processes, and report back what they applied.
+//!
+//! Topology, all durable, every name prefixed by `queue.namespace` (`dstore` below):
+//! - exchange `dstore.tasks` (direct) → queue `dstore.{projector}` per projector, bound by its name.
+//!   The queue has a single active consumer, so tasks are applied in order even when several workers
+//!   of a projector run (the others stand by), and dead-letters to
+//! - exchange `dstore.dead` (direct) → queue `dstore.{projector}.dead`: tasks a store refused for good
+//!   and messages no consumer could read, for broker tools. It keeps the newest 100,000 messages;
+//!   the list dstore serves and retries from (`/_dead_letters`) is the journal's.
+//! - queue `dstore.reports`: what consumers applied, refused and migrated, for the server's journal.
+//!
+//! The journal stays the source of truth. A task stays in it until a report says its projector
+//! applied it; the relay's cursor only says how far the broker has confirmed ([`relay`]). Consumers
+//! acknowledge a delivery only after the store applied it and the report was confirmed
+//! ([`consumer`]), so a crash anywhere means a redelivery, never a loss, and redelivery is harmless
+//! because every store applies by revision. Each loop reconnects with capped backoff on its own.
+
+pub mod consumer;
+pub mod relay;
+pub mod reports;
+
+use std::collections::BTreeMap;
+use std::future::Future;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use futures::StreamExt;
+use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
+use serde::Serialize;
+use tokio::sync::watch;
+
+use crate::config::QueueSettings;
+use crate::projector::backoff;
+
+/// A failure of one session with the broker; the loop reconnects after it.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error("rabbitmq: {0}")]
+    Broker(#[from] lapin::Error),
+    #[error("{0}")]
+    Other(String),
+}
+
+/// The broker settings and how each of this process's links to it is doing (for `/_health/ready`).
+pub struct Broker {
+    pub settings: QueueSettings,
+    links: Mutex<BTreeMap<String, LinkState>>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct LinkState {
+    pub connected: bool,
+    pub last_error: Option<String>,
+}
+
+impl Broker {
+    pub fn new(settings: QueueSettings) -> Broker {
+        Broker {
+            settings,
+            links: Mutex::default(),
+        }
+    }
+
+    fn exchange(&self) -> String {
+        format!("{}.tasks", self.settings.namespace)
+    }
+
+    fn dead_exchange(&self) -> String {
+        format!("{}.dead", self.settings.namespace)
+    }
+
+    /// The queue a projector consumes.
+    pub fn queue(&self, projector: &str) -> String {
+        format!("{}.{projector}", self.settings.namespace)
+    }
+
+    /// Where a projector's refused tasks end up.
+    pub fn dead_queue(&self, projector: &str) -> String {
+        format!("{}.{projector}.dead", self.settings.namespace)
+    }
+
+    /// The queue of consumers' reports to the server.
+    pub fn reports_queue(&self) -> String {
+        format!("{}.reports", self.settings.namespace)
+    }
+
+    /// Every link's state, by name.
+    pub fn links(&self) -> BTreeMap<String, LinkState> {
+        self.links.lock().expect("links lock").clone()
+    }
+
+    fn set_link(&self, link: &str, connected: bool, error: Option<String>) {
+        let mut links = self.links.lock().expect("links lock");
+        let state = links.entry(link.to_string()).or_insert(LinkState {
+            connected,
+            last_error: None,
+        });
+        state.connected = connected;
+        if error.is_some() || connected {
+            state.last_error = error;
+        }
+    }
+
+    /// A named connection (it shows in the broker's management tools), with a time limit.
+    pub async fn connect(&self, link: &str) -> Result<Connection, LinkError> {
+        let name = format!("dstore {link} (pid {})", std::process::id());
+        let properties = ConnectionProperties::default().with_connection_name(name.into());
+        let connection = tokio::time::timeout(
+            Duration::from_secs(10),
+            Connection::connect(&self.settings.url, properties),
+        )
+        .await
+        .map_err(|_| LinkError::Other("no answer from the broker within 10 s".into()))??;
+        Ok(connection)
+    }
+
+    /// Declares the exchanges and the queues of one projector (idempotent: same arguments always).
+    async fn declare_projector(&self, channel: &Channel, projector: &str) -> Result<(), LinkError> {
+        let durable = ExchangeDeclareOptions {
+            durable: true,
+            ..ExchangeDeclareOptions::default()
+        };
+        let (exchange, dead_exchange) = (self.exchange(), self.dead_exchange());
+        for name in [&exchange, &dead_exchange] {
+            channel
+                .exchange_declare(
+                    name.as_str().into(),
+                    ExchangeKind::Direct,
+                    durable,
+                    FieldTable::default(),
+                )
+                .await?;
+        }
+        let mut dead_args = FieldTable::default();
+        dead_args.insert("x-max-length".into(), AMQPValue::LongInt(100_000));
+        let dead_queue = self.dead_queue(projector);
+        channel
+            .queue_declare(
+                dead_queue.as_str().into(),
+                QueueDeclareOptions::durable(),
+                dead_args,
+            )
+            .await?;
+        channel
+            .queue_bind(
+                dead_queue.as_str().into(),
+                dead_exchange.as_str().into(),
+                projector.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        let mut args = FieldTable::default();
+        args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(dead_exchange.as_str().into()),
+        );
+        let queue = self.queue(projector);
+        channel
+            .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
+            .await?;
+        channel
+            .queue_bind(
+                queue.as_str().into(),
+                exchange.as_str().into(),
+                projector.into(),
+                QueueBindOptions::default(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    async fn declare_reports(&self, channel: &Channel) -> Result<(), LinkError> {
+        channel
+            .queue_declare(
+                self.reports_queue().as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
+    }
+
+    /// Runs `session` on a new connection again and again until `shutdown`, reconnecting with capped
+    /// backoff after each failure; a session that ran for a minute starts the backoff over. A session
+    /// ends as soon as its connection reports an error, whatever it was waiting for.
+    pub async fn keep_linked<F, Fut>(
+        &self,
+        link: &str,
+        mut shutdown: watch::Receiver<bool>,
+        mut session: F,
+    ) where
+        F: FnMut(Connection) -> Fut,
+        Fut: Future<Output = Result<(), LinkError>>,
+    {
+        let mut attempt = 0;
+        while !*shutdown.borrow() {
+            let started = Instant::now();
+            let linked = async {
+                let connection = self.connect(link).await?;
+                let events = connection.events_listener();
+                tokio::select! {
+                    result = session(connection) => result,
+                    error = lost(events) => Err(error),
+                }
+            };
+            let result = tokio::select! {
+                result = linked => result,
+                _ = shutdown.changed() => Ok(()),
+            };
+            match result {
+                Ok(()) => break,
+                Err(error) => {
+                    if started.elapsed() > Duration::from_secs(60) {
+                        attempt = 0;
+                    }
+                    tracing::warn!(link, %error, attempt, "rabbitmq link lost; reconnecting");
+                    self.set_link(link, false, Some(error.to_string()));
+                    tokio::select! {
+                        _ = tokio::time::sleep(backoff(attempt)) => {}
+                        _ = shutdown.changed() => {}
+                    }
+                    attempt += 1;
+                }
+            }
+        }
+        self.set_link(link, false, None);
+    }
+}
+
+/// Resolves when the connection reports an error (a broker restart, a dropped socket, a missed
+/// heartbeat): operations in flight on it may otherwise never finish.
+async fn lost(events: impl futures::Stream<Item = lapin::Event>) -> LinkError {
+    let mut events = std::pin::pin!(events);
+    while let Some(event) = events.next().await {
+        if let lapin::Event::Error(error) = event {
+            return LinkError::Broker(error);
+        }
+    }
+    LinkError::Other("the connection to the broker closed".into())
+}
+
+/// Message properties of everything dstore publishes: persistent, identified.
+fn persistent(message_id: String) -> lapin::BasicProperties {
+    lapin::BasicProperties::default()
+        .with_delivery_mode(2)
+        .with_app_id("dstore".into())
+        .with_message_id(message_id.into())
+}
+
+/// Waits for the broker to confirm a publish; a nack, a returned (unroutable) message or no answer
+/// within a minute (a broker blocked by a resource alarm) is an error.
+async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<(), LinkError> {
+    let confirmation = tokio::time::timeout(Duration::from_secs(60), confirm)
+        .await
+        .map_err(|_| {
+            LinkError::Other(
+                "the broker confirmed nothing within 60 s (is it blocked by a resource alarm?)"
+                    .into(),
+            )
+        })??;
+    match confirmation {
+        lapin::Confirmation::Ack(None) => Ok(()),
+        lapin::Confirmation::Ack(Some(returned)) => Err(LinkError::Other(format!(
+            "the broker could not route a message ({}); its queue is declared again",
+            returned.reply_text
+        ))),
+        lapin::Confirmation::Nack(_) => Err(LinkError::Other(
+            "the broker refused a message (nack)".into(),
+        )),
+        lapin::Confirmation::NotRequested => Err(LinkError::Other(
+            "publisher confirms are not enabled on the channel".into(),
+        )),
+    }
+}

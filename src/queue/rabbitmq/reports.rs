@@ -1,0 +1,96 @@
+//! Reports: what a consumer did with a step of tasks, sent back to the server through the broker, and
+//! the server's loop that records them in the journal and the catalog.
+//!
+//! A report is recorded before its delivery is acknowledged, and recording is idempotent (removing a
+//! task twice, or storing the same dead letter twice, changes nothing), so a redelivered report is
+//! harmless.
+
+use std::sync::Arc;
+
+use futures::StreamExt;
+use lapin::options::{BasicAckOptions, BasicConsumeOptions, BasicQosOptions, BasicRejectOptions};
+use lapin::types::FieldTable;
+use lapin::Connection;
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use super::{Broker, LinkError};
+use crate::journal::{DeadLetter, Journal};
+use crate::queue::step::{self, MigrationRecord};
+
+const LINK: &str = "reports";
+
+/// What one consumer step did, as the server records it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Report {
+    pub projector: String,
+    /// Seqs of the tasks applied.
+    pub applied: Vec<u64>,
+    /// Tasks refused for good, with the reason.
+    pub dead: Vec<DeadLetter>,
+    pub migration: Option<MigrationRecord>,
+    /// The error the consumer is retrying after, or `None` once it is working again.
+    pub error: Option<String>,
+}
+
+/// Records reports until `shutdown` turns true.
+pub async fn collect(journal: Arc<Journal>, broker: Arc<Broker>, shutdown: watch::Receiver<bool>) {
+    let session = |connection| session(connection, &journal, &broker);
+    broker.keep_linked(LINK, shutdown.clone(), session).await;
+}
+
+async fn session(
+    connection: Connection,
+    journal: &Journal,
+    broker: &Broker,
+) -> Result<(), LinkError> {
+    let channel = connection.create_channel().await?;
+    broker.declare_reports(&channel).await?;
+    channel.basic_qos(200, BasicQosOptions::default()).await?;
+    let mut reports = channel
+        .basic_consume(
+            broker.reports_queue().as_str().into(),
+            "dstore-server".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    broker.set_link(LINK, true, None);
+    while let Some(delivery) = reports.next().await {
+        let delivery = delivery?;
+        match serde_json::from_slice::<Report>(&delivery.data) {
+            Ok(report) => {
+                record(journal, &report)?;
+                delivery.acker.ack(BasicAckOptions::default()).await?;
+            }
+            Err(error) => {
+                tracing::error!(%error, "dropping an unreadable report");
+                delivery
+                    .acker
+                    .reject(BasicRejectOptions { requeue: false })
+                    .await?;
+            }
+        }
+    }
+    Err(LinkError::Other(
+        "the broker cancelled the reports consumer".into(),
+    ))
+}
+
+/// Records a report; a projector this server does not know is logged and skipped.
+fn record(journal: &Journal, report: &Report) -> Result<(), LinkError> {
+    let Some(name) = journal.projectors().find(|p| *p == report.projector) else {
+        tracing::warn!(projector = %report.projector, "a report from a projector this server does not enable");
+        return Ok(());
+    };
+    step::record(
+        journal,
+        name,
+        &report.applied,
+        report.dead.clone(),
+        report.migration.as_ref(),
+    )
+    .map_err(|e| LinkError::Other(format!("journal: {e}")))?;
+    journal.note_error(name, report.error.clone());
+    Ok(())
+}

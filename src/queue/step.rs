@@ -1,0 +1,170 @@
+//! One step of projection, shared by every transport: apply the longest leading run of tasks that can
+//! go together, and say what became of each.
+//!
+//! `Migrate` and `DropProject` tasks go alone, in their place in the order, so no write reaches a
+//! version before its migration and none of a deleted project survives its drop; item tasks go
+//! together. The step touches nothing but the projector: the caller acknowledges what it applied,
+//! keeps the dead letters, records the migration and retries the rest, each in its own way (the
+//! in-process dispatcher in the journal, a RabbitMQ consumer by acks and a progress report).
+
+use serde::{Deserialize, Serialize};
+
+use crate::blueprint::Ident;
+use crate::catalog::{MigrationState, Snapshot};
+use crate::journal::task::{Task, TaskOp};
+use crate::journal::{DeadLetter, Journal, JournalError};
+use crate::projector::{ErrorKind, Projector, ProjectorError};
+
+/// What one step did with the front of a list of tasks. The tasks it settled are the first
+/// `settled()` of the list, each either applied or dead; the rest wait for the next step.
+#[derive(Debug, Default)]
+pub struct Step {
+    /// Seqs of tasks applied (or needing nothing, such as a migration of a version since dropped).
+    pub applied: Vec<u64>,
+    /// Tasks the store refused for good.
+    pub dead: Vec<DeadLetter>,
+    /// The migration this step ran, to record in the catalog.
+    pub migration: Option<MigrationRecord>,
+    /// Why the unsettled tasks must be retried later, when the step stopped short.
+    pub retry: Option<ProjectorError>,
+}
+
+/// The outcome of one projector's migration of one version.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct MigrationRecord {
+    pub project: Ident,
+    pub version: u32,
+    pub state: MigrationState,
+}
+
+impl Step {
+    /// How many tasks from the front of the list this step settled.
+    pub fn settled(&self) -> usize {
+        self.applied.len() + self.dead.len()
+    }
+}
+
+/// Records what a step of `projector` did: the migration's state in the catalog, the applied tasks
+/// and the dead letters in the journal. Idempotent, so a step reported twice is recorded once.
+pub fn record(
+    journal: &Journal,
+    projector: &str,
+    applied: &[u64],
+    dead: Vec<DeadLetter>,
+    migration: Option<&MigrationRecord>,
+) -> Result<(), JournalError> {
+    if let Some(m) = migration {
+        if let Err(e) =
+            journal
+                .catalog()
+                .set_migration(&m.project, m.version, projector, m.state.clone())
+        {
+            tracing::warn!(projector, error = %e, "cannot record migration state");
+        }
+    }
+    journal.ack(projector, applied, dead)
+}
+
+/// Applies the leading run of `tasks` (which must not be empty). `snapshot` must hold every version
+/// the tasks name, unless its project is gone.
+pub async fn apply(projector: &dyn Projector, snapshot: &Snapshot, tasks: &[Task]) -> Step {
+    let first = &tasks[0];
+    match &first.op {
+        TaskOp::Migrate { version } => migrate(projector, snapshot, first, *version).await,
+        TaskOp::DropProject => match projector.drop_project(&first.project).await {
+            Ok(()) => applied(first),
+            Err(e) if e.kind == ErrorKind::Transient => retry(e),
+            Err(e) => dead(projector, first, &e),
+        },
+        TaskOp::Upsert { .. } | TaskOp::Delete { .. } => {
+            let run = tasks
+                .iter()
+                .take_while(|t| matches!(t.op, TaskOp::Upsert { .. } | TaskOp::Delete { .. }))
+                .count();
+            apply_items(projector, snapshot, &tasks[..run]).await
+        }
+    }
+}
+
+async fn apply_items(projector: &dyn Projector, snapshot: &Snapshot, run: &[Task]) -> Step {
+    let outcomes = match projector.apply(snapshot, run).await {
+        Ok(outcomes) => outcomes,
+        Err(e) if e.kind == ErrorKind::Transient => return retry(e),
+        Err(e) => run.iter().map(|_| Err(e.clone())).collect(),
+    };
+    let mut step = Step::default();
+    for (task, outcome) in run.iter().zip(outcomes) {
+        match outcome {
+            Ok(()) => step.applied.push(task.seq),
+            Err(e) if e.kind == ErrorKind::Permanent => {
+                step.dead.push(dead_letter(projector.name(), task, &e))
+            }
+            Err(e) => {
+                step.retry = Some(e);
+                break;
+            }
+        }
+    }
+    step
+}
+
+/// Runs a migration. A version that no longer exists or was retired needs none; a failure is retried
+/// until it succeeds, since writes into the version wait behind it.
+async fn migrate(projector: &dyn Projector, snapshot: &Snapshot, task: &Task, number: u32) -> Step {
+    let version = snapshot
+        .projects
+        .get(&task.project)
+        .filter(|p| !p.is_retired(number))
+        .and_then(|p| p.version(number));
+    let Some(version) = version else {
+        return applied(task);
+    };
+    let result = projector.migrate(&task.project, version).await;
+    let state = match &result {
+        Ok(()) => MigrationState::Done,
+        Err(e) => MigrationState::Failed {
+            error: e.message.clone(),
+        },
+    };
+    let mut step = match result {
+        Ok(()) => applied(task),
+        Err(e) => retry(e),
+    };
+    step.migration = Some(MigrationRecord {
+        project: task.project.clone(),
+        version: number,
+        state,
+    });
+    step
+}
+
+fn applied(task: &Task) -> Step {
+    Step {
+        applied: vec![task.seq],
+        ..Step::default()
+    }
+}
+
+fn retry(error: ProjectorError) -> Step {
+    Step {
+        retry: Some(error),
+        ..Step::default()
+    }
+}
+
+fn dead(projector: &dyn Projector, task: &Task, error: &ProjectorError) -> Step {
+    Step {
+        dead: vec![dead_letter(projector.name(), task, error)],
+        ..Step::default()
+    }
+}
+
+fn dead_letter(projector: &str, task: &Task, error: &ProjectorError) -> DeadLetter {
+    tracing::error!(projector, task = %task.describe(), reason = %error.message, "dead letter");
+    DeadLetter {
+        projector: projector.to_string(),
+        task: task.clone(),
+        reason: error.message.clone(),
+        at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+    }
+}

@@ -1,0 +1,164 @@
+//! Where a consumer finds the catalog: in this process, or, in a `dstore worker`, a copy of the
+//! server's, fetched over HTTP (`GET /{project}/_catalog`) when a task names a version it lacks.
+//!
+//! Frozen versions never change, so the copy is only ever extended, with two exceptions: a dropped
+//! project is forgotten (its name, and its version numbers, can come back with other blueprints),
+//! and so is everything when the consumer reconnects, since another worker may have applied a drop
+//! meanwhile. The copy must never answer "no such version" for a version the server has: a fetch
+//! that fails is a transient error, and only the server's 404 means the project is gone.
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+
+use serde::Deserialize;
+
+use crate::blueprint::Ident;
+use crate::catalog::{Catalog, Project, Snapshot, Version, VersionStatus};
+use crate::journal::task::{Task, TaskOp};
+use crate::projector::ProjectorError;
+
+pub enum CatalogView {
+    /// The catalog of this process (`dstore serve`).
+    Local(Arc<Catalog>),
+    /// A copy of a server's catalog (`dstore worker`).
+    Remote(RemoteCatalog),
+}
+
+pub struct RemoteCatalog {
+    server: String,
+    client: reqwest::Client,
+    copy: Mutex<Arc<Snapshot>>,
+}
+
+/// The body of `GET /{project}/_catalog`.
+#[derive(Deserialize)]
+struct ProjectCatalog {
+    versions: Vec<Arc<Version>>,
+    retired: Vec<u32>,
+}
+
+impl CatalogView {
+    pub fn remote(server: &str) -> CatalogView {
+        CatalogView::Remote(RemoteCatalog {
+            server: server.trim_end_matches('/').to_string(),
+            client: reqwest::Client::builder()
+                .timeout(std::time::Duration::from_secs(10))
+                .build()
+                .unwrap_or_default(),
+            copy: Mutex::default(),
+        })
+    }
+
+    /// A snapshot holding every version `tasks` name, unless the server no longer has its project.
+    pub async fn snapshot_for(&self, tasks: &[Task]) -> Result<Arc<Snapshot>, ProjectorError> {
+        match self {
+            CatalogView::Local(catalog) => Ok(catalog.snapshot()),
+            CatalogView::Remote(remote) => remote.snapshot_for(tasks).await,
+        }
+    }
+
+    /// Forgets what the copy holds of a project, once it is dropped.
+    pub fn forget(&self, project: &Ident) {
+        if let CatalogView::Remote(remote) = self {
+            remote.update(|s| {
+                s.projects.remove(project);
+            });
+        }
+    }
+
+    /// Forgets everything the copy holds.
+    pub fn clear(&self) {
+        if let CatalogView::Remote(remote) = self {
+            remote.update(|s| s.projects.clear());
+        }
+    }
+}
+
+impl RemoteCatalog {
+    fn current(&self) -> Arc<Snapshot> {
+        self.copy.lock().expect("catalog copy lock").clone()
+    }
+
+    fn update(&self, edit: impl FnOnce(&mut Snapshot)) {
+        let mut copy = self.copy.lock().expect("catalog copy lock");
+        let mut next = Snapshot::clone(&copy);
+        edit(&mut next);
+        *copy = Arc::new(next);
+    }
+
+    async fn snapshot_for(&self, tasks: &[Task]) -> Result<Arc<Snapshot>, ProjectorError> {
+        let current = self.current();
+        let missing: BTreeSet<&Ident> = tasks
+            .iter()
+            .filter(|task| {
+                named_versions(task).any(|number| {
+                    current
+                        .projects
+                        .get(&task.project)
+                        .is_none_or(|p| p.version(number).is_none())
+                })
+            })
+            .map(|task| &task.project)
+            .collect();
+        for project in missing {
+            let fetched = self.fetch(project).await?;
+            self.update(|s| match fetched {
+                Some(p) => {
+                    s.projects.insert(project.clone(), Arc::new(p));
+                }
+                None => {
+                    s.projects.remove(project);
+                }
+            });
+        }
+        Ok(self.current())
+    }
+
+    /// The server's frozen versions of a project; `None` when the server does not know it.
+    async fn fetch(&self, project: &Ident) -> Result<Option<Project>, ProjectorError> {
+        let url = format!("{}/{project}/_catalog", self.server);
+        let failed = |e: &dyn std::fmt::Display| {
+            ProjectorError::transient(format!(
+                "cannot read the catalog of {project} from the dstore server at {} (--server / DSTORE_SERVER): {e}",
+                self.server
+            ))
+        };
+        let response = self.client.get(&url).send().await.map_err(|e| failed(&e))?;
+        match response.status().as_u16() {
+            200 => {}
+            404 => return Ok(None),
+            status => return Err(failed(&format!("it answered {status}"))),
+        }
+        let body: ProjectCatalog = response.json().await.map_err(|e| failed(&e))?;
+        let mut p = Project::new(project.clone());
+        for number in body.retired {
+            p.status.insert(
+                number,
+                VersionStatus {
+                    retired: true,
+                    ..VersionStatus::default()
+                },
+            );
+        }
+        p.versions = body.versions;
+        let dense = p
+            .versions
+            .iter()
+            .enumerate()
+            .all(|(i, v)| usize::try_from(v.number).ok() == Some(i + 1));
+        if !dense {
+            return Err(failed(&"its versions are not numbered 1, 2, 3 …"));
+        }
+        Ok(Some(p))
+    }
+}
+
+/// The versions a task needs to know.
+fn named_versions(task: &Task) -> Box<dyn Iterator<Item = u32> + '_> {
+    match &task.op {
+        TaskOp::Migrate { version } => Box::new(std::iter::once(*version)),
+        TaskOp::Upsert { docs, .. } => Box::new(docs.iter().map(|d| d.version)),
+        TaskOp::Delete { versions, .. } => Box::new(versions.iter().copied()),
+        TaskOp::DropProject => Box::new(std::iter::empty()),
+    }
+}

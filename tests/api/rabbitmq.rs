@@ -1,0 +1,607 @@
+//! Tasks through RabbitMQ, against the real broker (`DSTORE_TEST_RABBITMQ_URL`, default the local
+//! one, which `scripts/test.sh` installs and starts). Each test has its own namespace of queues and
+//! removes them at the end; the test that restarts the broker runs alone.
+
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use dstore::blueprint::Ident;
+use dstore::config::QueueSettings;
+use lapin::options::{
+    BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+};
+use lapin::types::FieldTable;
+use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
+use serde_json::json;
+use tokio::sync::{RwLock, RwLockReadGuard};
+use uuid::Uuid;
+
+use crate::faults::{self, Proxy, Tally, WriteLoad};
+use crate::helpers::{article, spawn_app_with, spawn_app_with_projectors, TestApp};
+use crate::postgres::TestDatabase;
+
+/// Tests share the broker; the one that restarts it takes this for writing.
+static BROKER: RwLock<()> = RwLock::const_new(());
+
+pub fn broker_url() -> String {
+    std::env::var("DSTORE_TEST_RABBITMQ_URL")
+        .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+}
+
+/// A namespace of queues on the test broker for one test.
+pub struct TestBroker {
+    pub namespace: String,
+    _shared: Option<RwLockReadGuard<'static, ()>>,
+}
+
+impl TestBroker {
+    pub async fn new() -> TestBroker {
+        let shared = BROKER.read().await;
+        TestBroker::exclusive(Some(shared)).await
+    }
+
+    async fn exclusive(shared: Option<RwLockReadGuard<'static, ()>>) -> TestBroker {
+        drop(connect().await);
+        TestBroker {
+            namespace: format!("dstore_test_{}", &Uuid::new_v4().simple().to_string()[..12]),
+            _shared: shared,
+        }
+    }
+
+    pub fn settings(&self) -> QueueSettings {
+        QueueSettings {
+            namespace: self.namespace.clone(),
+            ..QueueSettings::new(broker_url())
+        }
+    }
+
+    /// Messages waiting in one of the namespace's queues, e.g. `rocksdb.dead`.
+    pub async fn messages(&self, queue: &str) -> u32 {
+        let connection = connect().await;
+        let channel = connection.create_channel().await.unwrap();
+        let declared = channel
+            .queue_declare(
+                format!("{}.{queue}", self.namespace).as_str().into(),
+                QueueDeclareOptions {
+                    passive: true,
+                    ..QueueDeclareOptions::default()
+                },
+                FieldTable::default(),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"));
+        declared.message_count()
+    }
+
+    /// Removes every queue and exchange of the namespace.
+    pub async fn clean_up(self) {
+        let connection = connect().await;
+        let channel = connection.create_channel().await.unwrap();
+        for projector in ["rocksdb", "postgresql", "elasticsearch", "broken"] {
+            for queue in [projector.to_string(), format!("{projector}.dead")] {
+                let name = format!("{}.{queue}", self.namespace);
+                let _ = channel
+                    .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+                    .await;
+            }
+        }
+        let reports = format!("{}.reports", self.namespace);
+        let _ = channel
+            .queue_delete(reports.as_str().into(), QueueDeleteOptions::default())
+            .await;
+        for exchange in ["tasks", "dead"] {
+            let name = format!("{}.{exchange}", self.namespace);
+            let _ = channel
+                .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
+                .await;
+        }
+    }
+}
+
+pub async fn connect() -> Connection {
+    let url = broker_url();
+    Connection::connect(&url, ConnectionProperties::default())
+        .await
+        .unwrap_or_else(|e| {
+            panic!(
+                "no RabbitMQ broker answers at {url} ({e}); run the tests through scripts/test.sh, \
+                 which starts one, or point DSTORE_TEST_RABBITMQ_URL at one"
+            )
+        })
+}
+
+async fn spawn_with_broker(broker: &TestBroker) -> TestApp {
+    let queue = broker.settings();
+    spawn_app_with(|s| s.queue = Some(queue)).await
+}
+
+fn ident(name: &str) -> Ident {
+    Ident::parse(name).unwrap()
+}
+
+#[tokio::test]
+async fn through_rabbitmq_writes_migrations_and_deletes_reach_the_store_over_durable_queues() {
+    let broker = TestBroker::new().await;
+    let app = spawn_with_broker(&broker).await;
+    // The freeze answers once the migration was applied by the consumer and reported back.
+    assert_eq!(app.put_and_freeze("myblog", "article", &article()).await, 1);
+    let id = Uuid::new_v4();
+    let item = json!({"project_version": 1, "title": "Hello", "date_created": "2020-01-02"});
+    app.put_projected(&format!("/myblog/article/{id}?wait=true"), &item)
+        .await;
+    let keyspace = app.rocksdb.clone().unwrap();
+    let stored = keyspace.get(&ident("myblog"), 1, &ident("article"), &id);
+    assert_eq!(stored.unwrap()["title"], "Hello");
+    let deleted = app.delete(&format!("/myblog/article/{id}?wait=true")).await;
+    assert_eq!(deleted.body["projected"], true, "{}", deleted.body);
+    assert!(keyspace
+        .get(&ident("myblog"), 1, &ident("article"), &id)
+        .is_none());
+
+    let ready = app.get("/_health/ready").await.body;
+    assert_eq!(ready["status"], "ready", "{ready}");
+    assert_eq!(ready["queue"]["transport"], "rabbitmq", "{ready}");
+    for link in ["relay", "reports", "consumer rocksdb"] {
+        assert_eq!(ready["queue"]["links"][link]["connected"], true, "{ready}");
+    }
+    assert_eq!(ready["projectors"]["rocksdb"]["progress"]["pending"], 0);
+
+    // Declaring the task queue as transient is refused: the broker holds it as durable.
+    let connection = connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    let transient = channel
+        .queue_declare(
+            format!("{}.rocksdb", broker.namespace).as_str().into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await;
+    assert!(transient.is_err(), "the task queue is durable");
+    assert_eq!(broker.messages("rocksdb").await, 0);
+    app.stop().await;
+    broker.clean_up().await;
+}
+
+/// `dstore worker` as a user starts it.
+fn start_worker(projector: &str, server: &str, env: &[(&str, String)]) -> Child {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_dstore"));
+    command
+        .args(["worker", "--projector", projector, "--server", server])
+        .env_remove("DSTORE_CONFIG")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    for (name, value) in env {
+        command.env(name, value);
+    }
+    command.spawn().expect("the worker starts")
+}
+
+fn terminate(child: &mut Child) {
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let started = Instant::now();
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the worker did not stop on SIGTERM"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(child.wait().unwrap().success());
+}
+
+async fn count_rows(db: &TestDatabase) -> i64 {
+    let mut sql = db.sql().await;
+    sqlx::query_scalar("SELECT count(*) FROM p_v1.things")
+        .fetch_one(&mut sql)
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_worker_process_applies_postgresql_while_serve_only_relays_its_tasks() {
+    let broker = TestBroker::new().await;
+    let db = TestDatabase::create().await;
+    let queue = QueueSettings {
+        external: vec!["postgres".into()],
+        ..broker.settings()
+    };
+    let pg = db.settings();
+    let app = spawn_app_with(|s| {
+        s.queue = Some(queue);
+        s.postgresql = Some(pg);
+        s.projection.wait_timeout_secs = 30;
+    })
+    .await;
+    let env = [
+        ("QUEUE_CONNECTIONSTRING", broker_url()),
+        ("DSTORE_QUEUE_NAMESPACE", broker.namespace.clone()),
+        (
+            "DATABASE_URL",
+            db.settings().url.expect("the test database url"),
+        ),
+    ];
+    let mut worker = start_worker("postgres", &app.address, &env);
+    assert_eq!(app.put_and_freeze("p", "thing", &faults::thing()).await, 1);
+    let first = Uuid::new_v4();
+    app.put_projected(
+        &format!("/p/thing/{first}?wait=true"),
+        &json!({"project_version": 1, "n": 1}),
+    )
+    .await;
+    assert_eq!(count_rows(&db).await, 1);
+
+    // Without a worker, postgresql's tasks wait in its queue; serve does not apply them.
+    terminate(&mut worker);
+    for n in 0..50 {
+        let put = app
+            .put(
+                &format!("/p/thing/{}", Uuid::new_v4()),
+                &json!({"project_version": 1, "n": n}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        count_rows(&db).await,
+        1,
+        "nobody applies postgresql's tasks"
+    );
+    let ready = app.get("/_health/ready").await.body;
+    assert_eq!(
+        ready["projectors"]["postgresql"]["status"], "catching_up",
+        "{ready}"
+    );
+    assert_eq!(ready["projectors"]["postgresql"]["progress"]["pending"], 50);
+    assert!(broker.messages("postgresql").await >= 50);
+
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    faults::wait_until_projected(&app).await;
+    assert_eq!(count_rows(&db).await, 52);
+    terminate(&mut worker);
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_worker_without_a_broker_or_with_an_unknown_projector_says_what_is_missing() {
+    let output = Command::new(env!("CARGO_BIN_EXE_dstore"))
+        .args(["worker", "--projector", "postgresql"])
+        .env_remove("DSTORE_CONFIG")
+        .env_remove("QUEUE_CONNECTIONSTRING")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(stderr.contains("QUEUE_CONNECTIONSTRING"), "{stderr}");
+
+    let output = Command::new(env!("CARGO_BIN_EXE_dstore"))
+        .args(["worker", "--projector", "mongodb"])
+        .env_remove("DSTORE_CONFIG")
+        .env("QUEUE_CONNECTIONSTRING", broker_url())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success());
+    assert!(
+        stderr.contains("mongodb") && stderr.contains("postgresql"),
+        "{stderr}"
+    );
+}
+
+/// A projector that refuses every item while `refuse` is set.
+#[derive(Clone, Default)]
+struct Refusing {
+    refuse: Arc<AtomicBool>,
+}
+
+#[async_trait::async_trait]
+impl dstore::projector::Projector for Refusing {
+    fn name(&self) -> &'static str {
+        "broken"
+    }
+
+    async fn migrate(
+        &self,
+        _: &Ident,
+        _: &dstore::catalog::Version,
+    ) -> Result<(), dstore::projector::ProjectorError> {
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        _: &dstore::catalog::Snapshot,
+        tasks: &[dstore::journal::task::Task],
+    ) -> Result<Vec<dstore::projector::Outcome>, dstore::projector::ProjectorError> {
+        let refuse = self.refuse.load(Ordering::SeqCst);
+        Ok(tasks
+            .iter()
+            .map(|_| match refuse {
+                true => Err(dstore::projector::ProjectorError::permanent(
+                    "value too long for type character varying(3)",
+                )),
+                false => Ok(()),
+            })
+            .collect())
+    }
+
+    async fn drop_project(&self, _: &Ident) -> Result<(), dstore::projector::ProjectorError> {
+        Ok(())
+    }
+
+    async fn read(
+        &self,
+        _: &Ident,
+        _: u32,
+        _: &Ident,
+        _: &Uuid,
+    ) -> Result<Option<serde_json::Value>, dstore::projector::ProjectorError> {
+        Ok(None)
+    }
+
+    async fn health(&self) -> dstore::projector::Health {
+        dstore::projector::Health {
+            reachable: true,
+            detail: "test".into(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn refused_tasks_are_listed_with_the_reason_kept_in_the_dead_letter_queue_and_retried() {
+    let broker = TestBroker::new().await;
+    let refusing = Refusing::default();
+    refusing.refuse.store(true, Ordering::SeqCst);
+    let queue = broker.settings();
+    let app =
+        spawn_app_with_projectors(|s| s.queue = Some(queue), vec![Arc::new(refusing.clone())])
+            .await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let id = Uuid::new_v4();
+    let item = json!({"project_version": 1, "title": "Hello", "date_created": "2020-01-02"});
+    let put = app
+        .put(&format!("/myblog/article/{id}?wait=true"), &item)
+        .await;
+    assert_eq!(put.body["projected"], true, "{}", put.body);
+
+    let letters = app.get("/_dead_letters").await.body["dead_letters"].clone();
+    assert_eq!(letters.as_array().unwrap().len(), 1, "{letters}");
+    assert_eq!(letters[0]["projector"], "broken");
+    assert_eq!(letters[0]["task"]["op"]["upsert"]["id"], json!(id));
+    assert!(letters[0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("character varying(3)"));
+    assert_eq!(broker.messages("broken.dead").await, 1);
+    assert_eq!(broker.messages("rocksdb.dead").await, 0);
+
+    refusing.refuse.store(false, Ordering::SeqCst);
+    let retried = app.post("/_dead_letters/_retry", None).await;
+    assert_eq!(retried.body["retried"], 1, "{}", retried.body);
+    let later = app
+        .put(
+            &format!("/myblog/article/{}?wait=true", Uuid::new_v4()),
+            &item,
+        )
+        .await;
+    assert_eq!(later.body["projected"], true);
+    assert_eq!(
+        app.get("/_dead_letters").await.body["dead_letters"],
+        json!([])
+    );
+    app.stop().await;
+    broker.clean_up().await;
+}
+
+#[tokio::test]
+async fn while_the_broker_is_unreachable_writes_are_accepted_and_all_arrive_once_it_is_back() {
+    let broker = TestBroker::new().await;
+    let upstream = broker_url();
+    let authority = upstream
+        .trim_start_matches("amqp://")
+        .split('/')
+        .next()
+        .unwrap()
+        .rsplit('@')
+        .next()
+        .unwrap()
+        .to_string();
+    let proxy = Proxy::start(&authority).await;
+    let queue = QueueSettings {
+        url: format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port),
+        ..broker.settings()
+    };
+    let app = spawn_app_with(|s| {
+        s.queue = Some(queue);
+        s.projection.wait_timeout_secs = 120;
+    })
+    .await;
+    app.put_and_freeze("p", "thing", &faults::thing()).await;
+
+    let load = WriteLoad::start(&app.address, 8);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.cut();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let ready = app.get("/_health/ready").await.body;
+        if ready["queue"]["links"]["relay"]["connected"] == false {
+            assert_eq!(ready["status"], "degraded", "{ready}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the lost link never showed: {ready}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.restore();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let expected = load.stop().await;
+    faults::wait_until_projected(&app).await;
+    let tallies = [Tally::of(
+        "rocksdb",
+        &expected,
+        &faults::rocksdb_items(&app, &expected),
+    )];
+    faults::report("the broker unreachable under load", &expected, &tallies);
+    app.stop().await;
+    broker.clean_up().await;
+}
+
+#[tokio::test]
+async fn restarting_rabbitmq_under_load_loses_no_write() {
+    let _alone = BROKER.write().await;
+    let broker = TestBroker::exclusive(None).await;
+    let db = TestDatabase::create().await;
+    let (queue, pg) = (broker.settings(), db.settings());
+    let app = spawn_app_with(|s| {
+        s.queue = Some(queue);
+        s.postgresql = Some(pg);
+        s.projection.wait_timeout_secs = 120;
+    })
+    .await;
+    app.put_and_freeze("p", "thing", &faults::thing()).await;
+
+    let load = WriteLoad::start(&app.address, 8);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    rabbitmqctl("stop_app");
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    rabbitmqctl("start_app");
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let expected = load.stop().await;
+    faults::wait_until_projected(&app).await;
+    let tallies = [
+        Tally::of(
+            "rocksdb",
+            &expected,
+            &faults::rocksdb_items(&app, &expected),
+        ),
+        Tally::of("postgresql", &expected, &faults::postgres_items(&db).await),
+    ];
+    faults::report("rabbitmq restarted under load", &expected, &tallies);
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
+
+/// Runs `rabbitmqctl` (the test machine's broker is local; `scripts/test.sh` runs as root).
+fn rabbitmqctl(command: &str) {
+    let status = Command::new("rabbitmqctl")
+        .arg(command)
+        .stdout(Stdio::null())
+        .status()
+        .unwrap_or_else(|e| {
+            panic!("rabbitmqctl {command}: {e}; the restart test needs the broker's rabbitmqctl")
+        });
+    assert!(status.success(), "rabbitmqctl {command} failed");
+}
+
+/// A task message as the relay publishes it: `seq | revision | task JSON`.
+fn task_message(seq: u64, revision: u64, task: serde_json::Value) -> Vec<u8> {
+    let mut message = seq.to_be_bytes().to_vec();
+    message.extend_from_slice(&revision.to_be_bytes());
+    message.extend_from_slice(task.to_string().as_bytes());
+    message
+}
+
+async fn publish(channel: &Channel, broker: &TestBroker, projector: &str, body: &[u8]) {
+    channel
+        .basic_publish(
+            format!("{}.tasks", broker.namespace).as_str().into(),
+            projector.into(),
+            BasicPublishOptions::default(),
+            body,
+            BasicProperties::default().with_delivery_mode(2),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+}
+
+#[tokio::test]
+async fn redelivered_stale_and_unreadable_messages_never_duplicate_or_undo_newer_data() {
+    let broker = TestBroker::new().await;
+    let db = TestDatabase::create().await;
+    let (queue, pg) = (broker.settings(), db.settings());
+    let app = spawn_app_with(|s| {
+        s.queue = Some(queue);
+        s.postgresql = Some(pg);
+    })
+    .await;
+    app.put_and_freeze("p", "thing", &faults::thing()).await;
+    let (kept, deleted) = (Uuid::new_v4(), Uuid::new_v4());
+    let first = app
+        .put_projected(
+            &format!("/p/thing/{kept}?wait=true"),
+            &json!({"project_version": 1, "n": 1}),
+        )
+        .await;
+    let old_revision = first.body["revision"].as_u64().unwrap();
+    for n in 2..=3 {
+        app.put_projected(
+            &format!("/p/thing/{kept}?wait=true"),
+            &json!({"project_version": 1, "n": n}),
+        )
+        .await;
+    }
+    app.put_projected(
+        &format!("/p/thing/{deleted}?wait=true"),
+        &json!({"project_version": 1, "n": 7}),
+    )
+    .await;
+    let delete = app.delete(&format!("/p/thing/{deleted}?wait=true")).await;
+    assert_eq!(delete.body["projected"], true);
+
+    // Copies of old writes arrive again, as after a redelivery or a relay that lost its cursor,
+    // and a message that is no task at all.
+    let connection = connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    let stale = |id: Uuid, n: i64| {
+        json!({"seq": 0, "project": "p", "op": {"upsert": {"blueprint": "thing", "id": id,
+            "revision": 0, "docs": [{"version": 1, "doc": {"id": id, "project_version": 1,
+            "links": [], "n": n, "title": null}}]}}})
+    };
+    for projector in ["rocksdb", "postgresql"] {
+        let message = task_message(u64::MAX - 1, old_revision, stale(kept, 1));
+        publish(&channel, &broker, projector, &message).await;
+        publish(&channel, &broker, projector, &message).await;
+        let message = task_message(u64::MAX - 2, old_revision, stale(deleted, 7));
+        publish(&channel, &broker, projector, &message).await;
+        publish(&channel, &broker, projector, b"not a task").await;
+    }
+    faults::wait_until_projected(&app).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while broker.messages("postgresql.dead").await < 1 || broker.messages("rocksdb.dead").await < 1
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the unreadable message was not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let keyspace = app.rocksdb.clone().unwrap();
+    let (p, thing) = (ident("p"), ident("thing"));
+    assert_eq!(keyspace.get(&p, 1, &thing, &kept).unwrap()["n"], 3);
+    assert!(keyspace.get(&p, 1, &thing, &deleted).is_none());
+    let rows = faults::postgres_items(&db).await;
+    assert_eq!(rows.get(&kept), Some(&3));
+    assert_eq!(rows.get(&deleted), None);
+    assert_eq!(
+        rows.len(),
+        2,
+        "one row per item (and the last write): {rows:?}"
+    );
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
