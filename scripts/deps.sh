@@ -96,6 +96,48 @@ ensure_postgres() {
     done
 }
 
+# True when something accepts TCP connections on host $1, port $2.
+port_open() {
+    (exec 3<>"/dev/tcp/$1/$2") 2>/dev/null
+}
+
+# RabbitMQ for the broker tests: installs the Debian package when there is no server, starts it when
+# nothing listens on 5672, and waits until it accepts connections. Tests reach it as
+# DSTORE_TEST_RABBITMQ_URL (default amqp://guest:guest@127.0.0.1:5672/%2f, the package's own user,
+# which may only log in from localhost). The restart test runs rabbitmqctl, so it needs this broker.
+ensure_rabbitmq() {
+    local url="${DSTORE_TEST_RABBITMQ_URL:-amqp://guest:guest@127.0.0.1:5672/%2f}"
+    export DSTORE_TEST_RABBITMQ_URL="$url"
+    if [ "$url" != "amqp://guest:guest@127.0.0.1:5672/%2f" ]; then
+        echo "dstore: using the RabbitMQ broker at DSTORE_TEST_RABBITMQ_URL" >&2
+        return 0
+    fi
+    if port_open 127.0.0.1 5672; then
+        return 0
+    fi
+    if [ -n "$(missing_packages rabbitmq-server)" ]; then
+        echo "dstore: installing RabbitMQ" >&2
+        apt_install rabbitmq-server
+    fi
+    if ! port_open 127.0.0.1 5672; then
+        echo "dstore: starting RabbitMQ" >&2
+        if [ -d /run/systemd/system ]; then
+            as_root systemctl start rabbitmq-server
+        else
+            as_root service rabbitmq-server start >/dev/null
+        fi
+    fi
+    local tries=0
+    until port_open 127.0.0.1 5672; do
+        tries=$((tries + 1))
+        if [ "$tries" -gt 120 ]; then
+            echo "dstore: RabbitMQ did not start; see /var/log/rabbitmq/" >&2
+            return 1
+        fi
+        sleep 0.5
+    done
+}
+
 # An Elasticsearch API for the tests. With ELASTICSEARCH_URL set, the tests use that cluster;
 # otherwise osmem-server (an in-memory engine from PyPI) is installed into a virtualenv when missing
 # and started on a fixed local port for as long as the calling script runs. Exports

@@ -478,7 +478,7 @@ pub async fn check_stores(settings: &Settings) -> Vec<StoreCheck> {
         checks.push(StoreCheck {
             store: "rabbitmq",
             setting: "queue.url / QUEUE_CONNECTIONSTRING",
-            result: broker_answers(&queue.url).await,
+            result: broker_answers(queue).await,
         });
     }
     checks
@@ -498,27 +498,41 @@ fn tempfile_in(dir: &std::path::Path) -> std::io::Result<()> {
     std::fs::remove_file(probe)
 }
 
-/// Whether a TCP connection to the broker of an `amqp://user:pass@host:port/vhost` URL opens.
-async fn broker_answers(url: &str) -> Result<String, String> {
-    let rest = url
-        .strip_prefix("amqp://")
-        .or_else(|| url.strip_prefix("amqps://"))
-        .ok_or_else(|| format!("{url:?} is not an amqp:// URL"))?;
-    let authority = rest.split('/').next().unwrap_or_default();
-    let host_port = authority.rsplit('@').next().unwrap_or_default();
-    let address = if host_port.contains(':') {
-        host_port.to_string()
-    } else {
-        format!("{host_port}:5672")
+/// Whether the broker accepts dstore's login (the password is not repeated).
+async fn broker_answers(queue: &QueueSettings) -> Result<String, String> {
+    let broker = Broker::new(queue.clone());
+    let shown = redact_password(&queue.url);
+    match broker.connect("check-config").await {
+        Ok(connection) => {
+            let _ = connection.close(200, "checked".into()).await;
+            Ok(format!("{shown} accepts the login"))
+        }
+        Err(e) => Err(format!("{shown}: {e}")),
+    }
+}
+
+/// `amqp://user:secret@host/vhost` → `amqp://user:***@host/vhost`.
+fn redact_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_string();
     };
-    match tokio::time::timeout(
-        std::time::Duration::from_secs(3),
-        tokio::net::TcpStream::connect(&address),
-    )
-    .await
-    {
-        Ok(Ok(_)) => Ok(format!("{address} accepts connections")),
-        Ok(Err(e)) => Err(format!("{address}: {e}")),
-        Err(_) => Err(format!("{address}: no answer within 3 s")),
+    match rest.split_once('@') {
+        Some((credentials, host)) if credentials.contains(':') => {
+            let user = credentials.split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_string(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn check_config_never_prints_the_broker_password() {
+        assert_eq!(
+            super::redact_password("amqp://guest:s3cret@mq:5672/%2f"),
+            "amqp://guest:***@mq:5672/%2f"
+        );
+        assert_eq!(super::redact_password("amqp://mq:5672"), "amqp://mq:5672");
     }
 }

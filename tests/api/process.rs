@@ -73,6 +73,7 @@ fn check_config_reports_each_store_and_fails_when_one_does_not_answer() {
         .env("POSTGRESQL_HOST", "127.0.0.1")
         .env("POSTGRESQL_DATABASE", "postgres")
         .env("ELASTICSEARCH_HOST", "http://127.0.0.1:9")
+        .env("QUEUE_CONNECTIONSTRING", crate::rabbitmq::broker_url())
         .env_remove("DSTORE_CONFIG")
         .output()
         .unwrap();
@@ -81,6 +82,11 @@ fn check_config_reports_each_store_and_fails_when_one_does_not_answer() {
     assert!(stdout.contains("ok      journal"), "{stdout}");
     assert!(stdout.contains("ok      postgresql"), "{stdout}");
     assert!(stdout.contains("FAILING elasticsearch"), "{stdout}");
+    assert!(stdout.contains("ok      rabbitmq"), "{stdout}");
+    assert!(
+        stdout.contains("guest:***@"),
+        "the broker password is not repeated: {stdout}"
+    );
     assert!(
         stdout.contains("ELASTICSEARCH_HOST"),
         "the failing line names the setting: {stdout}"
@@ -98,15 +104,23 @@ struct Server {
 
 impl Server {
     async fn start(data: &std::path::Path, port: u16) -> Server {
-        let child = Command::new(env!("CARGO_BIN_EXE_dstore"))
+        Server::start_with(data, port, &[]).await
+    }
+
+    /// Starts the binary with `env` added to the variables of [`Server::start`].
+    async fn start_with(data: &std::path::Path, port: u16, env: &[(&str, String)]) -> Server {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_dstore"));
+        command
             .env("PORT", port.to_string())
             .env("LEVEL_PATH", data)
             .env("DSTORE_HOST", "127.0.0.1")
             .env_remove("DSTORE_CONFIG")
             .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+            .stderr(Stdio::null());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        let child = command.spawn().unwrap();
         let client = reqwest::Client::new();
         let started = Instant::now();
         while client
@@ -246,4 +260,110 @@ async fn every_acknowledged_write_survives_kill_9_and_reaches_the_keyspace_after
         acknowledged.len(),
         "an acknowledged write never reached the keyspace"
     );
+}
+
+#[tokio::test]
+async fn with_every_store_and_the_broker_each_acknowledged_write_survives_kill_9() {
+    use crate::faults::{self, Tally, WriteLoad};
+    let broker = crate::rabbitmq::TestBroker::new().await;
+    let db = crate::postgres::TestDatabase::create().await;
+    let es = crate::elasticsearch::Es::new().await;
+    let prefix = crate::elasticsearch::unique_prefix();
+    let env = [
+        ("QUEUE_CONNECTIONSTRING", crate::rabbitmq::broker_url()),
+        ("DSTORE_QUEUE_NAMESPACE", broker.namespace.clone()),
+        ("DATABASE_URL", db.settings().url.unwrap()),
+        ("ELASTICSEARCH_HOST", es.url.clone()),
+        ("DSTORE_ELASTICSEARCH_INDEX_PREFIX", prefix.clone()),
+        ("DSTORE_WAIT_TIMEOUT_SECS", "120".into()),
+    ];
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let server = Server::start_with(dir.path(), port, &env).await;
+    let client = reqwest::Client::new();
+    let put = client
+        .put(server.url("/p/thing/_blueprint"))
+        .body(faults::thing().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let frozen = client.post(server.url("/p/_version")).send().await.unwrap();
+    assert_eq!(frozen.status(), 200, "{}", frozen.text().await.unwrap());
+
+    let load = WriteLoad::start(&server.url(""), 8);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let mut killed = server.child;
+    killed.kill().unwrap(); // SIGKILL, in the middle of the load
+    killed.wait().unwrap();
+    let expected = load.stop().await;
+    assert!(expected.acknowledged > 100, "the load ran");
+
+    let server = Server::start_with(dir.path(), port, &env).await;
+    let mut in_journal = 0;
+    for (id, n) in &expected.items {
+        let read = client
+            .get(server.url(&format!("/p/thing/{id}")))
+            .send()
+            .await
+            .unwrap();
+        let found = match read.status().as_u16() {
+            200 => read.json::<serde_json::Value>().await.unwrap()["n"].as_i64(),
+            _ => None,
+        };
+        in_journal += usize::from(found == *n);
+    }
+    let last = client
+        .put(server.url(&format!(
+            "/p/thing/{}?wait=true&timeout=120",
+            uuid::Uuid::new_v4()
+        )))
+        .body(serde_json::json!({"project_version": 1, "n": -1}).to_string())
+        .send()
+        .await
+        .unwrap();
+    let last: serde_json::Value = last.json().await.unwrap();
+    assert_eq!(last["projected"], true, "the stores caught up: {last}");
+    let postgresql = Tally::of("postgresql", &expected, &faults::postgres_items(&db).await);
+    let elasticsearch = Tally::of(
+        "elasticsearch",
+        &expected,
+        &faults::elasticsearch_items(&es, &prefix).await,
+    );
+    server.stop().await;
+    let keyspaces =
+        dstore::projector::rocksdb::RocksProjector::open(&dir.path().join("keyspaces")).unwrap();
+    let (project, blueprint) = (
+        dstore::blueprint::Ident::parse("p").unwrap(),
+        dstore::blueprint::Ident::parse("thing").unwrap(),
+    );
+    let held = expected
+        .items
+        .keys()
+        .filter_map(|id| {
+            let doc = keyspaces.get(&project, 1, &blueprint, id)?;
+            Some((*id, doc["n"].as_i64()?))
+        })
+        .collect();
+    let rocksdb = Tally::of("rocksdb", &expected, &held);
+    println!(
+        "kill -9 with every store and the broker: {} acknowledged writes, {} requests cut off by the kill; \
+         {}/{} items as acknowledged in the journal after restart",
+        expected.acknowledged,
+        expected.errors.len(),
+        in_journal,
+        expected.items.len()
+    );
+    assert_eq!(in_journal, expected.items.len(), "the journal lost a write");
+    let mut expected = expected;
+    // The requests the kill cut off are the only ones allowed to fail.
+    expected.errors.clear();
+    faults::report(
+        "kill -9 with every store and the broker",
+        &expected,
+        &[rocksdb, postgresql, elasticsearch],
+    );
+    broker.clean_up().await;
+    db.drop().await;
+    es.clean_up(&prefix).await;
 }
