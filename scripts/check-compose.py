@@ -76,6 +76,19 @@ def check_compose():
     check(host_of(env.get("QUEUE_CONNECTIONSTRING", "")) == "rabbitmq",
           "QUEUE_CONNECTIONSTRING names the rabbitmq service")
 
+    worker = services.get("postgres-worker") or {}
+    command = [str(c) for c in worker.get("command") or []]
+    check(command[:3] == ["worker", "--projector", "postgresql"],
+          "postgres-worker runs `dstore worker --projector postgresql` (the image's entrypoint is dstore)")
+    check("--server" in command and host_of(command[command.index("--server") + 1]) == "dstore",
+          "postgres-worker reads the catalog from the dstore service")
+    worker_env = environment(worker)
+    check(worker_env.get("QUEUE_CONNECTIONSTRING") == env.get("QUEUE_CONNECTIONSTRING"),
+          "postgres-worker uses dstore's broker")
+    check(host_of(worker_env.get("POSTGRESQL_HOST", "")) == "postgres", "postgres-worker writes to postgres")
+    check(env.get("DSTORE_QUEUE_EXTERNAL") == "postgresql",
+          "dstore leaves postgresql to the worker (DSTORE_QUEUE_EXTERNAL)")
+
     postgres = services["postgres"]
     pg_env = environment(postgres)
     check(str(postgres.get("image", "")).startswith("postgis/postgis:"), "postgres runs the postgis/postgis image")
