@@ -95,18 +95,28 @@ pub fn prepare_upsert(
         )
     })?;
     let item = check_item(bp, number, id, body).map_err(ItemError::Invalid)?;
-    let docs: Vec<VersionDoc> = p
-        .live_holders(bp.uid)
-        .into_iter()
-        .map(|(w, target)| VersionDoc {
-            version: w,
-            doc: if w == number {
-                item.clone()
-            } else {
-                transform(&item, bp, target, w)
+    // Other versions are transformed from the item, which then takes its own place uncopied.
+    let mut own = None;
+    let mut docs: Vec<VersionDoc> = Vec::new();
+    for (w, target) in p.live_holders(bp.uid) {
+        if w == number {
+            own = Some(docs.len());
+        } else {
+            docs.push(VersionDoc {
+                version: w,
+                doc: transform(&item, bp, target, w),
+            });
+        }
+    }
+    if let Some(at) = own {
+        docs.insert(
+            at,
+            VersionDoc {
+                version: number,
+                doc: item,
             },
-        })
-        .collect();
+        );
+    }
     Ok(Entry::upsert(
         project,
         blueprint.clone(),

@@ -141,6 +141,9 @@ pub fn parse_date(raw: &str) -> Result<NaiveDate, String> {
 
 /// Parses RFC 3339 or `YYYY-MM-DD[ HH:MM:SS[.fff]]` (also with `T`); no offset means UTC.
 pub fn parse_datetime(raw: &str) -> Result<DateTime<Utc>, String> {
+    if let Some(t) = plain_datetime(raw) {
+        return Ok(t);
+    }
     if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
         return Ok(t.with_timezone(&Utc));
     }
@@ -155,6 +158,25 @@ pub fn parse_datetime(raw: &str) -> Result<DateTime<Utc>, String> {
     Err(format!(
         "{raw:?} is not a datetime; expected RFC 3339 or YYYY-MM-DD[ HH:MM:SS]"
     ))
+}
+
+/// `YYYY-MM-DD HH:MM:SS` (or with `T`), the most common input, without chrono's format parser.
+fn plain_datetime(raw: &str) -> Option<DateTime<Utc>> {
+    let b = raw.as_bytes();
+    if b.len() != 19 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b' ' | b'T') {
+        return None;
+    }
+    if b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let number = |from: usize, to: usize| -> Option<u32> {
+        b[from..to].iter().try_fold(0u32, |n, c| {
+            c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
+        })
+    };
+    let date = NaiveDate::from_ymd_opt(number(0, 4)? as i32, number(5, 7)?, number(8, 10)?)?;
+    let time = date.and_hms_opt(number(11, 13)?, number(14, 16)?, number(17, 19)?)?;
+    Some(time.and_utc())
 }
 
 /// The canonical datetime text: UTC, seconds, microseconds only when present (PostgreSQL's precision).
@@ -322,6 +344,13 @@ mod tests {
             Ok(json!("2020-01-02 03:04:05.250000"))
         );
         assert!(one(BaseType::DateTime, json!("2020-13-02 03:04:05")).is_err());
+        assert!(one(BaseType::DateTime, json!("2021-02-29T00:00:00")).is_err());
+        assert!(one(BaseType::DateTime, json!("2021-02-28 24:00:00")).is_err());
+        assert!(one(BaseType::DateTime, json!("2021-02-28 2a:00:00")).is_err());
+        assert_eq!(
+            one(BaseType::DateTime, json!("2021-02-28T23:59:59")),
+            Ok(json!("2021-02-28 23:59:59"))
+        );
         assert!(one(BaseType::Date, json!("2020-02-30")).is_err());
         assert_eq!(
             one(BaseType::Date, json!("2020-02-29")),

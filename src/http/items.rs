@@ -9,7 +9,8 @@
 use std::time::{Duration, Instant};
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::Deserialize;
+use serde::ser::SerializeMap;
+use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
@@ -91,23 +92,37 @@ async fn answer(
     last: u64,
     status: actix_web::http::StatusCode,
 ) -> HttpResponse {
-    let mut status = status;
-    if params.wait {
-        let timeout = params
-            .timeout
-            .map_or_else(|| state.wait_timeout(), Duration::from_secs);
-        match state.journal.wait_projected(last, timeout).await {
-            Ok(()) => {
-                body.insert("projected".into(), Value::Bool(true));
-            }
-            Err(behind) => {
-                body.insert("projected".into(), Value::Bool(false));
-                body.insert("pending".into(), json!(behind));
-                status = actix_web::http::StatusCode::ACCEPTED;
-            }
+    let (status, projection) = projection(state, params, last, status).await;
+    body.extend(projection);
+    HttpResponse::build(status).json(body)
+}
+
+/// With `wait=true`, waits until every projector applied `last`: the status to answer (202 on
+/// time-out) and the fields saying so, `projected` and `pending`.
+async fn projection(
+    state: &State,
+    params: &WriteParams,
+    last: u64,
+    status: actix_web::http::StatusCode,
+) -> (actix_web::http::StatusCode, Map<String, Value>) {
+    let mut fields = Map::new();
+    if !params.wait {
+        return (status, fields);
+    }
+    let timeout = params
+        .timeout
+        .map_or_else(|| state.wait_timeout(), Duration::from_secs);
+    match state.journal.wait_projected(last, timeout).await {
+        Ok(()) => {
+            fields.insert("projected".into(), Value::Bool(true));
+            (status, fields)
+        }
+        Err(behind) => {
+            fields.insert("projected".into(), Value::Bool(false));
+            fields.insert("pending".into(), json!(behind));
+            (actix_web::http::StatusCode::ACCEPTED, fields)
         }
     }
-    HttpResponse::build(status).json(body)
 }
 
 fn success(id: &Uuid, revision: u64) -> Map<String, Value> {
@@ -293,31 +308,80 @@ pub async fn bulk(
         Ok((entries, outcomes))
     })
     .await?;
-    let mut errors = false;
-    let items: Vec<Value> = ops
+    let items: Vec<BulkResult> = ops
         .iter()
         .zip(outcomes)
-        .map(|(op, outcome)| {
-            let id = op.id.map(|id| id.to_string());
-            let result = match outcome {
-                Ok(index) => json!({"id": id, "status": if op.action == "create" { 201 } else { 200 }, "revision": revisions[index]}),
-                Err((status, field_errors)) => {
-                    errors = true;
-                    json!({"id": id, "status": status, "errors": field_errors})
-                }
-            };
-            json!({ op.action: result })
+        .map(|(op, outcome)| match outcome {
+            Ok(index) => BulkResult {
+                action: op.action,
+                id: op.id,
+                status: if op.action == "create" { 201 } else { 200 },
+                revision: Some(revisions[index]),
+                errors: None,
+            },
+            Err((status, errors)) => BulkResult {
+                action: op.action,
+                id: op.id,
+                status,
+                revision: None,
+                errors: Some(errors),
+            },
         })
         .collect();
-    let mut body = Map::new();
-    body.insert(
-        "took_ms".into(),
-        json!(started.elapsed().as_millis() as u64),
-    );
-    body.insert("errors".into(), Value::Bool(errors));
-    body.insert("items".into(), Value::Array(items));
     let last = revisions.iter().copied().max().unwrap_or(0);
-    Ok(answer(&state, &params, body, last, actix_web::http::StatusCode::OK).await)
+    let (status, projection) =
+        projection(&state, &params, last, actix_web::http::StatusCode::OK).await;
+    Ok(HttpResponse::build(status).json(BulkAnswer {
+        took_ms: started.elapsed().as_millis() as u64,
+        errors: items.iter().any(|item| item.errors.is_some()),
+        items,
+        projection,
+    }))
+}
+
+/// The answer to `_bulk`, serialized straight from these structs (it can hold many thousands of
+/// results).
+#[derive(Serialize)]
+struct BulkAnswer {
+    took_ms: u64,
+    errors: bool,
+    items: Vec<BulkResult>,
+    #[serde(flatten)]
+    projection: Map<String, Value>,
+}
+
+/// `{"put": {"id": …, "status": 200, "revision": R}}`, or with `errors` instead of `revision`.
+struct BulkResult {
+    action: &'static str,
+    id: Option<Uuid>,
+    status: u16,
+    revision: Option<u64>,
+    errors: Option<Vec<FieldError>>,
+}
+
+impl Serialize for BulkResult {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        #[derive(Serialize)]
+        struct Outcome<'a> {
+            id: Option<Uuid>,
+            status: u16,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            revision: Option<u64>,
+            #[serde(skip_serializing_if = "Option::is_none")]
+            errors: Option<&'a [FieldError]>,
+        }
+        let mut map = serializer.serialize_map(Some(1))?;
+        map.serialize_entry(
+            self.action,
+            &Outcome {
+                id: self.id,
+                status: self.status,
+                revision: self.revision,
+                errors: self.errors.as_deref(),
+            },
+        )?;
+        map.end()
+    }
 }
 
 fn prepare_op(
