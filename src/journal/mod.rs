@@ -246,6 +246,12 @@ impl Journal {
                 // read once; compressing them costs more than it saves.
                 cf.set_compression_type(rocksdb::DBCompressionType::None);
             }
+            if name == CF_ITEMS {
+                // Deletes and back-fills look items up; a bloom filter answers for absent ones.
+                let mut tables = rocksdb::BlockBasedOptions::default();
+                tables.set_bloom_filter(10.0, false);
+                cf.set_block_based_table_factory(&tables);
+            }
             ColumnFamilyDescriptor::new(name, cf)
         });
         let db = Arc::new(DB::open_cf_descriptors(&options, path, families)?);
