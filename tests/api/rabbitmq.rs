@@ -270,6 +270,51 @@ async fn a_worker_process_applies_postgresql_while_serve_only_relays_its_tasks()
 }
 
 #[tokio::test]
+async fn a_rocksdb_worker_keeps_the_keyspaces_in_its_own_directory() {
+    let broker = TestBroker::new().await;
+    let queue = QueueSettings {
+        external: vec!["rocksdb".into()],
+        ..broker.settings()
+    };
+    let app = spawn_app_with(|s| s.queue = Some(queue)).await;
+    assert!(
+        app.rocksdb.is_none(),
+        "serve leaves the keyspaces to the worker"
+    );
+    let ready = app.get("/_health/ready").await.body;
+    assert!(
+        ready["projectors"]["rocksdb"]["health"]["detail"]
+            .as_str()
+            .unwrap()
+            .contains("worker"),
+        "{ready}"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("QUEUE_CONNECTIONSTRING", broker_url()),
+        ("DSTORE_QUEUE_NAMESPACE", broker.namespace.clone()),
+        ("LEVEL_PATH", dir.path().display().to_string()),
+    ];
+    let mut worker = start_worker("rocksdb", &app.address, &env);
+    app.put_and_freeze("p", "thing", &faults::thing()).await;
+    let id = Uuid::new_v4();
+    app.put_projected(
+        &format!("/p/thing/{id}?wait=true"),
+        &json!({"project_version": 1, "n": 5}),
+    )
+    .await;
+    terminate(&mut worker);
+    let keyspaces =
+        dstore::projector::rocksdb::RocksProjector::open(&dir.path().join("keyspaces")).unwrap();
+    assert_eq!(
+        keyspaces.get(&ident("p"), 1, &ident("thing"), &id).unwrap()["n"],
+        5
+    );
+    app.stop().await;
+    broker.clean_up().await;
+}
+
+#[tokio::test]
 async fn a_worker_without_a_broker_or_with_an_unknown_projector_says_what_is_missing() {
     let output = Command::new(env!("CARGO_BIN_EXE_dstore"))
         .args(["worker", "--projector", "postgresql"])
