@@ -294,11 +294,8 @@ pub fn projector_name(name: &str) -> Option<&'static str> {
     PROJECTOR_NAMES.into_iter().find(|known| *known == name)
 }
 
-/// The projectors `dstore worker` processes apply instead of this one; each must be enabled.
-fn external_projectors(
-    queue: &QueueSettings,
-    settings: &Settings,
-) -> Result<Vec<&'static str>, StartupError> {
+/// Checks what the queue settings say that the broker will be asked to use.
+fn validate_queue(queue: &QueueSettings) -> Result<(), StartupError> {
     let valid_namespace = !queue.namespace.is_empty()
         && queue.namespace.len() <= 100
         && queue
@@ -311,6 +308,20 @@ fn external_projectors(
             queue.namespace
         )));
     }
+    if queue.prefetch == 0 {
+        return Err(StartupError::Queue(
+            "queue.prefetch must be at least 1 (0 would let a consumer hold every task)".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// The projectors `dstore worker` processes apply instead of this one; each must be enabled.
+fn external_projectors(
+    queue: &QueueSettings,
+    settings: &Settings,
+) -> Result<Vec<&'static str>, StartupError> {
+    validate_queue(queue)?;
     let enabled = |name: &str| match name {
         "rocksdb" => settings.projection.rocksdb,
         "postgresql" => settings.postgresql.is_some(),
@@ -396,9 +407,20 @@ pub async fn run_worker(
                 .into(),
         )
     })?;
-    external_projectors(&queue, &settings)?;
+    validate_queue(&queue)?;
     let projector = open_projector(projector, &settings)?;
     let name = projector.name();
+    if !queue
+        .external
+        .iter()
+        .any(|n| projector_name(n) == Some(name))
+    {
+        tracing::warn!(
+            projector = name,
+            "run dstore serve with queue.external (DSTORE_QUEUE_EXTERNAL) naming this projector; \
+             otherwise serve consumes its queue too, and only one of them is active at a time"
+        );
+    }
     let broker = Arc::new(Broker::new(queue));
     let view = Arc::new(CatalogView::remote(server));
     let (shutdown, stop) = watch::channel(false);

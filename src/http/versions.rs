@@ -116,11 +116,16 @@ pub async fn retire(
 }
 
 /// GET /{project}/_catalog: the frozen versions exactly as stored, internal uids included, and the
-/// retired ones. `dstore worker` processes read the catalog through it.
+/// retired ones. `dstore worker` processes read the catalog through it. A project that does not exist
+/// answers 200 with `"exists": false`, so a worker can tell it from a wrong address (a 404 of
+/// something else) and never skips tasks on the word of a server that is not dstore.
 pub async fn catalog(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
     let snapshot = state.catalog.snapshot();
-    let p = snapshot.project(&project)?;
+    let Some(p) = snapshot.projects.get(&project) else {
+        return Ok(HttpResponse::Ok()
+            .json(json!({"project": project, "exists": false, "versions": [], "retired": []})));
+    };
     let retired: Vec<u32> = p
         .versions
         .iter()
@@ -129,6 +134,7 @@ pub async fn catalog(state: State, path: web::Path<String>) -> Result<HttpRespon
         .collect();
     Ok(HttpResponse::Ok().json(json!({
         "project": p.name,
+        "exists": true,
         "versions": p.versions,
         "retired": retired,
     })))

@@ -10,6 +10,7 @@
 pub mod backfill;
 mod codec;
 mod keys;
+pub mod outbox;
 pub mod task;
 mod writer;
 
@@ -198,6 +199,8 @@ pub struct Journal {
     catalog: Arc<Catalog>,
     commands: std::sync::mpsc::SyncSender<Command>,
     last_seq: Arc<AtomicU64>,
+    /// Made once, when the journal is created: tells its tasks from those of another journal.
+    id: String,
     lanes: HashMap<&'static str, Lane>,
     /// Notified after every commit (the broker relay waits on it).
     committed: Notify,
@@ -260,6 +263,7 @@ impl Journal {
             None => 0,
         };
         let last_seq = Arc::new(AtomicU64::new(last_seq));
+        let id = outbox::journal_id(&db)?;
         let (commands, receiver) = std::sync::mpsc::sync_channel(4096);
         let lanes = projectors
             .iter()
@@ -279,6 +283,7 @@ impl Journal {
             catalog: catalog.clone(),
             commands,
             last_seq: last_seq.clone(),
+            id,
             lanes,
             committed: Notify::new(),
             settings: settings.clone(),
@@ -319,6 +324,11 @@ impl Journal {
 
     pub fn projectors(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.lanes.keys().copied()
+    }
+
+    /// This journal's id, made when it was created.
+    pub fn id(&self) -> &str {
+        &self.id
     }
 
     pub fn last_seq(&self) -> u64 {
@@ -474,47 +484,15 @@ impl Journal {
         Ok(tasks)
     }
 
-    /// Up to `limit` raw pending tasks of a projector with a seq above `after`, oldest first: the
-    /// outbox a broker relay publishes from. Values are in the task format of [`decode_task`].
-    pub fn outbox(
-        &self,
-        projector: &str,
-        after: u64,
-        limit: usize,
-    ) -> Result<Vec<RawTask>, JournalError> {
-        let mut options = rocksdb::ReadOptions::default();
-        options.set_iterate_lower_bound(keys::task(projector, after.saturating_add(1)));
-        options.set_iterate_upper_bound(keys::task(projector, u64::MAX));
-        let mut out = Vec::new();
-        for entry in self
+    /// One pending task of a projector, if it is still pending.
+    pub fn pending_task(&self, projector: &str, seq: u64) -> Result<Option<Task>, JournalError> {
+        match self
             .db
-            .iterator_cf_opt(self.cf(CF_TASKS), options, IteratorMode::Start)
-            .take(limit)
+            .get_cf(self.cf(CF_TASKS), keys::task(projector, seq))?
         {
-            let (key, value) = entry?;
-            out.push((keys::task_seq(&key), value));
+            Some(value) => Ok(Some(codec::decode_task(&value)?)),
+            None => Ok(None),
         }
-        Ok(out)
-    }
-
-    /// The last seq a broker confirmed for a projector: tasks up to it have left the outbox.
-    pub fn published(&self, projector: &str) -> Result<u64, JournalError> {
-        Ok(self
-            .db
-            .get_cf(self.cf(CF_META), keys::published(projector))?
-            .and_then(|bytes| bytes.as_slice().try_into().ok())
-            .map_or(0, u64::from_be_bytes))
-    }
-
-    /// Records that the broker confirmed every task of a projector up to `seq`. Not synced: a
-    /// cursor lost in a crash only makes the relay publish those tasks again, which is harmless.
-    pub fn mark_published(&self, projector: &str, seq: u64) -> Result<(), JournalError> {
-        self.db.put_cf(
-            self.cf(CF_META),
-            keys::published(projector),
-            seq.to_be_bytes(),
-        )?;
-        Ok(())
     }
 
     /// Removes applied tasks and moves refused ones to the dead letters, in one batch.

@@ -88,6 +88,14 @@ pub async fn apply(projector: &dyn Projector, snapshot: &Snapshot, tasks: &[Task
 
 async fn apply_items(projector: &dyn Projector, snapshot: &Snapshot, run: &[Task]) -> Step {
     let outcomes = match projector.apply(snapshot, run).await {
+        Ok(outcomes) if outcomes.len() != run.len() => {
+            return retry(ProjectorError::transient(format!(
+                "the {} projector answered {} outcomes for {} tasks",
+                projector.name(),
+                outcomes.len(),
+                run.len()
+            )))
+        }
         Ok(outcomes) => outcomes,
         Err(e) if e.kind == ErrorKind::Transient => return retry(e),
         Err(e) => run.iter().map(|_| Err(e.clone())).collect(),

@@ -5,7 +5,7 @@
 //! project is forgotten (its name, and its version numbers, can come back with other blueprints),
 //! and so is everything when the consumer reconnects, since another worker may have applied a drop
 //! meanwhile. The copy must never answer "no such version" for a version the server has: a fetch
-//! that fails is a transient error, and only the server's 404 means the project is gone.
+//! that fails is a transient error, and only the server's `"exists": false` means the project is gone.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -33,6 +33,7 @@ pub struct RemoteCatalog {
 /// The body of `GET /{project}/_catalog`.
 #[derive(Deserialize)]
 struct ProjectCatalog {
+    exists: bool,
     versions: Vec<Arc<Version>>,
     retired: Vec<u32>,
 }
@@ -124,12 +125,13 @@ impl RemoteCatalog {
             ))
         };
         let response = self.client.get(&url).send().await.map_err(|e| failed(&e))?;
-        match response.status().as_u16() {
-            200 => {}
-            404 => return Ok(None),
-            status => return Err(failed(&format!("it answered {status}"))),
+        if response.status() != 200 {
+            return Err(failed(&format!("it answered {}", response.status())));
         }
         let body: ProjectCatalog = response.json().await.map_err(|e| failed(&e))?;
+        if !body.exists {
+            return Ok(None);
+        }
         let mut p = Project::new(project.clone());
         for number in body.retired {
             p.status.insert(

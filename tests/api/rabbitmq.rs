@@ -57,8 +57,9 @@ impl TestBroker {
         }
     }
 
-    /// Messages waiting in one of the namespace's queues, e.g. `rocksdb.dead`.
-    pub async fn messages(&self, queue: &str) -> u32 {
+    /// Messages waiting in one of the namespace's queues, e.g. `rocksdb.dead`; `None` when the
+    /// queue does not exist.
+    pub async fn queued(&self, queue: &str) -> Option<u32> {
         let connection = connect().await;
         let channel = connection.create_channel().await.unwrap();
         let declared = channel
@@ -70,9 +71,32 @@ impl TestBroker {
                 },
                 FieldTable::default(),
             )
+            .await;
+        declared.ok().map(|q| q.message_count())
+    }
+
+    /// Messages waiting in one of the namespace's queues, which must exist.
+    pub async fn messages(&self, queue: &str) -> u32 {
+        self.queued(queue)
             .await
-            .unwrap_or_else(|e| panic!("queue {queue} exists: {e}"));
-        declared.message_count()
+            .unwrap_or_else(|| panic!("there is no queue {queue}"))
+    }
+
+    /// Waits up to 10 s until one of the namespace's queues holds `count` messages (the broker moves
+    /// messages after dstore answers).
+    pub async fn expect_messages(&self, queue: &str, count: u32) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let now = self.queued(queue).await;
+            if now == Some(count) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queue {queue} holds {now:?} messages, not {count}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
     }
 
     /// Removes every queue and exchange of the namespace.
@@ -258,7 +282,7 @@ async fn a_worker_process_applies_postgresql_while_serve_only_relays_its_tasks()
         "{ready}"
     );
     assert_eq!(ready["projectors"]["postgresql"]["progress"]["pending"], 50);
-    assert!(broker.messages("postgresql").await >= 50);
+    broker.expect_messages("postgresql", 50).await;
 
     let mut worker = start_worker("postgresql", &app.address, &env);
     faults::wait_until_projected(&app).await;
@@ -310,6 +334,85 @@ async fn a_rocksdb_worker_keeps_the_keyspaces_in_its_own_directory() {
         keyspaces.get(&ident("p"), 1, &ident("thing"), &id).unwrap()["n"],
         5
     );
+    app.stop().await;
+    broker.clean_up().await;
+}
+
+#[tokio::test]
+async fn a_queue_the_broker_lost_gets_every_pending_task_again() {
+    let broker = TestBroker::new().await;
+    let queue = QueueSettings {
+        external: vec!["rocksdb".into()],
+        ..broker.settings()
+    };
+    let app = spawn_app_with(|s| {
+        s.queue = Some(queue);
+        s.projection.wait_timeout_secs = 1;
+    })
+    .await;
+    assert_eq!(
+        app.put("/p/thing/_blueprint", &faults::thing())
+            .await
+            .status,
+        200
+    );
+    let frozen = app.post("/p/_version", None).await;
+    assert_eq!(
+        frozen.status, 503,
+        "no worker migrates yet: {}",
+        frozen.body
+    );
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let id = Uuid::new_v4();
+        let put = app
+            .put(
+                &format!("/p/thing/{id}"),
+                &json!({"project_version": 1, "n": n}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+        ids.push(id);
+    }
+    broker.expect_messages("rocksdb", 21).await; // the migration and the writes
+                                                 // The queue disappears with every task in it, as with a broker that lost its data.
+    let connection = connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_delete(
+            format!("{}.rocksdb", broker.namespace).as_str().into(),
+            QueueDeleteOptions::default(),
+        )
+        .await
+        .unwrap();
+    // The next task cannot be routed; the relay starts over and finds the queue missing.
+    let last = Uuid::new_v4();
+    let put = app
+        .put(
+            &format!("/p/thing/{last}"),
+            &json!({"project_version": 1, "n": 99}),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    ids.push(last);
+    broker.expect_messages("rocksdb", 22).await;
+
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("QUEUE_CONNECTIONSTRING", broker_url()),
+        ("DSTORE_QUEUE_NAMESPACE", broker.namespace.clone()),
+        ("LEVEL_PATH", dir.path().display().to_string()),
+    ];
+    let mut worker = start_worker("rocksdb", &app.address, &env);
+    faults::wait_until_projected(&app).await;
+    terminate(&mut worker);
+    let keyspaces =
+        dstore::projector::rocksdb::RocksProjector::open(&dir.path().join("keyspaces")).unwrap();
+    let held = ids
+        .iter()
+        .filter(|id| keyspaces.get(&ident("p"), 1, &ident("thing"), id).is_some())
+        .count();
+    assert_eq!(held, ids.len(), "every pending task reached the worker");
     app.stop().await;
     broker.clean_up().await;
 }
@@ -424,7 +527,7 @@ async fn refused_tasks_are_listed_with_the_reason_kept_in_the_dead_letter_queue_
         .as_str()
         .unwrap()
         .contains("character varying(3)"));
-    assert_eq!(broker.messages("broken.dead").await, 1);
+    broker.expect_messages("broken.dead", 1).await;
     assert_eq!(broker.messages("rocksdb.dead").await, 0);
 
     refusing.refuse.store(false, Ordering::SeqCst);

@@ -19,8 +19,8 @@ use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
 use tokio::sync::watch;
 
-use super::reports::Report;
-use super::{confirmed, persistent, Broker, LinkError};
+use super::reports::{Refusal, Report};
+use super::{confirmed, persistent, Broker, LinkError, JOURNAL_HEADER};
 use crate::journal::decode_task;
 use crate::journal::task::{Task, TaskOp};
 use crate::projector::{backoff, Projector};
@@ -96,8 +96,13 @@ impl Consumer<'_> {
                     None => break,
                 }
             }
-            if !self.settle_batch(&reports, batch, &mut shutdown).await? {
-                return Ok(());
+            for (journal, run) in by_journal(batch) {
+                if !self
+                    .settle_batch(&reports, &journal, run, &mut shutdown)
+                    .await?
+                {
+                    return Ok(());
+                }
             }
         }
     }
@@ -107,6 +112,7 @@ impl Consumer<'_> {
     async fn settle_batch(
         &self,
         reports: &Channel,
+        journal: &str,
         batch: Vec<Delivery>,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<bool, LinkError> {
@@ -129,7 +135,7 @@ impl Consumer<'_> {
             let step = self.step(&tasks).await;
             let settled = step.settled();
             tracing::debug!(projector = self.projector.name(), settled, "step applied");
-            self.report(reports, &step).await?;
+            self.report(reports, journal, &step).await?;
             for (task, delivery) in tasks.iter().zip(&held).take(settled) {
                 let refused = step.dead.iter().any(|d| d.task.seq == task.seq);
                 settle(delivery, !refused).await?;
@@ -165,11 +171,20 @@ impl Consumer<'_> {
     }
 
     /// Sends the step's report to the server and waits for the broker to take it.
-    async fn report(&self, channel: &Channel, step: &Step) -> Result<(), LinkError> {
+    async fn report(&self, channel: &Channel, journal: &str, step: &Step) -> Result<(), LinkError> {
         let report = Report {
             projector: self.projector.name().to_string(),
+            journal: journal.to_string(),
             applied: step.applied.clone(),
-            dead: step.dead.clone(),
+            refused: step
+                .dead
+                .iter()
+                .map(|d| Refusal {
+                    seq: d.task.seq,
+                    reason: d.reason.clone(),
+                    at: d.at.clone(),
+                })
+                .collect(),
             migration: step.migration.clone(),
             error: step.retry.as_ref().map(|e| e.message.clone()),
         };
@@ -190,6 +205,34 @@ impl Consumer<'_> {
             .await?;
         confirmed(confirm).await
     }
+}
+
+/// Splits a batch into runs of deliveries from the same journal, in order: a report speaks for
+/// one journal.
+fn by_journal(batch: Vec<Delivery>) -> Vec<(String, Vec<Delivery>)> {
+    let mut runs: Vec<(String, Vec<Delivery>)> = Vec::new();
+    for delivery in batch {
+        let journal = delivery
+            .properties
+            .headers()
+            .as_ref()
+            .and_then(|headers| {
+                headers
+                    .inner()
+                    .iter()
+                    .find(|(name, _)| name.as_str() == JOURNAL_HEADER)
+            })
+            .and_then(|(_, value)| match value {
+                lapin::types::AMQPValue::LongString(id) => Some(id.to_string()),
+                _ => None,
+            })
+            .unwrap_or_default();
+        match runs.last_mut() {
+            Some((current, run)) if *current == journal => run.push(delivery),
+            _ => runs.push((journal, vec![delivery])),
+        }
+    }
+    runs
 }
 
 /// The next delivery, or why the session ended.

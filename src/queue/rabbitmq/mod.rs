@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use lapin::options::{ExchangeDeclareOptions, QueueBindOptions, QueueDeclareOptions};
+use lapin::protocol::{AMQPErrorKind, AMQPSoftError};
 use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde::Serialize;
@@ -34,6 +35,10 @@ use tokio::sync::watch;
 
 use crate::config::QueueSettings;
 use crate::projector::backoff;
+
+/// The message header carrying the id of the journal a task comes from; reports repeat it, and the
+/// server records only reports about its own journal's tasks.
+pub const JOURNAL_HEADER: &str = "dstore-journal";
 
 /// A failure of one session with the broker; the loop reconnects after it.
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +180,38 @@ impl Broker {
         Ok(())
     }
 
+    /// Whether the broker has a projector's queue (asked on a channel of its own, since a missing
+    /// queue closes the channel that asked).
+    async fn queue_exists(
+        &self,
+        connection: &Connection,
+        projector: &str,
+    ) -> Result<bool, LinkError> {
+        let channel = connection.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let queue = self.queue(projector);
+        match channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(_) => {
+                let _ = channel.close(200, "checked".into()).await;
+                Ok(true)
+            }
+            Err(error) => match error.kind() {
+                lapin::ErrorKind::ProtocolError(e)
+                    if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) =>
+                {
+                    Ok(false)
+                }
+                _ => Err(error.into()),
+            },
+        }
+    }
+
     async fn declare_reports(&self, channel: &Channel) -> Result<(), LinkError> {
         channel
             .queue_declare(
@@ -234,12 +271,17 @@ impl Broker {
 }
 
 /// Resolves when the connection reports an error (a broker restart, a dropped socket, a missed
-/// heartbeat): operations in flight on it may otherwise never finish.
+/// heartbeat): operations in flight on it may otherwise never finish. Soft errors close only the
+/// channel they happened on, and its caller sees them.
 async fn lost(events: impl futures::Stream<Item = lapin::Event>) -> LinkError {
     let mut events = std::pin::pin!(events);
     while let Some(event) = events.next().await {
         if let lapin::Event::Error(error) = event {
-            return LinkError::Broker(error);
+            let soft = matches!(error.kind(), lapin::ErrorKind::ProtocolError(e)
+                if matches!(e.kind(), AMQPErrorKind::Soft(_)));
+            if !soft {
+                return LinkError::Broker(error);
+            }
         }
     }
     LinkError::Other("the connection to the broker closed".into())

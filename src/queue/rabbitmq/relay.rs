@@ -1,21 +1,27 @@
 //! The relay: publishes the journal's pending tasks to the broker, in seq order per projector.
 //!
 //! Per projector it keeps a cursor, the last seq the broker confirmed; tasks above it are the outbox.
-//! A batch is published (persistent, `message_id` = seq), every confirmation awaited, and only then
-//! the cursor moves. A session that fails mid-batch leaves the cursor behind, so the next session
-//! publishes those tasks again: consumers may see a task twice, never miss one. The tasks themselves
-//! stay in the journal until a consumer's report says they were applied.
+//! A batch is published (persistent, `message_id` = seq, the journal's id in a header), every
+//! confirmation awaited, and only then the cursor moves. The tasks themselves stay in the journal
+//! until a consumer's report says they were applied.
+//!
+//! A session starts by publishing again every task above the cursor — a failed session may have
+//! published some of them — from one consistent view of the journal, so what it re-sends is a whole
+//! tail of each queue (see `journal::outbox`). A projector's queue that is missing from the broker
+//! (deleted, or a broker that lost its data) gets every pending task again. Later tasks were never
+//! published and go out as they come.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
-use lapin::Connection;
+use lapin::types::{AMQPValue, FieldTable};
+use lapin::{Channel, Connection};
 use tokio::sync::watch;
 
-use super::{confirmed, persistent, Broker, LinkError};
-use crate::journal::Journal;
+use super::{confirmed, persistent, Broker, LinkError, JOURNAL_HEADER};
+use crate::journal::{Journal, JournalError, RawTask};
 
 const LINK: &str = "relay";
 
@@ -27,51 +33,103 @@ pub async fn run(
     batch_size: usize,
     shutdown: watch::Receiver<bool>,
 ) {
-    let session = |connection| {
-        session(
-            connection,
-            &journal,
-            &broker,
-            &projectors,
-            batch_size,
-            shutdown.clone(),
-        )
+    let relay = Relay {
+        journal: &journal,
+        broker: &broker,
+        projectors: &projectors,
+        batch_size,
     };
+    let session = |connection| relay.session(connection, shutdown.clone());
     broker.keep_linked(LINK, shutdown.clone(), session).await;
 }
 
-async fn session(
-    connection: Connection,
-    journal: &Journal,
-    broker: &Broker,
-    projectors: &[&'static str],
+struct Relay<'a> {
+    journal: &'a Journal,
+    broker: &'a Broker,
+    projectors: &'a [&'static str],
     batch_size: usize,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), LinkError> {
-    let channel = connection.create_channel().await?;
-    for projector in projectors {
-        broker.declare_projector(&channel, projector).await?;
+}
+
+/// What a round publishes: the tasks of each projector above its cursor.
+type Cursors = HashMap<&'static str, u64>;
+
+impl Relay<'_> {
+    async fn session(
+        &self,
+        connection: Connection,
+        mut shutdown: watch::Receiver<bool>,
+    ) -> Result<(), LinkError> {
+        let mut cursors = Cursors::new();
+        for projector in self.projectors {
+            let cursor = if self.broker.queue_exists(&connection, projector).await? {
+                self.journal.published(projector).map_err(journal)?
+            } else {
+                tracing::warn!(
+                    projector,
+                    queue = %self.broker.queue(projector),
+                    "the broker has no queue for this projector; publishing every pending task again"
+                );
+                0
+            };
+            cursors.insert(*projector, cursor);
+        }
+        let channel = connection.create_channel().await?;
+        for projector in self.projectors {
+            self.broker.declare_projector(&channel, projector).await?;
+        }
+        channel
+            .confirm_select(ConfirmSelectOptions::default())
+            .await?;
+        self.broker.set_link(LINK, true, None);
+
+        let view = self.journal.outbox_view();
+        while self
+            .publish_round(&channel, &mut cursors, |p, after| {
+                view.read(p, after, self.batch_size)
+            })
+            .await?
+            > 0
+        {}
+        for cursor in cursors.values_mut() {
+            *cursor = (*cursor).max(view.until);
+        }
+        drop(view);
+
+        loop {
+            let published = self
+                .publish_round(&channel, &mut cursors, |p, after| {
+                    self.journal.outbox(p, after, self.batch_size)
+                })
+                .await?;
+            if published > 0 {
+                if *shutdown.borrow() {
+                    return Ok(());
+                }
+                continue;
+            }
+            // Idle: let every lane see what its consumers reported (nothing else refreshes them).
+            for projector in self.projectors {
+                let _ = self.journal.refresh_progress(projector);
+            }
+            tokio::select! {
+                _ = self.journal.wait_for_commit(Duration::from_millis(500)) => {}
+                _ = shutdown.changed() => return Ok(()),
+            }
+        }
     }
-    channel
-        .confirm_select(ConfirmSelectOptions::default())
-        .await?;
-    broker.set_link(LINK, true, None);
-    let mut cursors = HashMap::new();
-    for projector in projectors {
-        cursors.insert(*projector, journal.published(projector).map_err(other)?);
-    }
-    let exchange = broker.exchange();
-    let mandatory = BasicPublishOptions {
-        mandatory: true,
-        ..BasicPublishOptions::default()
-    };
-    loop {
+
+    /// Publishes one batch per projector from `read`, awaits every confirmation, then moves and
+    /// stores the cursors. Answers how many tasks went out.
+    async fn publish_round(
+        &self,
+        channel: &Channel,
+        cursors: &mut Cursors,
+        read: impl Fn(&str, u64) -> Result<Vec<RawTask>, JournalError>,
+    ) -> Result<usize, LinkError> {
         let mut published = 0;
-        for projector in projectors {
+        for projector in self.projectors {
             let cursor = cursors.get_mut(projector).expect("a cursor per projector");
-            let tasks = journal
-                .outbox(projector, *cursor, batch_size)
-                .map_err(other)?;
+            let tasks = read(projector, *cursor).map_err(journal)?;
             let Some(last) = tasks.last().map(|(seq, _)| *seq) else {
                 continue;
             };
@@ -80,31 +138,38 @@ async fn session(
                 confirms.push(
                     channel
                         .basic_publish(
-                            exchange.as_str().into(),
+                            self.broker.exchange().as_str().into(),
                             (*projector).into(),
-                            mandatory,
+                            BasicPublishOptions {
+                                mandatory: true,
+                                ..BasicPublishOptions::default()
+                            },
                             value,
-                            persistent(seq.to_string()),
+                            self.properties(*seq),
                         )
                         .await?,
                 );
             }
             futures::future::try_join_all(confirms.into_iter().map(confirmed)).await?;
             *cursor = last;
-            journal.mark_published(projector, last).map_err(other)?;
+            self.journal
+                .mark_published(projector, last)
+                .map_err(journal)?;
             published += tasks.len();
         }
-        if published == 0 {
-            tokio::select! {
-                _ = journal.wait_for_commit(Duration::from_millis(500)) => {}
-                _ = shutdown.changed() => return Ok(()),
-            }
-        } else if *shutdown.borrow() {
-            return Ok(());
-        }
+        Ok(published)
+    }
+
+    fn properties(&self, seq: u64) -> lapin::BasicProperties {
+        let mut headers = FieldTable::default();
+        headers.insert(
+            JOURNAL_HEADER.into(),
+            AMQPValue::LongString(self.journal.id().into()),
+        );
+        persistent(seq.to_string()).with_headers(headers)
     }
 }
 
-fn other(error: impl std::fmt::Display) -> LinkError {
+fn journal(error: JournalError) -> LinkError {
     LinkError::Other(format!("journal: {error}"))
 }

@@ -24,13 +24,22 @@ const LINK: &str = "reports";
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Report {
     pub projector: String,
+    /// The id of the journal the tasks came from (their `dstore-journal` header).
+    pub journal: String,
     /// Seqs of the tasks applied.
     pub applied: Vec<u64>,
-    /// Tasks refused for good, with the reason.
-    pub dead: Vec<DeadLetter>,
+    /// Tasks refused for good; the server keeps them as dead letters with its own copy of the task.
+    pub refused: Vec<Refusal>,
     pub migration: Option<MigrationRecord>,
     /// The error the consumer is retrying after, or `None` once it is working again.
     pub error: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Refusal {
+    pub seq: u64,
+    pub reason: String,
+    pub at: String,
 }
 
 /// Records reports until `shutdown` turns true.
@@ -77,20 +86,42 @@ async fn session(
     ))
 }
 
-/// Records a report; a projector this server does not know is logged and skipped.
+/// Records a report; one about another journal's tasks or from a projector this server does not
+/// enable is logged and skipped.
 fn record(journal: &Journal, report: &Report) -> Result<(), LinkError> {
     let Some(name) = journal.projectors().find(|p| *p == report.projector) else {
         tracing::warn!(projector = %report.projector, "a report from a projector this server does not enable");
         return Ok(());
     };
+    if report.journal != journal.id() {
+        tracing::warn!(
+            projector = name,
+            journal = %report.journal,
+            "a report about tasks of another journal (an old data directory?) is ignored"
+        );
+        return Ok(());
+    }
+    let failed = |e: crate::journal::JournalError| LinkError::Other(format!("journal: {e}"));
+    let mut dead = Vec::with_capacity(report.refused.len());
+    for refusal in &report.refused {
+        // A task already recorded (a report delivered twice) is no longer pending.
+        if let Some(task) = journal.pending_task(name, refusal.seq).map_err(failed)? {
+            dead.push(DeadLetter {
+                projector: name.to_string(),
+                task,
+                reason: refusal.reason.clone(),
+                at: refusal.at.clone(),
+            });
+        }
+    }
     step::record(
         journal,
         name,
         &report.applied,
-        report.dead.clone(),
+        dead,
         report.migration.as_ref(),
     )
-    .map_err(|e| LinkError::Other(format!("journal: {e}")))?;
+    .map_err(failed)?;
     journal.note_error(name, report.error.clone());
     Ok(())
 }
