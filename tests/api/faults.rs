@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use dstore::blueprint::Ident;
 use dstore::config::{ElasticsearchSettings, Settings};
+use dstore::projector::rocksdb::RocksProjector;
 use serde_json::{json, Value};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::task::JoinHandle;
@@ -236,9 +237,16 @@ impl Tally {
     }
 }
 
-/// Every item of `p/thing` at version 1 in the embedded keyspace, by id.
+/// The expected items of `p/thing` at version 1 that the app's embedded keyspace holds, by id.
 pub fn rocksdb_items(app: &TestApp, expected: &Outcome) -> HashMap<Uuid, i64> {
-    let keyspace = app.rocksdb.as_ref().expect("the rocksdb projector runs");
+    keyspace_items(
+        app.rocksdb.as_ref().expect("the rocksdb projector runs"),
+        expected,
+    )
+}
+
+/// The expected items of `p/thing` at version 1 that a keyspace holds, by id.
+pub fn keyspace_items(keyspace: &RocksProjector, expected: &Outcome) -> HashMap<Uuid, i64> {
     let (project, blueprint) = (Ident::parse("p").unwrap(), Ident::parse("thing").unwrap());
     expected
         .items
@@ -327,6 +335,21 @@ pub async fn wait_until_failing(app: &TestApp, projector: &str) {
     }
 }
 
+/// Runs the write load while `proxy` is cut for two seconds (long enough for `projector` to be
+/// reported failing); answers what was acknowledged, once every store caught up.
+async fn load_through_an_outage(app: &TestApp, proxy: &Proxy, projector: &str) -> Outcome {
+    let load = WriteLoad::start(&app.address, 8);
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    proxy.cut();
+    wait_until_failing(app, projector).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.restore();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let expected = load.stop().await;
+    wait_until_projected(app).await;
+    expected
+}
+
 /// How the scenarios run: projection in process, or through RabbitMQ.
 #[derive(Clone, Copy, Debug)]
 enum Transport {
@@ -365,15 +388,7 @@ async fn postgresql_goes_away_under_load(transport: Transport) {
     pg.url = Some(url);
     let (app, broker) = spawn(transport, |s| s.postgresql = Some(pg)).await;
 
-    let load = WriteLoad::start(&app.address, 8);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    proxy.cut();
-    wait_until_failing(&app, "postgresql").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    proxy.restore();
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let expected = load.stop().await;
-    wait_until_projected(&app).await;
+    let expected = load_through_an_outage(&app, &proxy, "postgresql").await;
 
     let tallies = [
         Tally::of("rocksdb", &expected, &rocksdb_items(&app, &expected)),
@@ -402,15 +417,7 @@ async fn elasticsearch_goes_away_under_load(transport: Transport) {
     };
     let (app, broker) = spawn(transport, |s| s.elasticsearch = Some(settings)).await;
 
-    let load = WriteLoad::start(&app.address, 8);
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    proxy.cut();
-    wait_until_failing(&app, "elasticsearch").await;
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    proxy.restore();
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let expected = load.stop().await;
-    wait_until_projected(&app).await;
+    let expected = load_through_an_outage(&app, &proxy, "elasticsearch").await;
 
     let tallies = [
         Tally::of("rocksdb", &expected, &rocksdb_items(&app, &expected)),

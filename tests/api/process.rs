@@ -333,19 +333,11 @@ async fn with_every_store_and_the_broker_each_acknowledged_write_survives_kill_9
     server.stop().await;
     let keyspaces =
         dstore::projector::rocksdb::RocksProjector::open(&dir.path().join("keyspaces")).unwrap();
-    let (project, blueprint) = (
-        dstore::blueprint::Ident::parse("p").unwrap(),
-        dstore::blueprint::Ident::parse("thing").unwrap(),
+    let rocksdb = Tally::of(
+        "rocksdb",
+        &expected,
+        &faults::keyspace_items(&keyspaces, &expected),
     );
-    let held = expected
-        .items
-        .keys()
-        .filter_map(|id| {
-            let doc = keyspaces.get(&project, 1, &blueprint, id)?;
-            Some((*id, doc["n"].as_i64()?))
-        })
-        .collect();
-    let rocksdb = Tally::of("rocksdb", &expected, &held);
     println!(
         "kill -9 with every store and the broker: {} acknowledged writes, {} requests cut off by the kill; \
          {}/{} items as acknowledged in the journal after restart",

@@ -11,6 +11,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::helpers::{article, spawn_app_with_projectors};
+use crate::rabbitmq::TestBroker;
 
 #[tokio::test]
 async fn the_rocksdb_projector_passes_the_conformance_suite() {
@@ -135,13 +136,23 @@ async fn a_failed_migration_is_reported_and_the_freeze_can_be_retried_to_complet
 
 #[tokio::test]
 async fn refused_items_become_dead_letters_that_can_be_retried_once_the_cause_is_fixed() {
+    refused_items_are_dead_lettered_and_retried(None).await;
+}
+
+/// The dead-letter scenario, in process or through `broker`, whose dead-letter queue must then
+/// hold the refused task too.
+pub(crate) async fn refused_items_are_dead_lettered_and_retried(broker: Option<&TestBroker>) {
+    let queue = broker.map(TestBroker::settings);
     let broken = Broken {
         fixed: Arc::new(AtomicBool::new(true)),
         ..Broken::default()
     };
     broken.refuse.store(true, Ordering::SeqCst);
     let app = spawn_app_with_projectors(
-        |s| s.projection.wait_timeout_secs = 5,
+        |s| {
+            s.projection.wait_timeout_secs = 5;
+            s.queue = queue;
+        },
         vec![Arc::new(broken.clone())],
     )
     .await;
@@ -177,6 +188,10 @@ async fn refused_items_become_dead_letters_that_can_be_retried_once_the_cause_is
         &id,
     );
     assert!(stored.is_some());
+    if let Some(broker) = broker {
+        broker.expect_messages("broken.dead", 1).await;
+        assert_eq!(broker.messages("rocksdb.dead").await, 0);
+    }
 
     assert_eq!(
         app.post("/_dead_letters/_retry?projector=nope", None)
@@ -198,6 +213,7 @@ async fn refused_items_become_dead_letters_that_can_be_retried_once_the_cause_is
         app.get("/_dead_letters").await.body["dead_letters"],
         serde_json::json!([])
     );
+    app.stop().await;
 }
 
 #[tokio::test]

@@ -3,12 +3,11 @@
 //! removes them at the end; the test that restarts the broker runs alone.
 
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use dstore::blueprint::Ident;
 use dstore::config::QueueSettings;
+use dstore::projector::rocksdb::RocksProjector;
 use lapin::options::{
     BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
@@ -19,7 +18,7 @@ use tokio::sync::{RwLock, RwLockReadGuard};
 use uuid::Uuid;
 
 use crate::faults::{self, Proxy, Tally, WriteLoad};
-use crate::helpers::{article, spawn_app_with, spawn_app_with_projectors, TestApp};
+use crate::helpers::{article, spawn_app_with, TestApp};
 use crate::postgres::TestDatabase;
 
 /// Tests share the broker; the one that restarts it takes this for writing.
@@ -202,6 +201,17 @@ fn start_worker(projector: &str, server: &str, env: &[(&str, String)]) -> Child 
     command.spawn().expect("the worker starts")
 }
 
+/// A `dstore worker --projector rocksdb` with its keyspaces in a directory of its own.
+fn rocksdb_worker(broker: &TestBroker, app: &TestApp) -> (Child, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let env = [
+        ("QUEUE_CONNECTIONSTRING", broker_url()),
+        ("DSTORE_QUEUE_NAMESPACE", broker.namespace.clone()),
+        ("LEVEL_PATH", dir.path().display().to_string()),
+    ];
+    (start_worker("rocksdb", &app.address, &env), dir)
+}
+
 fn terminate(child: &mut Child) {
     Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -313,13 +323,7 @@ async fn a_rocksdb_worker_keeps_the_keyspaces_in_its_own_directory() {
             .contains("worker"),
         "{ready}"
     );
-    let dir = tempfile::tempdir().unwrap();
-    let env = [
-        ("QUEUE_CONNECTIONSTRING", broker_url()),
-        ("DSTORE_QUEUE_NAMESPACE", broker.namespace.clone()),
-        ("LEVEL_PATH", dir.path().display().to_string()),
-    ];
-    let mut worker = start_worker("rocksdb", &app.address, &env);
+    let (mut worker, dir) = rocksdb_worker(&broker, &app);
     app.put_and_freeze("p", "thing", &faults::thing()).await;
     let id = Uuid::new_v4();
     app.put_projected(
@@ -328,8 +332,7 @@ async fn a_rocksdb_worker_keeps_the_keyspaces_in_its_own_directory() {
     )
     .await;
     terminate(&mut worker);
-    let keyspaces =
-        dstore::projector::rocksdb::RocksProjector::open(&dir.path().join("keyspaces")).unwrap();
+    let keyspaces = RocksProjector::open(&dir.path().join("keyspaces")).unwrap();
     assert_eq!(
         keyspaces.get(&ident("p"), 1, &ident("thing"), &id).unwrap()["n"],
         5
@@ -397,17 +400,10 @@ async fn a_queue_the_broker_lost_gets_every_pending_task_again() {
     ids.push(last);
     broker.expect_messages("rocksdb", 22).await;
 
-    let dir = tempfile::tempdir().unwrap();
-    let env = [
-        ("QUEUE_CONNECTIONSTRING", broker_url()),
-        ("DSTORE_QUEUE_NAMESPACE", broker.namespace.clone()),
-        ("LEVEL_PATH", dir.path().display().to_string()),
-    ];
-    let mut worker = start_worker("rocksdb", &app.address, &env);
+    let (mut worker, dir) = rocksdb_worker(&broker, &app);
     faults::wait_until_projected(&app).await;
     terminate(&mut worker);
-    let keyspaces =
-        dstore::projector::rocksdb::RocksProjector::open(&dir.path().join("keyspaces")).unwrap();
+    let keyspaces = RocksProjector::open(&dir.path().join("keyspaces")).unwrap();
     let held = ids
         .iter()
         .filter(|id| keyspaces.get(&ident("p"), 1, &ident("thing"), id).is_some())
@@ -443,108 +439,10 @@ async fn a_worker_without_a_broker_or_with_an_unknown_projector_says_what_is_mis
     );
 }
 
-/// A projector that refuses every item while `refuse` is set.
-#[derive(Clone, Default)]
-struct Refusing {
-    refuse: Arc<AtomicBool>,
-}
-
-#[async_trait::async_trait]
-impl dstore::projector::Projector for Refusing {
-    fn name(&self) -> &'static str {
-        "broken"
-    }
-
-    async fn migrate(
-        &self,
-        _: &Ident,
-        _: &dstore::catalog::Version,
-    ) -> Result<(), dstore::projector::ProjectorError> {
-        Ok(())
-    }
-
-    async fn apply(
-        &self,
-        _: &dstore::catalog::Snapshot,
-        tasks: &[dstore::journal::task::Task],
-    ) -> Result<Vec<dstore::projector::Outcome>, dstore::projector::ProjectorError> {
-        let refuse = self.refuse.load(Ordering::SeqCst);
-        Ok(tasks
-            .iter()
-            .map(|_| match refuse {
-                true => Err(dstore::projector::ProjectorError::permanent(
-                    "value too long for type character varying(3)",
-                )),
-                false => Ok(()),
-            })
-            .collect())
-    }
-
-    async fn drop_project(&self, _: &Ident) -> Result<(), dstore::projector::ProjectorError> {
-        Ok(())
-    }
-
-    async fn read(
-        &self,
-        _: &Ident,
-        _: u32,
-        _: &Ident,
-        _: &Uuid,
-    ) -> Result<Option<serde_json::Value>, dstore::projector::ProjectorError> {
-        Ok(None)
-    }
-
-    async fn health(&self) -> dstore::projector::Health {
-        dstore::projector::Health {
-            reachable: true,
-            detail: "test".into(),
-        }
-    }
-}
-
 #[tokio::test]
 async fn refused_tasks_are_listed_with_the_reason_kept_in_the_dead_letter_queue_and_retried() {
     let broker = TestBroker::new().await;
-    let refusing = Refusing::default();
-    refusing.refuse.store(true, Ordering::SeqCst);
-    let queue = broker.settings();
-    let app =
-        spawn_app_with_projectors(|s| s.queue = Some(queue), vec![Arc::new(refusing.clone())])
-            .await;
-    app.put_and_freeze("myblog", "article", &article()).await;
-    let id = Uuid::new_v4();
-    let item = json!({"project_version": 1, "title": "Hello", "date_created": "2020-01-02"});
-    let put = app
-        .put(&format!("/myblog/article/{id}?wait=true"), &item)
-        .await;
-    assert_eq!(put.body["projected"], true, "{}", put.body);
-
-    let letters = app.get("/_dead_letters").await.body["dead_letters"].clone();
-    assert_eq!(letters.as_array().unwrap().len(), 1, "{letters}");
-    assert_eq!(letters[0]["projector"], "broken");
-    assert_eq!(letters[0]["task"]["op"]["upsert"]["id"], json!(id));
-    assert!(letters[0]["reason"]
-        .as_str()
-        .unwrap()
-        .contains("character varying(3)"));
-    broker.expect_messages("broken.dead", 1).await;
-    assert_eq!(broker.messages("rocksdb.dead").await, 0);
-
-    refusing.refuse.store(false, Ordering::SeqCst);
-    let retried = app.post("/_dead_letters/_retry", None).await;
-    assert_eq!(retried.body["retried"], 1, "{}", retried.body);
-    let later = app
-        .put(
-            &format!("/myblog/article/{}?wait=true", Uuid::new_v4()),
-            &item,
-        )
-        .await;
-    assert_eq!(later.body["projected"], true);
-    assert_eq!(
-        app.get("/_dead_letters").await.body["dead_letters"],
-        json!([])
-    );
-    app.stop().await;
+    crate::projectors::refused_items_are_dead_lettered_and_retried(Some(&broker)).await;
     broker.clean_up().await;
 }
 
