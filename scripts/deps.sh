@@ -85,11 +85,19 @@ ensure_postgres() {
         echo "dstore: starting PostgreSQL $major" >&2
         as_root pg_ctlcluster --skip-systemctl-redirect "$major" main start
     fi
-    local tries=0
-    until pg_isready -q -h 127.0.0.1 -p 5432; do
+    wait_until 30 "PostgreSQL $major did not start; see /var/log/postgresql/postgresql-$major-main.log" \
+        pg_isready -q -h 127.0.0.1 -p 5432
+}
+
+# Runs the command after $1 and $2 every half second until it succeeds, for at most $1 seconds;
+# then prints $2 and fails.
+wait_until() {
+    local seconds="$1" failure="$2" tries=0
+    shift 2
+    until "$@"; do
         tries=$((tries + 1))
-        if [ "$tries" -gt 60 ]; then
-            echo "dstore: PostgreSQL $major did not start; see /var/log/postgresql/postgresql-$major-main.log" >&2
+        if [ "$tries" -gt $((seconds * 2)) ]; then
+            echo "dstore: $failure" >&2
             return 1
         fi
         sleep 0.5
@@ -127,15 +135,7 @@ ensure_rabbitmq() {
             as_root service rabbitmq-server start >/dev/null
         fi
     fi
-    local tries=0
-    until port_open 127.0.0.1 5672; do
-        tries=$((tries + 1))
-        if [ "$tries" -gt 120 ]; then
-            echo "dstore: RabbitMQ did not start; see /var/log/rabbitmq/" >&2
-            return 1
-        fi
-        sleep 0.5
-    done
+    wait_until 60 "RabbitMQ did not start; see /var/log/rabbitmq/" port_open 127.0.0.1 5672
 }
 
 # An Elasticsearch API for the tests. With ELASTICSEARCH_URL set, the tests use that cluster;
