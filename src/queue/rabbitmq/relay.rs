@@ -50,7 +50,7 @@ struct Relay<'a> {
     batch_size: usize,
 }
 
-/// What a round publishes: the tasks of each projector above its cursor.
+/// Per projector, the last seq the broker confirmed in this session.
 type Cursors = HashMap<&'static str, u64>;
 
 impl Relay<'_> {
