@@ -34,6 +34,14 @@ pub fn task(projector: &str, seq: u64) -> Vec<u8> {
     key
 }
 
+/// Read options for a projector's tasks with a seq in `from ..= until`.
+pub fn task_range(projector: &str, from: u64, until: u64) -> rocksdb::ReadOptions {
+    let mut options = rocksdb::ReadOptions::default();
+    options.set_iterate_lower_bound(task(projector, from));
+    options.set_iterate_upper_bound(task(projector, until.saturating_add(1)));
+    options
+}
+
 pub fn projector_prefix(projector: &str) -> Vec<u8> {
     let mut key = projector.as_bytes().to_vec();
     key.push(0);

@@ -465,9 +465,7 @@ impl Journal {
             .lanes
             .get(projector)
             .map_or(0, |lane| lane.floor.load(Ordering::Acquire));
-        let mut options = rocksdb::ReadOptions::default();
-        options.set_iterate_lower_bound(keys::task(projector, floor));
-        options.set_iterate_upper_bound(keys::task(projector, u64::MAX));
+        let options = keys::task_range(projector, floor, u64::MAX - 1);
         self.db
             .iterator_cf_opt(self.cf(CF_TASKS), options, IteratorMode::Start)
     }

@@ -39,7 +39,7 @@ impl OutboxView<'_> {
         after: u64,
         limit: usize,
     ) -> Result<Vec<RawTask>, JournalError> {
-        let options = bounds(projector, after, self.until);
+        let options = keys::task_range(projector, after.saturating_add(1), self.until);
         let tasks = self.journal.cf(CF_TASKS);
         collect(
             self.snapshot
@@ -69,7 +69,7 @@ impl Journal {
         after: u64,
         limit: usize,
     ) -> Result<Vec<RawTask>, JournalError> {
-        let options = bounds(projector, after, u64::MAX - 1);
+        let options = keys::task_range(projector, after.saturating_add(1), u64::MAX - 1);
         collect(
             self.db
                 .iterator_cf_opt(self.cf(CF_TASKS), options, IteratorMode::Start),
@@ -96,14 +96,6 @@ impl Journal {
         )?;
         Ok(())
     }
-}
-
-/// Read options for a projector's tasks with a seq in `after + 1 ..= until`.
-fn bounds(projector: &str, after: u64, until: u64) -> rocksdb::ReadOptions {
-    let mut options = rocksdb::ReadOptions::default();
-    options.set_iterate_lower_bound(keys::task(projector, after.saturating_add(1)));
-    options.set_iterate_upper_bound(keys::task(projector, until.saturating_add(1)));
-    options
 }
 
 fn collect(

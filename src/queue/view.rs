@@ -155,12 +155,11 @@ impl RemoteCatalog {
     }
 }
 
-/// The versions a task needs to know.
-fn named_versions(task: &Task) -> Box<dyn Iterator<Item = u32> + '_> {
-    match &task.op {
-        TaskOp::Migrate { version } => Box::new(std::iter::once(*version)),
-        TaskOp::Upsert { docs, .. } => Box::new(docs.iter().map(|d| d.version)),
-        TaskOp::Delete { versions, .. } => Box::new(versions.iter().copied()),
-        TaskOp::DropProject => Box::new(std::iter::empty()),
-    }
+/// The versions a task needs to know: those it writes into, or the one it migrates.
+fn named_versions(task: &Task) -> impl Iterator<Item = u32> + '_ {
+    let migrated = match task.op {
+        TaskOp::Migrate { version } => Some(version),
+        _ => None,
+    };
+    task.version_writes().map(|w| w.version).chain(migrated)
 }

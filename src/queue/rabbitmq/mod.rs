@@ -141,43 +141,21 @@ impl Broker {
         }
         let mut dead_args = FieldTable::default();
         dead_args.insert("x-max-length".into(), AMQPValue::LongInt(100_000));
-        let dead_queue = self.dead_queue(projector);
-        channel
-            .queue_declare(
-                dead_queue.as_str().into(),
-                QueueDeclareOptions::durable(),
-                dead_args,
-            )
-            .await?;
-        channel
-            .queue_bind(
-                dead_queue.as_str().into(),
-                dead_exchange.as_str().into(),
-                projector.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
+        declare_bound(
+            channel,
+            &self.dead_queue(projector),
+            dead_args,
+            &dead_exchange,
+            projector,
+        )
+        .await?;
         let mut args = FieldTable::default();
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         args.insert(
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(dead_exchange.as_str().into()),
         );
-        let queue = self.queue(projector);
-        channel
-            .queue_declare(queue.as_str().into(), QueueDeclareOptions::durable(), args)
-            .await?;
-        channel
-            .queue_bind(
-                queue.as_str().into(),
-                exchange.as_str().into(),
-                projector.into(),
-                QueueBindOptions::default(),
-                FieldTable::default(),
-            )
-            .await?;
-        Ok(())
+        declare_bound(channel, &self.queue(projector), args, &exchange, projector).await
     }
 
     /// Whether the broker has a projector's queue (asked on a channel of its own, since a missing
@@ -268,6 +246,29 @@ impl Broker {
         }
         self.set_link(link, false, None);
     }
+}
+
+/// Declares a durable queue with `args` and binds it to `exchange` under `key`.
+async fn declare_bound(
+    channel: &Channel,
+    queue: &str,
+    args: FieldTable,
+    exchange: &str,
+    key: &str,
+) -> Result<(), LinkError> {
+    channel
+        .queue_declare(queue.into(), QueueDeclareOptions::durable(), args)
+        .await?;
+    channel
+        .queue_bind(
+            queue.into(),
+            exchange.into(),
+            key.into(),
+            QueueBindOptions::default(),
+            FieldTable::default(),
+        )
+        .await?;
+    Ok(())
 }
 
 /// Resolves when the connection reports an error (a broker restart, a dropped socket, a missed
