@@ -32,6 +32,136 @@ pub enum ConfigError {
     },
 }
 
+/// A setting that must never be shown: `Debug`, `Display` and `Serialize` (what `check-config`
+/// prints) give `***`; only [`Secret::expose`] gives the value, to the code that uses it.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    fn shown(&self) -> &'static str {
+        if self.0.is_empty() {
+            ""
+        } else {
+            "***"
+        }
+    }
+}
+
+impl<T: Into<String>> From<T> for Secret {
+    fn from(value: T) -> Secret {
+        Secret(value.into())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.shown())
+    }
+}
+
+impl std::fmt::Display for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.shown())
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(self.shown())
+    }
+}
+
+/// A connection URL that may carry credentials: shown (`Debug`, `Display`, `Serialize`) with the
+/// password of its user part and any `password` query parameter replaced by `***`.
+#[derive(Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(transparent)]
+pub struct SecretUrl(String);
+
+impl SecretUrl {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// The URL as it may be shown.
+    pub fn redacted(&self) -> String {
+        redact_url(&self.0)
+    }
+}
+
+impl<T: Into<String>> From<T> for SecretUrl {
+    fn from(value: T) -> SecretUrl {
+        SecretUrl(value.into())
+    }
+}
+
+impl std::fmt::Debug for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.redacted())
+    }
+}
+
+impl std::fmt::Display for SecretUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.redacted())
+    }
+}
+
+impl Serialize for SecretUrl {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&self.redacted())
+    }
+}
+
+/// `scheme://user:secret@host/path?password=x&a=b` → `scheme://user:***@host/path?password=***&a=b`.
+/// Text that is not a URL is hidden whole, since it cannot be told apart from a secret.
+pub fn redact_url(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return if url.is_empty() {
+            String::new()
+        } else {
+            "***".into()
+        };
+    };
+    let (before_query, query) = match rest.split_once('?') {
+        Some((before, query)) => (before, Some(query)),
+        None => (rest, None),
+    };
+    // The user part ends at the last '@' before the path.
+    let authority_end = before_query.find('/').unwrap_or(before_query.len());
+    let (authority, path) = before_query.split_at(authority_end);
+    let authority = match authority.rsplit_once('@') {
+        Some((user, host)) => match user.split_once(':') {
+            Some((name, _)) => format!("{name}:***@{host}"),
+            None => format!("{user}@{host}"),
+        },
+        None => authority.to_string(),
+    };
+    let mut out = format!("{scheme}://{authority}{path}");
+    if let Some(query) = query {
+        let pairs: Vec<String> = query
+            .split('&')
+            .map(|pair| match pair.split_once('=') {
+                Some((key, _)) if key.to_ascii_lowercase().contains("password") => {
+                    format!("{key}=***")
+                }
+                _ => pair.to_string(),
+            })
+            .collect();
+        out.push('?');
+        out.push_str(&pairs.join("&"));
+    }
+    out
+}
+
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct Settings {
@@ -55,6 +185,11 @@ pub struct ServerSettings {
     pub max_bulk_bytes: usize,
     /// HTTP worker threads; 0 means one per core.
     pub workers: usize,
+    /// Memory all requests together may hold for their bodies, in bytes; past it a request is
+    /// answered 503 instead of growing the process (see `http::body`).
+    pub max_inflight_bytes: usize,
+    /// How long a client may take to send a request body, in seconds (then 408).
+    pub body_timeout_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -94,17 +229,17 @@ pub struct PostgresSettings {
     pub host: String,
     pub port: u16,
     pub user: String,
-    pub password: String,
+    pub password: Secret,
     pub database: String,
     /// A full connection URL; when set it wins over the fields above.
-    pub url: Option<String>,
+    pub url: Option<SecretUrl>,
     pub max_connections: u32,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ElasticsearchSettings {
-    pub url: String,
+    pub url: SecretUrl,
     /// Prefix of every index and alias name dstore creates.
     pub index_prefix: String,
 }
@@ -114,7 +249,7 @@ pub struct ElasticsearchSettings {
 #[serde(deny_unknown_fields)]
 pub struct QueueSettings {
     /// `amqp://user:password@host:port/vhost` (`QUEUE_CONNECTIONSTRING`).
-    pub url: String,
+    pub url: SecretUrl,
     /// Prefix of every exchange and queue dstore declares; one per dstore deployment on a broker.
     #[serde(default = "default_namespace")]
     pub namespace: String,
@@ -135,7 +270,7 @@ fn default_prefetch() -> u16 {
 }
 
 impl QueueSettings {
-    pub fn new(url: impl Into<String>) -> QueueSettings {
+    pub fn new(url: impl Into<SecretUrl>) -> QueueSettings {
         QueueSettings {
             url: url.into(),
             namespace: default_namespace(),
@@ -153,6 +288,8 @@ impl Default for ServerSettings {
             max_body_bytes: 1 << 20,
             max_bulk_bytes: 64 << 20,
             workers: 0,
+            max_inflight_bytes: 512 << 20,
+            body_timeout_secs: 30,
         }
     }
 }
@@ -193,7 +330,7 @@ impl Default for PostgresSettings {
             host: "localhost".into(),
             port: 5432,
             user: "postgres".into(),
-            password: String::new(),
+            password: Secret::default(),
             database: "dstore".into(),
             url: None,
             max_connections: 8,
@@ -314,13 +451,13 @@ impl Settings {
                 pg.user = v.1;
             }
             if let Some(v) = first(&["POSTGRESQL_PASSWORD"]) {
-                pg.password = v.1;
+                pg.password = v.1.into();
             }
             if let Some(v) = first(&["POSTGRESQL_DATABASE"]) {
                 pg.database = v.1;
             }
             if let Some(v) = first(&["DSTORE_POSTGRESQL_URL", "DATABASE_URL"]) {
-                pg.url = Some(v.1);
+                pg.url = Some(v.1.into());
             }
         }
         if let Some(v) = first(&["DSTORE_ELASTICSEARCH_URL", "ELASTICSEARCH_HOST"]) {
@@ -328,9 +465,9 @@ impl Settings {
                 .elasticsearch
                 .get_or_insert_with(ElasticsearchSettings::default);
             es.url = if v.1.contains("://") {
-                v.1
+                v.1.into()
             } else {
-                format!("http://{}", v.1)
+                format!("http://{}", v.1).into()
             };
         }
         if let Some(v) = first(&["DSTORE_ELASTICSEARCH_INDEX_PREFIX"]) {
@@ -340,7 +477,7 @@ impl Settings {
         }
         if let Some(v) = first(&["DSTORE_QUEUE_URL", "QUEUE_CONNECTIONSTRING"]) {
             match &mut self.queue {
-                Some(queue) => queue.url = v.1,
+                Some(queue) => queue.url = v.1.into(),
                 None => self.queue = Some(QueueSettings::new(v.1)),
             }
         }
@@ -396,8 +533,43 @@ mod tests {
         assert_eq!(s.storage.catalog_dir(), PathBuf::from("/tmp/c"));
         let pg = s.postgresql.unwrap();
         assert_eq!((pg.host.as_str(), pg.port), ("db", 6543));
-        assert_eq!(s.elasticsearch.unwrap().url, "http://es:9200");
-        assert_eq!(s.queue.unwrap().url, "amqp://guest:guest@mq:5672");
+        assert_eq!(s.elasticsearch.unwrap().url.expose(), "http://es:9200");
+        assert_eq!(s.queue.unwrap().url.expose(), "amqp://guest:guest@mq:5672");
+    }
+
+    #[test]
+    fn secrets_never_appear_in_debug_display_or_the_printed_settings() {
+        let s = with_env(&[
+            ("POSTGRESQL_PASSWORD", "pg-s3cret"),
+            (
+                "DATABASE_URL",
+                "postgres://u:url-s3cret@db/x?sslpassword=q-s3cret",
+            ),
+            ("ELASTICSEARCH_HOST", "https://elastic:es-s3cret@es:9200"),
+            (
+                "QUEUE_CONNECTIONSTRING",
+                "amqp://guest:mq-s3cret@mq:5672/%2f",
+            ),
+        ])
+        .unwrap();
+        let printed = [
+            format!("{s:?}"),
+            toml::to_string_pretty(&s).unwrap(),
+            s.postgresql.as_ref().unwrap().password.to_string(),
+            s.queue.as_ref().unwrap().url.to_string(),
+        ]
+        .join("\n");
+        assert!(!printed.contains("s3cret"), "{printed}");
+        assert!(
+            printed.contains("postgres://u:***@db/x?sslpassword=***"),
+            "{printed}"
+        );
+        assert!(
+            printed.contains("amqp://guest:***@mq:5672/%2f"),
+            "{printed}"
+        );
+        assert!(printed.contains("https://elastic:***@es:9200"), "{printed}");
+        assert_eq!(s.postgresql.unwrap().password.expose(), "pg-s3cret");
     }
 
     #[test]

@@ -1,4 +1,5 @@
-//! Preparing item writes: from a client's body to journal entries (DESIGN §4 steps 1–2).
+//! Preparing item writes: from a client's body to journal entries (validate, then transform into
+//! every live version; see ARCHITECTURE.md).
 //!
 //! Everything here reads one catalog snapshot and nothing else, so a prepared entry is consistent with
 //! exactly one set of live versions; the journal refuses it if that set changed before it was
@@ -127,7 +128,8 @@ pub fn prepare_upsert(
     ))
 }
 
-/// A delete of `id` from every live version that holds the blueprint.
+/// A delete of `id` from every version that holds the blueprint, retired ones included: a deleted
+/// item must not stay readable in any store.
 pub fn prepare_delete(
     snapshot: &Snapshot,
     project: &Ident,
@@ -143,7 +145,7 @@ pub fn prepare_delete(
         Some(record) => record.blueprint_uid,
         None => newest(p, blueprint)?.1.uid,
     };
-    let versions = p.live_holders(uid).into_iter().map(|(w, _)| w).collect();
+    let versions = p.holders(uid);
     Ok(Entry::delete(project, blueprint.clone(), id, versions))
 }
 

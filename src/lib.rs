@@ -1,6 +1,7 @@
 //! dstore: a blueprint-driven write service. See ARCHITECTURE.md for how the modules fit together.
 
-pub mod blueprint;
+pub use dstore_model::{blueprint, bulk, json};
+
 pub mod catalog;
 pub mod config;
 pub mod http;

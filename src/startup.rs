@@ -139,6 +139,20 @@ impl Application {
         journal
             .resume_backfills()
             .map_err(|source| StartupError::Journal {
+                path: journal_dir.clone(),
+                source,
+            })?;
+        journal
+            .reconcile()
+            .await
+            .map_err(|source| StartupError::Journal {
+                path: journal_dir.clone(),
+                source,
+            })?;
+        journal
+            .upgrade_layout()
+            .await
+            .map_err(|source| StartupError::Journal {
                 path: journal_dir,
                 source,
             })?;
@@ -208,6 +222,7 @@ impl Application {
             journal: journal.clone(),
             registry,
             broker,
+            in_flight: http::body::InFlight::new(settings.server.max_inflight_bytes),
             settings,
         });
         let requests = web::Data::new(http::observe::RequestMetrics::default());
@@ -523,38 +538,12 @@ fn tempfile_in(dir: &std::path::Path) -> std::io::Result<()> {
 /// Whether the broker accepts dstore's login (the password is not repeated).
 async fn broker_answers(queue: &QueueSettings) -> Result<String, String> {
     let broker = Broker::new(queue.clone());
-    let shown = redact_password(&queue.url);
+    let shown = queue.url.redacted();
     match broker.connect("check-config").await {
         Ok(connection) => {
             let _ = connection.close(200, "checked".into()).await;
             Ok(format!("{shown} accepts the login"))
         }
         Err(e) => Err(format!("{shown}: {e}")),
-    }
-}
-
-/// `amqp://user:secret@host/vhost` → `amqp://user:***@host/vhost`.
-fn redact_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_string();
-    };
-    match rest.split_once('@') {
-        Some((credentials, host)) if credentials.contains(':') => {
-            let user = credentials.split(':').next().unwrap_or_default();
-            format!("{scheme}://{user}:***@{host}")
-        }
-        _ => url.to_string(),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn check_config_never_prints_the_broker_password() {
-        assert_eq!(
-            super::redact_password("amqp://guest:s3cret@mq:5672/%2f"),
-            "amqp://guest:***@mq:5672/%2f"
-        );
-        assert_eq!(super::redact_password("amqp://mq:5672"), "amqp://mq:5672");
     }
 }

@@ -50,7 +50,7 @@ async fn main() -> Result<(), Failure> {
     let server = args.url.trim_end_matches('/').to_owned();
     let database = format!("dstore_bench_{}", Uuid::new_v4().simple());
     let settings = PostgresSettings {
-        url: Some(format!("{server}/{database}")),
+        url: Some(format!("{server}/{database}").into()),
         max_connections: 4,
         ..PostgresSettings::default()
     };

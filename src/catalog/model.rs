@@ -95,6 +95,16 @@ impl Project {
             .collect()
     }
 
+    /// Every version that holds a blueprint with this uid, retired ones included (deletes reach
+    /// them all).
+    pub fn holders(&self, blueprint_uid: Uid) -> Vec<u32> {
+        self.versions
+            .iter()
+            .filter(|v| v.blueprints.values().any(|bp| bp.uid == blueprint_uid))
+            .map(|v| v.number)
+            .collect()
+    }
+
     /// Whether the working copy differs from the newest version.
     pub fn has_unfrozen_changes(&self) -> bool {
         match self.latest() {

@@ -52,7 +52,7 @@ pub async fn put(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let (project, name) = parse_names(&path)?;
-    let body = body::json(&request, payload, state.settings.server.max_body_bytes).await?;
+    let body = body::json(&state, &request, payload).await?;
     let input = parse_blueprint(&body, "")
         .map_err(|errors| ApiError::Invalid("invalid blueprint".into(), errors))?;
     let errors = elasticsearch::check_overrides(&input, "");
@@ -114,7 +114,7 @@ pub async fn put_all(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
-    let body = body::json(&request, payload, state.settings.server.max_body_bytes).await?;
+    let body = body::json(&state, &request, payload).await?;
     let inputs = parse_blueprint_set(&body, "")?;
     let changes = state.catalog.put_blueprints(&project, inputs)?;
     Ok(HttpResponse::Ok().json(json!({"success": true, "changes": changes})))

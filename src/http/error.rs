@@ -7,7 +7,7 @@ use actix_web::http::StatusCode;
 use actix_web::{HttpResponse, ResponseError};
 use serde_json::json;
 
-use crate::blueprint::FieldError;
+use crate::blueprint::{cap_errors, FieldError};
 use crate::catalog::CatalogError;
 use crate::journal::JournalError;
 
@@ -21,6 +21,8 @@ pub enum ApiError {
     MethodNotAllowed,
     /// 409
     Conflict(String),
+    /// 408: the body did not arrive within this many seconds.
+    RequestTimeout(u64),
     /// 413
     TooLarge(usize),
     /// 422: well-formed, but not a valid blueprint or item.
@@ -59,6 +61,10 @@ impl std::fmt::Display for ApiError {
             ApiError::TooLarge(limit) => {
                 write!(f, "request body is larger than the limit of {limit} bytes")
             }
+            ApiError::RequestTimeout(seconds) => write!(
+                f,
+                "the request body did not arrive within {seconds} seconds (server.body_timeout_secs)"
+            ),
         }
     }
 }
@@ -71,6 +77,7 @@ impl ResponseError for ApiError {
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Invalid(..) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
@@ -87,9 +94,9 @@ impl ResponseError for ApiError {
                 )
             }
             ApiError::BadRequest(_, errors) | ApiError::Invalid(_, errors) => {
-                (self.to_string(), errors.clone())
+                (self.to_string(), cap_errors(errors.clone()))
             }
-            ApiError::TooLarge(_) => (
+            ApiError::TooLarge(_) | ApiError::RequestTimeout(_) => (
                 self.to_string(),
                 vec![FieldError::new("", self.to_string())],
             ),

@@ -12,8 +12,17 @@ pub async fn live() -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 
-/// GET /_health/ready: per projector, whether its store answers and how far behind it is.
-pub async fn ready(state: State) -> HttpResponse {
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReadyParams {
+    #[serde(default)]
+    strict: bool,
+}
+
+/// GET /_health/ready: per projector, whether its store answers and how far behind it is. With
+/// `?strict=true` the answer is 503 unless everything is ready and writes are accepted, so a load
+/// balancer can take a node out of rotation.
+pub async fn ready(state: State, params: web::Query<ReadyParams>) -> HttpResponse {
     let mut projectors = Map::new();
     let mut all_ready = true;
     for name in state.registry.names() {
@@ -41,8 +50,18 @@ pub async fn ready(state: State) -> HttpResponse {
     let links = state.broker.as_ref().map(|b| b.links()).unwrap_or_default();
     // The journal keeps every task while the broker is away; a lost link only delays projection.
     all_ready &= links.values().all(|link| link.connected);
-    let mut body =
-        json!({"status": if all_ready { "ready" } else { "degraded" }, "projectors": projectors});
+    let writes = match state.journal.check_backlog() {
+        Ok(()) => json!({"accepted": true}),
+        Err(refusal) => {
+            all_ready = false;
+            json!({"accepted": false, "reason": refusal.to_string()})
+        }
+    };
+    let mut body = json!({
+        "status": if all_ready { "ready" } else { "degraded" },
+        "writes": writes,
+        "projectors": projectors,
+    });
     if let Some(broker) = &state.broker {
         body["queue"] = json!({
             "transport": "rabbitmq",
@@ -51,8 +70,14 @@ pub async fn ready(state: State) -> HttpResponse {
             "links": links,
         });
     }
+    if params.strict && !all_ready {
+        return HttpResponse::ServiceUnavailable().json(body);
+    }
     HttpResponse::Ok().json(body)
 }
+
+/// Most dead letters one answer lists (each holds a whole item).
+const MAX_DEAD_LETTERS: usize = 1000;
 
 #[derive(serde::Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -66,9 +91,16 @@ pub async fn dead_letters(
     state: State,
     params: web::Query<DeadLetterParams>,
 ) -> Result<HttpResponse, ApiError> {
+    let limit = params.limit.unwrap_or(100);
+    if limit > MAX_DEAD_LETTERS {
+        return Err(ApiError::bad_request(
+            "limit",
+            format!("limit={limit} is more than {MAX_DEAD_LETTERS}"),
+        ));
+    }
     let letters = state
         .journal
-        .dead_letters(params.projector.as_deref(), params.limit.unwrap_or(100))?;
+        .dead_letters(params.projector.as_deref(), limit)?;
     Ok(HttpResponse::Ok().json(json!({"dead_letters": letters})))
 }
 

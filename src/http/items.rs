@@ -16,7 +16,8 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::{body, ident, version_number, State};
-use crate::blueprint::{FieldError, Ident};
+use crate::blueprint::{cap_errors, FieldError, Ident};
+use crate::bulk::{Action, Operation};
 use crate::catalog::Snapshot;
 use crate::items::{prepare_delete, prepare_upsert, read_at, ItemError};
 use crate::journal::{Entry, JournalError};
@@ -39,8 +40,11 @@ struct WriteParams {
     timeout: Option<u64>,
 }
 
+/// The longest `?timeout=` a write may wait for the stores, in seconds.
+pub const MAX_WAIT_SECS: u64 = 3600;
+
 fn write_params(request: &HttpRequest) -> Result<WriteParams, ApiError> {
-    web::Query::<WriteParams>::from_query(request.query_string())
+    let params = web::Query::<WriteParams>::from_query(request.query_string())
         .map(web::Query::into_inner)
         .map_err(|e| {
             ApiError::bad_request(
@@ -49,7 +53,14 @@ fn write_params(request: &HttpRequest) -> Result<WriteParams, ApiError> {
                     "invalid query string: {e}; expected wait=true|false and timeout=<seconds>"
                 ),
             )
-        })
+        })?;
+    if let Some(timeout) = params.timeout.filter(|t| *t > MAX_WAIT_SECS) {
+        return Err(ApiError::bad_request(
+            "timeout",
+            format!("timeout={timeout} is more than {MAX_WAIT_SECS} seconds"),
+        ));
+    }
+    Ok(params)
 }
 
 fn item_id(raw: &str) -> Result<Uuid, ApiError> {
@@ -143,7 +154,7 @@ async fn upsert(
     status: actix_web::http::StatusCode,
 ) -> Result<HttpResponse, ApiError> {
     let params = write_params(&request)?;
-    let body = body::json(&request, payload, state.settings.server.max_body_bytes).await?;
+    let body = body::json(&state, &request, payload).await?;
     let (revisions, ()) = journal(&state, &project, |snapshot| {
         Ok((
             vec![prepare_upsert(snapshot, &project, &blueprint, id, &body)?],
@@ -264,22 +275,12 @@ pub async fn get(
         .json(doc))
 }
 
-/// One line pair of a `_bulk` body.
-struct BulkOp {
-    action: &'static str,
-    blueprint: Option<Ident>,
-    id: Option<Uuid>,
-    body: Option<Value>,
-    /// A problem found while reading the request: status and errors.
-    error: Option<(u16, Vec<FieldError>)>,
-}
-
 /// POST /{project}/_bulk
 ///
 /// NDJSON: an action line `{"put": {"blueprint": "article", "id": "…"}}`, `{"create": {"blueprint":
 /// "article"}}` or `{"delete": {"blueprint": "article", "id": "…"}}`, followed for `put` and `create`
 /// by the item on the next line. Each operation succeeds or fails on its own; the valid ones are
-/// journaled together.
+/// journaled together. Items are parsed, checked and encoded one at a time (see `crate::bulk`).
 pub async fn bulk(
     state: State,
     request: HttpRequest,
@@ -289,9 +290,18 @@ pub async fn bulk(
     let started = Instant::now();
     let project = ident("project", &path)?;
     let params = write_params(&request)?;
-    let raw = body::read(&request, payload, state.settings.server.max_bulk_bytes).await?;
+    // The raw body is held while its entries are encoded: about twice its size.
+    let raw = body::read(
+        &state,
+        &request,
+        payload,
+        state.settings.server.max_bulk_bytes,
+        2,
+    )
+    .await?;
     state.catalog.snapshot().project(&project)?;
-    let ops = parse_bulk(&raw)?;
+    let ops =
+        crate::bulk::parse(&raw).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))?;
     let (revisions, outcomes) = journal(&state, &project, |snapshot| {
         let mut entries = Vec::with_capacity(ops.len());
         let mut outcomes: Vec<Result<usize, (u16, Vec<FieldError>)>> =
@@ -302,7 +312,7 @@ pub async fn bulk(
                     entries.push(entry);
                     Ok(entries.len() - 1)
                 }
-                Err(e) => Err(e),
+                Err((status, errors)) => Err((status, cap_errors(errors))),
             });
         }
         Ok((entries, outcomes))
@@ -313,14 +323,18 @@ pub async fn bulk(
         .zip(outcomes)
         .map(|(op, outcome)| match outcome {
             Ok(index) => BulkResult {
-                action: op.action,
+                action: op.action.name(),
                 id: op.id,
-                status: if op.action == "create" { 201 } else { 200 },
+                status: if op.action == Action::Create {
+                    201
+                } else {
+                    200
+                },
                 revision: Some(revisions[index]),
                 errors: None,
             },
             Err((status, errors)) => BulkResult {
-                action: op.action,
+                action: op.action.name(),
                 id: op.id,
                 status,
                 revision: None,
@@ -384,34 +398,34 @@ impl Serialize for BulkResult {
     }
 }
 
+/// Prepares one bulk operation: its item is parsed here and dropped once encoded.
 fn prepare_op(
     state: &State,
     snapshot: &Snapshot,
     project: &Ident,
-    op: &BulkOp,
+    op: &Operation,
 ) -> Result<Entry, (u16, Vec<FieldError>)> {
     if let Some(error) = &op.error {
         return Err(error.clone());
     }
-    let (blueprint, id) = (
-        op.blueprint.as_ref().expect("checked"),
-        op.id.expect("checked"),
-    );
+    let (Some(blueprint), Some(id)) = (op.blueprint.as_ref(), op.id) else {
+        return Err((
+            400,
+            vec![FieldError::new("", "blueprint and id are required")],
+        ));
+    };
     let result = match op.action {
-        "delete" => state
+        Action::Delete => state
             .journal
             .item(project, blueprint, &id)
             .map_err(ItemError::from)
             .and_then(|existing| {
                 prepare_delete(snapshot, project, blueprint, id, existing.as_ref())
             }),
-        _ => prepare_upsert(
-            snapshot,
-            project,
-            blueprint,
-            id,
-            op.body.as_ref().expect("checked"),
-        ),
+        Action::Put | Action::Create => {
+            let item = op.parse_item(state.settings.server.max_body_bytes)?;
+            prepare_upsert(snapshot, project, blueprint, id, &item)
+        }
     };
     result.map_err(|e| match e {
         ItemError::NotFound(m) => (404, vec![FieldError::new("", m)]),
@@ -428,99 +442,4 @@ fn prepare_op(
             (status, vec![FieldError::new("", message)])
         }
     })
-}
-
-fn parse_bulk(raw: &[u8]) -> Result<Vec<BulkOp>, ApiError> {
-    let mut lines = raw
-        .split(|b| *b == b'\n')
-        .enumerate()
-        .map(|(i, line)| (i + 1, line))
-        .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace));
-    let mut ops = Vec::new();
-    while let Some((number, line)) = lines.next() {
-        let bad = |message: String| ApiError::bad_request(&format!("/line/{number}"), message);
-        let action: Value =
-            serde_json::from_slice(line).map_err(|e| bad(format!("malformed action line: {e}")))?;
-        let (name, meta) = match action
-            .as_object()
-            .map(|o| o.iter().collect::<Vec<_>>())
-            .as_deref()
-        {
-            Some([(name, meta)]) => (name.as_str(), *meta),
-            _ => {
-                return Err(bad(
-                    "an action line is an object with one key: put, create or delete".into(),
-                ))
-            }
-        };
-        let action = match name {
-            "put" | "index" => "put",
-            "create" => "create",
-            "delete" => "delete",
-            other => {
-                return Err(bad(format!(
-                    "unknown action {other:?}; expected put, create or delete"
-                )))
-            }
-        };
-        let mut op = BulkOp {
-            action,
-            blueprint: None,
-            id: None,
-            body: None,
-            error: None,
-        };
-        if action != "delete" {
-            let Some((_, doc)) = lines.next() else {
-                return Err(bad(format!(
-                    "the {action} action has no item line after it"
-                )));
-            };
-            match serde_json::from_slice(doc) {
-                Ok(doc) => op.body = Some(doc),
-                Err(e) => {
-                    op.error = Some((
-                        400,
-                        vec![FieldError::new("", format!("malformed JSON: {e}"))],
-                    ))
-                }
-            }
-        }
-        let mut problems = Vec::new();
-        match meta
-            .get("blueprint")
-            .and_then(Value::as_str)
-            .map(Ident::parse)
-        {
-            Some(Ok(bp)) => op.blueprint = Some(bp),
-            Some(Err(reason)) => problems.push(FieldError::new("/blueprint", reason)),
-            None => problems.push(FieldError::new("/blueprint", "is required")),
-        }
-        match (action, meta.get("id")) {
-            ("create", None) => op.id = Some(Uuid::now_v7()),
-            ("create", Some(_)) => problems.push(FieldError::new(
-                "/id",
-                "create generates the id; use put to choose one",
-            )),
-            (_, Some(Value::String(raw))) => match Uuid::parse_str(raw) {
-                Ok(id) => op.id = Some(id),
-                Err(_) => problems.push(FieldError::new("/id", format!("{raw:?} is not a uuid"))),
-            },
-            (_, _) => problems.push(FieldError::new("/id", "is required: a uuid")),
-        }
-        if let Some(unknown) = meta.as_object().and_then(|m| {
-            m.keys()
-                .find(|k| !["blueprint", "id"].contains(&k.as_str()))
-        }) {
-            problems.push(FieldError::new(
-                format!("/{unknown}"),
-                "unknown key; expected blueprint and id",
-            ));
-        }
-        if !problems.is_empty() && op.error.is_none() {
-            op.error = Some((400, problems));
-        }
-        ops.push(op);
-    }
-    Ok(ops)
 }

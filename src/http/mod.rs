@@ -1,4 +1,4 @@
-//! The HTTP API of DESIGN §3: the route table, shared state and path parsing.
+//! The HTTP API of docs/design.md §3: the route table, shared state and path parsing.
 //!
 //! Handlers live one file per resource; `error.rs` is the only place that chooses status codes. Paths
 //! follow Elasticsearch conventions (project first, `_`-prefixed verbs), so verb routes are registered
@@ -36,6 +36,8 @@ pub struct AppState {
     /// The RabbitMQ links of this process, when tasks travel through a broker.
     pub broker: Option<Arc<Broker>>,
     pub settings: Settings,
+    /// Memory held for request bodies by every request together (`server.max_inflight_bytes`).
+    pub in_flight: Arc<body::InFlight>,
 }
 
 impl AppState {

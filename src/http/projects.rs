@@ -54,7 +54,7 @@ pub async fn put(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
-    let body = body::json(&request, payload, state.settings.server.max_body_bytes).await?;
+    let body = body::json(&state, &request, payload).await?;
     Ok(HttpResponse::Ok().json(put_and_freeze(&state, &project, &body, "").await?))
 }
 
@@ -83,8 +83,8 @@ pub async fn put_all(
     request: HttpRequest,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let body = body::json(&request, payload, state.settings.server.max_body_bytes).await?;
-    let Value::Object(projects) = body else {
+    let body = body::json(&state, &request, payload).await?;
+    let Value::Object(projects) = &*body else {
         return Err(ApiError::Invalid(
             "invalid projects".into(),
             vec![FieldError::new("", "must be an object of projects by name")],
@@ -92,12 +92,15 @@ pub async fn put_all(
     };
     let mut errors = Vec::new();
     let mut named = Vec::new();
-    for (name, blueprints) in &projects {
+    for (name, blueprints) in projects {
         let at = format!("/{}", crate::blueprint::parse::pointer_segment(name));
         match Ident::parse(name) {
             Err(reason) => errors.push(FieldError::new(
                 &at,
-                format!("project name {name:?} {reason}"),
+                format!(
+                    "project name {:?} {reason}",
+                    crate::blueprint::value::excerpt_str(name)
+                ),
             )),
             Ok(project) => match parse_blueprint_set(blueprints, &at) {
                 Ok(_) => named.push((project, blueprints, at)),

@@ -15,19 +15,23 @@ pub async fn freeze_project(state: &State, project: &Ident) -> Result<u32, ApiEr
     let snapshot = state.catalog.snapshot();
     let p = snapshot.project(project)?;
     let (number, seq) = if p.has_unfrozen_changes() {
+        // The back-fill of the new version is recorded in the same journal batch.
         let (version, seq) = state.journal.freeze(project.clone()).await?;
-        if version.number > 1 {
-            state
-                .journal
-                .start_backfill(project.clone(), version.number)?;
-        }
         (version.number, seq)
     } else {
+        // A retried freeze finishes what the first one started.
         let latest = p.latest().ok_or_else(|| {
             ApiError::Conflict("the working copy has no blueprints to freeze".into())
         })?;
+        let backfill = state
+            .journal
+            .ensure_backfill(project, latest.number)
+            .await?;
         let unfinished = unfinished_migrations(p, latest.number);
         if unfinished.is_empty() {
+            if backfill {
+                return Ok(latest.number);
+            }
             return Err(ApiError::Conflict(format!(
                 "nothing changed since version {}",
                 latest.number

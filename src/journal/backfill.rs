@@ -14,6 +14,7 @@ use super::writer::{BackfillItem, Command};
 use super::{decode, keys, ItemRecord, Journal, JournalError, CF_ITEMS, CF_META};
 use crate::blueprint::transform::transform;
 use crate::blueprint::Ident;
+use crate::catalog::MigrationState;
 
 const CHUNK: usize = 512;
 
@@ -33,6 +34,19 @@ pub struct BackfillState {
     /// The last item key looked at.
     pub cursor: Option<Vec<u8>>,
     pub finished: bool,
+    /// The projectors it feeds, when not every one: a rebuild of their stores.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub projectors: Option<Vec<String>>,
+}
+
+impl BackfillState {
+    /// Where the state is kept.
+    pub fn key(&self, project: &Ident, version: u32) -> Vec<u8> {
+        match &self.projectors {
+            Some(only) => keys::rebuild(project, version, only),
+            None => keys::backfill(project, version),
+        }
+    }
 }
 
 impl Journal {
@@ -50,21 +64,25 @@ impl Journal {
         }
     }
 
-    /// Starts back-filling `version`; items written from now on already carry it. Counting the
-    /// items to look at is left to the background task, so a freeze never waits for a full scan.
-    pub fn start_backfill(
-        self: &Arc<Self>,
-        project: Ident,
+    /// Starts the back-fill of `version` unless one was recorded (running, paused or finished):
+    /// a freeze records its back-fill in its own batch, and this completes one a crash or an older
+    /// data directory left unrecorded. Answers whether it started one.
+    pub async fn ensure_backfill(
+        &self,
+        project: &Ident,
         version: u32,
-    ) -> Result<(), JournalError> {
-        let state = BackfillState::default();
-        self.db.put_cf(
-            self.cf(CF_META),
-            keys::backfill(&project, version),
-            serde_json::to_vec(&state)?,
-        )?;
-        self.spawn_backfill(project, version, state);
-        Ok(())
+    ) -> Result<bool, JournalError> {
+        if version < 2 || self.backfill_state(project, version)?.is_some() {
+            return Ok(false);
+        }
+        let project = project.clone();
+        self.send(|reply| Command::StartBackfill {
+            project,
+            version,
+            reply,
+        })
+        .await?;
+        Ok(true)
     }
 
     /// How many items a project has in the journal.
@@ -78,6 +96,36 @@ impl Journal {
             .map_while(Result::ok)
             .take_while(|(key, _)| key.as_ref() < to.as_slice())
             .count() as u64
+    }
+
+    /// Completes what a crash between a freeze's catalog write and its journal batch could leave
+    /// behind: every live version gets its back-fill, and migrations that have not succeeded are
+    /// queued again (migrations are idempotent, so one queued twice is harmless).
+    pub async fn reconcile(&self) -> Result<(), JournalError> {
+        let snapshot = self.catalog.snapshot();
+        for (name, project) in &snapshot.projects {
+            for version in project.live_versions() {
+                self.ensure_backfill(name, version.number).await?;
+                let unfinished: Vec<String> = project
+                    .status
+                    .get(&version.number)
+                    .map(|s| {
+                        s.migrations
+                            .iter()
+                            .filter(|(p, m)| {
+                                **m != MigrationState::Done && self.lanes.contains_key(p.as_str())
+                            })
+                            .map(|(p, _)| p.clone())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                if !unfinished.is_empty() {
+                    self.remigrate(name.clone(), version.number, unfinished)
+                        .await?;
+                }
+            }
+        }
+        Ok(())
     }
 
     /// Resumes every back-fill a previous run left unfinished.
@@ -103,7 +151,14 @@ impl Journal {
         Ok(())
     }
 
-    fn spawn_backfill(self: &Arc<Self>, project: Ident, version: u32, state: BackfillState) {
+    /// Runs a back-fill in the background. Counting the items to look at is left to it, so a
+    /// freeze never waits for a full scan.
+    pub(super) fn spawn_backfill(
+        self: &Arc<Self>,
+        project: Ident,
+        version: u32,
+        state: BackfillState,
+    ) {
         let journal = self.clone();
         let task = self.runtime.spawn(async move {
             let mut state = state;

@@ -60,6 +60,22 @@ pub fn backfill(project: &Ident, version: u32) -> Vec<u8> {
     format!("backfill/{project}/{version:010}").into_bytes()
 }
 
+/// The back-fill of a version into some projectors only (a rebuild of their stores).
+pub fn rebuild(project: &Ident, version: u32, projectors: &[String]) -> Vec<u8> {
+    format!("backfill/{project}/{version:010}/{}", projectors.join(",")).into_bytes()
+}
+
+/// Every back-fill key of a project lies in `from .. to`.
+pub fn backfill_range(project: &Ident) -> (Vec<u8>, Vec<u8>) {
+    (
+        format!("backfill/{project}/").into_bytes(),
+        format!("backfill/{project}0").into_bytes(),
+    )
+}
+
+/// The layout of the names dstore gives what it makes in the stores (see `Journal::upgrade_layout`).
+pub const LAYOUT: &[u8] = b"layout";
+
 /// The relay's cursor of one projector: the last seq the broker confirmed.
 pub fn published(projector: &str) -> Vec<u8> {
     format!("published/{projector}").into_bytes()

@@ -16,7 +16,7 @@ mod writer;
 
 use std::collections::HashMap;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -38,6 +38,11 @@ type KeyValue = (Box<[u8]>, Box<[u8]>);
 
 /// A task's seq and its stored value.
 pub type RawTask = (u64, Box<[u8]>);
+
+/// The store layout this version of dstore makes: Elasticsearch names joined by `-`, PostgreSQL
+/// schemas of long project names with a 64-bit hash. Journals of layout 1 (no `layout` key) are
+/// upgraded at start (see [`Journal::upgrade_layout`]).
+pub const LAYOUT: u32 = 2;
 
 const CF_ITEMS: &str = "items";
 const CF_TASKS: &str = "tasks";
@@ -159,13 +164,43 @@ pub struct ItemRecord {
     pub body: Map<String, Value>,
 }
 
-/// A task that a projector refused for good.
+/// A task that a projector refused for good, or could not even decode.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DeadLetter {
     pub projector: String,
-    pub task: Task,
+    /// The task's seq in its projector's queue.
+    #[serde(default)]
+    pub seq: u64,
+    /// The task; `None` when its stored form could not be decoded (then retrying cannot help, and
+    /// `reason` says why).
+    pub task: Option<Task>,
     pub reason: String,
     pub at: String,
+}
+
+impl DeadLetter {
+    /// A dead letter for the task stored as `raw` (see [`decode_task`]), decoded when it can be.
+    pub fn from_raw(projector: &str, seq: u64, raw: &[u8], reason: String) -> DeadLetter {
+        let (task, reason) = match codec::decode_task(raw) {
+            Ok(task) => (Some(task), reason),
+            Err(error) => (
+                None,
+                format!("{reason}; the task cannot be decoded: {error}"),
+            ),
+        };
+        DeadLetter {
+            projector: projector.to_string(),
+            seq,
+            task,
+            reason,
+            at: now(),
+        }
+    }
+}
+
+/// The current time as dead letters and states record it.
+pub fn now() -> String {
+    chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
 }
 
 /// What the journal knows of one projector's progress.
@@ -183,11 +218,26 @@ pub struct ProjectorProgress {
     pub last_error: Option<String>,
 }
 
+/// What [`Journal::pending_from`] found.
+#[derive(Debug, Default)]
+pub struct Pending {
+    pub tasks: Vec<Task>,
+    /// Tasks left out because their project is held.
+    pub skipped: usize,
+    /// The first seq the scan met, if any.
+    pub first_seen: Option<u64>,
+    /// The last seq the scan looked at (0 when it met none).
+    pub last_seen: u64,
+}
+
 struct Lane {
     /// No task of this projector below this seq is pending. Scans start here, so they never wade
     /// through the deletion markers of tasks already acknowledged (new tasks only get higher seqs).
     floor: AtomicU64,
     applied: watch::Sender<u64>,
+    /// Counts acknowledgements, so a waiter can check its own task even when an older one of a
+    /// held project keeps `applied` from moving.
+    acks: watch::Sender<u64>,
     wake: Notify,
     /// Cuts a retry backoff short (a client asked to retry now).
     retry: Notify,
@@ -201,6 +251,8 @@ pub struct Journal {
     last_seq: Arc<AtomicU64>,
     /// Made once, when the journal is created: tells its tasks from those of another journal.
     id: String,
+    /// The store layout of what the projectors made so far (see [`LAYOUT`]).
+    layout: AtomicU32,
     lanes: HashMap<&'static str, Lane>,
     /// Notified after every commit (the broker relay waits on it).
     committed: Notify,
@@ -262,6 +314,16 @@ impl Journal {
             Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().unwrap_or_default()),
             None => 0,
         };
+        let meta = db.cf_handle(CF_META).expect("meta cf");
+        let layout = match db.get_cf(meta, keys::LAYOUT)? {
+            Some(bytes) => u32::from_be_bytes(bytes.as_slice().try_into().unwrap_or_default()),
+            // A journal that never wrote anything starts with today's layout.
+            None if last_seq == 0 => {
+                db.put_cf(meta, keys::LAYOUT, LAYOUT.to_be_bytes())?;
+                LAYOUT
+            }
+            None => 1,
+        };
         let last_seq = Arc::new(AtomicU64::new(last_seq));
         let id = outbox::journal_id(&db)?;
         let (commands, receiver) = std::sync::mpsc::sync_channel(4096);
@@ -271,6 +333,7 @@ impl Journal {
                 let lane = Lane {
                     floor: AtomicU64::new(0),
                     applied: watch::channel(0).0,
+                    acks: watch::channel(0).0,
                     wake: Notify::new(),
                     retry: Notify::new(),
                     progress: Mutex::new(ProjectorProgress::default()),
@@ -284,6 +347,7 @@ impl Journal {
             commands,
             last_seq: last_seq.clone(),
             id,
+            layout: AtomicU32::new(layout),
             lanes,
             committed: Notify::new(),
             settings: settings.clone(),
@@ -350,10 +414,11 @@ impl Journal {
         match commands.try_send(command) {
             Ok(()) => {}
             Err(std::sync::mpsc::TrySendError::Full(command)) => {
-                tokio::task::spawn_blocking(move || commands.send(command))
+                tokio::task::spawn_blocking(move || commands.send(command).is_ok())
                     .await
                     .map_err(|_| JournalError::Closed)?
-                    .map_err(|_| JournalError::Closed)?;
+                    .then_some(())
+                    .ok_or(JournalError::Closed)?;
             }
             Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {
                 return Err(JournalError::Closed)
@@ -379,7 +444,8 @@ impl Journal {
         .await
     }
 
-    fn check_backlog(&self) -> Result<(), JournalError> {
+    /// Whether writes are accepted now: refused (503) while a projector is too far behind.
+    pub fn check_backlog(&self) -> Result<(), JournalError> {
         let last = self.last_seq();
         for (name, lane) in &self.lanes {
             let pending = last.saturating_sub(*lane.applied.borrow());
@@ -391,6 +457,31 @@ impl Journal {
                 });
             }
         }
+        Ok(())
+    }
+
+    /// Brings what an older dstore made in the stores to today's layout. Elasticsearch index and
+    /// alias names changed (parts joined by `-`), so its indexes are rebuilt from the journal: every
+    /// live version is migrated again under the new names (the migration deletes the index of the
+    /// old name) and back-filled into Elasticsearch only. PostgreSQL schemas are renamed by their
+    /// migrations, on first use. Runs once; the layout is recorded with the queued work.
+    pub async fn upgrade_layout(&self) -> Result<(), JournalError> {
+        if self.layout.load(Ordering::Acquire) >= LAYOUT {
+            return Ok(());
+        }
+        let projectors: Vec<String> = self
+            .lanes
+            .keys()
+            .filter(|name| **name == "elasticsearch")
+            .map(|name| name.to_string())
+            .collect();
+        tracing::info!(
+            ?projectors,
+            "upgrading the store layout: rebuilding what these projectors hold from the journal"
+        );
+        self.send(|reply| Command::UpgradeLayout { projectors, reply })
+            .await?;
+        self.layout.store(LAYOUT, Ordering::Release);
         Ok(())
     }
 
@@ -424,13 +515,16 @@ impl Journal {
         Ok(seq)
     }
 
-    /// Waits until a client asks the projector to retry now, or `timeout` passes.
-    pub async fn wait_for_retry(&self, projector: &str, timeout: Duration) {
+    /// Waits until a client asks the projector to retry now (true), or `timeout` passes (false).
+    pub async fn wait_for_retry(&self, projector: &str, timeout: Duration) -> bool {
         match self.lanes.get(projector) {
-            Some(lane) => {
-                let _ = tokio::time::timeout(timeout, lane.retry.notified()).await;
+            Some(lane) => tokio::time::timeout(timeout, lane.retry.notified())
+                .await
+                .is_ok(),
+            None => {
+                tokio::time::sleep(timeout).await;
+                false
             }
-            None => tokio::time::sleep(timeout).await,
         }
     }
 
@@ -472,25 +566,69 @@ impl Journal {
 
     /// Up to `limit` pending tasks of a projector, oldest first.
     pub fn pending(&self, projector: &str, limit: usize) -> Result<Vec<Task>, JournalError> {
-        let mut tasks: Vec<Task> = Vec::new();
-        for entry in self.scan_tasks(projector).take(limit) {
-            tasks.push(codec::decode_task(&entry?.1)?);
-        }
-        if let (Some(first), Some(lane)) = (tasks.first(), self.lanes.get(projector)) {
-            lane.floor.fetch_max(first.seq, Ordering::AcqRel);
-        }
-        Ok(tasks)
+        Ok(self.pending_from(projector, 0, limit, |_| false)?.tasks)
     }
 
-    /// One pending task of a projector, if it is still pending.
-    pub fn pending_task(&self, projector: &str, seq: u64) -> Result<Option<Task>, JournalError> {
-        match self
+    /// Up to `limit` pending tasks of a projector with a seq of at least `from`, oldest first,
+    /// leaving out the tasks of projects `held` names. A task that cannot be decoded is moved to the
+    /// dead letters on the way, with the reason: retrying could never apply it.
+    pub fn pending_from(
+        &self,
+        projector: &str,
+        from: u64,
+        limit: usize,
+        held: impl Fn(&Ident) -> bool,
+    ) -> Result<Pending, JournalError> {
+        let floor = self
+            .lanes
+            .get(projector)
+            .map_or(0, |lane| lane.floor.load(Ordering::Acquire));
+        let options = keys::task_range(projector, from.max(floor), u64::MAX - 1);
+        let mut pending = Pending::default();
+        let mut poison = Vec::new();
+        for entry in self
             .db
-            .get_cf(self.cf(CF_TASKS), keys::task(projector, seq))?
+            .iterator_cf_opt(self.cf(CF_TASKS), options, IteratorMode::Start)
         {
-            Some(value) => Ok(Some(codec::decode_task(&value)?)),
-            None => Ok(None),
+            let (key, value) = entry?;
+            let seq = keys::task_seq(&key);
+            if pending.first_seen.is_none() {
+                pending.first_seen = Some(seq);
+            }
+            pending.last_seen = seq;
+            match codec::decode_task(&value) {
+                Ok(task) if held(&task.project) => pending.skipped += 1,
+                Ok(task) => pending.tasks.push(task),
+                Err(error) => {
+                    tracing::error!(projector, seq, %error, "a task that cannot be decoded becomes a dead letter");
+                    poison.push(DeadLetter::from_raw(
+                        projector,
+                        seq,
+                        &value,
+                        "the stored task is unreadable".into(),
+                    ));
+                }
+            }
+            if pending.tasks.len() >= limit {
+                break;
+            }
         }
+        if let (Some(first), Some(lane)) = (pending.first_seen, self.lanes.get(projector)) {
+            if from <= floor {
+                lane.floor.fetch_max(first, Ordering::AcqRel);
+            }
+        }
+        if !poison.is_empty() {
+            self.ack(projector, &[], poison)?;
+        }
+        Ok(pending)
+    }
+
+    /// One pending task of a projector in its stored form, if it is still pending.
+    pub fn pending_raw(&self, projector: &str, seq: u64) -> Result<Option<Vec<u8>>, JournalError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_TASKS), keys::task(projector, seq))?)
     }
 
     /// Removes applied tasks and moves refused ones to the dead letters, in one batch.
@@ -505,10 +643,10 @@ impl Journal {
             batch.delete_cf(self.cf(CF_TASKS), keys::task(projector, *seq));
         }
         for letter in &dead {
-            batch.delete_cf(self.cf(CF_TASKS), keys::task(projector, letter.task.seq));
+            batch.delete_cf(self.cf(CF_TASKS), keys::task(projector, letter.seq));
             batch.put_cf(
                 self.cf(CF_DEAD),
-                keys::task(projector, letter.task.seq),
+                keys::task(projector, letter.seq),
                 serde_json::to_vec(letter)?,
             );
         }
@@ -518,7 +656,11 @@ impl Journal {
             progress.applied += applied.len() as u64;
             progress.failed += dead.len() as u64;
         }
-        self.refresh_progress(projector)
+        let refreshed = self.refresh_progress(projector);
+        if let Some(lane) = self.lanes.get(projector) {
+            lane.acks.send_modify(|n| *n += 1);
+        }
+        refreshed
     }
 
     /// Recomputes how far a projector got: everything before its oldest pending task is done.
@@ -594,12 +736,15 @@ impl Journal {
         seq: u64,
         timeout: Duration,
     ) -> Result<(), Vec<&'static str>> {
-        let deadline = tokio::time::Instant::now() + timeout;
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or(now + Duration::from_secs(365 * 86_400));
         let mut behind = Vec::new();
         for (name, lane) in &self.lanes {
-            let mut applied = lane.applied.subscribe();
+            let mut acks = lane.acks.subscribe();
             let reached =
-                tokio::time::timeout_at(deadline, applied.wait_for(|through| *through >= seq))
+                tokio::time::timeout_at(deadline, acks.wait_for(|_| self.settled(name, lane, seq)))
                     .await;
             if !matches!(reached, Ok(Ok(_))) {
                 behind.push(*name);
@@ -611,6 +756,18 @@ impl Journal {
             behind.sort_unstable();
             Err(behind)
         }
+    }
+
+    /// Whether a projector is done with the task `seq` (applied or dead-lettered): everything up to
+    /// it is, or that task alone is (tasks of a held project may still wait before it).
+    fn settled(&self, projector: &str, lane: &Lane, seq: u64) -> bool {
+        *lane.applied.borrow() >= seq
+            || (seq <= self.last_seq()
+                && matches!(
+                    self.db
+                        .get_pinned_cf(self.cf(CF_TASKS), keys::task(projector, seq)),
+                    Ok(None)
+                ))
     }
 
     /// Estimated (items, bytes) the journal holds, from RocksDB's own statistics.
@@ -661,7 +818,9 @@ impl Journal {
             if !key.starts_with(&prefix) || out.len() >= limit {
                 break;
             }
-            out.push((key.to_vec(), decode(&value)?));
+            let mut letter: DeadLetter = decode(&value)?;
+            letter.seq = keys::task_seq(&key);
+            out.push((key.to_vec(), letter));
         }
         Ok(out)
     }
@@ -669,7 +828,9 @@ impl Journal {
     /// Queues dead letters again (after the cause was fixed), behind every pending task; the
     /// revision guard keeps them from undoing anything newer. Answers how many were queued.
     pub async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, JournalError> {
-        let letters = self.dead_entries(projector, usize::MAX)?;
+        let mut letters = self.dead_entries(projector, usize::MAX)?;
+        // A task that cannot be decoded stays a dead letter: no retry could apply it.
+        letters.retain(|(_, letter)| letter.task.is_some());
         if letters.is_empty() {
             return Ok(0);
         }

@@ -47,6 +47,18 @@ pub enum Command {
         projectors: Vec<String>,
         reply: Reply<u64>,
     },
+    /// Rebuilds what `projectors` hold of every live version: migrations again, then back-fills into
+    /// those projectors only; records the store layout as current in the same batch.
+    UpgradeLayout {
+        projectors: Vec<String>,
+        reply: Reply<()>,
+    },
+    /// Starts (again) the back-fill of a version whose state is missing.
+    StartBackfill {
+        project: Ident,
+        version: u32,
+        reply: Reply<()>,
+    },
     DropProject {
         project: Ident,
         reply: Reply<u64>,
@@ -93,8 +105,15 @@ struct Stage<'a> {
     batch: WriteBatch,
     seq: u64,
     answers: Vec<Answer>,
+    /// What to start once the batch is written (back-fills).
+    after: Vec<AfterCommit>,
+    /// Back-fill keys this batch starts.
+    backfills: std::collections::HashSet<Vec<u8>>,
     writer: &'a Writer,
 }
+
+/// Work that may only start once its batch is durable.
+type AfterCommit = Box<dyn FnOnce(&Arc<Journal>) + Send>;
 
 impl<'a> Stage<'a> {
     fn cf(&self, name: &str) -> &'a rocksdb::ColumnFamily {
@@ -127,6 +146,34 @@ impl<'a> Stage<'a> {
     fn all_projectors(&self) -> Vec<&'static str> {
         self.writer.projectors.clone()
     }
+
+    /// Records a fresh back-fill of `version` in the batch, and runs it once the batch is written.
+    fn start_backfill(&mut self, project: &Ident, version: u32) {
+        self.start_backfill_for(project, version, None);
+    }
+
+    /// Like [`Stage::start_backfill`], into `projectors` only when given (a rebuild of their stores).
+    fn start_backfill_for(
+        &mut self,
+        project: &Ident,
+        version: u32,
+        projectors: Option<Vec<String>>,
+    ) {
+        let state = BackfillState {
+            projectors,
+            ..BackfillState::default()
+        };
+        let meta = self.cf(CF_META);
+        self.batch.put_cf(
+            meta,
+            state.key(project, version),
+            serde_json::to_vec(&state).expect("state serializes"),
+        );
+        let project = project.clone();
+        self.after.push(Box::new(move |journal: &Arc<Journal>| {
+            journal.spawn_backfill(project, version, state);
+        }));
+    }
 }
 
 impl Writer {
@@ -157,6 +204,8 @@ impl Writer {
                 batch: WriteBatch::default(),
                 seq: self.last_seq.load(Ordering::Acquire),
                 answers: Vec::new(),
+                after: Vec::new(),
+                backfills: Default::default(),
                 writer: &self,
             };
             stage_command(&mut stage, first);
@@ -177,17 +226,28 @@ impl Writer {
             let seq = stage.seq;
             let meta = stage.cf(CF_META);
             stage.batch.put_cf(meta, keys::LAST_SEQ, seq.to_be_bytes());
-            let Stage { batch, answers, .. } = stage;
+            let Stage {
+                batch,
+                answers,
+                after,
+                ..
+            } = stage;
             let result = self.db.write_opt(batch, &options);
             if result.is_ok() {
                 self.last_seq.store(seq, Ordering::Release);
             } else {
                 tracing::error!(error = ?result, "journal batch write failed");
             }
+            let journal = journal.upgrade();
+            if let (Ok(()), Some(journal)) = (&result, &journal) {
+                for start in after {
+                    start(journal);
+                }
+            }
             for answer in answers {
                 answer(result.as_ref().err());
             }
-            if let Some(journal) = journal.upgrade() {
+            if let Some(journal) = journal {
                 journal.wake_all();
             }
             if stopping {
@@ -223,6 +283,11 @@ fn stage_command(stage: &mut Stage, command: Command) {
                         version: version.number,
                     };
                     let seq = stage.task(None, &codec::task_body(&project, &migrate), projectors);
+                    // The back-fill starts in the same batch as the migration: a crash or a lost
+                    // answer can never leave the version without the items written before it.
+                    if version.number > 1 {
+                        stage.start_backfill(&project, version.number);
+                    }
                     stage.answers.push(answer(reply, (version, seq)));
                 }
                 Err(e) => {
@@ -240,10 +305,62 @@ fn stage_command(stage: &mut Stage, command: Command) {
             let seq = stage.task(None, &body, projectors.iter().map(String::as_str));
             stage.answers.push(answer(reply, seq));
         }
+        Command::StartBackfill {
+            project,
+            version,
+            reply,
+        } => {
+            let key = keys::backfill(&project, version);
+            let recorded = matches!(
+                stage.writer.db.get_pinned_cf(stage.cf(CF_META), &key),
+                Ok(Some(_))
+            );
+            if !recorded && stage.backfills.insert(key) {
+                stage.start_backfill(&project, version);
+            }
+            stage.answers.push(answer(reply, ()));
+        }
+        Command::UpgradeLayout { projectors, reply } => {
+            let snapshot = stage.writer.catalog.snapshot();
+            if !projectors.is_empty() {
+                for (name, project) in &snapshot.projects {
+                    for version in project.live_versions() {
+                        let migrate = TaskOp::Migrate {
+                            version: version.number,
+                        };
+                        let body = codec::task_body(name, &migrate);
+                        stage.task(None, &body, projectors.iter().map(String::as_str));
+                        stage.start_backfill_for(name, version.number, Some(projectors.clone()));
+                    }
+                }
+            }
+            let meta = stage.cf(CF_META);
+            stage
+                .batch
+                .put_cf(meta, keys::LAYOUT, super::LAYOUT.to_be_bytes());
+            stage.answers.push(answer(reply, ()));
+        }
         Command::DropProject { project, reply } => {
             if let Err(e) = stage.writer.catalog.delete_project(&project) {
                 let _ = reply.send(Err(e.into()));
                 return;
+            }
+            // Its dead letters hold whole items: retrying them into a project made again later
+            // would bring old items back.
+            let dead = stage.cf(super::CF_DEAD);
+            for (key, value) in stage
+                .writer
+                .db
+                .iterator_cf(dead, rocksdb::IteratorMode::Start)
+                .map_while(Result::ok)
+            {
+                let owned = serde_json::from_slice::<super::DeadLetter>(&value)
+                    .ok()
+                    .and_then(|letter| letter.task)
+                    .is_some_and(|task| task.project == project);
+                if owned {
+                    stage.batch.delete_cf(dead, key);
+                }
             }
             let items = stage.cf(CF_ITEMS);
             stage.batch.delete_range_cf(
@@ -252,14 +369,8 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 keys::project_end(&project),
             );
             let meta = stage.cf(CF_META);
-            let (from, to) = (
-                keys::backfill(&project, 0),
-                keys::backfill(&project, u32::MAX),
-            );
+            let (from, to) = keys::backfill_range(&project);
             stage.batch.delete_range_cf(meta, from, to);
-            stage
-                .batch
-                .delete_cf(meta, keys::backfill(&project, u32::MAX));
             let body = codec::task_body(&project, &TaskOp::DropProject);
             let seq = stage.task(None, &body, stage.all_projectors());
             stage.answers.push(answer(reply, seq));
@@ -269,7 +380,9 @@ fn stage_command(stage: &mut Stage, command: Command) {
             let count = letters.len();
             let dead = stage.cf(super::CF_DEAD);
             for (key, letter) in letters {
-                let task = &letter.task;
+                let Some(task) = &letter.task else {
+                    continue;
+                };
                 let revision = match &task.op {
                     TaskOp::Upsert { revision, .. } | TaskOp::Delete { revision, .. } => {
                         Some(*revision)
@@ -307,14 +420,20 @@ fn stage_command(stage: &mut Stage, command: Command) {
                     Ok(Some(value)) if value.get(..8) == Some(&item.revision.to_be_bytes()[..])
                 );
                 if unchanged {
-                    stage.task(Some(item.revision), &item.task, stage.all_projectors());
+                    match &state.projectors {
+                        Some(only) => stage.task(
+                            Some(item.revision),
+                            &item.task,
+                            only.iter().map(String::as_str),
+                        ),
+                        None => stage.task(Some(item.revision), &item.task, stage.all_projectors()),
+                    };
                 }
             }
             let meta = stage.cf(CF_META);
+            let key = state.key(&project, version);
             let state = serde_json::to_vec(&state).expect("state serializes");
-            stage
-                .batch
-                .put_cf(meta, keys::backfill(&project, version), state);
+            stage.batch.put_cf(meta, key, state);
             stage.answers.push(answer(reply, true));
         }
     }

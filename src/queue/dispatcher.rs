@@ -4,17 +4,20 @@
 //! Invariants: a task is removed from the journal only after its projector applied it or refused it
 //! for good (then it becomes a dead letter with the reason); a transient failure keeps the task and the
 //! ones behind it, retried with capped backoff, so a store that is down only delays its own projection.
-//! What goes together in one batch is [`step`]'s rule.
+//! A failed migration holds back only its own project ([`Holds`]): that project's tasks stay in order
+//! behind it while the other projects' tasks go on. What goes together in one batch is [`step`]'s rule.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::watch;
 
-use super::step;
+use super::hold::Holds;
+use super::step::{self, Step};
+use crate::catalog::MigrationState;
 use crate::journal::task::Task;
 use crate::journal::Journal;
-use crate::projector::{backoff, Projector, ProjectorError};
+use crate::projector::{backoff, Projector};
 
 /// Runs until `shutdown` turns true.
 pub async fn run(
@@ -25,9 +28,16 @@ pub async fn run(
 ) {
     let name = projector.name();
     let mut attempt = 0;
+    let mut holds = Holds::default();
+    // Every task below it is settled or belongs to a held project; 0 scans from the oldest.
+    let mut scan_from = 0;
     while !*shutdown.borrow() {
-        let tasks = match journal.pending(name, batch_size) {
-            Ok(tasks) => tasks,
+        if !holds.any() {
+            scan_from = 0;
+        }
+        let pending = match journal.pending_from(name, scan_from, batch_size, |p| holds.is_held(p))
+        {
+            Ok(pending) => pending,
             Err(error) => {
                 tracing::error!(projector = name, %error, "cannot read pending tasks");
                 tokio::time::sleep(backoff(attempt)).await;
@@ -35,24 +45,77 @@ pub async fn run(
                 continue;
             }
         };
+        let tasks = pending.tasks;
         if tasks.is_empty() {
             let _ = journal.refresh_progress(name);
+            if pending.first_seen.is_some() {
+                scan_from = pending.last_seen + 1;
+            }
+            // Wake for new tasks, or when the next held project may be tried again.
+            let wait = holds.next_try().map_or(Duration::from_millis(500), |d| {
+                d.min(Duration::from_millis(500))
+            });
             tokio::select! {
-                _ = journal.wait_for_tasks(name, Duration::from_millis(500)) => {}
+                _ = journal.wait_for_tasks(name, wait) => {}
+                asked = journal.wait_for_retry(name, wait) => {
+                    if asked {
+                        holds.expire_all();
+                    }
+                }
                 _ = shutdown.changed() => {}
+            }
+            if holds.next_try().is_none_or(|d| d.is_zero()) {
+                scan_from = 0;
             }
             continue;
         }
-        match apply_run(&journal, projector.as_ref(), &tasks).await {
-            Ok(()) => {
-                attempt = 0;
-                journal.note_error(name, None);
+        let step = step::apply(projector.as_ref(), &journal.catalog().snapshot(), &tasks).await;
+        let settled = step.settled();
+        let migration_failed = step
+            .migration
+            .as_ref()
+            .filter(|m| matches!(m.state, MigrationState::Failed { .. }))
+            .map(|m| m.project.clone());
+        if let Some(m) = step
+            .migration
+            .as_ref()
+            .filter(|m| m.state == MigrationState::Done)
+        {
+            holds.release(&m.project);
+        }
+        let error = match record(&journal, name, step) {
+            Err(error) => Some(error),
+            Ok(Some(error)) if migration_failed.is_none() => Some(error),
+            Ok(Some(error)) => {
+                // Only this project waits: its tasks stay in order behind the migration.
+                let project = migration_failed.expect("a failed migration");
+                tracing::warn!(projector = name, %project, %error, "migration failed; the project's tasks wait, the others go on");
+                journal.note_error(
+                    name,
+                    Some(format!("project {project} is held back: {error}")),
+                );
+                holds.hold(&project);
+                continue;
             }
-            Err(error) => {
+            Ok(None) => None,
+        };
+        match error {
+            None => {
+                attempt = 0;
+                if !holds.any() {
+                    journal.note_error(name, None);
+                }
+                scan_from = next_scan(&tasks, settled);
+            }
+            Some(error) => {
                 tracing::warn!(projector = name, %error, attempt, "projection failed; retrying");
-                journal.note_error(name, Some(error.message));
+                journal.note_error(name, Some(error));
                 tokio::select! {
-                    _ = journal.wait_for_retry(name, backoff(attempt)) => {}
+                    asked = journal.wait_for_retry(name, backoff(attempt)) => {
+                        if asked {
+                            holds.expire_all();
+                        }
+                    }
                     _ = shutdown.changed() => {}
                 }
                 attempt += 1;
@@ -61,15 +124,17 @@ pub async fn run(
     }
 }
 
-/// Applies one step and records it: acknowledgements and dead letters in the journal, the
-/// migration's state in the catalog.
-async fn apply_run(
-    journal: &Journal,
-    projector: &dyn Projector,
-    tasks: &[Task],
-) -> Result<(), ProjectorError> {
-    let name = projector.name();
-    let step = step::apply(projector, &journal.catalog().snapshot(), tasks).await;
+/// Where the next scan starts: at the first unsettled task, or after the last one.
+fn next_scan(tasks: &[Task], settled: usize) -> u64 {
+    match tasks.get(settled) {
+        Some(task) => task.seq,
+        None => tasks.last().map_or(0, |t| t.seq + 1),
+    }
+}
+
+/// Records a step (acknowledgements and dead letters in the journal, the migration's state in the
+/// catalog); answers why the rest must be retried, if it must.
+fn record(journal: &Journal, name: &str, step: Step) -> Result<Option<String>, String> {
     step::record(
         journal,
         name,
@@ -77,6 +142,6 @@ async fn apply_run(
         step.dead,
         step.migration.as_ref(),
     )
-    .map_err(|e| ProjectorError::transient(format!("cannot acknowledge tasks: {e}")))?;
-    step.retry.map_or(Ok(()), Err)
+    .map_err(|e| format!("cannot acknowledge tasks: {e}"))?;
+    Ok(step.retry.map(|e| e.message))
 }

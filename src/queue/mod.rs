@@ -4,6 +4,7 @@
 //! processes. Both apply tasks by the same [`step`] rule.
 
 pub mod dispatcher;
+pub mod hold;
 pub mod rabbitmq;
 pub mod step;
 pub mod view;

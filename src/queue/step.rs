@@ -7,6 +7,9 @@
 //! keeps the dead letters, records the migration and retries the rest, each in its own way (the
 //! in-process dispatcher in the journal, a RabbitMQ consumer by acks and a progress report).
 
+use std::panic::AssertUnwindSafe;
+
+use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 
 use crate::blueprint::Ident;
@@ -67,7 +70,38 @@ pub fn record(
 
 /// Applies the leading run of `tasks` (which must not be empty). `snapshot` must hold every version
 /// the tasks name, unless its project is gone.
+///
+/// A projector that panics on a batch is tried again on its first task alone; a task it panics on
+/// alone becomes a dead letter, so one poisonous task can never stop projection.
 pub async fn apply(projector: &dyn Projector, snapshot: &Snapshot, tasks: &[Task]) -> Step {
+    match AssertUnwindSafe(apply_front(projector, snapshot, tasks))
+        .catch_unwind()
+        .await
+    {
+        Ok(step) => step,
+        Err(panic) => {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "no message".into());
+            tracing::error!(projector = projector.name(), tasks = tasks.len(), %message, "projector panicked");
+            if tasks.len() > 1 {
+                return Box::pin(apply(projector, snapshot, &tasks[..1])).await;
+            }
+            dead(
+                projector,
+                &tasks[0],
+                &ProjectorError::permanent(format!(
+                    "the {} projector failed on this task: {message}",
+                    projector.name()
+                )),
+            )
+        }
+    }
+}
+
+async fn apply_front(projector: &dyn Projector, snapshot: &Snapshot, tasks: &[Task]) -> Step {
     let first = &tasks[0];
     match &first.op {
         TaskOp::Migrate { version } => migrate(projector, snapshot, first, *version).await,
@@ -171,8 +205,9 @@ fn dead_letter(projector: &str, task: &Task, error: &ProjectorError) -> DeadLett
     tracing::error!(projector, task = %task.describe(), reason = %error.message, "dead letter");
     DeadLetter {
         projector: projector.to_string(),
-        task: task.clone(),
+        seq: task.seq,
+        task: Some(task.clone()),
         reason: error.message.clone(),
-        at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Millis, true),
+        at: crate::journal::now(),
     }
 }

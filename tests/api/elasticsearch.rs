@@ -82,6 +82,18 @@ impl Es {
         self.call(reqwest::Method::GET, path).await
     }
 
+    async fn send_json(&self, method: reqwest::Method, path: &str, body: &Value) -> (u16, Value) {
+        let response = self
+            .client
+            .request(method, format!("{}/{path}", self.url))
+            .json(body)
+            .send()
+            .await
+            .expect("elasticsearch answers");
+        let status = response.status().as_u16();
+        (status, response.json().await.unwrap_or(Value::Null))
+    }
+
     pub(crate) async fn search(&self, index: &str, query: Value) -> Value {
         let response = self
             .client
@@ -180,9 +192,9 @@ async fn kitchensink_items_read_back_from_source_at_v2_and_the_alias_follows_the
     let prefix = unique_prefix();
     let app = spawn_app_with_es(&es.url, &prefix).await;
     let (v1_index, v2_index, alias) = (
-        format!("{prefix}dstore_v1_kitchensink"),
-        format!("{prefix}dstore_v2_kitchensink"),
-        format!("{prefix}dstore_kitchensink"),
+        format!("{prefix}dstore-v1-kitchensink"),
+        format!("{prefix}dstore-v2-kitchensink"),
+        format!("{prefix}dstore-kitchensink"),
     );
 
     assert_eq!(
@@ -373,7 +385,7 @@ async fn a_document_elasticsearch_rejects_goes_to_the_dead_letters_without_block
         .await;
     assert_eq!(put.status, 200, "{}", put.body);
 
-    let index = format!("{prefix}shop_v1_code");
+    let index = format!("{prefix}shop-v1-code");
     assert_eq!(es.wait_for_source(&index, good).await["code"], "12");
     let deadline = Instant::now() + Duration::from_secs(20);
     let letter = loop {
@@ -420,13 +432,13 @@ async fn dropping_a_project_deletes_its_indexes_and_aliases_and_nothing_else() {
     let mut v2 = article.clone();
     v2["columns"]["summary"] = json!({"type": "text"});
     app.put_and_freeze("blog", "article", &v2).await;
-    // Another project whose indexes match the pattern `blog_v*`.
+    // Another project whose name starts like this one's.
     app.put_and_freeze("blog_vintage", "article", &article)
         .await;
-    let kept = format!("{prefix}blog_vintage_v1_article");
+    let kept = format!("{prefix}blog_vintage-v1-article");
     for index in [
-        format!("{prefix}blog_v1_article"),
-        format!("{prefix}blog_v2_article"),
+        format!("{prefix}blog-v1-article"),
+        format!("{prefix}blog-v2-article"),
         kept.clone(),
     ] {
         assert!(es.exists(&index).await, "{index} was not created");
@@ -435,16 +447,16 @@ async fn dropping_a_project_deletes_its_indexes_and_aliases_and_nothing_else() {
     let dropped = app.delete("/blog/_project").await;
     assert_eq!(dropped.status, 200, "{}", dropped.body);
     let deadline = Instant::now() + Duration::from_secs(20);
-    while es.exists(&format!("{prefix}blog_v2_article")).await {
+    while es.exists(&format!("{prefix}blog-v2-article")).await {
         assert!(
             Instant::now() < deadline,
             "the indexes of the dropped project are still there"
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert!(!es.exists(&format!("{prefix}blog_v1_article")).await);
+    assert!(!es.exists(&format!("{prefix}blog-v1-article")).await);
     assert!(
-        es.alias_targets(&format!("{prefix}blog_article"))
+        es.alias_targets(&format!("{prefix}blog-article"))
             .await
             .is_empty(),
         "the alias survived"
@@ -454,7 +466,7 @@ async fn dropping_a_project_deletes_its_indexes_and_aliases_and_nothing_else() {
         "an index of another project was deleted"
     );
     assert_eq!(
-        es.alias_targets(&format!("{prefix}blog_vintage_article"))
+        es.alias_targets(&format!("{prefix}blog_vintage-article"))
             .await,
         [kept]
     );
@@ -530,7 +542,7 @@ async fn a_migration_finishes_a_half_done_one_and_refuses_an_index_with_another_
     // A first attempt created the index, then stopped before the alias.
     let blueprint = &done_v1.blueprints[&sample];
     let body = mapping::index_body(&done, 1, &sample, blueprint);
-    let index = format!("{prefix}halfdone_v1_sample");
+    let index = format!("{prefix}halfdone-v1-sample");
     let created = es
         .client
         .put(format!("{}/{index}", es.url))
@@ -544,12 +556,12 @@ async fn a_migration_finishes_a_half_done_one_and_refuses_an_index_with_another_
         .await
         .expect("the retry finishes the migration");
     assert_eq!(
-        es.alias_targets(&format!("{prefix}halfdone_sample")).await,
+        es.alias_targets(&format!("{prefix}halfdone-sample")).await,
         [index.as_str()]
     );
 
     let foreign = json!({"mappings": {"properties": {"title": {"type": "text"}}}});
-    let index = format!("{prefix}clash_v1_sample");
+    let index = format!("{prefix}clash-v1-sample");
     es.client
         .put(format!("{}/{index}", es.url))
         .json(&foreign)
@@ -648,4 +660,137 @@ async fn a_store_answering_503_keeps_every_task_for_a_retry_and_reports_unhealth
         .expect_err("nothing can be read");
     assert_eq!(read.kind, ErrorKind::Transient);
     assert!(!projector.health().await.reachable);
+}
+
+#[tokio::test]
+async fn index_and_alias_names_never_collide_across_projects_or_blueprints() {
+    let es = Es::new().await;
+    let prefix = unique_prefix();
+    let app = spawn_app_with_es(&es.url, &prefix).await;
+    let blueprint = |table: &str| {
+        json!({"postgresql": {"table": table}, "elasticsearch": {"type": table},
+               "columns": {"title": {"type": "string"}}})
+    };
+    app.put_and_freeze("blog", "post_comment", &blueprint("post_comment"))
+        .await;
+    app.put_and_freeze("blog_post", "comment", &blueprint("comment"))
+        .await;
+    // Blueprints `b` and `v1_b` of one project: under `_` joins, the alias of one was the index of
+    // the other and the migration failed.
+    assert_eq!(
+        app.put("/p/b/_blueprint", &blueprint("b")).await.status,
+        200
+    );
+    assert_eq!(
+        app.put("/p/v1_b/_blueprint", &blueprint("v1_b"))
+            .await
+            .status,
+        200
+    );
+    let frozen = app.post("/p/_version", None).await;
+    assert_eq!(frozen.status, 200, "{}", frozen.body);
+    for path in [
+        "/blog/post_comment",
+        "/blog_post/comment",
+        "/p/b",
+        "/p/v1_b",
+    ] {
+        let put = app
+            .put(
+                &format!("{path}/{}?wait=true", Uuid::new_v4()),
+                &json!({"project_version": 1, "title": path}),
+            )
+            .await;
+        assert_eq!(put.body["projected"], true, "{path}: {}", put.body);
+    }
+    assert_eq!(
+        es.alias_targets(&format!("{prefix}blog-post_comment"))
+            .await,
+        [format!("{prefix}blog-v1-post_comment")]
+    );
+    assert_eq!(
+        es.alias_targets(&format!("{prefix}blog_post-comment"))
+            .await,
+        [format!("{prefix}blog_post-v1-comment")]
+    );
+    assert_eq!(
+        es.alias_targets(&format!("{prefix}p-v1_b")).await,
+        [format!("{prefix}p-v1-v1_b")]
+    );
+    app.stop().await;
+    es.clean_up(&prefix).await;
+}
+
+#[tokio::test]
+async fn indexes_named_by_an_older_dstore_are_rebuilt_under_todays_names() {
+    let es = Es::new().await;
+    let prefix = unique_prefix();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let settings = ElasticsearchSettings {
+        url: es.url.clone().into(),
+        index_prefix: prefix.clone(),
+    };
+    let start = |settings: ElasticsearchSettings, path: std::path::PathBuf| {
+        spawn_app_with(move |s| {
+            s.elasticsearch = Some(settings);
+            s.storage.data_dir = path;
+        })
+    };
+    let app = start(settings.clone(), path.clone()).await;
+    let blueprint = json!({"postgresql": {"table": "things"}, "elasticsearch": {"type": "thing"},
+                           "columns": {"title": {"type": "string"}}});
+    app.put_and_freeze("shop", "thing", &blueprint).await;
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for id in &ids {
+        let put = app
+            .put(
+                &format!("/shop/thing/{id}?wait=true"),
+                &json!({"project_version": 1, "title": "old"}),
+            )
+            .await;
+        assert_eq!(put.body["projected"], true, "{}", put.body);
+    }
+    app.stop().await;
+
+    // What an older dstore left: the index under the name of its layout, with its alias, and a
+    // journal that does not record a layout.
+    let (current, legacy) = (
+        format!("{prefix}shop-v1-thing"),
+        format!("{prefix}shop_v1_thing"),
+    );
+    let (_, mapping) = es.get(&format!("{current}/_mapping")).await;
+    let mapping = mapping[&current]["mappings"].clone();
+    let (status, body) = es
+        .send_json(
+            reqwest::Method::PUT,
+            &legacy,
+            &json!({"mappings": mapping, "aliases": {format!("{prefix}shop_thing"): {}}}),
+        )
+        .await;
+    assert_eq!(status, 200, "{body}");
+    es.call(reqwest::Method::DELETE, &current).await;
+    {
+        let families = ["items", "tasks", "dead", "meta"];
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), path.join("journal"), families)
+            .expect("the journal opens");
+        db.delete_cf(db.cf_handle("meta").unwrap(), b"layout")
+            .unwrap();
+    }
+
+    let app = start(settings, path.clone()).await;
+    for id in &ids {
+        assert_eq!(es.wait_for_source(&current, *id).await["title"], "old");
+    }
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while es.exists(&legacy).await {
+        assert!(Instant::now() < deadline, "the old index is still there");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        es.alias_targets(&format!("{prefix}shop-thing")).await,
+        [current]
+    );
+    app.stop().await;
+    es.clean_up(&prefix).await;
 }

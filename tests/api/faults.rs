@@ -270,7 +270,7 @@ pub async fn postgres_items(db: &TestDatabase) -> HashMap<Uuid, i64> {
 }
 
 pub async fn elasticsearch_items(es: &Es, prefix: &str) -> HashMap<Uuid, i64> {
-    let index = format!("{prefix}p_v1_thing");
+    let index = format!("{prefix}p-v1-thing");
     es.refresh(&index).await;
     let found = es
         .search(&index, json!({"size": 10000, "query": {"match_all": {}}}))
@@ -385,7 +385,7 @@ async fn postgresql_goes_away_under_load(transport: Transport) {
     let proxy = Proxy::start(&format!("{}:{}", options.get_host(), options.get_port())).await;
     let url = format!("postgres://postgres@127.0.0.1:{}/{}", proxy.port, db.name);
     let mut pg = db.settings();
-    pg.url = Some(url);
+    pg.url = Some(url.into());
     let (app, broker) = spawn(transport, |s| s.postgresql = Some(pg)).await;
 
     let expected = load_through_an_outage(&app, &proxy, "postgresql").await;
@@ -412,7 +412,7 @@ async fn elasticsearch_goes_away_under_load(transport: Transport) {
     let upstream = es.url.trim_start_matches("http://").to_string();
     let proxy = Proxy::start(&upstream).await;
     let settings = ElasticsearchSettings {
-        url: format!("http://127.0.0.1:{}", proxy.port),
+        url: format!("http://127.0.0.1:{}", proxy.port).into(),
         index_prefix: prefix.clone(),
     };
     let (app, broker) = spawn(transport, |s| s.elasticsearch = Some(settings)).await;

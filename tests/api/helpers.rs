@@ -14,6 +14,7 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub rocksdb: Option<Arc<RocksProjector>>,
+    pub journal: Arc<dstore::journal::Journal>,
     _dir: TempDir,
     handle: actix_web::dev::ServerHandle,
     running: tokio::task::JoinHandle<std::io::Result<()>>,
@@ -48,12 +49,14 @@ pub async fn spawn_app_with_projectors(
         .expect("the service starts");
     let address = format!("http://127.0.0.1:{}", app.port());
     let rocksdb = app.rocksdb();
+    let journal = app.journal();
     let handle = app.handle();
     let running = tokio::spawn(app.run_until_stopped());
     TestApp {
         address,
         client: reqwest::Client::new(),
         rocksdb,
+        journal,
         _dir: dir,
         handle,
         running,
@@ -111,6 +114,7 @@ impl TestApp {
     /// Stops the service and waits until it has released its stores.
     pub async fn stop(self) {
         drop(self.rocksdb);
+        drop(self.journal);
         self.handle.stop(true).await;
         self.running
             .await

@@ -87,7 +87,10 @@ async fn an_invalid_item_lists_every_bad_field_and_stores_nothing() {
     paths.sort();
     assert_eq!(
         paths,
-        ["/d", "/f", "/g", "/id", "/links", "/n", "/nn", "/s", "/t", "/tags", "/u", "/unknown"],
+        [
+            "", "/d", "/f", "/g", "/id", "/links", "/n", "/nn", "/s", "/t", "/tags", "/u",
+            "/unknown"
+        ],
         "{}",
         answer.messages()
     );

@@ -5,6 +5,7 @@ mod cli;
 mod elasticsearch;
 mod faults;
 mod helpers;
+mod hostile;
 mod items;
 mod kitchensink;
 mod operations;

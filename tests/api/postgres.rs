@@ -63,7 +63,7 @@ impl TestDatabase {
 
     pub(crate) fn settings(&self) -> PostgresSettings {
         PostgresSettings {
-            url: Some(format!("{}/{}", server_url(), self.name)),
+            url: Some(format!("{}/{}", server_url(), self.name).into()),
             max_connections: 4,
             ..PostgresSettings::default()
         }
@@ -593,15 +593,116 @@ async fn dropping_a_project_drops_all_its_schemas_and_no_other() {
     // `a_v1` is another project, whose schema `a_v1_v1` must survive the drop of `a`.
     app.put_and_freeze("a_v1", "article", &blueprint).await;
     let mut sql = db.sql().await;
-    assert_eq!(schemas(&mut sql).await, ["a_v1", "a_v1_v1", "a_v2"]);
+    // And a schema named like one of `a`'s that dstore did not make.
+    sqlx::raw_sql("CREATE SCHEMA a_v9")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    assert_eq!(schemas(&mut sql).await, ["a_v1", "a_v1_v1", "a_v2", "a_v9"]);
     let dropped = app.delete("/a/_project").await;
     assert!(dropped.status < 300, "{}", dropped.body);
     eventually("the schemas of project a are dropped", || {
         let url = format!("{}/{}", server_url(), db.name);
-        async move { schemas(&mut connect(&url).await).await == ["a_v1_v1"] }
+        async move { schemas(&mut connect(&url).await).await == ["a_v1_v1", "a_v9"] }
     })
     .await;
     app.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_schema_dstore_did_not_make_holds_back_its_project_only_and_is_never_written() {
+    let db = TestDatabase::create().await;
+    let mut sql = db.sql().await;
+    sqlx::raw_sql("CREATE SCHEMA bad_v1; COMMENT ON SCHEMA bad_v1 IS 'the billing team''s'")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    let settings = db.settings();
+    let app = spawn_app_with(|s| {
+        s.postgresql = Some(settings);
+        s.projection.wait_timeout_secs = 2;
+    })
+    .await;
+    let blueprint = crate::helpers::article();
+    assert_eq!(
+        app.put("/bad/article/_blueprint", &blueprint).await.status,
+        200
+    );
+    let frozen = app.post("/bad/_version", None).await;
+    assert_eq!(frozen.status, 503, "{}", frozen.body);
+    assert!(
+        frozen.body["status"]
+            .as_str()
+            .unwrap()
+            .contains("not dstore's schema"),
+        "{}",
+        frozen.body
+    );
+    app.put_and_freeze("good", "article", &blueprint).await;
+    let item = json!({"project_version": 1, "date_created": "2020-01-02"});
+    app.put_projected(
+        &format!("/good/article/{}?wait=true", Uuid::new_v4()),
+        &item,
+    )
+    .await;
+    let tables: Vec<String> =
+        sqlx::query_scalar("SELECT tablename::text FROM pg_tables WHERE schemaname = 'bad_v1'")
+            .fetch_all(&mut sql)
+            .await
+            .unwrap();
+    assert!(
+        tables.is_empty(),
+        "dstore wrote into a schema it does not own: {tables:?}"
+    );
+    app.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_long_project_schema_named_by_an_older_dstore_is_renamed_and_kept() {
+    let db = TestDatabase::create().await;
+    let project = ident(&format!("p{}", "x".repeat(60)));
+    let legacy = dstore::projector::postgres::ident::legacy_schema_name(&project, 1).unwrap();
+    let current = dstore::projector::postgres::ident::schema_name(&project, 1);
+    assert_ne!(legacy, current);
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
+    let version = conformance::freeze_sample(&catalog, &project);
+    let projector = db.projector();
+    projector
+        .migrate(&project, &version)
+        .await
+        .expect("migrated");
+    let id = Uuid::new_v4();
+    let outcomes = projector
+        .apply(
+            &catalog.snapshot(),
+            &[upsert(&project, id, 1, sample_doc(id, "kept"))],
+        )
+        .await
+        .expect("applied");
+    assert!(outcomes[0].is_ok());
+    let mut sql = db.sql().await;
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "ALTER SCHEMA {} RENAME TO {}",
+        quote(&current).unwrap(),
+        quote(&legacy).unwrap()
+    )))
+    .execute(&mut sql)
+    .await
+    .unwrap();
+    // A fresh projector (a restart) migrates before its first write, which renames the schema.
+    let restarted = db.projector();
+    restarted
+        .migrate(&project, &version)
+        .await
+        .expect("migrated again");
+    let read = restarted
+        .read(&project, 1, &ident("sample"), &id)
+        .await
+        .expect("read");
+    assert_eq!(read.expect("the item is kept")["title"], "kept");
     db.drop().await;
 }
 
@@ -771,7 +872,7 @@ async fn writes_wait_in_the_journal_while_postgresql_is_down_and_arrive_when_it_
     let app = spawn_app_with(|s| {
         s.projection.wait_timeout_secs = 1;
         s.postgresql = Some(PostgresSettings {
-            url: Some(url),
+            url: Some(url.into()),
             ..PostgresSettings::default()
         });
     })

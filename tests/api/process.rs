@@ -72,13 +72,23 @@ fn check_config_reports_each_store_and_fails_when_one_does_not_answer() {
         .env("LEVEL_PATH", dir.path())
         .env("POSTGRESQL_HOST", "127.0.0.1")
         .env("POSTGRESQL_DATABASE", "postgres")
-        .env("ELASTICSEARCH_HOST", "http://127.0.0.1:9")
+        // The test server trusts local connections, so any password logs in.
+        .env("POSTGRESQL_PASSWORD", "pg-s3cret")
+        .env("ELASTICSEARCH_HOST", "http://elastic:es-s3cret@127.0.0.1:9")
         .env("QUEUE_CONNECTIONSTRING", crate::rabbitmq::broker_url())
         .env_remove("DSTORE_CONFIG")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&output.stdout);
+    let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(!output.status.success(), "{stdout}");
+    for printed in [&stdout, &stderr] {
+        assert!(
+            !printed.contains("s3cret") && !printed.contains(":guest@"),
+            "no secret is printed: {printed}"
+        );
+    }
+    assert!(stdout.contains("password = \"***\""), "{stdout}");
     assert!(stdout.contains("ok      journal"), "{stdout}");
     assert!(stdout.contains("ok      postgresql"), "{stdout}");
     assert!(stdout.contains("FAILING elasticsearch"), "{stdout}");
@@ -272,7 +282,10 @@ async fn with_every_store_and_the_broker_each_acknowledged_write_survives_kill_9
     let env = [
         ("QUEUE_CONNECTIONSTRING", crate::rabbitmq::broker_url()),
         ("DSTORE_QUEUE_NAMESPACE", broker.namespace.clone()),
-        ("DATABASE_URL", db.settings().url.unwrap()),
+        (
+            "DATABASE_URL",
+            db.settings().url.unwrap().expose().to_string(),
+        ),
         ("ELASTICSEARCH_HOST", es.url.clone()),
         ("DSTORE_ELASTICSEARCH_INDEX_PREFIX", prefix.clone()),
         ("DSTORE_WAIT_TIMEOUT_SECS", "120".into()),

@@ -256,7 +256,11 @@ async fn a_worker_process_applies_postgresql_while_serve_only_relays_its_tasks()
         ("DSTORE_QUEUE_NAMESPACE", broker.namespace.clone()),
         (
             "DATABASE_URL",
-            db.settings().url.expect("the test database url"),
+            db.settings()
+                .url
+                .expect("the test database url")
+                .expose()
+                .to_string(),
         ),
     ];
     let mut worker = start_worker("postgres", &app.address, &env);
@@ -461,7 +465,7 @@ async fn while_the_broker_is_unreachable_writes_are_accepted_and_all_arrive_once
         .to_string();
     let proxy = Proxy::start(&authority).await;
     let queue = QueueSettings {
-        url: format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port),
+        url: format!("amqp://guest:guest@127.0.0.1:{}/%2f", proxy.port).into(),
         ..broker.settings()
     };
     let app = spawn_app_with(|s| {

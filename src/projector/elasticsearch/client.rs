@@ -154,14 +154,14 @@ impl EsClient {
     /// Builds the client; nothing is sent until the first request.
     pub fn new(url: &str) -> Result<EsClient, EsError> {
         let parsed = Url::parse(url).map_err(|e| EsError::Url {
-            url: url.into(),
+            url: crate::config::redact_url(url),
             reason: e.to_string(),
         })?;
         let transport = TransportBuilder::new(SingleNodeConnectionPool::new(parsed.clone()))
             .timeout(REQUEST_TIMEOUT)
             .build()
             .map_err(|e| EsError::Url {
-                url: url.into(),
+                url: crate::config::redact_url(url),
                 reason: e.to_string(),
             })?;
         Ok(EsClient {

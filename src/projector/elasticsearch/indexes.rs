@@ -39,6 +39,38 @@ impl ElasticsearchProjector {
         for name in version.blueprints.keys() {
             self.point_alias(project, version.number, name).await?;
         }
+        self.delete_legacy_indexes(project, version).await
+    }
+
+    /// Deletes the indexes an older dstore made for this version under the names of its layout
+    /// (`{prefix}{project}_v{version}_{blueprint}`), once the version has its indexes under today's
+    /// names; their aliases go with them. Only indexes whose `_meta` names this very version.
+    async fn delete_legacy_indexes(
+        &self,
+        project: &Ident,
+        version: &Version,
+    ) -> Result<(), ProjectorError> {
+        let legacy: Vec<String> = version
+            .blueprints
+            .keys()
+            .map(|name| self.names.legacy_index(project, version.number, name))
+            .collect();
+        let names: Vec<&str> = legacy.iter().map(String::as_str).collect();
+        let found = self.client.mappings(&names).await?;
+        let ours: Vec<&str> = found
+            .iter()
+            .filter(|(index, m)| {
+                legacy.contains(index)
+                    && owner(m).is_some_and(|(p, v, _)| {
+                        p == project.as_str() && v == u64::from(version.number)
+                    })
+            })
+            .map(|(index, _)| index.as_str())
+            .collect();
+        if !ours.is_empty() {
+            tracing::info!(%project, version = version.number, indexes = ?ours, "deleting indexes of the old naming layout");
+            self.client.delete_indexes(&ours).await?;
+        }
         Ok(())
     }
 

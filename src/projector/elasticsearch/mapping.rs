@@ -1,5 +1,5 @@
 //! The index dstore creates for one blueprint of one frozen version: settings, a strict mapping built
-//! from the type table of DESIGN §2, and the `_meta` that says whose index it is.
+//! from the type table of docs/design.md §2, and the `_meta` that says whose index it is.
 //!
 //! Invariants: the mapping is `"dynamic": "strict"`, so a document with a key the version does not
 //! know is refused rather than silently mapped; it uses only types and parameters Elasticsearch 8

@@ -47,7 +47,7 @@ impl ElasticsearchProjector {
     /// Checks the settings; connects only when the first task or health check needs it.
     pub fn new(settings: &ElasticsearchSettings) -> Result<ElasticsearchProjector, EsError> {
         Ok(ElasticsearchProjector {
-            client: EsClient::new(&settings.url)?,
+            client: EsClient::new(settings.url.expose())?,
             names: Names::new(&settings.index_prefix)?,
             known: Mutex::new(HashSet::new()),
         })

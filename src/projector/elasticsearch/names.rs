@@ -1,9 +1,12 @@
-//! Index and alias names: `{prefix}{project}_v{version}_{blueprint}` and `{prefix}{project}_{blueprint}`.
+//! Index and alias names: `{prefix}{project}-v{version}-{blueprint}` and `{prefix}{project}-{blueprint}`.
 //!
 //! Invariant: every name dstore sends to Elasticsearch is built here, from validated identifiers
 //! (`[a-z][a-z0-9_]*`) and a prefix checked once at start-up, so names are always lowercase and legal.
-//! Because identifiers may contain `_`, a name alone does not say which project owns an index; the
-//! index's `_meta` does (see `mapping::meta`), and dstore checks it before it moves or deletes anything.
+//! The parts are joined by `-`, which identifiers cannot contain, so a name says exactly which project,
+//! version and blueprint it belongs to: `blog` + `post_comment` and `blog_post` + `comment` never
+//! share a name, and no alias can equal an index name (an alias has one `-` after the prefix, an index
+//! two). dstore still checks an index's `_meta` (see `mapping::meta`) before it moves or deletes it,
+//! since the prefix may be shared with indexes dstore did not make.
 
 use super::client::EsError;
 use crate::blueprint::Ident;
@@ -43,17 +46,22 @@ impl Names {
     }
 
     pub fn index(&self, project: &Ident, version: u32, blueprint: &Ident) -> String {
-        format!("{}{project}_v{version}_{blueprint}", self.prefix)
+        format!("{}{project}-v{version}-{blueprint}", self.prefix)
     }
 
     pub fn alias(&self, project: &Ident, blueprint: &Ident) -> String {
-        format!("{}{project}_{blueprint}", self.prefix)
+        format!("{}{project}-{blueprint}", self.prefix)
     }
 
-    /// A wildcard that matches every index of `project` (and possibly of other projects whose name
-    /// starts the same way: filter by `_meta`).
+    /// A wildcard that matches every index of `project` and of no other project.
     pub fn project_indexes(&self, project: &Ident) -> String {
-        format!("{}{project}_v*", self.prefix)
+        format!("{}{project}-v*", self.prefix)
+    }
+
+    /// The name an index had before `-` joined the parts; an upgrade re-creates such an index under
+    /// today's name and then deletes it.
+    pub fn legacy_index(&self, project: &Ident, version: u32, blueprint: &Ident) -> String {
+        format!("{}{project}_v{version}_{blueprint}", self.prefix)
     }
 }
 
@@ -70,13 +78,30 @@ mod tests {
         let names = Names::new("test-").expect("a valid prefix");
         assert_eq!(
             names.index(&ident("myblog"), 2, &ident("article")),
-            "test-myblog_v2_article"
+            "test-myblog-v2-article"
         );
         assert_eq!(
             names.alias(&ident("myblog"), &ident("article")),
-            "test-myblog_article"
+            "test-myblog-article"
         );
-        assert_eq!(names.project_indexes(&ident("myblog")), "test-myblog_v*");
+        assert_eq!(names.project_indexes(&ident("myblog")), "test-myblog-v*");
+    }
+
+    #[test]
+    fn names_of_different_projects_and_blueprints_never_collide() {
+        let names = Names::new("").expect("a valid prefix");
+        assert_ne!(
+            names.alias(&ident("blog"), &ident("post_comment")),
+            names.alias(&ident("blog_post"), &ident("comment"))
+        );
+        // Blueprints `b` and `v1_b`: the alias of the second is not the index of the first.
+        assert_ne!(
+            names.alias(&ident("p"), &ident("v1_b")),
+            names.index(&ident("p"), 1, &ident("b"))
+        );
+        let pattern = names.project_indexes(&ident("blog"));
+        let other = names.index(&ident("blog_post"), 1, &ident("comment"));
+        assert!(!other.starts_with(pattern.trim_end_matches('*')));
     }
 
     #[test]

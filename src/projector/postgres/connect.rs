@@ -20,7 +20,7 @@ const PROBE_TIMEOUT: Duration = Duration::from_secs(3);
 
 pub fn options(settings: &PostgresSettings) -> Result<PgConnectOptions, PgError> {
     let options = match &settings.url {
-        Some(url) => PgConnectOptions::from_str(url).map_err(PgError::Url)?,
+        Some(url) => PgConnectOptions::from_str(url.expose()).map_err(PgError::Url)?,
         None => {
             let mut options = PgConnectOptions::new()
                 .host(&settings.host)
@@ -28,7 +28,7 @@ pub fn options(settings: &PostgresSettings) -> Result<PgConnectOptions, PgError>
                 .username(&settings.user)
                 .database(&settings.database);
             if !settings.password.is_empty() {
-                options = options.password(&settings.password);
+                options = options.password(settings.password.expose());
             }
             options
         }

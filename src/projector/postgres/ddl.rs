@@ -1,4 +1,4 @@
-//! The PostgreSQL shape of a frozen version: SQL types of DESIGN §2 and the DDL of a migration.
+//! The PostgreSQL shape of a frozen version: SQL types of docs/design.md §2 and the DDL of a migration.
 //!
 //! Pure functions of a blueprint, snapshot-tested. Every statement is idempotent (`IF NOT EXISTS`,
 //! `COMMENT ON` overwrites), so running the whole list again finishes a half-done migration. Column
@@ -20,7 +20,7 @@ pub const TOMBSTONES: &str = "_tombstones";
 /// Per schema: which table holds which blueprint, and its definition, so reads need no catalog.
 pub const BLUEPRINTS: &str = "_blueprints";
 
-/// The SQL type of a column, exactly as DESIGN §2 lists it.
+/// The SQL type of a column, exactly as docs/design.md §2 lists it.
 pub fn column_type(def: &ColumnDef) -> String {
     match def.ty {
         ColumnType::One(base) => scalar_type(base, def.validation.max_length),
@@ -98,7 +98,10 @@ pub fn schema_statements(
     let s = quote(schema)?;
     Ok(vec![
         format!("CREATE SCHEMA IF NOT EXISTS {s}"),
-        format!("COMMENT ON SCHEMA {s} IS {}", literal(&format!("dstore project {project}, version {version}"))?),
+        format!(
+            "COMMENT ON SCHEMA {s} IS {}",
+            literal(&super::ident::schema_comment(project, version))?
+        ),
         format!(
             "CREATE TABLE IF NOT EXISTS {} (table_name TEXT NOT NULL, id UUID NOT NULL, _revision BIGINT NOT NULL, PRIMARY KEY (table_name, id))",
             qualified(schema, TOMBSTONES)?

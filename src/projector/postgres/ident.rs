@@ -60,14 +60,31 @@ pub fn literal(value: &str) -> Result<String, NameError> {
 }
 
 /// The part of a project's schema names before `_v{version}`: the project name itself, or for very
-/// long names a 42-byte head, `_` and a hash (51 bytes, so never equal to a plain prefix).
+/// long names a 34-byte head, `_` and a 64-bit hash of the whole name (51 bytes, so never equal to a
+/// plain prefix). Two long names share a prefix only if their hashes collide (about one chance in
+/// 10^19 per pair); the schema's comment names its project, and dstore refuses to use or drop a
+/// schema whose comment names another.
 pub fn schema_prefix(project: &Ident) -> String {
     let name = project.as_str();
     if name.len() <= MAX_PLAIN_PREFIX {
         name.to_owned()
     } else {
-        format!("{}_{:08x}", &name[..42], fnv1a(name))
+        format!("{}_{:016x}", &name[..34], fnv1a64(name))
     }
+}
+
+/// The schema name a long project name had before its hash grew to 64 bits; migrations rename such
+/// a schema to [`schema_name`]. `None` for names that never changed.
+pub fn legacy_schema_name(project: &Ident, version: u32) -> Option<String> {
+    let name = project.as_str();
+    (name.len() > MAX_PLAIN_PREFIX)
+        .then(|| format!("{}_{:08x}_v{version}", &name[..42], fnv1a(name)))
+}
+
+/// The comment every schema dstore makes carries: it names the schema's project and version, and
+/// dstore checks it before it writes into, renames or drops a schema.
+pub fn schema_comment(project: &Ident, version: u32) -> String {
+    format!("dstore project {project}, version {version}")
 }
 
 /// The schema holding one version of a project: `myblog_v2`.
@@ -75,10 +92,17 @@ pub fn schema_name(project: &Ident, version: u32) -> String {
     format!("{}_v{version}", schema_prefix(project))
 }
 
-/// A regular expression matching exactly the schema names of `project`; safe to bind as a parameter
-/// since identifiers hold only `[a-z0-9_]`.
+/// A regular expression matching exactly the schema names of `project`, today's and the legacy
+/// ones; safe to bind as a parameter since identifiers hold only `[a-z0-9_]`.
 pub fn schema_pattern(project: &Ident) -> String {
-    format!("^{}_v[0-9]+$", schema_prefix(project))
+    match legacy_schema_name(project, 0) {
+        Some(legacy) => format!(
+            "^({}|{})_v[0-9]+$",
+            schema_prefix(project),
+            legacy.trim_end_matches("_v0")
+        ),
+        None => format!("^{}_v[0-9]+$", schema_prefix(project)),
+    }
 }
 
 /// A name dstore derives from others (an index name): kept as is when it fits, otherwise shortened
@@ -96,6 +120,13 @@ pub fn derived_name(parts: &[&str]) -> String {
 fn fnv1a(text: &str) -> u32 {
     text.bytes().fold(0x811c_9dc5, |hash, byte| {
         (hash ^ u32::from(byte)).wrapping_mul(0x0100_0193)
+    })
+}
+
+/// FNV-1a with 64 bits.
+fn fnv1a64(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |hash, byte| {
+        (hash ^ u64::from(byte)).wrapping_mul(0x0100_0000_01b3)
     })
 }
 

@@ -10,7 +10,7 @@ use sqlx::types::Json;
 use sqlx::AssertSqlSafe;
 
 use super::error::describe;
-use super::ident::schema_name;
+use super::ident::{legacy_schema_name, quote, schema_comment, schema_name};
 use super::read::Shape;
 use super::{ddl, write, PostgresProjector};
 use crate::blueprint::Ident;
@@ -51,6 +51,61 @@ impl PostgresProjector {
         Ok(())
     }
 
+    /// Makes sure `schema` is dstore's own for this project and version before anything is written
+    /// into it: a schema of that name must carry the comment dstore gives its schemas, and a schema
+    /// under the name an older dstore gave long project names is renamed to today's name.
+    async fn claim_schema(
+        &self,
+        conn: &mut PgConnection,
+        project: &Ident,
+        version: u32,
+        schema: &str,
+    ) -> Result<(), ProjectorError> {
+        let what = format!("check the owner of schema {schema}");
+        let expected = schema_comment(project, version);
+        let comment = |name: String| {
+            sqlx::query_scalar::<_, Option<String>>(
+                "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = $1",
+            )
+            .bind(name)
+        };
+        let found = comment(schema.to_string())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| self.failed(&what, &e))?;
+        match found {
+            Some(Some(c)) if c == expected => return Ok(()),
+            Some(c) => {
+                return Err(ProjectorError::permanent(format!(
+                    "schema {schema} exists but is not dstore's schema of project {project}, version {version} \
+                     (its comment is {:?}); rename or drop it, then freeze again",
+                    c.unwrap_or_default()
+                )))
+            }
+            None => {}
+        }
+        let Some(legacy) = legacy_schema_name(project, version) else {
+            return Ok(());
+        };
+        let legacy_comment = comment(legacy.clone())
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(|e| self.failed(&what, &e))?;
+        if legacy_comment == Some(Some(expected)) {
+            let rename = format!(
+                "ALTER SCHEMA {} RENAME TO {}",
+                quote(&legacy)?,
+                quote(schema)?
+            );
+            sqlx::raw_sql(AssertSqlSafe(rename))
+                .execute(&mut *conn)
+                .await
+                .map_err(|e| self.failed(&what, &e))?;
+            tracing::info!(from = %legacy, to = %schema, "schema renamed to its current name");
+        }
+        Ok(())
+    }
+
     pub(super) async fn migrate_version(
         &self,
         project: &Ident,
@@ -65,6 +120,8 @@ impl PostgresProjector {
             .await
             .map_err(|e| self.failed(&what, &e))?;
         self.ensure_postgis(&mut tx).await?;
+        self.claim_schema(&mut tx, project, version.number, &schema)
+            .await?;
         let mut statements = ddl::schema_statements(&schema, project, version.number)?;
         for blueprint in version.blueprints.values() {
             statements.extend(ddl::table_statements(&schema, blueprint)?);

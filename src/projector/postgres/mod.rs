@@ -195,10 +195,16 @@ impl Projector for PostgresProjector {
     async fn drop_project(&self, project: &Ident) -> Result<(), ProjectorError> {
         let pattern = schema_pattern(project);
         let what = format!("drop the schemas of {project}");
+        // Only schemas whose comment says they are this project's: a schema someone else named
+        // like `myblog_v9` stays.
         let schemas: Vec<String> = match sqlx::query_scalar(
-            "SELECT nspname::text FROM pg_namespace WHERE nspname ~ $1 ORDER BY 1",
+            "SELECT nspname::text FROM pg_namespace WHERE nspname ~ $1 \
+             AND obj_description(oid, 'pg_namespace') = \
+                 'dstore project ' || $2 || ', version ' || substring(nspname from '_v([0-9]+)$') \
+             ORDER BY 1",
         )
         .bind(&pattern)
+        .bind(project.as_str())
         .fetch_all(&self.pool)
         .await
         {

@@ -5,7 +5,7 @@
 //! datetime gets an explicit `+00` so PostgreSQL never reads it in the session's time zone. Reads do
 //! the opposite, so a stored row reads back as the document the journal handed over. Pure functions.
 //!
-//! The geometry columns are two-dimensional (DESIGN §2), so a third coordinate (altitude) that GeoJSON
+//! The geometry columns are two-dimensional (docs/design.md §2), so a third coordinate (altitude) that GeoJSON
 //! allows is not written to PostgreSQL.
 
 use serde_json::{json, Map, Value};

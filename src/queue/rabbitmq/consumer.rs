@@ -8,6 +8,7 @@
 //! `dstore serve` and in `dstore worker`, with the catalog of the process or a copy of the server's.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -21,9 +22,12 @@ use tokio::sync::watch;
 
 use super::reports::{Refusal, Report};
 use super::{confirmed, persistent, Broker, LinkError, JOURNAL_HEADER};
-use crate::journal::decode_task;
+use crate::blueprint::Ident;
+use crate::catalog::MigrationState;
 use crate::journal::task::{Task, TaskOp};
+use crate::journal::{decode_task, DeadLetter};
 use crate::projector::{backoff, Projector};
+use crate::queue::hold::Holds;
 use crate::queue::step::{self, Step};
 use crate::queue::view::CatalogView;
 
@@ -84,21 +88,30 @@ impl Consumer<'_> {
         // Another worker may have applied a project's drop while this one was away.
         self.view.clear();
         self.broker.set_link(self.link, true, None);
+        // Deliveries of projects held back by a failed migration wait here, unsettled and in
+        // order, while the others go on; prefetch bounds how many.
+        let mut parked = Parked::default();
         loop {
+            let retry_in = parked.holds.next_try().unwrap_or(Duration::from_secs(3600));
             let first = tokio::select! {
-                next = deliveries.next() => next,
+                next = deliveries.next() => Some(next),
+                _ = tokio::time::sleep(retry_in), if !parked.waiting.is_empty() => None,
                 _ = shutdown.changed() => return Ok(()),
             };
-            let mut batch = vec![delivered(first)?];
-            while batch.len() < self.batch_size {
-                match deliveries.next().now_or_never() {
-                    Some(next) => batch.push(delivered(next)?),
-                    None => break,
+            // Parked deliveries whose project may be tried again go first, in their order.
+            let mut batch = parked.due();
+            if let Some(first) = first {
+                batch.push(delivered(first)?);
+                while batch.len() < self.batch_size {
+                    match deliveries.next().now_or_never() {
+                        Some(next) => batch.push(delivered(next)?),
+                        None => break,
+                    }
                 }
             }
             for (journal, run) in by_journal(batch) {
                 if !self
-                    .settle_batch(&reports, &journal, run, &mut shutdown)
+                    .settle_batch(&reports, &journal, run, &mut parked, &mut shutdown)
                     .await?
                 {
                     return Ok(());
@@ -114,18 +127,39 @@ impl Consumer<'_> {
         reports: &Channel,
         journal: &str,
         batch: Vec<Delivery>,
+        parked: &mut Parked,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<bool, LinkError> {
         let mut tasks = Vec::with_capacity(batch.len());
         let mut held = Vec::with_capacity(batch.len());
         for delivery in batch {
             match decode_task(&delivery.data) {
+                Ok(task) if parked.holds_back(&task.project) => parked.park(task, delivery),
                 Ok(task) => {
                     tasks.push(task);
                     held.push(delivery);
                 }
                 Err(error) => {
                     tracing::error!(projector = self.projector.name(), %error, "a message that is not a task goes to the dead-letter queue");
+                    // A task's seq is in its fixed header even when the rest cannot be read: the
+                    // server then keeps it as a dead letter instead of waiting for it for ever.
+                    if let Some(seq) = delivery
+                        .data
+                        .get(..8)
+                        .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
+                    {
+                        let dead = DeadLetter::from_raw(
+                            self.projector.name(),
+                            seq,
+                            &delivery.data,
+                            "the consumer could not read the task".into(),
+                        );
+                        let step = Step {
+                            dead: vec![dead],
+                            ..Step::default()
+                        };
+                        self.report(reports, journal, &step).await?;
+                    }
                     settle(&delivery, false).await?;
                 }
             }
@@ -137,11 +171,37 @@ impl Consumer<'_> {
             tracing::debug!(projector = self.projector.name(), settled, "step applied");
             self.report(reports, journal, &step).await?;
             for (task, delivery) in tasks.iter().zip(&held).take(settled) {
-                let refused = step.dead.iter().any(|d| d.task.seq == task.seq);
+                let refused = step.dead.iter().any(|d| d.seq == task.seq);
                 settle(delivery, !refused).await?;
             }
             tasks.drain(..settled);
             held.drain(..settled);
+            if let Some(m) = step
+                .migration
+                .as_ref()
+                .filter(|m| m.state == MigrationState::Done)
+            {
+                parked.holds.release(&m.project);
+            }
+            let failed_migration = step.migration.as_ref().filter(|m| {
+                matches!(m.state, MigrationState::Failed { .. }) && step.retry.is_some()
+            });
+            if let Some(m) = failed_migration {
+                // Only this project waits: its deliveries are parked, in order, and the rest go on.
+                tracing::warn!(projector = self.projector.name(), project = %m.project, error = ?step.retry, "migration failed; the project's tasks wait, the others go on");
+                parked.holds.hold(&m.project);
+                let (mut kept_tasks, mut kept) = (Vec::new(), Vec::new());
+                for (task, delivery) in tasks.drain(..).zip(held.drain(..)) {
+                    if task.project == m.project {
+                        parked.park(task, delivery);
+                    } else {
+                        kept_tasks.push(task);
+                        kept.push(delivery);
+                    }
+                }
+                (tasks, held) = (kept_tasks, kept);
+                continue;
+            }
             if let Some(error) = step.retry {
                 tracing::warn!(projector = self.projector.name(), %error, attempt, "projection failed; retrying");
                 tokio::select! {
@@ -180,7 +240,7 @@ impl Consumer<'_> {
                 .dead
                 .iter()
                 .map(|d| Refusal {
-                    seq: d.task.seq,
+                    seq: d.seq,
                     reason: d.reason.clone(),
                     at: d.at.clone(),
                 })
@@ -204,6 +264,34 @@ impl Consumer<'_> {
             )
             .await?;
         confirmed(confirm).await
+    }
+}
+
+/// Deliveries of held projects, unsettled, in the order they arrived.
+#[derive(Default)]
+struct Parked {
+    holds: Holds,
+    waiting: Vec<(Ident, Delivery)>,
+}
+
+impl Parked {
+    /// Whether a task of `project` must wait: its project is held, or earlier tasks of it are
+    /// parked (order within a project is kept).
+    fn holds_back(&self, project: &Ident) -> bool {
+        self.holds.is_held(project) || self.waiting.iter().any(|(p, _)| p == project)
+    }
+
+    fn park(&mut self, task: Task, delivery: Delivery) {
+        self.waiting.push((task.project, delivery));
+    }
+
+    /// The parked deliveries whose project may be tried again, in order.
+    fn due(&mut self) -> Vec<Delivery> {
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
+            .into_iter()
+            .partition(|(project, _)| !self.holds.is_held(project));
+        self.waiting = waiting;
+        due.into_iter().map(|(_, delivery)| delivery).collect()
     }
 }
 

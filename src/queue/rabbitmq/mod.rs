@@ -115,7 +115,7 @@ impl Broker {
         let properties = ConnectionProperties::default().with_connection_name(name.into());
         let connection = tokio::time::timeout(
             Duration::from_secs(10),
-            Connection::connect(&self.settings.url, properties),
+            Connection::connect(self.settings.url.expose(), properties),
         )
         .await
         .map_err(|_| LinkError::Other("no answer from the broker within 10 s".into()))??;

@@ -105,13 +105,10 @@ fn record(journal: &Journal, report: &Report) -> Result<(), LinkError> {
     let mut dead = Vec::with_capacity(report.refused.len());
     for refusal in &report.refused {
         // A task already recorded (a report delivered twice) is no longer pending.
-        if let Some(task) = journal.pending_task(name, refusal.seq).map_err(failed)? {
-            dead.push(DeadLetter {
-                projector: name.to_string(),
-                task,
-                reason: refusal.reason.clone(),
-                at: refusal.at.clone(),
-            });
+        if let Some(raw) = journal.pending_raw(name, refusal.seq).map_err(failed)? {
+            let mut letter = DeadLetter::from_raw(name, refusal.seq, &raw, refusal.reason.clone());
+            letter.at = refusal.at.clone();
+            dead.push(letter);
         }
     }
     step::record(

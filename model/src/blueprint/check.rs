@@ -1,4 +1,4 @@
-//! Strict validation of items against a blueprint (DESIGN §2, §4 step 1).
+//! Strict validation of items against a blueprint (docs/design.md §2, §4 step 1).
 //!
 //! [`check_item`] either returns the item in canonical form — `id`, `project_version`, `links`, then
 //! every column of the blueprint in blueprint order, absent ones filled with their default or null — or
@@ -10,7 +10,7 @@ use uuid::Uuid;
 use super::model::{Blueprint, ColumnDef};
 use super::parse::pointer_segment;
 use super::types::ColumnType;
-use super::value::canonicalize;
+use super::value::{canonicalize, excerpt_str};
 use super::FieldError;
 
 /// Keys every item carries besides its columns.
@@ -65,8 +65,9 @@ fn check_rules(def: &ColumnDef, value: &Value) -> Result<(), String> {
         });
         if !found {
             return Err(format!(
-                "{value} is not one of the allowed values {}",
-                Value::Array(allowed.clone())
+                "{} is not one of the allowed values {}",
+                super::value::excerpt(value),
+                super::value::excerpt(&Value::Array(allowed.clone()))
             ));
         }
     }
@@ -92,7 +93,10 @@ pub fn check_item(
         Some(Value::String(raw)) if Uuid::parse_str(raw).is_ok_and(|u| u == id) => {}
         Some(other) => errors.push(FieldError::new(
             "/id",
-            format!("{other} does not equal the id in the URL ({id})"),
+            format!(
+                "{} does not equal the id in the URL ({id})",
+                super::value::excerpt(other)
+            ),
         )),
     }
     let links = match body.get("links") {
@@ -105,18 +109,27 @@ pub fn check_item(
     };
     item.insert("links".into(), links);
 
+    let mut unknown = 0;
     for key in body.keys() {
         let known =
             ITEM_KEYS.contains(&key.as_str()) || blueprint.columns.contains_key(key.as_str());
         if !known {
+            unknown += 1;
             errors.push(FieldError::new(
-                format!("/{}", pointer_segment(key)),
-                format!(
-                    "unknown column; version {version} of this blueprint has {}",
-                    column_list(blueprint)
-                ),
+                format!("/{}", pointer_segment(&excerpt_str(key))),
+                "unknown column",
             ));
         }
+    }
+    if unknown > 0 {
+        // The list of known columns is said once, not once per unknown key.
+        errors.push(FieldError::new(
+            "",
+            format!(
+                "{unknown} unknown column(s); version {version} of this blueprint has {}",
+                column_list(blueprint)
+            ),
+        ));
     }
 
     for (name, column) in &blueprint.columns {
@@ -167,10 +180,16 @@ fn column_list(blueprint: &Blueprint) -> String {
     if blueprint.columns.is_empty() {
         return "no columns".into();
     }
-    blueprint
+    const SHOWN: usize = 50;
+    let mut list = blueprint
         .columns
         .keys()
+        .take(SHOWN)
         .map(|k| k.as_str())
         .collect::<Vec<_>>()
-        .join(", ")
+        .join(", ");
+    if blueprint.columns.len() > SHOWN {
+        list.push_str(&format!(" … ({} in all)", blueprint.columns.len()));
+    }
+    list
 }

@@ -1,4 +1,4 @@
-//! Strict checking and canonical forms of column values (DESIGN §2).
+//! Strict checking and canonical forms of column values (docs/design.md §2).
 //!
 //! [`canonicalize`] either refuses a JSON value with a reason or returns the one form every store is
 //! given: integers as whole numbers in the `i32` range (PostgreSQL INTEGER), floats as finite numbers,
@@ -7,7 +7,7 @@
 //! declared type with valid WGS 84 coordinates. It never looks at anything but its arguments.
 
 use chrono::{DateTime, NaiveDate, NaiveDateTime, Timelike, Utc};
-use serde_json::{Map, Number, Value};
+use serde_json::Value;
 
 use super::types::{BaseType, ColumnType};
 
@@ -15,6 +15,7 @@ use super::types::{BaseType, ColumnType};
 pub fn canonicalize(ty: ColumnType, value: &Value) -> Result<Value, String> {
     match ty {
         ColumnType::One(base) => canonicalize_scalar(base, value),
+        ColumnType::Many(base) if base.is_geometry() => super::geometry::many(base, value),
         ColumnType::Many(base) => {
             let Value::Array(items) = value else {
                 return Err(format!(
@@ -47,10 +48,12 @@ pub fn canonicalize_scalar(base: BaseType, value: &Value) -> Result<Value, Strin
             let raw = expect_str(value, "a uuid")?;
             uuid::Uuid::parse_str(raw)
                 .map(|u| Value::String(u.hyphenated().to_string()))
-                .map_err(|_| format!("{raw:?} is not a uuid"))
+                .map_err(|_| format!("{:?} is not a uuid", excerpt_str(raw)))
         }
         BaseType::String | BaseType::Text => {
-            expect_str(value, "a string").map(|s| Value::String(s.into()))
+            let text = expect_str(value, "a string")?;
+            check_text(text)?;
+            Ok(Value::String(text.into()))
         }
         BaseType::Integer => integer(value),
         BaseType::Float => float(value),
@@ -69,10 +72,49 @@ pub fn canonicalize_scalar(base: BaseType, value: &Value) -> Result<Value, Strin
             let raw = expect_str(value, "a datetime")?;
             parse_datetime(raw).map(|t| Value::String(format_datetime(&t)))
         }
-        BaseType::Json => Ok(value.clone()),
-        BaseType::Point => geometry(value, "Point", point),
-        BaseType::LineString => geometry(value, "LineString", line_string),
-        BaseType::Polygon => geometry(value, "Polygon", polygon),
+        BaseType::Json => check_json_text(value).map(|()| value.clone()),
+        BaseType::Point | BaseType::LineString | BaseType::Polygon => {
+            super::geometry::single(base, value)
+        }
+    }
+}
+
+/// At most [`EXCERPT_CHARS`] characters of a client's text, for error messages: an error never
+/// repeats a large input back.
+pub fn excerpt_str(text: &str) -> String {
+    match text.char_indices().nth(EXCERPT_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_string(),
+    }
+}
+
+/// A JSON value as error messages show it: at most [`EXCERPT_CHARS`] characters of its text.
+pub fn excerpt(value: &Value) -> String {
+    excerpt_str(&value.to_string())
+}
+
+/// How much of a client's input an error message repeats.
+pub const EXCERPT_CHARS: usize = 64;
+
+/// Refuses text PostgreSQL cannot store: `text` and `jsonb` never hold U+0000.
+pub fn check_text(text: &str) -> Result<(), String> {
+    if text.contains('\0') {
+        return Err("contains the NUL character (\\u0000), which PostgreSQL cannot store".into());
+    }
+    Ok(())
+}
+
+/// [`check_text`] for every string and key inside a JSON value.
+fn check_json_text(value: &Value) -> Result<(), String> {
+    match value {
+        Value::String(s) => check_text(s),
+        Value::Array(items) => items.iter().try_for_each(check_json_text),
+        Value::Object(map) => map.iter().try_for_each(|(key, value)| {
+            check_text(key)
+                .map_err(|e| format!("key {:?} {e}", excerpt_str(key)))
+                .and_then(|()| check_json_text(value))
+        }),
+        Value::Null | Value::Bool(_) | Value::Number(_) => Ok(()),
     }
 }
 
@@ -136,7 +178,7 @@ fn float(value: &Value) -> Result<Value, String> {
 /// Parses `YYYY-MM-DD`.
 pub fn parse_date(raw: &str) -> Result<NaiveDate, String> {
     NaiveDate::parse_from_str(raw, "%Y-%m-%d")
-        .map_err(|_| format!("{raw:?} is not a date; expected YYYY-MM-DD"))
+        .map_err(|_| format!("{:?} is not a date; expected YYYY-MM-DD", excerpt_str(raw)))
 }
 
 /// Parses RFC 3339 or `YYYY-MM-DD[ HH:MM:SS[.fff]]` (also with `T`); no offset means UTC.
@@ -156,7 +198,8 @@ pub fn parse_datetime(raw: &str) -> Result<DateTime<Utc>, String> {
         return Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
     }
     Err(format!(
-        "{raw:?} is not a datetime; expected RFC 3339 or YYYY-MM-DD[ HH:MM:SS]"
+        "{:?} is not a datetime; expected RFC 3339 or YYYY-MM-DD[ HH:MM:SS]",
+        excerpt_str(raw)
     ))
 }
 
@@ -199,109 +242,6 @@ pub fn format_datetime(t: &DateTime<Utc>) -> String {
         let _ = write!(out, ".{micros:06}");
     }
     out
-}
-
-type Coordinates = fn(&Value) -> Result<(), String>;
-
-fn geometry(value: &Value, expected: &str, check: Coordinates) -> Result<Value, String> {
-    let Value::Object(object) = value else {
-        return Err(format!(
-            "expected a GeoJSON {expected}, found {}",
-            kind(value)
-        ));
-    };
-    match object.get("type").and_then(Value::as_str) {
-        Some(t) if t == expected => {}
-        Some(t) => return Err(format!("expected a GeoJSON {expected}, found a {t}")),
-        None => {
-            return Err(format!(
-                "expected a GeoJSON {expected} with a \"type\" member"
-            ))
-        }
-    }
-    let coordinates = object
-        .get("coordinates")
-        .ok_or_else(|| format!("GeoJSON {expected} has no \"coordinates\""))?;
-    check(coordinates)?;
-    let mut canonical = Map::new();
-    canonical.insert("type".into(), Value::String(expected.into()));
-    canonical.insert("coordinates".into(), normalize_numbers(coordinates));
-    Ok(Value::Object(canonical))
-}
-
-fn normalize_numbers(value: &Value) -> Value {
-    match value {
-        Value::Array(items) => Value::Array(items.iter().map(normalize_numbers).collect()),
-        Value::Number(n) => n
-            .as_f64()
-            .and_then(Number::from_f64)
-            .map(Value::Number)
-            .unwrap_or_else(|| value.clone()),
-        other => other.clone(),
-    }
-}
-
-fn point(value: &Value) -> Result<(), String> {
-    let Some(position) = value.as_array() else {
-        return Err("a position must be an array [longitude, latitude]".into());
-    };
-    if position.len() < 2 || position.len() > 3 {
-        return Err(format!(
-            "a position has 2 or 3 numbers, found {}",
-            position.len()
-        ));
-    }
-    let numbers: Vec<f64> = position
-        .iter()
-        .map(|n| n.as_f64().filter(|f| f.is_finite()))
-        .collect::<Option<_>>()
-        .ok_or("a position must hold only numbers")?;
-    if !(-180.0..=180.0).contains(&numbers[0]) {
-        return Err(format!("longitude {} is outside -180..180", numbers[0]));
-    }
-    if !(-90.0..=90.0).contains(&numbers[1]) {
-        return Err(format!("latitude {} is outside -90..90", numbers[1]));
-    }
-    Ok(())
-}
-
-fn positions(value: &Value, min: usize, what: &str) -> Result<Vec<Value>, String> {
-    let Some(items) = value.as_array() else {
-        return Err(format!("{what} coordinates must be an array of positions"));
-    };
-    if items.len() < min {
-        return Err(format!(
-            "{what} needs at least {min} positions, found {}",
-            items.len()
-        ));
-    }
-    for (i, p) in items.iter().enumerate() {
-        point(p).map_err(|e| format!("position {i}: {e}"))?;
-    }
-    Ok(items.clone())
-}
-
-fn line_string(value: &Value) -> Result<(), String> {
-    positions(value, 2, "a LineString").map(drop)
-}
-
-fn polygon(value: &Value) -> Result<(), String> {
-    let Some(rings) = value.as_array() else {
-        return Err("Polygon coordinates must be an array of linear rings".into());
-    };
-    if rings.is_empty() {
-        return Err("a Polygon needs at least one linear ring".into());
-    }
-    for (i, ring) in rings.iter().enumerate() {
-        let positions =
-            positions(ring, 4, "a linear ring").map_err(|e| format!("ring {i}: {e}"))?;
-        if positions.first() != positions.last() {
-            return Err(format!(
-                "ring {i} is not closed: its first and last positions differ"
-            ));
-        }
-    }
-    Ok(())
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ use super::model::{Blueprint, Blueprints, Column, Uid};
 use super::parse::BlueprintInput;
 use super::FieldError;
 
-/// One recorded change (DESIGN §1 change kinds).
+/// One recorded change (docs/design.md §1 change kinds).
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "kind")]
 pub enum Change {

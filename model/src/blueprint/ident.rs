@@ -66,7 +66,9 @@ impl std::borrow::Borrow<str> for Ident {
 impl<'de> Deserialize<'de> for Ident {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let raw = String::deserialize(deserializer)?;
-        Ident::parse(&raw).map_err(|reason| serde::de::Error::custom(format!("{raw:?} {reason}")))
+        Ident::parse(&raw).map_err(|reason| {
+            serde::de::Error::custom(format!("{:?} {reason}", super::value::excerpt_str(&raw)))
+        })
     }
 }
 

@@ -10,11 +10,15 @@ use super::check::check_column_value;
 use super::ident::Ident;
 use super::model::{ColumnDef, Pattern, Validation};
 use super::types::{BaseType, ColumnType};
+use super::value::{check_text, excerpt_str};
 use super::FieldError;
 
 /// Most columns a blueprint may have: PostgreSQL tables stop at 1600 columns and Elasticsearch
 /// indexes at 1000 mapped fields by default, and dstore adds a few of its own.
 pub const MAX_COLUMNS: usize = 900;
+
+/// Longest column comment, in characters.
+pub const MAX_COMMENT_CHARS: usize = 1024;
 
 /// A blueprint as a client sent it: columns in body order, with their rename instructions.
 #[derive(Clone, Debug, PartialEq)]
@@ -59,7 +63,7 @@ impl Errors<'_> {
     fn unknown_keys(&mut self, path: &str, object: &Map<String, Value>, known: &[&str]) {
         for key in object.keys().filter(|k| !known.contains(&k.as_str())) {
             self.push(
-                &format!("{path}/{}", pointer_segment(key)),
+                &format!("{path}/{}", pointer_segment(&excerpt_str(key))),
                 format!("unknown key; expected one of {}", known.join(", ")),
             );
         }
@@ -139,7 +143,7 @@ fn ident_at(errors: &mut Errors, path: &str, value: Option<&Value>) -> Option<Id
         None => errors.push(path, "is required"),
         Some(Value::String(name)) => match Ident::parse(name) {
             Ok(ident) => return Some(ident),
-            Err(reason) => errors.push(path, format!("{name:?} {reason}")),
+            Err(reason) => errors.push(path, format!("{:?} {reason}", excerpt_str(name))),
         },
         Some(_) => errors.push(path, "must be a string"),
     }
@@ -159,10 +163,15 @@ const COLUMN_KEYS: &[&str] = &[
 ];
 
 fn parse_column(errors: &mut Errors, name: &str, column: &Value) -> Option<ColumnInput> {
-    let path = format!("/columns/{}", pointer_segment(name));
+    let path = format!("/columns/{}", pointer_segment(&excerpt_str(name)));
     let before = errors.list.len();
     let ident = Ident::parse(name)
-        .map_err(|reason| errors.push(&path, format!("column name {name:?} {reason}")))
+        .map_err(|reason| {
+            errors.push(
+                &path,
+                format!("column name {:?} {reason}", excerpt_str(name)),
+            )
+        })
         .ok();
     let Value::Object(object) = column else {
         errors.push(&path, "a column must be an object with at least a \"type\"");
@@ -202,7 +211,22 @@ fn parse_column(errors: &mut Errors, name: &str, column: &Value) -> Option<Colum
     let unique = flag(errors, "unique", false);
     let comment = match object.get("comment") {
         None | Some(Value::Null) => None,
-        Some(Value::String(s)) => Some(s.clone()),
+        Some(Value::String(s)) => {
+            let checked = check_text(s).and_then(|()| {
+                if s.chars().count() > MAX_COMMENT_CHARS {
+                    Err(format!("is longer than {MAX_COMMENT_CHARS} characters"))
+                } else {
+                    Ok(())
+                }
+            });
+            match checked {
+                Ok(()) => Some(s.clone()),
+                Err(reason) => {
+                    errors.push(&format!("{path}/comment"), reason);
+                    None
+                }
+            }
+        }
         Some(_) => {
             errors.push(&format!("{path}/comment"), "must be a string");
             None
@@ -338,7 +362,7 @@ fn parse_validation(errors: &mut Errors, path: &str, ty: ColumnType, value: &Val
             "pattern" if textual => match value {
                 Value::String(source) => match Pattern::compile(source) {
                     Ok(pattern) => out.pattern = Some(pattern),
-                    Err(reason) => errors.push(&at, format!("{source:?} {reason}")),
+                    Err(reason) => errors.push(&at, format!("{:?} {reason}", excerpt_str(source))),
                 },
                 _ => errors.push(&at, "must be a regular expression in a string"),
             },

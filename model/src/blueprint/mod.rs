@@ -6,6 +6,7 @@
 
 pub mod check;
 pub mod diff;
+pub mod geometry;
 pub mod ident;
 pub mod model;
 pub mod parse;
@@ -26,6 +27,23 @@ pub use types::{BaseType, ColumnType};
 pub struct FieldError {
     pub path: String,
     pub message: String,
+}
+
+/// Most problems an answer lists; the rest are counted in one last entry, so an error body stays
+/// small whatever the input.
+pub const MAX_ERRORS: usize = 100;
+
+/// Keeps the first [`MAX_ERRORS`] problems and says how many more there were.
+pub fn cap_errors(mut errors: Vec<FieldError>) -> Vec<FieldError> {
+    if errors.len() > MAX_ERRORS {
+        let more = errors.len() - MAX_ERRORS;
+        errors.truncate(MAX_ERRORS);
+        errors.push(FieldError::new(
+            "",
+            format!("{more} more problem(s) not listed"),
+        ));
+    }
+    errors
 }
 
 impl FieldError {

@@ -1,4 +1,4 @@
-//! Moving an item between versions of its blueprint (DESIGN §4 step 2).
+//! Moving an item between versions of its blueprint (docs/design.md §4 step 2).
 //!
 //! Columns are matched by uid: a renamed column moves to its new name, a column the target does not
 //! know disappears, a column the source does not know gets its default or null. A type change keeps the

@@ -1,4 +1,4 @@
-//! The column type table of DESIGN §2 as one enum.
+//! The column type table of docs/design.md §2 as one enum.
 //!
 //! Every store maps [`BaseType`] with a `match` that has no catch-all arm, so adding a type does not
 //! compile until every store handles it.
@@ -123,7 +123,8 @@ impl FromStr for ColumnType {
             .find(|base| base.name() == name)
             .ok_or_else(|| {
                 format!(
-                    "unknown type {raw:?}; expected one of {}",
+                    "unknown type {:?}; expected one of {}",
+                    super::value::excerpt_str(raw),
                     ColumnType::all()
                         .map(|t| t.to_string())
                         .collect::<Vec<_>>()

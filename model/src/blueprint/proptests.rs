@@ -41,12 +41,24 @@ fn scalar(base: BaseType) -> BoxedStrategy<Value> {
         BaseType::Point => position()
             .prop_map(|p| json!({"type": "Point", "coordinates": p}))
             .boxed(),
-        BaseType::LineString => proptest::collection::vec(position(), 2..4)
-            .prop_map(|ps| json!({"type": "LineString", "coordinates": ps}))
+        // Distinct positions, so every generated line is valid.
+        BaseType::LineString => (-179i32..=170, -80i32..=80, 2usize..4)
+            .prop_map(|(x, y, n)| {
+                let ps: Vec<Value> = (0..n)
+                    .map(|i| json!([x as f64 + i as f64, y as f64]))
+                    .collect();
+                json!({"type": "LineString", "coordinates": ps})
+            })
             .boxed(),
-        BaseType::Polygon => proptest::collection::vec(position(), 3..5)
-            .prop_map(|mut ring| {
-                ring.push(ring[0].clone());
+        // Rectangles and triangles: simple rings, so every generated polygon is valid.
+        BaseType::Polygon => (-179i32..=170, -80i32..=80, 1u8..=4, any::<bool>())
+            .prop_map(|(x, y, size, triangle)| {
+                let (x, y, d) = (x as f64, y as f64, size as f64 * 0.5);
+                let mut ring = vec![json!([x, y]), json!([x + d, y]), json!([x + d, y + d])];
+                if !triangle {
+                    ring.push(json!([x, y + d]));
+                }
+                ring.push(json!([x, y]));
                 json!({"type": "Polygon", "coordinates": [ring]})
             })
             .boxed(),

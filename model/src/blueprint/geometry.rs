@@ -1,0 +1,263 @@
+//! GeoJSON geometries: strict checks and the one canonical form every store is given.
+//!
+//! A `point`, `linestring` or `polygon` value is a GeoJSON object of that type with WGS 84
+//! positions (longitude in -180..180, latitude in -90..90). A geometry array (`point[]` …) takes
+//! either a JSON array of such objects or the matching GeoJSON Multi* object (`MultiPoint` …, the
+//! form the original dstore took); both are stored and answered as the JSON array of single
+//! geometries, so every store and every reader sees one form. Positions are compared as numbers
+//! (`[0, 0]` closes a ring opened with `[0.0, 0]`), and polygons must be valid as OGC Simple Features
+//! define it (closed rings of at least four positions, no self-intersection, holes inside the
+//! shell), checked with the `geo` crate, because PostGIS would store an invalid polygon that
+//! Elasticsearch refuses, and the stores would disagree.
+
+use geo::algorithm::Validation;
+use serde_json::{Map, Number, Value};
+
+use super::types::BaseType;
+use super::value::{excerpt_str, kind};
+
+/// The GeoJSON type name of a geometry column's values.
+fn type_name(base: BaseType) -> &'static str {
+    match base {
+        BaseType::Point => "Point",
+        BaseType::LineString => "LineString",
+        _ => "Polygon",
+    }
+}
+
+/// Checks one geometry of `base` (a geometry type) and returns its canonical form.
+pub fn single(base: BaseType, value: &Value) -> Result<Value, String> {
+    let expected = type_name(base);
+    let object = object_of_type(value, expected)?;
+    let coordinates = object
+        .get("coordinates")
+        .ok_or_else(|| format!("GeoJSON {expected} has no \"coordinates\""))?;
+    let canonical = normalize_numbers(coordinates);
+    match base {
+        BaseType::Point => {
+            position(&canonical)?;
+        }
+        BaseType::LineString => {
+            let line = line_string(&canonical, 2, "a LineString")?;
+            line.check_validation()
+                .map_err(|e| format!("invalid LineString: {e}"))?;
+        }
+        _ => polygon(&canonical)?,
+    }
+    let mut out = Map::new();
+    out.insert("type".into(), Value::String(expected.into()));
+    out.insert("coordinates".into(), canonical);
+    Ok(Value::Object(out))
+}
+
+/// Checks a geometry array: a JSON array of single geometries or the matching Multi* object.
+/// Answers the canonical form, the array.
+pub fn many(base: BaseType, value: &Value) -> Result<Value, String> {
+    let expected = type_name(base);
+    match value {
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .map(|(i, item)| {
+                if item.is_null() {
+                    return Err(format!(
+                        "element {i} is null; array elements cannot be null"
+                    ));
+                }
+                single(base, item).map_err(|e| format!("element {i}: {e}"))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map(Value::Array),
+        Value::Object(_) => {
+            let multi = format!("Multi{expected}");
+            let object = object_of_type(value, &multi).map_err(|_| {
+                format!(
+                    "expected a GeoJSON {multi} or an array of {expected}s, found a {}",
+                    excerpt_str(
+                        value
+                            .get("type")
+                            .and_then(Value::as_str)
+                            .unwrap_or("object")
+                    )
+                )
+            })?;
+            let Some(Value::Array(members)) = object.get("coordinates") else {
+                return Err(format!("GeoJSON {multi} coordinates must be an array"));
+            };
+            members
+                .iter()
+                .enumerate()
+                .map(|(i, coordinates)| {
+                    let mut one = Map::new();
+                    one.insert("type".into(), Value::String(expected.into()));
+                    one.insert("coordinates".into(), coordinates.clone());
+                    single(base, &Value::Object(one)).map_err(|e| format!("member {i}: {e}"))
+                })
+                .collect::<Result<Vec<_>, _>>()
+                .map(Value::Array)
+        }
+        other => Err(format!(
+            "expected a GeoJSON Multi{expected} or an array of {expected}s, found {}",
+            kind(other)
+        )),
+    }
+}
+
+fn object_of_type<'a>(value: &'a Value, expected: &str) -> Result<&'a Map<String, Value>, String> {
+    let Value::Object(object) = value else {
+        return Err(format!(
+            "expected a GeoJSON {expected}, found {}",
+            kind(value)
+        ));
+    };
+    match object.get("type").and_then(Value::as_str) {
+        Some(t) if t == expected => Ok(object),
+        Some(t) => Err(format!(
+            "expected a GeoJSON {expected}, found a {}",
+            excerpt_str(t)
+        )),
+        None => Err(format!(
+            "expected a GeoJSON {expected} with a \"type\" member"
+        )),
+    }
+}
+
+/// Numbers as floats, so equal positions compare equal whatever their spelling.
+fn normalize_numbers(value: &Value) -> Value {
+    match value {
+        Value::Array(items) => Value::Array(items.iter().map(normalize_numbers).collect()),
+        Value::Number(n) => n
+            .as_f64()
+            .and_then(Number::from_f64)
+            .map(Value::Number)
+            .unwrap_or_else(|| value.clone()),
+        other => other.clone(),
+    }
+}
+
+/// `[longitude, latitude]` or with an altitude; answers the coordinate (altitude dropped).
+fn position(value: &Value) -> Result<geo::Coord<f64>, String> {
+    let Some(position) = value.as_array() else {
+        return Err("a position must be an array [longitude, latitude]".into());
+    };
+    if position.len() < 2 || position.len() > 3 {
+        return Err(format!(
+            "a position has 2 or 3 numbers, found {}",
+            position.len()
+        ));
+    }
+    let numbers: Vec<f64> = position
+        .iter()
+        .map(|n| n.as_f64().filter(|f| f.is_finite()))
+        .collect::<Option<_>>()
+        .ok_or("a position must hold only numbers")?;
+    if !(-180.0..=180.0).contains(&numbers[0]) {
+        return Err(format!("longitude {} is outside -180..180", numbers[0]));
+    }
+    if !(-90.0..=90.0).contains(&numbers[1]) {
+        return Err(format!("latitude {} is outside -90..90", numbers[1]));
+    }
+    Ok(geo::Coord {
+        x: numbers[0],
+        y: numbers[1],
+    })
+}
+
+fn line_string(value: &Value, min: usize, what: &str) -> Result<geo::LineString<f64>, String> {
+    let Some(items) = value.as_array() else {
+        return Err(format!("{what} coordinates must be an array of positions"));
+    };
+    if items.len() < min {
+        return Err(format!(
+            "{what} needs at least {min} positions, found {}",
+            items.len()
+        ));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, p)| position(p).map_err(|e| format!("position {i}: {e}")))
+        .collect::<Result<Vec<_>, _>>()
+        .map(geo::LineString::new)
+}
+
+fn polygon(value: &Value) -> Result<(), String> {
+    let Some(rings) = value.as_array() else {
+        return Err("Polygon coordinates must be an array of linear rings".into());
+    };
+    if rings.is_empty() {
+        return Err("a Polygon needs at least one linear ring".into());
+    }
+    let mut lines = Vec::with_capacity(rings.len());
+    for (i, ring) in rings.iter().enumerate() {
+        let line = line_string(ring, 4, "a linear ring").map_err(|e| format!("ring {i}: {e}"))?;
+        if line.0.first() != line.0.last() {
+            return Err(format!(
+                "ring {i} is not closed: its first and last positions differ"
+            ));
+        }
+        lines.push(line);
+    }
+    let exterior = lines.remove(0);
+    geo::Polygon::new(exterior, lines)
+        .check_validation()
+        .map_err(|e| format!("invalid Polygon: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn rings_close_by_number_and_bow_ties_are_refused() {
+        let closed = json!({"type": "Polygon", "coordinates": [[[0,0],[1,0],[1,1],[0.0,0]]]});
+        assert!(single(BaseType::Polygon, &closed).is_ok());
+        let bow_tie = json!({"type": "Polygon", "coordinates": [[[0,0],[1,1],[1,0],[0,1],[0,0]]]});
+        let error = single(BaseType::Polygon, &bow_tie).unwrap_err();
+        assert!(error.contains("invalid Polygon"), "{error}");
+        let hole_outside = json!({"type": "Polygon", "coordinates": [
+            [[0,0],[1,0],[1,1],[0,1],[0,0]],
+            [[5,5],[6,5],[6,6],[5,6],[5,5]]]});
+        assert!(single(BaseType::Polygon, &hole_outside).is_err());
+    }
+
+    #[test]
+    fn multi_objects_and_arrays_give_the_same_canonical_array() {
+        let multi = json!({"type": "MultiPoint", "coordinates": [[1, 2], [3.5, 4]]});
+        let array = json!([
+            {"type": "Point", "coordinates": [1.0, 2.0]},
+            {"type": "Point", "coordinates": [3.5, 4]}
+        ]);
+        let canonical = many(BaseType::Point, &multi).unwrap();
+        assert_eq!(canonical, many(BaseType::Point, &array).unwrap());
+        assert_eq!(
+            canonical[0],
+            json!({"type": "Point", "coordinates": [1.0, 2.0]})
+        );
+        let polygons =
+            json!({"type": "MultiPolygon", "coordinates": [[[[0,0],[1,0],[1,1],[0,0]]]]});
+        assert_eq!(
+            many(BaseType::Polygon, &polygons)
+                .unwrap()
+                .as_array()
+                .unwrap()
+                .len(),
+            1
+        );
+        let wrong = json!({"type": "MultiLineString", "coordinates": []});
+        assert!(many(BaseType::Point, &wrong)
+            .unwrap_err()
+            .contains("MultiPoint"));
+        let bad_member = json!({"type": "MultiPoint", "coordinates": [[1, 2], [500, 1]]});
+        assert!(many(BaseType::Point, &bad_member)
+            .unwrap_err()
+            .contains("member 1"));
+    }
+
+    #[test]
+    fn a_linestring_needs_two_distinct_positions() {
+        let flat = json!({"type": "LineString", "coordinates": [[1, 1], [1.0, 1]]});
+        assert!(single(BaseType::LineString, &flat).is_err());
+    }
+}

@@ -1,0 +1,160 @@
+//! Parsing JSON bodies with one nesting limit, so whatever dstore accepts it can always store, decode
+//! and restart from.
+//!
+//! dstore wraps what a client sends in records of its own (a task wraps an item in about seven
+//! levels, a catalog record wraps a column default in about six), and `serde_json` refuses to decode
+//! anything nested deeper than 128 levels. A body nested at most [`MAX_DEPTH`] levels therefore
+//! leaves more than fifty levels to spare in every internal encoding. The limit is checked by a scan
+//! of the bytes before anything is built, so a hostile body costs one linear pass and no memory.
+
+use serde_json::Value;
+
+use crate::blueprint::parse::pointer_segment;
+use crate::blueprint::FieldError;
+
+/// The deepest nesting of arrays and objects a request body may have; the body itself is level 1.
+pub const MAX_DEPTH: usize = 64;
+
+/// One container the scan is inside: where in it the scan stands.
+enum Place {
+    /// An object, with the raw text of its current key.
+    Object(Option<(usize, usize)>),
+    /// An array, with the index of its current element.
+    Array(usize),
+}
+
+/// Refuses `bytes` when arrays and objects nest deeper than `limit`, naming where (a JSON pointer).
+/// Malformed JSON is left for the parser to describe.
+pub fn check_depth(bytes: &[u8], limit: usize) -> Result<(), FieldError> {
+    let mut stack: Vec<Place> = Vec::new();
+    let mut last_string = (0, 0);
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                let start = i + 1;
+                i = start;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+                last_string = (start, i.min(bytes.len()));
+            }
+            b':' => {
+                if let Some(Place::Object(key)) = stack.last_mut() {
+                    *key = Some(last_string);
+                }
+            }
+            b',' => match stack.last_mut() {
+                Some(Place::Array(index)) => *index += 1,
+                Some(Place::Object(key)) => *key = None,
+                None => {}
+            },
+            open @ (b'[' | b'{') => {
+                if stack.len() >= limit {
+                    return Err(FieldError::new(
+                        pointer(bytes, &stack),
+                        format!(
+                            "nested deeper than {limit} levels of arrays and objects; \
+                             dstore accepts at most {limit}"
+                        ),
+                    ));
+                }
+                stack.push(if open == b'[' {
+                    Place::Array(0)
+                } else {
+                    Place::Object(None)
+                });
+            }
+            b']' | b'}' => {
+                stack.pop();
+            }
+            _ => {}
+        }
+        i += 1;
+    }
+    Ok(())
+}
+
+/// The JSON pointer of the place the scan stands at.
+fn pointer(bytes: &[u8], stack: &[Place]) -> String {
+    let mut out = String::new();
+    for place in stack {
+        match place {
+            Place::Object(Some((from, to))) => {
+                out.push('/');
+                out.push_str(&pointer_segment(&String::from_utf8_lossy(
+                    &bytes[*from..*to],
+                )));
+            }
+            Place::Object(None) => {}
+            Place::Array(index) => {
+                out.push('/');
+                out.push_str(&index.to_string());
+            }
+        }
+        if out.len() > 200 {
+            out.push_str("/…");
+            break;
+        }
+    }
+    out
+}
+
+/// Parses a request body: nested at most [`MAX_DEPTH`] levels, and not empty.
+pub fn parse(bytes: &[u8]) -> Result<Value, FieldError> {
+    if bytes.iter().all(u8::is_ascii_whitespace) {
+        return Err(FieldError::new(
+            "",
+            "the request body is empty; a JSON document is expected",
+        ));
+    }
+    check_depth(bytes, MAX_DEPTH)?;
+    serde_json::from_slice(bytes).map_err(|e| FieldError::new("", format!("malformed JSON: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn nested(depth: usize) -> String {
+        format!(
+            "{{\"a\": {}1{}}}",
+            "[".repeat(depth - 1),
+            "]".repeat(depth - 1)
+        )
+    }
+
+    #[test]
+    fn bodies_up_to_the_limit_parse_and_deeper_ones_name_where() {
+        assert!(parse(nested(MAX_DEPTH).as_bytes()).is_ok());
+        let error = parse(nested(MAX_DEPTH + 1).as_bytes()).unwrap_err();
+        assert!(error.path.starts_with("/a/0/0"), "{}", error.path);
+        assert!(error.message.contains("64"), "{}", error.message);
+    }
+
+    #[test]
+    fn brackets_inside_strings_do_not_count() {
+        let body = format!("{{\"a\": \"{}\\\"{}\"}}", "[".repeat(200), "{".repeat(200));
+        assert!(parse(body.as_bytes()).is_ok());
+    }
+
+    #[test]
+    fn the_pointer_names_keys_and_indexes() {
+        let body = br#"{"x": 1, "col/a": [0, {"k": [[[1]]]}]}"#;
+        let error = check_depth(body, 4).unwrap_err();
+        assert_eq!(error.path, "/col~1a/1/k/0");
+    }
+
+    #[test]
+    fn what_the_limit_accepts_still_decodes_wrapped_in_dstores_own_records() {
+        let body = nested(MAX_DEPTH);
+        let wrapped = format!("{}{body}{}", "{\"w\":".repeat(50), "}".repeat(50));
+        assert!(serde_json::from_str::<Value>(&wrapped).is_ok());
+    }
+
+    #[test]
+    fn empty_and_malformed_bodies_are_refused() {
+        assert!(parse(b"  \n").unwrap_err().message.contains("empty"));
+        assert!(parse(b"{").unwrap_err().message.contains("malformed"));
+    }
+}

@@ -1,0 +1,96 @@
+//! Projects held back after a failed migration, so one project's failure never stalls the others.
+//!
+//! A projector applies a project's tasks in order, and no write may reach a version before its
+//! migration; so when a migration fails, that project's tasks must wait. Other projects' tasks do not
+//! depend on it: both transports leave the held project's tasks where they are, in order, and go on
+//! with the rest. Each held project is tried again after its own capped backoff (or at once, when a
+//! client asks for a retry); a success releases it.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use crate::blueprint::Ident;
+use crate::projector::backoff;
+
+#[derive(Debug, Default)]
+pub struct Holds {
+    held: HashMap<Ident, Hold>,
+}
+
+#[derive(Debug)]
+struct Hold {
+    until: Instant,
+    attempt: u32,
+}
+
+impl Holds {
+    /// Holds `project` back after a failure: for longer each time it fails again.
+    pub fn hold(&mut self, project: &Ident) {
+        let hold = self.held.entry(project.clone()).or_insert(Hold {
+            until: Instant::now(),
+            attempt: 0,
+        });
+        hold.until = Instant::now() + backoff(hold.attempt);
+        hold.attempt += 1;
+    }
+
+    /// Whether `project`'s tasks must wait now.
+    pub fn is_held(&self, project: &Ident) -> bool {
+        self.held
+            .get(project)
+            .is_some_and(|hold| hold.until > Instant::now())
+    }
+
+    /// Forgets `project` after its tasks went through again.
+    pub fn release(&mut self, project: &Ident) {
+        self.held.remove(project);
+    }
+
+    /// Lets every held project be tried at once (a client asked to retry), keeping their backoff.
+    pub fn expire_all(&mut self) {
+        let now = Instant::now();
+        for hold in self.held.values_mut() {
+            hold.until = now;
+        }
+    }
+
+    /// Whether some project is held now.
+    pub fn any(&self) -> bool {
+        let now = Instant::now();
+        self.held.values().any(|hold| hold.until > now)
+    }
+
+    /// How long until the next held project may be tried again, if any is held.
+    pub fn next_try(&self) -> Option<Duration> {
+        let now = Instant::now();
+        self.held
+            .values()
+            .filter(|hold| hold.until > now)
+            .map(|hold| hold.until - now)
+            .min()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn a_held_project_waits_its_backoff_and_others_do_not() {
+        let (a, b) = (Ident::parse("a").unwrap(), Ident::parse("b").unwrap());
+        let mut holds = Holds::default();
+        holds.hold(&a);
+        assert!(holds.is_held(&a) && !holds.is_held(&b) && holds.any());
+        let first = holds.next_try().unwrap();
+        tokio::time::advance(first).await;
+        assert!(!holds.is_held(&a));
+        holds.hold(&a);
+        assert!(holds.next_try().unwrap() > first, "the backoff grows");
+        holds.expire_all();
+        assert!(!holds.is_held(&a));
+        holds.release(&a);
+        assert!(!holds.any());
+    }
+}

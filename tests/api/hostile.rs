@@ -1,0 +1,579 @@
+//! What the worst client sends: deep nesting, huge bodies, thousands of keys, numbers at the edge,
+//! NUL characters, made-up methods, and tasks that poison a projector. dstore answers a clear 4xx,
+//! keeps nothing half-written, keeps serving, and can always restart from what it accepted.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use dstore::blueprint::Ident;
+use dstore::catalog::{Snapshot, Version};
+use dstore::journal::task::Task;
+use dstore::projector::{Health, Outcome, Projector, ProjectorError};
+use reqwest::Method;
+use serde_json::{json, Value};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use uuid::Uuid;
+
+use crate::helpers::{article, spawn_app, spawn_app_with, spawn_app_with_projectors, TestApp};
+
+/// `levels` nested arrays around a number.
+fn nested(levels: usize) -> Value {
+    (0..levels).fold(json!(1), |inner, _| json!([inner]))
+}
+
+fn with_json_column() -> Value {
+    let mut bp = article();
+    bp["columns"]["extra"] = json!({"type": "json"});
+    bp
+}
+
+async fn blog() -> TestApp {
+    let app = spawn_app().await;
+    app.put_and_freeze("myblog", "article", &with_json_column())
+        .await;
+    app
+}
+
+fn item() -> Value {
+    json!({"project_version": 1, "title": "Hello", "date_created": "2020-01-02 03:04:05"})
+}
+
+#[tokio::test]
+async fn a_blueprint_default_nested_past_the_limit_is_refused_and_one_within_it_survives_a_restart()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let app = spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+    let mut deep = article();
+    deep["columns"]["extra"] = json!({"type": "json", "default": nested(125)});
+    let refused = app.put("/myblog/article/_blueprint", &deep).await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(
+        refused.paths()[0].starts_with("/columns/extra/default/0/0"),
+        "{:?}",
+        refused.paths()
+    );
+    assert!(refused.messages().contains("64"), "{}", refused.messages());
+
+    // The deepest default the limit lets through: the body itself takes four levels.
+    let mut deepest = article();
+    deepest["columns"]["extra"] = json!({"type": "json", "default": nested(60)});
+    assert_eq!(
+        app.put("/myblog/article/_blueprint", &deepest).await.status,
+        200
+    );
+    assert_eq!(app.post("/myblog/_version", None).await.status, 200);
+    let id = Uuid::new_v4();
+    let put = app
+        .put(&format!("/myblog/article/{id}?wait=true"), &item())
+        .await;
+    assert_eq!(put.body["projected"], true, "{}", put.body);
+    app.stop().await;
+
+    let again = spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+    let read = again.get(&format!("/myblog/article/{id}")).await;
+    assert_eq!(read.status, 200, "dstore restarts: {}", read.body);
+    assert_eq!(read.body["extra"], nested(60));
+    again.stop().await;
+}
+
+#[tokio::test]
+async fn an_item_nested_past_the_limit_is_refused_and_projection_never_stalls() {
+    let app = blog().await;
+    let mut deep = item();
+    deep["extra"] = nested(125);
+    let refused = app
+        .put(&format!("/myblog/article/{}", Uuid::new_v4()), &deep)
+        .await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(
+        refused.paths()[0].starts_with("/extra/0"),
+        "{:?}",
+        refused.paths()
+    );
+
+    let mut deepest = item();
+    deepest["extra"] = nested(62);
+    let put = app
+        .put(
+            &format!("/myblog/article/{}?wait=true", Uuid::new_v4()),
+            &deepest,
+        )
+        .await;
+    assert_eq!(
+        (put.status, &put.body["projected"]),
+        (200, &json!(true)),
+        "{}",
+        put.body
+    );
+    // The same through _bulk: the deep line fails alone.
+    let body = format!(
+        "{}\n{}\n{}\n{}\n",
+        json!({"put": {"blueprint": "article", "id": Uuid::new_v4()}}),
+        deep,
+        json!({"put": {"blueprint": "article", "id": Uuid::new_v4()}}),
+        item()
+    );
+    let bulk = app
+        .send(Method::POST, "/myblog/_bulk?wait=true", Some(body))
+        .await;
+    assert_eq!(bulk.body["items"][0]["put"]["status"], 400, "{}", bulk.body);
+    assert_eq!(bulk.body["items"][1]["put"]["status"], 200, "{}", bulk.body);
+    assert_eq!(bulk.body["projected"], true, "{}", bulk.body);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_wait_timeout_at_the_edge_of_u64_is_a_400_and_writes_nothing() {
+    let app = blog().await;
+    let id = Uuid::new_v4();
+    let put = app
+        .put(
+            &format!("/myblog/article/{id}?wait=true&timeout=18446744073709551615"),
+            &item(),
+        )
+        .await;
+    assert_eq!(put.status, 400, "{}", put.body);
+    assert_eq!(put.paths(), ["timeout"]);
+    assert_eq!(app.get(&format!("/myblog/article/{id}")).await.status, 404);
+    let limit = app.get("/_dead_letters?limit=18446744073709551615").await;
+    assert_eq!(limit.status, 400, "{}", limit.body);
+    // The service still serves.
+    let ok = app
+        .put(
+            &format!("/myblog/article/{id}?wait=true&timeout=3600"),
+            &item(),
+        )
+        .await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn tens_of_thousands_of_unknown_keys_get_a_small_error_body() {
+    let app = blog().await;
+    let mut body = item();
+    for i in 0..30_000 {
+        body[format!("unknown_{i}")] = json!(i);
+    }
+    let response = app
+        .client
+        .put(format!("{}/myblog/article/{}", app.address, Uuid::new_v4()))
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 422);
+    let text = response.text().await.unwrap();
+    assert!(
+        text.len() < 16_384,
+        "the error body is {} bytes",
+        text.len()
+    );
+    let errors: Value = serde_json::from_str(&text).unwrap();
+    let errors = errors["errors"].as_array().unwrap();
+    assert_eq!(errors.len(), 101);
+    assert!(errors[100]["message"]
+        .as_str()
+        .unwrap()
+        .contains("more problem"));
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_bulk_item_far_larger_than_an_item_may_be_fails_alone_with_413() {
+    let app = blog().await;
+    let huge = format!(
+        "{{\"project_version\": 1, \"extra\": [{}1]}}",
+        "1,".repeat(1_000_000)
+    );
+    let body = format!(
+        "{}\n{huge}\n{}\n{}\n",
+        json!({"put": {"blueprint": "article", "id": Uuid::new_v4()}}),
+        json!({"put": {"blueprint": "article", "id": Uuid::new_v4()}}),
+        item()
+    );
+    let bulk = app.send(Method::POST, "/myblog/_bulk", Some(body)).await;
+    assert_eq!(bulk.status, 200, "{}", bulk.body);
+    assert_eq!(bulk.body["items"][0]["put"]["status"], 413);
+    assert_eq!(bulk.body["items"][1]["put"]["status"], 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn made_up_methods_share_one_metrics_series() {
+    let app = spawn_app().await;
+    for method in ["FOO", "BAR", "BAZ"] {
+        let method = Method::from_bytes(method.as_bytes()).unwrap();
+        let answer = app.send(method, "/myblog/_version", None).await;
+        assert_eq!(answer.status, 405);
+    }
+    let metrics = app
+        .client
+        .get(format!("{}/_metrics", app.address))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        !metrics.contains("FOO") && !metrics.contains("BAZ"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("method=\"other\""), "{metrics}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn nul_characters_that_postgresql_cannot_store_are_refused_where_they_are() {
+    let app = blog().await;
+    let mut bad = item();
+    bad["title"] = json!("a\u{0}b");
+    bad["extra"] = json!({"k\u{0}": 1});
+    let refused = app
+        .put(&format!("/myblog/article/{}", Uuid::new_v4()), &bad)
+        .await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    let mut paths = refused.paths();
+    paths.sort();
+    assert_eq!(paths, ["/extra", "/title"], "{}", refused.body);
+    let mut commented = article();
+    commented["columns"]["title"]["comment"] = json!("nul\u{0}here");
+    let blueprint = app.put("/myblog/article/_blueprint", &commented).await;
+    assert_eq!(blueprint.status, 422, "{}", blueprint.body);
+    assert_eq!(blueprint.paths(), ["/columns/title/comment"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_body_that_never_arrives_is_answered_408_and_too_many_body_bytes_503() {
+    let app = spawn_app_with(|s| {
+        s.server.body_timeout_secs = 1;
+        s.server.max_inflight_bytes = 64 * 1024;
+    })
+    .await;
+    let address = app.address.trim_start_matches("http://").to_string();
+    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+    socket
+        .write_all(
+            b"PUT /myblog/article/_blueprint HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(read.is_ok(), "the server answers in time");
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains("body_timeout_secs"), "{answer}");
+
+    // A JSON body counts 16 times its length while it is parsed: 8 KiB is more than 64 KiB.
+    let big = json!({"filler": "x".repeat(8 * 1024)});
+    let busy = app.put("/myblog/article/_blueprint", &big).await;
+    assert_eq!(busy.status, 503, "{}", busy.body);
+    assert!(busy.body["status"]
+        .as_str()
+        .unwrap()
+        .contains("max_inflight_bytes"));
+    // Smaller requests still go through, and the budget is given back.
+    let ok = app.put("/myblog/article/_blueprint", &article()).await;
+    assert_eq!(ok.status, 200, "{}", ok.body);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn geometry_arrays_take_multi_objects_and_arrays_and_polygons_must_be_valid() {
+    let app = spawn_app().await;
+    let blueprint = json!({
+        "postgresql": {"table": "places"}, "elasticsearch": {"type": "place"},
+        "columns": {"spots": {"type": "point[]"}, "area": {"type": "polygon"}}
+    });
+    app.put_and_freeze("geo", "place", &blueprint).await;
+    let id = Uuid::new_v4();
+    let put = app
+        .put(
+            &format!("/geo/place/{id}"),
+            &json!({
+                "project_version": 1,
+                "spots": {"type": "MultiPoint", "coordinates": [[8.5, 47.3], [9, 48]]},
+                // Closed by number: [0.0, 0] closes the ring opened with [0, 0].
+                "area": {"type": "Polygon", "coordinates": [[[0, 0], [1, 0], [1, 1], [0.0, 0]]]}
+            }),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let read = app.get(&format!("/geo/place/{id}")).await.body;
+    assert_eq!(
+        read["spots"],
+        json!([
+            {"type": "Point", "coordinates": [8.5, 47.3]},
+            {"type": "Point", "coordinates": [9.0, 48.0]}
+        ]),
+        "the canonical form is the array of single geometries"
+    );
+    let bow_tie = app
+        .put(
+            &format!("/geo/place/{}", Uuid::new_v4()),
+            &json!({
+                "project_version": 1,
+                "area": {"type": "Polygon", "coordinates": [[[0, 0], [1, 1], [1, 0], [0, 1], [0, 0]]]}
+            }),
+        )
+        .await;
+    assert_eq!(bow_tie.status, 422, "{}", bow_tie.body);
+    assert_eq!(bow_tie.paths(), ["/area"]);
+    assert!(
+        bow_tie.messages().contains("invalid Polygon"),
+        "{}",
+        bow_tie.messages()
+    );
+    app.stop().await;
+}
+
+/// A projector that fails the migrations of projects named `bad*` and panics on items titled
+/// `boom`; it counts what it applied.
+#[derive(Clone, Default)]
+struct Picky {
+    applied: Arc<AtomicUsize>,
+    fail_migrations: Arc<Mutex<bool>>,
+}
+
+#[async_trait]
+impl Projector for Picky {
+    fn name(&self) -> &'static str {
+        "picky"
+    }
+
+    async fn migrate(&self, project: &Ident, _version: &Version) -> Result<(), ProjectorError> {
+        if project.as_str().starts_with("bad") && *self.fail_migrations.lock().unwrap() {
+            return Err(ProjectorError::permanent(
+                "the store refuses this project's schema",
+            ));
+        }
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        _snapshot: &Snapshot,
+        tasks: &[Task],
+    ) -> Result<Vec<Outcome>, ProjectorError> {
+        for task in tasks {
+            for write in task.version_writes() {
+                if write
+                    .doc
+                    .is_some_and(|d| d.get("title") == Some(&json!("boom")))
+                {
+                    panic!("the store's client library panicked");
+                }
+            }
+        }
+        self.applied.fetch_add(tasks.len(), Ordering::SeqCst);
+        Ok(tasks.iter().map(|_| Ok(())).collect())
+    }
+
+    async fn drop_project(&self, _project: &Ident) -> Result<(), ProjectorError> {
+        Ok(())
+    }
+
+    async fn read(
+        &self,
+        _: &Ident,
+        _: u32,
+        _: &Ident,
+        _: &Uuid,
+    ) -> Result<Option<Value>, ProjectorError> {
+        Ok(None)
+    }
+
+    async fn health(&self) -> Health {
+        Health {
+            reachable: true,
+            detail: "test double".into(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_project_whose_migration_fails_holds_back_only_itself() {
+    let picky = Picky::default();
+    *picky.fail_migrations.lock().unwrap() = true;
+    let app = spawn_app_with_projectors(
+        |s| s.projection.wait_timeout_secs = 3,
+        vec![Arc::new(picky.clone())],
+    )
+    .await;
+    assert_eq!(
+        app.put("/bad/article/_blueprint", &article()).await.status,
+        200
+    );
+    let freeze = app.post("/bad/_version", None).await;
+    assert_eq!(freeze.status, 503, "{}", freeze.body);
+    let stuck = app
+        .put(
+            &format!("/bad/article/{}?wait=true&timeout=1", Uuid::new_v4()),
+            &item(),
+        )
+        .await;
+    assert_eq!(stuck.status, 202, "{}", stuck.body);
+
+    // Another project is frozen, written and projected while `bad` waits.
+    app.put_and_freeze("good", "article", &article()).await;
+    let put = app
+        .put(
+            &format!("/good/article/{}?wait=true", Uuid::new_v4()),
+            &item(),
+        )
+        .await;
+    assert_eq!(put.body["projected"], true, "{}", put.body);
+    let strict = app.get("/_health/ready?strict=true").await;
+    assert_eq!(strict.status, 503, "{}", strict.body);
+    assert!(strict.body["projectors"]["picky"]["progress"]["last_error"]
+        .as_str()
+        .unwrap()
+        .contains("bad"));
+
+    // Fixed, a retried freeze finishes the migration and the held write goes through.
+    *picky.fail_migrations.lock().unwrap() = false;
+    let retried = app.post("/bad/_version", None).await;
+    assert_eq!(retried.status, 200, "{}", retried.body);
+    let after = app
+        .put(
+            &format!("/bad/article/{}?wait=true", Uuid::new_v4()),
+            &item(),
+        )
+        .await;
+    assert_eq!(after.body["projected"], true, "{}", after.body);
+    assert_eq!(app.get("/_health/ready?strict=true").await.status, 200);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_task_that_panics_its_projector_becomes_a_dead_letter_and_the_rest_go_on() {
+    let picky = Picky::default();
+    let app = spawn_app_with_projectors(|_| {}, vec![Arc::new(picky.clone())]).await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let mut boom = item();
+    boom["title"] = json!("boom");
+    let mut body = String::new();
+    for doc in [item(), boom, item()] {
+        body.push_str(&json!({"put": {"blueprint": "article", "id": Uuid::new_v4()}}).to_string());
+        body.push('\n');
+        body.push_str(&doc.to_string());
+        body.push('\n');
+    }
+    let bulk = app
+        .send(Method::POST, "/myblog/_bulk?wait=true", Some(body))
+        .await;
+    assert_eq!(bulk.body["projected"], true, "{}", bulk.body);
+    let letters = app.get("/_dead_letters?projector=picky").await.body["dead_letters"].clone();
+    assert_eq!(letters.as_array().unwrap().len(), 1, "{letters}");
+    assert!(letters[0]["reason"].as_str().unwrap().contains("panicked"));
+    let after = app
+        .put(
+            &format!("/myblog/article/{}?wait=true", Uuid::new_v4()),
+            &item(),
+        )
+        .await;
+    assert_eq!(after.body["projected"], true, "{}", after.body);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn deleting_a_project_removes_its_dead_letters() {
+    let picky = Picky::default();
+    let app = spawn_app_with_projectors(|_| {}, vec![Arc::new(picky)]).await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let mut boom = item();
+    boom["title"] = json!("boom");
+    let put = app
+        .put(
+            &format!("/myblog/article/{}?wait=true", Uuid::new_v4()),
+            &boom,
+        )
+        .await;
+    assert_eq!(put.body["projected"], true, "{}", put.body);
+    assert_eq!(
+        app.get("/_dead_letters").await.body["dead_letters"]
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    assert_eq!(app.delete("/myblog/_project").await.status, 200);
+    assert_eq!(
+        app.get("/_dead_letters").await.body["dead_letters"],
+        json!([])
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_delete_reaches_retired_versions_too() {
+    let app = spawn_app().await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let id = Uuid::new_v4();
+    let put = app
+        .put(&format!("/myblog/article/{id}?wait=true"), &item())
+        .await;
+    assert_eq!(put.body["projected"], true);
+    let mut v2 = article();
+    v2["columns"]["views"] = json!({"type": "integer"});
+    assert_eq!(app.put_and_freeze("myblog", "article", &v2).await, 2);
+    let retire = app.post("/myblog/_version/1/_retire", None).await;
+    assert_eq!(retire.status, 200, "{}", retire.body);
+    let keyspaces = app.rocksdb.clone().unwrap();
+    let (project, blueprint) = (
+        Ident::parse("myblog").unwrap(),
+        Ident::parse("article").unwrap(),
+    );
+    assert!(keyspaces.get(&project, 1, &blueprint, &id).is_some());
+    let deleted = app.delete(&format!("/myblog/article/{id}?wait=true")).await;
+    assert_eq!(deleted.body["projected"], true, "{}", deleted.body);
+    assert!(
+        keyspaces.get(&project, 1, &blueprint, &id).is_none(),
+        "the retired version keeps no copy"
+    );
+    assert!(keyspaces.get(&project, 2, &blueprint, &id).is_none());
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_retried_freeze_starts_a_back_fill_that_a_crash_left_unrecorded() {
+    let app = spawn_app().await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let id = Uuid::new_v4();
+    app.put_projected(&format!("/myblog/article/{id}?wait=true"), &item())
+        .await;
+    let mut v2 = article();
+    v2["columns"]["views"] = json!({"type": "integer"});
+    assert_eq!(app.put("/myblog/article/_blueprint", &v2).await.status, 200);
+    // The catalog's write of the freeze, without the journal's batch after it: what a crash
+    // between the two leaves.
+    let project = Ident::parse("myblog").unwrap();
+    app.journal
+        .catalog()
+        .freeze(&project, &["rocksdb"])
+        .unwrap();
+    assert_eq!(app.journal.backfill_state(&project, 2).unwrap(), None);
+    let retried = app.post("/myblog/_version", None).await;
+    assert_eq!(retried.status, 200, "{}", retried.body);
+    let keyspaces = app.rocksdb.clone().unwrap();
+    let blueprint = Ident::parse("article").unwrap();
+    let mut found = None;
+    for _ in 0..100 {
+        found = keyspaces.get(&project, 2, &blueprint, &id);
+        if found.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        found.is_some(),
+        "the back-fill brought the item into version 2"
+    );
+    app.stop().await;
+}
