@@ -2,7 +2,12 @@
 //! uuids, and prints items/s, latency percentiles and error counts.
 //!
 //! `dstore-bench --embedded` starts a dstore in-process on a temporary directory first, so one command
-//! measures the embedded default; without it, `--url` names a running server.
+//! measures the embedded default; without it, `--address` names a running server.
+//!
+//! `--mode hostile` sends the worst requests a client can (tens of thousands of unknown keys, a `_bulk`
+//! line of twenty million numbers, nesting past the limit, many bodies at once) and prints the
+//! process's peak RSS after each, so the memory bounds are measured, not assumed. Its figures are the
+//! whole process's: with `--embedded`, client and server together.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -23,6 +28,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 enum Mode {
     Put,
     Bulk,
+    Hostile,
 }
 
 #[derive(Parser, Debug)]
@@ -53,6 +59,9 @@ struct Args {
     /// HTTP worker threads of the embedded server (0: one per core).
     #[arg(long, default_value_t = 0)]
     workers: usize,
+    /// Give each item a polygon of this many vertices (0: none), to measure geometry checks.
+    #[arg(long, default_value_t = 0)]
+    polygon: usize,
 }
 
 /// A minimal HTTP/1.1 keep-alive connection: the client must not cost more CPU than the server.
@@ -123,13 +132,15 @@ fn blueprint() -> serde_json::Value {
             "body": {"type": "text"},
             "views": {"type": "integer"},
             "date_created": {"type": "datetime", "validation": {"required": true}},
-            "location": {"type": "point"}
+            "location": {"type": "point"},
+            "area": {"type": "polygon"},
+            "extra": {"type": "json"}
         }
     })
 }
 
-fn item(id: Uuid, version: u64) -> serde_json::Value {
-    json!({
+fn item(id: Uuid, version: u64, polygon: usize) -> serde_json::Value {
+    let mut item = json!({
         "id": id,
         "project_version": version,
         "title": "A benchmark article",
@@ -137,7 +148,19 @@ fn item(id: Uuid, version: u64) -> serde_json::Value {
         "views": 42,
         "date_created": "2026-11-22 10:00:00",
         "location": {"type": "Point", "coordinates": [8.54, 47.37]}
-    })
+    });
+    if polygon >= 3 {
+        // A regular polygon around Zürich: valid, so the check runs to the end.
+        let mut ring: Vec<serde_json::Value> = (0..polygon)
+            .map(|i| {
+                let angle = i as f64 / polygon as f64 * std::f64::consts::TAU;
+                json!([8.54 + 0.01 * angle.cos(), 47.37 + 0.01 * angle.sin()])
+            })
+            .collect();
+        ring.push(ring[0].clone());
+        item["area"] = json!({"type": "Polygon", "coordinates": [ring]});
+    }
+    item
 }
 
 async fn setup(address: &str, project: &str) -> Result<u64, String> {
@@ -179,7 +202,7 @@ struct Template {
 const PLACEHOLDER: &str = "00000000-0000-4000-8000-000000000000";
 
 impl Template {
-    fn new(mode: Mode, version: u64) -> Template {
+    fn new(mode: Mode, version: u64, polygon: usize) -> Template {
         let id: Uuid = PLACEHOLDER.parse().expect("a uuid");
         let mut unit = Vec::new();
         if mode == Mode::Bulk {
@@ -190,7 +213,7 @@ impl Template {
             );
             unit.push(b'\n');
         }
-        unit.extend_from_slice(item(id, version).to_string().as_bytes());
+        unit.extend_from_slice(item(id, version, polygon).to_string().as_bytes());
         unit.push(b'\n');
         let slots = unit
             .windows(PLACEHOLDER.len())
@@ -233,7 +256,7 @@ async fn worker(
 ) -> Histogram<u64> {
     let mut histogram =
         Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-    let template = Template::new(args.mode, version);
+    let template = Template::new(args.mode, version, args.polygon);
     let mut body = template.body(if args.mode == Mode::Bulk {
         args.bulk_size
     } else {
@@ -250,7 +273,7 @@ async fn worker(
             "POST"
         };
         let (path, count) = match args.mode {
-            Mode::Put => {
+            Mode::Put | Mode::Hostile => {
                 let id = template.fill(&mut body, 0);
                 (format!("/{}/article/{id}", args.project), 1)
             }
@@ -325,55 +348,11 @@ fn main() -> std::process::ExitCode {
                 return std::process::ExitCode::FAILURE;
             }
         };
-        let stop = Arc::new(AtomicBool::new(false));
-        let totals = Arc::new(Totals::default());
-        let started = Instant::now();
-        let workers: Vec<_> = (0..args.concurrency)
-            .map(|_| {
-                tokio::spawn(worker(
-                    args.clone(),
-                    address.clone(),
-                    version,
-                    stop.clone(),
-                    totals.clone(),
-                ))
-            })
-            .collect();
-        tokio::time::sleep(Duration::from_secs(args.duration)).await;
-        stop.store(true, Ordering::Relaxed);
-        let mut histogram =
-            Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
-        for w in workers {
-            if let Ok(h) = w.await {
-                let _ = histogram.add(h);
-            }
+        if args.mode == Mode::Hostile {
+            hostile(&address, &args.project, version).await;
+        } else {
+            load(args.clone(), &address, version).await;
         }
-        let elapsed = started.elapsed().as_secs_f64();
-        let items = totals.items.load(Ordering::Relaxed);
-        let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
-        println!(
-            "mode={:?} concurrency={} durability={} duration={elapsed:.1}s",
-            args.mode,
-            args.concurrency,
-            if args.embedded {
-                args.durability.as_str()
-            } else {
-                "server's"
-            }
-        );
-        println!(
-            "items={items} items/s={:.0} requests={} errors={}",
-            items as f64 / elapsed,
-            histogram.len(),
-            totals.errors.load(Ordering::Relaxed)
-        );
-        println!(
-            "latency_ms p50={:.2} p95={:.2} p99={:.2} max={:.2}",
-            ms(0.5),
-            ms(0.95),
-            ms(0.99),
-            histogram.max() as f64 / 1000.0
-        );
         if let Some((handle, running)) = server {
             handle.stop(true).await;
             let _ = running.await;
@@ -383,6 +362,193 @@ fn main() -> std::process::ExitCode {
         }
         std::process::ExitCode::SUCCESS
     })
+}
+
+/// Drives the load of `--mode put|bulk` and prints its figures.
+async fn load(args: Arc<Args>, address: &str, version: u64) {
+    let address = address.to_string();
+    let stop = Arc::new(AtomicBool::new(false));
+    let totals = Arc::new(Totals::default());
+    let started = Instant::now();
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|_| {
+            tokio::spawn(worker(
+                args.clone(),
+                address.clone(),
+                version,
+                stop.clone(),
+                totals.clone(),
+            ))
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(args.duration)).await;
+    stop.store(true, Ordering::Relaxed);
+    let mut histogram =
+        Histogram::<u64>::new_with_bounds(1, 60_000_000, 3).expect("histogram bounds");
+    for w in workers {
+        if let Ok(h) = w.await {
+            let _ = histogram.add(h);
+        }
+    }
+    let elapsed = started.elapsed().as_secs_f64();
+    let items = totals.items.load(Ordering::Relaxed);
+    let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
+    println!(
+        "mode={:?} concurrency={} durability={} duration={elapsed:.1}s",
+        args.mode,
+        args.concurrency,
+        if args.embedded {
+            args.durability.as_str()
+        } else {
+            "server's"
+        }
+    );
+    println!(
+        "items={items} items/s={:.0} requests={} errors={}",
+        items as f64 / elapsed,
+        histogram.len(),
+        totals.errors.load(Ordering::Relaxed)
+    );
+    println!(
+        "latency_ms p50={:.2} p95={:.2} p99={:.2} max={:.2}",
+        ms(0.5),
+        ms(0.95),
+        ms(0.99),
+        histogram.max() as f64 / 1000.0
+    );
+}
+
+/// This process's resident memory now and at its peak since the last reset, in MiB.
+fn rss() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|kb| kb.parse::<f64>().ok())
+            .map_or(0.0, |kb| kb / 1024.0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Starts a new peak (Linux: writing 5 to clear_refs resets VmHWM).
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+/// One worst case: its name, method, path and body.
+type Case = (&'static str, &'static str, String, Vec<u8>);
+
+/// The worst cases, each built only when it is sent, so the client holds one at a time.
+fn hostile_case(index: usize, project: &str, version: u64) -> Option<Case> {
+    let put = || format!("/{project}/article/{}", Uuid::new_v4());
+    Some(match index {
+        0 => {
+            let mut unknown = item(Uuid::new_v4(), version, 0);
+            for i in 0..30_000 {
+                unknown[format!("unknown_{i}")] = json!(i);
+            }
+            (
+                "30,000 unknown keys",
+                "PUT",
+                put(),
+                unknown.to_string().into_bytes(),
+            )
+        }
+        1 => {
+            let action = json!({"put": {"blueprint": "article", "id": Uuid::new_v4()}});
+            let mut body = format!("{action}\n{{\"project_version\": {version}, \"extra\": [");
+            body.push_str(&"1,".repeat(20_000_000));
+            body.push_str("1]}\n");
+            (
+                "_bulk line of 20 million numbers",
+                "POST",
+                format!("/{project}/_bulk"),
+                body.into_bytes(),
+            )
+        }
+        2 => {
+            let deep = format!(
+                "{{\"project_version\": {version}, \"extra\": {}1{}}}",
+                "[".repeat(100_000),
+                "]".repeat(100_000)
+            );
+            (
+                "nesting 100,000 levels deep",
+                "PUT",
+                put(),
+                deep.into_bytes(),
+            )
+        }
+        3 => {
+            let mut many = String::new();
+            for _ in 0..50_000 {
+                many.push_str(
+                    &json!({"put": {"blueprint": "article", "id": Uuid::new_v4()}}).to_string(),
+                );
+                many.push('\n');
+                many.push_str(&item(Uuid::new_v4(), version, 0).to_string());
+                many.push('\n');
+            }
+            (
+                "_bulk of 50,000 valid items",
+                "POST",
+                format!("/{project}/_bulk"),
+                many.into_bytes(),
+            )
+        }
+        _ => return None,
+    })
+}
+
+/// Sends each worst case and prints the status it got and the peak RSS while it ran.
+async fn hostile(address: &str, project: &str, version: u64) {
+    let (idle, _) = rss();
+    println!("idle | | {idle:.0} |");
+    println!("case | status | RSS after (MiB) | peak RSS (MiB)");
+    for index in 0.. {
+        reset_peak();
+        let Some((name, method, path, body)) = hostile_case(index, project, version) else {
+            break;
+        };
+        let status = match Connection::open(address).await {
+            Ok(mut c) => c.request(method, &path, &body).await.map_or(0, |(s, _)| s),
+            Err(_) => 0,
+        };
+        drop(body);
+        let (now, peak) = rss();
+        println!("{name} | {status} | {now:.0} | {peak:.0}");
+    }
+    // 64 clients at once, each with a 1 MiB body of one-digit numbers: the densest JSON there is.
+    reset_peak();
+    let dense = Arc::new(
+        format!(
+            "{{\"project_version\": {version}, \"extra\": [{}1]}}",
+            "1,".repeat(500_000)
+        )
+        .into_bytes(),
+    );
+    let statuses: Vec<String> = futures::future::join_all((0..64).map(|_| {
+        let (dense, address) = (dense.clone(), address.to_string());
+        let path = format!("/{project}/article/{}", Uuid::new_v4());
+        async move {
+            match Connection::open(&address).await {
+                Ok(mut c) => match c.request("PUT", &path, &dense).await {
+                    Ok((status, _)) => status.to_string(),
+                    Err(e) => format!("cut off ({})", e.kind()),
+                },
+                Err(e) => format!("refused ({})", e.kind()),
+            }
+        }
+    }))
+    .await;
+    let (now, peak) = rss();
+    let mut counts: std::collections::BTreeMap<&str, usize> = Default::default();
+    for status in &statuses {
+        *counts.entry(status.as_str()).or_default() += 1;
+    }
+    println!("64 x 1 MiB of numbers at once | {counts:?} | {now:.0} | {peak:.0}");
 }
 
 fn tempfile_dir() -> std::path::PathBuf {
