@@ -24,6 +24,8 @@ targets=("$@")
 export CARGO_TARGET_DIR="${FUZZ_TARGET_DIR:-$HOME/.cache/dstore-fuzz-target}"
 for target in "${targets[@]}"; do
     echo "== fuzz $target for ${FUZZ_SECONDS:-60}s"
-    cargo +nightly fuzz run --fuzz-dir fuzz "$target" -- \
+    mkdir -p "fuzz/corpus/$target"
+    # The seeds (committed) start each run from valid inputs; the corpus grows beside them.
+    cargo +nightly fuzz run --fuzz-dir fuzz "$target" "fuzz/corpus/$target" "fuzz/seeds/$target" -- \
         -max_total_time="${FUZZ_SECONDS:-60}" -max_len=65536 -timeout=10 -rss_limit_mb=2048
 done
