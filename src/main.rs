@@ -8,6 +8,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 use dstore::config::Settings;
+use dstore::projector::ProjectorKind;
 use dstore::startup::Application;
 
 /// mimalloc: the journal and the projectors allocate many small, short-lived buffers.
@@ -47,8 +48,8 @@ enum Command {
     /// store's settings); run `dstore serve` with queue.external naming the projector.
     Worker {
         /// rocksdb, postgresql (or postgres) or elasticsearch.
-        #[arg(long, short)]
-        projector: String,
+        #[arg(long, short, value_parser = parse_projector)]
+        projector: ProjectorKind,
         /// Base URL of the dstore server, whose catalog the worker reads.
         #[arg(long, env = "DSTORE_SERVER", default_value = "http://127.0.0.1:2020")]
         server: String,
@@ -75,7 +76,7 @@ fn main() -> ExitCode {
     match command.unwrap_or(Command::Serve) {
         Command::Serve => serve(settings),
         Command::CheckConfig => check_config(&settings),
-        Command::Worker { projector, server } => worker(settings, &projector, &server),
+        Command::Worker { projector, server } => worker(settings, projector, &server),
         Command::Client(command) => cli::run(command),
     }
 }
@@ -113,7 +114,16 @@ fn runtime() -> Option<tokio::runtime::Runtime> {
         .ok()
 }
 
-fn worker(settings: Settings, projector: &str, server: &str) -> ExitCode {
+fn parse_projector(name: &str) -> Result<ProjectorKind, String> {
+    ProjectorKind::parse(name).ok_or_else(|| {
+        format!(
+            "there is no projector {name:?}; projectors are {}",
+            ProjectorKind::names()
+        )
+    })
+}
+
+fn worker(settings: Settings, projector: ProjectorKind, server: &str) -> ExitCode {
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };

@@ -18,10 +18,12 @@ use crate::journal::{Journal, JournalError, JournalSettings};
 use crate::projector::elasticsearch::{ElasticsearchProjector, EsError};
 use crate::projector::postgres::{PgError, PostgresProjector};
 use crate::projector::rocksdb::RocksProjector;
-use crate::projector::{Projector, Registry};
+use crate::projector::{Projector, ProjectorKind, Registry};
 use crate::queue::dispatcher;
 use crate::queue::rabbitmq::{self, Broker};
 use crate::queue::view::CatalogView;
+use crate::storage::embedded::EmbeddedStorage;
+use crate::storage::SharedStorage;
 
 #[derive(Debug, Error)]
 pub enum StartupError {
@@ -99,21 +101,22 @@ impl Application {
         let mut projectors: Vec<Arc<dyn Projector>> = Vec::new();
         let mut elsewhere = Vec::new();
         let mut rocksdb = None;
-        if settings.projection.rocksdb {
-            if external.contains(&"rocksdb") {
+        for kind in ProjectorKind::ALL
+            .into_iter()
+            .filter(|k| enabled(*k, &settings))
+        {
+            match kind {
                 // The keyspaces of `dstore worker --projector rocksdb` live in the worker's directory.
-                elsewhere.push("rocksdb");
-            } else {
-                let projector = open_keyspaces(&settings)?;
-                rocksdb = Some(projector.clone());
-                projectors.push(projector);
+                ProjectorKind::Rocksdb if external.contains(&kind) => elsewhere.push(kind.name()),
+                ProjectorKind::Rocksdb => {
+                    let projector = open_keyspaces(&settings)?;
+                    rocksdb = Some(projector.clone());
+                    projectors.push(projector);
+                }
+                ProjectorKind::Postgresql | ProjectorKind::Elasticsearch => {
+                    projectors.push(open_projector(kind, &settings)?)
+                }
             }
-        }
-        if settings.postgresql.is_some() {
-            projectors.push(open_projector("postgresql", &settings)?);
-        }
-        if settings.elasticsearch.is_some() {
-            projectors.push(open_projector("elasticsearch", &settings)?);
         }
         projectors.extend(extra);
         let mut registry = Registry::new(projectors);
@@ -188,6 +191,7 @@ impl Application {
                     )),
                 ];
                 let view = Arc::new(CatalogView::Local(catalog.clone()));
+                let external: Vec<&str> = external.iter().map(|k| k.name()).collect();
                 for projector in registry.iter().filter(|p| !external.contains(&p.name())) {
                     tasks.push(tokio::spawn(rabbitmq::consumer::run(
                         broker.clone(),
@@ -217,9 +221,9 @@ impl Application {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
+        let storage: SharedStorage = Arc::new(EmbeddedStorage::new(journal.clone()));
         let state = web::Data::new(AppState {
-            catalog,
-            journal: journal.clone(),
+            storage,
             registry,
             broker,
             in_flight: http::body::InFlight::new(settings.server.max_inflight_bytes),
@@ -296,17 +300,13 @@ impl Application {
     }
 }
 
-/// The names `queue.external` may hold, as projectors name themselves.
-const PROJECTOR_NAMES: [&str; 3] = ["rocksdb", "postgresql", "elasticsearch"];
-
-/// A projector's name as projectors call themselves (`postgres` is accepted for `postgresql`).
-pub fn projector_name(name: &str) -> Option<&'static str> {
-    let name = if name == "postgres" {
-        "postgresql"
-    } else {
-        name
-    };
-    PROJECTOR_NAMES.into_iter().find(|known| *known == name)
+/// Whether a projector is configured in `settings`.
+fn enabled(kind: ProjectorKind, settings: &Settings) -> bool {
+    match kind {
+        ProjectorKind::Rocksdb => settings.projection.rocksdb,
+        ProjectorKind::Postgresql => settings.postgresql.is_some(),
+        ProjectorKind::Elasticsearch => settings.elasticsearch.is_some(),
+    }
 }
 
 /// Checks what the queue settings say that the broker will be asked to use.
@@ -335,24 +335,19 @@ fn validate_queue(queue: &QueueSettings) -> Result<(), StartupError> {
 fn external_projectors(
     queue: &QueueSettings,
     settings: &Settings,
-) -> Result<Vec<&'static str>, StartupError> {
+) -> Result<Vec<ProjectorKind>, StartupError> {
     validate_queue(queue)?;
-    let enabled = |name: &str| match name {
-        "rocksdb" => settings.projection.rocksdb,
-        "postgresql" => settings.postgresql.is_some(),
-        _ => settings.elasticsearch.is_some(),
-    };
     queue
         .external
         .iter()
-        .map(|raw| match projector_name(raw) {
-            Some(name) if enabled(name) => Ok(name),
-            Some(name) => Err(StartupError::Queue(format!(
-                "queue.external names {name}, which is not enabled here"
+        .map(|raw| match ProjectorKind::parse(raw) {
+            Some(kind) if enabled(kind, settings) => Ok(kind),
+            Some(kind) => Err(StartupError::Queue(format!(
+                "queue.external names {kind}, which is not enabled here"
             ))),
             None => Err(StartupError::Queue(format!(
                 "queue.external names {raw:?}; projectors are {}",
-                PROJECTOR_NAMES.join(", ")
+                ProjectorKind::names()
             ))),
         })
         .collect()
@@ -371,11 +366,14 @@ pub fn open_keyspaces(settings: &Settings) -> Result<Arc<RocksProjector>, Startu
         .map_err(|source| StartupError::Keyspaces { path, source })
 }
 
-/// Opens one projector by name, from its settings (`dstore worker` runs exactly one).
-pub fn open_projector(name: &str, settings: &Settings) -> Result<Arc<dyn Projector>, StartupError> {
-    match projector_name(name) {
-        Some("rocksdb") => Ok(open_keyspaces(settings)?),
-        Some("postgresql") => {
+/// Opens one projector from its settings (`dstore worker` runs exactly one).
+pub fn open_projector(
+    kind: ProjectorKind,
+    settings: &Settings,
+) -> Result<Arc<dyn Projector>, StartupError> {
+    match kind {
+        ProjectorKind::Rocksdb => Ok(open_keyspaces(settings)?),
+        ProjectorKind::Postgresql => {
             let pg = settings.postgresql.as_ref().ok_or_else(|| {
                 StartupError::Unconfigured(
                     "the postgresql projector has no settings (POSTGRESQL_HOST … or [postgresql])"
@@ -390,7 +388,7 @@ pub fn open_projector(name: &str, settings: &Settings) -> Result<Arc<dyn Project
             });
             Ok(projector)
         }
-        Some(_) => {
+        ProjectorKind::Elasticsearch => {
             let es = settings.elasticsearch.as_ref().ok_or_else(|| {
                 StartupError::Unconfigured(
                     "the elasticsearch projector has no settings (ELASTICSEARCH_HOST or [elasticsearch])"
@@ -402,10 +400,6 @@ pub fn open_projector(name: &str, settings: &Settings) -> Result<Arc<dyn Project
                 ElasticsearchProjector::new(es).map_err(StartupError::Elasticsearch)?,
             ))
         }
-        None => Err(StartupError::Queue(format!(
-            "there is no projector {name:?}; projectors are {}",
-            PROJECTOR_NAMES.join(", ")
-        ))),
     }
 }
 
@@ -413,7 +407,7 @@ pub fn open_projector(name: &str, settings: &Settings) -> Result<Arc<dyn Project
 /// catalog from the server at `server`.
 pub async fn run_worker(
     settings: Settings,
-    projector: &str,
+    kind: ProjectorKind,
     server: &str,
 ) -> Result<(), StartupError> {
     let queue = settings.queue.clone().ok_or_else(|| {
@@ -423,12 +417,12 @@ pub async fn run_worker(
         )
     })?;
     validate_queue(&queue)?;
-    let projector = open_projector(projector, &settings)?;
-    let name = projector.name();
+    let projector = open_projector(kind, &settings)?;
+    let name = kind.name();
     if !queue
         .external
         .iter()
-        .any(|n| projector_name(n) == Some(name))
+        .any(|n| ProjectorKind::parse(n) == Some(kind))
     {
         tracing::warn!(
             projector = name,

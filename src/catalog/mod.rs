@@ -6,6 +6,7 @@
 //! versions are written once and never rewritten. The `epoch` grows whenever the set of live versions
 //! changes, which lets the journal refuse a write transformed against an outdated set.
 
+pub mod edit;
 mod model;
 
 use std::collections::BTreeMap;
@@ -15,9 +16,10 @@ use std::sync::{Arc, Mutex, RwLock};
 use rocksdb::{WriteBatch, WriteOptions, DB};
 use thiserror::Error;
 
+pub use edit::Write;
 pub use model::{MigrationState, Project, Version, VersionStatus, WorkingCopy};
 
-use crate::blueprint::{apply_edit, diff, BlueprintInput, Blueprints, Change, FieldError, Ident};
+use crate::blueprint::{BlueprintInput, Change, FieldError, Ident};
 
 #[derive(Debug, Error)]
 pub enum CatalogError {
@@ -107,7 +109,7 @@ impl Catalog {
         };
         let result = edit(&mut project, &mut writes)?;
         let mut batch = WriteBatch::default();
-        let mut epoch_moves = false;
+        let epoch_moves = writes.iter().any(|w| w.moves_epoch());
         for write in &writes {
             match write {
                 Write::WorkingCopy => {
@@ -116,20 +118,21 @@ impl Catalog {
                 Write::Version(n) => {
                     let version = project.version(*n).expect("written version exists");
                     batch.put(version_key(name, *n), serde_json::to_vec(version.as_ref())?);
-                    epoch_moves = true;
                 }
                 Write::Status(n) => {
                     batch.put(
                         status_key(name, *n),
                         serde_json::to_vec(&project.status[n])?,
                     );
-                    epoch_moves = true;
                 }
             }
         }
         self.commit(batch)?;
         let mut next = Snapshot::clone(&current);
-        next.epoch += u64::from(epoch_moves);
+        if epoch_moves {
+            next.epoch += 1;
+            project.epoch = next.epoch;
+        }
         next.projects.insert(name.clone(), Arc::new(project));
         *self.snapshot.write().expect("catalog lock poisoned") = Arc::new(next);
         Ok(result)
@@ -150,12 +153,7 @@ impl Catalog {
         input: BlueprintInput,
     ) -> Result<Vec<Change>, CatalogError> {
         self.update(project, true, |p, writes| {
-            let mut next = p.working.blueprints.clone();
-            let edited = apply_edit(next.get(name), input, &mut p.working.last_uid, "")
-                .map_err(CatalogError::Invalid)?;
-            next.insert(name.clone(), edited);
-            check_unique_names(&next, Some(name))?;
-            Ok(record_edit(p, next, writes))
+            edit::put_blueprint(p, name, input, writes)
         })
     }
 
@@ -166,27 +164,7 @@ impl Catalog {
         inputs: Vec<(Ident, BlueprintInput)>,
     ) -> Result<Vec<Change>, CatalogError> {
         self.update(project, true, |p, writes| {
-            let mut next = Blueprints::new();
-            let mut errors = Vec::new();
-            for (name, input) in inputs {
-                let base = format!("/{name}");
-                match apply_edit(
-                    p.working.blueprints.get(&name),
-                    input,
-                    &mut p.working.last_uid,
-                    &base,
-                ) {
-                    Ok(bp) => {
-                        next.insert(name, bp);
-                    }
-                    Err(mut e) => errors.append(&mut e),
-                }
-            }
-            if !errors.is_empty() {
-                return Err(CatalogError::Invalid(errors));
-            }
-            check_unique_names(&next, None)?;
-            Ok(record_edit(p, next, writes))
+            edit::put_blueprints(p, inputs, writes)
         })
     }
 
@@ -196,14 +174,7 @@ impl Catalog {
         name: &Ident,
     ) -> Result<Vec<Change>, CatalogError> {
         self.update(project, false, |p, writes| {
-            let mut next = p.working.blueprints.clone();
-            if next.remove(name).is_none() {
-                return Err(CatalogError::NotFound(format!(
-                    "blueprint {name:?} does not exist in the working copy of {:?}",
-                    p.name.as_str()
-                )));
-            }
-            Ok(record_edit(p, next, writes))
+            edit::delete_blueprint(p, name, writes)
         })
     }
 
@@ -214,37 +185,7 @@ impl Catalog {
         projectors: &[&str],
     ) -> Result<Arc<Version>, CatalogError> {
         self.update(project, false, |p, writes| {
-            if !p.has_unfrozen_changes() {
-                return Err(CatalogError::Conflict(match p.latest() {
-                    Some(v) => format!("nothing changed since version {}", v.number),
-                    None => "the working copy has no blueprints to freeze".into(),
-                }));
-            }
-            let empty = Blueprints::new();
-            let previous = p.latest().map_or(&empty, |v| &v.blueprints);
-            let number = p.versions.len() as u32 + 1;
-            let version = Version {
-                number,
-                changes: diff(previous, &p.working.blueprints),
-                blueprints: p.working.blueprints.clone(),
-                edits: std::mem::take(&mut p.working.edits),
-                frozen_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
-            };
-            let status = VersionStatus {
-                retired: false,
-                migrations: projectors
-                    .iter()
-                    .map(|name| (name.to_string(), MigrationState::Pending))
-                    .collect(),
-            };
-            p.versions.push(Arc::new(version));
-            p.status.insert(number, status);
-            writes.extend([
-                Write::Version(number),
-                Write::Status(number),
-                Write::WorkingCopy,
-            ]);
-            Ok(p.versions[number as usize - 1].clone())
+            edit::freeze(p, projectors, writes)
         })
     }
 
@@ -256,28 +197,13 @@ impl Catalog {
         state: MigrationState,
     ) -> Result<(), CatalogError> {
         self.update(project, false, |p, writes| {
-            let status = p.status.get_mut(&number).ok_or_else(|| {
-                CatalogError::NotFound(format!("version {number} does not exist"))
-            })?;
-            status.migrations.insert(projector.to_string(), state);
-            writes.push(Write::Status(number));
-            Ok(())
+            edit::set_migration(p, number, projector, state, writes)
         })
     }
 
     /// Stops projecting into a version; reads of it keep working.
     pub fn retire(&self, project: &Ident, number: u32) -> Result<(), CatalogError> {
-        self.update(project, false, |p, writes| {
-            let status = p.status.get_mut(&number).ok_or_else(|| {
-                CatalogError::NotFound(format!("version {number} does not exist"))
-            })?;
-            if status.retired {
-                return Ok(());
-            }
-            status.retired = true;
-            writes.push(Write::Status(number));
-            Ok(())
-        })
+        self.update(project, false, |p, writes| edit::retire(p, number, writes))
     }
 
     /// Forgets a project and all its versions.
@@ -297,62 +223,6 @@ impl Catalog {
         next.projects.remove(name);
         *self.snapshot.write().expect("catalog lock poisoned") = Arc::new(next);
         Ok(())
-    }
-}
-
-/// What an edit wants persisted.
-enum Write {
-    WorkingCopy,
-    Version(u32),
-    Status(u32),
-}
-
-fn record_edit(p: &mut Project, next: Blueprints, writes: &mut Vec<Write>) -> Vec<Change> {
-    let changes = diff(&p.working.blueprints, &next);
-    if !changes.is_empty() {
-        p.working.blueprints = next;
-        p.working.edits.extend(changes.iter().cloned());
-        writes.push(Write::WorkingCopy);
-    }
-    changes
-}
-
-/// Two blueprints of a project may not share a PostgreSQL table or an Elasticsearch type.
-fn check_unique_names(blueprints: &Blueprints, edited: Option<&Ident>) -> Result<(), CatalogError> {
-    let mut errors = Vec::new();
-    let mut tables: BTreeMap<&Ident, &Ident> = BTreeMap::new();
-    let mut types: BTreeMap<&Ident, &Ident> = BTreeMap::new();
-    for (name, bp) in blueprints {
-        let base = if edited.is_some() {
-            String::new()
-        } else {
-            format!("/{name}")
-        };
-        if let Some(other) = tables.insert(&bp.table, name) {
-            errors.push(FieldError::new(
-                format!("{base}/postgresql/table"),
-                format!(
-                    "table {:?} is already used by blueprint {:?}",
-                    bp.table.as_str(),
-                    other.as_str()
-                ),
-            ));
-        }
-        if let Some(other) = types.insert(&bp.es_type, name) {
-            errors.push(FieldError::new(
-                format!("{base}/elasticsearch/type"),
-                format!(
-                    "type {:?} is already used by blueprint {:?}",
-                    bp.es_type.as_str(),
-                    other.as_str()
-                ),
-            ));
-        }
-    }
-    if errors.is_empty() {
-        Ok(())
-    } else {
-        Err(CatalogError::Invalid(errors))
     }
 }
 

@@ -50,6 +50,9 @@ pub enum MigrationState {
 #[derive(Clone, Debug)]
 pub struct Project {
     pub name: Ident,
+    /// Moves whenever the project's set of live versions changes, to a number no project of this
+    /// catalog had before: a write transformed against an older epoch is prepared again.
+    pub epoch: u64,
     pub working: WorkingCopy,
     pub versions: Vec<Arc<Version>>,
     pub status: BTreeMap<u32, VersionStatus>,
@@ -59,6 +62,7 @@ impl Project {
     pub fn new(name: Ident) -> Project {
         Project {
             name,
+            epoch: 0,
             working: WorkingCopy::default(),
             versions: Vec::new(),
             status: BTreeMap::new(),

@@ -59,7 +59,7 @@ pub async fn put(
     if !errors.is_empty() {
         return Err(ApiError::Invalid("invalid blueprint".into(), errors));
     }
-    let changes = state.catalog.put_blueprint(&project, &name, input)?;
+    let changes = state.storage.put_blueprint(&project, &name, input).await?;
     Ok(HttpResponse::Ok().json(json!({"success": true, "changes": changes})))
 }
 
@@ -69,7 +69,7 @@ pub async fn get(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (project, name) = parse_names(&path)?;
-    let snapshot = state.catalog.snapshot();
+    let snapshot = state.storage.snapshot();
     let p = snapshot.project(&project)?;
     Ok(HttpResponse::Ok().json(blueprint_in(
         &p.working.blueprints,
@@ -85,7 +85,7 @@ pub async fn delete(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (project, name) = parse_names(&path)?;
-    let changes = state.catalog.delete_blueprint(&project, &name)?;
+    let changes = state.storage.delete_blueprint(&project, &name).await?;
     Ok(HttpResponse::Ok().json(json!({"success": true, "changes": changes})))
 }
 
@@ -95,7 +95,7 @@ pub async fn get_at(
     path: web::Path<(String, String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (project, name) = (ident("project", &path.0)?, ident("blueprint", &path.1)?);
-    let snapshot = state.catalog.snapshot();
+    let snapshot = state.storage.snapshot();
     let p = snapshot.project(&project)?;
     let blueprints = frozen(p, &path.2)?;
     Ok(HttpResponse::Ok().json(blueprint_in(
@@ -116,7 +116,7 @@ pub async fn put_all(
     let project = ident("project", &path)?;
     let body = body::json(&state, &request, payload).await?;
     let inputs = parse_blueprint_set(&body, "")?;
-    let changes = state.catalog.put_blueprints(&project, inputs)?;
+    let changes = state.storage.put_blueprints(&project, inputs).await?;
     Ok(HttpResponse::Ok().json(json!({"success": true, "changes": changes})))
 }
 
@@ -162,7 +162,7 @@ pub fn parse_blueprint_set(
 /// GET /{project}/_blueprint
 pub async fn get_all(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
-    let snapshot = state.catalog.snapshot();
+    let snapshot = state.storage.snapshot();
     let p = snapshot.project(&project)?;
     Ok(HttpResponse::Ok().json(blueprints_to_public(&p.working.blueprints)))
 }
@@ -173,7 +173,7 @@ pub async fn get_all_at(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path.0)?;
-    let snapshot = state.catalog.snapshot();
+    let snapshot = state.storage.snapshot();
     let p = snapshot.project(&project)?;
     Ok(HttpResponse::Ok().json(blueprints_to_public(frozen(p, &path.1)?)))
 }

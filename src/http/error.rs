@@ -9,7 +9,8 @@ use serde_json::json;
 
 use crate::blueprint::{cap_errors, FieldError};
 use crate::catalog::CatalogError;
-use crate::journal::JournalError;
+use crate::storage::StorageError;
+use crate::write::WriteError;
 
 #[derive(Debug)]
 pub enum ApiError {
@@ -106,30 +107,36 @@ impl ResponseError for ApiError {
     }
 }
 
-impl From<CatalogError> for ApiError {
-    fn from(error: CatalogError) -> Self {
+impl From<StorageError> for ApiError {
+    fn from(error: StorageError) -> Self {
         match error {
-            CatalogError::NotFound(m) => ApiError::NotFound(m),
-            CatalogError::Conflict(m) => ApiError::Conflict(m),
-            CatalogError::Invalid(errors) => ApiError::Invalid("invalid blueprint".into(), errors),
-            CatalogError::Storage(e) => {
-                ApiError::Unavailable(format!("the catalog cannot be written: {e}"))
-            }
-            CatalogError::Corrupt(e) => ApiError::internal(format!("corrupt catalog record: {e}")),
+            StorageError::NotFound(m) => ApiError::NotFound(m),
+            StorageError::Conflict(m) => ApiError::Conflict(m),
+            StorageError::Invalid(errors) => ApiError::Invalid("invalid blueprint".into(), errors),
+            e @ (StorageError::Stale
+            | StorageError::Backlog { .. }
+            | StorageError::Unavailable(_)) => ApiError::Unavailable(e.to_string()),
+            StorageError::Corrupt(cause) => ApiError::internal(cause),
         }
     }
 }
 
-impl From<JournalError> for ApiError {
-    fn from(error: JournalError) -> Self {
+impl From<CatalogError> for ApiError {
+    fn from(error: CatalogError) -> Self {
+        StorageError::from(error).into()
+    }
+}
+
+impl From<WriteError> for ApiError {
+    fn from(error: WriteError) -> Self {
         match error {
-            JournalError::Catalog(e) => e.into(),
-            e
-            @ (JournalError::Storage(_) | JournalError::Closed | JournalError::Backlog { .. }) => {
+            WriteError::NotFound(m) => ApiError::NotFound(m),
+            WriteError::Invalid(errors) => ApiError::Invalid("invalid item".into(), errors),
+            WriteError::Conflict(m) => ApiError::Conflict(m),
+            e @ (WriteError::MigrationPending(_) | WriteError::Contended) => {
                 ApiError::Unavailable(e.to_string())
             }
-            e @ JournalError::Stale => ApiError::Unavailable(e.to_string()),
-            e @ (JournalError::Corrupt(_) | JournalError::Thread(_)) => ApiError::internal(e),
+            WriteError::Storage(e) => e.into(),
         }
     }
 }

@@ -33,7 +33,7 @@ pub async fn ready(state: State, params: web::Query<ReadyParams>) -> HttpRespons
                 detail: "opened by dstore worker processes only; see its progress".into(),
             },
         };
-        let progress = state.journal.progress(name);
+        let progress = state.storage.progress(name).await;
         let status = if !health.reachable || progress.last_error.is_some() {
             all_ready = false;
             "failing"
@@ -50,7 +50,7 @@ pub async fn ready(state: State, params: web::Query<ReadyParams>) -> HttpRespons
     let links = state.broker.as_ref().map(|b| b.links()).unwrap_or_default();
     // The journal keeps every task while the broker is away; a lost link only delays projection.
     all_ready &= links.values().all(|link| link.connected);
-    let writes = match state.journal.check_backlog() {
+    let writes = match state.storage.check_backlog() {
         Ok(()) => json!({"accepted": true}),
         Err(refusal) => {
             all_ready = false;
@@ -99,8 +99,9 @@ pub async fn dead_letters(
         ));
     }
     let letters = state
-        .journal
-        .dead_letters(params.projector.as_deref(), limit)?;
+        .storage
+        .dead_letters(params.projector.as_deref(), limit)
+        .await?;
     Ok(HttpResponse::Ok().json(json!({"dead_letters": letters})))
 }
 
@@ -124,7 +125,7 @@ pub async fn retry_dead_letters(
         }
     }
     let retried = state
-        .journal
+        .storage
         .retry_dead_letters(params.projector.as_deref())
         .await?;
     Ok(HttpResponse::Ok().json(json!({"retried": retried})))

@@ -1,7 +1,5 @@
-//! Item routes: upsert, create, read, delete, and `_bulk`.
-//!
-//! Writes are prepared against one catalog snapshot (see `crate::items`) and journaled; when the set of
-//! live versions changed in between, the journal refuses the write and it is prepared again. With
+//! Item routes: upsert, create, read, delete, and `_bulk`: parse the request, call `crate::write`,
+//! answer. With
 //! `?wait=true` the answer waits until every projector has applied the write (at most `timeout`
 //! seconds, default `projection.wait_timeout_secs`); on time-out it answers 202 and the write stays
 //! safely queued.
@@ -16,21 +14,9 @@ use uuid::Uuid;
 
 use super::error::ApiError;
 use super::{body, ident, version_number, State};
-use crate::blueprint::{cap_errors, FieldError, Ident};
-use crate::bulk::{Action, Operation};
-use crate::catalog::Snapshot;
-use crate::items::{prepare_delete, prepare_upsert, read_at, ItemError};
-use crate::journal::{Entry, JournalError};
-
-impl From<ItemError> for ApiError {
-    fn from(error: ItemError) -> Self {
-        match error {
-            ItemError::NotFound(m) => ApiError::NotFound(m),
-            ItemError::Invalid(errors) => ApiError::Invalid("invalid item".into(), errors),
-            ItemError::Journal(e) => e.into(),
-        }
-    }
-}
+use crate::blueprint::{FieldError, Ident};
+use crate::bulk::Action;
+use crate::write::{self, read_at};
 
 #[derive(Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -68,42 +54,15 @@ fn item_id(raw: &str) -> Result<Uuid, ApiError> {
         .map_err(|_| ApiError::bad_request("id", format!("item id {raw:?} is not a uuid")))
 }
 
-/// Journals entries prepared by `prepare`, preparing them again while the live versions move.
-async fn journal<T>(
-    state: &State,
-    project: &Ident,
-    mut prepare: impl FnMut(&Snapshot) -> Result<(Vec<Entry>, T), ApiError>,
-) -> Result<(Vec<u64>, T), ApiError> {
-    for _ in 0..8 {
-        let snapshot = state.catalog.snapshot();
-        let (entries, extra) = prepare(&snapshot)?;
-        if entries.is_empty() {
-            return Ok((Vec::new(), extra));
-        }
-        match state
-            .journal
-            .write(snapshot.epoch, project.clone(), entries)
-            .await
-        {
-            Err(JournalError::Stale) => continue,
-            Ok(revisions) => return Ok((revisions, extra)),
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(ApiError::Unavailable(
-        "the project's versions kept changing while the write was prepared; try again".into(),
-    ))
-}
-
 /// Adds `projected` (and answers 202 when the projectors did not catch up in time).
 async fn answer(
     state: &State,
     params: &WriteParams,
     mut body: Map<String, Value>,
-    last: u64,
+    (project, last): (&Ident, u64),
     status: actix_web::http::StatusCode,
 ) -> HttpResponse {
-    let (status, projection) = projection(state, params, last, status).await;
+    let (status, projection) = projection(state, params, project, last, status).await;
     body.extend(projection);
     HttpResponse::build(status).json(body)
 }
@@ -113,6 +72,7 @@ async fn answer(
 async fn projection(
     state: &State,
     params: &WriteParams,
+    project: &Ident,
     last: u64,
     status: actix_web::http::StatusCode,
 ) -> (actix_web::http::StatusCode, Map<String, Value>) {
@@ -123,7 +83,7 @@ async fn projection(
     let timeout = params
         .timeout
         .map_or_else(|| state.wait_timeout(), Duration::from_secs);
-    match state.journal.wait_projected(last, timeout).await {
+    match state.storage.wait_projected(project, last, timeout).await {
         Ok(()) => {
             fields.insert("projected".into(), Value::Bool(true));
             (status, fields)
@@ -155,18 +115,12 @@ async fn upsert(
 ) -> Result<HttpResponse, ApiError> {
     let params = write_params(&request)?;
     let body = body::json(&state, &request, payload).await?;
-    let (revisions, ()) = journal(&state, &project, |snapshot| {
-        Ok((
-            vec![prepare_upsert(snapshot, &project, &blueprint, id, &body)?],
-            (),
-        ))
-    })
-    .await?;
+    let revision = write::put_item(state.storage.as_ref(), &project, &blueprint, id, &body).await?;
     Ok(answer(
         &state,
         &params,
-        success(&id, revisions[0]),
-        revisions[0],
+        success(&id, revision),
+        (&project, revision),
         status,
     )
     .await)
@@ -222,19 +176,15 @@ pub async fn delete(
     let (project, blueprint) = (ident("project", &path.0)?, ident("blueprint", &path.1)?);
     let id = item_id(&path.2)?;
     let params = write_params(&request)?;
-    let (revisions, found) = journal(&state, &project, |snapshot| {
-        let existing = state.journal.item(&project, &blueprint, &id)?;
-        let entry = prepare_delete(snapshot, &project, &blueprint, id, existing.as_ref())?;
-        Ok((vec![entry], existing.is_some()))
-    })
-    .await?;
-    let mut body = success(&id, revisions[0]);
+    let (revision, found) =
+        write::delete_item(state.storage.as_ref(), &project, &blueprint, id).await?;
+    let mut body = success(&id, revision);
     body.insert("found".into(), Value::Bool(found));
     Ok(answer(
         &state,
         &params,
         body,
-        revisions[0],
+        (&project, revision),
         actix_web::http::StatusCode::OK,
     )
     .await)
@@ -261,11 +211,12 @@ pub async fn get(
         )
     })?;
     let version = params.version.as_deref().map(version_number).transpose()?;
-    let snapshot = state.catalog.snapshot();
+    let snapshot = state.storage.snapshot();
     snapshot.project(&project)?;
     let record = state
-        .journal
-        .item(&project, &blueprint, &id)?
+        .storage
+        .item(&project, &blueprint, &id)
+        .await?
         .ok_or_else(|| {
             ApiError::NotFound(format!("item {id} does not exist in {project}/{blueprint}"))
         })?;
@@ -299,30 +250,20 @@ pub async fn bulk(
         2,
     )
     .await?;
-    state.catalog.snapshot().project(&project)?;
     let ops =
         crate::bulk::parse(&raw).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))?;
-    let (revisions, outcomes) = journal(&state, &project, |snapshot| {
-        let mut entries = Vec::with_capacity(ops.len());
-        let mut outcomes: Vec<Result<usize, (u16, Vec<FieldError>)>> =
-            Vec::with_capacity(ops.len());
-        for op in &ops {
-            outcomes.push(match prepare_op(&state, snapshot, &project, op) {
-                Ok(entry) => {
-                    entries.push(entry);
-                    Ok(entries.len() - 1)
-                }
-                Err((status, errors)) => Err((status, cap_errors(errors))),
-            });
-        }
-        Ok((entries, outcomes))
-    })
+    let outcomes = write::bulk(
+        state.storage.as_ref(),
+        &project,
+        &ops,
+        state.settings.server.max_body_bytes,
+    )
     .await?;
     let items: Vec<BulkResult> = ops
         .iter()
         .zip(outcomes)
         .map(|(op, outcome)| match outcome {
-            Ok(index) => BulkResult {
+            Ok(revision) => BulkResult {
                 action: op.action.name(),
                 id: op.id,
                 status: if op.action == Action::Create {
@@ -330,7 +271,7 @@ pub async fn bulk(
                 } else {
                     200
                 },
-                revision: Some(revisions[index]),
+                revision: Some(revision),
                 errors: None,
             },
             Err((status, errors)) => BulkResult {
@@ -342,9 +283,19 @@ pub async fn bulk(
             },
         })
         .collect();
-    let last = revisions.iter().copied().max().unwrap_or(0);
-    let (status, projection) =
-        projection(&state, &params, last, actix_web::http::StatusCode::OK).await;
+    let last = items
+        .iter()
+        .filter_map(|item| item.revision)
+        .max()
+        .unwrap_or(0);
+    let (status, projection) = projection(
+        &state,
+        &params,
+        &project,
+        last,
+        actix_web::http::StatusCode::OK,
+    )
+    .await;
     Ok(HttpResponse::build(status).json(BulkAnswer {
         took_ms: started.elapsed().as_millis() as u64,
         errors: items.iter().any(|item| item.errors.is_some()),
@@ -396,50 +347,4 @@ impl Serialize for BulkResult {
         )?;
         map.end()
     }
-}
-
-/// Prepares one bulk operation: its item is parsed here and dropped once encoded.
-fn prepare_op(
-    state: &State,
-    snapshot: &Snapshot,
-    project: &Ident,
-    op: &Operation,
-) -> Result<Entry, (u16, Vec<FieldError>)> {
-    if let Some(error) = &op.error {
-        return Err(error.clone());
-    }
-    let (Some(blueprint), Some(id)) = (op.blueprint.as_ref(), op.id) else {
-        return Err((
-            400,
-            vec![FieldError::new("", "blueprint and id are required")],
-        ));
-    };
-    let result = match op.action {
-        Action::Delete => state
-            .journal
-            .item(project, blueprint, &id)
-            .map_err(ItemError::from)
-            .and_then(|existing| {
-                prepare_delete(snapshot, project, blueprint, id, existing.as_ref())
-            }),
-        Action::Put | Action::Create => {
-            let item = op.parse_item(state.settings.server.max_body_bytes)?;
-            prepare_upsert(snapshot, project, blueprint, id, &item)
-        }
-    };
-    result.map_err(|e| match e {
-        ItemError::NotFound(m) => (404, vec![FieldError::new("", m)]),
-        ItemError::Invalid(errors) => (422, errors),
-        ItemError::Journal(e) => {
-            let error = ApiError::from(e);
-            let status = actix_web::ResponseError::status_code(&error).as_u16();
-            let message = if status >= 500 && status != 503 {
-                tracing::error!(cause = %error, "bulk operation failed");
-                "internal error; the cause is in the server log".to_string()
-            } else {
-                error.to_string()
-            };
-            (status, vec![FieldError::new("", message)])
-        }
-    })
 }

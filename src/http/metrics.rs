@@ -10,7 +10,22 @@ use super::State;
 pub async fn metrics(state: State, requests: web::Data<RequestMetrics>) -> HttpResponse {
     let mut out = String::with_capacity(4096);
     requests.render(&mut out);
-    let journal = &state.journal;
+    let stats = state.storage.stats().await;
+    let mut projectors = Vec::new();
+    for name in state.registry.names() {
+        projectors.push((name, state.storage.progress(name).await));
+    }
+    let mut backfills = Vec::new();
+    for (name, project) in &state.storage.snapshot().projects {
+        for version in &project.versions {
+            if let Ok(Some(b)) = state.storage.backfill_state(name, version.number).await {
+                backfills.push((
+                    format!("{{project=\"{name}\",version=\"{}\"}}", version.number),
+                    b,
+                ));
+            }
+        }
+    }
     let mut gauge = |name: &str, help: &str, kind: &str, samples: Vec<(String, u64)>| {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
         for (labels, value) in samples {
@@ -21,9 +36,9 @@ pub async fn metrics(state: State, requests: web::Data<RequestMetrics>) -> HttpR
         "dstore_journal_last_seq",
         "Sequence number of the newest journal entry.",
         "counter",
-        vec![(String::new(), journal.last_seq())],
+        vec![(String::new(), stats.last_revision)],
     );
-    let (items, bytes) = journal.size();
+    let (items, bytes) = (stats.items, stats.bytes);
     gauge(
         "dstore_journal_items",
         "Items whose latest state the journal holds (estimate).",
@@ -36,12 +51,6 @@ pub async fn metrics(state: State, requests: web::Data<RequestMetrics>) -> HttpR
         "gauge",
         vec![(String::new(), bytes)],
     );
-    let projectors: Vec<_> = state
-        .registry
-        .names()
-        .into_iter()
-        .map(|name| (name, journal.progress(name)))
-        .collect();
     let per = |f: &dyn Fn(&crate::journal::ProjectorProgress) -> u64| {
         projectors
             .iter()
@@ -78,17 +87,11 @@ pub async fn metrics(state: State, requests: web::Data<RequestMetrics>) -> HttpR
         "gauge",
         per(&|p| u64::from(p.last_error.is_some())),
     );
-    let mut total = Vec::new();
-    let mut done = Vec::new();
-    for (name, project) in &state.catalog.snapshot().projects {
-        for version in &project.versions {
-            if let Ok(Some(b)) = journal.backfill_state(name, version.number) {
-                let labels = format!("{{project=\"{name}\",version=\"{}\"}}", version.number);
-                total.push((labels.clone(), b.total));
-                done.push((labels, b.done));
-            }
-        }
-    }
+    let total = backfills
+        .iter()
+        .map(|(l, b)| (l.clone(), b.total))
+        .collect();
+    let done = backfills.iter().map(|(l, b)| (l.clone(), b.done)).collect();
     gauge(
         "dstore_backfill_items_total",
         "Items a back-fill has to look at.",

@@ -1,4 +1,4 @@
-//! The HTTP API of docs/design.md §3: the route table, shared state and path parsing.
+//! The HTTP API (docs/design.md §3, README "API"): the route table, shared state and path parsing.
 //!
 //! Handlers live one file per resource; `error.rs` is the only place that chooses status codes. Paths
 //! follow Elasticsearch conventions (project first, `_`-prefixed verbs), so verb routes are registered
@@ -21,17 +21,16 @@ use std::time::Duration;
 use actix_web::{web, HttpResponse};
 
 use crate::blueprint::Ident;
-use crate::catalog::Catalog;
 use crate::config::Settings;
-use crate::journal::Journal;
 use crate::projector::Registry;
 use crate::queue::rabbitmq::Broker;
+use crate::storage::SharedStorage;
 use error::ApiError;
 
 /// What every handler can reach.
 pub struct AppState {
-    pub catalog: Arc<Catalog>,
-    pub journal: Arc<Journal>,
+    /// The catalog and the journal, whichever backend holds them.
+    pub storage: SharedStorage,
     pub registry: Registry,
     /// The RabbitMQ links of this process, when tasks travel through a broker.
     pub broker: Option<Arc<Broker>>,

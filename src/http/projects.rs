@@ -5,11 +5,11 @@ use serde_json::{json, Map, Value};
 
 use super::blueprints::parse_blueprint_set;
 use super::error::ApiError;
-use super::versions::freeze_project;
 use super::{body, ident, State};
 use crate::blueprint::model::blueprints_to_public;
 use crate::blueprint::{FieldError, Ident};
 use crate::catalog::Project;
+use crate::write::{self, WriteError};
 
 fn describe(p: &Project) -> Value {
     json!({
@@ -22,7 +22,7 @@ fn describe(p: &Project) -> Value {
 /// GET /{project}/_project
 pub async fn get(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
-    let snapshot = state.catalog.snapshot();
+    let snapshot = state.storage.snapshot();
     Ok(HttpResponse::Ok().json(describe(snapshot.project(&project)?)))
 }
 
@@ -34,14 +34,14 @@ async fn put_and_freeze(
     base: &str,
 ) -> Result<Value, ApiError> {
     let inputs = parse_blueprint_set(body, base)?;
-    state.catalog.put_blueprints(project, inputs)?;
-    let snapshot = state.catalog.snapshot();
+    state.storage.put_blueprints(project, inputs).await?;
+    let snapshot = state.storage.snapshot();
     let p = snapshot.project(project)?;
     let changed = p.has_unfrozen_changes();
-    let number = match freeze_project(state, project).await {
+    let number = match write::freeze(state.storage.as_ref(), project, state.wait_timeout()).await {
         Ok(number) => number,
-        Err(ApiError::Conflict(_)) => p.latest().map_or(0, |v| v.number),
-        Err(e) => return Err(e),
+        Err(WriteError::Conflict(_)) => p.latest().map_or(0, |v| v.number),
+        Err(e) => return Err(e.into()),
     };
     Ok(json!({"project_version": number, "changed": changed}))
 }
@@ -61,14 +61,14 @@ pub async fn put(
 /// DELETE /{project}/_project
 pub async fn delete(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
-    state.catalog.snapshot().project(&project)?;
-    state.journal.drop_project(project).await?;
+    state.storage.snapshot().project(&project)?;
+    state.storage.drop_project(&project).await?;
     Ok(HttpResponse::Ok().json(json!({"success": true})))
 }
 
 /// GET /_project
 pub async fn get_all(state: State) -> Result<HttpResponse, ApiError> {
-    let snapshot = state.catalog.snapshot();
+    let snapshot = state.storage.snapshot();
     let out: Map<String, Value> = snapshot
         .projects
         .iter()
@@ -124,9 +124,9 @@ pub async fn put_all(
 
 /// DELETE /_project
 pub async fn delete_all(state: State) -> Result<HttpResponse, ApiError> {
-    let names: Vec<Ident> = state.catalog.snapshot().projects.keys().cloned().collect();
+    let names: Vec<Ident> = state.storage.snapshot().projects.keys().cloned().collect();
     for project in &names {
-        state.journal.drop_project(project.clone()).await?;
+        state.storage.drop_project(project).await?;
     }
     Ok(HttpResponse::Ok().json(json!({"success": true, "deleted": names})))
 }

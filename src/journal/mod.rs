@@ -29,6 +29,7 @@ use uuid::Uuid;
 
 use crate::blueprint::{Ident, Uid};
 use crate::catalog::{Catalog, CatalogError, Version};
+use crate::projector::ProjectorKind;
 pub use codec::decode_task;
 use task::{Task, TaskOp, VersionDoc};
 pub use writer::Command;
@@ -472,7 +473,7 @@ impl Journal {
         let projectors: Vec<String> = self
             .lanes
             .keys()
-            .filter(|name| **name == "elasticsearch")
+            .filter(|name| ProjectorKind::parse(name) == Some(ProjectorKind::Elasticsearch))
             .map(|name| name.to_string())
             .collect();
         tracing::info!(

@@ -265,7 +265,8 @@ fn stage_command(stage: &mut Stage, command: Command) {
             entries,
             reply,
         } => {
-            if stage.writer.catalog.snapshot().epoch != epoch {
+            let current = stage.writer.catalog.snapshot();
+            if current.projects.get(&project).map(|p| p.epoch) != Some(epoch) {
                 let _ = reply.send(Err(JournalError::Stale));
                 return;
             }

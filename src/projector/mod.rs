@@ -26,6 +26,52 @@ use crate::blueprint::Ident;
 use crate::catalog::{Snapshot, Version};
 use crate::journal::task::Task;
 
+/// The stores dstore projects into. Configuration, workers and the broker name projectors by
+/// this enum; `match`es over it have no catch-all arm, so a new store does not compile until every
+/// place handles it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum ProjectorKind {
+    Rocksdb,
+    Postgresql,
+    Elasticsearch,
+}
+
+impl ProjectorKind {
+    pub const ALL: [ProjectorKind; 3] = [
+        ProjectorKind::Rocksdb,
+        ProjectorKind::Postgresql,
+        ProjectorKind::Elasticsearch,
+    ];
+
+    /// The name tasks, queues and reports use.
+    pub fn name(self) -> &'static str {
+        match self {
+            ProjectorKind::Rocksdb => "rocksdb",
+            ProjectorKind::Postgresql => "postgresql",
+            ProjectorKind::Elasticsearch => "elasticsearch",
+        }
+    }
+
+    /// A projector by name (`postgres` is accepted for `postgresql`).
+    pub fn parse(name: &str) -> Option<ProjectorKind> {
+        match name {
+            "postgres" => Some(ProjectorKind::Postgresql),
+            _ => ProjectorKind::ALL.into_iter().find(|k| k.name() == name),
+        }
+    }
+
+    /// Every name, for messages.
+    pub fn names() -> String {
+        ProjectorKind::ALL.map(ProjectorKind::name).join(", ")
+    }
+}
+
+impl std::fmt::Display for ProjectorKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
 /// Whether retrying can help.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]

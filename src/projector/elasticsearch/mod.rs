@@ -30,7 +30,7 @@ pub use mapping::{check_override, check_overrides};
 
 use self::client::EsClient;
 use self::names::Names;
-use super::{Health, Outcome, Projector, ProjectorError};
+use super::{Health, Outcome, Projector, ProjectorError, ProjectorKind};
 use crate::blueprint::Ident;
 use crate::catalog::{Snapshot, Version};
 use crate::config::ElasticsearchSettings;
@@ -80,7 +80,7 @@ impl ElasticsearchProjector {
 #[async_trait]
 impl Projector for ElasticsearchProjector {
     fn name(&self) -> &'static str {
-        "elasticsearch"
+        ProjectorKind::Elasticsearch.name()
     }
 
     async fn migrate(&self, project: &Ident, version: &Version) -> Result<(), ProjectorError> {

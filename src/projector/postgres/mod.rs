@@ -32,7 +32,7 @@ use uuid::Uuid;
 
 pub use error::PgError;
 
-use super::{Health, Outcome, Projector, ProjectorError};
+use super::{Health, Outcome, Projector, ProjectorError, ProjectorKind};
 use crate::blueprint::Ident;
 use crate::catalog::{Snapshot, Version};
 use crate::config::PostgresSettings;
@@ -153,7 +153,7 @@ impl PostgresProjector {
 #[async_trait]
 impl Projector for PostgresProjector {
     fn name(&self) -> &'static str {
-        "postgresql"
+        ProjectorKind::Postgresql.name()
     }
 
     async fn migrate(&self, project: &Ident, version: &Version) -> Result<(), ProjectorError> {

@@ -15,7 +15,7 @@ use rocksdb::{WriteBatch, WriteOptions, DB};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use super::{Health, Outcome, Projector, ProjectorError};
+use super::{Health, Outcome, Projector, ProjectorError, ProjectorKind};
 use crate::blueprint::Ident;
 use crate::catalog::{Snapshot, Version};
 use crate::journal::task::Task;
@@ -122,7 +122,7 @@ impl RocksProjector {
 #[async_trait]
 impl Projector for RocksProjector {
     fn name(&self) -> &'static str {
-        "rocksdb"
+        ProjectorKind::Rocksdb.name()
     }
 
     async fn migrate(&self, _project: &Ident, _version: &Version) -> Result<(), ProjectorError> {

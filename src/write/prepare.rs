@@ -1,12 +1,11 @@
 //! Preparing item writes: from a client's body to journal entries (validate, then transform into
-//! every live version; see ARCHITECTURE.md).
+//! every live version; see ARCHITECTURE.md), and reading an item as a version sees it.
 //!
 //! Everything here reads one catalog snapshot and nothing else, so a prepared entry is consistent with
-//! exactly one set of live versions; the journal refuses it if that set changed before it was
-//! committed (see `Snapshot::epoch`), and the caller prepares it again.
+//! exactly one set of live versions; storage refuses it if that set changed before it was committed
+//! (see `Project::epoch`), and the caller prepares it again.
 
 use serde_json::{Map, Value};
-use thiserror::Error;
 use uuid::Uuid;
 
 use crate::blueprint::check::check_item;
@@ -16,30 +15,21 @@ use crate::catalog::{Project, Snapshot};
 use crate::journal::task::VersionDoc;
 use crate::journal::{Entry, ItemRecord};
 
-#[derive(Debug, Error)]
-pub enum ItemError {
-    #[error("{0}")]
-    NotFound(String),
-    #[error("invalid item")]
-    Invalid(Vec<FieldError>),
-    /// The journal could not be read while preparing the write.
-    #[error(transparent)]
-    Journal(#[from] crate::journal::JournalError),
-}
+use super::WriteError;
 
-fn invalid(path: &str, message: impl Into<String>) -> ItemError {
-    ItemError::Invalid(vec![FieldError::new(path, message)])
+fn invalid(path: &str, message: impl Into<String>) -> WriteError {
+    WriteError::Invalid(vec![FieldError::new(path, message)])
 }
 
 /// The newest version's definition of a blueprint, for requests that name no version.
-fn newest<'a>(project: &'a Project, name: &Ident) -> Result<(u32, &'a Blueprint), ItemError> {
+fn newest<'a>(project: &'a Project, name: &Ident) -> Result<(u32, &'a Blueprint), WriteError> {
     project
         .versions
         .iter()
         .rev()
         .find_map(|v| v.blueprints.get(name).map(|bp| (v.number, bp)))
         .ok_or_else(|| {
-            ItemError::NotFound(format!(
+            WriteError::NotFound(format!(
                 "blueprint {name:?} is in no frozen version of project {:?}",
                 project.name.as_str()
             ))
@@ -53,11 +43,11 @@ pub fn prepare_upsert(
     blueprint: &Ident,
     id: Uuid,
     body: &Value,
-) -> Result<Entry, ItemError> {
+) -> Result<Entry, WriteError> {
     let p = snapshot
         .projects
         .get(project)
-        .ok_or_else(|| ItemError::NotFound(format!("project {project:?} does not exist")))?;
+        .ok_or_else(|| WriteError::NotFound(format!("project {project:?} does not exist")))?;
     newest(p, blueprint)?;
     let Value::Object(body) = body else {
         return Err(invalid("", "an item must be a JSON object"));
@@ -95,7 +85,7 @@ pub fn prepare_upsert(
             format!("version {number} has no blueprint {:?}", blueprint.as_str()),
         )
     })?;
-    let item = check_item(bp, number, id, body).map_err(ItemError::Invalid)?;
+    let item = check_item(bp, number, id, body).map_err(WriteError::Invalid)?;
     // Other versions are transformed from the item, which then takes its own place uncopied.
     let mut own = None;
     let mut docs: Vec<VersionDoc> = Vec::new();
@@ -136,11 +126,11 @@ pub fn prepare_delete(
     blueprint: &Ident,
     id: Uuid,
     existing: Option<&ItemRecord>,
-) -> Result<Entry, ItemError> {
+) -> Result<Entry, WriteError> {
     let p = snapshot
         .projects
         .get(project)
-        .ok_or_else(|| ItemError::NotFound(format!("project {project:?} does not exist")))?;
+        .ok_or_else(|| WriteError::NotFound(format!("project {project:?} does not exist")))?;
     let uid = match existing {
         Some(record) => record.blueprint_uid,
         None => newest(p, blueprint)?.1.uid,
@@ -156,11 +146,11 @@ pub fn read_at(
     blueprint: &Ident,
     record: &ItemRecord,
     version: Option<u32>,
-) -> Result<Map<String, Value>, ItemError> {
+) -> Result<Map<String, Value>, WriteError> {
     let p = snapshot
         .projects
         .get(project)
-        .ok_or_else(|| ItemError::NotFound(format!("project {project:?} does not exist")))?;
+        .ok_or_else(|| WriteError::NotFound(format!("project {project:?} does not exist")))?;
     let holds = |number: u32| {
         p.version(number).and_then(|v| {
             v.blueprints
@@ -170,7 +160,7 @@ pub fn read_at(
     };
     let number = match version {
         Some(n) if p.version(n).is_none() => {
-            return Err(ItemError::NotFound(format!(
+            return Err(WriteError::NotFound(format!(
                 "version {n} of project {:?} does not exist",
                 project.as_str()
             )))
@@ -185,13 +175,13 @@ pub fn read_at(
             .unwrap_or(record.version),
     };
     let to = holds(number).ok_or_else(|| {
-        ItemError::NotFound(format!(
+        WriteError::NotFound(format!(
             "version {number} has no blueprint {:?}",
             blueprint.as_str()
         ))
     })?;
     let from = holds(record.version)
-        .ok_or_else(|| ItemError::NotFound("the item's own version is gone".into()))?;
+        .ok_or_else(|| WriteError::NotFound("the item's own version is gone".into()))?;
     Ok(if number == record.version {
         record.body.clone()
     } else {

@@ -1,0 +1,206 @@
+//! The catalog's edits as pure functions of a project: what every storage backend applies under its
+//! own lock and persists as the [`Write`]s they list.
+//!
+//! Each function either fails without touching the project or changes it and says which records
+//! changed; the backend persists exactly those, atomically, before anyone sees the new state.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use super::{CatalogError, MigrationState, Project, Version, VersionStatus};
+use crate::blueprint::{apply_edit, diff, BlueprintInput, Blueprints, Change, FieldError, Ident};
+
+/// Creates or edits one blueprint of the working copy; answers the changes it recorded.
+pub fn put_blueprint(
+    p: &mut Project,
+    name: &Ident,
+    input: BlueprintInput,
+    writes: &mut Vec<Write>,
+) -> Result<Vec<Change>, CatalogError> {
+    let mut next = p.working.blueprints.clone();
+    let edited = apply_edit(next.get(name), input, &mut p.working.last_uid, "")
+        .map_err(CatalogError::Invalid)?;
+    next.insert(name.clone(), edited);
+    check_unique_names(&next, Some(name))?;
+    Ok(record_edit(p, next, writes))
+}
+
+/// Replaces every blueprint of the working copy; those not in `inputs` are removed.
+pub fn put_blueprints(
+    p: &mut Project,
+    inputs: Vec<(Ident, BlueprintInput)>,
+    writes: &mut Vec<Write>,
+) -> Result<Vec<Change>, CatalogError> {
+    let mut next = Blueprints::new();
+    let mut errors = Vec::new();
+    for (name, input) in inputs {
+        let base = format!("/{name}");
+        match apply_edit(
+            p.working.blueprints.get(&name),
+            input,
+            &mut p.working.last_uid,
+            &base,
+        ) {
+            Ok(bp) => {
+                next.insert(name, bp);
+            }
+            Err(mut e) => errors.append(&mut e),
+        }
+    }
+    if !errors.is_empty() {
+        return Err(CatalogError::Invalid(errors));
+    }
+    check_unique_names(&next, None)?;
+    Ok(record_edit(p, next, writes))
+}
+
+pub fn delete_blueprint(
+    p: &mut Project,
+    name: &Ident,
+    writes: &mut Vec<Write>,
+) -> Result<Vec<Change>, CatalogError> {
+    let mut next = p.working.blueprints.clone();
+    if next.remove(name).is_none() {
+        return Err(CatalogError::NotFound(format!(
+            "blueprint {name:?} does not exist in the working copy of {:?}",
+            p.name.as_str()
+        )));
+    }
+    Ok(record_edit(p, next, writes))
+}
+
+/// Freezes the working copy as the next version. `projectors` start with a pending migration.
+pub fn freeze(
+    p: &mut Project,
+    projectors: &[&str],
+    writes: &mut Vec<Write>,
+) -> Result<Arc<Version>, CatalogError> {
+    if !p.has_unfrozen_changes() {
+        return Err(CatalogError::Conflict(match p.latest() {
+            Some(v) => format!("nothing changed since version {}", v.number),
+            None => "the working copy has no blueprints to freeze".into(),
+        }));
+    }
+    let empty = Blueprints::new();
+    let previous = p.latest().map_or(&empty, |v| &v.blueprints);
+    let number = p.versions.len() as u32 + 1;
+    let version = Version {
+        number,
+        changes: diff(previous, &p.working.blueprints),
+        blueprints: p.working.blueprints.clone(),
+        edits: std::mem::take(&mut p.working.edits),
+        frozen_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+    };
+    let status = VersionStatus {
+        retired: false,
+        migrations: projectors
+            .iter()
+            .map(|name| (name.to_string(), MigrationState::Pending))
+            .collect(),
+    };
+    p.versions.push(Arc::new(version));
+    p.status.insert(number, status);
+    writes.extend([
+        Write::Version(number),
+        Write::Status(number),
+        Write::WorkingCopy,
+    ]);
+    Ok(p.versions[number as usize - 1].clone())
+}
+
+pub fn set_migration(
+    p: &mut Project,
+    number: u32,
+    projector: &str,
+    state: MigrationState,
+    writes: &mut Vec<Write>,
+) -> Result<(), CatalogError> {
+    let status = p
+        .status
+        .get_mut(&number)
+        .ok_or_else(|| CatalogError::NotFound(format!("version {number} does not exist")))?;
+    status.migrations.insert(projector.to_string(), state);
+    writes.push(Write::Status(number));
+    Ok(())
+}
+
+/// Stops projecting into a version; reads of it keep working.
+pub fn retire(p: &mut Project, number: u32, writes: &mut Vec<Write>) -> Result<(), CatalogError> {
+    let status = p
+        .status
+        .get_mut(&number)
+        .ok_or_else(|| CatalogError::NotFound(format!("version {number} does not exist")))?;
+    if status.retired {
+        return Ok(());
+    }
+    status.retired = true;
+    writes.push(Write::Status(number));
+    Ok(())
+}
+
+/// What an edit wants persisted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Write {
+    /// The working copy (`project/{name}`).
+    WorkingCopy,
+    /// A frozen version, written once.
+    Version(u32),
+    /// A version's status (retired, migrations).
+    Status(u32),
+}
+
+impl Write {
+    /// Whether the write changes the set of live versions (and so the project's epoch).
+    pub fn moves_epoch(self) -> bool {
+        !matches!(self, Write::WorkingCopy)
+    }
+}
+
+fn record_edit(p: &mut Project, next: Blueprints, writes: &mut Vec<Write>) -> Vec<Change> {
+    let changes = diff(&p.working.blueprints, &next);
+    if !changes.is_empty() {
+        p.working.blueprints = next;
+        p.working.edits.extend(changes.iter().cloned());
+        writes.push(Write::WorkingCopy);
+    }
+    changes
+}
+
+/// Two blueprints of a project may not share a PostgreSQL table or an Elasticsearch type.
+fn check_unique_names(blueprints: &Blueprints, edited: Option<&Ident>) -> Result<(), CatalogError> {
+    let mut errors = Vec::new();
+    let mut tables: BTreeMap<&Ident, &Ident> = BTreeMap::new();
+    let mut types: BTreeMap<&Ident, &Ident> = BTreeMap::new();
+    for (name, bp) in blueprints {
+        let base = if edited.is_some() {
+            String::new()
+        } else {
+            format!("/{name}")
+        };
+        if let Some(other) = tables.insert(&bp.table, name) {
+            errors.push(FieldError::new(
+                format!("{base}/postgresql/table"),
+                format!(
+                    "table {:?} is already used by blueprint {:?}",
+                    bp.table.as_str(),
+                    other.as_str()
+                ),
+            ));
+        }
+        if let Some(other) = types.insert(&bp.es_type, name) {
+            errors.push(FieldError::new(
+                format!("{base}/elasticsearch/type"),
+                format!(
+                    "type {:?} is already used by blueprint {:?}",
+                    bp.es_type.as_str(),
+                    other.as_str()
+                ),
+            ));
+        }
+    }
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(CatalogError::Invalid(errors))
+    }
+}

@@ -1,0 +1,233 @@
+//! The storage contract: where the catalog and the journal live, as every part of dstore that is not
+//! a backend sees them.
+//!
+//! Two backends implement [`Storage`]: [`embedded`] (RocksDB in the data directory, one process, the
+//! default) and [`postgres`] (a shared PostgreSQL database, any number of stateless nodes: cluster
+//! mode). The contract, which `storage::conformance` checks against both, one test per behaviour:
+//!
+//! - a write is acknowledged only once durable, with its revision; revisions of one project strictly
+//!   increase in the order writes commit (in cluster mode they are also gap-free, per project);
+//! - a write prepared against a project's `epoch` is refused with [`StorageError::Stale`] once the
+//!   project's live versions changed, so it is prepared again and never misses a version;
+//! - a freeze queues its migrations and its back-fill together: a version never lacks items written
+//!   before it;
+//! - the catalog a node reads ([`Storage::snapshot`]) is never older than its own edits, and a node
+//!   refreshes it when a write finds it stale;
+//! - an item reads back as its latest acknowledged state from any node.
+//!
+//! Projection is the backend's own: the embedded journal feeds its dispatchers (or the RabbitMQ
+//! relay), the PostgreSQL backend leases a cursor per projector and project to whichever node asks.
+
+pub mod embedded;
+// pub mod postgres;
+
+#[cfg(test)]
+mod conformance;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use thiserror::Error;
+use uuid::Uuid;
+
+use crate::blueprint::{BlueprintInput, Change, FieldError, Ident};
+use crate::catalog::{CatalogError, MigrationState, Snapshot, Version};
+use crate::journal::backfill::BackfillState;
+use crate::journal::{DeadLetter, Entry, ItemRecord, JournalError, ProjectorProgress};
+
+/// What can go wrong in storage, as callers act on it.
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("invalid blueprint")]
+    Invalid(Vec<FieldError>),
+    /// The project's live versions changed since the write was prepared: prepare it again.
+    #[error("the versions of the project changed while the write was prepared")]
+    Stale,
+    /// A projector is too far behind; writes wait until it catches up.
+    #[error("projector {projector} is {pending} tasks behind (limit {limit}); try again later")]
+    Backlog {
+        projector: String,
+        pending: u64,
+        limit: u64,
+    },
+    /// The store cannot take the request now (down, shutting down); retrying later can succeed.
+    #[error("{0}")]
+    Unavailable(String),
+    /// Something stored cannot be read: a bug or a damaged store.
+    #[error("{0}")]
+    Corrupt(String),
+}
+
+impl From<CatalogError> for StorageError {
+    fn from(error: CatalogError) -> Self {
+        match error {
+            CatalogError::NotFound(m) => StorageError::NotFound(m),
+            CatalogError::Conflict(m) => StorageError::Conflict(m),
+            CatalogError::Invalid(errors) => StorageError::Invalid(errors),
+            CatalogError::Storage(e) => {
+                StorageError::Unavailable(format!("the catalog cannot be written: {e}"))
+            }
+            CatalogError::Corrupt(e) => {
+                StorageError::Corrupt(format!("corrupt catalog record: {e}"))
+            }
+        }
+    }
+}
+
+impl From<JournalError> for StorageError {
+    fn from(error: JournalError) -> Self {
+        match error {
+            JournalError::Catalog(e) => e.into(),
+            JournalError::Stale => StorageError::Stale,
+            JournalError::Backlog {
+                projector,
+                pending,
+                limit,
+            } => StorageError::Backlog {
+                projector,
+                pending,
+                limit,
+            },
+            e @ (JournalError::Storage(_) | JournalError::Closed) => {
+                StorageError::Unavailable(e.to_string())
+            }
+            e @ (JournalError::Corrupt(_) | JournalError::Thread(_)) => {
+                StorageError::Corrupt(e.to_string())
+            }
+        }
+    }
+}
+
+/// Figures for `/_metrics`.
+#[derive(Clone, Debug, Default)]
+pub struct Stats {
+    /// The newest revision (embedded: the journal's last sequence number).
+    pub last_revision: u64,
+    /// Items whose latest state is kept (an estimate).
+    pub items: u64,
+    /// Bytes the catalog and journal take (an estimate; 0 where the backend cannot say).
+    pub bytes: u64,
+}
+
+/// The catalog and the journal, whichever backend holds them. See the module documentation for
+/// the contract every implementation keeps.
+#[async_trait]
+pub trait Storage: Send + Sync {
+    /// `rocksdb` or `postgresql`.
+    fn backend(&self) -> &'static str;
+
+    /// The catalog as this node knows it: never older than this node's own edits.
+    fn snapshot(&self) -> Arc<Snapshot>;
+
+    /// Reads the catalog again from where it is kept (a write found this node's copy stale).
+    async fn refresh_catalog(&self) -> Result<(), StorageError>;
+
+    /// Creates or edits one blueprint of a project's working copy (creating the project).
+    async fn put_blueprint(
+        &self,
+        project: &Ident,
+        name: &Ident,
+        input: BlueprintInput,
+    ) -> Result<Vec<Change>, StorageError>;
+
+    /// Replaces every blueprint of a project's working copy (creating the project).
+    async fn put_blueprints(
+        &self,
+        project: &Ident,
+        inputs: Vec<(Ident, BlueprintInput)>,
+    ) -> Result<Vec<Change>, StorageError>;
+
+    async fn delete_blueprint(
+        &self,
+        project: &Ident,
+        name: &Ident,
+    ) -> Result<Vec<Change>, StorageError>;
+
+    /// Stops projecting into a version; writes against it are refused from now on.
+    async fn retire(&self, project: &Ident, version: u32) -> Result<(), StorageError>;
+
+    /// Records how a projector's migration of a version went.
+    async fn set_migration(
+        &self,
+        project: &Ident,
+        version: u32,
+        projector: &str,
+        state: MigrationState,
+    ) -> Result<(), StorageError>;
+
+    /// Journals item writes prepared against the project's `epoch`; answers their revisions, in
+    /// order. [`StorageError::Stale`] when the project's live versions moved meanwhile.
+    async fn write(
+        &self,
+        project: &Ident,
+        epoch: u64,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<u64>, StorageError>;
+
+    /// Freezes the working copy as the next version, with its migrations and its back-fill, in one
+    /// step. Answers the version and the revision of its migration.
+    async fn freeze(&self, project: &Ident) -> Result<(Arc<Version>, u64), StorageError>;
+
+    /// Queues the migrations of `version` again for `projectors`; answers their revision.
+    async fn remigrate(
+        &self,
+        project: &Ident,
+        version: u32,
+        projectors: Vec<String>,
+    ) -> Result<u64, StorageError>;
+
+    /// Starts the back-fill of `version` unless one was recorded; answers whether it started one.
+    async fn ensure_backfill(&self, project: &Ident, version: u32) -> Result<bool, StorageError>;
+
+    /// Forgets a project and queues its removal from every store; answers the drop's revision.
+    async fn drop_project(&self, project: &Ident) -> Result<u64, StorageError>;
+
+    /// The latest acknowledged state of an item.
+    async fn item(
+        &self,
+        project: &Ident,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<ItemRecord>, StorageError>;
+
+    async fn backfill_state(
+        &self,
+        project: &Ident,
+        version: u32,
+    ) -> Result<Option<BackfillState>, StorageError>;
+
+    /// Waits until every projector applied the write `revision` of `project`; on time-out, names
+    /// the projectors still behind.
+    async fn wait_projected(
+        &self,
+        project: &Ident,
+        revision: u64,
+        timeout: Duration,
+    ) -> Result<(), Vec<String>>;
+
+    /// How far a projector got.
+    async fn progress(&self, projector: &str) -> ProjectorProgress;
+
+    /// Whether writes are accepted now (refused while a projector is too far behind).
+    fn check_backlog(&self) -> Result<(), StorageError>;
+
+    /// Dead letters, oldest first; those of `projector` only when given.
+    async fn dead_letters(
+        &self,
+        projector: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StorageError>;
+
+    /// Queues dead letters again; answers how many.
+    async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, StorageError>;
+
+    async fn stats(&self) -> Stats;
+}
+
+/// The storage of a running service.
+pub type SharedStorage = Arc<dyn Storage>;

@@ -1,0 +1,264 @@
+//! The write path, apart from HTTP: item writes and deletes, `_bulk`, and freezes, against any
+//! [`Storage`] backend, with one error type.
+//!
+//! A write is prepared against one catalog snapshot (see `prepare`) and journaled with the epoch of
+//! its project there; when storage answers that the project's live versions moved meanwhile
+//! ([`StorageError::Stale`]), the node refreshes its catalog and prepares the write again, so no write
+//! ever misses a version frozen while it was in flight. A freeze and the start of its back-fill are
+//! one storage command; a retried freeze finishes what an interrupted one started.
+//!
+//! Nothing here knows of requests or status codes: `http/` parses, calls, and maps [`WriteError`].
+
+mod prepare;
+
+use std::time::Duration;
+
+use thiserror::Error;
+use uuid::Uuid;
+
+pub use prepare::{prepare_delete, prepare_upsert, read_at};
+
+use crate::blueprint::{cap_errors, FieldError, Ident};
+use crate::bulk::{Action, Operation};
+use crate::catalog::{MigrationState, Project, Snapshot};
+use crate::journal::{Entry, ItemRecord};
+use crate::storage::{Storage, StorageError};
+
+/// How often a write is prepared again while its project's versions keep moving.
+const MAX_ATTEMPTS: usize = 8;
+
+#[derive(Debug, Error)]
+pub enum WriteError {
+    /// The project, blueprint, version or item does not exist.
+    #[error("{0}")]
+    NotFound(String),
+    /// The item is not valid for its version; every problem at once.
+    #[error("invalid item")]
+    Invalid(Vec<FieldError>),
+    #[error("{0}")]
+    Conflict(String),
+    /// The version is frozen but a store has not finished its migration yet.
+    #[error("{0}")]
+    MigrationPending(String),
+    /// The project's versions kept changing while the write was prepared.
+    #[error("the project's versions kept changing while the write was prepared; try again")]
+    Contended,
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// What became of one `_bulk` operation: its revision, or its status and errors.
+pub type BulkOutcome = Result<u64, (u16, Vec<FieldError>)>;
+
+/// Journals entries prepared by `prepare`, preparing them again while the project's live versions
+/// move. Answers the revisions of the entries, in order, and what `prepare` returned beside them.
+pub async fn journal<T>(
+    storage: &dyn Storage,
+    project: &Ident,
+    mut prepare: impl FnMut(&Snapshot) -> Result<(Vec<Entry>, T), WriteError>,
+) -> Result<(Vec<u64>, T), WriteError> {
+    for _ in 0..MAX_ATTEMPTS {
+        let snapshot = storage.snapshot();
+        let (entries, extra) = prepare(&snapshot)?;
+        if entries.is_empty() {
+            return Ok((Vec::new(), extra));
+        }
+        let epoch = snapshot.projects.get(project).map_or(0, |p| p.epoch);
+        match storage.write(project, epoch, entries).await {
+            Err(StorageError::Stale) => {
+                // Another node (or request) moved the versions: read the catalog again.
+                storage.refresh_catalog().await?;
+                continue;
+            }
+            Ok(revisions) => return Ok((revisions, extra)),
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(WriteError::Contended)
+}
+
+/// Upserts an item: answers its revision.
+pub async fn put_item(
+    storage: &dyn Storage,
+    project: &Ident,
+    blueprint: &Ident,
+    id: Uuid,
+    body: &serde_json::Value,
+) -> Result<u64, WriteError> {
+    let (revisions, ()) = journal(storage, project, |snapshot| {
+        Ok((
+            vec![prepare_upsert(snapshot, project, blueprint, id, body)?],
+            (),
+        ))
+    })
+    .await?;
+    Ok(revisions[0])
+}
+
+/// Deletes an item from every version holding its blueprint: answers the delete's revision and
+/// whether the item existed (deleting a missing item is not an error).
+pub async fn delete_item(
+    storage: &dyn Storage,
+    project: &Ident,
+    blueprint: &Ident,
+    id: Uuid,
+) -> Result<(u64, bool), WriteError> {
+    let existing = storage.item(project, blueprint, &id).await?;
+    let (revisions, ()) = journal(storage, project, |snapshot| {
+        let entry = prepare_delete(snapshot, project, blueprint, id, existing.as_ref())?;
+        Ok((vec![entry], ()))
+    })
+    .await?;
+    Ok((revisions[0], existing.is_some()))
+}
+
+/// Journals the valid operations of a `_bulk` body together; answers one outcome per operation.
+/// Each item is parsed, checked and encoded alone (`max_item_bytes` bounds it as a PUT body is).
+pub async fn bulk(
+    storage: &dyn Storage,
+    project: &Ident,
+    ops: &[Operation<'_>],
+    max_item_bytes: usize,
+) -> Result<Vec<BulkOutcome>, WriteError> {
+    storage.snapshot().project(project)?;
+    // The versions a delete reaches depend on the item's blueprint, read once.
+    let mut existing: Vec<Option<ItemRecord>> = Vec::with_capacity(ops.len());
+    for op in ops {
+        existing.push(match (op.action, &op.blueprint, op.id, &op.error) {
+            (Action::Delete, Some(blueprint), Some(id), None) => {
+                storage.item(project, blueprint, &id).await?
+            }
+            _ => None,
+        });
+    }
+    let (revisions, outcomes) = journal(storage, project, |snapshot| {
+        let mut entries = Vec::with_capacity(ops.len());
+        let mut outcomes: Vec<Result<usize, (u16, Vec<FieldError>)>> =
+            Vec::with_capacity(ops.len());
+        for (op, existing) in ops.iter().zip(&existing) {
+            outcomes.push(
+                match prepare_op(snapshot, project, op, existing.as_ref(), max_item_bytes) {
+                    Ok(entry) => {
+                        entries.push(entry);
+                        Ok(entries.len() - 1)
+                    }
+                    Err((status, errors)) => Err((status, cap_errors(errors))),
+                },
+            );
+        }
+        Ok((entries, outcomes))
+    })
+    .await?;
+    Ok(outcomes
+        .into_iter()
+        .map(|outcome| outcome.map(|index| revisions[index]))
+        .collect())
+}
+
+/// Prepares one bulk operation: its item is parsed here and dropped once encoded.
+fn prepare_op(
+    snapshot: &Snapshot,
+    project: &Ident,
+    op: &Operation,
+    existing: Option<&ItemRecord>,
+    max_item_bytes: usize,
+) -> Result<Entry, (u16, Vec<FieldError>)> {
+    if let Some(error) = &op.error {
+        return Err(error.clone());
+    }
+    let (Some(blueprint), Some(id)) = (op.blueprint.as_ref(), op.id) else {
+        return Err((
+            400,
+            vec![FieldError::new("", "blueprint and id are required")],
+        ));
+    };
+    let result = match op.action {
+        Action::Delete => prepare_delete(snapshot, project, blueprint, id, existing),
+        Action::Put | Action::Create => {
+            let item = op.parse_item(max_item_bytes)?;
+            prepare_upsert(snapshot, project, blueprint, id, &item)
+        }
+    };
+    result.map_err(|e| match e {
+        WriteError::NotFound(m) => (404, vec![FieldError::new("", m)]),
+        WriteError::Invalid(errors) => (422, errors),
+        other => (500, vec![FieldError::new("", other.to_string())]),
+    })
+}
+
+/// Freezes the working copy (or finishes what an interrupted freeze of the newest version left:
+/// its back-fill, its migrations), then waits up to `wait` for every store's migration. Answers the
+/// version number.
+pub async fn freeze(
+    storage: &dyn Storage,
+    project: &Ident,
+    wait: Duration,
+) -> Result<u32, WriteError> {
+    let snapshot = storage.snapshot();
+    let p = snapshot.project(project)?;
+    let (number, revision) = if p.has_unfrozen_changes() {
+        // The back-fill of the new version starts in the same storage command.
+        let (version, revision) = storage.freeze(project).await?;
+        (version.number, revision)
+    } else {
+        let latest = p.latest().ok_or_else(|| {
+            WriteError::Conflict("the working copy has no blueprints to freeze".into())
+        })?;
+        let backfill = storage.ensure_backfill(project, latest.number).await?;
+        let unfinished = unfinished_migrations(p, latest.number);
+        if unfinished.is_empty() {
+            if backfill {
+                return Ok(latest.number);
+            }
+            return Err(WriteError::Conflict(format!(
+                "nothing changed since version {}",
+                latest.number
+            )));
+        }
+        let revision = storage
+            .remigrate(project, latest.number, unfinished)
+            .await?;
+        (latest.number, revision)
+    };
+    if let Err(behind) = storage.wait_projected(project, revision, wait).await {
+        let snapshot = storage.snapshot();
+        let reasons: Vec<String> = behind
+            .iter()
+            .map(|name| {
+                let migration = snapshot
+                    .projects
+                    .get(project)
+                    .and_then(|p| p.status.get(&number))
+                    .and_then(|s| s.migrations.get(name).cloned());
+                match migration {
+                    Some(MigrationState::Failed { error }) => format!("{name}: {error}"),
+                    _ => format!("{name}: still pending"),
+                }
+            })
+            .collect();
+        return Err(WriteError::MigrationPending(format!(
+            "version {number} is frozen, but its migration has not finished ({}); it is retried in the background, and POST /{project}/_version again reports when it is done",
+            reasons.join("; ")
+        )));
+    }
+    Ok(number)
+}
+
+fn unfinished_migrations(p: &Project, number: u32) -> Vec<String> {
+    p.status
+        .get(&number)
+        .map(|s| {
+            s.migrations
+                .iter()
+                .filter(|(_, m)| **m != MigrationState::Done)
+                .map(|(name, _)| name.clone())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+impl From<crate::catalog::CatalogError> for WriteError {
+    fn from(error: crate::catalog::CatalogError) -> Self {
+        WriteError::Storage(error.into())
+    }
+}
