@@ -192,9 +192,28 @@ pub struct ServerSettings {
     pub body_timeout_secs: u64,
 }
 
+/// Where the catalog and the journal live.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Backend {
+    /// RocksDB in the data directory, one process (the default).
+    #[default]
+    Rocksdb,
+    /// A shared PostgreSQL database: any number of stateless nodes (cluster mode).
+    Postgresql,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageSettings {
+    /// `rocksdb` (default) or `postgresql` (`DSTORE_STORAGE_BACKEND`).
+    pub backend: Backend,
+    /// With `backend = "postgresql"`: the database (`DSTORE_STORAGE_URL`).
+    pub url: Option<SecretUrl>,
+    /// With `backend = "postgresql"`: the schema of dstore's own tables (`DSTORE_STORAGE_SCHEMA`).
+    pub schema: String,
+    /// This node's name in leases and logs (`DSTORE_NODE`); defaults to the host name and process id.
+    pub node: Option<String>,
     /// Where the journal and the RocksDB keyspaces live (`LEVEL_PATH`).
     pub data_dir: PathBuf,
     /// Where the catalog lives (`PROJECT_FILE_PATH`); defaults to `<data_dir>/catalog`.
@@ -297,6 +316,10 @@ impl Default for ServerSettings {
 impl Default for StorageSettings {
     fn default() -> Self {
         StorageSettings {
+            backend: Backend::Rocksdb,
+            url: None,
+            schema: "dstore".into(),
+            node: None,
             data_dir: PathBuf::from("data"),
             catalog_dir: None,
             durability: Durability::Sync,
@@ -405,6 +428,28 @@ impl Settings {
         }
         if let Some(v) = first(&["DSTORE_CATALOG_DIR", "PROJECT_FILE_PATH"]) {
             self.storage.catalog_dir = Some(v.1.into());
+        }
+        if let Some((name, value)) = first(&["DSTORE_STORAGE_BACKEND"]) {
+            self.storage.backend = match value.as_str() {
+                "rocksdb" => Backend::Rocksdb,
+                "postgresql" | "postgres" => Backend::Postgresql,
+                _ => {
+                    return Err(ConfigError::Env {
+                        name,
+                        value,
+                        reason: "expected rocksdb or postgresql".into(),
+                    })
+                }
+            };
+        }
+        if let Some(v) = first(&["DSTORE_STORAGE_URL"]) {
+            self.storage.url = Some(v.1.into());
+        }
+        if let Some(v) = first(&["DSTORE_STORAGE_SCHEMA"]) {
+            self.storage.schema = v.1;
+        }
+        if let Some(v) = first(&["DSTORE_NODE"]) {
+            self.storage.node = Some(v.1);
         }
         if let Some((name, value)) = first(&["DSTORE_DURABILITY"]) {
             self.storage.durability = match value.as_str() {

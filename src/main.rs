@@ -44,8 +44,9 @@ enum Command {
     Serve,
     /// Check the configuration: print the settings in effect and whether each configured store answers.
     CheckConfig,
-    /// Apply one projector's tasks from RabbitMQ in this process (needs QUEUE_CONNECTIONSTRING and the
-    /// store's settings); run `dstore serve` with queue.external naming the projector.
+    /// Apply one projector's tasks in this process: from RabbitMQ (needs QUEUE_CONNECTIONSTRING and the
+    /// store's settings; run `dstore serve` with queue.external naming the projector), or in cluster
+    /// mode from the shared PostgreSQL storage (storage.backend = "postgresql"), beside the nodes.
     Worker {
         /// rocksdb, postgresql (or postgres) or elasticsearch.
         #[arg(long, short, value_parser = parse_projector)]

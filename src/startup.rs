@@ -11,8 +11,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::catalog::{Catalog, CatalogError};
-use crate::config::QueueSettings;
-use crate::config::Settings;
+use crate::config::{Backend, QueueSettings, Settings};
 use crate::http::{self, AppState};
 use crate::journal::{Journal, JournalError, JournalSettings};
 use crate::projector::elasticsearch::{ElasticsearchProjector, EsError};
@@ -23,6 +22,7 @@ use crate::queue::dispatcher;
 use crate::queue::rabbitmq::{self, Broker};
 use crate::queue::view::CatalogView;
 use crate::storage::embedded::EmbeddedStorage;
+use crate::storage::postgres::{PgStorage, PgStorageSettings};
 use crate::storage::SharedStorage;
 
 #[derive(Debug, Error)]
@@ -53,6 +53,8 @@ pub enum StartupError {
     Queue(String),
     #[error("{0}")]
     Unconfigured(String),
+    #[error("cannot open the storage (storage.url / DSTORE_STORAGE_URL): {0}")]
+    Storage(#[source] crate::storage::StorageError),
     #[error("cannot listen on {address} (server.host, server.port / PORT): {source}")]
     Listen {
         address: String,
@@ -67,7 +69,8 @@ pub struct Application {
     /// The dispatchers, or the broker relay, reports and consumers.
     background: Vec<JoinHandle<()>>,
     rocksdb: Option<Arc<RocksProjector>>,
-    journal: Arc<Journal>,
+    /// The embedded backend's journal (none in cluster mode).
+    journal: Option<Arc<Journal>>,
 }
 
 impl Application {
@@ -80,128 +83,48 @@ impl Application {
         settings: Settings,
         extra: Vec<Arc<dyn Projector>>,
     ) -> Result<Application, StartupError> {
-        let data_dir = settings.storage.data_dir.clone();
-        std::fs::create_dir_all(&data_dir).map_err(|source| StartupError::DataDir {
-            path: data_dir.clone(),
-            source,
-        })?;
-        let catalog_dir = settings.storage.catalog_dir();
-        let catalog =
-            Arc::new(
-                Catalog::open(&catalog_dir).map_err(|source| StartupError::Catalog {
-                    path: catalog_dir,
-                    source,
-                })?,
-            );
-
         let external = match &settings.queue {
+            Some(_) if settings.storage.backend == Backend::Postgresql => {
+                return Err(StartupError::Queue(
+                    "cluster mode (storage.backend = \"postgresql\") reads its tasks from PostgreSQL: \
+                     remove the queue settings (QUEUE_CONNECTIONSTRING)"
+                        .into(),
+                ))
+            }
             Some(queue) => external_projectors(queue, &settings)?,
             None => Vec::new(),
         };
-        let mut projectors: Vec<Arc<dyn Projector>> = Vec::new();
-        let mut elsewhere = Vec::new();
-        let mut rocksdb = None;
-        for kind in ProjectorKind::ALL
-            .into_iter()
-            .filter(|k| enabled(*k, &settings))
-        {
-            match kind {
-                // The keyspaces of `dstore worker --projector rocksdb` live in the worker's directory.
-                ProjectorKind::Rocksdb if external.contains(&kind) => elsewhere.push(kind.name()),
-                ProjectorKind::Rocksdb => {
-                    let projector = open_keyspaces(&settings)?;
-                    rocksdb = Some(projector.clone());
-                    projectors.push(projector);
-                }
-                ProjectorKind::Postgresql | ProjectorKind::Elasticsearch => {
-                    projectors.push(open_projector(kind, &settings)?)
-                }
-            }
-        }
-        projectors.extend(extra);
-        let mut registry = Registry::new(projectors);
-        for name in elsewhere {
-            registry.add_elsewhere(name);
-        }
-
-        let journal_dir = data_dir.join("journal");
-        let journal_settings = JournalSettings {
-            durability: settings.storage.durability,
-            max_pending: settings.projection.max_pending_tasks,
-        };
-        let journal = Journal::open(
-            &journal_dir,
-            catalog.clone(),
-            registry.names(),
-            journal_settings,
-        )
-        .map_err(|source| StartupError::Journal {
-            path: journal_dir.clone(),
-            source,
-        })?;
-        journal
-            .resume_backfills()
-            .map_err(|source| StartupError::Journal {
-                path: journal_dir.clone(),
-                source,
-            })?;
-        journal
-            .reconcile()
-            .await
-            .map_err(|source| StartupError::Journal {
-                path: journal_dir.clone(),
-                source,
-            })?;
-        journal
-            .upgrade_layout()
-            .await
-            .map_err(|source| StartupError::Journal {
-                path: journal_dir,
-                source,
-            })?;
-
+        let (registry, rocksdb) = open_registry(&settings, &external, extra)?;
         let (shutdown, stop) = watch::channel(false);
         let broker = settings.queue.clone().map(|q| Arc::new(Broker::new(q)));
-        let background = match &broker {
-            None => registry
-                .iter()
-                .map(|p| {
-                    tokio::spawn(dispatcher::run(
-                        journal.clone(),
-                        p.clone(),
-                        settings.projection.batch_size,
-                        stop.clone(),
-                    ))
-                })
-                .collect(),
-            Some(broker) => {
-                let batch = settings.projection.batch_size;
-                let mut tasks = vec![
-                    tokio::spawn(rabbitmq::relay::run(
-                        journal.clone(),
-                        broker.clone(),
-                        registry.names(),
-                        batch,
-                        stop.clone(),
-                    )),
-                    tokio::spawn(rabbitmq::reports::collect(
-                        journal.clone(),
-                        broker.clone(),
-                        stop.clone(),
-                    )),
-                ];
-                let view = Arc::new(CatalogView::Local(catalog.clone()));
-                let external: Vec<&str> = external.iter().map(|k| k.name()).collect();
-                for projector in registry.iter().filter(|p| !external.contains(&p.name())) {
-                    tasks.push(tokio::spawn(rabbitmq::consumer::run(
-                        broker.clone(),
-                        projector.clone(),
-                        view.clone(),
-                        batch,
-                        stop.clone(),
-                    )));
-                }
-                tasks
+        let (storage, journal, background): (SharedStorage, _, _) = match settings.storage.backend {
+            Backend::Rocksdb => {
+                let journal = open_journal(&settings, &registry).await?;
+                let background = embedded_projection(
+                    &journal,
+                    &registry,
+                    broker.as_ref(),
+                    &external,
+                    &settings,
+                    &stop,
+                );
+                let storage = Arc::new(EmbeddedStorage::new(journal.clone()));
+                (storage, Some(journal), background)
+            }
+            Backend::Postgresql => {
+                let pg = open_cluster_storage(&settings, registry.names()).await?;
+                let background = registry
+                    .iter()
+                    .map(|projector| {
+                        tokio::spawn(crate::storage::postgres::projection::run(
+                            pg.clone(),
+                            projector.clone(),
+                            settings.projection.batch_size,
+                            stop.clone(),
+                        ))
+                    })
+                    .collect();
+                (pg, None, background)
             }
         };
 
@@ -221,7 +144,6 @@ impl Application {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
-        let storage: SharedStorage = Arc::new(EmbeddedStorage::new(journal.clone()));
         let state = web::Data::new(AppState {
             storage,
             registry,
@@ -267,7 +189,8 @@ impl Application {
         self.server.handle()
     }
 
-    pub fn journal(&self) -> Arc<Journal> {
+    /// The embedded backend's journal (tests read it directly); none in cluster mode.
+    pub fn journal(&self) -> Option<Arc<Journal>> {
         self.journal.clone()
     }
 
@@ -278,17 +201,19 @@ impl Application {
         for task in self.background {
             let _ = task.await;
         }
-        self.journal.close().await;
+        if let Some(journal) = &self.journal {
+            journal.close().await;
+        }
         // The databases close when their last handle goes; the HTTP workers drop theirs on their own
         // threads. Wait for that, so "stopped" means another process may open the data directory.
-        let journal = Arc::downgrade(&self.journal);
-        let catalog = Arc::downgrade(self.journal.catalog());
+        let journal = self.journal.as_ref().map(Arc::downgrade);
+        let catalog = self.journal.as_ref().map(|j| Arc::downgrade(j.catalog()));
         let keyspaces = self.rocksdb.as_ref().map(Arc::downgrade);
         drop(self.journal);
         drop(self.rocksdb);
         let released = || {
-            journal.strong_count() == 0
-                && catalog.strong_count() == 0
+            journal.as_ref().is_none_or(|j| j.strong_count() == 0)
+                && catalog.as_ref().is_none_or(|c| c.strong_count() == 0)
                 && keyspaces.as_ref().is_none_or(|k| k.strong_count() == 0)
         };
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
@@ -300,10 +225,167 @@ impl Application {
     }
 }
 
-/// Whether a projector is configured in `settings`.
+/// Every enabled projector: the configured stores (the keyspaces too, unless a worker keeps them)
+/// and `extra`.
+fn open_registry(
+    settings: &Settings,
+    external: &[ProjectorKind],
+    extra: Vec<Arc<dyn Projector>>,
+) -> Result<(Registry, Option<Arc<RocksProjector>>), StartupError> {
+    let mut projectors: Vec<Arc<dyn Projector>> = Vec::new();
+    let mut elsewhere = Vec::new();
+    let mut rocksdb = None;
+    for kind in ProjectorKind::ALL
+        .into_iter()
+        .filter(|k| enabled(*k, settings))
+    {
+        match kind {
+            // The keyspaces of `dstore worker --projector rocksdb` live in the worker's directory.
+            ProjectorKind::Rocksdb if external.contains(&kind) => elsewhere.push(kind.name()),
+            ProjectorKind::Rocksdb => {
+                let projector = open_keyspaces(settings)?;
+                rocksdb = Some(projector.clone());
+                projectors.push(projector);
+            }
+            ProjectorKind::Postgresql | ProjectorKind::Elasticsearch => {
+                projectors.push(open_projector(kind, settings)?)
+            }
+        }
+    }
+    projectors.extend(extra);
+    let mut registry = Registry::new(projectors);
+    for name in elsewhere {
+        registry.add_elsewhere(name);
+    }
+    Ok((registry, rocksdb))
+}
+
+/// The embedded backend: the catalog and the journal in the data directory, made whole again
+/// after a crash and brought to today's store layout.
+async fn open_journal(
+    settings: &Settings,
+    registry: &Registry,
+) -> Result<Arc<Journal>, StartupError> {
+    let data_dir = settings.storage.data_dir.clone();
+    std::fs::create_dir_all(&data_dir).map_err(|source| StartupError::DataDir {
+        path: data_dir.clone(),
+        source,
+    })?;
+    let catalog_dir = settings.storage.catalog_dir();
+    let catalog =
+        Arc::new(
+            Catalog::open(&catalog_dir).map_err(|source| StartupError::Catalog {
+                path: catalog_dir,
+                source,
+            })?,
+        );
+    let journal_dir = data_dir.join("journal");
+    let failed = |source| StartupError::Journal {
+        path: journal_dir.clone(),
+        source,
+    };
+    let journal_settings = JournalSettings {
+        durability: settings.storage.durability,
+        max_pending: settings.projection.max_pending_tasks,
+    };
+    let journal =
+        Journal::open(&journal_dir, catalog, registry.names(), journal_settings).map_err(failed)?;
+    journal.resume_backfills().map_err(failed)?;
+    journal.reconcile().await.map_err(failed)?;
+    journal.upgrade_layout().await.map_err(failed)?;
+    Ok(journal)
+}
+
+/// The embedded backend's projection: a dispatcher per projector, or the RabbitMQ relay, report
+/// collector and consumers.
+fn embedded_projection(
+    journal: &Arc<Journal>,
+    registry: &Registry,
+    broker: Option<&Arc<Broker>>,
+    external: &[ProjectorKind],
+    settings: &Settings,
+    stop: &watch::Receiver<bool>,
+) -> Vec<JoinHandle<()>> {
+    let batch = settings.projection.batch_size;
+    let Some(broker) = broker else {
+        return registry
+            .iter()
+            .map(|p| {
+                tokio::spawn(dispatcher::run(
+                    journal.clone(),
+                    p.clone(),
+                    batch,
+                    stop.clone(),
+                ))
+            })
+            .collect();
+    };
+    let mut tasks = vec![
+        tokio::spawn(rabbitmq::relay::run(
+            journal.clone(),
+            broker.clone(),
+            registry.names(),
+            batch,
+            stop.clone(),
+        )),
+        tokio::spawn(rabbitmq::reports::collect(
+            journal.clone(),
+            broker.clone(),
+            stop.clone(),
+        )),
+    ];
+    let view = Arc::new(CatalogView::Local(journal.catalog().clone()));
+    let external: Vec<&str> = external.iter().map(|k| k.name()).collect();
+    for projector in registry.iter().filter(|p| !external.contains(&p.name())) {
+        tasks.push(tokio::spawn(rabbitmq::consumer::run(
+            broker.clone(),
+            projector.clone(),
+            view.clone(),
+            batch,
+            stop.clone(),
+        )));
+    }
+    tasks
+}
+
+/// Cluster mode: the catalog and the journal in PostgreSQL, shared with the other nodes.
+async fn open_cluster_storage(
+    settings: &Settings,
+    projectors: Vec<&'static str>,
+) -> Result<Arc<PgStorage>, StartupError> {
+    let url = settings.storage.url.clone().ok_or_else(|| {
+        StartupError::Unconfigured(
+            "storage.backend = \"postgresql\" needs storage.url (DSTORE_STORAGE_URL)".into(),
+        )
+    })?;
+    PgStorage::open(PgStorageSettings {
+        url,
+        schema: settings.storage.schema.clone(),
+        node: node_name(settings),
+        projectors,
+        projection: settings.projection.clone(),
+    })
+    .await
+    .map_err(StartupError::Storage)
+}
+
+/// This node's name in leases: `storage.node`, else the host name and the process id.
+fn node_name(settings: &Settings) -> String {
+    settings.storage.node.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map(|h| h.trim().to_string())
+            .unwrap_or_else(|_| "dstore".into());
+        format!("{host}-{}", std::process::id())
+    })
+}
+
+/// Whether a projector is configured in `settings`. The embedded keyspaces live on one machine's
+/// disk, so cluster mode, where any node applies any project's tasks, does not run them.
 fn enabled(kind: ProjectorKind, settings: &Settings) -> bool {
     match kind {
-        ProjectorKind::Rocksdb => settings.projection.rocksdb,
+        ProjectorKind::Rocksdb => {
+            settings.projection.rocksdb && settings.storage.backend == Backend::Rocksdb
+        }
         ProjectorKind::Postgresql => settings.postgresql.is_some(),
         ProjectorKind::Elasticsearch => settings.elasticsearch.is_some(),
     }
@@ -410,6 +492,9 @@ pub async fn run_worker(
     kind: ProjectorKind,
     server: &str,
 ) -> Result<(), StartupError> {
+    if settings.storage.backend == Backend::Postgresql {
+        return run_cluster_worker(settings, kind).await;
+    }
     let queue = settings.queue.clone().ok_or_else(|| {
         StartupError::Unconfigured(
             "a worker takes its tasks from RabbitMQ: set QUEUE_CONNECTIONSTRING (or [queue] url)"
@@ -445,6 +530,30 @@ pub async fn run_worker(
     let _ = shutdown.send(true);
     let _ = consumer.await;
     tracing::info!(projector = name, "dstore worker stopped");
+    Ok(())
+}
+
+/// Runs one projector in cluster mode: it claims cursors from the shared PostgreSQL storage like
+/// any node does, until SIGINT or SIGTERM.
+async fn run_cluster_worker(settings: Settings, kind: ProjectorKind) -> Result<(), StartupError> {
+    let projector = open_projector(kind, &settings)?;
+    let storage = open_cluster_storage(&settings, vec![kind.name()]).await?;
+    let (shutdown, stop) = watch::channel(false);
+    tracing::info!(
+        projector = kind.name(),
+        node = storage.node(),
+        "dstore worker is projecting"
+    );
+    let running = tokio::spawn(crate::storage::postgres::projection::run(
+        storage,
+        projector,
+        settings.projection.batch_size,
+        stop,
+    ));
+    stop_signal().await;
+    let _ = shutdown.send(true);
+    let _ = running.await;
+    tracing::info!(projector = kind.name(), "dstore worker stopped");
     Ok(())
 }
 

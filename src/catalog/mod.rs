@@ -210,6 +210,7 @@ impl Catalog {
     pub fn delete_project(&self, name: &Ident) -> Result<(), CatalogError> {
         let _guard = self.writer.lock().expect("catalog writer poisoned");
         let current = self.snapshot();
+        current.project(name)?;
         let mut batch = WriteBatch::default();
         batch.delete(project_key(name));
         for prefix in ["version", "status"] {

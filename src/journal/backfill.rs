@@ -14,7 +14,7 @@ use super::writer::{BackfillItem, Command};
 use super::{decode, keys, ItemRecord, Journal, JournalError, CF_ITEMS, CF_META};
 use crate::blueprint::transform::transform;
 use crate::blueprint::Ident;
-use crate::catalog::MigrationState;
+use crate::catalog::{MigrationState, Project, Version};
 
 const CHUNK: usize = 512;
 
@@ -262,30 +262,17 @@ impl Journal {
             looked_at += 1;
             let record: ItemRecord = super::codec::decode_record(&value)?;
             last = Some(key.to_vec());
-            let Some((name, to)) = target
-                .blueprints
-                .iter()
-                .find(|(_, bp)| bp.uid == record.blueprint_uid)
-            else {
-                continue;
-            };
-            let Some(from) = p.version(record.version).and_then(|v| {
-                v.blueprints
-                    .values()
-                    .find(|bp| bp.uid == record.blueprint_uid)
-            }) else {
-                continue;
-            };
             let id = key[key.len() - 16..]
                 .try_into()
                 .map(uuid::Uuid::from_bytes)
                 .unwrap_or_default();
-            let doc = super::codec::doc_bytes(&transform(&record.body, from, to, version));
-            items.push(BackfillItem {
-                key: key.to_vec(),
-                revision: record.revision,
-                task: super::codec::upsert_body(project, name, &id, &[(version, &doc)]),
-            });
+            if let Some(task) = item_task(p, &target, id, &record) {
+                items.push(BackfillItem {
+                    key: key.to_vec(),
+                    revision: record.revision,
+                    task,
+                });
+            }
         }
         Ok(Chunk {
             items,
@@ -293,4 +280,30 @@ impl Journal {
             cursor: last,
         })
     }
+}
+
+/// The `Upsert` task body that back-fills one item into `target`, if `target` holds its blueprint
+/// (and the item's own version is still known).
+pub fn item_task(
+    p: &Project,
+    target: &Version,
+    id: uuid::Uuid,
+    record: &ItemRecord,
+) -> Option<Vec<u8>> {
+    let (name, to) = target
+        .blueprints
+        .iter()
+        .find(|(_, bp)| bp.uid == record.blueprint_uid)?;
+    let from = p.version(record.version).and_then(|v| {
+        v.blueprints
+            .values()
+            .find(|bp| bp.uid == record.blueprint_uid)
+    })?;
+    let doc = super::codec::doc_bytes(&transform(&record.body, from, to, target.number));
+    Some(super::codec::upsert_body(
+        &p.name,
+        name,
+        &id,
+        &[(target.number, &doc)],
+    ))
 }

@@ -8,7 +8,7 @@
 //! in sequence order ([`Journal::pending`]) and remove them once applied ([`Journal::ack`]).
 
 pub mod backfill;
-mod codec;
+pub mod codec;
 mod keys;
 pub mod outbox;
 pub mod task;

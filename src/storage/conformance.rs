@@ -1,1 +1,413 @@
+//! The storage contract as tests: one test per behaviour, expanded for every backend (the embedded
+//! RocksDB one and PostgreSQL), so both keep the same promises. The PostgreSQL tests use a schema of
+//! their own in the database of `DSTORE_TEST_POSTGRES_URL` (`scripts/test.sh` provides the server);
+//! a missing server fails them, never skips them.
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::json;
+use uuid::Uuid;
+
+use super::embedded::EmbeddedStorage;
+use super::postgres::{PgStorage, PgStorageSettings};
+use super::{Storage, StorageError};
+use crate::blueprint::{parse_blueprint, Ident};
+use crate::catalog::{Catalog, MigrationState};
+use crate::config::ProjectionSettings;
+use crate::journal::{Durability, Entry, Journal, JournalSettings};
+use crate::write::{prepare_delete, prepare_upsert};
+
+/// A storage under test and what must outlive it.
+struct Fixture {
+    storage: Arc<dyn Storage>,
+    _dir: Option<tempfile::TempDir>,
+    schema: Option<String>,
+}
+
+impl Fixture {
+    async fn close(self) {
+        drop(self.storage);
+        if let Some(schema) = self.schema {
+            let mut conn = connect(&test_database().await).await;
+            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+                "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+            )))
+            .execute(&mut conn)
+            .await;
+        }
+    }
+}
+
+async fn embedded() -> Fixture {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    let catalog = Arc::new(Catalog::open(&dir.path().join("catalog")).expect("the catalog opens"));
+    let journal = Journal::open(
+        &dir.path().join("journal"),
+        catalog,
+        vec!["rocksdb"],
+        JournalSettings {
+            durability: Durability::Buffered,
+            max_pending: u64::MAX,
+        },
+    )
+    .expect("the journal opens");
+    Fixture {
+        storage: Arc::new(EmbeddedStorage::new(journal)),
+        _dir: Some(dir),
+        schema: None,
+    }
+}
+
+fn server_url() -> String {
+    std::env::var("DSTORE_TEST_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
+        .trim_end_matches('/')
+        .to_owned()
+}
+
+async fn connect(url: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    sqlx::PgConnection::connect(url).await.unwrap_or_else(|e| {
+        panic!(
+            "cannot reach the test postgresql server at {url}: {e}; run scripts/test.sh, which \
+             starts one, or point DSTORE_TEST_POSTGRES_URL at one"
+        )
+    })
+}
+
+/// The database the storage tests share (each in its own schema), made when missing.
+async fn test_database() -> String {
+    let name = "dstore_storage_tests";
+    let mut admin = connect(&format!("{}/postgres", server_url())).await;
+    let exists: bool =
+        sqlx::query_scalar("SELECT EXISTS (SELECT 1 FROM pg_database WHERE datname = $1)")
+            .bind(name)
+            .fetch_one(&mut admin)
+            .await
+            .expect("the server answers");
+    if !exists {
+        // Another test may create it at the same moment: that is as good.
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+            .execute(&mut admin)
+            .await;
+    }
+    format!("{}/{name}", server_url())
+}
+
+async fn postgresql() -> Fixture {
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    let storage = PgStorage::open(PgStorageSettings {
+        url: test_database().await.into(),
+        schema: schema.clone(),
+        node: "conformance".into(),
+        projectors: vec!["rocksdb"],
+        projection: ProjectionSettings::default(),
+    })
+    .await
+    .expect("the postgresql storage opens");
+    Fixture {
+        storage,
+        _dir: None,
+        schema: Some(schema),
+    }
+}
+
+fn ident(name: &str) -> Ident {
+    Ident::parse(name).expect("an identifier")
+}
+
+async fn put_article(storage: &dyn Storage, project: &Ident, extra: Option<&str>) {
+    let mut body = json!({
+        "postgresql": {"table": "articles"}, "elasticsearch": {"type": "article"},
+        "columns": {"title": {"type": "string"}}
+    });
+    if let Some(column) = extra {
+        body["columns"][column] = json!({"type": "integer"});
+    }
+    let input = parse_blueprint(&body, "").expect("a valid blueprint");
+    storage
+        .put_blueprint(project, &ident("article"), input)
+        .await
+        .expect("the blueprint is stored");
+}
+
+/// A project `p` with one frozen version.
+async fn frozen(storage: &dyn Storage) -> Ident {
+    let project = ident("p");
+    put_article(storage, &project, None).await;
+    storage.freeze(&project).await.expect("version 1");
+    project
+}
+
+fn upsert(storage: &dyn Storage, project: &Ident, id: Uuid, title: &str) -> (u64, Entry) {
+    let snapshot = storage.snapshot();
+    let body = json!({"project_version": 1, "title": title});
+    let entry =
+        prepare_upsert(&snapshot, project, &ident("article"), id, &body).expect("a valid item");
+    (snapshot.projects[project].epoch, entry)
+}
+
+async fn write(storage: &dyn Storage, project: &Ident, id: Uuid, title: &str) -> u64 {
+    let (epoch, entry) = upsert(storage, project, id, title);
+    storage
+        .write(project, epoch, vec![entry])
+        .await
+        .expect("the write is acknowledged")[0]
+}
+
+// ---- the behaviours ----
+
+async fn a_blueprint_put_creates_the_project_and_is_seen_at_once(storage: Arc<dyn Storage>) {
+    let project = ident("p");
+    put_article(storage.as_ref(), &project, None).await;
+    let snapshot = storage.snapshot();
+    let p = snapshot.project(&project).expect("the project exists");
+    assert!(p.working.blueprints.contains_key("article"));
+    assert!(p.versions.is_empty());
+}
+
+async fn versions_are_numbered_from_one_and_a_freeze_without_changes_conflicts(
+    storage: Arc<dyn Storage>,
+) {
+    let project = frozen(storage.as_ref()).await;
+    assert!(matches!(
+        storage.freeze(&project).await,
+        Err(StorageError::Conflict(_))
+    ));
+    put_article(storage.as_ref(), &project, Some("views")).await;
+    let (version, _) = storage.freeze(&project).await.expect("version 2");
+    assert_eq!(version.number, 2);
+    assert_eq!(storage.snapshot().projects[&project].versions.len(), 2);
+}
+
+async fn revisions_strictly_increase_in_the_order_writes_are_acknowledged(
+    storage: Arc<dyn Storage>,
+) {
+    let project = frozen(storage.as_ref()).await;
+    let mut last = 0;
+    for i in 0..20 {
+        let revision = write(storage.as_ref(), &project, Uuid::new_v4(), &format!("{i}")).await;
+        assert!(revision > last, "{revision} after {last}");
+        if storage.backend() == "postgresql" && last > 0 {
+            assert_eq!(revision, last + 1, "revisions of a project are gap-free");
+        }
+        last = revision;
+    }
+}
+
+async fn concurrent_writes_are_all_acknowledged_with_distinct_revisions(storage: Arc<dyn Storage>) {
+    let project = frozen(storage.as_ref()).await;
+    let writers: Vec<_> = (0..32)
+        .map(|i| {
+            let (storage, project) = (storage.clone(), project.clone());
+            tokio::spawn(async move {
+                let (epoch, entry) =
+                    upsert(storage.as_ref(), &project, Uuid::new_v4(), &format!("{i}"));
+                let (_, second) = upsert(storage.as_ref(), &project, Uuid::new_v4(), "b");
+                storage
+                    .write(&project, epoch, vec![entry, second])
+                    .await
+                    .expect("acknowledged")
+            })
+        })
+        .collect();
+    let mut revisions = Vec::new();
+    for writer in writers {
+        let mine = writer.await.expect("the writer ends");
+        assert!(
+            mine[0] < mine[1],
+            "a write's entries keep their order: {mine:?}"
+        );
+        revisions.extend(mine);
+    }
+    revisions.sort_unstable();
+    revisions.dedup();
+    assert_eq!(revisions.len(), 64);
+    if storage.backend() == "postgresql" {
+        assert_eq!(revisions[63] - revisions[0], 63, "gap-free: {revisions:?}");
+    }
+}
+
+async fn a_write_prepared_before_the_versions_moved_is_refused_as_stale(storage: Arc<dyn Storage>) {
+    let project = frozen(storage.as_ref()).await;
+    let (epoch, entry) = upsert(storage.as_ref(), &project, Uuid::new_v4(), "old");
+    put_article(storage.as_ref(), &project, Some("views")).await;
+    storage.freeze(&project).await.expect("version 2");
+    assert!(matches!(
+        storage.write(&project, epoch, vec![entry]).await,
+        Err(StorageError::Stale)
+    ));
+    // Prepared again, it goes through and carries the new version.
+    let (epoch, entry) = upsert(storage.as_ref(), &project, Uuid::new_v4(), "new");
+    assert_ne!(epoch, 0);
+    storage
+        .write(&project, epoch, vec![entry])
+        .await
+        .expect("acknowledged");
+}
+
+async fn retiring_a_version_moves_the_epoch(storage: Arc<dyn Storage>) {
+    let project = frozen(storage.as_ref()).await;
+    let before = storage.snapshot().projects[&project].epoch;
+    storage.retire(&project, 1).await.expect("retired");
+    let snapshot = storage.snapshot();
+    assert!(snapshot.projects[&project].is_retired(1));
+    assert_ne!(snapshot.projects[&project].epoch, before);
+}
+
+async fn an_item_reads_back_its_latest_state_and_a_delete_removes_it(storage: Arc<dyn Storage>) {
+    let project = frozen(storage.as_ref()).await;
+    let id = Uuid::new_v4();
+    write(storage.as_ref(), &project, id, "first").await;
+    let revision = write(storage.as_ref(), &project, id, "second").await;
+    let record = storage
+        .item(&project, &ident("article"), &id)
+        .await
+        .expect("readable")
+        .expect("present");
+    assert_eq!(
+        (record.revision, &record.body["title"]),
+        (revision, &json!("second"))
+    );
+    let snapshot = storage.snapshot();
+    let delete = prepare_delete(&snapshot, &project, &ident("article"), id, Some(&record))
+        .expect("a delete");
+    storage
+        .write(&project, snapshot.projects[&project].epoch, vec![delete])
+        .await
+        .expect("acknowledged");
+    assert!(storage
+        .item(&project, &ident("article"), &id)
+        .await
+        .expect("readable")
+        .is_none());
+}
+
+async fn a_freeze_records_its_back_fill_and_ensuring_one_adds_no_second(storage: Arc<dyn Storage>) {
+    let project = frozen(storage.as_ref()).await;
+    assert!(storage.backfill_state(&project, 1).await.unwrap().is_none());
+    put_article(storage.as_ref(), &project, Some("views")).await;
+    storage.freeze(&project).await.expect("version 2");
+    assert!(storage.backfill_state(&project, 2).await.unwrap().is_some());
+    assert!(!storage.ensure_backfill(&project, 2).await.unwrap());
+}
+
+async fn migration_states_are_recorded_per_projector(storage: Arc<dyn Storage>) {
+    let project = frozen(storage.as_ref()).await;
+    let pending = &storage.snapshot().projects[&project].status[&1].migrations["rocksdb"];
+    assert_eq!(pending, &MigrationState::Pending);
+    storage
+        .set_migration(&project, 1, "rocksdb", MigrationState::Done)
+        .await
+        .expect("recorded");
+    let snapshot = storage.snapshot();
+    assert_eq!(
+        snapshot.projects[&project].status[&1].migrations["rocksdb"],
+        MigrationState::Done
+    );
+}
+
+async fn a_dropped_project_is_forgotten_and_can_be_made_again(storage: Arc<dyn Storage>) {
+    let project = frozen(storage.as_ref()).await;
+    let id = Uuid::new_v4();
+    let before = write(storage.as_ref(), &project, id, "old").await;
+    let dropped = storage.drop_project(&project).await.expect("dropped");
+    assert!(dropped > before);
+    assert!(!storage.snapshot().projects.contains_key(&project));
+    assert!(storage
+        .item(&project, &ident("article"), &id)
+        .await
+        .unwrap()
+        .is_none());
+    assert!(matches!(
+        storage.drop_project(&project).await,
+        Err(StorageError::NotFound(_))
+    ));
+    let again = frozen(storage.as_ref()).await;
+    let after = write(storage.as_ref(), &again, Uuid::new_v4(), "new").await;
+    assert!(
+        after > dropped,
+        "revisions keep growing across a drop: {after} after {dropped}"
+    );
+    assert_eq!(storage.snapshot().projects[&again].versions.len(), 1);
+}
+
+async fn edits_to_an_unknown_project_are_not_found(storage: Arc<dyn Storage>) {
+    let project = ident("nobody");
+    assert!(matches!(
+        storage.freeze(&project).await,
+        Err(StorageError::NotFound(_))
+    ));
+    assert!(matches!(
+        storage.retire(&project, 1).await,
+        Err(StorageError::NotFound(_))
+    ));
+    assert!(matches!(
+        storage.delete_blueprint(&project, &ident("article")).await,
+        Err(StorageError::NotFound(_))
+    ));
+}
+
+async fn an_invalid_edit_changes_nothing(storage: Arc<dyn Storage>) {
+    let project = frozen(storage.as_ref()).await;
+    let before = storage.snapshot();
+    // Two blueprints on one table.
+    let body = json!({"postgresql": {"table": "articles"}, "elasticsearch": {"type": "other"},
+                      "columns": {}});
+    let input = parse_blueprint(&body, "").expect("parses");
+    assert!(matches!(
+        storage
+            .put_blueprint(&project, &ident("other"), input)
+            .await,
+        Err(StorageError::Invalid(_))
+    ));
+    let after = storage.snapshot();
+    assert_eq!(
+        before.projects[&project].working.blueprints,
+        after.projects[&project].working.blueprints
+    );
+}
+
+/// Expands every behaviour into a named test for one backend.
+macro_rules! conformance {
+    ($backend:ident: $($behaviour:ident),* $(,)?) => {
+        mod $backend {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $behaviour() {
+                    let fixture = super::$backend().await;
+                    tokio::time::timeout(
+                        super::Duration::from_secs(60),
+                        super::$behaviour(fixture.storage.clone()),
+                    )
+                    .await
+                    .expect("the behaviour finishes in time");
+                    fixture.close().await;
+                }
+            )*
+        }
+    };
+}
+
+macro_rules! every_behaviour {
+    ($backend:ident) => {
+        conformance!($backend:
+            a_blueprint_put_creates_the_project_and_is_seen_at_once,
+            versions_are_numbered_from_one_and_a_freeze_without_changes_conflicts,
+            revisions_strictly_increase_in_the_order_writes_are_acknowledged,
+            concurrent_writes_are_all_acknowledged_with_distinct_revisions,
+            a_write_prepared_before_the_versions_moved_is_refused_as_stale,
+            retiring_a_version_moves_the_epoch,
+            an_item_reads_back_its_latest_state_and_a_delete_removes_it,
+            a_freeze_records_its_back_fill_and_ensuring_one_adds_no_second,
+            migration_states_are_recorded_per_projector,
+            a_dropped_project_is_forgotten_and_can_be_made_again,
+            edits_to_an_unknown_project_are_not_found,
+            an_invalid_edit_changes_nothing,
+        );
+    };
+}
+
+every_behaviour!(embedded);
+every_behaviour!(postgresql);

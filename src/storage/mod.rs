@@ -19,7 +19,7 @@
 //! relay), the PostgreSQL backend leases a cursor per projector and project to whichever node asks.
 
 pub mod embedded;
-// pub mod postgres;
+pub mod postgres;
 
 #[cfg(test)]
 mod conformance;

@@ -14,7 +14,8 @@ pub struct TestApp {
     pub address: String,
     pub client: reqwest::Client,
     pub rocksdb: Option<Arc<RocksProjector>>,
-    pub journal: Arc<dstore::journal::Journal>,
+    /// The embedded journal; none in cluster mode.
+    pub journal: Option<Arc<dstore::journal::Journal>>,
     _dir: TempDir,
     handle: actix_web::dev::ServerHandle,
     running: tokio::task::JoinHandle<std::io::Result<()>>,

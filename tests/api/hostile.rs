@@ -554,11 +554,10 @@ async fn a_retried_freeze_starts_a_back_fill_that_a_crash_left_unrecorded() {
     // The catalog's write of the freeze, without the journal's batch after it: what a crash
     // between the two leaves.
     let project = Ident::parse("myblog").unwrap();
-    app.journal
-        .catalog()
-        .freeze(&project, &["rocksdb"])
-        .unwrap();
-    assert_eq!(app.journal.backfill_state(&project, 2).unwrap(), None);
+    let journal = app.journal.clone().expect("the embedded journal");
+    journal.catalog().freeze(&project, &["rocksdb"]).unwrap();
+    assert_eq!(journal.backfill_state(&project, 2).unwrap(), None);
+    drop(journal);
     let retried = app.post("/myblog/_version", None).await;
     assert_eq!(retried.status, 200, "{}", retried.body);
     let keyspaces = app.rocksdb.clone().unwrap();

@@ -1,0 +1,319 @@
+//! Back-fills in cluster mode: a frozen version gets the items written before it, leased to one node
+//! at a time like the projectors' cursors, so a node that dies mid-way is replaced by another.
+//!
+//! Each chunk is one transaction under the project's row lock: items changed since the chunk was
+//! read are skipped (their newer write already carried the version), the rest get journal rows with
+//! the revision they already have, and the back-fill's state moves with them. A write during the
+//! back-fill always wins, whichever store applies what first.
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use sqlx::types::Json;
+use sqlx::{PgConnection, Row};
+use uuid::Uuid;
+
+use super::{catalog, unavailable, PgStorage};
+use crate::blueprint::Ident;
+use crate::journal::backfill::{item_task, BackfillState};
+use crate::journal::codec;
+use crate::storage::{Storage, StorageError};
+
+/// Items per chunk.
+const CHUNK: i64 = 512;
+/// How long a back-fill lease lasts without a chunk.
+const LEASE_SECS: f64 = 30.0;
+
+/// Records a new back-fill of `version` (into `projectors` only, when given) unless one exists;
+/// answers whether it recorded one.
+pub async fn record(
+    conn: &mut PgConnection,
+    project: &Ident,
+    version: u32,
+    projectors: Option<Vec<String>>,
+) -> Result<bool, StorageError> {
+    let key = projectors
+        .as_deref()
+        .map(|p| p.join(","))
+        .unwrap_or_default();
+    let state = BackfillState {
+        projectors,
+        ..BackfillState::default()
+    };
+    let inserted = sqlx::query(
+        "INSERT INTO backfills (project, version, projectors, state) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(project.as_str())
+    .bind(version as i32)
+    .bind(key)
+    .bind(Json(&state))
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| unavailable("record a back-fill", &e))?
+    .rows_affected();
+    Ok(inserted == 1)
+}
+
+/// Runs back-fills while the storage lives, one at a time on this node.
+pub async fn run(storage: Weak<PgStorage>) {
+    loop {
+        let Some(node) = storage.upgrade() else {
+            return;
+        };
+        let worked = match claim(&node).await {
+            Ok(Some((project, version, key, state))) => {
+                if let Err(error) = backfill(&node, &project, version, &key, state).await {
+                    tracing::warn!(%project, version, %error, "back-fill interrupted; it resumes");
+                }
+                true
+            }
+            Ok(None) => false,
+            Err(error) => {
+                tracing::warn!(%error, "cannot claim back-fills");
+                false
+            }
+        };
+        drop(node);
+        if !worked {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+}
+
+type Claimed = (Ident, u32, String, BackfillState);
+
+async fn claim(node: &PgStorage) -> Result<Option<Claimed>, StorageError> {
+    let row = sqlx::query(
+        "UPDATE backfills b SET lease_owner = $1, lease_until = now() + make_interval(secs => $2) \
+         FROM (SELECT project, version, projectors FROM backfills \
+               WHERE NOT finished AND (lease_owner IS NULL OR lease_owner = $1 OR lease_until < now()) \
+               ORDER BY project, version LIMIT 1 FOR UPDATE SKIP LOCKED) c \
+         WHERE b.project = c.project AND b.version = c.version AND b.projectors = c.projectors \
+         RETURNING b.project, b.version, b.projectors, b.state",
+    )
+    .bind(node.node())
+    .bind(LEASE_SECS)
+    .fetch_optional(node.pool())
+    .await
+    .map_err(|e| unavailable("claim a back-fill", &e))?;
+    let Some(row) = row else {
+        return Ok(None);
+    };
+    let Ok(project) = Ident::parse(&row.get::<String, _>("project")) else {
+        return Ok(None);
+    };
+    let Json(state): Json<BackfillState> = row
+        .try_get("state")
+        .map_err(|e| StorageError::Corrupt(format!("a back-fill state is unreadable: {e}")))?;
+    Ok(Some((
+        project,
+        row.get::<i32, _>("version") as u32,
+        row.get("projectors"),
+        state,
+    )))
+}
+
+/// `blueprint \0 id` of an item: where a back-fill stands.
+fn cursor_of(blueprint: &str, id: &Uuid) -> Vec<u8> {
+    let mut key = blueprint.as_bytes().to_vec();
+    key.push(0);
+    key.extend_from_slice(id.as_bytes());
+    key
+}
+
+fn parse_cursor(cursor: &[u8]) -> Option<(String, Uuid)> {
+    let split = cursor.iter().position(|b| *b == 0)?;
+    let id = Uuid::from_slice(&cursor[split + 1..]).ok()?;
+    Some((String::from_utf8_lossy(&cursor[..split]).into_owned(), id))
+}
+
+async fn backfill(
+    node: &PgStorage,
+    project: &Ident,
+    version: u32,
+    key: &str,
+    mut state: BackfillState,
+) -> Result<(), StorageError> {
+    if state.cursor.is_none() && state.done == 0 {
+        let total: i64 = sqlx::query_scalar("SELECT count(*) FROM items WHERE project = $1")
+            .bind(project.as_str())
+            .fetch_one(node.pool())
+            .await
+            .map_err(|e| unavailable("count items", &e))?;
+        state.total = total as u64;
+    }
+    tracing::info!(%project, version, total = state.total, "back-fill started");
+    while !state.finished {
+        let after = state.cursor.as_deref().and_then(parse_cursor);
+        let rows = sqlx::query(
+            "SELECT blueprint, id, revision, record FROM items WHERE project = $1 \
+             AND ($2::text IS NULL OR (blueprint, id) > ($2, $3)) \
+             ORDER BY blueprint, id LIMIT $4",
+        )
+        .bind(project.as_str())
+        .bind(after.as_ref().map(|(b, _)| b.as_str()))
+        .bind(after.as_ref().map(|(_, id)| *id).unwrap_or_default())
+        .bind(CHUNK)
+        .fetch_all(node.pool())
+        .await
+        .map_err(|e| unavailable("read items to back-fill", &e))?;
+        state.done += rows.len() as u64;
+        state.finished = (rows.len() as i64) < CHUNK;
+        let mut snapshot = node.snapshot();
+        if snapshot
+            .projects
+            .get(project)
+            .and_then(|p| p.version(version))
+            .is_none()
+        {
+            node.refresh_catalog().await?;
+            snapshot = node.snapshot();
+        }
+        let Some(p) = snapshot.projects.get(project) else {
+            return finish(node, project, version, key, &state, true).await;
+        };
+        let Some(target) = p.version(version) else {
+            return finish(node, project, version, key, &state, true).await;
+        };
+        let mut chunk = Vec::with_capacity(rows.len());
+        for row in &rows {
+            let (blueprint, id): (String, Uuid) = (row.get("blueprint"), row.get("id"));
+            state.cursor = Some(cursor_of(&blueprint, &id));
+            let record = codec::decode_record(&row.get::<Vec<u8>, _>("record"))?;
+            if let Some(task) = item_task(p, target, id, &record) {
+                chunk.push((blueprint, id, record.revision, task));
+            }
+        }
+        if !commit_chunk(node, project, version, key, &state, chunk).await? {
+            tracing::info!(%project, version, "back-fill stopped: the version was retired or removed");
+            return Ok(());
+        }
+    }
+    tracing::info!(%project, version, done = state.done, "back-fill finished");
+    Ok(())
+}
+
+/// Journals one chunk and the state after it; false when the version is gone or retired.
+async fn commit_chunk(
+    node: &PgStorage,
+    project: &Ident,
+    version: u32,
+    key: &str,
+    state: &BackfillState,
+    chunk: Vec<(String, Uuid, u64, Vec<u8>)>,
+) -> Result<bool, StorageError> {
+    let mut tx = node
+        .pool()
+        .begin()
+        .await
+        .map_err(|e| unavailable("begin a back-fill chunk", &e))?;
+    let Ok(p) = catalog::lock_project(&mut tx, project, false).await else {
+        return Ok(false);
+    };
+    if p.version(version).is_none() || p.is_retired(version) {
+        drop(tx);
+        finish(node, project, version, key, state, true).await?;
+        return Ok(false);
+    }
+    // Items written or deleted since the chunk was read need nothing: the write carried the version.
+    let blueprints: Vec<&str> = chunk.iter().map(|c| c.0.as_str()).collect();
+    let ids: Vec<Uuid> = chunk.iter().map(|c| c.1).collect();
+    let current: Vec<(String, Uuid, i64)> = sqlx::query_as(
+        "SELECT i.blueprint, i.id, i.revision FROM items i \
+         JOIN unnest($2::text[], $3::uuid[]) AS c(blueprint, id) \
+           ON i.blueprint = c.blueprint AND i.id = c.id \
+         WHERE i.project = $1",
+    )
+    .bind(project.as_str())
+    .bind(&blueprints)
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await
+    .map_err(|e| unavailable("check back-filled items", &e))?;
+    let unchanged: Vec<&(String, Uuid, u64, Vec<u8>)> = chunk
+        .iter()
+        .filter(|(b, id, revision, _)| {
+            current
+                .iter()
+                .any(|(cb, cid, cr)| cb == b && cid == id && *cr as u64 == *revision)
+        })
+        .collect();
+    if !unchanged.is_empty() {
+        let last = PgStorage::next_revisions(&mut tx, project, unchanged.len() as u64).await?;
+        let first = last - unchanged.len() as u64 + 1;
+        let revisions: Vec<i64> = (first..=last).map(|r| r as i64).collect();
+        let tasks: Vec<Vec<u8>> = unchanged
+            .iter()
+            .zip(first..)
+            .map(|((_, _, item_revision, task), journal)| {
+                codec::task_value(journal, *item_revision, task)
+            })
+            .collect();
+        sqlx::query(
+            "INSERT INTO journal (project, revision, task, projectors) \
+             SELECT $1, r, t, $4 FROM unnest($2::bigint[], $3::bytea[]) AS x(r, t)",
+        )
+        .bind(project.as_str())
+        .bind(&revisions)
+        .bind(&tasks)
+        .bind(state.projectors.as_deref())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| unavailable("journal a back-fill chunk", &e))?;
+    }
+    save_state(&mut tx, node, project, version, key, state).await?;
+    tx.commit()
+        .await
+        .map_err(|e| unavailable("commit a back-fill chunk", &e))?;
+    node.committed.notify_waiters();
+    Ok(true)
+}
+
+async fn save_state(
+    conn: &mut PgConnection,
+    node: &PgStorage,
+    project: &Ident,
+    version: u32,
+    key: &str,
+    state: &BackfillState,
+) -> Result<(), StorageError> {
+    sqlx::query(
+        "UPDATE backfills SET state = $4, finished = $5, lease_until = now() + make_interval(secs => $7) \
+         WHERE project = $1 AND version = $2 AND projectors = $3 AND lease_owner = $6",
+    )
+    .bind(project.as_str())
+    .bind(version as i32)
+    .bind(key)
+    .bind(Json(state))
+    .bind(state.finished)
+    .bind(node.node())
+    .bind(LEASE_SECS)
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| unavailable("save a back-fill's state", &e))?;
+    Ok(())
+}
+
+/// Marks a back-fill finished (its version is gone or retired, or it is done).
+async fn finish(
+    node: &PgStorage,
+    project: &Ident,
+    version: u32,
+    key: &str,
+    state: &BackfillState,
+    stopped: bool,
+) -> Result<(), StorageError> {
+    let mut state = state.clone();
+    state.finished = true;
+    let mut conn = node
+        .pool()
+        .acquire()
+        .await
+        .map_err(|e| unavailable("finish a back-fill", &e))?;
+    save_state(&mut conn, node, project, version, key, &state).await?;
+    if stopped {
+        tracing::info!(%project, version, "back-fill stopped: the version was retired or removed");
+    }
+    Ok(())
+}

@@ -1,0 +1,648 @@
+//! The PostgreSQL backend (cluster mode): the catalog, the journal, the items' latest state and the
+//! projectors' cursors in one database, shared by any number of stateless dstore nodes.
+//!
+//! Invariants:
+//! - **Revisions** come from one counter per project (`projects.revision`), raised once per batch
+//!   inside the batch's transaction. The row lock is held until the commit is visible, so a project's
+//!   revisions are gap-free and in commit order: a reader that saw revision r has seen every r' < r.
+//! - **Epochs**: freezes, retirements and drops take the project's row lock and move its epoch; a
+//!   write carries the epoch it was prepared against and updates the counter only `WHERE epoch = $e`,
+//!   so a write never commits against versions that changed (it is prepared again).
+//! - **Batches**: a node groups concurrent writes into one transaction (`writer`); never one per item.
+//! - **Catalog cache**: each node keeps a snapshot, updated by its own edits at once, by a
+//!   `NOTIFY` on catalog changes (never per write), and whenever a write finds it stale.
+//! - **Projection**: one cursor per (projector, project), leased to whichever node or worker claims
+//!   it (`FOR UPDATE SKIP LOCKED`, expiring leases), reading the journal by revision (`projection`).
+//!
+//! Files: `catalog` (loading, edits, the listener), `writer` (batched item writes), `projection`
+//! (leased cursors), `backfill` (leased back-fills), `watch` (cursor polling for waits and health).
+
+mod backfill;
+mod catalog;
+pub mod projection;
+mod watch;
+mod writer;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::{Executor, Row};
+use tokio::sync::{mpsc, Notify};
+use uuid::Uuid;
+
+use super::{Stats, Storage, StorageError};
+use crate::blueprint::{BlueprintInput, Change, Ident};
+use crate::catalog::{edit, MigrationState, Snapshot, Version};
+use crate::config::{ProjectionSettings, SecretUrl};
+use crate::journal::backfill::BackfillState;
+use crate::journal::codec;
+use crate::journal::task::TaskOp;
+use crate::journal::{DeadLetter, Entry, ItemRecord, ProjectorProgress};
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// How long a node holds a lease without renewing it; a dead node's leases expire after it.
+pub const LEASE: Duration = Duration::from_secs(10);
+
+/// What a PostgreSQL storage needs to know.
+#[derive(Clone, Debug)]
+pub struct PgStorageSettings {
+    pub url: SecretUrl,
+    pub schema: String,
+    pub node: String,
+    /// Every projector the deployment runs: writes wait for these, cursors are kept for these.
+    pub projectors: Vec<&'static str>,
+    pub projection: ProjectionSettings,
+}
+
+/// Counters of this node, for health and metrics.
+#[derive(Debug, Default)]
+struct NodeProgress {
+    applied: u64,
+    failed: u64,
+}
+
+pub struct PgStorage {
+    pool: PgPool,
+    settings: PgStorageSettings,
+    /// The `NOTIFY` channel of catalog changes.
+    channel: String,
+    catalog: RwLock<Arc<Snapshot>>,
+    writes: mpsc::Sender<writer::WriteCommand>,
+    /// Woken after every commit on this node, so its own projectors start at once.
+    pub(super) committed: Notify,
+    progress: Mutex<HashMap<String, NodeProgress>>,
+    watch: watch::CursorWatch,
+    journal_id: String,
+}
+
+/// A storage failure as callers act on it: the database is away or refused.
+fn unavailable(what: &str, error: &sqlx::Error) -> StorageError {
+    StorageError::Unavailable(format!("postgresql storage: cannot {what}: {error}"))
+}
+
+impl PgStorage {
+    /// Connects, creates the schema and runs the migrations, loads the catalog and starts the
+    /// node's background work (the write batcher, the catalog listener, the cursor watch, the
+    /// back-fill runner). Projectors run with [`projection::run`].
+    pub async fn open(settings: PgStorageSettings) -> Result<Arc<PgStorage>, StorageError> {
+        let schema = crate::projector::postgres::ident::quote(&settings.schema)
+            .map_err(|e| StorageError::Unavailable(format!("storage.schema: {e}")))?;
+        let base: PgConnectOptions = settings
+            .url
+            .expose()
+            .parse()
+            .map_err(|e| StorageError::Unavailable(format!("storage.url is invalid: {e}")))?;
+        let options = base.clone().application_name("dstore").options([
+            ("search_path", settings.schema.as_str()),
+            ("TimeZone", "UTC"),
+        ]);
+        let pool = PgPoolOptions::new()
+            .max_connections(16)
+            .acquire_timeout(Duration::from_secs(5))
+            .connect_lazy_with(options);
+        pool.execute(sqlx::AssertSqlSafe(format!(
+            "CREATE SCHEMA IF NOT EXISTS {schema}"
+        )))
+        .await
+        .map_err(|e| unavailable("create the storage schema", &e))?;
+        MIGRATOR.run(&pool).await.map_err(|e| {
+            StorageError::Unavailable(format!("postgresql storage: migrations: {e}"))
+        })?;
+        let journal_id: String =
+            sqlx::query_scalar("SELECT value FROM meta WHERE key = 'journal_id'")
+                .fetch_one(&pool)
+                .await
+                .map_err(|e| unavailable("read the journal id", &e))?;
+        let snapshot = catalog::load_all(&pool).await?;
+        let (writes, queue) = mpsc::channel(4096);
+        let storage = Arc::new(PgStorage {
+            channel: format!("{}_catalog", settings.schema),
+            pool,
+            catalog: RwLock::new(Arc::new(snapshot)),
+            writes,
+            committed: Notify::new(),
+            progress: Mutex::new(HashMap::new()),
+            watch: watch::CursorWatch::default(),
+            journal_id,
+            settings,
+        });
+        storage.ensure_cursors(None).await?;
+        tokio::spawn(writer::run(Arc::downgrade(&storage), queue));
+        tokio::spawn(catalog::listen(Arc::downgrade(&storage)));
+        tokio::spawn(watch::run(Arc::downgrade(&storage)));
+        tokio::spawn(backfill::run(Arc::downgrade(&storage)));
+        tracing::info!(node = %storage.settings.node, schema = %storage.settings.schema, "postgresql storage ready");
+        Ok(storage)
+    }
+
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    pub fn node(&self) -> &str {
+        &self.settings.node
+    }
+
+    /// The id of this journal (one per storage schema).
+    pub fn journal_id(&self) -> &str {
+        &self.journal_id
+    }
+
+    fn publish(&self, project: &Ident, p: Option<crate::catalog::Project>) {
+        let mut current = self.catalog.write().expect("catalog lock");
+        let mut next = Snapshot::clone(&current);
+        match p {
+            Some(p) => {
+                next.projects.insert(project.clone(), Arc::new(p));
+            }
+            None => {
+                next.projects.remove(project);
+            }
+        }
+        *current = Arc::new(next);
+    }
+
+    /// Makes sure every configured projector has a cursor for `project` (or for every project).
+    async fn ensure_cursors(&self, project: Option<&Ident>) -> Result<(), StorageError> {
+        let projectors: Vec<String> = self
+            .settings
+            .projectors
+            .iter()
+            .map(|p| p.to_string())
+            .collect();
+        sqlx::query(
+            "INSERT INTO cursors (projector, project) \
+             SELECT p, name FROM unnest($1::text[]) AS p, projects \
+             WHERE $2::text IS NULL OR name = $2 \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(&projectors)
+        .bind(project.map(Ident::as_str))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| unavailable("create projector cursors", &e))?;
+        Ok(())
+    }
+
+    /// Runs a catalog edit under the project's row lock and publishes the new state.
+    async fn edit<T: Send>(
+        &self,
+        project: &Ident,
+        create: bool,
+        apply: impl FnOnce(
+                &mut crate::catalog::Project,
+                &mut Vec<edit::Write>,
+            ) -> Result<T, crate::catalog::CatalogError>
+            + Send,
+    ) -> Result<T, StorageError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| unavailable("begin a catalog edit", &e))?;
+        let mut p = catalog::lock_project(&mut tx, project, create).await?;
+        let mut writes = Vec::new();
+        let result = apply(&mut p, &mut writes)?;
+        catalog::persist(&mut tx, &mut p, &writes).await?;
+        self.notify(&mut tx, project).await?;
+        tx.commit()
+            .await
+            .map_err(|e| unavailable("commit a catalog edit", &e))?;
+        self.publish(project, Some(p));
+        if create {
+            self.ensure_cursors(Some(project)).await?;
+        }
+        Ok(result)
+    }
+
+    /// Tells the other nodes the project's catalog changed (delivered at commit).
+    async fn notify(
+        &self,
+        tx: &mut sqlx::PgConnection,
+        project: &Ident,
+    ) -> Result<(), StorageError> {
+        sqlx::query("SELECT pg_notify($1, $2)")
+            .bind(&self.channel)
+            .bind(project.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| unavailable("notify the other nodes", &e))?;
+        Ok(())
+    }
+
+    /// Reads one project again from the database into this node's catalog.
+    async fn reload(&self, project: &Ident) -> Result<(), StorageError> {
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| unavailable("read the catalog", &e))?;
+        let p = catalog::load_project(&mut conn, project).await?;
+        self.publish(project, p);
+        Ok(())
+    }
+
+    /// Hands out `n` revisions of a locked project; answers the last.
+    async fn next_revisions(
+        tx: &mut sqlx::PgConnection,
+        project: &Ident,
+        n: u64,
+    ) -> Result<u64, StorageError> {
+        let last: i64 = sqlx::query_scalar(
+            "UPDATE projects SET revision = revision + $2 WHERE name = $1 RETURNING revision",
+        )
+        .bind(project.as_str())
+        .bind(n as i64)
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(|e| unavailable("hand out revisions", &e))?;
+        Ok(last as u64)
+    }
+
+    /// Appends a task that is not an item write (a migration, a drop) at `revision`.
+    async fn append_task(
+        tx: &mut sqlx::PgConnection,
+        project: &Ident,
+        revision: u64,
+        op: &TaskOp,
+        projectors: Option<&[String]>,
+    ) -> Result<(), StorageError> {
+        let body = codec::task_body(project, op);
+        sqlx::query(
+            "INSERT INTO journal (project, revision, task, projectors) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(project.as_str())
+        .bind(revision as i64)
+        .bind(codec::task_value(revision, revision, &body))
+        .bind(projectors)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| unavailable("append to the journal", &e))?;
+        Ok(())
+    }
+
+    fn note_applied(&self, projector: &str, applied: usize, failed: usize) {
+        let mut progress = self.progress.lock().expect("progress lock");
+        let entry = progress.entry(projector.to_string()).or_default();
+        entry.applied += applied as u64;
+        entry.failed += failed as u64;
+    }
+}
+
+#[async_trait]
+impl Storage for PgStorage {
+    fn backend(&self) -> &'static str {
+        "postgresql"
+    }
+
+    fn snapshot(&self) -> Arc<Snapshot> {
+        self.catalog.read().expect("catalog lock").clone()
+    }
+
+    async fn refresh_catalog(&self) -> Result<(), StorageError> {
+        let snapshot = catalog::load_all(&self.pool).await?;
+        *self.catalog.write().expect("catalog lock") = Arc::new(snapshot);
+        Ok(())
+    }
+
+    async fn put_blueprint(
+        &self,
+        project: &Ident,
+        name: &Ident,
+        input: BlueprintInput,
+    ) -> Result<Vec<Change>, StorageError> {
+        self.edit(project, true, |p, writes| {
+            edit::put_blueprint(p, name, input, writes)
+        })
+        .await
+    }
+
+    async fn put_blueprints(
+        &self,
+        project: &Ident,
+        inputs: Vec<(Ident, BlueprintInput)>,
+    ) -> Result<Vec<Change>, StorageError> {
+        self.edit(project, true, |p, writes| {
+            edit::put_blueprints(p, inputs, writes)
+        })
+        .await
+    }
+
+    async fn delete_blueprint(
+        &self,
+        project: &Ident,
+        name: &Ident,
+    ) -> Result<Vec<Change>, StorageError> {
+        self.edit(project, false, |p, writes| {
+            edit::delete_blueprint(p, name, writes)
+        })
+        .await
+    }
+
+    async fn retire(&self, project: &Ident, version: u32) -> Result<(), StorageError> {
+        self.edit(project, false, |p, writes| edit::retire(p, version, writes))
+            .await
+    }
+
+    async fn set_migration(
+        &self,
+        project: &Ident,
+        version: u32,
+        projector: &str,
+        state: MigrationState,
+    ) -> Result<(), StorageError> {
+        self.edit(project, false, |p, writes| {
+            edit::set_migration(p, version, projector, state, writes)
+        })
+        .await
+    }
+
+    async fn write(
+        &self,
+        project: &Ident,
+        epoch: u64,
+        entries: Vec<Entry>,
+    ) -> Result<Vec<u64>, StorageError> {
+        self.check_backlog()?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        self.writes
+            .send(writer::WriteCommand {
+                project: project.clone(),
+                epoch,
+                entries,
+                reply,
+            })
+            .await
+            .map_err(|_| StorageError::Unavailable("the storage is shutting down".into()))?;
+        answer
+            .await
+            .map_err(|_| StorageError::Unavailable("the storage is shutting down".into()))?
+    }
+
+    async fn freeze(&self, project: &Ident) -> Result<(Arc<Version>, u64), StorageError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| unavailable("begin a freeze", &e))?;
+        let mut p = catalog::lock_project(&mut tx, project, false).await?;
+        let mut writes = Vec::new();
+        let projectors = self.settings.projectors.clone();
+        let version = edit::freeze(&mut p, &projectors, &mut writes)?;
+        catalog::persist(&mut tx, &mut p, &writes).await?;
+        let revision = Self::next_revisions(&mut tx, project, 1).await?;
+        let migrate = TaskOp::Migrate {
+            version: version.number,
+        };
+        Self::append_task(&mut tx, project, revision, &migrate, None).await?;
+        // The back-fill is recorded in the same transaction as the version.
+        if version.number > 1 {
+            backfill::record(&mut tx, project, version.number, None).await?;
+        }
+        self.notify(&mut tx, project).await?;
+        tx.commit()
+            .await
+            .map_err(|e| unavailable("commit a freeze", &e))?;
+        self.publish(project, Some(p));
+        self.committed.notify_waiters();
+        Ok((version, revision))
+    }
+
+    async fn remigrate(
+        &self,
+        project: &Ident,
+        version: u32,
+        projectors: Vec<String>,
+    ) -> Result<u64, StorageError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| unavailable("begin a migration", &e))?;
+        catalog::lock_project(&mut tx, project, false).await?;
+        let revision = Self::next_revisions(&mut tx, project, 1).await?;
+        Self::append_task(
+            &mut tx,
+            project,
+            revision,
+            &TaskOp::Migrate { version },
+            Some(&projectors),
+        )
+        .await?;
+        // A held project is tried again at once.
+        sqlx::query(
+            "UPDATE cursors SET held_until = NULL WHERE project = $1 AND projector = ANY($2)",
+        )
+        .bind(project.as_str())
+        .bind(&projectors)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| unavailable("release held cursors", &e))?;
+        tx.commit()
+            .await
+            .map_err(|e| unavailable("commit a migration", &e))?;
+        self.committed.notify_waiters();
+        Ok(revision)
+    }
+
+    async fn ensure_backfill(&self, project: &Ident, version: u32) -> Result<bool, StorageError> {
+        if version < 2 {
+            return Ok(false);
+        }
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(|e| unavailable("start a back-fill", &e))?;
+        backfill::record(&mut conn, project, version, None).await
+    }
+
+    async fn drop_project(&self, project: &Ident) -> Result<u64, StorageError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| unavailable("begin a drop", &e))?;
+        catalog::lock_project(&mut tx, project, false).await?;
+        let revision = Self::next_revisions(&mut tx, project, 1).await?;
+        Self::append_task(&mut tx, project, revision, &TaskOp::DropProject, None).await?;
+        catalog::forget(&mut tx, project).await?;
+        self.notify(&mut tx, project).await?;
+        tx.commit()
+            .await
+            .map_err(|e| unavailable("commit a drop", &e))?;
+        self.publish(project, None);
+        self.committed.notify_waiters();
+        Ok(revision)
+    }
+
+    async fn item(
+        &self,
+        project: &Ident,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<ItemRecord>, StorageError> {
+        let record: Option<Vec<u8>> = sqlx::query_scalar(
+            "SELECT record FROM items WHERE project = $1 AND blueprint = $2 AND id = $3",
+        )
+        .bind(project.as_str())
+        .bind(blueprint.as_str())
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| unavailable("read an item", &e))?;
+        record
+            .map(|bytes| codec::decode_record(&bytes).map_err(StorageError::from))
+            .transpose()
+    }
+
+    async fn backfill_state(
+        &self,
+        project: &Ident,
+        version: u32,
+    ) -> Result<Option<BackfillState>, StorageError> {
+        let state: Option<sqlx::types::Json<BackfillState>> = sqlx::query_scalar(
+            "SELECT state FROM backfills WHERE project = $1 AND version = $2 AND projectors = ''",
+        )
+        .bind(project.as_str())
+        .bind(version as i32)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| unavailable("read a back-fill", &e))?;
+        Ok(state.map(|s| s.0))
+    }
+
+    async fn wait_projected(
+        &self,
+        project: &Ident,
+        revision: u64,
+        timeout: Duration,
+    ) -> Result<(), Vec<String>> {
+        self.watch.wait(self, project, revision, timeout).await
+    }
+
+    async fn progress(&self, projector: &str) -> ProjectorProgress {
+        let mut progress = self.watch.progress(projector);
+        if let Some(node) = self.progress.lock().expect("progress lock").get(projector) {
+            progress.applied = node.applied;
+            progress.failed = node.failed;
+        }
+        progress
+    }
+
+    fn check_backlog(&self) -> Result<(), StorageError> {
+        let limit = self.settings.projection.max_pending_tasks;
+        match self.watch.most_behind() {
+            Some((projector, pending)) if pending > limit => Err(StorageError::Backlog {
+                projector,
+                pending,
+                limit,
+            }),
+            _ => Ok(()),
+        }
+    }
+
+    async fn dead_letters(
+        &self,
+        projector: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, StorageError> {
+        let letters: Vec<sqlx::types::Json<DeadLetter>> = sqlx::query_scalar(
+            "SELECT letter FROM dead_letters WHERE $1::text IS NULL OR projector = $1 \
+             ORDER BY projector, project, revision LIMIT $2",
+        )
+        .bind(projector)
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| unavailable("read dead letters", &e))?;
+        Ok(letters.into_iter().map(|l| l.0).collect())
+    }
+
+    async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, StorageError> {
+        let rows = sqlx::query(
+            "SELECT projector, project, revision, letter FROM dead_letters \
+             WHERE $1::text IS NULL OR projector = $1 ORDER BY project, revision",
+        )
+        .bind(projector)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| unavailable("read dead letters", &e))?;
+        let mut count = 0;
+        for row in rows {
+            let name: String = row.get("projector");
+            let project: String = row.get("project");
+            let revision: i64 = row.get("revision");
+            let sqlx::types::Json(letter): sqlx::types::Json<DeadLetter> = row.get("letter");
+            let (Some(task), Ok(project_name)) = (letter.task, Ident::parse(&project)) else {
+                continue;
+            };
+            let mut tx = self
+                .pool
+                .begin()
+                .await
+                .map_err(|e| unavailable("begin a retry", &e))?;
+            if catalog::lock_project(&mut tx, &project_name, false)
+                .await
+                .is_err()
+            {
+                continue;
+            }
+            let next = Self::next_revisions(&mut tx, &project_name, 1).await?;
+            let item_revision = match &task.op {
+                TaskOp::Upsert { revision, .. } | TaskOp::Delete { revision, .. } => *revision,
+                TaskOp::Migrate { .. } | TaskOp::DropProject => next,
+            };
+            let body = codec::task_body(&task.project, &task.op);
+            sqlx::query(
+                "INSERT INTO journal (project, revision, task, projectors) VALUES ($1, $2, $3, $4)",
+            )
+            .bind(&project)
+            .bind(next as i64)
+            .bind(codec::task_value(next, item_revision, &body))
+            .bind(vec![name.clone()])
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| unavailable("queue a dead letter again", &e))?;
+            sqlx::query(
+                "DELETE FROM dead_letters WHERE projector = $1 AND project = $2 AND revision = $3",
+            )
+            .bind(&name)
+            .bind(&project)
+            .bind(revision)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| unavailable("queue a dead letter again", &e))?;
+            tx.commit()
+                .await
+                .map_err(|e| unavailable("commit a retry", &e))?;
+            count += 1;
+        }
+        self.committed.notify_waiters();
+        Ok(count)
+    }
+
+    async fn stats(&self) -> Stats {
+        let row = sqlx::query(
+            "SELECT (SELECT coalesce(max(revision), 0) FROM projects) AS last, \
+                    (SELECT greatest(reltuples, 0)::bigint FROM pg_class WHERE oid = 'items'::regclass) AS items, \
+                    (SELECT coalesce(sum(pg_total_relation_size(c.oid)), 0)::bigint FROM pg_class c \
+                     JOIN pg_namespace n ON n.oid = c.relnamespace \
+                     WHERE n.nspname = current_schema() AND c.relkind = 'r') AS bytes",
+        )
+        .fetch_one(&self.pool)
+        .await;
+        match row {
+            Ok(row) => Stats {
+                last_revision: row.get::<i64, _>("last") as u64,
+                items: row.get::<i64, _>("items") as u64,
+                bytes: row.get::<i64, _>("bytes") as u64,
+            },
+            Err(_) => Stats::default(),
+        }
+    }
+}

@@ -1,0 +1,321 @@
+//! Projection in cluster mode: one cursor per (projector, project), leased to whichever node or
+//! worker claims it, reading the journal by revision. No row per task.
+//!
+//! A node claims cursors that have work (`revision < projects.revision`), are not leased by a live
+//! node and are not held back, with `FOR UPDATE SKIP LOCKED`, so two nodes never claim the same one.
+//! It applies the project's next tasks by the shared [`step`] rule and moves the cursor — only while it
+//! still holds the lease, so a node that lost its lease (it stalled past [`LEASE`]) changes nothing; its
+//! writes to the store were idempotent. A dead node's leases expire and another node takes over. A
+//! failed step holds the project back with its own backoff; the other projects go on.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sqlx::Row;
+use tokio::sync::watch;
+
+use super::{unavailable, PgStorage, LEASE};
+use crate::blueprint::Ident;
+use crate::journal::task::{Task, TaskOp};
+use crate::journal::{decode_task, DeadLetter};
+use crate::projector::{backoff, Projector};
+use crate::queue::step::{self, Step};
+use crate::storage::{Storage, StorageError};
+
+/// Cursors a node claims at once, per projector.
+const CLAIM: i64 = 8;
+/// How often an idle projector looks for work other nodes committed.
+const IDLE_POLL: Duration = Duration::from_millis(100);
+
+/// Runs one projector on this node until `shutdown` turns true.
+pub async fn run(
+    storage: Arc<PgStorage>,
+    projector: Arc<dyn Projector>,
+    batch_size: usize,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    let name = projector.name();
+    let mut attempt = 0;
+    while !*shutdown.borrow() {
+        let claimed = match claim(&storage, name).await {
+            Ok(claimed) => {
+                attempt = 0;
+                claimed
+            }
+            Err(error) => {
+                tracing::warn!(projector = name, %error, "cannot claim cursors; retrying");
+                tokio::select! {
+                    _ = tokio::time::sleep(backoff(attempt)) => {}
+                    _ = shutdown.changed() => {}
+                }
+                attempt += 1;
+                continue;
+            }
+        };
+        if claimed.is_empty() {
+            tokio::select! {
+                _ = storage.committed.notified() => {}
+                _ = tokio::time::sleep(IDLE_POLL) => {}
+                _ = shutdown.changed() => {}
+            }
+            continue;
+        }
+        for (project, cursor) in claimed {
+            if *shutdown.borrow() {
+                break;
+            }
+            if let Err(error) =
+                work(&storage, projector.as_ref(), &project, cursor, batch_size).await
+            {
+                tracing::warn!(projector = name, %project, %error, "projection failed; the project is retried later");
+            }
+        }
+    }
+    release(&storage, name).await;
+}
+
+/// Claims cursors with work for `projector`; answers each project and its cursor.
+async fn claim(storage: &PgStorage, projector: &str) -> Result<Vec<(Ident, u64)>, StorageError> {
+    let rows = sqlx::query(
+        "WITH candidates AS ( \
+             SELECT c.projector, c.project FROM cursors c JOIN projects p ON p.name = c.project \
+             WHERE c.projector = $1 AND c.revision < p.revision \
+               AND (c.lease_owner IS NULL OR c.lease_owner = $2 OR c.lease_until < now()) \
+               AND (c.held_until IS NULL OR c.held_until < now()) \
+             ORDER BY c.lease_until NULLS FIRST, c.project LIMIT $3 \
+             FOR UPDATE OF c SKIP LOCKED) \
+         UPDATE cursors c SET lease_owner = $2, lease_until = now() + make_interval(secs => $4) \
+         FROM candidates WHERE c.projector = candidates.projector AND c.project = candidates.project \
+         RETURNING c.project, c.revision",
+    )
+    .bind(projector)
+    .bind(storage.node())
+    .bind(CLAIM)
+    .bind(LEASE.as_secs_f64())
+    .fetch_all(storage.pool())
+    .await
+    .map_err(|e| unavailable("claim cursors", &e))?;
+    Ok(rows
+        .into_iter()
+        .filter_map(|row| {
+            let project = Ident::parse(&row.get::<String, _>("project")).ok()?;
+            Some((project, row.get::<i64, _>("revision") as u64))
+        })
+        .collect())
+}
+
+/// Gives up this node's leases of `projector` (a clean stop): another node takes over at once.
+async fn release(storage: &PgStorage, projector: &str) {
+    let _ = sqlx::query(
+        "UPDATE cursors SET lease_owner = NULL, lease_until = NULL \
+         WHERE projector = $1 AND lease_owner = $2",
+    )
+    .bind(projector)
+    .bind(storage.node())
+    .execute(storage.pool())
+    .await;
+}
+
+/// Applies the next tasks of one project after `cursor`, until it is caught up, the lease is lost
+/// or a step fails.
+async fn work(
+    storage: &PgStorage,
+    projector: &dyn Projector,
+    project: &Ident,
+    mut cursor: u64,
+    batch_size: usize,
+) -> Result<(), StorageError> {
+    let name = projector.name();
+    loop {
+        let (tasks, mut last_read, poison) =
+            read(storage, name, project, cursor, batch_size).await?;
+        if tasks.is_empty() && poison.is_empty() {
+            if last_read > cursor {
+                // Only rows meant for other projectors: nothing to apply.
+                settle(storage, name, project, last_read, Vec::new()).await?;
+            }
+            return Ok(());
+        }
+        let step = if tasks.is_empty() {
+            Step::default()
+        } else {
+            let snapshot = snapshot_for(storage, &tasks).await?;
+            step::apply(projector, &snapshot, &tasks).await
+        };
+        if let Some(m) = &step.migration {
+            if let Err(error) = storage
+                .set_migration(&m.project, m.version, name, m.state.clone())
+                .await
+            {
+                tracing::warn!(projector = name, %project, %error, "cannot record a migration's state");
+            }
+        }
+        let settled = step.settled();
+        if settled < tasks.len() {
+            // Everything before the first unsettled task is done.
+            last_read = tasks[settled].seq - 1;
+        }
+        let mut dead = poison;
+        dead.extend(step.dead);
+        let (applied, failed) = (step.applied.len(), dead.len());
+        if !settle(storage, name, project, last_read, dead).await? {
+            return Ok(());
+        }
+        storage.note_applied(name, applied, failed);
+        cursor = last_read;
+        if let Some(error) = step.retry {
+            hold(storage, name, project, &error.message).await?;
+            return Ok(());
+        }
+    }
+}
+
+/// The next rows of the journal after `cursor`: the tasks for this projector, the last revision read,
+/// and dead letters for tasks that cannot be decoded.
+async fn read(
+    storage: &PgStorage,
+    projector: &str,
+    project: &Ident,
+    cursor: u64,
+    limit: usize,
+) -> Result<(Vec<Task>, u64, Vec<DeadLetter>), StorageError> {
+    let rows = sqlx::query(
+        "SELECT revision, task, projectors FROM journal \
+         WHERE project = $1 AND revision > $2 ORDER BY revision LIMIT $3",
+    )
+    .bind(project.as_str())
+    .bind(cursor as i64)
+    .bind(limit as i64)
+    .fetch_all(storage.pool())
+    .await
+    .map_err(|e| unavailable("read the journal", &e))?;
+    let mut tasks = Vec::with_capacity(rows.len());
+    let mut poison = Vec::new();
+    let mut last = cursor;
+    for row in rows {
+        let revision = row.get::<i64, _>("revision") as u64;
+        last = revision;
+        let only: Option<Vec<String>> = row.get("projectors");
+        if only.is_some_and(|only| !only.iter().any(|p| p == projector)) {
+            continue;
+        }
+        let raw: Vec<u8> = row.get("task");
+        match decode_task(&raw) {
+            Ok(task) => tasks.push(task),
+            Err(error) => {
+                tracing::error!(projector, %project, revision, %error, "a task that cannot be decoded becomes a dead letter");
+                poison.push(DeadLetter::from_raw(
+                    projector,
+                    revision,
+                    &raw,
+                    "the stored task is unreadable".into(),
+                ));
+            }
+        }
+    }
+    Ok((tasks, last, poison))
+}
+
+/// A catalog that holds every version the tasks name: another node may have frozen it a moment ago.
+async fn snapshot_for(
+    storage: &PgStorage,
+    tasks: &[Task],
+) -> Result<Arc<crate::catalog::Snapshot>, StorageError> {
+    let knows = |snapshot: &crate::catalog::Snapshot| {
+        tasks.iter().all(|task| {
+            let Some(p) = snapshot.projects.get(&task.project) else {
+                // A dropped project needs no catalog; one made elsewhere does.
+                return !matches!(task.op, TaskOp::Migrate { .. });
+            };
+            match &task.op {
+                TaskOp::Migrate { version } => p.version(*version).is_some(),
+                TaskOp::DropProject => true,
+                TaskOp::Upsert { .. } | TaskOp::Delete { .. } => task
+                    .version_writes()
+                    .all(|w| p.version(w.version).is_some()),
+            }
+        })
+    };
+    let snapshot = storage.snapshot();
+    if knows(&snapshot) {
+        return Ok(snapshot);
+    }
+    storage.refresh_catalog().await?;
+    Ok(storage.snapshot())
+}
+
+/// Moves the cursor to `revision` and keeps the dead letters, while this node holds the lease;
+/// answers false when it lost it.
+async fn settle(
+    storage: &PgStorage,
+    projector: &str,
+    project: &Ident,
+    revision: u64,
+    dead: Vec<DeadLetter>,
+) -> Result<bool, StorageError> {
+    let mut tx = storage
+        .pool()
+        .begin()
+        .await
+        .map_err(|e| unavailable("settle tasks", &e))?;
+    let moved = sqlx::query(
+        "UPDATE cursors SET revision = greatest(revision, $3), last_error = NULL, attempts = 0, \
+             held_until = NULL, lease_until = now() + make_interval(secs => $5) \
+         WHERE projector = $1 AND project = $2 AND lease_owner = $4",
+    )
+    .bind(projector)
+    .bind(project.as_str())
+    .bind(revision as i64)
+    .bind(storage.node())
+    .bind(LEASE.as_secs_f64())
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| unavailable("move a cursor", &e))?
+    .rows_affected()
+        == 1;
+    if !moved {
+        tracing::info!(projector, %project, "lease lost to another node; leaving the project to it");
+        return Ok(false);
+    }
+    for letter in &dead {
+        sqlx::query(
+            "INSERT INTO dead_letters (projector, project, revision, letter) VALUES ($1, $2, $3, $4) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(projector)
+        .bind(project.as_str())
+        .bind(letter.seq as i64)
+        .bind(sqlx::types::Json(letter))
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| unavailable("keep a dead letter", &e))?;
+    }
+    tx.commit()
+        .await
+        .map_err(|e| unavailable("settle tasks", &e))?;
+    storage.watch.note(projector, project, revision);
+    Ok(true)
+}
+
+/// Holds a project back after a failed step, for longer each time, and gives up the lease.
+async fn hold(
+    storage: &PgStorage,
+    projector: &str,
+    project: &Ident,
+    error: &str,
+) -> Result<(), StorageError> {
+    tracing::warn!(projector, %project, %error, "projection failed; the project waits, the others go on");
+    sqlx::query(
+        "UPDATE cursors SET attempts = attempts + 1, last_error = $4, lease_owner = NULL, \
+             held_until = now() + make_interval(secs => least(0.1 * power(2, least(attempts, 7)), 10.0)) \
+         WHERE projector = $1 AND project = $2 AND lease_owner = $3",
+    )
+    .bind(projector)
+    .bind(project.as_str())
+    .bind(storage.node())
+    .bind(error)
+    .execute(storage.pool())
+    .await
+    .map_err(|e| unavailable("hold a project back", &e))?;
+    Ok(())
+}

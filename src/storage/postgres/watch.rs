@@ -1,0 +1,226 @@
+//! Watching the projectors' cursors: for writes that wait until every store has them, for health, and
+//! for back-pressure.
+//!
+//! One task per node polls the cursors of the projects someone waits on (every few milliseconds, and
+//! only while someone waits) and every projector's backlog (every second), whichever node applies the
+//! tasks. Waiters share its results instead of querying on their own, so a thousand waiting requests
+//! cost one query per poll.
+
+use std::collections::HashMap;
+use std::sync::{Mutex, Weak};
+use std::time::Duration;
+
+use sqlx::Row;
+use tokio::sync::watch;
+
+use super::PgStorage;
+use crate::blueprint::Ident;
+use crate::journal::ProjectorProgress;
+
+/// How often cursors are read while someone waits.
+const WAIT_POLL: Duration = Duration::from_millis(10);
+/// How often backlogs are read.
+const BACKLOG_POLL: Duration = Duration::from_secs(1);
+
+#[derive(Default)]
+struct State {
+    /// Projects someone waits on, with how many waiters.
+    waiting: HashMap<Ident, usize>,
+    /// (projector, project) → the revision the projector applied through.
+    cursors: HashMap<(String, Ident), u64>,
+    /// Per projector: tasks waiting and the newest error.
+    backlog: HashMap<String, (u64, Option<String>)>,
+}
+
+pub struct CursorWatch {
+    state: Mutex<State>,
+    polled: watch::Sender<u64>,
+}
+
+impl Default for CursorWatch {
+    fn default() -> Self {
+        CursorWatch {
+            state: Mutex::new(State::default()),
+            polled: watch::channel(0).0,
+        }
+    }
+}
+
+impl CursorWatch {
+    /// Records what this node's own projector just applied, without waiting for the next poll.
+    pub fn note(&self, projector: &str, project: &Ident, revision: u64) {
+        let mut state = self.state.lock().expect("watch lock");
+        let cursor = state
+            .cursors
+            .entry((projector.to_string(), project.clone()))
+            .or_default();
+        *cursor = (*cursor).max(revision);
+        drop(state);
+        self.polled.send_modify(|n| *n += 1);
+    }
+
+    fn reached(&self, projectors: &[&'static str], project: &Ident, revision: u64) -> Vec<String> {
+        let state = self.state.lock().expect("watch lock");
+        projectors
+            .iter()
+            .filter(|p| {
+                state
+                    .cursors
+                    .get(&(p.to_string(), project.clone()))
+                    .is_none_or(|at| *at < revision)
+            })
+            .map(|p| p.to_string())
+            .collect()
+    }
+
+    /// Waits until every projector applied `revision` of `project`, or names those still behind.
+    pub async fn wait(
+        &self,
+        storage: &PgStorage,
+        project: &Ident,
+        revision: u64,
+        timeout: Duration,
+    ) -> Result<(), Vec<String>> {
+        let projectors = &storage.settings.projectors;
+        *self
+            .state
+            .lock()
+            .expect("watch lock")
+            .waiting
+            .entry(project.clone())
+            .or_default() += 1;
+        let mut polled = self.polled.subscribe();
+        let behind = tokio::time::timeout(
+            timeout,
+            polled.wait_for(|_| self.reached(projectors, project, revision).is_empty()),
+        )
+        .await;
+        let mut state = self.state.lock().expect("watch lock");
+        if let Some(count) = state.waiting.get_mut(project) {
+            *count -= 1;
+            if *count == 0 {
+                state.waiting.remove(project);
+            }
+        }
+        drop(state);
+        match behind {
+            Ok(Ok(_)) => Ok(()),
+            _ => {
+                let mut behind = self.reached(projectors, project, revision);
+                behind.sort();
+                Err(behind)
+            }
+        }
+    }
+
+    /// How far a projector got, as of the last poll.
+    pub fn progress(&self, projector: &str) -> ProjectorProgress {
+        let state = self.state.lock().expect("watch lock");
+        let (pending, last_error) = state.backlog.get(projector).cloned().unwrap_or_default();
+        ProjectorProgress {
+            pending,
+            last_error,
+            ..ProjectorProgress::default()
+        }
+    }
+
+    /// The projector furthest behind, with its backlog.
+    pub fn most_behind(&self) -> Option<(String, u64)> {
+        let state = self.state.lock().expect("watch lock");
+        state
+            .backlog
+            .iter()
+            .max_by_key(|(_, (pending, _))| *pending)
+            .map(|(name, (pending, _))| (name.clone(), *pending))
+    }
+}
+
+/// Polls while the storage lives.
+pub async fn run(storage: Weak<PgStorage>) {
+    let mut last_backlog = tokio::time::Instant::now() - BACKLOG_POLL;
+    loop {
+        let Some(node) = storage.upgrade() else {
+            return;
+        };
+        let waiting: Vec<String> = node
+            .watch
+            .state
+            .lock()
+            .expect("watch lock")
+            .waiting
+            .keys()
+            .map(|p| p.to_string())
+            .collect();
+        if !waiting.is_empty() {
+            poll_cursors(&node, &waiting).await;
+        }
+        if last_backlog.elapsed() >= BACKLOG_POLL {
+            poll_backlog(&node).await;
+            last_backlog = tokio::time::Instant::now();
+        }
+        node.watch.polled.send_modify(|n| *n += 1);
+        let idle = waiting.is_empty();
+        drop(node);
+        tokio::time::sleep(if idle {
+            Duration::from_millis(50)
+        } else {
+            WAIT_POLL
+        })
+        .await;
+    }
+}
+
+async fn poll_cursors(node: &PgStorage, projects: &[String]) {
+    let rows =
+        sqlx::query("SELECT projector, project, revision FROM cursors WHERE project = ANY($1)")
+            .bind(projects)
+            .fetch_all(node.pool())
+            .await;
+    let Ok(rows) = rows else {
+        return;
+    };
+    let mut state = node.watch.state.lock().expect("watch lock");
+    for row in rows {
+        let (projector, project): (String, String) = (row.get("projector"), row.get("project"));
+        if let Ok(project) = Ident::parse(&project) {
+            let cursor = state.cursors.entry((projector, project)).or_default();
+            *cursor = (*cursor).max(row.get::<i64, _>("revision") as u64);
+        }
+    }
+}
+
+async fn poll_backlog(node: &PgStorage) {
+    let rows = sqlx::query(
+        "SELECT c.projector, \
+                coalesce(sum(greatest(p.revision - c.revision, 0)), 0)::bigint AS pending, \
+                max(CASE WHEN c.last_error IS NULL THEN NULL \
+                         ELSE 'project ' || c.project || ': ' || c.last_error END) AS last_error \
+         FROM cursors c JOIN projects p ON p.name = c.project GROUP BY c.projector",
+    )
+    .fetch_all(node.pool())
+    .await;
+    let mut state = node.watch.state.lock().expect("watch lock");
+    match rows {
+        Ok(rows) => {
+            state.backlog = rows
+                .into_iter()
+                .map(|row| {
+                    (
+                        row.get::<String, _>("projector"),
+                        (
+                            row.get::<i64, _>("pending") as u64,
+                            row.get::<Option<String>, _>("last_error"),
+                        ),
+                    )
+                })
+                .collect();
+        }
+        Err(error) => {
+            let message = format!("postgresql storage unreachable: {error}");
+            for projector in &node.settings.projectors {
+                let entry = state.backlog.entry(projector.to_string()).or_default();
+                entry.1 = Some(message.clone());
+            }
+        }
+    }
+}

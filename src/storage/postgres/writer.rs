@@ -1,0 +1,277 @@
+//! Item writes, grouped: every write a node receives while the previous batch commits goes into
+//! the next batch, one transaction, one commit.
+//!
+//! A batch raises each project's revision counter once (projects in name order, so two nodes never
+//! deadlock), `WHERE epoch = $e`: a command prepared against another epoch gets
+//! [`StorageError::Stale`] and adds nothing. Journal rows and the items' latest state are written
+//! with one statement each. If the transaction fails, every command of the batch gets the error;
+//! none is half-written.
+
+use std::collections::BTreeMap;
+use std::sync::Weak;
+
+use tokio::sync::{mpsc, oneshot};
+use uuid::Uuid;
+
+use super::{unavailable, PgStorage};
+use crate::blueprint::Ident;
+use crate::journal::{codec, Entry};
+use crate::storage::StorageError;
+
+/// Most commands in one batch.
+const MAX_BATCH: usize = 512;
+
+pub struct WriteCommand {
+    pub project: Ident,
+    pub epoch: u64,
+    pub entries: Vec<Entry>,
+    pub reply: oneshot::Sender<Result<Vec<u64>, StorageError>>,
+}
+
+pub async fn run(storage: Weak<PgStorage>, mut queue: mpsc::Receiver<WriteCommand>) {
+    while let Some(first) = queue.recv().await {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(command) => batch.push(command),
+                Err(_) => break,
+            }
+        }
+        let Some(node) = storage.upgrade() else {
+            return;
+        };
+        commit(&node, batch).await;
+        node.committed.notify_waiters();
+    }
+}
+
+/// One row of the journal and what it does to `items`.
+struct Row {
+    project: String,
+    revision: i64,
+    task: Vec<u8>,
+    item: ItemChange,
+}
+
+enum ItemChange {
+    Put {
+        blueprint: String,
+        id: Uuid,
+        record: Vec<u8>,
+    },
+    Delete {
+        blueprint: String,
+        id: Uuid,
+    },
+}
+
+async fn commit(node: &PgStorage, mut batch: Vec<WriteCommand>) {
+    match stage(node, &mut batch).await {
+        Ok(answers) => {
+            for (command, answer) in batch.into_iter().zip(answers) {
+                let _ = command.reply.send(answer);
+            }
+        }
+        Err(error) => {
+            tracing::warn!(%error, "a batch of writes failed");
+            for command in batch {
+                let _ = command
+                    .reply
+                    .send(Err(StorageError::Unavailable(error.to_string())));
+            }
+        }
+    }
+}
+
+/// Writes the batch in one transaction; answers each command's revisions (or why it was refused),
+/// in the batch's order. The entries are taken out of the commands.
+async fn stage(
+    node: &PgStorage,
+    batch: &mut [WriteCommand],
+) -> Result<Vec<Result<Vec<u64>, StorageError>>, StorageError> {
+    // Commands of one project and epoch share one counter update.
+    let mut groups: BTreeMap<(String, u64), Vec<usize>> = BTreeMap::new();
+    for (index, command) in batch.iter().enumerate() {
+        groups
+            .entry((command.project.to_string(), command.epoch))
+            .or_default()
+            .push(index);
+    }
+    let mut answers: Vec<Result<Vec<u64>, StorageError>> =
+        batch.iter().map(|_| Ok(Vec::new())).collect();
+    let mut tx = node
+        .pool()
+        .begin()
+        .await
+        .map_err(|e| unavailable("begin a batch", &e))?;
+    let mut rows: Vec<Row> = Vec::new();
+    for ((project, epoch), indexes) in groups {
+        let count: u64 = indexes.iter().map(|i| batch[*i].entries.len() as u64).sum();
+        let last: Option<i64> = sqlx::query_scalar(
+            "UPDATE projects SET revision = revision + $3 \
+             WHERE name = $1 AND epoch = $2 AND live RETURNING revision",
+        )
+        .bind(&project)
+        .bind(epoch as i64)
+        .bind(count as i64)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(|e| unavailable("hand out revisions", &e))?;
+        let Some(last) = last else {
+            for index in indexes {
+                answers[index] = Err(StorageError::Stale);
+            }
+            continue;
+        };
+        let mut revision = last as u64 - count;
+        for index in indexes {
+            let entries = std::mem::take(&mut batch[index].entries);
+            let mut revisions = Vec::with_capacity(entries.len());
+            for entry in entries {
+                revision += 1;
+                revisions.push(revision);
+                rows.push(row(&project, revision, entry));
+            }
+            answers[index] = Ok(revisions);
+        }
+    }
+    write_rows(&mut tx, &rows).await?;
+    tx.commit()
+        .await
+        .map_err(|e| unavailable("commit a batch", &e))?;
+    Ok(answers)
+}
+
+fn row(project: &str, revision: u64, entry: Entry) -> Row {
+    match entry {
+        Entry::Upsert {
+            blueprint,
+            blueprint_uid,
+            id,
+            version,
+            record,
+            task,
+        } => Row {
+            project: project.to_string(),
+            revision: revision as i64,
+            task: codec::task_value(revision, revision, &task),
+            item: ItemChange::Put {
+                blueprint: blueprint.to_string(),
+                id,
+                record: codec::record_value(revision, version, blueprint_uid, &record),
+            },
+        },
+        Entry::Delete {
+            blueprint,
+            id,
+            task,
+            ..
+        } => Row {
+            project: project.to_string(),
+            revision: revision as i64,
+            task: codec::task_value(revision, revision, &task),
+            item: ItemChange::Delete {
+                blueprint: blueprint.to_string(),
+                id,
+            },
+        },
+    }
+}
+
+/// The journal rows, then the items' latest state: the newest change of each item wins.
+async fn write_rows(tx: &mut sqlx::PgConnection, rows: &[Row]) -> Result<(), StorageError> {
+    if rows.is_empty() {
+        return Ok(());
+    }
+    let projects: Vec<&str> = rows.iter().map(|r| r.project.as_str()).collect();
+    let revisions: Vec<i64> = rows.iter().map(|r| r.revision).collect();
+    let tasks: Vec<&[u8]> = rows.iter().map(|r| r.task.as_slice()).collect();
+    sqlx::query(
+        "INSERT INTO journal (project, revision, task) \
+         SELECT * FROM unnest($1::text[], $2::bigint[], $3::bytea[])",
+    )
+    .bind(&projects)
+    .bind(&revisions)
+    .bind(&tasks)
+    .execute(&mut *tx)
+    .await
+    .map_err(|e| unavailable("append to the journal", &e))?;
+
+    // One statement cannot change a row twice: keep each item's last change only.
+    let mut last: BTreeMap<(&str, &str, Uuid), &Row> = BTreeMap::new();
+    for row in rows {
+        let (blueprint, id) = match &row.item {
+            ItemChange::Put { blueprint, id, .. } | ItemChange::Delete { blueprint, id } => {
+                (blueprint.as_str(), *id)
+            }
+        };
+        last.insert((row.project.as_str(), blueprint, id), row);
+    }
+    let (mut put, mut gone) = (Columns::default(), Columns::default());
+    for ((project, blueprint, id), row) in last {
+        match &row.item {
+            ItemChange::Put { record, .. } => {
+                put.push(project, blueprint, id, row.revision, Some(record))
+            }
+            ItemChange::Delete { .. } => gone.push(project, blueprint, id, row.revision, None),
+        }
+    }
+    if !put.ids.is_empty() {
+        sqlx::query(
+            "INSERT INTO items (project, blueprint, id, revision, record) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::bigint[], $5::bytea[]) \
+             ON CONFLICT (project, blueprint, id) DO UPDATE \
+             SET revision = EXCLUDED.revision, record = EXCLUDED.record",
+        )
+        .bind(&put.projects)
+        .bind(&put.blueprints)
+        .bind(&put.ids)
+        .bind(&put.revisions)
+        .bind(&put.records)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| unavailable("write items", &e))?;
+    }
+    if !gone.ids.is_empty() {
+        sqlx::query(
+            "DELETE FROM items i USING unnest($1::text[], $2::text[], $3::uuid[]) AS d(project, blueprint, id) \
+             WHERE i.project = d.project AND i.blueprint = d.blueprint AND i.id = d.id",
+        )
+        .bind(&gone.projects)
+        .bind(&gone.blueprints)
+        .bind(&gone.ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| unavailable("delete items", &e))?;
+    }
+    Ok(())
+}
+
+/// Column arrays for `unnest`.
+#[derive(Default)]
+struct Columns<'a> {
+    projects: Vec<&'a str>,
+    blueprints: Vec<&'a str>,
+    ids: Vec<Uuid>,
+    revisions: Vec<i64>,
+    records: Vec<&'a [u8]>,
+}
+
+impl<'a> Columns<'a> {
+    fn push(
+        &mut self,
+        project: &'a str,
+        blueprint: &'a str,
+        id: Uuid,
+        revision: i64,
+        record: Option<&'a Vec<u8>>,
+    ) {
+        self.projects.push(project);
+        self.blueprints.push(blueprint);
+        self.ids.push(id);
+        self.revisions.push(revision);
+        if let Some(record) = record {
+            self.records.push(record);
+        }
+    }
+}
