@@ -9,6 +9,9 @@ CREATE TABLE projects (
     revision BIGINT NOT NULL DEFAULT 0,
     -- Moves whenever the live versions change; a write prepared against another epoch is refused.
     epoch    BIGINT NOT NULL DEFAULT 0,
+    -- Counts every change of the project's catalog records: a node never replaces its copy of a
+    -- project by an older one (a slow full reload racing a newer edit).
+    changes  BIGINT NOT NULL DEFAULT 0,
     live     BOOLEAN NOT NULL DEFAULT TRUE,
     working  JSONB NOT NULL
 );

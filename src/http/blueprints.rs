@@ -69,7 +69,7 @@ pub async fn get(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (project, name) = parse_names(&path)?;
-    let snapshot = state.storage.snapshot();
+    let snapshot = state.storage.fresh_snapshot(&project).await?;
     let p = snapshot.project(&project)?;
     Ok(HttpResponse::Ok().json(blueprint_in(
         &p.working.blueprints,
@@ -95,7 +95,7 @@ pub async fn get_at(
     path: web::Path<(String, String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let (project, name) = (ident("project", &path.0)?, ident("blueprint", &path.1)?);
-    let snapshot = state.storage.snapshot();
+    let snapshot = state.storage.fresh_snapshot(&project).await?;
     let p = snapshot.project(&project)?;
     let blueprints = frozen(p, &path.2)?;
     Ok(HttpResponse::Ok().json(blueprint_in(
@@ -162,7 +162,7 @@ pub fn parse_blueprint_set(
 /// GET /{project}/_blueprint
 pub async fn get_all(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
-    let snapshot = state.storage.snapshot();
+    let snapshot = state.storage.fresh_snapshot(&project).await?;
     let p = snapshot.project(&project)?;
     Ok(HttpResponse::Ok().json(blueprints_to_public(&p.working.blueprints)))
 }
@@ -173,7 +173,7 @@ pub async fn get_all_at(
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path.0)?;
-    let snapshot = state.storage.snapshot();
+    let snapshot = state.storage.fresh_snapshot(&project).await?;
     let p = snapshot.project(&project)?;
     Ok(HttpResponse::Ok().json(blueprints_to_public(frozen(p, &path.1)?)))
 }

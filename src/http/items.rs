@@ -211,7 +211,11 @@ pub async fn get(
         )
     })?;
     let version = params.version.as_deref().map(version_number).transpose()?;
-    let snapshot = state.storage.snapshot();
+    let mut snapshot = state.storage.snapshot();
+    if !snapshot.projects.contains_key(&project) {
+        // Perhaps made through another node a moment ago.
+        snapshot = state.storage.fresh_snapshot(&project).await?;
+    }
     snapshot.project(&project)?;
     let record = state
         .storage
@@ -220,7 +224,14 @@ pub async fn get(
         .ok_or_else(|| {
             ApiError::NotFound(format!("item {id} does not exist in {project}/{blueprint}"))
         })?;
-    let doc = read_at(&snapshot, &project, &blueprint, &record, version)?;
+    let doc = match read_at(&snapshot, &project, &blueprint, &record, version) {
+        Ok(doc) => doc,
+        // The item may be of a version this node does not know yet.
+        Err(_) => {
+            let fresh = state.storage.fresh_snapshot(&project).await?;
+            read_at(&fresh, &project, &blueprint, &record, version)?
+        }
+    };
     Ok(HttpResponse::Ok()
         .insert_header(("x-dstore-revision", record.revision.to_string()))
         .json(doc))

@@ -22,7 +22,7 @@ fn describe(p: &Project) -> Value {
 /// GET /{project}/_project
 pub async fn get(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
-    let snapshot = state.storage.snapshot();
+    let snapshot = state.storage.fresh_snapshot(&project).await?;
     Ok(HttpResponse::Ok().json(describe(snapshot.project(&project)?)))
 }
 
@@ -61,13 +61,13 @@ pub async fn put(
 /// DELETE /{project}/_project
 pub async fn delete(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
-    state.storage.snapshot().project(&project)?;
     state.storage.drop_project(&project).await?;
     Ok(HttpResponse::Ok().json(json!({"success": true})))
 }
 
 /// GET /_project
 pub async fn get_all(state: State) -> Result<HttpResponse, ApiError> {
+    state.storage.refresh_catalog().await?;
     let snapshot = state.storage.snapshot();
     let out: Map<String, Value> = snapshot
         .projects
@@ -124,6 +124,7 @@ pub async fn put_all(
 
 /// DELETE /_project
 pub async fn delete_all(state: State) -> Result<HttpResponse, ApiError> {
+    state.storage.refresh_catalog().await?;
     let names: Vec<Ident> = state.storage.snapshot().projects.keys().cloned().collect();
     for project in &names {
         state.storage.drop_project(project).await?;

@@ -19,12 +19,13 @@ pub async fn freeze(state: State, path: web::Path<String>) -> Result<HttpRespons
 /// GET /{project}/_version
 pub async fn get(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
-    let snapshot = state.storage.snapshot();
+    let snapshot = state.storage.fresh_snapshot(&project).await?;
     Ok(HttpResponse::Ok().json(describe(&state, snapshot.project(&project)?).await?))
 }
 
 /// GET /_version
 pub async fn all(state: State) -> Result<HttpResponse, ApiError> {
+    state.storage.refresh_catalog().await?;
     let snapshot = state.storage.snapshot();
     let mut out = Map::new();
     for (name, p) in &snapshot.projects {
@@ -50,7 +51,7 @@ pub async fn retire(
 /// something else) and never skips tasks on the word of a server that is not dstore.
 pub async fn catalog(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
-    let snapshot = state.storage.snapshot();
+    let snapshot = state.storage.fresh_snapshot(&project).await?;
     let Some(p) = snapshot.projects.get(&project) else {
         return Ok(HttpResponse::Ok()
             .json(json!({"project": project, "exists": false, "versions": [], "retired": []})));

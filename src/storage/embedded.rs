@@ -52,6 +52,10 @@ impl Storage for EmbeddedStorage {
         Ok(())
     }
 
+    async fn fresh_snapshot(&self, _project: &Ident) -> Result<Arc<Snapshot>, StorageError> {
+        Ok(self.catalog.snapshot())
+    }
+
     async fn put_blueprint(
         &self,
         project: &Ident,

@@ -127,6 +127,11 @@ pub trait Storage: Send + Sync {
     /// Reads the catalog again from where it is kept (a write found this node's copy stale).
     async fn refresh_catalog(&self) -> Result<(), StorageError>;
 
+    /// The catalog with `project` as stored right now: what reads of the catalog and freezes use,
+    /// so a change made through another node a moment ago is seen (this node's copy follows other
+    /// nodes' changes only within milliseconds).
+    async fn fresh_snapshot(&self, project: &Ident) -> Result<Arc<Snapshot>, StorageError>;
+
     /// Creates or edits one blueprint of a project's working copy (creating the project).
     async fn put_blueprint(
         &self,

@@ -57,17 +57,24 @@ pub async fn journal<T>(
     project: &Ident,
     mut prepare: impl FnMut(&Snapshot) -> Result<(Vec<Entry>, T), WriteError>,
 ) -> Result<(Vec<u64>, T), WriteError> {
-    for _ in 0..MAX_ATTEMPTS {
-        let snapshot = storage.snapshot();
-        let (entries, extra) = prepare(&snapshot)?;
+    let mut snapshot = storage.snapshot();
+    for attempt in 0..MAX_ATTEMPTS {
+        let (entries, extra) = match prepare(&snapshot) {
+            // This node may not know yet a project or version made through another node.
+            Err(WriteError::NotFound(_) | WriteError::Invalid(_)) if attempt == 0 => {
+                snapshot = storage.fresh_snapshot(project).await?;
+                continue;
+            }
+            prepared => prepared?,
+        };
         if entries.is_empty() {
             return Ok((Vec::new(), extra));
         }
         let epoch = snapshot.projects.get(project).map_or(0, |p| p.epoch);
         match storage.write(project, epoch, entries).await {
             Err(StorageError::Stale) => {
-                // Another node (or request) moved the versions: read the catalog again.
-                storage.refresh_catalog().await?;
+                // Another node (or request) moved the versions: read the project again.
+                snapshot = storage.fresh_snapshot(project).await?;
                 continue;
             }
             Ok(revisions) => return Ok((revisions, extra)),
@@ -120,7 +127,7 @@ pub async fn bulk(
     ops: &[Operation<'_>],
     max_item_bytes: usize,
 ) -> Result<Vec<BulkOutcome>, WriteError> {
-    storage.snapshot().project(project)?;
+    storage.fresh_snapshot(project).await?.project(project)?;
     // The versions a delete reaches depend on the item's blueprint, read once.
     let mut existing: Vec<Option<ItemRecord>> = Vec::with_capacity(ops.len());
     for op in ops {
@@ -194,7 +201,7 @@ pub async fn freeze(
     project: &Ident,
     wait: Duration,
 ) -> Result<u32, WriteError> {
-    let snapshot = storage.snapshot();
+    let snapshot = storage.fresh_snapshot(project).await?;
     let p = snapshot.project(project)?;
     let (number, revision) = if p.has_unfrozen_changes() {
         // The back-fill of the new version starts in the same storage command.

@@ -106,6 +106,19 @@ impl Es {
         response.json().await.expect("a JSON answer")
     }
 
+    /// Documents by id (`_mget`).
+    pub(crate) async fn mget(&self, index: &str, ids: &[String]) -> Value {
+        let response = self
+            .client
+            .post(format!("{}/{index}/_mget", self.url))
+            .json(&json!({ "ids": ids }))
+            .send()
+            .await
+            .expect("elasticsearch answers");
+        assert_eq!(response.status().as_u16(), 200, "mget {index}");
+        response.json().await.expect("a JSON answer")
+    }
+
     pub(crate) async fn refresh(&self, index: &str) {
         let (status, body) = self
             .call(reqwest::Method::POST, &format!("{index}/_refresh"))

@@ -108,9 +108,14 @@ pub struct Outcome {
 
 impl WriteLoad {
     pub fn start(address: &str, writers: usize) -> WriteLoad {
+        WriteLoad::start_many(&[address.to_string()], writers, Duration::from_millis(10))
+    }
+
+    /// Writers spreading their requests over `addresses` in turn, pausing `pace` between requests.
+    pub fn start_many(addresses: &[String], writers: usize, pace: Duration) -> WriteLoad {
         let stop = Arc::new(AtomicBool::new(false));
         let writers = (0..writers)
-            .map(|w| tokio::spawn(write(address.to_string(), w as i64, stop.clone())))
+            .map(|w| tokio::spawn(write(addresses.to_vec(), w as i64, pace, stop.clone())))
             .collect();
         WriteLoad { stop, writers }
     }
@@ -128,7 +133,12 @@ impl WriteLoad {
     }
 }
 
-async fn write(address: String, writer: i64, stop: Arc<AtomicBool>) -> Outcome {
+async fn write(
+    addresses: Vec<String>,
+    writer: i64,
+    pace: Duration,
+    stop: Arc<AtomicBool>,
+) -> Outcome {
     let client = reqwest::Client::builder()
         .timeout(Duration::from_secs(30))
         .build()
@@ -139,6 +149,7 @@ async fn write(address: String, writer: i64, stop: Arc<AtomicBool>) -> Outcome {
         if stop.load(Ordering::SeqCst) || op >= 1500 {
             break;
         }
+        let address = &addresses[(op + writer) as usize % addresses.len()];
         // Mostly new items; every fourth op updates one, every tenth deletes one.
         let (id, n, request) = match (op % 10, live.len()) {
             (9, len) if len > 0 => {
@@ -166,7 +177,7 @@ async fn write(address: String, writer: i64, stop: Arc<AtomicBool>) -> Outcome {
             }
         };
         // Paced, so the load spans the whole outage and what follows it.
-        tokio::time::sleep(Duration::from_millis(10)).await;
+        tokio::time::sleep(pace).await;
         match request.send().await {
             Ok(response) if response.status() == 200 => {
                 outcome.acknowledged += 1;

@@ -2,6 +2,7 @@
 
 mod blueprints;
 mod cli;
+mod cluster;
 mod elasticsearch;
 mod faults;
 mod helpers;

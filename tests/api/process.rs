@@ -3,7 +3,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-fn free_port() -> u16 {
+pub(crate) fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -107,9 +107,17 @@ fn check_config_reports_each_store_and_fails_when_one_does_not_answer() {
     );
 }
 
-struct Server {
+pub(crate) struct Server {
     child: std::process::Child,
-    port: u16,
+    pub(crate) port: u16,
+}
+
+/// A server a test forgot (or a test that failed) is killed, never left running.
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
 }
 
 impl Server {
@@ -118,15 +126,22 @@ impl Server {
     }
 
     /// Starts the binary with `env` added to the variables of [`Server::start`].
-    async fn start_with(data: &std::path::Path, port: u16, env: &[(&str, String)]) -> Server {
+    pub(crate) async fn start_with(
+        data: &std::path::Path,
+        port: u16,
+        env: &[(&str, String)],
+    ) -> Server {
         let mut command = Command::new(env!("CARGO_BIN_EXE_dstore"));
+        // The log goes beside the data, so a node that does not start can say why.
+        std::fs::create_dir_all(data).unwrap();
+        let log = data.join(format!("dstore-{port}.log"));
         command
             .env("PORT", port.to_string())
             .env("LEVEL_PATH", data)
             .env("DSTORE_HOST", "127.0.0.1")
             .env_remove("DSTORE_CONFIG")
             .stdout(Stdio::null())
-            .stderr(Stdio::null());
+            .stderr(std::fs::File::create(&log).unwrap());
         for (name, value) in env {
             command.env(name, value);
         }
@@ -141,18 +156,24 @@ impl Server {
         {
             assert!(
                 started.elapsed() < Duration::from_secs(20),
-                "dstore did not start"
+                "dstore did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Server { child, port }
     }
 
-    fn url(&self, path: &str) -> String {
+    pub(crate) fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
-    async fn stop(mut self) {
+    /// Kills the process at once (SIGKILL) and reaps it.
+    pub(crate) fn kill(self) {
+        drop(self);
+    }
+
+    pub(crate) async fn stop(mut self) {
         Command::new("kill")
             .arg("-TERM")
             .arg(self.child.id().to_string())
@@ -210,9 +231,7 @@ async fn every_acknowledged_write_survives_kill_9_and_reaches_the_keyspace_after
         })
         .collect();
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut killed = server.child;
-    killed.kill().unwrap(); // SIGKILL
-    killed.wait().unwrap();
+    server.kill(); // SIGKILL
     let mut acknowledged = Vec::new();
     for writer in writers {
         acknowledged.extend(writer.await.unwrap());
@@ -306,9 +325,7 @@ async fn with_every_store_and_the_broker_each_acknowledged_write_survives_kill_9
 
     let load = WriteLoad::start(&server.url(""), 8);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    let mut killed = server.child;
-    killed.kill().unwrap(); // SIGKILL, in the middle of the load
-    killed.wait().unwrap();
+    server.kill(); // SIGKILL, in the middle of the load
     let expected = load.stop().await;
     assert!(expected.acknowledged > 100, "the load ran");
 

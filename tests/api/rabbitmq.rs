@@ -81,10 +81,10 @@ impl TestBroker {
             .unwrap_or_else(|| panic!("there is no queue {queue}"))
     }
 
-    /// Waits up to 10 s until one of the namespace's queues holds `count` messages (the broker moves
+    /// Waits up to 30 s until one of the namespace's queues holds `count` messages (the broker moves
     /// messages after dstore answers).
     pub async fn expect_messages(&self, queue: &str, count: u32) {
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let now = self.queued(queue).await;
             if now == Some(count) {

@@ -1,5 +1,9 @@
 //! The catalog in PostgreSQL: loading it, locking a project for an edit, persisting what an edit
 //! wrote, forgetting a dropped project, and the listener that keeps a node's copy fresh.
+//!
+//! Every change of a project's records raises its `changes` counter (its stamp); a node replaces
+//! its copy of a project only by one with a stamp at least as high, so a slow full reload never
+//! undoes an edit published after it started.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
@@ -12,101 +16,122 @@ use sqlx::{PgConnection, Row};
 use super::{unavailable, PgStorage};
 use crate::blueprint::Ident;
 use crate::catalog::edit::Write;
-use crate::catalog::{Project, Snapshot, Version, VersionStatus, WorkingCopy};
+use crate::catalog::{Project, Version, VersionStatus, WorkingCopy};
 use crate::storage::StorageError;
 
 fn corrupt(what: &str, error: impl std::fmt::Display) -> StorageError {
     StorageError::Corrupt(format!("postgresql storage: {what} is unreadable: {error}"))
 }
 
-/// Every live project.
-pub async fn load_all(pool: &PgPool) -> Result<Snapshot, StorageError> {
-    let mut projects: BTreeMap<Ident, Project> = BTreeMap::new();
-    let rows = sqlx::query("SELECT name, epoch, working FROM projects WHERE live")
+/// A project as a node reads it: `stamp` counts its catalog changes, and `project` is `None` when
+/// it does not exist or was dropped.
+pub struct Loaded {
+    pub name: Ident,
+    pub stamp: u64,
+    pub project: Option<Project>,
+}
+
+fn working_copy(row: &sqlx::postgres::PgRow) -> Result<WorkingCopy, StorageError> {
+    let Json(working): Json<WorkingCopy> = row
+        .try_get("working")
+        .map_err(|e| corrupt("a working copy", e))?;
+    Ok(working)
+}
+
+/// Every project the database knows, dropped ones included (so a node forgets them).
+pub async fn load_all(pool: &PgPool) -> Result<Vec<Loaded>, StorageError> {
+    let mut projects: BTreeMap<Ident, Loaded> = BTreeMap::new();
+    let rows = sqlx::query("SELECT name, epoch, changes, live, working FROM projects")
         .fetch_all(pool)
         .await
         .map_err(|e| unavailable("read the catalog", &e))?;
     for row in rows {
-        let name: String = row.get("name");
-        let Ok(name) = Ident::parse(&name) else {
+        let Ok(name) = Ident::parse(&row.get::<String, _>("name")) else {
             continue;
         };
-        let mut project = Project::new(name.clone());
-        project.epoch = row.get::<i64, _>("epoch") as u64;
-        let Json(working): Json<WorkingCopy> = row
-            .try_get("working")
-            .map_err(|e| corrupt("a working copy", e))?;
-        project.working = working;
-        projects.insert(name, project);
+        let project = if row.get::<bool, _>("live") {
+            let mut project = Project::new(name.clone());
+            project.epoch = row.get::<i64, _>("epoch") as u64;
+            project.working = working_copy(&row)?;
+            Some(project)
+        } else {
+            None
+        };
+        let stamp = row.get::<i64, _>("changes") as u64;
+        projects.insert(
+            name.clone(),
+            Loaded {
+                name,
+                stamp,
+                project,
+            },
+        );
     }
-    let versions = sqlx::query(
-        "SELECT v.project, v.body FROM versions v JOIN projects p ON p.name = v.project \
-         WHERE p.live ORDER BY v.project, v.number",
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(|e| unavailable("read the catalog", &e))?;
+    let versions = sqlx::query("SELECT project, body FROM versions ORDER BY project, number")
+        .fetch_all(pool)
+        .await
+        .map_err(|e| unavailable("read the catalog", &e))?;
     for row in versions {
         let name: String = row.get("project");
         let Json(version): Json<Version> =
             row.try_get("body").map_err(|e| corrupt("a version", e))?;
-        if let Some(p) = projects.get_mut(name.as_str()) {
+        if let Some(p) = projects
+            .get_mut(name.as_str())
+            .and_then(|l| l.project.as_mut())
+        {
             p.versions.push(Arc::new(version));
         }
     }
-    let statuses = sqlx::query(
-        "SELECT s.project, s.number, s.status FROM version_status s \
-         JOIN projects p ON p.name = s.project WHERE p.live",
-    )
-    .fetch_all(pool)
-    .await
-    .map_err(|e| unavailable("read the catalog", &e))?;
+    let statuses = sqlx::query("SELECT project, number, status FROM version_status")
+        .fetch_all(pool)
+        .await
+        .map_err(|e| unavailable("read the catalog", &e))?;
     for row in statuses {
         let name: String = row.get("project");
         let Json(status): Json<VersionStatus> = row
             .try_get("status")
             .map_err(|e| corrupt("a version status", e))?;
-        if let Some(p) = projects.get_mut(name.as_str()) {
+        if let Some(p) = projects
+            .get_mut(name.as_str())
+            .and_then(|l| l.project.as_mut())
+        {
             p.status.insert(row.get::<i32, _>("number") as u32, status);
         }
     }
-    Ok(Snapshot {
-        epoch: 0,
-        projects: projects
-            .into_iter()
-            .map(|(k, v)| (k, Arc::new(v)))
-            .collect(),
-    })
+    Ok(projects.into_values().collect())
 }
 
-/// One project as stored, if it is live; `lock` takes its row lock (inside a transaction).
+/// One project as stored; `lock` takes its row lock (inside a transaction).
 async fn read_project(
     conn: &mut PgConnection,
     name: &Ident,
     lock: bool,
-) -> Result<Option<Project>, StorageError> {
+) -> Result<Loaded, StorageError> {
     let query = if lock {
-        "SELECT epoch, live, working FROM projects WHERE name = $1 FOR UPDATE"
+        "SELECT epoch, changes, live, working FROM projects WHERE name = $1 FOR UPDATE"
     } else {
-        "SELECT epoch, live, working FROM projects WHERE name = $1"
+        "SELECT epoch, changes, live, working FROM projects WHERE name = $1"
     };
-    let Some(row) = sqlx::query(query)
+    let row = sqlx::query(query)
         .bind(name.as_str())
         .fetch_optional(&mut *conn)
         .await
-        .map_err(|e| unavailable("read a project", &e))?
-    else {
-        return Ok(None);
+        .map_err(|e| unavailable("read a project", &e))?;
+    let mut loaded = Loaded {
+        name: name.clone(),
+        stamp: 0,
+        project: None,
     };
+    let Some(row) = row else {
+        return Ok(loaded);
+    };
+    loaded.stamp = row.get::<i64, _>("changes") as u64;
     if !row.get::<bool, _>("live") {
-        return Ok(None);
+        return Ok(loaded);
     }
     let mut project = Project::new(name.clone());
     project.epoch = row.get::<i64, _>("epoch") as u64;
-    let Json(working): Json<WorkingCopy> = row
-        .try_get("working")
-        .map_err(|e| corrupt("a working copy", e))?;
-    project.working = working;
+    project.working = working_copy(&row)?;
     let versions: Vec<Json<Version>> =
         sqlx::query_scalar("SELECT body FROM versions WHERE project = $1 ORDER BY number")
             .bind(name.as_str())
@@ -127,24 +152,23 @@ async fn read_project(
             .status
             .insert(row.get::<i32, _>("number") as u32, status);
     }
-    Ok(Some(project))
+    loaded.project = Some(project);
+    Ok(loaded)
 }
 
-/// One project as stored, if it is live.
-pub async fn load_project(
-    conn: &mut PgConnection,
-    name: &Ident,
-) -> Result<Option<Project>, StorageError> {
+/// One project as stored.
+pub async fn load_project(conn: &mut PgConnection, name: &Ident) -> Result<Loaded, StorageError> {
     read_project(conn, name, false).await
 }
 
-/// Takes a project's row lock for the rest of the transaction and answers the project. With
-/// `create`, a project that does not exist (or was dropped) is created with an empty working copy.
+/// Takes a project's row lock for the rest of the transaction; answers the project and its stamp.
+/// With `create`, a project that does not exist (or was dropped) is created with an empty working
+/// copy.
 pub async fn lock_project(
     tx: &mut PgConnection,
     name: &Ident,
     create: bool,
-) -> Result<Project, StorageError> {
+) -> Result<(Project, u64), StorageError> {
     if create {
         let empty = Json(WorkingCopy::default());
         sqlx::query(
@@ -157,17 +181,24 @@ pub async fn lock_project(
         .await
         .map_err(|e| unavailable("create a project", &e))?;
     }
-    read_project(tx, name, true)
-        .await?
-        .ok_or_else(|| StorageError::NotFound(format!("project {name:?} does not exist")))
+    let loaded = read_project(tx, name, true).await?;
+    let project = loaded
+        .project
+        .ok_or_else(|| StorageError::NotFound(format!("project {name:?} does not exist")))?;
+    Ok((project, loaded.stamp))
 }
 
-/// Persists what an edit wrote; moves the project's epoch when its live versions changed.
+/// Persists what an edit wrote; moves the project's epoch when its live versions changed. Answers
+/// the project's new stamp (`stamp`, unchanged, when nothing was written).
 pub async fn persist(
     tx: &mut PgConnection,
     project: &mut Project,
+    stamp: u64,
     writes: &[Write],
-) -> Result<(), StorageError> {
+) -> Result<u64, StorageError> {
+    if writes.is_empty() {
+        return Ok(stamp);
+    }
     let name = project.name.as_str();
     for write in writes {
         let result = match write {
@@ -204,29 +235,31 @@ pub async fn persist(
         };
         result.map_err(|e| unavailable("write the catalog", &e))?;
     }
-    if writes.iter().any(|w| w.moves_epoch()) {
-        let epoch: i64 = sqlx::query_scalar(
-            "UPDATE projects SET epoch = epoch + 1 WHERE name = $1 RETURNING epoch",
-        )
-        .bind(name)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(|e| unavailable("move the project's epoch", &e))?;
-        project.epoch = epoch as u64;
-    }
-    Ok(())
+    let moves = i64::from(writes.iter().any(|w| w.moves_epoch()));
+    let (epoch, changes): (i64, i64) = sqlx::query_as(
+        "UPDATE projects SET epoch = epoch + $2, changes = changes + 1 WHERE name = $1 \
+         RETURNING epoch, changes",
+    )
+    .bind(name)
+    .bind(moves)
+    .fetch_one(&mut *tx)
+    .await
+    .map_err(|e| unavailable("move the project's epoch", &e))?;
+    project.epoch = epoch as u64;
+    Ok(changes as u64)
 }
 
-/// Forgets a dropped project: its catalog, items, back-fills and dead letters. The row stays (not
-/// live), so the project's revisions and epochs keep growing if it is made again; its journal stays
-/// until every projector has applied the drop.
-pub async fn forget(tx: &mut PgConnection, name: &Ident) -> Result<(), StorageError> {
-    sqlx::query(
-        "UPDATE projects SET live = FALSE, epoch = epoch + 1, working = $2 WHERE name = $1",
+/// Forgets a dropped project: its catalog, items, back-fills and dead letters; answers its new
+/// stamp. The row stays (not live), so the project's revisions and epochs keep growing if it is
+/// made again; its journal stays until every projector has applied the drop.
+pub async fn forget(tx: &mut PgConnection, name: &Ident) -> Result<u64, StorageError> {
+    let stamp: i64 = sqlx::query_scalar(
+        "UPDATE projects SET live = FALSE, epoch = epoch + 1, changes = changes + 1, working = $2 \
+         WHERE name = $1 RETURNING changes",
     )
     .bind(name.as_str())
     .bind(Json(WorkingCopy::default()))
-    .execute(&mut *tx)
+    .fetch_one(&mut *tx)
     .await
     .map_err(|e| unavailable("drop a project", &e))?;
     for table in [
@@ -244,7 +277,7 @@ pub async fn forget(tx: &mut PgConnection, name: &Ident) -> Result<(), StorageEr
         .await
         .map_err(|e| unavailable("drop a project", &e))?;
     }
-    Ok(())
+    Ok(stamp as u64)
 }
 
 /// Keeps the node's catalog fresh: reloads a project when another node notifies a change, and the

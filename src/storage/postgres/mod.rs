@@ -58,6 +58,13 @@ pub struct PgStorageSettings {
     pub projection: ProjectionSettings,
 }
 
+/// This node's copy of the catalog, and the stamp of each project in it (dropped ones too).
+#[derive(Default)]
+struct CatalogCache {
+    snapshot: Arc<Snapshot>,
+    stamps: HashMap<Ident, u64>,
+}
+
 /// Counters of this node, for health and metrics.
 #[derive(Debug, Default)]
 struct NodeProgress {
@@ -70,7 +77,7 @@ pub struct PgStorage {
     settings: PgStorageSettings,
     /// The `NOTIFY` channel of catalog changes.
     channel: String,
-    catalog: RwLock<Arc<Snapshot>>,
+    catalog: RwLock<CatalogCache>,
     writes: mpsc::Sender<writer::WriteCommand>,
     /// Woken after every commit on this node, so its own projectors start at once.
     pub(super) committed: Notify,
@@ -101,7 +108,7 @@ impl PgStorage {
             ("TimeZone", "UTC"),
         ]);
         let pool = PgPoolOptions::new()
-            .max_connections(16)
+            .max_connections(10)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
         pool.execute(sqlx::AssertSqlSafe(format!(
@@ -117,12 +124,12 @@ impl PgStorage {
                 .fetch_one(&pool)
                 .await
                 .map_err(|e| unavailable("read the journal id", &e))?;
-        let snapshot = catalog::load_all(&pool).await?;
+        let loaded = catalog::load_all(&pool).await?;
         let (writes, queue) = mpsc::channel(4096);
         let storage = Arc::new(PgStorage {
             channel: format!("{}_catalog", settings.schema),
             pool,
-            catalog: RwLock::new(Arc::new(snapshot)),
+            catalog: RwLock::new(CatalogCache::default()),
             writes,
             committed: Notify::new(),
             progress: Mutex::new(HashMap::new()),
@@ -130,6 +137,7 @@ impl PgStorage {
             journal_id,
             settings,
         });
+        storage.publish(loaded);
         storage.ensure_cursors(None).await?;
         tokio::spawn(writer::run(Arc::downgrade(&storage), queue));
         tokio::spawn(catalog::listen(Arc::downgrade(&storage)));
@@ -152,18 +160,39 @@ impl PgStorage {
         &self.journal_id
     }
 
-    fn publish(&self, project: &Ident, p: Option<crate::catalog::Project>) {
-        let mut current = self.catalog.write().expect("catalog lock");
-        let mut next = Snapshot::clone(&current);
-        match p {
-            Some(p) => {
-                next.projects.insert(project.clone(), Arc::new(p));
+    /// Puts projects as read into this node's catalog, each only if it is not older than the copy
+    /// the node has (by stamp).
+    fn publish(&self, loaded: Vec<catalog::Loaded>) {
+        let mut cache = self.catalog.write().expect("catalog lock");
+        let mut next = Snapshot::clone(&cache.snapshot);
+        for catalog::Loaded {
+            name,
+            stamp,
+            project,
+        } in loaded
+        {
+            if cache.stamps.get(&name).is_some_and(|known| *known > stamp) {
+                continue;
             }
-            None => {
-                next.projects.remove(project);
+            cache.stamps.insert(name.clone(), stamp);
+            match project {
+                Some(p) => {
+                    next.projects.insert(name, Arc::new(p));
+                }
+                None => {
+                    next.projects.remove(&name);
+                }
             }
         }
-        *current = Arc::new(next);
+        cache.snapshot = Arc::new(next);
+    }
+
+    fn publish_one(&self, name: &Ident, stamp: u64, project: Option<crate::catalog::Project>) {
+        self.publish(vec![catalog::Loaded {
+            name: name.clone(),
+            stamp,
+            project,
+        }]);
     }
 
     /// Makes sure every configured projector has a cursor for `project` (or for every project).
@@ -204,15 +233,15 @@ impl PgStorage {
             .begin()
             .await
             .map_err(|e| unavailable("begin a catalog edit", &e))?;
-        let mut p = catalog::lock_project(&mut tx, project, create).await?;
+        let (mut p, stamp) = catalog::lock_project(&mut tx, project, create).await?;
         let mut writes = Vec::new();
         let result = apply(&mut p, &mut writes)?;
-        catalog::persist(&mut tx, &mut p, &writes).await?;
+        let stamp = catalog::persist(&mut tx, &mut p, stamp, &writes).await?;
         self.notify(&mut tx, project).await?;
         tx.commit()
             .await
             .map_err(|e| unavailable("commit a catalog edit", &e))?;
-        self.publish(project, Some(p));
+        self.publish_one(project, stamp, Some(p));
         if create {
             self.ensure_cursors(Some(project)).await?;
         }
@@ -241,8 +270,8 @@ impl PgStorage {
             .acquire()
             .await
             .map_err(|e| unavailable("read the catalog", &e))?;
-        let p = catalog::load_project(&mut conn, project).await?;
-        self.publish(project, p);
+        let loaded = catalog::load_project(&mut conn, project).await?;
+        self.publish(vec![loaded]);
         Ok(())
     }
 
@@ -300,13 +329,18 @@ impl Storage for PgStorage {
     }
 
     fn snapshot(&self) -> Arc<Snapshot> {
-        self.catalog.read().expect("catalog lock").clone()
+        self.catalog.read().expect("catalog lock").snapshot.clone()
     }
 
     async fn refresh_catalog(&self) -> Result<(), StorageError> {
-        let snapshot = catalog::load_all(&self.pool).await?;
-        *self.catalog.write().expect("catalog lock") = Arc::new(snapshot);
+        let loaded = catalog::load_all(&self.pool).await?;
+        self.publish(loaded);
         Ok(())
+    }
+
+    async fn fresh_snapshot(&self, project: &Ident) -> Result<Arc<Snapshot>, StorageError> {
+        self.reload(project).await?;
+        Ok(self.snapshot())
     }
 
     async fn put_blueprint(
@@ -389,11 +423,11 @@ impl Storage for PgStorage {
             .begin()
             .await
             .map_err(|e| unavailable("begin a freeze", &e))?;
-        let mut p = catalog::lock_project(&mut tx, project, false).await?;
+        let (mut p, stamp) = catalog::lock_project(&mut tx, project, false).await?;
         let mut writes = Vec::new();
         let projectors = self.settings.projectors.clone();
         let version = edit::freeze(&mut p, &projectors, &mut writes)?;
-        catalog::persist(&mut tx, &mut p, &writes).await?;
+        let stamp = catalog::persist(&mut tx, &mut p, stamp, &writes).await?;
         let revision = Self::next_revisions(&mut tx, project, 1).await?;
         let migrate = TaskOp::Migrate {
             version: version.number,
@@ -407,7 +441,7 @@ impl Storage for PgStorage {
         tx.commit()
             .await
             .map_err(|e| unavailable("commit a freeze", &e))?;
-        self.publish(project, Some(p));
+        self.publish_one(project, stamp, Some(p));
         self.committed.notify_waiters();
         Ok((version, revision))
     }
@@ -470,12 +504,12 @@ impl Storage for PgStorage {
         catalog::lock_project(&mut tx, project, false).await?;
         let revision = Self::next_revisions(&mut tx, project, 1).await?;
         Self::append_task(&mut tx, project, revision, &TaskOp::DropProject, None).await?;
-        catalog::forget(&mut tx, project).await?;
+        let stamp = catalog::forget(&mut tx, project).await?;
         self.notify(&mut tx, project).await?;
         tx.commit()
             .await
             .map_err(|e| unavailable("commit a drop", &e))?;
-        self.publish(project, None);
+        self.publish_one(project, stamp, None);
         self.committed.notify_waiters();
         Ok(revision)
     }

@@ -1,0 +1,406 @@
+//! Cluster mode with real processes: several `dstore serve` nodes on one PostgreSQL storage, with
+//! PostgreSQL and Elasticsearch projectors, a write load spread over the nodes, nodes killed with
+//! SIGKILL under load, a freeze in the middle, and PostgreSQL cut away. Afterwards every acknowledged
+//! write must be readable from every node and present in every store, as its newest acknowledged
+//! state, and each project's revisions must run 1, 2, 3 … without a gap.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::elasticsearch::{unique_prefix, Es};
+use crate::faults::{thing, Outcome, Proxy, Tally, WriteLoad};
+use crate::postgres::TestDatabase;
+use crate::process::{free_port, Server};
+
+/// A cluster's shared settings: its storage database, the projector's database, Elasticsearch.
+struct Cluster {
+    storage: TestDatabase,
+    store: TestDatabase,
+    es: Es,
+    prefix: String,
+    dir: tempfile::TempDir,
+    /// Where nodes reach the storage (a proxy, for outages), when not directly.
+    storage_url: String,
+}
+
+impl Cluster {
+    async fn new() -> Cluster {
+        let storage = TestDatabase::create().await;
+        let storage_url = storage.settings().url.unwrap().expose().to_string();
+        Cluster {
+            storage,
+            store: TestDatabase::create().await,
+            es: Es::new().await,
+            prefix: unique_prefix(),
+            dir: tempfile::tempdir().unwrap(),
+            storage_url,
+        }
+    }
+
+    async fn node(&self, index: usize, port: u16) -> Server {
+        let data = self.dir.path().join(format!("node{index}"));
+        Server::start_with(
+            &data,
+            port,
+            &[
+                ("DSTORE_STORAGE_BACKEND", "postgresql".into()),
+                ("DSTORE_STORAGE_URL", self.storage_url.clone()),
+                ("DSTORE_NODE", format!("node{index}")),
+                (
+                    "DATABASE_URL",
+                    self.store.settings().url.unwrap().expose().to_string(),
+                ),
+                ("ELASTICSEARCH_HOST", self.es.url.clone()),
+                ("DSTORE_ELASTICSEARCH_INDEX_PREFIX", self.prefix.clone()),
+                ("DSTORE_WAIT_TIMEOUT_SECS", "60".into()),
+            ],
+        )
+        .await
+    }
+
+    async fn clean_up(self) {
+        self.es.clean_up(&self.prefix).await;
+        self.storage.drop().await;
+        self.store.drop().await;
+    }
+}
+
+async fn send(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
+    let mut request = reqwest::Client::new().request(method, url);
+    if let Some(body) = body {
+        request = request.body(body.to_string());
+    }
+    let response = request.send().await.expect("the node answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// What a store holds of `p/thing` at `version`, by id: `n`.
+async fn postgres_items(db: &TestDatabase, version: u32) -> HashMap<Uuid, i64> {
+    let mut sql = db.sql().await;
+    let rows: Vec<(Uuid, Option<i32>)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT id, n FROM p_v{version}.things"
+    )))
+    .fetch_all(&mut sql)
+    .await
+    .expect("the table is readable");
+    rows.into_iter()
+        .filter_map(|(id, n)| Some((id, i64::from(n?))))
+        .collect()
+}
+
+/// What Elasticsearch holds of the expected items of `p/thing` at `version`, by id (read by id, a
+/// thousand at a time: more than a search window holds).
+async fn elasticsearch_items(
+    es: &Es,
+    prefix: &str,
+    version: u32,
+    expected: &Outcome,
+) -> HashMap<Uuid, i64> {
+    let index = format!("{prefix}p-v{version}-thing");
+    let ids: Vec<String> = expected.items.keys().map(Uuid::to_string).collect();
+    let mut held = HashMap::new();
+    for chunk in ids.chunks(1000) {
+        let found = es.mget(&index, chunk).await;
+        for doc in found["docs"].as_array().into_iter().flatten() {
+            if doc["found"] == true {
+                if let (Some(id), Some(n)) = (
+                    doc["_id"].as_str().and_then(|id| id.parse().ok()),
+                    doc["_source"]["n"].as_i64(),
+                ) {
+                    held.insert(id, n);
+                }
+            }
+        }
+    }
+    held
+}
+
+/// What a node answers for the expected items (at most `limit` of them), by id.
+async fn node_items(
+    node: &Server,
+    expected: &Outcome,
+    limit: usize,
+) -> (Outcome, HashMap<Uuid, i64>) {
+    use futures::StreamExt;
+    let sample = Outcome {
+        items: expected
+            .items
+            .iter()
+            .take(limit)
+            .map(|(id, n)| (*id, *n))
+            .collect(),
+        ..Outcome::default()
+    };
+    let client = reqwest::Client::new();
+    let read: Vec<Option<(Uuid, i64)>> = futures::stream::iter(sample.items.keys().copied())
+        .map(|id| {
+            let request = client.get(node.url(&format!("/p/thing/{id}")));
+            async move {
+                let response = request.send().await.ok()?;
+                if response.status() != 200 {
+                    return None;
+                }
+                let body: Value = response.json().await.ok()?;
+                Some((id, body["n"].as_i64()?))
+            }
+        })
+        .buffer_unordered(32)
+        .collect()
+        .await;
+    (sample, read.into_iter().flatten().collect())
+}
+
+/// The revisions of project `p` in the shared journal, in order.
+async fn journal_revisions(storage: &TestDatabase) -> Vec<i64> {
+    let mut sql = storage.sql().await;
+    sqlx::query_scalar("SELECT revision FROM dstore.journal WHERE project = 'p' ORDER BY revision")
+        .fetch_all(&mut sql)
+        .await
+        .expect("the journal is readable")
+}
+
+/// Writes once more through `node` with `wait=true`, retrying until every store has everything.
+async fn wait_until_projected(node: &Server) {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let (status, body) = send(
+            reqwest::Method::PUT,
+            node.url(&format!("/p/thing/{}?wait=true&timeout=30", Uuid::new_v4())),
+            Some(json!({"project_version": 1, "n": -1})),
+        )
+        .await;
+        if status == 200 && body["projected"] == true {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the stores never caught up: {status} {body}"
+        );
+    }
+}
+
+fn check(tally: Tally, expected: &Outcome) {
+    assert!(
+        tally.wrong.is_empty() && tally.matching == expected.items.len(),
+        "{}: {} of {} as expected; {:?}",
+        tally.store,
+        tally.matching,
+        expected.items.len(),
+        tally.wrong
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn three_nodes_share_one_catalog_and_journal_and_lose_nothing_to_kill_9_under_load() {
+    let cluster = Cluster::new().await;
+    let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+    let mut nodes: Vec<Option<Server>> = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        nodes.push(Some(cluster.node(i, *port).await));
+    }
+    let url = |i: usize, path: &str| format!("http://127.0.0.1:{}{path}", ports[i]);
+
+    // A blueprint on one node, its freeze on a second, reads on the third.
+    let (status, body) = send(
+        reqwest::Method::PUT,
+        url(0, "/p/thing/_blueprint"),
+        Some(thing()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = send(reqwest::Method::POST, url(1, "/p/_version"), None).await;
+    assert_eq!(
+        (status, &body["project_version"]),
+        (200, &json!(1)),
+        "{body}"
+    );
+    let (status, body) = send(reqwest::Method::GET, url(2, "/p/_version"), None).await;
+    assert_eq!(
+        (status, &body["project_version"]),
+        (200, &json!(1)),
+        "{body}"
+    );
+    let id = Uuid::new_v4();
+    let (status, body) = send(
+        reqwest::Method::PUT,
+        url(2, &format!("/p/thing/{id}")),
+        Some(json!({"project_version": 1, "n": 7})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    for i in 0..3 {
+        let (status, body) = send(
+            reqwest::Method::GET,
+            url(i, &format!("/p/thing/{id}")),
+            None,
+        )
+        .await;
+        assert_eq!((status, &body["n"]), (200, &json!(7)), "node {i}: {body}");
+    }
+
+    // 64 writers round-robin over the nodes; a node killed every few seconds; a freeze half-way.
+    let addresses: Vec<String> = (0..3).map(|i| url(i, "")).collect();
+    let load = WriteLoad::start_many(&addresses, 64, Duration::from_millis(40));
+    let started = Instant::now();
+    let mut kills = 0;
+    let mut frozen = false;
+    let mut victim = 0usize;
+    while started.elapsed() < Duration::from_secs(18) {
+        tokio::time::sleep(Duration::from_secs(3)).await;
+        victim = (victim + 1 + (started.elapsed().as_millis() as usize % 2)) % 3;
+        if let Some(node) = nodes[victim].take() {
+            node.kill();
+            kills += 1;
+        }
+        if !frozen && started.elapsed() > Duration::from_secs(7) {
+            let alive = (victim + 1) % 3;
+            let mut v2 = thing();
+            v2["columns"]["extra"] = json!({"type": "text"});
+            let (status, body) = send(
+                reqwest::Method::PUT,
+                url(alive, "/p/thing/_blueprint"),
+                Some(v2),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+            let (status, body) = send(reqwest::Method::POST, url(alive, "/p/_version"), None).await;
+            // Under load the migration may wait behind the backlog: frozen either way.
+            let waiting =
+                status == 503 && body["status"].as_str().unwrap_or("").contains("is frozen");
+            assert!(
+                status == 200 || waiting,
+                "the freeze in the middle of the load: {status} {body}"
+            );
+            frozen = true;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        nodes[victim] = Some(cluster.node(victim, ports[victim]).await);
+    }
+    let expected = load.stop().await;
+    assert!(frozen && kills >= 3, "{kills} kills");
+    let node = nodes[0].as_ref().unwrap();
+    wait_until_projected(node).await;
+    let (_, versions) = send(reqwest::Method::GET, node.url("/p/_version"), None).await;
+    for (store, state) in versions["versions"][1]["migrations"].as_object().unwrap() {
+        assert_eq!(state["state"], "done", "{store}: {versions}");
+    }
+
+    // Revisions of the project: 1, 2, 3 … in the shared journal, each acknowledged at most once.
+    let revisions = journal_revisions(&cluster.storage).await;
+    let gaps: Vec<_> = revisions
+        .windows(2)
+        .filter(|w| w[1] != w[0] + 1)
+        .take(5)
+        .collect();
+    assert!(
+        revisions.first() == Some(&1) && gaps.is_empty(),
+        "gaps in the revisions: {gaps:?}"
+    );
+
+    // Every acknowledged write is readable from every node, as its newest acknowledged state.
+    for (i, node) in nodes.iter().enumerate() {
+        let limit = if i == 0 { usize::MAX } else { 500 };
+        let (sample, read) = node_items(node.as_ref().unwrap(), &expected, limit).await;
+        check(Tally::of("a node's reads", &sample, &read), &sample);
+    }
+    // And present in every store, in both versions (the one frozen under load back-filled).
+    for version in [1, 2] {
+        check(
+            Tally::of(
+                "postgresql",
+                &expected,
+                &postgres_items(&cluster.store, version).await,
+            ),
+            &expected,
+        );
+        check(
+            Tally::of(
+                "elasticsearch",
+                &expected,
+                &elasticsearch_items(&cluster.es, &cluster.prefix, version, &expected).await,
+            ),
+            &expected,
+        );
+    }
+    println!(
+        "cluster of 3 under kill -9: {} writes acknowledged, {} requests failed (killed nodes), {kills} kills, \
+         {} revisions without a gap; every store and every node hold every acknowledged write",
+        expected.acknowledged,
+        expected.errors.len(),
+        revisions.len()
+    );
+    for node in nodes.into_iter().flatten() {
+        node.stop().await;
+    }
+    cluster.clean_up().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn while_the_storage_is_away_writes_answer_503_and_resume_by_themselves_losing_nothing() {
+    let mut cluster = Cluster::new().await;
+    let direct: sqlx::postgres::PgConnectOptions = cluster.storage_url.parse().unwrap();
+    let proxy = Proxy::start(&format!("{}:{}", direct.get_host(), direct.get_port())).await;
+    cluster.storage_url = format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        proxy.port, cluster.storage.name
+    );
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let a = cluster.node(0, ports[0]).await;
+    let b = cluster.node(1, ports[1]).await;
+    let (status, _) = send(
+        reqwest::Method::PUT,
+        a.url("/p/thing/_blueprint"),
+        Some(thing()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = send(reqwest::Method::POST, b.url("/p/_version"), None).await;
+    assert_eq!(status, 200);
+
+    let load = WriteLoad::start_many(&[a.url(""), b.url("")], 8, Duration::from_millis(10));
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    proxy.cut();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    proxy.restore();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let expected = load.stop().await;
+    let refused = expected
+        .errors
+        .iter()
+        .filter(|e| e.starts_with("503"))
+        .count();
+    assert!(
+        refused > 0,
+        "writes during the outage answer 503: {:?}",
+        &expected.errors[..expected.errors.len().min(3)]
+    );
+    assert!(
+        expected.errors.iter().all(|e| e.starts_with("503")),
+        "only 503s: {:?}",
+        expected.errors.iter().find(|e| !e.starts_with("503"))
+    );
+    wait_until_projected(&a).await;
+    check(
+        Tally::of(
+            "postgresql",
+            &expected,
+            &postgres_items(&cluster.store, 1).await,
+        ),
+        &expected,
+    );
+    let revisions = journal_revisions(&cluster.storage).await;
+    assert!(revisions.windows(2).all(|w| w[1] == w[0] + 1));
+    println!(
+        "storage cut for 3 s under load: {} writes acknowledged, {refused} answered 503 during the outage, \
+         none lost",
+        expected.acknowledged
+    );
+    a.stop().await;
+    b.stop().await;
+    drop(proxy);
+    cluster.clean_up().await;
+}
