@@ -136,7 +136,34 @@ def check_dockerfile():
     check("target" in ignored and ".git" in ignored, ".dockerignore leaves out target/ and .git")
 
 
+def check_cluster_profile():
+    """The `cluster` profile: nodes on the PostgreSQL storage behind haproxy, which lists them all."""
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose.get("services", {})
+    nodes = [name for name, s in services.items()
+             if "cluster" in (s.get("profiles") or []) and name != "haproxy"]
+    check(len(nodes) >= 2, "the cluster profile runs at least two nodes")
+    for name in nodes:
+        env = environment(services[name])
+        check(env.get("DSTORE_STORAGE_BACKEND") == "postgresql",
+              f"cluster node {name} keeps its catalog and journal in PostgreSQL")
+        check(host_of(env.get("DSTORE_STORAGE_URL", "")) == "postgres",
+              f"cluster node {name} reaches the postgres service")
+        check("RABBITMQ" not in " ".join(env) and "QUEUE_CONNECTIONSTRING" not in env,
+              f"cluster node {name} reads its tasks from PostgreSQL, not a broker")
+    names = {s["environment"].get("DSTORE_NODE") for n, s in services.items() if n in nodes}
+    check(len(names) == len(nodes), "every cluster node has its own DSTORE_NODE")
+    haproxy = services.get("haproxy", {})
+    check("cluster" in (haproxy.get("profiles") or []), "haproxy runs in the cluster profile")
+    config = (ROOT / "deploy" / "haproxy.cfg").read_text()
+    for name in nodes:
+        check(re.search(rf"^\s*server\s+{name}\s+{name}:2020", config, re.MULTILINE) is not None,
+              f"haproxy balances over {name}")
+    check("httpchk GET /_health/ready" in config, "haproxy checks each node's readiness")
+
+
 check_compose()
+check_cluster_profile()
 check_dockerfile()
 if problems:
     print(f"docker files: {len(problems)} problem(s)", file=sys.stderr)

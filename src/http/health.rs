@@ -19,9 +19,9 @@ pub struct ReadyParams {
     strict: bool,
 }
 
-/// GET /_health/ready: per projector, whether its store answers and how far behind it is. With
-/// `?strict=true` the answer is 503 unless everything is ready and writes are accepted, so a load
-/// balancer can take a node out of rotation.
+/// GET /_health/ready: whether this node can serve (503 when it cannot reach its storage), and per
+/// projector whether its store answers and how far behind it is. With `?strict=true` the answer is
+/// also 503 while a projector fails or writes are refused for back-pressure.
 pub async fn ready(state: State, params: web::Query<ReadyParams>) -> HttpResponse {
     let mut projectors = Map::new();
     let mut all_ready = true;
@@ -57,8 +57,16 @@ pub async fn ready(state: State, params: web::Query<ReadyParams>) -> HttpRespons
             json!({"accepted": false, "reason": refusal.to_string()})
         }
     };
+    let storage = match state.storage.reachable() {
+        Ok(()) => json!({"backend": state.storage.backend(), "reachable": true}),
+        Err(reason) => {
+            json!({"backend": state.storage.backend(), "reachable": false, "reason": reason})
+        }
+    };
+    let serving = storage["reachable"] == true;
     let mut body = json!({
-        "status": if all_ready { "ready" } else { "degraded" },
+        "status": if !serving { "unavailable" } else if all_ready { "ready" } else { "degraded" },
+        "storage": storage,
         "writes": writes,
         "projectors": projectors,
     });
@@ -70,7 +78,7 @@ pub async fn ready(state: State, params: web::Query<ReadyParams>) -> HttpRespons
             "links": links,
         });
     }
-    if params.strict && !all_ready {
+    if !serving || (params.strict && !all_ready) {
         return HttpResponse::ServiceUnavailable().json(body);
     }
     HttpResponse::Ok().json(body)

@@ -179,6 +179,10 @@ impl Storage for EmbeddedStorage {
         Ok(self.journal.retry_dead_letters(projector).await?)
     }
 
+    fn reachable(&self) -> Result<(), String> {
+        Ok(())
+    }
+
     async fn stats(&self) -> Stats {
         let (items, bytes) = self.journal.size();
         Stats {

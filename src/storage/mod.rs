@@ -232,6 +232,10 @@ pub trait Storage: Send + Sync {
     async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, StorageError>;
 
     async fn stats(&self) -> Stats;
+
+    /// Whether this node can reach where the catalog and the journal live (cluster mode: the
+    /// shared database, as of the last poll); the reason when it cannot.
+    fn reachable(&self) -> Result<(), String>;
 }
 
 /// The storage of a running service.

@@ -365,8 +365,17 @@ async fn while_the_storage_is_away_writes_answer_503_and_resume_by_themselves_lo
     tokio::time::sleep(Duration::from_secs(2)).await;
     proxy.cut();
     tokio::time::sleep(Duration::from_secs(3)).await;
+    // A load balancer reading readiness takes the nodes out meanwhile.
+    let (status, ready) = send(reqwest::Method::GET, a.url("/_health/ready"), None).await;
+    assert_eq!(
+        (status, &ready["storage"]["reachable"]),
+        (503, &json!(false)),
+        "{ready}"
+    );
     proxy.restore();
     tokio::time::sleep(Duration::from_secs(3)).await;
+    let (status, ready) = send(reqwest::Method::GET, a.url("/_health/ready"), None).await;
+    assert_eq!(status, 200, "{ready}");
     let expected = load.stop().await;
     let refused = expected
         .errors

@@ -660,6 +660,10 @@ impl Storage for PgStorage {
         Ok(count)
     }
 
+    fn reachable(&self) -> Result<(), String> {
+        self.watch.storage_error().map_or(Ok(()), Err)
+    }
+
     async fn stats(&self) -> Stats {
         let row = sqlx::query(
             "SELECT (SELECT coalesce(max(revision), 0) FROM projects) AS last, \

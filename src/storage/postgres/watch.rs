@@ -30,6 +30,8 @@ struct State {
     cursors: HashMap<(String, Ident), u64>,
     /// Per projector: tasks waiting and the newest error.
     backlog: HashMap<String, (u64, Option<String>)>,
+    /// Why the last poll could not read the storage, if it could not.
+    storage_error: Option<String>,
 }
 
 pub struct CursorWatch {
@@ -124,6 +126,11 @@ impl CursorWatch {
         }
     }
 
+    /// Why the storage could not be read at the last poll.
+    pub fn storage_error(&self) -> Option<String> {
+        self.state.lock().expect("watch lock").storage_error.clone()
+    }
+
     /// The projector furthest behind, with its backlog.
     pub fn most_behind(&self) -> Option<(String, u64)> {
         let state = self.state.lock().expect("watch lock");
@@ -202,6 +209,7 @@ async fn poll_backlog(node: &PgStorage) {
     let mut state = node.watch.state.lock().expect("watch lock");
     match rows {
         Ok(rows) => {
+            state.storage_error = None;
             state.backlog = rows
                 .into_iter()
                 .map(|row| {
@@ -217,6 +225,7 @@ async fn poll_backlog(node: &PgStorage) {
         }
         Err(error) => {
             let message = format!("postgresql storage unreachable: {error}");
+            state.storage_error = Some(message.clone());
             for projector in &node.settings.projectors {
                 let entry = state.backlog.entry(projector.to_string()).or_default();
                 entry.1 = Some(message.clone());
