@@ -1,0 +1,214 @@
+#!/usr/bin/env bash
+# One run that compares dstore's write path with what bounds it, all driven by the same external load
+# generator (wrk, with scripts/bench/*.lua) at the same concurrency, and prints rates and ratios:
+#
+#   ceiling     an actix-web handler that parses the item and answers (dstore-baseline ceiling)
+#   embedded    dstore with its default embedded storage and RocksDB keyspaces
+#   +postgres   the same with the PostgreSQL projector, until PostgreSQL has every row
+#   floor       one durable PostgreSQL upsert per request (dstore-baseline floor)
+#   cluster N   N dstore nodes on one PostgreSQL storage (behind haproxy when N > 1), N = 1, 2, 3
+#   COPY        PostgreSQL COPY of the same rows into a table of their shape: `_bulk`'s ceiling there
+#
+# Machines that are shared move 2-3x between days: only the ratios within one run mean anything.
+# The machine's state (cores, load, memory) is printed with the figures.
+#
+#   scripts/bench.sh                      # BENCH_SECONDS=10 BENCH_CONNECTIONS=64 BENCH_CLUSTER="1 2 3"
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/deps.sh
+ensure_build_deps
+ensure_postgres
+for tool in wrk haproxy; do
+    command -v "$tool" >/dev/null || apt_install "$tool"
+done
+cargo build --release --bins --quiet
+BIN="$CARGO_TARGET_DIR/release"
+SECONDS_EACH=${BENCH_SECONDS:-10}
+CONNECTIONS=${BENCH_CONNECTIONS:-64}
+BULK_CONNECTIONS=${BENCH_BULK_CONNECTIONS:-8}
+BULK_SIZE=${BENCH_BULK_SIZE:-1000}
+CLUSTER=${BENCH_CLUSTER:-1 2 3}
+SERVER=${DSTORE_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/dstore-bench.XXXXXX")
+RUN=bench_$$
+PIDS=()
+DATABASES=()
+
+psql_admin() { psql "$SERVER/postgres" -qAtc "$1" >/dev/null; }
+cleanup() {
+    for pid in "${PIDS[@]:-}"; do [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    for db in "${DATABASES[@]:-}"; do [ -n "$db" ] && psql_admin "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true; done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+database() { # a fresh database, dropped at the end
+    local name="${RUN}_$1"
+    psql_admin "DROP DATABASE IF EXISTS $name WITH (FORCE)"
+    psql_admin "CREATE DATABASE $name"
+    DATABASES+=("$name")
+    echo "$SERVER/$name"
+}
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+wait_http() { # port
+    for _ in $(seq 1 200); do
+        curl -fsS -o /dev/null "http://127.0.0.1:$1/_health" 2>/dev/null && return 0
+        curl -fsS -o /dev/null -X PUT "http://127.0.0.1:$1/bench/article/00000000-0000-4000-8000-000000000000" \
+            -d '{"project_version":1,"date_created":"2026-01-01"}' 2>/dev/null && return 0
+        sleep 0.1
+    done
+    echo "bench: nothing answers on port $1" >&2
+    return 1
+}
+
+start() { # port log command... ; env from the caller
+    local port=$1 log=$2
+    shift 2
+    "$@" >"$log" 2>&1 &
+    PIDS+=($!)
+    LAST_PID=$!
+    wait_http "$port"
+}
+
+blueprint() { # port: the benchmark blueprint, frozen
+    curl -fsS -o /dev/null -X PUT "http://127.0.0.1:$1/bench/article/_blueprint" -d '{
+        "postgresql": {"table": "articles"}, "elasticsearch": {"type": "article"},
+        "columns": {"title": {"type": "string"}, "views": {"type": "integer"},
+                    "date_created": {"type": "datetime", "validation": {"required": true}}}}'
+    curl -fsS -o /dev/null -X POST "http://127.0.0.1:$1/bench/_version"
+}
+
+# wrk's answer as "rate p99_ms errors": requests/s (items/s for _bulk), the 99th percentile latency.
+drive() { # port script connections [size]
+    local port=$1 script=$2 connections=$3 size=${4:-1}
+    local out
+    out=$(wrk -t 2 -c "$connections" -d "${SECONDS_EACH}s" --latency -s "scripts/bench/$script" \
+        "http://127.0.0.1:$port" -- bench "$size" 2>&1)
+    local rate p99 errors
+    rate=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
+    p99=$(echo "$out" | awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; print v}')
+    errors=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+    echo "$(awk -v r="$rate" -v s="$size" 'BEGIN {printf "%.0f", r * s}') ${p99:-0} ${errors:-0}"
+}
+
+rss_mb() { awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
+
+# Seconds until every projector of the dstore on `port` has applied everything.
+catch_up() {
+    local port=$1 started
+    started=$(date +%s.%N)
+    for _ in $(seq 1 600); do
+        if curl -fsS "http://127.0.0.1:$port/_health/ready" |
+            python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if all(p["progress"]["pending"]==0 for p in d["projectors"].values()) else 1)'; then
+            awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {printf "%.1f", e - s}'
+            return
+        fi
+        sleep 0.1
+    done
+    echo "never"
+}
+
+ROWS=()
+row() { ROWS+=("$*"); }
+
+echo "== machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(free -g | awk '/Mem/ {print $7}') GiB available, $(date -u +%FT%TZ)"
+echo "== each run: wrk, 2 threads, $SECONDS_EACH s; PUT at $CONNECTIONS connections; _bulk $BULK_CONNECTIONS x $BULK_SIZE"
+
+port=$(free_port)
+start "$port" "$WORK/ceiling.log" "$BIN/dstore-baseline" ceiling --port "$port"
+read -r ceiling ceiling_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
+row "ceiling (parse and answer)|PUT|$ceiling|$ceiling_p99|1.00|$(rss_mb "$LAST_PID")"
+kill "$LAST_PID"
+
+port=$(free_port)
+DSTORE_HOST=127.0.0.1 DSTORE_PORT=$port DSTORE_DATA_DIR="$WORK/embedded" DSTORE_LOG=warn \
+    start "$port" "$WORK/embedded.log" "$BIN/dstore" serve
+blueprint "$port"
+pid=$LAST_PID
+read -r embedded embedded_p99 errors <<<"$(drive "$port" put.lua "$CONNECTIONS")"
+row "dstore embedded|PUT|$embedded|$embedded_p99|$(awk -v a="$embedded" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$pid")"
+read -r bulk _ _ <<<"$(drive "$port" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
+row "dstore embedded|_bulk|$bulk||$(awk -v a="$bulk" -v b="$embedded" 'BEGIN {printf "%.1f x PUT", a / b}')|$(rss_mb "$pid")"
+kill "$pid"
+
+url=$(database projector)
+port=$(free_port)
+DSTORE_HOST=127.0.0.1 DSTORE_PORT=$port DSTORE_DATA_DIR="$WORK/pg" DSTORE_LOG=warn DATABASE_URL="$url" \
+    start "$port" "$WORK/pg.log" "$BIN/dstore" serve
+blueprint "$port"
+pid=$LAST_PID
+read -r pg pg_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
+lag=$(catch_up "$port")
+row "dstore + PostgreSQL projector|PUT|$pg|$pg_p99|$(awk -v a="$pg" -v b="$embedded" 'BEGIN {printf "%.2f", a / b}') of embedded; caught up ${lag}s after|$(rss_mb "$pid")"
+rows_before=$(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles")
+started=$(date +%s.%N)
+read -r _ _ _ <<<"$(drive "$port" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
+catch_up "$port" >/dev/null
+elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {print e - s}')
+rows=$(( $(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles") - rows_before ))
+bulk_pg=$(awk -v r="$rows" -v t="$elapsed" 'BEGIN {printf "%.0f", r / t}')
+row "dstore + PostgreSQL projector|_bulk, end to end|$bulk_pg||rows in PostgreSQL / s|$(rss_mb "$pid")"
+kill "$pid"
+
+# COPY of the same rows into a table of the same shape: the ceiling of `_bulk` into PostgreSQL.
+url=$(database copy)
+psql "$url" -qc "CREATE TABLE articles (id UUID PRIMARY KEY, project_version INTEGER, title TEXT, views INTEGER, date_created TIMESTAMPTZ)"
+python3 -c '
+import uuid, sys
+w = sys.stdout.write
+for i in range(100000):
+    w("%s,1,A benchmark article,42,2026-11-22 10:00:00+00\n" % uuid.uuid4())
+' >"$WORK/rows.csv"
+started=$(date +%s.%N)
+psql "$url" -qc "\\copy articles FROM '$WORK/rows.csv' WITH (FORMAT csv)"
+copy=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {printf "%.0f", 100000 / (e - s)}')
+row "PostgreSQL COPY, same rows|rows|$copy||bulk end to end = $(awk -v a="$bulk_pg" -v b="$copy" 'BEGIN {printf "%.2f", a / b}') of COPY|"
+
+url=$(database floor)
+port=$(free_port)
+start "$port" "$WORK/floor.log" "$BIN/dstore-baseline" floor --port "$port" --url "$url"
+read -r floor floor_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
+row "floor (one upsert per request)|PUT|$floor|$floor_p99|$(awk -v a="$floor" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$LAST_PID")"
+kill "$LAST_PID"
+
+for n in $CLUSTER; do
+    storage=$(database "cluster$n")
+    projector=$(database "cluster${n}_store")
+    ports=()
+    for i in $(seq 1 "$n"); do
+        port=$(free_port)
+        ports+=("$port")
+        DSTORE_HOST=127.0.0.1 DSTORE_PORT=$port DSTORE_DATA_DIR="$WORK/c$n-$i" DSTORE_LOG=warn \
+            DSTORE_STORAGE_BACKEND=postgresql DSTORE_STORAGE_URL="$storage" DSTORE_NODE="node$i" \
+            DATABASE_URL="$projector" start "$port" "$WORK/c$n-$i.log" "$BIN/dstore" serve
+    done
+    front=${ports[0]}
+    if [ "$n" -gt 1 ]; then
+        front=$(free_port)
+        {
+            printf 'defaults\n  mode http\n  timeout connect 5s\n  timeout client 60s\n  timeout server 60s\n'
+            printf 'frontend f\n  bind 127.0.0.1:%s\n  default_backend b\nbackend b\n  balance roundrobin\n' "$front"
+            for i in "${!ports[@]}"; do printf '  server n%s 127.0.0.1:%s\n' "$i" "${ports[$i]}"; done
+        } >"$WORK/haproxy-$n.cfg"
+        haproxy -f "$WORK/haproxy-$n.cfg" >"$WORK/haproxy-$n.log" 2>&1 &
+        PIDS+=($!)
+        haproxy_pid=$!
+        sleep 0.5
+    fi
+    blueprint "$front"
+    read -r rate p99 _ <<<"$(drive "$front" put.lua "$CONNECTIONS")"
+    row "cluster, $n node(s)$([ "$n" -gt 1 ] && echo ' + haproxy')|PUT|$rate|$p99|$(awk -v a="$rate" -v b="$embedded" 'BEGIN {printf "%.2f", a / b}') of embedded|"
+    read -r bulk_c _ _ <<<"$(drive "$front" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
+    row "cluster, $n node(s)|_bulk|$bulk_c||$(awk -v a="$bulk_c" -v b="$bulk" 'BEGIN {printf "%.2f", a / b}') of embedded|"
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    PIDS=()
+done
+
+echo
+echo "| run | workload | items/s | p99 ms | compared | peak RSS MiB |"
+echo "|---|---|---|---|---|---|"
+for r in "${ROWS[@]}"; do echo "| ${r//|/ | } |"; done
