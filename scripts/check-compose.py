@@ -56,7 +56,11 @@ def check_compose():
     build = dstore.get("build")
     check(build in (".", {"context": "."}) or (isinstance(build, dict) and build.get("context") == "."),
           "dstore is built from the Dockerfile at the repository root")
-    check("2020:2020" in [str(p) for p in dstore.get("ports", [])], "dstore publishes port 2020")
+    check(any(str(p).endswith("2020:2020") for p in dstore.get("ports", [])), "dstore publishes port 2020")
+    env_dstore = environment(dstore)
+    open_port = any(str(p) == "2020:2020" for p in dstore.get("ports", []))
+    check(not (open_port and env_dstore.get("DSTORE_AUTH_DISABLED") == "true"),
+          "dstore without authentication is published on 127.0.0.1 only")
     check(any(str(v).endswith(":/var/lib/dstore") for v in dstore.get("volumes", [])),
           "dstore keeps its data in a volume at /var/lib/dstore")
     check(bool(dstore.get("healthcheck", {}).get("test")), "dstore has a healthcheck")

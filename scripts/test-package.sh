@@ -135,6 +135,13 @@ getent passwd dstore >/dev/null || fail "no dstore user"
 [ "$(stat -c %G:%a /etc/dstore/dstore.toml)" = "dstore:640" ] ||
     fail "/etc/dstore/dstore.toml is $(stat -c %U:%G:%a /etc/dstore/dstore.toml), not root:dstore 640"
 ok "dstore user, /var/lib/dstore owned by dstore, configuration readable by the dstore group only"
+[ "$(stat -c %U:%G:%a /etc/dstore/master.key)" = "root:dstore:640" ] ||
+    fail "/etc/dstore/master.key is $(stat -c %U:%G:%a /etc/dstore/master.key 2>/dev/null), not root:dstore 640"
+grep -q "master key was made in /etc/dstore/master.key" "$work/dpkg.log" ||
+    fail "the installation does not say where the master key is"
+master_key=$(as_root cat /etc/dstore/master.key)
+[ "${#master_key}" -ge 32 ] || fail "the master key is too short"
+ok "a random master key in /etc/dstore/master.key, root:dstore 640, and the installation says so"
 if command -v systemd-analyze >/dev/null; then
     systemd-analyze verify /lib/systemd/system/dstore.service 2>"$work/verify.log" ||
         {
@@ -158,7 +165,8 @@ start_server() {
     env -i PATH=/usr/sbin:/usr/bin:/sbin:/bin LANG=C.UTF-8 NO_COLOR=1 TEST_PORT="$port" \
         setpriv --reuid=dstore --regid=dstore --init-groups \
         /bin/sh -c 'cd / && set -a && . /etc/default/dstore && set +a &&
-            PORT=$TEST_PORT DSTORE_HOST=127.0.0.1 exec /usr/bin/dstore --config /etc/dstore/dstore.toml serve' \
+            PORT=$TEST_PORT DSTORE_HOST=127.0.0.1 DSTORE_MASTER_KEY_FILE=/etc/dstore/master.key \
+            exec /usr/bin/dstore --config /etc/dstore/dstore.toml serve' \
         >>"$work/dstore.log" 2>&1 &
     server_pid=$!
     for _ in $(seq 1 200); do
@@ -184,6 +192,15 @@ stop_server() {
 step "start the installed binary as the dstore user"
 start_server
 
+step "an API key made with the master key"
+status=$(curl -s -o /dev/null -w '%{http_code}' -X PUT "$server/packagetest/article/_blueprint" -d '{}')
+[ "$status" = "401" ] || fail "a request without a key answered $status, not 401"
+DSTORE_API_KEY="$master_key" /usr/bin/dstore keys create package-test --actions '*' --projects '*' \
+    >"$work/key.out" || fail "dstore keys create with the master key"
+DSTORE_API_KEY=$(grep '^dstore_' "$work/key.out") || fail "dstore keys create printed no key"
+export DSTORE_API_KEY
+ok "401 without a key; an API key made with the master key through the installed CLI"
+
 step "blueprint, version and item through the installed CLI"
 cat >"$work/article.json" <<'JSON'
 {"postgresql": {"table": "articles"}, "elasticsearch": {"type": "article"},
@@ -199,7 +216,8 @@ JSON
 grep -q "frozen as version 1" "$work/freeze.out" || fail "freeze did not answer version 1"
 /usr/bin/dstore item put packagetest article "$work/item.json" --wait | sed 's/^/   /'
 /usr/bin/dstore versions packagetest | sed 's/^/   /'
-curl -fsS "$server/packagetest/article/$id" | grep -q '"title":"Hello"' || fail "the item cannot be read back"
+curl -fsS -H "Authorization: Bearer $DSTORE_API_KEY" "$server/packagetest/article/$id" | grep -q '"title":"Hello"' ||
+    fail "the item cannot be read back"
 ok "the item reads back over HTTP"
 stop_server
 [ -d /var/lib/dstore/journal ] || fail "no journal under /var/lib/dstore"
@@ -218,7 +236,9 @@ dpkg_quietly -i "$work/dstore-next.deb"
 grep -q "changed by the administrator" /etc/dstore/dstore.toml || fail "the upgrade replaced the changed conffile"
 ok "upgraded to ${version}+next without a question; the changed /etc/dstore/dstore.toml is kept"
 start_server
-curl -fsS "$server/packagetest/article/$id" | grep -q '"title":"Hello"' || fail "the item is gone after the upgrade"
+[ "$(as_root cat /etc/dstore/master.key)" = "$master_key" ] || fail "the upgrade changed the master key"
+curl -fsS -H "Authorization: Bearer $DSTORE_API_KEY" "$server/packagetest/article/$id" | grep -q '"title":"Hello"' ||
+    fail "the item (or the API key) is gone after the upgrade"
 ok "the item is still there after the upgrade"
 stop_server
 
@@ -233,7 +253,7 @@ step "dpkg --purge deletes the data"
 dpkg_quietly --purge dstore
 installed_by_us=""
 [ ! -e /var/lib/dstore ] || fail "/var/lib/dstore is still there after purge"
-[ ! -e /etc/dstore ] || fail "/etc/dstore is still there after purge"
+[ ! -e /etc/dstore ] || fail "/etc/dstore (or its master key) is still there after purge"
 [ ! -e /etc/default/dstore ] || fail "/etc/default/dstore is still there after purge"
 ok "/var/lib/dstore, /etc/dstore and /etc/default/dstore are gone"
 

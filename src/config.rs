@@ -169,6 +169,7 @@ pub struct Settings {
     pub storage: StorageSettings,
     pub projection: ProjectionSettings,
     pub log: LogSettings,
+    pub auth: AuthSettings,
     pub postgresql: Option<PostgresSettings>,
     pub elasticsearch: Option<ElasticsearchSettings>,
     pub queue: Option<QueueSettings>,
@@ -232,6 +233,42 @@ pub struct ProjectionSettings {
     pub wait_timeout_secs: u64,
     /// Whether the embedded RocksDB keyspace projector runs.
     pub rocksdb: bool,
+}
+
+/// Who may call dstore (see `auth`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct AuthSettings {
+    /// Keys that only manage API keys, at least 16 bytes each; two may be valid at once while the
+    /// key rotates (`DSTORE_MASTER_KEY`, `DSTORE_MASTER_KEY_PREVIOUS`).
+    pub master_keys: Vec<Secret>,
+    /// A file holding a master key on its first line (`DSTORE_MASTER_KEY_FILE`; the package makes
+    /// `/etc/dstore/master.key`).
+    pub master_key_file: Option<PathBuf>,
+    /// Serve every route without a key, even on an address other machines reach
+    /// (`DSTORE_AUTH_DISABLED=true`). Without a master key, dstore otherwise serves only on a
+    /// loopback address.
+    pub disabled: bool,
+    /// Routes open without a key besides `/_health`: any of `ready`, `metrics`, `docs`
+    /// (`DSTORE_AUTH_PUBLIC=ready,metrics`).
+    pub public: Vec<String>,
+    /// How long the audit log keeps entries, in days.
+    pub audit_retention_days: u32,
+    /// How long a rotated key's old secret stays valid, in seconds (a rotation may say otherwise).
+    pub rotation_grace_secs: u64,
+}
+
+impl Default for AuthSettings {
+    fn default() -> Self {
+        AuthSettings {
+            master_keys: Vec::new(),
+            master_key_file: None,
+            disabled: false,
+            public: Vec::new(),
+            audit_retention_days: 90,
+            rotation_grace_secs: 86_400,
+        }
+    }
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -302,7 +339,8 @@ impl QueueSettings {
 impl Default for ServerSettings {
     fn default() -> Self {
         ServerSettings {
-            host: "0.0.0.0".into(),
+            // Only this machine, until a master key protects dstore (see `auth`).
+            host: "127.0.0.1".into(),
             port: 2020,
             max_body_bytes: 1 << 20,
             max_bulk_bytes: 64 << 20,
@@ -463,6 +501,22 @@ impl Settings {
                     })
                 }
             };
+        }
+        let keys: Vec<Secret> = ["DSTORE_MASTER_KEY", "DSTORE_MASTER_KEY_PREVIOUS"]
+            .iter()
+            .filter_map(|name| first(&[name]).map(|v| Secret::from(v.1)))
+            .collect();
+        if !keys.is_empty() {
+            self.auth.master_keys = keys;
+        }
+        if let Some(v) = first(&["DSTORE_MASTER_KEY_FILE"]) {
+            self.auth.master_key_file = Some(v.1.into());
+        }
+        if let Some(v) = first(&["DSTORE_AUTH_DISABLED"]) {
+            self.auth.disabled = parsed(v)?;
+        }
+        if let Some(v) = first(&["DSTORE_AUTH_PUBLIC"]) {
+            self.auth.public = v.1.split(',').map(|p| p.trim().to_string()).collect();
         }
         if let Some(v) = first(&["DSTORE_LOG", "RUST_LOG"]) {
             self.log.level = v.1;

@@ -3,6 +3,7 @@
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 use actix_web::dev::Server;
 use actix_web::{web, App, HttpServer};
@@ -10,8 +11,10 @@ use thiserror::Error;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
+use crate::auth::audit::AuditLog;
+use crate::auth::keys::KeyStore;
 use crate::catalog::{Catalog, CatalogError};
-use crate::config::{Backend, QueueSettings, Settings};
+use crate::config::{Backend, QueueSettings, Secret, Settings};
 use crate::http::{self, AppState};
 use crate::journal::{Journal, JournalError, JournalSettings};
 use crate::projector::elasticsearch::{ElasticsearchProjector, EsError};
@@ -53,6 +56,8 @@ pub enum StartupError {
     Queue(String),
     #[error("{0}")]
     Unconfigured(String),
+    #[error("{0}")]
+    Auth(String),
     #[error("cannot open the storage (storage.url / DSTORE_STORAGE_URL): {0}")]
     Storage(#[source] crate::storage::StorageError),
     #[error("cannot listen on {address} (server.host, server.port / PORT): {source}")]
@@ -144,11 +149,26 @@ impl Application {
             0 => std::thread::available_parallelism().map_or(2, |n| n.get()),
             n => n,
         };
+        let master_keys = master_keys(&settings)?;
+        let keys = match master_keys {
+            Some(master_keys) => Some(
+                KeyStore::open(storage.clone(), master_keys)
+                    .await
+                    .map_err(StartupError::Storage)?,
+            ),
+            None => None,
+        };
+        let audit = AuditLog::start(
+            storage.clone(),
+            Duration::from_secs(u64::from(settings.auth.audit_retention_days) * 86_400),
+        );
         let state = web::Data::new(AppState {
             storage,
             registry,
             broker,
             in_flight: http::body::InFlight::new(settings.server.max_inflight_bytes),
+            keys,
+            audit,
             settings,
         });
         let requests = web::Data::new(http::observe::RequestMetrics::default());
@@ -156,6 +176,7 @@ impl Application {
             App::new()
                 .app_data(state.clone())
                 .app_data(requests.clone())
+                .wrap(actix_web::middleware::from_fn(http::auth::authenticate))
                 .wrap(actix_web::middleware::from_fn(http::observe::observe))
                 .configure(http::configure)
         })
@@ -379,6 +400,57 @@ fn node_name(settings: &Settings) -> String {
     })
 }
 
+/// The master keys, or `None` when requests need no key: authentication turned off explicitly, or
+/// no master key and a loopback address (said at start). Refuses a key shorter than 16 bytes, and
+/// serving without a key on an address other machines reach.
+fn master_keys(settings: &Settings) -> Result<Option<Vec<Secret>>, StartupError> {
+    let auth = &settings.auth;
+    let mut keys = auth.master_keys.clone();
+    if let Some(path) = &auth.master_key_file {
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            StartupError::Auth(format!(
+                "cannot read the master key file {} (auth.master_key_file / DSTORE_MASTER_KEY_FILE): {e}",
+                path.display()
+            ))
+        })?;
+        if let Some(line) = text.lines().map(str::trim).find(|l| !l.is_empty()) {
+            keys.push(Secret::from(line));
+        }
+    }
+    if let Some(short) = keys.iter().position(|k| k.expose().len() < 16) {
+        return Err(StartupError::Auth(format!(
+            "master key {} is shorter than 16 bytes; use a long random one (e.g. `openssl rand -hex 32`)",
+            short + 1
+        )));
+    }
+    if auth.disabled {
+        tracing::warn!(
+            "authentication is off (auth.disabled): every route is open to whoever reaches dstore"
+        );
+        return Ok(None);
+    }
+    if !keys.is_empty() {
+        return Ok(Some(keys));
+    }
+    let host = settings.server.host.as_str();
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return Err(StartupError::Auth(format!(
+            "dstore would serve every route without authentication on {host}: set a master key \
+             (DSTORE_MASTER_KEY, or auth.master_key_file), serve on 127.0.0.1, or set \
+             auth.disabled = true to accept that"
+        )));
+    }
+    tracing::warn!(
+        host,
+        "no master key: serving on a loopback address only, every route open"
+    );
+    Ok(None)
+}
+
 /// Whether a projector is configured in `settings`. The embedded keyspaces live on one machine's
 /// disk, so cluster mode, where any node applies any project's tasks, does not run them.
 fn enabled(kind: ProjectorKind, settings: &Settings) -> bool {
@@ -516,7 +588,8 @@ pub async fn run_worker(
         );
     }
     let broker = Arc::new(Broker::new(queue));
-    let view = Arc::new(CatalogView::remote(server));
+    let api_key = std::env::var("DSTORE_API_KEY").ok().map(Secret::from);
+    let view = Arc::new(CatalogView::remote(server, api_key));
     let (shutdown, stop) = watch::channel(false);
     tracing::info!(projector = name, queue = %broker.queue(name), server, "dstore worker is consuming");
     let consumer = tokio::spawn(rabbitmq::consumer::run(

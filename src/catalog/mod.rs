@@ -35,6 +35,9 @@ pub enum CatalogError {
     Corrupt(#[from] serde_json::Error),
 }
 
+/// A record kept beside the catalog proper: its key and value.
+pub type Record = (Vec<u8>, Vec<u8>);
+
 /// An immutable view of every project.
 #[derive(Clone, Debug, Default)]
 pub struct Snapshot {
@@ -206,6 +209,57 @@ impl Catalog {
         self.update(project, false, |p, writes| edit::retire(p, number, writes))
     }
 
+    /// Writes records kept beside the catalog proper (API keys under `key/`, the audit log under
+    /// `audit/`); `sync` waits for the disk.
+    pub fn put_records(
+        &self,
+        records: &[(Vec<u8>, Vec<u8>)],
+        sync: bool,
+    ) -> Result<(), CatalogError> {
+        let mut batch = WriteBatch::default();
+        for (key, value) in records {
+            batch.put(key, value);
+        }
+        let mut options = WriteOptions::default();
+        options.set_sync(sync);
+        self.db.write_opt(batch, &options)?;
+        Ok(())
+    }
+
+    pub fn record(&self, key: &[u8]) -> Result<Option<Vec<u8>>, CatalogError> {
+        Ok(self.db.get(key)?)
+    }
+
+    /// Records with keys in `from .. to`, in key order, at most `limit`.
+    pub fn records(
+        &self,
+        from: &[u8],
+        to: &[u8],
+        limit: usize,
+    ) -> Result<Vec<Record>, CatalogError> {
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(to.to_vec());
+        let mut out = Vec::new();
+        for entry in self.db.iterator_opt(
+            rocksdb::IteratorMode::From(from, rocksdb::Direction::Forward),
+            options,
+        ) {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = entry?;
+            out.push((key.to_vec(), value.to_vec()));
+        }
+        Ok(out)
+    }
+
+    /// Removes the records with keys in `from .. to` (synced).
+    pub fn delete_records(&self, from: &[u8], to: &[u8]) -> Result<(), CatalogError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range(from, to);
+        self.commit(batch)
+    }
+
     /// Forgets a project and all its versions.
     pub fn delete_project(&self, name: &Ident) -> Result<(), CatalogError> {
         let _guard = self.writer.lock().expect("catalog writer poisoned");
@@ -236,6 +290,9 @@ fn load(db: &DB) -> Result<Snapshot, CatalogError> {
         let (Some(kind), Some(name)) = (parts.next(), parts.next()) else {
             continue;
         };
+        if !["project", "version", "status"].contains(&kind) {
+            continue; // records beside the catalog (keys, audit)
+        }
         let Ok(name) = Ident::parse(name) else {
             continue;
         };

@@ -19,6 +19,9 @@ pub struct Connection {
     /// Print the server's JSON answer as it is instead of a summary.
     #[arg(long, global = true)]
     pub json: bool,
+    /// The API key (or master key, for `dstore keys`) sent as `Authorization: Bearer`.
+    #[arg(long, env = "DSTORE_API_KEY", global = true, hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 /// The commands that talk to a running server.
@@ -58,6 +61,50 @@ pub enum ClientCommand {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Make, list, show, rotate and revoke API keys (with a master key or a keys.manage key).
+    Keys {
+        #[command(subcommand)]
+        command: KeysCommand,
+        #[command(flatten)]
+        connection: Connection,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum KeysCommand {
+    /// Make an API key; prints its secret, shown this once.
+    Create {
+        /// A name for people, e.g. `blog-frontend`.
+        name: String,
+        /// Comma-separated actions: blueprints.read, blueprints.write, items.read, items.write,
+        /// projects.delete, operations, keys.manage, or *.
+        #[arg(long, short, value_delimiter = ',', required = true)]
+        actions: Vec<String>,
+        /// Comma-separated projects: names, prefix* patterns, or *.
+        #[arg(long, short, value_delimiter = ',', required = true)]
+        projects: Vec<String>,
+        #[arg(long, short, default_value = "")]
+        description: String,
+        /// When the key stops working (RFC 3339, e.g. 2027-01-01T00:00:00Z); never by default.
+        #[arg(long)]
+        expires_at: Option<String>,
+    },
+    /// List the API keys (never their secrets).
+    List,
+    /// Show one API key.
+    Show {
+        /// The key's id (the part after `dstore_`).
+        id: String,
+    },
+    /// Give a key a new secret; the old one keeps working for the grace period.
+    Rotate {
+        id: String,
+        /// Seconds the old secret keeps working (default: the server's auth.rotation_grace_secs).
+        #[arg(long)]
+        grace: Option<u64>,
+    },
+    /// Revoke a key at once.
+    Revoke { id: String },
 }
 
 #[derive(Subcommand, Debug)]

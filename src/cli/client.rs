@@ -62,6 +62,7 @@ pub(super) struct Client {
     base: Url,
     http: reqwest::Client,
     pub(super) json: bool,
+    api_key: Option<String>,
 }
 
 impl Client {
@@ -83,6 +84,7 @@ impl Client {
             base,
             http,
             json: connection.json,
+            api_key: connection.api_key.clone().filter(|k| !k.is_empty()),
         })
     }
 
@@ -107,6 +109,9 @@ impl Client {
     ) -> Result<(StatusCode, Value), CliError> {
         let url = self.url(segments, query);
         let mut request = self.http.request(method.clone(), url.clone());
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
         if let Some(body) = body {
             request = request
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
@@ -192,6 +197,7 @@ mod tests {
         let client = Client::new(&Connection {
             server: "http://127.0.0.1:2020/".into(),
             json: false,
+            api_key: None,
         })
         .unwrap();
         let url = client.url(&["my/blog", "_version"], &[("wait", "true")]);

@@ -8,6 +8,7 @@
 
 mod args;
 mod client;
+mod keys;
 mod render;
 
 use std::fmt::Write as _;
@@ -19,7 +20,7 @@ use std::time::{Duration, Instant};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
 
-pub use args::{BlueprintCommand, ClientCommand, ItemCommand};
+pub use args::{BlueprintCommand, ClientCommand, ItemCommand, KeysCommand};
 use client::{print_json, CliError, Client};
 use render::{backfills_finished, describe_change, render_progress_lines, render_versions};
 
@@ -102,6 +103,10 @@ async fn dispatch(command: ClientCommand) -> Result<(), CliError> {
             let client = Client::new(&connection)?;
             versions(&client, project.as_deref(), watch, timeout).await
         }
+        ClientCommand::Keys {
+            command,
+            connection,
+        } => keys::run(&Client::new(&connection)?, command).await,
         ClientCommand::Item {
             command,
             connection,

@@ -16,6 +16,10 @@ use crate::write::WriteError;
 pub enum ApiError {
     /// 400: the request cannot be read.
     BadRequest(String, Vec<FieldError>),
+    /// 401: no valid key.
+    Unauthorized(String),
+    /// 403: a valid key without the action or the project.
+    Forbidden(String),
     /// 404
     NotFound(String),
     /// 405
@@ -53,6 +57,8 @@ impl std::fmt::Display for ApiError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             ApiError::BadRequest(m, _)
+            | ApiError::Unauthorized(m)
+            | ApiError::Forbidden(m)
             | ApiError::NotFound(m)
             | ApiError::Conflict(m)
             | ApiError::Invalid(m, _)
@@ -74,6 +80,8 @@ impl ResponseError for ApiError {
     fn status_code(&self) -> StatusCode {
         match self {
             ApiError::BadRequest(..) => StatusCode::BAD_REQUEST,
+            ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) => StatusCode::CONFLICT,
@@ -103,7 +111,11 @@ impl ResponseError for ApiError {
             ),
             _ => (self.to_string(), Vec::new()),
         };
-        HttpResponse::build(self.status_code()).json(json!({"status": status, "errors": errors}))
+        let mut response = HttpResponse::build(self.status_code());
+        if let ApiError::Unauthorized(_) = self {
+            response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));
+        }
+        response.json(json!({"status": status, "errors": errors}))
     }
 }
 
@@ -137,6 +149,17 @@ impl From<WriteError> for ApiError {
                 ApiError::Unavailable(e.to_string())
             }
             WriteError::Storage(e) => e.into(),
+        }
+    }
+}
+
+impl From<crate::auth::keys::KeyError> for ApiError {
+    fn from(error: crate::auth::keys::KeyError) -> Self {
+        use crate::auth::keys::KeyError;
+        match error {
+            KeyError::Invalid(errors) => ApiError::Invalid("invalid key".into(), errors),
+            e @ KeyError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            KeyError::Storage(e) => e.into(),
         }
     }
 }

@@ -4,12 +4,14 @@
 //! follow Elasticsearch conventions (project first, `_`-prefixed verbs), so verb routes are registered
 //! before the item routes they would otherwise shadow.
 
+pub mod auth;
 mod blueprints;
 pub mod body;
 mod docs;
 pub mod error;
 mod health;
 mod items;
+mod keys;
 mod metrics;
 pub mod observe;
 mod projects;
@@ -37,6 +39,9 @@ pub struct AppState {
     pub settings: Settings,
     /// Memory held for request bodies by every request together (`server.max_inflight_bytes`).
     pub in_flight: Arc<body::InFlight>,
+    /// The API keys, when requests need one (none while authentication is off).
+    pub keys: Option<Arc<crate::auth::keys::KeyStore>>,
+    pub audit: crate::auth::audit::AuditLog,
 }
 
 impl AppState {
@@ -89,6 +94,19 @@ fn routes(config: &mut web::ServiceConfig) {
         .service(
             resource("/_dead_letters/_retry").route(web::post().to(health::retry_dead_letters)),
         )
+        .service(
+            resource("/_keys")
+                .route(web::get().to(keys::list))
+                .route(web::post().to(keys::create)),
+        )
+        .service(
+            resource("/_keys/{id}")
+                .route(web::get().to(keys::show))
+                .route(web::patch().to(keys::update))
+                .route(web::delete().to(keys::revoke)),
+        )
+        .service(resource("/_keys/{id}/_rotate").route(web::post().to(keys::rotate)))
+        .service(resource("/_audit").route(web::get().to(keys::audit)))
         .service(resource("/_version").route(web::get().to(versions::all)))
         .service(
             resource("/_project")

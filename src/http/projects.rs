@@ -6,6 +6,7 @@ use serde_json::{json, Map, Value};
 use super::blueprints::parse_blueprint_set;
 use super::error::ApiError;
 use super::{body, ident, State};
+use crate::auth::Action;
 use crate::blueprint::model::blueprints_to_public;
 use crate::blueprint::{FieldError, Ident};
 use crate::catalog::Project;
@@ -66,12 +67,14 @@ pub async fn delete(state: State, path: web::Path<String>) -> Result<HttpRespons
 }
 
 /// GET /_project
-pub async fn get_all(state: State) -> Result<HttpResponse, ApiError> {
+pub async fn get_all(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     state.storage.refresh_catalog().await?;
     let snapshot = state.storage.snapshot();
+    let caller = super::auth::caller(&request);
     let out: Map<String, Value> = snapshot
         .projects
         .iter()
+        .filter(|(n, _)| caller.allows(Action::BlueprintsRead, Some(n.as_str())))
         .map(|(n, p)| (n.to_string(), describe(p)))
         .collect();
     Ok(HttpResponse::Ok().json(out))
@@ -90,6 +93,17 @@ pub async fn put_all(
             vec![FieldError::new("", "must be an object of projects by name")],
         ));
     };
+    let caller = super::auth::caller(&request);
+    if let Some(denied) = projects
+        .keys()
+        .find(|name| !caller.allows(Action::BlueprintsWrite, Some(name.as_str())))
+    {
+        return Err(ApiError::Forbidden(format!(
+            "key {} may not blueprints.write on project {:?}",
+            caller.describe().0,
+            crate::blueprint::value::excerpt_str(denied)
+        )));
+    }
     let mut errors = Vec::new();
     let mut named = Vec::new();
     for (name, blueprints) in projects {

@@ -1,11 +1,12 @@
 //! Version routes: freeze the working copy, show versions with their migration and back-fill state,
 //! retire a version.
 
-use actix_web::{web, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::{ident, version_number, State};
+use crate::auth::Action;
 use crate::catalog::Project;
 use crate::write;
 
@@ -24,11 +25,16 @@ pub async fn get(state: State, path: web::Path<String>) -> Result<HttpResponse, 
 }
 
 /// GET /_version
-pub async fn all(state: State) -> Result<HttpResponse, ApiError> {
+pub async fn all(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     state.storage.refresh_catalog().await?;
     let snapshot = state.storage.snapshot();
+    let caller = super::auth::caller(&request);
     let mut out = Map::new();
-    for (name, p) in &snapshot.projects {
+    for (name, p) in snapshot
+        .projects
+        .iter()
+        .filter(|(name, _)| caller.allows(Action::BlueprintsRead, Some(name.as_str())))
+    {
         out.insert(name.to_string(), describe(&state, p).await?);
     }
     Ok(HttpResponse::Ok().json(out))

@@ -14,6 +14,7 @@ use serde::Deserialize;
 
 use crate::blueprint::Ident;
 use crate::catalog::{Catalog, Project, Snapshot, Version, VersionStatus};
+use crate::config::Secret;
 use crate::journal::task::{Task, TaskOp};
 use crate::projector::ProjectorError;
 
@@ -27,6 +28,8 @@ pub enum CatalogView {
 pub struct RemoteCatalog {
     server: String,
     client: reqwest::Client,
+    /// Sent as `Authorization: Bearer` (an `operations` key: `DSTORE_API_KEY`).
+    api_key: Option<Secret>,
     copy: Mutex<Arc<Snapshot>>,
 }
 
@@ -39,9 +42,11 @@ struct ProjectCatalog {
 }
 
 impl CatalogView {
-    pub fn remote(server: &str) -> CatalogView {
+    /// The catalog of the server at `server`, read with `api_key` when the server needs one.
+    pub fn remote(server: &str, api_key: Option<Secret>) -> CatalogView {
         CatalogView::Remote(RemoteCatalog {
             server: server.trim_end_matches('/').to_string(),
+            api_key,
             client: reqwest::Client::builder()
                 .timeout(std::time::Duration::from_secs(10))
                 .build()
@@ -124,7 +129,11 @@ impl RemoteCatalog {
                 self.server
             ))
         };
-        let response = self.client.get(&url).send().await.map_err(|e| failed(&e))?;
+        let mut request = self.client.get(&url);
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key.expose());
+        }
+        let response = request.send().await.map_err(|e| failed(&e))?;
         if response.status() != 200 {
             return Err(failed(&format!("it answered {}", response.status())));
         }

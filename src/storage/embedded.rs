@@ -9,10 +9,15 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::{Stats, Storage, StorageError};
+use crate::auth::audit::AuditEntry;
+use crate::auth::ApiKey;
 use crate::blueprint::{BlueprintInput, Change, Ident};
 use crate::catalog::{Catalog, MigrationState, Snapshot, Version};
 use crate::journal::backfill::BackfillState;
@@ -21,6 +26,23 @@ use crate::journal::{DeadLetter, Entry, ItemRecord, Journal, ProjectorProgress};
 pub struct EmbeddedStorage {
     catalog: Arc<Catalog>,
     journal: Arc<Journal>,
+    /// Tells apart audit entries of the same microsecond.
+    audit_seq: AtomicU64,
+}
+
+/// API keys and the audit log live beside the catalog, under these prefixes.
+const KEYS: &[u8] = b"key/";
+const KEYS_END: &[u8] = b"key0";
+const AUDIT: &[u8] = b"audit/";
+const AUDIT_END: &[u8] = b"audit0";
+
+fn key_record(id: &str) -> Vec<u8> {
+    format!("key/{id}").into_bytes()
+}
+
+/// `audit/{microseconds:020}{n:020}`: in time order.
+fn audit_record(at: DateTime<Utc>, n: u64) -> Vec<u8> {
+    format!("audit/{:020}{n:020}", at.timestamp_micros().max(0)).into_bytes()
 }
 
 impl EmbeddedStorage {
@@ -28,6 +50,7 @@ impl EmbeddedStorage {
         EmbeddedStorage {
             catalog: journal.catalog().clone(),
             journal,
+            audit_seq: AtomicU64::new(0),
         }
     }
 
@@ -181,6 +204,86 @@ impl Storage for EmbeddedStorage {
 
     fn reachable(&self) -> Result<(), String> {
         Ok(())
+    }
+
+    async fn keys(&self) -> Result<Vec<ApiKey>, StorageError> {
+        self.catalog
+            .records(KEYS, KEYS_END, usize::MAX)?
+            .into_iter()
+            .map(|(_, value)| {
+                serde_json::from_slice(&value)
+                    .map_err(|e| StorageError::Corrupt(format!("an API key is unreadable: {e}")))
+            })
+            .collect()
+    }
+
+    async fn put_key(&self, key: &ApiKey) -> Result<(), StorageError> {
+        let value = serde_json::to_vec(key).expect("keys serialize");
+        Ok(self
+            .catalog
+            .put_records(&[(key_record(&key.id), value)], true)?)
+    }
+
+    async fn touch_key(&self, id: &str, at: DateTime<Utc>) -> Result<(), StorageError> {
+        let Some(value) = self.catalog.record(&key_record(id))? else {
+            return Ok(());
+        };
+        let mut key: ApiKey = serde_json::from_slice(&value)
+            .map_err(|e| StorageError::Corrupt(format!("an API key is unreadable: {e}")))?;
+        key.last_used_at = Some(at);
+        let value = serde_json::to_vec(&key).expect("keys serialize");
+        Ok(self
+            .catalog
+            .put_records(&[(key_record(id), value)], false)?)
+    }
+
+    async fn delete_key(&self, id: &str) -> Result<bool, StorageError> {
+        let record = key_record(id);
+        let existed = self.catalog.record(&record)?.is_some();
+        let mut end = record.clone();
+        end.push(0);
+        self.catalog.delete_records(&record, &end)?;
+        Ok(existed)
+    }
+
+    async fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StorageError> {
+        let records: Vec<(Vec<u8>, Vec<u8>)> = entries
+            .iter()
+            .map(|entry| {
+                let n = self.audit_seq.fetch_add(1, Ordering::Relaxed);
+                (
+                    audit_record(entry.at, n),
+                    serde_json::to_vec(entry).expect("entries serialize"),
+                )
+            })
+            .collect();
+        // Not synced: the batch survives a crash of dstore, not of the machine (see README).
+        Ok(self.catalog.put_records(&records, false)?)
+    }
+
+    async fn audit(
+        &self,
+        since: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StorageError> {
+        self.catalog
+            .records(&audit_record(since, 0), AUDIT_END, limit)?
+            .into_iter()
+            .map(|(_, value)| {
+                serde_json::from_slice(&value).map_err(|e| {
+                    StorageError::Corrupt(format!("an audit entry is unreadable: {e}"))
+                })
+            })
+            .collect()
+    }
+
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StorageError> {
+        let end = audit_record(before, 0);
+        let count = self.catalog.records(AUDIT, &end, usize::MAX)?.len() as u64;
+        if count > 0 {
+            self.catalog.delete_records(AUDIT, &end)?;
+        }
+        Ok(count)
     }
 
     async fn stats(&self) -> Stats {

@@ -28,9 +28,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use thiserror::Error;
 use uuid::Uuid;
 
+use crate::auth::audit::AuditEntry;
+use crate::auth::ApiKey;
 use crate::blueprint::{BlueprintInput, Change, FieldError, Ident};
 use crate::catalog::{CatalogError, MigrationState, Snapshot, Version};
 use crate::journal::backfill::BackfillState;
@@ -236,6 +239,31 @@ pub trait Storage: Send + Sync {
     /// Whether this node can reach where the catalog and the journal live (cluster mode: the
     /// shared database, as of the last poll); the reason when it cannot.
     fn reachable(&self) -> Result<(), String>;
+
+    /// Every API key (digests only, never secrets).
+    async fn keys(&self) -> Result<Vec<ApiKey>, StorageError>;
+
+    /// Creates or replaces an API key.
+    async fn put_key(&self, key: &ApiKey) -> Result<(), StorageError>;
+
+    /// Records when a key was last used, changing nothing else of it.
+    async fn touch_key(&self, id: &str, at: DateTime<Utc>) -> Result<(), StorageError>;
+
+    /// Revokes an API key; answers whether it existed.
+    async fn delete_key(&self, id: &str) -> Result<bool, StorageError>;
+
+    /// Appends entries to the audit log.
+    async fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StorageError>;
+
+    /// Audit entries at or after `since`, oldest first.
+    async fn audit(
+        &self,
+        since: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StorageError>;
+
+    /// Removes audit entries older than `before`; answers how many.
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StorageError>;
 }
 
 /// The storage of a running service.

@@ -1,5 +1,6 @@
 //! Black-box tests: each starts the real service on a random port and drives it over HTTP.
 
+mod auth;
 mod blueprints;
 mod cli;
 mod cluster;

@@ -28,12 +28,15 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
+use chrono::{DateTime, Utc};
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Executor, Row};
 use tokio::sync::{mpsc, Notify};
 use uuid::Uuid;
 
 use super::{Stats, Storage, StorageError};
+use crate::auth::audit::AuditEntry;
+use crate::auth::ApiKey;
 use crate::blueprint::{BlueprintInput, Change, Ident};
 use crate::catalog::{edit, MigrationState, Snapshot, Version};
 use crate::config::{ProjectionSettings, SecretUrl};
@@ -662,6 +665,96 @@ impl Storage for PgStorage {
 
     fn reachable(&self) -> Result<(), String> {
         self.watch.storage_error().map_or(Ok(()), Err)
+    }
+
+    async fn keys(&self) -> Result<Vec<ApiKey>, StorageError> {
+        let rows = sqlx::query("SELECT record, last_used_at FROM api_keys")
+            .fetch_all(&self.pool)
+            .await
+            .map_err(|e| unavailable("read the API keys", &e))?;
+        rows.into_iter()
+            .map(|row| {
+                let sqlx::types::Json(mut key): sqlx::types::Json<ApiKey> =
+                    row.try_get("record").map_err(|e| {
+                        StorageError::Corrupt(format!("an API key is unreadable: {e}"))
+                    })?;
+                let used: Option<DateTime<Utc>> = row.get("last_used_at");
+                key.last_used_at = used.max(key.last_used_at);
+                Ok(key)
+            })
+            .collect()
+    }
+
+    async fn put_key(&self, key: &ApiKey) -> Result<(), StorageError> {
+        sqlx::query(
+            "INSERT INTO api_keys (id, record) VALUES ($1, $2) \
+             ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
+        )
+        .bind(&key.id)
+        .bind(sqlx::types::Json(key))
+        .execute(&self.pool)
+        .await
+        .map_err(|e| unavailable("write an API key", &e))?;
+        Ok(())
+    }
+
+    async fn touch_key(&self, id: &str, at: DateTime<Utc>) -> Result<(), StorageError> {
+        sqlx::query("UPDATE api_keys SET last_used_at = greatest(last_used_at, $2) WHERE id = $1")
+            .bind(id)
+            .bind(at)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| unavailable("record a key's use", &e))?;
+        Ok(())
+    }
+
+    async fn delete_key(&self, id: &str) -> Result<bool, StorageError> {
+        let deleted = sqlx::query("DELETE FROM api_keys WHERE id = $1")
+            .bind(id)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| unavailable("revoke an API key", &e))?
+            .rows_affected();
+        Ok(deleted > 0)
+    }
+
+    async fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StorageError> {
+        let at: Vec<DateTime<Utc>> = entries.iter().map(|e| e.at).collect();
+        let json: Vec<sqlx::types::Json<&AuditEntry>> =
+            entries.iter().map(sqlx::types::Json).collect();
+        sqlx::query(
+            "INSERT INTO audit (at, entry) SELECT * FROM unnest($1::timestamptz[], $2::jsonb[])",
+        )
+        .bind(&at)
+        .bind(&json)
+        .execute(&self.pool)
+        .await
+        .map_err(|e| unavailable("append to the audit log", &e))?;
+        Ok(())
+    }
+
+    async fn audit(
+        &self,
+        since: DateTime<Utc>,
+        limit: usize,
+    ) -> Result<Vec<AuditEntry>, StorageError> {
+        let entries: Vec<sqlx::types::Json<AuditEntry>> =
+            sqlx::query_scalar("SELECT entry FROM audit WHERE at >= $1 ORDER BY at, id LIMIT $2")
+                .bind(since)
+                .bind(limit as i64)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(|e| unavailable("read the audit log", &e))?;
+        Ok(entries.into_iter().map(|e| e.0).collect())
+    }
+
+    async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StorageError> {
+        Ok(sqlx::query("DELETE FROM audit WHERE at < $1")
+            .bind(before)
+            .execute(&self.pool)
+            .await
+            .map_err(|e| unavailable("prune the audit log", &e))?
+            .rows_affected())
     }
 
     async fn stats(&self) -> Stats {

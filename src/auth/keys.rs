@@ -1,0 +1,352 @@
+//! API keys: made, changed, rotated and revoked through the storage (so every node of a cluster
+//! sees them), and checked against a cache each node keeps.
+//!
+//! The cache is read again every couple of seconds and whenever a key id is unknown, so a key made
+//! or revoked through another node takes effect within that time (at once on the node that made
+//! the change). `last_used_at` is written at most once a minute per key and node: a key's use never
+//! costs a write per request.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Duration;
+
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+
+use super::{
+    is_master_key, random_hex, split_key, Action, ApiKey, Caller, PreviousSecret, ProjectPattern,
+};
+use crate::blueprint::FieldError;
+use crate::config::Secret;
+use crate::storage::{SharedStorage, StorageError};
+
+/// How often a node reads the keys again.
+const REFRESH: Duration = Duration::from_secs(2);
+/// How often a key's last use is written.
+const USE_RESOLUTION: Duration = Duration::from_secs(60);
+
+/// Why a request is not authenticated (401).
+#[derive(Debug, thiserror::Error)]
+pub enum AuthError {
+    #[error("this request needs an API key: send Authorization: Bearer <key>")]
+    Missing,
+    #[error("the API key is not valid (unknown, revoked or mistyped)")]
+    Unknown,
+    #[error("the API key expired at {0}")]
+    Expired(DateTime<Utc>),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// Why a key change is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum KeyError {
+    #[error("invalid key")]
+    Invalid(Vec<FieldError>),
+    #[error("key {0} does not exist")]
+    NotFound(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// What a client may say when making or changing a key.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyInput {
+    pub name: Option<String>,
+    pub description: Option<String>,
+    pub actions: Option<Vec<String>>,
+    pub projects: Option<Vec<String>>,
+    /// RFC 3339, or null for never.
+    #[serde(default, deserialize_with = "present")]
+    pub expires_at: Option<Option<String>>,
+}
+
+/// Tells a field that is absent (`None`) from one that is null (`Some(None)`).
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<Option<String>>, D::Error> {
+    Option::<String>::deserialize(d).map(Some)
+}
+
+pub struct KeyStore {
+    storage: SharedStorage,
+    master_keys: Vec<Secret>,
+    keys: RwLock<HashMap<String, ApiKey>>,
+    /// Uses of keys not written yet, by key id.
+    used: Mutex<HashMap<String, DateTime<Utc>>>,
+}
+
+impl KeyStore {
+    /// Loads the keys and keeps them fresh in the background.
+    pub async fn open(
+        storage: SharedStorage,
+        master_keys: Vec<Secret>,
+    ) -> Result<Arc<KeyStore>, StorageError> {
+        let store = Arc::new(KeyStore {
+            storage,
+            master_keys,
+            keys: RwLock::new(HashMap::new()),
+            used: Mutex::new(HashMap::new()),
+        });
+        store.reload().await?;
+        tokio::spawn(refresh(Arc::downgrade(&store)));
+        Ok(store)
+    }
+
+    async fn reload(&self) -> Result<(), StorageError> {
+        let keys = self.storage.keys().await?;
+        *self.keys.write().expect("keys lock") =
+            keys.into_iter().map(|k| (k.id.clone(), k)).collect();
+        Ok(())
+    }
+
+    /// Who a bearer token belongs to.
+    pub async fn authenticate(&self, token: Option<&str>) -> Result<Caller, AuthError> {
+        let token = token.ok_or(AuthError::Missing)?;
+        if is_master_key(token, &self.master_keys) {
+            return Ok(Caller::Master);
+        }
+        let (id, secret) = split_key(token).ok_or(AuthError::Unknown)?;
+        let mut key = self.keys.read().expect("keys lock").get(id).cloned();
+        if key.is_none() {
+            // Perhaps made through another node a moment ago.
+            self.reload().await?;
+            key = self.keys.read().expect("keys lock").get(id).cloned();
+        }
+        let key = key.ok_or(AuthError::Unknown)?;
+        let now = Utc::now();
+        if !key.accepts(secret, now) {
+            return Err(AuthError::Unknown);
+        }
+        if let Some(at) = key.expires_at.filter(|_| key.expired(now)) {
+            return Err(AuthError::Expired(at));
+        }
+        self.note_use(&key, now);
+        Ok(Caller::Key(Box::new(key)))
+    }
+
+    /// Notes a key's use, to be written when the last written use is a minute old.
+    fn note_use(&self, key: &ApiKey, now: DateTime<Utc>) {
+        let resolution = chrono::Duration::from_std(USE_RESOLUTION).unwrap_or_default();
+        if key.last_used_at.is_none_or(|last| now - last >= resolution) {
+            self.used
+                .lock()
+                .expect("used lock")
+                .entry(key.id.clone())
+                .or_insert(now);
+        }
+    }
+
+    /// Writes the uses noted since the last flush.
+    async fn flush_uses(&self) {
+        let pending: Vec<(String, DateTime<Utc>)> =
+            self.used.lock().expect("used lock").drain().collect();
+        for (id, at) in pending {
+            // Only the time: a change made meanwhile through another node stays.
+            if self.storage.touch_key(&id, at).await.is_ok() {
+                if let Some(key) = self.keys.write().expect("keys lock").get_mut(&id) {
+                    key.last_used_at = Some(at);
+                }
+            }
+        }
+    }
+
+    pub fn list(&self) -> Vec<ApiKey> {
+        let mut keys: Vec<ApiKey> = self
+            .keys
+            .read()
+            .expect("keys lock")
+            .values()
+            .cloned()
+            .collect();
+        keys.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        keys
+    }
+
+    pub async fn get(&self, id: &str) -> Result<ApiKey, KeyError> {
+        if let Some(key) = self.keys.read().expect("keys lock").get(id) {
+            return Ok(key.clone());
+        }
+        self.reload().await?;
+        self.keys
+            .read()
+            .expect("keys lock")
+            .get(id)
+            .cloned()
+            .ok_or_else(|| KeyError::NotFound(id.to_string()))
+    }
+
+    /// Makes a key; answers it with its secret, the only time the secret is ever shown.
+    pub async fn create(&self, input: KeyInput) -> Result<(ApiKey, String), KeyError> {
+        let mut errors = Vec::new();
+        let name = input.name.clone().unwrap_or_default();
+        if name.is_empty() {
+            errors.push(FieldError::new("/name", "is required"));
+        }
+        if input.actions.is_none() {
+            errors.push(FieldError::new(
+                "/actions",
+                "is required: the actions the key may take",
+            ));
+        }
+        if input.projects.is_none() {
+            errors.push(FieldError::new(
+                "/projects",
+                "is required: project names, prefix* patterns or *",
+            ));
+        }
+        let id = random_hex(8);
+        let secret = random_hex(32);
+        let mut key = ApiKey {
+            id: id.clone(),
+            name,
+            description: String::new(),
+            actions: Vec::new(),
+            projects: Vec::new(),
+            expires_at: None,
+            created_at: Utc::now(),
+            last_used_at: None,
+            hash: super::digest(&secret),
+            previous: None,
+        };
+        apply(&mut key, input, &mut errors);
+        if !errors.is_empty() {
+            return Err(KeyError::Invalid(errors));
+        }
+        self.storage.put_key(&key).await?;
+        self.keys
+            .write()
+            .expect("keys lock")
+            .insert(id.clone(), key.clone());
+        Ok((key, format!("dstore_{id}_{secret}")))
+    }
+
+    /// Changes a key's name, description, actions, projects or expiry.
+    pub async fn update(&self, id: &str, input: KeyInput) -> Result<ApiKey, KeyError> {
+        let mut key = self.get(id).await?;
+        let mut errors = Vec::new();
+        if input.name.as_deref() == Some("") {
+            errors.push(FieldError::new("/name", "must not be empty"));
+        }
+        apply(&mut key, input, &mut errors);
+        if !errors.is_empty() {
+            return Err(KeyError::Invalid(errors));
+        }
+        self.storage.put_key(&key).await?;
+        self.keys
+            .write()
+            .expect("keys lock")
+            .insert(id.to_string(), key.clone());
+        Ok(key)
+    }
+
+    /// A new secret for the key; the old one stays valid for `grace`. Answers the new key.
+    pub async fn rotate(&self, id: &str, grace: Duration) -> Result<(ApiKey, String), KeyError> {
+        let mut key = self.get(id).await?;
+        let secret = random_hex(32);
+        key.previous = Some(PreviousSecret {
+            hash: std::mem::replace(&mut key.hash, super::digest(&secret)),
+            valid_until: Utc::now() + chrono::Duration::from_std(grace).unwrap_or_default(),
+        });
+        self.storage.put_key(&key).await?;
+        self.keys
+            .write()
+            .expect("keys lock")
+            .insert(id.to_string(), key.clone());
+        Ok((key.clone(), format!("dstore_{}_{secret}", key.id)))
+    }
+
+    /// Revokes a key at once.
+    pub async fn delete(&self, id: &str) -> Result<ApiKey, KeyError> {
+        let key = self.get(id).await?;
+        self.storage.delete_key(id).await?;
+        self.keys.write().expect("keys lock").remove(id);
+        Ok(key)
+    }
+}
+
+/// Applies what a client said to a key, collecting every problem.
+fn apply(key: &mut ApiKey, input: KeyInput, errors: &mut Vec<FieldError>) {
+    let excerpt = crate::blueprint::value::excerpt_str;
+    if let Some(name) = input.name {
+        if name.chars().count() > 200 || name.contains('\0') {
+            errors.push(FieldError::new(
+                "/name",
+                "must be at most 200 characters, without NUL",
+            ));
+        }
+        key.name = name;
+    }
+    if let Some(description) = input.description {
+        if description.chars().count() > 1000 || description.contains('\0') {
+            errors.push(FieldError::new(
+                "/description",
+                "must be at most 1000 characters, without NUL",
+            ));
+        }
+        key.description = description;
+    }
+    if let Some(actions) = input.actions {
+        if actions.is_empty() {
+            errors.push(FieldError::new("/actions", "must name at least one action"));
+        }
+        key.actions.clear();
+        for (i, raw) in actions.iter().enumerate() {
+            match Action::parse(raw) {
+                Some(action) => key.actions.push(action),
+                None => errors.push(FieldError::new(
+                    format!("/actions/{i}"),
+                    format!(
+                        "unknown action {:?}; actions are {}",
+                        excerpt(raw),
+                        Action::ALL.map(Action::name).join(", ")
+                    ),
+                )),
+            }
+        }
+    }
+    if let Some(projects) = input.projects {
+        if projects.is_empty() {
+            errors.push(FieldError::new(
+                "/projects",
+                "must name at least one project or *",
+            ));
+        }
+        key.projects.clear();
+        for (i, raw) in projects.iter().enumerate() {
+            match ProjectPattern::parse(raw) {
+                Ok(pattern) => key.projects.push(pattern),
+                Err(reason) => errors.push(FieldError::new(format!("/projects/{i}"), reason)),
+            }
+        }
+    }
+    if let Some(expires) = input.expires_at {
+        key.expires_at = match expires.as_deref().map(chrono::DateTime::parse_from_rfc3339) {
+            None => None,
+            Some(Ok(at)) => Some(at.with_timezone(&Utc)),
+            Some(Err(_)) => {
+                errors.push(FieldError::new(
+                    "/expires_at",
+                    format!(
+                        "{:?} is not an RFC 3339 time",
+                        excerpt(expires.as_deref().unwrap_or_default())
+                    ),
+                ));
+                None
+            }
+        };
+    }
+}
+
+/// Keeps a store's cache fresh and writes last uses, while it lives.
+async fn refresh(store: Weak<KeyStore>) {
+    loop {
+        tokio::time::sleep(REFRESH).await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        store.flush_uses().await;
+        if let Err(error) = store.reload().await {
+            tracing::warn!(%error, "cannot read the API keys; the last ones read stay in use");
+        }
+    }
+}

@@ -1,0 +1,175 @@
+//! The authentication middleware: every request is checked against its route's requirement
+//! (`auth::requirement`) before any handler runs, cross-site writes are refused, and every request
+//! that changes something is written to the audit log.
+//!
+//! Missing, unknown, expired or revoked key: 401. A valid key without the action or the project:
+//! 403. Both in the usual JSON error body. The caller is put in the request's extensions, so
+//! handlers that list projects show only those the caller may read.
+
+use actix_web::body::{EitherBody, MessageBody};
+use actix_web::dev::{ServiceRequest, ServiceResponse};
+use actix_web::http::{header, Method};
+use actix_web::middleware::Next;
+use actix_web::{HttpMessage, HttpRequest};
+use chrono::Utc;
+
+use super::error::ApiError;
+use super::State;
+use crate::auth::audit::AuditEntry;
+use crate::auth::keys::AuthError;
+use crate::auth::{requirement, Action, Caller, Requirement};
+
+/// The caller of a request (every handler's request went through [`authenticate`]).
+pub fn caller(request: &HttpRequest) -> Caller {
+    request
+        .extensions()
+        .get::<Caller>()
+        .cloned()
+        .unwrap_or(Caller::Open)
+}
+
+fn changes_something(method: &Method) -> bool {
+    !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
+}
+
+/// A write a browser sends for another site's page: it says where it comes from, and that is not
+/// here. Clients that are not browsers send neither header.
+fn cross_site(request: &ServiceRequest) -> bool {
+    let headers = request.headers();
+    if headers
+        .get("sec-fetch-site")
+        .is_some_and(|site| site.as_bytes() == b"cross-site" || site.as_bytes() == b"same-site")
+    {
+        return true;
+    }
+    let Some(origin) = headers.get(header::ORIGIN).and_then(|o| o.to_str().ok()) else {
+        return false;
+    };
+    let host = headers
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default();
+    let origin_host = origin.split_once("://").map_or(origin, |(_, rest)| rest);
+    origin == "null" || origin_host != host
+}
+
+fn bearer(request: &ServiceRequest) -> Option<String> {
+    let value = request
+        .headers()
+        .get(header::AUTHORIZATION)?
+        .to_str()
+        .ok()?;
+    let (scheme, token) = value.split_once(' ')?;
+    scheme
+        .eq_ignore_ascii_case("bearer")
+        .then(|| token.trim().to_string())
+}
+
+/// What a request is checked against, and by whom it was sent.
+struct Checked {
+    caller: Caller,
+    action: Option<Action>,
+    project: Option<String>,
+}
+
+/// The middleware.
+pub async fn authenticate(
+    request: ServiceRequest,
+    next: Next<impl MessageBody>,
+) -> Result<ServiceResponse<EitherBody<impl MessageBody>>, actix_web::Error> {
+    let Some(state) = request.app_data::<State>().cloned() else {
+        return next.call(request).await.map(|r| r.map_into_left_body());
+    };
+    let method = request.method().clone();
+    let path = request.path().to_string();
+    let (checked, response) = match check(&state, &request).await {
+        Ok(checked) => {
+            request.extensions_mut().insert(checked.caller.clone());
+            let response = next.call(request).await?.map_into_left_body();
+            (checked, response)
+        }
+        Err((checked, refused)) => {
+            let response = request.error_response(refused).map_into_right_body();
+            (checked, response)
+        }
+    };
+    // Every request that changes something, refused ones too, with who sent it.
+    if changes_something(&method) {
+        let (key_id, key_name) = checked.caller.describe();
+        state
+            .audit
+            .record(AuditEntry {
+                at: Utc::now(),
+                key_id,
+                key_name,
+                action: checked.action.map_or("-", Action::name).to_string(),
+                project: checked.project,
+                method: method.to_string(),
+                path,
+                status: response.status().as_u16(),
+            })
+            .await;
+    }
+    Ok(response)
+}
+
+/// Who sent the request and whether they may: the refusal (401 or 403) otherwise.
+async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Checked, ApiError)> {
+    let method = request.method();
+    let needed = requirement(method, request.path());
+    let (action, project) = match &needed {
+        Requirement::Open => (None, None),
+        Requirement::Public(name, action) => {
+            if state.settings.auth.public.iter().any(|p| p == name) {
+                (None, None)
+            } else {
+                (Some(*action), None)
+            }
+        }
+        Requirement::Action(action, project) => (Some(*action), project.clone()),
+        Requirement::Everything(action) => (Some(*action), None),
+    };
+    let mut checked = Checked {
+        caller: Caller::Open,
+        action,
+        project: project.clone(),
+    };
+    if changes_something(method) && cross_site(request) {
+        let refused = ApiError::Forbidden(
+            "a cross-site request from a browser cannot change anything here".into(),
+        );
+        return Err((checked, refused));
+    }
+    let (Some(keys), Some(action)) = (&state.keys, action) else {
+        return Ok(checked);
+    };
+    checked.caller = match keys.authenticate(bearer(request).as_deref()).await {
+        Ok(caller) => caller,
+        Err(AuthError::Storage(e)) => return Err((checked, ApiError::from(e))),
+        Err(e) => {
+            checked.caller = Caller::Refused;
+            return Err((checked, ApiError::Unauthorized(e.to_string())));
+        }
+    };
+    let allowed = match &needed {
+        Requirement::Everything(_) => {
+            checked.caller.allows(action, None) && checked.caller.reaches_all()
+        }
+        _ => checked.caller.allows(action, project.as_deref()),
+    };
+    if !allowed {
+        let (id, _) = checked.caller.describe();
+        let place = project
+            .as_deref()
+            .map_or(String::new(), |p| format!(" on project {p:?}"));
+        let every = if matches!(needed, Requirement::Everything(_)) {
+            " on every project"
+        } else {
+            ""
+        };
+        let refused =
+            ApiError::Forbidden(format!("key {id} may not {}{place}{every}", action.name()));
+        return Err((checked, refused));
+    }
+    Ok(checked)
+}

@@ -1,0 +1,148 @@
+//! API keys (`/_keys`, the `keys.manage` action or a master key) and the audit log (`/_audit`,
+//! the `operations` action). A key's secret is answered once, when it is made or rotated; every
+//! other answer shows the key without it.
+
+use std::time::Duration;
+
+use actix_web::{web, HttpRequest, HttpResponse};
+use chrono::{DateTime, Utc};
+use serde::Deserialize;
+use serde_json::json;
+
+use super::error::ApiError;
+use super::{body, State};
+use crate::auth::keys::{KeyInput, KeyStore};
+
+/// Most audit entries one answer holds.
+const MAX_AUDIT: usize = 10_000;
+
+fn store(state: &State) -> Result<&KeyStore, ApiError> {
+    state.keys.as_deref().ok_or_else(|| {
+        ApiError::Conflict(
+            "authentication is off (no master key): there are no API keys to manage".into(),
+        )
+    })
+}
+
+fn input(body: &serde_json::Value) -> Result<KeyInput, ApiError> {
+    serde_json::from_value(body.clone()).map_err(|e| {
+        ApiError::Invalid(
+            "invalid key".into(),
+            vec![crate::blueprint::FieldError::new("", e.to_string())],
+        )
+    })
+}
+
+/// GET /_keys
+pub async fn list(state: State) -> Result<HttpResponse, ApiError> {
+    let keys: Vec<_> = store(&state)?
+        .list()
+        .iter()
+        .map(|k| k.to_public())
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({ "keys": keys })))
+}
+
+/// POST /_keys: answers the key with its secret, shown this once.
+pub async fn create(
+    state: State,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = body::json(&state, &request, payload).await?;
+    let (key, secret) = store(&state)?.create(input(&body)?).await?;
+    let mut answer = key.to_public();
+    answer["key"] = json!(secret);
+    Ok(HttpResponse::Created().json(answer))
+}
+
+/// GET /_keys/{id}
+pub async fn show(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    Ok(HttpResponse::Ok().json(store(&state)?.get(&path).await?.to_public()))
+}
+
+/// PATCH /_keys/{id}
+pub async fn update(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let body = body::json(&state, &request, payload).await?;
+    let key = store(&state)?.update(&path, input(&body)?).await?;
+    Ok(HttpResponse::Ok().json(key.to_public()))
+}
+
+/// DELETE /_keys/{id}: revokes the key at once.
+pub async fn revoke(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let key = store(&state)?.delete(&path).await?;
+    Ok(HttpResponse::Ok().json(json!({"revoked": true, "id": key.id})))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RotateParams {
+    /// Seconds the old secret stays valid (default `auth.rotation_grace_secs`).
+    grace: Option<u64>,
+}
+
+/// POST /_keys/{id}/_rotate: a new secret, shown once; the old one stays valid for the grace.
+pub async fn rotate(
+    state: State,
+    path: web::Path<String>,
+    params: web::Query<RotateParams>,
+) -> Result<HttpResponse, ApiError> {
+    let grace = params
+        .grace
+        .unwrap_or(state.settings.auth.rotation_grace_secs);
+    if grace > 30 * 86_400 {
+        return Err(ApiError::bad_request(
+            "grace",
+            format!("grace={grace} is more than 30 days"),
+        ));
+    }
+    let (key, secret) = store(&state)?
+        .rotate(&path, Duration::from_secs(grace))
+        .await?;
+    let mut answer = key.to_public();
+    answer["key"] = json!(secret);
+    Ok(HttpResponse::Ok().json(answer))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditParams {
+    /// RFC 3339; default: a day ago.
+    since: Option<String>,
+    limit: Option<usize>,
+}
+
+/// GET /_audit?since=&limit=: who changed what, oldest first.
+pub async fn audit(
+    state: State,
+    params: web::Query<AuditParams>,
+) -> Result<HttpResponse, ApiError> {
+    let since = match &params.since {
+        None => Utc::now() - chrono::Duration::days(1),
+        Some(raw) => DateTime::parse_from_rfc3339(raw)
+            .map_err(|_| {
+                ApiError::bad_request(
+                    "since",
+                    format!(
+                        "since={:?} is not an RFC 3339 time",
+                        crate::blueprint::value::excerpt_str(raw)
+                    ),
+                )
+            })?
+            .with_timezone(&Utc),
+    };
+    let limit = params.limit.unwrap_or(1000);
+    if limit > MAX_AUDIT {
+        return Err(ApiError::bad_request(
+            "limit",
+            format!("limit={limit} is more than {MAX_AUDIT}"),
+        ));
+    }
+    let entries = state.storage.audit(since, limit).await?;
+    Ok(HttpResponse::Ok().json(json!({ "entries": entries })))
+}

@@ -1,0 +1,755 @@
+//! Authentication and authorization: every route with no key, a key for another project, a key
+//! without the action, an expired key, a revoked key and the right key; master keys, rotation,
+//! listings filtered by key, cross-site writes, the audit log, and secrets never written down.
+
+use std::time::Duration;
+
+use reqwest::Method;
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{article, spawn_app_with, TestApp};
+use crate::process::{free_port, Server};
+
+const MASTER: &str = "master-key-for-tests-0123456789";
+
+async fn secured() -> TestApp {
+    spawn_app_with(|s| s.auth.master_keys = vec![MASTER.into()]).await
+}
+
+async fn call(
+    app: &TestApp,
+    method: Method,
+    path: &str,
+    key: Option<&str>,
+    body: Option<&str>,
+) -> (u16, Value) {
+    let mut request = app.client.request(method, format!("{}{path}", app.address));
+    if let Some(key) = key {
+        request = request.bearer_auth(key);
+    }
+    if let Some(body) = body {
+        request = request.body(body.to_string());
+    }
+    let response = request.send().await.expect("the server answers");
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+/// Makes a key with the master key; answers its secret and id.
+async fn key(
+    app: &TestApp,
+    actions: &[&str],
+    projects: &[&str],
+    expires_at: Option<&str>,
+) -> (String, String) {
+    let body =
+        json!({"name": "test", "actions": actions, "projects": projects, "expires_at": expires_at});
+    let (status, answer) = call(
+        app,
+        Method::POST,
+        "/_keys",
+        Some(MASTER),
+        Some(&body.to_string()),
+    )
+    .await;
+    assert_eq!(status, 201, "{answer}");
+    (
+        answer["key"].as_str().unwrap().to_string(),
+        answer["id"].as_str().unwrap().to_string(),
+    )
+}
+
+const ACTIONS: [&str; 7] = [
+    "blueprints.read",
+    "blueprints.write",
+    "items.read",
+    "items.write",
+    "projects.delete",
+    "operations",
+    "keys.manage",
+];
+
+/// One route: method, path, body, the action it needs, whether it is scoped to project `p`, and
+/// whether it needs every project.
+struct Route {
+    method: Method,
+    path: String,
+    body: Option<String>,
+    action: &'static str,
+    scoped: bool,
+    everything: bool,
+}
+
+fn route(
+    method: Method,
+    path: &str,
+    body: Option<Value>,
+    action: &'static str,
+    scoped: bool,
+) -> Route {
+    Route {
+        method,
+        path: path.to_string(),
+        body: body.map(|b| b.to_string()),
+        action,
+        scoped,
+        everything: false,
+    }
+}
+
+/// Every route of the API, the destructive ones last.
+fn routes(id: Uuid) -> Vec<Route> {
+    let item = json!({"project_version": 1, "title": "x", "date_created": "2020-01-02"});
+    let bulk = format!(
+        "{}\n{item}\n",
+        json!({"put": {"blueprint": "article", "id": Uuid::new_v4()}})
+    );
+    let mut routes = vec![
+        route(Method::GET, "/_health/ready", None, "operations", false),
+        route(Method::GET, "/_metrics", None, "operations", false),
+        route(
+            Method::GET,
+            "/_openapi.json",
+            None,
+            "blueprints.read",
+            false,
+        ),
+        route(Method::GET, "/_docs", None, "blueprints.read", false),
+        route(Method::GET, "/_dead_letters", None, "operations", false),
+        route(
+            Method::POST,
+            "/_dead_letters/_retry",
+            None,
+            "operations",
+            false,
+        ),
+        route(Method::GET, "/_audit", None, "operations", false),
+        route(Method::GET, "/_keys", None, "keys.manage", false),
+        route(Method::GET, "/_version", None, "blueprints.read", false),
+        route(Method::GET, "/_project", None, "blueprints.read", false),
+        route(
+            Method::PUT,
+            "/_project",
+            Some(json!({"p": {"article": article()}})),
+            "blueprints.write",
+            false,
+        ),
+        route(Method::GET, "/p/_blueprint", None, "blueprints.read", true),
+        route(
+            Method::PUT,
+            "/p/_blueprint",
+            Some(json!({"article": article()})),
+            "blueprints.write",
+            true,
+        ),
+        route(
+            Method::GET,
+            "/p/_blueprint/1",
+            None,
+            "blueprints.read",
+            true,
+        ),
+        route(
+            Method::GET,
+            "/p/article/_blueprint",
+            None,
+            "blueprints.read",
+            true,
+        ),
+        route(
+            Method::PUT,
+            "/p/article/_blueprint",
+            Some(article()),
+            "blueprints.write",
+            true,
+        ),
+        route(
+            Method::GET,
+            "/p/article/_blueprint/1",
+            None,
+            "blueprints.read",
+            true,
+        ),
+        route(Method::GET, "/p/_version", None, "blueprints.read", true),
+        route(Method::POST, "/p/_version", None, "blueprints.write", true),
+        route(Method::GET, "/p/_catalog", None, "operations", true),
+        route(Method::GET, "/p/_project", None, "blueprints.read", true),
+        route(
+            Method::PUT,
+            "/p/_project",
+            Some(json!({"article": article()})),
+            "blueprints.write",
+            true,
+        ),
+        route(
+            Method::PUT,
+            &format!("/p/article/{id}"),
+            Some(item.clone()),
+            "items.write",
+            true,
+        ),
+        route(
+            Method::GET,
+            &format!("/p/article/{id}"),
+            None,
+            "items.read",
+            true,
+        ),
+        route(
+            Method::POST,
+            "/p/article",
+            Some(item.clone()),
+            "items.write",
+            true,
+        ),
+        route(
+            Method::DELETE,
+            &format!("/p/article/{id}"),
+            None,
+            "items.write",
+            true,
+        ),
+        route(
+            Method::GET,
+            "/p/article/_blueprint/1",
+            None,
+            "blueprints.read",
+            true,
+        ),
+        route(
+            Method::DELETE,
+            "/p/article/_blueprint",
+            None,
+            "blueprints.write",
+            true,
+        ),
+        route(
+            Method::POST,
+            "/p/_version/1/_retire",
+            None,
+            "blueprints.write",
+            true,
+        ),
+        route(Method::DELETE, "/p/_project", None, "projects.delete", true),
+    ];
+    routes.insert(
+        24,
+        Route {
+            body: Some(bulk),
+            ..route(Method::POST, "/p/_bulk", None, "items.write", true)
+        },
+    );
+    routes.push(Route {
+        everything: true,
+        ..route(Method::DELETE, "/_project", None, "projects.delete", false)
+    });
+    routes
+}
+
+#[tokio::test]
+async fn every_route_answers_401_without_a_valid_key_403_without_its_action_or_project_and_serves_the_right_key(
+) {
+    let app = secured().await;
+    let (admin, _) = key(&app, &["*"], &["*"], None).await;
+    // The project exists, frozen, before the matrix runs.
+    let (status, body) = call(
+        &app,
+        Method::PUT,
+        "/p/article/_blueprint",
+        Some(&admin),
+        Some(&article().to_string()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        call(&app, Method::POST, "/p/_version", Some(&admin), None)
+            .await
+            .0,
+        200
+    );
+
+    struct Keys {
+        right: String,
+        right_everywhere: String,
+        other_project: String,
+        other_action: String,
+        expired: String,
+        revoked: String,
+    }
+    let mut keys = std::collections::HashMap::new();
+    for action in ACTIONS {
+        let others: Vec<&str> = ACTIONS.iter().copied().filter(|a| *a != action).collect();
+        let (revoked, revoked_id) = key(&app, &[action], &["p"], None).await;
+        let (status, _) = call(
+            &app,
+            Method::DELETE,
+            &format!("/_keys/{revoked_id}"),
+            Some(MASTER),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200);
+        keys.insert(
+            action,
+            Keys {
+                right: key(&app, &[action], &["p"], None).await.0,
+                right_everywhere: key(&app, &[action], &["*"], None).await.0,
+                other_project: key(&app, &[action], &["other"], None).await.0,
+                other_action: key(&app, &others, &["*"], None).await.0,
+                expired: key(&app, &[action], &["p"], Some("2020-01-01T00:00:00Z"))
+                    .await
+                    .0,
+                revoked,
+            },
+        );
+    }
+
+    let id = Uuid::new_v4();
+    for route in routes(id) {
+        let keys = &keys[route.action];
+        let what = format!("{} {}", route.method, route.path);
+        let send = |key: Option<String>| {
+            let (method, path, body) =
+                (route.method.clone(), route.path.clone(), route.body.clone());
+            let app = &app;
+            async move { call(app, method, &path, key.as_deref(), body.as_deref()).await }
+        };
+        let (status, body) = send(None).await;
+        assert_eq!(status, 401, "{what} without a key: {body}");
+        assert_eq!(
+            send(Some(keys.expired.clone())).await.0,
+            401,
+            "{what} with an expired key"
+        );
+        assert_eq!(
+            send(Some(keys.revoked.clone())).await.0,
+            401,
+            "{what} with a revoked key"
+        );
+        assert_eq!(
+            send(Some(keys.other_action.clone())).await.0,
+            403,
+            "{what} with a key without {}",
+            route.action
+        );
+        if route.scoped || route.everything {
+            assert_eq!(
+                send(Some(keys.other_project.clone())).await.0,
+                403,
+                "{what} with another project's key"
+            );
+        }
+        let right = if route.everything {
+            &keys.right_everywhere
+        } else {
+            &keys.right
+        };
+        let (status, body) = send(Some(right.clone())).await;
+        assert!(
+            status != 401 && status != 403 && status < 500,
+            "{what} with the right key: {status} {body}"
+        );
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn master_keys_only_manage_keys_and_two_may_be_valid_while_rotating() {
+    let app = spawn_app_with(|s| {
+        s.auth.master_keys = vec![MASTER.into(), "the-previous-master-key-0123".into()];
+    })
+    .await;
+    assert_eq!(
+        call(&app, Method::GET, "/_keys", Some(MASTER), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(
+            &app,
+            Method::GET,
+            "/_keys",
+            Some("the-previous-master-key-0123"),
+            None
+        )
+        .await
+        .0,
+        200
+    );
+    let (status, body) = call(&app, Method::GET, "/_version", Some(MASTER), None).await;
+    assert_eq!(status, 403, "{body}");
+    assert_eq!(
+        call(
+            &app,
+            Method::GET,
+            "/_keys",
+            Some("not-the-master-key-0123456"),
+            None
+        )
+        .await
+        .0,
+        401
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn keys_are_shown_once_listed_without_secrets_rotated_with_a_grace_and_scoped_listings() {
+    let app = secured().await;
+    let (admin, _) = key(&app, &["*"], &["*"], None).await;
+    for project in ["blog", "shop_eu", "shop_us"] {
+        let (status, _) = call(
+            &app,
+            Method::PUT,
+            &format!("/{project}/article/_blueprint"),
+            Some(&admin),
+            Some(&article().to_string()),
+        )
+        .await;
+        assert_eq!(status, 200);
+    }
+    let (reader, reader_id) = key(&app, &["blueprints.read"], &["shop_*"], None).await;
+    let (status, listed) = call(&app, Method::GET, "/_project", Some(&reader), None).await;
+    assert_eq!(status, 200);
+    let mut names: Vec<&String> = listed.as_object().unwrap().keys().collect();
+    names.sort();
+    assert_eq!(
+        names,
+        ["shop_eu", "shop_us"],
+        "a key lists only the projects it may read"
+    );
+
+    let (_, keys) = call(&app, Method::GET, "/_keys", Some(MASTER), None).await;
+    let text = keys.to_string();
+    assert!(
+        !text.contains(&reader[24..]),
+        "listings never show a secret"
+    );
+    let (_, shown) = call(
+        &app,
+        Method::GET,
+        &format!("/_keys/{reader_id}"),
+        Some(MASTER),
+        None,
+    )
+    .await;
+    assert!(
+        shown.get("key").is_none() && shown["projects"] == json!(["shop_*"]),
+        "{shown}"
+    );
+
+    // Rotation: the new secret works at once, the old one until its grace ends.
+    let (status, rotated) = call(
+        &app,
+        Method::POST,
+        &format!("/_keys/{reader_id}/_rotate?grace=1"),
+        Some(MASTER),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{rotated}");
+    let new = rotated["key"].as_str().unwrap().to_string();
+    assert_ne!(new, reader);
+    assert_eq!(
+        call(&app, Method::GET, "/shop_eu/_version", Some(&new), None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(&app, Method::GET, "/shop_eu/_version", Some(&reader), None)
+            .await
+            .0,
+        200
+    );
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    assert_eq!(
+        call(&app, Method::GET, "/shop_eu/_version", Some(&reader), None)
+            .await
+            .0,
+        401
+    );
+
+    // A key's actions and projects can change; last use shows.
+    let (status, changed) = call(
+        &app,
+        Method::PATCH,
+        &format!("/_keys/{reader_id}"),
+        Some(MASTER),
+        Some(r#"{"projects": ["blog"]}"#),
+    )
+    .await;
+    assert_eq!((status, &changed["projects"]), (200, &json!(["blog"])));
+    assert_eq!(
+        call(&app, Method::GET, "/shop_eu/_blueprint", Some(&new), None)
+            .await
+            .0,
+        403
+    );
+    let (status, invalid) = call(
+        &app,
+        Method::POST,
+        "/_keys",
+        Some(MASTER),
+        Some(r#"{"name": "x", "actions": ["items.fly"], "projects": ["Bad Name"]}"#),
+    )
+    .await;
+    assert_eq!(status, 422, "{invalid}");
+    let paths: Vec<&str> = invalid["errors"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["path"].as_str().unwrap())
+        .collect();
+    assert_eq!(paths, ["/actions/0", "/projects/0"]);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn every_change_is_audited_with_its_key_and_refused_ones_too() {
+    let app = secured().await;
+    let (writer, writer_id) = key(&app, &["blueprints.write"], &["blog"], None).await;
+    let (ops, _) = key(&app, &["operations"], &["*"], None).await;
+    call(
+        &app,
+        Method::PUT,
+        "/blog/article/_blueprint",
+        Some(&writer),
+        Some(&article().to_string()),
+    )
+    .await;
+    call(
+        &app,
+        Method::PUT,
+        "/shop/article/_blueprint",
+        Some(&writer),
+        Some(&article().to_string()),
+    )
+    .await;
+    call(
+        &app,
+        Method::PUT,
+        "/blog/article/_blueprint",
+        None,
+        Some(&article().to_string()),
+    )
+    .await;
+    let mut entries = Value::Null;
+    for _ in 0..50 {
+        entries = call(&app, Method::GET, "/_audit", Some(&ops), None).await.1["entries"].clone();
+        if entries.as_array().is_some_and(|e| e.len() >= 5) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen: Vec<(String, String, String, u64)> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["key_id"].as_str().unwrap().to_string(),
+                e["method"].as_str().unwrap().to_string(),
+                e["path"].as_str().unwrap().to_string(),
+                e["status"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    for expected in [
+        (
+            "master".to_string(),
+            "POST".to_string(),
+            "/_keys".to_string(),
+            201,
+        ),
+        (
+            writer_id.clone(),
+            "PUT".into(),
+            "/blog/article/_blueprint".into(),
+            200,
+        ),
+        (
+            writer_id.clone(),
+            "PUT".into(),
+            "/shop/article/_blueprint".into(),
+            403,
+        ),
+        (
+            "-".into(),
+            "PUT".into(),
+            "/blog/article/_blueprint".into(),
+            401,
+        ),
+    ] {
+        assert!(seen.contains(&expected), "{expected:?} in {seen:?}");
+    }
+    assert_eq!(
+        call(&app, Method::GET, "/_audit", Some(&writer), None)
+            .await
+            .0,
+        403
+    );
+    let (status, _) = call(
+        &app,
+        Method::GET,
+        "/_audit?since=yesterday",
+        Some(&ops),
+        None,
+    )
+    .await;
+    assert_eq!(status, 400);
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_cross_site_form_post_is_refused_with_or_without_authentication() {
+    for app in [secured().await, crate::helpers::spawn_app().await] {
+        let response = app
+            .client
+            .post(format!("{}/p/_version", app.address))
+            .header("Origin", "https://evil.example")
+            .header("Content-Type", "application/x-www-form-urlencoded")
+            .body("a=b")
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        assert!(status == 401 || status == 403, "{status}");
+        let fetch = app
+            .client
+            .delete(format!("{}/_project", app.address))
+            .header("Sec-Fetch-Site", "cross-site")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(fetch.status().as_u16(), 403);
+        app.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn public_routes_open_what_auth_public_lists() {
+    let app = spawn_app_with(|s| {
+        s.auth.master_keys = vec![MASTER.into()];
+        s.auth.public = vec!["ready".into(), "docs".into()];
+    })
+    .await;
+    assert_eq!(call(&app, Method::GET, "/_health", None, None).await.0, 200);
+    assert_eq!(
+        call(&app, Method::GET, "/_health/ready", None, None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(&app, Method::GET, "/_openapi.json", None, None)
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(&app, Method::GET, "/_metrics", None, None).await.0,
+        401
+    );
+    assert_eq!(
+        call(&app, Method::GET, "/nothing/here/at/all", None, None)
+            .await
+            .0,
+        401
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn dstore_refuses_to_start_with_a_short_master_key_or_open_on_a_public_address() {
+    let start = |configure: fn(&mut dstore::config::Settings)| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = dstore::config::Settings::default();
+        settings.server.port = 0;
+        settings.storage.data_dir = dir.path().to_path_buf();
+        configure(&mut settings);
+        dstore::startup::Application::build(settings)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let short = start(|s| s.auth.master_keys = vec!["short".into()]).await;
+    assert!(short.unwrap_err().contains("16 bytes"));
+    let open = start(|s| s.server.host = "0.0.0.0".into()).await;
+    let error = open.unwrap_err();
+    assert!(
+        error.contains("without authentication") && error.contains("DSTORE_MASTER_KEY"),
+        "{error}"
+    );
+    assert!(start(|s| {
+        s.server.host = "0.0.0.0".into();
+        s.auth.disabled = true;
+    })
+    .await
+    .is_ok());
+    assert!(start(|s| s.server.host = "127.0.0.1".into()).await.is_ok());
+}
+
+#[tokio::test]
+async fn secrets_never_reach_the_data_directory_or_the_log() {
+    let dir = tempfile::tempdir().unwrap();
+    let port = free_port();
+    let key_file = dir.path().join("master.key");
+    std::fs::write(&key_file, format!("{MASTER}\n")).unwrap();
+    let data = dir.path().join("data");
+    let server = Server::start_with(
+        &data,
+        port,
+        &[
+            ("DSTORE_MASTER_KEY_FILE", key_file.display().to_string()),
+            ("DSTORE_LOG", "debug".into()),
+        ],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let made: Value = client
+        .post(server.url("/_keys"))
+        .bearer_auth(MASTER)
+        .body(r#"{"name": "n", "actions": ["*"], "projects": ["*"]}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let secret = made["key"].as_str().unwrap().to_string();
+    let answer = client
+        .put(server.url("/p/article/_blueprint"))
+        .bearer_auth(&secret)
+        .body(article().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200);
+    server.stop().await;
+    let secret_part = secret.rsplit('_').next().unwrap().to_string();
+    let mut found = Vec::new();
+    for entry in walk(&data) {
+        let bytes = std::fs::read(&entry).unwrap_or_default();
+        let text = String::from_utf8_lossy(&bytes);
+        if text.contains(&secret_part) || text.contains(MASTER) {
+            found.push(entry.display().to_string());
+        }
+    }
+    assert!(found.is_empty(), "a secret was written to {found:?}");
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            out.extend(walk(&path));
+        } else {
+            out.push(path);
+        }
+    }
+    out
+}
