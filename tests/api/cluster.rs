@@ -413,3 +413,124 @@ async fn while_the_storage_is_away_writes_answer_503_and_resume_by_themselves_lo
     drop(proxy);
     cluster.clean_up().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_and_the_audit_log_are_shared_by_every_node() {
+    const MASTER: &str = "a-cluster-master-key-0123456789";
+    let cluster = Cluster::new().await;
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let data = cluster.dir.path().join(format!("keyed{i}"));
+        nodes.push(
+            Server::start_with(
+                &data,
+                *port,
+                &[
+                    ("DSTORE_STORAGE_BACKEND", "postgresql".into()),
+                    ("DSTORE_STORAGE_URL", cluster.storage_url.clone()),
+                    ("DSTORE_NODE", format!("keyed{i}")),
+                    ("DSTORE_MASTER_KEY", MASTER.into()),
+                ],
+            )
+            .await,
+        );
+    }
+    let client = reqwest::Client::new();
+    let made: Value = client
+        .post(nodes[0].url("/_keys"))
+        .bearer_auth(MASTER)
+        .body(r#"{"name": "shared", "actions": ["*"], "projects": ["*"]}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let (key, id) = (made["key"].as_str().unwrap(), made["id"].as_str().unwrap());
+    let put = client
+        .put(nodes[1].url("/p/thing/_blueprint"))
+        .bearer_auth(key)
+        .body(thing().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        put.status(),
+        200,
+        "a key made on one node works on the other at once"
+    );
+    let revoked = client
+        .delete(nodes[0].url(&format!("/_keys/{id}")))
+        .bearer_auth(MASTER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let status = client
+            .get(nodes[1].url("/p/_version"))
+            .bearer_auth(key)
+            .send()
+            .await
+            .unwrap()
+            .status();
+        if status == 401 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the revoked key still works on the other node"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // The audit log, read through the second node, holds what went through the first.
+    let reader: Value = client
+        .post(nodes[1].url("/_keys"))
+        .bearer_auth(MASTER)
+        .body(r#"{"name": "auditor", "actions": ["operations"], "projects": ["*"]}"#)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let mut paths = Vec::new();
+    for _ in 0..50 {
+        let audit: Value = client
+            .get(nodes[1].url("/_audit"))
+            .bearer_auth(reader["key"].as_str().unwrap())
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        paths = audit["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| {
+                format!(
+                    "{} {}",
+                    e["method"].as_str().unwrap(),
+                    e["path"].as_str().unwrap()
+                )
+            })
+            .collect();
+        if paths.contains(&format!("DELETE /_keys/{id}")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(paths.contains(&format!("DELETE /_keys/{id}")), "{paths:?}");
+    assert!(
+        paths.contains(&"PUT /p/thing/_blueprint".to_string()),
+        "{paths:?}"
+    );
+    for node in nodes {
+        node.stop().await;
+    }
+    cluster.clean_up().await;
+}
