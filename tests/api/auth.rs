@@ -115,7 +115,6 @@ fn routes(id: Uuid) -> Vec<Route> {
             "blueprints.read",
             false,
         ),
-        route(Method::GET, "/_docs", None, "blueprints.read", false),
         route(Method::GET, "/_dead_letters", None, "operations", false),
         route(
             Method::POST,
@@ -637,6 +636,7 @@ async fn public_routes_open_what_auth_public_lists() {
     })
     .await;
     assert_eq!(call(&app, Method::GET, "/_health", None, None).await.0, 200);
+    assert_eq!(call(&app, Method::GET, "/_docs", None, None).await.0, 200);
     assert_eq!(
         call(&app, Method::GET, "/_health/ready", None, None)
             .await
