@@ -113,7 +113,7 @@ impl Application {
                     &settings,
                     &stop,
                 );
-                let storage = Arc::new(EmbeddedStorage::new(journal.clone()));
+                let storage = EmbeddedStorage::open(journal.clone());
                 (storage, Some(journal), background)
             }
             Backend::Postgresql => {

@@ -310,6 +310,8 @@ pub fn requirement(method: &actix_web::http::Method, path: &str) -> Requirement 
         [p, "_blueprint", ..]
         | [p, "_version", ..]
         | [p, "_project"]
+        | [p, "_diff"]
+        | [p, "_settings"]
         | [p, _, "_blueprint", ..] => Requirement::Action(
             if get { BlueprintsRead } else { BlueprintsWrite },
             project(p),

@@ -7,7 +7,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use super::{CatalogError, MigrationState, Project, Version, VersionStatus};
+use super::{CatalogError, Compatibility, MigrationState, Project, Version, VersionStatus};
 use crate::blueprint::{apply_edit, diff, BlueprintInput, Blueprints, Change, FieldError, Ident};
 
 /// Creates or edits one blueprint of the working copy; answers the changes it recorded.
@@ -73,6 +73,7 @@ pub fn delete_blueprint(
 pub fn freeze(
     p: &mut Project,
     projectors: &[&str],
+    forced: bool,
     writes: &mut Vec<Write>,
 ) -> Result<Arc<Version>, CatalogError> {
     if !p.has_unfrozen_changes() {
@@ -90,6 +91,7 @@ pub fn freeze(
         blueprints: p.working.blueprints.clone(),
         edits: std::mem::take(&mut p.working.edits),
         frozen_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+        forced,
     };
     let status = VersionStatus {
         retired: false,
@@ -121,6 +123,19 @@ pub fn set_migration(
         .ok_or_else(|| CatalogError::NotFound(format!("version {number} does not exist")))?;
     status.migrations.insert(projector.to_string(), state);
     writes.push(Write::Status(number));
+    Ok(())
+}
+
+/// Sets the project's compatibility setting.
+pub fn set_compatibility(
+    p: &mut Project,
+    compatibility: Compatibility,
+    writes: &mut Vec<Write>,
+) -> Result<(), CatalogError> {
+    if p.working.compatibility != compatibility {
+        p.working.compatibility = compatibility;
+        writes.push(Write::WorkingCopy);
+    }
     Ok(())
 }
 

@@ -17,7 +17,7 @@ use rocksdb::{WriteBatch, WriteOptions, DB};
 use thiserror::Error;
 
 pub use edit::Write;
-pub use model::{MigrationState, Project, Version, VersionStatus, WorkingCopy};
+pub use model::{Compatibility, MigrationState, Project, Version, VersionStatus, WorkingCopy};
 
 use crate::blueprint::{BlueprintInput, Change, FieldError, Ident};
 
@@ -186,9 +186,20 @@ impl Catalog {
         &self,
         project: &Ident,
         projectors: &[&str],
+        forced: bool,
     ) -> Result<Arc<Version>, CatalogError> {
         self.update(project, false, |p, writes| {
-            edit::freeze(p, projectors, writes)
+            edit::freeze(p, projectors, forced, writes)
+        })
+    }
+
+    pub fn set_compatibility(
+        &self,
+        project: &Ident,
+        compatibility: Compatibility,
+    ) -> Result<(), CatalogError> {
+        self.update(project, false, |p, writes| {
+            edit::set_compatibility(p, compatibility, writes)
         })
     }
 

@@ -7,9 +7,35 @@ use serde::{Deserialize, Serialize};
 
 use crate::blueprint::{Blueprint, Blueprints, Change, Ident, Uid};
 
+/// What a freeze may do to the items of live versions (see `write::evolution`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Compatibility {
+    /// A freeze that would lose values for some live version answers 409 unless forced.
+    #[default]
+    Lossless,
+    /// Freezes that lose values go through; the report still says what is lost. A breaking freeze
+    /// (items a store would refuse) still needs `?force=true`.
+    LossyAllowed,
+}
+
+impl Compatibility {
+    /// Whether a freeze with this worst verdict goes through without `?force=true`.
+    pub fn allows(self, verdict: crate::blueprint::compat::Verdict) -> bool {
+        use crate::blueprint::compat::Verdict;
+        match self {
+            Compatibility::Lossless => verdict == Verdict::Lossless,
+            Compatibility::LossyAllowed => verdict <= Verdict::Lossy,
+        }
+    }
+}
+
 /// The editable state of a project. Stored under `project/{name}`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct WorkingCopy {
+    /// The project's compatibility setting.
+    #[serde(default)]
+    pub compatibility: Compatibility,
     pub blueprints: Blueprints,
     /// Every change recorded by edits since the last freeze, in order.
     pub edits: Vec<Change>,
@@ -27,6 +53,9 @@ pub struct Version {
     /// The edits, as recorded, that led to this version.
     pub edits: Vec<Change>,
     pub frozen_at: String,
+    /// Frozen with `?force=true` although the compatibility report found values it loses.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub forced: bool,
 }
 
 /// What happened to a version after it was frozen. Stored under `status/{name}/{number}`.

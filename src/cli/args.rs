@@ -38,6 +38,24 @@ pub enum ClientCommand {
     Freeze {
         /// The project, e.g. `myblog`.
         project: String,
+        /// Change nothing: print what the freeze would do to each live version's items and what each
+        /// store would run. Exits 1 when the freeze would be refused.
+        #[arg(long, conflicts_with = "force")]
+        dry_run: bool,
+        /// Freeze even though values would be lost (the version is marked forced).
+        #[arg(long)]
+        force: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
+    /// Show the changes between two frozen versions with their compatibility verdicts.
+    Diff {
+        /// The project, e.g. `myblog`.
+        project: String,
+        /// The older version.
+        from: u32,
+        /// The newer version.
+        to: u32,
         #[command(flatten)]
         connection: Connection,
     },

@@ -17,12 +17,16 @@ pub(super) enum CliError {
     Transport(String),
     /// The server answered with an error status.
     Server { status: StatusCode, body: String },
+    /// The server would refuse what was asked (a dry run's verdict); the report was printed.
+    Refused(String),
 }
 
 impl std::fmt::Display for CliError {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            CliError::Input(message) | CliError::Transport(message) => f.write_str(message),
+            CliError::Input(message)
+            | CliError::Transport(message)
+            | CliError::Refused(message) => f.write_str(message),
             CliError::Server { status, body } => {
                 write!(f, "the server answered {status}")?;
                 match serde_json::from_str::<Value>(body) {

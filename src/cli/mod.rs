@@ -22,7 +22,10 @@ use serde_json::Value;
 
 pub use args::{BlueprintCommand, ClientCommand, ItemCommand, KeysCommand};
 use client::{print_json, CliError, Client};
-use render::{backfills_finished, describe_change, render_progress_lines, render_versions};
+use render::{
+    backfills_finished, describe_change, render_diff, render_progress_lines, render_report,
+    render_versions,
+};
 
 /// Runs one client command; prints its result or its error.
 pub fn run(command: ClientCommand) -> ExitCode {
@@ -82,16 +85,28 @@ async fn dispatch(command: ClientCommand) -> Result<(), CliError> {
         }
         ClientCommand::Freeze {
             project,
+            dry_run,
+            force,
+            connection,
+        } => freeze(&Client::new(&connection)?, &project, dry_run, force).await,
+        ClientCommand::Diff {
+            project,
+            from,
+            to,
             connection,
         } => {
             let client = Client::new(&connection)?;
+            let (from, to) = (from.to_string(), to.to_string());
             let body = client
-                .call(Method::POST, &[&project, "_version"], &[], None)
+                .call(
+                    Method::GET,
+                    &[&project, "_diff"],
+                    &[("from", &from), ("to", &to)],
+                    None,
+                )
                 .await?
                 .1;
-            client.summary(&body, || {
-                format!("{project}: frozen as version {}", body["project_version"])
-            });
+            client.summary(&body, || render_diff(&body));
             Ok(())
         }
         ClientCommand::Versions {
@@ -244,6 +259,52 @@ async fn item_put(
         )
     });
     Ok(())
+}
+
+/// `dstore freeze`: the freeze, its dry run (the report as a table), or the report of a refusal.
+async fn freeze(
+    client: &Client,
+    project: &str,
+    dry_run: bool,
+    force: bool,
+) -> Result<(), CliError> {
+    let query: &[(&str, &str)] = match (dry_run, force) {
+        (true, _) => &[("dry_run", "true")],
+        (false, true) => &[("force", "true")],
+        (false, false) => &[],
+    };
+    match client
+        .call(Method::POST, &[project, "_version"], query, None)
+        .await
+    {
+        Ok((_, report)) if dry_run => {
+            client.summary(&report, || render_report(&report));
+            if report["allowed"] == false {
+                return Err(CliError::Refused(format!(
+                    "{project}: this freeze would be refused (values would be lost); declare conversions, \
+                     set the project's compatibility to lossy_allowed, or freeze with --force"
+                )));
+            }
+            Ok(())
+        }
+        Ok((_, body)) => {
+            client.summary(&body, || {
+                format!("{project}: frozen as version {}", body["project_version"])
+            });
+            Ok(())
+        }
+        Err(CliError::Server { status, body }) if status == StatusCode::CONFLICT => {
+            // A refused freeze carries the report: show it before the error.
+            if let Some(report) = serde_json::from_str::<Value>(&body)
+                .ok()
+                .filter(|b| b["report"].is_object())
+            {
+                client.summary(&report, || render_report(&report["report"]));
+            }
+            Err(CliError::Server { status, body })
+        }
+        Err(error) => Err(error),
+    }
 }
 
 async fn versions(

@@ -1,5 +1,6 @@
-//! What `dstore versions` and `dstore blueprint put` print: version tables, back-fill progress bars and
-//! one-line changes, drawn from the server's JSON. Pure functions of that JSON.
+//! What `dstore versions`, `dstore blueprint put`, `dstore freeze --dry-run` and `dstore diff` print:
+//! version tables, back-fill progress bars, one-line changes and compatibility tables, drawn from the
+//! server's JSON. Pure functions of that JSON.
 
 use std::fmt::Write as _;
 
@@ -180,6 +181,198 @@ pub(super) fn summarize(entries: &[String], shown: usize) -> String {
     text
 }
 
+/// `dstore freeze --dry-run`: the compatibility report as one table per live version, then what each
+/// store would run.
+pub(super) fn render_report(report: &Value) -> String {
+    let mut out = String::new();
+    let _ = writeln!(
+        out,
+        "{}: freezing would make version {} (compatibility: {}, verdict: {}) — {}",
+        text(&report["project"]),
+        report["version"],
+        text(&report["compatibility"]),
+        text(&report["verdict"]),
+        if report["allowed"] == true {
+            "allowed"
+        } else {
+            "refused without --force"
+        }
+    );
+    let _ = writeln!(out, "counted on {} stored items", report["items"]);
+    let versions = report["live_versions"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice);
+    if versions.is_empty() {
+        let _ = writeln!(out, "no live version: nothing to compare with");
+    }
+    for version in versions {
+        let _ = writeln!(out, "\nagainst version {}:", version["version"]);
+        let columns = version["columns"].as_array().map_or(&[][..], Vec::as_slice);
+        if columns.is_empty() {
+            let changes = version["changes"].as_array().map_or(0, Vec::len);
+            let _ = writeln!(
+                out,
+                "  no column changes a value ({changes} change{})",
+                if changes == 1 { "" } else { "s" }
+            );
+            continue;
+        }
+        out.push_str(&column_table(columns, true));
+        let totals = |key: &str| {
+            format!(
+                "{} losing a value, {} refused",
+                version[key]["items_losing_a_value"], version[key]["items_refused"]
+            )
+        };
+        let _ = writeln!(
+            out,
+            "  items: old clients reading new writes: {}; new clients reading old writes: {}",
+            totals("old_clients_reading_new_writes"),
+            totals("new_clients_reading_old_writes")
+        );
+    }
+    if let Some(stores) = report["stores"].as_object() {
+        for (store, preview) in stores {
+            let _ = writeln!(out, "\n{store} would run:");
+            match preview["statements"].as_array() {
+                Some(statements) => {
+                    for statement in statements {
+                        let _ = writeln!(out, "  {};", text(statement));
+                    }
+                }
+                None => {
+                    let pretty = serde_json::to_string_pretty(preview).unwrap_or_default();
+                    for line in pretty.lines() {
+                        let _ = writeln!(out, "  {line}");
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// `dstore diff`: the changes between two versions, then each changed column's verdicts.
+pub(super) fn render_diff(diff: &Value) -> String {
+    let mut out = String::new();
+    let changes: Vec<String> = diff["changes"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(describe_change)
+        .collect();
+    let _ = writeln!(
+        out,
+        "{}: version {} → {}: {} change{}",
+        text(&diff["project"]),
+        diff["from"],
+        diff["to"],
+        changes.len(),
+        if changes.len() == 1 { "" } else { "s" }
+    );
+    for change in &changes {
+        let _ = writeln!(out, "  {change}");
+    }
+    let columns = diff["columns"].as_array().map_or(&[][..], Vec::as_slice);
+    if !columns.is_empty() {
+        out.push('\n');
+        out.push_str(&column_table(columns, false));
+    }
+    out
+}
+
+/// One row per changed column with a verdict per direction; under it, the reason of every verdict
+/// that is not lossless. `report` rows carry item counts and the report's direction names.
+fn column_table(columns: &[Value], report: bool) -> String {
+    let (old_reads_new, new_reads_old, headers) = if report {
+        (
+            "old_clients_reading_new_writes",
+            "new_clients_reading_old_writes",
+            [
+                "COLUMN",
+                "CHANGE",
+                "OLD CLIENTS READ NEW WRITES",
+                "NEW CLIENTS READ OLD WRITES",
+            ],
+        )
+    } else {
+        (
+            "clients_of_from_reading_writes_of_to",
+            "clients_of_to_reading_writes_of_from",
+            ["COLUMN", "CHANGE", "FROM READS TO", "TO READS FROM"],
+        )
+    };
+    let cell = |direction: &Value| {
+        let verdict = text(&direction["verdict"]);
+        match (
+            direction["items_losing_a_value"].as_u64(),
+            direction["items_refused"].as_u64(),
+        ) {
+            (Some(lost), Some(refused)) if refused > 0 => {
+                format!("{verdict}: {lost} lose a value, {refused} refused")
+            }
+            (Some(lost), Some(_)) if verdict != "lossless" => {
+                format!("{verdict}: {lost} lose a value")
+            }
+            _ => verdict,
+        }
+    };
+    let rows: Vec<[String; 4]> = columns
+        .iter()
+        .map(|c| {
+            [
+                format!("{}.{}", text(&c["blueprint"]), text(&c["column"])),
+                text(&c["change"]),
+                cell(&c[old_reads_new]),
+                cell(&c[new_reads_old]),
+            ]
+        })
+        .collect();
+    let mut widths = headers.map(|h| h.chars().count());
+    for row in &rows {
+        for (width, value) in widths.iter_mut().zip(row) {
+            *width = (*width).max(value.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |out: &mut String, cells: [&str; 4]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .zip(widths)
+            .map(|(value, width)| format!("{value}{}", " ".repeat(width - value.chars().count())))
+            .collect();
+        let _ = writeln!(out, "  {}", padded.join("  ").trim_end());
+    };
+    line(&mut out, headers);
+    for row in &rows {
+        line(&mut out, [&row[0], &row[1], &row[2], &row[3]]);
+    }
+    for (c, row) in columns.iter().zip(&rows) {
+        for (direction, name) in [
+            (old_reads_new, headers[2].to_lowercase()),
+            (new_reads_old, headers[3].to_lowercase()),
+        ] {
+            if c[direction]["verdict"] != "lossless" {
+                let _ = writeln!(
+                    out,
+                    "    {} ({name}): {}",
+                    row[0],
+                    text(&c[direction]["reason"])
+                );
+            }
+        }
+    }
+    out
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::String(s) => s.clone(),
+        Value::Null => "?".into(),
+        other => other.to_string(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -190,6 +383,33 @@ mod tests {
         let bar = backfill_bar(&json!({"total": 10, "done": 5, "finished": false})).unwrap();
         assert!(bar.starts_with(&format!("[{}{}]", "#".repeat(15), ".".repeat(15))));
         assert!(bar.contains(" 50%  5/10 items"), "{bar}");
+    }
+
+    #[test]
+    fn a_report_shows_each_direction_with_its_counts_and_reasons() {
+        let column = |verdict: &str, lost: u64| {
+            json!({"verdict": verdict, "reason": format!("{verdict} reason"),
+                "items_losing_a_value": lost, "items_refused": 0})
+        };
+        let report = json!({"project": "shop", "version": 2, "compatibility": "lossless",
+            "verdict": "lossy", "allowed": false, "items": 3, "live_versions": [{
+                "version": 1, "changes": [],
+                "old_clients_reading_new_writes": {"items_losing_a_value": 0, "items_refused": 0},
+                "new_clients_reading_old_writes": {"items_losing_a_value": 1, "items_refused": 0},
+                "columns": [{"blueprint": "product", "column": "price", "change": "type",
+                    "old_clients_reading_new_writes": column("lossless", 0),
+                    "new_clients_reading_old_writes": column("lossy", 1)}]}],
+            "stores": {"postgresql": {"statements": ["CREATE SCHEMA s"]}}});
+        let out = render_report(&report);
+        assert!(out.contains("refused without --force"), "{out}");
+        assert!(out.contains("product.price"), "{out}");
+        assert!(out.contains("lossy: 1 lose a value"), "{out}");
+        assert!(
+            out.contains("(new clients read old writes): lossy reason"),
+            "{out}"
+        );
+        assert!(!out.contains("lossless reason"), "{out}");
+        assert!(out.contains("  CREATE SCHEMA s;"), "{out}");
     }
 
     #[test]

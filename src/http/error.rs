@@ -26,6 +26,8 @@ pub enum ApiError {
     MethodNotAllowed,
     /// 409
     Conflict(String),
+    /// 409 with a report of why (a freeze that would lose values).
+    ConflictWith(String, serde_json::Value),
     /// 408: the body did not arrive within this many seconds.
     RequestTimeout(u64),
     /// 413
@@ -61,6 +63,7 @@ impl std::fmt::Display for ApiError {
             | ApiError::Forbidden(m)
             | ApiError::NotFound(m)
             | ApiError::Conflict(m)
+            | ApiError::ConflictWith(m, _)
             | ApiError::Invalid(m, _)
             | ApiError::Unavailable(m)
             | ApiError::Internal(m) => f.write_str(m),
@@ -84,7 +87,7 @@ impl ResponseError for ApiError {
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            ApiError::Conflict(_) => StatusCode::CONFLICT,
+            ApiError::Conflict(_) | ApiError::ConflictWith(..) => StatusCode::CONFLICT,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Invalid(..) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -111,6 +114,10 @@ impl ResponseError for ApiError {
             ),
             _ => (self.to_string(), Vec::new()),
         };
+        if let ApiError::ConflictWith(status, report) = self {
+            return HttpResponse::Conflict()
+                .json(json!({"status": status, "errors": [], "report": report}));
+        }
         let mut response = HttpResponse::build(self.status_code());
         if let ApiError::Unauthorized(_) = self {
             response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));
@@ -149,6 +156,10 @@ impl From<WriteError> for ApiError {
                 ApiError::Unavailable(e.to_string())
             }
             WriteError::Storage(e) => e.into(),
+            WriteError::Incompatible(report) => ApiError::ConflictWith(
+                crate::write::INCOMPATIBLE.into(),
+                serde_json::to_value(&*report).expect("reports serialize"),
+            ),
         }
     }
 }

@@ -129,6 +129,13 @@ fn routes(config: &mut web::ServiceConfig) {
                 .route(web::post().to(versions::freeze)),
         )
         .service(resource("/{project}/_catalog").route(web::get().to(versions::catalog)))
+        .service(resource("/{project}/_diff").route(web::get().to(versions::diff)))
+        .service(
+            resource("/{project}/_settings")
+                .route(web::get().to(versions::settings))
+                .route(web::put().to(versions::put_settings)),
+        )
+        .service(resource("/{project}/_version/{version}").route(web::get().to(versions::get_one)))
         .service(
             resource("/{project}/_version/{version}/_retire")
                 .route(web::post().to(versions::retire)),

@@ -39,11 +39,12 @@ async fn put_and_freeze(
     let snapshot = state.storage.snapshot();
     let p = snapshot.project(project)?;
     let changed = p.has_unfrozen_changes();
-    let number = match write::freeze(state.storage.as_ref(), project, state.wait_timeout()).await {
-        Ok(number) => number,
-        Err(WriteError::Conflict(_)) => p.latest().map_or(0, |v| v.number),
-        Err(e) => return Err(e.into()),
-    };
+    let number =
+        match write::freeze(state.storage.as_ref(), project, state.wait_timeout(), false).await {
+            Ok(number) => number,
+            Err(WriteError::Conflict(_)) => p.latest().map_or(0, |v| v.number),
+            Err(e) => return Err(e.into()),
+        };
     Ok(json!({"project_version": number, "changed": changed}))
 }
 

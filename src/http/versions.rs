@@ -6,15 +6,215 @@ use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
 use super::{ident, version_number, State};
+use serde::Deserialize;
+
 use crate::auth::Action;
-use crate::catalog::Project;
+use crate::blueprint::compat::changed_columns;
+use crate::blueprint::Ident;
+use crate::catalog::{Compatibility, Project, Version};
 use crate::write;
 
-/// POST /{project}/_version
-pub async fn freeze(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FreezeParams {
+    /// Change nothing; answer the compatibility report and what each store would run.
+    #[serde(default)]
+    dry_run: bool,
+    /// Freeze even though the report finds values lost (the version is marked forced).
+    #[serde(default)]
+    force: bool,
+}
+
+/// POST /{project}/_version?dry_run=&force=
+pub async fn freeze(
+    state: State,
+    path: web::Path<String>,
+    params: web::Query<FreezeParams>,
+) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
-    let number = write::freeze(state.storage.as_ref(), &project, state.wait_timeout()).await?;
+    if params.dry_run {
+        let report = write::freeze_report(state.storage.as_ref(), &project).await?;
+        let mut body = serde_json::to_value(&report).expect("reports serialize");
+        body["stores"] = store_previews(&state, &project, &report)?;
+        return Ok(HttpResponse::Ok().json(body));
+    }
+    let number = write::freeze(
+        state.storage.as_ref(),
+        &project,
+        state.wait_timeout(),
+        params.force,
+    )
+    .await?;
     Ok(HttpResponse::Ok().json(json!({"project_version": number})))
+}
+
+/// What every enabled store would create for the version the report is about.
+fn store_previews(
+    state: &State,
+    project: &Ident,
+    report: &write::evolution::Report,
+) -> Result<Value, ApiError> {
+    let snapshot = state.storage.snapshot();
+    let p = snapshot.project(project)?;
+    let version = Version {
+        number: report.version,
+        blueprints: p.working.blueprints.clone(),
+        changes: Vec::new(),
+        edits: Vec::new(),
+        frozen_at: String::new(),
+        forced: false,
+    };
+    Ok(Value::Object(
+        state
+            .registry
+            .iter()
+            .map(|projector| {
+                (
+                    projector.name().to_string(),
+                    projector.preview(project, &version),
+                )
+            })
+            .collect(),
+    ))
+}
+
+/// GET /{project}/_version/{version}: one version with its changes, state and use.
+pub async fn get_one(
+    state: State,
+    path: web::Path<(String, String)>,
+) -> Result<HttpResponse, ApiError> {
+    let project = ident("project", &path.0)?;
+    let number = version_number(&path.1)?;
+    let snapshot = state.storage.fresh_snapshot(&project).await?;
+    let p = snapshot.project(&project)?;
+    if p.version(number).is_none() {
+        return Err(ApiError::NotFound(format!(
+            "version {number} of project {:?} does not exist",
+            project.as_str()
+        )));
+    }
+    let all = describe(&state, p).await?;
+    let mut one = all["versions"][number as usize - 1].clone();
+    one["usage"] = serde_json::to_value(state.storage.version_usage(&project, number).await?)
+        .expect("usage serializes");
+    Ok(HttpResponse::Ok().json(one))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiffParams {
+    from: String,
+    to: String,
+}
+
+/// GET /{project}/_diff?from=&to=: the changes between two frozen versions with their verdicts.
+pub async fn diff(
+    state: State,
+    path: web::Path<String>,
+    params: web::Query<DiffParams>,
+) -> Result<HttpResponse, ApiError> {
+    let project = ident("project", &path)?;
+    let (from, to) = (version_number(&params.from)?, version_number(&params.to)?);
+    let snapshot = state.storage.fresh_snapshot(&project).await?;
+    let p = snapshot.project(&project)?;
+    let version = |n: u32| {
+        p.version(n).ok_or_else(|| {
+            ApiError::NotFound(format!(
+                "version {n} of project {:?} does not exist",
+                project.as_str()
+            ))
+        })
+    };
+    let (a, b) = (version(from)?, version(to)?);
+    let columns: Vec<Value> = changed_columns(&a.blueprints, &b.blueprints)
+        .iter()
+        .map(|pair| {
+            json!({
+                "blueprint": pair.blueprint,
+                "column": pair.new.or(pair.old).map(|(name, _)| name),
+                "change": pair.describe(),
+                "clients_of_from_reading_writes_of_to": pair.to_old(),
+                "clients_of_to_reading_writes_of_from": pair.to_new(),
+            })
+        })
+        .collect();
+    Ok(HttpResponse::Ok().json(json!({
+        "project": project,
+        "from": from,
+        "to": to,
+        "changes": crate::blueprint::diff(&a.blueprints, &b.blueprints),
+        "columns": columns,
+    })))
+}
+
+/// GET /{project}/_settings
+pub async fn settings(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+    let project = ident("project", &path)?;
+    let snapshot = state.storage.fresh_snapshot(&project).await?;
+    let p = snapshot.project(&project)?;
+    Ok(HttpResponse::Ok().json(json!({"compatibility": p.working.compatibility})))
+}
+
+/// PUT /{project}/_settings: `{"compatibility": "lossless" | "lossy_allowed"}`.
+pub async fn put_settings(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<String>,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let project = ident("project", &path)?;
+    let body = super::body::json(&state, &request, payload).await?;
+    let compatibility = parse_settings(&body)?;
+    state
+        .storage
+        .set_compatibility(&project, compatibility)
+        .await?;
+    Ok(HttpResponse::Ok().json(json!({"compatibility": compatibility})))
+}
+
+/// The settings body: exactly `{"compatibility": ...}`; each error names its field.
+fn parse_settings(body: &Value) -> Result<Compatibility, ApiError> {
+    use crate::blueprint::FieldError;
+    let invalid = |errors| ApiError::Invalid("invalid settings".into(), errors);
+    let Some(fields) = body.as_object() else {
+        return Err(invalid(vec![FieldError::new(
+            "",
+            "expected an object: {\"compatibility\": \"lossless\" or \"lossy_allowed\"}",
+        )]));
+    };
+    let mut errors: Vec<FieldError> = fields
+        .keys()
+        .filter(|key| key.as_str() != "compatibility")
+        .take(crate::blueprint::MAX_ERRORS)
+        .map(|key| {
+            // A key is shown cut to an excerpt: a hostile one can be megabytes long.
+            let key = crate::blueprint::value::excerpt_str(key);
+            FieldError::new(
+                format!("/{}", crate::blueprint::parse::pointer_segment(&key)),
+                "unknown setting; the settings are: compatibility",
+            )
+        })
+        .collect();
+    let compatibility = match fields.get("compatibility") {
+        None => {
+            errors.push(FieldError::new("/compatibility", "is required"));
+            None
+        }
+        Some(value) => match serde_json::from_value::<Compatibility>(value.clone()) {
+            Ok(c) => Some(c),
+            Err(_) => {
+                errors.push(FieldError::new(
+                    "/compatibility",
+                    "expected \"lossless\" or \"lossy_allowed\"",
+                ));
+                None
+            }
+        },
+    };
+    match compatibility {
+        Some(c) if errors.is_empty() => Ok(c),
+        _ => Err(invalid(errors)),
+    }
 }
 
 /// GET /{project}/_version
@@ -97,6 +297,7 @@ async fn describe(state: &State, p: &Project) -> Result<Value, ApiError> {
         versions.push(json!({
             "project_version": version.number,
             "frozen_at": version.frozen_at,
+            "forced": version.forced,
             "retired": status.retired,
             "blueprints": version.blueprints.keys().collect::<Vec<_>>(),
             "changes": version.changes,

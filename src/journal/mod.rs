@@ -487,8 +487,17 @@ impl Journal {
     }
 
     /// Freezes the working copy and queues its migrations ahead of any write into it.
-    pub async fn freeze(&self, project: Ident) -> Result<(Arc<Version>, u64), JournalError> {
-        self.send(|reply| Command::Freeze { project, reply }).await
+    pub async fn freeze(
+        &self,
+        project: Ident,
+        forced: bool,
+    ) -> Result<(Arc<Version>, u64), JournalError> {
+        self.send(|reply| Command::Freeze {
+            project,
+            forced,
+            reply,
+        })
+        .await
     }
 
     /// Queues the migrations of `version` again for the projectors that have not finished them, and
@@ -549,6 +558,42 @@ impl Journal {
             Some(bytes) => Ok(Some(codec::decode_record(&bytes)?)),
             None => Ok(None),
         }
+    }
+
+    /// Up to `limit` items of a project after the key `after`, with the key to continue from
+    /// (`None` at the end of the project).
+    #[allow(clippy::type_complexity)]
+    pub fn scan_items(
+        &self,
+        project: &Ident,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<(Vec<(Ident, ItemRecord)>, Option<Vec<u8>>), JournalError> {
+        let prefix = keys::project_prefix(project);
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(keys::project_end(project));
+        let start = after.clone().unwrap_or_else(|| prefix.clone());
+        let mut items = Vec::new();
+        let mut last = None;
+        for entry in self.db.iterator_cf_opt(
+            self.cf(CF_ITEMS),
+            options,
+            IteratorMode::From(&start, rocksdb::Direction::Forward),
+        ) {
+            let (key, value) = entry?;
+            if after.as_deref() == Some(&key[..]) {
+                continue;
+            }
+            if items.len() >= limit {
+                return Ok((items, last));
+            }
+            let name = &key[prefix.len()..key.len().saturating_sub(17)];
+            if let Ok(blueprint) = Ident::parse(&String::from_utf8_lossy(name)) {
+                items.push((blueprint, codec::decode_record(&value)?));
+            }
+            last = Some(key.to_vec());
+        }
+        Ok((items, None))
     }
 
     /// Iterates a projector's pending tasks from its floor, oldest first.

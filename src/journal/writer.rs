@@ -39,6 +39,7 @@ pub enum Command {
     },
     Freeze {
         project: Ident,
+        forced: bool,
         reply: Reply<(Arc<Version>, u64)>,
     },
     Migrate {
@@ -276,9 +277,13 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 .collect();
             stage.answers.push(answer(reply, revisions));
         }
-        Command::Freeze { project, reply } => {
+        Command::Freeze {
+            project,
+            forced,
+            reply,
+        } => {
             let projectors = stage.all_projectors();
-            match stage.writer.catalog.freeze(&project, &projectors) {
+            match stage.writer.catalog.freeze(&project, &projectors, forced) {
                 Ok(version) => {
                     let migrate = TaskOp::Migrate {
                         version: version.number,

@@ -148,6 +148,12 @@ pub trait Projector: Send + Sync {
 
     /// Whether the store answers.
     async fn health(&self) -> Health;
+
+    /// What migrating `version` would create in the store (DDL, mappings), for a freeze's dry run.
+    /// Sends nothing.
+    fn preview(&self, _project: &Ident, _version: &Version) -> Value {
+        Value::Null
+    }
 }
 
 /// The enabled projectors: those this process can reach, and the names of those only `dstore worker`

@@ -53,7 +53,7 @@ async fn embedded() -> Fixture {
     )
     .expect("the journal opens");
     Fixture {
-        storage: Arc::new(EmbeddedStorage::new(journal)),
+        storage: EmbeddedStorage::open(journal),
         _dir: Some(dir),
         schema: None,
     }
@@ -136,7 +136,7 @@ async fn put_article(storage: &dyn Storage, project: &Ident, extra: Option<&str>
 async fn frozen(storage: &dyn Storage) -> Ident {
     let project = ident("p");
     put_article(storage, &project, None).await;
-    storage.freeze(&project).await.expect("version 1");
+    storage.freeze(&project, false).await.expect("version 1");
     project
 }
 
@@ -172,11 +172,11 @@ async fn versions_are_numbered_from_one_and_a_freeze_without_changes_conflicts(
 ) {
     let project = frozen(storage.as_ref()).await;
     assert!(matches!(
-        storage.freeze(&project).await,
+        storage.freeze(&project, false).await,
         Err(StorageError::Conflict(_))
     ));
     put_article(storage.as_ref(), &project, Some("views")).await;
-    let (version, _) = storage.freeze(&project).await.expect("version 2");
+    let (version, _) = storage.freeze(&project, false).await.expect("version 2");
     assert_eq!(version.number, 2);
     assert_eq!(storage.snapshot().projects[&project].versions.len(), 2);
 }
@@ -233,7 +233,7 @@ async fn a_write_prepared_before_the_versions_moved_is_refused_as_stale(storage:
     let project = frozen(storage.as_ref()).await;
     let (epoch, entry) = upsert(storage.as_ref(), &project, Uuid::new_v4(), "old");
     put_article(storage.as_ref(), &project, Some("views")).await;
-    storage.freeze(&project).await.expect("version 2");
+    storage.freeze(&project, false).await.expect("version 2");
     assert!(matches!(
         storage.write(&project, epoch, vec![entry]).await,
         Err(StorageError::Stale)
@@ -288,7 +288,7 @@ async fn a_freeze_records_its_back_fill_and_ensuring_one_adds_no_second(storage:
     let project = frozen(storage.as_ref()).await;
     assert!(storage.backfill_state(&project, 1).await.unwrap().is_none());
     put_article(storage.as_ref(), &project, Some("views")).await;
-    storage.freeze(&project).await.expect("version 2");
+    storage.freeze(&project, false).await.expect("version 2");
     assert!(storage.backfill_state(&project, 2).await.unwrap().is_some());
     assert!(!storage.ensure_backfill(&project, 2).await.unwrap());
 }
@@ -336,7 +336,7 @@ async fn a_dropped_project_is_forgotten_and_can_be_made_again(storage: Arc<dyn S
 async fn edits_to_an_unknown_project_are_not_found(storage: Arc<dyn Storage>) {
     let project = ident("nobody");
     assert!(matches!(
-        storage.freeze(&project).await,
+        storage.freeze(&project, false).await,
         Err(StorageError::NotFound(_))
     ));
     assert!(matches!(
@@ -367,6 +367,118 @@ async fn an_invalid_edit_changes_nothing(storage: Arc<dyn Storage>) {
         before.projects[&project].working.blueprints,
         after.projects[&project].working.blueprints
     );
+}
+
+async fn scanning_pages_through_every_item_of_the_project_once(storage: Arc<dyn Storage>) {
+    let project = frozen(storage.as_ref()).await;
+    // A project whose name starts with the other's must not leak into its scan.
+    let neighbour = ident("pp");
+    put_article(storage.as_ref(), &neighbour, None).await;
+    storage.freeze(&neighbour, false).await.expect("version 1");
+    write(storage.as_ref(), &neighbour, Uuid::new_v4(), "elsewhere").await;
+    let mut ids = std::collections::BTreeSet::new();
+    for i in 0..25 {
+        let id = Uuid::new_v4();
+        write(storage.as_ref(), &project, id, &format!("{i}")).await;
+        ids.insert(id);
+    }
+    let gone = *ids.iter().next().expect("an id");
+    let record = storage
+        .item(&project, &ident("article"), &gone)
+        .await
+        .expect("readable");
+    let snapshot = storage.snapshot();
+    let entry = prepare_delete(
+        &snapshot,
+        &project,
+        &ident("article"),
+        gone,
+        record.as_ref(),
+    )
+    .expect("a delete");
+    storage
+        .write(&project, snapshot.projects[&project].epoch, vec![entry])
+        .await
+        .expect("the delete is acknowledged");
+    ids.remove(&gone);
+    let mut seen = Vec::new();
+    let mut after = None;
+    loop {
+        let (page, next) = storage
+            .scan_items(&project, after, 7)
+            .await
+            .expect("a page");
+        assert!(page.len() <= 7);
+        seen.extend(page.into_iter().map(|(blueprint, record)| {
+            assert_eq!(blueprint.as_str(), "article");
+            let id = record.body["id"]
+                .as_str()
+                .expect("a stored item has its id");
+            Uuid::parse_str(id).expect("a uuid")
+        }));
+        match next {
+            Some(cursor) => after = Some(cursor),
+            None => break,
+        }
+    }
+    let unique: std::collections::BTreeSet<Uuid> = seen.iter().copied().collect();
+    assert_eq!(unique.len(), seen.len(), "an item was scanned twice");
+    assert_eq!(unique, ids);
+}
+
+async fn the_compatibility_setting_forced_freezes_and_version_usage_are_kept(
+    storage: Arc<dyn Storage>,
+) {
+    use crate::catalog::Compatibility;
+    let project = frozen(storage.as_ref()).await;
+    storage
+        .set_compatibility(&project, Compatibility::LossyAllowed)
+        .await
+        .expect("the setting is stored");
+    let snapshot = storage.fresh_snapshot(&project).await.expect("a snapshot");
+    assert_eq!(
+        snapshot.projects[&project].working.compatibility,
+        Compatibility::LossyAllowed
+    );
+    assert!(matches!(
+        storage
+            .set_compatibility(&ident("nothing"), Compatibility::Lossless)
+            .await,
+        Err(StorageError::NotFound(_))
+    ));
+    put_article(storage.as_ref(), &project, Some("views")).await;
+    let (version, _) = storage.freeze(&project, true).await.expect("version 2");
+    assert!(version.forced);
+    let snapshot = storage.fresh_snapshot(&project).await.expect("a snapshot");
+    assert!(!snapshot.projects[&project].versions[0].forced);
+    assert!(snapshot.projects[&project].versions[1].forced);
+
+    for i in 0..3 {
+        write(storage.as_ref(), &project, Uuid::new_v4(), &format!("{i}")).await;
+    }
+    let one = storage
+        .version_usage(&project, 1)
+        .await
+        .expect("the usage of version 1");
+    assert_eq!(one.writes_last_hour, 3);
+    assert!(one.last_write_at.is_some());
+    let two = storage
+        .version_usage(&project, 2)
+        .await
+        .expect("the usage of version 2");
+    assert_eq!(two.writes_last_hour, 0);
+    assert!(two.last_write_at.is_none());
+
+    // A project made again under the same name starts with no use.
+    tokio::time::sleep(super::usage::FLUSH + Duration::from_secs(1)).await;
+    storage.drop_project(&project).await.expect("dropped");
+    let again = frozen(storage.as_ref()).await;
+    let fresh = storage
+        .version_usage(&again, 1)
+        .await
+        .expect("the usage of the new version 1");
+    assert_eq!(fresh.writes_last_7d, 0);
+    assert!(fresh.last_write_at.is_none());
 }
 
 /// Expands every behaviour into a named test for one backend.
@@ -405,6 +517,8 @@ macro_rules! every_behaviour {
             a_dropped_project_is_forgotten_and_can_be_made_again,
             edits_to_an_unknown_project_are_not_found,
             an_invalid_edit_changes_nothing,
+            scanning_pages_through_every_item_of_the_project_once,
+            the_compatibility_setting_forced_freezes_and_version_usage_are_kept,
         );
     };
 }

@@ -15,11 +15,12 @@ use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
+use super::usage::{Usage, UsageMeter, UsageRow};
 use super::{Stats, Storage, StorageError};
 use crate::auth::audit::AuditEntry;
 use crate::auth::ApiKey;
 use crate::blueprint::{BlueprintInput, Change, Ident};
-use crate::catalog::{Catalog, MigrationState, Snapshot, Version};
+use crate::catalog::{Catalog, Compatibility, MigrationState, Snapshot, Version};
 use crate::journal::backfill::BackfillState;
 use crate::journal::{DeadLetter, Entry, ItemRecord, Journal, ProjectorProgress};
 
@@ -28,6 +29,7 @@ pub struct EmbeddedStorage {
     journal: Arc<Journal>,
     /// Tells apart audit entries of the same microsecond.
     audit_seq: AtomicU64,
+    usage: UsageMeter,
 }
 
 /// API keys and the audit log live beside the catalog, under these prefixes.
@@ -35,6 +37,26 @@ const KEYS: &[u8] = b"key/";
 const KEYS_END: &[u8] = b"key0";
 const AUDIT: &[u8] = b"audit/";
 const AUDIT_END: &[u8] = b"audit0";
+
+fn usage_record(project: &Ident, version: u32, hour: i64) -> Vec<u8> {
+    format!("usage/{project}/{version:010}/{:012}", hour.max(0)).into_bytes()
+}
+
+/// Writes counted version use every few seconds, while the storage lives.
+async fn flush_usage(storage: std::sync::Weak<EmbeddedStorage>) {
+    loop {
+        tokio::time::sleep(super::usage::FLUSH).await;
+        let Some(storage) = storage.upgrade() else {
+            return;
+        };
+        let rows = storage.usage.take();
+        if !rows.is_empty() {
+            if let Err(error) = storage.write_usage(rows) {
+                tracing::warn!(%error, "cannot record the use of versions");
+            }
+        }
+    }
+}
 
 fn key_record(id: &str) -> Vec<u8> {
     format!("key/{id}").into_bytes()
@@ -46,12 +68,45 @@ fn audit_record(at: DateTime<Utc>, n: u64) -> Vec<u8> {
 }
 
 impl EmbeddedStorage {
-    pub fn new(journal: Arc<Journal>) -> EmbeddedStorage {
-        EmbeddedStorage {
+    /// The storage of `journal`; writes the counted use of versions in the background.
+    pub fn open(journal: Arc<Journal>) -> Arc<EmbeddedStorage> {
+        let storage = Arc::new(EmbeddedStorage {
             catalog: journal.catalog().clone(),
             journal,
             audit_seq: AtomicU64::new(0),
+            usage: UsageMeter::default(),
+        });
+        tokio::spawn(flush_usage(Arc::downgrade(&storage)));
+        storage
+    }
+
+    fn write_usage(&self, rows: Vec<UsageRow>) -> Result<(), StorageError> {
+        let mut records = Vec::with_capacity(rows.len());
+        let mut rows_written: Vec<(Ident, u32, i64)> = rows
+            .iter()
+            .map(|r| (r.project.clone(), r.version, r.hour))
+            .collect();
+        rows_written.sort();
+        rows_written.dedup_by(|a, b| a.0 == b.0 && a.1 == b.1);
+        for mut row in rows {
+            let key = usage_record(&row.project, row.version, row.hour);
+            if let Some(old) = self.catalog.record(&key)? {
+                if let Ok(old) = serde_json::from_slice::<UsageRow>(&old) {
+                    row.writes += old.writes;
+                    row.last_write_at = row.last_write_at.max(old.last_write_at);
+                }
+            }
+            records.push((key, serde_json::to_vec(&row).expect("rows serialize")));
         }
+        self.catalog.put_records(&records, false)?;
+        // Buckets too old to be shown.
+        for row in &rows_written {
+            self.catalog.delete_records(
+                &usage_record(&row.0, row.1, 0),
+                &usage_record(&row.0, row.1, row.2 - super::usage::KEEP_HOURS),
+            )?;
+        }
+        Ok(())
     }
 
     /// The journal (for the dispatchers and the RabbitMQ relay, which only this backend has).
@@ -126,11 +181,35 @@ impl Storage for EmbeddedStorage {
         epoch: u64,
         entries: Vec<Entry>,
     ) -> Result<Vec<u64>, StorageError> {
-        Ok(self.journal.write(epoch, project.clone(), entries).await?)
+        let versions = UsageMeter::versions(&entries);
+        let revisions = self.journal.write(epoch, project.clone(), entries).await?;
+        self.usage.note(project, &versions);
+        Ok(revisions)
     }
 
-    async fn freeze(&self, project: &Ident) -> Result<(Arc<Version>, u64), StorageError> {
-        Ok(self.journal.freeze(project.clone()).await?)
+    async fn freeze(
+        &self,
+        project: &Ident,
+        forced: bool,
+    ) -> Result<(Arc<Version>, u64), StorageError> {
+        Ok(self.journal.freeze(project.clone(), forced).await?)
+    }
+
+    async fn set_compatibility(
+        &self,
+        project: &Ident,
+        compatibility: Compatibility,
+    ) -> Result<(), StorageError> {
+        Ok(self.catalog.set_compatibility(project, compatibility)?)
+    }
+
+    async fn scan_items(
+        &self,
+        project: &Ident,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<(Vec<(Ident, ItemRecord)>, Option<Vec<u8>>), StorageError> {
+        Ok(self.journal.scan_items(project, after, limit)?)
     }
 
     async fn remigrate(
@@ -150,7 +229,13 @@ impl Storage for EmbeddedStorage {
     }
 
     async fn drop_project(&self, project: &Ident) -> Result<u64, StorageError> {
-        Ok(self.journal.drop_project(project.clone()).await?)
+        let revision = self.journal.drop_project(project.clone()).await?;
+        self.usage.forget(project);
+        self.catalog.delete_records(
+            format!("usage/{project}/").as_bytes(),
+            format!("usage/{project}0").as_bytes(),
+        )?;
+        Ok(revision)
     }
 
     async fn item(
@@ -284,6 +369,19 @@ impl Storage for EmbeddedStorage {
             self.catalog.delete_records(AUDIT, &end)?;
         }
         Ok(count)
+    }
+
+    async fn version_usage(&self, project: &Ident, version: u32) -> Result<Usage, StorageError> {
+        let from = format!("usage/{project}/{version:010}/").into_bytes();
+        let to = format!("usage/{project}/{version:010}0").into_bytes();
+        let mut rows: Vec<UsageRow> = self
+            .catalog
+            .records(&from, &to, usize::MAX)?
+            .into_iter()
+            .filter_map(|(_, value)| serde_json::from_slice(&value).ok())
+            .collect();
+        rows.extend(self.usage.pending(project, version));
+        Ok(Usage::of(&rows, Utc::now()))
     }
 
     async fn stats(&self) -> Stats {

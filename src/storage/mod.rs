@@ -20,6 +20,7 @@
 
 pub mod embedded;
 pub mod postgres;
+pub mod usage;
 
 #[cfg(test)]
 mod conformance;
@@ -35,9 +36,10 @@ use uuid::Uuid;
 use crate::auth::audit::AuditEntry;
 use crate::auth::ApiKey;
 use crate::blueprint::{BlueprintInput, Change, FieldError, Ident};
-use crate::catalog::{CatalogError, MigrationState, Snapshot, Version};
+use crate::catalog::{CatalogError, Compatibility, MigrationState, Snapshot, Version};
 use crate::journal::backfill::BackfillState;
 use crate::journal::{DeadLetter, Entry, ItemRecord, JournalError, ProjectorProgress};
+use usage::Usage;
 
 /// What can go wrong in storage, as callers act on it.
 #[derive(Debug, Error)]
@@ -178,8 +180,29 @@ pub trait Storage: Send + Sync {
     ) -> Result<Vec<u64>, StorageError>;
 
     /// Freezes the working copy as the next version, with its migrations and its back-fill, in one
-    /// step. Answers the version and the revision of its migration.
-    async fn freeze(&self, project: &Ident) -> Result<(Arc<Version>, u64), StorageError>;
+    /// step (`forced`: marked as frozen despite a lossy report). Answers the version and the
+    /// revision of its migration.
+    async fn freeze(
+        &self,
+        project: &Ident,
+        forced: bool,
+    ) -> Result<(Arc<Version>, u64), StorageError>;
+
+    /// Sets a project's compatibility setting.
+    async fn set_compatibility(
+        &self,
+        project: &Ident,
+        compatibility: Compatibility,
+    ) -> Result<(), StorageError>;
+
+    /// Up to `limit` items of a project after `after` (a cursor this answered before), in a stable
+    /// order, with the cursor after them (`None` at the end).
+    async fn scan_items(
+        &self,
+        project: &Ident,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<(Vec<(Ident, ItemRecord)>, Option<Vec<u8>>), StorageError>;
 
     /// Queues the migrations of `version` again for `projectors`; answers their revision.
     async fn remigrate(
@@ -264,6 +287,9 @@ pub trait Storage: Send + Sync {
 
     /// Removes audit entries older than `before`; answers how many.
     async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StorageError>;
+
+    /// How much a version is written to, lately.
+    async fn version_usage(&self, project: &Ident, version: u32) -> Result<Usage, StorageError>;
 }
 
 /// The storage of a running service.

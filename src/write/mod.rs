@@ -9,6 +9,7 @@
 //!
 //! Nothing here knows of requests or status codes: `http/` parses, calls, and maps [`WriteError`].
 
+pub mod evolution;
 mod prepare;
 
 use std::time::Duration;
@@ -23,6 +24,9 @@ use crate::bulk::{Action, Operation};
 use crate::catalog::{MigrationState, Project, Snapshot};
 use crate::journal::{Entry, ItemRecord};
 use crate::storage::{Storage, StorageError};
+
+/// Why a freeze that would lose values is refused.
+pub const INCOMPATIBLE: &str = "the freeze would lose values (or make the stores refuse items) of a live version, which the project's compatibility setting does not allow: see the report, declare conversions (\"convert\"), or freeze with ?force=true";
 
 /// How often a write is prepared again while its project's versions keep moving.
 const MAX_ATTEMPTS: usize = 8;
@@ -40,6 +44,9 @@ pub enum WriteError {
     /// The version is frozen but a store has not finished its migration yet.
     #[error("{0}")]
     MigrationPending(String),
+    /// The freeze would lose values for some live version and the project allows none.
+    #[error("{INCOMPATIBLE}")]
+    Incompatible(Box<evolution::Report>),
     /// The project's versions kept changing while the write was prepared.
     #[error("the project's versions kept changing while the write was prepared; try again")]
     Contended,
@@ -200,12 +207,18 @@ pub async fn freeze(
     storage: &dyn Storage,
     project: &Ident,
     wait: Duration,
+    force: bool,
 ) -> Result<u32, WriteError> {
     let snapshot = storage.fresh_snapshot(project).await?;
     let p = snapshot.project(project)?;
     let (number, revision) = if p.has_unfrozen_changes() {
+        let allowed = p.working.compatibility.allows(evolution::worst_verdict(p));
+        if !allowed && !force {
+            let report = evolution::report(storage, p).await?;
+            return Err(WriteError::Incompatible(Box::new(report)));
+        }
         // The back-fill of the new version starts in the same storage command.
-        let (version, revision) = storage.freeze(project).await?;
+        let (version, revision) = storage.freeze(project, !allowed).await?;
         (version.number, revision)
     } else {
         let latest = p.latest().ok_or_else(|| {
@@ -249,6 +262,22 @@ pub async fn freeze(
         )));
     }
     Ok(number)
+}
+
+/// The report of freezing the working copy now, changing nothing (`?dry_run=true`).
+pub async fn freeze_report(
+    storage: &dyn Storage,
+    project: &Ident,
+) -> Result<evolution::Report, WriteError> {
+    let snapshot = storage.fresh_snapshot(project).await?;
+    let p = snapshot.project(project)?;
+    if !p.has_unfrozen_changes() {
+        return Err(WriteError::Conflict(match p.latest() {
+            Some(v) => format!("nothing changed since version {}", v.number),
+            None => "the working copy has no blueprints to freeze".into(),
+        }));
+    }
+    evolution::report(storage, p).await
 }
 
 fn unfinished_migrations(p: &Project, number: u32) -> Vec<String> {

@@ -136,11 +136,23 @@ async fn renames_swaps_and_edits_are_recorded_as_changes_and_resending_records_n
     // The frozen version did not move.
     let frozen = app.get("/p/thing/_blueprint/1").await;
     assert_eq!(frozen.body["columns"]["a"]["type"], "string");
+    // Old clients cannot read a float with a fraction as their integer, so the
+    // default policy refuses the freeze with a report until it is forced.
+    let refused = app.post("/p/_version", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
     assert_eq!(
-        app.post("/p/_version", None).await.body["project_version"],
-        2
+        refused.body["report"]["verdict"], "lossy",
+        "{}",
+        refused.body
     );
+    let forced = app.post("/p/_version?force=true", None).await;
+    assert_eq!(forced.body["project_version"], 2, "{}", forced.body);
     let versions = app.get("/p/_version").await;
+    assert_eq!(
+        versions.body["versions"][1]["forced"], true,
+        "{}",
+        versions.body
+    );
     assert_eq!(
         versions.body["versions"][1]["changes"]
             .as_array()

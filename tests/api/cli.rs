@@ -333,6 +333,7 @@ async fn cli_help_describes_every_client_command() {
         "check-config",
         "blueprint",
         "freeze",
+        "diff",
         "versions",
         "item",
         "DSTORE_SERVER",
@@ -344,4 +345,79 @@ async fn cli_help_describes_every_client_command() {
     let wrong = dstore_at(none, &["item", "put", "myblog"], None).await;
     assert_eq!(wrong.status.code(), Some(2));
     assert!(stderr(&wrong).contains("<BLUEPRINT>"), "{}", stderr(&wrong));
+}
+
+#[tokio::test]
+async fn cli_freeze_dry_run_prints_the_report_and_diff_prints_the_verdicts() {
+    let app = spawn_app().await;
+    let product = |price: &str| {
+        json!({"postgresql": {"table": "products"}, "elasticsearch": {"type": "product"},
+            "columns": {"price": {"type": price}}})
+    };
+    app.put_and_freeze("shop", "product", &product("float"))
+        .await;
+    for price in [1.5, 2.0] {
+        let id = uuid::Uuid::new_v4();
+        let put = app
+            .put(
+                &format!("/shop/product/{id}"),
+                &json!({"id": id, "project_version": 1, "price": price}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    app.put("/shop/product/_blueprint", &product("integer"))
+        .await;
+
+    let dry = dstore(&app, &["freeze", "shop", "--dry-run"], None).await;
+    let text = stdout(&dry);
+    assert_eq!(dry.status.code(), Some(1), "{text}");
+    assert!(
+        stderr(&dry).contains("would be refused") && stderr(&dry).contains("--force"),
+        "{}",
+        stderr(&dry)
+    );
+    assert!(
+        text.contains("freezing would make version 2")
+            && text.contains("counted on 2 stored items"),
+        "{text}"
+    );
+    let row = text
+        .lines()
+        .find(|line| line.trim_start().starts_with("product.price"))
+        .unwrap_or_else(|| panic!("no product.price row in:\n{text}"));
+    assert!(
+        row.contains("lossless") && row.contains("lossy: 1 lose a value"),
+        "{row}"
+    );
+    assert!(text.contains("rocksdb would run:"), "{text}");
+
+    // The refused freeze shows the same table, and --force freezes.
+    let refused = dstore(&app, &["freeze", "shop"], None).await;
+    assert_eq!(refused.status.code(), Some(1));
+    assert!(
+        stdout(&refused).contains("product.price"),
+        "{}",
+        stdout(&refused)
+    );
+    assert!(stderr(&refused).contains("409"), "{}", stderr(&refused));
+    let forced = dstore(&app, &["freeze", "shop", "--force"], None).await;
+    assert_success(&forced);
+    assert_eq!(stdout(&forced).trim(), "shop: frozen as version 2");
+
+    let diff = dstore(&app, &["diff", "shop", "1", "2"], None).await;
+    assert_success(&diff);
+    let text = stdout(&diff);
+    assert!(text.starts_with("shop: version 1 → 2: 1 change"), "{text}");
+    assert!(
+        text.contains("column.update product.price type: float -> integer"),
+        "{text}"
+    );
+    assert!(
+        text.contains("FROM READS TO") && text.contains("lossy"),
+        "{text}"
+    );
+    let missing = dstore(&app, &["diff", "shop", "1", "9"], None).await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("404"), "{}", stderr(&missing));
 }

@@ -555,7 +555,10 @@ async fn a_retried_freeze_starts_a_back_fill_that_a_crash_left_unrecorded() {
     // between the two leaves.
     let project = Ident::parse("myblog").unwrap();
     let journal = app.journal.clone().expect("the embedded journal");
-    journal.catalog().freeze(&project, &["rocksdb"]).unwrap();
+    journal
+        .catalog()
+        .freeze(&project, &["rocksdb"], false)
+        .unwrap();
     assert_eq!(journal.backfill_state(&project, 2).unwrap(), None);
     drop(journal);
     let retried = app.post("/myblog/_version", None).await;

@@ -5,6 +5,7 @@ mod blueprints;
 mod cli;
 mod cluster;
 mod elasticsearch;
+mod evolution;
 mod faults;
 mod helpers;
 mod hostile;

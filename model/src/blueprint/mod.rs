@@ -5,6 +5,7 @@
 //! function of its arguments, tested without a server.
 
 pub mod check;
+pub mod compat;
 pub mod diff;
 pub mod geometry;
 pub mod ident;
@@ -18,7 +19,7 @@ use serde::Serialize;
 
 pub use diff::{apply_edit, diff, Change};
 pub use ident::Ident;
-pub use model::{Blueprint, Blueprints, Column, ColumnDef, Uid};
+pub use model::{Blueprint, Blueprints, Column, ColumnDef, Convert, Uid};
 pub use parse::{parse_blueprint, BlueprintInput};
 pub use types::{BaseType, ColumnType};
 

@@ -50,6 +50,50 @@ pub struct ColumnDef {
     pub comment: Option<String>,
     /// Elasticsearch mapping parameters that replace the generated ones.
     pub elasticsearch: Option<Map<String, Value>>,
+    /// How values of another type become this column's when an item moves between versions
+    /// (see `transform`); without it a value that does not convert without loss becomes null.
+    #[serde(default)]
+    pub convert: Option<Convert>,
+}
+
+/// A declared conversion (the `convert` column option): a closed set, each defined for some pairs
+/// of types (`docs/evolution.md` has the table).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Convert {
+    /// float → integer: to the nearest whole number (halves away from zero); datetime → date: to
+    /// the nearest midnight.
+    Round,
+    /// float → integer: toward zero; datetime → date: the date part; text → a string column with
+    /// `max_length`: cut to that length.
+    Truncate,
+    /// text → number, boolean, date, datetime: read leniently (`" 12 kg"` → 12, `yes` → true,
+    /// `2020/01/02` → 2020-01-02).
+    Parse,
+    /// date, datetime → text: RFC 3339 (`2020-01-02T03:04:05Z`) instead of `2020-01-02 03:04:05`.
+    Format,
+    /// Whatever does not convert takes the column's default instead of null.
+    Default,
+}
+
+impl Convert {
+    pub const ALL: [Convert; 5] = [
+        Convert::Round,
+        Convert::Truncate,
+        Convert::Parse,
+        Convert::Format,
+        Convert::Default,
+    ];
+
+    pub fn name(self) -> &'static str {
+        match self {
+            Convert::Round => "round",
+            Convert::Truncate => "truncate",
+            Convert::Parse => "parse",
+            Convert::Format => "format",
+            Convert::Default => "default",
+        }
+    }
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -150,6 +194,7 @@ impl ColumnDef {
             unique: false,
             comment: None,
             elasticsearch: None,
+            convert: None,
         }
     }
 
@@ -178,6 +223,9 @@ impl ColumnDef {
         if let Some(es) = &self.elasticsearch {
             out.insert("elasticsearch".into(), Value::Object(es.clone()));
         }
+        if let Some(convert) = self.convert {
+            out.insert("convert".into(), Value::from(convert.name()));
+        }
         Value::Object(out)
     }
 
@@ -197,6 +245,7 @@ impl ColumnDef {
             ("unique", Value::Bool(self.unique)),
             ("comment", get("comment")),
             ("elasticsearch", get("elasticsearch")),
+            ("convert", get("convert")),
         ]
     }
 

@@ -8,7 +8,7 @@ use serde_json::{Map, Value};
 
 use super::check::check_column_value;
 use super::ident::Ident;
-use super::model::{ColumnDef, Pattern, Validation};
+use super::model::{ColumnDef, Convert, Pattern, Validation};
 use super::types::{BaseType, ColumnType};
 use super::value::{check_text, excerpt_str};
 use super::FieldError;
@@ -160,6 +160,7 @@ const COLUMN_KEYS: &[&str] = &[
     "unique",
     "comment",
     "elasticsearch",
+    "convert",
 ];
 
 fn parse_column(errors: &mut Errors, name: &str, column: &Value) -> Option<ColumnInput> {
@@ -243,6 +244,30 @@ fn parse_column(errors: &mut Errors, name: &str, column: &Value) -> Option<Colum
             None
         }
     };
+    let convert = match object.get("convert") {
+        None | Some(Value::Null) => None,
+        Some(Value::String(name)) => {
+            let found = Convert::ALL.into_iter().find(|c| c.name() == name);
+            if found.is_none() {
+                errors.push(
+                    &format!("{path}/convert"),
+                    format!(
+                        "unknown conversion {:?}; expected one of {}",
+                        excerpt_str(name),
+                        Convert::ALL.map(Convert::name).join(", ")
+                    ),
+                );
+            }
+            found
+        }
+        Some(_) => {
+            errors.push(
+                &format!("{path}/convert"),
+                "must be the name of a conversion",
+            );
+            None
+        }
+    };
     let ty = ty?;
     let validation = match object.get("validation") {
         None => Validation::default(),
@@ -257,6 +282,7 @@ fn parse_column(errors: &mut Errors, name: &str, column: &Value) -> Option<Colum
         unique,
         comment,
         elasticsearch,
+        convert,
     };
     if let Some(default) = object.get("default") {
         def.default = parse_default(errors, &format!("{path}/default"), &def, default);

@@ -3,13 +3,14 @@
 //! Columns are matched by uid: a renamed column moves to its new name, a column the target does not
 //! know disappears, a column the source does not know gets its default or null. A type change keeps the
 //! value when the conversion loses nothing (integer→float, anything→string/text, date→datetime, a text
-//! that parses as the new type …) and gives null otherwise. The result always passes the target
-//! column's own checks, so every projected item is valid at its version.
+//! that parses as the new type …), converts it as the column's declared `convert` says, and gives null
+//! otherwise. The result always passes the target column's own checks, so every projected item is
+//! valid at its version; `compat` says beforehand which changes can lose values.
 
 use serde_json::{Map, Value};
 
 use super::check::check_column_value;
-use super::model::{Blueprint, ColumnDef};
+use super::model::{Blueprint, ColumnDef, Convert};
 use super::types::{BaseType, ColumnType};
 use super::value::{canonicalize_scalar, parse_datetime};
 
@@ -38,54 +39,113 @@ pub fn transform(
     out
 }
 
-/// Converts a non-null value between two column definitions; null when that would lose information.
+/// Converts a non-null value between two column definitions: kept when the conversion loses
+/// nothing, converted as the column's declared `convert` says (the target's, else the source's), and
+/// null otherwise (or the target's default, with `convert: default`).
 pub fn convert(from: &ColumnDef, to: &ColumnDef, value: &Value) -> Value {
+    let how = to.convert.or(from.convert);
     let converted = if from.ty == to.ty {
         Some(value.clone())
     } else {
-        convert_type(from.ty, to.ty, value)
+        convert_type(from.ty, to.ty, value, how)
     };
-    converted
-        .and_then(|v| check_column_value(to, &v).ok())
-        .unwrap_or(Value::Null)
+    let checked = converted.and_then(|v| match check_column_value(to, &v) {
+        Ok(v) => Some(v),
+        Err(_) if how == Some(Convert::Truncate) => truncate_text(to, &v),
+        Err(_) => None,
+    });
+    match checked {
+        Some(v) => v,
+        None if how == Some(Convert::Default) => to.fallback(),
+        None => Value::Null,
+    }
 }
 
-fn convert_type(from: ColumnType, to: ColumnType, value: &Value) -> Option<Value> {
+/// A text cut to the column's `max_length` (`convert: truncate`), if that makes it valid.
+fn truncate_text(to: &ColumnDef, value: &Value) -> Option<Value> {
+    let max = to.validation.max_length? as usize;
+    let cut = |v: &Value| -> Option<Value> {
+        let text = v.as_str()?;
+        Some(Value::String(text.chars().take(max).collect()))
+    };
+    let cut = match value {
+        Value::Array(items) => Value::Array(items.iter().map(cut).collect::<Option<_>>()?),
+        other => cut(other)?,
+    };
+    check_column_value(to, &cut).ok()
+}
+
+fn convert_type(
+    from: ColumnType,
+    to: ColumnType,
+    value: &Value,
+    how: Option<Convert>,
+) -> Option<Value> {
     match (from, to) {
-        (ColumnType::One(a), ColumnType::One(b)) => convert_scalar(a, b, value),
+        (ColumnType::One(a), ColumnType::One(b)) => convert_scalar(a, b, value, how),
         (ColumnType::One(a), ColumnType::Many(b)) => {
-            convert_scalar(a, b, value).map(|v| Value::Array(vec![v]))
+            convert_scalar(a, b, value, how).map(|v| Value::Array(vec![v]))
         }
         (ColumnType::Many(a), ColumnType::One(b)) => match value.as_array()?.as_slice() {
-            [single] => convert_scalar(a, b, single),
+            [single] => convert_scalar(a, b, single, how),
             _ => None,
         },
         (ColumnType::Many(a), ColumnType::Many(b)) => value
             .as_array()?
             .iter()
-            .map(|v| convert_scalar(a, b, v))
+            .map(|v| convert_scalar(a, b, v, how))
             .collect::<Option<Vec<_>>>()
             .map(Value::Array),
     }
 }
 
-fn convert_scalar(from: BaseType, to: BaseType, value: &Value) -> Option<Value> {
+fn convert_scalar(
+    from: BaseType,
+    to: BaseType,
+    value: &Value,
+    how: Option<Convert>,
+) -> Option<Value> {
     use BaseType::*;
     if from == to {
         return Some(value.clone());
     }
     match (from, to) {
+        (Date | DateTime, String | Text) if how == Some(Convert::Format) => {
+            let t = parse_datetime(value.as_str()?).ok()?;
+            Some(Value::String(
+                t.to_rfc3339_opts(chrono::SecondsFormat::AutoSi, true),
+            ))
+        }
         (_, String | Text) => Some(Value::String(to_text(from, value))),
+        (String | Text, _) if how == Some(Convert::Parse) => {
+            parse_leniently(to, value.as_str()?).or_else(|| from_text(to, value.as_str()?))
+        }
         (String | Text, _) => from_text(to, value.as_str()?),
         (_, Json) => Some(value.clone()),
         (Json, _) => canonicalize_scalar(to, value).ok(),
         (Integer, Float) => Some(value.clone()),
-        (Float, Integer) => canonicalize_scalar(Integer, value).ok(),
+        (Float, Integer) => {
+            let f = value.as_f64()?;
+            let whole = match how {
+                Some(Convert::Round) => f.round(),
+                Some(Convert::Truncate) => f.trunc(),
+                _ => f,
+            };
+            canonicalize_scalar(Integer, &Value::from(whole)).ok()
+        }
         (Date, DateTime) => Some(Value::String(format!("{} 00:00:00", value.as_str()?))),
         (DateTime, Date) => {
             let t = parse_datetime(value.as_str()?).ok()?;
-            (t.time() == chrono::NaiveTime::MIN)
-                .then(|| Value::String(t.format("%Y-%m-%d").to_string()))
+            let day = match how {
+                Some(Convert::Truncate) => t.date_naive(),
+                Some(Convert::Round) if t.time() >= chrono::NaiveTime::from_hms_opt(12, 0, 0)? => {
+                    t.date_naive().succ_opt()?
+                }
+                Some(Convert::Round) => t.date_naive(),
+                _ if t.time() == chrono::NaiveTime::MIN => t.date_naive(),
+                _ => return None,
+            };
+            Some(Value::String(day.format("%Y-%m-%d").to_string()))
         }
         _ => None,
     }
@@ -111,6 +171,48 @@ fn from_text(to: BaseType, text: &str) -> Option<Value> {
         Json => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.into())),
         Point | LineString | Polygon => serde_json::from_str(text).ok()?,
         Uuid | Date | DateTime | String | Text => Value::String(text.into()),
+    };
+    canonicalize_scalar(to, &value).ok()
+}
+
+/// `convert: parse`: the number at the start of a text (`" 12 kg"`), yes/no words, dates written with
+/// `/` or `.`.
+fn parse_leniently(to: BaseType, text: &str) -> Option<Value> {
+    use BaseType::*;
+    let text = text.trim();
+    let value = match to {
+        Integer | Float => {
+            let end = text
+                .char_indices()
+                .take_while(|(i, c)| {
+                    c.is_ascii_digit() || *c == '.' || (*i == 0 && (*c == '-' || *c == '+'))
+                })
+                .map(|(i, c)| i + c.len_utf8())
+                .last()?;
+            let number: f64 = text[..end].parse().ok().filter(|f: &f64| f.is_finite())?;
+            if to == Integer {
+                if number.fract() != 0.0 {
+                    return None;
+                }
+                Value::from(number as i64)
+            } else {
+                Value::from(number)
+            }
+        }
+        Boolean => match text.to_ascii_lowercase().as_str() {
+            "true" | "yes" | "y" | "on" | "1" => Value::Bool(true),
+            "false" | "no" | "n" | "off" | "0" => Value::Bool(false),
+            _ => return None,
+        },
+        Date | DateTime => {
+            let normal = text.replace('/', "-");
+            let normal = match normal.split('.').collect::<Vec<_>>().as_slice() {
+                [d, m, y] if y.len() == 4 => format!("{y}-{m:0>2}-{d:0>2}"),
+                _ => normal,
+            };
+            Value::String(normal)
+        }
+        _ => return None,
     };
     canonicalize_scalar(to, &value).ok()
 }

@@ -110,6 +110,25 @@ impl Projector for ElasticsearchProjector {
         Ok(self.client.source(&index, &id.to_string()).await?)
     }
 
+    fn preview(&self, project: &Ident, version: &Version) -> Value {
+        let indexes: serde_json::Map<String, Value> = version
+            .blueprints
+            .iter()
+            .map(|(name, blueprint)| {
+                (
+                    self.names.index(project, version.number, name),
+                    mapping::index_body(project, version.number, name, blueprint),
+                )
+            })
+            .collect();
+        let aliases: Vec<String> = version
+            .blueprints
+            .keys()
+            .map(|name| self.names.alias(project, name))
+            .collect();
+        serde_json::json!({"indexes": indexes, "aliases_moved": aliases})
+    }
+
     async fn health(&self) -> Health {
         match self.client.info().await {
             Ok(info) => {

@@ -270,6 +270,16 @@ impl Projector for PostgresProjector {
         Ok(row.map(|Json(row)| Value::Object(values::document(row, &shape.columns))))
     }
 
+    fn preview(&self, project: &Ident, version: &Version) -> Value {
+        let schema = schema_name(project, version.number);
+        let mut statements =
+            ddl::schema_statements(&schema, project, version.number).unwrap_or_default();
+        for blueprint in version.blueprints.values() {
+            statements.extend(ddl::table_statements(&schema, blueprint).unwrap_or_default());
+        }
+        serde_json::json!({"schema": schema, "statements": statements})
+    }
+
     async fn health(&self) -> Health {
         if let Err(error) = self.ensure_database().await {
             return Health {

@@ -157,6 +157,13 @@ impl Projector for RocksProjector {
         Ok(self.get(project, version, blueprint, id))
     }
 
+    fn preview(&self, project: &Ident, version: &Version) -> Value {
+        serde_json::json!({
+            "keyspace": format!("{project} version {}", version.number),
+            "blueprints": version.blueprints.keys().collect::<Vec<_>>(),
+        })
+    }
+
     async fn health(&self) -> Health {
         Health {
             reachable: true,

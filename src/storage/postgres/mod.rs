@@ -34,11 +34,12 @@ use sqlx::{Executor, Row};
 use tokio::sync::{mpsc, Notify};
 use uuid::Uuid;
 
+use super::usage::{Usage, UsageMeter, UsageRow};
 use super::{Stats, Storage, StorageError};
 use crate::auth::audit::AuditEntry;
 use crate::auth::ApiKey;
 use crate::blueprint::{BlueprintInput, Change, Ident};
-use crate::catalog::{edit, MigrationState, Snapshot, Version};
+use crate::catalog::{edit, Compatibility, MigrationState, Snapshot, Version};
 use crate::config::{ProjectionSettings, SecretUrl};
 use crate::journal::backfill::BackfillState;
 use crate::journal::codec;
@@ -87,6 +88,53 @@ pub struct PgStorage {
     progress: Mutex<HashMap<String, NodeProgress>>,
     watch: watch::CursorWatch,
     journal_id: String,
+    usage: UsageMeter,
+}
+
+/// Writes counted version use every few seconds, while the storage lives.
+async fn flush_usage(storage: std::sync::Weak<PgStorage>) {
+    loop {
+        tokio::time::sleep(super::usage::FLUSH).await;
+        let Some(node) = storage.upgrade() else {
+            return;
+        };
+        let rows = node.usage.take();
+        if rows.is_empty() {
+            continue;
+        }
+        let projects: Vec<&str> = rows.iter().map(|r| r.project.as_str()).collect();
+        let versions: Vec<i32> = rows.iter().map(|r| r.version as i32).collect();
+        let hours: Vec<i64> = rows.iter().map(|r| r.hour).collect();
+        let writes: Vec<i64> = rows.iter().map(|r| r.writes as i64).collect();
+        let last: Vec<DateTime<Utc>> = rows.iter().map(|r| r.last_write_at).collect();
+        let written = sqlx::query(
+            "INSERT INTO version_usage (project, version, hour, writes, last_write_at) \
+             SELECT * FROM unnest($1::text[], $2::int[], $3::bigint[], $4::bigint[], $5::timestamptz[]) \
+             ON CONFLICT (project, version, hour) DO UPDATE SET \
+             writes = version_usage.writes + EXCLUDED.writes, \
+             last_write_at = greatest(version_usage.last_write_at, EXCLUDED.last_write_at)",
+        )
+        .bind(&projects)
+        .bind(&versions)
+        .bind(&hours)
+        .bind(&writes)
+        .bind(&last)
+        .execute(node.pool())
+        .await;
+        let oldest = hours.iter().max().copied().unwrap_or_default() - super::usage::KEEP_HOURS;
+        let written = match written {
+            Ok(_) => {
+                sqlx::query("DELETE FROM version_usage WHERE hour < $1")
+                    .bind(oldest)
+                    .execute(node.pool())
+                    .await
+            }
+            error => error,
+        };
+        if let Err(error) = written {
+            tracing::warn!(%error, "cannot record the use of versions");
+        }
+    }
 }
 
 /// A storage failure as callers act on it: the database is away or refused.
@@ -138,6 +186,7 @@ impl PgStorage {
             progress: Mutex::new(HashMap::new()),
             watch: watch::CursorWatch::default(),
             journal_id,
+            usage: UsageMeter::default(),
             settings,
         });
         storage.publish(loaded);
@@ -146,6 +195,7 @@ impl PgStorage {
         tokio::spawn(catalog::listen(Arc::downgrade(&storage)));
         tokio::spawn(watch::run(Arc::downgrade(&storage)));
         tokio::spawn(backfill::run(Arc::downgrade(&storage)));
+        tokio::spawn(flush_usage(Arc::downgrade(&storage)));
         tracing::info!(node = %storage.settings.node, schema = %storage.settings.schema, "postgresql storage ready");
         Ok(storage)
     }
@@ -405,6 +455,7 @@ impl Storage for PgStorage {
         entries: Vec<Entry>,
     ) -> Result<Vec<u64>, StorageError> {
         self.check_backlog()?;
+        let versions = UsageMeter::versions(&entries);
         let (reply, answer) = tokio::sync::oneshot::channel();
         self.writes
             .send(writer::WriteCommand {
@@ -415,12 +466,70 @@ impl Storage for PgStorage {
             })
             .await
             .map_err(|_| StorageError::Unavailable("the storage is shutting down".into()))?;
-        answer
+        let revisions = answer
             .await
-            .map_err(|_| StorageError::Unavailable("the storage is shutting down".into()))?
+            .map_err(|_| StorageError::Unavailable("the storage is shutting down".into()))??;
+        self.usage.note(project, &versions);
+        Ok(revisions)
     }
 
-    async fn freeze(&self, project: &Ident) -> Result<(Arc<Version>, u64), StorageError> {
+    async fn set_compatibility(
+        &self,
+        project: &Ident,
+        compatibility: Compatibility,
+    ) -> Result<(), StorageError> {
+        self.edit(project, false, |p, writes| {
+            edit::set_compatibility(p, compatibility, writes)
+        })
+        .await
+    }
+
+    async fn scan_items(
+        &self,
+        project: &Ident,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<(Vec<(Ident, ItemRecord)>, Option<Vec<u8>>), StorageError> {
+        let after = after.as_deref().and_then(|cursor| {
+            let split = cursor.iter().position(|b| *b == 0)?;
+            Some((
+                String::from_utf8_lossy(&cursor[..split]).into_owned(),
+                Uuid::from_slice(&cursor[split + 1..]).ok()?,
+            ))
+        });
+        let rows = sqlx::query(
+            "SELECT blueprint, id, record FROM items WHERE project = $1 \
+             AND ($2::text IS NULL OR (blueprint, id) > ($2, $3)) ORDER BY blueprint, id LIMIT $4",
+        )
+        .bind(project.as_str())
+        .bind(after.as_ref().map(|(b, _)| b.as_str()))
+        .bind(after.as_ref().map(|(_, id)| *id).unwrap_or_default())
+        .bind(limit as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| unavailable("read items", &e))?;
+        let mut items = Vec::with_capacity(rows.len());
+        let mut cursor = None;
+        for row in &rows {
+            let (blueprint, id): (String, Uuid) = (row.get("blueprint"), row.get("id"));
+            let record = codec::decode_record(&row.get::<Vec<u8>, _>("record"))?;
+            let mut key = blueprint.as_bytes().to_vec();
+            key.push(0);
+            key.extend_from_slice(id.as_bytes());
+            cursor = Some(key);
+            if let Ok(blueprint) = Ident::parse(&blueprint) {
+                items.push((blueprint, record));
+            }
+        }
+        let next = if rows.len() < limit { None } else { cursor };
+        Ok((items, next))
+    }
+
+    async fn freeze(
+        &self,
+        project: &Ident,
+        forced: bool,
+    ) -> Result<(Arc<Version>, u64), StorageError> {
         let mut tx = self
             .pool
             .begin()
@@ -429,7 +538,7 @@ impl Storage for PgStorage {
         let (mut p, stamp) = catalog::lock_project(&mut tx, project, false).await?;
         let mut writes = Vec::new();
         let projectors = self.settings.projectors.clone();
-        let version = edit::freeze(&mut p, &projectors, &mut writes)?;
+        let version = edit::freeze(&mut p, &projectors, forced, &mut writes)?;
         let stamp = catalog::persist(&mut tx, &mut p, stamp, &writes).await?;
         let revision = Self::next_revisions(&mut tx, project, 1).await?;
         let migrate = TaskOp::Migrate {
@@ -508,10 +617,16 @@ impl Storage for PgStorage {
         let revision = Self::next_revisions(&mut tx, project, 1).await?;
         Self::append_task(&mut tx, project, revision, &TaskOp::DropProject, None).await?;
         let stamp = catalog::forget(&mut tx, project).await?;
+        sqlx::query("DELETE FROM version_usage WHERE project = $1")
+            .bind(project.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| unavailable("drop a project's version use", &e))?;
         self.notify(&mut tx, project).await?;
         tx.commit()
             .await
             .map_err(|e| unavailable("commit a drop", &e))?;
+        self.usage.forget(project);
         self.publish_one(project, stamp, None);
         self.committed.notify_waiters();
         Ok(revision)
@@ -755,6 +870,31 @@ impl Storage for PgStorage {
             .await
             .map_err(|e| unavailable("prune the audit log", &e))?
             .rows_affected())
+    }
+
+    async fn version_usage(&self, project: &Ident, version: u32) -> Result<Usage, StorageError> {
+        let rows = sqlx::query(
+            "SELECT hour, writes, last_write_at FROM version_usage \
+             WHERE project = $1 AND version = $2 AND hour >= $3",
+        )
+        .bind(project.as_str())
+        .bind(version as i32)
+        .bind(Utc::now().timestamp().div_euclid(3600) - 24 * 7)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| unavailable("read the use of a version", &e))?;
+        let mut rows: Vec<UsageRow> = rows
+            .into_iter()
+            .map(|row| UsageRow {
+                project: project.clone(),
+                version,
+                hour: row.get("hour"),
+                writes: row.get::<i64, _>("writes") as u64,
+                last_write_at: row.get("last_write_at"),
+            })
+            .collect();
+        rows.extend(self.usage.pending(project, version));
+        Ok(Usage::of(&rows, Utc::now()))
     }
 
     async fn stats(&self) -> Stats {

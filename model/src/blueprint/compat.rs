@@ -1,0 +1,356 @@
+//! Compatibility of two blueprint versions: for each column that differs, and each direction an item
+//! can travel between them, whether values survive the move (`transform`).
+//!
+//! Verdicts, per column and direction:
+//! - `lossless`: every value the source can hold arrives (kept, or converted as the column's
+//!   declared `convert` says);
+//! - `lossy`: some values arrive as null;
+//! - `breaking`: some items arrive with a null the target does not allow (no default), which the
+//!   stores refuse.
+//!
+//! The verdicts are decided from the definitions alone; [`lost`] tells, for one stored value,
+//! whether the move loses it, which is how the freeze report counts real items. Property tests check
+//! that a `lossless` verdict never loses a generated value.
+
+use serde::Serialize;
+use serde_json::Value;
+
+use super::ident::Ident;
+use super::model::{Blueprints, Column, ColumnDef, Convert, Validation};
+use super::transform::convert;
+use super::types::{BaseType, ColumnType};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Lossless,
+    Lossy,
+    Breaking,
+}
+
+/// A verdict and why.
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Assessment {
+    pub verdict: Verdict,
+    pub reason: String,
+}
+
+impl Assessment {
+    fn new(verdict: Verdict, reason: impl Into<String>) -> Assessment {
+        Assessment {
+            verdict,
+            reason: reason.into(),
+        }
+    }
+}
+
+/// Whether moving a stored value from `from` to `to` loses it (it arrives as null; a declared
+/// conversion that gives a value, the default included, loses nothing).
+pub fn lost(value: &Value, from: &ColumnDef, to: &ColumnDef) -> bool {
+    !value.is_null() && convert(from, to, value).is_null()
+}
+
+/// Whether an item arrives with a null where `to` allows none (the stores refuse it).
+pub fn refused(value: &Value, from: &ColumnDef, to: &ColumnDef) -> bool {
+    let arrives = if value.is_null() {
+        Value::Null
+    } else {
+        convert(from, to, value)
+    };
+    arrives.is_null() && !to.nullable && to.default.is_none()
+}
+
+/// Values of `from` moving to `to` (the same column, matched by uid, in two versions).
+pub fn assess(from: &ColumnDef, to: &ColumnDef) -> Assessment {
+    let how = to.convert.or(from.convert);
+    let conversion = types(from, to, how);
+    let rules = match &conversion {
+        Ok(_) => rules(from, to),
+        Err(_) => None,
+    };
+    let loss = match (conversion, rules) {
+        (Err(reason), _) | (Ok(_), Some(reason)) => Some(reason),
+        (Ok(_), None) => None,
+    };
+    // Values that do not convert take the default instead of null.
+    let loss = loss.filter(|_| !(how == Some(Convert::Default) && to.default.is_some()));
+    let nulls_refused = !to.nullable && to.default.is_none() && (from.nullable || loss.is_some());
+    match loss {
+        _ if nulls_refused => Assessment::new(
+            Verdict::Breaking,
+            match &loss {
+                Some(reason) => format!("{reason}, and the column allows no null (no default): stores refuse those items"),
+                None => "the column allows no null (no default) but the other version's allows null: stores refuse items without a value".into(),
+            },
+        ),
+        Some(reason) => Assessment::new(Verdict::Lossy, format!("{reason}: those become null")),
+        None => Assessment::new(
+            Verdict::Lossless,
+            match how.filter(|_| from.ty != to.ty) {
+                Some(how) => format!("every value converts ({})", how.name()),
+                None => "every value arrives".into(),
+            },
+        ),
+    }
+}
+
+/// Items moving to a version whose column the source version does not have.
+pub fn assess_absent(to: &ColumnDef) -> Assessment {
+    if to.default.is_some() {
+        Assessment::new(Verdict::Lossless, "items without it take the default")
+    } else if to.nullable {
+        Assessment::new(Verdict::Lossless, "items without it read null")
+    } else {
+        Assessment::new(
+            Verdict::Breaking,
+            "the column allows no null and has no default: stores refuse items without it",
+        )
+    }
+}
+
+/// Whether the type conversion keeps every value: `Ok(description)` or `Err(what is lost)`.
+fn types(from: &ColumnDef, to: &ColumnDef, how: Option<Convert>) -> Result<(), String> {
+    use ColumnType::*;
+    if from.ty == to.ty {
+        return Ok(());
+    }
+    let (a, b) = (from.ty.base(), to.ty.base());
+    match (from.ty, to.ty) {
+        (Many(_), One(_)) => Err(format!(
+            "a {} holding other than exactly one element has no {}",
+            from.ty, to.ty
+        )),
+        _ => scalar(a, b, from, how),
+    }
+}
+
+fn scalar(a: BaseType, b: BaseType, from: &ColumnDef, how: Option<Convert>) -> Result<(), String> {
+    use BaseType::*;
+    if a == b {
+        return Ok(());
+    }
+    // An enum of the source says exactly which values there are.
+    if let Some(allowed) = &from.validation.one_of {
+        let to = ColumnDef::of_type(ColumnType::One(b));
+        let mut source = ColumnDef::of_type(ColumnType::One(a));
+        source.convert = how;
+        let mut target = to;
+        target.convert = how;
+        return match allowed
+            .iter()
+            .find(|v| convert(&source, &target, v).is_null())
+        {
+            None => Ok(()),
+            Some(v) => Err(format!("the allowed value {v} has no {} form", b.name())),
+        };
+    }
+    match (a, b) {
+        (_, String | Text | Json) | (Integer, Float) | (Date, DateTime) => Ok(()),
+        (Float, Integer) if matches!(how, Some(Convert::Round | Convert::Truncate)) => {
+            within_integers(&from.validation).map_err(|_| "floats beyond the integer range".into())
+        }
+        (Float, Integer) => Err("floats with a fraction or beyond the integer range".into()),
+        (DateTime, Date) if matches!(how, Some(Convert::Round | Convert::Truncate)) => Ok(()),
+        (DateTime, Date) => Err("datetimes other than midnight".into()),
+        (String | Text, _) => Err(format!("texts that do not read as {}", b.name())),
+        (Json, _) => Err(format!("JSON values that are not {}", b.name())),
+        _ => Err(format!("{} values have no {} form", a.name(), b.name())),
+    }
+}
+
+/// Whether a float column's own bounds keep it within the integer range.
+fn within_integers(rules: &Validation) -> Result<(), ()> {
+    let (min, max) = (rules.min.ok_or(())?, rules.max.ok_or(())?);
+    (min >= f64::from(i32::MIN) && max <= f64::from(i32::MAX))
+        .then_some(())
+        .ok_or(())
+}
+
+/// What the target's rules refuse that the source's allow: `Some(what)` or `None`.
+fn rules(from: &ColumnDef, to: &ColumnDef) -> Option<String> {
+    let (f, t) = (&from.validation, &to.validation);
+    let same_kind = from.ty.base() == to.ty.base();
+    let tighter_min = |a: Option<f64>, b: Option<f64>| b.is_some_and(|b| a.is_none_or(|a| a < b));
+    let tighter_max = |a: Option<f64>, b: Option<f64>| b.is_some_and(|b| a.is_none_or(|a| a > b));
+    if tighter_min(f.min.filter(|_| same_kind), t.min) {
+        return Some(format!(
+            "values below the new minimum {}",
+            t.min.unwrap_or_default()
+        ));
+    }
+    if tighter_max(f.max.filter(|_| same_kind), t.max) {
+        return Some(format!(
+            "values above the new maximum {}",
+            t.max.unwrap_or_default()
+        ));
+    }
+    let as_f = |n: Option<u64>| n.map(|n| n as f64);
+    if tighter_min(as_f(f.min_length).filter(|_| same_kind), as_f(t.min_length)) {
+        return Some("texts shorter than the new min_length".into());
+    }
+    let cut = to.convert.or(from.convert) == Some(Convert::Truncate);
+    if !cut && tighter_max(as_f(f.max_length).filter(|_| same_kind), as_f(t.max_length)) {
+        return Some("texts longer than the new max_length".into());
+    }
+    if t.pattern.is_some() && (f.pattern != t.pattern || !same_kind) {
+        return Some("texts that do not match the new pattern".into());
+    }
+    if let Some(allowed) = &t.one_of {
+        let kept = f.one_of.as_ref().filter(|_| same_kind).is_some_and(|old| {
+            old.iter().all(|v| {
+                allowed.iter().any(|a| match (a.as_f64(), v.as_f64()) {
+                    (Some(x), Some(y)) => x == y,
+                    _ => a == v,
+                })
+            })
+        });
+        if !kept {
+            return Some("values outside the new enum".into());
+        }
+    }
+    None
+}
+
+/// One column as it is in two versions (matched by uid): either side may lack it.
+#[derive(Clone, Debug)]
+pub struct ColumnPair<'a> {
+    pub blueprint: &'a Ident,
+    pub old: Option<(&'a Ident, &'a Column)>,
+    pub new: Option<(&'a Ident, &'a Column)>,
+}
+
+impl ColumnPair<'_> {
+    /// Items of the old version read by clients of the new one.
+    pub fn to_new(&self) -> Assessment {
+        match (self.old, self.new) {
+            (Some((_, old)), Some((_, new))) => assess(&old.def, &new.def),
+            (None, Some((_, new))) => assess_absent(&new.def),
+            (_, None) => Assessment::new(Verdict::Lossless, "the new version has no such column"),
+        }
+    }
+
+    /// Items of the new version read by clients of the old one.
+    pub fn to_old(&self) -> Assessment {
+        match (self.old, self.new) {
+            (Some((_, old)), Some((_, new))) => assess(&new.def, &old.def),
+            (Some((_, old)), None) => assess_absent(&old.def),
+            (None, _) => Assessment::new(Verdict::Lossless, "the old version has no such column"),
+        }
+    }
+
+    /// What differs, in words: `type float → integer`, `renamed from title`, `added`.
+    pub fn describe(&self) -> String {
+        match (self.old, self.new) {
+            (None, Some(_)) => "added".into(),
+            (Some(_), None) => "removed".into(),
+            (Some((old_name, old)), Some((new_name, new))) => {
+                let mut parts = Vec::new();
+                if old_name != new_name {
+                    parts.push(format!("renamed from {old_name}"));
+                }
+                for ((option, a), (_, b)) in old.def.options().into_iter().zip(new.def.options()) {
+                    if a != b {
+                        parts.push(format!("{option} {a} → {b}"));
+                    }
+                }
+                parts.join("; ")
+            }
+            (None, None) => String::new(),
+        }
+    }
+}
+
+/// Every column of a blueprint present in both versions that differs between them, or is only in
+/// one of them.
+pub fn changed_columns<'a>(old: &'a Blueprints, new: &'a Blueprints) -> Vec<ColumnPair<'a>> {
+    let mut pairs = Vec::new();
+    for (name, bp) in new {
+        let Some(before) = old.values().find(|b| b.uid == bp.uid) else {
+            continue;
+        };
+        for (old_name, column) in &before.columns {
+            match bp.column_by_uid(column.uid) {
+                Some((new_name, new)) if new_name != old_name || new.def != column.def => pairs
+                    .push(ColumnPair {
+                        blueprint: name,
+                        old: Some((old_name, column)),
+                        new: Some((new_name, new)),
+                    }),
+                Some(_) => {}
+                None => pairs.push(ColumnPair {
+                    blueprint: name,
+                    old: Some((old_name, column)),
+                    new: None,
+                }),
+            }
+        }
+        for (new_name, column) in &bp.columns {
+            if before.column_by_uid(column.uid).is_none() {
+                pairs.push(ColumnPair {
+                    blueprint: name,
+                    old: None,
+                    new: Some((new_name, column)),
+                });
+            }
+        }
+    }
+    pairs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn def(ty: &str) -> ColumnDef {
+        ColumnDef::of_type(ty.parse().unwrap())
+    }
+
+    #[test]
+    fn verdicts_follow_the_type_table_and_declared_conversions() {
+        assert_eq!(
+            assess(&def("integer"), &def("float")).verdict,
+            Verdict::Lossless
+        );
+        assert_eq!(
+            assess(&def("float"), &def("integer")).verdict,
+            Verdict::Lossy
+        );
+        let mut rounded = def("integer");
+        rounded.convert = Some(Convert::Round);
+        let mut bounded = def("float");
+        bounded.validation.min = Some(-1000.0);
+        bounded.validation.max = Some(1000.0);
+        assert_eq!(assess(&bounded, &rounded).verdict, Verdict::Lossless);
+        assert_eq!(assess(&def("float"), &rounded).verdict, Verdict::Lossy);
+        assert_eq!(
+            assess(&def("text"), &def("integer")).verdict,
+            Verdict::Lossy
+        );
+        assert_eq!(
+            assess(&def("point"), &def("polygon")).verdict,
+            Verdict::Lossy
+        );
+        let mut required = def("integer");
+        required.nullable = false;
+        assert_eq!(
+            assess(&def("integer"), &required).verdict,
+            Verdict::Breaking
+        );
+        assert_eq!(assess_absent(&required).verdict, Verdict::Breaking);
+        assert_eq!(assess_absent(&def("text")).verdict, Verdict::Lossless);
+    }
+
+    #[test]
+    fn counting_uses_the_transform_itself() {
+        let (from, to) = (def("float"), def("integer"));
+        assert!(lost(&json!(3.5), &from, &to));
+        assert!(!lost(&json!(3.0), &from, &to));
+        assert!(!lost(&Value::Null, &from, &to));
+        let mut defaulted = def("integer");
+        defaulted.convert = Some(Convert::Default);
+        defaulted.default = Some(json!(0));
+        assert!(!lost(&json!(3.5), &from, &defaulted));
+        assert_eq!(assess(&from, &defaulted).verdict, Verdict::Lossless);
+    }
+}

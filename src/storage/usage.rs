@@ -1,0 +1,144 @@
+//! How much each version is written to: the last write made at it and how many writes used it in
+//! recent hours, so an operator knows whether clients still speak a version before retiring it.
+//!
+//! Writes are counted in memory as they are journaled and written to the storage every few seconds
+//! in hourly buckets (one small write per version and hour, never one per request). Buckets older
+//! than [`KEEP_HOURS`] are dropped when newer ones are written; a dropped project's buckets go with
+//! it, so a project made again under the same name starts with no use.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+use crate::blueprint::Ident;
+use crate::journal::Entry;
+
+/// How often counted writes are written to the storage.
+pub const FLUSH: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Hourly buckets kept: a week and a day, so "the last 7 days" is always complete.
+pub const KEEP_HOURS: i64 = 24 * 8;
+
+/// One version's writes in one hour.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UsageRow {
+    pub project: Ident,
+    pub version: u32,
+    /// Hours since the Unix epoch.
+    pub hour: i64,
+    pub writes: u64,
+    pub last_write_at: DateTime<Utc>,
+}
+
+/// What `GET /{project}/_version/{n}` shows of a version's use.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Usage {
+    pub last_write_at: Option<DateTime<Utc>>,
+    pub writes_last_hour: u64,
+    pub writes_last_24h: u64,
+    pub writes_last_7d: u64,
+}
+
+impl Usage {
+    /// Adds up hourly rows as of `now`.
+    pub fn of(rows: &[UsageRow], now: DateTime<Utc>) -> Usage {
+        let hour = now.timestamp().div_euclid(3600);
+        let mut usage = Usage::default();
+        for row in rows {
+            usage.last_write_at = usage.last_write_at.max(Some(row.last_write_at));
+            let age = hour - row.hour;
+            if age < 1 {
+                usage.writes_last_hour += row.writes;
+            }
+            if age < 24 {
+                usage.writes_last_24h += row.writes;
+            }
+            if age < 24 * 7 {
+                usage.writes_last_7d += row.writes;
+            }
+        }
+        usage
+    }
+}
+
+/// (project, version, hour since the Unix epoch).
+type Bucket = (Ident, u32, i64);
+
+/// Writes counted since the last flush.
+#[derive(Default)]
+pub struct UsageMeter {
+    pending: Mutex<HashMap<Bucket, (u64, DateTime<Utc>)>>,
+}
+
+impl UsageMeter {
+    /// The versions item writes were made at (deletes name none).
+    pub fn versions(entries: &[Entry]) -> Vec<u32> {
+        entries
+            .iter()
+            .filter_map(|entry| match entry {
+                Entry::Upsert { version, .. } => Some(*version),
+                Entry::Delete { .. } => None,
+            })
+            .collect()
+    }
+
+    /// Counts journaled writes made at `versions`.
+    pub fn note(&self, project: &Ident, versions: &[u32]) {
+        if versions.is_empty() {
+            return;
+        }
+        let now = Utc::now();
+        let hour = now.timestamp().div_euclid(3600);
+        let mut pending = self.pending.lock().expect("usage lock");
+        for version in versions {
+            let slot = pending
+                .entry((project.clone(), *version, hour))
+                .or_insert((0, now));
+            slot.0 += 1;
+            slot.1 = now;
+        }
+    }
+
+    /// The counts to write, emptied.
+    pub fn take(&self) -> Vec<UsageRow> {
+        self.pending
+            .lock()
+            .expect("usage lock")
+            .drain()
+            .map(|((project, version, hour), (writes, last))| UsageRow {
+                project,
+                version,
+                hour,
+                writes,
+                last_write_at: last,
+            })
+            .collect()
+    }
+
+    /// Drops the counts not written yet of a project that is being dropped.
+    pub fn forget(&self, project: &Ident) {
+        self.pending
+            .lock()
+            .expect("usage lock")
+            .retain(|(p, _, _), _| p != project);
+    }
+
+    /// Counts not written yet, of one version.
+    pub fn pending(&self, project: &Ident, version: u32) -> Vec<UsageRow> {
+        self.pending
+            .lock()
+            .expect("usage lock")
+            .iter()
+            .filter(|((p, v, _), _)| p == project && *v == version)
+            .map(|((project, version, hour), (writes, last))| UsageRow {
+                project: project.clone(),
+                version: *version,
+                hour: *hour,
+                writes: *writes,
+                last_write_at: *last,
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,277 @@
+//! What a freeze would do to the items of every live version: the compatibility report.
+//!
+//! For the working copy against every live version, each column that differs gets a verdict per
+//! direction (`blueprint::compat`): old clients reading new writes, new clients reading old writes.
+//! Then every stored item is moved both ways through the real transform, and the report counts
+//! the items that would lose a value (arrive as null) or that a store would refuse (a null where the
+//! column allows none). Nothing is changed.
+//!
+//! "New clients reading old writes" counts the stored items written at that version. "Old clients
+//! reading new writes" counts the stored items as new clients would write them again, read by
+//! clients of that version: an estimate of what the version's clients will miss.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+
+use super::WriteError;
+use crate::blueprint::compat::{changed_columns, lost, refused, Assessment, ColumnPair, Verdict};
+use crate::blueprint::transform::transform;
+use crate::blueprint::{Blueprint, Blueprints, Change, Ident, Uid};
+use crate::catalog::{Compatibility, Project};
+use crate::storage::Storage;
+
+/// Items read at once while counting.
+const PAGE: usize = 1000;
+
+#[derive(Debug, Serialize)]
+pub struct Report {
+    pub project: Ident,
+    pub compatibility: Compatibility,
+    /// The number the version would get.
+    pub version: u32,
+    /// The worst verdict over every live version and direction.
+    pub verdict: Verdict,
+    /// Whether `POST /{project}/_version` would freeze it without `?force=true`.
+    pub allowed: bool,
+    /// Stored items the counts are made of.
+    pub items: u64,
+    pub live_versions: Vec<VersionReport>,
+}
+
+#[derive(Debug, Serialize)]
+pub struct VersionReport {
+    pub version: u32,
+    /// What changes from this version to the working copy.
+    pub changes: Vec<Change>,
+    pub verdict: Verdict,
+    /// Items (of every blueprint) that would lose at least one value, each way.
+    pub old_clients_reading_new_writes: Counts,
+    pub new_clients_reading_old_writes: Counts,
+    pub columns: Vec<ColumnReport>,
+}
+
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Counts {
+    pub items_losing_a_value: u64,
+    pub items_refused: u64,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ColumnReport {
+    pub blueprint: Ident,
+    /// The column's name in the working copy (or in the old version when it is removed).
+    pub column: Ident,
+    pub change: String,
+    pub old_clients_reading_new_writes: Direction,
+    pub new_clients_reading_old_writes: Direction,
+}
+
+#[derive(Debug, Serialize)]
+pub struct Direction {
+    #[serde(flatten)]
+    pub assessment: Assessment,
+    #[serde(flatten)]
+    pub counts: Counts,
+}
+
+impl Report {
+    /// Whether a freeze needs `?force=true` under the project's setting.
+    pub fn needs_force(&self) -> bool {
+        !self.allowed
+    }
+}
+
+/// Verdicts only, without counting items: what `compatibility = "lossless"` checks first.
+pub fn worst_verdict(p: &Project) -> Verdict {
+    p.live_versions()
+        .flat_map(|v| changed_columns(&v.blueprints, &p.working.blueprints))
+        .flat_map(|pair| [pair.to_new().verdict, pair.to_old().verdict])
+        .max()
+        .unwrap_or(Verdict::Lossless)
+}
+
+/// The working copy's report against every live version, counted on the stored items.
+pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteError> {
+    let new = &p.working.blueprints;
+    let live: Vec<_> = p.live_versions().cloned().collect();
+    let pairs: Vec<(u32, Vec<ColumnPair>)> = live
+        .iter()
+        .map(|v| (v.number, changed_columns(&v.blueprints, new)))
+        .collect();
+    let mut tally = Tally::default();
+    let mut after = None;
+    loop {
+        let (items, next) = storage.scan_items(&p.name, after, PAGE).await?;
+        for (_, record) in &items {
+            tally.count(p, new, &pairs, record);
+        }
+        match next {
+            Some(cursor) => after = Some(cursor),
+            None => break,
+        }
+    }
+    let mut versions = Vec::new();
+    for (version, columns) in &pairs {
+        let source = p.version(*version).expect("a live version exists");
+        let mut reports = Vec::new();
+        let mut verdict = Verdict::Lossless;
+        for (index, pair) in columns.iter().enumerate() {
+            let (to_old, to_new) = (pair.to_old(), pair.to_new());
+            verdict = verdict.max(to_old.verdict).max(to_new.verdict);
+            let counted = tally
+                .columns
+                .get(&(*version, index))
+                .cloned()
+                .unwrap_or_default();
+            reports.push(ColumnReport {
+                blueprint: pair.blueprint.clone(),
+                column: pair
+                    .new
+                    .or(pair.old)
+                    .map(|(name, _)| name.clone())
+                    .expect("a pair has a side"),
+                change: pair.describe(),
+                old_clients_reading_new_writes: Direction {
+                    assessment: to_old,
+                    counts: counted.0,
+                },
+                new_clients_reading_old_writes: Direction {
+                    assessment: to_new,
+                    counts: counted.1,
+                },
+            });
+        }
+        let totals = tally.versions.get(version).cloned().unwrap_or_default();
+        versions.push(VersionReport {
+            version: *version,
+            changes: crate::blueprint::diff(&source.blueprints, new),
+            verdict,
+            old_clients_reading_new_writes: totals.0,
+            new_clients_reading_old_writes: totals.1,
+            columns: reports,
+        });
+    }
+    let verdict = versions
+        .iter()
+        .map(|v| v.verdict)
+        .max()
+        .unwrap_or(Verdict::Lossless);
+    Ok(Report {
+        project: p.name.clone(),
+        compatibility: p.working.compatibility,
+        version: p.latest().map_or(1, |v| v.number + 1),
+        verdict,
+        allowed: p.working.compatibility.allows(verdict),
+        items: tally.items,
+        live_versions: versions,
+    })
+}
+
+/// Counts, per (version, column) and per version: (old clients reading new writes, new clients
+/// reading old writes).
+#[derive(Default)]
+struct Tally {
+    items: u64,
+    columns: HashMap<(u32, usize), (Counts, Counts)>,
+    versions: HashMap<u32, (Counts, Counts)>,
+}
+
+fn blueprint_with(set: &Blueprints, uid: Uid) -> Option<&Blueprint> {
+    set.values().find(|bp| bp.uid == uid)
+}
+
+impl Tally {
+    fn count(
+        &mut self,
+        p: &Project,
+        new: &Blueprints,
+        pairs: &[(u32, Vec<ColumnPair>)],
+        record: &crate::journal::ItemRecord,
+    ) {
+        self.items += 1;
+        let uid = record.blueprint_uid;
+        let (Some(own), Some(new_bp)) = (
+            p.version(record.version)
+                .and_then(|v| blueprint_with(&v.blueprints, uid)),
+            blueprint_with(new, uid),
+        ) else {
+            return;
+        };
+        // The item as new clients would see it (and would write it again).
+        let as_new = transform(&record.body, own, new_bp, 0);
+        for (version, columns) in pairs {
+            if p.version(*version)
+                .and_then(|v| blueprint_with(&v.blueprints, uid))
+                .is_none()
+            {
+                continue;
+            }
+            let (mut forward_lost, mut forward_refused) = (false, false);
+            let (mut backward_lost, mut backward_refused) = (false, false);
+            let mine = record.version == *version;
+            for (index, pair) in columns.iter().enumerate() {
+                if pair.blueprint.as_str() != new_name(new, uid) {
+                    continue; // a column of another blueprint
+                }
+                let entry = self.columns.entry((*version, index)).or_default();
+                // Old clients reading the item as new clients write it.
+                let (lose, refuse) = match (pair.new, pair.old) {
+                    (Some((new_name, new_col)), Some((_, old_col))) => {
+                        let value = as_new.get(new_name.as_str()).cloned().unwrap_or_default();
+                        (
+                            lost(&value, &new_col.def, &old_col.def),
+                            refused(&value, &new_col.def, &old_col.def),
+                        )
+                    }
+                    (None, Some((_, old_col))) => (
+                        false,
+                        !old_col.def.nullable && old_col.def.default.is_none(),
+                    ),
+                    _ => (false, false),
+                };
+                entry.0.items_losing_a_value += u64::from(lose);
+                entry.0.items_refused += u64::from(refuse);
+                forward_lost |= lose;
+                forward_refused |= refuse;
+                // New clients reading the item stored at this version.
+                if mine {
+                    let (lose, refuse) = match (pair.old, pair.new) {
+                        (Some((old_name, old_col)), Some((_, new_col))) => {
+                            let value = record
+                                .body
+                                .get(old_name.as_str())
+                                .cloned()
+                                .unwrap_or_default();
+                            (
+                                lost(&value, &old_col.def, &new_col.def),
+                                refused(&value, &old_col.def, &new_col.def),
+                            )
+                        }
+                        (None, Some((_, new_col))) => (
+                            false,
+                            !new_col.def.nullable && new_col.def.default.is_none(),
+                        ),
+                        _ => (false, false),
+                    };
+                    entry.1.items_losing_a_value += u64::from(lose);
+                    entry.1.items_refused += u64::from(refuse);
+                    backward_lost |= lose;
+                    backward_refused |= refuse;
+                }
+            }
+            let totals = self.versions.entry(*version).or_default();
+            totals.0.items_losing_a_value += u64::from(forward_lost);
+            totals.0.items_refused += u64::from(forward_refused);
+            totals.1.items_losing_a_value += u64::from(backward_lost);
+            totals.1.items_refused += u64::from(backward_refused);
+        }
+    }
+}
+
+/// The working copy's name of the blueprint with `uid`.
+fn new_name(new: &Blueprints, uid: Uid) -> &str {
+    new.iter()
+        .find(|(_, bp)| bp.uid == uid)
+        .map_or("", |(name, _)| name.as_str())
+}

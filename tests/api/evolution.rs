@@ -1,0 +1,424 @@
+//! Safe schema evolution: the freeze report counted on real items, the compatibility setting, forced
+//! freezes, declared conversions, version usage and the diff between two versions.
+
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{spawn_app, spawn_app_with, TestApp};
+use crate::postgres::TestDatabase;
+
+fn product(price: Value) -> Value {
+    json!({
+        "postgresql": {"table": "products"},
+        "elasticsearch": {"type": "product"},
+        "columns": {"name": {"type": "string"}, "price": price}
+    })
+}
+
+/// A shop frozen at version 1 (price a float) with items priced 1.5, 2.0, 7.25 and none; returns
+/// their ids in that order.
+async fn shop(app: &TestApp) -> Vec<Uuid> {
+    app.put_and_freeze("shop", "product", &product(json!({"type": "float"})))
+        .await;
+    let mut ids = Vec::new();
+    for price in [json!(1.5), json!(2.0), json!(7.25), Value::Null] {
+        let id = Uuid::new_v4();
+        let put = app
+            .put(
+                &format!("/shop/product/{id}"),
+                &json!({"id": id, "project_version": 1, "name": "thing", "price": price}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+        ids.push(id);
+    }
+    ids
+}
+
+fn price_column(report: &Value) -> &Value {
+    let columns = report["live_versions"][0]["columns"]
+        .as_array()
+        .expect("columns");
+    columns
+        .iter()
+        .find(|c| c["column"] == "price")
+        .unwrap_or_else(|| panic!("no price column in {report}"))
+}
+
+#[tokio::test]
+async fn a_dry_run_counts_the_items_that_would_lose_a_value_and_changes_nothing() {
+    let app = spawn_app().await;
+    shop(&app).await;
+    let edit = app
+        .put(
+            "/shop/product/_blueprint",
+            &product(json!({"type": "integer"})),
+        )
+        .await;
+    assert_eq!(edit.status, 200, "{}", edit.body);
+
+    let dry = app.post("/shop/_version?dry_run=true", None).await;
+    assert_eq!(dry.status, 200, "{}", dry.body);
+    let report = &dry.body;
+    assert_eq!(report["version"], 2, "{report}");
+    assert_eq!(report["verdict"], "lossy", "{report}");
+    assert_eq!(report["allowed"], false, "{report}");
+    assert_eq!(report["items"], 4, "{report}");
+    let price = price_column(report);
+    // 1.5 and 7.25 have no integer; 2.0 and the missing price arrive.
+    assert_eq!(
+        price["new_clients_reading_old_writes"]["verdict"], "lossy",
+        "{report}"
+    );
+    assert_eq!(
+        price["new_clients_reading_old_writes"]["items_losing_a_value"], 2,
+        "{report}"
+    );
+    assert!(price["new_clients_reading_old_writes"]["reason"]
+        .as_str()
+        .is_some_and(|r| !r.is_empty()));
+    // Every integer is a float: old clients lose nothing of what new clients write.
+    assert_eq!(
+        price["old_clients_reading_new_writes"]["verdict"], "lossless",
+        "{report}"
+    );
+    assert_eq!(
+        price["old_clients_reading_new_writes"]["items_losing_a_value"], 0,
+        "{report}"
+    );
+    assert_eq!(
+        report["live_versions"][0]["new_clients_reading_old_writes"]["items_losing_a_value"], 2,
+        "{report}"
+    );
+    assert_eq!(
+        report["live_versions"][0]["changes"][0]["kind"], "column.update",
+        "{report}"
+    );
+    assert!(report["stores"]["rocksdb"].is_object(), "{report}");
+
+    // Nothing changed: still one version, the edit still unfrozen.
+    let versions = app.get("/shop/_version").await.body;
+    assert_eq!(versions["project_version"], 1, "{versions}");
+    assert_eq!(
+        versions["unfrozen_changes"].as_array().map(Vec::len),
+        Some(1)
+    );
+
+    // The freeze itself is refused with the same report.
+    let refused = app.post("/shop/_version", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert_eq!(
+        price_column(&refused.body["report"])["new_clients_reading_old_writes"]
+            ["items_losing_a_value"],
+        2
+    );
+    assert_eq!(app.get("/shop/_version").await.body["project_version"], 1);
+}
+
+#[tokio::test]
+async fn a_forced_freeze_goes_through_and_is_marked_forced() {
+    let app = spawn_app().await;
+    let ids = shop(&app).await;
+    app.put(
+        "/shop/product/_blueprint",
+        &product(json!({"type": "integer"})),
+    )
+    .await;
+    let forced = app.post("/shop/_version?force=true", None).await;
+    assert_eq!(forced.status, 200, "{}", forced.body);
+    assert_eq!(forced.body["project_version"], 2);
+    let versions = app.get("/shop/_version").await.body;
+    assert_eq!(versions["versions"][0]["forced"], false, "{versions}");
+    assert_eq!(versions["versions"][1]["forced"], true, "{versions}");
+    assert_eq!(app.get("/shop/_version/2").await.body["forced"], true);
+    // The loss is what the report said: 1.5 is null at version 2, 2.0 is 2.
+    let lost = app
+        .get(&format!("/shop/product/{}?version=2", ids[0]))
+        .await;
+    assert_eq!(lost.body["price"], Value::Null, "{}", lost.body);
+    let kept = app
+        .get(&format!("/shop/product/{}?version=2", ids[1]))
+        .await;
+    assert_eq!(kept.body["price"], 2, "{}", kept.body);
+}
+
+#[tokio::test]
+async fn a_declared_conversion_keeps_the_values_it_can_and_the_report_counts_only_the_rest() {
+    let app = spawn_app().await;
+    let ids = shop(&app).await;
+    app.put(
+        "/shop/product/_blueprint",
+        &product(json!({"type": "integer", "convert": "round"})),
+    )
+    .await;
+    // Rounding still has no integer for a float beyond ±2^63, so the verdict stays lossy, but
+    // none of the stored prices is lost any more (without the conversion, two were).
+    let dry = app.post("/shop/_version?dry_run=true", None).await;
+    assert_eq!(dry.body["verdict"], "lossy", "{}", dry.body);
+    let price = price_column(&dry.body);
+    assert_eq!(
+        price["new_clients_reading_old_writes"]["items_losing_a_value"], 0,
+        "{}",
+        dry.body
+    );
+    assert!(
+        price["new_clients_reading_old_writes"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("beyond the integer range")),
+        "{}",
+        dry.body
+    );
+    let frozen = app.post("/shop/_version?force=true", None).await;
+    assert_eq!(frozen.status, 200, "{}", frozen.body);
+    for (id, price) in ids.iter().zip([json!(2), json!(2), json!(7), Value::Null]) {
+        let read = app.get(&format!("/shop/product/{id}?version=2")).await;
+        assert_eq!(read.body["price"], price, "{}", read.body);
+    }
+    // Written at version 2, read by version 1 clients: the integer is a float.
+    let id = Uuid::new_v4();
+    let put = app
+        .put(
+            &format!("/shop/product/{id}"),
+            &json!({"id": id, "project_version": 2, "name": "new", "price": 3}),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let old = app.get(&format!("/shop/product/{id}?version=1")).await;
+    assert_eq!(old.body["price"].as_f64(), Some(3.0), "{}", old.body);
+
+    // An unknown conversion names the field.
+    let bad = app
+        .put(
+            "/shop/product/_blueprint",
+            &product(json!({"type": "integer", "convert": "guess"})),
+        )
+        .await;
+    assert_eq!(bad.status, 422, "{}", bad.body);
+    assert!(
+        bad.paths().iter().any(|p| p.contains("convert")),
+        "{}",
+        bad.body
+    );
+}
+
+#[tokio::test]
+async fn a_conversion_that_always_has_a_value_is_lossless_and_freezes_without_force() {
+    let app = spawn_app().await;
+    let event = |at: Value| {
+        json!({"postgresql": {"table": "events"}, "elasticsearch": {"type": "event"},
+            "columns": {"at": at}})
+    };
+    app.put_and_freeze("cal", "event", &event(json!({"type": "datetime"})))
+        .await;
+    let id = Uuid::new_v4();
+    let put = app
+        .put(
+            &format!("/cal/event/{id}"),
+            &json!({"id": id, "project_version": 1, "at": "2024-05-01 18:30:00"}),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    // Without a conversion, a datetime with a time of day has no date.
+    app.put("/cal/event/_blueprint", &event(json!({"type": "date"})))
+        .await;
+    let plain = app.post("/cal/_version?dry_run=true", None).await;
+    assert_eq!(plain.body["verdict"], "lossy", "{}", plain.body);
+    assert_eq!(
+        plain.body["live_versions"][0]["new_clients_reading_old_writes"]["items_losing_a_value"], 1,
+        "{}",
+        plain.body
+    );
+    app.put(
+        "/cal/event/_blueprint",
+        &event(json!({"type": "date", "convert": "truncate"})),
+    )
+    .await;
+    let truncated = app.post("/cal/_version?dry_run=true", None).await;
+    assert_eq!(truncated.body["verdict"], "lossless", "{}", truncated.body);
+    assert_eq!(truncated.body["allowed"], true, "{}", truncated.body);
+    let frozen = app.post("/cal/_version", None).await;
+    assert_eq!(frozen.status, 200, "{}", frozen.body);
+    let read = app.get(&format!("/cal/event/{id}?version=2")).await;
+    assert_eq!(read.body["at"], "2024-05-01", "{}", read.body);
+}
+
+#[tokio::test]
+async fn the_compatibility_setting_lets_lossy_freezes_through_but_not_breaking_ones() {
+    let app = spawn_app().await;
+    shop(&app).await;
+    assert_eq!(
+        app.get("/shop/_settings").await.body,
+        json!({"compatibility": "lossless"})
+    );
+    let set = app
+        .put(
+            "/shop/_settings",
+            &json!({"compatibility": "lossy_allowed"}),
+        )
+        .await;
+    assert_eq!(set.status, 200, "{}", set.body);
+    assert_eq!(
+        app.get("/shop/_settings").await.body["compatibility"],
+        "lossy_allowed"
+    );
+    // Lossy: goes through, not forced.
+    app.put(
+        "/shop/product/_blueprint",
+        &product(json!({"type": "integer"})),
+    )
+    .await;
+    let lossy = app.post("/shop/_version", None).await;
+    assert_eq!(lossy.status, 200, "{}", lossy.body);
+    assert_eq!(app.get("/shop/_version/2").await.body["forced"], false);
+
+    // Breaking: a price that version 1 items may lack becomes required without a default.
+    app.put(
+        "/shop/product/_blueprint",
+        &product(json!({"type": "integer", "nullable": false})),
+    )
+    .await;
+    let dry = app.post("/shop/_version?dry_run=true", None).await;
+    assert_eq!(dry.body["verdict"], "breaking", "{}", dry.body);
+    let breaking = dry.body["live_versions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["version"] == 1)
+        .expect("version 1 is live");
+    // The item without a price and the two whose price has no integer are refused.
+    assert_eq!(
+        breaking["new_clients_reading_old_writes"]["items_refused"], 3,
+        "{}",
+        dry.body
+    );
+    let refused = app.post("/shop/_version", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    let forced = app.post("/shop/_version?force=true", None).await;
+    assert_eq!(forced.status, 200, "{}", forced.body);
+    assert_eq!(app.get("/shop/_version/3").await.body["forced"], true);
+
+    // Bad settings name the field; nothing changes.
+    for (bad, path) in [
+        (json!({"compatibility": "anything"}), "/compatibility"),
+        (json!({}), "/compatibility"),
+        (json!({"compatibility": "lossless", "other": 1}), "/other"),
+        (json!([]), ""),
+    ] {
+        let answer = app.put("/shop/_settings", &bad).await;
+        assert_eq!(answer.status, 422, "{bad}: {}", answer.body);
+        assert_eq!(answer.paths(), vec![path.to_string()], "{}", answer.body);
+    }
+    assert_eq!(
+        app.get("/shop/_settings").await.body["compatibility"],
+        "lossy_allowed"
+    );
+    assert_eq!(app.get("/nothing/_settings").await.status, 404);
+    assert_eq!(
+        app.put("/nothing/_settings", &json!({"compatibility": "lossless"}))
+            .await
+            .status,
+        404
+    );
+}
+
+#[tokio::test]
+async fn a_version_shows_its_last_write_and_how_many_writes_used_it() {
+    let app = spawn_app().await;
+    shop(&app).await;
+    app.put(
+        "/shop/product/_blueprint",
+        &json!({"postgresql": {"table": "products"}, "elasticsearch": {"type": "product"},
+            "columns": {"name": {"type": "string"}, "price": {"type": "float"},
+                "note": {"type": "text"}}}),
+    )
+    .await;
+    assert_eq!(app.post("/shop/_version", None).await.status, 200);
+    let one = app.get("/shop/_version/1").await;
+    assert_eq!(one.status, 200, "{}", one.body);
+    assert_eq!(one.body["project_version"], 1);
+    assert_eq!(one.body["usage"]["writes_last_hour"], 4, "{}", one.body);
+    assert_eq!(one.body["usage"]["writes_last_7d"], 4, "{}", one.body);
+    assert!(
+        one.body["usage"]["last_write_at"].is_string(),
+        "{}",
+        one.body
+    );
+    let two = app.get("/shop/_version/2").await.body;
+    assert_eq!(two["usage"]["writes_last_hour"], 0, "{two}");
+    assert_eq!(two["usage"]["last_write_at"], Value::Null, "{two}");
+    assert_eq!(app.get("/shop/_version/3").await.status, 404);
+    assert_eq!(app.get("/shop/_version/three").await.status, 400);
+}
+
+#[tokio::test]
+async fn the_diff_of_two_versions_gives_each_changed_column_a_verdict_each_way() {
+    let app = spawn_app().await;
+    shop(&app).await;
+    app.put(
+        "/shop/product/_blueprint",
+        &product(json!({"type": "integer"})),
+    )
+    .await;
+    app.post("/shop/_version?force=true", None).await;
+    let diff = app.get("/shop/_diff?from=1&to=2").await;
+    assert_eq!(diff.status, 200, "{}", diff.body);
+    assert_eq!(diff.body["changes"][0]["option"], "type", "{}", diff.body);
+    let price = &diff.body["columns"][0];
+    assert_eq!(price["column"], "price");
+    assert_eq!(
+        price["clients_of_from_reading_writes_of_to"]["verdict"],
+        "lossless"
+    );
+    assert_eq!(
+        price["clients_of_to_reading_writes_of_from"]["verdict"],
+        "lossy"
+    );
+    assert_eq!(app.get("/shop/_diff?from=1&to=9").await.status, 404);
+    assert_eq!(app.get("/shop/_diff?from=1").await.status, 400);
+    assert_eq!(app.get("/shop/_diff?from=x&to=2").await.status, 400);
+}
+
+#[tokio::test]
+async fn a_dry_run_shows_the_ddl_and_mappings_each_store_would_run() {
+    let db = TestDatabase::create().await;
+    let settings = db.settings();
+    let app = spawn_app_with(|s| s.postgresql = Some(settings)).await;
+    shop(&app).await;
+    app.put(
+        "/shop/product/_blueprint",
+        &product(json!({"type": "float", "nullable": true})),
+    )
+    .await;
+    app.put(
+        "/shop/review/_blueprint",
+        &json!({"postgresql": {"table": "reviews"}, "elasticsearch": {"type": "review"},
+            "columns": {"stars": {"type": "integer"}}}),
+    )
+    .await;
+    let dry = app.post("/shop/_version?dry_run=true", None).await;
+    assert_eq!(dry.status, 200, "{}", dry.body);
+    assert_eq!(dry.body["verdict"], "lossless", "{}", dry.body);
+    let statements = dry.body["stores"]["postgresql"]["statements"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{}", dry.body));
+    let sql = statements
+        .iter()
+        .filter_map(Value::as_str)
+        .collect::<Vec<_>>()
+        .join(";\n");
+    assert!(sql.contains("CREATE SCHEMA"), "{sql}");
+    assert!(sql.contains("\"reviews\""), "{sql}");
+    assert!(sql.contains("\"stars\""), "{sql}");
+    // The preview created nothing.
+    let mut conn = db.sql().await;
+    let schemas: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM information_schema.tables WHERE table_name = 'reviews'",
+    )
+    .fetch_one(&mut conn)
+    .await
+    .expect("count");
+    assert_eq!(schemas, 0);
+    drop(conn);
+    app.stop().await;
+    db.drop().await;
+}
