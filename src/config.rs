@@ -170,6 +170,7 @@ pub struct Settings {
     pub projection: ProjectionSettings,
     pub log: LogSettings,
     pub auth: AuthSettings,
+    pub changes: ChangesSettings,
     pub postgresql: Option<PostgresSettings>,
     pub elasticsearch: Option<ElasticsearchSettings>,
     pub queue: Option<QueueSettings>,
@@ -267,6 +268,32 @@ impl Default for AuthSettings {
             public: Vec::new(),
             audit_retention_days: 90,
             rotation_grace_secs: 86_400,
+        }
+    }
+}
+
+/// The change feed (`GET /{project}/_changes`, see `feed`).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ChangesSettings {
+    /// How long a delete stays in the feed, in seconds; a follower that was away longer reads the
+    /// project again from `since=0`.
+    pub tombstone_retention_secs: u64,
+    /// How often old deletes are purged, in seconds.
+    pub compact_interval_secs: u64,
+    /// Followers streaming at once (SSE, NDJSON, long polls) on this node; more are answered 503.
+    pub max_followers: usize,
+    /// Seconds between heartbeats of an idle stream.
+    pub heartbeat_secs: u64,
+}
+
+impl Default for ChangesSettings {
+    fn default() -> Self {
+        ChangesSettings {
+            tombstone_retention_secs: 7 * 86_400,
+            compact_interval_secs: 600,
+            max_followers: 10_000,
+            heartbeat_secs: 15,
         }
     }
 }

@@ -5,6 +5,7 @@ pub use dstore_model::{blueprint, bulk, json};
 pub mod auth;
 pub mod catalog;
 pub mod config;
+pub mod feed;
 pub mod http;
 pub mod journal;
 pub mod projector;

@@ -145,13 +145,16 @@ fn serve(settings: Settings) -> ExitCode {
     };
     runtime.block_on(async {
         match Application::build(settings).await {
-            Ok(app) => match app.run_until_stopped().await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(error) => {
-                    tracing::error!(%error, "server failed");
-                    ExitCode::FAILURE
+            Ok(app) => {
+                app.stop_on_signals();
+                match app.run_until_stopped().await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(error) => {
+                        tracing::error!(%error, "server failed");
+                        ExitCode::FAILURE
+                    }
                 }
-            },
+            }
             Err(error) => {
                 eprintln!("dstore: {error}");
                 ExitCode::FAILURE

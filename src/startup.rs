@@ -67,9 +67,24 @@ pub enum StartupError {
     },
 }
 
+/// Stops a running [`Application`]: ends the change feed's streams, then stops the HTTP server.
+#[derive(Clone)]
+pub struct StopHandle {
+    server: actix_web::dev::ServerHandle,
+    closing: Arc<watch::Sender<bool>>,
+}
+
+impl StopHandle {
+    pub async fn stop(&self, graceful: bool) {
+        let _ = self.closing.send(true);
+        self.server.stop(graceful).await;
+    }
+}
+
 pub struct Application {
     port: u16,
     server: Server,
+    closing: Arc<watch::Sender<bool>>,
     shutdown: watch::Sender<bool>,
     /// The dispatchers, or the broker relay, reports and consumers.
     background: Vec<JoinHandle<()>>,
@@ -162,6 +177,12 @@ impl Application {
             storage.clone(),
             Duration::from_secs(u64::from(settings.auth.audit_retention_days) * 86_400),
         );
+        tokio::spawn(crate::feed::compact(
+            Arc::downgrade(&storage),
+            Duration::from_secs(settings.changes.tombstone_retention_secs),
+            Duration::from_secs(settings.changes.compact_interval_secs.max(1)),
+        ));
+        let (closing, closing_receiver) = watch::channel(false);
         let state = web::Data::new(AppState {
             storage,
             registry,
@@ -169,6 +190,8 @@ impl Application {
             in_flight: http::body::InFlight::new(settings.server.max_inflight_bytes),
             keys,
             audit,
+            followers: Default::default(),
+            closing: closing_receiver,
             settings,
         });
         let requests = web::Data::new(http::observe::RequestMetrics::default());
@@ -182,6 +205,8 @@ impl Application {
         })
         .workers(workers)
         .backlog(4096)
+        // `stop_on_signals` stops it, ending the change feed's streams first.
+        .disable_signals()
         .listen(listener)
         .map_err(|source| StartupError::Listen { address, source })?
         .run();
@@ -189,6 +214,7 @@ impl Application {
         Ok(Application {
             port,
             server,
+            closing: Arc::new(closing),
             shutdown,
             background,
             rocksdb,
@@ -206,8 +232,21 @@ impl Application {
     }
 
     /// Stops the server gracefully from elsewhere (tests, signal handlers of embedders).
-    pub fn handle(&self) -> actix_web::dev::ServerHandle {
-        self.server.handle()
+    pub fn handle(&self) -> StopHandle {
+        StopHandle {
+            server: self.server.handle(),
+            closing: self.closing.clone(),
+        }
+    }
+
+    /// Stops gracefully on SIGINT or SIGTERM (what `dstore serve` does).
+    pub fn stop_on_signals(&self) {
+        let handle = self.handle();
+        tokio::spawn(async move {
+            stop_signal().await;
+            tracing::info!("stopping");
+            handle.stop(true).await;
+        });
     }
 
     /// The embedded backend's journal (tests read it directly); none in cluster mode.

@@ -316,6 +316,7 @@ pub fn requirement(method: &actix_web::http::Method, path: &str) -> Requirement 
             if get { BlueprintsRead } else { BlueprintsWrite },
             project(p),
         ),
+        [p, "_changes"] => Requirement::Action(ItemsRead, project(p)),
         [p, "_bulk"] | [p, _] => Requirement::Action(ItemsWrite, project(p)),
         [p, _, _] => Requirement::Action(if get { ItemsRead } else { ItemsWrite }, project(p)),
         _ => Requirement::Action(All, None),
@@ -362,6 +363,10 @@ mod tests {
                 Method::GET,
                 "/blog/article/0b7a1dd1-56a2-4b7e-8dc5-3f1c2a8c9e01"
             ),
+            Requirement::Action(Action::ItemsRead, Some("blog".into()))
+        );
+        assert_eq!(
+            req(Method::GET, "/blog/_changes"),
             Requirement::Action(Action::ItemsRead, Some("blog".into()))
         );
         assert_eq!(

@@ -72,6 +72,26 @@ pub enum ClientCommand {
         #[command(flatten)]
         connection: Connection,
     },
+    /// Print a project's changes as NDJSON, one line per change, in revision order.
+    Changes {
+        /// The project, e.g. `myblog`.
+        project: String,
+        /// Show items as clients of this version see them (default: the newest).
+        #[arg(long)]
+        version: Option<u32>,
+        /// Start after this revision (0: the latest state of every item first).
+        #[arg(long, default_value_t = 0)]
+        since: u64,
+        /// Only these blueprints (comma-separated).
+        #[arg(long)]
+        blueprint: Option<String>,
+        /// Keep printing new changes; reconnects from the last revision seen when the connection
+        /// drops.
+        #[arg(long, short)]
+        follow: bool,
+        #[command(flatten)]
+        connection: Connection,
+    },
     /// Put, show or delete an item (on a running server).
     Item {
         #[command(subcommand)]

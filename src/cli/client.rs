@@ -148,6 +148,31 @@ impl Client {
         Ok((status, body))
     }
 
+    /// Starts a GET whose answer is read as it arrives (a stream); a non-2xx answer is the error.
+    pub(super) async fn open(
+        &self,
+        segments: &[&str],
+        query: &[(&str, &str)],
+    ) -> Result<reqwest::Response, CliError> {
+        let mut request = self.http.get(self.url(segments, query));
+        if let Some(key) = &self.api_key {
+            request = request.bearer_auth(key);
+        }
+        let response = request.send().await.map_err(|e| {
+            CliError::Transport(format!(
+                "cannot reach the dstore server at {}: {}",
+                self.base,
+                root_cause(&e)
+            ))
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let body = response.text().await.unwrap_or_default();
+            return Err(CliError::Server { status, body });
+        }
+        Ok(response)
+    }
+
     /// Prints the raw answer with --json, or the summary otherwise.
     pub(super) fn summary(&self, body: &Value, summary: impl FnOnce() -> String) {
         if self.json {

@@ -122,6 +122,28 @@ async fn dispatch(command: ClientCommand) -> Result<(), CliError> {
             command,
             connection,
         } => keys::run(&Client::new(&connection)?, command).await,
+        ClientCommand::Changes {
+            project,
+            version,
+            since,
+            blueprint,
+            follow,
+            connection,
+        } => {
+            let client = Client::new(&connection)?;
+            let mut query = vec![("since", since.to_string())];
+            if let Some(version) = version {
+                query.push(("version", version.to_string()));
+            }
+            if let Some(blueprint) = blueprint {
+                query.push(("blueprint", blueprint));
+            }
+            if follow {
+                follow_changes(&client, &project, query).await
+            } else {
+                print_changes(&client, &project, query).await
+            }
+        }
         ClientCommand::Item {
             command,
             connection,
@@ -259,6 +281,91 @@ async fn item_put(
         )
     });
     Ok(())
+}
+
+/// `dstore changes` without --follow: every page until the feed has nothing more.
+async fn print_changes(
+    client: &Client,
+    project: &str,
+    mut query: Vec<(&str, String)>,
+) -> Result<(), CliError> {
+    loop {
+        let pairs: Vec<(&str, &str)> = query.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let page = client
+            .call(Method::GET, &[project, "_changes"], &pairs, None)
+            .await?
+            .1;
+        let results = page["results"].as_array().cloned().unwrap_or_default();
+        let mut out = std::io::stdout().lock();
+        for change in &results {
+            let _ = writeln!(out, "{change}");
+        }
+        let last = page["last_revision"].as_u64().unwrap_or(0);
+        let since = query
+            .iter()
+            .find(|(k, _)| *k == "since")
+            .map(|(_, v)| v.clone());
+        if results.is_empty() && since.as_deref() == Some(&last.to_string()) {
+            return Ok(());
+        }
+        query.retain(|(k, _)| *k != "since");
+        query.push(("since", last.to_string()));
+    }
+}
+
+/// `dstore changes --follow`: the NDJSON stream, printed line by line; a dropped connection is
+/// opened again from the last revision printed, so nothing is missed or printed twice.
+async fn follow_changes(
+    client: &Client,
+    project: &str,
+    mut query: Vec<(&str, String)>,
+) -> Result<(), CliError> {
+    query.push(("feed", "ndjson".into()));
+    let mut attempt = 0u32;
+    loop {
+        let pairs: Vec<(&str, &str)> = query.iter().map(|(k, v)| (*k, v.as_str())).collect();
+        let mut response = match client.open(&[project, "_changes"], &pairs).await {
+            Ok(response) => response,
+            Err(CliError::Transport(message)) => {
+                attempt += 1;
+                eprintln!("dstore: {message}; trying again");
+                tokio::time::sleep(Duration::from_secs(u64::from(attempt.min(10)))).await;
+                continue;
+            }
+            Err(error) => return Err(error),
+        };
+        attempt = 0;
+        let mut pending: Vec<u8> = Vec::new();
+        loop {
+            let chunk = match response.chunk().await {
+                Ok(Some(chunk)) => chunk,
+                Ok(None) | Err(_) => break,
+            };
+            pending.extend_from_slice(&chunk);
+            while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+                let line: Vec<u8> = pending.drain(..=end).collect();
+                let line = String::from_utf8_lossy(&line);
+                let line = line.trim();
+                if line.is_empty() {
+                    continue; // a heartbeat
+                }
+                let change: Value = serde_json::from_str(line).map_err(|_| {
+                    CliError::Transport(format!("the feed sent a line that is not JSON: {line}"))
+                })?;
+                if let Some(status) = change["status"].as_str() {
+                    return Err(CliError::Refused(status.to_string()));
+                }
+                println!("{line}");
+                let _ = std::io::stdout().flush();
+                if let Some(revision) = change["revision"].as_u64() {
+                    query.retain(|(k, _)| *k != "since");
+                    query.push(("since", revision.to_string()));
+                }
+            }
+        }
+        // The server ended the stream (it stopped, or the connection dropped): go on from there.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// `dstore freeze`: the freeze, its dry run (the report as a table), or the report of a refusal.

@@ -28,6 +28,8 @@ pub enum ApiError {
     Conflict(String),
     /// 409 with a report of why (a freeze that would lose values).
     ConflictWith(String, serde_json::Value),
+    /// 410: the change feed no longer holds what was asked for; `horizon` says from where it does.
+    Gone(String, u64),
     /// 408: the body did not arrive within this many seconds.
     RequestTimeout(u64),
     /// 413
@@ -64,6 +66,7 @@ impl std::fmt::Display for ApiError {
             | ApiError::NotFound(m)
             | ApiError::Conflict(m)
             | ApiError::ConflictWith(m, _)
+            | ApiError::Gone(m, _)
             | ApiError::Invalid(m, _)
             | ApiError::Unavailable(m)
             | ApiError::Internal(m) => f.write_str(m),
@@ -88,6 +91,7 @@ impl ResponseError for ApiError {
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
             ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) | ApiError::ConflictWith(..) => StatusCode::CONFLICT,
+            ApiError::Gone(..) => StatusCode::GONE,
             ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Invalid(..) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -114,6 +118,13 @@ impl ResponseError for ApiError {
             ),
             _ => (self.to_string(), Vec::new()),
         };
+        if let ApiError::Gone(status, horizon) = self {
+            return HttpResponse::Gone().json(json!({
+                "status": status,
+                "errors": [{"path": "since", "message": status}],
+                "horizon": horizon,
+            }));
+        }
         if let ApiError::ConflictWith(status, report) = self {
             return HttpResponse::Conflict()
                 .json(json!({"status": status, "errors": [], "report": report}));

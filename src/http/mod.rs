@@ -7,6 +7,7 @@
 pub mod auth;
 mod blueprints;
 pub mod body;
+mod changes;
 mod docs;
 pub mod error;
 mod health;
@@ -42,6 +43,11 @@ pub struct AppState {
     /// The API keys, when requests need one (none while authentication is off).
     pub keys: Option<Arc<crate::auth::keys::KeyStore>>,
     pub audit: crate::auth::audit::AuditLog,
+    /// Followers streaming now (`changes.max_followers`).
+    pub followers: Arc<std::sync::atomic::AtomicUsize>,
+    /// Turns true when the server stops: change feed streams end, so a graceful stop does not wait
+    /// for followers that never hang up.
+    pub closing: tokio::sync::watch::Receiver<bool>,
 }
 
 impl AppState {
@@ -147,6 +153,7 @@ fn routes(config: &mut web::ServiceConfig) {
                 .route(web::delete().to(projects::delete)),
         )
         .service(resource("/{project}/_bulk").route(web::post().to(items::bulk)))
+        .service(resource("/{project}/_changes").route(web::get().to(changes::changes)))
         .service(
             resource("/{project}/{blueprint}/_blueprint")
                 .route(web::get().to(blueprints::get))

@@ -6,6 +6,7 @@
 //!
 //! - item record: `revision u64 | version u32 | blueprint_uid u64 | body JSON`
 //! - task: `seq u64 | revision u64 | Task JSON` (the JSON's own `seq` and `revision` are zero)
+//! - change (the feed's index): `op u8 (0 put, 1 delete) | unix millis u64 | id 16 | blueprint`
 
 use serde_json::{Map, Value};
 use uuid::Uuid;
@@ -47,6 +48,32 @@ pub fn decode_record(value: &[u8]) -> Result<ItemRecord, JournalError> {
         blueprint_uid: number(12..20),
         body: serde_json::from_slice(&value[RECORD_HEADER..])?,
     })
+}
+
+/// The value of an item's latest change in the `changes` column family.
+pub fn change_value(delete: bool, millis: u64, id: &Uuid, blueprint: &Ident) -> Vec<u8> {
+    let mut value = Vec::with_capacity(25 + blueprint.as_str().len());
+    value.push(u8::from(delete));
+    value.extend_from_slice(&millis.to_be_bytes());
+    value.extend_from_slice(id.as_bytes());
+    value.extend_from_slice(blueprint.as_str().as_bytes());
+    value
+}
+
+/// A change value: (whether it is a delete, its id, its blueprint).
+pub fn decode_change(value: &[u8]) -> Result<(bool, Uuid, Ident), JournalError> {
+    if value.len() < 25 {
+        return Err(corrupt("a change"));
+    }
+    let id = Uuid::from_slice(&value[9..25]).map_err(|_| corrupt("a change's id"))?;
+    let blueprint = Ident::parse(&String::from_utf8_lossy(&value[25..]))
+        .map_err(|_| corrupt("a change's blueprint"))?;
+    Ok((value[0] == 1, id, blueprint))
+}
+
+/// The revision at the start of an item record, without decoding the rest.
+pub fn record_revision(value: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))
 }
 
 pub fn task_value(seq: u64, revision: u64, body: &[u8]) -> Vec<u8> {

@@ -82,3 +82,58 @@ pub fn published(projector: &str) -> Vec<u8> {
 }
 
 pub const LAST_SEQ: &[u8] = b"last_seq";
+
+/// Set once the `changes` column family holds the latest change of every item (journals made
+/// before the change feed get it built at start).
+pub const CHANGES_INDEXED: &[u8] = b"changes_indexed";
+
+/// `project \0 revision(u64 BE)` in the `changes` column family: the latest change of each item.
+pub fn change(project: &Ident, revision: u64) -> Vec<u8> {
+    let mut key = project_prefix(project);
+    key.extend_from_slice(&revision.to_be_bytes());
+    key
+}
+
+/// Tombstones start with this byte, which no project name does (names are `[a-z][a-z0-9_]*`).
+pub const TOMBSTONE: u8 = 0xff;
+
+/// `0xff project \0 revision` in `changes`: the deletes, found by age without reading the puts.
+pub fn tombstone(project: &Ident, revision: u64) -> Vec<u8> {
+    let mut key = vec![TOMBSTONE];
+    key.extend_from_slice(&change(project, revision));
+    key
+}
+
+/// The tombstones of a project lie in `from .. to`.
+pub fn tombstone_range(project: &Ident) -> (Vec<u8>, Vec<u8>) {
+    let mut from = vec![TOMBSTONE];
+    from.extend_from_slice(&project_prefix(project));
+    let mut to = vec![TOMBSTONE];
+    to.extend_from_slice(&project_end(project));
+    (from, to)
+}
+
+/// Deleted items start with this byte (see [`TOMBSTONE`]).
+pub const DELETED: u8 = 0xfe;
+
+/// `0xfe project \0 blueprint \0 id` in `changes`: the revision of a deleted item's tombstone, so
+/// writing the item again replaces it.
+pub fn deleted(item_key: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(item_key.len() + 1);
+    key.push(DELETED);
+    key.extend_from_slice(item_key);
+    key
+}
+
+/// The deleted items of a project lie in `from .. to`.
+pub fn deleted_range(project: &Ident) -> (Vec<u8>, Vec<u8>) {
+    (
+        deleted(&project_prefix(project)),
+        deleted(&project_end(project)),
+    )
+}
+
+/// The highest revision of a project whose changes are no longer kept (meta).
+pub fn horizon(project: &Ident) -> Vec<u8> {
+    format!("horizon/{project}").into_bytes()
+}

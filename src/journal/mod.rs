@@ -49,6 +49,8 @@ const CF_ITEMS: &str = "items";
 const CF_TASKS: &str = "tasks";
 const CF_DEAD: &str = "dead";
 const CF_META: &str = "meta";
+/// The change feed's index: the latest change of each item by revision, tombstones, deleted items.
+const CF_CHANGES: &str = "changes";
 
 /// How hard the journal works to keep an acknowledged write.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -257,6 +259,8 @@ pub struct Journal {
     lanes: HashMap<&'static str, Lane>,
     /// Notified after every commit (the broker relay waits on it).
     committed: Notify,
+    /// Wakes the change feed's followers of the projects a commit touched.
+    pub(crate) signal: crate::feed::signal::ChangeSignal,
     settings: JournalSettings,
     /// Where background work (back-fills) runs: the runtime that opened the journal.
     runtime: tokio::runtime::Handle,
@@ -295,15 +299,16 @@ impl Journal {
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.increase_parallelism(2);
-        let families = [CF_ITEMS, CF_TASKS, CF_DEAD, CF_META].map(|name| {
+        let families = [CF_ITEMS, CF_TASKS, CF_DEAD, CF_META, CF_CHANGES].map(|name| {
             let mut cf = Options::default();
             if name == CF_TASKS {
                 // Tasks live for milliseconds: most never reach a file, and those that do are
                 // read once; compressing them costs more than it saves.
                 cf.set_compression_type(rocksdb::DBCompressionType::None);
             }
-            if name == CF_ITEMS {
-                // Deletes and back-fills look items up; a bloom filter answers for absent ones.
+            if name == CF_ITEMS || name == CF_CHANGES {
+                // Writes, deletes and back-fills look items (and deleted items) up; a bloom filter
+                // answers for absent ones.
                 let mut tables = rocksdb::BlockBasedOptions::default();
                 tables.set_bloom_filter(10.0, false);
                 cf.set_block_based_table_factory(&tables);
@@ -325,6 +330,7 @@ impl Journal {
             }
             None => 1,
         };
+        index_changes(&db)?;
         let last_seq = Arc::new(AtomicU64::new(last_seq));
         let id = outbox::journal_id(&db)?;
         let (commands, receiver) = std::sync::mpsc::sync_channel(4096);
@@ -351,6 +357,7 @@ impl Journal {
             layout: AtomicU32::new(layout),
             lanes,
             committed: Notify::new(),
+            signal: Default::default(),
             settings: settings.clone(),
             runtime: tokio::runtime::Handle::current(),
             writer: Mutex::new(None),
@@ -594,6 +601,81 @@ impl Journal {
             last = Some(key.to_vec());
         }
         Ok((items, None))
+    }
+
+    /// Up to `limit` changes of a project after revision `since`, read from one snapshot, with the
+    /// project's horizon (see `feed`).
+    pub fn changes(
+        &self,
+        project: &Ident,
+        since: u64,
+        limit: usize,
+    ) -> Result<crate::feed::ChangesPage, JournalError> {
+        let snapshot = self.db.snapshot();
+        let horizon = snapshot
+            .get_cf(self.cf(CF_META), keys::horizon(project))?
+            .and_then(|v| codec::record_revision(&v))
+            .unwrap_or(0);
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(keys::project_end(project));
+        let start = keys::change(project, since.saturating_add(1));
+        let mut changes = Vec::new();
+        for entry in snapshot.iterator_cf_opt(
+            self.cf(CF_CHANGES),
+            options,
+            IteratorMode::From(&start, rocksdb::Direction::Forward),
+        ) {
+            if changes.len() >= limit {
+                break;
+            }
+            let (key, value) = entry?;
+            let revision = keys::task_seq(&key);
+            let (delete, id, blueprint) = codec::decode_change(&value)?;
+            let record = if delete {
+                None
+            } else {
+                let item = snapshot
+                    .get_cf(self.cf(CF_ITEMS), keys::item(project, &blueprint, &id))?
+                    .map(|v| codec::decode_record(&v))
+                    .transpose()?;
+                // The index and the items are written in one batch and read from one snapshot.
+                match item {
+                    Some(record) if record.revision == revision => Some(record),
+                    _ => continue,
+                }
+            };
+            changes.push(crate::feed::Change {
+                revision,
+                blueprint,
+                id,
+                record,
+            });
+        }
+        Ok(crate::feed::ChangesPage { changes, horizon })
+    }
+
+    /// Purges tombstones written before `before_millis`; answers how many went.
+    pub async fn purge_tombstones(&self, before_millis: u64) -> Result<u64, JournalError> {
+        const LIMIT: usize = 10_000;
+        let mut total = 0;
+        loop {
+            let purged = self
+                .send(|reply| Command::PurgeTombstones {
+                    before_millis,
+                    limit: LIMIT,
+                    reply,
+                })
+                .await?;
+            total += purged as u64;
+            if purged < LIMIT {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// A receiver woken whenever `project` commits item changes.
+    pub fn follow(&self, project: &Ident) -> watch::Receiver<u64> {
+        self.signal.subscribe(project)
     }
 
     /// Iterates a projector's pending tasks from its floor, oldest first.
@@ -891,4 +973,55 @@ impl Journal {
         }
         Ok(count)
     }
+}
+
+/// Builds the change feed's index of a journal made before it had one: one put per stored item, at
+/// the item's revision. Runs once, before the writer starts.
+fn index_changes(db: &DB) -> Result<(), JournalError> {
+    let meta = db.cf_handle(CF_META).expect("meta cf");
+    if db.get_cf(meta, keys::CHANGES_INDEXED)?.is_some() {
+        return Ok(());
+    }
+    let (items, changes) = (
+        db.cf_handle(CF_ITEMS).expect("items cf"),
+        db.cf_handle(CF_CHANGES).expect("changes cf"),
+    );
+    let millis = chrono::Utc::now().timestamp_millis().max(0) as u64;
+    let mut batch = WriteBatch::default();
+    let mut indexed = 0u64;
+    for entry in db.iterator_cf(items, IteratorMode::Start) {
+        let (key, value) = entry?;
+        // `project \0 blueprint \0 id(16)`
+        let Some(split) = key.iter().position(|b| *b == 0) else {
+            continue;
+        };
+        let (Ok(project), Ok(blueprint), Ok(id), Some(revision)) = (
+            Ident::parse(&String::from_utf8_lossy(&key[..split])),
+            Ident::parse(&String::from_utf8_lossy(
+                &key[split + 1..key.len().saturating_sub(17).max(split + 1)],
+            )),
+            Uuid::from_slice(&key[key.len().saturating_sub(16)..]),
+            codec::record_revision(&value),
+        ) else {
+            continue;
+        };
+        batch.put_cf(
+            changes,
+            keys::change(&project, revision),
+            codec::change_value(false, millis, &id, &blueprint),
+        );
+        indexed += 1;
+        if batch.len() >= 10_000 {
+            db.write(std::mem::take(&mut batch))?;
+        }
+    }
+    batch.put_cf(meta, keys::CHANGES_INDEXED, []);
+    db.write(batch)?;
+    if indexed > 0 {
+        tracing::info!(
+            items = indexed,
+            "indexed the stored items for the change feed"
+        );
+    }
+    Ok(())
 }

@@ -5,6 +5,7 @@
 //! epoch, an unknown project) is answered at once and adds nothing to the batch. Sequence numbers are
 //! published after the batch is durable, so a reader that sees `last_seq = n` finds every task ≤ n.
 
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc::Receiver;
 use std::sync::{Arc, Weak};
@@ -14,7 +15,9 @@ use tokio::sync::oneshot;
 
 use super::backfill::BackfillState;
 use super::task::TaskOp;
-use super::{codec, keys, Durability, Entry, Journal, JournalError, CF_ITEMS, CF_META, CF_TASKS};
+use super::{
+    codec, keys, Durability, Entry, Journal, JournalError, CF_CHANGES, CF_ITEMS, CF_META, CF_TASKS,
+};
 use crate::blueprint::Ident;
 use crate::catalog::{Catalog, Version};
 
@@ -36,6 +39,13 @@ pub enum Command {
         project: Ident,
         entries: Vec<Entry>,
         reply: Reply<Vec<u64>>,
+    },
+    /// Removes up to `limit` tombstones older than `before_millis` from the change feed, moving
+    /// their projects' horizons; answers how many went.
+    PurgeTombstones {
+        before_millis: u64,
+        limit: usize,
+        reply: Reply<usize>,
     },
     Freeze {
         project: Ident,
@@ -110,7 +120,24 @@ struct Stage<'a> {
     after: Vec<AfterCommit>,
     /// Back-fill keys this batch starts.
     backfills: std::collections::HashSet<Vec<u8>>,
+    /// The last change this batch makes to each item, so a second write of the same item in the
+    /// batch replaces the first one's change.
+    staged: HashMap<Vec<u8>, Previous>,
+    /// Horizons this batch moves.
+    horizons: HashMap<Ident, u64>,
+    /// The highest revision this batch gives each project's items (for the feed's followers).
+    touched: HashMap<Ident, u64>,
+    /// Unix millis of the batch, stamped on its changes.
+    millis: u64,
     writer: &'a Writer,
+}
+
+/// An item's change before the one being staged.
+#[derive(Clone, Copy)]
+enum Previous {
+    None,
+    Put(u64),
+    Delete(u64),
 }
 
 /// Work that may only start once its batch is durable.
@@ -142,6 +169,48 @@ impl<'a> Stage<'a> {
             self.batch.put_cf(tasks, keys::task(projector, seq), &value);
         }
         seq
+    }
+
+    /// The item's change before this one, from this batch or the journal.
+    fn previous(&self, key: &[u8]) -> Previous {
+        if let Some(staged) = self.staged.get(key) {
+            return *staged;
+        }
+        let db = &self.writer.db;
+        let revision = |cf, key: &[u8]| {
+            db.get_pinned_cf(cf, key)
+                .ok()
+                .flatten()
+                .and_then(|v| codec::record_revision(&v))
+        };
+        if let Some(put) = revision(self.cf(CF_ITEMS), key) {
+            return Previous::Put(put);
+        }
+        match revision(self.cf(CF_CHANGES), &keys::deleted(key)) {
+            Some(delete) => Previous::Delete(delete),
+            None => Previous::None,
+        }
+    }
+
+    /// Moves a project's horizon up to `revision` (never down).
+    fn raise_horizon(&mut self, project: &Ident, revision: u64) {
+        let meta = self.cf(CF_META);
+        let current = match self.horizons.get(project) {
+            Some(h) => *h,
+            None => self
+                .writer
+                .db
+                .get_pinned_cf(meta, keys::horizon(project))
+                .ok()
+                .flatten()
+                .and_then(|v| codec::record_revision(&v))
+                .unwrap_or(0),
+        };
+        if revision > current {
+            self.horizons.insert(project.clone(), revision);
+            self.batch
+                .put_cf(meta, keys::horizon(project), revision.to_be_bytes());
+        }
     }
 
     fn all_projectors(&self) -> Vec<&'static str> {
@@ -207,6 +276,10 @@ impl Writer {
                 answers: Vec::new(),
                 after: Vec::new(),
                 backfills: Default::default(),
+                staged: HashMap::new(),
+                horizons: HashMap::new(),
+                touched: HashMap::new(),
+                millis: chrono::Utc::now().timestamp_millis().max(0) as u64,
                 writer: &self,
             };
             stage_command(&mut stage, first);
@@ -231,6 +304,7 @@ impl Writer {
                 batch,
                 answers,
                 after,
+                touched,
                 ..
             } = stage;
             let result = self.db.write_opt(batch, &options);
@@ -249,6 +323,11 @@ impl Writer {
                 answer(result.as_ref().err());
             }
             if let Some(journal) = journal {
+                if result.is_ok() {
+                    for (project, revision) in &touched {
+                        journal.signal.publish(project, *revision);
+                    }
+                }
                 journal.wake_all();
             }
             if stopping {
@@ -377,11 +456,71 @@ fn stage_command(stage: &mut Stage, command: Command) {
             let meta = stage.cf(CF_META);
             let (from, to) = keys::backfill_range(&project);
             stage.batch.delete_range_cf(meta, from, to);
+            // The feed forgets the project's history: followers from before the drop start over.
+            let changes = stage.cf(CF_CHANGES);
+            stage.batch.delete_range_cf(
+                changes,
+                keys::project_prefix(&project),
+                keys::project_end(&project),
+            );
+            let (from, to) = keys::tombstone_range(&project);
+            stage.batch.delete_range_cf(changes, from, to);
+            let (from, to) = keys::deleted_range(&project);
+            stage.batch.delete_range_cf(changes, from, to);
+            let prefix = keys::project_prefix(&project);
+            stage.staged.retain(|key, _| !key.starts_with(&prefix));
             let body = codec::task_body(&project, &TaskOp::DropProject);
             let seq = stage.task(None, &body, stage.all_projectors());
+            stage.raise_horizon(&project, seq);
+            stage.touched.insert(project.clone(), seq);
             stage.answers.push(answer(reply, seq));
         }
         Command::Shutdown => {}
+        Command::PurgeTombstones {
+            before_millis,
+            limit,
+            reply,
+        } => {
+            let changes = stage.cf(CF_CHANGES);
+            let mut purged = Vec::new();
+            for entry in stage.writer.db.iterator_cf(
+                changes,
+                rocksdb::IteratorMode::From(&[keys::TOMBSTONE], rocksdb::Direction::Forward),
+            ) {
+                let Ok((key, value)) = entry else { break };
+                if purged.len() >= limit {
+                    break;
+                }
+                let millis = codec::record_revision(&value).unwrap_or(0);
+                if millis >= before_millis {
+                    continue;
+                }
+                purged.push(key);
+            }
+            for key in &purged {
+                stage.batch.delete_cf(changes, key);
+                let name_end = key.len().saturating_sub(9).max(1);
+                let (Ok(project), revision) = (
+                    Ident::parse(&String::from_utf8_lossy(&key[1..name_end])),
+                    keys::task_seq(key),
+                ) else {
+                    continue;
+                };
+                // The delete itself, and the deleted item's pointer to it.
+                let change = keys::change(&project, revision);
+                if let Ok(Some(value)) = stage.writer.db.get_pinned_cf(changes, &change) {
+                    if let Ok((_, id, blueprint)) = codec::decode_change(&value) {
+                        let item = keys::item(&project, &blueprint, &id);
+                        if !stage.staged.contains_key(&item) {
+                            stage.batch.delete_cf(changes, keys::deleted(&item));
+                        }
+                    }
+                }
+                stage.batch.delete_cf(changes, change);
+                stage.raise_horizon(&project, revision);
+            }
+            stage.answers.push(answer(reply, purged.len()));
+        }
         Command::Requeue { letters, reply } => {
             let count = letters.len();
             let dead = stage.cf(super::CF_DEAD);
@@ -459,9 +598,10 @@ fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
         } => {
             let revision = stage.task(None, &task, stage.all_projectors());
             let value = codec::record_value(revision, version, blueprint_uid, &record);
-            stage
-                .batch
-                .put_cf(items, keys::item(project, &blueprint, &id), value);
+            let key = keys::item(project, &blueprint, &id);
+            stage_change(stage, project, &key, revision, false, &id, &blueprint);
+            stage.batch.put_cf(items, &key, value);
+            stage.staged.insert(key, Previous::Put(revision));
             revision
         }
         Entry::Delete {
@@ -469,10 +609,58 @@ fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
             id,
             task,
         } => {
-            stage
-                .batch
-                .delete_cf(items, keys::item(project, &blueprint, &id));
-            stage.task(None, &task, stage.all_projectors())
+            let key = keys::item(project, &blueprint, &id);
+            let revision = stage.task(None, &task, stage.all_projectors());
+            stage_change(stage, project, &key, revision, true, &id, &blueprint);
+            stage.batch.delete_cf(items, &key);
+            stage.staged.insert(key, Previous::Delete(revision));
+            revision
         }
     }
+}
+
+/// Replaces the item's previous change in the feed's index by this one (a delete also gets a
+/// tombstone, so it can be purged by age).
+fn stage_change(
+    stage: &mut Stage,
+    project: &Ident,
+    item_key: &[u8],
+    revision: u64,
+    delete: bool,
+    id: &uuid::Uuid,
+    blueprint: &Ident,
+) {
+    let changes = stage.cf(CF_CHANGES);
+    match stage.previous(item_key) {
+        Previous::None => {}
+        Previous::Put(previous) => stage
+            .batch
+            .delete_cf(changes, keys::change(project, previous)),
+        Previous::Delete(previous) => {
+            stage
+                .batch
+                .delete_cf(changes, keys::change(project, previous));
+            stage
+                .batch
+                .delete_cf(changes, keys::tombstone(project, previous));
+            stage.batch.delete_cf(changes, keys::deleted(item_key));
+        }
+    }
+    stage.batch.put_cf(
+        changes,
+        keys::change(project, revision),
+        codec::change_value(delete, stage.millis, id, blueprint),
+    );
+    if delete {
+        stage.batch.put_cf(
+            changes,
+            keys::tombstone(project, revision),
+            stage.millis.to_be_bytes(),
+        );
+        stage
+            .batch
+            .put_cf(changes, keys::deleted(item_key), revision.to_be_bytes());
+    }
+    let touched = stage.touched.entry(project.clone()).or_default();
+    *touched = (*touched).max(revision);
 }

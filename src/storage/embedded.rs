@@ -21,6 +21,7 @@ use crate::auth::audit::AuditEntry;
 use crate::auth::ApiKey;
 use crate::blueprint::{BlueprintInput, Change, Ident};
 use crate::catalog::{Catalog, Compatibility, MigrationState, Snapshot, Version};
+use crate::feed::ChangesPage;
 use crate::journal::backfill::BackfillState;
 use crate::journal::{DeadLetter, Entry, ItemRecord, Journal, ProjectorProgress};
 
@@ -226,6 +227,24 @@ impl Storage for EmbeddedStorage {
 
     async fn ensure_backfill(&self, project: &Ident, version: u32) -> Result<bool, StorageError> {
         Ok(self.journal.ensure_backfill(project, version).await?)
+    }
+
+    async fn changes(
+        &self,
+        project: &Ident,
+        since: u64,
+        limit: usize,
+    ) -> Result<ChangesPage, StorageError> {
+        Ok(self.journal.changes(project, since, limit)?)
+    }
+
+    fn follow(&self, project: &Ident) -> tokio::sync::watch::Receiver<u64> {
+        self.journal.follow(project)
+    }
+
+    async fn purge_tombstones(&self, before: DateTime<Utc>) -> Result<u64, StorageError> {
+        let millis = before.timestamp_millis().max(0) as u64;
+        Ok(self.journal.purge_tombstones(millis).await?)
     }
 
     async fn drop_project(&self, project: &Ident) -> Result<u64, StorageError> {

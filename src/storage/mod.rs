@@ -13,7 +13,9 @@
 //!   before it;
 //! - the catalog a node reads ([`Storage::snapshot`]) is never older than its own edits, and a node
 //!   refreshes it when a write finds it stale;
-//! - an item reads back as its latest acknowledged state from any node.
+//! - an item reads back as its latest acknowledged state from any node;
+//! - the change feed gives, after any revision, the latest change of every item changed since, in
+//!   revision order, and never a revision below one it gave before for the same read.
 //!
 //! Projection is the backend's own: the embedded journal feeds its dispatchers (or the RabbitMQ
 //! relay), the PostgreSQL backend leases a cursor per projector and project to whichever node asks.
@@ -37,6 +39,7 @@ use crate::auth::audit::AuditEntry;
 use crate::auth::ApiKey;
 use crate::blueprint::{BlueprintInput, Change, FieldError, Ident};
 use crate::catalog::{CatalogError, Compatibility, MigrationState, Snapshot, Version};
+use crate::feed::ChangesPage;
 use crate::journal::backfill::BackfillState;
 use crate::journal::{DeadLetter, Entry, ItemRecord, JournalError, ProjectorProgress};
 use usage::Usage;
@@ -290,6 +293,23 @@ pub trait Storage: Send + Sync {
 
     /// How much a version is written to, lately.
     async fn version_usage(&self, project: &Ident, version: u32) -> Result<Usage, StorageError>;
+
+    /// Up to `limit` changes of a project after revision `since`, in revision order: the latest
+    /// change of each item (its state, or its delete), with the project's horizon (see `feed`).
+    async fn changes(
+        &self,
+        project: &Ident,
+        since: u64,
+        limit: usize,
+    ) -> Result<ChangesPage, StorageError>;
+
+    /// A receiver woken when the project commits item changes: at once on this node; in cluster
+    /// mode, within a fraction of a second of another node's commit.
+    fn follow(&self, project: &Ident) -> tokio::sync::watch::Receiver<u64>;
+
+    /// Removes the feed's tombstones (deletes) made before `before`, moving the horizons of their
+    /// projects; answers how many went.
+    async fn purge_tombstones(&self, before: DateTime<Utc>) -> Result<u64, StorageError>;
 }
 
 /// The storage of a running service.

@@ -17,7 +17,7 @@ pub struct TestApp {
     /// The embedded journal; none in cluster mode.
     pub journal: Option<Arc<dstore::journal::Journal>>,
     _dir: TempDir,
-    handle: actix_web::dev::ServerHandle,
+    handle: dstore::startup::StopHandle,
     running: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 

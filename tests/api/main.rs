@@ -2,6 +2,7 @@
 
 mod auth;
 mod blueprints;
+mod changes;
 mod cli;
 mod cluster;
 mod elasticsearch;

@@ -268,6 +268,7 @@ pub async fn forget(tx: &mut PgConnection, name: &Ident) -> Result<u64, StorageE
         "items",
         "backfills",
         "dead_letters",
+        "tombstones",
     ] {
         sqlx::query(sqlx::AssertSqlSafe(format!(
             "DELETE FROM {table} WHERE project = $1"

@@ -41,6 +41,8 @@ use crate::auth::ApiKey;
 use crate::blueprint::{BlueprintInput, Change, Ident};
 use crate::catalog::{edit, Compatibility, MigrationState, Snapshot, Version};
 use crate::config::{ProjectionSettings, SecretUrl};
+use crate::feed::signal::ChangeSignal;
+use crate::feed::ChangesPage;
 use crate::journal::backfill::BackfillState;
 use crate::journal::codec;
 use crate::journal::task::TaskOp;
@@ -89,6 +91,42 @@ pub struct PgStorage {
     watch: watch::CursorWatch,
     journal_id: String,
     usage: UsageMeter,
+    /// Wakes this node's change feed followers.
+    pub(super) signal: ChangeSignal,
+}
+
+/// How often a node looks for other nodes' commits to the projects its followers follow.
+const FOLLOW_POLL: Duration = Duration::from_millis(250);
+
+/// Wakes followers of projects that other nodes wrote to: one query per poll for every followed
+/// project, only while someone follows.
+async fn poll_followed(storage: std::sync::Weak<PgStorage>) {
+    loop {
+        tokio::time::sleep(FOLLOW_POLL).await;
+        let Some(node) = storage.upgrade() else {
+            return;
+        };
+        let followed = node.signal.followed();
+        if followed.is_empty() {
+            continue;
+        }
+        let names: Vec<&str> = followed.iter().map(Ident::as_str).collect();
+        let rows: Result<Vec<(String, i64)>, _> =
+            sqlx::query_as("SELECT name, revision FROM projects WHERE name = ANY($1)")
+                .bind(&names)
+                .fetch_all(node.pool())
+                .await;
+        match rows {
+            Ok(rows) => {
+                for (name, revision) in rows {
+                    if let Ok(project) = Ident::parse(&name) {
+                        node.signal.publish(&project, revision as u64);
+                    }
+                }
+            }
+            Err(error) => tracing::debug!(%error, "cannot look for changes of followed projects"),
+        }
+    }
 }
 
 /// Writes counted version use every few seconds, while the storage lives.
@@ -187,6 +225,7 @@ impl PgStorage {
             watch: watch::CursorWatch::default(),
             journal_id,
             usage: UsageMeter::default(),
+            signal: ChangeSignal::default(),
             settings,
         });
         storage.publish(loaded);
@@ -196,6 +235,7 @@ impl PgStorage {
         tokio::spawn(watch::run(Arc::downgrade(&storage)));
         tokio::spawn(backfill::run(Arc::downgrade(&storage)));
         tokio::spawn(flush_usage(Arc::downgrade(&storage)));
+        tokio::spawn(poll_followed(Arc::downgrade(&storage)));
         tracing::info!(node = %storage.settings.node, schema = %storage.settings.schema, "postgresql storage ready");
         Ok(storage)
     }
@@ -607,6 +647,77 @@ impl Storage for PgStorage {
         backfill::record(&mut conn, project, version, None).await
     }
 
+    async fn changes(
+        &self,
+        project: &Ident,
+        since: u64,
+        limit: usize,
+    ) -> Result<ChangesPage, StorageError> {
+        // Items and tombstones in one statement, so one snapshot: revisions of a project commit
+        // in order, so a change below one seen here is never committed later.
+        let rows = sqlx::query(
+            "SELECT revision, blueprint, id, record FROM ( \
+               (SELECT revision, blueprint, id, record FROM items \
+                 WHERE project = $1 AND revision > $2 ORDER BY revision LIMIT $3) \
+               UNION ALL \
+               (SELECT revision, blueprint, id, NULL::bytea FROM tombstones \
+                 WHERE project = $1 AND revision > $2 ORDER BY revision LIMIT $3) \
+             ) c ORDER BY revision LIMIT $3",
+        )
+        .bind(project.as_str())
+        .bind(since.min(i64::MAX as u64) as i64)
+        .bind(limit.min(i64::MAX as usize) as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| unavailable("read the change feed", &e))?;
+        // Read after the changes: a purge in between only makes the horizon stricter.
+        let horizon: Option<i64> =
+            sqlx::query_scalar("SELECT horizon FROM projects WHERE name = $1")
+                .bind(project.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| unavailable("read the change feed", &e))?;
+        let mut changes = Vec::with_capacity(rows.len());
+        for row in rows {
+            let blueprint: String = row.get("blueprint");
+            let Ok(blueprint) = Ident::parse(&blueprint) else {
+                continue;
+            };
+            let record: Option<Vec<u8>> = row.get("record");
+            changes.push(crate::feed::Change {
+                revision: row.get::<i64, _>("revision") as u64,
+                blueprint,
+                id: row.get("id"),
+                record: record
+                    .map(|bytes| codec::decode_record(&bytes))
+                    .transpose()?,
+            });
+        }
+        Ok(ChangesPage {
+            changes,
+            horizon: horizon.unwrap_or(0) as u64,
+        })
+    }
+
+    fn follow(&self, project: &Ident) -> tokio::sync::watch::Receiver<u64> {
+        self.signal.subscribe(project)
+    }
+
+    async fn purge_tombstones(&self, before: DateTime<Utc>) -> Result<u64, StorageError> {
+        let purged: i64 = sqlx::query_scalar(
+            "WITH gone AS (DELETE FROM tombstones WHERE deleted_at < $1 RETURNING project, revision), \
+             moved AS (UPDATE projects p SET horizon = greatest(p.horizon, g.top) \
+                       FROM (SELECT project, max(revision) AS top FROM gone GROUP BY project) g \
+                       WHERE p.name = g.project RETURNING 1) \
+             SELECT count(*) FROM gone",
+        )
+        .bind(before)
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| unavailable("compact the change feed", &e))?;
+        Ok(purged as u64)
+    }
+
     async fn drop_project(&self, project: &Ident) -> Result<u64, StorageError> {
         let mut tx = self
             .pool
@@ -617,6 +728,13 @@ impl Storage for PgStorage {
         let revision = Self::next_revisions(&mut tx, project, 1).await?;
         Self::append_task(&mut tx, project, revision, &TaskOp::DropProject, None).await?;
         let stamp = catalog::forget(&mut tx, project).await?;
+        // The feed forgets the project's history: followers from before the drop start over.
+        sqlx::query("UPDATE projects SET horizon = $2 WHERE name = $1")
+            .bind(project.as_str())
+            .bind(revision as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| unavailable("drop a project", &e))?;
         sqlx::query("DELETE FROM version_usage WHERE project = $1")
             .bind(project.as_str())
             .execute(&mut *tx)
@@ -627,6 +745,7 @@ impl Storage for PgStorage {
             .await
             .map_err(|e| unavailable("commit a drop", &e))?;
         self.usage.forget(project);
+        self.signal.publish(project, revision);
         self.publish_one(project, stamp, None);
         self.committed.notify_waiters();
         Ok(revision)

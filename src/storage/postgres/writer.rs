@@ -139,6 +139,16 @@ async fn stage(
     tx.commit()
         .await
         .map_err(|e| unavailable("commit a batch", &e))?;
+    let mut touched: BTreeMap<&str, i64> = BTreeMap::new();
+    for row in &rows {
+        let last = touched.entry(row.project.as_str()).or_default();
+        *last = (*last).max(row.revision);
+    }
+    for (project, revision) in touched {
+        if let Ok(project) = Ident::parse(project) {
+            node.signal.publish(&project, revision as u64);
+        }
+    }
     Ok(answers)
 }
 
@@ -231,6 +241,17 @@ async fn write_rows(tx: &mut sqlx::PgConnection, rows: &[Row]) -> Result<(), Sto
         .execute(&mut *tx)
         .await
         .map_err(|e| unavailable("write items", &e))?;
+        // An item written again is no longer deleted: its put is its latest change.
+        sqlx::query(
+            "DELETE FROM tombstones t USING unnest($1::text[], $2::text[], $3::uuid[]) AS d(project, blueprint, id) \
+             WHERE t.project = d.project AND t.blueprint = d.blueprint AND t.id = d.id",
+        )
+        .bind(&put.projects)
+        .bind(&put.blueprints)
+        .bind(&put.ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| unavailable("write items", &e))?;
     }
     if !gone.ids.is_empty() {
         sqlx::query(
@@ -240,6 +261,19 @@ async fn write_rows(tx: &mut sqlx::PgConnection, rows: &[Row]) -> Result<(), Sto
         .bind(&gone.projects)
         .bind(&gone.blueprints)
         .bind(&gone.ids)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| unavailable("delete items", &e))?;
+        sqlx::query(
+            "INSERT INTO tombstones (project, blueprint, id, revision) \
+             SELECT * FROM unnest($1::text[], $2::text[], $3::uuid[], $4::bigint[]) \
+             ON CONFLICT (project, blueprint, id) DO UPDATE \
+             SET revision = EXCLUDED.revision, deleted_at = now()",
+        )
+        .bind(&gone.projects)
+        .bind(&gone.blueprints)
+        .bind(&gone.ids)
+        .bind(&gone.revisions)
         .execute(&mut *tx)
         .await
         .map_err(|e| unavailable("delete items", &e))?;

@@ -1,0 +1,264 @@
+//! The change feed: every write of a project in revision order, as a client of one version sees it.
+//!
+//! Each backend keeps, per project, the latest change of every item ordered by revision (a put with
+//! the item's latest state, or a delete) — not every past write. Reading from `since` therefore gives
+//! every item changed after `since` exactly once, at its latest revision, so a follower that resumes
+//! from the last revision it saw misses nothing and, within one read, sees nothing twice.
+//!
+//! Deletes are kept as tombstones for `changes.tombstone_retention_secs`, then purged ([`compact`]);
+//! the highest purged revision is the project's *horizon* (a dropped project's horizon is its drop).
+//! A follower whose `since` is below the horizon may have missed a delete, so it is refused
+//! ([`FeedError::Compacted`]) and told to read again from `since=0`, which gives the latest state of
+//! every item.
+//!
+//! [`signal`] wakes followers when their project commits; HTTP formats live in `http::changes`.
+
+pub mod signal;
+
+use std::sync::Weak;
+use std::time::Duration;
+
+use chrono::Utc;
+use serde::Serialize;
+use serde_json::{Map, Value};
+use uuid::Uuid;
+
+use crate::blueprint::transform::transform;
+use crate::blueprint::Ident;
+use crate::catalog::{Project, Snapshot, Version};
+use crate::journal::ItemRecord;
+use crate::storage::{Storage, StorageError};
+
+/// The latest change of one item, as a backend keeps it.
+#[derive(Clone, Debug)]
+pub struct Change {
+    pub revision: u64,
+    pub blueprint: Ident,
+    pub id: Uuid,
+    /// The item's state at `revision`; `None` for a delete.
+    pub record: Option<ItemRecord>,
+}
+
+/// Changes after some revision, with the project's horizon (see the module docs).
+#[derive(Debug, Default)]
+pub struct ChangesPage {
+    pub changes: Vec<Change>,
+    pub horizon: u64,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Op {
+    Put,
+    Delete,
+}
+
+/// One change as a follower receives it.
+#[derive(Debug, Serialize)]
+pub struct FeedEntry {
+    pub revision: u64,
+    pub blueprint: Ident,
+    pub id: Uuid,
+    pub op: Op,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub item: Option<Map<String, Value>>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FeedError {
+    /// The changes up to `horizon` were compacted (or the project was dropped since `since`).
+    #[error(
+        "changes up to revision {horizon} are no longer kept (deletes are kept for a limited time, \
+         and dropping a project forgets its history): read the feed again from since=0, which gives \
+         the latest state of every item, and replace what you hold of the project with it"
+    )]
+    Compacted { horizon: u64 },
+    /// The project or the followed version went away while following.
+    #[error("{0}")]
+    Gone(String),
+    #[error(transparent)]
+    Storage(#[from] StorageError),
+}
+
+/// What a follower reads: one project, as clients of one version see it, perhaps only some
+/// blueprints.
+#[derive(Clone, Debug)]
+pub struct Follower {
+    pub project: Ident,
+    pub version: u32,
+    /// Only these blueprints (their names at `version`); every blueprint when `None`.
+    pub blueprints: Option<Vec<Ident>>,
+}
+
+/// A page of the feed and where the next one starts.
+#[derive(Debug, Default)]
+pub struct Page {
+    pub entries: Vec<FeedEntry>,
+    /// The revision to read after next: the last change looked at (shown or filtered out), or the
+    /// `since` the page was read from when there was none.
+    pub last_revision: u64,
+}
+
+/// Why a follower cannot be made: the field at fault and the message.
+#[derive(Debug)]
+pub enum FollowError {
+    NotFound(String),
+    Invalid(&'static str, String),
+}
+
+impl Follower {
+    /// A follower of `version` (the newest when `None`), refusing unknown and retired versions and
+    /// blueprints that version does not have.
+    pub fn new(
+        snapshot: &Snapshot,
+        project: &Ident,
+        version: Option<u32>,
+        blueprints: Option<Vec<Ident>>,
+    ) -> Result<Follower, FollowError> {
+        let p = snapshot.projects.get(project).ok_or_else(|| {
+            FollowError::NotFound(format!("project {:?} does not exist", project.as_str()))
+        })?;
+        let number = match version {
+            Some(n) => n,
+            None => p.latest().map(|v| v.number).ok_or_else(|| {
+                FollowError::NotFound(format!(
+                    "project {:?} has no frozen version yet",
+                    project.as_str()
+                ))
+            })?,
+        };
+        let Some(frozen) = p.version(number) else {
+            return Err(FollowError::NotFound(format!(
+                "version {number} of project {:?} does not exist",
+                project.as_str()
+            )));
+        };
+        if p.is_retired(number) {
+            return Err(FollowError::Invalid(
+                "version",
+                format!("version {number} is retired; follow a live version"),
+            ));
+        }
+        if let Some(names) = &blueprints {
+            if let Some(missing) = names.iter().find(|n| !frozen.blueprints.contains_key(*n)) {
+                return Err(FollowError::Invalid(
+                    "blueprint",
+                    format!("version {number} has no blueprint {:?}", missing.as_str()),
+                ));
+            }
+        }
+        Ok(Follower {
+            project: project.clone(),
+            version: number,
+            blueprints,
+        })
+    }
+
+    /// The changes after `since` (at most `limit` looked at), as the follower sees them.
+    pub async fn page(
+        &self,
+        storage: &dyn Storage,
+        since: u64,
+        limit: usize,
+    ) -> Result<Page, FeedError> {
+        let page = storage.changes(&self.project, since, limit).await?;
+        if since != 0 && since < page.horizon {
+            return Err(FeedError::Compacted {
+                horizon: page.horizon,
+            });
+        }
+        let last_revision = page.changes.last().map_or(since, |c| c.revision);
+        let mut snapshot = storage.snapshot();
+        // A change made at a version this node does not know yet: read the catalog again, once.
+        let unknown = |s: &Snapshot| {
+            page.changes.iter().any(|c| {
+                c.record.as_ref().is_some_and(|r| {
+                    s.projects
+                        .get(&self.project)
+                        .is_none_or(|p| p.version(r.version).is_none())
+                })
+            })
+        };
+        if unknown(&snapshot) {
+            snapshot = storage.fresh_snapshot(&self.project).await?;
+        }
+        let p = snapshot.projects.get(&self.project).ok_or_else(|| {
+            FeedError::Gone(format!("project {:?} was dropped", self.project.as_str()))
+        })?;
+        let target = p
+            .version(self.version)
+            .ok_or_else(|| FeedError::Gone(format!("version {} no longer exists", self.version)))?;
+        if p.is_retired(self.version) {
+            return Err(FeedError::Gone(format!(
+                "version {} was retired; follow a live version",
+                self.version
+            )));
+        }
+        let entries = page
+            .changes
+            .into_iter()
+            .filter_map(|change| self.present(p, target, change))
+            .collect();
+        Ok(Page {
+            entries,
+            last_revision,
+        })
+    }
+
+    /// One change as clients of the followed version see it; `None` when they do not see it (a
+    /// blueprint that version lacks, or one the follower filtered out).
+    fn present(&self, p: &Project, target: &Version, change: Change) -> Option<FeedEntry> {
+        let wanted = |name: &Ident| self.blueprints.as_ref().is_none_or(|b| b.contains(name));
+        let Some(record) = change.record else {
+            if !target.blueprints.contains_key(&change.blueprint) || !wanted(&change.blueprint) {
+                return None;
+            }
+            return Some(FeedEntry {
+                revision: change.revision,
+                blueprint: change.blueprint,
+                id: change.id,
+                op: Op::Delete,
+                item: None,
+            });
+        };
+        let uid = record.blueprint_uid;
+        let (name, to) = target.blueprints.iter().find(|(_, bp)| bp.uid == uid)?;
+        if !wanted(name) {
+            return None;
+        }
+        let item = if record.version == target.number {
+            record.body
+        } else {
+            let from = p
+                .version(record.version)?
+                .blueprints
+                .values()
+                .find(|bp| bp.uid == uid)?;
+            transform(&record.body, from, to, target.number)
+        };
+        Some(FeedEntry {
+            revision: change.revision,
+            blueprint: name.clone(),
+            id: change.id,
+            op: Op::Put,
+            item: Some(item),
+        })
+    }
+}
+
+/// Purges tombstones older than `retention`, every `interval`, for as long as the storage lives.
+pub async fn compact(storage: Weak<dyn Storage>, retention: Duration, interval: Duration) {
+    loop {
+        let Some(node) = storage.upgrade() else {
+            return;
+        };
+        let before = Utc::now() - chrono::Duration::from_std(retention).unwrap_or_default();
+        match node.purge_tombstones(before).await {
+            Ok(0) => {}
+            Ok(purged) => tracing::info!(purged, "old deletes removed from the change feed"),
+            Err(error) => tracing::warn!(%error, "cannot compact the change feed"),
+        }
+        drop(node);
+        tokio::time::sleep(interval).await;
+    }
+}

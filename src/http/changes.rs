@@ -1,0 +1,439 @@
+//! `GET /{project}/_changes`: the change feed (see `feed`) as one JSON page, a long poll,
+//! server-sent events or NDJSON.
+//!
+//! Invariants:
+//! - A stream reads its next page (at most [`STREAM_PAGE`] changes) only once the previous one was
+//!   handed to the connection: actix polls a body stream only when it can write, so a slow follower
+//!   holds one page, never a backlog, however fast the project is written.
+//! - An idle follower is a parked future waiting on its project's signal (or its heartbeat): no task,
+//!   no buffer, no query.
+//! - Streams resume from the revision a follower saw last (`since`, or SSE's `Last-Event-ID`), and
+//!   within one stream revisions only grow, so a change is never sent twice.
+//! - Streams end when the server stops, so a graceful stop never waits for followers.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use actix_web::http::header;
+use actix_web::{web, HttpRequest, HttpResponse};
+use bytes::Bytes;
+use serde::Deserialize;
+use serde_json::json;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::error::ApiError;
+use super::{ident, State};
+use crate::blueprint::Ident;
+use crate::feed::{FeedError, FollowError, Follower, Page};
+
+/// Changes a plain or long-poll answer holds unless `limit` says otherwise.
+const DEFAULT_LIMIT: usize = 1000;
+/// The most a plain or long-poll answer may hold.
+const MAX_LIMIT: usize = 10_000;
+/// Changes a stream reads at once.
+const STREAM_PAGE: usize = 100;
+/// How long a long poll waits unless `timeout` says otherwise, in seconds.
+const DEFAULT_LONGPOLL_SECS: u64 = 60;
+/// The longest `timeout`, in seconds.
+const MAX_TIMEOUT_SECS: u64 = 3600;
+/// The most blueprints one follower may name.
+const MAX_BLUEPRINTS: usize = 100;
+/// How long a stream waits before reading again after the storage failed.
+const RETRY: Duration = Duration::from_secs(1);
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Feed {
+    Normal,
+    Longpoll,
+    Sse,
+    Ndjson,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Query {
+    since: Option<String>,
+    version: Option<String>,
+    blueprint: Option<String>,
+    limit: Option<String>,
+    feed: Option<String>,
+    timeout: Option<String>,
+    heartbeat: Option<String>,
+}
+
+struct Params {
+    since: u64,
+    version: Option<u32>,
+    blueprints: Option<Vec<Ident>>,
+    limit: usize,
+    feed: Feed,
+    /// Long poll: how long to wait; streams: when to end (none: never).
+    timeout: Option<Duration>,
+    heartbeat: Duration,
+}
+
+fn number<T: std::str::FromStr>(
+    field: &str,
+    raw: Option<&str>,
+    expected: &str,
+) -> Result<Option<T>, ApiError> {
+    raw.map(|text| {
+        text.parse::<T>().map_err(|_| {
+            ApiError::bad_request(
+                field,
+                format!(
+                    "{field}={:?} is not {expected}",
+                    crate::blueprint::value::excerpt_str(text)
+                ),
+            )
+        })
+    })
+    .transpose()
+}
+
+impl Params {
+    fn parse(request: &HttpRequest, state: &State) -> Result<Params, ApiError> {
+        let query = web::Query::<Query>::from_query(request.query_string())
+            .map(web::Query::into_inner)
+            .map_err(|e| {
+                ApiError::bad_request(
+                    "",
+                    format!(
+                        "invalid query string: {e}; expected since, version, blueprint, limit, \
+                         feed, timeout, heartbeat"
+                    ),
+                )
+            })?;
+        let mut since = number::<u64>("since", query.since.as_deref(), "a revision")?.unwrap_or(0);
+        // An SSE client resuming after a dropped connection says where it was.
+        if let Some(last) = request.headers().get("last-event-id") {
+            let text = last.to_str().unwrap_or("?");
+            since = number::<u64>("Last-Event-ID", Some(text), "a revision")?.unwrap_or(0);
+        }
+        let version = number::<u32>("version", query.version.as_deref(), "a version number")?;
+        let blueprints = match query.blueprint.as_deref() {
+            None => None,
+            Some(list) => {
+                let names: Vec<&str> = list.split(',').collect();
+                if names.len() > MAX_BLUEPRINTS {
+                    return Err(ApiError::bad_request(
+                        "blueprint",
+                        format!("at most {MAX_BLUEPRINTS} blueprints may be named"),
+                    ));
+                }
+                Some(
+                    names
+                        .into_iter()
+                        .map(|name| ident("blueprint", name))
+                        .collect::<Result<Vec<_>, _>>()?,
+                )
+            }
+        };
+        let limit =
+            number::<usize>("limit", query.limit.as_deref(), "a number")?.unwrap_or(DEFAULT_LIMIT);
+        if limit == 0 || limit > MAX_LIMIT {
+            return Err(ApiError::bad_request(
+                "limit",
+                format!("limit={limit} is not between 1 and {MAX_LIMIT}"),
+            ));
+        }
+        let accepts_sse = request
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.contains("text/event-stream"));
+        let feed = match query.feed.as_deref() {
+            None if accepts_sse => Feed::Sse,
+            None | Some("normal") => Feed::Normal,
+            Some("longpoll") => Feed::Longpoll,
+            Some("sse" | "eventsource") => Feed::Sse,
+            Some("ndjson" | "continuous") => Feed::Ndjson,
+            Some(other) => {
+                return Err(ApiError::bad_request(
+                    "feed",
+                    format!(
+                        "feed={:?} is not one of normal, longpoll, sse, ndjson",
+                        crate::blueprint::value::excerpt_str(other)
+                    ),
+                ))
+            }
+        };
+        let timeout = number::<u64>("timeout", query.timeout.as_deref(), "a number of seconds")?;
+        if let Some(t) = timeout.filter(|t| *t > MAX_TIMEOUT_SECS) {
+            return Err(ApiError::bad_request(
+                "timeout",
+                format!("timeout={t} is more than {MAX_TIMEOUT_SECS} seconds"),
+            ));
+        }
+        let timeout = match (feed, timeout) {
+            (Feed::Longpoll, None) => Some(DEFAULT_LONGPOLL_SECS),
+            (_, t) => t,
+        }
+        .map(Duration::from_secs);
+        let heartbeat = number::<u64>(
+            "heartbeat",
+            query.heartbeat.as_deref(),
+            "a number of seconds",
+        )?
+        .unwrap_or(state.settings.changes.heartbeat_secs);
+        if !(1..=300).contains(&heartbeat) {
+            return Err(ApiError::bad_request(
+                "heartbeat",
+                format!("heartbeat={heartbeat} is not between 1 and 300 seconds"),
+            ));
+        }
+        Ok(Params {
+            since,
+            version,
+            blueprints,
+            limit,
+            feed,
+            timeout,
+            heartbeat: Duration::from_secs(heartbeat),
+        })
+    }
+}
+
+impl From<FollowError> for ApiError {
+    fn from(error: FollowError) -> Self {
+        match error {
+            FollowError::NotFound(m) => ApiError::NotFound(m),
+            FollowError::Invalid(field, m) => ApiError::Invalid(
+                "invalid change feed request".into(),
+                vec![crate::blueprint::FieldError::new(field, m)],
+            ),
+        }
+    }
+}
+
+impl From<FeedError> for ApiError {
+    fn from(error: FeedError) -> Self {
+        match error {
+            FeedError::Compacted { horizon } => ApiError::Gone(error.to_string(), horizon),
+            FeedError::Gone(m) => ApiError::NotFound(m),
+            FeedError::Storage(e) => e.into(),
+        }
+    }
+}
+
+/// One of `changes.max_followers`, given back when the follower leaves.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(state: &State) -> Result<Slot, ApiError> {
+        let count = state.followers.fetch_add(1, Ordering::AcqRel);
+        if count >= state.settings.changes.max_followers {
+            state.followers.fetch_sub(1, Ordering::AcqRel);
+            return Err(ApiError::Unavailable(format!(
+                "this node already serves {count} change feed followers (changes.max_followers); \
+                 try again later or another node"
+            )));
+        }
+        Ok(Slot(state.followers.clone()))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+fn page_body(page: &Page, version: u32) -> serde_json::Value {
+    json!({
+        "results": page.entries,
+        "last_revision": page.last_revision,
+        "version": version,
+    })
+}
+
+/// GET /{project}/_changes?since=&version=&blueprint=&limit=&feed=&timeout=&heartbeat=
+pub async fn changes(
+    state: State,
+    request: HttpRequest,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
+    let project = ident("project", &path)?;
+    let params = Params::parse(&request, &state)?;
+    let snapshot = state.storage.fresh_snapshot(&project).await?;
+    let follower = Follower::new(
+        &snapshot,
+        &project,
+        params.version,
+        params.blueprints.clone(),
+    )?;
+    let version = follower.version;
+    match params.feed {
+        Feed::Normal => {
+            let page = follower
+                .page(state.storage.as_ref(), params.since, params.limit)
+                .await?;
+            Ok(HttpResponse::Ok().json(page_body(&page, version)))
+        }
+        Feed::Longpoll => {
+            let _slot = Slot::take(&state)?;
+            let page = long_poll(&state, &follower, &params).await?;
+            Ok(HttpResponse::Ok().json(page_body(&page, version)))
+        }
+        Feed::Sse | Feed::Ndjson => {
+            let slot = Slot::take(&state)?;
+            // Read once before answering, so a compacted `since` is a 410, not a stream that ends.
+            follower
+                .page(state.storage.as_ref(), params.since, 1)
+                .await?;
+            let stream = Stream {
+                wake: state.storage.follow(&project),
+                closing: state.closing.clone(),
+                deadline: params.timeout.map(|t| Instant::now() + t),
+                heartbeat: params.heartbeat,
+                since: params.since,
+                sse: params.feed == Feed::Sse,
+                out: VecDeque::from([Bytes::from_static(if params.feed == Feed::Sse {
+                    b"retry: 2000\n\n"
+                } else {
+                    b""
+                })]),
+                done: false,
+                follower,
+                state: state.clone(),
+                _slot: slot,
+            };
+            let content_type = if params.feed == Feed::Sse {
+                "text/event-stream"
+            } else {
+                "application/x-ndjson"
+            };
+            Ok(HttpResponse::Ok()
+                .content_type(content_type)
+                .insert_header((header::CACHE_CONTROL, "no-cache"))
+                .insert_header(("x-accel-buffering", "no"))
+                .insert_header(("x-dstore-version", version.to_string()))
+                .streaming(futures::stream::unfold(stream, Stream::next)))
+        }
+    }
+}
+
+/// Waits until there is a change after `since`, or the timeout passes; answers the page.
+async fn long_poll(state: &State, follower: &Follower, params: &Params) -> Result<Page, ApiError> {
+    let mut wake = state.storage.follow(&follower.project);
+    let mut closing = state.closing.clone();
+    let deadline = Instant::now() + params.timeout.unwrap_or_default();
+    let mut since = params.since;
+    loop {
+        wake.borrow_and_update();
+        let page = follower
+            .page(state.storage.as_ref(), since, params.limit)
+            .await?;
+        if !page.entries.is_empty() || Instant::now() >= deadline || *closing.borrow() {
+            return Ok(page);
+        }
+        since = page.last_revision;
+        tokio::select! {
+            woken = wake.changed() => if woken.is_err() { return Ok(page) },
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = closing.changed() => {}
+        }
+    }
+}
+
+/// A follower's stream: pages are read as the connection takes them.
+struct Stream {
+    state: State,
+    follower: Follower,
+    since: u64,
+    sse: bool,
+    wake: watch::Receiver<u64>,
+    closing: watch::Receiver<bool>,
+    heartbeat: Duration,
+    deadline: Option<Instant>,
+    /// Encoded frames of the page being sent.
+    out: VecDeque<Bytes>,
+    done: bool,
+    _slot: Slot,
+}
+
+impl Stream {
+    async fn next(mut self) -> Option<(Result<Bytes, actix_web::Error>, Stream)> {
+        loop {
+            if let Some(frame) = self.out.pop_front() {
+                if frame.is_empty() {
+                    continue;
+                }
+                return Some((Ok(frame), self));
+            }
+            let expired = self.deadline.is_some_and(|at| Instant::now() >= at);
+            if self.done || expired || *self.closing.borrow() {
+                return None;
+            }
+            self.wake.borrow_and_update();
+            match self
+                .follower
+                .page(self.state.storage.as_ref(), self.since, STREAM_PAGE)
+                .await
+            {
+                Ok(page) => {
+                    let moved = page.last_revision > self.since;
+                    self.since = page.last_revision;
+                    for entry in &page.entries {
+                        let data = serde_json::to_string(entry).expect("entries serialize");
+                        self.out.push_back(Bytes::from(if self.sse {
+                            format!("id: {}\ndata: {data}\n\n", entry.revision)
+                        } else {
+                            format!("{data}\n")
+                        }));
+                    }
+                    if moved {
+                        continue;
+                    }
+                }
+                Err(FeedError::Storage(error)) => {
+                    tracing::debug!(%error, "the change feed cannot be read; retrying");
+                    tokio::time::sleep(RETRY).await;
+                    continue;
+                }
+                Err(error) => {
+                    // Compacted, or the project or version went away: say so, then end.
+                    let (status, horizon) = match &error {
+                        FeedError::Compacted { horizon } => (410, Some(*horizon)),
+                        _ => (404, None),
+                    };
+                    let body = json!({
+                        "status": error.to_string(),
+                        "code": status,
+                        "errors": [],
+                        "horizon": horizon,
+                    });
+                    self.out.push_back(Bytes::from(if self.sse {
+                        format!("event: gone\ndata: {body}\n\n")
+                    } else {
+                        format!("{body}\n")
+                    }));
+                    self.done = true;
+                    continue;
+                }
+            }
+            // Nothing new: wait for a commit, a heartbeat, the end of the stream or the server.
+            let deadline = self.deadline;
+            tokio::select! {
+                woken = self.wake.changed() => self.done = woken.is_err(),
+                _ = tokio::time::sleep(self.heartbeat) => {
+                    self.out.push_back(Bytes::from_static(if self.sse {
+                        b": heartbeat\n\n"
+                    } else {
+                        b"\n"
+                    }));
+                }
+                _ = async {
+                    match deadline {
+                        Some(at) => tokio::time::sleep_until(at).await,
+                        None => std::future::pending().await,
+                    }
+                } => self.done = true,
+                _ = self.closing.changed() => self.done = true,
+            }
+        }
+    }
+}

@@ -1,0 +1,463 @@
+//! The change feed: pages, long polls, server-sent events (read by an EventSource parser) and
+//! NDJSON, resumed after dropped connections and restarts, compaction, slow followers.
+
+use std::time::{Duration, Instant};
+
+use eventsource_stream::{Event, Eventsource};
+use futures::{Stream, StreamExt};
+use serde_json::{json, Value};
+use uuid::Uuid;
+
+use crate::helpers::{spawn_app, spawn_app_with, TestApp};
+
+/// The note blueprint, its text column named `column`.
+fn note(column: &str) -> Value {
+    json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+        "columns": {column: {"type": "string"}}})
+}
+
+/// A project `p` with blueprint `note` (a title) frozen at version 1.
+async fn project(app: &TestApp) {
+    app.put_and_freeze("p", "note", &note("title")).await;
+}
+
+async fn put(app: &TestApp, id: Uuid, title: &str) -> u64 {
+    let answer = app
+        .put(
+            &format!("/p/note/{id}"),
+            &json!({"id": id, "project_version": 1, "title": title}),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    answer.body["revision"].as_u64().expect("a revision")
+}
+
+async fn delete(app: &TestApp, id: Uuid) -> u64 {
+    let answer = app.delete(&format!("/p/note/{id}")).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    answer.body["revision"].as_u64().expect("a revision")
+}
+
+fn revisions(page: &Value) -> Vec<u64> {
+    page["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|c| c["revision"].as_u64().unwrap())
+        .collect()
+}
+
+/// An SSE connection to the feed, read by an EventSource parser.
+async fn sse(
+    address: &str,
+    query: &str,
+    last_event_id: Option<u64>,
+) -> impl Stream<Item = Event> + Unpin {
+    let mut request = reqwest::Client::new()
+        .get(format!("{address}/p/_changes?{query}"))
+        .header("accept", "text/event-stream");
+    if let Some(id) = last_event_id {
+        request = request.header("last-event-id", id.to_string());
+    }
+    let response = request.send().await.expect("connected");
+    assert_eq!(response.status(), 200);
+    assert_eq!(
+        response.headers()["content-type"],
+        "text/event-stream",
+        "{:?}",
+        response.headers()
+    );
+    Box::pin(
+        response
+            .bytes_stream()
+            .eventsource()
+            .map(|event| event.expect("a well-formed event")),
+    )
+}
+
+/// The next `n` change events (heartbeats are comments, which the parser skips).
+async fn next_changes(events: &mut (impl Stream<Item = Event> + Unpin), n: usize) -> Vec<Value> {
+    let mut out = Vec::new();
+    while out.len() < n {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("an event in time")
+            .expect("the stream goes on");
+        assert_eq!(event.event, "message", "{event:?}");
+        let change: Value = serde_json::from_str(&event.data).expect("JSON data");
+        assert_eq!(event.id, change["revision"].to_string());
+        out.push(change);
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_page_lists_the_latest_change_of_each_item_in_revision_order_as_a_version_sees_it() {
+    let app = spawn_app().await;
+    project(&app).await;
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    put(&app, a, "a").await;
+    put(&app, b, "b").await;
+    let a2 = put(&app, a, "a again").await;
+    let b_gone = delete(&app, b).await;
+    let c1 = put(&app, c, "c").await;
+
+    let page = app.get("/p/_changes").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert_eq!(revisions(&page.body), vec![a2, b_gone, c1], "{}", page.body);
+    let results = &page.body["results"];
+    assert_eq!(results[0]["op"], "put");
+    assert_eq!(results[0]["item"]["title"], "a again");
+    assert_eq!(
+        results[1],
+        json!({"revision": b_gone, "blueprint": "note", "id": b, "op": "delete"})
+    );
+    assert_eq!(page.body["last_revision"], c1);
+    assert_eq!(page.body["version"], 1);
+
+    // After a revision: only what changed since; pages of one.
+    let after = app.get(&format!("/p/_changes?since={a2}")).await.body;
+    assert_eq!(revisions(&after), vec![b_gone, c1]);
+    let one = app
+        .get(&format!("/p/_changes?since={a2}&limit=1"))
+        .await
+        .body;
+    assert_eq!(revisions(&one), vec![b_gone]);
+    assert_eq!(one["last_revision"], b_gone);
+    let none = app.get(&format!("/p/_changes?since={c1}")).await.body;
+    assert_eq!(
+        (revisions(&none), &none["last_revision"]),
+        (vec![], &json!(c1))
+    );
+
+    // Version 2 renames the title: each version's followers see their own shape.
+    let mut v2 = note("title");
+    v2["columns"]["title"]["column_id"] = json!("headline");
+    app.put("/p/note/_blueprint", &v2).await;
+    assert_eq!(app.post("/p/_version", None).await.status, 200);
+    let newest = app.get("/p/_changes").await.body;
+    assert_eq!(newest["version"], 2);
+    assert_eq!(newest["results"][0]["item"]["headline"], "a again");
+    assert_eq!(newest["results"][0]["item"]["project_version"], 2);
+    let old = app.get("/p/_changes?version=1").await.body;
+    assert_eq!(old["results"][0]["item"]["title"], "a again");
+    assert!(old["results"][0]["item"].get("headline").is_none());
+
+    // A blueprint filter; names a version lacks and unknown versions are refused.
+    let other = json!({"postgresql": {"table": "tags"}, "elasticsearch": {"type": "tag"},
+        "columns": {"name": {"type": "string"}}});
+    app.put_and_freeze("p", "tag", &other).await;
+    let tag = Uuid::new_v4();
+    let answer = app
+        .put(
+            &format!("/p/tag/{tag}"),
+            &json!({"project_version": 3, "name": "x"}),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let tags = app.get("/p/_changes?blueprint=tag").await.body;
+    assert_eq!(tags["results"].as_array().unwrap().len(), 1, "{tags}");
+    assert_eq!(tags["results"][0]["blueprint"], "tag");
+    let at_v1 = app.get("/p/_changes?version=1").await.body;
+    assert!(
+        at_v1["results"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|c| c["blueprint"] == "note"),
+        "version 1 has no tag blueprint: {at_v1}"
+    );
+    let refused = app.get("/p/_changes?version=1&blueprint=tag").await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert_eq!(refused.paths(), vec!["blueprint"]);
+    assert_eq!(app.get("/p/_changes?version=9").await.status, 404);
+    assert_eq!(app.get("/nothing/_changes").await.status, 404);
+    assert_eq!(app.post("/p/_version/1/_retire", None).await.status, 200);
+    let retired = app.get("/p/_changes?version=1").await;
+    assert_eq!(retired.status, 422, "{}", retired.body);
+    assert_eq!(retired.paths(), vec!["version"]);
+}
+
+#[tokio::test]
+async fn hostile_parameters_get_a_400_naming_the_parameter() {
+    let app = spawn_app().await;
+    project(&app).await;
+    for (query, field) in [
+        ("since=-1", "since"),
+        ("since=99999999999999999999999", "since"),
+        ("version=0x1", "version"),
+        ("limit=0", "limit"),
+        ("limit=10001", "limit"),
+        ("feed=websocket", "feed"),
+        ("feed=longpoll&timeout=3601", "timeout"),
+        ("feed=sse&heartbeat=0", "heartbeat"),
+        ("blueprint=Note", "blueprint"),
+        ("blueprint=a,,b", "blueprint"),
+        ("other=1", ""),
+    ] {
+        let answer = app.get(&format!("/p/_changes?{query}")).await;
+        assert_eq!(answer.status, 400, "{query}: {}", answer.body);
+        assert_eq!(
+            answer.paths(),
+            vec![field.to_string()],
+            "{query}: {}",
+            answer.body
+        );
+    }
+    let many = vec!["note"; 101].join(",");
+    let answer = app.get(&format!("/p/_changes?blueprint={many}")).await;
+    assert_eq!(answer.status, 400, "{}", answer.body);
+    let bad_id = app
+        .client
+        .get(format!("{}/p/_changes?feed=sse", app.address))
+        .header("last-event-id", "yesterday")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad_id.status(), 400);
+}
+
+#[tokio::test]
+async fn a_long_poll_answers_at_the_next_change_or_when_its_timeout_passes() {
+    let app = spawn_app().await;
+    project(&app).await;
+    let first = put(&app, Uuid::new_v4(), "first").await;
+
+    let started = Instant::now();
+    let empty = app
+        .get(&format!(
+            "/p/_changes?feed=longpoll&since={first}&timeout=1"
+        ))
+        .await;
+    assert_eq!(empty.status, 200);
+    assert_eq!(revisions(&empty.body), Vec::<u64>::new());
+    assert!(started.elapsed() >= Duration::from_millis(900));
+
+    let url = format!(
+        "{}/p/_changes?feed=longpoll&since={first}&timeout=30",
+        app.address
+    );
+    let waiting = tokio::spawn(async move {
+        let started = Instant::now();
+        let body: Value = reqwest::get(url).await.unwrap().json().await.unwrap();
+        (body, started.elapsed())
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let second = put(&app, Uuid::new_v4(), "second").await;
+    let (body, waited) = waiting.await.unwrap();
+    assert_eq!(revisions(&body), vec![second]);
+    assert!(waited < Duration::from_secs(10), "{waited:?}");
+}
+
+#[tokio::test]
+async fn sse_followers_get_every_change_once_and_resume_from_last_event_id() {
+    let app = spawn_app().await;
+    project(&app).await;
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    let mut events = sse(&app.address, "heartbeat=1", None).await;
+    let ra = put(&app, a, "a").await;
+    let rb = put(&app, b, "b").await;
+    let gone = delete(&app, a).await;
+    let seen = next_changes(&mut events, 3).await;
+    let got: Vec<u64> = seen
+        .iter()
+        .map(|c| c["revision"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, vec![ra, rb, gone]);
+    assert_eq!(seen[2]["op"], "delete");
+    assert!(seen[2].get("item").is_none());
+
+    // The connection drops; writes go on; the follower comes back with the last id it saw.
+    drop(events);
+    let rb2 = put(&app, b, "b again").await;
+    let rc = put(&app, Uuid::new_v4(), "c").await;
+    let mut events = sse(&app.address, "heartbeat=1", Some(gone)).await;
+    let resumed = next_changes(&mut events, 2).await;
+    let got: Vec<u64> = resumed
+        .iter()
+        .map(|c| c["revision"].as_u64().unwrap())
+        .collect();
+    assert_eq!(got, vec![rb2, rc]);
+    assert_eq!(resumed[0]["item"]["title"], "b again");
+    // Live again, and nothing twice: the next event is the next write.
+    let rd = put(&app, Uuid::new_v4(), "d").await;
+    let live = next_changes(&mut events, 1).await;
+    assert_eq!(live[0]["revision"], rd);
+
+    // With the default heartbeat of 15 s an idle stream stays open; a heartbeat of 1 s keeps
+    // coming as comments, which EventSource parsers skip: the stream is still alive after 2.5 s.
+    let quiet = tokio::time::timeout(Duration::from_millis(2500), events.next()).await;
+    assert!(quiet.is_err(), "no event while nothing changes: {quiet:?}");
+    let re = put(&app, Uuid::new_v4(), "e").await;
+    assert_eq!(next_changes(&mut events, 1).await[0]["revision"], re);
+}
+
+#[tokio::test]
+async fn a_ndjson_follower_that_stays_behind_gets_everything_once_in_order() {
+    let app = spawn_app().await;
+    project(&app).await;
+    let response = app
+        .client
+        .get(format!(
+            "{}/p/_changes?feed=ndjson&heartbeat=1",
+            app.address
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    assert_eq!(response.headers()["content-type"], "application/x-ndjson");
+    // Write 4000 items while the follower reads nothing.
+    for chunk in 0..4 {
+        let mut body = String::new();
+        for i in 0..1000 {
+            body.push_str(&format!(
+                "{{\"create\": {{\"blueprint\": \"note\"}}}}\n{{\"project_version\": 1, \"title\": \"{chunk}-{i}\"}}\n"
+            ));
+        }
+        let bulk = app
+            .send(reqwest::Method::POST, "/p/_bulk", Some(body))
+            .await;
+        assert_eq!(bulk.status, 200);
+        assert_eq!(bulk.body["errors"], false);
+    }
+    // The server kept serving others meanwhile.
+    assert_eq!(app.get("/p/_changes?limit=1").await.status, 200);
+    let mut lines = response.bytes_stream();
+    let mut pending = Vec::new();
+    let mut got = Vec::new();
+    while got.len() < 4000 {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), lines.next())
+            .await
+            .expect("data in time")
+            .expect("the stream goes on")
+            .unwrap();
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if line.len() > 1 {
+                let change: Value = serde_json::from_slice(&line).unwrap();
+                got.push(change["revision"].as_u64().unwrap());
+            }
+        }
+    }
+    assert_eq!(got.len(), 4000);
+    assert!(
+        got.windows(2).all(|w| w[0] < w[1]),
+        "in revision order, once"
+    );
+}
+
+#[tokio::test]
+async fn a_follower_resumes_after_a_server_restart_and_a_stop_does_not_wait_for_followers() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let (first, last_seen) = {
+        let app = spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+        project(&app).await;
+        let mut events = sse(&app.address, "", None).await;
+        let first = put(&app, Uuid::new_v4(), "before").await;
+        let seen = next_changes(&mut events, 1).await;
+        let started = Instant::now();
+        // The follower is still connected: the stop ends its stream rather than waiting for it.
+        app.stop().await;
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{:?}",
+            started.elapsed()
+        );
+        let ended = tokio::time::timeout(Duration::from_secs(5), events.next()).await;
+        assert!(
+            matches!(ended, Ok(None)),
+            "the stream ends with the server: {ended:?}"
+        );
+        (first, seen[0]["revision"].as_u64().unwrap())
+    };
+    assert_eq!(first, last_seen);
+    let app = spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+    let after = put(&app, Uuid::new_v4(), "after").await;
+    let mut events = sse(&app.address, "", Some(last_seen)).await;
+    let resumed = next_changes(&mut events, 1).await;
+    assert_eq!(resumed[0]["revision"], after);
+    assert_eq!(resumed[0]["item"]["title"], "after");
+}
+
+#[tokio::test]
+async fn compacted_deletes_answer_410_and_since_0_gives_the_latest_state() {
+    let app = spawn_app_with(|s| {
+        s.changes.tombstone_retention_secs = 0;
+        s.changes.compact_interval_secs = 1;
+    })
+    .await;
+    project(&app).await;
+    let (kept, gone) = (Uuid::new_v4(), Uuid::new_v4());
+    let before = put(&app, kept, "kept").await;
+    put(&app, gone, "gone").await;
+    let deleted = delete(&app, gone).await;
+    // Within a few seconds the delete is purged and the horizon passes it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let refused = loop {
+        let answer = app.get(&format!("/p/_changes?since={before}")).await;
+        if answer.status == 410 || Instant::now() > deadline {
+            break answer;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    assert_eq!(refused.status, 410, "{}", refused.body);
+    assert!(refused.body["horizon"].as_u64().unwrap() >= deleted);
+    assert!(
+        refused.body["status"].as_str().unwrap().contains("since=0"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(refused.paths(), vec!["since"]);
+    // Streams are refused the same way before they start.
+    let stream = app
+        .client
+        .get(format!("{}/p/_changes?feed=sse", app.address))
+        .header("last-event-id", before.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 410);
+    // since=0: the latest state of every item; the deleted one is simply absent.
+    let resync = app.get("/p/_changes?since=0").await.body;
+    let ids: Vec<&str> = resync["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, vec![kept.to_string()]);
+    let horizon = refused.body["horizon"].as_u64().unwrap();
+    assert_eq!(
+        app.get(&format!("/p/_changes?since={horizon}"))
+            .await
+            .status,
+        200
+    );
+}
+
+#[tokio::test]
+async fn a_dropped_project_ends_its_followers_and_its_history() {
+    let app = spawn_app().await;
+    project(&app).await;
+    let seen = put(&app, Uuid::new_v4(), "old").await;
+    let mut events = sse(&app.address, "", Some(seen)).await;
+    assert_eq!(app.delete("/p/_project").await.status, 200);
+    let ended = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .expect("the follower hears of the drop")
+        .expect("an event");
+    assert_eq!(ended.event, "gone", "{ended:?}");
+    let body: Value = serde_json::from_str(&ended.data).unwrap();
+    assert!(matches!(body["code"].as_u64(), Some(404 | 410)), "{body}");
+    // Made again under the same name, it does not replay the old project to old followers.
+    project(&app).await;
+    let fresh = put(&app, Uuid::new_v4(), "new").await;
+    assert_eq!(
+        app.get(&format!("/p/_changes?since={seen}")).await.status,
+        410
+    );
+    assert_eq!(revisions(&app.get("/p/_changes").await.body), vec![fresh]);
+}
