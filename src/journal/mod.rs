@@ -452,20 +452,25 @@ impl Journal {
         .await
     }
 
-    /// Whether writes are accepted now: refused (503) while a projector is too far behind.
+    /// Whether writes are accepted now: refused (503) while a projector is too far behind; the
+    /// refusal names the projector furthest behind.
     pub fn check_backlog(&self) -> Result<(), JournalError> {
         let last = self.last_seq();
-        for (name, lane) in &self.lanes {
-            let pending = last.saturating_sub(*lane.applied.borrow());
-            if pending > self.settings.max_pending {
-                return Err(JournalError::Backlog {
+        let most_behind = self
+            .lanes
+            .iter()
+            .map(|(name, lane)| (last.saturating_sub(*lane.applied.borrow()), name))
+            .max();
+        match most_behind {
+            Some((pending, name)) if pending > self.settings.max_pending => {
+                Err(JournalError::Backlog {
                     projector: name.to_string(),
                     pending,
                     limit: self.settings.max_pending,
-                });
+                })
             }
+            _ => Ok(()),
         }
-        Ok(())
     }
 
     /// Brings what an older dstore made in the stores to today's layout. Elasticsearch index and

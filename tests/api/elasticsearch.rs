@@ -784,8 +784,10 @@ async fn indexes_named_by_an_older_dstore_are_rebuilt_under_todays_names() {
     assert_eq!(status, 200, "{body}");
     es.call(reqwest::Method::DELETE, &current).await;
     {
-        let families = ["items", "tasks", "dead", "meta"];
-        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), path.join("journal"), families)
+        let journal = path.join("journal");
+        let families = rocksdb::DB::list_cf(&rocksdb::Options::default(), &journal)
+            .expect("the journal lists its column families");
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &journal, families)
             .expect("the journal opens");
         db.delete_cf(db.cf_handle("meta").unwrap(), b"layout")
             .unwrap();
