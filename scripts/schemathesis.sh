@@ -140,6 +140,17 @@ def _ndjson(value):
     return (json.dumps(value) + "\n").encode("utf-8")
 
 
+# The change feed streams (feed=sse, ndjson) and long-polls until `timeout` passes: keep generated
+# ones to a second, so every request ends.
+if hasattr(schemathesis, "hook"):
+
+    @schemathesis.hook
+    def map_query(context, query):
+        if query and "feed" in query:
+            query["timeout"] = 1
+        return query
+
+
 if hasattr(schemathesis.serializer, "alias"):  # 4.x: a function (context, value) -> bytes
 
     @schemathesis.serializer("application/x-ndjson")

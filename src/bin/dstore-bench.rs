@@ -8,6 +8,10 @@
 //! line of twenty million numbers, nesting past the limit, many bodies at once) and prints the
 //! process's peak RSS after each, so the memory bounds are measured, not assumed. Its figures are the
 //! whole process's: with `--embedded`, client and server together.
+//!
+//! `--mode followers` opens `--followers` idle server-sent-event connections to the change feed and
+//! prints the memory they cost, then writes one item and prints how long every follower took to get
+//! it. The client side keeps only its sockets, so with `--embedded` the growth is the server's.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
@@ -29,6 +33,7 @@ enum Mode {
     Put,
     Bulk,
     Hostile,
+    Followers,
 }
 
 #[derive(Parser, Debug)]
@@ -62,6 +67,9 @@ struct Args {
     /// Give each item a polygon of this many vertices (0: none), to measure geometry checks.
     #[arg(long, default_value_t = 0)]
     polygon: usize,
+    /// `--mode followers`: idle change feed followers to open.
+    #[arg(long, default_value_t = 1000)]
+    followers: usize,
 }
 
 /// A minimal HTTP/1.1 keep-alive connection: the client must not cost more CPU than the server.
@@ -273,7 +281,7 @@ async fn worker(
             "POST"
         };
         let (path, count) = match args.mode {
-            Mode::Put | Mode::Hostile => {
+            Mode::Put | Mode::Hostile | Mode::Followers => {
                 let id = template.fill(&mut body, 0);
                 (format!("/{}/article/{id}", args.project), 1)
             }
@@ -350,6 +358,8 @@ fn main() -> std::process::ExitCode {
         };
         if args.mode == Mode::Hostile {
             hostile(&address, &args.project, version).await;
+        } else if args.mode == Mode::Followers {
+            followers(&address, &args.project, version, args.followers).await;
         } else {
             load(args.clone(), &address, version).await;
         }
@@ -549,6 +559,80 @@ async fn hostile(address: &str, project: &str, version: u64) {
         *counts.entry(status.as_str()).or_default() += 1;
     }
     println!("64 x 1 MiB of numbers at once | {counts:?} | {now:.0} | {peak:.0}");
+}
+
+/// Opens `count` idle SSE followers of the project's change feed; prints what they cost and how
+/// long one write takes to reach them all.
+async fn followers(address: &str, project: &str, version: u64, count: usize) {
+    let request = format!(
+        "GET /{project}/_changes?since=now HTTP/1.1\r\nHost: {address}\r\n\
+         Accept: text/event-stream\r\n\r\n"
+    );
+    // Let the server settle (its first requests allocate pools and caches).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (before, _) = rss();
+    let mut streams = Vec::with_capacity(count);
+    for _ in 0..count {
+        let mut stream = match TcpStream::connect(address).await {
+            Ok(stream) => stream,
+            Err(e) => {
+                println!("followers: connection {} refused: {e}", streams.len());
+                break;
+            }
+        };
+        stream.write_all(request.as_bytes()).await.expect("sent");
+        // The headers and the `retry:` line: the follower is in.
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 512];
+        while !seen.windows(6).any(|w| w == b"retry:") {
+            let n = stream.read(&mut buffer).await.expect("read");
+            assert!(n > 0, "the server closed a follower");
+            seen.extend_from_slice(&buffer[..n]);
+        }
+        streams.push(stream);
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (after, _) = rss();
+    println!(
+        "{} idle SSE followers: RSS {before:.0} MiB before, {after:.0} MiB after: {:.1} KiB each",
+        streams.len(),
+        (after - before) * 1024.0 / streams.len().max(1) as f64
+    );
+    // One write reaches every follower.
+    let started = Instant::now();
+    let id = Uuid::new_v4();
+    let item = serde_json::to_vec(&item(id, version, 0)).expect("JSON");
+    let path = format!("/{project}/article/{id}");
+    let status = match Connection::open(address).await {
+        Ok(mut c) => c.request("PUT", &path, &item).await.map_or(0, |(s, _)| s),
+        Err(_) => 0,
+    };
+    let waits = futures::future::join_all(streams.iter_mut().map(|stream| async move {
+        let mut seen = Vec::new();
+        let mut buffer = [0u8; 512];
+        let reading = async {
+            while !seen.windows(5).any(|w| w == b"data:") {
+                match stream.read(&mut buffer).await {
+                    Ok(0) | Err(_) => return None,
+                    Ok(n) => seen.extend_from_slice(&buffer[..n]),
+                }
+            }
+            Some(started.elapsed())
+        };
+        tokio::time::timeout(Duration::from_secs(30), reading)
+            .await
+            .ok()
+            .flatten()
+    }))
+    .await;
+    let got: Vec<Duration> = waits.iter().flatten().copied().collect();
+    let (now, _) = rss();
+    println!(
+        "one write (status {status}) reached {}/{} followers; the last after {:.0} ms; RSS {now:.0} MiB",
+        got.len(),
+        streams.len(),
+        got.iter().max().map_or(0.0, |d| d.as_secs_f64() * 1000.0)
+    );
 }
 
 fn tempfile_dir() -> std::path::PathBuf {

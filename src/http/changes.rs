@@ -65,7 +65,8 @@ struct Query {
 }
 
 struct Params {
-    since: u64,
+    /// `None`: `since=now`, only changes from here on.
+    since: Option<u64>,
     version: Option<u32>,
     blueprints: Option<Vec<Ident>>,
     limit: usize,
@@ -107,11 +108,14 @@ impl Params {
                     ),
                 )
             })?;
-        let mut since = number::<u64>("since", query.since.as_deref(), "a revision")?.unwrap_or(0);
+        let mut since = match query.since.as_deref() {
+            Some("now") => None,
+            raw => Some(number::<u64>("since", raw, "a revision or now")?.unwrap_or(0)),
+        };
         // An SSE client resuming after a dropped connection says where it was.
         if let Some(last) = request.headers().get("last-event-id") {
             let text = last.to_str().unwrap_or("?");
-            since = number::<u64>("Last-Event-ID", Some(text), "a revision")?.unwrap_or(0);
+            since = number::<u64>("Last-Event-ID", Some(text), "a revision")?;
         }
         let version = number::<u32>("version", query.version.as_deref(), "a version number")?;
         let blueprints = match query.blueprint.as_deref() {
@@ -266,30 +270,32 @@ pub async fn changes(
         params.blueprints.clone(),
     )?;
     let version = follower.version;
+    let since = match params.since {
+        Some(since) => since,
+        None => state.storage.revision(&project).await?,
+    };
     match params.feed {
         Feed::Normal => {
             let page = follower
-                .page(state.storage.as_ref(), params.since, params.limit)
+                .page(state.storage.as_ref(), since, params.limit)
                 .await?;
             Ok(HttpResponse::Ok().json(page_body(&page, version)))
         }
         Feed::Longpoll => {
             let _slot = Slot::take(&state)?;
-            let page = long_poll(&state, &follower, &params).await?;
+            let page = long_poll(&state, &follower, &params, since).await?;
             Ok(HttpResponse::Ok().json(page_body(&page, version)))
         }
         Feed::Sse | Feed::Ndjson => {
             let slot = Slot::take(&state)?;
             // Read once before answering, so a compacted `since` is a 410, not a stream that ends.
-            follower
-                .page(state.storage.as_ref(), params.since, 1)
-                .await?;
+            follower.page(state.storage.as_ref(), since, 1).await?;
             let stream = Stream {
                 wake: state.storage.follow(&project),
                 closing: state.closing.clone(),
                 deadline: params.timeout.map(|t| Instant::now() + t),
                 heartbeat: params.heartbeat,
-                since: params.since,
+                since,
                 sse: params.feed == Feed::Sse,
                 out: VecDeque::from([Bytes::from_static(if params.feed == Feed::Sse {
                     b"retry: 2000\n\n"
@@ -317,11 +323,16 @@ pub async fn changes(
 }
 
 /// Waits until there is a change after `since`, or the timeout passes; answers the page.
-async fn long_poll(state: &State, follower: &Follower, params: &Params) -> Result<Page, ApiError> {
+async fn long_poll(
+    state: &State,
+    follower: &Follower,
+    params: &Params,
+    since: u64,
+) -> Result<Page, ApiError> {
     let mut wake = state.storage.follow(&follower.project);
     let mut closing = state.closing.clone();
     let deadline = Instant::now() + params.timeout.unwrap_or_default();
-    let mut since = params.since;
+    let mut since = since;
     loop {
         wake.borrow_and_update();
         let page = follower

@@ -481,6 +481,107 @@ async fn the_compatibility_setting_forced_freezes_and_version_usage_are_kept(
     assert!(fresh.last_write_at.is_none());
 }
 
+async fn delete(storage: &dyn Storage, project: &Ident, id: Uuid) -> u64 {
+    let record = storage
+        .item(project, &ident("article"), &id)
+        .await
+        .expect("readable");
+    let snapshot = storage.snapshot();
+    let entry = prepare_delete(&snapshot, project, &ident("article"), id, record.as_ref())
+        .expect("a delete");
+    storage
+        .write(project, snapshot.projects[project].epoch, vec![entry])
+        .await
+        .expect("the delete is acknowledged")[0]
+}
+
+/// (revision, id, whether it is a delete) of every change after `since`.
+async fn feed(storage: &dyn Storage, project: &Ident, since: u64) -> Vec<(u64, Uuid, bool)> {
+    let page = storage
+        .changes(project, since, 1000)
+        .await
+        .expect("the feed reads");
+    page.changes
+        .iter()
+        .map(|c| (c.revision, c.id, c.record.is_none()))
+        .collect()
+}
+
+async fn the_feed_keeps_the_latest_change_of_each_item_in_revision_order(
+    storage: Arc<dyn Storage>,
+) {
+    let project = frozen(storage.as_ref()).await;
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let mut wake = storage.follow(&project);
+    wake.borrow_and_update();
+    write(storage.as_ref(), &project, a, "a").await;
+    tokio::time::timeout(Duration::from_secs(5), wake.changed())
+        .await
+        .expect("a follower is woken by a commit")
+        .expect("the signal lives");
+    write(storage.as_ref(), &project, b, "b").await;
+    let a2 = write(storage.as_ref(), &project, a, "a2").await;
+    let b_gone = delete(storage.as_ref(), &project, b).await;
+    let c1 = write(storage.as_ref(), &project, c, "c").await;
+    assert_eq!(
+        feed(storage.as_ref(), &project, 0).await,
+        vec![(a2, a, false), (b_gone, b, true), (c1, c, false)]
+    );
+    assert_eq!(
+        feed(storage.as_ref(), &project, a2).await,
+        vec![(b_gone, b, true), (c1, c, false)]
+    );
+    let page = storage.changes(&project, 0, 1).await.expect("a page");
+    assert_eq!(page.changes.len(), 1);
+    let record = page.changes[0].record.as_ref().expect("a put has its item");
+    assert_eq!(record.revision, a2);
+    assert_eq!(record.body["title"], "a2");
+    // Written again, a deleted item's put replaces its delete; deleted again, a new delete.
+    let b2 = write(storage.as_ref(), &project, b, "b2").await;
+    assert_eq!(
+        feed(storage.as_ref(), &project, 0).await,
+        vec![(a2, a, false), (c1, c, false), (b2, b, false)]
+    );
+    let b_gone_again = delete(storage.as_ref(), &project, b).await;
+    assert_eq!(
+        feed(storage.as_ref(), &project, c1).await,
+        vec![(b_gone_again, b, true)]
+    );
+    // Another project's items never show.
+    let other = ident("pp");
+    put_article(storage.as_ref(), &other, None).await;
+    storage.freeze(&other, false).await.expect("version 1");
+    write(storage.as_ref(), &other, Uuid::new_v4(), "elsewhere").await;
+    assert_eq!(feed(storage.as_ref(), &project, 0).await.len(), 3);
+    assert_eq!(storage.changes(&project, 0, 10).await.unwrap().horizon, 0);
+}
+
+async fn purged_deletes_and_drops_move_the_horizon(storage: Arc<dyn Storage>) {
+    let project = frozen(storage.as_ref()).await;
+    let (kept, gone) = (Uuid::new_v4(), Uuid::new_v4());
+    let kept_at = write(storage.as_ref(), &project, kept, "kept").await;
+    write(storage.as_ref(), &project, gone, "gone").await;
+    let deleted = delete(storage.as_ref(), &project, gone).await;
+    // Nothing is older than an hour ago.
+    let an_hour_ago = chrono::Utc::now() - chrono::Duration::hours(1);
+    assert_eq!(storage.purge_tombstones(an_hour_ago).await.unwrap(), 0);
+    assert_eq!(feed(storage.as_ref(), &project, 0).await.len(), 2);
+    let later = chrono::Utc::now() + chrono::Duration::seconds(5);
+    assert_eq!(storage.purge_tombstones(later).await.unwrap(), 1);
+    let page = storage.changes(&project, 0, 10).await.unwrap();
+    assert_eq!(page.horizon, deleted);
+    assert_eq!(
+        page.changes.iter().map(|c| c.id).collect::<Vec<_>>(),
+        vec![kept]
+    );
+    assert_eq!(page.changes[0].revision, kept_at);
+    // A drop forgets the history: the horizon is the drop.
+    let dropped = storage.drop_project(&project).await.expect("dropped");
+    let page = storage.changes(&project, 0, 10).await.unwrap();
+    assert!(page.changes.is_empty());
+    assert_eq!(page.horizon, dropped);
+}
+
 /// Expands every behaviour into a named test for one backend.
 macro_rules! conformance {
     ($backend:ident: $($behaviour:ident),* $(,)?) => {
@@ -519,6 +620,8 @@ macro_rules! every_behaviour {
             an_invalid_edit_changes_nothing,
             scanning_pages_through_every_item_of_the_project_once,
             the_compatibility_setting_forced_freezes_and_version_usage_are_kept,
+            the_feed_keeps_the_latest_change_of_each_item_in_revision_order,
+            purged_deletes_and_drops_move_the_horizon,
         );
     };
 }

@@ -238,6 +238,11 @@ impl Storage for EmbeddedStorage {
         Ok(self.journal.changes(project, since, limit)?)
     }
 
+    async fn revision(&self, _project: &Ident) -> Result<u64, StorageError> {
+        // Revisions are the journal's sequence numbers, shared by every project.
+        Ok(self.journal.last_seq())
+    }
+
     fn follow(&self, project: &Ident) -> tokio::sync::watch::Receiver<u64> {
         self.journal.follow(project)
     }

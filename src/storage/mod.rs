@@ -303,6 +303,9 @@ pub trait Storage: Send + Sync {
         limit: usize,
     ) -> Result<ChangesPage, StorageError>;
 
+    /// The highest revision the project has committed (every change up to it is readable).
+    async fn revision(&self, project: &Ident) -> Result<u64, StorageError>;
+
     /// A receiver woken when the project commits item changes: at once on this node; in cluster
     /// mode, within a fraction of a second of another node's commit.
     fn follow(&self, project: &Ident) -> tokio::sync::watch::Receiver<u64>;

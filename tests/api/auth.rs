@@ -239,6 +239,40 @@ fn routes(id: Uuid) -> Vec<Route> {
             ..route(Method::POST, "/p/_bulk", None, "items.write", true)
         },
     );
+    let at = routes
+        .iter()
+        .position(|r| r.path == "/p/_catalog")
+        .expect("the catalog route")
+        + 1;
+    let evolution_and_feed = [
+        route(Method::GET, "/p/_version/1", None, "blueprints.read", true),
+        route(
+            Method::GET,
+            "/p/_diff?from=1&to=1",
+            None,
+            "blueprints.read",
+            true,
+        ),
+        route(Method::GET, "/p/_settings", None, "blueprints.read", true),
+        route(
+            Method::PUT,
+            "/p/_settings",
+            Some(json!({"compatibility": "lossless"})),
+            "blueprints.write",
+            true,
+        ),
+        route(Method::GET, "/p/_changes", None, "items.read", true),
+        route(
+            Method::GET,
+            "/p/_changes?feed=longpoll&timeout=0",
+            None,
+            "items.read",
+            true,
+        ),
+    ];
+    for (offset, route) in evolution_and_feed.into_iter().enumerate() {
+        routes.insert(at + offset, route);
+    }
     routes.push(Route {
         everything: true,
         ..route(Method::DELETE, "/_project", None, "projects.delete", false)

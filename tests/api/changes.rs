@@ -233,8 +233,13 @@ async fn a_long_poll_answers_at_the_next_change_or_when_its_timeout_passes() {
     assert_eq!(revisions(&empty.body), Vec::<u64>::new());
     assert!(started.elapsed() >= Duration::from_millis(900));
 
+    // since=now: nothing of the past.
+    let now = app.get("/p/_changes?since=now").await.body;
+    assert_eq!(revisions(&now), Vec::<u64>::new());
+    assert!(now["last_revision"].as_u64().unwrap() >= first, "{now}");
+
     let url = format!(
-        "{}/p/_changes?feed=longpoll&since={first}&timeout=30",
+        "{}/p/_changes?feed=longpoll&since=now&timeout=30",
         app.address
     );
     let waiting = tokio::spawn(async move {
@@ -460,4 +465,42 @@ async fn a_dropped_project_ends_its_followers_and_its_history() {
         410
     );
     assert_eq!(revisions(&app.get("/p/_changes").await.body), vec![fresh]);
+}
+
+#[tokio::test]
+async fn past_max_followers_a_node_answers_503_and_a_leaving_follower_frees_its_place() {
+    let app = spawn_app_with(|s| s.changes.max_followers = 1).await;
+    project(&app).await;
+    // Heartbeats every second: a write to the closed connection is at the latest how a server
+    // notices a follower left.
+    let first = sse(&app.address, "heartbeat=1", None).await;
+    let refused = reqwest::get(format!("{}/p/_changes?feed=ndjson", app.address))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 503);
+    let body: Value = refused.json().await.unwrap();
+    assert!(
+        body["status"]
+            .as_str()
+            .unwrap()
+            .contains("changes.max_followers"),
+        "{body}"
+    );
+    // A plain page is not a follower: it is always served.
+    assert_eq!(app.get("/p/_changes").await.status, 200);
+    drop(first);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let answer = reqwest::get(format!(
+            "{}/p/_changes?feed=longpoll&timeout=1",
+            app.address
+        ))
+        .await
+        .unwrap();
+        if answer.status() == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the place was never freed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }

@@ -334,6 +334,7 @@ async fn cli_help_describes_every_client_command() {
         "blueprint",
         "freeze",
         "diff",
+        "changes",
         "versions",
         "item",
         "DSTORE_SERVER",
@@ -418,6 +419,64 @@ async fn cli_freeze_dry_run_prints_the_report_and_diff_prints_the_verdicts() {
         "{text}"
     );
     let missing = dstore(&app, &["diff", "shop", "1", "9"], None).await;
+    assert_eq!(missing.status.code(), Some(1));
+    assert!(stderr(&missing).contains("404"), "{}", stderr(&missing));
+}
+
+#[tokio::test]
+async fn cli_changes_prints_the_feed_as_ndjson_and_follows_it() {
+    let app = spawn_app().await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let item = |title: &str| json!({"project_version": 1, "title": title, "date_created": "2020-01-02 03:04:05"});
+    let first = app.post("/myblog/article", Some(&item("first"))).await;
+    assert_eq!(first.status, 201, "{}", first.body);
+
+    let page = dstore(&app, &["changes", "myblog"], None).await;
+    assert_success(&page);
+    let lines: Vec<Value> = stdout(&page)
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("one JSON change per line"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{}", stdout(&page));
+    assert_eq!(lines[0]["item"]["title"], "first");
+
+    // --follow keeps printing as writes arrive.
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_dstore"))
+        .args(["changes", "myblog", "--version", "1", "--follow"])
+        .env("DSTORE_SERVER", &app.address)
+        .env_remove("DSTORE_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the binary starts");
+    let stdout_pipe = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || {
+        use std::io::BufRead;
+        std::io::BufReader::new(stdout_pipe)
+            .lines()
+            .take(3)
+            .map(|l| l.unwrap())
+            .collect::<Vec<_>>()
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    for title in ["second", "third"] {
+        let put = app.post("/myblog/article", Some(&item(title))).await;
+        assert_eq!(put.status, 201, "{}", put.body);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(15);
+    while !reader.is_finished() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let lines = reader.join().unwrap();
+    let titles: Vec<String> = lines
+        .iter()
+        .map(|l| serde_json::from_str::<Value>(l).unwrap()["item"]["title"].to_string())
+        .collect();
+    assert_eq!(titles, ["\"first\"", "\"second\"", "\"third\""]);
+
+    let missing = dstore(&app, &["changes", "nothing"], None).await;
     assert_eq!(missing.status.code(), Some(1));
     assert!(stderr(&missing).contains("404"), "{}", stderr(&missing));
 }

@@ -534,3 +534,90 @@ async fn keys_and_the_audit_log_are_shared_by_every_node() {
     }
     cluster.clean_up().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_follower_on_one_node_sees_the_writes_of_every_node_in_revision_order() {
+    use eventsource_stream::Eventsource;
+    use futures::StreamExt;
+
+    let cluster = Cluster::new().await;
+    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
+    let mut nodes = Vec::new();
+    for (i, port) in ports.iter().enumerate() {
+        let data = cluster.dir.path().join(format!("feed{i}"));
+        nodes.push(
+            Server::start_with(
+                &data,
+                *port,
+                &[
+                    ("DSTORE_STORAGE_BACKEND", "postgresql".into()),
+                    ("DSTORE_STORAGE_URL", cluster.storage_url.clone()),
+                    ("DSTORE_NODE", format!("feed{i}")),
+                ],
+            )
+            .await,
+        );
+    }
+    let (status, _) = send(
+        reqwest::Method::PUT,
+        nodes[0].url("/p/thing/_blueprint"),
+        Some(thing()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = send(reqwest::Method::POST, nodes[0].url("/p/_version"), None).await;
+    assert_eq!(status, 200);
+    let follow = |url: String, last: Option<u64>| async move {
+        let mut request = reqwest::Client::new()
+            .get(url)
+            .header("accept", "text/event-stream");
+        if let Some(last) = last {
+            request = request.header("last-event-id", last.to_string());
+        }
+        let response = request.send().await.unwrap();
+        assert_eq!(response.status(), 200);
+        Box::pin(response.bytes_stream().eventsource())
+    };
+    let mut events = follow(nodes[1].url("/p/_changes"), None).await;
+    let mut written = Vec::new();
+    for i in 0..20 {
+        let node = &nodes[i % 2];
+        let (status, body) = send(
+            reqwest::Method::POST,
+            node.url("/p/thing"),
+            Some(json!({"project_version": 1, "title": format!("n{i}")})),
+        )
+        .await;
+        assert_eq!(status, 201, "{body}");
+        written.push(body["revision"].as_u64().unwrap());
+    }
+    let mut seen = Vec::new();
+    while seen.len() < written.len() {
+        let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("the follower hears of every node's writes")
+            .unwrap()
+            .unwrap();
+        seen.push(event.id.parse::<u64>().unwrap());
+    }
+    assert_eq!(seen, written, "every write once, in revision order");
+    // Resumed on the other node from the last id seen.
+    drop(events);
+    let (_, body) = send(
+        reqwest::Method::POST,
+        nodes[0].url("/p/thing"),
+        Some(json!({"project_version": 1, "title": "later"})),
+    )
+    .await;
+    let later = body["revision"].as_u64().unwrap();
+    let mut events = follow(nodes[0].url("/p/_changes"), seen.last().copied()).await;
+    let event = tokio::time::timeout(Duration::from_secs(10), events.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert_eq!(event.id, later.to_string());
+    drop(events);
+    drop(nodes);
+    cluster.clean_up().await;
+}

@@ -37,6 +37,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("put", "/{project}/_project"),
     ("delete", "/{project}/_project"),
     ("post", "/{project}/_bulk"),
+    ("get", "/{project}/_changes"),
     ("get", "/{project}/{blueprint}/_blueprint"),
     ("put", "/{project}/{blueprint}/_blueprint"),
     ("delete", "/{project}/{blueprint}/_blueprint"),

@@ -699,6 +699,16 @@ impl Storage for PgStorage {
         })
     }
 
+    async fn revision(&self, project: &Ident) -> Result<u64, StorageError> {
+        let revision: Option<i64> =
+            sqlx::query_scalar("SELECT revision FROM projects WHERE name = $1")
+                .bind(project.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| unavailable("read the project's revision", &e))?;
+        Ok(revision.unwrap_or(0) as u64)
+    }
+
     fn follow(&self, project: &Ident) -> tokio::sync::watch::Receiver<u64> {
         self.signal.subscribe(project)
     }
