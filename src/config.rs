@@ -226,7 +226,8 @@ pub struct StorageSettings {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProjectionSettings {
-    /// Tasks a projector takes at once.
+    /// Tasks a projector takes at once (fewer when they hold more than 8 MiB): one transaction in
+    /// PostgreSQL, one `_bulk` request to Elasticsearch.
     pub batch_size: usize,
     /// Writes are refused with 503 once a projector has this many tasks waiting.
     pub max_pending_tasks: u64,
@@ -395,7 +396,7 @@ impl Default for StorageSettings {
 impl Default for ProjectionSettings {
     fn default() -> Self {
         ProjectionSettings {
-            batch_size: 1000,
+            batch_size: 5000,
             max_pending_tasks: 5_000_000,
             wait_timeout_secs: 30,
             rocksdb: true,

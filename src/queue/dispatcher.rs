@@ -6,6 +6,8 @@
 //! ones behind it, retried with capped backoff, so a store that is down only delays its own projection.
 //! A failed migration holds back only its own project ([`Holds`]): that project's tasks stay in order
 //! behind it while the other projects' tasks go on. What goes together in one batch is [`step`]'s rule.
+//! While a full batch is applied, the next one is read and decoded, so the store does not wait for
+//! the journal between batches; it is used only if the whole batch settled and nothing was held.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -16,7 +18,7 @@ use super::hold::Holds;
 use super::step::{self, Step};
 use crate::catalog::MigrationState;
 use crate::journal::task::Task;
-use crate::journal::Journal;
+use crate::journal::{Journal, Pending};
 use crate::projector::{backoff, Projector};
 
 /// Runs until `shutdown` turns true.
@@ -31,12 +33,19 @@ pub async fn run(
     let mut holds = Holds::default();
     // Every task below it is settled or belongs to a held project; 0 scans from the oldest.
     let mut scan_from = 0;
+    // The batch after the one applied last, read while it was applied.
+    let mut prefetched: Option<Pending> = None;
     while !*shutdown.borrow() {
         if !holds.any() {
             scan_from = 0;
         }
-        let pending = match journal.pending_from(name, scan_from, batch_size, |p| holds.is_held(p))
-        {
+        // Only when the whole previous batch settled and nothing is held: then every task before
+        // the prefetched ones is settled, and new tasks only get higher seqs.
+        let read = match prefetched.take().filter(|_| !holds.any()) {
+            Some(pending) => Ok(pending),
+            None => journal.pending_from(name, scan_from, batch_size, |p| holds.is_held(p)),
+        };
+        let pending = match read {
             Ok(pending) => pending,
             Err(error) => {
                 tracing::error!(projector = name, %error, "cannot read pending tasks");
@@ -69,7 +78,22 @@ pub async fn run(
             }
             continue;
         }
-        let step = step::apply(projector.as_ref(), &journal.catalog().snapshot(), &tasks).await;
+        // While the store applies this batch, the next one is read and decoded (only when no
+        // project is held: a held project's tasks must be left out, and holds may change).
+        let next_from = tasks.last().map_or(0, |t| t.seq + 1);
+        let snapshot = journal.catalog().snapshot();
+        let (step, next) = if holds.any() || tasks.len() < batch_size {
+            let step = step::apply(projector.as_ref(), &snapshot, &tasks).await;
+            (step, None)
+        } else {
+            let reader = journal.clone();
+            let read = tokio::task::spawn_blocking(move || {
+                reader.pending_from(name, next_from, batch_size, |_| false)
+            });
+            let (step, read) =
+                tokio::join!(step::apply(projector.as_ref(), &snapshot, &tasks), read);
+            (step, read.ok().and_then(Result::ok))
+        };
         let settled = step.settled();
         let migration_failed = step
             .migration
@@ -106,6 +130,7 @@ pub async fn run(
                     journal.note_error(name, None);
                 }
                 scan_from = next_scan(&tasks, settled);
+                prefetched = next.filter(|_| settled == tasks.len());
             }
             Some(error) => {
                 tracing::warn!(projector = name, %error, attempt, "projection failed; retrying");

@@ -286,3 +286,131 @@ async fn a_projector_far_behind_makes_the_journal_refuse_writes_with_503_instead
         "writes are accepted again once the projector caught up"
     );
 }
+
+/// A projector that records the seqs of every batch it is given, and is unreachable while `down`.
+#[derive(Clone, Default)]
+struct Recorder {
+    down: Arc<AtomicBool>,
+    batches: Arc<std::sync::Mutex<Vec<Vec<u64>>>>,
+}
+
+#[async_trait]
+impl Projector for Recorder {
+    fn name(&self) -> &'static str {
+        "recorder"
+    }
+
+    async fn migrate(&self, _project: &Ident, _version: &Version) -> Result<(), ProjectorError> {
+        Ok(())
+    }
+
+    async fn apply(
+        &self,
+        _snapshot: &Snapshot,
+        tasks: &[Task],
+    ) -> Result<Vec<Outcome>, ProjectorError> {
+        if self.down.load(Ordering::SeqCst) {
+            return Err(ProjectorError::transient("connection refused"));
+        }
+        self.batches
+            .lock()
+            .unwrap()
+            .push(tasks.iter().map(|t| t.seq).collect());
+        Ok(tasks.iter().map(|_| Ok(())).collect())
+    }
+
+    async fn drop_project(&self, _project: &Ident) -> Result<(), ProjectorError> {
+        Ok(())
+    }
+
+    async fn read(
+        &self,
+        _: &Ident,
+        _: u32,
+        _: &Ident,
+        _: &Uuid,
+    ) -> Result<Option<Value>, ProjectorError> {
+        Ok(None)
+    }
+
+    async fn health(&self) -> Health {
+        Health {
+            reachable: true,
+            detail: "test double".into(),
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_backlog_is_applied_once_in_order_in_batches_bounded_by_count_and_bytes() {
+    let recorder = Recorder::default();
+    let app = spawn_app_with_projectors(
+        |s| s.projection.batch_size = 500,
+        vec![Arc::new(recorder.clone())],
+    )
+    .await;
+    let note = serde_json::json!({"postgresql": {"table": "notes"},
+        "elasticsearch": {"type": "note"}, "columns": {"title": {"type": "string"}}});
+    app.put_and_freeze("p", "note", &note).await;
+    recorder.down.store(true, Ordering::SeqCst);
+    // A backlog of small items, then items of 700 KB each, then small ones again.
+    let mut written = Vec::new();
+    let large = "x".repeat(700_000);
+    for i in 0..2400 {
+        let title = if (1200..1230).contains(&i) {
+            large.as_str()
+        } else {
+            "small"
+        };
+        let answer = app
+            .put(
+                &format!("/p/note/{}", Uuid::new_v4()),
+                &serde_json::json!({"project_version": 1, "title": title}),
+            )
+            .await;
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        written.push(answer.body["revision"].as_u64().unwrap());
+    }
+    recorder.down.store(false, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let ready = app.get("/_health/ready").await.body;
+        if ready["projectors"]["recorder"]["status"] == "ready" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{ready}");
+        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+    }
+    let batches = recorder.batches.lock().unwrap().clone();
+    let applied: Vec<u64> = batches.iter().flatten().copied().collect();
+    let items: Vec<u64> = applied
+        .iter()
+        .copied()
+        .filter(|seq| written.contains(seq))
+        .collect();
+    assert_eq!(items, written, "every write once, in order");
+    assert!(
+        applied.windows(2).all(|w| w[0] < w[1]),
+        "no task twice or out of order"
+    );
+    assert!(
+        batches.iter().all(|b| b.len() <= 500),
+        "{:?}",
+        batches.iter().map(Vec::len).collect::<Vec<_>>()
+    );
+    // 8 MiB of 700 KB items is 12 of them: a batch ends once it holds that much.
+    let large_batches: Vec<usize> = batches
+        .iter()
+        .map(|b| {
+            b.iter()
+                .filter(|seq| written[1200..1230].contains(seq))
+                .count()
+        })
+        .filter(|n| *n > 0)
+        .collect();
+    assert!(
+        large_batches.iter().all(|n| *n <= 12) && large_batches.len() >= 3,
+        "{large_batches:?}"
+    );
+    app.stop().await;
+}
