@@ -226,9 +226,12 @@ pub struct StorageSettings {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ProjectionSettings {
-    /// Tasks a projector takes at once (fewer when they hold more than 8 MiB): one transaction in
-    /// PostgreSQL, one `_bulk` request to Elasticsearch.
+    /// Tasks a projector takes at once (fewer when they hold more than 8 MiB): one `_bulk` request
+    /// to Elasticsearch, one batch of keyspace writes.
     pub batch_size: usize,
+    /// Tasks the PostgreSQL projector takes at once: one transaction. Larger batches than the
+    /// others pay off there (fewer statements and commits), at the cost of the memory they hold.
+    pub postgresql_batch_size: usize,
     /// Writes are refused with 503 once a projector has this many tasks waiting.
     pub max_pending_tasks: u64,
     /// How long `?wait=true` writes and freezes wait for the projectors, in seconds.
@@ -393,10 +396,23 @@ impl Default for StorageSettings {
     }
 }
 
+impl ProjectionSettings {
+    /// How many tasks the projector of this name takes at once.
+    pub fn batch_for(&self, projector: &str) -> usize {
+        if projector == crate::projector::ProjectorKind::Postgresql.name() {
+            self.postgresql_batch_size
+        } else {
+            self.batch_size
+        }
+        .max(1)
+    }
+}
+
 impl Default for ProjectionSettings {
     fn default() -> Self {
         ProjectionSettings {
-            batch_size: 5000,
+            batch_size: 1000,
+            postgresql_batch_size: 5000,
             max_pending_tasks: 5_000_000,
             wait_timeout_secs: 30,
             rocksdb: true,
@@ -710,6 +726,26 @@ mod tests {
         let settings: Settings = toml::from_str(include_str!("../deploy/dstore.toml")).unwrap();
         assert_eq!(settings.server.port, 2020);
         assert_eq!(settings.storage.data_dir, PathBuf::from("/var/lib/dstore"));
+        // The shipped file says what the defaults are.
+        let defaults = ProjectionSettings::default();
+        assert_eq!(settings.projection.batch_size, defaults.batch_size);
+        assert_eq!(
+            settings.projection.postgresql_batch_size,
+            defaults.postgresql_batch_size
+        );
+    }
+
+    #[test]
+    fn the_postgresql_projector_takes_its_own_batch_size() {
+        let projection = ProjectionSettings {
+            batch_size: 10,
+            postgresql_batch_size: 0,
+            ..ProjectionSettings::default()
+        };
+        assert_eq!(projection.batch_for("rocksdb"), 10);
+        assert_eq!(projection.batch_for("elasticsearch"), 10);
+        // Zero would never take a task: one at least.
+        assert_eq!(projection.batch_for("postgresql"), 1);
     }
 
     #[test]

@@ -139,7 +139,7 @@ impl Application {
                         tokio::spawn(crate::storage::postgres::projection::run(
                             pg.clone(),
                             projector.clone(),
-                            settings.projection.batch_size,
+                            settings.projection.batch_for(projector.name()),
                             stop.clone(),
                         ))
                     })
@@ -374,7 +374,7 @@ fn embedded_projection(
                 tokio::spawn(dispatcher::run(
                     journal.clone(),
                     p.clone(),
-                    batch,
+                    settings.projection.batch_for(p.name()),
                     stop.clone(),
                 ))
             })
@@ -401,7 +401,7 @@ fn embedded_projection(
             broker.clone(),
             projector.clone(),
             view.clone(),
-            batch,
+            settings.projection.batch_for(projector.name()),
             stop.clone(),
         )));
     }
@@ -635,7 +635,7 @@ pub async fn run_worker(
         broker,
         projector,
         view,
-        settings.projection.batch_size,
+        settings.projection.batch_for(name),
         stop,
     ));
     stop_signal().await;
@@ -659,7 +659,7 @@ async fn run_cluster_worker(settings: Settings, kind: ProjectorKind) -> Result<(
     let running = tokio::spawn(crate::storage::postgres::projection::run(
         storage,
         projector,
-        settings.projection.batch_size,
+        settings.projection.batch_for(kind.name()),
         stop,
     ));
     stop_signal().await;

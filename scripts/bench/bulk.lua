@@ -1,5 +1,9 @@
 -- wrk: POST `_bulk` requests of wrk's second argument (default 1000) new items each, fresh ids from
 -- a per-thread prefix and a counter. The project is wrk's first argument after `--`.
+-- The third group of the id differs from put.lua's, so a _bulk run after a PUT run on the same
+-- server writes new items rather than overwriting them.
+math.randomseed(os.time() * 1000 + 2)
+
 function setup(thread)
     thread:set("prefix", string.format("%08x", math.random(0, 0x7fffffff)))
 end
@@ -17,7 +21,7 @@ function request()
     for i = 1, size do
         counter = counter + 1
         lines[#lines + 1] = string.format(
-            '{"put":{"blueprint":"article","id":"%s-0000-4000-8000-%012x"}}\n', prefix, counter)
+            '{"put":{"blueprint":"article","id":"%s-0001-4000-8000-%012x"}}\n', prefix, counter)
         lines[#lines + 1] = item
     end
     return wrk.format("POST", "/" .. project .. "/_bulk", nil, table.concat(lines))

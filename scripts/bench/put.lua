@@ -1,5 +1,8 @@
 -- wrk: PUT one new item per request, each with a fresh id (a per-thread prefix and a counter, so the
 -- client spends nothing on randomness). The project is wrk's first argument after `--`.
+-- The third group of the id differs from bulk.lua's, so a _bulk run after a PUT run on the same
+-- server writes new items rather than overwriting them.
+math.randomseed(os.time() * 1000 + 1)
 local threads = {}
 
 function setup(thread)
