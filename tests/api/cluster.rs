@@ -61,6 +61,23 @@ impl Cluster {
         .await
     }
 
+    /// `count` nodes named `{name}{i}` on the shared storage, without stores, each with `extra`
+    /// variables.
+    async fn bare_nodes(&self, name: &str, count: usize, extra: &[(&str, String)]) -> Vec<Server> {
+        let mut nodes = Vec::new();
+        for i in 0..count {
+            let mut env = vec![
+                ("DSTORE_STORAGE_BACKEND", "postgresql".into()),
+                ("DSTORE_STORAGE_URL", self.storage_url.clone()),
+                ("DSTORE_NODE", format!("{name}{i}")),
+            ];
+            env.extend(extra.iter().cloned());
+            let data = self.dir.path().join(format!("{name}{i}"));
+            nodes.push(Server::start_with(&data, free_port(), &env).await);
+        }
+        nodes
+    }
+
     async fn clean_up(self) {
         self.es.clean_up(&self.prefix).await;
         self.storage.drop().await;
@@ -418,24 +435,9 @@ async fn while_the_storage_is_away_writes_answer_503_and_resume_by_themselves_lo
 async fn keys_and_the_audit_log_are_shared_by_every_node() {
     const MASTER: &str = "a-cluster-master-key-0123456789";
     let cluster = Cluster::new().await;
-    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
-    let mut nodes = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let data = cluster.dir.path().join(format!("keyed{i}"));
-        nodes.push(
-            Server::start_with(
-                &data,
-                *port,
-                &[
-                    ("DSTORE_STORAGE_BACKEND", "postgresql".into()),
-                    ("DSTORE_STORAGE_URL", cluster.storage_url.clone()),
-                    ("DSTORE_NODE", format!("keyed{i}")),
-                    ("DSTORE_MASTER_KEY", MASTER.into()),
-                ],
-            )
-            .await,
-        );
-    }
+    let nodes = cluster
+        .bare_nodes("keyed", 2, &[("DSTORE_MASTER_KEY", MASTER.into())])
+        .await;
     let client = reqwest::Client::new();
     let made: Value = client
         .post(nodes[0].url("/_keys"))
@@ -541,23 +543,7 @@ async fn a_follower_on_one_node_sees_the_writes_of_every_node_in_revision_order(
     use futures::StreamExt;
 
     let cluster = Cluster::new().await;
-    let ports: Vec<u16> = (0..2).map(|_| free_port()).collect();
-    let mut nodes = Vec::new();
-    for (i, port) in ports.iter().enumerate() {
-        let data = cluster.dir.path().join(format!("feed{i}"));
-        nodes.push(
-            Server::start_with(
-                &data,
-                *port,
-                &[
-                    ("DSTORE_STORAGE_BACKEND", "postgresql".into()),
-                    ("DSTORE_STORAGE_URL", cluster.storage_url.clone()),
-                    ("DSTORE_NODE", format!("feed{i}")),
-                ],
-            )
-            .await,
-        );
-    }
+    let nodes = cluster.bare_nodes("feed", 2, &[]).await;
     let (status, _) = send(
         reqwest::Method::PUT,
         nodes[0].url("/p/thing/_blueprint"),

@@ -22,12 +22,14 @@ async fn the_rocksdb_projector_passes_the_conformance_suite() {
 }
 
 /// A projector whose store misbehaves until it is told it is fixed: migrations fail, items are
-/// refused for good (`refuse`) or the store is unreachable (`down`).
+/// refused for good (`refuse`) or the store is unreachable (`down`). It records the seqs of every
+/// batch it applies.
 #[derive(Clone, Default)]
 struct Broken {
     fixed: Arc<AtomicBool>,
     refuse: Arc<AtomicBool>,
     down: Arc<AtomicBool>,
+    batches: Arc<std::sync::Mutex<Vec<Vec<u64>>>>,
 }
 
 #[async_trait]
@@ -52,6 +54,10 @@ impl Projector for Broken {
         if self.down.load(Ordering::SeqCst) {
             return Err(ProjectorError::transient("connection refused"));
         }
+        self.batches
+            .lock()
+            .unwrap()
+            .push(tasks.iter().map(|t| t.seq).collect());
         let refuse = self.refuse.load(Ordering::SeqCst);
         Ok(tasks
             .iter()
@@ -287,63 +293,12 @@ async fn a_projector_far_behind_makes_the_journal_refuse_writes_with_503_instead
     );
 }
 
-/// A projector that records the seqs of every batch it is given, and is unreachable while `down`.
-#[derive(Clone, Default)]
-struct Recorder {
-    down: Arc<AtomicBool>,
-    batches: Arc<std::sync::Mutex<Vec<Vec<u64>>>>,
-}
-
-#[async_trait]
-impl Projector for Recorder {
-    fn name(&self) -> &'static str {
-        "recorder"
-    }
-
-    async fn migrate(&self, _project: &Ident, _version: &Version) -> Result<(), ProjectorError> {
-        Ok(())
-    }
-
-    async fn apply(
-        &self,
-        _snapshot: &Snapshot,
-        tasks: &[Task],
-    ) -> Result<Vec<Outcome>, ProjectorError> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(ProjectorError::transient("connection refused"));
-        }
-        self.batches
-            .lock()
-            .unwrap()
-            .push(tasks.iter().map(|t| t.seq).collect());
-        Ok(tasks.iter().map(|_| Ok(())).collect())
-    }
-
-    async fn drop_project(&self, _project: &Ident) -> Result<(), ProjectorError> {
-        Ok(())
-    }
-
-    async fn read(
-        &self,
-        _: &Ident,
-        _: u32,
-        _: &Ident,
-        _: &Uuid,
-    ) -> Result<Option<Value>, ProjectorError> {
-        Ok(None)
-    }
-
-    async fn health(&self) -> Health {
-        Health {
-            reachable: true,
-            detail: "test double".into(),
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_backlog_is_applied_once_in_order_in_batches_bounded_by_count_and_bytes() {
-    let recorder = Recorder::default();
+    let recorder = Broken {
+        fixed: Arc::new(AtomicBool::new(true)),
+        ..Broken::default()
+    };
     let app = spawn_app_with_projectors(
         |s| s.projection.batch_size = 500,
         vec![Arc::new(recorder.clone())],
@@ -375,7 +330,7 @@ async fn a_backlog_is_applied_once_in_order_in_batches_bounded_by_count_and_byte
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
     loop {
         let ready = app.get("/_health/ready").await.body;
-        if ready["projectors"]["recorder"]["status"] == "ready" {
+        if ready["projectors"]["broken"]["status"] == "ready" {
             break;
         }
         assert!(std::time::Instant::now() < deadline, "{ready}");
