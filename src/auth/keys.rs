@@ -267,23 +267,21 @@ impl KeyStore {
 /// Applies what a client said to a key, collecting every problem.
 fn apply(key: &mut ApiKey, input: KeyInput, errors: &mut Vec<FieldError>) {
     let excerpt = crate::blueprint::value::excerpt_str;
-    if let Some(name) = input.name {
-        if name.chars().count() > 200 || name.contains('\0') {
+    // A free text of at most `max` characters, without NUL.
+    let mut text = |field: &str, value: String, max: usize, into: &mut String| {
+        if value.chars().count() > max || value.contains('\0') {
             errors.push(FieldError::new(
-                "/name",
-                "must be at most 200 characters, without NUL",
+                field,
+                format!("must be at most {max} characters, without NUL"),
             ));
         }
-        key.name = name;
+        *into = value;
+    };
+    if let Some(name) = input.name {
+        text("/name", name, 200, &mut key.name);
     }
     if let Some(description) = input.description {
-        if description.chars().count() > 1000 || description.contains('\0') {
-            errors.push(FieldError::new(
-                "/description",
-                "must be at most 1000 characters, without NUL",
-            ));
-        }
-        key.description = description;
+        text("/description", description, 1000, &mut key.description);
     }
     if let Some(actions) = input.actions {
         if actions.is_empty() {
