@@ -15,9 +15,9 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use super::WriteError;
-use crate::blueprint::compat::{changed_columns, lost, refused, Assessment, ColumnPair, Verdict};
+use crate::blueprint::compat::{changed_columns, outcome, Assessment, ColumnPair, Verdict};
 use crate::blueprint::transform::transform;
-use crate::blueprint::{Blueprint, Blueprints, Change, Ident, Uid};
+use crate::blueprint::{Blueprint, Blueprints, Change, Column, Ident, Uid};
 use crate::catalog::{Compatibility, Project};
 use crate::storage::Storage;
 
@@ -73,13 +73,6 @@ pub struct Direction {
     pub assessment: Assessment,
     #[serde(flatten)]
     pub counts: Counts,
-}
-
-impl Report {
-    /// Whether a freeze needs `?force=true` under the project's setting.
-    pub fn needs_force(&self) -> bool {
-        !self.allowed
-    }
 }
 
 /// Verdicts only, without counting items: what `compatibility = "lossless"` checks first.
@@ -200,6 +193,7 @@ impl Tally {
         };
         // The item as new clients would see it (and would write it again).
         let as_new = transform(&record.body, own, new_bp, 0);
+        let new_name = new_name(new, uid);
         for (version, columns) in pairs {
             if p.version(*version)
                 .and_then(|v| blueprint_with(&v.blueprints, uid))
@@ -211,49 +205,19 @@ impl Tally {
             let (mut backward_lost, mut backward_refused) = (false, false);
             let mine = record.version == *version;
             for (index, pair) in columns.iter().enumerate() {
-                if pair.blueprint.as_str() != new_name(new, uid) {
+                if pair.blueprint.as_str() != new_name {
                     continue; // a column of another blueprint
                 }
                 let entry = self.columns.entry((*version, index)).or_default();
                 // Old clients reading the item as new clients write it.
-                let (lose, refuse) = match (pair.new, pair.old) {
-                    (Some((new_name, new_col)), Some((_, old_col))) => {
-                        let value = as_new.get(new_name.as_str()).cloned().unwrap_or_default();
-                        (
-                            lost(&value, &new_col.def, &old_col.def),
-                            refused(&value, &new_col.def, &old_col.def),
-                        )
-                    }
-                    (None, Some((_, old_col))) => (
-                        false,
-                        !old_col.def.nullable && old_col.def.default.is_none(),
-                    ),
-                    _ => (false, false),
-                };
+                let (lose, refuse) = crossing(&as_new, pair.new, pair.old);
                 entry.0.items_losing_a_value += u64::from(lose);
                 entry.0.items_refused += u64::from(refuse);
                 forward_lost |= lose;
                 forward_refused |= refuse;
                 // New clients reading the item stored at this version.
                 if mine {
-                    let (lose, refuse) = match (pair.old, pair.new) {
-                        (Some((old_name, old_col)), Some((_, new_col))) => {
-                            let value = record
-                                .body
-                                .get(old_name.as_str())
-                                .cloned()
-                                .unwrap_or_default();
-                            (
-                                lost(&value, &old_col.def, &new_col.def),
-                                refused(&value, &old_col.def, &new_col.def),
-                            )
-                        }
-                        (None, Some((_, new_col))) => (
-                            false,
-                            !new_col.def.nullable && new_col.def.default.is_none(),
-                        ),
-                        _ => (false, false),
-                    };
+                    let (lose, refuse) = crossing(&record.body, pair.old, pair.new);
                     entry.1.items_losing_a_value += u64::from(lose);
                     entry.1.items_refused += u64::from(refuse);
                     backward_lost |= lose;
@@ -270,6 +234,24 @@ impl Tally {
 }
 
 /// The working copy's name of the blueprint with `uid`.
+/// An item's column moving from `from` (as stored in `body`) to `to`: whether its value is lost
+/// and whether the item is refused. A column `to` adds arrives null.
+fn crossing(
+    body: &serde_json::Map<String, serde_json::Value>,
+    from: Option<(&Ident, &Column)>,
+    to: Option<(&Ident, &Column)>,
+) -> (bool, bool) {
+    match (from, to) {
+        (Some((name, from)), Some((_, to))) => outcome(
+            body.get(name.as_str()).unwrap_or(&serde_json::Value::Null),
+            &from.def,
+            &to.def,
+        ),
+        (None, Some((_, to))) => (false, !to.def.nullable && to.def.default.is_none()),
+        _ => (false, false),
+    }
+}
+
 fn new_name(new: &Blueprints, uid: Uid) -> &str {
     new.iter()
         .find(|(_, bp)| bp.uid == uid)

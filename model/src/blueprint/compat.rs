@@ -44,20 +44,25 @@ impl Assessment {
     }
 }
 
+/// Moving a stored value from `from` to `to`, converted once: whether it is [`lost`] and whether
+/// the item is [`refused`].
+pub fn outcome(value: &Value, from: &ColumnDef, to: &ColumnDef) -> (bool, bool) {
+    let arrives_null = value.is_null() || convert(from, to, value).is_null();
+    (
+        !value.is_null() && arrives_null,
+        arrives_null && !to.nullable && to.default.is_none(),
+    )
+}
+
 /// Whether moving a stored value from `from` to `to` loses it (it arrives as null; a declared
 /// conversion that gives a value, the default included, loses nothing).
 pub fn lost(value: &Value, from: &ColumnDef, to: &ColumnDef) -> bool {
-    !value.is_null() && convert(from, to, value).is_null()
+    outcome(value, from, to).0
 }
 
 /// Whether an item arrives with a null where `to` allows none (the stores refuse it).
 pub fn refused(value: &Value, from: &ColumnDef, to: &ColumnDef) -> bool {
-    let arrives = if value.is_null() {
-        Value::Null
-    } else {
-        convert(from, to, value)
-    };
-    arrives.is_null() && !to.nullable && to.default.is_none()
+    outcome(value, from, to).1
 }
 
 /// Values of `from` moving to `to` (the same column, matched by uid, in two versions).
