@@ -115,14 +115,14 @@ async fn claim(node: &PgStorage) -> Result<Option<Claimed>, StorageError> {
 }
 
 /// `blueprint \0 id` of an item: where a back-fill stands.
-fn cursor_of(blueprint: &str, id: &Uuid) -> Vec<u8> {
+pub(super) fn cursor_of(blueprint: &str, id: &Uuid) -> Vec<u8> {
     let mut key = blueprint.as_bytes().to_vec();
     key.push(0);
     key.extend_from_slice(id.as_bytes());
     key
 }
 
-fn parse_cursor(cursor: &[u8]) -> Option<(String, Uuid)> {
+pub(super) fn parse_cursor(cursor: &[u8]) -> Option<(String, Uuid)> {
     let split = cursor.iter().position(|b| *b == 0)?;
     let id = Uuid::from_slice(&cursor[split + 1..]).ok()?;
     Some((String::from_utf8_lossy(&cursor[..split]).into_owned(), id))

@@ -131,6 +131,8 @@ async fn poll_followed(storage: std::sync::Weak<PgStorage>) {
 
 /// Writes counted version use every few seconds, while the storage lives.
 async fn flush_usage(storage: std::sync::Weak<PgStorage>) {
+    // Buckets older than this were deleted already; the cut-off moves once an hour.
+    let mut pruned = i64::MIN;
     loop {
         tokio::time::sleep(super::usage::FLUSH).await;
         let Some(node) = storage.upgrade() else {
@@ -161,13 +163,17 @@ async fn flush_usage(storage: std::sync::Weak<PgStorage>) {
         .await;
         let oldest = hours.iter().max().copied().unwrap_or_default() - super::usage::KEEP_HOURS;
         let written = match written {
-            Ok(_) => {
-                sqlx::query("DELETE FROM version_usage WHERE hour < $1")
+            Ok(_) if oldest > pruned => {
+                let deleted = sqlx::query("DELETE FROM version_usage WHERE hour < $1")
                     .bind(oldest)
                     .execute(node.pool())
-                    .await
+                    .await;
+                if deleted.is_ok() {
+                    pruned = oldest;
+                }
+                deleted
             }
-            error => error,
+            written => written,
         };
         if let Err(error) = written {
             tracing::warn!(%error, "cannot record the use of versions");
@@ -530,13 +536,7 @@ impl Storage for PgStorage {
         after: Option<Vec<u8>>,
         limit: usize,
     ) -> Result<(Vec<(Ident, ItemRecord)>, Option<Vec<u8>>), StorageError> {
-        let after = after.as_deref().and_then(|cursor| {
-            let split = cursor.iter().position(|b| *b == 0)?;
-            Some((
-                String::from_utf8_lossy(&cursor[..split]).into_owned(),
-                Uuid::from_slice(&cursor[split + 1..]).ok()?,
-            ))
-        });
+        let after = after.as_deref().and_then(backfill::parse_cursor);
         let rows = sqlx::query(
             "SELECT blueprint, id, record FROM items WHERE project = $1 \
              AND ($2::text IS NULL OR (blueprint, id) > ($2, $3)) ORDER BY blueprint, id LIMIT $4",
@@ -553,10 +553,7 @@ impl Storage for PgStorage {
         for row in &rows {
             let (blueprint, id): (String, Uuid) = (row.get("blueprint"), row.get("id"));
             let record = codec::decode_record(&row.get::<Vec<u8>, _>("record"))?;
-            let mut key = blueprint.as_bytes().to_vec();
-            key.push(0);
-            key.extend_from_slice(id.as_bytes());
-            cursor = Some(key);
+            cursor = Some(backfill::cursor_of(&blueprint, &id));
             if let Ok(blueprint) = Ident::parse(&blueprint) {
                 items.push((blueprint, record));
             }
