@@ -2,6 +2,7 @@
 
 pub use dstore_model::{blueprint, bulk, json};
 
+pub mod allocator;
 pub mod auth;
 pub mod catalog;
 pub mod config;

@@ -11,9 +11,9 @@ use dstore::config::Settings;
 use dstore::projector::ProjectorKind;
 use dstore::startup::Application;
 
-/// mimalloc: the journal and the projectors allocate many small, short-lived buffers.
+/// See `dstore::allocator`.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: dstore::allocator::Allocator = mimalloc::MiMalloc;
 
 /// dstore: describe records once as blueprints, freeze them into versions, and write items to every
 /// store for every live version.
@@ -60,6 +60,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    dstore::allocator::tune();
     let cli = Cli::parse();
     // Client commands talk to a server over HTTP and need no configuration file.
     let command = match cli.command {

@@ -24,9 +24,9 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 use uuid::Uuid;
 
-/// mimalloc: the journal and the projectors allocate many small, short-lived buffers.
+/// See `dstore::allocator`.
 #[global_allocator]
-static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+static GLOBAL: dstore::allocator::Allocator = mimalloc::MiMalloc;
 
 #[derive(Clone, Copy, Debug, PartialEq, ValueEnum)]
 enum Mode {
@@ -321,6 +321,7 @@ async fn worker(
 }
 
 fn main() -> std::process::ExitCode {
+    dstore::allocator::tune();
     let args = Arc::new(Args::parse());
     let runtime = tokio::runtime::Runtime::new().expect("a runtime");
     runtime.block_on(async move {

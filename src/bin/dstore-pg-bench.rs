@@ -170,10 +170,7 @@ async fn projection(
                     blueprint: blueprint.clone(),
                     id,
                     revision,
-                    docs: vec![VersionDoc {
-                        version: 1,
-                        doc: doc.clone(),
-                    }],
+                    docs: vec![VersionDoc::new(1, doc)],
                 },
             }
         })

@@ -178,16 +178,7 @@ mod tests {
                 blueprint,
                 id,
                 revision: 5,
-                docs: vec![
-                    VersionDoc {
-                        version: 1,
-                        doc: docs[0].clone(),
-                    },
-                    VersionDoc {
-                        version: 2,
-                        doc: docs[1].clone(),
-                    },
-                ],
+                docs: vec![VersionDoc::new(1, &docs[0]), VersionDoc::new(2, &docs[1])],
             },
         };
         assert_eq!(task, expected);

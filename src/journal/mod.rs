@@ -123,8 +123,8 @@ pub enum Entry {
 }
 
 impl Entry {
-    /// Encodes an upsert; the document at the client's own version is serialized once for both the
-    /// record and the task.
+    /// Encodes an upsert; the documents were serialized once (`VersionDoc`), and the client's own
+    /// version's text is both the record and part of the task.
     pub fn upsert(
         project: &Ident,
         blueprint: Ident,
@@ -133,16 +133,15 @@ impl Entry {
         version: u32,
         docs: &[VersionDoc],
     ) -> Entry {
-        let encoded: Vec<(u32, Vec<u8>)> = docs
+        let slices: Vec<(u32, &[u8])> = docs
             .iter()
-            .map(|d| (d.version, codec::doc_bytes(&d.doc)))
+            .map(|d| (d.version, d.doc.get().as_bytes()))
             .collect();
-        let slices: Vec<(u32, &[u8])> = encoded.iter().map(|(v, b)| (*v, b.as_slice())).collect();
         let task = codec::upsert_body(project, &blueprint, &id, &slices);
-        let record = match encoded.into_iter().find(|(v, _)| *v == version) {
-            Some((_, bytes)) => bytes,
-            None => Vec::new(),
-        };
+        let record = slices
+            .iter()
+            .find(|(v, _)| *v == version)
+            .map_or_else(Vec::new, |(_, bytes)| bytes.to_vec());
         Entry::Upsert {
             blueprint,
             blueprint_uid,

@@ -1,6 +1,7 @@
 //! The unit of work a projector receives, and what it answers for each one.
 
 use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -42,10 +43,34 @@ pub enum TaskOp {
     DropProject,
 }
 
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+/// An item as one version sees it. The document stays the JSON text the write path serialized: the
+/// keyspace projector and Elasticsearch store it as it is, and only what must look inside a document
+/// (PostgreSQL's columns) reads it.
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct VersionDoc {
     pub version: u32,
-    pub doc: Map<String, Value>,
+    pub doc: Box<RawValue>,
+}
+
+impl VersionDoc {
+    pub fn new(version: u32, doc: &Map<String, Value>) -> VersionDoc {
+        VersionDoc {
+            version,
+            doc: serde_json::value::to_raw_value(doc).expect("JSON maps serialize"),
+        }
+    }
+
+    /// The document as a JSON map; `None` if the text is not a JSON object.
+    pub fn parsed(&self) -> Option<Map<String, Value>> {
+        serde_json::from_str(self.doc.get()).ok()
+    }
+}
+
+/// Documents are equal when their JSON text is.
+impl PartialEq for VersionDoc {
+    fn eq(&self, other: &VersionDoc) -> bool {
+        self.version == other.version && self.doc.get() == other.doc.get()
+    }
 }
 
 /// One item write into one version, as a store applies it: a document, or a delete.
@@ -56,7 +81,7 @@ pub struct VersionWrite<'a> {
     pub revision: u64,
     pub version: u32,
     /// `None` for a delete.
-    pub doc: Option<&'a Map<String, Value>>,
+    pub doc: Option<&'a RawValue>,
 }
 
 impl Task {
@@ -86,7 +111,7 @@ impl Task {
                 doc,
             };
             docs.iter()
-                .map(move |d| write(d.version, Some(&d.doc)))
+                .map(move |d| write(d.version, Some(&*d.doc)))
                 .chain(deletes.iter().map(move |v| write(*v, None)))
         })
     }

@@ -77,10 +77,7 @@ fn upsert(project: &Ident, seq: u64, id: Uuid, revision: u64, title: &str) -> Ta
             blueprint: Ident::parse("sample").expect("ident"),
             id,
             revision,
-            docs: vec![VersionDoc {
-                version: 1,
-                doc: sample_doc(id, title),
-            }],
+            docs: vec![VersionDoc::new(1, &sample_doc(id, title))],
         },
     }
 }

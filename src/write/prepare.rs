@@ -86,28 +86,18 @@ pub fn prepare_upsert(
         )
     })?;
     let item = check_item(bp, number, id, body).map_err(WriteError::Invalid)?;
-    // Other versions are transformed from the item, which then takes its own place uncopied.
-    let mut own = None;
-    let mut docs: Vec<VersionDoc> = Vec::new();
-    for (w, target) in p.live_holders(bp.uid) {
-        if w == number {
-            own = Some(docs.len());
-        } else {
-            docs.push(VersionDoc {
-                version: w,
-                doc: transform(&item, bp, target, w),
-            });
-        }
-    }
-    if let Some(at) = own {
-        docs.insert(
-            at,
-            VersionDoc {
-                version: number,
-                doc: item,
-            },
-        );
-    }
+    // Each document is serialized here, once: the record and every store take its text.
+    let docs: Vec<VersionDoc> = p
+        .live_holders(bp.uid)
+        .into_iter()
+        .map(|(w, target)| {
+            if w == number {
+                VersionDoc::new(w, &item)
+            } else {
+                VersionDoc::new(w, &transform(&item, bp, target, w))
+            }
+        })
+        .collect();
     Ok(Entry::upsert(
         project,
         blueprint.clone(),

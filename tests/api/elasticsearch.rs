@@ -602,10 +602,10 @@ fn upsert(project: &Ident, revision: u64) -> dstore::journal::task::Task {
             blueprint: ident("sample"),
             id,
             revision,
-            docs: vec![dstore::journal::task::VersionDoc {
-                version: 1,
-                doc: conformance::sample_doc(id, "t"),
-            }],
+            docs: vec![dstore::journal::task::VersionDoc::new(
+                1,
+                &conformance::sample_doc(id, "t"),
+            )],
         },
     }
 }

@@ -104,7 +104,7 @@ fn upsert(project: &Ident, id: Uuid, revision: u64, doc: Value) -> Task {
             blueprint: ident("sample"),
             id,
             revision,
-            docs: vec![VersionDoc { version: 1, doc }],
+            docs: vec![VersionDoc::new(1, &doc)],
         },
     }
 }

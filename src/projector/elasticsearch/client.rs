@@ -19,6 +19,7 @@ use elasticsearch::indices::{
     IndicesGetMappingParts,
 };
 use elasticsearch::{BulkParts, Elasticsearch, GetParts};
+use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 
@@ -130,12 +131,21 @@ pub struct BulkItem {
 
 /// An index operation or a delete for `_bulk`, versioned externally.
 #[derive(Clone, Debug)]
+/// A line of a `_bulk` body: an action, or a document sent as the journal holds its text.
+#[derive(serde::Serialize)]
+#[serde(untagged)]
+enum Line<'a> {
+    Action(Value),
+    Doc(&'a RawValue),
+}
+
+#[derive(Clone)]
 pub enum BulkAction<'a> {
     Index {
         index: String,
         id: String,
         version: u64,
-        doc: &'a Map<String, Value>,
+        doc: &'a RawValue,
     },
     Delete {
         index: String,
@@ -307,7 +317,7 @@ impl EsClient {
 
     /// Sends one `_bulk` request; `Ok` holds one [`BulkItem`] per action, in order.
     pub async fn bulk(&self, actions: &[BulkAction<'_>]) -> Result<Vec<BulkItem>, EsError> {
-        let mut lines: Vec<JsonBody<Value>> = Vec::with_capacity(actions.len() * 2);
+        let mut lines: Vec<JsonBody<Line>> = Vec::with_capacity(actions.len() * 2);
         for action in actions {
             match action {
                 BulkAction::Index {
@@ -316,11 +326,11 @@ impl EsClient {
                     version,
                     doc,
                 } => {
-                    lines.push(json!({"index": {"_index": index, "_id": id, "version": version, "version_type": "external"}}).into());
-                    lines.push(JsonBody::new(Value::Object((*doc).clone())));
+                    lines.push(JsonBody::new(Line::Action(json!({"index": {"_index": index, "_id": id, "version": version, "version_type": "external"}}))));
+                    lines.push(JsonBody::new(Line::Doc(doc)));
                 }
                 BulkAction::Delete { index, id, version } => {
-                    lines.push(json!({"delete": {"_index": index, "_id": id, "version": version, "version_type": "external"}}).into());
+                    lines.push(JsonBody::new(Line::Action(json!({"delete": {"_index": index, "_id": id, "version": version, "version_type": "external"}}))));
                 }
             }
         }

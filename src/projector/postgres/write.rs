@@ -99,19 +99,22 @@ struct Row<'a> {
 
 impl Serialize for Row<'_> {
     fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let doc = self.upsert.doc;
-        let get = |key: &str| doc.get(key).unwrap_or(&Value::Null);
+        let fields = &self.upsert.fields;
+        let get = |key: &str| fields.get(key).copied();
         let mut row = serializer.serialize_map(Some(self.blueprint.columns.len() + 4))?;
         row.serialize_entry("id", &self.upsert.id)?;
-        row.serialize_entry("project_version", get("project_version"))?;
-        row.serialize_entry("links", get("links"))?;
+        row.serialize_entry("project_version", &get("project_version"))?;
+        row.serialize_entry("links", &get("links"))?;
         row.serialize_entry("_revision", &self.upsert.revision)?;
         for (name, column) in &self.blueprint.columns {
             let value = get(name.as_str());
-            if is_converted(column.def.ty) {
-                row.serialize_entry(name.as_str(), &to_input(column.def.ty, value))?;
-            } else {
-                row.serialize_entry(name.as_str(), value)?;
+            match value {
+                Some(text) if is_converted(column.def.ty) => {
+                    let value: Value =
+                        serde_json::from_str(text.get()).map_err(serde::ser::Error::custom)?;
+                    row.serialize_entry(name.as_str(), &to_input(column.def.ty, &value))?;
+                }
+                _ => row.serialize_entry(name.as_str(), &value)?,
             }
         }
         row.end()

@@ -12,7 +12,8 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use rocksdb::{WriteBatch, WriteOptions, DB};
-use serde_json::{Map, Value};
+use serde_json::value::RawValue;
+use serde_json::Value;
 use uuid::Uuid;
 
 use super::{Health, Outcome, Projector, ProjectorError, ProjectorKind};
@@ -44,15 +45,13 @@ fn project_range(project: &Ident) -> (Vec<u8>, Vec<u8>) {
     (from, to)
 }
 
-fn encode(revision: u64, doc: Option<&Map<String, Value>>) -> Vec<u8> {
-    let mut value = revision.to_be_bytes().to_vec();
-    match doc {
-        Some(doc) => {
-            value.push(1);
-            serde_json::to_writer(&mut value, doc).expect("a JSON map serializes");
-        }
-        None => value.push(0),
-    }
+/// The stored value: the task's document text as it is, never decoded here.
+fn encode(revision: u64, doc: Option<&RawValue>) -> Vec<u8> {
+    let text = doc.map_or("", RawValue::get);
+    let mut value = Vec::with_capacity(9 + text.len());
+    value.extend_from_slice(&revision.to_be_bytes());
+    value.push(u8::from(doc.is_some()));
+    value.extend_from_slice(text.as_bytes());
     value
 }
 
@@ -177,7 +176,7 @@ impl Projector for RocksProjector {
 }
 
 /// One keyspace write: a document, or a tombstone when `doc` is `None`.
-type Write<'a> = (Vec<u8>, u64, Option<&'a Map<String, Value>>);
+type Write<'a> = (Vec<u8>, u64, Option<&'a RawValue>);
 
 impl RocksProjector {
     /// The batch that applies `tasks`: only writes newer than what the keyspace holds.
