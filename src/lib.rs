@@ -11,6 +11,7 @@ pub mod http;
 pub mod journal;
 pub mod projector;
 pub mod queue;
+pub mod rocks;
 pub mod startup;
 pub mod storage;
 pub mod telemetry;

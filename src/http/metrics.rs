@@ -104,6 +104,16 @@ pub async fn metrics(state: State, requests: web::Data<RequestMetrics>) -> HttpR
         "gauge",
         done,
     );
+    let (memtables, cache) = crate::rocks::usage();
+    gauge(
+        "dstore_rocksdb_memory_bytes",
+        "Memory RocksDB holds in this process, by kind; memtables are bounded together, and so is the block cache (ARCHITECTURE.md).",
+        "gauge",
+        vec![
+            ("{kind=\"memtables\"}".into(), memtables as u64),
+            ("{kind=\"block_cache\"}".into(), cache as u64),
+        ],
+    );
     HttpResponse::Ok()
         .content_type("text/plain; version=0.0.4")
         .body(out)

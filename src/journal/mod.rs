@@ -45,15 +45,9 @@ pub type RawTask = (u64, Box<[u8]>);
 /// upgraded at start (see [`Journal::upgrade_layout`]).
 pub const LAYOUT: u32 = 2;
 
-/// What all the journal's memtables may hold together; RocksDB flushes the largest past it.
-const MEMTABLES: usize = 32 << 20;
-/// The most one family's memtable holds before it is flushed.
-const MEMTABLE: usize = 16 << 20;
 /// A batch of pending tasks ends after this many stored bytes, however many tasks it holds, so
 /// large items make small batches.
 const BATCH_BYTES: usize = 8 << 20;
-/// The block cache every family of the journal shares.
-const BLOCK_CACHE: usize = 16 << 20;
 
 const CF_ITEMS: &str = "items";
 const CF_TASKS: &str = "tasks";
@@ -304,30 +298,25 @@ impl Journal {
         projectors: Vec<&'static str>,
         settings: JournalSettings,
     ) -> Result<Arc<Journal>, JournalError> {
-        let mut options = Options::default();
+        // Memory: memtables and table blocks count in the process's one budget (`crate::rocks`).
+        let mut options = crate::rocks::db_options();
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.increase_parallelism(2);
-        // Memory: the memtables of all families share one budget, and table blocks one cache, so
-        // the journal's RocksDB stays within about MEMTABLES + BLOCK_CACHE whatever the load.
-        options.set_db_write_buffer_size(MEMTABLES);
-        let cache = rocksdb::Cache::new_lru_cache(BLOCK_CACHE);
         let families = [CF_ITEMS, CF_TASKS, CF_DEAD, CF_META, CF_CHANGES].map(|name| {
             let mut cf = Options::default();
-            cf.set_write_buffer_size(MEMTABLE);
-            let mut tables = rocksdb::BlockBasedOptions::default();
-            tables.set_block_cache(&cache);
+            crate::rocks::family(&mut cf, |tables| {
+                if name == CF_ITEMS || name == CF_CHANGES {
+                    // Writes, deletes and back-fills look items (and deleted items) up; a bloom
+                    // filter answers for absent ones.
+                    tables.set_bloom_filter(10.0, false);
+                }
+            });
             if name == CF_TASKS {
                 // Tasks live for milliseconds: most never reach a file, and those that do are
                 // read once; compressing them costs more than it saves.
                 cf.set_compression_type(rocksdb::DBCompressionType::None);
             }
-            if name == CF_ITEMS || name == CF_CHANGES {
-                // Writes, deletes and back-fills look items (and deleted items) up; a bloom filter
-                // answers for absent ones.
-                tables.set_bloom_filter(10.0, false);
-            }
-            cf.set_block_based_table_factory(&tables);
             ColumnFamilyDescriptor::new(name, cf)
         });
         let db = Arc::new(DB::open_cf_descriptors(&options, path, families)?);

@@ -136,5 +136,15 @@ async fn metrics_count_requests_by_route_and_report_projectors_and_request_ids_a
     ] {
         assert!(text.contains(line), "missing {line:?} in\n{text}");
     }
+    // The journal's writes are in memtables counted against the process's one budget.
+    let memtables: u64 = text
+        .lines()
+        .find_map(|l| l.strip_prefix("dstore_rocksdb_memory_bytes{kind=\"memtables\"} "))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no memtable gauge in\n{text}"));
+    assert!(
+        memtables > 0 && memtables <= dstore::rocks::MEMTABLES as u64 * 2,
+        "{memtables}"
+    );
     assert!(text.contains("dstore_http_request_duration_seconds_bucket{method=\"PUT\""));
 }

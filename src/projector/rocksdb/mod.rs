@@ -63,17 +63,12 @@ fn stored_revision(value: &[u8]) -> u64 {
 
 impl RocksProjector {
     pub fn open(path: &Path) -> Result<RocksProjector, rocksdb::Error> {
-        let mut options = rocksdb::Options::default();
-        options.create_if_missing(true);
+        // Memory: memtables and table blocks count in the process's one budget (`crate::rocks`).
+        let mut options = crate::rocks::db_options();
         // The revision guard reads every key before writing it, and new items are absent: bloom
         // filters (in the memtable and in every table file) answer "absent" without a search.
-        let mut tables = rocksdb::BlockBasedOptions::default();
-        tables.set_bloom_filter(10.0, false);
-        // Memory: one memtable budget and one block cache for the keyspaces.
-        tables.set_block_cache(&rocksdb::Cache::new_lru_cache(16 << 20));
-        options.set_block_based_table_factory(&tables);
-        options.set_write_buffer_size(16 << 20);
-        options.set_db_write_buffer_size(32 << 20);
+        crate::rocks::family(&mut options, |tables| tables.set_bloom_filter(10.0, false));
+        options.create_if_missing(true);
         options.set_memtable_whole_key_filtering(true);
         options.set_memtable_prefix_bloom_ratio(0.1);
         Ok(RocksProjector {

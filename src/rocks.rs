@@ -1,0 +1,56 @@
+//! RocksDB's memory in this process: one memtable budget and one block cache, shared by every
+//! database dstore opens here (the journal, the keyspaces).
+//!
+//! Memtables are most of what RocksDB holds; with a budget per database the process needed the sum
+//! of all budgets under a load that writes to every database at once (`_bulk`: the journal and the
+//! keyspaces). One write-buffer manager flushes the largest memtable of whichever database crosses
+//! the shared budget, so the process holds about `MEMTABLES + BLOCK_CACHE` of RocksDB memory
+//! however many databases it opens and whatever the load.
+
+use std::sync::OnceLock;
+
+use rocksdb::{BlockBasedOptions, Cache, Options, WriteBufferManager};
+
+/// What every memtable of the process may hold together.
+pub const MEMTABLES: usize = 48 << 20;
+/// The most one column family's memtable holds before it is flushed.
+pub const MEMTABLE: usize = 16 << 20;
+/// The block cache every database of the process shares.
+pub const BLOCK_CACHE: usize = 16 << 20;
+
+struct Shared {
+    memtables: WriteBufferManager,
+    cache: Cache,
+}
+
+fn shared() -> &'static Shared {
+    static SHARED: OnceLock<Shared> = OnceLock::new();
+    SHARED.get_or_init(|| Shared {
+        // No stall: past the budget RocksDB flushes; writers wait only on RocksDB's own stall rules.
+        memtables: WriteBufferManager::new_write_buffer_manager(MEMTABLES, false),
+        cache: Cache::new_lru_cache(BLOCK_CACHE),
+    })
+}
+
+/// What RocksDB holds in this process now: (memtable bytes, block cache bytes).
+pub fn usage() -> (usize, usize) {
+    let shared = shared();
+    (shared.memtables.get_usage(), shared.cache.get_usage())
+}
+
+/// Database options that count the database's memtables in the process's budget.
+pub fn db_options() -> Options {
+    let mut options = Options::default();
+    options.set_write_buffer_manager(&shared().memtables);
+    options
+}
+
+/// Sets a column family's memtables to at most `MEMTABLE` and its table blocks in the shared cache;
+/// `tables` adds the family's own table options.
+pub fn family(options: &mut Options, tables: impl FnOnce(&mut BlockBasedOptions)) {
+    options.set_write_buffer_size(MEMTABLE);
+    let mut table = BlockBasedOptions::default();
+    table.set_block_cache(&shared().cache);
+    tables(&mut table);
+    options.set_block_based_table_factory(&table);
+}
