@@ -118,24 +118,26 @@ pub enum Entry {
 
 impl Entry {
     /// Encodes an upsert; the documents were serialized once (`VersionDoc`), and the client's own
-    /// version's text is both the record and part of the task.
+    /// version's text becomes the record.
     pub fn upsert(
         project: &Ident,
         blueprint: Ident,
         blueprint_uid: Uid,
         id: Uuid,
         version: u32,
-        docs: &[VersionDoc],
+        docs: Vec<VersionDoc>,
     ) -> Entry {
         let slices: Vec<(u32, &[u8])> = docs
             .iter()
             .map(|d| (d.version, d.doc.get().as_bytes()))
             .collect();
         let task = codec::upsert_body(project, &blueprint, &id, &slices);
-        let record = slices
-            .iter()
-            .find(|(v, _)| *v == version)
-            .map_or_else(Vec::new, |(_, bytes)| bytes.to_vec());
+        let record = docs
+            .into_iter()
+            .find(|d| d.version == version)
+            .map_or_else(Vec::new, |d| {
+                Box::<str>::from(d.doc).into_string().into_bytes()
+            });
         Entry::Upsert {
             blueprint,
             blueprint_uid,

@@ -59,11 +59,6 @@ impl VersionDoc {
             doc: serde_json::value::to_raw_value(doc).expect("JSON maps serialize"),
         }
     }
-
-    /// The document as a JSON map; `None` if the text is not a JSON object.
-    pub fn parsed(&self) -> Option<Map<String, Value>> {
-        serde_json::from_str(self.doc.get()).ok()
-    }
 }
 
 /// Documents are equal when their JSON text is.

@@ -104,7 +104,7 @@ pub fn prepare_upsert(
         bp.uid,
         id,
         number,
-        &docs,
+        docs,
     ))
 }
 

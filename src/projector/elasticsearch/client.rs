@@ -129,8 +129,6 @@ pub struct BulkItem {
     pub error: Option<(String, String)>,
 }
 
-/// An index operation or a delete for `_bulk`, versioned externally.
-#[derive(Clone, Debug)]
 /// A line of a `_bulk` body: an action, or a document sent as the journal holds its text.
 #[derive(serde::Serialize)]
 #[serde(untagged)]
@@ -139,7 +137,8 @@ enum Line<'a> {
     Doc(&'a RawValue),
 }
 
-#[derive(Clone)]
+/// An index operation or a delete for `_bulk`, versioned externally.
+#[derive(Clone, Debug)]
 pub enum BulkAction<'a> {
     Index {
         index: String,
