@@ -12,7 +12,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 pub const MAX_IDENT_LEN: usize = 63;
 
 /// A validated identifier.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct Ident(String);
 
@@ -51,6 +51,13 @@ impl fmt::Display for Ident {
     }
 }
 
+/// The name in quotes, as messages show a name: `project "myblog" does not exist`.
+impl fmt::Debug for Ident {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Debug::fmt(&self.0, f)
+    }
+}
+
 impl AsRef<str> for Ident {
     fn as_ref(&self) -> &str {
         &self.0
@@ -75,6 +82,15 @@ impl<'de> Deserialize<'de> for Ident {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn messages_show_the_name_in_quotes() {
+        let name = Ident::parse("myblog").unwrap();
+        assert_eq!(
+            format!("project {name:?} does not exist"),
+            "project \"myblog\" does not exist"
+        );
+    }
 
     #[test]
     fn accepts_the_documented_shape() {
