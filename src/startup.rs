@@ -114,12 +114,34 @@ impl Application {
             Some(queue) => external_projectors(queue, &settings)?,
             None => Vec::new(),
         };
-        let (registry, rocksdb) = open_registry(&settings, &external, extra)?;
+        // The journal writes the local keyspaces itself unless a broker carries their tasks.
+        let keyspaces_in_journal = settings.storage.backend == Backend::Rocksdb
+            && settings.queue.is_none()
+            && enabled(ProjectorKind::Rocksdb, &settings);
+        let (mut registry, mut rocksdb) =
+            open_registry(&settings, &external, keyspaces_in_journal, extra)?;
         let (shutdown, stop) = watch::channel(false);
         let broker = settings.queue.clone().map(|q| Arc::new(Broker::new(q)));
         let (storage, journal, background): (SharedStorage, _, _) = match settings.storage.backend {
             Backend::Rocksdb => {
-                let journal = open_journal(&settings, &registry).await?;
+                let journal = open_journal(&settings, &registry, keyspaces_in_journal).await?;
+                match (journal.keyspaces(), &rocksdb) {
+                    (Some(keyspaces), _) => {
+                        let keyspaces = Arc::new(keyspaces);
+                        registry.add(keyspaces.clone());
+                        rocksdb = Some(keyspaces);
+                    }
+                    // A broker carries the keyspace tasks: what the journal kept moves out.
+                    (None, Some(own)) => {
+                        journal
+                            .export_keyspaces(own)
+                            .map_err(|source| StartupError::Journal {
+                                path: settings.storage.data_dir.join("journal"),
+                                source,
+                            })?;
+                    }
+                    (None, None) => {}
+                }
                 let background = embedded_projection(
                     &journal,
                     &registry,
@@ -285,11 +307,12 @@ impl Application {
     }
 }
 
-/// Every enabled projector: the configured stores (the keyspaces too, unless a worker keeps them)
-/// and `extra`.
+/// Every enabled projector: the configured stores (the keyspaces too, unless a worker keeps them
+/// or the journal writes them) and `extra`.
 fn open_registry(
     settings: &Settings,
     external: &[ProjectorKind],
+    keyspaces_in_journal: bool,
     extra: Vec<Arc<dyn Projector>>,
 ) -> Result<(Registry, Option<Arc<RocksProjector>>), StartupError> {
     let mut projectors: Vec<Arc<dyn Projector>> = Vec::new();
@@ -302,6 +325,8 @@ fn open_registry(
         match kind {
             // The keyspaces of `dstore worker --projector rocksdb` live in the worker's directory.
             ProjectorKind::Rocksdb if external.contains(&kind) => elsewhere.push(kind.name()),
+            // Added once the journal is open (see `Application::build_with`).
+            ProjectorKind::Rocksdb if keyspaces_in_journal => {}
             ProjectorKind::Rocksdb => {
                 let projector = open_keyspaces(settings)?;
                 rocksdb = Some(projector.clone());
@@ -325,6 +350,7 @@ fn open_registry(
 async fn open_journal(
     settings: &Settings,
     registry: &Registry,
+    keyspaces: bool,
 ) -> Result<Arc<Journal>, StartupError> {
     let data_dir = settings.storage.data_dir.clone();
     std::fs::create_dir_all(&data_dir).map_err(|source| StartupError::DataDir {
@@ -347,9 +373,14 @@ async fn open_journal(
     let journal_settings = JournalSettings {
         durability: settings.storage.durability,
         max_pending: settings.projection.max_pending_tasks,
+        keyspaces,
     };
     let journal =
         Journal::open(&journal_dir, catalog, registry.names(), journal_settings).map_err(failed)?;
+    // Keyspaces an earlier dstore kept in a database of their own move into the journal.
+    journal
+        .import_keyspaces(&data_dir.join("keyspaces"))
+        .map_err(failed)?;
     journal.resume_backfills().map_err(failed)?;
     journal.reconcile().await.map_err(failed)?;
     journal.upgrade_layout().await.map_err(failed)?;
@@ -368,8 +399,11 @@ fn embedded_projection(
 ) -> Vec<JoinHandle<()>> {
     let batch = settings.projection.batch_size;
     let Some(broker) = broker else {
+        // Projectors without tasks (the keyspaces the journal writes) need no dispatcher.
+        let lanes: Vec<&str> = journal.projectors().collect();
         return registry
             .iter()
+            .filter(|p| lanes.contains(&p.name()))
             .map(|p| {
                 tokio::spawn(dispatcher::run(
                     journal.clone(),

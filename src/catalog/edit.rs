@@ -69,10 +69,12 @@ pub fn delete_blueprint(
     Ok(record_edit(p, next, writes))
 }
 
-/// Freezes the working copy as the next version. `projectors` start with a pending migration.
+/// Freezes the working copy as the next version. `projectors` start with a pending migration,
+/// `done` with a finished one.
 pub fn freeze(
     p: &mut Project,
     projectors: &[&str],
+    done: &[&str],
     forced: bool,
     writes: &mut Vec<Write>,
 ) -> Result<Arc<Version>, CatalogError> {
@@ -98,6 +100,10 @@ pub fn freeze(
         migrations: projectors
             .iter()
             .map(|name| (name.to_string(), MigrationState::Pending))
+            .chain(
+                done.iter()
+                    .map(|name| (name.to_string(), MigrationState::Done)),
+            )
             .collect(),
     };
     p.versions.push(Arc::new(version));

@@ -181,15 +181,17 @@ impl Catalog {
         })
     }
 
-    /// Freezes the working copy as the next version. `projectors` start with a pending migration.
+    /// Freezes the working copy as the next version. `projectors` start with a pending migration,
+    /// `done` with a finished one (stores that need none).
     pub fn freeze(
         &self,
         project: &Ident,
         projectors: &[&str],
+        done: &[&str],
         forced: bool,
     ) -> Result<Arc<Version>, CatalogError> {
         self.update(project, false, |p, writes| {
-            edit::freeze(p, projectors, forced, writes)
+            edit::freeze(p, projectors, done, forced, writes)
         })
     }
 

@@ -266,10 +266,12 @@ impl Journal {
                 .try_into()
                 .map(uuid::Uuid::from_bytes)
                 .unwrap_or_default();
-            if let Some(task) = item_task(p, &target, id, &record) {
+            if let Some((blueprint, task)) = item_task(p, &target, id, &record) {
                 items.push(BackfillItem {
                     key: key.to_vec(),
                     revision: record.revision,
+                    blueprint,
+                    id,
                     task,
                 });
             }
@@ -282,14 +284,14 @@ impl Journal {
     }
 }
 
-/// The `Upsert` task body that back-fills one item into `target`, if `target` holds its blueprint
-/// (and the item's own version is still known).
+/// The `Upsert` task body that back-fills one item into `target`, with the blueprint's name there,
+/// if `target` holds its blueprint (and the item's own version is still known).
 pub fn item_task(
     p: &Project,
     target: &Version,
     id: uuid::Uuid,
     record: &ItemRecord,
-) -> Option<Vec<u8>> {
+) -> Option<(Ident, super::codec::UpsertBody)> {
     let (name, to) = target
         .blueprints
         .iter()
@@ -300,10 +302,6 @@ pub fn item_task(
             .find(|bp| bp.uid == record.blueprint_uid)
     })?;
     let doc = super::codec::doc_bytes(&transform(&record.body, from, to, target.number));
-    Some(super::codec::upsert_body(
-        &p.name,
-        name,
-        &id,
-        &[(target.number, &doc)],
-    ))
+    let body = super::codec::upsert_body(&p.name, name, &id, &[(target.number, &doc)]);
+    Some((name.clone(), body))
 }

@@ -8,6 +8,8 @@
 //! - task: `seq u64 | revision u64 | Task JSON` (the JSON's own `seq` and `revision` are zero)
 //! - change (the feed's index): `op u8 (0 put, 1 delete) | unix millis u64 | id 16 | blueprint`
 
+use std::ops::Range;
+
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -114,13 +116,31 @@ pub fn task_body(project: &Ident, op: &TaskOp) -> Vec<u8> {
     .expect("tasks serialize")
 }
 
+/// An encoded `Upsert` task body and where each version's document lies in it, so the writer copies
+/// the documents into the local keyspaces without decoding the task.
+#[derive(Clone, Debug, Default)]
+pub struct UpsertBody {
+    pub bytes: Vec<u8>,
+    /// (version, byte range of its document in `bytes`), in the order of the task's documents.
+    pub docs: Vec<(u32, Range<usize>)>,
+}
+
+impl UpsertBody {
+    /// Each version's document text.
+    pub fn docs(&self) -> impl Iterator<Item = (u32, &[u8])> {
+        self.docs
+            .iter()
+            .map(|(version, range)| (*version, &self.bytes[range.clone()]))
+    }
+}
+
 /// Encodes an `Upsert` task from documents already serialized, exactly as serde would.
 pub fn upsert_body(
     project: &Ident,
     blueprint: &Ident,
     id: &Uuid,
     docs: &[(u32, &[u8])],
-) -> Vec<u8> {
+) -> UpsertBody {
     let size: usize = docs.iter().map(|(_, d)| d.len() + 24).sum();
     let mut out = Vec::with_capacity(size + 160);
     // Identifiers and uuids never need escaping.
@@ -132,6 +152,7 @@ pub fn upsert_body(
     let mut text = [0u8; 36];
     out.extend_from_slice(id.hyphenated().encode_lower(&mut text).as_bytes());
     out.extend_from_slice(b"\",\"revision\":0,\"docs\":[");
+    let mut spans = Vec::with_capacity(docs.len());
     for (i, (version, doc)) in docs.iter().enumerate() {
         if i > 0 {
             out.push(b',');
@@ -139,11 +160,15 @@ pub fn upsert_body(
         out.extend_from_slice(b"{\"version\":");
         out.extend_from_slice(version.to_string().as_bytes());
         out.extend_from_slice(b",\"doc\":");
+        spans.push((*version, out.len()..out.len() + doc.len()));
         out.extend_from_slice(doc);
         out.push(b'}');
     }
     out.extend_from_slice(b"]}}}");
-    out
+    UpsertBody {
+        bytes: out,
+        docs: spans,
+    }
 }
 
 /// Serializes a document.
@@ -170,7 +195,9 @@ mod tests {
             .collect();
         let bytes: Vec<Vec<u8>> = docs.iter().map(doc_bytes).collect();
         let body = upsert_body(&project, &blueprint, &id, &[(1, &bytes[0]), (2, &bytes[1])]);
-        let task = decode_task(&task_value(7, 5, &body)).unwrap();
+        let spans: Vec<(u32, &[u8])> = body.docs().collect();
+        assert_eq!(spans, [(1, &bytes[0][..]), (2, &bytes[1][..])]);
+        let task = decode_task(&task_value(7, 5, &body.bytes)).unwrap();
         let expected = Task {
             seq: 7,
             project,

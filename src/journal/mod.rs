@@ -9,6 +9,7 @@
 
 pub mod backfill;
 pub mod codec;
+mod import;
 mod keys;
 pub mod outbox;
 pub mod task;
@@ -71,6 +72,9 @@ pub struct JournalSettings {
     pub durability: Durability,
     /// Refuse writes (503) when a projector has this many tasks waiting.
     pub max_pending: u64,
+    /// The journal writes the local keyspaces itself, in the batch of each write
+    /// (`projector/rocksdb`); they get no tasks.
+    pub keyspaces: bool,
 }
 
 #[derive(Debug, Error)]
@@ -79,6 +83,11 @@ pub enum JournalError {
     Storage(#[from] rocksdb::Error),
     #[error("cannot start the journal writer thread: {0}")]
     Thread(std::io::Error),
+    #[error("the keyspaces are in the journal now, but {path} could not be removed: {source}")]
+    Leftover {
+        path: std::path::PathBuf,
+        source: std::io::Error,
+    },
     #[error("journal is shutting down")]
     Closed,
     #[error("the versions of the project changed while the write was prepared")]
@@ -107,11 +116,13 @@ pub enum Entry {
         /// The canonical body at that version, as JSON.
         record: Vec<u8>,
         /// The task body (see `codec`), carrying the item as every live version holding it sees it.
-        task: Vec<u8>,
+        task: codec::UpsertBody,
     },
     Delete {
         blueprint: Ident,
         id: Uuid,
+        /// The live versions the item is deleted from.
+        versions: Vec<u32>,
         task: Vec<u8>,
     },
 }
@@ -153,11 +164,12 @@ impl Entry {
             blueprint: blueprint.clone(),
             id,
             revision: 0,
-            versions,
+            versions: versions.clone(),
         };
         Entry::Delete {
             blueprint,
             id,
+            versions,
             task: codec::task_body(project, &op),
         }
     }
@@ -305,7 +317,15 @@ impl Journal {
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.increase_parallelism(2);
-        let families = [CF_ITEMS, CF_TASKS, CF_DEAD, CF_META, CF_CHANGES].map(|name| {
+        let families = [
+            CF_ITEMS,
+            CF_TASKS,
+            CF_DEAD,
+            CF_META,
+            CF_CHANGES,
+            crate::projector::rocksdb::CF_KEYSPACES,
+        ]
+        .map(|name| {
             let mut cf = Options::default();
             crate::rocks::family(&mut cf, |tables| {
                 if name == CF_ITEMS || name == CF_CHANGES {
@@ -374,7 +394,14 @@ impl Journal {
             journal.refresh_progress(name)?;
         }
         let weak = Arc::downgrade(&journal);
-        let worker = writer::Writer::new(db, catalog, projectors, last_seq, settings.durability);
+        let worker = writer::Writer::new(
+            db,
+            catalog,
+            projectors,
+            settings.keyspaces,
+            last_seq,
+            settings.durability,
+        );
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || worker.run(receiver, weak))
@@ -398,6 +425,13 @@ impl Journal {
 
     pub fn catalog(&self) -> &Arc<Catalog> {
         &self.catalog
+    }
+
+    /// The local keyspaces, when this journal writes them itself (see [`JournalSettings`]).
+    pub fn keyspaces(&self) -> Option<crate::projector::rocksdb::RocksProjector> {
+        self.settings
+            .keyspaces
+            .then(|| crate::projector::rocksdb::RocksProjector::in_journal(self.db.clone()))
     }
 
     pub fn projectors(&self) -> impl Iterator<Item = &'static str> + '_ {
@@ -835,8 +869,14 @@ impl Journal {
     }
 
     pub fn progress(&self, projector: &str) -> ProjectorProgress {
-        let lane = &self.lanes[projector];
-        let mut progress = lane.progress.lock().expect("progress lock").clone();
+        let mut progress = match self.lanes.get(projector) {
+            Some(lane) => lane.progress.lock().expect("progress lock").clone(),
+            // The keyspaces the writer keeps have every write the moment it is accepted.
+            None => ProjectorProgress {
+                applied_through: self.last_seq(),
+                ..ProjectorProgress::default()
+            },
+        };
         progress.pending = self.last_seq().saturating_sub(progress.applied_through);
         let prefix = keys::projector_prefix(projector);
         progress.dead_letters = self

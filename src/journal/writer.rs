@@ -4,6 +4,10 @@
 //! one (optionally synced) write, and answered only after it. A command that cannot be staged (a stale
 //! epoch, an unknown project) is answered at once and adds nothing to the batch. Sequence numbers are
 //! published after the batch is durable, so a reader that sees `last_seq = n` finds every task ≤ n.
+//!
+//! When the journal keeps the local keyspaces (`projector/rocksdb`), the same batch writes each
+//! item's documents into them: batches are written in sequence order, so the newest write always
+//! wins without reading what the keyspace holds, and they need no task of their own.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -14,12 +18,15 @@ use rocksdb::{WriteBatch, WriteOptions, DB};
 use tokio::sync::oneshot;
 
 use super::backfill::BackfillState;
+use super::codec::UpsertBody;
 use super::task::TaskOp;
 use super::{
     codec, keys, Durability, Entry, Journal, JournalError, CF_CHANGES, CF_ITEMS, CF_META, CF_TASKS,
 };
 use crate::blueprint::Ident;
-use crate::catalog::{Catalog, Version};
+use crate::catalog::{Catalog, MigrationState, Version};
+use crate::projector::rocksdb as keyspace;
+use crate::projector::ProjectorKind;
 
 type Reply<T> = oneshot::Sender<Result<T, JournalError>>;
 
@@ -29,8 +36,11 @@ pub struct BackfillItem {
     /// The item's key in the `items` column family.
     pub key: Vec<u8>,
     pub revision: u64,
+    /// The item's blueprint as the new version names it, and its id.
+    pub blueprint: Ident,
+    pub id: uuid::Uuid,
     /// The encoded `Upsert` task body (see `codec`).
-    pub task: Vec<u8>,
+    pub task: UpsertBody,
 }
 
 pub enum Command {
@@ -94,7 +104,10 @@ pub enum Command {
 pub struct Writer {
     db: Arc<DB>,
     catalog: Arc<Catalog>,
+    /// The projectors that get tasks.
     projectors: Vec<&'static str>,
+    /// Whether the batch also writes the local keyspaces (`keyspace::CF_KEYSPACES`).
+    keyspaces: bool,
     last_seq: Arc<AtomicU64>,
     durability: Durability,
 }
@@ -217,6 +230,51 @@ impl<'a> Stage<'a> {
         self.writer.projectors.clone()
     }
 
+    /// Writes an item's documents into their versions' keyspaces, when the journal keeps them.
+    fn keyspace_put<'d>(
+        &mut self,
+        project: &Ident,
+        blueprint: &Ident,
+        id: &uuid::Uuid,
+        revision: u64,
+        docs: impl Iterator<Item = (u32, &'d [u8])>,
+    ) {
+        if !self.writer.keyspaces {
+            return;
+        }
+        let cf = self.cf(keyspace::CF_KEYSPACES);
+        for (version, doc) in docs {
+            self.batch.put_cf(
+                cf,
+                keyspace::key(project, version, blueprint, id),
+                keyspace::value(revision, Some(doc)),
+            );
+        }
+    }
+
+    /// Removes an item from its versions' keyspaces, when the journal keeps them.
+    fn keyspace_delete(
+        &mut self,
+        project: &Ident,
+        blueprint: &Ident,
+        id: &uuid::Uuid,
+        versions: &[u32],
+    ) {
+        if !self.writer.keyspaces {
+            return;
+        }
+        let cf = self.cf(keyspace::CF_KEYSPACES);
+        for version in versions {
+            self.batch
+                .delete_cf(cf, keyspace::key(project, *version, blueprint, id));
+        }
+    }
+
+    /// Whether `projector` is the local keyspaces this journal writes itself.
+    fn is_inline(&self, projector: &str) -> bool {
+        self.writer.keyspaces && projector == ProjectorKind::Rocksdb.name()
+    }
+
     /// Records a fresh back-fill of `version` in the batch, and runs it once the batch is written.
     fn start_backfill(&mut self, project: &Ident, version: u32) {
         self.start_backfill_for(project, version, None);
@@ -251,6 +309,7 @@ impl Writer {
         db: Arc<DB>,
         catalog: Arc<Catalog>,
         projectors: Vec<&'static str>,
+        keyspaces: bool,
         last_seq: Arc<AtomicU64>,
         durability: Durability,
     ) -> Writer {
@@ -258,6 +317,7 @@ impl Writer {
             db,
             catalog,
             projectors,
+            keyspaces,
             last_seq,
             durability,
         }
@@ -362,7 +422,14 @@ fn stage_command(stage: &mut Stage, command: Command) {
             reply,
         } => {
             let projectors = stage.all_projectors();
-            match stage.writer.catalog.freeze(&project, &projectors, forced) {
+            // The keyspaces the journal writes need no migration: a keyspace is a key prefix.
+            let inline = [ProjectorKind::Rocksdb.name()];
+            let done: &[&str] = if stage.writer.keyspaces { &inline } else { &[] };
+            match stage
+                .writer
+                .catalog
+                .freeze(&project, &projectors, done, forced)
+            {
                 Ok(version) => {
                     let migrate = TaskOp::Migrate {
                         version: version.number,
@@ -386,8 +453,22 @@ fn stage_command(stage: &mut Stage, command: Command) {
             projectors,
             reply,
         } => {
+            let (inline, tasks): (Vec<String>, Vec<String>) =
+                projectors.into_iter().partition(|p| stage.is_inline(p));
+            for name in inline {
+                let marked = stage.writer.catalog.set_migration(
+                    &project,
+                    version,
+                    &name,
+                    MigrationState::Done,
+                );
+                if let Err(e) = marked {
+                    let _ = reply.send(Err(e.into()));
+                    return;
+                }
+            }
             let body = codec::task_body(&project, &TaskOp::Migrate { version });
-            let seq = stage.task(None, &body, projectors.iter().map(String::as_str));
+            let seq = stage.task(None, &body, tasks.iter().map(String::as_str));
             stage.answers.push(answer(reply, seq));
         }
         Command::StartBackfill {
@@ -467,6 +548,11 @@ fn stage_command(stage: &mut Stage, command: Command) {
             stage.batch.delete_range_cf(changes, from, to);
             let (from, to) = keys::deleted_range(&project);
             stage.batch.delete_range_cf(changes, from, to);
+            if stage.writer.keyspaces {
+                let (from, to) = keyspace::project_range(&project);
+                let cf = stage.cf(keyspace::CF_KEYSPACES);
+                stage.batch.delete_range_cf(cf, from, to);
+            }
             let prefix = keys::project_prefix(&project);
             stage.staged.retain(|key, _| !key.starts_with(&prefix));
             let body = codec::task_body(&project, &TaskOp::DropProject);
@@ -534,8 +620,12 @@ fn stage_command(stage: &mut Stage, command: Command) {
                     }
                     TaskOp::Migrate { .. } | TaskOp::DropProject => None,
                 };
-                let body = codec::task_body(&task.project, &task.op);
-                stage.task(revision, &body, [letter.projector.as_str()]);
+                if stage.is_inline(&letter.projector) {
+                    requeue_into_keyspaces(stage, task);
+                } else {
+                    let body = codec::task_body(&task.project, &task.op);
+                    stage.task(revision, &body, [letter.projector.as_str()]);
+                }
                 stage.batch.delete_cf(dead, key);
             }
             stage.answers.push(answer(reply, count));
@@ -564,15 +654,41 @@ fn stage_command(stage: &mut Stage, command: Command) {
                     stage.writer.db.get_pinned_cf(current, &item.key),
                     Ok(Some(value)) if value.get(..8) == Some(&item.revision.to_be_bytes()[..])
                 );
-                if unchanged {
-                    match &state.projectors {
-                        Some(only) => stage.task(
+                if !unchanged {
+                    continue;
+                }
+                let task = &item.task.bytes;
+                match &state.projectors {
+                    Some(only) => {
+                        let (inline, tasks): (Vec<&String>, Vec<&String>) =
+                            only.iter().partition(|p| stage.is_inline(p));
+                        if !inline.is_empty() {
+                            let docs = item.task.docs();
+                            stage.keyspace_put(
+                                &project,
+                                &item.blueprint,
+                                &item.id,
+                                item.revision,
+                                docs,
+                            );
+                        }
+                        stage.task(
                             Some(item.revision),
-                            &item.task,
-                            only.iter().map(String::as_str),
-                        ),
-                        None => stage.task(Some(item.revision), &item.task, stage.all_projectors()),
-                    };
+                            task,
+                            tasks.into_iter().map(String::as_str),
+                        );
+                    }
+                    None => {
+                        let docs = item.task.docs();
+                        stage.keyspace_put(
+                            &project,
+                            &item.blueprint,
+                            &item.id,
+                            item.revision,
+                            docs,
+                        );
+                        stage.task(Some(item.revision), task, stage.all_projectors());
+                    }
                 }
             }
             let meta = stage.cf(CF_META);
@@ -596,7 +712,8 @@ fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
             record,
             task,
         } => {
-            let revision = stage.task(None, &task, stage.all_projectors());
+            let revision = stage.task(None, &task.bytes, stage.all_projectors());
+            stage.keyspace_put(project, &blueprint, &id, revision, task.docs());
             let value = codec::record_value(revision, version, blueprint_uid, &record);
             let key = keys::item(project, &blueprint, &id);
             stage_change(stage, project, &key, revision, false, &id, &blueprint);
@@ -607,10 +724,12 @@ fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
         Entry::Delete {
             blueprint,
             id,
+            versions,
             task,
         } => {
             let key = keys::item(project, &blueprint, &id);
             let revision = stage.task(None, &task, stage.all_projectors());
+            stage.keyspace_delete(project, &blueprint, &id, &versions);
             stage_change(stage, project, &key, revision, true, &id, &blueprint);
             stage.batch.delete_cf(items, &key);
             stage.staged.insert(key, Previous::Delete(revision));
@@ -663,4 +782,28 @@ fn stage_change(
     }
     let touched = stage.touched.entry(project.clone()).or_default();
     *touched = (*touched).max(revision);
+}
+
+/// Applies a dead letter of the local keyspaces in the batch, unless the journal accepted a newer
+/// change of the item since (which already reached the keyspaces).
+fn requeue_into_keyspaces(stage: &mut Stage, task: &super::task::Task) {
+    let cf = stage.cf(keyspace::CF_KEYSPACES);
+    for write in task.version_writes() {
+        let latest = match stage.previous(&keys::item(&task.project, write.blueprint, &write.id)) {
+            Previous::None => 0,
+            Previous::Put(revision) | Previous::Delete(revision) => revision,
+        };
+        if write.revision < latest {
+            continue;
+        }
+        let key = keyspace::key(&task.project, write.version, write.blueprint, &write.id);
+        match write.doc {
+            Some(doc) => stage.batch.put_cf(
+                cf,
+                key,
+                keyspace::value(write.revision, Some(doc.get().as_bytes())),
+            ),
+            None => stage.batch.delete_cf(cf, key),
+        }
+    }
 }

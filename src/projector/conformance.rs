@@ -66,7 +66,9 @@ pub fn freeze_sample(catalog: &Catalog, project: &Ident) -> Arc<Version> {
     catalog
         .put_blueprint(project, &blueprint, input)
         .expect("blueprint stored");
-    catalog.freeze(project, &[], false).expect("version frozen")
+    catalog
+        .freeze(project, &[], &[], false)
+        .expect("version frozen")
 }
 
 fn upsert(project: &Ident, seq: u64, id: Uuid, revision: u64, title: &str) -> Task {

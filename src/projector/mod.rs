@@ -172,6 +172,11 @@ impl Registry {
         }
     }
 
+    /// Adds a projector this process reaches.
+    pub fn add(&mut self, projector: Arc<dyn Projector>) {
+        self.projectors.push(projector);
+    }
+
     /// Adds a projector that only worker processes open.
     pub fn add_elsewhere(&mut self, name: &'static str) {
         self.elsewhere.push(name);

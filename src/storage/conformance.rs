@@ -49,6 +49,7 @@ async fn embedded() -> Fixture {
         JournalSettings {
             durability: Durability::Buffered,
             max_pending: u64::MAX,
+            keyspaces: false,
         },
     )
     .expect("the journal opens");

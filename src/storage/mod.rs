@@ -104,9 +104,9 @@ impl From<JournalError> for StorageError {
             e @ (JournalError::Storage(_) | JournalError::Closed) => {
                 StorageError::Unavailable(e.to_string())
             }
-            e @ (JournalError::Corrupt(_) | JournalError::Thread(_)) => {
-                StorageError::Corrupt(e.to_string())
-            }
+            e @ (JournalError::Corrupt(_)
+            | JournalError::Thread(_)
+            | JournalError::Leftover { .. }) => StorageError::Corrupt(e.to_string()),
         }
     }
 }

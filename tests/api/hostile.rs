@@ -557,7 +557,7 @@ async fn a_retried_freeze_starts_a_back_fill_that_a_crash_left_unrecorded() {
     let journal = app.journal.clone().expect("the embedded journal");
     journal
         .catalog()
-        .freeze(&project, &["rocksdb"], false)
+        .freeze(&project, &["rocksdb"], &[], false)
         .unwrap();
     assert_eq!(journal.backfill_state(&project, 2).unwrap(), None);
     drop(journal);

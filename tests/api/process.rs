@@ -42,7 +42,8 @@ async fn the_binary_honours_the_original_variables_and_stops_cleanly_on_sigterm(
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(data.join("journal").is_dir() && data.join("keyspaces").is_dir());
+    // The journal keeps the local keyspaces: no database of their own.
+    assert!(data.join("journal").is_dir() && !data.join("keyspaces").exists());
     assert!(catalog.is_dir());
 
     Command::new("kill")
@@ -266,7 +267,8 @@ async fn every_acknowledged_write_survives_kill_9_and_reaches_the_keyspace_after
     server.stop().await;
 
     let keyspaces =
-        dstore::projector::rocksdb::RocksProjector::open(&dir.path().join("keyspaces")).unwrap();
+        dstore::projector::rocksdb::RocksProjector::open_journal(&dir.path().join("journal"))
+            .unwrap();
     let (project, blueprint) = (
         dstore::blueprint::Ident::parse("p").unwrap(),
         dstore::blueprint::Ident::parse("thing").unwrap(),

@@ -655,3 +655,60 @@ async fn redelivered_stale_and_unreadable_messages_never_duplicate_or_undo_newer
     broker.clean_up().await;
     db.drop().await;
 }
+
+#[tokio::test]
+async fn the_keyspaces_follow_the_broker_being_turned_off_and_on_again() {
+    let broker = TestBroker::new().await;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let (p, thing) = (ident("p"), ident("thing"));
+    let with_broker = |s: &mut dstore::config::Settings| {
+        s.storage.data_dir = path.clone();
+        s.queue = Some(broker.settings());
+    };
+    // With a broker the keyspaces are a database of their own, fed by tasks.
+    let app = spawn_app_with(with_broker).await;
+    assert!(!app.rocksdb.as_ref().unwrap().is_in_journal());
+    app.put_and_freeze("p", "thing", &faults::thing()).await;
+    let first = Uuid::new_v4();
+    app.put_projected(
+        &format!("/p/thing/{first}?wait=true"),
+        &json!({"project_version": 1, "n": 1}),
+    )
+    .await;
+    app.stop().await;
+    assert!(path.join("keyspaces").is_dir());
+
+    // Without one the journal writes them, and starts with what the projector had.
+    let app = spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+    let keyspaces = app.rocksdb.clone().unwrap();
+    assert!(keyspaces.is_in_journal());
+    assert!(!path.join("keyspaces").exists(), "moved into the journal");
+    assert_eq!(keyspaces.get(&p, 1, &thing, &first).unwrap()["n"], 1);
+    let second = Uuid::new_v4();
+    let put = app
+        .put(
+            &format!("/p/thing/{second}"),
+            &json!({"project_version": 1, "n": 2}),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(
+        keyspaces.get(&p, 1, &thing, &second).unwrap()["n"],
+        2,
+        "in the keyspace as soon as it is acknowledged"
+    );
+    drop(keyspaces);
+    app.stop().await;
+
+    // With the broker again, everything moves back out.
+    let app = spawn_app_with(with_broker).await;
+    let keyspaces = app.rocksdb.clone().unwrap();
+    assert!(!keyspaces.is_in_journal());
+    for (id, n) in [(first, 1), (second, 2)] {
+        assert_eq!(keyspaces.get(&p, 1, &thing, &id).unwrap()["n"], n);
+    }
+    drop(keyspaces);
+    app.stop().await;
+    broker.clean_up().await;
+}

@@ -217,7 +217,7 @@ mod tests {
         catalog
             .put_blueprint(&project, &Ident::parse("sample").unwrap(), input)
             .unwrap();
-        let version = catalog.freeze(&project, &[], false).unwrap();
+        let version = catalog.freeze(&project, &[], &[], false).unwrap();
         version.blueprints.values().next().unwrap().clone()
     }
 

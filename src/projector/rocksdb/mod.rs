@@ -1,10 +1,18 @@
 //! The RocksDB projector: a keyspace per project version holding each item as that version sees it.
 //!
 //! Keys are `project \0 version(u32 BE) \0 blueprint \0 id(16 bytes)`; values are the revision (u64 BE),
-//! a live/deleted byte and the JSON document. A delete leaves a tombstone holding its revision, so a
-//! write with an older revision — a late back-fill, a redelivered task — never brings the item back.
-//! The keyspaces live in their own database, apart from the journal, so they can be served by a
-//! separate worker process.
+//! a live/deleted byte and the JSON document.
+//!
+//! The keyspaces live in one of two places:
+//! - **In the journal** (the embedded default, no broker): the column family [`CF_KEYSPACES`] of the
+//!   journal's own database, written by the journal's writer thread in the batch that accepts the
+//!   write (`journal/writer.rs`). That batch is ordered by revision, so the newest write always wins
+//!   without a read, a delete simply removes the keys, and there is no task, acknowledgement or
+//!   second fsync. This projector then only reads.
+//! - **In a database of their own** (`keyspaces/`): when a broker carries the tasks, or a
+//!   `dstore worker` keeps them. Tasks arrive as for any store, possibly late or twice, so a delete
+//!   leaves a tombstone holding its revision and a write older than what is stored — a late
+//!   back-fill, a redelivered task — never brings the item back.
 
 use std::collections::HashMap;
 use std::path::Path;
@@ -21,11 +29,20 @@ use crate::blueprint::Ident;
 use crate::catalog::{Snapshot, Version};
 use crate::journal::task::Task;
 
+/// The journal's column family that holds the keyspaces written in the journal's own batch.
+pub const CF_KEYSPACES: &str = "keyspaces";
+
+/// The column family of a database of its own.
+const CF_OWN: &str = "default";
+
 pub struct RocksProjector {
     db: Arc<DB>,
+    /// The column family holding the keyspaces: [`CF_KEYSPACES`] in the journal, else the default.
+    family: &'static str,
 }
 
-fn key(project: &Ident, version: u32, blueprint: &Ident, id: &Uuid) -> Vec<u8> {
+/// An item's key in its version's keyspace.
+pub fn key(project: &Ident, version: u32, blueprint: &Ident, id: &Uuid) -> Vec<u8> {
     let mut key = Vec::with_capacity(project.as_str().len() + blueprint.as_str().len() + 23);
     key.extend_from_slice(project.as_str().as_bytes());
     key.push(0);
@@ -37,7 +54,8 @@ fn key(project: &Ident, version: u32, blueprint: &Ident, id: &Uuid) -> Vec<u8> {
     key
 }
 
-fn project_range(project: &Ident) -> (Vec<u8>, Vec<u8>) {
+/// The keys of every keyspace of a project.
+pub fn project_range(project: &Ident) -> (Vec<u8>, Vec<u8>) {
     let mut from = project.as_str().as_bytes().to_vec();
     let mut to = from.clone();
     from.push(0);
@@ -45,14 +63,18 @@ fn project_range(project: &Ident) -> (Vec<u8>, Vec<u8>) {
     (from, to)
 }
 
-/// The stored value: the task's document text as it is, never decoded here.
-fn encode(revision: u64, doc: Option<&RawValue>) -> Vec<u8> {
-    let text = doc.map_or("", RawValue::get);
+/// The stored value: the task's document text as it is, never decoded here; `None` is a tombstone.
+pub fn value(revision: u64, doc: Option<&[u8]>) -> Vec<u8> {
+    let text = doc.unwrap_or_default();
     let mut value = Vec::with_capacity(9 + text.len());
     value.extend_from_slice(&revision.to_be_bytes());
     value.push(u8::from(doc.is_some()));
-    value.extend_from_slice(text.as_bytes());
+    value.extend_from_slice(text);
     value
+}
+
+fn encode(revision: u64, doc: Option<&RawValue>) -> Vec<u8> {
+    value(revision, doc.map(|d| d.get().as_bytes()))
 }
 
 fn stored_revision(value: &[u8]) -> u64 {
@@ -71,9 +93,39 @@ impl RocksProjector {
         options.create_if_missing(true);
         options.set_memtable_whole_key_filtering(true);
         options.set_memtable_prefix_bloom_ratio(0.1);
+        let family = rocksdb::ColumnFamilyDescriptor::new(CF_OWN, options.clone());
         Ok(RocksProjector {
-            db: Arc::new(DB::open(&options, path)?),
+            db: Arc::new(DB::open_cf_descriptors(&options, path, [family])?),
+            family: CF_OWN,
         })
+    }
+
+    /// The keyspaces the journal `db` keeps in its own batches (see the module's doc).
+    pub fn in_journal(db: Arc<DB>) -> RocksProjector {
+        RocksProjector {
+            db,
+            family: CF_KEYSPACES,
+        }
+    }
+
+    /// Opens, for reading, the keyspaces kept in the journal at `path` when no process has it open
+    /// (tests, tools).
+    pub fn open_journal(path: &Path) -> Result<RocksProjector, rocksdb::Error> {
+        let options = rocksdb::Options::default();
+        let families = DB::list_cf(&options, path)?;
+        let db = DB::open_cf(&options, path, families)?;
+        Ok(RocksProjector::in_journal(Arc::new(db)))
+    }
+
+    fn cf(&self) -> &rocksdb::ColumnFamily {
+        self.db
+            .cf_handle(self.family)
+            .expect("the keyspaces' column family exists")
+    }
+
+    /// Whether the keyspaces are written by the journal's writer thread, not by tasks.
+    pub fn is_in_journal(&self) -> bool {
+        self.family == CF_KEYSPACES
     }
 
     /// An item as stored for one version; `None` when absent or deleted.
@@ -84,7 +136,10 @@ impl RocksProjector {
         blueprint: &Ident,
         id: &Uuid,
     ) -> Option<Value> {
-        let value = self.db.get(key(project, version, blueprint, id)).ok()??;
+        let value = self
+            .db
+            .get_pinned_cf(self.cf(), key(project, version, blueprint, id))
+            .ok()??;
         match value.get(8) {
             Some(1) => serde_json::from_slice(&value[9..]).ok(),
             _ => None,
@@ -96,7 +151,7 @@ impl RocksProjector {
         let mut prefix = key(project, version, blueprint, &Uuid::nil());
         prefix.truncate(prefix.len() - 16);
         self.db
-            .prefix_iterator(&prefix)
+            .prefix_iterator_cf(self.cf(), &prefix)
             .map_while(Result::ok)
             .take_while(|(k, _)| k.starts_with(&prefix))
             .filter(|(_, v)| v.get(8) == Some(&1))
@@ -105,6 +160,11 @@ impl RocksProjector {
 
     /// Writes durably before the journal lets go of the tasks; the fsync runs off the async threads.
     async fn write(&self, batch: WriteBatch) -> Result<(), ProjectorError> {
+        if self.is_in_journal() {
+            return Err(ProjectorError::transient(
+                "the keyspaces in the journal are written by the journal's writer thread",
+            ));
+        }
         let db = self.db.clone();
         tokio::task::spawn_blocking(move || {
             let mut options = WriteOptions::default();
@@ -133,15 +193,16 @@ impl Projector for RocksProjector {
         _snapshot: &Snapshot,
         tasks: &[Task],
     ) -> Result<Vec<Outcome>, ProjectorError> {
-        let batch = self.stage(tasks)?;
+        let batch = self
+            .stage(tasks)
+            .map_err(|e| ProjectorError::transient(format!("rocksdb read failed: {e}")))?;
         self.write(batch).await?;
         Ok(tasks.iter().map(|_| Ok(())).collect())
     }
 
     async fn drop_project(&self, project: &Ident) -> Result<(), ProjectorError> {
-        let (from, to) = project_range(project);
         let mut batch = WriteBatch::default();
-        batch.delete_range(from, to);
+        self.drop_range(project, &mut batch);
         self.write(batch).await
     }
 
@@ -170,12 +231,58 @@ impl Projector for RocksProjector {
     }
 }
 
+/// A stored key and its value.
+pub(crate) type Stored = (Box<[u8]>, Box<[u8]>);
+
 /// One keyspace write: a document, or a tombstone when `doc` is `None`.
 type Write<'a> = (Vec<u8>, u64, Option<&'a RawValue>);
 
 impl RocksProjector {
+    /// Every stored (key, value), in key order.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = Stored> + '_ {
+        self.db
+            .iterator_cf(self.cf(), rocksdb::IteratorMode::Start)
+            .map_while(Result::ok)
+    }
+
+    /// Adds to `batch` the stored values of another keyspace database that are newer than what
+    /// this one holds for the same keys.
+    pub(crate) fn merge(
+        &self,
+        entries: &[Stored],
+        batch: &mut WriteBatch,
+    ) -> Result<(), rocksdb::Error> {
+        let cf = self.cf();
+        let stored = self.db.multi_get_cf(entries.iter().map(|(k, _)| (cf, k)));
+        for ((key, value), current) in entries.iter().zip(stored) {
+            if stored_revision(value) > current?.as_deref().map_or(0, stored_revision) {
+                batch.put_cf(cf, key, value);
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes `batch` at once, synced unless the keyspaces are the journal's (whose own later
+    /// writes cannot outlive it).
+    pub(crate) fn write_now(&self, batch: WriteBatch) -> Result<(), rocksdb::Error> {
+        let mut options = WriteOptions::default();
+        options.set_sync(!self.is_in_journal());
+        self.db.write_opt(batch, &options)
+    }
+
+    /// Adds to `batch` the removal of every keyspace (keys start with a project name, never 0xff).
+    pub(crate) fn clear(&self, batch: &mut WriteBatch) {
+        batch.delete_range_cf(self.cf(), [0u8].as_slice(), [0xffu8].as_slice());
+    }
+
+    /// Adds to `batch` the removal of every keyspace of `project`.
+    pub(crate) fn drop_range(&self, project: &Ident, batch: &mut WriteBatch) {
+        let (from, to) = project_range(project);
+        batch.delete_range_cf(self.cf(), from, to);
+    }
+
     /// The batch that applies `tasks`: only writes newer than what the keyspace holds.
-    fn stage(&self, tasks: &[Task]) -> Result<WriteBatch, ProjectorError> {
+    pub(crate) fn stage(&self, tasks: &[Task]) -> Result<WriteBatch, rocksdb::Error> {
         // Every (key, revision, document) the batch wants written, in task order.
         let writes: Vec<Write> = tasks
             .iter()
@@ -189,19 +296,18 @@ impl RocksProjector {
                 })
             })
             .collect();
-        let stored = self.db.multi_get(writes.iter().map(|(k, _, _)| k));
+        let cf = self.cf();
+        let stored = self.db.multi_get_cf(writes.iter().map(|(k, _, _)| (cf, k)));
         let mut newest: HashMap<&[u8], u64> = HashMap::with_capacity(writes.len());
         for ((key, _, _), value) in writes.iter().zip(stored) {
-            let value = value
-                .map_err(|e| ProjectorError::transient(format!("rocksdb read failed: {e}")))?;
-            newest.insert(key, value.as_deref().map_or(0, stored_revision));
+            newest.insert(key, value?.as_deref().map_or(0, stored_revision));
         }
         let mut batch = WriteBatch::default();
         for (key, revision, doc) in &writes {
             let current = newest.get_mut(key.as_slice()).expect("every key was read");
             if *revision > *current {
                 *current = *revision;
-                batch.put(key, encode(*revision, *doc));
+                batch.put_cf(cf, key, encode(*revision, *doc));
             }
         }
         Ok(batch)

@@ -181,8 +181,8 @@ async fn backfill(
             let (blueprint, id): (String, Uuid) = (row.get("blueprint"), row.get("id"));
             state.cursor = Some(cursor_of(&blueprint, &id));
             let record = codec::decode_record(&row.get::<Vec<u8>, _>("record"))?;
-            if let Some(task) = item_task(p, target, id, &record) {
-                chunk.push((blueprint, id, record.revision, task));
+            if let Some((_, task)) = item_task(p, target, id, &record) {
+                chunk.push((blueprint, id, record.revision, task.bytes));
             }
         }
         if !commit_chunk(node, project, version, key, &state, chunk).await? {

@@ -575,7 +575,7 @@ impl Storage for PgStorage {
         let (mut p, stamp) = catalog::lock_project(&mut tx, project, false).await?;
         let mut writes = Vec::new();
         let projectors = self.settings.projectors.clone();
-        let version = edit::freeze(&mut p, &projectors, forced, &mut writes)?;
+        let version = edit::freeze(&mut p, &projectors, &[], forced, &mut writes)?;
         let stamp = catalog::persist(&mut tx, &mut p, stamp, &writes).await?;
         let revision = Self::next_revisions(&mut tx, project, 1).await?;
         let migrate = TaskOp::Migrate {

@@ -164,7 +164,7 @@ fn row(project: &str, revision: u64, entry: Entry) -> Row {
         } => Row {
             project: project.to_string(),
             revision: revision as i64,
-            task: codec::task_value(revision, revision, &task),
+            task: codec::task_value(revision, revision, &task.bytes),
             item: ItemChange::Put {
                 blueprint: blueprint.to_string(),
                 id,
