@@ -125,22 +125,22 @@ impl Application {
         let (storage, journal, background): (SharedStorage, _, _) = match settings.storage.backend {
             Backend::Rocksdb => {
                 let journal = open_journal(&settings, &registry, keyspaces_in_journal).await?;
-                match (journal.keyspaces(), &rocksdb) {
-                    (Some(keyspaces), _) => {
+                match journal.keyspaces() {
+                    Some(keyspaces) => {
                         let keyspaces = Arc::new(keyspaces);
                         registry.add(keyspaces.clone());
                         rocksdb = Some(keyspaces);
                     }
-                    // A broker carries the keyspace tasks: what the journal kept moves out.
-                    (None, Some(own)) => {
+                    // What the journal kept moves out to a broker-fed projector, or goes.
+                    None => {
+                        let own = rocksdb.as_deref();
                         journal
-                            .export_keyspaces(own)
+                            .release_keyspaces(own)
                             .map_err(|source| StartupError::Journal {
                                 path: settings.storage.data_dir.join("journal"),
                                 source,
                             })?;
                     }
-                    (None, None) => {}
                 }
                 let background = embedded_projection(
                     &journal,
@@ -381,6 +381,7 @@ async fn open_journal(
     journal
         .import_keyspaces(&data_dir.join("keyspaces"))
         .map_err(failed)?;
+    journal.keep_keyspaces().await.map_err(failed)?;
     journal.resume_backfills().map_err(failed)?;
     journal.reconcile().await.map_err(failed)?;
     journal.upgrade_layout().await.map_err(failed)?;

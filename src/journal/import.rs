@@ -7,20 +7,30 @@
 //! a key, so a crash part-way and a second run give the same result; the old directory goes only
 //! once everything is in the journal and synced. With a broker
 //! the keyspaces are fed by tasks again, and start-up moves what the journal kept into their own
-//! database (`export_keyspaces`). Both run before the service takes writes.
+//! database (`release_keyspaces`); with nowhere to go (a `rocksdb` worker, the keyspaces turned
+//! off) they go, and a meta key records that they are no longer current. A journal that starts
+//! keeping keyspaces that are not current rebuilds them from its items by back-fills
+//! (`keep_keyspaces`). All of it runs before the service takes writes.
 
 use std::path::Path;
 
 use rocksdb::WriteBatch;
 
 use super::task::TaskOp;
-use super::{keys, Journal, JournalError, CF_TASKS};
+use super::{keys, Command, Journal, JournalError, CF_META, CF_TASKS};
 use crate::catalog::MigrationState;
 use crate::projector::rocksdb::RocksProjector;
 use crate::projector::ProjectorKind;
 
 /// Keys moved per batch.
 const CHUNK: usize = 4096;
+
+/// Where a moved keyspaces directory goes before it is removed.
+fn moved_aside(path: &Path) -> std::path::PathBuf {
+    let mut name = path.file_name().unwrap_or_default().to_os_string();
+    name.push(".moved");
+    path.with_file_name(name)
+}
 
 impl Journal {
     /// Applies the pending keyspace tasks and moves the keyspaces of the database at `path` (if
@@ -39,6 +49,11 @@ impl Journal {
         let tasks = self.import_pending(old.as_ref().unwrap_or(&into))?;
         let mut keys_moved = 0;
         if let Some(old) = old {
+            // The old database is the whole truth: what the journal kept from an earlier time
+            // without a broker (or half of an interrupted move) goes first.
+            let mut clear = WriteBatch::default();
+            into.clear(&mut clear);
+            self.db.write(clear)?;
             let mut entries = old.entries().peekable();
             while entries.peek().is_some() {
                 let chunk: Vec<_> = entries.by_ref().take(CHUNK).collect();
@@ -47,11 +62,25 @@ impl Journal {
                 self.db.write(batch)?;
                 keys_moved += chunk.len() as u64;
             }
+            // What the old database held is current: the journal keeps it from here on.
+            self.db.put_cf(self.cf(CF_META), keys::KEYSPACES_KEPT, [])?;
             self.db.flush_wal(true)?;
             drop(entries);
             drop(old);
-            std::fs::remove_dir_all(path).map_err(|source| JournalError::Leftover {
-                path: path.to_path_buf(),
+            // Renamed first, in one step: a removal cut short never leaves a half database where
+            // the next start would look for one.
+            let moved = moved_aside(path);
+            std::fs::rename(path, &moved)
+                .and_then(|()| std::fs::remove_dir_all(&moved))
+                .map_err(|source| JournalError::Leftover {
+                    path: path.to_path_buf(),
+                    source,
+                })?;
+        }
+        let leftover = moved_aside(path);
+        if leftover.is_dir() {
+            std::fs::remove_dir_all(&leftover).map_err(|source| JournalError::Leftover {
+                path: leftover.clone(),
                 source,
             })?;
         }
@@ -65,30 +94,59 @@ impl Journal {
         Ok((tasks, keys_moved))
     }
 
-    /// The way back, when a broker carries the keyspace tasks again: moves what the journal's
-    /// keyspaces hold into the keyspaces' own database, newer revisions winning, then empties them.
-    /// Answers how many keys moved.
-    pub fn export_keyspaces(&self, to: &RocksProjector) -> Result<u64, JournalError> {
+    /// Makes sure the journal's keyspaces are current when it keeps them: when they were not kept
+    /// (a journal from before, with nothing to import; a time with a broker or a `rocksdb` worker,
+    /// or with the keyspaces turned off), they are emptied and every live version is back-filled
+    /// into them.
+    pub async fn keep_keyspaces(&self) -> Result<(), JournalError> {
+        if self.keyspaces().is_none() || self.keyspaces_kept()? {
+            return Ok(());
+        }
+        if self.last_seq() > 0 {
+            tracing::info!("rebuilding the local keyspaces in the journal from its items");
+        }
+        self.send(|reply| Command::KeepKeyspaces { reply }).await
+    }
+
+    fn keyspaces_kept(&self) -> Result<bool, JournalError> {
+        Ok(self
+            .db
+            .get_pinned_cf(self.cf(CF_META), keys::KEYSPACES_KEPT)?
+            .is_some())
+    }
+
+    /// The way back, when the journal stops keeping the keyspaces: moves what they hold into the
+    /// keyspaces' own database `to` (a broker carries their tasks again), newer revisions winning,
+    /// or, with nowhere to go (a `rocksdb` worker keeps them, or they are turned off), lets them go
+    /// to be rebuilt when the journal keeps them again. Answers how many keys moved.
+    pub fn release_keyspaces(&self, to: Option<&RocksProjector>) -> Result<u64, JournalError> {
+        if self.keyspaces().is_some() || !self.keyspaces_kept()? {
+            return Ok(0);
+        }
         let from = RocksProjector::in_journal(self.db.clone());
         let mut moved = 0;
-        let mut entries = from.entries().peekable();
-        while entries.peek().is_some() {
-            let chunk: Vec<_> = entries.by_ref().take(CHUNK).collect();
-            let mut batch = WriteBatch::default();
-            to.merge(&chunk, &mut batch)?;
-            to.write_now(batch)?;
-            moved += chunk.len() as u64;
-        }
-        drop(entries);
-        if moved > 0 {
-            let mut batch = WriteBatch::default();
-            from.clear(&mut batch);
-            self.db.write(batch)?;
+        if let Some(to) = to {
+            let mut entries = from.entries().peekable();
+            while entries.peek().is_some() {
+                let chunk: Vec<_> = entries.by_ref().take(CHUNK).collect();
+                let mut batch = WriteBatch::default();
+                to.merge(&chunk, &mut batch)?;
+                to.write_now(batch)?;
+                moved += chunk.len() as u64;
+            }
             tracing::info!(
                 keys = moved,
                 "the local keyspaces moved out of the journal into their own database"
             );
+        } else {
+            tracing::info!("the journal no longer keeps the local keyspaces; they are rebuilt when it does again");
         }
+        let mut batch = WriteBatch::default();
+        from.clear(&mut batch);
+        batch.delete_cf(self.cf(CF_META), keys::KEYSPACES_KEPT);
+        let mut synced = rocksdb::WriteOptions::default();
+        synced.set_sync(true);
+        self.db.write_opt(batch, &synced)?;
         Ok(moved)
     }
 
@@ -250,13 +308,19 @@ mod tests {
         assert_eq!(keyspaces.get(&p, 1, &article, &d).unwrap()["title"], "d1");
         assert!(journal.pending("rocksdb", 10).unwrap().is_empty());
 
+        journal.close().await;
+        drop((storage, keyspaces, journal));
+
         // And back, when a broker carries the keyspace tasks again.
+        let journal = open(dir.path(), false);
         let own = RocksProjector::open(&dir.path().join("keyspaces")).unwrap();
-        assert!(journal.export_keyspaces(&own).unwrap() >= 2);
+        assert!(journal.release_keyspaces(Some(&own)).unwrap() >= 2);
         assert_eq!(own.get(&p, 1, &article, &a).unwrap()["title"], "a2");
         assert_eq!(own.get(&p, 1, &article, &d).unwrap()["title"], "d1");
-        assert!(keyspaces.get(&p, 1, &article, &d).is_none());
-        assert_eq!(journal.export_keyspaces(&own).unwrap(), 0);
+        assert!(own.get(&p, 1, &article, &b).is_none());
+        let left = RocksProjector::in_journal(journal.db.clone());
+        assert!(left.get(&p, 1, &article, &d).is_none());
+        assert_eq!(journal.release_keyspaces(Some(&own)).unwrap(), 0);
         journal.close().await;
     }
 }

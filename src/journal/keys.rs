@@ -83,6 +83,9 @@ pub fn published(projector: &str) -> Vec<u8> {
 
 pub const LAST_SEQ: &[u8] = b"last_seq";
 
+/// Present while the `keyspaces` column family is kept current by the writer (see `journal/import`).
+pub const KEYSPACES_KEPT: &[u8] = b"keyspaces_kept";
+
 /// Set once the `changes` column family holds the latest change of every item (journals made
 /// before the change feed get it built at start).
 pub const CHANGES_INDEXED: &[u8] = b"changes_indexed";

@@ -6,8 +6,10 @@
 //! published after the batch is durable, so a reader that sees `last_seq = n` finds every task ≤ n.
 //!
 //! When the journal keeps the local keyspaces (`projector/rocksdb`), the same batch writes each
-//! item's documents into them: batches are written in sequence order, so the newest write always
-//! wins without reading what the keyspace holds, and they need no task of their own.
+//! item's documents into them (a delete, tombstones with its revision), and they need no task of
+//! their own. Batches are written in sequence order, so a write wins without reading what the
+//! keyspace holds; a back-fill skips items changed since its chunk was read (in this batch too),
+//! and a retried dead letter is checked against the item's latest change.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -74,6 +76,11 @@ pub enum Command {
         projectors: Vec<String>,
         reply: Reply<()>,
     },
+    /// Starts keeping the local keyspaces when they are not current: empties them, rebuilds every
+    /// live version into them by back-fills, and records them as kept in the same batch.
+    KeepKeyspaces {
+        reply: Reply<()>,
+    },
     /// Starts (again) the back-fill of a version whose state is missing.
     StartBackfill {
         project: Ident,
@@ -136,6 +143,8 @@ struct Stage<'a> {
     /// The last change this batch makes to each item, so a second write of the same item in the
     /// batch replaces the first one's change.
     staged: HashMap<Vec<u8>, Previous>,
+    /// Projects this batch drops.
+    dropped: std::collections::HashSet<Ident>,
     /// Horizons this batch moves.
     horizons: HashMap<Ident, u64>,
     /// The highest revision this batch gives each project's items (for the feed's followers).
@@ -252,12 +261,15 @@ impl<'a> Stage<'a> {
         }
     }
 
-    /// Removes an item from its versions' keyspaces, when the journal keeps them.
+    /// Removes an item from its versions' keyspaces, when the journal keeps them. The tombstone
+    /// keeps the delete's revision, as in a keyspace fed by tasks, so the two hold the same and a
+    /// late task or a retried dead letter never brings the item back.
     fn keyspace_delete(
         &mut self,
         project: &Ident,
         blueprint: &Ident,
         id: &uuid::Uuid,
+        revision: u64,
         versions: &[u32],
     ) {
         if !self.writer.keyspaces {
@@ -265,8 +277,11 @@ impl<'a> Stage<'a> {
         }
         let cf = self.cf(keyspace::CF_KEYSPACES);
         for version in versions {
-            self.batch
-                .delete_cf(cf, keyspace::key(project, *version, blueprint, id));
+            self.batch.put_cf(
+                cf,
+                keyspace::key(project, *version, blueprint, id),
+                keyspace::value(revision, None),
+            );
         }
     }
 
@@ -337,6 +352,7 @@ impl Writer {
                 after: Vec::new(),
                 backfills: Default::default(),
                 staged: HashMap::new(),
+                dropped: Default::default(),
                 horizons: HashMap::new(),
                 touched: HashMap::new(),
                 millis: chrono::Utc::now().timestamp_millis().max(0) as u64,
@@ -471,6 +487,28 @@ fn stage_command(stage: &mut Stage, command: Command) {
             let seq = stage.task(None, &body, tasks.iter().map(String::as_str));
             stage.answers.push(answer(reply, seq));
         }
+        Command::KeepKeyspaces { reply } => {
+            let meta = stage.cf(CF_META);
+            let kept = matches!(
+                stage.writer.db.get_pinned_cf(meta, keys::KEYSPACES_KEPT),
+                Ok(Some(_))
+            );
+            if stage.writer.keyspaces && !kept {
+                let cf = stage.cf(keyspace::CF_KEYSPACES);
+                stage
+                    .batch
+                    .delete_range_cf(cf, [0u8].as_slice(), [0xffu8].as_slice());
+                let snapshot = stage.writer.catalog.snapshot();
+                let only = vec![ProjectorKind::Rocksdb.name().to_string()];
+                for (name, project) in &snapshot.projects {
+                    for version in project.live_versions() {
+                        stage.start_backfill_for(name, version.number, Some(only.clone()));
+                    }
+                }
+                stage.batch.put_cf(meta, keys::KEYSPACES_KEPT, []);
+            }
+            stage.answers.push(answer(reply, ()));
+        }
         Command::StartBackfill {
             project,
             version,
@@ -555,6 +593,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
             }
             let prefix = keys::project_prefix(&project);
             stage.staged.retain(|key, _| !key.starts_with(&prefix));
+            stage.dropped.insert(project.clone());
             let body = codec::task_body(&project, &TaskOp::DropProject);
             let seq = stage.task(None, &body, stage.all_projectors());
             stage.raise_horizon(&project, seq);
@@ -608,12 +647,20 @@ fn stage_command(stage: &mut Stage, command: Command) {
             stage.answers.push(answer(reply, purged.len()));
         }
         Command::Requeue { letters, reply } => {
-            let count = letters.len();
+            let mut count = 0;
             let dead = stage.cf(super::CF_DEAD);
             for (key, letter) in letters {
                 let Some(task) = &letter.task else {
                     continue;
                 };
+                // A letter gone since it was read stays gone: its project was dropped (retrying it
+                // would bring the items back into a project made again), or it was retried already.
+                let present = !stage.dropped.contains(&task.project)
+                    && matches!(stage.writer.db.get_pinned_cf(dead, &key), Ok(Some(_)));
+                if !present {
+                    continue;
+                }
+                count += 1;
                 let revision = match &task.op {
                     TaskOp::Upsert { revision, .. } | TaskOp::Delete { revision, .. } => {
                         Some(*revision)
@@ -648,6 +695,10 @@ fn stage_command(stage: &mut Stage, command: Command) {
             }
             let current = stage.cf(CF_ITEMS);
             for item in items {
+                // Written or deleted earlier in this batch: that change carried the new version.
+                if stage.staged.contains_key(&item.key) {
+                    continue;
+                }
                 // An item written or deleted since the chunk was read needs no back-fill: a write
                 // already carried the new version, and a delete must not be followed by a late upsert.
                 let unchanged = matches!(
@@ -729,7 +780,7 @@ fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
         } => {
             let key = keys::item(project, &blueprint, &id);
             let revision = stage.task(None, &task, stage.all_projectors());
-            stage.keyspace_delete(project, &blueprint, &id, &versions);
+            stage.keyspace_delete(project, &blueprint, &id, revision, &versions);
             stage_change(stage, project, &key, revision, true, &id, &blueprint);
             stage.batch.delete_cf(items, &key);
             stage.staged.insert(key, Previous::Delete(revision));
@@ -785,25 +836,37 @@ fn stage_change(
 }
 
 /// Applies a dead letter of the local keyspaces in the batch, unless the journal accepted a newer
-/// change of the item since (which already reached the keyspaces).
+/// change of the item since (in this batch too), or the keyspace holds one.
 fn requeue_into_keyspaces(stage: &mut Stage, task: &super::task::Task) {
+    match &task.op {
+        TaskOp::Migrate { version } => {
+            let name = ProjectorKind::Rocksdb.name();
+            let catalog = &stage.writer.catalog;
+            // The version may be gone since; then there is nothing to mark.
+            let _ = catalog.set_migration(&task.project, *version, name, MigrationState::Done);
+            return;
+        }
+        // The project was dropped, its keyspaces with it; it may exist again by now.
+        TaskOp::DropProject => return,
+        TaskOp::Upsert { .. } | TaskOp::Delete { .. } => {}
+    }
     let cf = stage.cf(keyspace::CF_KEYSPACES);
     for write in task.version_writes() {
         let latest = match stage.previous(&keys::item(&task.project, write.blueprint, &write.id)) {
             Previous::None => 0,
             Previous::Put(revision) | Previous::Delete(revision) => revision,
         };
-        if write.revision < latest {
+        let key = keyspace::key(&task.project, write.version, write.blueprint, &write.id);
+        let stored = match stage.writer.db.get_pinned_cf(cf, &key) {
+            Ok(value) => value.and_then(|v| codec::record_revision(&v)).unwrap_or(0),
+            Err(_) => continue,
+        };
+        if write.revision < latest || write.revision <= stored {
             continue;
         }
-        let key = keyspace::key(&task.project, write.version, write.blueprint, &write.id);
-        match write.doc {
-            Some(doc) => stage.batch.put_cf(
-                cf,
-                key,
-                keyspace::value(write.revision, Some(doc.get().as_bytes())),
-            ),
-            None => stage.batch.delete_cf(cf, key),
-        }
+        let doc = write.doc.map(|d| d.get().as_bytes());
+        stage
+            .batch
+            .put_cf(cf, key, keyspace::value(write.revision, doc));
     }
 }

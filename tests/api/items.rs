@@ -382,3 +382,58 @@ async fn a_backfill_interrupted_by_a_restart_resumes_and_finishes() {
             .count(&"myblog".parse_ident(), 2, &"article".parse_ident());
     assert_eq!(count, total as usize);
 }
+
+#[tokio::test]
+async fn keyspaces_the_journal_did_not_keep_are_rebuilt_from_its_items() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let (project, blueprint) = (
+        dstore::blueprint::Ident::parse("myblog").unwrap(),
+        dstore::blueprint::Ident::parse("article").unwrap(),
+    );
+    // A time with the keyspaces turned off: items are written, and one of them deleted.
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.storage.data_dir = path.clone();
+        s.projection.rocksdb = false;
+    })
+    .await;
+    assert!(app.rocksdb.is_none());
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    for id in &ids {
+        let put = app
+            .put(
+                &format!("/myblog/article/{id}"),
+                &json!({"project_version": 1, "title": "kept", "date_created": "2026-01-01T00:00:00Z"}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    assert_eq!(
+        app.delete(&format!("/myblog/article/{}", ids[2]))
+            .await
+            .status,
+        200
+    );
+    app.stop().await;
+
+    // Turned on again: the journal keeps them, rebuilt from what it holds.
+    let app = crate::helpers::spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+    let keyspaces = app.rocksdb.clone().unwrap();
+    let mut rebuilt = 0;
+    for _ in 0..200 {
+        rebuilt = keyspaces.count(&project, 1, &blueprint);
+        if rebuilt == 2 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    assert_eq!(rebuilt, 2, "the two live items, not the deleted one");
+    assert_eq!(
+        keyspaces.get(&project, 1, &blueprint, &ids[0]).unwrap()["title"],
+        "kept"
+    );
+    assert!(keyspaces.get(&project, 1, &blueprint, &ids[2]).is_none());
+    drop(keyspaces);
+    app.stop().await;
+}

@@ -6,13 +6,15 @@
 //! The keyspaces live in one of two places:
 //! - **In the journal** (the embedded default, no broker): the column family [`CF_KEYSPACES`] of the
 //!   journal's own database, written by the journal's writer thread in the batch that accepts the
-//!   write (`journal/writer.rs`). That batch is ordered by revision, so the newest write always wins
-//!   without a read, a delete simply removes the keys, and there is no task, acknowledgement or
-//!   second fsync. This projector then only reads.
+//!   write (`journal/writer.rs`). Batches are written in revision order, so a write needs no read
+//!   and there is no task, acknowledgement or second fsync; back-fills and retried dead letters are
+//!   checked against the item's latest change there. This projector then only reads.
 //! - **In a database of their own** (`keyspaces/`): when a broker carries the tasks, or a
-//!   `dstore worker` keeps them. Tasks arrive as for any store, possibly late or twice, so a delete
-//!   leaves a tombstone holding its revision and a write older than what is stored — a late
-//!   back-fill, a redelivered task — never brings the item back.
+//!   `dstore worker` keeps them. Tasks arrive as for any store, possibly late or twice, so a write
+//!   older than what is stored — a late back-fill, a redelivered task — is left out.
+//!
+//! In both, a delete leaves a tombstone holding its revision, so the item never comes back from
+//! something older, and the keyspaces move between the two places unchanged (`journal/import.rs`).
 
 use std::collections::HashMap;
 use std::path::Path;
