@@ -288,7 +288,8 @@ pub struct Journal {
 }
 
 impl Drop for Journal {
-    /// Stops the writer thread and waits for it, so the database is closed when the journal is gone.
+    /// Stops the writer thread and waits for it. The database closes with its last handle: the
+    /// journal's, or the reader of the keyspaces it keeps (`Journal::keyspaces`).
     fn drop(&mut self) {
         let _ = self.commands.send(Command::Shutdown);
         let writer = self.writer.lock().ok().and_then(|mut w| w.take());

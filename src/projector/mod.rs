@@ -157,7 +157,8 @@ pub trait Projector: Send + Sync {
 }
 
 /// The enabled projectors: those this process can reach, and the names of those only `dstore worker`
-/// processes elsewhere open (the embedded keyspaces of a worker, say). Tasks are queued for all.
+/// processes elsewhere open (the embedded keyspaces of a worker, say). Tasks are queued for all but
+/// the keyspaces the journal writes itself (`projector/rocksdb`).
 #[derive(Clone, Default)]
 pub struct Registry {
     projectors: Vec<Arc<dyn Projector>>,
