@@ -113,7 +113,12 @@ impl Journal {
                         s.migrations
                             .iter()
                             .filter(|(p, m)| {
-                                **m != MigrationState::Done && self.lanes.contains_key(p.as_str())
+                                // The keyspaces the journal writes are marked done by the writer.
+                                let kept = self.settings.keyspaces
+                                    && p.as_str()
+                                        == crate::projector::ProjectorKind::Rocksdb.name();
+                                **m != MigrationState::Done
+                                    && (self.lanes.contains_key(p.as_str()) || kept)
                             })
                             .map(|(p, _)| p.clone())
                             .collect()
