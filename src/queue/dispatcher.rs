@@ -21,6 +21,11 @@ use crate::journal::task::Task;
 use crate::journal::{Journal, Pending};
 use crate::projector::{backoff, Projector};
 
+/// How long a projector lets tasks gather after a batch that was not full, before it reads again:
+/// under many small writes a store then gets one batch (for PostgreSQL, one transaction and one
+/// commit) per few milliseconds instead of one per group commit.
+const LINGER: Duration = Duration::from_millis(5);
+
 /// Runs until `shutdown` turns true.
 pub async fn run(
     journal: Arc<Journal>,
@@ -35,7 +40,15 @@ pub async fn run(
     let mut scan_from = 0;
     // The batch after the one applied last, read while it was applied.
     let mut prefetched: Option<Pending> = None;
+    // Whether the last read found less than a full batch.
+    let mut short = false;
     while !*shutdown.borrow() {
+        if short && prefetched.is_none() {
+            tokio::select! {
+                _ = tokio::time::sleep(LINGER) => {}
+                _ = shutdown.changed() => {}
+            }
+        }
         if !holds.any() {
             scan_from = 0;
         }
@@ -55,6 +68,7 @@ pub async fn run(
             }
         };
         let tasks = pending.tasks;
+        short = tasks.len() < batch_size;
         if tasks.is_empty() {
             let _ = journal.refresh_progress(name);
             if pending.first_seen.is_some() {
