@@ -495,9 +495,8 @@ fn stage_command(stage: &mut Stage, command: Command) {
             );
             if stage.writer.keyspaces && !kept {
                 let cf = stage.cf(keyspace::CF_KEYSPACES);
-                stage
-                    .batch
-                    .delete_range_cf(cf, [0u8].as_slice(), [0xffu8].as_slice());
+                let (from, to) = keyspace::ALL;
+                stage.batch.delete_range_cf(cf, from, to);
                 let snapshot = stage.writer.catalog.snapshot();
                 let only = vec![ProjectorKind::Rocksdb.name().to_string()];
                 for (name, project) in &snapshot.projects {
@@ -693,6 +692,17 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 let _ = reply.send(Ok(false));
                 return;
             }
+            // What this back-fill feeds: every store, or the ones a rebuild names.
+            let (into_keyspaces, targets): (bool, Vec<&str>) = match &state.projectors {
+                Some(only) => (
+                    only.iter().any(|p| stage.is_inline(p)),
+                    only.iter()
+                        .map(String::as_str)
+                        .filter(|p| !stage.is_inline(p))
+                        .collect(),
+                ),
+                None => (true, stage.all_projectors()),
+            };
             let current = stage.cf(CF_ITEMS);
             for item in items {
                 // Written or deleted earlier in this batch: that change carried the new version.
@@ -708,39 +718,15 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 if !unchanged {
                     continue;
                 }
-                let task = &item.task.bytes;
-                match &state.projectors {
-                    Some(only) => {
-                        let (inline, tasks): (Vec<&String>, Vec<&String>) =
-                            only.iter().partition(|p| stage.is_inline(p));
-                        if !inline.is_empty() {
-                            let docs = item.task.docs();
-                            stage.keyspace_put(
-                                &project,
-                                &item.blueprint,
-                                &item.id,
-                                item.revision,
-                                docs,
-                            );
-                        }
-                        stage.task(
-                            Some(item.revision),
-                            task,
-                            tasks.into_iter().map(String::as_str),
-                        );
-                    }
-                    None => {
-                        let docs = item.task.docs();
-                        stage.keyspace_put(
-                            &project,
-                            &item.blueprint,
-                            &item.id,
-                            item.revision,
-                            docs,
-                        );
-                        stage.task(Some(item.revision), task, stage.all_projectors());
-                    }
+                if into_keyspaces {
+                    let docs = item.task.docs();
+                    stage.keyspace_put(&project, &item.blueprint, &item.id, item.revision, docs);
                 }
+                stage.task(
+                    Some(item.revision),
+                    &item.task.bytes,
+                    targets.iter().copied(),
+                );
             }
             let meta = stage.cf(CF_META);
             let key = state.key(&project, version);

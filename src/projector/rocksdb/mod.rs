@@ -56,6 +56,9 @@ pub fn key(project: &Ident, version: u32, blueprint: &Ident, id: &Uuid) -> Vec<u
     key
 }
 
+/// The range of every key of every keyspace: keys start with a project name, never 0 or 0xff.
+pub const ALL: (&[u8], &[u8]) = (&[0], &[0xff]);
+
 /// The keys of every keyspace of a project.
 pub fn project_range(project: &Ident) -> (Vec<u8>, Vec<u8>) {
     let mut from = project.as_str().as_bytes().to_vec();
@@ -272,9 +275,10 @@ impl RocksProjector {
         self.db.write_opt(batch, &options)
     }
 
-    /// Adds to `batch` the removal of every keyspace (keys start with a project name, never 0xff).
+    /// Adds to `batch` the removal of every keyspace.
     pub(crate) fn clear(&self, batch: &mut WriteBatch) {
-        batch.delete_range_cf(self.cf(), [0u8].as_slice(), [0xffu8].as_slice());
+        let (from, to) = ALL;
+        batch.delete_range_cf(self.cf(), from, to);
     }
 
     /// Adds to `batch` the removal of every keyspace of `project`.
