@@ -2,7 +2,9 @@
 //!
 //! Handlers live one file per resource; `error.rs` is the only place that chooses status codes. Paths
 //! follow Elasticsearch conventions (project first, `_`-prefixed verbs), so verb routes are registered
-//! before the item routes they would otherwise shadow.
+//! before the item routes they would otherwise shadow. Item writes and reads are most requests: their
+//! route is also tried first, for paths that cannot be a verb route ([`plain_item_path`]), so they do
+//! not pay for matching every verb route's pattern before their own.
 
 pub mod auth;
 mod blueprints;
@@ -91,6 +93,9 @@ pub fn configure(config: &mut web::ServiceConfig) {
 
 fn routes(config: &mut web::ServiceConfig) {
     config
+        .service(item_resource().guard(actix_web::guard::fn_guard(|ctx| {
+            plain_item_path(ctx.head().uri.path())
+        })))
         .service(resource("/_health").route(web::get().to(health::live)))
         .service(resource("/_metrics").route(web::get().to(metrics::metrics)))
         .service(resource("/_openapi.json").route(web::get().to(docs::openapi)))
@@ -165,13 +170,30 @@ fn routes(config: &mut web::ServiceConfig) {
                 .route(web::get().to(blueprints::get_at)),
         )
         .service(resource("/{project}/{blueprint}").route(web::post().to(items::create)))
-        .service(
-            resource("/{project}/{blueprint}/{id}")
-                .route(web::put().to(items::put))
-                .route(web::get().to(items::get))
-                .route(web::delete().to(items::delete)),
-        )
+        .service(item_resource())
         .default_service(web::to(not_found));
+}
+
+/// An item: `/{project}/{blueprint}/{id}`.
+fn item_resource() -> actix_web::Resource {
+    resource("/{project}/{blueprint}/{id}")
+        .route(web::put().to(items::put))
+        .route(web::get().to(items::get))
+        .route(web::delete().to(items::delete))
+}
+
+/// Whether `path` (as sent) is three segments none of which is a verb (`_`-prefixed) or
+/// percent-encoded: then no route registered before the item route could match it, and the item
+/// route may be tried first. Any other path takes the route table in its order.
+fn plain_item_path(path: &str) -> bool {
+    let mut segments = path.strip_prefix('/').unwrap_or(path).split('/');
+    let plain = |segment: Option<&str>| {
+        segment.is_some_and(|s| !s.is_empty() && !s.starts_with('_') && !s.contains('%'))
+    };
+    plain(segments.next())
+        && plain(segments.next())
+        && plain(segments.next())
+        && segments.next().is_none()
 }
 
 /// A resource whose unsupported methods answer 405 with a JSON body.
@@ -189,4 +211,29 @@ async fn not_found(request: actix_web::HttpRequest) -> Result<HttpResponse, ApiE
         request.method(),
         request.path()
     )))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain_item_path;
+
+    #[test]
+    fn only_paths_no_verb_route_matches_take_the_item_route_first() {
+        assert!(plain_item_path(
+            "/shop/article/5f0c0c9e-1b2a-4c3d-8e4f-000000000001"
+        ));
+        for verb in [
+            "/shop/article/_blueprint",
+            "/shop/_version/2",
+            "/shop/_blueprint/1",
+            "/_keys/abc/_rotate",
+            "/shop/article/%5Fblueprint",
+            "/shop/article",
+            "/shop/article/1/extra",
+            "/shop/article/",
+            "//article/1",
+        ] {
+            assert!(!plain_item_path(verb), "{verb}");
+        }
+    }
 }
