@@ -341,12 +341,15 @@ impl Writer {
     pub fn run(self, commands: Receiver<Command>, journal: Weak<Journal>) {
         let mut options = WriteOptions::default();
         options.set_sync(self.durability == Durability::Sync);
+        // The size of the last batch: the next one starts with room for as much, so a large batch
+        // is not built by growing and copying its buffer step by step.
+        let mut room = 0;
         while let Ok(first) = commands.recv() {
             if matches!(first, Command::Shutdown) {
                 return;
             }
             let mut stage = Stage {
-                batch: WriteBatch::default(),
+                batch: WriteBatch::with_capacity_bytes(room),
                 seq: self.last_seq.load(Ordering::Acquire),
                 answers: Vec::new(),
                 after: Vec::new(),
@@ -383,6 +386,7 @@ impl Writer {
                 touched,
                 ..
             } = stage;
+            room = batch.size_in_bytes();
             let result = self.db.write_opt(batch, &options);
             if result.is_ok() {
                 self.last_seq.store(seq, Ordering::Release);
