@@ -6,9 +6,10 @@
 //! allocate many short-lived buffers, which mimalloc serves fast; by default it also keeps freed
 //! pages for a second and commits whole arenas up front, which a `_bulk` load turns into a resident
 //! set well above what is live. `tune` makes freed pages go back to the kernel at once and commits
-//! arena memory as it is used. Before RocksDB allocated through glibc's malloc, whose arenas kept
+//! arena memory as it is used. Before, RocksDB allocated through glibc's malloc, whose arenas kept
 //! what RocksDB freed: under `_bulk` with the PostgreSQL projector, peak RSS was 221–257 MiB
-//! against 180–184 with one allocator, at the same end-to-end rate (README, Performance).
+//! against 173–243 with one allocator (under 200 in about half the runs), at the same end-to-end
+//! rate (README, Performance).
 //! `MIMALLOC_PURGE_DELAY` and `MIMALLOC_ARENA_EAGER_COMMIT` in the environment still win.
 
 /// The global allocator of dstore's binaries.
