@@ -50,8 +50,11 @@ fn write_params(request: &HttpRequest) -> Result<WriteParams, ApiError> {
 }
 
 fn item_id(raw: &str) -> Result<Uuid, ApiError> {
-    Uuid::parse_str(raw)
-        .map_err(|_| ApiError::bad_request("id", format!("item id {raw:?} is not a uuid")))
+    Uuid::parse_str(raw).map_err(|_| {
+        // An excerpt: the id is the client's, as long as the URL limit lets it be.
+        let raw = crate::blueprint::value::excerpt_str(raw);
+        ApiError::bad_request("id", format!("item id {raw:?} is not a uuid"))
+    })
 }
 
 /// Adds `projected` (and answers 202 when the projectors did not catch up in time).

@@ -183,6 +183,29 @@ async fn tens_of_thousands_of_unknown_keys_get_a_small_error_body() {
 }
 
 #[tokio::test]
+async fn a_very_long_item_id_is_refused_with_an_excerpt_of_it() {
+    let app = blog().await;
+    let id = "x".repeat(10_000);
+    let response = app
+        .client
+        .put(format!("{}/myblog/article/{id}", app.address))
+        .body(item().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 400);
+    let text = response.text().await.unwrap();
+    assert!(text.len() < 1_024, "the error body is {} bytes", text.len());
+    let body: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(body["errors"][0]["path"], "id");
+    assert!(body["errors"][0]["message"]
+        .as_str()
+        .unwrap()
+        .contains("xxxx…"));
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn a_bulk_item_far_larger_than_an_item_may_be_fails_alone_with_413() {
     let app = blog().await;
     let huge = format!(
