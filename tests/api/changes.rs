@@ -297,6 +297,104 @@ async fn sse_followers_get_every_change_once_and_resume_from_last_event_id() {
     assert_eq!(next_changes(&mut events, 1).await[0]["revision"], re);
 }
 
+/// `_bulk` lines: `put` with a title, or `delete`.
+fn bulk_lines(ops: &[(Uuid, Option<&str>)]) -> String {
+    let mut body = String::new();
+    for (id, title) in ops {
+        match title {
+            Some(title) => body.push_str(&format!(
+                "{{\"put\": {{\"blueprint\": \"note\", \"id\": \"{id}\"}}}}\n{}\n",
+                json!({"project_version": 1, "title": title})
+            )),
+            None => body.push_str(&format!(
+                "{{\"delete\": {{\"blueprint\": \"note\", \"id\": \"{id}\"}}}}\n"
+            )),
+        }
+    }
+    body
+}
+
+/// Every change of the project as (id, op, title), and checks each item is listed once.
+async fn latest_changes(app: &TestApp) -> Vec<(String, String, Value)> {
+    let page = app.get("/p/_changes?since=0&limit=1000").await.body;
+    let changes: Vec<(String, String, Value)> = page["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| {
+            let id = c["id"].as_str().unwrap().to_string();
+            (
+                id,
+                c["op"].as_str().unwrap().to_string(),
+                c["item"]["title"].clone(),
+            )
+        })
+        .collect();
+    let mut ids: Vec<&String> = changes.iter().map(|c| &c.0).collect();
+    ids.sort();
+    ids.dedup();
+    assert_eq!(ids.len(), changes.len(), "an item listed twice: {page}");
+    changes
+}
+
+#[tokio::test]
+async fn bulks_that_rewrite_delete_and_revive_items_leave_one_change_per_item() {
+    let app = spawn_app().await;
+    project(&app).await;
+    let ids: Vec<Uuid> = (0..12).map(|_| Uuid::new_v4()).collect();
+    for id in &ids[..8] {
+        put(&app, *id, "first").await;
+    }
+    for id in &ids[4..8] {
+        delete(&app, *id).await;
+    }
+    // Rewrites (0..4), revivals (4..8), new items (8..12), an item written twice in one request
+    // and one deleted after its put in the same request.
+    let mut ops: Vec<(Uuid, Option<&str>)> = ids.iter().map(|id| (*id, Some("bulk"))).collect();
+    ops.push((ids[0], Some("twice")));
+    ops.push((ids[1], None));
+    let bulk = app
+        .send(reqwest::Method::POST, "/p/_bulk", Some(bulk_lines(&ops)))
+        .await;
+    assert_eq!(bulk.status, 200, "{}", bulk.body);
+    assert_eq!(bulk.body["errors"], false, "{}", bulk.body);
+    let changes = latest_changes(&app).await;
+    assert_eq!(changes.len(), 12);
+    for (id, op, title) in &changes {
+        let expected = match id {
+            id if *id == ids[0].to_string() => ("put", json!("twice")),
+            id if *id == ids[1].to_string() => ("delete", Value::Null),
+            _ => ("put", json!("bulk")),
+        };
+        assert_eq!((op.as_str(), title), (expected.0, &expected.1), "{id}");
+    }
+
+    // All deleted in one request, then all written again in another.
+    let deletes: Vec<(Uuid, Option<&str>)> = ids.iter().map(|id| (*id, None)).collect();
+    let bulk = app
+        .send(
+            reqwest::Method::POST,
+            "/p/_bulk",
+            Some(bulk_lines(&deletes)),
+        )
+        .await;
+    assert_eq!(bulk.body["errors"], false, "{}", bulk.body);
+    let changes = latest_changes(&app).await;
+    assert_eq!(changes.len(), 12);
+    assert!(changes.iter().all(|c| c.1 == "delete"), "{changes:?}");
+    let again: Vec<(Uuid, Option<&str>)> = ids.iter().map(|id| (*id, Some("again"))).collect();
+    let bulk = app
+        .send(reqwest::Method::POST, "/p/_bulk", Some(bulk_lines(&again)))
+        .await;
+    assert_eq!(bulk.body["errors"], false, "{}", bulk.body);
+    let changes = latest_changes(&app).await;
+    assert_eq!(changes.len(), 12);
+    assert!(
+        changes.iter().all(|c| c.1 == "put" && c.2 == "again"),
+        "{changes:?}"
+    );
+}
+
 #[tokio::test]
 async fn a_ndjson_follower_that_stays_behind_gets_everything_once_in_order() {
     let app = spawn_app().await;
