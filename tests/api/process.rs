@@ -45,6 +45,9 @@ async fn the_binary_honours_the_original_variables_and_stops_cleanly_on_sigterm(
     // The journal keeps the local keyspaces: no database of their own.
     assert!(data.join("journal").is_dir() && !data.join("keyspaces").exists());
     assert!(catalog.is_dir());
+    // The allocator's tuning ran: no transparent huge pages (dstore::allocator).
+    let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    assert!(status.contains("THP_enabled:\t0"), "{status}");
 
     Command::new("kill")
         .arg("-TERM")
