@@ -73,7 +73,11 @@ fn status_key(name: &Ident, number: u32) -> String {
 
 impl Catalog {
     pub fn open(path: &Path) -> Result<Catalog, CatalogError> {
-        let mut options = rocksdb::Options::default();
+        // Memory: the catalog also holds the audit log, one entry per write request, so its
+        // memtable counts in the process's one budget and its blocks in the shared cache
+        // (`crate::rocks`), like the journal's.
+        let mut options = crate::rocks::db_options();
+        crate::rocks::family(&mut options, |_| {});
         options.create_if_missing(true);
         let db = DB::open(&options, path)?;
         let snapshot = load(&db)?;
@@ -332,4 +336,32 @@ fn load(db: &DB) -> Result<Snapshot, CatalogError> {
             .map(|(k, v)| (k, Arc::new(v)))
             .collect(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Catalog;
+
+    #[test]
+    fn the_catalog_memtable_is_one_of_the_process_budget() {
+        // The audit log fills the catalog at one entry per write request: with RocksDB's default
+        // options its memtable grew to 64 MiB outside the process's budget (`crate::rocks`).
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
+        catalog
+            .put_records(&[(b"audit/x".to_vec(), vec![0; 1024])], false)
+            .unwrap();
+        let options = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|path| path.to_string_lossy().contains("OPTIONS-"))
+            .max()
+            .expect("RocksDB writes its options file");
+        let text = std::fs::read_to_string(options).unwrap();
+        let size = format!("write_buffer_size={}", crate::rocks::MEMTABLE);
+        assert!(
+            text.lines().any(|line| line.trim() == size),
+            "{size} is not in the catalog's options"
+        );
+    }
 }
