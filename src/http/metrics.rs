@@ -107,11 +107,15 @@ pub async fn metrics(state: State, requests: web::Data<RequestMetrics>) -> HttpR
     let (memtables, cache) = crate::rocks::usage();
     gauge(
         "dstore_rocksdb_memory_bytes",
-        "Memory RocksDB holds in this process, by kind; memtables are bounded together, and so is the block cache (ARCHITECTURE.md).",
+        "Memory RocksDB holds in this process, by kind; memtables are bounded together, and so is the block cache (ARCHITECTURE.md); the journal's table readers (index and filter blocks) grow with its data.",
         "gauge",
         vec![
             ("{kind=\"memtables\"}".into(), memtables as u64),
             ("{kind=\"block_cache\"}".into(), cache as u64),
+            (
+                "{kind=\"table_readers\"}".into(),
+                stats.table_readers_bytes,
+            ),
         ],
     );
     HttpResponse::Ok()

@@ -304,6 +304,16 @@ fn decode<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> Result<T, JournalError>
     Ok(serde_json::from_slice(bytes)?)
 }
 
+/// Every column family of the journal.
+const FAMILIES: [&str; 6] = [
+    CF_ITEMS,
+    CF_TASKS,
+    CF_DEAD,
+    CF_META,
+    CF_CHANGES,
+    crate::projector::rocksdb::CF_KEYSPACES,
+];
+
 impl Journal {
     /// Opens (or creates) the journal and starts its writer thread. Must be called inside a Tokio
     /// runtime, which then runs the journal's background work.
@@ -318,15 +328,7 @@ impl Journal {
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.increase_parallelism(2);
-        let families = [
-            CF_ITEMS,
-            CF_TASKS,
-            CF_DEAD,
-            CF_META,
-            CF_CHANGES,
-            crate::projector::rocksdb::CF_KEYSPACES,
-        ]
-        .map(|name| {
+        let families = FAMILIES.map(|name| {
             let mut cf = Options::default();
             crate::rocks::family(&mut cf, |tables| {
                 if name == CF_ITEMS || name == CF_CHANGES {
@@ -970,6 +972,20 @@ impl Journal {
             })
             .sum();
         (items, bytes)
+    }
+
+    /// What RocksDB's table readers of every column family hold in memory (an estimate).
+    pub fn table_readers_bytes(&self) -> u64 {
+        FAMILIES
+            .iter()
+            .map(|cf| {
+                self.db
+                    .property_int_value_cf(self.cf(cf), "rocksdb.estimate-table-readers-mem")
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0)
+            })
+            .sum()
     }
 
     /// Dead letters, oldest first; only those of `projector` when given.

@@ -414,6 +414,7 @@ impl Storage for EmbeddedStorage {
             last_revision: self.journal.last_seq(),
             items,
             bytes,
+            table_readers_bytes: self.journal.table_readers_bytes(),
         }
     }
 }

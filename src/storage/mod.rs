@@ -120,6 +120,9 @@ pub struct Stats {
     pub items: u64,
     /// Bytes the catalog and journal take (an estimate; 0 where the backend cannot say).
     pub bytes: u64,
+    /// Memory the journal's RocksDB table readers hold: each table file's index and bloom filter,
+    /// outside the block cache, growing with the data (0 where the backend has none).
+    pub table_readers_bytes: u64,
 }
 
 /// The catalog and the journal, whichever backend holds them. See the module documentation for

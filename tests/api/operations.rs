@@ -146,5 +146,12 @@ async fn metrics_count_requests_by_route_and_report_projectors_and_request_ids_a
         memtables > 0 && memtables <= dstore::rocks::MEMTABLES as u64 * 2,
         "{memtables}"
     );
+    // Index and filter blocks, outside the budget: reported so their growth can be watched.
+    assert!(
+        text.lines().any(|l| l
+            .strip_prefix("dstore_rocksdb_memory_bytes{kind=\"table_readers\"} ")
+            .is_some_and(|v| v.parse::<u64>().is_ok())),
+        "no table reader gauge in\n{text}"
+    );
     assert!(text.contains("dstore_http_request_duration_seconds_bucket{method=\"PUT\""));
 }

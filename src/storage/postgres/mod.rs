@@ -1038,6 +1038,7 @@ impl Storage for PgStorage {
                 last_revision: row.get::<i64, _>("last") as u64,
                 items: row.get::<i64, _>("items") as u64,
                 bytes: row.get::<i64, _>("bytes") as u64,
+                table_readers_bytes: 0,
             },
             Err(_) => Stats::default(),
         }
