@@ -6,7 +6,9 @@
 //! of all budgets under a load that writes to every database at once (`_bulk`: the journal and the
 //! keyspaces). One write-buffer manager flushes the largest memtable of whichever database crosses
 //! the shared budget, so the process holds about `MEMTABLES + BLOCK_CACHE` of RocksDB memory
-//! however many databases it opens and whatever the load.
+//! however many databases it opens and whatever the load, plus the table readers: each table
+//! file's index and bloom filter, held outside the cache, which grow with the data (about 7.5
+//! bytes per journal item; `/_metrics` reports them as `kind="table_readers"`).
 
 use std::sync::OnceLock;
 
