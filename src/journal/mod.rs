@@ -954,21 +954,23 @@ impl Journal {
                 ))
     }
 
+    /// A RocksDB integer property of one column family (0 where RocksDB cannot say).
+    fn property(&self, cf: &str, name: &str) -> u64 {
+        self.db
+            .property_int_value_cf(self.cf(cf), name)
+            .ok()
+            .flatten()
+            .unwrap_or(0)
+    }
+
     /// Estimated (items, bytes) the journal holds, from RocksDB's own statistics.
     pub fn size(&self) -> (u64, u64) {
-        let property = |cf: &str, name: &str| {
-            self.db
-                .property_int_value_cf(self.cf(cf), name)
-                .ok()
-                .flatten()
-                .unwrap_or(0)
-        };
-        let items = property(CF_ITEMS, "rocksdb.estimate-num-keys");
+        let items = self.property(CF_ITEMS, "rocksdb.estimate-num-keys");
         let bytes = [CF_ITEMS, CF_TASKS, CF_DEAD, CF_META]
             .iter()
             .map(|cf| {
-                property(cf, "rocksdb.total-sst-files-size")
-                    + property(cf, "rocksdb.cur-size-all-mem-tables")
+                self.property(cf, "rocksdb.total-sst-files-size")
+                    + self.property(cf, "rocksdb.cur-size-all-mem-tables")
             })
             .sum();
         (items, bytes)
@@ -978,13 +980,7 @@ impl Journal {
     pub fn table_readers_bytes(&self) -> u64 {
         FAMILIES
             .iter()
-            .map(|cf| {
-                self.db
-                    .property_int_value_cf(self.cf(cf), "rocksdb.estimate-table-readers-mem")
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0)
-            })
+            .map(|cf| self.property(cf, "rocksdb.estimate-table-readers-mem"))
             .sum()
     }
 
