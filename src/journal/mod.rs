@@ -16,6 +16,7 @@ pub mod task;
 mod writer;
 
 use std::collections::HashMap;
+use std::ops::RangeInclusive;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -817,11 +818,43 @@ impl Journal {
         dead: Vec<DeadLetter>,
     ) -> Result<(), JournalError> {
         let mut batch = WriteBatch::default();
-        for seq in applied {
+        for seq in applied.iter().chain(dead.iter().map(|letter| &letter.seq)) {
             batch.delete_cf(self.cf(CF_TASKS), keys::task(projector, *seq));
         }
+        self.settle(projector, batch, applied.len(), dead, None)
+    }
+
+    /// Acknowledges a run a step settled: every pending task of the projector with a seq in
+    /// `run` was in the step (a batch read whole, no held project's task left out), `applied` of
+    /// them applied and the `dead` ones refused. One range deletion removes them all, which is cheaper
+    /// to write than a deletion marker per task and lets the next scan skip the run at once.
+    pub fn ack_run(
+        &self,
+        projector: &str,
+        run: RangeInclusive<u64>,
+        applied: usize,
+        dead: Vec<DeadLetter>,
+    ) -> Result<(), JournalError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            self.cf(CF_TASKS),
+            keys::task(projector, *run.start()),
+            keys::task(projector, run.end().saturating_add(1)),
+        );
+        self.settle(projector, batch, applied, dead, Some(run))
+    }
+
+    /// Writes an acknowledgement (`batch` removes the tasks) with the dead letters, then moves the
+    /// projector's progress.
+    fn settle(
+        &self,
+        projector: &str,
+        mut batch: WriteBatch,
+        applied: usize,
+        dead: Vec<DeadLetter>,
+        run: Option<RangeInclusive<u64>>,
+    ) -> Result<(), JournalError> {
         for letter in &dead {
-            batch.delete_cf(self.cf(CF_TASKS), keys::task(projector, letter.seq));
             batch.put_cf(
                 self.cf(CF_DEAD),
                 keys::task(projector, letter.seq),
@@ -830,8 +863,16 @@ impl Journal {
         }
         self.db.write(batch)?;
         if let Some(lane) = self.lanes.get(projector) {
+            if let Some(run) = run {
+                // Nothing below the floor is pending; a run from at most the floor leaves nothing
+                // pending up to its end either, and new tasks only get higher seqs.
+                if *run.start() <= lane.floor.load(Ordering::Acquire) {
+                    lane.floor
+                        .fetch_max(run.end().saturating_add(1), Ordering::AcqRel);
+                }
+            }
             let mut progress = lane.progress.lock().expect("progress lock");
-            progress.applied += applied.len() as u64;
+            progress.applied += applied as u64;
             progress.failed += dead.len() as u64;
         }
         let refreshed = self.refresh_progress(projector);
@@ -1090,4 +1131,92 @@ fn index_changes(db: &DB) -> Result<(), JournalError> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::blueprint::parse_blueprint;
+    use crate::storage::embedded::EmbeddedStorage;
+    use crate::storage::Storage;
+    use crate::write::prepare_upsert;
+
+    #[tokio::test]
+    async fn a_settled_run_goes_with_one_range_deletion_and_moves_the_floor_past_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Arc::new(Catalog::open(&dir.path().join("catalog")).unwrap());
+        let settings = JournalSettings {
+            durability: Durability::Buffered,
+            max_pending: u64::MAX,
+            keyspaces: true,
+        };
+        let journal = Journal::open(
+            &dir.path().join("journal"),
+            catalog,
+            vec!["store"],
+            settings,
+        )
+        .unwrap();
+        let storage = EmbeddedStorage::open(journal.clone());
+        let (project, article) = (Ident::parse("p").unwrap(), Ident::parse("article").unwrap());
+        let blueprint = json!({"postgresql": {"table": "articles"},
+            "elasticsearch": {"type": "article"}, "columns": {"title": {"type": "string"}}});
+        storage
+            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
+            .await
+            .unwrap();
+        storage.freeze(&project, false).await.unwrap();
+        let migration = journal.pending("store", 10).unwrap();
+        journal
+            .ack("store", &[migration[0].seq], Vec::new())
+            .unwrap();
+        for n in 0..6 {
+            let snapshot = storage.snapshot();
+            let body = json!({"project_version": 1, "title": format!("t{n}")});
+            let entry =
+                prepare_upsert(&snapshot, &project, &article, Uuid::new_v4(), &body).unwrap();
+            let epoch = snapshot.projects[&project].epoch;
+            storage.write(&project, epoch, vec![entry]).await.unwrap();
+        }
+        let tasks = journal.pending("store", 100).unwrap();
+        let seqs: Vec<u64> = tasks.iter().map(|t| t.seq).collect();
+        assert_eq!(seqs.len(), 6);
+
+        // The first four settled: three applied, the third refused.
+        let raw = journal.pending_raw("store", seqs[2]).unwrap().unwrap();
+        let letter = DeadLetter::from_raw("store", seqs[2], &raw, "refused".into());
+        journal
+            .ack_run("store", seqs[0]..=seqs[3], 3, vec![letter])
+            .unwrap();
+        let left: Vec<u64> = journal
+            .pending("store", 100)
+            .unwrap()
+            .iter()
+            .map(|t| t.seq)
+            .collect();
+        assert_eq!(left, seqs[4..]);
+        let letters = journal.dead_letters(Some("store"), 10).unwrap();
+        assert_eq!(letters.len(), 1);
+        assert_eq!(letters[0].seq, seqs[2]);
+        assert!(letters[0].task.is_some(), "the letter keeps its task");
+        let progress = journal.progress("store");
+        assert_eq!(progress.applied_through, seqs[3]);
+        assert_eq!((progress.applied, progress.failed), (4, 1));
+        assert_eq!(progress.pending, 2);
+        let floor = journal.lanes["store"].floor.load(Ordering::Acquire);
+        assert_eq!(floor, seqs[3] + 1, "the next scan starts after the run");
+
+        // A run that does not start at the floor leaves it: tasks below may still be pending.
+        journal
+            .ack_run("store", seqs[5]..=seqs[5], 1, Vec::new())
+            .unwrap();
+        assert_eq!(journal.lanes["store"].floor.load(Ordering::Acquire), floor);
+        assert_eq!(journal.progress("store").applied_through, seqs[4] - 1);
+        let left = journal.pending("store", 100).unwrap();
+        assert_eq!(left.iter().map(|t| t.seq).collect::<Vec<_>>(), [seqs[4]]);
+        journal.close().await;
+    }
 }

@@ -6,9 +6,13 @@
 //! ones behind it, retried with capped backoff, so a store that is down only delays its own projection.
 //! A failed migration holds back only its own project ([`Holds`]): that project's tasks stay in order
 //! behind it while the other projects' tasks go on. What goes together in one batch is [`step`]'s rule.
+//! A batch read whole (no held project's task left out) is acknowledged as a run, with one range
+//! deletion: every pending task between its first and last seq was in it, since tasks only ever get
+//! higher seqs than the ones already written.
 //! While a full batch is applied, the next one is read and decoded, so the store does not wait for
 //! the journal between batches; it is used only if the whole batch settled and nothing was held.
 
+use std::ops::RangeInclusive;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -67,6 +71,8 @@ pub async fn run(
                 continue;
             }
         };
+        // Read whole (no held project's task left out): what the step settles is a run.
+        let whole = pending.skipped == 0;
         let tasks = pending.tasks;
         short = tasks.len() < batch_size;
         if tasks.is_empty() {
@@ -121,7 +127,8 @@ pub async fn run(
         {
             holds.release(&m.project);
         }
-        let error = match record(&journal, name, step) {
+        let run = (whole && settled > 0).then(|| tasks[0].seq..=tasks[settled - 1].seq);
+        let error = match record(&journal, name, step, run) {
             Err(error) => Some(error),
             Ok(Some(error)) if migration_failed.is_none() => Some(error),
             Ok(Some(error)) => {
@@ -172,14 +179,21 @@ fn next_scan(tasks: &[Task], settled: usize) -> u64 {
 }
 
 /// Records a step (acknowledgements and dead letters in the journal, the migration's state in the
-/// catalog); answers why the rest must be retried, if it must.
-fn record(journal: &Journal, name: &str, step: Step) -> Result<Option<String>, String> {
+/// catalog); answers why the rest must be retried, if it must. `run`: the settled tasks' seqs, when
+/// the batch was read whole.
+fn record(
+    journal: &Journal,
+    name: &str,
+    step: Step,
+    run: Option<RangeInclusive<u64>>,
+) -> Result<Option<String>, String> {
     step::record(
         journal,
         name,
         &step.applied,
         step.dead,
         step.migration.as_ref(),
+        run,
     )
     .map_err(|e| format!("cannot acknowledge tasks: {e}"))?;
     Ok(step.retry.map(|e| e.message))

@@ -7,6 +7,7 @@
 //! keeps the dead letters, records the migration and retries the rest, each in its own way (the
 //! in-process dispatcher in the journal, a RabbitMQ consumer by acks and a progress report).
 
+use std::ops::RangeInclusive;
 use std::panic::AssertUnwindSafe;
 
 use futures::FutureExt;
@@ -49,12 +50,15 @@ impl Step {
 
 /// Records what a step of `projector` did: the migration's state in the catalog, the applied tasks
 /// and the dead letters in the journal. Idempotent, so a step reported twice is recorded once.
+/// `run`, when the caller knows it: the seqs from the first settled task to the last, with every
+/// pending task between them in the step (see [`Journal::ack_run`]).
 pub fn record(
     journal: &Journal,
     projector: &str,
     applied: &[u64],
     dead: Vec<DeadLetter>,
     migration: Option<&MigrationRecord>,
+    run: Option<RangeInclusive<u64>>,
 ) -> Result<(), JournalError> {
     if let Some(m) = migration {
         if let Err(e) =
@@ -65,7 +69,10 @@ pub fn record(
             tracing::warn!(projector, error = %e, "cannot record migration state");
         }
     }
-    journal.ack(projector, applied, dead)
+    match run {
+        Some(run) => journal.ack_run(projector, run, applied.len(), dead),
+        None => journal.ack(projector, applied, dead),
+    }
 }
 
 /// Applies the leading run of `tasks` (which must not be empty). `snapshot` must hold every version

@@ -443,8 +443,17 @@ async fn a_project_whose_migration_fails_holds_back_only_itself() {
         .await;
     assert_eq!(stuck.status, 202, "{}", stuck.body);
 
-    // Another project is frozen, written and projected while `bad` waits.
+    // Another project is frozen, written and projected while `bad` waits, its writes between
+    // `bad`'s: a batch of `good`'s tasks then has `bad`'s in the middle, which must stay.
     app.put_and_freeze("good", "article", &article()).await;
+    for _ in 0..20 {
+        for project in ["good", "bad"] {
+            let put = app
+                .put(&format!("/{project}/article/{}", Uuid::new_v4()), &item())
+                .await;
+            assert_eq!(put.status, 200, "{}", put.body);
+        }
+    }
     let put = app
         .put(
             &format!("/good/article/{}?wait=true", Uuid::new_v4()),
@@ -471,6 +480,8 @@ async fn a_project_whose_migration_fails_holds_back_only_itself() {
         .await;
     assert_eq!(after.body["projected"], true, "{}", after.body);
     assert_eq!(app.get("/_health/ready?strict=true").await.status, 200);
+    // Every write of both projects reached the store: 1 + 20 + 1 of `bad`, 20 + 1 of `good`.
+    assert_eq!(picky.applied.load(Ordering::SeqCst), 43);
     app.stop().await;
 }
 

@@ -117,6 +117,7 @@ fn record(journal: &Journal, report: &Report) -> Result<(), LinkError> {
         &report.applied,
         dead,
         report.migration.as_ref(),
+        None,
     )
     .map_err(failed)?;
     journal.note_error(name, report.error.clone());
