@@ -4,6 +4,7 @@
 //! without a database); `scripts/test.sh` installs and starts one with PostGIS. A missing server fails
 //! the tests with a message saying so: they never skip silently.
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -578,6 +579,141 @@ async fn inside_one_batch_a_refused_row_fails_alone_and_the_newest_revision_wins
     );
     assert_eq!(read(stale_delete).await.unwrap()["title"], "kept");
     assert_eq!(read(new_delete).await, None);
+    db.drop().await;
+}
+
+/// Each row of `schema.samples`: id → (title, revision).
+async fn samples(conn: &mut PgConnection, schema: &str) -> HashMap<Uuid, (String, i64)> {
+    let rows: Vec<(Uuid, String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT id, title, _revision FROM {schema}.samples"
+    )))
+    .fetch_all(conn)
+    .await
+    .expect("rows read");
+    rows.into_iter()
+        .map(|(id, title, revision)| (id, (title, revision)))
+        .collect()
+}
+
+/// A batch of at least 1000 rows goes in `parallel_transactions` transactions at once, split by item
+/// id; the result is the batch's as one transaction would write it: the newest write of each item
+/// wins, a refused row fails alone, and deletes leave their tombstones.
+#[tokio::test]
+async fn a_large_batch_is_written_in_parallel_transactions_with_the_result_of_one() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
+    let (lanes, unique) = (ident("lanes"), ident("unique"));
+    conformance::freeze_sample(&catalog, &lanes);
+    let mut blueprint = conformance::sample_blueprint();
+    blueprint["columns"]["count"]["unique"] = json!(true);
+    catalog
+        .put_blueprint(
+            &unique,
+            &ident("sample"),
+            dstore::blueprint::parse_blueprint(&blueprint, "").unwrap(),
+        )
+        .unwrap();
+    catalog.freeze(&unique, &[], &[], false).unwrap();
+    let projector = Arc::new(
+        PostgresProjector::new(&PostgresSettings {
+            parallel_transactions: 3,
+            ..db.settings()
+        })
+        .unwrap(),
+    );
+    let ids: Vec<Uuid> = (0..1200).map(|_| Uuid::new_v4()).collect();
+    let mut tasks: Vec<Task> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| upsert(&lanes, *id, n as u64 + 1, sample_doc(*id, "first")))
+        .collect();
+    for (n, id) in ids.iter().enumerate().filter(|(n, _)| n % 3 == 0) {
+        let revision = 10_000 + n as u64;
+        tasks.push(match n % 2 {
+            0 => delete(&lanes, *id, revision),
+            _ => upsert(&lanes, *id, revision, sample_doc(*id, "second")),
+        });
+    }
+    let outcomes = projector
+        .apply(&catalog.snapshot(), &tasks)
+        .await
+        .expect("the batch is applied");
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    let mut conn = connect(&format!("{}/{}", server_url(), db.name)).await;
+    let written = samples(&mut conn, "lanes_v1").await;
+    for (n, id) in ids.iter().enumerate() {
+        let expected = match (n % 3, n % 2) {
+            (0, 0) => None,
+            (0, _) => Some(("second".to_owned(), 10_000 + n as i64)),
+            _ => Some(("first".to_owned(), n as i64 + 1)),
+        };
+        assert_eq!(written.get(id).cloned(), expected, "item {n}");
+    }
+    let tombstones: i64 = sqlx::query_scalar("SELECT count(*) FROM lanes_v1._tombstones")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(tombstones, 200);
+    // Each lane's statement runs under one savepoint, whose transaction id the rows carry.
+    let transactions =
+        |schema: &str| format!("SELECT count(DISTINCT xmin::text) FROM {schema}.samples");
+    let count: i64 = sqlx::query_scalar(AssertSqlSafe(transactions("lanes_v1")))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(count, 3, "three transactions wrote the rows");
+
+    // A row PostgreSQL refuses fails its own task only, in whichever lane it is.
+    let more: Vec<Uuid> = (0..1200).map(|_| Uuid::new_v4()).collect();
+    let tasks: Vec<Task> = more
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            let mut doc = sample_doc(*id, "third");
+            if n % 100 == 7 {
+                // VARCHAR(40) refuses it.
+                doc["title"] = json!("x".repeat(41));
+            }
+            upsert(&lanes, *id, 20_000 + n as u64, doc)
+        })
+        .collect();
+    let outcomes = projector
+        .apply(&catalog.snapshot(), &tasks)
+        .await
+        .expect("the batch is applied");
+    let failed: Vec<usize> = (0..tasks.len()).filter(|i| outcomes[*i].is_err()).collect();
+    let refused: Vec<usize> = (0..more.len()).filter(|n| n % 100 == 7).collect();
+    assert_eq!(failed, refused, "only the refused rows fail");
+    let written = samples(&mut conn, "lanes_v1").await;
+    for (n, id) in more.iter().enumerate() {
+        assert_eq!(written.contains_key(id), n % 100 != 7, "item {n}");
+    }
+
+    // A unique column keeps the batch in one transaction: which write takes a value is the
+    // earlier task's, as without lanes.
+    let tasks: Vec<Task> = ids
+        .iter()
+        .enumerate()
+        .map(|(n, id)| {
+            let mut doc = sample_doc(*id, "unique");
+            doc["count"] = json!(n);
+            upsert(&unique, *id, n as u64 + 1, doc)
+        })
+        .collect();
+    let outcomes = projector
+        .apply(&catalog.snapshot(), &tasks)
+        .await
+        .expect("the batch is applied");
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    let written: i64 = sqlx::query_scalar(AssertSqlSafe(transactions("unique_v1")))
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        written, 1,
+        "one transaction for a table with a unique column"
+    );
     db.drop().await;
 }
 

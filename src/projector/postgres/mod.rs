@@ -49,7 +49,13 @@ pub struct PostgresProjector {
     /// Schemas migrated by this process, so writes into a version never migrated here (the
     /// projector was added after the freeze, or the schema was dropped by hand) migrate it first.
     migrated: Mutex<HashSet<String>>,
+    /// How many transactions a large batch is split into, by item id (`plan::split`).
+    lanes: usize,
 }
+
+/// A batch holding fewer rows than this is one transaction: under small writes a second commit
+/// costs more than it saves.
+const LANE_MIN_ROWS: usize = 1000;
 
 impl PostgresProjector {
     /// Builds the projector without connecting; only malformed settings are an error.
@@ -60,6 +66,9 @@ impl PostgresProjector {
             options,
             database_ready: AtomicBool::new(false),
             migrated: Mutex::new(HashSet::new()),
+            lanes: settings
+                .parallel_transactions
+                .clamp(1, settings.max_connections.max(1)) as usize,
         })
     }
 
@@ -150,6 +159,34 @@ impl PostgresProjector {
     }
 }
 
+impl PostgresProjector {
+    /// Writes groups in one transaction; answers each of the batch's `tasks` outcomes (refused
+    /// rows), or why the transaction failed as a whole. Lanes of one batch run this at the same
+    /// time; a lane that fails makes the batch fail, and the lanes that committed are written again
+    /// when it is retried, which the revision guards make harmless.
+    async fn write(
+        &self,
+        groups: &[plan::Group<'_>],
+        tasks: usize,
+    ) -> Result<Vec<Outcome>, ProjectorError> {
+        let mut outcomes: Vec<Outcome> = (0..tasks).map(|_| Ok(())).collect();
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| self.failed("begin a batch", &e))?;
+        for group in groups {
+            write::apply_group(&mut tx, group, &mut outcomes)
+                .await
+                .map_err(|abort| self.failed(&abort.what, &abort.error))?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| self.failed("commit a batch", &e))?;
+        Ok(outcomes)
+    }
+}
+
 #[async_trait]
 impl Projector for PostgresProjector {
     fn name(&self) -> &'static str {
@@ -176,19 +213,17 @@ impl Projector for PostgresProjector {
                 self.migrate_version(project, version).await?;
             }
         }
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| self.failed("begin a batch", &e))?;
-        for group in &plan.groups {
-            write::apply_group(&mut tx, group, &mut outcomes)
-                .await
-                .map_err(|abort| self.failed(&abort.what, &abort.error))?;
+        let lanes = plan::split(plan.groups, self.lanes, LANE_MIN_ROWS);
+        let written =
+            futures::future::join_all(lanes.iter().map(|groups| self.write(groups, tasks.len())))
+                .await;
+        for lane in written {
+            for (outcome, refused) in outcomes.iter_mut().zip(lane?) {
+                if outcome.is_ok() {
+                    *outcome = refused;
+                }
+            }
         }
-        tx.commit()
-            .await
-            .map_err(|e| self.failed("commit a batch", &e))?;
         Ok(outcomes)
     }
 

@@ -139,9 +139,57 @@ pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
     }
 }
 
+/// Whether a group may be written beside others in lanes: a unique column other than `id` would let
+/// two lanes compete for one value, and then the winner would no longer be the earlier task.
+fn may_share(group: &Group<'_>) -> bool {
+    !group.blueprint.columns.values().any(|c| c.def.unique)
+}
+
+/// Splits a batch's groups into at most `lanes` sets by item id, for one transaction each at the same
+/// time. Every row and tombstone a group writes is keyed by its item's id, so no two lanes touch the
+/// same row, and every task lands in one lane: a task writes one item (in each of its versions).
+/// One set when `lanes` is 1, the batch holds fewer than `min_rows` rows, or a table has a unique
+/// column. Each group keeps its task order.
+pub fn split<'a>(groups: Vec<Group<'a>>, lanes: usize, min_rows: usize) -> Vec<Vec<Group<'a>>> {
+    let rows: usize = groups
+        .iter()
+        .map(|g| g.upserts.len() + g.deletes.len())
+        .sum();
+    if lanes <= 1 || rows < min_rows || !groups.iter().all(may_share) {
+        return vec![groups];
+    }
+    let lane = |id: &Uuid| (id.as_u128() % lanes as u128) as usize;
+    let mut sets: Vec<Vec<Group<'a>>> = (0..lanes).map(|_| Vec::new()).collect();
+    for group in groups {
+        let mut parts: Vec<Group<'a>> = (0..lanes)
+            .map(|_| Group {
+                schema: group.schema.clone(),
+                blueprint: group.blueprint,
+                upserts: Vec::new(),
+                deletes: Vec::new(),
+            })
+            .collect();
+        for upsert in group.upserts {
+            parts[lane(&upsert.id)].upserts.push(upsert);
+        }
+        for delete in group.deletes {
+            parts[lane(&delete.id)].deletes.push(delete);
+        }
+        for (set, part) in sets.iter_mut().zip(parts) {
+            if !part.upserts.is_empty() || !part.deletes.is_empty() {
+                set.push(part);
+            }
+        }
+    }
+    sets.retain(|set| !set.is_empty());
+    sets
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
+
     use crate::catalog::Catalog;
     use crate::journal::task::{TaskOp, VersionDoc};
     use crate::projector::conformance;
@@ -172,12 +220,17 @@ mod tests {
         }
     }
 
-    #[test]
-    fn each_row_is_written_once_by_its_newest_task_and_unknown_versions_are_skipped() {
+    /// The catalog of project `p` with the sample blueprint frozen as version 1.
+    fn sample_snapshot() -> Arc<Snapshot> {
         let dir = tempfile::tempdir().unwrap();
         let catalog = Catalog::open(dir.path()).unwrap();
         conformance::freeze_sample(&catalog, &Ident::parse("p").unwrap());
-        let snapshot = catalog.snapshot();
+        catalog.snapshot()
+    }
+
+    #[test]
+    fn each_row_is_written_once_by_its_newest_task_and_unknown_versions_are_skipped() {
+        let snapshot = sample_snapshot();
         let (a, b, c) = (Uuid::from_u128(1), Uuid::from_u128(2), Uuid::from_u128(3));
         let tasks = vec![
             upsert(1, a, 5, 1),
@@ -202,5 +255,71 @@ mod tests {
             plan.outcomes[6].is_err(),
             "a revision beyond bigint is refused"
         );
+    }
+
+    #[test]
+    fn a_large_batch_splits_into_lanes_by_item_id_keeping_task_order() {
+        let snapshot = sample_snapshot();
+        let tasks: Vec<Task> = (0..40u64)
+            .map(|n| {
+                let id = Uuid::from_u128(u128::from(n % 10));
+                if n % 7 == 0 {
+                    delete(n, id, n + 1)
+                } else {
+                    upsert(n, id, n + 1, 1)
+                }
+            })
+            .collect();
+        let lanes = |min_rows| split(plan(&snapshot, &tasks).groups, 3, min_rows);
+
+        let sets = lanes(10);
+        assert_eq!(sets.len(), 3);
+        let mut seen = Vec::new();
+        for (index, set) in sets.iter().enumerate() {
+            for group in set {
+                let ids = group
+                    .upserts
+                    .iter()
+                    .map(|u| (u.id, u.task))
+                    .chain(group.deletes.iter().map(|d| (d.id, d.task)));
+                for (id, task) in ids {
+                    assert_eq!(id.as_u128() % 3, index as u128, "{id} in lane {index}");
+                    seen.push((id, task));
+                }
+                assert!(group.upserts.windows(2).all(|w| w[0].task < w[1].task));
+                assert!(group.deletes.windows(2).all(|w| w[0].task < w[1].task));
+            }
+        }
+        let mut whole: Vec<(Uuid, usize)> = plan(&snapshot, &tasks).groups[0]
+            .upserts
+            .iter()
+            .map(|u| (u.id, u.task))
+            .chain(
+                plan(&snapshot, &tasks).groups[0]
+                    .deletes
+                    .iter()
+                    .map(|d| (d.id, d.task)),
+            )
+            .collect();
+        seen.sort();
+        whole.sort();
+        assert_eq!(seen, whole, "every row in exactly one lane");
+
+        // Ten rows: a batch smaller than the threshold stays whole.
+        assert_eq!(lanes(11).len(), 1);
+        assert_eq!(split(plan(&snapshot, &tasks).groups, 1, 0).len(), 1);
+
+        // A unique column keeps the batch in one transaction, whatever its size.
+        let mut unique = plan(&snapshot, &tasks).groups[0].blueprint.clone();
+        unique
+            .columns
+            .values_mut()
+            .next()
+            .expect("a column")
+            .def
+            .unique = true;
+        let mut groups = plan(&snapshot, &tasks).groups;
+        groups[0].blueprint = &unique;
+        assert_eq!(split(groups, 3, 0).len(), 1);
     }
 }
