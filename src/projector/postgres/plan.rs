@@ -16,8 +16,9 @@ use crate::journal::task::Task;
 use crate::projector::{Outcome, ProjectorError};
 
 /// A document's fields as JSON text, borrowed from the task: columns are read without building the
-/// document. Field names are identifiers, so they never hold escapes.
-pub type Fields<'a> = HashMap<&'a str, &'a RawValue>;
+/// document. Field names are identifiers, so they never hold escapes; a document has no more fields
+/// than its blueprint has columns, so an ordered map looks them up without hashing each name.
+pub type Fields<'a> = BTreeMap<&'a str, &'a RawValue>;
 
 /// One row to write: the newest state of an item in one version, and the task it came from.
 pub struct Upsert<'a> {
@@ -53,8 +54,9 @@ enum Op<'a> {
     Delete,
 }
 
-/// A row of one table in one version: (schema, table, id).
-type RowKey<'a> = (String, &'a Ident, Uuid);
+/// A row of one table in one version: (project, version, table, id). The schema's name is made once
+/// per group, not per row.
+type RowKey<'a> = (&'a Ident, u32, &'a Ident, Uuid);
 /// The newest write of a row so far: (revision, task index, what, blueprint as frozen).
 type Newest<'a> = (i64, usize, Op<'a>, &'a Blueprint);
 
@@ -63,7 +65,7 @@ type Newest<'a> = (i64, usize, Op<'a>, &'a Blueprint);
 pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
     let mut outcomes: Vec<Outcome> = tasks.iter().map(|_| Ok(())).collect();
     let mut newest: HashMap<RowKey<'a>, Newest<'a>> = HashMap::new();
-    let mut versions: BTreeMap<String, (&'a Ident, &'a Version)> = BTreeMap::new();
+    let mut versions: BTreeMap<(&'a Ident, u32), &'a Version> = BTreeMap::new();
     for (index, task) in tasks.iter().enumerate() {
         for write in task.version_writes() {
             let Ok(revision) = i64::try_from(write.revision) else {
@@ -85,11 +87,8 @@ pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
             let Some(definition) = version.blueprints.get(blueprint) else {
                 continue;
             };
-            let schema = super::ident::schema_name(&task.project, number);
-            versions
-                .entry(schema.clone())
-                .or_insert((&task.project, &**version));
-            let key = (schema, &definition.table, id);
+            versions.entry((&task.project, number)).or_insert(version);
+            let key = (&task.project, number, &definition.table, id);
             // Equal revisions are redeliveries of one write: the later copy is as good as the first.
             if newest
                 .get(&key)
@@ -99,12 +98,12 @@ pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
             }
         }
     }
-    let mut groups: BTreeMap<(String, &'a Ident), Group<'a>> = BTreeMap::new();
-    for ((schema, table, id), (revision, task, op, blueprint)) in newest {
+    let mut groups: BTreeMap<(&'a Ident, u32, &'a Ident), Group<'a>> = BTreeMap::new();
+    for ((project, number, table, id), (revision, task, op, blueprint)) in newest {
         let group = groups
-            .entry((schema.clone(), table))
+            .entry((project, number, table))
             .or_insert_with(|| Group {
-                schema,
+                schema: super::ident::schema_name(project, number),
                 blueprint,
                 upserts: Vec::new(),
                 deletes: Vec::new(),
@@ -134,7 +133,10 @@ pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
     }
     Plan {
         groups,
-        versions: versions.into_values().collect(),
+        versions: versions
+            .into_iter()
+            .map(|((project, _), version)| (project, version))
+            .collect(),
         outcomes,
     }
 }
