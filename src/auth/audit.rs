@@ -1,7 +1,8 @@
 //! The audit log: every request that changes something and every key change, with who did it.
 //!
 //! Entries are appended in the background in batches (one storage write per batch, never one per
-//! request) and kept for `auth.audit_retention_days`; older ones are removed once an hour. The
+//! request; a batch that is not full waits 5 ms for more, so an entry reaches the log a few
+//! milliseconds after its request answered) and kept for `auth.audit_retention_days`; older ones are removed once an hour. The
 //! queue is bounded: when the storage cannot keep up, requests wait for room rather than entries
 //! being dropped.
 
@@ -16,6 +17,8 @@ use crate::storage::SharedStorage;
 
 /// Entries written at once, at most.
 const BATCH: usize = 500;
+/// How long the writer lets entries gather before a batch that is not full.
+const LINGER: Duration = Duration::from_millis(5);
 
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
@@ -54,6 +57,11 @@ impl AuditLog {
 async fn write(storage: SharedStorage, mut receiver: mpsc::Receiver<AuditEntry>) {
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
+        if receiver.len() < BATCH {
+            // Under load entries come one per request: a moment's wait makes one storage write of
+            // many instead of one of a few.
+            tokio::time::sleep(LINGER).await;
+        }
         while batch.len() < BATCH {
             match receiver.try_recv() {
                 Ok(entry) => batch.push(entry),
