@@ -157,9 +157,7 @@ impl PostgresProjector {
         self.database_ready.store(true, Ordering::SeqCst);
         Ok(())
     }
-}
 
-impl PostgresProjector {
     /// Writes groups in one transaction; answers each of the batch's `tasks` outcomes (refused
     /// rows), or why the transaction failed as a whole. Lanes of one batch run this at the same
     /// time; a lane that fails makes the batch fail, and the lanes that committed are written again
