@@ -2,9 +2,9 @@
 //!
 //! Entries are appended in the background in batches (one storage write per batch, never one per
 //! request; a batch that is not full waits 5 ms for more, so an entry reaches the log a few
-//! milliseconds after its request answered) and kept for `auth.audit_retention_days`; older ones are removed once an hour. The
-//! queue is bounded: when the storage cannot keep up, requests wait for room rather than entries
-//! being dropped.
+//! milliseconds after its request answered) and kept for `auth.audit_retention_days`; older ones
+//! are removed once an hour. The queue is bounded: when the storage cannot keep up, requests wait
+//! for room rather than entries being dropped.
 
 use std::sync::Arc;
 use std::time::Duration;
