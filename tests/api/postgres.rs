@@ -332,6 +332,79 @@ async fn kitchensink_items_written_over_http_read_back_from_sql_in_both_versions
 }
 
 #[tokio::test]
+async fn strings_that_look_like_array_syntax_or_escapes_read_back_exactly() {
+    // Columns travel to PostgreSQL as text arrays; quotes, backslashes, commas, braces, the word
+    // NULL, empty strings and odd unicode must come back as they were sent.
+    let db = TestDatabase::create().await;
+    let app = app_with(&db).await;
+    let blueprint = json!({
+        "postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+        "columns": {
+            "title": {"type": "string", "validation": {"max_length": 80}},
+            "body": {"type": "text"},
+            "tags": {"type": "string[]"},
+            "meta": {"type": "json"},
+            "metas": {"type": "json[]"},
+            "when": {"type": "datetime[]"}
+        }
+    });
+    app.put_and_freeze("notes", "note", &blueprint).await;
+    let awkward = [
+        "",
+        "NULL",
+        "null",
+        "a,b",
+        "{x}",
+        "\"q\"",
+        "back\\slash",
+        "ünï 😀 \u{2028}",
+        " padded ",
+    ];
+    let id = Uuid::new_v4();
+    let item = json!({
+        "project_version": 1,
+        "title": "say \"hi\", {then} \\ leave",
+        "body": awkward.join("\n"),
+        "tags": awkward,
+        "meta": "a JSON string, not an object",
+        "metas": [{"k": "\"quoted\" {brace}"}, "text", 1.5, [1, "2"]],
+        "when": ["2021-03-04 05:06:07", "1999-12-31 23:59:59"]
+    });
+    app.put_projected(&format!("/notes/note/{id}?wait=true"), &item)
+        .await;
+
+    let mut sql = db.sql().await;
+    let row = sqlx::query(
+        "SELECT title, body, tags, meta, metas, \"when\"::text[] AS stamps FROM notes_v1.notes WHERE id = $1",
+    )
+    .bind(id)
+    .fetch_one(&mut sql)
+    .await
+    .expect("the row is in postgresql");
+    assert_eq!(row.get::<String, _>("title"), item["title"]);
+    assert_eq!(row.get::<String, _>("body"), item["body"]);
+    assert_eq!(row.get::<Vec<String>, _>("tags"), awkward);
+    assert_eq!(row.get::<Value, _>("meta"), item["meta"]);
+    assert_eq!(
+        Value::Array(row.get::<Vec<Value>, _>("metas")),
+        item["metas"]
+    );
+    assert_eq!(
+        row.get::<Vec<String>, _>("stamps"),
+        ["2021-03-04 05:06:07+00", "1999-12-31 23:59:59+00"]
+    );
+    let served = app.get(&format!("/notes/note/{id}")).await.body;
+    let stored = db
+        .projector()
+        .read(&ident("notes"), 1, &ident("note"), &id)
+        .await
+        .unwrap();
+    assert_eq!(stored, Some(served));
+    app.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test]
 async fn every_column_has_the_exact_postgresql_type_of_the_type_table() {
     let db = TestDatabase::create().await;
     let app = app_with(&db).await;

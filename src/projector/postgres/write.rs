@@ -1,14 +1,15 @@
 //! Writing a planned batch (see [`super::plan`]): one statement per table and kind, in the caller's
 //! transaction.
 //!
-//! Upserts go in as one `INSERT … SELECT … FROM json_to_recordset($1) … ON CONFLICT (id) DO UPDATE
-//! … WHERE t._revision < EXCLUDED._revision` per table, skipping ids whose tombstone is at least as
-//! new; deletes record or raise the tombstone and remove older rows. Each statement runs under a
-//! savepoint: when PostgreSQL refuses rows for good, the statement is replayed row by row, each under
-//! its own savepoint, so only the refused rows' tasks fail and the rest of the batch is applied. A
-//! task whose row is refused in one version keeps what it wrote into the others.
+//! Upserts go in as one `INSERT … SELECT … FROM unnest($2, $3, …) … ON CONFLICT (id) DO UPDATE …
+//! WHERE t._revision < EXCLUDED._revision` per table, one array per column, skipping ids whose
+//! tombstone is at least as new; deletes record or raise the tombstone and remove older rows. Each
+//! statement runs under a savepoint: when PostgreSQL refuses rows for good, the statement is
+//! replayed row by row, each under its own savepoint, so only the refused rows' tasks fail and the
+//! rest of the batch is applied. A task whose row is refused in one version keeps what it wrote
+//! into the others.
 
-use serde::ser::{Serialize, SerializeMap, Serializer};
+use serde_json::value::RawValue;
 use serde_json::Value;
 use sqlx::postgres::PgConnection;
 use sqlx::AssertSqlSafe;
@@ -19,17 +20,24 @@ use super::error::{classify, describe, Failure};
 use super::ident::{qualified, quote, NameError};
 use super::plan::{Delete, Group, Upsert};
 use super::values::{is_converted, to_input};
-use crate::blueprint::Blueprint;
+use crate::blueprint::{BaseType, Blueprint, ColumnType};
 use crate::projector::{Outcome, ProjectorError};
 
-/// The upsert statement of a blueprint's table; `$1` is a JSON array of rows (as text), `$2` the
-/// table name.
+/// The upsert statement of a blueprint's table. `$1` is the table name, `$2` the ids and `$3` the
+/// revisions; then come the project versions, the links and one array per column, each as text
+/// that PostgreSQL reads with the column type's own input function (as `COPY` does).
 pub fn upsert_sql(schema: &str, blueprint: &Blueprint) -> Result<String, NameError> {
-    let mut record = vec![
-        "id UUID".to_owned(),
-        "project_version INTEGER".into(),
-        "links UUID[]".into(),
-        "_revision BIGINT".into(),
+    let mut arrays = vec![
+        "$2::uuid[]".to_owned(),
+        "$3::bigint[]".into(),
+        "$4::text[]".into(),
+        "$5::text[]".into(),
+    ];
+    let mut names = vec![
+        "id".to_owned(),
+        "_revision".into(),
+        "project_version".into(),
+        "links".into(),
     ];
     let mut targets = vec![
         "id".to_owned(),
@@ -39,14 +47,15 @@ pub fn upsert_sql(schema: &str, blueprint: &Blueprint) -> Result<String, NameErr
     ];
     let mut sources = vec![
         "i.id".to_owned(),
-        "i.project_version".into(),
-        "COALESCE(i.links, '{}')".into(),
+        "i.project_version::INTEGER".into(),
+        "COALESCE(i.links::UUID[], '{}')".into(),
         "i._revision".into(),
     ];
     for (name, column) in &blueprint.columns {
         let q = quote(name.as_str())?;
-        record.push(format!("{q} {}", column_type(&column.def)));
-        sources.push(format!("i.{q}"));
+        arrays.push(format!("${}::text[]", arrays.len() + 2));
+        names.push(q.clone());
+        sources.push(format!("i.{q}{}", input_cast(&column.def)));
         targets.push(q);
     }
     let updates: Vec<String> = targets[1..]
@@ -54,18 +63,28 @@ pub fn upsert_sql(schema: &str, blueprint: &Blueprint) -> Result<String, NameErr
         .map(|t| format!("{t} = EXCLUDED.{t}"))
         .collect();
     Ok(format!(
-        "WITH i AS (SELECT * FROM json_to_recordset($1::text::json) AS r({record})) \
+        "WITH i AS (SELECT * FROM unnest({arrays}) AS r({names})) \
          INSERT INTO {table} AS t ({targets}) \
          SELECT {sources} FROM i \
-         WHERE NOT EXISTS (SELECT 1 FROM {tombstones} d WHERE d.table_name = $2 AND d.id = i.id AND d._revision >= i._revision) \
+         WHERE NOT EXISTS (SELECT 1 FROM {tombstones} d WHERE d.table_name = $1 AND d.id = i.id AND d._revision >= i._revision) \
          ON CONFLICT (id) DO UPDATE SET {updates} WHERE t._revision < EXCLUDED._revision",
-        record = record.join(", "),
+        arrays = arrays.join(", "),
+        names = names.join(", "),
         table = qualified(schema, blueprint.table.as_str())?,
         targets = targets.join(", "),
         sources = sources.join(", "),
         tombstones = qualified(schema, TOMBSTONES)?,
         updates = updates.join(", "),
     ))
+}
+
+/// How a column's text becomes its value: a cast to the column's type, except for length-limited
+/// strings, which the insert's own assignment checks (a cast to `VARCHAR(n)` would cut them short).
+fn input_cast(def: &crate::blueprint::ColumnDef) -> String {
+    match def.ty {
+        ColumnType::One(BaseType::String | BaseType::Text) => String::new(),
+        _ => format!("::{}", column_type(def)),
+    }
 }
 
 /// The delete statement: `$1` ids, `$2` revisions, `$3` the table name.
@@ -90,35 +109,63 @@ pub fn register_sql(schema: &str) -> Result<String, NameError> {
     ))
 }
 
-/// The row a write sends for one document: the item keys, the revision and every column. Serialized
-/// straight from the journal's document; only geometries and datetimes are converted.
-struct Row<'a> {
-    blueprint: &'a Blueprint,
-    upsert: &'a Upsert<'a>,
+/// A column's value as the text PostgreSQL's input function for its type reads; `None` is NULL.
+/// Strings lose their JSON escapes, JSON columns keep their JSON text, arrays become array literals;
+/// geometries and datetimes are converted first (see `values`).
+fn column_text(ty: ColumnType, raw: &RawValue) -> Result<Option<String>, serde_json::Error> {
+    let text = raw.get();
+    if text == "null" {
+        return Ok(None);
+    }
+    if !is_converted(ty) && matches!(ty, ColumnType::One(_)) {
+        return Ok(Some(match (ty.base(), text.as_bytes().first()) {
+            (BaseType::Json, _) => text.to_owned(),
+            (_, Some(b'"')) => serde_json::from_str::<String>(text)?,
+            _ => text.to_owned(),
+        }));
+    }
+    let value: Value = serde_json::from_str(text)?;
+    let value = if is_converted(ty) {
+        to_input(ty, &value)
+    } else {
+        value
+    };
+    Ok(match (ty, value) {
+        (_, Value::Null) => None,
+        (ColumnType::Many(base), Value::Array(items)) => Some(array_literal(base, &items)),
+        (ColumnType::One(BaseType::Json), value) => Some(value.to_string()),
+        (_, Value::String(s)) => Some(s),
+        (_, value) => Some(value.to_string()),
+    })
 }
 
-impl Serialize for Row<'_> {
-    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let fields = &self.upsert.fields;
-        let get = |key: &str| fields.get(key).copied();
-        let mut row = serializer.serialize_map(Some(self.blueprint.columns.len() + 4))?;
-        row.serialize_entry("id", &self.upsert.id)?;
-        row.serialize_entry("project_version", &get("project_version"))?;
-        row.serialize_entry("links", &get("links"))?;
-        row.serialize_entry("_revision", &self.upsert.revision)?;
-        for (name, column) in &self.blueprint.columns {
-            let value = get(name.as_str());
-            match value {
-                Some(text) if is_converted(column.def.ty) => {
-                    let value: Value =
-                        serde_json::from_str(text.get()).map_err(serde::ser::Error::custom)?;
-                    row.serialize_entry(name.as_str(), &to_input(column.def.ty, &value))?;
-                }
-                _ => row.serialize_entry(name.as_str(), &value)?,
-            }
+/// A one-dimensional PostgreSQL array literal: every element quoted, `"` and `\` escaped.
+fn array_literal(base: BaseType, items: &[Value]) -> String {
+    let mut out = String::from("{");
+    for (n, item) in items.iter().enumerate() {
+        if n > 0 {
+            out.push(',');
         }
-        row.end()
+        let element = match (base, item) {
+            (_, Value::Null) => {
+                out.push_str("NULL");
+                continue;
+            }
+            (BaseType::Json, item) => item.to_string(),
+            (_, Value::String(s)) => s.clone(),
+            (_, item) => item.to_string(),
+        };
+        out.push('"');
+        for c in element.chars() {
+            if c == '"' || c == '\\' {
+                out.push('\\');
+            }
+            out.push(c);
+        }
+        out.push('"');
     }
+    out.push('}');
+    out
 }
 
 /// A failure of the batch as a whole (not of single rows): the transaction must be abandoned.
@@ -186,15 +233,37 @@ fn upsert_query(
     blueprint: &Blueprint,
     rows: &[&Upsert<'_>],
 ) -> Result<PgQuery, sqlx::Error> {
-    // Sent as text and read with json_to_recordset: one parse on the server, no jsonb conversion.
-    let rows: Vec<Row<'_>> = rows
-        .iter()
-        .map(|upsert| Row { blueprint, upsert })
-        .collect();
-    let json = serde_json::to_string(&rows).map_err(|e| sqlx::Error::Encode(Box::new(e)))?;
-    Ok(sqlx::query(AssertSqlSafe(sql.to_owned()))
-        .bind(json)
-        .bind(blueprint.table.to_string()))
+    // Column by column, as arrays: PostgreSQL reads each value with its type's input function,
+    // without parsing a JSON document per row.
+    let encode = |e: serde_json::Error| sqlx::Error::Encode(Box::new(e));
+    let ids: Vec<Uuid> = rows.iter().map(|row| row.id).collect();
+    let revisions: Vec<i64> = rows.iter().map(|row| row.revision).collect();
+    let mut query = sqlx::query(AssertSqlSafe(sql.to_owned()))
+        .bind(blueprint.table.to_string())
+        .bind(ids)
+        .bind(revisions);
+    let fixed = [
+        ("project_version", ColumnType::One(BaseType::Integer)),
+        ("links", ColumnType::Many(BaseType::Uuid)),
+    ];
+    let columns = fixed.into_iter().chain(
+        blueprint
+            .columns
+            .iter()
+            .map(|(name, column)| (name.as_str(), column.def.ty)),
+    );
+    for (name, ty) in columns {
+        let texts = rows
+            .iter()
+            .map(|row| match row.fields.get(name) {
+                Some(raw) => column_text(ty, raw),
+                None => Ok(None),
+            })
+            .collect::<Result<Vec<Option<String>>, _>>()
+            .map_err(encode)?;
+        query = query.bind(texts);
+    }
+    Ok(query)
 }
 
 fn delete_query(sql: &str, table: &str, rows: &[&Delete]) -> PgQuery {
@@ -238,5 +307,73 @@ async fn guarded(
             Ok(Err(error))
         }
         Err(error) => Err(error),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+    use serde_json::value::to_raw_value;
+
+    use super::*;
+
+    fn text(ty: ColumnType, value: serde_json::Value) -> Option<String> {
+        column_text(ty, &to_raw_value(&value).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn scalars_are_their_input_text_and_json_keeps_its_quotes() {
+        let one = ColumnType::One;
+        assert_eq!(
+            text(one(BaseType::String), json!("a \"b\" \\ c")).as_deref(),
+            Some("a \"b\" \\ c")
+        );
+        assert_eq!(
+            text(one(BaseType::Integer), json!(-42)).as_deref(),
+            Some("-42")
+        );
+        assert_eq!(
+            text(one(BaseType::Float), json!(1.5e-3)).as_deref(),
+            Some("0.0015")
+        );
+        assert_eq!(
+            text(one(BaseType::Boolean), json!(true)).as_deref(),
+            Some("true")
+        );
+        assert_eq!(
+            text(one(BaseType::Json), json!("s")).as_deref(),
+            Some("\"s\"")
+        );
+        assert_eq!(
+            text(one(BaseType::Json), json!({"a": [1]})).as_deref(),
+            Some("{\"a\":[1]}")
+        );
+        assert_eq!(
+            text(one(BaseType::DateTime), json!("2021-03-04 05:06:07")).as_deref(),
+            Some("2021-03-04 05:06:07+00")
+        );
+        assert_eq!(text(one(BaseType::String), json!(null)), None);
+    }
+
+    #[test]
+    fn arrays_are_literals_with_every_element_quoted_and_escaped() {
+        let many = ColumnType::Many;
+        assert_eq!(
+            text(
+                many(BaseType::String),
+                json!(["", "NULL", "a,b", "{x}", "\"q\"", "b\\s"])
+            )
+            .as_deref(),
+            Some(r#"{"","NULL","a,b","{x}","\"q\"","b\\s"}"#)
+        );
+        assert_eq!(
+            text(many(BaseType::Integer), json!([1, null])).as_deref(),
+            Some(r#"{"1",NULL}"#)
+        );
+        assert_eq!(
+            text(many(BaseType::Json), json!([{"k": "v"}, "s"])).as_deref(),
+            Some(r#"{"{\"k\":\"v\"}","\"s\""}"#)
+        );
+        assert_eq!(text(many(BaseType::Uuid), json!([])).as_deref(), Some("{}"));
     }
 }
