@@ -405,6 +405,62 @@ async fn strings_that_look_like_array_syntax_or_escapes_read_back_exactly() {
 }
 
 #[tokio::test]
+async fn an_item_of_a_blueprint_with_the_most_columns_allowed_is_written_whole() {
+    // One array per column goes to PostgreSQL: 900 columns and the four every row has. Mostly
+    // fixed-size values: a PostgreSQL row holds at most 8160 bytes of what it cannot move out of
+    // line (a wider row is refused and dead-lettered, with that reason).
+    let db = TestDatabase::create().await;
+    let app = app_with(&db).await;
+    let kinds = ["integer", "boolean", "string", "datetime"];
+    let mut columns = serde_json::Map::new();
+    let mut item = serde_json::Map::new();
+    for i in 0..dstore::blueprint::parse::MAX_COLUMNS {
+        let kind = match i % 100 {
+            0 => "string[]",
+            1 => "json",
+            _ => kinds[i % kinds.len()],
+        };
+        columns.insert(format!("c{i}"), json!({"type": kind}));
+        let value = match kind {
+            "string" => json!("s"),
+            "integer" => json!(i),
+            "boolean" => json!(i % 3 == 0),
+            "json" => json!({"i": i}),
+            "string[]" => json!([format!("{i}"), "x"]),
+            _ => json!("2021-03-04 05:06:07"),
+        };
+        item.insert(format!("c{i}"), value);
+    }
+    let blueprint = json!({
+        "postgresql": {"table": "wides"}, "elasticsearch": {"type": "wide"}, "columns": columns
+    });
+    app.put_and_freeze("wide", "wide", &blueprint).await;
+    item.insert("project_version".into(), json!(1));
+    let id = Uuid::new_v4();
+    app.put_projected(&format!("/wide/wide/{id}?wait=true"), &Value::Object(item))
+        .await;
+    let mut sql = db.sql().await;
+    let filled: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM wide_v1.wides w, jsonb_each(to_jsonb(w)) e \
+         WHERE w.id = $1 AND e.key LIKE 'c%' AND e.value <> 'null'",
+    )
+    .bind(id)
+    .fetch_one(&mut sql)
+    .await
+    .unwrap();
+    assert_eq!(filled, dstore::blueprint::parse::MAX_COLUMNS as i64);
+    let served = app.get(&format!("/wide/wide/{id}")).await.body;
+    let stored = db
+        .projector()
+        .read(&ident("wide"), 1, &ident("wide"), &id)
+        .await
+        .unwrap();
+    assert_eq!(stored, Some(served));
+    app.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test]
 async fn every_column_has_the_exact_postgresql_type_of_the_type_table() {
     let db = TestDatabase::create().await;
     let app = app_with(&db).await;
