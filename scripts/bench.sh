@@ -10,7 +10,9 @@
 #   COPY        PostgreSQL COPY of the same rows into a table of their shape: `_bulk`'s ceiling there
 #
 # Machines that are shared move 2-3x between days: only the ratios within one run mean anything.
-# The machine's state (cores, load, memory) is printed with the figures.
+# The machine's state (cores, load, memory) is printed with the figures, with the share of the
+# machine left idle during each load (a load that leaves it idle waits on something other than the
+# CPU: fsyncs, locks) and, with PostgreSQL on this machine, its processes' CPU per row.
 #
 #   scripts/bench.sh                      # BENCH_SECONDS=10 BENCH_CONNECTIONS=64 BENCH_CLUSTER="1 2 3"
 set -euo pipefail
@@ -81,12 +83,29 @@ blueprint() { # port: the benchmark blueprint, frozen
     curl -fsS -o /dev/null -X POST "http://127.0.0.1:$1/bench/_version"
 }
 
+# CPU time counters of the machine, "all idle" in clock ticks (idle counts iowait too).
+machine_ticks() { awk '/^cpu / {print $2+$3+$4+$5+$6+$7+$8, $5+$6}' /proc/stat; }
+# CPU time of this machine's PostgreSQL processes, in clock ticks (0 when the server is elsewhere).
+postgres_ticks() {
+    local total=0 pid
+    for pid in $(pgrep -x postgres || true); do
+        total=$((total + $(awk '{print $14 + $15}' "/proc/$pid/stat" 2>/dev/null || echo 0)))
+    done
+    echo "$total"
+}
+# µs of PostgreSQL's CPU per row since `postgres_ticks` gave $1, for $2 rows.
+postgres_us_per_row() { awk -v t="$(( $(postgres_ticks) - $1 ))" -v hz="$(getconf CLK_TCK)" -v r="$2" 'BEGIN {printf "%.1f", (r > 0 ? t / hz * 1e6 / r : 0)}'; }
+
 # wrk's answer as "rate p99_ms errors": requests/s (items/s for _bulk), the 99th percentile latency.
+# The share of the machine left idle during the load goes to $WORK/idle.
 drive() { # port script connections [size]
     local port=$1 script=$2 connections=$3 size=${4:-1}
-    local out
+    local out before after
+    before=$(machine_ticks)
     out=$(wrk -t 2 -c "$connections" -d "${SECONDS_EACH}s" --latency -s "scripts/bench/$script" \
         "http://127.0.0.1:$port" -- bench "$size" 2>&1)
+    after=$(machine_ticks)
+    awk -v b="$before" -v a="$after" 'BEGIN {split(b, x, " "); split(a, y, " "); printf "%.0f", 100 * (y[2] - x[2]) / (y[1] - x[1])}' >"$WORK/idle"
     local rate p99 errors
     rate=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     p99=$(echo "$out" | awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; print v}')
@@ -120,7 +139,7 @@ echo "== each run: wrk, 2 threads, $SECONDS_EACH s; PUT at $CONNECTIONS connecti
 port=$(free_port)
 start "$port" "$WORK/ceiling.log" "$BIN/dstore-baseline" ceiling --port "$port"
 read -r ceiling ceiling_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
-row "ceiling (parse and answer)|PUT|$ceiling|$ceiling_p99|1.00|$(rss_mb "$LAST_PID")"
+row "ceiling (parse and answer)|PUT|$ceiling|$ceiling_p99|1.00|$(rss_mb "$LAST_PID")|$(cat "$WORK/idle")"
 kill "$LAST_PID"
 
 port=$(free_port)
@@ -129,9 +148,9 @@ DSTORE_HOST=127.0.0.1 DSTORE_PORT=$port DSTORE_DATA_DIR="$WORK/embedded" DSTORE_
 blueprint "$port"
 pid=$LAST_PID
 read -r embedded embedded_p99 errors <<<"$(drive "$port" put.lua "$CONNECTIONS")"
-row "dstore embedded|PUT|$embedded|$embedded_p99|$(awk -v a="$embedded" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$pid")"
+row "dstore embedded|PUT|$embedded|$embedded_p99|$(awk -v a="$embedded" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$pid")|$(cat "$WORK/idle")"
 read -r bulk _ _ <<<"$(drive "$port" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
-row "dstore embedded|_bulk|$bulk||$(awk -v a="$bulk" -v b="$embedded" 'BEGIN {printf "%.1f x PUT", a / b}')|$(rss_mb "$pid")"
+row "dstore embedded|_bulk|$bulk||$(awk -v a="$bulk" -v b="$embedded" 'BEGIN {printf "%.1f x PUT", a / b}')|$(rss_mb "$pid")|$(cat "$WORK/idle")"
 kill "$pid"
 
 url=$(database projector)
@@ -140,17 +159,20 @@ DSTORE_HOST=127.0.0.1 DSTORE_PORT=$port DSTORE_DATA_DIR="$WORK/pg" DSTORE_LOG=wa
     start "$port" "$WORK/pg.log" "$BIN/dstore" serve
 blueprint "$port"
 pid=$LAST_PID
+pg_ticks=$(postgres_ticks)
 read -r pg pg_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
 lag=$(catch_up "$port")
-row "dstore + PostgreSQL projector|PUT|$pg|$pg_p99|$(awk -v a="$pg" -v b="$embedded" 'BEGIN {printf "%.2f", a / b}') of embedded; caught up ${lag}s after|$(rss_mb "$pid")"
-rows_before=$(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles")
+rows=$(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles")
+row "dstore + PostgreSQL projector|PUT|$pg|$pg_p99|$(awk -v a="$pg" -v b="$embedded" 'BEGIN {printf "%.2f", a / b}') of embedded; caught up ${lag}s after; PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row|$(rss_mb "$pid")|$(cat "$WORK/idle")"
+rows_before=$rows
 started=$(date +%s.%N)
+pg_ticks=$(postgres_ticks)
 read -r _ _ _ <<<"$(drive "$port" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
 catch_up "$port" >/dev/null
 elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {print e - s}')
 rows=$(( $(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles") - rows_before ))
 bulk_pg=$(awk -v r="$rows" -v t="$elapsed" 'BEGIN {printf "%.0f", r / t}')
-row "dstore + PostgreSQL projector|_bulk, end to end|$bulk_pg||rows in PostgreSQL / s|$(rss_mb "$pid")"
+row "dstore + PostgreSQL projector|_bulk, end to end|$bulk_pg||rows in PostgreSQL / s; PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row|$(rss_mb "$pid")|$(cat "$WORK/idle") during ingest"
 kill "$pid"
 
 # COPY of the same rows into a table of the same shape: the ceiling of `_bulk` into PostgreSQL.
@@ -165,13 +187,13 @@ for i in range(100000):
 started=$(date +%s.%N)
 psql "$url" -qc "\\copy articles FROM '$WORK/rows.csv' WITH (FORMAT csv)"
 copy=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {printf "%.0f", 100000 / (e - s)}')
-row "PostgreSQL COPY, same rows|rows|$copy||bulk end to end = $(awk -v a="$bulk_pg" -v b="$copy" 'BEGIN {printf "%.2f", a / b}') of COPY|"
+row "PostgreSQL COPY, same rows|rows|$copy||bulk end to end = $(awk -v a="$bulk_pg" -v b="$copy" 'BEGIN {printf "%.2f", a / b}') of COPY||"
 
 url=$(database floor)
 port=$(free_port)
 start "$port" "$WORK/floor.log" "$BIN/dstore-baseline" floor --port "$port" --url "$url"
 read -r floor floor_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
-row "floor (one upsert per request)|PUT|$floor|$floor_p99|$(awk -v a="$floor" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$LAST_PID")"
+row "floor (one upsert per request)|PUT|$floor|$floor_p99|$(awk -v a="$floor" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$LAST_PID")|$(cat "$WORK/idle")"
 kill "$LAST_PID"
 
 for n in $CLUSTER; do
@@ -200,15 +222,15 @@ for n in $CLUSTER; do
     fi
     blueprint "$front"
     read -r rate p99 _ <<<"$(drive "$front" put.lua "$CONNECTIONS")"
-    row "cluster, $n node(s)$([ "$n" -gt 1 ] && echo ' + haproxy')|PUT|$rate|$p99|$(awk -v a="$rate" -v b="$embedded" 'BEGIN {printf "%.2f", a / b}') of embedded|"
+    row "cluster, $n node(s)$([ "$n" -gt 1 ] && echo ' + haproxy')|PUT|$rate|$p99|$(awk -v a="$rate" -v b="$embedded" 'BEGIN {printf "%.2f", a / b}') of embedded||$(cat "$WORK/idle")"
     read -r bulk_c _ _ <<<"$(drive "$front" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
-    row "cluster, $n node(s)|_bulk|$bulk_c||$(awk -v a="$bulk_c" -v b="$bulk" 'BEGIN {printf "%.2f", a / b}') of embedded|"
+    row "cluster, $n node(s)|_bulk|$bulk_c||$(awk -v a="$bulk_c" -v b="$bulk" 'BEGIN {printf "%.2f", a / b}') of embedded||$(cat "$WORK/idle")"
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     PIDS=()
 done
 
 echo
-echo "| run | workload | items/s | p99 ms | compared | peak RSS MiB |"
-echo "|---|---|---|---|---|---|"
+echo "| run | workload | items/s | p99 ms | compared | peak RSS MiB | machine idle % |"
+echo "|---|---|---|---|---|---|---|"
 for r in "${ROWS[@]}"; do echo "| ${r//|/ | } |"; done
