@@ -159,6 +159,24 @@ where
     }
 }
 
+/// Asserts that the PostgreSQL projector's own read of an item in version 1 equals what the API
+/// serves for it.
+async fn assert_read_back_as_served(
+    app: &TestApp,
+    db: &TestDatabase,
+    path: (&str, &str),
+    id: Uuid,
+) {
+    let (project, blueprint) = path;
+    let served = app.get(&format!("/{project}/{blueprint}/{id}")).await.body;
+    let stored = db
+        .projector()
+        .read(&ident(project), 1, &ident(blueprint), &id)
+        .await
+        .unwrap();
+    assert_eq!(stored, Some(served));
+}
+
 async fn app_with(db: &TestDatabase) -> TestApp {
     let settings = db.settings();
     spawn_app_with(|s| s.postgresql = Some(settings)).await
@@ -393,13 +411,7 @@ async fn strings_that_look_like_array_syntax_or_escapes_read_back_exactly() {
         row.get::<Vec<String>, _>("stamps"),
         ["2021-03-04 05:06:07+00", "1999-12-31 23:59:59+00"]
     );
-    let served = app.get(&format!("/notes/note/{id}")).await.body;
-    let stored = db
-        .projector()
-        .read(&ident("notes"), 1, &ident("note"), &id)
-        .await
-        .unwrap();
-    assert_eq!(stored, Some(served));
+    assert_read_back_as_served(&app, &db, ("notes", "note"), id).await;
     app.stop().await;
     db.drop().await;
 }
@@ -449,13 +461,7 @@ async fn an_item_of_a_blueprint_with_the_most_columns_allowed_is_written_whole()
     .await
     .unwrap();
     assert_eq!(filled, dstore::blueprint::parse::MAX_COLUMNS as i64);
-    let served = app.get(&format!("/wide/wide/{id}")).await.body;
-    let stored = db
-        .projector()
-        .read(&ident("wide"), 1, &ident("wide"), &id)
-        .await
-        .unwrap();
-    assert_eq!(stored, Some(served));
+    assert_read_back_as_served(&app, &db, ("wide", "wide"), id).await;
     app.stop().await;
     db.drop().await;
 }

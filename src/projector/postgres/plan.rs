@@ -42,6 +42,17 @@ pub struct Group<'a> {
     pub deletes: Vec<Delete>,
 }
 
+impl<'a> Group<'a> {
+    fn new(schema: String, blueprint: &'a Blueprint) -> Group<'a> {
+        Group {
+            schema,
+            blueprint,
+            upserts: Vec::new(),
+            deletes: Vec::new(),
+        }
+    }
+}
+
 pub struct Plan<'a> {
     pub groups: Vec<Group<'a>>,
     /// The versions the batch writes into, to make sure they are migrated first.
@@ -102,12 +113,7 @@ pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
     for ((project, number, table, id), (revision, task, op, blueprint)) in newest {
         let group = groups
             .entry((project, number, table))
-            .or_insert_with(|| Group {
-                schema: super::ident::schema_name(project, number),
-                blueprint,
-                upserts: Vec::new(),
-                deletes: Vec::new(),
-            });
+            .or_insert_with(|| Group::new(super::ident::schema_name(project, number), blueprint));
         match op {
             Op::Upsert(doc) => match serde_json::from_str::<Fields<'a>>(doc.get()) {
                 Ok(fields) => group.upserts.push(Upsert {
@@ -164,12 +170,7 @@ pub fn split<'a>(groups: Vec<Group<'a>>, lanes: usize, min_rows: usize) -> Vec<V
     let mut sets: Vec<Vec<Group<'a>>> = (0..lanes).map(|_| Vec::new()).collect();
     for group in groups {
         let mut parts: Vec<Group<'a>> = (0..lanes)
-            .map(|_| Group {
-                schema: group.schema.clone(),
-                blueprint: group.blueprint,
-                upserts: Vec::new(),
-                deletes: Vec::new(),
-            })
+            .map(|_| Group::new(group.schema.clone(), group.blueprint))
             .collect();
         for upsert in group.upserts {
             parts[lane(&upsert.id)].upserts.push(upsert);
@@ -292,16 +293,13 @@ mod tests {
                 assert!(group.deletes.windows(2).all(|w| w[0].task < w[1].task));
             }
         }
-        let mut whole: Vec<(Uuid, usize)> = plan(&snapshot, &tasks).groups[0]
+        let planned = plan(&snapshot, &tasks);
+        let group = &planned.groups[0];
+        let mut whole: Vec<(Uuid, usize)> = group
             .upserts
             .iter()
             .map(|u| (u.id, u.task))
-            .chain(
-                plan(&snapshot, &tasks).groups[0]
-                    .deletes
-                    .iter()
-                    .map(|d| (d.id, d.task)),
-            )
+            .chain(group.deletes.iter().map(|d| (d.id, d.task)))
             .collect();
         seen.sort();
         whole.sort();

@@ -9,6 +9,8 @@
 //! rest of the batch is applied. A task whose row is refused in one version keeps what it wrote
 //! into the others.
 
+use std::borrow::Cow;
+
 use serde_json::value::RawValue;
 use serde_json::Value;
 use sqlx::postgres::PgConnection;
@@ -20,42 +22,42 @@ use super::error::{classify, describe, Failure};
 use super::ident::{qualified, quote, NameError};
 use super::plan::{Delete, Group, Upsert};
 use super::values::{is_converted, to_input};
-use crate::blueprint::{BaseType, Blueprint, ColumnType};
+use crate::blueprint::{BaseType, Blueprint, ColumnDef, ColumnType};
 use crate::projector::{Outcome, ProjectorError};
 
+/// The columns an upsert sends as text arrays, in the order of its parameters from `$4` on: the two
+/// every row has, then the blueprint's.
+fn text_columns(blueprint: &Blueprint) -> impl Iterator<Item = (&str, ColumnType)> {
+    [
+        ("project_version", ColumnType::One(BaseType::Integer)),
+        ("links", ColumnType::Many(BaseType::Uuid)),
+    ]
+    .into_iter()
+    .chain(
+        blueprint
+            .columns
+            .iter()
+            .map(|(name, column)| (name.as_str(), column.def.ty)),
+    )
+}
+
 /// The upsert statement of a blueprint's table. `$1` is the table name, `$2` the ids and `$3` the
-/// revisions; then come the project versions, the links and one array per column, each as text
-/// that PostgreSQL reads with the column type's own input function (as `COPY` does).
+/// revisions; then comes one array per [`text_columns`] entry, each value as the text PostgreSQL
+/// reads with the column type's own input function (as `COPY` does).
 pub fn upsert_sql(schema: &str, blueprint: &Blueprint) -> Result<String, NameError> {
-    let mut arrays = vec![
-        "$2::uuid[]".to_owned(),
-        "$3::bigint[]".into(),
-        "$4::text[]".into(),
-        "$5::text[]".into(),
-    ];
-    let mut names = vec![
-        "id".to_owned(),
-        "_revision".into(),
-        "project_version".into(),
-        "links".into(),
-    ];
-    let mut targets = vec![
-        "id".to_owned(),
-        "project_version".into(),
-        "links".into(),
-        "_revision".into(),
-    ];
-    let mut sources = vec![
-        "i.id".to_owned(),
-        "i.project_version::INTEGER".into(),
-        "COALESCE(i.links::UUID[], '{}')".into(),
-        "i._revision".into(),
-    ];
-    for (name, column) in &blueprint.columns {
-        let q = quote(name.as_str())?;
-        arrays.push(format!("${}::text[]", arrays.len() + 2));
-        names.push(q.clone());
-        sources.push(format!("i.{q}{}", input_cast(&column.def)));
+    let mut arrays = vec!["$2::uuid[]".to_owned(), "$3::bigint[]".into()];
+    let mut targets = vec!["id".to_owned(), "_revision".into()];
+    let mut sources = vec!["i.id".to_owned(), "i._revision".into()];
+    for (n, (name, ty)) in text_columns(blueprint).enumerate() {
+        let q = quote(name)?;
+        arrays.push(format!("${}::text[]", n + 4));
+        let value = format!("i.{q}{}", input_cast(ty));
+        // A row without links gets the column's empty array, not NULL.
+        sources.push(if name == "links" {
+            format!("COALESCE({value}, '{{}}')")
+        } else {
+            value
+        });
         targets.push(q);
     }
     let updates: Vec<String> = targets[1..]
@@ -63,13 +65,12 @@ pub fn upsert_sql(schema: &str, blueprint: &Blueprint) -> Result<String, NameErr
         .map(|t| format!("{t} = EXCLUDED.{t}"))
         .collect();
     Ok(format!(
-        "WITH i AS (SELECT * FROM unnest({arrays}) AS r({names})) \
+        "WITH i AS (SELECT * FROM unnest({arrays}) AS r({targets})) \
          INSERT INTO {table} AS t ({targets}) \
          SELECT {sources} FROM i \
          WHERE NOT EXISTS (SELECT 1 FROM {tombstones} d WHERE d.table_name = $1 AND d.id = i.id AND d._revision >= i._revision) \
          ON CONFLICT (id) DO UPDATE SET {updates} WHERE t._revision < EXCLUDED._revision",
         arrays = arrays.join(", "),
-        names = names.join(", "),
         table = qualified(schema, blueprint.table.as_str())?,
         targets = targets.join(", "),
         sources = sources.join(", "),
@@ -78,12 +79,12 @@ pub fn upsert_sql(schema: &str, blueprint: &Blueprint) -> Result<String, NameErr
     ))
 }
 
-/// How a column's text becomes its value: a cast to the column's type, except for length-limited
-/// strings, which the insert's own assignment checks (a cast to `VARCHAR(n)` would cut them short).
-fn input_cast(def: &crate::blueprint::ColumnDef) -> String {
-    match def.ty {
+/// How a column's text becomes its value: a cast to the column's type, except for strings, which
+/// the insert's own assignment checks (a cast to `VARCHAR(n)` would cut an over-long one short).
+fn input_cast(ty: ColumnType) -> String {
+    match ty {
         ColumnType::One(BaseType::String | BaseType::Text) => String::new(),
-        _ => format!("::{}", column_type(def)),
+        _ => format!("::{}", column_type(&ColumnDef::of_type(ty))),
     }
 }
 
@@ -114,28 +115,24 @@ pub fn register_sql(schema: &str) -> Result<String, NameError> {
 /// geometries and datetimes are converted first (see `values`).
 fn column_text(ty: ColumnType, raw: &RawValue) -> Result<Option<String>, serde_json::Error> {
     let text = raw.get();
-    if text == "null" {
-        return Ok(None);
-    }
-    if !is_converted(ty) && matches!(ty, ColumnType::One(_)) {
-        return Ok(Some(match (ty.base(), text.as_bytes().first()) {
-            (BaseType::Json, _) => text.to_owned(),
-            (_, Some(b'"')) => serde_json::from_str::<String>(text)?,
-            _ => text.to_owned(),
-        }));
-    }
-    let value: Value = serde_json::from_str(text)?;
+    let value: Value = match ty {
+        _ if text == "null" => return Ok(None),
+        ColumnType::One(BaseType::Json) => return Ok(Some(text.to_owned())),
+        ColumnType::One(_) if !is_converted(ty) && !text.starts_with('"') => {
+            return Ok(Some(text.to_owned()))
+        }
+        _ => serde_json::from_str(text)?,
+    };
     let value = if is_converted(ty) {
         to_input(ty, &value)
     } else {
         value
     };
-    Ok(match (ty, value) {
-        (_, Value::Null) => None,
-        (ColumnType::Many(base), Value::Array(items)) => Some(array_literal(base, &items)),
-        (ColumnType::One(BaseType::Json), value) => Some(value.to_string()),
-        (_, Value::String(s)) => Some(s),
-        (_, value) => Some(value.to_string()),
+    Ok(match value {
+        Value::Null => None,
+        Value::Array(items) => Some(array_literal(ty.base(), &items)),
+        Value::String(s) => Some(s),
+        other => Some(other.to_string()),
     })
 }
 
@@ -146,14 +143,13 @@ fn array_literal(base: BaseType, items: &[Value]) -> String {
         if n > 0 {
             out.push(',');
         }
-        let element = match (base, item) {
-            (_, Value::Null) => {
+        let element: Cow<'_, str> = match item {
+            Value::Null => {
                 out.push_str("NULL");
                 continue;
             }
-            (BaseType::Json, item) => item.to_string(),
-            (_, Value::String(s)) => s.clone(),
-            (_, item) => item.to_string(),
+            Value::String(s) if base != BaseType::Json => Cow::Borrowed(s),
+            other => Cow::Owned(other.to_string()),
         };
         out.push('"');
         for c in element.chars() {
@@ -242,17 +238,7 @@ fn upsert_query(
         .bind(blueprint.table.to_string())
         .bind(ids)
         .bind(revisions);
-    let fixed = [
-        ("project_version", ColumnType::One(BaseType::Integer)),
-        ("links", ColumnType::Many(BaseType::Uuid)),
-    ];
-    let columns = fixed.into_iter().chain(
-        blueprint
-            .columns
-            .iter()
-            .map(|(name, column)| (name.as_str(), column.def.ty)),
-    );
-    for (name, ty) in columns {
+    for (name, ty) in text_columns(blueprint) {
         let texts = rows
             .iter()
             .map(|row| match row.fields.get(name) {
