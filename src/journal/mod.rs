@@ -1142,7 +1142,7 @@ mod tests {
     use crate::blueprint::parse_blueprint;
     use crate::storage::embedded::EmbeddedStorage;
     use crate::storage::Storage;
-    use crate::write::prepare_upsert;
+    use crate::write::{prepare_delete, prepare_upsert};
 
     #[tokio::test]
     async fn a_settled_run_goes_with_one_range_deletion_and_moves_the_floor_past_it() {
@@ -1217,6 +1217,95 @@ mod tests {
         assert_eq!(journal.progress("store").applied_through, seqs[4] - 1);
         let left = journal.pending("store", 100).unwrap();
         assert_eq!(left.iter().map(|t| t.seq).collect::<Vec<_>>(), [seqs[4]]);
+        journal.close().await;
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn items_changed_within_and_across_batches_keep_one_change_each_their_last() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Arc::new(Catalog::open(&dir.path().join("catalog")).unwrap());
+        // 32 clients change 8 items: an item changes several times in one group commit, and again
+        // in the next one.
+        let settings = JournalSettings {
+            durability: Durability::Sync,
+            max_pending: u64::MAX,
+            keyspaces: true,
+        };
+        let journal =
+            Journal::open(&dir.path().join("journal"), catalog, vec![], settings).unwrap();
+        let storage = EmbeddedStorage::open(journal.clone());
+        let (project, article) = (Ident::parse("p").unwrap(), Ident::parse("article").unwrap());
+        let blueprint = json!({"postgresql": {"table": "articles"},
+            "elasticsearch": {"type": "article"}, "columns": {"title": {"type": "string"}}});
+        storage
+            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
+            .await
+            .unwrap();
+        storage.freeze(&project, false).await.unwrap();
+        let frozen = journal.last_seq();
+        let ids: Arc<Vec<Uuid>> = Arc::new((0..8).map(|_| Uuid::new_v4()).collect());
+        let mut clients = Vec::new();
+        for client in 0..32 {
+            let (storage, ids) = (storage.clone(), ids.clone());
+            let (project, article) = (project.clone(), article.clone());
+            clients.push(tokio::spawn(async move {
+                for n in 0..20 {
+                    let id = ids[(client + n) % ids.len()];
+                    let snapshot = storage.snapshot();
+                    let entry = if (client + n) % 5 == 0 {
+                        prepare_delete(&snapshot, &project, &article, id, None)
+                    } else {
+                        let body = json!({"project_version": 1, "title": format!("{client}/{n}")});
+                        prepare_upsert(&snapshot, &project, &article, id, &body)
+                    };
+                    let epoch = snapshot.projects[&project].epoch;
+                    storage
+                        .write(&project, epoch, vec![entry.unwrap()])
+                        .await
+                        .unwrap();
+                }
+            }));
+        }
+        for client in clients {
+            client.await.unwrap();
+        }
+
+        // Each item's last change: its record's revision, or its delete's.
+        let db = &journal.db;
+        let mut last: Vec<u64> = ids
+            .iter()
+            .map(|id| {
+                let key = keys::item(&project, &article, id);
+                let put = db.get_cf(journal.cf(CF_ITEMS), &key).unwrap();
+                let delete = db
+                    .get_cf(journal.cf(CF_CHANGES), keys::deleted(&key))
+                    .unwrap();
+                put.or(delete)
+                    .and_then(|v| codec::record_revision(&v))
+                    .expect("every item was changed")
+            })
+            .collect();
+        last.sort_unstable();
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(keys::project_end(&project));
+        let start = keys::change(&project, 0);
+        let indexed: Vec<u64> = db
+            .iterator_cf_opt(
+                journal.cf(CF_CHANGES),
+                options,
+                IteratorMode::From(&start, rocksdb::Direction::Forward),
+            )
+            .map(|entry| keys::task_seq(&entry.unwrap().0))
+            .collect();
+        assert_eq!(
+            indexed, last,
+            "the feed's index holds each item's last change only"
+        );
+        assert_eq!(
+            journal.last_seq(),
+            frozen + 32 * 20,
+            "one revision per write"
+        );
         journal.close().await;
     }
 }
