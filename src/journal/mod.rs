@@ -329,6 +329,10 @@ impl Journal {
         options.create_if_missing(true);
         options.create_missing_column_families(true);
         options.increase_parallelism(2);
+        // Start writing the log back every MiB, so the fsync of a synced batch has less left to
+        // write (embedded PUT 12-23 % faster in five alternating pairs; README, Performance). The
+        // fsync itself is unchanged: a batch is durable before it is answered.
+        options.set_wal_bytes_per_sync(1 << 20);
         let families = FAMILIES.map(|name| {
             let mut cf = Options::default();
             crate::rocks::family(&mut cf, |tables| {
