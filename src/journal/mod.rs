@@ -1148,22 +1148,26 @@ mod tests {
     use crate::storage::Storage;
     use crate::write::{prepare_delete, prepare_upsert};
 
-    #[tokio::test]
-    async fn a_settled_run_goes_with_one_range_deletion_and_moves_the_floor_past_it() {
+    /// A journal keeping its keyspaces, with project `p` frozen at version 1 holding blueprint
+    /// `article` (one string column).
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        journal: Arc<Journal>,
+        storage: Arc<EmbeddedStorage>,
+        project: Ident,
+        article: Ident,
+    }
+
+    async fn fixture(durability: Durability, projectors: Vec<&'static str>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
         let catalog = Arc::new(Catalog::open(&dir.path().join("catalog")).unwrap());
         let settings = JournalSettings {
-            durability: Durability::Buffered,
+            durability,
             max_pending: u64::MAX,
             keyspaces: true,
         };
-        let journal = Journal::open(
-            &dir.path().join("journal"),
-            catalog,
-            vec!["store"],
-            settings,
-        )
-        .unwrap();
+        let journal =
+            Journal::open(&dir.path().join("journal"), catalog, projectors, settings).unwrap();
         let storage = EmbeddedStorage::open(journal.clone());
         let (project, article) = (Ident::parse("p").unwrap(), Ident::parse("article").unwrap());
         let blueprint = json!({"postgresql": {"table": "articles"},
@@ -1173,6 +1177,24 @@ mod tests {
             .await
             .unwrap();
         storage.freeze(&project, false).await.unwrap();
+        Fixture {
+            _dir: dir,
+            journal,
+            storage,
+            project,
+            article,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_settled_run_goes_with_one_range_deletion_and_moves_the_floor_past_it() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Buffered, vec!["store"]).await;
         let migration = journal.pending("store", 10).unwrap();
         journal
             .ack("store", &[migration[0].seq], Vec::new())
@@ -1226,26 +1248,15 @@ mod tests {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn items_changed_within_and_across_batches_keep_one_change_each_their_last() {
-        let dir = tempfile::tempdir().unwrap();
-        let catalog = Arc::new(Catalog::open(&dir.path().join("catalog")).unwrap());
         // 32 clients change 8 items: an item changes several times in one group commit, and again
         // in the next one.
-        let settings = JournalSettings {
-            durability: Durability::Sync,
-            max_pending: u64::MAX,
-            keyspaces: true,
-        };
-        let journal =
-            Journal::open(&dir.path().join("journal"), catalog, vec![], settings).unwrap();
-        let storage = EmbeddedStorage::open(journal.clone());
-        let (project, article) = (Ident::parse("p").unwrap(), Ident::parse("article").unwrap());
-        let blueprint = json!({"postgresql": {"table": "articles"},
-            "elasticsearch": {"type": "article"}, "columns": {"title": {"type": "string"}}});
-        storage
-            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
-            .await
-            .unwrap();
-        storage.freeze(&project, false).await.unwrap();
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec![]).await;
         let frozen = journal.last_seq();
         let ids: Arc<Vec<Uuid>> = Arc::new((0..8).map(|_| Uuid::new_v4()).collect());
         let mut clients = Vec::new();
