@@ -342,6 +342,14 @@ impl Journal {
                     tables.set_bloom_filter(10.0, false);
                 }
             });
+            if name == CF_ITEMS || name == CF_CHANGES {
+                // Each write looks its item's previous change up, and a new item is in no
+                // memtable: a bloom filter over the memtable's whole keys answers without searching
+                // it (embedded `_bulk` 9 % faster, into PostgreSQL 11-13 % faster end to end, in
+                // alternating runs; README, Performance). A tenth of the memtable's size each.
+                cf.set_memtable_prefix_bloom_ratio(0.1);
+                cf.set_memtable_whole_key_filtering(true);
+            }
             if name == CF_TASKS {
                 // Tasks live for milliseconds: most never reach a file, and those that do are
                 // read once; compressing them costs more than it saves.
