@@ -121,6 +121,15 @@ fn column_text(ty: ColumnType, raw: &RawValue) -> Result<Option<String>, serde_j
         ColumnType::One(_) if !is_converted(ty) && !text.starts_with('"') => {
             return Ok(Some(text.to_owned()))
         }
+        // A string without escapes is its JSON text between the quotes.
+        ColumnType::One(_)
+            if !is_converted(ty)
+                && text.len() >= 2
+                && text.ends_with('"')
+                && !text.contains('\\') =>
+        {
+            return Ok(Some(text[1..text.len() - 1].to_owned()))
+        }
         _ => serde_json::from_str(text)?,
     };
     let value = if is_converted(ty) {
@@ -305,6 +314,25 @@ mod tests {
 
     fn text(ty: ColumnType, value: serde_json::Value) -> Option<String> {
         column_text(ty, &to_raw_value(&value).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn strings_read_between_their_quotes_lose_every_escape() {
+        let raw = |text: &str| RawValue::from_string(text.to_owned()).unwrap();
+        let string = ColumnType::One(BaseType::String);
+        for (json, expected) in [
+            (r#""plain""#, "plain"),
+            (r#""""#, ""),
+            ("\"naïve ✓ 𝄞\"", "naïve ✓ 𝄞"),
+            (r#""caf\u00e9 \"x\" \\""#, "café \"x\" \\"),
+            (r#""\ud834\udd1e""#, "𝄞"),
+        ] {
+            assert_eq!(
+                column_text(string, &raw(json)).unwrap().as_deref(),
+                Some(expected),
+                "{json}"
+            );
+        }
     }
 
     #[test]
