@@ -15,6 +15,8 @@
 # CPU: fsyncs, locks) and, with PostgreSQL on this machine, its processes' CPU per row.
 #
 #   scripts/bench.sh                      # BENCH_SECONDS=10 BENCH_CONNECTIONS=64 BENCH_CLUSTER="1 2 3"
+#   BENCH_ROUNDS=3 scripts/bench.sh       # the single-node runs three times over, alternating, then the
+#                                         # spread of each ratio
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/deps.sh
@@ -30,6 +32,7 @@ CONNECTIONS=${BENCH_CONNECTIONS:-64}
 BULK_CONNECTIONS=${BENCH_BULK_CONNECTIONS:-8}
 BULK_SIZE=${BENCH_BULK_SIZE:-1000}
 CLUSTER=${BENCH_CLUSTER-1 2 3}
+ROUNDS=${BENCH_ROUNDS:-1}
 SERVER=${DSTORE_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/dstore-bench.XXXXXX")
 RUN=bench_$$
@@ -136,65 +139,77 @@ row() { ROWS+=("$*"); }
 echo "== machine: $(nproc) cores, load $(cut -d' ' -f1-3 /proc/loadavg), $(free -g | awk '/Mem/ {print $7}') GiB available, $(date -u +%FT%TZ)"
 echo "== each run: wrk, 2 threads, $SECONDS_EACH s; PUT at $CONNECTIONS connections; _bulk $BULK_CONNECTIONS x $BULK_SIZE"
 
-port=$(free_port)
-start "$port" "$WORK/ceiling.log" "$BIN/dstore-baseline" ceiling --port "$port"
-read -r ceiling ceiling_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
-row "ceiling (parse and answer)|PUT|$ceiling|$ceiling_p99|1.00|$(rss_mb "$LAST_PID")|$(cat "$WORK/idle")"
-kill "$LAST_PID"
+# One round: the ceiling, dstore embedded, dstore + PostgreSQL, COPY and the floor, one after the
+# other; each round adds its rows and its ratios.
+single_round() {
+    port=$(free_port)
+    start "$port" "$WORK/ceiling.log" "$BIN/dstore-baseline" ceiling --port "$port"
+    read -r ceiling ceiling_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
+    row "ceiling (parse and answer)|PUT|$ceiling|$ceiling_p99|1.00|$(rss_mb "$LAST_PID")|$(cat "$WORK/idle")"
+    kill "$LAST_PID"
 
-port=$(free_port)
-DSTORE_HOST=127.0.0.1 DSTORE_PORT=$port DSTORE_DATA_DIR="$WORK/embedded" DSTORE_LOG=warn \
-    start "$port" "$WORK/embedded.log" "$BIN/dstore" serve
-blueprint "$port"
-pid=$LAST_PID
-read -r embedded embedded_p99 errors <<<"$(drive "$port" put.lua "$CONNECTIONS")"
-row "dstore embedded|PUT|$embedded|$embedded_p99|$(awk -v a="$embedded" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$pid")|$(cat "$WORK/idle")"
-read -r bulk _ _ <<<"$(drive "$port" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
-row "dstore embedded|_bulk|$bulk||$(awk -v a="$bulk" -v b="$embedded" 'BEGIN {printf "%.1f x PUT", a / b}')|$(rss_mb "$pid")|$(cat "$WORK/idle")"
-kill "$pid"
+    port=$(free_port)
+    DSTORE_HOST=127.0.0.1 DSTORE_PORT=$port DSTORE_DATA_DIR="$WORK/embedded$round" DSTORE_LOG=warn \
+        start "$port" "$WORK/embedded.log" "$BIN/dstore" serve
+    blueprint "$port"
+    pid=$LAST_PID
+    read -r embedded embedded_p99 errors <<<"$(drive "$port" put.lua "$CONNECTIONS")"
+    row "dstore embedded|PUT|$embedded|$embedded_p99|$(awk -v a="$embedded" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$pid")|$(cat "$WORK/idle")"
+    read -r bulk _ _ <<<"$(drive "$port" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
+    row "dstore embedded|_bulk|$bulk||$(awk -v a="$bulk" -v b="$embedded" 'BEGIN {printf "%.1f x PUT", a / b}')|$(rss_mb "$pid")|$(cat "$WORK/idle")"
+    kill "$pid"
 
-url=$(database projector)
-port=$(free_port)
-DSTORE_HOST=127.0.0.1 DSTORE_PORT=$port DSTORE_DATA_DIR="$WORK/pg" DSTORE_LOG=warn DATABASE_URL="$url" \
-    start "$port" "$WORK/pg.log" "$BIN/dstore" serve
-blueprint "$port"
-pid=$LAST_PID
-pg_ticks=$(postgres_ticks)
-read -r pg pg_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
-lag=$(catch_up "$port")
-rows=$(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles")
-row "dstore + PostgreSQL projector|PUT|$pg|$pg_p99|$(awk -v a="$pg" -v b="$embedded" 'BEGIN {printf "%.2f", a / b}') of embedded; caught up ${lag}s after; PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row|$(rss_mb "$pid")|$(cat "$WORK/idle")"
-rows_before=$rows
-started=$(date +%s.%N)
-pg_ticks=$(postgres_ticks)
-read -r _ _ _ <<<"$(drive "$port" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
-catch_up "$port" >/dev/null
-elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {print e - s}')
-rows=$(( $(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles") - rows_before ))
-bulk_pg=$(awk -v r="$rows" -v t="$elapsed" 'BEGIN {printf "%.0f", r / t}')
-row "dstore + PostgreSQL projector|_bulk, end to end|$bulk_pg||rows in PostgreSQL / s; PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row|$(rss_mb "$pid")|$(cat "$WORK/idle") during ingest"
-kill "$pid"
+    url=$(database projector)
+    port=$(free_port)
+    DSTORE_HOST=127.0.0.1 DSTORE_PORT=$port DSTORE_DATA_DIR="$WORK/pg$round" DSTORE_LOG=warn DATABASE_URL="$url" \
+        start "$port" "$WORK/pg.log" "$BIN/dstore" serve
+    blueprint "$port"
+    pid=$LAST_PID
+    pg_ticks=$(postgres_ticks)
+    read -r pg pg_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
+    lag=$(catch_up "$port")
+    rows=$(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles")
+    row "dstore + PostgreSQL projector|PUT|$pg|$pg_p99|$(awk -v a="$pg" -v b="$embedded" 'BEGIN {printf "%.2f", a / b}') of embedded; caught up ${lag}s after; PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row|$(rss_mb "$pid")|$(cat "$WORK/idle")"
+    rows_before=$rows
+    started=$(date +%s.%N)
+    pg_ticks=$(postgres_ticks)
+    read -r _ _ _ <<<"$(drive "$port" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
+    catch_up "$port" >/dev/null
+    elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {print e - s}')
+    rows=$(( $(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles") - rows_before ))
+    bulk_pg=$(awk -v r="$rows" -v t="$elapsed" 'BEGIN {printf "%.0f", r / t}')
+    row "dstore + PostgreSQL projector|_bulk, end to end|$bulk_pg||rows in PostgreSQL / s; PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row|$(rss_mb "$pid")|$(cat "$WORK/idle") during ingest"
+    kill "$pid"
 
-# COPY of the same rows into a table of the same shape: the ceiling of `_bulk` into PostgreSQL.
-url=$(database copy)
-psql "$url" -qc "CREATE TABLE articles (id UUID PRIMARY KEY, project_version INTEGER, title TEXT, views INTEGER, date_created TIMESTAMPTZ)"
-python3 -c '
+    # COPY of the same rows into a table of the same shape: the ceiling of `_bulk` into PostgreSQL.
+    url=$(database copy)
+    psql "$url" -qc "CREATE TABLE articles (id UUID PRIMARY KEY, project_version INTEGER, title TEXT, views INTEGER, date_created TIMESTAMPTZ)"
+    python3 -c '
 import uuid, sys
 w = sys.stdout.write
 for i in range(100000):
     w("%s,1,A benchmark article,42,2026-11-22 10:00:00+00\n" % uuid.uuid4())
 ' >"$WORK/rows.csv"
-started=$(date +%s.%N)
-psql "$url" -qc "\\copy articles FROM '$WORK/rows.csv' WITH (FORMAT csv)"
-copy=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {printf "%.0f", 100000 / (e - s)}')
-row "PostgreSQL COPY, same rows|rows|$copy||bulk end to end = $(awk -v a="$bulk_pg" -v b="$copy" 'BEGIN {printf "%.2f", a / b}') of COPY||"
+    started=$(date +%s.%N)
+    psql "$url" -qc "\\copy articles FROM '$WORK/rows.csv' WITH (FORMAT csv)"
+    copy=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {printf "%.0f", 100000 / (e - s)}')
+    row "PostgreSQL COPY, same rows|rows|$copy||bulk end to end = $(awk -v a="$bulk_pg" -v b="$copy" 'BEGIN {printf "%.2f", a / b}') of COPY||"
 
-url=$(database floor)
-port=$(free_port)
-start "$port" "$WORK/floor.log" "$BIN/dstore-baseline" floor --port "$port" --url "$url"
-read -r floor floor_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
-row "floor (one upsert per request)|PUT|$floor|$floor_p99|$(awk -v a="$floor" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$LAST_PID")|$(cat "$WORK/idle")"
-kill "$LAST_PID"
+    url=$(database floor)
+    port=$(free_port)
+    start "$port" "$WORK/floor.log" "$BIN/dstore-baseline" floor --port "$port" --url "$url"
+    read -r floor floor_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
+    row "floor (one upsert per request)|PUT|$floor|$floor_p99|$(awk -v a="$floor" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$LAST_PID")|$(cat "$WORK/idle")"
+    kill "$LAST_PID"
+    RATIOS+=("$(awk -v e="$embedded" -v c="$ceiling" -v ep="$embedded_p99" -v cp="$ceiling_p99" -v p="$pg" -v bp="$bulk_pg" -v k="$copy" -v b="$bulk" \
+        'BEGIN {printf "%.2f %.1f %.2f %.2f %.1f", e / c, ep / cp, p / e, bp / k, b / e}')")
+}
+
+RATIOS=()
+for round in $(seq 1 "$ROUNDS"); do
+    [ "$ROUNDS" -gt 1 ] && row "round $round of $ROUNDS||||||"
+    single_round
+done
 
 for n in $CLUSTER; do
     storage=$(database "cluster$n")
@@ -234,3 +249,12 @@ echo
 echo "| run | workload | items/s | p99 ms | compared | peak RSS MiB | machine idle % |"
 echo "|---|---|---|---|---|---|---|"
 for r in "${ROWS[@]}"; do echo "| ${r//|/ | } |"; done
+if [ "$ROUNDS" -gt 1 ]; then
+    # The spread of each ratio the targets name, over the rounds.
+    printf '%s\n' "${RATIOS[@]}" | awk '
+        { for (i = 1; i <= 5; i++) { if (NR == 1 || $i < lo[i]) lo[i] = $i; if (NR == 1 || $i > hi[i]) hi[i] = $i } }
+        END {
+            printf "\n== over %d rounds: embedded PUT %s-%s of the ceiling, its p99 %s-%s x the ceiling'"'"'s; PUT with PostgreSQL %s-%s of embedded; _bulk into PostgreSQL %s-%s of COPY; embedded _bulk %s-%s x PUT\n",
+                NR, lo[1], hi[1], lo[2], hi[2], lo[3], hi[3], lo[4], hi[4], lo[5], hi[5]
+        }'
+fi
