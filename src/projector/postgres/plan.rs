@@ -19,7 +19,6 @@ use crate::projector::{Outcome, ProjectorError};
 /// document. Field names are identifiers, so they never hold escapes; a document has no more fields
 /// than its blueprint has columns, so a list read in order finds them without hashing a name or
 /// allocating more than once per row.
-#[derive(Default)]
 pub struct Fields<'a>(Vec<(&'a str, &'a RawValue)>);
 
 impl<'a> Fields<'a> {

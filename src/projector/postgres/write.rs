@@ -118,17 +118,14 @@ fn column_text(ty: ColumnType, raw: &RawValue) -> Result<Option<String>, serde_j
     let value: Value = match ty {
         _ if text == "null" => return Ok(None),
         ColumnType::One(BaseType::Json) => return Ok(Some(text.to_owned())),
-        ColumnType::One(_) if !is_converted(ty) && !text.starts_with('"') => {
-            return Ok(Some(text.to_owned()))
-        }
-        // A string without escapes is its JSON text between the quotes.
-        ColumnType::One(_)
-            if !is_converted(ty)
-                && text.len() >= 2
-                && text.ends_with('"')
-                && !text.contains('\\') =>
-        {
-            return Ok(Some(text[1..text.len() - 1].to_owned()))
+        // A number or a boolean is its input text; a string without escapes is its JSON text
+        // between the quotes.
+        ColumnType::One(_) if !is_converted(ty) => {
+            match text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+                None => return Ok(Some(text.to_owned())),
+                Some(inner) if !inner.contains('\\') => return Ok(Some(inner.to_owned())),
+                Some(_) => serde_json::from_str(text)?,
+            }
         }
         _ => serde_json::from_str(text)?,
     };
