@@ -62,21 +62,24 @@ async fn answer(
     state: &State,
     params: &WriteParams,
     mut body: Map<String, Value>,
-    (project, last): (&Ident, u64),
+    (project, revision): (&Ident, u64),
     status: actix_web::http::StatusCode,
 ) -> HttpResponse {
-    let (status, projection) = projection(state, params, project, last, status).await;
+    let (status, projection) = projection(state, params, project, &[revision], status).await;
     body.extend(projection);
     HttpResponse::build(status).json(body)
 }
 
-/// With `wait=true`, waits until every projector applied `last`: the status to answer (202 on
-/// time-out) and the fields saying so, `projected` and `pending`.
+/// With `wait=true`, waits until every projector settled the writes `revisions`: the status to
+/// answer (202 on time-out) and the fields saying so. `projected` is true when every store applied
+/// every write; a write a store refused for good (a dead letter) makes it false and is listed in
+/// `refused` with the store's reason, under the write's own status: the write is durable and in
+/// every other store, and `POST /_dead_letters/_retry` applies it once the cause is fixed.
 async fn projection(
     state: &State,
     params: &WriteParams,
     project: &Ident,
-    last: u64,
+    revisions: &[u64],
     status: actix_web::http::StatusCode,
 ) -> (actix_web::http::StatusCode, Map<String, Value>) {
     let mut fields = Map::new();
@@ -86,9 +89,21 @@ async fn projection(
     let timeout = params
         .timeout
         .map_or_else(|| state.wait_timeout(), Duration::from_secs);
+    let last = revisions.iter().copied().max().unwrap_or(0);
     match state.storage.wait_projected(project, last, timeout).await {
         Ok(()) => {
-            fields.insert("projected".into(), Value::Bool(true));
+            let refused = match state.storage.refusals(project, revisions).await {
+                Ok(refused) => refused,
+                Err(error) => {
+                    // Every store settled the writes; only whether one refused is unknown.
+                    tracing::warn!(%error, "could not read which writes a store refused");
+                    Vec::new()
+                }
+            };
+            fields.insert("projected".into(), Value::Bool(refused.is_empty()));
+            if !refused.is_empty() {
+                fields.insert("refused".into(), json!(refused));
+            }
             (status, fields)
         }
         Err(behind) => {
@@ -297,16 +312,12 @@ pub async fn bulk(
             },
         })
         .collect();
-    let last = items
-        .iter()
-        .filter_map(|item| item.revision)
-        .max()
-        .unwrap_or(0);
+    let revisions: Vec<u64> = items.iter().filter_map(|item| item.revision).collect();
     let (status, projection) = projection(
         &state,
         &params,
         &project,
-        last,
+        &revisions,
         actix_web::http::StatusCode::OK,
     )
     .await;

@@ -995,6 +995,32 @@ impl Journal {
         }
     }
 
+    /// Which of the writes `seqs` a projector refused: those whose task is one of its dead letters.
+    pub fn refusals(&self, seqs: &[u64]) -> Result<Vec<crate::storage::Refusal>, JournalError> {
+        #[derive(Deserialize)]
+        struct Reason {
+            reason: String,
+        }
+        let mut refusals = Vec::new();
+        let mut names: Vec<&str> = self.lanes.keys().copied().collect();
+        names.sort_unstable();
+        for name in names {
+            for seq in seqs {
+                if let Some(value) = self
+                    .db
+                    .get_pinned_cf(self.cf(CF_DEAD), keys::task(name, *seq))?
+                {
+                    refusals.push(crate::storage::Refusal {
+                        projector: name.to_string(),
+                        revision: *seq,
+                        reason: decode::<Reason>(&value)?.reason,
+                    });
+                }
+            }
+        }
+        Ok(refusals)
+    }
+
     /// Whether a projector is done with the task `seq` (applied or dead-lettered): everything up to
     /// it is, or that task alone is (tasks of a held project may still wait before it).
     fn settled(&self, projector: &str, lane: &Lane, seq: u64) -> bool {

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::usage::{Usage, UsageMeter, UsageRow};
-use super::{Stats, Storage, StorageError};
+use super::{Refusal, Stats, Storage, StorageError};
 use crate::auth::audit::AuditEntry;
 use crate::auth::ApiKey;
 use crate::blueprint::{BlueprintInput, Change, Ident};
@@ -289,6 +289,14 @@ impl Storage for EmbeddedStorage {
             .wait_projected(revision, timeout)
             .await
             .map_err(|behind| behind.into_iter().map(String::from).collect())
+    }
+
+    async fn refusals(
+        &self,
+        _project: &Ident,
+        revisions: &[u64],
+    ) -> Result<Vec<Refusal>, StorageError> {
+        Ok(self.journal.refusals(revisions)?)
     }
 
     async fn progress(&self, projector: &str) -> ProjectorProgress {

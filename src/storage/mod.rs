@@ -112,6 +112,14 @@ impl From<JournalError> for StorageError {
 }
 
 /// Figures for `/_metrics`.
+/// A write a store refused for good (see [`Storage::refusals`]).
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct Refusal {
+    pub projector: String,
+    pub revision: u64,
+    pub reason: String,
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
     /// The newest revision (embedded: the journal's last sequence number).
@@ -246,6 +254,15 @@ pub trait Storage: Send + Sync {
         revision: u64,
         timeout: Duration,
     ) -> Result<(), Vec<String>>;
+
+    /// Which of the writes `revisions` of `project` a projector refused for good: each is a dead
+    /// letter now (`dead_letters`), with the store's reason. A projector that has not settled a
+    /// write yet has not refused it.
+    async fn refusals(
+        &self,
+        project: &Ident,
+        revisions: &[u64],
+    ) -> Result<Vec<Refusal>, StorageError>;
 
     /// How far a projector got.
     async fn progress(&self, projector: &str) -> ProjectorProgress;

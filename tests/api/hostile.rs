@@ -502,7 +502,20 @@ async fn a_task_that_panics_its_projector_becomes_a_dead_letter_and_the_rest_go_
     let bulk = app
         .send(Method::POST, "/myblog/_bulk?wait=true", Some(body))
         .await;
-    assert_eq!(bulk.body["projected"], true, "{}", bulk.body);
+    // The writer hears of the one write the store refused, and of no other.
+    assert_eq!(bulk.body["projected"], false, "{}", bulk.body);
+    assert_eq!(
+        bulk.body["refused"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        bulk.body
+    );
+    assert_eq!(bulk.body["refused"][0]["projector"], "picky");
+    assert_eq!(
+        bulk.body["refused"][0]["revision"], bulk.body["items"][1]["put"]["revision"],
+        "{}",
+        bulk.body
+    );
     let letters = app.get("/_dead_letters?projector=picky").await.body["dead_letters"].clone();
     assert_eq!(letters.as_array().unwrap().len(), 1, "{letters}");
     assert!(letters[0]["reason"].as_str().unwrap().contains("panicked"));
@@ -529,7 +542,8 @@ async fn deleting_a_project_removes_its_dead_letters() {
             &boom,
         )
         .await;
-    assert_eq!(put.body["projected"], true, "{}", put.body);
+    assert_eq!(put.body["projected"], false, "{}", put.body);
+    assert_eq!(put.body["refused"][0]["projector"], "picky", "{}", put.body);
     assert_eq!(
         app.get("/_dead_letters").await.body["dead_letters"]
             .as_array()

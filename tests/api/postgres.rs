@@ -604,14 +604,37 @@ async fn column_options_become_not_null_defaults_unique_indexes_and_comments() {
 
 #[tokio::test]
 async fn a_row_postgresql_refuses_goes_to_the_dead_letters_without_blocking_the_rest() {
+    refused_rows_are_dead_lettered_and_said_so_to_a_waiting_writer(false).await;
+}
+
+#[tokio::test]
+async fn in_cluster_mode_a_waiting_writer_is_told_which_store_refused_its_write() {
+    refused_rows_are_dead_lettered_and_said_so_to_a_waiting_writer(true).await;
+}
+
+/// A unique column refuses a second row with the same code: the write is durable, the row is a dead
+/// letter, the others go on, and a writer that waits (`wait=true`) hears `projected: false` with
+/// the store's reason, for a PUT and for `_bulk`; with the catalog and journal in PostgreSQL
+/// (`cluster`) too.
+async fn refused_rows_are_dead_lettered_and_said_so_to_a_waiting_writer(cluster: bool) {
     let db = TestDatabase::create().await;
-    let app = app_with(&db).await;
+    let settings = db.settings();
+    let storage_url = settings.url.clone();
+    let app = spawn_app_with(|s| {
+        s.postgresql = Some(settings);
+        if cluster {
+            s.storage.backend = dstore::config::Backend::Postgresql;
+            s.storage.url = storage_url;
+        }
+    })
+    .await;
     let blueprint = json!({
         "postgresql": {"table": "coupons"}, "elasticsearch": {"type": "coupon"},
         "columns": {"code": {"type": "string", "unique": true}}
     });
     assert_eq!(app.put_and_freeze("shop", "coupon", &blueprint).await, 1);
     let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let mut answers = Vec::new();
     for (id, code) in [(a, "x"), (b, "x"), (c, "y")] {
         let put = app
             .put(
@@ -620,7 +643,24 @@ async fn a_row_postgresql_refuses_goes_to_the_dead_letters_without_blocking_the_
             )
             .await;
         assert_eq!(put.status, 200, "{}", put.body);
+        answers.push(put.body);
     }
+    assert_eq!(answers[0]["projected"], true, "{}", answers[0]);
+    assert_eq!(answers[2]["projected"], true, "{}", answers[2]);
+    let refused = &answers[1];
+    assert_eq!(refused["projected"], false, "{refused}");
+    assert_eq!(
+        refused["refused"][0]["projector"], "postgresql",
+        "{refused}"
+    );
+    assert_eq!(refused["refused"][0]["revision"], refused["revision"]);
+    assert!(
+        refused["refused"][0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("duplicate key"),
+        "{refused}"
+    );
     let letters = app.get("/_dead_letters").await.body;
     let letters = letters["dead_letters"]
         .as_array()
@@ -641,6 +681,32 @@ async fn a_row_postgresql_refuses_goes_to_the_dead_letters_without_blocking_the_
         .await
         .unwrap();
     assert_eq!(stored, vec![a, c]);
+
+    // In `_bulk`, the answer names each refused write by its revision, and only those.
+    let (d, e, f) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let mut body = String::new();
+    for (id, code) in [(d, "z"), (e, "y"), (f, "x")] {
+        body.push_str(&format!(
+            "{{\"put\": {{\"blueprint\": \"coupon\", \"id\": \"{id}\"}}}}\n\
+             {{\"project_version\": 1, \"code\": \"{code}\"}}\n"
+        ));
+    }
+    let bulk = app
+        .send(reqwest::Method::POST, "/shop/_bulk?wait=true", Some(body))
+        .await;
+    assert_eq!(bulk.status, 200, "{}", bulk.body);
+    assert_eq!(bulk.body["errors"], false, "{}", bulk.body);
+    assert_eq!(bulk.body["projected"], false, "{}", bulk.body);
+    let refused: Vec<&Value> = bulk.body["refused"].as_array().unwrap().iter().collect();
+    assert_eq!(refused.len(), 2, "{}", bulk.body);
+    assert_eq!(
+        refused[0]["revision"],
+        bulk.body["items"][1]["put"]["revision"]
+    );
+    assert_eq!(
+        refused[1]["revision"],
+        bulk.body["items"][2]["put"]["revision"]
+    );
     app.stop().await;
     db.drop().await;
 }

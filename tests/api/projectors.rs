@@ -169,11 +169,20 @@ pub(crate) async fn refused_items_are_dead_lettered_and_retried(broker: Option<&
     let put = app
         .put(&format!("/myblog/article/{id}?wait=true"), &item)
         .await;
+    // The write is durable and in every other store; the waiting writer hears which store refused
+    // it, and why.
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(put.body["projected"], false, "{}", put.body);
     assert_eq!(
-        put.body["projected"], true,
-        "a dead letter counts as handled: {}",
+        put.body["refused"][0]["projector"], "broken",
+        "{}",
         put.body
     );
+    assert_eq!(put.body["refused"][0]["revision"], put.body["revision"]);
+    assert!(put.body["refused"][0]["reason"]
+        .as_str()
+        .unwrap()
+        .contains("character varying(3)"));
 
     let letters = app.get("/_dead_letters").await.body["dead_letters"].clone();
     assert_eq!(letters.as_array().unwrap().len(), 1, "{letters}");

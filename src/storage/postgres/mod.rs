@@ -35,7 +35,7 @@ use tokio::sync::{mpsc, Notify};
 use uuid::Uuid;
 
 use super::usage::{Usage, UsageMeter, UsageRow};
-use super::{Stats, Storage, StorageError};
+use super::{Refusal, Stats, Storage, StorageError};
 use crate::auth::audit::AuditEntry;
 use crate::auth::ApiKey;
 use crate::blueprint::{BlueprintInput, Change, Ident};
@@ -801,6 +801,35 @@ impl Storage for PgStorage {
         timeout: Duration,
     ) -> Result<(), Vec<String>> {
         self.watch.wait(self, project, revision, timeout).await
+    }
+
+    async fn refusals(
+        &self,
+        project: &Ident,
+        revisions: &[u64],
+    ) -> Result<Vec<Refusal>, StorageError> {
+        let revisions: Vec<i64> = revisions.iter().map(|r| *r as i64).collect();
+        let projectors: Vec<&str> = self.settings.projectors.clone();
+        // Every key column named, so the look-ups use the primary key however many letters wait.
+        let rows = sqlx::query(
+            "SELECT projector, revision, letter->>'reason' AS reason FROM dead_letters \
+             WHERE projector = ANY($1) AND project = $2 AND revision = ANY($3) \
+             ORDER BY projector, revision",
+        )
+        .bind(&projectors)
+        .bind(project.as_str())
+        .bind(&revisions)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| unavailable("read dead letters", &e))?;
+        Ok(rows
+            .into_iter()
+            .map(|row| Refusal {
+                projector: row.get("projector"),
+                revision: row.get::<i64, _>("revision") as u64,
+                reason: row.get::<Option<String>, _>("reason").unwrap_or_default(),
+            })
+            .collect())
     }
 
     async fn progress(&self, projector: &str) -> ProjectorProgress {
