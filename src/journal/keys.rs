@@ -90,6 +90,10 @@ pub const KEYSPACES_KEPT: &[u8] = b"keyspaces_kept";
 /// before the change feed get it built at start).
 pub const CHANGES_INDEXED: &[u8] = b"changes_indexed";
 
+/// Set once deleted items' markers live in the `deleted` column family (journals made before it
+/// kept them in `changes`, and get them moved at start).
+pub const DELETED_MOVED: &[u8] = b"deleted_moved";
+
 /// `project \0 revision(u64 BE)` in the `changes` column family: the latest change of each item.
 pub fn change(project: &Ident, revision: u64) -> Vec<u8> {
     let mut key = project_prefix(project);
@@ -119,8 +123,9 @@ pub fn tombstone_range(project: &Ident) -> (Vec<u8>, Vec<u8>) {
 /// Deleted items start with this byte (see [`TOMBSTONE`]).
 pub const DELETED: u8 = 0xfe;
 
-/// `0xfe project \0 blueprint \0 id` in `changes`: the revision of a deleted item's tombstone, so
-/// writing the item again replaces it.
+/// `0xfe project \0 blueprint \0 id` in `deleted`: the revision of a deleted item's tombstone, so
+/// writing the item again replaces it. (The first byte is from when these lived in `changes`
+/// beside the changes; it keeps the keys of journals that moved them unchanged.)
 pub fn deleted(item_key: &[u8]) -> Vec<u8> {
     let mut key = Vec::with_capacity(item_key.len() + 1);
     key.push(DELETED);

@@ -23,7 +23,8 @@ use super::backfill::BackfillState;
 use super::codec::UpsertBody;
 use super::task::TaskOp;
 use super::{
-    codec, keys, Durability, Entry, Journal, JournalError, CF_CHANGES, CF_ITEMS, CF_META, CF_TASKS,
+    codec, keys, Durability, Entry, Journal, JournalError, CF_CHANGES, CF_DELETED, CF_ITEMS,
+    CF_META, CF_TASKS,
 };
 use crate::blueprint::Ident;
 use crate::catalog::{Catalog, MigrationState, Version};
@@ -141,8 +142,10 @@ struct Stage<'a> {
     /// Back-fill keys this batch starts.
     backfills: std::collections::HashSet<Vec<u8>>,
     /// The last change this batch makes to each item, so a second write of the same item in the
-    /// batch replaces the first one's change.
-    staged: HashMap<Vec<u8>, Previous>,
+    /// batch replaces the first one's change. Keyed by item keys, which clients choose: foldhash,
+    /// seeded per process, so they cannot aim them at one bucket (SipHash took 1.7 % of dstore's
+    /// CPU under `_bulk`).
+    staged: HashMap<Vec<u8>, Previous, foldhash::fast::RandomState>,
     /// Projects this batch drops.
     dropped: std::collections::HashSet<Ident>,
     /// Horizons this batch moves.
@@ -208,7 +211,7 @@ impl<'a> Stage<'a> {
         if let Some(put) = revision(self.cf(CF_ITEMS), key) {
             return Previous::Put(put);
         }
-        match revision(self.cf(CF_CHANGES), &keys::deleted(key)) {
+        match revision(self.cf(CF_DELETED), &keys::deleted(key)) {
             Some(delete) => Previous::Delete(delete),
             None => Previous::None,
         }
@@ -354,7 +357,7 @@ impl Writer {
                 answers: Vec::new(),
                 after: Vec::new(),
                 backfills: Default::default(),
-                staged: HashMap::new(),
+                staged: HashMap::default(),
                 dropped: Default::default(),
                 horizons: HashMap::new(),
                 touched: HashMap::new(),
@@ -588,7 +591,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
             let (from, to) = keys::tombstone_range(&project);
             stage.batch.delete_range_cf(changes, from, to);
             let (from, to) = keys::deleted_range(&project);
-            stage.batch.delete_range_cf(changes, from, to);
+            stage.batch.delete_range_cf(stage.cf(CF_DELETED), from, to);
             if stage.writer.keyspaces {
                 let (from, to) = keyspace::project_range(&project);
                 let cf = stage.cf(keyspace::CF_KEYSPACES);
@@ -640,7 +643,9 @@ fn stage_command(stage: &mut Stage, command: Command) {
                     if let Ok((_, id, blueprint)) = codec::decode_change(&value) {
                         let item = keys::item(&project, &blueprint, &id);
                         if !stage.staged.contains_key(&item) {
-                            stage.batch.delete_cf(changes, keys::deleted(&item));
+                            stage
+                                .batch
+                                .delete_cf(stage.cf(CF_DELETED), keys::deleted(&item));
                         }
                     }
                 }
@@ -803,7 +808,9 @@ fn stage_change(
             stage
                 .batch
                 .delete_cf(changes, keys::tombstone(project, previous));
-            stage.batch.delete_cf(changes, keys::deleted(item_key));
+            stage
+                .batch
+                .delete_cf(stage.cf(CF_DELETED), keys::deleted(item_key));
         }
     }
     stage.batch.put_cf(
@@ -817,12 +824,18 @@ fn stage_change(
             keys::tombstone(project, revision),
             stage.millis.to_be_bytes(),
         );
-        stage
-            .batch
-            .put_cf(changes, keys::deleted(item_key), revision.to_be_bytes());
+        stage.batch.put_cf(
+            stage.cf(CF_DELETED),
+            keys::deleted(item_key),
+            revision.to_be_bytes(),
+        );
     }
-    let touched = stage.touched.entry(project.clone()).or_default();
-    *touched = (*touched).max(revision);
+    match stage.touched.get_mut(project) {
+        Some(touched) => *touched = (*touched).max(revision),
+        None => {
+            stage.touched.insert(project.clone(), revision);
+        }
+    }
 }
 
 /// Applies a dead letter of the local keyspaces in the batch, unless the journal accepted a newer
