@@ -5,8 +5,13 @@
 //! with mimalloc's (the crate's `override` feature). The journal, the projectors and `_bulk`
 //! allocate many short-lived buffers, which mimalloc serves fast; by default it also keeps freed
 //! pages for a second and commits whole arenas up front, which a `_bulk` load turns into a resident
-//! set well above what is live. `tune` makes freed pages go back to the kernel at once and commits
-//! arena memory as it is used. Before, RocksDB allocated through glibc's malloc, whose arenas kept
+//! set well above what is live. `tune` makes freed pages go back to the kernel after 10 ms and
+//! commits arena memory as it is used. At once (a delay of 0), the journal's writer re-faulted the
+//! pages of every group commit's batch and keys it had freed the group before (page faults, zeroing
+//! and TLB shootdowns were about 7 % of dstore's CPU under `_bulk`); 10 ms keeps them across
+//! groups, and cost 8-9 % less of dstore's CPU per PUT and 7 % per `_bulk` item, for about 12 MiB
+//! more after a short `_bulk` and the same peak over 60 s of `_bulk` with PostgreSQL (README,
+//! Performance). A second, mimalloc's default, kept a resident set well above what is live. Before, RocksDB allocated through glibc's malloc, whose arenas kept
 //! what RocksDB freed: under `_bulk` with the PostgreSQL projector, peak RSS was 221–257 MiB
 //! against 173–243 with one allocator (under 200 in about half the runs), at the same end-to-end
 //! rate (README, Performance).
@@ -32,7 +37,7 @@ pub fn tune() {
     // SAFETY: mimalloc's option setters are plain stores into its option table, called before any
     // other thread starts; `_default` leaves an option the environment set alone.
     unsafe {
-        libmimalloc_sys::mi_option_set_default(PURGE_DELAY, 0);
+        libmimalloc_sys::mi_option_set_default(PURGE_DELAY, 10);
         libmimalloc_sys::mi_option_set_default(ARENA_EAGER_COMMIT, 0);
         libmimalloc_sys::mi_option_set_default(ALLOW_THP, 0);
         if libmimalloc_sys::mi_option_get(ALLOW_THP) == 0 {
