@@ -92,17 +92,19 @@ async fn projection(
     let last = revisions.iter().copied().max().unwrap_or(0);
     match state.storage.wait_projected(project, last, timeout).await {
         Ok(()) => {
-            let refused = match state.storage.refusals(project, revisions).await {
-                Ok(refused) => refused,
-                Err(error) => {
-                    // Every store settled the writes; only whether one refused is unknown.
-                    tracing::warn!(%error, "could not read which writes a store refused");
-                    Vec::new()
+            match state.storage.refusals(project, revisions).await {
+                Ok(refused) => {
+                    fields.insert("projected".into(), Value::Bool(refused.is_empty()));
+                    if !refused.is_empty() {
+                        fields.insert("refused".into(), json!(refused));
+                    }
                 }
-            };
-            fields.insert("projected".into(), Value::Bool(refused.is_empty()));
-            if !refused.is_empty() {
-                fields.insert("refused".into(), json!(refused));
+                Err(error) => {
+                    // Every store settled the writes, but whether one refused is unknown: nothing
+                    // claims they were applied.
+                    tracing::warn!(%error, "could not read which writes a store refused");
+                    fields.insert("projected".into(), Value::Bool(false));
+                }
             }
             (status, fields)
         }

@@ -111,7 +111,6 @@ impl From<JournalError> for StorageError {
     }
 }
 
-/// Figures for `/_metrics`.
 /// A write a store refused for good (see [`Storage::refusals`]).
 #[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
 pub struct Refusal {
@@ -120,6 +119,7 @@ pub struct Refusal {
     pub reason: String,
 }
 
+/// Figures for `/_metrics`.
 #[derive(Clone, Debug, Default)]
 pub struct Stats {
     /// The newest revision (embedded: the journal's last sequence number).
