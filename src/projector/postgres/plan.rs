@@ -16,15 +16,52 @@ use crate::journal::task::Task;
 use crate::projector::{Outcome, ProjectorError};
 
 /// A document's fields as JSON text, borrowed from the task: columns are read without building the
-/// document. Field names are identifiers, so they never hold escapes; a document has no more fields
-/// than its blueprint has columns, so a list read in order finds them without hashing a name or
-/// allocating more than once per row.
-pub struct Fields<'a>(Vec<(&'a str, &'a RawValue)>);
+/// document. Field names are identifiers, so they never hold escapes. A short list is searched in
+/// order, without hashing a name or allocating more than once per row; a document of more than
+/// [`SCANNED`] fields is sorted by name once and searched by halves, so a blueprint of hundreds of
+/// columns costs a logarithm per column instead of a scan (a scan per column took time quadratic
+/// in the columns: 1.6 ms more a row at 900; README, Performance).
+pub struct Fields<'a> {
+    fields: Vec<(&'a str, &'a RawValue)>,
+    sorted: bool,
+}
+
+/// Most fields a document's list is searched in order.
+const SCANNED: usize = 16;
 
 impl<'a> Fields<'a> {
+    fn new(mut fields: Vec<(&'a str, &'a RawValue)>) -> Fields<'a> {
+        if fields.len() <= SCANNED {
+            return Fields {
+                fields,
+                sorted: false,
+            };
+        }
+        // A stable sort keeps a repeated name's fields in document order; the last one stays.
+        fields.sort_by(|a, b| a.0.cmp(b.0));
+        let mut kept: Vec<(&'a str, &'a RawValue)> = Vec::with_capacity(fields.len());
+        for field in fields {
+            match kept.last_mut() {
+                Some(last) if last.0 == field.0 => *last = field,
+                _ => kept.push(field),
+            }
+        }
+        Fields {
+            fields: kept,
+            sorted: true,
+        }
+    }
+
     /// The field's JSON text; of a name given twice, the last (as a map would keep).
     pub fn get(&self, name: &str) -> Option<&'a RawValue> {
-        self.0
+        if self.sorted {
+            return self
+                .fields
+                .binary_search_by(|(n, _)| (*n).cmp(name))
+                .ok()
+                .map(|at| self.fields[at].1);
+        }
+        self.fields
             .iter()
             .rev()
             .find(|(n, _)| *n == name)
@@ -48,7 +85,7 @@ impl<'de: 'a, 'a> serde::Deserialize<'de> for Fields<'a> {
                 while let Some(entry) = map.next_entry::<&'de str, &'de RawValue>()? {
                     fields.push(entry);
                 }
-                Ok(Fields(fields))
+                Ok(Fields::new(fields))
             }
         }
         deserializer.deserialize_map(Visitor(std::marker::PhantomData))
@@ -243,6 +280,33 @@ mod tests {
         assert_eq!(fields.get("b").map(RawValue::get), Some("\"x\""));
         assert!(fields.get("c").is_none());
         assert!(serde_json::from_str::<Fields<'_>>("[1]").is_err());
+    }
+
+    #[test]
+    fn a_wide_document_is_read_by_name_as_a_short_one_is() {
+        // Past the scanned length the list is sorted: the same answers, the last repeat winning.
+        let mut doc = serde_json::Map::new();
+        for i in 0..900 {
+            doc.insert(format!("c{i}"), serde_json::json!(i));
+        }
+        let mut text = serde_json::Value::Object(doc).to_string();
+        text.pop();
+        text.push_str(r#","c7": "again", "c0": [0]}"#);
+        let fields: Fields<'_> = serde_json::from_str(&text).unwrap();
+        assert!(fields.sorted);
+        for i in 1..900 {
+            let expected = if i == 7 {
+                "\"again\"".to_string()
+            } else {
+                i.to_string()
+            };
+            assert_eq!(
+                fields.get(&format!("c{i}")).map(RawValue::get),
+                Some(expected.as_str())
+            );
+        }
+        assert_eq!(fields.get("c0").map(RawValue::get), Some("[0]"));
+        assert!(fields.get("c900").is_none() && fields.get("b").is_none());
     }
 
     fn upsert(seq: u64, id: Uuid, revision: u64, version: u32) -> Task {
