@@ -71,10 +71,11 @@ async fn answer(
 }
 
 /// With `wait=true`, waits until every projector settled the writes `revisions`: the status to
-/// answer (202 on time-out) and the fields saying so. `projected` is true when every store applied
-/// every write; a write a store refused for good (a dead letter) makes it false and is listed in
-/// `refused` with the store's reason, under the write's own status: the write is durable and in
-/// every other store, and `POST /_dead_letters/_retry` applies it once the cause is fixed.
+/// answer (202 on time-out, naming the projectors behind in `pending`) and the fields saying so.
+/// `projected` is true when every store applied every write; a write a store refused for good (a
+/// dead letter) makes it false and is listed in `refused` with the store's reason, on time-out too,
+/// under the write's own status: the write is durable and in every other store, and
+/// `POST /_dead_letters/_retry` applies it once the cause is fixed.
 async fn projection(
     state: &State,
     params: &WriteParams,
@@ -90,30 +91,28 @@ async fn projection(
         .timeout
         .map_or_else(|| state.wait_timeout(), Duration::from_secs);
     let last = revisions.iter().copied().max().unwrap_or(0);
-    match state.storage.wait_projected(project, last, timeout).await {
-        Ok(()) => {
-            match state.storage.refusals(project, revisions).await {
-                Ok(refused) => {
-                    fields.insert("projected".into(), Value::Bool(refused.is_empty()));
-                    if !refused.is_empty() {
-                        fields.insert("refused".into(), json!(refused));
-                    }
-                }
-                Err(error) => {
-                    // Every store settled the writes, but whether one refused is unknown: nothing
-                    // claims they were applied.
-                    tracing::warn!(%error, "could not read which writes a store refused");
-                    fields.insert("projected".into(), Value::Bool(false));
-                }
-            }
-            (status, fields)
-        }
+    let (status, settled) = match state.storage.wait_projected(project, last, timeout).await {
+        Ok(()) => (status, true),
         Err(behind) => {
-            fields.insert("projected".into(), Value::Bool(false));
             fields.insert("pending".into(), json!(behind));
-            (actix_web::http::StatusCode::ACCEPTED, fields)
+            (actix_web::http::StatusCode::ACCEPTED, false)
         }
+    };
+    // Stores that settled the writes may have refused some, also when others are still behind.
+    let refused = match state.storage.refusals(project, revisions).await {
+        Ok(refused) => Some(refused),
+        Err(error) => {
+            tracing::warn!(%error, "could not read which writes a store refused");
+            None
+        }
+    };
+    // Whether a store refused is unknown when the read failed: nothing claims the writes applied.
+    let applied = settled && refused.as_ref().is_some_and(Vec::is_empty);
+    fields.insert("projected".into(), Value::Bool(applied));
+    if let Some(refused) = refused.filter(|r| !r.is_empty()) {
+        fields.insert("refused".into(), json!(refused));
     }
+    (status, fields)
 }
 
 fn success(id: &Uuid, revision: u64) -> Map<String, Value> {
