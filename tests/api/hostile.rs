@@ -17,6 +17,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
 use crate::helpers::{article, spawn_app, spawn_app_with, spawn_app_with_projectors, TestApp};
+use crate::projectors::Broken;
 
 /// `levels` nested arrays around a number.
 fn nested(levels: usize) -> Value {
@@ -529,53 +530,14 @@ async fn a_task_that_panics_its_projector_becomes_a_dead_letter_and_the_rest_go_
     app.stop().await;
 }
 
-/// A store that is down: every batch fails for now, so its tasks stay pending.
-struct Down;
-
-#[async_trait]
-impl Projector for Down {
-    fn name(&self) -> &'static str {
-        "down"
-    }
-
-    async fn migrate(&self, _project: &Ident, _version: &Version) -> Result<(), ProjectorError> {
-        Ok(())
-    }
-
-    async fn apply(
-        &self,
-        _snapshot: &Snapshot,
-        _tasks: &[Task],
-    ) -> Result<Vec<Outcome>, ProjectorError> {
-        Err(ProjectorError::transient("connection refused"))
-    }
-
-    async fn drop_project(&self, _project: &Ident) -> Result<(), ProjectorError> {
-        Ok(())
-    }
-
-    async fn read(
-        &self,
-        _: &Ident,
-        _: u32,
-        _: &Ident,
-        _: &Uuid,
-    ) -> Result<Option<Value>, ProjectorError> {
-        Ok(None)
-    }
-
-    async fn health(&self) -> Health {
-        Health {
-            reachable: false,
-            detail: "test double that is down".into(),
-        }
-    }
-}
-
 #[tokio::test]
 async fn a_waiting_writer_that_times_out_still_hears_which_store_refused_its_write() {
+    // One store refuses the item; another is down, so its task stays pending.
+    let down = Broken::default();
+    down.fixed.store(true, Ordering::SeqCst);
+    down.down.store(true, Ordering::SeqCst);
     let app =
-        spawn_app_with_projectors(|_| {}, vec![Arc::new(Picky::default()), Arc::new(Down)]).await;
+        spawn_app_with_projectors(|_| {}, vec![Arc::new(Picky::default()), Arc::new(down)]).await;
     app.put_and_freeze("myblog", "article", &article()).await;
     let mut boom = item();
     boom["title"] = json!("boom");
@@ -587,7 +549,7 @@ async fn a_waiting_writer_that_times_out_still_hears_which_store_refused_its_wri
         .await;
     assert_eq!(put.status, 202, "{}", put.body);
     assert_eq!(put.body["projected"], false, "{}", put.body);
-    assert_eq!(put.body["pending"], json!(["down"]), "{}", put.body);
+    assert_eq!(put.body["pending"], json!(["broken"]), "{}", put.body);
     assert_eq!(put.body["refused"][0]["projector"], "picky", "{}", put.body);
     assert_eq!(put.body["refused"][0]["revision"], put.body["revision"]);
     app.stop().await;

@@ -25,10 +25,10 @@ async fn the_rocksdb_projector_passes_the_conformance_suite() {
 /// refused for good (`refuse`) or the store is unreachable (`down`). It records the seqs of every
 /// batch it applies.
 #[derive(Clone, Default)]
-struct Broken {
-    fixed: Arc<AtomicBool>,
-    refuse: Arc<AtomicBool>,
-    down: Arc<AtomicBool>,
+pub(crate) struct Broken {
+    pub(crate) fixed: Arc<AtomicBool>,
+    pub(crate) refuse: Arc<AtomicBool>,
+    pub(crate) down: Arc<AtomicBool>,
     batches: Arc<std::sync::Mutex<Vec<Vec<u64>>>>,
 }
 
