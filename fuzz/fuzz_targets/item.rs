@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(item) = check_item(&from, 1, id, &body) else {
         return;
     };
+    let item = item.into_map();
     let task = json!({"seq": 0, "project": "p", "op": {"upsert": {"docs": [{"version": 1, "doc": item}]}}});
     let wrapped = json!({"dead": {"letter": {"task": task}}});
     let text = serde_json::to_string(&wrapped).expect("serializes");

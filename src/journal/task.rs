@@ -2,7 +2,6 @@
 
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::blueprint::Ident;
@@ -53,10 +52,11 @@ pub struct VersionDoc {
 }
 
 impl VersionDoc {
-    pub fn new(version: u32, doc: &Map<String, Value>) -> VersionDoc {
+    /// `doc` is a JSON object: a map, or a checked item (`check::Canonical`).
+    pub fn new(version: u32, doc: &impl Serialize) -> VersionDoc {
         VersionDoc {
             version,
-            doc: serde_json::value::to_raw_value(doc).expect("JSON maps serialize"),
+            doc: serde_json::value::to_raw_value(doc).expect("JSON objects serialize"),
         }
     }
 }

@@ -86,16 +86,18 @@ pub fn prepare_upsert(
         )
     })?;
     let item = check_item(bp, number, id, body).map_err(WriteError::Invalid)?;
-    // Each document is serialized here, once: the record and every store take its text.
-    let docs: Vec<VersionDoc> = p
-        .live_holders(bp.uid)
+    // Each document is serialized here, once: the record and every store take its text. The
+    // checked item is looked into by name only to transform it into other versions.
+    let holders = p.live_holders(bp.uid);
+    let mut own = Some(VersionDoc::new(number, &item));
+    let others = holders.iter().any(|(w, _)| *w != number);
+    let item = others.then(|| item.into_map());
+    let docs: Vec<VersionDoc> = holders
         .into_iter()
-        .map(|(w, target)| {
-            if w == number {
-                VersionDoc::new(w, &item)
-            } else {
-                VersionDoc::new(w, &transform(&item, bp, target, w))
-            }
+        .filter_map(|(w, target)| match &item {
+            _ if w == number => own.take(),
+            Some(item) => Some(VersionDoc::new(w, &transform(item, bp, target, w))),
+            None => None,
         })
         .collect();
     Ok(Entry::upsert(

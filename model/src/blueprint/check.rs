@@ -3,7 +3,12 @@
 //! [`check_item`] either returns the item in canonical form — `id`, `project_version`, `links`, then
 //! every column of the blueprint in blueprint order, absent ones filled with their default or null — or
 //! every problem at once, each under its JSON pointer. It never touches a store.
+//!
+//! The canonical form is a [`Canonical`]: its fields in order, named by the blueprint. Most writes only
+//! serialize it (a project with one live version), so it is a list rather than a map: no key is
+//! copied or hashed until something needs to look one up ([`Canonical::into_map`]).
 
+use serde::ser::{Serialize, SerializeMap, Serializer};
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
@@ -74,19 +79,53 @@ fn check_rules(def: &ColumnDef, value: &Value) -> Result<(), String> {
     Ok(())
 }
 
+/// An item in canonical form, as [`check_item`] answers it: every field once, in order. It serializes
+/// as the JSON object of those fields.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Canonical<'a> {
+    fields: Vec<(&'a str, Value)>,
+}
+
+impl Canonical<'_> {
+    /// The fields, in order.
+    pub fn fields(&self) -> &[(&str, Value)] {
+        &self.fields
+    }
+
+    /// The item as a JSON map (for what looks fields up by name: transforms, reads).
+    pub fn into_map(self) -> Map<String, Value> {
+        self.fields
+            .into_iter()
+            .map(|(name, value)| (name.to_owned(), value))
+            .collect()
+    }
+}
+
+impl Serialize for Canonical<'_> {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let mut map = serializer.serialize_map(Some(self.fields.len()))?;
+        for (name, value) in &self.fields {
+            map.serialize_entry(name, value)?;
+        }
+        map.end()
+    }
+}
+
 /// Checks an item body against `blueprint` (as frozen in `version`) and returns its canonical form.
 ///
 /// `id` is the item's id from the URL; a body `id` must equal it.
-pub fn check_item(
-    blueprint: &Blueprint,
+pub fn check_item<'a>(
+    blueprint: &'a Blueprint,
     version: u32,
     id: Uuid,
     body: &Map<String, Value>,
-) -> Result<Map<String, Value>, Vec<FieldError>> {
+) -> Result<Canonical<'a>, Vec<FieldError>> {
     let mut errors = Vec::new();
-    let mut item = Map::with_capacity(blueprint.columns.len() + 3);
-    item.insert("id".into(), Value::String(id.hyphenated().to_string()));
-    item.insert("project_version".into(), Value::from(version));
+    // Column names are never `id`, `project_version` or `links` (parse refuses them), so every
+    // name below is pushed once.
+    let mut item: Vec<(&'a str, Value)> = Vec::with_capacity(blueprint.columns.len() + 3);
+    item.push(("id", Value::String(id.hyphenated().to_string())));
+    item.push(("project_version", Value::from(version)));
 
     match body.get("id") {
         None => {}
@@ -107,7 +146,7 @@ pub fn check_item(
                 Value::Null
             }),
     };
-    item.insert("links".into(), links);
+    item.push(("links", links));
 
     let mut unknown = 0;
     for key in body.keys() {
@@ -167,10 +206,10 @@ pub fn check_item(
                 fallback
             }
         };
-        item.insert(name.to_string(), value);
+        item.push((name.as_str(), value));
     }
     if errors.is_empty() {
-        Ok(item)
+        Ok(Canonical { fields: item })
     } else {
         Err(errors)
     }
@@ -192,4 +231,45 @@ fn column_list(blueprint: &Blueprint) -> String {
         list.push_str(&format!(" … ({} in all)", blueprint.columns.len()));
     }
     list
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blueprint::{apply_edit, parse_blueprint};
+    use serde_json::json;
+
+    #[test]
+    fn a_checked_item_serializes_as_its_map_does_in_canonical_order() {
+        let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"}, "columns": {
+            "title": {"type": "string"}, "views": {"type": "integer", "default": 7},
+            "at": {"type": "datetime"}}});
+        let mut uid = 0;
+        let bp = apply_edit(
+            None,
+            parse_blueprint(&body, "").expect("valid"),
+            &mut uid,
+            "",
+        )
+        .expect("valid");
+        let id = Uuid::from_u128(1);
+        let Value::Object(item) = json!({"at": "2026-11-22T10:00:00Z", "title": "a\"b"}) else {
+            unreachable!()
+        };
+        let checked = check_item(&bp, 3, id, &item).expect("valid");
+        let names: Vec<&str> = checked.fields().iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            ["id", "project_version", "links", "title", "views", "at"]
+        );
+        let text = serde_json::to_string(&checked).expect("serializes");
+        let map = checked.into_map();
+        assert_eq!(text, serde_json::to_string(&map).expect("serializes"));
+        assert_eq!(
+            text,
+            format!(
+                r#"{{"id":"{id}","project_version":3,"links":[],"title":"a\"b","views":7,"at":"2026-11-22 10:00:00"}}"#
+            )
+        );
+    }
 }

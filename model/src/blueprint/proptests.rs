@@ -196,7 +196,9 @@ fn scenario() -> impl Strategy<Value = (Blueprint, Blueprint, Map<String, Value>
                 .zip(values)
                 .map(|(name, v)| (name.to_string(), v))
                 .collect();
-            let item = check_item(&a, 1, Uuid::nil(), &body).expect("generated items are valid");
+            let item = check_item(&a, 1, Uuid::nil(), &body)
+                .expect("generated items are valid")
+                .into_map();
             (a, b, item)
         })
 }
@@ -349,6 +351,7 @@ proptest! {
                 let mut body = Map::new();
                 body.insert("c0".into(), v.clone());
                 let Ok(item) = check_item(from, 1, Uuid::nil(), &body) else { continue };
+                let item = item.into_map();
                 let stored = &item["c0"];
                 let moved = transform(&item, from, to, 2);
                 let is_lost = lost(stored, from_def, to_def);
