@@ -17,7 +17,7 @@ use super::task::{Task, TaskOp};
 use super::{ItemRecord, JournalError};
 use crate::blueprint::Ident;
 
-const RECORD_HEADER: usize = 20;
+pub const RECORD_HEADER: usize = 20;
 const TASK_HEADER: usize = 16;
 
 fn corrupt(what: &str) -> JournalError {
@@ -76,6 +76,16 @@ pub fn decode_change(value: &[u8]) -> Result<(bool, Uuid, Ident), JournalError> 
 /// The revision at the start of an item record, without decoding the rest.
 pub fn record_revision(value: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(value.get(..8)?.try_into().ok()?))
+}
+
+/// The version an item record was written for, without decoding the rest.
+pub fn record_version(value: &[u8]) -> Option<u32> {
+    Some(u32::from_be_bytes(value.get(8..12)?.try_into().ok()?))
+}
+
+/// An item record's revision and body text (the item as its own version sees it), undecoded.
+pub fn record_body(value: &[u8]) -> Option<(u64, &[u8])> {
+    Some((record_revision(value)?, value.get(RECORD_HEADER..)?))
 }
 
 pub fn task_value(seq: u64, revision: u64, body: &[u8]) -> Vec<u8> {

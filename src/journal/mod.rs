@@ -51,7 +51,7 @@ pub const LAYOUT: u32 = 2;
 /// large items make small batches.
 const BATCH_BYTES: usize = 8 << 20;
 
-const CF_ITEMS: &str = "items";
+pub(crate) const CF_ITEMS: &str = "items";
 const CF_TASKS: &str = "tasks";
 const CF_DEAD: &str = "dead";
 const CF_META: &str = "meta";
@@ -1484,6 +1484,86 @@ mod tests {
             frozen + 32 * 20,
             "one revision per write"
         );
+        journal.close().await;
+    }
+
+    #[tokio::test]
+    async fn an_items_own_version_refers_to_its_record_until_a_write_leaves_that_version() {
+        use crate::projector::rocksdb::{self as keyspace, DOCUMENT, RECORD};
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Buffered, vec![]).await;
+        let keyspaces = journal.keyspaces().unwrap();
+        let kind = |version: u32, id: &Uuid| {
+            let key = keyspace::key(&project, version, &article, id);
+            let value = journal.db.get_cf(journal.cf(keyspace::CF_KEYSPACES), key);
+            value.unwrap().expect("stored")[8]
+        };
+        let title = |version: u32, id: &Uuid| {
+            let doc = keyspaces.get(&project, version, &article, id);
+            doc.expect("live")["title"].as_str().unwrap().to_string()
+        };
+        let write = |entries: Vec<Entry>| {
+            let snapshot = storage.snapshot();
+            let epoch = snapshot.projects[&project].epoch;
+            let storage = storage.clone();
+            let project = project.clone();
+            async move { storage.write(&project, epoch, entries).await.unwrap() }
+        };
+        let upsert = |version: u32, id: Uuid, title: &str| {
+            let body = json!({"project_version": version, "title": title});
+            prepare_upsert(&storage.snapshot(), &project, &article, id, &body).unwrap()
+        };
+        let [a, b] = [(); 2].map(|_| Uuid::new_v4());
+        write(vec![upsert(1, a, "a1"), upsert(1, b, "b1")]).await;
+        // Stored once: the keyspace names the record, and reads resolve it.
+        assert_eq!((kind(1, &a), title(1, &a)), (RECORD, "a1".into()));
+
+        // Version 2, then version 1 retired: a write at 2 no longer carries 1.
+        let blueprint = json!({"postgresql": {"table": "articles"},
+            "elasticsearch": {"type": "article"},
+            "columns": {"title": {"type": "string"}, "body": {"type": "text"}}});
+        let input = parse_blueprint(&blueprint, "").unwrap();
+        storage
+            .put_blueprint(&project, &article, input)
+            .await
+            .unwrap();
+        storage.freeze(&project, false).await.unwrap();
+        // The back-fill of version 2 (one chunk) is done once it wrote both items.
+        for _ in 0..500 {
+            if keyspaces.count(&project, 2, &article) == 2 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(keyspaces.count(&project, 2, &article), 2, "back-filled");
+        storage.retire(&project, 1).await.unwrap();
+        write(vec![upsert(2, a, "a2")]).await;
+        // Version 1 keeps the item's last state there as a document of its own.
+        assert_eq!((kind(1, &a), title(1, &a)), (DOCUMENT, "a1".into()));
+        assert_eq!((kind(2, &a), title(2, &a)), (RECORD, "a2".into()));
+
+        // The same in one batch: a record this batch wrote at 1 (a write prepared before the
+        // retirement, as the writer may stage it), then replaced by a write at 2.
+        let snapshot = storage.snapshot();
+        let uid = snapshot.projects[&project].versions[0].blueprints[&article].uid;
+        let doc = json!({"id": b.to_string(), "project_version": 1, "links": [], "title": "b2"});
+        let at_one = Entry::upsert(
+            &project,
+            article.clone(),
+            uid,
+            b,
+            1,
+            vec![VersionDoc::new(1, &doc)],
+        );
+        write(vec![at_one, upsert(2, b, "b3")]).await;
+        assert_eq!((kind(1, &b), title(1, &b)), (DOCUMENT, "b2".into()));
+        assert_eq!((kind(2, &b), title(2, &b)), (RECORD, "b3".into()));
+        assert_eq!(keyspaces.count(&project, 1, &article), 2);
         journal.close().await;
     }
 }

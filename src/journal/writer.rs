@@ -161,8 +161,23 @@ struct Stage<'a> {
 #[derive(Clone, Copy)]
 enum Previous {
     None,
-    Put(u64),
+    Put {
+        revision: u64,
+        /// The version the item was written for.
+        version: u32,
+        /// Where this batch holds the record (start, length), when this batch wrote it.
+        staged: Option<(usize, usize)>,
+    },
     Delete(u64),
+}
+
+impl Previous {
+    fn revision(self) -> u64 {
+        match self {
+            Previous::None => 0,
+            Previous::Put { revision, .. } | Previous::Delete(revision) => revision,
+        }
+    }
 }
 
 /// Work that may only start once its batch is durable.
@@ -202,18 +217,50 @@ impl<'a> Stage<'a> {
             return *staged;
         }
         let db = &self.writer.db;
-        let revision = |cf, key: &[u8]| {
-            db.get_pinned_cf(cf, key)
-                .ok()
-                .flatten()
-                .and_then(|v| codec::record_revision(&v))
-        };
-        if let Some(put) = revision(self.cf(CF_ITEMS), key) {
-            return Previous::Put(put);
+        if let Ok(Some(record)) = db.get_pinned_cf(self.cf(CF_ITEMS), key) {
+            if let (Some(revision), Some(version)) = (
+                codec::record_revision(&record),
+                codec::record_version(&record),
+            ) {
+                return Previous::Put {
+                    revision,
+                    version,
+                    staged: None,
+                };
+            }
         }
-        match revision(self.cf(CF_DELETED), &keys::deleted(key)) {
+        let deleted = db
+            .get_pinned_cf(self.cf(CF_DELETED), keys::deleted(key))
+            .ok()
+            .flatten();
+        match deleted.and_then(|v| codec::record_revision(&v)) {
             Some(delete) => Previous::Delete(delete),
             None => Previous::None,
+        }
+    }
+
+    /// The text of the item record `previous` names: from this batch, or the journal.
+    fn previous_body(&self, key: &[u8], previous: Previous) -> Option<Vec<u8>> {
+        let Previous::Put {
+            revision, staged, ..
+        } = previous
+        else {
+            return None;
+        };
+        let body = |record: &[u8]| {
+            codec::record_body(record)
+                .filter(|(at, _)| *at == revision)
+                .map(|(_, body)| body.to_vec())
+        };
+        match staged {
+            Some((start, length)) => body(self.batch.data().get(start..start + length)?),
+            None => body(
+                &self
+                    .writer
+                    .db
+                    .get_pinned_cf(self.cf(CF_ITEMS), key)
+                    .ok()??,
+            ),
         }
     }
 
@@ -242,7 +289,9 @@ impl<'a> Stage<'a> {
         self.writer.projectors.clone()
     }
 
-    /// Writes an item's documents into their versions' keyspaces, when the journal keeps them.
+    /// Writes an item's documents into their versions' keyspaces, when the journal keeps them. The
+    /// document of `own`, the version the item was written for, is its record in this batch: the
+    /// keyspace refers to it (`keyspace::RECORD`) rather than holding a second copy.
     fn keyspace_put<'d>(
         &mut self,
         project: &Ident,
@@ -250,17 +299,20 @@ impl<'a> Stage<'a> {
         id: &uuid::Uuid,
         revision: u64,
         docs: impl Iterator<Item = (u32, &'d [u8])>,
+        own: Option<u32>,
     ) {
         if !self.writer.keyspaces {
             return;
         }
         let cf = self.cf(keyspace::CF_KEYSPACES);
         for (version, doc) in docs {
-            self.batch.put_cf(
-                cf,
-                keyspace::key(project, version, blueprint, id),
-                keyspace::value(revision, Some(doc)),
-            );
+            let key = keyspace::key(project, version, blueprint, id);
+            if Some(version) == own {
+                self.batch.put_cf(cf, key, keyspace::reference(revision));
+            } else {
+                self.batch
+                    .put_cf(cf, key, keyspace::value(revision, Some(doc)));
+            }
         }
     }
 
@@ -729,7 +781,14 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 }
                 if into_keyspaces {
                     let docs = item.task.docs();
-                    stage.keyspace_put(&project, &item.blueprint, &item.id, item.revision, docs);
+                    stage.keyspace_put(
+                        &project,
+                        &item.blueprint,
+                        &item.id,
+                        item.revision,
+                        docs,
+                        None,
+                    );
                 }
                 stage.task(
                     Some(item.revision),
@@ -759,12 +818,37 @@ fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
             task,
         } => {
             let revision = stage.task(None, &task.bytes, stage.all_projectors());
-            stage.keyspace_put(project, &blueprint, &id, revision, task.docs());
-            let value = codec::record_value(revision, version, blueprint_uid, &record);
             let key = keys::item(project, &blueprint, &id);
-            stage_change(stage, project, &key, revision, false, &id, &blueprint);
-            stage.batch.put_cf(items, &key, value);
-            stage.staged.insert(key, Previous::Put(revision));
+            let previous = stage.previous(&key);
+            keep_retired_document(stage, project, &blueprint, &id, &key, previous, &task);
+            stage.keyspace_put(
+                project,
+                &blueprint,
+                &id,
+                revision,
+                task.docs(),
+                Some(version),
+            );
+            let value = codec::record_value(revision, version, blueprint_uid, &record);
+            stage_change(
+                stage,
+                project,
+                &key,
+                revision,
+                false,
+                (&id, &blueprint),
+                previous,
+            );
+            stage.batch.put_cf(items, &key, &value);
+            let staged = Some((stage.batch.size_in_bytes() - value.len(), value.len()));
+            stage.staged.insert(
+                key,
+                Previous::Put {
+                    revision,
+                    version,
+                    staged,
+                },
+            );
             revision
         }
         Entry::Delete {
@@ -775,13 +859,59 @@ fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
         } => {
             let key = keys::item(project, &blueprint, &id);
             let revision = stage.task(None, &task, stage.all_projectors());
+            let previous = stage.previous(&key);
             stage.keyspace_delete(project, &blueprint, &id, revision, &versions);
-            stage_change(stage, project, &key, revision, true, &id, &blueprint);
+            stage_change(
+                stage,
+                project,
+                &key,
+                revision,
+                true,
+                (&id, &blueprint),
+                previous,
+            );
             stage.batch.delete_cf(items, &key);
             stage.staged.insert(key, Previous::Delete(revision));
             revision
         }
     }
+}
+
+/// The keyspace of the version an item was last written for refers to its record, which a new
+/// write replaces. A write carries every live version, so it rewrites that reference too, unless
+/// the version was retired since: then the reference becomes the document it named, which stays
+/// that version's last state of the item.
+fn keep_retired_document(
+    stage: &mut Stage,
+    project: &Ident,
+    blueprint: &Ident,
+    id: &uuid::Uuid,
+    key: &[u8],
+    previous: Previous,
+    task: &codec::UpsertBody,
+) {
+    let Previous::Put {
+        revision, version, ..
+    } = previous
+    else {
+        return;
+    };
+    if !stage.writer.keyspaces || task.docs().any(|(v, _)| v == version) {
+        return;
+    }
+    let Some(body) = stage.previous_body(key, previous) else {
+        tracing::error!(
+            revision,
+            "an item's record is missing from the journal's batch"
+        );
+        return;
+    };
+    let cf = stage.cf(keyspace::CF_KEYSPACES);
+    stage.batch.put_cf(
+        cf,
+        keyspace::key(project, version, blueprint, id),
+        keyspace::value(revision, Some(&body)),
+    );
 }
 
 /// Replaces the item's previous change in the feed's index by this one (a delete also gets a
@@ -792,13 +922,15 @@ fn stage_change(
     item_key: &[u8],
     revision: u64,
     delete: bool,
-    id: &uuid::Uuid,
-    blueprint: &Ident,
+    (id, blueprint): (&uuid::Uuid, &Ident),
+    previous: Previous,
 ) {
     let changes = stage.cf(CF_CHANGES);
-    match stage.previous(item_key) {
+    match previous {
         Previous::None => {}
-        Previous::Put(previous) => stage
+        Previous::Put {
+            revision: previous, ..
+        } => stage
             .batch
             .delete_cf(changes, keys::change(project, previous)),
         Previous::Delete(previous) => {
@@ -855,10 +987,9 @@ fn requeue_into_keyspaces(stage: &mut Stage, task: &super::task::Task) {
     }
     let cf = stage.cf(keyspace::CF_KEYSPACES);
     for write in task.version_writes() {
-        let latest = match stage.previous(&keys::item(&task.project, write.blueprint, &write.id)) {
-            Previous::None => 0,
-            Previous::Put(revision) | Previous::Delete(revision) => revision,
-        };
+        let latest = stage
+            .previous(&keys::item(&task.project, write.blueprint, &write.id))
+            .revision();
         let key = keyspace::key(&task.project, write.version, write.blueprint, &write.id);
         let stored = match stage.writer.db.get_pinned_cf(cf, &key) {
             Ok(value) => value.and_then(|v| codec::record_revision(&v)).unwrap_or(0),

@@ -1,14 +1,20 @@
 //! The RocksDB projector: a keyspace per project version holding each item as that version sees it.
 //!
 //! Keys are `project \0 version(u32 BE) \0 blueprint \0 id(16 bytes)`; values are the revision (u64 BE),
-//! a live/deleted byte and the JSON document.
+//! a kind byte ([`TOMBSTONE`], [`DOCUMENT`], [`RECORD`]) and, for a document, its JSON text.
 //!
 //! The keyspaces live in one of two places:
 //! - **In the journal** (the embedded default, no broker): the column family [`CF_KEYSPACES`] of the
 //!   journal's own database, written by the journal's writer thread in the batch that accepts the
 //!   write (`journal/writer.rs`). Batches are written in revision order, so a write needs no read
 //!   and there is no task, acknowledgement or second fsync; back-fills and retried dead letters are
-//!   checked against the item's latest change there. This projector then only reads.
+//!   checked against the item's latest change there. This projector then only reads. The document
+//!   of the version an item was written for is the item's record in the journal, byte for byte:
+//!   the writer stores it once, and the keyspace holds a [`RECORD`] reference to it. The record
+//!   changes only with a newer write of the item, which rewrites or removes the reference in the
+//!   same batch (a write whose versions no longer include the referenced one, which was retired
+//!   since, first turns the reference into the document); reads and moves out of the journal
+//!   resolve it.
 //! - **In a database of their own** (`keyspaces/`): when a broker carries the tasks, or a
 //!   `dstore worker` keeps them. Tasks arrive as for any store, possibly late or twice, so a write
 //!   older than what is stored — a late back-fill, a redelivered task — is left out.
@@ -16,12 +22,15 @@
 //! In both, a delete leaves a tombstone holding its revision, so the item never comes back from
 //! something older, and the keyspaces move between the two places unchanged (`journal/import.rs`).
 
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use rocksdb::{WriteBatch, WriteOptions, DB};
+
+type DbSnapshot<'a> = rocksdb::SnapshotWithThreadMode<'a, DB>;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use uuid::Uuid;
@@ -33,6 +42,13 @@ use crate::journal::task::Task;
 
 /// The journal's column family that holds the keyspaces written in the journal's own batch.
 pub const CF_KEYSPACES: &str = "keyspaces";
+
+/// Kinds of stored value (the byte after the revision): a delete's tombstone, a document.
+pub const TOMBSTONE: u8 = 0;
+pub const DOCUMENT: u8 = 1;
+/// In the journal only: the document is the text of the item's record in the journal
+/// (`journal::CF_ITEMS`) at this revision.
+pub const RECORD: u8 = 2;
 
 /// The column family of a database of its own.
 const CF_OWN: &str = "default";
@@ -73,9 +89,26 @@ pub fn value(revision: u64, doc: Option<&[u8]>) -> Vec<u8> {
     let text = doc.unwrap_or_default();
     let mut value = Vec::with_capacity(9 + text.len());
     value.extend_from_slice(&revision.to_be_bytes());
-    value.push(u8::from(doc.is_some()));
+    value.push(if doc.is_some() { DOCUMENT } else { TOMBSTONE });
     value.extend_from_slice(text);
     value
+}
+
+/// The stored value whose document is the item's record in the journal at `revision`.
+pub fn reference(revision: u64) -> [u8; 9] {
+    let mut value = [RECORD; 9];
+    value[..8].copy_from_slice(&revision.to_be_bytes());
+    value
+}
+
+/// The journal's item key of a keyspace key: the same without `version \0`.
+fn item_key(key: &[u8]) -> Option<Vec<u8>> {
+    let project = key.iter().position(|b| *b == 0)?;
+    let rest = key.get(project + 6..)?;
+    let mut item = Vec::with_capacity(key.len() - 5);
+    item.extend_from_slice(&key[..=project]);
+    item.extend_from_slice(rest);
+    Some(item)
 }
 
 fn encode(revision: u64, doc: Option<&RawValue>) -> Vec<u8> {
@@ -141,13 +174,39 @@ impl RocksProjector {
         blueprint: &Ident,
         id: &Uuid,
     ) -> Option<Value> {
-        let value = self
-            .db
-            .get_pinned_cf(self.cf(), key(project, version, blueprint, id))
-            .ok()??;
-        match value.get(8) {
-            Some(1) => serde_json::from_slice(&value[9..]).ok(),
-            _ => None,
+        let key = key(project, version, blueprint, id);
+        // One snapshot: a reference and the record it names are read as of the same batch.
+        let snapshot = self.db.snapshot();
+        let value = snapshot.get_pinned_cf(self.cf(), &key).ok()??;
+        let doc = match value.get(8) {
+            Some(&DOCUMENT) => Cow::Borrowed(&value[9..]),
+            Some(&RECORD) => {
+                Cow::Owned(self.record(Some(&snapshot), &key, stored_revision(&value))?)
+            }
+            _ => return None,
+        };
+        serde_json::from_slice(&doc).ok()
+    }
+
+    /// The text of the journal's record of the item under `key` at `revision` (as of `snapshot`).
+    fn record(&self, snapshot: Option<&DbSnapshot>, key: &[u8], revision: u64) -> Option<Vec<u8>> {
+        let items = self.db.cf_handle(crate::journal::CF_ITEMS)?;
+        let key = item_key(key)?;
+        let value = match snapshot {
+            Some(snapshot) => snapshot.get_pinned_cf(items, key),
+            None => self.db.get_pinned_cf(items, key),
+        };
+        let value = value.ok().flatten();
+        match value
+            .as_deref()
+            .and_then(crate::journal::codec::record_body)
+        {
+            Some((at, body)) if at == revision => Some(body.to_vec()),
+            _ => {
+                // The writer keeps the reference and the record together; this is a bug.
+                tracing::error!(revision, "a keyspace document's journal record is missing");
+                None
+            }
         }
     }
 
@@ -159,7 +218,7 @@ impl RocksProjector {
             .prefix_iterator_cf(self.cf(), &prefix)
             .map_while(Result::ok)
             .take_while(|(k, _)| k.starts_with(&prefix))
-            .filter(|(_, v)| v.get(8) == Some(&1))
+            .filter(|(_, v)| matches!(v.get(8), Some(&DOCUMENT | &RECORD)))
             .count()
     }
 
@@ -243,11 +302,21 @@ pub(crate) type Stored = (Box<[u8]>, Box<[u8]>);
 type Write<'a> = (Vec<u8>, u64, Option<&'a RawValue>);
 
 impl RocksProjector {
-    /// Every stored (key, value), in key order.
+    /// Every stored (key, value), in key order, each document in the value itself (a reference to
+    /// the journal's record resolved).
     pub(crate) fn entries(&self) -> impl Iterator<Item = Stored> + '_ {
+        // Entries are moved at start, before the journal takes writes: the records stay put.
         self.db
             .iterator_cf(self.cf(), rocksdb::IteratorMode::Start)
             .map_while(Result::ok)
+            .filter_map(|(key, stored)| {
+                if stored.get(8) != Some(&RECORD) {
+                    return Some((key, stored));
+                }
+                let doc = self.record(None, &key, stored_revision(&stored))?;
+                let value = value(stored_revision(&stored), Some(&doc)).into_boxed_slice();
+                Some((key, value))
+            })
     }
 
     /// Adds to `batch` the stored values of another keyspace database that are newer than what
