@@ -203,10 +203,14 @@ impl<'a> Stage<'a> {
         to: impl IntoIterator<Item = &'p str>,
     ) -> u64 {
         let seq = self.next_seq();
-        let value = codec::task_value(seq, revision.unwrap_or(seq), body);
         let tasks = self.cf(CF_TASKS);
+        // Encoded only for a projector that gets it: with the keyspaces alone there is none.
+        let mut value = None;
         for projector in to {
-            self.batch.put_cf(tasks, keys::task(projector, seq), &value);
+            let value =
+                value.get_or_insert_with(|| codec::task_value(seq, revision.unwrap_or(seq), body));
+            self.batch
+                .put_cf(tasks, keys::task(projector, seq), &*value);
         }
         seq
     }
@@ -285,8 +289,9 @@ impl<'a> Stage<'a> {
         }
     }
 
-    fn all_projectors(&self) -> Vec<&'static str> {
-        self.writer.projectors.clone()
+    fn all_projectors(&self) -> impl Iterator<Item = &'static str> + 'a {
+        let writer: &'a Writer = self.writer;
+        writer.projectors.iter().copied()
     }
 
     /// Writes an item's documents into their versions' keyspaces, when the journal keeps them. The
@@ -496,7 +501,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
             forced,
             reply,
         } => {
-            let projectors = stage.all_projectors();
+            let projectors: Vec<&str> = stage.all_projectors().collect();
             // The keyspaces the journal writes need no migration: a keyspace is a key prefix.
             let inline = [ProjectorKind::Rocksdb.name()];
             let done: &[&str] = if stage.writer.keyspaces { &inline } else { &[] };
@@ -762,7 +767,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
                         .filter(|p| !stage.is_inline(p))
                         .collect(),
                 ),
-                None => (true, stage.all_projectors()),
+                None => (true, stage.all_projectors().collect()),
             };
             let current = stage.cf(CF_ITEMS);
             for item in items {
