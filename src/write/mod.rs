@@ -230,8 +230,9 @@ pub async fn freeze(
             if backfill {
                 return Ok(latest.number);
             }
+            // Also the answer to a client that asks again after a 503, once it is done.
             return Err(WriteError::Conflict(format!(
-                "nothing changed since version {}",
+                "nothing changed since version {}, which every store has migrated",
                 latest.number
             )));
         }

@@ -26,7 +26,10 @@ async fn the_seed_flow_freezes_version_1_and_refuses_an_empty_freeze_with_409() 
 
     let again = app.post("/myblog/_version", None).await;
     assert_eq!(again.status, 409);
-    assert_eq!(again.body["status"], "nothing changed since version 1");
+    assert_eq!(
+        again.body["status"],
+        "nothing changed since version 1, which every store has migrated"
+    );
 
     let read = app.get("/myblog/article/_blueprint/1").await;
     assert_eq!((read.status, &read.body), (200, &article_normal()));

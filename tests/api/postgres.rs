@@ -976,7 +976,25 @@ async fn a_schema_dstore_did_not_make_holds_back_its_project_only_and_is_never_w
         "{}",
         frozen.body
     );
-    app.put_and_freeze("good", "article", &blueprint).await;
+    assert_eq!(
+        app.put("/good/article/_blueprint", &blueprint).await.status,
+        200
+    );
+    // The other project's migration goes on. Its freeze waits 2 s here (so that the held one
+    // answers quickly); under load the migration can take longer, and asking again says when it
+    // is done, as the 503 tells a client to: 200, or 409 once it finished between two calls.
+    let mut frozen = app.post("/good/_version", None).await;
+    for _ in 0..30 {
+        if frozen.status != 503 {
+            break;
+        }
+        frozen = app.post("/good/_version", None).await;
+    }
+    let done = frozen.status == 200
+        || (frozen.status == 409
+            && frozen.body["status"]
+                == "nothing changed since version 1, which every store has migrated");
+    assert!(done, "{} {}", frozen.status, frozen.body);
     let item = json!({"project_version": 1, "date_created": "2020-01-02"});
     app.put_projected(
         &format!("/good/article/{}?wait=true", Uuid::new_v4()),
