@@ -20,7 +20,8 @@
 //!   older than what is stored — a late back-fill, a redelivered task — is left out.
 //!
 //! In both, a delete leaves a tombstone holding its revision, so the item never comes back from
-//! something older, and the keyspaces move between the two places unchanged (`journal/import.rs`).
+//! something older, and the keyspaces move between the two places unchanged, references resolved
+//! (`journal/import.rs`).
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -29,8 +30,6 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use rocksdb::{WriteBatch, WriteOptions, DB};
-
-type DbSnapshot<'a> = rocksdb::SnapshotWithThreadMode<'a, DB>;
 use serde_json::value::RawValue;
 use serde_json::Value;
 use uuid::Uuid;
@@ -39,6 +38,8 @@ use super::{Health, Outcome, Projector, ProjectorError, ProjectorKind};
 use crate::blueprint::Ident;
 use crate::catalog::{Snapshot, Version};
 use crate::journal::task::Task;
+
+type DbSnapshot<'a> = rocksdb::SnapshotWithThreadMode<'a, DB>;
 
 /// The journal's column family that holds the keyspaces written in the journal's own batch.
 pub const CF_KEYSPACES: &str = "keyspaces";
