@@ -11,8 +11,8 @@
 //! and TLB shootdowns were about 7 % of dstore's CPU under `_bulk`); 10 ms keeps them across
 //! groups, and cost 8-9 % less of dstore's CPU per PUT and 7 % per `_bulk` item, for about 12 MiB
 //! more after a short `_bulk` and the same peak over 60 s of `_bulk` with PostgreSQL (README,
-//! Performance). A second, mimalloc's default, kept a resident set well above what is live. Before, RocksDB allocated through glibc's malloc, whose arenas kept
-//! what RocksDB freed: under `_bulk` with the PostgreSQL projector, peak RSS was 221–257 MiB
+//! Performance). A second, mimalloc's default, kept a resident set well above what is live.
+//! Before, RocksDB allocated through glibc's malloc, whose arenas kept what RocksDB freed: under `_bulk` with the PostgreSQL projector, peak RSS was 221–257 MiB
 //! against 173–243 with one allocator (under 200 in about half the runs), at the same end-to-end
 //! rate (README, Performance).
 //!

@@ -6,10 +6,21 @@ use crate::blueprint::Ident;
 
 /// `project \0 blueprint \0 id(16)` in the `items` column family.
 pub fn item(project: &Ident, blueprint: &Ident, id: &Uuid) -> Vec<u8> {
-    let mut key = project_prefix(project);
-    key.extend_from_slice(blueprint.as_str().as_bytes());
+    item_of(
+        project.as_str().as_bytes(),
+        blueprint.as_str().as_bytes(),
+        id.as_bytes(),
+    )
+}
+
+/// [`item`] from the names' bytes, as other keys hold them (the keyspaces').
+pub fn item_of(project: &[u8], blueprint: &[u8], id: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(project.len() + blueprint.len() + id.len() + 2);
+    key.extend_from_slice(project);
     key.push(0);
-    key.extend_from_slice(id.as_bytes());
+    key.extend_from_slice(blueprint);
+    key.push(0);
+    key.extend_from_slice(id);
     key
 }
 

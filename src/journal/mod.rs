@@ -10,7 +10,7 @@
 pub mod backfill;
 pub mod codec;
 mod import;
-mod keys;
+pub(crate) mod keys;
 pub mod outbox;
 pub mod task;
 mod writer;

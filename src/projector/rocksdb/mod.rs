@@ -102,14 +102,17 @@ pub fn reference(revision: u64) -> [u8; 9] {
     value
 }
 
-/// The journal's item key of a keyspace key: the same without `version \0`.
+/// The journal's item key of a keyspace [`key`]: its project, blueprint and id.
 fn item_key(key: &[u8]) -> Option<Vec<u8>> {
     let project = key.iter().position(|b| *b == 0)?;
-    let rest = key.get(project + 6..)?;
-    let mut item = Vec::with_capacity(key.len() - 5);
-    item.extend_from_slice(&key[..=project]);
-    item.extend_from_slice(rest);
-    Some(item)
+    let id = key.len().checked_sub(16)?;
+    // `project \0 version(4) \0 blueprint \0 id(16)`
+    let blueprint = key.get(project + 6..id.checked_sub(1)?)?;
+    Some(crate::journal::keys::item_of(
+        &key[..project],
+        blueprint,
+        &key[id..],
+    ))
 }
 
 fn encode(revision: u64, doc: Option<&RawValue>) -> Vec<u8> {
