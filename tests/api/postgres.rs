@@ -783,10 +783,10 @@ async fn inside_one_batch_a_refused_row_fails_alone_and_the_newest_revision_wins
     db.drop().await;
 }
 
-/// Each row of `schema.samples`: id → (title, revision).
+/// Each row of `schema.samples`: id → (title, `(null)` for NULL, revision).
 async fn samples(conn: &mut PgConnection, schema: &str) -> HashMap<Uuid, (String, i64)> {
     let rows: Vec<(Uuid, String, i64)> = sqlx::query_as(AssertSqlSafe(format!(
-        "SELECT id, title, _revision FROM {schema}.samples"
+        "SELECT id, COALESCE(title, '(null)'), _revision FROM {schema}.samples"
     )))
     .fetch_all(conn)
     .await
@@ -915,6 +915,159 @@ async fn a_large_batch_is_written_in_parallel_transactions_with_the_result_of_on
         written, 1,
         "one transaction for a table with a unique column"
     );
+    db.drop().await;
+}
+
+/// Every row of `schema.samples` as JSON, by id, without the revision.
+async fn rows_as_json(conn: &mut PgConnection, schema: &str) -> HashMap<Uuid, Value> {
+    let rows: Vec<(Uuid, Value)> = sqlx::query_as(AssertSqlSafe(format!(
+        "SELECT id, to_jsonb(t) - '_revision' FROM {schema}.samples t"
+    )))
+    .fetch_all(conn)
+    .await
+    .expect("rows read");
+    rows.into_iter().collect()
+}
+
+/// A batch's new rows of one table go in by `COPY` when there are enough of them: each reads back
+/// exactly as the upsert writes it (escapes, NULLs, arrays, geometries, JSON), ids with a tombstone
+/// keep its guard, and rows that are already there make the batch an upsert and pause `COPY` for
+/// that table.
+#[tokio::test]
+async fn new_rows_of_a_large_batch_go_in_by_copy_exactly_as_the_upsert_writes_them() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
+    let (copied, upserted) = (ident("copied"), ident("upserted"));
+    conformance::freeze_sample(&catalog, &copied);
+    conformance::freeze_sample(&catalog, &upserted);
+    let projector = db.projector();
+    let awkward = [
+        "tab\there",
+        "line\nbreak\r\n",
+        "back\\slash \\N \\.",
+        "\\.",
+        "\\N",
+        "NULL",
+        "",
+        "\"q\" {x} a,b",
+        "ünï 😀 \u{2028}",
+    ];
+    let docs: Vec<(Uuid, Value)> = (0..250)
+        .map(|n| {
+            let id = Uuid::new_v4();
+            let mut doc = sample_doc(id, awkward[n % awkward.len()]);
+            doc["body"] = json!(awkward.join("\t|\n"));
+            doc["tags"] = json!(awkward);
+            doc["extra"] = json!({"text": awkward[n % awkward.len()], "n": n});
+            match n % 5 {
+                0 => doc["title"] = Value::Null,
+                1 => {
+                    doc.as_object_mut().unwrap().remove("links");
+                }
+                2 => doc["stops"] = json!([]),
+                3 => doc["counts"] = json!([1, null, -2_147_483_648i64]),
+                _ => doc["ratio"] = json!(-1.5e-30),
+            }
+            (id, doc)
+        })
+        .collect();
+    let tasks = |project: &Ident, revision: u64, docs: &[(Uuid, Value)]| -> Vec<Task> {
+        docs.iter()
+            .enumerate()
+            .map(|(n, (id, doc))| upsert(project, *id, revision + n as u64, doc.clone()))
+            .collect()
+    };
+    let apply = |tasks: Vec<Task>| {
+        let projector = projector.clone();
+        let snapshot = catalog.snapshot();
+        async move {
+            let outcomes = projector.apply(&snapshot, &tasks).await.expect("applied");
+            assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+        }
+    };
+    apply(tasks(&copied, 1, &docs)).await;
+    assert_eq!(projector.rows_copied(), 250, "the new rows went in by COPY");
+    for chunk in docs.chunks(10) {
+        apply(tasks(&upserted, 1, chunk)).await;
+    }
+    assert_eq!(projector.rows_copied(), 250, "small batches are upserted");
+    let mut conn = db.sql().await;
+    let by_copy = rows_as_json(&mut conn, "copied_v1").await;
+    let by_upsert = rows_as_json(&mut conn, "upserted_v1").await;
+    assert_eq!(by_copy.len(), 250);
+    for (id, _) in &docs {
+        assert_eq!(by_copy.get(id), by_upsert.get(id), "item {id}");
+    }
+    assert_eq!(
+        by_copy[&docs[1].0]["links"],
+        json!([]),
+        "no links: the empty array"
+    );
+    assert_eq!(by_copy[&docs[0].0]["title"], Value::Null);
+    assert_eq!(by_copy[&docs[2].0]["title"], awkward[2]);
+
+    // Deleted ids keep their tombstone's guard while the batch's new rows are copied.
+    let deleted: Vec<Uuid> = docs[..10].iter().map(|(id, _)| *id).collect();
+    apply(
+        deleted
+            .iter()
+            .map(|id| delete(&copied, *id, 1000))
+            .collect(),
+    )
+    .await;
+    let fresh: Vec<(Uuid, Value)> = (0..200)
+        .map(|_| {
+            let id = Uuid::new_v4();
+            (id, sample_doc(id, "fresh"))
+        })
+        .collect();
+    let mut batch = tasks(&copied, 3000, &fresh);
+    for (n, id) in deleted.iter().enumerate() {
+        // The first five are older than their delete, the others newer.
+        let revision = if n < 5 { 500 } else { 2000 } + n as u64;
+        batch.push(upsert(&copied, *id, revision, sample_doc(*id, "back")));
+    }
+    apply(batch).await;
+    assert_eq!(projector.rows_copied(), 450);
+    let rows = samples(&mut conn, "copied_v1").await;
+    for (n, id) in deleted.iter().enumerate() {
+        let expected = (n >= 5).then(|| ("back".to_owned(), 2000 + n as i64));
+        assert_eq!(rows.get(id).cloned(), expected, "deleted item {n}");
+    }
+    assert!(fresh.iter().all(|(id, _)| rows[id].0 == "fresh"));
+
+    // Rows that are already there: the batch is an upsert (the newest revision wins), and the
+    // next batches of the table are upserted without trying COPY, until it is tried again.
+    let again: Vec<(Uuid, Value)> = docs[10..]
+        .iter()
+        .map(|(id, _)| (*id, sample_doc(*id, "updated")))
+        .collect();
+    apply(tasks(&copied, 10_000, &again)).await;
+    assert_eq!(projector.rows_copied(), 450, "nothing was copied");
+    let rows = samples(&mut conn, "copied_v1").await;
+    assert!(again.iter().all(|(id, _)| rows[id].0 == "updated"));
+    let mut batches = 0;
+    while projector.rows_copied() == 450 {
+        batches += 1;
+        assert!(batches <= 20, "COPY is tried again");
+        let new: Vec<(Uuid, Value)> = (0..200)
+            .map(|_| {
+                let id = Uuid::new_v4();
+                (id, sample_doc(id, "later"))
+            })
+            .collect();
+        apply(tasks(&copied, 20_000 + batches * 1000, &new)).await;
+    }
+    assert!(
+        batches > 1,
+        "the table paused COPY after it met existing rows"
+    );
+    let count: i64 = sqlx::query_scalar("SELECT count(*) FROM copied_v1.samples")
+        .fetch_one(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(count, 250 - 5 + 200 + 200 * batches as i64);
     db.drop().await;
 }
 

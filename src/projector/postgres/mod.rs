@@ -51,6 +51,8 @@ pub struct PostgresProjector {
     migrated: Mutex<HashSet<String>>,
     /// How many transactions a large batch is split into, by item id (`plan::split`).
     lanes: usize,
+    /// Tables whose last `COPY` of new rows met existing ones (`write`).
+    copy_pauses: write::CopyPauses,
 }
 
 /// A batch holding fewer rows than this is one transaction: under small writes a second commit
@@ -69,7 +71,13 @@ impl PostgresProjector {
             lanes: settings
                 .parallel_transactions
                 .clamp(1, settings.max_connections.max(1)) as usize,
+            copy_pauses: write::CopyPauses::default(),
         })
+    }
+
+    /// How many rows this projector wrote by `COPY` (see `write`), rather than by the upsert.
+    pub fn rows_copied(&self) -> u64 {
+        self.copy_pauses.rows.load(Ordering::Relaxed)
     }
 
     /// The connection pool (benchmarks and tests query the store through it).
@@ -174,7 +182,7 @@ impl PostgresProjector {
             .await
             .map_err(|e| self.failed("begin a batch", &e))?;
         for group in groups {
-            write::apply_group(&mut tx, group, &mut outcomes)
+            write::apply_group(&mut tx, group, &self.copy_pauses, &mut outcomes)
                 .await
                 .map_err(|abort| self.failed(&abort.what, &abort.error))?;
         }

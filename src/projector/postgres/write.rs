@@ -8,8 +8,18 @@
 //! replayed row by row, each under its own savepoint, so only the refused rows' tasks fail and the
 //! rest of the batch is applied. A task whose row is refused in one version keeps what it wrote
 //! into the others.
+//!
+//! A table's upserts of at least [`COPY_MIN_ROWS`] rows are first tried as new rows: the ids without
+//! a tombstone go in by one `COPY` (about half of PostgreSQL's work per row of the upsert, which
+//! probes for a conflict and a tombstone per row), under its own savepoint. When a row is already
+//! there (or PostgreSQL refuses any row), the `COPY` is rolled back whole and every row takes the
+//! upsert, so the outcome is always the upsert's; the table is then not tried again for
+//! [`COPY_PAUSE`] batches, so a load of updates rarely pays for a failed attempt.
 
 use std::borrow::Cow;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
 
 use serde_json::value::RawValue;
 use serde_json::Value;
@@ -76,6 +86,31 @@ pub fn upsert_sql(schema: &str, blueprint: &Blueprint) -> Result<String, NameErr
         sources = sources.join(", "),
         tombstones = qualified(schema, TOMBSTONES)?,
         updates = updates.join(", "),
+    ))
+}
+
+/// The `COPY` of new rows into a blueprint's table, in the text format: the columns of
+/// [`upsert_sql`] in its order, each value its type's input text (see [`copy_data`]).
+pub fn copy_sql(schema: &str, blueprint: &Blueprint) -> Result<String, NameError> {
+    let mut targets = vec!["id".to_owned(), "_revision".into()];
+    for (name, _) in text_columns(blueprint) {
+        targets.push(quote(name)?);
+    }
+    Ok(format!(
+        "COPY {} ({}) FROM STDIN",
+        qualified(schema, blueprint.table.as_str())?,
+        targets.join(", ")
+    ))
+}
+
+/// The ids among `$2` with a tombstone in the table `$1`; the tombstones are only looked at when
+/// the table has any (a one-time filter), which a table that only ever took writes never has.
+fn tombstoned_sql(schema: &str) -> Result<String, NameError> {
+    let tombstones = qualified(schema, TOMBSTONES)?;
+    Ok(format!(
+        "SELECT d.id FROM {tombstones} d \
+         WHERE EXISTS (SELECT 1 FROM {tombstones} e WHERE e.table_name = $1) \
+         AND d.table_name = $1 AND d.id = ANY($2::uuid[])"
     ))
 }
 
@@ -170,6 +205,87 @@ fn array_literal(base: BaseType, items: &[Value]) -> String {
     out
 }
 
+/// `rows` in `COPY`'s text format: a line per row, values separated by tabs, `\N` for NULL, and
+/// backslash, tab, newline and carriage return escaped with a backslash.
+fn copy_data(blueprint: &Blueprint, rows: &[&Upsert<'_>]) -> Result<Vec<u8>, serde_json::Error> {
+    let mut out = Vec::with_capacity(rows.len() * 128);
+    let mut uuid = [0u8; 36];
+    for row in rows {
+        out.extend_from_slice(row.id.hyphenated().encode_lower(&mut uuid).as_bytes());
+        out.push(b'\t');
+        out.extend_from_slice(row.revision.to_string().as_bytes());
+        for (name, ty) in text_columns(blueprint) {
+            out.push(b'\t');
+            let text = match row.fields.get(name) {
+                Some(raw) => column_text(ty, raw)?,
+                None => None,
+            };
+            match text {
+                Some(text) => copy_escape(&mut out, text.as_bytes()),
+                // As the upsert does: a row without links gets the empty array.
+                None if name == "links" => out.extend_from_slice(b"{}"),
+                None => out.extend_from_slice(b"\\N"),
+            }
+        }
+        out.push(b'\n');
+    }
+    Ok(out)
+}
+
+fn copy_escape(out: &mut Vec<u8>, text: &[u8]) {
+    for &byte in text {
+        match byte {
+            b'\\' => out.extend_from_slice(b"\\\\"),
+            b'\t' => out.extend_from_slice(b"\\t"),
+            b'\n' => out.extend_from_slice(b"\\n"),
+            b'\r' => out.extend_from_slice(b"\\r"),
+            _ => out.push(byte),
+        }
+    }
+}
+
+/// Fewest upserts into one table that are tried as a `COPY` of new rows: below it, the two more
+/// round trips (the tombstones, the `COPY`'s start) cost more than `COPY` saves.
+pub const COPY_MIN_ROWS: usize = 200;
+/// Batches of a table that skip the `COPY` after one met a row that was already there.
+const COPY_PAUSE: u32 = 16;
+/// Most tables remembered as paused; past it the memory starts over.
+const COPY_PAUSED_TABLES: usize = 10_000;
+
+/// The tables whose last `COPY` of new rows failed, with the batches each still skips, and how many
+/// rows went in by `COPY`.
+#[derive(Default)]
+pub struct CopyPauses {
+    paused: Mutex<HashMap<String, u32>>,
+    pub rows: AtomicU64,
+}
+
+impl CopyPauses {
+    /// Whether a batch of `table` should try `COPY`; a paused table counts the batch.
+    fn try_copy(&self, table: &str) -> bool {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        match paused.get_mut(table) {
+            Some(left) if *left > 0 => {
+                *left -= 1;
+                false
+            }
+            Some(_) => {
+                paused.remove(table);
+                true
+            }
+            None => true,
+        }
+    }
+
+    fn pause(&self, table: &str) {
+        let mut paused = self.paused.lock().unwrap_or_else(|e| e.into_inner());
+        if paused.len() >= COPY_PAUSED_TABLES {
+            paused.clear();
+        }
+        paused.insert(table.to_owned(), COPY_PAUSE);
+    }
+}
+
 /// A failure of the batch as a whole (not of single rows): the transaction must be abandoned.
 pub struct Abort {
     pub what: String,
@@ -180,6 +296,7 @@ pub struct Abort {
 pub async fn apply_group(
     conn: &mut PgConnection,
     group: &Group<'_>,
+    pauses: &CopyPauses,
     outcomes: &mut [Outcome],
 ) -> Result<(), Abort> {
     let table = group.blueprint.table.as_str();
@@ -192,13 +309,45 @@ pub async fn apply_group(
         what: place.clone(),
         error: sqlx::Error::Protocol(e.to_string()),
     };
-    if !group.upserts.is_empty() {
+    let mut upserts: Vec<&Upsert<'_>> = group.upserts.iter().collect();
+    if upserts.len() >= COPY_MIN_ROWS && pauses.try_copy(&place) {
+        let sql = tombstoned_sql(&group.schema).map_err(name_error)?;
+        let ids: Vec<Uuid> = upserts.iter().map(|row| row.id).collect();
+        let tombstoned: HashSet<Uuid> = sqlx::query_scalar(AssertSqlSafe(sql))
+            .bind(table)
+            .bind(ids)
+            .fetch_all(&mut *conn)
+            .await
+            .map_err(abort("read the tombstones of"))?
+            .into_iter()
+            .collect();
+        let (new, guarded_rows): (Vec<_>, Vec<_>) = upserts
+            .into_iter()
+            .partition(|row| !tombstoned.contains(&row.id));
+        let sql = copy_sql(&group.schema, group.blueprint).map_err(name_error)?;
+        let data = copy_data(group.blueprint, &new)
+            .map_err(|e| sqlx::Error::Encode(Box::new(e)))
+            .map_err(abort("encode rows for"))?;
+        match copied(conn, &sql, data).await.map_err(abort("copy into"))? {
+            Ok(()) => {
+                pauses.rows.fetch_add(new.len() as u64, Ordering::Relaxed);
+                upserts = guarded_rows;
+            }
+            Err(error) => {
+                tracing::debug!(table = %place, error = %describe(&error), "not all rows are new; upserting them");
+                pauses.pause(&place);
+                upserts = new;
+                upserts.extend(guarded_rows);
+            }
+        }
+    }
+    if !upserts.is_empty() {
         let sql = upsert_sql(&group.schema, group.blueprint).map_err(name_error)?;
-        let all: Vec<&Upsert<'_>> = group.upserts.iter().collect();
-        let batch = upsert_query(&sql, group.blueprint, &all).map_err(abort("encode rows for"))?;
+        let batch =
+            upsert_query(&sql, group.blueprint, &upserts).map_err(abort("encode rows for"))?;
         if let Err(error) = guarded(conn, batch).await.map_err(abort("upsert into"))? {
             tracing::warn!(table = %place, error = %describe(&error), "postgresql refused rows; applying them one by one");
-            for upsert in &group.upserts {
+            for upsert in upserts {
                 let one = upsert_query(&sql, group.blueprint, &[upsert])
                     .map_err(abort("encode a row for"))?;
                 if let Err(error) = guarded(conn, one).await.map_err(abort("upsert into"))? {
@@ -276,6 +425,24 @@ fn refuse(outcomes: &mut [Outcome], task: usize, place: &str, id: Uuid, error: &
     }
 }
 
+/// Sends `data` by the `COPY` statement `sql` under a savepoint, as [`guarded`] runs a query.
+async fn copied(
+    conn: &mut PgConnection,
+    sql: &str,
+    data: Vec<u8>,
+) -> Result<Result<(), sqlx::Error>, sqlx::Error> {
+    sqlx::raw_sql("SAVEPOINT dstore_rows")
+        .execute(&mut *conn)
+        .await?;
+    let result = async {
+        let mut copy = conn.copy_in_raw(sql).await?;
+        copy.send(data).await?;
+        copy.finish().await
+    }
+    .await;
+    settle_savepoint(conn, result).await
+}
+
 /// Runs `query` under a savepoint. `Ok(Err(_))`: PostgreSQL refused the rows for good and the
 /// savepoint was rolled back, so the transaction goes on; `Err(_)`: the batch must be retried.
 async fn guarded(
@@ -285,7 +452,17 @@ async fn guarded(
     sqlx::raw_sql("SAVEPOINT dstore_rows")
         .execute(&mut *conn)
         .await?;
-    match query.execute(&mut *conn).await {
+    let result = query.execute(&mut *conn).await;
+    settle_savepoint(conn, result).await
+}
+
+/// Releases the savepoint after a statement that succeeded, rolls back to it after one whose rows
+/// PostgreSQL refused (`Ok(Err(_))`), and answers any other failure as the batch's (`Err(_)`).
+async fn settle_savepoint<T>(
+    conn: &mut PgConnection,
+    result: Result<T, sqlx::Error>,
+) -> Result<Result<(), sqlx::Error>, sqlx::Error> {
+    match result {
         Ok(_) => {
             sqlx::raw_sql("RELEASE SAVEPOINT dstore_rows")
                 .execute(&mut *conn)
