@@ -25,7 +25,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use serde_json::{Map, Value};
-use sqlx::postgres::{PgConnectOptions, PgPool};
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, Postgres};
 use sqlx::types::Json;
 use sqlx::AssertSqlSafe;
 use uuid::Uuid;
@@ -53,6 +54,23 @@ pub struct PostgresProjector {
     lanes: usize,
     /// Tables whose last `COPY` of new rows met existing ones (`write`).
     copy_pauses: write::CopyPauses,
+}
+
+/// The connection a batch is written on. A batch that ends early (it failed, or its step was
+/// dropped: a broker link lost mid-batch) closes the connection instead of giving it back to the
+/// pool: a `COPY` cut short leaves replies on it that the pool would not wait for, and every later
+/// statement on it would read the answer of the one before.
+struct Writing {
+    conn: PoolConnection<Postgres>,
+    done: bool,
+}
+
+impl Drop for Writing {
+    fn drop(&mut self) {
+        if !self.done {
+            self.conn.close_on_drop();
+        }
+    }
 }
 
 /// A batch holding fewer rows than this is one transaction: under small writes a second commit
@@ -176,9 +194,15 @@ impl PostgresProjector {
         tasks: usize,
     ) -> Result<Vec<Outcome>, ProjectorError> {
         let mut outcomes: Vec<Outcome> = (0..tasks).map(|_| Ok(())).collect();
-        let mut tx = self
-            .pool
-            .begin()
+        let mut writing = Writing {
+            conn: self
+                .pool
+                .acquire()
+                .await
+                .map_err(|e| self.failed("connect for a batch", &e))?,
+            done: false,
+        };
+        let mut tx = sqlx::Connection::begin(&mut *writing.conn)
             .await
             .map_err(|e| self.failed("begin a batch", &e))?;
         for group in groups {
@@ -189,6 +213,7 @@ impl PostgresProjector {
         tx.commit()
             .await
             .map_err(|e| self.failed("commit a batch", &e))?;
+        writing.done = true;
         Ok(outcomes)
     }
 }

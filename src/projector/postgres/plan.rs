@@ -222,9 +222,10 @@ pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
     }
 }
 
-/// Whether a group may be written beside others in lanes: a unique column other than `id` would let
-/// two lanes compete for one value, and then the winner would no longer be the earlier task.
-fn may_share(group: &Group<'_>) -> bool {
+/// Whether a group's rows may be written in another order than its tasks' (in lanes, or new rows
+/// before the others): a unique column other than `id` would let two rows compete for one value,
+/// and then the winner would no longer be the earlier task.
+pub fn may_share(group: &Group<'_>) -> bool {
     !group.blueprint.columns.values().any(|c| c.def.unique)
 }
 

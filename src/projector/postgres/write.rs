@@ -12,9 +12,13 @@
 //! A table's upserts of at least [`COPY_MIN_ROWS`] rows are first tried as new rows: the ids without
 //! a tombstone go in by one `COPY` (about half of PostgreSQL's work per row of the upsert, which
 //! probes for a conflict and a tombstone per row), under its own savepoint. When a row is already
-//! there (or PostgreSQL refuses any row), the `COPY` is rolled back whole and every row takes the
-//! upsert, so the outcome is always the upsert's; the table is then not tried again for
-//! [`COPY_PAUSE`] batches, so a load of updates rarely pays for a failed attempt.
+//! there (or PostgreSQL refuses any row, or `COPY` itself), the `COPY` is rolled back whole and
+//! every row takes the upsert, in task order, so the outcome is always the upsert's; the table is
+//! then not tried again for [`COPY_PAUSE`] batches, so a load of updates rarely pays for a failed
+//! attempt. A table with a unique column never takes `COPY`: its rows must meet in task order (the
+//! earlier write gets a contested value). The tombstone look-up and the `COPY` are two statements;
+//! a tombstone committed between them by another transaction would be missed, which cannot happen
+//! while one writer applies a projector's tasks and lanes split the ids (see `plan::split`).
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -28,9 +32,9 @@ use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
 use super::ddl::{column_type, BLUEPRINTS, TOMBSTONES};
-use super::error::{classify, describe, Failure};
+use super::error::{classify, classify_code, describe, sqlstate, Failure};
 use super::ident::{qualified, quote, NameError};
-use super::plan::{Delete, Group, Upsert};
+use super::plan::{may_share, Delete, Group, Upsert};
 use super::values::{is_converted, to_input};
 use crate::blueprint::{BaseType, Blueprint, ColumnDef, ColumnType};
 use crate::projector::{Outcome, ProjectorError};
@@ -252,8 +256,9 @@ const COPY_PAUSE: u32 = 16;
 /// Most tables remembered as paused; past it the memory starts over.
 const COPY_PAUSED_TABLES: usize = 10_000;
 
-/// The tables whose last `COPY` of new rows failed, with the batches each still skips, and how many
-/// rows went in by `COPY`.
+/// The tables whose last `COPY` of new rows failed, with the batches each still skips (the lanes
+/// of one batch count one each), and how many rows were sent by a `COPY` that succeeded (in a
+/// transaction that may still have failed and been retried).
 #[derive(Default)]
 pub struct CopyPauses {
     paused: Mutex<HashMap<String, u32>>,
@@ -310,7 +315,7 @@ pub async fn apply_group(
         error: sqlx::Error::Protocol(e.to_string()),
     };
     let mut upserts: Vec<&Upsert<'_>> = group.upserts.iter().collect();
-    if upserts.len() >= COPY_MIN_ROWS && pauses.try_copy(&place) {
+    if upserts.len() >= COPY_MIN_ROWS && may_share(group) && pauses.try_copy(&place) {
         let sql = tombstoned_sql(&group.schema).map_err(name_error)?;
         let ids: Vec<Uuid> = upserts.iter().map(|row| row.id).collect();
         let tombstoned: HashSet<Uuid> = sqlx::query_scalar(AssertSqlSafe(sql))
@@ -336,8 +341,7 @@ pub async fn apply_group(
             Err(error) => {
                 tracing::debug!(table = %place, error = %describe(&error), "not all rows are new; upserting them");
                 pauses.pause(&place);
-                upserts = new;
-                upserts.extend(guarded_rows);
+                upserts = group.upserts.iter().collect();
             }
         }
     }
@@ -440,7 +444,25 @@ async fn copied(
         copy.finish().await
     }
     .await;
-    settle_savepoint(conn, result).await
+    match result {
+        // What the upsert may still do: `COPY` itself refused (a row-level security policy, say).
+        Err(error) if copy_refused(&error) => {
+            sqlx::raw_sql("ROLLBACK TO SAVEPOINT dstore_rows")
+                .execute(&mut *conn)
+                .await?;
+            Ok(Err(error))
+        }
+        result => settle_savepoint(conn, result).await,
+    }
+}
+
+/// Whether PostgreSQL refused a `COPY` as a statement (feature not supported, a privilege, a
+/// syntax it does not take) rather than its rows or the connection; a missing table is not one of
+/// them, since the version must then be migrated again.
+fn copy_refused(error: &sqlx::Error) -> bool {
+    sqlstate(error).is_some_and(|code| {
+        code == "0A000" || (code.starts_with("42") && classify_code(&code) != Failure::Missing)
+    })
 }
 
 /// Runs `query` under a savepoint. `Ok(Err(_))`: PostgreSQL refused the rows for good and the
