@@ -416,6 +416,77 @@ async fn strings_that_look_like_array_syntax_or_escapes_read_back_exactly() {
     db.drop().await;
 }
 
+/// The same through `_bulk`, where enough new rows go in by `COPY` (and, written again, by the
+/// upsert): every string comes back as it was sent.
+#[tokio::test]
+async fn awkward_strings_of_a_large_bulk_read_back_exactly_whether_copied_or_upserted() {
+    let db = TestDatabase::create().await;
+    let app = app_with(&db).await;
+    let blueprint = json!({
+        "postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+        "columns": {
+            "title": {"type": "string", "validation": {"max_length": 80}},
+            "tags": {"type": "string[]"},
+            "meta": {"type": "json"}
+        }
+    });
+    app.put_and_freeze("bulky", "note", &blueprint).await;
+    let awkward = [
+        "tab\there",
+        "cr\rlf\r\n",
+        "\\",
+        "\\N",
+        "\\.",
+        "a\\tb",
+        "",
+        "NULL",
+        "ünï 😀 \u{2028}",
+    ];
+    let ids: Vec<Uuid> = (0..300).map(|_| Uuid::new_v4()).collect();
+    let item = |n: usize, round: &str| {
+        json!({
+            "project_version": 1,
+            "title": format!("{round} {}", awkward[n % awkward.len()]),
+            "tags": awkward,
+            "meta": {"s": awkward[n % awkward.len()]}
+        })
+    };
+    let mut sql = db.sql().await;
+    for round in ["first", "second"] {
+        let mut body = String::new();
+        for (n, id) in ids.iter().enumerate() {
+            body.push_str(&format!(
+                "{{\"put\": {{\"blueprint\": \"note\", \"id\": \"{id}\"}}}}\n{}\n",
+                item(n, round)
+            ));
+        }
+        let bulk = app
+            .send(reqwest::Method::POST, "/bulky/_bulk?wait=true", Some(body))
+            .await;
+        assert_eq!(bulk.status, 200, "{}", bulk.body);
+        assert_eq!(bulk.body["projected"], true, "{}", bulk.body);
+        let rows: Vec<(Uuid, String, Vec<String>, Value)> =
+            sqlx::query_as("SELECT id, title, tags, meta FROM bulky_v1.notes")
+                .fetch_all(&mut sql)
+                .await
+                .unwrap();
+        let rows: HashMap<Uuid, (String, Vec<String>, Value)> = rows
+            .into_iter()
+            .map(|(id, title, tags, meta)| (id, (title, tags, meta)))
+            .collect();
+        assert_eq!(rows.len(), ids.len());
+        for (n, id) in ids.iter().enumerate() {
+            let expected = item(n, round);
+            let (title, tags, meta) = &rows[id];
+            assert_eq!(title, &expected["title"], "{round} {n}");
+            assert_eq!(tags, &awkward, "{round} {n}");
+            assert_eq!(meta, &expected["meta"], "{round} {n}");
+        }
+    }
+    app.stop().await;
+    db.drop().await;
+}
+
 #[tokio::test]
 async fn an_item_of_a_blueprint_with_the_most_columns_allowed_is_written_whole() {
     // One array per column goes to PostgreSQL: 900 columns and the four every row has. Mostly
