@@ -104,6 +104,11 @@ pub async fn metrics(state: State, requests: web::Data<RequestMetrics>) -> HttpR
         "gauge",
         done,
     );
+    for projector in state.registry.iter() {
+        for (name, help, value) in projector.counters() {
+            gauge(name, help, "counter", vec![(String::new(), value)]);
+        }
+    }
     let (memtables, cache) = crate::rocks::usage();
     gauge(
         "dstore_rocksdb_memory_bytes",

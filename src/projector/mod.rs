@@ -154,6 +154,11 @@ pub trait Projector: Send + Sync {
     fn preview(&self, _project: &Ident, _version: &Version) -> Value {
         Value::Null
     }
+
+    /// The projector's own counters for `/_metrics`: (name, help, value since start).
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        Vec::new()
+    }
 }
 
 /// The enabled projectors: those this process can reach, and the names of those only `dstore worker`

@@ -465,6 +465,20 @@ async fn awkward_strings_of_a_large_bulk_read_back_exactly_whether_copied_or_ups
             .await;
         assert_eq!(bulk.status, 200, "{}", bulk.body);
         assert_eq!(bulk.body["projected"], true, "{}", bulk.body);
+        let metrics = app
+            .client
+            .get(format!("{}/_metrics", app.address))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        // The first round's rows went in by COPY, the second's by the upsert.
+        assert!(
+            metrics.contains("\ndstore_postgresql_rows_copied_total 300\n"),
+            "{metrics}"
+        );
         let rows: Vec<(Uuid, String, Vec<String>, Value)> =
             sqlx::query_as("SELECT id, title, tags, meta FROM bulky_v1.notes")
                 .fetch_all(&mut sql)

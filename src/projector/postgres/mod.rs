@@ -336,6 +336,14 @@ impl Projector for PostgresProjector {
         Ok(row.map(|Json(row)| Value::Object(values::document(row, &shape.columns))))
     }
 
+    fn counters(&self) -> Vec<(&'static str, &'static str, u64)> {
+        vec![(
+            "dstore_postgresql_rows_copied_total",
+            "Rows written into PostgreSQL by COPY (new rows of large batches) rather than by the upsert.",
+            self.rows_copied(),
+        )]
+    }
+
     fn preview(&self, project: &Ident, version: &Version) -> Value {
         let schema = schema_name(project, version.number);
         let mut statements =
