@@ -333,7 +333,12 @@ pub async fn apply_group(
         let data = copy_data(group.blueprint, &new)
             .map_err(|e| sqlx::Error::Encode(Box::new(e)))
             .map_err(abort("encode rows for"))?;
-        match copied(conn, &sql, data).await.map_err(abort("copy into"))? {
+        let copy = if new.is_empty() {
+            Ok(())
+        } else {
+            copied(conn, &sql, data).await.map_err(abort("copy into"))?
+        };
+        match copy {
             Ok(()) => {
                 pauses.rows.fetch_add(new.len() as u64, Ordering::Relaxed);
                 upserts = guarded_rows;
