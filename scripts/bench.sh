@@ -12,7 +12,8 @@
 # Machines that are shared move 2-3x between days: only the ratios within one run mean anything.
 # The machine's state (cores, load, memory) is printed with the figures, with the share of the
 # machine left idle during each load (a load that leaves it idle waits on something other than the
-# CPU: fsyncs, locks) and, with PostgreSQL on this machine, its processes' CPU per row.
+# CPU: fsyncs, locks) and, with PostgreSQL on this machine, its processes' CPU per row; the
+# PostgreSQL rows also say which share of the rows went in by COPY rather than by the upsert.
 #
 #   scripts/bench.sh                      # BENCH_SECONDS=10 BENCH_CONNECTIONS=64 BENCH_CLUSTER="1 2 3"
 #   BENCH_ROUNDS=3 scripts/bench.sh       # the single-node runs three times over, alternating, then the
@@ -116,6 +117,15 @@ drive() { # port script connections [size]
     echo "$(awk -v r="$rate" -v s="$size" 'BEGIN {printf "%.0f", r * s}') ${p99:-0} ${errors:-0}"
 }
 
+# Rows the PostgreSQL projector of the dstore on `port` wrote by COPY since it started.
+rows_copied() {
+    curl -fsS "http://127.0.0.1:$1/_metrics" | awk '$1 == "dstore_postgresql_rows_copied_total" {print $2; found=1} END {if (!found) print 0}'
+}
+# "n % by COPY": the share of `rows` that went in by COPY, from the counter at $2 to now.
+copied_share() { # port copied_before rows
+    awk -v a="$(rows_copied "$1")" -v b="$2" -v r="$3" 'BEGIN {printf "%.0f %% by COPY", (r > 0 ? 100 * (a - b) / r : 0)}'
+}
+
 rss_mb() { awk '/VmHWM/ {printf "%.0f", $2 / 1024}' "/proc/$1/status" 2>/dev/null || echo "?"; }
 
 # Seconds until every projector of the dstore on `port` has applied everything.
@@ -169,8 +179,9 @@ single_round() {
     read -r pg pg_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
     lag=$(catch_up "$port")
     rows=$(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles")
-    row "dstore + PostgreSQL projector|PUT|$pg|$pg_p99|$(awk -v a="$pg" -v b="$embedded" 'BEGIN {printf "%.2f", a / b}') of embedded; caught up ${lag}s after; PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row|$(rss_mb "$pid")|$(cat "$WORK/idle")"
+    row "dstore + PostgreSQL projector|PUT|$pg|$pg_p99|$(awk -v a="$pg" -v b="$embedded" 'BEGIN {printf "%.2f", a / b}') of embedded; caught up ${lag}s after; PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row, $(copied_share "$port" 0 "$rows")|$(rss_mb "$pid")|$(cat "$WORK/idle")"
     rows_before=$rows
+    copied_before=$(rows_copied "$port")
     started=$(date +%s.%N)
     pg_ticks=$(postgres_ticks)
     read -r _ _ _ <<<"$(drive "$port" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
@@ -178,7 +189,7 @@ single_round() {
     elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {print e - s}')
     rows=$(( $(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles") - rows_before ))
     bulk_pg=$(awk -v r="$rows" -v t="$elapsed" 'BEGIN {printf "%.0f", r / t}')
-    row "dstore + PostgreSQL projector|_bulk, end to end|$bulk_pg||rows in PostgreSQL / s; PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row|$(rss_mb "$pid")|$(cat "$WORK/idle") during ingest"
+    row "dstore + PostgreSQL projector|_bulk, end to end|$bulk_pg||rows in PostgreSQL / s; PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row, $(copied_share "$port" "$copied_before" "$rows")|$(rss_mb "$pid")|$(cat "$WORK/idle") during ingest"
     kill "$pid"
 
     # COPY of the same rows into a table of the same shape: the ceiling of `_bulk` into PostgreSQL.
