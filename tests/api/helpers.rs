@@ -112,6 +112,18 @@ impl Answer {
 }
 
 impl TestApp {
+    /// The text of `GET /_metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(format!("{}/_metrics", self.address))
+            .send()
+            .await
+            .expect("metrics answered")
+            .text()
+            .await
+            .expect("a metrics text")
+    }
+
     /// Stops the service and waits until it has released its stores.
     pub async fn stop(self) {
         drop(self.rocksdb);

@@ -234,15 +234,7 @@ async fn made_up_methods_share_one_metrics_series() {
         let answer = app.send(method, "/myblog/_version", None).await;
         assert_eq!(answer.status, 405);
     }
-    let metrics = app
-        .client
-        .get(format!("{}/_metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let metrics = app.metrics().await;
     assert!(
         !metrics.contains("FOO") && !metrics.contains("BAZ"),
         "{metrics}"

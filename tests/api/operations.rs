@@ -117,15 +117,7 @@ async fn metrics_count_requests_by_route_and_report_projectors_and_request_ids_a
         .unwrap();
     assert!(!generated.headers()["x-request-id"].is_empty());
 
-    let text = app
-        .client
-        .get(format!("{}/_metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
+    let text = app.metrics().await;
     for line in [
         "dstore_http_requests_total{method=\"PUT\",route=\"/{project}/{blueprint}/_blueprint\",status=\"200\"} 1",
         "dstore_http_requests_total{method=\"POST\",route=\"/{project}/_version\",status=\"200\"} 1",

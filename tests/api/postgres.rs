@@ -182,6 +182,21 @@ async fn app_with(db: &TestDatabase) -> TestApp {
     spawn_app_with(|s| s.postgresql = Some(settings)).await
 }
 
+/// A fresh database, a catalog in `dir` with the sample blueprint frozen as version 1 of each of
+/// `projects`, and a projector on that database.
+async fn sample_projects(
+    dir: &tempfile::TempDir,
+    projects: &[&str],
+) -> (TestDatabase, Catalog, Arc<PostgresProjector>) {
+    let db = TestDatabase::create().await;
+    let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
+    for project in projects {
+        conformance::freeze_sample(&catalog, &ident(project));
+    }
+    let projector = db.projector();
+    (db, catalog, projector)
+}
+
 #[tokio::test]
 async fn the_postgres_projector_passes_the_conformance_suite() {
     let db = TestDatabase::create().await;
@@ -465,15 +480,7 @@ async fn awkward_strings_of_a_large_bulk_read_back_exactly_whether_copied_or_ups
             .await;
         assert_eq!(bulk.status, 200, "{}", bulk.body);
         assert_eq!(bulk.body["projected"], true, "{}", bulk.body);
-        let metrics = app
-            .client
-            .get(format!("{}/_metrics", app.address))
-            .send()
-            .await
-            .unwrap()
-            .text()
-            .await
-            .unwrap();
+        let metrics = app.metrics().await;
         // The first round's rows went in by COPY, the second's by the upsert.
         assert!(
             metrics.contains("\ndstore_postgresql_rows_copied_total 300\n"),
@@ -798,12 +805,9 @@ async fn refused_rows_are_dead_lettered_and_said_so_to_a_waiting_writer(cluster:
 
 #[tokio::test]
 async fn inside_one_batch_a_refused_row_fails_alone_and_the_newest_revision_wins() {
-    let db = TestDatabase::create().await;
     let dir = tempfile::tempdir().unwrap();
-    let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
+    let (db, catalog, projector) = sample_projects(&dir, &["batch"]).await;
     let project = ident("batch");
-    conformance::freeze_sample(&catalog, &project);
-    let projector = db.projector();
     let (kept, refused, stale_delete, new_delete) = (
         Uuid::new_v4(),
         Uuid::new_v4(),
@@ -1031,13 +1035,9 @@ async fn rows_as_json(conn: &mut PgConnection, schema: &str) -> HashMap<Uuid, Va
 /// that table.
 #[tokio::test]
 async fn new_rows_of_a_large_batch_go_in_by_copy_exactly_as_the_upsert_writes_them() {
-    let db = TestDatabase::create().await;
     let dir = tempfile::tempdir().unwrap();
-    let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
+    let (db, catalog, projector) = sample_projects(&dir, &["copied", "upserted"]).await;
     let (copied, upserted) = (ident("copied"), ident("upserted"));
-    conformance::freeze_sample(&catalog, &copied);
-    conformance::freeze_sample(&catalog, &upserted);
-    let projector = db.projector();
     let awkward = [
         "tab\there",
         "line\nbreak\r\n",
@@ -1175,12 +1175,9 @@ async fn new_rows_of_a_large_batch_go_in_by_copy_exactly_as_the_upsert_writes_th
 /// out of step with its replies: every batch after it is applied whole.
 #[tokio::test]
 async fn a_batch_dropped_at_any_point_leaves_the_connections_usable() {
-    let db = TestDatabase::create().await;
     let dir = tempfile::tempdir().unwrap();
-    let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
+    let (db, catalog, projector) = sample_projects(&dir, &["dropped"]).await;
     let project = ident("dropped");
-    conformance::freeze_sample(&catalog, &project);
-    let projector = db.projector();
     let batch = |revision: u64| -> (Vec<Uuid>, Vec<Task>) {
         let ids: Vec<Uuid> = (0..300).map(|_| Uuid::new_v4()).collect();
         let tasks = ids
@@ -1383,12 +1380,9 @@ async fn a_half_done_migration_is_finished_by_running_it_again() {
 
 #[tokio::test]
 async fn writes_into_a_version_never_migrated_by_this_projector_migrate_it_first() {
-    let db = TestDatabase::create().await;
     let dir = tempfile::tempdir().unwrap();
-    let catalog = Catalog::open(&dir.path().join("catalog")).unwrap();
+    let (db, catalog, projector) = sample_projects(&dir, &["late"]).await;
     let project = ident("late");
-    conformance::freeze_sample(&catalog, &project);
-    let projector = db.projector();
     let id = Uuid::new_v4();
     let outcomes = projector
         .apply(

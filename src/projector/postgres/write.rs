@@ -22,6 +22,7 @@
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
+use std::io::Write;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 
@@ -217,7 +218,7 @@ fn copy_data(blueprint: &Blueprint, rows: &[&Upsert<'_>]) -> Result<Vec<u8>, ser
     for row in rows {
         out.extend_from_slice(row.id.hyphenated().encode_lower(&mut uuid).as_bytes());
         out.push(b'\t');
-        out.extend_from_slice(row.revision.to_string().as_bytes());
+        write!(out, "{}", row.revision).expect("writing to a Vec cannot fail");
         for (name, ty) in text_columns(blueprint) {
             out.push(b'\t');
             let text = match row.fields.get(name) {
@@ -306,50 +307,14 @@ pub async fn apply_group(
 ) -> Result<(), Abort> {
     let table = group.blueprint.table.as_str();
     let place = format!("{}.{table}", group.schema);
-    let abort = |what: &str| {
-        let what = format!("{what} {place}");
-        move |error: sqlx::Error| Abort { what, error }
-    };
-    let name_error = |e: NameError| Abort {
-        what: place.clone(),
-        error: sqlx::Error::Protocol(e.to_string()),
-    };
-    let mut upserts: Vec<&Upsert<'_>> = group.upserts.iter().collect();
-    if upserts.len() >= COPY_MIN_ROWS && may_share(group) && pauses.try_copy(&place) {
-        let sql = tombstoned_sql(&group.schema).map_err(name_error)?;
-        let ids: Vec<Uuid> = upserts.iter().map(|row| row.id).collect();
-        let tombstoned: HashSet<Uuid> = sqlx::query_scalar(AssertSqlSafe(sql))
-            .bind(table)
-            .bind(ids)
-            .fetch_all(&mut *conn)
-            .await
-            .map_err(abort("read the tombstones of"))?
-            .into_iter()
-            .collect();
-        let (new, guarded_rows): (Vec<_>, Vec<_>) = upserts
-            .into_iter()
-            .partition(|row| !tombstoned.contains(&row.id));
-        let sql = copy_sql(&group.schema, group.blueprint).map_err(name_error)?;
-        let data = copy_data(group.blueprint, &new)
-            .map_err(|e| sqlx::Error::Encode(Box::new(e)))
-            .map_err(abort("encode rows for"))?;
-        let copy = if new.is_empty() {
-            Ok(())
+    let abort = |what: &str| aborted(what, &place);
+    let name_error = |e: NameError| named(e, &place);
+    let upserts =
+        if group.upserts.len() >= COPY_MIN_ROWS && may_share(group) && pauses.try_copy(&place) {
+            copy_new_rows(conn, group, &place, pauses).await?
         } else {
-            copied(conn, &sql, data).await.map_err(abort("copy into"))?
+            group.upserts.iter().collect()
         };
-        match copy {
-            Ok(()) => {
-                pauses.rows.fetch_add(new.len() as u64, Ordering::Relaxed);
-                upserts = guarded_rows;
-            }
-            Err(error) => {
-                tracing::debug!(table = %place, error = %describe(&error), "not all rows are new; upserting them");
-                pauses.pause(&place);
-                upserts = group.upserts.iter().collect();
-            }
-        }
-    }
     if !upserts.is_empty() {
         let sql = upsert_sql(&group.schema, group.blueprint).map_err(name_error)?;
         let batch =
@@ -384,6 +349,65 @@ pub async fn apply_group(
         }
     }
     Ok(())
+}
+
+/// What makes a failed statement into `place`'s [`Abort`].
+fn aborted(what: &str, place: &str) -> impl FnOnce(sqlx::Error) -> Abort {
+    let what = format!("{what} {place}");
+    move |error| Abort { what, error }
+}
+
+fn named(error: NameError, place: &str) -> Abort {
+    Abort {
+        what: place.to_owned(),
+        error: sqlx::Error::Protocol(error.to_string()),
+    }
+}
+
+/// Writes the group's rows whose ids have no tombstone by one `COPY`; answers the rows the upsert
+/// still has to write: those with a tombstone, or, when the `COPY` was refused and rolled back,
+/// all of them in task order (and the table pauses `COPY`).
+async fn copy_new_rows<'g, 'a>(
+    conn: &mut PgConnection,
+    group: &'g Group<'a>,
+    place: &str,
+    pauses: &CopyPauses,
+) -> Result<Vec<&'g Upsert<'a>>, Abort> {
+    let sql = tombstoned_sql(&group.schema).map_err(|e| named(e, place))?;
+    let ids: Vec<Uuid> = group.upserts.iter().map(|row| row.id).collect();
+    let tombstoned: HashSet<Uuid> = sqlx::query_scalar(AssertSqlSafe(sql))
+        .bind(group.blueprint.table.as_str())
+        .bind(ids)
+        .fetch_all(&mut *conn)
+        .await
+        .map_err(aborted("read the tombstones of", place))?
+        .into_iter()
+        .collect();
+    let (new, guarded_rows): (Vec<_>, Vec<_>) = group
+        .upserts
+        .iter()
+        .partition(|row| !tombstoned.contains(&row.id));
+    if new.is_empty() {
+        return Ok(guarded_rows);
+    }
+    let sql = copy_sql(&group.schema, group.blueprint).map_err(|e| named(e, place))?;
+    let data = copy_data(group.blueprint, &new)
+        .map_err(|e| sqlx::Error::Encode(Box::new(e)))
+        .map_err(aborted("encode rows for", place))?;
+    match copied(conn, &sql, data)
+        .await
+        .map_err(aborted("copy into", place))?
+    {
+        Ok(()) => {
+            pauses.rows.fetch_add(new.len() as u64, Ordering::Relaxed);
+            Ok(guarded_rows)
+        }
+        Err(error) => {
+            tracing::debug!(table = %place, error = %describe(&error), "not all rows are new; upserting them");
+            pauses.pause(place);
+            Ok(group.upserts.iter().collect())
+        }
+    }
 }
 
 type PgQuery = sqlx::query::Query<'static, sqlx::Postgres, sqlx::postgres::PgArguments>;
@@ -449,25 +473,22 @@ async fn copied(
         copy.finish().await
     }
     .await;
-    match result {
-        // What the upsert may still do: `COPY` itself refused (a row-level security policy, say).
-        Err(error) if copy_refused(&error) => {
-            sqlx::raw_sql("ROLLBACK TO SAVEPOINT dstore_rows")
-                .execute(&mut *conn)
-                .await?;
-            Ok(Err(error))
-        }
-        result => settle_savepoint(conn, result).await,
-    }
+    settle_savepoint(conn, result, copy_refused).await
 }
 
-/// Whether PostgreSQL refused a `COPY` as a statement (feature not supported, a privilege, a
-/// syntax it does not take) rather than its rows or the connection; a missing table is not one of
-/// them, since the version must then be migrated again.
+/// Whether PostgreSQL refused a `COPY`'s rows, or the `COPY` as a statement (feature not
+/// supported, a privilege, a syntax it does not take), which the upsert may still write; not the
+/// connection's failures, nor a missing table (the version must then be migrated again).
 fn copy_refused(error: &sqlx::Error) -> bool {
-    sqlstate(error).is_some_and(|code| {
-        code == "0A000" || (code.starts_with("42") && classify_code(&code) != Failure::Missing)
-    })
+    rows_refused(error)
+        || sqlstate(error).is_some_and(|code| {
+            code == "0A000" || (code.starts_with("42") && classify_code(&code) != Failure::Missing)
+        })
+}
+
+/// Whether PostgreSQL refused a statement's rows for good.
+fn rows_refused(error: &sqlx::Error) -> bool {
+    classify(error) == Failure::Row
 }
 
 /// Runs `query` under a savepoint. `Ok(Err(_))`: PostgreSQL refused the rows for good and the
@@ -480,14 +501,16 @@ async fn guarded(
         .execute(&mut *conn)
         .await?;
     let result = query.execute(&mut *conn).await;
-    settle_savepoint(conn, result).await
+    settle_savepoint(conn, result, rows_refused).await
 }
 
-/// Releases the savepoint after a statement that succeeded, rolls back to it after one whose rows
-/// PostgreSQL refused (`Ok(Err(_))`), and answers any other failure as the batch's (`Err(_)`).
+/// Releases the savepoint after a statement that succeeded, rolls back to it after one that
+/// `refused` says PostgreSQL refused for good (`Ok(Err(_))`), and answers any other failure as the
+/// batch's (`Err(_)`).
 async fn settle_savepoint<T>(
     conn: &mut PgConnection,
     result: Result<T, sqlx::Error>,
+    refused: fn(&sqlx::Error) -> bool,
 ) -> Result<Result<(), sqlx::Error>, sqlx::Error> {
     match result {
         Ok(_) => {
@@ -496,7 +519,7 @@ async fn settle_savepoint<T>(
                 .await?;
             Ok(Ok(()))
         }
-        Err(error) if classify(&error) == Failure::Row => {
+        Err(error) if refused(&error) => {
             sqlx::raw_sql("ROLLBACK TO SAVEPOINT dstore_rows")
                 .execute(&mut *conn)
                 .await?;
