@@ -355,6 +355,9 @@ impl Journal {
                 cf.set_memtable_prefix_bloom_ratio(0.1);
                 cf.set_memtable_whole_key_filtering(true);
             }
+            if name == CF_ITEMS || name == crate::projector::rocksdb::CF_KEYSPACES {
+                crate::rocks::keyed_by_item(&mut cf);
+            }
             if name == CF_TASKS {
                 // Tasks live for milliseconds: most never reach a file, and those that do are
                 // read once; compressing them costs more than it saves.

@@ -135,6 +135,7 @@ impl RocksProjector {
         options.create_if_missing(true);
         options.set_memtable_whole_key_filtering(true);
         options.set_memtable_prefix_bloom_ratio(0.1);
+        crate::rocks::keyed_by_item(&mut options);
         let family = rocksdb::ColumnFamilyDescriptor::new(CF_OWN, options.clone());
         Ok(RocksProjector {
             db: Arc::new(DB::open_cf_descriptors(&options, path, [family])?),
