@@ -133,6 +133,15 @@ pub enum Entry {
 }
 
 impl Entry {
+    /// The key of the item this entry writes or deletes (`keys::item`).
+    pub fn key(&self, project: &Ident) -> Vec<u8> {
+        match self {
+            Entry::Upsert { blueprint, id, .. } | Entry::Delete { blueprint, id, .. } => {
+                keys::item(project, blueprint, id)
+            }
+        }
+    }
+
     /// Encodes an upsert; the documents were serialized once (`VersionDoc`), and the client's own
     /// version's text becomes the record.
     pub fn upsert(
@@ -1412,6 +1421,91 @@ mod tests {
         journal.close().await;
     }
 
+    /// The feed's index holds the last change of each of `ids` (its record's revision, or its
+    /// delete's) and nothing else of the project.
+    fn assert_one_change_each(journal: &Journal, project: &Ident, article: &Ident, ids: &[Uuid]) {
+        // Each item's last change: its record's revision, or its delete's.
+        let db = &journal.db;
+        let mut last: Vec<u64> = ids
+            .iter()
+            .map(|id| {
+                let key = keys::item(project, article, id);
+                let put = db.get_cf(journal.cf(CF_ITEMS), &key).unwrap();
+                let delete = db
+                    .get_cf(journal.cf(CF_DELETED), keys::deleted(&key))
+                    .unwrap();
+                put.or(delete)
+                    .and_then(|v| codec::record_revision(&v))
+                    .expect("every item was changed")
+            })
+            .collect();
+        last.sort_unstable();
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(keys::project_end(project));
+        let start = keys::change(project, 0);
+        let indexed: Vec<u64> = db
+            .iterator_cf_opt(
+                journal.cf(CF_CHANGES),
+                options,
+                IteratorMode::From(&start, rocksdb::Direction::Forward),
+            )
+            .map(|entry| keys::task_seq(&entry.unwrap().0))
+            .collect();
+        assert_eq!(
+            indexed, last,
+            "the feed's index holds each item's last change only"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_write_of_many_items_finds_their_previous_changes_in_table_files_too() {
+        // The previous changes are read in batches (`Stage::look_up`): from table files here, for
+        // rewrites, revivals, deletes, new items, and items written twice or written then deleted
+        // in the same write.
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec![]).await;
+        let ids: Vec<Uuid> = (0..40).map(|_| Uuid::new_v4()).collect();
+        let upsert = |id: &Uuid, title: &str| {
+            let body = json!({"project_version": 1, "title": title});
+            prepare_upsert(&storage.snapshot(), &project, &article, *id, &body).unwrap()
+        };
+        let delete =
+            |id: &Uuid| prepare_delete(&storage.snapshot(), &project, &article, *id, None).unwrap();
+        let epoch = storage.snapshot().projects[&project].epoch;
+        let first = ids[..30].iter().map(|id| upsert(id, "first")).collect();
+        storage.write(&project, epoch, first).await.unwrap();
+        let deletes = ids[10..20].iter().map(delete).collect();
+        storage.write(&project, epoch, deletes).await.unwrap();
+        for cf in [CF_ITEMS, CF_DELETED, CF_CHANGES] {
+            journal.db.flush_cf(journal.cf(cf)).unwrap();
+        }
+        // Rewrites (0..10), revivals (10..20), deletes (20..30), new items (30..40), one item
+        // written twice and one written then deleted.
+        let mut entries: Vec<Entry> = Vec::new();
+        entries.extend(ids[..20].iter().map(|id| upsert(id, "again")));
+        entries.extend(ids[20..30].iter().map(delete));
+        entries.extend(ids[30..].iter().map(|id| upsert(id, "new")));
+        entries.push(upsert(&ids[0], "twice"));
+        entries.push(delete(&ids[35]));
+        storage.write(&project, epoch, entries).await.unwrap();
+        assert_one_change_each(&journal, &project, &article, &ids);
+        let record = journal
+            .db
+            .get_cf(
+                journal.cf(CF_ITEMS),
+                keys::item(&project, &article, &ids[0]),
+            )
+            .unwrap()
+            .unwrap();
+        assert!(String::from_utf8_lossy(&record).contains("twice"));
+        journal.close().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
     async fn items_changed_within_and_across_batches_keep_one_change_each_their_last() {
         // 32 clients change 8 items: an item changes several times in one group commit, and again
@@ -1451,37 +1545,7 @@ mod tests {
             client.await.unwrap();
         }
 
-        // Each item's last change: its record's revision, or its delete's.
-        let db = &journal.db;
-        let mut last: Vec<u64> = ids
-            .iter()
-            .map(|id| {
-                let key = keys::item(&project, &article, id);
-                let put = db.get_cf(journal.cf(CF_ITEMS), &key).unwrap();
-                let delete = db
-                    .get_cf(journal.cf(CF_DELETED), keys::deleted(&key))
-                    .unwrap();
-                put.or(delete)
-                    .and_then(|v| codec::record_revision(&v))
-                    .expect("every item was changed")
-            })
-            .collect();
-        last.sort_unstable();
-        let mut options = rocksdb::ReadOptions::default();
-        options.set_iterate_upper_bound(keys::project_end(&project));
-        let start = keys::change(&project, 0);
-        let indexed: Vec<u64> = db
-            .iterator_cf_opt(
-                journal.cf(CF_CHANGES),
-                options,
-                IteratorMode::From(&start, rocksdb::Direction::Forward),
-            )
-            .map(|entry| keys::task_seq(&entry.unwrap().0))
-            .collect();
-        assert_eq!(
-            indexed, last,
-            "the feed's index holds each item's last change only"
-        );
+        assert_one_change_each(&journal, &project, &article, &ids);
         assert_eq!(
             journal.last_seq(),
             frozen + 32 * 20,

@@ -146,6 +146,9 @@ struct Stage<'a> {
     /// seeded per process, so they cannot aim them at one bucket (SipHash took 1.7 % of dstore's
     /// CPU under `_bulk`).
     staged: HashMap<Vec<u8>, Previous, foldhash::fast::RandomState>,
+    /// The journal's previous change of the items of the write being staged that this batch had
+    /// not changed when it was read ([`Stage::look_up`]); `staged` goes first.
+    looked_up: HashMap<Vec<u8>, Previous, foldhash::fast::RandomState>,
     /// Projects this batch drops.
     dropped: std::collections::HashSet<Ident>,
     /// Horizons this batch moves.
@@ -177,6 +180,23 @@ impl Previous {
             Previous::None => 0,
             Previous::Put { revision, .. } | Previous::Delete(revision) => revision,
         }
+    }
+}
+
+/// The change an item record stands for, if it decodes.
+fn put_of(record: &[u8]) -> Option<Previous> {
+    Some(Previous::Put {
+        revision: codec::record_revision(record)?,
+        version: codec::record_version(record)?,
+        staged: None,
+    })
+}
+
+/// The change a deleted item's marker stands for (none without a marker).
+fn delete_of(marker: Option<&[u8]>) -> Previous {
+    match marker.and_then(codec::record_revision) {
+        Some(delete) => Previous::Delete(delete),
+        None => Previous::None,
     }
 }
 
@@ -220,26 +240,53 @@ impl<'a> Stage<'a> {
         if let Some(staged) = self.staged.get(key) {
             return *staged;
         }
+        if let Some(looked_up) = self.looked_up.get(key) {
+            return *looked_up;
+        }
         let db = &self.writer.db;
         if let Ok(Some(record)) = db.get_pinned_cf(self.cf(CF_ITEMS), key) {
-            if let (Some(revision), Some(version)) = (
-                codec::record_revision(&record),
-                codec::record_version(&record),
-            ) {
-                return Previous::Put {
-                    revision,
-                    version,
-                    staged: None,
-                };
+            if let Some(previous) = put_of(&record) {
+                return previous;
             }
         }
-        let deleted = db
-            .get_pinned_cf(self.cf(CF_DELETED), keys::deleted(key))
-            .ok()
-            .flatten();
-        match deleted.and_then(|v| codec::record_revision(&v)) {
-            Some(delete) => Previous::Delete(delete),
-            None => Previous::None,
+        let deleted = db.get_pinned_cf(self.cf(CF_DELETED), keys::deleted(key));
+        delete_of(deleted.ok().flatten().as_deref())
+    }
+
+    /// Looks up, for [`Stage::previous`], the previous change of every item of a write of several
+    /// that this batch has not changed: one batched read of the records and one of the delete
+    /// markers of those with none. RocksDB's batched `MultiGet` probes each table file's filter for
+    /// all the keys at once, where one look-up per item probed every file's filter for each (a
+    /// fifth of the writer's time under `_bulk`, which the writer bounds).
+    fn look_up(&mut self, project: &Ident, entries: &[Entry]) {
+        self.looked_up.clear();
+        if entries.len() < 2 {
+            return;
+        }
+        let mut items: Vec<Vec<u8>> = entries
+            .iter()
+            .map(|entry| entry.key(project))
+            .filter(|key| !self.staged.contains_key(key))
+            .collect();
+        items.sort_unstable();
+        items.dedup();
+        let db = &self.writer.db;
+        let records = db.batched_multi_get_cf(self.cf(CF_ITEMS), &items, true);
+        let mut unwritten = Vec::new();
+        for (key, record) in items.into_iter().zip(records) {
+            match record.ok().flatten().and_then(|record| put_of(&record)) {
+                Some(previous) => {
+                    self.looked_up.insert(key, previous);
+                }
+                None => unwritten.push(key),
+            }
+        }
+        // A marker's key is the item's behind one byte: in the same order.
+        let markers: Vec<Vec<u8>> = unwritten.iter().map(|key| keys::deleted(key)).collect();
+        let deletes = db.batched_multi_get_cf(self.cf(CF_DELETED), &markers, true);
+        for (key, marker) in unwritten.into_iter().zip(deletes) {
+            let previous = delete_of(marker.ok().flatten().as_deref());
+            self.looked_up.insert(key, previous);
         }
     }
 
@@ -415,6 +462,7 @@ impl Writer {
                 after: Vec::new(),
                 backfills: Default::default(),
                 staged: HashMap::default(),
+                looked_up: HashMap::default(),
                 dropped: Default::default(),
                 horizons: HashMap::new(),
                 touched: HashMap::new(),
@@ -490,10 +538,12 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 let _ = reply.send(Err(JournalError::Stale));
                 return;
             }
+            stage.look_up(&project, &entries);
             let revisions = entries
                 .into_iter()
                 .map(|entry| stage_entry(stage, &project, entry))
                 .collect();
+            stage.looked_up.clear();
             stage.answers.push(answer(reply, revisions));
         }
         Command::Freeze {
@@ -813,6 +863,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
 /// Stages one item write; its revision is the seq of its task.
 fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
     let items = stage.cf(CF_ITEMS);
+    let key = entry.key(project);
     match entry {
         Entry::Upsert {
             blueprint,
@@ -823,7 +874,6 @@ fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
             task,
         } => {
             let revision = stage.task(None, &task.bytes, stage.all_projectors());
-            let key = keys::item(project, &blueprint, &id);
             let previous = stage.previous(&key);
             keep_retired_document(stage, project, &blueprint, &id, &key, previous, &task);
             stage.keyspace_put(
@@ -862,7 +912,6 @@ fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
             versions,
             task,
         } => {
-            let key = keys::item(project, &blueprint, &id);
             let revision = stage.task(None, &task, stage.all_projectors());
             let previous = stage.previous(&key);
             stage.keyspace_delete(project, &blueprint, &id, revision, &versions);
