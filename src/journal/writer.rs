@@ -146,9 +146,6 @@ struct Stage<'a> {
     /// seeded per process, so they cannot aim them at one bucket (SipHash took 1.7 % of dstore's
     /// CPU under `_bulk`).
     staged: HashMap<Vec<u8>, Previous, foldhash::fast::RandomState>,
-    /// The journal's previous change of the items of the write being staged that this batch had
-    /// not changed when it was read ([`Stage::look_up`]); `staged` goes first.
-    looked_up: HashMap<Vec<u8>, Previous, foldhash::fast::RandomState>,
     /// Projects this batch drops.
     dropped: std::collections::HashSet<Ident>,
     /// Horizons this batch moves.
@@ -235,13 +232,14 @@ impl<'a> Stage<'a> {
         seq
     }
 
-    /// The item's change before this one, from this batch or the journal.
-    fn previous(&self, key: &[u8]) -> Previous {
+    /// The item's change before this one, from this batch, else as [`Stage::look_up`] read it
+    /// from the journal (`looked_up`), else read now.
+    fn previous(&self, key: &[u8], looked_up: Option<Previous>) -> Previous {
         if let Some(staged) = self.staged.get(key) {
             return *staged;
         }
-        if let Some(looked_up) = self.looked_up.get(key) {
-            return *looked_up;
+        if let Some(looked_up) = looked_up {
+            return looked_up;
         }
         let db = &self.writer.db;
         if let Ok(Some(record)) = db.get_pinned_cf(self.cf(CF_ITEMS), key) {
@@ -253,41 +251,40 @@ impl<'a> Stage<'a> {
         delete_of(deleted.ok().flatten().as_deref())
     }
 
-    /// Looks up, for [`Stage::previous`], the previous change of every item of a write of several
-    /// that this batch has not changed: one batched read of the records and one of the delete
-    /// markers of those with none. RocksDB's batched `MultiGet` probes each table file's filter for
-    /// all the keys at once, where one look-up per item probed every file's filter for each (a
-    /// fifth of the writer's time under `_bulk`, which the writer bounds).
-    fn look_up(&mut self, project: &Ident, entries: &[Entry]) {
-        self.looked_up.clear();
-        if entries.len() < 2 {
-            return;
+    /// The journal's previous change of each item of a write of several (by its key), for
+    /// [`Stage::previous`]: one batched read of the records and one of the delete markers of those
+    /// with none. RocksDB's batched `MultiGet` probes each table file's filter for all the keys at
+    /// once, where one look-up per item probed every file's filter for each (a sixth of the
+    /// writer's time under `_bulk`, which the writer bounds). `None` for an item this batch has
+    /// changed already, for the second write of an item in the same write (the first stages it),
+    /// and for a write of one item, which `previous` reads alone.
+    fn look_up(&self, keys: &[Vec<u8>]) -> Vec<Option<Previous>> {
+        let mut found = vec![None; keys.len()];
+        if keys.len() < 2 {
+            return found;
         }
-        let mut items: Vec<Vec<u8>> = entries
-            .iter()
-            .map(|entry| entry.key(project))
-            .filter(|key| !self.staged.contains_key(key))
+        let mut order: Vec<usize> = (0..keys.len())
+            .filter(|i| !self.staged.contains_key(&keys[*i]))
             .collect();
-        items.sort_unstable();
-        items.dedup();
+        order.sort_unstable_by(|a, b| keys[*a].cmp(&keys[*b]).then(a.cmp(b)));
+        order.dedup_by(|later, first| keys[*later] == keys[*first]);
         let db = &self.writer.db;
-        let records = db.batched_multi_get_cf(self.cf(CF_ITEMS), &items, true);
+        let items = order.iter().map(|i| &keys[*i]);
+        let records = db.batched_multi_get_cf(self.cf(CF_ITEMS), items, true);
         let mut unwritten = Vec::new();
-        for (key, record) in items.into_iter().zip(records) {
+        for (i, record) in order.into_iter().zip(records) {
             match record.ok().flatten().and_then(|record| put_of(&record)) {
-                Some(previous) => {
-                    self.looked_up.insert(key, previous);
-                }
-                None => unwritten.push(key),
+                Some(previous) => found[i] = Some(previous),
+                None => unwritten.push(i),
             }
         }
         // A marker's key is the item's behind one byte: in the same order.
-        let markers: Vec<Vec<u8>> = unwritten.iter().map(|key| keys::deleted(key)).collect();
+        let markers: Vec<Vec<u8>> = unwritten.iter().map(|i| keys::deleted(&keys[*i])).collect();
         let deletes = db.batched_multi_get_cf(self.cf(CF_DELETED), &markers, true);
-        for (key, marker) in unwritten.into_iter().zip(deletes) {
-            let previous = delete_of(marker.ok().flatten().as_deref());
-            self.looked_up.insert(key, previous);
+        for (i, marker) in unwritten.into_iter().zip(deletes) {
+            found[i] = Some(delete_of(marker.ok().flatten().as_deref()));
         }
+        found
     }
 
     /// The text of the item record `previous` names: from this batch, or the journal.
@@ -462,7 +459,6 @@ impl Writer {
                 after: Vec::new(),
                 backfills: Default::default(),
                 staged: HashMap::default(),
-                looked_up: HashMap::default(),
                 dropped: Default::default(),
                 horizons: HashMap::new(),
                 touched: HashMap::new(),
@@ -538,12 +534,14 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 let _ = reply.send(Err(JournalError::Stale));
                 return;
             }
-            stage.look_up(&project, &entries);
+            let keys: Vec<Vec<u8>> = entries.iter().map(|entry| entry.key(&project)).collect();
+            let looked_up = stage.look_up(&keys);
             let revisions = entries
                 .into_iter()
-                .map(|entry| stage_entry(stage, &project, entry))
+                .zip(keys)
+                .zip(looked_up)
+                .map(|((entry, key), previous)| stage_entry(stage, &project, entry, key, previous))
                 .collect();
-            stage.looked_up.clear();
             stage.answers.push(answer(reply, revisions));
         }
         Command::Freeze {
@@ -860,10 +858,16 @@ fn stage_command(stage: &mut Stage, command: Command) {
     }
 }
 
-/// Stages one item write; its revision is the seq of its task.
-fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
+/// Stages one item write (`key`: its item's key), with its previous change when
+/// [`Stage::look_up`] read it; its revision is the seq of its task.
+fn stage_entry(
+    stage: &mut Stage,
+    project: &Ident,
+    entry: Entry,
+    key: Vec<u8>,
+    looked_up: Option<Previous>,
+) -> u64 {
     let items = stage.cf(CF_ITEMS);
-    let key = entry.key(project);
     match entry {
         Entry::Upsert {
             blueprint,
@@ -874,7 +878,7 @@ fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
             task,
         } => {
             let revision = stage.task(None, &task.bytes, stage.all_projectors());
-            let previous = stage.previous(&key);
+            let previous = stage.previous(&key, looked_up);
             keep_retired_document(stage, project, &blueprint, &id, &key, previous, &task);
             stage.keyspace_put(
                 project,
@@ -913,7 +917,7 @@ fn stage_entry(stage: &mut Stage, project: &Ident, entry: Entry) -> u64 {
             task,
         } => {
             let revision = stage.task(None, &task, stage.all_projectors());
-            let previous = stage.previous(&key);
+            let previous = stage.previous(&key, looked_up);
             stage.keyspace_delete(project, &blueprint, &id, revision, &versions);
             stage_change(
                 stage,
@@ -1042,7 +1046,7 @@ fn requeue_into_keyspaces(stage: &mut Stage, task: &super::task::Task) {
     let cf = stage.cf(keyspace::CF_KEYSPACES);
     for write in task.version_writes() {
         let latest = stage
-            .previous(&keys::item(&task.project, write.blueprint, &write.id))
+            .previous(&keys::item(&task.project, write.blueprint, &write.id), None)
             .revision();
         let key = keyspace::key(&task.project, write.version, write.blueprint, &write.id);
         let stored = match stage.writer.db.get_pinned_cf(cf, &key) {
