@@ -10,9 +10,13 @@
 //! `MEMTABLES + BLOCK_CACHE` of RocksDB memory however many databases it opens, whatever the load
 //! and however many items the journal holds (`/_metrics`: `dstore_rocksdb_memory_bytes`).
 
-use std::sync::OnceLock;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
-use rocksdb::{BlockBasedIndexType, BlockBasedOptions, Cache, Options, WriteBufferManager};
+use rocksdb::{
+    BlockBasedIndexType, BlockBasedOptions, BottommostLevelCompaction, Cache, CompactOptions,
+    Options, WriteBufferManager, DB,
+};
 
 /// What every memtable of the process may hold together, the catalog's (and so the audit log's)
 /// included. Once the catalog's memtable counted here, 48 MiB kept PUT's rate where 32 MiB lost 4 %
@@ -91,4 +95,155 @@ pub const ITEM_LEVEL0_FILES: i32 = 8;
 /// many bloom filters, held in memory.
 pub fn keyed_by_item(options: &mut Options) {
     options.set_level_zero_file_num_compaction_trigger(ITEM_LEVEL0_FILES);
+}
+
+/// Set, in a database's marker family, once every table file it holds has the partitioned indexes
+/// and filters of [`family`].
+pub const PARTITIONED: &[u8] = b"tables_partitioned";
+
+/// Rewrites, once and in the background, the table files a database kept from before [`family`]
+/// put indexes and filters in the block cache. Such a file's filter is one block, which the cache
+/// takes whole: over a journal of 20 M items made that way, the filters outgrew the cache and each
+/// look-up read one back (`_bulk` fell from about 150k to 35k items/s until the files were
+/// rewritten). Compacting each of `families` down to its last level writes them anew, partitioned;
+/// then `marker` gets [`PARTITIONED`]. A database with no table files yet is marked at once. A
+/// rewrite cut short (the process stopped, or dropped the database) is done again at the next
+/// start; until it ends, the database serves as before, only slower.
+pub fn partition_old_tables(
+    db: &Arc<DB>,
+    families: &[&'static str],
+    marker: &'static str,
+) -> Result<(), rocksdb::Error> {
+    let cf = db.cf_handle(marker).expect("the marker's family exists");
+    if db.get_cf(cf, PARTITIONED)?.is_some() {
+        return Ok(());
+    }
+    if db.live_files()?.is_empty() {
+        return db.put_cf(cf, PARTITIONED, [1]);
+    }
+    let weak = Arc::downgrade(db);
+    let families = families.to_vec();
+    let rewrite = move || {
+        let started = Instant::now();
+        tracing::info!("rewriting table files made before indexes and filters were partitioned");
+        for name in families {
+            // The database is only borrowed for one family at a time: dropped meanwhile, the
+            // rewrite stops there.
+            let Some(db) = weak.upgrade() else { return };
+            let Some(cf) = db.cf_handle(name) else {
+                continue;
+            };
+            let mut options = CompactOptions::default();
+            options.set_bottommost_level_compaction(BottommostLevelCompaction::Force);
+            // Flushes and the compactions writes need go on meanwhile: held back, level 0 would
+            // fill until RocksDB stalls every write.
+            options.set_exclusive_manual_compaction(false);
+            db.compact_range_cf_opt(cf, None::<&[u8]>, None::<&[u8]>, &options);
+        }
+        let Some(db) = weak.upgrade() else { return };
+        let marked = db.put_cf(
+            db.cf_handle(marker).expect("the marker's family exists"),
+            PARTITIONED,
+            [1],
+        );
+        match marked {
+            Ok(()) => tracing::info!(
+                seconds = started.elapsed().as_secs_f64(),
+                "table files rewritten with partitioned indexes and filters"
+            ),
+            Err(error) => tracing::warn!(%error, "could not mark the table files rewritten"),
+        }
+    };
+    if let Err(error) = std::thread::Builder::new()
+        .name("rocksdb-rewrite".into())
+        .spawn(rewrite)
+    {
+        tracing::warn!(%error, "cannot start the rewrite of old table files; it runs at the next start");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const FAMILY: &str = "items";
+
+    fn table_readers(db: &DB) -> u64 {
+        let cf = db.cf_handle(FAMILY).unwrap();
+        db.property_int_value_cf(cf, "rocksdb.estimate-table-readers-mem")
+            .unwrap()
+            .unwrap_or(0)
+    }
+
+    fn table_properties(db: &DB) -> String {
+        let cf = db.cf_handle(FAMILY).unwrap();
+        db.property_value_cf(cf, "rocksdb.aggregated-table-properties")
+            .unwrap()
+            .unwrap_or_default()
+    }
+
+    fn open(path: &std::path::Path, tables: Options) -> Arc<DB> {
+        let mut options = db_options();
+        options.create_if_missing(true);
+        options.create_missing_column_families(true);
+        let families = [rocksdb::ColumnFamilyDescriptor::new(FAMILY, tables)];
+        Arc::new(DB::open_cf_descriptors(&options, path, families).unwrap())
+    }
+
+    #[test]
+    fn table_files_made_with_whole_filters_are_rewritten_partitioned_once() {
+        let dir = tempfile::tempdir().unwrap();
+        // A database as dstore made it before: whole filters, held outside the cache.
+        let mut before = Options::default();
+        let mut table = BlockBasedOptions::default();
+        table.set_bloom_filter(10.0, false);
+        before.set_block_based_table_factory(&table);
+        let db = open(dir.path(), before);
+        let cf = db.cf_handle(FAMILY).unwrap();
+        for i in 0u32..50_000 {
+            db.put_cf(cf, i.to_be_bytes(), b"an item").unwrap();
+        }
+        db.flush_cf(cf).unwrap();
+        assert!(table_readers(&db) > 32 << 10, "{}", table_readers(&db));
+        drop(db);
+
+        let mut now = Options::default();
+        family(&mut now, |tables| tables.set_bloom_filter(10.0, false));
+        let db = open(dir.path(), now);
+        assert!(!table_properties(&db).contains("index partitions"));
+        let marker = rocksdb::DEFAULT_COLUMN_FAMILY_NAME;
+        partition_old_tables(&db, &[FAMILY], marker).unwrap();
+        let deadline = Instant::now() + std::time::Duration::from_secs(60);
+        let default = db.cf_handle(marker).unwrap();
+        while db.get_cf(default, PARTITIONED).unwrap().is_none() {
+            assert!(Instant::now() < deadline, "the rewrite did not end");
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        assert!(table_properties(&db).contains("# index partitions="));
+        let readers = table_readers(&db);
+        assert!(
+            readers < 8 << 10,
+            "table readers still hold {readers} bytes"
+        );
+        let cf = db.cf_handle(FAMILY).unwrap();
+        assert_eq!(
+            db.get_cf(cf, 49_999u32.to_be_bytes()).unwrap().as_deref(),
+            Some(&b"an item"[..])
+        );
+        // Marked: the next start rewrites nothing.
+        partition_old_tables(&db, &[FAMILY], marker).unwrap();
+    }
+
+    #[test]
+    fn a_database_without_table_files_is_marked_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut now = Options::default();
+        family(&mut now, |_| {});
+        let db = open(dir.path(), now);
+        let marker = rocksdb::DEFAULT_COLUMN_FAMILY_NAME;
+        partition_old_tables(&db, &[FAMILY], marker).unwrap();
+        let default = db.cf_handle(marker).unwrap();
+        assert!(db.get_cf(default, PARTITIONED).unwrap().is_some());
+    }
 }

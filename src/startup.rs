@@ -590,7 +590,7 @@ pub fn open_keyspaces(settings: &Settings) -> Result<Arc<RocksProjector>, Startu
     })?;
     let path = data_dir.join("keyspaces");
     RocksProjector::open(&path)
-        .map(Arc::new)
+        .and_then(|keyspaces| keyspaces.rewrite_old_tables().map(|()| Arc::new(keyspaces)))
         .map_err(|source| StartupError::Keyspaces { path, source })
 }
 

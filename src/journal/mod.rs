@@ -391,6 +391,7 @@ impl Journal {
         };
         index_changes(&db)?;
         move_deleted(&db)?;
+        crate::rocks::partition_old_tables(&db, &FAMILIES, CF_META)?;
         let last_seq = Arc::new(AtomicU64::new(last_seq));
         let id = outbox::journal_id(&db)?;
         let (commands, receiver) = std::sync::mpsc::sync_channel(4096);

@@ -143,6 +143,16 @@ impl RocksProjector {
         })
     }
 
+    /// Rewrites, in the background, the table files of a database of their own made before
+    /// indexes and filters were partitioned (`crate::rocks::partition_old_tables`). Only for the
+    /// database a process serves from: the rewrite holds it open while it runs.
+    pub fn rewrite_old_tables(&self) -> Result<(), rocksdb::Error> {
+        if self.is_in_journal() {
+            return Ok(());
+        }
+        crate::rocks::partition_old_tables(&self.db, &[CF_OWN], rocksdb::DEFAULT_COLUMN_FAMILY_NAME)
+    }
+
     /// The keyspaces the journal `db` keeps in its own batches (see the module's doc).
     pub fn in_journal(db: Arc<DB>) -> RocksProjector {
         RocksProjector {
