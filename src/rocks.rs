@@ -65,9 +65,9 @@ pub fn db_options() -> Options {
 /// in a 16 MiB cache, each file's one filter block was evicted and read again by the next look-up
 /// (`_bulk` with PostgreSQL fell to a third). Partitioned, only the 4 KiB partitions that look-ups
 /// touch are cached; the top levels and the files of level 0, which every look-up reads, stay
-/// pinned. Over the same journals: peak RSS 148-162 MiB, `_bulk` and PUT 6-17 % faster (the
-/// partitions fit the CPU's caches where whole filters did not); on a fresh journal, unchanged
-/// (README, Performance).
+/// pinned. Over the same journals: peak RSS 148-162 MiB, `_bulk` and PUT 6-17 % faster (not
+/// profiled; small partitions may stay in the CPU's caches where whole filters did not); on a
+/// fresh journal, unchanged (README, Performance).
 pub fn family(options: &mut Options, tables: impl FnOnce(&mut BlockBasedOptions)) {
     options.set_write_buffer_size(MEMTABLE);
     let mut table = BlockBasedOptions::default();
@@ -99,7 +99,7 @@ pub fn keyed_by_item(options: &mut Options) {
 
 /// Set, in a database's marker family, once every table file it holds has the partitioned indexes
 /// and filters of [`family`].
-pub const PARTITIONED: &[u8] = b"tables_partitioned";
+const PARTITIONED: &[u8] = b"tables_partitioned";
 
 /// Rewrites, once and in the background, the table files a database kept from before [`family`]
 /// put indexes and filters in the block cache. Such a file's filter is one block, which the cache
