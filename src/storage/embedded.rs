@@ -63,9 +63,20 @@ fn key_record(id: &str) -> Vec<u8> {
     format!("key/{id}").into_bytes()
 }
 
-/// `audit/{microseconds:020}{n:020}`: in time order.
+/// `audit/{microseconds:020}{n:020}`: in time order. Written digit by digit: one key per request.
 fn audit_record(at: DateTime<Utc>, n: u64) -> Vec<u8> {
-    format!("audit/{:020}{n:020}", at.timestamp_micros().max(0)).into_bytes()
+    let mut key = Vec::with_capacity(AUDIT.len() + 40);
+    key.extend_from_slice(AUDIT);
+    for number in [at.timestamp_micros().max(0) as u64, n] {
+        let start = key.len();
+        key.resize(start + 20, b'0');
+        let mut rest = number;
+        for digit in key[start..].iter_mut().rev() {
+            *digit = b'0' + (rest % 10) as u8;
+            rest /= 10;
+        }
+    }
+    key
 }
 
 impl EmbeddedStorage {
@@ -368,10 +379,7 @@ impl Storage for EmbeddedStorage {
             .iter()
             .map(|entry| {
                 let n = self.audit_seq.fetch_add(1, Ordering::Relaxed);
-                (
-                    audit_record(entry.at, n),
-                    serde_json::to_vec(entry).expect("entries serialize"),
-                )
+                (audit_record(entry.at, n), entry.encode())
             })
             .collect();
         // Not synced: the batch survives a crash of dstore, not of the machine (see README).
@@ -387,9 +395,8 @@ impl Storage for EmbeddedStorage {
             .records(&audit_record(since, 0), AUDIT_END, limit)?
             .into_iter()
             .map(|(_, value)| {
-                serde_json::from_slice(&value).map_err(|e| {
-                    StorageError::Corrupt(format!("an audit entry is unreadable: {e}"))
-                })
+                AuditEntry::decode(&value)
+                    .ok_or_else(|| StorageError::Corrupt("an audit entry is unreadable".into()))
             })
             .collect()
     }
@@ -424,5 +431,26 @@ impl Storage for EmbeddedStorage {
             bytes,
             table_readers_bytes: self.journal.table_readers_bytes(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn audit_keys_are_zero_padded_so_they_sort_by_time() {
+        for (micros, n) in [(0, 0), (1_764_739_200_123_456, 7), (253_402_300_799_999_999, u64::MAX)] {
+            let at = DateTime::from_timestamp_micros(micros).unwrap();
+            assert_eq!(
+                audit_record(at, n),
+                format!("audit/{micros:020}{n:020}").into_bytes()
+            );
+        }
+        let before = DateTime::from_timestamp_micros(-5).unwrap();
+        assert_eq!(
+            audit_record(before, 1),
+            audit_record(DateTime::UNIX_EPOCH, 1)
+        );
     }
 }
