@@ -57,17 +57,48 @@ fn item_id(raw: &str) -> Result<Uuid, ApiError> {
     })
 }
 
-/// Adds `projected` (and answers 202 when the projectors did not catch up in time).
+/// Answers a write: `success`, `id`, `revision` (and `found` for a delete), then `projected` and
+/// what goes with it (answering 202 when the projectors did not catch up in time). Serialized
+/// from a struct, not built as a JSON map: one answer per PUT.
 async fn answer(
     state: &State,
     params: &WriteParams,
-    mut body: Map<String, Value>,
-    (project, revision): (&Ident, u64),
+    written: Written<'_>,
+    project: &Ident,
     status: actix_web::http::StatusCode,
 ) -> HttpResponse {
-    let (status, projection) = projection(state, params, project, &[revision], status).await;
-    body.extend(projection);
-    HttpResponse::build(status).json(body)
+    let (status, projection) =
+        projection(state, params, project, &[written.revision], status).await;
+    let body = Answer {
+        written,
+        projection,
+    };
+    match serde_json::to_vec(&body) {
+        Ok(bytes) => HttpResponse::build(status)
+            .content_type(actix_web::http::header::ContentType::json())
+            .body(bytes),
+        Err(error) => {
+            actix_web::ResponseError::error_response(&ApiError::Internal(error.to_string()))
+        }
+    }
+}
+
+/// What every write answers.
+#[derive(Serialize)]
+struct Written<'a> {
+    success: bool,
+    id: &'a Uuid,
+    revision: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    found: Option<bool>,
+}
+
+#[derive(Serialize)]
+struct Answer<'a> {
+    #[serde(flatten)]
+    written: Written<'a>,
+    #[serde(flatten)]
+    projection: Map<String, Value>,
 }
 
 /// With `wait=true`, waits until every projector settled the writes `revisions`: the status to
@@ -115,12 +146,13 @@ async fn projection(
     (status, fields)
 }
 
-fn success(id: &Uuid, revision: u64) -> Map<String, Value> {
-    let mut body = Map::new();
-    body.insert("success".into(), Value::Bool(true));
-    body.insert("id".into(), Value::String(id.to_string()));
-    body.insert("revision".into(), Value::from(revision));
-    body
+fn success(id: &Uuid, revision: u64) -> Written<'_> {
+    Written {
+        success: true,
+        id,
+        revision,
+        found: None,
+    }
 }
 
 async fn upsert(
@@ -135,14 +167,7 @@ async fn upsert(
     let params = write_params(&request)?;
     let body = body::json(&state, &request, payload).await?;
     let revision = write::put_item(state.storage.as_ref(), &project, &blueprint, id, &body).await?;
-    Ok(answer(
-        &state,
-        &params,
-        success(&id, revision),
-        (&project, revision),
-        status,
-    )
-    .await)
+    Ok(answer(&state, &params, success(&id, revision), &project, status).await)
 }
 
 /// PUT /{project}/{blueprint}/{id}
@@ -197,16 +222,12 @@ pub async fn delete(
     let params = write_params(&request)?;
     let (revision, found) =
         write::delete_item(state.storage.as_ref(), &project, &blueprint, id).await?;
-    let mut body = success(&id, revision);
-    body.insert("found".into(), Value::Bool(found));
-    Ok(answer(
-        &state,
-        &params,
-        body,
-        (&project, revision),
-        actix_web::http::StatusCode::OK,
-    )
-    .await)
+    let written = Written {
+        found: Some(found),
+        ..success(&id, revision)
+    };
+    let ok = actix_web::http::StatusCode::OK;
+    Ok(answer(&state, &params, written, &project, ok).await)
 }
 
 #[derive(Debug, Deserialize)]
