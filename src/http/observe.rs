@@ -31,25 +31,34 @@ struct Series {
     buckets: [AtomicU64; BUCKETS.len()],
 }
 
-type Key = (String, String, u16);
+/// The series of one route, by method and status.
+type Route = HashMap<(&'static str, u16), Arc<Series>>;
 
-/// Request counters and latency histograms by method, route and status.
+/// Request counters and latency histograms by method, route and status. Keyed by route first, so
+/// recording a request looks its series up with borrowed text and allocates nothing.
 #[derive(Default)]
 pub struct RequestMetrics {
-    series: RwLock<HashMap<Key, Arc<Series>>>,
+    series: RwLock<HashMap<String, Route>>,
 }
 
 impl RequestMetrics {
-    fn record(&self, method: &str, route: &str, status: u16, seconds: f64) {
-        let key = (method.to_string(), route.to_string(), status);
-        let existing = self.series.read().expect("metrics lock").get(&key).cloned();
+    fn record(&self, method: &'static str, route: &str, status: u16, seconds: f64) {
+        let existing = self
+            .series
+            .read()
+            .expect("metrics lock")
+            .get(route)
+            .and_then(|r| r.get(&(method, status)))
+            .cloned();
         let series = match existing {
             Some(series) => series,
             None => self
                 .series
                 .write()
                 .expect("metrics lock")
-                .entry(key)
+                .entry(route.to_string())
+                .or_default()
+                .entry((method, status))
                 .or_default()
                 .clone(),
         };
@@ -64,15 +73,20 @@ impl RequestMetrics {
 
     /// The Prometheus text exposition of the request series.
     pub fn render(&self, out: &mut String) {
-        let series = self.series.read().expect("metrics lock");
-        let mut keys: Vec<&Key> = series.keys().collect();
-        keys.sort();
+        let routes = self.series.read().expect("metrics lock");
+        let mut keys: Vec<(&str, &str, u16, &Series)> = routes
+            .iter()
+            .flat_map(|(route, by)| {
+                by.iter()
+                    .map(move |((method, status), s)| (*method, route.as_str(), *status, &**s))
+            })
+            .collect();
+        keys.sort_by_key(|(method, route, status, _)| (*method, *route, *status));
         out.push_str(
             "# HELP dstore_http_requests_total HTTP requests by method, route and status.\n",
         );
         out.push_str("# TYPE dstore_http_requests_total counter\n");
-        for key @ (method, route, status) in &keys {
-            let s = &series[*key];
+        for (method, route, status, s) in &keys {
             let _ = writeln!(
                 out,
                 "dstore_http_requests_total{{method=\"{method}\",route=\"{route}\",status=\"{status}\"}} {}",
@@ -83,8 +97,7 @@ impl RequestMetrics {
             "# HELP dstore_http_request_duration_seconds Time to answer an HTTP request.\n",
         );
         out.push_str("# TYPE dstore_http_request_duration_seconds histogram\n");
-        for key @ (method, route, status) in &keys {
-            let s = &series[*key];
+        for (method, route, status, s) in &keys {
             let labels = format!("method=\"{method}\",route=\"{route}\",status=\"{status}\"");
             let mut cumulative = 0;
             for (bound, bucket) in BUCKETS.iter().zip(&s.buckets) {
@@ -127,8 +140,22 @@ fn request_id(request: &ServiceRequest) -> String {
                     .duration_since(std::time::UNIX_EPOCH)
                     .map_or(0, |d| d.as_secs())
             });
-            format!("{start:x}-{:x}", NEXT_ID.fetch_add(1, Ordering::Relaxed))
+            let mut id = String::with_capacity(32);
+            push_hex(&mut id, *start);
+            id.push('-');
+            push_hex(&mut id, NEXT_ID.fetch_add(1, Ordering::Relaxed));
+            id
         }
+    }
+}
+
+/// `value` in lowercase hexadecimal, as `{:x}` writes it (without the formatter: once per request).
+fn push_hex(out: &mut String, value: u64) {
+    let digits = (64 - value.leading_zeros()).div_ceil(4).max(1);
+    for place in (0..digits).rev() {
+        out.push(char::from(
+            b"0123456789abcdef"[(value >> (place * 4)) as usize & 15],
+        ));
     }
 }
 
@@ -181,4 +208,43 @@ pub async fn observe(
             .insert(HeaderName::from_static("x-request-id"), value);
     }
     Ok(response)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hexadecimal_ids_are_written_as_the_formatter_writes_them() {
+        for value in [0, 1, 15, 16, 0xdead_beef, u64::MAX] {
+            let mut out = String::new();
+            push_hex(&mut out, value);
+            assert_eq!(out, format!("{value:x}"));
+        }
+    }
+
+    #[test]
+    fn series_are_rendered_in_label_order_with_their_counts() {
+        let metrics = RequestMetrics::default();
+        metrics.record("PUT", "/{project}/{blueprint}/{id}", 200, 0.0004);
+        metrics.record("PUT", "/{project}/{blueprint}/{id}", 200, 0.003);
+        metrics.record("GET", "/_health", 200, 0.0001);
+        metrics.record("PUT", "/{project}/{blueprint}/{id}", 422, 0.0001);
+        let mut out = String::new();
+        metrics.render(&mut out);
+        let counts: Vec<&str> = out
+            .lines()
+            .filter(|l| l.starts_with("dstore_http_requests_total{"))
+            .collect();
+        assert_eq!(
+            counts,
+            [
+                "dstore_http_requests_total{method=\"GET\",route=\"/_health\",status=\"200\"} 1",
+                "dstore_http_requests_total{method=\"PUT\",route=\"/{project}/{blueprint}/{id}\",status=\"200\"} 2",
+                "dstore_http_requests_total{method=\"PUT\",route=\"/{project}/{blueprint}/{id}\",status=\"422\"} 1",
+            ]
+        );
+        assert!(out.contains("dstore_http_request_duration_seconds_bucket{method=\"PUT\",route=\"/{project}/{blueprint}/{id}\",status=\"200\",le=\"0.0005\"} 1\n"));
+        assert!(out.contains("dstore_http_request_duration_seconds_bucket{method=\"PUT\",route=\"/{project}/{blueprint}/{id}\",status=\"200\",le=\"0.005\"} 2\n"));
+    }
 }
