@@ -223,23 +223,48 @@ fn plain_datetime(raw: &str) -> Option<DateTime<Utc>> {
 }
 
 /// The canonical datetime text: UTC, seconds, microseconds only when present (PostgreSQL's precision).
+/// Written digit by digit (every datetime of every item goes through here); years outside
+/// 0000-9999 go through the formatter.
 pub fn format_datetime(t: &DateTime<Utc>) -> String {
     use chrono::Datelike;
     use std::fmt::Write;
     let mut out = String::with_capacity(26);
-    let _ = write!(
-        out,
-        "{:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-        t.year(),
-        t.month(),
-        t.day(),
-        t.hour(),
-        t.minute(),
-        t.second()
-    );
     let micros = t.nanosecond() / 1_000 % 1_000_000;
+    let year = t.year();
+    if !(0..=9999).contains(&year) {
+        let _ = write!(
+            out,
+            "{year:04}-{:02}-{:02} {:02}:{:02}:{:02}",
+            t.month(),
+            t.day(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        );
+        if micros != 0 {
+            let _ = write!(out, ".{micros:06}");
+        }
+        return out;
+    }
+    let digits = |out: &mut String, value: u32, width: u32| {
+        for place in (0..width).rev() {
+            out.push(char::from(b'0' + (value / 10u32.pow(place) % 10) as u8));
+        }
+    };
+    digits(&mut out, year as u32, 4);
+    for (separator, value) in [
+        ('-', t.month()),
+        ('-', t.day()),
+        (' ', t.hour()),
+        (':', t.minute()),
+        (':', t.second()),
+    ] {
+        out.push(separator);
+        digits(&mut out, value, 2);
+    }
     if micros != 0 {
-        let _ = write!(out, ".{micros:06}");
+        out.push('.');
+        digits(&mut out, micros, 6);
     }
     out
 }
@@ -248,6 +273,32 @@ pub fn format_datetime(t: &DateTime<Utc>) -> String {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    #[test]
+    fn datetimes_are_written_as_the_formatter_writes_them() {
+        use chrono::TimeZone;
+        for (text, micros) in [
+            ("2026-11-22 10:00:00", 0),
+            ("0000-01-01 00:00:00", 1),
+            ("9999-12-31 23:59:59", 999_999),
+            ("1970-01-01 00:00:00", 120),
+        ] {
+            let t = NaiveDateTime::parse_from_str(text, "%Y-%m-%d %H:%M:%S")
+                .unwrap()
+                .and_utc()
+                + chrono::Duration::microseconds(micros);
+            let expected = if micros == 0 {
+                text.to_string()
+            } else {
+                format!("{text}.{micros:06}")
+            };
+            assert_eq!(format_datetime(&t), expected);
+        }
+        let far = Utc.with_ymd_and_hms(12345, 6, 7, 8, 9, 10).unwrap();
+        assert_eq!(format_datetime(&far), "12345-06-07 08:09:10");
+        let before = Utc.with_ymd_and_hms(-44, 3, 15, 0, 0, 0).unwrap();
+        assert_eq!(format_datetime(&before), "-044-03-15 00:00:00");
+    }
 
     fn one(base: BaseType, v: Value) -> Result<Value, String> {
         canonicalize(ColumnType::One(base), &v)
