@@ -1,0 +1,76 @@
+#!/usr/bin/env bash
+# Instructions dstore executes per PUT, by kind of thread, counted by callgrind: a figure that does
+# not move with what else the machine is doing, unlike rates and CPU time (scripts/bench.sh). Use it
+# to compare two builds of the write path; the rates themselves come from scripts/bench.sh.
+#
+#   scripts/instructions.sh [dstore binary] [seconds]
+#
+# dstore (embedded default) runs under valgrind; wrk PUTs new items at 8 connections for 20 s
+# (scripts/bench/put.lua); counting starts when the load does. Under valgrind dstore is ~50x slower,
+# so its batches are smaller than at full speed and the journal writer's share is larger.
+# valgrind counts each byte of a `rep stos`/`rep movs` as an instruction: the HTTP decoder's 3 KiB
+# memset of its header table counts ~19k per request that take ~100 cycles. Compare builds, not
+# kinds of work.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+. scripts/deps.sh
+for tool in valgrind wrk; do
+    command -v "$tool" >/dev/null || apt_install "$tool"
+done
+BIN=${1:-}
+if [ -z "$BIN" ]; then
+    cargo build --release --bin dstore --quiet
+    BIN="$CARGO_TARGET_DIR/release/dstore"
+fi
+SECONDS_EACH=${2:-20}
+WORK=$(mktemp -d "${TMPDIR:-/tmp}/dstore-instructions.XXXXXX")
+PID=
+cleanup() {
+    [ -n "$PID" ] && kill "$PID" 2>/dev/null || true
+    wait 2>/dev/null || true
+    rm -rf "$WORK"
+}
+trap cleanup EXIT
+PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+DSTORE_HOST=127.0.0.1 DSTORE_PORT=$PORT DSTORE_DATA_DIR="$WORK/data" DSTORE_LOG=warn \
+    valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$WORK/out" "$BIN" serve \
+    >"$WORK/log" 2>&1 &
+PID=$!
+for _ in $(seq 1 600); do
+    curl -fsS -o /dev/null "http://127.0.0.1:$PORT/_health" 2>/dev/null && break
+    sleep 0.2
+done
+curl -fsS -o /dev/null -X PUT "http://127.0.0.1:$PORT/bench/article/_blueprint" -d '{
+    "postgresql": {"table": "articles"}, "elasticsearch": {"type": "article"},
+    "columns": {"title": {"type": "string"}, "views": {"type": "integer"},
+                "date_created": {"type": "datetime", "validation": {"required": true}}}}'
+curl -fsS -o /dev/null -X POST "http://127.0.0.1:$PORT/bench/_version"
+callgrind_control -z "$PID" >/dev/null
+OUT=$(wrk -t 1 -c 8 -d "${SECONDS_EACH}s" -s scripts/bench/put.lua "http://127.0.0.1:$PORT" -- bench 1 2>&1)
+callgrind_control -d "$PID" >/dev/null
+REQUESTS=$(echo "$OUT" | awk '/requests in/ {print $1}')
+kill -INT "$PID"
+wait "$PID" || true
+PID=
+
+# The last dump holds the counts since the load started, one file per thread; each thread's kind is
+# told by the function it runs.
+kind() {
+    if grep -q 'fn=.*journal::writer::Writer::run' "$1"; then echo "journal writer"
+    elif grep -q 'fn=.*actix_server::service::StreamService' "$1"; then echo "HTTP workers"
+    elif grep -q 'fn=.*auth::audit::write' "$1"; then echo "runtime (audit log, projection)"
+    elif grep -q 'fn=.*rocksdb::' "$1"; then echo "RocksDB flushes and compactions"
+    else echo "other"
+    fi
+}
+last=$(ls "$WORK"/out.* | sed -E 's/.*out\.([0-9]+)-.*/\1/' | sort -n | tail -1)
+echo "== $REQUESTS PUTs in ${SECONDS_EACH} s under callgrind; $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg)"
+for file in "$WORK"/out."$last"-*; do
+    echo "$(kind "$file")|$(awk '/^summary:/ {print $2}' "$file")"
+done | awk -F'|' -v n="$REQUESTS" '
+    { sum[$1] += $2; total += $2 }
+    END {
+        for (k in sum) if (sum[k] / n >= 50) printf "%-36s %8.1f k instructions per PUT\n", k, sum[k] / n / 1000 | "sort"
+        close("sort")
+        printf "%-36s %8.1f k instructions per PUT\n", "all", total / n / 1000
+    }'
