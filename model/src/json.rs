@@ -12,6 +12,23 @@ use serde_json::Value;
 use crate::blueprint::parse::pointer_segment;
 use crate::blueprint::FieldError;
 
+/// Objects with at most this many keys are searched by comparing keys in order.
+const SCAN: usize = 16;
+
+/// The value of `key` in `object`. Items have a few keys, each looked up once per write: comparing
+/// them in order costs less than hashing the key (SipHash, the map's hasher), which a larger object
+/// still gets, so a hostile body with thousands of keys is not searched key by key.
+pub fn field<'m>(object: &'m serde_json::Map<String, Value>, key: &str) -> Option<&'m Value> {
+    if object.len() <= SCAN {
+        object
+            .iter()
+            .find(|(k, _)| k.as_str() == key)
+            .map(|(_, v)| v)
+    } else {
+        object.get(key)
+    }
+}
+
 /// The deepest nesting of arrays and objects a request body may have; the body itself is level 1.
 pub const MAX_DEPTH: usize = 64;
 
@@ -24,8 +41,43 @@ enum Place {
 }
 
 /// Refuses `bytes` when arrays and objects nest deeper than `limit`, naming where (a JSON pointer).
-/// Malformed JSON is left for the parser to describe.
+/// Malformed JSON is left for the parser to describe. Every body is first scanned counting levels
+/// only; the keys and indexes of the way down are followed only for a body that is refused.
 pub fn check_depth(bytes: &[u8], limit: usize) -> Result<(), FieldError> {
+    if !deeper_than(bytes, limit) {
+        return Ok(());
+    }
+    pointed_depth(bytes, limit)
+}
+
+/// Whether arrays and objects in `bytes` nest deeper than `limit` (brackets in strings do not count).
+fn deeper_than(bytes: &[u8], limit: usize) -> bool {
+    let mut depth = 0usize;
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'"' => {
+                i += 1;
+                while i < bytes.len() && bytes[i] != b'"' {
+                    i += if bytes[i] == b'\\' { 2 } else { 1 };
+                }
+            }
+            b'[' | b'{' => {
+                depth += 1;
+                if depth > limit {
+                    return true;
+                }
+            }
+            b']' | b'}' => depth = depth.saturating_sub(1),
+            _ => {}
+        }
+        i += 1;
+    }
+    false
+}
+
+/// [`check_depth`]'s refusal, naming where the limit was passed.
+fn pointed_depth(bytes: &[u8], limit: usize) -> Result<(), FieldError> {
     let mut stack: Vec<Place> = Vec::new();
     let mut last_string = (0, 0);
     let mut i = 0;
@@ -115,6 +167,34 @@ pub fn parse(bytes: &[u8]) -> Result<Value, FieldError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    proptest::proptest! {
+        #[test]
+        fn the_level_count_refuses_exactly_what_the_pointed_scan_refuses(
+            text in "[\\[\\]{}\"\\\\a:,]{0,40}",
+            limit in 0usize..6,
+        ) {
+            let bytes = text.as_bytes();
+            proptest::prop_assert_eq!(
+                deeper_than(bytes, limit),
+                pointed_depth(bytes, limit).is_err()
+            );
+        }
+    }
+
+    #[test]
+    fn fields_are_found_in_small_and_large_objects_alike() {
+        for size in [0, 1, 3, SCAN, SCAN + 1, 5000] {
+            let object: serde_json::Map<String, Value> = (0..size)
+                .map(|i| (format!("k{i}"), Value::from(i)))
+                .collect();
+            for i in 0..size {
+                assert_eq!(field(&object, &format!("k{i}")), Some(&Value::from(i)));
+            }
+            assert_eq!(field(&object, "missing"), None);
+            assert_eq!(field(&object, ""), None);
+        }
+    }
 
     fn nested(depth: usize) -> String {
         format!(
