@@ -440,7 +440,11 @@ mod tests {
 
     #[test]
     fn audit_keys_are_zero_padded_so_they_sort_by_time() {
-        for (micros, n) in [(0, 0), (1_764_739_200_123_456, 7), (253_402_300_799_999_999, u64::MAX)] {
+        for (micros, n) in [
+            (0, 0),
+            (1_764_739_200_123_456, 7),
+            (253_402_300_799_999_999, u64::MAX),
+        ] {
             let at = DateTime::from_timestamp_micros(micros).unwrap();
             assert_eq!(
                 audit_record(at, n),

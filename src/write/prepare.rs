@@ -52,7 +52,7 @@ pub fn prepare_upsert(
     let Value::Object(body) = body else {
         return Err(invalid("", "an item must be a JSON object"));
     };
-    let number = match body.get("project_version") {
+    let number = match crate::json::field(body, "project_version") {
         None => {
             return Err(invalid(
                 "/project_version",

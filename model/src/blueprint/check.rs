@@ -17,6 +17,7 @@ use super::parse::pointer_segment;
 use super::types::ColumnType;
 use super::value::{canonicalize, excerpt_str};
 use super::FieldError;
+use crate::json::field;
 
 /// Keys every item carries besides its columns.
 pub const ITEM_KEYS: [&str; 3] = ["id", "project_version", "links"];
@@ -122,7 +123,7 @@ pub fn check_item<'a>(
     item.push(("id", Value::String(id.hyphenated().to_string())));
     item.push(("project_version", Value::from(version)));
 
-    match body.get("id") {
+    match field(body, "id") {
         None => {}
         Some(Value::String(raw)) if Uuid::parse_str(raw).is_ok_and(|u| u == id) => {}
         Some(other) => errors.push(FieldError::new(
@@ -133,7 +134,7 @@ pub fn check_item<'a>(
             ),
         )),
     }
-    let links = match body.get("links") {
+    let links = match field(body, "links") {
         None | Some(Value::Null) => Value::Array(Vec::new()),
         Some(links) => canonicalize(ColumnType::Many(super::types::BaseType::Uuid), links)
             .unwrap_or_else(|reason| {
@@ -145,8 +146,7 @@ pub fn check_item<'a>(
 
     let mut unknown = 0;
     for key in body.keys() {
-        let known =
-            ITEM_KEYS.contains(&key.as_str()) || blueprint.columns.contains_key(key.as_str());
+        let known = ITEM_KEYS.contains(&key.as_str()) || blueprint.has_column(key);
         if !known {
             unknown += 1;
             errors.push(FieldError::new(
@@ -169,7 +169,7 @@ pub fn check_item<'a>(
     for (name, column) in &blueprint.columns {
         let def = &column.def;
         let path = || format!("/{name}");
-        let value = match body.get(name.as_str()) {
+        let value = match field(body, name.as_str()) {
             Some(Value::Null) if !def.nullable => {
                 errors.push(FieldError::new(
                     path(),
