@@ -102,12 +102,63 @@ pub fn decode_task(value: &[u8]) -> Result<Task, JournalError> {
     }
     let seq = u64::from_be_bytes(value[..8].try_into().expect("8 bytes"));
     let stored_revision = u64::from_be_bytes(value[8..16].try_into().expect("8 bytes"));
-    let mut task: Task = serde_json::from_slice(&value[TASK_HEADER..])?;
+    let body = &value[TASK_HEADER..];
+    let mut task: Task = match decode_upsert(body) {
+        Some(task) => task,
+        None => serde_json::from_slice(body)?,
+    };
     task.seq = seq;
     if let TaskOp::Upsert { revision, .. } | TaskOp::Delete { revision, .. } = &mut task.op {
         *revision = stored_revision;
     }
     Ok(task)
+}
+
+/// An `Upsert` task in the layout [`upsert_body`] writes, read without serde's derived decoder
+/// (which took two thirds of the instructions of reading a task from the journal); `None` for
+/// anything else, which serde then reads. Each document is still checked to be one JSON value.
+fn decode_upsert(body: &[u8]) -> Option<Task> {
+    let rest = body.strip_prefix(b"{\"seq\":0,\"project\":\"")?;
+    let (project, rest) = text_until_quote(rest)?;
+    let rest = rest.strip_prefix(b"\",\"op\":{\"upsert\":{\"blueprint\":\"")?;
+    let (blueprint, rest) = text_until_quote(rest)?;
+    let rest = rest.strip_prefix(b"\",\"id\":\"")?;
+    let (id, rest) = text_until_quote(rest)?;
+    let mut rest = rest.strip_prefix(b"\",\"revision\":0,\"docs\":[")?;
+    let mut docs = Vec::with_capacity(1);
+    loop {
+        rest = rest.strip_prefix(b"{\"version\":")?;
+        let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+        let version: u32 = std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()?;
+        rest = rest[digits..].strip_prefix(b",\"doc\":")?;
+        let mut values = serde_json::Deserializer::from_slice(rest)
+            .into_iter::<Box<serde_json::value::RawValue>>();
+        let doc = values.next()?.ok()?;
+        rest = rest[values.byte_offset()..].strip_prefix(b"}")?;
+        docs.push(super::task::VersionDoc { version, doc });
+        match rest.split_first()? {
+            (b',', tail) => rest = tail,
+            (b']', tail) if tail == b"}}}" => break,
+            _ => return None,
+        }
+    }
+    Some(Task {
+        seq: 0,
+        project: Ident::parse(project).ok()?,
+        op: TaskOp::Upsert {
+            blueprint: Ident::parse(blueprint).ok()?,
+            id: Uuid::try_parse(id).ok()?,
+            revision: 0,
+            docs,
+        },
+    })
+}
+
+/// The text before the next `"` (which identifiers and uuids never contain), and the rest from
+/// that quote on.
+fn text_until_quote(bytes: &[u8]) -> Option<(&str, &[u8])> {
+    let end = bytes.iter().position(|b| *b == b'"')?;
+    Some((std::str::from_utf8(&bytes[..end]).ok()?, &bytes[end..]))
 }
 
 /// Encodes a task whose seq and revision the writer fills in (`Migrate`, `Delete`, `DropProject`).
@@ -219,6 +270,47 @@ mod tests {
             },
         };
         assert_eq!(task, expected);
+    }
+
+    #[test]
+    fn upserts_read_without_serde_are_read_as_serde_reads_them() {
+        let (project, blueprint, id) = (
+            Ident::parse("shop_1").unwrap(),
+            Ident::parse("article").unwrap(),
+            Uuid::new_v4(),
+        );
+        let docs: Vec<Vec<u8>> = [
+            json!({"title": "a } ] \" tricky, \\ text", "n": [1, {"x": null}]}),
+            json!({}),
+            json!({"u": "\u{0} é 𝄞"}),
+        ]
+        .iter()
+        .map(|v| doc_bytes(v.as_object().unwrap()))
+        .collect();
+        for count in 1..=docs.len() {
+            let versions: Vec<(u32, &[u8])> = (0..count)
+                .map(|i| (u32::MAX - i as u32, &docs[i][..]))
+                .collect();
+            let body = upsert_body(&project, &blueprint, &id, &versions);
+            let fast = decode_upsert(&body.bytes)
+                .unwrap_or_else(|| panic!("{}", String::from_utf8_lossy(&body.bytes)));
+            let serde: Task = serde_json::from_slice(&body.bytes).unwrap();
+            assert_eq!(fast, serde);
+        }
+        // Anything else is left to serde: other tasks, other layouts, damaged text.
+        let body = upsert_body(&project, &blueprint, &id, &[(1, &docs[0][..])]).bytes;
+        let migrate = task_body(&project, &TaskOp::Migrate { version: 2 });
+        let spaced = String::from_utf8(body.clone())
+            .unwrap()
+            .replace(":0,", ": 0,");
+        let mut trailing = body.clone();
+        trailing.push(b' ');
+        let cut = &body[..body.len() - 3];
+        for other in [&migrate[..], spaced.as_bytes(), &trailing, cut, b""] {
+            assert!(decode_upsert(other).is_none());
+        }
+        let task = decode_task(&task_value(3, 2, &migrate)).unwrap();
+        assert_eq!(task.op, TaskOp::Migrate { version: 2 });
     }
 
     #[test]
