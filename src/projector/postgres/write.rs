@@ -158,6 +158,21 @@ fn column_text(ty: ColumnType, raw: &RawValue) -> Result<Option<String>, serde_j
     let value: Value = match ty {
         _ if text == "null" => return Ok(None),
         ColumnType::One(BaseType::Json) => return Ok(Some(text.to_owned())),
+        // Every item has `links`, most of them none; and a datetime without escapes is its text
+        // with the zone: neither needs decoding (a third of the cost of a row's `COPY` text). An
+        // empty array of geometries is still converted: it is an empty Multi geometry.
+        ColumnType::Many(_) if text == "[]" && !is_converted(ty) => {
+            return Ok(Some("{}".to_owned()))
+        }
+        ColumnType::One(BaseType::DateTime) if !text.contains('\\') => {
+            if let Some(inner) = text.strip_prefix('"').and_then(|t| t.strip_suffix('"')) {
+                let mut input = String::with_capacity(inner.len() + 3);
+                input.push_str(inner);
+                input.push_str("+00");
+                return Ok(Some(input));
+            }
+            serde_json::from_str(text)?
+        }
         // A number or a boolean is its input text; a string without escapes is its JSON text
         // between the quotes.
         ColumnType::One(_) if !is_converted(ty) => {
@@ -590,6 +605,19 @@ mod tests {
             text(one(BaseType::DateTime), json!("2021-03-04 05:06:07")).as_deref(),
             Some("2021-03-04 05:06:07+00")
         );
+        // Read without decoding, or decoded: the same input text.
+        let datetime = ColumnType::One(BaseType::DateTime);
+        let raw = |text: &str| RawValue::from_string(text.to_owned()).unwrap();
+        for (json, expected) in [
+            (
+                r#""2021-03-04 05:06:07.000120""#,
+                "2021-03-04 05:06:07.000120+00",
+            ),
+            (r#""2021-03-04 05:06:07 ""#, "2021-03-04 05:06:07 +00"),
+        ] {
+            let got = column_text(datetime, &raw(json)).unwrap();
+            assert_eq!(got.as_deref(), Some(expected), "{json}");
+        }
         assert_eq!(text(one(BaseType::String), json!(null)), None);
     }
 
@@ -613,5 +641,9 @@ mod tests {
             Some(r#"{"{\"k\":\"v\"}","\"s\""}"#)
         );
         assert_eq!(text(many(BaseType::Uuid), json!([])).as_deref(), Some("{}"));
+        assert_ne!(
+            text(many(BaseType::Point), json!([])).as_deref(),
+            Some("{}")
+        );
     }
 }
