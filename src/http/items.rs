@@ -7,7 +7,6 @@
 use std::time::{Duration, Instant};
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::ser::SerializeMap;
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
@@ -343,22 +342,22 @@ pub async fn bulk(
         actix_web::http::StatusCode::OK,
     )
     .await;
-    Ok(HttpResponse::build(status).json(BulkAnswer {
+    let answer = BulkAnswer {
         took_ms: started.elapsed().as_millis() as u64,
         errors: items.iter().any(|item| item.errors.is_some()),
         items,
         projection,
-    }))
+    };
+    Ok(HttpResponse::build(status)
+        .content_type(actix_web::http::header::ContentType::json())
+        .body(answer.to_json()))
 }
 
-/// The answer to `_bulk`, serialized straight from these structs (it can hold many thousands of
-/// results).
-#[derive(Serialize)]
+/// The answer to `_bulk` (it can hold many thousands of results).
 struct BulkAnswer {
     took_ms: u64,
     errors: bool,
     items: Vec<BulkResult>,
-    #[serde(flatten)]
     projection: Map<String, Value>,
 }
 
@@ -371,27 +370,112 @@ struct BulkResult {
     errors: Option<Vec<FieldError>>,
 }
 
-impl Serialize for BulkResult {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        #[derive(Serialize)]
-        struct Outcome<'a> {
-            id: Option<Uuid>,
-            status: u16,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            revision: Option<u64>,
-            #[serde(skip_serializing_if = "Option::is_none")]
-            errors: Option<&'a [FieldError]>,
+impl BulkAnswer {
+    /// The JSON text, written directly: an action name, an id, a status and a revision never need
+    /// escaping, and serializing each result through serde was 7 % of the instructions of a `_bulk`
+    /// item. Errors and the projection fields still go through serde.
+    fn to_json(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(64 + self.items.len() * 96);
+        let mut number = itoa::Buffer::new();
+        out.extend_from_slice(b"{\"took_ms\":");
+        out.extend_from_slice(number.format(self.took_ms).as_bytes());
+        out.extend_from_slice(if self.errors {
+            b",\"errors\":true,\"items\":["
+        } else {
+            b",\"errors\":false,\"items\":["
+        });
+        let mut uuid = [0u8; 36];
+        for (n, item) in self.items.iter().enumerate() {
+            if n > 0 {
+                out.push(b',');
+            }
+            out.extend_from_slice(b"{\"");
+            out.extend_from_slice(item.action.as_bytes());
+            out.extend_from_slice(b"\":{\"id\":");
+            match item.id {
+                Some(id) => {
+                    out.push(b'"');
+                    out.extend_from_slice(id.hyphenated().encode_lower(&mut uuid).as_bytes());
+                    out.push(b'"');
+                }
+                None => out.extend_from_slice(b"null"),
+            }
+            out.extend_from_slice(b",\"status\":");
+            out.extend_from_slice(number.format(item.status).as_bytes());
+            if let Some(revision) = item.revision {
+                out.extend_from_slice(b",\"revision\":");
+                out.extend_from_slice(number.format(revision).as_bytes());
+            }
+            if let Some(errors) = &item.errors {
+                out.extend_from_slice(b",\"errors\":");
+                serde_json::to_writer(&mut out, errors).expect("errors serialize");
+            }
+            out.extend_from_slice(b"}}");
         }
-        let mut map = serializer.serialize_map(Some(1))?;
-        map.serialize_entry(
-            self.action,
-            &Outcome {
-                id: self.id,
-                status: self.status,
-                revision: self.revision,
-                errors: self.errors.as_deref(),
-            },
-        )?;
-        map.end()
+        out.push(b']');
+        for (key, value) in &self.projection {
+            out.push(b',');
+            serde_json::to_writer(&mut out, key).expect("keys serialize");
+            out.push(b':');
+            serde_json::to_writer(&mut out, value).expect("values serialize");
+        }
+        out.push(b'}');
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bulk_answer_is_the_json_its_fields_say() {
+        let id = Uuid::parse_str("0193c0de-0000-7000-8000-00000000000a").unwrap();
+        let result = |action, id, status, revision, errors| BulkResult {
+            action,
+            id,
+            status,
+            revision,
+            errors,
+        };
+        let refused = vec![FieldError::new("/title", "a \"quoted\" \\ reason\u{0}")];
+        let mut projection = Map::new();
+        projection.insert("projected".into(), Value::Bool(false));
+        projection.insert("pending".into(), json!(["postgresql"]));
+        let answer = BulkAnswer {
+            took_ms: 12,
+            errors: true,
+            items: vec![
+                result("put", Some(id), 200, Some(u64::MAX), None),
+                result("create", Some(id), 201, Some(7), None),
+                result("delete", None, 400, None, Some(refused.clone())),
+            ],
+            projection,
+        };
+        let text: Value = serde_json::from_slice(&answer.to_json()).unwrap();
+        assert_eq!(
+            text,
+            json!({
+                "took_ms": 12,
+                "errors": true,
+                "items": [
+                    {"put": {"id": id, "status": 200, "revision": u64::MAX}},
+                    {"create": {"id": id, "status": 201, "revision": 7}},
+                    {"delete": {"id": null, "status": 400, "errors": refused}},
+                ],
+                "projected": false,
+                "pending": ["postgresql"],
+            })
+        );
+        let empty = BulkAnswer {
+            took_ms: 0,
+            errors: false,
+            items: Vec::new(),
+            projection: Map::new(),
+        };
+        assert_eq!(
+            String::from_utf8(empty.to_json()).unwrap(),
+            r#"{"took_ms":0,"errors":false,"items":[]}"#
+        );
     }
 }
