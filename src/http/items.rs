@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use actix_web::{web, HttpRequest, HttpResponse};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use uuid::Uuid;
 
@@ -57,8 +57,8 @@ fn item_id(raw: &str) -> Result<Uuid, ApiError> {
 }
 
 /// Answers a write: `success`, `id`, `revision` (and `found` for a delete), then `projected` and
-/// what goes with it (answering 202 when the projectors did not catch up in time). Serialized
-/// from a struct, not built as a JSON map: one answer per PUT.
+/// what goes with it (answering 202 when the projectors did not catch up in time). Written
+/// directly, as the `_bulk` answer is: one answer per PUT.
 async fn answer(
     state: &State,
     params: &WriteParams,
@@ -68,36 +68,51 @@ async fn answer(
 ) -> HttpResponse {
     let (status, projection) =
         projection(state, params, project, &[written.revision], status).await;
-    let body = Answer {
-        written,
-        projection,
-    };
-    match serde_json::to_vec(&body) {
-        Ok(bytes) => HttpResponse::build(status)
-            .content_type(actix_web::http::header::ContentType::json())
-            .body(bytes),
-        Err(error) => {
-            actix_web::ResponseError::error_response(&ApiError::Internal(error.to_string()))
-        }
-    }
+    HttpResponse::build(status)
+        .content_type(actix_web::http::header::ContentType::json())
+        .body(written.to_json(&projection))
 }
 
 /// What every write answers.
-#[derive(Serialize)]
 struct Written<'a> {
     success: bool,
     id: &'a Uuid,
     revision: u64,
-    #[serde(skip_serializing_if = "Option::is_none")]
     found: Option<bool>,
 }
 
-#[derive(Serialize)]
-struct Answer<'a> {
-    #[serde(flatten)]
-    written: Written<'a>,
-    #[serde(flatten)]
-    projection: Map<String, Value>,
+impl Written<'_> {
+    /// The answer's JSON text, `fields` after the write's own.
+    fn to_json(&self, fields: &Map<String, Value>) -> Vec<u8> {
+        let mut out = Vec::with_capacity(96);
+        out.extend_from_slice(if self.success {
+            b"{\"success\":true,\"id\":\""
+        } else {
+            b"{\"success\":false,\"id\":\""
+        });
+        let mut uuid = [0u8; 36];
+        out.extend_from_slice(self.id.hyphenated().encode_lower(&mut uuid).as_bytes());
+        out.extend_from_slice(b"\",\"revision\":");
+        out.extend_from_slice(itoa::Buffer::new().format(self.revision).as_bytes());
+        match self.found {
+            Some(true) => out.extend_from_slice(b",\"found\":true"),
+            Some(false) => out.extend_from_slice(b",\"found\":false"),
+            None => {}
+        }
+        push_fields(&mut out, fields);
+        out.push(b'}');
+        out
+    }
+}
+
+/// Appends `fields` to a JSON object being written (`,"key":value` each), through serde.
+fn push_fields(out: &mut Vec<u8>, fields: &Map<String, Value>) {
+    for (key, value) in fields {
+        out.push(b',');
+        serde_json::to_writer(&mut *out, key).expect("keys serialize");
+        out.push(b':');
+        serde_json::to_writer(&mut *out, value).expect("values serialize");
+    }
 }
 
 /// With `wait=true`, waits until every projector settled the writes `revisions`: the status to
@@ -413,12 +428,7 @@ impl BulkAnswer {
             out.extend_from_slice(b"}}");
         }
         out.push(b']');
-        for (key, value) in &self.projection {
-            out.push(b',');
-            serde_json::to_writer(&mut out, key).expect("keys serialize");
-            out.push(b':');
-            serde_json::to_writer(&mut out, value).expect("values serialize");
-        }
+        push_fields(&mut out, &self.projection);
         out.push(b'}');
         out
     }
@@ -427,6 +437,33 @@ impl BulkAnswer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_write_answer_is_the_json_its_fields_say() {
+        let id = Uuid::parse_str("0193c0de-0000-7000-8000-00000000000a").unwrap();
+        let mut fields = Map::new();
+        fields.insert("projected".into(), Value::Bool(false));
+        fields.insert(
+            "refused".into(),
+            json!([{"store": "postgresql", "reason": "a \"b\""}]),
+        );
+        for (found, extra) in [(None, json!({})), (Some(true), json!({"found": true}))] {
+            let written = Written {
+                found,
+                ..success(&id, u64::MAX)
+            };
+            let mut expected = json!({"success": true, "id": id, "revision": u64::MAX});
+            expected
+                .as_object_mut()
+                .unwrap()
+                .extend(extra.as_object().unwrap().clone());
+            let plain: Value = serde_json::from_slice(&written.to_json(&Map::new())).unwrap();
+            assert_eq!(plain, expected);
+            expected.as_object_mut().unwrap().extend(fields.clone());
+            let with: Value = serde_json::from_slice(&written.to_json(&fields)).unwrap();
+            assert_eq!(with, expected);
+        }
+    }
 
     #[test]
     fn the_bulk_answer_is_the_json_its_fields_say() {
