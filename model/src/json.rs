@@ -12,8 +12,8 @@ use serde_json::Value;
 use crate::blueprint::parse::pointer_segment;
 use crate::blueprint::FieldError;
 
-/// Objects with at most this many keys are searched by comparing keys in order.
-const SCAN: usize = 16;
+/// Maps with at most this many keys are searched by comparing keys in order (see [`field`]).
+pub const SCAN: usize = 16;
 
 /// The value of `key` in `object`. Items have a few keys, each looked up once per write: comparing
 /// them in order costs less than hashing the key (SipHash, the map's hasher), which a larger object

@@ -73,9 +73,8 @@ async fn answer(
         .body(written.to_json(&projection))
 }
 
-/// What every write answers.
+/// What every write answers (its `success` is always true: a failed write answers an error).
 struct Written<'a> {
-    success: bool,
     id: &'a Uuid,
     revision: u64,
     found: Option<bool>,
@@ -85,11 +84,7 @@ impl Written<'_> {
     /// The answer's JSON text, `fields` after the write's own.
     fn to_json(&self, fields: &Map<String, Value>) -> Vec<u8> {
         let mut out = Vec::with_capacity(96);
-        out.extend_from_slice(if self.success {
-            b"{\"success\":true,\"id\":\""
-        } else {
-            b"{\"success\":false,\"id\":\""
-        });
+        out.extend_from_slice(b"{\"success\":true,\"id\":\"");
         let mut uuid = [0u8; 36];
         out.extend_from_slice(self.id.hyphenated().encode_lower(&mut uuid).as_bytes());
         out.extend_from_slice(b"\",\"revision\":");
@@ -162,7 +157,6 @@ async fn projection(
 
 fn success(id: &Uuid, revision: u64) -> Written<'_> {
     Written {
-        success: true,
         id,
         revision,
         found: None,

@@ -243,13 +243,18 @@ mod tests {
     use crate::journal::task::VersionDoc;
     use serde_json::json;
 
+    /// A project, a blueprint and a fresh item id.
+    fn names(project: &str, blueprint: &str) -> (Ident, Ident, Uuid) {
+        (
+            Ident::parse(project).unwrap(),
+            Ident::parse(blueprint).unwrap(),
+            Uuid::new_v4(),
+        )
+    }
+
     #[test]
     fn a_hand_encoded_upsert_decodes_to_the_task_serde_would_build() {
-        let (project, blueprint, id) = (
-            Ident::parse("p").unwrap(),
-            Ident::parse("b").unwrap(),
-            Uuid::new_v4(),
-        );
+        let (project, blueprint, id) = names("p", "b");
         let docs: Vec<Map<String, Value>> = [json!({"a": "x\"y"}), json!({"b": [1.5, null]})]
             .into_iter()
             .map(|v| v.as_object().unwrap().clone())
@@ -274,11 +279,7 @@ mod tests {
 
     #[test]
     fn upserts_read_without_serde_are_read_as_serde_reads_them() {
-        let (project, blueprint, id) = (
-            Ident::parse("shop_1").unwrap(),
-            Ident::parse("article").unwrap(),
-            Uuid::new_v4(),
-        );
+        let (project, blueprint, id) = names("shop_1", "article");
         let docs: Vec<Vec<u8>> = [
             json!({"title": "a } ] \" tricky, \\ text", "n": [1, {"x": null}]}),
             json!({}),

@@ -259,7 +259,7 @@ impl Blueprint {
     /// Whether the blueprint has a column `name`: compared in order when there are few, as
     /// [`crate::json::field`] does, hashed otherwise.
     pub fn has_column(&self, name: &str) -> bool {
-        if self.columns.len() <= 16 {
+        if self.columns.len() <= crate::json::SCAN {
             self.columns.keys().any(|c| c.as_str() == name)
         } else {
             self.columns.contains_key(name)

@@ -223,35 +223,23 @@ fn plain_datetime(raw: &str) -> Option<DateTime<Utc>> {
 }
 
 /// The canonical datetime text: UTC, seconds, microseconds only when present (PostgreSQL's precision).
-/// Written digit by digit (every datetime of every item goes through here); years outside
-/// 0000-9999 go through the formatter.
+/// Written digit by digit (every datetime of every item goes through here); a year outside
+/// 0000-9999 goes through the formatter.
 pub fn format_datetime(t: &DateTime<Utc>) -> String {
     use chrono::Datelike;
-    use std::fmt::Write;
-    let mut out = String::with_capacity(26);
-    let micros = t.nanosecond() / 1_000 % 1_000_000;
-    let year = t.year();
-    if !(0..=9999).contains(&year) {
-        let _ = write!(
-            out,
-            "{year:04}-{:02}-{:02} {:02}:{:02}:{:02}",
-            t.month(),
-            t.day(),
-            t.hour(),
-            t.minute(),
-            t.second()
-        );
-        if micros != 0 {
-            let _ = write!(out, ".{micros:06}");
-        }
-        return out;
-    }
     let digits = |out: &mut String, value: u32, width: u32| {
         for place in (0..width).rev() {
             out.push(char::from(b'0' + (value / 10u32.pow(place) % 10) as u8));
         }
     };
-    digits(&mut out, year as u32, 4);
+    let mut out = String::with_capacity(26);
+    match u32::try_from(t.year()) {
+        Ok(year) if year <= 9999 => digits(&mut out, year, 4),
+        _ => {
+            use std::fmt::Write;
+            let _ = write!(out, "{:04}", t.year());
+        }
+    }
     for (separator, value) in [
         ('-', t.month()),
         ('-', t.day()),
@@ -262,6 +250,7 @@ pub fn format_datetime(t: &DateTime<Utc>) -> String {
         out.push(separator);
         digits(&mut out, value, 2);
     }
+    let micros = t.nanosecond() / 1_000 % 1_000_000;
     if micros != 0 {
         out.push('.');
         digits(&mut out, micros, 6);
