@@ -166,6 +166,15 @@ impl<'a> QuickLine<'a> {
     }
 }
 
+/// `line` without the JSON whitespace at its end.
+fn trim_json_space(line: &[u8]) -> &[u8] {
+    let end = line
+        .iter()
+        .rposition(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+        .map_or(0, |at| at + 1);
+    &line[..end]
+}
+
 /// The action and its metadata object.
 fn action_line(line: &[u8]) -> Result<(Action, Meta<'_>), String> {
     if line.len() > MAX_ACTION_BYTES {
@@ -174,10 +183,67 @@ fn action_line(line: &[u8]) -> Result<(Action, Meta<'_>), String> {
             line.len()
         ));
     }
+    if let Some(parts) = compact_line(line) {
+        return Ok(parts);
+    }
     if let Ok(quick) = serde_json::from_slice::<QuickLine>(line) {
         return Ok(quick.into_parts());
     }
     general_action_line(line)
+}
+
+/// The action line as most clients write it, without spaces (`{"put":{"blueprint":"a","id":"…"}}`),
+/// read by comparing bytes: serde's derived reader of [`QuickLine`] took 5 % of a `_bulk` item's
+/// instructions. `None` for any other line, which [`QuickLine`] or the general path then reads:
+/// spaces, escapes or control characters in a string, other or repeated keys.
+fn compact_line(line: &[u8]) -> Option<(Action, Meta<'_>)> {
+    let line = trim_json_space(line);
+    let (action, mut rest) = [
+        (Action::Put, &b"{\"put\":{"[..]),
+        (Action::Put, b"{\"index\":{"),
+        (Action::Create, b"{\"create\":{"),
+        (Action::Delete, b"{\"delete\":{"),
+    ]
+    .into_iter()
+    .find_map(|(action, start)| Some((action, line.strip_prefix(start)?)))?;
+    rest = rest.strip_suffix(b"}}")?;
+    let mut meta = Meta {
+        blueprint: None,
+        id: IdField::Missing,
+        unknown: None,
+    };
+    while !rest.is_empty() {
+        let (blueprint, value) = match rest.strip_prefix(b"\"blueprint\":\"") {
+            Some(value) => (true, value),
+            None => (false, rest.strip_prefix(b"\"id\":\"")?),
+        };
+        let end = value
+            .iter()
+            .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
+            .filter(|&end| value[end] == b'"')?;
+        let text = Cow::Borrowed(std::str::from_utf8(&value[..end]).ok()?);
+        match (blueprint, &meta) {
+            (
+                true,
+                Meta {
+                    blueprint: None, ..
+                },
+            ) => meta.blueprint = Some(text),
+            (
+                false,
+                Meta {
+                    id: IdField::Missing,
+                    ..
+                },
+            ) => meta.id = IdField::Text(text),
+            _ => return None,
+        }
+        rest = &value[end + 1..];
+        if !rest.is_empty() {
+            rest = rest.strip_prefix(b",").filter(|r| !r.is_empty())?;
+        }
+    }
+    Some((action, meta))
 }
 
 /// Any action line, through a JSON value: what [`QuickLine`] does not read, and every error.
@@ -313,6 +379,30 @@ mod tests {
     }
 
     #[test]
+    fn compact_lines_are_read_by_their_bytes() {
+        let line = format!(r#"{{"put":{{"blueprint":"article","id":"{ID}"}}}}"#);
+        let (action, meta) = compact_line(line.as_bytes()).unwrap();
+        let op = operation(action, meta, None);
+        assert_eq!(
+            (op.action, op.blueprint.unwrap().as_str()),
+            (Action::Put, "article")
+        );
+        assert_eq!(op.id.unwrap().to_string(), ID);
+        assert!(compact_line(br#"{"delete":{"id":"x","blueprint":"a}}"}}"#).is_some());
+        for other in [
+            r#"{"put": {"blueprint":"a"}}"#.to_string(),
+            r#"{"put":{"blueprint":"a","blueprint":"b"}}"#.to_string(),
+            r#"{"put":{"blueprint":"a\u0062"}}"#.to_string(),
+            r#"{"put":{"blueprint":"a",}}"#.to_string(),
+            r#"{"put":{"blueprint":"a","x":"b"}}"#.to_string(),
+            "{\"put\":{\"blueprint\":\"a\tb\"}}".to_string(),
+            r#"{"put":{"blueprint":"a"}}}"#.to_string(),
+        ] {
+            assert!(compact_line(other.as_bytes()).is_none(), "{other}");
+        }
+    }
+
+    #[test]
     fn lines_as_clients_write_them_take_the_quick_path_and_odd_ones_the_general() {
         for line in [
             format!(r#"{{"put": {{"blueprint": "article", "id": "{ID}"}}}}"#),
@@ -353,7 +443,7 @@ mod tests {
     }
 
     proptest::proptest! {
-        /// Whatever line the quick path reads, the general path reads the same operation from.
+        /// Whatever line a quick path reads, the general path reads the same operation from.
         #[test]
         fn the_quick_path_agrees_with_the_general_one(
             action in proptest::sample::select(vec!["put", "index", "create", "delete", "Put", "other"]),
@@ -362,15 +452,20 @@ mod tests {
                 0..4,
             ),
             extra in proptest::option::of(fragment()),
+            compact in proptest::bool::ANY,
+            end in proptest::sample::select(vec!["", " ", "\r", "\x0c", "}"]),
         ) {
-            let meta: Vec<String> = entries.iter().map(|(k, v)| format!("\"{k}\": {v}")).collect();
-            let mut line = format!("{{\"{action}\": {{{}}}", meta.join(", "));
+            let (colon, comma) = if compact { (":", ",") } else { (": ", ", ") };
+            let meta: Vec<String> = entries.iter().map(|(k, v)| format!("\"{k}\"{colon}{v}")).collect();
+            let mut line = format!("{{\"{action}\"{colon}{{{}}}", meta.join(comma));
             if let Some(extra) = extra {
-                line.push_str(&format!(", \"more\": {extra}"));
+                line.push_str(&format!("{comma}\"more\"{colon}{extra}"));
             }
             line.push('}');
-            if let Ok(q) = serde_json::from_slice::<QuickLine>(line.as_bytes()) {
-                let (action, meta) = q.into_parts();
+            line.push_str(end);
+            let quick = compact_line(line.as_bytes())
+                .or_else(|| serde_json::from_slice::<QuickLine>(line.as_bytes()).ok().map(QuickLine::into_parts));
+            if let Some((action, meta)) = quick {
                 let (general_action, general_meta) = general_action_line(line.as_bytes())
                     .expect("the general path reads every line the quick one reads");
                 proptest::prop_assert_eq!(action, general_action);
