@@ -222,21 +222,17 @@ fn compact_line(line: &[u8]) -> Option<(Action, Meta<'_>)> {
             .position(|&b| b == b'"' || b == b'\\' || b < 0x20)
             .filter(|&end| value[end] == b'"')?;
         let text = Cow::Borrowed(std::str::from_utf8(&value[..end]).ok()?);
-        match (blueprint, &meta) {
-            (
-                true,
-                Meta {
-                    blueprint: None, ..
-                },
-            ) => meta.blueprint = Some(text),
-            (
-                false,
-                Meta {
-                    id: IdField::Missing,
-                    ..
-                },
-            ) => meta.id = IdField::Text(text),
-            _ => return None,
+        // A repeated key is left to the other paths, which refuse it.
+        let repeated = if blueprint {
+            meta.blueprint.replace(text).is_some()
+        } else {
+            !matches!(
+                std::mem::replace(&mut meta.id, IdField::Text(text)),
+                IdField::Missing
+            )
+        };
+        if repeated {
+            return None;
         }
         rest = &value[end + 1..];
         if !rest.is_empty() {

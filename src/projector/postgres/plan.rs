@@ -267,7 +267,8 @@ pub fn plan<'a>(snapshot: &'a Snapshot, tasks: &'a [Task]) -> Plan<'a> {
                     let at = *slot.get();
                     // Equal revisions are redeliveries of one write: the later copy is as good as
                     // the first.
-                    if rows[at].as_ref().is_some_and(|(_, n)| n.0 <= revision) {
+                    let (_, (current, ..)) = rows[at].as_ref().expect("a row `newest` points at");
+                    if *current <= revision {
                         rows[at] = None;
                         slot.insert(rows.len());
                         rows.push(row);
