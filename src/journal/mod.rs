@@ -1507,6 +1507,41 @@ mod tests {
         journal.close().await;
     }
 
+    #[tokio::test]
+    async fn a_writer_looks_for_delete_markers_once_the_journal_may_hold_one() {
+        // A writer that starts on a journal without markers skips the look-up of an absent item's
+        // marker (`Writer::markers`) until it stages a delete; one that starts on a journal with
+        // markers looks them up from the first write.
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec![]).await;
+        let writer = || {
+            writer::Writer::new(
+                journal.db.clone(),
+                journal.catalog().clone(),
+                Vec::new(),
+                true,
+                Arc::new(AtomicU64::new(0)),
+                Durability::Sync,
+            )
+        };
+        assert!(!writer().may_hold_markers());
+        let id = Uuid::new_v4();
+        let body = json!({"project_version": 1, "title": "t"});
+        let epoch = storage.snapshot().projects[&project].epoch;
+        let put = prepare_upsert(&storage.snapshot(), &project, &article, id, &body).unwrap();
+        storage.write(&project, epoch, vec![put]).await.unwrap();
+        assert!(!writer().may_hold_markers(), "no delete yet");
+        let delete = prepare_delete(&storage.snapshot(), &project, &article, id, None).unwrap();
+        storage.write(&project, epoch, vec![delete]).await.unwrap();
+        assert!(writer().may_hold_markers(), "the marker of the delete");
+        journal.close().await;
+    }
+
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn table_files_hold_their_indexes_and_filters_in_the_block_cache() {
         // Held outside the cache, they grow with the journal (`crate::rocks::family`): 30 000
