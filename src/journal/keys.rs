@@ -26,23 +26,28 @@ pub fn item_of(project: &[u8], blueprint: &[u8], id: &[u8]) -> Vec<u8> {
 
 /// `project \0`: every item key of the project starts with it.
 pub fn project_prefix(project: &Ident) -> Vec<u8> {
-    let mut key = project.as_str().as_bytes().to_vec();
-    key.push(0);
+    name_then(&[], project.as_str(), 0, &[])
+}
+
+/// `head name byte tail`, in one allocation: the journal's writer builds several keys like it
+/// per item, and growing each step by step took 6 % of its instructions.
+fn name_then(head: &[u8], name: &str, byte: u8, tail: &[u8]) -> Vec<u8> {
+    let mut key = Vec::with_capacity(head.len() + name.len() + 1 + tail.len());
+    key.extend_from_slice(head);
+    key.extend_from_slice(name.as_bytes());
+    key.push(byte);
+    key.extend_from_slice(tail);
     key
 }
 
 /// The first key after every key of the project.
 pub fn project_end(project: &Ident) -> Vec<u8> {
-    let mut key = project.as_str().as_bytes().to_vec();
-    key.push(1);
-    key
+    name_then(&[], project.as_str(), 1, &[])
 }
 
 /// `projector \0 seq(u64 BE)` in the `tasks` and `dead` column families.
 pub fn task(projector: &str, seq: u64) -> Vec<u8> {
-    let mut key = projector_prefix(projector);
-    key.extend_from_slice(&seq.to_be_bytes());
-    key
+    name_then(&[], projector, 0, &seq.to_be_bytes())
 }
 
 /// Read options for a projector's tasks with a seq in `from ..= until`.
@@ -54,9 +59,7 @@ pub fn task_range(projector: &str, from: u64, until: u64) -> rocksdb::ReadOption
 }
 
 pub fn projector_prefix(projector: &str) -> Vec<u8> {
-    let mut key = projector.as_bytes().to_vec();
-    key.push(0);
-    key
+    name_then(&[], projector, 0, &[])
 }
 
 /// The seq at the end of a task key.
@@ -107,9 +110,7 @@ pub const DELETED_MOVED: &[u8] = b"deleted_moved";
 
 /// `project \0 revision(u64 BE)` in the `changes` column family: the latest change of each item.
 pub fn change(project: &Ident, revision: u64) -> Vec<u8> {
-    let mut key = project_prefix(project);
-    key.extend_from_slice(&revision.to_be_bytes());
-    key
+    name_then(&[], project.as_str(), 0, &revision.to_be_bytes())
 }
 
 /// Tombstones start with this byte, which no project name does (names are `[a-z][a-z0-9_]*`).
@@ -117,9 +118,7 @@ pub const TOMBSTONE: u8 = 0xff;
 
 /// `0xff project \0 revision` in `changes`: the deletes, found by age without reading the puts.
 pub fn tombstone(project: &Ident, revision: u64) -> Vec<u8> {
-    let mut key = vec![TOMBSTONE];
-    key.extend_from_slice(&change(project, revision));
-    key
+    name_then(&[TOMBSTONE], project.as_str(), 0, &revision.to_be_bytes())
 }
 
 /// The tombstones of a project lie in `from .. to`.
@@ -155,4 +154,23 @@ pub fn deleted_range(project: &Ident) -> (Vec<u8>, Vec<u8>) {
 /// The highest revision of a project whose changes are no longer kept (meta).
 pub fn horizon(project: &Ident) -> Vec<u8> {
     format!("horizon/{project}").into_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_keep_their_byte_layouts() {
+        let p = Ident::parse("blog").unwrap();
+        assert_eq!(project_prefix(&p), b"blog\0");
+        assert_eq!(project_end(&p), b"blog\x01");
+        assert_eq!(projector_prefix("postgresql"), b"postgresql\0");
+        assert_eq!(task("postgresql", 258), b"postgresql\0\0\0\0\0\0\0\x01\x02");
+        assert_eq!(task_seq(&task("postgresql", 258)), 258);
+        assert_eq!(change(&p, 1), b"blog\0\0\0\0\0\0\0\0\x01");
+        assert_eq!(tombstone(&p, 1), b"\xffblog\0\0\0\0\0\0\0\0\x01");
+        let (from, to) = tombstone_range(&p);
+        assert!(from < tombstone(&p, 1) && tombstone(&p, u64::MAX) < to);
+    }
 }
