@@ -572,6 +572,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
             }
             let keys: Vec<Vec<u8>> = entries.iter().map(|entry| entry.key(&project)).collect();
             let looked_up = stage.look_up(&keys);
+            stage.staged.reserve(keys.len());
             let revisions = entries
                 .into_iter()
                 .zip(keys)
