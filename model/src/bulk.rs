@@ -170,7 +170,7 @@ impl<'a> QuickLine<'a> {
 fn trim_json_space(line: &[u8]) -> &[u8] {
     let end = line
         .iter()
-        .rposition(|b| !matches!(b, b' ' | b'\t' | b'\r' | b'\n'))
+        .rposition(|b| !json::is_space(*b))
         .map_or(0, |at| at + 1);
     &line[..end]
 }

@@ -29,6 +29,12 @@ pub fn field<'m>(object: &'m serde_json::Map<String, Value>, key: &str) -> Optio
     }
 }
 
+/// Whether `byte` is JSON whitespace (space, tab, line feed, carriage return; not the other ASCII
+/// spaces, which JSON refuses).
+pub fn is_space(byte: u8) -> bool {
+    matches!(byte, b' ' | b'\t' | b'\n' | b'\r')
+}
+
 /// The deepest nesting of arrays and objects a request body may have; the body itself is level 1.
 pub const MAX_DEPTH: usize = 64;
 

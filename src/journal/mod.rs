@@ -1512,13 +1512,8 @@ mod tests {
         // A writer that starts on a journal without markers skips the look-up of an absent item's
         // marker (`Writer::markers`) until it stages a delete; one that starts on a journal with
         // markers looks them up from the first write.
-        let Fixture {
-            _dir,
-            journal,
-            storage,
-            project,
-            article,
-        } = fixture(Durability::Sync, vec![]).await;
+        let f = fixture(Durability::Sync, vec![]).await;
+        let (journal, storage, project, article) = (&f.journal, &f.storage, &f.project, &f.article);
         let writer = || {
             writer::Writer::new(
                 journal.db.clone(),
@@ -1532,12 +1527,12 @@ mod tests {
         assert!(!writer().may_hold_markers());
         let id = Uuid::new_v4();
         let body = json!({"project_version": 1, "title": "t"});
-        let epoch = storage.snapshot().projects[&project].epoch;
-        let put = prepare_upsert(&storage.snapshot(), &project, &article, id, &body).unwrap();
-        storage.write(&project, epoch, vec![put]).await.unwrap();
+        let epoch = storage.snapshot().projects[project].epoch;
+        let put = prepare_upsert(&storage.snapshot(), project, article, id, &body).unwrap();
+        storage.write(project, epoch, vec![put]).await.unwrap();
         assert!(!writer().may_hold_markers(), "no delete yet");
-        let delete = prepare_delete(&storage.snapshot(), &project, &article, id, None).unwrap();
-        storage.write(&project, epoch, vec![delete]).await.unwrap();
+        let delete = prepare_delete(&storage.snapshot(), project, article, id, None).unwrap();
+        storage.write(project, epoch, vec![delete]).await.unwrap();
         assert!(writer().may_hold_markers(), "the marker of the delete");
         journal.close().await;
     }

@@ -114,7 +114,7 @@ impl<'a> Fields<'a> {
 
 /// The first position from `at` that is not JSON whitespace.
 fn skip_space(bytes: &[u8], mut at: usize) -> usize {
-    while matches!(bytes.get(at), Some(b' ' | b'\t' | b'\n' | b'\r')) {
+    while bytes.get(at).is_some_and(|b| crate::json::is_space(*b)) {
         at += 1;
     }
     at
@@ -162,7 +162,7 @@ fn value_end(bytes: &[u8], at: usize) -> Option<usize> {
         _ => {
             let len = bytes[at..]
                 .iter()
-                .position(|b| matches!(b, b',' | b'}' | b']' | b' ' | b'\t' | b'\n' | b'\r'))
+                .position(|b| matches!(b, b',' | b'}' | b']') || crate::json::is_space(*b))
                 .unwrap_or(bytes.len() - at);
             (len > 0).then_some(at + len)
         }
