@@ -1,13 +1,19 @@
 #!/usr/bin/env bash
-# Instructions dstore executes per PUT, by kind of thread, counted by callgrind: a figure that does
+# Instructions dstore executes per write, by kind of thread, counted by callgrind: a figure that does
 # not move with what else the machine is doing, unlike rates and CPU time (scripts/bench.sh). Use it
 # to compare two builds of the write path; the rates themselves come from scripts/bench.sh.
 #
 #   scripts/instructions.sh [dstore binary] [seconds]
+#   INSTRUCTIONS_LOAD=bulk INSTRUCTIONS_POSTGRES=postgres://postgres@127.0.0.1:5432/dstore_cg \
+#       scripts/instructions.sh
 #
-# dstore (embedded default) runs under valgrind; wrk PUTs new items at 8 connections for 20 s
-# (scripts/bench/put.lua); counting starts when the load does. Under valgrind dstore is ~50x slower,
-# so its batches are smaller than at full speed and the journal writer's share is larger.
+# dstore runs under valgrind; wrk PUTs new items at 8 connections for 20 s (scripts/bench/put.lua),
+# or, with INSTRUCTIONS_LOAD=bulk, posts `_bulk` requests of 1000 new items at 2 connections
+# (scripts/bench/bulk.lua); counting starts when the load does. With INSTRUCTIONS_POSTGRES (a
+# database the script creates and drops) dstore also projects into PostgreSQL, and counting stops
+# once PostgreSQL has every row, so the projector's work is counted in full. Under valgrind dstore
+# is ~50x slower, so its batches are smaller than at full speed and the journal writer's share is
+# larger. KEEP=<dir> keeps callgrind's files there, one per thread, for callgrind_annotate.
 # valgrind counts each byte of a `rep stos`/`rep movs` as an instruction: the HTTP decoder's 3 KiB
 # memset of its header table counts ~19k per request that take ~100 cycles. Compare builds, not
 # kinds of work.
@@ -23,16 +29,28 @@ if [ -z "$BIN" ]; then
     BIN="$CARGO_TARGET_DIR/release/dstore"
 fi
 SECONDS_EACH=${2:-20}
+LOAD=${INSTRUCTIONS_LOAD:-put}
+PG_URL=${INSTRUCTIONS_POSTGRES:-}
+case "$LOAD" in
+    put) WRK=(-t 1 -c 8 -s scripts/bench/put.lua); ARGS=(bench 1); UNIT=PUT ;;
+    bulk) WRK=(-t 1 -c 2 -s scripts/bench/bulk.lua); ARGS=(bench 1000); UNIT="_bulk item" ;;
+    *) echo "INSTRUCTIONS_LOAD is put or bulk, not $LOAD" >&2; exit 2 ;;
+esac
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/dstore-instructions.XXXXXX")
 PID=
 cleanup() {
     [ -n "$PID" ] && kill "$PID" 2>/dev/null || true
     wait 2>/dev/null || true
-    rm -rf "$WORK"
+    [ -n "${KEEP:-}" ] && cp -r "$WORK" "$KEEP"; rm -rf "$WORK"
+    [ -n "$PG_URL" ] && psql -q "${PG_URL%/*}/postgres" -c "DROP DATABASE IF EXISTS ${PG_URL##*/} WITH (FORCE)" 2>/dev/null || true
 }
 trap cleanup EXIT
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-DSTORE_HOST=127.0.0.1 DSTORE_PORT=$PORT DSTORE_DATA_DIR="$WORK/data" DSTORE_LOG=warn \
+if [ -n "$PG_URL" ]; then
+    psql -q "${PG_URL%/*}/postgres" -c "DROP DATABASE IF EXISTS ${PG_URL##*/} WITH (FORCE)"
+    psql -q "${PG_URL%/*}/postgres" -c "CREATE DATABASE ${PG_URL##*/}"
+fi
+DSTORE_POSTGRESQL_URL=$PG_URL DSTORE_HOST=127.0.0.1 DSTORE_PORT=$PORT DSTORE_DATA_DIR="$WORK/data" DSTORE_LOG=warn \
     valgrind --tool=callgrind --separate-threads=yes --callgrind-out-file="$WORK/out" "$BIN" serve \
     >"$WORK/log" 2>&1 &
 PID=$!
@@ -46,9 +64,18 @@ curl -fsS -o /dev/null -X PUT "http://127.0.0.1:$PORT/bench/article/_blueprint" 
                 "date_created": {"type": "datetime", "validation": {"required": true}}}}'
 curl -fsS -o /dev/null -X POST "http://127.0.0.1:$PORT/bench/_version"
 callgrind_control -z "$PID" >/dev/null
-OUT=$(wrk -t 1 -c 8 -d "${SECONDS_EACH}s" -s scripts/bench/put.lua "http://127.0.0.1:$PORT" -- bench 1 2>&1)
+OUT=$(wrk "${WRK[@]}" -d "${SECONDS_EACH}s" "http://127.0.0.1:$PORT" -- "${ARGS[@]}" 2>&1)
+if [ -n "$PG_URL" ]; then
+    for _ in $(seq 1 1200); do
+        curl -fsS "http://127.0.0.1:$PORT/_health/ready" |
+            python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if all(p["progress"]["pending"]==0 for p in d["projectors"].values()) else 1)' &&
+            break
+        sleep 0.5
+    done
+fi
 callgrind_control -d "$PID" >/dev/null
 REQUESTS=$(echo "$OUT" | awk '/requests in/ {print $1}')
+[ "$LOAD" = bulk ] && REQUESTS=$((REQUESTS * 1000))
 kill -INT "$PID"
 wait "$PID" || true
 PID=
@@ -58,19 +85,21 @@ PID=
 kind() {
     if grep -q 'fn=.*journal::writer::Writer::run' "$1"; then echo "journal writer"
     elif grep -q 'fn=.*actix_server::service::StreamService' "$1"; then echo "HTTP workers"
-    elif grep -q 'fn=.*auth::audit::write' "$1"; then echo "runtime (audit log, projection)"
+    elif grep -q 'fn=.*projector::postgres' "$1"; then echo "runtime (projection, audit log)"
+    elif grep -q 'fn=.*auth::audit::write' "$1"; then echo "runtime (projection, audit log)"
+    elif grep -q 'fn=.*journal::Journal::pending_from' "$1"; then echo "projection's task reads"
     elif grep -q 'fn=.*rocksdb::' "$1"; then echo "RocksDB flushes and compactions"
     else echo "other"
     fi
 }
 last=$(ls "$WORK"/out.* | sed -E 's/.*out\.([0-9]+)-.*/\1/' | sort -n | tail -1)
-echo "== $REQUESTS PUTs in ${SECONDS_EACH} s under callgrind; $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg)"
+echo "== $REQUESTS ${UNIT}s in ${SECONDS_EACH} s under callgrind${PG_URL:+, projected into PostgreSQL}; $(nproc) cores, load $(cut -d' ' -f1 /proc/loadavg)"
 for file in "$WORK"/out."$last"-*; do
     echo "$(kind "$file")|$(awk '/^summary:/ {print $2}' "$file")"
-done | awk -F'|' -v n="$REQUESTS" '
+done | awk -F'|' -v n="$REQUESTS" -v u="$UNIT" '
     { sum[$1] += $2; total += $2 }
     END {
-        for (k in sum) if (sum[k] / n >= 50) printf "%-36s %8.1f k instructions per PUT\n", k, sum[k] / n / 1000 | "sort"
+        for (k in sum) if (sum[k] / n >= 50) printf "%-36s %8.1f k instructions per %s\n", k, sum[k] / n / 1000, u | "sort"
         close("sort")
-        printf "%-36s %8.1f k instructions per PUT\n", "all", total / n / 1000
+        printf "%-36s %8.1f k instructions per %s\n", "all", total / n / 1000, u
     }'

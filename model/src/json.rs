@@ -6,6 +6,10 @@
 //! anything nested deeper than 128 levels. A body nested at most [`MAX_DEPTH`] levels therefore
 //! leaves more than fifty levels to spare in every internal encoding. The limit is checked by a scan
 //! of the bytes before anything is built, so a hostile body costs one linear pass and no memory.
+//!
+//! Text that is JSON already (dstore serialized it, or checked it when it arrived) is followed by
+//! scanners that find where a value ends without checking it again (`skip_space`, `string_end`,
+//! `value_end`); they say nothing useful about text that is not JSON.
 
 use serde_json::Value;
 
@@ -33,6 +37,63 @@ pub fn field<'m>(object: &'m serde_json::Map<String, Value>, key: &str) -> Optio
 /// spaces, which JSON refuses).
 pub fn is_space(byte: u8) -> bool {
     matches!(byte, b' ' | b'\t' | b'\n' | b'\r')
+}
+
+/// The first position from `at` that is not JSON whitespace.
+pub fn skip_space(bytes: &[u8], mut at: usize) -> usize {
+    while bytes.get(at).is_some_and(|b| is_space(*b)) {
+        at += 1;
+    }
+    at
+}
+
+/// The position just after the string that starts (with its quote) at `at`.
+pub fn string_end(bytes: &[u8], mut at: usize) -> Option<usize> {
+    at += 1;
+    loop {
+        at += memchr::memchr2(b'"', b'\\', bytes.get(at..)?)?;
+        match bytes[at] {
+            b'"' => return Some(at + 1),
+            _ => at += 2,
+        }
+    }
+}
+
+/// The position just after the JSON value that starts at `at`: a string, an object or array
+/// (strings inside followed, so their brackets do not count), or a scalar, which ends before the
+/// next separator or space.
+pub fn value_end(bytes: &[u8], at: usize) -> Option<usize> {
+    match bytes.get(at)? {
+        b'"' => string_end(bytes, at),
+        b'{' | b'[' => {
+            let mut depth = 0usize;
+            let mut at = at;
+            loop {
+                match bytes.get(at)? {
+                    b'"' => {
+                        at = string_end(bytes, at)?;
+                        continue;
+                    }
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' => {
+                        depth -= 1;
+                        if depth == 0 {
+                            return Some(at + 1);
+                        }
+                    }
+                    _ => {}
+                }
+                at += 1;
+            }
+        }
+        _ => {
+            let len = bytes[at..]
+                .iter()
+                .position(|b| matches!(b, b',' | b'}' | b']') || is_space(*b))
+                .unwrap_or(bytes.len() - at);
+            (len > 0).then_some(at + len)
+        }
+    }
 }
 
 /// The deepest nesting of arrays and objects a request body may have; the body itself is level 1.

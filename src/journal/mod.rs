@@ -160,9 +160,7 @@ impl Entry {
         let record = docs
             .into_iter()
             .find(|d| d.version == version)
-            .map_or_else(Vec::new, |d| {
-                Box::<str>::from(d.doc).into_string().into_bytes()
-            });
+            .map_or_else(Vec::new, |d| d.doc.into_string().into_bytes());
         Entry::Upsert {
             blueprint,
             blueprint_uid,
@@ -805,7 +803,7 @@ impl Journal {
                 pending.first_seen = Some(seq);
             }
             pending.last_seen = seq;
-            match codec::decode_task(&value) {
+            match codec::decode_own_task(&value) {
                 Ok(task) if held(&task.project) => pending.skipped += 1,
                 Ok(task) => pending.tasks.push(task),
                 Err(error) => {

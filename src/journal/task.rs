@@ -45,10 +45,10 @@ pub enum TaskOp {
 /// An item as one version sees it. The document stays the JSON text the write path serialized: the
 /// keyspace projector and Elasticsearch store it as it is, and only what must look inside a document
 /// (PostgreSQL's columns) reads it.
-#[derive(Clone, Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct VersionDoc {
     pub version: u32,
-    pub doc: Box<RawValue>,
+    pub doc: Doc,
 }
 
 impl VersionDoc {
@@ -56,15 +56,48 @@ impl VersionDoc {
     pub fn new(version: u32, doc: &impl Serialize) -> VersionDoc {
         VersionDoc {
             version,
-            doc: serde_json::value::to_raw_value(doc).expect("JSON objects serialize"),
+            doc: Doc(serde_json::to_string(doc)
+                .expect("JSON objects serialize")
+                .into_boxed_str()),
         }
     }
 }
 
-/// Documents are equal when their JSON text is.
-impl PartialEq for VersionDoc {
-    fn eq(&self, other: &VersionDoc) -> bool {
-        self.version == other.version && self.doc.get() == other.doc.get()
+/// A document's JSON text: one JSON value, always. It is built by serializing (the write path), by
+/// serde, which checks the text is one JSON value (a task that came through a broker or another
+/// store), or from the local journal's own task bytes, which the write path serialized and RocksDB
+/// checksums, without checking them again (`codec::decode_own_task`). Two documents are equal when
+/// their text is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Doc(Box<str>);
+
+impl Doc {
+    pub fn get(&self) -> &str {
+        &self.0
+    }
+
+    /// Text the caller knows to be one JSON value, because dstore wrote it.
+    pub(super) fn known_json(text: &str) -> Doc {
+        Doc(text.into())
+    }
+
+    pub fn into_string(self) -> String {
+        self.0.into_string()
+    }
+}
+
+impl<'de> Deserialize<'de> for Doc {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Doc, D::Error> {
+        Box::<RawValue>::deserialize(deserializer).map(|raw| Doc(raw.into()))
+    }
+}
+
+/// Written as the JSON value it holds. Only tasks that carry documents over serde (tests, dead
+/// letters) come here: the journal and Elasticsearch copy the text instead.
+impl Serialize for Doc {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        let raw: &RawValue = serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
+        raw.serialize(serializer)
     }
 }
 
@@ -76,7 +109,7 @@ pub struct VersionWrite<'a> {
     pub revision: u64,
     pub version: u32,
     /// `None` for a delete.
-    pub doc: Option<&'a RawValue>,
+    pub doc: Option<&'a Doc>,
 }
 
 impl Task {
@@ -106,7 +139,7 @@ impl Task {
                 doc,
             };
             docs.iter()
-                .map(move |d| write(d.version, Some(&*d.doc)))
+                .map(move |d| write(d.version, Some(&d.doc)))
                 .chain(deletes.iter().map(move |v| write(*v, None)))
         })
     }

@@ -17,13 +17,11 @@
 
 use std::collections::HashMap;
 
-use serde_json::value::RawValue;
-
 use super::client::{is_transient_status, BulkAction, BulkItem};
 use super::ElasticsearchProjector;
 use crate::blueprint::Ident;
 use crate::catalog::Snapshot;
-use crate::journal::task::Task;
+use crate::journal::task::{Doc, Task};
 use crate::projector::{ErrorKind, Outcome, ProjectorError};
 
 /// Largest `_bulk` body dstore sends, in bytes of documents (Elasticsearch's default limit is 100 MB).
@@ -230,7 +228,7 @@ fn chunks<'p, 'a>(planned: &'p [Planned<'a>]) -> Vec<&'p [Planned<'a>]> {
     out
 }
 
-fn approximate_size(doc: &RawValue) -> usize {
+fn approximate_size(doc: &Doc) -> usize {
     doc.get().len() + 100
 }
 
@@ -249,10 +247,11 @@ mod tests {
 
     #[test]
     fn large_batches_are_split_between_tasks() {
-        let doc = RawValue::from_string(format!("{{\"x\":\"{}\"}}", "y".repeat(3 << 20))).unwrap();
+        let doc: Doc =
+            serde_json::from_str(&format!("{{\"x\":\"{}\"}}", "y".repeat(3 << 20))).unwrap();
         let planned: Vec<Planned> = (0..5)
             .flat_map(|task| {
-                let doc = &*doc;
+                let doc = &doc;
                 (0..2).map(move |_| Planned {
                     task,
                     action: BulkAction::Index {

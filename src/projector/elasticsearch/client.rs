@@ -10,7 +10,6 @@
 
 use std::time::Duration;
 
-use elasticsearch::http::request::JsonBody;
 use elasticsearch::http::response::Response;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::Url;
@@ -19,10 +18,10 @@ use elasticsearch::indices::{
     IndicesGetMappingParts,
 };
 use elasticsearch::{BulkParts, Elasticsearch, GetParts};
-use serde_json::value::RawValue;
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 
+use crate::journal::task::Doc;
 use crate::projector::ProjectorError;
 
 /// How long one request may take before it counts as a transient failure.
@@ -129,14 +128,6 @@ pub struct BulkItem {
     pub error: Option<(String, String)>,
 }
 
-/// A line of a `_bulk` body: an action, or a document sent as the journal holds its text.
-#[derive(serde::Serialize)]
-#[serde(untagged)]
-enum Line<'a> {
-    Action(Value),
-    Doc(&'a RawValue),
-}
-
 /// An index operation or a delete for `_bulk`, versioned externally.
 #[derive(Clone, Debug)]
 pub enum BulkAction<'a> {
@@ -144,7 +135,7 @@ pub enum BulkAction<'a> {
         index: String,
         id: String,
         version: u64,
-        doc: &'a RawValue,
+        doc: &'a Doc,
     },
     Delete {
         index: String,
@@ -316,21 +307,26 @@ impl EsClient {
 
     /// Sends one `_bulk` request; `Ok` holds one [`BulkItem`] per action, in order.
     pub async fn bulk(&self, actions: &[BulkAction<'_>]) -> Result<Vec<BulkItem>, EsError> {
-        let mut lines: Vec<JsonBody<Line>> = Vec::with_capacity(actions.len() * 2);
-        for action in actions {
-            match action {
-                BulkAction::Index {
-                    index,
-                    id,
-                    version,
-                    doc,
-                } => {
-                    lines.push(JsonBody::new(Line::Action(json!({"index": {"_index": index, "_id": id, "version": version, "version_type": "external"}}))));
-                    lines.push(JsonBody::new(Line::Doc(doc)));
-                }
-                BulkAction::Delete { index, id, version } => {
-                    lines.push(JsonBody::new(Line::Action(json!({"delete": {"_index": index, "_id": id, "version": version, "version_type": "external"}}))));
-                }
+        // Each action's line is serialized; a document is sent as the journal holds its text.
+        let heads: Vec<Vec<u8>> = actions
+            .iter()
+            .map(|action| {
+                let head = match action {
+                    BulkAction::Index {
+                        index, id, version, ..
+                    } => json!({"index": {"_index": index, "_id": id, "version": version, "version_type": "external"}}),
+                    BulkAction::Delete { index, id, version } => {
+                        json!({"delete": {"_index": index, "_id": id, "version": version, "version_type": "external"}})
+                    }
+                };
+                serde_json::to_vec(&head).expect("JSON values serialize")
+            })
+            .collect();
+        let mut lines: Vec<&[u8]> = Vec::with_capacity(actions.len() * 2);
+        for (action, head) in actions.iter().zip(&heads) {
+            lines.push(head);
+            if let BulkAction::Index { doc, .. } = action {
+                lines.push(doc.get().as_bytes());
             }
         }
         let response = self.es.bulk(BulkParts::None).body(lines).send().await;

@@ -8,12 +8,12 @@
 use std::collections::hash_map::Entry;
 use std::collections::{BTreeMap, HashMap};
 
-use serde_json::value::RawValue;
 use uuid::Uuid;
 
 use crate::blueprint::{Blueprint, Ident};
 use crate::catalog::{Snapshot, Version};
-use crate::journal::task::Task;
+use crate::journal::task::{Doc, Task};
+use crate::json::{skip_space, string_end, value_end};
 use crate::projector::{Outcome, ProjectorError};
 
 /// A document's fields as JSON text, borrowed from the task: columns are read without building the
@@ -31,11 +31,11 @@ pub struct Fields<'a> {
 const SCANNED: usize = 16;
 
 impl<'a> Fields<'a> {
-    /// The fields of a document: a task's document is one JSON value (a [`RawValue`] is never
+    /// The fields of a document: a task's document is one JSON value (a [`Doc`] is never
     /// anything else), so its members are found by following strings and brackets alone, without
     /// checking the JSON again (serde's reading took a fifth of projection's instructions). Field
     /// names are identifiers: a name with an escape, like anything but an object, is refused.
-    pub fn of(doc: &'a RawValue) -> Result<Fields<'a>, String> {
+    pub fn of(doc: &'a Doc) -> Result<Fields<'a>, String> {
         let text = doc.get();
         let bytes = text.as_bytes();
         let mut at = skip_space(bytes, 0);
@@ -112,63 +112,6 @@ impl<'a> Fields<'a> {
     }
 }
 
-/// The first position from `at` that is not JSON whitespace.
-fn skip_space(bytes: &[u8], mut at: usize) -> usize {
-    while bytes.get(at).is_some_and(|b| crate::json::is_space(*b)) {
-        at += 1;
-    }
-    at
-}
-
-/// The position just after the string that starts (with its quote) at `at`.
-fn string_end(bytes: &[u8], mut at: usize) -> Option<usize> {
-    at += 1;
-    loop {
-        at += memchr::memchr2(b'"', b'\\', bytes.get(at..)?)?;
-        match bytes[at] {
-            b'"' => return Some(at + 1),
-            _ => at += 2,
-        }
-    }
-}
-
-/// The position just after the JSON value that starts at `at`: a string, an object or array
-/// (strings inside followed, so their brackets do not count), or a scalar, which ends before the
-/// next separator or space.
-fn value_end(bytes: &[u8], at: usize) -> Option<usize> {
-    match bytes.get(at)? {
-        b'"' => string_end(bytes, at),
-        b'{' | b'[' => {
-            let mut depth = 0usize;
-            let mut at = at;
-            loop {
-                match bytes.get(at)? {
-                    b'"' => {
-                        at = string_end(bytes, at)?;
-                        continue;
-                    }
-                    b'{' | b'[' => depth += 1,
-                    b'}' | b']' => {
-                        depth -= 1;
-                        if depth == 0 {
-                            return Some(at + 1);
-                        }
-                    }
-                    _ => {}
-                }
-                at += 1;
-            }
-        }
-        _ => {
-            let len = bytes[at..]
-                .iter()
-                .position(|b| matches!(b, b',' | b'}' | b']') || crate::json::is_space(*b))
-                .unwrap_or(bytes.len() - at);
-            (len > 0).then_some(at + len)
-        }
-    }
-}
-
 /// One row to write: the newest state of an item in one version, and the task it came from.
 pub struct Upsert<'a> {
     pub id: Uuid,
@@ -210,7 +153,7 @@ pub struct Plan<'a> {
 }
 
 enum Op<'a> {
-    Upsert(&'a RawValue),
+    Upsert(&'a Doc),
     Delete,
 }
 
@@ -368,8 +311,8 @@ mod tests {
     use crate::journal::task::{TaskOp, VersionDoc};
     use crate::projector::conformance;
 
-    fn raw(text: &str) -> Box<RawValue> {
-        RawValue::from_string(text.to_owned()).unwrap()
+    fn raw(text: &str) -> Doc {
+        serde_json::from_str(text).unwrap()
     }
 
     #[test]

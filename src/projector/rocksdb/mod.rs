@@ -30,14 +30,13 @@ use std::sync::Arc;
 
 use async_trait::async_trait;
 use rocksdb::{WriteBatch, WriteOptions, DB};
-use serde_json::value::RawValue;
 use serde_json::Value;
 use uuid::Uuid;
 
 use super::{Health, Outcome, Projector, ProjectorError, ProjectorKind};
 use crate::blueprint::Ident;
 use crate::catalog::{Snapshot, Version};
-use crate::journal::task::Task;
+use crate::journal::task::{Doc, Task};
 
 type DbSnapshot<'a> = rocksdb::SnapshotWithThreadMode<'a, DB>;
 
@@ -115,7 +114,7 @@ fn item_key(key: &[u8]) -> Option<Vec<u8>> {
     ))
 }
 
-fn encode(revision: u64, doc: Option<&RawValue>) -> Vec<u8> {
+fn encode(revision: u64, doc: Option<&Doc>) -> Vec<u8> {
     value(revision, doc.map(|d| d.get().as_bytes()))
 }
 
@@ -314,7 +313,7 @@ impl Projector for RocksProjector {
 pub(crate) type Stored = (Box<[u8]>, Box<[u8]>);
 
 /// One keyspace write: a document, or a tombstone when `doc` is `None`.
-type Write<'a> = (Vec<u8>, u64, Option<&'a RawValue>);
+type Write<'a> = (Vec<u8>, u64, Option<&'a Doc>);
 
 impl RocksProjector {
     /// Every stored (key, value), in key order, each document in the value itself (a reference to
