@@ -4,6 +4,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use uuid::Uuid;
 
+use crate::blueprint::check::Canonical;
 use crate::blueprint::Ident;
 
 /// One pending task, as stored in the journal and delivered to a projector.
@@ -59,6 +60,14 @@ impl VersionDoc {
             doc: Doc(serde_json::to_string(doc)
                 .expect("JSON objects serialize")
                 .into_boxed_str()),
+        }
+    }
+
+    /// A checked item's document, as the write path serializes it (`Canonical::to_json`).
+    pub fn canonical(version: u32, item: &Canonical) -> VersionDoc {
+        VersionDoc {
+            version,
+            doc: Doc(item.to_json().into_boxed_str()),
         }
     }
 }

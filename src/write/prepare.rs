@@ -89,7 +89,7 @@ pub fn prepare_upsert(
     // Each document is serialized here, once: the record and every store take its text. The
     // checked item is looked into by name only to transform it into other versions.
     let holders = p.live_holders(bp.uid);
-    let mut own = Some(VersionDoc::new(number, &item));
+    let mut own = Some(VersionDoc::canonical(number, &item));
     let others = holders.iter().any(|(w, _)| *w != number);
     let item = others.then(|| item.into_map());
     let docs: Vec<VersionDoc> = holders
