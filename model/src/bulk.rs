@@ -75,8 +75,7 @@ impl Operation<'_> {
 /// Reads every operation of a bulk body; an unreadable action line refuses the whole body, naming
 /// its line (`/line/N`).
 pub fn parse(raw: &[u8]) -> Result<Vec<Operation<'_>>, FieldError> {
-    let mut lines = raw
-        .split(|b| *b == b'\n')
+    let mut lines = lines(raw)
         .enumerate()
         .map(|(i, line)| (i + 1, line))
         .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace));
@@ -99,6 +98,19 @@ pub fn parse(raw: &[u8]) -> Result<Vec<Operation<'_>>, FieldError> {
         ops.push(operation(action, meta, item));
     }
     Ok(ops)
+}
+
+/// The lines of `raw` as `split` at `\n` gives them, found with memchr rather than by testing
+/// each byte in turn.
+fn lines(raw: &[u8]) -> impl Iterator<Item = &[u8]> {
+    let mut start = 0;
+    memchr::memchr_iter(b'\n', raw)
+        .chain([raw.len()])
+        .map(move |end| {
+            let line = &raw[start..end];
+            start = end + 1;
+            line
+        })
 }
 
 /// What an action line's object says, whichever path read it.
@@ -439,6 +451,13 @@ mod tests {
     }
 
     proptest::proptest! {
+        #[test]
+        fn lines_are_the_ones_split_gives(raw in "[\n\ra]{0,12}") {
+            let found: Vec<&[u8]> = lines(raw.as_bytes()).collect();
+            let split: Vec<&[u8]> = raw.as_bytes().split(|b| *b == b'\n').collect();
+            proptest::prop_assert_eq!(found, split);
+        }
+
         /// Whatever line a quick path reads, the general path reads the same operation from.
         #[test]
         fn the_quick_path_agrees_with_the_general_one(
