@@ -79,6 +79,20 @@ start() { # port log command... ; env from the caller
     wait_http "$port"
 }
 
+stop() { # pid: killed, and waited for, so its last flushes are not the next load's
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+# Before each durable load: what earlier loads left dirty (PostgreSQL's shared buffers after a
+# million rows, dstore's flushed tables) is written out first, so a checkpoint does not land in the
+# middle of the next load and stall its fsyncs (it did, as 125-149 ms p99 of embedded PUT in the
+# second round, on 2026-12-03).
+quiet() {
+    psql_admin "CHECKPOINT" || true
+    sync
+}
+
 blueprint() { # port: the benchmark blueprint, frozen
     curl -fsS -o /dev/null -X PUT "http://127.0.0.1:$1/bench/article/_blueprint" -d '{
         "postgresql": {"table": "articles"}, "elasticsearch": {"type": "article"},
@@ -152,12 +166,14 @@ echo "== each run: wrk, 2 threads, $SECONDS_EACH s; PUT at $CONNECTIONS connecti
 # One round: the ceiling, dstore embedded, dstore + PostgreSQL, COPY and the floor, one after the
 # other; each round adds its rows and its ratios.
 single_round() {
+    quiet
     port=$(free_port)
     start "$port" "$WORK/ceiling.log" "$BIN/dstore-baseline" ceiling --port "$port"
     read -r ceiling ceiling_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
     row "ceiling (parse and answer)|PUT|$ceiling|$ceiling_p99|1.00|$(rss_mb "$LAST_PID")|$(cat "$WORK/idle")"
-    kill "$LAST_PID"
+    stop "$LAST_PID"
 
+    quiet
     port=$(free_port)
     DSTORE_HOST=127.0.0.1 DSTORE_PORT=$port DSTORE_DATA_DIR="$WORK/embedded$round" DSTORE_LOG=warn \
         start "$port" "$WORK/embedded.log" "$BIN/dstore" serve
@@ -167,9 +183,10 @@ single_round() {
     row "dstore embedded|PUT|$embedded|$embedded_p99|$(awk -v a="$embedded" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$pid")|$(cat "$WORK/idle")"
     read -r bulk _ _ <<<"$(drive "$port" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
     row "dstore embedded|_bulk|$bulk||$(awk -v a="$bulk" -v b="$embedded" 'BEGIN {printf "%.1f x PUT", a / b}')|$(rss_mb "$pid")|$(cat "$WORK/idle")"
-    kill "$pid"
+    stop "$pid"
 
     url=$(database projector)
+    quiet
     port=$(free_port)
     DSTORE_HOST=127.0.0.1 DSTORE_PORT=$port DSTORE_DATA_DIR="$WORK/pg$round" DSTORE_LOG=warn DATABASE_URL="$url" \
         start "$port" "$WORK/pg.log" "$BIN/dstore" serve
@@ -190,12 +207,13 @@ single_round() {
     rows=$(( $(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles") - rows_before ))
     bulk_pg=$(awk -v r="$rows" -v t="$elapsed" 'BEGIN {printf "%.0f", r / t}')
     row "dstore + PostgreSQL projector|_bulk, end to end|$bulk_pg||rows in PostgreSQL / s; PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row, $(copied_share "$port" "$copied_before" "$rows")|$(rss_mb "$pid")|$(cat "$WORK/idle") during ingest"
-    kill "$pid"
+    stop "$pid"
 
     # COPY of the same rows into a table of the same shape: the ceiling of `_bulk` into PostgreSQL.
     # As many rows as `_bulk` wrote, so both fill a table and an index of the same size (a COPY of a
     # tenth as many ran at 0.8-1.6x the rate in alternating runs).
     url=$(database copy)
+    quiet
     psql "$url" -qc "CREATE TABLE articles (id UUID PRIMARY KEY, project_version INTEGER, title TEXT, views INTEGER, date_created TIMESTAMPTZ)"
     python3 -c '
 import uuid, sys
@@ -209,11 +227,12 @@ for i in range(int(sys.argv[1])):
     row "PostgreSQL COPY, same rows|rows|$copy||bulk end to end = $(awk -v a="$bulk_pg" -v b="$copy" 'BEGIN {printf "%.2f", a / b}') of COPY||"
 
     url=$(database floor)
+    quiet
     port=$(free_port)
     start "$port" "$WORK/floor.log" "$BIN/dstore-baseline" floor --port "$port" --url "$url"
     read -r floor floor_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
     row "floor (one upsert per request)|PUT|$floor|$floor_p99|$(awk -v a="$floor" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$LAST_PID")|$(cat "$WORK/idle")"
-    kill "$LAST_PID"
+    stop "$LAST_PID"
     RATIOS+=("$(awk -v e="$embedded" -v c="$ceiling" -v ep="$embedded_p99" -v cp="$ceiling_p99" -v p="$pg" -v bp="$bulk_pg" -v k="$copy" -v b="$bulk" \
         'BEGIN {printf "%.2f %.1f %.2f %.2f %.1f", e / c, ep / cp, p / e, bp / k, b / e}')")
 }
