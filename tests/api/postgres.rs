@@ -1252,7 +1252,18 @@ async fn a_schema_dstore_did_not_make_holds_back_its_project_only_and_is_never_w
         app.put("/bad/article/_blueprint", &blueprint).await.status,
         200
     );
-    let frozen = app.post("/bad/_version", None).await;
+    // Under load the failure may not be known within the 2 s the freeze waits: asking again says
+    // how the migration ended, as the 503 tells a client to.
+    let mut frozen = app.post("/bad/_version", None).await;
+    for _ in 0..30 {
+        let pending = frozen.body["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("still pending"));
+        if !pending {
+            break;
+        }
+        frozen = app.post("/bad/_version", None).await;
+    }
     assert_eq!(frozen.status, 503, "{}", frozen.body);
     assert!(
         frozen.body["status"]
