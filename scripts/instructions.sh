@@ -14,6 +14,7 @@
 # once PostgreSQL has every row, so the projector's work is counted in full. Under valgrind dstore
 # is ~50x slower, so its batches are smaller than at full speed and the journal writer's share is
 # larger. KEEP=<dir> keeps callgrind's files there, one per thread, for callgrind_annotate.
+# INSTRUCTIONS_POSTGRES is a URL without parameters; its last segment names the database.
 # valgrind counts each byte of a `rep stos`/`rep movs` as an instruction: the HTTP decoder's 3 KiB
 # memset of its header table counts ~19k per request that take ~100 cycles. Compare builds, not
 # kinds of work.
@@ -41,7 +42,8 @@ PID=
 cleanup() {
     [ -n "$PID" ] && kill "$PID" 2>/dev/null || true
     wait 2>/dev/null || true
-    [ -n "${KEEP:-}" ] && cp -r "$WORK" "$KEEP"; rm -rf "$WORK"
+    if [ -n "${KEEP:-}" ]; then mkdir -p "$KEEP" && cp -r "$WORK"/. "$KEEP"/ || true; fi
+    rm -rf "$WORK"
     [ -n "$PG_URL" ] && psql -q "${PG_URL%/*}/postgres" -c "DROP DATABASE IF EXISTS ${PG_URL##*/} WITH (FORCE)" 2>/dev/null || true
 }
 trap cleanup EXIT
@@ -66,15 +68,22 @@ curl -fsS -o /dev/null -X POST "http://127.0.0.1:$PORT/bench/_version"
 callgrind_control -z "$PID" >/dev/null
 OUT=$(wrk "${WRK[@]}" -d "${SECONDS_EACH}s" "http://127.0.0.1:$PORT" -- "${ARGS[@]}" 2>&1)
 if [ -n "$PG_URL" ]; then
+    caught_up=
     for _ in $(seq 1 1200); do
         curl -fsS "http://127.0.0.1:$PORT/_health/ready" |
             python3 -c 'import json,sys; d=json.load(sys.stdin); sys.exit(0 if all(p["progress"]["pending"]==0 for p in d["projectors"].values()) else 1)' &&
-            break
+            caught_up=1 && break
         sleep 0.5
     done
+    [ -n "$caught_up" ] || echo "warning: PostgreSQL had not every row after 10 minutes; counted anyway" >&2
 fi
 callgrind_control -d "$PID" >/dev/null
 REQUESTS=$(echo "$OUT" | awk '/requests in/ {print $1}')
+if [ -z "$REQUESTS" ] || [ "$REQUESTS" -eq 0 ]; then
+    echo "wrk completed no request:" >&2
+    echo "$OUT" >&2
+    exit 1
+fi
 [ "$LOAD" = bulk ] && REQUESTS=$((REQUESTS * 1000))
 kill -INT "$PID"
 wait "$PID" || true

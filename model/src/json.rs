@@ -282,7 +282,8 @@ pub fn parse(bytes: &[u8]) -> Result<Value, FieldError> {
     // serde stops by itself at 128 levels, so what it builds is bounded by the body; the levels of
     // what it built are counted (a few nodes for an item), and the bytes scanned to name where only
     // for a body that is refused. A body too deep and malformed too is refused for its depth, as
-    // when the bytes were scanned first.
+    // when the bytes were scanned first. A part nested too deep under a key the body repeats, which
+    // serde replaces with the key's last value, is not counted: what is checked is what is kept.
     match serde_json::from_slice::<Value>(bytes) {
         Ok(value) if !nests_deeper(&value, MAX_DEPTH) => Ok(value),
         // The scan refuses what nests deeper (a proptest checks both count alike).
@@ -419,6 +420,15 @@ mod tests {
             assert!(error.path.starts_with("/a/0/0"), "{}", error.path);
             assert!(error.message.contains("64"), "{}", error.message);
         }
+    }
+
+    #[test]
+    fn a_too_deep_value_a_repeated_key_replaces_is_not_kept_and_not_counted() {
+        let deep = "[".repeat(MAX_DEPTH) + &"]".repeat(MAX_DEPTH);
+        let body = format!("{{\"a\":{deep},\"a\":1}}");
+        assert_eq!(parse(body.as_bytes()).unwrap(), serde_json::json!({"a": 1}));
+        let kept = format!("{{\"a\":1,\"a\":{deep}}}");
+        assert!(parse(kept.as_bytes()).unwrap_err().path.starts_with("/a/0"));
     }
 
     #[test]

@@ -369,6 +369,12 @@ mod tests {
             &upsert_body(&project, &blueprint, &id, &[(1, b"nope")]).bytes,
         );
         assert!(decode_own_task(&scalar).is_err());
+        // Damaged text that is framed all the same still serializes (as a dead letter does it),
+        // as a JSON string of itself.
+        let damaged = upsert_body(&project, &blueprint, &id, &[(1, b"{\"a\":1]")]).bytes;
+        let task = decode_own_task(&task_value(1, 1, &damaged)).unwrap();
+        let text = serde_json::to_value(&task).unwrap();
+        assert_eq!(text["op"]["upsert"]["docs"][0]["doc"], "{\"a\":1]");
     }
 
     #[test]

@@ -102,11 +102,16 @@ impl<'de> Deserialize<'de> for Doc {
 }
 
 /// Written as the JSON value it holds. Only tasks that carry documents over serde (tests, dead
-/// letters) come here: the journal and Elasticsearch copy the text instead.
+/// letters) come here: the journal and Elasticsearch copy the text instead. Text that is not JSON
+/// after all (a damaged journal: its documents are framed, not checked, when read) is written as a
+/// JSON string of that text, so the dead letter that records it is still written (failing here
+/// would keep its projector retrying the batch for ever); a store refuses it again if it is retried.
 impl Serialize for Doc {
     fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        let raw: &RawValue = serde_json::from_str(&self.0).map_err(serde::ser::Error::custom)?;
-        raw.serialize(serializer)
+        match serde_json::from_str::<&RawValue>(&self.0) {
+            Ok(raw) => raw.serialize(serializer),
+            Err(_) => serializer.serialize_str(&self.0),
+        }
     }
 }
 

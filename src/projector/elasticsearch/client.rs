@@ -8,6 +8,7 @@
 //! are read item by item, one [`BulkItem`] per action, in request order. Nothing here knows about
 //! blueprints or tasks.
 
+use std::borrow::Cow;
 use std::time::Duration;
 
 use elasticsearch::http::response::Response;
@@ -322,11 +323,18 @@ impl EsClient {
                 serde_json::to_vec(&head).expect("JSON values serialize")
             })
             .collect();
+        let docs: Vec<Option<Cow<[u8]>>> = actions
+            .iter()
+            .map(|action| match action {
+                BulkAction::Index { doc, .. } => Some(one_line(doc)),
+                BulkAction::Delete { .. } => None,
+            })
+            .collect();
         let mut lines: Vec<&[u8]> = Vec::with_capacity(actions.len() * 2);
-        for (action, head) in actions.iter().zip(&heads) {
+        for (head, doc) in heads.iter().zip(&docs) {
             lines.push(head);
-            if let BulkAction::Index { doc, .. } = action {
-                lines.push(doc.get().as_bytes());
+            if let Some(doc) = doc {
+                lines.push(doc);
             }
         }
         let response = self.es.bulk(BulkParts::None).body(lines).send().await;
@@ -343,6 +351,18 @@ impl EsClient {
             )));
         }
         items.iter().map(bulk_item).collect()
+    }
+}
+
+/// A document as one `_bulk` line. One from a broker may hold line feeds between its tokens (JSON
+/// whitespace; one inside a string is always escaped), which would end its line early: they are
+/// sent as spaces.
+fn one_line(doc: &Doc) -> Cow<'_, [u8]> {
+    let text = doc.get();
+    if text.contains('\n') {
+        Cow::Owned(text.replace('\n', " ").into_bytes())
+    } else {
+        Cow::Borrowed(text.as_bytes())
     }
 }
 
@@ -425,6 +445,18 @@ fn refused(status: u16, body: &Value) -> EsError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_document_with_line_feeds_between_its_tokens_is_sent_as_one_line() {
+        let text = "{\"a\":\n 1,\r\n\"b\": \"x\\ny\"}";
+        let doc: Doc = serde_json::from_str(text).unwrap();
+        let line = one_line(&doc);
+        assert!(!line.contains(&b'\n'));
+        let sent: Value = serde_json::from_slice(&line).unwrap();
+        assert_eq!(sent, serde_json::from_str::<Value>(text).unwrap());
+        let plain: Doc = serde_json::from_str("{\"a\":1}").unwrap();
+        assert!(matches!(one_line(&plain), Cow::Borrowed(_)));
+    }
 
     #[test]
     fn busy_down_or_blocked_servers_are_transient_and_refused_documents_permanent() {
