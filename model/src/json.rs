@@ -49,7 +49,9 @@ pub fn skip_space(bytes: &[u8], mut at: usize) -> usize {
     at
 }
 
-/// The position just after the string that starts (with its quote) at `at`.
+/// The position just after the string that starts (with its quote) at `at`. (Looking at a short
+/// string's first bytes one by one before memchr cost more, not less: 1.5k → 4.2k instructions a
+/// row of framing tasks, 2026-12-03.)
 pub fn string_end(bytes: &[u8], mut at: usize) -> Option<usize> {
     at += 1;
     loop {
@@ -359,7 +361,7 @@ mod tests {
 
     fn any_value() -> impl proptest::strategy::Strategy<Value = Value> {
         use proptest::prelude::*;
-        let text = "(\\PC|[\u{0}-\u{1f}\"\\\\\u{7f}\u{2028}]){0,12}";
+        let text = "(\\PC|[\u{0}-\u{1f}\"\\\\\u{7f}\u{2028}]){0,40}";
         let leaf = prop_oneof![
             Just(Value::Null),
             any::<bool>().prop_map(Value::from),
@@ -383,6 +385,20 @@ mod tests {
             let mut out = Vec::new();
             write_value(&mut out, &value);
             proptest::prop_assert_eq!(out, serde_json::to_vec(&value).unwrap());
+        }
+
+        /// The scanners find the end of what serde wrote, compact or pretty, strings of any length
+        /// with escapes anywhere.
+        #[test]
+        fn values_end_where_serde_wrote_them_end(value in any_value(), pretty in proptest::bool::ANY) {
+            let text = if pretty {
+                serde_json::to_vec_pretty(&value).unwrap()
+            } else {
+                serde_json::to_vec(&value).unwrap()
+            };
+            let mut padded = text.clone();
+            padded.extend_from_slice(b" ,");
+            proptest::prop_assert_eq!(value_end(&padded, 0), Some(text.len()));
         }
     }
 
