@@ -117,20 +117,23 @@ pub fn write_value(out: &mut Vec<u8>, value: &Value) {
             }
             out.push(b']');
         }
-        Value::Object(map) => {
-            out.push(b'{');
-            for (i, (key, item)) in map.iter().enumerate() {
-                if i > 0 {
-                    out.push(b',');
-                }
-                write_str(out, key);
-                out.push(b':');
-                write_value(out, item);
-            }
-            out.push(b'}');
-        }
+        Value::Object(map) => write_object(out, map.iter().map(|(key, item)| (key.as_str(), item))),
         scalar => serde_json::to_writer(out, scalar).expect("a Vec takes every write"),
     }
+}
+
+/// Appends the JSON object of `fields`, in their order, as [`write_value`] writes a map.
+pub fn write_object<'v>(out: &mut Vec<u8>, fields: impl IntoIterator<Item = (&'v str, &'v Value)>) {
+    out.push(b'{');
+    for (i, (key, item)) in fields.into_iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        write_str(out, key);
+        out.push(b':');
+        write_value(out, item);
+    }
+    out.push(b'}');
 }
 
 /// Appends `text` as a JSON string.

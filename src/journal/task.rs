@@ -53,7 +53,7 @@ pub struct VersionDoc {
 }
 
 impl VersionDoc {
-    /// `doc` is a JSON object: a map, or a checked item (`check::Canonical`).
+    /// `doc` is a JSON object: a map (an item transformed into another version).
     pub fn new(version: u32, doc: &impl Serialize) -> VersionDoc {
         VersionDoc {
             version,

@@ -309,34 +309,28 @@ impl EsClient {
     /// Sends one `_bulk` request; `Ok` holds one [`BulkItem`] per action, in order.
     pub async fn bulk(&self, actions: &[BulkAction<'_>]) -> Result<Vec<BulkItem>, EsError> {
         // Each action's line is serialized; a document is sent as the journal holds its text.
-        let heads: Vec<Vec<u8>> = actions
+        let parts: Vec<_> = actions
             .iter()
             .map(|action| {
-                let head = match action {
+                let (op, index, id, version, doc) = match action {
                     BulkAction::Index {
-                        index, id, version, ..
-                    } => json!({"index": {"_index": index, "_id": id, "version": version, "version_type": "external"}}),
+                        index,
+                        id,
+                        version,
+                        doc,
+                    } => ("index", index, id, version, Some(one_line(doc))),
                     BulkAction::Delete { index, id, version } => {
-                        json!({"delete": {"_index": index, "_id": id, "version": version, "version_type": "external"}})
+                        ("delete", index, id, version, None)
                     }
                 };
-                serde_json::to_vec(&head).expect("JSON values serialize")
+                let head = json!({op: {"_index": index, "_id": id, "version": version, "version_type": "external"}});
+                (serde_json::to_vec(&head).expect("JSON values serialize"), doc)
             })
             .collect();
-        let docs: Vec<Option<Cow<[u8]>>> = actions
+        let lines: Vec<&[u8]> = parts
             .iter()
-            .map(|action| match action {
-                BulkAction::Index { doc, .. } => Some(one_line(doc)),
-                BulkAction::Delete { .. } => None,
-            })
+            .flat_map(|(head, doc)| std::iter::once(&head[..]).chain(doc.as_deref()))
             .collect();
-        let mut lines: Vec<&[u8]> = Vec::with_capacity(actions.len() * 2);
-        for (head, doc) in heads.iter().zip(&docs) {
-            lines.push(head);
-            if let Some(doc) = doc {
-                lines.push(doc);
-            }
-        }
         let response = self.es.bulk(BulkParts::None).body(lines).send().await;
         let body = ok_json(read(response).await?)?;
         let items = body
