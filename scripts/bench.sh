@@ -201,28 +201,32 @@ single_round() {
     copied_before=$(rows_copied "$port")
     started=$(date +%s.%N)
     pg_ticks=$(postgres_ticks)
-    read -r _ _ _ <<<"$(drive "$port" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
-    catch_up "$port" >/dev/null
+    read -r ingest _ _ <<<"$(drive "$port" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
+    lag=$(catch_up "$port")
     elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {print e - s}')
     rows=$(( $(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles") - rows_before ))
     bulk_pg=$(awk -v r="$rows" -v t="$elapsed" 'BEGIN {printf "%.0f", r / t}')
-    row "dstore + PostgreSQL projector|_bulk, end to end|$bulk_pg||rows in PostgreSQL / s; PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row, $(copied_share "$port" "$copied_before" "$rows")|$(rss_mb "$pid")|$(cat "$WORK/idle") during ingest"
+    row "dstore + PostgreSQL projector|_bulk, end to end|$bulk_pg||rows in PostgreSQL / s (taken at $ingest/s, caught up ${lag}s after); PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row, $(copied_share "$port" "$copied_before" "$rows")|$(rss_mb "$pid")|$(cat "$WORK/idle") during ingest"
     stop "$pid"
 
     # COPY of the same rows into a table of the same shape: the ceiling of `_bulk` into PostgreSQL.
-    # As many rows as `_bulk` wrote, so both fill a table and an index of the same size (a COPY of a
-    # tenth as many ran at 0.8-1.6x the rate in alternating runs).
+    # The table is dstore's own (its definition dumped from the projector's database: the same
+    # columns, types, constraints and indexes, `_revision` and `links` included), and as many rows as
+    # `_bulk` wrote, so both fill a table and an index of the same size (a COPY of a tenth as many
+    # ran at 0.8-1.6x the rate in alternating runs).
+    projector_url=$url
     url=$(database copy)
     quiet
-    psql "$url" -qc "CREATE TABLE articles (id UUID PRIMARY KEY, project_version INTEGER, title TEXT, views INTEGER, date_created TIMESTAMPTZ)"
+    psql "$url" -qc "CREATE SCHEMA bench_v1"
+    pg_dump --schema-only --no-owner -t bench_v1.articles "$projector_url" | psql "$url" -q >/dev/null
     python3 -c '
 import uuid, sys
 w = sys.stdout.write
 for i in range(int(sys.argv[1])):
-    w("%s,1,A benchmark article,42,2026-11-22 10:00:00+00\n" % uuid.uuid4())
+    w("%s,%d,1,{},A benchmark article,42,2026-11-22 10:00:00+00\n" % (uuid.uuid4(), i + 1))
 ' "$rows" >"$WORK/rows.csv"
     started=$(date +%s.%N)
-    psql "$url" -qc "\\copy articles FROM '$WORK/rows.csv' WITH (FORMAT csv)"
+    psql "$url" -qc "\\copy bench_v1.articles (id, _revision, project_version, links, title, views, date_created) FROM '$WORK/rows.csv' WITH (FORMAT csv)"
     copy=$(awk -v s="$started" -v e="$(date +%s.%N)" -v r="$rows" 'BEGIN {printf "%.0f", r / (e - s)}')
     row "PostgreSQL COPY, same rows|rows|$copy||bulk end to end = $(awk -v a="$bulk_pg" -v b="$copy" 'BEGIN {printf "%.2f", a / b}') of COPY||"
 
