@@ -1,6 +1,6 @@
 //! dstore: a blueprint-driven write service. See ARCHITECTURE.md for how the modules fit together.
 
-pub use dstore_model::{blueprint, bulk, json};
+pub use dstore_model::{blueprint, bulk, document, json};
 
 pub mod allocator;
 pub mod auth;

@@ -18,6 +18,7 @@ use serde_json::Value;
 use uuid::Uuid;
 
 use crate::blueprint::{FieldError, Ident};
+use crate::document::Document;
 use crate::json;
 
 /// Largest action line: `{"put": {"blueprint": <63 bytes>, "id": <uuid>}}` takes about 120.
@@ -54,7 +55,7 @@ pub struct Operation<'a> {
 
 impl Operation<'_> {
     /// The item, parsed; `max_item_bytes` bounds one item as a single PUT's body is bounded.
-    pub fn parse_item(&self, max_item_bytes: usize) -> Result<Value, (u16, Vec<FieldError>)> {
+    pub fn parse_item(&self, max_item_bytes: usize) -> Result<Document, (u16, Vec<FieldError>)> {
         let raw = self.item.unwrap_or_default();
         if raw.len() > max_item_bytes {
             return Err((
@@ -68,7 +69,7 @@ impl Operation<'_> {
                 )],
             ));
         }
-        json::parse(raw).map_err(|e| (400, vec![e]))
+        Document::parse(raw).map_err(|e| (400, vec![e]))
     }
 }
 

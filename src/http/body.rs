@@ -18,6 +18,8 @@ use serde_json::Value;
 
 use super::error::ApiError;
 use super::AppState;
+use crate::blueprint::FieldError;
+use crate::document::Document;
 
 /// The bytes of request bodies being read or held, across all requests.
 #[derive(Debug)]
@@ -88,15 +90,15 @@ pub struct Body {
 
 /// A parsed JSON body, holding its share of the in-flight budget until it is dropped.
 #[derive(Debug)]
-pub struct JsonBody {
-    value: Value,
+pub struct JsonBody<T = Value> {
+    value: T,
     _share: Share,
 }
 
-impl std::ops::Deref for JsonBody {
-    type Target = Value;
+impl<T> std::ops::Deref for JsonBody<T> {
+    type Target = T;
 
-    fn deref(&self) -> &Value {
+    fn deref(&self) -> &T {
         &self.value
     }
 }
@@ -165,21 +167,33 @@ async fn read_within(
     })
 }
 
-/// Parses JSON under dstore's nesting limit, naming where a problem is.
-pub fn parse_json(bytes: &[u8]) -> Result<Value, ApiError> {
-    crate::json::parse(bytes).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))
-}
-
 /// Reads and parses a JSON body of at most `server.max_body_bytes`.
 pub async fn json(
     state: &AppState,
     request: &HttpRequest,
     payload: web::Payload,
 ) -> Result<JsonBody, ApiError> {
+    read_parsed(state, request, payload, crate::json::parse).await
+}
+
+/// Reads and parses an item body of at most `server.max_body_bytes` (a flat object without
+/// serde's map: `document`), under the same rules as [`json`].
+pub async fn item(
+    state: &AppState,
+    request: &HttpRequest,
+    payload: web::Payload,
+) -> Result<JsonBody<Document>, ApiError> {
+    read_parsed(state, request, payload, Document::parse).await
+}
+
+async fn read_parsed<T>(
+    state: &AppState,
+    request: &HttpRequest,
+    payload: web::Payload,
+    parse: fn(&[u8]) -> Result<T, FieldError>,
+) -> Result<JsonBody<T>, ApiError> {
     let limit = state.settings.server.max_body_bytes;
     let Body { bytes, _share } = read(state, request, payload, limit, JSON_FACTOR).await?;
-    Ok(JsonBody {
-        value: parse_json(&bytes)?,
-        _share,
-    })
+    let value = parse(&bytes).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))?;
+    Ok(JsonBody { value, _share })
 }

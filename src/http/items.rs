@@ -173,7 +173,7 @@ async fn upsert(
     status: actix_web::http::StatusCode,
 ) -> Result<HttpResponse, ApiError> {
     let params = write_params(&request)?;
-    let body = body::json(&state, &request, payload).await?;
+    let body = body::item(&state, &request, payload).await?;
     let revision = write::put_item(state.storage.as_ref(), &project, &blueprint, id, &body).await?;
     Ok(answer(&state, &params, success(&id, revision), &project, status).await)
 }

@@ -97,7 +97,7 @@ pub async fn put_item(
     project: &Ident,
     blueprint: &Ident,
     id: Uuid,
-    body: &serde_json::Value,
+    body: &crate::document::Document,
 ) -> Result<u64, WriteError> {
     let (revisions, ()) = journal(storage, project, |snapshot| {
         Ok((

@@ -12,6 +12,7 @@ use crate::blueprint::check::check_item;
 use crate::blueprint::transform::transform;
 use crate::blueprint::{Blueprint, FieldError, Ident};
 use crate::catalog::{Project, Snapshot};
+use crate::document::AsFields;
 use crate::journal::task::VersionDoc;
 use crate::journal::{Entry, ItemRecord};
 
@@ -42,17 +43,17 @@ pub fn prepare_upsert(
     project: &Ident,
     blueprint: &Ident,
     id: Uuid,
-    body: &Value,
+    body: &impl AsFields,
 ) -> Result<Entry, WriteError> {
     let p = snapshot
         .projects
         .get(project)
         .ok_or_else(|| WriteError::NotFound(format!("project {project:?} does not exist")))?;
     newest(p, blueprint)?;
-    let Value::Object(body) = body else {
+    let Some(body) = body.fields() else {
         return Err(invalid("", "an item must be a JSON object"));
     };
-    let number = match crate::json::field(body, "project_version") {
+    let number = match body.get("project_version") {
         None => {
             return Err(invalid(
                 "/project_version",

@@ -16,7 +16,7 @@ use super::parse::pointer_segment;
 use super::types::ColumnType;
 use super::value::{canonicalize, excerpt_str};
 use super::FieldError;
-use crate::json::field;
+use crate::document::Fields;
 
 /// Keys every item carries besides its columns.
 pub const ITEM_KEYS: [&str; 3] = ["id", "project_version", "links"];
@@ -110,12 +110,13 @@ impl Canonical<'_> {
 /// Checks an item body against `blueprint` (as frozen in `version`) and returns its canonical form.
 ///
 /// `id` is the item's id from the URL; a body `id` must equal it.
-pub fn check_item<'a>(
+pub fn check_item<'a, 'b>(
     blueprint: &'a Blueprint,
     version: u32,
     id: Uuid,
-    body: &Map<String, Value>,
+    body: impl Into<Fields<'b>>,
 ) -> Result<Canonical<'a>, Vec<FieldError>> {
+    let body = body.into();
     let mut errors = Vec::new();
     // Column names are never `id`, `project_version` or `links` (parse refuses them), so every
     // name below is pushed once.
@@ -123,7 +124,7 @@ pub fn check_item<'a>(
     item.push(("id", Value::String(id.hyphenated().to_string())));
     item.push(("project_version", Value::from(version)));
 
-    match field(body, "id") {
+    match body.get("id") {
         None => {}
         Some(Value::String(raw)) if Uuid::parse_str(raw).is_ok_and(|u| u == id) => {}
         Some(other) => errors.push(FieldError::new(
@@ -134,7 +135,7 @@ pub fn check_item<'a>(
             ),
         )),
     }
-    let links = match field(body, "links") {
+    let links = match body.get("links") {
         None | Some(Value::Null) => Value::Array(Vec::new()),
         Some(links) => canonicalize(ColumnType::Many(super::types::BaseType::Uuid), links)
             .unwrap_or_else(|reason| {
@@ -146,7 +147,7 @@ pub fn check_item<'a>(
 
     let mut unknown = 0;
     for key in body.keys() {
-        let known = ITEM_KEYS.contains(&key.as_str()) || blueprint.has_column(key);
+        let known = ITEM_KEYS.contains(&key) || blueprint.has_column(key);
         if !known {
             unknown += 1;
             errors.push(FieldError::new(
@@ -169,7 +170,7 @@ pub fn check_item<'a>(
     for (name, column) in &blueprint.columns {
         let def = &column.def;
         let path = || format!("/{name}");
-        let value = match field(body, name.as_str()) {
+        let value = match body.get(name.as_str()) {
             Some(Value::Null) if !def.nullable => {
                 errors.push(FieldError::new(
                     path(),

@@ -1,0 +1,319 @@
+//! An item body as the write path reads it: a flat object's members as they came, or any JSON value.
+//!
+//! Most items are one object of strings, numbers, booleans and nulls. [`Document::parse`] reads such
+//! a body member by member with the scanners of [`crate::json`], without building serde's map
+//! (which hashes every key with SipHash to keep their order) and without decoding a string that has
+//! nothing to unescape. Anything else — a nested array or object, an escape in a key or string, a
+//! repeated key, more than [`json::SCAN`] members, malformed or non-UTF-8 text — is read by
+//! [`json::parse`] as before, so what is accepted, refused and how errors read does not depend on
+//! which way a body took (a proptest compares both on the same bodies).
+
+use serde_json::{Map, Value};
+
+use crate::blueprint::FieldError;
+use crate::json::{self, skip_space, string_end, value_end};
+
+/// A parsed item body.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Document {
+    /// A flat object's members in body order, each key once.
+    Members(Vec<(String, Value)>),
+    /// Any other body, as [`json::parse`] reads it.
+    Value(Value),
+}
+
+impl Document {
+    /// Parses a body under [`json::parse`]'s rules.
+    pub fn parse(bytes: &[u8]) -> Result<Self, FieldError> {
+        match flat_members(bytes) {
+            Some(members) => Ok(Self::Members(members)),
+            None => json::parse(bytes).map(Self::Value),
+        }
+    }
+
+    /// The value serde would have built: an object of the same members in the same order.
+    pub fn into_value(self) -> Value {
+        match self {
+            Self::Members(members) => Value::Object(members.into_iter().collect()),
+            Self::Value(value) => value,
+        }
+    }
+}
+
+impl From<Value> for Document {
+    fn from(value: Value) -> Self {
+        Self::Value(value)
+    }
+}
+
+/// What an item's fields are read from: the members of a body, whichever way it was parsed.
+pub trait AsFields {
+    /// The object's fields; `None` when the body is not an object.
+    fn fields(&self) -> Option<Fields<'_>>;
+}
+
+impl AsFields for Document {
+    fn fields(&self) -> Option<Fields<'_>> {
+        match self {
+            Self::Members(members) => Some(Fields::Members(members)),
+            Self::Value(value) => value.fields(),
+        }
+    }
+}
+
+impl AsFields for Value {
+    fn fields(&self) -> Option<Fields<'_>> {
+        self.as_object().map(Fields::Map)
+    }
+}
+
+/// An object's fields, looked up by name.
+#[derive(Clone, Copy, Debug)]
+pub enum Fields<'a> {
+    /// At most [`json::SCAN`] members, each key once: searched in order.
+    Members(&'a [(String, Value)]),
+    Map(&'a Map<String, Value>),
+}
+
+impl<'a> Fields<'a> {
+    /// The value of `key` (see [`json::field`]).
+    pub fn get(self, key: &str) -> Option<&'a Value> {
+        match self {
+            Self::Members(members) => members.iter().find(|(k, _)| k == key).map(|(_, v)| v),
+            Self::Map(map) => json::field(map, key),
+        }
+    }
+
+    /// The keys in body order.
+    pub fn keys(self) -> impl Iterator<Item = &'a str> {
+        let (members, map) = match self {
+            Self::Members(members) => (Some(members), None),
+            Self::Map(map) => (None, Some(map)),
+        };
+        let members = members.into_iter().flatten().map(|(k, _)| k.as_str());
+        members.chain(map.into_iter().flat_map(|m| m.keys().map(String::as_str)))
+    }
+}
+
+impl<'a> From<&'a Map<String, Value>> for Fields<'a> {
+    fn from(map: &'a Map<String, Value>) -> Self {
+        Self::Map(map)
+    }
+}
+
+/// The members of a body that is one flat object of at most [`json::SCAN`] distinct keys, none of
+/// them nor any string value with an escape; `None` for any other body, which [`json::parse`] then
+/// reads (and refuses, if it is not JSON).
+fn flat_members(bytes: &[u8]) -> Option<Vec<(String, Value)>> {
+    // serde checks the UTF-8 of strings, and bytes outside strings are ASCII in any JSON text.
+    let text = std::str::from_utf8(bytes).ok()?;
+    let mut at = skip_space(bytes, 0);
+    if bytes.get(at) != Some(&b'{') {
+        return None;
+    }
+    at = skip_space(bytes, at + 1);
+    let mut members: Vec<(String, Value)> = Vec::new();
+    if bytes.get(at) == Some(&b'}') {
+        at += 1;
+    } else {
+        loop {
+            if bytes.get(at) != Some(&b'"') {
+                return None;
+            }
+            let end = string_end(bytes, at)?;
+            let key = plain_string(text, at, end)?;
+            at = skip_space(bytes, end);
+            if bytes.get(at) != Some(&b':') {
+                return None;
+            }
+            at = skip_space(bytes, at + 1);
+            let end = value_end(bytes, at)?;
+            let value = scalar(text, at, end)?;
+            if members.len() == json::SCAN || members.iter().any(|(k, _)| k == key) {
+                return None;
+            }
+            members.push((key.to_owned(), value));
+            at = skip_space(bytes, end);
+            match bytes.get(at) {
+                Some(b',') => at = skip_space(bytes, at + 1),
+                Some(b'}') => {
+                    at += 1;
+                    break;
+                }
+                _ => return None,
+            }
+        }
+    }
+    (skip_space(bytes, at) == bytes.len()).then_some(members)
+}
+
+/// The text of the string `text[from..to]` (quotes included) when it has no escape and no control
+/// character (which JSON refuses unescaped).
+fn plain_string(text: &str, from: usize, to: usize) -> Option<&str> {
+    let inner = text.get(from + 1..to - 1)?;
+    (!inner.bytes().any(|b| b == b'\\' || b < 0x20)).then_some(inner)
+}
+
+/// The scalar `text[from..to]`: a plain string, `true`, `false`, `null` or a number as serde reads
+/// it; `None` for anything else.
+fn scalar(text: &str, from: usize, to: usize) -> Option<Value> {
+    let token = text.get(from..to)?;
+    match token.as_bytes()[0] {
+        b'"' => plain_string(text, from, to).map(|s| Value::String(s.to_owned())),
+        b'-' | b'0'..=b'9' => match serde_json::from_str(token) {
+            Ok(number @ Value::Number(_)) => Some(number),
+            _ => None,
+        },
+        _ => match token {
+            "true" => Some(Value::Bool(true)),
+            "false" => Some(Value::Bool(false)),
+            "null" => Some(Value::Null),
+            _ => None,
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A parsed body as what the write path sees of it: an object's keys in order, each with what
+    /// `Fields::get` finds for it, or any other value.
+    fn seen(document: &Document) -> Result<Vec<(String, Value)>, Value> {
+        match document.fields() {
+            Some(fields) => Ok(fields
+                .keys()
+                .map(|k| (k.to_owned(), fields.get(k).cloned().unwrap_or_default()))
+                .collect()),
+            None => Err(document.clone().into_value()),
+        }
+    }
+
+    /// What the write path sees of a body parsed by `json::parse`, and by `Document::parse`.
+    #[allow(clippy::type_complexity)]
+    fn both(
+        bytes: &[u8],
+    ) -> (
+        Result<Result<Vec<(String, Value)>, Value>, FieldError>,
+        Result<Result<Vec<(String, Value)>, Value>, FieldError>,
+    ) {
+        (
+            json::parse(bytes).map(|v| seen(&Document::Value(v))),
+            Document::parse(bytes).map(|d| seen(&d)),
+        )
+    }
+
+    #[test]
+    fn a_flat_object_is_read_member_by_member_and_anything_else_as_before() {
+        let flat =
+            br#" { "title" : "A", "views":42, "ok":true, "no":false, "gone":null, "n":-1.5e3 } "#;
+        assert!(matches!(Document::parse(flat), Ok(Document::Members(m)) if m.len() == 6));
+        for other in [
+            &br#"{"a":[1]}"#[..],
+            br#"{"a":{"b":1}}"#,
+            br#"{"a":"x\"y"}"#,
+            br#"{"a\u0041":1}"#,
+            br#"{"a":1,"a":2}"#,
+            br#"[1]"#,
+            br#""x""#,
+        ] {
+            assert!(
+                matches!(Document::parse(other), Ok(Document::Value(_))),
+                "{}",
+                String::from_utf8_lossy(other)
+            );
+        }
+        let many: String = format!(
+            "{{{}}}",
+            (0..=json::SCAN)
+                .map(|i| format!("\"k{i}\":{i}"))
+                .collect::<Vec<_>>()
+                .join(",")
+        );
+        assert!(matches!(
+            Document::parse(many.as_bytes()),
+            Ok(Document::Value(_))
+        ));
+    }
+
+    #[test]
+    fn refusals_read_as_json_parse_words_them() {
+        for bad in [
+            &b""[..],
+            b"   ",
+            b"{",
+            b"{\"a\":1,}",
+            b"{\"a\":1} x",
+            b"{\"a\" 1}",
+            b"{\"a\":tru}",
+            b"{\"a\":1e999}",
+            b"{\"a\":01}",
+            b"{\"a\":\"\x01\"}",
+            b"{\"a\":\"\xff\"}",
+            b"{\"a\":-}",
+            b"{a:1}",
+        ] {
+            let (expected, got) = both(bad);
+            assert!(expected.is_err(), "{}", String::from_utf8_lossy(bad));
+            assert_eq!(got, expected, "{}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[test]
+    fn fields_look_up_and_list_keys_alike_for_members_and_maps() {
+        let members = Document::parse(br#"{"b":1,"a":2}"#).unwrap();
+        let value = members.clone().into_value();
+        for fields in [members.fields().unwrap(), value.fields().unwrap()] {
+            assert_eq!(fields.get("a"), Some(&Value::from(2)));
+            assert_eq!(fields.get("c"), None);
+            assert_eq!(fields.keys().collect::<Vec<_>>(), ["b", "a"]);
+        }
+        assert!(Value::from(1).fields().is_none());
+    }
+
+    proptest::proptest! {
+        /// Bodies made of JSON's pieces, valid or not: the member-by-member reading accepts and
+        /// refuses exactly what `json::parse` does, with the same value or error.
+        #[test]
+        fn the_member_reading_agrees_with_json_parse(
+            pieces in proptest::collection::vec(
+                proptest::prop_oneof![
+                    proptest::strategy::Just("{".to_owned()),
+                    proptest::strategy::Just("}".to_owned()),
+                    proptest::strategy::Just(",".to_owned()),
+                    proptest::strategy::Just(":".to_owned()),
+                    proptest::strategy::Just(" ".to_owned()),
+                    proptest::strategy::Just("[1]".to_owned()),
+                    proptest::strategy::Just("true".to_owned()),
+                    proptest::strategy::Just("null".to_owned()),
+                    "-?[0-9]{1,3}(\\.[0-9]{1,2})?(e[0-9])?",
+                    "\"[a-c\\\\\"é\u{1}]{0,3}\"",
+                ],
+                0..14,
+            ),
+        ) {
+            let text = pieces.concat();
+            let (expected, got) = both(text.as_bytes());
+            proptest::prop_assert_eq!(got, expected, "{}", text);
+        }
+
+        /// Flat objects, keys repeated or not: members in the order serde keeps them.
+        #[test]
+        fn flat_objects_read_as_serde_reads_them(
+            members in proptest::collection::vec(("[a-d]{1,2}", proptest::prop_oneof![
+                proptest::strategy::Just("1".to_owned()),
+                proptest::strategy::Just("\"s\"".to_owned()),
+                proptest::strategy::Just("false".to_owned()),
+                proptest::strategy::Just("2.5".to_owned()),
+            ]), 0..20),
+        ) {
+            let text = format!(
+                "{{{}}}",
+                members.iter().map(|(k, v)| format!("\"{k}\":{v}")).collect::<Vec<_>>().join(",")
+            );
+            let (expected, got) = both(text.as_bytes());
+            proptest::prop_assert!(expected.is_ok());
+            proptest::prop_assert_eq!(got, expected, "{}", text);
+        }
+    }
+}
