@@ -121,7 +121,9 @@ pub fn check_item<'a, 'b>(
     // Column names are never `id`, `project_version` or `links` (parse refuses them), so every
     // name below is pushed once.
     let mut item: Vec<(&'a str, Value)> = Vec::with_capacity(blueprint.columns.len() + 3);
-    item.push(("id", Value::String(id.hyphenated().to_string())));
+    let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
+    let text: &str = id.hyphenated().encode_lower(&mut text);
+    item.push(("id", Value::String(text.to_owned())));
     item.push(("project_version", Value::from(version)));
 
     match body.get("id") {
