@@ -38,13 +38,19 @@ SERVER=${DSTORE_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/dstore-bench.XXXXXX")
 RUN=bench_$$
 PIDS=()
-DATABASES=()
 
 psql_admin() { psql "$SERVER/postgres" -qAtc "$1" >/dev/null; }
+# Every database this run made (`database` runs in a subshell: they are found by their names).
+drop_databases() {
+    local db
+    for db in $(psql "$SERVER/postgres" -qAtc "SELECT datname FROM pg_database WHERE datname LIKE '${RUN}\\_%'"); do
+        psql_admin "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
+    done
+}
 cleanup() {
     for pid in "${PIDS[@]:-}"; do [ -n "$pid" ] && kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
-    for db in "${DATABASES[@]:-}"; do [ -n "$db" ] && psql_admin "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true; done
+    drop_databases
     rm -rf "$WORK"
 }
 trap cleanup EXIT
@@ -53,7 +59,6 @@ database() { # a fresh database, dropped at the end
     local name="${RUN}_$1"
     psql_admin "DROP DATABASE IF EXISTS $name WITH (FORCE)"
     psql_admin "CREATE DATABASE $name"
-    DATABASES+=("$name")
     echo "$SERVER/$name"
 }
 
@@ -237,6 +242,10 @@ for i in range(int(sys.argv[1])):
     read -r floor floor_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
     row "floor (one upsert per request)|PUT|$floor|$floor_p99|$(awk -v a="$floor" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$LAST_PID")|$(cat "$WORK/idle")"
     stop "$LAST_PID"
+    # The round's databases are dropped and its journals removed: PostgreSQL's autovacuum of the
+    # million rows just copied and upserted would otherwise run during the next round's loads.
+    drop_databases
+    rm -rf "$WORK/embedded$round" "$WORK/pg$round"
     RATIOS+=("$(awk -v e="$embedded" -v c="$ceiling" -v ep="$embedded_p99" -v cp="$ceiling_p99" -v p="$pg" -v bp="$bulk_pg" -v k="$copy" -v b="$bulk" \
         'BEGIN {printf "%.2f %.1f %.2f %.2f %.1f", e / c, ep / cp, p / e, bp / k, b / e}')")
 }
