@@ -70,6 +70,15 @@ pub fn canonicalize_scalar(base: BaseType, value: &Value) -> Result<Value, Strin
         }
         BaseType::DateTime => {
             let raw = expect_str(value, "a datetime")?;
+            // The most common input is its own canonical text but for a `T` between date and
+            // time: once checked, it is kept rather than written again from its parts.
+            if plain_datetime(raw).is_some() {
+                let mut text = raw.to_owned();
+                if text.as_bytes()[10] == b'T' {
+                    text.replace_range(10..11, " ");
+                }
+                return Ok(Value::String(text));
+            }
             parse_datetime(raw).map(|t| Value::String(format_datetime(&t)))
         }
         BaseType::Json => check_json_text(value).map(|()| value.clone()),
@@ -291,6 +300,21 @@ mod tests {
 
     fn one(base: BaseType, v: Value) -> Result<Value, String> {
         canonicalize(ColumnType::One(base), &v)
+    }
+
+    proptest::proptest! {
+        /// A `YYYY-MM-DD HH:MM:SS` input (or with `T`), kept as it came, is what parsing and
+        /// writing it from its parts gives, and any such text that is no datetime is refused.
+        #[test]
+        fn a_plain_datetime_kept_as_it_came_is_its_canonical_text(
+            year in 0u32..10_000, month in 0u32..14, day in 0u32..33,
+            hour in 0u32..25, minute in 0u32..61, second in 0u32..62, t in proptest::bool::ANY,
+        ) {
+            let sep = if t { 'T' } else { ' ' };
+            let raw = format!("{year:04}-{month:02}-{day:02}{sep}{hour:02}:{minute:02}:{second:02}");
+            let expected = parse_datetime(&raw).map(|t| Value::String(format_datetime(&t)));
+            proptest::prop_assert_eq!(one(BaseType::DateTime, json!(raw)), expected);
+        }
     }
 
     #[test]
