@@ -36,14 +36,15 @@ CLUSTER=${BENCH_CLUSTER-1 2 3}
 ROUNDS=${BENCH_ROUNDS:-1}
 SERVER=${DSTORE_TEST_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432}
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/dstore-bench.XXXXXX")
-RUN=bench_$$
+# Unique beyond this machine's process ids: runs from several machines may share one server.
+RUN=bench_$$_$(od -An -N4 -tu4 /dev/urandom | tr -d ' ')
 PIDS=()
 
 psql_admin() { psql "$SERVER/postgres" -qAtc "$1" >/dev/null; }
 # Every database this run made (`database` runs in a subshell: they are found by their names).
 drop_databases() {
     local db
-    for db in $(psql "$SERVER/postgres" -qAtc "SELECT datname FROM pg_database WHERE datname LIKE '${RUN}\\_%'"); do
+    for db in $(psql "$SERVER/postgres" -qAtc "SELECT datname FROM pg_database WHERE starts_with(datname, '${RUN}_')"); do
         psql_admin "DROP DATABASE IF EXISTS $db WITH (FORCE)" || true
     done
 }
@@ -223,7 +224,7 @@ single_round() {
     url=$(database copy)
     quiet
     psql "$url" -qc "CREATE SCHEMA bench_v1"
-    pg_dump --schema-only --no-owner -t bench_v1.articles "$projector_url" | psql "$url" -q >/dev/null
+    pg_dump --schema-only --no-owner -t bench_v1.articles "$projector_url" | psql "$url" -q -v ON_ERROR_STOP=1 >/dev/null
     python3 -c '
 import uuid, sys
 w = sys.stdout.write
