@@ -257,7 +257,7 @@ pub fn upsert_body(
             out.push(b',');
         }
         out.extend_from_slice(b"{\"version\":");
-        out.extend_from_slice(version.to_string().as_bytes());
+        out.extend_from_slice(itoa::Buffer::new().format(*version).as_bytes());
         out.extend_from_slice(b",\"doc\":");
         spans.push((*version, out.len()..out.len() + doc.len()));
         out.extend_from_slice(doc);

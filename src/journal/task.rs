@@ -57,9 +57,7 @@ impl VersionDoc {
     pub fn new(version: u32, doc: &impl Serialize) -> VersionDoc {
         VersionDoc {
             version,
-            doc: Doc(serde_json::to_string(doc)
-                .expect("JSON objects serialize")
-                .into_boxed_str()),
+            doc: Doc(serde_json::to_string(doc).expect("JSON objects serialize")),
         }
     }
 
@@ -67,7 +65,7 @@ impl VersionDoc {
     pub fn canonical(version: u32, item: &Canonical) -> VersionDoc {
         VersionDoc {
             version,
-            doc: Doc(item.to_json().into_boxed_str()),
+            doc: Doc(item.to_json()),
         }
     }
 }
@@ -76,9 +74,10 @@ impl VersionDoc {
 /// serde, which checks the text is one JSON value (a task that came through a broker or another
 /// store), or from the local journal's own task bytes, which the write path serialized and RocksDB
 /// checksums, without checking them again (`codec::decode_own_task`). Two documents are equal when
-/// their text is.
+/// their text is. A `String` rather than a `Box<str>`: the write path's text keeps the buffer it was
+/// written into (boxing it reallocated every document to its exact length).
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Doc(Box<str>);
+pub struct Doc(String);
 
 impl Doc {
     pub fn get(&self) -> &str {
@@ -91,13 +90,13 @@ impl Doc {
     }
 
     pub fn into_string(self) -> String {
-        self.0.into_string()
+        self.0
     }
 }
 
 impl<'de> Deserialize<'de> for Doc {
     fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Doc, D::Error> {
-        Box::<RawValue>::deserialize(deserializer).map(|raw| Doc(raw.into()))
+        Box::<RawValue>::deserialize(deserializer).map(|raw| Doc(Box::<str>::from(raw).into()))
     }
 }
 
