@@ -226,6 +226,94 @@ async fn a_bulk_item_far_larger_than_an_item_may_be_fails_alone_with_413() {
     app.stop().await;
 }
 
+/// Item bodies as they come over the wire, each with what dstore stores for it or refuses it
+/// with: the flat ones are read member by member, the others by serde (`document`), and either
+/// way a body means what serde makes of it, through PUT and `_bulk` alike.
+#[tokio::test]
+async fn odd_flat_bodies_mean_what_serde_makes_of_them_through_put_and_bulk() {
+    let app = blog().await;
+    let stored = [
+        // Spaces everywhere JSON allows them: the same item as the compact body.
+        (
+            " {\n\t\"project_version\" : 1 ,\r\n \"title\" : \"Hello\" , \"date_created\" : \"2020-01-02T03:04:05\" } ",
+            json!("Hello"),
+        ),
+        // A repeated key: its last value, as serde keeps it.
+        (
+            r#"{"project_version":1,"title":"first","title":"last","date_created":"2020-01-02 03:04:05"}"#,
+            json!("last"),
+        ),
+        // Escapes, in a value and in a key.
+        (
+            r#"{"project_version":1,"title":"a\"b\u00e9\n","d\u0061te_created":"2020-01-02 03:04:05"}"#,
+            json!("a\"bé\n"),
+        ),
+        // Not a string: null, where the column allows it.
+        (
+            r#"{"project_version":1,"title":null,"date_created":"2020-01-02 03:04:05"}"#,
+            Value::Null,
+        ),
+    ];
+    for (n, (body, title)) in stored.iter().enumerate() {
+        let id = Uuid::new_v4();
+        let put = app
+            .send(
+                Method::PUT,
+                &format!("/myblog/article/{id}"),
+                Some(body.to_string()),
+            )
+            .await;
+        assert_eq!(put.status, 200, "body {n}: {}", put.body);
+        let read = app.get(&format!("/myblog/article/{id}")).await;
+        assert_eq!(read.body["title"], *title, "body {n}: {}", read.body);
+        assert_eq!(read.body["date_created"], "2020-01-02 03:04:05", "body {n}");
+        let id = Uuid::new_v4();
+        let line = body.replace(['\n', '\r'], " ");
+        let bulk = format!(
+            "{}\n{line}\n",
+            json!({"put": {"blueprint": "article", "id": id}})
+        );
+        let bulk = app.send(Method::POST, "/myblog/_bulk", Some(bulk)).await;
+        assert_eq!(
+            bulk.body["items"][0]["put"]["status"], 200,
+            "body {n}: {}",
+            bulk.body
+        );
+        let read = app.get(&format!("/myblog/article/{id}")).await;
+        assert_eq!(read.body["title"], *title, "bulk body {n}: {}", read.body);
+    }
+    // Refused as serde refuses them, before anything is written: a raw control character in a
+    // string, a trailing comma, text after the object, a number serde cannot hold, bytes that are
+    // not UTF-8.
+    for (n, body) in [
+        &b"{\"project_version\":1,\"title\":\"a\x01b\",\"date_created\":\"2020-01-02 03:04:05\"}"[..],
+        b"{\"project_version\":1,\"title\":\"a\",}",
+        b"{\"project_version\":1} {}",
+        b"{\"project_version\":1e999}",
+        b"{\"project_version\":1,\"title\":\"\xff\"}",
+    ]
+    .iter()
+    .enumerate()
+    {
+        let expected = dstore::json::parse(body).expect_err("serde refuses it");
+        let answer = app
+            .client
+            .put(format!("{}/myblog/article/{}", app.address, Uuid::new_v4()))
+            .header("content-type", "application/json")
+            .body(body.to_vec())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 400, "body {n}");
+        let answer: Value = answer.json().await.unwrap();
+        assert_eq!(
+            answer["errors"][0]["message"], expected.message,
+            "body {n}: {answer}"
+        );
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn made_up_methods_share_one_metrics_series() {
     let app = spawn_app().await;
