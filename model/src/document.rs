@@ -11,7 +11,7 @@
 use serde_json::{Map, Value};
 
 use crate::blueprint::FieldError;
-use crate::json::{self, skip_space, value_end};
+use crate::json::{self, skip_space};
 
 /// A parsed item body.
 #[derive(Clone, Debug, PartialEq)]
@@ -28,14 +28,6 @@ impl Document {
         match flat_members(bytes) {
             Some(members) => Ok(Self::Members(members)),
             None => json::parse(bytes).map(Self::Value),
-        }
-    }
-
-    /// The value serde would have built: an object of the same members in the same order.
-    pub fn into_value(self) -> Value {
-        match self {
-            Self::Members(members) => Value::Object(members.into_iter().collect()),
-            Self::Value(value) => value,
         }
     }
 }
@@ -107,65 +99,34 @@ impl<'a> From<&'a Map<String, Value>> for Fields<'a> {
 fn flat_members(bytes: &[u8]) -> Option<Vec<(String, Value)>> {
     // serde checks the UTF-8 of strings, and bytes outside strings are ASCII in any JSON text.
     let text = std::str::from_utf8(bytes).ok()?;
-    let mut at = skip_space(bytes, 0);
-    if bytes.get(at) != Some(&b'{') {
-        return None;
-    }
-    at = skip_space(bytes, at + 1);
+    let mut object = json::members(text).ok()?;
     let mut members: Vec<(String, Value)> = Vec::with_capacity(8);
-    if bytes.get(at) == Some(&b'}') {
-        at += 1;
-    } else {
-        loop {
-            if bytes.get(at) != Some(&b'"') {
-                return None;
-            }
-            let end = plain_string_end(bytes, at)?;
-            let key = &text[at + 1..end - 1];
-            at = skip_space(bytes, end);
-            if bytes.get(at) != Some(&b':') {
-                return None;
-            }
-            at = skip_space(bytes, at + 1);
-            let end = value_end(bytes, at)?;
-            let value = scalar(text, at, end)?;
-            if members.len() == json::SCAN || members.iter().any(|(k, _)| k == key) {
-                return None;
-            }
-            members.push((key.to_owned(), value));
-            at = skip_space(bytes, end);
-            match bytes.get(at) {
-                Some(b',') => at = skip_space(bytes, at + 1),
-                Some(b'}') => {
-                    at += 1;
-                    break;
-                }
-                _ => return None,
-            }
+    for member in object.by_ref() {
+        let (name, value) = member.ok()?;
+        let (name, value) = (plain(name)?, scalar(value)?);
+        if members.len() == json::SCAN || members.iter().any(|(k, _)| k == name) {
+            return None;
         }
+        members.push((name.to_owned(), value));
     }
-    (skip_space(bytes, at) == bytes.len()).then_some(members)
+    (skip_space(bytes, object.end()?) == bytes.len()).then_some(members)
 }
 
-/// The end (after its closing quote) of the string whose opening quote is at `at`, when it has no
-/// escape and no control character (which JSON refuses unescaped); `None` otherwise.
-fn plain_string_end(bytes: &[u8], at: usize) -> Option<usize> {
-    let inner = at + 1;
-    let close = inner + memchr::memchr2(b'"', b'\\', bytes.get(inner..)?)?;
+/// A string's text between its quotes, when it has no escape and no control character (which JSON
+/// refuses unescaped).
+fn plain(inner: &str) -> Option<&str> {
     // Folded without stopping early, so the compiler checks many bytes at once.
-    let control = bytes[inner..close]
-        .iter()
-        .fold(false, |any, &b| any | (b < 0x20));
-    (bytes[close] == b'"' && !control).then_some(close + 1)
+    let odd = inner
+        .bytes()
+        .fold(false, |any, b| any | (b < 0x20) | (b == b'\\'));
+    (!odd).then_some(inner)
 }
 
-/// The scalar `text[from..to]`: a plain string, `true`, `false`, `null` or a number as serde reads
-/// it; `None` for anything else.
-fn scalar(text: &str, from: usize, to: usize) -> Option<Value> {
-    let token = text.get(from..to)?;
+/// The scalar `token`: a plain string, `true`, `false`, `null` or a number as serde reads it;
+/// `None` for anything else.
+fn scalar(token: &str) -> Option<Value> {
     match token.as_bytes()[0] {
-        b'"' => (plain_string_end(text.as_bytes(), from)? == to)
-            .then(|| Value::String(text[from + 1..to - 1].to_owned())),
+        b'"' => plain(&token[1..token.len() - 1]).map(|s| Value::String(s.to_owned())),
         // A whole number of up to 18 digits without a leading zero fits a u64, which is what serde
         // makes of it; any other number is read by serde.
         b'1'..=b'9' if token.len() <= 18 && token.bytes().all(|b| b.is_ascii_digit()) => {
@@ -200,7 +161,10 @@ mod tests {
                 .keys()
                 .map(|k| (k.to_owned(), fields.get(k).cloned().unwrap_or_default()))
                 .collect()),
-            None => Err(document.clone().into_value()),
+            None => match document {
+                Document::Value(value) => Err(value.clone()),
+                Document::Members(_) => unreachable!("members are an object's"),
+            },
         }
     }
 
@@ -277,13 +241,22 @@ mod tests {
     #[test]
     fn fields_look_up_and_list_keys_alike_for_members_and_maps() {
         let members = Document::parse(br#"{"b":1,"a":2}"#).unwrap();
-        let value = members.clone().into_value();
+        let Document::Members(list) = &members else {
+            panic!("a flat object is read member by member")
+        };
+        let value = Value::Object(list.iter().cloned().collect());
         for fields in [members.fields().unwrap(), value.fields().unwrap()] {
             assert_eq!(fields.get("a"), Some(&Value::from(2)));
             assert_eq!(fields.get("c"), None);
             assert_eq!(fields.keys().collect::<Vec<_>>(), ["b", "a"]);
         }
         assert!(Value::from(1).fields().is_none());
+    }
+
+    /// One of `texts`, as an owned string.
+    fn pieces(texts: &[&'static str]) -> impl proptest::strategy::Strategy<Value = String> {
+        use proptest::strategy::Strategy;
+        proptest::sample::select(texts.to_vec()).prop_map(str::to_owned)
     }
 
     proptest::proptest! {
@@ -293,14 +266,7 @@ mod tests {
         fn the_member_reading_agrees_with_json_parse(
             pieces in proptest::collection::vec(
                 proptest::prop_oneof![
-                    proptest::strategy::Just("{".to_owned()),
-                    proptest::strategy::Just("}".to_owned()),
-                    proptest::strategy::Just(",".to_owned()),
-                    proptest::strategy::Just(":".to_owned()),
-                    proptest::strategy::Just(" ".to_owned()),
-                    proptest::strategy::Just("[1]".to_owned()),
-                    proptest::strategy::Just("true".to_owned()),
-                    proptest::strategy::Just("null".to_owned()),
+                    pieces(&["{", "}", ",", ":", " ", "[1]", "true", "null"]),
                     "-?[0-9]{1,3}(\\.[0-9]{1,2})?(e[0-9])?",
                     "\"[a-c\\\\\"é\u{1}]{0,3}\"",
                 ],
@@ -317,10 +283,7 @@ mod tests {
         #[test]
         fn flat_objects_read_as_serde_reads_them(
             members in proptest::collection::vec(("[a-d]{1,2}", proptest::prop_oneof![
-                proptest::strategy::Just("1".to_owned()),
-                proptest::strategy::Just("\"s\"".to_owned()),
-                proptest::strategy::Just("false".to_owned()),
-                proptest::strategy::Just("2.5".to_owned()),
+                pieces(&["1", "\"s\"", "false", "2.5"]),
                 "-?[0-9]{1,22}",
                 "\"[a-z\u{1}\u{1f}\\\\\"é]{0,12}\"",
             ]), 0..20),

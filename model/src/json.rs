@@ -100,6 +100,103 @@ pub fn value_end(bytes: &[u8], at: usize) -> Option<usize> {
     }
 }
 
+/// The members of the JSON object that starts `text` (after any space), in order: each name's text
+/// between its quotes (escapes as written) and its value's text. Only the object's own structure is
+/// followed, as the scanners above follow it; nothing inside a name or a value is checked. After the
+/// last member, [`Members::end`] is where the object ends. A name given twice comes twice.
+pub fn members(text: &str) -> Result<Members<'_>, MemberError<'_>> {
+    let bytes = text.as_bytes();
+    let at = skip_space(bytes, 0);
+    if bytes.get(at) != Some(&b'{') {
+        return Err(MemberError::NotObject);
+    }
+    let at = skip_space(bytes, at + 1);
+    let state = match bytes.get(at) {
+        Some(b'}') => Reading::Ended(at + 1),
+        _ => Reading::At(at),
+    };
+    Ok(Members { text, state })
+}
+
+/// The iterator of [`members`].
+pub struct Members<'a> {
+    text: &'a str,
+    state: Reading,
+}
+
+enum Reading {
+    /// The next member's name starts here.
+    At(usize),
+    /// The object ended just before here.
+    Ended(usize),
+    /// A member was broken: nothing more is read.
+    Broken,
+}
+
+/// Where [`members`] found the object's structure broken; a name is the text between its quotes.
+#[derive(Debug, PartialEq)]
+pub enum MemberError<'a> {
+    NotObject,
+    NoName,
+    NameNotEnded,
+    NoValue(&'a str),
+    ValueNotEnded(&'a str),
+    NotFollowed(&'a str),
+}
+
+impl<'a> Members<'a> {
+    /// Just after the object's closing `}`, once every member was read.
+    pub fn end(&self) -> Option<usize> {
+        match self.state {
+            Reading::Ended(end) => Some(end),
+            _ => None,
+        }
+    }
+
+    /// The member at `at`, and what reading goes on with.
+    fn member(&self, at: usize) -> Result<((&'a str, &'a str), Reading), MemberError<'a>> {
+        let (text, bytes) = (self.text, self.text.as_bytes());
+        if bytes.get(at) != Some(&b'"') {
+            return Err(MemberError::NoName);
+        }
+        let name_end = string_end(bytes, at).ok_or(MemberError::NameNotEnded)?;
+        let name = &text[at + 1..name_end - 1];
+        let at = skip_space(bytes, name_end);
+        if bytes.get(at) != Some(&b':') {
+            return Err(MemberError::NoValue(name));
+        }
+        let start = skip_space(bytes, at + 1);
+        let end = value_end(bytes, start).ok_or(MemberError::ValueNotEnded(name))?;
+        let at = skip_space(bytes, end);
+        let next = match bytes.get(at) {
+            Some(b',') => Reading::At(skip_space(bytes, at + 1)),
+            Some(b'}') => Reading::Ended(at + 1),
+            _ => return Err(MemberError::NotFollowed(name)),
+        };
+        Ok(((name, &text[start..end]), next))
+    }
+}
+
+impl<'a> Iterator for Members<'a> {
+    type Item = Result<(&'a str, &'a str), MemberError<'a>>;
+
+    fn next(&mut self) -> Option<Self::Item> {
+        let Reading::At(at) = self.state else {
+            return None;
+        };
+        Some(match self.member(at) {
+            Ok((member, next)) => {
+                self.state = next;
+                Ok(member)
+            }
+            Err(error) => {
+                self.state = Reading::Broken;
+                Err(error)
+            }
+        })
+    }
+}
+
 /// Appends `value`'s JSON text to `out`, byte for byte what `serde_json` writes (a proptest checks).
 /// Strings with nothing to escape, as most are, are copied whole: serde looks up every byte of
 /// every string and key in a table (about 150 instructions a string of an item; README,
@@ -402,6 +499,35 @@ mod tests {
             let mut padded = text.clone();
             padded.extend_from_slice(b" ,");
             proptest::prop_assert_eq!(value_end(&padded, 0), Some(text.len()));
+        }
+    }
+
+    #[test]
+    fn members_follow_an_object_and_stop_where_it_breaks() {
+        let text = r#" { "a" : [1, "]"] , "b\"c":{"d":2},"a":null } tail"#;
+        let mut object = members(text).unwrap();
+        let found: Vec<_> = object.by_ref().collect();
+        assert_eq!(
+            found,
+            [
+                Ok(("a", r#"[1, "]"]"#)),
+                Ok((r#"b\"c"#, r#"{"d":2}"#)),
+                Ok(("a", "null"))
+            ]
+        );
+        assert_eq!(&text[object.end().unwrap()..], " tail");
+        assert_eq!(members("{}").unwrap().end(), Some(2));
+        assert!(matches!(members("[1]"), Err(MemberError::NotObject)));
+        for (broken, error) in [
+            ("{1}", MemberError::NoName),
+            (r#"{"a"}"#, MemberError::NoValue("a")),
+            (r#"{"a":"x}"#, MemberError::ValueNotEnded("a")),
+            (r#"{"a":1 "b":2}"#, MemberError::NotFollowed("a")),
+        ] {
+            let mut object = members(broken).unwrap();
+            assert_eq!(object.next(), Some(Err(error)), "{broken}");
+            assert_eq!(object.next(), None);
+            assert_eq!(object.end(), None);
         }
     }
 

@@ -13,7 +13,7 @@ use uuid::Uuid;
 use crate::blueprint::{Blueprint, Ident};
 use crate::catalog::{Snapshot, Version};
 use crate::journal::task::{Doc, Task};
-use crate::json::{skip_space, string_end, value_end};
+use crate::json::{members, MemberError};
 use crate::projector::{Outcome, ProjectorError};
 
 /// A document's fields as JSON text, borrowed from the task: columns are read without building the
@@ -36,41 +36,15 @@ impl<'a> Fields<'a> {
     /// checking the JSON again (serde's reading took a fifth of projection's instructions). Field
     /// names are identifiers: a name with an escape, like anything but an object, is refused.
     pub fn of(doc: &'a Doc) -> Result<Fields<'a>, String> {
-        let text = doc.get();
-        let bytes = text.as_bytes();
-        let mut at = skip_space(bytes, 0);
-        if bytes.get(at) != Some(&b'{') {
-            return Err("not a JSON object".into());
-        }
         let mut fields = Vec::with_capacity(8);
-        at = skip_space(bytes, at + 1);
-        if bytes.get(at) == Some(&b'}') {
-            return Ok(Fields::new(fields));
-        }
-        loop {
-            if bytes.get(at) != Some(&b'"') {
-                return Err("a member without a name".into());
-            }
-            let name_end = string_end(bytes, at).ok_or("a name that does not end")?;
-            let name = &text[at + 1..name_end - 1];
+        for member in members(doc.get()).map_err(described)? {
+            let (name, value) = member.map_err(described)?;
             if name.contains('\\') {
                 return Err(format!("the field name {name:?} holds an escape"));
             }
-            at = skip_space(bytes, name_end);
-            if bytes.get(at) != Some(&b':') {
-                return Err(format!("the field {name:?} has no value"));
-            }
-            let start = skip_space(bytes, at + 1);
-            let end = value_end(bytes, start)
-                .ok_or_else(|| format!("the field {name:?} does not end"))?;
-            fields.push((name, &text[start..end]));
-            at = skip_space(bytes, end);
-            match bytes.get(at) {
-                Some(b',') => at = skip_space(bytes, at + 1),
-                Some(b'}') => return Ok(Fields::new(fields)),
-                _ => return Err(format!("the field {name:?} is not followed by `,` or `}}`")),
-            }
+            fields.push((name, value));
         }
+        Ok(Fields::new(fields))
     }
 
     fn new(mut fields: Vec<(&'a str, &'a str)>) -> Fields<'a> {
@@ -109,6 +83,20 @@ impl<'a> Fields<'a> {
             .rev()
             .find(|(n, _)| *n == name)
             .map(|(_, v)| *v)
+    }
+}
+
+/// Why a document's members could not be followed.
+fn described(error: MemberError<'_>) -> String {
+    match error {
+        MemberError::NotObject => "not a JSON object".into(),
+        MemberError::NoName => "a member without a name".into(),
+        MemberError::NameNotEnded => "a name that does not end".into(),
+        MemberError::NoValue(name) => format!("the field {name:?} has no value"),
+        MemberError::ValueNotEnded(name) => format!("the field {name:?} does not end"),
+        MemberError::NotFollowed(name) => {
+            format!("the field {name:?} is not followed by `,` or `}}`")
+        }
     }
 }
 
