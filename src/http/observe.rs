@@ -188,10 +188,7 @@ pub async fn observe(
     let elapsed = started.elapsed().as_secs_f64();
     let status = response.status().as_u16();
     let method = method_label(response.request().method());
-    let route = response
-        .request()
-        .match_pattern()
-        .unwrap_or_else(|| "unmatched".into());
+    let route = super::route_label(response.request());
     if let Some(metrics) = metrics {
         metrics.record(method, &route, status, elapsed);
     }

@@ -437,3 +437,65 @@ async fn keyspaces_the_journal_did_not_keep_are_rebuilt_from_its_items() {
     drop(keyspaces);
     app.stop().await;
 }
+
+/// Plain item paths skip the route table (`items::plain`); percent-encoded ones take the item
+/// route. Both must answer alike: the same item, the same refusals, 405 for other methods, and one
+/// metrics series named by the route's pattern.
+#[tokio::test]
+async fn plain_and_percent_encoded_item_paths_answer_alike() {
+    let app = blog().await;
+    let encoded = format!("/my%62log/%61rticle/{ID}");
+    let put = app.put(&encoded, &seed_item()).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let plain = app.get(&format!("/myblog/article/{ID}")).await;
+    let through_router = app.get(&encoded).await;
+    assert_eq!(plain.status, 200, "{}", plain.body);
+    assert_eq!(plain.body, through_router.body);
+    assert_eq!(plain.body["title"], "Hello");
+    let put = app
+        .put(&format!("/myblog/article/{ID}"), &seed_item())
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+
+    for path in [format!("/myblog/article/{ID}"), encoded.clone()] {
+        for method in [Method::POST, Method::PATCH, Method::HEAD] {
+            let answer = app.send(method.clone(), &path, None).await;
+            assert_eq!(answer.status, 405, "{method} {path}");
+        }
+    }
+    for (path, field) in [
+        ("/myblog/article/not-a-uuid".to_string(), "id"),
+        ("/my%62log/article/not-a-uuid".to_string(), "id"),
+        (format!("/myblog/art.icle/{ID}"), "blueprint"),
+        (format!("/myblog/art%2Eicle/{ID}"), "blueprint"),
+        (format!("/my:blog/article/{ID}"), "project"),
+    ] {
+        let answer = app.put(&path, &seed_item()).await;
+        assert_eq!(answer.status, 400, "{path}: {}", answer.body);
+        assert_eq!(
+            answer.body["errors"][0]["path"], field,
+            "{path}: {}",
+            answer.body
+        );
+    }
+    let missing = app
+        .get("/nosuch/article/0b7a1dd1-56a2-4b7e-8dc5-3f1c2a8c9e02")
+        .await;
+    assert_eq!(missing.status, 404, "{}", missing.body);
+
+    let deleted = app.delete(&encoded).await;
+    assert_eq!(deleted.body["found"], true, "{}", deleted.body);
+    let deleted = app.delete(&format!("/myblog/article/{ID}")).await;
+    assert_eq!(deleted.body["found"], false, "{}", deleted.body);
+
+    let metrics = app.metrics().await;
+    for line in [
+        "dstore_http_requests_total{method=\"PUT\",route=\"/{project}/{blueprint}/{id}\",status=\"200\"} 2",
+        "dstore_http_requests_total{method=\"GET\",route=\"/{project}/{blueprint}/{id}\",status=\"200\"} 2",
+        "dstore_http_requests_total{method=\"DELETE\",route=\"/{project}/{blueprint}/{id}\",status=\"200\"} 2",
+        "dstore_http_requests_total{method=\"POST\",route=\"/{project}/{blueprint}/{id}\",status=\"405\"} 2",
+    ] {
+        assert!(metrics.contains(line), "missing {line:?} in\n{metrics}");
+    }
+    app.stop().await;
+}
