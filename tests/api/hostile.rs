@@ -360,19 +360,22 @@ async fn a_body_that_never_arrives_is_answered_408_and_too_many_body_bytes_503()
     })
     .await;
     let address = app.address.trim_start_matches("http://").to_string();
-    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
-    socket
-        .write_all(
-            b"PUT /myblog/article/_blueprint HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{",
-        )
-        .await
-        .unwrap();
-    let mut answer = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer)).await;
-    let answer = String::from_utf8_lossy(&answer);
-    assert!(read.is_ok(), "the server answers in time");
-    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
-    assert!(answer.contains("body_timeout_secs"), "{answer}");
+    // A blueprint, and an item on the path that skips the route table (`items::plain`).
+    for path in [
+        "/myblog/article/_blueprint",
+        "/myblog/article/0b7a1dd1-56a2-4b7e-8dc5-3f1c2a8c9e01",
+    ] {
+        let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+        let head = format!("PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{");
+        socket.write_all(head.as_bytes()).await.unwrap();
+        let mut answer = Vec::new();
+        let read =
+            tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer)).await;
+        let answer = String::from_utf8_lossy(&answer);
+        assert!(read.is_ok(), "the server answers in time: {path}");
+        assert!(answer.starts_with("HTTP/1.1 408"), "{path}: {answer}");
+        assert!(answer.contains("body_timeout_secs"), "{path}: {answer}");
+    }
 
     // A JSON body counts 16 times its length while it is parsed: 8 KiB is more than 64 KiB.
     let big = json!({"filler": "x".repeat(8 * 1024)});
