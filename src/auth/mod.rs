@@ -291,10 +291,19 @@ pub enum Requirement {
 pub fn requirement(method: &actix_web::http::Method, path: &str) -> Requirement {
     use actix_web::http::Method;
     use Action::*;
-    let segments: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // At most five segments, without allocating (this runs for every request): no pattern below
+    // names more than four, so a longer path matches only patterns ending in `..`, as it would
+    // whole.
+    let mut parts = [""; 5];
+    let mut count = 0;
+    for (part, segment) in parts.iter_mut().zip(path.trim_matches('/').split('/')) {
+        *part = segment;
+        count += 1;
+    }
+    let segments = &parts[..count];
     let get = *method == Method::GET || *method == Method::HEAD;
     let project = |s: &str| Some(s.to_string());
-    match segments.as_slice() {
+    match segments {
         // The docs page is a static page with no data: a browser opens it without a header, and
         // the reader gives it a key for the document it loads.
         ["_health"] | ["_docs"] => Requirement::Open,
@@ -357,6 +366,29 @@ mod tests {
     fn every_route_has_its_requirement() {
         let req = |m: Method, p: &str| requirement(&m, p);
         assert_eq!(req(Method::GET, "/_health"), Requirement::Open);
+        // Paths longer than any pattern: only those ending in `..` take them.
+        assert_eq!(
+            req(Method::GET, "/blog/article/_blueprint/1/extra/more"),
+            Requirement::Action(Action::BlueprintsRead, Some("blog".into()))
+        );
+        assert_eq!(
+            req(Method::GET, "/_keys/a/b/c/d/e"),
+            Requirement::Action(Action::KeysManage, None)
+        );
+        for long in ["/a/b/c/d", "/a/b/c/d/e", "/a/b/c/d/e/f/g"] {
+            assert_eq!(
+                req(Method::PUT, long),
+                Requirement::Action(Action::All, None),
+                "{long}"
+            );
+        }
+        assert_eq!(
+            req(
+                Method::GET,
+                "/blog/article/0b7a1dd1-56a2-4b7e-8dc5-3f1c2a8c9e01"
+            ),
+            Requirement::Action(Action::ItemsRead, Some("blog".into()))
+        );
         assert_eq!(
             req(Method::PUT, "/blog/article/_blueprint"),
             Requirement::Action(Action::BlueprintsWrite, Some("blog".into()))

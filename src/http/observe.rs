@@ -32,13 +32,15 @@ struct Series {
 }
 
 /// The series of one route, by method and status.
-type Route = HashMap<(&'static str, u16), Arc<Series>>;
+type Route = HashMap<(&'static str, u16), Arc<Series>, foldhash::fast::RandomState>;
 
 /// Request counters and latency histograms by method, route and status. Keyed by route first, so
-/// recording a request looks its series up with borrowed text and allocates nothing.
+/// recording a request looks its series up with borrowed text and allocates nothing. Hashed with
+/// foldhash: the keys are the route table's patterns, a method and a status, never a client's text,
+/// and SipHash's two look-ups were about 0.4k instructions per request.
 #[derive(Default)]
 pub struct RequestMetrics {
-    series: RwLock<HashMap<String, Route>>,
+    series: RwLock<HashMap<String, Route, foldhash::fast::RandomState>>,
 }
 
 impl RequestMetrics {

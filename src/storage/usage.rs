@@ -63,13 +63,15 @@ impl Usage {
     }
 }
 
-/// (project, version, hour since the Unix epoch).
-type Bucket = (Ident, u32, i64);
+/// A project's counts: (version, hour since the Unix epoch) → (writes, the last one's time).
+type Buckets = HashMap<(u32, i64), (u64, DateTime<Utc>), foldhash::fast::RandomState>;
 
-/// Writes counted since the last flush.
+/// Writes counted since the last flush, by project: a write finds its project's buckets by the
+/// borrowed name, so counting it allocates nothing. Project names are the catalog's, hashed with
+/// foldhash seeded per process.
 #[derive(Default)]
 pub struct UsageMeter {
-    pending: Mutex<HashMap<Bucket, (u64, DateTime<Utc>)>>,
+    pending: Mutex<HashMap<Ident, Buckets, foldhash::fast::RandomState>>,
 }
 
 impl UsageMeter {
@@ -95,10 +97,14 @@ impl UsageMeter {
         let now = Utc::now();
         let hour = now.timestamp().div_euclid(3600);
         let mut pending = self.pending.lock().expect("usage lock");
+        if !pending.contains_key(project.as_str()) {
+            pending.insert(project.clone(), Buckets::default());
+        }
+        let Some(buckets) = pending.get_mut(project.as_str()) else {
+            return;
+        };
         for run in versions.chunk_by(|a, b| a == b) {
-            let slot = pending
-                .entry((project.clone(), run[0], hour))
-                .or_insert((0, now));
+            let slot = buckets.entry((run[0], hour)).or_insert((0, now));
             slot.0 += run.len() as u64;
             slot.1 = now;
         }
@@ -110,12 +116,16 @@ impl UsageMeter {
             .lock()
             .expect("usage lock")
             .drain()
-            .map(|((project, version, hour), (writes, last))| UsageRow {
-                project,
-                version,
-                hour,
-                writes,
-                last_write_at: last,
+            .flat_map(|(project, buckets)| {
+                buckets
+                    .into_iter()
+                    .map(move |((version, hour), (writes, last))| UsageRow {
+                        project: project.clone(),
+                        version,
+                        hour,
+                        writes,
+                        last_write_at: last,
+                    })
             })
             .collect()
     }
@@ -125,7 +135,7 @@ impl UsageMeter {
         self.pending
             .lock()
             .expect("usage lock")
-            .retain(|(p, _, _), _| p != project);
+            .remove(project.as_str());
     }
 
     /// Counts not written yet, of one version.
@@ -133,9 +143,11 @@ impl UsageMeter {
         self.pending
             .lock()
             .expect("usage lock")
-            .iter()
-            .filter(|((p, v, _), _)| p == project && *v == version)
-            .map(|((project, version, hour), (writes, last))| UsageRow {
+            .get(project.as_str())
+            .into_iter()
+            .flatten()
+            .filter(|((v, _), _)| *v == version)
+            .map(|((version, hour), (writes, last))| UsageRow {
                 project: project.clone(),
                 version: *version,
                 hour: *hour,
@@ -163,5 +175,35 @@ mod tests {
         }
         assert_eq!(counted.into_iter().collect::<Vec<_>>(), [(1, 3), (2, 2)]);
         assert!(meter.take().is_empty(), "taken once");
+    }
+
+    #[test]
+    fn projects_are_counted_apart_and_forgotten_alone() {
+        let meter = UsageMeter::default();
+        let (blog, shop) = (Ident::parse("blog").unwrap(), Ident::parse("shop").unwrap());
+        meter.note(&blog, &[1, 1]);
+        meter.note(&shop, &[1]);
+        meter.note(&shop, &[2, 2, 2]);
+        let counts = |rows: Vec<UsageRow>| -> Vec<(String, u32, u64)> {
+            let mut counts: Vec<_> = rows
+                .into_iter()
+                .map(|row| (row.project.to_string(), row.version, row.writes))
+                .collect();
+            counts.sort();
+            counts
+        };
+        // Summed when the three notes fell within one hour, else split: compare totals.
+        let total = |rows: Vec<UsageRow>| rows.iter().map(|row| row.writes).sum::<u64>();
+        assert_eq!(total(meter.pending(&blog, 1)), 2);
+        assert_eq!(total(meter.pending(&shop, 2)), 3);
+        assert!(meter.pending(&blog, 2).is_empty());
+        meter.forget(&blog);
+        assert!(meter.pending(&blog, 1).is_empty());
+        let left = counts(meter.take());
+        assert!(
+            left.iter().all(|(project, _, _)| project == "shop"),
+            "{left:?}"
+        );
+        assert_eq!(left.iter().map(|(_, _, n)| n).sum::<u64>(), 4, "{left:?}");
     }
 }
