@@ -453,9 +453,16 @@ async fn plain_and_percent_encoded_item_paths_answer_alike() {
     assert_eq!(plain.body, through_router.body);
     assert_eq!(plain.body["title"], "Hello");
     let put = app
-        .put(&format!("/myblog/article/{ID}"), &seed_item())
-        .await;
-    assert_eq!(put.status, 200, "{}", put.body);
+        .client
+        .put(format!("{}/myblog/article/{ID}", app.address))
+        .json(&seed_item())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    assert_eq!(put.headers()["content-type"], "application/json");
+    let written: Value = put.json().await.unwrap();
+    assert_eq!(written["id"], ID, "{written}");
 
     for path in [format!("/myblog/article/{ID}"), encoded.clone()] {
         for method in [Method::POST, Method::PATCH, Method::HEAD] {
