@@ -25,16 +25,20 @@ const BATCH: usize = 500;
 /// How long the writer lets entries gather before a batch that is not full.
 const LINGER: Duration = Duration::from_millis(5);
 
+/// A text of an entry that is most often one of a few fixed ones (`-`, `open`, `items.write`,
+/// `PUT`): those are borrowed, not allocated, for every request that changes something.
+pub type Text = std::borrow::Cow<'static, str>;
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct AuditEntry {
     pub at: DateTime<Utc>,
     /// The API key's id, `master`, or `-` when authentication is off.
-    pub key_id: String,
-    pub key_name: String,
+    pub key_id: Text,
+    pub key_name: Text,
     /// The action the route needs (`items.write` …).
-    pub action: String,
+    pub action: Text,
     pub project: Option<String>,
-    pub method: String,
+    pub method: Text,
     pub path: String,
     pub status: u16,
 }
@@ -49,12 +53,12 @@ impl AuditEntry {
     /// `method` and `path`, each as a u32 length (big-endian) and its UTF-8 bytes.
     pub fn encode(&self) -> Vec<u8> {
         let texts = [
-            Some(&self.key_id),
-            Some(&self.key_name),
-            Some(&self.action),
-            self.project.as_ref(),
-            Some(&self.method),
-            Some(&self.path),
+            Some(&*self.key_id),
+            Some(&*self.key_name),
+            Some(&*self.action),
+            self.project.as_deref(),
+            Some(&*self.method),
+            Some(self.path.as_str()),
         ];
         let size = 12 + texts.iter().flatten().map(|t| 4 + t.len()).sum::<usize>();
         let mut out = Vec::with_capacity(size);
@@ -86,13 +90,13 @@ impl AuditEntry {
             rest = &tail[length..];
             Some(value)
         };
-        let (key_id, key_name, action) = (text()?, text()?, text()?);
+        let (key_id, key_name, action) = (text()?.into(), text()?.into(), text()?.into());
         let project = if has_project == 1 {
             Some(text()?)
         } else {
             None
         };
-        let (method, path) = (text()?, text()?);
+        let (method, path) = (text()?.into(), text()?);
         Some(AuditEntry {
             at: DateTime::from_timestamp_micros(i64::from_be_bytes(*micros))?,
             key_id,

@@ -263,12 +263,12 @@ impl Caller {
     }
 
     /// The key id and name for the audit log.
-    pub fn describe(&self) -> (String, String) {
+    pub fn describe(&self) -> (audit::Text, audit::Text) {
         match self {
             Caller::Open => ("-".into(), "open".into()),
             Caller::Refused => ("-".into(), "no valid key".into()),
             Caller::Master => ("master".into(), "master key".into()),
-            Caller::Key(key) => (key.id.clone(), key.name.clone()),
+            Caller::Key(key) => (key.id.clone().into(), key.name.clone().into()),
         }
     }
 }

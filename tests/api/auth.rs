@@ -569,10 +569,13 @@ async fn every_change_is_audited_with_its_key_and_refused_ones_too() {
         Some(&article().to_string()),
     )
     .await;
+    // A method the server does not know is audited under its own name.
+    let purge = Method::from_bytes(b"PURGE").unwrap();
+    call(&app, purge, "/blog/article/_blueprint", Some(&writer), None).await;
     let mut entries = Value::Null;
     for _ in 0..50 {
         entries = call(&app, Method::GET, "/_audit", Some(&ops), None).await.1["entries"].clone();
-        if entries.as_array().is_some_and(|e| e.len() >= 5) {
+        if entries.as_array().is_some_and(|e| e.len() >= 6) {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -614,6 +617,12 @@ async fn every_change_is_audited_with_its_key_and_refused_ones_too() {
             "PUT".into(),
             "/blog/article/_blueprint".into(),
             401,
+        ),
+        (
+            writer_id.clone(),
+            "PURGE".into(),
+            "/blog/article/_blueprint".into(),
+            405,
         ),
     ] {
         assert!(seen.contains(&expected), "{expected:?} in {seen:?}");
