@@ -28,15 +28,12 @@ pub fn caller(request: &HttpRequest) -> Caller {
         .unwrap_or(Caller::Open)
 }
 
-/// A method's name for the audit log, borrowed for the standard ones.
+/// A method's name for the audit log: the metrics' label for the standard ones, borrowed; any
+/// other method under its own name.
 fn method_text(method: &Method) -> crate::auth::audit::Text {
-    match *method {
-        Method::PUT => "PUT".into(),
-        Method::POST => "POST".into(),
-        Method::DELETE => "DELETE".into(),
-        Method::PATCH => "PATCH".into(),
-        Method::GET => "GET".into(),
-        _ => method.as_str().to_owned().into(),
+    match super::observe::method_label(method) {
+        "other" => method.as_str().to_owned().into(),
+        standard => standard.into(),
     }
 }
 

@@ -183,8 +183,16 @@ async fn upsert(
     Ok(answer(&state, &params, success(&id, revision), &project, status).await)
 }
 
-/// The item a path names: project, blueprint and id, checked in that order.
-fn item_path(project: &str, blueprint: &str, id: &str) -> Result<(Ident, Ident, Uuid), ApiError> {
+/// An item request's parts, checked in the order the item route checked them: its method (PUT,
+/// GET or DELETE, else 405), then the project, the blueprint and the id.
+fn item_request(
+    request: &HttpRequest,
+    [project, blueprint, id]: [&str; 3],
+) -> Result<(Ident, Ident, Uuid), ApiError> {
+    use actix_web::http::Method;
+    if ![Method::PUT, Method::GET, Method::DELETE].contains(request.method()) {
+        return Err(ApiError::MethodNotAllowed);
+    }
     Ok((
         ident("project", project)?,
         ident("blueprint", blueprint)?,
@@ -192,29 +200,15 @@ fn item_path(project: &str, blueprint: &str, id: &str) -> Result<(Ident, Ident, 
     ))
 }
 
-/// `/{project}/{blueprint}/{id}` for a plain path (`super::plain_item_path`: three segments, none
-/// `_`-prefixed or percent-encoded), reached without the route table: the segments are read from
-/// the path as sent, which for such a path is what the router would decode. Matching the item
-/// route's pattern and extracting its parts cost about a tenth of a PUT's work in the HTTP workers
-/// (README, Performance). Answers as the item route does, methods other than PUT, GET and DELETE
-/// included.
-pub async fn plain(
+/// PUT, GET or DELETE `/{project}/{blueprint}/{id}`, once [`item_request`] has checked it.
+async fn item(
     state: State,
     request: HttpRequest,
     payload: web::Payload,
+    (project, blueprint, id): (Ident, Ident, Uuid),
 ) -> Result<HttpResponse, ApiError> {
     use actix_web::http::Method;
-    let method = request.method().clone();
-    if ![Method::PUT, Method::GET, Method::DELETE].contains(&method) {
-        return Err(ApiError::MethodNotAllowed);
-    }
-    let (project, blueprint, id) = {
-        let path = request.path();
-        let mut segments = path.strip_prefix('/').unwrap_or(path).split('/');
-        let mut next = || segments.next().unwrap_or_default();
-        item_path(next(), next(), next())?
-    };
-    match method {
+    match *request.method() {
         Method::PUT => {
             let ok = actix_web::http::StatusCode::OK;
             upsert(state, request, project, blueprint, id, payload, ok).await
@@ -224,16 +218,35 @@ pub async fn plain(
     }
 }
 
-/// PUT /{project}/{blueprint}/{id}
-pub async fn put(
+/// `/{project}/{blueprint}/{id}` for a plain path (`super::plain_item_path`: three segments, none
+/// `_`-prefixed or percent-encoded), reached without the route table: the segments are read from
+/// the path as sent, which for such a path is what the router would decode. Matching the item
+/// route's pattern and extracting its parts cost about a tenth of a PUT's work in the HTTP workers
+/// (README, Performance).
+pub async fn plain(
+    state: State,
+    request: HttpRequest,
+    payload: web::Payload,
+) -> Result<HttpResponse, ApiError> {
+    let parts = {
+        let path = request.path();
+        let mut segments = path.strip_prefix('/').unwrap_or(path).split('/');
+        let mut next = || segments.next().unwrap_or_default();
+        item_request(&request, [next(), next(), next()])?
+    };
+    item(state, request, payload, parts).await
+}
+
+/// `/{project}/{blueprint}/{id}` through the route table: the paths [`plain`] does not take
+/// (percent-encoded ones), their parts decoded by the router.
+pub async fn routed(
     state: State,
     request: HttpRequest,
     path: web::Path<(String, String, String)>,
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
-    let (project, blueprint, id) = item_path(&path.0, &path.1, &path.2)?;
-    let ok = actix_web::http::StatusCode::OK;
-    upsert(state, request, project, blueprint, id, payload, ok).await
+    let parts = item_request(&request, [&path.0, &path.1, &path.2])?;
+    item(state, request, payload, parts).await
 }
 
 /// POST /{project}/{blueprint}: creates an item with a generated id.
@@ -257,15 +270,6 @@ pub async fn create(
 }
 
 /// DELETE /{project}/{blueprint}/{id}: deleting a missing item is not an error.
-pub async fn delete(
-    state: State,
-    request: HttpRequest,
-    path: web::Path<(String, String, String)>,
-) -> Result<HttpResponse, ApiError> {
-    let (project, blueprint, id) = item_path(&path.0, &path.1, &path.2)?;
-    remove(state, request, project, blueprint, id).await
-}
-
 async fn remove(
     state: State,
     request: HttpRequest,
@@ -291,15 +295,6 @@ struct ReadParams {
 }
 
 /// GET /{project}/{blueprint}/{id}?version=N
-pub async fn get(
-    state: State,
-    request: HttpRequest,
-    path: web::Path<(String, String, String)>,
-) -> Result<HttpResponse, ApiError> {
-    let (project, blueprint, id) = item_path(&path.0, &path.1, &path.2)?;
-    read(state, request, project, blueprint, id).await
-}
-
 async fn read(
     state: State,
     request: HttpRequest,

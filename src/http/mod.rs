@@ -185,10 +185,8 @@ const ITEM_ROUTE: &str = "/{project}/{blueprint}/{id}";
 
 /// An item: `/{project}/{blueprint}/{id}`, for paths that are not plain (percent-encoded ones).
 fn item_resource() -> actix_web::Resource {
-    resource(ITEM_ROUTE)
-        .route(web::put().to(items::put))
-        .route(web::get().to(items::get))
-        .route(web::delete().to(items::delete))
+    // Every method reaches the handler, which answers 405 for those an item does not take.
+    web::resource(ITEM_ROUTE).route(web::route().to(items::routed))
 }
 
 /// The route a request took, as the metrics name it: its pattern, `unmatched` for none.

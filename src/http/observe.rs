@@ -163,7 +163,7 @@ fn push_hex(out: &mut String, value: u64) {
 
 /// The method as a metric label, from a closed set: a client inventing methods must not create
 /// series.
-fn method_label(method: &actix_web::http::Method) -> &'static str {
+pub(super) fn method_label(method: &actix_web::http::Method) -> &'static str {
     use actix_web::http::Method;
     match *method {
         Method::GET => "GET",

@@ -100,9 +100,7 @@ impl UsageMeter {
         if !pending.contains_key(project.as_str()) {
             pending.insert(project.clone(), Buckets::default());
         }
-        let Some(buckets) = pending.get_mut(project.as_str()) else {
-            return;
-        };
+        let buckets = pending.get_mut(project.as_str()).expect("inserted above");
         for run in versions.chunk_by(|a, b| a == b) {
             let slot = buckets.entry((run[0], hour)).or_insert((0, now));
             slot.0 += run.len() as u64;
