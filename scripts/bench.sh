@@ -4,6 +4,8 @@
 #
 #   ceiling     an actix-web handler that parses the item and answers (dstore-baseline ceiling)
 #   embedded    dstore with its default embedded storage and RocksDB keyspaces
+#   buffered    the same with `durability = "buffered"` (no fsync before the answer): what the
+#               fsync costs, beside what the CPU per item costs
 #   +postgres   the same with the PostgreSQL projector, until PostgreSQL has every row
 #   floor       one durable PostgreSQL upsert per request (dstore-baseline floor)
 #   cluster N   N dstore nodes on one PostgreSQL storage (behind haproxy when N > 1), N = 1, 2, 3
@@ -12,7 +14,7 @@
 # Machines that are shared move 2-3x between days: only the ratios within one run mean anything.
 # The machine's state (cores, load, memory) is printed with the figures, with the share of the
 # machine left idle during each load (a load that leaves it idle waits on something other than the
-# CPU: fsyncs, locks) and, with PostgreSQL on this machine, its processes' CPU per row; the
+# CPU: fsyncs, locks), the server's CPU time per item, and, with PostgreSQL on this machine, its processes' CPU per row; the
 # PostgreSQL rows also say which share of the rows went in by COPY rather than by the upsert.
 #
 #   scripts/bench.sh                      # BENCH_SECONDS=10 BENCH_CONNECTIONS=64 BENCH_CLUSTER="1 2 3"
@@ -82,6 +84,7 @@ start() { # port log command... ; env from the caller
     "$@" >"$log" 2>&1 &
     PIDS+=($!)
     LAST_PID=$!
+    SERVER_PID=$!
     wait_http "$port"
 }
 
@@ -120,20 +123,30 @@ postgres_ticks() {
 # µs of PostgreSQL's CPU per row since `postgres_ticks` gave $1, for $2 rows.
 postgres_us_per_row() { awk -v t="$(( $(postgres_ticks) - $1 ))" -v hz="$(getconf CLK_TCK)" -v r="$2" 'BEGIN {printf "%.1f", (r > 0 ? t / hz * 1e6 / r : 0)}'; }
 
+# CPU time of one process (all its threads), in clock ticks.
+process_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
 # wrk's answer as "rate p99_ms errors": requests/s (items/s for _bulk), the 99th percentile latency.
-# The share of the machine left idle during the load goes to $WORK/idle.
+# The share of the machine left idle during the load goes to $WORK/idle; the CPU time the server
+# (process `SERVER_PID`) spent per item, in µs, to $WORK/cpu: with the idle share it tells a load
+# bound by the CPU from one that waits (a server that needs twice the ceiling's CPU per item can
+# reach at most about half its rate).
 drive() { # port script connections [size]
     local port=$1 script=$2 connections=$3 size=${4:-1}
-    local out before after
+    local out before after ticks
     before=$(machine_ticks)
+    ticks=$(process_ticks "$SERVER_PID")
     out=$(wrk -t 2 -c "$connections" -d "${SECONDS_EACH}s" --latency -s "scripts/bench/$script" \
         "http://127.0.0.1:$port" -- bench "$size" 2>&1)
     after=$(machine_ticks)
     awk -v b="$before" -v a="$after" 'BEGIN {split(b, x, " "); split(a, y, " "); printf "%.0f", 100 * (y[2] - x[2]) / (y[1] - x[1])}' >"$WORK/idle"
+    ticks=$(( $(process_ticks "$SERVER_PID") - ticks ))
     local rate p99 errors
     rate=$(echo "$out" | awk '/Requests\/sec/ {print $2}')
     p99=$(echo "$out" | awk '$1 == "99%" {v=$2; if (v ~ /us$/) {sub(/us/,"",v); v/=1000} else if (v ~ /ms$/) {sub(/ms/,"",v)} else if (v ~ /s$/) {sub(/s/,"",v); v*=1000}; print v}')
     errors=$(echo "$out" | awk '/Non-2xx/ {print $NF}')
+    awk -v t="$ticks" -v hz="$(getconf CLK_TCK)" -v r="$rate" -v s="$size" -v d="$SECONDS_EACH" \
+        'BEGIN {n = r * s * d; printf "%.1f", (n > 0 ? t / hz * 1e6 / n : 0)}' >"$WORK/cpu"
     echo "$(awk -v r="$rate" -v s="$size" 'BEGIN {printf "%.0f", r * s}') ${p99:-0} ${errors:-0}"
 }
 
@@ -176,7 +189,7 @@ single_round() {
     port=$(free_port)
     start "$port" "$WORK/ceiling.log" "$BIN/dstore-baseline" ceiling --port "$port"
     read -r ceiling ceiling_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
-    row "ceiling (parse and answer)|PUT|$ceiling|$ceiling_p99|1.00|$(rss_mb "$LAST_PID")|$(cat "$WORK/idle")"
+    row "ceiling (parse and answer)|PUT|$ceiling|$ceiling_p99|1.00|$(cat "$WORK/cpu")|$(rss_mb "$LAST_PID")|$(cat "$WORK/idle")"
     stop "$LAST_PID"
 
     quiet
@@ -186,10 +199,21 @@ single_round() {
     blueprint "$port"
     pid=$LAST_PID
     read -r embedded embedded_p99 errors <<<"$(drive "$port" put.lua "$CONNECTIONS")"
-    row "dstore embedded|PUT|$embedded|$embedded_p99|$(awk -v a="$embedded" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$pid")|$(cat "$WORK/idle")"
+    row "dstore embedded|PUT|$embedded|$embedded_p99|$(awk -v a="$embedded" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(cat "$WORK/cpu")|$(rss_mb "$pid")|$(cat "$WORK/idle")"
     read -r bulk _ _ <<<"$(drive "$port" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
-    row "dstore embedded|_bulk|$bulk||$(awk -v a="$bulk" -v b="$embedded" 'BEGIN {printf "%.1f x PUT", a / b}')|$(rss_mb "$pid")|$(cat "$WORK/idle")"
+    row "dstore embedded|_bulk|$bulk||$(awk -v a="$bulk" -v b="$embedded" 'BEGIN {printf "%.1f x PUT", a / b}')|$(cat "$WORK/cpu")|$(rss_mb "$pid")|$(cat "$WORK/idle")"
     stop "$pid"
+
+    # The same without waiting for the disk (`durability = "buffered"`: no fsync before the
+    # answer): how much of the gap to the ceiling is the fsync, and how much the CPU per item.
+    quiet
+    port=$(free_port)
+    DSTORE_HOST=127.0.0.1 DSTORE_PORT=$port DSTORE_DATA_DIR="$WORK/buffered$round" DSTORE_LOG=warn DSTORE_DURABILITY=buffered \
+        start "$port" "$WORK/buffered.log" "$BIN/dstore" serve
+    blueprint "$port"
+    read -r buffered buffered_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
+    row "dstore embedded, durability buffered|PUT|$buffered|$buffered_p99|$(awk -v a="$buffered" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(cat "$WORK/cpu")|$(rss_mb "$LAST_PID")|$(cat "$WORK/idle")"
+    stop "$LAST_PID"
 
     url=$(database projector)
     quiet
@@ -202,7 +226,7 @@ single_round() {
     read -r pg pg_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
     lag=$(catch_up "$port")
     rows=$(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles")
-    row "dstore + PostgreSQL projector|PUT|$pg|$pg_p99|$(awk -v a="$pg" -v b="$embedded" 'BEGIN {printf "%.2f", a / b}') of embedded; caught up ${lag}s after; PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row, $(copied_share "$port" 0 "$rows")|$(rss_mb "$pid")|$(cat "$WORK/idle")"
+    row "dstore + PostgreSQL projector|PUT|$pg|$pg_p99|$(awk -v a="$pg" -v b="$embedded" 'BEGIN {printf "%.2f", a / b}') of embedded; caught up ${lag}s after; PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row, $(copied_share "$port" 0 "$rows")|$(cat "$WORK/cpu")|$(rss_mb "$pid")|$(cat "$WORK/idle")"
     rows_before=$rows
     copied_before=$(rows_copied "$port")
     started=$(date +%s.%N)
@@ -212,7 +236,7 @@ single_round() {
     elapsed=$(awk -v s="$started" -v e="$(date +%s.%N)" 'BEGIN {print e - s}')
     rows=$(( $(psql "$url" -qAtc "SELECT count(*) FROM bench_v1.articles") - rows_before ))
     bulk_pg=$(awk -v r="$rows" -v t="$elapsed" 'BEGIN {printf "%.0f", r / t}')
-    row "dstore + PostgreSQL projector|_bulk, end to end|$bulk_pg||rows in PostgreSQL / s (taken at $ingest/s, caught up ${lag}s after); PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row, $(copied_share "$port" "$copied_before" "$rows")|$(rss_mb "$pid")|$(cat "$WORK/idle") during ingest"
+    row "dstore + PostgreSQL projector|_bulk, end to end|$bulk_pg||rows in PostgreSQL / s (taken at $ingest/s, caught up ${lag}s after); PostgreSQL $(postgres_us_per_row "$pg_ticks" "$rows") µs/row, $(copied_share "$port" "$copied_before" "$rows")|$(cat "$WORK/cpu") during ingest|$(rss_mb "$pid")|$(cat "$WORK/idle") during ingest"
     stop "$pid"
 
     # COPY of the same rows into a table of the same shape: the ceiling of `_bulk` into PostgreSQL.
@@ -234,26 +258,26 @@ for i in range(int(sys.argv[1])):
     started=$(date +%s.%N)
     psql "$url" -qc "\\copy bench_v1.articles (id, _revision, project_version, links, title, views, date_created) FROM '$WORK/rows.csv' WITH (FORMAT csv)"
     copy=$(awk -v s="$started" -v e="$(date +%s.%N)" -v r="$rows" 'BEGIN {printf "%.0f", r / (e - s)}')
-    row "PostgreSQL COPY, same rows|rows|$copy||bulk end to end = $(awk -v a="$bulk_pg" -v b="$copy" 'BEGIN {printf "%.2f", a / b}') of COPY||"
+    row "PostgreSQL COPY, same rows|rows|$copy||bulk end to end = $(awk -v a="$bulk_pg" -v b="$copy" 'BEGIN {printf "%.2f", a / b}') of COPY|||"
 
     url=$(database floor)
     quiet
     port=$(free_port)
     start "$port" "$WORK/floor.log" "$BIN/dstore-baseline" floor --port "$port" --url "$url"
     read -r floor floor_p99 _ <<<"$(drive "$port" put.lua "$CONNECTIONS")"
-    row "floor (one upsert per request)|PUT|$floor|$floor_p99|$(awk -v a="$floor" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(rss_mb "$LAST_PID")|$(cat "$WORK/idle")"
+    row "floor (one upsert per request)|PUT|$floor|$floor_p99|$(awk -v a="$floor" -v b="$ceiling" 'BEGIN {printf "%.2f", a / b}')|$(cat "$WORK/cpu")|$(rss_mb "$LAST_PID")|$(cat "$WORK/idle")"
     stop "$LAST_PID"
     # The round's databases are dropped and its journals removed: PostgreSQL's autovacuum of the
     # million rows just copied and upserted would otherwise run during the next round's loads.
     drop_databases
-    rm -rf "$WORK/embedded$round" "$WORK/pg$round"
+    rm -rf "$WORK/embedded$round" "$WORK/buffered$round" "$WORK/pg$round"
     RATIOS+=("$(awk -v e="$embedded" -v c="$ceiling" -v ep="$embedded_p99" -v cp="$ceiling_p99" -v p="$pg" -v bp="$bulk_pg" -v k="$copy" -v b="$bulk" \
         'BEGIN {printf "%.2f %.1f %.2f %.2f %.1f", e / c, ep / cp, p / e, bp / k, b / e}')")
 }
 
 RATIOS=()
 for round in $(seq 1 "$ROUNDS"); do
-    [ "$ROUNDS" -gt 1 ] && row "round $round of $ROUNDS||||||"
+    [ "$ROUNDS" -gt 1 ] && row "round $round of $ROUNDS|||||||"
     single_round
 done
 
@@ -283,17 +307,17 @@ for n in $CLUSTER; do
     fi
     blueprint "$front"
     read -r rate p99 _ <<<"$(drive "$front" put.lua "$CONNECTIONS")"
-    row "cluster, $n node(s)$([ "$n" -gt 1 ] && echo ' + haproxy')|PUT|$rate|$p99|$(awk -v a="$rate" -v b="$embedded" 'BEGIN {printf "%.2f", a / b}') of embedded||$(cat "$WORK/idle")"
+    row "cluster, $n node(s)$([ "$n" -gt 1 ] && echo ' + haproxy')|PUT|$rate|$p99|$(awk -v a="$rate" -v b="$embedded" 'BEGIN {printf "%.2f", a / b}') of embedded|||$(cat "$WORK/idle")"
     read -r bulk_c _ _ <<<"$(drive "$front" bulk.lua "$BULK_CONNECTIONS" "$BULK_SIZE")"
-    row "cluster, $n node(s)|_bulk|$bulk_c||$(awk -v a="$bulk_c" -v b="$bulk" 'BEGIN {printf "%.2f", a / b}') of embedded||$(cat "$WORK/idle")"
+    row "cluster, $n node(s)|_bulk|$bulk_c||$(awk -v a="$bulk_c" -v b="$bulk" 'BEGIN {printf "%.2f", a / b}') of embedded|||$(cat "$WORK/idle")"
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
     PIDS=()
 done
 
 echo
-echo "| run | workload | items/s | p99 ms | compared | peak RSS MiB | machine idle % |"
-echo "|---|---|---|---|---|---|---|"
+echo "| run | workload | items/s | p99 ms | compared | server CPU µs/item | peak RSS MiB | machine idle % |"
+echo "|---|---|---|---|---|---|---|---|"
 for r in "${ROWS[@]}"; do echo "| ${r//|/ | } |"; done
 if [ "$ROUNDS" -gt 1 ]; then
     # The spread of each ratio the targets name, over the rounds.
