@@ -41,12 +41,16 @@ fn changes_something(method: &Method) -> bool {
     !matches!(*method, Method::GET | Method::HEAD | Method::OPTIONS)
 }
 
+/// Fetch metadata: where a browser's request comes from (`same-origin`, `same-site`, `cross-site`,
+/// `none`). A constant, so looking it up does not parse and lower-case the name each time.
+const SEC_FETCH_SITE: header::HeaderName = header::HeaderName::from_static("sec-fetch-site");
+
 /// A write a browser sends for another site's page: it says where it comes from, and that is not
 /// here. Clients that are not browsers send neither header.
 fn cross_site(request: &ServiceRequest) -> bool {
     let headers = request.headers();
     if headers
-        .get("sec-fetch-site")
+        .get(SEC_FETCH_SITE)
         .is_some_and(|site| site.as_bytes() == b"cross-site" || site.as_bytes() == b"same-site")
     {
         return true;
@@ -93,7 +97,11 @@ pub async fn authenticate(
     let path = request.path().to_string();
     let (checked, response) = match check(&state, &request).await {
         Ok(checked) => {
-            request.extensions_mut().insert(checked.caller.clone());
+            // `caller` answers `Open` for a request that carries none: only a key or the master
+            // key is worth a place in the request's extensions (a map allocated on first insert).
+            if !matches!(checked.caller, Caller::Open) {
+                request.extensions_mut().insert(checked.caller.clone());
+            }
             let response = next.call(request).await?.map_into_left_body();
             (checked, response)
         }
@@ -126,22 +134,23 @@ pub async fn authenticate(
 async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Checked, ApiError)> {
     let method = request.method();
     let needed = requirement(method, request.path());
-    let (action, project) = match &needed {
+    let everything = matches!(needed, Requirement::Everything(_));
+    let (action, project) = match needed {
         Requirement::Open => (None, None),
         Requirement::Public(name, action) => {
             if state.settings.auth.public.iter().any(|p| p == name) {
                 (None, None)
             } else {
-                (Some(*action), None)
+                (Some(action), None)
             }
         }
-        Requirement::Action(action, project) => (Some(*action), project.clone()),
-        Requirement::Everything(action) => (Some(*action), None),
+        Requirement::Action(action, project) => (Some(action), project),
+        Requirement::Everything(action) => (Some(action), None),
     };
     let mut checked = Checked {
         caller: Caller::Open,
         action,
-        project: project.clone(),
+        project,
     };
     if changes_something(method) && cross_site(request) {
         let refused = ApiError::Forbidden(
@@ -160,22 +169,18 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
             return Err((checked, ApiError::Unauthorized(e.to_string())));
         }
     };
-    let allowed = match &needed {
-        Requirement::Everything(_) => {
-            checked.caller.allows(action, None) && checked.caller.reaches_all()
-        }
-        _ => checked.caller.allows(action, project.as_deref()),
+    let allowed = if everything {
+        checked.caller.allows(action, None) && checked.caller.reaches_all()
+    } else {
+        checked.caller.allows(action, checked.project.as_deref())
     };
     if !allowed {
         let (id, _) = checked.caller.describe();
-        let place = project
+        let place = checked
+            .project
             .as_deref()
             .map_or(String::new(), |p| format!(" on project {p:?}"));
-        let every = if matches!(needed, Requirement::Everything(_)) {
-            " on every project"
-        } else {
-            ""
-        };
+        let every = if everything { " on every project" } else { "" };
         let refused =
             ApiError::Forbidden(format!("key {id} may not {}{place}{every}", action.name()));
         return Err((checked, refused));
