@@ -14,8 +14,9 @@
 # Machines that are shared move 2-3x between days: only the ratios within one run mean anything.
 # The machine's state (cores, load, memory) is printed with the figures, with the share of the
 # machine left idle during each load (a load that leaves it idle waits on something other than the
-# CPU: fsyncs, locks), the server's CPU time per item, and, with PostgreSQL on this machine, its processes' CPU per row; the
-# PostgreSQL rows also say which share of the rows went in by COPY rather than by the upsert.
+# CPU: fsyncs, locks), the server process's CPU time per item (the floor's excludes PostgreSQL's)
+# and, with PostgreSQL on this machine, its processes' CPU per row; the PostgreSQL rows also say
+# which share of the rows went in by COPY rather than by the upsert.
 #
 #   scripts/bench.sh                      # BENCH_SECONDS=10 BENCH_CONNECTIONS=64 BENCH_CLUSTER="1 2 3"
 #   BENCH_ROUNDS=3 scripts/bench.sh       # the single-node runs three times over, alternating, then the
