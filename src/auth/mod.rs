@@ -364,70 +364,57 @@ mod tests {
 
     #[test]
     fn every_route_has_its_requirement() {
-        let req = |m: Method, p: &str| requirement(&m, p);
-        assert_eq!(req(Method::GET, "/_health"), Requirement::Open);
-        // Paths longer than any pattern: only those ending in `..` take them.
-        assert_eq!(
-            req(Method::GET, "/blog/article/_blueprint/1/extra/more"),
-            Requirement::Action(Action::BlueprintsRead, Some("blog".into()))
-        );
-        assert_eq!(
-            req(Method::GET, "/_keys/a/b/c/d/e"),
-            Requirement::Action(Action::KeysManage, None)
-        );
-        for long in ["/a/b/c/d", "/a/b/c/d/e", "/a/b/c/d/e/f/g"] {
-            assert_eq!(
-                req(Method::PUT, long),
-                Requirement::Action(Action::All, None),
-                "{long}"
-            );
+        use Action::*;
+        let on_blog = |action| Requirement::Action(action, Some("blog".into()));
+        let item = "/blog/article/0b7a1dd1-56a2-4b7e-8dc5-3f1c2a8c9e01";
+        for (method, path, needed) in [
+            (Method::GET, "/_health", Requirement::Open),
+            (Method::GET, item, on_blog(ItemsRead)),
+            (
+                Method::PUT,
+                "/blog/article/_blueprint",
+                on_blog(BlueprintsWrite),
+            ),
+            (
+                Method::POST,
+                "/blog/_version/2/_retire",
+                on_blog(BlueprintsWrite),
+            ),
+            (Method::GET, "/blog/_changes", on_blog(ItemsRead)),
+            (Method::POST, "/blog/article", on_blog(ItemsWrite)),
+            (Method::DELETE, "/blog/_project", on_blog(ProjectsDelete)),
+            (
+                Method::DELETE,
+                "/_project",
+                Requirement::Everything(ProjectsDelete),
+            ),
+            (Method::GET, "/blog/_catalog", on_blog(Operations)),
+            (
+                Method::PATCH,
+                "/_keys/0123",
+                Requirement::Action(KeysManage, None),
+            ),
+            // Paths longer than any pattern: only those ending in `..` take them.
+            (
+                Method::GET,
+                "/blog/article/_blueprint/1/extra/more",
+                on_blog(BlueprintsRead),
+            ),
+            (
+                Method::GET,
+                "/_keys/a/b/c/d/e",
+                Requirement::Action(KeysManage, None),
+            ),
+            (Method::PUT, "/a/b/c/d", Requirement::Action(All, None)),
+            (Method::PUT, "/a/b/c/d/e", Requirement::Action(All, None)),
+            (
+                Method::PUT,
+                "/a/b/c/d/e/f/g",
+                Requirement::Action(All, None),
+            ),
+        ] {
+            assert_eq!(requirement(&method, path), needed, "{method} {path}");
         }
-        assert_eq!(
-            req(
-                Method::GET,
-                "/blog/article/0b7a1dd1-56a2-4b7e-8dc5-3f1c2a8c9e01"
-            ),
-            Requirement::Action(Action::ItemsRead, Some("blog".into()))
-        );
-        assert_eq!(
-            req(Method::PUT, "/blog/article/_blueprint"),
-            Requirement::Action(Action::BlueprintsWrite, Some("blog".into()))
-        );
-        assert_eq!(
-            req(Method::POST, "/blog/_version/2/_retire"),
-            Requirement::Action(Action::BlueprintsWrite, Some("blog".into()))
-        );
-        assert_eq!(
-            req(
-                Method::GET,
-                "/blog/article/0b7a1dd1-56a2-4b7e-8dc5-3f1c2a8c9e01"
-            ),
-            Requirement::Action(Action::ItemsRead, Some("blog".into()))
-        );
-        assert_eq!(
-            req(Method::GET, "/blog/_changes"),
-            Requirement::Action(Action::ItemsRead, Some("blog".into()))
-        );
-        assert_eq!(
-            req(Method::POST, "/blog/article"),
-            Requirement::Action(Action::ItemsWrite, Some("blog".into()))
-        );
-        assert_eq!(
-            req(Method::DELETE, "/blog/_project"),
-            Requirement::Action(Action::ProjectsDelete, Some("blog".into()))
-        );
-        assert_eq!(
-            req(Method::DELETE, "/_project"),
-            Requirement::Everything(Action::ProjectsDelete)
-        );
-        assert_eq!(
-            req(Method::GET, "/blog/_catalog"),
-            Requirement::Action(Action::Operations, Some("blog".into()))
-        );
-        assert_eq!(
-            req(Method::PATCH, "/_keys/0123"),
-            Requirement::Action(Action::KeysManage, None)
-        );
     }
 
     #[test]
