@@ -10,11 +10,11 @@
 //! pages of every group commit's batch and keys it had freed the group before (page faults, zeroing
 //! and TLB shootdowns were about 7 % of dstore's CPU under `_bulk`); 10 ms keeps them across
 //! groups, and cost 8-9 % less of dstore's CPU per PUT and 7 % per `_bulk` item, for about 12 MiB
-//! more after a short `_bulk` and the same peak over 60 s of `_bulk` with PostgreSQL (README,
-//! Performance). A second, mimalloc's default, kept a resident set well above what is live.
+//! more after a short `_bulk` and the same peak over 60 s of `_bulk` with PostgreSQL
+//! (docs/performance.md). A second, mimalloc's default, kept a resident set well above what is live.
 //! Before, RocksDB allocated through glibc's malloc, whose arenas kept what RocksDB freed: under `_bulk` with the PostgreSQL projector, peak RSS was 221–257 MiB
 //! against 173–243 with one allocator (under 200 in about half the runs), at the same end-to-end
-//! rate (README, Performance).
+//! rate (docs/performance.md).
 //!
 //! `tune` also turns transparent huge pages off for the process. mimalloc asks for them on its
 //! arenas by default (`madvise(MADV_HUGEPAGE)`), and then every 2 MiB region a few live blocks

@@ -325,7 +325,7 @@ pub struct PostgresSettings {
     /// run at the same time (one when a table has a unique column); at most `max_connections`.
     /// One by default: with PostgreSQL on the same two cores, two lanes halved the projection's lag
     /// under `_bulk` but took that CPU from accepting writes, and the end-to-end rate stayed the
-    /// same (README, Performance). Worth raising when PostgreSQL has cores of its own.
+    /// same (docs/performance.md). Worth raising when PostgreSQL has cores of its own.
     pub parallel_transactions: u32,
 }
 

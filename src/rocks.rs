@@ -20,7 +20,7 @@ use rocksdb::{
 
 /// What every memtable of the process may hold together, the catalog's (and so the audit log's)
 /// included. Once the catalog's memtable counted here, 48 MiB kept PUT's rate where 32 MiB lost 4 %
-/// of it; RSS after a PUT run fell from about 126 to 82 MiB all the same (README, Performance).
+/// of it; RSS after a PUT run fell from about 126 to 82 MiB all the same (docs/performance.md).
 pub const MEMTABLES: usize = 48 << 20;
 /// The most one column family's memtable holds before it is flushed.
 pub const MEMTABLE: usize = 16 << 20;
@@ -67,7 +67,7 @@ pub fn db_options() -> Options {
 /// touch are cached; the top levels and the files of level 0, which every look-up reads, stay
 /// pinned. Over the same journals: peak RSS 148-162 MiB, `_bulk` and PUT 6-17 % faster (not
 /// profiled; small partitions may stay in the CPU's caches where whole filters did not); on a
-/// fresh journal, unchanged (README, Performance).
+/// fresh journal, unchanged (docs/performance.md).
 pub fn family(options: &mut Options, tables: impl FnOnce(&mut BlockBasedOptions)) {
     options.set_write_buffer_size(MEMTABLE);
     let mut table = BlockBasedOptions::default();
@@ -90,8 +90,8 @@ pub const ITEM_LEVEL0_FILES: i32 = 8;
 /// spans the whole key range and each compaction out of level 0 rewrites the whole level below it
 /// (until that level outgrows `max_bytes_for_level_base`, every item of the family): merging twice
 /// as many flushed files at once halves that work. Under sustained `_bulk` (two 20 s runs back to
-/// back, four alternating runs), compactions took 32 % less CPU per item (RocksDB's LOG; README,
-/// Performance); a read, or a write's look-up of the item's previous change, probes up to twice as
+/// back, four alternating runs), compactions took 32 % less CPU per item (RocksDB's LOG;
+/// docs/performance.md); a read, or a write's look-up of the item's previous change, probes up to twice as
 /// many bloom filters, held in memory.
 pub fn keyed_by_item(options: &mut Options) {
     options.set_level_zero_file_num_compaction_trigger(ITEM_LEVEL0_FILES);

@@ -199,8 +199,8 @@ impl<'a> Iterator for Members<'a> {
 
 /// Appends `value`'s JSON text to `out`, byte for byte what `serde_json` writes (a proptest checks).
 /// Strings with nothing to escape, as most are, are copied whole: serde looks up every byte of
-/// every string and key in a table (about 150 instructions a string of an item; README,
-/// Performance).
+/// every string and key in a table (about 150 instructions a string of an item;
+/// docs/performance.md).
 pub fn write_value(out: &mut Vec<u8>, value: &Value) {
     match value {
         Value::String(text) => write_str(out, text),

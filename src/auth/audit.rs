@@ -9,7 +9,7 @@
 //! The embedded storage keeps each entry in a compact binary form ([`AuditEntry::encode`]): a tag
 //! byte that a JSON object never starts with, the time and status as integers, then each text
 //! length-prefixed. Serializing entries as JSON was a tenth of the CPU of a PUT (counted with
-//! callgrind; README, Performance); entries written as JSON before still read ([`AuditEntry::decode`]).
+//! callgrind; docs/performance.md); entries written as JSON before still read ([`AuditEntry::decode`]).
 
 use std::sync::Arc;
 use std::time::Duration;

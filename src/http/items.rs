@@ -222,7 +222,7 @@ async fn item(
 /// `_`-prefixed or percent-encoded), reached without the route table: the segments are read from
 /// the path as sent, which for such a path is what the router would decode. Matching the item
 /// route's pattern and extracting its parts cost about a tenth of a PUT's work in the HTTP workers
-/// (README, Performance).
+/// (docs/performance.md).
 pub async fn plain(
     state: State,
     request: HttpRequest,

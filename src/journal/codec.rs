@@ -106,7 +106,7 @@ pub fn decode_task(value: &[u8]) -> Result<Task, JournalError> {
 /// A task the local journal holds: its documents were serialized by the write path and RocksDB
 /// checks its blocks' checksums, so a document's end is found by following its strings and brackets
 /// (`json::value_end`) instead of checking every byte again (a third of projection's instructions
-/// per row into PostgreSQL; README, Performance).
+/// per row into PostgreSQL; docs/performance.md).
 pub fn decode_own_task(value: &[u8]) -> Result<Task, JournalError> {
     decode(value, Docs::Known)
 }

@@ -342,7 +342,7 @@ impl Journal {
         options.create_missing_column_families(true);
         options.increase_parallelism(2);
         // Start writing the log back every MiB, so the fsync of a synced batch has less left to
-        // write (embedded PUT 12-23 % faster in five alternating pairs; README, Performance). The
+        // write (embedded PUT 12-23 % faster in five alternating pairs; docs/performance.md). The
         // fsync itself is unchanged: a batch is durable before it is answered.
         options.set_wal_bytes_per_sync(1 << 20);
         let families = FAMILIES.map(|name| {
@@ -358,7 +358,7 @@ impl Journal {
                 // Each write looks its item's previous change up, and a new item is in no
                 // memtable: a bloom filter over the memtable's whole keys answers without searching
                 // it (embedded `_bulk` 9 % faster, into PostgreSQL 11-13 % faster end to end, in
-                // alternating runs; README, Performance). A tenth of the memtable's size each.
+                // alternating runs; docs/performance.md). A tenth of the memtable's size each.
                 cf.set_memtable_prefix_bloom_ratio(0.1);
                 cf.set_memtable_whole_key_filtering(true);
             }

@@ -20,8 +20,8 @@ use crate::projector::{Outcome, ProjectorError};
 /// document. A short list is searched in order, without hashing a name or allocating more than
 /// once per row; a document of more than [`SCANNED`] fields is sorted by name once and searched by
 /// halves, so a blueprint of hundreds of columns costs a logarithm per column instead of a scan (a
-/// scan per column took time quadratic in the columns: 1.6 ms more a row at 900; README,
-/// Performance).
+/// scan per column took time quadratic in the columns: 1.6 ms more a row at 900;
+/// docs/performance.md).
 pub struct Fields<'a> {
     fields: Vec<(&'a str, &'a str)>,
     sorted: bool,
