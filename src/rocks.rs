@@ -7,8 +7,16 @@
 //! keyspaces). One write-buffer manager flushes the largest memtable of whichever database crosses
 //! the shared budget. Each table file's index and bloom filter live in the block cache too, cut
 //! into partitions of 4 KiB under a small top level, so the process holds about
-//! `MEMTABLES + BLOCK_CACHE` of RocksDB memory however many databases it opens, whatever the load
-//! and however many items the journal holds (`/_metrics`: `dstore_rocksdb_memory_bytes`).
+//! `MEMTABLES + BLOCK_CACHE` of RocksDB memory however many databases it opens and however many
+//! items the journal holds (`/_metrics`: `dstore_rocksdb_memory_bytes`).
+//!
+//! The memtable budget starts flushes; it does not stop writes. While flushes lag behind the
+//! writes (a CPU the host takes half of, `_bulk` at 16 × 5000 with PostgreSQL), memtables waiting
+//! for their flush count on top, up to RocksDB's own stall of two per column family: 76 MiB
+//! measured (docs/performance.md). RocksDB's stalling budget (`allow_stall`) would hold writes at
+//! the budget instead; it stays off, since a stall that never ended was found with several column
+//! families, where a flush of the oldest one freed too little (speedb-io/speedb#859, a RocksDB
+//! fork), and a journal write that never returns stops every write of the process.
 
 use std::sync::{Arc, OnceLock};
 use std::time::Instant;
