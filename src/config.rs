@@ -192,6 +192,10 @@ pub struct ServerSettings {
     pub max_inflight_bytes: usize,
     /// How long a client may take to send a request body, in seconds (then 408).
     pub body_timeout_secs: u64,
+    /// `_bulk` requests parsed, prepared and written at once; the others wait for a place with
+    /// only their bodies held, so the memory of their items does not grow with the clients'
+    /// connections. 0 means twice the HTTP workers.
+    pub max_concurrent_bulk: usize,
 }
 
 /// Where the catalog and the journal live.
@@ -384,6 +388,7 @@ impl Default for ServerSettings {
             workers: 0,
             max_inflight_bytes: 512 << 20,
             body_timeout_secs: 30,
+            max_concurrent_bulk: 0,
         }
     }
 }

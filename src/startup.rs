@@ -210,6 +210,13 @@ impl Application {
             registry,
             broker,
             in_flight: http::body::InFlight::new(settings.server.max_inflight_bytes),
+            bulk_places: Arc::new(tokio::sync::Semaphore::new(
+                match settings.server.max_concurrent_bulk {
+                    0 => workers.saturating_mul(2),
+                    n => n,
+                }
+                .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             keys,
             audit,
             followers: Default::default(),

@@ -359,6 +359,12 @@ pub async fn bulk(
         2,
     )
     .await?;
+    // Taken once the body is here, so a client that sends slowly holds no place, and given back
+    // once the journal has the items, so one that waits for the projection holds none either.
+    let place =
+        state.bulk_places.acquire().await.map_err(|_| {
+            ApiError::Unavailable("the server is stopping; try again shortly".into())
+        })?;
     let ops =
         crate::bulk::parse(&raw).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))?;
     let outcomes = write::bulk(
@@ -368,6 +374,7 @@ pub async fn bulk(
         state.settings.server.max_body_bytes,
     )
     .await?;
+    drop(place);
     let items: Vec<BulkResult> = ops
         .iter()
         .zip(outcomes)

@@ -42,6 +42,9 @@ pub struct AppState {
     pub settings: Settings,
     /// Memory held for request bodies by every request together (`server.max_inflight_bytes`).
     pub in_flight: Arc<body::InFlight>,
+    /// The places of `_bulk` requests being parsed, prepared and written
+    /// (`server.max_concurrent_bulk`).
+    pub bulk_places: Arc<tokio::sync::Semaphore>,
     /// The API keys, when requests need one (none while authentication is off).
     pub keys: Option<Arc<crate::auth::keys::KeyStore>>,
     pub audit: crate::auth::audit::AuditLog,

@@ -392,6 +392,46 @@ async fn a_body_that_never_arrives_is_answered_408_and_too_many_body_bytes_503()
 }
 
 #[tokio::test]
+async fn a_bulk_request_takes_a_place_once_its_body_is_read_and_gives_it_back_whatever_the_answer()
+{
+    let app = spawn_app_with(|s| s.server.max_concurrent_bulk = 1).await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let address = app.address.trim_start_matches("http://").to_string();
+    // A client that sends half a body and stalls (for up to `body_timeout_secs`, 30 s): it
+    // holds no place, so the one place stays free for the others.
+    let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = "POST /myblog/_bulk HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"put\"";
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    // A body refused once read gives its place back.
+    let refused = app
+        .send(Method::POST, "/myblog/_bulk", Some("not json\n".into()))
+        .await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    // Several at once for one place: each waits its turn, none is lost.
+    let ids: Vec<Uuid> = (0..6).map(|_| Uuid::new_v4()).collect();
+    let sends = ids.iter().map(|id| {
+        let body = format!(
+            "{{\"put\":{{\"blueprint\":\"article\",\"id\":\"{id}\"}}}}\n{}\n",
+            json!({"project_version": 1, "title": "t", "date_created": "2026-01-01"})
+        );
+        app.send(Method::POST, "/myblog/_bulk", Some(body))
+    });
+    let answers = tokio::time::timeout(Duration::from_secs(20), futures::future::join_all(sends))
+        .await
+        .expect("every _bulk is answered while a client stalls in its body");
+    for answer in answers {
+        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.body["errors"], false, "{}", answer.body);
+    }
+    for id in ids {
+        let item = app.get(&format!("/myblog/article/{id}")).await;
+        assert_eq!(item.status, 200, "{}", item.body);
+    }
+    drop(stalled);
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn geometry_arrays_take_multi_objects_and_arrays_and_polygons_must_be_valid() {
     let app = spawn_app().await;
     let blueprint = json!({
