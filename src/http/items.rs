@@ -361,10 +361,10 @@ pub async fn bulk(
     .await?;
     // Taken once the body is here, so a client that sends slowly holds no place, and given back
     // once the journal has the items, so one that waits for the projection holds none either.
-    let place =
-        state.bulk_places.acquire().await.map_err(|_| {
-            ApiError::Unavailable("the server is stopping; try again shortly".into())
-        })?;
+    // The semaphore is never closed; the error exists only in its type.
+    let place = state.bulk_places.acquire().await.map_err(|_| {
+        ApiError::Unavailable("no place for a _bulk request is left; try again shortly".into())
+    })?;
     let ops =
         crate::bulk::parse(&raw).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))?;
     let outcomes = write::bulk(

@@ -112,7 +112,7 @@ pub async fn metrics(state: State, requests: web::Data<RequestMetrics>) -> HttpR
     let (memtables, cache) = crate::rocks::usage();
     gauge(
         "dstore_rocksdb_memory_bytes",
-        "Memory RocksDB holds in this process, by kind; memtables share one budget past which they are flushed, the block cache one bound (ARCHITECTURE.md); the journal's table readers (index and filter blocks) grow with its data.",
+        "Memory RocksDB holds in this process, by kind; memtables are flushed past one shared budget and the block cache is bounded (ARCHITECTURE.md); the journal's table readers (index and filter blocks) grow with its data.",
         "gauge",
         vec![
             ("{kind=\"memtables\"}".into(), memtables as u64),
