@@ -6,23 +6,29 @@
 //! item's latest state (`items`), one task per enabled projector (`tasks`) and the last sequence number,
 //! so a crash leaves a write either fully accepted with all its tasks or absent. Projectors take tasks
 //! in sequence order ([`Journal::pending`]) and remove them once applied ([`Journal::ack`]).
+//!
+//! Beside the writer: [`read`] (items and the change feed), [`lanes`] (each projector's pending
+//! tasks, acknowledgements and progress), [`backfill`], and at start [`import`] (the keyspaces moved
+//! between their two homes) and [`rewrite`] (what an older journal needs once).
 
 pub mod backfill;
 pub mod codec;
 mod import;
 pub(crate) mod keys;
+mod lanes;
 pub mod outbox;
+mod read;
+mod rewrite;
 pub mod task;
 mod writer;
 
 use std::collections::HashMap;
-use std::ops::RangeInclusive;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rocksdb::{ColumnFamilyDescriptor, IteratorMode, Options, WriteBatch, DB};
+use rocksdb::{ColumnFamilyDescriptor, Options, DB};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use thiserror::Error;
@@ -33,6 +39,7 @@ use crate::blueprint::{Ident, Uid};
 use crate::catalog::{Catalog, CatalogError, Version};
 use crate::projector::ProjectorKind;
 pub use codec::decode_task;
+use rewrite::{index_changes, move_deleted};
 use task::{Task, TaskOp, VersionDoc};
 pub use writer::Command;
 
@@ -629,109 +636,6 @@ impl Journal {
             .await
     }
 
-    /// The latest accepted state of an item, if it exists.
-    pub fn item(
-        &self,
-        project: &Ident,
-        blueprint: &Ident,
-        id: &Uuid,
-    ) -> Result<Option<ItemRecord>, JournalError> {
-        match self
-            .db
-            .get_cf(self.cf(CF_ITEMS), keys::item(project, blueprint, id))?
-        {
-            Some(bytes) => Ok(Some(codec::decode_record(&bytes)?)),
-            None => Ok(None),
-        }
-    }
-
-    /// Up to `limit` items of a project after the key `after`, with the key to continue from
-    /// (`None` at the end of the project).
-    #[allow(clippy::type_complexity)]
-    pub fn scan_items(
-        &self,
-        project: &Ident,
-        after: Option<Vec<u8>>,
-        limit: usize,
-    ) -> Result<(Vec<(Ident, ItemRecord)>, Option<Vec<u8>>), JournalError> {
-        let prefix = keys::project_prefix(project);
-        let mut options = rocksdb::ReadOptions::default();
-        options.set_iterate_upper_bound(keys::project_end(project));
-        let start = after.clone().unwrap_or_else(|| prefix.clone());
-        let mut items = Vec::new();
-        let mut last = None;
-        for entry in self.db.iterator_cf_opt(
-            self.cf(CF_ITEMS),
-            options,
-            IteratorMode::From(&start, rocksdb::Direction::Forward),
-        ) {
-            let (key, value) = entry?;
-            if after.as_deref() == Some(&key[..]) {
-                continue;
-            }
-            if items.len() >= limit {
-                return Ok((items, last));
-            }
-            let name = &key[prefix.len()..key.len().saturating_sub(17)];
-            if let Ok(blueprint) = Ident::parse(&String::from_utf8_lossy(name)) {
-                items.push((blueprint, codec::decode_record(&value)?));
-            }
-            last = Some(key.to_vec());
-        }
-        Ok((items, None))
-    }
-
-    /// Up to `limit` changes of a project after revision `since`, read from one snapshot, with the
-    /// project's horizon (see `feed`).
-    pub fn changes(
-        &self,
-        project: &Ident,
-        since: u64,
-        limit: usize,
-    ) -> Result<crate::feed::ChangesPage, JournalError> {
-        let snapshot = self.db.snapshot();
-        let horizon = snapshot
-            .get_cf(self.cf(CF_META), keys::horizon(project))?
-            .and_then(|v| codec::record_revision(&v))
-            .unwrap_or(0);
-        let mut options = rocksdb::ReadOptions::default();
-        options.set_iterate_upper_bound(keys::project_end(project));
-        let start = keys::change(project, since.saturating_add(1));
-        let mut changes = Vec::new();
-        for entry in snapshot.iterator_cf_opt(
-            self.cf(CF_CHANGES),
-            options,
-            IteratorMode::From(&start, rocksdb::Direction::Forward),
-        ) {
-            if changes.len() >= limit {
-                break;
-            }
-            let (key, value) = entry?;
-            let revision = keys::task_seq(&key);
-            let (delete, id, blueprint) = codec::decode_change(&value)?;
-            let record = if delete {
-                None
-            } else {
-                let item = snapshot
-                    .get_cf(self.cf(CF_ITEMS), keys::item(project, &blueprint, &id))?
-                    .map(|v| codec::decode_record(&v))
-                    .transpose()?;
-                // The index and the items are written in one batch and read from one snapshot.
-                match item {
-                    Some(record) if record.revision == revision => Some(record),
-                    _ => continue,
-                }
-            };
-            changes.push(crate::feed::Change {
-                revision,
-                blueprint,
-                id,
-                record,
-            });
-        }
-        Ok(crate::feed::ChangesPage { changes, horizon })
-    }
-
     /// Purges tombstones written before `before_millis`; answers how many went.
     pub async fn purge_tombstones(&self, before_millis: u64) -> Result<u64, JournalError> {
         const LIMIT: usize = 10_000;
@@ -749,305 +653,6 @@ impl Journal {
                 return Ok(total);
             }
         }
-    }
-
-    /// A receiver woken whenever `project` commits item changes.
-    pub fn follow(&self, project: &Ident) -> watch::Receiver<u64> {
-        self.signal.subscribe(project)
-    }
-
-    /// Iterates a projector's pending tasks from its floor, oldest first.
-    fn scan_tasks(
-        &self,
-        projector: &str,
-    ) -> impl Iterator<Item = Result<KeyValue, rocksdb::Error>> + '_ {
-        let floor = self
-            .lanes
-            .get(projector)
-            .map_or(0, |lane| lane.floor.load(Ordering::Acquire));
-        let options = keys::task_range(projector, floor, u64::MAX - 1);
-        self.db
-            .iterator_cf_opt(self.cf(CF_TASKS), options, IteratorMode::Start)
-    }
-
-    /// Up to `limit` pending tasks of a projector, oldest first.
-    pub fn pending(&self, projector: &str, limit: usize) -> Result<Vec<Task>, JournalError> {
-        Ok(self.pending_from(projector, 0, limit, |_| false)?.tasks)
-    }
-
-    /// Up to `limit` pending tasks of a projector with a seq of at least `from`, oldest first,
-    /// leaving out the tasks of projects `held` names. A task that cannot be decoded is moved to the
-    /// dead letters on the way, with the reason: retrying could never apply it.
-    pub fn pending_from(
-        &self,
-        projector: &str,
-        from: u64,
-        limit: usize,
-        held: impl Fn(&Ident) -> bool,
-    ) -> Result<Pending, JournalError> {
-        let floor = self
-            .lanes
-            .get(projector)
-            .map_or(0, |lane| lane.floor.load(Ordering::Acquire));
-        let options = keys::task_range(projector, from.max(floor), u64::MAX - 1);
-        let mut pending = Pending::default();
-        let mut poison = Vec::new();
-        let mut bytes = 0;
-        for entry in self
-            .db
-            .iterator_cf_opt(self.cf(CF_TASKS), options, IteratorMode::Start)
-        {
-            let (key, value) = entry?;
-            let seq = keys::task_seq(&key);
-            if pending.first_seen.is_none() {
-                pending.first_seen = Some(seq);
-            }
-            pending.last_seen = seq;
-            match codec::decode_own_task(&value) {
-                Ok(task) if held(&task.project) => pending.skipped += 1,
-                Ok(task) => pending.tasks.push(task),
-                Err(error) => {
-                    tracing::error!(projector, seq, %error, "a task that cannot be decoded becomes a dead letter");
-                    poison.push(DeadLetter::from_raw(
-                        projector,
-                        seq,
-                        &value,
-                        "the stored task is unreadable".into(),
-                    ));
-                }
-            }
-            bytes += value.len();
-            if pending.tasks.len() >= limit || bytes >= BATCH_BYTES {
-                break;
-            }
-        }
-        if let (Some(first), Some(lane)) = (pending.first_seen, self.lanes.get(projector)) {
-            if from <= floor {
-                lane.floor.fetch_max(first, Ordering::AcqRel);
-            }
-        }
-        if !poison.is_empty() {
-            self.ack(projector, &[], poison)?;
-        }
-        Ok(pending)
-    }
-
-    /// One pending task of a projector in its stored form, if it is still pending.
-    pub fn pending_raw(&self, projector: &str, seq: u64) -> Result<Option<Vec<u8>>, JournalError> {
-        Ok(self
-            .db
-            .get_cf(self.cf(CF_TASKS), keys::task(projector, seq))?)
-    }
-
-    /// Removes applied tasks and moves refused ones to the dead letters, in one batch.
-    pub fn ack(
-        &self,
-        projector: &str,
-        applied: &[u64],
-        dead: Vec<DeadLetter>,
-    ) -> Result<(), JournalError> {
-        let mut batch = WriteBatch::default();
-        for seq in applied.iter().chain(dead.iter().map(|letter| &letter.seq)) {
-            batch.delete_cf(self.cf(CF_TASKS), keys::task(projector, *seq));
-        }
-        self.settle(projector, batch, applied.len(), dead, None)
-    }
-
-    /// Acknowledges a run a step settled: every pending task of the projector with a seq in
-    /// `run` was in the step (a batch read whole, no held project's task left out), `applied` of
-    /// them applied and the `dead` ones refused. One range deletion removes them all, which is cheaper
-    /// to write than a deletion marker per task and lets the next scan skip the run at once.
-    pub fn ack_run(
-        &self,
-        projector: &str,
-        run: RangeInclusive<u64>,
-        applied: usize,
-        dead: Vec<DeadLetter>,
-    ) -> Result<(), JournalError> {
-        let mut batch = WriteBatch::default();
-        batch.delete_range_cf(
-            self.cf(CF_TASKS),
-            keys::task(projector, *run.start()),
-            keys::task(projector, run.end().saturating_add(1)),
-        );
-        self.settle(projector, batch, applied, dead, Some(run))
-    }
-
-    /// Writes an acknowledgement (`batch` removes the tasks) with the dead letters, then moves the
-    /// projector's progress.
-    fn settle(
-        &self,
-        projector: &str,
-        mut batch: WriteBatch,
-        applied: usize,
-        dead: Vec<DeadLetter>,
-        run: Option<RangeInclusive<u64>>,
-    ) -> Result<(), JournalError> {
-        for letter in &dead {
-            batch.put_cf(
-                self.cf(CF_DEAD),
-                keys::task(projector, letter.seq),
-                serde_json::to_vec(letter)?,
-            );
-        }
-        self.db.write(batch)?;
-        if let Some(lane) = self.lanes.get(projector) {
-            if let Some(run) = run {
-                // Nothing below the floor is pending; a run from at most the floor leaves nothing
-                // pending up to its end either, and new tasks only get higher seqs.
-                if *run.start() <= lane.floor.load(Ordering::Acquire) {
-                    lane.floor
-                        .fetch_max(run.end().saturating_add(1), Ordering::AcqRel);
-                }
-            }
-            let mut progress = lane.progress.lock().expect("progress lock");
-            progress.applied += applied as u64;
-            progress.failed += dead.len() as u64;
-        }
-        let refreshed = self.refresh_progress(projector);
-        if let Some(lane) = self.lanes.get(projector) {
-            lane.acks.send_modify(|n| *n += 1);
-        }
-        refreshed
-    }
-
-    /// Recomputes how far a projector got: everything before its oldest pending task is done.
-    pub fn refresh_progress(&self, projector: &str) -> Result<(), JournalError> {
-        let Some(lane) = self.lanes.get(projector) else {
-            return Ok(());
-        };
-        let last = self.last_seq();
-        let oldest = self
-            .scan_tasks(projector)
-            .next()
-            .transpose()?
-            .map(|(key, _)| keys::task_seq(&key));
-        if let Some(oldest) = oldest {
-            lane.floor.fetch_max(oldest, Ordering::AcqRel);
-        }
-        let through = oldest.map_or(last, |seq| seq - 1);
-        lane.applied.send_if_modified(|current| {
-            let moved = *current != through;
-            *current = through;
-            moved
-        });
-        lane.progress.lock().expect("progress lock").applied_through = through;
-        Ok(())
-    }
-
-    pub fn note_error(&self, projector: &str, error: Option<String>) {
-        if let Some(lane) = self.lanes.get(projector) {
-            lane.progress.lock().expect("progress lock").last_error = error;
-        }
-    }
-
-    pub fn progress(&self, projector: &str) -> ProjectorProgress {
-        let mut progress = match self.lanes.get(projector) {
-            Some(lane) => lane.progress.lock().expect("progress lock").clone(),
-            // The keyspaces the writer keeps have every write the moment it is accepted.
-            None => ProjectorProgress {
-                applied_through: self.last_seq(),
-                ..ProjectorProgress::default()
-            },
-        };
-        progress.pending = self.last_seq().saturating_sub(progress.applied_through);
-        let prefix = keys::projector_prefix(projector);
-        progress.dead_letters = self
-            .db
-            .iterator_cf(
-                self.cf(CF_DEAD),
-                IteratorMode::From(&prefix, rocksdb::Direction::Forward),
-            )
-            .map_while(Result::ok)
-            .take_while(|(key, _)| key.starts_with(&prefix))
-            .count() as u64;
-        progress
-    }
-
-    /// Wakes the dispatchers after a commit.
-    fn wake_all(&self) {
-        for lane in self.lanes.values() {
-            lane.wake.notify_one();
-        }
-        self.committed.notify_one();
-    }
-
-    /// Waits until something is committed or `timeout` passes.
-    pub async fn wait_for_commit(&self, timeout: Duration) {
-        let _ = tokio::time::timeout(timeout, self.committed.notified()).await;
-    }
-
-    /// Waits until the projector has new tasks or `timeout` passes.
-    pub async fn wait_for_tasks(&self, projector: &str, timeout: Duration) {
-        if let Some(lane) = self.lanes.get(projector) {
-            let _ = tokio::time::timeout(timeout, lane.wake.notified()).await;
-        }
-    }
-
-    /// Waits until every projector has applied `seq`; on time-out, names the ones still behind.
-    pub async fn wait_projected(
-        &self,
-        seq: u64,
-        timeout: Duration,
-    ) -> Result<(), Vec<&'static str>> {
-        let now = tokio::time::Instant::now();
-        let deadline = now
-            .checked_add(timeout)
-            .unwrap_or(now + Duration::from_secs(365 * 86_400));
-        let mut behind = Vec::new();
-        for (name, lane) in &self.lanes {
-            let mut acks = lane.acks.subscribe();
-            let reached =
-                tokio::time::timeout_at(deadline, acks.wait_for(|_| self.settled(name, lane, seq)))
-                    .await;
-            if !matches!(reached, Ok(Ok(_))) {
-                behind.push(*name);
-            }
-        }
-        if behind.is_empty() {
-            Ok(())
-        } else {
-            behind.sort_unstable();
-            Err(behind)
-        }
-    }
-
-    /// Which of the writes `seqs` a projector refused: those whose task is one of its dead letters.
-    pub fn refusals(&self, seqs: &[u64]) -> Result<Vec<crate::storage::Refusal>, JournalError> {
-        #[derive(Deserialize)]
-        struct Reason {
-            reason: String,
-        }
-        let mut refusals = Vec::new();
-        let mut names: Vec<&str> = self.lanes.keys().copied().collect();
-        names.sort_unstable();
-        for name in names {
-            for seq in seqs {
-                if let Some(value) = self
-                    .db
-                    .get_pinned_cf(self.cf(CF_DEAD), keys::task(name, *seq))?
-                {
-                    refusals.push(crate::storage::Refusal {
-                        projector: name.to_string(),
-                        revision: *seq,
-                        reason: decode::<Reason>(&value)?.reason,
-                    });
-                }
-            }
-        }
-        Ok(refusals)
-    }
-
-    /// Whether a projector is done with the task `seq` (applied or dead-lettered): everything up to
-    /// it is, or that task alone is (tasks of a held project may still wait before it).
-    fn settled(&self, projector: &str, lane: &Lane, seq: u64) -> bool {
-        *lane.applied.borrow() >= seq
-            || (seq <= self.last_seq()
-                && matches!(
-                    self.db
-                        .get_pinned_cf(self.cf(CF_TASKS), keys::task(projector, seq)),
-                    Ok(None)
-                ))
     }
 
     /// A RocksDB integer property of one column family (0 where RocksDB cannot say).
@@ -1078,171 +683,6 @@ impl Journal {
             .iter()
             .map(|cf| self.property(cf, "rocksdb.estimate-table-readers-mem"))
             .sum()
-    }
-
-    /// Dead letters, oldest first; only those of `projector` when given.
-    pub fn dead_letters(
-        &self,
-        projector: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<DeadLetter>, JournalError> {
-        Ok(self
-            .dead_entries(projector, limit)?
-            .into_iter()
-            .map(|(_, letter)| letter)
-            .collect())
-    }
-
-    fn dead_entries(
-        &self,
-        projector: Option<&str>,
-        limit: usize,
-    ) -> Result<Vec<(Vec<u8>, DeadLetter)>, JournalError> {
-        let prefix = projector.map(keys::projector_prefix).unwrap_or_default();
-        let mut out = Vec::new();
-        for entry in self.db.iterator_cf(
-            self.cf(CF_DEAD),
-            IteratorMode::From(&prefix, rocksdb::Direction::Forward),
-        ) {
-            let (key, value) = entry?;
-            if !key.starts_with(&prefix) || out.len() >= limit {
-                break;
-            }
-            let mut letter: DeadLetter = decode(&value)?;
-            letter.seq = keys::task_seq(&key);
-            out.push((key.to_vec(), letter));
-        }
-        Ok(out)
-    }
-
-    /// Queues dead letters again (after the cause was fixed), behind every pending task; the
-    /// revision guard keeps them from undoing anything newer. Answers how many were queued.
-    pub async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, JournalError> {
-        let mut letters = self.dead_entries(projector, usize::MAX)?;
-        // A task that cannot be decoded stays a dead letter: no retry could apply it.
-        letters.retain(|(_, letter)| letter.task.is_some());
-        if letters.is_empty() {
-            return Ok(0);
-        }
-        let names: Vec<String> = letters.iter().map(|(_, l)| l.projector.clone()).collect();
-        let count = self
-            .send(|reply| Command::Requeue { letters, reply })
-            .await?;
-        for name in names {
-            if let Some(lane) = self.lanes.get(name.as_str()) {
-                lane.retry.notify_one();
-            }
-        }
-        Ok(count)
-    }
-}
-
-/// Builds the change feed's index of a journal made before it had one: one put per stored item, at
-/// the item's revision. Runs once, before the writer starts.
-fn index_changes(db: &DB) -> Result<(), JournalError> {
-    let Some(mut rewrite) = Rewrite::start(db, keys::CHANGES_INDEXED)? else {
-        return Ok(());
-    };
-    let (items, changes) = (
-        db.cf_handle(CF_ITEMS).expect("items cf"),
-        db.cf_handle(CF_CHANGES).expect("changes cf"),
-    );
-    let millis = chrono::Utc::now().timestamp_millis().max(0) as u64;
-    for entry in db.iterator_cf(items, IteratorMode::Start) {
-        let (key, value) = entry?;
-        // `project \0 blueprint \0 id(16)`
-        let Some(split) = key.iter().position(|b| *b == 0) else {
-            continue;
-        };
-        let (Ok(project), Ok(blueprint), Ok(id), Some(revision)) = (
-            Ident::parse(&String::from_utf8_lossy(&key[..split])),
-            Ident::parse(&String::from_utf8_lossy(
-                &key[split + 1..key.len().saturating_sub(17).max(split + 1)],
-            )),
-            Uuid::from_slice(&key[key.len().saturating_sub(16)..]),
-            codec::record_revision(&value),
-        ) else {
-            continue;
-        };
-        rewrite.batch.put_cf(
-            changes,
-            keys::change(&project, revision),
-            codec::change_value(false, millis, &id, &blueprint),
-        );
-        rewrite.counted()?;
-    }
-    rewrite.finish("indexed the stored items for the change feed")
-}
-
-/// Moves the deleted items' markers out of `changes`, where journals made before the `deleted`
-/// family kept them (keys unchanged), once.
-fn move_deleted(db: &DB) -> Result<(), JournalError> {
-    let Some(mut rewrite) = Rewrite::start(db, keys::DELETED_MOVED)? else {
-        return Ok(());
-    };
-    let (changes, deleted) = (
-        db.cf_handle(CF_CHANGES).expect("changes cf"),
-        db.cf_handle(CF_DELETED).expect("deleted cf"),
-    );
-    let from = [keys::DELETED];
-    for entry in db.iterator_cf(
-        changes,
-        IteratorMode::From(&from, rocksdb::Direction::Forward),
-    ) {
-        let (key, value) = entry?;
-        if key.first() != Some(&keys::DELETED) {
-            break;
-        }
-        rewrite.batch.put_cf(deleted, &key, value);
-        rewrite.batch.delete_cf(changes, &key);
-        rewrite.counted()?;
-    }
-    rewrite.finish("moved the deleted items' markers to their own family")
-}
-
-/// A one-time rewrite of the journal at start, before the writer runs: written in batches of
-/// 10,000 entries, the last of which sets its `flag` in `meta`, so one interrupted midway is done
-/// again at the next start and one finished is never done again.
-struct Rewrite<'a> {
-    db: &'a DB,
-    flag: &'static [u8],
-    batch: WriteBatch,
-    count: u64,
-}
-
-impl<'a> Rewrite<'a> {
-    /// The rewrite flagged `flag`, unless it was done.
-    fn start(db: &'a DB, flag: &'static [u8]) -> Result<Option<Rewrite<'a>>, JournalError> {
-        let meta = db.cf_handle(CF_META).expect("meta cf");
-        if db.get_cf(meta, flag)?.is_some() {
-            return Ok(None);
-        }
-        Ok(Some(Rewrite {
-            db,
-            flag,
-            batch: WriteBatch::default(),
-            count: 0,
-        }))
-    }
-
-    /// Counts one entry staged in `batch`, and writes the batch once it is full.
-    fn counted(&mut self) -> Result<(), JournalError> {
-        self.count += 1;
-        if self.batch.len() >= 10_000 {
-            self.db.write(std::mem::take(&mut self.batch))?;
-        }
-        Ok(())
-    }
-
-    /// Writes the rest with the flag, and says `done` in the log when there was anything to do.
-    fn finish(mut self, done: &str) -> Result<(), JournalError> {
-        let meta = self.db.cf_handle(CF_META).expect("meta cf");
-        self.batch.put_cf(meta, self.flag, []);
-        self.db.write(self.batch)?;
-        if self.count > 0 {
-            tracing::info!(items = self.count, "{done}");
-        }
-        Ok(())
     }
 }
 
@@ -1446,7 +886,7 @@ mod tests {
             .iterator_cf_opt(
                 journal.cf(CF_CHANGES),
                 options,
-                IteratorMode::From(&start, rocksdb::Direction::Forward),
+                rocksdb::IteratorMode::From(&start, rocksdb::Direction::Forward),
             )
             .map(|entry| keys::task_seq(&entry.unwrap().0))
             .collect();

@@ -1,0 +1,375 @@
+//! Each projector's lane through the journal: its pending tasks in seq order, their
+//! acknowledgement (applied tasks removed, refused ones moved to the dead letters, in one batch),
+//! its progress, the waits on it, and the dead letters queued again.
+//!
+//! A lane's floor only rises: no task of the projector below it is pending, so scans start there
+//! and never wade through the deletion markers of acknowledged tasks. `applied` is the seq through
+//! which the projector has settled every task; `acks` moves on every acknowledgement, so a waiter
+//! can see its own task settled while an older one of a held project keeps `applied` back.
+
+use std::ops::RangeInclusive;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use rocksdb::{IteratorMode, WriteBatch};
+use serde::Deserialize;
+
+use super::task::Task;
+use super::writer::Command;
+use super::{
+    codec, decode, keys, DeadLetter, Journal, JournalError, KeyValue, Lane, Pending,
+    ProjectorProgress, BATCH_BYTES, CF_DEAD, CF_TASKS,
+};
+use crate::blueprint::Ident;
+
+impl Journal {
+    /// Iterates a projector's pending tasks from its floor, oldest first.
+    fn scan_tasks(
+        &self,
+        projector: &str,
+    ) -> impl Iterator<Item = Result<KeyValue, rocksdb::Error>> + '_ {
+        let floor = self
+            .lanes
+            .get(projector)
+            .map_or(0, |lane| lane.floor.load(Ordering::Acquire));
+        let options = keys::task_range(projector, floor, u64::MAX - 1);
+        self.db
+            .iterator_cf_opt(self.cf(CF_TASKS), options, IteratorMode::Start)
+    }
+
+    /// Up to `limit` pending tasks of a projector, oldest first.
+    pub fn pending(&self, projector: &str, limit: usize) -> Result<Vec<Task>, JournalError> {
+        Ok(self.pending_from(projector, 0, limit, |_| false)?.tasks)
+    }
+
+    /// Up to `limit` pending tasks of a projector with a seq of at least `from`, oldest first,
+    /// leaving out the tasks of projects `held` names. A task that cannot be decoded is moved to the
+    /// dead letters on the way, with the reason: retrying could never apply it.
+    pub fn pending_from(
+        &self,
+        projector: &str,
+        from: u64,
+        limit: usize,
+        held: impl Fn(&Ident) -> bool,
+    ) -> Result<Pending, JournalError> {
+        let floor = self
+            .lanes
+            .get(projector)
+            .map_or(0, |lane| lane.floor.load(Ordering::Acquire));
+        let options = keys::task_range(projector, from.max(floor), u64::MAX - 1);
+        let mut pending = Pending::default();
+        let mut poison = Vec::new();
+        let mut bytes = 0;
+        for entry in self
+            .db
+            .iterator_cf_opt(self.cf(CF_TASKS), options, IteratorMode::Start)
+        {
+            let (key, value) = entry?;
+            let seq = keys::task_seq(&key);
+            if pending.first_seen.is_none() {
+                pending.first_seen = Some(seq);
+            }
+            pending.last_seen = seq;
+            match codec::decode_own_task(&value) {
+                Ok(task) if held(&task.project) => pending.skipped += 1,
+                Ok(task) => pending.tasks.push(task),
+                Err(error) => {
+                    tracing::error!(projector, seq, %error, "a task that cannot be decoded becomes a dead letter");
+                    poison.push(DeadLetter::from_raw(
+                        projector,
+                        seq,
+                        &value,
+                        "the stored task is unreadable".into(),
+                    ));
+                }
+            }
+            bytes += value.len();
+            if pending.tasks.len() >= limit || bytes >= BATCH_BYTES {
+                break;
+            }
+        }
+        if let (Some(first), Some(lane)) = (pending.first_seen, self.lanes.get(projector)) {
+            if from <= floor {
+                lane.floor.fetch_max(first, Ordering::AcqRel);
+            }
+        }
+        if !poison.is_empty() {
+            self.ack(projector, &[], poison)?;
+        }
+        Ok(pending)
+    }
+
+    /// One pending task of a projector in its stored form, if it is still pending.
+    pub fn pending_raw(&self, projector: &str, seq: u64) -> Result<Option<Vec<u8>>, JournalError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_TASKS), keys::task(projector, seq))?)
+    }
+
+    /// Removes applied tasks and moves refused ones to the dead letters, in one batch.
+    pub fn ack(
+        &self,
+        projector: &str,
+        applied: &[u64],
+        dead: Vec<DeadLetter>,
+    ) -> Result<(), JournalError> {
+        let mut batch = WriteBatch::default();
+        for seq in applied.iter().chain(dead.iter().map(|letter| &letter.seq)) {
+            batch.delete_cf(self.cf(CF_TASKS), keys::task(projector, *seq));
+        }
+        self.settle(projector, batch, applied.len(), dead, None)
+    }
+
+    /// Acknowledges a run a step settled: every pending task of the projector with a seq in
+    /// `run` was in the step (a batch read whole, no held project's task left out), `applied` of
+    /// them applied and the `dead` ones refused. One range deletion removes them all, which is cheaper
+    /// to write than a deletion marker per task and lets the next scan skip the run at once.
+    pub fn ack_run(
+        &self,
+        projector: &str,
+        run: RangeInclusive<u64>,
+        applied: usize,
+        dead: Vec<DeadLetter>,
+    ) -> Result<(), JournalError> {
+        let mut batch = WriteBatch::default();
+        batch.delete_range_cf(
+            self.cf(CF_TASKS),
+            keys::task(projector, *run.start()),
+            keys::task(projector, run.end().saturating_add(1)),
+        );
+        self.settle(projector, batch, applied, dead, Some(run))
+    }
+
+    /// Writes an acknowledgement (`batch` removes the tasks) with the dead letters, then moves the
+    /// projector's progress.
+    fn settle(
+        &self,
+        projector: &str,
+        mut batch: WriteBatch,
+        applied: usize,
+        dead: Vec<DeadLetter>,
+        run: Option<RangeInclusive<u64>>,
+    ) -> Result<(), JournalError> {
+        for letter in &dead {
+            batch.put_cf(
+                self.cf(CF_DEAD),
+                keys::task(projector, letter.seq),
+                serde_json::to_vec(letter)?,
+            );
+        }
+        self.db.write(batch)?;
+        if let Some(lane) = self.lanes.get(projector) {
+            if let Some(run) = run {
+                // Nothing below the floor is pending; a run from at most the floor leaves nothing
+                // pending up to its end either, and new tasks only get higher seqs.
+                if *run.start() <= lane.floor.load(Ordering::Acquire) {
+                    lane.floor
+                        .fetch_max(run.end().saturating_add(1), Ordering::AcqRel);
+                }
+            }
+            let mut progress = lane.progress.lock().expect("progress lock");
+            progress.applied += applied as u64;
+            progress.failed += dead.len() as u64;
+        }
+        let refreshed = self.refresh_progress(projector);
+        if let Some(lane) = self.lanes.get(projector) {
+            lane.acks.send_modify(|n| *n += 1);
+        }
+        refreshed
+    }
+
+    /// Recomputes how far a projector got: everything before its oldest pending task is done.
+    pub fn refresh_progress(&self, projector: &str) -> Result<(), JournalError> {
+        let Some(lane) = self.lanes.get(projector) else {
+            return Ok(());
+        };
+        let last = self.last_seq();
+        let oldest = self
+            .scan_tasks(projector)
+            .next()
+            .transpose()?
+            .map(|(key, _)| keys::task_seq(&key));
+        if let Some(oldest) = oldest {
+            lane.floor.fetch_max(oldest, Ordering::AcqRel);
+        }
+        let through = oldest.map_or(last, |seq| seq - 1);
+        lane.applied.send_if_modified(|current| {
+            let moved = *current != through;
+            *current = through;
+            moved
+        });
+        lane.progress.lock().expect("progress lock").applied_through = through;
+        Ok(())
+    }
+
+    pub fn note_error(&self, projector: &str, error: Option<String>) {
+        if let Some(lane) = self.lanes.get(projector) {
+            lane.progress.lock().expect("progress lock").last_error = error;
+        }
+    }
+
+    pub fn progress(&self, projector: &str) -> ProjectorProgress {
+        let mut progress = match self.lanes.get(projector) {
+            Some(lane) => lane.progress.lock().expect("progress lock").clone(),
+            // The keyspaces the writer keeps have every write the moment it is accepted.
+            None => ProjectorProgress {
+                applied_through: self.last_seq(),
+                ..ProjectorProgress::default()
+            },
+        };
+        progress.pending = self.last_seq().saturating_sub(progress.applied_through);
+        let prefix = keys::projector_prefix(projector);
+        progress.dead_letters = self
+            .db
+            .iterator_cf(
+                self.cf(CF_DEAD),
+                IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+            )
+            .map_while(Result::ok)
+            .take_while(|(key, _)| key.starts_with(&prefix))
+            .count() as u64;
+        progress
+    }
+
+    /// Wakes the dispatchers after a commit.
+    pub(super) fn wake_all(&self) {
+        for lane in self.lanes.values() {
+            lane.wake.notify_one();
+        }
+        self.committed.notify_one();
+    }
+
+    /// Waits until something is committed or `timeout` passes.
+    pub async fn wait_for_commit(&self, timeout: Duration) {
+        let _ = tokio::time::timeout(timeout, self.committed.notified()).await;
+    }
+
+    /// Waits until the projector has new tasks or `timeout` passes.
+    pub async fn wait_for_tasks(&self, projector: &str, timeout: Duration) {
+        if let Some(lane) = self.lanes.get(projector) {
+            let _ = tokio::time::timeout(timeout, lane.wake.notified()).await;
+        }
+    }
+
+    /// Waits until every projector has applied `seq`; on time-out, names the ones still behind.
+    pub async fn wait_projected(
+        &self,
+        seq: u64,
+        timeout: Duration,
+    ) -> Result<(), Vec<&'static str>> {
+        let now = tokio::time::Instant::now();
+        let deadline = now
+            .checked_add(timeout)
+            .unwrap_or(now + Duration::from_secs(365 * 86_400));
+        let mut behind = Vec::new();
+        for (name, lane) in &self.lanes {
+            let mut acks = lane.acks.subscribe();
+            let reached =
+                tokio::time::timeout_at(deadline, acks.wait_for(|_| self.settled(name, lane, seq)))
+                    .await;
+            if !matches!(reached, Ok(Ok(_))) {
+                behind.push(*name);
+            }
+        }
+        if behind.is_empty() {
+            Ok(())
+        } else {
+            behind.sort_unstable();
+            Err(behind)
+        }
+    }
+
+    /// Which of the writes `seqs` a projector refused: those whose task is one of its dead letters.
+    pub fn refusals(&self, seqs: &[u64]) -> Result<Vec<crate::storage::Refusal>, JournalError> {
+        #[derive(Deserialize)]
+        struct Reason {
+            reason: String,
+        }
+        let mut refusals = Vec::new();
+        let mut names: Vec<&str> = self.lanes.keys().copied().collect();
+        names.sort_unstable();
+        for name in names {
+            for seq in seqs {
+                if let Some(value) = self
+                    .db
+                    .get_pinned_cf(self.cf(CF_DEAD), keys::task(name, *seq))?
+                {
+                    refusals.push(crate::storage::Refusal {
+                        projector: name.to_string(),
+                        revision: *seq,
+                        reason: decode::<Reason>(&value)?.reason,
+                    });
+                }
+            }
+        }
+        Ok(refusals)
+    }
+
+    /// Whether a projector is done with the task `seq` (applied or dead-lettered): everything up to
+    /// it is, or that task alone is (tasks of a held project may still wait before it).
+    fn settled(&self, projector: &str, lane: &Lane, seq: u64) -> bool {
+        *lane.applied.borrow() >= seq
+            || (seq <= self.last_seq()
+                && matches!(
+                    self.db
+                        .get_pinned_cf(self.cf(CF_TASKS), keys::task(projector, seq)),
+                    Ok(None)
+                ))
+    }
+
+    /// Dead letters, oldest first; only those of `projector` when given.
+    pub fn dead_letters(
+        &self,
+        projector: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<DeadLetter>, JournalError> {
+        Ok(self
+            .dead_entries(projector, limit)?
+            .into_iter()
+            .map(|(_, letter)| letter)
+            .collect())
+    }
+
+    fn dead_entries(
+        &self,
+        projector: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<(Vec<u8>, DeadLetter)>, JournalError> {
+        let prefix = projector.map(keys::projector_prefix).unwrap_or_default();
+        let mut out = Vec::new();
+        for entry in self.db.iterator_cf(
+            self.cf(CF_DEAD),
+            IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+        ) {
+            let (key, value) = entry?;
+            if !key.starts_with(&prefix) || out.len() >= limit {
+                break;
+            }
+            let mut letter: DeadLetter = decode(&value)?;
+            letter.seq = keys::task_seq(&key);
+            out.push((key.to_vec(), letter));
+        }
+        Ok(out)
+    }
+
+    /// Queues dead letters again (after the cause was fixed), behind every pending task; the
+    /// revision guard keeps them from undoing anything newer. Answers how many were queued.
+    pub async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, JournalError> {
+        let mut letters = self.dead_entries(projector, usize::MAX)?;
+        // A task that cannot be decoded stays a dead letter: no retry could apply it.
+        letters.retain(|(_, letter)| letter.task.is_some());
+        if letters.is_empty() {
+            return Ok(0);
+        }
+        let names: Vec<String> = letters.iter().map(|(_, l)| l.projector.clone()).collect();
+        let count = self
+            .send(|reply| Command::Requeue { letters, reply })
+            .await?;
+        for name in names {
+            if let Some(lane) = self.lanes.get(name.as_str()) {
+                lane.retry.notify_one();
+            }
+        }
+        Ok(count)
+    }
+}

@@ -1,0 +1,123 @@
+//! Reading the journal: an item's latest accepted state, a project's items in key order, and its
+//! change feed (the latest change of each item by revision).
+//!
+//! Reads go straight to RocksDB, beside the writer thread: the writer commits each group in one
+//! batch, so a read sees a write whole or not at all, and a page of changes is read from one
+//! snapshot so every change in it matches the item record it names.
+
+use rocksdb::IteratorMode;
+use tokio::sync::watch;
+use uuid::Uuid;
+
+use super::{codec, keys, ItemRecord, Journal, JournalError, CF_CHANGES, CF_ITEMS, CF_META};
+use crate::blueprint::Ident;
+
+impl Journal {
+    /// The latest accepted state of an item, if it exists.
+    pub fn item(
+        &self,
+        project: &Ident,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<ItemRecord>, JournalError> {
+        match self
+            .db
+            .get_cf(self.cf(CF_ITEMS), keys::item(project, blueprint, id))?
+        {
+            Some(bytes) => Ok(Some(codec::decode_record(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// Up to `limit` items of a project after the key `after`, with the key to continue from
+    /// (`None` at the end of the project).
+    #[allow(clippy::type_complexity)]
+    pub fn scan_items(
+        &self,
+        project: &Ident,
+        after: Option<Vec<u8>>,
+        limit: usize,
+    ) -> Result<(Vec<(Ident, ItemRecord)>, Option<Vec<u8>>), JournalError> {
+        let prefix = keys::project_prefix(project);
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(keys::project_end(project));
+        let start = after.clone().unwrap_or_else(|| prefix.clone());
+        let mut items = Vec::new();
+        let mut last = None;
+        for entry in self.db.iterator_cf_opt(
+            self.cf(CF_ITEMS),
+            options,
+            IteratorMode::From(&start, rocksdb::Direction::Forward),
+        ) {
+            let (key, value) = entry?;
+            if after.as_deref() == Some(&key[..]) {
+                continue;
+            }
+            if items.len() >= limit {
+                return Ok((items, last));
+            }
+            let name = &key[prefix.len()..key.len().saturating_sub(17)];
+            if let Ok(blueprint) = Ident::parse(&String::from_utf8_lossy(name)) {
+                items.push((blueprint, codec::decode_record(&value)?));
+            }
+            last = Some(key.to_vec());
+        }
+        Ok((items, None))
+    }
+
+    /// Up to `limit` changes of a project after revision `since`, read from one snapshot, with the
+    /// project's horizon (see `feed`).
+    pub fn changes(
+        &self,
+        project: &Ident,
+        since: u64,
+        limit: usize,
+    ) -> Result<crate::feed::ChangesPage, JournalError> {
+        let snapshot = self.db.snapshot();
+        let horizon = snapshot
+            .get_cf(self.cf(CF_META), keys::horizon(project))?
+            .and_then(|v| codec::record_revision(&v))
+            .unwrap_or(0);
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(keys::project_end(project));
+        let start = keys::change(project, since.saturating_add(1));
+        let mut changes = Vec::new();
+        for entry in snapshot.iterator_cf_opt(
+            self.cf(CF_CHANGES),
+            options,
+            IteratorMode::From(&start, rocksdb::Direction::Forward),
+        ) {
+            if changes.len() >= limit {
+                break;
+            }
+            let (key, value) = entry?;
+            let revision = keys::task_seq(&key);
+            let (delete, id, blueprint) = codec::decode_change(&value)?;
+            let record = if delete {
+                None
+            } else {
+                let item = snapshot
+                    .get_cf(self.cf(CF_ITEMS), keys::item(project, &blueprint, &id))?
+                    .map(|v| codec::decode_record(&v))
+                    .transpose()?;
+                // The index and the items are written in one batch and read from one snapshot.
+                match item {
+                    Some(record) if record.revision == revision => Some(record),
+                    _ => continue,
+                }
+            };
+            changes.push(crate::feed::Change {
+                revision,
+                blueprint,
+                id,
+                record,
+            });
+        }
+        Ok(crate::feed::ChangesPage { changes, horizon })
+    }
+
+    /// A receiver woken whenever `project` commits item changes.
+    pub fn follow(&self, project: &Ident) -> watch::Receiver<u64> {
+        self.signal.subscribe(project)
+    }
+}
