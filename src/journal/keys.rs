@@ -24,6 +24,14 @@ pub fn item_of(project: &[u8], blueprint: &[u8], id: &[u8]) -> Vec<u8> {
     key
 }
 
+/// The project, blueprint and id bytes of an [`item`] key; `None` for a key too short to be one.
+pub fn split_item(key: &[u8]) -> Option<(&[u8], &[u8], &[u8])> {
+    let project = key.iter().position(|b| *b == 0)?;
+    let id = key.len().checked_sub(16)?;
+    let blueprint = key.get(project + 1..id.checked_sub(1)?)?;
+    Some((&key[..project], blueprint, &key[id..]))
+}
+
 /// `project \0`: every item key of the project starts with it.
 pub fn project_prefix(project: &Ident) -> Vec<u8> {
     name_then(&[], project.as_str(), 0, &[])
@@ -172,5 +180,21 @@ mod tests {
         assert_eq!(tombstone(&p, 1), b"\xffblog\0\0\0\0\0\0\0\0\x01");
         let (from, to) = tombstone_range(&p);
         assert!(from < tombstone(&p, 1) && tombstone(&p, u64::MAX) < to);
+    }
+
+    #[test]
+    fn an_item_key_splits_back_into_its_parts() {
+        let (p, b, id) = (
+            Ident::parse("blog").unwrap(),
+            Ident::parse("article").unwrap(),
+            Uuid::new_v4(),
+        );
+        let key = item(&p, &b, &id);
+        assert_eq!(
+            split_item(&key),
+            Some((&b"blog"[..], &b"article"[..], &id.as_bytes()[..]))
+        );
+        assert_eq!(split_item(b"blog\0short"), None);
+        assert_eq!(split_item(&key[..5]), None);
     }
 }

@@ -38,10 +38,11 @@ impl Journal {
         after: Option<Vec<u8>>,
         limit: usize,
     ) -> Result<(Vec<(Ident, ItemRecord)>, Option<Vec<u8>>), JournalError> {
-        let prefix = keys::project_prefix(project);
         let mut options = rocksdb::ReadOptions::default();
         options.set_iterate_upper_bound(keys::project_end(project));
-        let start = after.clone().unwrap_or_else(|| prefix.clone());
+        let start = after
+            .clone()
+            .unwrap_or_else(|| keys::project_prefix(project));
         let mut items = Vec::new();
         let mut last = None;
         for entry in self.db.iterator_cf_opt(
@@ -56,7 +57,7 @@ impl Journal {
             if items.len() >= limit {
                 return Ok((items, last));
             }
-            let name = &key[prefix.len()..key.len().saturating_sub(17)];
+            let name = keys::split_item(&key).map_or(&[][..], |(_, blueprint, _)| blueprint);
             if let Ok(blueprint) = Ident::parse(&String::from_utf8_lossy(name)) {
                 items.push((blueprint, codec::decode_record(&value)?));
             }

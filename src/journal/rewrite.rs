@@ -22,16 +22,13 @@ pub(super) fn index_changes(db: &DB) -> Result<(), JournalError> {
     let millis = chrono::Utc::now().timestamp_millis().max(0) as u64;
     for entry in db.iterator_cf(items, IteratorMode::Start) {
         let (key, value) = entry?;
-        // `project \0 blueprint \0 id(16)`
-        let Some(split) = key.iter().position(|b| *b == 0) else {
+        let Some((project, blueprint, id)) = keys::split_item(&key) else {
             continue;
         };
         let (Ok(project), Ok(blueprint), Ok(id), Some(revision)) = (
-            Ident::parse(&String::from_utf8_lossy(&key[..split])),
-            Ident::parse(&String::from_utf8_lossy(
-                &key[split + 1..key.len().saturating_sub(17).max(split + 1)],
-            )),
-            Uuid::from_slice(&key[key.len().saturating_sub(16)..]),
+            Ident::parse(&String::from_utf8_lossy(project)),
+            Ident::parse(&String::from_utf8_lossy(blueprint)),
+            Uuid::from_slice(id),
             codec::record_revision(&value),
         ) else {
             continue;
