@@ -3,12 +3,13 @@
 //!
 //! The cache is read again every couple of seconds and whenever a key id is unknown, so a key made
 //! or revoked through another node takes effect within that time (at once on the node that made
-//! the change). `last_used_at` is written at most once a minute per key and node: a key's use never
+//! the change). Reads for unknown ids are shared and at most [`MISS_INTERVAL`] apart: a client
+//! sending made-up key ids makes at most a few reads of the keys a second, however fast it sends. `last_used_at` is written at most once a minute per key and node: a key's use never
 //! costs a write per request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use chrono::{DateTime, Utc};
 use serde::Deserialize;
@@ -22,6 +23,8 @@ use crate::storage::{SharedStorage, StorageError};
 
 /// How often a node reads the keys again.
 const REFRESH: Duration = Duration::from_secs(2);
+/// The least time between two reads of the keys for unknown key ids.
+const MISS_INTERVAL: Duration = Duration::from_millis(250);
 /// How often a key's last use is written.
 const USE_RESOLUTION: Duration = Duration::from_secs(60);
 
@@ -74,6 +77,11 @@ pub struct KeyStore {
     keys: RwLock<HashMap<String, ApiKey>>,
     /// Uses of keys not written yet, by key id.
     used: Mutex<HashMap<String, DateTime<Utc>>>,
+    /// When the last read for an unknown key id started; held while one runs, so the requests
+    /// that wait share the next read.
+    last_miss: tokio::sync::Mutex<Option<Instant>>,
+    /// How many reads of the keys were made for unknown key ids (a metric).
+    miss_reads: std::sync::atomic::AtomicU64,
 }
 
 impl KeyStore {
@@ -90,6 +98,8 @@ impl KeyStore {
                 .collect(),
             keys: RwLock::new(HashMap::new()),
             used: Mutex::new(HashMap::new()),
+            last_miss: tokio::sync::Mutex::new(None),
+            miss_reads: std::sync::atomic::AtomicU64::new(0),
         });
         store.reload().await?;
         tokio::spawn(refresh(Arc::downgrade(&store)));
@@ -103,6 +113,28 @@ impl KeyStore {
         Ok(())
     }
 
+    /// Reads the keys again for an id that was unknown at `arrived`, unless a read that started
+    /// since then has run; at most one such read per [`MISS_INTERVAL`], shared by every request
+    /// waiting for it.
+    async fn reload_for_miss(&self, arrived: Instant) -> Result<(), StorageError> {
+        let mut last = self.last_miss.lock().await;
+        if let Some(started) = *last {
+            if started >= arrived {
+                return Ok(());
+            }
+            tokio::time::sleep_until((started + MISS_INTERVAL).into()).await;
+        }
+        *last = Some(Instant::now());
+        self.miss_reads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.reload().await
+    }
+
+    /// How many reads of the keys unknown key ids have caused.
+    pub fn miss_reads(&self) -> u64 {
+        self.miss_reads.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
     /// Who a bearer token belongs to.
     pub async fn authenticate(&self, token: Option<&str>) -> Result<Caller, AuthError> {
         let token = token.ok_or(AuthError::Missing)?;
@@ -113,7 +145,7 @@ impl KeyStore {
         let mut key = self.keys.read().expect("keys lock").get(id).cloned();
         if key.is_none() {
             // Perhaps made through another node a moment ago.
-            self.reload().await?;
+            self.reload_for_miss(Instant::now()).await?;
             key = self.keys.read().expect("keys lock").get(id).cloned();
         }
         let key = key.ok_or(AuthError::Unknown)?;

@@ -287,7 +287,8 @@ pub enum Requirement {
 }
 
 /// The requirement of a request, from its method and path: the same patterns as the route table
-/// (`http::routes`). Unknown paths need a key too, so they answer 401 before 404.
+/// (`http::routes`), so `path` must be the path the router matches, percent-escapes decoded.
+/// Unknown paths need a key too, so they answer 401 before 404.
 pub fn requirement(method: &actix_web::http::Method, path: &str) -> Requirement {
     use actix_web::http::Method;
     use Action::*;

@@ -133,7 +133,9 @@ pub async fn authenticate(
 /// Who sent the request and whether they may: the refusal (401 or 403) otherwise.
 async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Checked, ApiError)> {
     let method = request.method();
-    let needed = requirement(method, request.path());
+    // The path as the router matches it, percent-escapes decoded: deciding on the path as sent
+    // would let `/p/%5Fproject` pass as an item path and reach the project's routes.
+    let needed = requirement(method, request.match_info().as_str());
     let everything = matches!(needed, Requirement::Everything(_));
     let (action, project) = match needed {
         Requirement::Open => (None, None),

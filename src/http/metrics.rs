@@ -109,6 +109,14 @@ pub async fn metrics(state: State, requests: web::Data<RequestMetrics>) -> HttpR
             gauge(name, help, "counter", vec![(String::new(), value)]);
         }
     }
+    if let Some(keys) = &state.keys {
+        gauge(
+            "dstore_auth_unknown_key_reads_total",
+            "Reads of the API keys made because a request named an unknown key id (shared, at most four a second).",
+            "counter",
+            vec![(String::new(), keys.miss_reads())],
+        );
+    }
     let (memtables, cache) = crate::rocks::usage();
     gauge(
         "dstore_rocksdb_memory_bytes",

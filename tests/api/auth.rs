@@ -645,6 +645,118 @@ async fn every_change_is_audited_with_its_key_and_refused_ones_too() {
     app.stop().await;
 }
 
+/// A verb spelled with a percent-escape (`%5F` is `_`) reaches the route the decoded path names,
+/// so it needs that route's action: an item writer cannot freeze, edit or drop a project that way,
+/// nor can a key scoped to one project drop every project.
+#[tokio::test]
+async fn a_percent_encoded_verb_needs_the_action_of_the_route_it_reaches() {
+    let app = secured().await;
+    let (admin, _) = key(&app, &["*"], &["*"], None).await;
+    let blueprint = article().to_string();
+    let (status, body) = call(
+        &app,
+        Method::PUT,
+        "/p/article/_blueprint",
+        Some(&admin),
+        Some(&blueprint),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (writer, _) = key(&app, &["items.write", "items.read"], &["p"], None).await;
+    let (scoped_all, _) = key(&app, &["*"], &["p"], None).await;
+    for (method, path, body, who) in [
+        (Method::DELETE, "/p/%5Fproject", None, &writer),
+        (Method::DELETE, "/p/%5fproject", None, &writer),
+        (Method::POST, "/p/%5Fversion", None, &writer),
+        (
+            Method::PUT,
+            "/p/article/%5Fblueprint",
+            Some(blueprint.as_str()),
+            &writer,
+        ),
+        (Method::DELETE, "/p/article/%5Fblueprint", None, &writer),
+        (Method::PUT, "/p/%5Fsettings", Some("{}"), &writer),
+        (Method::GET, "/p/%5Fcatalog", None, &writer),
+        (Method::DELETE, "/%5Fproject", None, &scoped_all),
+    ] {
+        let (status, answer) = call(&app, method.clone(), path, Some(who), body).await;
+        assert_eq!(status, 403, "{method} {path}: {answer}");
+    }
+    // Nothing was dropped or frozen, and the blueprint is still there.
+    let (status, answer) = call(
+        &app,
+        Method::GET,
+        "/p/article/_blueprint",
+        Some(&admin),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{answer}");
+    let (status, answer) = call(&app, Method::GET, "/p/_version", Some(&admin), None).await;
+    assert_eq!(status, 200, "{answer}");
+    assert_eq!(
+        answer["versions"].as_array().map(Vec::len),
+        Some(0),
+        "{answer}"
+    );
+    // With the route's own action, the encoded spelling works as the plain one does.
+    let (dropper, _) = key(&app, &["projects.delete"], &["p"], None).await;
+    let (status, answer) = call(&app, Method::DELETE, "/p/%5Fproject", Some(&dropper), None).await;
+    assert_eq!(status, 200, "{answer}");
+    app.stop().await;
+}
+
+/// Made-up key ids in well-formed tokens are refused, and however many arrive at once, they share
+/// reads of the keys (at most four a second) instead of each reading every key.
+#[tokio::test]
+async fn unknown_key_ids_share_a_few_reads_of_the_keys() {
+    let app = secured().await;
+    let started = std::time::Instant::now();
+    let sends = (0..300).map(|i| {
+        let token = format!("dstore_{i:016x}_{}", "ab".repeat(32));
+        let app = &app;
+        async move {
+            call(app, Method::GET, "/_version", Some(&token), None)
+                .await
+                .0
+        }
+    });
+    let statuses = futures::future::join_all(sends).await;
+    assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
+    let elapsed = started.elapsed().as_secs_f64();
+    let (operator, _) = key(&app, &["operations"], &["*"], None).await;
+    let metrics = app
+        .client
+        .get(format!("{}/_metrics", app.address))
+        .bearer_auth(operator)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let reads: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dstore_auth_unknown_key_reads_total "))
+        .expect("the counter is exported")
+        .parse()
+        .unwrap();
+    assert!(reads >= 1.0, "{metrics}");
+    assert!(
+        reads <= elapsed * 4.0 + 2.0,
+        "{reads} reads in {elapsed:.2} s"
+    );
+    // A key made now is known at once.
+    let (made, _) = key(&app, &["blueprints.read"], &["*"], None).await;
+    assert_eq!(
+        call(&app, Method::GET, "/_version", Some(&made), None)
+            .await
+            .0,
+        200
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_cross_site_form_post_is_refused_with_or_without_authentication() {
     for app in [secured().await, crate::helpers::spawn_app().await] {
