@@ -187,11 +187,13 @@ fn record_edit(p: &mut Project, next: Blueprints, writes: &mut Vec<Write>) -> Ve
     changes
 }
 
-/// Two blueprints of a project may not share a PostgreSQL table or an Elasticsearch type.
+/// Two blueprints of a project may not share a PostgreSQL table or an Elasticsearch type, nor may
+/// any of the names a blueprint's table takes in PostgreSQL (its indexes') be another's.
 fn check_unique_names(blueprints: &Blueprints, edited: Option<&Ident>) -> Result<(), CatalogError> {
     let mut errors = Vec::new();
     let mut tables: BTreeMap<&Ident, &Ident> = BTreeMap::new();
     let mut types: BTreeMap<&Ident, &Ident> = BTreeMap::new();
+    let mut relations: BTreeMap<String, (&Ident, String)> = BTreeMap::new();
     for (name, bp) in blueprints {
         let base = if edited.is_some() {
             String::new()
@@ -207,6 +209,21 @@ fn check_unique_names(blueprints: &Blueprints, edited: Option<&Ident>) -> Result
                     other.as_str()
                 ),
             ));
+        } else {
+            for (relation, what) in crate::projector::postgres::relation_names(bp) {
+                match relations.get(&relation) {
+                    Some((other, theirs)) if *other != name => errors.push(FieldError::new(
+                        format!("{base}/postgresql/table"),
+                        format!(
+                            "PostgreSQL would name {what} {relation:?}, already the name of {theirs} of blueprint {:?}",
+                            other.as_str()
+                        ),
+                    )),
+                    _ => {
+                        relations.insert(relation, (name, what));
+                    }
+                }
+            }
         }
         if let Some(other) = types.insert(&bp.es_type, name) {
             errors.push(FieldError::new(

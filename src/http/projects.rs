@@ -60,6 +60,44 @@ pub async fn put(
     Ok(HttpResponse::Ok().json(put_and_freeze(&state, &project, &body, "").await?))
 }
 
+/// Tries `inputs` on a copy of the project as the catalog holds it now, changing nothing: the
+/// blueprints' own checks and the names they take (their problems go to `errors`, under `at`),
+/// then whether the change may be frozen (an incompatible one is the answer at once, with its
+/// report). `PUT /_project` changes no project unless every project passes.
+async fn try_project(
+    state: &State,
+    project: &Ident,
+    inputs: Vec<(Ident, crate::blueprint::BlueprintInput)>,
+    at: &str,
+    errors: &mut Vec<FieldError>,
+) -> Result<(), ApiError> {
+    state.storage.refresh_catalog().await?;
+    let mut trial = match state.storage.snapshot().projects.get(project) {
+        Some(p) => (**p).clone(),
+        None => Project::new(project.clone()),
+    };
+    match crate::catalog::edit::put_blueprints(&mut trial, inputs, &mut Vec::new()) {
+        Ok(_) => {}
+        Err(crate::catalog::CatalogError::Invalid(refused)) => {
+            errors.extend(refused.into_iter().map(|mut e| {
+                e.path = format!("{at}{}", e.path);
+                e
+            }));
+            return Ok(());
+        }
+        Err(e) => return Err(WriteError::from(e).into()),
+    }
+    let allowed = trial
+        .working
+        .compatibility
+        .allows(write::evolution::worst_verdict(&trial));
+    if trial.has_unfrozen_changes() && !allowed {
+        let report = write::evolution::report(state.storage.as_ref(), &trial).await?;
+        return Err(WriteError::Incompatible(Box::new(report)).into());
+    }
+    Ok(())
+}
+
 /// DELETE /{project}/_project
 pub async fn delete(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
@@ -118,14 +156,20 @@ pub async fn put_all(
                 ),
             )),
             Ok(project) => match parse_blueprint_set(blueprints, &at) {
-                Ok(_) => named.push((project, blueprints, at)),
+                Ok(inputs) => {
+                    try_project(&state, &project, inputs, &at, &mut errors).await?;
+                    named.push((project, blueprints, at));
+                }
                 Err(ApiError::Invalid(_, mut e)) => errors.append(&mut e),
                 Err(e) => return Err(e),
             },
         }
     }
     if !errors.is_empty() {
-        return Err(ApiError::Invalid("invalid projects".into(), errors));
+        return Err(ApiError::Invalid(
+            "invalid projects".into(),
+            crate::blueprint::cap_errors(errors),
+        ));
     }
     let mut out = Map::new();
     for (project, blueprints, at) in named {

@@ -275,6 +275,92 @@ async fn two_blueprints_cannot_share_a_table_and_project_routes_put_all_and_free
     assert_eq!(app.get("/myblog/_project").await.status, 404);
 }
 
+/// Tables and indexes share one namespace in a version's PostgreSQL schema: a blueprint whose table
+/// or index would take the name of another blueprint's index is refused, naming both.
+#[tokio::test]
+async fn a_blueprint_cannot_take_a_name_another_blueprints_index_has_in_postgresql() {
+    let app = spawn_app().await;
+    let blueprint = |table: &str, es_type: &str, column: &str| {
+        json!({"postgresql": {"table": table}, "elasticsearch": {"type": es_type},
+               "columns": {column: {"type": "string", "index": true, "unique": true}}})
+    };
+    let first = app
+        .put("/p/a/_blueprint", &blueprint("a", "a", "b_c"))
+        .await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    for (table, column, clash) in [
+        ("a_b", "c", "a_b_c_idx"),
+        ("a_pkey", "x", "a_pkey"),
+        ("a_b_c_key", "x", "a_b_c_key"),
+        ("a_b_c_idx", "x", "a_b_c_idx"),
+    ] {
+        let second = app
+            .put("/p/x/_blueprint", &blueprint(table, "x", column))
+            .await;
+        assert_eq!(second.status, 422, "{table}.{column}: {}", second.body);
+        let paths = second.paths();
+        assert!(
+            !paths.is_empty() && paths.iter().all(|p| p == "/postgresql/table"),
+            "{}",
+            second.body
+        );
+        assert!(
+            second.body.to_string().contains(clash),
+            "{table}.{column}: {}",
+            second.body
+        );
+    }
+    let fine = app
+        .put("/p/x/_blueprint", &blueprint("a_b", "x", "d"))
+        .await;
+    assert_eq!(fine.status, 200, "{}", fine.body);
+    assert_eq!(app.post("/p/_version", None).await.status, 200);
+}
+
+/// `PUT /_project` changes no project unless every one passes: a project refused for a table two
+/// of its blueprints share leaves the others, new or existing, as they were.
+#[tokio::test]
+async fn put_all_changes_nothing_when_any_project_is_refused() {
+    let app = spawn_app().await;
+    let existing = app
+        .put("/zeta/_project", &json!({"article": article()}))
+        .await;
+    assert_eq!(existing.status, 200, "{}", existing.body);
+    let mut twin = article();
+    twin["elasticsearch"]["type"] = json!("twin");
+    let mut grown = article();
+    grown["columns"]["summary"] = json!({"type": "text", "nullable": true});
+    let body = json!({
+        "alpha": {"article": article()},
+        "beta": {"article": article(), "twin": twin},
+        "zeta": {"article": grown},
+    });
+    let refused = app.put("/_project", &body).await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert_eq!(
+        refused.paths(),
+        vec!["/beta/twin/postgresql/table".to_string()],
+        "{}",
+        refused.body
+    );
+    assert_eq!(app.get("/alpha/_project").await.status, 404);
+    assert_eq!(app.get("/beta/_project").await.status, 404);
+    let zeta = app.get("/zeta/_version").await;
+    assert_eq!(
+        zeta.body["versions"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        zeta.body
+    );
+    let unchanged = app.get("/zeta/_project").await;
+    assert_eq!(
+        unchanged.body["blueprints"]["article"],
+        article_normal(),
+        "{}",
+        unchanged.body
+    );
+}
+
 #[tokio::test]
 async fn the_catalog_survives_a_restart() {
     let dir = tempfile::tempdir().unwrap();

@@ -113,6 +113,56 @@ pub fn schema_statements(
     ])
 }
 
+/// Every name a blueprint's table takes in its version's schema, with what it names: the table,
+/// the index of its primary key and of each unique column (named as PostgreSQL first names them),
+/// and dstore's index of each indexed column. Tables and indexes share one namespace there, and
+/// `IF NOT EXISTS` skips a statement whose name is taken, so two blueprints of a version must not
+/// share any of these names (checked when a blueprint is edited).
+pub fn relation_names(blueprint: &Blueprint) -> Vec<(String, String)> {
+    let table = blueprint.table.as_str();
+    let mut names = vec![
+        (table.to_owned(), "its table".to_owned()),
+        (
+            constraint_name(table, None, "pkey"),
+            "its primary key's index".to_owned(),
+        ),
+    ];
+    for (name, column) in &blueprint.columns {
+        if column.def.unique {
+            names.push((
+                constraint_name(table, Some(name.as_str()), "key"),
+                format!("the unique index of column {:?}", name.as_str()),
+            ));
+        }
+        if column.def.index {
+            names.push((
+                derived_name(&[table, name.as_str(), "idx"]),
+                format!("the index of column {:?}", name.as_str()),
+            ));
+        }
+    }
+    names
+}
+
+/// The name PostgreSQL first gives a constraint's index (`makeObjectName`): `table[_column]_label`,
+/// the longer of table and column shortened a byte at a time until the whole fits in 63 bytes.
+fn constraint_name(table: &str, column: Option<&str>, label: &str) -> String {
+    let overhead = label.len() + 1 + usize::from(column.is_some());
+    let available = super::ident::MAX_NAME_BYTES - overhead;
+    let (mut first, mut second) = (table.len(), column.map_or(0, str::len));
+    while first + second > available {
+        if first > second {
+            first -= 1;
+        } else {
+            second -= 1;
+        }
+    }
+    match column {
+        Some(column) => format!("{}_{}_{label}", &table[..first], &column[..second]),
+        None => format!("{}_{label}", &table[..first]),
+    }
+}
+
 /// The statements that create one blueprint's table, its indexes and its comments.
 pub fn table_statements(schema: &str, blueprint: &Blueprint) -> Result<Vec<String>, NameError> {
     let table = qualified(schema, blueprint.table.as_str())?;
@@ -208,6 +258,25 @@ mod tests {
     use crate::catalog::Catalog;
     use crate::projector::conformance;
     use serde_json::json;
+
+    /// Constraint index names follow PostgreSQL's `makeObjectName`: the longer part is shortened
+    /// first until the name fits in 63 bytes.
+    #[test]
+    fn constraint_names_are_shortened_as_postgresql_shortens_them() {
+        assert_eq!(constraint_name("articles", None, "pkey"), "articles_pkey");
+        assert_eq!(
+            constraint_name("articles", Some("slug"), "key"),
+            "articles_slug_key"
+        );
+        let long = "t".repeat(63);
+        assert_eq!(
+            constraint_name(&long, None, "pkey"),
+            format!("{}_pkey", "t".repeat(58))
+        );
+        let name = constraint_name(&long, Some(&"c".repeat(40)), "key");
+        assert_eq!(name, format!("{}_{}_key", "t".repeat(29), "c".repeat(29)));
+        assert_eq!(name.len(), 63);
+    }
 
     fn frozen(body: Value) -> Blueprint {
         let dir = tempfile::tempdir().unwrap();

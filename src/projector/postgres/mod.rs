@@ -18,6 +18,8 @@ mod read;
 mod values;
 mod write;
 
+pub use ddl::relation_names;
+
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
