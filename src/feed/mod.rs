@@ -39,6 +39,11 @@ pub struct Change {
     pub record: Option<ItemRecord>,
 }
 
+/// The item bytes (as stored) past which a page of changes takes no more: a page holds at least
+/// one change, and at most `limit` or as many as reach this, so a page of large items stays a few
+/// MiB whatever `limit` a follower asks for; the next page goes on from its last revision.
+pub const PAGE_BYTES: usize = 8 << 20;
+
 /// Changes after some revision, with the project's horizon (see the module docs).
 #[derive(Debug, Default)]
 pub struct ChangesPage {

@@ -341,7 +341,13 @@ async fn long_poll(
         if !page.entries.is_empty() || Instant::now() >= deadline || *closing.borrow() {
             return Ok(page);
         }
-        since = page.last_revision;
+        if page.last_revision > since {
+            // Every change of the page was one the follower does not see (another blueprint's):
+            // read on at once, letting other requests run between pages.
+            since = page.last_revision;
+            tokio::task::yield_now().await;
+            continue;
+        }
         tokio::select! {
             woken = wake.changed() => if woken.is_err() { return Ok(page) },
             _ = tokio::time::sleep_until(deadline) => {}
@@ -397,6 +403,11 @@ impl Stream {
                         }));
                     }
                     if moved {
+                        // A page the follower saw none of would otherwise read the next at once,
+                        // and a long history without yielding: let other requests run between.
+                        if self.out.is_empty() {
+                            tokio::task::yield_now().await;
+                        }
                         continue;
                     }
                 }

@@ -284,7 +284,8 @@ mod tests {
             write(&storage, &p, a, "a2").await;
             let record = storage.item(&p, &article, &b).await.unwrap().unwrap();
             let snapshot = storage.snapshot();
-            let delete = prepare_delete(&snapshot, &p, &article, b, Some(&record)).unwrap();
+            let delete =
+                prepare_delete(&snapshot, &p, &article, b, Some(record.blueprint_uid)).unwrap();
             let epoch = snapshot.projects[&p].epoch;
             storage.write(&p, epoch, vec![delete]).await.unwrap();
             storage.drop_project(&q).await.unwrap();
@@ -371,7 +372,8 @@ mod tests {
             journal.ack("rocksdb", &others, letters).unwrap();
             let record = storage.item(&p, &article, &x).await.unwrap().unwrap();
             let snapshot = storage.snapshot();
-            let delete = prepare_delete(&snapshot, &p, &article, x, Some(&record)).unwrap();
+            let delete =
+                prepare_delete(&snapshot, &p, &article, x, Some(record.blueprint_uid)).unwrap();
             let epoch = snapshot.projects[&p].epoch;
             storage.write(&p, epoch, vec![delete]).await.unwrap();
             journal.close().await;

@@ -83,12 +83,13 @@ impl Journal {
         options.set_iterate_upper_bound(keys::project_end(project));
         let start = keys::change(project, since.saturating_add(1));
         let mut changes = Vec::new();
+        let mut bytes = 0;
         for entry in snapshot.iterator_cf_opt(
             self.cf(CF_CHANGES),
             options,
             IteratorMode::From(&start, rocksdb::Direction::Forward),
         ) {
-            if changes.len() >= limit {
+            if changes.len() >= limit || bytes >= crate::feed::PAGE_BYTES {
                 break;
             }
             let (key, value) = entry?;
@@ -99,7 +100,10 @@ impl Journal {
             } else {
                 let item = snapshot
                     .get_cf(self.cf(CF_ITEMS), keys::item(project, &blueprint, &id))?
-                    .map(|v| codec::decode_record(&v))
+                    .map(|v| {
+                        bytes += v.len();
+                        codec::decode_record(&v)
+                    })
                     .transpose()?;
                 // The index and the items are written in one batch and read from one snapshot.
                 match item {

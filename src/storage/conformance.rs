@@ -272,8 +272,14 @@ async fn an_item_reads_back_its_latest_state_and_a_delete_removes_it(storage: Ar
         (revision, &json!("second"))
     );
     let snapshot = storage.snapshot();
-    let delete = prepare_delete(&snapshot, &project, &ident("article"), id, Some(&record))
-        .expect("a delete");
+    let delete = prepare_delete(
+        &snapshot,
+        &project,
+        &ident("article"),
+        id,
+        Some(record.blueprint_uid),
+    )
+    .expect("a delete");
     storage
         .write(&project, snapshot.projects[&project].epoch, vec![delete])
         .await
@@ -394,7 +400,7 @@ async fn scanning_pages_through_every_item_of_the_project_once(storage: Arc<dyn 
         &project,
         &ident("article"),
         gone,
-        record.as_ref(),
+        record.as_ref().map(|r| r.blueprint_uid),
     )
     .expect("a delete");
     storage
@@ -488,8 +494,14 @@ async fn delete(storage: &dyn Storage, project: &Ident, id: Uuid) -> u64 {
         .await
         .expect("readable");
     let snapshot = storage.snapshot();
-    let entry = prepare_delete(&snapshot, project, &ident("article"), id, record.as_ref())
-        .expect("a delete");
+    let entry = prepare_delete(
+        &snapshot,
+        project,
+        &ident("article"),
+        id,
+        record.as_ref().map(|r| r.blueprint_uid),
+    )
+    .expect("a delete");
     storage
         .write(project, snapshot.projects[project].epoch, vec![entry])
         .await
@@ -557,6 +569,39 @@ async fn the_feed_keeps_the_latest_change_of_each_item_in_revision_order(
     assert_eq!(storage.changes(&project, 0, 10).await.unwrap().horizon, 0);
 }
 
+/// A page of large items ends once it holds `PAGE_BYTES`, whatever the limit, and the next page
+/// goes on from its last revision: every change is read once.
+async fn a_page_of_changes_is_bounded_in_bytes(storage: Arc<dyn Storage>) {
+    let project = frozen(storage.as_ref()).await;
+    let large = "x".repeat(1 << 20);
+    let mut written = Vec::new();
+    for _ in 0..12 {
+        let id = Uuid::new_v4();
+        write(storage.as_ref(), &project, id, &large).await;
+        written.push(id);
+    }
+    let first = storage.changes(&project, 0, 10_000).await.expect("a page");
+    let count = first.changes.len();
+    assert!(
+        (1..12).contains(&count) && count <= crate::feed::PAGE_BYTES / (1 << 20) + 1,
+        "{count} changes of 1 MiB in one page"
+    );
+    let mut seen: Vec<Uuid> = first.changes.iter().map(|c| c.id).collect();
+    let mut since = first.changes.last().expect("one change").revision;
+    loop {
+        let page = storage
+            .changes(&project, since, 10_000)
+            .await
+            .expect("a page");
+        let Some(last) = page.changes.last() else {
+            break;
+        };
+        since = last.revision;
+        seen.extend(page.changes.iter().map(|c| c.id));
+    }
+    assert_eq!(seen, written);
+}
+
 async fn purged_deletes_and_drops_move_the_horizon(storage: Arc<dyn Storage>) {
     let project = frozen(storage.as_ref()).await;
     let (kept, gone) = (Uuid::new_v4(), Uuid::new_v4());
@@ -622,6 +667,7 @@ macro_rules! every_behaviour {
             scanning_pages_through_every_item_of_the_project_once,
             the_compatibility_setting_forced_freezes_and_version_usage_are_kept,
             the_feed_keeps_the_latest_change_of_each_item_in_revision_order,
+            a_page_of_changes_is_bounded_in_bytes,
             purged_deletes_and_drops_move_the_horizon,
         );
     };

@@ -316,6 +316,8 @@ pub trait Storage: Send + Sync {
 
     /// Up to `limit` changes of a project after revision `since`, in revision order: the latest
     /// change of each item (its state, or its delete), with the project's horizon (see `feed`).
+    /// The page ends early, after at least one change, once its items hold
+    /// [`crate::feed::PAGE_BYTES`].
     async fn changes(
         &self,
         project: &Ident,

@@ -19,10 +19,10 @@ use uuid::Uuid;
 
 pub use prepare::{prepare_delete, prepare_upsert, read_at};
 
-use crate::blueprint::{cap_errors, FieldError, Ident};
+use crate::blueprint::{cap_errors, FieldError, Ident, Uid};
 use crate::bulk::{Action, Operation};
 use crate::catalog::{MigrationState, Project, Snapshot};
-use crate::journal::{Entry, ItemRecord};
+use crate::journal::Entry;
 use crate::storage::{Storage, StorageError};
 
 /// Why a freeze that would lose values is refused.
@@ -119,7 +119,8 @@ pub async fn delete_item(
 ) -> Result<(u64, bool), WriteError> {
     let existing = storage.item(project, blueprint, &id).await?;
     let (revisions, ()) = journal(storage, project, |snapshot| {
-        let entry = prepare_delete(snapshot, project, blueprint, id, existing.as_ref())?;
+        let stored_uid = existing.as_ref().map(|record| record.blueprint_uid);
+        let entry = prepare_delete(snapshot, project, blueprint, id, stored_uid)?;
         Ok((vec![entry], ()))
     })
     .await?;
@@ -135,13 +136,15 @@ pub async fn bulk(
     max_item_bytes: usize,
 ) -> Result<Vec<BulkOutcome>, WriteError> {
     storage.fresh_snapshot(project).await?.project(project)?;
-    // The versions a delete reaches depend on the item's blueprint, read once.
-    let mut existing: Vec<Option<ItemRecord>> = Vec::with_capacity(ops.len());
+    // The versions a delete reaches depend on the blueprint uid the item was stored with, read
+    // once; only the uid is kept, so a body of many deletes holds no item bodies.
+    let mut existing: Vec<Option<Uid>> = Vec::with_capacity(ops.len());
     for op in ops {
         existing.push(match (op.action, &op.blueprint, op.id, &op.error) {
-            (Action::Delete, Some(blueprint), Some(id), None) => {
-                storage.item(project, blueprint, &id).await?
-            }
+            (Action::Delete, Some(blueprint), Some(id), None) => storage
+                .item(project, blueprint, &id)
+                .await?
+                .map(|record| record.blueprint_uid),
             _ => None,
         });
     }
@@ -151,7 +154,7 @@ pub async fn bulk(
             Vec::with_capacity(ops.len());
         for (op, existing) in ops.iter().zip(&existing) {
             outcomes.push(
-                match prepare_op(snapshot, project, op, existing.as_ref(), max_item_bytes) {
+                match prepare_op(snapshot, project, op, *existing, max_item_bytes) {
                     Ok(entry) => {
                         entries.push(entry);
                         Ok(entries.len() - 1)
@@ -174,7 +177,7 @@ fn prepare_op(
     snapshot: &Snapshot,
     project: &Ident,
     op: &Operation,
-    existing: Option<&ItemRecord>,
+    stored_uid: Option<Uid>,
     max_item_bytes: usize,
 ) -> Result<Entry, (u16, Vec<FieldError>)> {
     if let Some(error) = &op.error {
@@ -187,7 +190,7 @@ fn prepare_op(
         ));
     };
     let result = match op.action {
-        Action::Delete => prepare_delete(snapshot, project, blueprint, id, existing),
+        Action::Delete => prepare_delete(snapshot, project, blueprint, id, stored_uid),
         Action::Put | Action::Create => {
             let item = op.parse_item(max_item_bytes)?;
             prepare_upsert(snapshot, project, blueprint, id, &item)

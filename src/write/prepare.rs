@@ -10,7 +10,7 @@ use uuid::Uuid;
 
 use crate::blueprint::check::check_item;
 use crate::blueprint::transform::transform;
-use crate::blueprint::{Blueprint, FieldError, Ident};
+use crate::blueprint::{Blueprint, FieldError, Ident, Uid};
 use crate::catalog::{Project, Snapshot};
 use crate::document::AsFields;
 use crate::journal::task::VersionDoc;
@@ -112,20 +112,22 @@ pub fn prepare_upsert(
 }
 
 /// A delete of `id` from every version that holds the blueprint, retired ones included: a deleted
-/// item must not stay readable in any store.
+/// item must not stay readable in any store. `stored_uid` is the blueprint uid the stored item
+/// was written with, when it exists (only that is needed of it, so a `_bulk` of deletes holds
+/// no item bodies).
 pub fn prepare_delete(
     snapshot: &Snapshot,
     project: &Ident,
     blueprint: &Ident,
     id: Uuid,
-    existing: Option<&ItemRecord>,
+    stored_uid: Option<Uid>,
 ) -> Result<Entry, WriteError> {
     let p = snapshot
         .projects
         .get(project)
         .ok_or_else(|| WriteError::NotFound(format!("project {project:?} does not exist")))?;
-    let uid = match existing {
-        Some(record) => record.blueprint_uid,
+    let uid = match stored_uid {
+        Some(uid) => uid,
         None => newest(p, blueprint)?.1.uid,
     };
     let versions = p.holders(uid);

@@ -181,12 +181,32 @@ fn line_string(value: &Value, min: usize, what: &str) -> Result<geo::LineString<
         .map(geo::LineString::new)
 }
 
+/// The most positions a polygon may have, all its rings together. Checking a polygon compares
+/// each segment of a ring with every other and each hole with every other, so its cost grows with
+/// the square of its size: the bounds keep the check of any polygon to milliseconds (see
+/// `polygon_checks_stay_fast_at_the_bounds`), whatever a client sends.
+pub const MAX_POLYGON_POSITIONS: usize = 1024;
+/// The most linear rings (the shell and its holes) a polygon may have.
+pub const MAX_POLYGON_RINGS: usize = 32;
+
 fn polygon(value: &Value) -> Result<(), String> {
     let Some(rings) = value.as_array() else {
         return Err("Polygon coordinates must be an array of linear rings".into());
     };
     if rings.is_empty() {
         return Err("a Polygon needs at least one linear ring".into());
+    }
+    if rings.len() > MAX_POLYGON_RINGS {
+        return Err(format!(
+            "a Polygon may have at most {MAX_POLYGON_RINGS} linear rings, found {}",
+            rings.len()
+        ));
+    }
+    let positions: usize = rings.iter().map(|r| r.as_array().map_or(0, Vec::len)).sum();
+    if positions > MAX_POLYGON_POSITIONS {
+        return Err(format!(
+            "a Polygon may have at most {MAX_POLYGON_POSITIONS} positions in all its rings, found {positions}"
+        ));
     }
     let mut lines = Vec::with_capacity(rings.len());
     for (i, ring) in rings.iter().enumerate() {
@@ -208,6 +228,62 @@ fn polygon(value: &Value) -> Result<(), String> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A ring of `n` positions on a circle (closed: n - 1 distinct ones), valid and convex, the
+    /// costliest shape for the self-intersection check since no pair is ruled out early.
+    fn circle(n: usize, cx: f64, cy: f64, r: f64) -> Value {
+        let mut ring: Vec<Value> = (0..n - 1)
+            .map(|i| {
+                let a = i as f64 / (n - 1) as f64 * std::f64::consts::TAU;
+                json!([cx + r * a.cos(), cy + r * a.sin()])
+            })
+            .collect();
+        ring.push(ring[0].clone());
+        Value::Array(ring)
+    }
+
+    /// The bounds hold, and a polygon at them is checked in milliseconds, not seconds (the figure
+    /// is printed; a timed assertion would fail on a busy machine, so the bound is generous).
+    #[test]
+    fn polygon_checks_stay_fast_at_the_bounds() {
+        let at_bound = json!({"type": "Polygon", "coordinates": [circle(MAX_POLYGON_POSITIONS, 0.0, 0.0, 10.0)]});
+        let started = std::time::Instant::now();
+        assert!(single(BaseType::Polygon, &at_bound).is_ok());
+        let shell = started.elapsed();
+        let mut rings = vec![circle(
+            MAX_POLYGON_POSITIONS - 4 * (MAX_POLYGON_RINGS - 1),
+            0.0,
+            0.0,
+            80.0,
+        )];
+        for i in 0..MAX_POLYGON_RINGS - 1 {
+            let (x, y) = ((i % 8) as f64 * 10.0 - 35.0, (i / 8) as f64 * 10.0 - 35.0);
+            rings.push(json!([[x, y], [x + 1.0, y], [x + 1.0, y + 1.0], [x, y]]));
+        }
+        let holes = json!({"type": "Polygon", "coordinates": rings});
+        let started = std::time::Instant::now();
+        assert_eq!(single(BaseType::Polygon, &holes).map(|_| ()), Ok(()));
+        let with_holes = started.elapsed();
+        println!(
+            "a polygon at the bounds: one ring {shell:?}, {MAX_POLYGON_RINGS} rings {with_holes:?}"
+        );
+        let over = json!({"type": "Polygon", "coordinates": [circle(MAX_POLYGON_POSITIONS + 1, 0.0, 0.0, 10.0)]});
+        let error = single(BaseType::Polygon, &over).unwrap_err();
+        assert!(error.contains("at most 1024 positions"), "{error}");
+        let mut many = rings.clone();
+        many.push(json!([
+            [40.0, 40.0],
+            [41.0, 40.0],
+            [41.0, 41.0],
+            [40.0, 40.0]
+        ]));
+        let error = single(
+            BaseType::Polygon,
+            &json!({"type": "Polygon", "coordinates": many}),
+        )
+        .unwrap_err();
+        assert!(error.contains("at most 32 linear rings"), "{error}");
+    }
 
     #[test]
     fn rings_close_by_number_and_bow_ties_are_refused() {

@@ -177,34 +177,71 @@ fn integer(value: &Value) -> Result<Value, String> {
 fn float(value: &Value) -> Result<Value, String> {
     match value {
         Value::Number(n) => match n.as_f64() {
-            Some(f) if f.is_finite() && f.abs() <= f32::MAX as f64 => Ok(value.clone()),
+            // A 32-bit float must hold it: PostgreSQL's `real` refuses a value that overflows
+            // or that rounds to zero from a non-zero one.
+            Some(f) if f.is_finite() && f.abs() <= f32::MAX as f64 => {
+                if f != 0.0 && f as f32 == 0.0 {
+                    return Err(format!(
+                        "{n} is too close to zero for a float (it rounds to 0)"
+                    ));
+                }
+                Ok(value.clone())
+            }
             _ => Err(format!("{n} is out of the float range")),
         },
         other => Err(format!("expected a number, found {}", kind(other))),
     }
 }
 
-/// Parses `YYYY-MM-DD`.
-pub fn parse_date(raw: &str) -> Result<NaiveDate, String> {
-    NaiveDate::parse_from_str(raw, "%Y-%m-%d")
-        .map_err(|_| format!("{:?} is not a date; expected YYYY-MM-DD", excerpt_str(raw)))
+/// The years an item's dates and datetimes (in UTC) may name: those every store reads back as
+/// written. PostgreSQL's text input has no year 0 (1 BC is `0001-01-01 BC`), and years past 9999
+/// or before year 1 are not four-digit years, which Elasticsearch's default date format expects.
+pub const YEARS: std::ops::RangeInclusive<i32> = 1..=9999;
+
+fn check_year(year: i32, raw: &str) -> Result<(), String> {
+    if YEARS.contains(&year) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{:?} is out of range: the year must be 0001 to 9999",
+            excerpt_str(raw)
+        ))
+    }
 }
 
-/// Parses RFC 3339 or `YYYY-MM-DD[ HH:MM:SS[.fff]]` (also with `T`); no offset means UTC.
+/// Parses `YYYY-MM-DD`, a year of [`YEARS`].
+pub fn parse_date(raw: &str) -> Result<NaiveDate, String> {
+    use chrono::Datelike;
+    let date = NaiveDate::parse_from_str(raw, "%Y-%m-%d")
+        .map_err(|_| format!("{:?} is not a date; expected YYYY-MM-DD", excerpt_str(raw)))?;
+    check_year(date.year(), raw)?;
+    Ok(date)
+}
+
+/// Parses RFC 3339 or `YYYY-MM-DD[ HH:MM:SS[.fff]]` (also with `T`); no offset means UTC. The year,
+/// in UTC, must be one of [`YEARS`].
 pub fn parse_datetime(raw: &str) -> Result<DateTime<Utc>, String> {
+    use chrono::Datelike;
     if let Some(t) = plain_datetime(raw) {
         return Ok(t);
     }
-    if let Ok(t) = DateTime::parse_from_rfc3339(raw) {
-        return Ok(t.with_timezone(&Utc));
-    }
-    for format in ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"] {
-        if let Ok(t) = NaiveDateTime::parse_from_str(raw, format) {
-            return Ok(t.and_utc());
-        }
-    }
-    if let Ok(d) = NaiveDate::parse_from_str(raw, "%Y-%m-%d") {
-        return Ok(d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc());
+    let parsed = DateTime::parse_from_rfc3339(raw)
+        .map(|t| t.with_timezone(&Utc))
+        .ok()
+        .or_else(|| {
+            ["%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%dT%H:%M:%S%.f"]
+                .iter()
+                .find_map(|format| NaiveDateTime::parse_from_str(raw, format).ok())
+                .map(|t| t.and_utc())
+        })
+        .or_else(|| {
+            NaiveDate::parse_from_str(raw, "%Y-%m-%d")
+                .ok()
+                .map(|d| d.and_hms_opt(0, 0, 0).expect("midnight exists").and_utc())
+        });
+    if let Some(t) = parsed {
+        check_year(t.year(), raw)?;
+        return Ok(t);
     }
     Err(format!(
         "{:?} is not a datetime; expected RFC 3339 or YYYY-MM-DD[ HH:MM:SS]",
@@ -212,7 +249,8 @@ pub fn parse_datetime(raw: &str) -> Result<DateTime<Utc>, String> {
     ))
 }
 
-/// `YYYY-MM-DD HH:MM:SS` (or with `T`), the most common input, without chrono's format parser.
+/// `YYYY-MM-DD HH:MM:SS` (or with `T`), the most common input, without chrono's format parser;
+/// `None` for year 0 too, which [`parse_datetime`] then refuses.
 fn plain_datetime(raw: &str) -> Option<DateTime<Utc>> {
     let b = raw.as_bytes();
     if b.len() != 19 || b[4] != b'-' || b[7] != b'-' || !matches!(b[10], b' ' | b'T') {
@@ -226,7 +264,8 @@ fn plain_datetime(raw: &str) -> Option<DateTime<Utc>> {
             c.is_ascii_digit().then(|| n * 10 + u32::from(c - b'0'))
         })
     };
-    let date = NaiveDate::from_ymd_opt(number(0, 4)? as i32, number(5, 7)?, number(8, 10)?)?;
+    let year = number(0, 4).filter(|&year| year > 0)?;
+    let date = NaiveDate::from_ymd_opt(year as i32, number(5, 7)?, number(8, 10)?)?;
     let time = date.and_hms_opt(number(11, 13)?, number(14, 16)?, number(17, 19)?)?;
     Some(time.and_utc())
 }
@@ -315,6 +354,58 @@ mod tests {
             let expected = parse_datetime(&raw).map(|t| Value::String(format_datetime(&t)));
             proptest::prop_assert_eq!(one(BaseType::DateTime, json!(raw)), expected);
         }
+    }
+
+    /// Every store reads a date back as written only for years 0001 to 9999 (in UTC for a
+    /// datetime); a float must not round to zero in 32 bits from a non-zero value.
+    #[test]
+    fn dates_keep_to_four_digit_years_and_floats_to_what_32_bits_hold() {
+        for ok in ["0001-01-01", "9999-12-31"] {
+            assert_eq!(one(BaseType::Date, json!(ok)), Ok(json!(ok)));
+        }
+        for refused in ["0000-01-01", "-0001-01-01", "+10000-01-01", "10000-01-01"] {
+            let error = one(BaseType::Date, json!(refused)).unwrap_err();
+            assert!(
+                error.contains("year") || error.contains("not a date"),
+                "{refused}: {error}"
+            );
+        }
+        assert!(one(BaseType::Date, json!("0000-01-01"))
+            .unwrap_err()
+            .contains("0001 to 9999"));
+        for ok in [
+            "0001-01-01 00:00:00",
+            "9999-12-31T23:59:59",
+            "0001-01-01T00:30:00-01:00",
+        ] {
+            assert!(one(BaseType::DateTime, json!(ok)).is_ok(), "{ok}");
+        }
+        for refused in [
+            "0000-06-01 12:00:00",
+            "0000-06-01T12:00:00Z",
+            "0001-01-01T00:30:00+01:00",
+            "9999-12-31T23:30:00-01:00",
+            "+12345-01-01 00:00:00",
+            "0000-01-01",
+        ] {
+            let error = one(BaseType::DateTime, json!(refused)).unwrap_err();
+            assert!(error.contains("0001 to 9999"), "{refused}: {error}");
+        }
+        for ok in [
+            json!(0.0),
+            json!(-0.0),
+            json!(1e-40),
+            json!(-1.5e-45),
+            json!(3.4e38),
+        ] {
+            assert_eq!(one(BaseType::Float, ok.clone()), Ok(ok));
+        }
+        for refused in [json!(1e-50), json!(-5e-324), json!(3.5e38)] {
+            assert!(one(BaseType::Float, refused.clone()).is_err(), "{refused}");
+        }
+        assert!(one(BaseType::Float, json!(1e-50))
+            .unwrap_err()
+            .contains("rounds to 0"));
     }
 
     #[test]

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
+use futures::TryStreamExt;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 use sqlx::{Executor, Row};
 use tokio::sync::{mpsc, Notify};
@@ -652,7 +653,8 @@ impl Storage for PgStorage {
     ) -> Result<ChangesPage, StorageError> {
         // Items and tombstones in one statement, so one snapshot: revisions of a project commit
         // in order, so a change below one seen here is never committed later.
-        let rows = sqlx::query(
+        // Rows are read as they come, so a page that reaches `PAGE_BYTES` holds no more.
+        let mut rows = sqlx::query(
             "SELECT revision, blueprint, id, record FROM ( \
                (SELECT revision, blueprint, id, record FROM items \
                  WHERE project = $1 AND revision > $2 ORDER BY revision LIMIT $3) \
@@ -664,23 +666,23 @@ impl Storage for PgStorage {
         .bind(project.as_str())
         .bind(since.min(i64::MAX as u64) as i64)
         .bind(limit.min(i64::MAX as usize) as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| unavailable("read the change feed", &e))?;
-        // Read after the changes: a purge in between only makes the horizon stricter.
-        let horizon: Option<i64> =
-            sqlx::query_scalar("SELECT horizon FROM projects WHERE name = $1")
-                .bind(project.as_str())
-                .fetch_optional(&self.pool)
+        .fetch(&self.pool);
+        let mut changes = Vec::new();
+        let mut bytes = 0;
+        while bytes < crate::feed::PAGE_BYTES {
+            let Some(row) = rows
+                .try_next()
                 .await
-                .map_err(|e| unavailable("read the change feed", &e))?;
-        let mut changes = Vec::with_capacity(rows.len());
-        for row in rows {
+                .map_err(|e| unavailable("read the change feed", &e))?
+            else {
+                break;
+            };
             let blueprint: String = row.get("blueprint");
             let Ok(blueprint) = Ident::parse(&blueprint) else {
                 continue;
             };
             let record: Option<Vec<u8>> = row.get("record");
+            bytes += record.as_ref().map_or(0, Vec::len);
             changes.push(crate::feed::Change {
                 revision: row.get::<i64, _>("revision") as u64,
                 blueprint,
@@ -690,6 +692,14 @@ impl Storage for PgStorage {
                     .transpose()?,
             });
         }
+        drop(rows);
+        // Read after the changes: a purge in between only makes the horizon stricter.
+        let horizon: Option<i64> =
+            sqlx::query_scalar("SELECT horizon FROM projects WHERE name = $1")
+                .bind(project.as_str())
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(|e| unavailable("read the change feed", &e))?;
         Ok(ChangesPage {
             changes,
             horizon: horizon.unwrap_or(0) as u64,
