@@ -390,6 +390,7 @@ async fn open_journal(
         .map_err(failed)?;
     journal.keep_keyspaces().await.map_err(failed)?;
     journal.resume_backfills().map_err(failed)?;
+    journal.finish_drops().await.map_err(failed)?;
     journal.reconcile().await.map_err(failed)?;
     journal.upgrade_layout().await.map_err(failed)?;
     Ok(journal)

@@ -71,6 +71,12 @@ fn status_key(name: &Ident, number: u32) -> String {
     format!("status/{name}/{number:010}")
 }
 
+/// The mark of a drop the catalog has made and the journal may not have yet (see
+/// [`Catalog::delete_project`]).
+fn drop_key(name: &Ident) -> String {
+    format!("dropping/{name}")
+}
+
 impl Catalog {
     pub fn open(path: &Path) -> Result<Catalog, CatalogError> {
         // Memory: the catalog also holds the audit log, one entry per write request, so its
@@ -102,10 +108,12 @@ impl Catalog {
         let _guard = self.writer.lock().expect("catalog writer poisoned");
         let current = self.snapshot();
         let mut writes = Vec::new();
+        let mut made = false;
         let mut project = match current.projects.get(name) {
             Some(project) => Project::clone(project),
             None if create => {
                 writes.push(Write::WorkingCopy);
+                made = true;
                 Project::new(name.clone())
             }
             None => {
@@ -116,6 +124,11 @@ impl Catalog {
         };
         let result = edit(&mut project, &mut writes)?;
         let mut batch = WriteBatch::default();
+        if made {
+            // A name made again is the new project's: the mark of an earlier drop goes (that
+            // drop's journal batch is written, or being written by the journal's writer now).
+            batch.delete(drop_key(name));
+        }
         let epoch_moves = writes.iter().any(|w| w.moves_epoch());
         for write in &writes {
             match write {
@@ -277,12 +290,16 @@ impl Catalog {
         self.commit(batch)
     }
 
-    /// Forgets a project and all its versions.
+    /// Forgets a project and all its versions, and marks the drop as pending in the same write:
+    /// the journal's batch that removes the project's items and queues its removal from every
+    /// store comes after, so a crash in between leaves the mark, and the next start finishes the
+    /// drop ([`Catalog::pending_drops`]). The journal clears the mark once its batch is written.
     pub fn delete_project(&self, name: &Ident) -> Result<(), CatalogError> {
         let _guard = self.writer.lock().expect("catalog writer poisoned");
         let current = self.snapshot();
         current.project(name)?;
         let mut batch = WriteBatch::default();
+        batch.put(drop_key(name), b"");
         batch.delete(project_key(name));
         for prefix in ["version", "status"] {
             let from = format!("{prefix}/{name}/");
@@ -295,6 +312,34 @@ impl Catalog {
         next.projects.remove(name);
         *self.snapshot.write().expect("catalog lock poisoned") = Arc::new(next);
         Ok(())
+    }
+}
+
+impl Catalog {
+    /// The projects whose drop the catalog made and the journal has not confirmed (see
+    /// [`Catalog::delete_project`]).
+    pub fn pending_drops(&self) -> Result<Vec<Ident>, CatalogError> {
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(b"dropping0".to_vec());
+        let mut out = Vec::new();
+        for entry in self.db.iterator_opt(
+            rocksdb::IteratorMode::From(b"dropping/", rocksdb::Direction::Forward),
+            options,
+        ) {
+            let (key, _) = entry?;
+            if let Ok(name) = Ident::parse(&String::from_utf8_lossy(&key["dropping/".len()..])) {
+                out.push(name);
+            }
+        }
+        Ok(out)
+    }
+
+    /// Clears the mark of a drop the journal has written.
+    pub fn drop_done(&self, name: &Ident) -> Result<(), CatalogError> {
+        let _guard = self.writer.lock().expect("catalog writer poisoned");
+        let mut batch = WriteBatch::default();
+        batch.delete(drop_key(name));
+        self.commit(batch)
     }
 }
 

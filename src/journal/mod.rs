@@ -632,8 +632,32 @@ impl Journal {
 
     /// Forgets a project in the catalog and the journal and queues its removal from every store.
     pub async fn drop_project(&self, project: Ident) -> Result<u64, JournalError> {
-        self.send(|reply| Command::DropProject { project, reply })
-            .await
+        self.send(|reply| Command::DropProject {
+            project,
+            again: false,
+            reply,
+        })
+        .await
+    }
+
+    /// Finishes the drops the catalog made and the journal did not write (a crash between the
+    /// two): the project's items, feed and keyspaces go and its removal from every store is
+    /// queued, as the drop would have done. Run at start, before any request.
+    pub async fn finish_drops(&self) -> Result<(), JournalError> {
+        for project in self.catalog.pending_drops()? {
+            if self.catalog.snapshot().projects.contains_key(&project) {
+                self.catalog.drop_done(&project)?;
+                continue;
+            }
+            tracing::warn!(%project, "finishing the drop of a project a crash interrupted");
+            self.send(|reply| Command::DropProject {
+                project,
+                again: true,
+                reply,
+            })
+            .await?;
+        }
+        Ok(())
     }
 
     /// Purges tombstones written before `before_millis`; answers how many went.
@@ -1142,6 +1166,60 @@ mod tests {
         assert_eq!((kind(1, &b), title(1, &b)), (DOCUMENT, "b2".into()));
         assert_eq!((kind(2, &b), title(2, &b)), (RECORD, "b3".into()));
         assert_eq!(keyspaces.count(&project, 1, &article), 2);
+        journal.close().await;
+    }
+
+    /// A crash after the catalog forgot a project and before the journal's batch was written
+    /// leaves the drop's mark: the next start finishes it (items gone, the drop queued for every
+    /// store, the mark cleared).
+    #[tokio::test]
+    async fn a_drop_the_journal_did_not_write_is_finished_at_the_next_start() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec!["store"]).await;
+        let snapshot = storage.snapshot();
+        let body = json!({"project_version": 1, "title": "kept by mistake"});
+        let id = Uuid::new_v4();
+        let entry = prepare_upsert(&snapshot, &project, &article, id, &body).unwrap();
+        let epoch = snapshot.projects[&project].epoch;
+        storage.write(&project, epoch, vec![entry]).await.unwrap();
+        // The catalog's half of a drop, as a crash would leave it.
+        journal.catalog.delete_project(&project).unwrap();
+        assert_eq!(
+            journal.catalog.pending_drops().unwrap(),
+            vec![project.clone()]
+        );
+        assert!(journal.item(&project, &article, &id).unwrap().is_some());
+
+        journal.finish_drops().await.unwrap();
+        assert!(journal.item(&project, &article, &id).unwrap().is_none());
+        assert!(journal.changes(&project, 0, 10).unwrap().changes.is_empty());
+        let queued = journal.pending("store", 100).unwrap();
+        assert!(
+            queued
+                .iter()
+                .any(|t| matches!(t.op, TaskOp::DropProject) && t.project == project),
+            "{queued:?}"
+        );
+        assert!(journal.catalog.pending_drops().unwrap().is_empty());
+
+        // A drop written whole leaves no mark, and the name can be made again.
+        let blueprint = json!({"postgresql": {"table": "articles"},
+            "elasticsearch": {"type": "article"}, "columns": {"title": {"type": "string"}}});
+        storage
+            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
+            .await
+            .unwrap();
+        storage.drop_project(&project).await.unwrap();
+        assert!(journal.catalog.pending_drops().unwrap().is_empty());
+        storage
+            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
+            .await
+            .unwrap();
         journal.close().await;
     }
 }

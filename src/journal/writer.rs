@@ -79,9 +79,7 @@ pub enum Command {
     },
     /// Starts keeping the local keyspaces when they are not current: empties them, rebuilds every
     /// live version into them by back-fills, and records them as kept in the same batch.
-    KeepKeyspaces {
-        reply: Reply<()>,
-    },
+    KeepKeyspaces { reply: Reply<()> },
     /// Starts (again) the back-fill of a version whose state is missing.
     StartBackfill {
         project: Ident,
@@ -90,6 +88,8 @@ pub enum Command {
     },
     DropProject {
         project: Ident,
+        /// Finishing a drop the catalog has made already (a start after a crash in between).
+        again: bool,
         reply: Reply<u64>,
     },
     Backfill {
@@ -524,12 +524,19 @@ impl Writer {
                 answers,
                 after,
                 touched,
+                dropped,
                 ..
             } = stage;
             room = batch.size_in_bytes();
             let result = self.db.write_opt(batch, &options);
             if result.is_ok() {
                 self.last_seq.store(seq, Ordering::Release);
+                for project in &dropped {
+                    if let Err(error) = self.catalog.drop_done(project) {
+                        // The next start finishes the drop again: harmless.
+                        tracing::warn!(%error, %project, "cannot clear the mark of a written drop");
+                    }
+                }
             } else {
                 tracing::error!(error = ?result, "journal batch write failed");
             }
@@ -692,8 +699,17 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 .put_cf(meta, keys::LAYOUT, super::LAYOUT.to_be_bytes());
             stage.answers.push(answer(reply, ()));
         }
-        Command::DropProject { project, reply } => {
-            if let Err(e) = stage.writer.catalog.delete_project(&project) {
+        Command::DropProject {
+            project,
+            again,
+            reply,
+        } => {
+            let forgotten = if again {
+                Ok(())
+            } else {
+                stage.writer.catalog.delete_project(&project)
+            };
+            if let Err(e) = forgotten {
                 let _ = reply.send(Err(e.into()));
                 return;
             }
@@ -807,7 +823,16 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 // would bring the items back into a project made again), or it was retried already.
                 let present = !stage.dropped.contains(&task.project)
                     && matches!(stage.writer.db.get_pinned_cf(dead, &key), Ok(Some(_)));
-                if !present {
+                // A drop's letter is an earlier project's once the name is made again: retried,
+                // it would remove the new project from the store. It stays, for an operator.
+                let made_again = matches!(task.op, TaskOp::DropProject)
+                    && stage
+                        .writer
+                        .catalog
+                        .snapshot()
+                        .projects
+                        .contains_key(&task.project);
+                if !present || made_again {
                     continue;
                 }
                 count += 1;

@@ -481,11 +481,13 @@ async fn geometry_arrays_take_multi_objects_and_arrays_and_polygons_must_be_vali
 }
 
 /// A projector that fails the migrations of projects named `bad*` and panics on items titled
-/// `boom`; it counts what it applied.
+/// `boom`, and refuses drops while told to; it counts what it applied and dropped.
 #[derive(Clone, Default)]
 struct Picky {
     applied: Arc<AtomicUsize>,
     fail_migrations: Arc<Mutex<bool>>,
+    refuse_drops: Arc<Mutex<bool>>,
+    dropped: Arc<AtomicUsize>,
 }
 
 #[async_trait]
@@ -523,6 +525,12 @@ impl Projector for Picky {
     }
 
     async fn drop_project(&self, _project: &Ident) -> Result<(), ProjectorError> {
+        if *self.refuse_drops.lock().unwrap() {
+            return Err(ProjectorError::permanent(
+                "the store refuses to drop this project",
+            ));
+        }
+        self.dropped.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }
 
@@ -705,6 +713,43 @@ async fn deleting_a_project_removes_its_dead_letters() {
         app.get("/_dead_letters").await.body["dead_letters"],
         json!([])
     );
+    app.stop().await;
+}
+
+/// A drop a store refused is a dead letter; once the name is made again, retrying it would remove
+/// the new project from the store, so it is not retried; dropping the name again removes it.
+#[tokio::test]
+async fn a_refused_drop_is_not_retried_into_a_project_made_again() {
+    let picky = Picky::default();
+    let app = spawn_app_with_projectors(|_| {}, vec![Arc::new(picky.clone())]).await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    *picky.refuse_drops.lock().unwrap() = true;
+    assert_eq!(app.delete("/myblog/_project").await.status, 200);
+    let letters = || async { app.get("/_dead_letters").await.body["dead_letters"].clone() };
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while letters().await.as_array().is_none_or(Vec::is_empty) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the refused drop became no dead letter"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    *picky.refuse_drops.lock().unwrap() = false;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let retry = app.post("/_dead_letters/_retry", None).await;
+    assert_eq!(retry.status, 200, "{}", retry.body);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(picky.dropped.load(Ordering::SeqCst), 0);
+    assert_eq!(letters().await.as_array().map(Vec::len), Some(1));
+    // Dropped again, the project goes from the store, and the old letter with it.
+    assert_eq!(app.delete("/myblog/_project").await.status, 200);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while picky.dropped.load(Ordering::SeqCst) < 1
+        || !letters().await.as_array().is_some_and(Vec::is_empty)
+    {
+        assert!(std::time::Instant::now() < deadline, "{}", letters().await);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     app.stop().await;
 }
 

@@ -188,6 +188,18 @@ pub async fn lock_project(
     Ok((project, loaded.stamp))
 }
 
+/// Locks a dropped project's row (its revisions' counter) for the transaction; answers false when
+/// the project is live (made again) or has never been.
+pub async fn lock_dropped(tx: &mut PgConnection, name: &Ident) -> Result<bool, StorageError> {
+    let live: Option<bool> =
+        sqlx::query_scalar("SELECT live FROM projects WHERE name = $1 FOR UPDATE")
+            .bind(name.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(|e| unavailable("read a project", &e))?;
+    Ok(live == Some(false))
+}
+
 /// Persists what an edit wrote; moves the project's epoch when its live versions changed. Answers
 /// the project's new stamp (`stamp`, unchanged, when nothing was written).
 pub async fn persist(

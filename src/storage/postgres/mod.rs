@@ -903,10 +903,16 @@ impl Storage for PgStorage {
                 .begin()
                 .await
                 .map_err(|e| unavailable("begin a retry", &e))?;
-            if catalog::lock_project(&mut tx, &project_name, false)
-                .await
-                .is_err()
-            {
+            // An item's or a migration's letter needs its project; a drop's needs it dropped still
+            // (made again, the name is another project's, which the drop would remove).
+            let locked = if matches!(task.op, TaskOp::DropProject) {
+                catalog::lock_dropped(&mut tx, &project_name).await?
+            } else {
+                catalog::lock_project(&mut tx, &project_name, false)
+                    .await
+                    .is_ok()
+            };
+            if !locked {
                 continue;
             }
             let next = Self::next_revisions(&mut tx, &project_name, 1).await?;

@@ -5,7 +5,10 @@
 //! node and are not held back, with `FOR UPDATE SKIP LOCKED`, so two nodes never claim the same one.
 //! It applies the project's next tasks by the shared [`step`] rule and moves the cursor — only while it
 //! still holds the lease, so a node that lost its lease (it stalled past [`LEASE`]) changes nothing; its
-//! writes to the store were idempotent. A dead node's leases expire and another node takes over. A
+//! writes to the store were idempotent. Before each batch it renews a lease older than half of
+//! [`LEASE`] and reads the cursor again, so a project claimed with others and reached late, after
+//! its lease lapsed and another node went on, is never projected from a stale cursor (a drop or a
+//! migration replayed into a project made again since). A dead node's leases expire and another node takes over. A
 //! failed step holds the project back with its own backoff; the other projects go on.
 
 use std::sync::Arc;
@@ -60,12 +63,17 @@ pub async fn run(
             }
             continue;
         }
+        let claimed_at = tokio::time::Instant::now();
         for (project, cursor) in claimed {
             if *shutdown.borrow() {
                 break;
             }
+            let lease = Lease {
+                renewed: claimed_at,
+                cursor,
+            };
             if let Err(error) =
-                work(&storage, projector.as_ref(), &project, cursor, batch_size).await
+                work(&storage, projector.as_ref(), &project, lease, batch_size).await
             {
                 tracing::warn!(projector = name, %project, %error, "projection failed; the project is retried later");
             }
@@ -116,17 +124,55 @@ async fn release(storage: &PgStorage, projector: &str) {
     .await;
 }
 
-/// Applies the next tasks of one project after `cursor`, until it is caught up, the lease is lost
-/// or a step fails.
+/// A claimed cursor: its revision and when its lease was last made or renewed.
+struct Lease {
+    renewed: tokio::time::Instant,
+    cursor: u64,
+}
+
+/// Renews this node's lease of a cursor; answers the cursor's revision, `None` when the lease
+/// was lost to another node.
+async fn renew(
+    storage: &PgStorage,
+    projector: &str,
+    project: &Ident,
+) -> Result<Option<u64>, StorageError> {
+    let revision: Option<i64> = sqlx::query_scalar(
+        "UPDATE cursors SET lease_until = now() + make_interval(secs => $4)          WHERE projector = $1 AND project = $2 AND lease_owner = $3 RETURNING revision",
+    )
+    .bind(projector)
+    .bind(project.as_str())
+    .bind(storage.node())
+    .bind(LEASE.as_secs_f64())
+    .fetch_optional(storage.pool())
+    .await
+    .map_err(|e| unavailable("renew a lease", &e))?;
+    Ok(revision.map(|r| r as u64))
+}
+
+/// Applies the next tasks of one project after the leased cursor, until it is caught up, the
+/// lease is lost or a step fails.
 async fn work(
     storage: &PgStorage,
     projector: &dyn Projector,
     project: &Ident,
-    mut cursor: u64,
+    lease: Lease,
     batch_size: usize,
 ) -> Result<(), StorageError> {
     let name = projector.name();
+    let Lease {
+        mut renewed,
+        mut cursor,
+    } = lease;
     loop {
+        if renewed.elapsed() > LEASE / 2 {
+            let Some(revision) = renew(storage, name, project).await? else {
+                tracing::info!(projector = name, %project, "lease lost to another node; leaving the project to it");
+                return Ok(());
+            };
+            // Every way on from here settles (which renews again) or returns.
+            cursor = cursor.max(revision);
+        }
         let (tasks, mut last_read, poison) =
             read(storage, name, project, cursor, batch_size).await?;
         if tasks.is_empty() && poison.is_empty() {
@@ -161,6 +207,7 @@ async fn work(
         if !settle(storage, name, project, last_read, dead).await? {
             return Ok(());
         }
+        renewed = tokio::time::Instant::now();
         storage.note_applied(name, applied, failed);
         cursor = last_read;
         if let Some(error) = step.retry {
