@@ -67,7 +67,7 @@ fn server_url() -> String {
         .to_owned()
 }
 
-async fn connect(url: &str) -> sqlx::PgConnection {
+pub(crate) async fn connect(url: &str) -> sqlx::PgConnection {
     use sqlx::Connection;
     sqlx::PgConnection::connect(url).await.unwrap_or_else(|e| {
         panic!(
@@ -78,7 +78,7 @@ async fn connect(url: &str) -> sqlx::PgConnection {
 }
 
 /// The database the storage tests share (each in its own schema), made when missing.
-async fn test_database() -> String {
+pub(crate) async fn test_database() -> String {
     let name = "dstore_storage_tests";
     let mut admin = connect(&format!("{}/postgres", server_url())).await;
     let exists: bool =

@@ -254,6 +254,33 @@ async fn a_long_poll_answers_at_the_next_change_or_when_its_timeout_passes() {
     assert!(waited < Duration::from_secs(10), "{waited:?}");
 }
 
+/// A long poll filtered to one blueprint reads on past pages of other blueprints' changes at
+/// once: it answers with the matching change in the backlog, not an empty page at its timeout.
+#[tokio::test]
+async fn a_filtered_long_poll_reads_past_other_blueprints_changes() {
+    let app = spawn_app().await;
+    project(&app).await;
+    let tag = json!({"postgresql": {"table": "tags"}, "elasticsearch": {"type": "tag"},
+        "columns": {"name": {"type": "string"}}});
+    app.put_and_freeze("p", "tag", &tag).await;
+    for _ in 0..3 {
+        put(&app, Uuid::new_v4(), "not followed").await;
+    }
+    let answer = app
+        .put(
+            &format!("/p/tag/{}", Uuid::new_v4()),
+            &json!({"project_version": 2, "name": "followed"}),
+        )
+        .await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let tagged = answer.body["revision"].as_u64().unwrap();
+    let page = app
+        .get("/p/_changes?feed=longpoll&blueprint=tag&limit=1&since=0&timeout=20")
+        .await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert_eq!(revisions(&page.body), vec![tagged], "{}", page.body);
+}
+
 #[tokio::test]
 async fn sse_followers_get_every_change_once_and_resume_from_last_event_id() {
     let app = spawn_app().await;

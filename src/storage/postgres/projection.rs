@@ -366,3 +366,152 @@ async fn hold(
     .map_err(|e| unavailable("hold a project back", &e))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+    use serde_json::{json, Value};
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::blueprint::parse_blueprint;
+    use crate::catalog::{Snapshot, Version};
+    use crate::config::ProjectionSettings;
+    use crate::projector::{Health, Outcome, ProjectorError};
+    use crate::storage::conformance::{connect, test_database};
+    use crate::storage::postgres::PgStorageSettings;
+
+    /// Counts every task, migration and drop it is given.
+    #[derive(Default)]
+    struct Counting(AtomicUsize);
+
+    #[async_trait]
+    impl Projector for Counting {
+        fn name(&self) -> &'static str {
+            "counting"
+        }
+        async fn migrate(&self, _: &Ident, _: &Version) -> Result<(), ProjectorError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn apply(
+            &self,
+            _: &Snapshot,
+            tasks: &[Task],
+        ) -> Result<Vec<Outcome>, ProjectorError> {
+            self.0.fetch_add(tasks.len(), Ordering::SeqCst);
+            Ok(tasks.iter().map(|_| Ok(())).collect())
+        }
+        async fn drop_project(&self, _: &Ident) -> Result<(), ProjectorError> {
+            self.0.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+        async fn read(
+            &self,
+            _: &Ident,
+            _: u32,
+            _: &Ident,
+            _: &Uuid,
+        ) -> Result<Option<Value>, ProjectorError> {
+            Ok(None)
+        }
+        async fn health(&self) -> Health {
+            Health {
+                reachable: true,
+                detail: "test double".into(),
+            }
+        }
+    }
+
+    /// A cursor claimed with others and reached after its lease lapsed, once another node has
+    /// taken it and gone on: nothing is applied from the stale cursor. With the lease fresh, the
+    /// same node applies its tasks.
+    #[tokio::test]
+    async fn a_cursor_reached_after_its_lease_lapsed_is_left_to_the_node_that_took_it() {
+        let schema = format!("t_{}", Uuid::new_v4().simple());
+        let storage = PgStorage::open(PgStorageSettings {
+            url: test_database().await.into(),
+            schema: schema.clone(),
+            node: "late".into(),
+            projectors: vec!["counting"],
+            projection: ProjectionSettings::default(),
+        })
+        .await
+        .expect("the postgresql storage opens");
+        let project = Ident::parse("p").unwrap();
+        let article = Ident::parse("article").unwrap();
+        let blueprint = json!({"postgresql": {"table": "articles"},
+            "elasticsearch": {"type": "article"}, "columns": {"title": {"type": "string"}}});
+        storage
+            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
+            .await
+            .unwrap();
+        storage.freeze(&project, false).await.unwrap();
+        let snapshot = storage.snapshot();
+        let body = json!({"project_version": 1, "title": "t"});
+        let entry =
+            crate::write::prepare_upsert(&snapshot, &project, &article, Uuid::new_v4(), &body)
+                .unwrap();
+        let epoch = snapshot.projects[&project].epoch;
+        storage.write(&project, epoch, vec![entry]).await.unwrap();
+
+        let claimed = claim(&storage, "counting").await.unwrap();
+        assert_eq!(claimed.len(), 1);
+        let (_, cursor) = claimed[0].clone();
+        // Another node took the lapsed lease and projected everything.
+        sqlx::query(
+            "UPDATE cursors SET lease_owner = 'other', lease_until = now() + interval '10 seconds', \
+                 revision = (SELECT revision FROM projects WHERE name = 'p') \
+             WHERE projector = 'counting' AND project = 'p'",
+        )
+        .execute(storage.pool())
+        .await
+        .unwrap();
+        let counting = Counting::default();
+        let lapsed = Lease {
+            renewed: tokio::time::Instant::now()
+                .checked_sub(LEASE)
+                .expect("the clock is past one lease"),
+            cursor,
+        };
+        work(&storage, &counting, &project, lapsed, 100)
+            .await
+            .unwrap();
+        assert_eq!(
+            counting.0.load(Ordering::SeqCst),
+            0,
+            "applied from a stale cursor"
+        );
+
+        // Given back to this node at the old revision, the same cursor is projected.
+        sqlx::query(
+            "UPDATE cursors SET lease_owner = 'late', revision = $1 \
+             WHERE projector = 'counting' AND project = 'p'",
+        )
+        .bind(cursor as i64)
+        .execute(storage.pool())
+        .await
+        .unwrap();
+        let fresh = Lease {
+            renewed: tokio::time::Instant::now(),
+            cursor,
+        };
+        work(&storage, &counting, &project, fresh, 100)
+            .await
+            .unwrap();
+        assert!(
+            counting.0.load(Ordering::SeqCst) >= 2,
+            "the migration and the write"
+        );
+
+        drop(storage);
+        let mut conn = connect(&test_database().await).await;
+        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+        )))
+        .execute(&mut conn)
+        .await;
+    }
+}
