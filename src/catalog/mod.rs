@@ -345,7 +345,17 @@ impl Catalog {
 
 fn load(db: &DB) -> Result<Snapshot, CatalogError> {
     let mut projects: BTreeMap<Ident, Project> = BTreeMap::new();
-    for entry in db.iterator(rocksdb::IteratorMode::Start) {
+    // Only the catalog's own ranges: the records beside it (the audit log, one entry per write
+    // request, and the keys) are not read at start, however many there are.
+    let ranges = ["project", "status", "version"].map(|kind| {
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(format!("{kind}0").into_bytes());
+        db.iterator_opt(
+            rocksdb::IteratorMode::From(format!("{kind}/").as_bytes(), rocksdb::Direction::Forward),
+            options,
+        )
+    });
+    for entry in ranges.into_iter().flatten() {
         let (key, value) = entry?;
         let key = String::from_utf8_lossy(&key);
         let mut parts = key.split('/');

@@ -880,18 +880,25 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 None => (true, stage.all_projectors().collect()),
             };
             let current = stage.cf(CF_ITEMS);
-            for item in items {
-                // Written or deleted earlier in this batch: that change carried the new version.
-                if stage.staged.contains_key(&item.key) {
-                    continue;
+            // An item written or deleted since the chunk was read needs no back-fill: a write
+            // already carried the new version, and a delete must not be followed by a late upsert.
+            // Read before anything is staged: a read that fails fails the chunk (retried whole),
+            // rather than skip an item the version would then never get.
+            let mut unchanged = Vec::with_capacity(items.len());
+            for item in &items {
+                match stage.writer.db.get_pinned_cf(current, &item.key) {
+                    Ok(value) => unchanged.push(value.is_some_and(|value| {
+                        value.get(..8) == Some(&item.revision.to_be_bytes()[..])
+                    })),
+                    Err(e) => {
+                        let _ = reply.send(Err(e.into()));
+                        return;
+                    }
                 }
-                // An item written or deleted since the chunk was read needs no back-fill: a write
-                // already carried the new version, and a delete must not be followed by a late upsert.
-                let unchanged = matches!(
-                    stage.writer.db.get_pinned_cf(current, &item.key),
-                    Ok(Some(value)) if value.get(..8) == Some(&item.revision.to_be_bytes()[..])
-                );
-                if !unchanged {
+            }
+            for (item, unchanged) in items.into_iter().zip(unchanged) {
+                // Written or deleted earlier in this batch: that change carried the new version.
+                if !unchanged || stage.staged.contains_key(&item.key) {
                     continue;
                 }
                 if into_keyspaces {
