@@ -54,6 +54,8 @@ pub enum StartupError {
     Elasticsearch(EsError),
     #[error("invalid queue settings: {0}")]
     Queue(String),
+    #[error("invalid setting {0}")]
+    Setting(String),
     #[error("{0}")]
     Unconfigured(String),
     #[error("{0}")]
@@ -103,6 +105,7 @@ impl Application {
         settings: Settings,
         extra: Vec<Arc<dyn Projector>>,
     ) -> Result<Application, StartupError> {
+        validate_durations(&settings)?;
         let external = match &settings.queue {
             Some(_) if settings.storage.backend == Backend::Postgresql => {
                 return Err(StartupError::Queue(
@@ -543,6 +546,32 @@ fn enabled(kind: ProjectorKind, settings: &Settings) -> bool {
         ProjectorKind::Postgresql => settings.postgresql.is_some(),
         ProjectorKind::Elasticsearch => settings.elasticsearch.is_some(),
     }
+}
+
+/// Retention and heartbeat settings are subtracted from the clock or offered to every follower:
+/// out of range, a clean-up would purge everything or stop, so dstore refuses to start instead.
+fn validate_durations(settings: &Settings) -> Result<(), StartupError> {
+    const CENTURY_SECS: u64 = 100 * 365 * 86_400;
+    let changes = &settings.changes;
+    if changes.tombstone_retention_secs > CENTURY_SECS {
+        return Err(StartupError::Setting(format!(
+            "changes.tombstone_retention_secs = {}: at most {CENTURY_SECS} (a hundred years)",
+            changes.tombstone_retention_secs
+        )));
+    }
+    if !(1..=300).contains(&changes.heartbeat_secs) {
+        return Err(StartupError::Setting(format!(
+            "changes.heartbeat_secs = {}: between 1 and 300",
+            changes.heartbeat_secs
+        )));
+    }
+    if settings.auth.audit_retention_days > 36_500 {
+        return Err(StartupError::Setting(format!(
+            "auth.audit_retention_days = {}: at most 36500 (a hundred years)",
+            settings.auth.audit_retention_days
+        )));
+    }
+    Ok(())
 }
 
 /// Checks what the queue settings say that the broker will be asked to use.

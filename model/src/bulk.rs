@@ -4,7 +4,9 @@
 //! request) but leaves each item as its raw line: the caller parses, checks and encodes one item at a
 //! time and drops it, so a request never holds more than one parsed item. Action lines are small by
 //! nature and refused past [`MAX_ACTION_BYTES`]; an item line past the caller's per-item limit fails
-//! that operation alone with 413.
+//! that operation alone with 413. A body holds at most [`MAX_OPERATIONS`] operations: each costs a
+//! few hundred bytes until it is answered, far more than its shortest line (`{"delete":{}}`), so
+//! the bound, not the body's size, keeps a request's memory in proportion.
 //!
 //! An action line as clients write it (one action, string values for `blueprint` and `id`, no
 //! other key) is read straight into [`QuickLine`]; any other line takes the general path, which
@@ -23,6 +25,8 @@ use crate::json;
 
 /// Largest action line: `{"put": {"blueprint": <63 bytes>, "id": <uuid>}}` takes about 120.
 pub const MAX_ACTION_BYTES: usize = 4096;
+/// Most operations in one `_bulk` body.
+pub const MAX_OPERATIONS: usize = 100_000;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Action {
@@ -83,6 +87,12 @@ pub fn parse(raw: &[u8]) -> Result<Vec<Operation<'_>>, FieldError> {
     let mut ops = Vec::new();
     while let Some((number, line)) = lines.next() {
         let at = || format!("/line/{number}");
+        if ops.len() == MAX_OPERATIONS {
+            return Err(FieldError::new(
+                at(),
+                format!("a _bulk body holds at most {MAX_OPERATIONS} operations; send the rest in another"),
+            ));
+        }
         let (action, meta) = action_line(line).map_err(|message| FieldError::new(at(), message))?;
         let item = match action {
             Action::Delete => None,
@@ -358,6 +368,27 @@ fn operation<'a>(action: Action, meta: Meta<'_>, item: Option<&'a [u8]>) -> Oper
 
 #[cfg(test)]
 mod tests {
+    /// Past `MAX_OPERATIONS`, the body is refused at the first operation too many, before any
+    /// is kept; at the bound it is read whole.
+    #[test]
+    fn a_body_holds_at_most_max_operations() {
+        let line =
+            "{\"delete\":{\"blueprint\":\"a\",\"id\":\"5f0c0c9e-1b2a-4c3d-8e4f-000000000001\"}}\n";
+        let at_bound = line.repeat(super::MAX_OPERATIONS);
+        assert_eq!(
+            super::parse(at_bound.as_bytes()).unwrap().len(),
+            super::MAX_OPERATIONS
+        );
+        let over = line.repeat(super::MAX_OPERATIONS + 1);
+        let error = super::parse(over.as_bytes()).unwrap_err();
+        assert_eq!(error.path, format!("/line/{}", super::MAX_OPERATIONS + 1));
+        assert!(
+            error.message.contains("at most 100000 operations"),
+            "{}",
+            error.message
+        );
+    }
+
     use super::*;
 
     #[test]

@@ -821,3 +821,42 @@ async fn a_retried_freeze_starts_a_back_fill_that_a_crash_left_unrecorded() {
     );
     app.stop().await;
 }
+
+/// Retention and heartbeat settings out of range stop dstore at start with the setting's name,
+/// rather than purge every tombstone, stop the audit clean-up or refuse every follower later.
+#[tokio::test]
+async fn dstore_refuses_to_start_with_retention_or_heartbeat_settings_out_of_range() {
+    let start = |configure: fn(&mut dstore::config::Settings)| async move {
+        let dir = tempfile::tempdir().unwrap();
+        let mut settings = dstore::config::Settings::default();
+        settings.server.port = 0;
+        settings.storage.data_dir = dir.path().to_path_buf();
+        configure(&mut settings);
+        dstore::startup::Application::build(settings)
+            .await
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    type Configure = fn(&mut dstore::config::Settings);
+    let cases: [(Configure, &str); 4] = [
+        (
+            |s| s.changes.tombstone_retention_secs = u64::MAX,
+            "changes.tombstone_retention_secs",
+        ),
+        (
+            |s| s.auth.audit_retention_days = 100_000_000,
+            "auth.audit_retention_days",
+        ),
+        (|s| s.changes.heartbeat_secs = 0, "changes.heartbeat_secs"),
+        (|s| s.changes.heartbeat_secs = 301, "changes.heartbeat_secs"),
+    ];
+    for (configure, name) in cases {
+        let error = start(configure).await.unwrap_err();
+        assert!(error.contains(name), "{error}");
+    }
+    assert!(
+        start(|s| s.changes.tombstone_retention_secs = 10 * 365 * 86_400)
+            .await
+            .is_ok()
+    );
+}

@@ -103,9 +103,59 @@ fn first_key(path: &str) -> String {
     segment.replace("~1", "/").replace("~0", "~")
 }
 
-/// Every override problem of a parsed blueprint, as field errors under `base/columns/<name>/elasticsearch`.
+/// Elasticsearch's `index.mapping.total_fields.limit` and `index.mapping.depth.limit` defaults: an
+/// index whose mapping passes either is refused, for good, when the version is migrated.
+pub const MAX_FIELDS: usize = 1000;
+pub const MAX_DEPTH: usize = 20;
+
+/// The fields a mapping adds (itself, its multi-fields and object properties, as Elasticsearch
+/// counts them) and its depth in objects.
+fn fields_and_depth(mapping: &Map<String, Value>) -> (usize, usize) {
+    let mut fields = 1;
+    let mut depth = 1;
+    for (key, extra) in ["fields", "properties"].map(|key| (key, mapping.get(key))) {
+        for child in extra
+            .and_then(Value::as_object)
+            .into_iter()
+            .flat_map(|m| m.values())
+        {
+            if let Some(child) = child.as_object() {
+                let (f, d) = fields_and_depth(child);
+                fields += f;
+                if key == "properties" {
+                    depth = depth.max(d + 1);
+                }
+            }
+        }
+    }
+    (fields, depth)
+}
+
+/// Every override problem of a parsed blueprint, as field errors under `base/columns/<name>/elasticsearch`;
+/// also a mapping that would pass Elasticsearch's field or depth limits.
 pub fn check_overrides(input: &BlueprintInput, base: &str) -> Vec<FieldError> {
     let mut errors = Vec::new();
+    // `id`, `project_version` and `links`.
+    let mut fields = 3;
+    for column in &input.columns {
+        let (count, depth) = fields_and_depth(&column_mapping(&column.def));
+        fields += count;
+        if depth > MAX_DEPTH {
+            errors.push(FieldError::new(
+                format!(
+                    "{base}/columns/{}/elasticsearch",
+                    pointer_segment(column.name.as_str())
+                ),
+                format!("objects nested {depth} deep; Elasticsearch allows {MAX_DEPTH} (index.mapping.depth.limit)"),
+            ));
+        }
+    }
+    if fields > MAX_FIELDS {
+        errors.push(FieldError::new(
+            format!("{base}/columns"),
+            format!("the Elasticsearch mapping would have {fields} fields (with multi-fields and object properties); Elasticsearch allows {MAX_FIELDS} (index.mapping.total_fields.limit)"),
+        ));
+    }
     for column in &input.columns {
         if let Some(over) = &column.def.elasticsearch {
             for (path, message) in check_override(column.def.ty, over) {
@@ -192,6 +242,50 @@ pub fn first_difference(found: &Value, wanted: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Overrides that Elasticsearch would refuse at migration are refused when the blueprint is
+    /// put: an unknown analyzer, more fields than an index takes, objects nested too deep.
+    #[test]
+    fn unknown_analyzers_and_mappings_past_the_index_limits_are_refused() {
+        let parse = |body: Value| crate::blueprint::parse_blueprint(&body, "").unwrap();
+        let text = |over: Value| {
+            json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
+            "columns": {"body": {"type": "text", "elasticsearch": over}}})
+        };
+        let errors = check_overrides(&parse(text(json!({"analyzer": "nope"}))), "");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "/columns/body/elasticsearch/analyzer");
+        assert!(check_overrides(&parse(text(json!({"analyzer": "english"}))), "").is_empty());
+
+        let mut columns = Map::new();
+        for i in 0..600 {
+            columns.insert(
+                format!("c{i}"),
+                json!({"type": "string", "elasticsearch": {"fields": {"k": {"type": "keyword"}}}}),
+            );
+        }
+        let many = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"}, "columns": columns});
+        let errors = check_overrides(&parse(many), "");
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        assert_eq!(errors[0].path, "/columns");
+        assert!(
+            errors[0].message.contains("1203 fields"),
+            "{}",
+            errors[0].message
+        );
+
+        let mut deep = json!({"type": "keyword"});
+        for _ in 0..21 {
+            deep = json!({"type": "object", "properties": {"a": deep}});
+        }
+        let deep = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
+            "columns": {"doc": {"type": "json", "elasticsearch": deep}}});
+        let errors = check_overrides(&parse(deep), "");
+        assert!(
+            errors.iter().any(|e| e.message.contains("nested 22 deep")),
+            "{errors:?}"
+        );
+    }
 
     #[test]
     fn every_column_type_gets_a_mapping_that_passes_the_allow_list() {

@@ -124,8 +124,77 @@ fn check_into(
             continue;
         };
         check_value(kind, value, &path, problems);
+        if key.ends_with("analyzer") {
+            if let Some(name) = value.as_str().filter(|name| !ANALYZERS.contains(name)) {
+                problems.push((
+                    path,
+                    format!(
+                        "{:?} is not an analyzer every Elasticsearch index has (dstore defines no custom ones); expected one of {}",
+                        crate::blueprint::value::excerpt_str(name),
+                        ANALYZERS.join(", ")
+                    ),
+                ));
+            }
+        }
     }
 }
+
+/// The analyzers an index has without settings of its own: Elasticsearch 8's built-in and
+/// language analyzers, and those of its analysis plugins Elastic ships (ICU, Kuromoji, Nori,
+/// SmartCN, Stempel, Ukrainian), which an index has only where the plugin is installed. An
+/// unknown name would make the index's creation fail for good, after the freeze.
+pub const ANALYZERS: &[&str] = &[
+    "default",
+    "standard",
+    "simple",
+    "whitespace",
+    "stop",
+    "keyword",
+    "pattern",
+    "fingerprint",
+    "arabic",
+    "armenian",
+    "basque",
+    "bengali",
+    "brazilian",
+    "bulgarian",
+    "catalan",
+    "cjk",
+    "czech",
+    "danish",
+    "dutch",
+    "english",
+    "estonian",
+    "finnish",
+    "french",
+    "galician",
+    "german",
+    "greek",
+    "hindi",
+    "hungarian",
+    "indonesian",
+    "irish",
+    "italian",
+    "latvian",
+    "lithuanian",
+    "norwegian",
+    "persian",
+    "portuguese",
+    "romanian",
+    "russian",
+    "serbian",
+    "sorani",
+    "spanish",
+    "swedish",
+    "thai",
+    "turkish",
+    "icu_analyzer",
+    "kuromoji",
+    "nori",
+    "smartcn",
+    "polish",
+    "ukrainian",
+];
 
 fn check_value(kind: Kind, value: &Value, path: &str, problems: &mut Vec<(String, String)>) {
     let fits = match (kind, value) {
