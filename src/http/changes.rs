@@ -97,17 +97,7 @@ fn number<T: std::str::FromStr>(
 
 impl Params {
     fn parse(request: &HttpRequest, state: &State) -> Result<Params, ApiError> {
-        let query = web::Query::<Query>::from_query(request.query_string())
-            .map(web::Query::into_inner)
-            .map_err(|e| {
-                ApiError::bad_request(
-                    "",
-                    format!(
-                        "invalid query string: {e}; expected since, version, blueprint, limit, \
-                         feed, timeout, heartbeat"
-                    ),
-                )
-            })?;
+        let query = super::query::read::<Query>(request.query_string())?;
         let mut since = match query.since.as_deref() {
             Some("now") => None,
             raw => Some(number::<u64>("since", raw, "a revision or now")?.unwrap_or(0)),

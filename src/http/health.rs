@@ -1,9 +1,10 @@
 //! Liveness, readiness per projector, and the dead letters.
 
-use actix_web::{web, HttpResponse};
+use actix_web::HttpResponse;
 use serde_json::{json, Map};
 
 use super::error::ApiError;
+use super::query::Query;
 use super::State;
 use crate::projector::Health;
 
@@ -22,7 +23,7 @@ pub struct ReadyParams {
 /// GET /_health/ready: whether this node can serve (503 when it cannot reach its storage), and per
 /// projector whether its store answers and how far behind it is. With `?strict=true` the answer is
 /// also 503 while a projector fails or writes are refused for back-pressure.
-pub async fn ready(state: State, params: web::Query<ReadyParams>) -> HttpResponse {
+pub async fn ready(state: State, params: Query<ReadyParams>) -> HttpResponse {
     let mut projectors = Map::new();
     let mut all_ready = true;
     for name in state.registry.names() {
@@ -97,7 +98,7 @@ pub struct DeadLetterParams {
 /// GET /_dead_letters?projector=&limit=: the tasks a store refused for good, with the reason.
 pub async fn dead_letters(
     state: State,
-    params: web::Query<DeadLetterParams>,
+    params: Query<DeadLetterParams>,
 ) -> Result<HttpResponse, ApiError> {
     let limit = params.limit.unwrap_or(100);
     if limit > MAX_DEAD_LETTERS {
@@ -122,7 +123,7 @@ pub struct RetryParams {
 /// POST /_dead_letters/_retry?projector=: queues the dead letters again once their cause is fixed.
 pub async fn retry_dead_letters(
     state: State,
-    params: web::Query<RetryParams>,
+    params: Query<RetryParams>,
 ) -> Result<HttpResponse, ApiError> {
     if let Some(name) = &params.projector {
         if !state.registry.names().contains(&name.as_str()) {

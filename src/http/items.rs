@@ -29,16 +29,7 @@ struct WriteParams {
 pub const MAX_WAIT_SECS: u64 = 3600;
 
 fn write_params(request: &HttpRequest) -> Result<WriteParams, ApiError> {
-    let params = web::Query::<WriteParams>::from_query(request.query_string())
-        .map(web::Query::into_inner)
-        .map_err(|e| {
-            ApiError::bad_request(
-                "",
-                format!(
-                    "invalid query string: {e}; expected wait=true|false and timeout=<seconds>"
-                ),
-            )
-        })?;
+    let params = super::query::read::<WriteParams>(request.query_string())?;
     if let Some(timeout) = params.timeout.filter(|t| *t > MAX_WAIT_SECS) {
         return Err(ApiError::bad_request(
             "timeout",
@@ -302,12 +293,7 @@ async fn read(
     blueprint: Ident,
     id: Uuid,
 ) -> Result<HttpResponse, ApiError> {
-    let params = web::Query::<ReadParams>::from_query(request.query_string()).map_err(|e| {
-        ApiError::bad_request(
-            "",
-            format!("invalid query string: {e}; expected version=<number>"),
-        )
-    })?;
+    let params = super::query::read::<ReadParams>(request.query_string())?;
     let version = params.version.as_deref().map(version_number).transpose()?;
     let mut snapshot = state.storage.snapshot();
     if !snapshot.projects.contains_key(&project) {

@@ -10,6 +10,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::error::ApiError;
+use super::query::Query;
 use super::{body, State};
 use crate::auth::keys::{KeyInput, KeyStore};
 
@@ -90,7 +91,7 @@ pub struct RotateParams {
 pub async fn rotate(
     state: State,
     path: web::Path<String>,
-    params: web::Query<RotateParams>,
+    params: Query<RotateParams>,
 ) -> Result<HttpResponse, ApiError> {
     let grace = params
         .grace
@@ -118,10 +119,7 @@ pub struct AuditParams {
 }
 
 /// GET /_audit?since=&limit=: who changed what, oldest first.
-pub async fn audit(
-    state: State,
-    params: web::Query<AuditParams>,
-) -> Result<HttpResponse, ApiError> {
+pub async fn audit(state: State, params: Query<AuditParams>) -> Result<HttpResponse, ApiError> {
     let since = match &params.since {
         None => Utc::now() - chrono::Duration::days(1),
         Some(raw) => DateTime::parse_from_rfc3339(raw)

@@ -18,6 +18,7 @@ mod keys;
 mod metrics;
 pub mod observe;
 mod projects;
+pub mod query;
 mod versions;
 
 use std::sync::Arc;

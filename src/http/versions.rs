@@ -5,6 +5,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
+use super::query::Query;
 use super::{ident, version_number, State};
 use serde::Deserialize;
 
@@ -29,7 +30,7 @@ pub struct FreezeParams {
 pub async fn freeze(
     state: State,
     path: web::Path<String>,
-    params: web::Query<FreezeParams>,
+    params: Query<FreezeParams>,
 ) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
     if params.dry_run {
@@ -111,7 +112,7 @@ pub struct DiffParams {
 pub async fn diff(
     state: State,
     path: web::Path<String>,
-    params: web::Query<DiffParams>,
+    params: Query<DiffParams>,
 ) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
     let (from, to) = (version_number(&params.from)?, version_number(&params.to)?);

@@ -193,7 +193,7 @@ async fn hostile_parameters_get_a_400_naming_the_parameter() {
         ("feed=sse&heartbeat=0", "heartbeat"),
         ("blueprint=Note", "blueprint"),
         ("blueprint=a,,b", "blueprint"),
-        ("other=1", ""),
+        ("other=1", "other"),
     ] {
         let answer = app.get(&format!("/p/_changes?{query}")).await;
         assert_eq!(answer.status, 400, "{query}: {}", answer.body);

@@ -860,3 +860,41 @@ async fn dstore_refuses_to_start_with_retention_or_heartbeat_settings_out_of_ran
             .is_ok()
     );
 }
+
+/// A query parameter whose value does not read is named in the 400, whichever route it is on.
+#[tokio::test]
+async fn a_malformed_query_parameter_is_named_on_every_route() {
+    let app = spawn_app().await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let id = Uuid::new_v4();
+    for (method, path, field) in [
+        (Method::GET, "/_audit?limit=abc".to_string(), "limit"),
+        (
+            Method::POST,
+            "/myblog/_version?dry_run=yes".to_string(),
+            "dry_run",
+        ),
+        (Method::GET, "/_dead_letters?limit=-3".to_string(), "limit"),
+        (
+            Method::PUT,
+            format!("/myblog/article/{id}?wait=maybe"),
+            "wait",
+        ),
+        (
+            Method::GET,
+            format!("/myblog/article/{id}?version=1&bogus=1"),
+            "bogus",
+        ),
+    ] {
+        let body = (method == Method::PUT).then(|| item().to_string());
+        let answer = app.send(method.clone(), &path, body).await;
+        assert_eq!(answer.status, 400, "{method} {path}: {}", answer.body);
+        assert_eq!(
+            answer.paths(),
+            vec![field.to_string()],
+            "{method} {path}: {}",
+            answer.body
+        );
+    }
+    app.stop().await;
+}

@@ -296,7 +296,20 @@ async fn a_worker_process_applies_postgresql_while_serve_only_relays_its_tasks()
         "{ready}"
     );
     assert_eq!(ready["projectors"]["postgresql"]["progress"]["pending"], 50);
-    broker.expect_messages("postgresql", 50).await;
+    // 50, or 51 when the stopped worker's acknowledgement of the first task had not reached the
+    // broker: the task is delivered again and applied again, harmlessly.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let queued = broker.queued("postgresql").await;
+        if matches!(queued, Some(50 | 51)) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "queue postgresql holds {queued:?} messages"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     let mut worker = start_worker("postgresql", &app.address, &env);
     faults::wait_until_projected(&app).await;
