@@ -94,15 +94,19 @@ impl RemoteCatalog {
 
     async fn snapshot_for(&self, tasks: &[Task]) -> Result<Arc<Snapshot>, ProjectorError> {
         let current = self.current();
+        // A project is read again when a task names a version this copy lacks, and for every
+        // migration: a migration that failed is tried again from here, and the version may have
+        // been retired (or the project dropped) since, which ends the wait; migrations are rare.
         let missing: BTreeSet<&Ident> = tasks
             .iter()
             .filter(|task| {
-                named_versions(task).any(|number| {
-                    current
-                        .projects
-                        .get(&task.project)
-                        .is_none_or(|p| p.version(number).is_none())
-                })
+                matches!(task.op, TaskOp::Migrate { .. })
+                    || named_versions(task).any(|number| {
+                        current
+                            .projects
+                            .get(&task.project)
+                            .is_none_or(|p| p.version(number).is_none())
+                    })
             })
             .map(|task| &task.project)
             .collect();
