@@ -281,6 +281,10 @@ impl Default for AuthSettings {
 }
 
 /// The change feed (`GET /{project}/_changes`, see `feed`).
+/// The heartbeat intervals a change-feed stream may have, in seconds (`changes.heartbeat_secs`
+/// and a follower's `heartbeat`).
+pub const HEARTBEAT_SECS: std::ops::RangeInclusive<u64> = 1..=300;
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct ChangesSettings {
@@ -291,7 +295,7 @@ pub struct ChangesSettings {
     pub compact_interval_secs: u64,
     /// Followers streaming at once (SSE, NDJSON, long polls) on this node; more are answered 503.
     pub max_followers: usize,
-    /// Seconds between heartbeats of an idle stream.
+    /// Seconds between heartbeats of an idle stream, one of [`HEARTBEAT_SECS`].
     pub heartbeat_secs: u64,
 }
 

@@ -559,10 +559,13 @@ fn validate_durations(settings: &Settings) -> Result<(), StartupError> {
             changes.tombstone_retention_secs
         )));
     }
-    if !(1..=300).contains(&changes.heartbeat_secs) {
+    let heartbeats = crate::config::HEARTBEAT_SECS;
+    if !heartbeats.contains(&changes.heartbeat_secs) {
         return Err(StartupError::Setting(format!(
-            "changes.heartbeat_secs = {}: between 1 and 300",
-            changes.heartbeat_secs
+            "changes.heartbeat_secs = {}: between {} and {}",
+            changes.heartbeat_secs,
+            heartbeats.start(),
+            heartbeats.end()
         )));
     }
     if settings.auth.audit_retention_days > 36_500 {

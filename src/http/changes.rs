@@ -173,10 +173,15 @@ impl Params {
             "a number of seconds",
         )?
         .unwrap_or(state.settings.changes.heartbeat_secs);
-        if !(1..=300).contains(&heartbeat) {
+        let heartbeats = crate::config::HEARTBEAT_SECS;
+        if !heartbeats.contains(&heartbeat) {
             return Err(ApiError::bad_request(
                 "heartbeat",
-                format!("heartbeat={heartbeat} is not between 1 and 300 seconds"),
+                format!(
+                    "heartbeat={heartbeat} is not between {} and {} seconds",
+                    heartbeats.start(),
+                    heartbeats.end()
+                ),
             ));
         }
         Ok(Params {

@@ -60,19 +60,19 @@ pub async fn put(
     Ok(HttpResponse::Ok().json(put_and_freeze(&state, &project, &body, "").await?))
 }
 
-/// Tries `inputs` on a copy of the project as the catalog holds it now, changing nothing: the
+/// Tries `inputs` on a copy of the project as `snapshot` holds it, changing nothing: the
 /// blueprints' own checks and the names they take (their problems go to `errors`, under `at`),
 /// then whether the change may be frozen (an incompatible one is the answer at once, with its
 /// report). `PUT /_project` changes no project unless every project passes.
 async fn try_project(
     state: &State,
+    snapshot: &crate::catalog::Snapshot,
     project: &Ident,
     inputs: Vec<(Ident, crate::blueprint::BlueprintInput)>,
     at: &str,
     errors: &mut Vec<FieldError>,
 ) -> Result<(), ApiError> {
-    state.storage.refresh_catalog().await?;
-    let mut trial = match state.storage.snapshot().projects.get(project) {
+    let mut trial = match snapshot.projects.get(project) {
         Some(p) => (**p).clone(),
         None => Project::new(project.clone()),
     };
@@ -145,6 +145,8 @@ pub async fn put_all(
     }
     let mut errors = Vec::new();
     let mut named = Vec::new();
+    state.storage.refresh_catalog().await?;
+    let snapshot = state.storage.snapshot();
     for (name, blueprints) in projects {
         let at = format!("/{}", crate::blueprint::parse::pointer_segment(name));
         match Ident::parse(name) {
@@ -157,7 +159,7 @@ pub async fn put_all(
             )),
             Ok(project) => match parse_blueprint_set(blueprints, &at) {
                 Ok(inputs) => {
-                    try_project(&state, &project, inputs, &at, &mut errors).await?;
+                    try_project(&state, &snapshot, &project, inputs, &at, &mut errors).await?;
                     named.push((project, blueprints, at));
                 }
                 Err(ApiError::Invalid(_, mut e)) => errors.append(&mut e),

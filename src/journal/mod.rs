@@ -717,6 +717,7 @@ mod tests {
 
     use super::*;
     use crate::blueprint::parse_blueprint;
+    use crate::storage::conformance;
     use crate::storage::embedded::EmbeddedStorage;
     use crate::storage::Storage;
     use crate::write::{prepare_delete, prepare_upsert};
@@ -1181,12 +1182,8 @@ mod tests {
             project,
             article,
         } = fixture(Durability::Sync, vec!["store"]).await;
-        let snapshot = storage.snapshot();
-        let body = json!({"project_version": 1, "title": "kept by mistake"});
         let id = Uuid::new_v4();
-        let entry = prepare_upsert(&snapshot, &project, &article, id, &body).unwrap();
-        let epoch = snapshot.projects[&project].epoch;
-        storage.write(&project, epoch, vec![entry]).await.unwrap();
+        conformance::write(storage.as_ref(), &project, id, "kept by mistake").await;
         // The catalog's half of a drop, as a crash would leave it.
         journal.catalog.delete_project(&project).unwrap();
         assert_eq!(
@@ -1208,18 +1205,10 @@ mod tests {
         assert!(journal.catalog.pending_drops().unwrap().is_empty());
 
         // A drop written whole leaves no mark, and the name can be made again.
-        let blueprint = json!({"postgresql": {"table": "articles"},
-            "elasticsearch": {"type": "article"}, "columns": {"title": {"type": "string"}}});
-        storage
-            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
-            .await
-            .unwrap();
+        conformance::put_article(storage.as_ref(), &project, None).await;
         storage.drop_project(&project).await.unwrap();
         assert!(journal.catalog.pending_drops().unwrap().is_empty());
-        storage
-            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
-            .await
-            .unwrap();
+        conformance::put_article(storage.as_ref(), &project, None).await;
         journal.close().await;
     }
 }

@@ -29,14 +29,38 @@ impl Fixture {
     async fn close(self) {
         drop(self.storage);
         if let Some(schema) = self.schema {
-            let mut conn = connect(&test_database().await).await;
-            let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-                "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
-            )))
-            .execute(&mut conn)
-            .await;
+            drop_schema(&schema).await;
         }
     }
+}
+
+/// Removes a schema [`open_postgresql`] made.
+pub(crate) async fn drop_schema(schema: &str) {
+    let mut conn = connect(&test_database().await).await;
+    let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
+    )))
+    .execute(&mut conn)
+    .await;
+}
+
+/// A PostgreSQL storage in a schema of its own in the test database, as node `node` running
+/// `projectors`; answers it and the schema's name.
+pub(crate) async fn open_postgresql(
+    node: &str,
+    projectors: Vec<&'static str>,
+) -> (Arc<PgStorage>, String) {
+    let schema = format!("t_{}", Uuid::new_v4().simple());
+    let storage = PgStorage::open(PgStorageSettings {
+        url: test_database().await.into(),
+        schema: schema.clone(),
+        node: node.into(),
+        projectors,
+        projection: ProjectionSettings::default(),
+    })
+    .await
+    .expect("the postgresql storage opens");
+    (storage, schema)
 }
 
 async fn embedded() -> Fixture {
@@ -67,7 +91,7 @@ fn server_url() -> String {
         .to_owned()
 }
 
-pub(crate) async fn connect(url: &str) -> sqlx::PgConnection {
+async fn connect(url: &str) -> sqlx::PgConnection {
     use sqlx::Connection;
     sqlx::PgConnection::connect(url).await.unwrap_or_else(|e| {
         panic!(
@@ -78,7 +102,7 @@ pub(crate) async fn connect(url: &str) -> sqlx::PgConnection {
 }
 
 /// The database the storage tests share (each in its own schema), made when missing.
-pub(crate) async fn test_database() -> String {
+async fn test_database() -> String {
     let name = "dstore_storage_tests";
     let mut admin = connect(&format!("{}/postgres", server_url())).await;
     let exists: bool =
@@ -97,16 +121,7 @@ pub(crate) async fn test_database() -> String {
 }
 
 async fn postgresql() -> Fixture {
-    let schema = format!("t_{}", Uuid::new_v4().simple());
-    let storage = PgStorage::open(PgStorageSettings {
-        url: test_database().await.into(),
-        schema: schema.clone(),
-        node: "conformance".into(),
-        projectors: vec!["rocksdb"],
-        projection: ProjectionSettings::default(),
-    })
-    .await
-    .expect("the postgresql storage opens");
+    let (storage, schema) = open_postgresql("conformance", vec!["rocksdb"]).await;
     Fixture {
         storage,
         _dir: None,
@@ -118,7 +133,7 @@ fn ident(name: &str) -> Ident {
     Ident::parse(name).expect("an identifier")
 }
 
-async fn put_article(storage: &dyn Storage, project: &Ident, extra: Option<&str>) {
+pub(crate) async fn put_article(storage: &dyn Storage, project: &Ident, extra: Option<&str>) {
     let mut body = json!({
         "postgresql": {"table": "articles"}, "elasticsearch": {"type": "article"},
         "columns": {"title": {"type": "string"}}
@@ -133,8 +148,8 @@ async fn put_article(storage: &dyn Storage, project: &Ident, extra: Option<&str>
         .expect("the blueprint is stored");
 }
 
-/// A project `p` with one frozen version.
-async fn frozen(storage: &dyn Storage) -> Ident {
+/// A project `p` with blueprint `article` (a `title`) frozen at version 1.
+pub(crate) async fn frozen(storage: &dyn Storage) -> Ident {
     let project = ident("p");
     put_article(storage, &project, None).await;
     storage.freeze(&project, false).await.expect("version 1");
@@ -149,7 +164,8 @@ fn upsert(storage: &dyn Storage, project: &Ident, id: Uuid, title: &str) -> (u64
     (snapshot.projects[project].epoch, entry)
 }
 
-async fn write(storage: &dyn Storage, project: &Ident, id: Uuid, title: &str) -> u64 {
+/// Writes an `article` of version 1; answers its revision.
+pub(crate) async fn write(storage: &dyn Storage, project: &Ident, id: Uuid, title: &str) -> u64 {
     let (epoch, entry) = upsert(storage, project, id, title);
     storage
         .write(project, epoch, vec![entry])

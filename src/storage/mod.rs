@@ -25,7 +25,7 @@ pub mod postgres;
 pub mod usage;
 
 #[cfg(test)]
-mod conformance;
+pub(crate) mod conformance;
 
 use std::sync::Arc;
 use std::time::Duration;

@@ -819,17 +819,7 @@ async fn public_routes_open_what_auth_public_lists() {
 
 #[tokio::test]
 async fn dstore_refuses_to_start_with_a_short_master_key_or_open_on_a_public_address() {
-    let start = |configure: fn(&mut dstore::config::Settings)| async move {
-        let dir = tempfile::tempdir().unwrap();
-        let mut settings = dstore::config::Settings::default();
-        settings.server.port = 0;
-        settings.storage.data_dir = dir.path().to_path_buf();
-        configure(&mut settings);
-        dstore::startup::Application::build(settings)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    };
+    let start = crate::helpers::build_with;
     let short = start(|s| s.auth.master_keys = vec!["short".into()]).await;
     assert!(short.unwrap_err().contains("16 bytes"));
     let open = start(|s| s.server.host = "0.0.0.0".into()).await;

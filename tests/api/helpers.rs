@@ -21,6 +21,20 @@ pub struct TestApp {
     running: tokio::task::JoinHandle<std::io::Result<()>>,
 }
 
+/// Whether the service builds with the default settings as `configure` leaves them (a
+/// temporary data directory, any port): its start-up error as text otherwise. Nothing is served.
+pub async fn build_with(configure: fn(&mut Settings)) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let mut settings = Settings::default();
+    settings.server.port = 0;
+    settings.storage.data_dir = dir.path().to_path_buf();
+    configure(&mut settings);
+    Application::build(settings)
+        .await
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+}
+
 pub async fn spawn_app() -> TestApp {
     spawn_app_with(|_| {}).await
 }

@@ -826,17 +826,7 @@ async fn a_retried_freeze_starts_a_back_fill_that_a_crash_left_unrecorded() {
 /// rather than purge every tombstone, stop the audit clean-up or refuse every follower later.
 #[tokio::test]
 async fn dstore_refuses_to_start_with_retention_or_heartbeat_settings_out_of_range() {
-    let start = |configure: fn(&mut dstore::config::Settings)| async move {
-        let dir = tempfile::tempdir().unwrap();
-        let mut settings = dstore::config::Settings::default();
-        settings.server.port = 0;
-        settings.storage.data_dir = dir.path().to_path_buf();
-        configure(&mut settings);
-        dstore::startup::Application::build(settings)
-            .await
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    };
+    let start = crate::helpers::build_with;
     type Configure = fn(&mut dstore::config::Settings);
     let cases: [(Configure, &str); 4] = [
         (

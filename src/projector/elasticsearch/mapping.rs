@@ -111,22 +111,23 @@ pub const MAX_DEPTH: usize = 20;
 /// The fields a mapping adds (itself, its multi-fields and object properties, as Elasticsearch
 /// counts them) and its depth in objects.
 fn fields_and_depth(mapping: &Map<String, Value>) -> (usize, usize) {
-    let mut fields = 1;
-    let mut depth = 1;
-    for (key, extra) in ["fields", "properties"].map(|key| (key, mapping.get(key))) {
-        for child in extra
+    let children = |key: &str| {
+        mapping
+            .get(key)
             .and_then(Value::as_object)
             .into_iter()
-            .flat_map(|m| m.values())
-        {
-            if let Some(child) = child.as_object() {
-                let (f, d) = fields_and_depth(child);
-                fields += f;
-                if key == "properties" {
-                    depth = depth.max(d + 1);
-                }
-            }
-        }
+            .flat_map(Map::values)
+            .filter_map(Value::as_object)
+            .map(fields_and_depth)
+    };
+    // Multi-fields are fields of their own at the same level; properties are one level down.
+    let (mut fields, mut depth) = (1, 1);
+    for (f, _) in children("fields") {
+        fields += f;
+    }
+    for (f, d) in children("properties") {
+        fields += f;
+        depth = depth.max(d + 1);
     }
     (fields, depth)
 }

@@ -372,16 +372,13 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use async_trait::async_trait;
-    use serde_json::{json, Value};
+    use serde_json::Value;
     use uuid::Uuid;
 
     use super::*;
-    use crate::blueprint::parse_blueprint;
     use crate::catalog::{Snapshot, Version};
-    use crate::config::ProjectionSettings;
     use crate::projector::{Health, Outcome, ProjectorError};
-    use crate::storage::conformance::{connect, test_database};
-    use crate::storage::postgres::PgStorageSettings;
+    use crate::storage::conformance::{drop_schema, frozen, open_postgresql, write};
 
     /// Counts every task, migration and drop it is given.
     #[derive(Default)]
@@ -430,32 +427,9 @@ mod tests {
     /// same node applies its tasks.
     #[tokio::test]
     async fn a_cursor_reached_after_its_lease_lapsed_is_left_to_the_node_that_took_it() {
-        let schema = format!("t_{}", Uuid::new_v4().simple());
-        let storage = PgStorage::open(PgStorageSettings {
-            url: test_database().await.into(),
-            schema: schema.clone(),
-            node: "late".into(),
-            projectors: vec!["counting"],
-            projection: ProjectionSettings::default(),
-        })
-        .await
-        .expect("the postgresql storage opens");
-        let project = Ident::parse("p").unwrap();
-        let article = Ident::parse("article").unwrap();
-        let blueprint = json!({"postgresql": {"table": "articles"},
-            "elasticsearch": {"type": "article"}, "columns": {"title": {"type": "string"}}});
-        storage
-            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
-            .await
-            .unwrap();
-        storage.freeze(&project, false).await.unwrap();
-        let snapshot = storage.snapshot();
-        let body = json!({"project_version": 1, "title": "t"});
-        let entry =
-            crate::write::prepare_upsert(&snapshot, &project, &article, Uuid::new_v4(), &body)
-                .unwrap();
-        let epoch = snapshot.projects[&project].epoch;
-        storage.write(&project, epoch, vec![entry]).await.unwrap();
+        let (storage, schema) = open_postgresql("late", vec!["counting"]).await;
+        let project = frozen(storage.as_ref()).await;
+        write(storage.as_ref(), &project, Uuid::new_v4(), "t").await;
 
         let claimed = claim(&storage, "counting").await.unwrap();
         assert_eq!(claimed.len(), 1);
@@ -507,11 +481,6 @@ mod tests {
         );
 
         drop(storage);
-        let mut conn = connect(&test_database().await).await;
-        let _ = sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "DROP SCHEMA IF EXISTS \"{schema}\" CASCADE"
-        )))
-        .execute(&mut conn)
-        .await;
+        drop_schema(&schema).await;
     }
 }
