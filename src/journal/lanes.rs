@@ -22,6 +22,20 @@ use super::{
 };
 use crate::blueprint::Ident;
 
+/// How many tasks of `projector` are pending, read key by key (at start, before the writer runs).
+pub(super) fn count_tasks(db: &rocksdb::DB, projector: &str) -> Result<u64, JournalError> {
+    let family = db.cf_handle(CF_TASKS).expect("tasks cf");
+    let mut tasks = db.raw_iterator_cf_opt(family, keys::task_range(projector, 0, u64::MAX - 1));
+    tasks.seek_to_first();
+    let mut count = 0;
+    while tasks.valid() {
+        count += 1;
+        tasks.next();
+    }
+    tasks.status()?;
+    Ok(count)
+}
+
 impl Journal {
     /// Iterates a projector's pending tasks from its floor, oldest first.
     fn scan_tasks(
@@ -114,10 +128,23 @@ impl Journal {
         dead: Vec<DeadLetter>,
     ) -> Result<(), JournalError> {
         let mut batch = WriteBatch::default();
-        for seq in applied.iter().chain(dead.iter().map(|letter| &letter.seq)) {
-            batch.delete_cf(self.cf(CF_TASKS), keys::task(projector, *seq));
+        let seqs: Vec<Vec<u8>> = applied
+            .iter()
+            .chain(dead.iter().map(|letter| &letter.seq))
+            .map(|seq| keys::task(projector, *seq))
+            .collect();
+        // A report delivered twice names tasks already removed: count only those still pending.
+        let mut settled = 0;
+        for found in self
+            .db
+            .batched_multi_get_cf(self.cf(CF_TASKS), &seqs, false)
+        {
+            settled += u64::from(found?.is_some());
         }
-        self.settle(projector, batch, applied.len(), dead, None)
+        for key in &seqs {
+            batch.delete_cf(self.cf(CF_TASKS), key);
+        }
+        self.settle(projector, batch, settled, applied.len(), dead, None)
     }
 
     /// Acknowledges a run a step settled: every pending task of the projector with a seq in
@@ -137,15 +164,17 @@ impl Journal {
             keys::task(projector, *run.start()),
             keys::task(projector, run.end().saturating_add(1)),
         );
-        self.settle(projector, batch, applied, dead, Some(run))
+        let settled = (applied + dead.len()) as u64;
+        self.settle(projector, batch, settled, applied, dead, Some(run))
     }
 
-    /// Writes an acknowledgement (`batch` removes the tasks) with the dead letters, then moves the
-    /// projector's progress.
+    /// Writes an acknowledgement (`batch` removes the tasks, `settled` of them still pending) with
+    /// the dead letters, then moves the projector's progress.
     fn settle(
         &self,
         projector: &str,
         mut batch: WriteBatch,
+        settled: u64,
         applied: usize,
         dead: Vec<DeadLetter>,
         run: Option<RangeInclusive<u64>>,
@@ -159,6 +188,11 @@ impl Journal {
         }
         self.db.write(batch)?;
         if let Some(lane) = self.lanes.get(projector) {
+            let _ = lane
+                .pending
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                    Some(n.saturating_sub(settled))
+                });
             if let Some(run) = run {
                 // Nothing below the floor is pending; a run from at most the floor leaves nothing
                 // pending up to its end either, and new tasks only get higher seqs.
@@ -217,7 +251,10 @@ impl Journal {
                 ..ProjectorProgress::default()
             },
         };
-        progress.pending = self.last_seq().saturating_sub(progress.applied_through);
+        progress.pending = match self.lanes.get(projector) {
+            Some(lane) => lane.pending.load(Ordering::Acquire),
+            None => 0,
+        };
         let prefix = keys::projector_prefix(projector);
         progress.dead_letters = self
             .db

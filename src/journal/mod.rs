@@ -39,6 +39,7 @@ use crate::blueprint::{Ident, Uid};
 use crate::catalog::{Catalog, CatalogError, Version};
 use crate::projector::ProjectorKind;
 pub use codec::decode_task;
+use lanes::count_tasks;
 use rewrite::{index_changes, move_deleted};
 use task::{Task, TaskOp, VersionDoc};
 pub use writer::Command;
@@ -274,6 +275,10 @@ struct Lane {
     /// through the deletion markers of tasks already acknowledged (new tasks only get higher seqs).
     floor: AtomicU64,
     applied: watch::Sender<u64>,
+    /// How many tasks of this projector are pending: added by the writer before its batch is
+    /// written, taken off as they are acknowledged, counted at start. What back-pressure
+    /// measures: a held project's old task keeps `applied` back, yet only its own tasks wait.
+    pending: Arc<AtomicU64>,
     /// Counts acknowledgements, so a waiter can check its own task even when an older one of a
     /// held project keeps `applied` from moving.
     acks: watch::Sender<u64>,
@@ -406,14 +411,15 @@ impl Journal {
                 let lane = Lane {
                     floor: AtomicU64::new(0),
                     applied: watch::channel(0).0,
+                    pending: Arc::new(AtomicU64::new(count_tasks(&db, name)?)),
                     acks: watch::channel(0).0,
                     wake: Notify::new(),
                     retry: Notify::new(),
                     progress: Mutex::new(ProjectorProgress::default()),
                 };
-                (*name, lane)
+                Ok((*name, lane))
             })
-            .collect();
+            .collect::<Result<_, JournalError>>()?;
         let journal = Arc::new(Journal {
             db: db.clone(),
             catalog: catalog.clone(),
@@ -434,10 +440,14 @@ impl Journal {
             journal.refresh_progress(name)?;
         }
         let weak = Arc::downgrade(&journal);
+        let counts = projectors
+            .iter()
+            .map(|name| (*name, journal.lanes[name].pending.clone()))
+            .collect();
         let worker = writer::Writer::new(
             db,
             catalog,
-            projectors,
+            counts,
             settings.keyspaces,
             last_seq,
             settings.durability,
@@ -532,14 +542,15 @@ impl Journal {
         .await
     }
 
-    /// Whether writes are accepted now: refused (503) while a projector is too far behind; the
-    /// refusal names the projector furthest behind.
+    /// Whether writes are accepted now: refused (503) while a projector has too many tasks
+    /// pending; the refusal names the projector furthest behind. Counted in tasks, not seqs: a
+    /// project held by a failing migration keeps `applied` at its oldest task, but only its own
+    /// tasks wait behind it, so the other projects' writes go on until those alone reach the limit.
     pub fn check_backlog(&self) -> Result<(), JournalError> {
-        let last = self.last_seq();
         let most_behind = self
             .lanes
             .iter()
-            .map(|(name, lane)| (last.saturating_sub(*lane.applied.borrow()), name))
+            .map(|(name, lane)| (lane.pending.load(Ordering::Acquire), name))
             .max();
         match most_behind {
             Some((pending, name)) if pending > self.settings.max_pending => {
@@ -734,14 +745,7 @@ mod tests {
 
     async fn fixture(durability: Durability, projectors: Vec<&'static str>) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let catalog = Arc::new(Catalog::open(&dir.path().join("catalog")).unwrap());
-        let settings = JournalSettings {
-            durability,
-            max_pending: u64::MAX,
-            keyspaces: true,
-        };
-        let journal =
-            Journal::open(&dir.path().join("journal"), catalog, projectors, settings).unwrap();
+        let journal = open(dir.path(), durability, projectors, u64::MAX);
         let storage = EmbeddedStorage::open(journal.clone());
         let (project, article) = (Ident::parse("p").unwrap(), Ident::parse("article").unwrap());
         let blueprint = json!({"postgresql": {"table": "articles"},
@@ -758,6 +762,95 @@ mod tests {
             project,
             article,
         }
+    }
+
+    /// Opens the journal (and its catalog) in `dir`, again after an earlier opening was closed.
+    fn open(
+        dir: &Path,
+        durability: Durability,
+        projectors: Vec<&'static str>,
+        max_pending: u64,
+    ) -> Arc<Journal> {
+        // A closed journal's background tasks may hold the catalog for a moment longer.
+        let mut tries = 0;
+        let catalog = loop {
+            match Catalog::open(&dir.join("catalog")) {
+                Ok(catalog) => break Arc::new(catalog),
+                Err(_) if tries < 100 => {
+                    tries += 1;
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Err(e) => panic!("the catalog does not open: {e}"),
+            }
+        };
+        let settings = JournalSettings {
+            durability,
+            max_pending,
+            keyspaces: true,
+        };
+        Journal::open(&dir.join("journal"), catalog, projectors, settings).unwrap()
+    }
+
+    #[tokio::test]
+    async fn back_pressure_counts_the_tasks_that_wait_not_how_far_an_old_one_holds_progress() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            ..
+        } = fixture(Durability::Buffered, vec!["store"]).await;
+        journal.close().await;
+        drop((journal, storage));
+        let journal = open(_dir.path(), Durability::Buffered, vec!["store"], 3);
+        let storage = EmbeddedStorage::open(journal.clone());
+        let counted = journal.progress("store").pending;
+        assert_eq!(counted, 1, "the migration of version 1 is counted at start");
+
+        // The migration stays pending, as a held project's does, while every later task is
+        // applied: progress stays at the migration, yet one task waits.
+        for n in 0..10 {
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("t{n}")).await;
+            let tasks = journal.pending("store", 100).unwrap();
+            let last = tasks.last().unwrap().seq;
+            journal
+                .ack_run("store", tasks[1].seq..=last, tasks.len() - 1, Vec::new())
+                .unwrap();
+        }
+        let progress = journal.progress("store");
+        assert!(journal.last_seq() - progress.applied_through > 3);
+        assert_eq!(progress.pending, 1);
+        journal
+            .check_backlog()
+            .expect("one task waits: writes go on");
+
+        // Tasks that wait count, a report delivered twice counts once, and a restart counts them
+        // all again.
+        for n in 0..3 {
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("w{n}")).await;
+        }
+        let waiting = journal.pending("store", 100).unwrap();
+        assert_eq!(journal.progress("store").pending, 4);
+        assert!(matches!(
+            journal.check_backlog(),
+            Err(JournalError::Backlog {
+                pending: 4,
+                limit: 3,
+                ..
+            })
+        ));
+        let newest = waiting.last().unwrap().seq;
+        journal.ack("store", &[newest], Vec::new()).unwrap();
+        journal.ack("store", &[newest], Vec::new()).unwrap();
+        assert_eq!(journal.progress("store").pending, 3);
+        journal
+            .check_backlog()
+            .expect("three tasks are within the limit");
+        journal.close().await;
+        drop((journal, storage));
+        let journal = open(_dir.path(), Durability::Buffered, vec!["store"], 3);
+        assert_eq!(journal.progress("store").pending, 3);
+        journal.close().await;
     }
 
     #[tokio::test]

@@ -114,6 +114,9 @@ pub struct Writer {
     catalog: Arc<Catalog>,
     /// The projectors that get tasks.
     projectors: Vec<&'static str>,
+    /// Each projector's count of pending tasks (in the order of `projectors`): raised before a
+    /// batch is written, so an acknowledgement can never find it lower than its tasks.
+    pending: Vec<Arc<AtomicU64>>,
     /// Whether the batch also writes the local keyspaces (`keyspace::CF_KEYSPACES`).
     keyspaces: bool,
     last_seq: Arc<AtomicU64>,
@@ -147,6 +150,8 @@ struct Stage<'a> {
     after: Vec<AfterCommit>,
     /// Back-fill keys this batch starts.
     backfills: std::collections::HashSet<Vec<u8>>,
+    /// Tasks this batch queues for each projector (in the order of `Writer::projectors`).
+    queued: Vec<u64>,
     /// The last change this batch makes to each item, so a second write of the same item in the
     /// batch replaces the first one's change. Keyed by item keys, which clients choose: foldhash,
     /// seeded per process, so they cannot aim them at one bucket (SipHash took 1.7 % of dstore's
@@ -241,6 +246,9 @@ impl<'a> Stage<'a> {
                 value.get_or_insert_with(|| codec::task_value(seq, revision.unwrap_or(seq), body));
             self.batch
                 .put_cf(tasks, keys::task(projector, seq), &*value);
+            if let Some(lane) = self.writer.projectors.iter().position(|p| *p == projector) {
+                self.queued[lane] += 1;
+            }
         }
         seq
     }
@@ -449,7 +457,7 @@ impl Writer {
     pub fn new(
         db: Arc<DB>,
         catalog: Arc<Catalog>,
-        projectors: Vec<&'static str>,
+        projectors: Vec<(&'static str, Arc<AtomicU64>)>,
         keyspaces: bool,
         last_seq: Arc<AtomicU64>,
         durability: Durability,
@@ -459,10 +467,12 @@ impl Writer {
             .iterator_cf(deleted, rocksdb::IteratorMode::Start)
             .next()
             .is_some();
+        let (projectors, pending) = projectors.into_iter().unzip();
         Writer {
             db,
             catalog,
             projectors,
+            pending,
             keyspaces,
             last_seq,
             durability,
@@ -492,6 +502,7 @@ impl Writer {
                 answers: Vec::new(),
                 after: Vec::new(),
                 backfills: Default::default(),
+                queued: vec![0; self.projectors.len()],
                 staged: HashMap::default(),
                 dropped: Default::default(),
                 horizons: HashMap::new(),
@@ -525,10 +536,19 @@ impl Writer {
                 after,
                 touched,
                 dropped,
+                queued,
                 ..
             } = stage;
             room = batch.size_in_bytes();
+            for (pending, queued) in self.pending.iter().zip(&queued) {
+                pending.fetch_add(*queued, Ordering::AcqRel);
+            }
             let result = self.db.write_opt(batch, &options);
+            if result.is_err() {
+                for (pending, queued) in self.pending.iter().zip(&queued) {
+                    pending.fetch_sub(*queued, Ordering::AcqRel);
+                }
+            }
             if result.is_ok() {
                 self.last_seq.store(seq, Ordering::Release);
                 for project in &dropped {
