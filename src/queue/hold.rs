@@ -2,8 +2,8 @@
 //!
 //! A projector applies a project's tasks in order, and no write may reach a version before its
 //! migration; so when a migration fails, that project's tasks must wait. Other projects' tasks do not
-//! depend on it: both transports leave the held project's tasks where they are, in order, and go on
-//! with the rest. Each held project is tried again after its own capped backoff (or at once, when a
+//! depend on it: both transports keep the held project's tasks in order and go on with the rest (the
+//! dispatcher leaves them in the journal; a RabbitMQ consumer parks them in a queue of their own). Each held project is tried again after its own capped backoff (or at once, when a
 //! client asks for a retry); a success releases it.
 
 use std::collections::HashMap;
@@ -54,6 +54,13 @@ impl Holds {
         for hold in self.held.values_mut() {
             hold.until = now;
         }
+    }
+
+    /// How long `project`'s tasks must still wait (zero when it is not held).
+    pub fn wait(&self, project: &Ident) -> Duration {
+        self.held.get(project).map_or(Duration::ZERO, |hold| {
+            hold.until.saturating_duration_since(Instant::now())
+        })
     }
 
     /// Whether some project is held now.

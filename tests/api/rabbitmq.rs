@@ -103,7 +103,12 @@ impl TestBroker {
         let connection = connect().await;
         let channel = connection.create_channel().await.unwrap();
         for projector in ["rocksdb", "postgresql", "elasticsearch", "broken"] {
-            for queue in [projector.to_string(), format!("{projector}.dead")] {
+            let queues = [
+                projector.to_string(),
+                format!("{projector}.dead"),
+                format!("{projector}.parked"),
+            ];
+            for queue in queues {
                 let name = format!("{}.{queue}", self.namespace);
                 let _ = channel
                     .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
@@ -314,6 +319,149 @@ async fn a_worker_process_applies_postgresql_while_serve_only_relays_its_tasks()
     let mut worker = start_worker("postgresql", &app.address, &env);
     faults::wait_until_projected(&app).await;
     assert_eq!(count_rows(&db).await, 52);
+    terminate(&mut worker);
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
+
+/// Waits up to 30 s until `sql` counts `expected`.
+async fn expect_count(db: &TestDatabase, sql: &str, expected: i64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let mut conn = db.sql().await;
+        let count: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(sql.to_string()))
+            .fetch_one(&mut conn)
+            .await
+            .ok();
+        if count == Some(expected) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{sql} counts {count:?}, not {expected}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Freezes `project`'s working copy and waits until every store migrated it.
+async fn freeze_until_migrated(app: &TestApp, project: &str) {
+    let mut frozen = app.post(&format!("/{project}/_version"), None).await;
+    for _ in 0..30 {
+        if frozen.status != 503 {
+            break;
+        }
+        frozen = app.post(&format!("/{project}/_version"), None).await;
+    }
+    let done = frozen.status == 200
+        || (frozen.status == 409 && frozen.body["status"].as_str().unwrap().contains("migrated"));
+    assert!(done, "{} {}", frozen.status, frozen.body);
+}
+
+#[tokio::test]
+async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_once_fixed() {
+    let broker = TestBroker::new().await;
+    let db = TestDatabase::create().await;
+    let mut sql = db.sql().await;
+    sqlx::raw_sql("CREATE SCHEMA bad_v1; COMMENT ON SCHEMA bad_v1 IS 'the billing team''s'")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    let queue = QueueSettings {
+        external: vec!["postgresql".into()],
+        ..broker.settings()
+    };
+    let pg = db.settings();
+    let app = spawn_app_with(|s| {
+        s.queue = Some(queue);
+        s.postgresql = Some(pg);
+        s.projection.wait_timeout_secs = 2;
+    })
+    .await;
+    let env = [
+        ("QUEUE_CONNECTIONSTRING", broker_url()),
+        ("DSTORE_QUEUE_NAMESPACE", broker.namespace.clone()),
+        ("DSTORE_QUEUE_PREFETCH", "4".into()),
+        (
+            "DATABASE_URL",
+            db.settings()
+                .url
+                .expect("the test database url")
+                .expose()
+                .to_string(),
+        ),
+    ];
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    let thing = faults::thing();
+    assert_eq!(app.put("/bad/thing/_blueprint", &thing).await.status, 200);
+    // The migration fails (the schema is someone else's): the project is held.
+    let frozen = app.post("/bad/_version", None).await;
+    assert_eq!(frozen.status, 503, "{}", frozen.body);
+    let ids: Vec<Uuid> = (0..20).map(|_| Uuid::new_v4()).collect();
+    for (n, id) in ids.iter().enumerate() {
+        let put = app
+            .put(
+                &format!("/bad/thing/{id}"),
+                &json!({"project_version": 1, "n": n}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    // Its migration and 20 writes wait in its parking queue, not in the worker's window of four.
+    broker.expect_messages("postgresql.parked.bad", 21).await;
+    assert_eq!(app.put("/good/thing/_blueprint", &thing).await.status, 200);
+    freeze_until_migrated(&app, "good").await;
+    let item = json!({"project_version": 1, "n": 1});
+    app.put_projected(&format!("/good/thing/{}?wait=true", Uuid::new_v4()), &item)
+        .await;
+
+    // A new worker finds the parked project in the registry: the project is tried again and its
+    // tasks stay parked, in order, and the other project still goes on.
+    terminate(&mut worker);
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    let put = app
+        .put(&format!("/good/thing/{}", Uuid::new_v4()), &item)
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    expect_count(&db, "SELECT count(*) FROM good_v1.things", 2).await;
+    broker.expect_messages("postgresql.parked.bad", 21).await;
+
+    // Once the cause is gone, the held tasks follow on the project's next try, the migration first,
+    // and a write made since lands after them.
+    sqlx::raw_sql("DROP SCHEMA bad_v1")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    let again = app
+        .put(
+            &format!("/bad/thing/{}", ids[0]),
+            &json!({"project_version": 1, "n": 100}),
+        )
+        .await;
+    assert_eq!(again.status, 200, "{}", again.body);
+    expect_count(&db, "SELECT count(*) FROM bad_v1.things", 20).await;
+    let newest = format!(
+        "SELECT n::bigint FROM bad_v1.things WHERE id = '{}'",
+        ids[0]
+    );
+    expect_count(&db, &newest, 100).await;
+    // The emptied parking queue is deleted, and its registry entry with it.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while broker.queued("postgresql.parked.bad").await.is_some() {
+        assert!(Instant::now() < deadline, "the parking queue is left");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    broker.expect_messages("postgresql.parked", 0).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = app.get("/_health/ready").await.body;
+        if ready["projectors"]["postgresql"]["progress"]["pending"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ready}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     terminate(&mut worker);
     app.stop().await;
     broker.clean_up().await;

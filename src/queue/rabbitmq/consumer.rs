@@ -6,15 +6,31 @@
 //! keeps the rest. A task the store refused for good is reported as a dead letter and rejected into
 //! the projector's dead-letter queue; a message that is not a task goes there too. Runs in
 //! `dstore serve` and in `dstore worker`, with the catalog of the process or a copy of the server's.
+//!
+//! A project whose migration failed is held ([`Holds`]) and its tasks are parked: moved, in order,
+//! to a parking queue of its own (`{ns}.{projector}.parked.{project}`), so however many of them come
+//! they take no room in the prefetch window and the other projects go on. While a project has a
+//! parking queue, its new deliveries join the end of it. When its hold ends, its tasks are taken
+//! from the head of that queue a batch at a time and applied; if it fails again, the batch goes back
+//! to the head unchanged, so nothing of a project ever overtakes its older tasks. The registry
+//! (`{ns}.{projector}.parked`) names every project with a parking queue; the active consumer holds
+//! its entries unacknowledged while it works, so after a crash the next one finds them all. The
+//! consumer channel is transactional: a task's copy in a parking queue and the acknowledgement of
+//! the delivery it came from are committed together, so a crash leaves the task in one place.
+//!
+//! A new session knows nothing of what was parked before, and only the queue's active consumer
+//! may know: it reads the registry before applying anything, at once when it is the queue's only
+//! consumer, else on its first delivery (which only the active one gets).
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
-    BasicAckOptions, BasicConsumeOptions, BasicPublishOptions, BasicQosOptions, BasicRejectOptions,
-    ConfirmSelectOptions,
+    BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
+    BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{Channel, Connection};
@@ -71,15 +87,17 @@ impl Consumer<'_> {
         channel
             .basic_qos(self.broker.settings.prefetch, BasicQosOptions::default())
             .await?;
+        channel.tx_select().await?;
         let reports = connection.create_channel().await?;
         self.broker.declare_reports(&reports).await?;
         reports
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
         let tag = format!("dstore-{name}-{}", std::process::id());
+        let queue = self.broker.queue(name);
         let mut deliveries = channel
             .basic_consume(
-                self.broker.queue(name).as_str().into(),
+                queue.as_str().into(),
                 tag.as_str().into(),
                 BasicConsumeOptions::default(),
                 FieldTable::default(),
@@ -88,59 +106,221 @@ impl Consumer<'_> {
         // Another worker may have applied a project's drop while this one was away.
         self.view.clear();
         self.broker.set_link(self.link, true, None);
-        // Deliveries of projects held back by a failed migration wait here, unsettled and in
-        // order, while the others go on; prefetch bounds how many.
-        let mut parked = Parked::default();
+        let mut parking = Parking::default();
+        let session = Session {
+            connection: &connection,
+            channel: &channel,
+            reports: &reports,
+        };
+        // The queue's only consumer is its active one: it takes over what was parked at once.
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await?;
+        if declared.consumer_count() == 1 {
+            self.take_over(&session, &mut parking).await?;
+        }
         loop {
-            let retry_in = parked.holds.next_try().unwrap_or(Duration::from_secs(3600));
+            let due = parking.next_due();
             let first = tokio::select! {
                 next = deliveries.next() => Some(next),
-                _ = tokio::time::sleep(retry_in), if !parked.waiting.is_empty() => None,
+                _ = tokio::time::sleep(due.as_ref().map_or(Duration::ZERO, |d| d.1)), if due.is_some() => None,
                 _ = shutdown.changed() => return Ok(()),
             };
-            // Parked deliveries whose project may be tried again go first, in their order.
-            let mut batch = parked.due();
-            if let Some(first) = first {
-                batch.push(delivered(first)?);
-                while batch.len() < self.batch_size {
-                    match deliveries.next().now_or_never() {
-                        Some(next) => batch.push(delivered(next)?),
-                        None => break,
-                    }
+            let Some(first) = first else {
+                let (project, _) = due.expect("a project is due");
+                if !self
+                    .retry(&session, &project, &mut parking, &mut shutdown)
+                    .await?
+                {
+                    return Ok(());
+                }
+                continue;
+            };
+            if !parking.known {
+                self.take_over(&session, &mut parking).await?;
+            }
+            let mut batch = vec![delivered(first)?];
+            while batch.len() < self.batch_size {
+                match deliveries.next().now_or_never() {
+                    Some(next) => batch.push(delivered(next)?),
+                    None => break,
                 }
             }
             for (journal, run) in by_journal(batch) {
-                if !self
-                    .settle_batch(&reports, &journal, run, &mut parked, &mut shutdown)
-                    .await?
-                {
+                let settled = self
+                    .settle_batch(
+                        &session,
+                        &journal,
+                        run,
+                        Source::Queue,
+                        &mut parking,
+                        &mut shutdown,
+                    )
+                    .await?;
+                if !settled {
                     return Ok(());
                 }
             }
         }
     }
 
-    /// Applies a batch until every delivery is settled; false when shutdown interrupted it (the
-    /// unsettled deliveries return to the queue with the connection).
-    async fn settle_batch(
+    /// Reads the registry of parking queues: from now on this session knows every project with
+    /// tasks parked (and holds their entries until their queues are empty).
+    async fn take_over(
         &self,
-        reports: &Channel,
-        journal: &str,
-        batch: Vec<Delivery>,
-        parked: &mut Parked,
+        session: &Session<'_>,
+        parking: &mut Parking,
+    ) -> Result<(), LinkError> {
+        let registry = self.broker.parked_queue(self.projector.name());
+        while let Some(entry) = session
+            .channel
+            .basic_get(registry.as_str().into(), BasicGetOptions { no_ack: false })
+            .await?
+        {
+            let entry = entry.delivery;
+            match std::str::from_utf8(&entry.data)
+                .ok()
+                .and_then(|name| Ident::parse(name).ok())
+            {
+                Some(project) if !parking.parked.contains_key(&project) => {
+                    parking.parked.insert(project, Some(entry));
+                }
+                // A second entry for a project, or one that names none.
+                _ => settle(&entry, true).await?,
+            }
+        }
+        session.channel.tx_commit().await?;
+        // A queue deleted before its entry was acknowledged is made again, empty, and forgotten
+        // on the project's first try.
+        for project in parking.parked.keys() {
+            self.broker
+                .declare_parked(session.channel, self.projector.name(), project)
+                .await?;
+        }
+        parking.known = true;
+        if !parking.parked.is_empty() {
+            tracing::info!(
+                projector = self.projector.name(),
+                projects = parking.parked.len(),
+                "projects with tasks parked by an earlier consumer"
+            );
+        }
+        Ok(())
+    }
+
+    /// Applies a batch from the head of `project`'s parking queue (its hold is over). When the
+    /// project fails again, what was not applied goes back to the head; when the queue is empty,
+    /// the project's deliveries flow again. False when shutdown interrupted it.
+    async fn retry(
+        &self,
+        session: &Session<'_>,
+        project: &Ident,
+        parking: &mut Parking,
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<bool, LinkError> {
-        let mut tasks = Vec::with_capacity(batch.len());
-        let mut held = Vec::with_capacity(batch.len());
+        let queue = self
+            .broker
+            .project_parked_queue(self.projector.name(), project);
+        let mut batch = Vec::new();
+        while batch.len() < self.batch_size {
+            match session
+                .channel
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                .await?
+            {
+                Some(message) => batch.push(message.delivery),
+                None => break,
+            }
+        }
+        if batch.is_empty() {
+            return self.unpark(session, project, parking).await.map(|()| true);
+        }
+        for (journal, run) in by_journal(batch) {
+            if parking.holds.is_held(project) {
+                // Failed again: the rest of the batch goes back to the head, in order.
+                for delivery in &run {
+                    requeue(delivery).await?;
+                }
+                session.channel.tx_commit().await?;
+                continue;
+            }
+            if !self
+                .settle_batch(session, &journal, run, Source::Parking, parking, shutdown)
+                .await?
+            {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Forgets `project`'s parking queue, which is empty: deletes it, then its registry entry.
+    async fn unpark(
+        &self,
+        session: &Session<'_>,
+        project: &Ident,
+        parking: &mut Parking,
+    ) -> Result<(), LinkError> {
+        let queue = self
+            .broker
+            .project_parked_queue(self.projector.name(), project);
+        // On a channel of its own: a refusal (the queue is not empty) closes the channel that asked.
+        let channel = session.connection.create_channel().await?;
+        let deleted = channel
+            .queue_delete(
+                queue.as_str().into(),
+                QueueDeleteOptions {
+                    if_empty: true,
+                    ..QueueDeleteOptions::default()
+                },
+            )
+            .await;
+        if let Err(error) = deleted {
+            tracing::warn!(%project, %error, "a parking queue is not deleted; it is read again later");
+            return Ok(());
+        }
+        let _ = channel.close(200, "deleted".into()).await;
+        if let Some(Some(entry)) = parking.parked.remove(project) {
+            settle(&entry, true).await?;
+            session.channel.tx_commit().await?;
+        }
+        tracing::info!(projector = self.projector.name(), %project, "the project's parked tasks are applied; its deliveries flow again");
+        Ok(())
+    }
+
+    /// Applies a batch until every delivery is settled; false when shutdown interrupted it (the
+    /// unsettled deliveries return to their queue with the connection). Deliveries of held
+    /// projects are parked; from the queue, so are those of projects with tasks parked before them.
+    async fn settle_batch(
+        &self,
+        session: &Session<'_>,
+        journal: &str,
+        batch: Vec<Delivery>,
+        from: Source,
+        parking: &mut Parking,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<bool, LinkError> {
+        let name = self.projector.name();
+        let count = batch.len();
+        let mut tasks = Vec::with_capacity(count);
+        let mut held = Vec::with_capacity(count);
         for delivery in batch {
             match decode_task(&delivery.data) {
-                Ok(task) if parked.holds_back(&task.project) => parked.park(task, delivery),
+                Ok(task) if from == Source::Queue && parking.holds_back(&task.project) => {
+                    parking
+                        .park(session, self.broker, name, &task.project, &delivery)
+                        .await?;
+                }
                 Ok(task) => {
                     tasks.push(task);
                     held.push(delivery);
                 }
                 Err(error) => {
-                    tracing::error!(projector = self.projector.name(), %error, "a message that is not a task goes to the dead-letter queue");
+                    tracing::error!(projector = name, %error, "a message that is not a task goes to the dead-letter queue");
                     // A task's seq is in its fixed header even when the rest cannot be read: the
                     // server then keeps it as a dead letter instead of waiting for it for ever.
                     if let Some(seq) = delivery
@@ -149,7 +329,7 @@ impl Consumer<'_> {
                         .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
                     {
                         let dead = DeadLetter::from_raw(
-                            self.projector.name(),
+                            name,
                             seq,
                             &delivery.data,
                             "the consumer could not read the task".into(),
@@ -158,22 +338,27 @@ impl Consumer<'_> {
                             dead: vec![dead],
                             ..Step::default()
                         };
-                        self.report(reports, journal, &step).await?;
+                        self.report(session.reports, journal, &step).await?;
                     }
                     settle(&delivery, false).await?;
                 }
             }
         }
+        if tasks.len() < count {
+            // Something was parked or refused: commit it before applying the rest.
+            session.channel.tx_commit().await?;
+        }
         let mut attempt = 0;
         while !tasks.is_empty() {
             let step = self.step(&tasks).await;
             let settled = step.settled();
-            tracing::debug!(projector = self.projector.name(), settled, "step applied");
-            self.report(reports, journal, &step).await?;
+            tracing::debug!(projector = name, settled, "step applied");
+            self.report(session.reports, journal, &step).await?;
             for (task, delivery) in tasks.iter().zip(&held).take(settled) {
                 let refused = step.dead.iter().any(|d| d.seq == task.seq);
                 settle(delivery, !refused).await?;
             }
+            session.channel.tx_commit().await?;
             tasks.drain(..settled);
             held.drain(..settled);
             if let Some(m) = step
@@ -181,29 +366,35 @@ impl Consumer<'_> {
                 .as_ref()
                 .filter(|m| m.state == MigrationState::Done)
             {
-                parked.holds.release(&m.project);
+                parking.holds.release(&m.project);
             }
             let failed_migration = step.migration.as_ref().filter(|m| {
                 matches!(m.state, MigrationState::Failed { .. }) && step.retry.is_some()
             });
             if let Some(m) = failed_migration {
-                // Only this project waits: its deliveries are parked, in order, and the rest go on.
-                tracing::warn!(projector = self.projector.name(), project = %m.project, error = ?step.retry, "migration failed; the project's tasks wait, the others go on");
-                parked.holds.hold(&m.project);
+                // Only this project waits: its tasks are parked, in order, and the rest go on.
+                tracing::warn!(projector = name, project = %m.project, error = ?step.retry, "migration failed; the project's tasks are parked, the others go on");
+                parking.holds.hold(&m.project);
                 let (mut kept_tasks, mut kept) = (Vec::new(), Vec::new());
                 for (task, delivery) in tasks.drain(..).zip(held.drain(..)) {
-                    if task.project == m.project {
-                        parked.park(task, delivery);
-                    } else {
+                    if task.project != m.project {
                         kept_tasks.push(task);
                         kept.push(delivery);
+                    } else if from == Source::Parking {
+                        // Back to the head of its parking queue, in order.
+                        requeue(&delivery).await?;
+                    } else {
+                        parking
+                            .park(session, self.broker, name, &task.project, &delivery)
+                            .await?;
                     }
                 }
+                session.channel.tx_commit().await?;
                 (tasks, held) = (kept_tasks, kept);
                 continue;
             }
             if let Some(error) = step.retry {
-                tracing::warn!(projector = self.projector.name(), %error, attempt, "projection failed; retrying");
+                tracing::warn!(projector = name, %error, attempt, "projection failed; retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(backoff(attempt)) => {}
                     _ = shutdown.changed() => return Ok(false),
@@ -267,31 +458,111 @@ impl Consumer<'_> {
     }
 }
 
-/// Deliveries of held projects, unsettled, in the order they arrived.
-#[derive(Default)]
-struct Parked {
-    holds: Holds,
-    waiting: Vec<(Ident, Delivery)>,
+/// The consumer's connection and its two channels: deliveries (transactional) and reports (with
+/// confirms).
+struct Session<'a> {
+    connection: &'a Connection,
+    channel: &'a Channel,
+    reports: &'a Channel,
 }
 
-impl Parked {
-    /// Whether a task of `project` must wait: its project is held, or earlier tasks of it are
-    /// parked (order within a project is kept).
+/// Where a delivery came from.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// The projector's queue.
+    Queue,
+    /// The head of its project's parking queue.
+    Parking,
+}
+
+/// What this session knows of parked tasks.
+#[derive(Default)]
+struct Parking {
+    holds: Holds,
+    /// Projects with a parking queue, with the registry entry naming it, held unacknowledged
+    /// (none when the entry could not be taken back after it was written: the next session reads
+    /// it).
+    parked: HashMap<Ident, Option<Delivery>>,
+    /// Whether this session read the registry; until then it does not know what is parked.
+    known: bool,
+}
+
+impl Parking {
+    /// Whether a delivery of `project` from the queue must be parked: its project is held, or
+    /// older tasks of it are parked.
     fn holds_back(&self, project: &Ident) -> bool {
-        self.holds.is_held(project) || self.waiting.iter().any(|(p, _)| p == project)
+        self.holds.is_held(project) || self.parked.contains_key(project)
     }
 
-    fn park(&mut self, task: Task, delivery: Delivery) {
-        self.waiting.push((task.project, delivery));
+    /// The parked project to try next and how long until its hold ends.
+    fn next_due(&self) -> Option<(Ident, Duration)> {
+        self.parked
+            .keys()
+            .map(|project| (project.clone(), self.holds.wait(project)))
+            .min_by_key(|(_, wait)| *wait)
     }
 
-    /// The parked deliveries whose project may be tried again, in order.
-    fn due(&mut self) -> Vec<Delivery> {
-        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.waiting)
-            .into_iter()
-            .partition(|(project, _)| !self.holds.is_held(project));
-        self.waiting = waiting;
-        due.into_iter().map(|(_, delivery)| delivery).collect()
+    /// Publishes a copy of `delivery` at the end of `project`'s parking queue and acknowledges it:
+    /// both take effect at the channel's next commit. The first task of a project parked makes its
+    /// queue and its registry entry.
+    async fn park(
+        &mut self,
+        session: &Session<'_>,
+        broker: &Broker,
+        projector: &str,
+        project: &Ident,
+        delivery: &Delivery,
+    ) -> Result<(), LinkError> {
+        let queue = broker.project_parked_queue(projector, project);
+        if !self.parked.contains_key(project) {
+            broker
+                .declare_parked(session.channel, projector, project)
+                .await?;
+            let registry = broker.parked_queue(projector);
+            session
+                .channel
+                .basic_publish(
+                    "".into(),
+                    registry.as_str().into(),
+                    BasicPublishOptions::default(),
+                    project.as_str().as_bytes(),
+                    persistent(format!("parked-{project}")),
+                )
+                .await?;
+            session.channel.tx_commit().await?;
+            // This session is the registry's only reader, and took every entry there was: the
+            // entry is the one just written, or one written before that it could not take yet.
+            self.parked.insert(project.clone(), None);
+            while let Some(entry) = session
+                .channel
+                .basic_get(registry.as_str().into(), BasicGetOptions { no_ack: false })
+                .await?
+            {
+                let entry = entry.delivery;
+                let named = std::str::from_utf8(&entry.data)
+                    .ok()
+                    .and_then(|name| Ident::parse(name).ok());
+                match named.and_then(|named| self.parked.get_mut(&named)) {
+                    Some(slot @ None) => *slot = Some(entry),
+                    // Of a project no longer parked.
+                    _ => settle(&entry, true).await?,
+                }
+                if self.parked[project].is_some() {
+                    break;
+                }
+            }
+        }
+        session
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.as_str().into(),
+                BasicPublishOptions::default(),
+                &delivery.data,
+                delivery.properties.clone(),
+            )
+            .await?;
+        settle(delivery, true).await
     }
 }
 
@@ -330,6 +601,21 @@ fn delivered(next: Option<lapin::Result<Delivery>>) -> Result<Delivery, LinkErro
         None => Err(LinkError::Other(
             "the broker cancelled the consumer (was its queue deleted?)".into(),
         )),
+    }
+}
+
+/// Returns a delivery to its place in its queue (at the channel's next commit).
+async fn requeue(delivery: &Delivery) -> Result<(), LinkError> {
+    let sent = delivery
+        .acker
+        .reject(BasicRejectOptions { requeue: true })
+        .await?;
+    if sent {
+        Ok(())
+    } else {
+        Err(LinkError::Other(
+            "the channel closed before a delivery was returned".into(),
+        ))
     }
 }
 

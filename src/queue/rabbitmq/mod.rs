@@ -8,6 +8,10 @@
 //! - exchange `dstore.dead` (direct) → queue `dstore.{projector}.dead`: tasks a store refused for good
 //!   and messages no consumer could read, for broker tools. It keeps the newest 100,000 messages;
 //!   the list dstore serves and retries from (`/_dead_letters`) is the journal's.
+//! - queue `dstore.{projector}.parked.{project}` per project held back by a failed migration: its
+//!   tasks, in order, moved out of the way so they take no room in the consumer's prefetch window
+//!   ([`consumer`]); applied from its head when the project is tried again, and deleted once empty.
+//!   Dead-letters like the projector's queue. Queue `dstore.{projector}.parked` names them.
 //! - queue `dstore.reports`: what consumers applied, refused and migrated, for the server's journal.
 //!
 //! The journal stays the source of truth. A task stays in it until a report says its projector
@@ -33,6 +37,7 @@ use lapin::{Channel, Connection, ConnectionProperties, ExchangeKind};
 use serde::Serialize;
 use tokio::sync::watch;
 
+use crate::blueprint::Ident;
 use crate::config::QueueSettings;
 use crate::projector::backoff;
 
@@ -85,6 +90,44 @@ impl Broker {
     /// Where a projector's refused tasks end up.
     pub fn dead_queue(&self, projector: &str) -> String {
         format!("{}.{projector}.dead", self.settings.namespace)
+    }
+
+    /// The registry of a projector's parking queues: one message naming each project that has one.
+    pub fn parked_queue(&self, projector: &str) -> String {
+        format!("{}.{projector}.parked", self.settings.namespace)
+    }
+
+    /// Where a projector's consumer keeps a held project's tasks.
+    pub fn project_parked_queue(&self, projector: &str, project: &Ident) -> String {
+        format!("{}.{projector}.parked.{project}", self.settings.namespace)
+    }
+
+    /// Declares a project's parking queue (idempotent): refused tasks go where the projector's do.
+    async fn declare_parked(
+        &self,
+        channel: &Channel,
+        projector: &str,
+        project: &Ident,
+    ) -> Result<(), LinkError> {
+        let mut args = FieldTable::default();
+        args.insert(
+            "x-dead-letter-exchange".into(),
+            AMQPValue::LongString(self.dead_exchange().as_str().into()),
+        );
+        args.insert(
+            "x-dead-letter-routing-key".into(),
+            AMQPValue::LongString(projector.into()),
+        );
+        channel
+            .queue_declare(
+                self.project_parked_queue(projector, project)
+                    .as_str()
+                    .into(),
+                QueueDeclareOptions::durable(),
+                args,
+            )
+            .await?;
+        Ok(())
     }
 
     /// The queue of consumers' reports to the server.
@@ -155,7 +198,15 @@ impl Broker {
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(dead_exchange.as_str().into()),
         );
-        declare_bound(channel, &self.queue(projector), args, &exchange, projector).await
+        declare_bound(channel, &self.queue(projector), args, &exchange, projector).await?;
+        channel
+            .queue_declare(
+                self.parked_queue(projector).as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await?;
+        Ok(())
     }
 
     /// Whether the broker has a projector's queue (asked on a channel of its own, since a missing
