@@ -408,24 +408,29 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
             .await;
         assert_eq!(put.status, 200, "{}", put.body);
     }
-    // Its migration and 20 writes wait in its parking queue, not in the worker's window of four.
+    // Its migration and 20 writes wait in its parking queue, not in the worker's window of four,
+    // and the registry names it.
     broker.expect_messages("postgresql.parked.bad", 21).await;
+    broker.expect_messages("postgresql.parked", 1).await;
     assert_eq!(app.put("/good/thing/_blueprint", &thing).await.status, 200);
     freeze_until_migrated(&app, "good").await;
     let item = json!({"project_version": 1, "n": 1});
     app.put_projected(&format!("/good/thing/{}?wait=true", Uuid::new_v4()), &item)
         .await;
 
-    // A new worker finds the parked project in the registry: the project is tried again and its
-    // tasks stay parked, in order, and the other project still goes on.
+    // New workers, one active and one standing by: the active one finds the parked project in
+    // the registry on its first delivery, tries it again and keeps its tasks parked, in order,
+    // and the other project still goes on.
     terminate(&mut worker);
     let mut worker = start_worker("postgresql", &app.address, &env);
+    let mut standby = start_worker("postgresql", &app.address, &env);
     let put = app
         .put(&format!("/good/thing/{}", Uuid::new_v4()), &item)
         .await;
     assert_eq!(put.status, 200, "{}", put.body);
     expect_count(&db, "SELECT count(*) FROM good_v1.things", 2).await;
     broker.expect_messages("postgresql.parked.bad", 21).await;
+    broker.expect_messages("postgresql.parked", 1).await;
 
     // Once the cause is gone, the held tasks follow on the project's next try, the migration first,
     // and a write made since lands after them.
@@ -463,6 +468,7 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     terminate(&mut worker);
+    terminate(&mut standby);
     app.stop().await;
     broker.clean_up().await;
     db.drop().await;

@@ -10,21 +10,23 @@
 //! A project whose migration failed is held ([`Holds`]) and its tasks are parked: moved, in order,
 //! to a parking queue of its own (`{ns}.{projector}.parked.{project}`), so however many of them come
 //! they take no room in the prefetch window and the other projects go on. While a project has a
-//! parking queue, its new deliveries join the end of it. When its hold ends, its tasks are taken
-//! from the head of that queue a batch at a time and applied; if it fails again, the batch goes back
-//! to the head unchanged, so nothing of a project ever overtakes its older tasks. The registry
-//! (`{ns}.{projector}.parked`) names every project with a parking queue; the active consumer holds
-//! its entries unacknowledged while it works, so after a crash the next one finds them all. The
-//! consumer channel is transactional: a task's copy in a parking queue and the acknowledgement of
-//! the delivery it came from are committed together, so a crash leaves the task in one place.
+//! parking queue, its new deliveries join the end of it; a session checks whether a project has one
+//! the first time it meets the project, so an earlier consumer's parked tasks are never overtaken.
+//! When its hold ends, its tasks are taken from the head of that queue a batch at a time and
+//! applied; if it fails again, the batch goes back to the head unchanged. The consumer channel is
+//! transactional: a task's copy in a parking queue and the acknowledgement of the delivery it came
+//! from are committed together, so a crash leaves the task in one place.
 //!
-//! A new session knows nothing of what was parked before, and only the queue's active consumer
-//! may know: it reads the registry before applying anything, at once when it is the queue's only
-//! consumer, else on its first delivery (which only the active one gets).
+//! The registry (`{ns}.{projector}.parked`, a message per parked project) tells a new active
+//! consumer which parking queues to try without waiting for their projects' next task. Only the
+//! active consumer reads it and tries parking queues: at once when it is the queue's only consumer
+//! (checked again every few seconds), else from its first delivery, which only the active one gets.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use futures::{FutureExt, StreamExt};
 use lapin::message::Delivery;
@@ -112,26 +114,20 @@ impl Consumer<'_> {
             channel: &channel,
             reports: &reports,
         };
-        // The queue's only consumer is its active one: it takes over what was parked at once.
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let declared = channel
-            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
-            .await?;
-        if declared.consumer_count() == 1 {
-            self.take_over(&session, &mut parking).await?;
-        }
         loop {
+            if !parking.known && self.only_consumer(&session, &queue).await? {
+                self.take_over(&session, &mut parking).await?;
+            }
+            // Without a project due, wake to ask again whether this consumer became the active one.
             let due = parking.next_due();
+            let wait = due.as_ref().map_or(ACTIVE_CHECK, |(_, wait)| *wait);
             let first = tokio::select! {
                 next = deliveries.next() => Some(next),
-                _ = tokio::time::sleep(due.as_ref().map_or(Duration::ZERO, |d| d.1)), if due.is_some() => None,
+                _ = tokio::time::sleep(wait), if due.is_some() || !parking.known => None,
                 _ = shutdown.changed() => return Ok(()),
             };
             let Some(first) = first else {
-                let (project, _) = due.expect("a project is due");
+                let Some((project, _)) = due else { continue };
                 if !self
                     .retry(&session, &project, &mut parking, &mut shutdown)
                     .await?
@@ -168,38 +164,35 @@ impl Consumer<'_> {
         }
     }
 
-    /// Reads the registry of parking queues: from now on this session knows every project with
-    /// tasks parked (and holds their entries until their queues are empty).
+    /// Whether this session is its queue's only consumer, hence the active one.
+    async fn only_consumer(&self, session: &Session<'_>, queue: &str) -> Result<bool, LinkError> {
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let declared = session
+            .channel
+            .queue_declare(queue.into(), passive, FieldTable::default())
+            .await?;
+        Ok(declared.consumer_count() == 1)
+    }
+
+    /// Reads the registry of parking queues, as the active consumer: from now on this session
+    /// tries every parked project in its turn.
     async fn take_over(
         &self,
         session: &Session<'_>,
         parking: &mut Parking,
     ) -> Result<(), LinkError> {
-        let registry = self.broker.parked_queue(self.projector.name());
-        while let Some(entry) = session
-            .channel
-            .basic_get(registry.as_str().into(), BasicGetOptions { no_ack: false })
-            .await?
-        {
-            let entry = entry.delivery;
-            match std::str::from_utf8(&entry.data)
-                .ok()
-                .and_then(|name| Ident::parse(name).ok())
-            {
-                Some(project) if !parking.parked.contains_key(&project) => {
-                    parking.parked.insert(project, Some(entry));
-                }
-                // A second entry for a project, or one that names none.
-                _ => settle(&entry, true).await?,
-            }
-        }
-        session.channel.tx_commit().await?;
-        // A queue deleted before its entry was acknowledged is made again, empty, and forgotten
-        // on the project's first try.
-        for project in parking.parked.keys() {
+        let name = self.projector.name();
+        for project in self.registry(session, None).await? {
+            // Made again, empty, when it was deleted before its entry was removed: the project's
+            // first try then forgets it.
             self.broker
-                .declare_parked(session.channel, self.projector.name(), project)
+                .declare_parked(session.channel, name, &project)
                 .await?;
+            parking.checked.insert(project.clone());
+            parking.parked.entry(project).or_insert(None);
         }
         parking.known = true;
         if !parking.parked.is_empty() {
@@ -225,6 +218,7 @@ impl Consumer<'_> {
         let queue = self
             .broker
             .project_parked_queue(self.projector.name(), project);
+        parking.parked.insert(project.clone(), Some(Instant::now()));
         let mut batch = Vec::new();
         while batch.len() < self.batch_size {
             match session
@@ -258,6 +252,41 @@ impl Consumer<'_> {
         Ok(true)
     }
 
+    /// The projects the registry names, reading every entry once and returning each to its place,
+    /// except those naming `remove` (or nothing readable), which are removed.
+    async fn registry(
+        &self,
+        session: &Session<'_>,
+        remove: Option<&Ident>,
+    ) -> Result<HashSet<Ident>, LinkError> {
+        let registry = self.broker.parked_queue(self.projector.name());
+        let mut projects = HashSet::new();
+        let mut left = None;
+        while left != Some(0) {
+            let Some(entry) = session
+                .channel
+                .basic_get(registry.as_str().into(), BasicGetOptions { no_ack: false })
+                .await?
+            else {
+                break;
+            };
+            left = Some(left.map_or(entry.message_count, |left: u32| left - 1));
+            let entry = entry.delivery;
+            let named = std::str::from_utf8(&entry.data)
+                .ok()
+                .and_then(|name| Ident::parse(name).ok());
+            match named {
+                Some(project) if Some(&project) != remove => {
+                    requeue(&entry).await?;
+                    projects.insert(project);
+                }
+                _ => settle(&entry, true).await?,
+            }
+        }
+        session.channel.tx_commit().await?;
+        Ok(projects)
+    }
+
     /// Forgets `project`'s parking queue, which is empty: deletes it, then its registry entry.
     async fn unpark(
         &self,
@@ -281,13 +310,12 @@ impl Consumer<'_> {
             .await;
         if let Err(error) = deleted {
             tracing::warn!(%project, %error, "a parking queue is not deleted; it is read again later");
+            parking.holds.hold(project);
             return Ok(());
         }
         let _ = channel.close(200, "deleted".into()).await;
-        if let Some(Some(entry)) = parking.parked.remove(project) {
-            settle(&entry, true).await?;
-            session.channel.tx_commit().await?;
-        }
+        self.registry(session, Some(project)).await?;
+        parking.parked.remove(project);
         tracing::info!(projector = self.projector.name(), %project, "the project's parked tasks are applied; its deliveries flow again");
         Ok(())
     }
@@ -309,8 +337,17 @@ impl Consumer<'_> {
         let mut tasks = Vec::with_capacity(count);
         let mut held = Vec::with_capacity(count);
         for delivery in batch {
-            match decode_task(&delivery.data) {
-                Ok(task) if from == Source::Queue && parking.holds_back(&task.project) => {
+            let task = decode_task(&delivery.data);
+            let parks = match &task {
+                Ok(task) if from == Source::Queue => {
+                    parking
+                        .parks(session, self.broker, name, &task.project)
+                        .await?
+                }
+                _ => false,
+            };
+            match task {
+                Ok(task) if parks => {
                     parking
                         .park(session, self.broker, name, &task.project, &delivery)
                         .await?;
@@ -475,31 +512,54 @@ enum Source {
     Parking,
 }
 
+/// How often a consumer that is not the only one asks again whether it is (see the module's
+/// documentation).
+const ACTIVE_CHECK: Duration = Duration::from_secs(5);
+
 /// What this session knows of parked tasks.
 #[derive(Default)]
 struct Parking {
     holds: Holds,
-    /// Projects with a parking queue, with the registry entry naming it, held unacknowledged
-    /// (none when the entry could not be taken back after it was written: the next session reads
-    /// it).
-    parked: HashMap<Ident, Option<Delivery>>,
-    /// Whether this session read the registry; until then it does not know what is parked.
+    /// Projects with a parking queue, with when this session last tried one (none: not yet).
+    parked: HashMap<Ident, Option<Instant>>,
+    /// Projects this session checked for a parking queue made before it.
+    checked: HashSet<Ident>,
+    /// Whether this session is the active consumer and read the registry.
     known: bool,
 }
 
 impl Parking {
     /// Whether a delivery of `project` from the queue must be parked: its project is held, or
-    /// older tasks of it are parked.
-    fn holds_back(&self, project: &Ident) -> bool {
-        self.holds.is_held(project) || self.parked.contains_key(project)
+    /// older tasks of it are parked (asked of the broker the first time the session meets it).
+    async fn parks(
+        &mut self,
+        session: &Session<'_>,
+        broker: &Broker,
+        projector: &str,
+        project: &Ident,
+    ) -> Result<bool, LinkError> {
+        if self.holds.is_held(project) || self.parked.contains_key(project) {
+            return Ok(true);
+        }
+        if self.checked.insert(project.clone())
+            && broker
+                .parked_exists(session.connection, projector, project)
+                .await?
+        {
+            self.parked.insert(project.clone(), None);
+            return Ok(true);
+        }
+        Ok(false)
     }
 
-    /// The parked project to try next and how long until its hold ends.
+    /// The parked project to try next and how long until its hold ends; of those due, the one
+    /// tried longest ago.
     fn next_due(&self) -> Option<(Ident, Duration)> {
         self.parked
-            .keys()
-            .map(|project| (project.clone(), self.holds.wait(project)))
-            .min_by_key(|(_, wait)| *wait)
+            .iter()
+            .map(|(project, tried)| (project, self.holds.wait(project), *tried))
+            .min_by_key(|(_, wait, tried)| (*wait, *tried))
+            .map(|(project, wait, _)| (project.clone(), wait))
     }
 
     /// Publishes a copy of `delivery` at the end of `project`'s parking queue and acknowledges it:
@@ -514,10 +574,11 @@ impl Parking {
         delivery: &Delivery,
     ) -> Result<(), LinkError> {
         let queue = broker.project_parked_queue(projector, project);
+        // Declared before every copy: a queue deleted from outside would drop it silently.
+        broker
+            .declare_parked(session.channel, projector, project)
+            .await?;
         if !self.parked.contains_key(project) {
-            broker
-                .declare_parked(session.channel, projector, project)
-                .await?;
             let registry = broker.parked_queue(projector);
             session
                 .channel
@@ -529,28 +590,7 @@ impl Parking {
                     persistent(format!("parked-{project}")),
                 )
                 .await?;
-            session.channel.tx_commit().await?;
-            // This session is the registry's only reader, and took every entry there was: the
-            // entry is the one just written, or one written before that it could not take yet.
             self.parked.insert(project.clone(), None);
-            while let Some(entry) = session
-                .channel
-                .basic_get(registry.as_str().into(), BasicGetOptions { no_ack: false })
-                .await?
-            {
-                let entry = entry.delivery;
-                let named = std::str::from_utf8(&entry.data)
-                    .ok()
-                    .and_then(|name| Ident::parse(name).ok());
-                match named.and_then(|named| self.parked.get_mut(&named)) {
-                    Some(slot @ None) => *slot = Some(entry),
-                    // Of a project no longer parked.
-                    _ => settle(&entry, true).await?,
-                }
-                if self.parked[project].is_some() {
-                    break;
-                }
-            }
         }
         session
             .channel

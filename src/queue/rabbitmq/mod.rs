@@ -109,7 +109,7 @@ impl Broker {
         projector: &str,
         project: &Ident,
     ) -> Result<(), LinkError> {
-        let mut args = FieldTable::default();
+        let mut args = classic();
         args.insert(
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(self.dead_exchange().as_str().into()),
@@ -203,7 +203,7 @@ impl Broker {
             .queue_declare(
                 self.parked_queue(projector).as_str().into(),
                 QueueDeclareOptions::durable(),
-                FieldTable::default(),
+                classic(),
             )
             .await?;
         Ok(())
@@ -216,29 +216,17 @@ impl Broker {
         connection: &Connection,
         projector: &str,
     ) -> Result<bool, LinkError> {
-        let channel = connection.create_channel().await?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let queue = self.queue(projector);
-        match channel
-            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
-            .await
-        {
-            Ok(_) => {
-                let _ = channel.close(200, "checked".into()).await;
-                Ok(true)
-            }
-            Err(error) => match error.kind() {
-                lapin::ErrorKind::ProtocolError(e)
-                    if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) =>
-                {
-                    Ok(false)
-                }
-                _ => Err(error.into()),
-            },
-        }
+        exists(connection, &self.queue(projector)).await
+    }
+
+    /// Whether the broker has a project's parking queue (see [`Broker::queue_exists`]).
+    async fn parked_exists(
+        &self,
+        connection: &Connection,
+        projector: &str,
+        project: &Ident,
+    ) -> Result<bool, LinkError> {
+        exists(connection, &self.project_parked_queue(projector, project)).await
     }
 
     async fn declare_reports(&self, channel: &Channel) -> Result<(), LinkError> {
@@ -296,6 +284,45 @@ impl Broker {
             }
         }
         self.set_link(link, false, None);
+    }
+}
+
+/// Arguments of a classic queue: a message returned unacknowledged goes back to its place, so a
+/// parking queue keeps its order, and nothing is dropped after some number of returns (a vhost
+/// may default to quorum queues, which do neither).
+fn classic() -> FieldTable {
+    let mut args = FieldTable::default();
+    args.insert(
+        "x-queue-type".into(),
+        AMQPValue::LongString("classic".into()),
+    );
+    args
+}
+
+/// Whether the broker has `queue`, asked on a channel of its own (a missing queue closes the
+/// channel that asked).
+async fn exists(connection: &Connection, queue: &str) -> Result<bool, LinkError> {
+    let channel = connection.create_channel().await?;
+    let passive = QueueDeclareOptions {
+        passive: true,
+        ..QueueDeclareOptions::default()
+    };
+    match channel
+        .queue_declare(queue.into(), passive, FieldTable::default())
+        .await
+    {
+        Ok(_) => {
+            let _ = channel.close(200, "checked".into()).await;
+            Ok(true)
+        }
+        Err(error) => match error.kind() {
+            lapin::ErrorKind::ProtocolError(e)
+                if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) =>
+            {
+                Ok(false)
+            }
+            _ => Err(error.into()),
+        },
     }
 }
 
