@@ -74,6 +74,34 @@ impl TestBroker {
         declared.ok().map(|q| q.message_count())
     }
 
+    /// Waits up to 30 s until one of the namespace's queues has `count` consumers.
+    pub async fn expect_consumers(&self, queue: &str, count: u32) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let connection = connect().await;
+            let channel = connection.create_channel().await.unwrap();
+            let declared = channel
+                .queue_declare(
+                    format!("{}.{queue}", self.namespace).as_str().into(),
+                    QueueDeclareOptions {
+                        passive: true,
+                        ..QueueDeclareOptions::default()
+                    },
+                    FieldTable::default(),
+                )
+                .await;
+            let now = declared.ok().map(|q| q.consumer_count());
+            if now == Some(count) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queue {queue} has {now:?} consumers, not {count}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
     /// Messages waiting in one of the namespace's queues, which must exist.
     pub async fn messages(&self, queue: &str) -> u32 {
         self.queued(queue)
@@ -423,7 +451,9 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
     // and the other project still goes on.
     terminate(&mut worker);
     let mut worker = start_worker("postgresql", &app.address, &env);
+    broker.expect_consumers("postgresql", 1).await;
     let mut standby = start_worker("postgresql", &app.address, &env);
+    broker.expect_consumers("postgresql", 2).await;
     let put = app
         .put(&format!("/good/thing/{}", Uuid::new_v4()), &item)
         .await;
@@ -432,12 +462,18 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
     broker.expect_messages("postgresql.parked.bad", 21).await;
     broker.expect_messages("postgresql.parked", 1).await;
 
-    // Once the cause is gone, the held tasks follow on the project's next try, the migration first,
-    // and a write made since lands after them.
+    // Once the cause is gone, the held tasks follow on the project's next try, the migration first.
+    // The standby takes over when the active worker goes, with a third worker standing by (so it
+    // is never the queue's only consumer) and no task coming: its probe tells it it is active.
     sqlx::raw_sql("DROP SCHEMA bad_v1")
         .execute(&mut sql)
         .await
         .unwrap();
+    let mut third = start_worker("postgresql", &app.address, &env);
+    broker.expect_consumers("postgresql", 3).await;
+    terminate(&mut worker);
+    expect_count(&db, "SELECT count(*) FROM bad_v1.things", 20).await;
+    // A write made since lands after them.
     let again = app
         .put(
             &format!("/bad/thing/{}", ids[0]),
@@ -445,7 +481,6 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
         )
         .await;
     assert_eq!(again.status, 200, "{}", again.body);
-    expect_count(&db, "SELECT count(*) FROM bad_v1.things", 20).await;
     let newest = format!(
         "SELECT n::bigint FROM bad_v1.things WHERE id = '{}'",
         ids[0]
@@ -467,8 +502,8 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
         assert!(Instant::now() < deadline, "{ready}");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    terminate(&mut worker);
     terminate(&mut standby);
+    terminate(&mut third);
     app.stop().await;
     broker.clean_up().await;
     db.drop().await;

@@ -19,8 +19,10 @@
 //!
 //! The registry (`{ns}.{projector}.parked`, a message per parked project) tells a new active
 //! consumer which parking queues to try without waiting for their projects' next task. Only the
-//! active consumer reads it and tries parking queues: at once when it is the queue's only consumer
-//! (checked again every few seconds), else from its first delivery, which only the active one gets.
+//! active consumer reads it and tries parking queues: at once when it is the queue's only consumer,
+//! else from its first delivery, which only the active one gets. Until then a consumer sends its
+//! queue a probe every few seconds (dropped by whoever receives it), so the active one learns it
+//! is even when no task comes.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -34,12 +36,12 @@ use lapin::options::{
     BasicAckOptions, BasicConsumeOptions, BasicGetOptions, BasicPublishOptions, BasicQosOptions,
     BasicRejectOptions, ConfirmSelectOptions, QueueDeclareOptions, QueueDeleteOptions,
 };
-use lapin::types::FieldTable;
+use lapin::types::{AMQPValue, FieldTable};
 use lapin::{Channel, Connection};
 use tokio::sync::watch;
 
 use super::reports::{Refusal, Report};
-use super::{confirmed, persistent, Broker, LinkError, JOURNAL_HEADER};
+use super::{confirmed, persistent, Broker, LinkError, JOURNAL_HEADER, PROBE_HEADER};
 use crate::blueprint::Ident;
 use crate::catalog::MigrationState;
 use crate::journal::task::{Task, TaskOp};
@@ -115,8 +117,13 @@ impl Consumer<'_> {
             reports: &reports,
         };
         loop {
-            if !parking.known && self.only_consumer(&session, &queue).await? {
-                self.take_over(&session, &mut parking).await?;
+            if !parking.known {
+                if self.only_consumer(&session, &queue).await? {
+                    self.take_over(&session, &mut parking).await?;
+                } else {
+                    // Only the active consumer receives it: it then takes over.
+                    self.probe(&session, &queue).await?;
+                }
             }
             // Without a project due, wake to ask again whether this consumer became the active one.
             let due = parking.next_due();
@@ -145,6 +152,14 @@ impl Consumer<'_> {
                     Some(next) => batch.push(delivered(next)?),
                     None => break,
                 }
+            }
+            let probes = batch.iter().filter(|delivery| is_probe(delivery)).count();
+            if probes > 0 {
+                for delivery in batch.iter().filter(|delivery| is_probe(delivery)) {
+                    settle(delivery, true).await?;
+                }
+                session.channel.tx_commit().await?;
+                batch.retain(|delivery| !is_probe(delivery));
             }
             for (journal, run) in by_journal(batch) {
                 let settled = self
@@ -177,6 +192,24 @@ impl Consumer<'_> {
         Ok(declared.consumer_count() == 1)
     }
 
+    /// Sends this consumer's queue a probe (see [`PROBE_HEADER`]).
+    async fn probe(&self, session: &Session<'_>, queue: &str) -> Result<(), LinkError> {
+        let mut headers = FieldTable::default();
+        headers.insert(PROBE_HEADER.into(), AMQPValue::Boolean(true));
+        session
+            .channel
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions::default(),
+                b"",
+                lapin::BasicProperties::default().with_headers(headers),
+            )
+            .await?;
+        session.channel.tx_commit().await?;
+        Ok(())
+    }
+
     /// Reads the registry of parking queues, as the active consumer: from now on this session
     /// tries every parked project in its turn.
     async fn take_over(
@@ -192,6 +225,7 @@ impl Consumer<'_> {
                 .declare_parked(session.channel, name, &project)
                 .await?;
             parking.checked.insert(project.clone());
+            parking.registered.insert(project.clone());
             parking.parked.entry(project).or_insert(None);
         }
         parking.known = true;
@@ -316,6 +350,7 @@ impl Consumer<'_> {
         let _ = channel.close(200, "deleted".into()).await;
         self.registry(session, Some(project)).await?;
         parking.parked.remove(project);
+        parking.registered.remove(project);
         tracing::info!(projector = self.projector.name(), %project, "the project's parked tasks are applied; its deliveries flow again");
         Ok(())
     }
@@ -524,6 +559,8 @@ struct Parking {
     parked: HashMap<Ident, Option<Instant>>,
     /// Projects this session checked for a parking queue made before it.
     checked: HashSet<Ident>,
+    /// Projects the registry names (as this session read or wrote it).
+    registered: HashSet<Ident>,
     /// Whether this session is the active consumer and read the registry.
     known: bool,
 }
@@ -578,7 +615,7 @@ impl Parking {
         broker
             .declare_parked(session.channel, projector, project)
             .await?;
-        if !self.parked.contains_key(project) {
+        if !self.registered.contains(project) {
             let registry = broker.parked_queue(projector);
             session
                 .channel
@@ -590,8 +627,9 @@ impl Parking {
                     persistent(format!("parked-{project}")),
                 )
                 .await?;
-            self.parked.insert(project.clone(), None);
+            self.registered.insert(project.clone());
         }
+        self.parked.entry(project.clone()).or_insert(None);
         session
             .channel
             .basic_publish(
@@ -632,6 +670,20 @@ fn by_journal(batch: Vec<Delivery>) -> Vec<(String, Vec<Delivery>)> {
         }
     }
     runs
+}
+
+/// Whether a delivery is a probe (see [`PROBE_HEADER`]).
+fn is_probe(delivery: &Delivery) -> bool {
+    delivery
+        .properties
+        .headers()
+        .as_ref()
+        .is_some_and(|headers| {
+            headers
+                .inner()
+                .iter()
+                .any(|(name, _)| name.as_str() == PROBE_HEADER)
+        })
 }
 
 /// The next delivery, or why the session ended.

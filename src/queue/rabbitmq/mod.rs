@@ -45,6 +45,10 @@ use crate::projector::backoff;
 /// server records only reports about its own journal's tasks.
 pub const JOURNAL_HEADER: &str = "dstore-journal";
 
+/// The header of a probe: a message a consumer sends its own queue to learn whether it is the
+/// active consumer (only the active one receives it); consumers drop probes.
+pub const PROBE_HEADER: &str = "dstore-probe";
+
 /// A failure of one session with the broker; the loop reconnects after it.
 #[derive(Debug, thiserror::Error)]
 pub enum LinkError {
@@ -315,9 +319,12 @@ async fn exists(connection: &Connection, queue: &str) -> Result<bool, LinkError>
             let _ = channel.close(200, "checked".into()).await;
             Ok(true)
         }
+        // NOT_FOUND also answers for a durable queue whose node is down: only "no queue" says
+        // it is absent.
         Err(error) => match error.kind() {
             lapin::ErrorKind::ProtocolError(e)
-                if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND) =>
+                if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
+                    && e.get_message().as_str().contains("no queue") =>
             {
                 Ok(false)
             }
