@@ -309,6 +309,9 @@ pub struct Journal {
     /// Set by [`Journal::close`]: background work stops at its next step.
     closing: std::sync::atomic::AtomicBool,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Shared with the writer (see `Writer::disk_reads_fail`).
+    #[cfg(test)]
+    disk_reads_fail: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for Journal {
@@ -435,6 +438,8 @@ impl Journal {
             writer: Mutex::new(None),
             closing: std::sync::atomic::AtomicBool::new(false),
             background: Mutex::new(Vec::new()),
+            #[cfg(test)]
+            disk_reads_fail: Arc::default(),
         });
         for name in &projectors {
             journal.refresh_progress(name)?;
@@ -452,6 +457,12 @@ impl Journal {
             last_seq,
             settings.durability,
         );
+        #[cfg(test)]
+        let worker = {
+            let mut worker = worker;
+            worker.disk_reads_fail = journal.disk_reads_fail.clone();
+            worker
+        };
         let thread = std::thread::Builder::new()
             .name("journal-writer".into())
             .spawn(move || worker.run(receiver, weak))
@@ -460,12 +471,23 @@ impl Journal {
         Ok(journal)
     }
 
-    /// Stops background work (back-fills resume at the next start) and waits for it to end.
+    /// Stops background work (back-fills resume at the next start) and the writer, and waits for
+    /// them to end; writes after it fail. Without it the writer could drop the database's last
+    /// handle on its own thread while the process exits, which RocksDB does not survive.
     pub async fn close(&self) {
         self.closing.store(true, Ordering::Release);
         let tasks = std::mem::take(&mut *self.background.lock().expect("background lock"));
         for task in tasks {
             let _ = task.await;
+        }
+        let writer = self.writer.lock().ok().and_then(|mut w| w.take());
+        if let Some(writer) = writer {
+            let commands = self.commands.clone();
+            let _ = tokio::task::spawn_blocking(move || {
+                let _ = commands.send(Command::Shutdown);
+                writer.join()
+            })
+            .await;
         }
     }
 
@@ -1012,6 +1034,49 @@ mod tests {
             indexed, last,
             "the feed's index holds each item's last change only"
         );
+    }
+
+    #[tokio::test]
+    async fn a_write_whose_previous_change_cannot_be_read_is_refused_not_journaled_blind() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec![]).await;
+        let upsert = |id: &Uuid, title: &str| {
+            let body = json!({"project_version": 1, "title": title});
+            prepare_upsert(&storage.snapshot(), &project, &article, *id, &body).unwrap()
+        };
+        let epoch = storage.snapshot().projects[&project].epoch;
+        let ids: Vec<Uuid> = (0..200).map(|_| Uuid::new_v4()).collect();
+        let first = ids.iter().map(|id| upsert(id, &"x".repeat(200))).collect();
+        storage.write(&project, epoch, first).await.unwrap();
+        let before = journal.last_seq();
+        journal.db.flush_cf(journal.cf(CF_ITEMS)).unwrap();
+        // The items are in a table file now, none of its blocks read yet: a read that must go to
+        // the disk fails, as it would on an I/O error. (A batched read of several items reports
+        // blocks it may not read as absent, not as an error, so only a write of one item is refused
+        // here; both paths pass a read error on the same way.)
+        journal.disk_reads_fail.store(true, Ordering::Relaxed);
+        let one = storage
+            .write(&project, epoch, vec![upsert(&ids[0], "again")])
+            .await;
+        assert!(one.is_err(), "{one:?}");
+        assert_eq!(journal.last_seq(), before, "nothing was journaled");
+        // A new item has no previous change to read (the table's filter, in memory, says so):
+        // its write goes on, and so do the others once the journal reads again.
+        storage
+            .write(&project, epoch, vec![upsert(&Uuid::new_v4(), "new")])
+            .await
+            .unwrap();
+        journal.disk_reads_fail.store(false, Ordering::Relaxed);
+        storage
+            .write(&project, epoch, vec![upsert(&ids[0], "again")])
+            .await
+            .unwrap();
+        journal.close().await;
     }
 
     #[tokio::test]

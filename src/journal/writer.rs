@@ -127,6 +127,9 @@ pub struct Writer {
     /// 3 % of the writer's instructions). The writer is the only one that writes markers once the
     /// journal is open.
     markers: AtomicBool,
+    /// Set by tests: reads that would go to the disk fail, as an I/O error would.
+    #[cfg(test)]
+    pub(super) disk_reads_fail: Arc<AtomicBool>,
 }
 
 /// An answer to send once the batch is written.
@@ -262,17 +265,25 @@ impl<'a> Stage<'a> {
         if let Some(looked_up) = looked_up {
             return looked_up;
         }
+        // Only a dead letter queued again into the keyspaces gets here, whose keyspace revision
+        // still guards what it writes.
+        self.read_previous(key).unwrap_or(Previous::None)
+    }
+
+    /// The previous change of an item this batch has not changed, read from the journal.
+    fn read_previous(&self, key: &[u8]) -> Result<Previous, rocksdb::Error> {
         let db = &self.writer.db;
-        if let Ok(Some(record)) = db.get_pinned_cf(self.cf(CF_ITEMS), key) {
+        let reads = self.writer.reads();
+        if let Some(record) = db.get_pinned_cf_opt(self.cf(CF_ITEMS), key, &reads)? {
             if let Some(previous) = put_of(&record) {
-                return previous;
+                return Ok(previous);
             }
         }
         if !self.writer.markers.load(Ordering::Relaxed) {
-            return Previous::None;
+            return Ok(Previous::None);
         }
-        let deleted = db.get_pinned_cf(self.cf(CF_DELETED), keys::deleted(key));
-        delete_of(deleted.ok().flatten().as_deref())
+        let deleted = db.get_pinned_cf_opt(self.cf(CF_DELETED), keys::deleted(key), &reads)?;
+        Ok(delete_of(deleted.as_deref()))
     }
 
     /// The journal's previous change of each item of a write of several (by its key), for
@@ -280,12 +291,16 @@ impl<'a> Stage<'a> {
     /// with none. RocksDB's batched `MultiGet` probes each table file's filter for all the keys at
     /// once, where one look-up per item probed every file's filter for each (a sixth of the
     /// writer's time under `_bulk`, which the writer bounds). `None` for an item this batch has
-    /// changed already, for the second write of an item in the same write (the first stages it),
-    /// and for a write of one item, which `previous` reads alone.
-    fn look_up(&self, keys: &[Vec<u8>]) -> Vec<Option<Previous>> {
+    /// changed already and for the second write of an item in the same write (the first stages
+    /// it). An error when the journal cannot be read: the write is refused rather than journaled
+    /// with a history it could not see.
+    fn look_up(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Previous>>, rocksdb::Error> {
         let mut found = vec![None; keys.len()];
-        if keys.len() < 2 {
-            return found;
+        if let [key] = keys {
+            if !self.staged.contains_key(key) {
+                found[0] = Some(self.read_previous(key)?);
+            }
+            return Ok(found);
         }
         let mut order: Vec<usize> = (0..keys.len())
             .filter(|i| !self.staged.contains_key(&keys[*i]))
@@ -294,10 +309,11 @@ impl<'a> Stage<'a> {
         order.dedup_by(|later, first| keys[*later] == keys[*first]);
         let db = &self.writer.db;
         let items = order.iter().map(|i| &keys[*i]);
-        let records = db.batched_multi_get_cf(self.cf(CF_ITEMS), items, true);
+        let reads = self.writer.reads();
+        let records = db.batched_multi_get_cf_opt(self.cf(CF_ITEMS), items, true, &reads);
         let mut unwritten = Vec::new();
         for (i, record) in order.into_iter().zip(records) {
-            match record.ok().flatten().and_then(|record| put_of(&record)) {
+            match record?.and_then(|record| put_of(&record)) {
                 Some(previous) => found[i] = Some(previous),
                 None => unwritten.push(i),
             }
@@ -306,15 +322,15 @@ impl<'a> Stage<'a> {
             for i in unwritten {
                 found[i] = Some(Previous::None);
             }
-            return found;
+            return Ok(found);
         }
         // A marker's key is the item's behind one byte: in the same order.
         let markers: Vec<Vec<u8>> = unwritten.iter().map(|i| keys::deleted(&keys[*i])).collect();
-        let deletes = db.batched_multi_get_cf(self.cf(CF_DELETED), &markers, true);
+        let deletes = db.batched_multi_get_cf_opt(self.cf(CF_DELETED), &markers, true, &reads);
         for (i, marker) in unwritten.into_iter().zip(deletes) {
-            found[i] = Some(delete_of(marker.ok().flatten().as_deref()));
+            found[i] = Some(delete_of(marker?.as_deref()));
         }
-        found
+        Ok(found)
     }
 
     /// The text of the item record `previous` names: from this batch, or the journal.
@@ -477,7 +493,20 @@ impl Writer {
             last_seq,
             durability,
             markers: AtomicBool::new(markers),
+            #[cfg(test)]
+            disk_reads_fail: Arc::default(),
         }
+    }
+
+    /// How the writer reads the journal.
+    fn reads(&self) -> rocksdb::ReadOptions {
+        #[allow(unused_mut)]
+        let mut reads = rocksdb::ReadOptions::default();
+        #[cfg(test)]
+        if self.disk_reads_fail.load(Ordering::Relaxed) {
+            reads.set_read_tier(rocksdb::ReadTier::BlockCache);
+        }
+        reads
     }
 
     /// Whether the writer looks up the delete markers of items absent from `items`.
@@ -598,7 +627,14 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 return;
             }
             let keys: Vec<Vec<u8>> = entries.iter().map(|entry| entry.key(&project)).collect();
-            let looked_up = stage.look_up(&keys);
+            let looked_up = match stage.look_up(&keys) {
+                Ok(looked_up) => looked_up,
+                Err(error) => {
+                    tracing::error!(%error, %project, "cannot read the items' previous changes; the write is refused");
+                    let _ = reply.send(Err(JournalError::Storage(error)));
+                    return;
+                }
+            };
             stage.staged.reserve(keys.len());
             let revisions = entries
                 .into_iter()
