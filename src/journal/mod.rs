@@ -554,7 +554,7 @@ impl Journal {
         project: Ident,
         entries: Vec<Entry>,
     ) -> Result<Vec<u64>, JournalError> {
-        self.check_backlog()?;
+        self.check_backlog_of(&project)?;
         self.send(|reply| Command::Write {
             epoch,
             project,
@@ -583,6 +583,27 @@ impl Journal {
                 })
             }
             _ => Ok(()),
+        }
+    }
+
+    /// Whether a write into `project` is accepted now ([`crate::storage::admits`]).
+    fn check_backlog_of(&self, project: &Ident) -> Result<(), JournalError> {
+        match self.check_backlog() {
+            Err(JournalError::Backlog {
+                projector,
+                pending,
+                limit,
+            }) if crate::storage::admits(
+                &self.catalog.snapshot(),
+                project,
+                &projector,
+                pending,
+                limit,
+            ) =>
+            {
+                Ok(())
+            }
+            other => other,
         }
     }
 
@@ -750,9 +771,10 @@ mod tests {
 
     use super::*;
     use crate::blueprint::parse_blueprint;
+    use crate::catalog::MigrationState;
     use crate::storage::conformance;
     use crate::storage::embedded::EmbeddedStorage;
-    use crate::storage::Storage;
+    use crate::storage::{Storage, StorageError};
     use crate::write::{prepare_delete, prepare_upsert};
 
     /// A journal keeping its keyspaces, with project `p` frozen at version 1 holding blueprint
@@ -872,6 +894,66 @@ mod tests {
         drop((journal, storage));
         let journal = open(_dir.path(), Durability::Buffered, vec!["store"], 3);
         assert_eq!(journal.progress("store").pending, 3);
+        journal.close().await;
+    }
+
+    #[tokio::test]
+    async fn past_the_limit_a_held_projects_writes_are_refused_first_and_the_others_go_on() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            ..
+        } = fixture(Durability::Buffered, vec!["store"]).await;
+        journal.close().await;
+        drop((journal, storage));
+        let journal = open(_dir.path(), Durability::Buffered, vec!["store"], 10);
+        let storage = EmbeddedStorage::open(journal.clone());
+        let other = Ident::parse("q").unwrap();
+        conformance::put_article(storage.as_ref(), &other, None).await;
+        storage.freeze(&other, false).await.unwrap();
+        // `p`'s migration failed on the store: it is held, its tasks wait.
+        let failed = MigrationState::Failed {
+            error: "not dstore's schema".into(),
+        };
+        journal
+            .catalog
+            .set_migration(&project, 1, "store", failed)
+            .unwrap();
+        for n in 0..9 {
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("{n}")).await;
+        }
+        assert_eq!(journal.progress("store").pending, 11);
+        let write = |project: Ident| {
+            let storage = storage.clone();
+            async move {
+                let snapshot = storage.snapshot();
+                let body = json!({"project_version": 1, "title": "t"});
+                let article = Ident::parse("article").unwrap();
+                let entry =
+                    prepare_upsert(&snapshot, &project, &article, Uuid::new_v4(), &body).unwrap();
+                let epoch = snapshot.projects[&project].epoch;
+                storage.write(&project, epoch, vec![entry]).await
+            }
+        };
+        assert!(
+            matches!(
+                write(project.clone()).await,
+                Err(StorageError::Backlog { pending: 11, .. })
+            ),
+            "the held project is refused past the limit"
+        );
+        write(other.clone())
+            .await
+            .expect("another project keeps a tenth more");
+        assert!(
+            matches!(
+                write(other.clone()).await,
+                Err(StorageError::Backlog { pending: 12, .. })
+            ),
+            "past the tenth more, every write is refused"
+        );
         journal.close().await;
     }
 

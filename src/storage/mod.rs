@@ -71,6 +71,33 @@ pub enum StorageError {
     Corrupt(String),
 }
 
+/// Whether a write into `project` goes on while `projector`, the projector furthest behind, has
+/// `pending` tasks waiting against a back-pressure `limit`. Past the limit, a project whose
+/// migration failed on that projector is refused first: its tasks are what waits, and none of them
+/// can be applied until the migration is fixed. The others keep a tenth of the limit more for
+/// their own tasks in flight, so a held project alone never stops them; past that, every write is
+/// refused.
+pub fn admits(
+    snapshot: &Snapshot,
+    project: &Ident,
+    projector: &str,
+    pending: u64,
+    limit: u64,
+) -> bool {
+    if pending <= limit {
+        return true;
+    }
+    let held = snapshot.projects.get(project).is_some_and(|p| {
+        p.status.values().any(|status| {
+            matches!(
+                status.migrations.get(projector),
+                Some(MigrationState::Failed { .. })
+            )
+        })
+    });
+    !held && pending <= limit.saturating_add(limit / 10)
+}
+
 impl From<CatalogError> for StorageError {
     fn from(error: CatalogError) -> Self {
         match error {
