@@ -164,6 +164,11 @@ impl Journal {
         version: u32,
         state: BackfillState,
     ) {
+        // Started after `close` took the background tasks, it would hold the journal past it; the
+        // back-fill's state is journaled, so it resumes at the next start.
+        if self.is_closing() {
+            return;
+        }
         let journal = self.clone();
         let task = self.runtime.spawn(async move {
             let mut state = state;

@@ -128,11 +128,14 @@ impl Journal {
         dead: Vec<DeadLetter>,
     ) -> Result<(), JournalError> {
         let mut batch = WriteBatch::default();
-        let seqs: Vec<Vec<u8>> = applied
+        let mut seqs: Vec<Vec<u8>> = applied
             .iter()
             .chain(dead.iter().map(|letter| &letter.seq))
             .map(|seq| keys::task(projector, *seq))
             .collect();
+        // A seq named twice is one task.
+        seqs.sort_unstable();
+        seqs.dedup();
         // A report delivered twice names tasks already removed: count only those still pending.
         let mut settled = 0;
         for found in self

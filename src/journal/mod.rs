@@ -868,8 +868,8 @@ mod tests {
             .check_backlog()
             .expect("one task waits: writes go on");
 
-        // Tasks that wait count, a report delivered twice counts once, and a restart counts them
-        // all again.
+        // Tasks that wait count, a task named twice in a report, or in two reports, counts once, and
+        // a restart counts them all again.
         for n in 0..3 {
             conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("w{n}")).await;
         }
@@ -884,7 +884,7 @@ mod tests {
             })
         ));
         let newest = waiting.last().unwrap().seq;
-        journal.ack("store", &[newest], Vec::new()).unwrap();
+        journal.ack("store", &[newest, newest], Vec::new()).unwrap();
         journal.ack("store", &[newest], Vec::new()).unwrap();
         assert_eq!(journal.progress("store").pending, 3);
         journal
