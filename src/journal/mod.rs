@@ -788,8 +788,17 @@ mod tests {
     }
 
     async fn fixture(durability: Durability, projectors: Vec<&'static str>) -> Fixture {
+        limited(durability, projectors, u64::MAX).await
+    }
+
+    /// [`fixture`], with writes refused past `max_pending` tasks.
+    async fn limited(
+        durability: Durability,
+        projectors: Vec<&'static str>,
+        max_pending: u64,
+    ) -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let journal = open(dir.path(), durability, projectors, u64::MAX);
+        let journal = open(dir.path(), durability, projectors, max_pending);
         let storage = EmbeddedStorage::open(journal.clone());
         let (project, article) = (Ident::parse("p").unwrap(), Ident::parse("article").unwrap());
         let blueprint = json!({"postgresql": {"table": "articles"},
@@ -843,9 +852,10 @@ mod tests {
             storage,
             project,
             ..
-        } = fixture(Durability::Buffered, vec!["store"]).await;
+        } = limited(Durability::Buffered, vec!["store"], 3).await;
         journal.close().await;
         drop((journal, storage));
+        // Counted at start.
         let journal = open(_dir.path(), Durability::Buffered, vec!["store"], 3);
         let storage = EmbeddedStorage::open(journal.clone());
         let counted = journal.progress("store").pending;
@@ -905,11 +915,7 @@ mod tests {
             storage,
             project,
             ..
-        } = fixture(Durability::Buffered, vec!["store"]).await;
-        journal.close().await;
-        drop((journal, storage));
-        let journal = open(_dir.path(), Durability::Buffered, vec!["store"], 10);
-        let storage = EmbeddedStorage::open(journal.clone());
+        } = limited(Durability::Buffered, vec!["store"], 10).await;
         let other = Ident::parse("q").unwrap();
         conformance::put_article(storage.as_ref(), &other, None).await;
         storage.freeze(&other, false).await.unwrap();

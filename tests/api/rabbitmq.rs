@@ -261,6 +261,16 @@ fn terminate(child: &mut Child) {
     assert!(child.wait().unwrap().success());
 }
 
+/// The environment of a `dstore worker --projector postgresql` on the test broker and database.
+fn postgresql_worker_env(broker: &TestBroker, db: &TestDatabase) -> Vec<(&'static str, String)> {
+    let url = db.settings().url.expect("the test database url");
+    vec![
+        ("QUEUE_CONNECTIONSTRING", broker_url()),
+        ("DSTORE_QUEUE_NAMESPACE", broker.namespace.clone()),
+        ("DATABASE_URL", url.expose().to_string()),
+    ]
+}
+
 async fn count_rows(db: &TestDatabase) -> i64 {
     let mut sql = db.sql().await;
     sqlx::query_scalar("SELECT count(*) FROM p_v1.things")
@@ -284,18 +294,7 @@ async fn a_worker_process_applies_postgresql_while_serve_only_relays_its_tasks()
         s.projection.wait_timeout_secs = 30;
     })
     .await;
-    let env = [
-        ("QUEUE_CONNECTIONSTRING", broker_url()),
-        ("DSTORE_QUEUE_NAMESPACE", broker.namespace.clone()),
-        (
-            "DATABASE_URL",
-            db.settings()
-                .url
-                .expect("the test database url")
-                .expose()
-                .to_string(),
-        ),
-    ];
+    let env = postgresql_worker_env(&broker, &db);
     let mut worker = start_worker("postgres", &app.address, &env);
     assert_eq!(app.put_and_freeze("p", "thing", &faults::thing()).await, 1);
     let first = Uuid::new_v4();
@@ -407,19 +406,8 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
         s.projection.wait_timeout_secs = 2;
     })
     .await;
-    let env = [
-        ("QUEUE_CONNECTIONSTRING", broker_url()),
-        ("DSTORE_QUEUE_NAMESPACE", broker.namespace.clone()),
-        ("DSTORE_QUEUE_PREFETCH", "4".into()),
-        (
-            "DATABASE_URL",
-            db.settings()
-                .url
-                .expect("the test database url")
-                .expose()
-                .to_string(),
-        ),
-    ];
+    let mut env = postgresql_worker_env(&broker, &db);
+    env.push(("DSTORE_QUEUE_PREFETCH", "4".into()));
     let mut worker = start_worker("postgresql", &app.address, &env);
     let thing = faults::thing();
     assert_eq!(app.put("/bad/thing/_blueprint", &thing).await.status, 200);

@@ -702,13 +702,7 @@ async fn requeue(delivery: &Delivery) -> Result<(), LinkError> {
         .acker
         .reject(BasicRejectOptions { requeue: true })
         .await?;
-    if sent {
-        Ok(())
-    } else {
-        Err(LinkError::Other(
-            "the channel closed before a delivery was returned".into(),
-        ))
-    }
+    settled(sent)
 }
 
 /// Acknowledges a delivery, or rejects it into the dead-letter queue.
@@ -721,6 +715,11 @@ async fn settle(delivery: &Delivery, ack: bool) -> Result<(), LinkError> {
             .reject(BasicRejectOptions { requeue: false })
             .await?
     };
+    settled(sent)
+}
+
+/// Whether the acker sent its answer: not when the channel closed first.
+fn settled(sent: bool) -> Result<(), LinkError> {
     if sent {
         Ok(())
     } else {
