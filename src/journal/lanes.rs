@@ -9,6 +9,7 @@
 
 use std::ops::RangeInclusive;
 use std::sync::atomic::Ordering;
+use std::sync::{MutexGuard, PoisonError};
 use std::time::Duration;
 
 use rocksdb::{IteratorMode, WriteBatch};
@@ -137,6 +138,7 @@ impl Journal {
         seqs.sort_unstable();
         seqs.dedup();
         // A report delivered twice names tasks already removed: count only those still pending.
+        let _settling = self.settling(projector);
         let mut settled = 0;
         for found in self
             .db
@@ -161,6 +163,7 @@ impl Journal {
         applied: usize,
         dead: Vec<DeadLetter>,
     ) -> Result<(), JournalError> {
+        let _settling = self.settling(projector);
         let mut batch = WriteBatch::default();
         batch.delete_range_cf(
             self.cf(CF_TASKS),
@@ -169,6 +172,12 @@ impl Journal {
         );
         let settled = (applied + dead.len()) as u64;
         self.settle(projector, batch, settled, applied, dead, Some(run))
+    }
+
+    /// Keeps other acknowledgements of the projector out until the guard is dropped.
+    fn settling(&self, projector: &str) -> Option<MutexGuard<'_, ()>> {
+        let lane = self.lanes.get(projector)?;
+        Some(lane.settling.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
     /// Writes an acknowledgement (`batch` removes the tasks, `settled` of them still pending) with

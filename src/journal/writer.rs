@@ -198,6 +198,30 @@ impl Previous {
     }
 }
 
+/// An item's previous change as [`Stage::look_up`] read it, with its record's body when the write
+/// leaves the version the item was last written for.
+#[derive(Clone)]
+struct Found {
+    previous: Previous,
+    body: Option<Vec<u8>>,
+}
+
+impl From<Previous> for Found {
+    fn from(previous: Previous) -> Self {
+        Found {
+            previous,
+            body: None,
+        }
+    }
+}
+
+/// The body of an item record, if it is the record of `revision`.
+fn record_body_at(record: &[u8], revision: u64) -> Option<Vec<u8>> {
+    codec::record_body(record)
+        .filter(|(at, _)| *at == revision)
+        .map(|(_, body)| body.to_vec())
+}
+
 /// The change an item record stands for, if it decodes.
 fn put_of(record: &[u8]) -> Option<Previous> {
     Some(Previous::Put {
@@ -279,10 +303,20 @@ impl<'a> Stage<'a> {
                 return Ok(previous);
             }
         }
+        self.read_marker(key)
+    }
+
+    /// The delete an item's marker names, if the journal may hold markers and holds this one.
+    fn read_marker(&self, key: &[u8]) -> Result<Previous, rocksdb::Error> {
         if !self.writer.markers.load(Ordering::Relaxed) {
             return Ok(Previous::None);
         }
-        let deleted = db.get_pinned_cf_opt(self.cf(CF_DELETED), keys::deleted(key), &reads)?;
+        let reads = self.writer.reads();
+        let marker = keys::deleted(key);
+        let deleted = self
+            .writer
+            .db
+            .get_pinned_cf_opt(self.cf(CF_DELETED), marker, &reads)?;
         Ok(delete_of(deleted.as_deref()))
     }
 
@@ -292,13 +326,35 @@ impl<'a> Stage<'a> {
     /// once, where one look-up per item probed every file's filter for each (a sixth of the
     /// writer's time under `_bulk`, which the writer bounds). `None` for an item this batch has
     /// changed already and for the second write of an item in the same write (the first stages
-    /// it). An error when the journal cannot be read: the write is refused rather than journaled
-    /// with a history it could not see.
-    fn look_up(&self, keys: &[Vec<u8>]) -> Result<Vec<Option<Previous>>, rocksdb::Error> {
-        let mut found = vec![None; keys.len()];
+    /// it). Where `leaves(i, version)` says the `i`th write leaves the version its item was last
+    /// written for, the found record's body comes along (see [`keep_retired_document`]), so
+    /// nothing is read once staging has begun. An error when the journal cannot be read: the
+    /// write is refused rather than journaled with a history it could not see.
+    fn look_up(
+        &self,
+        keys: &[Vec<u8>],
+        leaves: impl Fn(usize, u32) -> bool,
+    ) -> Result<Vec<Option<Found>>, rocksdb::Error> {
+        let found_in = |i: usize, record: &[u8]| {
+            let previous = put_of(record)?;
+            let body = match previous {
+                Previous::Put {
+                    revision, version, ..
+                } if leaves(i, version) => record_body_at(record, revision),
+                _ => None,
+            };
+            Some(Found { previous, body })
+        };
+        let mut found: Vec<Option<Found>> = vec![None; keys.len()];
         if let [key] = keys {
             if !self.staged.contains_key(key) {
-                found[0] = Some(self.read_previous(key)?);
+                let db = &self.writer.db;
+                let reads = self.writer.reads();
+                let record = db.get_pinned_cf_opt(self.cf(CF_ITEMS), key, &reads)?;
+                found[0] = match record.and_then(|record| found_in(0, &record)) {
+                    Some(put) => Some(put),
+                    None => Some(Found::from(self.read_marker(key)?)),
+                };
             }
             return Ok(found);
         }
@@ -313,14 +369,14 @@ impl<'a> Stage<'a> {
         let records = db.batched_multi_get_cf_opt(self.cf(CF_ITEMS), items, true, &reads);
         let mut unwritten = Vec::new();
         for (i, record) in order.into_iter().zip(records) {
-            match record?.and_then(|record| put_of(&record)) {
-                Some(previous) => found[i] = Some(previous),
+            match record?.and_then(|record| found_in(i, &record)) {
+                Some(put) => found[i] = Some(put),
                 None => unwritten.push(i),
             }
         }
         if !self.writer.markers.load(Ordering::Relaxed) {
             for i in unwritten {
-                found[i] = Some(Previous::None);
+                found[i] = Some(Found::from(Previous::None));
             }
             return Ok(found);
         }
@@ -328,33 +384,25 @@ impl<'a> Stage<'a> {
         let markers: Vec<Vec<u8>> = unwritten.iter().map(|i| keys::deleted(&keys[*i])).collect();
         let deletes = db.batched_multi_get_cf_opt(self.cf(CF_DELETED), &markers, true, &reads);
         for (i, marker) in unwritten.into_iter().zip(deletes) {
-            found[i] = Some(delete_of(marker?.as_deref()));
+            found[i] = Some(Found::from(delete_of(marker?.as_deref())));
         }
         Ok(found)
     }
 
-    /// The text of the item record `previous` names: from this batch, or the journal.
-    fn previous_body(&self, key: &[u8], previous: Previous) -> Option<Vec<u8>> {
+    /// The text of the item record `previous` names: from this batch when it wrote it, else the
+    /// body [`Stage::look_up`] brought along.
+    fn previous_body(&self, previous: Previous, looked_up: Option<Vec<u8>>) -> Option<Vec<u8>> {
         let Previous::Put {
             revision, staged, ..
         } = previous
         else {
             return None;
         };
-        let body = |record: &[u8]| {
-            codec::record_body(record)
-                .filter(|(at, _)| *at == revision)
-                .map(|(_, body)| body.to_vec())
-        };
         match staged {
-            Some((start, length)) => body(self.batch.data().get(start..start + length)?),
-            None => body(
-                &self
-                    .writer
-                    .db
-                    .get_pinned_cf(self.cf(CF_ITEMS), key)
-                    .ok()??,
-            ),
+            Some((start, length)) => {
+                record_body_at(self.batch.data().get(start..start + length)?, revision)
+            }
+            None => looked_up,
         }
     }
 
@@ -627,7 +675,15 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 return;
             }
             let keys: Vec<Vec<u8>> = entries.iter().map(|entry| entry.key(&project)).collect();
-            let looked_up = match stage.look_up(&keys) {
+            // Whether the `i`th write leaves `version`, so that its keyspace must keep the item's
+            // last state there (see `keep_retired_document`).
+            let leaves = |i: usize, version: u32| match &entries[i] {
+                Entry::Upsert { task, .. } => {
+                    stage.writer.keyspaces && !task.docs().any(|(v, _)| v == version)
+                }
+                Entry::Delete { .. } => false,
+            };
+            let looked_up = match stage.look_up(&keys, leaves) {
                 Ok(looked_up) => looked_up,
                 Err(error) => {
                     tracing::error!(%error, %project, "cannot read the items' previous changes; the write is refused");
@@ -990,9 +1046,13 @@ fn stage_entry(
     project: &Ident,
     entry: Entry,
     key: Vec<u8>,
-    looked_up: Option<Previous>,
+    looked_up: Option<Found>,
 ) -> u64 {
     let items = stage.cf(CF_ITEMS);
+    let (looked_up, body) = match looked_up {
+        Some(Found { previous, body }) => (Some(previous), body),
+        None => (None, None),
+    };
     match entry {
         Entry::Upsert {
             blueprint,
@@ -1004,7 +1064,8 @@ fn stage_entry(
         } => {
             let revision = stage.task(None, &task.bytes, stage.all_projectors());
             let previous = stage.previous(&key, looked_up);
-            keep_retired_document(stage, project, &blueprint, &id, &key, previous, &task);
+            let retired = (previous, body);
+            keep_retired_document(stage, project, &blueprint, &id, retired, &task);
             stage.keyspace_put(
                 project,
                 &blueprint,
@@ -1063,14 +1124,15 @@ fn stage_entry(
 /// The keyspace of the version an item was last written for refers to its record, which a new
 /// write replaces. A write carries every live version, so it rewrites that reference too, unless
 /// the version was retired since: then the reference becomes the document it named, which stays
-/// that version's last state of the item.
+/// that version's last state of the item. That record is in this batch or came with the look-up
+/// (`looked_up`): nothing is read here, where an unreadable journal could no longer refuse the
+/// write.
 fn keep_retired_document(
     stage: &mut Stage,
     project: &Ident,
     blueprint: &Ident,
     id: &uuid::Uuid,
-    key: &[u8],
-    previous: Previous,
+    (previous, looked_up): (Previous, Option<Vec<u8>>),
     task: &codec::UpsertBody,
 ) {
     let Previous::Put {
@@ -1082,10 +1144,10 @@ fn keep_retired_document(
     if !stage.writer.keyspaces || task.docs().any(|(v, _)| v == version) {
         return;
     }
-    let Some(body) = stage.previous_body(key, previous) else {
+    let Some(body) = stage.previous_body(previous, looked_up) else {
         tracing::error!(
             revision,
-            "an item's record is missing from the journal's batch"
+            "an item's last record was neither in the batch nor looked up"
         );
         return;
     };
