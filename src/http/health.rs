@@ -7,6 +7,7 @@ use super::error::ApiError;
 use super::query::Query;
 use super::State;
 use crate::projector::Health;
+use crate::storage::{self, StorageError};
 
 /// GET /_health: the process answers.
 pub async fn live() -> HttpResponse {
@@ -55,7 +56,10 @@ pub async fn ready(state: State, params: Query<ReadyParams>) -> HttpResponse {
         Ok(()) => json!({"accepted": true}),
         Err(refusal) => {
             all_ready = false;
-            json!({"accepted": false, "reason": refusal.to_string()})
+            // Within the headroom only projects the projector holds are refused.
+            let held_only = matches!(refusal, StorageError::Backlog { pending, limit, .. }
+                if pending <= storage::headroom(limit));
+            json!({"accepted": false, "reason": refusal.to_string(), "held_projects_only": held_only})
         }
     };
     let storage = match state.storage.reachable() {

@@ -95,7 +95,13 @@ pub fn admits(
             )
         })
     });
-    !held && pending <= limit.saturating_add(limit / 10)
+    !held && pending <= headroom(limit)
+}
+
+/// How many tasks may wait for a projector before writes into projects it does not hold are
+/// refused too: a tenth more than `limit`, past which only held projects' writes are refused.
+pub fn headroom(limit: u64) -> u64 {
+    limit.saturating_add(limit / 10)
 }
 
 impl From<CatalogError> for StorageError {

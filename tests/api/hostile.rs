@@ -617,6 +617,91 @@ async fn a_project_whose_migration_fails_holds_back_only_itself() {
     app.stop().await;
 }
 
+/// Past `projection.max_pending_tasks`, the held project's own writes are refused (503) while the
+/// other projects keep writing, `/_health/ready` says so, and once the migration is fixed the held
+/// project writes again.
+#[tokio::test]
+async fn past_the_backlog_limit_a_held_projects_writes_are_refused_and_the_others_go_on() {
+    let picky = Picky::default();
+    *picky.fail_migrations.lock().unwrap() = true;
+    let app = spawn_app_with_projectors(
+        |s| {
+            s.projection.max_pending_tasks = 20;
+            s.projection.wait_timeout_secs = 3;
+        },
+        vec![Arc::new(picky.clone())],
+    )
+    .await;
+    app.put_and_freeze("good", "article", &article()).await;
+    let put = app.put("/bad/article/_blueprint", &article()).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let freeze = app.post("/bad/_version", None).await;
+    assert_eq!(freeze.status, 503, "{}", freeze.body);
+
+    // `bad`'s tasks wait behind its migration until the limit: then its writes are refused.
+    let mut accepted = 0;
+    let refused = loop {
+        let put = app
+            .put(&format!("/bad/article/{}", Uuid::new_v4()), &item())
+            .await;
+        if put.status != 200 {
+            break put;
+        }
+        accepted += 1;
+        assert!(accepted <= 20, "the held project was never refused");
+    };
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(accepted >= 18, "refused after {accepted} writes");
+    assert!(
+        refused.body["status"].as_str().unwrap().contains("picky"),
+        "{}",
+        refused.body
+    );
+    // The other project writes on, each write projected before the next.
+    for _ in 0..10 {
+        let put = app
+            .put(
+                &format!("/good/article/{}?wait=true", Uuid::new_v4()),
+                &item(),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+        assert_eq!(put.body["projected"], true, "{}", put.body);
+    }
+    let again = app
+        .put(&format!("/bad/article/{}", Uuid::new_v4()), &item())
+        .await;
+    assert_eq!(again.status, 503, "{}", again.body);
+    let ready = app.get("/_health/ready").await.body;
+    assert_eq!(ready["writes"]["accepted"], false, "{ready}");
+    assert_eq!(ready["writes"]["held_projects_only"], true, "{ready}");
+
+    // Fixed, the retried migration lets `bad`'s tasks through, and its writes are accepted again.
+    *picky.fail_migrations.lock().unwrap() = false;
+    let retried = app.post("/bad/_version", None).await;
+    assert_eq!(retried.status, 200, "{}", retried.body);
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let after = loop {
+        let put = app
+            .put(
+                &format!("/bad/article/{}?wait=true", Uuid::new_v4()),
+                &item(),
+            )
+            .await;
+        if put.status != 503 || std::time::Instant::now() > deadline {
+            break put;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(after.status, 200, "{}", after.body);
+    assert_eq!(after.body["projected"], true, "{}", after.body);
+    assert_eq!(
+        app.get("/_health/ready").await.body["writes"]["accepted"],
+        true
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_task_that_panics_its_projector_becomes_a_dead_letter_and_the_rest_go_on() {
     let picky = Picky::default();
