@@ -25,6 +25,23 @@ const BATCH: usize = 500;
 /// How long the writer lets entries gather before a batch that is not full.
 const LINGER: Duration = Duration::from_millis(5);
 
+/// Most bytes of a request's path, or of the project it names, an entry keeps; longer ones are cut
+/// and end in `…`. Refused requests are recorded too, so a client without a key must not be able
+/// to fill the disk, or `/_audit`'s pages, with long paths.
+pub const MAX_PATH_BYTES: usize = 512;
+
+/// At most [`MAX_PATH_BYTES`] of `text`, cut at a character boundary.
+pub fn clip(text: &str) -> String {
+    if text.len() <= MAX_PATH_BYTES {
+        return text.to_string();
+    }
+    let mut cut = MAX_PATH_BYTES;
+    while !text.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}…", &text[..cut])
+}
+
 /// A text of an entry that is most often one of a few fixed ones (`-`, `open`, `items.write`,
 /// `PUT`): those are borrowed, not allocated, for every request that changes something.
 pub type Text = std::borrow::Cow<'static, str>;
@@ -193,6 +210,19 @@ mod tests {
             let entry = entry(project);
             assert_eq!(AuditEntry::decode(&entry.encode()), Some(entry));
         }
+    }
+
+    #[test]
+    fn a_long_path_is_cut_at_a_character_boundary() {
+        assert_eq!(clip("/p/_project"), "/p/_project");
+        let long = format!("/{}", "é".repeat(MAX_PATH_BYTES));
+        let cut = clip(&long);
+        assert!(
+            cut.len() <= MAX_PATH_BYTES + '…'.len_utf8(),
+            "{}",
+            cut.len()
+        );
+        assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
     }
 
     #[test]

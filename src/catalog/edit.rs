@@ -10,6 +10,23 @@ use std::sync::Arc;
 use super::{CatalogError, Compatibility, MigrationState, Project, Version, VersionStatus};
 use crate::blueprint::{apply_edit, diff, BlueprintInput, Blueprints, Change, FieldError, Ident};
 
+/// Most blueprints a project holds: each is a table (with its indexes) in the one transaction of a
+/// PostgreSQL migration, and an Elasticsearch index for every live version, where a node holds
+/// 1000 shards by default.
+pub const MAX_BLUEPRINTS: usize = 200;
+
+/// Refuses an edit that grows a project past [`MAX_BLUEPRINTS`]; one that keeps or shrinks the
+/// count of a project made before the limit goes on.
+fn check_count(before: usize, next: usize) -> Result<(), CatalogError> {
+    if next <= MAX_BLUEPRINTS || next <= before {
+        return Ok(());
+    }
+    Err(CatalogError::Invalid(vec![FieldError::new(
+        "",
+        format!("a project holds at most {MAX_BLUEPRINTS} blueprints; this edit would make {next}"),
+    )]))
+}
+
 /// Creates or edits one blueprint of the working copy; answers the changes it recorded.
 pub fn put_blueprint(
     p: &mut Project,
@@ -21,6 +38,7 @@ pub fn put_blueprint(
     let edited = apply_edit(next.get(name), input, &mut p.working.last_uid, "")
         .map_err(CatalogError::Invalid)?;
     next.insert(name.clone(), edited);
+    check_count(p.working.blueprints.len(), next.len())?;
     check_unique_names(&next, Some(name))?;
     Ok(record_edit(p, next, writes))
 }
@@ -31,6 +49,7 @@ pub fn put_blueprints(
     inputs: Vec<(Ident, BlueprintInput)>,
     writes: &mut Vec<Write>,
 ) -> Result<Vec<Change>, CatalogError> {
+    check_count(p.working.blueprints.len(), inputs.len())?;
     let mut next = Blueprints::new();
     let mut errors = Vec::new();
     for (name, input) in inputs {

@@ -15,7 +15,7 @@ use chrono::Utc;
 
 use super::error::ApiError;
 use super::State;
-use crate::auth::audit::AuditEntry;
+use crate::auth::audit::{self, AuditEntry};
 use crate::auth::keys::AuthError;
 use crate::auth::{requirement, Action, Caller, Requirement};
 
@@ -94,7 +94,7 @@ pub async fn authenticate(
         return next.call(request).await.map(|r| r.map_into_left_body());
     };
     let method = request.method().clone();
-    let path = request.path().to_string();
+    let path = audit::clip(request.path());
     let (checked, response) = match check(&state, &request).await {
         Ok(checked) => {
             // `caller` answers `Open` for a request that carries none: only a key or the master
@@ -120,7 +120,7 @@ pub async fn authenticate(
                 key_id,
                 key_name,
                 action: checked.action.map_or("-", Action::name).into(),
-                project: checked.project,
+                project: checked.project.as_deref().map(audit::clip),
                 method: method_text(&method),
                 path,
                 status: response.status().as_u16(),

@@ -4,7 +4,10 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Value};
 
 use super::error::ApiError;
+use super::query::NoQuery;
 use super::{body, ident, version_number, State};
+use crate::blueprint::parse::pointer_segment;
+use crate::blueprint::value::excerpt_str;
 use crate::blueprint::{model::blueprints_to_public, parse_blueprint, Blueprints, Ident};
 use crate::catalog::Project;
 use crate::projector::elasticsearch;
@@ -14,7 +17,7 @@ fn parse_names(path: &(String, String)) -> Result<(Ident, Ident), ApiError> {
 }
 
 fn frozen<'a>(project: &'a Project, raw: &str) -> Result<&'a Blueprints, ApiError> {
-    let number = version_number(raw)?;
+    let number = version_number("version", raw)?;
     project
         .version(number)
         .map(|v| &v.blueprints)
@@ -46,6 +49,7 @@ fn blueprint_in(
 
 /// PUT /{project}/{blueprint}/_blueprint
 pub async fn put(
+    _: NoQuery,
     state: State,
     request: HttpRequest,
     path: web::Path<(String, String)>,
@@ -65,6 +69,7 @@ pub async fn put(
 
 /// GET /{project}/{blueprint}/_blueprint
 pub async fn get(
+    _: NoQuery,
     state: State,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
@@ -81,6 +86,7 @@ pub async fn get(
 
 /// DELETE /{project}/{blueprint}/_blueprint
 pub async fn delete(
+    _: NoQuery,
     state: State,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
@@ -91,6 +97,7 @@ pub async fn delete(
 
 /// GET /{project}/{blueprint}/_blueprint/{version}
 pub async fn get_at(
+    _: NoQuery,
     state: State,
     path: web::Path<(String, String, String)>,
 ) -> Result<HttpResponse, ApiError> {
@@ -108,6 +115,7 @@ pub async fn get_at(
 
 /// PUT /{project}/_blueprint: replaces the whole working copy.
 pub async fn put_all(
+    _: NoQuery,
     state: State,
     request: HttpRequest,
     path: web::Path<String>,
@@ -137,11 +145,11 @@ pub fn parse_blueprint_set(
     let mut errors = Vec::new();
     let mut inputs = Vec::new();
     for (name, definition) in set {
-        let at = format!("{base}/{}", crate::blueprint::parse::pointer_segment(name));
+        let at = format!("{base}/{}", pointer_segment(&excerpt_str(name)));
         match Ident::parse(name) {
             Err(reason) => errors.push(crate::blueprint::FieldError::new(
                 &at,
-                format!("blueprint name {name:?} {reason}"),
+                format!("blueprint name {:?} {reason}", excerpt_str(name)),
             )),
             Ok(name) => match parse_blueprint(definition, &at) {
                 Ok(input) => {
@@ -160,7 +168,11 @@ pub fn parse_blueprint_set(
 }
 
 /// GET /{project}/_blueprint
-pub async fn get_all(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn get_all(
+    _: NoQuery,
+    state: State,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
     let snapshot = state.storage.fresh_snapshot(&project).await?;
     let p = snapshot.project(&project)?;
@@ -169,6 +181,7 @@ pub async fn get_all(state: State, path: web::Path<String>) -> Result<HttpRespon
 
 /// GET /{project}/_blueprint/{version}
 pub async fn get_all_at(
+    _: NoQuery,
     state: State,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {

@@ -111,6 +111,10 @@ impl std::ops::Deref for Body {
     }
 }
 
+/// Most of an announced body's length allocated before its bytes arrive; a larger body grows its
+/// buffer as it comes.
+const PREALLOCATED: usize = 1 << 20;
+
 /// Reads the whole body, refusing it with 413 as soon as it passes `limit` bytes, with 503 when the
 /// server holds too much body memory already, and with 408 when it does not arrive in time. Each
 /// byte takes `factor` bytes of the budget.
@@ -142,12 +146,13 @@ async fn read_within(
     if declared.is_some_and(|length| length > limit) {
         return Err(ApiError::TooLarge(limit));
     }
+    // The budget is taken as bytes arrive, not for what a client announces: a connection that
+    // announces a large body and stalls holds only what it sent.
     let mut share = Share {
         budget: state.in_flight.clone(),
         bytes: 0,
     };
-    share.grow(declared.unwrap_or(0).saturating_mul(factor))?;
-    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0));
+    let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0).min(PREALLOCATED));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk
             .map_err(|e| ApiError::bad_request("", format!("cannot read the request body: {e}")))?;

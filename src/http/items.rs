@@ -294,7 +294,11 @@ async fn read(
     id: Uuid,
 ) -> Result<HttpResponse, ApiError> {
     let params = super::query::read::<ReadParams>(request.query_string())?;
-    let version = params.version.as_deref().map(version_number).transpose()?;
+    let version = params
+        .version
+        .as_deref()
+        .map(|raw| version_number("version", raw))
+        .transpose()?;
     let mut snapshot = state.storage.snapshot();
     if !snapshot.projects.contains_key(&project) {
         // Perhaps made through another node a moment ago.

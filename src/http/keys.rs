@@ -10,7 +10,7 @@ use serde::Deserialize;
 use serde_json::json;
 
 use super::error::ApiError;
-use super::query::Query;
+use super::query::{NoQuery, Query};
 use super::{body, State};
 use crate::auth::keys::{KeyInput, KeyStore};
 
@@ -35,7 +35,7 @@ fn input(body: &serde_json::Value) -> Result<KeyInput, ApiError> {
 }
 
 /// GET /_keys
-pub async fn list(state: State) -> Result<HttpResponse, ApiError> {
+pub async fn list(_: NoQuery, state: State) -> Result<HttpResponse, ApiError> {
     let keys: Vec<_> = store(&state)?
         .list()
         .iter()
@@ -46,6 +46,7 @@ pub async fn list(state: State) -> Result<HttpResponse, ApiError> {
 
 /// POST /_keys: answers the key with its secret, shown this once.
 pub async fn create(
+    _: NoQuery,
     state: State,
     request: HttpRequest,
     payload: web::Payload,
@@ -58,12 +59,17 @@ pub async fn create(
 }
 
 /// GET /_keys/{id}
-pub async fn show(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn show(
+    _: NoQuery,
+    state: State,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     Ok(HttpResponse::Ok().json(store(&state)?.get(&path).await?.to_public()))
 }
 
 /// PATCH /_keys/{id}
 pub async fn update(
+    _: NoQuery,
     state: State,
     request: HttpRequest,
     path: web::Path<String>,
@@ -75,7 +81,11 @@ pub async fn update(
 }
 
 /// DELETE /_keys/{id}: revokes the key at once.
-pub async fn revoke(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn revoke(
+    _: NoQuery,
+    state: State,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let key = store(&state)?.delete(&path).await?;
     Ok(HttpResponse::Ok().json(json!({"revoked": true, "id": key.id})))
 }

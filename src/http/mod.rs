@@ -26,6 +26,7 @@ use std::time::Duration;
 
 use actix_web::{web, HttpResponse};
 
+use crate::blueprint::value::excerpt_str;
 use crate::blueprint::Ident;
 use crate::config::Settings;
 use crate::projector::Registry;
@@ -66,16 +67,19 @@ pub type State = web::Data<AppState>;
 
 /// Parses a name from the URL; hostile names are refused before anything else happens.
 pub fn ident(what: &str, raw: &str) -> Result<Ident, ApiError> {
-    Ident::parse(raw)
-        .map_err(|reason| ApiError::bad_request(what, format!("{what} name {raw:?} {reason}")))
+    Ident::parse(raw).map_err(|reason| {
+        let raw = excerpt_str(raw);
+        ApiError::bad_request(what, format!("{what} name {raw:?} {reason}"))
+    })
 }
 
-/// Parses a version number from the URL.
-pub fn version_number(raw: &str) -> Result<u32, ApiError> {
+/// Parses a version number from the URL or the query (`what`: the parameter that holds it).
+pub fn version_number(what: &str, raw: &str) -> Result<u32, ApiError> {
     raw.parse::<u32>().ok().filter(|n| *n > 0).ok_or_else(|| {
+        let raw = excerpt_str(raw);
         ApiError::bad_request(
-            "version",
-            format!("version {raw:?} is not a positive whole number"),
+            what,
+            format!("{what} {raw:?} is not a positive whole number"),
         )
     })
 }

@@ -5,6 +5,7 @@ use serde_json::{json, Map, Value};
 
 use super::blueprints::parse_blueprint_set;
 use super::error::ApiError;
+use super::query::NoQuery;
 use super::{body, ident, State};
 use crate::auth::Action;
 use crate::blueprint::model::blueprints_to_public;
@@ -21,7 +22,11 @@ fn describe(p: &Project) -> Value {
 }
 
 /// GET /{project}/_project
-pub async fn get(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn get(
+    _: NoQuery,
+    state: State,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
     let snapshot = state.storage.fresh_snapshot(&project).await?;
     Ok(HttpResponse::Ok().json(describe(snapshot.project(&project)?)))
@@ -50,6 +55,7 @@ async fn put_and_freeze(
 
 /// PUT /{project}/_project
 pub async fn put(
+    _: NoQuery,
     state: State,
     request: HttpRequest,
     path: web::Path<String>,
@@ -99,14 +105,22 @@ async fn try_project(
 }
 
 /// DELETE /{project}/_project
-pub async fn delete(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn delete(
+    _: NoQuery,
+    state: State,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
     state.storage.drop_project(&project).await?;
     Ok(HttpResponse::Ok().json(json!({"success": true})))
 }
 
 /// GET /_project
-pub async fn get_all(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+pub async fn get_all(
+    _: NoQuery,
+    state: State,
+    request: HttpRequest,
+) -> Result<HttpResponse, ApiError> {
     state.storage.refresh_catalog().await?;
     let snapshot = state.storage.snapshot();
     let caller = super::auth::caller(&request);
@@ -121,6 +135,7 @@ pub async fn get_all(state: State, request: HttpRequest) -> Result<HttpResponse,
 
 /// PUT /_project: `{"myblog": {"article": {…}}, …}`; every project is checked before any is changed.
 pub async fn put_all(
+    _: NoQuery,
     state: State,
     request: HttpRequest,
     payload: web::Payload,
@@ -184,7 +199,7 @@ pub async fn put_all(
 }
 
 /// DELETE /_project
-pub async fn delete_all(state: State) -> Result<HttpResponse, ApiError> {
+pub async fn delete_all(_: NoQuery, state: State) -> Result<HttpResponse, ApiError> {
     state.storage.refresh_catalog().await?;
     let names: Vec<Ident> = state.storage.snapshot().projects.keys().cloned().collect();
     for project in &names {

@@ -17,6 +17,15 @@ use super::error::ApiError;
 
 pub struct Query<T>(pub T);
 
+/// The query of a route that takes no parameters: any parameter is refused (400, naming it), so a
+/// mistyped or imagined option (`DELETE /{project}/_project?dry_run=true`) never passes silently.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NoParams {}
+
+/// The extractor of a route without parameters (see [`NoParams`]).
+pub type NoQuery = Query<NoParams>;
+
 impl<T> Deref for Query<T> {
     type Target = T;
     fn deref(&self) -> &T {
@@ -57,7 +66,7 @@ pub fn read<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
     match culprit {
         Some(i) => {
             let (name, value) = pairs[i].split_once('=').unwrap_or((pairs[i], ""));
-            let name = decoded(name);
+            let name = crate::blueprint::value::excerpt_str(&decoded(name));
             Err(ApiError::bad_request(
                 &name,
                 format!(
@@ -114,6 +123,18 @@ mod tests {
             };
             assert_eq!(errors[0].path, name, "{query}: {message}");
             assert!(message.starts_with(&format!("{name}=")), "{message}");
+        }
+    }
+
+    /// A route without parameters refuses any, naming it, and takes an empty query string.
+    #[test]
+    fn a_route_without_parameters_refuses_any() {
+        assert!(read::<NoParams>("").is_ok());
+        for (query, name) in [("dry_run=true", "dry_run"), ("force", "force")] {
+            let Err(ApiError::BadRequest(_, errors)) = read::<NoParams>(query) else {
+                panic!("a 400 for {query}");
+            };
+            assert_eq!(errors[0].path, name, "{query}");
         }
     }
 }

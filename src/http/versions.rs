@@ -5,7 +5,7 @@ use actix_web::{web, HttpRequest, HttpResponse};
 use serde_json::{json, Map, Value};
 
 use super::error::ApiError;
-use super::query::Query;
+use super::query::{NoQuery, Query};
 use super::{ident, version_number, State};
 use serde::Deserialize;
 
@@ -81,11 +81,12 @@ fn store_previews(
 
 /// GET /{project}/_version/{version}: one version with its changes, state and use.
 pub async fn get_one(
+    _: NoQuery,
     state: State,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path.0)?;
-    let number = version_number(&path.1)?;
+    let number = version_number("version", &path.1)?;
     let snapshot = state.storage.fresh_snapshot(&project).await?;
     let p = snapshot.project(&project)?;
     if p.version(number).is_none() {
@@ -115,7 +116,10 @@ pub async fn diff(
     params: Query<DiffParams>,
 ) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
-    let (from, to) = (version_number(&params.from)?, version_number(&params.to)?);
+    let (from, to) = (
+        version_number("from", &params.from)?,
+        version_number("to", &params.to)?,
+    );
     let snapshot = state.storage.fresh_snapshot(&project).await?;
     let p = snapshot.project(&project)?;
     let version = |n: u32| {
@@ -149,7 +153,11 @@ pub async fn diff(
 }
 
 /// GET /{project}/_settings
-pub async fn settings(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn settings(
+    _: NoQuery,
+    state: State,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
     let snapshot = state.storage.fresh_snapshot(&project).await?;
     let p = snapshot.project(&project)?;
@@ -158,6 +166,7 @@ pub async fn settings(state: State, path: web::Path<String>) -> Result<HttpRespo
 
 /// PUT /{project}/_settings: `{"compatibility": "lossless" | "lossy_allowed"}`.
 pub async fn put_settings(
+    _: NoQuery,
     state: State,
     request: HttpRequest,
     path: web::Path<String>,
@@ -219,14 +228,18 @@ fn parse_settings(body: &Value) -> Result<Compatibility, ApiError> {
 }
 
 /// GET /{project}/_version
-pub async fn get(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn get(
+    _: NoQuery,
+    state: State,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
     let snapshot = state.storage.fresh_snapshot(&project).await?;
     Ok(HttpResponse::Ok().json(describe(&state, snapshot.project(&project)?).await?))
 }
 
 /// GET /_version
-pub async fn all(state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
+pub async fn all(_: NoQuery, state: State, request: HttpRequest) -> Result<HttpResponse, ApiError> {
     state.storage.refresh_catalog().await?;
     let snapshot = state.storage.snapshot();
     let caller = super::auth::caller(&request);
@@ -243,11 +256,12 @@ pub async fn all(state: State, request: HttpRequest) -> Result<HttpResponse, Api
 
 /// POST /{project}/_version/{version}/_retire
 pub async fn retire(
+    _: NoQuery,
     state: State,
     path: web::Path<(String, String)>,
 ) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path.0)?;
-    let number = version_number(&path.1)?;
+    let number = version_number("version", &path.1)?;
     state.storage.retire(&project, number).await?;
     Ok(HttpResponse::Ok().json(json!({"project_version": number, "retired": true})))
 }
@@ -256,7 +270,11 @@ pub async fn retire(
 /// retired ones. `dstore worker` processes read the catalog through it. A project that does not exist
 /// answers 200 with `"exists": false`, so a worker can tell it from a wrong address (a 404 of
 /// something else) and never skips tasks on the word of a server that is not dstore.
-pub async fn catalog(state: State, path: web::Path<String>) -> Result<HttpResponse, ApiError> {
+pub async fn catalog(
+    _: NoQuery,
+    state: State,
+    path: web::Path<String>,
+) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
     let snapshot = state.storage.fresh_snapshot(&project).await?;
     let Some(p) = snapshot.projects.get(&project) else {

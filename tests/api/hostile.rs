@@ -377,6 +377,17 @@ async fn a_body_that_never_arrives_is_answered_408_and_too_many_body_bytes_503()
         assert!(answer.contains("body_timeout_secs"), "{path}: {answer}");
     }
 
+    // A body announced and not sent holds only the budget for what arrived (4000 bytes announced
+    // would be 62.5 KiB of it): other requests go on meanwhile.
+    let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head =
+        "PUT /myblog/article/_blueprint HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n{";
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let meanwhile = app.put("/myblog/article/_blueprint", &article()).await;
+    assert_eq!(meanwhile.status, 200, "{}", meanwhile.body);
+    drop(stalled);
+
     // A JSON body counts 16 times its length while it is parsed: 8 KiB is more than 64 KiB.
     let big = json!({"filler": "x".repeat(8 * 1024)});
     let busy = app.put("/myblog/article/_blueprint", &big).await;
@@ -699,6 +710,90 @@ async fn past_the_backlog_limit_a_held_projects_writes_are_refused_and_the_other
         app.get("/_health/ready").await.body["writes"]["accepted"],
         true
     );
+    app.stop().await;
+}
+
+/// A blueprint's validation cannot be made to cost every item (or its error) much: a long
+/// `pattern` or `enum` is refused, and a pattern an item misses is named in an excerpt. A project
+/// cannot grow past 200 blueprints. A route without parameters refuses any, so an imagined option
+/// never passes silently, and a version parameter is named by its own name.
+#[tokio::test]
+async fn blueprint_limits_and_parameters_a_route_does_not_take_are_refused_by_name() {
+    let app = spawn_app().await;
+    let column = |validation: Value| {
+        let mut bp = article();
+        bp["columns"]["title"]["validation"] = validation;
+        bp
+    };
+    let long = format!("(?x)a{}", " ".repeat(2000));
+    let refused = app
+        .put("/rx/article/_blueprint", &column(json!({"pattern": long})))
+        .await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert_eq!(refused.paths(), ["/columns/title/validation/pattern"]);
+    let values: Vec<String> = (0..1001).map(|i| format!("v{i}")).collect();
+    let refused = app
+        .put("/rx/article/_blueprint", &column(json!({"enum": values})))
+        .await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert_eq!(refused.paths(), ["/columns/title/validation/enum"]);
+    // The longest pattern allowed, which an item misses: its error repeats only an excerpt.
+    let longest = format!("(?x)a{}", " ".repeat(1019));
+    let put = app
+        .put(
+            "/rx/article/_blueprint",
+            &column(json!({"pattern": longest})),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(app.post("/rx/_version", None).await.status, 200);
+    let mut miss = item();
+    miss["title"] = json!("b");
+    let missed = app
+        .put(&format!("/rx/article/{}", Uuid::new_v4()), &miss)
+        .await;
+    assert_eq!(missed.status, 422, "{}", missed.body);
+    assert!(missed.body.to_string().len() < 1000, "{}", missed.body);
+
+    // 201 blueprints in one project are refused, whole; 200 are taken.
+    let set = |n: usize| {
+        let blueprints: serde_json::Map<String, Value> = (0..n)
+            .map(|i| {
+                let name = format!("kind{i}");
+                let bp = json!({"postgresql": {"table": name}, "elasticsearch": {"type": name},
+                    "columns": {"title": {"type": "string"}}});
+                (name, bp)
+            })
+            .collect();
+        Value::Object(blueprints)
+    };
+    let refused = app.put("/many/_blueprint", &set(201)).await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert!(
+        refused.messages().contains("at most 200"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(app.get("/many/_blueprint").await.status, 404);
+    let taken = app.put("/many/_blueprint", &set(200)).await;
+    assert_eq!(taken.status, 200, "{}", taken.body);
+    let one_more = json!({"postgresql": {"table": "extra"}, "elasticsearch": {"type": "extra"},
+        "columns": {"title": {"type": "string"}}});
+    let refused = app.put("/many/extra/_blueprint", &one_more).await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+
+    // Parameters a route does not take are a 400 naming them, and nothing happens.
+    let dropped = app
+        .send(Method::DELETE, "/rx/_project?dry_run=true", None)
+        .await;
+    assert_eq!(dropped.status, 400, "{}", dropped.body);
+    assert_eq!(dropped.paths(), ["dry_run"]);
+    assert_eq!(app.get("/rx/_version").await.status, 200, "still there");
+    let retired = app.post("/rx/_version/1/_retire?force=1", None).await;
+    assert_eq!(retired.status, 400, "{}", retired.body);
+    let diff = app.get("/rx/_diff?from=0&to=1").await;
+    assert_eq!(diff.status, 400, "{}", diff.body);
+    assert_eq!(diff.paths(), ["from"]);
     app.stop().await;
 }
 

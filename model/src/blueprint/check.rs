@@ -59,7 +59,10 @@ fn check_rules(def: &ColumnDef, value: &Value) -> Result<(), String> {
                 ));
             }
             if let Some(pattern) = rules.pattern.as_ref().filter(|p| !p.0.is_match(s)) {
-                return Err(format!("does not match the pattern {:?}", pattern.as_str()));
+                return Err(format!(
+                    "does not match the pattern {:?}",
+                    super::value::excerpt_str(pattern.as_str())
+                ));
             }
         }
     }
