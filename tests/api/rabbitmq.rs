@@ -9,7 +9,8 @@ use dstore::blueprint::Ident;
 use dstore::config::QueueSettings;
 use dstore::projector::rocksdb::RocksProjector;
 use lapin::options::{
-    BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions, QueueDeleteOptions,
+    BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
+    QueueDeleteOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -595,6 +596,74 @@ async fn a_queue_the_broker_lost_gets_every_pending_task_again() {
     broker.expect_messages("rocksdb", 22).await;
 
     let (mut worker, dir) = rocksdb_worker(&broker, &app);
+    faults::wait_until_projected(&app).await;
+    terminate(&mut worker);
+    let keyspaces = RocksProjector::open(&dir.path().join("keyspaces")).unwrap();
+    let held = ids
+        .iter()
+        .filter(|id| keyspaces.get(&ident("p"), 1, &ident("thing"), id).is_some())
+        .count();
+    assert_eq!(held, ids.len(), "every pending task reached the worker");
+    app.stop().await;
+    broker.clean_up().await;
+}
+
+/// The queue goes while consumers are connected, with tasks in it that one of them holds
+/// unacknowledged: no consumer declares it afresh, so the relay finds it missing and publishes
+/// every pending task again.
+#[tokio::test]
+async fn a_queue_deleted_under_its_consumers_gets_every_pending_task_again() {
+    let broker = TestBroker::new().await;
+    let queue = QueueSettings {
+        external: vec!["rocksdb".into()],
+        ..broker.settings()
+    };
+    let app = spawn_app_with(|s| {
+        s.queue = Some(queue);
+        s.projection.wait_timeout_secs = 1;
+    })
+    .await;
+    let put = app.put("/p/thing/_blueprint", &faults::thing()).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let frozen = app.post("/p/_version", None).await;
+    assert_eq!(frozen.status, 503, "no worker yet: {}", frozen.body);
+    // The active consumer takes every task and never acknowledges one.
+    let name = format!("{}.rocksdb", broker.namespace);
+    let connection = connect().await;
+    let holder = connection.create_channel().await.unwrap();
+    let _held = holder
+        .basic_consume(
+            name.as_str().into(),
+            "holder".into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .unwrap();
+    let mut ids = Vec::new();
+    for n in 0..20 {
+        let id = Uuid::new_v4();
+        let body = json!({"project_version": 1, "n": n});
+        let put = app.put(&format!("/p/thing/{id}"), &body).await;
+        assert_eq!(put.status, 200, "{}", put.body);
+        ids.push(id);
+    }
+    // A worker waits as the standby; then the queue goes with every task in it.
+    let (mut worker, dir) = rocksdb_worker(&broker, &app);
+    broker.expect_consumers("rocksdb", 2).await;
+    let deleter = connection.create_channel().await.unwrap();
+    deleter
+        .queue_delete(name.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    // Time for the worker to come back, before anything new is published.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let last = Uuid::new_v4();
+    let body = json!({"project_version": 1, "n": 99});
+    let put = app.put(&format!("/p/thing/{last}"), &body).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    ids.push(last);
+
     faults::wait_until_projected(&app).await;
     terminate(&mut worker);
     let keyspaces = RocksProjector::open(&dir.path().join("keyspaces")).unwrap();

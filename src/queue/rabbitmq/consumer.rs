@@ -86,8 +86,11 @@ impl Consumer<'_> {
         mut shutdown: watch::Receiver<bool>,
     ) -> Result<(), LinkError> {
         let name = self.projector.name();
+        if !self.await_queue(&connection, &mut shutdown).await? {
+            return Ok(());
+        }
         let channel = connection.create_channel().await?;
-        self.broker.declare_projector(&channel, name).await?;
+        self.broker.declare_parking(&channel, name).await?;
         channel
             .basic_qos(self.broker.settings.prefetch, BasicQosOptions::default())
             .await?;
@@ -190,6 +193,31 @@ impl Consumer<'_> {
             .queue_declare(queue.into(), passive, FieldTable::default())
             .await?;
         Ok(declared.consumer_count() == 1)
+    }
+
+    /// Waits until the broker has this consumer's queue, which only the relay declares (see
+    /// `Broker::declare_projector`); false once shutting down.
+    async fn await_queue(
+        &self,
+        connection: &Connection,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<bool, LinkError> {
+        let name = self.projector.name();
+        let mut waiting = false;
+        while !self.broker.queue_exists(connection, name).await? {
+            if !waiting {
+                let queue = self.broker.queue(name);
+                tracing::warn!(%queue, "the broker has no queue for this projector yet; waiting for dstore's relay to declare it");
+                let reason = format!("waiting for the relay to declare queue {queue}");
+                self.broker.set_link(self.link, false, Some(reason));
+                waiting = true;
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(QUEUE_CHECK) => {}
+                _ = shutdown.changed() => return Ok(false),
+            }
+        }
+        Ok(true)
     }
 
     /// Sends this consumer's queue a probe (see [`PROBE_HEADER`]).
@@ -550,6 +578,9 @@ enum Source {
 /// How often a consumer that is not the only one asks again whether it is (see the module's
 /// documentation).
 const ACTIVE_CHECK: Duration = Duration::from_secs(5);
+
+/// How often a consumer asks whether its queue, missing, has been declared.
+const QUEUE_CHECK: Duration = Duration::from_millis(500);
 
 /// What this session knows of parked tasks.
 #[derive(Default)]

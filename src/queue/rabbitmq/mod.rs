@@ -170,6 +170,10 @@ impl Broker {
     }
 
     /// Declares the exchanges and the queues of one projector (idempotent: same arguments always).
+    /// Only the relay does: a projector's queue that vanished (deleted, or a broker that lost its
+    /// data) must be found missing by the relay, which then publishes every pending task again. A
+    /// consumer that declared it afresh would hide the loss, so consumers wait for it instead
+    /// ([`Broker::queue_exists`]) and declare only the parking registry ([`Broker::declare_parking`]).
     async fn declare_projector(&self, channel: &Channel, projector: &str) -> Result<(), LinkError> {
         let durable = ExchangeDeclareOptions {
             durable: true,
@@ -203,6 +207,11 @@ impl Broker {
             AMQPValue::LongString(dead_exchange.as_str().into()),
         );
         declare_bound(channel, &self.queue(projector), args, &exchange, projector).await?;
+        self.declare_parking(channel, projector).await
+    }
+
+    /// Declares the registry of a projector's parked projects (the consumers' own queue).
+    async fn declare_parking(&self, channel: &Channel, projector: &str) -> Result<(), LinkError> {
         channel
             .queue_declare(
                 self.parked_queue(projector).as_str().into(),

@@ -8,7 +8,9 @@
 //! A session starts by publishing again every task above the cursor — a failed session may have
 //! published some of them — from one consistent view of the journal, so what it re-sends is a whole
 //! tail of each queue (see `journal::outbox`). A projector's queue that is missing from the broker
-//! (deleted, or a broker that lost its data) gets every pending task again. Later tasks were never
+//! (deleted, or a broker that lost its data) gets every pending task again: the relay finds it
+//! missing at the start of a session, or by an unroutable publish, or by asking every few seconds
+//! while idle, and only the relay declares it (consumers wait for it). Later tasks were never
 //! published and go out as they come.
 
 use std::collections::HashMap;
@@ -24,6 +26,9 @@ use super::{confirmed, persistent, Broker, LinkError, JOURNAL_HEADER};
 use crate::journal::{Journal, JournalError, RawTask};
 
 const LINK: &str = "relay";
+
+/// How often an idle relay checks that every projector's queue is still there.
+const QUEUE_CHECK: Duration = Duration::from_secs(5);
 
 /// Runs until `shutdown` turns true.
 pub async fn run(
@@ -95,6 +100,7 @@ impl Relay<'_> {
         }
         drop(view);
 
+        let mut checked = tokio::time::Instant::now();
         loop {
             let published = self
                 .publish_round(&channel, &mut cursors, |p, after| {
@@ -110,6 +116,17 @@ impl Relay<'_> {
             // Idle: let every lane see what its consumers reported (nothing else refreshes them).
             for projector in self.projectors {
                 let _ = self.journal.refresh_progress(projector);
+            }
+            // A queue deleted while nothing is published would go unnoticed until the next task:
+            // the session starts over, and the new one publishes every pending task again.
+            if checked.elapsed() >= QUEUE_CHECK {
+                checked = tokio::time::Instant::now();
+                for projector in self.projectors {
+                    if !self.broker.queue_exists(&connection, projector).await? {
+                        let queue = self.broker.queue(projector);
+                        return Err(LinkError::Other(format!("queue {queue} vanished")));
+                    }
+                }
             }
             tokio::select! {
                 _ = self.journal.wait_for_commit(Duration::from_millis(500)) => {}
