@@ -245,6 +245,7 @@ impl Consumer<'_> {
         session: &Session<'_>,
         parking: &mut Parking,
     ) -> Result<(), LinkError> {
+        tokio::time::sleep(TAKE_OVER_GRACE).await;
         let name = self.projector.name();
         for project in self.registry(session, None).await? {
             // Made again, empty, when it was deleted before its entry was removed: the project's
@@ -578,6 +579,13 @@ enum Source {
 /// How often a consumer that is not the only one asks again whether it is (see the module's
 /// documentation).
 const ACTIVE_CHECK: Duration = Duration::from_secs(5);
+
+/// How long a consumer that became the active one waits before it reads the parking state. The
+/// broker gives back what the previous active consumer held unacknowledged queue by queue, as each
+/// learns that its channel closed, and `basic_get` does not wait for that: read at once, a parking
+/// queue could look empty (and be deleted) or shorter than it is. This narrows that window to
+/// a broker slower than a second to notice, not closes it.
+const TAKE_OVER_GRACE: Duration = Duration::from_secs(1);
 
 /// How often a consumer asks whether its queue, missing, has been declared.
 const QUEUE_CHECK: Duration = Duration::from_millis(500);
