@@ -60,21 +60,25 @@ pub struct Operation<'a> {
 impl Operation<'_> {
     /// The item, parsed; `max_item_bytes` bounds one item as a single PUT's body is bounded.
     pub fn parse_item(&self, max_item_bytes: usize) -> Result<Document, (u16, Vec<FieldError>)> {
-        let raw = self.item.unwrap_or_default();
-        if raw.len() > max_item_bytes {
-            return Err((
-                413,
-                vec![FieldError::new(
-                    "",
-                    format!(
-                        "the item line is {} bytes, more than the limit of {max_item_bytes} bytes for one item",
-                        raw.len()
-                    ),
-                )],
-            ));
-        }
-        Document::parse(raw).map_err(|e| (400, vec![e]))
+        parse_item(self.item.unwrap_or_default(), max_item_bytes)
     }
+}
+
+/// An item line, parsed; `max_item_bytes` bounds one item as a single PUT's body is bounded.
+pub fn parse_item(raw: &[u8], max_item_bytes: usize) -> Result<Document, (u16, Vec<FieldError>)> {
+    if raw.len() > max_item_bytes {
+        return Err((
+            413,
+            vec![FieldError::new(
+                "",
+                format!(
+                    "the item line is {} bytes, more than the limit of {max_item_bytes} bytes for one item",
+                    raw.len()
+                ),
+            )],
+        ));
+    }
+    Document::parse(raw).map_err(|e| (400, vec![e]))
 }
 
 /// Reads every operation of a bulk body; an unreadable action line refuses the whole body, naming

@@ -103,6 +103,13 @@ impl<T> std::ops::Deref for JsonBody<T> {
     }
 }
 
+impl Body {
+    /// The body's bytes, shared (a clone costs a reference count).
+    pub fn bytes(&self) -> &web::Bytes {
+        &self.bytes
+    }
+}
+
 impl std::ops::Deref for Body {
     type Target = [u8];
 

@@ -357,32 +357,30 @@ pub async fn bulk(
     })?;
     let ops =
         crate::bulk::parse(&raw).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))?;
+    let answered: Vec<(Action, Option<Uuid>)> = ops.iter().map(|op| (op.action, op.id)).collect();
     let outcomes = write::bulk(
         state.storage.as_ref(),
         &project,
-        &ops,
+        raw.bytes(),
+        ops,
         state.settings.server.max_body_bytes,
     )
     .await?;
     drop(place);
-    let items: Vec<BulkResult> = ops
-        .iter()
+    let items: Vec<BulkResult> = answered
+        .into_iter()
         .zip(outcomes)
-        .map(|(op, outcome)| match outcome {
+        .map(|((action, id), outcome)| match outcome {
             Ok(revision) => BulkResult {
-                action: op.action.name(),
-                id: op.id,
-                status: if op.action == Action::Create {
-                    201
-                } else {
-                    200
-                },
+                action: action.name(),
+                id,
+                status: if action == Action::Create { 201 } else { 200 },
                 revision: Some(revision),
                 errors: None,
             },
             Err((status, errors)) => BulkResult {
-                action: op.action.name(),
-                id: op.id,
+                action: action.name(),
+                id,
                 status,
                 revision: None,
                 errors: Some(errors),

@@ -12,8 +12,12 @@
 pub mod evolution;
 mod prepare;
 
+use std::future::{ready, Future};
+use std::ops::Range;
+use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use thiserror::Error;
 use uuid::Uuid;
 
@@ -59,14 +63,18 @@ pub type BulkOutcome = Result<u64, (u16, Vec<FieldError>)>;
 
 /// Journals entries prepared by `prepare`, preparing them again while the project's live versions
 /// move. Answers the revisions of the entries, in order, and what `prepare` returned beside them.
-pub async fn journal<T>(
+pub async fn journal<T, F>(
     storage: &dyn Storage,
     project: &Ident,
-    mut prepare: impl FnMut(&Snapshot) -> Result<(Vec<Entry>, T), WriteError>,
-) -> Result<(Vec<u64>, T), WriteError> {
+    mut prepare: impl FnMut(Arc<Snapshot>) -> F,
+) -> Result<(Vec<u64>, T), WriteError>
+where
+    F: Future<Output = Result<(Vec<Entry>, T), WriteError>>,
+{
     let mut snapshot = storage.snapshot();
     for attempt in 0..MAX_ATTEMPTS {
-        let (entries, extra) = match prepare(&snapshot) {
+        let epoch = snapshot.projects.get(project).map_or(0, |p| p.epoch);
+        let (entries, extra) = match prepare(snapshot.clone()).await {
             // This node may not know yet a project or version made through another node.
             Err(WriteError::NotFound(_) | WriteError::Invalid(_)) if attempt == 0 => {
                 snapshot = storage.fresh_snapshot(project).await?;
@@ -77,7 +85,6 @@ pub async fn journal<T>(
         if entries.is_empty() {
             return Ok((Vec::new(), extra));
         }
-        let epoch = snapshot.projects.get(project).map_or(0, |p| p.epoch);
         match storage.write(project, epoch, entries).await {
             Err(StorageError::Stale) => {
                 // Another node (or request) moved the versions: read the project again.
@@ -100,10 +107,8 @@ pub async fn put_item(
     body: &crate::document::Document,
 ) -> Result<u64, WriteError> {
     let (revisions, ()) = journal(storage, project, |snapshot| {
-        Ok((
-            vec![prepare_upsert(snapshot, project, blueprint, id, body)?],
-            (),
-        ))
+        let entry = prepare_upsert(&snapshot, project, blueprint, id, body);
+        ready(entry.map(|entry| (vec![entry], ())))
     })
     .await?;
     Ok(revisions[0])
@@ -120,50 +125,64 @@ pub async fn delete_item(
     let existing = storage.item(project, blueprint, &id).await?;
     let (revisions, ()) = journal(storage, project, |snapshot| {
         let stored_uid = existing.as_ref().map(|record| record.blueprint_uid);
-        let entry = prepare_delete(snapshot, project, blueprint, id, stored_uid)?;
-        Ok((vec![entry], ()))
+        let entry = prepare_delete(&snapshot, project, blueprint, id, stored_uid);
+        ready(entry.map(|entry| (vec![entry], ())))
     })
     .await?;
     Ok((revisions[0], existing.is_some()))
 }
 
 /// Journals the valid operations of a `_bulk` body together; answers one outcome per operation.
-/// Each item is parsed, checked and encoded alone (`max_item_bytes` bounds it as a PUT body is).
+/// Each item is parsed, checked and encoded alone (`max_item_bytes` bounds it as a PUT body is),
+/// on a blocking thread: a body of costly items (a polygon's check takes time quadratic in its
+/// size) must not stall the HTTP worker that other requests share. `raw` is the body `ops` were
+/// read from.
 pub async fn bulk(
     storage: &dyn Storage,
     project: &Ident,
-    ops: &[Operation<'_>],
+    raw: &Bytes,
+    ops: Vec<Operation<'_>>,
     max_item_bytes: usize,
 ) -> Result<Vec<BulkOutcome>, WriteError> {
     storage.fresh_snapshot(project).await?.project(project)?;
     // The versions a delete reaches depend on the blueprint uid the item was stored with, read
     // once; only the uid is kept, so a body of many deletes holds no item bodies.
-    let mut existing: Vec<Option<Uid>> = Vec::with_capacity(ops.len());
+    let mut owned = Vec::with_capacity(ops.len());
     for op in ops {
-        existing.push(match (op.action, &op.blueprint, op.id, &op.error) {
+        let stored_uid = match (op.action, &op.blueprint, op.id, &op.error) {
             (Action::Delete, Some(blueprint), Some(id), None) => storage
                 .item(project, blueprint, &id)
                 .await?
                 .map(|record| record.blueprint_uid),
             _ => None,
-        });
+        };
+        owned.push(OwnedOp::of(raw, op, stored_uid));
     }
+    let owned = Arc::new(owned);
     let (revisions, outcomes) = journal(storage, project, |snapshot| {
-        let mut entries = Vec::with_capacity(ops.len());
-        let mut outcomes: Vec<Result<usize, (u16, Vec<FieldError>)>> =
-            Vec::with_capacity(ops.len());
-        for (op, existing) in ops.iter().zip(&existing) {
-            outcomes.push(
-                match prepare_op(snapshot, project, op, *existing, max_item_bytes) {
-                    Ok(entry) => {
-                        entries.push(entry);
-                        Ok(entries.len() - 1)
-                    }
-                    Err((status, errors)) => Err((status, cap_errors(errors))),
-                },
-            );
+        let (raw, ops, project) = (raw.clone(), owned.clone(), project.clone());
+        async move {
+            let prepare = move || {
+                let mut entries = Vec::with_capacity(ops.len());
+                let mut outcomes: Vec<Result<usize, (u16, Vec<FieldError>)>> =
+                    Vec::with_capacity(ops.len());
+                for op in ops.iter() {
+                    outcomes.push(
+                        match op.prepare(&snapshot, &project, &raw, max_item_bytes) {
+                            Ok(entry) => {
+                                entries.push(entry);
+                                Ok(entries.len() - 1)
+                            }
+                            Err((status, errors)) => Err((status, cap_errors(errors))),
+                        },
+                    );
+                }
+                (entries, outcomes)
+            };
+            tokio::task::spawn_blocking(prepare)
+                .await
+                .map_err(|e| WriteError::Storage(StorageError::Unavailable(e.to_string())))
         }
-        Ok((entries, outcomes))
     })
     .await?;
     Ok(outcomes
@@ -172,35 +191,65 @@ pub async fn bulk(
         .collect())
 }
 
-/// Prepares one bulk operation: its item is parsed here and dropped once encoded.
-fn prepare_op(
-    snapshot: &Snapshot,
-    project: &Ident,
-    op: &Operation,
+/// A bulk operation as its preparation on another thread holds it: the item line as a range of
+/// the body, and the uid of the stored item a delete reaches.
+struct OwnedOp {
+    action: Action,
+    blueprint: Option<Ident>,
+    id: Option<Uuid>,
+    item: Option<Range<usize>>,
+    error: Option<(u16, Vec<FieldError>)>,
     stored_uid: Option<Uid>,
-    max_item_bytes: usize,
-) -> Result<Entry, (u16, Vec<FieldError>)> {
-    if let Some(error) = &op.error {
-        return Err(error.clone());
-    }
-    let (Some(blueprint), Some(id)) = (op.blueprint.as_ref(), op.id) else {
-        return Err((
-            400,
-            vec![FieldError::new("", "blueprint and id are required")],
-        ));
-    };
-    let result = match op.action {
-        Action::Delete => prepare_delete(snapshot, project, blueprint, id, stored_uid),
-        Action::Put | Action::Create => {
-            let item = op.parse_item(max_item_bytes)?;
-            prepare_upsert(snapshot, project, blueprint, id, &item)
+}
+
+impl OwnedOp {
+    fn of(raw: &[u8], op: Operation<'_>, stored_uid: Option<Uid>) -> OwnedOp {
+        // The item line is a slice of `raw`, which `ops` were read from.
+        let item = op.item.map(|line| {
+            let start = line.as_ptr() as usize - raw.as_ptr() as usize;
+            start..start + line.len()
+        });
+        OwnedOp {
+            action: op.action,
+            blueprint: op.blueprint,
+            id: op.id,
+            item,
+            error: op.error,
+            stored_uid,
         }
-    };
-    result.map_err(|e| match e {
-        WriteError::NotFound(m) => (404, vec![FieldError::new("", m)]),
-        WriteError::Invalid(errors) => (422, errors),
-        other => (500, vec![FieldError::new("", other.to_string())]),
-    })
+    }
+
+    /// Prepares the operation: its item is parsed here and dropped once encoded.
+    fn prepare(
+        &self,
+        snapshot: &Snapshot,
+        project: &Ident,
+        raw: &[u8],
+        max_item_bytes: usize,
+    ) -> Result<Entry, (u16, Vec<FieldError>)> {
+        if let Some(error) = &self.error {
+            return Err(error.clone());
+        }
+        let (Some(blueprint), Some(id)) = (self.blueprint.as_ref(), self.id) else {
+            return Err((
+                400,
+                vec![FieldError::new("", "blueprint and id are required")],
+            ));
+        };
+        let result = match self.action {
+            Action::Delete => prepare_delete(snapshot, project, blueprint, id, self.stored_uid),
+            Action::Put | Action::Create => {
+                let line = self.item.clone().map_or(&[][..], |range| &raw[range]);
+                let item = crate::bulk::parse_item(line, max_item_bytes)?;
+                prepare_upsert(snapshot, project, blueprint, id, &item)
+            }
+        };
+        result.map_err(|e| match e {
+            WriteError::NotFound(m) => (404, vec![FieldError::new("", m)]),
+            WriteError::Invalid(errors) => (422, errors),
+            other => (500, vec![FieldError::new("", other.to_string())]),
+        })
+    }
 }
 
 /// Freezes the working copy (or finishes what an interrupted freeze of the newest version left:

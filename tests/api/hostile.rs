@@ -797,6 +797,64 @@ async fn blueprint_limits_and_parameters_a_route_does_not_take_are_refused_by_na
     app.stop().await;
 }
 
+/// A `_bulk` of costly items (polygons of the largest size, whose check takes time quadratic in
+/// it) is prepared off the HTTP worker: with one worker, a request sent meanwhile is answered long
+/// before the `_bulk` is.
+#[tokio::test]
+async fn a_costly_bulk_does_not_stall_the_requests_that_share_its_worker() {
+    let app = spawn_app_with(|s| s.server.workers = 1).await;
+    let blueprint = json!({"postgresql": {"table": "areas"}, "elasticsearch": {"type": "area"},
+        "columns": {"zones": {"type": "polygon[]"}}});
+    app.put_and_freeze("geo", "area", &blueprint).await;
+    // A ring of 1024 positions on a circle, one per polygon, each polygon beside the last.
+    let polygon = |j: usize| {
+        let mut ring: Vec<Value> = (0..1023)
+            .map(|k| {
+                let angle = std::f64::consts::TAU * k as f64 / 1023.0;
+                json!([j as f64 * 2.0 + angle.cos() * 0.9, angle.sin() * 0.9])
+            })
+            .collect();
+        ring.push(ring[0].clone());
+        json!({"type": "Polygon", "coordinates": [ring]})
+    };
+    let zones: Vec<Value> = (0..20).map(polygon).collect();
+    let item = json!({"project_version": 1, "zones": zones}).to_string();
+    let mut body = String::new();
+    for _ in 0..40 {
+        body.push_str(&json!({"put": {"blueprint": "area", "id": Uuid::new_v4()}}).to_string());
+        body.push('\n');
+        body.push_str(&item);
+        body.push('\n');
+    }
+    let started = std::time::Instant::now();
+    let bulk = {
+        let (client, url) = (app.client.clone(), format!("{}/geo/_bulk", app.address));
+        tokio::spawn(async move {
+            let answer = client.post(url).body(body).send().await.unwrap();
+            let status = answer.status().as_u16();
+            let text = answer.text().await.unwrap();
+            (status, text, started.elapsed())
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let health = app.get("/_health").await;
+    assert_eq!(health.status, 200);
+    let health_answered = started.elapsed();
+    let (status, text, bulk_answered) = bulk.await.unwrap();
+    assert_eq!(status, 200, "{}", &text[..text.len().min(500)]);
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(
+        answer["items"][0]["put"]["status"], 200,
+        "{}",
+        answer["items"][0]
+    );
+    assert!(
+        bulk_answered > health_answered + Duration::from_secs(1),
+        "the _bulk took {bulk_answered:?}, the request sent meanwhile {health_answered:?}"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_task_that_panics_its_projector_becomes_a_dead_letter_and_the_rest_go_on() {
     let picky = Picky::default();
