@@ -94,6 +94,7 @@ PID=
 kind() {
     if grep -q 'fn=.*journal::writer::Writer::run' "$1"; then echo "journal writer"
     elif grep -q 'fn=.*actix_server::service::StreamService' "$1"; then echo "HTTP workers"
+    elif grep -q 'fn=.*blocking::pool::Inner::run' "$1"; then echo "blocking threads (_bulk preparation)"
     elif grep -q 'fn=.*projector::postgres' "$1"; then echo "runtime (projection, audit log)"
     elif grep -q 'fn=.*auth::audit::write' "$1"; then echo "runtime (projection, audit log)"
     elif grep -q 'fn=.*journal::Journal::pending_from' "$1"; then echo "projection's task reads"

@@ -92,7 +92,16 @@ pub struct Body {
 #[derive(Debug)]
 pub struct JsonBody<T = Value> {
     value: T,
+    /// The length of the body it was parsed from, in bytes.
+    length: usize,
     _share: Share,
+}
+
+impl<T> JsonBody<T> {
+    /// The length of the body it was parsed from, in bytes.
+    pub fn length(&self) -> usize {
+        self.length
+    }
 }
 
 impl<T> std::ops::Deref for JsonBody<T> {
@@ -207,5 +216,9 @@ async fn read_parsed<T>(
     let limit = state.settings.server.max_body_bytes;
     let Body { bytes, _share } = read(state, request, payload, limit, JSON_FACTOR).await?;
     let value = parse(&bytes).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))?;
-    Ok(JsonBody { value, _share })
+    Ok(JsonBody {
+        value,
+        length: bytes.len(),
+        _share,
+    })
 }

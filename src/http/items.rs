@@ -170,7 +170,16 @@ async fn upsert(
 ) -> Result<HttpResponse, ApiError> {
     let params = write_params(&request)?;
     let body = body::item(&state, &request, payload).await?;
-    let revision = write::put_item(state.storage.as_ref(), &project, &blueprint, id, &body).await?;
+    let length = body.length();
+    let revision = write::put_item(
+        state.storage.as_ref(),
+        &project,
+        &blueprint,
+        id,
+        body,
+        length,
+    )
+    .await?;
     Ok(answer(&state, &params, success(&id, revision), &project, status).await)
 }
 

@@ -13,7 +13,7 @@ pub mod evolution;
 mod prepare;
 
 use std::future::{ready, Future};
-use std::ops::Range;
+use std::ops::{Deref, Range};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -98,20 +98,50 @@ where
     Err(WriteError::Contended)
 }
 
-/// Upserts an item: answers its revision.
-pub async fn put_item(
+/// Bodies longer than this are prepared on a blocking thread: an item's check can cost time
+/// quadratic in its size (polygons), and a body of a few hundred KiB must not stall the HTTP worker
+/// other requests share. Shorter ones, nearly every PUT, are prepared where they are.
+const PREPARED_ASIDE_BYTES: usize = 64 * 1024;
+
+/// Upserts an item whose body was `length` bytes: answers its revision.
+pub async fn put_item<B>(
     storage: &dyn Storage,
     project: &Ident,
     blueprint: &Ident,
     id: Uuid,
-    body: &crate::document::Document,
-) -> Result<u64, WriteError> {
+    body: B,
+    length: usize,
+) -> Result<u64, WriteError>
+where
+    B: Deref<Target = crate::document::Document> + Send + Sync + 'static,
+{
+    if length <= PREPARED_ASIDE_BYTES {
+        let (revisions, ()) = journal(storage, project, |snapshot| {
+            let entry = prepare_upsert(&snapshot, project, blueprint, id, &*body);
+            ready(entry.map(|entry| (vec![entry], ())))
+        })
+        .await?;
+        return Ok(revisions[0]);
+    }
+    let body = Arc::new(body);
     let (revisions, ()) = journal(storage, project, |snapshot| {
-        let entry = prepare_upsert(&snapshot, project, blueprint, id, body);
-        ready(entry.map(|entry| (vec![entry], ())))
+        let (body, project, blueprint) = (body.clone(), project.clone(), blueprint.clone());
+        aside(move || {
+            let entry = prepare_upsert(&snapshot, &project, &blueprint, id, &**body)?;
+            Ok((vec![entry], ()))
+        })
     })
     .await?;
     Ok(revisions[0])
+}
+
+/// Runs `prepare` on a blocking thread.
+async fn aside<T: Send + 'static>(
+    prepare: impl FnOnce() -> Result<T, WriteError> + Send + 'static,
+) -> Result<T, WriteError> {
+    tokio::task::spawn_blocking(prepare)
+        .await
+        .map_err(|e| WriteError::Storage(StorageError::Unavailable(e.to_string())))?
 }
 
 /// Deletes an item from every version holding its blueprint: answers the delete's revision and
@@ -161,28 +191,23 @@ pub async fn bulk(
     let owned = Arc::new(owned);
     let (revisions, outcomes) = journal(storage, project, |snapshot| {
         let (raw, ops, project) = (raw.clone(), owned.clone(), project.clone());
-        async move {
-            let prepare = move || {
-                let mut entries = Vec::with_capacity(ops.len());
-                let mut outcomes: Vec<Result<usize, (u16, Vec<FieldError>)>> =
-                    Vec::with_capacity(ops.len());
-                for op in ops.iter() {
-                    outcomes.push(
-                        match op.prepare(&snapshot, &project, &raw, max_item_bytes) {
-                            Ok(entry) => {
-                                entries.push(entry);
-                                Ok(entries.len() - 1)
-                            }
-                            Err((status, errors)) => Err((status, cap_errors(errors))),
-                        },
-                    );
-                }
-                (entries, outcomes)
-            };
-            tokio::task::spawn_blocking(prepare)
-                .await
-                .map_err(|e| WriteError::Storage(StorageError::Unavailable(e.to_string())))
-        }
+        aside(move || {
+            let mut entries = Vec::with_capacity(ops.len());
+            let mut outcomes: Vec<Result<usize, (u16, Vec<FieldError>)>> =
+                Vec::with_capacity(ops.len());
+            for op in ops.iter() {
+                outcomes.push(
+                    match op.prepare(&snapshot, &project, &raw, max_item_bytes) {
+                        Ok(entry) => {
+                            entries.push(entry);
+                            Ok(entries.len() - 1)
+                        }
+                        Err((status, errors)) => Err((status, cap_errors(errors))),
+                    },
+                );
+            }
+            Ok((entries, outcomes))
+        })
     })
     .await?;
     Ok(outcomes
