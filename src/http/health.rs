@@ -55,11 +55,30 @@ pub async fn ready(state: State, params: Query<ReadyParams>) -> HttpResponse {
     let writes = match state.storage.check_backlog() {
         Ok(()) => json!({"accepted": true}),
         Err(refusal) => {
-            all_ready = false;
-            // Within the headroom only projects the projector holds are refused.
-            let held_only = matches!(refusal, StorageError::Backlog { pending, limit, .. }
-                if pending <= storage::headroom(limit));
-            json!({"accepted": false, "reason": refusal.to_string(), "held_projects_only": held_only})
+            // Within the headroom only projects the projector holds are refused: with none held,
+            // every write is still accepted.
+            let held_only = match &refusal {
+                StorageError::Backlog {
+                    projector,
+                    pending,
+                    limit,
+                } if *pending <= storage::headroom(*limit) => Some(
+                    state
+                        .storage
+                        .snapshot()
+                        .projects
+                        .values()
+                        .any(|p| storage::holds(p, projector)),
+                ),
+                _ => None,
+            };
+            if held_only == Some(false) {
+                json!({"accepted": true})
+            } else {
+                all_ready = false;
+                json!({"accepted": false, "reason": refusal.to_string(),
+                    "held_projects_only": held_only.is_some()})
+            }
         }
     };
     let storage = match state.storage.reachable() {

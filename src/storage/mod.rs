@@ -38,7 +38,7 @@ use uuid::Uuid;
 use crate::auth::audit::AuditEntry;
 use crate::auth::ApiKey;
 use crate::blueprint::{BlueprintInput, Change, FieldError, Ident};
-use crate::catalog::{CatalogError, Compatibility, MigrationState, Snapshot, Version};
+use crate::catalog::{CatalogError, Compatibility, MigrationState, Project, Snapshot, Version};
 use crate::feed::ChangesPage;
 use crate::journal::backfill::BackfillState;
 use crate::journal::{DeadLetter, Entry, ItemRecord, JournalError, ProjectorProgress};
@@ -87,15 +87,21 @@ pub fn admits(
     if pending <= limit {
         return true;
     }
-    let held = snapshot.projects.get(project).is_some_and(|p| {
-        p.status.values().any(|status| {
-            matches!(
-                status.migrations.get(projector),
-                Some(MigrationState::Failed { .. })
-            )
-        })
-    });
+    let held = snapshot
+        .projects
+        .get(project)
+        .is_some_and(|p| holds(p, projector));
     !held && pending <= headroom(limit)
+}
+
+/// Whether `projector` holds `project`: a migration of it failed there, so its tasks wait.
+pub fn holds(project: &Project, projector: &str) -> bool {
+    project.status.values().any(|status| {
+        matches!(
+            status.migrations.get(projector),
+            Some(MigrationState::Failed { .. })
+        )
+    })
 }
 
 /// How many tasks may wait for a projector before writes into projects it does not hold are

@@ -797,11 +797,11 @@ async fn blueprint_limits_and_parameters_a_route_does_not_take_are_refused_by_na
     app.stop().await;
 }
 
-/// A `_bulk` of costly items (polygons of the largest size, whose check takes time quadratic in
-/// it) is prepared off the HTTP worker: with one worker, a request sent meanwhile is answered long
-/// before the `_bulk` is.
+/// Costly items (polygons of the largest size, whose check takes time quadratic in it) are
+/// prepared off the HTTP worker, in a `_bulk` and in a large PUT: with one worker, requests sent
+/// all along are answered at once, never after a wait of a good part of the write's time.
 #[tokio::test]
-async fn a_costly_bulk_does_not_stall_the_requests_that_share_its_worker() {
+async fn costly_items_do_not_stall_the_requests_that_share_their_worker() {
     let app = spawn_app_with(|s| s.server.workers = 1).await;
     let blueprint = json!({"postgresql": {"table": "areas"}, "elasticsearch": {"type": "area"},
         "columns": {"zones": {"type": "polygon[]"}}});
@@ -817,40 +817,72 @@ async fn a_costly_bulk_does_not_stall_the_requests_that_share_its_worker() {
         ring.push(ring[0].clone());
         json!({"type": "Polygon", "coordinates": [ring]})
     };
-    let zones: Vec<Value> = (0..20).map(polygon).collect();
-    let item = json!({"project_version": 1, "zones": zones}).to_string();
+    let item = |polygons: usize| {
+        let zones: Vec<Value> = (0..polygons).map(polygon).collect();
+        json!({"project_version": 1, "zones": zones}).to_string()
+    };
+    // Sends `requests` at once and `/_health` one after another until they are all answered:
+    // answers their statuses, the time they took and the longest `/_health` took.
+    let probed = |requests: Vec<(Method, String, String)>| {
+        let app = &app;
+        async move {
+            let started = std::time::Instant::now();
+            let writes =
+                futures::future::join_all(requests.into_iter().map(|(method, path, body)| {
+                    let request = app.client.request(method, format!("{}{path}", app.address));
+                    async move { request.body(body).send().await.unwrap().status().as_u16() }
+                }));
+            tokio::pin!(writes);
+            let mut longest = Duration::ZERO;
+            loop {
+                let probe = std::time::Instant::now();
+                tokio::select! {
+                    statuses = &mut writes => return (statuses, started.elapsed(), longest),
+                    health = app.get("/_health") => {
+                        assert_eq!(health.status, 200);
+                        longest = longest.max(probe.elapsed());
+                    }
+                }
+            }
+        }
+    };
+
+    let line = item(20);
     let mut body = String::new();
     for _ in 0..40 {
         body.push_str(&json!({"put": {"blueprint": "area", "id": Uuid::new_v4()}}).to_string());
         body.push('\n');
-        body.push_str(&item);
+        body.push_str(&line);
         body.push('\n');
     }
-    let started = std::time::Instant::now();
-    let bulk = {
-        let (client, url) = (app.client.clone(), format!("{}/geo/_bulk", app.address));
-        tokio::spawn(async move {
-            let answer = client.post(url).body(body).send().await.unwrap();
-            let status = answer.status().as_u16();
-            let text = answer.text().await.unwrap();
-            (status, text, started.elapsed())
-        })
-    };
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let health = app.get("/_health").await;
-    assert_eq!(health.status, 200);
-    let health_answered = started.elapsed();
-    let (status, text, bulk_answered) = bulk.await.unwrap();
-    assert_eq!(status, 200, "{}", &text[..text.len().min(500)]);
-    let answer: Value = serde_json::from_str(&text).unwrap();
-    assert_eq!(
-        answer["items"][0]["put"]["status"], 200,
-        "{}",
-        answer["items"][0]
-    );
+    let (statuses, took, longest) = probed(vec![(Method::POST, "/geo/_bulk".into(), body)]).await;
+    assert_eq!(statuses, [200]);
     assert!(
-        bulk_answered > health_answered + Duration::from_secs(1),
-        "the _bulk took {bulk_answered:?}, the request sent meanwhile {health_answered:?}"
+        longest < took / 4,
+        "a request sent during a _bulk of {took:?} waited {longest:?}"
+    );
+
+    // PUTs of items of more than 64 KiB, several at once.
+    let line = item(20);
+    assert!(
+        line.len() > 64 * 1024 && line.len() < 1 << 20,
+        "{}",
+        line.len()
+    );
+    let puts = (0..4)
+        .map(|_| {
+            (
+                Method::PUT,
+                format!("/geo/area/{}", Uuid::new_v4()),
+                line.clone(),
+            )
+        })
+        .collect();
+    let (statuses, took, longest) = probed(puts).await;
+    assert_eq!(statuses, [200; 4]);
+    assert!(
+        longest < took / 4,
+        "a request sent during PUTs of {took:?} waited {longest:?}"
     );
     app.stop().await;
 }

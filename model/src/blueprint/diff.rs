@@ -11,8 +11,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::ident::Ident;
-use super::model::{Blueprint, Blueprints, Column, Uid};
-use super::parse::BlueprintInput;
+use super::model::{Blueprint, Blueprints, Column, Uid, Validation};
+use super::parse::{BlueprintInput, MAX_ENUM_VALUES, MAX_PATTERN_BYTES};
 use super::FieldError;
 
 /// One recorded change (docs/design.md §1 change kinds).
@@ -100,6 +100,11 @@ pub fn apply_edit(
         .collect();
     let mut errors = Vec::new();
     for (column, source) in input.columns.iter().zip(&sources) {
+        let stored = source
+            .and_then(|s| existing.get(s))
+            .map(|c| &c.def.validation);
+        let at = format!("{base}/columns/{}/validation", column.name);
+        check_validation_size(&column.def.validation, stored, &at, &mut errors);
         let target = column.target();
         let is_rename = source.is_some_and(|s| s != target);
         if is_rename && existing.contains_key(target) && !renamed_away.contains(&target) {
@@ -141,6 +146,40 @@ pub fn apply_edit(
         es_type: input.es_type,
         columns,
     })
+}
+
+/// Refuses a `pattern` longer than [`MAX_PATTERN_BYTES`] or an `enum` of more than
+/// [`MAX_ENUM_VALUES`] values, unless the column holds the same one already (stored before the
+/// limits, it stays as it is).
+fn check_validation_size(
+    validation: &Validation,
+    stored: Option<&Validation>,
+    at: &str,
+    errors: &mut Vec<FieldError>,
+) {
+    if let Some(pattern) = &validation.pattern {
+        let length = pattern.as_str().len();
+        if length > MAX_PATTERN_BYTES && stored.and_then(|v| v.pattern.as_ref()) != Some(pattern) {
+            errors.push(FieldError::new(
+                format!("{at}/pattern"),
+                format!(
+                    "is {length} bytes long, longer than the {MAX_PATTERN_BYTES} a pattern may be"
+                ),
+            ));
+        }
+    }
+    if let Some(values) = &validation.one_of {
+        if values.len() > MAX_ENUM_VALUES && stored.and_then(|v| v.one_of.as_ref()) != Some(values)
+        {
+            errors.push(FieldError::new(
+                format!("{at}/enum"),
+                format!(
+                    "lists {} values, more than the {MAX_ENUM_VALUES} an enum may",
+                    values.len()
+                ),
+            ));
+        }
+    }
 }
 
 /// The changes that turn snapshot `from` into snapshot `to`.
@@ -223,6 +262,53 @@ fn diff_blueprint(name: &Ident, before: &Blueprint, after: &Blueprint, changes: 
                     to,
                 });
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+    use crate::blueprint::model::Pattern;
+    use crate::blueprint::parse_blueprint;
+
+    /// A long `pattern` or `enum` is refused when new, and kept when the column holds it already
+    /// (stored before the limits).
+    #[test]
+    fn a_long_pattern_or_enum_is_refused_when_new_and_kept_when_stored() {
+        let body = |validation: Value| {
+            let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
+                "columns": {"title": {"type": "string", "validation": validation}}});
+            parse_blueprint(&body, "").expect("parses")
+        };
+        let long = format!("(?x)a{}", " ".repeat(MAX_PATTERN_BYTES));
+        let values: Vec<String> = (0..=MAX_ENUM_VALUES).map(|i| format!("v{i}")).collect();
+        let mut uid = 0;
+        for (validation, at) in [
+            (
+                json!({"pattern": long}),
+                "/columns/title/validation/pattern",
+            ),
+            (json!({"enum": values}), "/columns/title/validation/enum"),
+        ] {
+            let refused = apply_edit(None, body(validation.clone()), &mut uid, "").unwrap_err();
+            assert_eq!(refused[0].path, at);
+            // Stored before the limits: the same value again is an edit like any other.
+            let mut stored = apply_edit(None, body(json!({})), &mut uid, "").unwrap();
+            let column = &mut stored.columns[0].def.validation;
+            match validation.get("pattern") {
+                Some(p) => column.pattern = Some(Pattern::compile(p.as_str().unwrap()).unwrap()),
+                None => {
+                    column.one_of = body(validation.clone()).columns[0]
+                        .def
+                        .validation
+                        .one_of
+                        .clone()
+                }
+            }
+            apply_edit(Some(&stored), body(validation), &mut uid, "").expect("kept");
         }
     }
 }

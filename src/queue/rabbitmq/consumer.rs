@@ -203,14 +203,16 @@ impl Consumer<'_> {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<bool, LinkError> {
         let name = self.projector.name();
-        let mut waiting = false;
+        let mut said: Option<Instant> = None;
         while !self.broker.queue_exists(connection, name).await? {
-            if !waiting {
+            // Said at once, then every minute: a worker whose namespace or projector no server
+            // publishes to waits for ever.
+            if said.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
                 let queue = self.broker.queue(name);
-                tracing::warn!(%queue, "the broker has no queue for this projector yet; waiting for dstore's relay to declare it");
+                tracing::warn!(%queue, "the broker has no queue for this projector; waiting for a dstore server's relay to declare it (is queue.namespace the server's?)");
                 let reason = format!("waiting for the relay to declare queue {queue}");
                 self.broker.set_link(self.link, false, Some(reason));
-                waiting = true;
+                said = Some(Instant::now());
             }
             tokio::select! {
                 _ = tokio::time::sleep(QUEUE_CHECK) => {}
