@@ -138,6 +138,7 @@ async fn a_failed_migration_is_reported_and_the_freeze_can_be_retried_to_complet
         retried.body
     );
     assert_eq!(app.post("/myblog/_version", None).await.status, 409);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -302,6 +303,47 @@ async fn a_projector_far_behind_makes_the_journal_refuse_writes_with_503_instead
         accepted, 1,
         "writes are accepted again once the projector caught up"
     );
+    app.stop().await;
+}
+
+/// Past the limit, with no project held, writes go on to a tenth more (`/_health/ready` says they
+/// are accepted), then every write is refused and readiness says so.
+#[tokio::test]
+async fn past_the_limit_with_no_project_held_writes_go_on_to_a_tenth_more_then_stop() {
+    let broken = Broken {
+        fixed: Arc::new(AtomicBool::new(true)),
+        ..Broken::default()
+    };
+    let app = spawn_app_with_projectors(
+        |s| s.projection.max_pending_tasks = 20,
+        vec![Arc::new(broken.clone())],
+    )
+    .await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    broken.down.store(true, Ordering::SeqCst);
+    let item = serde_json::json!({"project_version": 1, "date_created": "2020-01-02"});
+    let put = || async {
+        let path = format!("/myblog/article/{}", Uuid::new_v4());
+        app.put(&path, &item).await
+    };
+    for _ in 0..21 {
+        assert_eq!(put().await.status, 200);
+    }
+    let ready = app.get("/_health/ready").await.body;
+    assert_eq!(
+        ready["writes"],
+        serde_json::json!({"accepted": true}),
+        "{ready}"
+    );
+    // 22 waiting is a tenth more than 20: the write that finds 22 is the last one taken.
+    assert_eq!(put().await.status, 200);
+    assert_eq!(put().await.status, 200);
+    let refused = put().await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    let ready = app.get("/_health/ready").await.body;
+    assert_eq!(ready["writes"]["accepted"], false, "{ready}");
+    assert_eq!(ready["writes"]["held_projects_only"], false, "{ready}");
+    app.stop().await;
 }
 
 #[tokio::test]
