@@ -7,7 +7,7 @@ use super::error::ApiError;
 use super::query::Query;
 use super::State;
 use crate::projector::Health;
-use crate::storage::{self, StorageError};
+use crate::storage::{self, Refused, StorageError};
 
 /// GET /_health: the process answers.
 pub async fn live() -> HttpResponse {
@@ -55,29 +55,20 @@ pub async fn ready(state: State, params: Query<ReadyParams>) -> HttpResponse {
     let writes = match state.storage.check_backlog() {
         Ok(()) => json!({"accepted": true}),
         Err(refusal) => {
-            // Within the headroom only projects the projector holds are refused: with none held,
-            // every write is still accepted.
-            let held_only = match &refusal {
+            let refused = match &refusal {
                 StorageError::Backlog {
                     projector,
                     pending,
                     limit,
-                } if *pending <= storage::headroom(*limit) => Some(
-                    state
-                        .storage
-                        .snapshot()
-                        .projects
-                        .values()
-                        .any(|p| storage::holds(p, projector)),
-                ),
-                _ => None,
+                } => storage::refused(&state.storage.snapshot(), projector, *pending, *limit),
+                _ => Refused::Everyone,
             };
-            if held_only == Some(false) {
+            if refused == Refused::Nobody {
                 json!({"accepted": true})
             } else {
                 all_ready = false;
                 json!({"accepted": false, "reason": refusal.to_string(),
-                    "held_projects_only": held_only.is_some()})
+                    "held_projects_only": refused == Refused::HeldProjects})
             }
         }
     };

@@ -296,14 +296,26 @@ impl<'a> Stage<'a> {
 
     /// The previous change of an item this batch has not changed, read from the journal.
     fn read_previous(&self, key: &[u8]) -> Result<Previous, rocksdb::Error> {
-        let db = &self.writer.db;
+        let found = self.read_one(key, |record| put_of(record).map(Found::from))?;
+        Ok(found.previous)
+    }
+
+    /// An item's previous change read from the journal: its record as `found_in` reads it, else
+    /// its delete marker.
+    fn read_one(
+        &self,
+        key: &[u8],
+        found_in: impl Fn(&[u8]) -> Option<Found>,
+    ) -> Result<Found, rocksdb::Error> {
         let reads = self.writer.reads();
-        if let Some(record) = db.get_pinned_cf_opt(self.cf(CF_ITEMS), key, &reads)? {
-            if let Some(previous) = put_of(&record) {
-                return Ok(previous);
-            }
+        let record = self
+            .writer
+            .db
+            .get_pinned_cf_opt(self.cf(CF_ITEMS), key, &reads)?;
+        match record.and_then(|record| found_in(&record)) {
+            Some(put) => Ok(put),
+            None => Ok(Found::from(self.read_marker(key)?)),
         }
-        self.read_marker(key)
     }
 
     /// The delete an item's marker names, if the journal may hold markers and holds this one.
@@ -348,13 +360,7 @@ impl<'a> Stage<'a> {
         let mut found: Vec<Option<Found>> = vec![None; keys.len()];
         if let [key] = keys {
             if !self.staged.contains_key(key) {
-                let db = &self.writer.db;
-                let reads = self.writer.reads();
-                let record = db.get_pinned_cf_opt(self.cf(CF_ITEMS), key, &reads)?;
-                found[0] = match record.and_then(|record| found_in(0, &record)) {
-                    Some(put) => Some(put),
-                    None => Some(Found::from(self.read_marker(key)?)),
-                };
+                found[0] = Some(self.read_one(key, |record| found_in(0, record))?);
             }
             return Ok(found);
         }
@@ -678,9 +684,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
             // Whether the `i`th write leaves `version`, so that its keyspace must keep the item's
             // last state there (see `keep_retired_document`).
             let leaves = |i: usize, version: u32| match &entries[i] {
-                Entry::Upsert { task, .. } => {
-                    stage.writer.keyspaces && !task.docs().any(|(v, _)| v == version)
-                }
+                Entry::Upsert { task, .. } => leaves_version(stage, task, version),
                 Entry::Delete { .. } => false,
             };
             let looked_up = match stage.look_up(&keys, leaves) {
@@ -1121,6 +1125,12 @@ fn stage_entry(
     }
 }
 
+/// Whether a write of `task` leaves `version`, the one its item was last written for, in the
+/// keyspaces: the version was retired since, so the write no longer carries it.
+fn leaves_version(stage: &Stage, task: &codec::UpsertBody, version: u32) -> bool {
+    stage.writer.keyspaces && !task.docs().any(|(v, _)| v == version)
+}
+
 /// The keyspace of the version an item was last written for refers to its record, which a new
 /// write replaces. A write carries every live version, so it rewrites that reference too, unless
 /// the version was retired since: then the reference becomes the document it named, which stays
@@ -1141,7 +1151,7 @@ fn keep_retired_document(
     else {
         return;
     };
-    if !stage.writer.keyspaces || task.docs().any(|(v, _)| v == version) {
+    if !leaves_version(stage, task, version) {
         return;
     }
     let Some(body) = stage.previous_body(previous, looked_up) else {

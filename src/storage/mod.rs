@@ -94,8 +94,31 @@ pub fn admits(
     !held && pending <= headroom(limit)
 }
 
+/// Whose writes back-pressure refuses (see [`admits`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Refused {
+    Nobody,
+    /// Only the projects the projector holds; the others are within the headroom.
+    HeldProjects,
+    Everyone,
+}
+
+/// Whose writes are refused while `projector`, the projector furthest behind, has `pending` tasks
+/// waiting against `limit`: within the headroom, nobody's when it holds no project.
+pub fn refused(snapshot: &Snapshot, projector: &str, pending: u64, limit: u64) -> Refused {
+    if pending <= limit {
+        Refused::Nobody
+    } else if pending > headroom(limit) {
+        Refused::Everyone
+    } else if snapshot.projects.values().any(|p| holds(p, projector)) {
+        Refused::HeldProjects
+    } else {
+        Refused::Nobody
+    }
+}
+
 /// Whether `projector` holds `project`: a migration of it failed there, so its tasks wait.
-pub fn holds(project: &Project, projector: &str) -> bool {
+fn holds(project: &Project, projector: &str) -> bool {
     project.status.values().any(|status| {
         matches!(
             status.migrations.get(projector),
@@ -106,7 +129,7 @@ pub fn holds(project: &Project, projector: &str) -> bool {
 
 /// How many tasks may wait for a projector before writes into projects it does not hold are
 /// refused too: a tenth more than `limit`, past which only held projects' writes are refused.
-pub fn headroom(limit: u64) -> u64 {
+fn headroom(limit: u64) -> u64 {
     limit.saturating_add(limit / 10)
 }
 

@@ -249,7 +249,10 @@ impl OwnedOp {
     fn of(raw: &[u8], op: Operation<'_>, stored_uid: Option<Uid>) -> OwnedOp {
         // The item line is a slice of `raw`, which `ops` were read from.
         let item = op.item.map(|line| {
-            let start = line.as_ptr() as usize - raw.as_ptr() as usize;
+            let start = (line.as_ptr() as usize)
+                .checked_sub(raw.as_ptr() as usize)
+                .filter(|start| start + line.len() <= raw.len())
+                .expect("an item line is a slice of the body it was read from");
             start..start + line.len()
         });
         OwnedOp {

@@ -10,7 +10,7 @@ use dstore::projector::{conformance, Health, Outcome, Projector, ProjectorError}
 use serde_json::Value;
 use uuid::Uuid;
 
-use crate::helpers::{article, spawn_app_with_projectors};
+use crate::helpers::{article, spawn_app_with_projectors, TestApp};
 use crate::rabbitmq::TestBroker;
 
 #[tokio::test]
@@ -232,19 +232,25 @@ pub(crate) async fn refused_items_are_dead_lettered_and_retried(broker: Option<&
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_projector_far_behind_makes_the_journal_refuse_writes_with_503_instead_of_growing() {
+/// An app whose `Broken` projector is down once `myblog` is frozen, with a back-pressure `limit`.
+async fn behind_a_down_projector(limit: u64) -> (TestApp, Broken) {
     let broken = Broken {
         fixed: Arc::new(AtomicBool::new(true)),
         ..Broken::default()
     };
     let app = spawn_app_with_projectors(
-        |s| s.projection.max_pending_tasks = 5,
+        |s| s.projection.max_pending_tasks = limit,
         vec![Arc::new(broken.clone())],
     )
     .await;
     app.put_and_freeze("myblog", "article", &article()).await;
     broken.down.store(true, Ordering::SeqCst);
+    (app, broken)
+}
+
+#[tokio::test]
+async fn a_projector_far_behind_makes_the_journal_refuse_writes_with_503_instead_of_growing() {
+    let (app, broken) = behind_a_down_projector(5).await;
     let item = serde_json::json!({"project_version": 1, "date_created": "2020-01-02"});
     let mut statuses = Vec::new();
     for _ in 0..10 {
@@ -310,17 +316,7 @@ async fn a_projector_far_behind_makes_the_journal_refuse_writes_with_503_instead
 /// are accepted), then every write is refused and readiness says so.
 #[tokio::test]
 async fn past_the_limit_with_no_project_held_writes_go_on_to_a_tenth_more_then_stop() {
-    let broken = Broken {
-        fixed: Arc::new(AtomicBool::new(true)),
-        ..Broken::default()
-    };
-    let app = spawn_app_with_projectors(
-        |s| s.projection.max_pending_tasks = 20,
-        vec![Arc::new(broken.clone())],
-    )
-    .await;
-    app.put_and_freeze("myblog", "article", &article()).await;
-    broken.down.store(true, Ordering::SeqCst);
+    let (app, _broken) = behind_a_down_projector(20).await;
     let item = serde_json::json!({"project_version": 1, "date_created": "2020-01-02"});
     let put = || async {
         let path = format!("/myblog/article/{}", Uuid::new_v4());

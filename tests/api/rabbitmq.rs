@@ -60,38 +60,29 @@ impl TestBroker {
     /// Messages waiting in one of the namespace's queues, e.g. `rocksdb.dead`; `None` when the
     /// queue does not exist.
     pub async fn queued(&self, queue: &str) -> Option<u32> {
+        self.declared(queue).await.map(|q| q.message_count())
+    }
+
+    /// One of the namespace's queues as the broker has it now, if it exists (asked passively).
+    async fn declared(&self, queue: &str) -> Option<lapin::Queue> {
         let connection = connect().await;
         let channel = connection.create_channel().await.unwrap();
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let name = format!("{}.{queue}", self.namespace);
         let declared = channel
-            .queue_declare(
-                format!("{}.{queue}", self.namespace).as_str().into(),
-                QueueDeclareOptions {
-                    passive: true,
-                    ..QueueDeclareOptions::default()
-                },
-                FieldTable::default(),
-            )
+            .queue_declare(name.as_str().into(), passive, FieldTable::default())
             .await;
-        declared.ok().map(|q| q.message_count())
+        declared.ok()
     }
 
     /// Waits up to 30 s until one of the namespace's queues has `count` consumers.
     pub async fn expect_consumers(&self, queue: &str, count: u32) {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let connection = connect().await;
-            let channel = connection.create_channel().await.unwrap();
-            let declared = channel
-                .queue_declare(
-                    format!("{}.{queue}", self.namespace).as_str().into(),
-                    QueueDeclareOptions {
-                        passive: true,
-                        ..QueueDeclareOptions::default()
-                    },
-                    FieldTable::default(),
-                )
-                .await;
-            let now = declared.ok().map(|q| q.consumer_count());
+            let now = self.declared(queue).await.map(|q| q.consumer_count());
             if now == Some(count) {
                 return;
             }
