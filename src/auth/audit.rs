@@ -6,12 +6,17 @@
 //! are removed once an hour. The queue is bounded: when the storage cannot keep up, requests wait
 //! for room rather than entries being dropped.
 //!
+//! A request refused before a key was accepted (no valid key, or a cross-site write) costs its
+//! sender nothing, so such refusals are recorded one by one only up to
+//! [`UNVOUCHED_PER_SECOND`] a second; past it, one entry per second counts the rest. A client
+//! without a key can then add at most a few kilobytes a second to the log, however fast it sends.
+//!
 //! The embedded storage keeps each entry in a compact binary form ([`AuditEntry::encode`]): a tag
 //! byte that a JSON object never starts with, the time and status as integers, then each text
 //! length-prefixed. Serializing entries as JSON was a tenth of the CPU of a PUT (counted with
 //! callgrind; docs/performance.md); entries written as JSON before still read ([`AuditEntry::decode`]).
 
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use chrono::{DateTime, Utc};
@@ -24,6 +29,10 @@ use crate::storage::SharedStorage;
 const BATCH: usize = 500;
 /// How long the writer lets entries gather before a batch that is not full.
 const LINGER: Duration = Duration::from_millis(5);
+
+/// Refusals of requests without a valid key recorded one by one in a second, at most; the rest of
+/// that second's are counted in one entry (see the module's documentation).
+pub const UNVOUCHED_PER_SECOND: u32 = 10;
 
 /// Most bytes of a request's path, or of the project it names, an entry keeps; longer ones are cut
 /// and end in `…`. Refused requests are recorded too, so a client without a key must not be able
@@ -131,6 +140,7 @@ impl AuditEntry {
 #[derive(Clone)]
 pub struct AuditLog {
     sender: mpsc::Sender<AuditEntry>,
+    unvouched: Arc<Mutex<Unvouched>>,
 }
 
 impl AuditLog {
@@ -139,11 +149,102 @@ impl AuditLog {
         let (sender, receiver) = mpsc::channel(10_000);
         tokio::spawn(write(storage.clone(), receiver));
         tokio::spawn(prune(Arc::downgrade(&storage), retention));
-        AuditLog { sender }
+        let unvouched = Arc::new(Mutex::new(Unvouched::default()));
+        tokio::spawn(count_unvouched(sender.downgrade(), unvouched.clone()));
+        AuditLog { sender, unvouched }
     }
 
     pub async fn record(&self, entry: AuditEntry) {
         let _ = self.sender.send(entry).await;
+    }
+
+    /// Records a request refused before any key was accepted, within [`UNVOUCHED_PER_SECOND`];
+    /// past it, the refusal is only counted.
+    pub async fn record_unvouched(&self, entry: AuditEntry) {
+        let (count, record) = {
+            let mut window = self.unvouched.lock().unwrap_or_else(|e| e.into_inner());
+            let count = window.close_before(entry.at.timestamp());
+            let record = window.admits(&entry);
+            (count, record)
+        };
+        if let Some(count) = count {
+            self.record(count).await;
+        }
+        if record {
+            self.record(entry).await;
+        }
+    }
+}
+
+/// This second's refusals of requests without a valid key.
+#[derive(Default)]
+struct Unvouched {
+    /// The second (Unix time) counted.
+    second: i64,
+    recorded: u32,
+    /// Refused past the limit, with the last of them.
+    unrecorded: u64,
+    last: Option<AuditEntry>,
+}
+
+impl Unvouched {
+    /// Whether `entry` is recorded on its own; if not, it is counted.
+    fn admits(&mut self, entry: &AuditEntry) -> bool {
+        if self.recorded < UNVOUCHED_PER_SECOND {
+            self.recorded += 1;
+            return true;
+        }
+        self.unrecorded += 1;
+        self.last = Some(entry.clone());
+        false
+    }
+
+    /// Starts counting `second` if the window counts an earlier one, with the entry that counts
+    /// what that one left unrecorded, if anything.
+    fn close_before(&mut self, second: i64) -> Option<AuditEntry> {
+        if second <= self.second {
+            return None;
+        }
+        let closed = std::mem::replace(
+            self,
+            Unvouched {
+                second,
+                ..Unvouched::default()
+            },
+        );
+        let last = closed.last?;
+        Some(AuditEntry {
+            at: last.at,
+            key_id: last.key_id,
+            key_name: last.key_name,
+            action: "-".into(),
+            project: None,
+            method: "-".into(),
+            path: format!(
+                "{} more requests without a valid key were refused in this second (the last: {} {}); they are counted, not recorded one by one",
+                closed.unrecorded, last.method, last.path
+            ),
+            status: last.status,
+        })
+    }
+}
+
+/// Writes the count of a second's unrecorded refusals once the second is over, even when no other
+/// refusal comes to close it.
+async fn count_unvouched(sender: mpsc::WeakSender<AuditEntry>, window: Arc<Mutex<Unvouched>>) {
+    loop {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let Some(sender) = sender.upgrade() else {
+            return;
+        };
+        let now = Utc::now().timestamp();
+        let count = window
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .close_before(now);
+        if let Some(count) = count {
+            let _ = sender.send(count).await;
+        }
     }
 }
 
@@ -223,6 +324,32 @@ mod tests {
             cut.len()
         );
         assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
+    }
+
+    /// Past the limit in a second, refusals are counted in one entry, written once the second is
+    /// over; the next second records one by one again.
+    #[test]
+    fn refusals_without_a_key_past_the_limit_are_counted_not_recorded() {
+        let mut window = Unvouched::default();
+        let refused = |second: i64| AuditEntry {
+            at: DateTime::from_timestamp(second, 0).unwrap(),
+            key_id: "-".into(),
+            key_name: "no valid key".into(),
+            status: 401,
+            ..entry(None)
+        };
+        assert!(window.close_before(100).is_none());
+        let admitted = (0..25).filter(|_| window.admits(&refused(100))).count();
+        assert_eq!(admitted, UNVOUCHED_PER_SECOND as usize);
+        assert!(window.close_before(100).is_none(), "the same second");
+        let count = window.close_before(101).expect("a count of the rest");
+        assert!(count
+            .path
+            .starts_with("15 more requests without a valid key"));
+        assert!(count.path.contains("PUT /bench/article/"), "{}", count.path);
+        assert_eq!((count.status, count.at.timestamp()), (401, 100));
+        assert!(window.admits(&refused(101)), "a new second records again");
+        assert!(window.close_before(102).is_none(), "nothing unrecorded");
     }
 
     #[test]

@@ -95,7 +95,7 @@ pub async fn authenticate(
     };
     let method = request.method().clone();
     let path = audit::clip(request.path());
-    let (checked, response) = match check(&state, &request).await {
+    let (checked, response, vouched) = match check(&state, &request).await {
         Ok(checked) => {
             // `caller` answers `Open` for a request that carries none: only a key or the master
             // key is worth a place in the request's extensions (a map allocated on first insert).
@@ -103,29 +103,32 @@ pub async fn authenticate(
                 request.extensions_mut().insert(checked.caller.clone());
             }
             let response = next.call(request).await?.map_into_left_body();
-            (checked, response)
+            (checked, response, true)
         }
         Err((checked, refused)) => {
             let response = request.error_response(refused).map_into_right_body();
-            (checked, response)
+            let vouched = matches!(checked.caller, Caller::Master | Caller::Key(_));
+            (checked, response, vouched)
         }
     };
     // Every request that changes something, refused ones too, with who sent it.
     if changes_something(&method) {
         let (key_id, key_name) = checked.caller.describe();
-        state
-            .audit
-            .record(AuditEntry {
-                at: Utc::now(),
-                key_id,
-                key_name,
-                action: checked.action.map_or("-", Action::name).into(),
-                project: checked.project.as_deref().map(audit::clip),
-                method: method_text(&method),
-                path,
-                status: response.status().as_u16(),
-            })
-            .await;
+        let entry = AuditEntry {
+            at: Utc::now(),
+            key_id,
+            key_name,
+            action: checked.action.map_or("-", Action::name).into(),
+            project: checked.project.as_deref().map(audit::clip),
+            method: method_text(&method),
+            path,
+            status: response.status().as_u16(),
+        };
+        if vouched {
+            state.audit.record(entry).await;
+        } else {
+            state.audit.record_unvouched(entry).await;
+        }
     }
     Ok(response)
 }

@@ -107,7 +107,11 @@ impl Params {
             let text = last.to_str().unwrap_or("?");
             since = number::<u64>("Last-Event-ID", Some(text), "a revision")?;
         }
-        let version = number::<u32>("version", query.version.as_deref(), "a version number")?;
+        let version = query
+            .version
+            .as_deref()
+            .map(|raw| super::version_number("version", raw))
+            .transpose()?;
         let blueprints = match query.blueprint.as_deref() {
             None => None,
             Some(list) => {

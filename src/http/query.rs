@@ -67,19 +67,36 @@ pub fn read<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
         Some(i) => {
             let (name, value) = pairs[i].split_once('=').unwrap_or((pairs[i], ""));
             let name = crate::blueprint::value::excerpt_str(&decoded(name));
-            Err(ApiError::bad_request(
-                &name,
-                format!(
+            let message = match unknown(&error.to_string()) {
+                Some(takes) => format!("{name} is not a parameter of this route; {takes}"),
+                None => format!(
                     "{name}={:?} is not valid: {error}",
                     crate::blueprint::value::excerpt_str(&decoded(value))
                 ),
-            ))
+            };
+            Err(ApiError::bad_request(&name, message))
         }
         None => Err(ApiError::bad_request(
             "",
             format!("invalid query string: {error}"),
         )),
     }
+}
+
+/// What a route takes, from serde's refusal of an unknown field ("unknown field `x`, expected one
+/// of `a`, `b`" or "…, there are no fields"); `None` for any other refusal.
+fn unknown(error: &str) -> Option<String> {
+    let rest = error.strip_prefix("unknown field `")?;
+    let (_, rest) = rest.split_once("`, ")?;
+    Some(if rest == "there are no fields" {
+        "it takes none".to_string()
+    } else {
+        let names = rest
+            .trim_start_matches("expected one of ")
+            .trim_start_matches("expected ")
+            .replace('`', "");
+        format!("it takes {names}")
+    })
 }
 
 fn decoded(text: &str) -> String {
@@ -126,15 +143,39 @@ mod tests {
         }
     }
 
+    /// A parameter a route does not take is named, with those it takes.
+    #[test]
+    fn an_unknown_parameter_is_named_with_those_the_route_takes() {
+        #[derive(Debug, Deserialize)]
+        #[serde(deny_unknown_fields)]
+        #[allow(dead_code)]
+        struct Known {
+            limit: Option<u32>,
+            dry_run: Option<bool>,
+        }
+        let Err(ApiError::BadRequest(message, errors)) = read::<Known>("limit=5&lmit=6") else {
+            panic!("a 400");
+        };
+        assert_eq!(errors[0].path, "lmit");
+        assert_eq!(
+            message,
+            "lmit is not a parameter of this route; it takes limit or dry_run"
+        );
+    }
+
     /// A route without parameters refuses any, naming it, and takes an empty query string.
     #[test]
     fn a_route_without_parameters_refuses_any() {
         assert!(read::<NoParams>("").is_ok());
         for (query, name) in [("dry_run=true", "dry_run"), ("force", "force")] {
-            let Err(ApiError::BadRequest(_, errors)) = read::<NoParams>(query) else {
+            let Err(ApiError::BadRequest(message, errors)) = read::<NoParams>(query) else {
                 panic!("a 400 for {query}");
             };
             assert_eq!(errors[0].path, name, "{query}");
+            assert_eq!(
+                message,
+                format!("{name} is not a parameter of this route; it takes none")
+            );
         }
     }
 }

@@ -645,6 +645,62 @@ async fn every_change_is_audited_with_its_key_and_refused_ones_too() {
     app.stop().await;
 }
 
+/// A flood of writes without a key grows the audit log by a bounded number of entries a second:
+/// a few one by one, the rest counted in one entry per second; a key's own writes are all there.
+#[tokio::test]
+async fn refusals_without_a_key_are_recorded_a_few_a_second_and_the_rest_counted() {
+    let app = secured().await;
+    let (ops, ops_id) = key(&app, &["operations", "blueprints.write"], &["*"], None).await;
+    let sent = 100;
+    for i in 0..sent {
+        let path = format!("/flood/article/_blueprint?n={i}");
+        let (status, _) = call(&app, Method::PUT, &path, None, Some("{}")).await;
+        assert_eq!(status, 401);
+    }
+    for _ in 0..3 {
+        let (status, _) = call(&app, Method::DELETE, "/flood/_project", Some(&ops), None).await;
+        assert_ne!(status, 401);
+    }
+    // Every refusal is either recorded or counted, once its second is over.
+    let (mut one_by_one, mut counted, mut by_key) = (0, 0, 0);
+    for _ in 0..60 {
+        let (_, answer) = call(&app, Method::GET, "/_audit?limit=1000", Some(&ops), None).await;
+        let entries = answer["entries"].as_array().unwrap().clone();
+        (one_by_one, counted, by_key) = (0, 0, 0);
+        for entry in &entries {
+            let path = entry["path"].as_str().unwrap();
+            if entry["key_id"] == ops_id.as_str() {
+                by_key += 1;
+            } else if path.starts_with("/flood/article/_blueprint") {
+                assert_eq!(entry["status"], 401, "{entry}");
+                one_by_one += 1;
+            } else if let Some((n, rest)) = path.split_once(' ') {
+                assert!(
+                    rest.starts_with("more requests without a valid key"),
+                    "{path}"
+                );
+                counted += n.parse::<u64>().unwrap();
+            }
+        }
+        if one_by_one + counted == sent && by_key == 3 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        one_by_one + counted,
+        sent,
+        "{one_by_one} recorded, {counted} counted"
+    );
+    assert_eq!(by_key, 3);
+    // The requests took well under a few seconds: at most a few dozen were recorded alone.
+    assert!(
+        one_by_one < sent / 2,
+        "{one_by_one} of {sent} recorded one by one"
+    );
+    app.stop().await;
+}
+
 /// A verb spelled with a percent-escape (`%5F` is `_`) reaches the route the decoded path names,
 /// so it needs that route's action: an item writer cannot freeze, edit or drop a project that way,
 /// nor can a key scoped to one project drop every project.

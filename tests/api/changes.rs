@@ -186,6 +186,8 @@ async fn hostile_parameters_get_a_400_naming_the_parameter() {
         ("since=-1", "since"),
         ("since=99999999999999999999999", "since"),
         ("version=0x1", "version"),
+        ("version=0", "version"),
+        ("version=-1", "version"),
         ("limit=0", "limit"),
         ("limit=10001", "limit"),
         ("feed=websocket", "feed"),
