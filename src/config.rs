@@ -225,6 +225,9 @@ pub struct StorageSettings {
     /// Where the catalog lives (`PROJECT_FILE_PATH`); defaults to `<data_dir>/catalog`.
     pub catalog_dir: Option<PathBuf>,
     pub durability: Durability,
+    /// Item writes and freezes are refused (503) while the journal's filesystem has fewer MiB free
+    /// (`DSTORE_MIN_FREE_DISK_MB`), so the disk never fills and dstore can always restart; 0: never.
+    pub min_free_disk_mb: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -407,6 +410,7 @@ impl Default for StorageSettings {
             data_dir: PathBuf::from("data"),
             catalog_dir: None,
             durability: Durability::Sync,
+            min_free_disk_mb: 1024,
         }
     }
 }
@@ -548,6 +552,9 @@ impl Settings {
         }
         if let Some(v) = first(&["DSTORE_NODE"]) {
             self.storage.node = Some(v.1);
+        }
+        if let Some(v) = first(&["DSTORE_MIN_FREE_DISK_MB"]) {
+            self.storage.min_free_disk_mb = parsed(v)?;
         }
         if let Some((name, value)) = first(&["DSTORE_DURABILITY"]) {
             self.storage.durability = match value.as_str() {
@@ -748,6 +755,10 @@ mod tests {
         assert_eq!(
             settings.projection.postgresql_batch_size,
             defaults.postgresql_batch_size
+        );
+        assert_eq!(
+            settings.storage.min_free_disk_mb,
+            StorageSettings::default().min_free_disk_mb
         );
     }
 

@@ -384,6 +384,7 @@ async fn open_journal(
         durability: settings.storage.durability,
         max_pending: settings.projection.max_pending_tasks,
         keyspaces,
+        min_free_bytes: settings.storage.min_free_disk_mb.saturating_mul(1 << 20),
     };
     let journal =
         Journal::open(&journal_dir, catalog, registry.names(), journal_settings).map_err(failed)?;

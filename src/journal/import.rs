@@ -239,6 +239,7 @@ mod tests {
             durability: Durability::Buffered,
             max_pending: u64::MAX,
             keyspaces,
+            min_free_bytes: 0,
         };
         Journal::open(&dir.join("journal"), catalog, lanes, settings).unwrap()
     }

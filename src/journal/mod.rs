@@ -13,6 +13,7 @@
 
 pub mod backfill;
 pub mod codec;
+mod disk;
 mod import;
 pub(crate) mod keys;
 mod lanes;
@@ -88,6 +89,9 @@ pub struct JournalSettings {
     /// The journal writes the local keyspaces itself, in the batch of each write
     /// (`projector/rocksdb`); they get no tasks.
     pub keyspaces: bool,
+    /// Refuse item writes and freezes (503) while the journal's filesystem has fewer bytes free
+    /// (`disk`); 0: never.
+    pub min_free_bytes: u64,
 }
 
 #[derive(Debug, Error)]
@@ -115,6 +119,8 @@ pub enum JournalError {
     },
     #[error("journal record is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
+    #[error("the journal's disk has {free_mb} MiB free, less than storage.min_free_disk_mb ({min_mb} MiB): item writes and freezes are refused until space is freed; reads, deletes and project drops go on")]
+    DiskLow { free_mb: u64, min_mb: u64 },
 }
 
 /// One item write or delete, validated, transformed and encoded, ready to be journaled.
@@ -306,6 +312,8 @@ pub struct Journal {
     /// Wakes the change feed's followers of the projects a commit touched.
     pub(crate) signal: crate::feed::signal::ChangeSignal,
     settings: JournalSettings,
+    /// The free space writes leave (`disk`).
+    disk: disk::DiskGuard,
     /// Where background work (back-fills) runs: the runtime that opened the journal.
     runtime: tokio::runtime::Handle,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
@@ -438,6 +446,7 @@ impl Journal {
             committed: Notify::new(),
             signal: Default::default(),
             settings: settings.clone(),
+            disk: disk::DiskGuard::new(path, settings.min_free_bytes),
             runtime: tokio::runtime::Handle::current(),
             writer: Mutex::new(None),
             closing: std::sync::atomic::AtomicBool::new(false),
@@ -558,6 +567,9 @@ impl Journal {
         project: Ident,
         entries: Vec<Entry>,
     ) -> Result<Vec<u64>, JournalError> {
+        if entries.iter().any(|e| matches!(e, Entry::Upsert { .. })) {
+            self.disk.check()?;
+        }
         self.check_backlog_of(&project)?;
         self.send(|reply| Command::Write {
             epoch,
@@ -588,6 +600,11 @@ impl Journal {
             }
             _ => Ok(()),
         }
+    }
+
+    /// Whether the journal's disk has room for item writes now (see `disk`).
+    pub fn check_disk(&self) -> Result<(), JournalError> {
+        self.disk.check()
     }
 
     /// Whether a write into `project` is accepted now ([`crate::storage::admits`]).
@@ -642,6 +659,8 @@ impl Journal {
         project: Ident,
         forced: bool,
     ) -> Result<(Arc<Version>, u64), JournalError> {
+        // A freeze back-fills its version: as much new data as the project holds.
+        self.disk.check()?;
         self.send(|reply| Command::Freeze {
             project,
             forced,
@@ -844,6 +863,7 @@ mod tests {
             durability,
             max_pending,
             keyspaces: true,
+            min_free_bytes: 0,
         };
         Journal::open(&dir.join("journal"), catalog, projectors, settings).unwrap()
     }

@@ -74,6 +74,7 @@ async fn embedded() -> Fixture {
             durability: Durability::Buffered,
             max_pending: u64::MAX,
             keyspaces: false,
+            min_free_bytes: 0,
         },
     )
     .expect("the journal opens");

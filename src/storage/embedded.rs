@@ -315,6 +315,7 @@ impl Storage for EmbeddedStorage {
     }
 
     fn check_backlog(&self) -> Result<(), StorageError> {
+        self.journal.check_disk()?;
         Ok(self.journal.check_backlog()?)
     }
 

@@ -163,7 +163,8 @@ impl From<JournalError> for StorageError {
                 pending,
                 limit,
             },
-            e @ (JournalError::Storage(_) | JournalError::Closed) => {
+            e
+            @ (JournalError::Storage(_) | JournalError::Closed | JournalError::DiskLow { .. }) => {
                 StorageError::Unavailable(e.to_string())
             }
             e @ (JournalError::Corrupt(_)

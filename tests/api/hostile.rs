@@ -648,6 +648,15 @@ async fn past_the_backlog_limit_a_held_projects_writes_are_refused_and_the_other
     assert_eq!(put.status, 200, "{}", put.body);
     let freeze = app.post("/bad/_version", None).await;
     assert_eq!(freeze.status, 503, "{}", freeze.body);
+    // The freeze may time out before the store reports the failure, which holds the project.
+    for _ in 0..100 {
+        let ready = app.get("/_health/ready").await;
+        let error = &ready.body["projectors"]["picky"]["progress"]["last_error"];
+        if error.as_str().is_some_and(|e| e.contains("bad")) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 
     // `bad`'s tasks wait behind its migration until the limit: then its writes are refused.
     let mut accepted = 0;

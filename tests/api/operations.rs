@@ -1,6 +1,9 @@
 //! The operator's view: the OpenAPI document, the docs page, metrics and request ids.
 
-use crate::helpers::{article, spawn_app};
+use serde_json::json;
+use uuid::Uuid;
+
+use crate::helpers::{article, spawn_app, spawn_app_with};
 
 /// Every route of the service, as `(method, path)`.
 const ROUTES: &[(&str, &str)] = &[
@@ -146,4 +149,76 @@ async fn metrics_count_requests_by_route_and_report_projectors_and_request_ids_a
         "no table reader gauge in\n{text}"
     );
     assert!(text.contains("dstore_http_request_duration_seconds_bucket{method=\"PUT\""));
+}
+
+/// While the journal's disk has less free than `storage.min_free_disk_mb` (here: more than any
+/// disk holds), item writes and freezes answer 503 naming the setting and readiness says so, while
+/// reads, deletes and blueprint edits go on; once there is room (a lower setting at the next
+/// start), writes and freezes are accepted again and nothing was lost.
+#[tokio::test]
+async fn a_nearly_full_disk_refuses_item_writes_and_freezes_but_not_reads_or_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_path_buf();
+    let app = spawn_app_with({
+        let data = data.clone();
+        move |s| s.storage.data_dir = data
+    })
+    .await;
+    app.put_and_freeze("p", "article", &article()).await;
+    let item =
+        json!({"project_version": 1, "title": "kept", "date_created": "2020-01-02T00:00:00Z"});
+    let (kept, gone) = (Uuid::new_v4(), Uuid::new_v4());
+    for id in [kept, gone] {
+        assert_eq!(
+            app.put(&format!("/p/article/{id}"), &item).await.status,
+            200
+        );
+    }
+    app.stop().await;
+
+    let full = spawn_app_with({
+        let data = data.clone();
+        move |s| {
+            s.storage.data_dir = data;
+            s.storage.min_free_disk_mb = u64::MAX >> 20;
+        }
+    })
+    .await;
+    let refused = full
+        .put(&format!("/p/article/{}", Uuid::new_v4()), &item)
+        .await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    let message = refused.body["status"].as_str().unwrap();
+    assert!(message.contains("storage.min_free_disk_mb"), "{message}");
+    let bulk = format!(
+        "{}\n{item}\n",
+        json!({"put": {"blueprint": "article", "id": Uuid::new_v4()}})
+    );
+    let bulk = full
+        .send(reqwest::Method::POST, "/p/_bulk", Some(bulk))
+        .await;
+    assert_eq!(bulk.status, 503, "{}", bulk.body);
+    assert_eq!(full.get(&format!("/p/article/{kept}")).await.status, 200);
+    assert_eq!(full.delete(&format!("/p/article/{gone}")).await.status, 200);
+    let mut edited = article();
+    edited["columns"]["summary"] = json!({"type": "string"});
+    assert_eq!(full.put("/p/article/_blueprint", &edited).await.status, 200);
+    assert_eq!(full.post("/p/_version", None).await.status, 503);
+    let ready = full.get("/_health/ready").await;
+    assert_eq!(ready.body["writes"]["accepted"], false, "{}", ready.body);
+    let reason = ready.body["writes"]["reason"].as_str().unwrap();
+    assert!(reason.contains("storage.min_free_disk_mb"), "{reason}");
+    assert_eq!(full.get("/_health/ready?strict=true").await.status, 503);
+    full.stop().await;
+
+    let roomy = spawn_app_with(move |s| s.storage.data_dir = data).await;
+    let id = Uuid::new_v4();
+    assert_eq!(
+        roomy.put(&format!("/p/article/{id}"), &item).await.status,
+        200
+    );
+    assert_eq!(roomy.post("/p/_version", None).await.status, 200);
+    assert_eq!(roomy.get(&format!("/p/article/{kept}")).await.status, 200);
+    assert_eq!(roomy.get(&format!("/p/article/{gone}")).await.status, 404);
+    roomy.stop().await;
 }
