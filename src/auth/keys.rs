@@ -27,6 +27,11 @@ const REFRESH: Duration = Duration::from_secs(2);
 const MISS_INTERVAL: Duration = Duration::from_millis(250);
 /// How often a key's last use is written.
 const USE_RESOLUTION: Duration = Duration::from_secs(60);
+/// Most project patterns one key names: every request of the key is checked against them, and
+/// every node keeps every key in memory.
+pub const MAX_PROJECT_PATTERNS: usize = 1000;
+/// Most keys a store holds (revoked ones are gone).
+pub const MAX_KEYS: usize = 10_000;
 
 /// Why a request is not authenticated (401).
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +53,9 @@ pub enum KeyError {
     Invalid(Vec<FieldError>),
     #[error("key {0} does not exist")]
     NotFound(String),
+    /// The caller may not grant, or change a key holding, an action it does not hold itself.
+    #[error("{0}")]
+    Forbidden(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
 }
@@ -199,21 +207,49 @@ impl KeyStore {
     }
 
     pub async fn get(&self, id: &str) -> Result<ApiKey, KeyError> {
+        let not_found = || KeyError::NotFound(crate::blueprint::value::excerpt_str(id));
         if let Some(key) = self.keys.read().expect("keys lock").get(id) {
             return Ok(key.clone());
         }
-        self.reload().await?;
+        // Perhaps made through another node a moment ago; a read shared as for unknown tokens.
+        if !super::is_key_id(id) {
+            return Err(not_found());
+        }
+        self.reload_for_miss(Instant::now()).await?;
         self.keys
             .read()
             .expect("keys lock")
             .get(id)
             .cloned()
-            .ok_or_else(|| KeyError::NotFound(id.to_string()))
+            .ok_or_else(not_found)
+    }
+
+    /// Refuses a change by a key (`by`) to a key holding an action `by` does not hold: a key that
+    /// manages keys cannot make, widen, rotate or revoke one worth more than itself.
+    fn may_touch(by: &Caller, key: &ApiKey, verb: &str) -> Result<(), KeyError> {
+        let Caller::Key(by) = by else {
+            return Ok(());
+        };
+        match key.actions.iter().find(|a| !by.allows(**a, None)) {
+            None => Ok(()),
+            Some(action) => Err(KeyError::Forbidden(format!(
+                "key {} may not {verb} a key with action {}, which it does not hold",
+                by.id,
+                action.name()
+            ))),
+        }
     }
 
     /// Makes a key; answers it with its secret, the only time the secret is ever shown.
-    pub async fn create(&self, input: KeyInput) -> Result<(ApiKey, String), KeyError> {
+    pub async fn create(&self, by: &Caller, input: KeyInput) -> Result<(ApiKey, String), KeyError> {
         let mut errors = Vec::new();
+        let count = self.keys.read().expect("keys lock").len();
+        if count >= MAX_KEYS {
+            return Err(KeyError::Invalid(vec![FieldError::new(
+                "",
+                format!("there are {count} keys already, the most dstore keeps; revoke unused ones first"),
+            )]));
+        }
         let name = input.name.clone().unwrap_or_default();
         if name.is_empty() {
             errors.push(FieldError::new("/name", "is required"));
@@ -248,6 +284,7 @@ impl KeyStore {
         if !errors.is_empty() {
             return Err(KeyError::Invalid(errors));
         }
+        Self::may_touch(by, &key, "make")?;
         self.storage.put_key(&key).await?;
         self.keys
             .write()
@@ -257,8 +294,9 @@ impl KeyStore {
     }
 
     /// Changes a key's name, description, actions, projects or expiry.
-    pub async fn update(&self, id: &str, input: KeyInput) -> Result<ApiKey, KeyError> {
+    pub async fn update(&self, by: &Caller, id: &str, input: KeyInput) -> Result<ApiKey, KeyError> {
         let mut key = self.get(id).await?;
+        Self::may_touch(by, &key, "change")?;
         let mut errors = Vec::new();
         if input.name.as_deref() == Some("") {
             errors.push(FieldError::new("/name", "must not be empty"));
@@ -267,6 +305,7 @@ impl KeyStore {
         if !errors.is_empty() {
             return Err(KeyError::Invalid(errors));
         }
+        Self::may_touch(by, &key, "grant")?;
         self.storage.put_key(&key).await?;
         self.keys
             .write()
@@ -276,8 +315,14 @@ impl KeyStore {
     }
 
     /// A new secret for the key; the old one stays valid for `grace`. Answers the new key.
-    pub async fn rotate(&self, id: &str, grace: Duration) -> Result<(ApiKey, String), KeyError> {
+    pub async fn rotate(
+        &self,
+        by: &Caller,
+        id: &str,
+        grace: Duration,
+    ) -> Result<(ApiKey, String), KeyError> {
         let mut key = self.get(id).await?;
+        Self::may_touch(by, &key, "rotate")?;
         let secret = random_hex(32);
         key.previous = Some(PreviousSecret {
             hash: std::mem::replace(&mut key.hash, super::digest(&secret)),
@@ -292,8 +337,9 @@ impl KeyStore {
     }
 
     /// Revokes a key at once.
-    pub async fn delete(&self, id: &str) -> Result<ApiKey, KeyError> {
+    pub async fn delete(&self, by: &Caller, id: &str) -> Result<ApiKey, KeyError> {
         let key = self.get(id).await?;
+        Self::may_touch(by, &key, "revoke")?;
         self.storage.delete_key(id).await?;
         self.keys.write().expect("keys lock").remove(id);
         Ok(key)
@@ -324,8 +370,19 @@ fn apply(key: &mut ApiKey, input: KeyInput, errors: &mut Vec<FieldError>) {
             errors.push(FieldError::new("/actions", "must name at least one action"));
         }
         key.actions.clear();
-        for (i, raw) in actions.iter().enumerate() {
+        if actions.len() > Action::ALL.len() {
+            errors.push(FieldError::new(
+                "/actions",
+                format!(
+                    "names {} actions; there are {}",
+                    actions.len(),
+                    Action::ALL.len()
+                ),
+            ));
+        }
+        for (i, raw) in actions.iter().enumerate().take(Action::ALL.len()) {
             match Action::parse(raw) {
+                Some(action) if key.actions.contains(&action) => {}
                 Some(action) => key.actions.push(action),
                 None => errors.push(FieldError::new(
                     format!("/actions/{i}"),
@@ -346,7 +403,16 @@ fn apply(key: &mut ApiKey, input: KeyInput, errors: &mut Vec<FieldError>) {
             ));
         }
         key.projects.clear();
-        for (i, raw) in projects.iter().enumerate() {
+        if projects.len() > MAX_PROJECT_PATTERNS {
+            errors.push(FieldError::new(
+                "/projects",
+                format!(
+                    "names {} patterns; at most {MAX_PROJECT_PATTERNS} (a prefix* pattern covers many projects)",
+                    projects.len()
+                ),
+            ));
+        }
+        for (i, raw) in projects.iter().enumerate().take(MAX_PROJECT_PATTERNS) {
             match ProjectPattern::parse(raw) {
                 Ok(pattern) => key.projects.push(pattern),
                 Err(reason) => errors.push(FieldError::new(format!("/projects/{i}"), reason)),

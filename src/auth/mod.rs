@@ -227,8 +227,16 @@ pub fn random_hex(bytes: usize) -> String {
 pub fn split_key(key: &str) -> Option<(&str, &str)> {
     let rest = key.strip_prefix("dstore_")?;
     let (id, secret) = rest.split_once('_')?;
-    let hex = |s: &str, len: usize| s.len() == len && s.bytes().all(|b| b.is_ascii_hexdigit());
-    (hex(id, 16) && hex(secret, 64)).then_some((id, secret))
+    (is_key_id(id) && hex_of(secret, 64)).then_some((id, secret))
+}
+
+/// Whether `id` has the form of a key id (16 hex digits).
+pub fn is_key_id(id: &str) -> bool {
+    hex_of(id, 16)
+}
+
+fn hex_of(text: &str, len: usize) -> bool {
+    text.len() == len && text.bytes().all(|b| b.is_ascii_hexdigit())
 }
 
 /// Who sent a request.
@@ -253,11 +261,11 @@ impl Caller {
         }
     }
 
-    /// Whether the caller reaches every project.
+    /// Whether the caller reaches every project (the master key does, for the one action it has).
     pub fn reaches_all(&self) -> bool {
         match self {
-            Caller::Open => true,
-            Caller::Refused | Caller::Master => false,
+            Caller::Open | Caller::Master => true,
+            Caller::Refused => false,
             Caller::Key(key) => key.reaches_all(),
         }
     }
@@ -278,7 +286,8 @@ impl Caller {
 pub enum Requirement {
     /// Open to anyone (`/_health`).
     Open,
-    /// Open when `auth.public` names it (`ready`, `metrics`, `docs`), else `action`.
+    /// Open when `auth.public` names it (`ready`, `metrics`, `docs`), else `action` (on every
+    /// project for `operations`: readiness and metrics name held projects and their errors).
     Public(&'static str, Action),
     /// An action, on the project named in the path when there is one.
     Action(Action, Option<String>),
@@ -311,10 +320,14 @@ pub fn requirement(method: &actix_web::http::Method, path: &str) -> Requirement 
         ["_health", "ready"] => Requirement::Public("ready", Operations),
         ["_metrics"] => Requirement::Public("metrics", Operations),
         ["_openapi.json"] => Requirement::Public("docs", BlueprintsRead),
+        // Dead letters hold whole items and the audit log every project's paths: a key scoped to
+        // some projects reads neither.
         ["_dead_letters"] | ["_dead_letters", "_retry"] | ["_audit"] => {
-            Requirement::Action(Operations, None)
+            Requirement::Everything(Operations)
         }
-        ["_keys", ..] => Requirement::Action(KeysManage, None),
+        // A key may make keys for any project: only a key that reaches every project manages
+        // them (and grants no action it lacks: `keys::KeyStore`).
+        ["_keys", ..] => Requirement::Everything(KeysManage),
         ["_version"] => Requirement::Action(BlueprintsRead, None),
         ["_project"] if get => Requirement::Action(BlueprintsRead, None),
         ["_project"] if *method == Method::DELETE => Requirement::Everything(ProjectsDelete),
@@ -393,7 +406,13 @@ mod tests {
             (
                 Method::PATCH,
                 "/_keys/0123",
-                Requirement::Action(KeysManage, None),
+                Requirement::Everything(KeysManage),
+            ),
+            (Method::GET, "/_audit", Requirement::Everything(Operations)),
+            (
+                Method::POST,
+                "/_dead_letters/_retry",
+                Requirement::Everything(Operations),
             ),
             // Paths longer than any pattern: only those ending in `..` take them.
             (
@@ -404,7 +423,7 @@ mod tests {
             (
                 Method::GET,
                 "/_keys/a/b/c/d/e",
-                Requirement::Action(KeysManage, None),
+                Requirement::Everything(KeysManage),
             ),
             (Method::PUT, "/a/b/c/d", Requirement::Action(All, None)),
             (Method::PUT, "/a/b/c/d/e", Requirement::Action(All, None)),

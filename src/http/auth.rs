@@ -139,7 +139,10 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
     // The path as the router matches it, percent-escapes decoded: deciding on the path as sent
     // would let `/p/%5Fproject` pass as an item path and reach the project's routes.
     let needed = requirement(method, request.match_info().as_str());
-    let everything = matches!(needed, Requirement::Everything(_));
+    let everything = matches!(
+        needed,
+        Requirement::Everything(_) | Requirement::Public(_, Action::Operations)
+    );
     let (action, project) = match needed {
         Requirement::Open => (None, None),
         Requirement::Public(name, action) => {

@@ -181,6 +181,7 @@ impl From<crate::auth::keys::KeyError> for ApiError {
         match error {
             KeyError::Invalid(errors) => ApiError::Invalid("invalid key".into(), errors),
             e @ KeyError::NotFound(_) => ApiError::NotFound(e.to_string()),
+            KeyError::Forbidden(message) => ApiError::Forbidden(message),
             KeyError::Storage(e) => e.into(),
         }
     }

@@ -142,7 +142,8 @@ pub async fn retry_dead_letters(
     if let Some(name) = &params.projector {
         if !state.registry.names().contains(&name.as_str()) {
             return Err(ApiError::NotFound(format!(
-                "projector {name:?} is not enabled; enabled: {}",
+                "projector {:?} is not enabled; enabled: {}",
+                crate::blueprint::value::excerpt_str(name),
                 state.registry.names().join(", ")
             )));
         }

@@ -25,14 +25,40 @@ fn store(state: &State) -> Result<&KeyStore, ApiError> {
     })
 }
 
+/// What the body says, or a 422 naming the member at fault without repeating a long input.
 fn input(body: &serde_json::Value) -> Result<KeyInput, ApiError> {
-    serde_json::from_value(body.clone()).map_err(|e| {
+    let refused = |path: String, message: String| {
         ApiError::Invalid(
             "invalid key".into(),
-            vec![crate::blueprint::FieldError::new("", e.to_string())],
+            vec![crate::blueprint::FieldError::new(path, message)],
+        )
+    };
+    let Some(members) = body.as_object() else {
+        return Err(refused("".into(), "must be a JSON object".into()));
+    };
+    // Each member alone, so the error names it (serde's own names an unknown one in full).
+    for (name, value) in members {
+        let one = serde_json::Value::Object([(name.clone(), value.clone())].into_iter().collect());
+        if let Err(error) = serde_json::from_value::<KeyInput>(one) {
+            let name = crate::blueprint::value::excerpt_str(name);
+            let message = if KNOWN.contains(&name.as_str()) {
+                crate::blueprint::value::excerpt_str(&error.to_string())
+            } else {
+                format!("unknown member; a key has {}", KNOWN.join(", "))
+            };
+            return Err(refused(format!("/{name}"), message));
+        }
+    }
+    serde_json::from_value(body.clone()).map_err(|e| {
+        refused(
+            "".into(),
+            crate::blueprint::value::excerpt_str(&e.to_string()),
         )
     })
 }
+
+/// The members of a key's body.
+const KNOWN: [&str; 5] = ["name", "description", "actions", "projects", "expires_at"];
 
 /// GET /_keys
 pub async fn list(_: NoQuery, state: State) -> Result<HttpResponse, ApiError> {
@@ -52,7 +78,8 @@ pub async fn create(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = body::json(&state, &request, payload).await?;
-    let (key, secret) = store(&state)?.create(input(&body)?).await?;
+    let by = super::auth::caller(&request);
+    let (key, secret) = store(&state)?.create(&by, input(&body)?).await?;
     let mut answer = key.to_public();
     answer["key"] = json!(secret);
     Ok(HttpResponse::Created().json(answer))
@@ -76,7 +103,8 @@ pub async fn update(
     payload: web::Payload,
 ) -> Result<HttpResponse, ApiError> {
     let body = body::json(&state, &request, payload).await?;
-    let key = store(&state)?.update(&path, input(&body)?).await?;
+    let by = super::auth::caller(&request);
+    let key = store(&state)?.update(&by, &path, input(&body)?).await?;
     Ok(HttpResponse::Ok().json(key.to_public()))
 }
 
@@ -84,9 +112,12 @@ pub async fn update(
 pub async fn revoke(
     _: NoQuery,
     state: State,
+    request: HttpRequest,
     path: web::Path<String>,
 ) -> Result<HttpResponse, ApiError> {
-    let key = store(&state)?.delete(&path).await?;
+    let key = store(&state)?
+        .delete(&super::auth::caller(&request), &path)
+        .await?;
     Ok(HttpResponse::Ok().json(json!({"revoked": true, "id": key.id})))
 }
 
@@ -100,6 +131,7 @@ pub struct RotateParams {
 /// POST /_keys/{id}/_rotate: a new secret, shown once; the old one stays valid for the grace.
 pub async fn rotate(
     state: State,
+    request: HttpRequest,
     path: web::Path<String>,
     params: Query<RotateParams>,
 ) -> Result<HttpResponse, ApiError> {
@@ -113,7 +145,11 @@ pub async fn rotate(
         ));
     }
     let (key, secret) = store(&state)?
-        .rotate(&path, Duration::from_secs(grace))
+        .rotate(
+            &super::auth::caller(&request),
+            &path,
+            Duration::from_secs(grace),
+        )
         .await?;
     let mut answer = key.to_public();
     answer["key"] = json!(secret);

@@ -105,9 +105,14 @@ fn routes(id: Uuid) -> Vec<Route> {
         "{}\n{item}\n",
         json!({"put": {"blueprint": "article", "id": Uuid::new_v4()}})
     );
+    // Operations and key management on the whole service need a key that reaches every project.
+    let everywhere = |method, path, action| Route {
+        everything: true,
+        ..route(method, path, None, action, false)
+    };
     let mut routes = vec![
-        route(Method::GET, "/_health/ready", None, "operations", false),
-        route(Method::GET, "/_metrics", None, "operations", false),
+        everywhere(Method::GET, "/_health/ready", "operations"),
+        everywhere(Method::GET, "/_metrics", "operations"),
         route(
             Method::GET,
             "/_openapi.json",
@@ -115,16 +120,10 @@ fn routes(id: Uuid) -> Vec<Route> {
             "blueprints.read",
             false,
         ),
-        route(Method::GET, "/_dead_letters", None, "operations", false),
-        route(
-            Method::POST,
-            "/_dead_letters/_retry",
-            None,
-            "operations",
-            false,
-        ),
-        route(Method::GET, "/_audit", None, "operations", false),
-        route(Method::GET, "/_keys", None, "keys.manage", false),
+        everywhere(Method::GET, "/_dead_letters", "operations"),
+        everywhere(Method::POST, "/_dead_letters/_retry", "operations"),
+        everywhere(Method::GET, "/_audit", "operations"),
+        everywhere(Method::GET, "/_keys", "keys.manage"),
         route(Method::GET, "/_version", None, "blueprints.read", false),
         route(Method::GET, "/_project", None, "blueprints.read", false),
         route(
@@ -642,6 +641,139 @@ async fn every_change_is_audited_with_its_key_and_refused_ones_too() {
     )
     .await;
     assert_eq!(status, 400);
+    app.stop().await;
+}
+
+/// A key that manages keys reaches every project and grants, widens, rotates or revokes no key
+/// holding an action it lacks; hostile key bodies are refused naming the member, briefly.
+#[tokio::test]
+async fn a_key_manager_grants_no_more_than_it_holds() {
+    let app = secured().await;
+    let (admin, admin_id) = key(&app, &["*"], &["*"], None).await;
+    let (scoped, _) = key(&app, &["keys.manage"], &["blog"], None).await;
+    let (manager, _) = key(&app, &["keys.manage", "items.write"], &["*"], None).await;
+    let body = |actions: &[&str]| {
+        Some(json!({"name": "made", "actions": actions, "projects": ["*"]}).to_string())
+    };
+    let post = |key: String, actions: &'static [&'static str]| {
+        let app = &app;
+        async move {
+            call(
+                app,
+                Method::POST,
+                "/_keys",
+                Some(&key),
+                body(actions).as_deref(),
+            )
+            .await
+        }
+    };
+    // A manager of one project's keys could make a key for every project: refused.
+    assert_eq!(post(scoped.clone(), &["items.write"]).await.0, 403);
+    assert_eq!(
+        call(&app, Method::GET, "/_keys", Some(&scoped), None)
+            .await
+            .0,
+        403
+    );
+    let (status, made) = post(manager.clone(), &["items.write"]).await;
+    assert_eq!(status, 201, "{made}");
+    let made_id = made["id"].as_str().unwrap().to_string();
+    for actions in [
+        &["*"][..],
+        &["blueprints.write"],
+        &["keys.manage", "operations"],
+    ] {
+        let (status, answer) = post(manager.clone(), actions).await;
+        assert_eq!(status, 403, "{actions:?}: {answer}");
+    }
+    let widen = json!({"actions": ["*"]}).to_string();
+    let rename = json!({"name": "renamed"}).to_string();
+    for (method, path, body, expected) in [
+        (
+            Method::PATCH,
+            format!("/_keys/{made_id}"),
+            Some(&widen),
+            403,
+        ),
+        (
+            Method::PATCH,
+            format!("/_keys/{made_id}"),
+            Some(&rename),
+            200,
+        ),
+        (
+            Method::PATCH,
+            format!("/_keys/{admin_id}"),
+            Some(&rename),
+            403,
+        ),
+        (
+            Method::POST,
+            format!("/_keys/{admin_id}/_rotate"),
+            None,
+            403,
+        ),
+        (Method::DELETE, format!("/_keys/{admin_id}"), None, 403),
+        (Method::POST, format!("/_keys/{made_id}/_rotate"), None, 200),
+        (Method::DELETE, format!("/_keys/{made_id}"), None, 200),
+    ] {
+        let (status, answer) = call(
+            &app,
+            method.clone(),
+            &path,
+            Some(&manager),
+            body.map(|b| b.as_str()),
+        )
+        .await;
+        assert_eq!(status, expected, "{method} {path}: {answer}");
+    }
+    // The admin key is untouched and still works.
+    assert_eq!(
+        call(&app, Method::GET, "/_keys", Some(&admin), None)
+            .await
+            .0,
+        200
+    );
+
+    // Hostile bodies: named by member, never repeated whole.
+    let long = "x".repeat(100_000);
+    let patterns: Vec<String> = (0..1001).map(|i| format!("p{i}")).collect();
+    for (body, path) in [
+        (json!({ long.clone(): 1 }), "/xxxx"),
+        (
+            json!({"name": "a", "actions": long, "projects": ["*"]}),
+            "/actions",
+        ),
+        (
+            json!({"name": "a", "actions": ["items.read"], "projects": patterns}),
+            "/projects",
+        ),
+    ] {
+        let (status, answer) = call(
+            &app,
+            Method::POST,
+            "/_keys",
+            Some(MASTER),
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(status, 422, "{path}");
+        let text = answer.to_string();
+        assert!(text.len() < 2000, "{path}: {} bytes", text.len());
+        let named = answer["errors"][0]["path"].as_str().unwrap();
+        assert!(named.starts_with(path), "{named} for {path}");
+    }
+    let (status, answer) = call(
+        &app,
+        Method::GET,
+        &format!("/_keys/{}", &long[..10_000]),
+        Some(MASTER),
+        None,
+    )
+    .await;
+    assert_eq!(status, 404);
+    assert!(answer.to_string().len() < 2000);
     app.stop().await;
 }
 
