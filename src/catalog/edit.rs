@@ -15,6 +15,15 @@ use crate::blueprint::{apply_edit, diff, BlueprintInput, Blueprints, Change, Fie
 /// 1000 shards by default.
 pub const MAX_BLUEPRINTS: usize = 200;
 
+/// Most live (frozen, not retired) versions a project has: every item write is transformed,
+/// stored and projected once per live version that holds its blueprint.
+pub const MAX_LIVE_VERSIONS: usize = 32;
+
+/// Most changes the working copy records one by one; past it, what it records is the net change
+/// since the last frozen version, so editing a blueprint back and forth cannot grow the project's
+/// record (rewritten whole by every edit) without bound.
+pub const MAX_EDITS: usize = 100;
+
 /// Refuses an edit that grows a project past [`MAX_BLUEPRINTS`]; one that keeps or shrinks the
 /// count of a project made before the limit goes on.
 fn check_count(before: usize, next: usize) -> Result<(), CatalogError> {
@@ -102,6 +111,14 @@ pub fn freeze(
             Some(v) => format!("nothing changed since version {}", v.number),
             None => "the working copy has no blueprints to freeze".into(),
         }));
+    }
+    let live = p.live_versions().count();
+    if live >= MAX_LIVE_VERSIONS {
+        return Err(CatalogError::Conflict(format!(
+            "project {:?} has {live} live versions, the most it may: every write is stored and projected once per live version; retire the versions no client writes at any more (GET /{}/_version/{{n}} shows a version's use) before freezing another",
+            p.name.as_str(),
+            p.name.as_str()
+        )));
     }
     let empty = Blueprints::new();
     let previous = p.latest().map_or(&empty, |v| &v.blueprints);
@@ -199,8 +216,14 @@ impl Write {
 fn record_edit(p: &mut Project, next: Blueprints, writes: &mut Vec<Write>) -> Vec<Change> {
     let changes = diff(&p.working.blueprints, &next);
     if !changes.is_empty() {
+        if p.working.edits.len() + changes.len() > MAX_EDITS {
+            let empty = Blueprints::new();
+            let frozen = p.latest().map_or(&empty, |v| &v.blueprints);
+            p.working.edits = diff(frozen, &next);
+        } else {
+            p.working.edits.extend(changes.iter().cloned());
+        }
         p.working.blueprints = next;
-        p.working.edits.extend(changes.iter().cloned());
         writes.push(Write::WorkingCopy);
     }
     changes

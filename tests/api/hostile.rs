@@ -1167,3 +1167,61 @@ async fn a_malformed_query_parameter_is_named_on_every_route() {
     }
     app.stop().await;
 }
+
+/// A project has at most 32 live versions (each multiplies every write): the next freeze is a 409
+/// that says to retire, and after a retirement freezing goes on. A large column default is refused
+/// (every item that leaves the column out stores it), and editing a blueprint back and forth
+/// records the net change once past 100 edits instead of every step.
+#[tokio::test]
+async fn live_versions_defaults_and_recorded_edits_are_bounded() {
+    let app = spawn_app().await;
+    let with_comment = |n: usize| {
+        let mut bp = article();
+        bp["columns"]["title"]["comment"] = json!(format!("edit {n}"));
+        bp
+    };
+    for n in 1..=32 {
+        assert_eq!(
+            app.put_and_freeze("lv", "article", &with_comment(n)).await,
+            n as u64
+        );
+    }
+    let put = app.put("/lv/article/_blueprint", &with_comment(33)).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let refused = app.post("/lv/_version", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    let message = refused.body["status"].as_str().unwrap();
+    assert!(
+        message.contains("32 live versions") && message.contains("retire"),
+        "{message}"
+    );
+    let retired = app.post("/lv/_version/1/_retire", None).await;
+    assert_eq!(retired.status, 200, "{}", retired.body);
+    assert_eq!(app.post("/lv/_version", None).await.status, 200);
+
+    let mut bp = article();
+    bp["columns"]["doc"] = json!({"type": "json", "default": vec![1; 5000]});
+    let refused = app.put("/df/article/_blueprint", &bp).await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert_eq!(refused.paths(), vec!["/columns/doc/default".to_string()]);
+    assert!(refused.body.to_string().len() < 2000);
+
+    let other = json!({"postgresql": {"table": "others"}, "elasticsearch": {"type": "other"},
+        "columns": {"name": {"type": "string"}}});
+    for _ in 0..80 {
+        assert_eq!(app.put("/ed/other/_blueprint", &other).await.status, 200);
+        assert_eq!(app.delete("/ed/other/_blueprint").await.status, 200);
+    }
+    assert_eq!(
+        app.put("/ed/article/_blueprint", &article()).await.status,
+        200
+    );
+    let versions = app.get("/ed/_version").await;
+    let recorded = versions.body["unfrozen_changes"].as_array().unwrap();
+    assert!(
+        (1..=100).contains(&recorded.len()),
+        "{} changes recorded",
+        recorded.len()
+    );
+    app.stop().await;
+}

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use super::ident::Ident;
 use super::model::{Blueprint, Blueprints, Column, Uid, Validation};
-use super::parse::{BlueprintInput, MAX_ENUM_VALUES, MAX_PATTERN_BYTES};
+use super::parse::{BlueprintInput, MAX_DEFAULT_BYTES, MAX_ENUM_VALUES, MAX_PATTERN_BYTES};
 use super::FieldError;
 
 /// One recorded change (docs/design.md §1 change kinds).
@@ -100,11 +100,26 @@ pub fn apply_edit(
         .collect();
     let mut errors = Vec::new();
     for (column, source) in input.columns.iter().zip(&sources) {
-        let stored = source
-            .and_then(|s| existing.get(s))
-            .map(|c| &c.def.validation);
-        let at = format!("{base}/columns/{}/validation", column.name);
-        check_validation_size(&column.def.validation, stored, &at, &mut errors);
+        let stored = source.and_then(|s| existing.get(s)).map(|c| &c.def);
+        let at = format!("{base}/columns/{}", column.name);
+        let validation = stored.map(|d| &d.validation);
+        check_validation_size(
+            &column.def.validation,
+            validation,
+            &format!("{at}/validation"),
+            &mut errors,
+        );
+        if let Some(default) = &column.def.default {
+            let length = default.to_string().len();
+            if length > MAX_DEFAULT_BYTES
+                && stored.and_then(|d| d.default.as_ref()) != Some(default)
+            {
+                errors.push(FieldError::new(
+                    format!("{at}/default"),
+                    format!("is {length} bytes of JSON, more than the {MAX_DEFAULT_BYTES} a default may be (every item that leaves the column out stores it)"),
+                ));
+            }
+        }
         let target = column.target();
         let is_rename = source.is_some_and(|s| s != target);
         if is_rename && existing.contains_key(target) && !renamed_away.contains(&target) {
@@ -310,5 +325,23 @@ mod tests {
             }
             apply_edit(Some(&stored), body(validation), &mut uid, "").expect("kept");
         }
+    }
+
+    /// A default larger than [`MAX_DEFAULT_BYTES`] is refused when new, and kept when stored.
+    #[test]
+    fn a_large_default_is_refused_when_new_and_kept_when_stored() {
+        let body = |default: Value| {
+            let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
+                "columns": {"doc": {"type": "json", "default": default}}});
+            parse_blueprint(&body, "").expect("parses")
+        };
+        let large = json!(vec![1; MAX_DEFAULT_BYTES]);
+        let mut uid = 0;
+        let refused = apply_edit(None, body(large.clone()), &mut uid, "").unwrap_err();
+        assert_eq!(refused[0].path, "/columns/doc/default");
+        apply_edit(None, body(json!([1, 2, 3])), &mut uid, "").expect("a small default");
+        let mut stored = apply_edit(None, body(json!(null)), &mut uid, "").unwrap();
+        stored.columns[0].def.default = Some(large.clone());
+        apply_edit(Some(&stored), body(large), &mut uid, "").expect("kept");
     }
 }

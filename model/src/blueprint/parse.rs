@@ -28,6 +28,11 @@ pub const MAX_PATTERN_BYTES: usize = 1024;
 /// `apply_edit`, which lets a stored one stay).
 pub const MAX_ENUM_VALUES: usize = 1000;
 
+/// Longest new column `default`, in bytes of JSON: an item that leaves the column out stores the
+/// default in full, so a large one would make every short write large (checked by `apply_edit`,
+/// which lets a stored one stay).
+pub const MAX_DEFAULT_BYTES: usize = 4096;
+
 /// A blueprint as a client sent it: columns in body order, with their rename instructions.
 #[derive(Clone, Debug, PartialEq)]
 pub struct BlueprintInput {
