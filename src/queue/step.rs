@@ -3,9 +3,11 @@
 //!
 //! `Migrate` and `DropProject` tasks go alone, in their place in the order, so no write reaches a
 //! version before its migration and none of a deleted project survives its drop; item tasks go
-//! together. The step touches nothing but the projector: the caller acknowledges what it applied,
-//! keeps the dead letters, records the migration and retries the rest, each in its own way (the
-//! in-process dispatcher in the journal, a RabbitMQ consumer by acks and a progress report).
+//! together. A run refused as a whole is tried one task at a time, so one project's refusal never
+//! dead-letters another's tasks. The step touches nothing but the
+//! projector: the caller acknowledges what it applied, keeps the dead letters, records the migration
+//! and retries the rest, each in its own way (the in-process dispatcher in the journal, a RabbitMQ
+//! consumer by acks and a progress report).
 
 use std::ops::RangeInclusive;
 use std::panic::AssertUnwindSafe;
@@ -139,7 +141,13 @@ async fn apply_items(projector: &dyn Projector, snapshot: &Snapshot, run: &[Task
         }
         Ok(outcomes) => outcomes,
         Err(e) if e.kind == ErrorKind::Transient => return retry(e),
-        Err(e) => run.iter().map(|_| Err(e.clone())).collect(),
+        // Refused as a whole, the run may hold other projects' writes that have nothing to do with
+        // the error: its first task is tried alone, as after a panic, so each task is refused for
+        // its own reason only.
+        Err(_) if run.len() > 1 => {
+            return Box::pin(apply_items(projector, snapshot, &run[..1])).await
+        }
+        Err(e) => vec![Err(e)],
     };
     let mut step = Step::default();
     for (task, outcome) in run.iter().zip(outcomes) {

@@ -491,8 +491,9 @@ async fn geometry_arrays_take_multi_objects_and_arrays_and_polygons_must_be_vali
     app.stop().await;
 }
 
-/// A projector that fails the migrations of projects named `bad*` and panics on items titled
-/// `boom`, and refuses drops while told to; it counts what it applied and dropped.
+/// A projector that fails the migrations of projects named `bad*`, panics on items titled `boom`,
+/// refuses a whole batch holding an item titled `poison`, and refuses drops while told to; it
+/// counts what it applied and dropped.
 #[derive(Clone, Default)]
 struct Picky {
     applied: Arc<AtomicUsize>,
@@ -528,6 +529,14 @@ impl Projector for Picky {
                     .is_some_and(|d| d.get().contains(r#""title":"boom""#))
                 {
                     panic!("the store's client library panicked");
+                }
+                if write
+                    .doc
+                    .is_some_and(|d| d.get().contains(r#""title":"poison""#))
+                {
+                    return Err(ProjectorError::permanent(
+                        "the store refused the batch as a whole",
+                    ));
                 }
             }
         }
@@ -937,6 +946,42 @@ async fn a_task_that_panics_its_projector_becomes_a_dead_letter_and_the_rest_go_
         )
         .await;
     assert_eq!(after.body["projected"], true, "{}", after.body);
+    app.stop().await;
+}
+
+/// A store that refuses a batch as a whole for one of its items refuses that item alone: the
+/// others are applied, not made dead letters with its reason.
+#[tokio::test]
+async fn a_batch_refused_as_a_whole_dead_letters_only_the_write_at_fault() {
+    let picky = Picky::default();
+    let app = spawn_app_with_projectors(|_| {}, vec![Arc::new(picky.clone())]).await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let mut poison = item();
+    poison["title"] = json!("poison");
+    let mut body = String::new();
+    for doc in [item(), item(), poison, item()] {
+        body.push_str(&json!({"put": {"blueprint": "article", "id": Uuid::new_v4()}}).to_string());
+        body.push('\n');
+        body.push_str(&doc.to_string());
+        body.push('\n');
+    }
+    let bulk = app
+        .send(Method::POST, "/myblog/_bulk?wait=true", Some(body))
+        .await;
+    assert_eq!(
+        bulk.body["refused"].as_array().map(Vec::len),
+        Some(1),
+        "{}",
+        bulk.body
+    );
+    assert_eq!(
+        bulk.body["refused"][0]["revision"], bulk.body["items"][2]["put"]["revision"],
+        "{}",
+        bulk.body
+    );
+    let letters = app.get("/_dead_letters?projector=picky").await.body["dead_letters"].clone();
+    assert_eq!(letters.as_array().unwrap().len(), 1, "{letters}");
+    assert_eq!(picky.applied.load(Ordering::SeqCst), 3);
     app.stop().await;
 }
 

@@ -1566,3 +1566,43 @@ async fn writes_wait_in_the_journal_while_postgresql_is_down_and_arrive_when_it_
     app.stop().await;
     db.drop().await;
 }
+
+/// A retired version whose schema was never built (its migration failed, here on a schema of the
+/// same name that is not dstore's) is not migrated by a batch that reaches it (a delete reaches
+/// retired versions): the batch, another project's write in it, is applied, and nothing is made
+/// for the retired version. Before, the batch failed as a whole and every project waited.
+#[tokio::test]
+async fn a_batch_reaching_a_retired_version_never_built_applies_the_other_projects_writes() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, catalog, projector) = sample_projects(&dir, &["gone", "kept"]).await;
+    let (gone, kept) = (ident("gone"), ident("kept"));
+    let mut sql = db.sql().await;
+    sqlx::query("CREATE SCHEMA gone_v1")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    catalog.retire(&gone, 1).unwrap();
+    let id = Uuid::new_v4();
+    let tasks = vec![
+        delete(&gone, Uuid::new_v4(), 1),
+        upsert(&kept, id, 2, sample_doc(id, "kept")),
+    ];
+    let outcomes = projector
+        .apply(&catalog.snapshot(), &tasks)
+        .await
+        .expect("the batch is applied");
+    assert!(outcomes.iter().all(Result::is_ok), "{outcomes:?}");
+    let stored = projector
+        .read(&kept, 1, &ident("sample"), &id)
+        .await
+        .unwrap();
+    assert!(stored.is_some());
+    let tables: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM pg_tables WHERE schemaname = 'gone_v1'")
+            .fetch_one(&mut sql)
+            .await
+            .unwrap();
+    assert_eq!(tables, 0, "nothing is made for the retired version");
+    drop(sql);
+    db.drop().await;
+}

@@ -122,6 +122,19 @@ pub fn apply_edit(
         }
         let target = column.target();
         let is_rename = source.is_some_and(|s| s != target);
+        // Only a column taking the name now: one stored under it before this rule keeps loading
+        // and being edited.
+        if *source != Some(target) && SYSTEM_COLUMNS.contains(&target.as_str()) {
+            errors.push(FieldError::new(
+                format!("{base}/columns/{}", column.name),
+                format!(
+                    "{:?} is the name of a PostgreSQL system column, which no table may use \
+                     ({}); choose another",
+                    target.as_str(),
+                    SYSTEM_COLUMNS.join(", ")
+                ),
+            ));
+        }
         if is_rename && existing.contains_key(target) && !renamed_away.contains(&target) {
             errors.push(FieldError::new(
                 format!("{base}/columns/{}/column_id", column.name),
@@ -162,6 +175,10 @@ pub fn apply_edit(
         columns,
     })
 }
+
+/// PostgreSQL's system columns: every table has them, so a column of one of these names cannot be
+/// created there (`oid` is one no longer, since PostgreSQL 12).
+const SYSTEM_COLUMNS: [&str; 6] = ["tableoid", "xmin", "cmin", "xmax", "cmax", "ctid"];
 
 /// Refuses a `pattern` longer than [`MAX_PATTERN_BYTES`] or an `enum` of more than
 /// [`MAX_ENUM_VALUES`] values, unless the column holds the same one already (stored before the
@@ -325,6 +342,42 @@ mod tests {
             }
             apply_edit(Some(&stored), body(validation), &mut uid, "").expect("kept");
         }
+    }
+
+    /// A PostgreSQL system column name is refused for a new column or a rename, and kept by a
+    /// column stored under it before the rule.
+    #[test]
+    fn a_system_column_name_is_refused_when_new_and_kept_when_stored() {
+        let body = |columns: Value| {
+            let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
+                "columns": columns});
+            parse_blueprint(&body, "").expect("parses")
+        };
+        let mut uid = 0;
+        let refused = apply_edit(
+            None,
+            body(json!({"xmin": {"type": "integer"}})),
+            &mut uid,
+            "",
+        )
+        .unwrap_err();
+        assert_eq!(refused[0].path, "/columns/xmin");
+        assert!(
+            refused[0].message.contains("system column"),
+            "{}",
+            refused[0].message
+        );
+        let stored =
+            apply_edit(None, body(json!({"a": {"type": "integer"}})), &mut uid, "").unwrap();
+        let renamed = body(json!({"a": {"type": "integer", "column_id": "ctid"}}));
+        let refused = apply_edit(Some(&stored), renamed, &mut uid, "").unwrap_err();
+        assert_eq!(refused[0].path, "/columns/a");
+        // Stored before the rule: an edit that keeps its name goes through.
+        let mut stored = stored;
+        let column = stored.columns.shift_remove("a").unwrap();
+        stored.columns.insert(Ident::parse("xmin").unwrap(), column);
+        let kept = body(json!({"xmin": {"type": "integer", "nullable": true}}));
+        apply_edit(Some(&stored), kept, &mut uid, "").expect("kept");
     }
 
     /// A default larger than [`MAX_DEFAULT_BYTES`] is refused when new, and kept when stored.

@@ -106,6 +106,28 @@ impl PostgresProjector {
         Ok(())
     }
 
+    /// Whether dstore's schema of this project version exists (under today's name or an older
+    /// dstore's): a migration that failed left nothing, since DDL is transactional.
+    pub(super) async fn is_built(
+        &self,
+        project: &Ident,
+        version: u32,
+    ) -> Result<bool, ProjectorError> {
+        let schema = schema_name(project, version);
+        let names: Vec<String> = std::iter::once(schema.clone())
+            .chain(legacy_schema_name(project, version))
+            .collect();
+        sqlx::query_scalar::<_, bool>(
+            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = ANY($1) \
+             AND obj_description(oid, 'pg_namespace') = $2)",
+        )
+        .bind(names)
+        .bind(schema_comment(project, version))
+        .fetch_one(&self.pool)
+        .await
+        .map_err(|e| self.failed(&format!("look for schema {schema}"), &e))
+    }
+
     pub(super) async fn migrate_version(
         &self,
         project: &Ident,

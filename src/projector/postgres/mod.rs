@@ -241,12 +241,36 @@ impl Projector for PostgresProjector {
             return Ok(outcomes);
         }
         self.ensure_database().await?;
+        // Schemas of retired versions never built here: nothing of theirs to write or delete.
+        let mut unbuilt = Vec::new();
         for (project, version) in &plan.versions {
-            if !self.is_migrated(&schema_name(project, version.number)) {
-                self.migrate_version(project, version).await?;
+            let schema = schema_name(project, version.number);
+            if self.is_migrated(&schema) {
+                continue;
             }
+            // A retired version is migrated no more (its `Migrate` task is settled without it):
+            // only one built before its retirement still takes the writes that reach it (deletes,
+            // so it keeps no deleted item). Migrating one that never was could only fail again, as
+            // when PostgreSQL refuses its blueprint, for a version nobody projects into.
+            let retired = snapshot
+                .projects
+                .get(*project)
+                .is_some_and(|p| p.is_retired(version.number));
+            if retired && !self.is_built(project, version.number).await? {
+                unbuilt.push(schema);
+                continue;
+            }
+            self.migrate_version(project, version).await?;
         }
-        let lanes = plan::split(plan.groups, self.lanes, LANE_MIN_ROWS);
+        let groups: Vec<plan::Group<'_>> = plan
+            .groups
+            .into_iter()
+            .filter(|group| !unbuilt.contains(&group.schema))
+            .collect();
+        if groups.is_empty() {
+            return Ok(outcomes);
+        }
+        let lanes = plan::split(groups, self.lanes, LANE_MIN_ROWS);
         let written =
             futures::future::join_all(lanes.iter().map(|groups| self.write(groups, tasks.len())))
                 .await;
