@@ -60,6 +60,11 @@ impl Journal {
     /// Up to `limit` pending tasks of a projector with a seq of at least `from`, oldest first,
     /// leaving out the tasks of projects `held` names. A task that cannot be decoded is moved to the
     /// dead letters on the way, with the reason: retrying could never apply it.
+    ///
+    /// The tasks taken make at most [`BATCH_BYTES`]; the tasks passed over (held, or unreadable)
+    /// are counted apart, up to as much again, so a held project's backlog neither shrinks a batch
+    /// of the others' tasks to nothing nor makes one scan long: a scan that stops there says so
+    /// (`cut_short`), and the next goes on after it.
     pub fn pending_from(
         &self,
         projector: &str,
@@ -74,7 +79,8 @@ impl Journal {
         let options = keys::task_range(projector, from.max(floor), u64::MAX - 1);
         let mut pending = Pending::default();
         let mut poison = Vec::new();
-        let mut bytes = 0;
+        // Bytes of the tasks taken, and of those passed over.
+        let (mut bytes, mut passed) = (0, 0);
         for entry in self
             .db
             .iterator_cf_opt(self.cf(CF_TASKS), options, IteratorMode::Start)
@@ -86,9 +92,16 @@ impl Journal {
             }
             pending.last_seen = seq;
             match codec::decode_own_task(&value) {
-                Ok(task) if held(&task.project) => pending.skipped += 1,
-                Ok(task) => pending.tasks.push(task),
+                Ok(task) if held(&task.project) => {
+                    pending.skipped += 1;
+                    passed += value.len();
+                }
+                Ok(task) => {
+                    pending.tasks.push(task);
+                    bytes += value.len();
+                }
                 Err(error) => {
+                    passed += value.len();
                     tracing::error!(projector, seq, %error, "a task that cannot be decoded becomes a dead letter");
                     poison.push(DeadLetter::from_raw(
                         projector,
@@ -98,8 +111,11 @@ impl Journal {
                     ));
                 }
             }
-            bytes += value.len();
             if pending.tasks.len() >= limit || bytes >= BATCH_BYTES {
+                break;
+            }
+            if passed >= BATCH_BYTES {
+                pending.cut_short = true;
                 break;
             }
         }

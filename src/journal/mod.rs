@@ -274,6 +274,9 @@ pub struct Pending {
     pub first_seen: Option<u64>,
     /// The last seq the scan looked at (0 when it met none).
     pub last_seen: u64,
+    /// Whether the scan stopped because it passed over as many held tasks as one scan may, not
+    /// because it took a full batch or met the end: the next scan goes on after `last_seen` at once.
+    pub cut_short: bool,
 }
 
 struct Lane {

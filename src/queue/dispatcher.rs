@@ -11,6 +11,9 @@
 //! higher seqs than the ones already written.
 //! While a full batch is applied, the next one is read and decoded, so the store does not wait for
 //! the journal between batches; it is used only if the whole batch settled and nothing was held.
+//! A held project's backlog is passed over in scans of bounded length, one after the other without
+//! waiting, and passed over once per failed retry at most: when a hold ends the scan goes back to the
+//! oldest task, and if the project is held again before anything settles, back to where it stood.
 
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -20,6 +23,7 @@ use tokio::sync::watch;
 
 use super::hold::Holds;
 use super::step::{self, Step};
+use crate::blueprint::Ident;
 use crate::catalog::MigrationState;
 use crate::journal::task::Task;
 use crate::journal::{Journal, Pending};
@@ -42,6 +46,10 @@ pub async fn run(
     let mut holds = Holds::default();
     // Every task below it is settled or belongs to a held project; 0 scans from the oldest.
     let mut scan_from = 0;
+    // Where the scan stood when it went back to the oldest task because a hold ended, with the
+    // projects it may have passed over: once each of them is held again, with nothing settled since,
+    // every task below it is again settled or held.
+    let mut resume: Option<(u64, Vec<Ident>)> = None;
     // The batch after the one applied last, read while it was applied.
     let mut prefetched: Option<Pending> = None;
     // Whether the last read found less than a full batch.
@@ -54,7 +62,7 @@ pub async fn run(
             }
         }
         if !holds.any() {
-            scan_from = 0;
+            rewind(&mut scan_from, &mut resume, &holds);
         }
         // Only when the whole previous batch settled and nothing is held: then every task before
         // the prefetched ones is settled, and new tasks only get higher seqs.
@@ -74,7 +82,13 @@ pub async fn run(
         // Read whole (no held project's task left out): what the step settles is a run.
         let whole = pending.skipped == 0;
         let tasks = pending.tasks;
-        short = tasks.len() < batch_size;
+        short = tasks.len() < batch_size && !pending.cut_short;
+        if tasks.is_empty() && pending.cut_short {
+            // Only held tasks so far, and more to look at: go on past them at once.
+            scan_from = pending.last_seen + 1;
+            tokio::task::yield_now().await;
+            continue;
+        }
         if tasks.is_empty() {
             let _ = journal.refresh_progress(name);
             if pending.first_seen.is_some() {
@@ -94,7 +108,7 @@ pub async fn run(
                 _ = shutdown.changed() => {}
             }
             if holds.next_try().is_none_or(|d| d.is_zero()) {
-                scan_from = 0;
+                rewind(&mut scan_from, &mut resume, &holds);
             }
             continue;
         }
@@ -140,6 +154,13 @@ pub async fn run(
                     Some(format!("project {project} is held back: {error}")),
                 );
                 holds.hold(&project);
+                // Held again before anything settled: the scan need not pass over the backlogs
+                // below where it stood once more.
+                if let Some((at, known)) = resume.take() {
+                    if known.iter().all(|p| holds.is_held(p)) {
+                        scan_from = scan_from.max(at);
+                    }
+                }
                 continue;
             }
             Ok(None) => None,
@@ -147,6 +168,9 @@ pub async fn run(
         match error {
             None => {
                 attempt = 0;
+                if settled > 0 {
+                    resume = None;
+                }
                 if !holds.any() {
                     journal.note_error(name, None);
                 }
@@ -168,6 +192,14 @@ pub async fn run(
             }
         }
     }
+}
+
+/// Sends the scan back to the oldest task (a hold ended), remembering where it stood.
+fn rewind(scan_from: &mut u64, resume: &mut Option<(u64, Vec<Ident>)>, holds: &Holds) {
+    if *scan_from > 0 {
+        *resume = Some((*scan_from, holds.known()));
+    }
+    *scan_from = 0;
 }
 
 /// Where the next scan starts: at the first unsettled task, or after the last one.

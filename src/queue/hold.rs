@@ -63,6 +63,12 @@ impl Holds {
         })
     }
 
+    /// The projects held now, or held before and not released since: those whose tasks a scan may
+    /// have passed over.
+    pub fn known(&self) -> Vec<Ident> {
+        self.held.keys().cloned().collect()
+    }
+
     /// Whether some project is held now.
     pub fn any(&self) -> bool {
         let now = Instant::now();

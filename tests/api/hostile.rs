@@ -1270,3 +1270,55 @@ async fn live_versions_defaults_and_recorded_edits_are_bounded() {
     );
     app.stop().await;
 }
+
+/// A held project's backlog of many scans of the journal (here 80 MB of tasks) does not keep the
+/// other projects' writes from being projected: the dispatcher passes over it scan after scan,
+/// without waiting between them. Before, each scan stopped after 8 MiB of held tasks and waited up
+/// to half a second (80 MB took about 5 s to pass), and every end of the hold sent it back to the
+/// oldest task, so a backlog of a few hundred MB was never passed.
+#[tokio::test]
+async fn a_held_projects_large_backlog_does_not_stop_the_others() {
+    let picky = Picky::default();
+    *picky.fail_migrations.lock().unwrap() = true;
+    let app = spawn_app_with_projectors(
+        |s| s.projection.wait_timeout_secs = 1,
+        vec![Arc::new(picky.clone())],
+    )
+    .await;
+    app.put_and_freeze("good", "article", &article()).await;
+    assert_eq!(
+        app.put("/bad/article/_blueprint", &article()).await.status,
+        200
+    );
+    assert_eq!(app.post("/bad/_version", None).await.status, 503);
+    let mut large = item();
+    large["title"] = json!("x".repeat(10_000));
+    let line = large.to_string();
+    for _ in 0..8 {
+        let mut body = String::new();
+        for _ in 0..1000 {
+            body.push_str(
+                &json!({"put": {"blueprint": "article", "id": Uuid::new_v4()}}).to_string(),
+            );
+            body.push('\n');
+            body.push_str(&line);
+            body.push('\n');
+        }
+        let bulk = app.send(Method::POST, "/bad/_bulk", Some(body)).await;
+        assert_eq!(bulk.status, 200, "{}", bulk.body);
+        assert_eq!(bulk.body["errors"], false);
+    }
+    // Over several ends of the hold (its retries come every few seconds by now), each sending the
+    // scan back to the oldest task.
+    for _ in 0..8 {
+        let put = app
+            .put(
+                &format!("/good/article/{}?wait=true&timeout=2", Uuid::new_v4()),
+                &item(),
+            )
+            .await;
+        assert_eq!(put.body["projected"], true, "{}", put.body);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    app.stop().await;
+}
