@@ -100,11 +100,11 @@ impl Journal {
             } else {
                 let item = snapshot
                     .get_cf(self.cf(CF_ITEMS), keys::item(project, &blueprint, &id))?
-                    .map(|v| {
-                        bytes += v.len();
-                        codec::decode_record(&v)
-                    })
+                    .map(|v| codec::decode_record(&v))
                     .transpose()?;
+                bytes += item
+                    .as_ref()
+                    .map_or(0, |record| crate::feed::decoded_size(&record.body));
                 // The index and the items are written in one batch and read from one snapshot.
                 match item {
                     Some(record) if record.revision == revision => Some(record),

@@ -18,6 +18,11 @@ use super::value::{canonicalize, excerpt_str};
 use super::FieldError;
 use crate::document::Fields;
 
+/// Longest text, in bytes, an indexed or unique string or text column (or element of one) holds:
+/// a PostgreSQL index row holds at most about 2700 bytes, and a longer value there would be a
+/// write every other store accepted and PostgreSQL refused for ever.
+pub const MAX_INDEXED_TEXT_BYTES: usize = 2000;
+
 /// Keys every item carries besides its columns.
 pub const ITEM_KEYS: [&str; 3] = ["id", "project_version", "links"];
 
@@ -56,6 +61,12 @@ fn check_rules(def: &ColumnDef, value: &Value) -> Result<(), String> {
             if let Some(max) = rules.max_length.filter(|max| length > *max) {
                 return Err(format!(
                     "is {length} characters long, longer than max_length {max}"
+                ));
+            }
+            if (def.index || def.unique) && s.len() > MAX_INDEXED_TEXT_BYTES {
+                return Err(format!(
+                    "is {} bytes long; an indexed or unique column holds at most {MAX_INDEXED_TEXT_BYTES} bytes (PostgreSQL's index rows hold about 2700)",
+                    s.len()
                 ));
             }
             if let Some(pattern) = rules.pattern.as_ref().filter(|p| !p.0.is_match(s)) {
@@ -271,6 +282,47 @@ mod tests {
             format!(
                 r#"{{"id":"{id}","project_version":3,"links":[],"title":"a\"b","views":7,"at":"2026-11-22 10:00:00"}}"#
             )
+        );
+    }
+
+    /// An indexed or unique text longer than PostgreSQL's index rows hold is refused, naming the
+    /// column (an element of an indexed array too); the same text in a plain column is taken.
+    #[test]
+    fn an_indexed_text_longer_than_an_index_row_is_refused() {
+        let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"}, "columns": {
+            "code": {"type": "string", "unique": true}, "tags": {"type": "string[]", "index": true},
+            "note": {"type": "text"}}});
+        let mut uid = 0;
+        let bp = apply_edit(None, parse_blueprint(&body, "").unwrap(), &mut uid, "").unwrap();
+        let long = "é".repeat(MAX_INDEXED_TEXT_BYTES / 2 + 1);
+        let fits = "x".repeat(MAX_INDEXED_TEXT_BYTES);
+        let item = |value: Value| -> Map<String, Value> {
+            let Value::Object(item) = value else {
+                unreachable!()
+            };
+            item
+        };
+        let id = Uuid::from_u128(1);
+        check_item(
+            &bp,
+            1,
+            id,
+            &item(json!({"code": fits, "tags": [fits], "note": long})),
+        )
+        .expect("within the bound, and a plain text of any length");
+        let errors = check_item(
+            &bp,
+            1,
+            id,
+            &item(json!({"code": long, "tags": ["a", long]})),
+        )
+        .unwrap_err();
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(paths, ["/code", "/tags"], "{errors:?}");
+        assert!(
+            errors[0].message.contains("at most 2000 bytes"),
+            "{}",
+            errors[0].message
         );
     }
 }

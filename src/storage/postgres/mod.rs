@@ -690,14 +690,17 @@ impl Storage for PgStorage {
                 continue;
             };
             let record: Option<Vec<u8>> = row.get("record");
-            bytes += record.as_ref().map_or(0, Vec::len);
+            let record = record
+                .map(|bytes| codec::decode_record(&bytes))
+                .transpose()?;
+            bytes += record
+                .as_ref()
+                .map_or(0, |record| crate::feed::decoded_size(&record.body));
             changes.push(crate::feed::Change {
                 revision: row.get::<i64, _>("revision") as u64,
                 blueprint,
                 id: row.get("id"),
-                record: record
-                    .map(|bytes| codec::decode_record(&bytes))
-                    .transpose()?,
+                record,
             });
         }
         drop(rows);
