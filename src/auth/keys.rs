@@ -11,7 +11,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, Utc};
+use chrono::{DateTime, Datelike, Utc};
 use serde::Deserialize;
 
 use super::{
@@ -422,7 +422,15 @@ fn apply(key: &mut ApiKey, input: KeyInput, errors: &mut Vec<FieldError>) {
     if let Some(expires) = input.expires_at {
         key.expires_at = match expires.as_deref().map(chrono::DateTime::parse_from_rfc3339) {
             None => None,
-            Some(Ok(at)) => Some(at.with_timezone(&Utc)),
+            // RFC 3339 has four-digit years: a time past 9999 in UTC could not be written as one.
+            Some(Ok(at)) if at.with_timezone(&Utc).year() <= 9999 => Some(at.with_timezone(&Utc)),
+            Some(Ok(_)) => {
+                errors.push(FieldError::new(
+                    "/expires_at",
+                    "is past the year 9999 in UTC; use null for a key that never expires",
+                ));
+                None
+            }
             Some(Err(_)) => {
                 errors.push(FieldError::new(
                     "/expires_at",

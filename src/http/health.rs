@@ -121,11 +121,26 @@ pub async fn dead_letters(
             format!("limit={limit} is more than {MAX_DEAD_LETTERS}"),
         ));
     }
+    if let Some(name) = &params.projector {
+        known_projector(&state, name)?;
+    }
     let letters = state
         .storage
         .dead_letters(params.projector.as_deref(), limit)
         .await?;
     Ok(HttpResponse::Ok().json(json!({"dead_letters": letters})))
+}
+
+/// A 404 unless `name` is an enabled projector.
+fn known_projector(state: &State, name: &str) -> Result<(), ApiError> {
+    if state.registry.names().contains(&name) {
+        return Ok(());
+    }
+    Err(ApiError::NotFound(format!(
+        "projector {:?} is not enabled; enabled: {}",
+        crate::blueprint::value::excerpt_str(name),
+        state.registry.names().join(", ")
+    )))
 }
 
 #[derive(serde::Deserialize)]
@@ -140,13 +155,7 @@ pub async fn retry_dead_letters(
     params: Query<RetryParams>,
 ) -> Result<HttpResponse, ApiError> {
     if let Some(name) = &params.projector {
-        if !state.registry.names().contains(&name.as_str()) {
-            return Err(ApiError::NotFound(format!(
-                "projector {:?} is not enabled; enabled: {}",
-                crate::blueprint::value::excerpt_str(name),
-                state.registry.names().join(", ")
-            )));
-        }
+        known_projector(&state, name)?;
     }
     let retried = state
         .storage

@@ -774,6 +774,34 @@ async fn a_key_manager_grants_no_more_than_it_holds() {
     .await;
     assert_eq!(status, 404);
     assert!(answer.to_string().len() < 2000);
+    // An expiry past the year 9999 in UTC could not be written in RFC 3339.
+    for (expires_at, expected) in [
+        ("9999-12-31T23:59:59-23:59", 422),
+        ("9999-12-31T00:00:00Z", 201),
+    ] {
+        let body = json!({"name": "a", "actions": ["items.read"], "projects": ["*"],
+            "expires_at": expires_at});
+        let (status, answer) = call(
+            &app,
+            Method::POST,
+            "/_keys",
+            Some(MASTER),
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(status, expected, "{expires_at}: {answer}");
+    }
+    // A projector that is not enabled is named as such, for a listing as for a retry.
+    for (method, path) in [
+        (Method::GET, "/_dead_letters?projector=nope"),
+        (Method::POST, "/_dead_letters/_retry?projector=nope"),
+    ] {
+        assert_eq!(
+            call(&app, method, path, Some(&admin), None).await.0,
+            404,
+            "{path}"
+        );
+    }
     app.stop().await;
 }
 
