@@ -22,6 +22,27 @@ fn invalid(path: &str, message: impl Into<String>) -> WriteError {
     WriteError::Invalid(vec![FieldError::new(path, message)])
 }
 
+/// Refuses an item whose PostgreSQL row could not fit in a row however PostgreSQL moved its values
+/// out ("row is too big"): only a blueprint with many fixed-size columns can make one, and every
+/// other store would have taken what PostgreSQL refused for ever.
+fn check_row<'a>(
+    bp: &Blueprint,
+    values: impl Iterator<Item = Option<&'a Value>>,
+) -> Result<(), WriteError> {
+    use crate::projector::postgres::{row_bytes, row_bytes_at_least, MAX_ROW_BYTES};
+    if row_bytes(bp) <= MAX_ROW_BYTES {
+        return Ok(());
+    }
+    let least = row_bytes_at_least(bp, values);
+    if least <= MAX_ROW_BYTES {
+        return Ok(());
+    }
+    Err(invalid(
+        "",
+        format!("this item takes at least {least} bytes in a PostgreSQL row, more than the {MAX_ROW_BYTES} a row may: leave more of its columns null"),
+    ))
+}
+
 /// The newest version's definition of a blueprint, for requests that name no version.
 fn newest<'a>(project: &'a Project, name: &Ident) -> Result<(u32, &'a Blueprint), WriteError> {
     project
@@ -87,6 +108,7 @@ pub fn prepare_upsert(
         )
     })?;
     let item = check_item(bp, number, id, body).map_err(WriteError::Invalid)?;
+    check_row(bp, item.column_values().map(Some))?;
     // Each document is serialized here, once: the record and every store take its text. The
     // checked item is looked into by name only to transform it into other versions.
     let holders = p.live_holders(bp.uid);

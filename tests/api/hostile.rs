@@ -1322,3 +1322,37 @@ async fn a_held_projects_large_backlog_does_not_stop_the_others() {
     }
     app.stop().await;
 }
+
+/// An item whose PostgreSQL row cannot fit however PostgreSQL moves its values out (600 `uuid`
+/// columns, all set: 9,600 bytes of fixed-size values against the 8,160 a row holds) is a 422
+/// before any store takes it; the same blueprint takes items that fill half its columns.
+#[tokio::test]
+async fn an_item_too_wide_for_a_postgresql_row_is_refused_before_any_store_takes_it() {
+    let app = spawn_app().await;
+    let mut columns = serde_json::Map::new();
+    for i in 0..600 {
+        columns.insert(format!("u{i}"), json!({"type": "uuid"}));
+    }
+    let blueprint = json!({"postgresql": {"table": "wides"}, "elasticsearch": {"type": "wide"},
+        "columns": columns});
+    app.put_and_freeze("wide", "wide", &blueprint).await;
+    let item = |filled: usize| {
+        let mut item = serde_json::Map::new();
+        item.insert("project_version".into(), json!(1));
+        for i in 0..filled {
+            item.insert(format!("u{i}"), json!(Uuid::new_v4()));
+        }
+        Value::Object(item)
+    };
+    let refused = app
+        .put(&format!("/wide/wide/{}", Uuid::new_v4()), &item(600))
+        .await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    let message = refused.body["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("PostgreSQL row"), "{message}");
+    let taken = app
+        .put(&format!("/wide/wide/{}", Uuid::new_v4()), &item(300))
+        .await;
+    assert_eq!(taken.status, 200, "{}", taken.body);
+    app.stop().await;
+}

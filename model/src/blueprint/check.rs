@@ -101,6 +101,14 @@ pub struct Canonical<'a> {
 }
 
 impl Canonical<'_> {
+    /// The values of the blueprint's columns, in its order (after the keys every item carries).
+    pub fn column_values(&self) -> impl Iterator<Item = &Value> {
+        self.fields
+            .iter()
+            .skip(ITEM_KEYS.len())
+            .map(|(_, value)| value)
+    }
+
     /// The item as a JSON map (for what looks fields up by name: transforms, reads).
     pub fn into_map(self) -> Map<String, Value> {
         self.fields

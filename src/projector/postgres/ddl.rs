@@ -65,6 +65,64 @@ fn array_type(base: BaseType) -> &'static str {
     }
 }
 
+/// The most bytes a row of a PostgreSQL table may take (a heap page holds one row at least).
+pub const MAX_ROW_BYTES: usize = 8160;
+
+/// The bytes a row of `blueprint`'s table can take at most once PostgreSQL has moved every value
+/// it can out of the row: its header, its null bitmap, every fixed-size column in full and every
+/// other (text, arrays, JSON, geometries) as the 18-byte pointer to where it moved, each aligned.
+/// Within [`MAX_ROW_BYTES`], every item fits; past it, [`row_bytes_at_least`] tells an item that
+/// cannot.
+pub fn row_bytes(blueprint: &Blueprint) -> usize {
+    // dstore's own columns: id, project_version, links, _revision.
+    let own = [(16, 1), (4, 4), (18, 4), (8, 8)];
+    let columns = blueprint.columns.values().map(|c| match c.def.ty {
+        ColumnType::One(BaseType::Uuid) => (16, 1),
+        ColumnType::One(BaseType::DateTime) => (8, 8),
+        ColumnType::One(BaseType::Date | BaseType::Float | BaseType::Integer) => (4, 4),
+        ColumnType::One(BaseType::Boolean) => (1, 1),
+        _ => (18, 4),
+    });
+    let count = own.len() + blueprint.columns.len();
+    let header = 23 + count.div_ceil(8);
+    own.into_iter()
+        .chain(columns)
+        .fold(header, |at, (size, align): (usize, usize)| {
+            at.next_multiple_of(align) + size
+        })
+}
+
+/// The fewest bytes the row of an item of `blueprint` can take, its column values given in the
+/// blueprint's order: fixed-size values in full, a text of up to 17 bytes as itself and any other
+/// value as the 16 bytes at least that PostgreSQL leaves in the row when it moves one out, no
+/// alignment counted. Past [`MAX_ROW_BYTES`] PostgreSQL refuses the row for ever ("row is too
+/// big"), so the write is refused before any store takes it.
+pub fn row_bytes_at_least<'a>(
+    blueprint: &Blueprint,
+    values: impl Iterator<Item = Option<&'a serde_json::Value>>,
+) -> usize {
+    let own = 16 + 4 + 16 + 8;
+    let count = 4 + blueprint.columns.len();
+    let fixed = |base: BaseType| match base {
+        BaseType::Uuid => Some(16),
+        BaseType::DateTime => Some(8),
+        BaseType::Date | BaseType::Float | BaseType::Integer => Some(4),
+        BaseType::Boolean => Some(1),
+        _ => None,
+    };
+    let columns = blueprint
+        .columns
+        .values()
+        .zip(values)
+        .map(|(column, value)| match (column.def.ty, value) {
+            (_, None | Some(serde_json::Value::Null)) => 0,
+            (ColumnType::One(base), _) if fixed(base).is_some() => fixed(base).unwrap_or(0),
+            (_, Some(serde_json::Value::String(s))) => (s.len() + 1).min(16),
+            _ => 16,
+        });
+    23 + count.div_ceil(8) + own + columns.sum::<usize>()
+}
+
 /// Whether the column is stored as a PostGIS geometry (scalar or multi).
 pub fn is_geometry(ty: ColumnType) -> bool {
     ty.base().is_geometry()
