@@ -108,12 +108,18 @@ impl Catalog {
         let _guard = self.writer.lock().expect("catalog writer poisoned");
         let current = self.snapshot();
         let mut writes = Vec::new();
-        let mut made = false;
         let mut project = match current.projects.get(name) {
             Some(project) => Project::clone(project),
+            // A drop of this name is being written (or was interrupted and the next start
+            // finishes it): made now, the new project's records could be removed with the old
+            // one's, or a crash before the drop's batch could leave the old items to it.
+            None if create && self.db.get(drop_key(name))?.is_some() => {
+                return Err(CatalogError::Conflict(format!(
+                    "project {name:?} is being dropped; make it again once the drop is written (a moment)"
+                )))
+            }
             None if create => {
                 writes.push(Write::WorkingCopy);
-                made = true;
                 Project::new(name.clone())
             }
             None => {
@@ -124,11 +130,6 @@ impl Catalog {
         };
         let result = edit(&mut project, &mut writes)?;
         let mut batch = WriteBatch::default();
-        if made {
-            // A name made again is the new project's: the mark of an earlier drop goes (that
-            // drop's journal batch is written, or being written by the journal's writer now).
-            batch.delete(drop_key(name));
-        }
         let epoch_moves = writes.iter().any(|w| w.moves_epoch());
         for write in &writes {
             match write {

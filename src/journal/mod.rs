@@ -1483,6 +1483,18 @@ mod tests {
             vec![project.clone()]
         );
         assert!(journal.item(&project, &article, &id).unwrap().is_some());
+        // Until the journal has written the drop, the name cannot be made again: the new
+        // project's records would go with the old one's, or the old items stay to it.
+        let input = crate::blueprint::parse_blueprint(
+            &serde_json::json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
+                "columns": {"title": {"type": "string"}}}),
+            "",
+        )
+        .unwrap();
+        assert!(matches!(
+            journal.catalog.put_blueprint(&project, &article, input),
+            Err(CatalogError::Conflict(_))
+        ));
 
         journal.finish_drops().await.unwrap();
         assert!(journal.item(&project, &article, &id).unwrap().is_none());
