@@ -1,4 +1,5 @@
-//! `dstore keys`: API keys through `/_keys`, with a master key or a `keys.manage` key.
+//! `dstore keys`: API keys through `/_keys`, with a master key or a `keys.manage` key for every
+//! project (which makes and changes only keys whose actions it holds).
 
 use reqwest::Method;
 use serde_json::{json, Value};
