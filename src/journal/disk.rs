@@ -139,9 +139,11 @@ mod tests {
         let Err(JournalError::DiskLow { free_mb, min_mb }) = refused else {
             panic!("refused: {refused:?}");
         };
-        assert_eq!(
-            (free_mb, min_mb),
-            (free >> 20, free.saturating_mul(4) >> 20)
+        assert_eq!(min_mb, free.saturating_mul(4) >> 20);
+        // Other writers on the same disk move the free space between the two measurements.
+        assert!(
+            free_mb.abs_diff(free >> 20) < 1024,
+            "{free_mb} MiB free, {free} bytes before"
         );
     }
 
