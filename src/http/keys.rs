@@ -25,40 +25,43 @@ fn store(state: &State) -> Result<&KeyStore, ApiError> {
     })
 }
 
-/// What the body says, or a 422 naming the member at fault without repeating a long input.
+/// What the body says, or a 422 naming the member at fault without repeating a long input. Only
+/// a refusal reads the members one by one, to find which.
 fn input(body: &serde_json::Value) -> Result<KeyInput, ApiError> {
+    let error = match serde_json::from_value::<KeyInput>(body.clone()) {
+        Ok(input) => return Ok(input),
+        Err(error) => error,
+    };
+    let excerpt = crate::blueprint::value::excerpt_str;
     let refused = |path: String, message: String| {
         ApiError::Invalid(
             "invalid key".into(),
             vec![crate::blueprint::FieldError::new(path, message)],
         )
     };
-    let Some(members) = body.as_object() else {
-        return Err(refused("".into(), "must be a JSON object".into()));
-    };
-    // Each member alone, so the error names it (serde's own names an unknown one in full).
-    for (name, value) in members {
-        let one = serde_json::Value::Object([(name.clone(), value.clone())].into_iter().collect());
-        if let Err(error) = serde_json::from_value::<KeyInput>(one) {
-            let name = crate::blueprint::value::excerpt_str(name);
-            let message = if KNOWN.contains(&name.as_str()) {
-                crate::blueprint::value::excerpt_str(&error.to_string())
-            } else {
-                format!("unknown member; a key has {}", KNOWN.join(", "))
+    let culprit = body
+        .as_object()
+        .into_iter()
+        .flatten()
+        .find_map(|(name, value)| {
+            let one =
+                serde_json::Value::Object([(name.clone(), value.clone())].into_iter().collect());
+            serde_json::from_value::<KeyInput>(one)
+                .err()
+                .map(|error| (name, error.to_string()))
+        });
+    Err(match culprit {
+        Some((name, error)) => {
+            // serde's own refusal of an unknown member repeats it whole.
+            let message = match super::query::unknown(&error) {
+                Some(takes) => format!("unknown member; {takes}"),
+                None => excerpt(&error),
             };
-            return Err(refused(format!("/{name}"), message));
+            refused(format!("/{}", excerpt(name)), message)
         }
-    }
-    serde_json::from_value(body.clone()).map_err(|e| {
-        refused(
-            "".into(),
-            crate::blueprint::value::excerpt_str(&e.to_string()),
-        )
+        None => refused("".into(), excerpt(&error.to_string())),
     })
 }
-
-/// The members of a key's body.
-const KNOWN: [&str; 5] = ["name", "description", "actions", "projects", "expires_at"];
 
 /// GET /_keys
 pub async fn list(_: NoQuery, state: State) -> Result<HttpResponse, ApiError> {

@@ -85,7 +85,7 @@ pub fn read<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
 
 /// What a route takes, from serde's refusal of an unknown field ("unknown field `x`, expected one
 /// of `a`, `b`" or "…, there are no fields"); `None` for any other refusal.
-fn unknown(error: &str) -> Option<String> {
+pub(super) fn unknown(error: &str) -> Option<String> {
     let rest = error.strip_prefix("unknown field `")?;
     let (_, rest) = rest.split_once("`, ")?;
     Some(if rest == "there are no fields" {

@@ -27,7 +27,7 @@ fn invalid(path: &str, message: impl Into<String>) -> WriteError {
 /// other store would have taken what PostgreSQL refused for ever.
 fn check_row<'a>(
     bp: &Blueprint,
-    values: impl Iterator<Item = Option<&'a Value>>,
+    values: impl Iterator<Item = &'a Value>,
 ) -> Result<(), WriteError> {
     use crate::projector::postgres::{row_bytes, row_bytes_at_least, MAX_ROW_BYTES};
     if row_bytes(bp) <= MAX_ROW_BYTES {
@@ -108,7 +108,7 @@ pub fn prepare_upsert(
         )
     })?;
     let item = check_item(bp, number, id, body).map_err(WriteError::Invalid)?;
-    check_row(bp, item.column_values().map(Some))?;
+    check_row(bp, item.column_values())?;
     // Each document is serialized here, once: the record and every store take its text. The
     // checked item is looked into by name only to transform it into other versions.
     let holders = p.live_holders(bp.uid);

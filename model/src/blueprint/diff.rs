@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
 use super::ident::Ident;
-use super::model::{Blueprint, Blueprints, Column, Uid, Validation};
+use super::model::{Blueprint, Blueprints, Column, ColumnDef, Uid};
 use super::parse::{BlueprintInput, MAX_DEFAULT_BYTES, MAX_ENUM_VALUES, MAX_PATTERN_BYTES};
 use super::FieldError;
 
@@ -102,31 +102,14 @@ pub fn apply_edit(
     for (column, source) in input.columns.iter().zip(&sources) {
         let stored = source.and_then(|s| existing.get(s)).map(|c| &c.def);
         let at = format!("{base}/columns/{}", column.name);
-        let validation = stored.map(|d| &d.validation);
-        check_validation_size(
-            &column.def.validation,
-            validation,
-            &format!("{at}/validation"),
-            &mut errors,
-        );
-        if let Some(default) = &column.def.default {
-            let length = default.to_string().len();
-            if length > MAX_DEFAULT_BYTES
-                && stored.and_then(|d| d.default.as_ref()) != Some(default)
-            {
-                errors.push(FieldError::new(
-                    format!("{at}/default"),
-                    format!("is {length} bytes of JSON, more than the {MAX_DEFAULT_BYTES} a default may be (every item that leaves the column out stores it)"),
-                ));
-            }
-        }
+        check_sizes(&column.def, stored, &at, &mut errors);
         let target = column.target();
         let is_rename = source.is_some_and(|s| s != target);
         // Only a column taking the name now: one stored under it before this rule keeps loading
         // and being edited.
         if *source != Some(target) && SYSTEM_COLUMNS.contains(&target.as_str()) {
             errors.push(FieldError::new(
-                format!("{base}/columns/{}", column.name),
+                at.clone(),
                 format!(
                     "{:?} is the name of a PostgreSQL system column, which no table may use \
                      ({}); choose another",
@@ -180,20 +163,22 @@ pub fn apply_edit(
 /// created there (`oid` is one no longer, since PostgreSQL 12).
 const SYSTEM_COLUMNS: [&str; 6] = ["tableoid", "xmin", "cmin", "xmax", "cmax", "ctid"];
 
-/// Refuses a `pattern` longer than [`MAX_PATTERN_BYTES`] or an `enum` of more than
-/// [`MAX_ENUM_VALUES`] values, unless the column holds the same one already (stored before the
-/// limits, it stays as it is).
-fn check_validation_size(
-    validation: &Validation,
-    stored: Option<&Validation>,
+/// Refuses a `pattern` longer than [`MAX_PATTERN_BYTES`], an `enum` of more than
+/// [`MAX_ENUM_VALUES`] values or a `default` of more than [`MAX_DEFAULT_BYTES`], unless the
+/// column (`at`) holds the same one already (stored before the limits, it stays as it is).
+fn check_sizes(
+    def: &ColumnDef,
+    stored: Option<&ColumnDef>,
     at: &str,
     errors: &mut Vec<FieldError>,
 ) {
+    let validation = &def.validation;
+    let kept = stored.map(|d| &d.validation);
     if let Some(pattern) = &validation.pattern {
         let length = pattern.as_str().len();
-        if length > MAX_PATTERN_BYTES && stored.and_then(|v| v.pattern.as_ref()) != Some(pattern) {
+        if length > MAX_PATTERN_BYTES && kept.and_then(|v| v.pattern.as_ref()) != Some(pattern) {
             errors.push(FieldError::new(
-                format!("{at}/pattern"),
+                format!("{at}/validation/pattern"),
                 format!(
                     "is {length} bytes long, longer than the {MAX_PATTERN_BYTES} a pattern may be"
                 ),
@@ -201,14 +186,22 @@ fn check_validation_size(
         }
     }
     if let Some(values) = &validation.one_of {
-        if values.len() > MAX_ENUM_VALUES && stored.and_then(|v| v.one_of.as_ref()) != Some(values)
-        {
+        if values.len() > MAX_ENUM_VALUES && kept.and_then(|v| v.one_of.as_ref()) != Some(values) {
             errors.push(FieldError::new(
-                format!("{at}/enum"),
+                format!("{at}/validation/enum"),
                 format!(
                     "lists {} values, more than the {MAX_ENUM_VALUES} an enum may",
                     values.len()
                 ),
+            ));
+        }
+    }
+    if let Some(default) = &def.default {
+        let length = default.to_string().len();
+        if length > MAX_DEFAULT_BYTES && stored.and_then(|d| d.default.as_ref()) != Some(default) {
+            errors.push(FieldError::new(
+                format!("{at}/default"),
+                format!("is {length} bytes of JSON, more than the {MAX_DEFAULT_BYTES} a default may be (every item that leaves the column out stores it)"),
             ));
         }
     }
@@ -306,14 +299,19 @@ mod tests {
     use crate::blueprint::model::Pattern;
     use crate::blueprint::parse_blueprint;
 
+    /// A blueprint of table `t` with these columns, as a client sends it.
+    fn blueprint(columns: Value) -> BlueprintInput {
+        let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
+            "columns": columns});
+        parse_blueprint(&body, "").expect("parses")
+    }
+
     /// A long `pattern` or `enum` is refused when new, and kept when the column holds it already
     /// (stored before the limits).
     #[test]
     fn a_long_pattern_or_enum_is_refused_when_new_and_kept_when_stored() {
         let body = |validation: Value| {
-            let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
-                "columns": {"title": {"type": "string", "validation": validation}}});
-            parse_blueprint(&body, "").expect("parses")
+            blueprint(json!({"title": {"type": "string", "validation": validation}}))
         };
         let long = format!("(?x)a{}", " ".repeat(MAX_PATTERN_BYTES));
         let values: Vec<String> = (0..=MAX_ENUM_VALUES).map(|i| format!("v{i}")).collect();
@@ -348,11 +346,7 @@ mod tests {
     /// column stored under it before the rule.
     #[test]
     fn a_system_column_name_is_refused_when_new_and_kept_when_stored() {
-        let body = |columns: Value| {
-            let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
-                "columns": columns});
-            parse_blueprint(&body, "").expect("parses")
-        };
+        let body = blueprint;
         let mut uid = 0;
         let refused = apply_edit(
             None,
@@ -383,11 +377,7 @@ mod tests {
     /// A default larger than [`MAX_DEFAULT_BYTES`] is refused when new, and kept when stored.
     #[test]
     fn a_large_default_is_refused_when_new_and_kept_when_stored() {
-        let body = |default: Value| {
-            let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
-                "columns": {"doc": {"type": "json", "default": default}}});
-            parse_blueprint(&body, "").expect("parses")
-        };
+        let body = |default: Value| blueprint(json!({"doc": {"type": "json", "default": default}}));
         let large = json!(vec![1; MAX_DEFAULT_BYTES]);
         let mut uid = 0;
         let refused = apply_edit(None, body(large.clone()), &mut uid, "").unwrap_err();

@@ -74,53 +74,67 @@ pub const MAX_ROW_BYTES: usize = 8160;
 /// Within [`MAX_ROW_BYTES`], every item fits; past it, [`row_bytes_at_least`] tells an item that
 /// cannot.
 pub fn row_bytes(blueprint: &Blueprint) -> usize {
-    // dstore's own columns: id, project_version, links, _revision.
-    let own = [(16, 1), (4, 4), (18, 4), (8, 8)];
-    let columns = blueprint.columns.values().map(|c| match c.def.ty {
-        ColumnType::One(BaseType::Uuid) => (16, 1),
-        ColumnType::One(BaseType::DateTime) => (8, 8),
-        ColumnType::One(BaseType::Date | BaseType::Float | BaseType::Integer) => (4, 4),
-        ColumnType::One(BaseType::Boolean) => (1, 1),
-        _ => (18, 4),
-    });
-    let count = own.len() + blueprint.columns.len();
-    let header = 23 + count.div_ceil(8);
-    own.into_iter()
+    let columns = blueprint
+        .columns
+        .values()
+        .map(|c| fixed_size(c.def.ty).unwrap_or((MOVED_OUT, 4)));
+    OWN_COLUMNS
+        .into_iter()
         .chain(columns)
-        .fold(header, |at, (size, align): (usize, usize)| {
+        .fold(row_header(blueprint), |at, (size, align)| {
             at.next_multiple_of(align) + size
         })
 }
 
+/// What a value PostgreSQL moved out of the row leaves in it: a pointer to where it went.
+const MOVED_OUT: usize = 18;
+
+/// dstore's own columns of every table, as (size, alignment): id, project_version, links,
+/// _revision (links may be moved out of the row).
+const OWN_COLUMNS: [(usize, usize); 4] = [(16, 1), (4, 4), (MOVED_OUT, 4), (8, 8)];
+
+/// A row's header and null bitmap.
+fn row_header(blueprint: &Blueprint) -> usize {
+    23 + (OWN_COLUMNS.len() + blueprint.columns.len()).div_ceil(8)
+}
+
+/// The size and alignment of a column of fixed size; `None` for one of variable size (text,
+/// arrays, JSON, geometries), which PostgreSQL may move out of the row.
+fn fixed_size(ty: ColumnType) -> Option<(usize, usize)> {
+    match ty {
+        ColumnType::One(BaseType::Uuid) => Some((16, 1)),
+        ColumnType::One(BaseType::DateTime) => Some((8, 8)),
+        ColumnType::One(BaseType::Date | BaseType::Float | BaseType::Integer) => Some((4, 4)),
+        ColumnType::One(BaseType::Boolean) => Some((1, 1)),
+        _ => None,
+    }
+}
+
 /// The fewest bytes the row of an item of `blueprint` can take, its column values given in the
-/// blueprint's order: fixed-size values in full, a text of up to 17 bytes as itself and any other
-/// value as the 16 bytes at least that PostgreSQL leaves in the row when it moves one out, no
-/// alignment counted. Past [`MAX_ROW_BYTES`] PostgreSQL refuses the row for ever ("row is too
-/// big"), so the write is refused before any store takes it.
+/// blueprint's order: fixed-size values in full, a short text as itself and any other value as
+/// the 16 bytes at least that PostgreSQL leaves in the row when it moves one out, no alignment
+/// counted. Past [`MAX_ROW_BYTES`] PostgreSQL refuses the row for ever ("row is too big"), so the
+/// write is refused before any store takes it.
 pub fn row_bytes_at_least<'a>(
     blueprint: &Blueprint,
-    values: impl Iterator<Item = Option<&'a serde_json::Value>>,
+    values: impl Iterator<Item = &'a serde_json::Value>,
 ) -> usize {
-    let own = 16 + 4 + 16 + 8;
-    let count = 4 + blueprint.columns.len();
-    let fixed = |base: BaseType| match base {
-        BaseType::Uuid => Some(16),
-        BaseType::DateTime => Some(8),
-        BaseType::Date | BaseType::Float | BaseType::Integer => Some(4),
-        BaseType::Boolean => Some(1),
-        _ => None,
-    };
+    const LEAST_MOVED: usize = 16;
+    let own: usize = OWN_COLUMNS
+        .iter()
+        .map(|&(size, _)| size.min(LEAST_MOVED))
+        .sum();
     let columns = blueprint
         .columns
         .values()
         .zip(values)
-        .map(|(column, value)| match (column.def.ty, value) {
-            (_, None | Some(serde_json::Value::Null)) => 0,
-            (ColumnType::One(base), _) if fixed(base).is_some() => fixed(base).unwrap_or(0),
-            (_, Some(serde_json::Value::String(s))) => (s.len() + 1).min(16),
-            _ => 16,
+        .map(|(column, value)| match (fixed_size(column.def.ty), value) {
+            (_, serde_json::Value::Null) => 0,
+            (Some((size, _)), _) => size,
+            (None, serde_json::Value::String(s)) => (s.len() + 1).min(LEAST_MOVED),
+            (None, _) => LEAST_MOVED,
         });
-    23 + count.div_ceil(8) + own + columns.sum::<usize>()
+    row_header(blueprint) + own + columns.sum::<usize>()
 }
 
 /// Whether the column is stored as a PostGIS geometry (scalar or multi).
