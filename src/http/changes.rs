@@ -269,9 +269,11 @@ pub async fn changes(
         params.blueprints.clone(),
     )?;
     let version = follower.version;
+    let head = state.storage.revision(&project).await?;
     let since = match params.since {
+        Some(since) if since > head => return Err(ahead(since, head)),
         Some(since) => since,
-        None => state.storage.revision(&project).await?,
+        None => head,
     };
     match params.feed {
         Feed::Normal => {
@@ -319,6 +321,21 @@ pub async fn changes(
                 .streaming(futures::stream::unfold(stream, Stream::next)))
         }
     }
+}
+
+/// A `since` past every revision the project committed comes from another history (another
+/// deployment, or this one before it was restored from a backup): waiting from it would pass over
+/// every change up to it, so the follower starts over as after a compaction.
+fn ahead(since: u64, head: u64) -> ApiError {
+    ApiError::Gone(
+        format!(
+            "since {since} is past this project's last revision {head}: the revision comes from \
+             another deployment, or from before this one was restored from a backup; read the feed \
+             again from since=0, which gives the latest state of every item, and replace what you \
+             hold of the project with it"
+        ),
+        0,
+    )
 }
 
 /// Waits until there is a change after `since`, or the timeout passes; answers the page.

@@ -571,6 +571,41 @@ async fn compacted_deletes_answer_410_and_since_0_gives_the_latest_state() {
 }
 
 #[tokio::test]
+async fn a_since_past_the_last_revision_starts_the_follower_over() {
+    let app = spawn_app().await;
+    project(&app).await;
+    let head = put(&app, Uuid::new_v4(), "only").await;
+    assert_eq!(
+        app.get(&format!("/p/_changes?since={head}")).await.status,
+        200
+    );
+    // A cursor from another history (a restored backup): waiting from it would pass over every
+    // change up to it, for every kind of follower.
+    let ahead = head + 1000;
+    for feed in ["normal", "longpoll", "sse", "ndjson"] {
+        let answer = app
+            .get(&format!("/p/_changes?since={ahead}&feed={feed}&timeout=1"))
+            .await;
+        assert_eq!(answer.status, 410, "{feed}: {}", answer.body);
+        assert_eq!(answer.paths(), vec!["since"]);
+        let status = answer.body["status"].as_str().unwrap();
+        assert!(status.contains("since=0"), "{status}");
+        assert!(
+            status.contains(&format!("last revision {head}")),
+            "{status}"
+        );
+    }
+    let stream = app
+        .client
+        .get(format!("{}/p/_changes?feed=sse", app.address))
+        .header("last-event-id", ahead.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 410);
+}
+
+#[tokio::test]
 async fn a_dropped_project_ends_its_followers_and_its_history() {
     let app = spawn_app().await;
     project(&app).await;
