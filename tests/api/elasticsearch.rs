@@ -497,6 +497,63 @@ async fn dropping_a_project_deletes_its_indexes_and_aliases_and_nothing_else() {
     es.clean_up(&prefix).await;
 }
 
+/// Deletes still reach a retired version's index, but an index an operator removed once its version
+/// was retired is never made again (an externally versioned delete would make Elasticsearch create
+/// it, with a dynamic mapping).
+#[tokio::test]
+async fn a_retired_versions_index_takes_deletes_and_once_removed_is_not_made_again() {
+    let es = Es::new().await;
+    let prefix = unique_prefix();
+    let app = spawn_app_with_es(&es.url, &prefix).await;
+    let note = |columns: Value| {
+        json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+            "columns": columns})
+    };
+    app.put_and_freeze("old", "note", &note(json!({"title": {"type": "string"}})))
+        .await;
+    app.put_and_freeze(
+        "old",
+        "note",
+        &note(json!({"title": {"type": "string"}, "words": {"type": "integer"}})),
+    )
+    .await;
+    let (v1, v2) = (
+        format!("{prefix}old-v1-note"),
+        format!("{prefix}old-v2-note"),
+    );
+    let (a, b) = (Uuid::new_v4(), Uuid::new_v4());
+    for id in [a, b] {
+        app.put_projected(
+            &format!("/old/note/{id}?wait=true"),
+            &json!({"project_version": 1, "title": "t"}),
+        )
+        .await;
+        es.wait_for_source(&v1, id).await;
+    }
+    let retired = app.post("/old/_version/1/_retire", None).await;
+    assert_eq!(retired.status, 200, "{}", retired.body);
+
+    let deleted = app.delete(&format!("/old/note/{a}?wait=true")).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    es.refresh(&v1).await;
+    let (status, body) = es.get(&format!("{v1}/_doc/{a}")).await;
+    assert_eq!((status, &body["found"]), (404, &json!(false)), "{body}");
+
+    let (status, body) = es.call(reqwest::Method::DELETE, &v1).await;
+    assert_eq!(status, 200, "{body}");
+    let deleted = app.delete(&format!("/old/note/{b}?wait=true")).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    assert!(
+        !es.exists(&v1).await,
+        "the retired version's index was made again"
+    );
+    es.refresh(&v2).await;
+    let (status, body) = es.get(&format!("{v2}/_doc/{b}")).await;
+    assert_eq!((status, &body["found"]), (404, &json!(false)), "{body}");
+    app.stop().await;
+    es.clean_up(&prefix).await;
+}
+
 #[tokio::test]
 async fn an_unreachable_elasticsearch_neither_stops_dstore_nor_loses_writes_and_health_says_so() {
     let app = spawn_app_with(|s| {

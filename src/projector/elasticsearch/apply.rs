@@ -39,7 +39,8 @@ type Place<'a> = (&'a Ident, u32, &'a Ident);
 /// The state of an index the batch writes to.
 enum Target {
     Ready,
-    /// The version or blueprint no longer exists (dropped or retired meanwhile): nothing to write.
+    /// The version or blueprint no longer exists (dropped meanwhile), or the index of a retired
+    /// version is missing: nothing to write.
     Gone,
     Failed(ProjectorError),
 }
@@ -121,18 +122,31 @@ impl ElasticsearchProjector {
     }
 
     /// Makes sure an index exists before anything is written to it. A transient failure fails the batch.
+    ///
+    /// A retired version's index is never made again: only deletes reach it, and an index that is
+    /// not there (never built, or removed by an operator once the version was retired) holds
+    /// nothing to delete. So it is looked for on every batch that writes to it, and the batch's
+    /// actions for it are not sent when it is missing: an externally versioned delete would make
+    /// Elasticsearch create it, with a dynamic mapping.
     async fn prepare(
         &self,
         snapshot: &Snapshot,
         index: &str,
         (project, version, blueprint): Place<'_>,
     ) -> Result<Target, ProjectorError> {
-        if self.knows(index) {
+        let retired = snapshot
+            .projects
+            .get(project)
+            .is_some_and(|p| p.is_retired(version));
+        if self.knows(index) && !retired {
             return Ok(Target::Ready);
         }
         if self.client.index_exists(index).await? {
             self.remember(index);
             return Ok(Target::Ready);
+        }
+        if retired {
+            return Ok(Target::Gone);
         }
         let definition = snapshot
             .projects
