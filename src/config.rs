@@ -228,6 +228,8 @@ pub struct StorageSettings {
     /// Item writes and freezes are refused (503) while the journal's filesystem has fewer MiB free
     /// (`DSTORE_MIN_FREE_DISK_MB`), so the disk never fills and dstore can always restart; 0: never.
     pub min_free_disk_mb: u64,
+    /// Most projects the deployment holds (`DSTORE_MAX_PROJECTS`); making one more is a 409.
+    pub max_projects: usize,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -411,6 +413,7 @@ impl Default for StorageSettings {
             catalog_dir: None,
             durability: Durability::Sync,
             min_free_disk_mb: 1024,
+            max_projects: crate::catalog::edit::MAX_PROJECTS,
         }
     }
 }
@@ -555,6 +558,9 @@ impl Settings {
         }
         if let Some(v) = first(&["DSTORE_MIN_FREE_DISK_MB"]) {
             self.storage.min_free_disk_mb = parsed(v)?;
+        }
+        if let Some(v) = first(&["DSTORE_MAX_PROJECTS"]) {
+            self.storage.max_projects = parsed(v)?;
         }
         if let Some((name, value)) = first(&["DSTORE_DURABILITY"]) {
             self.storage.durability = match value.as_str() {

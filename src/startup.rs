@@ -368,13 +368,14 @@ async fn open_journal(
         source,
     })?;
     let catalog_dir = settings.storage.catalog_dir();
-    let catalog =
-        Arc::new(
-            Catalog::open(&catalog_dir).map_err(|source| StartupError::Catalog {
+    let catalog = Arc::new(
+        Catalog::open(&catalog_dir)
+            .map_err(|source| StartupError::Catalog {
                 path: catalog_dir,
                 source,
-            })?,
-        );
+            })?
+            .with_max_projects(settings.storage.max_projects),
+    );
     let journal_dir = data_dir.join("journal");
     let failed = |source| StartupError::Journal {
         path: journal_dir.clone(),
@@ -471,6 +472,7 @@ async fn open_cluster_storage(
         node: node_name(settings),
         projectors,
         projection: settings.projection.clone(),
+        max_projects: settings.storage.max_projects,
     })
     .await
     .map_err(StartupError::Storage)

@@ -19,6 +19,20 @@ pub const MAX_BLUEPRINTS: usize = 200;
 /// stored and projected once per live version that holds its blueprint.
 pub const MAX_LIVE_VERSIONS: usize = 32;
 
+/// Most projects a deployment holds unless `storage.max_projects` says otherwise: every edit of the
+/// catalog copies the list of projects, every node keeps each in memory, and each live version of
+/// each is a PostgreSQL schema and Elasticsearch indexes. An existing project is always edited;
+/// only a new one is refused.
+pub const MAX_PROJECTS: usize = 10_000;
+
+/// The refusal of a new project once the deployment holds `max` (`storage.max_projects`).
+pub fn too_many_projects(name: &Ident, max: usize) -> String {
+    format!(
+        "cannot make project {name:?}: this deployment holds {max} projects, the most it holds \
+         (storage.max_projects); drop one first"
+    )
+}
+
 /// Most changes the working copy records one by one; past it, what it records is the net change
 /// since the last frozen version, so editing a blueprint back and forth cannot grow the project's
 /// record (rewritten whole by every edit) without bound.

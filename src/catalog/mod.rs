@@ -57,6 +57,8 @@ pub struct Catalog {
     db: DB,
     snapshot: RwLock<Arc<Snapshot>>,
     writer: Mutex<()>,
+    /// Most projects it holds (`storage.max_projects`): a new one past it is refused.
+    max_projects: usize,
 }
 
 fn project_key(name: &Ident) -> String {
@@ -91,7 +93,14 @@ impl Catalog {
             db,
             snapshot: RwLock::new(Arc::new(snapshot)),
             writer: Mutex::new(()),
+            max_projects: edit::MAX_PROJECTS,
         })
+    }
+
+    /// The catalog holding at most `max` projects (`storage.max_projects`).
+    pub fn with_max_projects(mut self, max: usize) -> Catalog {
+        self.max_projects = max;
+        self
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -116,6 +125,12 @@ impl Catalog {
             None if create && self.db.get(drop_key(name))?.is_some() => {
                 return Err(CatalogError::Conflict(format!(
                     "project {name:?} is being dropped; make it again once the drop is written (a moment)"
+                )))
+            }
+            None if create && current.projects.len() >= self.max_projects => {
+                return Err(CatalogError::Conflict(edit::too_many_projects(
+                    name,
+                    self.max_projects,
                 )))
             }
             None if create => {

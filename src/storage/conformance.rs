@@ -57,15 +57,23 @@ pub(crate) async fn open_postgresql(
         node: node.into(),
         projectors,
         projection: ProjectionSettings::default(),
+        max_projects: MAX_PROJECTS,
     })
     .await
     .expect("the postgresql storage opens");
     (storage, schema)
 }
 
+/// Most projects the storages under test hold: few, so that the limit is reached in a test.
+const MAX_PROJECTS: usize = 20;
+
 async fn embedded() -> Fixture {
     let dir = tempfile::tempdir().expect("a temporary directory");
-    let catalog = Arc::new(Catalog::open(&dir.path().join("catalog")).expect("the catalog opens"));
+    let catalog = Arc::new(
+        Catalog::open(&dir.path().join("catalog"))
+            .expect("the catalog opens")
+            .with_max_projects(MAX_PROJECTS),
+    );
     let journal = Journal::open(
         &dir.path().join("journal"),
         catalog,
@@ -355,6 +363,34 @@ async fn a_dropped_project_is_forgotten_and_can_be_made_again(storage: Arc<dyn S
         "revisions keep growing across a drop: {after} after {dropped}"
     );
     assert_eq!(storage.snapshot().projects[&again].versions.len(), 1);
+}
+
+async fn a_new_project_past_the_most_is_refused_and_existing_ones_go_on(storage: Arc<dyn Storage>) {
+    for n in 0..MAX_PROJECTS {
+        put_article(storage.as_ref(), &ident(&format!("p{n}")), None).await;
+    }
+    let body = json!({"postgresql": {"table": "articles"}, "elasticsearch": {"type": "article"},
+        "columns": {"title": {"type": "string"}}});
+    let article = || parse_blueprint(&body, "").unwrap();
+    let refused = storage
+        .put_blueprint(&ident("one_more"), &ident("article"), article())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, StorageError::Conflict(m) if m.contains("storage.max_projects")),
+        "{refused:?}"
+    );
+    assert!(!storage.snapshot().projects.contains_key(&ident("one_more")));
+    // A project that exists is still edited, and a drop makes room.
+    put_article(storage.as_ref(), &ident("p0"), Some("words")).await;
+    storage.drop_project(&ident("p1")).await.unwrap();
+    put_article(storage.as_ref(), &ident("one_more"), None).await;
+    // The dropped project does not come back past the limit either.
+    let refused = storage
+        .put_blueprint(&ident("p1"), &ident("article"), article())
+        .await
+        .unwrap_err();
+    assert!(matches!(refused, StorageError::Conflict(_)), "{refused:?}");
 }
 
 async fn edits_to_an_unknown_project_are_not_found(storage: Arc<dyn Storage>) {
@@ -680,6 +716,7 @@ macro_rules! every_behaviour {
             migration_states_are_recorded_per_projector,
             a_dropped_project_is_forgotten_and_can_be_made_again,
             edits_to_an_unknown_project_are_not_found,
+            a_new_project_past_the_most_is_refused_and_existing_ones_go_on,
             an_invalid_edit_changes_nothing,
             scanning_pages_through_every_item_of_the_project_once,
             the_compatibility_setting_forced_freezes_and_version_usage_are_kept,

@@ -25,9 +25,13 @@ fn invalid(path: &str, message: impl Into<String>) -> WriteError {
 /// Refuses an item whose PostgreSQL row could not fit in a row however PostgreSQL moved its values
 /// out ("row is too big"): only a blueprint with many fixed-size columns can make one, and every
 /// other store would have taken what PostgreSQL refused for ever.
+///
+/// `seen_at`: the version whose row it is, when it is not the one the item was written for (the
+/// item transformed, with the defaults of columns that version added).
 fn check_row<'a>(
     bp: &Blueprint,
     values: impl Iterator<Item = &'a Value>,
+    seen_at: Option<u32>,
 ) -> Result<(), WriteError> {
     use crate::projector::postgres::{row_bytes, row_bytes_at_least, MAX_ROW_BYTES};
     if row_bytes(bp) <= MAX_ROW_BYTES {
@@ -37,9 +41,13 @@ fn check_row<'a>(
     if least <= MAX_ROW_BYTES {
         return Ok(());
     }
+    let which = match seen_at {
+        Some(version) => format!("as version {version} sees it (with its defaults), this item"),
+        None => "this item".into(),
+    };
     Err(invalid(
         "",
-        format!("this item takes at least {least} bytes in a PostgreSQL row, more than the {MAX_ROW_BYTES} a row may: leave more of its columns null"),
+        format!("{which} takes at least {least} bytes in a PostgreSQL row, more than the {MAX_ROW_BYTES} a row may: leave more of its columns null"),
     ))
 }
 
@@ -108,21 +116,29 @@ pub fn prepare_upsert(
         )
     })?;
     let item = check_item(bp, number, id, body).map_err(WriteError::Invalid)?;
-    check_row(bp, item.column_values())?;
+    check_row(bp, item.column_values(), None)?;
     // Each document is serialized here, once: the record and every store take its text. The
     // checked item is looked into by name only to transform it into other versions.
     let holders = p.live_holders(bp.uid);
     let mut own = Some(VersionDoc::canonical(number, &item));
     let others = holders.iter().any(|(w, _)| *w != number);
     let item = others.then(|| item.into_map());
-    let docs: Vec<VersionDoc> = holders
-        .into_iter()
-        .filter_map(|(w, target)| match &item {
-            _ if w == number => own.take(),
-            Some(item) => Some(VersionDoc::new(w, &transform(item, bp, target, w))),
-            None => None,
-        })
-        .collect();
+    let mut docs = Vec::with_capacity(holders.len());
+    for (w, target) in holders {
+        match &item {
+            _ if w == number => docs.extend(own.take()),
+            Some(item) => {
+                let seen = transform(item, bp, target, w);
+                check_row(
+                    target,
+                    target.columns.keys().map(|c| &seen[c.as_str()]),
+                    Some(w),
+                )?;
+                docs.push(VersionDoc::new(w, &seen));
+            }
+            None => {}
+        }
+    }
     Ok(Entry::upsert(
         project,
         blueprint.clone(),

@@ -1323,6 +1323,16 @@ async fn a_held_projects_large_backlog_does_not_stop_the_others() {
     app.stop().await;
 }
 
+/// An item of version 1 whose first `filled` columns `u0`, `u1`, … hold a uuid.
+fn uuids_item(filled: usize) -> Value {
+    let mut item = serde_json::Map::new();
+    item.insert("project_version".into(), json!(1));
+    for i in 0..filled {
+        item.insert(format!("u{i}"), json!(Uuid::new_v4()));
+    }
+    Value::Object(item)
+}
+
 /// An item whose PostgreSQL row cannot fit however PostgreSQL moves its values out (600 `uuid`
 /// columns, all set: 9,600 bytes of fixed-size values against the 8,160 a row holds) is a 422
 /// before any store takes it; the same blueprint takes items that fill half its columns.
@@ -1336,22 +1346,58 @@ async fn an_item_too_wide_for_a_postgresql_row_is_refused_before_any_store_takes
     let blueprint = json!({"postgresql": {"table": "wides"}, "elasticsearch": {"type": "wide"},
         "columns": columns});
     app.put_and_freeze("wide", "wide", &blueprint).await;
-    let item = |filled: usize| {
-        let mut item = serde_json::Map::new();
-        item.insert("project_version".into(), json!(1));
-        for i in 0..filled {
-            item.insert(format!("u{i}"), json!(Uuid::new_v4()));
-        }
-        Value::Object(item)
-    };
     let refused = app
-        .put(&format!("/wide/wide/{}", Uuid::new_v4()), &item(600))
+        .put(&format!("/wide/wide/{}", Uuid::new_v4()), &uuids_item(600))
         .await;
     assert_eq!(refused.status, 422, "{}", refused.body);
     let message = refused.body["errors"][0]["message"].as_str().unwrap();
     assert!(message.contains("PostgreSQL row"), "{message}");
     let taken = app
-        .put(&format!("/wide/wide/{}", Uuid::new_v4()), &item(300))
+        .put(&format!("/wide/wide/{}", Uuid::new_v4()), &uuids_item(300))
+        .await;
+    assert_eq!(taken.status, 200, "{}", taken.body);
+    app.stop().await;
+}
+
+/// The same for the row of another live version: version 2 adds 300 `uuid` columns with a default,
+/// so an item written for version 1 with its 300 columns set would fill 600 in version 2's row. It
+/// is refused naming version 2, before any store takes it (PostgreSQL would have refused version
+/// 2's row for ever while every other store kept the item).
+#[tokio::test]
+async fn an_item_too_wide_for_another_versions_row_is_refused_naming_it() {
+    let app = spawn_app().await;
+    let uuid_columns = |range: std::ops::Range<usize>, default: bool| {
+        range.map(move |i| {
+            let column = if default {
+                json!({"type": "uuid", "default": Uuid::nil()})
+            } else {
+                json!({"type": "uuid"})
+            };
+            (format!("u{i}"), column)
+        })
+    };
+    let blueprint = |columns: serde_json::Map<String, Value>| {
+        json!({"postgresql": {"table": "wides"}, "elasticsearch": {"type": "wide"},
+            "columns": columns})
+    };
+    app.put_and_freeze(
+        "wide",
+        "wide",
+        &blueprint(uuid_columns(0..300, false).collect()),
+    )
+    .await;
+    let both = uuid_columns(0..300, false)
+        .chain(uuid_columns(300..600, true))
+        .collect();
+    app.put_and_freeze("wide", "wide", &blueprint(both)).await;
+    let id = Uuid::new_v4();
+    let refused = app.put(&format!("/wide/wide/{id}"), &uuids_item(300)).await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    let message = refused.body["errors"][0]["message"].as_str().unwrap();
+    assert!(message.contains("as version 2 sees it"), "{message}");
+    assert_eq!(app.get(&format!("/wide/wide/{id}")).await.status, 404);
+    let taken = app
+        .put(&format!("/wide/wide/{}", Uuid::new_v4()), &uuids_item(150))
         .await;
     assert_eq!(taken.status, 200, "{}", taken.body);
     app.stop().await;

@@ -208,7 +208,7 @@ async fn commit_chunk(
         .begin()
         .await
         .map_err(|e| unavailable("begin a back-fill chunk", &e))?;
-    let Ok((p, _)) = catalog::lock_project(&mut tx, project, false).await else {
+    let Ok((p, _)) = catalog::lock_project(&mut tx, project, None).await else {
         return Ok(false);
     };
     if p.version(version).is_none() || p.is_retired(version) {

@@ -15,7 +15,7 @@ use sqlx::{PgConnection, Row};
 
 use super::{unavailable, PgStorage};
 use crate::blueprint::Ident;
-use crate::catalog::edit::Write;
+use crate::catalog::edit::{self, Write};
 use crate::catalog::{Project, Version, VersionStatus, WorkingCopy};
 use crate::storage::StorageError;
 
@@ -162,29 +162,34 @@ pub async fn load_project(conn: &mut PgConnection, name: &Ident) -> Result<Loade
 }
 
 /// Takes a project's row lock for the rest of the transaction; answers the project and its stamp.
-/// With `create`, a project that does not exist (or was dropped) is created with an empty working
-/// copy.
+/// With `create` (the most projects the deployment holds), a project that does not exist (or was
+/// dropped) is created with an empty working copy.
 pub async fn lock_project(
     tx: &mut PgConnection,
     name: &Ident,
-    create: bool,
+    create: Option<usize>,
 ) -> Result<(Project, u64), StorageError> {
-    if create {
+    if let Some(max_projects) = create {
+        // Past the most projects, nothing is inserted or revived: the project stays missing. Two
+        // nodes making projects at once may each pass the count: the limit is kept within a few.
         let empty = Json(WorkingCopy::default());
         sqlx::query(
-            "INSERT INTO projects (name, working) VALUES ($1, $2) \
+            "INSERT INTO projects (name, working) \
+             SELECT $1, $2 WHERE (SELECT count(*) FROM projects WHERE live) < $3 \
              ON CONFLICT (name) DO UPDATE SET live = TRUE, working = $2 WHERE NOT projects.live",
         )
         .bind(name.as_str())
         .bind(&empty)
+        .bind(max_projects as i64)
         .execute(&mut *tx)
         .await
         .map_err(|e| unavailable("create a project", &e))?;
     }
     let loaded = read_project(tx, name, true).await?;
-    let project = loaded
-        .project
-        .ok_or_else(|| StorageError::NotFound(format!("project {name:?} does not exist")))?;
+    let project = loaded.project.ok_or_else(|| match create {
+        Some(max) => StorageError::Conflict(edit::too_many_projects(name, max)),
+        None => StorageError::NotFound(format!("project {name:?} does not exist")),
+    })?;
     Ok((project, loaded.stamp))
 }
 

@@ -63,6 +63,8 @@ pub struct PgStorageSettings {
     /// Every projector the deployment runs: writes wait for these, cursors are kept for these.
     pub projectors: Vec<&'static str>,
     pub projection: ProjectionSettings,
+    /// Most projects the deployment holds (`storage.max_projects`).
+    pub max_projects: usize,
 }
 
 /// This node's copy of the catalog, and the stamp of each project in it (dropped ones too).
@@ -333,7 +335,12 @@ impl PgStorage {
             .begin()
             .await
             .map_err(|e| unavailable("begin a catalog edit", &e))?;
-        let (mut p, stamp) = catalog::lock_project(&mut tx, project, create).await?;
+        let (mut p, stamp) = catalog::lock_project(
+            &mut tx,
+            project,
+            create.then_some(self.settings.max_projects),
+        )
+        .await?;
         let mut writes = Vec::new();
         let result = apply(&mut p, &mut writes)?;
         let stamp = catalog::persist(&mut tx, &mut p, stamp, &writes).await?;
@@ -581,7 +588,7 @@ impl Storage for PgStorage {
             .begin()
             .await
             .map_err(|e| unavailable("begin a freeze", &e))?;
-        let (mut p, stamp) = catalog::lock_project(&mut tx, project, false).await?;
+        let (mut p, stamp) = catalog::lock_project(&mut tx, project, None).await?;
         let mut writes = Vec::new();
         let projectors = self.settings.projectors.clone();
         let version = edit::freeze(&mut p, &projectors, &[], forced, &mut writes)?;
@@ -615,7 +622,7 @@ impl Storage for PgStorage {
             .begin()
             .await
             .map_err(|e| unavailable("begin a migration", &e))?;
-        catalog::lock_project(&mut tx, project, false).await?;
+        catalog::lock_project(&mut tx, project, None).await?;
         let revision = Self::next_revisions(&mut tx, project, 1).await?;
         Self::append_task(
             &mut tx,
@@ -752,7 +759,7 @@ impl Storage for PgStorage {
             .begin()
             .await
             .map_err(|e| unavailable("begin a drop", &e))?;
-        catalog::lock_project(&mut tx, project, false).await?;
+        catalog::lock_project(&mut tx, project, None).await?;
         let revision = Self::next_revisions(&mut tx, project, 1).await?;
         Self::append_task(&mut tx, project, revision, &TaskOp::DropProject, None).await?;
         let stamp = catalog::forget(&mut tx, project).await?;
@@ -919,7 +926,7 @@ impl Storage for PgStorage {
             let locked = if matches!(task.op, TaskOp::DropProject) {
                 catalog::lock_dropped(&mut tx, &project_name).await?
             } else {
-                catalog::lock_project(&mut tx, &project_name, false)
+                catalog::lock_project(&mut tx, &project_name, None)
                     .await
                     .is_ok()
             };
