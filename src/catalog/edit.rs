@@ -177,6 +177,11 @@ pub fn set_migration(
         .status
         .get_mut(&number)
         .ok_or_else(|| CatalogError::NotFound(format!("version {number} does not exist")))?;
+    // A migration failing again the same way changes nothing: writing it would move the epoch, so
+    // every write prepared meanwhile would be prepared again, on every retry.
+    if status.migrations.get(projector) == Some(&state) {
+        return Ok(());
+    }
     status.migrations.insert(projector.to_string(), state);
     writes.push(Write::Status(number));
     Ok(())

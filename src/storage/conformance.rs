@@ -393,6 +393,46 @@ async fn a_new_project_past_the_most_is_refused_and_existing_ones_go_on(storage:
     assert!(matches!(refused, StorageError::Conflict(_)), "{refused:?}");
 }
 
+async fn audit_entries_with_a_nul_are_stored_with_the_rest_of_their_batch(
+    storage: Arc<dyn Storage>,
+) {
+    use crate::auth::audit::AuditEntry;
+    let since = chrono::Utc::now() - chrono::Duration::seconds(1);
+    let entry = |path: &str, project: Option<&str>| AuditEntry {
+        at: chrono::Utc::now(),
+        key_id: "-".into(),
+        key_name: "-".into(),
+        action: "-".into(),
+        project: project.map(Into::into),
+        method: "PUT".into(),
+        path: path.into(),
+        status: 400,
+    };
+    let batch = [
+        entry("/before", None),
+        entry("/a\0b/x/_blueprint", Some("a\0b")),
+        entry("/after", None),
+    ];
+    tokio::time::timeout(Duration::from_secs(10), storage.append_audit(&batch))
+        .await
+        .expect("the batch is written at once")
+        .expect("the batch is written");
+    let paths: Vec<String> = storage
+        .audit(since, 10)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|e| e.path)
+        .collect();
+    assert_eq!(paths.len(), 3, "{paths:?}");
+    assert_eq!(paths[0], "/before");
+    assert!(
+        paths[1].starts_with("/a") && paths[1].ends_with("b/x/_blueprint"),
+        "{paths:?}"
+    );
+    assert_eq!(paths[2], "/after");
+}
+
 async fn edits_to_an_unknown_project_are_not_found(storage: Arc<dyn Storage>) {
     let project = ident("nobody");
     assert!(matches!(
@@ -716,6 +756,7 @@ macro_rules! every_behaviour {
             migration_states_are_recorded_per_projector,
             a_dropped_project_is_forgotten_and_can_be_made_again,
             edits_to_an_unknown_project_are_not_found,
+            audit_entries_with_a_nul_are_stored_with_the_rest_of_their_batch,
             a_new_project_past_the_most_is_refused_and_existing_ones_go_on,
             an_invalid_edit_changes_nothing,
             scanning_pages_through_every_item_of_the_project_once,

@@ -184,6 +184,37 @@ async fn flush_usage(storage: std::sync::Weak<PgStorage>) {
     }
 }
 
+/// `entry` as PostgreSQL can store it: `jsonb` cannot hold a NUL character, which a refused
+/// request's path or project may carry (`/a%00b/…`), so each is written `\0`. Stored as sent, the
+/// batch would be refused for ever, and the audit log's queue, then every write, would wait on it.
+fn storable_audit(entry: &AuditEntry) -> std::borrow::Cow<'_, AuditEntry> {
+    let texts = [
+        &*entry.key_id,
+        &*entry.key_name,
+        &*entry.action,
+        &*entry.method,
+    ];
+    let has_nul = texts
+        .into_iter()
+        .chain([entry.path.as_str()])
+        .chain(entry.project.as_deref())
+        .any(|text| text.contains('\0'));
+    if !has_nul {
+        return std::borrow::Cow::Borrowed(entry);
+    }
+    let clean = |text: &str| text.replace('\0', "\\0");
+    std::borrow::Cow::Owned(AuditEntry {
+        at: entry.at,
+        key_id: clean(&entry.key_id).into(),
+        key_name: clean(&entry.key_name).into(),
+        action: clean(&entry.action).into(),
+        project: entry.project.as_deref().map(clean),
+        method: clean(&entry.method).into(),
+        path: clean(&entry.path),
+        status: entry.status,
+    })
+}
+
 /// A storage failure as callers act on it: the database is away or refused.
 fn unavailable(what: &str, error: &sqlx::Error) -> StorageError {
     StorageError::Unavailable(format!("postgresql storage: cannot {what}: {error}"))
@@ -344,7 +375,9 @@ impl PgStorage {
         let mut writes = Vec::new();
         let result = apply(&mut p, &mut writes)?;
         let stamp = catalog::persist(&mut tx, &mut p, stamp, &writes).await?;
-        self.notify(&mut tx, project).await?;
+        if !writes.is_empty() {
+            self.notify(&mut tx, project).await?;
+        }
         tx.commit()
             .await
             .map_err(|e| unavailable("commit a catalog edit", &e))?;
@@ -1024,8 +1057,12 @@ impl Storage for PgStorage {
 
     async fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StorageError> {
         let at: Vec<DateTime<Utc>> = entries.iter().map(|e| e.at).collect();
-        let json: Vec<sqlx::types::Json<&AuditEntry>> =
-            entries.iter().map(sqlx::types::Json).collect();
+        let entries: Vec<std::borrow::Cow<'_, AuditEntry>> =
+            entries.iter().map(storable_audit).collect();
+        let json: Vec<sqlx::types::Json<&AuditEntry>> = entries
+            .iter()
+            .map(|e| sqlx::types::Json(e.as_ref()))
+            .collect();
         sqlx::query(
             "INSERT INTO audit (at, entry) SELECT * FROM unnest($1::timestamptz[], $2::jsonb[])",
         )

@@ -204,7 +204,12 @@ async fn work(
         let mut dead = poison;
         dead.extend(step.dead);
         let (applied, failed) = (step.applied.len(), dead.len());
-        if !settle(storage, name, project, last_read, dead).await? {
+        // Settling resets the hold's backoff: a step that is to be retried and settled nothing
+        // leaves it, so a project failing the same way is tried ever less often (up to 10 s).
+        let progressed = last_read > cursor || !dead.is_empty();
+        if (progressed || step.retry.is_none())
+            && !settle(storage, name, project, last_read, dead).await?
+        {
             return Ok(());
         }
         renewed = tokio::time::Instant::now();
@@ -478,6 +483,86 @@ mod tests {
         assert!(
             counting.0.load(Ordering::SeqCst) >= 2,
             "the migration and the write"
+        );
+
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// Fails every migration.
+    struct Failing;
+
+    #[async_trait]
+    impl Projector for Failing {
+        fn name(&self) -> &'static str {
+            "failing"
+        }
+        async fn migrate(&self, _: &Ident, _: &Version) -> Result<(), ProjectorError> {
+            Err(ProjectorError::permanent("the store refuses this schema"))
+        }
+        async fn apply(
+            &self,
+            _: &Snapshot,
+            tasks: &[Task],
+        ) -> Result<Vec<Outcome>, ProjectorError> {
+            Ok(tasks.iter().map(|_| Ok(())).collect())
+        }
+        async fn drop_project(&self, _: &Ident) -> Result<(), ProjectorError> {
+            Ok(())
+        }
+        async fn read(
+            &self,
+            _: &Ident,
+            _: u32,
+            _: &Ident,
+            _: &Uuid,
+        ) -> Result<Option<Value>, ProjectorError> {
+            Ok(None)
+        }
+        async fn health(&self) -> Health {
+            Health {
+                reachable: true,
+                detail: "test double".into(),
+            }
+        }
+    }
+
+    /// A project whose migration fails the same way again and again is held ever longer, and the
+    /// failure, recorded once, does not move the project's epoch on every retry.
+    #[tokio::test]
+    async fn a_migration_failing_again_is_held_ever_longer_and_recorded_once() {
+        let (storage, schema) = open_postgresql("held", vec!["failing"]).await;
+        let project = frozen(storage.as_ref()).await;
+        let mut epochs = Vec::new();
+        for attempt in 1..=3 {
+            sqlx::query("UPDATE cursors SET held_until = NULL WHERE projector = 'failing'")
+                .execute(storage.pool())
+                .await
+                .unwrap();
+            let claimed = claim(&storage, "failing").await.unwrap();
+            assert_eq!(claimed.len(), 1, "attempt {attempt}");
+            let lease = Lease {
+                renewed: tokio::time::Instant::now(),
+                cursor: claimed[0].1,
+            };
+            work(&storage, &Failing, &project, lease, 100)
+                .await
+                .unwrap();
+            let (attempts, held_for): (i32, f64) = sqlx::query_as(
+                "SELECT attempts, extract(epoch FROM held_until - now())::float8 FROM cursors \
+                 WHERE projector = 'failing'",
+            )
+            .fetch_one(storage.pool())
+            .await
+            .unwrap();
+            assert_eq!(attempts, attempt, "the backoff grows with each failure");
+            assert!(held_for > 0.1 * f64::from(attempt - 1), "{held_for}");
+            storage.refresh_catalog().await.unwrap();
+            epochs.push(storage.snapshot().projects[&project].epoch);
+        }
+        assert_eq!(
+            epochs[0], epochs[2],
+            "the same failure moved the epoch again"
         );
 
         drop(storage);
