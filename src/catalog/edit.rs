@@ -38,6 +38,24 @@ pub fn too_many_projects(name: &Ident, max: usize) -> String {
 /// record (rewritten whole by every edit) without bound.
 pub const MAX_EDITS: usize = 100;
 
+/// Refuses to make a project PostgreSQL could never hold: its schemas are named after it
+/// (`{project}_v{n}`), and PostgreSQL reserves schema names starting with `pg_`. A project made
+/// before this rule is still edited.
+fn check_new_name(p: &Project) -> Result<(), CatalogError> {
+    let new = p.versions.is_empty() && p.working.blueprints.is_empty();
+    if new && p.name.as_str().starts_with("pg_") {
+        return Err(CatalogError::Invalid(vec![FieldError::new(
+            "",
+            format!(
+                "project name {:?} starts with pg_, which PostgreSQL keeps for its own schemas: \
+                 the project's tables could never be made",
+                p.name.as_str()
+            ),
+        )]));
+    }
+    Ok(())
+}
+
 /// Refuses an edit that grows a project past [`MAX_BLUEPRINTS`]; one that keeps or shrinks the
 /// count of a project made before the limit goes on.
 fn check_count(before: usize, next: usize) -> Result<(), CatalogError> {
@@ -57,6 +75,7 @@ pub fn put_blueprint(
     input: BlueprintInput,
     writes: &mut Vec<Write>,
 ) -> Result<Vec<Change>, CatalogError> {
+    check_new_name(p)?;
     let mut next = p.working.blueprints.clone();
     let edited = apply_edit(next.get(name), input, &mut p.working.last_uid, "")
         .map_err(CatalogError::Invalid)?;
@@ -72,6 +91,7 @@ pub fn put_blueprints(
     inputs: Vec<(Ident, BlueprintInput)>,
     writes: &mut Vec<Write>,
 ) -> Result<Vec<Change>, CatalogError> {
+    check_new_name(p)?;
     check_count(p.working.blueprints.len(), inputs.len())?;
     let mut next = Blueprints::new();
     let mut errors = Vec::new();

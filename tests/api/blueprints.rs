@@ -223,6 +223,35 @@ async fn hostile_names_are_refused_with_400_before_touching_any_store() {
     assert_eq!(app.get("/_project").await.body, json!({}));
 }
 
+/// PostgreSQL keeps schema names starting with `pg_`, and a project's schemas are named after it:
+/// such a project could never be migrated, so it is refused at once, and `PUT /_project` changes
+/// no project when one of them is such.
+#[tokio::test]
+async fn a_project_postgresql_could_never_hold_is_refused_and_changes_nothing() {
+    let app = spawn_app().await;
+    for path in ["/pg_catalog/article/_blueprint", "/pg_x/_blueprint"] {
+        let body = if path.ends_with("/article/_blueprint") {
+            article()
+        } else {
+            json!({"article": article()})
+        };
+        let answer = app.put(path, &body).await;
+        assert_eq!(answer.status, 422, "{path}: {}", answer.body);
+        assert!(
+            answer.messages().contains("starts with pg_"),
+            "{}",
+            answer.body
+        );
+    }
+    let body = json!({"aaa": {"article": article()}, "pg_zz": {"article": article()},
+        "zzz": {"article": article()}});
+    let answer = app.put("/_project", &body).await;
+    assert_eq!(answer.status, 422, "{}", answer.body);
+    assert_eq!(answer.paths(), vec!["/pg_zz"]);
+    assert_eq!(app.get("/_project").await.body, json!({}));
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_body_over_the_limit_is_refused_with_413() {
     let app = spawn_app_with(|s| s.server.max_body_bytes = 1024).await;
