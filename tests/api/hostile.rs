@@ -1323,6 +1323,37 @@ async fn a_held_projects_large_backlog_does_not_stop_the_others() {
     app.stop().await;
 }
 
+/// A NUL anywhere in a blueprint (a pattern, an Elasticsearch option, a key) is a 422 naming where:
+/// in cluster mode the catalog is PostgreSQL's JSON, which cannot hold it (it was a 503 for ever).
+#[tokio::test]
+async fn a_nul_anywhere_in_a_blueprint_is_refused_naming_where() {
+    let app = spawn_app().await;
+    let blueprint = |title: Value| {
+        json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
+            "columns": {"title": title}})
+    };
+    for (title, path) in [
+        (
+            json!({"type": "string", "validation": {"pattern": "a\u{0}"}}),
+            "/columns/title/validation/pattern",
+        ),
+        (
+            json!({"type": "string", "elasticsearch": {"null_value": "a\u{0}"}}),
+            "/columns/title/elasticsearch/null_value",
+        ),
+        (
+            json!({"type": "string", "elasticsearch": {"meta": {"k\u{0}": "v"}}}),
+            "/columns/title/elasticsearch/meta/k\u{0}",
+        ),
+    ] {
+        let answer = app.put("/nul/t/_blueprint", &blueprint(title)).await;
+        assert_eq!(answer.status, 422, "{path}: {}", answer.body);
+        assert_eq!(answer.paths(), vec![path.to_string()], "{}", answer.body);
+    }
+    assert_eq!(app.get("/_project").await.body, json!({}));
+    app.stop().await;
+}
+
 /// An item of version 1 whose first `filled` columns `u0`, `u1`, … hold a uuid.
 fn uuids_item(filled: usize) -> Value {
     let mut item = serde_json::Map::new();

@@ -62,6 +62,25 @@ pub fn pointer_segment(key: &str) -> String {
     key.replace('~', "~0").replace('/', "~1")
 }
 
+/// The JSON pointer (from `at`) of the first key or string in `value` holding a NUL character.
+fn find_nul(value: &Value, at: String) -> Option<String> {
+    match value {
+        Value::String(s) if s.contains('\0') => Some(at),
+        Value::Array(items) => items
+            .iter()
+            .enumerate()
+            .find_map(|(i, item)| find_nul(item, format!("{at}/{i}"))),
+        Value::Object(map) => map.iter().find_map(|(key, item)| {
+            let at = format!("{at}/{}", pointer_segment(key));
+            match key.contains('\0') {
+                true => Some(at),
+                false => find_nul(item, at),
+            }
+        }),
+        _ => None,
+    }
+}
+
 struct Errors<'a> {
     base: &'a str,
     list: Vec<FieldError>,
@@ -89,6 +108,15 @@ pub fn parse_blueprint(body: &Value, base: &str) -> Result<BlueprintInput, Vec<F
         base,
         list: Vec::new(),
     };
+    // The catalog is stored as JSON in PostgreSQL in cluster mode, and PostgreSQL's text cannot
+    // hold NUL: anywhere in a blueprint (a pattern, an Elasticsearch option, a key), it is refused.
+    if let Some(at) = find_nul(body, String::new()) {
+        errors.push(
+            &at,
+            "contains the NUL character (\\u0000), which PostgreSQL cannot store",
+        );
+        return Err(errors.list);
+    }
     let Value::Object(top) = body else {
         errors.push("", "a blueprint must be a JSON object");
         return Err(errors.list);
