@@ -79,6 +79,12 @@ fn drop_key(name: &Ident) -> String {
     format!("dropping/{name}")
 }
 
+/// The revision of the last drop of a project of this name the journal wrote: a project made again
+/// is born after it (see [`WorkingCopy::born`]).
+fn dropped_key(name: &Ident) -> String {
+    format!("dropped/{name}")
+}
+
 impl Catalog {
     pub fn open(path: &Path) -> Result<Catalog, CatalogError> {
         // Memory: the catalog also holds the audit log, one entry per write request, so its
@@ -135,7 +141,13 @@ impl Catalog {
             }
             None if create => {
                 writes.push(Write::WorkingCopy);
-                Project::new(name.clone())
+                let mut project = Project::new(name.clone());
+                project.working.born = self
+                    .db
+                    .get(dropped_key(name))?
+                    .and_then(|at| <[u8; 8]>::try_from(at.as_slice()).ok())
+                    .map_or(0, u64::from_be_bytes);
+                project
             }
             None => {
                 return Err(CatalogError::NotFound(format!(
@@ -351,10 +363,14 @@ impl Catalog {
     }
 
     /// Clears the mark of a drop the journal has written.
-    pub fn drop_done(&self, name: &Ident) -> Result<(), CatalogError> {
+    /// `at`: the revision the journal wrote the drop at, when it did.
+    pub fn drop_done(&self, name: &Ident, at: Option<u64>) -> Result<(), CatalogError> {
         let _guard = self.writer.lock().expect("catalog writer poisoned");
         let mut batch = WriteBatch::default();
         batch.delete(drop_key(name));
+        if let Some(at) = at {
+            batch.put(dropped_key(name), at.to_be_bytes());
+        }
         self.commit(batch)
     }
 }

@@ -41,6 +41,16 @@ pub struct WorkingCopy {
     pub edits: Vec<Change>,
     /// The last uid handed out in this project.
     pub last_uid: Uid,
+    /// Every task of this project at or below this revision belongs to an earlier project of the
+    /// same name, since dropped: projectors pass over it (0: never dropped before). Its items'
+    /// versions are not this project's, and applying them with this catalog would write an old
+    /// shape into the new tables, or fail for ever.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub born: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 /// A frozen version: never rewritten once stored under `version/{name}/{number}`.

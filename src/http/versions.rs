@@ -292,6 +292,7 @@ pub async fn catalog(
         "exists": true,
         "versions": p.versions,
         "retired": retired,
+        "born": p.working.born,
     })))
 }
 

@@ -726,7 +726,7 @@ impl Journal {
     pub async fn finish_drops(&self) -> Result<(), JournalError> {
         for project in self.catalog.pending_drops()? {
             if self.catalog.snapshot().projects.contains_key(&project) {
-                self.catalog.drop_done(&project)?;
+                self.catalog.drop_done(&project, None)?;
                 continue;
             }
             tracing::warn!(%project, "finishing the drop of a project a crash interrupted");

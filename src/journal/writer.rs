@@ -635,7 +635,7 @@ impl Writer {
             if result.is_ok() {
                 self.last_seq.store(seq, Ordering::Release);
                 for project in &dropped {
-                    if let Err(error) = self.catalog.drop_done(project) {
+                    if let Err(error) = self.catalog.drop_done(project, Some(seq)) {
                         // The next start finishes the drop again: harmless.
                         tracing::warn!(%error, %project, "cannot clear the mark of a written drop");
                     }

@@ -4,7 +4,8 @@
 //! `Migrate` and `DropProject` tasks go alone, in their place in the order, so no write reaches a
 //! version before its migration and none of a deleted project survives its drop; item tasks go
 //! together. A run refused as a whole is tried one task at a time, so one project's refusal never
-//! dead-letters another's tasks. The step touches nothing but the
+//! dead-letters another's tasks. Tasks of an earlier project of the same name, dropped and made
+//! again while they waited, are passed over, its drop excepted. The step touches nothing but the
 //! projector: the caller acknowledges what it applied, keeps the dead letters, records the migration
 //! and retries the rest, each in its own way (the in-process dispatcher in the journal, a RabbitMQ
 //! consumer by acks and a progress report).
@@ -112,6 +113,13 @@ pub async fn apply(projector: &dyn Projector, snapshot: &Snapshot, tasks: &[Task
 
 async fn apply_front(projector: &dyn Projector, snapshot: &Snapshot, tasks: &[Task]) -> Step {
     let first = &tasks[0];
+    if is_earlier(snapshot, first) {
+        let run = tasks.iter().take_while(|t| is_earlier(snapshot, t)).count();
+        return Step {
+            applied: tasks[..run].iter().map(|t| t.seq).collect(),
+            ..Step::default()
+        };
+    }
     match &first.op {
         TaskOp::Migrate { version } => migrate(projector, snapshot, first, *version).await,
         TaskOp::DropProject => match projector.drop_project(&first.project).await {
@@ -122,7 +130,10 @@ async fn apply_front(projector: &dyn Projector, snapshot: &Snapshot, tasks: &[Ta
         TaskOp::Upsert { .. } | TaskOp::Delete { .. } => {
             let run = tasks
                 .iter()
-                .take_while(|t| matches!(t.op, TaskOp::Upsert { .. } | TaskOp::Delete { .. }))
+                .take_while(|t| {
+                    matches!(t.op, TaskOp::Upsert { .. } | TaskOp::Delete { .. })
+                        && !is_earlier(snapshot, t)
+                })
                 .count();
             apply_items(projector, snapshot, &tasks[..run]).await
         }
@@ -163,6 +174,17 @@ async fn apply_items(projector: &dyn Projector, snapshot: &Snapshot, run: &[Task
         }
     }
     step
+}
+
+/// Whether `task` belongs to an earlier project of its name, dropped since (see
+/// `WorkingCopy::born`): it needs nothing, since the drop that follows it removes all it wrote. The
+/// drop itself is still applied, in its place before the new project's tasks.
+fn is_earlier(snapshot: &Snapshot, task: &Task) -> bool {
+    !matches!(task.op, TaskOp::DropProject)
+        && snapshot
+            .projects
+            .get(&task.project)
+            .is_some_and(|p| task.seq <= p.working.born)
 }
 
 /// Runs a migration. A version that no longer exists or was retired needs none; a failure is retried

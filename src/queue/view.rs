@@ -39,6 +39,9 @@ struct ProjectCatalog {
     exists: bool,
     versions: Vec<Arc<Version>>,
     retired: Vec<u32>,
+    /// See `WorkingCopy::born`; absent from servers before it.
+    #[serde(default)]
+    born: u64,
 }
 
 impl CatalogView {
@@ -146,6 +149,7 @@ impl RemoteCatalog {
             return Ok(None);
         }
         let mut p = Project::new(project.clone());
+        p.working.born = body.born;
         for number in body.retired {
             p.status.insert(
                 number,

@@ -363,6 +363,13 @@ async fn a_dropped_project_is_forgotten_and_can_be_made_again(storage: Arc<dyn S
         "revisions keep growing across a drop: {after} after {dropped}"
     );
     assert_eq!(storage.snapshot().projects[&again].versions.len(), 1);
+    // Projectors pass over the earlier project's tasks: all at or below its birth, the new
+    // project's above it.
+    let born = storage.snapshot().projects[&again].working.born;
+    assert!(
+        born >= dropped && born < after,
+        "born {born}, dropped {dropped}, after {after}"
+    );
 }
 
 async fn a_new_project_past_the_most_is_refused_and_existing_ones_go_on(storage: Arc<dyn Storage>) {

@@ -4,7 +4,7 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use dstore::blueprint::Ident;
@@ -570,6 +570,148 @@ impl Projector for Picky {
             detail: "test double".into(),
         }
     }
+}
+
+/// A projector that is down (every call a transient error) while told so, and logs what it applied.
+#[derive(Clone, Default)]
+struct Recorder {
+    down: Arc<Mutex<bool>>,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Recorder {
+    fn check(&self, entry: String) -> Result<(), ProjectorError> {
+        if *self.down.lock().unwrap() {
+            return Err(ProjectorError::transient("the store is down"));
+        }
+        self.log.lock().unwrap().push(entry);
+        Ok(())
+    }
+}
+
+#[async_trait]
+impl Projector for Recorder {
+    fn name(&self) -> &'static str {
+        "recorder"
+    }
+
+    async fn migrate(&self, project: &Ident, version: &Version) -> Result<(), ProjectorError> {
+        let columns: Vec<String> = version.blueprints["note"]
+            .columns
+            .keys()
+            .map(|c| c.to_string())
+            .collect();
+        self.check(format!("migrate {project} v{} {columns:?}", version.number))
+    }
+
+    async fn apply(
+        &self,
+        _snapshot: &Snapshot,
+        tasks: &[Task],
+    ) -> Result<Vec<Outcome>, ProjectorError> {
+        let mut entries = Vec::new();
+        for task in tasks {
+            for write in task.version_writes() {
+                let doc = write.doc.map_or("deleted", |d| d.get());
+                entries.push(format!("write {} v{} {doc}", task.project, write.version));
+            }
+        }
+        self.check(entries.join("\n"))?;
+        Ok(tasks.iter().map(|_| Ok(())).collect())
+    }
+
+    async fn drop_project(&self, project: &Ident) -> Result<(), ProjectorError> {
+        self.check(format!("drop {project}"))
+    }
+
+    async fn read(
+        &self,
+        _: &Ident,
+        _: u32,
+        _: &Ident,
+        _: &Uuid,
+    ) -> Result<Option<Value>, ProjectorError> {
+        Ok(None)
+    }
+
+    async fn health(&self) -> Health {
+        Health {
+            reachable: true,
+            detail: "test double".into(),
+        }
+    }
+}
+
+/// A project dropped and made again, under another shape, while a store was down: once the store
+/// is back, the earlier project's writes are passed over (they were applied with the new catalog:
+/// an old shape written into the new tables, or a failure for ever), its drop is applied, then
+/// the new project's migration and writes.
+#[tokio::test]
+async fn a_project_made_again_while_a_store_lagged_gets_none_of_the_earlier_ones_writes() {
+    let recorder = Recorder::default();
+    let app = spawn_app_with_projectors(
+        |s| s.projection.wait_timeout_secs = 1,
+        vec![Arc::new(recorder.clone())],
+    )
+    .await;
+    let note = |column: &str, kind: &str| {
+        json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+            "columns": {column: {"type": kind}}})
+    };
+    app.put_and_freeze("again", "note", &note("title", "string"))
+        .await;
+    *recorder.down.lock().unwrap() = true;
+    let old = app
+        .put(
+            &format!("/again/note/{}", Uuid::new_v4()),
+            &json!({"project_version": 1, "title": "old"}),
+        )
+        .await;
+    assert_eq!(old.status, 200, "{}", old.body);
+    assert_eq!(app.delete("/again/_project").await.status, 200);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let put = app
+            .put("/again/note/_blueprint", &note("count", "integer"))
+            .await;
+        if put.status == 200 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{}", put.body);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let frozen = app.post("/again/_version", None).await;
+    assert!(matches!(frozen.status, 200 | 503), "{}", frozen.body);
+    let new = app
+        .put(
+            &format!("/again/note/{}", Uuid::new_v4()),
+            &json!({"project_version": 1, "count": 5}),
+        )
+        .await;
+    assert_eq!(new.status, 200, "{}", new.body);
+
+    let before = recorder.log.lock().unwrap().len();
+    *recorder.down.lock().unwrap() = false;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let log = loop {
+        let log = recorder.log.lock().unwrap()[before..].to_vec();
+        if log.iter().any(|e| e.contains(r#""count":5"#)) {
+            break log;
+        }
+        assert!(Instant::now() < deadline, "never projected: {log:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    assert!(!log.iter().any(|e| e.contains("old")), "{log:?}");
+    let at = |prefix: &str| log.iter().position(|e| e.starts_with(prefix));
+    let (dropped, migrated, written) = (
+        at("drop again").expect("the drop"),
+        at("migrate again v1 [\"count\"]").expect("the new migration"),
+        at("write again v1").expect("the new write"),
+    );
+    assert!(dropped < migrated && migrated < written, "{log:?}");
+    let letters = app.get("/_dead_letters").await;
+    assert_eq!(letters.body["dead_letters"], json!([]), "{}", letters.body);
+    app.stop().await;
 }
 
 #[tokio::test]

@@ -176,7 +176,9 @@ pub async fn lock_project(
         sqlx::query(
             "INSERT INTO projects (name, working) \
              SELECT $1, $2 WHERE (SELECT count(*) FROM projects WHERE live) < $3 \
-             ON CONFLICT (name) DO UPDATE SET live = TRUE, working = $2 WHERE NOT projects.live",
+             ON CONFLICT (name) DO UPDATE SET live = TRUE, \
+               working = jsonb_set($2::jsonb, '{born}', to_jsonb(projects.revision)) \
+             WHERE NOT projects.live",
         )
         .bind(name.as_str())
         .bind(&empty)
