@@ -215,6 +215,11 @@ fn storable_audit(entry: &AuditEntry) -> std::borrow::Cow<'_, AuditEntry> {
     })
 }
 
+/// How long a statement waits for a lock (PostgreSQL's `lock_timeout`): a table an operator or
+/// another program holds locked makes requests answer 503 after it, instead of every request
+/// waiting as long as the lock is held.
+const LOCK_TIMEOUT: &str = "10s";
+
 /// A storage failure as callers act on it: the database is away or refused.
 fn unavailable(what: &str, error: &sqlx::Error) -> StorageError {
     StorageError::Unavailable(format!("postgresql storage: cannot {what}: {error}"))
@@ -235,6 +240,7 @@ impl PgStorage {
         let options = base.clone().application_name("dstore").options([
             ("search_path", settings.schema.as_str()),
             ("TimeZone", "UTC"),
+            ("lock_timeout", LOCK_TIMEOUT),
         ]);
         let pool = PgPoolOptions::new()
             .max_connections(10)
@@ -1142,5 +1148,46 @@ impl Storage for PgStorage {
             },
             Err(_) => Stats::default(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, Instant};
+
+    use sqlx::Connection;
+
+    use crate::storage::conformance::{drop_schema, open_postgresql, put_article};
+    use crate::storage::{Storage, StorageError};
+
+    /// A dstore table held locked by someone else makes a request fail as unavailable (503) after
+    /// the lock timeout, instead of waiting as long as the lock is held.
+    #[tokio::test]
+    async fn a_table_locked_by_someone_else_is_a_503_after_the_lock_timeout() {
+        let (storage, schema) = open_postgresql("locked", vec![]).await;
+        let project = crate::blueprint::Ident::parse("p").unwrap();
+        put_article(storage.as_ref(), &project, None).await;
+        let url = storage.settings.url.expose().to_string();
+        let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "LOCK TABLE \"{schema}\".projects IN ACCESS EXCLUSIVE MODE"
+        )))
+        .execute(&mut holder)
+        .await
+        .unwrap();
+        let started = Instant::now();
+        let refused =
+            tokio::time::timeout(Duration::from_secs(30), storage.freeze(&project, false))
+                .await
+                .expect("answered before the lock was released");
+        assert!(
+            matches!(&refused, Err(StorageError::Unavailable(m)) if m.contains("lock")),
+            "{refused:?}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(20));
+        sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+        drop(storage);
+        drop_schema(&schema).await;
     }
 }
