@@ -58,7 +58,7 @@ pub const LAYOUT: u32 = 2;
 
 /// A batch of pending tasks ends after this many stored bytes, however many tasks it holds, so
 /// large items make small batches.
-const BATCH_BYTES: usize = 8 << 20;
+pub(crate) const BATCH_BYTES: usize = 8 << 20;
 
 pub(crate) const CF_ITEMS: &str = "items";
 const CF_TASKS: &str = "tasks";
@@ -1000,6 +1000,32 @@ mod tests {
             "past the tenth more, every write is refused"
         );
         journal.close().await;
+    }
+
+    /// What a broker relay reads at once ends after `BATCH_BYTES` of tasks, however many it may
+    /// take: a thousand large items read at once were gigabytes.
+    #[tokio::test]
+    async fn an_outbox_read_ends_after_a_batch_of_bytes() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Buffered, vec!["store"]).await;
+        let title = "x".repeat(BATCH_BYTES / 3 + 1);
+        for _ in 0..6 {
+            let snapshot = storage.snapshot();
+            let body = json!({"project_version": 1, "title": title});
+            let entry =
+                prepare_upsert(&snapshot, &project, &article, Uuid::new_v4(), &body).unwrap();
+            let epoch = snapshot.projects[&project].epoch;
+            storage.write(&project, epoch, vec![entry]).await.unwrap();
+        }
+        // The migration, then the large items: the read ends with the third of them.
+        let read = journal.outbox("store", 0, 1000).unwrap();
+        assert_eq!(read.len(), 4);
+        assert_eq!(journal.outbox("store", read[3].0, 1000).unwrap().len(), 3);
     }
 
     #[tokio::test]

@@ -98,14 +98,21 @@ impl Journal {
     }
 }
 
+/// Up to `limit` tasks, ending early after [`super::BATCH_BYTES`] (one at least): a task holds an
+/// item for every live version, so a thousand large ones would be gigabytes read at once.
 fn collect(
     entries: impl Iterator<Item = Result<(Box<[u8]>, Box<[u8]>), rocksdb::Error>>,
     limit: usize,
 ) -> Result<Vec<RawTask>, JournalError> {
     let mut out = Vec::new();
+    let mut bytes = 0;
     for entry in entries.take(limit) {
         let (key, value) = entry?;
+        bytes += value.len();
         out.push((keys::task_seq(&key), value));
+        if bytes >= super::BATCH_BYTES {
+            break;
+        }
     }
     Ok(out)
 }

@@ -149,10 +149,17 @@ impl Consumer<'_> {
             if !parking.known {
                 self.take_over(&session, &mut parking).await?;
             }
+            // A batch ends after 8 MiB of tasks, as the journal's do: each holds an item for every
+            // live version, and the store gets the batch in one statement.
             let mut batch = vec![delivered(first)?];
-            while batch.len() < self.batch_size {
+            let mut bytes = batch[0].data.len();
+            while batch.len() < self.batch_size && bytes < crate::journal::BATCH_BYTES {
                 match deliveries.next().now_or_never() {
-                    Some(next) => batch.push(delivered(next)?),
+                    Some(next) => {
+                        let next = delivered(next)?;
+                        bytes += next.data.len();
+                        batch.push(next);
+                    }
                     None => break,
                 }
             }
@@ -284,37 +291,49 @@ impl Consumer<'_> {
             .broker
             .project_parked_queue(self.projector.name(), project);
         parking.parked.insert(project.clone(), Some(Instant::now()));
-        let mut batch = Vec::new();
-        while batch.len() < self.batch_size {
-            match session
-                .channel
-                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
-                .await?
-            {
-                Some(message) => batch.push(message.delivery),
-                None => break,
-            }
-        }
-        if batch.is_empty() {
-            return self.unpark(session, project, parking).await.map(|()| true);
-        }
-        for (journal, run) in by_journal(batch) {
-            if parking.holds.is_held(project) {
-                // Failed again: the rest of the batch goes back to the head, in order.
-                for delivery in &run {
-                    requeue(delivery).await?;
+        // The head alone first: when it fails again (most often a migration still failing), the
+        // try cost one message, not a batch taken from the broker one by one and put back.
+        let mut limit = 1;
+        loop {
+            let mut batch = Vec::new();
+            let mut bytes = 0;
+            while batch.len() < limit && bytes < crate::journal::BATCH_BYTES {
+                match session
+                    .channel
+                    .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: false })
+                    .await?
+                {
+                    Some(message) => {
+                        bytes += message.delivery.data.len();
+                        batch.push(message.delivery);
+                    }
+                    None => break,
                 }
-                session.channel.tx_commit().await?;
-                continue;
             }
-            if !self
-                .settle_batch(session, &journal, run, Source::Parking, parking, shutdown)
-                .await?
-            {
-                return Ok(false);
+            if batch.is_empty() {
+                return self.unpark(session, project, parking).await.map(|()| true);
             }
+            for (journal, run) in by_journal(batch) {
+                if parking.holds.is_held(project) {
+                    // Failed again: the rest of the batch goes back to the head, in order.
+                    for delivery in &run {
+                        requeue(delivery).await?;
+                    }
+                    session.channel.tx_commit().await?;
+                    continue;
+                }
+                if !self
+                    .settle_batch(session, &journal, run, Source::Parking, parking, shutdown)
+                    .await?
+                {
+                    return Ok(false);
+                }
+            }
+            if limit > 1 || parking.holds.is_held(project) {
+                return Ok(true);
+            }
+            limit = self.batch_size;
         }
-        Ok(true)
     }
 
     /// The projects the registry names, reading every entry once and returning each to its place,
