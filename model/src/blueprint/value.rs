@@ -178,8 +178,9 @@ fn float(value: &Value) -> Result<Value, String> {
     match value {
         Value::Number(n) => match n.as_f64() {
             // A 32-bit float must hold it: PostgreSQL's `real` refuses a value that overflows
-            // or that rounds to zero from a non-zero one.
-            Some(f) if f.is_finite() && f.abs() <= f32::MAX as f64 => {
+            // (rounded to the nearest 32-bit float, as PostgreSQL and Elasticsearch read it, so
+            // 3.4028235e38 is the largest one) or that rounds to zero from a non-zero one.
+            Some(f) if (f as f32).is_finite() => {
                 if f != 0.0 && f as f32 == 0.0 {
                     return Err(format!(
                         "{n} is too close to zero for a float (it rounds to 0)"
@@ -400,7 +401,15 @@ mod tests {
         ] {
             assert_eq!(one(BaseType::Float, ok.clone()), Ok(ok));
         }
-        for refused in [json!(1e-50), json!(-5e-324), json!(3.5e38)] {
+        for taken in [json!(3.4028235e38), json!(-3.4028235e38)] {
+            assert!(one(BaseType::Float, taken.clone()).is_ok(), "{taken}");
+        }
+        for refused in [
+            json!(1e-50),
+            json!(-5e-324),
+            json!(3.5e38),
+            json!(3.4028236e38),
+        ] {
             assert!(one(BaseType::Float, refused.clone()).is_err(), "{refused}");
         }
         assert!(one(BaseType::Float, json!(1e-50))
