@@ -87,6 +87,10 @@ pub enum ErrorKind {
 pub struct ProjectorError {
     pub kind: ErrorKind,
     pub message: String,
+    /// Transient, and the store answered: the cause may be the project's own (a permission taken
+    /// from one table, a lock held on it, a trigger refusing), so only the project of the refused
+    /// tasks waits, as after a failed migration, and the others go on.
+    pub scoped: bool,
 }
 
 impl ProjectorError {
@@ -94,6 +98,15 @@ impl ProjectorError {
         ProjectorError {
             kind: ErrorKind::Transient,
             message: message.into(),
+            scoped: false,
+        }
+    }
+
+    /// A transient error whose cause may be one project's own (see [`ProjectorError::scoped`]).
+    pub fn scoped(message: impl Into<String>) -> ProjectorError {
+        ProjectorError {
+            scoped: true,
+            ..ProjectorError::transient(message)
         }
     }
 
@@ -101,6 +114,7 @@ impl ProjectorError {
         ProjectorError {
             kind: ErrorKind::Permanent,
             message: message.into(),
+            scoped: false,
         }
     }
 }

@@ -129,11 +129,22 @@ pub async fn run(
             (step, read.ok().and_then(Result::ok))
         };
         let settled = step.settled();
+        // A failed migration, or a refusal that may be the project's own: only it waits.
         let migration_failed = step
             .migration
             .as_ref()
             .filter(|m| matches!(m.state, MigrationState::Failed { .. }))
-            .map(|m| m.project.clone());
+            .map(|m| m.project.clone())
+            .or_else(|| step.held.clone());
+        // A project held for a refusal of its tasks is released once they go through again (one
+        // held for its migration, once the migration is done, below).
+        if !holds.is_empty() {
+            for task in &tasks[..settled] {
+                if migration_failed.as_ref() != Some(&task.project) {
+                    holds.release(&task.project);
+                }
+            }
+        }
         if let Some(m) = step
             .migration
             .as_ref()
@@ -148,7 +159,7 @@ pub async fn run(
             Ok(Some(error)) => {
                 // Only this project waits: its tasks stay in order behind the migration.
                 let project = migration_failed.expect("a failed migration");
-                tracing::warn!(projector = name, %project, %error, "migration failed; the project's tasks wait, the others go on");
+                tracing::warn!(projector = name, %project, %error, "the project's tasks were refused; they wait, the others go on");
                 journal.note_error(
                     name,
                     Some(format!("project {project} is held back: {error}")),

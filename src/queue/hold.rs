@@ -1,4 +1,5 @@
-//! Projects held back after a failed migration, so one project's failure never stalls the others.
+//! Projects held back after a failed migration (or a refusal of their tasks that may be their own,
+//! see `ProjectorError::scoped`), so one project's failure never stalls the others.
 //!
 //! A projector applies a project's tasks in order, and no write may reach a version before its
 //! migration; so when a migration fails, that project's tasks must wait. Other projects' tasks do not
@@ -67,6 +68,11 @@ impl Holds {
     /// have passed over.
     pub fn known(&self) -> Vec<Ident> {
         self.held.keys().cloned().collect()
+    }
+
+    /// Whether no project is held, nor was held and not released since.
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
     }
 
     /// Whether some project is held now.

@@ -4,7 +4,9 @@
 //! `Migrate` and `DropProject` tasks go alone, in their place in the order, so no write reaches a
 //! version before its migration and none of a deleted project survives its drop; item tasks go
 //! together. A run refused as a whole is tried one task at a time, so one project's refusal never
-//! dead-letters another's tasks. Tasks of an earlier project of the same name, dropped and made
+//! dead-letters another's tasks; a run refused for a cause that may be one project's own
+//! (`ProjectorError::scoped`) is tried with its first project's tasks alone, and if they fail so,
+//! that project is held (`Step::held`) while the others go on. Tasks of an earlier project of the same name, dropped and made
 //! again while they waited, are passed over, its drop excepted. The step touches nothing but the
 //! projector: the caller acknowledges what it applied, keeps the dead letters, records the migration
 //! and retries the rest, each in its own way (the in-process dispatcher in the journal, a RabbitMQ
@@ -34,6 +36,10 @@ pub struct Step {
     pub migration: Option<MigrationRecord>,
     /// Why the unsettled tasks must be retried later, when the step stopped short.
     pub retry: Option<ProjectorError>,
+    /// The project to hold back: the store refused its tasks for a cause that may be its own (see
+    /// `ProjectorError::scoped`), so only it waits, and the others go on. A failed migration holds
+    /// its project too (see `migration`).
+    pub held: Option<Ident>,
 }
 
 /// The outcome of one projector's migration of one version.
@@ -151,6 +157,20 @@ async fn apply_items(projector: &dyn Projector, snapshot: &Snapshot, run: &[Task
             )))
         }
         Ok(outcomes) => outcomes,
+        // Perhaps one project's cause: the first project's tasks are tried alone, and if they fail
+        // so alone, that project is held while the others go on.
+        Err(e) if e.scoped => {
+            let first = &run[0].project;
+            let own = run.iter().take_while(|t| &t.project == first).count();
+            if own < run.len() {
+                return Box::pin(apply_items(projector, snapshot, &run[..own])).await;
+            }
+            return Step {
+                retry: Some(e),
+                held: Some(first.clone()),
+                ..Step::default()
+            };
+        }
         Err(e) if e.kind == ErrorKind::Transient => return retry(e),
         // Refused as a whole, the run may hold other projects' writes that have nothing to do with
         // the error: its first task is tried alone, as after a panic, so each task is refused for
@@ -168,6 +188,9 @@ async fn apply_items(projector: &dyn Projector, snapshot: &Snapshot, run: &[Task
                 step.dead.push(dead_letter(projector.name(), task, &e))
             }
             Err(e) => {
+                if e.scoped {
+                    step.held = Some(task.project.clone());
+                }
                 step.retry = Some(e);
                 break;
             }

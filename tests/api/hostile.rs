@@ -576,6 +576,9 @@ impl Projector for Picky {
 #[derive(Clone, Default)]
 struct Recorder {
     down: Arc<Mutex<bool>>,
+    /// A project whose tasks make a whole batch fail with an error that may be its own (a table
+    /// locked, a permission taken away), as a PostgreSQL transaction would.
+    refused: Arc<Mutex<Option<String>>>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -609,6 +612,15 @@ impl Projector for Recorder {
         _snapshot: &Snapshot,
         tasks: &[Task],
     ) -> Result<Vec<Outcome>, ProjectorError> {
+        let refused = self.refused.lock().unwrap().clone();
+        if tasks
+            .iter()
+            .any(|t| Some(t.project.as_str()) == refused.as_deref())
+        {
+            return Err(ProjectorError::scoped(
+                "permission denied for table notes [sqlstate 42501]",
+            ));
+        }
         let mut entries = Vec::new();
         for task in tasks {
             for write in task.version_writes() {
@@ -646,6 +658,61 @@ impl Projector for Recorder {
 /// is back, the earlier project's writes are passed over (they were applied with the new catalog:
 /// an old shape written into the new tables, or a failure for ever), its drop is applied, then
 /// the new project's migration and writes.
+/// A store refusing one project's tasks for a cause that may be that project's own (a permission
+/// taken from its table, a lock held on it, a trigger refusing) holds back only that project: the
+/// others' writes, in the same batches, go on; once the cause is gone, its tasks follow.
+#[tokio::test]
+async fn a_refusal_of_one_projects_table_holds_back_only_that_project() {
+    let recorder = Recorder::default();
+    let app = spawn_app_with_projectors(
+        |s| s.projection.wait_timeout_secs = 5,
+        vec![Arc::new(recorder.clone())],
+    )
+    .await;
+    let note = json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+        "columns": {"title": {"type": "string"}}});
+    for project in ["locked", "free"] {
+        app.put_and_freeze(project, "note", &note).await;
+    }
+    *recorder.refused.lock().unwrap() = Some("locked".into());
+    let item = |title: &str| json!({"project_version": 1, "title": title});
+    for n in 0..3 {
+        let put = app
+            .put(
+                &format!("/locked/note/{}", Uuid::new_v4()),
+                &item(&format!("held {n}")),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+        app.put_projected(
+            &format!("/free/note/{}?wait=true", Uuid::new_v4()),
+            &item(&format!("free {n}")),
+        )
+        .await;
+    }
+    assert!(!recorder
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| e.contains("held")));
+    *recorder.refused.lock().unwrap() = None;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !recorder
+        .log
+        .lock()
+        .unwrap()
+        .iter()
+        .any(|e| e.contains("held 2"))
+    {
+        assert!(Instant::now() < deadline, "the held project never went on");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let letters = app.get("/_dead_letters").await;
+    assert_eq!(letters.body["dead_letters"], json!([]), "{}", letters.body);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_project_made_again_while_a_store_lagged_gets_none_of_the_earlier_ones_writes() {
     let recorder = Recorder::default();

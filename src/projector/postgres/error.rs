@@ -84,9 +84,25 @@ pub fn describe(error: &sqlx::Error) -> String {
     }
 }
 
-/// A transient projector error with context: `what` failed because of `error`.
+/// A transient projector error with context: `what` failed because of `error`. Scoped (only the
+/// project waits) when the server refused the statement for a cause that may be one table's own.
 pub fn transient(what: &str, error: &sqlx::Error) -> ProjectorError {
-    ProjectorError::transient(format!("postgresql: {what}: {}", describe(error)))
+    let message = format!("postgresql: {what}: {}", describe(error));
+    match sqlstate(error) {
+        Some(code) if is_scoped(&code) => ProjectorError::scoped(message),
+        _ => ProjectorError::transient(message),
+    }
+}
+
+/// SQLSTATEs that may be about one table, not the server: insufficient privilege and other access
+/// rule violations (class 42, but a missing table, which a migration makes again), a lock not
+/// available or an object in use (55), a statement cancelled by its timeout (57014), and errors
+/// raised by triggers and the routines they call (P0, 38, 39, 2F). Connection loss, overload and
+/// shutdown (08, 53, 57P0x) stall every project alike and are not scoped.
+fn is_scoped(code: &str) -> bool {
+    code != "42P01"
+        && (code == "57014"
+            || matches!(code.get(..2), Some("42" | "55" | "P0" | "38" | "39" | "2F")))
 }
 
 #[cfg(test)]
@@ -107,6 +123,20 @@ mod tests {
         assert_eq!(classify_code("3F000"), Failure::Missing);
         assert_eq!(classify_code("42P01"), Failure::Missing);
         assert_eq!(classify_code("3D000"), Failure::NoDatabase);
+    }
+
+    #[test]
+    fn refusals_that_may_be_one_tables_own_hold_only_its_project() {
+        for code in [
+            "42501", "42703", "55P03", "55006", "57014", "P0001", "38000", "39P01",
+        ] {
+            assert!(is_scoped(code), "{code}");
+        }
+        for code in [
+            "08006", "40001", "40P01", "53100", "53300", "57P01", "58030", "42P01",
+        ] {
+            assert!(!is_scoped(code), "{code}");
+        }
     }
 
     #[test]

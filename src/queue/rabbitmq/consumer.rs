@@ -481,7 +481,21 @@ impl Consumer<'_> {
                 settle(delivery, !refused).await?;
             }
             session.channel.tx_commit().await?;
-            tasks.drain(..settled);
+            // A failed migration, or a refusal that may be the project's own: only it waits.
+            let failed = step
+                .migration
+                .as_ref()
+                .filter(|m| matches!(m.state, MigrationState::Failed { .. }))
+                .map(|m| &m.project)
+                .or(step.held.as_ref())
+                .filter(|_| step.retry.is_some())
+                .cloned();
+            // A project held for a refusal of its tasks is released once they go through again.
+            for task in tasks.drain(..settled) {
+                if !parking.holds.is_empty() && failed.as_ref() != Some(&task.project) {
+                    parking.holds.release(&task.project);
+                }
+            }
             held.drain(..settled);
             if let Some(m) = step
                 .migration
@@ -490,16 +504,13 @@ impl Consumer<'_> {
             {
                 parking.holds.release(&m.project);
             }
-            let failed_migration = step.migration.as_ref().filter(|m| {
-                matches!(m.state, MigrationState::Failed { .. }) && step.retry.is_some()
-            });
-            if let Some(m) = failed_migration {
+            if let Some(project) = failed {
                 // Only this project waits: its tasks are parked, in order, and the rest go on.
-                tracing::warn!(projector = name, project = %m.project, error = ?step.retry, "migration failed; the project's tasks are parked, the others go on");
-                parking.holds.hold(&m.project);
+                tracing::warn!(projector = name, %project, error = ?step.retry, "the project's tasks were refused; they are parked, the others go on");
+                parking.holds.hold(&project);
                 let (mut kept_tasks, mut kept) = (Vec::new(), Vec::new());
                 for (task, delivery) in tasks.drain(..).zip(held.drain(..)) {
-                    if task.project != m.project {
+                    if task.project != project {
                         kept_tasks.push(task);
                         kept.push(delivery);
                     } else if from == Source::Parking {
