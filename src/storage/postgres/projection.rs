@@ -568,4 +568,30 @@ mod tests {
         drop(storage);
         drop_schema(&schema).await;
     }
+
+    /// Dead letters kept in the database count in every node's progress (health and metrics),
+    /// whichever node made them.
+    #[tokio::test]
+    async fn every_node_counts_the_dead_letters_kept() {
+        let (storage, schema) = open_postgresql("counter", vec!["counting"]).await;
+        frozen(storage.as_ref()).await;
+        sqlx::query(
+            "INSERT INTO dead_letters (projector, project, revision, letter) \
+             VALUES ('counting', 'p', 1, '{}'), ('counting', 'p', 2, '{}'), ('other', 'p', 3, '{}')",
+        )
+        .execute(storage.pool())
+        .await
+        .unwrap();
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        loop {
+            let progress = storage.progress("counting").await;
+            if progress.dead_letters == 2 {
+                break;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "{progress:?}");
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        drop(storage);
+        drop_schema(&schema).await;
+    }
 }

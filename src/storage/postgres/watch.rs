@@ -28,8 +28,8 @@ struct State {
     waiting: HashMap<Ident, usize>,
     /// (projector, project) → the revision the projector applied through.
     cursors: HashMap<(String, Ident), u64>,
-    /// Per projector: tasks waiting and the newest error.
-    backlog: HashMap<String, (u64, Option<String>)>,
+    /// Per projector: tasks waiting, the newest error and the dead letters kept.
+    backlog: HashMap<String, (u64, Option<String>, u64)>,
     /// Why the last poll could not read the storage, if it could not.
     storage_error: Option<String>,
 }
@@ -118,10 +118,12 @@ impl CursorWatch {
     /// How far a projector got, as of the last poll.
     pub fn progress(&self, projector: &str) -> ProjectorProgress {
         let state = self.state.lock().expect("watch lock");
-        let (pending, last_error) = state.backlog.get(projector).cloned().unwrap_or_default();
+        let (pending, last_error, dead_letters) =
+            state.backlog.get(projector).cloned().unwrap_or_default();
         ProjectorProgress {
             pending,
             last_error,
+            dead_letters,
             ..ProjectorProgress::default()
         }
     }
@@ -137,8 +139,8 @@ impl CursorWatch {
         state
             .backlog
             .iter()
-            .max_by_key(|(_, (pending, _))| *pending)
-            .map(|(name, (pending, _))| (name.clone(), *pending))
+            .max_by_key(|(_, (pending, _, _))| *pending)
+            .map(|(name, (pending, _, _))| (name.clone(), *pending))
     }
 }
 
@@ -201,7 +203,9 @@ async fn poll_backlog(node: &PgStorage) {
         "SELECT c.projector, \
                 coalesce(sum(greatest(p.revision - c.revision, 0)), 0)::bigint AS pending, \
                 max(CASE WHEN c.last_error IS NULL THEN NULL \
-                         ELSE 'project ' || c.project || ': ' || c.last_error END) AS last_error \
+                         ELSE 'project ' || c.project || ': ' || c.last_error END) AS last_error, \
+                (SELECT count(*) FROM (SELECT 1 FROM dead_letters d \
+                     WHERE d.projector = c.projector LIMIT 1000000) kept) AS dead_letters \
          FROM cursors c JOIN projects p ON p.name = c.project GROUP BY c.projector",
     )
     .fetch_all(node.pool())
@@ -218,6 +222,7 @@ async fn poll_backlog(node: &PgStorage) {
                         (
                             row.get::<i64, _>("pending") as u64,
                             row.get::<Option<String>, _>("last_error"),
+                            row.get::<i64, _>("dead_letters") as u64,
                         ),
                     )
                 })
