@@ -151,11 +151,12 @@ fn position(value: &Value) -> Result<geo::Coord<f64>, String> {
         .map(|n| n.as_f64().filter(|f| f.is_finite()))
         .collect::<Option<_>>()
         .ok_or("a position must hold only numbers")?;
+    // Each as JSON writes it (1e+308, not 309 digits): an error never repeats a large input back.
     if !(-180.0..=180.0).contains(&numbers[0]) {
-        return Err(format!("longitude {} is outside -180..180", numbers[0]));
+        return Err(format!("longitude {} is outside -180..180", position[0]));
     }
     if !(-90.0..=90.0).contains(&numbers[1]) {
-        return Err(format!("latitude {} is outside -90..90", numbers[1]));
+        return Err(format!("latitude {} is outside -90..90", position[1]));
     }
     Ok(geo::Coord {
         x: numbers[0],
@@ -240,6 +241,16 @@ mod tests {
             .collect();
         ring.push(ring[0].clone());
         Value::Array(ring)
+    }
+
+    #[test]
+    fn a_position_out_of_range_is_named_as_json_writes_it() {
+        let far = json!({"type": "Point", "coordinates": [1e308, 0.0]});
+        let error = single(BaseType::Point, &far).unwrap_err();
+        assert_eq!(error, "longitude 1e+308 is outside -180..180");
+        let high = json!({"type": "Point", "coordinates": [0.0, -1e300]});
+        let error = single(BaseType::Point, &high).unwrap_err();
+        assert_eq!(error, "latitude -1e+300 is outside -90..90");
     }
 
     /// The bounds hold, and a polygon at them is checked in milliseconds, not seconds (the figure
