@@ -594,4 +594,47 @@ mod tests {
         drop(storage);
         drop_schema(&schema).await;
     }
+
+    /// A dropped project's journal rows go once every projector is past the drop, but the drop's
+    /// own row, which a projector added later reads to move past it; a project made again keeps
+    /// every row from its birth on.
+    #[tokio::test]
+    async fn the_journal_before_a_drop_is_trimmed_once_every_projector_is_past_it() {
+        use crate::storage::postgres::watch::prune_journal;
+        let (storage, schema) = open_postgresql("trim", vec!["counting"]).await;
+        let project = frozen(storage.as_ref()).await;
+        for title in ["a", "b", "c"] {
+            write(storage.as_ref(), &project, Uuid::new_v4(), title).await;
+        }
+        let dropped = storage.drop_project(&project).await.unwrap();
+        let rows = |storage: Arc<PgStorage>| async move {
+            sqlx::query_scalar::<_, i64>("SELECT revision FROM journal ORDER BY revision")
+                .fetch_all(storage.pool())
+                .await
+                .unwrap()
+        };
+        assert_eq!(rows(storage.clone()).await.len(), 5);
+        assert_eq!(
+            prune_journal(&storage).await.unwrap(),
+            0,
+            "a projector is behind"
+        );
+
+        sqlx::query("UPDATE cursors SET revision = $1")
+            .bind(dropped as i64)
+            .execute(storage.pool())
+            .await
+            .unwrap();
+        assert_eq!(prune_journal(&storage).await.unwrap(), 4);
+        assert_eq!(rows(storage.clone()).await, vec![dropped as i64]);
+
+        let again = frozen(storage.as_ref()).await;
+        let written = write(storage.as_ref(), &again, Uuid::new_v4(), "new").await;
+        assert_eq!(prune_journal(&storage).await.unwrap(), 0);
+        let kept = rows(storage.clone()).await;
+        assert_eq!(kept.first(), Some(&(dropped as i64)));
+        assert_eq!(kept.last(), Some(&(written as i64)));
+        drop(storage);
+        drop_schema(&schema).await;
+    }
 }

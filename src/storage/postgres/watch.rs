@@ -5,6 +5,9 @@
 //! only while someone waits) and every projector's backlog (every second), whichever node applies the
 //! tasks. Waiters share its results instead of querying on their own, so a thousand waiting requests
 //! cost one query per poll.
+//!
+//! The same task trims the journal of what no projector will read again: the tasks of a project
+//! before its drop, once every projector is past the drop (see [`prune_journal`]).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, Weak};
@@ -21,6 +24,10 @@ use crate::journal::ProjectorProgress;
 const WAIT_POLL: Duration = Duration::from_millis(10);
 /// How often backlogs are read.
 const BACKLOG_POLL: Duration = Duration::from_secs(1);
+/// How often the journal is trimmed.
+const PRUNE_EVERY: Duration = Duration::from_secs(60);
+/// Journal rows removed per statement, so a trim never holds a long transaction.
+const PRUNE_CHUNK: i64 = 10_000;
 
 #[derive(Default)]
 struct State {
@@ -147,6 +154,7 @@ impl CursorWatch {
 /// Polls while the storage lives.
 pub async fn run(storage: Weak<PgStorage>) {
     let mut last_backlog = tokio::time::Instant::now() - BACKLOG_POLL;
+    let mut last_prune = tokio::time::Instant::now();
     loop {
         let Some(node) = storage.upgrade() else {
             return;
@@ -166,6 +174,12 @@ pub async fn run(storage: Weak<PgStorage>) {
         if last_backlog.elapsed() >= BACKLOG_POLL {
             poll_backlog(&node).await;
             last_backlog = tokio::time::Instant::now();
+        }
+        if last_prune.elapsed() >= PRUNE_EVERY {
+            if let Err(error) = prune_journal(&node).await {
+                tracing::warn!(%error, "cannot trim the journal; trying again later");
+            }
+            last_prune = tokio::time::Instant::now();
         }
         node.watch.polled.send_modify(|n| *n += 1);
         let idle = waiting.is_empty();
@@ -194,6 +208,36 @@ async fn poll_cursors(node: &PgStorage, projects: &[String]) {
         if let Ok(project) = Ident::parse(&project) {
             let cursor = state.cursors.entry((projector, project)).or_default();
             *cursor = (*cursor).max(row.get::<i64, _>("revision") as u64);
+        }
+    }
+}
+
+/// Removes the journal rows of projects before their last drop once every projector is past the
+/// drop: a dropped project's (its row's revision is the drop), or a project made again since (its
+/// `born`, the drop's revision). The drop's own row stays, so a projector added later, whose cursor
+/// starts at 0, reads the drop and moves past it. Answers how many rows went.
+pub(super) async fn prune_journal(node: &PgStorage) -> Result<u64, sqlx::Error> {
+    let mut total = 0;
+    loop {
+        let removed = sqlx::query(
+            "WITH dropped AS ( \
+                 SELECT name, CASE WHEN live THEN coalesce((working->>'born')::bigint, 0) \
+                                   ELSE revision END AS at \
+                 FROM projects p \
+                 WHERE NOT EXISTS (SELECT 1 FROM cursors c WHERE c.project = p.name \
+                     AND c.revision < CASE WHEN p.live THEN coalesce((p.working->>'born')::bigint, 0) \
+                                           ELSE p.revision END)) \
+             DELETE FROM journal WHERE ctid IN ( \
+                 SELECT j.ctid FROM journal j JOIN dropped d ON d.name = j.project \
+                 WHERE j.revision < d.at LIMIT $1)",
+        )
+        .bind(PRUNE_CHUNK)
+        .execute(node.pool())
+        .await?
+        .rows_affected();
+        total += removed;
+        if removed < PRUNE_CHUNK as u64 {
+            return Ok(total);
         }
     }
 }
