@@ -6,11 +6,11 @@
 //! together. A run refused as a whole is tried one task at a time, so one project's refusal never
 //! dead-letters another's tasks; a run refused for a cause that may be one project's own
 //! (`ProjectorError::scoped`) is tried with its first project's tasks alone, and if they fail so,
-//! that project is held (`Step::held`) while the others go on. Tasks of an earlier project of the same name, dropped and made
-//! again while they waited, are passed over, its drop excepted. The step touches nothing but the
-//! projector: the caller acknowledges what it applied, keeps the dead letters, records the migration
-//! and retries the rest, each in its own way (the in-process dispatcher in the journal, a RabbitMQ
-//! consumer by acks and a progress report).
+//! that project is held (`Step::held`) while the others go on. Tasks of an earlier project of the
+//! same name, dropped and made again while they waited, are passed over, its drop excepted. The
+//! step touches nothing but the projector: the caller acknowledges what it applied, keeps the dead
+//! letters, records the migration and retries the rest, each in its own way (the in-process
+//! dispatcher in the journal, a RabbitMQ consumer by acks and a progress report).
 
 use std::ops::RangeInclusive;
 use std::panic::AssertUnwindSafe;
