@@ -1011,16 +1011,11 @@ mod tests {
             journal,
             storage,
             project,
-            article,
+            ..
         } = fixture(Durability::Buffered, vec!["store"]).await;
         let title = "x".repeat(BATCH_BYTES / 3 + 1);
         for _ in 0..6 {
-            let snapshot = storage.snapshot();
-            let body = json!({"project_version": 1, "title": title});
-            let entry =
-                prepare_upsert(&snapshot, &project, &article, Uuid::new_v4(), &body).unwrap();
-            let epoch = snapshot.projects[&project].epoch;
-            storage.write(&project, epoch, vec![entry]).await.unwrap();
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &title).await;
         }
         // The migration, then the large items: the read ends with the third of them.
         let read = journal.outbox("store", 0, 1000).unwrap();
@@ -1035,19 +1030,14 @@ mod tests {
             journal,
             storage,
             project,
-            article,
+            ..
         } = fixture(Durability::Buffered, vec!["store"]).await;
         let migration = journal.pending("store", 10).unwrap();
         journal
             .ack("store", &[migration[0].seq], Vec::new())
             .unwrap();
         for n in 0..6 {
-            let snapshot = storage.snapshot();
-            let body = json!({"project_version": 1, "title": format!("t{n}")});
-            let entry =
-                prepare_upsert(&snapshot, &project, &article, Uuid::new_v4(), &body).unwrap();
-            let epoch = snapshot.projects[&project].epoch;
-            storage.write(&project, epoch, vec![entry]).await.unwrap();
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("t{n}")).await;
         }
         let tasks = journal.pending("store", 100).unwrap();
         let seqs: Vec<u64> = tasks.iter().map(|t| t.seq).collect();

@@ -24,7 +24,6 @@ use tokio::sync::watch;
 use super::hold::Holds;
 use super::step::{self, Step};
 use crate::blueprint::Ident;
-use crate::catalog::MigrationState;
 use crate::journal::task::Task;
 use crate::journal::{Journal, Pending};
 use crate::projector::{backoff, Projector};
@@ -129,36 +128,15 @@ pub async fn run(
             (step, read.ok().and_then(Result::ok))
         };
         let settled = step.settled();
-        // A failed migration, or a refusal that may be the project's own: only it waits.
-        let migration_failed = step
-            .migration
-            .as_ref()
-            .filter(|m| matches!(m.state, MigrationState::Failed { .. }))
-            .map(|m| m.project.clone())
-            .or_else(|| step.held.clone());
-        // A project held for a refusal of its tasks is released once they go through again (one
-        // held for its migration, once the migration is done, below).
-        if !holds.is_empty() {
-            for task in &tasks[..settled] {
-                if migration_failed.as_ref() != Some(&task.project) {
-                    holds.release(&task.project);
-                }
-            }
-        }
-        if let Some(m) = step
-            .migration
-            .as_ref()
-            .filter(|m| m.state == MigrationState::Done)
-        {
-            holds.release(&m.project);
-        }
+        let held = step.held.clone();
+        holds.went_through(&tasks[..settled], held.as_ref());
         let run = (whole && settled > 0).then(|| tasks[0].seq..=tasks[settled - 1].seq);
         let error = match record(&journal, name, step, run) {
             Err(error) => Some(error),
-            Ok(Some(error)) if migration_failed.is_none() => Some(error),
+            Ok(Some(error)) if held.is_none() => Some(error),
             Ok(Some(error)) => {
-                // Only this project waits: its tasks stay in order behind the migration.
-                let project = migration_failed.expect("a failed migration");
+                // Only this project waits: its tasks stay in order behind the one refused.
+                let project = held.expect("a held project");
                 tracing::warn!(projector = name, %project, %error, "the project's tasks were refused; they wait, the others go on");
                 journal.note_error(
                     name,

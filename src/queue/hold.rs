@@ -13,6 +13,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use crate::blueprint::Ident;
+use crate::journal::task::Task;
 use crate::projector::backoff;
 
 #[derive(Debug, Default)]
@@ -45,7 +46,7 @@ impl Holds {
     }
 
     /// Forgets `project` after its tasks went through again.
-    pub fn release(&mut self, project: &Ident) {
+    fn release(&mut self, project: &Ident) {
         self.held.remove(project);
     }
 
@@ -70,9 +71,21 @@ impl Holds {
         self.held.keys().cloned().collect()
     }
 
-    /// Whether no project is held, nor was held and not released since.
-    pub fn is_empty(&self) -> bool {
-        self.held.is_empty()
+    /// Releases the projects of tasks that went through (`settled`), but `held`, the project a
+    /// step holds back now: a project held goes on by itself once its tasks are applied again.
+    pub fn went_through<'a>(
+        &mut self,
+        settled: impl IntoIterator<Item = &'a Task>,
+        held: Option<&Ident>,
+    ) {
+        if self.held.is_empty() {
+            return;
+        }
+        for task in settled {
+            if held != Some(&task.project) {
+                self.release(&task.project);
+            }
+        }
     }
 
     /// Whether some project is held now.

@@ -36,9 +36,9 @@ pub struct Step {
     pub migration: Option<MigrationRecord>,
     /// Why the unsettled tasks must be retried later, when the step stopped short.
     pub retry: Option<ProjectorError>,
-    /// The project to hold back: the store refused its tasks for a cause that may be its own (see
-    /// `ProjectorError::scoped`), so only it waits, and the others go on. A failed migration holds
-    /// its project too (see `migration`).
+    /// The project to hold back, with `retry`: its migration failed, or the store refused its
+    /// tasks for a cause that may be its own (see `ProjectorError::scoped`); only it waits, and the
+    /// others go on.
     pub held: Option<Ident>,
 }
 
@@ -230,7 +230,10 @@ async fn migrate(projector: &dyn Projector, snapshot: &Snapshot, task: &Task, nu
     };
     let mut step = match result {
         Ok(()) => applied(task),
-        Err(e) => retry(e),
+        Err(e) => Step {
+            held: Some(task.project.clone()),
+            ..retry(e)
+        },
     };
     step.migration = Some(MigrationRecord {
         project: task.project.clone(),

@@ -781,21 +781,28 @@ async fn a_project_made_again_while_a_store_lagged_gets_none_of_the_earlier_ones
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_project_whose_migration_fails_holds_back_only_itself() {
+/// An app whose `picky` projector fails the migrations of `bad*` projects.
+async fn app_failing_migrations(
+    configure: impl FnOnce(&mut dstore::config::Settings),
+) -> (Picky, TestApp) {
     let picky = Picky::default();
     *picky.fail_migrations.lock().unwrap() = true;
-    let app = spawn_app_with_projectors(
-        |s| s.projection.wait_timeout_secs = 3,
-        vec![Arc::new(picky.clone())],
-    )
-    .await;
-    assert_eq!(
-        app.put("/bad/article/_blueprint", &article()).await.status,
-        200
-    );
+    let app = spawn_app_with_projectors(configure, vec![Arc::new(picky.clone())]).await;
+    (picky, app)
+}
+
+/// Makes project `bad`; its freeze answers 503, its migration failing.
+async fn make_bad(app: &TestApp) {
+    let put = app.put("/bad/article/_blueprint", &article()).await;
+    assert_eq!(put.status, 200, "{}", put.body);
     let freeze = app.post("/bad/_version", None).await;
     assert_eq!(freeze.status, 503, "{}", freeze.body);
+}
+
+#[tokio::test]
+async fn a_project_whose_migration_fails_holds_back_only_itself() {
+    let (picky, app) = app_failing_migrations(|s| s.projection.wait_timeout_secs = 3).await;
+    make_bad(&app).await;
     let stuck = app
         .put(
             &format!("/bad/article/{}?wait=true&timeout=1", Uuid::new_v4()),
@@ -851,21 +858,13 @@ async fn a_project_whose_migration_fails_holds_back_only_itself() {
 /// project writes again.
 #[tokio::test]
 async fn past_the_backlog_limit_a_held_projects_writes_are_refused_and_the_others_go_on() {
-    let picky = Picky::default();
-    *picky.fail_migrations.lock().unwrap() = true;
-    let app = spawn_app_with_projectors(
-        |s| {
-            s.projection.max_pending_tasks = 20;
-            s.projection.wait_timeout_secs = 3;
-        },
-        vec![Arc::new(picky.clone())],
-    )
+    let (picky, app) = app_failing_migrations(|s| {
+        s.projection.max_pending_tasks = 20;
+        s.projection.wait_timeout_secs = 3;
+    })
     .await;
     app.put_and_freeze("good", "article", &article()).await;
-    let put = app.put("/bad/article/_blueprint", &article()).await;
-    assert_eq!(put.status, 200, "{}", put.body);
-    let freeze = app.post("/bad/_version", None).await;
-    assert_eq!(freeze.status, 503, "{}", freeze.body);
+    make_bad(&app).await;
     // The freeze may time out before the store reports the failure, which holds the project.
     for _ in 0..100 {
         let ready = app.get("/_health/ready").await;
@@ -1487,19 +1486,9 @@ async fn live_versions_defaults_and_recorded_edits_are_bounded() {
 /// oldest task, so a backlog of a few hundred MB was never passed.
 #[tokio::test]
 async fn a_held_projects_large_backlog_does_not_stop_the_others() {
-    let picky = Picky::default();
-    *picky.fail_migrations.lock().unwrap() = true;
-    let app = spawn_app_with_projectors(
-        |s| s.projection.wait_timeout_secs = 1,
-        vec![Arc::new(picky.clone())],
-    )
-    .await;
+    let (_, app) = app_failing_migrations(|s| s.projection.wait_timeout_secs = 1).await;
     app.put_and_freeze("good", "article", &article()).await;
-    assert_eq!(
-        app.put("/bad/article/_blueprint", &article()).await.status,
-        200
-    );
-    assert_eq!(app.post("/bad/_version", None).await.status, 503);
+    make_bad(&app).await;
     let mut large = item();
     large["title"] = json!("x".repeat(10_000));
     let line = large.to_string();

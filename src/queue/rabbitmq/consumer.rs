@@ -43,7 +43,6 @@ use tokio::sync::watch;
 use super::reports::{Refusal, Report};
 use super::{confirmed, persistent, Broker, LinkError, JOURNAL_HEADER, PROBE_HEADER};
 use crate::blueprint::Ident;
-use crate::catalog::MigrationState;
 use crate::journal::task::{Task, TaskOp};
 use crate::journal::{decode_task, DeadLetter};
 use crate::projector::{backoff, Projector};
@@ -481,29 +480,12 @@ impl Consumer<'_> {
                 settle(delivery, !refused).await?;
             }
             session.channel.tx_commit().await?;
-            // A failed migration, or a refusal that may be the project's own: only it waits.
-            let failed = step
-                .migration
-                .as_ref()
-                .filter(|m| matches!(m.state, MigrationState::Failed { .. }))
-                .map(|m| &m.project)
-                .or(step.held.as_ref())
-                .filter(|_| step.retry.is_some())
-                .cloned();
-            // A project held for a refusal of its tasks is released once they go through again.
-            for task in tasks.drain(..settled) {
-                if !parking.holds.is_empty() && failed.as_ref() != Some(&task.project) {
-                    parking.holds.release(&task.project);
-                }
-            }
+            let failed = step.held.clone();
+            parking
+                .holds
+                .went_through(&tasks[..settled], failed.as_ref());
+            tasks.drain(..settled);
             held.drain(..settled);
-            if let Some(m) = step
-                .migration
-                .as_ref()
-                .filter(|m| m.state == MigrationState::Done)
-            {
-                parking.holds.release(&m.project);
-            }
             if let Some(project) = failed {
                 // Only this project waits: its tasks are parked, in order, and the rest go on.
                 tracing::warn!(projector = name, %project, error = ?step.retry, "the project's tasks were refused; they are parked, the others go on");

@@ -170,12 +170,14 @@ pub async fn lock_project(
     create: Option<usize>,
 ) -> Result<(Project, u64), StorageError> {
     if let Some(max_projects) = create {
-        // Past the most projects, nothing is inserted or revived: the project stays missing. Two
-        // nodes making projects at once may each pass the count: the limit is kept within a few.
+        // Projects are counted only for a name not live; past the most, nothing is inserted or
+        // revived: the project stays missing. Two nodes making projects at once may each pass the
+        // count: the limit is kept within a few.
         let empty = Json(WorkingCopy::default());
         sqlx::query(
             "INSERT INTO projects (name, working) \
-             SELECT $1, $2 WHERE (SELECT count(*) FROM projects WHERE live) < $3 \
+             SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM projects WHERE name = $1 AND live) \
+               AND (SELECT count(*) FROM projects WHERE live) < $3 \
              ON CONFLICT (name) DO UPDATE SET live = TRUE, \
                working = jsonb_set($2::jsonb, '{born}', to_jsonb(projects.revision)) \
              WHERE NOT projects.live",

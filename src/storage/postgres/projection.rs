@@ -385,9 +385,10 @@ mod tests {
     use crate::projector::{Health, Outcome, ProjectorError};
     use crate::storage::conformance::{drop_schema, frozen, open_postgresql, write};
 
-    /// Counts every task, migration and drop it is given.
+    /// Counts every task, migration and drop it is given; with `fail_migrations`, refuses every
+    /// migration.
     #[derive(Default)]
-    struct Counting(AtomicUsize);
+    struct Counting(AtomicUsize, bool);
 
     #[async_trait]
     impl Projector for Counting {
@@ -395,6 +396,9 @@ mod tests {
             "counting"
         }
         async fn migrate(&self, _: &Ident, _: &Version) -> Result<(), ProjectorError> {
+            if self.1 {
+                return Err(ProjectorError::permanent("the store refuses this schema"));
+            }
             self.0.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
@@ -489,68 +493,31 @@ mod tests {
         drop_schema(&schema).await;
     }
 
-    /// Fails every migration.
-    struct Failing;
-
-    #[async_trait]
-    impl Projector for Failing {
-        fn name(&self) -> &'static str {
-            "failing"
-        }
-        async fn migrate(&self, _: &Ident, _: &Version) -> Result<(), ProjectorError> {
-            Err(ProjectorError::permanent("the store refuses this schema"))
-        }
-        async fn apply(
-            &self,
-            _: &Snapshot,
-            tasks: &[Task],
-        ) -> Result<Vec<Outcome>, ProjectorError> {
-            Ok(tasks.iter().map(|_| Ok(())).collect())
-        }
-        async fn drop_project(&self, _: &Ident) -> Result<(), ProjectorError> {
-            Ok(())
-        }
-        async fn read(
-            &self,
-            _: &Ident,
-            _: u32,
-            _: &Ident,
-            _: &Uuid,
-        ) -> Result<Option<Value>, ProjectorError> {
-            Ok(None)
-        }
-        async fn health(&self) -> Health {
-            Health {
-                reachable: true,
-                detail: "test double".into(),
-            }
-        }
-    }
-
     /// A project whose migration fails the same way again and again is held ever longer, and the
     /// failure, recorded once, does not move the project's epoch on every retry.
     #[tokio::test]
     async fn a_migration_failing_again_is_held_ever_longer_and_recorded_once() {
-        let (storage, schema) = open_postgresql("held", vec!["failing"]).await;
+        let (storage, schema) = open_postgresql("held", vec!["counting"]).await;
         let project = frozen(storage.as_ref()).await;
         let mut epochs = Vec::new();
         for attempt in 1..=3 {
-            sqlx::query("UPDATE cursors SET held_until = NULL WHERE projector = 'failing'")
+            sqlx::query("UPDATE cursors SET held_until = NULL WHERE projector = 'counting'")
                 .execute(storage.pool())
                 .await
                 .unwrap();
-            let claimed = claim(&storage, "failing").await.unwrap();
+            let claimed = claim(&storage, "counting").await.unwrap();
             assert_eq!(claimed.len(), 1, "attempt {attempt}");
             let lease = Lease {
                 renewed: tokio::time::Instant::now(),
                 cursor: claimed[0].1,
             };
-            work(&storage, &Failing, &project, lease, 100)
+            let failing = Counting(AtomicUsize::new(0), true);
+            work(&storage, &failing, &project, lease, 100)
                 .await
                 .unwrap();
             let (attempts, held_for): (i32, f64) = sqlx::query_as(
                 "SELECT attempts, extract(epoch FROM held_until - now())::float8 FROM cursors \
-                 WHERE projector = 'failing'",
+                 WHERE projector = 'counting'",
             )
             .fetch_one(storage.pool())
             .await
