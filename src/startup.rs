@@ -395,6 +395,7 @@ async fn open_journal(
         .map_err(failed)?;
     journal.keep_keyspaces().await.map_err(failed)?;
     journal.resume_backfills().map_err(failed)?;
+    journal.catch_up_added().await.map_err(failed)?;
     journal.finish_drops().await.map_err(failed)?;
     journal.reconcile().await.map_err(failed)?;
     journal.upgrade_layout().await.map_err(failed)?;

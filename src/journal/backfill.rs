@@ -133,6 +133,51 @@ impl Journal {
         Ok(())
     }
 
+    /// Catches up the stores added since the last start: every live version is migrated and
+    /// back-filled into the projectors this journal did not feed then (the local keyspaces the
+    /// journal writes itself excepted: `keep_keyspaces` rebuilds those), so a store enabled on a
+    /// deployment that has items gets all of them. Which projectors were fed is recorded at each
+    /// start; a journal that has no record yet counts those it starts with as fed.
+    pub async fn catch_up_added(&self) -> Result<(), JournalError> {
+        let mut now: Vec<String> = self.projectors().map(String::from).collect();
+        now.sort();
+        let fed: Option<Vec<String>> =
+            match self.db.get_cf(self.cf(CF_META), keys::PROJECTORS_FED)? {
+                Some(bytes) => Some(decode(&bytes)?),
+                None => None,
+            };
+        if fed.as_ref() == Some(&now) {
+            return Ok(());
+        }
+        let inline = |p: &str| {
+            self.settings.keyspaces && p == crate::projector::ProjectorKind::Rocksdb.name()
+        };
+        let added: Vec<String> = match &fed {
+            Some(fed) => now
+                .iter()
+                .filter(|p| !fed.contains(p) && !inline(p))
+                .cloned()
+                .collect(),
+            None => Vec::new(),
+        };
+        if !added.is_empty() && self.last_seq() > 0 {
+            tracing::info!(
+                projectors = ?added,
+                "stores added since the last start get every live version's items"
+            );
+        }
+        let record = (
+            keys::PROJECTORS_FED,
+            serde_json::to_vec(&now).expect("names serialize"),
+        );
+        self.send(|reply| Command::Rebuild {
+            projectors: added,
+            record,
+            reply,
+        })
+        .await
+    }
+
     /// Resumes every back-fill a previous run left unfinished.
     pub fn resume_backfills(self: &Arc<Self>) -> Result<(), JournalError> {
         let prefix = b"backfill/";

@@ -105,6 +105,10 @@ pub fn published(projector: &str) -> Vec<u8> {
 
 pub const LAST_SEQ: &[u8] = b"last_seq";
 
+/// The projectors the journal fed at its last start, as a JSON list (see
+/// `Journal::catch_up_added`).
+pub const PROJECTORS_FED: &[u8] = b"projectors_fed";
+
 /// Present while the `keyspaces` column family is kept current by the writer (see `journal/import`).
 pub const KEYSPACES_KEPT: &[u8] = b"keyspaces_kept";
 

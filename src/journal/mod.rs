@@ -650,8 +650,13 @@ impl Journal {
             ?projectors,
             "upgrading the store layout: rebuilding what these projectors hold from the journal"
         );
-        self.send(|reply| Command::UpgradeLayout { projectors, reply })
-            .await?;
+        let record = (keys::LAYOUT, LAYOUT.to_be_bytes().to_vec());
+        self.send(|reply| Command::Rebuild {
+            projectors,
+            record,
+            reply,
+        })
+        .await?;
         self.layout.store(LAYOUT, Ordering::Release);
         Ok(())
     }

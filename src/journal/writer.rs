@@ -72,9 +72,10 @@ pub enum Command {
         reply: Reply<u64>,
     },
     /// Rebuilds what `projectors` hold of every live version: migrations again, then back-fills into
-    /// those projectors only; records the store layout as current in the same batch.
-    UpgradeLayout {
+    /// those projectors only; writes `record` (a meta key and its value) in the same batch.
+    Rebuild {
         projectors: Vec<String>,
+        record: (&'static [u8], Vec<u8>),
         reply: Reply<()>,
     },
     /// Starts keeping the local keyspaces when they are not current: empties them, rebuilds every
@@ -795,7 +796,11 @@ fn stage_command(stage: &mut Stage, command: Command) {
             }
             stage.answers.push(answer(reply, ()));
         }
-        Command::UpgradeLayout { projectors, reply } => {
+        Command::Rebuild {
+            projectors,
+            record: (key, value),
+            reply,
+        } => {
             let snapshot = stage.writer.catalog.snapshot();
             if !projectors.is_empty() {
                 for (name, project) in &snapshot.projects {
@@ -810,9 +815,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 }
             }
             let meta = stage.cf(CF_META);
-            stage
-                .batch
-                .put_cf(meta, keys::LAYOUT, super::LAYOUT.to_be_bytes());
+            stage.batch.put_cf(meta, key, value);
             stage.answers.push(answer(reply, ()));
         }
         Command::DropProject {

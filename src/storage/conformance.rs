@@ -51,17 +51,26 @@ pub(crate) async fn open_postgresql(
     projectors: Vec<&'static str>,
 ) -> (Arc<PgStorage>, String) {
     let schema = format!("t_{}", Uuid::new_v4().simple());
-    let storage = PgStorage::open(PgStorageSettings {
+    (open_postgresql_in(&schema, node, projectors).await, schema)
+}
+
+/// A PostgreSQL storage in `schema` of the test database (another node of a deployment when the
+/// schema is one a storage made), as node `node` running `projectors`.
+pub(crate) async fn open_postgresql_in(
+    schema: &str,
+    node: &str,
+    projectors: Vec<&'static str>,
+) -> Arc<PgStorage> {
+    PgStorage::open(PgStorageSettings {
         url: test_database().await.into(),
-        schema: schema.clone(),
+        schema: schema.into(),
         node: node.into(),
         projectors,
         projection: ProjectionSettings::default(),
         max_projects: MAX_PROJECTS,
     })
     .await
-    .expect("the postgresql storage opens");
-    (storage, schema)
+    .expect("the postgresql storage opens")
 }
 
 /// Most projects the storages under test hold: few, so that the limit is reached in a test.

@@ -364,6 +364,65 @@ async fn kitchensink_items_written_over_http_read_back_from_sql_in_both_versions
     db.drop().await;
 }
 
+/// PostgreSQL enabled on a deployment that has items: at its first start with the store, every
+/// item of every live version reaches it (migrations and a back-fill into that store alone), and
+/// the next start does not do it again.
+#[tokio::test]
+async fn a_store_enabled_on_a_deployment_with_items_gets_every_item() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+    {
+        let app = spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+        app.put_and_freeze("dstore", "kitchensink", &blueprint_v1())
+            .await;
+        for id in &ids {
+            let written = app
+                .put(&format!("/dstore/kitchensink/{id}"), &item_v1(*id))
+                .await;
+            assert_eq!(written.status, 200, "{}", written.body);
+        }
+        app.put_and_freeze("dstore", "kitchensink", &blueprint_v2())
+            .await;
+        app.stop().await;
+    }
+    let db = TestDatabase::create().await;
+    let url = format!("{}/{}", server_url(), db.name);
+    let rows = |schema: &'static str| {
+        let url = url.clone();
+        async move {
+            sqlx::query_scalar::<_, i64>(AssertSqlSafe(format!(
+                "SELECT count(*) FROM {schema}.kitchensinks"
+            )))
+            .fetch_one(&mut connect(&url).await)
+            .await
+            .unwrap_or(0)
+        }
+    };
+    let start = || {
+        let settings = db.settings();
+        spawn_app_with(|s| {
+            s.storage.data_dir = path.clone();
+            s.postgresql = Some(settings);
+        })
+    };
+    let app = start().await;
+    eventually("every item is in both versions' tables", || async {
+        rows("dstore_v1").await == 3 && rows("dstore_v2").await == 3
+    })
+    .await;
+    let last = app.journal.as_ref().unwrap().last_seq();
+    app.stop().await;
+    let again = start().await;
+    assert_eq!(
+        again.journal.as_ref().unwrap().last_seq(),
+        last,
+        "the store was caught up again"
+    );
+    again.stop().await;
+    db.drop().await;
+}
+
 #[tokio::test]
 async fn strings_that_look_like_array_syntax_or_escapes_read_back_exactly() {
     // Columns travel to PostgreSQL as text arrays; quotes, backslashes, commas, braces, the word

@@ -55,6 +55,33 @@ pub async fn record(
     Ok(inserted == 1)
 }
 
+/// Records a back-fill of `version` into `projectors` alone (a store added later), starting over
+/// one that ran before for the same projectors.
+pub async fn record_again(
+    conn: &mut PgConnection,
+    project: &Ident,
+    version: u32,
+    projectors: &[String],
+) -> Result<(), StorageError> {
+    let state = BackfillState {
+        projectors: Some(projectors.to_vec()),
+        ..BackfillState::default()
+    };
+    sqlx::query(
+        "INSERT INTO backfills (project, version, projectors, state) VALUES ($1, $2, $3, $4) \
+         ON CONFLICT (project, version, projectors) DO UPDATE SET state = EXCLUDED.state, \
+             finished = FALSE, lease_owner = NULL, lease_until = NULL",
+    )
+    .bind(project.as_str())
+    .bind(version as i32)
+    .bind(projectors.join(","))
+    .bind(Json(&state))
+    .execute(&mut *conn)
+    .await
+    .map_err(|e| unavailable("record a back-fill", &e))?;
+    Ok(())
+}
+
 /// Runs back-fills while the storage lives, one at a time on this node.
 pub async fn run(storage: Weak<PgStorage>) {
     loop {

@@ -335,6 +335,9 @@ impl PgStorage {
     }
 
     /// Makes sure every configured projector has a cursor for `project` (or for every project).
+    /// A projector new to a project that already has a journal is caught up from the items, never
+    /// from the journal before it (which is pruned once every cursor is past it): see
+    /// [`PgStorage::add_cursors`].
     async fn ensure_cursors(&self, project: Option<&Ident>) -> Result<(), StorageError> {
         let projectors: Vec<String> = self
             .settings
@@ -342,17 +345,79 @@ impl PgStorage {
             .iter()
             .map(|p| p.to_string())
             .collect();
-        sqlx::query(
-            "INSERT INTO cursors (projector, project) \
-             SELECT p, name FROM unnest($1::text[]) AS p, projects \
-             WHERE $2::text IS NULL OR name = $2 \
-             ON CONFLICT DO NOTHING",
+        let missing: Vec<(String, Vec<String>)> = sqlx::query_as(
+            "SELECT p.name, array_agg(x.projector ORDER BY x.projector) \
+             FROM projects p, unnest($1::text[]) AS x(projector) \
+             WHERE ($2::text IS NULL OR p.name = $2) AND NOT EXISTS \
+                 (SELECT 1 FROM cursors c WHERE c.project = p.name AND c.projector = x.projector) \
+             GROUP BY p.name ORDER BY p.name",
         )
         .bind(&projectors)
         .bind(project.map(Ident::as_str))
-        .execute(&self.pool)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| unavailable("find missing projector cursors", &e))?;
+        for (name, projectors) in missing {
+            if let Ok(name) = Ident::parse(&name) {
+                self.add_cursors(&name, &projectors).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Gives `projectors` a cursor for `project` at its current revision, under its row lock: a
+    /// write committed before is in the items, one after is read by the new cursor. When the project
+    /// has a journal already, every live version is migrated and back-filled into these projectors
+    /// alone, so a store added later gets every item in every live version.
+    async fn add_cursors(
+        &self,
+        project: &Ident,
+        projectors: &[String],
+    ) -> Result<(), StorageError> {
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| unavailable("begin creating projector cursors", &e))?;
+        let row: Option<(i64, bool)> =
+            sqlx::query_as("SELECT revision, live FROM projects WHERE name = $1 FOR UPDATE")
+                .bind(project.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(|e| unavailable("create projector cursors", &e))?;
+        let Some((revision, live)) = row else {
+            return Ok(());
+        };
+        let added: Vec<String> = sqlx::query_scalar(
+            "INSERT INTO cursors (projector, project, revision) \
+             SELECT x, $2, $3 FROM unnest($1::text[]) AS x ON CONFLICT DO NOTHING \
+             RETURNING projector",
+        )
+        .bind(projectors)
+        .bind(project.as_str())
+        .bind(revision)
+        .fetch_all(&mut *tx)
         .await
         .map_err(|e| unavailable("create projector cursors", &e))?;
+        let mut versions = Vec::new();
+        if live && revision > 0 && !added.is_empty() {
+            if let Some(p) = catalog::load_project(&mut tx, project).await?.project {
+                versions.extend(p.live_versions().map(|v| v.number));
+            }
+        }
+        for version in &versions {
+            let at = Self::next_revisions(&mut tx, project, 1).await?;
+            let migrate = TaskOp::Migrate { version: *version };
+            Self::append_task(&mut tx, project, at, &migrate, Some(&added)).await?;
+            backfill::record_again(&mut tx, project, *version, &added).await?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| unavailable("commit projector cursors", &e))?;
+        if !versions.is_empty() {
+            tracing::info!(%project, projectors = ?added, ?versions, "a store added later is back-filled with every live version");
+            self.committed.notify_waiters();
+        }
         Ok(())
     }
 

@@ -562,46 +562,132 @@ mod tests {
         drop_schema(&schema).await;
     }
 
-    /// A dropped project's journal rows go once every projector is past the drop, but the drop's
-    /// own row, which a projector added later reads to move past it; a project made again keeps
-    /// every row from its birth on.
+    /// The journal keeps a project's rows until every cursor is past them: up to the slowest
+    /// cursor, then the drop's row too once every projector applied it; a project made again
+    /// keeps its rows from its birth on until they are applied.
     #[tokio::test]
-    async fn the_journal_before_a_drop_is_trimmed_once_every_projector_is_past_it() {
+    async fn the_journal_is_trimmed_up_to_the_slowest_cursor() {
         use crate::storage::postgres::watch::prune_journal;
-        let (storage, schema) = open_postgresql("trim", vec!["counting"]).await;
+        let (storage, schema) = open_postgresql("trim", vec!["counting", "other"]).await;
         let project = frozen(storage.as_ref()).await;
+        let mut written = Vec::new();
         for title in ["a", "b", "c"] {
-            write(storage.as_ref(), &project, Uuid::new_v4(), title).await;
+            written.push(write(storage.as_ref(), &project, Uuid::new_v4(), title).await);
         }
-        let dropped = storage.drop_project(&project).await.unwrap();
         let rows = |storage: Arc<PgStorage>| async move {
             sqlx::query_scalar::<_, i64>("SELECT revision FROM journal ORDER BY revision")
                 .fetch_all(storage.pool())
                 .await
                 .unwrap()
         };
-        assert_eq!(rows(storage.clone()).await.len(), 5);
+        let cursor = |projector: &'static str, revision: u64| {
+            let storage = storage.clone();
+            async move {
+                sqlx::query("UPDATE cursors SET revision = $2 WHERE projector = $1")
+                    .bind(projector)
+                    .bind(revision as i64)
+                    .execute(storage.pool())
+                    .await
+                    .unwrap();
+            }
+        };
+        assert_eq!(rows(storage.clone()).await.len(), 4);
+        cursor("counting", written[2]).await;
+        assert_eq!(prune_journal(&storage).await.unwrap(), 0, "a cursor at 0");
+        cursor("other", written[0]).await;
         assert_eq!(
             prune_journal(&storage).await.unwrap(),
-            0,
-            "a projector is behind"
+            2,
+            "up to the slowest"
+        );
+        assert_eq!(
+            rows(storage.clone()).await,
+            vec![written[1] as i64, written[2] as i64]
         );
 
-        sqlx::query("UPDATE cursors SET revision = $1")
-            .bind(dropped as i64)
-            .execute(storage.pool())
-            .await
-            .unwrap();
-        assert_eq!(prune_journal(&storage).await.unwrap(), 4);
-        assert_eq!(rows(storage.clone()).await, vec![dropped as i64]);
+        let dropped = storage.drop_project(&project).await.unwrap();
+        cursor("counting", dropped).await;
+        cursor("other", dropped).await;
+        assert_eq!(prune_journal(&storage).await.unwrap(), 3);
+        assert!(rows(storage.clone()).await.is_empty());
 
         let again = frozen(storage.as_ref()).await;
-        let written = write(storage.as_ref(), &again, Uuid::new_v4(), "new").await;
+        let born = write(storage.as_ref(), &again, Uuid::new_v4(), "new").await;
         assert_eq!(prune_journal(&storage).await.unwrap(), 0);
-        let kept = rows(storage.clone()).await;
-        assert_eq!(kept.first(), Some(&(dropped as i64)));
-        assert_eq!(kept.last(), Some(&(written as i64)));
+        assert_eq!(rows(storage.clone()).await.last(), Some(&(born as i64)));
         drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A projector a deployment runs from some day on starts at each project's revision and gets
+    /// every live version's migration and every item from a back-fill into it alone, so it needs
+    /// none of the journal the others trimmed.
+    #[tokio::test]
+    async fn a_projector_added_later_is_back_filled_from_the_items() {
+        use crate::storage::conformance::open_postgresql_in;
+        use crate::storage::postgres::watch::prune_journal;
+        let (first, schema) = open_postgresql("first", vec!["counting"]).await;
+        let project = frozen(first.as_ref()).await;
+        let mut ids = Vec::new();
+        for title in ["a", "b", "c"] {
+            ids.push(Uuid::new_v4());
+            write(first.as_ref(), &project, ids[ids.len() - 1], title).await;
+        }
+        let last = first.revision(&project).await.unwrap();
+        sqlx::query("UPDATE cursors SET revision = $1")
+            .bind(last as i64)
+            .execute(first.pool())
+            .await
+            .unwrap();
+        assert_eq!(prune_journal(&first).await.unwrap(), 4);
+
+        let second = open_postgresql_in(&schema, "second", vec!["counting", "other"]).await;
+        let cursor: i64 =
+            sqlx::query_scalar("SELECT revision FROM cursors WHERE projector = 'other'")
+                .fetch_one(second.pool())
+                .await
+                .unwrap();
+        assert_eq!(cursor as u64, last, "starts at the project's revision");
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
+        let tasks = loop {
+            let rows: Vec<(Vec<u8>, Option<Vec<String>>)> = sqlx::query_as(
+                "SELECT task, projectors FROM journal WHERE revision > $1 ORDER BY revision",
+            )
+            .bind(cursor)
+            .fetch_all(second.pool())
+            .await
+            .unwrap();
+            if rows.len() == 4 {
+                break rows;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{} rows",
+                rows.len()
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        };
+        let mut upserted = Vec::new();
+        for (raw, projectors) in &tasks {
+            assert_eq!(projectors.as_deref(), Some(&["other".to_string()][..]));
+            match decode_task(raw).unwrap().op {
+                TaskOp::Migrate { version } => assert_eq!(version, 1),
+                TaskOp::Upsert { id, .. } => upserted.push(id),
+                op => panic!("{op:?}"),
+            }
+        }
+        upserted.sort();
+        ids.sort();
+        assert_eq!(upserted, ids);
+        // Another start finds the cursor and back-fills nothing again.
+        drop(second);
+        let third = open_postgresql_in(&schema, "third", vec!["counting", "other"]).await;
+        let backfills: i64 = sqlx::query_scalar("SELECT count(*) FROM backfills")
+            .fetch_one(third.pool())
+            .await
+            .unwrap();
+        assert_eq!(backfills, 1);
+        drop((first, third));
         drop_schema(&schema).await;
     }
 }

@@ -6,8 +6,8 @@
 //! tasks. Waiters share its results instead of querying on their own, so a thousand waiting requests
 //! cost one query per poll.
 //!
-//! The same task trims the journal of what no projector will read again: the tasks of a project
-//! before its drop, once every projector is past the drop (see [`prune_journal`]).
+//! The same task gives projectors new to a project their cursors, and trims the journal of what
+//! every projector applied (see [`prune_journal`]).
 
 use std::collections::HashMap;
 use std::sync::{Mutex, Weak};
@@ -176,6 +176,11 @@ pub async fn run(storage: Weak<PgStorage>) {
             last_backlog = tokio::time::Instant::now();
         }
         if last_prune.elapsed() >= PRUNE_EVERY {
+            // A project made on a node that runs fewer projectors, or whose cursors a failure
+            // left unmade, gets this node's.
+            if let Err(error) = node.ensure_cursors(None).await {
+                tracing::warn!(%error, "cannot create projector cursors; trying again later");
+            }
             if let Err(error) = prune_journal(&node).await {
                 tracing::warn!(%error, "cannot trim the journal; trying again later");
             }
@@ -212,24 +217,20 @@ async fn poll_cursors(node: &PgStorage, projects: &[String]) {
     }
 }
 
-/// Removes the journal rows of projects before their last drop once every projector is past the
-/// drop: a dropped project's (its row's revision is the drop), or a project made again since (its
-/// `born`, the drop's revision). The drop's own row stays, so a projector added later, whose cursor
-/// starts at 0, reads the drop and moves past it. Answers how many rows went.
+/// Removes the journal rows every projector has applied: a project's rows up to its slowest
+/// cursor, a dropped project's drop included. No projector reads them again: a projector given a
+/// cursor later starts at the project's revision and is back-filled from the items
+/// ([`PgStorage::ensure_cursors`]). A held project's rows stay with its cursor. Answers how many
+/// rows went.
 pub(super) async fn prune_journal(node: &PgStorage) -> Result<u64, sqlx::Error> {
     let mut total = 0;
     loop {
         let removed = sqlx::query(
-            "WITH dropped AS ( \
-                 SELECT name, CASE WHEN live THEN coalesce((working->>'born')::bigint, 0) \
-                                   ELSE revision END AS at \
-                 FROM projects p \
-                 WHERE NOT EXISTS (SELECT 1 FROM cursors c WHERE c.project = p.name \
-                     AND c.revision < CASE WHEN p.live THEN coalesce((p.working->>'born')::bigint, 0) \
-                                           ELSE p.revision END)) \
-             DELETE FROM journal WHERE ctid IN ( \
-                 SELECT j.ctid FROM journal j JOIN dropped d ON d.name = j.project \
-                 WHERE j.revision < d.at LIMIT $1)",
+            "DELETE FROM journal WHERE ctid IN ( \
+                 SELECT j.ctid FROM journal j \
+                 JOIN (SELECT project, min(revision) AS applied FROM cursors GROUP BY project) c \
+                   ON c.project = j.project \
+                 WHERE j.revision <= c.applied LIMIT $1)",
         )
         .bind(PRUNE_CHUNK)
         .execute(node.pool())
