@@ -67,11 +67,11 @@ fn cross_site(request: &ServiceRequest) -> bool {
 }
 
 fn bearer(request: &ServiceRequest) -> Option<String> {
-    let value = request
-        .headers()
-        .get(header::AUTHORIZATION)?
-        .to_str()
-        .ok()?;
+    bearer_of(request.headers())
+}
+
+fn bearer_of(headers: &header::HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")
@@ -194,4 +194,59 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
         return Err((checked, refused));
     }
     Ok(checked)
+}
+
+/// How often a long-lived request checks its key again.
+const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The key a long-lived request (a change feed's stream or long poll) was let in with, checked
+/// again while it runs: a key revoked, expired, rotated past its grace or narrowed after the
+/// request began ends it, within about a second here and within the key cache's refresh on
+/// another node of a cluster.
+pub struct Recheck {
+    keys: std::sync::Arc<crate::auth::keys::KeyStore>,
+    token: String,
+    action: Action,
+    project: String,
+    checked: std::time::Instant,
+}
+
+impl Recheck {
+    /// For a request let in with an API key; `None` when there is no key to check (authentication
+    /// off, or an open route).
+    pub fn of(state: &State, request: &HttpRequest, action: Action, project: &str) -> Option<Self> {
+        if !matches!(caller(request), Caller::Key(_)) {
+            return None;
+        }
+        Some(Recheck {
+            keys: state.keys.clone()?,
+            token: bearer_of(request.headers())?,
+            action,
+            project: project.to_string(),
+            checked: std::time::Instant::now(),
+        })
+    }
+
+    /// Whether the key still lets the request go on (checked at most once a [`RECHECK`]); why
+    /// not otherwise, as the 401 or 403 it would get now.
+    pub async fn check(&mut self) -> Result<(), ApiError> {
+        if self.checked.elapsed() < RECHECK {
+            return Ok(());
+        }
+        self.checked = std::time::Instant::now();
+        let caller = match self.keys.authenticate(Some(&self.token)).await {
+            Ok(caller) => caller,
+            Err(AuthError::Storage(e)) => return Err(ApiError::from(e)),
+            Err(e) => return Err(ApiError::Unauthorized(e.to_string())),
+        };
+        if caller.allows(self.action, Some(&self.project)) {
+            return Ok(());
+        }
+        let (id, _) = caller.describe();
+        Err(ApiError::Forbidden(format!(
+            "key {id} may not {} on project {:?} any more",
+            self.action.name(),
+            self.project
+        )))
+    }
 }

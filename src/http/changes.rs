@@ -10,6 +10,8 @@
 //! - Streams resume from the revision a follower saw last (`since`, or SSE's `Last-Event-ID`), and
 //!   within one stream revisions only grow, so a change is never sent twice.
 //! - Streams end when the server stops, so a graceful stop never waits for followers.
+//! - A stream or long poll opened with an API key checks the key again as it runs (at most once a
+//!   second, and before each page): a key revoked, expired or narrowed meanwhile ends it.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -17,15 +19,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use actix_web::http::header;
-use actix_web::{web, HttpRequest, HttpResponse};
+use actix_web::{web, HttpRequest, HttpResponse, ResponseError};
 use bytes::Bytes;
 use serde::Deserialize;
 use serde_json::json;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::auth::Recheck;
 use super::error::ApiError;
 use super::{ident, State};
+use crate::auth::Action;
 use crate::blueprint::Ident;
 use crate::feed::{FeedError, FollowError, Follower, Page};
 
@@ -269,6 +273,7 @@ pub async fn changes(
         params.blueprints.clone(),
     )?;
     let version = follower.version;
+    let mut recheck = Recheck::of(&state, &request, Action::ItemsRead, project.as_str());
     let head = state.storage.revision(&project).await?;
     let since = match params.since {
         Some(since) if since > head => return Err(ahead(since, head)),
@@ -284,7 +289,7 @@ pub async fn changes(
         }
         Feed::Longpoll => {
             let _slot = Slot::take(&state)?;
-            let page = long_poll(&state, &follower, &params, since).await?;
+            let page = long_poll(&state, &follower, &params, since, recheck.as_mut()).await?;
             Ok(HttpResponse::Ok().json(page_body(&page, version)))
         }
         Feed::Sse | Feed::Ndjson => {
@@ -305,6 +310,7 @@ pub async fn changes(
                 })]),
                 done: false,
                 follower,
+                recheck,
                 state: state.clone(),
                 _slot: slot,
             };
@@ -344,12 +350,16 @@ async fn long_poll(
     follower: &Follower,
     params: &Params,
     since: u64,
+    mut recheck: Option<&mut Recheck>,
 ) -> Result<Page, ApiError> {
     let mut wake = state.storage.follow(&follower.project);
     let mut closing = state.closing.clone();
     let deadline = Instant::now() + params.timeout.unwrap_or_default();
     let mut since = since;
     loop {
+        if let Some(recheck) = recheck.as_deref_mut() {
+            recheck.check().await?;
+        }
         wake.borrow_and_update();
         let page = follower
             .page(state.storage.as_ref(), since, params.limit)
@@ -376,6 +386,8 @@ async fn long_poll(
 struct Stream {
     state: State,
     follower: Follower,
+    /// The key the stream was opened with, checked again as it runs.
+    recheck: Option<Recheck>,
     since: u64,
     sse: bool,
     wake: watch::Receiver<u64>,
@@ -389,6 +401,22 @@ struct Stream {
 }
 
 impl Stream {
+    /// Ends the stream with why, in the body an error answer has (an `event: gone` in SSE).
+    fn end(&mut self, status: u16, why: &str, horizon: Option<u64>) {
+        let body = json!({
+            "status": why,
+            "code": status,
+            "errors": [],
+            "horizon": horizon,
+        });
+        self.out.push_back(Bytes::from(if self.sse {
+            format!("event: gone\ndata: {body}\n\n")
+        } else {
+            format!("{body}\n")
+        }));
+        self.done = true;
+    }
+
     async fn next(mut self) -> Option<(Result<Bytes, actix_web::Error>, Stream)> {
         loop {
             if let Some(frame) = self.out.pop_front() {
@@ -400,6 +428,12 @@ impl Stream {
             let expired = self.deadline.is_some_and(|at| Instant::now() >= at);
             if self.done || expired || *self.closing.borrow() {
                 return None;
+            }
+            if let Some(recheck) = self.recheck.as_mut() {
+                if let Err(error) = recheck.check().await {
+                    self.end(error.status_code().as_u16(), &error.to_string(), None);
+                    continue;
+                }
             }
             self.wake.borrow_and_update();
             match self
@@ -438,18 +472,7 @@ impl Stream {
                         FeedError::Compacted { horizon } => (410, Some(*horizon)),
                         _ => (404, None),
                     };
-                    let body = json!({
-                        "status": error.to_string(),
-                        "code": status,
-                        "errors": [],
-                        "horizon": horizon,
-                    });
-                    self.out.push_back(Bytes::from(if self.sse {
-                        format!("event: gone\ndata: {body}\n\n")
-                    } else {
-                        format!("{body}\n")
-                    }));
-                    self.done = true;
+                    self.end(status, &error.to_string(), horizon);
                     continue;
                 }
             }

@@ -1114,3 +1114,121 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     }
     out
 }
+
+/// Reads NDJSON lines from a stream until it ends (or 10 seconds pass); heartbeats left out.
+async fn lines_until_the_end(response: reqwest::Response) -> Vec<Value> {
+    use futures::StreamExt;
+    let mut stream = response.bytes_stream();
+    let mut bytes = Vec::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while let Ok(Some(chunk)) = tokio::time::timeout_at(deadline, stream.next()).await {
+        bytes.extend_from_slice(&chunk.expect("the stream reads"));
+    }
+    bytes
+        .split(|b| *b == b'\n')
+        .filter(|line| !line.is_empty())
+        .map(|line| serde_json::from_slice(line).expect("a JSON line"))
+        .collect()
+}
+
+/// A change feed followed with a key, by a stream or a long poll, ends with the 401 or 403 the key
+/// would get now once it is revoked or narrowed: no change written after reaches it.
+#[tokio::test]
+async fn a_followed_change_feed_ends_when_its_key_is_revoked_or_narrowed() {
+    let app = secured().await;
+    let (writer, _) = key(&app, &["blueprints.write", "items.write"], &["blog"], None).await;
+    let blueprint = article().to_string();
+    let put = "/blog/article/_blueprint";
+    assert_eq!(
+        call(&app, Method::PUT, put, Some(&writer), Some(&blueprint))
+            .await
+            .0,
+        200
+    );
+    assert_eq!(
+        call(&app, Method::POST, "/blog/_version", Some(&writer), None)
+            .await
+            .0,
+        200
+    );
+    let write = || {
+        let item = json!({"project_version": 1, "title": "after", "date_created": "2020-01-02"});
+        let path = format!("/blog/article/{}", Uuid::new_v4());
+        let (app, writer) = (&app, &writer);
+        async move {
+            let (status, body) = call(
+                app,
+                Method::PUT,
+                &path,
+                Some(writer),
+                Some(&item.to_string()),
+            )
+            .await;
+            assert_eq!(status, 200, "{body}");
+        }
+    };
+    for (change, code) in [("revoke", 401), ("narrow", 403)] {
+        let (reader, id) = key(&app, &["items.read"], &["blog"], None).await;
+        let response = app
+            .client
+            .get(format!(
+                "{}/blog/_changes?feed=ndjson&heartbeat=1&since=now",
+                app.address
+            ))
+            .bearer_auth(&reader)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let changed = if change == "revoke" {
+            call(
+                &app,
+                Method::DELETE,
+                &format!("/_keys/{id}"),
+                Some(MASTER),
+                None,
+            )
+            .await
+        } else {
+            let narrower = json!({"projects": ["shop"]}).to_string();
+            let path = format!("/_keys/{id}");
+            call(&app, Method::PATCH, &path, Some(MASTER), Some(&narrower)).await
+        };
+        assert_eq!(changed.0, 200, "{}", changed.1);
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        write().await;
+        let lines = lines_until_the_end(response).await;
+        assert_eq!(lines.len(), 1, "{change}: {lines:?}");
+        assert_eq!(lines[0]["code"], code, "{change}: {lines:?}");
+    }
+
+    let (reader, id) = key(&app, &["items.read"], &["blog"], None).await;
+    let head = call(&app, Method::GET, "/blog/_changes", Some(&reader), None)
+        .await
+        .1;
+    let since = head["last_revision"].as_u64().unwrap();
+    let poll = app
+        .client
+        .get(format!(
+            "{}/blog/_changes?feed=longpoll&timeout=10&since={since}",
+            app.address
+        ))
+        .bearer_auth(&reader)
+        .send();
+    let revoke = async {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let path = format!("/_keys/{id}");
+        assert_eq!(
+            call(&app, Method::DELETE, &path, Some(MASTER), None)
+                .await
+                .0,
+            200
+        );
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        write().await;
+    };
+    let (answer, ()) = tokio::join!(poll, revoke);
+    let answer = answer.unwrap();
+    assert_eq!(answer.status(), 401, "{:?}", answer.text().await);
+    app.stop().await;
+}
