@@ -300,7 +300,12 @@ async fn print_changes(
         for change in &results {
             let _ = writeln!(out, "{change}");
         }
-        let last = page["last_revision"].as_u64().unwrap_or(0);
+        let Some(last) = page["last_revision"].as_u64() else {
+            return Err(CliError::Transport(format!(
+                "the answer has no last_revision, so this is not a dstore change feed: {}",
+                dstore::blueprint::value::excerpt_str(&page.to_string())
+            )));
+        };
         let since = query
             .iter()
             .find(|(k, _)| *k == "since")
@@ -308,8 +313,12 @@ async fn print_changes(
         if results.is_empty() && since.as_deref() == Some(&last.to_string()) {
             return Ok(());
         }
-        query.retain(|(k, _)| *k != "since");
+        // The page's horizon goes back with its revision: a read from 0 goes on below it.
+        query.retain(|(k, _)| *k != "since" && *k != "horizon");
         query.push(("since", last.to_string()));
+        if let Some(horizon) = page["horizon"].as_u64() {
+            query.push(("horizon", horizon.to_string()));
+        }
     }
 }
 

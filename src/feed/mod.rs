@@ -125,6 +125,9 @@ pub struct Page {
     /// The revision to read after next: the last change looked at (shown or filtered out), or the
     /// `since` the page was read from when there was none.
     pub last_revision: u64,
+    /// The project's horizon when the page was read: passed back with `last_revision`, it lets a
+    /// reader go on below the horizon as long as nothing more was compacted (see [`Follower::page`]).
+    pub horizon: u64,
 }
 
 /// Why a follower cannot be made: the field at fault and the message.
@@ -183,14 +186,21 @@ impl Follower {
     }
 
     /// The changes after `since` (at most `limit` looked at), as the follower sees them.
+    ///
+    /// A `since` below the horizon may have missed a compacted delete, and is refused, unless
+    /// it starts from 0 or was handed out under the horizon the project still has (`horizon`, that
+    /// of the page that gave it): a reader that started from 0 holds only what it was given since,
+    /// and while nothing more is compacted no delete of it can have gone, so a scan from 0 goes on
+    /// page after page below a horizon set before it began.
     pub async fn page(
         &self,
         storage: &dyn Storage,
         since: u64,
+        horizon: Option<u64>,
         limit: usize,
     ) -> Result<Page, FeedError> {
         let page = storage.changes(&self.project, since, limit).await?;
-        if since != 0 && since < page.horizon {
+        if since != 0 && since < page.horizon && horizon != Some(page.horizon) {
             return Err(FeedError::Compacted {
                 horizon: page.horizon,
             });
@@ -230,6 +240,7 @@ impl Follower {
         Ok(Page {
             entries,
             last_revision,
+            horizon: page.horizon,
         })
     }
 

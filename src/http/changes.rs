@@ -66,11 +66,14 @@ struct Query {
     feed: Option<String>,
     timeout: Option<String>,
     heartbeat: Option<String>,
+    horizon: Option<String>,
 }
 
 struct Params {
     /// `None`: `since=now`, only changes from here on.
     since: Option<u64>,
+    /// The horizon of the page that gave `since` (see `Follower::page`).
+    horizon: Option<u64>,
     version: Option<u32>,
     blueprints: Option<Vec<Ident>>,
     limit: usize,
@@ -200,6 +203,7 @@ impl Params {
             feed,
             timeout,
             heartbeat: Duration::from_secs(heartbeat),
+            horizon: number::<u64>("horizon", query.horizon.as_deref(), "a revision")?,
         })
     }
 }
@@ -253,6 +257,7 @@ fn page_body(page: &Page, version: u32) -> serde_json::Value {
     json!({
         "results": page.entries,
         "last_revision": page.last_revision,
+        "horizon": page.horizon,
         "version": version,
     })
 }
@@ -283,7 +288,7 @@ pub async fn changes(
     match params.feed {
         Feed::Normal => {
             let page = follower
-                .page(state.storage.as_ref(), since, params.limit)
+                .page(state.storage.as_ref(), since, params.horizon, params.limit)
                 .await?;
             Ok(HttpResponse::Ok().json(page_body(&page, version)))
         }
@@ -295,13 +300,16 @@ pub async fn changes(
         Feed::Sse | Feed::Ndjson => {
             let slot = Slot::take(&state)?;
             // Read once before answering, so a compacted `since` is a 410, not a stream that ends.
-            follower.page(state.storage.as_ref(), since, 1).await?;
+            let first = follower
+                .page(state.storage.as_ref(), since, params.horizon, 1)
+                .await?;
             let stream = Stream {
                 wake: state.storage.follow(&project),
                 closing: state.closing.clone(),
                 deadline: params.timeout.map(|t| Instant::now() + t),
                 heartbeat: params.heartbeat,
                 since,
+                horizon: Some(first.horizon),
                 sse: params.feed == Feed::Sse,
                 out: VecDeque::from([Bytes::from_static(if params.feed == Feed::Sse {
                     b"retry: 2000\n\n"
@@ -355,15 +363,16 @@ async fn long_poll(
     let mut wake = state.storage.follow(&follower.project);
     let mut closing = state.closing.clone();
     let deadline = Instant::now() + params.timeout.unwrap_or_default();
-    let mut since = since;
+    let (mut since, mut horizon) = (since, params.horizon);
     loop {
         if let Some(recheck) = recheck.as_deref_mut() {
             recheck.check().await?;
         }
         wake.borrow_and_update();
         let page = follower
-            .page(state.storage.as_ref(), since, params.limit)
+            .page(state.storage.as_ref(), since, horizon, params.limit)
             .await?;
+        horizon = Some(page.horizon);
         if !page.entries.is_empty() || Instant::now() >= deadline || *closing.borrow() {
             return Ok(page);
         }
@@ -389,6 +398,8 @@ struct Stream {
     /// The key the stream was opened with, checked again as it runs.
     recheck: Option<Recheck>,
     since: u64,
+    /// The horizon `since` was handed out under.
+    horizon: Option<u64>,
     sse: bool,
     wake: watch::Receiver<u64>,
     closing: watch::Receiver<bool>,
@@ -438,12 +449,18 @@ impl Stream {
             self.wake.borrow_and_update();
             match self
                 .follower
-                .page(self.state.storage.as_ref(), self.since, STREAM_PAGE)
+                .page(
+                    self.state.storage.as_ref(),
+                    self.since,
+                    self.horizon,
+                    STREAM_PAGE,
+                )
                 .await
             {
                 Ok(page) => {
                     let moved = page.last_revision > self.since;
                     self.since = page.last_revision;
+                    self.horizon = Some(page.horizon);
                     for entry in &page.entries {
                         let data = serde_json::to_string(entry).expect("entries serialize");
                         self.out.push_back(Bytes::from(if self.sse {

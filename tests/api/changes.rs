@@ -568,6 +568,35 @@ async fn compacted_deletes_answer_410_and_since_0_gives_the_latest_state() {
             .status,
         200
     );
+
+    // A scan from 0 goes on below the horizon, page after page, passing back each page's horizon
+    // with its last revision; without it, its second page would be a 410.
+    let first = app.get("/p/_changes?since=0&limit=1").await.body;
+    assert_eq!(first["horizon"], horizon, "{first}");
+    let last = first["last_revision"].as_u64().unwrap();
+    assert_eq!(last, before);
+    assert_eq!(
+        app.get(&format!("/p/_changes?since={last}")).await.status,
+        410
+    );
+    let next = app
+        .get(&format!("/p/_changes?since={last}&horizon={horizon}"))
+        .await;
+    assert_eq!(next.status, 200, "{}", next.body);
+    assert_eq!(revisions(&next.body), Vec::<u64>::new());
+    // A horizon passed back that is not the project's any more is no pass.
+    let stale = app
+        .get(&format!("/p/_changes?since={last}&horizon={}", horizon - 1))
+        .await;
+    assert_eq!(stale.status, 410, "{}", stale.body);
+    // A stream from 0 reads on past the horizon by itself, and goes on following.
+    let mut events = sse(&app.address, "since=0&heartbeat=1", None).await;
+    let scanned = next_changes(&mut events, 1).await;
+    assert_eq!(scanned[0]["revision"], before);
+    let after = put(&app, Uuid::new_v4(), "after").await;
+    let followed = next_changes(&mut events, 1).await;
+    assert_eq!(followed[0]["revision"], after);
+    app.stop().await;
 }
 
 #[tokio::test]
