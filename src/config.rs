@@ -575,6 +575,22 @@ impl Settings {
                 }
             };
         }
+        // Empty variables count as unset, but a master key set empty would turn authentication
+        // off on a loopback address without a word: refused.
+        for name in [
+            "DSTORE_MASTER_KEY",
+            "DSTORE_MASTER_KEY_PREVIOUS",
+            "DSTORE_MASTER_KEY_FILE",
+        ] {
+            if var(name).is_some_and(|v| v.trim().is_empty()) {
+                return Err(ConfigError::Env {
+                    name: name.into(),
+                    value: String::new(),
+                    reason: "is empty: set a key (at least 16 bytes) or leave the variable unset"
+                        .into(),
+                });
+            }
+        }
         let keys: Vec<Secret> = ["DSTORE_MASTER_KEY", "DSTORE_MASTER_KEY_PREVIOUS"]
             .iter()
             .filter_map(|name| first(&[name]).map(|v| Secret::from(v.1)))
@@ -686,6 +702,18 @@ mod tests {
         let mut settings = Settings::default();
         settings.apply_env(|name| env.get(name).cloned())?;
         Ok(settings)
+    }
+
+    #[test]
+    fn a_master_key_set_empty_is_refused_naming_the_variable() {
+        for name in ["DSTORE_MASTER_KEY", "DSTORE_MASTER_KEY_FILE"] {
+            let mut settings = Settings::default();
+            let error = settings
+                .apply_env(|n| (n == name).then(|| " ".to_string()))
+                .unwrap_err()
+                .to_string();
+            assert!(error.contains(name) && error.contains("empty"), "{error}");
+        }
     }
 
     #[test]

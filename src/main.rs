@@ -86,6 +86,10 @@ fn main() -> ExitCode {
 /// Prints the settings in effect and whether each configured store answers; fails if one does not.
 fn check_config(settings: &Settings) -> ExitCode {
     println!("{}", toml::to_string_pretty(settings).unwrap_or_default());
+    if let Err(error) = dstore::startup::check_settings(settings) {
+        println!("FAILING settings       {error}");
+        return ExitCode::from(2);
+    }
     let Some(runtime) = runtime() else {
         return ExitCode::FAILURE;
     };

@@ -105,7 +105,7 @@ impl Application {
         settings: Settings,
         extra: Vec<Arc<dyn Projector>>,
     ) -> Result<Application, StartupError> {
-        validate_durations(&settings)?;
+        check_settings(&settings)?;
         let external = match &settings.queue {
             Some(_) if settings.storage.backend == Backend::Postgresql => {
                 return Err(StartupError::Queue(
@@ -502,9 +502,14 @@ fn master_keys(settings: &Settings) -> Result<Option<Vec<Secret>>, StartupError>
                 path.display()
             ))
         })?;
-        if let Some(line) = text.lines().map(str::trim).find(|l| !l.is_empty()) {
-            keys.push(Secret::from(line));
-        }
+        let Some(line) = text.lines().map(str::trim).find(|l| !l.is_empty()) else {
+            return Err(StartupError::Auth(format!(
+                "the master key file {} (auth.master_key_file / DSTORE_MASTER_KEY_FILE) holds no \
+                 key: authentication would be off; put the key on its first line",
+                path.display()
+            )));
+        };
+        keys.push(Secret::from(line));
     }
     if let Some(short) = keys.iter().position(|k| k.expose().len() < 16) {
         return Err(StartupError::Auth(format!(
@@ -552,9 +557,38 @@ fn enabled(kind: ProjectorKind, settings: &Settings) -> bool {
     }
 }
 
+/// Every check of the settings `serve` makes before it opens anything (`dstore check-config` runs
+/// them too): the settings below, the master keys, cluster mode's URL and the queue's settings.
+pub fn check_settings(settings: &Settings) -> Result<(), StartupError> {
+    validate_durations(settings)?;
+    master_keys(settings)?;
+    if settings.storage.backend == Backend::Postgresql && settings.storage.url.is_none() {
+        return Err(StartupError::Unconfigured(
+            "storage.backend = \"postgresql\" needs storage.url (DSTORE_STORAGE_URL)".into(),
+        ));
+    }
+    if let Some(queue) = &settings.queue {
+        validate_queue(queue)?;
+    }
+    Ok(())
+}
+
 /// Retention and heartbeat settings are subtracted from the clock or offered to every follower:
 /// out of range, a clean-up would purge everything or stop, so dstore refuses to start instead.
+/// The HTTP server takes at most 512 workers; a rotation's grace at most 30 days.
 fn validate_durations(settings: &Settings) -> Result<(), StartupError> {
+    if settings.server.workers > 512 {
+        return Err(StartupError::Setting(format!(
+            "server.workers = {}: at most 512 (0 means one per core)",
+            settings.server.workers
+        )));
+    }
+    if settings.auth.rotation_grace_secs > 30 * 86_400 {
+        return Err(StartupError::Setting(format!(
+            "auth.rotation_grace_secs = {}: at most 2592000 (30 days)",
+            settings.auth.rotation_grace_secs
+        )));
+    }
     const CENTURY_SECS: u64 = 100 * 365 * 86_400;
     let changes = &settings.changes;
     if changes.tombstone_retention_secs > CENTURY_SECS {

@@ -1051,6 +1051,18 @@ async fn dstore_refuses_to_start_with_a_short_master_key_or_open_on_a_public_add
     .await
     .is_ok());
     assert!(start(|s| s.server.host = "127.0.0.1".into()).await.is_ok());
+    // A master key file holding no key is refused, not read as "no master key" (open routes).
+    fn blank_key_file() -> std::path::PathBuf {
+        std::env::temp_dir().join(format!("dstore-blank-master-key-{}", std::process::id()))
+    }
+    std::fs::write(blank_key_file(), " \n\n").unwrap();
+    let blank = start(|s| s.auth.master_key_file = Some(blank_key_file())).await;
+    let _ = std::fs::remove_file(blank_key_file());
+    assert!(blank.unwrap_err().contains("holds no key"));
+    let workers = start(|s| s.server.workers = 513).await;
+    assert!(workers.unwrap_err().contains("server.workers"));
+    let grace = start(|s| s.auth.rotation_grace_secs = u64::MAX).await;
+    assert!(grace.unwrap_err().contains("auth.rotation_grace_secs"));
 }
 
 #[tokio::test]

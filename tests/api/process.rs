@@ -68,6 +68,37 @@ async fn the_binary_honours_the_original_variables_and_stops_cleanly_on_sigterm(
     assert!(status.success(), "{status}");
 }
 
+/// `check-config` refuses what `serve` would refuse, naming the setting, before checking stores.
+#[test]
+fn check_config_refuses_the_settings_serve_refuses() {
+    let dir = tempfile::tempdir().unwrap();
+    for (name, value, named) in [
+        ("DSTORE_STORAGE_BACKEND", "postgresql", "storage.url"),
+        ("DSTORE_MASTER_KEY", "short", "16 bytes"),
+        ("DSTORE_HOST", "0.0.0.0", "DSTORE_MASTER_KEY"),
+        ("DSTORE_MASTER_KEY", "", "DSTORE_MASTER_KEY"),
+    ] {
+        let output = Command::new(env!("CARGO_BIN_EXE_dstore"))
+            .arg("check-config")
+            .env("LEVEL_PATH", dir.path())
+            .env(name, value)
+            .env_remove("DSTORE_CONFIG")
+            .output()
+            .unwrap();
+        let printed = format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        );
+        assert_eq!(output.status.code(), Some(2), "{name}={value}: {printed}");
+        assert!(printed.contains(named), "{name}={value}: {printed}");
+        assert!(
+            !printed.contains("ok      journal"),
+            "{name}={value}: {printed}"
+        );
+    }
+}
+
 #[test]
 fn check_config_reports_each_store_and_fails_when_one_does_not_answer() {
     let dir = tempfile::tempdir().unwrap();
