@@ -293,9 +293,38 @@ impl KeyStore {
         Ok((key, format!("dstore_{id}_{secret}")))
     }
 
+    /// A key as stored now, to change it: this node's copy may be a couple of seconds old, and a
+    /// change made from it would undo a revocation or a rotation made through another node.
+    async fn fresh(&self, id: &str) -> Result<ApiKey, KeyError> {
+        let stored = if super::is_key_id(id) {
+            self.storage.key(id).await?
+        } else {
+            None
+        };
+        stored.ok_or_else(|| self.forget(id))
+    }
+
+    /// Forgets a key found revoked; answers the error saying so.
+    fn forget(&self, id: &str) -> KeyError {
+        self.keys.write().expect("keys lock").remove(id);
+        KeyError::NotFound(crate::blueprint::value::excerpt_str(id))
+    }
+
+    /// Writes a changed key, unless it was revoked meanwhile; keeps it in this node's copy.
+    async fn replace(&self, key: &ApiKey) -> Result<(), KeyError> {
+        if !self.storage.replace_key(key).await? {
+            return Err(self.forget(&key.id));
+        }
+        self.keys
+            .write()
+            .expect("keys lock")
+            .insert(key.id.clone(), key.clone());
+        Ok(())
+    }
+
     /// Changes a key's name, description, actions, projects or expiry.
     pub async fn update(&self, by: &Caller, id: &str, input: KeyInput) -> Result<ApiKey, KeyError> {
-        let mut key = self.get(id).await?;
+        let mut key = self.fresh(id).await?;
         Self::may_touch(by, &key, "change")?;
         let mut errors = Vec::new();
         if input.name.as_deref() == Some("") {
@@ -306,11 +335,7 @@ impl KeyStore {
             return Err(KeyError::Invalid(errors));
         }
         Self::may_touch(by, &key, "grant")?;
-        self.storage.put_key(&key).await?;
-        self.keys
-            .write()
-            .expect("keys lock")
-            .insert(id.to_string(), key.clone());
+        self.replace(&key).await?;
         Ok(key)
     }
 
@@ -321,18 +346,14 @@ impl KeyStore {
         id: &str,
         grace: Duration,
     ) -> Result<(ApiKey, String), KeyError> {
-        let mut key = self.get(id).await?;
+        let mut key = self.fresh(id).await?;
         Self::may_touch(by, &key, "rotate")?;
         let secret = random_hex(32);
         key.previous = Some(PreviousSecret {
             hash: std::mem::replace(&mut key.hash, super::digest(&secret)),
             valid_until: Utc::now() + chrono::Duration::from_std(grace).unwrap_or_default(),
         });
-        self.storage.put_key(&key).await?;
-        self.keys
-            .write()
-            .expect("keys lock")
-            .insert(id.to_string(), key.clone());
+        self.replace(&key).await?;
         Ok((key.clone(), format!("dstore_{}_{secret}", key.id)))
     }
 

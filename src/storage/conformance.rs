@@ -409,6 +409,51 @@ async fn a_new_project_past_the_most_is_refused_and_existing_ones_go_on(storage:
     assert!(matches!(refused, StorageError::Conflict(_)), "{refused:?}");
 }
 
+/// Two nodes' key caches: a change made through a node whose copy is stale never brings back a key
+/// revoked through the other, nor undoes its rotation; a key's use never brings it back either.
+async fn a_key_change_from_a_stale_copy_never_undoes_a_revocation_or_a_rotation(
+    storage: Arc<dyn Storage>,
+) {
+    use crate::auth::keys::{KeyError, KeyInput, KeyStore};
+    use crate::auth::Caller;
+    let input = |v: serde_json::Value| serde_json::from_value::<KeyInput>(v).unwrap();
+    let key = || input(json!({"name": "k", "actions": ["items.read"], "projects": ["*"]}));
+    let first = KeyStore::open(storage.clone(), Vec::new()).await.unwrap();
+    let (revoked, _) = first.create(&Caller::Master, key()).await.unwrap();
+    let (rotated, _) = first.create(&Caller::Master, key()).await.unwrap();
+    let second = KeyStore::open(storage.clone(), Vec::new()).await.unwrap();
+    first.delete(&Caller::Master, &revoked.id).await.unwrap();
+    let (rotated, _) = first
+        .rotate(&Caller::Master, &rotated.id, Duration::ZERO)
+        .await
+        .unwrap();
+
+    let touched = json!({"description": "changed through the other node"});
+    let refused = second
+        .update(&Caller::Master, &revoked.id, input(touched.clone()))
+        .await;
+    assert!(matches!(refused, Err(KeyError::NotFound(_))), "{refused:?}");
+    storage
+        .touch_key(&revoked.id, chrono::Utc::now())
+        .await
+        .unwrap();
+    assert!(storage.key(&revoked.id).await.unwrap().is_none());
+    assert!(!storage
+        .keys()
+        .await
+        .unwrap()
+        .iter()
+        .any(|k| k.id == revoked.id));
+
+    second
+        .update(&Caller::Master, &rotated.id, input(touched))
+        .await
+        .unwrap();
+    let stored = storage.key(&rotated.id).await.unwrap().unwrap();
+    assert_eq!(stored.hash, rotated.hash, "the rotation was undone");
+    assert_eq!(stored.description, "changed through the other node");
+}
+
 async fn audit_entries_with_a_nul_are_stored_with_the_rest_of_their_batch(
     storage: Arc<dyn Storage>,
 ) {
@@ -762,6 +807,7 @@ macro_rules! every_behaviour {
     ($backend:ident) => {
         conformance!($backend:
             a_blueprint_put_creates_the_project_and_is_seen_at_once,
+            a_key_change_from_a_stale_copy_never_undoes_a_revocation_or_a_rotation,
             versions_are_numbered_from_one_and_a_freeze_without_changes_conflicts,
             revisions_strictly_increase_in_the_order_writes_are_acknowledged,
             concurrent_writes_are_all_acknowledged_with_distinct_revisions,

@@ -30,6 +30,9 @@ pub struct EmbeddedStorage {
     journal: Arc<Journal>,
     /// Tells apart audit entries of the same microsecond.
     audit_seq: AtomicU64,
+    /// Held while a key is read and written again, so a change or a use never brings back a key
+    /// revoked in between.
+    keys: std::sync::Mutex<()>,
     usage: UsageMeter,
 }
 
@@ -86,6 +89,7 @@ impl EmbeddedStorage {
             catalog: journal.catalog().clone(),
             journal,
             audit_seq: AtomicU64::new(0),
+            keys: std::sync::Mutex::default(),
             usage: UsageMeter::default(),
         });
         tokio::spawn(flush_usage(Arc::downgrade(&storage)));
@@ -353,7 +357,29 @@ impl Storage for EmbeddedStorage {
             .put_records(&[(key_record(&key.id), value)], true)?)
     }
 
+    async fn key(&self, id: &str) -> Result<Option<ApiKey>, StorageError> {
+        self.catalog
+            .record(&key_record(id))?
+            .map(|value| {
+                serde_json::from_slice(&value)
+                    .map_err(|e| StorageError::Corrupt(format!("an API key is unreadable: {e}")))
+            })
+            .transpose()
+    }
+
+    async fn replace_key(&self, key: &ApiKey) -> Result<bool, StorageError> {
+        let _held = self.keys.lock().expect("keys lock");
+        if self.catalog.record(&key_record(&key.id))?.is_none() {
+            return Ok(false);
+        }
+        let value = serde_json::to_vec(key).expect("keys serialize");
+        self.catalog
+            .put_records(&[(key_record(&key.id), value)], true)?;
+        Ok(true)
+    }
+
     async fn touch_key(&self, id: &str, at: DateTime<Utc>) -> Result<(), StorageError> {
+        let _held = self.keys.lock().expect("keys lock");
         let Some(value) = self.catalog.record(&key_record(id))? else {
             return Ok(());
         };
@@ -367,6 +393,7 @@ impl Storage for EmbeddedStorage {
     }
 
     async fn delete_key(&self, id: &str) -> Result<bool, StorageError> {
+        let _held = self.keys.lock().expect("keys lock");
         let record = key_record(id);
         let existed = self.catalog.record(&record)?.is_some();
         let mut end = record.clone();

@@ -352,10 +352,17 @@ pub trait Storage: Send + Sync {
     /// Every API key (digests only, never secrets).
     async fn keys(&self) -> Result<Vec<ApiKey>, StorageError>;
 
-    /// Creates or replaces an API key.
+    /// Creates an API key.
     async fn put_key(&self, key: &ApiKey) -> Result<(), StorageError>;
 
-    /// Records when a key was last used, changing nothing else of it.
+    /// One API key as stored now (not a node's copy), if it exists.
+    async fn key(&self, id: &str) -> Result<Option<ApiKey>, StorageError>;
+
+    /// Replaces an API key that exists; answers false, writing nothing, when it does not (it was
+    /// revoked meanwhile, and stays revoked).
+    async fn replace_key(&self, key: &ApiKey) -> Result<bool, StorageError>;
+
+    /// Records when a key was last used, changing nothing else of it (nor making it again).
     async fn touch_key(&self, id: &str, at: DateTime<Utc>) -> Result<(), StorageError>;
 
     /// Revokes an API key; answers whether it existed.

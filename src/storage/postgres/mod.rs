@@ -1094,16 +1094,41 @@ impl Storage for PgStorage {
     }
 
     async fn put_key(&self, key: &ApiKey) -> Result<(), StorageError> {
-        sqlx::query(
-            "INSERT INTO api_keys (id, record) VALUES ($1, $2) \
-             ON CONFLICT (id) DO UPDATE SET record = EXCLUDED.record",
-        )
-        .bind(&key.id)
-        .bind(sqlx::types::Json(key))
-        .execute(&self.pool)
-        .await
-        .map_err(|e| unavailable("write an API key", &e))?;
+        sqlx::query("INSERT INTO api_keys (id, record) VALUES ($1, $2)")
+            .bind(&key.id)
+            .bind(sqlx::types::Json(key))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| unavailable("write an API key", &e))?;
         Ok(())
+    }
+
+    async fn key(&self, id: &str) -> Result<Option<ApiKey>, StorageError> {
+        let row = sqlx::query("SELECT record, last_used_at FROM api_keys WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(|e| unavailable("read an API key", &e))?;
+        row.map(|row| {
+            let sqlx::types::Json(mut key): sqlx::types::Json<ApiKey> = row
+                .try_get("record")
+                .map_err(|e| StorageError::Corrupt(format!("an API key is unreadable: {e}")))?;
+            let used: Option<DateTime<Utc>> = row.get("last_used_at");
+            key.last_used_at = used.max(key.last_used_at);
+            Ok(key)
+        })
+        .transpose()
+    }
+
+    async fn replace_key(&self, key: &ApiKey) -> Result<bool, StorageError> {
+        let replaced = sqlx::query("UPDATE api_keys SET record = $2 WHERE id = $1")
+            .bind(&key.id)
+            .bind(sqlx::types::Json(key))
+            .execute(&self.pool)
+            .await
+            .map_err(|e| unavailable("write an API key", &e))?
+            .rows_affected();
+        Ok(replaced > 0)
     }
 
     async fn touch_key(&self, id: &str, at: DateTime<Utc>) -> Result<(), StorageError> {
