@@ -45,6 +45,7 @@ impl Journal {
             .unwrap_or_else(|| keys::project_prefix(project));
         let mut items = Vec::new();
         let mut last = None;
+        let mut bytes = 0;
         for entry in self.db.iterator_cf_opt(
             self.cf(CF_ITEMS),
             options,
@@ -54,9 +55,10 @@ impl Journal {
             if after.as_deref() == Some(&key[..]) {
                 continue;
             }
-            if items.len() >= limit {
+            if items.len() >= limit || bytes >= crate::storage::SCAN_BYTES {
                 return Ok((items, last));
             }
+            bytes += value.len();
             let name = keys::split_item(&key).map_or(&[][..], |(_, blueprint, _)| blueprint);
             if let Ok(blueprint) = Ident::parse(&String::from_utf8_lossy(name)) {
                 items.push((blueprint, codec::decode_record(&value)?));

@@ -585,6 +585,31 @@ async fn scanning_pages_through_every_item_of_the_project_once(storage: Arc<dyn 
     let unique: std::collections::BTreeSet<Uuid> = seen.iter().copied().collect();
     assert_eq!(unique.len(), seen.len(), "an item was scanned twice");
     assert_eq!(unique, ids);
+
+    // Large items: a page ends once SCAN_BYTES were read, and the scan still sees every item.
+    let large = "x".repeat(super::SCAN_BYTES / 2);
+    for _ in 0..4 {
+        write(storage.as_ref(), &project, Uuid::new_v4(), &large).await;
+    }
+    let (mut pages, mut count, mut after) = (0, 0, None);
+    loop {
+        let (page, next) = storage
+            .scan_items(&project, after, 1000)
+            .await
+            .expect("a page");
+        let bytes: usize = page
+            .iter()
+            .map(|(_, r)| serde_json::to_vec(&r.body).unwrap().len())
+            .sum();
+        assert!(bytes < 2 * super::SCAN_BYTES, "a page of {bytes} bytes");
+        (pages, count) = (pages + 1, count + page.len());
+        match next {
+            Some(cursor) => after = Some(cursor),
+            None => break,
+        }
+    }
+    assert_eq!(count, ids.len() + 4);
+    assert!(pages >= 3, "{pages} pages");
 }
 
 async fn the_compatibility_setting_forced_freezes_and_version_usage_are_kept(

@@ -198,6 +198,10 @@ pub struct Stats {
 
 /// The catalog and the journal, whichever backend holds them. See the module documentation for
 /// the contract every implementation keeps.
+/// How many bytes of stored records one [`Storage::scan_items`] page reads at most (beyond its
+/// first item).
+pub const SCAN_BYTES: usize = 4 << 20;
+
 #[async_trait]
 pub trait Storage: Send + Sync {
     /// `rocksdb` or `postgresql`.
@@ -273,7 +277,8 @@ pub trait Storage: Send + Sync {
     ) -> Result<(), StorageError>;
 
     /// Up to `limit` items of a project after `after` (a cursor this answered before), in a stable
-    /// order, with the cursor after them (`None` at the end).
+    /// order, with the cursor after them (`None` at the end); fewer once [`SCAN_BYTES`] of stored
+    /// records were read (one at least), so a page of large items stays small in memory.
     async fn scan_items(
         &self,
         project: &Ident,

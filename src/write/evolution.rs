@@ -99,6 +99,9 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         for (_, record) in &items {
             tally.count(p, new, &pairs, record);
         }
+        drop(items);
+        // Counting runs on an HTTP worker: let its other requests run between pages.
+        tokio::task::yield_now().await;
         match next {
             Some(cursor) => after = Some(cursor),
             None => break,

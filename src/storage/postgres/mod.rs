@@ -657,7 +657,7 @@ impl Storage for PgStorage {
         limit: usize,
     ) -> Result<(Vec<(Ident, ItemRecord)>, Option<Vec<u8>>), StorageError> {
         let after = after.as_deref().and_then(backfill::parse_cursor);
-        let rows = sqlx::query(
+        let mut rows = sqlx::query(
             "SELECT blueprint, id, record FROM items WHERE project = $1 \
              AND ($2::text IS NULL OR (blueprint, id) > ($2, $3)) ORDER BY blueprint, id LIMIT $4",
         )
@@ -665,20 +665,29 @@ impl Storage for PgStorage {
         .bind(after.as_ref().map(|(b, _)| b.as_str()))
         .bind(after.as_ref().map(|(_, id)| *id).unwrap_or_default())
         .bind(limit as i64)
-        .fetch_all(&self.pool)
-        .await
-        .map_err(|e| unavailable("read items", &e))?;
-        let mut items = Vec::with_capacity(rows.len());
+        .fetch(&self.pool);
+        let (mut items, mut read, mut bytes) = (Vec::new(), 0, 0);
         let mut cursor = None;
-        for row in &rows {
+        while let Some(row) = rows
+            .try_next()
+            .await
+            .map_err(|e| unavailable("read items", &e))?
+        {
             let (blueprint, id): (String, Uuid) = (row.get("blueprint"), row.get("id"));
-            let record = codec::decode_record(&row.get::<Vec<u8>, _>("record"))?;
+            let stored = row.get::<Vec<u8>, _>("record");
+            bytes += stored.len();
+            read += 1;
+            let record = codec::decode_record(&stored)?;
             cursor = Some(backfill::cursor_of(&blueprint, &id));
             if let Ok(blueprint) = Ident::parse(&blueprint) {
                 items.push((blueprint, record));
             }
+            if bytes >= crate::storage::SCAN_BYTES {
+                // The rest of the page is left unread: the next page starts after this item.
+                return Ok((items, cursor));
+            }
         }
-        let next = if rows.len() < limit { None } else { cursor };
+        let next = if read < limit { None } else { cursor };
         Ok((items, next))
     }
 
