@@ -138,7 +138,7 @@ pub enum FollowError {
 }
 
 impl Follower {
-    /// A follower of `version` (the newest when `None`), refusing unknown and retired versions and
+    /// A follower of `version` (the newest live one when `None`), refusing unknown and retired versions and
     /// blueprints that version does not have.
     pub fn new(
         snapshot: &Snapshot,
@@ -151,9 +151,10 @@ impl Follower {
         })?;
         let number = match version {
             Some(n) => n,
-            None => p.latest().map(|v| v.number).ok_or_else(|| {
+            // The newest live version: a retired newest one is no default to follow.
+            None => p.live_versions().last().map(|v| v.number).ok_or_else(|| {
                 FollowError::NotFound(format!(
-                    "project {:?} has no frozen version yet",
+                    "project {:?} has no live version",
                     project.as_str()
                 ))
             })?,

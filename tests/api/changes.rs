@@ -176,6 +176,15 @@ async fn a_page_lists_the_latest_change_of_each_item_in_revision_order_as_a_vers
     let retired = app.get("/p/_changes?version=1").await;
     assert_eq!(retired.status, 422, "{}", retired.body);
     assert_eq!(retired.paths(), vec!["version"]);
+    // The newest version retired, the default is the newest live one.
+    let mut v4 = app.get("/p/note/_blueprint").await.body;
+    v4["columns"]["extra"] = json!({"type": "string"});
+    assert_eq!(app.put_and_freeze("p", "note", &v4).await, 4);
+    assert_eq!(app.post("/p/_version/4/_retire", None).await.status, 200);
+    let default = app.get("/p/_changes").await;
+    assert_eq!(default.status, 200, "{}", default.body);
+    assert_eq!(default.body["version"], 3, "{}", default.body);
+    app.stop().await;
 }
 
 #[tokio::test]
