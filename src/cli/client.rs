@@ -92,7 +92,15 @@ impl Client {
         })
     }
 
-    pub(super) fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Url {
+    /// The URL of a path of `segments` (each escaped as one segment). An empty, `.` or `..` name is
+    /// refused: a URL drops such segments, and the request would reach another route.
+    pub(super) fn url(&self, segments: &[&str], query: &[(&str, &str)]) -> Result<Url, CliError> {
+        if let Some(bad) = segments.iter().find(|s| matches!(**s, "" | "." | "..")) {
+            return Err(CliError::Input(format!(
+                "{bad:?} is not a name: project, blueprint, item and key names are never empty, \
+                 . or .."
+            )));
+        }
         let mut url = self.base.clone();
         if let Ok(mut path) = url.path_segments_mut() {
             path.pop_if_empty().extend(segments);
@@ -100,7 +108,7 @@ impl Client {
         if !query.is_empty() {
             url.query_pairs_mut().extend_pairs(query);
         }
-        url
+        Ok(url)
     }
 
     /// Sends one request; a 2xx answer's status and JSON body, or the error.
@@ -111,7 +119,7 @@ impl Client {
         query: &[(&str, &str)],
         body: Option<&Value>,
     ) -> Result<(StatusCode, Value), CliError> {
-        let url = self.url(segments, query);
+        let url = self.url(segments, query)?;
         let mut request = self.http.request(method.clone(), url.clone());
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key);
@@ -154,7 +162,7 @@ impl Client {
         segments: &[&str],
         query: &[(&str, &str)],
     ) -> Result<reqwest::Response, CliError> {
-        let mut request = self.http.get(self.url(segments, query));
+        let mut request = self.http.get(self.url(segments, query)?);
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key);
         }
@@ -229,7 +237,9 @@ mod tests {
             api_key: None,
         })
         .unwrap();
-        let url = client.url(&["my/blog", "_version"], &[("wait", "true")]);
+        let url = client
+            .url(&["my/blog", "_version"], &[("wait", "true")])
+            .unwrap();
         assert_eq!(
             url.as_str(),
             "http://127.0.0.1:2020/my%2Fblog/_version?wait=true"

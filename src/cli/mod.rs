@@ -518,14 +518,30 @@ fn wait_query(wait: bool) -> Vec<(&'static str, &'static str)> {
     }
 }
 
+/// The most of an input file read: more than any request body the server takes.
+const MAX_INPUT_BYTES: u64 = 64 << 20;
+
 fn read_json(file: &Path) -> Result<Value, CliError> {
     let mut text = String::new();
-    let read = if file == Path::new("-") {
-        std::io::stdin().read_to_string(&mut text).map(|_| ())
+    let source: Box<dyn Read> = if file == Path::new("-") {
+        Box::new(std::io::stdin())
     } else {
-        std::fs::read_to_string(file).map(|t| text = t)
+        Box::new(
+            std::fs::File::open(file)
+                .map_err(|e| CliError::Input(format!("cannot read {}: {e}", file.display())))?,
+        )
     };
-    read.map_err(|e| CliError::Input(format!("cannot read {}: {e}", file.display())))?;
+    source
+        .take(MAX_INPUT_BYTES + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| CliError::Input(format!("cannot read {}: {e}", file.display())))?;
+    if text.len() as u64 > MAX_INPUT_BYTES {
+        return Err(CliError::Input(format!(
+            "{} is larger than {} MiB, more than the server takes in one request",
+            file.display(),
+            MAX_INPUT_BYTES >> 20
+        )));
+    }
     serde_json::from_str(&text)
         .map_err(|e| CliError::Input(format!("{} is not valid JSON: {e}", file.display())))
 }

@@ -480,3 +480,31 @@ async fn cli_changes_prints_the_feed_as_ndjson_and_follows_it() {
     assert_eq!(missing.status.code(), Some(1));
     assert!(stderr(&missing).contains("404"), "{}", stderr(&missing));
 }
+
+/// Names a URL would drop (empty, `.`, `..`) are refused before anything is sent, and an endless
+/// input is read only up to the most a request may hold.
+#[tokio::test]
+async fn cli_refuses_names_a_url_drops_and_endless_input() {
+    let none = "http://127.0.0.1:1";
+    for args in [
+        &["blueprint", "put", "blog", "..", "-"][..],
+        &["blueprint", "get", "blog", "."],
+        &["versions", ""],
+        &["keys", "revoke", ".."],
+    ] {
+        let output = dstore_at(none, args, Some("{}")).await;
+        assert!(!output.status.success(), "{args:?}: {}", stdout(&output));
+        assert!(
+            stderr(&output).contains("is not a name"),
+            "{args:?}: {}",
+            stderr(&output)
+        );
+    }
+    let endless = dstore_at(none, &["item", "put", "blog", "article", "/dev/zero"], None).await;
+    assert!(!endless.status.success());
+    assert!(
+        stderr(&endless).contains("larger than 64 MiB"),
+        "{}",
+        stderr(&endless)
+    );
+}
