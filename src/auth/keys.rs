@@ -224,12 +224,22 @@ impl KeyStore {
             .ok_or_else(not_found)
     }
 
-    /// Refuses a change by a key (`by`) to a key holding an action `by` does not hold: a key that
-    /// manages keys cannot make, widen, rotate or revoke one worth more than itself.
+    /// Refuses a change by a key (`by`) to a key holding an action `by` does not hold, or living
+    /// longer than `by`: a key that manages keys cannot make, widen, rotate, prolong or revoke one
+    /// worth more than itself.
     fn may_touch(by: &Caller, key: &ApiKey, verb: &str) -> Result<(), KeyError> {
         let Caller::Key(by) = by else {
             return Ok(());
         };
+        if let Some(until) = by.expires_at {
+            if key.expires_at.is_none_or(|expires| expires > until) {
+                return Err(KeyError::Forbidden(format!(
+                    "key {} expires at {}: it may not {verb} a key that outlives it",
+                    by.id,
+                    until.to_rfc3339_opts(chrono::SecondsFormat::Secs, true)
+                )));
+            }
+        }
         match key.actions.iter().find(|a| !by.allows(**a, None)) {
             None => Ok(()),
             Some(action) => Err(KeyError::Forbidden(format!(

@@ -735,6 +735,40 @@ async fn a_key_manager_grants_no_more_than_it_holds() {
             .0,
         200
     );
+    // A manager that expires makes no key that outlives it, nor prolongs itself.
+    let soon = (chrono::Utc::now() + chrono::Duration::hours(1)).to_rfc3339();
+    let sooner = (chrono::Utc::now() + chrono::Duration::minutes(30)).to_rfc3339();
+    let (brief, brief_id) = key(&app, &["keys.manage", "items.read"], &["*"], Some(&soon)).await;
+    for (method, path, body, expected) in [
+        (
+            Method::POST,
+            "/_keys".to_string(),
+            json!({"name": "n", "actions": ["items.read"], "projects": ["*"]}),
+            403,
+        ),
+        (
+            Method::POST,
+            "/_keys".to_string(),
+            json!({"name": "n", "actions": ["items.read"], "projects": ["*"], "expires_at": sooner}),
+            201,
+        ),
+        (
+            Method::PATCH,
+            format!("/_keys/{brief_id}"),
+            json!({"expires_at": null}),
+            403,
+        ),
+    ] {
+        let (status, answer) = call(
+            &app,
+            method.clone(),
+            &path,
+            Some(&brief),
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(status, expected, "{method} {path} {body}: {answer}");
+    }
 
     // Hostile bodies: named by member, never repeated whole.
     let long = "x".repeat(100_000);
