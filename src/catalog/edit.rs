@@ -132,14 +132,24 @@ pub fn delete_blueprint(
 }
 
 /// Freezes the working copy as the next version. `projectors` start with a pending migration,
-/// `done` with a finished one.
+/// `done` with a finished one. `judged`, the blueprints whose compatibility the caller judged,
+/// refuses the freeze when the working copy is no longer those (an edit made in between would be
+/// frozen unjudged).
 pub fn freeze(
     p: &mut Project,
     projectors: &[&str],
     done: &[&str],
     forced: bool,
+    judged: Option<&Blueprints>,
     writes: &mut Vec<Write>,
 ) -> Result<Arc<Version>, CatalogError> {
+    if judged.is_some_and(|judged| *judged != p.working.blueprints) {
+        return Err(CatalogError::Conflict(
+            "the working copy changed while this freeze was being checked (another request \
+             edited it): send the freeze again, and it is checked against the new working copy"
+                .into(),
+        ));
+    }
     if !p.has_unfrozen_changes() {
         return Err(CatalogError::Conflict(match p.latest() {
             Some(v) => format!("nothing changed since version {}", v.number),

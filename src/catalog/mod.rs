@@ -19,7 +19,7 @@ use thiserror::Error;
 pub use edit::Write;
 pub use model::{Compatibility, MigrationState, Project, Version, VersionStatus, WorkingCopy};
 
-use crate::blueprint::{BlueprintInput, Change, FieldError, Ident};
+use crate::blueprint::{BlueprintInput, Blueprints, Change, FieldError, Ident};
 
 #[derive(Debug, Error)]
 pub enum CatalogError {
@@ -235,8 +235,20 @@ impl Catalog {
         done: &[&str],
         forced: bool,
     ) -> Result<Arc<Version>, CatalogError> {
+        self.freeze_judged(project, projectors, done, forced, None)
+    }
+
+    /// Like [`Catalog::freeze`], refused when the working copy is not `judged` (see `edit::freeze`).
+    pub fn freeze_judged(
+        &self,
+        project: &Ident,
+        projectors: &[&str],
+        done: &[&str],
+        forced: bool,
+        judged: Option<&Blueprints>,
+    ) -> Result<Arc<Version>, CatalogError> {
         self.update(project, false, |p, writes| {
-            edit::freeze(p, projectors, done, forced, writes)
+            edit::freeze(p, projectors, done, forced, judged, writes)
         })
     }
 

@@ -666,12 +666,14 @@ impl Journal {
         &self,
         project: Ident,
         forced: bool,
+        judged: Option<crate::blueprint::Blueprints>,
     ) -> Result<(Arc<Version>, u64), JournalError> {
         // A freeze back-fills its version: as much new data as the project holds.
         self.disk.check()?;
         self.send(|reply| Command::Freeze {
             project,
             forced,
+            judged,
             reply,
         })
         .await

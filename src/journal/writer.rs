@@ -63,6 +63,8 @@ pub enum Command {
     Freeze {
         project: Ident,
         forced: bool,
+        /// The blueprints the freeze was judged on (see `edit::freeze`).
+        judged: Option<crate::blueprint::Blueprints>,
         reply: Reply<(Arc<Version>, u64)>,
     },
     Migrate {
@@ -708,17 +710,20 @@ fn stage_command(stage: &mut Stage, command: Command) {
         Command::Freeze {
             project,
             forced,
+            judged,
             reply,
         } => {
             let projectors: Vec<&str> = stage.all_projectors().collect();
             // The keyspaces the journal writes need no migration: a keyspace is a key prefix.
             let inline = [ProjectorKind::Rocksdb.name()];
             let done: &[&str] = if stage.writer.keyspaces { &inline } else { &[] };
-            match stage
-                .writer
-                .catalog
-                .freeze(&project, &projectors, done, forced)
-            {
+            match stage.writer.catalog.freeze_judged(
+                &project,
+                &projectors,
+                done,
+                forced,
+                judged.as_ref(),
+            ) {
                 Ok(version) => {
                     let migrate = TaskOp::Migrate {
                         version: version.number,

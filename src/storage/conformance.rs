@@ -612,6 +612,31 @@ async fn scanning_pages_through_every_item_of_the_project_once(storage: Arc<dyn 
     assert!(pages >= 3, "{pages} pages");
 }
 
+/// A freeze judged on one working copy is refused when another request edited it meanwhile, and
+/// freezes nothing: an edit racing a freeze is never frozen without its compatibility checked.
+async fn a_freeze_judged_on_an_older_working_copy_is_refused(storage: Arc<dyn Storage>) {
+    let project = frozen(storage.as_ref()).await;
+    put_article(storage.as_ref(), &project, Some("views")).await;
+    let judged = storage.snapshot().projects[&project]
+        .working
+        .blueprints
+        .clone();
+    put_article(storage.as_ref(), &project, Some("likes")).await;
+    let refused = storage.freeze_judged(&project, false, Some(judged)).await;
+    assert!(
+        matches!(refused, Err(StorageError::Conflict(_))),
+        "{refused:?}"
+    );
+    let snapshot = storage.fresh_snapshot(&project).await.expect("a snapshot");
+    assert_eq!(snapshot.projects[&project].versions.len(), 1);
+    let judged = snapshot.projects[&project].working.blueprints.clone();
+    let (version, _) = storage
+        .freeze_judged(&project, false, Some(judged))
+        .await
+        .expect("version 2");
+    assert_eq!(version.number, 2);
+}
+
 async fn the_compatibility_setting_forced_freezes_and_version_usage_are_kept(
     storage: Arc<dyn Storage>,
 ) {
@@ -848,6 +873,7 @@ macro_rules! every_behaviour {
             an_invalid_edit_changes_nothing,
             scanning_pages_through_every_item_of_the_project_once,
             the_compatibility_setting_forced_freezes_and_version_usage_are_kept,
+            a_freeze_judged_on_an_older_working_copy_is_refused,
             the_feed_keeps_the_latest_change_of_each_item_in_revision_order,
             a_page_of_changes_is_bounded_in_bytes,
             purged_deletes_and_drops_move_the_horizon,

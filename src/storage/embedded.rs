@@ -19,7 +19,7 @@ use super::usage::{Usage, UsageMeter, UsageRow};
 use super::{Refusal, Stats, Storage, StorageError};
 use crate::auth::audit::AuditEntry;
 use crate::auth::ApiKey;
-use crate::blueprint::{BlueprintInput, Change, Ident};
+use crate::blueprint::{BlueprintInput, Blueprints, Change, Ident};
 use crate::catalog::{Catalog, Compatibility, MigrationState, Snapshot, Version};
 use crate::feed::ChangesPage;
 use crate::journal::backfill::BackfillState;
@@ -203,12 +203,13 @@ impl Storage for EmbeddedStorage {
         Ok(revisions)
     }
 
-    async fn freeze(
+    async fn freeze_judged(
         &self,
         project: &Ident,
         forced: bool,
+        judged: Option<Blueprints>,
     ) -> Result<(Arc<Version>, u64), StorageError> {
-        Ok(self.journal.freeze(project.clone(), forced).await?)
+        Ok(self.journal.freeze(project.clone(), forced, judged).await?)
     }
 
     async fn set_compatibility(

@@ -315,8 +315,10 @@ pub async fn freeze(
             let report = evolution::report(storage, p).await?;
             return Err(WriteError::Incompatible(Box::new(report)));
         }
-        // The back-fill of the new version starts in the same storage command.
-        let (version, revision) = storage.freeze(project, !allowed).await?;
+        // The back-fill of the new version starts in the same storage command, which refuses the
+        // freeze if the working copy changed since it was judged here.
+        let judged = Some(p.working.blueprints.clone());
+        let (version, revision) = storage.freeze_judged(project, !allowed, judged).await?;
         (version.number, revision)
     } else {
         let latest = p.latest().ok_or_else(|| {

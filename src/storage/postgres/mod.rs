@@ -691,10 +691,11 @@ impl Storage for PgStorage {
         Ok((items, next))
     }
 
-    async fn freeze(
+    async fn freeze_judged(
         &self,
         project: &Ident,
         forced: bool,
+        judged: Option<crate::blueprint::Blueprints>,
     ) -> Result<(Arc<Version>, u64), StorageError> {
         let mut tx = self
             .pool
@@ -704,7 +705,14 @@ impl Storage for PgStorage {
         let (mut p, stamp) = catalog::lock_project(&mut tx, project, None).await?;
         let mut writes = Vec::new();
         let projectors = self.settings.projectors.clone();
-        let version = edit::freeze(&mut p, &projectors, &[], forced, &mut writes)?;
+        let version = edit::freeze(
+            &mut p,
+            &projectors,
+            &[],
+            forced,
+            judged.as_ref(),
+            &mut writes,
+        )?;
         let stamp = catalog::persist(&mut tx, &mut p, stamp, &writes).await?;
         let revision = Self::next_revisions(&mut tx, project, 1).await?;
         let migrate = TaskOp::Migrate {
