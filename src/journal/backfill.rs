@@ -114,9 +114,7 @@ impl Journal {
                             .iter()
                             .filter(|(p, m)| {
                                 // The keyspaces the journal writes are marked done by the writer.
-                                let kept = self.settings.keyspaces
-                                    && p.as_str()
-                                        == crate::projector::ProjectorKind::Rocksdb.name();
+                                let kept = self.writes_itself(p);
                                 **m != MigrationState::Done
                                     && (self.lanes.contains_key(p.as_str()) || kept)
                             })
@@ -149,13 +147,10 @@ impl Journal {
         if fed.as_ref() == Some(&now) {
             return Ok(());
         }
-        let inline = |p: &str| {
-            self.settings.keyspaces && p == crate::projector::ProjectorKind::Rocksdb.name()
-        };
         let added: Vec<String> = match &fed {
             Some(fed) => now
                 .iter()
-                .filter(|p| !fed.contains(p) && !inline(p))
+                .filter(|p| !fed.contains(p) && !self.writes_itself(p))
                 .cloned()
                 .collect(),
             None => Vec::new(),

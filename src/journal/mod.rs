@@ -522,6 +522,11 @@ impl Journal {
             .then(|| crate::projector::rocksdb::RocksProjector::in_journal(self.db.clone()))
     }
 
+    /// Whether `projector` is the local keyspaces this journal writes itself.
+    pub(crate) fn writes_itself(&self, projector: &str) -> bool {
+        self.settings.keyspaces && projector == crate::projector::ProjectorKind::Rocksdb.name()
+    }
+
     pub fn projectors(&self) -> impl Iterator<Item = &'static str> + '_ {
         self.lanes.keys().copied()
     }

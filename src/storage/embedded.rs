@@ -42,6 +42,11 @@ const KEYS_END: &[u8] = b"key0";
 const AUDIT: &[u8] = b"audit/";
 const AUDIT_END: &[u8] = b"audit0";
 
+fn decode_key(value: &[u8]) -> Result<ApiKey, StorageError> {
+    serde_json::from_slice(value)
+        .map_err(|e| StorageError::Corrupt(format!("an API key is unreadable: {e}")))
+}
+
 fn usage_record(project: &Ident, version: u32, hour: i64) -> Vec<u8> {
     format!("usage/{project}/{version:010}/{:012}", hour.max(0)).into_bytes()
 }
@@ -83,6 +88,14 @@ fn audit_record(at: DateTime<Utc>, n: u64) -> Vec<u8> {
 }
 
 impl EmbeddedStorage {
+    /// Writes a key's record, synced.
+    fn write_key(&self, key: &ApiKey) -> Result<(), StorageError> {
+        let value = serde_json::to_vec(key).expect("keys serialize");
+        Ok(self
+            .catalog
+            .put_records(&[(key_record(&key.id), value)], true)?)
+    }
+
     /// The storage of `journal`; writes the counted use of versions in the background.
     pub fn open(journal: Arc<Journal>) -> Arc<EmbeddedStorage> {
         let storage = Arc::new(EmbeddedStorage {
@@ -344,27 +357,18 @@ impl Storage for EmbeddedStorage {
         self.catalog
             .records(KEYS, KEYS_END, usize::MAX)?
             .into_iter()
-            .map(|(_, value)| {
-                serde_json::from_slice(&value)
-                    .map_err(|e| StorageError::Corrupt(format!("an API key is unreadable: {e}")))
-            })
+            .map(|(_, value)| decode_key(&value))
             .collect()
     }
 
     async fn put_key(&self, key: &ApiKey) -> Result<(), StorageError> {
-        let value = serde_json::to_vec(key).expect("keys serialize");
-        Ok(self
-            .catalog
-            .put_records(&[(key_record(&key.id), value)], true)?)
+        self.write_key(key)
     }
 
     async fn key(&self, id: &str) -> Result<Option<ApiKey>, StorageError> {
         self.catalog
             .record(&key_record(id))?
-            .map(|value| {
-                serde_json::from_slice(&value)
-                    .map_err(|e| StorageError::Corrupt(format!("an API key is unreadable: {e}")))
-            })
+            .map(|value| decode_key(&value))
             .transpose()
     }
 
@@ -373,9 +377,7 @@ impl Storage for EmbeddedStorage {
         if self.catalog.record(&key_record(&key.id))?.is_none() {
             return Ok(false);
         }
-        let value = serde_json::to_vec(key).expect("keys serialize");
-        self.catalog
-            .put_records(&[(key_record(&key.id), value)], true)?;
+        self.write_key(key)?;
         Ok(true)
     }
 
@@ -384,8 +386,7 @@ impl Storage for EmbeddedStorage {
         let Some(value) = self.catalog.record(&key_record(id))? else {
             return Ok(());
         };
-        let mut key: ApiKey = serde_json::from_slice(&value)
-            .map_err(|e| StorageError::Corrupt(format!("an API key is unreadable: {e}")))?;
+        let mut key = decode_key(&value)?;
         key.last_used_at = Some(at);
         let value = serde_json::to_vec(&key).expect("keys serialize");
         Ok(self

@@ -186,6 +186,16 @@ async fn flush_usage(storage: std::sync::Weak<PgStorage>) {
 
 /// `entry` as PostgreSQL can store it: `jsonb` cannot hold a NUL character, which a refused
 /// request's path or project may carry (`/a%00b/…`), so each is written `\0`. Stored as sent, the
+/// An API key as a row of `api_keys` holds it: its record, with the last use kept beside it.
+fn key_of(row: &sqlx::postgres::PgRow) -> Result<ApiKey, StorageError> {
+    let sqlx::types::Json(mut key): sqlx::types::Json<ApiKey> = row
+        .try_get("record")
+        .map_err(|e| StorageError::Corrupt(format!("an API key is unreadable: {e}")))?;
+    let used: Option<DateTime<Utc>> = row.get("last_used_at");
+    key.last_used_at = used.max(key.last_used_at);
+    Ok(key)
+}
+
 /// batch would be refused for ever, and the audit log's queue, then every write, would wait on it.
 fn storable_audit(entry: &AuditEntry) -> std::borrow::Cow<'_, AuditEntry> {
     let texts = [
@@ -1097,17 +1107,7 @@ impl Storage for PgStorage {
             .fetch_all(&self.pool)
             .await
             .map_err(|e| unavailable("read the API keys", &e))?;
-        rows.into_iter()
-            .map(|row| {
-                let sqlx::types::Json(mut key): sqlx::types::Json<ApiKey> =
-                    row.try_get("record").map_err(|e| {
-                        StorageError::Corrupt(format!("an API key is unreadable: {e}"))
-                    })?;
-                let used: Option<DateTime<Utc>> = row.get("last_used_at");
-                key.last_used_at = used.max(key.last_used_at);
-                Ok(key)
-            })
-            .collect()
+        rows.iter().map(key_of).collect()
     }
 
     async fn put_key(&self, key: &ApiKey) -> Result<(), StorageError> {
@@ -1126,15 +1126,7 @@ impl Storage for PgStorage {
             .fetch_optional(&self.pool)
             .await
             .map_err(|e| unavailable("read an API key", &e))?;
-        row.map(|row| {
-            let sqlx::types::Json(mut key): sqlx::types::Json<ApiKey> = row
-                .try_get("record")
-                .map_err(|e| StorageError::Corrupt(format!("an API key is unreadable: {e}")))?;
-            let used: Option<DateTime<Utc>> = row.get("last_used_at");
-            key.last_used_at = used.max(key.last_used_at);
-            Ok(key)
-        })
-        .transpose()
+        row.as_ref().map(key_of).transpose()
     }
 
     async fn replace_key(&self, key: &ApiKey) -> Result<bool, StorageError> {
