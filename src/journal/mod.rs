@@ -60,6 +60,9 @@ pub const LAYOUT: u32 = 2;
 /// large items make small batches.
 pub(crate) const BATCH_BYTES: usize = 8 << 20;
 
+/// Tombstones one command of the writer purges at most (see [`Journal::purge_tombstones`]).
+pub(crate) const PURGE_BATCH: usize = 1_000;
+
 pub(crate) const CF_ITEMS: &str = "items";
 const CF_TASKS: &str = "tasks";
 const CF_DEAD: &str = "dead";
@@ -753,20 +756,25 @@ impl Journal {
     }
 
     /// Purges tombstones written before `before_millis`; answers how many went.
+    ///
+    /// The journal's writer does it in commands of at most [`PURGE_BATCH`] tombstones, each
+    /// going on where the last stopped, so the writes queued meanwhile wait for one such command
+    /// at most.
     pub async fn purge_tombstones(&self, before_millis: u64) -> Result<u64, JournalError> {
-        const LIMIT: usize = 10_000;
-        let mut total = 0;
+        let (mut total, mut from) = (0, None);
         loop {
-            let purged = self
+            let (purged, resume) = self
                 .send(|reply| Command::PurgeTombstones {
                     before_millis,
-                    limit: LIMIT,
+                    limit: PURGE_BATCH,
+                    from: from.take(),
                     reply,
                 })
                 .await?;
             total += purged as u64;
-            if purged < LIMIT {
-                return Ok(total);
+            match resume {
+                Some(key) => from = Some(key),
+                None => return Ok(total),
             }
         }
     }

@@ -58,7 +58,10 @@ pub enum Command {
     PurgeTombstones {
         before_millis: u64,
         limit: usize,
-        reply: Reply<usize>,
+        /// The tombstone key to start from (`None`: the first).
+        from: Option<Vec<u8>>,
+        /// How many went, and the key to go on from (`None`: every tombstone was looked at).
+        reply: Reply<(usize, Option<Vec<u8>>)>,
     },
     Freeze {
         project: Ident,
@@ -892,24 +895,35 @@ fn stage_command(stage: &mut Stage, command: Command) {
         Command::PurgeTombstones {
             before_millis,
             limit,
+            from,
             reply,
         } => {
             let changes = stage.cf(CF_CHANGES);
             let mut purged = Vec::new();
-            for entry in stage.writer.db.iterator_cf(
-                changes,
-                rocksdb::IteratorMode::From(&[keys::TOMBSTONE], rocksdb::Direction::Forward),
-            ) {
-                let Ok((key, value)) = entry else { break };
+            let mut resume = None;
+            let mut tombstones = stage.writer.db.raw_iterator_cf(changes);
+            tombstones.seek(from.as_deref().unwrap_or(&[keys::TOMBSTONE]));
+            while let (Some(key), Some(value)) = (tombstones.key(), tombstones.value()) {
                 if purged.len() >= limit {
+                    resume = Some(key.to_vec());
                     break;
                 }
-                let millis = codec::record_revision(&value).unwrap_or(0);
-                if millis >= before_millis {
+                let millis = codec::record_revision(value).unwrap_or(0);
+                if millis < before_millis {
+                    purged.push(key.to_vec());
+                    tombstones.next();
                     continue;
                 }
-                purged.push(key);
+                // A project's tombstones lie in revision order, so in the order they were
+                // written: the rest of this project's are younger still. Only the old heads of
+                // each project are walked, however many young tombstones wait behind them.
+                let name_end = key.len().saturating_sub(9).max(1);
+                match Ident::parse(&String::from_utf8_lossy(&key[1..name_end])) {
+                    Ok(project) => tombstones.seek(keys::tombstone_range(&project).1),
+                    Err(_) => tombstones.next(),
+                }
             }
+            drop(tombstones);
             for key in &purged {
                 stage.batch.delete_cf(changes, key);
                 let name_end = key.len().saturating_sub(9).max(1);
@@ -934,7 +948,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 stage.batch.delete_cf(changes, change);
                 stage.raise_horizon(&project, revision);
             }
-            stage.answers.push(answer(reply, purged.len()));
+            stage.answers.push(answer(reply, (purged.len(), resume)));
         }
         Command::Requeue { letters, reply } => {
             let mut count = 0;

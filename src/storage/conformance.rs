@@ -833,6 +833,66 @@ async fn purged_deletes_and_drops_move_the_horizon(storage: Arc<dyn Storage>) {
     assert_eq!(page.horizon, dropped);
 }
 
+/// Writes `count` articles in one write and deletes them in another; answers the last delete's
+/// revision.
+async fn written_and_deleted(storage: &dyn Storage, project: &Ident, count: usize) -> u64 {
+    let ids: Vec<Uuid> = (0..count).map(|_| Uuid::new_v4()).collect();
+    let (epoch, entries): (Vec<u64>, Vec<Entry>) = ids
+        .iter()
+        .map(|id| upsert(storage, project, *id, "to delete"))
+        .unzip();
+    storage
+        .write(project, epoch[0], entries)
+        .await
+        .expect("the writes are acknowledged");
+    let uid = storage.snapshot().projects[project]
+        .version(1)
+        .expect("version 1")
+        .blueprints[&ident("article")]
+        .uid;
+    let snapshot = storage.snapshot();
+    let deletes = ids
+        .iter()
+        .map(|id| prepare_delete(&snapshot, project, &ident("article"), *id, Some(uid)))
+        .collect::<Result<Vec<_>, _>>()
+        .expect("deletes");
+    let revisions = storage
+        .write(project, snapshot.projects[project].epoch, deletes)
+        .await
+        .expect("the deletes are acknowledged");
+    *revisions.last().expect("a delete")
+}
+
+/// Every project's old tombstones go, past the young ones of another project and past more than
+/// one command's worth; the young ones stay.
+async fn old_tombstones_go_past_young_ones_and_in_many_commands(storage: Arc<dyn Storage>) {
+    let first = frozen(storage.as_ref()).await;
+    let second = ident("q");
+    put_article(storage.as_ref(), &second, None).await;
+    storage.freeze(&second, false).await.expect("version 1");
+    let many = crate::journal::PURGE_BATCH + 5;
+    let first_old = written_and_deleted(storage.as_ref(), &first, many).await;
+    let second_old = written_and_deleted(storage.as_ref(), &second, 1).await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let cut = chrono::Utc::now();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Young tombstones follow the old ones of each project, whichever project sorts first.
+    written_and_deleted(storage.as_ref(), &first, 3).await;
+    written_and_deleted(storage.as_ref(), &second, 2).await;
+
+    assert_eq!(
+        storage.purge_tombstones(cut).await.unwrap(),
+        many as u64 + 1
+    );
+    for (project, old, young) in [(&first, first_old, 3), (&second, second_old, 2)] {
+        let page = storage.changes(project, 0, 10).await.unwrap();
+        assert_eq!(page.horizon, old, "{project}");
+        assert_eq!(page.changes.len(), young, "{project}");
+        assert!(page.changes.iter().all(|c| c.record.is_none()));
+    }
+    assert_eq!(storage.purge_tombstones(cut).await.unwrap(), 0);
+}
+
 /// Expands every behaviour into a named test for one backend.
 macro_rules! conformance {
     ($backend:ident: $($behaviour:ident),* $(,)?) => {
@@ -878,6 +938,7 @@ macro_rules! every_behaviour {
             the_feed_keeps_the_latest_change_of_each_item_in_revision_order,
             a_page_of_changes_is_bounded_in_bytes,
             purged_deletes_and_drops_move_the_horizon,
+            old_tombstones_go_past_young_ones_and_in_many_commands,
         );
     };
 }
