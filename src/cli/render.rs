@@ -231,6 +231,21 @@ pub(super) fn render_report(report: &Value) -> String {
             totals("new_clients_reading_old_writes")
         );
     }
+    for retired in report["retired_versions"]
+        .as_array()
+        .map_or(&[][..], Vec::as_slice)
+    {
+        let counts = &retired["new_clients_reading_old_writes"];
+        let _ = writeln!(
+            out,
+            "\nretired version {} still holds {} items; moved into the new version: {} losing a \
+             value, {} refused",
+            retired["version"],
+            retired["items"],
+            counts["items_losing_a_value"],
+            counts["items_refused"]
+        );
+    }
     if let Some(stores) = report["stores"].as_object() {
         for (store, preview) in stores {
             let _ = writeln!(out, "\n{store} would run:");
@@ -399,6 +414,8 @@ mod tests {
                 "columns": [{"blueprint": "product", "column": "price", "change": "type",
                     "old_clients_reading_new_writes": column("lossless", 0),
                     "new_clients_reading_old_writes": column("lossy", 1)}]}],
+            "retired_versions": [{"version": 0, "items": 7, "changes": [],
+                "new_clients_reading_old_writes": {"items_losing_a_value": 2, "items_refused": 1}}],
             "stores": {"postgresql": {"statements": ["CREATE SCHEMA s"]}}});
         let out = render_report(&report);
         assert!(out.contains("refused without --force"), "{out}");
@@ -410,6 +427,10 @@ mod tests {
         );
         assert!(!out.contains("lossless reason"), "{out}");
         assert!(out.contains("  CREATE SCHEMA s;"), "{out}");
+        assert!(
+            out.contains("retired version 0 still holds 7 items; moved into the new version: 2 losing a value, 1 refused"),
+            "{out}"
+        );
     }
 
     #[test]

@@ -9,6 +9,11 @@
 //! "New clients reading old writes" counts the stored items written at that version. "Old clients
 //! reading new writes" counts the stored items as new clients would write them again, read by
 //! clients of that version: an estimate of what the version's clients will miss.
+//!
+//! Items written at a retired version are no live version's, yet the freeze's back-fill moves them
+//! from their own version into the new one like every other: `retired_versions` counts, per
+//! retired version, those that would arrive losing a value or be refused, so a freeze whose verdict
+//! (which only live clients decide) allows it still shows what it does to every stored item.
 
 use std::collections::HashMap;
 
@@ -37,6 +42,19 @@ pub struct Report {
     /// Stored items the counts are made of.
     pub items: u64,
     pub live_versions: Vec<VersionReport>,
+    /// Retired versions that still hold stored items, in order.
+    pub retired_versions: Vec<RetiredReport>,
+}
+
+/// The items stored at one retired version, as the new version would receive them.
+#[derive(Debug, Serialize)]
+pub struct RetiredReport {
+    pub version: u32,
+    /// Items stored at this version.
+    pub items: u64,
+    /// What changes from this version to the working copy.
+    pub changes: Vec<Change>,
+    pub new_clients_reading_old_writes: Counts,
 }
 
 #[derive(Debug, Serialize)]
@@ -92,12 +110,18 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         .iter()
         .map(|v| (v.number, changed_columns(&v.blueprints, new)))
         .collect();
+    let retired: Vec<(u32, Vec<ColumnPair>)> = p
+        .versions
+        .iter()
+        .filter(|v| p.is_retired(v.number))
+        .map(|v| (v.number, changed_columns(&v.blueprints, new)))
+        .collect();
     let mut tally = Tally::default();
     let mut after = None;
     loop {
         let (items, next) = storage.scan_items(&p.name, after, PAGE).await?;
         for (_, record) in &items {
-            tally.count(p, new, &pairs, record);
+            tally.count(p, new, &pairs, &retired, record);
         }
         drop(items);
         // Counting runs on an HTTP worker: let its other requests run between pages.
@@ -153,6 +177,19 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         .map(|v| v.verdict)
         .max()
         .unwrap_or(Verdict::Lossless);
+    let retired_versions = retired
+        .iter()
+        .filter_map(|(version, _)| {
+            let (items, counts) = tally.retired.remove(version)?;
+            let source = p.version(*version).expect("a retired version exists");
+            Some(RetiredReport {
+                version: *version,
+                items,
+                changes: crate::blueprint::diff(&source.blueprints, new),
+                new_clients_reading_old_writes: counts,
+            })
+        })
+        .collect();
     Ok(Report {
         project: p.name.clone(),
         compatibility: p.working.compatibility,
@@ -161,6 +198,7 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         allowed: p.working.compatibility.allows(verdict),
         items: tally.items,
         live_versions: versions,
+        retired_versions,
     })
 }
 
@@ -171,6 +209,8 @@ struct Tally {
     items: u64,
     columns: HashMap<(u32, usize), (Counts, Counts)>,
     versions: HashMap<u32, (Counts, Counts)>,
+    /// Per retired version: items stored at it, and how the new version would receive them.
+    retired: HashMap<u32, (u64, Counts)>,
 }
 
 fn blueprint_with(set: &Blueprints, uid: Uid) -> Option<&Blueprint> {
@@ -183,10 +223,18 @@ impl Tally {
         p: &Project,
         new: &Blueprints,
         pairs: &[(u32, Vec<ColumnPair>)],
+        retired: &[(u32, Vec<ColumnPair>)],
         record: &crate::journal::ItemRecord,
     ) {
         self.items += 1;
         let uid = record.blueprint_uid;
+        let retired_columns = retired
+            .iter()
+            .find(|(version, _)| *version == record.version)
+            .map(|(_, columns)| columns);
+        if retired_columns.is_some() {
+            self.retired.entry(record.version).or_default().0 += 1;
+        }
         let (Some(own), Some(new_bp)) = (
             p.version(record.version)
                 .and_then(|v| blueprint_with(&v.blueprints, uid)),
@@ -197,6 +245,18 @@ impl Tally {
         // The item as new clients would see it (and would write it again).
         let as_new = transform(&record.body, own, new_bp, 0);
         let new_name = new_name(new, uid);
+        if let Some(columns) = retired_columns {
+            // New clients reading the item stored at a retired version: the back-fill moves it.
+            let (mut lost, mut refused) = (false, false);
+            for pair in columns.iter().filter(|c| c.blueprint.as_str() == new_name) {
+                let (lose, refuse) = crossing(&record.body, pair.old, pair.new);
+                lost |= lose;
+                refused |= refuse;
+            }
+            let counts = &mut self.retired.entry(record.version).or_default().1;
+            counts.items_losing_a_value += u64::from(lost);
+            counts.items_refused += u64::from(refused);
+        }
         for (version, columns) in pairs {
             if p.version(*version)
                 .and_then(|v| blueprint_with(&v.blueprints, uid))

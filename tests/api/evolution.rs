@@ -321,6 +321,56 @@ async fn the_compatibility_setting_lets_lossy_freezes_through_but_not_breaking_o
     );
 }
 
+/// Items written at a retired version have no clients left, so they take no part in the verdict,
+/// but the freeze's back-fill moves them into the new version: the report counts them apart.
+#[tokio::test]
+async fn items_stored_at_a_retired_version_are_counted_as_the_new_version_would_receive_them() {
+    let app = spawn_app().await;
+    shop(&app).await;
+    let mut with_stock = product(json!({"type": "float"}));
+    with_stock["columns"]["stock"] = json!({"type": "integer"});
+    app.put("/shop/product/_blueprint", &with_stock).await;
+    assert_eq!(app.post("/shop/_version", None).await.status, 200);
+    let id = Uuid::new_v4();
+    let put = app
+        .put(
+            &format!("/shop/product/{id}"),
+            &json!({"id": id, "project_version": 2, "name": "new", "price": 3.0}),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(app.post("/shop/_version/1/_retire", None).await.status, 200);
+
+    // The price becomes a required integer.
+    with_stock["columns"]["price"] = json!({"type": "integer", "nullable": false});
+    app.put("/shop/product/_blueprint", &with_stock).await;
+    let dry = app.post("/shop/_version?dry_run=true", None).await;
+    assert_eq!(dry.status, 200, "{}", dry.body);
+    let report = &dry.body;
+    assert_eq!(report["items"], 5, "{report}");
+    let live = report["live_versions"].as_array().expect("live versions");
+    assert_eq!(live.len(), 1, "{report}");
+    assert_eq!(
+        live[0]["new_clients_reading_old_writes"],
+        json!({"items_losing_a_value": 0, "items_refused": 0}),
+        "{report}"
+    );
+    // Version 1's four items: 1.5 and 7.25 lose their price, and with the missing one are refused.
+    assert_eq!(
+        report["retired_versions"],
+        json!([{"version": 1, "items": 4, "changes": report["retired_versions"][0]["changes"],
+            "new_clients_reading_old_writes": {"items_losing_a_value": 2, "items_refused": 3}}]),
+        "{report}"
+    );
+    assert!(
+        report["retired_versions"][0]["changes"]
+            .as_array()
+            .is_some_and(|c| c.len() == 3), // price's type and nullability, and stock
+        "{report}"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_version_shows_its_last_write_and_how_many_writes_used_it() {
     let app = spawn_app().await;
