@@ -2,8 +2,9 @@
 //!
 //! One `watch` channel per followed project holds the highest revision known to be committed; a
 //! backend publishes after every commit (and, in cluster mode, what a poller sees other nodes
-//! commit). A project nobody follows costs one map lookup per commit; a channel whose followers
-//! all left is dropped at the next publish.
+//! commit), and nudges it when the project's versions change without a commit (a retire), so a
+//! follower of a retired version ends at once. A project nobody follows costs one map lookup per
+//! commit; a channel whose followers all left is dropped at the next publish.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -47,6 +48,14 @@ impl ChangeSignal {
         }
     }
 
+    /// Wakes the followers of `project` without a new revision: its versions changed (one was
+    /// retired), so each reads again and finds whether it may go on.
+    pub fn nudge(&self, project: &Ident) {
+        if let Some(sender) = self.channels.lock().expect("signal lock").get(project) {
+            sender.send_modify(|_| {});
+        }
+    }
+
     /// The projects someone follows now.
     pub fn followed(&self) -> Vec<Ident> {
         let mut channels = self.channels.lock().expect("signal lock");
@@ -70,6 +79,12 @@ mod tests {
         signal.publish(&project, 3);
         assert!(!follower.has_changed().unwrap());
         assert_eq!(signal.followed(), vec![project.clone()]);
+        signal.nudge(&project);
+        assert!(
+            follower.has_changed().unwrap(),
+            "a nudge wakes without a new revision"
+        );
+        assert_eq!(*follower.borrow_and_update(), 5);
         drop(follower);
         assert!(signal.followed().is_empty());
     }

@@ -311,10 +311,13 @@ pub async fn changes(
                 since,
                 horizon: Some(first.horizon),
                 sse: params.feed == Feed::Sse,
-                out: VecDeque::from([Bytes::from_static(if params.feed == Feed::Sse {
-                    b"retry: 2000\n\n"
+                // SSE starts with the revision it reads from as the last event id (an id without
+                // data is no event): a follower that started from `since=now` and reconnects
+                // before any change resumes from there, not from a later `now`.
+                out: VecDeque::from([Bytes::from(if params.feed == Feed::Sse {
+                    format!("retry: 2000\nid: {since}\n\n")
                 } else {
-                    b""
+                    String::new()
                 })]),
                 done: false,
                 follower,
@@ -498,11 +501,13 @@ impl Stream {
             tokio::select! {
                 woken = self.wake.changed() => self.done = woken.is_err(),
                 _ = tokio::time::sleep(self.heartbeat) => {
-                    self.out.push_back(Bytes::from_static(if self.sse {
-                        b": heartbeat\n\n"
+                    // Everything up to `since` was sent or filtered out: in SSE the heartbeat
+                    // moves the last event id there, so a reconnect skips what the filter hid.
+                    self.out.push_back(if self.sse {
+                        Bytes::from(format!("id: {}\n: heartbeat\n\n", self.since))
                     } else {
-                        b"\n"
-                    }));
+                        Bytes::from_static(b"\n")
+                    });
                 }
                 _ = async {
                     match deadline {

@@ -127,4 +127,9 @@ impl Journal {
     pub fn follow(&self, project: &Ident) -> watch::Receiver<u64> {
         self.signal.subscribe(project)
     }
+
+    /// Wakes the followers of `project` (see `feed::signal`).
+    pub fn nudge(&self, project: &Ident) {
+        self.signal.nudge(project);
+    }
 }

@@ -189,7 +189,9 @@ impl Storage for EmbeddedStorage {
     }
 
     async fn retire(&self, project: &Ident, version: u32) -> Result<(), StorageError> {
-        Ok(self.catalog.retire(project, version)?)
+        self.catalog.retire(project, version)?;
+        self.journal.nudge(project);
+        Ok(())
     }
 
     async fn set_migration(

@@ -187,6 +187,131 @@ async fn a_page_lists_the_latest_change_of_each_item_in_revision_order_as_a_vers
     app.stop().await;
 }
 
+/// Retiring the version a follower reads ends its stream and its long poll at once, not at the
+/// next heartbeat or at the timeout.
+#[tokio::test]
+async fn retiring_the_followed_version_ends_its_streams_and_long_polls_at_once() {
+    let app = spawn_app().await;
+    project(&app).await;
+    let mut v2 = note("title");
+    v2["columns"]["extra"] = json!({"type": "string"});
+    assert_eq!(app.put_and_freeze("p", "note", &v2).await, 2);
+    let stream = app
+        .client
+        .get(format!(
+            "{}/p/_changes?feed=ndjson&version=1&heartbeat=60",
+            app.address
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(stream.status(), 200);
+    let (client, url) = (
+        app.client.clone(),
+        format!(
+            "{}/p/_changes?feed=longpoll&version=1&timeout=60",
+            app.address
+        ),
+    );
+    let poll = tokio::spawn(async move {
+        let answer = client.get(url).send().await.unwrap();
+        (
+            answer.status().as_u16(),
+            answer.json::<Value>().await.unwrap(),
+        )
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(app.post("/p/_version/1/_retire", None).await.status, 200);
+
+    let body = tokio::time::timeout(Duration::from_secs(10), stream.bytes())
+        .await
+        .expect("the stream ends at once")
+        .unwrap();
+    let last = body
+        .split(|b| *b == b'\n')
+        .rfind(|line| !line.is_empty())
+        .expect("the stream says why it ends");
+    let last: Value = serde_json::from_slice(last).unwrap();
+    assert_eq!(last["code"], 404, "{last}");
+    assert!(
+        last["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("retired")),
+        "{last}"
+    );
+    let (status, answer) = tokio::time::timeout(Duration::from_secs(10), poll)
+        .await
+        .expect("the long poll answers at once")
+        .unwrap();
+    assert_eq!(status, 404, "{answer}");
+    app.stop().await;
+}
+
+/// Reads an SSE connection's raw text until it holds `needle`; answers all of it.
+async fn sse_text_until(
+    bytes: &mut (impl Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
+    needle: &str,
+) -> String {
+    let mut text = String::new();
+    while !text.contains(needle) {
+        let chunk = tokio::time::timeout(Duration::from_secs(10), bytes.next())
+            .await
+            .unwrap_or_else(|_| panic!("{needle:?} in time; got {text:?}"))
+            .expect("the stream goes on")
+            .unwrap();
+        text.push_str(&String::from_utf8_lossy(&chunk));
+    }
+    text
+}
+
+/// An SSE stream names the revision it reads from before any change, and its heartbeats move it
+/// past changes the filter hid: a reconnect with that `Last-Event-ID` misses nothing.
+#[tokio::test]
+async fn an_sse_stream_names_where_it_reads_from_before_any_change() {
+    let app = spawn_app().await;
+    project(&app).await;
+    put(&app, Uuid::new_v4(), "before").await;
+    let head = app.get("/p/_changes?since=now").await.body["last_revision"]
+        .as_u64()
+        .unwrap();
+    let response = app
+        .client
+        .get(format!(
+            "{}/p/_changes?feed=sse&since=now&heartbeat=1",
+            app.address
+        ))
+        .send()
+        .await
+        .unwrap();
+    let mut bytes = response.bytes_stream();
+    sse_text_until(&mut bytes, &format!("id: {head}\n\n")).await;
+    drop(bytes);
+    // A change while the follower was away, then the reconnect with the id it was given.
+    let missed = put(&app, Uuid::new_v4(), "while away").await;
+    let mut events = sse(&app.address, "heartbeat=1", Some(head)).await;
+    assert_eq!(next_changes(&mut events, 1).await[0]["revision"], missed);
+
+    // Filtered to another blueprint, the heartbeat moves the id past the hidden change.
+    let tag = json!({"postgresql": {"table": "tags"}, "elasticsearch": {"type": "tag"},
+        "columns": {"name": {"type": "string"}}});
+    app.put_and_freeze("p", "tag", &tag).await;
+    let response = app
+        .client
+        .get(format!(
+            "{}/p/_changes?feed=sse&since=now&heartbeat=1&blueprint=tag",
+            app.address
+        ))
+        .send()
+        .await
+        .unwrap();
+    let mut bytes = response.bytes_stream();
+    sse_text_until(&mut bytes, "\n\n").await;
+    let hidden = put(&app, Uuid::new_v4(), "not followed").await;
+    let text = sse_text_until(&mut bytes, &format!("id: {hidden}\n: heartbeat\n\n")).await;
+    assert!(!text.contains("data:"), "{text}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn hostile_parameters_get_a_400_naming_the_parameter() {
     let app = spawn_app().await;

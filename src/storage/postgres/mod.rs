@@ -314,14 +314,17 @@ impl PgStorage {
     fn publish(&self, loaded: Vec<catalog::Loaded>) {
         let mut cache = self.catalog.write().expect("catalog lock");
         let mut next = Snapshot::clone(&cache.snapshot);
+        let mut changed = Vec::new();
         for catalog::Loaded {
             name,
             stamp,
             project,
         } in loaded
         {
-            if cache.stamps.get(&name).is_some_and(|known| *known > stamp) {
-                continue;
+            match cache.stamps.get(&name) {
+                Some(known) if *known > stamp => continue,
+                Some(known) if *known == stamp => {}
+                _ => changed.push(name.clone()),
             }
             cache.stamps.insert(name.clone(), stamp);
             match project {
@@ -334,6 +337,12 @@ impl PgStorage {
             }
         }
         cache.snapshot = Arc::new(next);
+        drop(cache);
+        // A new state of a project (this node's edit or another's, a retire among them): its
+        // followers read again, as its versions may have changed.
+        for name in &changed {
+            self.signal.nudge(name);
+        }
     }
 
     fn publish_one(&self, name: &Ident, stamp: u64, project: Option<crate::catalog::Project>) {
