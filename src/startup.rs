@@ -490,8 +490,9 @@ fn node_name(settings: &Settings) -> String {
 }
 
 /// The master keys, or `None` when requests need no key: authentication turned off explicitly, or
-/// no master key and a loopback address (said at start). Refuses a key shorter than 16 bytes, and
-/// serving without a key on an address other machines reach.
+/// no master key and a loopback address (said at start). Refuses a key shorter than 16 bytes or
+/// with a character other than visible ASCII, and serving without a key on an address other
+/// machines reach.
 fn master_keys(settings: &Settings) -> Result<Option<Vec<Secret>>, StartupError> {
     let auth = &settings.auth;
     let mut keys = auth.master_keys.clone();
@@ -510,6 +511,17 @@ fn master_keys(settings: &Settings) -> Result<Option<Vec<Secret>>, StartupError>
             )));
         };
         keys.push(Secret::from(line));
+    }
+    // A request carries its key in the `Authorization` header, as `Bearer <key>`: a key with a
+    // character such a header cannot hold (or that its reading trims or splits) could never be sent.
+    if let Some(odd) = keys
+        .iter()
+        .position(|k| !k.expose().bytes().all(|b| b.is_ascii_graphic()))
+    {
+        return Err(StartupError::Auth(format!(
+            "master key {} holds a space, a control character or a non-ASCII one: a request could              never send it (keys are visible ASCII: letters, digits, punctuation)",
+            odd + 1
+        )));
     }
     if let Some(short) = keys.iter().position(|k| k.expose().len() < 16) {
         return Err(StartupError::Auth(format!(

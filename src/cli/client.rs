@@ -53,6 +53,29 @@ impl std::fmt::Display for CliError {
     }
 }
 
+/// `text` with every character a terminal would act on written out instead (`\u{1b}`): control
+/// characters other than newline and tab, and the bidirectional overrides that reorder what
+/// follows. Key names, descriptions and the server's messages are free text: printed raw, one
+/// could move the cursor, recolour or hide the lines after it.
+pub(super) fn terminal_safe(text: &str) -> std::borrow::Cow<'_, str> {
+    let acts = |c: char| {
+        (c.is_control() && c != '\n' && c != '\t')
+            || matches!(c, '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    };
+    if !text.chars().any(acts) {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 8);
+    for c in text.chars() {
+        if acts(c) {
+            out.extend(c.escape_unicode());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 pub(super) fn shorten(text: &str, max: usize) -> String {
     match text.char_indices().nth(max) {
         Some((at, _)) => format!("{}…", &text[..at]),
@@ -84,11 +107,26 @@ impl Client {
             .connect_timeout(Duration::from_secs(5))
             .build()
             .map_err(|e| CliError::Transport(format!("cannot build the HTTP client: {e}")))?;
+        // The key travels in a header as `Bearer <key>`: one with a space, a control or a
+        // non-ASCII character inside cannot be sent (and is no key dstore makes). The key itself
+        // is never printed.
+        let api_key = connection
+            .api_key
+            .as_deref()
+            .map(str::trim)
+            .filter(|k| !k.is_empty());
+        if api_key.is_some_and(|k| !k.bytes().all(|b| b.is_ascii_graphic())) {
+            return Err(CliError::Input(
+                "--api-key (DSTORE_API_KEY) holds a space, a control character or a non-ASCII \
+                 one: API keys are visible ASCII; check how it was copied"
+                    .into(),
+            ));
+        }
         Ok(Client {
             base,
             http,
             json: connection.json,
-            api_key: connection.api_key.clone().filter(|k| !k.is_empty()),
+            api_key: api_key.map(str::to_string),
         })
     }
 
@@ -186,7 +224,7 @@ impl Client {
         if self.json {
             print_json(body);
         } else {
-            println!("{}", summary());
+            println!("{}", terminal_safe(&summary()));
         }
     }
 }
@@ -244,5 +282,44 @@ mod tests {
             url.as_str(),
             "http://127.0.0.1:2020/my%2Fblog/_version?wait=true"
         );
+    }
+
+    #[test]
+    fn what_a_terminal_would_act_on_is_written_out() {
+        assert_eq!(terminal_safe("plain\nline\ttab é"), "plain\nline\ttab é");
+        assert_eq!(
+            terminal_safe("a\u{1b}[2Jb\u{202e}c\r\u{7f}"),
+            "a\\u{1b}[2Jb\\u{202e}c\\u{d}\\u{7f}"
+        );
+    }
+
+    #[test]
+    fn an_api_key_no_header_could_carry_is_refused_before_sending() {
+        let with = |key: &str| {
+            Client::new(&Connection {
+                server: "http://127.0.0.1:2020".into(),
+                json: false,
+                api_key: Some(key.into()),
+            })
+        };
+        for key in [
+            "with a space",
+            "tab\tinside",
+            "caf\u{e9}-key",
+            "nul\0key",
+            "esc\u{1b}[0m",
+        ] {
+            match with(key) {
+                Err(CliError::Input(message)) => {
+                    assert!(message.contains("visible ASCII"), "{message}");
+                    assert!(!message.contains(key), "the key is never printed");
+                }
+                Err(other) => panic!("{key:?}: {other}"),
+                Ok(_) => panic!("{key:?} was accepted"),
+            }
+        }
+        let client = with("  padded-0123456789abcdef\r\n").expect("surrounding space is trimmed");
+        assert_eq!(client.api_key.as_deref(), Some("padded-0123456789abcdef"));
+        assert!(with("").unwrap().api_key.is_none());
     }
 }

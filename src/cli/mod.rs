@@ -42,7 +42,7 @@ pub fn run(command: ClientCommand) -> ExitCode {
     match runtime.block_on(dispatch(command)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("dstore: {error}");
+            eprintln!("dstore: {}", client::terminal_safe(&error.to_string()));
             ExitCode::FAILURE
         }
     }
@@ -337,7 +337,7 @@ async fn follow_changes(
             Ok(response) => response,
             Err(CliError::Transport(message)) => {
                 attempt += 1;
-                eprintln!("dstore: {message}; trying again");
+                eprintln!("dstore: {}; trying again", client::terminal_safe(&message));
                 tokio::time::sleep(Duration::from_secs(u64::from(attempt.min(10)))).await;
                 continue;
             }

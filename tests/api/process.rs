@@ -75,6 +75,16 @@ fn check_config_refuses_the_settings_serve_refuses() {
     for (name, value, named) in [
         ("DSTORE_STORAGE_BACKEND", "postgresql", "storage.url"),
         ("DSTORE_MASTER_KEY", "short", "16 bytes"),
+        (
+            "DSTORE_MASTER_KEY",
+            "long enough but with spaces",
+            "visible ASCII",
+        ),
+        (
+            "DSTORE_MASTER_KEY",
+            "0123456789abcdef\u{e9}",
+            "visible ASCII",
+        ),
         ("DSTORE_HOST", "0.0.0.0", "DSTORE_MASTER_KEY"),
         ("DSTORE_MASTER_KEY", "", "DSTORE_MASTER_KEY"),
     ] {
