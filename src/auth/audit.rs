@@ -67,6 +67,9 @@ pub struct AuditEntry {
     pub method: Text,
     pub path: String,
     pub status: u16,
+    /// The id of what the request made where its path cannot name it: a new API key's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub created: Option<String>,
 }
 
 /// The first byte of an entry in the binary form; a JSON entry starts with `{`.
@@ -76,7 +79,9 @@ impl AuditEntry {
     /// The entry in the compact form [`AuditEntry::decode`] reads: `BINARY`, the time in
     /// microseconds since the epoch (i64, big-endian), the status (u16), whether a project
     /// follows (one byte), then `key_id`, `key_name`, `action`, the project when there is one,
-    /// `method` and `path`, each as a u32 length (big-endian) and its UTF-8 bytes.
+    /// `method`, `path` and `created` when there is one, each as a u32 length (big-endian) and
+    /// its UTF-8 bytes. An entry without `created` ends after `path`, as entries written before
+    /// there was one do.
     pub fn encode(&self) -> Vec<u8> {
         let texts = [
             Some(&*self.key_id),
@@ -85,6 +90,7 @@ impl AuditEntry {
             self.project.as_deref(),
             Some(&*self.method),
             Some(self.path.as_str()),
+            self.created.as_deref(),
         ];
         let size = 12 + texts.iter().flatten().map(|t| 4 + t.len()).sum::<usize>();
         let mut out = Vec::with_capacity(size);
@@ -123,6 +129,7 @@ impl AuditEntry {
             None
         };
         let (method, path) = (text()?.into(), text()?);
+        let created = text();
         Some(AuditEntry {
             at: DateTime::from_timestamp_micros(i64::from_be_bytes(*micros))?,
             key_id,
@@ -132,6 +139,7 @@ impl AuditEntry {
             method,
             path,
             status: u16::from_be_bytes(*status),
+            created,
         })
     }
 }
@@ -225,6 +233,7 @@ impl Unvouched {
                 closed.unrecorded, last.method, last.path
             ),
             status: last.status,
+            created: None,
         })
     }
 }
@@ -302,13 +311,16 @@ mod tests {
             method: "PUT".into(),
             path: "/bench/article/0193c0de-0000-7000-8000-000000000001".into(),
             status: 200,
+            created: None,
         }
     }
 
     #[test]
     fn entries_read_back_as_written_with_and_without_a_project() {
         for project in [Some("bench"), Some(""), None] {
-            let entry = entry(project);
+            let mut entry = entry(project);
+            assert_eq!(AuditEntry::decode(&entry.encode()), Some(entry.clone()));
+            entry.created = Some("k_new".into());
             assert_eq!(AuditEntry::decode(&entry.encode()), Some(entry));
         }
     }

@@ -255,10 +255,7 @@ impl KeyStore {
         let mut errors = Vec::new();
         let count = self.keys.read().expect("keys lock").len();
         if count >= MAX_KEYS {
-            return Err(KeyError::Invalid(vec![FieldError::new(
-                "",
-                format!("there are {count} keys already, the most dstore keeps; revoke unused ones first"),
-            )]));
+            return Err(too_many_keys(count));
         }
         let name = input.name.clone().unwrap_or_default();
         if name.is_empty() {
@@ -295,7 +292,9 @@ impl KeyStore {
             return Err(KeyError::Invalid(errors));
         }
         Self::may_touch(by, &key, "make")?;
-        self.storage.put_key(&key).await?;
+        if !self.storage.put_key(&key, MAX_KEYS).await? {
+            return Err(too_many_keys(MAX_KEYS));
+        }
         self.keys
             .write()
             .expect("keys lock")
@@ -453,12 +452,15 @@ fn apply(key: &mut ApiKey, input: KeyInput, errors: &mut Vec<FieldError>) {
     if let Some(expires) = input.expires_at {
         key.expires_at = match expires.as_deref().map(chrono::DateTime::parse_from_rfc3339) {
             None => None,
-            // RFC 3339 has four-digit years: a time past 9999 in UTC could not be written as one.
-            Some(Ok(at)) if at.with_timezone(&Utc).year() <= 9999 => Some(at.with_timezone(&Utc)),
+            // RFC 3339 has four-digit years: a time before the year 1 or past 9999 in UTC (year 0
+            // with a positive offset, 9999 with a negative one) could not be written as one.
+            Some(Ok(at)) if (1..=9999).contains(&at.with_timezone(&Utc).year()) => {
+                Some(at.with_timezone(&Utc))
+            }
             Some(Ok(_)) => {
                 errors.push(FieldError::new(
                     "/expires_at",
-                    "is past the year 9999 in UTC; use null for a key that never expires",
+                    "is outside the years 1 to 9999 in UTC; use null for a key that never expires",
                 ));
                 None
             }
@@ -474,6 +476,13 @@ fn apply(key: &mut ApiKey, input: KeyInput, errors: &mut Vec<FieldError>) {
             }
         };
     }
+}
+
+fn too_many_keys(count: usize) -> KeyError {
+    KeyError::Invalid(vec![FieldError::new(
+        "",
+        format!("there are {count} keys already, the most dstore keeps; revoke unused ones first"),
+    )])
 }
 
 /// Keeps a store's cache fresh and writes last uses, while it lives.

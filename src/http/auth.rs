@@ -85,6 +85,10 @@ struct Checked {
     project: Option<String>,
 }
 
+/// The id of what a handler made where the request's path cannot name it (a new API key), put
+/// in the response's extensions for the audit log.
+pub struct Created(pub String);
+
 /// The middleware.
 pub async fn authenticate(
     request: ServiceRequest,
@@ -123,6 +127,11 @@ pub async fn authenticate(
             method: method_text(&method),
             path,
             status: response.status().as_u16(),
+            created: response
+                .response()
+                .extensions()
+                .get::<Created>()
+                .map(|created| created.0.clone()),
         };
         if vouched {
             state.audit.record(entry).await;

@@ -85,7 +85,11 @@ pub async fn create(
     let (key, secret) = store(&state)?.create(&by, input(&body)?).await?;
     let mut answer = key.to_public();
     answer["key"] = json!(secret);
-    Ok(HttpResponse::Created().json(answer))
+    let mut response = HttpResponse::Created().json(answer);
+    response
+        .extensions_mut()
+        .insert(super::auth::Created(key.id.clone()));
+    Ok(response)
 }
 
 /// GET /_keys/{id}

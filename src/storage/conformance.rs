@@ -409,6 +409,37 @@ async fn a_new_project_past_the_most_is_refused_and_existing_ones_go_on(storage:
     assert!(matches!(refused, StorageError::Conflict(_)), "{refused:?}");
 }
 
+/// Key creations racing each other never pass the most keys together: exactly that many are made.
+async fn racing_key_creations_never_pass_the_most(storage: Arc<dyn Storage>) {
+    let key = |i: usize| crate::auth::ApiKey {
+        id: format!("k{i:04}"),
+        name: "k".into(),
+        description: String::new(),
+        actions: Vec::new(),
+        projects: Vec::new(),
+        expires_at: None,
+        created_at: chrono::Utc::now(),
+        last_used_at: None,
+        hash: format!("{i:064}"),
+        previous: None,
+    };
+    let racing: Vec<_> = (0..24)
+        .map(|i| {
+            let storage = storage.clone();
+            let key = key(i);
+            tokio::spawn(async move { storage.put_key(&key, 5).await })
+        })
+        .collect();
+    let mut made = 0;
+    for creation in racing {
+        made += usize::from(creation.await.unwrap().expect("written or refused"));
+    }
+    assert_eq!(made, 5);
+    assert_eq!(storage.keys().await.unwrap().len(), 5);
+    assert!(!storage.put_key(&key(99), 5).await.unwrap());
+    assert!(storage.put_key(&key(99), 6).await.unwrap());
+}
+
 /// Two nodes' key caches: a change made through a node whose copy is stale never brings back a key
 /// revoked through the other, nor undoes its rotation; a key's use never brings it back either.
 async fn a_key_change_from_a_stale_copy_never_undoes_a_revocation_or_a_rotation(
@@ -468,6 +499,7 @@ async fn audit_entries_with_a_nul_are_stored_with_the_rest_of_their_batch(
         method: "PUT".into(),
         path: path.into(),
         status: 400,
+        created: None,
     };
     let batch = [
         entry("/before", None),
@@ -919,6 +951,7 @@ macro_rules! every_behaviour {
         conformance!($backend:
             a_blueprint_put_creates_the_project_and_is_seen_at_once,
             a_key_change_from_a_stale_copy_never_undoes_a_revocation_or_a_rotation,
+            racing_key_creations_never_pass_the_most,
             versions_are_numbered_from_one_and_a_freeze_without_changes_conflicts,
             revisions_strictly_increase_in_the_order_writes_are_acknowledged,
             concurrent_writes_are_all_acknowledged_with_distinct_revisions,

@@ -363,8 +363,13 @@ impl Storage for EmbeddedStorage {
             .collect()
     }
 
-    async fn put_key(&self, key: &ApiKey) -> Result<(), StorageError> {
-        self.write_key(key)
+    async fn put_key(&self, key: &ApiKey, most: usize) -> Result<bool, StorageError> {
+        let _held = self.keys.lock().expect("keys lock");
+        if self.catalog.records(KEYS, KEYS_END, most)?.len() >= most {
+            return Ok(false);
+        }
+        self.write_key(key)?;
+        Ok(true)
     }
 
     async fn key(&self, id: &str) -> Result<Option<ApiKey>, StorageError> {

@@ -369,8 +369,9 @@ pub trait Storage: Send + Sync {
     /// Every API key (digests only, never secrets).
     async fn keys(&self) -> Result<Vec<ApiKey>, StorageError>;
 
-    /// Creates an API key.
-    async fn put_key(&self, key: &ApiKey) -> Result<(), StorageError>;
+    /// Creates an API key unless `most` keys exist already; answers false, writing nothing, then.
+    /// Concurrent creations (through any node) never pass `most` together.
+    async fn put_key(&self, key: &ApiKey, most: usize) -> Result<bool, StorageError>;
 
     /// One API key as stored now (not a node's copy), if it exists.
     async fn key(&self, id: &str) -> Result<Option<ApiKey>, StorageError>;

@@ -626,6 +626,23 @@ async fn every_change_is_audited_with_its_key_and_refused_ones_too() {
     ] {
         assert!(seen.contains(&expected), "{expected:?} in {seen:?}");
     }
+    // A key's creation records the new key's id, which its path cannot name.
+    let created: Vec<&str> = entries
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["path"] == "/_keys" && e["status"] == 201)
+        .filter_map(|e| e["created"].as_str())
+        .collect();
+    assert!(created.contains(&writer_id.as_str()), "{entries}");
+    assert!(
+        entries
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| e["path"] == "/_keys" || e.get("created").is_none()),
+        "{entries}"
+    );
     assert_eq!(
         call(&app, Method::GET, "/_audit", Some(&writer), None)
             .await
@@ -808,9 +825,12 @@ async fn a_key_manager_grants_no_more_than_it_holds() {
     .await;
     assert_eq!(status, 404);
     assert!(answer.to_string().len() < 2000);
-    // An expiry past the year 9999 in UTC could not be written in RFC 3339.
+    // An expiry outside the years 1 to 9999 in UTC could not be written in RFC 3339.
     for (expires_at, expected) in [
         ("9999-12-31T23:59:59-23:59", 422),
+        ("0000-01-01T00:00:00+23:59", 422),
+        ("0000-12-31T23:59:59Z", 422),
+        ("0001-01-01T00:00:00Z", 201),
         ("9999-12-31T00:00:00Z", 201),
     ] {
         let body = json!({"name": "a", "actions": ["items.read"], "projects": ["*"],

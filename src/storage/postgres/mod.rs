@@ -208,6 +208,7 @@ fn storable_audit(entry: &AuditEntry) -> std::borrow::Cow<'_, AuditEntry> {
         .into_iter()
         .chain([entry.path.as_str()])
         .chain(entry.project.as_deref())
+        .chain(entry.created.as_deref())
         .any(|text| text.contains('\0'));
     if !has_nul {
         return std::borrow::Cow::Borrowed(entry);
@@ -222,6 +223,7 @@ fn storable_audit(entry: &AuditEntry) -> std::borrow::Cow<'_, AuditEntry> {
         method: clean(&entry.method).into(),
         path: clean(&entry.path),
         status: entry.status,
+        created: entry.created.as_deref().map(clean),
     })
 }
 
@@ -1119,14 +1121,30 @@ impl Storage for PgStorage {
         rows.iter().map(key_of).collect()
     }
 
-    async fn put_key(&self, key: &ApiKey) -> Result<(), StorageError> {
+    async fn put_key(&self, key: &ApiKey, most: usize) -> Result<bool, StorageError> {
+        let failed = |e: sqlx::Error| unavailable("write an API key", &e);
+        let mut tx = self.pool.begin().await.map_err(failed)?;
+        // Creations wait for each other (this lock mode conflicts with itself, and with no read),
+        // so two never both see room for one more key.
+        sqlx::query("LOCK TABLE api_keys IN SHARE ROW EXCLUSIVE MODE")
+            .execute(&mut *tx)
+            .await
+            .map_err(failed)?;
+        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(failed)?;
+        if usize::try_from(count).unwrap_or(usize::MAX) >= most {
+            return Ok(false);
+        }
         sqlx::query("INSERT INTO api_keys (id, record) VALUES ($1, $2)")
             .bind(&key.id)
             .bind(sqlx::types::Json(key))
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
-            .map_err(|e| unavailable("write an API key", &e))?;
-        Ok(())
+            .map_err(failed)?;
+        tx.commit().await.map_err(failed)?;
+        Ok(true)
     }
 
     async fn key(&self, id: &str) -> Result<Option<ApiKey>, StorageError> {
