@@ -235,6 +235,7 @@ impl Application {
                 .wrap(actix_web::middleware::from_fn(http::observe::observe))
                 .configure(http::configure)
         })
+        .on_connect(http::changes::PeerSocket::keep)
         .workers(workers)
         .backlog(4096)
         // `stop_on_signals` stops it, ending the change feed's streams first.

@@ -10,6 +10,11 @@
 //! - Streams resume from the revision a follower saw last (`since`, or SSE's `Last-Event-ID`), and
 //!   within one stream revisions only grow, so a change is never sent twice.
 //! - Streams end when the server stops, so a graceful stop never waits for followers.
+//! - A follower's place (`changes.max_followers`) is given back soon after its client left: a
+//!   stream finds out at its next heartbeat, whose write fails; a long poll, which writes nothing
+//!   until it answers (and which actix does not cancel when the client goes), looks at its
+//!   connection's socket every second ([`PeerSocket`]). Otherwise clients that open long polls
+//!   and hang up at once would hold every place for the longest time-out.
 //! - A stream or long poll opened with an API key checks the key again as it runs (at most once a
 //!   second, and before each page): a key revoked, expired or narrowed meanwhile ends it.
 
@@ -230,6 +235,62 @@ impl From<FeedError> for ApiError {
     }
 }
 
+/// How often a waiting long poll looks whether its client is still connected.
+const PEER_CHECK: Duration = Duration::from_secs(1);
+
+/// The socket of a request's connection, kept in the connection's data by
+/// [`PeerSocket::keep`] (the server's `on_connect`), so a long poll can tell that its client left.
+#[derive(Clone, Copy, Debug)]
+pub struct PeerSocket(std::os::fd::RawFd);
+
+impl PeerSocket {
+    /// The server's `on_connect`: keeps the socket of a TCP connection.
+    pub fn keep(connection: &dyn std::any::Any, data: &mut actix_web::dev::Extensions) {
+        use std::os::fd::AsRawFd;
+        if let Some(tcp) = connection.downcast_ref::<actix_web::rt::net::TcpStream>() {
+            data.insert(PeerSocket(tcp.as_raw_fd()));
+        }
+    }
+
+    /// Whether the client closed its side of the connection or reset it. Looks without taking
+    /// anything: a request the client sent ahead (pipelining) stays to be read.
+    fn left(self) -> bool {
+        let mut byte = 0u8;
+        // SAFETY: the descriptor is the socket of the connection whose request is being served;
+        // the connection owns it until the request's handler is done, so it is open here. The
+        // call writes at most one byte into `byte`, and MSG_PEEK leaves the data in the socket.
+        let read = unsafe {
+            libc::recv(
+                self.0,
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        match read {
+            0 => true,
+            1.. => false,
+            _ => !matches!(
+                std::io::Error::last_os_error().kind(),
+                std::io::ErrorKind::WouldBlock | std::io::ErrorKind::Interrupted
+            ),
+        }
+    }
+
+    /// Finishes once the client of `peer` left; never without one.
+    async fn gone(peer: Option<PeerSocket>) {
+        let Some(peer) = peer else {
+            return std::future::pending().await;
+        };
+        loop {
+            tokio::time::sleep(PEER_CHECK).await;
+            if peer.left() {
+                return;
+            }
+        }
+    }
+}
+
 /// One of `changes.max_followers`, given back when the follower leaves.
 struct Slot(Arc<AtomicUsize>);
 
@@ -294,7 +355,8 @@ pub async fn changes(
         }
         Feed::Longpoll => {
             let _slot = Slot::take(&state)?;
-            let page = long_poll(&state, &follower, &params, since, recheck.as_mut()).await?;
+            let peer = request.conn_data::<PeerSocket>().copied();
+            let page = long_poll(&state, &follower, &params, since, recheck.as_mut(), peer).await?;
             Ok(HttpResponse::Ok().json(page_body(&page, version)))
         }
         Feed::Sse | Feed::Ndjson => {
@@ -362,6 +424,7 @@ async fn long_poll(
     params: &Params,
     since: u64,
     mut recheck: Option<&mut Recheck>,
+    peer: Option<PeerSocket>,
 ) -> Result<Page, ApiError> {
     let mut wake = state.storage.follow(&follower.project);
     let mut closing = state.closing.clone();
@@ -390,6 +453,8 @@ async fn long_poll(
             woken = wake.changed() => if woken.is_err() { return Ok(page) },
             _ = tokio::time::sleep_until(deadline) => {}
             _ = closing.changed() => {}
+            // Nobody reads the answer: end, giving the follower's place back.
+            () = PeerSocket::gone(peer) => return Ok(page),
         }
     }
 }

@@ -9,7 +9,7 @@
 pub mod auth;
 mod blueprints;
 pub mod body;
-mod changes;
+pub(crate) mod changes;
 mod docs;
 pub mod error;
 mod health;

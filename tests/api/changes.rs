@@ -247,6 +247,43 @@ async fn retiring_the_followed_version_ends_its_streams_and_long_polls_at_once()
     app.stop().await;
 }
 
+/// A long poll whose client hung up gives its follower's place back within seconds, not at its
+/// time-out: clients that open long polls and leave at once cannot hold every place.
+#[tokio::test]
+async fn a_long_poll_whose_client_left_gives_its_place_back() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app_with(|s| s.changes.max_followers = 1).await;
+    project(&app).await;
+    let host = app.address.trim_start_matches("http://").to_string();
+    let mut socket = tokio::net::TcpStream::connect(&host).await.unwrap();
+    socket
+        .write_all(
+            format!("GET /p/_changes?feed=longpoll&timeout=120 HTTP/1.1\r\nhost: {host}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let taken = app.get("/p/_changes?feed=longpoll&timeout=1").await;
+    assert_eq!(taken.status, 503, "the one place is taken: {}", taken.body);
+    drop(socket);
+    let left = Instant::now();
+    loop {
+        let answer = app.get("/p/_changes?feed=longpoll&timeout=1").await;
+        if answer.status == 200 {
+            break;
+        }
+        assert_eq!(answer.status, 503, "{}", answer.body);
+        assert!(
+            left.elapsed() < Duration::from_secs(10),
+            "the place is still held {:?} after the client left",
+            left.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    app.stop().await;
+}
+
 /// Reads an SSE connection's raw text until it holds `needle`; answers all of it.
 async fn sse_text_until(
     bytes: &mut (impl Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
