@@ -22,6 +22,16 @@ pub struct Connection {
     /// The API key (or master key, for `dstore keys`) sent as `Authorization: Bearer`.
     #[arg(long, env = "DSTORE_API_KEY", global = true, hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Seconds to wait for the server to send anything before giving up (a dry run counts every
+    /// stored item, which takes minutes on a large project).
+    #[arg(
+        long,
+        env = "DSTORE_READ_TIMEOUT",
+        default_value_t = 600,
+        global = true,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub read_timeout: u64,
 }
 
 /// The commands that talk to a running server.

@@ -90,6 +90,8 @@ pub(super) struct Client {
     http: reqwest::Client,
     pub(super) json: bool,
     api_key: Option<String>,
+    /// `--read-timeout`, in seconds.
+    read_timeout: u64,
 }
 
 impl Client {
@@ -103,8 +105,12 @@ impl Client {
                     connection.server
                 ))
             })?;
+        // A server that accepts and never answers (stuck, or another program on the port) is
+        // given up on after the read time-out instead of hanging the command for ever. A
+        // followed feed sends a heartbeat at least every 300 s, below the least sensible value.
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(5))
+            .read_timeout(Duration::from_secs(connection.read_timeout))
             .build()
             .map_err(|e| CliError::Transport(format!("cannot build the HTTP client: {e}")))?;
         // The key travels in a header as `Bearer <key>`: one with a space, a control or a
@@ -127,6 +133,7 @@ impl Client {
             http,
             json: connection.json,
             api_key: api_key.map(str::to_string),
+            read_timeout: connection.read_timeout,
         })
     }
 
@@ -168,18 +175,22 @@ impl Client {
                 .body(body.to_string());
         }
         let response = request.send().await.map_err(|e| {
-            CliError::Transport(format!(
-                "cannot reach the dstore server at {}: {}; is it running? (set --server or DSTORE_SERVER)",
-                self.base,
-                root_cause(&e)
-            ))
+            self.silent(&e).unwrap_or_else(|| {
+                CliError::Transport(format!(
+                    "cannot reach the dstore server at {}: {}; is it running? (set --server or DSTORE_SERVER)",
+                    self.base,
+                    root_cause(&e)
+                ))
+            })
         })?;
         let status = response.status();
         let text = response.text().await.map_err(|e| {
-            CliError::Transport(format!(
-                "{method} {url}: the answer could not be read: {}",
-                root_cause(&e)
-            ))
+            self.silent(&e).unwrap_or_else(|| {
+                CliError::Transport(format!(
+                    "{method} {url}: the answer could not be read: {}",
+                    root_cause(&e)
+                ))
+            })
         })?;
         if !status.is_success() {
             return Err(CliError::Server { status, body: text });
@@ -194,6 +205,17 @@ impl Client {
         Ok((status, body))
     }
 
+    /// The error for a request the server sent nothing to for `--read-timeout`.
+    fn silent(&self, error: &reqwest::Error) -> Option<CliError> {
+        error.is_timeout().then(|| {
+            CliError::Transport(format!(
+                "the server at {} sent nothing for {} s (--read-timeout, DSTORE_READ_TIMEOUT): it \
+                 may be overloaded or stuck (see its /_health), or another program listens there",
+                self.base, self.read_timeout
+            ))
+        })
+    }
+
     /// Starts a GET whose answer is read as it arrives (a stream); a non-2xx answer is the error.
     pub(super) async fn open(
         &self,
@@ -205,11 +227,13 @@ impl Client {
             request = request.bearer_auth(key);
         }
         let response = request.send().await.map_err(|e| {
-            CliError::Transport(format!(
-                "cannot reach the dstore server at {}: {}",
-                self.base,
-                root_cause(&e)
-            ))
+            self.silent(&e).unwrap_or_else(|| {
+                CliError::Transport(format!(
+                    "cannot reach the dstore server at {}: {}",
+                    self.base,
+                    root_cause(&e)
+                ))
+            })
         })?;
         let status = response.status();
         if !status.is_success() {
@@ -273,6 +297,7 @@ mod tests {
             server: "http://127.0.0.1:2020/".into(),
             json: false,
             api_key: None,
+            read_timeout: 600,
         })
         .unwrap();
         let url = client
@@ -282,6 +307,31 @@ mod tests {
             url.as_str(),
             "http://127.0.0.1:2020/my%2Fblog/_version?wait=true"
         );
+    }
+
+    /// A server that accepts the connection and never answers is given up on, saying so.
+    #[tokio::test]
+    async fn a_server_that_never_answers_is_given_up_on_after_the_read_timeout() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let address = listener.local_addr().unwrap();
+        let held = std::thread::spawn(move || listener.accept().map(|(socket, _)| socket));
+        let client = Client::new(&Connection {
+            server: format!("http://{address}"),
+            json: false,
+            api_key: None,
+            read_timeout: 1,
+        })
+        .unwrap();
+        let started = std::time::Instant::now();
+        let answer = client.call(Method::GET, &["_version"], &[], None).await;
+        match answer {
+            Err(CliError::Transport(message)) => {
+                assert!(message.contains("sent nothing for 1 s"), "{message}")
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(started.elapsed() < Duration::from_secs(10));
+        drop(held.join());
     }
 
     #[test]
@@ -300,6 +350,7 @@ mod tests {
                 server: "http://127.0.0.1:2020".into(),
                 json: false,
                 api_key: Some(key.into()),
+                read_timeout: 600,
             })
         };
         for key in [
