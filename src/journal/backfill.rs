@@ -239,12 +239,20 @@ impl Journal {
                 tracing::info!(%project, version, done = state.done, "back-fill paused until the next start");
                 return Ok(());
             }
+            // Each chunk adds as much as it reads: it waits while the disk is nearly full, as
+            // item writes are refused then (see `disk`).
+            if self.check_disk().is_err() {
+                tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+                continue;
+            }
             let Chunk {
                 items,
                 looked_at,
                 cursor,
             } = self.backfill_chunk(project, version, state.cursor.as_deref())?;
             state.done += looked_at;
+            // Items written during the back-fill are read by it too: the total grows with them.
+            state.total = state.total.max(state.done);
             state.finished = looked_at < CHUNK as u64;
             if cursor.is_some() {
                 state.cursor = cursor;

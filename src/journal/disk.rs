@@ -8,6 +8,13 @@
 //! (a few bytes of catalog); item writes and freezes (a freeze back-fills its version) are not.
 //! Free space is measured at most every [`MEASURE_EVERY`], by the write that finds the last
 //! measurement old: one `statvfs` call, with no thread of its own.
+//!
+//! One measurement is not enough on its own: many large `_bulk` requests admitted at the same
+//! moment all saw the same free space, and together wrote past it (each item lands several times:
+//! the log, the items, a task per store, the keyspaces, then compactions). So each write is
+//! admitted with an estimate of what it will take ([`DiskGuard::admit`]), and the estimates of
+//! writes under way, and of those done since the last measurement, count as used until a
+//! measurement sees them.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -30,6 +37,28 @@ pub struct DiskGuard {
     free: AtomicU64,
     /// Whether writes are refused now (to log the change once).
     low: AtomicBool,
+    /// Estimated bytes of the writes admitted and not yet done.
+    underway: AtomicU64,
+    /// Estimated bytes of the writes done since the last measurement began.
+    unmeasured: AtomicU64,
+}
+
+/// A write admitted by [`DiskGuard::admit`]: its estimate counts as used while it lives, and until
+/// the next measurement after it.
+pub struct Admitted<'a> {
+    guard: &'a DiskGuard,
+    bytes: u64,
+}
+
+impl Drop for Admitted<'_> {
+    fn drop(&mut self) {
+        if self.bytes > 0 {
+            self.guard
+                .unmeasured
+                .fetch_add(self.bytes, Ordering::AcqRel);
+            self.guard.underway.fetch_sub(self.bytes, Ordering::AcqRel);
+        }
+    }
 }
 
 impl DiskGuard {
@@ -42,6 +71,8 @@ impl DiskGuard {
             measured_at: AtomicU64::new(0),
             free: AtomicU64::new(u64::MAX),
             low: AtomicBool::new(false),
+            underway: AtomicU64::new(0),
+            unmeasured: AtomicU64::new(0),
         };
         if min_free > 0 {
             guard.measure();
@@ -51,8 +82,17 @@ impl DiskGuard {
 
     /// Whether a write that adds data is accepted now.
     pub fn check(&self) -> Result<(), JournalError> {
+        self.admit(0).map(drop)
+    }
+
+    /// Admits a write estimated to take `bytes` on disk, unless it would leave less than the
+    /// minimum free once the writes under way, and those not yet measured, are counted too.
+    pub fn admit(&self, bytes: u64) -> Result<Admitted<'_>, JournalError> {
         if self.min_free == 0 {
-            return Ok(());
+            return Ok(Admitted {
+                guard: self,
+                bytes: 0,
+            });
         }
         let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
         let last = self.measured_at.load(Ordering::Acquire);
@@ -66,17 +106,35 @@ impl DiskGuard {
         {
             self.measure();
         }
-        let free = self.free.load(Ordering::Acquire);
+        let underway = self.underway.fetch_add(bytes, Ordering::AcqRel) + bytes;
+        let free = self
+            .free
+            .load(Ordering::Acquire)
+            .saturating_sub(underway)
+            .saturating_sub(self.unmeasured.load(Ordering::Acquire));
         if free < self.min_free {
-            return Err(JournalError::DiskLow {
-                free_mb: free >> 20,
-                min_mb: self.min_free >> 20,
+            self.underway.fetch_sub(bytes, Ordering::AcqRel);
+            let before = free.saturating_add(bytes);
+            return Err(if before < self.min_free {
+                JournalError::DiskLow {
+                    free_mb: before >> 20,
+                    min_mb: self.min_free >> 20,
+                }
+            } else {
+                JournalError::DiskTooSmallFor {
+                    needed_mb: bytes.div_ceil(1 << 20),
+                    free_mb: before >> 20,
+                    min_mb: self.min_free >> 20,
+                }
             });
         }
-        Ok(())
+        Ok(Admitted { guard: self, bytes })
     }
 
     fn measure(&self) {
+        // What was written before now is on the disk the measurement sees (or in RocksDB's
+        // memory, which the minimum leaves room for).
+        self.unmeasured.store(0, Ordering::Release);
         let free = match available(&self.dir) {
             Ok(free) => free,
             Err(error) => {
@@ -145,6 +203,47 @@ mod tests {
             free_mb.abs_diff(free >> 20) < 1024,
             "{free_mb} MiB free, {free} bytes before"
         );
+    }
+
+    /// Writes admitted together count against the free space together: the one that would take
+    /// the disk under the minimum is refused, and a write done still counts until the next
+    /// measurement.
+    #[test]
+    fn writes_under_way_count_against_the_free_space() {
+        let dir = tempfile::tempdir().unwrap();
+        // 100 MiB free as far as the guard knows, 36 MiB to keep: 64 MiB of room.
+        let guard = DiskGuard::new(dir.path(), 36 << 20);
+        let known = |guard: &DiskGuard| {
+            guard.free.store(100 << 20, Ordering::Release);
+            // Measured "in the future": nothing measures again during the test.
+            guard.measured_at.store(u64::MAX, Ordering::Release);
+        };
+        known(&guard);
+        let first = guard.admit(40 << 20).expect("40 MiB fit");
+        let refused = guard.admit(40 << 20);
+        assert!(
+            matches!(
+                refused,
+                Err(JournalError::DiskTooSmallFor {
+                    needed_mb: 40,
+                    free_mb: 60,
+                    min_mb: 36
+                })
+            ),
+            "two writes of 40 MiB do not fit in 64: {:?}",
+            refused.map(|_| ())
+        );
+        drop(guard.admit(8 << 20).expect("8 more MiB fit"));
+        drop(first);
+        assert!(
+            guard.admit(40 << 20).is_err(),
+            "writes done count until a measurement sees them"
+        );
+        guard.measure();
+        known(&guard);
+        guard
+            .admit(40 << 20)
+            .expect("measured again: what was written is in the measurement");
     }
 
     #[test]

@@ -124,6 +124,12 @@ pub enum JournalError {
     Corrupt(#[from] serde_json::Error),
     #[error("the journal's disk has {free_mb} MiB free, less than storage.min_free_disk_mb ({min_mb} MiB): item writes and freezes are refused until space is freed; reads, deletes and project drops go on")]
     DiskLow { free_mb: u64, min_mb: u64 },
+    #[error("the journal's disk has {free_mb} MiB free once the writes under way are counted; this write would take about {needed_mb} MiB of it (its items land several times: the log, the items, a task per store), leaving less than storage.min_free_disk_mb ({min_mb} MiB): send fewer items at once, or free space; reads, deletes and project drops go on")]
+    DiskTooSmallFor {
+        needed_mb: u64,
+        free_mb: u64,
+        min_mb: u64,
+    },
 }
 
 /// One item write or delete, validated, transformed and encoded, ready to be journaled.
@@ -578,9 +584,24 @@ impl Journal {
         project: Ident,
         entries: Vec<Entry>,
     ) -> Result<Vec<u64>, JournalError> {
-        if entries.iter().any(|e| matches!(e, Entry::Upsert { .. })) {
-            self.disk.check()?;
-        }
+        // What the write will take on disk, roughly: each item's record and its task body once
+        // for every projector and once more for the keyspaces, each twice (the log, then the
+        // table files). Deletes add little, and are always accepted.
+        let copies = self.lanes.len() as u64 + 1;
+        let bytes: u64 = entries
+            .iter()
+            .map(|entry| match entry {
+                Entry::Upsert { record, task, .. } => {
+                    2 * (record.len() as u64 + copies * task.bytes.len() as u64)
+                }
+                Entry::Delete { .. } => 0,
+            })
+            .sum();
+        let _admitted = if bytes > 0 {
+            Some(self.disk.admit(bytes)?)
+        } else {
+            None
+        };
         self.check_backlog_of(&project)?;
         self.send(|reply| Command::Write {
             epoch,

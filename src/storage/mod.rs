@@ -163,10 +163,10 @@ impl From<JournalError> for StorageError {
                 pending,
                 limit,
             },
-            e
-            @ (JournalError::Storage(_) | JournalError::Closed | JournalError::DiskLow { .. }) => {
-                StorageError::Unavailable(e.to_string())
-            }
+            e @ (JournalError::Storage(_)
+            | JournalError::Closed
+            | JournalError::DiskLow { .. }
+            | JournalError::DiskTooSmallFor { .. }) => StorageError::Unavailable(e.to_string()),
             e @ (JournalError::Corrupt(_)
             | JournalError::Thread(_)
             | JournalError::Leftover { .. }) => StorageError::Corrupt(e.to_string()),
