@@ -99,7 +99,7 @@ pub struct JournalSettings {
 
 #[derive(Debug, Error)]
 pub enum JournalError {
-    #[error("journal storage failed: {0}")]
+    #[error("journal storage failed: {0}{hint}", hint = crate::rocks::lock_hint(.0))]
     Storage(#[from] rocksdb::Error),
     #[error("cannot start the journal writer thread: {0}")]
     Thread(std::io::Error),

@@ -48,6 +48,20 @@ async fn the_binary_honours_the_original_variables_and_stops_cleanly_on_sigterm(
     // The allocator's tuning ran: no transparent huge pages (dstore::allocator).
     let status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
     assert!(status.contains("THP_enabled:\t0"), "{status}");
+    // A second process on the same data directory is refused, saying why.
+    let second = Command::new(env!("CARGO_BIN_EXE_dstore"))
+        .env("PORT", free_port().to_string())
+        .env("LEVEL_PATH", &data)
+        .env("PROJECT_FILE_PATH", &catalog)
+        .env("DSTORE_HOST", "127.0.0.1")
+        .output()
+        .unwrap();
+    let printed = String::from_utf8_lossy(&second.stderr);
+    assert!(!second.status.success(), "{printed}");
+    assert!(
+        printed.contains("another dstore process using this data directory"),
+        "{printed}"
+    );
 
     Command::new("kill")
         .arg("-TERM")
