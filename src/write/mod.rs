@@ -336,33 +336,83 @@ pub async fn freeze(
                 latest.number
             )));
         }
-        let revision = storage
-            .remigrate(project, latest.number, unfinished)
-            .await?;
+        let failed: Vec<String> = unfinished
+            .iter()
+            .filter(|name| {
+                matches!(
+                    p.status[&latest.number].migrations.get(*name),
+                    Some(MigrationState::Failed { .. })
+                )
+            })
+            .cloned()
+            .collect();
+        if failed.is_empty() {
+            // Still queued behind the stores' backlog: queueing them again would put the new
+            // tasks behind more of it, and under a steady load no retry would ever see them
+            // done. Wait for the ones queued.
+            let behind = wait_migrated(storage, project, latest.number, wait).await;
+            return match behind {
+                None => Ok(latest.number),
+                Some(behind) => Err(migration_pending(storage, project, latest.number, &behind)),
+            };
+        }
+        let revision = storage.remigrate(project, latest.number, failed).await?;
         (latest.number, revision)
     };
     if let Err(behind) = storage.wait_projected(project, revision, wait).await {
-        let snapshot = storage.snapshot();
-        let reasons: Vec<String> = behind
-            .iter()
-            .map(|name| {
-                let migration = snapshot
-                    .projects
-                    .get(project)
-                    .and_then(|p| p.status.get(&number))
-                    .and_then(|s| s.migrations.get(name).cloned());
-                match migration {
-                    Some(MigrationState::Failed { error }) => format!("{name}: {error}"),
-                    _ => format!("{name}: still pending"),
-                }
-            })
-            .collect();
-        return Err(WriteError::MigrationPending(format!(
-            "version {number} is frozen, but its migration has not finished ({}); it is retried in the background, and POST /{project}/_version again reports when it is done",
-            reasons.join("; ")
-        )));
+        return Err(migration_pending(storage, project, number, &behind));
     }
     Ok(number)
+}
+
+/// Waits up to `wait` until every store migrated `number`; answers the stores still behind then.
+async fn wait_migrated(
+    storage: &dyn Storage,
+    project: &Ident,
+    number: u32,
+    wait: Duration,
+) -> Option<Vec<String>> {
+    let deadline = tokio::time::Instant::now() + wait;
+    loop {
+        let behind = storage
+            .snapshot()
+            .projects
+            .get(project)
+            .map(|p| unfinished_migrations(p, number))
+            .unwrap_or_default();
+        if behind.is_empty() || tokio::time::Instant::now() >= deadline {
+            return (!behind.is_empty()).then_some(behind);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The 503 of a freeze whose migrations have not finished in time, with each store's state.
+fn migration_pending(
+    storage: &dyn Storage,
+    project: &Ident,
+    number: u32,
+    behind: &[String],
+) -> WriteError {
+    let snapshot = storage.snapshot();
+    let reasons: Vec<String> = behind
+        .iter()
+        .map(|name| {
+            let migration = snapshot
+                .projects
+                .get(project)
+                .and_then(|p| p.status.get(&number))
+                .and_then(|s| s.migrations.get(name).cloned());
+            match migration {
+                Some(MigrationState::Failed { error }) => format!("{name}: {error}"),
+                _ => format!("{name}: still pending"),
+            }
+        })
+        .collect();
+    WriteError::MigrationPending(format!(
+        "version {number} is frozen, but its migration has not finished ({}); it is retried in the background, and POST /{project}/_version again reports when it is done",
+        reasons.join("; ")
+    ))
 }
 
 /// The report of freezing the working copy now, changing nothing (`?dry_run=true`).

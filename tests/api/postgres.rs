@@ -1622,6 +1622,9 @@ async fn writes_wait_in_the_journal_while_postgresql_is_down_and_arrive_when_it_
         ready["projectors"]["postgresql"]["health"]["reachable"], true,
         "{ready}"
     );
+    // The migration done, asking again says so.
+    let done = app.post("/myblog/_version", None).await;
+    assert_eq!(done.status, 409, "{}", done.body);
     app.stop().await;
     db.drop().await;
 }

@@ -95,6 +95,66 @@ impl Projector for Broken {
     }
 }
 
+/// A freeze asked again while its migration waits behind a store's backlog waits for the one
+/// queued, and queues no other behind that backlog: under a steady load a new one would never be
+/// reached within a request's wait, and every retry would add one.
+#[tokio::test]
+async fn a_freeze_asked_again_waits_for_its_queued_migration_and_queues_no_other() {
+    let store = Broken::default();
+    store.fixed.store(true, Ordering::SeqCst);
+    let app = spawn_app_with_projectors(
+        |s| s.projection.wait_timeout_secs = 1,
+        vec![Arc::new(store.clone())],
+    )
+    .await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    // The store goes away with items pending: the next migration is queued behind them.
+    store.down.store(true, Ordering::SeqCst);
+    for _ in 0..3 {
+        let item = serde_json::json!({"project_version": 1, "title": "waiting",
+            "date_created": "2021-01-02 03:04:05"});
+        let put = app
+            .put(&format!("/myblog/article/{}", Uuid::new_v4()), &item)
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    let mut v2 = article();
+    v2["columns"]["extra"] = serde_json::json!({"type": "string"});
+    assert_eq!(app.put("/myblog/article/_blueprint", &v2).await.status, 200);
+    let frozen = app.post("/myblog/_version", None).await;
+    assert_eq!(frozen.status, 503, "{}", frozen.body);
+    let pending = |ready: &Value| ready["projectors"]["broken"]["progress"]["pending"].clone();
+    let before = pending(&app.get("/_health/ready").await.body);
+    for _ in 0..3 {
+        let again = app.post("/myblog/_version", None).await;
+        assert_eq!(again.status, 503, "{}", again.body);
+        assert!(
+            again.body["status"]
+                .as_str()
+                .is_some_and(|s| s.contains("broken: still pending")),
+            "{}",
+            again.body
+        );
+    }
+    assert_eq!(
+        pending(&app.get("/_health/ready").await.body),
+        before,
+        "asking again queued more tasks"
+    );
+    // The store back, asking again answers once the queued migration is done.
+    store.down.store(false, Ordering::SeqCst);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let again = app.post("/myblog/_version", None).await;
+        if again.status == 200 || again.status == 409 {
+            break;
+        }
+        assert_eq!(again.status, 503, "{}", again.body);
+        assert!(std::time::Instant::now() < deadline, "{}", again.body);
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_failed_migration_is_reported_and_the_freeze_can_be_retried_to_completion() {
     let fixed = Arc::new(AtomicBool::new(false));
