@@ -336,17 +336,20 @@ pub async fn freeze(
                 latest.number
             )));
         }
-        let failed: Vec<String> = unfinished
+        // A back-fill started only now means the freeze's journal batch never ran (a crash
+        // between the catalog and the journal): its migrations were never queued either.
+        let again: Vec<String> = unfinished
             .iter()
             .filter(|name| {
-                matches!(
-                    p.status[&latest.number].migrations.get(*name),
-                    Some(MigrationState::Failed { .. })
-                )
+                backfill
+                    || matches!(
+                        p.status[&latest.number].migrations.get(*name),
+                        Some(MigrationState::Failed { .. })
+                    )
             })
             .cloned()
             .collect();
-        if failed.is_empty() {
+        if again.is_empty() {
             // Still queued behind the stores' backlog: queueing them again would put the new
             // tasks behind more of it, and under a steady load no retry would ever see them
             // done. Wait for the ones queued.
@@ -356,7 +359,7 @@ pub async fn freeze(
                 Some(behind) => Err(migration_pending(storage, project, latest.number, &behind)),
             };
         }
-        let revision = storage.remigrate(project, latest.number, failed).await?;
+        let revision = storage.remigrate(project, latest.number, again).await?;
         (latest.number, revision)
     };
     if let Err(behind) = storage.wait_projected(project, revision, wait).await {
