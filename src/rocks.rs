@@ -174,7 +174,7 @@ pub fn partition_old_tables(
 /// What to add to a RocksDB error that says its lock file is held: RocksDB lets one process open
 /// a database, so another dstore (or a copy of this one still stopping) has the data directory.
 pub fn lock_hint(error: &rocksdb::Error) -> &'static str {
-    if error.as_ref().contains("lock") {
+    if error.as_ref().contains("While lock file") {
         "; is another dstore process using this data directory? (one process per data directory)"
     } else {
         ""

@@ -174,15 +174,7 @@ impl Client {
                 .header(reqwest::header::CONTENT_TYPE, "application/json")
                 .body(body.to_string());
         }
-        let response = request.send().await.map_err(|e| {
-            self.silent(&e).unwrap_or_else(|| {
-                CliError::Transport(format!(
-                    "cannot reach the dstore server at {}: {}; is it running? (set --server or DSTORE_SERVER)",
-                    self.base,
-                    root_cause(&e)
-                ))
-            })
-        })?;
+        let response = request.send().await.map_err(|e| self.unreachable(&e))?;
         let status = response.status();
         let text = response.text().await.map_err(|e| {
             self.silent(&e).unwrap_or_else(|| {
@@ -203,6 +195,17 @@ impl Client {
             ))
         })?;
         Ok((status, body))
+    }
+
+    /// The error for a request that got no answer: the server is not there, or sent nothing.
+    fn unreachable(&self, error: &reqwest::Error) -> CliError {
+        self.silent(error).unwrap_or_else(|| {
+            CliError::Transport(format!(
+                "cannot reach the dstore server at {}: {}; is it running? (set --server or DSTORE_SERVER)",
+                self.base,
+                root_cause(error)
+            ))
+        })
     }
 
     /// The error for a request the server sent nothing to for `--read-timeout`.
@@ -226,15 +229,7 @@ impl Client {
         if let Some(key) = &self.api_key {
             request = request.bearer_auth(key);
         }
-        let response = request.send().await.map_err(|e| {
-            self.silent(&e).unwrap_or_else(|| {
-                CliError::Transport(format!(
-                    "cannot reach the dstore server at {}: {}",
-                    self.base,
-                    root_cause(&e)
-                ))
-            })
-        })?;
+        let response = request.send().await.map_err(|e| self.unreachable(&e))?;
         let status = response.status();
         if !status.is_success() {
             let body = response.text().await.unwrap_or_default();

@@ -133,6 +133,14 @@ pub fn tombstone(project: &Ident, revision: u64) -> Vec<u8> {
     name_then(&[TOMBSTONE], project.as_str(), 0, &revision.to_be_bytes())
 }
 
+/// The project and revision of a [`tombstone`] key; `None` for a key that is not one.
+pub fn split_tombstone(key: &[u8]) -> Option<(Ident, u64)> {
+    let (head, revision) = key.split_last_chunk::<8>()?;
+    let name = head.strip_prefix(&[TOMBSTONE])?.strip_suffix(&[0])?;
+    let project = Ident::parse(std::str::from_utf8(name).ok()?).ok()?;
+    Some((project, u64::from_be_bytes(*revision)))
+}
+
 /// The tombstones of a project lie in `from .. to`.
 pub fn tombstone_range(project: &Ident) -> (Vec<u8>, Vec<u8>) {
     let mut from = vec![TOMBSTONE];
@@ -184,6 +192,8 @@ mod tests {
         assert_eq!(tombstone(&p, 1), b"\xffblog\0\0\0\0\0\0\0\0\x01");
         let (from, to) = tombstone_range(&p);
         assert!(from < tombstone(&p, 1) && tombstone(&p, u64::MAX) < to);
+        assert_eq!(split_tombstone(&tombstone(&p, 7)), Some((p.clone(), 7)));
+        assert_eq!(split_tombstone(&change(&p, 7)), None);
     }
 
     #[test]

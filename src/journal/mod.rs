@@ -156,6 +156,18 @@ pub enum Entry {
 }
 
 impl Entry {
+    /// What journaling the entry takes on disk, roughly: an upsert's record, and its task body
+    /// `copies` times (once per projector and once for the keyspaces), each twice (the log, then
+    /// the table files); 0 for a delete.
+    fn disk_estimate(&self, copies: u64) -> u64 {
+        match self {
+            Entry::Upsert { record, task, .. } => {
+                2 * (record.len() as u64 + copies * task.bytes.len() as u64)
+            }
+            Entry::Delete { .. } => 0,
+        }
+    }
+
     /// The key of the item this entry writes or deletes (`keys::item`).
     pub fn key(&self, project: &Ident) -> Vec<u8> {
         match self {
@@ -584,24 +596,10 @@ impl Journal {
         project: Ident,
         entries: Vec<Entry>,
     ) -> Result<Vec<u64>, JournalError> {
-        // What the write will take on disk, roughly: each item's record and its task body once
-        // for every projector and once more for the keyspaces, each twice (the log, then the
-        // table files). Deletes add little, and are always accepted.
+        // Deletes add little, and are always accepted.
         let copies = self.lanes.len() as u64 + 1;
-        let bytes: u64 = entries
-            .iter()
-            .map(|entry| match entry {
-                Entry::Upsert { record, task, .. } => {
-                    2 * (record.len() as u64 + copies * task.bytes.len() as u64)
-                }
-                Entry::Delete { .. } => 0,
-            })
-            .sum();
-        let _admitted = if bytes > 0 {
-            Some(self.disk.admit(bytes)?)
-        } else {
-            None
-        };
+        let bytes: u64 = entries.iter().map(|e| e.disk_estimate(copies)).sum();
+        let _admitted = (bytes > 0).then(|| self.disk.admit(bytes)).transpose()?;
         self.check_backlog_of(&project)?;
         self.send(|reply| Command::Write {
             epoch,

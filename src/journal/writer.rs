@@ -917,20 +917,15 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 // A project's tombstones lie in revision order, so in the order they were
                 // written: the rest of this project's are younger still. Only the old heads of
                 // each project are walked, however many young tombstones wait behind them.
-                let name_end = key.len().saturating_sub(9).max(1);
-                match Ident::parse(&String::from_utf8_lossy(&key[1..name_end])) {
-                    Ok(project) => tombstones.seek(keys::tombstone_range(&project).1),
-                    Err(_) => tombstones.next(),
+                match keys::split_tombstone(key) {
+                    Some((project, _)) => tombstones.seek(keys::tombstone_range(&project).1),
+                    None => tombstones.next(),
                 }
             }
             drop(tombstones);
             for key in &purged {
                 stage.batch.delete_cf(changes, key);
-                let name_end = key.len().saturating_sub(9).max(1);
-                let (Ok(project), revision) = (
-                    Ident::parse(&String::from_utf8_lossy(&key[1..name_end])),
-                    keys::task_seq(key),
-                ) else {
+                let Some((project, revision)) = keys::split_tombstone(key) else {
                     continue;
                 };
                 // The delete itself, and the deleted item's pointer to it.
