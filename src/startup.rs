@@ -128,6 +128,7 @@ impl Application {
         let (storage, journal, background): (SharedStorage, _, _) = match settings.storage.backend {
             Backend::Rocksdb => {
                 let journal = open_journal(&settings, &registry, keyspaces_in_journal).await?;
+                registry.work_for(journal.id());
                 match journal.keyspaces() {
                     Some(keyspaces) => {
                         let keyspaces = Arc::new(keyspaces);
@@ -158,6 +159,7 @@ impl Application {
             }
             Backend::Postgresql => {
                 let pg = open_cluster_storage(&settings, registry.names()).await?;
+                registry.work_for(pg.journal_id());
                 let background = registry
                     .iter()
                     .map(|projector| {
@@ -776,6 +778,7 @@ pub async fn run_worker(
 async fn run_cluster_worker(settings: Settings, kind: ProjectorKind) -> Result<(), StartupError> {
     let projector = open_projector(kind, &settings)?;
     let storage = open_cluster_storage(&settings, vec![kind.name()]).await?;
+    projector.work_for(storage.journal_id());
     let (shutdown, stop) = watch::channel(false);
     tracing::info!(
         projector = kind.name(),

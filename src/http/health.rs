@@ -72,11 +72,11 @@ pub async fn ready(state: State, params: Query<ReadyParams>) -> HttpResponse {
             }
         }
     };
+    let (backend, deployment) = (state.storage.backend(), state.storage.deployment());
     let storage = match state.storage.reachable() {
-        Ok(()) => json!({"backend": state.storage.backend(), "reachable": true}),
-        Err(reason) => {
-            json!({"backend": state.storage.backend(), "reachable": false, "reason": reason})
-        }
+        Ok(()) => json!({"backend": backend, "deployment": deployment, "reachable": true}),
+        Err(reason) => json!({"backend": backend, "deployment": deployment, "reachable": false,
+                              "reason": reason}),
     };
     let serving = storage["reachable"] == true;
     let mut body = json!({

@@ -13,7 +13,7 @@ pub mod elasticsearch;
 pub mod postgres;
 pub mod rocksdb;
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use async_trait::async_trait;
@@ -163,6 +163,13 @@ pub trait Projector: Send + Sync {
     /// Whether the store answers.
     async fn health(&self) -> Health;
 
+    /// Tells the projector which deployment it works for (see [`Deployment`]); a store shared by
+    /// several deployments keeps what each made apart. Set once: a later call naming another
+    /// deployment changes nothing and returns `false`.
+    fn work_for(&self, _deployment: &str) -> bool {
+        true
+    }
+
     /// What migrating `version` would create in the store (DDL, mappings), for a freeze's dry run.
     /// Sends nothing.
     fn preview(&self, _project: &Ident, _version: &Version) -> Value {
@@ -182,6 +189,42 @@ pub trait Projector: Send + Sync {
 pub struct Registry {
     projectors: Vec<Arc<dyn Projector>>,
     elsewhere: Vec<&'static str>,
+}
+
+/// The deployment a projector works for: the id of the journal whose tasks it applies (made with
+/// the data directory, or with the cluster's storage database), so a restored backup is the same
+/// deployment and a fresh data directory a new one. PostgreSQL and Elasticsearch mark what they
+/// create with it, and refuse to write into or drop what another deployment made: two deployments
+/// pointed at one database would otherwise write into each other's tables, and dropping a project
+/// in one would drop the other's. Unknown until set (a worker learns it from its first task);
+/// while unknown, and for what an older dstore made unmarked, nothing is refused.
+#[derive(Debug, Default)]
+pub struct Deployment(OnceLock<String>);
+
+impl Deployment {
+    /// Sets the deployment unless it is set already; `false` when it was set to another one. An
+    /// empty id (a task from an older dstore) sets nothing.
+    /// An id that is not a journal's (more than 64 bytes, or other than letters, digits and `-`)
+    /// sets nothing and is refused.
+    pub fn set(&self, id: &str) -> bool {
+        if id.is_empty() {
+            return true;
+        }
+        let valid = id.len() <= 64 && id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+        valid && self.0.get_or_init(|| id.to_owned()) == id
+    }
+
+    pub fn get(&self) -> Option<&str> {
+        self.0.get().map(String::as_str)
+    }
+
+    /// Whether something marked as made by `owner` (`None`: unmarked) may be used or dropped.
+    pub fn admits(&self, owner: Option<&str>) -> bool {
+        match (owner, self.get()) {
+            (Some(owner), Some(ours)) => owner == ours,
+            _ => true,
+        }
+    }
 }
 
 impl Registry {
@@ -213,6 +256,13 @@ impl Registry {
     /// The projectors this process can reach.
     pub fn iter(&self) -> impl Iterator<Item = &Arc<dyn Projector>> {
         self.projectors.iter()
+    }
+
+    /// Tells every projector this process reaches which deployment it works for.
+    pub fn work_for(&self, deployment: &str) {
+        for projector in &self.projectors {
+            projector.work_for(deployment);
+        }
     }
 
     pub fn get(&self, name: &str) -> Option<&Arc<dyn Projector>> {

@@ -150,6 +150,10 @@ impl Storage for EmbeddedStorage {
         "rocksdb"
     }
 
+    fn deployment(&self) -> &str {
+        self.journal.id()
+    }
+
     fn snapshot(&self) -> Arc<Snapshot> {
         self.catalog.snapshot()
     }

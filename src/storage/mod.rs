@@ -207,6 +207,10 @@ pub trait Storage: Send + Sync {
     /// `rocksdb` or `postgresql`.
     fn backend(&self) -> &'static str;
 
+    /// The deployment's id: its journal's, made with the data directory (embedded) or the shared
+    /// database (cluster). Projectors mark what they create in their stores with it.
+    fn deployment(&self) -> &str;
+
     /// The catalog as this node knows it: never older than this node's own edits.
     fn snapshot(&self) -> Arc<Snapshot>;
 

@@ -610,6 +610,52 @@ fn an_invalid_index_prefix_is_refused_at_start() {
 }
 
 #[tokio::test]
+async fn a_deployment_never_writes_into_nor_deletes_another_deployments_indexes() {
+    let es = Es::new().await;
+    let prefix = unique_prefix();
+    let (_dir, catalog, first) = direct(&es.url, &prefix);
+    let project = ident("shared");
+    let version = conformance::freeze_sample(&catalog, &project);
+    assert!(first.work_for("deployment-a"));
+    first.migrate(&project, &version).await.expect("migrated");
+    let index = format!("{prefix}shared-v1-sample");
+    let (_, mapping) = es.get(&format!("{index}/_mapping")).await;
+    assert_eq!(
+        mapping[&index]["mappings"]["_meta"]["dstore"]["deployment"], "deployment-a",
+        "{mapping}"
+    );
+
+    // A second deployment with the same prefix: refused, and its drop leaves the index.
+    let (_dir2, _, second) = direct(&es.url, &prefix);
+    assert!(second.work_for("deployment-b"));
+    let refused = second.migrate(&project, &version).await.unwrap_err();
+    assert_eq!(refused.kind, ErrorKind::Permanent, "{refused}");
+    assert!(
+        refused
+            .message
+            .contains("belongs to another dstore deployment")
+            && refused.message.contains("deployment-a")
+            && refused
+                .message
+                .contains("DSTORE_ELASTICSEARCH_INDEX_PREFIX"),
+        "{refused}"
+    );
+    second.drop_project(&project).await.expect("dropped");
+    assert_eq!(
+        es.get(&index).await.0,
+        200,
+        "the first deployment's index stays"
+    );
+    // A projector not told its deployment (a worker before its first task) refuses nothing, as
+    // for an index an older dstore made, which names none.
+    let (_dir3, _, unknown) = direct(&es.url, &prefix);
+    unknown.migrate(&project, &version).await.expect("migrated");
+    first.drop_project(&project).await.expect("dropped");
+    assert_eq!(es.get(&index).await.0, 404);
+    es.clean_up(&prefix).await;
+}
+
+#[tokio::test]
 async fn a_migration_finishes_a_half_done_one_and_refuses_an_index_with_another_mapping() {
     let es = Es::new().await;
     let prefix = unique_prefix();

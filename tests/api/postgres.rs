@@ -20,7 +20,7 @@ use serde_json::{json, Value};
 use sqlx::{AssertSqlSafe, Connection, PgConnection, Row};
 use uuid::Uuid;
 
-use crate::helpers::{spawn_app_with, TestApp};
+use crate::helpers::{spawn_app_with, Answer, TestApp};
 use crate::kitchensink::{blueprint_v1, blueprint_v2, item_v1, item_v2, sample};
 
 pub(crate) fn server_url() -> String {
@@ -1367,6 +1367,176 @@ async fn a_schema_dstore_did_not_make_holds_back_its_project_only_and_is_never_w
         "dstore wrote into a schema it does not own: {tables:?}"
     );
     app.stop().await;
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_deployment_never_writes_into_nor_drops_another_deployments_schemas() {
+    let dir = tempfile::tempdir().unwrap();
+    let (db, catalog, first) = sample_projects(&dir, &["shared"]).await;
+    let project = ident("shared");
+    let version = catalog.snapshot().projects[&project]
+        .version(1)
+        .unwrap()
+        .clone();
+    assert!(first.work_for("deployment-a"));
+    assert!(!first.work_for("deployment-b"), "a deployment is set once");
+    first.migrate(&project, &version).await.expect("migrated");
+    let id = Uuid::new_v4();
+    let snapshot = catalog.snapshot();
+    let written = first
+        .apply(&snapshot, &[upsert(&project, id, 1, sample_doc(id, "a's"))])
+        .await
+        .unwrap();
+    assert!(written[0].is_ok(), "{written:?}");
+    let mut sql = db.sql().await;
+    let comment = || {
+        sqlx::query_scalar::<_, String>(
+            "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = 'shared_v1'",
+        )
+    };
+    assert_eq!(
+        comment().fetch_one(&mut sql).await.unwrap(),
+        "dstore project shared, version 1, deployment deployment-a"
+    );
+
+    // A second deployment on the same database: its migration is refused and says why, its
+    // writes and its drop of the project touch nothing of the first's.
+    let second = db.projector();
+    assert!(second.work_for("deployment-b"));
+    let refused = second.migrate(&project, &version).await.unwrap_err();
+    assert!(
+        refused
+            .message
+            .contains("belongs to another dstore deployment")
+            && refused.message.contains("deployment-a")
+            && refused.message.contains("POSTGRESQL_DATABASE"),
+        "{}",
+        refused.message
+    );
+    let other = Uuid::new_v4();
+    let outcomes = second
+        .apply(
+            &snapshot,
+            &[upsert(&project, other, 1, sample_doc(other, "b's"))],
+        )
+        .await;
+    assert!(
+        outcomes.is_err(),
+        "a write waits behind the refused migration: {outcomes:?}"
+    );
+    second.drop_project(&project).await.expect("dropped");
+    assert_eq!(schemas(&mut sql).await, ["shared_v1"]);
+    let kept = first
+        .read(&project, 1, &ident("sample"), &id)
+        .await
+        .unwrap();
+    assert_eq!(
+        kept.expect("the first deployment's item stays")["title"],
+        "a's"
+    );
+    assert_eq!(
+        first
+            .read(&project, 1, &ident("sample"), &other)
+            .await
+            .unwrap(),
+        None
+    );
+
+    // A schema an older dstore made names no deployment: the first deployment to migrate it
+    // takes it over, and from then on it is that deployment's.
+    sqlx::raw_sql("COMMENT ON SCHEMA shared_v1 IS 'dstore project shared, version 1'")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    second
+        .migrate(&project, &version)
+        .await
+        .expect("taken over");
+    assert_eq!(
+        comment().fetch_one(&mut sql).await.unwrap(),
+        "dstore project shared, version 1, deployment deployment-b"
+    );
+    let restarted = db.projector();
+    assert!(restarted.work_for("deployment-a"));
+    assert!(restarted.migrate(&project, &version).await.is_err());
+    restarted.drop_project(&project).await.expect("dropped");
+    assert_eq!(schemas(&mut sql).await, ["shared_v1"]);
+    second.drop_project(&project).await.expect("dropped");
+    assert!(schemas(&mut sql).await.is_empty());
+    db.drop().await;
+}
+
+#[tokio::test]
+async fn a_new_data_directory_on_a_database_another_deployment_uses_is_refused_its_schemas() {
+    let db = TestDatabase::create().await;
+    let first = app_with(&db).await;
+    let blueprint = crate::helpers::article();
+    first.put_and_freeze("blog", "article", &blueprint).await;
+    let id = Uuid::new_v4();
+    let item = json!({"project_version": 1, "date_created": "2020-01-02"});
+    first
+        .put_projected(&format!("/blog/article/{id}?wait=true"), &item)
+        .await;
+    // Another deployment (its own data directory) on the same database.
+    let settings = db.settings();
+    let second = spawn_app_with(|s| {
+        s.postgresql = Some(settings);
+        s.projection.wait_timeout_secs = 2;
+    })
+    .await;
+    assert_eq!(
+        second
+            .put("/blog/article/_blueprint", &blueprint)
+            .await
+            .status,
+        200
+    );
+    let mut frozen = second.post("/blog/_version", None).await;
+    for _ in 0..30 {
+        let pending = frozen.body["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("still pending"));
+        if !pending {
+            break;
+        }
+        frozen = second.post("/blog/_version", None).await;
+    }
+    assert_eq!(frozen.status, 503, "{}", frozen.body);
+    // The refusal names both deployments as `GET /_health/ready` shows them.
+    let deployment = |ready: Answer| {
+        ready.body["storage"]["deployment"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let (ours, theirs) = (
+        deployment(second.get("/_health/ready").await),
+        deployment(first.get("/_health/ready").await),
+    );
+    assert_ne!(ours, theirs);
+    let status = frozen.body["status"].as_str().unwrap();
+    assert!(
+        status.contains("belongs to another dstore deployment")
+            && status.contains(&ours)
+            && status.contains(&theirs),
+        "{}",
+        frozen.body
+    );
+    assert!(second.delete("/blog/_project").await.status < 300);
+    // The first deployment's schema and item are untouched, and it goes on writing.
+    let again = Uuid::new_v4();
+    first
+        .put_projected(&format!("/blog/article/{again}?wait=true"), &item)
+        .await;
+    let mut sql = db.sql().await;
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM blog_v1.articles")
+        .fetch_one(&mut sql)
+        .await
+        .unwrap();
+    assert_eq!(rows, 2);
+    second.stop().await;
+    first.stop().await;
     db.drop().await;
 }
 

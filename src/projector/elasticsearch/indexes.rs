@@ -4,7 +4,8 @@
 //! Invariants: every step is idempotent, so a retried migration finishes a half-done one; an existing
 //! index is accepted only when its mapping includes the one dstore wants; an alias only ever moves
 //! forward (to a higher version), in one atomic `_aliases` call; nothing is deleted or moved unless its
-//! `_meta` names the project.
+//! `_meta` names the project; nothing another deployment made (its `_meta` names that deployment) is
+//! written into or deleted.
 
 use serde_json::{json, Value};
 
@@ -26,7 +27,33 @@ fn owner(mappings: &Value) -> Option<(&str, u64, &str)> {
     ))
 }
 
+/// The deployment that made an index, from its `_meta`; `None` for an older dstore's.
+fn deployment(mappings: &Value) -> Option<&str> {
+    mappings["_meta"]["dstore"]["deployment"].as_str()
+}
+
 impl ElasticsearchProjector {
+    /// The create-index request of a blueprint in a version, its `_meta` naming this deployment
+    /// once known.
+    pub(super) fn index_body(
+        &self,
+        project: &Ident,
+        version: u32,
+        name: &Ident,
+        blueprint: &Blueprint,
+    ) -> Value {
+        let mut body = mapping::index_body(project, version, name, blueprint);
+        if let Some(id) = self.deployment.get() {
+            body["mappings"]["_meta"]["dstore"]["deployment"] = json!(id);
+        }
+        body
+    }
+
+    /// Whether this deployment may write into or delete an index whose mapping is `mappings`.
+    fn admits(&self, mappings: &Value) -> bool {
+        self.deployment.admits(deployment(mappings))
+    }
+
     pub(super) async fn migrate_version(
         &self,
         project: &Ident,
@@ -61,6 +88,7 @@ impl ElasticsearchProjector {
             .iter()
             .filter(|(index, m)| {
                 legacy.contains(index)
+                    && self.admits(m)
                     && owner(m).is_some_and(|(p, v, _)| {
                         p == project.as_str() && v == u64::from(version.number)
                     })
@@ -83,13 +111,25 @@ impl ElasticsearchProjector {
         blueprint: &Blueprint,
     ) -> Result<String, ProjectorError> {
         let index = self.names.index(project, version, name);
-        let body = mapping::index_body(project, version, name, blueprint);
+        let body = self.index_body(project, version, name, blueprint);
         if self.client.create_index(&index, &body).await? {
             tracing::info!(index = %index, "index created");
         } else {
             let found = self.client.mappings(&[index.as_str()]).await?;
             let existing = found.get(&index).cloned().unwrap_or(Value::Null);
-            if let Some(difference) = mapping::first_difference(&existing, &body["mappings"]) {
+            if !self.admits(&existing) {
+                return Err(ProjectorError::permanent(format!(
+                    "index {index} belongs to another dstore deployment (deployment {}; this one \
+                     is {}): two deployments cannot share index names. Give this one its own \
+                     prefix (elasticsearch.index_prefix / DSTORE_ELASTICSEARCH_INDEX_PREFIX), or \
+                     delete that deployment's indexes if it is gone, then freeze again",
+                    deployment(&existing).unwrap_or_default(),
+                    self.deployment.get().unwrap_or_default(),
+                )));
+            }
+            // An older dstore's index names no deployment: the rest of its mapping must match.
+            let wanted = mapping::index_body(project, version, name, blueprint);
+            if let Some(difference) = mapping::first_difference(&existing, &wanted["mappings"]) {
                 return Err(ProjectorError::permanent(format!(
                     "index {index} already exists and differs from version {version} of {project}/{name}: {difference}"
                 )));
@@ -142,7 +182,9 @@ impl ElasticsearchProjector {
         let mappings = self.client.mappings(&[pattern.as_str()]).await?;
         let ours: Vec<&str> = mappings
             .iter()
-            .filter(|(_, m)| owner(m).is_some_and(|(p, _, _)| p == project.as_str()))
+            .filter(|(_, m)| {
+                self.admits(m) && owner(m).is_some_and(|(p, _, _)| p == project.as_str())
+            })
             .map(|(index, _)| index.as_str())
             .collect();
         tracing::info!(%project, indexes = ours.len(), "deleting the indexes of a dropped project");

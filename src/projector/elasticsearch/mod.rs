@@ -30,7 +30,7 @@ pub use mapping::{check_override, check_overrides};
 
 use self::client::EsClient;
 use self::names::Names;
-use super::{Health, Outcome, Projector, ProjectorError, ProjectorKind};
+use super::{Deployment, Health, Outcome, Projector, ProjectorError, ProjectorKind};
 use crate::blueprint::Ident;
 use crate::catalog::{Snapshot, Version};
 use crate::config::ElasticsearchSettings;
@@ -41,6 +41,8 @@ pub struct ElasticsearchProjector {
     names: Names,
     /// Indexes known to exist, so writes need not check them again.
     known: Mutex<HashSet<String>>,
+    /// Whose indexes this projector makes and uses (`indexes`).
+    deployment: Deployment,
 }
 
 impl ElasticsearchProjector {
@@ -50,6 +52,7 @@ impl ElasticsearchProjector {
             client: EsClient::new(settings.url.expose())?,
             names: Names::new(&settings.index_prefix)?,
             known: Mutex::new(HashSet::new()),
+            deployment: Deployment::default(),
         })
     }
 
@@ -87,6 +90,10 @@ impl Projector for ElasticsearchProjector {
         self.migrate_version(project, version).await
     }
 
+    fn work_for(&self, deployment: &str) -> bool {
+        self.deployment.set(deployment)
+    }
+
     async fn apply(
         &self,
         snapshot: &Snapshot,
@@ -117,7 +124,7 @@ impl Projector for ElasticsearchProjector {
             .map(|(name, blueprint)| {
                 (
                     self.names.index(project, version.number, name),
-                    mapping::index_body(project, version.number, name, blueprint),
+                    self.index_body(project, version.number, name, blueprint),
                 )
             })
             .collect();

@@ -166,13 +166,14 @@ pub fn schema_statements(
     schema: &str,
     project: &Ident,
     version: u32,
+    deployment: Option<&str>,
 ) -> Result<Vec<String>, NameError> {
     let s = quote(schema)?;
     Ok(vec![
         format!("CREATE SCHEMA IF NOT EXISTS {s}"),
         format!(
             "COMMENT ON SCHEMA {s} IS {}",
-            literal(&super::ident::schema_comment(project, version))?
+            literal(&super::ident::schema_comment(project, version, deployment))?
         ),
         format!(
             "CREATE TABLE IF NOT EXISTS {} (table_name TEXT NOT NULL, id UUID NOT NULL, _revision BIGINT NOT NULL, PRIMARY KEY (table_name, id))",
@@ -398,7 +399,7 @@ mod tests {
 
     fn ddl(blueprint: &Blueprint) -> String {
         let mut statements =
-            schema_statements("snap_v1", &Ident::parse("snap").unwrap(), 1).unwrap();
+            schema_statements("snap_v1", &Ident::parse("snap").unwrap(), 1, None).unwrap();
         statements.extend(table_statements("snap_v1", blueprint).unwrap());
         statements.join(";\n") + ";\n"
     }

@@ -81,10 +81,31 @@ pub fn legacy_schema_name(project: &Ident, version: u32) -> Option<String> {
         .then(|| format!("{}_{:08x}_v{version}", &name[..42], fnv1a(name)))
 }
 
-/// The comment every schema dstore makes carries: it names the schema's project and version, and
-/// dstore checks it before it writes into, renames or drops a schema.
-pub fn schema_comment(project: &Ident, version: u32) -> String {
-    format!("dstore project {project}, version {version}")
+/// The comment every schema dstore makes carries: it names the schema's project and version and,
+/// once known, the deployment that made it (see `projector::Deployment`); dstore checks it (with
+/// [`comment_owner`]) before it writes into, renames or drops a schema.
+pub fn schema_comment(project: &Ident, version: u32, deployment: Option<&str>) -> String {
+    match deployment {
+        Some(id) => format!("dstore project {project}, version {version}, deployment {id}"),
+        None => format!("dstore project {project}, version {version}"),
+    }
+}
+
+/// Whose a schema is, by its comment: `Some(Some(id))` when dstore made it for this project
+/// version in deployment `id`, `Some(None)` when an older dstore made it without naming the
+/// deployment, `None` when it is not dstore's schema of this project version.
+pub fn comment_owner<'a>(
+    comment: &'a str,
+    project: &Ident,
+    version: u32,
+) -> Option<Option<&'a str>> {
+    let rest = comment.strip_prefix(&schema_comment(project, version, None))?;
+    if rest.is_empty() {
+        return Some(None);
+    }
+    rest.strip_prefix(", deployment ")
+        .filter(|id| !id.is_empty())
+        .map(Some)
 }
 
 /// The schema holding one version of a project: `myblog_v2`.
@@ -148,6 +169,28 @@ mod tests {
     fn literals_double_single_quotes_and_refuse_nul() {
         assert_eq!(literal("it's").unwrap(), "'it''s'");
         assert_eq!(literal("a\0"), Err(NameError::NulInLiteral));
+    }
+
+    #[test]
+    fn a_schema_comment_names_its_project_version_and_deployment() {
+        let blog = Ident::parse("blog").unwrap();
+        let ours = schema_comment(&blog, 1, Some("d1"));
+        assert_eq!(ours, "dstore project blog, version 1, deployment d1");
+        assert_eq!(comment_owner(&ours, &blog, 1), Some(Some("d1")));
+        let unmarked = schema_comment(&blog, 1, None);
+        assert_eq!(comment_owner(&unmarked, &blog, 1), Some(None));
+        assert_eq!(comment_owner(&ours, &blog, 12), None);
+        assert_eq!(
+            comment_owner(&schema_comment(&blog, 12, None), &blog, 1),
+            None
+        );
+        let other = Ident::parse("blogs").unwrap();
+        assert_eq!(comment_owner(&ours, &other, 1), None);
+        assert_eq!(
+            comment_owner("dstore project blog, version 1, deployment ", &blog, 1),
+            None
+        );
+        assert_eq!(comment_owner("somebody's schema", &blog, 1), None);
     }
 
     #[test]

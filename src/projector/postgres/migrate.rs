@@ -10,7 +10,7 @@ use sqlx::types::Json;
 use sqlx::AssertSqlSafe;
 
 use super::error::describe;
-use super::ident::{legacy_schema_name, quote, schema_comment, schema_name};
+use super::ident::{comment_owner, legacy_schema_name, quote, schema_name};
 use super::read::Shape;
 use super::{ddl, write, PostgresProjector};
 use crate::blueprint::Ident;
@@ -51,9 +51,24 @@ impl PostgresProjector {
         Ok(())
     }
 
-    /// Makes sure `schema` is dstore's own for this project and version before anything is written
-    /// into it: a schema of that name must carry the comment dstore gives its schemas, and a schema
-    /// under the name an older dstore gave long project names is renamed to today's name.
+    /// Whether `schema`, carrying `comment`, is this deployment's schema of a version of `project`
+    /// (or an older dstore's, unmarked): the only schemas dstore writes into or drops.
+    pub(super) fn owns(&self, schema: &str, comment: Option<&str>, project: &Ident) -> bool {
+        let version = schema
+            .rsplit_once("_v")
+            .and_then(|(_, n)| n.parse::<u32>().ok());
+        match (version, comment) {
+            (Some(version), Some(comment)) => comment_owner(comment, project, version)
+                .is_some_and(|owner| self.deployment.admits(owner)),
+            _ => false,
+        }
+    }
+
+    /// Makes sure `schema` is dstore's own for this project and version, and this deployment's,
+    /// before anything is written into it: a schema of that name must carry the comment dstore
+    /// gives its schemas (one an older dstore made without naming its deployment is taken over),
+    /// and a schema under the name an older dstore gave long project names is renamed to today's
+    /// name.
     async fn claim_schema(
         &self,
         conn: &mut PgConnection,
@@ -62,7 +77,6 @@ impl PostgresProjector {
         schema: &str,
     ) -> Result<(), ProjectorError> {
         let what = format!("check the owner of schema {schema}");
-        let expected = schema_comment(project, version);
         let comment = |name: String| {
             sqlx::query_scalar::<_, Option<String>>(
                 "SELECT obj_description(oid, 'pg_namespace') FROM pg_namespace WHERE nspname = $1",
@@ -73,16 +87,24 @@ impl PostgresProjector {
             .fetch_optional(&mut *conn)
             .await
             .map_err(|e| self.failed(&what, &e))?;
-        match found {
-            Some(Some(c)) if c == expected => return Ok(()),
-            Some(c) => {
-                return Err(ProjectorError::permanent(format!(
+        if let Some(found) = found {
+            let found = found.unwrap_or_default();
+            return match comment_owner(&found, project, version) {
+                Some(owner) if self.deployment.admits(owner) => Ok(()),
+                Some(owner) => Err(ProjectorError::permanent(format!(
+                    "schema {schema} in {} belongs to another dstore deployment (deployment {}; this \
+                     one is {}): two deployments cannot share a database. Give this one its own \
+                     (postgresql.database / POSTGRESQL_DATABASE), or drop that deployment's schemas \
+                     if it is gone, then freeze again",
+                    self.target(),
+                    owner.unwrap_or_default(),
+                    self.deployment.get().unwrap_or_default(),
+                ))),
+                None => Err(ProjectorError::permanent(format!(
                     "schema {schema} exists but is not dstore's schema of project {project}, version {version} \
-                     (its comment is {:?}); rename or drop it, then freeze again",
-                    c.unwrap_or_default()
-                )))
-            }
-            None => {}
+                     (its comment is {found:?}); rename or drop it, then freeze again"
+                ))),
+            };
         }
         let Some(legacy) = legacy_schema_name(project, version) else {
             return Ok(());
@@ -91,23 +113,25 @@ impl PostgresProjector {
             .fetch_optional(&mut *conn)
             .await
             .map_err(|e| self.failed(&what, &e))?;
-        if legacy_comment == Some(Some(expected)) {
-            let rename = format!(
-                "ALTER SCHEMA {} RENAME TO {}",
-                quote(&legacy)?,
-                quote(schema)?
-            );
-            sqlx::raw_sql(AssertSqlSafe(rename))
-                .execute(&mut *conn)
-                .await
-                .map_err(|e| self.failed(&what, &e))?;
-            tracing::info!(from = %legacy, to = %schema, "schema renamed to its current name");
+        if let Some(Some(found)) = legacy_comment {
+            if self.owns(&legacy, Some(&found), project) {
+                let rename = format!(
+                    "ALTER SCHEMA {} RENAME TO {}",
+                    quote(&legacy)?,
+                    quote(schema)?
+                );
+                sqlx::raw_sql(AssertSqlSafe(rename))
+                    .execute(&mut *conn)
+                    .await
+                    .map_err(|e| self.failed(&what, &e))?;
+                tracing::info!(from = %legacy, to = %schema, "schema renamed to its current name");
+            }
         }
         Ok(())
     }
 
-    /// Whether dstore's schema of this project version exists (under today's name or an older
-    /// dstore's): a migration that failed left nothing, since DDL is transactional.
+    /// Whether this deployment's schema of this project version exists (under today's name or an
+    /// older dstore's): a migration that failed left nothing, since DDL is transactional.
     pub(super) async fn is_built(
         &self,
         project: &Ident,
@@ -117,15 +141,17 @@ impl PostgresProjector {
         let names: Vec<String> = std::iter::once(schema.clone())
             .chain(legacy_schema_name(project, version))
             .collect();
-        sqlx::query_scalar::<_, bool>(
-            "SELECT EXISTS (SELECT 1 FROM pg_namespace WHERE nspname = ANY($1) \
-             AND obj_description(oid, 'pg_namespace') = $2)",
+        let found: Vec<(String, Option<String>)> = sqlx::query_as(
+            "SELECT nspname::text, obj_description(oid, 'pg_namespace') FROM pg_namespace \
+             WHERE nspname = ANY($1)",
         )
         .bind(names)
-        .bind(schema_comment(project, version))
-        .fetch_one(&self.pool)
+        .fetch_all(&self.pool)
         .await
-        .map_err(|e| self.failed(&format!("look for schema {schema}"), &e))
+        .map_err(|e| self.failed(&format!("look for schema {schema}"), &e))?;
+        Ok(found
+            .iter()
+            .any(|(name, comment)| self.owns(name, comment.as_deref(), project)))
     }
 
     pub(super) async fn migrate_version(
@@ -144,7 +170,8 @@ impl PostgresProjector {
         self.ensure_postgis(&mut tx).await?;
         self.claim_schema(&mut tx, project, version.number, &schema)
             .await?;
-        let mut statements = ddl::schema_statements(&schema, project, version.number)?;
+        let mut statements =
+            ddl::schema_statements(&schema, project, version.number, self.deployment.get())?;
         for blueprint in version.blueprints.values() {
             statements.extend(ddl::table_statements(&schema, blueprint)?);
         }

@@ -35,7 +35,7 @@ use uuid::Uuid;
 
 pub use error::PgError;
 
-use super::{Health, Outcome, Projector, ProjectorError, ProjectorKind};
+use super::{Deployment, Health, Outcome, Projector, ProjectorError, ProjectorKind};
 use crate::blueprint::Ident;
 use crate::catalog::{Snapshot, Version};
 use crate::config::PostgresSettings;
@@ -56,6 +56,8 @@ pub struct PostgresProjector {
     lanes: usize,
     /// Tables whose last `COPY` of new rows met existing ones (`write`).
     copy_pauses: write::CopyPauses,
+    /// Whose schemas this projector makes and uses (`migrate`).
+    deployment: Deployment,
 }
 
 /// The connection a batch is written on. A batch that ends early (it failed, or its step was
@@ -92,6 +94,7 @@ impl PostgresProjector {
                 .parallel_transactions
                 .clamp(1, settings.max_connections.max(1)) as usize,
             copy_pauses: write::CopyPauses::default(),
+            deployment: Deployment::default(),
         })
     }
 
@@ -230,6 +233,10 @@ impl Projector for PostgresProjector {
         self.migrate_version(project, version).await
     }
 
+    fn work_for(&self, deployment: &str) -> bool {
+        self.deployment.set(deployment)
+    }
+
     async fn apply(
         &self,
         snapshot: &Snapshot,
@@ -287,24 +294,27 @@ impl Projector for PostgresProjector {
     async fn drop_project(&self, project: &Ident) -> Result<(), ProjectorError> {
         let pattern = schema_pattern(project);
         let what = format!("drop the schemas of {project}");
-        // Only schemas whose comment says they are this project's: a schema someone else named
-        // like `myblog_v9` stays.
-        let schemas: Vec<String> = match sqlx::query_scalar(
-            "SELECT nspname::text FROM pg_namespace WHERE nspname ~ $1 \
-             AND obj_description(oid, 'pg_namespace') = \
-                 'dstore project ' || $2 || ', version ' || substring(nspname from '_v([0-9]+)$') \
-             ORDER BY 1",
+        // Only schemas whose comment says they are this project's, made by this deployment or by
+        // an older dstore that did not say: a schema someone else named like `myblog_v9`, or
+        // another deployment's in the same database, stays.
+        let found: Vec<(String, Option<String>)> = match sqlx::query_as(
+            "SELECT nspname::text, obj_description(oid, 'pg_namespace') FROM pg_namespace \
+             WHERE nspname ~ $1 ORDER BY 1",
         )
         .bind(&pattern)
-        .bind(project.as_str())
         .fetch_all(&self.pool)
         .await
         {
-            Ok(schemas) => schemas,
+            Ok(found) => found,
             // No database yet: nothing was ever projected, so nothing to drop.
             Err(e) if classify(&e) == Failure::NoDatabase => return Ok(()),
             Err(e) => return Err(self.failed(&what, &e)),
         };
+        let schemas: Vec<String> = found
+            .into_iter()
+            .filter(|(schema, comment)| self.owns(schema, comment.as_deref(), project))
+            .map(|(schema, _)| schema)
+            .collect();
         let mut tx = self
             .pool
             .begin()
@@ -373,7 +383,8 @@ impl Projector for PostgresProjector {
     fn preview(&self, project: &Ident, version: &Version) -> Value {
         let schema = schema_name(project, version.number);
         let mut statements =
-            ddl::schema_statements(&schema, project, version.number).unwrap_or_default();
+            ddl::schema_statements(&schema, project, version.number, self.deployment.get())
+                .unwrap_or_default();
         for blueprint in version.blueprints.values() {
             statements.extend(ddl::table_statements(&schema, blueprint).unwrap_or_default());
         }

@@ -417,6 +417,16 @@ impl Consumer<'_> {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<bool, LinkError> {
         let name = self.projector.name();
+        // A worker learns its deployment from the first task it takes (a server knew it already).
+        if !self.projector.work_for(journal) {
+            tracing::warn!(
+                projector = name,
+                journal,
+                "tasks of another deployment's journal on this queue (two deployments sharing a \
+                 broker and queue names?): this worker works for the first one it saw, and stores \
+                 what the others send as that one's"
+            );
+        }
         let count = batch.len();
         let mut tasks = Vec::with_capacity(count);
         let mut held = Vec::with_capacity(count);

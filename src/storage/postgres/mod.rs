@@ -560,6 +560,10 @@ impl Storage for PgStorage {
         "postgresql"
     }
 
+    fn deployment(&self) -> &str {
+        &self.journal_id
+    }
+
     fn snapshot(&self) -> Arc<Snapshot> {
         self.catalog.read().expect("catalog lock").snapshot.clone()
     }
