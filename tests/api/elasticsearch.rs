@@ -596,6 +596,32 @@ async fn an_unreachable_elasticsearch_neither_stops_dstore_nor_loses_writes_and_
     app.stop().await;
 }
 
+#[tokio::test]
+async fn a_server_that_accepts_but_never_answers_is_reported_as_not_answering_not_unreachable() {
+    // Accepts connections and reads, never answers: a server too busy to reply.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let (_dir, _, projector) = direct(&format!("http://127.0.0.1:{port}"), "silent");
+    let health = projector.health().await;
+    assert!(!health.reachable, "{health:?}");
+    assert!(
+        health.detail.contains("did not answer in time") && !health.detail.contains("unreachable"),
+        "{}",
+        health.detail
+    );
+    // A port nobody listens on is unreachable.
+    let (_dir, _, closed) = direct("http://127.0.0.1:9", "closed");
+    let health = closed.health().await;
+    assert!(health.detail.contains("unreachable"), "{}", health.detail);
+    silent.abort();
+}
+
 #[test]
 fn an_invalid_index_prefix_is_refused_at_start() {
     let settings = ElasticsearchSettings {

@@ -27,7 +27,7 @@ use crate::projector::ProjectorError;
 
 /// How long one request may take before it counts as a transient failure.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
-/// Health checks answer quickly or report the store as unreachable.
+/// Health checks answer quickly or report the store as not answering.
 const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Error)]
@@ -41,6 +41,9 @@ pub enum EsError {
     },
     #[error("elasticsearch is unreachable: {0}")]
     Unreachable(String),
+    /// No answer within the request's time limit: a busy server as often as a lost one.
+    #[error("elasticsearch did not answer in time (busy, or a network that drops packets): {0}")]
+    TimedOut(String),
     #[error("elasticsearch answered {status} ({kind}): {reason}")]
     Refused {
         status: u16,
@@ -55,7 +58,7 @@ impl EsError {
     /// Whether retrying the same request later can succeed.
     pub fn is_transient(&self) -> bool {
         match self {
-            EsError::Unreachable(_) | EsError::Unreadable(_) => true,
+            EsError::Unreachable(_) | EsError::TimedOut(_) | EsError::Unreadable(_) => true,
             EsError::Refused { status, .. } => is_transient_status(*status),
             EsError::Url { .. } | EsError::Prefix { .. } => false,
         }
@@ -387,12 +390,15 @@ fn bulk_item(item: &Value) -> Result<BulkItem, EsError> {
 
 /// Reads an answer's status and JSON body (`Null` when it has none).
 async fn read(response: Result<Response, elasticsearch::Error>) -> Result<(u16, Value), EsError> {
-    let response = response.map_err(|e| EsError::Unreachable(e.to_string()))?;
+    let response = response.map_err(|e| match e.is_timeout() {
+        true => EsError::TimedOut(e.to_string()),
+        false => EsError::Unreachable(e.to_string()),
+    })?;
     let status = response.status_code().as_u16();
-    let bytes = response
-        .bytes()
-        .await
-        .map_err(|e| EsError::Unreachable(format!("reading the answer failed: {e}")))?;
+    let bytes = response.bytes().await.map_err(|e| match e.is_timeout() {
+        true => EsError::TimedOut(format!("reading the answer: {e}")),
+        false => EsError::Unreachable(format!("reading the answer failed: {e}")),
+    })?;
     let body = if bytes.is_empty() {
         Value::Null
     } else {
