@@ -1292,6 +1292,28 @@ async fn dropping_a_project_drops_all_its_schemas_and_no_other() {
     db.drop().await;
 }
 
+/// Puts `blueprint` as `article` of `project` and freezes it, expecting the migration to be refused:
+/// the 503 that says why. Under load the failure may not be known within the time the freeze
+/// waits: asking again says how the migration ended, as the 503 tells a client to.
+async fn freeze_refused(app: &TestApp, project: &str, blueprint: &Value) -> Answer {
+    let put = app
+        .put(&format!("/{project}/article/_blueprint"), blueprint)
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let mut frozen = app.post(&format!("/{project}/_version"), None).await;
+    for _ in 0..30 {
+        let pending = frozen.body["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("still pending"));
+        if !pending {
+            break;
+        }
+        frozen = app.post(&format!("/{project}/_version"), None).await;
+    }
+    assert_eq!(frozen.status, 503, "{}", frozen.body);
+    frozen
+}
+
 #[tokio::test]
 async fn a_schema_dstore_did_not_make_holds_back_its_project_only_and_is_never_written() {
     let db = TestDatabase::create().await;
@@ -1307,23 +1329,7 @@ async fn a_schema_dstore_did_not_make_holds_back_its_project_only_and_is_never_w
     })
     .await;
     let blueprint = crate::helpers::article();
-    assert_eq!(
-        app.put("/bad/article/_blueprint", &blueprint).await.status,
-        200
-    );
-    // Under load the failure may not be known within the 2 s the freeze waits: asking again says
-    // how the migration ended, as the 503 tells a client to.
-    let mut frozen = app.post("/bad/_version", None).await;
-    for _ in 0..30 {
-        let pending = frozen.body["status"]
-            .as_str()
-            .is_some_and(|s| s.contains("still pending"));
-        if !pending {
-            break;
-        }
-        frozen = app.post("/bad/_version", None).await;
-    }
-    assert_eq!(frozen.status, 503, "{}", frozen.body);
+    let frozen = freeze_refused(&app, "bad", &blueprint).await;
     assert!(
         frozen.body["status"]
             .as_str()
@@ -1485,24 +1491,7 @@ async fn a_new_data_directory_on_a_database_another_deployment_uses_is_refused_i
         s.projection.wait_timeout_secs = 2;
     })
     .await;
-    assert_eq!(
-        second
-            .put("/blog/article/_blueprint", &blueprint)
-            .await
-            .status,
-        200
-    );
-    let mut frozen = second.post("/blog/_version", None).await;
-    for _ in 0..30 {
-        let pending = frozen.body["status"]
-            .as_str()
-            .is_some_and(|s| s.contains("still pending"));
-        if !pending {
-            break;
-        }
-        frozen = second.post("/blog/_version", None).await;
-    }
-    assert_eq!(frozen.status, 503, "{}", frozen.body);
+    let frozen = freeze_refused(&second, "blog", &blueprint).await;
     // The refusal names both deployments as `GET /_health/ready` shows them.
     let deployment = |ready: Answer| {
         ready.body["storage"]["deployment"]
