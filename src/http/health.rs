@@ -72,6 +72,14 @@ pub async fn ready(state: State, params: Query<ReadyParams>) -> HttpResponse {
             }
         }
     };
+    // A journal whose writes fail refuses every write, whatever the back-pressure says.
+    let writes = match state.storage.write_failure() {
+        Some(reason) => {
+            all_ready = false;
+            json!({"accepted": false, "reason": reason, "held_projects_only": false})
+        }
+        None => writes,
+    };
     let (backend, deployment) = (state.storage.backend(), state.storage.deployment());
     let storage = match state.storage.reachable() {
         Ok(()) => json!({"backend": backend, "deployment": deployment, "reachable": true}),

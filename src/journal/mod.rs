@@ -344,9 +344,15 @@ pub struct Journal {
     /// Set by [`Journal::close`]: background work stops at its next step.
     closing: std::sync::atomic::AtomicBool,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// The last write that failed, and when, while none has succeeded since (see
+    /// [`Journal::write_failure`]).
+    write_failure: Mutex<Option<(std::time::Instant, String)>>,
     /// Shared with the writer (see `Writer::disk_reads_fail`).
     #[cfg(test)]
     disk_reads_fail: Arc<std::sync::atomic::AtomicBool>,
+    /// Shared with the writer (see `Writer::disk_writes_fail`).
+    #[cfg(test)]
+    disk_writes_fail: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Drop for Journal {
@@ -475,8 +481,11 @@ impl Journal {
             writer: Mutex::new(None),
             closing: std::sync::atomic::AtomicBool::new(false),
             background: Mutex::new(Vec::new()),
+            write_failure: Mutex::new(None),
             #[cfg(test)]
             disk_reads_fail: Arc::default(),
+            #[cfg(test)]
+            disk_writes_fail: Arc::default(),
         });
         for name in &projectors {
             journal.refresh_progress(name)?;
@@ -498,6 +507,7 @@ impl Journal {
         let worker = {
             let mut worker = worker;
             worker.disk_reads_fail = journal.disk_reads_fail.clone();
+            worker.disk_writes_fail = journal.disk_writes_fail.clone();
             worker
         };
         let thread = std::thread::Builder::new()
@@ -635,6 +645,29 @@ impl Journal {
     /// Whether the journal's disk has room for item writes now (see `disk`).
     pub fn check_disk(&self) -> Result<(), JournalError> {
         self.disk.check()
+    }
+
+    /// Why the journal's writes fail, while the last one failed and none has succeeded since (a
+    /// full disk, an I/O error): `/_health/ready` says so, since such a failure refuses every
+    /// write whatever the disk guard measures.
+    pub fn write_failure(&self) -> Option<String> {
+        let failure = self.write_failure.lock().unwrap_or_else(|p| p.into_inner());
+        failure.as_ref().map(|(at, error)| {
+            format!(
+                "the journal's last write failed {} s ago and none has succeeded since: {error}",
+                at.elapsed().as_secs()
+            )
+        })
+    }
+
+    /// Records how a group's write ended (the writer, after each).
+    fn note_write(&self, error: Option<&rocksdb::Error>) {
+        let mut failure = self.write_failure.lock().unwrap_or_else(|p| p.into_inner());
+        match error {
+            Some(error) => *failure = Some((std::time::Instant::now(), error.to_string())),
+            None if failure.is_some() => *failure = None,
+            None => {}
+        }
     }
 
     /// Whether a write into `project` is accepted now ([`crate::storage::admits`]).
@@ -1216,6 +1249,46 @@ mod tests {
             indexed, last,
             "the feed's index holds each item's last change only"
         );
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_is_reported_by_the_storage_until_a_write_succeeds() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec![]).await;
+        let epoch = storage.snapshot().projects[&project].epoch;
+        let upsert = |id: &Uuid| {
+            let body = json!({"project_version": 1, "title": "t"});
+            prepare_upsert(&storage.snapshot(), &project, &article, *id, &body).unwrap()
+        };
+        storage
+            .write(&project, epoch, vec![upsert(&Uuid::new_v4())])
+            .await
+            .unwrap();
+        assert_eq!(storage.write_failure(), None);
+        let before = journal.last_seq();
+        journal.disk_writes_fail.store(true, Ordering::Relaxed);
+        let failed = storage
+            .write(&project, epoch, vec![upsert(&Uuid::new_v4())])
+            .await;
+        assert!(failed.is_err(), "{failed:?}");
+        assert_eq!(journal.last_seq(), before, "nothing was journaled");
+        let reason = storage.write_failure().expect("the failure is reported");
+        assert!(
+            reason.contains("the journal's last write failed") && reason.contains("WAL"),
+            "{reason}"
+        );
+        journal.disk_writes_fail.store(false, Ordering::Relaxed);
+        storage
+            .write(&project, epoch, vec![upsert(&Uuid::new_v4())])
+            .await
+            .unwrap();
+        assert_eq!(storage.write_failure(), None, "a write succeeded since");
+        journal.close().await;
     }
 
     #[tokio::test]

@@ -136,6 +136,9 @@ pub struct Writer {
     /// Set by tests: reads that would go to the disk fail, as an I/O error would.
     #[cfg(test)]
     pub(super) disk_reads_fail: Arc<AtomicBool>,
+    /// Set by tests: batch writes fail, as on a full disk.
+    #[cfg(test)]
+    pub(super) disk_writes_fail: Arc<AtomicBool>,
 }
 
 /// An answer to send once the batch is written.
@@ -555,7 +558,22 @@ impl Writer {
             markers: AtomicBool::new(markers),
             #[cfg(test)]
             disk_reads_fail: Arc::default(),
+            #[cfg(test)]
+            disk_writes_fail: Arc::default(),
         }
+    }
+
+    /// Writes a group's batch.
+    fn commit(&self, batch: WriteBatch, options: &WriteOptions) -> Result<(), rocksdb::Error> {
+        #[cfg(test)]
+        if self.disk_writes_fail.load(Ordering::Relaxed) {
+            // RocksDB refuses a synced write without its log: a write error, and nothing written.
+            let mut failing = WriteOptions::default();
+            failing.set_sync(true);
+            failing.disable_wal(true);
+            return self.db.write_opt(batch, &failing);
+        }
+        self.db.write_opt(batch, options)
     }
 
     /// How the writer reads the journal.
@@ -632,7 +650,7 @@ impl Writer {
             for (pending, queued) in self.pending.iter().zip(&queued) {
                 pending.fetch_add(*queued, Ordering::AcqRel);
             }
-            let result = self.db.write_opt(batch, &options);
+            let result = self.commit(batch, &options);
             if result.is_err() {
                 for (pending, queued) in self.pending.iter().zip(&queued) {
                     pending.fetch_sub(*queued, Ordering::AcqRel);
@@ -650,6 +668,9 @@ impl Writer {
                 tracing::error!(error = ?result, "journal batch write failed");
             }
             let journal = journal.upgrade();
+            if let Some(journal) = &journal {
+                journal.note_write(result.as_ref().err());
+            }
             if let (Ok(()), Some(journal)) = (&result, &journal) {
                 for start in after {
                     start(journal);

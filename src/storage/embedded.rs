@@ -359,6 +359,10 @@ impl Storage for EmbeddedStorage {
         Ok(())
     }
 
+    fn write_failure(&self) -> Option<String> {
+        self.journal.write_failure()
+    }
+
     async fn keys(&self) -> Result<Vec<ApiKey>, StorageError> {
         self.catalog
             .records(KEYS, KEYS_END, usize::MAX)?

@@ -370,6 +370,11 @@ pub trait Storage: Send + Sync {
     /// shared database, as of the last poll); the reason when it cannot.
     fn reachable(&self) -> Result<(), String>;
 
+    /// Why writes into the journal fail now, if its last write failed (a full disk, an I/O error)
+    /// and none has succeeded since. Cluster mode: never (`reachable` says when the database
+    /// fails).
+    fn write_failure(&self) -> Option<String>;
+
     /// Every API key (digests only, never secrets).
     async fn keys(&self) -> Result<Vec<ApiKey>, StorageError>;
 

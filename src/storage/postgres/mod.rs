@@ -1117,6 +1117,10 @@ impl Storage for PgStorage {
         self.watch.storage_error().map_or(Ok(()), Err)
     }
 
+    fn write_failure(&self) -> Option<String> {
+        None
+    }
+
     async fn keys(&self) -> Result<Vec<ApiKey>, StorageError> {
         let rows = sqlx::query("SELECT record, last_used_at FROM api_keys")
             .fetch_all(&self.pool)
