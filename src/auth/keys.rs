@@ -16,6 +16,7 @@ use serde::Deserialize;
 
 use super::{
     is_master_key, random_hex, split_key, Action, ApiKey, Caller, PreviousSecret, ProjectPattern,
+    SecretKind,
 };
 use crate::blueprint::FieldError;
 use crate::config::Secret;
@@ -158,14 +159,14 @@ impl KeyStore {
         }
         let key = key.ok_or(AuthError::Unknown)?;
         let now = Utc::now();
-        if !key.accepts(secret, now) {
+        let Some(kind) = key.accepts(secret, now) else {
             return Err(AuthError::Unknown);
-        }
+        };
         if let Some(at) = key.expires_at.filter(|_| key.expired(now)) {
             return Err(AuthError::Expired(at));
         }
         self.note_use(&key, now);
-        Ok(Caller::Key(Box::new(key)))
+        Ok(Caller::Key(Box::new(key), kind))
     }
 
     /// Notes a key's use, to be written when the last written use is a minute old.
@@ -228,8 +229,15 @@ impl KeyStore {
     /// longer than `by`: a key that manages keys cannot make, widen, rotate, prolong or revoke one
     /// worth more than itself.
     fn may_touch(by: &Caller, key: &ApiKey, verb: &str) -> Result<(), KeyError> {
-        let Caller::Key(by) = by else {
-            return Ok(());
+        let by = match by {
+            Caller::Key(by, SecretKind::Current) => by,
+            Caller::Key(by, SecretKind::Previous) => {
+                return Err(KeyError::Forbidden(format!(
+                    "key {} was sent with the secret its last rotation replaced: it may not {verb} keys",
+                    by.id
+                )))
+            }
+            Caller::Open | Caller::Refused | Caller::Master => return Ok(()),
         };
         if let Some(until) = by.expires_at {
             if key.expires_at.is_none_or(|expires| expires > until) {

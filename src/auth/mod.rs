@@ -130,6 +130,14 @@ pub struct ApiKey {
     pub previous: Option<PreviousSecret>,
 }
 
+/// Which secret of a key a request carried.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SecretKind {
+    Current,
+    /// The one a rotation replaced, within its grace period.
+    Previous,
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct PreviousSecret {
     pub hash: String,
@@ -137,14 +145,19 @@ pub struct PreviousSecret {
 }
 
 impl ApiKey {
-    /// Whether `secret` is this key's (or its previous one's, within its grace period).
-    pub fn accepts(&self, secret: &str, now: DateTime<Utc>) -> bool {
+    /// Which of this key's secrets `secret` is: its current one, or its previous one within its
+    /// grace period; `None` for neither.
+    pub fn accepts(&self, secret: &str, now: DateTime<Utc>) -> Option<SecretKind> {
         let digest = digest(secret);
         let current = constant_time_eq(digest.as_bytes(), self.hash.as_bytes());
         let previous = self.previous.as_ref().is_some_and(|p| {
             p.valid_until > now && constant_time_eq(digest.as_bytes(), p.hash.as_bytes())
         });
-        current | previous
+        match (current, previous) {
+            (true, _) => Some(SecretKind::Current),
+            (false, true) => Some(SecretKind::Previous),
+            (false, false) => None,
+        }
     }
 
     pub fn expired(&self, now: DateTime<Utc>) -> bool {
@@ -248,7 +261,11 @@ pub enum Caller {
     /// A request whose key was missing or not valid (for the audit log).
     Refused,
     Master,
-    Key(Box<ApiKey>),
+    /// An API key, and which of its secrets the request carried: a secret a rotation replaced
+    /// still does what the key may during its grace period, except manage keys, so that whoever
+    /// holds a leaked old secret cannot rotate the key to a secret of their own, or make keys, and
+    /// keep access past the grace.
+    Key(Box<ApiKey>, SecretKind),
 }
 
 impl Caller {
@@ -257,7 +274,8 @@ impl Caller {
             Caller::Open => true,
             Caller::Refused => false,
             Caller::Master => action == Action::KeysManage,
-            Caller::Key(key) => key.allows(action, project),
+            Caller::Key(_, SecretKind::Previous) if action == Action::KeysManage => false,
+            Caller::Key(key, _) => key.allows(action, project),
         }
     }
 
@@ -266,7 +284,7 @@ impl Caller {
         match self {
             Caller::Open | Caller::Master => true,
             Caller::Refused => false,
-            Caller::Key(key) => key.reaches_all(),
+            Caller::Key(key, _) => key.reaches_all(),
         }
     }
 
@@ -276,7 +294,7 @@ impl Caller {
             Caller::Open => ("-".into(), "open".into()),
             Caller::Refused => ("-".into(), "no valid key".into()),
             Caller::Master => ("master".into(), "master key".into()),
-            Caller::Key(key) => (key.id.clone().into(), key.name.clone().into()),
+            Caller::Key(key, _) => (key.id.clone().into(), key.name.clone().into()),
         }
     }
 }

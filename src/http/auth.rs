@@ -17,7 +17,7 @@ use super::error::ApiError;
 use super::State;
 use crate::auth::audit::{self, AuditEntry};
 use crate::auth::keys::AuthError;
-use crate::auth::{requirement, Action, Caller, Requirement};
+use crate::auth::{requirement, Action, Caller, Requirement, SecretKind};
 
 /// The caller of a request (every handler's request went through [`authenticate`]).
 pub fn caller(request: &HttpRequest) -> Caller {
@@ -111,7 +111,7 @@ pub async fn authenticate(
         }
         Err((checked, refused)) => {
             let response = request.error_response(refused).map_into_right_body();
-            let vouched = matches!(checked.caller, Caller::Master | Caller::Key(_));
+            let vouched = matches!(checked.caller, Caller::Master | Caller::Key(..));
             (checked, response, vouched)
         }
     };
@@ -198,8 +198,17 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
             .as_deref()
             .map_or(String::new(), |p| format!(" on project {p:?}"));
         let every = if everything { " on every project" } else { "" };
-        let refused =
-            ApiError::Forbidden(format!("key {id} may not {}{place}{every}", action.name()));
+        // A key that may manage keys, sent with its replaced secret (see `Caller::Key`).
+        let replaced = match &checked.caller {
+            Caller::Key(key, SecretKind::Previous) if key.allows(action, None) => {
+                " with the secret its last rotation replaced: send its current secret"
+            }
+            _ => "",
+        };
+        let refused = ApiError::Forbidden(format!(
+            "key {id} may not {}{place}{every}{replaced}",
+            action.name()
+        ));
         return Err((checked, refused));
     }
     Ok(checked)
@@ -224,7 +233,7 @@ impl Recheck {
     /// For a request let in with an API key; `None` when there is no key to check (authentication
     /// off, or an open route).
     pub fn of(state: &State, request: &HttpRequest, action: Action, project: &str) -> Option<Self> {
-        if !matches!(caller(request), Caller::Key(_)) {
+        if !matches!(caller(request), Caller::Key(..)) {
             return None;
         }
         Some(Recheck {

@@ -428,6 +428,62 @@ async fn master_keys_only_manage_keys_and_two_may_be_valid_while_rotating() {
 }
 
 #[tokio::test]
+async fn a_secret_replaced_by_a_rotation_works_through_its_grace_but_manages_no_keys() {
+    let app = secured().await;
+    let (old, id) = key(&app, &["*"], &["*"], None).await;
+    let (status, rotated) = call(
+        &app,
+        Method::POST,
+        &format!("/_keys/{id}/_rotate?grace=3600"),
+        Some(MASTER),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200, "{rotated}");
+    let new = rotated["key"].as_str().unwrap().to_string();
+    // The old secret keeps the clients that still send it working…
+    let (status, body) = call(
+        &app,
+        Method::PUT,
+        "/blog/article/_blueprint",
+        Some(&old),
+        Some(&article().to_string()),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    // …but whoever holds it (it may have leaked) cannot rotate the key to a secret of their own,
+    // make a key, change or revoke one.
+    let made = json!({"name": "mine", "actions": ["*"], "projects": ["*"], "expires_at": null});
+    for (method, path, body) in [
+        (Method::POST, format!("/_keys/{id}/_rotate?grace=0"), None),
+        (Method::POST, "/_keys".to_string(), Some(made.to_string())),
+        (
+            Method::PATCH,
+            format!("/_keys/{id}"),
+            Some(r#"{"name": "x"}"#.to_string()),
+        ),
+        (Method::DELETE, format!("/_keys/{id}"), None),
+        (Method::GET, "/_keys".to_string(), None),
+    ] {
+        let (status, answer) = call(&app, method.clone(), &path, Some(&old), body.as_deref()).await;
+        assert_eq!(status, 403, "{method} {path}: {answer}");
+        assert!(
+            answer["status"]
+                .as_str()
+                .unwrap()
+                .contains("with the secret its last rotation replaced"),
+            "{answer}"
+        );
+    }
+    // The current secret still works, and may manage keys.
+    let (status, body) = call(&app, Method::GET, "/_keys", Some(&new), None).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = call(&app, Method::GET, "/blog/_blueprint", Some(&old), None).await;
+    assert_eq!(status, 200, "{body}");
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn keys_are_shown_once_listed_without_secrets_rotated_with_a_grace_and_scoped_listings() {
     let app = secured().await;
     let (admin, _) = key(&app, &["*"], &["*"], None).await;
