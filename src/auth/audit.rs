@@ -4,7 +4,10 @@
 //! request; a batch that is not full waits 5 ms for more, so an entry reaches the log a few
 //! milliseconds after its request answered) and kept for `auth.audit_retention_days`; older ones
 //! are removed once an hour. The queue is bounded: when the storage cannot keep up, requests wait
-//! for room rather than entries being dropped.
+//! for room rather than entries being dropped, for up to [`ROOM_WAIT`]. A queue still full past
+//! that means the storage fails (a full disk): requests then answer without waiting, and the
+//! entries they would have added are counted, in one entry written once the log takes entries
+//! again, since a log that cannot be written must not stop every request that changes something.
 //!
 //! A request refused before a key was accepted (no valid key, or a cross-site write) costs its
 //! sender nothing, so such refusals are recorded one by one only up to
@@ -29,6 +32,9 @@ use crate::storage::SharedStorage;
 const BATCH: usize = 500;
 /// How long the writer lets entries gather before a batch that is not full.
 const LINGER: Duration = Duration::from_millis(5);
+
+/// How long a request waits for room in a full queue before its entry is counted instead.
+const ROOM_WAIT: Duration = Duration::from_secs(2);
 
 /// Refusals of requests without a valid key recorded one by one in a second, at most; the rest of
 /// that second's are counted in one entry (see the module's documentation).
@@ -149,6 +155,7 @@ impl AuditEntry {
 pub struct AuditLog {
     sender: mpsc::Sender<AuditEntry>,
     unvouched: Arc<Mutex<Unvouched>>,
+    lost: Arc<Mutex<Lost>>,
 }
 
 impl AuditLog {
@@ -157,13 +164,47 @@ impl AuditLog {
         let (sender, receiver) = mpsc::channel(10_000);
         tokio::spawn(write(storage.clone(), receiver));
         tokio::spawn(prune(Arc::downgrade(&storage), retention));
-        let unvouched = Arc::new(Mutex::new(Unvouched::default()));
-        tokio::spawn(count_unvouched(sender.downgrade(), unvouched.clone()));
-        AuditLog { sender, unvouched }
+        AuditLog::feeding(sender)
     }
 
+    /// The log that queues into `sender`, with its task that counts what is not recorded.
+    fn feeding(sender: mpsc::Sender<AuditEntry>) -> AuditLog {
+        let unvouched = Arc::new(Mutex::new(Unvouched::default()));
+        let lost = Arc::new(Mutex::new(Lost::default()));
+        tokio::spawn(count_unrecorded(
+            sender.downgrade(),
+            unvouched.clone(),
+            lost.clone(),
+        ));
+        AuditLog {
+            sender,
+            unvouched,
+            lost,
+        }
+    }
+
+    /// Queues an entry: waits for room up to [`ROOM_WAIT`], then, and while the queue stays
+    /// full, counts it instead (see the module's documentation).
     pub async fn record(&self, entry: AuditEntry) {
-        let _ = self.sender.send(entry).await;
+        let entry = match self.sender.try_send(entry) {
+            Ok(()) => return,
+            Err(mpsc::error::TrySendError::Full(entry)) => entry,
+            Err(mpsc::error::TrySendError::Closed(_)) => return,
+        };
+        let stalled = self.lost.lock().unwrap_or_else(|e| e.into_inner()).count > 0;
+        let entry = if stalled {
+            entry
+        } else {
+            match self.sender.send_timeout(entry, ROOM_WAIT).await {
+                Ok(()) => return,
+                Err(mpsc::error::SendTimeoutError::Timeout(entry)) => entry,
+                Err(mpsc::error::SendTimeoutError::Closed(_)) => return,
+            }
+        };
+        self.lost
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .count(entry);
     }
 
     /// Records a request refused before any key was accepted, within [`UNVOUCHED_PER_SECOND`];
@@ -238,9 +279,55 @@ impl Unvouched {
     }
 }
 
-/// Writes the count of a second's unrecorded refusals once the second is over, even when no other
-/// refusal comes to close it.
-async fn count_unvouched(sender: mpsc::WeakSender<AuditEntry>, window: Arc<Mutex<Unvouched>>) {
+/// Entries counted instead of queued while the queue stayed full (see the module's documentation).
+#[derive(Default)]
+struct Lost {
+    count: u64,
+    first: Option<DateTime<Utc>>,
+    last: Option<AuditEntry>,
+}
+
+impl Lost {
+    fn count(&mut self, entry: AuditEntry) {
+        self.count += 1;
+        self.first.get_or_insert(entry.at);
+        self.last = Some(entry);
+    }
+
+    /// The entry that says what was lost, if anything was.
+    fn entry(&self) -> Option<AuditEntry> {
+        let last = self.last.as_ref()?;
+        let first = self.first.unwrap_or(last.at);
+        Some(AuditEntry {
+            at: last.at,
+            key_id: "-".into(),
+            key_name: "audit log".into(),
+            action: "-".into(),
+            project: None,
+            method: "-".into(),
+            path: format!(
+                "{} entries of requests answered from {} to {} are not in the log: it could not be \
+                 written (its storage failing, a full disk?) and its queue was full (the last: {} {} by {})",
+                self.count,
+                first.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                last.at.to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+                last.method,
+                last.path,
+                last.key_id,
+            ),
+            status: last.status,
+            created: None,
+        })
+    }
+}
+
+/// Once a second: writes the count of the last second's unrecorded refusals, even when no other
+/// refusal comes to close it, and the count of lost entries once the queue takes entries again.
+async fn count_unrecorded(
+    sender: mpsc::WeakSender<AuditEntry>,
+    window: Arc<Mutex<Unvouched>>,
+    lost: Arc<Mutex<Lost>>,
+) {
     loop {
         tokio::time::sleep(Duration::from_secs(1)).await;
         let Some(sender) = sender.upgrade() else {
@@ -253,6 +340,16 @@ async fn count_unvouched(sender: mpsc::WeakSender<AuditEntry>, window: Arc<Mutex
             .close_before(now);
         if let Some(count) = count {
             let _ = sender.send(count).await;
+        }
+        let mut lost = lost.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(entry) = lost.entry() {
+            if sender.try_send(entry).is_ok() {
+                tracing::warn!(
+                    entries = lost.count,
+                    "audit entries were lost while the audit log could not be written"
+                );
+                *lost = Lost::default();
+            }
         }
     }
 }
@@ -313,6 +410,36 @@ mod tests {
             status: 200,
             created: None,
         }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_log_that_cannot_be_written_counts_entries_instead_of_holding_requests() {
+        let (sender, mut queue) = mpsc::channel(2);
+        let log = AuditLog::feeding(sender);
+        log.record(entry(Some("a"))).await;
+        log.record(entry(Some("b"))).await;
+        // The queue is full and nothing takes from it (the storage fails): a request waits for
+        // room a while, then its entry is counted; the next ones do not wait at all.
+        let held = |project| tokio::time::timeout(ROOM_WAIT * 2, log.record(entry(Some(project))));
+        let start = tokio::time::Instant::now();
+        held("c").await.expect("the request is not held");
+        assert_eq!(start.elapsed(), ROOM_WAIT);
+        let start = tokio::time::Instant::now();
+        held("d").await.expect("the request is not held");
+        assert_eq!(start.elapsed(), Duration::ZERO);
+        // Once the log takes entries again, one says how many are missing.
+        assert_eq!(queue.recv().await.unwrap().project.as_deref(), Some("a"));
+        assert_eq!(queue.recv().await.unwrap().project.as_deref(), Some("b"));
+        let counted = queue.recv().await.unwrap();
+        assert!(
+            counted
+                .path
+                .starts_with("2 entries of requests answered from"),
+            "{}",
+            counted.path
+        );
+        log.record(entry(Some("e"))).await;
+        assert_eq!(queue.recv().await.unwrap().project.as_deref(), Some("e"));
     }
 
     #[test]
