@@ -171,11 +171,15 @@ pub fn partition_old_tables(
     Ok(())
 }
 
-/// What to add to a RocksDB error that says its lock file is held: RocksDB lets one process open
-/// a database, so another dstore (or a copy of this one still stopping) has the data directory.
-pub fn lock_hint(error: &rocksdb::Error) -> &'static str {
-    if error.as_ref().contains("While lock file") {
+/// What to do about a RocksDB error, appended to its message: another process holding the data
+/// directory's lock, or a full disk.
+pub fn hint(error: &rocksdb::Error) -> &'static str {
+    let message = error.as_ref();
+    if message.contains("While lock file") {
         "; is another dstore process using this data directory? (one process per data directory)"
+    } else if message.contains("No space left on device") {
+        "; the disk is full: free space on it (RocksDB writes again, without a restart, once at \
+         least 64 MiB is free)"
     } else {
         ""
     }

@@ -29,7 +29,7 @@ pub enum CatalogError {
     Conflict(String),
     #[error("invalid blueprint")]
     Invalid(Vec<FieldError>),
-    #[error("catalog storage failed: {0}{hint}", hint = crate::rocks::lock_hint(.0))]
+    #[error("catalog storage failed: {0}{hint}", hint = crate::rocks::hint(.0))]
     Storage(#[from] rocksdb::Error),
     #[error("catalog record is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),

@@ -6,6 +6,8 @@
 //! manifest, compactions need room to merge); stopping short of it keeps room to restart, to
 //! compact, and to delete. Deletes and project drops are still accepted, as are blueprint edits
 //! (a few bytes of catalog); item writes and freezes (a freeze back-fills its version) are not.
+//! Deletes stop too below [`FLOOR`]: the disk filled by something else, each delete still adds a
+//! change to the log, and RocksDB resumes writing after a full disk only once that much is free.
 //! Free space is measured at most every [`MEASURE_EVERY`], by the write that finds the last
 //! measurement old: one `statvfs` call, with no thread of its own.
 //!
@@ -25,6 +27,10 @@ use super::JournalError;
 /// How old a measurement of the free space may be when a write is checked against it. At a few
 /// hundred MB/s of writes, a quarter of a second is far below the default margin.
 pub const MEASURE_EVERY: Duration = Duration::from_millis(250);
+
+/// The free space RocksDB needs before it writes again after running out (its reserved disk
+/// buffer): deletes are refused below it, or below the minimum when that is smaller.
+pub const FLOOR: u64 = 64 << 20;
 
 pub struct DiskGuard {
     dir: PathBuf,
@@ -85,6 +91,40 @@ impl DiskGuard {
         self.admit(0).map(drop)
     }
 
+    /// Whether a write that adds next to nothing (a delete) is accepted now: unless the disk
+    /// has less than [`FLOOR`] free (or than the minimum, when smaller; never with no minimum).
+    pub fn check_floor(&self) -> Result<(), JournalError> {
+        let floor = FLOOR.min(self.min_free);
+        if floor == 0 {
+            return Ok(());
+        }
+        self.measure_if_stale();
+        let free = self.free.load(Ordering::Acquire);
+        if free < floor {
+            return Err(JournalError::DiskFull {
+                free_mb: free >> 20,
+                floor_mb: floor >> 20,
+            });
+        }
+        Ok(())
+    }
+
+    /// Measures the free space if the last measurement is older than [`MEASURE_EVERY`]; one
+    /// caller measures, the others go by the last measurement meanwhile.
+    fn measure_if_stale(&self) {
+        let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
+        let last = self.measured_at.load(Ordering::Acquire);
+        let stale = now.saturating_sub(last) >= MEASURE_EVERY.as_millis() as u64;
+        if stale
+            && self
+                .measured_at
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.measure();
+        }
+    }
+
     /// Admits a write estimated to take `bytes` on disk, unless it would leave less than the
     /// minimum free once the writes under way, and those not yet measured, are counted too.
     pub fn admit(&self, bytes: u64) -> Result<Admitted<'_>, JournalError> {
@@ -94,18 +134,7 @@ impl DiskGuard {
                 bytes: 0,
             });
         }
-        let now = u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX);
-        let last = self.measured_at.load(Ordering::Acquire);
-        let stale = now.saturating_sub(last) >= MEASURE_EVERY.as_millis() as u64;
-        // One caller measures; the others go by the last measurement meanwhile.
-        if stale
-            && self
-                .measured_at
-                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
-        {
-            self.measure();
-        }
+        self.measure_if_stale();
         let underway = self.underway.fetch_add(bytes, Ordering::AcqRel) + bytes;
         let free = self
             .free
@@ -244,6 +273,37 @@ mod tests {
         guard
             .admit(40 << 20)
             .expect("measured again: what was written is in the measurement");
+    }
+
+    /// Deletes go on while the disk is low, until it is all but full.
+    #[test]
+    fn deletes_stop_only_below_the_floor() {
+        let dir = tempfile::tempdir().unwrap();
+        let at = |free: u64, min_free: u64| {
+            let guard = DiskGuard::new(dir.path(), min_free);
+            guard.free.store(free, Ordering::Release);
+            guard.measured_at.store(u64::MAX, Ordering::Release);
+            guard
+        };
+        let low = at(100 << 20, 1 << 30);
+        assert!(low.check().is_err(), "item writes are refused");
+        low.check_floor().expect("deletes go on");
+        let full = at(10 << 20, 1 << 30);
+        assert!(
+            matches!(
+                full.check_floor(),
+                Err(JournalError::DiskFull {
+                    free_mb: 10,
+                    floor_mb: 64
+                })
+            ),
+            "{:?}",
+            full.check_floor()
+        );
+        // A minimum under the floor is the floor; none refuses nothing.
+        assert!(at(20 << 20, 16 << 20).check_floor().is_ok());
+        assert!(at(10 << 20, 16 << 20).check_floor().is_err());
+        assert!(at(0, 0).check_floor().is_ok());
     }
 
     #[test]

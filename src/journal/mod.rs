@@ -99,7 +99,7 @@ pub struct JournalSettings {
 
 #[derive(Debug, Error)]
 pub enum JournalError {
-    #[error("journal storage failed: {0}{hint}", hint = crate::rocks::lock_hint(.0))]
+    #[error("journal storage failed: {0}{hint}", hint = crate::rocks::hint(.0))]
     Storage(#[from] rocksdb::Error),
     #[error("cannot start the journal writer thread: {0}")]
     Thread(std::io::Error),
@@ -124,6 +124,8 @@ pub enum JournalError {
     Corrupt(#[from] serde_json::Error),
     #[error("the journal's disk has {free_mb} MiB free, less than storage.min_free_disk_mb ({min_mb} MiB): item writes and freezes are refused until space is freed; reads, deletes and project drops go on")]
     DiskLow { free_mb: u64, min_mb: u64 },
+    #[error("the journal's disk has {free_mb} MiB free, less than the {floor_mb} MiB RocksDB needs to recover from a full disk: item writes are refused, deletes too, until space is freed; reads and project drops go on")]
+    DiskFull { free_mb: u64, floor_mb: u64 },
     #[error("the journal's disk has {free_mb} MiB free once the writes under way are counted; this write would take about {needed_mb} MiB of it (its items land several times: the log, the items, a task per store), leaving less than storage.min_free_disk_mb ({min_mb} MiB): send fewer items at once, or free space; reads, deletes and project drops go on")]
     DiskTooSmallFor {
         needed_mb: u64,
@@ -606,10 +608,13 @@ impl Journal {
         project: Ident,
         entries: Vec<Entry>,
     ) -> Result<Vec<u64>, JournalError> {
-        // Deletes add little, and are always accepted.
+        // Deletes add little, and are accepted until the disk is all but full.
         let copies = self.lanes.len() as u64 + 1;
         let bytes: u64 = entries.iter().map(|e| e.disk_estimate(copies)).sum();
-        let _admitted = (bytes > 0).then(|| self.disk.admit(bytes)).transpose()?;
+        let _admitted = match bytes {
+            0 => self.disk.check_floor().map(|()| None)?,
+            bytes => Some(self.disk.admit(bytes)?),
+        };
         self.check_backlog_of(&project)?;
         self.send(|reply| Command::Write {
             epoch,

@@ -166,6 +166,7 @@ impl From<JournalError> for StorageError {
             e @ (JournalError::Storage(_)
             | JournalError::Closed
             | JournalError::DiskLow { .. }
+            | JournalError::DiskFull { .. }
             | JournalError::DiskTooSmallFor { .. }) => StorageError::Unavailable(e.to_string()),
             e @ (JournalError::Corrupt(_)
             | JournalError::Thread(_)
