@@ -234,6 +234,7 @@ impl Journal {
         mut state: BackfillState,
     ) -> Result<(), JournalError> {
         tracing::info!(%project, version, total = state.total, "back-fill started");
+        let mut failures = 0;
         while !state.finished {
             if self.is_closing() {
                 tracing::info!(%project, version, done = state.done, "back-fill paused until the next start");
@@ -250,29 +251,46 @@ impl Journal {
                 looked_at,
                 cursor,
             } = self.backfill_chunk(project, version, state.cursor.as_deref())?;
-            state.done += looked_at;
+            // The state after this chunk, kept only once the chunk is journaled.
+            let mut next = state.clone();
+            next.done += looked_at;
             // Items written during the back-fill are read by it too: the total grows with them.
-            state.total = state.total.max(state.done);
-            state.finished = looked_at < CHUNK as u64;
+            next.total = next.total.max(next.done);
+            next.finished = looked_at < CHUNK as u64;
             if cursor.is_some() {
-                state.cursor = cursor;
+                next.cursor = cursor;
             }
-            let (project, state) = (project.clone(), state.clone());
-            let go_on = self
+            let written = self
                 .send(|reply| Command::Backfill {
-                    project,
+                    project: project.clone(),
                     version,
                     items,
-                    state,
+                    state: next.clone(),
                     reply,
                 })
-                .await?;
-            if !go_on {
-                tracing::info!(
-                    version,
-                    "back-fill stopped: the version was retired or removed"
-                );
-                return Ok(());
+                .await;
+            match written {
+                Ok(true) => {
+                    state = next;
+                    failures = 0;
+                }
+                Ok(false) => {
+                    tracing::info!(
+                        version,
+                        "back-fill stopped: the version was retired or removed"
+                    );
+                    return Ok(());
+                }
+                // The journal cannot write now (a full disk, an I/O error): the chunk is read
+                // and written again once it can, as item writes are.
+                Err(JournalError::Storage(error)) => {
+                    if failures == 0 {
+                        tracing::warn!(%project, version, %error, "back-fill waits: the journal cannot write; it goes on once it can");
+                    }
+                    tokio::time::sleep(crate::projector::backoff(failures)).await;
+                    failures = failures.saturating_add(1);
+                }
+                Err(error) => return Err(error),
             }
         }
         tracing::info!(%project, version, done = state.done, "back-fill finished");

@@ -1257,6 +1257,60 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_back_fill_whose_journal_cannot_write_waits_and_goes_on_once_it_can() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec![]).await;
+        let epoch = storage.snapshot().projects[&project].epoch;
+        for _ in 0..10 {
+            let body = json!({"project_version": 1, "title": "t"});
+            let entry = prepare_upsert(
+                &storage.snapshot(),
+                &project,
+                &article,
+                Uuid::new_v4(),
+                &body,
+            )
+            .unwrap();
+            storage.write(&project, epoch, vec![entry]).await.unwrap();
+        }
+        let blueprint = json!({"postgresql": {"table": "articles"},
+            "elasticsearch": {"type": "article"},
+            "columns": {"title": {"type": "string"}, "views": {"type": "integer"}}});
+        storage
+            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
+            .await
+            .unwrap();
+        storage.freeze(&project, false).await.unwrap();
+        // The back-fill is spawned, not yet run (one thread): its first chunk meets a journal
+        // that cannot write, as on a full disk.
+        journal.disk_writes_fail.store(true, Ordering::Relaxed);
+        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        let state = storage.backfill_state(&project, 2).await.unwrap().unwrap();
+        assert!(!state.finished && state.done == 0, "{state:?}");
+        assert!(journal.write_failure().is_some());
+        journal.disk_writes_fail.store(false, Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let state = storage.backfill_state(&project, 2).await.unwrap().unwrap();
+            if state.finished {
+                assert_eq!(state.done, 10, "{state:?}");
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the back-fill never went on: {state:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        journal.close().await;
+    }
+
+    #[tokio::test]
     async fn a_failed_write_is_reported_by_the_storage_until_a_write_succeeds() {
         let Fixture {
             _dir,
