@@ -321,17 +321,49 @@ async fn read(
         .ok_or_else(|| {
             ApiError::NotFound(format!("item {id} does not exist in {project}/{blueprint}"))
         })?;
-    let doc = match read_at(&snapshot, &project, &blueprint, &record, version) {
-        Ok(doc) => doc,
+    let revision = record.revision;
+    let record = std::sync::Arc::new(record);
+    let rendered = match render(&snapshot, &project, &blueprint, &record, version).await? {
+        Ok(rendered) => rendered,
         // The item may be of a version this node does not know yet.
         Err(_) => {
             let fresh = state.storage.fresh_snapshot(&project).await?;
-            read_at(&fresh, &project, &blueprint, &record, version)?
+            render(&fresh, &project, &blueprint, &record, version).await??
         }
     };
     Ok(HttpResponse::Ok()
-        .insert_header(("x-dstore-revision", record.revision.to_string()))
-        .json(doc))
+        .insert_header(("x-dstore-revision", revision.to_string()))
+        .content_type("application/json")
+        .body(rendered))
+}
+
+/// The JSON of an item as a client of `version` sees it ([`read_at`]); a large item is transformed
+/// and serialized off the HTTP worker (`crate::aside`), as its write was prepared. The outer error is the thread's, the inner the read's.
+async fn render(
+    snapshot: &std::sync::Arc<crate::catalog::Snapshot>,
+    project: &Ident,
+    blueprint: &Ident,
+    record: &std::sync::Arc<crate::journal::ItemRecord>,
+    version: Option<u32>,
+) -> Result<Result<Vec<u8>, ApiError>, ApiError> {
+    let run = {
+        let (snapshot, project, blueprint, record) = (
+            snapshot.clone(),
+            project.clone(),
+            blueprint.clone(),
+            record.clone(),
+        );
+        move || -> Result<Vec<u8>, ApiError> {
+            let doc = read_at(&snapshot, &project, &blueprint, &record, version)?;
+            serde_json::to_vec(&doc).map_err(|e| ApiError::Internal(e.to_string()))
+        }
+    };
+    if record.stored_bytes <= crate::journal::codec::DECODED_ASIDE_BYTES {
+        return Ok(run());
+    }
+    crate::aside::run(run)
+        .await
+        .map_err(|e| ApiError::Internal(format!("reading the item: {e}")))
 }
 
 /// POST /{project}/_bulk

@@ -231,6 +231,9 @@ pub struct ItemRecord {
     pub version: u32,
     pub blueprint_uid: Uid,
     pub body: Map<String, Value>,
+    /// The bytes it was stored in: what reading it costs, roughly.
+    #[serde(skip)]
+    pub stored_bytes: usize,
 }
 
 /// A task that a projector refused for good, or could not even decode.
@@ -1506,10 +1509,13 @@ mod tests {
         );
         // The items are found through the partitioned indexes and filters.
         for id in ids.iter().step_by(997) {
-            let record = journal.item(&project, &article, id).unwrap();
+            let record = journal.item(&project, &article, id).await.unwrap();
             assert!(record.is_some(), "item {id} is not found after the flush");
         }
-        let absent = journal.item(&project, &article, &Uuid::new_v4()).unwrap();
+        let absent = journal
+            .item(&project, &article, &Uuid::new_v4())
+            .await
+            .unwrap();
         assert!(absent.is_none());
         journal.close().await;
     }
@@ -1669,7 +1675,11 @@ mod tests {
             journal.catalog.pending_drops().unwrap(),
             vec![project.clone()]
         );
-        assert!(journal.item(&project, &article, &id).unwrap().is_some());
+        assert!(journal
+            .item(&project, &article, &id)
+            .await
+            .unwrap()
+            .is_some());
         // Until the journal has written the drop, the name cannot be made again: the new
         // project's records would go with the old one's, or the old items stay to it.
         let input = crate::blueprint::parse_blueprint(
@@ -1684,7 +1694,11 @@ mod tests {
         ));
 
         journal.finish_drops().await.unwrap();
-        assert!(journal.item(&project, &article, &id).unwrap().is_none());
+        assert!(journal
+            .item(&project, &article, &id)
+            .await
+            .unwrap()
+            .is_none());
         assert!(journal.changes(&project, 0, 10).unwrap().changes.is_empty());
         let queued = journal.pending("store", 100).unwrap();
         assert!(

@@ -14,7 +14,7 @@ use crate::blueprint::Ident;
 
 impl Journal {
     /// The latest accepted state of an item, if it exists.
-    pub fn item(
+    pub async fn item(
         &self,
         project: &Ident,
         blueprint: &Ident,
@@ -24,7 +24,7 @@ impl Journal {
             .db
             .get_cf(self.cf(CF_ITEMS), keys::item(project, blueprint, id))?
         {
-            Some(bytes) => Ok(Some(codec::decode_record(&bytes)?)),
+            Some(bytes) => Ok(Some(codec::decode_record_aside(bytes).await?)),
             None => Ok(None),
         }
     }

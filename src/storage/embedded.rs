@@ -303,7 +303,7 @@ impl Storage for EmbeddedStorage {
         blueprint: &Ident,
         id: &Uuid,
     ) -> Result<Option<ItemRecord>, StorageError> {
-        Ok(self.journal.item(project, blueprint, id)?)
+        Ok(self.journal.item(project, blueprint, id).await?)
     }
 
     async fn backfill_state(

@@ -14,12 +14,11 @@ mod prepare;
 
 use std::future::{ready, Future};
 use std::ops::{Deref, Range};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
 use thiserror::Error;
-use tokio::sync::Semaphore;
 use uuid::Uuid;
 
 pub use prepare::{prepare_delete, prepare_upsert, read_at};
@@ -136,30 +135,13 @@ where
     Ok(revisions[0])
 }
 
-/// Runs `prepare` on a blocking thread, at most one per core at once: further ones wait here for
-/// a place rather than start threads (each HTTP worker's runtime would start up to 512). The place
-/// is held by the work itself, so a request dropped meanwhile still counts until its work ends.
+/// Runs `prepare` off the HTTP worker (see `crate::aside`).
 async fn aside<T: Send + 'static>(
     prepare: impl FnOnce() -> Result<T, WriteError> + Send + 'static,
 ) -> Result<T, WriteError> {
-    static PLACES: OnceLock<Arc<Semaphore>> = OnceLock::new();
-    let places = PLACES.get_or_init(|| {
-        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
-        Arc::new(Semaphore::new(cores))
-    });
-    let unavailable = |e: String| WriteError::Storage(StorageError::Unavailable(e));
-    // The semaphore is never closed; the error exists only in its type.
-    let place = places
-        .clone()
-        .acquire_owned()
+    crate::aside::run(prepare)
         .await
-        .map_err(|e| unavailable(e.to_string()))?;
-    tokio::task::spawn_blocking(move || {
-        let _place = place;
-        prepare()
-    })
-    .await
-    .map_err(|e| unavailable(e.to_string()))?
+        .map_err(|e| WriteError::Storage(StorageError::Unavailable(e)))?
 }
 
 /// Deletes an item from every version holding its blueprint: answers the delete's revision and

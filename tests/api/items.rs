@@ -60,6 +60,44 @@ async fn the_seed_item_flow_writes_reads_and_deletes() {
 }
 
 #[tokio::test]
+async fn a_large_item_reads_back_exactly_in_every_version() {
+    let app = spawn_app().await;
+    let mut blueprint = article();
+    blueprint["columns"]["counts"] = json!({"type": "integer[]"});
+    app.put_and_freeze("big", "article", &blueprint).await;
+    // Past the size above which an item is decoded and answered on a blocking thread.
+    let counts: Vec<i64> = (0..60_000).map(|n| n * 7 - 3).collect();
+    let item = json!({"project_version": 1, "title": "é".repeat(20_000),
+                      "date_created": "2020-01-02 03:04:05", "counts": counts});
+    assert!(item.to_string().len() > 300_000);
+    let put = app.put(&format!("/big/article/{ID}"), &item).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    blueprint["columns"]["summary"] = json!({"type": "text", "nullable": true});
+    app.put_and_freeze("big", "article", &blueprint).await;
+    for version in [1, 2] {
+        let read = app
+            .get(&format!("/big/article/{ID}?version={version}"))
+            .await;
+        assert_eq!(read.status, 200, "{}", read.body);
+        assert_eq!(read.body["project_version"], version);
+        assert_eq!(read.body["counts"], json!(counts), "version {version}");
+        assert_eq!(read.body["title"], item["title"]);
+        assert_eq!(
+            read.body.get("summary").is_some(),
+            version == 2,
+            "{version}"
+        );
+    }
+    assert_eq!(
+        app.get(&format!("/big/article/{}", Uuid::new_v4()))
+            .await
+            .status,
+        404
+    );
+    app.stop().await;
+}
+
+#[tokio::test]
 async fn an_invalid_item_lists_every_bad_field_and_stores_nothing() {
     let app = spawn_app().await;
     let blueprint = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"}, "columns": {

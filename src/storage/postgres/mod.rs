@@ -947,9 +947,10 @@ impl Storage for PgStorage {
         .fetch_optional(&self.pool)
         .await
         .map_err(|e| unavailable("read an item", &e))?;
-        record
-            .map(|bytes| codec::decode_record(&bytes).map_err(StorageError::from))
-            .transpose()
+        match record {
+            Some(bytes) => Ok(Some(codec::decode_record_aside(bytes).await?)),
+            None => Ok(None),
+        }
     }
 
     async fn backfill_state(
