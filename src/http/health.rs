@@ -123,10 +123,10 @@ pub async fn dead_letters(
     params: Query<DeadLetterParams>,
 ) -> Result<HttpResponse, ApiError> {
     let limit = params.limit.unwrap_or(100);
-    if limit > MAX_DEAD_LETTERS {
+    if !(1..=MAX_DEAD_LETTERS).contains(&limit) {
         return Err(ApiError::bad_request(
             "limit",
-            format!("limit={limit} is more than {MAX_DEAD_LETTERS}"),
+            format!("limit={limit} is not between 1 and {MAX_DEAD_LETTERS}"),
         ));
     }
     if let Some(name) = &params.projector {

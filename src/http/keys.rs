@@ -188,10 +188,10 @@ pub async fn audit(state: State, params: Query<AuditParams>) -> Result<HttpRespo
             .with_timezone(&Utc),
     };
     let limit = params.limit.unwrap_or(1000);
-    if limit > MAX_AUDIT {
+    if !(1..=MAX_AUDIT).contains(&limit) {
         return Err(ApiError::bad_request(
             "limit",
-            format!("limit={limit} is more than {MAX_AUDIT}"),
+            format!("limit={limit} is not between 1 and {MAX_AUDIT}"),
         ));
     }
     let entries = state.storage.audit(since, limit).await?;

@@ -1397,6 +1397,8 @@ async fn a_malformed_query_parameter_is_named_on_every_route() {
             "dry_run",
         ),
         (Method::GET, "/_dead_letters?limit=-3".to_string(), "limit"),
+        (Method::GET, "/_dead_letters?limit=0".to_string(), "limit"),
+        (Method::GET, "/_audit?limit=0".to_string(), "limit"),
         (
             Method::PUT,
             format!("/myblog/article/{id}?wait=maybe"),
