@@ -8,7 +8,9 @@
 //! (`[0, 0]` closes a ring opened with `[0.0, 0]`), and polygons must be valid as OGC Simple Features
 //! define it (closed rings of at least four positions, no self-intersection, holes inside the
 //! shell), checked with the `geo` crate, because PostGIS would store an invalid polygon that
-//! Elasticsearch refuses, and the stores would disagree.
+//! Elasticsearch refuses, and the stores would disagree. A ring whose positions all lie on one line
+//! is refused here, since that check lets three of them pass. Not checked yet: holes that touch the
+//! shell or each other at two or more points, cutting the interior in pieces.
 
 use geo::algorithm::Validation;
 use serde_json::{Map, Number, Value};
@@ -217,12 +219,33 @@ fn polygon(value: &Value) -> Result<(), String> {
                 "ring {i} is not closed: its first and last positions differ"
             ));
         }
+        // Positions all on one line: its edges go out and back over each other, which the
+        // self-intersection check below lets pass when they are three.
+        if on_one_line(&line) {
+            return Err(format!(
+                "ring {i} encloses no area: its positions are all on one line"
+            ));
+        }
         lines.push(line);
     }
     let exterior = lines.remove(0);
     geo::Polygon::new(exterior, lines)
         .check_validation()
         .map_err(|e| format!("invalid Polygon: {e}"))
+}
+
+/// Whether every position of a ring lies on one straight line.
+fn on_one_line(ring: &geo::LineString<f64>) -> bool {
+    let Some(&origin) = ring.0.first() else {
+        return true;
+    };
+    let Some(&other) = ring.0.iter().find(|c| **c != origin) else {
+        return true;
+    };
+    let (dx, dy) = (other.x - origin.x, other.y - origin.y);
+    ring.0
+        .iter()
+        .all(|c| dx * (c.y - origin.y) - dy * (c.x - origin.x) == 0.0)
 }
 
 #[cfg(test)]
@@ -307,6 +330,15 @@ mod tests {
             [[0,0],[1,0],[1,1],[0,1],[0,0]],
             [[5,5],[6,5],[6,6],[5,6],[5,5]]]});
         assert!(single(BaseType::Polygon, &hole_outside).is_err());
+        // Three distinct positions on one line: edges that run back over each other.
+        let flat = json!({"type": "Polygon", "coordinates": [[[0,0],[1,0],[2,0],[0,0]]]});
+        let error = single(BaseType::Polygon, &flat).unwrap_err();
+        assert!(error.contains("ring 0 encloses no area"), "{error}");
+        let flat_hole = json!({"type": "Polygon", "coordinates": [
+            [[0,0],[10,0],[10,10],[0,10],[0,0]],
+            [[2,2],[4,4],[6,6],[2,2]]]});
+        let error = single(BaseType::Polygon, &flat_hole).unwrap_err();
+        assert!(error.contains("ring 1 encloses no area"), "{error}");
     }
 
     #[test]
