@@ -101,6 +101,12 @@ pub struct JournalSettings {
 pub enum JournalError {
     #[error("journal storage failed: {0}{hint}", hint = crate::rocks::hint(.0))]
     Storage(#[from] rocksdb::Error),
+    #[error("version {version} of {project} is frozen, but the journal could not queue its migrations and back-fill: {source}{hint}; POST /{project}/_version again once it can write, which queues them", hint = crate::rocks::hint(.source))]
+    FrozenUnqueued {
+        project: Ident,
+        version: u32,
+        source: rocksdb::Error,
+    },
     #[error("cannot start the journal writer thread: {0}")]
     Thread(std::io::Error),
     #[error("the keyspaces are in the journal now, but {path} could not be removed: {source}")]
@@ -738,13 +744,31 @@ impl Journal {
     ) -> Result<(Arc<Version>, u64), JournalError> {
         // A freeze back-fills its version: as much new data as the project holds.
         self.disk.check()?;
-        self.send(|reply| Command::Freeze {
-            project,
-            forced,
-            judged,
-            reply,
-        })
-        .await
+        let newest = |journal: &Journal, project: &Ident| {
+            let snapshot = journal.catalog.snapshot();
+            let project = snapshot.projects.get(project);
+            project.and_then(|p| p.versions.last().map(|v| v.number))
+        };
+        let before = newest(self, &project);
+        let frozen = self
+            .send(|reply| Command::Freeze {
+                project: project.clone(),
+                forced,
+                judged,
+                reply,
+            })
+            .await;
+        match frozen {
+            // The catalog took the version, the journal not its migrations and back-fill.
+            Err(JournalError::Storage(source)) if newest(self, &project) > before => {
+                Err(JournalError::FrozenUnqueued {
+                    version: newest(self, &project).unwrap_or_default(),
+                    project,
+                    source,
+                })
+            }
+            frozen => frozen,
+        }
     }
 
     /// Queues the migrations of `version` again for the projectors that have not finished them, and
@@ -1310,6 +1334,38 @@ mod tests {
             );
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
         }
+        journal.close().await;
+    }
+
+    #[tokio::test]
+    async fn a_freeze_whose_journal_batch_fails_says_the_version_is_frozen_and_what_to_do() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec![]).await;
+        let blueprint = json!({"postgresql": {"table": "articles"},
+            "elasticsearch": {"type": "article"},
+            "columns": {"title": {"type": "string"}, "views": {"type": "integer"}}});
+        storage
+            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
+            .await
+            .unwrap();
+        journal.disk_writes_fail.store(true, Ordering::Relaxed);
+        let failed = storage
+            .freeze(&project, false)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            failed.contains("version 2 of p is frozen")
+                && failed.contains("POST /p/_version again"),
+            "{failed}"
+        );
+        assert_eq!(storage.snapshot().projects[&project].versions.len(), 2);
+        journal.disk_writes_fail.store(false, Ordering::Relaxed);
         journal.close().await;
     }
 

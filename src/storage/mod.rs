@@ -164,6 +164,7 @@ impl From<JournalError> for StorageError {
                 limit,
             },
             e @ (JournalError::Storage(_)
+            | JournalError::FrozenUnqueued { .. }
             | JournalError::Closed
             | JournalError::DiskLow { .. }
             | JournalError::DiskFull { .. }
