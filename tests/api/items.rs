@@ -217,6 +217,13 @@ async fn post_generates_an_id_and_wait_returns_once_the_keyspace_has_the_item() 
     item["id"] = json!(ID);
     let refused = app.post("/myblog/article", Some(&item)).await;
     assert_eq!(refused.status, 422);
+    assert_eq!(refused.paths(), ["/id"], "{}", refused.body);
+    assert!(
+        refused.messages().contains("must be left out"),
+        "a POST has no id in its URL: {}",
+        refused.body
+    );
+    app.stop().await;
 }
 
 #[tokio::test]

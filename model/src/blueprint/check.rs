@@ -154,7 +154,8 @@ pub fn check_item<'a, 'b>(
         Some(other) => errors.push(FieldError::new(
             "/id",
             format!(
-                "{} does not equal the id in the URL ({id})",
+                "{} does not equal the item's id ({id}: the URL's, or the one POST and a _bulk \
+                 create give it, where the body's `id` must be left out)",
                 super::value::excerpt(other)
             ),
         )),
