@@ -57,6 +57,7 @@ async fn the_seed_item_flow_writes_reads_and_deletes() {
     assert_eq!(app.get(&format!("/myblog/article/{ID}")).await.status, 404);
     let again = app.delete(&format!("/myblog/article/{ID}")).await;
     assert_eq!((again.status, &again.body["found"]), (200, &json!(false)));
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -152,6 +153,7 @@ async fn an_invalid_item_lists_every_bad_field_and_stores_nothing() {
         )
         .await;
     assert!(too_big.messages().contains("range"), "{}", too_big.body);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -195,6 +197,7 @@ async fn project_version_must_name_a_frozen_version_holding_the_blueprint() {
         )
         .await;
     assert_eq!(malformed.status, 400);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -275,6 +278,7 @@ async fn bulk_answers_per_line_and_journals_the_valid_ones() {
         .await;
     assert_eq!(broken.status, 400);
     assert_eq!(broken.body["errors"][0]["path"], "/line/1");
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -336,6 +340,7 @@ async fn freezing_a_new_version_backfills_existing_items_and_retired_versions_ta
         .await;
     assert_eq!(refused.status, 422);
     assert!(refused.messages().contains("retired"));
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -359,6 +364,7 @@ async fn deleting_a_project_removes_its_items_from_the_journal_and_the_keyspaces
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("the keyspace still holds the deleted project's items");
+    app.stop().await;
 }
 
 trait ParseIdent {
