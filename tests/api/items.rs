@@ -359,12 +359,12 @@ async fn deleting_a_project_removes_its_items_from_the_journal_and_the_keyspaces
     let (project, blueprint) = ("myblog".parse_ident(), "article".parse_ident());
     for _ in 0..50 {
         if app.rocksdb.as_ref().unwrap().count(&project, 1, &blueprint) == 0 {
+            app.stop().await;
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     panic!("the keyspace still holds the deleted project's items");
-    app.stop().await;
 }
 
 trait ParseIdent {
