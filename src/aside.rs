@@ -8,6 +8,10 @@ use std::sync::{Arc, OnceLock};
 
 use tokio::sync::Semaphore;
 
+/// Items longer than this (a body, a stored record) are prepared, decoded or answered here; shorter
+/// ones, nearly every item, cost less than the hand-over and stay on their worker.
+pub const LARGE_BYTES: usize = 64 * 1024;
+
 /// Runs `work` on a blocking thread once a place is free. The place is held by the work itself,
 /// so a request dropped meanwhile still counts until its work ends. An error only if the work
 /// panicked.

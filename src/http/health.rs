@@ -52,9 +52,14 @@ pub async fn ready(state: State, params: Query<ReadyParams>) -> HttpResponse {
     let links = state.broker.as_ref().map(|b| b.links()).unwrap_or_default();
     // The journal keeps every task while the broker is away; a lost link only delays projection.
     all_ready &= links.values().all(|link| link.connected);
-    let writes = match state.storage.check_backlog() {
-        Ok(()) => json!({"accepted": true}),
-        Err(refusal) => {
+    // A journal whose writes fail refuses every write, whatever the back-pressure says.
+    let writes = match (state.storage.write_failure(), state.storage.check_backlog()) {
+        (Some(reason), _) => {
+            all_ready = false;
+            json!({"accepted": false, "reason": reason, "held_projects_only": false})
+        }
+        (None, Ok(())) => json!({"accepted": true}),
+        (None, Err(refusal)) => {
             let refused = match &refusal {
                 StorageError::Backlog {
                     projector,
@@ -71,14 +76,6 @@ pub async fn ready(state: State, params: Query<ReadyParams>) -> HttpResponse {
                     "held_projects_only": refused == Refused::HeldProjects})
             }
         }
-    };
-    // A journal whose writes fail refuses every write, whatever the back-pressure says.
-    let writes = match state.storage.write_failure() {
-        Some(reason) => {
-            all_ready = false;
-            json!({"accepted": false, "reason": reason, "held_projects_only": false})
-        }
-        None => writes,
     };
     let (backend, deployment) = (state.storage.backend(), state.storage.deployment());
     let storage = match state.storage.reachable() {

@@ -323,12 +323,12 @@ async fn read(
         })?;
     let revision = record.revision;
     let record = std::sync::Arc::new(record);
-    let rendered = match render(&snapshot, &project, &blueprint, &record, version).await? {
+    let rendered = match render(&snapshot, &project, &blueprint, &record, version).await {
         Ok(rendered) => rendered,
         // The item may be of a version this node does not know yet.
         Err(_) => {
             let fresh = state.storage.fresh_snapshot(&project).await?;
-            render(&fresh, &project, &blueprint, &record, version).await??
+            render(&fresh, &project, &blueprint, &record, version).await?
         }
     };
     Ok(HttpResponse::Ok()
@@ -338,14 +338,14 @@ async fn read(
 }
 
 /// The JSON of an item as a client of `version` sees it ([`read_at`]); a large item is transformed
-/// and serialized off the HTTP worker (`crate::aside`), as its write was prepared. The outer error is the thread's, the inner the read's.
+/// and serialized off the HTTP worker (`crate::aside`), as its write was prepared.
 async fn render(
     snapshot: &std::sync::Arc<crate::catalog::Snapshot>,
     project: &Ident,
     blueprint: &Ident,
     record: &std::sync::Arc<crate::journal::ItemRecord>,
     version: Option<u32>,
-) -> Result<Result<Vec<u8>, ApiError>, ApiError> {
+) -> Result<Vec<u8>, ApiError> {
     let run = {
         let (snapshot, project, blueprint, record) = (
             snapshot.clone(),
@@ -358,12 +358,12 @@ async fn render(
             serde_json::to_vec(&doc).map_err(|e| ApiError::Internal(e.to_string()))
         }
     };
-    if record.stored_bytes <= crate::journal::codec::DECODED_ASIDE_BYTES {
-        return Ok(run());
+    if record.stored_bytes <= crate::aside::LARGE_BYTES {
+        return run();
     }
     crate::aside::run(run)
         .await
-        .map_err(|e| ApiError::Internal(format!("reading the item: {e}")))
+        .map_err(|e| ApiError::Internal(format!("reading the item: {e}")))?
 }
 
 /// POST /{project}/_bulk

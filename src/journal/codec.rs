@@ -54,13 +54,10 @@ pub fn decode_record(value: &[u8]) -> Result<ItemRecord, JournalError> {
     })
 }
 
-/// Records longer than this are decoded on a blocking thread by [`decode_record_aside`].
-pub const DECODED_ASIDE_BYTES: usize = 64 * 1024;
-
 /// [`decode_record`], off the HTTP worker for a long record (`crate::aside`): decoding a record of
 /// a MiB takes tens of milliseconds, which must not stall the requests that worker shares.
 pub async fn decode_record_aside(value: Vec<u8>) -> Result<ItemRecord, JournalError> {
-    if value.len() <= DECODED_ASIDE_BYTES {
+    if value.len() <= crate::aside::LARGE_BYTES {
         return decode_record(&value);
     }
     crate::aside::run(move || decode_record(&value))

@@ -758,16 +758,18 @@ impl Journal {
                 reply,
             })
             .await;
-        match frozen {
-            // The catalog took the version, the journal not its migrations and back-fill.
-            Err(JournalError::Storage(source)) if newest(self, &project) > before => {
-                Err(JournalError::FrozenUnqueued {
-                    version: newest(self, &project).unwrap_or_default(),
-                    project,
-                    source,
-                })
-            }
-            frozen => frozen,
+        let Err(JournalError::Storage(source)) = frozen else {
+            return frozen;
+        };
+        // The catalog may have taken the version, and the journal not its migrations and
+        // back-fill.
+        match newest(self, &project) {
+            Some(version) if Some(version) > before => Err(JournalError::FrozenUnqueued {
+                project,
+                version,
+                source,
+            }),
+            _ => Err(JournalError::Storage(source)),
         }
     }
 
@@ -945,6 +947,30 @@ mod tests {
             project,
             article,
         }
+    }
+
+    /// Writes a new item of the fixture's blueprint at version 1.
+    async fn write_new(
+        storage: &EmbeddedStorage,
+        project: &Ident,
+        article: &Ident,
+    ) -> Result<Vec<u64>, StorageError> {
+        let snapshot = storage.snapshot();
+        let body = json!({"project_version": 1, "title": "t"});
+        let entry = prepare_upsert(&snapshot, project, article, Uuid::new_v4(), &body).unwrap();
+        let epoch = snapshot.projects[project].epoch;
+        storage.write(project, epoch, vec![entry]).await
+    }
+
+    /// Puts the fixture's blueprint with a `views` column more: the next freeze makes version 2.
+    async fn add_views(storage: &EmbeddedStorage, project: &Ident, article: &Ident) {
+        let blueprint = json!({"postgresql": {"table": "articles"},
+            "elasticsearch": {"type": "article"},
+            "columns": {"title": {"type": "string"}, "views": {"type": "integer"}}});
+        storage
+            .put_blueprint(project, article, parse_blueprint(&blueprint, "").unwrap())
+            .await
+            .unwrap();
     }
 
     /// Opens the journal (and its catalog) in `dir`, again after an earlier opening was closed.
@@ -1292,26 +1318,10 @@ mod tests {
             project,
             article,
         } = fixture(Durability::Sync, vec![]).await;
-        let epoch = storage.snapshot().projects[&project].epoch;
         for _ in 0..10 {
-            let body = json!({"project_version": 1, "title": "t"});
-            let entry = prepare_upsert(
-                &storage.snapshot(),
-                &project,
-                &article,
-                Uuid::new_v4(),
-                &body,
-            )
-            .unwrap();
-            storage.write(&project, epoch, vec![entry]).await.unwrap();
+            write_new(&storage, &project, &article).await.unwrap();
         }
-        let blueprint = json!({"postgresql": {"table": "articles"},
-            "elasticsearch": {"type": "article"},
-            "columns": {"title": {"type": "string"}, "views": {"type": "integer"}}});
-        storage
-            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
-            .await
-            .unwrap();
+        add_views(&storage, &project, &article).await;
         storage.freeze(&project, false).await.unwrap();
         // The back-fill is spawned, not yet run (one thread): its first chunk meets a journal
         // that cannot write, as on a full disk.
@@ -1346,13 +1356,7 @@ mod tests {
             project,
             article,
         } = fixture(Durability::Sync, vec![]).await;
-        let blueprint = json!({"postgresql": {"table": "articles"},
-            "elasticsearch": {"type": "article"},
-            "columns": {"title": {"type": "string"}, "views": {"type": "integer"}}});
-        storage
-            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
-            .await
-            .unwrap();
+        add_views(&storage, &project, &article).await;
         journal.disk_writes_fail.store(true, Ordering::Relaxed);
         let failed = storage
             .freeze(&project, false)
@@ -1378,21 +1382,11 @@ mod tests {
             project,
             article,
         } = fixture(Durability::Sync, vec![]).await;
-        let epoch = storage.snapshot().projects[&project].epoch;
-        let upsert = |id: &Uuid| {
-            let body = json!({"project_version": 1, "title": "t"});
-            prepare_upsert(&storage.snapshot(), &project, &article, *id, &body).unwrap()
-        };
-        storage
-            .write(&project, epoch, vec![upsert(&Uuid::new_v4())])
-            .await
-            .unwrap();
+        write_new(&storage, &project, &article).await.unwrap();
         assert_eq!(storage.write_failure(), None);
         let before = journal.last_seq();
         journal.disk_writes_fail.store(true, Ordering::Relaxed);
-        let failed = storage
-            .write(&project, epoch, vec![upsert(&Uuid::new_v4())])
-            .await;
+        let failed = write_new(&storage, &project, &article).await;
         assert!(failed.is_err(), "{failed:?}");
         assert_eq!(journal.last_seq(), before, "nothing was journaled");
         let reason = storage.write_failure().expect("the failure is reported");
@@ -1401,10 +1395,7 @@ mod tests {
             "{reason}"
         );
         journal.disk_writes_fail.store(false, Ordering::Relaxed);
-        storage
-            .write(&project, epoch, vec![upsert(&Uuid::new_v4())])
-            .await
-            .unwrap();
+        write_new(&storage, &project, &article).await.unwrap();
         assert_eq!(storage.write_failure(), None, "a write succeeded since");
         journal.close().await;
     }

@@ -98,11 +98,6 @@ where
     Err(WriteError::Contended)
 }
 
-/// Bodies longer than this are prepared on a blocking thread: an item's check can cost time
-/// quadratic in its size (polygons), and a body of a few hundred KiB must not stall the HTTP worker
-/// other requests share. Shorter ones, nearly every PUT, are prepared where they are.
-const PREPARED_ASIDE_BYTES: usize = 64 * 1024;
-
 /// Upserts an item whose body was `length` bytes: answers its revision.
 pub async fn put_item<B>(
     storage: &dyn Storage,
@@ -115,7 +110,9 @@ pub async fn put_item<B>(
 where
     B: Deref<Target = crate::document::Document> + Send + Sync + 'static,
 {
-    if length <= PREPARED_ASIDE_BYTES {
+    // An item's check can cost time quadratic in its size (polygons): a large one is prepared
+    // off the HTTP worker (`crate::aside`).
+    if length <= crate::aside::LARGE_BYTES {
         let (revisions, ()) = journal(storage, project, |snapshot| {
             let entry = prepare_upsert(&snapshot, project, blueprint, id, &*body);
             ready(entry.map(|entry| (vec![entry], ())))

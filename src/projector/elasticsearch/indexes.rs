@@ -42,7 +42,11 @@ impl ElasticsearchProjector {
         name: &Ident,
         blueprint: &Blueprint,
     ) -> Value {
-        let mut body = mapping::index_body(project, version, name, blueprint);
+        self.marked(mapping::index_body(project, version, name, blueprint))
+    }
+
+    /// A create-index request with its `_meta` naming this deployment, once known.
+    fn marked(&self, mut body: Value) -> Value {
         if let Some(id) = self.deployment.get() {
             body["mappings"]["_meta"]["dstore"]["deployment"] = json!(id);
         }
@@ -111,7 +115,9 @@ impl ElasticsearchProjector {
         blueprint: &Blueprint,
     ) -> Result<String, ProjectorError> {
         let index = self.names.index(project, version, name);
-        let body = self.index_body(project, version, name, blueprint);
+        // An older dstore's index names no deployment: the rest of its mapping must match.
+        let wanted = mapping::index_body(project, version, name, blueprint);
+        let body = self.marked(wanted.clone());
         if self.client.create_index(&index, &body).await? {
             tracing::info!(index = %index, "index created");
         } else {
@@ -127,8 +133,6 @@ impl ElasticsearchProjector {
                     self.deployment.get().unwrap_or_default(),
                 )));
             }
-            // An older dstore's index names no deployment: the rest of its mapping must match.
-            let wanted = mapping::index_body(project, version, name, blueprint);
             if let Some(difference) = mapping::first_difference(&existing, &wanted["mappings"]) {
                 return Err(ProjectorError::permanent(format!(
                     "index {index} already exists and differs from version {version} of {project}/{name}: {difference}"
