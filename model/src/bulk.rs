@@ -82,7 +82,8 @@ pub fn parse_item(raw: &[u8], max_item_bytes: usize) -> Result<Document, (u16, V
 }
 
 /// Reads every operation of a bulk body; an unreadable action line refuses the whole body, naming
-/// its line (`/line/N`).
+/// its line (`/line/N`), and so does a body without any operation (as Elasticsearch's `_bulk`
+/// does: it is a client's mistake, not a batch of nothing).
 pub fn parse(raw: &[u8]) -> Result<Vec<Operation<'_>>, FieldError> {
     let mut lines = lines(raw)
         .enumerate()
@@ -111,6 +112,12 @@ pub fn parse(raw: &[u8]) -> Result<Vec<Operation<'_>>, FieldError> {
             },
         };
         ops.push(operation(action, meta, item));
+    }
+    if ops.is_empty() {
+        return Err(FieldError::new(
+            "",
+            "the _bulk body holds no operation: send an action line, and the item after it for put and create",
+        ));
     }
     Ok(ops)
 }
@@ -403,6 +410,14 @@ mod tests {
         assert_eq!(ops[0].item, Some(&b"{\"x\": 1}"[..]));
         assert_eq!(ops[1].action, Action::Delete);
         assert!(ops[2].id.is_some() && ops[2].error.is_none());
+    }
+
+    #[test]
+    fn a_body_without_operations_is_refused() {
+        for body in [&b""[..], b"\n", b" \r\n\t\n"] {
+            let error = parse(body).unwrap_err();
+            assert!(error.message.contains("holds no operation"), "{error:?}");
+        }
     }
 
     #[test]

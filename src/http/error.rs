@@ -22,8 +22,8 @@ pub enum ApiError {
     Forbidden(String),
     /// 404
     NotFound(String),
-    /// 405
-    MethodNotAllowed,
+    /// 405, with the methods the path takes (the `Allow` header), e.g. `GET, PUT`.
+    MethodNotAllowed(String),
     /// 409
     Conflict(String),
     /// 409 with a report of why (a freeze that would lose values).
@@ -32,8 +32,10 @@ pub enum ApiError {
     Gone(String, u64),
     /// 408: the body did not arrive within this many seconds.
     RequestTimeout(u64),
-    /// 413
+    /// 413: the body is longer than this limit.
     TooLarge(usize),
+    /// 413: handling the request would hold more memory than every request together may.
+    Oversized(String),
     /// 422: well-formed, but not a valid blueprint or item.
     Invalid(String, Vec<FieldError>),
     /// 503: a store the request needs cannot take it now.
@@ -69,8 +71,11 @@ impl std::fmt::Display for ApiError {
             | ApiError::Gone(m, _)
             | ApiError::Invalid(m, _)
             | ApiError::Unavailable(m)
+            | ApiError::Oversized(m)
             | ApiError::Internal(m) => f.write_str(m),
-            ApiError::MethodNotAllowed => f.write_str("method not allowed"),
+            ApiError::MethodNotAllowed(allow) => {
+                write!(f, "method not allowed; this path takes {allow}")
+            }
             ApiError::TooLarge(limit) => {
                 write!(f, "request body is larger than the limit of {limit} bytes")
             }
@@ -89,10 +94,10 @@ impl ResponseError for ApiError {
             ApiError::Unauthorized(_) => StatusCode::UNAUTHORIZED,
             ApiError::Forbidden(_) => StatusCode::FORBIDDEN,
             ApiError::NotFound(_) => StatusCode::NOT_FOUND,
-            ApiError::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
+            ApiError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
             ApiError::Conflict(_) | ApiError::ConflictWith(..) => StatusCode::CONFLICT,
             ApiError::Gone(..) => StatusCode::GONE,
-            ApiError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
+            ApiError::TooLarge(_) | ApiError::Oversized(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Invalid(..) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -112,7 +117,7 @@ impl ResponseError for ApiError {
             ApiError::BadRequest(_, errors) | ApiError::Invalid(_, errors) => {
                 (self.to_string(), cap_errors(errors.clone()))
             }
-            ApiError::TooLarge(_) | ApiError::RequestTimeout(_) => (
+            ApiError::TooLarge(_) | ApiError::Oversized(_) | ApiError::RequestTimeout(_) => (
                 self.to_string(),
                 vec![FieldError::new("", self.to_string())],
             ),
@@ -130,8 +135,14 @@ impl ResponseError for ApiError {
                 .json(json!({"status": status, "errors": [], "report": report}));
         }
         let mut response = HttpResponse::build(self.status_code());
-        if let ApiError::Unauthorized(_) = self {
-            response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));
+        match self {
+            ApiError::Unauthorized(_) => {
+                response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));
+            }
+            ApiError::MethodNotAllowed(allow) => {
+                response.insert_header((actix_web::http::header::ALLOW, allow.as_str()));
+            }
+            _ => {}
         }
         response.json(json!({"status": status, "errors": errors}))
     }

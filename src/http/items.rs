@@ -190,8 +190,8 @@ fn item_request(
     [project, blueprint, id]: [&str; 3],
 ) -> Result<(Ident, Ident, Uuid), ApiError> {
     use actix_web::http::Method;
-    if ![Method::PUT, Method::GET, Method::DELETE].contains(request.method()) {
-        return Err(ApiError::MethodNotAllowed);
+    if ![Method::GET, Method::PUT, Method::DELETE].contains(request.method()) {
+        return Err(ApiError::MethodNotAllowed("GET, PUT, DELETE".into()));
     }
     Ok((
         ident("project", project)?,

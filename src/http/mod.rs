@@ -24,6 +24,7 @@ mod versions;
 use std::sync::Arc;
 use std::time::Duration;
 
+use actix_web::http::Method;
 use actix_web::{web, HttpResponse};
 
 use crate::blueprint::value::excerpt_str;
@@ -110,80 +111,133 @@ fn routes(config: &mut web::ServiceConfig) {
                 }))
                 .default_service(web::to(items::plain)),
         )
-        .service(resource("/_health").route(web::get().to(health::live)))
-        .service(resource("/_metrics").route(web::get().to(metrics::metrics)))
-        .service(resource("/_openapi.json").route(web::get().to(docs::openapi)))
-        .service(resource("/_docs").route(web::get().to(docs::page)))
-        .service(resource("/_health/ready").route(web::get().to(health::ready)))
-        .service(resource("/_dead_letters").route(web::get().to(health::dead_letters)))
-        .service(
-            resource("/_dead_letters/_retry").route(web::post().to(health::retry_dead_letters)),
-        )
-        .service(
-            resource("/_keys")
-                .route(web::get().to(keys::list))
-                .route(web::post().to(keys::create)),
-        )
-        .service(
-            resource("/_keys/{id}")
-                .route(web::get().to(keys::show))
-                .route(web::patch().to(keys::update))
-                .route(web::delete().to(keys::revoke)),
-        )
-        .service(resource("/_keys/{id}/_rotate").route(web::post().to(keys::rotate)))
-        .service(resource("/_audit").route(web::get().to(keys::audit)))
-        .service(resource("/_version").route(web::get().to(versions::all)))
-        .service(
-            resource("/_project")
-                .route(web::get().to(projects::get_all))
-                .route(web::put().to(projects::put_all))
-                .route(web::delete().to(projects::delete_all)),
-        )
-        .service(
-            resource("/{project}/_blueprint")
-                .route(web::get().to(blueprints::get_all))
-                .route(web::put().to(blueprints::put_all)),
-        )
-        .service(
-            resource("/{project}/_blueprint/{version}")
-                .route(web::get().to(blueprints::get_all_at)),
-        )
-        .service(
-            resource("/{project}/_version")
-                .route(web::get().to(versions::get))
-                .route(web::post().to(versions::freeze)),
-        )
-        .service(resource("/{project}/_catalog").route(web::get().to(versions::catalog)))
-        .service(resource("/{project}/_diff").route(web::get().to(versions::diff)))
-        .service(
-            resource("/{project}/_settings")
-                .route(web::get().to(versions::settings))
-                .route(web::put().to(versions::put_settings)),
-        )
-        .service(resource("/{project}/_version/{version}").route(web::get().to(versions::get_one)))
-        .service(
-            resource("/{project}/_version/{version}/_retire")
-                .route(web::post().to(versions::retire)),
-        )
-        .service(
-            resource("/{project}/_project")
-                .route(web::get().to(projects::get))
-                .route(web::put().to(projects::put))
-                .route(web::delete().to(projects::delete)),
-        )
-        .service(resource("/{project}/_bulk").route(web::post().to(items::bulk)))
-        .service(resource("/{project}/_changes").route(web::get().to(changes::changes)))
-        .service(
-            resource("/{project}/{blueprint}/_blueprint")
-                .route(web::get().to(blueprints::get))
-                .route(web::put().to(blueprints::put))
-                .route(web::delete().to(blueprints::delete)),
-        )
-        .service(
-            resource("/{project}/{blueprint}/_blueprint/{version}")
-                .route(web::get().to(blueprints::get_at)),
-        )
-        .service(resource("/{project}/{blueprint}").route(web::post().to(items::create)))
+        .service(resource("/_health", [(Method::GET, web::to(health::live))]))
+        .service(resource(
+            "/_metrics",
+            [(Method::GET, web::to(metrics::metrics))],
+        ))
+        .service(resource(
+            "/_openapi.json",
+            [(Method::GET, web::to(docs::openapi))],
+        ))
+        .service(resource("/_docs", [(Method::GET, web::to(docs::page))]))
+        .service(resource(
+            "/_health/ready",
+            [(Method::GET, web::to(health::ready))],
+        ))
+        .service(resource(
+            "/_dead_letters",
+            [(Method::GET, web::to(health::dead_letters))],
+        ))
+        .service(resource(
+            "/_dead_letters/_retry",
+            [(Method::POST, web::to(health::retry_dead_letters))],
+        ))
+        .service(resource(
+            "/_keys",
+            [
+                (Method::GET, web::to(keys::list)),
+                (Method::POST, web::to(keys::create)),
+            ],
+        ))
+        .service(resource(
+            "/_keys/{id}",
+            [
+                (Method::GET, web::to(keys::show)),
+                (Method::PATCH, web::to(keys::update)),
+                (Method::DELETE, web::to(keys::revoke)),
+            ],
+        ))
+        .service(resource(
+            "/_keys/{id}/_rotate",
+            [(Method::POST, web::to(keys::rotate))],
+        ))
+        .service(resource("/_audit", [(Method::GET, web::to(keys::audit))]))
+        .service(resource(
+            "/_version",
+            [(Method::GET, web::to(versions::all))],
+        ))
+        .service(resource(
+            "/_project",
+            [
+                (Method::GET, web::to(projects::get_all)),
+                (Method::PUT, web::to(projects::put_all)),
+                (Method::DELETE, web::to(projects::delete_all)),
+            ],
+        ))
+        .service(resource(
+            "/{project}/_blueprint",
+            [
+                (Method::GET, web::to(blueprints::get_all)),
+                (Method::PUT, web::to(blueprints::put_all)),
+            ],
+        ))
+        .service(resource(
+            "/{project}/_blueprint/{version}",
+            [(Method::GET, web::to(blueprints::get_all_at))],
+        ))
+        .service(resource(
+            "/{project}/_version",
+            [
+                (Method::GET, web::to(versions::get)),
+                (Method::POST, web::to(versions::freeze)),
+            ],
+        ))
+        .service(resource(
+            "/{project}/_catalog",
+            [(Method::GET, web::to(versions::catalog))],
+        ))
+        .service(resource(
+            "/{project}/_diff",
+            [(Method::GET, web::to(versions::diff))],
+        ))
+        .service(resource(
+            "/{project}/_settings",
+            [
+                (Method::GET, web::to(versions::settings)),
+                (Method::PUT, web::to(versions::put_settings)),
+            ],
+        ))
+        .service(resource(
+            "/{project}/_version/{version}",
+            [(Method::GET, web::to(versions::get_one))],
+        ))
+        .service(resource(
+            "/{project}/_version/{version}/_retire",
+            [(Method::POST, web::to(versions::retire))],
+        ))
+        .service(resource(
+            "/{project}/_project",
+            [
+                (Method::GET, web::to(projects::get)),
+                (Method::PUT, web::to(projects::put)),
+                (Method::DELETE, web::to(projects::delete)),
+            ],
+        ))
+        .service(resource(
+            "/{project}/_bulk",
+            [(Method::POST, web::to(items::bulk))],
+        ))
+        .service(resource(
+            "/{project}/_changes",
+            [(Method::GET, web::to(changes::changes))],
+        ))
+        .service(resource(
+            "/{project}/{blueprint}/_blueprint",
+            [
+                (Method::GET, web::to(blueprints::get)),
+                (Method::PUT, web::to(blueprints::put)),
+                (Method::DELETE, web::to(blueprints::delete)),
+            ],
+        ))
+        .service(resource(
+            "/{project}/{blueprint}/_blueprint/{version}",
+            [(Method::GET, web::to(blueprints::get_at))],
+        ))
+        .service(resource(
+            "/{project}/{blueprint}",
+            [(Method::POST, web::to(items::create))],
+        ))
         .service(item_resource())
         .default_service(web::to(not_found));
 }
@@ -233,13 +287,27 @@ fn plain_item_path(path: &str) -> bool {
     segments == 3 && !at_start
 }
 
-/// A resource whose unsupported methods answer 405 with a JSON body.
-fn resource(path: &str) -> actix_web::Resource {
-    web::resource(path).default_service(web::to(method_not_allowed))
-}
-
-async fn method_not_allowed() -> Result<HttpResponse, ApiError> {
-    Err(ApiError::MethodNotAllowed)
+/// A resource taking each of `routes`' methods; any other method answers 405 with a JSON body and
+/// an `Allow` header naming them.
+fn resource<const N: usize>(
+    path: &str,
+    routes: [(Method, actix_web::Route); N],
+) -> actix_web::Resource {
+    let allow: Arc<str> = routes
+        .iter()
+        .map(|(method, _)| method.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+        .into();
+    let resource = routes
+        .into_iter()
+        .fold(web::resource(path), |resource, (method, route)| {
+            resource.route(route.method(method))
+        });
+    resource.default_service(web::to(move || {
+        let allow = allow.to_string();
+        async move { Err::<HttpResponse, _>(ApiError::MethodNotAllowed(allow)) }
+    }))
 }
 
 async fn not_found(request: actix_web::HttpRequest) -> Result<HttpResponse, ApiError> {

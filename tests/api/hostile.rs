@@ -331,6 +331,46 @@ async fn made_up_methods_share_one_metrics_series() {
     app.stop().await;
 }
 
+/// A 405 says which methods the path does take, in an `Allow` header (RFC 9110 requires it) and
+/// in its message, on the route table's paths and on both kinds of item path.
+#[tokio::test]
+async fn a_method_a_path_does_not_take_answers_405_naming_those_it_takes() {
+    let app = spawn_app().await;
+    let item = "/myblog/article/5f0c0c9e-1b2a-4c3d-8e4f-000000000001";
+    let encoded = "/my%62log/article/5f0c0c9e-1b2a-4c3d-8e4f-000000000001";
+    for (method, path, allow) in [
+        (Method::DELETE, "/_health", "GET"),
+        (Method::PUT, "/_keys/abc", "GET, PATCH, DELETE"),
+        (Method::GET, "/myblog/_bulk", "POST"),
+        (Method::POST, "/myblog/_project", "GET, PUT, DELETE"),
+        (Method::PATCH, item, "GET, PUT, DELETE"),
+        (Method::POST, encoded, "GET, PUT, DELETE"),
+        (
+            Method::from_bytes(b"FOO").unwrap(),
+            "/myblog/_version",
+            "GET, POST",
+        ),
+    ] {
+        let answer = app
+            .client
+            .request(method.clone(), format!("{}{path}", app.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 405, "{method} {path}");
+        assert_eq!(answer.headers()["allow"], allow, "{method} {path}");
+        let body: Value = answer.json().await.unwrap();
+        assert!(
+            body["status"]
+                .as_str()
+                .unwrap()
+                .ends_with(&format!("takes {allow}")),
+            "{method} {path}: {body}"
+        );
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn nul_characters_that_postgresql_cannot_store_are_refused_where_they_are() {
     let app = blog().await;
