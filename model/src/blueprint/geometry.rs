@@ -9,8 +9,9 @@
 //! define it (closed rings of at least four positions, no self-intersection, holes inside the
 //! shell), checked with the `geo` crate, because PostGIS would store an invalid polygon that
 //! Elasticsearch refuses, and the stores would disagree. A ring whose positions all lie on one line
-//! is refused here, since that check lets three of them pass. Not checked yet: holes that touch the
-//! shell or each other at two or more points, cutting the interior in pieces.
+//! is refused here, since that check lets three of them pass, and so are rings that touch each other
+//! in a cycle (a hole touching the shell at two points, or holes in a chain from the shell back to
+//! it), which cut the interior in pieces: that check allows rings to touch at single points.
 
 use geo::algorithm::Validation;
 use serde_json::{Map, Number, Value};
@@ -228,10 +229,85 @@ fn polygon(value: &Value) -> Result<(), String> {
         }
         lines.push(line);
     }
-    let exterior = lines.remove(0);
-    geo::Polygon::new(exterior, lines)
+    let polygon = geo::Polygon::new(lines[0].clone(), lines[1..].to_vec());
+    polygon
         .check_validation()
-        .map_err(|e| format!("invalid Polygon: {e}"))
+        .map_err(|e| format!("invalid Polygon: {e}"))?;
+    interior_is_connected(&lines)
+}
+
+/// Refuses rings that touch in a cycle, which OGC Simple Features forbid because it cuts the
+/// polygon's interior in pieces: a hole that touches the shell (or another hole) at two points, or
+/// holes touching one after the other from the shell back to it. Rings and the points where they
+/// touch form a graph (a ring is joined to each point on it where another ring touches it); the
+/// interior is in one piece exactly when that graph has no cycle. Runs after `geo`'s validation,
+/// so rings meet only at single points, never along a line or across each other.
+fn interior_is_connected(rings: &[geo::LineString<f64>]) -> Result<(), String> {
+    use geo::algorithm::line_intersection::{line_intersection, LineIntersection};
+    use geo::{BoundingRect, Intersects};
+    if rings.len() < 2 {
+        return Ok(());
+    }
+    let bounds: Vec<_> = rings.iter().map(|r| r.bounding_rect()).collect();
+    // Nodes: the rings (0..rings.len()), then each touch point once, by its exact coordinates.
+    let mut points: std::collections::HashMap<(u64, u64), usize> = Default::default();
+    let mut joined: std::collections::HashSet<(usize, usize)> = Default::default();
+    let mut parent: Vec<usize> = (0..rings.len()).collect();
+    fn root(parent: &mut [usize], mut node: usize) -> usize {
+        while parent[node] != node {
+            parent[node] = parent[parent[node]];
+            node = parent[node];
+        }
+        node
+    }
+    for i in 0..rings.len() {
+        for j in i + 1..rings.len() {
+            let (Some(a), Some(b)) = (bounds[i], bounds[j]) else {
+                continue;
+            };
+            if !a.intersects(&b) {
+                continue;
+            }
+            for (first, second) in rings[i]
+                .lines()
+                .flat_map(|first| rings[j].lines().map(move |second| (first, second)))
+            {
+                // `geo` has refused crossings and shared stretches: what is left are touch points,
+                // given as the exact position of one ring lying on the other.
+                let Some(LineIntersection::SinglePoint { intersection, .. }) =
+                    line_intersection(first, second)
+                else {
+                    continue;
+                };
+                // `+ 0.0` turns -0 into 0: one point, one key.
+                let key = (
+                    (intersection.x + 0.0).to_bits(),
+                    (intersection.y + 0.0).to_bits(),
+                );
+                let next = rings.len() + points.len();
+                let point = *points.entry(key).or_insert_with(|| {
+                    parent.push(next);
+                    next
+                });
+                for ring in [i, j] {
+                    if !joined.insert((ring, point)) {
+                        continue;
+                    }
+                    let (r, p) = (root(&mut parent, ring), root(&mut parent, point));
+                    if r == p {
+                        return Err(format!(
+                            "invalid Polygon: ring {i} and ring {j} touch at [{}, {}], closing a \
+                             cycle of rings that touch each other, which cuts the interior in \
+                             pieces (rings may touch, but not around a part of the interior)",
+                            intersection.x, intersection.y
+                        ));
+                    }
+                    parent[r] = p;
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Whether every position of a ring lies on one straight line.
@@ -339,6 +415,44 @@ mod tests {
             [[2,2],[4,4],[6,6],[2,2]]]});
         let error = single(BaseType::Polygon, &flat_hole).unwrap_err();
         assert!(error.contains("ring 1 encloses no area"), "{error}");
+    }
+
+    /// OGC's rule that a polygon's interior is one piece: rings may touch at single points, but
+    /// not in a cycle around part of the interior.
+    #[test]
+    fn rings_touching_in_a_cycle_are_refused_single_touches_pass() {
+        let shell = json!([[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]);
+        let polygon = |holes: Vec<Value>| {
+            let mut rings = vec![shell.clone()];
+            rings.extend(holes);
+            single(
+                BaseType::Polygon,
+                &json!({"type": "Polygon", "coordinates": rings}),
+            )
+        };
+        // One touch each: the shell at a corner of a hole, two holes at one point, three rings
+        // at the same point, and a hole's corner on the middle of the shell's edge.
+        let touches_shell = json!([[0, 5], [5, 2], [6, 5], [5, 8], [0, 5]]);
+        assert!(polygon(vec![touches_shell.clone()]).is_ok());
+        let left = json!([[0, 5], [2.5, 4], [5, 5], [2.5, 6], [0, 5]]);
+        let right_inside = json!([[5, 5], [7.5, 4], [9, 5], [7.5, 6], [5, 5]]);
+        assert!(polygon(vec![left.clone(), right_inside]).is_ok());
+        let below = json!([[0, 5], [3, 1], [4, 2], [0, 5]]);
+        let above = json!([[0, 5], [3, 8], [4, 7], [0, 5]]);
+        assert!(polygon(vec![below, above]).is_ok());
+        // Twice: a hole across the shell from edge to edge, and a chain of holes doing the same.
+        let across = json!([[0, 5], [5, 2], [10, 5], [5, 8], [0, 5]]);
+        let error = polygon(vec![across]).unwrap_err();
+        assert!(error.contains("cuts the interior in pieces"), "{error}");
+        assert!(error.contains("ring 0 and ring 1"), "{error}");
+        let right_to_shell = json!([[5, 5], [7.5, 4], [10, 5], [7.5, 6], [5, 5]]);
+        let error = polygon(vec![left, right_to_shell]).unwrap_err();
+        assert!(error.contains("cuts the interior in pieces"), "{error}");
+        // Two holes touching each other at two points enclose a piece between them.
+        let upper = json!([[2, 5], [5, 8], [8, 5], [5, 6], [2, 5]]);
+        let lower = json!([[2, 5], [5, 4], [8, 5], [5, 2], [2, 5]]);
+        let error = polygon(vec![upper, lower]).unwrap_err();
+        assert!(error.contains("ring 1 and ring 2"), "{error}");
     }
 
     #[test]
