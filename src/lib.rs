@@ -5,6 +5,7 @@ pub use dstore_model::{blueprint, bulk, document, json};
 pub mod allocator;
 pub mod aside;
 pub mod auth;
+pub mod budget;
 pub mod catalog;
 pub mod config;
 pub mod feed;

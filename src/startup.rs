@@ -214,7 +214,7 @@ impl Application {
             storage,
             registry,
             broker,
-            in_flight: http::body::InFlight::new(settings.server.max_inflight_bytes),
+            in_flight: crate::budget::InFlight::new(settings.server.max_inflight_bytes),
             bulk_places: Arc::new(tokio::sync::Semaphore::new(
                 match settings.server.max_concurrent_bulk {
                     0 => workers.saturating_mul(2),

@@ -30,6 +30,20 @@ impl Document {
             None => json::parse(bytes).map(Self::Value),
         }
     }
+
+    /// The heap memory the parsed body holds (see [`json::heap_bytes`]).
+    pub fn heap_bytes(&self) -> usize {
+        match self {
+            Self::Members(members) => {
+                members.capacity() * std::mem::size_of::<(String, Value)>()
+                    + members
+                        .iter()
+                        .map(|(key, value)| key.capacity() + json::heap_bytes(value))
+                        .sum::<usize>()
+            }
+            Self::Value(value) => json::heap_bytes(value),
+        }
+    }
 }
 
 impl From<Value> for Document {

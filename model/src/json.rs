@@ -399,6 +399,38 @@ pub fn parse(bytes: &[u8]) -> Result<Value, FieldError> {
     }
 }
 
+/// The heap memory a parsed value holds, in bytes, as its allocations ask for it: what the
+/// in-flight budget counts for a parsed body, since a value's text says little of it (a number in
+/// an array takes 72 bytes for its 2 bytes of text, a long string about its length). An object's
+/// entries are counted at twice their number, the most its growth leaves allocated (serde's map
+/// keeps its capacity to itself). `model/tests/memory.rs` checks it against an allocator's count.
+pub fn heap_bytes(value: &Value) -> usize {
+    match value {
+        Value::String(text) => text.capacity(),
+        Value::Array(items) => {
+            items.capacity() * std::mem::size_of::<Value>()
+                + items.iter().map(heap_bytes).sum::<usize>()
+        }
+        Value::Object(map) => {
+            2 * map.len().max(2) * OBJECT_ENTRY
+                + OBJECT_INDEX
+                + map
+                    .iter()
+                    .map(|(key, value)| key.capacity() + heap_bytes(value))
+                    .sum::<usize>()
+        }
+        _ => 0,
+    }
+}
+
+/// What an object's index takes beside its entries, at the least.
+const OBJECT_INDEX: usize = 64;
+
+/// What one entry of an object takes beside its key's text and its value's heap: the key and the
+/// value themselves, the entry's hash and its place in the index.
+const OBJECT_ENTRY: usize =
+    std::mem::size_of::<String>() + std::mem::size_of::<Value>() + 2 * std::mem::size_of::<usize>();
+
 /// Whether arrays and objects in `value` nest deeper than `limit` (the value itself is level 1).
 fn nests_deeper(value: &Value, limit: usize) -> bool {
     match value {

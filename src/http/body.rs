@@ -1,14 +1,17 @@
 //! Reading request bodies: bounded in size, in time and in total, parsed as JSON whatever the
 //! Content-Type says.
 //!
-//! Every body counts against one budget of memory held for request bodies by all requests together
-//! (`server.max_inflight_bytes`): a request that would pass it is answered 503 at once instead of
-//! growing the process. A body counts [`JSON_FACTOR`] times its length while its parsed JSON lives (a
-//! parsed document takes up to that much more than its text), and its share is given back when the
-//! handler is done with it. A body that does not arrive within `server.body_timeout_secs` is answered
-//! 408.
+//! Every body counts against the in-flight budget (`crate::budget`, `server.max_inflight_bytes`)
+//! as its bytes arrive, at what the request may hold at most: [`JSON_FACTOR`] times its length
+//! for its parsed form (what a number array takes), and for an item its documents, one per live
+//! version. Once parsed, the share is set to what the parsed form does hold
+//! (`Document::heap_bytes`: a long string about its length) and its documents' estimate, and once
+//! the documents are made, to them (`write::Hold`). Admission is decided by the first, largest
+//! count: a request that is under way only gives memory back, so requests that keep arriving
+//! cannot starve those already read. A request the budget cannot take is answered 503 (413 if it
+//! alone needs more than all may hold), and its share is given back when the handler is done. A body that does not arrive
+//! within `server.body_timeout_secs` is answered 408.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,73 +22,20 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::AppState;
 use crate::blueprint::FieldError;
+use crate::budget::Share;
 use crate::document::Document;
 
-/// The bytes of request bodies being read or held, across all requests.
-#[derive(Debug)]
-pub struct InFlight {
-    used: AtomicUsize,
-    limit: usize,
-}
-
-impl InFlight {
-    pub fn new(limit: usize) -> Arc<InFlight> {
-        Arc::new(InFlight {
-            used: AtomicUsize::new(0),
-            limit,
-        })
-    }
-
-    /// Bytes held now.
-    pub fn used(&self) -> usize {
-        self.used.load(Ordering::Relaxed)
-    }
-
-    /// Takes `n` more bytes of the budget, or none if that would pass the limit.
-    fn take(&self, n: usize) -> bool {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(n).filter(|total| *total <= self.limit)
-            })
-            .is_ok()
-    }
-}
-
-/// A share of the budget, given back when dropped.
-#[derive(Debug)]
-struct Share {
-    budget: Arc<InFlight>,
-    bytes: usize,
-}
-
-impl Share {
-    fn grow(&mut self, n: usize) -> Result<(), ApiError> {
-        if !self.budget.take(n) {
-            return Err(ApiError::Unavailable(format!(
-                "the server is already reading {} bytes of request bodies (server.max_inflight_bytes); try again shortly",
-                self.budget.limit
-            )));
-        }
-        self.bytes += n;
-        Ok(())
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        self.budget.used.fetch_sub(self.bytes, Ordering::AcqRel);
-    }
-}
-
-/// How many bytes of the budget one byte of a JSON body takes while its parsed form lives: an array
-/// of one-digit numbers takes 16 bytes per element parsed, for 2 bytes of text.
-pub const JSON_FACTOR: usize = 16;
+/// How many bytes of the budget one byte of a JSON body takes while it arrives, before its parse
+/// says what it holds: what an array of one-digit numbers takes parsed (72 bytes a number, for 2
+/// bytes of text; `model/tests/memory.rs`), the most any JSON text takes but for the slack of a
+/// growing array.
+pub const JSON_FACTOR: usize = 36;
 
 /// A request body, holding its share of the in-flight budget until it is dropped.
 #[derive(Debug)]
 pub struct Body {
     bytes: web::Bytes,
-    _share: Share,
+    share: Arc<Share>,
 }
 
 /// A parsed JSON body, holding its share of the in-flight budget until it is dropped.
@@ -94,13 +44,18 @@ pub struct JsonBody<T = Value> {
     value: T,
     /// The length of the body it was parsed from, in bytes.
     length: usize,
-    _share: Share,
+    share: Arc<Share>,
 }
 
 impl<T> JsonBody<T> {
     /// The length of the body it was parsed from, in bytes.
     pub fn length(&self) -> usize {
         self.length
+    }
+
+    /// The request's share of the budget, for what handling the body holds beside it.
+    pub fn share(&self) -> Arc<Share> {
+        self.share.clone()
     }
 }
 
@@ -116,6 +71,11 @@ impl Body {
     /// The body's bytes, shared (a clone costs a reference count).
     pub fn bytes(&self) -> &web::Bytes {
         &self.bytes
+    }
+
+    /// The request's share of the budget, for what handling the body holds beside it.
+    pub fn share(&self) -> Arc<Share> {
+        self.share.clone()
     }
 }
 
@@ -164,10 +124,7 @@ async fn read_within(
     }
     // The budget is taken as bytes arrive, not for what a client announces: a connection that
     // announces a large body and stalls holds only what it sent.
-    let mut share = Share {
-        budget: state.in_flight.clone(),
-        bytes: 0,
-    };
+    let share = state.in_flight.share();
     let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0).min(PREALLOCATED));
     while let Some(chunk) = payload.next().await {
         let chunk = chunk
@@ -177,14 +134,14 @@ async fn read_within(
             return Err(ApiError::TooLarge(limit));
         }
         let needed = length.saturating_mul(factor);
-        if needed > share.bytes {
-            share.grow(needed - share.bytes)?;
+        if needed > share.bytes() {
+            share.grow(needed - share.bytes())?;
         }
         body.extend_from_slice(&chunk);
     }
     Ok(Body {
         bytes: body.freeze(),
-        _share: share,
+        share: Arc::new(share),
     })
 }
 
@@ -194,31 +151,56 @@ pub async fn json(
     request: &HttpRequest,
     payload: web::Payload,
 ) -> Result<JsonBody, ApiError> {
-    read_parsed(state, request, payload, crate::json::parse).await
+    read_parsed(
+        state,
+        request,
+        payload,
+        (crate::json::parse, crate::json::heap_bytes),
+        0,
+    )
+    .await
 }
 
 /// Reads and parses an item body of at most `server.max_body_bytes` (a flat object without
-/// serde's map: `document`), under the same rules as [`json`].
+/// serde's map: `document`), under the same rules as [`json`]; the share also counts the
+/// `documents` the write will make of it (about its length each) until they are made.
 pub async fn item(
     state: &AppState,
     request: &HttpRequest,
     payload: web::Payload,
+    documents: usize,
 ) -> Result<JsonBody<Document>, ApiError> {
-    read_parsed(state, request, payload, Document::parse).await
+    read_parsed(
+        state,
+        request,
+        payload,
+        (Document::parse, Document::heap_bytes),
+        documents,
+    )
+    .await
 }
+
+/// How a body is parsed, and how much what it parsed holds.
+type Parser<T> = (fn(&[u8]) -> Result<T, FieldError>, fn(&T) -> usize);
 
 async fn read_parsed<T>(
     state: &AppState,
     request: &HttpRequest,
     payload: web::Payload,
-    parse: fn(&[u8]) -> Result<T, FieldError>,
+    (parse, heap_bytes): Parser<T>,
+    documents: usize,
 ) -> Result<JsonBody<T>, ApiError> {
     let limit = state.settings.server.max_body_bytes;
-    let Body { bytes, _share } = read(state, request, payload, limit, JSON_FACTOR).await?;
+    let factor = JSON_FACTOR.saturating_add(documents);
+    let Body { bytes, share } = read(state, request, payload, limit, factor).await?;
     let value = parse(&bytes).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))?;
+    // The text is dropped with this function; the parsed form is what the handler holds, and the
+    // documents' estimate until they are made. Only a number array's slack makes this grow.
+    let estimate = bytes.len().saturating_mul(documents);
+    share.resize(heap_bytes(&value).saturating_add(estimate))?;
     Ok(JsonBody {
         value,
         length: bytes.len(),
-        _share,
+        share,
     })
 }

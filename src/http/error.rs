@@ -168,6 +168,15 @@ impl From<CatalogError> for ApiError {
     }
 }
 
+impl From<crate::budget::Refused> for ApiError {
+    fn from(refused: crate::budget::Refused) -> Self {
+        match refused {
+            crate::budget::Refused::Busy { .. } => ApiError::Unavailable(refused.to_string()),
+            crate::budget::Refused::Alone { .. } => ApiError::Oversized(refused.to_string()),
+        }
+    }
+}
+
 impl From<WriteError> for ApiError {
     fn from(error: WriteError) -> Self {
         match error {
@@ -178,6 +187,7 @@ impl From<WriteError> for ApiError {
                 ApiError::Unavailable(e.to_string())
             }
             WriteError::Storage(e) => e.into(),
+            WriteError::Memory(refused) => refused.into(),
             WriteError::Incompatible(report) => ApiError::ConflictWith(
                 crate::write::INCOMPATIBLE.into(),
                 serde_json::to_value(&*report).expect("reports serialize"),

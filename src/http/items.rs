@@ -169,8 +169,16 @@ async fn upsert(
     status: actix_web::http::StatusCode,
 ) -> Result<HttpResponse, ApiError> {
     let params = write_params(&request)?;
-    let body = body::item(&state, &request, payload).await?;
+    // The write makes its item's record and a document per live version.
+    let documents = 1 + live_versions(&state, &project);
+    let body = body::item(&state, &request, payload, documents).await?;
     let length = body.length();
+    // The parsed body is held until the journal has the write, and its documents beside it.
+    let share = body.share();
+    let parsed = share
+        .bytes()
+        .saturating_sub(length.saturating_mul(documents));
+    let hold = move |documents: usize| share.resize(parsed.saturating_add(documents));
     let revision = write::put_item(
         state.storage.as_ref(),
         &project,
@@ -178,9 +186,21 @@ async fn upsert(
         id,
         body,
         length,
+        &hold,
     )
     .await?;
     Ok(answer(&state, &params, success(&id, revision), &project, status).await)
+}
+
+/// How many live versions `project` has (0 when it does not exist: the write is refused before
+/// anything is prepared), for the documents a write into it makes.
+fn live_versions(state: &State, project: &Ident) -> usize {
+    state
+        .storage
+        .snapshot()
+        .projects
+        .get(project)
+        .map_or(0, |p| p.live_versions().count())
 }
 
 /// An item request's parts, checked in the order the item route checked them: its method (PUT,
@@ -381,15 +401,21 @@ pub async fn bulk(
     let started = Instant::now();
     let project = ident("project", &path)?;
     let params = write_params(&request)?;
-    // The raw body is held while its entries are encoded: about twice its size.
+    // The raw body is held while its entries are encoded, and its operations' outcomes; its
+    // entries will hold each item's record and its document for every live version.
+    let documents = 1 + live_versions(&state, &project);
     let raw = body::read(
         &state,
         &request,
         payload,
         state.settings.server.max_bulk_bytes,
-        2,
+        BULK_READ_FACTOR + documents,
     )
-    .await?;
+    .await
+    .map_err(|error| match error {
+        ApiError::Oversized(_) => bulk_too_large(&state, documents),
+        other => other,
+    })?;
     // Taken once the body is here, so a client that sends slowly holds no place, and given back
     // once the journal has the items, so one that waits for the projection holds none either.
     // The semaphore is never closed; the error exists only in its type.
@@ -399,14 +425,25 @@ pub async fn bulk(
     let ops =
         crate::bulk::parse(&raw).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))?;
     let answered: Vec<(Action, Option<Uuid>)> = ops.iter().map(|op| (op.action, op.id)).collect();
+    // Its entries, once made, replace their estimate until the journal has them.
+    let share = raw.share();
+    let read = raw.len().saturating_mul(BULK_READ_FACTOR);
+    let hold = move |entries: usize| share.resize(read.saturating_add(entries));
     let outcomes = write::bulk(
         state.storage.as_ref(),
         &project,
         raw.bytes(),
         ops,
         state.settings.server.max_body_bytes,
+        &hold,
     )
-    .await?;
+    .await
+    .map_err(|error| match error {
+        write::WriteError::Memory(crate::budget::Refused::Alone { .. }) => {
+            bulk_too_large(&state, documents)
+        }
+        other => other.into(),
+    })?;
     drop(place);
     let items: Vec<BulkResult> = answered
         .into_iter()
@@ -447,6 +484,26 @@ pub async fn bulk(
         .content_type(JSON)
         .body(answer.to_json()))
 }
+
+/// A `_bulk` that alone would hold more than the whole in-flight budget is told the largest part
+/// that fits: what it holds grows with its length, `BULK_READ_FACTOR` and `documents` times.
+fn bulk_too_large(state: &State, documents: usize) -> ApiError {
+    let limit = state.settings.server.max_inflight_bytes;
+    let factor = BULK_READ_FACTOR + documents;
+    ApiError::Oversized(format!(
+        "a _bulk body into a project with {} live versions holds {factor} bytes of memory per byte \
+         of it while it is handled (its text and operations, and each item's record and document \
+         for every live version), and all requests may hold {limit} together \
+         (server.max_inflight_bytes): send it in parts of at most {} bytes, or retire the versions \
+         no client writes at",
+        documents - 1,
+        limit / factor
+    ))
+}
+
+/// How many bytes of the in-flight budget a `_bulk` body takes per byte while it is read and held:
+/// the raw body, and its operations and their outcomes until it is answered.
+const BULK_READ_FACTOR: usize = 2;
 
 /// The answer to `_bulk` (it can hold many thousands of results).
 struct BulkAnswer {

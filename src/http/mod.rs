@@ -44,7 +44,7 @@ pub struct AppState {
     pub broker: Option<Arc<Broker>>,
     pub settings: Settings,
     /// Memory held for request bodies by every request together (`server.max_inflight_bytes`).
-    pub in_flight: Arc<body::InFlight>,
+    pub in_flight: Arc<crate::budget::InFlight>,
     /// The places of `_bulk` requests being parsed, prepared and written
     /// (`server.max_concurrent_bulk`).
     pub bulk_places: Arc<tokio::sync::Semaphore>,

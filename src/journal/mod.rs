@@ -176,6 +176,15 @@ impl Entry {
         }
     }
 
+    /// The bytes the entry holds until it is journaled: an upsert's record and task body (every
+    /// live version's document), a delete's task.
+    pub fn held_bytes(&self) -> usize {
+        match self {
+            Entry::Upsert { record, task, .. } => record.capacity() + task.bytes.capacity(),
+            Entry::Delete { task, .. } => task.capacity(),
+        }
+    }
+
     /// The key of the item this entry writes or deletes (`keys::item`).
     pub fn key(&self, project: &Ident) -> Vec<u8> {
         match self {

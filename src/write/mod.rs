@@ -56,16 +56,30 @@ pub enum WriteError {
     Contended,
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The prepared documents cannot be held within the in-flight budget (see `crate::budget`).
+    #[error("{0}")]
+    Memory(crate::budget::Refused),
+}
+
+/// What a write's prepared entries are counted against while the journal takes them: told their
+/// bytes after each preparation (a retry's replace the last's), before they are handed over.
+pub type Hold<'a> = &'a (dyn Fn(usize) -> Result<(), crate::budget::Refused> + Sync);
+
+/// A [`Hold`] that counts nothing: deletes, whose entries are a few bytes each.
+pub fn hold_nothing(_: usize) -> Result<(), crate::budget::Refused> {
+    Ok(())
 }
 
 /// What became of one `_bulk` operation: its revision, or its status and errors.
 pub type BulkOutcome = Result<u64, (u16, Vec<FieldError>)>;
 
 /// Journals entries prepared by `prepare`, preparing them again while the project's live versions
-/// move. Answers the revisions of the entries, in order, and what `prepare` returned beside them.
+/// move, and counting what they hold against `hold` before each hand-over. Answers the revisions
+/// of the entries, in order, and what `prepare` returned beside them.
 pub async fn journal<T, F>(
     storage: &dyn Storage,
     project: &Ident,
+    hold: Hold<'_>,
     mut prepare: impl FnMut(Arc<Snapshot>) -> F,
 ) -> Result<(Vec<u64>, T), WriteError>
 where
@@ -85,6 +99,7 @@ where
         if entries.is_empty() {
             return Ok((Vec::new(), extra));
         }
+        hold(entries.iter().map(Entry::held_bytes).sum()).map_err(WriteError::Memory)?;
         match storage.write(project, epoch, entries).await {
             Err(StorageError::Stale) => {
                 // Another node (or request) moved the versions: read the project again.
@@ -98,7 +113,8 @@ where
     Err(WriteError::Contended)
 }
 
-/// Upserts an item whose body was `length` bytes: answers its revision.
+/// Upserts an item whose body was `length` bytes: answers its revision. Its prepared documents
+/// are counted against `hold` until the journal has them.
 pub async fn put_item<B>(
     storage: &dyn Storage,
     project: &Ident,
@@ -106,6 +122,7 @@ pub async fn put_item<B>(
     id: Uuid,
     body: B,
     length: usize,
+    hold: Hold<'_>,
 ) -> Result<u64, WriteError>
 where
     B: Deref<Target = crate::document::Document> + Send + Sync + 'static,
@@ -113,7 +130,7 @@ where
     // An item's check can cost time quadratic in its size (polygons): a large one is prepared
     // off the HTTP worker (`crate::aside`).
     if length <= crate::aside::LARGE_BYTES {
-        let (revisions, ()) = journal(storage, project, |snapshot| {
+        let (revisions, ()) = journal(storage, project, hold, |snapshot| {
             let entry = prepare_upsert(&snapshot, project, blueprint, id, &*body);
             ready(entry.map(|entry| (vec![entry], ())))
         })
@@ -121,7 +138,7 @@ where
         return Ok(revisions[0]);
     }
     let body = Arc::new(body);
-    let (revisions, ()) = journal(storage, project, |snapshot| {
+    let (revisions, ()) = journal(storage, project, hold, |snapshot| {
         let (body, project, blueprint) = (body.clone(), project.clone(), blueprint.clone());
         aside(move || {
             let entry = prepare_upsert(&snapshot, &project, &blueprint, id, &**body)?;
@@ -150,7 +167,7 @@ pub async fn delete_item(
     id: Uuid,
 ) -> Result<(u64, bool), WriteError> {
     let existing = storage.item(project, blueprint, &id).await?;
-    let (revisions, ()) = journal(storage, project, |snapshot| {
+    let (revisions, ()) = journal(storage, project, &hold_nothing, |snapshot| {
         let stored_uid = existing.as_ref().map(|record| record.blueprint_uid);
         let entry = prepare_delete(&snapshot, project, blueprint, id, stored_uid);
         ready(entry.map(|entry| (vec![entry], ())))
@@ -163,13 +180,14 @@ pub async fn delete_item(
 /// Each item is parsed, checked and encoded alone (`max_item_bytes` bounds it as a PUT body is),
 /// on a blocking thread: a body of costly items (a polygon's check takes time quadratic in its
 /// size) must not stall the HTTP worker that other requests share. `raw` is the body `ops` were
-/// read from.
+/// read from; the entries' documents are counted against `hold` until the journal has them.
 pub async fn bulk(
     storage: &dyn Storage,
     project: &Ident,
     raw: &Bytes,
     ops: Vec<Operation<'_>>,
     max_item_bytes: usize,
+    hold: Hold<'_>,
 ) -> Result<Vec<BulkOutcome>, WriteError> {
     storage.fresh_snapshot(project).await?.project(project)?;
     // The versions a delete reaches depend on the blueprint uid the item was stored with, read
@@ -186,7 +204,7 @@ pub async fn bulk(
         owned.push(OwnedOp::of(raw, op, stored_uid));
     }
     let owned = Arc::new(owned);
-    let (revisions, outcomes) = journal(storage, project, |snapshot| {
+    let (revisions, outcomes) = journal(storage, project, hold, |snapshot| {
         let (raw, ops, project) = (raw.clone(), owned.clone(), project.clone());
         aside(move || {
             let mut entries = Vec::with_capacity(ops.len());

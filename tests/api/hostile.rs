@@ -418,7 +418,7 @@ async fn a_body_that_never_arrives_is_answered_408_and_too_many_body_bytes_503()
     }
 
     // A body announced and not sent holds only the budget for what arrived (4000 bytes announced
-    // would be 62.5 KiB of it): other requests go on meanwhile.
+    // would be more than all of it): other requests go on meanwhile.
     let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
     let head =
         "PUT /myblog/article/_blueprint HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n{";
@@ -428,17 +428,112 @@ async fn a_body_that_never_arrives_is_answered_408_and_too_many_body_bytes_503()
     assert_eq!(meanwhile.status, 200, "{}", meanwhile.body);
     drop(stalled);
 
-    // A JSON body counts 16 times its length while it is parsed: 8 KiB is more than 64 KiB.
-    let big = json!({"filler": "x".repeat(8 * 1024)});
-    let busy = app.put("/myblog/article/_blueprint", &big).await;
+    // A JSON body counts 36 times its length while it arrives: 1200 bytes sent and stalled hold
+    // 43,200 of the 64 KiB, so a body of 700 bytes more waits for none of it and is answered 503.
+    let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "PUT /myblog/article/_blueprint HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n{}",
+        " ".repeat(1200)
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let filler = json!({"filler": "x".repeat(700)});
+    let busy = app.put("/myblog/article/_blueprint", &filler).await;
     assert_eq!(busy.status, 503, "{}", busy.body);
     assert!(busy.body["status"]
         .as_str()
         .unwrap()
         .contains("max_inflight_bytes"));
+    drop(stalled);
+    // A body that alone would hold more than all requests may (8 KiB: 288 KiB) can never be
+    // taken: 413, not a 503 a client would retry for ever.
+    let big = json!({"filler": "x".repeat(8 * 1024)});
+    let oversized = app.put("/myblog/article/_blueprint", &big).await;
+    assert_eq!(oversized.status, 413, "{}", oversized.body);
+    assert!(
+        oversized.messages().contains("server.max_inflight_bytes"),
+        "{}",
+        oversized.body
+    );
     // Smaller requests still go through, and the budget is given back.
     let ok = app.put("/myblog/article/_blueprint", &article()).await;
     assert_eq!(ok.status, 200, "{}", ok.body);
+    app.stop().await;
+}
+
+/// The in-flight budget counts what a request holds across its waits: a body's parsed form as it
+/// is (a number array holds far more than its text, a string about its length), and a write's
+/// documents, one per live version, until the journal has them. What alone needs more than the
+/// budget answers 413, a `_bulk` told the largest part that fits; nothing of it is written.
+#[tokio::test]
+async fn the_body_budget_counts_parsed_bodies_and_prepared_documents() {
+    let app = spawn_app_with(|s| s.server.max_inflight_bytes = 5_200_000).await;
+    let mut blueprint = article();
+    blueprint["columns"]["numbers"] = json!({"type": "integer[]", "nullable": true});
+    app.put_and_freeze("myblog", "article", &blueprint).await;
+    let digits = |n: usize| (0..n).map(|i| i % 10).collect::<Vec<_>>();
+    let item = |numbers: Vec<usize>, title: usize| {
+        json!({"project_version": 1, "title": "x".repeat(title), "date_created": "2026-01-01",
+               "numbers": numbers})
+    };
+    let bulk = |items: usize, title: usize| {
+        let line = item(Vec::new(), title).to_string();
+        (0..items)
+            .map(|_| {
+                format!(
+                    "{{\"put\":{{\"blueprint\":\"article\",\"id\":\"{}\"}}}}\n{line}\n",
+                    Uuid::new_v4()
+                )
+            })
+            .collect::<String>()
+    };
+    let path = |n: u128| format!("/myblog/article/{}", Uuid::from_u128(n));
+    // Counted at 38 times their length while they arrive (36 for the parse, and the record and
+    // the one version's document): 240 kB never fits.
+    let refused = app.put(&path(1), &item(digits(120_000), 1)).await;
+    assert_eq!(refused.status, 413, "{}", refused.body);
+    assert!(
+        refused.messages().contains("server.max_inflight_bytes"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(app.get(&path(1)).await.status, 404);
+    // 65,000 digits (130 kB): 4.7 MB parsed, and two documents of 130 kB.
+    let written = app.put(&path(2), &item(digits(65_000), 1)).await;
+    assert_eq!(written.status, 200, "{}", written.body);
+    let written = app.put(&path(3), &item(Vec::new(), 120_000)).await;
+    assert_eq!(written.status, 200, "{}", written.body);
+    // A _bulk of 800 kB: 2 times for its text and operations, 2 for its items' documents.
+    let written = app
+        .send(Method::POST, "/myblog/_bulk", Some(bulk(2, 400_000)))
+        .await;
+    assert_eq!(written.status, 200, "{}", written.body);
+
+    for n in 2..=4 {
+        blueprint["columns"][format!("note{n}")] = json!({"type": "string", "nullable": true});
+        app.put_and_freeze("myblog", "article", &blueprint).await;
+    }
+    // Four live versions: five documents each (41 and 7 times).
+    let refused = app.put(&path(4), &item(digits(65_000), 1)).await;
+    assert_eq!(refused.status, 413, "{}", refused.body);
+    assert_eq!(app.get(&path(4)).await.status, 404);
+    let refused = app
+        .send(Method::POST, "/myblog/_bulk", Some(bulk(2, 400_000)))
+        .await;
+    assert_eq!(refused.status, 413, "{}", refused.body);
+    let message = refused.messages();
+    let fits: usize = message
+        .split("parts of at most ")
+        .nth(1)
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("the largest part is named: {message}"));
+    assert_eq!(fits, 5_200_000 / 7, "{message}");
+    assert!(message.contains("4 live versions"), "{message}");
+    let part = bulk(1, 400_000);
+    assert!(part.len() <= fits);
+    let written = app.send(Method::POST, "/myblog/_bulk", Some(part)).await;
+    assert_eq!(written.status, 200, "{}", written.body);
     app.stop().await;
 }
 
