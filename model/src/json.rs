@@ -411,16 +411,19 @@ pub fn heap_bytes(value: &Value) -> usize {
             items.capacity() * std::mem::size_of::<Value>()
                 + items.iter().map(heap_bytes).sum::<usize>()
         }
-        Value::Object(map) => {
-            2 * map.len().max(2) * OBJECT_ENTRY
-                + OBJECT_INDEX
-                + map
-                    .iter()
-                    .map(|(key, value)| key.capacity() + heap_bytes(value))
-                    .sum::<usize>()
-        }
+        Value::Object(map) => object_heap_bytes(map),
         _ => 0,
     }
+}
+
+/// [`heap_bytes`] of an object's members and index.
+pub fn object_heap_bytes(map: &serde_json::Map<String, Value>) -> usize {
+    2 * map.len().max(2) * OBJECT_ENTRY
+        + OBJECT_INDEX
+        + map
+            .iter()
+            .map(|(key, value)| key.capacity() + heap_bytes(value))
+            .sum::<usize>()
 }
 
 /// What an object's index takes beside its entries, at the least.
