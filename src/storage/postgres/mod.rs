@@ -232,6 +232,49 @@ fn storable_audit(entry: &AuditEntry) -> std::borrow::Cow<'_, AuditEntry> {
 /// waiting as long as the lock is held.
 const LOCK_TIMEOUT: &str = "10s";
 
+/// How long a node's session may sit inside a transaction without sending anything before
+/// PostgreSQL ends it (`idle_in_transaction_session_timeout`), releasing its locks. A node's own
+/// transactions send their statements back to back; one that stops (its process stopped, its host
+/// gone from the network mid-write) would otherwise hold its project's row lock and stop every
+/// other node's writes into that project for as long. Shorter than [`LOCK_TIMEOUT`], so a write
+/// waiting behind a stalled node is taken rather than refused. A host that vanishes outright is
+/// found by the server's TCP keepalives (`KEEPALIVES`) instead, in about 25 s.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "5s";
+
+/// The server's TCP keepalive probes on a node's connections: idle seconds, interval, count.
+const KEEPALIVES: [(&str, &str); 3] = [
+    ("tcp_keepalives_idle", "10"),
+    ("tcp_keepalives_interval", "5"),
+    ("tcp_keepalives_count", "3"),
+];
+
+/// The longest `storage.schema`: PostgreSQL's 63 bytes for a name, less the `_catalog` that
+/// names the schema's notification channel.
+const MAX_SCHEMA_BYTES: usize = 63 - "_catalog".len();
+
+/// Refuses a `storage.schema` that PostgreSQL would read as another name: the connections' search
+/// path takes it as written, where PostgreSQL folds capitals to lower case and a comma separates
+/// two schemas, and the notification channel adds `_catalog` to it.
+fn check_schema(schema: &str) -> Result<(), StorageError> {
+    let valid = schema
+        .bytes()
+        .next()
+        .is_some_and(|b| b.is_ascii_lowercase() || b == b'_')
+        && schema
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_')
+        && schema.len() <= MAX_SCHEMA_BYTES;
+    if valid {
+        return Ok(());
+    }
+    Err(StorageError::Unavailable(format!(
+        "storage.schema {:?} must be 1 to {MAX_SCHEMA_BYTES} lower-case letters, digits and \
+         underscores, starting with a letter or an underscore (PostgreSQL reads other names as \
+         another schema)",
+        crate::blueprint::value::excerpt_str(schema)
+    )))
+}
+
 /// A storage failure as callers act on it: the database is away or refused.
 fn unavailable(what: &str, error: &sqlx::Error) -> StorageError {
     StorageError::Unavailable(format!("postgresql storage: cannot {what}: {error}"))
@@ -242,6 +285,7 @@ impl PgStorage {
     /// node's background work (the write batcher, the catalog listener, the cursor watch, the
     /// back-fill runner). Projectors run with [`projection::run`].
     pub async fn open(settings: PgStorageSettings) -> Result<Arc<PgStorage>, StorageError> {
+        check_schema(&settings.schema)?;
         let schema = crate::projector::postgres::ident::quote(&settings.schema)
             .map_err(|e| StorageError::Unavailable(format!("storage.schema: {e}")))?;
         let base: PgConnectOptions = settings
@@ -249,20 +293,38 @@ impl PgStorage {
             .expose()
             .parse()
             .map_err(|e| StorageError::Unavailable(format!("storage.url is invalid: {e}")))?;
-        let options = base.clone().application_name("dstore").options([
-            ("search_path", settings.schema.as_str()),
-            ("TimeZone", "UTC"),
-            ("lock_timeout", LOCK_TIMEOUT),
-        ]);
+        let options = base.clone().application_name("dstore").options(
+            [
+                ("search_path", settings.schema.as_str()),
+                ("TimeZone", "UTC"),
+                ("lock_timeout", LOCK_TIMEOUT),
+                (
+                    "idle_in_transaction_session_timeout",
+                    IDLE_IN_TRANSACTION_TIMEOUT,
+                ),
+            ]
+            .into_iter()
+            .chain(KEEPALIVES),
+        );
         let pool = PgPoolOptions::new()
             .max_connections(10)
             .acquire_timeout(Duration::from_secs(5))
             .connect_lazy_with(options);
-        pool.execute(sqlx::AssertSqlSafe(format!(
-            "CREATE SCHEMA IF NOT EXISTS {schema}"
-        )))
-        .await
-        .map_err(|e| unavailable("create the storage schema", &e))?;
+        // Nodes starting together on a fresh database may all create it: the same statement made
+        // by two sessions at once can fail on the name's unique index in one of them, which then
+        // finds the schema there.
+        let create = format!("CREATE SCHEMA IF NOT EXISTS {schema}");
+        if let Err(error) = pool.execute(sqlx::AssertSqlSafe(create.clone())).await {
+            let raced = error
+                .as_database_error()
+                .is_some_and(|e| e.code().as_deref() == Some("23505"));
+            if !raced {
+                return Err(unavailable("create the storage schema", &error));
+            }
+            pool.execute(sqlx::AssertSqlSafe(create))
+                .await
+                .map_err(|e| unavailable("create the storage schema", &e))?;
+        }
         MIGRATOR.run(&pool).await.map_err(|e| {
             StorageError::Unavailable(format!("postgresql storage: migrations: {e}"))
         })?;
@@ -1294,6 +1356,49 @@ mod tests {
 
     use crate::storage::conformance::{drop_schema, open_postgresql, put_article};
     use crate::storage::{Storage, StorageError};
+
+    /// A node stopped inside a transaction (its process frozen, its host cut off) holds its
+    /// project's row lock: PostgreSQL ends its session after the idle timeout, so another node's
+    /// freeze waiting for that lock is taken instead of failing after the lock timeout.
+    #[tokio::test]
+    async fn a_node_stalled_inside_a_transaction_releases_its_locks() {
+        let (storage, schema) = open_postgresql("stalled", vec![]).await;
+        let project = crate::blueprint::Ident::parse("p").unwrap();
+        put_article(storage.as_ref(), &project, None).await;
+        // A connection of the node's own pool, with its session settings, stops mid-transaction.
+        let mut stalled = storage.pool().acquire().await.unwrap();
+        sqlx::query("BEGIN").execute(&mut *stalled).await.unwrap();
+        sqlx::query("SELECT live FROM projects WHERE name = 'p' FOR UPDATE")
+            .execute(&mut *stalled)
+            .await
+            .unwrap();
+        let frozen = tokio::time::timeout(Duration::from_secs(30), storage.freeze(&project, false))
+            .await
+            .expect("answered");
+        assert!(frozen.is_ok(), "{frozen:?}");
+        drop(stalled);
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    #[test]
+    fn schema_names_postgresql_would_read_otherwise_are_refused() {
+        for good in ["dstore", "_x", "a1_b2", &"s".repeat(55)] {
+            assert!(super::check_schema(good).is_ok(), "{good}");
+        }
+        for bad in [
+            "Dstore",
+            "s1,dstore",
+            "my store",
+            "1st",
+            "",
+            &"s".repeat(56),
+            "dstore\0",
+        ] {
+            let error = super::check_schema(bad).unwrap_err().to_string();
+            assert!(error.contains("storage.schema"), "{bad}: {error}");
+        }
+    }
 
     /// A dstore table held locked by someone else makes a request fail as unavailable (503) after
     /// the lock timeout, instead of waiting as long as the lock is held.
