@@ -344,6 +344,71 @@ async fn a_worker_process_applies_postgresql_while_serve_only_relays_its_tasks()
     db.drop().await;
 }
 
+/// A message naming another journal that is no task (stray, or forged by whoever can publish to
+/// the broker) does not decide which deployment a fresh worker works for: the worker learns it
+/// from the first task it can read, and goes on storing into its own deployment's schemas.
+#[tokio::test]
+async fn a_stray_message_does_not_decide_a_fresh_workers_deployment() {
+    let broker = TestBroker::new().await;
+    let db = TestDatabase::create().await;
+    let queue = QueueSettings {
+        external: vec!["postgresql".into()],
+        ..broker.settings()
+    };
+    let pg = db.settings();
+    let app = spawn_app_with(|s| {
+        s.queue = Some(queue);
+        s.postgresql = Some(pg);
+        s.projection.wait_timeout_secs = 30;
+    })
+    .await;
+    let env = postgresql_worker_env(&broker, &db);
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    assert_eq!(app.put_and_freeze("p", "thing", &faults::thing()).await, 1);
+    app.put_projected(
+        &format!("/p/thing/{}?wait=true", Uuid::new_v4()),
+        &json!({"project_version": 1, "n": 1}),
+    )
+    .await;
+    terminate(&mut worker);
+
+    let connection = connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    let mut headers = FieldTable::default();
+    headers.insert(
+        "dstore-journal".into(),
+        lapin::types::AMQPValue::LongString("stray-0000".into()),
+    );
+    channel
+        .basic_publish(
+            format!("{}.tasks", broker.namespace).as_str().into(),
+            "postgresql".into(),
+            BasicPublishOptions::default(),
+            b"not a task at all",
+            BasicProperties::default()
+                .with_delivery_mode(2)
+                .with_headers(headers),
+        )
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    let put = app
+        .put(
+            &format!("/p/thing/{}?wait=true", Uuid::new_v4()),
+            &json!({"project_version": 1, "n": 2}),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(put.body["projected"], true, "{}", put.body);
+    assert_eq!(count_rows(&db).await, 2);
+    terminate(&mut worker);
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
+
 /// Waits up to 30 s until `sql` counts `expected`.
 async fn expect_count(db: &TestDatabase, sql: &str, expected: i64) {
     let deadline = Instant::now() + Duration::from_secs(30);

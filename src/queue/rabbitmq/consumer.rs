@@ -417,16 +417,6 @@ impl Consumer<'_> {
         shutdown: &mut watch::Receiver<bool>,
     ) -> Result<bool, LinkError> {
         let name = self.projector.name();
-        // A worker learns its deployment from the first task it takes (a server knew it already).
-        if !self.projector.work_for(journal) {
-            tracing::warn!(
-                projector = name,
-                journal,
-                "tasks of another deployment's journal on this queue (two deployments sharing a \
-                 broker and queue names?): this worker works for the first one it saw, and stores \
-                 what the others send as that one's"
-            );
-        }
         let count = batch.len();
         let mut tasks = Vec::with_capacity(count);
         let mut held = Vec::with_capacity(count);
@@ -478,6 +468,17 @@ impl Consumer<'_> {
         if tasks.len() < count {
             // Something was parked or refused: commit it before applying the rest.
             session.channel.tx_commit().await?;
+        }
+        // A worker learns its deployment from the first task it takes (a server knew it already):
+        // a task it could read, so that a stray message naming some other journal cannot decide it.
+        if !tasks.is_empty() && !self.projector.work_for(journal) {
+            tracing::warn!(
+                projector = name,
+                journal,
+                "tasks of another deployment's journal on this queue (two deployments sharing a \
+                 broker and queue names?): this worker works for the first one it saw, and stores \
+                 what the others send as that one's"
+            );
         }
         let mut attempt = 0;
         while !tasks.is_empty() {
