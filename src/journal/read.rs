@@ -76,6 +76,10 @@ impl Journal {
         since: u64,
         limit: usize,
     ) -> Result<crate::feed::ChangesPage, JournalError> {
+        // What the writer has published: a batch is readable a moment before `last_seq` says so,
+        // and a page that gave a revision past it would have the follower's next request refused
+        // as coming from another history (`http::changes`, `ahead`).
+        let published = self.last_seq();
         let snapshot = self.db.snapshot();
         let horizon = snapshot
             .get_cf(self.cf(CF_META), keys::horizon(project))?
@@ -96,6 +100,9 @@ impl Journal {
             }
             let (key, value) = entry?;
             let revision = keys::task_seq(&key);
+            if revision > published {
+                break;
+            }
             let (delete, id, blueprint) = codec::decode_change(&value)?;
             let record = if delete {
                 None
