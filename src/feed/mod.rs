@@ -183,9 +183,11 @@ impl Follower {
         storage: &dyn Storage,
         since: u64,
         horizon: Option<u64>,
-        limit: usize,
+        (limit, max_bytes): (usize, usize),
     ) -> Result<Page, FeedError> {
-        let page = storage.changes(&self.project, since, limit).await?;
+        let page = storage
+            .changes(&self.project, since, limit, max_bytes)
+            .await?;
         if since != 0 && since < page.horizon && horizon != Some(page.horizon) {
             return Err(FeedError::Compacted {
                 horizon: page.horizon,

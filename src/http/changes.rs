@@ -2,9 +2,10 @@
 //! server-sent events or NDJSON.
 //!
 //! Invariants:
-//! - A stream reads its next page (at most [`STREAM_PAGE`] changes) only once the previous one was
-//!   handed to the connection: actix polls a body stream only when it can write, so a slow follower
-//!   holds one page, never a backlog, however fast the project is written.
+//! - A stream reads its next page (at most [`STREAM_PAGE`] changes, ending after [`STREAM_BYTES`])
+//!   only once the previous one was handed to the connection: actix polls a body stream only when
+//!   it can write, so a slow follower holds one small page, never a backlog, however fast the
+//!   project is written and however large its items.
 //! - An idle follower is a parked future waiting on its project's signal (or its heartbeat): no task,
 //!   no buffer, no query.
 //! - Streams resume from the revision a follower saw last (`since`, or SSE's `Last-Event-ID`), and
@@ -36,7 +37,7 @@ use super::error::ApiError;
 use super::{ident, State};
 use crate::auth::Action;
 use crate::blueprint::Ident;
-use crate::feed::{FeedError, FollowError, Follower, Page};
+use crate::feed::{FeedError, FollowError, Follower, Page, PAGE_BYTES};
 
 /// Changes a plain or long-poll answer holds unless `limit` says otherwise.
 const DEFAULT_LIMIT: usize = 1000;
@@ -44,6 +45,11 @@ const DEFAULT_LIMIT: usize = 1000;
 const MAX_LIMIT: usize = 10_000;
 /// Changes a stream reads at once.
 const STREAM_PAGE: usize = 100;
+/// The decoded bytes past which a stream's page takes no more changes (it takes one at least):
+/// what a follower that does not read holds, its page encoded, beside one change however large.
+/// An answer's page may reach `feed::PAGE_BYTES`, but it is sent and gone; a stream's waits on
+/// its client.
+const STREAM_BYTES: usize = 256 << 10;
 /// How long a long poll waits unless `timeout` says otherwise, in seconds.
 const DEFAULT_LONGPOLL_SECS: u64 = 60;
 /// The longest `timeout`, in seconds.
@@ -349,7 +355,12 @@ pub async fn changes(
     match params.feed {
         Feed::Normal => {
             let page = follower
-                .page(state.storage.as_ref(), since, params.horizon, params.limit)
+                .page(
+                    state.storage.as_ref(),
+                    since,
+                    params.horizon,
+                    (params.limit, PAGE_BYTES),
+                )
                 .await?;
             Ok(HttpResponse::Ok().json(page_body(&page, version)))
         }
@@ -363,7 +374,12 @@ pub async fn changes(
             let slot = Slot::take(&state)?;
             // Read once before answering, so a compacted `since` is a 410, not a stream that ends.
             let first = follower
-                .page(state.storage.as_ref(), since, params.horizon, 1)
+                .page(
+                    state.storage.as_ref(),
+                    since,
+                    params.horizon,
+                    (1, PAGE_BYTES),
+                )
                 .await?;
             let stream = Stream {
                 wake: state.storage.follow(&project),
@@ -436,7 +452,12 @@ async fn long_poll(
         }
         wake.borrow_and_update();
         let page = follower
-            .page(state.storage.as_ref(), since, horizon, params.limit)
+            .page(
+                state.storage.as_ref(),
+                since,
+                horizon,
+                (params.limit, PAGE_BYTES),
+            )
             .await?;
         horizon = Some(page.horizon);
         if !page.entries.is_empty() || Instant::now() >= deadline || *closing.borrow() {
@@ -521,7 +542,7 @@ impl Stream {
                     self.state.storage.as_ref(),
                     self.since,
                     self.horizon,
-                    STREAM_PAGE,
+                    (STREAM_PAGE, STREAM_BYTES),
                 )
                 .await
             {

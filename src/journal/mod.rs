@@ -1728,14 +1728,30 @@ mod tests {
         } = fixture(Durability::Sync, vec!["store"]).await;
         write_new(&storage, &project, &article).await.unwrap();
         let last = write_new(&storage, &project, &article).await.unwrap()[0];
-        assert_eq!(journal.changes(&project, 0, 10).unwrap().changes.len(), 2);
+        assert_eq!(
+            journal
+                .changes(&project, 0, 10, crate::feed::PAGE_BYTES)
+                .unwrap()
+                .changes
+                .len(),
+            2
+        );
         // The writer between its batch and publishing it.
         journal.last_seq.store(last - 1, Ordering::Release);
-        let page = journal.changes(&project, 0, 10).unwrap();
+        let page = journal
+            .changes(&project, 0, 10, crate::feed::PAGE_BYTES)
+            .unwrap();
         assert_eq!(page.changes.len(), 1);
         assert!(page.changes.iter().all(|c| c.revision < last));
         journal.last_seq.store(last, Ordering::Release);
-        assert_eq!(journal.changes(&project, 0, 10).unwrap().changes.len(), 2);
+        assert_eq!(
+            journal
+                .changes(&project, 0, 10, crate::feed::PAGE_BYTES)
+                .unwrap()
+                .changes
+                .len(),
+            2
+        );
     }
 
     #[tokio::test]
@@ -1779,7 +1795,11 @@ mod tests {
             .await
             .unwrap()
             .is_none());
-        assert!(journal.changes(&project, 0, 10).unwrap().changes.is_empty());
+        assert!(journal
+            .changes(&project, 0, 10, crate::feed::PAGE_BYTES)
+            .unwrap()
+            .changes
+            .is_empty());
         let queued = journal.pending("store", 100).unwrap();
         assert!(
             queued

@@ -75,6 +75,7 @@ impl Journal {
         project: &Ident,
         since: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<crate::feed::ChangesPage, JournalError> {
         // What the writer has published: a batch is readable a moment before `last_seq` says so,
         // and a page that gave a revision past it would have the follower's next request refused
@@ -95,7 +96,7 @@ impl Journal {
             options,
             IteratorMode::From(&start, rocksdb::Direction::Forward),
         ) {
-            if changes.len() >= limit || bytes >= crate::feed::PAGE_BYTES {
+            if changes.len() >= limit || bytes >= max_bytes {
                 break;
             }
             let (key, value) = entry?;

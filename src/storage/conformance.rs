@@ -748,7 +748,7 @@ async fn delete(storage: &dyn Storage, project: &Ident, id: Uuid) -> u64 {
 /// (revision, id, whether it is a delete) of every change after `since`.
 async fn feed(storage: &dyn Storage, project: &Ident, since: u64) -> Vec<(u64, Uuid, bool)> {
     let page = storage
-        .changes(project, since, 1000)
+        .changes(project, since, 1000, crate::feed::PAGE_BYTES)
         .await
         .expect("the feed reads");
     page.changes
@@ -781,7 +781,10 @@ async fn the_feed_keeps_the_latest_change_of_each_item_in_revision_order(
         feed(storage.as_ref(), &project, a2).await,
         vec![(b_gone, b, true), (c1, c, false)]
     );
-    let page = storage.changes(&project, 0, 1).await.expect("a page");
+    let page = storage
+        .changes(&project, 0, 1, crate::feed::PAGE_BYTES)
+        .await
+        .expect("a page");
     assert_eq!(page.changes.len(), 1);
     let record = page.changes[0].record.as_ref().expect("a put has its item");
     assert_eq!(record.revision, a2);
@@ -803,7 +806,14 @@ async fn the_feed_keeps_the_latest_change_of_each_item_in_revision_order(
     storage.freeze(&other, false).await.expect("version 1");
     write(storage.as_ref(), &other, Uuid::new_v4(), "elsewhere").await;
     assert_eq!(feed(storage.as_ref(), &project, 0).await.len(), 3);
-    assert_eq!(storage.changes(&project, 0, 10).await.unwrap().horizon, 0);
+    assert_eq!(
+        storage
+            .changes(&project, 0, 10, crate::feed::PAGE_BYTES)
+            .await
+            .unwrap()
+            .horizon,
+        0
+    );
 }
 
 /// A page of large items ends once it holds `PAGE_BYTES`, whatever the limit, and the next page
@@ -817,17 +827,28 @@ async fn a_page_of_changes_is_bounded_in_bytes(storage: Arc<dyn Storage>) {
         write(storage.as_ref(), &project, id, &large).await;
         written.push(id);
     }
-    let first = storage.changes(&project, 0, 10_000).await.expect("a page");
+    let first = storage
+        .changes(&project, 0, 10_000, crate::feed::PAGE_BYTES)
+        .await
+        .expect("a page");
     let count = first.changes.len();
     assert!(
         (1..12).contains(&count) && count <= crate::feed::PAGE_BYTES / (1 << 20) + 1,
         "{count} changes of 1 MiB in one page"
     );
+    // A smaller bound (a stream's) ends sooner, after one change at least.
+    for (max_bytes, most) in [(3 << 20, 3), (1, 1)] {
+        let small = storage
+            .changes(&project, 0, 10_000, max_bytes)
+            .await
+            .expect("a page");
+        assert_eq!(small.changes.len(), most, "at most {max_bytes} bytes");
+    }
     let mut seen: Vec<Uuid> = first.changes.iter().map(|c| c.id).collect();
     let mut since = first.changes.last().expect("one change").revision;
     loop {
         let page = storage
-            .changes(&project, since, 10_000)
+            .changes(&project, since, 10_000, crate::feed::PAGE_BYTES)
             .await
             .expect("a page");
         let Some(last) = page.changes.last() else {
@@ -851,7 +872,10 @@ async fn purged_deletes_and_drops_move_the_horizon(storage: Arc<dyn Storage>) {
     assert_eq!(feed(storage.as_ref(), &project, 0).await.len(), 2);
     let later = chrono::Utc::now() + chrono::Duration::seconds(5);
     assert_eq!(storage.purge_tombstones(later).await.unwrap(), 1);
-    let page = storage.changes(&project, 0, 10).await.unwrap();
+    let page = storage
+        .changes(&project, 0, 10, crate::feed::PAGE_BYTES)
+        .await
+        .unwrap();
     assert_eq!(page.horizon, deleted);
     assert_eq!(
         page.changes.iter().map(|c| c.id).collect::<Vec<_>>(),
@@ -860,7 +884,10 @@ async fn purged_deletes_and_drops_move_the_horizon(storage: Arc<dyn Storage>) {
     assert_eq!(page.changes[0].revision, kept_at);
     // A drop forgets the history: the horizon is the drop.
     let dropped = storage.drop_project(&project).await.expect("dropped");
-    let page = storage.changes(&project, 0, 10).await.unwrap();
+    let page = storage
+        .changes(&project, 0, 10, crate::feed::PAGE_BYTES)
+        .await
+        .unwrap();
     assert!(page.changes.is_empty());
     assert_eq!(page.horizon, dropped);
 }
@@ -917,7 +944,10 @@ async fn old_tombstones_go_past_young_ones_and_in_many_commands(storage: Arc<dyn
         many as u64 + 1
     );
     for (project, old, young) in [(&first, first_old, 3), (&second, second_old, 2)] {
-        let page = storage.changes(project, 0, 10).await.unwrap();
+        let page = storage
+            .changes(project, 0, 10, crate::feed::PAGE_BYTES)
+            .await
+            .unwrap();
         assert_eq!(page.horizon, old, "{project}");
         assert_eq!(page.changes.len(), young, "{project}");
         assert!(page.changes.iter().all(|c| c.record.is_none()));

@@ -269,8 +269,9 @@ impl Storage for EmbeddedStorage {
         project: &Ident,
         since: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<ChangesPage, StorageError> {
-        Ok(self.journal.changes(project, since, limit)?)
+        Ok(self.journal.changes(project, since, limit, max_bytes)?)
     }
 
     async fn revision(&self, _project: &Ident) -> Result<u64, StorageError> {

@@ -415,13 +415,14 @@ pub trait Storage: Send + Sync {
 
     /// Up to `limit` changes of a project after revision `since`, in revision order: the latest
     /// change of each item (its state, or its delete), with the project's horizon (see `feed`).
-    /// The page ends early, after at least one change, once its items hold
-    /// [`crate::feed::PAGE_BYTES`].
+    /// The page ends early, after at least one change, once its items hold `max_bytes` decoded
+    /// (`feed::decoded_size`; [`crate::feed::PAGE_BYTES`] for an answer, less for a stream).
     async fn changes(
         &self,
         project: &Ident,
         since: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<ChangesPage, StorageError>;
 
     /// The highest revision the project has committed (every change up to it is readable).

@@ -873,10 +873,11 @@ impl Storage for PgStorage {
         project: &Ident,
         since: u64,
         limit: usize,
+        max_bytes: usize,
     ) -> Result<ChangesPage, StorageError> {
         // Items and tombstones in one statement, so one snapshot: revisions of a project commit
         // in order, so a change below one seen here is never committed later.
-        // Rows are read as they come, so a page that reaches `PAGE_BYTES` holds no more.
+        // Rows are read as they come, so a page that reaches `max_bytes` holds no more.
         let mut rows = sqlx::query(
             "SELECT revision, blueprint, id, record FROM ( \
                (SELECT revision, blueprint, id, record FROM items \
@@ -892,7 +893,7 @@ impl Storage for PgStorage {
         .fetch(&self.pool);
         let mut changes = Vec::new();
         let mut bytes = 0;
-        while bytes < crate::feed::PAGE_BYTES {
+        while bytes < max_bytes {
             let Some(row) = rows
                 .try_next()
                 .await
