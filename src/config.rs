@@ -365,6 +365,16 @@ pub struct QueueSettings {
     /// Tasks a consumer holds unacknowledged at once (the broker's prefetch).
     #[serde(default = "default_prefetch")]
     pub prefetch: u16,
+    /// How long a projector's oldest pending task may stay pending while its queue holds no
+    /// message before the relay publishes its pending tasks again, in seconds: the broker lost
+    /// them or their reports (a purge, a length or TTL policy, a restore). Doubles while it goes
+    /// on, up to an hour.
+    #[serde(default = "default_republish_after")]
+    pub republish_after_secs: u64,
+}
+
+fn default_republish_after() -> u64 {
+    120
 }
 
 fn default_namespace() -> String {
@@ -382,6 +392,7 @@ impl QueueSettings {
             namespace: default_namespace(),
             external: Vec::new(),
             prefetch: default_prefetch(),
+            republish_after_secs: default_republish_after(),
         }
     }
 }

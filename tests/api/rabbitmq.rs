@@ -10,7 +10,7 @@ use dstore::config::QueueSettings;
 use dstore::projector::rocksdb::RocksProjector;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
-    QueueDeleteOptions,
+    QueueDeleteOptions, QueuePurgeOptions,
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
@@ -403,6 +403,65 @@ async fn a_stray_message_does_not_decide_a_fresh_workers_deployment() {
     assert_eq!(put.status, 200, "{}", put.body);
     assert_eq!(put.body["projected"], true, "{}", put.body);
     assert_eq!(count_rows(&db).await, 2);
+    terminate(&mut worker);
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
+
+/// Tasks lost inside a broker whose queue stays (a purge, a length or TTL policy) would stay
+/// pending for ever: the relay finds the projector's oldest task pending while its queue is empty
+/// and publishes its pending tasks again.
+#[tokio::test]
+async fn tasks_purged_from_their_queue_are_published_again() {
+    let broker = TestBroker::new().await;
+    let db = TestDatabase::create().await;
+    let queue = QueueSettings {
+        external: vec!["postgresql".into()],
+        republish_after_secs: 1,
+        ..broker.settings()
+    };
+    let pg = db.settings();
+    let app = spawn_app_with(|s| {
+        s.queue = Some(queue);
+        s.postgresql = Some(pg);
+        s.projection.wait_timeout_secs = 30;
+    })
+    .await;
+    let env = postgresql_worker_env(&broker, &db);
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    assert_eq!(app.put_and_freeze("p", "thing", &faults::thing()).await, 1);
+    terminate(&mut worker);
+    for n in 0..30 {
+        let put = app
+            .put(
+                &format!("/p/thing/{}", Uuid::new_v4()),
+                &json!({"project_version": 1, "n": n}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    broker.expect_messages("postgresql", 30).await;
+    let connection = connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    channel
+        .queue_purge(
+            format!("{}.postgresql", broker.namespace).as_str().into(),
+            QueuePurgeOptions::default(),
+        )
+        .await
+        .unwrap();
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    expect_count(&db, "SELECT count(*) FROM p_v1.things", 30).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = app.get("/_health/ready").await.body;
+        if ready["projectors"]["postgresql"]["progress"]["pending"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{ready}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     terminate(&mut worker);
     app.stop().await;
     broker.clean_up().await;

@@ -232,6 +232,30 @@ impl Broker {
         exists(connection, &self.queue(projector)).await
     }
 
+    /// The messages ready in a projector's queue; `None` when the broker has no such queue.
+    async fn queue_depth(
+        &self,
+        connection: &Connection,
+        projector: &str,
+    ) -> Result<Option<u32>, LinkError> {
+        let channel = connection.create_channel().await?;
+        let passive = QueueDeclareOptions {
+            passive: true,
+            ..QueueDeclareOptions::default()
+        };
+        let queue = self.queue(projector);
+        let depth = match channel
+            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
+            .await
+        {
+            Ok(declared) => Some(declared.message_count()),
+            Err(error) if is_no_queue(&error) => None,
+            Err(error) => return Err(error.into()),
+        };
+        let _ = channel.close(200, "checked".into()).await;
+        Ok(depth)
+    }
+
     /// Whether the broker has a project's parking queue (see [`Broker::queue_exists`]).
     async fn parked_exists(
         &self,
@@ -328,18 +352,17 @@ async fn exists(connection: &Connection, queue: &str) -> Result<bool, LinkError>
             let _ = channel.close(200, "checked".into()).await;
             Ok(true)
         }
-        // NOT_FOUND also answers for a durable queue whose node is down: only "no queue" says
-        // it is absent.
-        Err(error) => match error.kind() {
-            lapin::ErrorKind::ProtocolError(e)
-                if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
-                    && e.get_message().as_str().contains("no queue") =>
-            {
-                Ok(false)
-            }
-            _ => Err(error.into()),
-        },
+        Err(error) if is_no_queue(&error) => Ok(false),
+        Err(error) => Err(error.into()),
     }
+}
+
+/// Whether a passive declare failed because the queue does not exist. NOT_FOUND also answers for
+/// a durable queue whose node is down: only "no queue" says it is absent.
+fn is_no_queue(error: &lapin::Error) -> bool {
+    matches!(error.kind(), lapin::ErrorKind::ProtocolError(e)
+        if *e.kind() == AMQPErrorKind::Soft(AMQPSoftError::NOTFOUND)
+            && e.get_message().as_str().contains("no queue"))
 }
 
 /// Declares a durable queue with `args` and binds it to `exchange` under `key`.

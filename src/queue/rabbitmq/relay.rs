@@ -12,9 +12,17 @@
 //! missing at the start of a session, or by an unroutable publish, or by asking every few seconds
 //! while idle, and only the relay declares it (consumers wait for it). Later tasks were never
 //! published and go out as they come.
+//!
+//! Tasks, or the reports of them, can also be lost inside a broker whose queue stays: a purge, a
+//! length or TTL policy, a broker restored from its definitions. Their tasks would stay pending
+//! for ever. While idle, the relay also watches each projector's oldest pending task: when it has
+//! stayed the oldest for `queue.republish_after_secs` while the queue holds no message ready, every
+//! pending task of the projector is published again (applying a task twice is harmless), and the
+//! wait doubles while that goes on, up to an hour (a project held after a failed migration keeps
+//! its tasks pending on purpose, in its parking queue).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use lapin::options::{BasicPublishOptions, ConfirmSelectOptions};
@@ -30,6 +38,17 @@ const LINK: &str = "relay";
 /// How often an idle relay checks that every projector's queue is still there.
 const QUEUE_CHECK: Duration = Duration::from_secs(5);
 
+/// The longest wait between two publishings again of a projector's pending tasks.
+const MOST_REPUBLISH_WAIT: Duration = Duration::from_secs(3600);
+
+/// A projector's oldest pending task, since when it has been the oldest, and how long it may stay
+/// so while its queue is empty before its tasks are published again.
+struct Stall {
+    oldest: u64,
+    since: tokio::time::Instant,
+    wait: Duration,
+}
+
 /// Runs until `shutdown` turns true.
 pub async fn run(
     journal: Arc<Journal>,
@@ -43,6 +62,7 @@ pub async fn run(
         broker: &broker,
         projectors: &projectors,
         batch_size,
+        stalls: Mutex::default(),
     };
     let session = |connection| relay.session(connection, shutdown.clone());
     broker.keep_linked(LINK, shutdown.clone(), session).await;
@@ -53,6 +73,8 @@ struct Relay<'a> {
     broker: &'a Broker,
     projectors: &'a [&'static str],
     batch_size: usize,
+    /// Kept across sessions, so that a link that drops often does not hide lost tasks.
+    stalls: Mutex<HashMap<&'static str, Stall>>,
 }
 
 /// Per projector, the last seq the broker confirmed in this session.
@@ -122,9 +144,12 @@ impl Relay<'_> {
             if checked.elapsed() >= QUEUE_CHECK {
                 checked = tokio::time::Instant::now();
                 for projector in self.projectors {
-                    if !self.broker.queue_exists(&connection, projector).await? {
+                    let Some(depth) = self.broker.queue_depth(&connection, projector).await? else {
                         let queue = self.broker.queue(projector);
                         return Err(LinkError::Other(format!("queue {queue} vanished")));
+                    };
+                    if let Some(from) = self.lost(projector, depth)? {
+                        cursors.insert(projector, from);
                     }
                 }
             }
@@ -133,6 +158,46 @@ impl Relay<'_> {
                 _ = shutdown.changed() => return Ok(()),
             }
         }
+    }
+
+    /// Where to publish `projector`'s pending tasks again from, when its oldest pending task has
+    /// stayed the oldest for its wait while its queue held no message (`depth`): the broker lost
+    /// the tasks, or the consumers' reports of them.
+    fn lost(&self, projector: &'static str, depth: u32) -> Result<Option<u64>, LinkError> {
+        let oldest = self.journal.outbox(projector, 0, 1).map_err(journal)?;
+        let mut stalls = self.stalls.lock().expect("stalls lock");
+        let Some(&(oldest, _)) = oldest.first() else {
+            stalls.remove(projector);
+            return Ok(None);
+        };
+        let now = tokio::time::Instant::now();
+        let first_wait = Duration::from_secs(self.broker.settings.republish_after_secs);
+        let stall = stalls.entry(projector).or_insert(Stall {
+            oldest,
+            since: now,
+            wait: first_wait,
+        });
+        if stall.oldest != oldest {
+            *stall = Stall {
+                oldest,
+                since: now,
+                wait: first_wait,
+            };
+            return Ok(None);
+        }
+        if depth > 0 || now.duration_since(stall.since) < stall.wait {
+            return Ok(None);
+        }
+        tracing::warn!(
+            projector,
+            oldest,
+            pending_for_secs = now.duration_since(stall.since).as_secs(),
+            "the projector's oldest task stays pending while its queue is empty: the broker lost \
+             tasks or their reports; publishing its pending tasks again"
+        );
+        stall.since = now;
+        stall.wait = (stall.wait * 2).min(MOST_REPUBLISH_WAIT);
+        Ok(Some(oldest - 1))
     }
 
     /// Publishes one batch per projector from `read`, awaits every confirmation, then moves and
