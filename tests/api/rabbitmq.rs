@@ -263,6 +263,28 @@ fn postgresql_worker_env(broker: &TestBroker, db: &TestDatabase) -> Vec<(&'stati
     ]
 }
 
+/// A server whose postgresql projector runs in `dstore worker` processes (`external`, unless
+/// `configure` names others), and the environment such a worker starts with.
+async fn with_postgresql_worker(
+    broker: &TestBroker,
+    db: &TestDatabase,
+    configure: impl FnOnce(&mut QueueSettings),
+) -> (TestApp, Vec<(&'static str, String)>) {
+    let mut queue = QueueSettings {
+        external: vec!["postgresql".into()],
+        ..broker.settings()
+    };
+    configure(&mut queue);
+    let pg = db.settings();
+    let app = spawn_app_with(|s| {
+        s.queue = Some(queue);
+        s.postgresql = Some(pg);
+        s.projection.wait_timeout_secs = 30;
+    })
+    .await;
+    (app, postgresql_worker_env(broker, db))
+}
+
 async fn count_rows(db: &TestDatabase) -> i64 {
     let mut sql = db.sql().await;
     sqlx::query_scalar("SELECT count(*) FROM p_v1.things")
@@ -275,18 +297,10 @@ async fn count_rows(db: &TestDatabase) -> i64 {
 async fn a_worker_process_applies_postgresql_while_serve_only_relays_its_tasks() {
     let broker = TestBroker::new().await;
     let db = TestDatabase::create().await;
-    let queue = QueueSettings {
-        external: vec!["postgres".into()],
-        ..broker.settings()
-    };
-    let pg = db.settings();
-    let app = spawn_app_with(|s| {
-        s.queue = Some(queue);
-        s.postgresql = Some(pg);
-        s.projection.wait_timeout_secs = 30;
+    let (app, env) = with_postgresql_worker(&broker, &db, |queue| {
+        queue.external = vec!["postgres".into()];
     })
     .await;
-    let env = postgresql_worker_env(&broker, &db);
     let mut worker = start_worker("postgres", &app.address, &env);
     assert_eq!(app.put_and_freeze("p", "thing", &faults::thing()).await, 1);
     let first = Uuid::new_v4();
@@ -351,18 +365,7 @@ async fn a_worker_process_applies_postgresql_while_serve_only_relays_its_tasks()
 async fn a_stray_message_does_not_decide_a_fresh_workers_deployment() {
     let broker = TestBroker::new().await;
     let db = TestDatabase::create().await;
-    let queue = QueueSettings {
-        external: vec!["postgresql".into()],
-        ..broker.settings()
-    };
-    let pg = db.settings();
-    let app = spawn_app_with(|s| {
-        s.queue = Some(queue);
-        s.postgresql = Some(pg);
-        s.projection.wait_timeout_secs = 30;
-    })
-    .await;
-    let env = postgresql_worker_env(&broker, &db);
+    let (app, env) = with_postgresql_worker(&broker, &db, |_| {}).await;
     let mut worker = start_worker("postgresql", &app.address, &env);
     assert_eq!(app.put_and_freeze("p", "thing", &faults::thing()).await, 1);
     app.put_projected(
@@ -416,19 +419,8 @@ async fn a_stray_message_does_not_decide_a_fresh_workers_deployment() {
 async fn tasks_purged_from_their_queue_are_published_again() {
     let broker = TestBroker::new().await;
     let db = TestDatabase::create().await;
-    let queue = QueueSettings {
-        external: vec!["postgresql".into()],
-        republish_after_secs: 1,
-        ..broker.settings()
-    };
-    let pg = db.settings();
-    let app = spawn_app_with(|s| {
-        s.queue = Some(queue);
-        s.postgresql = Some(pg);
-        s.projection.wait_timeout_secs = 30;
-    })
-    .await;
-    let env = postgresql_worker_env(&broker, &db);
+    let (app, env) =
+        with_postgresql_worker(&broker, &db, |queue| queue.republish_after_secs = 1).await;
     let mut worker = start_worker("postgresql", &app.address, &env);
     assert_eq!(app.put_and_freeze("p", "thing", &faults::thing()).await, 1);
     terminate(&mut worker);
