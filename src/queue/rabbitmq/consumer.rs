@@ -449,12 +449,8 @@ impl Consumer<'_> {
                         .get(..8)
                         .map(|b| u64::from_be_bytes(b.try_into().expect("8 bytes")))
                     {
-                        let dead = DeadLetter::from_raw(
-                            name,
-                            seq,
-                            &delivery.data,
-                            "the consumer could not read the task".into(),
-                        );
+                        let dead =
+                            DeadLetter::from_raw(name, seq, &delivery.data, UNREADABLE.into());
                         let step = Step {
                             dead: vec![dead],
                             ..Step::default()
@@ -707,6 +703,10 @@ impl Parking {
         settle(delivery, true).await
     }
 }
+
+/// Why a consumer refuses a message it cannot read as a task; the server takes such a refusal
+/// only when its own copy of the task cannot be read either (`reports::record`).
+pub(super) const UNREADABLE: &str = "the consumer could not read the task";
 
 /// Splits a batch into runs of deliveries from the same journal, in order: a report speaks for
 /// one journal.

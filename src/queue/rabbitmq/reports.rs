@@ -106,6 +106,20 @@ fn record(journal: &Journal, report: &Report) -> Result<(), LinkError> {
     for refusal in &report.refused {
         // A task already recorded (a report delivered twice) is no longer pending.
         if let Some(raw) = journal.pending_raw(name, refusal.seq).map_err(failed)? {
+            // A message the consumer could not read, naming a task the journal can: not that
+            // task as the relay sent it (a forged or damaged message); the task itself is still
+            // queued, or published again if it was lost (`relay`).
+            if refusal.reason.starts_with(super::consumer::UNREADABLE)
+                && crate::journal::decode_task(&raw).is_ok()
+            {
+                tracing::warn!(
+                    projector = name,
+                    seq = refusal.seq,
+                    "a message named a pending task the consumer could not read, though the \
+                     journal's copy reads: it was not the task the relay sent; the task stays pending"
+                );
+                continue;
+            }
             let mut letter = DeadLetter::from_raw(name, refusal.seq, &raw, refusal.reason.clone());
             letter.at = refusal.at.clone();
             dead.push(letter);
