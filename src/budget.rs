@@ -61,11 +61,6 @@ impl InFlight {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// The most all requests may hold.
-    pub fn limit(&self) -> usize {
-        self.limit
-    }
-
     /// Takes `n` more bytes, or none if that would pass the limit.
     fn take(&self, n: usize) -> bool {
         self.used

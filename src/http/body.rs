@@ -3,14 +3,14 @@
 //!
 //! Every body counts against the in-flight budget (`crate::budget`, `server.max_inflight_bytes`)
 //! as its bytes arrive, at what the request may hold at most: [`JSON_FACTOR`] times its length
-//! for its parsed form (what a number array takes), and for an item its documents, one per live
-//! version. Once parsed, the share is set to what the parsed form does hold
-//! (`Document::heap_bytes`: a long string about its length) and its documents' estimate, and once
-//! the documents are made, to them (`write::Hold`). Admission is decided by the first, largest
-//! count: a request that is under way only gives memory back, so requests that keep arriving
-//! cannot starve those already read. A request the budget cannot take is answered 503 (413 if it
-//! alone needs more than all may hold), and its share is given back when the handler is done. A body that does not arrive
-//! within `server.body_timeout_secs` is answered 408.
+//! for its parsed form (what a number array takes), and for a write the documents it makes, about
+//! its length each. Once parsed, the share is set to what the parsed form does hold
+//! (`Document::heap_bytes`: a long string about its length) and the documents' estimate, and once
+//! the documents are made, to them ([`Holding`], `write::Hold`). Admission is decided by the
+//! first, largest count: a request under way only gives memory back, so requests that keep
+//! arriving cannot starve those already read. A request the budget cannot take is answered 503
+//! (413 if it alone needs more than all may hold), and its share is given back when the handler is
+//! done. A body that does not arrive within `server.body_timeout_secs` is answered 408.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -22,7 +22,7 @@ use serde_json::Value;
 use super::error::ApiError;
 use super::AppState;
 use crate::blueprint::FieldError;
-use crate::budget::Share;
+use crate::budget::{Refused, Share};
 use crate::document::Document;
 
 /// How many bytes of the budget one byte of a JSON body takes while it arrives, before its parse
@@ -31,11 +31,26 @@ use crate::document::Document;
 /// growing array.
 pub const JSON_FACTOR: usize = 36;
 
+/// A request's share of the in-flight budget: what its body holds, and beside it what is held for
+/// the documents a write makes of the body (an estimate as the body arrives, then as made).
+#[derive(Clone, Debug)]
+pub struct Holding {
+    share: Arc<Share>,
+    body: usize,
+}
+
+impl Holding {
+    /// Holds the body and `documents` bytes beside it, in place of what was held for them.
+    pub fn documents(&self, documents: usize) -> Result<(), Refused> {
+        self.share.resize(self.body.saturating_add(documents))
+    }
+}
+
 /// A request body, holding its share of the in-flight budget until it is dropped.
 #[derive(Debug)]
 pub struct Body {
     bytes: web::Bytes,
-    share: Arc<Share>,
+    holding: Holding,
 }
 
 /// A parsed JSON body, holding its share of the in-flight budget until it is dropped.
@@ -44,7 +59,7 @@ pub struct JsonBody<T = Value> {
     value: T,
     /// The length of the body it was parsed from, in bytes.
     length: usize,
-    share: Arc<Share>,
+    holding: Holding,
 }
 
 impl<T> JsonBody<T> {
@@ -53,9 +68,9 @@ impl<T> JsonBody<T> {
         self.length
     }
 
-    /// The request's share of the budget, for what handling the body holds beside it.
-    pub fn share(&self) -> Arc<Share> {
-        self.share.clone()
+    /// The request's share of the budget, for the documents a write makes of the body.
+    pub fn holding(&self) -> Holding {
+        self.holding.clone()
     }
 }
 
@@ -73,9 +88,9 @@ impl Body {
         &self.bytes
     }
 
-    /// The request's share of the budget, for what handling the body holds beside it.
-    pub fn share(&self) -> Arc<Share> {
-        self.share.clone()
+    /// The request's share of the budget, for the documents a write makes of the body.
+    pub fn holding(&self) -> Holding {
+        self.holding.clone()
     }
 }
 
@@ -93,18 +108,29 @@ const PREALLOCATED: usize = 1 << 20;
 
 /// Reads the whole body, refusing it with 413 as soon as it passes `limit` bytes, with 503 when the
 /// server holds too much body memory already, and with 408 when it does not arrive in time. Each
-/// byte takes `factor` bytes of the budget.
+/// byte takes `factor` bytes of the budget for the body, and `documents` more for the documents a
+/// write makes of it.
 pub async fn read(
     state: &AppState,
     request: &HttpRequest,
     payload: web::Payload,
     limit: usize,
-    factor: usize,
+    (factor, documents): (usize, usize),
 ) -> Result<Body, ApiError> {
     let timeout = Duration::from_secs(state.settings.server.body_timeout_secs);
-    tokio::time::timeout(timeout, read_within(state, request, payload, limit, factor))
-        .await
-        .map_err(|_| ApiError::RequestTimeout(timeout.as_secs()))?
+    let in_all = factor.saturating_add(documents);
+    let (bytes, share) =
+        tokio::time::timeout(timeout, read_within(state, request, payload, limit, in_all))
+            .await
+            .map_err(|_| ApiError::RequestTimeout(timeout.as_secs()))??;
+    let body = bytes.len().saturating_mul(factor);
+    Ok(Body {
+        bytes,
+        holding: Holding {
+            share: Arc::new(share),
+            body,
+        },
+    })
 }
 
 async fn read_within(
@@ -113,7 +139,7 @@ async fn read_within(
     mut payload: web::Payload,
     limit: usize,
     factor: usize,
-) -> Result<Body, ApiError> {
+) -> Result<(web::Bytes, Share), ApiError> {
     let declared = request
         .headers()
         .get(actix_web::http::header::CONTENT_LENGTH)
@@ -139,10 +165,7 @@ async fn read_within(
         }
         body.extend_from_slice(&chunk);
     }
-    Ok(Body {
-        bytes: body.freeze(),
-        share: Arc::new(share),
-    })
+    Ok((body.freeze(), share))
 }
 
 /// Reads and parses a JSON body of at most `server.max_body_bytes`.
@@ -191,16 +214,18 @@ async fn read_parsed<T>(
     documents: usize,
 ) -> Result<JsonBody<T>, ApiError> {
     let limit = state.settings.server.max_body_bytes;
-    let factor = JSON_FACTOR.saturating_add(documents);
-    let Body { bytes, share } = read(state, request, payload, limit, factor).await?;
-    let value = parse(&bytes).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))?;
-    // The text is dropped with this function; the parsed form is what the handler holds, and the
+    let read = read(state, request, payload, limit, (JSON_FACTOR, documents)).await?;
+    let value = parse(&read.bytes).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))?;
+    // The text is dropped with this function: the parsed form is what the handler holds, and the
     // documents' estimate until they are made. Only a number array's slack makes this grow.
-    let estimate = bytes.len().saturating_mul(documents);
-    share.resize(heap_bytes(&value).saturating_add(estimate))?;
+    let holding = Holding {
+        body: heap_bytes(&value),
+        ..read.holding
+    };
+    holding.documents(read.bytes.len().saturating_mul(documents))?;
     Ok(JsonBody {
         value,
-        length: bytes.len(),
-        share,
+        length: read.bytes.len(),
+        holding,
     })
 }

@@ -174,11 +174,7 @@ async fn upsert(
     let body = body::item(&state, &request, payload, documents).await?;
     let length = body.length();
     // The parsed body is held until the journal has the write, and its documents beside it.
-    let share = body.share();
-    let parsed = share
-        .bytes()
-        .saturating_sub(length.saturating_mul(documents));
-    let hold = move |documents: usize| share.resize(parsed.saturating_add(documents));
+    let holding = body.holding();
     let revision = write::put_item(
         state.storage.as_ref(),
         &project,
@@ -186,7 +182,7 @@ async fn upsert(
         id,
         body,
         length,
-        &hold,
+        &|documents| holding.documents(documents),
     )
     .await?;
     Ok(answer(&state, &params, success(&id, revision), &project, status).await)
@@ -409,7 +405,7 @@ pub async fn bulk(
         &request,
         payload,
         state.settings.server.max_bulk_bytes,
-        BULK_READ_FACTOR + documents,
+        (BULK_READ_FACTOR, documents),
     )
     .await
     .map_err(|error| match error {
@@ -426,16 +422,14 @@ pub async fn bulk(
         crate::bulk::parse(&raw).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))?;
     let answered: Vec<(Action, Option<Uuid>)> = ops.iter().map(|op| (op.action, op.id)).collect();
     // Its entries, once made, replace their estimate until the journal has them.
-    let share = raw.share();
-    let read = raw.len().saturating_mul(BULK_READ_FACTOR);
-    let hold = move |entries: usize| share.resize(read.saturating_add(entries));
+    let holding = raw.holding();
     let outcomes = write::bulk(
         state.storage.as_ref(),
         &project,
         raw.bytes(),
         ops,
         state.settings.server.max_body_bytes,
-        &hold,
+        &|entries| holding.documents(entries),
     )
     .await
     .map_err(|error| match error {

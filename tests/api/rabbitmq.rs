@@ -101,6 +101,62 @@ impl TestBroker {
             .unwrap_or_else(|| panic!("there is no queue {queue}"))
     }
 
+    /// Waits up to 30 s until one of the namespace's queues holds between `counts` messages: a
+    /// stopped worker's last acknowledgement may not have reached the broker, and that task is
+    /// delivered again (and applied again, harmlessly).
+    pub async fn expect_messages_in(&self, queue: &str, counts: std::ops::RangeInclusive<u32>) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let queued = self.queued(queue).await;
+            if queued.is_some_and(|n| counts.contains(&n)) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "queue {queue} holds {queued:?} messages, not {counts:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Publishes `body` as a task for `projector` would be, naming `journal` in its header.
+    pub async fn publish_as(&self, journal: &str, projector: &str, body: &[u8]) {
+        let connection = connect().await;
+        let channel = connection.create_channel().await.unwrap();
+        let mut headers = FieldTable::default();
+        headers.insert(
+            "dstore-journal".into(),
+            lapin::types::AMQPValue::LongString(journal.into()),
+        );
+        channel
+            .basic_publish(
+                format!("{}.tasks", self.namespace).as_str().into(),
+                projector.into(),
+                BasicPublishOptions::default(),
+                body,
+                BasicProperties::default()
+                    .with_delivery_mode(2)
+                    .with_headers(headers),
+            )
+            .await
+            .unwrap()
+            .await
+            .unwrap();
+    }
+
+    /// Empties one of the namespace's queues, as a broker's operator or policy may.
+    pub async fn purge(&self, queue: &str) {
+        let connection = connect().await;
+        let channel = connection.create_channel().await.unwrap();
+        channel
+            .queue_purge(
+                format!("{}.{queue}", self.namespace).as_str().into(),
+                QueuePurgeOptions::default(),
+            )
+            .await
+            .unwrap();
+    }
+
     /// Waits up to 30 s until one of the namespace's queues holds `count` messages (the broker moves
     /// messages after dstore answers).
     pub async fn expect_messages(&self, queue: &str, count: u32) {
@@ -334,20 +390,7 @@ async fn a_worker_process_applies_postgresql_while_serve_only_relays_its_tasks()
         "{ready}"
     );
     assert_eq!(ready["projectors"]["postgresql"]["progress"]["pending"], 50);
-    // 50, or 51 when the stopped worker's acknowledgement of the first task had not reached the
-    // broker: the task is delivered again and applied again, harmlessly.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let queued = broker.queued("postgresql").await;
-        if matches!(queued, Some(50 | 51)) {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "queue postgresql holds {queued:?} messages"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    broker.expect_messages_in("postgresql", 50..=51).await;
 
     let mut worker = start_worker("postgresql", &app.address, &env);
     faults::wait_until_projected(&app).await;
@@ -375,27 +418,9 @@ async fn a_stray_message_does_not_decide_a_fresh_workers_deployment() {
     .await;
     terminate(&mut worker);
 
-    let connection = connect().await;
-    let channel = connection.create_channel().await.unwrap();
-    let mut headers = FieldTable::default();
-    headers.insert(
-        "dstore-journal".into(),
-        lapin::types::AMQPValue::LongString("stray-0000".into()),
-    );
-    channel
-        .basic_publish(
-            format!("{}.tasks", broker.namespace).as_str().into(),
-            "postgresql".into(),
-            BasicPublishOptions::default(),
-            b"not a task at all",
-            BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_headers(headers),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    broker
+        .publish_as("stray-0000", "postgresql", b"not a task at all")
+        .await;
     let mut worker = start_worker("postgresql", &app.address, &env);
     let put = app
         .put(
@@ -433,36 +458,11 @@ async fn tasks_purged_from_their_queue_are_published_again() {
             .await;
         assert_eq!(put.status, 200, "{}", put.body);
     }
-    // 30, or 31 when the stopped worker's acknowledgement of the migration had not reached the
-    // broker: it is delivered again.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !matches!(broker.queued("postgresql").await, Some(30 | 31)) {
-        assert!(
-            Instant::now() < deadline,
-            "the tasks did not reach the queue"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let connection = connect().await;
-    let channel = connection.create_channel().await.unwrap();
-    channel
-        .queue_purge(
-            format!("{}.postgresql", broker.namespace).as_str().into(),
-            QueuePurgeOptions::default(),
-        )
-        .await
-        .unwrap();
+    broker.expect_messages_in("postgresql", 30..=31).await;
+    broker.purge("postgresql").await;
     let mut worker = start_worker("postgresql", &app.address, &env);
     expect_count(&db, "SELECT count(*) FROM p_v1.things", 30).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ready = app.get("/_health/ready").await.body;
-        if ready["projectors"]["postgresql"]["progress"]["pending"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{ready}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    expect_nothing_pending(&app, "postgresql").await;
     terminate(&mut worker);
     app.stop().await;
     broker.clean_up().await;
@@ -490,45 +490,12 @@ async fn a_forged_message_naming_a_pending_task_does_not_dead_letter_it() {
         .await;
     assert_eq!(put.status, 200, "{}", put.body);
     let seq = put.body["revision"].as_u64().unwrap();
-    // 1, or 2 when the stopped worker's acknowledgement of the migration had not reached the
-    // broker.
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !matches!(broker.queued("postgresql").await, Some(1 | 2)) {
-        assert!(
-            Instant::now() < deadline,
-            "the task did not reach the queue"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let connection = connect().await;
-    let channel = connection.create_channel().await.unwrap();
-    let queue = format!("{}.postgresql", broker.namespace);
-    channel
-        .queue_purge(queue.as_str().into(), QueuePurgeOptions::default())
-        .await
-        .unwrap();
-    let mut headers = FieldTable::default();
+    broker.expect_messages_in("postgresql", 1..=2).await;
+    broker.purge("postgresql").await;
     let journal = app.journal.as_ref().unwrap().id().to_string();
-    headers.insert(
-        "dstore-journal".into(),
-        lapin::types::AMQPValue::LongString(journal.into()),
-    );
     let mut forged = seq.to_be_bytes().to_vec();
     forged.extend_from_slice(b"not the task");
-    channel
-        .basic_publish(
-            format!("{}.tasks", broker.namespace).as_str().into(),
-            "postgresql".into(),
-            BasicPublishOptions::default(),
-            &forged,
-            BasicProperties::default()
-                .with_delivery_mode(2)
-                .with_headers(headers),
-        )
-        .await
-        .unwrap()
-        .await
-        .unwrap();
+    broker.publish_as(&journal, "postgresql", &forged).await;
     let mut worker = start_worker("postgresql", &app.address, &env);
     expect_count(&db, "SELECT count(*) FROM p_v1.things", 1).await;
     let letters = app.get("/_dead_letters").await;
@@ -537,6 +504,19 @@ async fn a_forged_message_naming_a_pending_task_does_not_dead_letter_it() {
     app.stop().await;
     broker.clean_up().await;
     db.drop().await;
+}
+
+/// Waits up to 30 s until `projector` has no task pending.
+async fn expect_nothing_pending(app: &TestApp, projector: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = app.get("/_health/ready").await.body;
+        if ready["projectors"][projector]["progress"]["pending"] == 0 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{ready}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits up to 30 s until `sql` counts `expected`.
@@ -668,15 +648,7 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     broker.expect_messages("postgresql.parked", 0).await;
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let ready = app.get("/_health/ready").await.body;
-        if ready["projectors"]["postgresql"]["progress"]["pending"] == 0 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "{ready}");
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    expect_nothing_pending(&app, "postgresql").await;
     terminate(&mut standby);
     terminate(&mut third);
     app.stop().await;

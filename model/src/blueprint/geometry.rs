@@ -229,11 +229,15 @@ fn polygon(value: &Value) -> Result<(), String> {
         }
         lines.push(line);
     }
-    let polygon = geo::Polygon::new(lines[0].clone(), lines[1..].to_vec());
+    let exterior = lines.remove(0);
+    let polygon = geo::Polygon::new(exterior, lines);
     polygon
         .check_validation()
         .map_err(|e| format!("invalid Polygon: {e}"))?;
-    interior_is_connected(&lines)
+    let rings: Vec<&geo::LineString<f64>> = std::iter::once(polygon.exterior())
+        .chain(polygon.interiors())
+        .collect();
+    interior_is_connected(&rings)
 }
 
 /// Refuses rings that touch in a cycle, which OGC Simple Features forbid because it cuts the
@@ -242,7 +246,7 @@ fn polygon(value: &Value) -> Result<(), String> {
 /// touch form a graph (a ring is joined to each point on it where another ring touches it); the
 /// interior is in one piece exactly when that graph has no cycle. Runs after `geo`'s validation,
 /// so rings meet only at single points, never along a line or across each other.
-fn interior_is_connected(rings: &[geo::LineString<f64>]) -> Result<(), String> {
+fn interior_is_connected(rings: &[&geo::LineString<f64>]) -> Result<(), String> {
     use geo::algorithm::line_intersection::{line_intersection, LineIntersection};
     use geo::{BoundingRect, Intersects};
     if rings.len() < 2 {

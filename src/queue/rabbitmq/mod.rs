@@ -238,22 +238,7 @@ impl Broker {
         connection: &Connection,
         projector: &str,
     ) -> Result<Option<u32>, LinkError> {
-        let channel = connection.create_channel().await?;
-        let passive = QueueDeclareOptions {
-            passive: true,
-            ..QueueDeclareOptions::default()
-        };
-        let queue = self.queue(projector);
-        let depth = match channel
-            .queue_declare(queue.as_str().into(), passive, FieldTable::default())
-            .await
-        {
-            Ok(declared) => Some(declared.message_count()),
-            Err(error) if is_no_queue(&error) => None,
-            Err(error) => return Err(error.into()),
-        };
-        let _ = channel.close(200, "checked".into()).await;
-        Ok(depth)
+        depth(connection, &self.queue(projector)).await
     }
 
     /// Whether the broker has a project's parking queue (see [`Broker::queue_exists`]).
@@ -339,6 +324,12 @@ fn classic() -> FieldTable {
 /// Whether the broker has `queue`, asked on a channel of its own (a missing queue closes the
 /// channel that asked).
 async fn exists(connection: &Connection, queue: &str) -> Result<bool, LinkError> {
+    Ok(depth(connection, queue).await?.is_some())
+}
+
+/// The messages ready in `queue`, asked by a passive declare on a channel of its own (a refused
+/// declare closes its channel); `None` when the broker has no such queue.
+async fn depth(connection: &Connection, queue: &str) -> Result<Option<u32>, LinkError> {
     let channel = connection.create_channel().await?;
     let passive = QueueDeclareOptions {
         passive: true,
@@ -348,11 +339,11 @@ async fn exists(connection: &Connection, queue: &str) -> Result<bool, LinkError>
         .queue_declare(queue.into(), passive, FieldTable::default())
         .await
     {
-        Ok(_) => {
+        Ok(declared) => {
             let _ = channel.close(200, "checked".into()).await;
-            Ok(true)
+            Ok(Some(declared.message_count()))
         }
-        Err(error) if is_no_queue(&error) => Ok(false),
+        Err(error) if is_no_queue(&error) => Ok(None),
         Err(error) => Err(error.into()),
     }
 }

@@ -43,6 +43,7 @@ const MOST_REPUBLISH_WAIT: Duration = Duration::from_secs(3600);
 
 /// A projector's oldest pending task, since when it has been the oldest, and how long it may stay
 /// so while its queue is empty before its tasks are published again.
+#[derive(Clone, Copy)]
 struct Stall {
     oldest: u64,
     since: tokio::time::Instant,
@@ -171,18 +172,14 @@ impl Relay<'_> {
             return Ok(None);
         };
         let now = tokio::time::Instant::now();
-        let first_wait = Duration::from_secs(self.broker.settings.republish_after_secs);
-        let stall = stalls.entry(projector).or_insert(Stall {
+        let fresh = Stall {
             oldest,
             since: now,
-            wait: first_wait,
-        });
+            wait: Duration::from_secs(self.broker.settings.republish_after_secs),
+        };
+        let stall = stalls.entry(projector).or_insert(fresh);
         if stall.oldest != oldest {
-            *stall = Stall {
-                oldest,
-                since: now,
-                wait: first_wait,
-            };
+            *stall = fresh;
             return Ok(None);
         }
         if depth > 0 || now.duration_since(stall.since) < stall.wait {
