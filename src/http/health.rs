@@ -52,8 +52,20 @@ pub async fn ready(state: State, params: Query<ReadyParams>) -> HttpResponse {
     let links = state.broker.as_ref().map(|b| b.links()).unwrap_or_default();
     // The journal keeps every task while the broker is away; a lost link only delays projection.
     all_ready &= links.values().all(|link| link.connected);
-    // A journal whose writes fail refuses every write, whatever the back-pressure says.
-    let writes = match (state.storage.write_failure(), state.storage.check_backlog()) {
+    let (backend, deployment) = (state.storage.backend(), state.storage.deployment());
+    let reachable = state.storage.reachable();
+    let storage = match &reachable {
+        Ok(()) => json!({"backend": backend, "deployment": deployment, "reachable": true}),
+        Err(reason) => json!({"backend": backend, "deployment": deployment, "reachable": false,
+                              "reason": reason}),
+    };
+    // A journal whose writes fail, or a storage out of reach, refuses every write, whatever the
+    // back-pressure says.
+    let failure = match reachable {
+        Ok(()) => state.storage.write_failure(),
+        Err(reason) => Some(format!("the storage cannot be reached: {reason}")),
+    };
+    let writes = match (failure, state.storage.check_backlog()) {
         (Some(reason), _) => {
             all_ready = false;
             json!({"accepted": false, "reason": reason, "held_projects_only": false})
@@ -76,12 +88,6 @@ pub async fn ready(state: State, params: Query<ReadyParams>) -> HttpResponse {
                     "held_projects_only": refused == Refused::HeldProjects})
             }
         }
-    };
-    let (backend, deployment) = (state.storage.backend(), state.storage.deployment());
-    let storage = match state.storage.reachable() {
-        Ok(()) => json!({"backend": backend, "deployment": deployment, "reachable": true}),
-        Err(reason) => json!({"backend": backend, "deployment": deployment, "reachable": false,
-                              "reason": reason}),
     };
     let serving = storage["reachable"] == true;
     let mut body = json!({

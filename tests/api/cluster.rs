@@ -404,6 +404,14 @@ async fn while_the_storage_is_away_writes_answer_503_and_resume_by_themselves_lo
         (503, &json!(false)),
         "{ready}"
     );
+    // Writes go to the storage: while it is away none are accepted, and readiness says why.
+    assert_eq!(ready["writes"]["accepted"], json!(false), "{ready}");
+    assert!(
+        ready["writes"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("storage")),
+        "{ready}"
+    );
     proxy.restore();
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (status, ready) = send(reqwest::Method::GET, a.url("/_health/ready"), None).await;
