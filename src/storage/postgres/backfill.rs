@@ -119,7 +119,7 @@ async fn claim(node: &PgStorage) -> Result<Option<Claimed>, StorageError> {
          WHERE b.project = c.project AND b.version = c.version AND b.projectors = c.projectors \
          RETURNING b.project, b.version, b.projectors, b.state",
     )
-    .bind(node.node())
+    .bind(node.lease_owner())
     .bind(LEASE_SECS)
     .fetch_optional(node.pool())
     .await
@@ -314,7 +314,7 @@ async fn save_state(
     .bind(key)
     .bind(Json(state))
     .bind(state.finished)
-    .bind(node.node())
+    .bind(node.lease_owner())
     .bind(LEASE_SECS)
     .execute(&mut *conn)
     .await

@@ -93,6 +93,10 @@ pub struct PgStorage {
     progress: Mutex<HashMap<String, NodeProgress>>,
     watch: watch::CursorWatch,
     journal_id: String,
+    /// What this process's leases are held as: the node's name and a token of this process, so
+    /// two processes started with one name (a copy-pasted `DSTORE_NODE`, a restart while the old
+    /// process still runs) never hold a cursor at once.
+    lease_owner: String,
     usage: UsageMeter,
     /// Wakes this node's change feed followers.
     pub(super) signal: ChangeSignal,
@@ -280,6 +284,30 @@ fn unavailable(what: &str, error: &sqlx::Error) -> StorageError {
     StorageError::Unavailable(format!("postgresql storage: cannot {what}: {error}"))
 }
 
+/// Warns when another process with this node's name holds live leases: one that stopped without
+/// giving them back (they lapse within [`LEASE`]), or one still running with the same name, which
+/// works beside this one (leases name the process too) but makes logs ambiguous.
+async fn warn_of_namesakes(pool: &PgPool, node: &str) {
+    let held: Result<i64, _> = sqlx::query_scalar(
+        "SELECT (SELECT count(*) FROM cursors WHERE lease_until > now() \
+                   AND starts_with(lease_owner, $1 || '/')) \
+              + (SELECT count(*) FROM backfills WHERE lease_until > now() \
+                   AND starts_with(lease_owner, $1 || '/'))",
+    )
+    .bind(node)
+    .fetch_one(pool)
+    .await;
+    if let Ok(held @ 1..) = held {
+        tracing::warn!(
+            node,
+            held,
+            "another process named like this node holds leases: one that stopped without giving \
+             them back (they lapse within seconds), or one still running; give every node and \
+             worker its own storage.node (DSTORE_NODE)"
+        );
+    }
+}
+
 impl PgStorage {
     /// Connects, creates the schema and runs the migrations, loads the catalog and starts the
     /// node's background work (the write batcher, the catalog listener, the cursor watch, the
@@ -333,6 +361,12 @@ impl PgStorage {
                 .fetch_one(&pool)
                 .await
                 .map_err(|e| unavailable("read the journal id", &e))?;
+        let lease_owner = format!(
+            "{}/{}",
+            settings.node,
+            &Uuid::new_v4().simple().to_string()[..8]
+        );
+        warn_of_namesakes(&pool, &settings.node).await;
         let loaded = catalog::load_all(&pool).await?;
         let (writes, queue) = mpsc::channel(4096);
         let storage = Arc::new(PgStorage {
@@ -344,6 +378,7 @@ impl PgStorage {
             progress: Mutex::new(HashMap::new()),
             watch: watch::CursorWatch::default(),
             journal_id,
+            lease_owner,
             usage: UsageMeter::default(),
             signal: ChangeSignal::default(),
             settings,
@@ -366,6 +401,11 @@ impl PgStorage {
 
     pub fn node(&self) -> &str {
         &self.settings.node
+    }
+
+    /// What this process's leases are held as: the node's name and a token of this process.
+    pub fn lease_owner(&self) -> &str {
+        &self.lease_owner
     }
 
     /// The id of this journal (one per storage schema).

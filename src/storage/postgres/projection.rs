@@ -97,7 +97,7 @@ async fn claim(storage: &PgStorage, projector: &str) -> Result<Vec<(Ident, u64)>
          RETURNING c.project, c.revision",
     )
     .bind(projector)
-    .bind(storage.node())
+    .bind(storage.lease_owner())
     .bind(CLAIM)
     .bind(LEASE.as_secs_f64())
     .fetch_all(storage.pool())
@@ -119,7 +119,7 @@ async fn release(storage: &PgStorage, projector: &str) {
          WHERE projector = $1 AND lease_owner = $2",
     )
     .bind(projector)
-    .bind(storage.node())
+    .bind(storage.lease_owner())
     .execute(storage.pool())
     .await;
 }
@@ -142,7 +142,7 @@ async fn renew(
     )
     .bind(projector)
     .bind(project.as_str())
-    .bind(storage.node())
+    .bind(storage.lease_owner())
     .bind(LEASE.as_secs_f64())
     .fetch_optional(storage.pool())
     .await
@@ -318,7 +318,7 @@ async fn settle(
     .bind(projector)
     .bind(project.as_str())
     .bind(revision as i64)
-    .bind(storage.node())
+    .bind(storage.lease_owner())
     .bind(LEASE.as_secs_f64())
     .execute(&mut *tx)
     .await
@@ -364,7 +364,7 @@ async fn hold(
     )
     .bind(projector)
     .bind(project.as_str())
-    .bind(storage.node())
+    .bind(storage.lease_owner())
     .bind(error)
     .execute(storage.pool())
     .await
@@ -470,10 +470,11 @@ mod tests {
 
         // Given back to this node at the old revision, the same cursor is projected.
         sqlx::query(
-            "UPDATE cursors SET lease_owner = 'late', revision = $1 \
+            "UPDATE cursors SET lease_owner = $2, revision = $1 \
              WHERE projector = 'counting' AND project = 'p'",
         )
         .bind(cursor as i64)
+        .bind(storage.lease_owner())
         .execute(storage.pool())
         .await
         .unwrap();
@@ -490,6 +491,27 @@ mod tests {
         );
 
         drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// Two processes started with one node name (a copied `DSTORE_NODE`) are two lease owners:
+    /// a cursor one holds is not claimed by the other, and a clean stop of one gives back its
+    /// leases only.
+    #[tokio::test]
+    async fn two_processes_with_one_node_name_never_hold_a_cursor_at_once() {
+        use crate::storage::conformance::open_postgresql_in;
+        let (first, schema) = open_postgresql("twin", vec!["counting"]).await;
+        let project = frozen(first.as_ref()).await;
+        write(first.as_ref(), &project, Uuid::new_v4(), "t").await;
+        let second = open_postgresql_in(&schema, "twin", vec!["counting"]).await;
+        assert_ne!(first.lease_owner(), second.lease_owner());
+        assert_eq!(claim(&first, "counting").await.unwrap().len(), 1);
+        assert!(claim(&second, "counting").await.unwrap().is_empty());
+        release(&second, "counting").await;
+        assert!(claim(&second, "counting").await.unwrap().is_empty());
+        release(&first, "counting").await;
+        assert_eq!(claim(&second, "counting").await.unwrap().len(), 1);
+        drop((first, second));
         drop_schema(&schema).await;
     }
 
