@@ -36,3 +36,15 @@ pub async fn run<T: Send + 'static>(
     .await
     .map_err(|e| e.to_string())
 }
+
+/// [`run`] for work on `bytes` of data: on the calling worker when they are few (at most
+/// [`LARGE_BYTES`]: nearly every item, where the hand-over would cost more than the work).
+pub async fn sized<T: Send + 'static>(
+    bytes: usize,
+    work: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, String> {
+    if bytes <= LARGE_BYTES {
+        return Ok(work());
+    }
+    run(work).await
+}

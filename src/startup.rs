@@ -15,6 +15,7 @@ use crate::auth::audit::AuditLog;
 use crate::auth::keys::KeyStore;
 use crate::catalog::{Catalog, CatalogError};
 use crate::config::{Backend, QueueSettings, Secret, Settings};
+use crate::http::changes::Followers;
 use crate::http::{self, AppState};
 use crate::journal::{Journal, JournalError, JournalSettings};
 use crate::projector::elasticsearch::{ElasticsearchProjector, EsError};
@@ -74,12 +75,23 @@ pub enum StartupError {
 pub struct StopHandle {
     server: actix_web::dev::ServerHandle,
     closing: Arc<watch::Sender<bool>>,
+    followers: Arc<Followers>,
 }
+
+/// How long a stop lets the change feed's streams end by themselves before cutting the
+/// connections of those whose clients do not read.
+const STREAMS_GRACE: Duration = Duration::from_secs(1);
 
 impl StopHandle {
     pub async fn stop(&self, graceful: bool) {
         let _ = self.closing.send(true);
+        let followers = self.followers.clone();
+        let cut = tokio::spawn(async move {
+            tokio::time::sleep(STREAMS_GRACE).await;
+            followers.cut_streams();
+        });
         self.server.stop(graceful).await;
+        cut.abort();
     }
 }
 
@@ -87,6 +99,7 @@ pub struct Application {
     port: u16,
     server: Server,
     closing: Arc<watch::Sender<bool>>,
+    followers: Arc<Followers>,
     shutdown: watch::Sender<bool>,
     /// The dispatchers, or the broker relay, reports and consumers.
     background: Vec<JoinHandle<()>>,
@@ -210,6 +223,7 @@ impl Application {
             Duration::from_secs(settings.changes.compact_interval_secs.max(1)),
         ));
         let (closing, closing_receiver) = watch::channel(false);
+        let followers = Arc::new(Followers::default());
         let state = web::Data::new(AppState {
             storage,
             registry,
@@ -224,7 +238,7 @@ impl Application {
             )),
             keys,
             audit,
-            followers: Default::default(),
+            followers: followers.clone(),
             closing: closing_receiver,
             settings,
         });
@@ -250,6 +264,7 @@ impl Application {
             port,
             server,
             closing: Arc::new(closing),
+            followers,
             shutdown,
             background,
             rocksdb,
@@ -271,6 +286,7 @@ impl Application {
         StopHandle {
             server: self.server.handle(),
             closing: self.closing.clone(),
+            followers: self.followers.clone(),
         }
     }
 

@@ -57,6 +57,9 @@ pub fn decoded_size(body: &serde_json::Map<String, serde_json::Value>) -> usize 
 pub struct ChangesPage {
     pub changes: Vec<Change>,
     pub horizon: u64,
+    /// What the changes' items take decoded ([`decoded_size`]), which is what presenting and
+    /// encoding them costs.
+    pub bytes: usize,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -113,6 +116,9 @@ pub struct Page {
     /// The project's horizon when the page was read: passed back with `last_revision`, it lets a
     /// reader go on below the horizon as long as nothing more was compacted (see [`Follower::page`]).
     pub horizon: u64,
+    /// What the page's items took decoded, before they were presented: about what encoding them
+    /// costs.
+    pub bytes: usize,
 }
 
 /// Why a follower cannot be made: the field at fault and the message.
@@ -208,6 +214,26 @@ impl Follower {
         if unknown(&snapshot) {
             snapshot = storage.fresh_snapshot(&self.project).await?;
         }
+        // Transforming a page of large items takes as long as reading it: off the HTTP worker too.
+        let follower = self.clone();
+        let (changes, bytes) = (page.changes, page.bytes);
+        let entries = crate::aside::sized(bytes, move || follower.present_all(&snapshot, changes))
+            .await
+            .map_err(StorageError::Unavailable)??;
+        Ok(Page {
+            entries,
+            last_revision,
+            horizon: page.horizon,
+            bytes,
+        })
+    }
+
+    /// The changes of a page as the follower sees them, or why it can follow no more.
+    fn present_all(
+        &self,
+        snapshot: &Snapshot,
+        changes: Vec<Change>,
+    ) -> Result<Vec<FeedEntry>, FeedError> {
         let p = snapshot.projects.get(&self.project).ok_or_else(|| {
             FeedError::Gone(format!("project {:?} was dropped", self.project.as_str()))
         })?;
@@ -220,16 +246,10 @@ impl Follower {
                 self.version
             )));
         }
-        let entries = page
-            .changes
+        Ok(changes
             .into_iter()
             .filter_map(|change| self.present(p, target, change))
-            .collect();
-        Ok(Page {
-            entries,
-            last_revision,
-            horizon: page.horizon,
-        })
+            .collect())
     }
 
     /// One change as clients of the followed version see it; `None` when they do not see it (a

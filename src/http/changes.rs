@@ -10,7 +10,12 @@
 //!   no buffer, no query.
 //! - Streams resume from the revision a follower saw last (`since`, or SSE's `Last-Event-ID`), and
 //!   within one stream revisions only grow, so a change is never sent twice.
-//! - Streams end when the server stops, so a graceful stop never waits for followers.
+//! - A page's read (embedded storage), and its transform and encoding when its items are large,
+//!   run on blocking threads (`crate::aside`), not on the HTTP worker: followers reading pages of
+//!   many MiB as fast as they can would otherwise stall every request their workers share.
+//! - Streams end when the server stops, so a graceful stop never waits for followers: those that
+//!   read see the stop; a moment later the connections of those still open (their clients stopped
+//!   reading, so they are not polled) are shut down ([`Followers::cut_streams`]).
 //! - A follower's place (`changes.max_followers`) is given back soon after its client left: a
 //!   stream finds out at its next heartbeat, whose write fails; a long poll, which writes nothing
 //!   until it answers (and which actix does not cancel when the client goes), looks at its
@@ -19,9 +24,9 @@
 //! - A stream or long poll opened with an API key checks the key again as it runs (at most once a
 //!   second, and before each page): a key revoked, expired or narrowed meanwhile ends it.
 
-use std::collections::VecDeque;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use actix_web::http::header;
@@ -37,7 +42,7 @@ use super::error::ApiError;
 use super::{ident, State};
 use crate::auth::Action;
 use crate::blueprint::Ident;
-use crate::feed::{FeedError, FollowError, Follower, Page, PAGE_BYTES};
+use crate::feed::{FeedEntry, FeedError, FollowError, Follower, Page, PAGE_BYTES};
 
 /// Changes a plain or long-poll answer holds unless `limit` says otherwise.
 const DEFAULT_LIMIT: usize = 1000;
@@ -297,36 +302,117 @@ impl PeerSocket {
     }
 }
 
-/// One of `changes.max_followers`, given back when the follower leaves.
-struct Slot(Arc<AtomicUsize>);
+/// The followers a node serves: how many (`changes.max_followers`), and the sockets of its streams.
+#[derive(Default)]
+pub struct Followers {
+    count: AtomicUsize,
+    streams: Mutex<HashMap<u64, std::os::fd::RawFd>>,
+    next: AtomicU64,
+}
+
+impl Followers {
+    /// Ends the connections of the streams still open. A stream whose client stopped reading is
+    /// never polled again (its connection waits to write), so it never sees the server stop; a
+    /// graceful stop would wait for it until actix's shutdown timeout. Called once the server
+    /// stops and the streams that are read had a moment to end by themselves.
+    pub fn cut_streams(&self) {
+        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
+        for socket in streams.values() {
+            // SAFETY: a socket is listed while its stream lives, and the stream lives in its
+            // connection, which owns the socket. The stream may outlive the connection's socket
+            // for a moment as the connection is dropped; then the number may be reused, but only
+            // as the server stops, when every connection is ending anyway. `shutdown` touches no
+            // memory.
+            unsafe { libc::shutdown(*socket, libc::SHUT_RDWR) };
+        }
+    }
+}
+
+/// One of `changes.max_followers`, given back when the follower leaves; a stream's lists its
+/// socket for [`Followers::cut_streams`].
+struct Slot {
+    followers: Arc<Followers>,
+    stream: Option<u64>,
+}
 
 impl Slot {
     fn take(state: &State) -> Result<Slot, ApiError> {
-        let count = state.followers.fetch_add(1, Ordering::AcqRel);
+        let followers = &state.followers;
+        let count = followers.count.fetch_add(1, Ordering::AcqRel);
         if count >= state.settings.changes.max_followers {
-            state.followers.fetch_sub(1, Ordering::AcqRel);
+            followers.count.fetch_sub(1, Ordering::AcqRel);
             return Err(ApiError::Unavailable(format!(
                 "this node already serves {count} change feed followers (changes.max_followers); \
                  try again later or another node"
             )));
         }
-        Ok(Slot(state.followers.clone()))
+        Ok(Slot {
+            followers: followers.clone(),
+            stream: None,
+        })
+    }
+
+    /// Lists the socket of the stream this place is for.
+    fn streaming(mut self, peer: Option<PeerSocket>) -> Slot {
+        if let Some(PeerSocket(socket)) = peer {
+            let id = self.followers.next.fetch_add(1, Ordering::Relaxed);
+            let mut streams = self
+                .followers
+                .streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            streams.insert(id, socket);
+            self.stream = Some(id);
+        }
+        self
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
+        if let Some(id) = self.stream {
+            let mut streams = self
+                .followers
+                .streams
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            streams.remove(&id);
+        }
+        self.followers.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
-fn page_body(page: &Page, version: u32) -> serde_json::Value {
-    json!({
-        "results": page.entries,
-        "last_revision": page.last_revision,
-        "horizon": page.horizon,
-        "version": version,
+/// A page as one JSON answer, encoded off the HTTP worker when it is large (`crate::aside`).
+async fn answer(page: Page, version: u32) -> Result<HttpResponse, ApiError> {
+    let body = crate::aside::sized(page.bytes, move || {
+        serde_json::to_vec(&json!({
+            "results": page.entries,
+            "last_revision": page.last_revision,
+            "horizon": page.horizon,
+            "version": version,
+        }))
     })
+    .await
+    .map_err(ApiError::Internal)?
+    .map_err(|e| ApiError::Internal(e.to_string()))?;
+    Ok(HttpResponse::Ok()
+        .content_type(header::ContentType::json())
+        .body(body))
+}
+
+/// A stream's frames for the entries of a page.
+fn frames(entries: &[FeedEntry], sse: bool) -> Vec<Bytes> {
+    entries
+        .iter()
+        .map(|entry| {
+            let data = serde_json::to_string(entry).expect("entries serialize");
+            Bytes::from(if sse {
+                format!("id: {}\ndata: {data}\n\n", entry.revision)
+            } else {
+                format!("{data}\n")
+            })
+        })
+        .collect()
 }
 
 /// GET /{project}/_changes?since=&version=&blueprint=&limit=&feed=&timeout=&heartbeat=
@@ -362,16 +448,16 @@ pub async fn changes(
                     (params.limit, PAGE_BYTES),
                 )
                 .await?;
-            Ok(HttpResponse::Ok().json(page_body(&page, version)))
+            answer(page, version).await
         }
         Feed::Longpoll => {
             let _slot = Slot::take(&state)?;
             let peer = request.conn_data::<PeerSocket>().copied();
             let page = long_poll(&state, &follower, &params, since, recheck.as_mut(), peer).await?;
-            Ok(HttpResponse::Ok().json(page_body(&page, version)))
+            answer(page, version).await
         }
         Feed::Sse | Feed::Ndjson => {
-            let slot = Slot::take(&state)?;
+            let slot = Slot::take(&state)?.streaming(request.conn_data::<PeerSocket>().copied());
             // Read once before answering, so a compacted `since` is a 410, not a stream that ends.
             let first = follower
                 .page(
@@ -550,13 +636,17 @@ impl Stream {
                     let moved = page.last_revision > self.since;
                     self.since = page.last_revision;
                     self.horizon = Some(page.horizon);
-                    for entry in &page.entries {
-                        let data = serde_json::to_string(entry).expect("entries serialize");
-                        self.out.push_back(Bytes::from(if self.sse {
-                            format!("id: {}\ndata: {data}\n\n", entry.revision)
-                        } else {
-                            format!("{data}\n")
-                        }));
+                    let (entries, sse) = (page.entries, self.sse);
+                    match crate::aside::sized(page.bytes, move || frames(&entries, sse)).await {
+                        Ok(frames) => self.out.extend(frames),
+                        Err(panic) => {
+                            self.end(
+                                500,
+                                &format!("the change feed cannot be encoded: {panic}"),
+                                None,
+                            );
+                            continue;
+                        }
                     }
                     if moved {
                         // A page the follower saw none of would otherwise read the next at once,

@@ -374,10 +374,7 @@ async fn render(
             serde_json::to_vec(&doc).map_err(|e| ApiError::Internal(e.to_string()))
         }
     };
-    if record.stored_bytes <= crate::aside::LARGE_BYTES {
-        return run();
-    }
-    crate::aside::run(run)
+    crate::aside::sized(record.stored_bytes, run)
         .await
         .map_err(|e| ApiError::Internal(format!("reading the item: {e}")))?
 }

@@ -51,8 +51,8 @@ pub struct AppState {
     /// The API keys, when requests need one (none while authentication is off).
     pub keys: Option<Arc<crate::auth::keys::KeyStore>>,
     pub audit: crate::auth::audit::AuditLog,
-    /// Followers streaming now (`changes.max_followers`).
-    pub followers: Arc<std::sync::atomic::AtomicUsize>,
+    /// The change feed's followers now (`changes.max_followers`).
+    pub followers: Arc<changes::Followers>,
     /// Turns true when the server stops: change feed streams end, so a graceful stop does not wait
     /// for followers that never hang up.
     pub closing: tokio::sync::watch::Receiver<bool>,

@@ -57,10 +57,7 @@ pub fn decode_record(value: &[u8]) -> Result<ItemRecord, JournalError> {
 /// [`decode_record`], off the HTTP worker for a long record (`crate::aside`): decoding a record of
 /// a MiB takes tens of milliseconds, which must not stall the requests that worker shares.
 pub async fn decode_record_aside(value: Vec<u8>) -> Result<ItemRecord, JournalError> {
-    if value.len() <= crate::aside::LARGE_BYTES {
-        return decode_record(&value);
-    }
-    crate::aside::run(move || decode_record(&value))
+    crate::aside::sized(value.len(), move || decode_record(&value))
         .await
         .map_err(|e| JournalError::Thread(std::io::Error::other(e)))?
 }

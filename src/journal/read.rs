@@ -128,7 +128,11 @@ impl Journal {
                 record,
             });
         }
-        Ok(crate::feed::ChangesPage { changes, horizon })
+        Ok(crate::feed::ChangesPage {
+            changes,
+            horizon,
+            bytes,
+        })
     }
 
     /// A receiver woken whenever `project` commits item changes.

@@ -271,7 +271,13 @@ impl Storage for EmbeddedStorage {
         limit: usize,
         max_bytes: usize,
     ) -> Result<ChangesPage, StorageError> {
-        Ok(self.journal.changes(project, since, limit, max_bytes)?)
+        // A page can take tens of milliseconds to read and decode (`feed::PAGE_BYTES` of items):
+        // off the HTTP worker, which every request on it shares (`crate::aside`).
+        let (journal, project) = (self.journal.clone(), project.clone());
+        crate::aside::run(move || journal.changes(&project, since, limit, max_bytes))
+            .await
+            .map_err(StorageError::Unavailable)?
+            .map_err(StorageError::from)
     }
 
     async fn revision(&self, _project: &Ident) -> Result<u64, StorageError> {

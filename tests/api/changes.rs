@@ -685,6 +685,39 @@ async fn a_follower_resumes_after_a_server_restart_and_a_stop_does_not_wait_for_
     assert_eq!(resumed[0]["item"]["title"], "after");
 }
 
+/// A follower whose client stopped reading is not polled (its connection waits to write), so it
+/// never sees the stop: the stop cuts its connection rather than waiting for it as long as actix
+/// lets connections finish (30 s).
+#[tokio::test]
+async fn a_stop_does_not_wait_for_a_follower_that_stopped_reading() {
+    use tokio::io::AsyncWriteExt;
+    let app = spawn_app().await;
+    project(&app).await;
+    let title = "x".repeat(500_000);
+    for _ in 0..40 {
+        put(&app, Uuid::new_v4(), &title).await;
+    }
+    // 20 MB to send, more than the connection's buffers hold; the client reads none of it.
+    let address = app.address.trim_start_matches("http://").to_string();
+    let mut stuck = tokio::net::TcpStream::connect(&address).await.unwrap();
+    stuck
+        .write_all(
+            format!("GET /p/_changes?since=0&feed=ndjson HTTP/1.1\r\nhost: {address}\r\n\r\n")
+                .as_bytes(),
+        )
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let started = Instant::now();
+    app.stop().await;
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(stuck);
+}
+
 #[tokio::test]
 async fn compacted_deletes_answer_410_and_since_0_gives_the_latest_state() {
     let app = spawn_app_with(|s| {

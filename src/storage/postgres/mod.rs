@@ -970,6 +970,7 @@ impl Storage for PgStorage {
         Ok(ChangesPage {
             changes,
             horizon: horizon.unwrap_or(0) as u64,
+            bytes,
         })
     }
 
