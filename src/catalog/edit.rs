@@ -82,6 +82,7 @@ pub fn put_blueprint(
     next.insert(name.clone(), edited);
     check_count(p.working.blueprints.len(), next.len())?;
     check_unique_names(&next, Some(name))?;
+    check_rows(&next, Some(name))?;
     Ok(record_edit(p, next, writes))
 }
 
@@ -113,6 +114,7 @@ pub fn put_blueprints(
         return Err(CatalogError::Invalid(errors));
     }
     check_unique_names(&next, None)?;
+    check_rows(&next, None)?;
     Ok(record_edit(p, next, writes))
 }
 
@@ -276,6 +278,43 @@ fn record_edit(p: &mut Project, next: Blueprints, writes: &mut Vec<Write>) -> Ve
         writes.push(Write::WorkingCopy);
     }
     changes
+}
+
+/// A blueprint whose defaults alone overflow a PostgreSQL row ("row is too big") would have every
+/// item that leaves those columns out refused for ever, and every item moved into its version
+/// from an older one (which takes the defaults of the columns it adds): refused here, before a
+/// freeze, instead of item by item after it (`write::prepare` checks each item's own row).
+fn check_rows(blueprints: &Blueprints, edited: Option<&Ident>) -> Result<(), CatalogError> {
+    use crate::projector::postgres::{row_bytes, row_bytes_at_least, MAX_ROW_BYTES};
+    let errors: Vec<FieldError> = blueprints
+        .iter()
+        .filter(|(name, bp)| edited.is_none_or(|e| e == *name) && row_bytes(bp) > MAX_ROW_BYTES)
+        .filter_map(|(name, bp)| {
+            let defaults: Vec<serde_json::Value> =
+                bp.columns.values().map(|c| c.def.fallback()).collect();
+            let least = row_bytes_at_least(bp, defaults.iter());
+            let base = if edited.is_some() {
+                String::new()
+            } else {
+                format!("/{name}")
+            };
+            (least > MAX_ROW_BYTES).then(|| {
+                FieldError::new(
+                    format!("{base}/columns"),
+                    format!(
+                        "with only its defaults, an item takes at least {least} bytes in a \
+                         PostgreSQL row, more than the {MAX_ROW_BYTES} a row may: give fewer \
+                         columns a default"
+                    ),
+                )
+            })
+        })
+        .collect();
+    if errors.is_empty() {
+        Ok(())
+    } else {
+        Err(CatalogError::Invalid(errors))
+    }
 }
 
 /// Two blueprints of a project may not share a PostgreSQL table or an Elasticsearch type, nor may

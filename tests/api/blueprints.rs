@@ -429,6 +429,29 @@ async fn a_blueprint_with_too_many_columns_is_refused_with_422() {
     assert_eq!(answer.paths(), ["/columns"]);
 }
 
+/// Defaults that alone overflow a PostgreSQL row would have every item moved into the version
+/// refused by PostgreSQL after the freeze: the blueprint is refused before, naming its columns;
+/// as many columns without defaults are accepted (each item's own row is checked as it is written).
+#[tokio::test]
+async fn defaults_that_alone_overflow_a_postgresql_row_are_refused_with_422() {
+    let app = spawn_app().await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let mut body = article();
+    for i in 0..520 {
+        body["columns"][format!("u{i}")] =
+            json!({"type": "uuid", "default": "0b7a4b3e-94c4-4bf8-9a2d-3b5a7e8e2f11"});
+    }
+    let answer = app.put("/myblog/article/_blueprint", &body).await;
+    assert_eq!(answer.status, 422, "{}", answer.body);
+    assert_eq!(answer.paths(), ["/columns"]);
+    assert!(answer.body.to_string().contains("8160"), "{}", answer.body);
+    for i in 0..520 {
+        body["columns"][format!("u{i}")] = json!({"type": "uuid"});
+    }
+    let answer = app.put("/myblog/article/_blueprint", &body).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+}
+
 #[tokio::test]
 async fn malformed_query_strings_and_paths_get_json_errors() {
     let app = spawn_app().await;

@@ -472,3 +472,53 @@ async fn a_dry_run_shows_the_ddl_and_mappings_each_store_would_run() {
     app.stop().await;
     db.drop().await;
 }
+
+/// A column made `nullable: false` with a default is lossless: the report counts on nulls taking
+/// the default, and so does every store. An item stored with no price reads 9.5 at version 2 and
+/// reaches PostgreSQL's version-2 table with it (the back-fill), as does a version-1 write with a
+/// null price; no store refuses anything.
+#[tokio::test]
+async fn a_null_moved_into_a_column_that_allows_none_takes_its_default_in_every_store() {
+    let db = TestDatabase::create().await;
+    let settings = db.settings();
+    let app = spawn_app_with(|s| s.postgresql = Some(settings)).await;
+    let ids = shop(&app).await;
+    app.put(
+        "/shop/product/_blueprint",
+        &product(json!({"type": "float", "nullable": false, "default": 9.5})),
+    )
+    .await;
+    let report = app.post("/shop/_version?dry_run=true", None).await;
+    assert_eq!(report.body["verdict"], "lossless", "{}", report.body);
+    let frozen = app.post("/shop/_version", None).await;
+    assert_eq!(frozen.status, 200, "{}", frozen.body);
+    let read = app
+        .get(&format!("/shop/product/{}?version=2", ids[3]))
+        .await;
+    assert_eq!(read.body["price"], 9.5, "{}", read.body);
+    // A version-1 write with no price, projected into both versions' tables.
+    let id = Uuid::new_v4();
+    app.put_projected(
+        &format!("/shop/product/{id}?wait=true"),
+        &json!({"id": id, "project_version": 1, "name": "new", "price": null}),
+    )
+    .await;
+    let mut sql = db.sql().await;
+    let mut prices: Vec<(Uuid, f32)> = Vec::new();
+    for _ in 0..300 {
+        prices = sqlx::query_as("SELECT id, price FROM shop_v2.products")
+            .fetch_all(&mut sql)
+            .await
+            .unwrap();
+        if prices.len() == 5 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for missing in [ids[3], id] {
+        assert!(prices.contains(&(missing, 9.5)), "{missing} in {prices:?}");
+    }
+    assert_eq!(prices.len(), 5, "{prices:?}");
+    let letters = app.get("/_dead_letters").await.body;
+    assert_eq!(letters["dead_letters"], json!([]), "{letters}");
+}

@@ -88,6 +88,10 @@ pub fn assess(from: &ColumnDef, to: &ColumnDef) -> Assessment {
                 None => "the column allows no null (no default) but the other version's allows null: stores refuse items without a value".into(),
             },
         ),
+        Some(reason) if !to.nullable && to.default.is_some() => Assessment::new(
+            Verdict::Lossy,
+            format!("{reason}: those take the default"),
+        ),
         Some(reason) => Assessment::new(Verdict::Lossy, format!("{reason}: those become null")),
         None => Assessment::new(
             Verdict::Lossless,

@@ -299,6 +299,94 @@ fn lossy_type_changes_become_null_and_lossless_ones_convert() {
     );
 }
 
+/// A null arriving at a column that allows none takes the column's default, as the report counts
+/// on (a value that was null, one the conversion could not keep, either direction).
+#[test]
+fn a_null_arriving_at_a_column_that_allows_no_null_takes_its_default() {
+    use super::compat::{assess, refused, Verdict};
+    let ty = |t: &str| t.parse::<ColumnType>().unwrap();
+    let nullable = blueprint(&[ty("integer")]);
+    let mut strict = blueprint(&[ty("integer")]);
+    strict.columns[0].def.nullable = false;
+    strict.columns[0].def.default = Some(json!(7));
+    let item = |v: Value| {
+        let mut item = Map::new();
+        item.insert("c0".into(), v);
+        item
+    };
+    for (from, to) in [(&nullable, &strict), (&strict, &nullable)] {
+        let (from_def, to_def) = (&from.columns[0].def, &to.columns[0].def);
+        assert_eq!(assess(from_def, to_def).verdict, Verdict::Lossless);
+        assert!(!refused(&Value::Null, from_def, to_def));
+    }
+    assert_eq!(
+        transform(&item(Value::Null), &nullable, &strict, 2)["c0"],
+        json!(7)
+    );
+    assert_eq!(
+        transform(&item(json!(3)), &nullable, &strict, 2)["c0"],
+        json!(3)
+    );
+    // Into a column that allows null, a null stays one.
+    assert_eq!(
+        transform(&item(Value::Null), &strict, &nullable, 2)["c0"],
+        Value::Null
+    );
+    // A value that does not convert, into a float column made integer that allows no null.
+    let floats = blueprint(&[ty("float")]);
+    assert_eq!(
+        transform(&item(json!(2.5)), &floats, &strict, 2)["c0"],
+        json!(7)
+    );
+}
+
+/// Any value moved into a json column is kept as it is: a text stays a JSON string, whatever it
+/// reads as; `convert: parse` reads texts that are JSON. The last day there is rounds to itself.
+#[test]
+fn texts_moved_into_json_stay_strings_and_the_last_day_rounds_to_itself() {
+    use super::model::Convert;
+    use super::transform::convert;
+    let def = |t: &str| ColumnDef::of_type(t.parse().unwrap());
+    for text in [
+        "null",
+        "true",
+        "[1, 2]",
+        " 5 ",
+        "007",
+        "\"quoted\"",
+        "123456789012345678901234567890",
+    ] {
+        assert_eq!(
+            convert(&def("string"), &def("json"), &json!(text)),
+            json!(text)
+        );
+        assert_eq!(
+            convert(&def("text"), &def("json"), &json!(text)),
+            json!(text)
+        );
+    }
+    let mut parse = def("json");
+    parse.convert = Some(Convert::Parse);
+    assert_eq!(
+        convert(&def("string"), &parse, &json!("[1, 2]")),
+        json!([1, 2])
+    );
+    assert_eq!(
+        convert(&def("string"), &parse, &json!("not json")),
+        json!("not json")
+    );
+    let mut round = def("date");
+    round.convert = Some(Convert::Round);
+    assert_eq!(
+        convert(&def("datetime"), &round, &json!("9999-12-31 23:59:59")),
+        json!("9999-12-31")
+    );
+    assert_eq!(
+        convert(&def("datetime"), &round, &json!("2020-01-02 12:00:00")),
+        json!("2020-01-03")
+    );
+}
+
 fn convert_option() -> impl Strategy<Value = Option<super::model::Convert>> {
     use super::model::Convert;
     prop_oneof![

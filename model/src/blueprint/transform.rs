@@ -7,6 +7,7 @@
 //! otherwise. The result always passes the target column's own checks, so every projected item is
 //! valid at its version; `compat` says beforehand which changes can lose values.
 
+use chrono::Datelike;
 use serde_json::{Map, Value};
 
 use super::check::check_column_value;
@@ -33,6 +34,12 @@ pub fn transform(
                 Some(value) => convert(&old.def, &column.def, value),
             },
             None => column.def.fallback(),
+        };
+        // A column that allows no null takes its default instead (`compat` counts on it: with a
+        // default, no null is refused).
+        let value = match value {
+            Value::Null if !column.def.nullable => column.def.fallback(),
+            value => value,
         };
         out.insert(name.to_string(), value);
     }
@@ -120,8 +127,9 @@ fn convert_scalar(
         (String | Text, _) if how == Some(Convert::Parse) => {
             parse_leniently(to, value.as_str()?).or_else(|| from_text(to, value.as_str()?))
         }
-        (String | Text, _) => from_text(to, value.as_str()?),
+        // Any value is JSON as it is: a text stays a JSON string (`convert: parse` reads it).
         (_, Json) => Some(value.clone()),
+        (String | Text, _) => from_text(to, value.as_str()?),
         (Json, _) => canonicalize_scalar(to, value).ok(),
         (Integer, Float) => Some(value.clone()),
         (Float, Integer) => {
@@ -138,8 +146,10 @@ fn convert_scalar(
             let t = parse_datetime(value.as_str()?).ok()?;
             let day = match how {
                 Some(Convert::Truncate) => t.date_naive(),
+                // The last day there is rounds to itself: a date past 9999 is no date here.
                 Some(Convert::Round) if t.time() >= chrono::NaiveTime::from_hms_opt(12, 0, 0)? => {
-                    t.date_naive().succ_opt()?
+                    let day = t.date_naive().succ_opt().filter(|d| d.year() <= 9999);
+                    day.unwrap_or(t.date_naive())
                 }
                 Some(Convert::Round) => t.date_naive(),
                 _ if t.time() == chrono::NaiveTime::MIN => t.date_naive(),
