@@ -84,6 +84,9 @@ pub struct KeyStore {
     /// The master keys' digests, made once.
     master_digests: Vec<String>,
     keys: RwLock<HashMap<String, ApiKey>>,
+    /// Changes this node made to `keys` (made, changed, revoked): a read of the stored keys that
+    /// one happened during is not installed, or it would bring back what was revoked meanwhile.
+    edits: std::sync::atomic::AtomicU64,
     /// Uses of keys not written yet, by key id.
     used: Mutex<HashMap<String, DateTime<Utc>>>,
     /// When the last read for an unknown key id started; held while one runs, so the requests
@@ -106,6 +109,7 @@ impl KeyStore {
                 .map(|k| super::digest(k.expose()))
                 .collect(),
             keys: RwLock::new(HashMap::new()),
+            edits: std::sync::atomic::AtomicU64::new(0),
             used: Mutex::new(HashMap::new()),
             last_miss: tokio::sync::Mutex::new(None),
             miss_reads: std::sync::atomic::AtomicU64::new(0),
@@ -115,11 +119,35 @@ impl KeyStore {
         Ok(store)
     }
 
+    /// Reads the stored keys into this node's copy, again when this node changed a key during
+    /// the read (a few times at most: the periodic refresh installs what a busy moment skipped).
     async fn reload(&self) -> Result<(), StorageError> {
-        let keys = self.storage.keys().await?;
-        *self.keys.write().expect("keys lock") =
-            keys.into_iter().map(|k| (k.id.clone(), k)).collect();
+        for _ in 0..3 {
+            let before = self.edits.load(std::sync::atomic::Ordering::Acquire);
+            let keys = self.storage.keys().await?;
+            if self.install(keys, before) {
+                break;
+            }
+        }
         Ok(())
+    }
+
+    /// Replaces this node's copy with `keys`, read when [`KeyStore::edits`] was `before`, unless
+    /// this node changed a key since.
+    fn install(&self, keys: Vec<ApiKey>, before: u64) -> bool {
+        let mut copy = self.keys.write().expect("keys lock");
+        if self.edits.load(std::sync::atomic::Ordering::Acquire) != before {
+            return false;
+        }
+        *copy = keys.into_iter().map(|k| (k.id.clone(), k)).collect();
+        true
+    }
+
+    /// Changes this node's copy of the keys, counted in `edits`.
+    fn edit<R>(&self, change: impl FnOnce(&mut HashMap<String, ApiKey>) -> R) -> R {
+        let mut copy = self.keys.write().expect("keys lock");
+        self.edits.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        change(&mut copy)
     }
 
     /// Reads the keys again for an id that was unknown at `arrived`, unless a read that started
@@ -306,10 +334,7 @@ impl KeyStore {
                 ),
             )]));
         }
-        self.keys
-            .write()
-            .expect("keys lock")
-            .insert(id.clone(), key.clone());
+        self.edit(|keys| keys.insert(id.clone(), key.clone()));
         Ok((key, format!("dstore_{id}_{secret}")))
     }
 
@@ -326,7 +351,7 @@ impl KeyStore {
 
     /// Forgets a key found revoked; answers the error saying so.
     fn forget(&self, id: &str) -> KeyError {
-        self.keys.write().expect("keys lock").remove(id);
+        self.edit(|keys| keys.remove(id));
         KeyError::NotFound(crate::blueprint::value::excerpt_str(id))
     }
 
@@ -335,10 +360,7 @@ impl KeyStore {
         if !self.storage.replace_key(key).await? {
             return Err(self.forget(&key.id));
         }
-        self.keys
-            .write()
-            .expect("keys lock")
-            .insert(key.id.clone(), key.clone());
+        self.edit(|keys| keys.insert(key.id.clone(), key.clone()));
         Ok(())
     }
 
@@ -382,7 +404,7 @@ impl KeyStore {
         let key = self.get(id).await?;
         Self::may_touch(by, &key, "revoke")?;
         self.storage.delete_key(id).await?;
-        self.keys.write().expect("keys lock").remove(id);
+        self.edit(|keys| keys.remove(id));
         Ok(key)
     }
 }
@@ -500,5 +522,34 @@ async fn refresh(store: Weak<KeyStore>) {
         if let Err(error) = store.reload().await {
             tracing::warn!(%error, "cannot read the API keys; the last ones read stay in use");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A read of the stored keys made before a revocation, installed after it, would bring the
+    /// revoked key back until the next read: it is not installed.
+    #[tokio::test]
+    async fn a_read_made_before_a_revocation_does_not_bring_the_key_back() {
+        let (storage, _dir) = crate::storage::conformance::open_embedded().await;
+        let store = KeyStore::open(storage.clone(), Vec::new()).await.unwrap();
+        let input = KeyInput {
+            name: Some("k".into()),
+            actions: Some(vec!["items.read".into()]),
+            projects: Some(vec!["*".into()]),
+            ..KeyInput::default()
+        };
+        let (key, token) = store.create(&Caller::Master, input).await.unwrap();
+        assert!(store.authenticate(Some(&token)).await.is_ok());
+        let before = store.edits.load(std::sync::atomic::Ordering::Acquire);
+        let stale = storage.keys().await.unwrap();
+        store.delete(&Caller::Master, &key.id).await.unwrap();
+        assert!(!store.install(stale, before));
+        assert!(store.authenticate(Some(&token)).await.is_err());
+        // A read made after it is installed.
+        store.reload().await.unwrap();
+        assert!(store.list().is_empty());
     }
 }

@@ -102,6 +102,13 @@ async fn embedded() -> Fixture {
     }
 }
 
+/// An embedded storage in a temporary directory, which must outlive it.
+pub(crate) async fn open_embedded() -> (Arc<dyn Storage>, tempfile::TempDir) {
+    let fixture = embedded().await;
+    let dir = fixture._dir.expect("an embedded storage has a directory");
+    (fixture.storage, dir)
+}
+
 fn server_url() -> String {
     std::env::var("DSTORE_TEST_POSTGRES_URL")
         .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into())
