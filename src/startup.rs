@@ -538,7 +538,8 @@ fn master_keys(settings: &Settings) -> Result<Option<Vec<Secret>>, StartupError>
         .position(|k| !k.expose().bytes().all(|b| b.is_ascii_graphic()))
     {
         return Err(StartupError::Auth(format!(
-            "master key {} holds a space, a control character or a non-ASCII one: a request could              never send it (keys are visible ASCII: letters, digits, punctuation)",
+            "master key {} holds a space, a control character or a non-ASCII one: a request could \
+             never send it (keys are visible ASCII: letters, digits, punctuation)",
             odd + 1
         )));
     }

@@ -28,13 +28,47 @@ pub fn caller(request: &HttpRequest) -> Caller {
         .unwrap_or(Caller::Open)
 }
 
+/// The most of a method's name the audit log keeps: a client may send one of any length.
+const MAX_METHOD_BYTES: usize = 32;
+
 /// A method's name for the audit log: the metrics' label for the standard ones, borrowed; any
-/// other method under its own name.
+/// other method under its own name, cut after [`MAX_METHOD_BYTES`].
 fn method_text(method: &Method) -> crate::auth::audit::Text {
     match super::observe::method_label(method) {
-        "other" => method.as_str().to_owned().into(),
+        "other" => {
+            let name = method.as_str();
+            // A method is a token of visible ASCII: any byte is a character's end.
+            match name.get(..MAX_METHOD_BYTES) {
+                Some(start) if name.len() > MAX_METHOD_BYTES => format!("{start}…").into(),
+                _ => name.to_owned().into(),
+            }
+        }
         standard => standard.into(),
     }
+}
+
+/// Whether a request names this machine (`Host`: `localhost`, a name under `.localhost`, a
+/// loopback address; a request without `Host` names nothing else). Without a master key dstore
+/// serves only on a loopback address, where a browser's page reaches it only through a name of
+/// its own that a DNS rebinding points at 127.0.0.1, and which its requests then carry: neither
+/// the cross-site check (the page and dstore share that name) nor a key would stop it.
+fn names_this_machine(request: &ServiceRequest) -> bool {
+    let Some(host) = request.headers().get(header::HOST) else {
+        return true;
+    };
+    let Ok(host) = host.to_str() else {
+        return false;
+    };
+    let name = match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    };
+    let name = name.to_ascii_lowercase();
+    name == "localhost"
+        || name.ends_with(".localhost")
+        || name
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback())
 }
 
 fn changes_something(method: &Method) -> bool {
@@ -106,8 +140,11 @@ pub async fn authenticate(
             if !matches!(checked.caller, Caller::Open) {
                 request.extensions_mut().insert(checked.caller.clone());
             }
+            // With authentication on, a caller without a key (an open route) vouches for nothing.
+            let vouched =
+                state.keys.is_none() || matches!(checked.caller, Caller::Master | Caller::Key(..));
             let response = next.call(request).await?.map_into_left_body();
-            (checked, response, true)
+            (checked, response, vouched)
         }
         Err((checked, refused)) => {
             let response = request.error_response(refused).map_into_right_body();
@@ -169,6 +206,16 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
         action,
         project,
     };
+    // Open because no master key was set (not `auth.disabled`): only for this machine's names.
+    if state.keys.is_none() && !state.settings.auth.disabled && !names_this_machine(request) {
+        let refused = ApiError::Forbidden(
+            "without a master key dstore answers only requests that name this machine (Host: \
+             localhost or a loopback address); set a master key (DSTORE_MASTER_KEY) to serve other \
+             names"
+                .into(),
+        );
+        return Err((checked, refused));
+    }
     if changes_something(method) && cross_site(request) {
         let refused = ApiError::Forbidden(
             "a cross-site request from a browser cannot change anything here".into(),

@@ -971,6 +971,93 @@ async fn refusals_without_a_key_are_recorded_a_few_a_second_and_the_rest_counted
     app.stop().await;
 }
 
+/// Requests without a key to an open route (`/_health`) vouch for nothing either: recorded a few
+/// a second like refusals, the rest counted; a method of any length is kept cut short.
+#[tokio::test]
+async fn requests_without_a_key_to_open_routes_are_recorded_a_few_a_second_methods_cut() {
+    let app = secured().await;
+    let (ops, _) = key(&app, &["operations"], &["*"], None).await;
+    let long = Method::from_bytes("A".repeat(10_000).as_bytes()).unwrap();
+    let (status, _) = call(&app, long, "/_health", None, None).await;
+    assert!((400..500).contains(&status), "{status}");
+    let sent = 101;
+    for _ in 1..sent {
+        let (status, _) = call(&app, Method::POST, "/_health", None, None).await;
+        assert_eq!(status, 405);
+    }
+    let (mut one_by_one, mut counted) = (0, 0);
+    for _ in 0..60 {
+        let (_, answer) = call(&app, Method::GET, "/_audit?limit=1000", Some(&ops), None).await;
+        (one_by_one, counted) = (0, 0);
+        for entry in answer["entries"].as_array().unwrap() {
+            let method = entry["method"].as_str().unwrap();
+            assert!(method.len() <= 40, "{} bytes of method", method.len());
+            let path = entry["path"].as_str().unwrap();
+            if path == "/_health" {
+                one_by_one += 1;
+            } else if let Some((n, _)) = path.split_once(' ') {
+                counted += n.parse::<u64>().unwrap();
+                assert!(path.len() < 200, "{path}");
+            }
+        }
+        if one_by_one + counted == sent {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        one_by_one + counted,
+        sent,
+        "{one_by_one} recorded, {counted} counted"
+    );
+    assert!(
+        one_by_one < sent / 2,
+        "{one_by_one} of {sent} recorded one by one"
+    );
+    app.stop().await;
+}
+
+/// Without a master key every route is open, on a loopback address only: a browser's page whose
+/// own name a DNS rebinding points at 127.0.0.1 sends that name, same-origin, so only the name
+/// tells it apart. Requests naming another host are refused; this machine's names are served.
+#[tokio::test]
+async fn without_a_master_key_only_requests_naming_this_machine_are_served() {
+    let app = crate::helpers::spawn_app().await;
+    let port = app.address.rsplit(':').next().unwrap().to_string();
+    let send = |host: String| {
+        app.client
+            .delete(format!("{}/_project", app.address))
+            .header("Host", host.clone())
+            .header("Origin", format!("http://{host}"))
+            .header("Sec-Fetch-Site", "same-origin")
+            .send()
+    };
+    for host in [
+        "evil.example",
+        "localhost.evil.example",
+        "127.0.0.1.evil.example",
+    ] {
+        let answer = send(format!("{host}:{port}")).await.unwrap();
+        assert_eq!(answer.status().as_u16(), 403, "{host}");
+        let body: Value = answer.json().await.unwrap();
+        assert!(
+            body["status"].as_str().unwrap().contains("master key"),
+            "{body}"
+        );
+    }
+    for host in [
+        "localhost",
+        "127.0.0.1",
+        "127.0.0.2",
+        "[::1]",
+        "dstore.localhost",
+    ] {
+        let answer = send(format!("{host}:{port}")).await.unwrap();
+        assert_eq!(answer.status().as_u16(), 200, "{host}");
+    }
+    app.stop().await;
+}
+
 /// A verb spelled with a percent-escape (`%5F` is `_`) reaches the route the decoded path names,
 /// so it needs that route's action: an item writer cannot freeze, edit or drop a project that way,
 /// nor can a key scoped to one project drop every project.

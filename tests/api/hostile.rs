@@ -406,7 +406,8 @@ async fn a_body_that_never_arrives_is_answered_408_and_too_many_body_bytes_503()
         "/myblog/article/0b7a1dd1-56a2-4b7e-8dc5-3f1c2a8c9e01",
     ] {
         let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
-        let head = format!("PUT {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{{");
+        let head =
+            format!("PUT {path} HTTP/1.1\r\nHost: localhost\r\nContent-Length: 100\r\n\r\n{{");
         socket.write_all(head.as_bytes()).await.unwrap();
         let mut answer = Vec::new();
         let read =
@@ -421,7 +422,7 @@ async fn a_body_that_never_arrives_is_answered_408_and_too_many_body_bytes_503()
     // would be more than all of it): other requests go on meanwhile.
     let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
     let head =
-        "PUT /myblog/article/_blueprint HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n{";
+        "PUT /myblog/article/_blueprint HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4000\r\n\r\n{";
     stalled.write_all(head.as_bytes()).await.unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
     let meanwhile = app.put("/myblog/article/_blueprint", &article()).await;
@@ -432,7 +433,7 @@ async fn a_body_that_never_arrives_is_answered_408_and_too_many_body_bytes_503()
     // 43,200 of the 64 KiB, so a body of 700 bytes more waits for none of it and is answered 503.
     let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
     let head = format!(
-        "PUT /myblog/article/_blueprint HTTP/1.1\r\nHost: x\r\nContent-Length: 4000\r\n\r\n{}",
+        "PUT /myblog/article/_blueprint HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4000\r\n\r\n{}",
         " ".repeat(1200)
     );
     stalled.write_all(head.as_bytes()).await.unwrap();
@@ -546,7 +547,8 @@ async fn a_bulk_request_takes_a_place_once_its_body_is_read_and_gives_it_back_wh
     // A client that sends half a body and stalls (for up to `body_timeout_secs`, 30 s): it
     // holds no place, so the one place stays free for the others.
     let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let head = "POST /myblog/_bulk HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{\"put\"";
+    let head =
+        "POST /myblog/_bulk HTTP/1.1\r\nHost: localhost\r\nContent-Length: 1000\r\n\r\n{\"put\"";
     stalled.write_all(head.as_bytes()).await.unwrap();
     // A body refused once read gives its place back.
     let refused = app
