@@ -27,7 +27,7 @@ missing_packages() {
 # A C/C++ toolchain and libclang for the RocksDB bindings, and a Rust toolchain.
 ensure_build_deps() {
     local missing
-    missing=$(missing_packages clang libclang-dev g++ make pkg-config ca-certificates curl)
+    missing=$(missing_packages clang libclang-dev g++ make pkg-config ca-certificates curl openssl)
     if [ -n "$missing" ]; then
         echo "dstore: installing build dependencies: $missing" >&2
         # shellcheck disable=SC2086

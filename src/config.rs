@@ -348,6 +348,14 @@ pub struct ElasticsearchSettings {
     pub url: SecretUrl,
     /// Prefix of every index and alias name dstore creates.
     pub index_prefix: String,
+    /// A PEM file of the certificate authority that signed the server's certificate, trusted
+    /// besides the system's (`DSTORE_ELASTICSEARCH_CA_CERT`): Elasticsearch 8 makes its own at its
+    /// first start (`config/certs/http_ca.crt`). The server's name is still checked.
+    pub ca_cert: Option<PathBuf>,
+    /// An API key as Elasticsearch answers it in `encoded` (base64 of `id:api_key`), sent as
+    /// `Authorization: ApiKey …` (`DSTORE_ELASTICSEARCH_API_KEY`). A user and password go in
+    /// the URL instead.
+    pub api_key: Option<Secret>,
 }
 
 /// RabbitMQ as the way tasks reach projectors (see `queue::rabbitmq`).
@@ -482,6 +490,8 @@ impl Default for ElasticsearchSettings {
         ElasticsearchSettings {
             url: "http://localhost:9200".into(),
             index_prefix: String::new(),
+            ca_cert: None,
+            api_key: None,
         }
     }
 }
@@ -674,6 +684,16 @@ impl Settings {
                 .get_or_insert_with(ElasticsearchSettings::default)
                 .index_prefix = v.1;
         }
+        if let Some(v) = first(&["DSTORE_ELASTICSEARCH_CA_CERT"]) {
+            self.elasticsearch
+                .get_or_insert_with(ElasticsearchSettings::default)
+                .ca_cert = Some(v.1.into());
+        }
+        if let Some(v) = first(&["DSTORE_ELASTICSEARCH_API_KEY"]) {
+            self.elasticsearch
+                .get_or_insert_with(ElasticsearchSettings::default)
+                .api_key = Some(v.1.into());
+        }
         if let Some(v) = first(&["DSTORE_QUEUE_URL", "QUEUE_CONNECTIONSTRING"]) {
             match &mut self.queue {
                 Some(queue) => queue.url = v.1.into(),
@@ -757,6 +777,8 @@ mod tests {
                 "postgres://u:url-s3cret@db/x?sslpassword=q-s3cret",
             ),
             ("ELASTICSEARCH_HOST", "https://elastic:es-s3cret@es:9200"),
+            ("DSTORE_ELASTICSEARCH_API_KEY", "a2V5LXMzY3JldA=="),
+            ("DSTORE_ELASTICSEARCH_CA_CERT", "/etc/dstore/http_ca.crt"),
             (
                 "QUEUE_CONNECTIONSTRING",
                 "amqp://guest:mq-s3cret@mq:5672/%2f",
@@ -780,6 +802,16 @@ mod tests {
             "{printed}"
         );
         assert!(printed.contains("https://elastic:***@es:9200"), "{printed}");
+        assert!(!printed.contains("a2V5LXMzY3JldA"), "{printed}");
+        let es = s.elasticsearch.as_ref().unwrap();
+        assert_eq!(
+            es.api_key.as_ref().map(Secret::expose),
+            Some("a2V5LXMzY3JldA==")
+        );
+        assert_eq!(
+            es.ca_cert.as_deref(),
+            Some(Path::new("/etc/dstore/http_ca.crt"))
+        );
         assert_eq!(s.postgresql.unwrap().password.expose(), "pg-s3cret");
     }
 

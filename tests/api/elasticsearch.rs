@@ -4,6 +4,7 @@
 
 mod fake;
 mod schema;
+mod tls;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -183,6 +184,7 @@ async fn spawn_app_with_es(url: &str, prefix: &str) -> TestApp {
     let settings = ElasticsearchSettings {
         url: url.into(),
         index_prefix: prefix.into(),
+        ..ElasticsearchSettings::default()
     };
     spawn_app_with(move |s| s.elasticsearch = Some(settings)).await
 }
@@ -194,6 +196,7 @@ fn direct(url: &str, prefix: &str) -> (tempfile::TempDir, Catalog, Elasticsearch
     let settings = ElasticsearchSettings {
         url: url.into(),
         index_prefix: prefix.into(),
+        ..ElasticsearchSettings::default()
     };
     let projector = ElasticsearchProjector::new(&settings).expect("valid settings");
     (dir, catalog, projector)
@@ -560,6 +563,7 @@ async fn an_unreachable_elasticsearch_neither_stops_dstore_nor_loses_writes_and_
         s.elasticsearch = Some(ElasticsearchSettings {
             url: "http://127.0.0.1:9".into(),
             index_prefix: unique_prefix(),
+            ..ElasticsearchSettings::default()
         });
         s.projection.wait_timeout_secs = 1;
     })
@@ -627,6 +631,7 @@ fn an_invalid_index_prefix_is_refused_at_start() {
     let settings = ElasticsearchSettings {
         url: "http://localhost:9200".into(),
         index_prefix: "Upper".into(),
+        ..ElasticsearchSettings::default()
     };
     let error = ElasticsearchProjector::new(&settings)
         .err()
@@ -882,6 +887,7 @@ async fn indexes_named_by_an_older_dstore_are_rebuilt_under_todays_names() {
     let settings = ElasticsearchSettings {
         url: es.url.clone().into(),
         index_prefix: prefix.clone(),
+        ..ElasticsearchSettings::default()
     };
     let start = |settings: ElasticsearchSettings, path: std::path::PathBuf| {
         spawn_app_with(move |s| {
@@ -945,6 +951,68 @@ async fn indexes_named_by_an_older_dstore_are_rebuilt_under_todays_names() {
         es.alias_targets(&format!("{prefix}shop-thing")).await,
         [current]
     );
+    app.stop().await;
+    es.clean_up(&prefix).await;
+}
+
+/// Elasticsearch 8 serves HTTPS with a certificate its own authority signed, and wants a key:
+/// with `elasticsearch.ca_cert` dstore trusts that authority (still checking the server's name),
+/// with `elasticsearch.api_key` it sends the key, and writes reach the index. Without the
+/// authority the store is unreachable, never trusted blindly; an unusable file or key stops the
+/// start with the setting named.
+#[tokio::test]
+async fn https_with_an_authority_of_its_own_and_an_api_key() {
+    use std::sync::atomic::Ordering;
+    let es = Es::new().await;
+    let prefix = unique_prefix();
+    let dir = tempfile::tempdir().unwrap();
+    tls::certificates(dir.path());
+    let key = "ZHN0b3JlOnRlc3Qta2V5"; // base64 of dstore:test-key
+    let upstream = es
+        .url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_string();
+    let (port, counts) = tls::front(dir.path(), upstream, format!("ApiKey {key}")).await;
+    let settings = |ca: Option<&str>, api_key: Option<&str>| ElasticsearchSettings {
+        url: format!("https://localhost:{port}").into(),
+        index_prefix: prefix.clone(),
+        ca_cert: ca.map(|file| dir.path().join(file)),
+        api_key: api_key.map(Into::into),
+    };
+
+    let untrusted = ElasticsearchProjector::new(&settings(None, Some(key))).unwrap();
+    let health = untrusted.health().await;
+    assert!(!health.reachable, "{health:?}");
+    assert_eq!(counts.keyed.load(Ordering::SeqCst), 0);
+    for (ca, api_key, named) in [
+        (Some("missing.crt"), Some(key), "elasticsearch.ca_cert"),
+        (Some("server.csr"), Some(key), "elasticsearch.ca_cert"),
+        (Some("ca.crt"), Some("not a key!"), "elasticsearch.api_key"),
+    ] {
+        let refused = ElasticsearchProjector::new(&settings(ca, api_key))
+            .err()
+            .expect("refused");
+        assert!(refused.to_string().contains(named), "{refused}");
+    }
+
+    let trusted = settings(Some("ca.crt"), Some(key));
+    let app = spawn_app_with(move |s| s.elasticsearch = Some(trusted)).await;
+    let ready = app.get("/_health/ready").await.body;
+    assert_eq!(
+        ready["projectors"]["elasticsearch"]["health"]["reachable"], true,
+        "{ready}"
+    );
+    app.put_and_freeze("myblog", "article", &crate::helpers::article())
+        .await;
+    let id = Uuid::new_v4();
+    app.put_projected(
+        &format!("/myblog/article/{id}?wait=true"),
+        &json!({"id": id, "project_version": 1, "date_created": "2026-12-05 10:00:00"}),
+    )
+    .await;
+    assert!(counts.keyed.load(Ordering::SeqCst) > 0);
+    assert_eq!(counts.refused.load(Ordering::SeqCst), 0);
     app.stop().await;
     es.clean_up(&prefix).await;
 }

@@ -425,6 +425,7 @@ async fn elasticsearch_goes_away_under_load(transport: Transport) {
     let settings = ElasticsearchSettings {
         url: format!("http://127.0.0.1:{}", proxy.port).into(),
         index_prefix: prefix.clone(),
+        ..ElasticsearchSettings::default()
     };
     let (app, broker) = spawn(transport, |s| s.elasticsearch = Some(settings)).await;
 

@@ -11,6 +11,8 @@
 use std::borrow::Cow;
 use std::time::Duration;
 
+use elasticsearch::auth::Credentials;
+use elasticsearch::cert::{Certificate, CertificateValidation};
 use elasticsearch::http::response::Response;
 use elasticsearch::http::transport::{SingleNodeConnectionPool, TransportBuilder};
 use elasticsearch::http::Url;
@@ -22,6 +24,7 @@ use elasticsearch::{BulkParts, Elasticsearch, GetParts};
 use serde_json::{json, Map, Value};
 use thiserror::Error;
 
+use crate::config::ElasticsearchSettings;
 use crate::journal::task::Doc;
 use crate::projector::ProjectorError;
 
@@ -34,6 +37,16 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(3);
 pub enum EsError {
     #[error("invalid elasticsearch url {url:?}: {reason}")]
     Url { url: String, reason: String },
+    #[error(
+        "cannot use {path} as the certificate authority of elasticsearch \
+         (elasticsearch.ca_cert / DSTORE_ELASTICSEARCH_CA_CERT): {reason}"
+    )]
+    Certificate { path: String, reason: String },
+    #[error(
+        "elasticsearch.api_key (DSTORE_ELASTICSEARCH_API_KEY) is not an encoded API key: give \
+         the `encoded` value Elasticsearch answered when the key was made (base64 of id:api_key)"
+    )]
+    ApiKey,
     #[error("invalid elasticsearch index prefix {prefix:?}: {reason}")]
     Prefix {
         prefix: String,
@@ -60,7 +73,10 @@ impl EsError {
         match self {
             EsError::Unreachable(_) | EsError::TimedOut(_) | EsError::Unreadable(_) => true,
             EsError::Refused { status, .. } => is_transient_status(*status),
-            EsError::Url { .. } | EsError::Prefix { .. } => false,
+            EsError::Url { .. }
+            | EsError::Certificate { .. }
+            | EsError::ApiKey
+            | EsError::Prefix { .. } => false,
         }
     }
 
@@ -155,19 +171,39 @@ pub struct EsClient {
 }
 
 impl EsClient {
-    /// Builds the client; nothing is sent until the first request.
-    pub fn new(url: &str) -> Result<EsClient, EsError> {
-        let parsed = Url::parse(url).map_err(|e| EsError::Url {
+    /// Builds the client: the URL (a user and password in it are sent as basic authentication),
+    /// the certificate authority and the API key of `settings`. Nothing is sent until the first
+    /// request.
+    pub fn new(settings: &ElasticsearchSettings) -> Result<EsClient, EsError> {
+        let url = settings.url.expose();
+        let invalid = |reason: String| EsError::Url {
             url: crate::config::redact_url(url),
-            reason: e.to_string(),
-        })?;
-        let transport = TransportBuilder::new(SingleNodeConnectionPool::new(parsed.clone()))
-            .timeout(REQUEST_TIMEOUT)
-            .build()
-            .map_err(|e| EsError::Url {
-                url: crate::config::redact_url(url),
-                reason: e.to_string(),
-            })?;
+            reason,
+        };
+        let parsed = Url::parse(url).map_err(|e| invalid(e.to_string()))?;
+        let mut transport = TransportBuilder::new(SingleNodeConnectionPool::new(parsed.clone()))
+            .timeout(REQUEST_TIMEOUT);
+        if let Some(path) = &settings.ca_cert {
+            let unusable = |reason: String| EsError::Certificate {
+                path: path.display().to_string(),
+                reason,
+            };
+            let pem = std::fs::read(path).map_err(|e| unusable(e.to_string()))?;
+            let authority = Certificate::from_pem(&pem).map_err(|e| unusable(e.to_string()))?;
+            transport = transport.cert_validation(CertificateValidation::Full(authority));
+        }
+        if let Some(key) = &settings.api_key {
+            let key = key.expose().trim();
+            let encoded = key.len() >= 4
+                && key
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'+' | b'/' | b'='));
+            if !encoded {
+                return Err(EsError::ApiKey);
+            }
+            transport = transport.auth(Credentials::EncodedApiKey(key.to_owned()));
+        }
+        let transport = transport.build().map_err(|e| invalid(e.to_string()))?;
         Ok(EsClient {
             es: Elasticsearch::new(transport),
             url: without_credentials(&parsed),
@@ -480,7 +516,11 @@ mod tests {
 
     #[test]
     fn credentials_in_the_url_are_not_shown() {
-        let client = EsClient::new("http://dstore:secret@es.internal:9200").unwrap();
+        let client = EsClient::new(&ElasticsearchSettings {
+            url: "http://dstore:secret@es.internal:9200".into(),
+            ..ElasticsearchSettings::default()
+        })
+        .unwrap();
         assert_eq!(client.url(), "http://es.internal:9200/");
     }
 

@@ -49,7 +49,7 @@ impl ElasticsearchProjector {
     /// Checks the settings; connects only when the first task or health check needs it.
     pub fn new(settings: &ElasticsearchSettings) -> Result<ElasticsearchProjector, EsError> {
         Ok(ElasticsearchProjector {
-            client: EsClient::new(settings.url.expose())?,
+            client: EsClient::new(settings)?,
             names: Names::new(&settings.index_prefix)?,
             known: Mutex::new(HashSet::new()),
             deployment: Deployment::default(),
