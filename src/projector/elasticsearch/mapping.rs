@@ -192,27 +192,52 @@ pub fn type_mapping(project: &Ident, version: u32, name: &Ident, blueprint: &Blu
     json!({"dynamic": "strict", "_meta": meta(project, version, name, blueprint), "properties": properties})
 }
 
-/// The body of the create-index request.
+/// The body of the create-index request. Its `_meta` holds a digest of the mapping
+/// ([`fingerprint`]).
 pub fn index_body(project: &Ident, version: u32, name: &Ident, blueprint: &Blueprint) -> Value {
+    let mut mappings = type_mapping(project, version, name, blueprint);
+    mappings["_meta"]["dstore"]["mapping"] = json!(fingerprint(&mappings));
     json!({
         "settings": {"index": {"gc_deletes": GC_DELETES}},
-        "mappings": type_mapping(project, version, name, blueprint),
+        "mappings": mappings,
     })
 }
 
-/// Whether `found` holds everything `wanted` says (a store may add defaults, never drop or change).
+/// A digest of a mapping as dstore sends it. Elasticsearch answers a mapping normalised
+/// (parameters at their defaults left out, `"type": "object"` beside `properties` too, `dynamic`
+/// as a string, `copy_to` as a list) but `_meta` as it was given: an index whose `_meta` holds the
+/// digest of the wanted mapping was made from it, however its mapping reads back.
+fn fingerprint(mapping: &Value) -> String {
+    use sha2::{Digest, Sha256};
+    crate::auth::hex(&Sha256::digest(mapping.to_string().as_bytes())[..16])
+}
+
+/// Whether `found` holds everything `wanted` says (a store may add defaults, never drop or change),
+/// read as Elasticsearch answers a mapping: some booleans and numbers as strings, a single value
+/// as a list of one, an object's `"type": "object"` left out.
 pub fn includes(found: &Value, wanted: &Value) -> bool {
     match (found, wanted) {
-        (Value::Object(found), Value::Object(wanted)) => wanted
-            .iter()
-            .all(|(k, w)| found.get(k).is_some_and(|f| includes(f, w))),
+        (Value::Object(found), Value::Object(wanted)) => {
+            wanted.iter().all(|(k, w)| match found.get(k) {
+                Some(f) => includes(f, w),
+                None => k == "type" && w == "object" && found.contains_key("properties"),
+            })
+        }
         (Value::Number(f), Value::Number(w)) => f.as_f64() == w.as_f64(),
+        (Value::String(f), Value::Bool(w)) => *f == w.to_string(),
+        (Value::String(f), Value::Number(w)) => f.parse::<f64>().ok() == w.as_f64(),
+        (Value::Array(f), w) if !w.is_array() => matches!(f.as_slice(), [one] if includes(one, w)),
         (found, wanted) => found == wanted,
     }
 }
 
-/// Where an existing index's mapping differs from the one dstore wants, for the error message.
+/// Where an existing index's mapping differs from the one dstore wants, for the error message;
+/// `None` for an index made from it (its `_meta` holds the wanted [`fingerprint`]).
 pub fn first_difference(found: &Value, wanted: &Value) -> Option<String> {
+    let digest = &wanted["_meta"]["dstore"]["mapping"];
+    if digest.is_string() && found["_meta"]["dstore"]["mapping"] == *digest {
+        return None;
+    }
     let wanted_properties = wanted["properties"].as_object()?;
     for (field, mapping) in wanted_properties {
         if found["properties"][field].is_null() {
@@ -225,13 +250,18 @@ pub fn first_difference(found: &Value, wanted: &Value) -> Option<String> {
             ));
         }
     }
-    if !includes(&found["_meta"], &wanted["_meta"]) {
+    // An index made by an older dstore has no digest, or another one.
+    let mut owner = wanted["_meta"].clone();
+    if let Some(dstore) = owner.get_mut("dstore").and_then(Value::as_object_mut) {
+        dstore.remove("mapping");
+    }
+    if !includes(&found["_meta"], &owner) {
         return Some(format!(
-            "it belongs to {} instead of {}",
-            found["_meta"], wanted["_meta"]
+            "it belongs to {} instead of {owner}",
+            found["_meta"]
         ));
     }
-    if found["dynamic"] != wanted["dynamic"] {
+    if !includes(&found["dynamic"], &wanted["dynamic"]) {
         return Some(format!(
             "its dynamic mapping is {} instead of {}",
             found["dynamic"], wanted["dynamic"]
@@ -243,6 +273,56 @@ pub fn first_difference(found: &Value, wanted: &Value) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Elasticsearch answers a mapping normalised: `dynamic` as a string, an object's type left
+    /// out, `copy_to` as a list, parameters at their defaults dropped. An index made from the
+    /// wanted mapping (its digest in `_meta`) matches however it reads back; one an older dstore
+    /// made is compared field by field, normalisations allowed.
+    #[test]
+    fn a_mapping_read_back_normalised_by_elasticsearch_still_matches() {
+        let parse = |body: Value| {
+            let input = crate::blueprint::parse_blueprint(&body, "").unwrap();
+            crate::blueprint::apply_edit(None, input, &mut 0, "").unwrap()
+        };
+        let blueprint = parse(
+            json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
+            "columns": {"tag": {"type": "string", "elasticsearch":
+                {"type": "keyword", "index": true, "copy_to": "all"}},
+              "all": {"type": "text"}}}),
+        );
+        let (p, name) = (Ident::parse("p").unwrap(), Ident::parse("t").unwrap());
+        let wanted = index_body(&p, 1, &name, &blueprint)["mappings"].clone();
+        let mut found = wanted.clone();
+        found["dynamic"] = json!("strict");
+        found["properties"]["tag"] = json!({"type": "keyword", "copy_to": ["all"]});
+        found["_meta"]["dstore"]["deployment"] = json!("d1");
+        assert_eq!(first_difference(&found, &wanted), None);
+        // An older dstore's index: no digest; field by field, the dropped default differs.
+        found["_meta"]["dstore"]
+            .as_object_mut()
+            .unwrap()
+            .remove("mapping");
+        let difference = first_difference(&found, &wanted).expect("a difference");
+        assert!(difference.contains("tag"), "{difference}");
+        found["properties"]["tag"]["index"] = json!(true);
+        assert_eq!(first_difference(&found, &wanted), None);
+        assert!(includes(
+            &json!({"dynamic": "false"}),
+            &json!({"dynamic": false})
+        ));
+        assert!(includes(
+            &json!({"o": {"properties": {}}}),
+            &json!({"o": {"type": "object", "properties": {}}})
+        ));
+        assert!(!includes(
+            &json!({"copy_to": ["a", "b"]}),
+            &json!({"copy_to": "a"})
+        ));
+        // Another project's index differs, digest or not.
+        let other =
+            index_body(&Ident::parse("q").unwrap(), 1, &name, &blueprint)["mappings"].clone();
+        assert!(first_difference(&other, &wanted).is_some());
+    }
 
     /// Overrides that Elasticsearch would refuse at migration are refused when the blueprint is
     /// put: an unknown analyzer, more fields than an index takes, objects nested too deep.
