@@ -738,6 +738,10 @@ async fn a_migration_finishes_a_half_done_one_and_refuses_an_index_with_another_
 }
 
 fn upsert(project: &Ident, revision: u64) -> dstore::journal::task::Task {
+    upsert_titled(project, revision, "t")
+}
+
+fn upsert_titled(project: &Ident, revision: u64, title: &str) -> dstore::journal::task::Task {
     let id = Uuid::new_v4();
     dstore::journal::task::Task {
         seq: revision,
@@ -748,7 +752,7 @@ fn upsert(project: &Ident, revision: u64) -> dstore::journal::task::Task {
             revision,
             docs: vec![dstore::journal::task::VersionDoc::new(
                 1,
-                &conformance::sample_doc(id, "t"),
+                &conformance::sample_doc(id, title),
             )],
         },
     }
@@ -756,7 +760,7 @@ fn upsert(project: &Ident, revision: u64) -> dstore::journal::task::Task {
 
 #[tokio::test]
 async fn bulk_results_are_judged_one_by_one_429_retried_conflicts_fine_rejections_final() {
-    let url = fake::elasticsearch(|method, path| match (method, path) {
+    let url = fake::elasticsearch(|method, path, _| match (method, path) {
         ("HEAD", _) => (200, Value::Null),
         ("POST", p) if p.starts_with("/_bulk") => (
             200,
@@ -796,9 +800,50 @@ async fn bulk_results_are_judged_one_by_one_429_retried_conflicts_fine_rejection
     assert!(outcomes[3].is_ok(), "{outcomes:?}");
 }
 
+/// A proxy in front of Elasticsearch refusing a whole `_bulk` for good (413: more than it lets
+/// through) would dead-letter every write of the batch: the halves are sent on their own, down to
+/// single actions, and only the one refused alone fails.
+#[tokio::test]
+async fn a_bulk_refused_whole_is_sent_in_halves_and_only_what_fails_alone_fails() {
+    let url = fake::elasticsearch(|method, path, body| match (method, path) {
+        ("HEAD", _) => (200, Value::Null),
+        ("POST", p) if p.starts_with("/_bulk") => {
+            let actions = body.lines().filter(|l| l.starts_with("{\"index\"")).count();
+            if actions > 1 || body.contains("too large alone") {
+                (413, json!({"error": "request entity too large"}))
+            } else {
+                (
+                    200,
+                    json!({"errors": false, "items": [{"index": {"status": 201}}]}),
+                )
+            }
+        }
+        _ => (500, json!({"error": "unexpected"})),
+    })
+    .await;
+    let (_dir, catalog, projector) = direct(&url, "");
+    let project = ident("fake");
+    let tasks: Vec<_> = (1..=5)
+        .map(|r| upsert_titled(&project, r, if r == 4 { "too large alone" } else { "t" }))
+        .collect();
+    let outcomes = projector
+        .apply(&catalog.snapshot(), &tasks)
+        .await
+        .expect("the batch is judged task by task");
+    for (i, outcome) in outcomes.iter().enumerate() {
+        if i == 3 {
+            let refused = outcome.as_ref().expect_err("refused alone");
+            assert_eq!(refused.kind, ErrorKind::Permanent, "{refused}");
+            assert!(refused.message.contains("413"), "{refused}");
+        } else {
+            assert!(outcome.is_ok(), "{i}: {outcomes:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_store_answering_503_keeps_every_task_for_a_retry_and_reports_unhealthy() {
-    let url = fake::elasticsearch(|_, _| {
+    let url = fake::elasticsearch(|_, _, _| {
         let error = json!({"type": "cluster_block_exception", "reason": "no master"});
         (503, json!({"error": error, "status": 503}))
     })

@@ -17,7 +17,7 @@
 
 use std::collections::HashMap;
 
-use super::client::{is_transient_status, BulkAction, BulkItem};
+use super::client::{is_transient_status, BulkAction, BulkItem, EsError};
 use super::ElasticsearchProjector;
 use crate::blueprint::Ident;
 use crate::catalog::Snapshot;
@@ -67,7 +67,9 @@ impl ElasticsearchProjector {
                 Target::Failed(error) => merge(&mut outcomes[p.task], error.clone()),
             }
         }
-        for chunk in chunks(&sendable) {
+        let mut pending = chunks(&sendable);
+        pending.reverse();
+        while let Some(chunk) = pending.pop() {
             let actions: Vec<BulkAction> = chunk.iter().map(|p| p.action.clone()).collect();
             match self.client.bulk(&actions).await {
                 Ok(items) => {
@@ -76,6 +78,12 @@ impl ElasticsearchProjector {
                             merge(&mut outcomes[p.task], error);
                         }
                     }
+                }
+                // The whole request refused for good (a proxy's size limit, a body it could not
+                // read): halves are sent on their own, so only the actions refused alone fail.
+                Err(error) if splits(&error) && chunk.len() > 1 => {
+                    let (first, second) = chunk.split_at(chunk.len() / 2);
+                    pending.extend([second, first]);
                 }
                 Err(error) => {
                     let error = ProjectorError::from(error);
@@ -221,6 +229,19 @@ fn merge(outcome: &mut Outcome, error: ProjectorError) {
 }
 
 /// Splits the actions into bulk requests of bounded size, never splitting a task's actions apart.
+/// Whether a refusal of a whole `_bulk` may come from some of its actions only: a 400 (a body
+/// that did not parse) or a 413 (a proxy in front of Elasticsearch allowing less than its
+/// `http.max_content_length`).
+fn splits(error: &EsError) -> bool {
+    matches!(
+        error,
+        EsError::Refused {
+            status: 400 | 413,
+            ..
+        }
+    )
+}
+
 fn chunks<'p, 'a>(planned: &'p [Planned<'a>]) -> Vec<&'p [Planned<'a>]> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);

@@ -3,8 +3,8 @@
 
 use serde_json::Value;
 
-/// A stand-in for Elasticsearch that answers every request with `answer(method, path)`.
-pub async fn elasticsearch(answer: fn(&str, &str) -> (u16, Value)) -> String {
+/// A stand-in for Elasticsearch that answers every request with `answer(method, path, body)`.
+pub async fn elasticsearch(answer: fn(&str, &str, &str) -> (u16, Value)) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
@@ -51,7 +51,8 @@ pub async fn elasticsearch(answer: fn(&str, &str) -> (u16, Value)) -> String {
                     words.next().unwrap_or_default(),
                     words.next().unwrap_or_default(),
                 );
-                let (status, body) = answer(method, path);
+                let sent = String::from_utf8_lossy(&request[(head.len() + 4).min(request.len())..]);
+                let (status, body) = answer(method, path, &sent);
                 let body = body.to_string();
                 let response = format!(
                     "HTTP/1.1 {status} X\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
