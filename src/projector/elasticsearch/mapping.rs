@@ -103,14 +103,25 @@ fn first_key(path: &str) -> String {
     segment.replace("~1", "/").replace("~0", "~")
 }
 
-/// Elasticsearch's `index.mapping.total_fields.limit` and `index.mapping.depth.limit` defaults: an
-/// index whose mapping passes either is refused, for good, when the version is migrated.
+/// Elasticsearch's `index.mapping.total_fields.limit`, `index.mapping.depth.limit` and
+/// `index.mapping.nested_fields.limit` defaults: an index whose mapping passes one is refused, for
+/// good, when the version is migrated.
 pub const MAX_FIELDS: usize = 1000;
 pub const MAX_DEPTH: usize = 20;
+pub const MAX_NESTED: usize = 50;
 
-/// The fields a mapping adds (itself, its multi-fields and object properties, as Elasticsearch
-/// counts them) and its depth in objects.
-fn fields_and_depth(mapping: &Map<String, Value>) -> (usize, usize) {
+/// What a mapping adds against Elasticsearch's limits.
+#[derive(Default)]
+struct Counts {
+    /// Itself, its multi-fields and object properties, as Elasticsearch counts them.
+    fields: usize,
+    /// Its depth in objects.
+    depth: usize,
+    /// Its `nested` mappings.
+    nested: usize,
+}
+
+fn counts(mapping: &Map<String, Value>) -> Counts {
     let children = |key: &str| {
         mapping
             .get(key)
@@ -118,18 +129,78 @@ fn fields_and_depth(mapping: &Map<String, Value>) -> (usize, usize) {
             .into_iter()
             .flat_map(Map::values)
             .filter_map(Value::as_object)
-            .map(fields_and_depth)
+            .map(counts)
+    };
+    let mut total = Counts {
+        fields: 1,
+        depth: 1,
+        nested: usize::from(mapping.get("type").and_then(Value::as_str) == Some("nested")),
     };
     // Multi-fields are fields of their own at the same level; properties are one level down.
-    let (mut fields, mut depth) = (1, 1);
-    for (f, _) in children("fields") {
-        fields += f;
+    for child in children("fields") {
+        total.fields += child.fields;
+        total.nested += child.nested;
     }
-    for (f, d) in children("properties") {
-        fields += f;
-        depth = depth.max(d + 1);
+    for child in children("properties") {
+        total.fields += child.fields;
+        total.depth = total.depth.max(child.depth + 1);
+        total.nested += child.nested;
     }
-    (fields, depth)
+    total
+}
+
+/// Every `copy_to` target in a mapping, with the pointer below the mapping it is at.
+fn copy_targets(mapping: &Map<String, Value>, at: &str, out: &mut Vec<(String, String)>) {
+    match mapping.get("copy_to") {
+        Some(Value::String(target)) => out.push((format!("{at}/copy_to"), target.clone())),
+        Some(Value::Array(targets)) => {
+            for (i, target) in targets.iter().enumerate() {
+                out.push((
+                    format!("{at}/copy_to/{i}"),
+                    target.as_str().unwrap_or_default().to_owned(),
+                ));
+            }
+        }
+        _ => {}
+    }
+    for key in ["fields", "properties"] {
+        for (name, child) in mapping
+            .get(key)
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(child) = child.as_object() {
+                copy_targets(child, &format!("{at}/{key}/{}", pointer_segment(name)), out);
+            }
+        }
+    }
+}
+
+/// Every `keyword` mapping in a mapping (itself, multi-fields, properties) without an
+/// `ignore_above` of at most [`KEYWORD_IGNORE_ABOVE`], with its pointer below the mapping.
+fn unbounded_keywords(mapping: &Map<String, Value>, at: &str, out: &mut Vec<String>) {
+    if mapping.get("type").and_then(Value::as_str) == Some("keyword") {
+        let bounded = mapping
+            .get("ignore_above")
+            .and_then(Value::as_u64)
+            .is_some_and(|n| n <= KEYWORD_IGNORE_ABOVE);
+        if !bounded {
+            out.push(at.to_owned());
+        }
+    }
+    for key in ["fields", "properties"] {
+        for (name, child) in mapping
+            .get(key)
+            .and_then(Value::as_object)
+            .into_iter()
+            .flatten()
+        {
+            if let Some(child) = child.as_object() {
+                unbounded_keywords(child, &format!("{at}/{key}/{}", pointer_segment(name)), out);
+            }
+        }
+    }
 }
 
 /// Every override problem of a parsed blueprint, as field errors under `base/columns/<name>/elasticsearch`;
@@ -137,10 +208,15 @@ fn fields_and_depth(mapping: &Map<String, Value>) -> (usize, usize) {
 pub fn check_overrides(input: &BlueprintInput, base: &str) -> Vec<FieldError> {
     let mut errors = Vec::new();
     // `id`, `project_version` and `links`.
-    let mut fields = 3;
+    let (mut fields, mut nested) = (3, 0);
     for column in &input.columns {
-        let (count, depth) = fields_and_depth(&column_mapping(&column.def));
+        let Counts {
+            fields: count,
+            depth,
+            nested: deep,
+        } = counts(&column_mapping(&column.def));
         fields += count;
+        nested += deep;
         if depth > MAX_DEPTH {
             errors.push(FieldError::new(
                 format!(
@@ -157,14 +233,59 @@ pub fn check_overrides(input: &BlueprintInput, base: &str) -> Vec<FieldError> {
             format!("the Elasticsearch mapping would have {fields} fields (with multi-fields and object properties); Elasticsearch allows {MAX_FIELDS} (index.mapping.total_fields.limit)"),
         ));
     }
+    if nested > MAX_NESTED {
+        errors.push(FieldError::new(
+            format!("{base}/columns"),
+            format!("the Elasticsearch mapping would have {nested} nested fields; Elasticsearch allows {MAX_NESTED} (index.mapping.nested_fields.limit)"),
+        ));
+    }
+    // The fields of the mapping: its columns, by the names they take.
+    let names: Vec<&str> = input
+        .columns
+        .iter()
+        .map(|c| c.rename_to.as_ref().unwrap_or(&c.name).as_str())
+        .collect();
     for column in &input.columns {
-        if let Some(over) = &column.def.elasticsearch {
-            for (path, message) in check_override(column.def.ty, over) {
-                let at = format!(
-                    "{base}/columns/{}/elasticsearch{path}",
-                    pointer_segment(column.name.as_str())
-                );
-                errors.push(FieldError::new(at, message));
+        let Some(over) = &column.def.elasticsearch else {
+            continue;
+        };
+        let at = |path: &str| {
+            format!(
+                "{base}/columns/{}/elasticsearch{path}",
+                pointer_segment(column.name.as_str())
+            )
+        };
+        for (path, message) in check_override(column.def.ty, over) {
+            errors.push(FieldError::new(at(&path), message));
+        }
+        let own = column.rename_to.as_ref().unwrap_or(&column.name).as_str();
+        let mut targets = Vec::new();
+        copy_targets(over, "", &mut targets);
+        for (path, target) in targets {
+            if target == own || !names.contains(&target.as_str()) {
+                errors.push(FieldError::new(
+                    at(&path),
+                    format!(
+                        "copies to {:?}, which is not another column of this blueprint: the \
+                         strict mapping would refuse every document",
+                        crate::blueprint::value::excerpt_str(&target)
+                    ),
+                ));
+            }
+        }
+        // Lucene refuses a term over 32766 bytes, and the whole document with it.
+        if matches!(column.def.ty.base(), BaseType::String | BaseType::Text) {
+            let mut unbounded = Vec::new();
+            unbounded_keywords(&column_mapping(&column.def), "", &mut unbounded);
+            for path in unbounded {
+                errors.push(FieldError::new(
+                    at(&path),
+                    format!(
+                        "a keyword mapping of a text column needs ignore_above of at most \
+                         {KEYWORD_IGNORE_ABOVE}: a longer value would be a term Lucene refuses, \
+                         and Elasticsearch the whole document"
+                    ),
+                ));
             }
         }
     }
@@ -274,6 +395,71 @@ pub fn first_difference(found: &Value, wanted: &Value) -> Option<String> {
 mod tests {
     use super::*;
 
+    /// Overrides a real Elasticsearch 8 refuses at the index's creation, or that would have it
+    /// refuse documents, are refused when the blueprint is put, at their path.
+    #[test]
+    fn overrides_that_would_fail_the_index_or_every_document_are_refused() {
+        let parse = |body: Value| crate::blueprint::parse_blueprint(&body, "").unwrap();
+        let paths = |columns: Value| -> Vec<String> {
+            let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
+                "columns": columns});
+            check_overrides(&parse(body), "")
+                .into_iter()
+                .map(|e| e.path)
+                .collect()
+        };
+        let all = json!({"type": "text"});
+        assert_eq!(
+            paths(json!({"all": all, "tag": {"type": "string",
+                "elasticsearch": {"copy_to": ["all", "missing"]}}})),
+            ["/columns/tag/elasticsearch/copy_to/1"]
+        );
+        assert_eq!(
+            paths(json!({"tag": {"type": "string", "elasticsearch": {"copy_to": "tag"}}})),
+            ["/columns/tag/elasticsearch/copy_to"]
+        );
+        assert_eq!(
+            paths(json!({"tag": {"type": "string", "elasticsearch": {"type": "keyword"}}})),
+            ["/columns/tag/elasticsearch"]
+        );
+        assert_eq!(
+            paths(json!({"tag": {"type": "string", "elasticsearch": {"ignore_above": 10000}}})),
+            ["/columns/tag/elasticsearch"]
+        );
+        assert_eq!(
+            paths(json!({"body": {"type": "text", "elasticsearch":
+                {"fields": {"raw": {"type": "keyword"}}}}})),
+            ["/columns/body/elasticsearch/fields/raw"]
+        );
+        assert_eq!(
+            paths(json!({"body": {"type": "text", "elasticsearch":
+                {"fields": {"a.b": {"type": "keyword", "ignore_above": 10}}}}})),
+            ["/columns/body/elasticsearch/fields/a.b"]
+        );
+        assert_eq!(
+            paths(
+                json!({"n": {"type": "integer", "elasticsearch": {"type": "exponential_histogram"}}})
+            ),
+            ["/columns/n/elasticsearch/type"]
+        );
+        let mut many = Map::new();
+        for i in 0..51 {
+            many.insert(
+                format!("j{i}"),
+                json!({"type": "json", "elasticsearch": {"type": "nested"}}),
+            );
+        }
+        assert_eq!(paths(Value::Object(many)), ["/columns"]);
+        // What a real cluster takes.
+        assert!(paths(
+            json!({"all": all, "tag": {"type": "string", "elasticsearch":
+            {"type": "keyword", "ignore_above": 256, "copy_to": "all"}},
+            "body": {"type": "text", "elasticsearch":
+                {"fields": {"raw": {"type": "keyword", "ignore_above": 8191}}}}})
+        )
+        .is_empty());
+    }
+
     /// Elasticsearch answers a mapping normalised: `dynamic` as a string, an object's type left
     /// out, `copy_to` as a list, parameters at their defaults dropped. An index made from the
     /// wanted mapping (its digest in `_meta`) matches however it reads back; one an older dstore
@@ -342,7 +528,8 @@ mod tests {
         for i in 0..600 {
             columns.insert(
                 format!("c{i}"),
-                json!({"type": "string", "elasticsearch": {"fields": {"k": {"type": "keyword"}}}}),
+                json!({"type": "string", "elasticsearch":
+                    {"fields": {"k": {"type": "keyword", "ignore_above": 100}}}}),
             );
         }
         let many = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"}, "columns": columns});
