@@ -127,9 +127,8 @@ fn convert_scalar(
         (String | Text, _) if how == Some(Convert::Parse) => {
             parse_leniently(to, value.as_str()?).or_else(|| from_text(to, value.as_str()?))
         }
-        // Any value is JSON as it is: a text stays a JSON string (`convert: parse` reads it).
-        (_, Json) => Some(value.clone()),
         (String | Text, _) => from_text(to, value.as_str()?),
+        (_, Json) => Some(value.clone()),
         (Json, _) => canonicalize_scalar(to, value).ok(),
         (Integer, Float) => Some(value.clone()),
         (Float, Integer) => {
@@ -178,7 +177,12 @@ fn from_text(to: BaseType, text: &str) -> Option<Value> {
         Integer => Value::from(text.trim().parse::<i64>().ok()?),
         Float => Value::from(text.trim().parse::<f64>().ok().filter(|f| f.is_finite())?),
         Boolean => Value::Bool(text.trim().parse::<bool>().ok()?),
-        Json => serde_json::from_str(text).unwrap_or_else(|_| Value::String(text.into())),
+        // A text that is JSON is read as it; others stay strings, and so does `null`, which would
+        // arrive as no value.
+        Json => match serde_json::from_str(text) {
+            Ok(Value::Null) | Err(_) => Value::String(text.into()),
+            Ok(value) => value,
+        },
         Point | LineString | Polygon => serde_json::from_str(text).ok()?,
         Uuid | Date | DateTime | String | Text => Value::String(text.into()),
     };
