@@ -285,8 +285,9 @@ fn unavailable(what: &str, error: &sqlx::Error) -> StorageError {
 }
 
 /// Warns when another process with this node's name holds live leases: one that stopped without
-/// giving them back (they lapse within [`LEASE`]), or one still running with the same name, which
-/// works beside this one (leases name the process too) but makes logs ambiguous.
+/// giving them back (they lapse within [`LEASE`], a back-fill's within 30 s), or one still
+/// running with the same name, which works beside this one (leases name the process too) but
+/// makes logs ambiguous.
 async fn warn_of_namesakes(pool: &PgPool, node: &str) {
     let held: Result<i64, _> = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM cursors WHERE lease_until > now() \

@@ -112,13 +112,20 @@ async fn claim(storage: &PgStorage, projector: &str) -> Result<Vec<(Ident, u64)>
         .collect())
 }
 
-/// Gives up this node's leases of `projector` (a clean stop): another node takes over at once.
+/// Gives up this node's leases of `projector` and of back-fills (a clean stop): another node, or
+/// this one started again, takes over at once.
 async fn release(storage: &PgStorage, projector: &str) {
     let _ = sqlx::query(
         "UPDATE cursors SET lease_owner = NULL, lease_until = NULL \
          WHERE projector = $1 AND lease_owner = $2",
     )
     .bind(projector)
+    .bind(storage.lease_owner())
+    .execute(storage.pool())
+    .await;
+    let _ = sqlx::query(
+        "UPDATE backfills SET lease_owner = NULL, lease_until = NULL WHERE lease_owner = $1",
+    )
     .bind(storage.lease_owner())
     .execute(storage.pool())
     .await;
