@@ -247,22 +247,23 @@ async fn retiring_the_followed_version_ends_its_streams_and_long_polls_at_once()
     app.stop().await;
 }
 
+/// A connection that asked for `path` and reads nothing of the answer.
+async fn unread(app: &TestApp, path: &str) -> tokio::net::TcpStream {
+    use tokio::io::AsyncWriteExt;
+    let host = app.address.trim_start_matches("http://");
+    let mut socket = tokio::net::TcpStream::connect(host).await.unwrap();
+    let request = format!("GET {path} HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    socket.write_all(request.as_bytes()).await.unwrap();
+    socket
+}
+
 /// A long poll whose client hung up gives its follower's place back within seconds, not at its
 /// time-out: clients that open long polls and leave at once cannot hold every place.
 #[tokio::test]
 async fn a_long_poll_whose_client_left_gives_its_place_back() {
-    use tokio::io::AsyncWriteExt;
     let app = spawn_app_with(|s| s.changes.max_followers = 1).await;
     project(&app).await;
-    let host = app.address.trim_start_matches("http://").to_string();
-    let mut socket = tokio::net::TcpStream::connect(&host).await.unwrap();
-    socket
-        .write_all(
-            format!("GET /p/_changes?feed=longpoll&timeout=120 HTTP/1.1\r\nhost: {host}\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
+    let socket = unread(&app, "/p/_changes?feed=longpoll&timeout=120").await;
     tokio::time::sleep(Duration::from_millis(500)).await;
     let taken = app.get("/p/_changes?feed=longpoll&timeout=1").await;
     assert_eq!(taken.status, 503, "the one place is taken: {}", taken.body);
@@ -690,7 +691,6 @@ async fn a_follower_resumes_after_a_server_restart_and_a_stop_does_not_wait_for_
 /// lets connections finish (30 s).
 #[tokio::test]
 async fn a_stop_does_not_wait_for_a_follower_that_stopped_reading() {
-    use tokio::io::AsyncWriteExt;
     let app = spawn_app().await;
     project(&app).await;
     let title = "x".repeat(500_000);
@@ -698,15 +698,7 @@ async fn a_stop_does_not_wait_for_a_follower_that_stopped_reading() {
         put(&app, Uuid::new_v4(), &title).await;
     }
     // 20 MB to send, more than the connection's buffers hold; the client reads none of it.
-    let address = app.address.trim_start_matches("http://").to_string();
-    let mut stuck = tokio::net::TcpStream::connect(&address).await.unwrap();
-    stuck
-        .write_all(
-            format!("GET /p/_changes?since=0&feed=ndjson HTTP/1.1\r\nhost: {address}\r\n\r\n")
-                .as_bytes(),
-        )
-        .await
-        .unwrap();
+    let stuck = unread(&app, "/p/_changes?since=0&feed=ndjson").await;
     tokio::time::sleep(Duration::from_secs(2)).await;
     let started = Instant::now();
     app.stop().await;
