@@ -349,7 +349,7 @@ pub struct ElasticsearchSettings {
     /// Prefix of every index and alias name dstore creates.
     pub index_prefix: String,
     /// A PEM file of the certificate authority that signed the server's certificate, trusted
-    /// besides the system's (`DSTORE_ELASTICSEARCH_CA_CERT`): Elasticsearch 8 makes its own at its
+    /// besides the public ones dstore ships with (`DSTORE_ELASTICSEARCH_CA_CERT`): Elasticsearch 8 makes its own at its
     /// first start (`config/certs/http_ca.crt`). The server's name is still checked.
     pub ca_cert: Option<PathBuf>,
     /// An API key as Elasticsearch answers it in `encoded` (base64 of `id:api_key`), sent as

@@ -59,7 +59,9 @@ pub async fn put(
     let body = body::json(&state, &request, payload).await?;
     let input = parse_blueprint(&body, "")
         .map_err(|errors| ApiError::Invalid("invalid blueprint".into(), errors))?;
-    let errors = elasticsearch::check_overrides(&input, "");
+    let snapshot = state.storage.snapshot();
+    let current = working(&snapshot, &project).and_then(|b| b.get(&name));
+    let errors = elasticsearch::check_overrides(&input, "", current);
     if !errors.is_empty() {
         return Err(ApiError::Invalid("invalid blueprint".into(), errors));
     }
@@ -123,15 +125,30 @@ pub async fn put_all(
 ) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
     let body = body::json(&state, &request, payload).await?;
-    let inputs = parse_blueprint_set(&body, "")?;
+    let snapshot = state.storage.snapshot();
+    let inputs = parse_blueprint_set(&body, "", working(&snapshot, &project))?;
     let changes = state.storage.put_blueprints(&project, inputs).await?;
     Ok(HttpResponse::Ok().json(json!({"success": true, "changes": changes})))
 }
 
+/// The working copy's blueprints of `project`, if it exists.
+pub fn working<'a>(
+    snapshot: &'a crate::catalog::Snapshot,
+    project: &Ident,
+) -> Option<&'a crate::blueprint::Blueprints> {
+    snapshot
+        .projects
+        .get(project)
+        .map(|p| &p.working.blueprints)
+}
+
 /// Parses `{"article": {…}, "comment": {…}}`; every error path starts with `base/<blueprint>`.
+/// `current`: the project's blueprints now, whose unchanged overrides are not checked again
+/// (`elasticsearch::check_overrides`).
 pub fn parse_blueprint_set(
     body: &Value,
     base: &str,
+    current: Option<&crate::blueprint::Blueprints>,
 ) -> Result<Vec<(Ident, crate::blueprint::BlueprintInput)>, ApiError> {
     let Value::Object(set) = body else {
         return Err(ApiError::Invalid(
@@ -153,7 +170,8 @@ pub fn parse_blueprint_set(
             )),
             Ok(name) => match parse_blueprint(definition, &at) {
                 Ok(input) => {
-                    errors.append(&mut elasticsearch::check_overrides(&input, &at));
+                    let now = current.and_then(|b| b.get(&name));
+                    errors.append(&mut elasticsearch::check_overrides(&input, &at, now));
                     inputs.push((name, input));
                 }
                 Err(mut e) => errors.append(&mut e),

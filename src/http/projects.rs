@@ -39,7 +39,10 @@ async fn put_and_freeze(
     body: &Value,
     base: &str,
 ) -> Result<Value, ApiError> {
-    let inputs = parse_blueprint_set(body, base)?;
+    let inputs = {
+        let snapshot = state.storage.snapshot();
+        parse_blueprint_set(body, base, super::blueprints::working(&snapshot, project))?
+    };
     state.storage.put_blueprints(project, inputs).await?;
     let snapshot = state.storage.snapshot();
     let p = snapshot.project(project)?;
@@ -172,7 +175,11 @@ pub async fn put_all(
                     crate::blueprint::value::excerpt_str(name)
                 ),
             )),
-            Ok(project) => match parse_blueprint_set(blueprints, &at) {
+            Ok(project) => match parse_blueprint_set(
+                blueprints,
+                &at,
+                super::blueprints::working(&snapshot, &project),
+            ) {
                 Ok(inputs) => {
                     try_project(&state, &snapshot, &project, inputs, &at, &mut errors).await?;
                     named.push((project, blueprints, at));

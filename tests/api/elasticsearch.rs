@@ -309,7 +309,10 @@ async fn every_generated_mapping_passes_the_official_schemas() {
     ];
     for (name, body) in blueprints {
         let input = parse_blueprint(&body, "").unwrap_or_else(|e| panic!("{name}: {e:?}"));
-        assert!(mapping::check_overrides(&input, "").is_empty(), "{name}");
+        assert!(
+            mapping::check_overrides(&input, "", None).is_empty(),
+            "{name}"
+        );
         let blueprint = dstore::blueprint::Blueprint {
             uid: 1,
             table: input.table.clone(),
@@ -1026,6 +1029,11 @@ async fn https_with_an_authority_of_its_own_and_an_api_key() {
         api_key: api_key.map(Into::into),
     };
 
+    std::fs::write(
+        dir.path().join("damaged.crt"),
+        "-----BEGIN CERTIFICATE-----\nTUlJQ2RhbWFnZWQ=\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
     let untrusted = ElasticsearchProjector::new(&settings(None, Some(key))).unwrap();
     let health = untrusted.health().await;
     assert!(!health.reachable, "{health:?}");
@@ -1033,6 +1041,7 @@ async fn https_with_an_authority_of_its_own_and_an_api_key() {
     for (ca, api_key, named) in [
         (Some("missing.crt"), Some(key), "elasticsearch.ca_cert"),
         (Some("server.csr"), Some(key), "elasticsearch.ca_cert"),
+        (Some("damaged.crt"), Some(key), "elasticsearch.ca_cert"),
         (Some("ca.crt"), Some("not a key!"), "elasticsearch.api_key"),
     ] {
         let refused = ElasticsearchProjector::new(&settings(ca, api_key))

@@ -228,7 +228,6 @@ fn merge(outcome: &mut Outcome, error: ProjectorError) {
     }
 }
 
-/// Splits the actions into bulk requests of bounded size, never splitting a task's actions apart.
 /// Whether a refusal of a whole `_bulk` may come from some of its actions only: a 400 (a body
 /// that did not parse) or a 413 (a proxy in front of Elasticsearch allowing less than its
 /// `http.max_content_length`).
@@ -242,6 +241,9 @@ fn splits(error: &EsError) -> bool {
     )
 }
 
+/// Splits the actions into bulk requests of bounded size, never splitting a task's actions apart
+/// (a request refused whole is sent again in halves, which may: a task then gets each half's
+/// outcome).
 fn chunks<'p, 'a>(planned: &'p [Planned<'a>]) -> Vec<&'p [Planned<'a>]> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);

@@ -203,7 +203,22 @@ impl EsClient {
             }
             transport = transport.auth(Credentials::EncodedApiKey(key.to_owned()));
         }
-        let transport = transport.build().map_err(|e| invalid(e.to_string()))?;
+        let transport = transport.build().map_err(|e| {
+            // The certificate is parsed here: a damaged one fails the build, as does a bad URL.
+            let mut reason = e.to_string();
+            let mut source = std::error::Error::source(&e);
+            while let Some(cause) = source {
+                reason = format!("{reason}: {cause}");
+                source = cause.source();
+            }
+            match &settings.ca_cert {
+                Some(path) => EsError::Certificate {
+                    path: path.display().to_string(),
+                    reason,
+                },
+                None => invalid(reason),
+            }
+        })?;
         Ok(EsClient {
             es: Elasticsearch::new(transport),
             url: without_credentials(&parsed),

@@ -149,63 +149,62 @@ fn counts(mapping: &Map<String, Value>) -> Counts {
     total
 }
 
-/// Every `copy_to` target in a mapping, with the pointer below the mapping it is at.
-fn copy_targets(mapping: &Map<String, Value>, at: &str, out: &mut Vec<(String, String)>) {
-    match mapping.get("copy_to") {
-        Some(Value::String(target)) => out.push((format!("{at}/copy_to"), target.clone())),
-        Some(Value::Array(targets)) => {
-            for (i, target) in targets.iter().enumerate() {
-                out.push((
-                    format!("{at}/copy_to/{i}"),
-                    target.as_str().unwrap_or_default().to_owned(),
-                ));
-            }
-        }
-        _ => {}
-    }
+/// Calls `visit` with a mapping and with every mapping inside it (multi-fields, properties), each
+/// with its pointer below the outermost.
+fn each_mapping(
+    mapping: &Map<String, Value>,
+    at: &str,
+    visit: &mut impl FnMut(&Map<String, Value>, &str),
+) {
+    visit(mapping, at);
     for key in ["fields", "properties"] {
-        for (name, child) in mapping
-            .get(key)
-            .and_then(Value::as_object)
-            .into_iter()
-            .flatten()
-        {
+        let children = mapping.get(key).and_then(Value::as_object).into_iter();
+        for (name, child) in children.flatten() {
             if let Some(child) = child.as_object() {
-                copy_targets(child, &format!("{at}/{key}/{}", pointer_segment(name)), out);
+                each_mapping(
+                    child,
+                    &format!("{at}/{key}/{}", pointer_segment(name)),
+                    visit,
+                );
             }
         }
     }
 }
 
-/// Every `keyword` mapping in a mapping (itself, multi-fields, properties) without an
-/// `ignore_above` of at most [`KEYWORD_IGNORE_ABOVE`], with its pointer below the mapping.
-fn unbounded_keywords(mapping: &Map<String, Value>, at: &str, out: &mut Vec<String>) {
-    if mapping.get("type").and_then(Value::as_str) == Some("keyword") {
-        let bounded = mapping
-            .get("ignore_above")
-            .and_then(Value::as_u64)
-            .is_some_and(|n| n <= KEYWORD_IGNORE_ABOVE);
-        if !bounded {
-            out.push(at.to_owned());
-        }
+/// The `copy_to` targets of one mapping (not those inside it), with their pointers.
+fn copy_targets(mapping: &Map<String, Value>, at: &str) -> Vec<(String, String)> {
+    match mapping.get("copy_to") {
+        Some(Value::String(target)) => vec![(format!("{at}/copy_to"), target.clone())],
+        Some(Value::Array(targets)) => targets
+            .iter()
+            .enumerate()
+            .map(|(i, target)| {
+                let name = target.as_str().unwrap_or_default().to_owned();
+                (format!("{at}/copy_to/{i}"), name)
+            })
+            .collect(),
+        _ => Vec::new(),
     }
-    for key in ["fields", "properties"] {
-        for (name, child) in mapping
-            .get(key)
-            .and_then(Value::as_object)
-            .into_iter()
-            .flatten()
-        {
-            if let Some(child) = child.as_object() {
-                unbounded_keywords(child, &format!("{at}/{key}/{}", pointer_segment(name)), out);
-            }
-        }
-    }
+}
+
+/// Whether one mapping is a `keyword` without an `ignore_above` of at most
+/// [`KEYWORD_IGNORE_ABOVE`].
+fn unbounded_keyword(mapping: &Map<String, Value>) -> bool {
+    let bound = mapping.get("ignore_above").and_then(Value::as_u64);
+    mapping.get("type").and_then(Value::as_str) == Some("keyword")
+        && bound.is_none_or(|n| n > KEYWORD_IGNORE_ABOVE)
 }
 
 /// Every override problem of a parsed blueprint, as field errors under `base/columns/<name>/elasticsearch`;
-/// also a mapping that would pass Elasticsearch's field or depth limits.
-pub fn check_overrides(input: &BlueprintInput, base: &str) -> Vec<FieldError> {
+/// also a mapping that would pass Elasticsearch's field or depth limits. Overrides that would have
+/// Elasticsearch refuse documents (a `copy_to` to no other column, an unbounded `keyword` of a
+/// text) are refused when they are new or changed from the column's in `current` (the blueprint
+/// now): a blueprint accepted before these checks existed can be put again unchanged.
+pub fn check_overrides(
+    input: &BlueprintInput,
+    base: &str,
+    current: Option<&Blueprint>,
+) -> Vec<FieldError> {
     let mut errors = Vec::new();
     // `id`, `project_version` and `links`.
     let (mut fields, mut nested) = (3, 0);
@@ -258,9 +257,19 @@ pub fn check_overrides(input: &BlueprintInput, base: &str) -> Vec<FieldError> {
         for (path, message) in check_override(column.def.ty, over) {
             errors.push(FieldError::new(at(&path), message));
         }
+        let unchanged = current
+            .and_then(|bp| bp.columns.get(column.name.as_str()))
+            .is_some_and(|now| {
+                now.def.elasticsearch.as_ref() == Some(over) && now.def.ty == column.def.ty
+            });
+        if unchanged {
+            continue;
+        }
         let own = column.rename_to.as_ref().unwrap_or(&column.name).as_str();
         let mut targets = Vec::new();
-        copy_targets(over, "", &mut targets);
+        each_mapping(over, "", &mut |mapping, at| {
+            targets.extend(copy_targets(mapping, at))
+        });
         for (path, target) in targets {
             if target == own || !names.contains(&target.as_str()) {
                 errors.push(FieldError::new(
@@ -276,7 +285,11 @@ pub fn check_overrides(input: &BlueprintInput, base: &str) -> Vec<FieldError> {
         // Lucene refuses a term over 32766 bytes, and the whole document with it.
         if matches!(column.def.ty.base(), BaseType::String | BaseType::Text) {
             let mut unbounded = Vec::new();
-            unbounded_keywords(&column_mapping(&column.def), "", &mut unbounded);
+            each_mapping(&column_mapping(&column.def), "", &mut |mapping, at| {
+                if unbounded_keyword(mapping) {
+                    unbounded.push(at.to_owned());
+                }
+            });
             for path in unbounded {
                 errors.push(FieldError::new(
                     at(&path),
@@ -403,7 +416,7 @@ mod tests {
         let paths = |columns: Value| -> Vec<String> {
             let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
                 "columns": columns});
-            check_overrides(&parse(body), "")
+            check_overrides(&parse(body), "", None)
                 .into_iter()
                 .map(|e| e.path)
                 .collect()
@@ -450,6 +463,16 @@ mod tests {
             );
         }
         assert_eq!(paths(Value::Object(many)), ["/columns"]);
+        // An override accepted before these checks is accepted again unchanged, not changed.
+        let unbounded = json!({"tag": {"type": "string", "elasticsearch": {"type": "keyword"}}});
+        let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
+            "columns": unbounded});
+        let now = crate::blueprint::apply_edit(None, parse(body.clone()), &mut 0, "").unwrap();
+        assert!(check_overrides(&parse(body), "", Some(&now)).is_empty());
+        let mut changed = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
+            "columns": unbounded});
+        changed["columns"]["tag"]["elasticsearch"]["store"] = json!(true);
+        assert_eq!(check_overrides(&parse(changed), "", Some(&now)).len(), 1);
         // What a real cluster takes.
         assert!(paths(
             json!({"all": all, "tag": {"type": "string", "elasticsearch":
@@ -519,10 +542,10 @@ mod tests {
             json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
             "columns": {"body": {"type": "text", "elasticsearch": over}}})
         };
-        let errors = check_overrides(&parse(text(json!({"analyzer": "nope"}))), "");
+        let errors = check_overrides(&parse(text(json!({"analyzer": "nope"}))), "", None);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].path, "/columns/body/elasticsearch/analyzer");
-        assert!(check_overrides(&parse(text(json!({"analyzer": "english"}))), "").is_empty());
+        assert!(check_overrides(&parse(text(json!({"analyzer": "english"}))), "", None).is_empty());
 
         let mut columns = Map::new();
         for i in 0..600 {
@@ -533,7 +556,7 @@ mod tests {
             );
         }
         let many = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"}, "columns": columns});
-        let errors = check_overrides(&parse(many), "");
+        let errors = check_overrides(&parse(many), "", None);
         assert_eq!(errors.len(), 1, "{errors:?}");
         assert_eq!(errors[0].path, "/columns");
         assert!(
@@ -548,7 +571,7 @@ mod tests {
         }
         let deep = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
             "columns": {"doc": {"type": "json", "elasticsearch": deep}}});
-        let errors = check_overrides(&parse(deep), "");
+        let errors = check_overrides(&parse(deep), "", None);
         assert!(
             errors.iter().any(|e| e.message.contains("nested 22 deep")),
             "{errors:?}"

@@ -213,11 +213,13 @@ fn check_value(kind: Kind, value: &Value, path: &str, problems: &mut Vec<(String
         (Kind::Properties, Value::Object(fields)) => {
             for (name, field) in fields {
                 let at = format!("{path}/{}", pointer_segment(name));
-                // A dotted name would be a path of objects, an empty one no field at all.
-                if name.is_empty() || name.contains('.') {
+                // An empty name is no field; a multi-field's may not hold a dot (a property's
+                // dotted name is a path of objects, which Elasticsearch makes).
+                if name.is_empty() || (name.contains('.') && path.ends_with("/fields")) {
                     problems.push((
                         at,
-                        "a sub-field's name must not be empty or hold a dot".into(),
+                        "a sub-field's name must not be empty, nor a multi-field's hold a dot"
+                            .into(),
                     ));
                     continue;
                 }
