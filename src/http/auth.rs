@@ -63,9 +63,11 @@ fn names_this_machine(request: &ServiceRequest) -> bool {
         Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
         None => host.rsplit_once(':').map_or(host, |(name, _)| name),
     };
-    let name = name.to_ascii_lowercase();
-    name == "localhost"
-        || name.ends_with(".localhost")
+    // A header's text is visible ASCII: any byte ends a character. Nothing is allocated.
+    let under_localhost = name.len() > ".localhost".len()
+        && name[name.len() - ".localhost".len()..].eq_ignore_ascii_case(".localhost");
+    name.eq_ignore_ascii_case("localhost")
+        || under_localhost
         || name
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
