@@ -285,29 +285,26 @@ fn record_edit(p: &mut Project, next: Blueprints, writes: &mut Vec<Write>) -> Ve
 /// from an older one (which takes the defaults of the columns it adds): refused here, before a
 /// freeze, instead of item by item after it (`write::prepare` checks each item's own row).
 fn check_rows(blueprints: &Blueprints, edited: Option<&Ident>) -> Result<(), CatalogError> {
-    use crate::projector::postgres::{row_bytes, row_bytes_at_least, MAX_ROW_BYTES};
+    use crate::projector::postgres::{row_past_limit, MAX_ROW_BYTES};
     let errors: Vec<FieldError> = blueprints
         .iter()
-        .filter(|(name, bp)| edited.is_none_or(|e| e == *name) && row_bytes(bp) > MAX_ROW_BYTES)
+        .filter(|(name, _)| edited.is_none_or(|e| e == *name))
         .filter_map(|(name, bp)| {
             let defaults: Vec<serde_json::Value> =
                 bp.columns.values().map(|c| c.def.fallback()).collect();
-            let least = row_bytes_at_least(bp, defaults.iter());
-            let base = if edited.is_some() {
-                String::new()
-            } else {
-                format!("/{name}")
+            let least = row_past_limit(bp, defaults.iter())?;
+            let base = match edited {
+                Some(_) => String::new(),
+                None => format!("/{name}"),
             };
-            (least > MAX_ROW_BYTES).then(|| {
-                FieldError::new(
-                    format!("{base}/columns"),
-                    format!(
-                        "with only its defaults, an item takes at least {least} bytes in a \
-                         PostgreSQL row, more than the {MAX_ROW_BYTES} a row may: give fewer \
-                         columns a default"
-                    ),
-                )
-            })
+            Some(FieldError::new(
+                format!("{base}/columns"),
+                format!(
+                    "with only its defaults, an item takes at least {least} bytes in a \
+                     PostgreSQL row, more than the {MAX_ROW_BYTES} a row may: give fewer \
+                     columns a default"
+                ),
+            ))
         })
         .collect();
     if errors.is_empty() {

@@ -24,8 +24,8 @@
 //! - A stream or long poll opened with an API key checks the key again as it runs (at most once a
 //!   second, and before each page): a key revoked, expired or narrowed meanwhile ends it.
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -306,8 +306,9 @@ impl PeerSocket {
 #[derive(Default)]
 pub struct Followers {
     count: AtomicUsize,
-    streams: Mutex<HashMap<u64, std::os::fd::RawFd>>,
-    next: AtomicU64,
+    /// The sockets of the streams: a connection serves one stream at a time, and a stream ends
+    /// before its connection closes the socket, so a socket names one stream.
+    streams: Mutex<HashSet<std::os::fd::RawFd>>,
 }
 
 impl Followers {
@@ -316,8 +317,8 @@ impl Followers {
     /// graceful stop would wait for it until actix's shutdown timeout. Called once the server
     /// stops and the streams that are read had a moment to end by themselves.
     pub fn cut_streams(&self) {
-        let streams = self.streams.lock().unwrap_or_else(|e| e.into_inner());
-        for socket in streams.values() {
+        let streams = self.streams();
+        for socket in streams.iter() {
             // SAFETY: a socket is listed while its stream lives, and the stream lives in its
             // connection, which owns the socket. The stream may outlive the connection's socket
             // for a moment as the connection is dropped; then the number may be reused, but only
@@ -326,13 +327,17 @@ impl Followers {
             unsafe { libc::shutdown(*socket, libc::SHUT_RDWR) };
         }
     }
+
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashSet<std::os::fd::RawFd>> {
+        self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
 }
 
 /// One of `changes.max_followers`, given back when the follower leaves; a stream's lists its
 /// socket for [`Followers::cut_streams`].
 struct Slot {
     followers: Arc<Followers>,
-    stream: Option<u64>,
+    stream: Option<std::os::fd::RawFd>,
 }
 
 impl Slot {
@@ -355,14 +360,8 @@ impl Slot {
     /// Lists the socket of the stream this place is for.
     fn streaming(mut self, peer: Option<PeerSocket>) -> Slot {
         if let Some(PeerSocket(socket)) = peer {
-            let id = self.followers.next.fetch_add(1, Ordering::Relaxed);
-            let mut streams = self
-                .followers
-                .streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            streams.insert(id, socket);
-            self.stream = Some(id);
+            self.followers.streams().insert(socket);
+            self.stream = Some(socket);
         }
         self
     }
@@ -370,13 +369,8 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(id) = self.stream {
-            let mut streams = self
-                .followers
-                .streams
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            streams.remove(&id);
+        if let Some(socket) = self.stream {
+            self.followers.streams().remove(&socket);
         }
         self.followers.count.fetch_sub(1, Ordering::AcqRel);
     }

@@ -33,14 +33,10 @@ fn check_row<'a>(
     values: impl Iterator<Item = &'a Value>,
     seen_at: Option<u32>,
 ) -> Result<(), WriteError> {
-    use crate::projector::postgres::{row_bytes, row_bytes_at_least, MAX_ROW_BYTES};
-    if row_bytes(bp) <= MAX_ROW_BYTES {
+    use crate::projector::postgres::{row_past_limit, MAX_ROW_BYTES};
+    let Some(least) = row_past_limit(bp, values) else {
         return Ok(());
-    }
-    let least = row_bytes_at_least(bp, values);
-    if least <= MAX_ROW_BYTES {
-        return Ok(());
-    }
+    };
     let which = match seen_at {
         Some(version) => format!("as version {version} sees it (with its defaults), this item"),
         None => "this item".into(),

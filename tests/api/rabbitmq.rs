@@ -341,6 +341,20 @@ async fn with_postgresql_worker(
     (app, postgresql_worker_env(broker, db))
 }
 
+/// Project `p` frozen at version 1 through a PostgreSQL worker, which is stopped again; pending
+/// tasks are published again after a second.
+async fn frozen_while_the_worker_ran(
+    broker: &TestBroker,
+    db: &TestDatabase,
+) -> (TestApp, Vec<(&'static str, String)>) {
+    let (app, env) =
+        with_postgresql_worker(broker, db, |queue| queue.republish_after_secs = 1).await;
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    assert_eq!(app.put_and_freeze("p", "thing", &faults::thing()).await, 1);
+    terminate(&mut worker);
+    (app, env)
+}
+
 async fn count_rows(db: &TestDatabase) -> i64 {
     let mut sql = db.sql().await;
     sqlx::query_scalar("SELECT count(*) FROM p_v1.things")
@@ -444,11 +458,7 @@ async fn a_stray_message_does_not_decide_a_fresh_workers_deployment() {
 async fn tasks_purged_from_their_queue_are_published_again() {
     let broker = TestBroker::new().await;
     let db = TestDatabase::create().await;
-    let (app, env) =
-        with_postgresql_worker(&broker, &db, |queue| queue.republish_after_secs = 1).await;
-    let mut worker = start_worker("postgresql", &app.address, &env);
-    assert_eq!(app.put_and_freeze("p", "thing", &faults::thing()).await, 1);
-    terminate(&mut worker);
+    let (app, env) = frozen_while_the_worker_ran(&broker, &db).await;
     for n in 0..30 {
         let put = app
             .put(
@@ -477,11 +487,7 @@ async fn tasks_purged_from_their_queue_are_published_again() {
 async fn a_forged_message_naming_a_pending_task_does_not_dead_letter_it() {
     let broker = TestBroker::new().await;
     let db = TestDatabase::create().await;
-    let (app, env) =
-        with_postgresql_worker(&broker, &db, |queue| queue.republish_after_secs = 1).await;
-    let mut worker = start_worker("postgresql", &app.address, &env);
-    assert_eq!(app.put_and_freeze("p", "thing", &faults::thing()).await, 1);
-    terminate(&mut worker);
+    let (app, env) = frozen_while_the_worker_ran(&broker, &db).await;
     let put = app
         .put(
             &format!("/p/thing/{}", Uuid::new_v4()),

@@ -137,6 +137,19 @@ pub fn row_bytes_at_least<'a>(
     row_header(blueprint) + own + columns.sum::<usize>()
 }
 
+/// The least bytes a row of `blueprint` holding `values` (in column order) takes, when that is
+/// more than [`MAX_ROW_BYTES`] (PostgreSQL refuses the row for ever); `None` when it fits.
+pub fn row_past_limit<'a>(
+    blueprint: &Blueprint,
+    values: impl Iterator<Item = &'a serde_json::Value>,
+) -> Option<usize> {
+    if row_bytes(blueprint) <= MAX_ROW_BYTES {
+        return None;
+    }
+    let least = row_bytes_at_least(blueprint, values);
+    (least > MAX_ROW_BYTES).then_some(least)
+}
+
 /// Whether the column is stored as a PostGIS geometry (scalar or multi).
 pub fn is_geometry(ty: ColumnType) -> bool {
     ty.base().is_geometry()
