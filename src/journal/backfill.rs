@@ -240,6 +240,14 @@ impl Journal {
                 tracing::info!(%project, version, done = state.done, "back-fill paused until the next start");
                 return Ok(());
             }
+            #[cfg(test)]
+            if self
+                .backfills_held
+                .load(std::sync::atomic::Ordering::Relaxed)
+            {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                continue;
+            }
             // Each chunk adds as much as it reads: it waits while the disk is nearly full, as
             // item writes are refused then (see `disk`).
             if self.check_disk().is_err() {

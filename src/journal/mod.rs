@@ -373,6 +373,9 @@ pub struct Journal {
     /// Shared with the writer (see `Writer::disk_writes_fail`).
     #[cfg(test)]
     disk_writes_fail: Arc<std::sync::atomic::AtomicBool>,
+    /// While set, back-fills wait before each chunk (a test's way to act before one runs).
+    #[cfg(test)]
+    backfills_held: std::sync::atomic::AtomicBool,
 }
 
 impl Drop for Journal {
@@ -506,6 +509,8 @@ impl Journal {
             disk_reads_fail: Arc::default(),
             #[cfg(test)]
             disk_writes_fail: Arc::default(),
+            #[cfg(test)]
+            backfills_held: std::sync::atomic::AtomicBool::new(false),
         });
         for name in &projectors {
             journal.refresh_progress(name)?;
@@ -1331,16 +1336,19 @@ mod tests {
             write_new(&storage, &project, &article).await.unwrap();
         }
         add_views(&storage, &project, &article).await;
+        journal.backfills_held.store(true, Ordering::Relaxed);
         storage.freeze(&project, false).await.unwrap();
-        // The back-fill is spawned, not yet run (one thread): its first chunk meets a journal
-        // that cannot write, as on a full disk.
+        // The back-fill's first chunk meets a journal that cannot write, as on a full disk.
         journal.disk_writes_fail.store(true, Ordering::Relaxed);
-        tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        journal.backfills_held.store(false, Ordering::Relaxed);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while journal.write_failure().is_none() {
+            assert!(std::time::Instant::now() < deadline, "no chunk was tried");
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         let state = storage.backfill_state(&project, 2).await.unwrap().unwrap();
         assert!(!state.finished && state.done == 0, "{state:?}");
-        assert!(journal.write_failure().is_some());
         journal.disk_writes_fail.store(false, Ordering::Relaxed);
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
         loop {
             let state = storage.backfill_state(&project, 2).await.unwrap().unwrap();
             if state.finished {
