@@ -98,7 +98,7 @@ pub enum FeedError {
 
 /// What a follower reads: one project, as clients of one version see it, perhaps only some
 /// blueprints.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct Follower {
     pub project: Ident,
     pub version: u32,
@@ -106,19 +106,28 @@ pub struct Follower {
     pub blueprints: Option<Vec<Ident>>,
 }
 
-/// A page of the feed and where the next one starts.
-#[derive(Debug, Default)]
-pub struct Page {
-    pub entries: Vec<FeedEntry>,
+/// Where a page of the feed ends, and the horizon it was read under.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Place {
     /// The revision to read after next: the last change looked at (shown or filtered out), or the
     /// `since` the page was read from when there was none.
     pub last_revision: u64,
     /// The project's horizon when the page was read: passed back with `last_revision`, it lets a
-    /// reader go on below the horizon as long as nothing more was compacted (see [`Follower::page`]).
+    /// reader go on below the horizon as long as nothing more was compacted (see [`check_horizon`]).
     pub horizon: u64,
-    /// What the page's items took decoded, before they were presented: about what encoding them
-    /// costs.
-    pub bytes: usize,
+}
+
+/// A page of the feed, made into `T` (its encoding), and where the next one starts.
+#[derive(Debug, Default)]
+pub struct Page<T> {
+    pub body: T,
+    /// How many changes the follower sees in it.
+    pub shown: usize,
+    pub place: Place,
+    /// Whether the page ended at its limit (`limit` changes, or `max_bytes`), not at the last
+    /// change committed when it was read: a full page holds the same whenever it is read, until
+    /// its items change again.
+    pub full: bool,
 }
 
 /// Why a follower cannot be made: the field at fault and the message.
@@ -177,29 +186,28 @@ impl Follower {
         })
     }
 
-    /// The changes after `since` (at most `limit` looked at), as the follower sees them.
+    /// The changes after `since` (at most `limit` looked at), as the follower sees them, made
+    /// into what is sent by `finish` (an encoding). Presenting and finishing a page of large
+    /// items takes as long as reading it, so both run off the HTTP worker then, in one hand-off
+    /// (`crate::aside`).
     ///
-    /// A `since` below the horizon may have missed a compacted delete, and is refused, unless
-    /// it starts from 0 or was handed out under the horizon the project still has (`horizon`, that
-    /// of the page that gave it): a reader that started from 0 holds only what it was given since,
-    /// and while nothing more is compacted no delete of it can have gone, so a scan from 0 goes on
-    /// page after page below a horizon set before it began.
-    pub async fn page(
+    /// The page may start below the horizon: whether the reader may have it is
+    /// [`check_horizon`]'s to say, for the horizon each reader of the page was given.
+    pub async fn page<T: Send + 'static>(
         &self,
         storage: &dyn Storage,
         since: u64,
-        horizon: Option<u64>,
         (limit, max_bytes): (usize, usize),
-    ) -> Result<Page, FeedError> {
+        finish: impl FnOnce(&[FeedEntry], Place) -> T + Send + 'static,
+    ) -> Result<Page<T>, FeedError> {
         let page = storage
             .changes(&self.project, since, limit, max_bytes)
             .await?;
-        if since != 0 && since < page.horizon && horizon != Some(page.horizon) {
-            return Err(FeedError::Compacted {
-                horizon: page.horizon,
-            });
-        }
-        let last_revision = page.changes.last().map_or(since, |c| c.revision);
+        let place = Place {
+            last_revision: page.changes.last().map_or(since, |c| c.revision),
+            horizon: page.horizon,
+        };
+        let full = page.changes.len() >= limit || page.bytes >= max_bytes;
         let mut snapshot = storage.snapshot();
         // A change made at a version this node does not know yet: read the catalog again, once.
         let unknown = |s: &Snapshot| {
@@ -214,18 +222,19 @@ impl Follower {
         if unknown(&snapshot) {
             snapshot = storage.fresh_snapshot(&self.project).await?;
         }
-        // Transforming a page of large items takes as long as reading it: off the HTTP worker too.
         let follower = self.clone();
         let (changes, bytes) = (page.changes, page.bytes);
-        let entries = crate::aside::sized(bytes, move || follower.present_all(&snapshot, changes))
-            .await
-            .map_err(StorageError::Unavailable)??;
-        Ok(Page {
-            entries,
-            last_revision,
-            horizon: page.horizon,
-            bytes,
+        crate::aside::sized(bytes, move || {
+            let entries = follower.present_all(&snapshot, changes)?;
+            Ok(Page {
+                body: finish(&entries, place),
+                shown: entries.len(),
+                place,
+                full,
+            })
         })
+        .await
+        .map_err(StorageError::Unavailable)?
     }
 
     /// The changes of a page as the follower sees them, or why it can follow no more.
@@ -291,6 +300,20 @@ impl Follower {
             item: Some(item),
         })
     }
+}
+
+/// Refuses a page read from a `since` below the horizon it was read under (`place`): the reader
+/// may have missed a compacted delete. Unless it starts from 0 or `since` was handed out under the
+/// horizon the project still has (`horizon`, that of the page that gave it): a reader that started
+/// from 0 holds only what it was given since, and while nothing more is compacted no delete of it
+/// can have gone, so a scan from 0 goes on page after page below a horizon set before it began.
+pub fn check_horizon(since: u64, horizon: Option<u64>, place: Place) -> Result<(), FeedError> {
+    if since != 0 && since < place.horizon && horizon != Some(place.horizon) {
+        return Err(FeedError::Compacted {
+            horizon: place.horizon,
+        });
+    }
+    Ok(())
 }
 
 /// Purges tombstones older than `retention`, every `interval`, for as long as the storage lives.

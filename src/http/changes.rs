@@ -10,9 +10,12 @@
 //!   no buffer, no query.
 //! - Streams resume from the revision a follower saw last (`since`, or SSE's `Last-Event-ID`), and
 //!   within one stream revisions only grow, so a change is never sent twice.
-//! - A page's read (embedded storage), and its transform and encoding when its items are large,
-//!   run on blocking threads (`crate::aside`), not on the HTTP worker: followers reading pages of
-//!   many MiB as fast as they can would otherwise stall every request their workers share.
+//! - A page's read (embedded storage), and its transform and encoding when its items are large
+//!   (together, in one hand-off), run on blocking threads (`crate::aside`), not on the HTTP worker:
+//!   followers reading pages of many MiB as fast as they can would otherwise stall every request
+//!   their workers share.
+//! - Followers reading the same place at about the same time share one read of it, encoded once
+//!   ([`pages`], which says when a page may be shared); a stream sends a page as one chunk.
 //! - Streams end when the server stops, so a graceful stop never waits for followers: those that
 //!   read see the stop; a moment later the connections of those still open (their clients stopped
 //!   reading, so they are not polled) are shut down ([`Followers::cut_streams`]).
@@ -42,7 +45,11 @@ use super::error::ApiError;
 use super::{ident, State};
 use crate::auth::Action;
 use crate::blueprint::Ident;
-use crate::feed::{FeedEntry, FeedError, FollowError, Follower, Page, PAGE_BYTES};
+use crate::feed::{FeedEntry, FeedError, FollowError, Follower, Place, PAGE_BYTES};
+
+mod pages;
+
+use pages::{Encoded, Format, Key};
 
 /// Changes a plain or long-poll answer holds unless `limit` says otherwise.
 const DEFAULT_LIMIT: usize = 1000;
@@ -309,6 +316,8 @@ pub struct Followers {
     /// The sockets of the streams: a connection serves one stream at a time, and a stream ends
     /// before its connection closes the socket, so a socket names one stream.
     streams: Mutex<HashSet<std::os::fd::RawFd>>,
+    /// The pages followers reading the same place about now share.
+    pages: pages::Pages,
 }
 
 impl Followers {
@@ -376,37 +385,106 @@ impl Drop for Slot {
     }
 }
 
-/// A page as one JSON answer, encoded off the HTTP worker when it is large (`crate::aside`).
-async fn answer(page: Page, version: u32) -> Result<HttpResponse, ApiError> {
-    let body = crate::aside::sized(page.bytes, move || {
-        serde_json::to_vec(&json!({
-            "results": page.entries,
-            "last_revision": page.last_revision,
-            "horizon": page.horizon,
-            "version": version,
-        }))
-    })
-    .await
-    .map_err(ApiError::Internal)?
-    .map_err(|e| ApiError::Internal(e.to_string()))?;
-    Ok(HttpResponse::Ok()
+/// A page as one JSON answer.
+fn answer(page: &Encoded) -> HttpResponse {
+    HttpResponse::Ok()
         .content_type(header::ContentType::json())
-        .body(body))
+        .body(page.body.clone())
 }
 
-/// A stream's frames for the entries of a page.
-fn frames(entries: &[FeedEntry], sse: bool) -> Vec<Bytes> {
-    entries
-        .iter()
-        .map(|entry| {
-            let data = serde_json::to_string(entry).expect("entries serialize");
-            Bytes::from(if sse {
-                format!("id: {}\ndata: {data}\n\n", entry.revision)
-            } else {
-                format!("{data}\n")
-            })
-        })
-        .collect()
+/// What a follower reads its pages as.
+struct Reader<'a> {
+    state: &'a State,
+    follower: &'a Follower,
+    limits: (usize, usize),
+    format: Format,
+}
+
+impl Reader<'_> {
+    /// The page after `since`, for a reader that knows of commits up to `seen` and was handed
+    /// `since` under `horizon`: shared with the followers reading the same place about now
+    /// (`pages`; a stream reads on at once after a page that moved).
+    async fn page(
+        &self,
+        since: u64,
+        horizon: Option<u64>,
+        seen: u64,
+    ) -> Result<Arc<Encoded>, FeedError> {
+        let (format, version, limits) = (self.format, self.follower.version, self.limits);
+        let (storage, follower) = (&self.state.storage, self.follower);
+        let read = || {
+            let (storage, follower) = (storage.clone(), follower.clone());
+            async move {
+                let finish =
+                    move |entries: &[FeedEntry], place| encode(entries, place, format, version);
+                follower.page(storage.as_ref(), since, limits, finish).await
+            }
+        };
+        let epoch = storage
+            .snapshot()
+            .projects
+            .get(&self.follower.project)
+            .map(|p| p.epoch);
+        let page = match epoch {
+            Some(epoch) => {
+                let key = Key {
+                    follower: self.follower.clone(),
+                    epoch,
+                    since,
+                    limits: self.limits,
+                    format,
+                };
+                let pages = &self.state.followers.pages;
+                pages
+                    .read(key, seen, format != Format::Answer, read)
+                    .await?
+            }
+            // The project went away: the read says how.
+            None => Arc::new(read().await?),
+        };
+        crate::feed::check_horizon(since, horizon, page.place)?;
+        Ok(page)
+    }
+}
+
+/// A plain or long-poll answer's body.
+#[derive(serde::Serialize)]
+struct Answer<'a> {
+    results: &'a [FeedEntry],
+    last_revision: u64,
+    horizon: u64,
+    version: u32,
+}
+
+/// The entries of a page as they are sent: one JSON answer, or a stream's frames.
+fn encode(entries: &[FeedEntry], place: Place, format: Format, version: u32) -> Bytes {
+    let mut out = Vec::new();
+    match format {
+        Format::Answer => {
+            let answer = Answer {
+                results: entries,
+                last_revision: place.last_revision,
+                horizon: place.horizon,
+                version,
+            };
+            serde_json::to_writer(&mut out, &answer).expect("entries serialize");
+        }
+        Format::Ndjson => {
+            for entry in entries {
+                serde_json::to_writer(&mut out, entry).expect("entries serialize");
+                out.push(b'\n');
+            }
+        }
+        Format::Sse => {
+            use std::io::Write;
+            for entry in entries {
+                write!(out, "id: {}\ndata: ", entry.revision).expect("a Vec takes writes");
+                serde_json::to_writer(&mut out, entry).expect("entries serialize");
+                out.extend_from_slice(b"\n\n");
+            }
+        }
+    }
+    Bytes::from(out)
 }
 
 /// GET /{project}/_changes?since=&version=&blueprint=&limit=&feed=&timeout=&heartbeat=
@@ -432,43 +510,51 @@ pub async fn changes(
         Some(since) => since,
         None => head,
     };
+    let format = match params.feed {
+        Feed::Normal | Feed::Longpoll => Format::Answer,
+        Feed::Sse => Format::Sse,
+        Feed::Ndjson => Format::Ndjson,
+    };
+    let reader = Reader {
+        state: &state,
+        follower: &follower,
+        limits: (params.limit, PAGE_BYTES),
+        format,
+    };
     match params.feed {
         Feed::Normal => {
-            let page = follower
-                .page(
-                    state.storage.as_ref(),
-                    since,
-                    params.horizon,
-                    (params.limit, PAGE_BYTES),
-                )
-                .await?;
-            answer(page, version).await
+            let page = reader.page(since, params.horizon, head).await?;
+            Ok(answer(&page))
         }
         Feed::Longpoll => {
             let _slot = Slot::take(&state)?;
             let peer = request.conn_data::<PeerSocket>().copied();
-            let page = long_poll(&state, &follower, &params, since, recheck.as_mut(), peer).await?;
-            answer(page, version).await
+            let waiting = Waiting {
+                head,
+                deadline: Instant::now() + params.timeout.unwrap_or_default(),
+                peer,
+            };
+            let page = long_poll(&reader, since, params.horizon, waiting, recheck.as_mut()).await?;
+            Ok(answer(&page))
         }
         Feed::Sse | Feed::Ndjson => {
             let slot = Slot::take(&state)?.streaming(request.conn_data::<PeerSocket>().copied());
             // Read once before answering, so a compacted `since` is a 410, not a stream that ends.
-            let first = follower
-                .page(
-                    state.storage.as_ref(),
-                    since,
-                    params.horizon,
-                    (1, PAGE_BYTES),
-                )
-                .await?;
+            let first = Reader {
+                limits: (1, PAGE_BYTES),
+                ..reader
+            }
+            .page(since, params.horizon, head)
+            .await?;
             let stream = Stream {
                 wake: state.storage.follow(&project),
                 closing: state.closing.clone(),
                 deadline: params.timeout.map(|t| Instant::now() + t),
                 heartbeat: params.heartbeat,
                 since,
-                horizon: Some(first.horizon),
-                sse: params.feed == Feed::Sse,
+                horizon: Some(first.place.horizon),
+                head,
+                format,
                 // SSE starts with the revision it reads from as the last event id (an id without
                 // data is no event): a follower that started from `since=now` and reconnects
                 // before any change resumes from there, not from a later `now`.
@@ -513,49 +599,50 @@ fn ahead(since: u64, head: u64) -> ApiError {
     )
 }
 
+/// How a long poll waits.
+struct Waiting {
+    /// The project's last revision when the poll came.
+    head: u64,
+    deadline: Instant,
+    /// The client's connection, looked at while waiting.
+    peer: Option<PeerSocket>,
+}
+
 /// Waits until there is a change after `since`, or the timeout passes; answers the page.
 async fn long_poll(
-    state: &State,
-    follower: &Follower,
-    params: &Params,
+    reader: &Reader<'_>,
     since: u64,
+    horizon: Option<u64>,
+    waiting: Waiting,
     mut recheck: Option<&mut Recheck>,
-    peer: Option<PeerSocket>,
-) -> Result<Page, ApiError> {
-    let mut wake = state.storage.follow(&follower.project);
+) -> Result<Arc<Encoded>, ApiError> {
+    let state = reader.state;
+    let mut wake = state.storage.follow(&reader.follower.project);
     let mut closing = state.closing.clone();
-    let deadline = Instant::now() + params.timeout.unwrap_or_default();
-    let (mut since, mut horizon) = (since, params.horizon);
+    let (mut since, mut horizon) = (since, horizon);
     loop {
         if let Some(recheck) = recheck.as_deref_mut() {
             recheck.check().await?;
         }
-        wake.borrow_and_update();
-        let page = follower
-            .page(
-                state.storage.as_ref(),
-                since,
-                horizon,
-                (params.limit, PAGE_BYTES),
-            )
-            .await?;
-        horizon = Some(page.horizon);
-        if !page.entries.is_empty() || Instant::now() >= deadline || *closing.borrow() {
+        let seen = (*wake.borrow_and_update()).max(waiting.head);
+        let page = reader.page(since, horizon, seen).await?;
+        horizon = Some(page.place.horizon);
+        if page.shown > 0 || Instant::now() >= waiting.deadline || *closing.borrow() {
             return Ok(page);
         }
-        if page.last_revision > since {
+        if page.place.last_revision > since {
             // Every change of the page was one the follower does not see (another blueprint's):
             // read on at once, letting other requests run between pages.
-            since = page.last_revision;
+            since = page.place.last_revision;
             tokio::task::yield_now().await;
             continue;
         }
         tokio::select! {
             woken = wake.changed() => if woken.is_err() { return Ok(page) },
-            _ = tokio::time::sleep_until(deadline) => {}
+            _ = tokio::time::sleep_until(waiting.deadline) => {}
             _ = closing.changed() => {}
             // Nobody reads the answer: end, giving the follower's place back.
-            () = PeerSocket::gone(peer) => return Ok(page),
+            () = PeerSocket::gone(waiting.peer) => return Ok(page),
         }
     }
 }
@@ -569,7 +656,9 @@ struct Stream {
     since: u64,
     /// The horizon `since` was handed out under.
     horizon: Option<u64>,
-    sse: bool,
+    /// The project's last revision when the stream began: every read sees at least that far.
+    head: u64,
+    format: Format,
     wake: watch::Receiver<u64>,
     closing: watch::Receiver<bool>,
     heartbeat: Duration,
@@ -589,11 +678,12 @@ impl Stream {
             "errors": [],
             "horizon": horizon,
         });
-        self.out.push_back(Bytes::from(if self.sse {
-            format!("event: gone\ndata: {body}\n\n")
-        } else {
-            format!("{body}\n")
-        }));
+        self.out
+            .push_back(Bytes::from(if self.format == Format::Sse {
+                format!("event: gone\ndata: {body}\n\n")
+            } else {
+                format!("{body}\n")
+            }));
         self.done = true;
     }
 
@@ -615,37 +705,23 @@ impl Stream {
                     continue;
                 }
             }
-            self.wake.borrow_and_update();
-            match self
-                .follower
-                .page(
-                    self.state.storage.as_ref(),
-                    self.since,
-                    self.horizon,
-                    (STREAM_PAGE, STREAM_BYTES),
-                )
-                .await
-            {
+            let seen = (*self.wake.borrow_and_update()).max(self.head);
+            let reader = Reader {
+                state: &self.state,
+                follower: &self.follower,
+                limits: (STREAM_PAGE, STREAM_BYTES),
+                format: self.format,
+            };
+            match reader.page(self.since, self.horizon, seen).await {
                 Ok(page) => {
-                    let moved = page.last_revision > self.since;
-                    self.since = page.last_revision;
-                    self.horizon = Some(page.horizon);
-                    let (entries, sse) = (page.entries, self.sse);
-                    match crate::aside::sized(page.bytes, move || frames(&entries, sse)).await {
-                        Ok(frames) => self.out.extend(frames),
-                        Err(panic) => {
-                            self.end(
-                                500,
-                                &format!("the change feed cannot be encoded: {panic}"),
-                                None,
-                            );
-                            continue;
-                        }
-                    }
+                    let moved = page.place.last_revision > self.since;
+                    self.since = page.place.last_revision;
+                    self.horizon = Some(page.place.horizon);
+                    self.out.push_back(page.body.clone());
                     if moved {
                         // A page the follower saw none of would otherwise read the next at once,
                         // and a long history without yielding: let other requests run between.
-                        if self.out.is_empty() {
+                        if page.shown == 0 {
                             tokio::task::yield_now().await;
                         }
                         continue;
@@ -673,7 +749,7 @@ impl Stream {
                 _ = tokio::time::sleep(self.heartbeat) => {
                     // Everything up to `since` was sent or filtered out: in SSE the heartbeat
                     // moves the last event id there, so a reconnect skips what the filter hid.
-                    self.out.push_back(if self.sse {
+                    self.out.push_back(if self.format == Format::Sse {
                         Bytes::from(format!("id: {}\n: heartbeat\n\n", self.since))
                     } else {
                         Bytes::from_static(b"\n")

@@ -627,24 +627,7 @@ async fn a_ndjson_follower_that_stays_behind_gets_everything_once_in_order() {
     }
     // The server kept serving others meanwhile.
     assert_eq!(app.get("/p/_changes?limit=1").await.status, 200);
-    let mut lines = response.bytes_stream();
-    let mut pending = Vec::new();
-    let mut got = Vec::new();
-    while got.len() < 4000 {
-        let chunk = tokio::time::timeout(Duration::from_secs(20), lines.next())
-            .await
-            .expect("data in time")
-            .expect("the stream goes on")
-            .unwrap();
-        pending.extend_from_slice(&chunk);
-        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = pending.drain(..=end).collect();
-            if line.len() > 1 {
-                let change: Value = serde_json::from_slice(&line).unwrap();
-                got.push(change["revision"].as_u64().unwrap());
-            }
-        }
-    }
+    let got = ndjson_revisions(response, 4000).await;
     assert_eq!(got.len(), 4000);
     assert!(
         got.windows(2).all(|w| w[0] < w[1]),
@@ -936,5 +919,82 @@ async fn a_page_counts_items_as_decoded_so_arrays_of_small_numbers_make_short_pa
     }
     assert_eq!(seen, written);
     assert!((1..=4).contains(&longest), "pages of {longest} changes");
+    app.stop().await;
+}
+
+/// The revisions of the changes an NDJSON follower gets, until it has `n`.
+async fn ndjson_revisions(response: reqwest::Response, n: usize) -> Vec<u64> {
+    let mut lines = response.bytes_stream();
+    let (mut pending, mut got) = (Vec::new(), Vec::new());
+    while got.len() < n {
+        let chunk = tokio::time::timeout(Duration::from_secs(20), lines.next())
+            .await
+            .expect("data in time")
+            .expect("the stream goes on")
+            .unwrap();
+        pending.extend_from_slice(&chunk);
+        while let Some(end) = pending.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = pending.drain(..=end).collect();
+            if line.len() > 1 {
+                let change: Value = serde_json::from_slice(&line).unwrap();
+                got.push(change["revision"].as_u64().unwrap());
+            }
+        }
+    }
+    got
+}
+
+#[tokio::test]
+async fn followers_reading_together_get_every_change_and_a_writer_reads_its_writes_at_once() {
+    let app = spawn_app().await;
+    project(&app).await;
+    let mut written = Vec::new();
+    for i in 0..3 {
+        written.push(put(&app, Uuid::new_v4(), &format!("before {i}")).await);
+    }
+    // Followers from the same place read the same pages about the same time (they share them).
+    let mut followers = Vec::new();
+    for _ in 0..20 {
+        let response = app
+            .client
+            .get(format!("{}/p/_changes?feed=ndjson&since=0", app.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        followers.push(response);
+    }
+    const WRITES: usize = 200;
+    let readers: Vec<_> = followers
+        .into_iter()
+        .map(|response| tokio::spawn(ndjson_revisions(response, 3 + WRITES)))
+        .collect();
+    // Each write is in the very next page read from the same place, and in the next long poll.
+    for i in 0..WRITES {
+        let revision = put(&app, Uuid::new_v4(), &format!("during {i}")).await;
+        written.push(revision);
+        if i % 10 == 0 {
+            let page = app.get("/p/_changes?since=0&limit=10000").await;
+            assert_eq!(
+                revisions(&page.body).last(),
+                Some(&revision),
+                "a page read after a write holds it"
+            );
+            let since = written[written.len() - 2];
+            let polled = app
+                .get(&format!(
+                    "/p/_changes?feed=longpoll&since={since}&timeout=5"
+                ))
+                .await;
+            assert_eq!(revisions(&polled.body), vec![revision]);
+        }
+    }
+    for reader in readers {
+        assert_eq!(
+            reader.await.unwrap(),
+            written,
+            "every change, once, in order"
+        );
+    }
     app.stop().await;
 }
