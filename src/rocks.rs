@@ -178,8 +178,8 @@ pub fn hint(error: &rocksdb::Error) -> &'static str {
     if message.contains("While lock file") {
         "; is another dstore process using this data directory? (one process per data directory)"
     } else if message.contains("No space left on device") {
-        "; the disk is full: free space on it (RocksDB writes again, without a restart, once at \
-         least 64 MiB is free)"
+        "; the disk is full: free space on it (a running dstore writes again by itself once at \
+         least 64 MiB is free; one that could not start, when started again)"
     } else {
         ""
     }

@@ -4,8 +4,9 @@
 //!
 //! A full disk is the one state RocksDB cannot always restart from (opening writes a new log and
 //! manifest, compactions need room to merge); stopping short of it keeps room to restart, to
-//! compact, and to delete. Deletes and project drops are still accepted, as are blueprint edits
-//! (a few bytes of catalog); item writes and freezes (a freeze back-fills its version) are not.
+//! compact, and to delete. Deletes and project drops are still accepted; item writes, freezes (a
+//! freeze back-fills its version) and blueprint edits (a blueprint may take a MiB of catalog, and
+//! projects are many) are not.
 //! Deletes stop too below [`FLOOR`]: the disk filled by something else, each delete still adds a
 //! change to the log, and RocksDB resumes writing after a full disk only once that much is free.
 //! Free space is measured at most every [`MEASURE_EVERY`], by the write that finds the last
@@ -143,17 +144,25 @@ impl DiskGuard {
             .saturating_sub(self.unmeasured.load(Ordering::Acquire));
         if free < self.min_free {
             self.underway.fetch_sub(bytes, Ordering::AcqRel);
-            let before = free.saturating_add(bytes);
+            // What is free before this write (`free` may have stopped at 0 counting it).
+            let before = self
+                .free
+                .load(Ordering::Acquire)
+                .saturating_sub(underway - bytes)
+                .saturating_sub(self.unmeasured.load(Ordering::Acquire));
+            let going_on = going_on(self.min_free);
             return Err(if before < self.min_free {
                 JournalError::DiskLow {
                     free_mb: before >> 20,
                     min_mb: self.min_free >> 20,
+                    going_on,
                 }
             } else {
                 JournalError::DiskTooSmallFor {
                     needed_mb: bytes.div_ceil(1 << 20),
                     free_mb: before >> 20,
                     min_mb: self.min_free >> 20,
+                    going_on,
                 }
             });
         }
@@ -178,7 +187,7 @@ impl DiskGuard {
             let free_mb = free >> 20;
             let min_mb = self.min_free >> 20;
             if low {
-                tracing::error!(free_mb, min_mb, dir = %self.dir.display(), "the journal's disk is nearly full: item writes and freezes are refused until space is freed (storage.min_free_disk_mb)");
+                tracing::error!(free_mb, min_mb, dir = %self.dir.display(), "the journal's disk is nearly full: item writes, blueprint edits and freezes are refused until space is freed (storage.min_free_disk_mb)");
             } else {
                 tracing::info!(
                     free_mb,
@@ -187,6 +196,16 @@ impl DiskGuard {
                 );
             }
         }
+    }
+}
+
+/// What the journal still accepts below a minimum of `min_free` bytes: deletes too while the
+/// minimum is above [`FLOOR`]; below it, deletes stop with the other writes.
+fn going_on(min_free: u64) -> &'static str {
+    if min_free > FLOOR {
+        "reads, deletes and project drops go on"
+    } else {
+        "reads and project drops go on"
     }
 }
 
@@ -223,7 +242,10 @@ mod tests {
             .check()
             .expect("a MiB is free");
         let refused = DiskGuard::new(dir.path(), free.saturating_mul(4)).check();
-        let Err(JournalError::DiskLow { free_mb, min_mb }) = refused else {
+        let Err(JournalError::DiskLow {
+            free_mb, min_mb, ..
+        }) = refused
+        else {
             panic!("refused: {refused:?}");
         };
         assert_eq!(min_mb, free.saturating_mul(4) >> 20);
@@ -256,11 +278,25 @@ mod tests {
                 Err(JournalError::DiskTooSmallFor {
                     needed_mb: 40,
                     free_mb: 60,
-                    min_mb: 36
+                    min_mb: 36,
+                    ..
                 })
             ),
             "two writes of 40 MiB do not fit in 64: {:?}",
             refused.map(|_| ())
+        );
+        // A write larger than what is free is told what is free, not what it needs less one.
+        let refused = guard.admit(500 << 20).map(|_| ());
+        assert!(
+            matches!(
+                refused,
+                Err(JournalError::DiskTooSmallFor {
+                    needed_mb: 500,
+                    free_mb: 60,
+                    ..
+                })
+            ),
+            "{refused:?}"
         );
         drop(guard.admit(8 << 20).expect("8 more MiB fit"));
         drop(first);
@@ -299,6 +335,14 @@ mod tests {
             ),
             "{:?}",
             full.check_floor()
+        );
+        // Refusals say what goes on: deletes only while the minimum is above the floor.
+        let said = |guard: DiskGuard| guard.check().unwrap_err().to_string();
+        assert!(said(at(100 << 20, 1 << 30)).contains("reads, deletes and project drops go on"));
+        let small = said(at(10 << 20, 16 << 20));
+        assert!(
+            small.contains("reads and project drops go on") && !small.contains("deletes and"),
+            "{small}"
         );
         // A minimum under the floor is the floor; none refuses nothing.
         assert!(at(20 << 20, 16 << 20).check_floor().is_ok());

@@ -128,15 +128,21 @@ pub enum JournalError {
     },
     #[error("journal record is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
-    #[error("the journal's disk has {free_mb} MiB free, less than storage.min_free_disk_mb ({min_mb} MiB): item writes and freezes are refused until space is freed; reads, deletes and project drops go on")]
-    DiskLow { free_mb: u64, min_mb: u64 },
+    #[error("the journal's disk has {free_mb} MiB free, less than storage.min_free_disk_mb ({min_mb} MiB): item writes, blueprint edits and freezes are refused until space is freed; {going_on}")]
+    DiskLow {
+        free_mb: u64,
+        min_mb: u64,
+        /// What is still accepted (see `disk::going_on`).
+        going_on: &'static str,
+    },
     #[error("the journal's disk has {free_mb} MiB free, less than the {floor_mb} MiB RocksDB needs to recover from a full disk: item writes are refused, deletes too, until space is freed; reads and project drops go on")]
     DiskFull { free_mb: u64, floor_mb: u64 },
-    #[error("the journal's disk has {free_mb} MiB free once the writes under way are counted; this write would take about {needed_mb} MiB of it (its items land several times: the log, the items, a task per store), leaving less than storage.min_free_disk_mb ({min_mb} MiB): send fewer items at once, or free space; reads, deletes and project drops go on")]
+    #[error("the journal's disk has {free_mb} MiB free once the writes under way are counted; this write would take about {needed_mb} MiB of it (its items land several times: the log, the items, a task per store), leaving less than storage.min_free_disk_mb ({min_mb} MiB): send fewer items at once, or free space; {going_on}")]
     DiskTooSmallFor {
         needed_mb: u64,
         free_mb: u64,
         min_mb: u64,
+        going_on: &'static str,
     },
 }
 

@@ -173,6 +173,8 @@ impl Storage for EmbeddedStorage {
         name: &Ident,
         input: BlueprintInput,
     ) -> Result<Vec<Change>, StorageError> {
+        // A blueprint may take a MiB of catalog, on the journal's disk (see `journal::disk`).
+        self.journal.check_disk()?;
         Ok(self.catalog.put_blueprint(project, name, input)?)
     }
 
@@ -181,6 +183,7 @@ impl Storage for EmbeddedStorage {
         project: &Ident,
         inputs: Vec<(Ident, BlueprintInput)>,
     ) -> Result<Vec<Change>, StorageError> {
+        self.journal.check_disk()?;
         Ok(self.catalog.put_blueprints(project, inputs)?)
     }
 

@@ -152,11 +152,12 @@ async fn metrics_count_requests_by_route_and_report_projectors_and_request_ids_a
 }
 
 /// While the journal's disk has less free than `storage.min_free_disk_mb` (here: more than any
-/// disk holds), item writes and freezes answer 503 naming the setting and readiness says so, while
-/// reads, deletes and blueprint edits go on; once there is room (a lower setting at the next
-/// start), writes and freezes are accepted again and nothing was lost.
+/// disk holds), item writes, blueprint edits and freezes answer 503 naming the setting and
+/// readiness says so, while reads and deletes go on; once there is room (a lower setting at the
+/// next start), they are accepted again and nothing was lost.
 #[tokio::test]
-async fn a_nearly_full_disk_refuses_item_writes_and_freezes_but_not_reads_or_deletes() {
+async fn a_nearly_full_disk_refuses_item_writes_blueprint_edits_and_freezes_but_not_reads_or_deletes(
+) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().to_path_buf();
     let app = spawn_app_with({
@@ -174,6 +175,10 @@ async fn a_nearly_full_disk_refuses_item_writes_and_freezes_but_not_reads_or_del
             200
         );
     }
+    // An edit to freeze later.
+    let mut edited = article();
+    edited["columns"]["summary"] = json!({"type": "string"});
+    assert_eq!(app.put("/p/article/_blueprint", &edited).await.status, 200);
     app.stop().await;
 
     let full = spawn_app_with({
@@ -200,9 +205,19 @@ async fn a_nearly_full_disk_refuses_item_writes_and_freezes_but_not_reads_or_del
     assert_eq!(bulk.status, 503, "{}", bulk.body);
     assert_eq!(full.get(&format!("/p/article/{kept}")).await.status, 200);
     assert_eq!(full.delete(&format!("/p/article/{gone}")).await.status, 200);
-    let mut edited = article();
-    edited["columns"]["summary"] = json!({"type": "string"});
-    assert_eq!(full.put("/p/article/_blueprint", &edited).await.status, 200);
+    // Blueprint edits fill the disk as surely as items: a blueprint may take a MiB.
+    edited["columns"]["notes"] = json!({"type": "string"});
+    let refused = full.put("/p/article/_blueprint", &edited).await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    let message = refused.body["status"].as_str().unwrap();
+    assert!(
+        message.contains("blueprint edits") && message.contains("storage.min_free_disk_mb"),
+        "{message}"
+    );
+    let refused = full
+        .put("/q/_project", &json!({"article": article()}))
+        .await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
     assert_eq!(full.post("/p/_version", None).await.status, 503);
     let ready = full.get("/_health/ready").await;
     assert_eq!(ready.body["writes"]["accepted"], false, "{}", ready.body);
