@@ -21,20 +21,40 @@ pub struct ReadyParams {
     strict: bool,
 }
 
+/// The longest a projector's store may take to say how it is: a load balancer checks readiness
+/// every few seconds (deploy/haproxy.cfg gives it 3), and a slow store must not take every node
+/// out of it, since it only delays projection.
+const HEALTH_WAIT: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// How the store of projector `name` answers, within [`HEALTH_WAIT`]; the stores are asked
+/// together.
+async fn health(state: &State, name: &str) -> Health {
+    let Some(projector) = state.registry.get(name) else {
+        return Health {
+            reachable: true,
+            detail: "opened by dstore worker processes only; see its progress".into(),
+        };
+    };
+    tokio::time::timeout(HEALTH_WAIT, projector.health())
+        .await
+        .unwrap_or_else(|_| Health {
+            reachable: false,
+            detail: format!(
+                "{name} did not answer within {} s (busy, or a network that drops packets)",
+                HEALTH_WAIT.as_secs()
+            ),
+        })
+}
+
 /// GET /_health/ready: whether this node can serve (503 when it cannot reach its storage), and per
 /// projector whether its store answers and how far behind it is. With `?strict=true` the answer is
 /// also 503 while a projector fails or writes are refused for back-pressure.
 pub async fn ready(state: State, params: Query<ReadyParams>) -> HttpResponse {
     let mut projectors = Map::new();
     let mut all_ready = true;
-    for name in state.registry.names() {
-        let health = match state.registry.get(name) {
-            Some(projector) => projector.health().await,
-            None => Health {
-                reachable: true,
-                detail: "opened by dstore worker processes only; see its progress".into(),
-            },
-        };
+    let names = state.registry.names();
+    let healths = futures::future::join_all(names.iter().map(|name| health(&state, name))).await;
+    for (name, health) in names.into_iter().zip(healths) {
         let progress = state.storage.progress(name).await;
         let status = if !health.reachable || progress.last_error.is_some() {
             all_ready = false;

@@ -1070,3 +1070,34 @@ async fn https_with_an_authority_of_its_own_and_an_api_key() {
     app.stop().await;
     es.clean_up(&prefix).await;
 }
+
+/// A store that does not answer shows in readiness as failing, without holding the answer past
+/// what a load balancer waits (deploy/haproxy.cfg): readiness is what takes a node out of it, and
+/// a slow store only delays projection.
+#[tokio::test]
+async fn readiness_answers_at_once_while_elasticsearch_does_not() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let app = spawn_app_with(move |s| {
+        s.elasticsearch = Some(ElasticsearchSettings {
+            url: format!("http://127.0.0.1:{port}").into(),
+            index_prefix: unique_prefix(),
+            ..ElasticsearchSettings::default()
+        })
+    })
+    .await;
+    let ready = app.get("/_health/ready").await;
+    assert_eq!(ready.status, 200, "{}", ready.body);
+    let es = &ready.body["projectors"]["elasticsearch"];
+    assert_eq!(es["status"], "failing", "{}", ready.body);
+    let detail = es["health"]["detail"].as_str().unwrap_or_default();
+    assert!(detail.contains("did not answer within 1 s"), "{detail}");
+    app.stop().await;
+    silent.abort();
+}
