@@ -303,7 +303,7 @@ async fn warn_of_namesakes(pool: &PgPool, node: &str) {
             node,
             held,
             "another process named like this node holds leases: one that stopped without giving \
-             them back (they lapse within seconds), or one still running; give every node and \
+             them back (a cursor's lapse within 10 s, a back-fill's within 30 s), or one still running; give every node and \
              worker its own storage.node (DSTORE_NODE)"
         );
     }
