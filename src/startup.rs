@@ -205,6 +205,9 @@ impl Application {
             n => n,
         };
         let master_keys = master_keys(&settings)?;
+        if master_keys.is_none() {
+            say_open(&settings);
+        }
         let keys = match master_keys {
             Some(master_keys) => Some(
                 KeyStore::open(storage.clone(), master_keys)
@@ -509,7 +512,7 @@ fn node_name(settings: &Settings) -> String {
 }
 
 /// The master keys, or `None` when requests need no key: authentication turned off explicitly, or
-/// no master key and a loopback address (said at start). Refuses a key shorter than 16 bytes or
+/// no master key and a loopback address ([`say_open`] says so at start). Refuses a key shorter than 16 bytes or
 /// with a character other than visible ASCII, and serving without a key on an address other
 /// machines reach.
 fn master_keys(settings: &Settings) -> Result<Option<Vec<Secret>>, StartupError> {
@@ -550,9 +553,6 @@ fn master_keys(settings: &Settings) -> Result<Option<Vec<Secret>>, StartupError>
         )));
     }
     if auth.disabled {
-        tracing::warn!(
-            "authentication is off (auth.disabled): every route is open to whoever reaches dstore"
-        );
         return Ok(None);
     }
     if !keys.is_empty() {
@@ -570,11 +570,21 @@ fn master_keys(settings: &Settings) -> Result<Option<Vec<Secret>>, StartupError>
              auth.disabled = true to accept that"
         )));
     }
-    tracing::warn!(
-        host,
-        "no master key: serving on a loopback address only, every route open"
-    );
     Ok(None)
+}
+
+/// Says at start why every route is open ([`master_keys`] found none needed).
+fn say_open(settings: &Settings) {
+    if settings.auth.disabled {
+        tracing::warn!(
+            "authentication is off (auth.disabled): every route is open to whoever reaches dstore"
+        );
+    } else {
+        tracing::warn!(
+            host = settings.server.host.as_str(),
+            "no master key: serving on a loopback address only, every route open"
+        );
+    }
 }
 
 /// Whether a projector is configured in `settings`. The embedded keyspaces live on one machine's

@@ -22,7 +22,7 @@ async fn the_binary_honours_the_original_variables_and_stops_cleanly_on_sigterm(
         .env("PROJECT_FILE_PATH", &catalog)
         .env("DSTORE_HOST", "127.0.0.1")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(dir.path().join("log")).unwrap())
         .spawn()
         .unwrap();
     let client = reqwest::Client::new();
@@ -80,6 +80,9 @@ async fn the_binary_honours_the_original_variables_and_stops_cleanly_on_sigterm(
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success(), "{status}");
+    // Why every route is open is said once.
+    let log = std::fs::read_to_string(dir.path().join("log")).unwrap();
+    assert_eq!(log.matches("no master key").count(), 1, "{log}");
 }
 
 /// `check-config` refuses what `serve` would refuse, naming the setting, before checking stores.
