@@ -338,7 +338,7 @@ impl PgStorage {
         let pool = PgPoolOptions::new()
             .max_connections(10)
             .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(options);
+            .connect_lazy_with(options.clone());
         // Nodes starting together on a fresh database may all create it: the same statement made
         // by two sessions at once can fail on the name's unique index in one of them, which then
         // finds the schema there.
@@ -347,6 +347,17 @@ impl PgStorage {
             let raced = error
                 .as_database_error()
                 .is_some_and(|e| e.code().as_deref() == Some("23505"));
+            if matches!(error, sqlx::Error::PoolTimedOut) {
+                // The pool says only that it timed out: one connection says why (refused, no
+                // such host, a password refused).
+                use sqlx::Connection;
+                if let Err(cause) = sqlx::PgConnection::connect_with(&options).await {
+                    return Err(unavailable(
+                        "connect with storage.url (DSTORE_STORAGE_URL)",
+                        &cause,
+                    ));
+                }
+            }
             if !raced {
                 return Err(unavailable("create the storage schema", &error));
             }
@@ -1399,6 +1410,27 @@ mod tests {
 
     use crate::storage::conformance::{drop_schema, open_postgresql, put_article};
     use crate::storage::{Storage, StorageError};
+
+    /// A storage that cannot be reached says why, not only that a pool timed out.
+    #[tokio::test]
+    async fn an_unreachable_storage_says_why() {
+        let settings = super::PgStorageSettings {
+            url: "postgres://postgres@127.0.0.1:9/dstore".to_string().into(),
+            schema: "dstore".into(),
+            node: "n".into(),
+            projectors: vec![],
+            projection: crate::config::ProjectionSettings::default(),
+            max_projects: 10,
+        };
+        let Err(error) = super::PgStorage::open(settings).await else {
+            panic!("opened a storage nobody serves");
+        };
+        let said = error.to_string();
+        assert!(
+            said.contains("storage.url") && said.to_lowercase().contains("refused"),
+            "{said}"
+        );
+    }
 
     /// A node stopped inside a transaction (its process frozen, its host cut off) holds its
     /// project's row lock: PostgreSQL ends its session after the idle timeout, so another node's
