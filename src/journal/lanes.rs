@@ -260,7 +260,7 @@ impl Journal {
             *current = through;
             moved
         });
-        lane.progress.lock().expect("progress lock").applied_through = through;
+        lane.progress.lock().expect("progress lock").applied_through = Some(through);
         Ok(())
     }
 
@@ -275,7 +275,7 @@ impl Journal {
             Some(lane) => lane.progress.lock().expect("progress lock").clone(),
             // The keyspaces the writer keeps have every write the moment it is accepted.
             None => ProjectorProgress {
-                applied_through: self.last_seq(),
+                applied_through: Some(self.last_seq()),
                 ..ProjectorProgress::default()
             },
         };
