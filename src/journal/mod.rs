@@ -1373,6 +1373,34 @@ mod tests {
         journal.close().await;
     }
 
+    /// A freeze asked again while the first one's back-fill runs (its answer lost) says that the
+    /// back-fill goes on, not only that nothing changed.
+    #[tokio::test]
+    async fn a_freeze_asked_again_during_its_back_fill_says_the_back_fill_goes_on() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec![]).await;
+        write_new(&storage, &project, &article).await.unwrap();
+        add_views(&storage, &project, &article).await;
+        journal.backfills_held.store(true, Ordering::Relaxed);
+        storage.freeze(&project, false).await.unwrap();
+        let wait = std::time::Duration::from_secs(1);
+        let again = crate::write::freeze(storage.as_ref(), &project, wait, false).await;
+        let Err(crate::write::WriteError::Conflict(said)) = again else {
+            panic!("{again:?}");
+        };
+        assert!(
+            said.contains("nothing changed since version 2") && said.contains("back-fill goes on"),
+            "{said}"
+        );
+        journal.backfills_held.store(false, Ordering::Relaxed);
+        journal.close().await;
+    }
+
     #[tokio::test]
     async fn a_freeze_whose_journal_batch_fails_says_the_version_is_frozen_and_what_to_do() {
         let Fixture {

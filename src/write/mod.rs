@@ -327,9 +327,20 @@ pub async fn freeze(
             if backfill {
                 return Ok(latest.number);
             }
-            // Also the answer to a client that asks again after a 503, once it is done.
+            // Also the answer to a client that asks again after a 503 (or a lost answer), once
+            // it is done; its back-fill may still run, which needs nothing more from the client.
+            let filling = storage
+                .backfill_state(project, latest.number)
+                .await?
+                .filter(|state| !state.finished)
+                .map_or(String::new(), |state| {
+                    format!(
+                        "; its back-fill goes on by itself ({} of about {} items so far)",
+                        state.done, state.total
+                    )
+                });
             return Err(WriteError::Conflict(format!(
-                "nothing changed since version {}, which every store has migrated",
+                "nothing changed since version {}, which every store has migrated{filling}",
                 latest.number
             )));
         }
