@@ -187,13 +187,16 @@ impl Pages {
 
     /// The page of `key` already read, if a reader that knows of commits up to `seen` may have it.
     fn read_before(&self, key: &Key, seen: u64) -> Option<Arc<Encoded>> {
-        let mut kept = lock(&self.kept);
-        kept.sweep(Instant::now());
-        let entry = kept.entries.get(key)?;
-        // Done, or (a page an answer kept) ready at the first poll.
-        let done = entry.reading.peek().cloned();
-        let page = done.or_else(|| entry.reading.clone().now_or_never())??;
-        (page.full || entry.read_under >= seen).then_some(page)
+        let (reading, read_under) = {
+            let mut kept = lock(&self.kept);
+            kept.sweep(Instant::now());
+            let entry = kept.entries.get(key)?;
+            (entry.reading.clone(), entry.read_under)
+        };
+        // Done, or ready at the first poll (a page an answer kept, or a stream's read whose task
+        // ended); polled without the lock, which the end of a stream's read takes.
+        let page = reading.now_or_never()??;
+        (page.full || read_under >= seen).then_some(page)
     }
 
     /// The read of `key` to wait for: the one kept, unless `renew` and it was read before `seen`;
@@ -406,6 +409,28 @@ mod tests {
         .expect("not held up by the first reader");
         assert_eq!(second.unwrap().body, Bytes::from_static(b"x"));
         assert_eq!(reads.load(Ordering::SeqCst), 0, "the read was shared");
+    }
+
+    #[tokio::test]
+    async fn an_answer_takes_a_streams_read_whose_task_ended_before_any_stream_looked() {
+        let pages = Pages::default();
+        let reads = AtomicUsize::new(0);
+        let read = reader(&reads, 3, false);
+        let _ = pages.entry(&key(1), 3, false, &read);
+        // The read's task ends; no stream has polled its outcome yet.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let answer = tokio::time::timeout(
+            Duration::from_secs(5),
+            pages.read(key(1), 3, false, reader(&reads, 3, false)),
+        )
+        .await
+        .expect("answered, not stuck on the cache's lock");
+        assert_eq!(answer.unwrap().place.last_revision, 3);
+        assert_eq!(
+            reads.load(Ordering::SeqCst),
+            1,
+            "the stream's read was taken"
+        );
     }
 
     #[tokio::test]
