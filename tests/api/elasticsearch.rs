@@ -603,9 +603,9 @@ async fn an_unreachable_elasticsearch_neither_stops_dstore_nor_loses_writes_and_
     app.stop().await;
 }
 
-#[tokio::test]
-async fn a_server_that_accepts_but_never_answers_is_reported_as_not_answering_not_unreachable() {
-    // Accepts connections and reads, never answers: a server too busy to reply.
+/// A server that accepts connections and reads, never answers (too busy to reply): its port,
+/// and the task to abort.
+async fn silent_server() -> (u16, tokio::task::JoinHandle<()>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let port = listener.local_addr().unwrap().port();
     let silent = tokio::spawn(async move {
@@ -614,6 +614,12 @@ async fn a_server_that_accepts_but_never_answers_is_reported_as_not_answering_no
             held.push(socket);
         }
     });
+    (port, silent)
+}
+
+#[tokio::test]
+async fn a_server_that_accepts_but_never_answers_is_reported_as_not_answering_not_unreachable() {
+    let (port, silent) = silent_server().await;
     let (_dir, _, projector) = direct(&format!("http://127.0.0.1:{port}"), "silent");
     let health = projector.health().await;
     assert!(!health.reachable, "{health:?}");
@@ -1076,14 +1082,7 @@ async fn https_with_an_authority_of_its_own_and_an_api_key() {
 /// a slow store only delays projection.
 #[tokio::test]
 async fn readiness_answers_at_once_while_elasticsearch_does_not() {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let port = listener.local_addr().unwrap().port();
-    let silent = tokio::spawn(async move {
-        let mut held = Vec::new();
-        while let Ok((socket, _)) = listener.accept().await {
-            held.push(socket);
-        }
-    });
+    let (port, silent) = silent_server().await;
     let app = spawn_app_with(move |s| {
         s.elasticsearch = Some(ElasticsearchSettings {
             url: format!("http://127.0.0.1:{port}").into(),
