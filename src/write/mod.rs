@@ -306,6 +306,8 @@ pub async fn freeze(
 ) -> Result<u32, WriteError> {
     let snapshot = storage.fresh_snapshot(project).await?;
     let p = snapshot.project(project)?;
+    // The stores whose failed migration is queued again: their failure is the one before.
+    let mut retried = Vec::new();
     let (number, revision) = if p.has_unfrozen_changes() {
         let allowed = p.working.compatibility.allows(evolution::worst_verdict(p));
         if !allowed && !force {
@@ -367,13 +369,52 @@ pub async fn freeze(
                 Some(behind) => Err(migration_pending(storage, project, latest.number, &behind)),
             };
         }
+        retried.clone_from(&again);
         let revision = storage.remigrate(project, latest.number, again).await?;
         (latest.number, revision)
     };
-    if let Err(behind) = storage.wait_projected(project, revision, wait).await {
+    // A migration that failed (a schema or an index dstore did not make, a store refusing the
+    // mapping) holds the project until it is put right: no point waiting out `wait` for it.
+    let waited = tokio::select! {
+        waited = storage.wait_projected(project, revision, wait) => waited,
+        failed = failed_migrations(storage, project, number, &retried) => Err(failed),
+    };
+    if let Err(behind) = waited {
         return Err(migration_pending(storage, project, number, &behind));
     }
     Ok(number)
+}
+
+/// Finishes once a store's migration of version `number` failed, with those stores; never for
+/// the stores in `retried`, whose state says how the try before ended until the new one does.
+async fn failed_migrations(
+    storage: &dyn Storage,
+    project: &Ident,
+    number: u32,
+    retried: &[String],
+) -> Vec<String> {
+    loop {
+        let snapshot = storage.snapshot();
+        let failed: Vec<String> = snapshot
+            .projects
+            .get(project)
+            .and_then(|p| p.status.get(&number))
+            .map(|status| {
+                status
+                    .migrations
+                    .iter()
+                    .filter(|(name, state)| {
+                        matches!(state, MigrationState::Failed { .. }) && !retried.contains(name)
+                    })
+                    .map(|(name, _)| name.clone())
+                    .collect()
+            })
+            .unwrap_or_default();
+        if !failed.is_empty() {
+            return failed;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 /// Waits up to `wait` until every store migrated `number`; answers the stores still behind then.

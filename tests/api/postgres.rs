@@ -1314,6 +1314,39 @@ async fn freeze_refused(app: &TestApp, project: &str, blueprint: &Value) -> Answ
     frozen
 }
 
+/// A freeze whose migration failed for good answers at once, not when its wait is out.
+#[tokio::test]
+async fn a_freeze_whose_migration_fails_answers_without_waiting_out_its_time() {
+    let db = TestDatabase::create().await;
+    let mut sql = db.sql().await;
+    sqlx::raw_sql("CREATE SCHEMA held_v1")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    let settings = db.settings();
+    let app = spawn_app_with(|s| {
+        s.postgresql = Some(settings);
+        s.projection.wait_timeout_secs = 3600;
+    })
+    .await;
+    let put = app
+        .put("/held/article/_blueprint", &crate::helpers::article())
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let frozen = tokio::time::timeout(Duration::from_secs(120), app.post("/held/_version", None))
+        .await
+        .expect("answered once the migration failed, not after an hour");
+    assert_eq!(frozen.status, 503, "{}", frozen.body);
+    assert!(
+        frozen.body["status"]
+            .as_str()
+            .is_some_and(|s| s.contains("not dstore's schema")),
+        "{}",
+        frozen.body
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_schema_dstore_did_not_make_holds_back_its_project_only_and_is_never_written() {
     let db = TestDatabase::create().await;
