@@ -435,9 +435,18 @@ impl Reader<'_> {
                     format,
                 };
                 let pages = &self.state.followers.pages;
-                pages
+                let page = pages
                     .read(key, seen, format != Format::Answer, read)
-                    .await?
+                    .await?;
+                // A shared page holds the horizon it was read under, up to a second old: a
+                // compaction since may have moved it past what this reader holds, and the page
+                // would refuse a `since` a read of its own allows, or hand back an older horizon.
+                let older = horizon.is_some_and(|h| page.place.horizon < h);
+                if older || crate::feed::check_horizon(since, horizon, page.place).is_err() {
+                    Arc::new(read().await?)
+                } else {
+                    page
+                }
             }
             // The project went away: the read says how.
             None => Arc::new(read().await?),

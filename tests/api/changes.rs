@@ -693,6 +693,85 @@ async fn a_stop_does_not_wait_for_a_follower_that_stopped_reading() {
     drop(stuck);
 }
 
+/// A page shared between readers (for a second) holds the horizon it was read under: a reader
+/// given a newer horizon by a compaction meanwhile is not refused for it, nor handed the older one.
+#[tokio::test]
+async fn a_shared_page_read_before_a_compaction_does_not_refuse_a_reader_holding_the_new_horizon() {
+    let app = spawn_app_with(|s| {
+        s.changes.tombstone_retention_secs = 0;
+        s.changes.compact_interval_secs = 1;
+    })
+    .await;
+    project(&app).await;
+    let mut kept = Vec::new();
+    for i in 0..5 {
+        kept.push(put(&app, Uuid::new_v4(), &format!("kept {i}")).await);
+    }
+    // A place below every delete to come: a full page of two kept items after it.
+    let since = kept[0];
+    let mut h0 = 0;
+    let mut raced = 0;
+    for attempt in 0..10 {
+        let gone = Uuid::new_v4();
+        put(&app, gone, "gone").await;
+        delete(&app, gone).await;
+        // The delete is purged about a second after it: read half-way.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        // A reader holding the current horizon reads the place; its page is kept for others.
+        let first = app
+            .get(&format!("/p/_changes?since={since}&limit=2&horizon={h0}"))
+            .await;
+        let read_at = Instant::now();
+        h0 = first.body["horizon"].as_u64().unwrap();
+        if first.status == 410 {
+            // Compacted since this test last looked: it holds the new horizon now.
+            continue;
+        }
+        assert_eq!(first.status, 200, "{}", first.body);
+        // The next compaction moves the horizon (seen by fresh reads: another limit each time).
+        let mut limit = 2;
+        let h1 = loop {
+            limit += 1;
+            let now = app
+                .get(&format!("/p/_changes?since=0&limit={limit}"))
+                .await
+                .body;
+            let h = now["horizon"].as_u64().unwrap();
+            if h > h0 {
+                break h;
+            }
+            assert!(read_at.elapsed() < Duration::from_secs(10), "no compaction");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        // The same place, with the new horizon: the page read under the old one is shared for a
+        // second at most.
+        let answer = app
+            .get(&format!("/p/_changes?since={since}&limit=2&horizon={h1}"))
+            .await;
+        if read_at.elapsed() >= Duration::from_millis(950) {
+            h0 = h1;
+            continue;
+        }
+        raced += 1;
+        assert_eq!(answer.status, 200, "attempt {attempt}: {}", answer.body);
+        assert_eq!(
+            answer.body["horizon"].as_u64(),
+            Some(h1),
+            "attempt {attempt}: {}",
+            answer.body
+        );
+        h0 = h1;
+        if raced == 3 {
+            break;
+        }
+    }
+    assert!(
+        raced > 0,
+        "the compaction never came within a second of a read"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn compacted_deletes_answer_410_and_since_0_gives_the_latest_state() {
     let app = spawn_app_with(|s| {
