@@ -15,7 +15,9 @@
 //!   the reader goes on reading at once after it (a stream, when the page moved). Otherwise the
 //!   reader reads again and shares that read. So a follower never waits for a wake-up while a
 //!   change it was woken for is unread, and a client that wrote and then reads the feed finds its
-//!   write.
+//!   write. A page read under an older horizon than its reader holds (a compaction came within
+//!   its second) is read again by that reader (`http::changes`), so no `since` a read of its own
+//!   allows is refused.
 //! - A shared read runs as a task of its own: a stream is polled only when its client reads, so a
 //!   read that went on only while its first reader is polled would hold up every other reader of
 //!   the page for as long as that client stops reading.
