@@ -97,7 +97,8 @@ struct Kept {
 }
 
 impl Kept {
-    /// Forgets the pages past [`KEPT`], and the oldest while there are too many.
+    /// Forgets the pages past [`KEPT`], and the oldest while there are too many (looked at as a
+    /// reader comes: with no reader, at most [`MAX_BYTES`] stay held).
     fn sweep(&mut self, now: Instant) {
         while let Some((_, _, at)) = self.order.front() {
             let over = self.entries.len() > MAX_PAGES || self.bytes > MAX_BYTES;
@@ -217,10 +218,10 @@ impl Pages {
             }
         }
         let serial = kept.serials + 1;
-        let task = tokio::spawn(read());
-        let (shared, key_kept) = (Arc::downgrade(&self.kept), key.clone());
-        let reading = async move {
-            let page = task.await.ok().and_then(Result::ok).map(Arc::new);
+        let (shared, key_kept, read) = (Arc::downgrade(&self.kept), key.clone(), read());
+        // The task keeps the cache's count itself as it ends, whether anyone waits for it or not.
+        let task = tokio::spawn(async move {
+            let page = read.await.ok().map(Arc::new);
             if let Some(kept) = shared.upgrade() {
                 let mut kept = lock(&kept);
                 let bytes = page.as_ref().map(|p| p.body.len());
@@ -240,9 +241,8 @@ impl Pages {
                 }
             }
             page
-        }
-        .boxed()
-        .shared();
+        });
+        let reading = async move { task.await.ok().flatten() }.boxed().shared();
         kept.insert(key.clone(), reading.clone(), seen, 0);
         (reading, seen)
     }
@@ -419,8 +419,9 @@ mod tests {
         let reads = AtomicUsize::new(0);
         let read = reader(&reads, 3, false);
         let _ = pages.entry(&key(1), 3, false, &read);
-        // The read's task ends; no stream has polled its outcome yet.
+        // The read's task ends; no stream has polled its outcome yet, and it is counted.
         tokio::time::sleep(Duration::from_millis(50)).await;
+        assert_eq!(lock(&pages.kept).bytes, 10);
         let answer = tokio::time::timeout(
             Duration::from_secs(5),
             pages.read(key(1), 3, false, reader(&reads, 3, false)),
