@@ -395,19 +395,14 @@ async fn failed_migrations(
 ) -> Vec<String> {
     loop {
         let snapshot = storage.snapshot();
-        let failed: Vec<String> = snapshot
+        let failed = snapshot
             .projects
             .get(project)
-            .and_then(|p| p.status.get(&number))
-            .map(|status| {
-                status
-                    .migrations
-                    .iter()
-                    .filter(|(name, state)| {
-                        matches!(state, MigrationState::Failed { .. }) && !retried.contains(name)
-                    })
-                    .map(|(name, _)| name.clone())
-                    .collect()
+            .map(|p| {
+                migrations_where(p, number, |name, state| {
+                    matches!(state, MigrationState::Failed { .. })
+                        && !retried.iter().any(|r| r == name)
+                })
             })
             .unwrap_or_default();
         if !failed.is_empty() {
@@ -484,12 +479,21 @@ pub async fn freeze_report(
 }
 
 fn unfinished_migrations(p: &Project, number: u32) -> Vec<String> {
+    migrations_where(p, number, |_, state| *state != MigrationState::Done)
+}
+
+/// The stores whose migration of version `number` passes `keep`.
+fn migrations_where(
+    p: &Project,
+    number: u32,
+    keep: impl Fn(&str, &MigrationState) -> bool,
+) -> Vec<String> {
     p.status
         .get(&number)
         .map(|s| {
             s.migrations
                 .iter()
-                .filter(|(_, m)| **m != MigrationState::Done)
+                .filter(|(name, state)| keep(name, state))
                 .map(|(name, _)| name.clone())
                 .collect()
         })

@@ -695,14 +695,20 @@ async fn a_stop_does_not_wait_for_a_follower_that_stopped_reading() {
 
 /// A page shared between readers (for a second) holds the horizon it was read under: a reader
 /// given a newer horizon by a compaction meanwhile is not refused for it, nor handed the older one.
-#[tokio::test]
-async fn a_shared_page_read_before_a_compaction_does_not_refuse_a_reader_holding_the_new_horizon() {
+/// An app with project `p` whose deletes are compacted within about a second.
+async fn compacting() -> TestApp {
     let app = spawn_app_with(|s| {
         s.changes.tombstone_retention_secs = 0;
         s.changes.compact_interval_secs = 1;
     })
     .await;
     project(&app).await;
+    app
+}
+
+#[tokio::test]
+async fn a_shared_page_read_before_a_compaction_does_not_refuse_a_reader_holding_the_new_horizon() {
+    let app = compacting().await;
     let mut kept = Vec::new();
     for i in 0..5 {
         kept.push(put(&app, Uuid::new_v4(), &format!("kept {i}")).await);
@@ -774,12 +780,7 @@ async fn a_shared_page_read_before_a_compaction_does_not_refuse_a_reader_holding
 
 #[tokio::test]
 async fn compacted_deletes_answer_410_and_since_0_gives_the_latest_state() {
-    let app = spawn_app_with(|s| {
-        s.changes.tombstone_retention_secs = 0;
-        s.changes.compact_interval_secs = 1;
-    })
-    .await;
-    project(&app).await;
+    let app = compacting().await;
     let (kept, gone) = (Uuid::new_v4(), Uuid::new_v4());
     let before = put(&app, kept, "kept").await;
     put(&app, gone, "gone").await;

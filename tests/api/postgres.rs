@@ -1314,21 +1314,27 @@ async fn freeze_refused(app: &TestApp, project: &str, blueprint: &Value) -> Answ
     frozen
 }
 
-/// A freeze whose migration failed for good answers at once, not when its wait is out.
-#[tokio::test]
-async fn a_freeze_whose_migration_fails_answers_without_waiting_out_its_time() {
+/// A database where `sql` made a schema dstore did not, and an app projecting into it whose writes
+/// and freezes wait `wait_secs` for the stores.
+async fn with_foreign_schema(sql: &str, wait_secs: u64) -> (TestDatabase, TestApp) {
     let db = TestDatabase::create().await;
-    let mut sql = db.sql().await;
-    sqlx::raw_sql("CREATE SCHEMA held_v1")
-        .execute(&mut sql)
+    sqlx::raw_sql(AssertSqlSafe(sql.to_owned()))
+        .execute(&mut db.sql().await)
         .await
         .unwrap();
     let settings = db.settings();
     let app = spawn_app_with(|s| {
         s.postgresql = Some(settings);
-        s.projection.wait_timeout_secs = 3600;
+        s.projection.wait_timeout_secs = wait_secs;
     })
     .await;
+    (db, app)
+}
+
+/// A freeze whose migration failed for good answers at once, not when its wait is out.
+#[tokio::test]
+async fn a_freeze_whose_migration_fails_answers_without_waiting_out_its_time() {
+    let (_db, app) = with_foreign_schema("CREATE SCHEMA held_v1", 3600).await;
     let put = app
         .put("/held/article/_blueprint", &crate::helpers::article())
         .await;
@@ -1349,18 +1355,12 @@ async fn a_freeze_whose_migration_fails_answers_without_waiting_out_its_time() {
 
 #[tokio::test]
 async fn a_schema_dstore_did_not_make_holds_back_its_project_only_and_is_never_written() {
-    let db = TestDatabase::create().await;
-    let mut sql = db.sql().await;
-    sqlx::raw_sql("CREATE SCHEMA bad_v1; COMMENT ON SCHEMA bad_v1 IS 'the billing team''s'")
-        .execute(&mut sql)
-        .await
-        .unwrap();
-    let settings = db.settings();
-    let app = spawn_app_with(|s| {
-        s.postgresql = Some(settings);
-        s.projection.wait_timeout_secs = 2;
-    })
+    let (db, app) = with_foreign_schema(
+        "CREATE SCHEMA bad_v1; COMMENT ON SCHEMA bad_v1 IS 'the billing team''s'",
+        2,
+    )
     .await;
+    let mut sql = db.sql().await;
     let blueprint = crate::helpers::article();
     let frozen = freeze_refused(&app, "bad", &blueprint).await;
     assert!(

@@ -273,7 +273,20 @@ mod tests {
         }
     }
 
-    /// A reader that counts its reads and answers a page ending at `last`, `full` or not.
+    /// A page of one change holding `bytes`, ending at `last`, `full` or not.
+    fn page(bytes: usize, last: u64, full: bool) -> Encoded {
+        Page {
+            body: Bytes::from(vec![b'x'; bytes]),
+            shown: 1,
+            place: Place {
+                last_revision: last,
+                horizon: 0,
+            },
+            full,
+        }
+    }
+
+    /// A reader that counts its reads and answers a page of 10 bytes ending at `last`.
     fn reader(
         reads: &AtomicUsize,
         last: u64,
@@ -281,15 +294,7 @@ mod tests {
     ) -> impl Fn() -> std::future::Ready<Result<Encoded, FeedError>> + '_ {
         move || {
             reads.fetch_add(1, Ordering::SeqCst);
-            std::future::ready(Ok(Page {
-                body: Bytes::from(vec![b'x'; 10]),
-                shown: 1,
-                place: Place {
-                    last_revision: last,
-                    horizon: 0,
-                },
-                full,
-            }))
+            std::future::ready(Ok(page(10, last, full)))
         }
     }
 
@@ -386,15 +391,7 @@ mod tests {
                 let gate = gate.clone();
                 async move {
                     gate.notified().await;
-                    Ok(Page {
-                        body: Bytes::from_static(b"x"),
-                        shown: 1,
-                        place: Place {
-                            last_revision: 2,
-                            horizon: 0,
-                        },
-                        full: false,
-                    })
+                    Ok(page(1, 2, false))
                 }
             }
         };
@@ -409,7 +406,7 @@ mod tests {
         )
         .await
         .expect("not held up by the first reader");
-        assert_eq!(second.unwrap().body, Bytes::from_static(b"x"));
+        assert_eq!(second.unwrap().body.len(), 1, "the first reader's page");
         assert_eq!(reads.load(Ordering::SeqCst), 0, "the read was shared");
     }
 
@@ -442,12 +439,7 @@ mod tests {
         let reads = AtomicUsize::new(0);
         let large = || {
             reads.fetch_add(1, Ordering::SeqCst);
-            std::future::ready(Ok(Page {
-                body: Bytes::from(vec![b'x'; KEEP_BYTES + 1]),
-                shown: 1,
-                place: Place::default(),
-                full: true,
-            }))
+            std::future::ready(Ok(page(KEEP_BYTES + 1, 0, true)))
         };
         pages.read(key(1), 1, false, large).await.unwrap();
         pages.read(key(1), 1, false, large).await.unwrap();
