@@ -13,6 +13,9 @@
 //! scanners that find where a value ends without checking it again (`skip_space`, `string_end`,
 //! `value_end`); they say nothing useful about text that is not JSON.
 
+use std::cell::RefCell;
+
+use serde::de::{DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
 use serde_json::Value;
 
 use crate::blueprint::parse::pointer_segment;
@@ -373,7 +376,12 @@ fn pointer(bytes: &[u8], stack: &[Place]) -> String {
     out
 }
 
-/// Parses a request body: nested at most [`MAX_DEPTH`] levels, and not empty.
+/// Parses a request body: nested at most [`MAX_DEPTH`] levels, each object naming a key once, and
+/// not empty.
+///
+/// A key an object names twice is refused, naming it, as Elasticsearch refuses it: serde (and
+/// PostgreSQL's `jsonb`) would keep the last value and drop the other without a word, and a client
+/// that sends two values for one field meant something it would not get.
 pub fn parse(bytes: &[u8]) -> Result<Value, FieldError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(FieldError::new(
@@ -383,10 +391,14 @@ pub fn parse(bytes: &[u8]) -> Result<Value, FieldError> {
     }
     // serde stops by itself at 128 levels, so what it builds is bounded by the body; the levels of
     // what it built are counted (a few nodes for an item), and the bytes scanned to name where only
-    // for a body that is refused. A body too deep and malformed too is refused for its depth, as
-    // when the bytes were scanned first. A part nested too deep under a key the body repeats, which
-    // serde replaces with the key's last value, is not counted: what is checked is what is kept.
-    match serde_json::from_slice::<Value>(bytes) {
+    // for a body that is refused. A body too deep and malformed (or repeating a key) too is refused
+    // for its depth, as when the bytes were scanned first.
+    let repeated = RefCell::new(None);
+    let mut deserializer = serde_json::Deserializer::from_slice(bytes);
+    let parsed = Unique(&repeated)
+        .deserialize(&mut deserializer)
+        .and_then(|value| deserializer.end().map(|()| value));
+    match parsed {
         Ok(value) if !nests_deeper(&value, MAX_DEPTH) => Ok(value),
         // The scan refuses what nests deeper (a proptest checks both count alike).
         Ok(_) => Err(pointed_depth(bytes, MAX_DEPTH)
@@ -394,9 +406,130 @@ pub fn parse(bytes: &[u8]) -> Result<Value, FieldError> {
             .unwrap_or_else(|| too_deep(String::new(), MAX_DEPTH))),
         Err(e) => {
             check_depth(bytes, MAX_DEPTH)?;
-            Err(FieldError::new("", format!("malformed JSON: {e}")))
+            match repeated.into_inner() {
+                Some(trail) => Err(repeated_key(trail)),
+                None => Err(FieldError::new("", format!("malformed JSON: {e}"))),
+            }
         }
     }
+}
+
+/// Where a repeated key was found: the segments from it up to the top of the body, the repeated
+/// key first; set only when a key repeats.
+type Trail = RefCell<Option<Vec<String>>>;
+
+/// Reads any JSON value as `serde_json::Value`'s own `Deserialize` does, but refuses an object
+/// naming a key twice, noting where in the [`Trail`].
+#[derive(Clone, Copy)]
+struct Unique<'t>(&'t Trail);
+
+impl Unique<'_> {
+    /// Adds the segment of a container's member to the trail, when the member's error is a
+    /// repeated key.
+    fn within(self, segment: impl FnOnce() -> String) {
+        if let Some(trail) = self.0.borrow_mut().as_mut() {
+            trail.push(segment());
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Unique<'_> {
+    type Value = Value;
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<Value, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Unique<'_> {
+    type Value = Value;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("any JSON value")
+    }
+
+    fn visit_bool<E>(self, value: bool) -> Result<Value, E> {
+        Ok(Value::Bool(value))
+    }
+
+    fn visit_i64<E>(self, value: i64) -> Result<Value, E> {
+        Ok(Value::Number(value.into()))
+    }
+
+    fn visit_u64<E>(self, value: u64) -> Result<Value, E> {
+        Ok(Value::Number(value.into()))
+    }
+
+    fn visit_f64<E>(self, value: f64) -> Result<Value, E> {
+        Ok(serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number))
+    }
+
+    fn visit_str<E>(self, value: &str) -> Result<Value, E> {
+        Ok(Value::String(value.to_owned()))
+    }
+
+    fn visit_string<E>(self, value: String) -> Result<Value, E> {
+        Ok(Value::String(value))
+    }
+
+    fn visit_unit<E>(self) -> Result<Value, E> {
+        Ok(Value::Null)
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Value, A::Error> {
+        let mut items = Vec::new();
+        loop {
+            match seq.next_element_seed(self) {
+                Ok(Some(item)) => items.push(item),
+                Ok(None) => return Ok(Value::Array(items)),
+                Err(e) => {
+                    self.within(|| items.len().to_string());
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Value, A::Error> {
+        let mut object = serde_json::Map::new();
+        while let Some(key) = map.next_key::<String>()? {
+            match object.entry(key) {
+                serde_json::map::Entry::Occupied(entry) => {
+                    *self.0.borrow_mut() = Some(vec![entry.key().clone()]);
+                    return Err(serde::de::Error::custom("a key is repeated"));
+                }
+                serde_json::map::Entry::Vacant(entry) => match map.next_value_seed(self) {
+                    Ok(value) => {
+                        entry.insert(value);
+                    }
+                    Err(e) => {
+                        self.within(|| entry.key().clone());
+                        return Err(e);
+                    }
+                },
+            }
+        }
+        Ok(Value::Object(object))
+    }
+}
+
+/// The refusal of a repeated key, named by its pointer (`trail`, innermost first).
+fn repeated_key(trail: Vec<String>) -> FieldError {
+    let mut path = String::new();
+    for segment in trail.iter().rev() {
+        path.push('/');
+        let segment: String = segment.chars().take(200).collect();
+        path.push_str(&pointer_segment(&segment));
+        if path.len() > 400 {
+            path.push_str("/…");
+            break;
+        }
+    }
+    FieldError::new(
+        path,
+        "the key appears twice in one object; name each key once (dstore keeps no value a \
+         client sent without a word, and could not say which one was meant)",
+    )
 }
 
 /// The heap memory a parsed value holds, in bytes, as its allocations ask for it: what the
@@ -603,12 +736,37 @@ mod tests {
     }
 
     #[test]
-    fn a_too_deep_value_a_repeated_key_replaces_is_not_kept_and_not_counted() {
-        let deep = "[".repeat(MAX_DEPTH) + &"]".repeat(MAX_DEPTH);
-        let body = format!("{{\"a\":{deep},\"a\":1}}");
-        assert_eq!(parse(body.as_bytes()).unwrap(), serde_json::json!({"a": 1}));
-        let kept = format!("{{\"a\":1,\"a\":{deep}}}");
-        assert!(parse(kept.as_bytes()).unwrap_err().path.starts_with("/a/0"));
+    fn a_repeated_key_is_refused_by_its_pointer_and_a_too_deep_body_for_its_depth() {
+        for (body, path) in [
+            (&br#"{"a":1,"a":2}"#[..], "/a"),
+            (
+                br#"{"x":[0,{"k":{"b":null,"b~/":1,"b~/":[]}}]}"#,
+                "/x/1/k/b~0~1",
+            ),
+            (br#"[{"a":{}}, {"a":{"c":1}, "a":{"c":1}}]"#, "/1/a"),
+        ] {
+            let error = parse(body).unwrap_err();
+            assert_eq!(error.path, path, "{}", String::from_utf8_lossy(body));
+            assert!(error.message.contains("twice"), "{}", error.message);
+        }
+        // Keys alike only once unescaped are the same key.
+        assert_eq!(parse(br#"{"a":1,"\u0061":2}"#).unwrap_err().path, "/a");
+        // The same key in different objects is not a repeat.
+        assert!(parse(br#"{"a":{"a":1},"b":{"a":2}}"#).is_ok());
+        // Depth is named before a repeat, as before malformed text.
+        let deep = "[".repeat(MAX_DEPTH + 1) + &"]".repeat(MAX_DEPTH + 1);
+        let body = format!("{{\"a\":1,\"a\":2,\"b\":{deep}}}");
+        assert!(parse(body.as_bytes()).unwrap_err().path.starts_with("/b/0"));
+    }
+
+    #[test]
+    fn parsed_values_are_what_serde_builds() {
+        let body = br#"{"s":"\u00e9\n","i":-9223372036854775808,"u":18446744073709551615,
+            "f":1.5e300,"big":1e30,"huge":184467440737095516160,"n":null,"t":true,"a":[[],{}]}"#;
+        assert_eq!(
+            parse(body).unwrap(),
+            serde_json::from_slice::<Value>(body).unwrap()
+        );
     }
 
     #[test]

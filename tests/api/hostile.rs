@@ -230,18 +230,14 @@ async fn a_bulk_item_far_larger_than_an_item_may_be_fails_alone_with_413() {
 /// with: the flat ones are read member by member, the others by serde (`document`), and either
 /// way a body means what serde makes of it, through PUT and `_bulk` alike.
 #[tokio::test]
-async fn odd_flat_bodies_mean_what_serde_makes_of_them_through_put_and_bulk() {
+async fn odd_flat_bodies_mean_what_serde_makes_of_them_through_put_and_bulk_and_repeated_keys_are_refused(
+) {
     let app = blog().await;
     let stored = [
         // Spaces everywhere JSON allows them: the same item as the compact body.
         (
             " {\n\t\"project_version\" : 1 ,\r\n \"title\" : \"Hello\" , \"date_created\" : \"2020-01-02T03:04:05\" } ",
             json!("Hello"),
-        ),
-        // A repeated key: its last value, as serde keeps it.
-        (
-            r#"{"project_version":1,"title":"first","title":"last","date_created":"2020-01-02 03:04:05"}"#,
-            json!("last"),
         ),
         // Escapes, in a value and in a key.
         (
@@ -310,6 +306,42 @@ async fn odd_flat_bodies_mean_what_serde_makes_of_them_through_put_and_bulk() {
             answer["errors"][0]["message"], expected.message,
             "body {n}: {answer}"
         );
+    }
+    // A key an object names twice is refused, by a PUT and by a `_bulk` line alike, naming it;
+    // nothing is written.
+    for (body, path) in [
+        (
+            r#"{"project_version":1,"title":"first","title":"last","date_created":"2020-01-02 03:04:05"}"#,
+            "/title",
+        ),
+        (
+            r#"{"project_version":1,"title":"t","date_created":"2020-01-02 03:04:05","extra":{"a":[{"b":1,"b":1}]}}"#,
+            "/extra/a/0/b",
+        ),
+    ] {
+        let id = Uuid::new_v4();
+        let put = app
+            .send(
+                Method::PUT,
+                &format!("/myblog/article/{id}"),
+                Some(body.to_string()),
+            )
+            .await;
+        assert_eq!(put.status, 400, "{}", put.body);
+        assert_eq!(put.body["errors"][0]["path"], path, "{}", put.body);
+        assert!(put.body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("twice"));
+        let bulk = format!(
+            "{}\n{body}\n",
+            json!({"put": {"blueprint": "article", "id": id}})
+        );
+        let bulk = app.send(Method::POST, "/myblog/_bulk", Some(bulk)).await;
+        let answer = &bulk.body["items"][0]["put"];
+        assert_eq!(answer["status"], 400, "{}", bulk.body);
+        assert_eq!(answer["errors"][0]["path"], path, "{}", bulk.body);
+        assert_eq!(app.get(&format!("/myblog/article/{id}")).await.status, 404);
     }
     app.stop().await;
 }
