@@ -102,28 +102,48 @@ impl std::ops::Deref for Body {
     }
 }
 
+/// What a body of some length holds of the in-flight budget while it is handled: `factor` bytes a
+/// byte for itself (its text, and what is made of it while the request lasts), and `documents`
+/// bytes a byte for the documents a write makes of it, held at once for at most `documents_of`
+/// bytes of it (a `_bulk` body is journaled in parts).
+#[derive(Clone, Copy, Debug)]
+pub struct Counted {
+    pub factor: usize,
+    pub documents: usize,
+    pub documents_of: usize,
+}
+
+impl Counted {
+    /// What a body of `length` bytes holds.
+    pub fn of(self, length: usize) -> usize {
+        length
+            .saturating_mul(self.factor)
+            .saturating_add(length.min(self.documents_of).saturating_mul(self.documents))
+    }
+}
+
 /// Most of an announced body's length allocated before its bytes arrive; a larger body grows its
 /// buffer as it comes.
 const PREALLOCATED: usize = 1 << 20;
 
 /// Reads the whole body, refusing it with 413 as soon as it passes `limit` bytes, with 503 when the
 /// server holds too much body memory already, and with 408 when it does not arrive in time. Each
-/// byte takes `factor` bytes of the budget for the body, and `documents` more for the documents a
-/// write makes of it.
+/// byte takes what `counted` says.
 pub async fn read(
     state: &AppState,
     request: &HttpRequest,
     payload: web::Payload,
     limit: usize,
-    (factor, documents): (usize, usize),
+    counted: Counted,
 ) -> Result<Body, ApiError> {
     let timeout = Duration::from_secs(state.settings.server.body_timeout_secs);
-    let in_all = factor.saturating_add(documents);
-    let (bytes, share) =
-        tokio::time::timeout(timeout, read_within(state, request, payload, limit, in_all))
-            .await
-            .map_err(|_| ApiError::RequestTimeout(timeout.as_secs()))??;
-    let body = bytes.len().saturating_mul(factor);
+    let (bytes, share) = tokio::time::timeout(
+        timeout,
+        read_within(state, request, payload, limit, counted),
+    )
+    .await
+    .map_err(|_| ApiError::RequestTimeout(timeout.as_secs()))??;
+    let body = bytes.len().saturating_mul(counted.factor);
     Ok(Body {
         bytes,
         holding: Holding {
@@ -138,7 +158,7 @@ async fn read_within(
     request: &HttpRequest,
     mut payload: web::Payload,
     limit: usize,
-    factor: usize,
+    counted: Counted,
 ) -> Result<(web::Bytes, Share), ApiError> {
     let declared = request
         .headers()
@@ -159,7 +179,7 @@ async fn read_within(
         if length > limit {
             return Err(ApiError::TooLarge(limit));
         }
-        let needed = length.saturating_mul(factor);
+        let needed = counted.of(length);
         if needed > share.bytes() {
             share.grow(needed - share.bytes())?;
         }
@@ -214,7 +234,12 @@ async fn read_parsed<T>(
     documents: usize,
 ) -> Result<JsonBody<T>, ApiError> {
     let limit = state.settings.server.max_body_bytes;
-    let read = read(state, request, payload, limit, (JSON_FACTOR, documents)).await?;
+    let counted = Counted {
+        factor: JSON_FACTOR,
+        documents,
+        documents_of: usize::MAX,
+    };
+    let read = read(state, request, payload, limit, counted).await?;
     let value = parse(&read.bytes).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))?;
     // The text is dropped with this function: the parsed form is what the handler holds, and the
     // documents' estimate until they are made. Only a number array's slack makes this grow.

@@ -176,11 +176,35 @@ pub async fn delete_item(
     Ok((revisions[0], existing.is_some()))
 }
 
-/// Journals the valid operations of a `_bulk` body together; answers one outcome per operation.
-/// Each item is parsed, checked and encoded alone (`max_item_bytes` bounds it as a PUT body is),
-/// on a blocking thread: a body of costly items (a polygon's check takes time quadratic in its
-/// size) must not stall the HTTP worker that other requests share. `raw` is the body `ops` were
-/// read from; the entries' documents are counted against `hold` until the journal has them.
+/// How much of a `_bulk` body is journaled at once: at most this many bytes of item lines, and
+/// [`PART_OPERATIONS`] operations. A part's entries, the journal's batch of them and the memtable
+/// that takes the batch each hold about the part's documents at once; journaled whole, a 58 MB
+/// body held ten times its size (docs/performance.md, "Memory of one large `_bulk`").
+pub const PART_BYTES: usize = 4 << 20;
+/// The most operations journaled at once (see [`PART_BYTES`]).
+pub const PART_OPERATIONS: usize = 10_000;
+
+/// What became of a `_bulk` body's operations: one outcome for each operation journaled or
+/// refused alone, in order; when `stopped` says why, the operations after the last outcome were
+/// not journaled (the journal or the budget refused a part after earlier parts were journaled).
+#[derive(Debug)]
+pub struct Bulked {
+    pub outcomes: Vec<BulkOutcome>,
+    pub stopped: Option<WriteError>,
+}
+
+/// Journals the valid operations of a `_bulk` body, in parts of at most [`PART_BYTES`] of item
+/// lines; answers one outcome per operation. Each item is parsed, checked and encoded alone
+/// (`max_item_bytes` bounds it as a PUT body is), on a blocking thread: a body of costly items (a
+/// polygon's check takes time quadratic in its size) must not stall the HTTP worker that other
+/// requests share. `raw` is the body `ops` were read from; a part's documents are counted against
+/// `hold` until the journal has them.
+///
+/// Each part is prepared against the catalog as it is journaled, as a write of its own would be.
+/// When the first part cannot be journaled nothing was, and the request fails as a single write
+/// does; when a later one cannot, the parts before keep their revisions and [`Bulked::stopped`]
+/// says why the rest were not written, as Elasticsearch's `_bulk` answers each item it could not
+/// take.
 pub async fn bulk(
     storage: &dyn Storage,
     project: &Ident,
@@ -188,7 +212,7 @@ pub async fn bulk(
     ops: Vec<Operation<'_>>,
     max_item_bytes: usize,
     hold: Hold<'_>,
-) -> Result<Vec<BulkOutcome>, WriteError> {
+) -> Result<Bulked, WriteError> {
     storage.fresh_snapshot(project).await?.project(project)?;
     // The versions a delete reaches depend on the blueprint uid the item was stored with, read
     // once; only the uid is kept, so a body of many deletes holds no item bodies.
@@ -203,14 +227,63 @@ pub async fn bulk(
         };
         owned.push(OwnedOp::of(raw, op, stored_uid));
     }
-    let owned = Arc::new(owned);
+    let owned: Arc<[OwnedOp]> = owned.into();
+    let mut outcomes = Vec::with_capacity(owned.len());
+    for part in parts(&owned) {
+        match bulk_part(storage, project, raw, &owned, part, max_item_bytes, hold).await {
+            Ok(done) => outcomes.extend(done),
+            Err(error) if outcomes.is_empty() => return Err(error),
+            Err(error) => {
+                return Ok(Bulked {
+                    outcomes,
+                    stopped: Some(error),
+                })
+            }
+        }
+    }
+    Ok(Bulked {
+        outcomes,
+        stopped: None,
+    })
+}
+
+/// The ranges of `ops` journaled together: consecutive, each of at most [`PART_OPERATIONS`]
+/// operations and [`PART_BYTES`] of item lines (or one operation, whatever its size).
+fn parts(ops: &[OwnedOp]) -> Vec<Range<usize>> {
+    let mut parts = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (n, op) in ops.iter().enumerate() {
+        let size = op.item.as_ref().map_or(0, Range::len);
+        if n > start && (n - start == PART_OPERATIONS || bytes + size > PART_BYTES) {
+            parts.push(start..n);
+            (start, bytes) = (n, 0);
+        }
+        bytes += size;
+    }
+    if start < ops.len() {
+        parts.push(start..ops.len());
+    }
+    parts
+}
+
+/// Journals the operations `part` of `ops` together: one outcome for each.
+async fn bulk_part(
+    storage: &dyn Storage,
+    project: &Ident,
+    raw: &Bytes,
+    ops: &Arc<[OwnedOp]>,
+    part: Range<usize>,
+    max_item_bytes: usize,
+    hold: Hold<'_>,
+) -> Result<Vec<BulkOutcome>, WriteError> {
     let (revisions, outcomes) = journal(storage, project, hold, |snapshot| {
-        let (raw, ops, project) = (raw.clone(), owned.clone(), project.clone());
+        let (raw, ops, part, project) = (raw.clone(), ops.clone(), part.clone(), project.clone());
         aside(move || {
+            let ops = &ops[part];
             let mut entries = Vec::with_capacity(ops.len());
             let mut outcomes: Vec<Result<usize, (u16, Vec<FieldError>)>> =
                 Vec::with_capacity(ops.len());
-            for op in ops.iter() {
+            for op in ops {
                 outcomes.push(
                     match op.prepare(&snapshot, &project, &raw, max_item_bytes) {
                         Ok(entry) => {

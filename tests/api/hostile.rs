@@ -1108,6 +1108,86 @@ async fn past_the_backlog_limit_a_held_projects_writes_are_refused_and_the_other
     app.stop().await;
 }
 
+/// A `_bulk` body is journaled in parts (`write::PART_OPERATIONS` operations at most), so what it
+/// holds at once does not grow with it. A part refused after others were journaled (here by the
+/// backlog limit, which the first part filled) does not take back what was written: the answer
+/// gives the first part's items their revisions and each later one the refusal.
+#[tokio::test]
+async fn a_bulk_is_journaled_in_parts_and_a_part_refused_later_keeps_those_before() {
+    let part = dstore::write::PART_OPERATIONS;
+    let bulk = |ids: &[Uuid]| {
+        let line = item().to_string();
+        ids.iter()
+            .map(|id| {
+                format!("{{\"put\":{{\"blueprint\":\"article\",\"id\":\"{id}\"}}}}\n{line}\n")
+            })
+            .collect::<String>()
+    };
+    let ids: Vec<Uuid> = (0..part + 2_000).map(|_| Uuid::new_v4()).collect();
+    // Two parts: every item, in order.
+    let app = spawn_app().await;
+    app.put_and_freeze("good", "article", &article()).await;
+    let good = app
+        .send(Method::POST, "/good/_bulk", Some(bulk(&ids)))
+        .await;
+    assert_eq!(good.status, 200);
+    assert_eq!(good.body["errors"], false);
+    let revisions: Vec<u64> = good.body["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| item["put"]["revision"].as_u64().unwrap())
+        .collect();
+    assert_eq!(revisions.len(), ids.len());
+    assert!(revisions.windows(2).all(|pair| pair[0] < pair[1]));
+    for id in [ids[0], ids[part - 1], ids[part], ids[ids.len() - 1]] {
+        assert_eq!(app.get(&format!("/good/article/{id}")).await.status, 200);
+    }
+    app.stop().await;
+
+    let (_picky, app) = app_failing_migrations(|s| {
+        s.projection.max_pending_tasks = 5_000;
+        s.projection.wait_timeout_secs = 3;
+    })
+    .await;
+    // Into a project held by its failing migration: the first part fills the backlog past its
+    // limit, and the second is refused.
+    make_bad(&app).await;
+    let bad = app.send(Method::POST, "/bad/_bulk", Some(bulk(&ids))).await;
+    assert_eq!(bad.status, 200);
+    assert_eq!(bad.body["errors"], true);
+    let items = bad.body["items"].as_array().unwrap();
+    assert_eq!(items.len(), ids.len());
+    for (n, item) in items.iter().enumerate() {
+        let put = &item["put"];
+        if n < part {
+            assert_eq!(put["status"], 200, "{n}: {put}");
+            assert!(put["revision"].as_u64().is_some(), "{n}: {put}");
+        } else {
+            assert_eq!(put["status"], 503, "{n}: {put}");
+            assert!(put.get("revision").is_none(), "{n}: {put}");
+            let message = put["errors"][0]["message"].as_str().unwrap();
+            assert!(message.contains("picky"), "{n}: {message}");
+        }
+    }
+    assert_eq!(
+        app.get(&format!("/bad/article/{}", ids[part - 1]))
+            .await
+            .status,
+        200
+    );
+    assert_eq!(
+        app.get(&format!("/bad/article/{}", ids[part])).await.status,
+        404
+    );
+    // Refused from its first part on, a body writes nothing and is refused as a whole.
+    let again = app
+        .send(Method::POST, "/bad/_bulk", Some(bulk(&ids[..1])))
+        .await;
+    assert_eq!(again.status, 503, "{}", again.body);
+    app.stop().await;
+}
+
 /// A blueprint's validation cannot be made to cost every item (or its error) much: a long
 /// `pattern` or `enum` is refused, and a pattern an item misses is named in an excerpt. A project
 /// cannot grow past 200 blueprints. A route without parameters refuses any, so an imagined option
