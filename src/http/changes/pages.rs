@@ -22,18 +22,21 @@
 //!   read that went on only while its first reader is polled would hold up every other reader of
 //!   the page for as long as that client stops reading.
 //! - Memory: at most [`MAX_PAGES`] pages and [`MAX_BYTES`] of encoded pages are kept, the oldest
-//!   going first; a page kept is one `Bytes` that every reader's connection shares. A page over
+//!   going first, and none past twice [`KEPT`] once readers stop coming (a task sweeps the cache
+//!   while it keeps anything); a page kept is one `Bytes` that every reader's connection shares. A page over
 //!   [`KEEP_BYTES`] goes only to the readers that came while it was read: handing a page of many
 //!   MiB out again costs the HTTP workers about what reading it costs the blocking threads, and
 //!   readers paging as fast as they can would take the workers from the writers.
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
 
 use bytes::Bytes;
 use futures::future::{BoxFuture, FutureExt, Shared};
+// tokio's clock, which a test can move on.
+use tokio::time::Instant;
 
 use crate::feed::{FeedError, Follower, Page};
 
@@ -94,11 +97,13 @@ struct Kept {
     order: VecDeque<(Key, u64, Instant)>,
     bytes: usize,
     serials: u64,
+    /// Whether a task sweeps the cache (see [`Pages::keep_swept`]).
+    sweeping: bool,
 }
 
 impl Kept {
-    /// Forgets the pages past [`KEPT`], and the oldest while there are too many (looked at as a
-    /// reader comes: with no reader, at most [`MAX_BYTES`] stay held).
+    /// Forgets the pages past [`KEPT`], and the oldest while there are too many (as a reader
+    /// comes, and every [`KEPT`] while anything is kept).
     fn sweep(&mut self, now: Instant) {
         while let Some((_, _, at)) = self.order.front() {
             let over = self.entries.len() > MAX_PAGES || self.bytes > MAX_BYTES;
@@ -169,6 +174,7 @@ impl Pages {
                 let mut kept = lock(&self.kept);
                 let ready = futures::future::ready(Some(page.clone())).boxed().shared();
                 kept.insert(key, ready, seen, page.body.len());
+                self.keep_swept(&mut kept);
             }
             return Ok(page);
         }
@@ -244,7 +250,31 @@ impl Pages {
         });
         let reading = async move { task.await.ok().flatten() }.boxed().shared();
         kept.insert(key.clone(), reading.clone(), seen, 0);
+        self.keep_swept(&mut kept);
         (reading, seen)
+    }
+
+    /// Starts the task that sweeps the cache every [`KEPT`] while it keeps anything, unless one
+    /// runs: pages are forgotten whether or not readers come.
+    fn keep_swept(&self, kept: &mut Kept) {
+        if !kept.sweeping {
+            kept.sweeping = true;
+            tokio::spawn(sweep_while_kept(Arc::downgrade(&self.kept)));
+        }
+    }
+}
+
+/// Sweeps the cache every [`KEPT`] until it keeps nothing (or is dropped).
+async fn sweep_while_kept(kept: Weak<Mutex<Kept>>) {
+    loop {
+        tokio::time::sleep(KEPT).await;
+        let Some(kept) = kept.upgrade() else { return };
+        let mut kept = lock(&kept);
+        kept.sweep(Instant::now());
+        if kept.order.is_empty() {
+            kept.sweeping = false;
+            return;
+        }
     }
 }
 
@@ -445,6 +475,25 @@ mod tests {
         pages.read(key(1), 1, false, large).await.unwrap();
         assert_eq!(reads.load(Ordering::SeqCst), 2);
         assert_eq!(lock(&pages.kept).bytes, 0);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn pages_are_forgotten_when_no_reader_comes() {
+        let pages = Pages::default();
+        let reads = AtomicUsize::new(0);
+        for (since, stream) in [(1, false), (2, true)] {
+            pages
+                .read(key(since), 1, stream, reader(&reads, 1, true))
+                .await
+                .unwrap();
+        }
+        assert_eq!(lock(&pages.kept).bytes, 20);
+        assert!(lock(&pages.kept).sweeping);
+        tokio::time::sleep(KEPT * 2 + Duration::from_millis(1)).await;
+        let kept = lock(&pages.kept);
+        assert!(kept.entries.is_empty() && kept.order.is_empty());
+        assert_eq!(kept.bytes, 0);
+        assert!(!kept.sweeping, "the sweeping task ends with nothing kept");
     }
 
     #[tokio::test]
