@@ -276,6 +276,7 @@ impl Journal {
             // The keyspaces the writer keeps have every write the moment it is accepted.
             None => ProjectorProgress {
                 applied_through: Some(self.last_seq()),
+                applied: self.keyspace_writes.load(Ordering::Relaxed),
                 ..ProjectorProgress::default()
             },
         };

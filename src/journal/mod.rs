@@ -376,6 +376,9 @@ pub struct Journal {
     /// The last write that failed, and when, while none has succeeded since (see
     /// [`Journal::write_failure`]).
     write_failure: Mutex<Option<(std::time::Instant, String)>>,
+    /// Item writes and deletes the writer applied to the local keyspaces since the start: their
+    /// projector's `applied`, since no worker applies their tasks.
+    keyspace_writes: AtomicU64,
     /// Shared with the writer (see `Writer::disk_reads_fail`).
     #[cfg(test)]
     disk_reads_fail: Arc<std::sync::atomic::AtomicBool>,
@@ -514,6 +517,7 @@ impl Journal {
             closing: std::sync::atomic::AtomicBool::new(false),
             background: Mutex::new(Vec::new()),
             write_failure: Mutex::new(None),
+            keyspace_writes: AtomicU64::new(0),
             #[cfg(test)]
             disk_reads_fail: Arc::default(),
             #[cfg(test)]

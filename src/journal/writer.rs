@@ -175,6 +175,8 @@ struct Stage<'a> {
     horizons: HashMap<Ident, u64>,
     /// The highest revision this batch gives each project's items (for the feed's followers).
     touched: HashMap<Ident, u64>,
+    /// Item writes and deletes this batch applies to the local keyspaces.
+    kept: u64,
     /// Unix millis of the batch, stamped on its changes.
     millis: u64,
     /// The journal's column families (in the order of `FAMILIES`), looked up once per batch: by
@@ -462,6 +464,7 @@ impl<'a> Stage<'a> {
         if !self.writer.keyspaces {
             return;
         }
+        self.kept += 1;
         let cf = self.cf(keyspace::CF_KEYSPACES);
         for (version, doc) in docs {
             let key = keyspace::key(project, version, blueprint, id);
@@ -488,6 +491,7 @@ impl<'a> Stage<'a> {
         if !self.writer.keyspaces {
             return;
         }
+        self.kept += 1;
         let cf = self.cf(keyspace::CF_KEYSPACES);
         for version in versions {
             self.batch.put_cf(
@@ -614,6 +618,7 @@ impl Writer {
                 dropped: Default::default(),
                 horizons: HashMap::new(),
                 touched: HashMap::new(),
+                kept: 0,
                 millis: chrono::Utc::now().timestamp_millis().max(0) as u64,
                 families: FAMILIES
                     .map(|name| self.db.cf_handle(name).expect("column family exists")),
@@ -644,6 +649,7 @@ impl Writer {
                 touched,
                 dropped,
                 queued,
+                kept,
                 ..
             } = stage;
             room = batch.size_in_bytes();
@@ -670,6 +676,9 @@ impl Writer {
             let journal = journal.upgrade();
             if let Some(journal) = &journal {
                 journal.note_write(result.as_ref().err());
+                if result.is_ok() {
+                    journal.keyspace_writes.fetch_add(kept, Ordering::Relaxed);
+                }
             }
             if let (Ok(()), Some(journal)) = (&result, &journal) {
                 for start in after {

@@ -149,6 +149,33 @@ async fn metrics_count_requests_by_route_and_report_projectors_and_request_ids_a
         "no table reader gauge in\n{text}"
     );
     assert!(text.contains("dstore_http_request_duration_seconds_bucket{method=\"PUT\""));
+
+    // The local keyspaces take each write in the journal's own batch: counted as applied there.
+    let id = uuid::Uuid::new_v4();
+    let item =
+        serde_json::json!({"project_version": 1, "title": "t", "date_created": "2026-01-01"});
+    for _ in 0..2 {
+        assert_eq!(
+            app.put(&format!("/myblog/article/{id}"), &item)
+                .await
+                .status,
+            200
+        );
+    }
+    assert_eq!(
+        app.delete(&format!("/myblog/article/{id}")).await.status,
+        200
+    );
+    let ready = app.get("/_health/ready").await.body;
+    assert_eq!(
+        ready["projectors"]["rocksdb"]["progress"]["applied"], 3,
+        "{ready}"
+    );
+    assert!(app
+        .metrics()
+        .await
+        .contains("dstore_projector_applied_total{projector=\"rocksdb\"} 3"));
+    app.stop().await;
 }
 
 /// While the journal's disk has less free than `storage.min_free_disk_mb` (here: more than any
