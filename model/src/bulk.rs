@@ -98,7 +98,8 @@ pub fn parse(raw: &[u8]) -> Result<Vec<Operation<'_>>, FieldError> {
                 format!("a _bulk body holds at most {MAX_OPERATIONS} operations; send the rest in another"),
             ));
         }
-        let (action, meta) = action_line(line).map_err(|message| FieldError::new(at(), message))?;
+        let (action, meta) =
+            action_line(line).map_err(|e| FieldError::new(at() + &e.path, e.message))?;
         let item = match action {
             Action::Delete => None,
             Action::Put | Action::Create => match lines.next() {
@@ -210,11 +211,14 @@ fn trim_json_space(line: &[u8]) -> &[u8] {
 }
 
 /// The action and its metadata object.
-fn action_line(line: &[u8]) -> Result<(Action, Meta<'_>), String> {
+fn action_line(line: &[u8]) -> Result<(Action, Meta<'_>), FieldError> {
     if line.len() > MAX_ACTION_BYTES {
-        return Err(format!(
-            "the action line is {} bytes; an action line holds at most {MAX_ACTION_BYTES}",
-            line.len()
+        return Err(FieldError::new(
+            "",
+            format!(
+                "the action line is {} bytes; an action line holds at most {MAX_ACTION_BYTES}",
+                line.len()
+            ),
         ));
     }
     if let Some(parts) = compact_line(line) {
@@ -276,9 +280,16 @@ fn compact_line(line: &[u8]) -> Option<(Action, Meta<'_>)> {
     Some((action, meta))
 }
 
-/// Any action line, through a JSON value: what [`QuickLine`] does not read, and every error.
-fn general_action_line(line: &[u8]) -> Result<(Action, Meta<'static>), String> {
-    let value = json::parse(line).map_err(|e| format!("malformed action line: {}", e.message))?;
+/// Any action line, through a JSON value: what [`QuickLine`] does not read, and every error (its
+/// path within the line: a key the line repeats is named).
+fn general_action_line(line: &[u8]) -> Result<(Action, Meta<'static>), FieldError> {
+    let value = json::parse(line)
+        .map_err(|e| FieldError::new(e.path, format!("malformed action line: {}", e.message)))?;
+    general_action(value).map_err(|message| FieldError::new("", message))
+}
+
+/// What an action line's JSON value says, or why it says nothing.
+fn general_action(value: Value) -> Result<(Action, Meta<'static>), String> {
     let Value::Object(object) = value else {
         return Err("an action line is an object with one key: put, create or delete".into());
     };
@@ -424,6 +435,19 @@ mod tests {
     fn a_bad_action_line_refuses_the_body_and_a_bad_item_only_its_operation() {
         assert_eq!(parse(b"{\"put\": 1}\n{}").unwrap_err().path, "/line/1");
         assert_eq!(parse(b"\n{\"nope\": {}}").unwrap_err().path, "/line/2");
+        // A key an action line repeats is named within its line, however the line is written.
+        for line in [
+            &br#"{"put":{"blueprint":"a","blueprint":"b","id":"x"}}"#[..],
+            br#"{"put": {"blueprint": "a", "\u0062lueprint": "b"}}"#,
+        ] {
+            let error = parse(line).unwrap_err();
+            assert_eq!(error.path, "/line/1/put/blueprint", "{error:?}");
+            assert!(error.message.contains("twice"), "{error:?}");
+        }
+        assert_eq!(
+            parse(br#"{"put":{},"put":{}}"#).unwrap_err().path,
+            "/line/1/put"
+        );
         let long = format!("{{\"put\": {{\"blueprint\": \"{}\"}}}}", "a".repeat(5000));
         assert!(parse(long.as_bytes()).unwrap_err().message.contains("4096"));
         let ops = parse(b"{\"create\": {\"blueprint\": \"a\"}}\n[[[[").unwrap();
