@@ -399,12 +399,13 @@ pub async fn bulk(
     // entries will hold each item's record and its document for every live version, a part at a
     // time.
     let documents = 1 + live_versions(&state, &project);
+    let counted = bulk_counted(documents);
     let raw = body::read(
         &state,
         &request,
         payload,
         state.settings.server.max_bulk_bytes,
-        bulk_counted(documents),
+        counted,
     )
     .await
     .map_err(|error| match error {
@@ -420,8 +421,11 @@ pub async fn bulk(
     let ops =
         crate::bulk::parse(&raw).map_err(|e| ApiError::BadRequest(e.message.clone(), vec![e]))?;
     let answered: Vec<(Action, Option<Uuid>)> = ops.iter().map(|op| (op.action, op.id)).collect();
-    // Its entries, once made, replace their estimate until the journal has them.
+    // A part's entries, once made, are counted until the journal has them, and never less than
+    // what the request was admitted with: a request under way only gives memory back when it is
+    // done, so requests that arrive meanwhile cannot take what its next part needs.
     let holding = raw.holding();
+    let admitted = counted.of(raw.len()) - raw.len() * counted.factor;
     let too_large = |error| match error {
         write::WriteError::Memory(crate::budget::Refused::Alone { .. }) => {
             bulk_too_large(&state, documents)
@@ -434,37 +438,42 @@ pub async fn bulk(
         raw.bytes(),
         ops,
         state.settings.server.max_body_bytes,
-        &|entries| holding.documents(entries),
+        &|entries| holding.documents(entries.max(admitted)),
     )
     .await
     .map_err(too_large)?;
     drop(place);
-    // The operations after a part the journal refused are told why, each as its own failure.
+    // The operations after a part the journal refused each carry its status, and a short word
+    // that `stopped` says why, once: the reason repeated for each of up to 100,000 operations
+    // would take more memory than the body.
     let stopped = bulked.stopped.map(|error| outcome_of(too_large(error)));
-    let not_written = answered.len() - bulked.outcomes.len();
-    let outcomes = bulked.outcomes.into_iter().chain(
-        stopped
-            .into_iter()
-            .flat_map(|error| std::iter::repeat_n(Err(error), not_written)),
-    );
+    let outcomes = bulked
+        .outcomes
+        .into_iter()
+        .map(Some)
+        .chain(std::iter::repeat(None));
     let items: Vec<BulkResult> = answered
         .into_iter()
         .zip(outcomes)
-        .map(|((action, id), outcome)| match outcome {
-            Ok(revision) => BulkResult {
-                action: action.name(),
-                id,
-                status: if action == Action::Create { 201 } else { 200 },
-                revision: Some(revision),
-                errors: None,
-            },
-            Err((status, errors)) => BulkResult {
+        .map(|((action, id), outcome)| {
+            let (status, revision, errors) = match outcome {
+                Some(Ok(revision)) => {
+                    let status = if action == Action::Create { 201 } else { 200 };
+                    (status, Some(revision), None)
+                }
+                Some(Err((status, errors))) => (status, None, Some(Errors::Own(errors))),
+                None => {
+                    let status = stopped.as_ref().map_or(500, |(status, _)| *status);
+                    (status, None, Some(Errors::NotWritten))
+                }
+            };
+            BulkResult {
                 action: action.name(),
                 id,
                 status,
-                revision: None,
-                errors: Some(errors),
-            },
+                revision,
+                errors,
+            }
         })
         .collect();
     let revisions: Vec<u64> = items.iter().filter_map(|item| item.revision).collect();
@@ -480,6 +489,7 @@ pub async fn bulk(
         took_ms: started.elapsed().as_millis() as u64,
         errors: items.iter().any(|item| item.errors.is_some()),
         items,
+        stopped,
         projection,
     };
     Ok(HttpResponse::build(status)
@@ -515,10 +525,9 @@ fn bulk_too_large(state: &State, documents: usize) -> ApiError {
     ApiError::Oversized(format!(
         "a _bulk body into a project with {} live versions holds {} bytes of memory per byte of \
          it while it is handled (its text, operations and answer), and {} more per byte of the \
-         part of at most {} bytes journaled at once (each item's record and document for every \
-         live version, and the journal's batch of them); all requests may hold {limit} together \
-         (server.max_inflight_bytes): send it in parts of at most {fits} bytes, or retire the \
-         versions no client writes at",
+         part of at most {} bytes journaled at once (each item's record and a document for every \
+         live version); all requests may hold {limit} together (server.max_inflight_bytes): send \
+         it in parts of at most {fits} bytes, or retire the versions no client writes at",
         documents - 1,
         counted.factor,
         counted.documents,
@@ -529,13 +538,14 @@ fn bulk_too_large(state: &State, documents: usize) -> ApiError {
 /// What a `_bulk` body holds of the in-flight budget while it is read and handled: its text, and its
 /// operations and their outcomes until it is answered, about twice its length; and for the part
 /// journaled at once (`write::PART_BYTES` of item lines), each item's record and a document for
-/// every live version, twice over while the journal copies them into its batch. Measured: a 58 MB
-/// body of 90,000 items peaked 125 MiB above the idle process (docs/performance.md).
+/// every live version, twice the documents' count since each is encoded with room to grow (a part
+/// of 4 MiB of 600-byte items held 13 MiB with one live version). Measured: a 58 MB body of 90,000
+/// items peaked 125 MiB above the idle process (docs/performance.md).
 fn bulk_counted(documents: usize) -> body::Counted {
     body::Counted {
         factor: 2,
-        documents,
-        documents_of: 2 * write::PART_BYTES,
+        documents: 2 * documents,
+        documents_of: write::PART_BYTES,
     }
 }
 
@@ -544,8 +554,20 @@ struct BulkAnswer {
     took_ms: u64,
     errors: bool,
     items: Vec<BulkResult>,
+    /// Why the operations after a part the journal refused were not written: its status and errors.
+    stopped: Option<(u16, Vec<FieldError>)>,
     projection: Map<String, Value>,
 }
+
+/// Why one `_bulk` operation failed.
+enum Errors {
+    Own(Vec<FieldError>),
+    /// The journal refused its part or one before it: the answer's `stopped` says why.
+    NotWritten,
+}
+
+/// The errors of an operation that was not written (see [`Errors::NotWritten`]).
+const NOT_WRITTEN: &[u8] = br#"[{"path":"","message":"not written: the journal refused this operation's part of the body or one before it; \"stopped\" says why"}]"#;
 
 /// `{"put": {"id": …, "status": 200, "revision": R}}`, or with `errors` instead of `revision`.
 struct BulkResult {
@@ -553,7 +575,7 @@ struct BulkResult {
     id: Option<Uuid>,
     status: u16,
     revision: Option<u64>,
-    errors: Option<Vec<FieldError>>,
+    errors: Option<Errors>,
 }
 
 impl BulkAnswer {
@@ -592,13 +614,27 @@ impl BulkAnswer {
                 out.extend_from_slice(b",\"revision\":");
                 out.extend_from_slice(number.format(revision).as_bytes());
             }
-            if let Some(errors) = &item.errors {
-                out.extend_from_slice(b",\"errors\":");
-                serde_json::to_writer(&mut out, errors).expect("errors serialize");
+            match &item.errors {
+                Some(Errors::Own(errors)) => {
+                    out.extend_from_slice(b",\"errors\":");
+                    serde_json::to_writer(&mut out, errors).expect("errors serialize");
+                }
+                Some(Errors::NotWritten) => {
+                    out.extend_from_slice(b",\"errors\":");
+                    out.extend_from_slice(NOT_WRITTEN);
+                }
+                None => {}
             }
             out.extend_from_slice(b"}}");
         }
         out.push(b']');
+        if let Some((status, errors)) = &self.stopped {
+            out.extend_from_slice(b",\"stopped\":{\"status\":");
+            out.extend_from_slice(number.format(*status).as_bytes());
+            out.extend_from_slice(b",\"errors\":");
+            serde_json::to_writer(&mut out, errors).expect("errors serialize");
+            out.push(b'}');
+        }
         push_fields(&mut out, &self.projection);
         out.push(b'}');
         out
@@ -656,8 +692,16 @@ mod tests {
             items: vec![
                 result("put", Some(id), 200, Some(u64::MAX), None),
                 result("create", Some(id), 201, Some(7), None),
-                result("delete", None, 400, None, Some(refused.clone())),
+                result(
+                    "delete",
+                    None,
+                    400,
+                    None,
+                    Some(Errors::Own(refused.clone())),
+                ),
+                result("put", Some(id), 503, None, Some(Errors::NotWritten)),
             ],
+            stopped: Some((503, vec![FieldError::new("", "the disk is \"full\"")])),
             projection,
         };
         let text: Value = serde_json::from_slice(&answer.to_json()).unwrap();
@@ -670,7 +714,11 @@ mod tests {
                     {"put": {"id": id, "status": 200, "revision": u64::MAX}},
                     {"create": {"id": id, "status": 201, "revision": 7}},
                     {"delete": {"id": null, "status": 400, "errors": refused}},
+                    {"put": {"id": id, "status": 503, "errors": [{"path": "", "message":
+                        "not written: the journal refused this operation's part of the body or \
+                         one before it; \"stopped\" says why"}]}},
                 ],
+                "stopped": {"status": 503, "errors": [{"path": "", "message": "the disk is \"full\""}]},
                 "projected": false,
                 "pending": ["postgresql"],
             })
@@ -679,6 +727,7 @@ mod tests {
             took_ms: 0,
             errors: false,
             items: Vec::new(),
+            stopped: None,
             projection: Map::new(),
         };
         assert_eq!(

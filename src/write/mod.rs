@@ -201,10 +201,9 @@ pub struct Bulked {
 /// `hold` until the journal has them.
 ///
 /// Each part is prepared against the catalog as it is journaled, as a write of its own would be.
-/// When the first part cannot be journaled nothing was, and the request fails as a single write
-/// does; when a later one cannot, the parts before keep their revisions and [`Bulked::stopped`]
-/// says why the rest were not written, as Elasticsearch's `_bulk` answers each item it could not
-/// take.
+/// While nothing is journaled, a part that cannot be is the request's failure, as a single
+/// write's; once something is, the parts before keep their revisions and [`Bulked::stopped`] says
+/// why the rest were not written, as Elasticsearch's `_bulk` answers each item it could not take.
 pub async fn bulk(
     storage: &dyn Storage,
     project: &Ident,
@@ -229,10 +228,22 @@ pub async fn bulk(
     }
     let owned: Arc<[OwnedOp]> = owned.into();
     let mut outcomes = Vec::with_capacity(owned.len());
+    // Once a part is journaled, the request goes on whatever others hold: a later part that holds
+    // more than the request was admitted with (a version frozen meanwhile adds a document to each
+    // item) is counted for what the budget has left, not stopped half written.
+    let later = |bytes| match hold(bytes) {
+        Err(crate::budget::Refused::Busy { .. }) => Ok(()),
+        other => other,
+    };
+    let mut journaled = false;
     for part in parts(&owned) {
+        let hold: Hold<'_> = if journaled { &later } else { hold };
         match bulk_part(storage, project, raw, &owned, part, max_item_bytes, hold).await {
-            Ok(done) => outcomes.extend(done),
-            Err(error) if outcomes.is_empty() => return Err(error),
+            Ok(done) => {
+                journaled |= done.iter().any(Result::is_ok);
+                outcomes.extend(done);
+            }
+            Err(error) if !journaled => return Err(error),
             Err(error) => {
                 return Ok(Bulked {
                     outcomes,
@@ -576,5 +587,85 @@ fn migrations_where(
 impl From<crate::catalog::CatalogError> for WriteError {
     fn from(error: crate::catalog::CatalogError) -> Self {
         WriteError::Storage(error.into())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use serde_json::Value;
+
+    use super::*;
+    use crate::budget::Refused;
+    use crate::storage::conformance::{frozen, open_embedded};
+
+    /// A `_bulk` body of `article` puts, one for each title.
+    fn body(titles: impl Iterator<Item = Value>) -> Bytes {
+        let mut text = String::new();
+        for title in titles {
+            text.push_str(&format!(
+                "{{\"put\":{{\"blueprint\":\"article\",\"id\":\"{}\"}}}}\n",
+                Uuid::new_v4()
+            ));
+            text.push_str(&serde_json::json!({"project_version": 1, "title": title}).to_string());
+            text.push('\n');
+        }
+        Bytes::from(text)
+    }
+
+    async fn run(
+        storage: &dyn Storage,
+        project: &Ident,
+        raw: Bytes,
+        hold: Hold<'_>,
+    ) -> Result<Bulked, WriteError> {
+        let ops = crate::bulk::parse(&raw).expect("a valid body");
+        bulk(storage, project, &raw, ops, 1 << 20, hold).await
+    }
+
+    fn busy(_: usize) -> Result<(), Refused> {
+        Err(Refused::Busy { limit: 1 })
+    }
+
+    /// Once a part is journaled, a budget others filled meanwhile does not stop the rest half
+    /// written; while nothing is, it refuses the request as a whole (here after a first part of
+    /// invalid items only, which journals nothing).
+    #[tokio::test]
+    async fn a_busy_budget_refuses_a_bulk_only_while_nothing_of_it_is_journaled() {
+        let (storage, _dir) = open_embedded().await;
+        let project = frozen(storage.as_ref()).await;
+        let storage = storage.as_ref();
+        let titles = |n: usize| (0..n).map(|i| Value::from(format!("t{i}")));
+        let refused = run(storage, &project, body(titles(PART_OPERATIONS + 10)), &busy).await;
+        assert!(matches!(
+            refused,
+            Err(WriteError::Memory(Refused::Busy { .. }))
+        ));
+
+        static CALLS: AtomicUsize = AtomicUsize::new(0);
+        let busy_after_one = |_: usize| match CALLS.fetch_add(1, Ordering::SeqCst) {
+            0 => Ok(()),
+            _ => Err(Refused::Busy { limit: 1 }),
+        };
+        let bulked = run(
+            storage,
+            &project,
+            body(titles(PART_OPERATIONS + 10)),
+            &busy_after_one,
+        )
+        .await
+        .expect("the first part is journaled");
+        assert!(bulked.stopped.is_none(), "{:?}", bulked.stopped);
+        assert_eq!(bulked.outcomes.len(), PART_OPERATIONS + 10);
+        assert!(bulked.outcomes.iter().all(Result::is_ok));
+        assert_eq!(CALLS.load(Ordering::SeqCst), 2, "both parts were counted");
+
+        let invalid = (0..PART_OPERATIONS).map(|_| Value::from(5));
+        let refused = run(storage, &project, body(invalid.chain(titles(1))), &busy).await;
+        assert!(matches!(
+            refused,
+            Err(WriteError::Memory(Refused::Busy { .. }))
+        ));
     }
 }
