@@ -135,6 +135,11 @@ impl ResponseError for ApiError {
                 .json(json!({"status": status, "errors": [], "report": report}));
         }
         let mut response = HttpResponse::build(self.status_code());
+        if let ApiError::Unavailable(reason) = self {
+            response
+                .extensions_mut()
+                .insert(super::observe::Refusal(reason.clone()));
+        }
         match self {
             ApiError::Unauthorized(_) => {
                 response.insert_header((actix_web::http::header::WWW_AUTHENTICATE, "Bearer"));

@@ -5,6 +5,10 @@
 //! by method (a closed set), route pattern (never the raw path, so ids do not explode the label set)
 //! and status, with
 //! a latency histogram, and rendered in the Prometheus text format by `/_metrics`.
+//!
+//! A failed request (5xx) is logged as a warning, with why when dstore refused it (503); refusals
+//! at most once a second, with how many went unlogged since: under overload every request may be
+//! refused, and a line each would take the time the server lacks and bury the rest of the log.
 
 use std::collections::HashMap;
 use std::fmt::Write;
@@ -177,6 +181,50 @@ pub(super) fn method_label(method: &actix_web::http::Method) -> &'static str {
     }
 }
 
+/// Why dstore refused a request (503), for its log line: set on the response by the error.
+#[derive(Clone, Debug)]
+pub struct Refusal(pub String);
+
+/// Refusals are logged at most once a second (see the module docs).
+static REFUSALS: Throttle = Throttle::new();
+
+/// Lets one event a second through, counting those it holds back.
+struct Throttle {
+    /// The second (since the process's first event) of the last event let through, plus one.
+    last: AtomicU64,
+    unlogged: AtomicU64,
+}
+
+impl Throttle {
+    const fn new() -> Throttle {
+        Throttle {
+            last: AtomicU64::new(0),
+            unlogged: AtomicU64::new(0),
+        }
+    }
+
+    /// How many events were held back since the last one let through, when this one is let
+    /// through; `None` when it is held back.
+    fn log(&self) -> Option<u64> {
+        static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+        self.log_at(START.get_or_init(Instant::now).elapsed().as_secs() + 1)
+    }
+
+    fn log_at(&self, second: u64) -> Option<u64> {
+        let last = self.last.load(Ordering::Acquire);
+        if second > last
+            && self
+                .last
+                .compare_exchange(last, second, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            return Some(self.unlogged.swap(0, Ordering::AcqRel));
+        }
+        self.unlogged.fetch_add(1, Ordering::AcqRel);
+        None
+    }
+}
+
 /// The middleware: id, span, metrics, log line.
 pub async fn observe(
     request: ServiceRequest,
@@ -195,7 +243,13 @@ pub async fn observe(
         metrics.record(method, &route, status, elapsed);
     }
     span.in_scope(|| {
-        if status >= 500 {
+        if status == 503 {
+            if let Some(unlogged) = REFUSALS.log() {
+                let reason = response.response().extensions().get::<Refusal>().cloned();
+                let reason = reason.map_or_else(String::new, |refusal| refusal.0);
+                tracing::warn!(status, %reason, unlogged, "request refused");
+            }
+        } else if status >= 500 {
             tracing::warn!(status, elapsed_ms = elapsed * 1e3, "request failed");
         } else {
             tracing::debug!(status, elapsed_ms = elapsed * 1e3, "request");
@@ -212,6 +266,17 @@ pub async fn observe(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn refusals_are_let_through_once_a_second_with_the_count_held_back() {
+        let throttle = Throttle::new();
+        assert_eq!(throttle.log_at(1), Some(0));
+        assert_eq!(throttle.log_at(1), None);
+        assert_eq!(throttle.log_at(1), None);
+        assert_eq!(throttle.log_at(2), Some(2));
+        assert_eq!(throttle.log_at(5), Some(0));
+        assert_eq!(throttle.log_at(5), None);
+    }
 
     #[test]
     fn hexadecimal_ids_are_written_as_the_formatter_writes_them() {
