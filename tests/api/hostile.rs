@@ -16,7 +16,9 @@ use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use uuid::Uuid;
 
-use crate::helpers::{article, spawn_app, spawn_app_with, spawn_app_with_projectors, TestApp};
+use crate::helpers::{
+    article, spawn_app, spawn_app_with, spawn_app_with_projectors, Answer, TestApp,
+};
 use crate::projectors::Broken;
 
 /// `levels` nested arrays around a number.
@@ -251,31 +253,17 @@ async fn odd_flat_bodies_mean_what_serde_makes_of_them_through_put_and_bulk_and_
         ),
     ];
     for (n, (body, title)) in stored.iter().enumerate() {
-        let id = Uuid::new_v4();
-        let put = app
-            .send(
-                Method::PUT,
-                &format!("/myblog/article/{id}"),
-                Some(body.to_string()),
-            )
-            .await;
+        let ((id, put), (bulk_id, bulk)) = put_and_bulk(&app, body).await;
         assert_eq!(put.status, 200, "body {n}: {}", put.body);
         let read = app.get(&format!("/myblog/article/{id}")).await;
         assert_eq!(read.body["title"], *title, "body {n}: {}", read.body);
         assert_eq!(read.body["date_created"], "2020-01-02 03:04:05", "body {n}");
-        let id = Uuid::new_v4();
-        let line = body.replace(['\n', '\r'], " ");
-        let bulk = format!(
-            "{}\n{line}\n",
-            json!({"put": {"blueprint": "article", "id": id}})
-        );
-        let bulk = app.send(Method::POST, "/myblog/_bulk", Some(bulk)).await;
         assert_eq!(
             bulk.body["items"][0]["put"]["status"], 200,
             "body {n}: {}",
             bulk.body
         );
-        let read = app.get(&format!("/myblog/article/{id}")).await;
+        let read = app.get(&format!("/myblog/article/{bulk_id}")).await;
         assert_eq!(read.body["title"], *title, "bulk body {n}: {}", read.body);
     }
     // Refused as serde refuses them, before anything is written: a raw control character in a
@@ -319,31 +307,42 @@ async fn odd_flat_bodies_mean_what_serde_makes_of_them_through_put_and_bulk_and_
             "/extra/a/0/b",
         ),
     ] {
-        let id = Uuid::new_v4();
-        let put = app
-            .send(
-                Method::PUT,
-                &format!("/myblog/article/{id}"),
-                Some(body.to_string()),
-            )
-            .await;
+        let ((id, put), (bulk_id, bulk)) = put_and_bulk(&app, body).await;
         assert_eq!(put.status, 400, "{}", put.body);
         assert_eq!(put.body["errors"][0]["path"], path, "{}", put.body);
         assert!(put.body["errors"][0]["message"]
             .as_str()
             .unwrap()
             .contains("twice"));
-        let bulk = format!(
-            "{}\n{body}\n",
-            json!({"put": {"blueprint": "article", "id": id}})
-        );
-        let bulk = app.send(Method::POST, "/myblog/_bulk", Some(bulk)).await;
         let answer = &bulk.body["items"][0]["put"];
         assert_eq!(answer["status"], 400, "{}", bulk.body);
         assert_eq!(answer["errors"][0]["path"], path, "{}", bulk.body);
-        assert_eq!(app.get(&format!("/myblog/article/{id}")).await.status, 404);
+        for id in [id, bulk_id] {
+            assert_eq!(app.get(&format!("/myblog/article/{id}")).await.status, 404);
+        }
     }
     app.stop().await;
+}
+
+/// Sends `body` as the item of a PUT and as the item line of a `_bulk` put, each to a new id: the
+/// ids and answers.
+async fn put_and_bulk(app: &TestApp, body: &str) -> ((Uuid, Answer), (Uuid, Answer)) {
+    let id = Uuid::new_v4();
+    let put = app
+        .send(
+            Method::PUT,
+            &format!("/myblog/article/{id}"),
+            Some(body.to_string()),
+        )
+        .await;
+    let bulk_id = Uuid::new_v4();
+    let line = body.replace(['\n', '\r'], " ");
+    let bulk = format!(
+        "{}\n{line}\n",
+        json!({"put": {"blueprint": "article", "id": bulk_id}})
+    );
+    let bulk = app.send(Method::POST, "/myblog/_bulk", Some(bulk)).await;
+    ((id, put), (bulk_id, bulk))
 }
 
 #[tokio::test]
