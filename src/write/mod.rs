@@ -230,7 +230,8 @@ pub async fn bulk(
     let mut outcomes = Vec::with_capacity(owned.len());
     // Once a part is journaled, the request goes on whatever others hold: a later part that holds
     // more than the request was admitted with (a version frozen meanwhile adds a document to each
-    // item) is counted for what the budget has left, not stopped half written.
+    // item) goes on within the share it has, over its count by those documents, rather than
+    // stopping half written.
     let later = |bytes| match hold(bytes) {
         Err(crate::budget::Refused::Busy { .. }) => Ok(()),
         other => other,
