@@ -33,6 +33,7 @@ async fn the_seed_flow_freezes_version_1_and_refuses_an_empty_freeze_with_409() 
 
     let read = app.get("/myblog/article/_blueprint/1").await;
     assert_eq!((read.status, &read.body), (200, &article_normal()));
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -76,6 +77,7 @@ async fn a_bad_blueprint_reports_every_problem_with_its_path_in_one_422() {
     );
     // Nothing was stored.
     assert_eq!(app.get("/myblog/article/_blueprint").await.status, 404);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -165,6 +167,7 @@ async fn renames_swaps_and_edits_are_recorded_as_changes_and_resending_records_n
         "{}",
         versions.body
     );
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -202,6 +205,7 @@ async fn reading_unknown_things_answers_404_and_malformed_input_400() {
         .await;
     assert_eq!(wrong_method.status, 405);
     assert!(wrong_method.body["status"].is_string());
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -221,6 +225,7 @@ async fn hostile_names_are_refused_with_400_before_touching_any_store() {
         assert!(answer.body["errors"][0]["message"].is_string(), "{path}");
     }
     assert_eq!(app.get("/_project").await.body, json!({}));
+    app.stop().await;
 }
 
 /// PostgreSQL keeps schema names starting with `pg_`, and a project's schemas are named after it:
@@ -260,6 +265,7 @@ async fn a_body_over_the_limit_is_refused_with_413() {
     let answer = app.put("/myblog/article/_blueprint", &big).await;
     assert_eq!(answer.status, 413, "{}", answer.body);
     assert!(answer.body["status"].as_str().unwrap().contains("1024"));
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -302,6 +308,7 @@ async fn two_blueprints_cannot_share_a_table_and_project_routes_put_all_and_free
 
     assert_eq!(app.delete("/myblog/_project").await.status, 200);
     assert_eq!(app.get("/myblog/_project").await.status, 404);
+    app.stop().await;
 }
 
 /// Tables and indexes share one namespace in a version's PostgreSQL schema: a blueprint whose table
@@ -344,6 +351,7 @@ async fn a_blueprint_cannot_take_a_name_another_blueprints_index_has_in_postgres
         .await;
     assert_eq!(fine.status, 200, "{}", fine.body);
     assert_eq!(app.post("/p/_version", None).await.status, 200);
+    app.stop().await;
 }
 
 /// `PUT /_project` changes no project unless every one passes: a project refused for a table two
@@ -388,6 +396,7 @@ async fn put_all_changes_nothing_when_any_project_is_refused() {
         "{}",
         unchanged.body
     );
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -427,6 +436,7 @@ async fn a_blueprint_with_too_many_columns_is_refused_with_422() {
     let answer = app.put("/myblog/article/_blueprint", &body).await;
     assert_eq!(answer.status, 422, "{}", answer.body);
     assert_eq!(answer.paths(), ["/columns"]);
+    app.stop().await;
 }
 
 /// Defaults that alone overflow a PostgreSQL row would have every item moved into the version
@@ -450,6 +460,7 @@ async fn defaults_that_alone_overflow_a_postgresql_row_are_refused_with_422() {
     }
     let answer = app.put("/myblog/article/_blueprint", &body).await;
     assert_eq!(answer.status, 200, "{}", answer.body);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -460,4 +471,5 @@ async fn malformed_query_strings_and_paths_get_json_errors() {
         assert_eq!(answer.status, 400, "{path}: {}", answer.body);
         assert!(answer.body["status"].is_string(), "{path}");
     }
+    app.stop().await;
 }

@@ -389,6 +389,7 @@ async fn hostile_parameters_get_a_400_naming_the_parameter() {
         .await
         .unwrap();
     assert_eq!(bad_id.status(), 400);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -426,6 +427,7 @@ async fn a_long_poll_answers_at_the_next_change_or_when_its_timeout_passes() {
     let (body, waited) = waiting.await.unwrap();
     assert_eq!(revisions(&body), vec![second]);
     assert!(waited < Duration::from_secs(10), "{waited:?}");
+    app.stop().await;
 }
 
 /// A long poll filtered to one blueprint reads on past pages of other blueprints' changes at
@@ -453,6 +455,7 @@ async fn a_filtered_long_poll_reads_past_other_blueprints_changes() {
         .await;
     assert_eq!(page.status, 200, "{}", page.body);
     assert_eq!(revisions(&page.body), vec![tagged], "{}", page.body);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -496,6 +499,7 @@ async fn sse_followers_get_every_change_once_and_resume_from_last_event_id() {
     assert!(quiet.is_err(), "no event while nothing changes: {quiet:?}");
     let re = put(&app, Uuid::new_v4(), "e").await;
     assert_eq!(next_changes(&mut events, 1).await[0]["revision"], re);
+    app.stop().await;
 }
 
 /// `_bulk` lines: `put` with a title, or `delete`.
@@ -594,6 +598,7 @@ async fn bulks_that_rewrite_delete_and_revive_items_leave_one_change_per_item() 
         changes.iter().all(|c| c.1 == "put" && c.2 == "again"),
         "{changes:?}"
     );
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -633,6 +638,7 @@ async fn a_ndjson_follower_that_stays_behind_gets_everything_once_in_order() {
         got.windows(2).all(|w| w[0] < w[1]),
         "in revision order, once"
     );
+    app.stop().await;
 }
 
 /// Stops the app, asserting the stop did not wait for its followers (actix gives a connection
@@ -673,6 +679,7 @@ async fn a_follower_resumes_after_a_server_restart_and_a_stop_does_not_wait_for_
     let resumed = next_changes(&mut events, 1).await;
     assert_eq!(resumed[0]["revision"], after);
     assert_eq!(resumed[0]["item"]["title"], "after");
+    stop_without_waiting(app).await;
 }
 
 /// A follower whose client stopped reading is not polled (its connection waits to write), so it
@@ -891,6 +898,7 @@ async fn a_since_past_the_last_revision_starts_the_follower_over() {
         .await
         .unwrap();
     assert_eq!(stream.status(), 410);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -915,6 +923,7 @@ async fn a_dropped_project_ends_its_followers_and_its_history() {
         410
     );
     assert_eq!(revisions(&app.get("/p/_changes").await.body), vec![fresh]);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -953,6 +962,7 @@ async fn past_max_followers_a_node_answers_503_and_a_leaving_follower_frees_its_
         assert!(Instant::now() < deadline, "the place was never freed");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    app.stop().await;
 }
 
 /// A page of the change feed counts its items as they take memory decoded, not as stored: items

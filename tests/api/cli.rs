@@ -421,6 +421,7 @@ async fn cli_freeze_dry_run_prints_the_report_and_diff_prints_the_verdicts() {
     let missing = dstore(&app, &["diff", "shop", "1", "9"], None).await;
     assert_eq!(missing.status.code(), Some(1));
     assert!(stderr(&missing).contains("404"), "{}", stderr(&missing));
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -479,6 +480,7 @@ async fn cli_changes_prints_the_feed_as_ndjson_and_follows_it() {
     let missing = dstore(&app, &["changes", "nothing"], None).await;
     assert_eq!(missing.status.code(), Some(1));
     assert!(stderr(&missing).contains("404"), "{}", stderr(&missing));
+    app.stop().await;
 }
 
 /// Names a URL would drop (empty, `.`, `..`) are refused before anything is sent, and an endless

@@ -113,6 +113,7 @@ async fn a_dry_run_counts_the_items_that_would_lose_a_value_and_changes_nothing(
         2
     );
     assert_eq!(app.get("/shop/_version").await.body["project_version"], 1);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -140,6 +141,7 @@ async fn a_forced_freeze_goes_through_and_is_marked_forced() {
         .get(&format!("/shop/product/{}?version=2", ids[1]))
         .await;
     assert_eq!(kept.body["price"], 2, "{}", kept.body);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -199,6 +201,7 @@ async fn a_declared_conversion_keeps_the_values_it_can_and_the_report_counts_onl
         "{}",
         bad.body
     );
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -240,6 +243,7 @@ async fn a_conversion_that_always_has_a_value_is_lossless_and_freezes_without_fo
     assert_eq!(frozen.status, 200, "{}", frozen.body);
     let read = app.get(&format!("/cal/event/{id}?version=2")).await;
     assert_eq!(read.body["at"], "2024-05-01", "{}", read.body);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -319,6 +323,7 @@ async fn the_compatibility_setting_lets_lossy_freezes_through_but_not_breaking_o
             .status,
         404
     );
+    app.stop().await;
 }
 
 /// Items written at a retired version have no clients left, so they take no part in the verdict,
@@ -398,6 +403,7 @@ async fn a_version_shows_its_last_write_and_how_many_writes_used_it() {
     assert_eq!(two["usage"]["last_write_at"], Value::Null, "{two}");
     assert_eq!(app.get("/shop/_version/3").await.status, 404);
     assert_eq!(app.get("/shop/_version/three").await.status, 400);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -426,6 +432,7 @@ async fn the_diff_of_two_versions_gives_each_changed_column_a_verdict_each_way()
     assert_eq!(app.get("/shop/_diff?from=1&to=9").await.status, 404);
     assert_eq!(app.get("/shop/_diff?from=1").await.status, 400);
     assert_eq!(app.get("/shop/_diff?from=x&to=2").await.status, 400);
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -521,4 +528,5 @@ async fn a_null_moved_into_a_column_that_allows_none_takes_its_default_in_every_
     assert_eq!(prices.len(), 5, "{prices:?}");
     let letters = app.get("/_dead_letters").await.body;
     assert_eq!(letters["dead_letters"], json!([]), "{letters}");
+    app.stop().await;
 }

@@ -159,4 +159,5 @@ async fn kitchensink_items_read_back_across_two_versions_and_deletes_reach_both(
             .get(&project, version, &blueprint, &second)
             .is_none());
     }
+    app.stop().await;
 }

@@ -76,6 +76,7 @@ async fn the_openapi_document_covers_every_route_and_the_error_body() {
     let missing = app.get("/a/b/c/d/e").await;
     assert_eq!(missing.status, 404);
     assert!(missing.body["status"].is_string() && missing.body["errors"].is_array());
+    app.stop().await;
 }
 
 #[tokio::test]
@@ -98,6 +99,7 @@ async fn the_docs_page_renders_the_document_without_loading_anything_from_elsewh
         !page.contains("http://") && !page.contains("https://"),
         "the page must work offline"
     );
+    app.stop().await;
 }
 
 #[tokio::test]
