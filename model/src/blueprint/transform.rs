@@ -124,8 +124,9 @@ fn convert_scalar(
             ))
         }
         (_, String | Text) => Some(Value::String(to_text(from, value))),
+        // What reads strictly is read so (`"1e3"` is 1000, not the 1 at its start).
         (String | Text, _) if how == Some(Convert::Parse) => {
-            parse_leniently(to, value.as_str()?).or_else(|| from_text(to, value.as_str()?))
+            from_text(to, value.as_str()?).or_else(|| parse_leniently(to, value.as_str()?))
         }
         (String | Text, _) => from_text(to, value.as_str()?),
         (_, Json) => Some(value.clone()),
@@ -189,21 +190,40 @@ fn from_text(to: BaseType, text: &str) -> Option<Value> {
     canonicalize_scalar(to, &value).ok()
 }
 
-/// `convert: parse`: the number at the start of a text (`" 12 kg"`), yes/no words, dates written with
-/// `/` or `.`.
+/// The number a text starts with, when a space or a sign follows it (see [`parse_leniently`]).
+fn leading_number(text: &str) -> Option<f64> {
+    let end = text
+        .char_indices()
+        .take_while(|(i, c)| {
+            c.is_ascii_digit() || *c == '.' || (*i == 0 && (*c == '-' || *c == '+'))
+        })
+        .map(|(i, c)| i + c.len_utf8())
+        .last()?;
+    let next = text[end..].chars().next();
+    if next.is_some_and(|c| c.is_alphanumeric() || matches!(c, '_' | ',' | '.')) {
+        return None;
+    }
+    text[..end].parse().ok()
+}
+
+/// `convert: parse`, for a text that does not read strictly: a number in full in any notation
+/// Rust reads (`"1e3"` for an integer column), else the number at the start of a text followed by a
+/// space or a sign (`" 12 kg"`, `"5%"`); yes/no words; dates written with `/` or `.`. A number is
+/// never taken from the start of a text in another notation (`"0x10"`, `"1_000"`, `"1,5"`) or one
+/// running on into letters (`"12kg"`, `"3.5e38"` past a float's range): no value it surely meant,
+/// so it stays lost, and the freeze's report counts it.
 fn parse_leniently(to: BaseType, text: &str) -> Option<Value> {
     use BaseType::*;
     let text = text.trim();
     let value = match to {
         Integer | Float => {
-            let end = text
-                .char_indices()
-                .take_while(|(i, c)| {
-                    c.is_ascii_digit() || *c == '.' || (*i == 0 && (*c == '-' || *c == '+'))
-                })
-                .map(|(i, c)| i + c.len_utf8())
-                .last()?;
-            let number: f64 = text[..end].parse().ok().filter(|f: &f64| f.is_finite())?;
+            let number = match text.parse::<f64>() {
+                Ok(number) => number,
+                Err(_) => leading_number(text)?,
+            };
+            if !number.is_finite() {
+                return None;
+            }
             if to == Integer {
                 if number.fract() != 0.0 {
                     return None;
@@ -229,4 +249,49 @@ fn parse_leniently(to: BaseType, text: &str) -> Option<Value> {
         _ => return None,
     };
     canonicalize_scalar(to, &value).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn parsed(to: BaseType, text: &str) -> Option<Value> {
+        convert_scalar(BaseType::String, to, &json!(text), Some(Convert::Parse))
+    }
+
+    #[test]
+    fn parse_reads_what_reads_strictly_as_so_and_takes_a_leading_number_only_before_a_space_or_sign(
+    ) {
+        use BaseType::{Boolean, Date, Float, Integer};
+        for (text, integer, float) in [
+            ("1e3", Some(json!(1000)), Some(json!(1000.0))),
+            ("-1.5e-3", None, Some(json!(-0.0015))),
+            (" 12 kg", Some(json!(12)), Some(json!(12.0))),
+            ("5%", Some(json!(5)), Some(json!(5.0))),
+            ("-7 C", Some(json!(-7)), Some(json!(-7.0))),
+            ("2.5 l", None, Some(json!(2.5))),
+            // Another notation, or a number running on into letters: no value it surely meant.
+            ("0x10", None, None),
+            ("1_000", None, None),
+            ("1,5", None, None),
+            ("12kg", None, None),
+            ("12e", None, None),
+            ("1.2.3", None, None),
+            ("NaN", None, None),
+            ("inf", None, None),
+            ("", None, None),
+            ("kg 12", None, None),
+        ] {
+            assert_eq!(parsed(Integer, text), integer, "{text:?} as an integer");
+            assert_eq!(parsed(Float, text), float, "{text:?} as a float");
+        }
+        // Past a column's range: none, not the digits before the exponent.
+        assert_eq!(parsed(Integer, "1e30"), None);
+        assert_eq!(parsed(Integer, "3000000000"), None);
+        assert_eq!(parsed(Float, "3.5e38"), None);
+        assert_eq!(parsed(Boolean, " Yes "), Some(json!(true)));
+        assert_eq!(parsed(Date, "01.05.2024"), Some(json!("2024-05-01")));
+        assert_eq!(parsed(Date, "2024/05/01"), Some(json!("2024-05-01")));
+    }
 }
