@@ -9,7 +9,10 @@ use serde_json::Value;
 /// Whether no version of these projects is still being back-filled.
 pub(super) fn backfills_finished(projects: &[Value]) -> bool {
     projects.iter().all(|p| {
-        versions_of(p).all(|v| v["backfill"].is_null() || v["backfill"]["finished"] == true)
+        versions_of(p).all(|v| {
+            let backfill = &v["backfill"];
+            backfill.is_null() || backfill["finished"] == true || backfill["stopped"] == true
+        })
     })
 }
 
@@ -99,7 +102,7 @@ pub(super) fn render_progress_lines(projects: &[Value]) -> String {
     for project in projects {
         for version in versions_of(project) {
             let backfill = &version["backfill"];
-            if backfill.is_null() || backfill["finished"] == true {
+            if backfill.is_null() || backfill["finished"] == true || backfill["stopped"] == true {
                 continue;
             }
             if let Some(bar) = backfill_bar(backfill) {
@@ -139,7 +142,11 @@ pub(super) fn backfill_bar(backfill: &Value) -> Option<String> {
         "#".repeat(filled),
         ".".repeat(WIDTH - filled),
         (ratio * 100.0).floor() as u64,
-        if finished { ", finished" } else { "" }
+        match (finished, backfill["stopped"] == true) {
+            (true, _) => ", finished",
+            (false, true) => ", stopped: the version was retired",
+            (false, false) => "",
+        }
     ))
 }
 
@@ -431,6 +438,17 @@ mod tests {
             out.contains("retired version 0 still holds 7 items; moved into the new version: 2 losing a value, 1 refused"),
             "{out}"
         );
+    }
+
+    #[test]
+    fn a_retired_versions_stopped_backfill_is_done_waiting_for() {
+        let stopped = json!({"total": 10, "done": 4, "finished": false, "stopped": true});
+        let bar = backfill_bar(&stopped).unwrap();
+        assert!(bar.contains("4/10 items, stopped"), "{bar}");
+        let project =
+            json!({"project": "p", "versions": [{"project_version": 2, "backfill": stopped}]});
+        assert!(backfills_finished(std::slice::from_ref(&project)));
+        assert_eq!(render_progress_lines(&[project]), "");
     }
 
     #[test]

@@ -296,6 +296,17 @@ pub async fn catalog(
     })))
 }
 
+/// A version's back-fill as `GET /{project}/_version` shows it: a retired version's stopped where
+/// it was and never finishes, which `stopped` says (`dstore versions --watch` waits for no such).
+fn backfill_view(backfill: &crate::journal::backfill::BackfillState, retired: bool) -> Value {
+    let mut view =
+        json!({"total": backfill.total, "done": backfill.done, "finished": backfill.finished});
+    if retired && !backfill.finished {
+        view["stopped"] = Value::Bool(true);
+    }
+    view
+}
+
 async fn describe(state: &State, p: &Project) -> Result<Value, ApiError> {
     let mut per_blueprint: Map<String, Value> = Map::new();
     let mut versions = Vec::new();
@@ -313,7 +324,7 @@ async fn describe(state: &State, p: &Project) -> Result<Value, ApiError> {
             .storage
             .backfill_state(&p.name, version.number)
             .await?
-            .map(|b| json!({"total": b.total, "done": b.done, "finished": b.finished}));
+            .map(|b| backfill_view(&b, status.retired));
         versions.push(json!({
             "project_version": version.number,
             "frozen_at": version.frozen_at,
@@ -332,4 +343,30 @@ async fn describe(state: &State, p: &Project) -> Result<Value, ApiError> {
         "versions": versions,
         "unfrozen_changes": p.working.edits,
     }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::backfill::BackfillState;
+
+    #[test]
+    fn a_retired_versions_unfinished_back_fill_shows_as_stopped() {
+        let running = BackfillState {
+            total: 10,
+            done: 4,
+            ..BackfillState::default()
+        };
+        let finished = BackfillState {
+            done: 10,
+            finished: true,
+            ..running.clone()
+        };
+        assert_eq!(
+            backfill_view(&running, false),
+            json!({"total": 10, "done": 4, "finished": false})
+        );
+        assert_eq!(backfill_view(&running, true)["stopped"], true);
+        assert_eq!(backfill_view(&finished, true).get("stopped"), None);
+    }
 }

@@ -1378,7 +1378,8 @@ mod tests {
     }
 
     /// A freeze asked again while the first one's back-fill runs (its answer lost) says that the
-    /// back-fill goes on, not only that nothing changed.
+    /// back-fill goes on, not only that nothing changed; once the version is retired, that its
+    /// back-fill stopped.
     #[tokio::test]
     async fn a_freeze_asked_again_during_its_back_fill_says_the_back_fill_goes_on() {
         let Fixture {
@@ -1401,7 +1402,17 @@ mod tests {
             said.contains("nothing changed since version 2") && said.contains("back-fill goes on"),
             "{said}"
         );
+        // Retired, the version's back-fill stops where it is: said so, never "goes on".
+        storage.retire(&project, 2).await.unwrap();
         journal.backfills_held.store(false, Ordering::Relaxed);
+        let again = crate::write::freeze(storage.as_ref(), &project, wait, false).await;
+        let Err(crate::write::WriteError::Conflict(said)) = again else {
+            panic!("{again:?}");
+        };
+        assert!(
+            said.contains("retired, which stopped its back-fill") && !said.contains("goes on"),
+            "{said}"
+        );
         journal.close().await;
     }
 

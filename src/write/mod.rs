@@ -416,15 +416,21 @@ pub async fn freeze(
             }
             // Also the answer to a client that asks again after a 503 (or a lost answer), once
             // it is done; its back-fill may still run, which needs nothing more from the client.
+            let retired = p.is_retired(latest.number);
             let filling = storage
                 .backfill_state(project, latest.number)
                 .await?
                 .filter(|state| !state.finished)
-                .map_or(String::new(), |state| {
-                    format!(
+                .map_or(String::new(), |state| match retired {
+                    // Retiring a version stops its back-fill where it is.
+                    true => format!(
+                        "; it was retired, which stopped its back-fill ({} of about {} items)",
+                        state.done, state.total
+                    ),
+                    false => format!(
                         "; its back-fill goes on by itself ({} of about {} items so far)",
                         state.done, state.total
-                    )
+                    ),
                 });
             return Err(WriteError::Conflict(format!(
                 "nothing changed since version {}, which every store has migrated{filling}",
