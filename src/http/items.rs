@@ -537,15 +537,16 @@ fn bulk_too_large(state: &State, documents: usize) -> ApiError {
 
 /// What a `_bulk` body holds of the in-flight budget while it is read and handled: its text, and its
 /// operations and their outcomes until it is answered, about twice its length; and for the part
-/// journaled at once (`write::PART_BYTES` of item lines), each item's record and a document for
+/// journaled at once (`write::part_bytes` of item lines), each item's record and a document for
 /// every live version, twice the documents' count since each is encoded with room to grow (a part
-/// of 4 MiB of 600-byte items held 13 MiB with one live version). Measured: a 58 MB body of 90,000
-/// items peaked 125 MiB above the idle process (docs/performance.md).
+/// of 4 MiB of 600-byte items held 13 MiB with one live version): about 16 MiB whatever the number
+/// of live versions. Measured: a 58 MB body of 90,000 items peaked 125 MiB above the idle process
+/// (docs/performance.md).
 fn bulk_counted(documents: usize) -> body::Counted {
     body::Counted {
         factor: 2,
         documents: 2 * documents,
-        documents_of: write::PART_BYTES,
+        documents_of: write::part_bytes(documents),
     }
 }
 

@@ -176,11 +176,13 @@ pub async fn delete_item(
     Ok((revisions[0], existing.is_some()))
 }
 
-/// How much of a `_bulk` body is journaled at once: at most this many bytes of item lines, and
-/// [`PART_OPERATIONS`] operations. A part's entries, the journal's batch of them and the memtable
-/// that takes the batch each hold about the part's documents at once; journaled whole, a 58 MB
-/// body held ten times its size (docs/performance.md, "Memory of one large `_bulk`").
-pub const PART_BYTES: usize = 4 << 20;
+/// How much of a `_bulk` body is journaled at once: item lines of at most this many bytes times
+/// the documents each item makes (its record and one per live version: 4 MiB of item lines with
+/// one live version, 1 MiB with seven), and [`PART_OPERATIONS`] operations. A part's entries, the
+/// journal's batch of them and the memtable that takes the batch each hold about the part's
+/// documents at once; journaled whole, a 58 MB body held ten times its size (docs/performance.md,
+/// "Memory of one large `_bulk`").
+pub const PART_BYTES: usize = 8 << 20;
 /// The most operations journaled at once (see [`PART_BYTES`]).
 pub const PART_OPERATIONS: usize = 10_000;
 
@@ -193,7 +195,7 @@ pub struct Bulked {
     pub stopped: Option<WriteError>,
 }
 
-/// Journals the valid operations of a `_bulk` body, in parts of at most [`PART_BYTES`] of item
+/// Journals the valid operations of a `_bulk` body, in parts of at most [`part_bytes`] of item
 /// lines; answers one outcome per operation. Each item is parsed, checked and encoded alone
 /// (`max_item_bytes` bounds it as a PUT body is), on a blocking thread: a body of costly items (a
 /// polygon's check takes time quadratic in its size) must not stall the HTTP worker that other
@@ -212,7 +214,12 @@ pub async fn bulk(
     max_item_bytes: usize,
     hold: Hold<'_>,
 ) -> Result<Bulked, WriteError> {
-    storage.fresh_snapshot(project).await?.project(project)?;
+    let documents = 1 + storage
+        .fresh_snapshot(project)
+        .await?
+        .project(project)?
+        .live_versions()
+        .count();
     // The versions a delete reaches depend on the blueprint uid the item was stored with, read
     // once; only the uid is kept, so a body of many deletes holds no item bodies.
     let mut owned = Vec::with_capacity(ops.len());
@@ -237,7 +244,7 @@ pub async fn bulk(
         other => other,
     };
     let mut journaled = false;
-    for part in parts(&owned) {
+    for part in parts(&owned, part_bytes(documents)) {
         let hold: Hold<'_> = if journaled { &later } else { hold };
         match bulk_part(storage, project, raw, &owned, part, max_item_bytes, hold).await {
             Ok(done) => {
@@ -259,14 +266,20 @@ pub async fn bulk(
     })
 }
 
+/// The most bytes of item lines journaled at once when each item makes `documents` documents (its
+/// record and one per live version; see [`PART_BYTES`]).
+pub fn part_bytes(documents: usize) -> usize {
+    PART_BYTES / documents.max(1)
+}
+
 /// The ranges of `ops` journaled together: consecutive, each of at most [`PART_OPERATIONS`]
-/// operations and [`PART_BYTES`] of item lines (or one operation, whatever its size).
-fn parts(ops: &[OwnedOp]) -> Vec<Range<usize>> {
+/// operations and `most` bytes of item lines (or one operation, whatever its size).
+fn parts(ops: &[OwnedOp], most: usize) -> Vec<Range<usize>> {
     let mut parts = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (n, op) in ops.iter().enumerate() {
         let size = op.item.as_ref().map_or(0, Range::len);
-        if n > start && (n - start == PART_OPERATIONS || bytes + size > PART_BYTES) {
+        if n > start && (n - start == PART_OPERATIONS || bytes + size > most) {
             parts.push(start..n);
             (start, bytes) = (n, 0);
         }
@@ -629,6 +642,30 @@ mod tests {
     ) -> Result<Bulked, WriteError> {
         let ops = crate::bulk::parse(&raw).expect("a valid body");
         bulk(storage, project, &raw, ops, 1 << 20, hold).await
+    }
+
+    #[test]
+    fn parts_hold_fewer_item_bytes_the_more_documents_each_item_makes() {
+        let op = |bytes: usize| OwnedOp {
+            action: Action::Put,
+            blueprint: None,
+            id: None,
+            item: Some(0..bytes),
+            error: None,
+            stored_uid: None,
+        };
+        // 64 items of 1 MiB: 4 MiB of them a part with one live version, 1 MiB with seven.
+        let ops: Vec<OwnedOp> = (0..64).map(|_| op(1 << 20)).collect();
+        assert_eq!(part_bytes(2), 4 << 20);
+        assert_eq!(parts(&ops, part_bytes(2)).len(), 16);
+        assert_eq!(parts(&ops, part_bytes(8)).len(), 64);
+        // An item larger than a part is a part of its own; deletes count only their number.
+        assert_eq!(parts(&[op(9 << 20), op(1)], part_bytes(2)), [0..1, 1..2]);
+        let deletes: Vec<OwnedOp> = (0..PART_OPERATIONS + 1).map(|_| op(0)).collect();
+        assert_eq!(
+            parts(&deletes, part_bytes(2)),
+            [0..PART_OPERATIONS, PART_OPERATIONS..PART_OPERATIONS + 1]
+        );
     }
 
     fn busy(_: usize) -> Result<(), Refused> {
