@@ -165,10 +165,19 @@ fn to_text(from: BaseType, value: &Value) -> String {
     match value {
         Value::String(s) => s.clone(),
         Value::Bool(b) => b.to_string(),
-        Value::Number(n) if from == BaseType::Float => {
-            n.as_f64().map_or(n.to_string(), |f| f.to_string())
-        }
+        Value::Number(n) if from == BaseType::Float => n.as_f64().map_or(n.to_string(), float_text),
         other => other.to_string(),
+    }
+}
+
+/// A float as text: `2.5`, `2` for a whole one, and with an exponent past the digits JavaScript
+/// writes out in full (`3.4e38`, `1.2e-38`, where every digit would take 39 characters and a
+/// `max_length` would lose the value).
+fn float_text(f: f64) -> String {
+    if f != 0.0 && (f.abs() >= 1e21 || f.abs() < 1e-7) {
+        format!("{f:e}")
+    } else {
+        f.to_string()
     }
 }
 
@@ -293,5 +302,24 @@ mod tests {
         assert_eq!(parsed(Boolean, " Yes "), Some(json!(true)));
         assert_eq!(parsed(Date, "01.05.2024"), Some(json!("2024-05-01")));
         assert_eq!(parsed(Date, "2024/05/01"), Some(json!("2024-05-01")));
+    }
+
+    #[test]
+    fn a_float_becomes_the_text_a_person_would_write() {
+        let text = |f: f64| convert_scalar(BaseType::Float, BaseType::String, &json!(f), None);
+        for (f, expected) in [
+            (2.5, "2.5"),
+            (2.0, "2"),
+            (-0.0015, "-0.0015"),
+            (0.0, "0"),
+            (1e20, "100000000000000000000"),
+            (3.4e38, "3.4e38"),
+            (1.2e-38, "1.2e-38"),
+            (-1e21, "-1e21"),
+        ] {
+            assert_eq!(text(f), Some(json!(expected)), "{f}");
+            // Read back, it is the same number.
+            assert_eq!(expected.parse::<f64>().unwrap(), f);
+        }
     }
 }
