@@ -118,7 +118,12 @@ impl Counted {
     pub fn of(self, length: usize) -> usize {
         length
             .saturating_mul(self.factor)
-            .saturating_add(length.min(self.documents_of).saturating_mul(self.documents))
+            .saturating_add(self.documents_of_length(length))
+    }
+
+    /// What the documents made of a body of `length` bytes hold.
+    pub fn documents_of_length(self, length: usize) -> usize {
+        length.min(self.documents_of).saturating_mul(self.documents)
     }
 }
 

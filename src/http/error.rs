@@ -57,6 +57,17 @@ impl ApiError {
     pub fn internal(cause: impl std::fmt::Display) -> ApiError {
         ApiError::Internal(cause.to_string())
     }
+
+    /// What the client is told of the error: a 500 hides its cause, which is logged here.
+    pub fn shown(&self) -> String {
+        match self {
+            ApiError::Internal(cause) => {
+                tracing::error!(%cause, "internal error");
+                "internal error; the cause is in the server log".to_string()
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 impl std::fmt::Display for ApiError {
@@ -107,13 +118,7 @@ impl ResponseError for ApiError {
 
     fn error_response(&self) -> HttpResponse {
         let (status, errors) = match self {
-            ApiError::Internal(cause) => {
-                tracing::error!(%cause, "internal error");
-                (
-                    "internal error; the cause is in the server log".to_string(),
-                    Vec::new(),
-                )
-            }
+            ApiError::Internal(_) => (self.shown(), Vec::new()),
             ApiError::BadRequest(_, errors) | ApiError::Invalid(_, errors) => {
                 (self.to_string(), cap_errors(errors.clone()))
             }

@@ -425,7 +425,7 @@ pub async fn bulk(
     // what the request was admitted with: a request under way only gives memory back when it is
     // done, so requests that arrive meanwhile cannot take what its next part needs.
     let holding = raw.holding();
-    let admitted = counted.of(raw.len()) - raw.len() * counted.factor;
+    let admitted = counted.documents_of_length(raw.len());
     let too_large = |error| match error {
         write::WriteError::Memory(crate::budget::Refused::Alone { .. }) => {
             bulk_too_large(&state, documents)
@@ -502,14 +502,7 @@ pub async fn bulk(
 fn outcome_of(error: ApiError) -> (u16, Vec<FieldError>) {
     use actix_web::ResponseError;
     let status = error.status_code().as_u16();
-    let message = match error {
-        ApiError::Internal(cause) => {
-            tracing::error!(%cause, "internal error");
-            "internal error; the cause is in the server log".to_string()
-        }
-        other => other.to_string(),
-    };
-    (status, vec![FieldError::new("", message)])
+    (status, vec![FieldError::new("", error.shown())])
 }
 
 /// A `_bulk` that alone would hold more than the whole in-flight budget is told the largest body
