@@ -237,6 +237,9 @@ pub(super) fn render_report(report: &Value) -> String {
             totals("old_clients_reading_new_writes"),
             totals("new_clients_reading_old_writes")
         );
+        if let Some(note) = version["note"].as_str() {
+            let _ = writeln!(out, "  note: {note}");
+        }
     }
     for retired in report["retired_versions"]
         .as_array()

@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::blueprint::transform::transform;
+use crate::blueprint::transform::{forbidden_null, transform};
 use crate::blueprint::Ident;
 use crate::catalog::{Project, Snapshot, Version};
 use crate::journal::ItemRecord;
@@ -282,22 +282,28 @@ impl Follower {
         if !wanted(name) {
             return None;
         }
-        let item = if record.version == target.number {
-            record.body
+        let (item, op) = if record.version == target.number {
+            (record.body, Op::Put)
         } else {
             let from = p
                 .version(record.version)?
                 .blueprints
                 .values()
                 .find(|bp| bp.uid == uid)?;
-            transform(&record.body, from, to, target.number)
+            let seen = transform(&record.body, from, to, target.number);
+            // An item the version allows not (a null where it allows none, after a forced
+            // breaking freeze) is not in it: its followers see it deleted, as its stores do.
+            match forbidden_null(to, &seen) {
+                Some(_) => (seen, Op::Delete),
+                None => (seen, Op::Put),
+            }
         };
         Some(FeedEntry {
             revision: change.revision,
             blueprint: name.clone(),
             id: change.id,
-            op: Op::Put,
-            item: Some(item),
+            item: (op == Op::Put).then_some(item),
+            op,
         })
     }
 }

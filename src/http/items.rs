@@ -52,9 +52,10 @@ fn item_id(raw: &str) -> Result<Uuid, ApiError> {
     })
 }
 
-/// Answers a write: `success`, `id`, `revision` (and `found` for a delete), then `projected` and
-/// what goes with it (answering 202 when the projectors did not catch up in time). Written
-/// directly, as the `_bulk` answer is: one answer per PUT.
+/// Answers a write: `success`, `id`, `revision` (and `found` for a delete, `not_in_versions` for an
+/// upsert some live version cannot hold), then `projected` and what goes with it (answering 202
+/// when the projectors did not catch up in time). Written directly, as the `_bulk` answer is: one
+/// answer per PUT.
 async fn answer(
     state: &State,
     params: &WriteParams,
@@ -74,6 +75,9 @@ struct Written<'a> {
     id: &'a Uuid,
     revision: u64,
     found: Option<bool>,
+    /// The live versions an upsert's item is not in (`write::Put::absent`), answered as
+    /// `not_in_versions` when there are any.
+    absent: &'a [u32],
 }
 
 impl Written<'_> {
@@ -89,6 +93,10 @@ impl Written<'_> {
             Some(true) => out.extend_from_slice(b",\"found\":true"),
             Some(false) => out.extend_from_slice(b",\"found\":false"),
             None => {}
+        }
+        if !self.absent.is_empty() {
+            out.extend_from_slice(b",\"not_in_versions\":");
+            serde_json::to_writer(&mut out, self.absent).expect("numbers serialize");
         }
         push_fields(&mut out, fields);
         out.push(b'}');
@@ -156,6 +164,7 @@ fn success(id: &Uuid, revision: u64) -> Written<'_> {
         id,
         revision,
         found: None,
+        absent: &[],
     }
 }
 
@@ -175,7 +184,7 @@ async fn upsert(
     let length = body.length();
     // The parsed body is held until the journal has the write, and its documents beside it.
     let holding = body.holding();
-    let revision = write::put_item(
+    let put = write::put_item(
         state.storage.as_ref(),
         &project,
         &blueprint,
@@ -185,7 +194,11 @@ async fn upsert(
         &|documents| holding.documents(documents),
     )
     .await?;
-    Ok(answer(&state, &params, success(&id, revision), &project, status).await)
+    let written = Written {
+        absent: &put.absent,
+        ..success(&id, put.revision)
+    };
+    Ok(answer(&state, &params, written, &project, status).await)
 }
 
 /// How many live versions `project` has (0 when it does not exist: the write is refused before
@@ -649,9 +662,14 @@ mod tests {
             "refused".into(),
             json!([{"store": "postgresql", "reason": "a \"b\""}]),
         );
-        for (found, extra) in [(None, json!({})), (Some(true), json!({"found": true}))] {
+        for (found, absent, extra) in [
+            (None, &[][..], json!({})),
+            (Some(true), &[][..], json!({"found": true})),
+            (None, &[2, 3][..], json!({"not_in_versions": [2, 3]})),
+        ] {
             let written = Written {
                 found,
+                absent,
                 ..success(&id, u64::MAX)
             };
             let mut expected = json!({"success": true, "id": id, "revision": u64::MAX});

@@ -200,6 +200,19 @@ impl Entry {
         }
     }
 
+    /// The versions an upsert leaves its item out of: those that allow no null where it has none
+    /// (`VersionDoc::absent`, after a forced breaking freeze).
+    pub fn absent_versions(&self) -> Vec<u32> {
+        match self {
+            Entry::Upsert { task, .. } => task
+                .docs()
+                .filter(|(_, doc)| *doc == task::ABSENT.as_bytes())
+                .map(|(version, _)| version)
+                .collect(),
+            Entry::Delete { .. } => Vec::new(),
+        }
+    }
+
     /// Encodes an upsert; the documents were serialized once (`VersionDoc`), and the client's own
     /// version's text becomes the record.
     pub fn upsert(

@@ -61,6 +61,17 @@ impl VersionDoc {
         }
     }
 
+    /// The item is not in `version`: a version that allows no null where the item has none (a
+    /// forced breaking freeze) holds no copy of it, so each store removes what it held there, as
+    /// for a delete ([`Task::version_writes`] gives no document). Written as the document `null`,
+    /// which any reader of tasks decodes.
+    pub fn absent(version: u32) -> VersionDoc {
+        VersionDoc {
+            version,
+            doc: Doc(ABSENT.into()),
+        }
+    }
+
     /// A checked item's document, as the write path serializes it (`Canonical::to_json`).
     pub fn canonical(version: u32, item: &Canonical) -> VersionDoc {
         VersionDoc {
@@ -79,9 +90,17 @@ impl VersionDoc {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Doc(String);
 
+/// The text of a document saying the item is not in its version ([`VersionDoc::absent`]).
+pub const ABSENT: &str = "null";
+
 impl Doc {
     pub fn get(&self) -> &str {
         &self.0
+    }
+
+    /// Whether the item is not in this version ([`VersionDoc::absent`]).
+    pub fn is_absent(&self) -> bool {
+        self.0 == ABSENT
     }
 
     /// Text the caller knows to be one JSON value, because dstore wrote it.
@@ -121,7 +140,7 @@ pub struct VersionWrite<'a> {
     pub id: Uuid,
     pub revision: u64,
     pub version: u32,
-    /// `None` for a delete.
+    /// `None` for a delete, and where the item is not in the version ([`VersionDoc::absent`]).
     pub doc: Option<&'a Doc>,
 }
 
@@ -152,7 +171,7 @@ impl Task {
                 doc,
             };
             docs.iter()
-                .map(move |d| write(d.version, Some(&d.doc)))
+                .map(move |d| write(d.version, Some(&d.doc).filter(|d| !d.is_absent())))
                 .chain(deletes.iter().map(move |v| write(*v, None)))
         })
     }

@@ -21,7 +21,7 @@ use tokio::sync::oneshot;
 
 use super::backfill::BackfillState;
 use super::codec::UpsertBody;
-use super::task::TaskOp;
+use super::task::{self, TaskOp};
 use super::{
     codec, keys, Durability, Entry, Journal, JournalError, CF_CHANGES, CF_DELETED, CF_ITEMS,
     CF_META, CF_TASKS, FAMILIES,
@@ -470,6 +470,9 @@ impl<'a> Stage<'a> {
             let key = keyspace::key(project, version, blueprint, id);
             if Some(version) == own {
                 self.batch.put_cf(cf, key, keyspace::reference(revision));
+            } else if doc == task::ABSENT.as_bytes() {
+                // Not in that version (a forced breaking freeze): a tombstone, as for a delete.
+                self.batch.put_cf(cf, key, keyspace::value(revision, None));
             } else {
                 self.batch
                     .put_cf(cf, key, keyspace::value(revision, Some(doc)));

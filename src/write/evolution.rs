@@ -69,6 +69,11 @@ pub struct VersionReport {
     pub old_clients_reading_new_writes: Counts,
     pub new_clients_reading_old_writes: Counts,
     pub columns: Vec<ColumnReport>,
+    /// When this version is not lossless and a later one was frozen with force while it was live:
+    /// why the loss that freeze accepted is judged again (its clients still write what the newer
+    /// versions lose), and what ends it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
 }
 
 #[derive(Clone, Debug, Default, Serialize)]
@@ -179,6 +184,19 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
             });
         }
         let totals = tally.versions.get(version).cloned().unwrap_or_default();
+        let forced_since = p
+            .versions
+            .iter()
+            .find(|v| v.number > *version && v.forced)
+            .map(|v| v.number);
+        let note = forced_since
+            .filter(|_| verdict != Verdict::Lossless)
+            .map(|forced| {
+                format!(
+                    "version {forced} was frozen with force while version {version} was live; its clients still write values the newer versions lose, so every freeze is judged against it again until it is retired (POST /{}/_version/{version}/_retire) or the freeze is forced",
+                    p.name
+                )
+            });
         versions.push(VersionReport {
             version: *version,
             changes: crate::blueprint::diff(&source.blueprints, new),
@@ -186,6 +204,7 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
             old_clients_reading_new_writes: totals.0,
             new_clients_reading_old_writes: totals.1,
             columns: reports,
+            note,
         });
     }
     let verdict = versions

@@ -30,7 +30,7 @@ use crate::journal::Entry;
 use crate::storage::{Storage, StorageError};
 
 /// Why a freeze that would lose values is refused.
-pub const INCOMPATIBLE: &str = "the freeze would lose values (or make the stores refuse items) of a live version, which the project's compatibility setting does not allow: see the report, declare conversions (\"convert\"), or freeze with ?force=true";
+pub const INCOMPATIBLE: &str = "the freeze would lose values (or leave items out of a version) of a live version, which the project's compatibility setting does not allow: see the report, declare conversions (\"convert\"), or freeze with ?force=true";
 
 /// How often a write is prepared again while its project's versions keep moving.
 const MAX_ATTEMPTS: usize = 8;
@@ -123,30 +123,47 @@ pub async fn put_item<B>(
     body: B,
     length: usize,
     hold: Hold<'_>,
-) -> Result<u64, WriteError>
+) -> Result<Put, WriteError>
 where
     B: Deref<Target = crate::document::Document> + Send + Sync + 'static,
 {
+    let put = |(revisions, absent): (Vec<u64>, Vec<u32>)| Put {
+        revision: revisions[0],
+        absent,
+    };
     // An item's check can cost time quadratic in its size (polygons): a large one is prepared
     // off the HTTP worker (`crate::aside`).
     if length <= crate::aside::LARGE_BYTES {
-        let (revisions, ()) = journal(storage, project, hold, |snapshot| {
+        let written = journal(storage, project, hold, |snapshot| {
             let entry = prepare_upsert(&snapshot, project, blueprint, id, &*body);
-            ready(entry.map(|entry| (vec![entry], ())))
+            ready(entry.map(|entry| {
+                let absent = entry.absent_versions();
+                (vec![entry], absent)
+            }))
         })
         .await?;
-        return Ok(revisions[0]);
+        return Ok(put(written));
     }
     let body = Arc::new(body);
-    let (revisions, ()) = journal(storage, project, hold, |snapshot| {
+    let written = journal(storage, project, hold, |snapshot| {
         let (body, project, blueprint) = (body.clone(), project.clone(), blueprint.clone());
         aside(move || {
             let entry = prepare_upsert(&snapshot, &project, &blueprint, id, &**body)?;
-            Ok((vec![entry], ()))
+            let absent = entry.absent_versions();
+            Ok((vec![entry], absent))
         })
     })
     .await?;
-    Ok(revisions[0])
+    Ok(put(written))
+}
+
+/// A journaled upsert.
+#[derive(Debug)]
+pub struct Put {
+    pub revision: u64,
+    /// The live versions the item is not in: they allow no null where it has none (after a
+    /// forced breaking freeze; docs/evolution.md).
+    pub absent: Vec<u32>,
 }
 
 /// Runs `prepare` off the HTTP worker (see `crate::aside`).

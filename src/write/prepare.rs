@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::blueprint::check::check_item;
-use crate::blueprint::transform::transform;
+use crate::blueprint::transform::{forbidden_null, transform};
 use crate::blueprint::{Blueprint, FieldError, Ident, Uid};
 use crate::catalog::{Project, Snapshot};
 use crate::document::AsFields;
@@ -125,6 +125,10 @@ pub fn prepare_upsert(
             _ if w == number => docs.extend(own.take()),
             Some(item) => {
                 let seen = transform(item, bp, target, w);
+                if forbidden_null(target, &seen).is_some() {
+                    docs.push(VersionDoc::absent(w));
+                    continue;
+                }
                 check_row(
                     target,
                     target.columns.keys().map(|c| &seen[c.as_str()]),
@@ -211,9 +215,18 @@ pub fn read_at(
     })?;
     let from = holds(record.version)
         .ok_or_else(|| WriteError::NotFound("the item's own version is gone".into()))?;
-    Ok(if number == record.version {
-        record.body.clone()
-    } else {
-        transform(&record.body, from, to, number)
-    })
+    if number == record.version {
+        return Ok(record.body.clone());
+    }
+    let seen = transform(&record.body, from, to, number);
+    match forbidden_null(to, &seen) {
+        Some(column) => Err(WriteError::NotFound(absent_reason(number, column))),
+        None => Ok(seen),
+    }
+}
+
+/// Why an item is not in `version`: it leaves `column` null, which that version allows not (a
+/// forced breaking freeze). Its stores hold no copy of it, and its change feed shows it deleted.
+pub fn absent_reason(version: u32, column: &str) -> String {
+    format!("the item is not in version {version}: it has no value for {column:?}, which version {version} requires (frozen with force); writing it with a value brings it back")
 }

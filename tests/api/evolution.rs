@@ -141,6 +141,29 @@ async fn a_forced_freeze_goes_through_and_is_marked_forced() {
         .get(&format!("/shop/product/{}?version=2", ids[1]))
         .await;
     assert_eq!(kept.body["price"], 2, "{}", kept.body);
+
+    // The next freeze, lossless against version 2, is judged against version 1 again, whose
+    // clients still write the prices version 2 loses: the report says why, and what ends it.
+    let mut v3 = product(json!({"type": "integer"}));
+    v3["columns"]["colour"] = json!({"type": "string"});
+    app.put("/shop/product/_blueprint", &v3).await;
+    let refused = app.post("/shop/_version", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    let report = &refused.body["report"];
+    let live = report["live_versions"].as_array().expect("live versions");
+    let note = live[0]["note"].as_str().unwrap_or_default();
+    assert!(
+        note.contains("version 2 was frozen with force")
+            && note.contains("/shop/_version/1/_retire"),
+        "{report}"
+    );
+    assert_eq!(live[1]["verdict"], "lossless", "{report}");
+    assert!(live[1].get("note").is_none(), "{report}");
+    // Once version 1 is retired, the freeze goes through.
+    let retired = app.post("/shop/_version/1/_retire", None).await;
+    assert_eq!(retired.status, 200, "{}", retired.body);
+    let frozen = app.post("/shop/_version", None).await;
+    assert_eq!(frozen.status, 200, "{}", frozen.body);
     app.stop().await;
 }
 
@@ -529,4 +552,151 @@ async fn a_null_moved_into_a_column_that_allows_none_takes_its_default_in_every_
     let letters = app.get("/_dead_letters").await.body;
     assert_eq!(letters["dead_letters"], json!([]), "{letters}");
     app.stop().await;
+}
+
+/// After a forced breaking freeze, an item with no value for a column the new version requires is
+/// not in that version, in every store alike: PostgreSQL, Elasticsearch and the RocksDB keyspace
+/// hold no copy (one an earlier write left is removed), a read there is a 404 naming the column,
+/// the version's change feed shows it deleted and nothing becomes a dead letter. The item stays in
+/// the version it was written at, and a value brings it back.
+#[tokio::test]
+async fn an_item_a_forced_breaking_freeze_cannot_hold_is_in_no_store_of_the_new_version() {
+    use crate::elasticsearch::{unique_prefix, Es};
+    let db = TestDatabase::create().await;
+    let pg = db.settings();
+    let es = Es::new().await;
+    let prefix = unique_prefix();
+    let es_settings = dstore::config::ElasticsearchSettings {
+        url: es.url.clone().into(),
+        index_prefix: prefix.clone(),
+        ..Default::default()
+    };
+    let app = spawn_app_with(move |s| {
+        s.postgresql = Some(pg);
+        s.elasticsearch = Some(es_settings);
+    })
+    .await;
+    let ids = shop(&app).await;
+    app.put(
+        "/shop/product/_blueprint",
+        &product(json!({"type": "float", "nullable": false})),
+    )
+    .await;
+    let dry = app.post("/shop/_version?dry_run=true", None).await;
+    assert_eq!(dry.body["verdict"], "breaking", "{}", dry.body);
+    let counts = &price_column(&dry.body)["new_clients_reading_old_writes"];
+    assert_eq!(counts["items_refused"], 1, "{}", dry.body);
+    let frozen = app.post("/shop/_version?force=true", None).await;
+    assert_eq!(frozen.status, 200, "{}", frozen.body);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(30);
+    loop {
+        let versions = app.get("/shop/_version").await.body;
+        if versions["versions"][1]["backfill"]["finished"] == true {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{versions}");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    // The first item, back-filled into version 2, is written again without a price; a new one
+    // with a price. Every store settles both without refusing anything.
+    let new = Uuid::new_v4();
+    for (id, price) in [(ids[0], Value::Null), (new, json!(4.0))] {
+        let put = app
+            .put_projected(
+                &format!("/shop/product/{id}?wait=true"),
+                &json!({"id": id, "project_version": 1, "name": "again", "price": price}),
+            )
+            .await;
+        assert_eq!(put.body["projected"], true, "{}", put.body);
+        let absent = if price.is_null() {
+            json!([2])
+        } else {
+            Value::Null
+        };
+        assert_eq!(put.body["not_in_versions"], absent, "{}", put.body);
+    }
+    let held = [ids[1], ids[2], new];
+    let absent = [ids[0], ids[3]];
+    let mut sql = db.sql().await;
+    let mut in_v2: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM shop_v2.products")
+        .fetch_all(&mut sql)
+        .await
+        .unwrap();
+    let mut expected: Vec<(Uuid,)> = held.iter().map(|id| (*id,)).collect();
+    expected.sort();
+    in_v2.sort();
+    assert_eq!(in_v2, expected);
+    let in_v1: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM shop_v1.products")
+        .fetch_all(&mut sql)
+        .await
+        .unwrap();
+    assert_eq!(in_v1.len(), 5, "{in_v1:?}");
+    let index = format!("{prefix}shop-v2-product");
+    let all: Vec<String> = held.iter().chain(&absent).map(Uuid::to_string).collect();
+    let docs = es.mget(&index, &all).await;
+    let found: Vec<bool> = (0..all.len())
+        .map(|i| docs["docs"][i]["found"] == true)
+        .collect();
+    assert_eq!(found, [true, true, true, false, false], "{docs}");
+    let keyspaces = app.rocksdb.as_ref().expect("the rocksdb projector runs");
+    let (shop_name, product_name) = (
+        dstore::blueprint::Ident::parse("shop").unwrap(),
+        dstore::blueprint::Ident::parse("product").unwrap(),
+    );
+    for (id, kept) in held
+        .iter()
+        .map(|id| (id, true))
+        .chain(absent.iter().map(|id| (id, false)))
+    {
+        let doc = keyspaces.get(&shop_name, 2, &product_name, id);
+        assert_eq!(doc.is_some(), kept, "{id} in keyspace 2: {doc:?}");
+        assert!(keyspaces.get(&shop_name, 1, &product_name, id).is_some());
+        let read = app.get(&format!("/shop/product/{id}?version=2")).await;
+        if kept {
+            assert_eq!(read.status, 200, "{}", read.body);
+        } else {
+            assert_eq!(read.status, 404, "{}", read.body);
+            let why = read.body["status"].as_str().unwrap_or_default();
+            assert!(
+                why.contains("not in version 2") && why.contains("\"price\""),
+                "{why}"
+            );
+            let old = app.get(&format!("/shop/product/{id}?version=1")).await;
+            assert_eq!(old.status, 200, "{}", old.body);
+        }
+    }
+    let feed = app.get("/shop/_changes?version=2").await.body;
+    for change in feed["results"].as_array().expect("results") {
+        let id: Uuid = change["id"].as_str().unwrap().parse().unwrap();
+        let op = if absent.contains(&id) {
+            "delete"
+        } else {
+            "put"
+        };
+        assert_eq!(change["op"], op, "{feed}");
+    }
+    let letters = app.get("/_dead_letters").await.body;
+    assert_eq!(letters["dead_letters"], json!([]), "{letters}");
+
+    // Given a price again, the item is back in version 2.
+    app.put_projected(
+        &format!("/shop/product/{}?wait=true", ids[0]),
+        &json!({"id": ids[0], "project_version": 1, "name": "priced", "price": 5.0}),
+    )
+    .await;
+    let read = app
+        .get(&format!("/shop/product/{}?version=2", ids[0]))
+        .await;
+    assert_eq!(read.body["price"], 5.0, "{}", read.body);
+    let (back,): (f32,) = sqlx::query_as("SELECT price FROM shop_v2.products WHERE id = $1")
+        .bind(ids[0])
+        .fetch_one(&mut sql)
+        .await
+        .unwrap();
+    assert_eq!(back, 5.0);
+    assert!(keyspaces
+        .get(&shop_name, 2, &product_name, &ids[0])
+        .is_some());
+    app.stop().await;
+    es.clean_up(&prefix).await;
 }

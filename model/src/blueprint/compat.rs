@@ -5,8 +5,8 @@
 //! - `lossless`: every value the source can hold arrives (kept, or converted as the column's
 //!   declared `convert` says);
 //! - `lossy`: some values arrive as null;
-//! - `breaking`: some items arrive with a null the target does not allow (no default), which the
-//!   stores refuse.
+//! - `breaking`: some items arrive with a null the target does not allow (no default): those are
+//!   not in the target version (`transform::forbidden_null`), in any store.
 //!
 //! The verdicts are decided from the definitions alone; [`lost`] tells, for one stored value,
 //! whether the move loses it, which is how the freeze report counts real items. Property tests check
@@ -60,7 +60,7 @@ pub fn lost(value: &Value, from: &ColumnDef, to: &ColumnDef) -> bool {
     outcome(value, from, to).0
 }
 
-/// Whether an item arrives with a null where `to` allows none (the stores refuse it).
+/// Whether an item arrives with a null where `to` allows none (it is not in that version).
 pub fn refused(value: &Value, from: &ColumnDef, to: &ColumnDef) -> bool {
     outcome(value, from, to).1
 }
@@ -84,8 +84,8 @@ pub fn assess(from: &ColumnDef, to: &ColumnDef) -> Assessment {
         _ if nulls_refused => Assessment::new(
             Verdict::Breaking,
             match &loss {
-                Some(reason) => format!("{reason}, and the column allows no null (no default): stores refuse those items"),
-                None => "the column allows no null (no default) but the other version's allows null: stores refuse items without a value".into(),
+                Some(reason) => format!("{reason}, and the column allows no null (no default): those items are not in the version"),
+                None => "the column allows no null (no default) but the other version's allows null: items without a value are not in the version".into(),
             },
         ),
         Some(reason) if !to.nullable && to.default.is_some() => Assessment::new(
@@ -112,7 +112,7 @@ pub fn assess_absent(to: &ColumnDef) -> Assessment {
     } else {
         Assessment::new(
             Verdict::Breaking,
-            "the column allows no null and has no default: stores refuse items without it",
+            "the column allows no null and has no default: items without it are not in the version",
         )
     }
 }

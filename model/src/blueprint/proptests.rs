@@ -340,6 +340,39 @@ fn a_null_arriving_at_a_column_that_allows_no_null_takes_its_default() {
     );
 }
 
+/// Without a default, a null arriving where the column allows none is named by `forbidden_null`,
+/// exactly when the report counts the item as refused: such an item is not in that version.
+#[test]
+fn a_forbidden_null_is_named_exactly_when_the_report_counts_the_item_refused() {
+    use super::compat::refused;
+    use super::transform::forbidden_null;
+    let ty = |t: &str| t.parse::<ColumnType>().unwrap();
+    let floats = blueprint(&[ty("float")]);
+    let mut strict = blueprint(&[ty("integer")]);
+    strict.columns[0].def.nullable = false;
+    let item = |v: Value| {
+        let mut item = Map::new();
+        item.insert("c0".into(), v);
+        item
+    };
+    for (value, named) in [(json!(3.0), false), (json!(2.5), true), (Value::Null, true)] {
+        let moved = transform(&item(value.clone()), &floats, &strict, 2);
+        let refused = refused(&value, &floats.columns[0].def, &strict.columns[0].def);
+        assert_eq!(refused, named, "{value}");
+        assert_eq!(
+            forbidden_null(&strict, &moved),
+            named.then_some("c0"),
+            "{value}"
+        );
+    }
+    // A column the item's version does not have at all, allowing no null and without a default.
+    let mut added = strict.clone();
+    added.columns[0].uid = strict.columns[0].uid + 1;
+    let moved = transform(&item(json!(3)), &strict, &added, 2);
+    assert_eq!(forbidden_null(&added, &moved), Some("c0"));
+    assert_eq!(forbidden_null(&strict, &item(json!(3))), None);
+}
+
 /// A text moved into a json column that is JSON is read as it (as versions frozen before read
 /// it), others stay strings, and so does `null`, which would arrive as no value: nothing is lost.
 /// The last day there is rounds to itself.

@@ -46,6 +46,19 @@ pub fn transform(
     out
 }
 
+/// The first column of `to` that `item` — as [`transform`] made it — leaves null although `to`
+/// allows none: such an item is not in version `to` (a forced breaking freeze; `compat` counts these
+/// items as refused). `transform` gives a column that allows no null its default, so only a column
+/// without one can be named.
+pub fn forbidden_null<'a>(to: &'a Blueprint, item: &Map<String, Value>) -> Option<&'a str> {
+    to.columns
+        .iter()
+        .find(|(name, column)| {
+            !column.def.nullable && item.get(name.as_str()).is_none_or(Value::is_null)
+        })
+        .map(|(name, _)| name.as_str())
+}
+
 /// Converts a non-null value between two column definitions: kept when the conversion loses
 /// nothing, converted as the column's declared `convert` says (the target's, else the source's), and
 /// null otherwise (or the target's default, with `convert: default`).
