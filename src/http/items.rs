@@ -464,15 +464,15 @@ pub async fn bulk(
         .outcomes
         .into_iter()
         .map(Some)
-        .chain(std::iter::repeat(None));
+        .chain(std::iter::repeat_with(|| None));
     let items: Vec<BulkResult> = answered
         .into_iter()
         .zip(outcomes)
         .map(|((action, id), outcome)| {
-            let (status, revision, errors) = match outcome {
-                Some(Ok(revision)) => {
+            let (status, written, errors) = match outcome {
+                Some(Ok(put)) => {
                     let status = if action == Action::Create { 201 } else { 200 };
-                    (status, Some(revision), None)
+                    (status, Some(put), None)
                 }
                 Some(Err((status, errors))) => (status, None, Some(Errors::Own(errors))),
                 None => {
@@ -484,12 +484,15 @@ pub async fn bulk(
                 action: action.name(),
                 id,
                 status,
-                revision,
+                written,
                 errors,
             }
         })
         .collect();
-    let revisions: Vec<u64> = items.iter().filter_map(|item| item.revision).collect();
+    let revisions: Vec<u64> = items
+        .iter()
+        .filter_map(|item| item.written.as_ref().map(|put| put.revision))
+        .collect();
     let (status, projection) = projection(
         &state,
         &params,
@@ -577,12 +580,14 @@ enum Errors {
 /// to 100,000 operations may carry them.
 const NOT_WRITTEN: &[u8] = br#"[{"path":"","message":"not written; see \"stopped\""}]"#;
 
-/// `{"put": {"id": …, "status": 200, "revision": R}}`, or with `errors` instead of `revision`.
+/// `{"put": {"id": …, "status": 200, "revision": R}}` (and `not_in_versions`, as a PUT answers
+/// it), or with `errors` instead of `revision`.
 struct BulkResult {
     action: &'static str,
     id: Option<Uuid>,
     status: u16,
-    revision: Option<u64>,
+    /// The write, for an operation that was journaled.
+    written: Option<write::Put>,
     errors: Option<Errors>,
 }
 
@@ -618,9 +623,13 @@ impl BulkAnswer {
             }
             out.extend_from_slice(b",\"status\":");
             out.extend_from_slice(number.format(item.status).as_bytes());
-            if let Some(revision) = item.revision {
+            if let Some(put) = &item.written {
                 out.extend_from_slice(b",\"revision\":");
-                out.extend_from_slice(number.format(revision).as_bytes());
+                out.extend_from_slice(number.format(put.revision).as_bytes());
+                if !put.absent.is_empty() {
+                    out.extend_from_slice(b",\"not_in_versions\":");
+                    serde_json::to_writer(&mut out, &put.absent).expect("numbers serialize");
+                }
             }
             match &item.errors {
                 Some(Errors::Own(errors)) => {
@@ -688,11 +697,14 @@ mod tests {
     #[test]
     fn the_bulk_answer_is_the_json_its_fields_say() {
         let id = Uuid::parse_str("0193c0de-0000-7000-8000-00000000000a").unwrap();
-        let result = |action, id, status, revision, errors| BulkResult {
+        let result = |action, id, status, revision: Option<(u64, &[u32])>, errors| BulkResult {
             action,
             id,
             status,
-            revision,
+            written: revision.map(|(revision, absent)| write::Put {
+                revision,
+                absent: absent.into(),
+            }),
             errors,
         };
         let refused = vec![FieldError::new("/title", "a \"quoted\" \\ reason\u{0}")];
@@ -703,8 +715,8 @@ mod tests {
             took_ms: 12,
             errors: true,
             items: vec![
-                result("put", Some(id), 200, Some(u64::MAX), None),
-                result("create", Some(id), 201, Some(7), None),
+                result("put", Some(id), 200, Some((u64::MAX, &[])), None),
+                result("create", Some(id), 201, Some((7, &[2, 3])), None),
                 result(
                     "delete",
                     None,
@@ -725,7 +737,7 @@ mod tests {
                 "errors": true,
                 "items": [
                     {"put": {"id": id, "status": 200, "revision": u64::MAX}},
-                    {"create": {"id": id, "status": 201, "revision": 7}},
+                    {"create": {"id": id, "status": 201, "revision": 7, "not_in_versions": [2, 3]}},
                     {"delete": {"id": null, "status": 400, "errors": refused}},
                     {"put": {"id": id, "status": 503, "errors": [{"path": "", "message":
                         "not written; see \"stopped\""}]}},

@@ -71,7 +71,7 @@ pub fn hold_nothing(_: usize) -> Result<(), crate::budget::Refused> {
 }
 
 /// What became of one `_bulk` operation: its revision, or its status and errors.
-pub type BulkOutcome = Result<u64, (u16, Vec<FieldError>)>;
+pub type BulkOutcome = Result<Put, (u16, Vec<FieldError>)>;
 
 /// Journals entries prepared by `prepare`, preparing them again while the project's live versions
 /// move, and counting what they hold against `hold` before each hand-over. Answers the revisions
@@ -129,7 +129,7 @@ where
 {
     let put = |(revisions, absent): (Vec<u64>, Vec<u32>)| Put {
         revision: revisions[0],
-        absent,
+        absent: absent.into_boxed_slice(),
     };
     // An item's check can cost time quadratic in its size (polygons): a large one is prepared
     // off the HTTP worker (`crate::aside`).
@@ -163,7 +163,7 @@ pub struct Put {
     pub revision: u64,
     /// The live versions the item is not in: they allow no null where it has none (after a
     /// forced breaking freeze; docs/evolution.md).
-    pub absent: Vec<u32>,
+    pub absent: Box<[u32]>,
 }
 
 /// Runs `prepare` off the HTTP worker (see `crate::aside`).
@@ -323,14 +323,15 @@ async fn bulk_part(
         aside(move || {
             let ops = &ops[part];
             let mut entries = Vec::with_capacity(ops.len());
-            let mut outcomes: Vec<Result<usize, (u16, Vec<FieldError>)>> =
-                Vec::with_capacity(ops.len());
+            // Each operation's entry (its index, and the versions its item is not in), or why not.
+            let mut outcomes = Vec::with_capacity(ops.len());
             for op in ops {
                 outcomes.push(
                     match op.prepare(&snapshot, &project, &raw, max_item_bytes) {
                         Ok(entry) => {
+                            let absent = entry.absent_versions().into_boxed_slice();
                             entries.push(entry);
-                            Ok(entries.len() - 1)
+                            Ok((entries.len() - 1, absent))
                         }
                         Err((status, errors)) => Err((status, cap_errors(errors))),
                     },
@@ -342,7 +343,12 @@ async fn bulk_part(
     .await?;
     Ok(outcomes
         .into_iter()
-        .map(|outcome| outcome.map(|index| revisions[index]))
+        .map(|outcome| {
+            outcome.map(|(index, absent)| Put {
+                revision: revisions[index],
+                absent,
+            })
+        })
         .collect())
 }
 

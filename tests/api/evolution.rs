@@ -615,8 +615,36 @@ async fn an_item_a_forced_breaking_freeze_cannot_hold_is_in_no_store_of_the_new_
         };
         assert_eq!(put.body["not_in_versions"], absent, "{}", put.body);
     }
-    let held = [ids[1], ids[2], new];
-    let absent = [ids[0], ids[3]];
+    // A `_bulk` answers it for each operation too.
+    let (priceless, priced) = (Uuid::new_v4(), Uuid::new_v4());
+    let body = [
+        json!({"put": {"blueprint": "product", "id": priceless}}),
+        json!({"project_version": 1, "name": "bulk", "price": null}),
+        json!({"put": {"blueprint": "product", "id": priced}}),
+        json!({"project_version": 1, "name": "bulk", "price": 1.0}),
+    ]
+    .iter()
+    .map(Value::to_string)
+    .collect::<Vec<_>>()
+    .join("\n");
+    let bulk = app
+        .send(reqwest::Method::POST, "/shop/_bulk?wait=true", Some(body))
+        .await;
+    assert_eq!(bulk.body["projected"], true, "{}", bulk.body);
+    let items = &bulk.body["items"];
+    assert_eq!(
+        items[0]["put"]["not_in_versions"],
+        json!([2]),
+        "{}",
+        bulk.body
+    );
+    assert!(
+        items[1]["put"].get("not_in_versions").is_none(),
+        "{}",
+        bulk.body
+    );
+    let held = [ids[1], ids[2], new, priced];
+    let absent = [ids[0], ids[3], priceless];
     let mut sql = db.sql().await;
     let mut in_v2: Vec<(Uuid,)> = sqlx::query_as("SELECT id FROM shop_v2.products")
         .fetch_all(&mut sql)
@@ -630,14 +658,18 @@ async fn an_item_a_forced_breaking_freeze_cannot_hold_is_in_no_store_of_the_new_
         .fetch_all(&mut sql)
         .await
         .unwrap();
-    assert_eq!(in_v1.len(), 5, "{in_v1:?}");
+    assert_eq!(in_v1.len(), 7, "{in_v1:?}");
     let index = format!("{prefix}shop-v2-product");
     let all: Vec<String> = held.iter().chain(&absent).map(Uuid::to_string).collect();
     let docs = es.mget(&index, &all).await;
     let found: Vec<bool> = (0..all.len())
         .map(|i| docs["docs"][i]["found"] == true)
         .collect();
-    assert_eq!(found, [true, true, true, false, false], "{docs}");
+    assert_eq!(
+        found,
+        [true, true, true, true, false, false, false],
+        "{docs}"
+    );
     let keyspaces = app.rocksdb.as_ref().expect("the rocksdb projector runs");
     let (shop_name, product_name) = (
         dstore::blueprint::Ident::parse("shop").unwrap(),
