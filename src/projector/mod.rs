@@ -91,6 +91,10 @@ pub struct ProjectorError {
     /// from one table, a lock held on it, a trigger refusing), so only the project of the refused
     /// tasks waits, as after a failed migration, and the others go on.
     pub scoped: bool,
+    /// What the store said that may quote the item's values (PostgreSQL's DETAIL, such as
+    /// `Key (email)=(…) already exists`; Elasticsearch's reason): the dead letter keeps it, behind
+    /// the API's keys, and logs do not, which carry `message` only.
+    pub detail: Option<String>,
 }
 
 impl ProjectorError {
@@ -99,6 +103,20 @@ impl ProjectorError {
             kind: ErrorKind::Transient,
             message: message.into(),
             scoped: false,
+            detail: None,
+        }
+    }
+
+    /// The error with the store's words that may quote values ([`ProjectorError::detail`]).
+    pub fn with_detail(self, detail: Option<String>) -> ProjectorError {
+        ProjectorError { detail, ..self }
+    }
+
+    /// The whole reason, as a dead letter records it: the message, then the detail.
+    pub fn reason(&self) -> String {
+        match &self.detail {
+            Some(detail) => format!("{}: {detail}", self.message),
+            None => self.message.clone(),
         }
     }
 
@@ -113,8 +131,7 @@ impl ProjectorError {
     pub fn permanent(message: impl Into<String>) -> ProjectorError {
         ProjectorError {
             kind: ErrorKind::Permanent,
-            message: message.into(),
-            scoped: false,
+            ..ProjectorError::transient(message)
         }
     }
 }

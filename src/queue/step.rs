@@ -265,12 +265,70 @@ fn dead(projector: &dyn Projector, task: &Task, error: &ProjectorError) -> Step 
 }
 
 fn dead_letter(projector: &str, task: &Task, error: &ProjectorError) -> DeadLetter {
+    // The log names the task and the cause; the store's words that may quote the item's values
+    // are in the dead letter only.
     tracing::error!(projector, task = %task.describe(), reason = %error.message, "dead letter");
     DeadLetter {
         projector: projector.to_string(),
         seq: task.seq,
         task: Some(task.clone()),
-        reason: error.message.clone(),
+        reason: error.reason(),
         at: crate::journal::now(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use tracing::field::{Field, Visit};
+    use tracing_subscriber::layer::{Context, Layer, SubscriberExt};
+
+    use super::*;
+    use crate::journal::task::TaskOp;
+
+    /// Keeps the text of every field of every event.
+    struct Fields(Arc<Mutex<String>>);
+
+    impl Visit for Fields {
+        fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+            let mut text = self.0.lock().unwrap();
+            text.push_str(&format!("{}={value:?} ", field.name()));
+        }
+    }
+
+    struct Capture(Arc<Mutex<String>>);
+
+    impl<S: tracing::Subscriber> Layer<S> for Capture {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            event.record(&mut Fields(self.0.clone()));
+        }
+    }
+
+    /// A store's words that may quote the item's values (PostgreSQL's DETAIL) are in the dead
+    /// letter, which the API guards, and not in the log line that announces it.
+    #[test]
+    fn a_dead_letter_keeps_the_stores_detail_and_its_log_line_does_not() {
+        let task = Task {
+            seq: 7,
+            project: crate::blueprint::Ident::parse("shop").unwrap(),
+            op: TaskOp::Migrate { version: 1 },
+        };
+        let error = ProjectorError::permanent("postgresql refused shop_v1.coupons row 1: duplicate key value violates unique constraint [sqlstate 23505]")
+            .with_detail(Some("Key (email)=(someone@example.com) already exists.".into()));
+        let logged = Arc::new(Mutex::new(String::new()));
+        let subscriber = tracing_subscriber::registry().with(Capture(logged.clone()));
+        let letter = tracing::subscriber::with_default(subscriber, || {
+            dead_letter("postgresql", &task, &error)
+        });
+        assert!(letter.reason.contains("duplicate key"), "{}", letter.reason);
+        assert!(
+            letter.reason.contains("someone@example.com"),
+            "{}",
+            letter.reason
+        );
+        let logged = logged.lock().unwrap();
+        assert!(logged.contains("duplicate key"), "{logged}");
+        assert!(!logged.contains("someone@example.com"), "{logged}");
     }
 }

@@ -196,13 +196,13 @@ impl ElasticsearchProjector {
                     // Deleted behind dstore's back: check it again on the retry.
                     self.forget(&[index]);
                 }
-                let message = format!(
-                    "elasticsearch refused to {verb} {index}/{id} ({status} {kind}): {reason}"
-                );
+                let message =
+                    format!("elasticsearch refused to {verb} {index}/{id} ({status} {kind})");
                 if is_transient_status(status) || kind == "index_not_found_exception" {
-                    Err(ProjectorError::transient(message))
+                    Err(ProjectorError::transient(format!("{message}: {reason}")))
                 } else {
-                    Err(ProjectorError::permanent(message))
+                    // Its reason may quote the field's value ("Preview of field's value: …").
+                    Err(ProjectorError::permanent(message).with_detail(Some(reason)))
                 }
             }
         }

@@ -65,23 +65,32 @@ pub fn classify_code(code: &str) -> Failure {
 
 /// PostgreSQL's own words: message, detail and SQLSTATE.
 pub fn describe(error: &sqlx::Error) -> String {
+    let (brief, detail) = (brief(error), detail(error));
+    match detail {
+        Some(detail) => format!("{brief} ({detail})"),
+        None => brief,
+    }
+}
+
+/// PostgreSQL's message and SQLSTATE, without its DETAIL, which may quote a row's values
+/// (`Key (email)=(…) already exists`, `Failing row contains (…)`): what logs may carry.
+pub fn brief(error: &sqlx::Error) -> String {
     match error.as_database_error() {
-        Some(db) => {
-            let mut text = db.message().to_owned();
-            if let Some(pg) = db.try_downcast_ref::<sqlx::postgres::PgDatabaseError>() {
-                if let Some(detail) = pg.detail() {
-                    text.push_str(" (");
-                    text.push_str(detail);
-                    text.push(')');
-                }
-            }
-            if let Some(code) = db.code() {
-                text.push_str(&format!(" [sqlstate {code}]"));
-            }
-            text
-        }
+        Some(db) => match db.code() {
+            Some(code) => format!("{} [sqlstate {code}]", db.message()),
+            None => db.message().to_owned(),
+        },
         None => error.to_string(),
     }
+}
+
+/// PostgreSQL's DETAIL of an error, if it gave one.
+pub fn detail(error: &sqlx::Error) -> Option<String> {
+    error
+        .as_database_error()?
+        .try_downcast_ref::<sqlx::postgres::PgDatabaseError>()?
+        .detail()
+        .map(str::to_owned)
 }
 
 /// A transient projector error with context: `what` failed because of `error`. Scoped (only the

@@ -31,7 +31,7 @@ use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
 use super::ddl::{column_type, BLUEPRINTS, TOMBSTONES};
-use super::error::{classify, classify_code, describe, sqlstate, Failure};
+use super::error::{brief, classify, classify_code, detail, sqlstate, Failure};
 use super::ident::{qualified, quote, NameError};
 use super::plan::{may_share, Delete, Group, Upsert};
 use super::values::{is_converted, to_input};
@@ -355,7 +355,7 @@ pub async fn apply_group(
         let batch =
             upsert_query(&sql, group.blueprint, &upserts).map_err(abort("encode rows for"))?;
         if let Err(error) = guarded(conn, batch).await.map_err(abort("upsert into"))? {
-            tracing::warn!(table = %place, error = %describe(&error), "postgresql refused rows; applying them one by one");
+            tracing::warn!(table = %place, error = %brief(&error), "postgresql refused rows; applying them one by one");
             for upsert in upserts {
                 let one = upsert_query(&sql, group.blueprint, &[upsert])
                     .map_err(abort("encode a row for"))?;
@@ -438,7 +438,7 @@ async fn copy_new_rows<'g, 'a>(
             Ok(guarded_rows)
         }
         Err(error) => {
-            tracing::debug!(table = %place, error = %describe(&error), "not all rows are new; upserting them");
+            tracing::debug!(table = %place, error = %brief(&error), "not all rows are new; upserting them");
             pauses.pause(place);
             Ok(group.upserts.iter().collect())
         }
@@ -488,8 +488,9 @@ fn refuse(outcomes: &mut [Outcome], task: usize, place: &str, id: Uuid, error: &
     if outcomes[task].is_ok() {
         outcomes[task] = Err(ProjectorError::permanent(format!(
             "postgresql refused {place} row {id}: {}",
-            describe(error)
-        )));
+            brief(error)
+        ))
+        .with_detail(detail(error)));
     }
 }
 
