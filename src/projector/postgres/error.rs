@@ -96,11 +96,12 @@ pub fn detail(error: &sqlx::Error) -> Option<String> {
 /// A transient projector error with context: `what` failed because of `error`. Scoped (only the
 /// project waits) when the server refused the statement for a cause that may be one table's own.
 pub fn transient(what: &str, error: &sqlx::Error) -> ProjectorError {
-    let message = format!("postgresql: {what}: {}", describe(error));
-    match sqlstate(error) {
+    let message = format!("postgresql: {what}: {}", brief(error));
+    let failed = match sqlstate(error) {
         Some(code) if is_scoped(&code) => ProjectorError::scoped(message),
         _ => ProjectorError::transient(message),
-    }
+    };
+    failed.with_detail(detail(error))
 }
 
 /// SQLSTATEs that may be about one table, not the server: insufficient privilege and other access
