@@ -220,13 +220,18 @@ pub fn read_at(
     }
     let seen = transform(&record.body, from, to, number);
     match forbidden_null(to, &seen) {
-        Some(column) => Err(WriteError::NotFound(absent_reason(number, column))),
+        Some(column) => Err(WriteError::NotFound(absent_reason(
+            number,
+            column,
+            record.version,
+        ))),
         None => Ok(seen),
     }
 }
 
-/// Why an item is not in `version`: it leaves `column` null, which that version allows not (a
-/// forced breaking freeze). Its stores hold no copy of it, and its change feed shows it deleted.
-pub fn absent_reason(version: u32, column: &str) -> String {
-    format!("the item is not in version {version}: it has no value for {column:?}, which version {version} requires (frozen with force); writing it with a value brings it back")
+/// Why an item written at `written` is not in `version`: it leaves `column` null, which that
+/// version allows not (a forced breaking freeze). Its stores hold no copy of it, and its change
+/// feed shows it deleted; the version it was written at still has it.
+fn absent_reason(version: u32, column: &str, written: u32) -> String {
+    format!("the item is not in version {version}: it has no value for {column:?}, which version {version} requires (frozen with force); it was written at version {written}, where ?version={written} reads it, and writing it with a value brings it back")
 }

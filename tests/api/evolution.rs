@@ -690,7 +690,9 @@ async fn an_item_a_forced_breaking_freeze_cannot_hold_is_in_no_store_of_the_new_
             assert_eq!(read.status, 404, "{}", read.body);
             let why = read.body["status"].as_str().unwrap_or_default();
             assert!(
-                why.contains("not in version 2") && why.contains("\"price\""),
+                why.contains("not in version 2")
+                    && why.contains("\"price\"")
+                    && why.contains("?version=1"),
                 "{why}"
             );
             let old = app.get(&format!("/shop/product/{id}?version=1")).await;
