@@ -104,6 +104,15 @@ pub async fn metrics(state: State, requests: web::Data<RequestMetrics>) -> HttpR
         "gauge",
         done,
     );
+    gauge(
+        "dstore_items_left_out_of_a_version_total",
+        "Item writes since start that left their item out of a live version (one per version), which allows no null where the item has none: after a forced breaking freeze, clients still writing what a newer version cannot hold.",
+        "counter",
+        vec![(
+            String::new(),
+            crate::write::LEFT_OUT.load(std::sync::atomic::Ordering::Relaxed),
+        )],
+    );
     for projector in state.registry.iter() {
         for (name, help, value) in projector.counters() {
             gauge(name, help, "counter", vec![(String::new(), value)]);

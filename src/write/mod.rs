@@ -14,6 +14,7 @@ mod prepare;
 
 use std::future::{ready, Future};
 use std::ops::{Deref, Range};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -127,9 +128,12 @@ pub async fn put_item<B>(
 where
     B: Deref<Target = crate::document::Document> + Send + Sync + 'static,
 {
-    let put = |(revisions, absent): (Vec<u64>, Vec<u32>)| Put {
-        revision: revisions[0],
-        absent: absent.into_boxed_slice(),
+    let put = |(revisions, absent): (Vec<u64>, Vec<u32>)| {
+        count_left_out(&absent);
+        Put {
+            revision: revisions[0],
+            absent: absent.into_boxed_slice(),
+        }
     };
     // An item's check can cost time quadratic in its size (polygons): a large one is prepared
     // off the HTTP worker (`crate::aside`).
@@ -155,6 +159,18 @@ where
     })
     .await?;
     Ok(put(written))
+}
+
+/// Item writes since start that left their item out of a live version, one per version: it allows
+/// no null where the item has none (after a forced breaking freeze). `/_metrics` shows it, so an
+/// operator sees whether clients still write what a newer version cannot hold.
+pub static LEFT_OUT: AtomicU64 = AtomicU64::new(0);
+
+/// Counts the versions a journaled write left its item out of ([`LEFT_OUT`]).
+fn count_left_out(absent: &[u32]) {
+    if !absent.is_empty() {
+        LEFT_OUT.fetch_add(absent.len() as u64, Ordering::Relaxed);
+    }
 }
 
 /// A journaled upsert.
@@ -344,9 +360,12 @@ async fn bulk_part(
     Ok(outcomes
         .into_iter()
         .map(|outcome| {
-            outcome.map(|(index, absent)| Put {
-                revision: revisions[index],
-                absent,
+            outcome.map(|(index, absent)| {
+                count_left_out(&absent);
+                Put {
+                    revision: revisions[index],
+                    absent,
+                }
             })
         })
         .collect())

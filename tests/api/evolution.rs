@@ -597,6 +597,15 @@ async fn an_item_a_forced_breaking_freeze_cannot_hold_is_in_no_store_of_the_new_
         assert!(std::time::Instant::now() < deadline, "{versions}");
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+    let left_out = || async {
+        let metrics = app.metrics().await;
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("dstore_items_left_out_of_a_version_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap_or_else(|| panic!("no left-out count in {metrics}"))
+    };
+    let before = left_out().await;
     // The first item, back-filled into version 2, is written again without a price; a new one
     // with a price. Every store settles both without refusing anything.
     let new = Uuid::new_v4();
@@ -643,6 +652,8 @@ async fn an_item_a_forced_breaking_freeze_cannot_hold_is_in_no_store_of_the_new_
         "{}",
         bulk.body
     );
+    // Counted for operators (other tests of this process may add theirs).
+    assert!(left_out().await >= before + 2);
     let held = [ids[1], ids[2], new, priced];
     let absent = [ids[0], ids[3], priceless];
     let mut sql = db.sql().await;
