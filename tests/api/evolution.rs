@@ -561,9 +561,21 @@ async fn a_null_moved_into_a_column_that_allows_none_takes_its_default_in_every_
 /// the version it was written at, and a value brings it back.
 #[tokio::test]
 async fn an_item_a_forced_breaking_freeze_cannot_hold_is_in_no_store_of_the_new_version() {
+    left_out_of_the_new_version_in_every_store(false).await;
+}
+
+/// The same with the catalog and the journal in PostgreSQL (cluster mode), whose journal carries
+/// the tasks that leave the item out.
+#[tokio::test]
+async fn in_cluster_mode_an_item_a_forced_breaking_freeze_cannot_hold_is_in_no_store_of_it() {
+    left_out_of_the_new_version_in_every_store(true).await;
+}
+
+async fn left_out_of_the_new_version_in_every_store(cluster: bool) {
     use crate::elasticsearch::{unique_prefix, Es};
     let db = TestDatabase::create().await;
     let pg = db.settings();
+    let storage_url = pg.url.clone();
     let es = Es::new().await;
     let prefix = unique_prefix();
     let es_settings = dstore::config::ElasticsearchSettings {
@@ -574,6 +586,10 @@ async fn an_item_a_forced_breaking_freeze_cannot_hold_is_in_no_store_of_the_new_
     let app = spawn_app_with(move |s| {
         s.postgresql = Some(pg);
         s.elasticsearch = Some(es_settings);
+        if cluster {
+            s.storage.backend = dstore::config::Backend::Postgresql;
+            s.storage.url = storage_url;
+        }
     })
     .await;
     let ids = shop(&app).await;
@@ -681,7 +697,9 @@ async fn an_item_a_forced_breaking_freeze_cannot_hold_is_in_no_store_of_the_new_
         [true, true, true, true, false, false, false],
         "{docs}"
     );
-    let keyspaces = app.rocksdb.as_ref().expect("the rocksdb projector runs");
+    // Cluster mode keeps no local keyspaces (docs/cluster.md).
+    let keyspaces = app.rocksdb.clone();
+    assert_eq!(keyspaces.is_some(), !cluster);
     let (shop_name, product_name) = (
         dstore::blueprint::Ident::parse("shop").unwrap(),
         dstore::blueprint::Ident::parse("product").unwrap(),
@@ -691,9 +709,11 @@ async fn an_item_a_forced_breaking_freeze_cannot_hold_is_in_no_store_of_the_new_
         .map(|id| (id, true))
         .chain(absent.iter().map(|id| (id, false)))
     {
-        let doc = keyspaces.get(&shop_name, 2, &product_name, id);
-        assert_eq!(doc.is_some(), kept, "{id} in keyspace 2: {doc:?}");
-        assert!(keyspaces.get(&shop_name, 1, &product_name, id).is_some());
+        if let Some(keyspaces) = &keyspaces {
+            let doc = keyspaces.get(&shop_name, 2, &product_name, id);
+            assert_eq!(doc.is_some(), kept, "{id} in keyspace 2: {doc:?}");
+            assert!(keyspaces.get(&shop_name, 1, &product_name, id).is_some());
+        }
         let read = app.get(&format!("/shop/product/{id}?version=2")).await;
         if kept {
             assert_eq!(read.status, 200, "{}", read.body);
@@ -739,9 +759,11 @@ async fn an_item_a_forced_breaking_freeze_cannot_hold_is_in_no_store_of_the_new_
         .await
         .unwrap();
     assert_eq!(back, 5.0);
-    assert!(keyspaces
-        .get(&shop_name, 2, &product_name, &ids[0])
-        .is_some());
+    if let Some(keyspaces) = &keyspaces {
+        assert!(keyspaces
+            .get(&shop_name, 2, &product_name, &ids[0])
+            .is_some());
+    }
     app.stop().await;
     es.clean_up(&prefix).await;
 }
