@@ -497,17 +497,39 @@ async fn versions(
     }
 }
 
+/// What a write's answer says beyond its revision: the versions its item is not in, a store that
+/// refused it for good, the stores still behind (with `--wait`).
 fn projection_note(status: StatusCode, body: &Value) -> String {
-    if status == StatusCode::ACCEPTED || body["projected"] == false {
-        format!(
+    let mut note = String::new();
+    if let Some(versions) = body["not_in_versions"].as_array() {
+        let versions: Vec<String> = versions.iter().map(Value::to_string).collect();
+        note.push_str(&format!(
+            "; not in version {}, which allows no null where it has none (GET it there for the column)",
+            versions.join(", ")
+        ));
+    }
+    if let Some(refused) = body["refused"].as_array().filter(|r| !r.is_empty()) {
+        let stores: Vec<&str> = refused
+            .iter()
+            .filter_map(|r| r["projector"].as_str())
+            .collect();
+        note.push_str(&format!(
+            "; refused for good by {} (a dead letter with the reason: GET /_dead_letters; retried by POST /_dead_letters/_retry once fixed)",
+            stores.join(", ")
+        ));
+    }
+    if status == StatusCode::ACCEPTED {
+        note.push_str(&format!(
             "; not yet in every store (still pending: {}), it stays safely queued",
             body["pending"]
-        )
+        ));
     } else if body["projected"] == true {
-        "; in every store".into()
-    } else {
-        String::new()
+        note.push_str("; in every store");
+    } else if body["projected"] == false && body.get("refused").is_none() {
+        // Every store settled it, but which refused it could not be read.
+        note.push_str("; whether every store took it is not known (see GET /_dead_letters)");
     }
+    note
 }
 
 fn wait_query(wait: bool) -> Vec<(&'static str, &'static str)> {
@@ -544,4 +566,45 @@ fn read_json(file: &Path) -> Result<Value, CliError> {
     }
     serde_json::from_str(&text)
         .map_err(|e| CliError::Input(format!("{} is not valid JSON: {e}", file.display())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_summary_says_what_its_answer_says_beyond_the_revision() {
+        let note = |status, body: Value| projection_note(status, &body);
+        assert_eq!(note(StatusCode::OK, serde_json::json!({})), "");
+        assert_eq!(
+            note(StatusCode::OK, serde_json::json!({"projected": true})),
+            "; in every store"
+        );
+        let left_out = note(
+            StatusCode::OK,
+            serde_json::json!({"projected": true, "not_in_versions": [2, 3]}),
+        );
+        assert!(left_out.starts_with("; not in version 2, 3,"), "{left_out}");
+        assert!(left_out.ends_with("; in every store"), "{left_out}");
+        // A refusal is not a store still behind.
+        let refused = note(
+            StatusCode::OK,
+            serde_json::json!({"projected": false,
+                "refused": [{"projector": "postgresql", "revision": 4, "reason": "duplicate key"}]}),
+        );
+        assert!(
+            refused.contains("refused for good by postgresql") && !refused.contains("pending"),
+            "{refused}"
+        );
+        let behind = note(
+            StatusCode::ACCEPTED,
+            serde_json::json!({"projected": false, "pending": ["elasticsearch"]}),
+        );
+        assert!(
+            behind.contains("still pending: [\"elasticsearch\"]"),
+            "{behind}"
+        );
+        let unknown = note(StatusCode::OK, serde_json::json!({"projected": false}));
+        assert!(unknown.contains("not known"), "{unknown}");
+    }
 }
