@@ -8,12 +8,14 @@ use serde_json::Value;
 
 /// Whether no version of these projects is still being back-filled.
 pub(super) fn backfills_finished(projects: &[Value]) -> bool {
-    projects.iter().all(|p| {
-        versions_of(p).all(|v| {
-            let backfill = &v["backfill"];
-            backfill.is_null() || backfill["finished"] == true || backfill["stopped"] == true
-        })
-    })
+    projects
+        .iter()
+        .all(|p| versions_of(p).all(|v| backfill_over(&v["backfill"])))
+}
+
+/// Whether a version's back-fill is over: none, finished, or stopped by the version's retirement.
+fn backfill_over(backfill: &Value) -> bool {
+    backfill.is_null() || backfill["finished"] == true || backfill["stopped"] == true
 }
 
 fn versions_of(project: &Value) -> impl Iterator<Item = &Value> {
@@ -102,7 +104,7 @@ pub(super) fn render_progress_lines(projects: &[Value]) -> String {
     for project in projects {
         for version in versions_of(project) {
             let backfill = &version["backfill"];
-            if backfill.is_null() || backfill["finished"] == true || backfill["stopped"] == true {
+            if backfill_over(backfill) {
                 continue;
             }
             if let Some(bar) = backfill_bar(backfill) {

@@ -23,7 +23,7 @@ use serde::Serialize;
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::blueprint::transform::{forbidden_null, transform};
+use crate::blueprint::transform::into_version;
 use crate::blueprint::Ident;
 use crate::catalog::{Project, Snapshot, Version};
 use crate::journal::ItemRecord;
@@ -282,28 +282,24 @@ impl Follower {
         if !wanted(name) {
             return None;
         }
-        let (item, op) = if record.version == target.number {
-            (record.body, Op::Put)
+        let item = if record.version == target.number {
+            Some(record.body)
         } else {
             let from = p
                 .version(record.version)?
                 .blueprints
                 .values()
                 .find(|bp| bp.uid == uid)?;
-            let seen = transform(&record.body, from, to, target.number);
-            // An item the version allows not (a null where it allows none, after a forced
-            // breaking freeze) is not in it: its followers see it deleted, as its stores do.
-            match forbidden_null(to, &seen) {
-                Some(_) => (seen, Op::Delete),
-                None => (seen, Op::Put),
-            }
+            // An item the version cannot hold (after a forced breaking freeze) is not in it: its
+            // followers see it deleted, as its stores do.
+            into_version(&record.body, from, to, target.number).ok()
         };
         Some(FeedEntry {
             revision: change.revision,
             blueprint: name.clone(),
             id: change.id,
-            item: (op == Op::Put).then_some(item),
-            op,
+            op: if item.is_some() { Op::Put } else { Op::Delete },
+            item,
         })
     }
 }

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 
 use super::writer::{BackfillItem, Command};
 use super::{decode, keys, ItemRecord, Journal, JournalError, CF_ITEMS, CF_META};
-use crate::blueprint::transform::{forbidden_null, transform};
+use crate::blueprint::transform::into_version;
 use crate::blueprint::Ident;
 use crate::catalog::{MigrationState, Project, Version};
 
@@ -385,12 +385,11 @@ pub fn item_task(
             .values()
             .find(|bp| bp.uid == record.blueprint_uid)
     })?;
-    let seen = transform(&record.body, from, to, target.number);
-    // An item the version allows not (a null where it allows none) is not in it: stores drop a
-    // copy they may hold from an earlier pass.
-    let doc = match forbidden_null(to, &seen) {
-        Some(_) => super::task::ABSENT.as_bytes().to_vec(),
-        None => super::codec::doc_bytes(&seen),
+    // An item the version cannot hold is not in it: stores drop a copy they may hold from an
+    // earlier pass.
+    let doc = match into_version(&record.body, from, to, target.number) {
+        Ok(seen) => super::codec::doc_bytes(&seen),
+        Err(_) => super::task::ABSENT.as_bytes().to_vec(),
     };
     let body = super::codec::upsert_body(&p.name, name, &id, &[(target.number, &doc)]);
     Some((name.clone(), body))

@@ -206,7 +206,7 @@ impl Entry {
         match self {
             Entry::Upsert { task, .. } => task
                 .docs()
-                .filter(|(_, doc)| *doc == task::ABSENT.as_bytes())
+                .filter(|(_, doc)| task::is_absent(doc))
                 .map(|(version, _)| version)
                 .collect(),
             Entry::Delete { .. } => Vec::new(),

@@ -93,6 +93,11 @@ pub struct Doc(String);
 /// The text of a document saying the item is not in its version ([`VersionDoc::absent`]).
 pub const ABSENT: &str = "null";
 
+/// Whether a document's text says the item is not in its version ([`VersionDoc::absent`]).
+pub fn is_absent(doc: &[u8]) -> bool {
+    doc == ABSENT.as_bytes()
+}
+
 impl Doc {
     pub fn get(&self) -> &str {
         &self.0
@@ -100,7 +105,7 @@ impl Doc {
 
     /// Whether the item is not in this version ([`VersionDoc::absent`]).
     pub fn is_absent(&self) -> bool {
-        self.0 == ABSENT
+        is_absent(self.0.as_bytes())
     }
 
     /// Text the caller knows to be one JSON value, because dstore wrote it.

@@ -470,7 +470,7 @@ impl<'a> Stage<'a> {
             let key = keyspace::key(project, version, blueprint, id);
             if Some(version) == own {
                 self.batch.put_cf(cf, key, keyspace::reference(revision));
-            } else if doc == task::ABSENT.as_bytes() {
+            } else if task::is_absent(doc) {
                 // Not in that version (a forced breaking freeze): a tombstone, as for a delete.
                 self.batch.put_cf(cf, key, keyspace::value(revision, None));
             } else {

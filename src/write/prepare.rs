@@ -9,7 +9,7 @@ use serde_json::{Map, Value};
 use uuid::Uuid;
 
 use crate::blueprint::check::check_item;
-use crate::blueprint::transform::{forbidden_null, transform};
+use crate::blueprint::transform::into_version;
 use crate::blueprint::{Blueprint, FieldError, Ident, Uid};
 use crate::catalog::{Project, Snapshot};
 use crate::document::AsFields;
@@ -124,11 +124,10 @@ pub fn prepare_upsert(
         match &item {
             _ if w == number => docs.extend(own.take()),
             Some(item) => {
-                let seen = transform(item, bp, target, w);
-                if forbidden_null(target, &seen).is_some() {
+                let Ok(seen) = into_version(item, bp, target, w) else {
                     docs.push(VersionDoc::absent(w));
                     continue;
-                }
+                };
                 check_row(
                     target,
                     target.columns.keys().map(|c| &seen[c.as_str()]),
@@ -218,15 +217,8 @@ pub fn read_at(
     if number == record.version {
         return Ok(record.body.clone());
     }
-    let seen = transform(&record.body, from, to, number);
-    match forbidden_null(to, &seen) {
-        Some(column) => Err(WriteError::NotFound(absent_reason(
-            number,
-            column,
-            record.version,
-        ))),
-        None => Ok(seen),
-    }
+    into_version(&record.body, from, to, number)
+        .map_err(|column| WriteError::NotFound(absent_reason(number, column, record.version)))
 }
 
 /// Why an item written at `written` is not in `version`: it leaves `column` null, which that

@@ -46,6 +46,22 @@ pub fn transform(
     out
 }
 
+/// `item` as a client of version `to_version` sees it ([`transform`]), or, when that version
+/// cannot hold it, the column it leaves null although `to` allows none ([`forbidden_null`]): the
+/// one rule of what a version holds, for writes, back-fills, reads and the change feed.
+pub fn into_version<'a>(
+    item: &Map<String, Value>,
+    from: &Blueprint,
+    to: &'a Blueprint,
+    to_version: u32,
+) -> Result<Map<String, Value>, &'a str> {
+    let seen = transform(item, from, to, to_version);
+    match forbidden_null(to, &seen) {
+        Some(column) => Err(column),
+        None => Ok(seen),
+    }
+}
+
 /// The first column of `to` that `item` — as [`transform`] made it — leaves null although `to`
 /// allows none: such an item is not in version `to` (a forced breaking freeze; `compat` counts these
 /// items as refused). `transform` gives a column that allows no null its default, so only a column
