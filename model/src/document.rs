@@ -150,8 +150,11 @@ fn scalar(token: &str) -> Option<Value> {
                     .fold(0u64, |n, b| n * 10 + u64::from(b - b'0')),
             ))
         }
+        // A whole number beyond 64 bits is refused by `json::parse`, naming the member.
         b'-' | b'0'..=b'9' => match serde_json::from_str(token) {
-            Ok(number @ Value::Number(_)) => Some(number),
+            Ok(number @ Value::Number(_)) if !(number.is_f64() && json::wide_integer(token)) => {
+                Some(number)
+            }
             _ => None,
         },
         _ => match token {
@@ -228,6 +231,15 @@ mod tests {
             Document::parse(many.as_bytes()),
             Ok(Document::Value(_))
         ));
+    }
+
+    #[test]
+    fn a_flat_member_beyond_64_bits_is_refused_naming_it() {
+        let error = Document::parse(br#"{"id":"x","n":18446744073709551616}"#).unwrap_err();
+        assert_eq!(error.path, "/n");
+        assert!(error.message.contains("64 bits"), "{}", error.message);
+        let edge = Document::parse(br#"{"id":"x","n":18446744073709551615,"f":1e30}"#).unwrap();
+        assert!(matches!(edge, Document::Members(_)));
     }
 
     #[test]

@@ -301,6 +301,51 @@ fn deeper_than(bytes: &[u8], limit: usize) -> bool {
 
 /// [`check_depth`]'s refusal, naming where the limit was passed.
 fn pointed_depth(bytes: &[u8], limit: usize) -> Result<(), FieldError> {
+    match pointed(bytes, limit, false) {
+        Some((_, path)) => Err(too_deep(path, limit)),
+        None => Ok(()),
+    }
+}
+
+/// Whether `token`, a JSON number, is a whole number written without a fraction or exponent that
+/// no 64-bit integer holds: serde reads it as the nearest float, another number than the one sent.
+pub fn wide_integer(token: &str) -> bool {
+    let digits = token.strip_prefix('-').unwrap_or(token);
+    !digits.is_empty()
+        && digits.bytes().all(|b| b.is_ascii_digit())
+        && if digits.len() == token.len() {
+            token.parse::<u64>().is_err()
+        } else {
+            token.parse::<i64>().is_err()
+        }
+}
+
+/// The refusal of a [`wide_integer`] at `path`.
+fn too_wide(path: String, token: &[u8]) -> FieldError {
+    FieldError::new(
+        path,
+        format!(
+            "{} is a whole number beyond 64 bits, which dstore would keep only as the nearest \
+             float, changing its digits; send it as a string (or with an exponent, 1.5e30, where \
+             a rounded number is meant)",
+            crate::blueprint::value::excerpt_str(&String::from_utf8_lossy(token))
+        ),
+    )
+}
+
+/// What [`pointed`] stopped at.
+#[derive(Debug, PartialEq)]
+enum Stop {
+    /// Arrays and objects nested deeper than the limit.
+    Deep,
+    /// A [`wide_integer`] (looked for only when asked).
+    Wide(std::ops::Range<usize>),
+}
+
+/// Follows the keys and indexes of `bytes`' arrays and objects, and stops, with the JSON pointer of
+/// where, at the first place they nest deeper than `limit` or, when `wide`, at the first
+/// [`wide_integer`]. Text that is not JSON is followed as far as it goes.
+fn pointed(bytes: &[u8], limit: usize, wide: bool) -> Option<(Stop, String)> {
     let mut stack: Vec<Place> = Vec::new();
     let mut last_string = (0, 0);
     let mut i = 0;
@@ -326,7 +371,7 @@ fn pointed_depth(bytes: &[u8], limit: usize) -> Result<(), FieldError> {
             },
             open @ (b'[' | b'{') => {
                 if stack.len() >= limit {
-                    return Err(too_deep(pointer(bytes, &stack), limit));
+                    return Some((Stop::Deep, pointer(bytes, &stack)));
                 }
                 stack.push(if open == b'[' {
                     Place::Array(0)
@@ -337,11 +382,18 @@ fn pointed_depth(bytes: &[u8], limit: usize) -> Result<(), FieldError> {
             b']' | b'}' => {
                 stack.pop();
             }
+            b'-' | b'0'..=b'9' if wide => {
+                let end = value_end(bytes, i).unwrap_or(bytes.len());
+                if std::str::from_utf8(&bytes[i..end]).is_ok_and(wide_integer) {
+                    return Some((Stop::Wide(i..end), pointer(bytes, &stack)));
+                }
+                i = end - 1;
+            }
             _ => {}
         }
         i += 1;
     }
-    Ok(())
+    None
 }
 
 fn too_deep(path: String, limit: usize) -> FieldError {
@@ -376,8 +428,8 @@ fn pointer(bytes: &[u8], stack: &[Place]) -> String {
     out
 }
 
-/// Parses a request body: nested at most [`MAX_DEPTH`] levels, each object naming a key once, and
-/// not empty.
+/// Parses a request body: nested at most [`MAX_DEPTH`] levels, each object naming a key once, every
+/// whole number within 64 bits (a [`wide_integer`] would be kept as another number), and not empty.
 ///
 /// A key an object names twice is refused, naming it, as Elasticsearch refuses it: serde (and
 /// PostgreSQL's `jsonb`) would keep the last value and drop the other without a word, and a client
@@ -393,25 +445,39 @@ pub fn parse(bytes: &[u8]) -> Result<Value, FieldError> {
     // what it built are counted (a few nodes for an item), and the bytes scanned to name where only
     // for a body that is refused. A body too deep and malformed (or repeating a key) too is refused
     // for its depth, as when the bytes were scanned first.
-    let repeated = RefCell::new(None);
+    let seen = Seen::default();
     let mut deserializer = serde_json::Deserializer::from_slice(bytes);
-    let parsed = Unique(&repeated)
+    let parsed = Unique(&seen)
         .deserialize(&mut deserializer)
         .and_then(|value| deserializer.end().map(|()| value));
     match parsed {
-        Ok(value) if !nests_deeper(&value, MAX_DEPTH) => Ok(value),
         // The scan refuses what nests deeper (a proptest checks both count alike).
-        Ok(_) => Err(pointed_depth(bytes, MAX_DEPTH)
+        Ok(value) if nests_deeper(&value, MAX_DEPTH) => Err(pointed_depth(bytes, MAX_DEPTH)
             .err()
             .unwrap_or_else(|| too_deep(String::new(), MAX_DEPTH))),
+        // A float a whole number may have been rounded to: the text tells whether one was.
+        Ok(value) if seen.wide.get() => match pointed(bytes, MAX_DEPTH, true) {
+            Some((Stop::Wide(token), path)) => Err(too_wide(path, &bytes[token])),
+            _ => Ok(value),
+        },
+        Ok(value) => Ok(value),
         Err(e) => {
             check_depth(bytes, MAX_DEPTH)?;
-            match repeated.into_inner() {
+            match seen.repeated.into_inner() {
                 Some(trail) => Err(repeated_key(trail)),
                 None => Err(FieldError::new("", format!("malformed JSON: {e}"))),
             }
         }
     }
+}
+
+/// What parsing noticed on the way.
+#[derive(Default)]
+struct Seen {
+    /// Where a repeated key was found (see [`Trail`]).
+    repeated: Trail,
+    /// Whether a float was read that a [`wide_integer`] could have been rounded to.
+    wide: std::cell::Cell<bool>,
 }
 
 /// Where a repeated key was found: the segments from it up to the top of the body, the repeated
@@ -421,13 +487,13 @@ type Trail = RefCell<Option<Vec<String>>>;
 /// Reads any JSON value as `serde_json::Value`'s own `Deserialize` does, but refuses an object
 /// naming a key twice, noting where in the [`Trail`].
 #[derive(Clone, Copy)]
-struct Unique<'t>(&'t Trail);
+struct Unique<'t>(&'t Seen);
 
 impl Unique<'_> {
     /// Adds the segment of a container's member to the trail, when the member's error is a
     /// repeated key.
     fn within(self, segment: impl FnOnce() -> String) {
-        if let Some(trail) = self.0.borrow_mut().as_mut() {
+        if let Some(trail) = self.0.repeated.borrow_mut().as_mut() {
             trail.push(segment());
         }
     }
@@ -461,6 +527,11 @@ impl<'de> Visitor<'de> for Unique<'_> {
     }
 
     fn visit_f64<E>(self, value: f64) -> Result<Value, E> {
+        // serde reads a whole number no 64-bit integer holds as a float (at least 2^63 away
+        // from zero); so does it `1e19`, which only the text tells apart.
+        if value.abs() >= 9.2e18 && value.fract() == 0.0 {
+            self.0.wide.set(true);
+        }
         Ok(serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number))
     }
 
@@ -495,7 +566,7 @@ impl<'de> Visitor<'de> for Unique<'_> {
         while let Some(key) = map.next_key::<String>()? {
             match object.entry(key) {
                 serde_json::map::Entry::Occupied(entry) => {
-                    *self.0.borrow_mut() = Some(vec![entry.key().clone()]);
+                    *self.0.repeated.borrow_mut() = Some(vec![entry.key().clone()]);
                     return Err(serde::de::Error::custom("a key is repeated"));
                 }
                 serde_json::map::Entry::Vacant(entry) => match map.next_value_seed(self) {
@@ -762,11 +833,52 @@ mod tests {
     #[test]
     fn parsed_values_are_what_serde_builds() {
         let body = br#"{"s":"\u00e9\n","i":-9223372036854775808,"u":18446744073709551615,
-            "f":1.5e300,"big":1e30,"huge":184467440737095516160,"n":null,"t":true,"a":[[],{}]}"#;
+            "f":1.5e300,"big":1e30,"e":1E19,"fraction":10000000000000000000.5,"n":null,"t":true,
+            "a":[[],{}]}"#;
         assert_eq!(
             parse(body).unwrap(),
             serde_json::from_slice::<Value>(body).unwrap()
         );
+    }
+
+    #[test]
+    fn a_whole_number_beyond_64_bits_is_refused_by_its_pointer() {
+        for (body, path, number) in [
+            (&b"18446744073709551616"[..], "", "18446744073709551616"),
+            (br#"{"n": -9223372036854775809}"#, "/n", "-9223372036854775809"),
+            (
+                br#"{"s":"123456789012345678901234567890","a":[1,{"b~":[2.5e30, 123456789012345678901234567890 ]}]}"#,
+                "/a/1/b~0/1",
+                "123456789012345678901234567890",
+            ),
+        ] {
+            let error = parse(body).unwrap_err();
+            assert_eq!(error.path, path, "{}", String::from_utf8_lossy(body));
+            assert!(
+                error.message.starts_with(number) && error.message.contains("64 bits"),
+                "{}",
+                error.message
+            );
+        }
+        // The edges of the 64-bit integers, and floats as large, are numbers as before.
+        for ok in [
+            "-9223372036854775808",
+            "18446744073709551615",
+            "1e19",
+            "-1.8446744073709552E19",
+            "18446744073709551616.0",
+            "9.2e18",
+        ] {
+            assert!(parse(ok.as_bytes()).is_ok(), "{ok}");
+            assert!(!wide_integer(ok), "{ok}");
+        }
+        for wide in [
+            "18446744073709551616",
+            "-9223372036854775809",
+            "99999999999999999999999",
+        ] {
+            assert!(wide_integer(wide), "{wide}");
+        }
     }
 
     #[test]

@@ -324,6 +324,72 @@ async fn odd_flat_bodies_mean_what_serde_makes_of_them_through_put_and_bulk_and_
     app.stop().await;
 }
 
+#[tokio::test]
+async fn a_whole_number_beyond_64_bits_is_refused_where_it_is_and_the_64_bit_edges_keep_their_digits(
+) {
+    let app = blog().await;
+    // A json column would keep only the nearest float of it: refused, by a PUT and a `_bulk` line
+    // alike, naming where; nothing is written.
+    for (body, path) in [
+        (
+            r#"{"project_version":1,"title":"t","date_created":"2020-01-02 03:04:05","extra":{"n":[1,123456789012345678901234567890]}}"#,
+            "/extra/n/1",
+        ),
+        (
+            r#"{"project_version":18446744073709551616,"title":"t","date_created":"2020-01-02 03:04:05"}"#,
+            "/project_version",
+        ),
+    ] {
+        let ((id, put), (bulk_id, bulk)) = put_and_bulk(&app, body).await;
+        assert_eq!(put.status, 400, "{}", put.body);
+        assert_eq!(put.body["errors"][0]["path"], path, "{}", put.body);
+        assert!(put.messages().contains("beyond 64 bits"), "{}", put.body);
+        let answer = &bulk.body["items"][0]["put"];
+        assert_eq!(answer["status"], 400, "{}", bulk.body);
+        assert_eq!(answer["errors"][0]["path"], path, "{}", bulk.body);
+        for id in [id, bulk_id] {
+            assert_eq!(app.get(&format!("/myblog/article/{id}")).await.status, 404);
+        }
+    }
+    // A blueprint's default too.
+    let mut bp = with_json_column();
+    bp["columns"]["extra"]["default"] = json!({"n": 1});
+    let text = bp
+        .to_string()
+        .replace(r#"{"n":1}"#, r#"{"n":-9223372036854775809}"#);
+    let refused = app
+        .send(Method::PUT, "/myblog/article/_blueprint", Some(text))
+        .await;
+    assert_eq!(refused.status, 400, "{}", refused.body);
+    assert!(
+        refused.messages().contains("beyond 64 bits"),
+        "{}",
+        refused.body
+    );
+    // The edges of 64 bits, and a float written with an exponent, come back as they were sent.
+    let id = Uuid::new_v4();
+    let body = r#"{"project_version":1,"title":"t","date_created":"2020-01-02 03:04:05","extra":{"u":18446744073709551615,"i":-9223372036854775808,"f":1.5e30}}"#;
+    let put = app
+        .send(
+            Method::PUT,
+            &format!("/myblog/article/{id}"),
+            Some(body.into()),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let read = app
+        .send(Method::GET, &format!("/myblog/article/{id}"), None)
+        .await;
+    assert_eq!(read.status, 200, "{}", read.body);
+    assert_eq!(
+        read.body["extra"],
+        json!({"u": u64::MAX, "i": i64::MIN, "f": 1.5e30}),
+        "{}",
+        read.body
+    );
+    app.stop().await;
+}
+
 /// Sends `body` as the item of a PUT and as the item line of a `_bulk` put, each to a new id: the
 /// ids and answers.
 async fn put_and_bulk(app: &TestApp, body: &str) -> ((Uuid, Answer), (Uuid, Answer)) {
