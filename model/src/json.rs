@@ -435,6 +435,12 @@ fn pointer(bytes: &[u8], stack: &[Place]) -> String {
 /// PostgreSQL's `jsonb`) would keep the last value and drop the other without a word, and a client
 /// that sends two values for one field meant something it would not get.
 pub fn parse(bytes: &[u8]) -> Result<Value, FieldError> {
+    parse_nested(bytes, MAX_DEPTH)
+}
+
+/// [`parse`] with another nesting limit: a value that becomes a member of an item (text turned
+/// into a `json` column's value) may nest one level less than a body.
+pub fn parse_nested(bytes: &[u8], limit: usize) -> Result<Value, FieldError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(FieldError::new(
             "",
@@ -452,17 +458,17 @@ pub fn parse(bytes: &[u8]) -> Result<Value, FieldError> {
         .and_then(|value| deserializer.end().map(|()| value));
     match parsed {
         // The scan refuses what nests deeper (a proptest checks both count alike).
-        Ok(value) if nests_deeper(&value, MAX_DEPTH) => Err(pointed_depth(bytes, MAX_DEPTH)
+        Ok(value) if nests_deeper(&value, limit) => Err(pointed_depth(bytes, limit)
             .err()
-            .unwrap_or_else(|| too_deep(String::new(), MAX_DEPTH))),
+            .unwrap_or_else(|| too_deep(String::new(), limit))),
         // A float a whole number may have been rounded to: the text tells whether one was.
-        Ok(value) if seen.wide.get() => match pointed(bytes, MAX_DEPTH, true) {
+        Ok(value) if seen.wide.get() => match pointed(bytes, limit, true) {
             Some((Stop::Wide(token), path)) => Err(too_wide(path, &bytes[token])),
             _ => Ok(value),
         },
         Ok(value) => Ok(value),
         Err(e) => {
-            check_depth(bytes, MAX_DEPTH)?;
+            check_depth(bytes, limit)?;
             match seen.repeated.into_inner() {
                 Some(trail) => Err(repeated_key(trail)),
                 None => Err(FieldError::new("", format!("malformed JSON: {e}"))),

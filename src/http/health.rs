@@ -159,7 +159,18 @@ pub async fn dead_letters(
         .storage
         .dead_letters(params.projector.as_deref(), limit)
         .await?;
-    Ok(HttpResponse::Ok().json(json!({"dead_letters": letters})))
+    Ok(HttpResponse::Ok().json(DeadLetters {
+        dead_letters: &letters,
+    }))
+}
+
+/// The answer of `GET /_dead_letters`, written as it is: a task's documents are JSON text, copied
+/// into the answer, never read again into values (which serde refuses past 128 levels, so a
+/// document nested that deep, as journals written before dstore bounded every value could hold,
+/// would fail the whole listing).
+#[derive(serde::Serialize)]
+struct DeadLetters<'a> {
+    dead_letters: &'a [crate::journal::DeadLetter],
 }
 
 /// A 404 unless `name` is an enabled projector.
@@ -193,4 +204,42 @@ pub async fn retry_dead_letters(
         .retry_dead_letters(params.projector.as_deref())
         .await?;
     Ok(HttpResponse::Ok().json(json!({"retried": retried})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::journal::task::{Task, TaskOp, VersionDoc};
+    use crate::journal::DeadLetter;
+
+    #[test]
+    fn a_dead_letter_of_a_document_past_serdes_depth_is_listed_as_it_is() {
+        let deep = (0..200).fold(serde_json::json!(1), |inner, _| serde_json::json!([inner]));
+        let task = Task {
+            seq: 1,
+            project: crate::blueprint::Ident::parse("p").unwrap(),
+            op: TaskOp::Upsert {
+                blueprint: crate::blueprint::Ident::parse("b").unwrap(),
+                id: uuid::Uuid::nil(),
+                revision: 1,
+                docs: vec![VersionDoc::new(1, &serde_json::json!({ "c": deep }))],
+            },
+        };
+        let letters = [DeadLetter {
+            projector: "postgresql".into(),
+            seq: 1,
+            task: Some(task),
+            reason: "refused".into(),
+            at: "2026-12-06T00:00:00Z".into(),
+        }];
+        let text = serde_json::to_string(&DeadLetters {
+            dead_letters: &letters,
+        })
+        .expect("written as it is");
+        let brackets = "[".repeat(200) + "1" + &"]".repeat(200);
+        assert!(
+            text.contains(&format!("\"doc\":{{\"c\":{brackets}}}")),
+            "{text}"
+        );
+    }
 }

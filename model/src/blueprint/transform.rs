@@ -216,13 +216,16 @@ fn from_text(to: BaseType, text: &str) -> Option<Value> {
         Integer => Value::from(text.trim().parse::<i64>().ok()?),
         Float => Value::from(text.trim().parse::<f64>().ok().filter(|f| f.is_finite())?),
         Boolean => Value::Bool(text.trim().parse::<bool>().ok()?),
-        // A text that is JSON is read as it; others stay strings, and so does `null`, which would
+        // A text that is JSON, as a client could write it in the column, is read as it; others
+        // stay strings: what is not JSON, and what dstore refuses in a body (nested deeper than
+        // an item's member may be, a key named twice, a whole number beyond 64 bits), which would
+        // be read as another value or could not be written back. So does `null`, which would
         // arrive as no value.
-        Json => match serde_json::from_str(text) {
+        Json => match crate::json::parse_nested(text.as_bytes(), crate::json::MAX_DEPTH - 1) {
             Ok(Value::Null) | Err(_) => Value::String(text.into()),
             Ok(value) => value,
         },
-        Point | LineString | Polygon => serde_json::from_str(text).ok()?,
+        Point | LineString | Polygon => crate::json::parse(text.as_bytes()).ok()?,
         Uuid | Date | DateTime | String | Text => Value::String(text.into()),
     };
     canonicalize_scalar(to, &value).ok()
@@ -331,6 +334,33 @@ mod tests {
         assert_eq!(parsed(Boolean, " Yes "), Some(json!(true)));
         assert_eq!(parsed(Date, "01.05.2024"), Some(json!("2024-05-01")));
         assert_eq!(parsed(Date, "2024/05/01"), Some(json!("2024-05-01")));
+    }
+
+    #[test]
+    fn text_becomes_a_json_value_only_as_a_client_could_write_it_in_the_column() {
+        let json = |text: &str| {
+            convert_scalar(BaseType::String, BaseType::Json, &json!(text), None).unwrap()
+        };
+        assert_eq!(json(r#"{"a":[1,"b"]}"#), json!({"a": [1, "b"]}));
+        assert_eq!(json("12"), json!(12));
+        // A member of an item nests one level less than a body: the deepest text that becomes a
+        // value still makes an item a client can write back.
+        let nested = |levels: usize| "[".repeat(levels) + &"]".repeat(levels);
+        let deepest = json(&nested(crate::json::MAX_DEPTH - 1));
+        let item = json!({ "c": deepest }).to_string();
+        assert!(crate::json::parse(item.as_bytes()).is_ok());
+        // What a body may not hold stays the text it was: too deep (serde alone reads 127
+        // levels), a key named twice, a whole number beyond 64 bits; and what is not JSON.
+        for text in [
+            nested(crate::json::MAX_DEPTH),
+            nested(127),
+            r#"{"a":1,"a":2}"#.into(),
+            "123456789012345678901234567890".into(),
+            "[1,".into(),
+            "null".into(),
+        ] {
+            assert_eq!(json(&text), json!(text), "{text}");
+        }
     }
 
     #[test]
