@@ -63,7 +63,7 @@ async fn main() -> Result<(), Failure> {
         .collect::<Result<_, _>>()?;
     for project in &projects {
         let version = conformance::freeze_sample(&catalog, project);
-        projector.migrate(project, &version).await?;
+        projector.migrate(project, &version, &[]).await?;
     }
     let docs: Vec<Map<String, Value>> = (0..args.rows)
         .map(|i| conformance::sample_doc(Uuid::new_v4(), &format!("title {i}")))

@@ -263,6 +263,22 @@ pub async fn retire(
     let project = ident("project", &path.0)?;
     let number = version_number("version", &path.1)?;
     state.storage.retire(&project, number).await?;
+    // Elasticsearch's aliases point at the newest version: once that is retired (it takes deletes
+    // only), they go back to the newest live one, which its migration, queued again, does.
+    let snapshot = state.storage.snapshot();
+    let newest_live = snapshot
+        .projects
+        .get(&project)
+        .and_then(|p| p.live_versions().map(|v| v.number).max());
+    let elasticsearch = crate::projector::ProjectorKind::Elasticsearch.name();
+    if let Some(live) = newest_live.filter(|live| *live < number) {
+        if state.registry.names().contains(&elasticsearch) {
+            state
+                .storage
+                .remigrate(&project, live, vec![elasticsearch.to_string()])
+                .await?;
+        }
+    }
     Ok(HttpResponse::Ok().json(json!({"project_version": number, "retired": true})))
 }
 

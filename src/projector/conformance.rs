@@ -128,11 +128,11 @@ pub async fn run(projector: Arc<dyn Projector>, catalog: &Catalog, project: &Ide
     let title = |doc: Option<Value>| doc.map(|d| d["title"].clone());
 
     projector
-        .migrate(project, &version)
+        .migrate(project, &version, &[])
         .await
         .unwrap_or_else(|e| panic!("{name}: migrate failed: {e}"));
     projector
-        .migrate(project, &version)
+        .migrate(project, &version, &[])
         .await
         .unwrap_or_else(|e| panic!("{name}: a second migrate failed: {e}"));
 

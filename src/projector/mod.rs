@@ -151,7 +151,14 @@ pub trait Projector: Send + Sync {
     fn name(&self) -> &'static str;
 
     /// Creates what a frozen version needs in the store; running it again finishes or confirms it.
-    async fn migrate(&self, project: &Ident, version: &Version) -> Result<(), ProjectorError>;
+    /// `retired` lists the project's retired versions: what a store points at the newest version
+    /// (Elasticsearch's aliases) leaves a retired one for the newest live one.
+    async fn migrate(
+        &self,
+        project: &Ident,
+        version: &Version,
+        retired: &[u32],
+    ) -> Result<(), ProjectorError>;
 
     /// Applies `Upsert` and `Delete` tasks in order. `Err` means the batch should be retried as a
     /// whole; `Ok` holds one outcome per task, in order, and a permanent error in it dead-letters

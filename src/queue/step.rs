@@ -213,15 +213,20 @@ fn is_earlier(snapshot: &Snapshot, task: &Task) -> bool {
 /// Runs a migration. A version that no longer exists or was retired needs none; a failure is retried
 /// until it succeeds, since writes into the version wait behind it.
 async fn migrate(projector: &dyn Projector, snapshot: &Snapshot, task: &Task, number: u32) -> Step {
-    let version = snapshot
+    let project = snapshot
         .projects
         .get(&task.project)
-        .filter(|p| !p.is_retired(number))
-        .and_then(|p| p.version(number));
-    let Some(version) = version else {
+        .filter(|p| !p.is_retired(number));
+    let Some((project, version)) = project.and_then(|p| Some((p, p.version(number)?))) else {
         return applied(task);
     };
-    let result = projector.migrate(&task.project, version).await;
+    let retired: Vec<u32> = project
+        .versions
+        .iter()
+        .map(|v| v.number)
+        .filter(|n| project.is_retired(*n))
+        .collect();
+    let result = projector.migrate(&task.project, version, &retired).await;
     let state = match &result {
         Ok(()) => MigrationState::Done,
         Err(e) => MigrationState::Failed {

@@ -560,6 +560,67 @@ async fn a_retired_versions_index_takes_deletes_and_once_removed_is_not_made_aga
     es.clean_up(&prefix).await;
 }
 
+/// Retiring the newest version moves each blueprint's alias back to the newest live version: the
+/// retired index takes no more writes, and a search through the alias would miss every item
+/// written since.
+#[tokio::test]
+async fn retiring_the_newest_version_moves_the_alias_back_to_the_newest_live_one() {
+    let es = Es::new().await;
+    let prefix = unique_prefix();
+    let app = spawn_app_with_es(&es.url, &prefix).await;
+    let note = |columns: Value| {
+        json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+            "columns": columns})
+    };
+    app.put_and_freeze("back", "note", &note(json!({"title": {"type": "string"}})))
+        .await;
+    app.put_and_freeze(
+        "back",
+        "note",
+        &note(json!({"title": {"type": "string"}, "words": {"type": "integer"}})),
+    )
+    .await;
+    let (v1, v2, alias) = (
+        format!("{prefix}back-v1-note"),
+        format!("{prefix}back-v2-note"),
+        format!("{prefix}back-note"),
+    );
+    assert_eq!(es.alias_targets(&alias).await, [v2.as_str()]);
+    let retired = app.post("/back/_version/2/_retire", None).await;
+    assert_eq!(retired.status, 200, "{}", retired.body);
+    let id = Uuid::new_v4();
+    app.put_projected(
+        &format!("/back/note/{id}?wait=true"),
+        &json!({"project_version": 1, "title": "after"}),
+    )
+    .await;
+    es.wait_for_source(&v1, id).await;
+    let mut targets = es.alias_targets(&alias).await;
+    for _ in 0..50 {
+        if targets == [v1.as_str()] {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        targets = es.alias_targets(&alias).await;
+    }
+    assert_eq!(
+        targets,
+        [v1.as_str()],
+        "the alias stayed on the retired index"
+    );
+    es.refresh(&alias).await;
+    let found = es
+        .search(&alias, json!({"query": {"term": {"id": id}}}))
+        .await;
+    assert_eq!(
+        found["hits"]["hits"].as_array().map(Vec::len),
+        Some(1),
+        "{found}"
+    );
+    app.stop().await;
+    es.clean_up(&prefix).await;
+}
+
 #[tokio::test]
 async fn an_unreachable_elasticsearch_neither_stops_dstore_nor_loses_writes_and_health_says_so() {
     let app = spawn_app_with(|s| {
@@ -657,7 +718,10 @@ async fn a_deployment_never_writes_into_nor_deletes_another_deployments_indexes(
     let project = ident("shared");
     let version = conformance::freeze_sample(&catalog, &project);
     assert!(first.work_for("deployment-a"));
-    first.migrate(&project, &version).await.expect("migrated");
+    first
+        .migrate(&project, &version, &[])
+        .await
+        .expect("migrated");
     let index = format!("{prefix}shared-v1-sample");
     let (_, mapping) = es.get(&format!("{index}/_mapping")).await;
     assert_eq!(
@@ -668,7 +732,7 @@ async fn a_deployment_never_writes_into_nor_deletes_another_deployments_indexes(
     // A second deployment with the same prefix: refused, and its drop leaves the index.
     let (_dir2, _, second) = direct(&es.url, &prefix);
     assert!(second.work_for("deployment-b"));
-    let refused = second.migrate(&project, &version).await.unwrap_err();
+    let refused = second.migrate(&project, &version, &[]).await.unwrap_err();
     assert_eq!(refused.kind, ErrorKind::Permanent, "{refused}");
     assert!(
         refused
@@ -689,7 +753,10 @@ async fn a_deployment_never_writes_into_nor_deletes_another_deployments_indexes(
     // A projector not told its deployment (a worker before its first task) refuses nothing, as
     // for an index an older dstore made, which names none.
     let (_dir3, _, unknown) = direct(&es.url, &prefix);
-    unknown.migrate(&project, &version).await.expect("migrated");
+    unknown
+        .migrate(&project, &version, &[])
+        .await
+        .expect("migrated");
     first.drop_project(&project).await.expect("dropped");
     assert_eq!(es.get(&index).await.0, 404);
     es.clean_up(&prefix).await;
@@ -718,7 +785,7 @@ async fn a_migration_finishes_a_half_done_one_and_refuses_an_index_with_another_
         .expect("elasticsearch answers");
     assert_eq!(created.status().as_u16(), 200);
     projector
-        .migrate(&done, &done_v1)
+        .migrate(&done, &done_v1, &[])
         .await
         .expect("the retry finishes the migration");
     assert_eq!(
@@ -735,7 +802,7 @@ async fn a_migration_finishes_a_half_done_one_and_refuses_an_index_with_another_
         .await
         .expect("elasticsearch answers");
     let error = projector
-        .migrate(&clash, &clash_v1)
+        .migrate(&clash, &clash_v1, &[])
         .await
         .expect_err("a foreign index is refused");
     assert_eq!(error.kind, ErrorKind::Permanent, "{error}");

@@ -1422,7 +1422,10 @@ async fn a_deployment_never_writes_into_nor_drops_another_deployments_schemas() 
         .clone();
     assert!(first.work_for("deployment-a"));
     assert!(!first.work_for("deployment-b"), "a deployment is set once");
-    first.migrate(&project, &version).await.expect("migrated");
+    first
+        .migrate(&project, &version, &[])
+        .await
+        .expect("migrated");
     let id = Uuid::new_v4();
     let snapshot = catalog.snapshot();
     let written = first
@@ -1445,7 +1448,7 @@ async fn a_deployment_never_writes_into_nor_drops_another_deployments_schemas() 
     // writes and its drop of the project touch nothing of the first's.
     let second = db.projector();
     assert!(second.work_for("deployment-b"));
-    let refused = second.migrate(&project, &version).await.unwrap_err();
+    let refused = second.migrate(&project, &version, &[]).await.unwrap_err();
     assert!(
         refused
             .message
@@ -1491,7 +1494,7 @@ async fn a_deployment_never_writes_into_nor_drops_another_deployments_schemas() 
         .await
         .unwrap();
     second
-        .migrate(&project, &version)
+        .migrate(&project, &version, &[])
         .await
         .expect("taken over");
     assert_eq!(
@@ -1500,7 +1503,7 @@ async fn a_deployment_never_writes_into_nor_drops_another_deployments_schemas() 
     );
     let restarted = db.projector();
     assert!(restarted.work_for("deployment-a"));
-    assert!(restarted.migrate(&project, &version).await.is_err());
+    assert!(restarted.migrate(&project, &version, &[]).await.is_err());
     restarted.drop_project(&project).await.expect("dropped");
     assert_eq!(schemas(&mut sql).await, ["shared_v1"]);
     second.drop_project(&project).await.expect("dropped");
@@ -1576,7 +1579,7 @@ async fn a_long_project_schema_named_by_an_older_dstore_is_renamed_and_kept() {
     let version = conformance::freeze_sample(&catalog, &project);
     let projector = db.projector();
     projector
-        .migrate(&project, &version)
+        .migrate(&project, &version, &[])
         .await
         .expect("migrated");
     let id = Uuid::new_v4();
@@ -1600,7 +1603,7 @@ async fn a_long_project_schema_named_by_an_older_dstore_is_renamed_and_kept() {
     // A fresh projector (a restart) migrates before its first write, which renames the schema.
     let restarted = db.projector();
     restarted
-        .migrate(&project, &version)
+        .migrate(&project, &version, &[])
         .await
         .expect("migrated again");
     let read = restarted
@@ -1620,7 +1623,7 @@ async fn a_half_done_migration_is_finished_by_running_it_again() {
     let version = conformance::freeze_sample(&catalog, &project);
     let projector = db.projector();
     projector
-        .migrate(&project, &version)
+        .migrate(&project, &version, &[])
         .await
         .expect("first migration");
     let mut sql = db.sql().await;
@@ -1629,7 +1632,7 @@ async fn a_half_done_migration_is_finished_by_running_it_again() {
         .await
         .unwrap();
     projector
-        .migrate(&project, &version)
+        .migrate(&project, &version, &[])
         .await
         .expect("the migration runs again");
     let tables: Vec<String> = sqlx::query_scalar(
@@ -1684,7 +1687,7 @@ async fn a_missing_database_is_created_on_first_use() {
         None
     );
     projector
-        .migrate(&project, &version)
+        .migrate(&project, &version, &[])
         .await
         .expect("the database is created and migrated");
     let mut admin = connect(&format!("{}/postgres", server_url())).await;

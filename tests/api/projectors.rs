@@ -38,7 +38,12 @@ impl Projector for Broken {
         "broken"
     }
 
-    async fn migrate(&self, _project: &Ident, _version: &Version) -> Result<(), ProjectorError> {
+    async fn migrate(
+        &self,
+        _project: &Ident,
+        _version: &Version,
+        _: &[u32],
+    ) -> Result<(), ProjectorError> {
         if self.fixed.load(Ordering::SeqCst) {
             Ok(())
         } else {

@@ -1,9 +1,10 @@
-//! Index lifecycle: create a version's indexes, point each blueprint's alias at the newest version,
-//! delete a project's indexes.
+//! Index lifecycle: create a version's indexes, point each blueprint's alias at the newest live
+//! version, delete a project's indexes.
 //!
 //! Invariants: every step is idempotent, so a retried migration finishes a half-done one; an existing
 //! index is accepted only when its mapping includes the one dstore wants; an alias only ever moves
-//! forward (to a higher version), in one atomic `_aliases` call; nothing is deleted or moved unless its
+//! forward (to a higher version), or back from a retired version to the newest live one (retiring
+//! the newest version migrates the newest live one again), in one atomic `_aliases` call; nothing is deleted or moved unless its
 //! `_meta` names the project; nothing another deployment made (its `_meta` names that deployment) is
 //! written into or deleted.
 
@@ -62,13 +63,15 @@ impl ElasticsearchProjector {
         &self,
         project: &Ident,
         version: &Version,
+        retired: &[u32],
     ) -> Result<(), ProjectorError> {
         for (name, blueprint) in &version.blueprints {
             self.ensure_index(project, version.number, name, blueprint)
                 .await?;
         }
         for name in version.blueprints.keys() {
-            self.point_alias(project, version.number, name).await?;
+            self.point_alias(project, version.number, name, retired)
+                .await?;
         }
         self.delete_legacy_indexes(project, version).await
     }
@@ -143,12 +146,14 @@ impl ElasticsearchProjector {
         Ok(index)
     }
 
-    /// Moves the blueprint's alias to this version's index, unless a newer version already holds it.
+    /// Moves the blueprint's alias to this version's index, unless a newer live version already
+    /// holds it (one `retired` lists takes no more writes but deletes: the alias leaves it).
     async fn point_alias(
         &self,
         project: &Ident,
         version: u32,
         name: &Ident,
+        retired: &[u32],
     ) -> Result<(), ProjectorError> {
         let alias = self.names.alias(project, name);
         let target = self.names.index(project, version, name);
@@ -160,7 +165,10 @@ impl ElasticsearchProjector {
             let names: Vec<&str> = holders.iter().map(String::as_str).collect();
             let mappings = self.client.mappings(&names).await?;
             let newer = mappings.values().filter_map(owner).any(|(p, v, b)| {
-                p == project.as_str() && b == name.as_str() && v > u64::from(version)
+                p == project.as_str()
+                    && b == name.as_str()
+                    && v > u64::from(version)
+                    && !retired.iter().any(|r| u64::from(*r) == v)
             });
             if newer {
                 return Ok(());

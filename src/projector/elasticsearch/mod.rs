@@ -86,8 +86,13 @@ impl Projector for ElasticsearchProjector {
         ProjectorKind::Elasticsearch.name()
     }
 
-    async fn migrate(&self, project: &Ident, version: &Version) -> Result<(), ProjectorError> {
-        self.migrate_version(project, version).await
+    async fn migrate(
+        &self,
+        project: &Ident,
+        version: &Version,
+        retired: &[u32],
+    ) -> Result<(), ProjectorError> {
+        self.migrate_version(project, version, retired).await
     }
 
     fn work_for(&self, deployment: &str) -> bool {

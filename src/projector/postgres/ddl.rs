@@ -70,14 +70,15 @@ pub const MAX_ROW_BYTES: usize = 8160;
 
 /// The bytes a row of `blueprint`'s table can take at most once PostgreSQL has moved every value
 /// it can out of the row: its header, its null bitmap, every fixed-size column in full and every
-/// other (text, arrays, JSON, geometries) as the 18-byte pointer to where it moved, each aligned.
+/// other (text, arrays, JSON, geometries) as the most a value it moves no further can take (see
+/// [`KEPT_WHOLE`]), each aligned.
 /// Within [`MAX_ROW_BYTES`], every item fits; past it, [`row_bytes_at_least`] tells an item that
 /// cannot.
 pub fn row_bytes(blueprint: &Blueprint) -> usize {
     let columns = blueprint
         .columns
         .values()
-        .map(|c| fixed_size(c.def.ty).unwrap_or((MOVED_OUT, 4)));
+        .map(|c| fixed_size(c.def.ty).unwrap_or((KEPT_WHOLE, 4)));
     OWN_COLUMNS
         .into_iter()
         .chain(columns)
@@ -86,12 +87,19 @@ pub fn row_bytes(blueprint: &Blueprint) -> usize {
         })
 }
 
-/// What a value PostgreSQL moved out of the row leaves in it: a pointer to where it went.
-const MOVED_OUT: usize = 18;
+/// A value of variable size of at most this many bytes (its header counted) stays in the row as
+/// it is: PostgreSQL compresses or moves out of a row only values larger than the pointer it would
+/// leave, aligned (`MAXALIGN(TOAST_POINTER_SIZE)`, 24 bytes on 64-bit machines); a larger one leaves
+/// at least [`LEAST_MOVED`] bytes.
+const KEPT_WHOLE: usize = 24;
+
+/// The fewest bytes a value PostgreSQL compressed or moved out of a row leaves in it (its pointer
+/// takes 18).
+const LEAST_MOVED: usize = 16;
 
 /// dstore's own columns of every table, as (size, alignment): id, project_version, links,
 /// _revision (links may be moved out of the row).
-const OWN_COLUMNS: [(usize, usize); 4] = [(16, 1), (4, 4), (MOVED_OUT, 4), (8, 8)];
+const OWN_COLUMNS: [(usize, usize); 4] = [(16, 1), (4, 4), (KEPT_WHOLE, 4), (8, 8)];
 
 /// A row's header and null bitmap.
 fn row_header(blueprint: &Blueprint) -> usize {
@@ -111,15 +119,15 @@ fn fixed_size(ty: ColumnType) -> Option<(usize, usize)> {
 }
 
 /// The fewest bytes the row of an item of `blueprint` can take, its column values given in the
-/// blueprint's order: fixed-size values in full, a short text as itself and any other value as
-/// the 16 bytes at least that PostgreSQL leaves in the row when it moves one out, no alignment
-/// counted. Past [`MAX_ROW_BYTES`] PostgreSQL refuses the row for ever ("row is too big"), so the
-/// write is refused before any store takes it.
+/// blueprint's order: fixed-size values in full, a text that PostgreSQL keeps whole
+/// ([`KEPT_WHOLE`]) as itself and its one-byte header, and any other value as the
+/// [`LEAST_MOVED`] bytes PostgreSQL leaves in the row when it moves one out, no alignment counted.
+/// Past [`MAX_ROW_BYTES`] PostgreSQL refuses the row for ever ("row is too big"), so the write is
+/// refused before any store takes it.
 pub fn row_bytes_at_least<'a>(
     blueprint: &Blueprint,
     values: impl Iterator<Item = &'a serde_json::Value>,
 ) -> usize {
-    const LEAST_MOVED: usize = 16;
     let own: usize = OWN_COLUMNS
         .iter()
         .map(|&(size, _)| size.min(LEAST_MOVED))
@@ -131,7 +139,7 @@ pub fn row_bytes_at_least<'a>(
         .map(|(column, value)| match (fixed_size(column.def.ty), value) {
             (_, serde_json::Value::Null) => 0,
             (Some((size, _)), _) => size,
-            (None, serde_json::Value::String(s)) => (s.len() + 1).min(LEAST_MOVED),
+            (None, serde_json::Value::String(s)) if s.len() < KEPT_WHOLE => s.len() + 1,
             (None, _) => LEAST_MOVED,
         });
     row_header(blueprint) + own + columns.sum::<usize>()

@@ -229,7 +229,12 @@ impl Projector for PostgresProjector {
         ProjectorKind::Postgresql.name()
     }
 
-    async fn migrate(&self, project: &Ident, version: &Version) -> Result<(), ProjectorError> {
+    async fn migrate(
+        &self,
+        project: &Ident,
+        version: &Version,
+        _: &[u32],
+    ) -> Result<(), ProjectorError> {
         self.migrate_version(project, version).await
     }
 

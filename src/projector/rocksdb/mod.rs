@@ -261,7 +261,7 @@ impl Projector for RocksProjector {
         ProjectorKind::Rocksdb.name()
     }
 
-    async fn migrate(&self, _project: &Ident, _version: &Version) -> Result<(), ProjectorError> {
+    async fn migrate(&self, _: &Ident, _: &Version, _: &[u32]) -> Result<(), ProjectorError> {
         // A keyspace is a key prefix: it exists as soon as something is written into it.
         Ok(())
     }

@@ -402,7 +402,7 @@ mod tests {
         fn name(&self) -> &'static str {
             "counting"
         }
-        async fn migrate(&self, _: &Ident, _: &Version) -> Result<(), ProjectorError> {
+        async fn migrate(&self, _: &Ident, _: &Version, _: &[u32]) -> Result<(), ProjectorError> {
             if self.1 {
                 return Err(ProjectorError::permanent("the store refuses this schema"));
             }
