@@ -13,7 +13,7 @@ use uuid::Uuid;
 
 use super::model::{Blueprint, ColumnDef};
 use super::parse::pointer_segment;
-use super::types::ColumnType;
+use super::types::{BaseType, ColumnType};
 use super::value::{canonicalize, excerpt_str};
 use super::FieldError;
 use crate::document::Fields;
@@ -37,7 +37,109 @@ pub fn check_column_value(def: &ColumnDef, value: &Value) -> Result<Value, Strin
         }
         _ => check_rules(def, &canonical)?,
     }
+    if def.unique || def.index {
+        check_index_entry(def, &canonical)?;
+    }
     Ok(canonical)
+}
+
+/// Refuses a value PostgreSQL could not put in the index of a `unique` or `index` column (what
+/// [`check_rules`] does not check already): a unique array, JSON value or geometry is one B-tree
+/// index row, and an indexed JSON value's keys and strings are each a GIN index entry, both held to
+/// [`MAX_INDEXED_TEXT_BYTES`] as a text is (an indexed geometry's index holds its bounding box).
+fn check_index_entry(def: &ColumnDef, value: &Value) -> Result<(), String> {
+    let whole = match def.ty {
+        ColumnType::One(base) => base == BaseType::Json || base.is_geometry(),
+        ColumnType::Many(_) => true,
+    };
+    if def.unique && whole {
+        let bytes = stored_bytes_at_most(def.ty, value);
+        if bytes > MAX_INDEXED_TEXT_BYTES {
+            return Err(format!(
+                "takes up to {bytes} bytes in PostgreSQL; a unique column's value holds at most \
+                 {MAX_INDEXED_TEXT_BYTES} (PostgreSQL's index rows hold about 2700)"
+            ));
+        }
+    }
+    if def.index && def.ty == ColumnType::One(BaseType::Json) {
+        if let Some(long) = longest_text(value).filter(|l| *l > MAX_INDEXED_TEXT_BYTES) {
+            return Err(format!(
+                "holds a key or string of {long} bytes; an indexed json column's keys and strings \
+                 hold at most {MAX_INDEXED_TEXT_BYTES} bytes each (PostgreSQL's index entries hold \
+                 about 2700)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The most bytes PostgreSQL takes to store `value` (canonical) in a column of type `ty`,
+/// uncompressed: each value's header and alignment counted generously.
+fn stored_bytes_at_most(ty: ColumnType, value: &Value) -> usize {
+    fn element(base: BaseType, value: &Value) -> usize {
+        match (base, value) {
+            (_, Value::Null) => 0,
+            (BaseType::Uuid, _) => 16,
+            (BaseType::DateTime, _) => 8,
+            (BaseType::Boolean, _) => 1,
+            (BaseType::Date | BaseType::Integer | BaseType::Float, _) => 4,
+            (BaseType::String | BaseType::Text, Value::String(s)) => 8 + s.len(),
+            (BaseType::Json, _) => 8 + jsonb_bytes(value),
+            (_, _) => geometry_bytes(value),
+        }
+    }
+    match (ty, value) {
+        (ColumnType::Many(base), Value::Array(items)) => {
+            24 + items.len().div_ceil(8) + items.iter().map(|i| element(base, i)).sum::<usize>()
+        }
+        (ColumnType::One(base) | ColumnType::Many(base), _) => element(base, value),
+    }
+}
+
+/// What `jsonb` takes for `value`, counted generously: a 4-byte entry and 4 of alignment for each
+/// value, a number's digits and header, strings and keys in full.
+fn jsonb_bytes(value: &Value) -> usize {
+    8 + match value {
+        Value::Null | Value::Bool(_) => 0,
+        Value::Number(n) => 8 + n.to_string().len(),
+        Value::String(s) => s.len(),
+        Value::Array(items) => items.iter().map(jsonb_bytes).sum(),
+        Value::Object(map) => map
+            .iter()
+            .map(|(key, item)| 8 + key.len() + jsonb_bytes(item))
+            .sum(),
+    }
+}
+
+/// What PostGIS takes for a GeoJSON geometry, generously: a header, then 8 bytes a coordinate and
+/// 8 a ring or part.
+fn geometry_bytes(value: &Value) -> usize {
+    fn walk(value: &Value) -> usize {
+        match value {
+            Value::Number(_) => 8,
+            Value::Array(items) if items.first().is_some_and(Value::is_number) => {
+                items.iter().map(walk).sum()
+            }
+            Value::Array(items) => 8 + items.iter().map(walk).sum::<usize>(),
+            Value::Object(map) => 8 + map.values().map(walk).sum::<usize>(),
+            _ => 0,
+        }
+    }
+    64 + walk(value)
+}
+
+/// The longest key or string inside a JSON value, in bytes.
+fn longest_text(value: &Value) -> Option<usize> {
+    match value {
+        Value::String(s) => Some(s.len()),
+        Value::Array(items) => items.iter().filter_map(longest_text).max(),
+        Value::Object(map) => map
+            .iter()
+            .flat_map(|(key, item)| [Some(key.len()), longest_text(item)])
+            .flatten()
+            .max(),
+        _ => None,
+    }
 }
 
 fn check_rules(def: &ColumnDef, value: &Value) -> Result<(), String> {
@@ -332,6 +434,61 @@ mod tests {
             errors[0].message.contains("at most 2000 bytes"),
             "{}",
             errors[0].message
+        );
+    }
+
+    /// A unique array, JSON value or geometry is one index row, held to the same bound as a text;
+    /// an indexed JSON value's keys and strings each; an indexed geometry's index holds its box.
+    #[test]
+    fn a_unique_array_json_or_geometry_past_an_index_row_is_refused() {
+        let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"}, "columns": {
+            "doc": {"type": "json", "unique": true}, "codes": {"type": "string[]", "unique": true},
+            "ns": {"type": "integer[]", "unique": true}, "area": {"type": "polygon", "unique": true},
+            "meta": {"type": "json", "index": true}, "zone": {"type": "polygon", "index": true}}});
+        let mut uid = 0;
+        let bp = apply_edit(None, parse_blueprint(&body, "").unwrap(), &mut uid, "").unwrap();
+        let ring = |points: usize| {
+            let mut ring: Vec<Value> = (0..points)
+                .map(|i| {
+                    let a = i as f64 / points as f64 * std::f64::consts::TAU;
+                    json!([a.cos(), a.sin()])
+                })
+                .collect();
+            ring.push(ring[0].clone());
+            json!({"type": "Polygon", "coordinates": [ring]})
+        };
+        let id = Uuid::from_u128(1);
+        let check = |value: Value| {
+            let Value::Object(item) = value else {
+                unreachable!()
+            };
+            check_item(&bp, 1, id, &item)
+        };
+        check(json!({"doc": {"a": "x".repeat(1500)}, "codes": ["x".repeat(900), "y".repeat(900)],
+            "ns": (0..300).collect::<Vec<i32>>(), "area": ring(100), "meta": {"a": "x".repeat(2000)},
+            "zone": ring(1000)}))
+        .expect("within the bound, and a large indexed geometry");
+        let errors = check(json!({"doc": {"a": "x".repeat(3000)},
+            "codes": ["x".repeat(1900), "y".repeat(1900)], "ns": (0..1000).collect::<Vec<i32>>(),
+            "area": ring(1000), "meta": {"k": ["x".repeat(2001)]}}))
+        .unwrap_err();
+        let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
+        assert_eq!(
+            paths,
+            ["/doc", "/codes", "/ns", "/area", "/meta"],
+            "{errors:?}"
+        );
+        assert!(
+            errors[0]
+                .message
+                .contains("a unique column's value holds at most 2000"),
+            "{}",
+            errors[0].message
+        );
+        assert!(
+            errors[4].message.contains("2001 bytes"),
+            "{}",
+            errors[4].message
         );
     }
 }
