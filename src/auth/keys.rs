@@ -22,7 +22,7 @@ use super::{
 };
 use crate::blueprint::FieldError;
 use crate::config::Secret;
-use crate::storage::{SharedStorage, StorageError};
+use crate::storage::{KeyReplaced, SharedStorage, StorageError};
 
 /// How often a node reads the keys again.
 const REFRESH: Duration = Duration::from_secs(2);
@@ -33,6 +33,9 @@ const USE_RESOLUTION: Duration = Duration::from_secs(60);
 /// Most project patterns one key names: every request of the key is checked against them, and
 /// every node keeps every key in memory.
 pub const MAX_PROJECT_PATTERNS: usize = 1000;
+/// How many times a key change is made again from the stored key when other changes keep coming
+/// first.
+const CHANGE_TRIES: usize = 8;
 /// Most keys a store holds (revoked ones are gone).
 pub const MAX_KEYS: usize = 10_000;
 
@@ -64,7 +67,7 @@ pub enum KeyError {
 }
 
 /// What a client may say when making or changing a key.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Clone, Debug, Default, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KeyInput {
     pub name: Option<String>,
@@ -427,29 +430,48 @@ impl KeyStore {
         KeyError::NotFound(crate::blueprint::value::excerpt_str(id))
     }
 
-    /// Writes a changed key, unless it was revoked meanwhile; keeps it in this node's copy.
-    async fn replace(&self, key: &ApiKey) -> Result<(), KeyError> {
-        if !self.storage.replace_key(key).await? {
-            return Err(self.forget(&key.id));
+    /// Changes a key as stored now by `change`, and keeps it in this node's copy; made again
+    /// from the key as stored when another change came first (from this node or another), so no
+    /// change undoes another (a narrowing, a rotation), and never when it was revoked meanwhile.
+    async fn change<T>(
+        &self,
+        id: &str,
+        change: impl Fn(&mut ApiKey) -> Result<T, KeyError>,
+    ) -> Result<(ApiKey, T), KeyError> {
+        for _ in 0..CHANGE_TRIES {
+            let was = self.fresh(id).await?;
+            let mut key = was.clone();
+            let made = change(&mut key)?;
+            match self.storage.replace_key(&key, &was).await? {
+                KeyReplaced::Done => {
+                    self.edit(Edit::Put(key.clone()));
+                    return Ok((key, made));
+                }
+                KeyReplaced::Revoked => return Err(self.forget(id)),
+                KeyReplaced::Changed => continue,
+            }
         }
-        self.edit(Edit::Put(key.clone()));
-        Ok(())
+        Err(KeyError::Storage(StorageError::Unavailable(format!(
+            "key {id} was changed by {CHANGE_TRIES} other requests while this change was made; try again"
+        ))))
     }
 
     /// Changes a key's name, description, actions, projects or expiry.
     pub async fn update(&self, by: &Caller, id: &str, input: KeyInput) -> Result<ApiKey, KeyError> {
-        let mut key = self.fresh(id).await?;
-        Self::may_touch(by, &key, "change")?;
-        let mut errors = Vec::new();
-        if input.name.as_deref() == Some("") {
-            errors.push(FieldError::new("/name", "must not be empty"));
-        }
-        apply(&mut key, input, &mut errors);
-        if !errors.is_empty() {
-            return Err(KeyError::Invalid(errors));
-        }
-        Self::may_touch(by, &key, "grant")?;
-        self.replace(&key).await?;
+        let (key, ()) = self
+            .change(id, |key| {
+                Self::may_touch(by, key, "change")?;
+                let mut errors = Vec::new();
+                if input.name.as_deref() == Some("") {
+                    errors.push(FieldError::new("/name", "must not be empty"));
+                }
+                apply(key, input.clone(), &mut errors);
+                if !errors.is_empty() {
+                    return Err(KeyError::Invalid(errors));
+                }
+                Self::may_touch(by, key, "grant")
+            })
+            .await?;
         Ok(key)
     }
 
@@ -460,14 +482,17 @@ impl KeyStore {
         id: &str,
         grace: Duration,
     ) -> Result<(ApiKey, String), KeyError> {
-        let mut key = self.fresh(id).await?;
-        Self::may_touch(by, &key, "rotate")?;
         let secret = random_hex(32);
-        key.previous = Some(PreviousSecret {
-            hash: std::mem::replace(&mut key.hash, super::digest(&secret)),
-            valid_until: Utc::now() + chrono::Duration::from_std(grace).unwrap_or_default(),
-        });
-        self.replace(&key).await?;
+        let (key, ()) = self
+            .change(id, |key| {
+                Self::may_touch(by, key, "rotate")?;
+                key.previous = Some(PreviousSecret {
+                    hash: std::mem::replace(&mut key.hash, super::digest(&secret)),
+                    valid_until: Utc::now() + chrono::Duration::from_std(grace).unwrap_or_default(),
+                });
+                Ok(())
+            })
+            .await?;
         Ok((key.clone(), format!("dstore_{}_{secret}", key.id)))
     }
 

@@ -130,6 +130,17 @@ pub struct ApiKey {
     pub previous: Option<PreviousSecret>,
 }
 
+impl ApiKey {
+    /// Whether `other` is this key, when it was last used aside (recorded apart from changes).
+    pub fn same_apart_from_use(&self, other: &ApiKey) -> bool {
+        let unused = |key: &ApiKey| ApiKey {
+            last_used_at: None,
+            ..key.clone()
+        };
+        unused(self) == unused(other)
+    }
+}
+
 /// Which secret of a key a request carried.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum SecretKind {

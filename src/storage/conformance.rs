@@ -492,6 +492,56 @@ async fn a_key_change_from_a_stale_copy_never_undoes_a_revocation_or_a_rotation(
     assert_eq!(stored.description, "changed through the other node");
 }
 
+/// Changes of one key made at once through two nodes never undo each other: a narrowing and a
+/// rotation stay whatever other change comes with them (each was made from the key as read, and
+/// the later write took the other's place).
+async fn key_changes_made_at_once_through_two_nodes_all_hold(storage: Arc<dyn Storage>) {
+    use crate::auth::keys::{KeyInput, KeyStore};
+    use crate::auth::Caller;
+    let input = |v: serde_json::Value| serde_json::from_value::<KeyInput>(v).unwrap();
+    let first = KeyStore::open(storage.clone(), Vec::new()).await.unwrap();
+    let second = KeyStore::open(storage.clone(), Vec::new()).await.unwrap();
+    for round in 0..20 {
+        let (key, _) = first
+            .create(
+                &Caller::Master,
+                input(
+                    json!({"name": "k", "actions": ["items.read"], "projects": ["alpha", "beta"]}),
+                ),
+            )
+            .await
+            .unwrap();
+        let description = json!({"description": format!("round {round}")});
+        let (narrowed, described) = tokio::join!(
+            first.update(
+                &Caller::Master,
+                &key.id,
+                input(json!({"projects": ["alpha"]}))
+            ),
+            second.update(&Caller::Master, &key.id, input(description.clone())),
+        );
+        narrowed.unwrap();
+        described.unwrap();
+        let (rotated, described) = tokio::join!(
+            first.rotate(&Caller::Master, &key.id, Duration::ZERO),
+            second.update(&Caller::Master, &key.id, input(description)),
+        );
+        let (rotated, _) = rotated.unwrap();
+        described.unwrap();
+        let stored = storage.key(&key.id).await.unwrap().unwrap();
+        assert_eq!(
+            stored.projects.len(),
+            1,
+            "round {round}: the narrowing was undone"
+        );
+        assert_eq!(
+            stored.hash, rotated.hash,
+            "round {round}: the rotation was undone"
+        );
+        assert_eq!(stored.description, format!("round {round}"));
+    }
+}
+
 async fn audit_entries_with_a_nul_are_stored_with_the_rest_of_their_batch(
     storage: Arc<dyn Storage>,
 ) {
@@ -988,6 +1038,7 @@ macro_rules! every_behaviour {
         conformance!($backend:
             a_blueprint_put_creates_the_project_and_is_seen_at_once,
             a_key_change_from_a_stale_copy_never_undoes_a_revocation_or_a_rotation,
+            key_changes_made_at_once_through_two_nodes_all_hold,
             racing_key_creations_never_pass_the_most,
             versions_are_numbered_from_one_and_a_freeze_without_changes_conflicts,
             revisions_strictly_increase_in_the_order_writes_are_acknowledged,

@@ -16,7 +16,7 @@ use chrono::{DateTime, Utc};
 use uuid::Uuid;
 
 use super::usage::{Usage, UsageMeter, UsageRow};
-use super::{Refusal, Stats, Storage, StorageError};
+use super::{KeyReplaced, Refusal, Stats, Storage, StorageError};
 use crate::auth::audit::AuditEntry;
 use crate::auth::ApiKey;
 use crate::blueprint::{BlueprintInput, Blueprints, Change, Ident};
@@ -397,13 +397,16 @@ impl Storage for EmbeddedStorage {
             .transpose()
     }
 
-    async fn replace_key(&self, key: &ApiKey) -> Result<bool, StorageError> {
+    async fn replace_key(&self, key: &ApiKey, was: &ApiKey) -> Result<KeyReplaced, StorageError> {
         let _held = self.keys.lock().expect("keys lock");
-        if self.catalog.record(&key_record(&key.id))?.is_none() {
-            return Ok(false);
+        let Some(value) = self.catalog.record(&key_record(&key.id))? else {
+            return Ok(KeyReplaced::Revoked);
+        };
+        if !decode_key(&value)?.same_apart_from_use(was) {
+            return Ok(KeyReplaced::Changed);
         }
         self.write_key(key)?;
-        Ok(true)
+        Ok(KeyReplaced::Done)
     }
 
     async fn touch_key(&self, id: &str, at: DateTime<Utc>) -> Result<(), StorageError> {

@@ -44,6 +44,16 @@ use crate::journal::backfill::BackfillState;
 use crate::journal::{DeadLetter, Entry, ItemRecord, JournalError, ProjectorProgress};
 use usage::Usage;
 
+/// What [`Storage::replace_key`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeyReplaced {
+    Done,
+    /// The key is not stored (revoked).
+    Revoked,
+    /// The key is no longer what the change was made from.
+    Changed,
+}
+
 /// What can go wrong in storage, as callers act on it.
 #[derive(Debug, Error)]
 pub enum StorageError {
@@ -387,9 +397,10 @@ pub trait Storage: Send + Sync {
     /// One API key as stored now (not a node's copy), if it exists.
     async fn key(&self, id: &str) -> Result<Option<ApiKey>, StorageError>;
 
-    /// Replaces an API key that exists; answers false, writing nothing, when it does not (it was
-    /// revoked meanwhile, and stays revoked).
-    async fn replace_key(&self, key: &ApiKey) -> Result<bool, StorageError>;
+    /// Replaces an API key with `key`, changed from `was`, as one step: unless it was revoked
+    /// meanwhile (it stays revoked) or changed since it was `was` (its use aside), when nothing is
+    /// written: a change made from an older copy would undo a narrowing or a rotation.
+    async fn replace_key(&self, key: &ApiKey, was: &ApiKey) -> Result<KeyReplaced, StorageError>;
 
     /// Records when a key was last used, changing nothing else of it (nor making it again).
     async fn touch_key(&self, id: &str, at: DateTime<Utc>) -> Result<(), StorageError>;

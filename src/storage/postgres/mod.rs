@@ -36,7 +36,7 @@ use tokio::sync::{mpsc, Notify};
 use uuid::Uuid;
 
 use super::usage::{Usage, UsageMeter, UsageRow};
-use super::{Refusal, Stats, Storage, StorageError};
+use super::{KeyReplaced, Refusal, Stats, Storage, StorageError};
 use crate::auth::audit::AuditEntry;
 use crate::auth::ApiKey;
 use crate::blueprint::{BlueprintInput, Change, Ident};
@@ -1281,15 +1281,28 @@ impl Storage for PgStorage {
         row.as_ref().map(key_of).transpose()
     }
 
-    async fn replace_key(&self, key: &ApiKey) -> Result<bool, StorageError> {
-        let replaced = sqlx::query("UPDATE api_keys SET record = $2 WHERE id = $1")
+    async fn replace_key(&self, key: &ApiKey, was: &ApiKey) -> Result<KeyReplaced, StorageError> {
+        let failed = |e: sqlx::Error| unavailable("write an API key", &e);
+        let mut tx = self.pool.begin().await.map_err(failed)?;
+        let row = sqlx::query("SELECT record, last_used_at FROM api_keys WHERE id = $1 FOR UPDATE")
+            .bind(&key.id)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(failed)?;
+        let Some(row) = row else {
+            return Ok(KeyReplaced::Revoked);
+        };
+        if !key_of(&row)?.same_apart_from_use(was) {
+            return Ok(KeyReplaced::Changed);
+        }
+        sqlx::query("UPDATE api_keys SET record = $2 WHERE id = $1")
             .bind(&key.id)
             .bind(sqlx::types::Json(key))
-            .execute(&self.pool)
+            .execute(&mut *tx)
             .await
-            .map_err(|e| unavailable("write an API key", &e))?
-            .rows_affected();
-        Ok(replaced > 0)
+            .map_err(failed)?;
+        tx.commit().await.map_err(failed)?;
+        Ok(KeyReplaced::Done)
     }
 
     async fn touch_key(&self, id: &str, at: DateTime<Utc>) -> Result<(), StorageError> {
