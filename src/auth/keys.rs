@@ -166,6 +166,7 @@ impl KeyStore {
         });
         store.reload().await?;
         tokio::spawn(refresh(Arc::downgrade(&store)));
+        tokio::spawn(record_uses(Arc::downgrade(&store)));
         Ok(store)
     }
 
@@ -609,16 +610,29 @@ fn apply(key: &mut ApiKey, input: KeyInput, errors: &mut Vec<FieldError>) {
 }
 
 /// Keeps a store's cache fresh and writes last uses, while it lives.
+/// Reads the keys every [`REFRESH`]; the uses of keys are written by [`record_uses`] beside it,
+/// since a write per key used (thousands, once a minute) would hold back the next read, and with it
+/// a revocation made through another node.
 async fn refresh(store: Weak<KeyStore>) {
     loop {
         tokio::time::sleep(REFRESH).await;
         let Some(store) = store.upgrade() else {
             return;
         };
-        store.flush_uses().await;
         if let Err(error) = store.reload().await {
             tracing::warn!(%error, "cannot read the API keys; the last ones read stay in use");
         }
+    }
+}
+
+/// Writes the uses of keys noted since the last time, every [`REFRESH`].
+async fn record_uses(store: Weak<KeyStore>) {
+    loop {
+        tokio::time::sleep(REFRESH).await;
+        let Some(store) = store.upgrade() else {
+            return;
+        };
+        store.flush_uses().await;
     }
 }
 
