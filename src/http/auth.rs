@@ -187,6 +187,7 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
     // The path as the router matches it, percent-escapes decoded: deciding on the path as sent
     // would let `/p/%5Fproject` pass as an item path and reach the project's routes.
     let needed = requirement(method, request.match_info().as_str());
+    let readiness = matches!(needed, Requirement::Public("ready", _));
     let everything = matches!(
         needed,
         Requirement::Everything(_) | Requirement::Public(_, Action::Operations)
@@ -227,6 +228,12 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
     let (Some(keys), Some(action)) = (&state.keys, action) else {
         return Ok(checked);
     };
+    // Readiness asked without a key gets its status alone (what a load balancer needs), never
+    // what it says of projects and stores.
+    if readiness && bearer(request).is_none() {
+        request.extensions_mut().insert(StatusOnly);
+        return Ok(checked);
+    }
     checked.caller = match keys.authenticate(bearer(request).as_deref()).await {
         Ok(caller) => caller,
         Err(AuthError::Storage(e)) => return Err((checked, ApiError::from(e))),
@@ -262,6 +269,10 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
     }
     Ok(checked)
 }
+
+/// Marks a readiness request let in without a key: it is answered its status alone.
+#[derive(Clone, Copy)]
+pub struct StatusOnly;
 
 /// How often a long-lived request checks its key again.
 const RECHECK: std::time::Duration = std::time::Duration::from_secs(1);

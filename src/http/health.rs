@@ -1,6 +1,6 @@
 //! Liveness, readiness per projector, and the dead letters.
 
-use actix_web::HttpResponse;
+use actix_web::{HttpMessage, HttpResponse};
 use serde_json::{json, Map};
 
 use super::error::ApiError;
@@ -48,8 +48,14 @@ async fn health(state: &State, name: &str) -> Health {
 
 /// GET /_health/ready: whether this node can serve (503 when it cannot reach its storage), and per
 /// projector whether its store answers and how far behind it is. With `?strict=true` the answer is
-/// also 503 while a projector fails or writes are refused for back-pressure.
-pub async fn ready(state: State, params: Query<ReadyParams>) -> HttpResponse {
+/// also 503 while a projector fails or writes are refused for back-pressure. Asked without a key
+/// while authentication is on (and `auth.public` does not name `ready`), the answer is the same
+/// status with `{"status": …}` alone.
+pub async fn ready(
+    state: State,
+    params: Query<ReadyParams>,
+    request: actix_web::HttpRequest,
+) -> HttpResponse {
     let mut projectors = Map::new();
     let mut all_ready = true;
     let names = state.registry.names();
@@ -123,6 +129,13 @@ pub async fn ready(state: State, params: Query<ReadyParams>) -> HttpResponse {
             "external": broker.settings.external,
             "links": links,
         });
+    }
+    if request
+        .extensions()
+        .get::<super::auth::StatusOnly>()
+        .is_some()
+    {
+        body = json!({"status": body["status"]});
     }
     if !serving || (params.strict && !all_ready) {
         return HttpResponse::ServiceUnavailable().json(body);
