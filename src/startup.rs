@@ -489,6 +489,7 @@ async fn open_cluster_storage(
             "storage.backend = \"postgresql\" needs storage.url (DSTORE_STORAGE_URL)".into(),
         )
     })?;
+    wait_for_storage(&url).await;
     PgStorage::open(PgStorageSettings {
         url,
         schema: settings.storage.schema.clone(),
@@ -499,6 +500,41 @@ async fn open_cluster_storage(
     })
     .await
     .map_err(StartupError::Storage)
+}
+
+/// Waits until the storage's PostgreSQL takes connections: a node started while it is out of reach
+/// (a failover, a host up before its database) waits for it, saying so, rather than exiting and
+/// staying down until something starts it again. Any other refusal (a password, a database that
+/// does not exist) is for [`PgStorage::open`] to report.
+async fn wait_for_storage(url: &crate::config::SecretUrl) {
+    use sqlx::Connection;
+    let Ok(options) = url.expose().parse::<sqlx::postgres::PgConnectOptions>() else {
+        return;
+    };
+    let mut wait = Duration::from_secs(1);
+    loop {
+        let tried = tokio::time::timeout(
+            Duration::from_secs(5),
+            sqlx::PgConnection::connect_with(&options),
+        )
+        .await;
+        let reason = match tried {
+            Ok(Ok(connection)) => {
+                let _ = connection.close().await;
+                return;
+            }
+            Ok(Err(sqlx::Error::Io(error))) => error.to_string(),
+            Ok(Err(_)) => return,
+            Err(_) => "no answer within 5 s".to_string(),
+        };
+        tracing::warn!(
+            %reason,
+            retry_in_secs = wait.as_secs(),
+            "the storage (storage.url) cannot be reached; waiting for the storage before serving"
+        );
+        tokio::time::sleep(wait).await;
+        wait = (wait * 2).min(Duration::from_secs(10));
+    }
 }
 
 /// This node's name in leases: `storage.node`, else the host name and the process id.

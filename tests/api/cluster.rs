@@ -371,6 +371,49 @@ async fn three_nodes_share_one_catalog_and_journal_and_lose_nothing_to_kill_9_un
     cluster.clean_up().await;
 }
 
+/// A node started while its storage is out of reach waits for it, saying so, and serves once it is
+/// back (it exited, and stayed down until something started it again).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_started_while_the_storage_is_away_waits_for_it_and_then_serves() {
+    let mut cluster = Cluster::new().await;
+    let direct: sqlx::postgres::PgConnectOptions = cluster.storage_url.parse().unwrap();
+    let proxy = Proxy::start(&format!("{}:{}", direct.get_host(), direct.get_port())).await;
+    proxy.cut();
+    cluster.storage_url = format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        proxy.port, cluster.storage.name
+    );
+    let (port, data) = (free_port(), cluster.dir.path().join("late"));
+    let env = vec![
+        ("DSTORE_STORAGE_BACKEND", "postgresql".to_string()),
+        ("DSTORE_STORAGE_URL", cluster.storage_url.clone()),
+        ("DSTORE_NODE", "late".to_string()),
+    ];
+    let starting = tokio::spawn({
+        let data = data.clone();
+        async move { Server::start_with(&data, port, &env).await }
+    });
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    let log = std::fs::read_to_string(data.join(format!("dstore-{port}.log"))).unwrap_or_default();
+    assert!(log.contains("waiting for the storage"), "{log}");
+    proxy.restore();
+    let node = starting.await.unwrap();
+    let started = Instant::now();
+    loop {
+        let (status, body) = send(reqwest::Method::GET, node.url("/_health/ready"), None).await;
+        if status == 200 {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "not ready: {status} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    node.stop().await;
+    cluster.clean_up().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn while_the_storage_is_away_writes_answer_503_and_resume_by_themselves_losing_nothing() {
     let mut cluster = Cluster::new().await;
