@@ -150,9 +150,10 @@ fn scalar(token: &str) -> Option<Value> {
                     .fold(0u64, |n, b| n * 10 + u64::from(b - b'0')),
             ))
         }
-        // A whole number beyond 64 bits is refused by `json::parse`, naming the member.
+        // A number serde would change (beyond 64 bits, or closer to zero than a double) is
+        // refused by `json::parse`, naming the member.
         b'-' | b'0'..=b'9' => match serde_json::from_str(token) {
-            Ok(number @ Value::Number(_)) if !(number.is_f64() && json::wide_integer(token)) => {
+            Ok(number @ Value::Number(_)) if !(number.is_f64() && json::changed_number(token)) => {
                 Some(number)
             }
             _ => None,
@@ -238,7 +239,10 @@ mod tests {
         let error = Document::parse(br#"{"id":"x","n":18446744073709551616}"#).unwrap_err();
         assert_eq!(error.path, "/n");
         assert!(error.message.contains("64 bits"), "{}", error.message);
-        let edge = Document::parse(br#"{"id":"x","n":18446744073709551615,"f":1e30}"#).unwrap();
+        let error = Document::parse(br#"{"id":"x","tiny":1e-400}"#).unwrap_err();
+        assert_eq!(error.path, "/tiny");
+        let edge =
+            Document::parse(br#"{"id":"x","n":18446744073709551615,"f":1e30,"z":0.0}"#).unwrap();
         assert!(matches!(edge, Document::Members(_)));
     }
 

@@ -320,17 +320,36 @@ pub fn wide_integer(token: &str) -> bool {
         }
 }
 
-/// The refusal of a [`wide_integer`] at `path`.
-fn too_wide(path: String, token: &[u8]) -> FieldError {
-    FieldError::new(
-        path,
+/// Whether `token`, a JSON number, is not zero but closer to zero than any double: serde reads it
+/// as 0.
+pub fn underflows(token: &str) -> bool {
+    let mantissa = token.split(['e', 'E']).next().unwrap_or(token);
+    mantissa.bytes().any(|b| (b'1'..=b'9').contains(&b)) && token.parse::<f64>() == Ok(0.0)
+}
+
+/// Whether serde reads the JSON number `token` as another number: a [`wide_integer`], or one that
+/// [`underflows`].
+pub fn changed_number(token: &str) -> bool {
+    wide_integer(token) || underflows(token)
+}
+
+/// The refusal of a [`changed_number`] at `path`.
+fn changed(path: String, token: &[u8]) -> FieldError {
+    let text = String::from_utf8_lossy(token);
+    let shown = crate::blueprint::value::excerpt_str(&text);
+    let message = if underflows(&text) {
         format!(
-            "{} is a whole number beyond 64 bits, which dstore would keep only as the nearest \
+            "{shown} is closer to zero than any double, which dstore would keep as 0; send it as \
+             a string"
+        )
+    } else {
+        format!(
+            "{shown} is a whole number beyond 64 bits, which dstore would keep only as the nearest \
              float, changing its digits; send it as a string (or with an exponent, 1.5e30, where \
-             a rounded number is meant)",
-            crate::blueprint::value::excerpt_str(&String::from_utf8_lossy(token))
-        ),
-    )
+             a rounded number is meant)"
+        )
+    };
+    FieldError::new(path, message)
 }
 
 /// What [`pointed`] stopped at.
@@ -338,13 +357,13 @@ fn too_wide(path: String, token: &[u8]) -> FieldError {
 enum Stop {
     /// Arrays and objects nested deeper than the limit.
     Deep,
-    /// A [`wide_integer`] (looked for only when asked).
+    /// A [`changed_number`] (looked for only when asked).
     Wide(std::ops::Range<usize>),
 }
 
 /// Follows the keys and indexes of `bytes`' arrays and objects, and stops, with the JSON pointer of
 /// where, at the first place they nest deeper than `limit` or, when `wide`, at the first
-/// [`wide_integer`]. Text that is not JSON is followed as far as it goes.
+/// [`changed_number`]. Text that is not JSON is followed as far as it goes.
 fn pointed(bytes: &[u8], limit: usize, wide: bool) -> Option<(Stop, String)> {
     let mut stack: Vec<Place> = Vec::new();
     let mut last_string = (0, 0);
@@ -384,7 +403,7 @@ fn pointed(bytes: &[u8], limit: usize, wide: bool) -> Option<(Stop, String)> {
             }
             b'-' | b'0'..=b'9' if wide => {
                 let end = value_end(bytes, i).unwrap_or(bytes.len());
-                if std::str::from_utf8(&bytes[i..end]).is_ok_and(wide_integer) {
+                if std::str::from_utf8(&bytes[i..end]).is_ok_and(changed_number) {
                     return Some((Stop::Wide(i..end), pointer(bytes, &stack)));
                 }
                 i = end - 1;
@@ -429,7 +448,7 @@ fn pointer(bytes: &[u8], stack: &[Place]) -> String {
 }
 
 /// Parses a request body: nested at most [`MAX_DEPTH`] levels, each object naming a key once, every
-/// whole number within 64 bits (a [`wide_integer`] would be kept as another number), and not empty.
+/// number one serde reads as it is (not a [`changed_number`]), and not empty.
 ///
 /// A key an object names twice is refused, naming it, as Elasticsearch refuses it: serde (and
 /// PostgreSQL's `jsonb`) would keep the last value and drop the other without a word, and a client
@@ -463,7 +482,7 @@ pub fn parse_nested(bytes: &[u8], limit: usize) -> Result<Value, FieldError> {
             .unwrap_or_else(|| too_deep(String::new(), limit))),
         // A float a whole number may have been rounded to: the text tells whether one was.
         Ok(value) if seen.wide.get() => match pointed(bytes, limit, true) {
-            Some((Stop::Wide(token), path)) => Err(too_wide(path, &bytes[token])),
+            Some((Stop::Wide(token), path)) => Err(changed(path, &bytes[token])),
             _ => Ok(value),
         },
         Ok(value) => Ok(value),
@@ -482,7 +501,7 @@ pub fn parse_nested(bytes: &[u8], limit: usize) -> Result<Value, FieldError> {
 struct Seen {
     /// Where a repeated key was found (see [`Trail`]).
     repeated: Trail,
-    /// Whether a float was read that a [`wide_integer`] could have been rounded to.
+    /// Whether a float was read that a [`changed_number`] could have become.
     wide: std::cell::Cell<bool>,
 }
 
@@ -535,7 +554,8 @@ impl<'de> Visitor<'de> for Unique<'_> {
     fn visit_f64<E>(self, value: f64) -> Result<Value, E> {
         // serde reads a whole number no 64-bit integer holds as a float (at least 2^63 away
         // from zero); so does it `1e19`, which only the text tells apart.
-        if value.abs() >= 9.2e18 && value.fract() == 0.0 {
+        // And it reads a number too close to zero for a double as 0, as it reads `0.0`.
+        if value == 0.0 || (value.abs() >= 9.2e18 && value.fract() == 0.0) {
             self.0.wide.set(true);
         }
         Ok(serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number))
@@ -878,6 +898,15 @@ mod tests {
             assert!(parse(ok.as_bytes()).is_ok(), "{ok}");
             assert!(!wide_integer(ok), "{ok}");
         }
+        // Closer to zero than a double: serde read it as 0.
+        let error = parse(br#"{"a":[0.0,0e-400,-0.000,4.9e-324,{"b":1E-400}]}"#).unwrap_err();
+        assert_eq!(error.path, "/a/4/b");
+        assert!(
+            error.message.starts_with("1E-400 is closer to zero"),
+            "{}",
+            error.message
+        );
+        assert!(underflows("-2e-324") && !underflows("0e-999") && !underflows("5e-324"));
         for wide in [
             "18446744073709551616",
             "-9223372036854775809",
