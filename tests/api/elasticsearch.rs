@@ -395,14 +395,16 @@ async fn a_document_elasticsearch_rejects_goes_to_the_dead_letters_without_block
     let es = Es::new().await;
     let prefix = unique_prefix();
     let app = spawn_app_with_es(&es.url, &prefix).await;
-    // A string column mapped as an integer: Elasticsearch refuses any value that is not a number.
+    // A json column mapped as objects with an integer `n`: Elasticsearch refuses a value whose
+    // `n` is not a number (the shape the mapping says the column holds, which dstore cannot check).
     let blueprint = json!({
         "postgresql": {"table": "codes"}, "elasticsearch": {"type": "code"},
-        "columns": {"code": {"type": "string", "elasticsearch": {"type": "integer"}}}
+        "columns": {"code": {"type": "json", "elasticsearch":
+            {"type": "object", "properties": {"n": {"type": "integer"}}}}}
     });
     assert_eq!(app.put_and_freeze("shop", "code", &blueprint).await, 1);
     let (bad, good) = (Uuid::new_v4(), Uuid::new_v4());
-    let item = |id: Uuid, code: &str| json!({"id": id, "project_version": 1, "code": code});
+    let item = |id: Uuid, code: &str| json!({"id": id, "project_version": 1, "code": {"n": code}});
     assert_eq!(
         app.put(&format!("/shop/code/{bad}"), &item(bad, "not a number"))
             .await
@@ -415,7 +417,7 @@ async fn a_document_elasticsearch_rejects_goes_to_the_dead_letters_without_block
     assert_eq!(put.status, 200, "{}", put.body);
 
     let index = format!("{prefix}shop-v1-code");
-    assert_eq!(es.wait_for_source(&index, good).await["code"], "12");
+    assert_eq!(es.wait_for_source(&index, good).await["code"]["n"], "12");
     let deadline = Instant::now() + Duration::from_secs(20);
     let letter = loop {
         let letters = app.get("/_dead_letters").await.body;

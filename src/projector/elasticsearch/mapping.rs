@@ -86,11 +86,124 @@ pub fn check_override(ty: ColumnType, over: &Map<String, Value>) -> Vec<(String,
         ..ColumnDef::of_type(ty)
     };
     let effective = column_mapping(&def);
-    schema::check_property(&effective, None)
+    let mut problems: Vec<(String, String)> = schema::check_property(&effective, None)
         .into_iter()
         // A problem in a generated parameter is ours, not the client's; report only what they sent.
         .filter(|(path, _)| over.contains_key(&first_key(path)))
-        .collect()
+        .collect();
+    if problems.is_empty() {
+        problems.extend(holds(ty.base(), &effective));
+    }
+    problems
+}
+
+/// Whether a field mapped as `effective` takes every value of a `base` column as dstore sends it
+/// (a mapping that refuses some would make Elasticsearch refuse those items for ever, while every
+/// other store took them): the problem, under the override key it comes from, if not.
+fn holds(base: BaseType, effective: &Map<String, Value>) -> Option<(String, String)> {
+    use BaseType::*;
+    let ty = effective
+        .get("type")
+        .and_then(Value::as_str)
+        .unwrap_or("object");
+    // Types that take every value of the column's type (dates within years 1–9999, integers of
+    // 32 bits, floats of 32, any string up to Lucene's term limit when ignored above). An object
+    // mapping of a json column with properties says which shape of values the column holds.
+    let takes: &[&str] = match base {
+        String | Text => &[
+            "keyword",
+            "text",
+            "wildcard",
+            "match_only_text",
+            "search_as_you_type",
+        ],
+        Uuid => &["keyword", "text", "wildcard", "match_only_text"],
+        Integer => &[
+            "integer",
+            "long",
+            "float",
+            "double",
+            "scaled_float",
+            "keyword",
+        ],
+        Float => &["float", "double", "keyword"],
+        Boolean => &["boolean", "keyword"],
+        Date | DateTime => &["date", "keyword"],
+        Point => &["geo_point", "geo_shape"],
+        LineString | Polygon => &["geo_shape"],
+        Json => &["object", "nested", "flattened"],
+    };
+    if !takes.contains(&ty) {
+        return Some((
+            "/type".into(),
+            format!(
+                "an Elasticsearch {ty} field cannot take every {} value dstore sends (it would \
+                 refuse those items for ever); a {} column takes {}",
+                base.name(),
+                base.name(),
+                takes.join(", ")
+            ),
+        ));
+    }
+    let shapeless = ["properties", "dynamic"]
+        .iter()
+        .all(|k| !effective.contains_key(*k));
+    if base == Json
+        && ty == "object"
+        && shapeless
+        && effective.get("enabled") != Some(&Value::Bool(false))
+    {
+        return Some((
+            "/enabled".into(),
+            "a json column mapped as an object without properties must stay \"enabled\": false: \
+             the index's mapping is strict, and every key a value holds would be refused"
+                .into(),
+        ));
+    }
+    if ty == "date" {
+        // What dstore sends: `2024-05-01`, and `2024-05-01 10:00:00` with or without microseconds.
+        let needed: &[&[&str]] = if base == Date {
+            &[&[
+                "yyyy-MM-dd",
+                "strict_date_optional_time",
+                "date_optional_time",
+                "strict_date",
+                "date",
+                "strict_date_optional_time_nanos",
+            ]]
+        } else {
+            &[&["yyyy-MM-dd HH:mm:ss"], &["yyyy-MM-dd HH:mm:ss.SSSSSS"]]
+        };
+        let format = effective
+            .get("format")
+            .and_then(Value::as_str)
+            .unwrap_or("strict_date_optional_time||epoch_millis");
+        let alternatives: Vec<&str> = format.split("||").map(str::trim).collect();
+        if !needed
+            .iter()
+            .all(|any| any.iter().any(|f| alternatives.contains(f)))
+        {
+            let ours = if base == Date {
+                DATE_FORMAT
+            } else {
+                DATETIME_FORMAT
+            };
+            let at = if effective.contains_key("format") {
+                "/format"
+            } else {
+                "/type"
+            };
+            return Some((
+                at.into(),
+                format!(
+                    "the field's date format {format:?} does not read every {} dstore sends; \
+                     keep {ours:?} among its alternatives (joined by ||)",
+                    base.name()
+                ),
+            ));
+        }
+    }
+    None
 }
 
 /// The unescaped first segment of a JSON pointer: the override key a problem is under.
@@ -611,6 +724,41 @@ mod tests {
         );
         assert_eq!(problems.len(), 1, "{problems:?}");
         assert_eq!(problems[0].0, "/format");
+    }
+
+    /// An override whose field would refuse some of the column's values is refused: Elasticsearch
+    /// would refuse those items for ever while every other store took them.
+    #[test]
+    fn an_override_that_cannot_take_the_columns_values_is_refused() {
+        let check = |base: BaseType, over: Value| {
+            check_override(ColumnType::One(base), over.as_object().expect("object"))
+        };
+        for (base, over, path) in [
+            (BaseType::String, json!({"type": "integer"}), "/type"),
+            (BaseType::String, json!({"type": "boolean"}), "/type"),
+            (BaseType::Integer, json!({"type": "byte"}), "/type"),
+            (BaseType::Point, json!({"type": "keyword"}), "/type"),
+            (BaseType::Json, json!({"enabled": true}), "/enabled"),
+            (BaseType::Date, json!({"format": "epoch_millis"}), "/format"),
+            (BaseType::DateTime, json!({"type": "date"}), "/type"),
+        ] {
+            let problems = check(base, over.clone());
+            assert_eq!(problems.len(), 1, "{base:?} {over}: {problems:?}");
+            assert_eq!(problems[0].0, path, "{base:?} {over}");
+        }
+        for (base, over) in [
+            (BaseType::String, json!({"type": "text"})),
+            (BaseType::Integer, json!({"type": "long"})),
+            (
+                BaseType::Date,
+                json!({"format": "yyyy-MM-dd||epoch_millis"}),
+            ),
+            (BaseType::Date, json!({"type": "date"})),
+            (BaseType::Point, json!({"type": "geo_shape"})),
+            (BaseType::Json, json!({"enabled": false})),
+        ] {
+            assert_eq!(check(base, over.clone()), Vec::new(), "{base:?} {over}");
+        }
     }
 
     #[test]
