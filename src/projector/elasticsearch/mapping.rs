@@ -81,20 +81,29 @@ pub fn column_mapping(def: &ColumnDef) -> Map<String, Value> {
 
 /// Checks a column's override as it would be applied: `(pointer below the override, message)`.
 pub fn check_override(ty: ColumnType, over: &Map<String, Value>) -> Vec<(String, String)> {
+    let mut problems = check_override_schema(ty, over);
+    if problems.is_empty() {
+        let def = ColumnDef {
+            elasticsearch: Some(over.clone()),
+            ..ColumnDef::of_type(ty)
+        };
+        problems.extend(holds(ty.base(), &column_mapping(&def)));
+    }
+    problems
+}
+
+/// [`check_override`] without [`holds`]: what a column whose override did not change is still
+/// held to (its items were taken before dstore checked whether the field holds them).
+fn check_override_schema(ty: ColumnType, over: &Map<String, Value>) -> Vec<(String, String)> {
     let def = ColumnDef {
         elasticsearch: Some(over.clone()),
         ..ColumnDef::of_type(ty)
     };
-    let effective = column_mapping(&def);
-    let mut problems: Vec<(String, String)> = schema::check_property(&effective, None)
+    schema::check_property(&column_mapping(&def), None)
         .into_iter()
         // A problem in a generated parameter is ours, not the client's; report only what they sent.
         .filter(|(path, _)| over.contains_key(&first_key(path)))
-        .collect();
-    if problems.is_empty() {
-        problems.extend(holds(ty.base(), &effective));
-    }
-    problems
+        .collect()
 }
 
 /// Whether a field mapped as `effective` takes every value of a `base` column as dstore sends it
@@ -367,14 +376,19 @@ pub fn check_overrides(
                 pointer_segment(column.name.as_str())
             )
         };
-        for (path, message) in check_override(column.def.ty, over) {
-            errors.push(FieldError::new(at(&path), message));
-        }
         let unchanged = current
             .and_then(|bp| bp.columns.get(column.name.as_str()))
             .is_some_and(|now| {
                 now.def.elasticsearch.as_ref() == Some(over) && now.def.ty == column.def.ty
             });
+        let problems = if unchanged {
+            check_override_schema(column.def.ty, over)
+        } else {
+            check_override(column.def.ty, over)
+        };
+        for (path, message) in problems {
+            errors.push(FieldError::new(at(&path), message));
+        }
         if unchanged {
             continue;
         }
@@ -577,7 +591,8 @@ mod tests {
         }
         assert_eq!(paths(Value::Object(many)), ["/columns"]);
         // An override accepted before these checks is accepted again unchanged, not changed.
-        let unbounded = json!({"tag": {"type": "string", "elasticsearch": {"type": "keyword"}}});
+        let unbounded = json!({"tag": {"type": "string", "elasticsearch": {"type": "keyword"}},
+            "code": {"type": "string", "elasticsearch": {"type": "integer"}}});
         let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
             "columns": unbounded});
         let now = crate::blueprint::apply_edit(None, parse(body.clone()), &mut 0, "").unwrap();
@@ -585,7 +600,8 @@ mod tests {
         let mut changed = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
             "columns": unbounded});
         changed["columns"]["tag"]["elasticsearch"]["store"] = json!(true);
-        assert_eq!(check_overrides(&parse(changed), "", Some(&now)).len(), 1);
+        changed["columns"]["code"]["elasticsearch"]["store"] = json!(true);
+        assert_eq!(check_overrides(&parse(changed), "", Some(&now)).len(), 2);
         // What a real cluster takes.
         assert!(paths(
             json!({"all": all, "tag": {"type": "string", "elasticsearch":
