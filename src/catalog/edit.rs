@@ -15,6 +15,14 @@ use crate::blueprint::{apply_edit, diff, BlueprintInput, Blueprints, Change, Fie
 /// 1000 shards by default.
 pub const MAX_BLUEPRINTS: usize = 200;
 
+/// Most `index` or `unique` columns a project's blueprints hold together. PostgreSQL makes a
+/// version's tables and indexes in one transaction, which holds a lock on each until it commits,
+/// out of the lock table every session of the server shares (`max_locks_per_transaction` ×
+/// `max_connections`: 6400 by default); past it the migration fails for good, and each retry
+/// fills the table for every other session. 2000 indexes, with a few more relations per table,
+/// leave most of it to the rest.
+pub const MAX_INDEXES: usize = 2000;
+
 /// Most live (frozen, not retired) versions a project has: every item write is transformed,
 /// stored and projected once per live version that holds its blueprint.
 pub const MAX_LIVE_VERSIONS: usize = 32;
@@ -68,6 +76,32 @@ fn check_count(before: usize, next: usize) -> Result<(), CatalogError> {
     )]))
 }
 
+/// The `index` or `unique` columns of `blueprints`.
+fn indexes(blueprints: &Blueprints) -> usize {
+    blueprints
+        .values()
+        .flat_map(|bp| bp.columns.values())
+        .filter(|c| c.def.index || c.def.unique)
+        .count()
+}
+
+/// Refuses an edit that grows a project's indexes past [`MAX_INDEXES`]; one that keeps or
+/// shrinks those of a project made before the limit goes on.
+fn check_indexes(before: &Blueprints, next: &Blueprints) -> Result<(), CatalogError> {
+    let (was, will) = (indexes(before), indexes(next));
+    if will <= MAX_INDEXES || will <= was {
+        return Ok(());
+    }
+    Err(CatalogError::Invalid(vec![FieldError::new(
+        "",
+        format!(
+            "a project's blueprints hold at most {MAX_INDEXES} index or unique columns together \
+             (PostgreSQL makes a version's indexes in one transaction, locking each until it \
+             commits); this edit would make {will}"
+        ),
+    )]))
+}
+
 /// Creates or edits one blueprint of the working copy; answers the changes it recorded.
 pub fn put_blueprint(
     p: &mut Project,
@@ -81,6 +115,7 @@ pub fn put_blueprint(
         .map_err(CatalogError::Invalid)?;
     next.insert(name.clone(), edited);
     check_count(p.working.blueprints.len(), next.len())?;
+    check_indexes(&p.working.blueprints, &next)?;
     check_unique_names(&next, Some(name))?;
     check_rows(&next, Some(name))?;
     Ok(record_edit(p, next, writes))
@@ -113,6 +148,7 @@ pub fn put_blueprints(
     if !errors.is_empty() {
         return Err(CatalogError::Invalid(errors));
     }
+    check_indexes(&p.working.blueprints, &next)?;
     check_unique_names(&next, None)?;
     check_rows(&next, None)?;
     Ok(record_edit(p, next, writes))

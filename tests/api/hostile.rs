@@ -390,6 +390,41 @@ async fn a_whole_number_beyond_64_bits_is_refused_where_it_is_and_the_64_bit_edg
     app.stop().await;
 }
 
+/// A project's blueprints hold at most 2000 indexed or unique columns together: PostgreSQL makes a
+/// version's indexes in one transaction, and 25 blueprints of 900 indexed columns filled its lock
+/// table (the migration failed for good, and each retry starved every other session).
+#[tokio::test]
+async fn a_project_past_the_most_indexes_is_refused_before_its_migration_could_fail() {
+    let app = spawn_app().await;
+    let blueprint = |table: &str, indexed: usize| {
+        let mut columns = serde_json::Map::new();
+        for i in 0..900 {
+            columns.insert(
+                format!("c{i}"),
+                json!({"type": "integer", "index": i < indexed}),
+            );
+        }
+        json!({"postgresql": {"table": table}, "elasticsearch": {"type": table},
+            "columns": columns})
+    };
+    for name in ["a", "b"] {
+        let put = app
+            .put(&format!("/wide/{name}/_blueprint"), &blueprint(name, 900))
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    let refused = app.put("/wide/c/_blueprint", &blueprint("c", 201)).await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert!(
+        refused.messages().contains("at most 2000 index"),
+        "{}",
+        refused.body
+    );
+    let taken = app.put("/wide/c/_blueprint", &blueprint("c", 200)).await;
+    assert_eq!(taken.status, 200, "{}", taken.body);
+    app.stop().await;
+}
+
 /// Sends `body` as the item of a PUT and as the item line of a `_bulk` put, each to a new id: the
 /// ids and answers.
 async fn put_and_bulk(app: &TestApp, body: &str) -> ((Uuid, Answer), (Uuid, Answer)) {
