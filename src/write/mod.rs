@@ -482,6 +482,10 @@ pub async fn freeze(
                         "; it was retired, which stopped its back-fill ({} of about {} items)",
                         state.done, state.total
                     ),
+                    // Counted once a node takes it up (after a crash, not yet).
+                    false if state.total == 0 && state.done == 0 => {
+                        "; its back-fill goes on by itself (not counted yet)".to_string()
+                    }
                     false => format!(
                         "; its back-fill goes on by itself ({} of about {} items so far)",
                         state.done, state.total
