@@ -153,8 +153,12 @@ fn scalar(token: &str) -> Option<Value> {
         // A number serde would change (beyond 64 bits, or closer to zero than a double) is
         // refused by `json::parse`, naming the member.
         b'-' | b'0'..=b'9' => match serde_json::from_str(token) {
-            Ok(number @ Value::Number(_)) if !(number.is_f64() && json::changed_number(token)) => {
-                Some(number)
+            Ok(Value::Number(number))
+                if !(number.is_f64()
+                    && number.as_f64().is_some_and(json::may_have_changed)
+                    && json::changed_number(token)) =>
+            {
+                Some(Value::Number(number))
             }
             _ => None,
         },

@@ -327,6 +327,13 @@ pub fn underflows(token: &str) -> bool {
     mantissa.bytes().any(|b| (b'1'..=b'9').contains(&b)) && token.parse::<f64>() == Ok(0.0)
 }
 
+/// Whether serde may have read a [`changed_number`] as `value`: it reads a whole number no 64-bit
+/// integer holds as a float (at least 2^63 away from zero), as it reads `1e19`, and a number too
+/// close to zero for a double as 0, as it reads `0.0`; only the text tells them apart.
+pub fn may_have_changed(value: f64) -> bool {
+    value == 0.0 || (value.abs() >= 9.2e18 && value.fract() == 0.0)
+}
+
 /// Whether serde reads the JSON number `token` as another number: a [`wide_integer`], or one that
 /// [`underflows`].
 pub fn changed_number(token: &str) -> bool {
@@ -552,10 +559,7 @@ impl<'de> Visitor<'de> for Unique<'_> {
     }
 
     fn visit_f64<E>(self, value: f64) -> Result<Value, E> {
-        // serde reads a whole number no 64-bit integer holds as a float (at least 2^63 away
-        // from zero); so does it `1e19`, which only the text tells apart.
-        // And it reads a number too close to zero for a double as 0, as it reads `0.0`.
-        if value == 0.0 || (value.abs() >= 9.2e18 && value.fract() == 0.0) {
+        if may_have_changed(value) {
             self.0.wide.set(true);
         }
         Ok(serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number))
