@@ -37,16 +37,16 @@ pub fn check_column_value(def: &ColumnDef, value: &Value) -> Result<Value, Strin
         }
         _ => check_rules(def, &canonical)?,
     }
-    if def.unique || def.index {
-        check_index_entry(def, &canonical)?;
-    }
     Ok(canonical)
 }
 
 /// Refuses a value PostgreSQL could not put in the index of a `unique` or `index` column (what
 /// [`check_rules`] does not check already): a unique array, JSON value or geometry is one B-tree
-/// index row, and an indexed JSON value's keys and strings are each a GIN index entry, both held to
-/// [`MAX_INDEXED_TEXT_BYTES`] as a text is (an indexed geometry's index holds its bounding box).
+/// index row, and each element of an indexed `json[]` a GIN index entry, both held to
+/// [`MAX_INDEXED_TEXT_BYTES`] as a text is, counted uncompressed (PostgreSQL compresses an index
+/// value past about 512 bytes first, which only values that repeat themselves gain from). An
+/// indexed `json` column's GIN index hashes long keys and strings; an indexed geometry's holds its
+/// bounding box.
 fn check_index_entry(def: &ColumnDef, value: &Value) -> Result<(), String> {
     let whole = match def.ty {
         ColumnType::One(base) => base == BaseType::Json || base.is_geometry(),
@@ -61,13 +61,17 @@ fn check_index_entry(def: &ColumnDef, value: &Value) -> Result<(), String> {
             ));
         }
     }
-    if def.index && def.ty == ColumnType::One(BaseType::Json) {
-        if let Some(long) = longest_text(value).filter(|l| *l > MAX_INDEXED_TEXT_BYTES) {
-            return Err(format!(
-                "holds a key or string of {long} bytes; an indexed json column's keys and strings \
-                 hold at most {MAX_INDEXED_TEXT_BYTES} bytes each (PostgreSQL's index entries hold \
-                 about 2700)"
-            ));
+    if def.index && def.ty == ColumnType::Many(BaseType::Json) {
+        let elements = value.as_array().map(Vec::as_slice).unwrap_or_default();
+        for (i, element) in elements.iter().enumerate() {
+            let bytes = 8 + jsonb_bytes(element);
+            if bytes > MAX_INDEXED_TEXT_BYTES {
+                return Err(format!(
+                    "element {i} takes up to {bytes} bytes in PostgreSQL; an indexed json[] \
+                     column's elements hold at most {MAX_INDEXED_TEXT_BYTES} each (PostgreSQL's \
+                     index entries hold about 2700)"
+                ));
+            }
         }
     }
     Ok(())
@@ -126,20 +130,6 @@ fn geometry_bytes(value: &Value) -> usize {
         }
     }
     64 + walk(value)
-}
-
-/// The longest key or string inside a JSON value, in bytes.
-fn longest_text(value: &Value) -> Option<usize> {
-    match value {
-        Value::String(s) => Some(s.len()),
-        Value::Array(items) => items.iter().filter_map(longest_text).max(),
-        Value::Object(map) => map
-            .iter()
-            .flat_map(|(key, item)| [Some(key.len()), longest_text(item)])
-            .flatten()
-            .max(),
-        _ => None,
-    }
 }
 
 fn check_rules(def: &ColumnDef, value: &Value) -> Result<(), String> {
@@ -306,7 +296,12 @@ pub fn check_item<'a, 'b>(
                 continue;
             }
             Some(Value::Null) => Value::Null,
-            Some(value) => match check_column_value(def, value) {
+            // The index rule holds what a client writes, not what an earlier write left for a
+            // conversion into another version to read (stored before the rule, or by a column
+            // the version indexes where the other did not: PostgreSQL refuses it there alone).
+            Some(value) => match check_column_value(def, value)
+                .and_then(|value| check_index_entry(def, &value).map(|()| value))
+            {
                 Ok(value) => value,
                 Err(reason) => {
                     errors.push(FieldError::new(path(), reason));
@@ -438,13 +433,15 @@ mod tests {
     }
 
     /// A unique array, JSON value or geometry is one index row, held to the same bound as a text;
-    /// an indexed JSON value's keys and strings each; an indexed geometry's index holds its box.
+    /// an indexed json[]'s elements each; an indexed json value's index hashes long strings, and
+    /// an indexed geometry's holds its box.
     #[test]
     fn a_unique_array_json_or_geometry_past_an_index_row_is_refused() {
         let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"}, "columns": {
             "doc": {"type": "json", "unique": true}, "codes": {"type": "string[]", "unique": true},
             "ns": {"type": "integer[]", "unique": true}, "area": {"type": "polygon", "unique": true},
-            "meta": {"type": "json", "index": true}, "zone": {"type": "polygon", "index": true}}});
+            "meta": {"type": "json[]", "index": true}, "zone": {"type": "polygon", "index": true},
+            "keyed": {"type": "json", "index": true}}});
         let mut uid = 0;
         let bp = apply_edit(None, parse_blueprint(&body, "").unwrap(), &mut uid, "").unwrap();
         let ring = |points: usize| {
@@ -465,12 +462,12 @@ mod tests {
             check_item(&bp, 1, id, &item)
         };
         check(json!({"doc": {"a": "x".repeat(1500)}, "codes": ["x".repeat(900), "y".repeat(900)],
-            "ns": (0..300).collect::<Vec<i32>>(), "area": ring(100), "meta": {"a": "x".repeat(2000)},
-            "zone": ring(1000)}))
+            "ns": (0..300).collect::<Vec<i32>>(), "area": ring(100),
+            "meta": [{"a": "x".repeat(1900)}], "zone": ring(1000), "keyed": {"a": "x".repeat(9000)}}))
         .expect("within the bound, and a large indexed geometry");
         let errors = check(json!({"doc": {"a": "x".repeat(3000)},
             "codes": ["x".repeat(1900), "y".repeat(1900)], "ns": (0..1000).collect::<Vec<i32>>(),
-            "area": ring(1000), "meta": {"k": ["x".repeat(2001)]}}))
+            "area": ring(1000), "meta": [1, {"k": ["x".repeat(2001)]}]}))
         .unwrap_err();
         let paths: Vec<&str> = errors.iter().map(|e| e.path.as_str()).collect();
         assert_eq!(
@@ -486,7 +483,7 @@ mod tests {
             errors[0].message
         );
         assert!(
-            errors[4].message.contains("2001 bytes"),
+            errors[4].message.starts_with("element 1 "),
             "{}",
             errors[4].message
         );
