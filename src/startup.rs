@@ -243,6 +243,7 @@ impl Application {
             audit,
             followers: followers.clone(),
             closing: closing_receiver,
+            readiness: tokio::sync::Mutex::new(None),
             settings,
         });
         let requests = web::Data::new(http::observe::RequestMetrics::default());
@@ -503,9 +504,10 @@ async fn open_cluster_storage(
 }
 
 /// Waits until the storage's PostgreSQL takes connections: a node started while it is out of reach
-/// (a failover, a host up before its database) waits for it, saying so, rather than exiting and
-/// staying down until something starts it again. Any other refusal (a password, a database that
-/// does not exist) is for [`PgStorage::open`] to report.
+/// (a failover, a host up before its database, a name not resolving yet) or starting up, shutting
+/// down or out of connections waits for it, saying so, rather than exiting and staying down until
+/// something starts it again. Any other refusal (a password, a database that does not exist) is
+/// for [`PgStorage::open`] to report.
 async fn wait_for_storage(url: &crate::config::SecretUrl) {
     use sqlx::Connection;
     let Ok(options) = url.expose().parse::<sqlx::postgres::PgConnectOptions>() else {
@@ -524,6 +526,15 @@ async fn wait_for_storage(url: &crate::config::SecretUrl) {
                 return;
             }
             Ok(Err(sqlx::Error::Io(error))) => error.to_string(),
+            // Starting up, shutting down, or out of connections: a moment's state.
+            Ok(Err(sqlx::Error::Database(error)))
+                if matches!(
+                    error.code().as_deref(),
+                    Some("57P03" | "57P01" | "57P02" | "53300")
+                ) =>
+            {
+                error.to_string()
+            }
             Ok(Err(_)) => return,
             Err(_) => "no answer within 5 s".to_string(),
         };

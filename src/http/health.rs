@@ -56,10 +56,58 @@ pub async fn ready(
     params: Query<ReadyParams>,
     request: actix_web::HttpRequest,
 ) -> HttpResponse {
+    let status_only = request
+        .extensions()
+        .get::<super::auth::StatusOnly>()
+        .is_some();
+    let Readiness {
+        body,
+        serving,
+        all_ready,
+    } = if status_only {
+        // Anyone may ask this: one report at a time, at most one a second, so asking as fast as
+        // one can never puts more load on the stores (and their pools) than that.
+        let mut last = state.readiness.lock().await;
+        match last
+            .as_ref()
+            .filter(|(at, _)| at.elapsed() < STATUS_ONLY_REUSE)
+        {
+            Some((_, readiness)) => readiness.clone(),
+            None => {
+                let readiness = report(&state).await;
+                let readiness = Readiness {
+                    body: json!({"status": readiness.body["status"]}),
+                    ..readiness
+                };
+                *last = Some((std::time::Instant::now(), readiness.clone()));
+                readiness
+            }
+        }
+    } else {
+        report(&state).await
+    };
+    if !serving || (params.strict && !all_ready) {
+        return HttpResponse::ServiceUnavailable().json(body);
+    }
+    HttpResponse::Ok().json(body)
+}
+
+/// How long a readiness report asked without a key answers others asked without one.
+const STATUS_ONLY_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// A readiness report: its body, whether this node serves, and whether all is ready.
+#[derive(Clone)]
+pub(crate) struct Readiness {
+    body: serde_json::Value,
+    serving: bool,
+    all_ready: bool,
+}
+
+async fn report(state: &State) -> Readiness {
     let mut projectors = Map::new();
     let mut all_ready = true;
     let names = state.registry.names();
-    let healths = futures::future::join_all(names.iter().map(|name| health(&state, name))).await;
+    let healths = futures::future::join_all(names.iter().map(|name| health(state, name))).await;
     for (name, health) in names.into_iter().zip(healths) {
         let progress = state.storage.progress(name).await;
         let status = if !health.reachable || progress.last_error.is_some() {
@@ -130,17 +178,11 @@ pub async fn ready(
             "links": links,
         });
     }
-    if request
-        .extensions()
-        .get::<super::auth::StatusOnly>()
-        .is_some()
-    {
-        body = json!({"status": body["status"]});
+    Readiness {
+        body,
+        serving,
+        all_ready,
     }
-    if !serving || (params.strict && !all_ready) {
-        return HttpResponse::ServiceUnavailable().json(body);
-    }
-    HttpResponse::Ok().json(body)
 }
 
 /// Most dead letters one answer lists (each holds a whole item).

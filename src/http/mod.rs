@@ -56,6 +56,8 @@ pub struct AppState {
     /// Turns true when the server stops: change feed streams end, so a graceful stop does not wait
     /// for followers that never hang up.
     pub closing: tokio::sync::watch::Receiver<bool>,
+    /// The last readiness report made for a request without a key, and when.
+    pub(crate) readiness: tokio::sync::Mutex<Option<(std::time::Instant, health::Readiness)>>,
 }
 
 impl AppState {
