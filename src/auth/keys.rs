@@ -90,21 +90,50 @@ const EDITS_KEPT: Duration = Duration::from_secs(60);
 
 /// A change a node made to its copy of the keys.
 enum Edit {
-    Put(ApiKey),
+    /// A key made (`was` none) or changed from `was`.
+    Put {
+        key: Box<ApiKey>,
+        was: Option<Box<ApiKey>>,
+    },
     Remove(String),
 }
 
 impl Edit {
     fn apply(&self, keys: &mut HashMap<String, ApiKey>) {
         match self {
-            Edit::Put(key) => {
-                keys.insert(key.id.clone(), key.clone());
+            Edit::Put { key, .. } => {
+                keys.insert(key.id.clone(), (**key).clone());
             }
             Edit::Remove(id) => {
                 keys.remove(id);
             }
         }
     }
+
+    /// Makes the change again on a read of the stored keys that may have missed it: a revocation
+    /// always (an id is never used again), a key made or changed only while the read holds what
+    /// it was made from, so what another node changed since (a narrowing, a revocation) stays.
+    fn replay(&self, keys: &mut HashMap<String, ApiKey>) {
+        if let Edit::Put { key, was } = self {
+            let read = keys.get(&key.id);
+            let missed = match (was, read) {
+                (None, None) => true,
+                (Some(was), Some(read)) => read.same_apart_from_use(was),
+                _ => false,
+            };
+            if !missed {
+                return;
+            }
+        }
+        self.apply(keys);
+    }
+}
+
+/// Where a read of the stored keys started: the next edit's number, and the read's own.
+#[derive(Clone, Copy)]
+struct ReadStart {
+    before: u64,
+    read: u64,
 }
 
 /// The changes a node made to its copy of the keys in the last [`EDITS_KEPT`], numbered.
@@ -116,6 +145,10 @@ struct Edits {
     log: std::collections::VecDeque<(u64, Instant, Edit)>,
     /// Changes numbered below this one are no longer kept.
     forgotten: u64,
+    /// Reads of the stored keys started, and the number of the last one installed: an older read
+    /// finishing after a newer one is not installed over it.
+    reads: u64,
+    installed: u64,
 }
 
 impl Edits {
@@ -174,32 +207,47 @@ impl KeyStore {
     /// that the read took longer than this node keeps its edits).
     async fn reload(&self) -> Result<(), StorageError> {
         for _ in 0..3 {
-            let before = self.edits.lock().expect("edits lock").next;
+            let start = self.begin_read();
             let keys = self.storage.keys().await?;
-            if self.install(keys, before) {
+            if self.install(keys, start) {
                 break;
             }
         }
         Ok(())
     }
 
-    /// Replaces this node's copy with `keys`, read when [`Edits::next`] was `before`, with the
-    /// changes this node made since made again on it: the read may have missed them, and however
-    /// busy this node is changing keys, what other nodes changed (a revocation) is installed.
-    /// `false` when this node no longer keeps every edit since.
-    fn install(&self, keys: Vec<ApiKey>, before: u64) -> bool {
+    /// Numbers a read of the stored keys about to start.
+    fn begin_read(&self) -> ReadStart {
+        let mut edits = self.edits.lock().expect("edits lock");
+        edits.reads += 1;
+        ReadStart {
+            before: edits.next,
+            read: edits.reads,
+        }
+    }
+
+    /// Replaces this node's copy with `keys`, read from `start`, with the changes this node made
+    /// since made again on it where the read missed them ([`Edit::replay`]): however busy this
+    /// node is changing keys, what other nodes changed (a revocation) is installed. A read older
+    /// than one installed already is not. `false` when this node no longer keeps every edit since.
+    fn install(&self, keys: Vec<ApiKey>, start: ReadStart) -> bool {
+        let ReadStart { before, read } = start;
         let mut copy = self.keys.write().expect("keys lock");
         let mut edits = self.edits.lock().expect("edits lock");
         if let Some(than) = Instant::now().checked_sub(EDITS_KEPT) {
             edits.forget_older(than);
         }
+        if read < edits.installed {
+            return true;
+        }
         if before < edits.forgotten {
             return false;
         }
+        edits.installed = read;
         let mut fresh: HashMap<String, ApiKey> =
             keys.into_iter().map(|k| (k.id.clone(), k)).collect();
         for (_, _, edit) in edits.log.iter().filter(|(seq, _, _)| *seq >= before) {
-            edit.apply(&mut fresh);
+            edit.replay(&mut fresh);
         }
         *copy = fresh;
         true
@@ -410,7 +458,10 @@ impl KeyStore {
                 ),
             )]));
         }
-        self.edit(Edit::Put(key.clone()));
+        self.edit(Edit::Put {
+            key: Box::new(key.clone()),
+            was: None,
+        });
         Ok((key, format!("dstore_{id}_{secret}")))
     }
 
@@ -445,7 +496,10 @@ impl KeyStore {
             let made = change(&mut key)?;
             match self.storage.replace_key(&key, &was).await? {
                 KeyReplaced::Done => {
-                    self.edit(Edit::Put(key.clone()));
+                    self.edit(Edit::Put {
+                        key: Box::new(key.clone()),
+                        was: Some(Box::new(was)),
+                    });
                     return Ok((key, made));
                 }
                 KeyReplaced::Revoked => return Err(self.forget(id)),
@@ -609,7 +663,6 @@ fn apply(key: &mut ApiKey, input: KeyInput, errors: &mut Vec<FieldError>) {
     }
 }
 
-/// Keeps a store's cache fresh and writes last uses, while it lives.
 /// Reads the keys every [`REFRESH`]; the uses of keys are written by [`record_uses`] beside it,
 /// since a write per key used (thousands, once a minute) would hold back the next read, and with it
 /// a revocation made through another node.
@@ -654,10 +707,10 @@ mod tests {
         };
         let (key, token) = store.create(&Caller::Master, input).await.unwrap();
         assert!(store.authenticate(Some(&token)).await.is_ok());
-        let before = store.edits.lock().unwrap().next;
+        let start = store.begin_read();
         let stale = storage.keys().await.unwrap();
         store.delete(&Caller::Master, &key.id).await.unwrap();
-        assert!(store.install(stale, before));
+        assert!(store.install(stale, start));
         assert!(store.authenticate(Some(&token)).await.is_err());
         store.reload().await.unwrap();
         assert!(store.list().is_empty());
@@ -682,18 +735,66 @@ mod tests {
         let store = KeyStore::open(storage.clone(), Vec::new()).await.unwrap();
         let (revoked, revoked_token) = store.create(&Caller::Master, reader()).await.unwrap();
         let (changed, _) = store.create(&Caller::Master, reader()).await.unwrap();
-        let before = store.edits.lock().unwrap().next;
+        let start = store.begin_read();
         // Another node revokes a key; the read sees that, and nothing of what this node does
         // while it runs: it makes a key, and revokes one.
         assert!(storage.delete_key(&revoked.id).await.unwrap());
         let read = storage.keys().await.unwrap();
         let (made, made_token) = store.create(&Caller::Master, reader()).await.unwrap();
         store.delete(&Caller::Master, &changed.id).await.unwrap();
-        assert!(store.install(read, before));
+        assert!(store.install(read, start));
         let ids: Vec<String> = store.list().into_iter().map(|k| k.id).collect();
         assert_eq!(ids, [made.id.as_str()]);
         assert!(store.authenticate(Some(&revoked_token)).await.is_err());
         assert!(store.authenticate(Some(&made_token)).await.is_ok());
+    }
+
+    /// A change this node made during a read is made again on it only where the read missed it: a
+    /// narrowing another node made after it stays; and a read older than one installed is not
+    /// installed over it (it would bring back a key revoked in between).
+    #[tokio::test]
+    async fn a_replayed_change_never_undoes_a_later_one_nor_an_older_read_a_newer_one() {
+        let (storage, _dir) = crate::storage::conformance::open_embedded().await;
+        let store = KeyStore::open(storage.clone(), Vec::new()).await.unwrap();
+        let elsewhere = KeyStore::open(storage.clone(), Vec::new()).await.unwrap();
+        let (key, _) = store.create(&Caller::Master, reader()).await.unwrap();
+        let start = store.begin_read();
+        let describe = KeyInput {
+            description: Some("here".into()),
+            ..KeyInput::default()
+        };
+        store
+            .update(&Caller::Master, &key.id, describe)
+            .await
+            .unwrap();
+        let narrow = KeyInput {
+            projects: Some(vec!["alpha".into()]),
+            ..KeyInput::default()
+        };
+        elsewhere
+            .update(&Caller::Master, &key.id, narrow)
+            .await
+            .unwrap();
+        let read = storage.keys().await.unwrap();
+        assert!(store.install(read, start));
+        let installed = store.list();
+        assert_eq!(installed[0].projects.len(), 1, "the narrowing was undone");
+        assert_eq!(installed[0].description, "here");
+
+        let (revoked, token) = store.create(&Caller::Master, reader()).await.unwrap();
+        let older = store.begin_read();
+        let stale = storage.keys().await.unwrap();
+        elsewhere
+            .delete(&Caller::Master, &revoked.id)
+            .await
+            .unwrap();
+        store.reload().await.unwrap();
+        assert!(store.authenticate(Some(&token)).await.is_err());
+        assert!(store.install(stale, older));
+        assert!(
+            store.authenticate(Some(&token)).await.is_err(),
+            "an older read brought the revoked key back"
+        );
     }
 
     /// A secret rotated through another node works at once on this one: a known id with another
