@@ -263,16 +263,37 @@ pub async fn retire(
     let project = ident("project", &path.0)?;
     let number = version_number("version", &path.1)?;
     state.storage.retire(&project, number).await?;
-    // Elasticsearch's aliases point at the newest version: once that is retired (it takes deletes
-    // only), they go back to the newest live one, which its migration, queued again, does.
-    let snapshot = state.storage.snapshot();
-    let newest_live = snapshot
-        .projects
-        .get(&project)
-        .and_then(|p| p.live_versions().map(|v| v.number).max());
+    // Elasticsearch's alias of a blueprint points at the newest version holding it: when that is
+    // the one retired (it takes deletes only), the alias goes back to the newest live version
+    // holding the blueprint, which its migration, queued again, does.
     let elasticsearch = crate::projector::ProjectorKind::Elasticsearch.name();
-    if let Some(live) = newest_live.filter(|live| *live < number) {
-        if state.registry.names().contains(&elasticsearch) {
+    if state.registry.names().contains(&elasticsearch) {
+        let snapshot = state.storage.snapshot();
+        let mut again = std::collections::BTreeSet::new();
+        if let Some(p) = snapshot.projects.get(&project) {
+            for name in p
+                .version(number)
+                .into_iter()
+                .flat_map(|v| v.blueprints.keys())
+            {
+                let holders = || {
+                    p.versions
+                        .iter()
+                        .filter(|v| v.blueprints.contains_key(name))
+                };
+                let newest = holders().map(|v| v.number).max();
+                let live = holders()
+                    .filter(|v| !p.is_retired(v.number))
+                    .map(|v| v.number)
+                    .max();
+                if let (Some(newest), Some(live)) = (newest, live) {
+                    if newest == number || p.is_retired(newest) {
+                        again.insert(live);
+                    }
+                }
+            }
+        }
+        for live in again {
             state
                 .storage
                 .remigrate(&project, live, vec![elasticsearch.to_string()])

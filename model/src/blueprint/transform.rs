@@ -218,10 +218,10 @@ fn from_text(to: BaseType, text: &str) -> Option<Value> {
         Boolean => Value::Bool(text.trim().parse::<bool>().ok()?),
         // A text that is JSON, as a client could write it in the column, is read as it; others
         // stay strings: what is not JSON, and what dstore refuses in a body (nested deeper than
-        // an item's member may be, a key named twice, a whole number beyond 64 bits), which would
-        // be read as another value or could not be written back. So does `null`, which would
-        // arrive as no value.
-        Json => match crate::json::parse_nested(text.as_bytes(), crate::json::MAX_DEPTH - 1) {
+        // an element of an item's `json[]` member may be, a key named twice, a whole number
+        // beyond 64 bits), which would be read as another value or could not be written back. So
+        // does `null`, which would arrive as no value.
+        Json => match crate::json::parse_nested(text.as_bytes(), crate::json::MAX_DEPTH - 2) {
             Ok(Value::Null) | Err(_) => Value::String(text.into()),
             Ok(value) => value,
         },
@@ -343,16 +343,16 @@ mod tests {
         };
         assert_eq!(json(r#"{"a":[1,"b"]}"#), json!({"a": [1, "b"]}));
         assert_eq!(json("12"), json!(12));
-        // A member of an item nests one level less than a body: the deepest text that becomes a
-        // value still makes an item a client can write back.
+        // An element of an item's `json[]` member nests two levels less than a body: the deepest
+        // text that becomes a value still makes an item a client can write back.
         let nested = |levels: usize| "[".repeat(levels) + &"]".repeat(levels);
-        let deepest = json(&nested(crate::json::MAX_DEPTH - 1));
-        let item = json!({ "c": deepest }).to_string();
+        let deepest = json(&nested(crate::json::MAX_DEPTH - 2));
+        let item = json!({ "c": [deepest] }).to_string();
         assert!(crate::json::parse(item.as_bytes()).is_ok());
         // What a body may not hold stays the text it was: too deep (serde alone reads 127
         // levels), a key named twice, a whole number beyond 64 bits; and what is not JSON.
         for text in [
-            nested(crate::json::MAX_DEPTH),
+            nested(crate::json::MAX_DEPTH - 1),
             nested(127),
             r#"{"a":1,"a":2}"#.into(),
             "123456789012345678901234567890".into(),

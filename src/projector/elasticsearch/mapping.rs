@@ -140,7 +140,7 @@ fn holds(base: BaseType, effective: &Map<String, Value>) -> Option<(String, Stri
         Date | DateTime => &["date", "keyword"],
         Point => &["geo_point", "geo_shape"],
         LineString | Polygon => &["geo_shape"],
-        Json => &["object", "nested", "flattened"],
+        Json => &["object", "nested"],
     };
     if !takes.contains(&ty) {
         return Some((
@@ -154,9 +154,16 @@ fn holds(base: BaseType, effective: &Map<String, Value>) -> Option<(String, Stri
             ),
         ));
     }
-    let shapeless = ["properties", "dynamic"]
-        .iter()
-        .all(|k| !effective.contains_key(*k));
+    // Keys a value may hold: named by properties, or taken as they come (`dynamic` true or
+    // `runtime`; `strict`, the index's, refuses every key not named).
+    let dynamic = matches!(
+        effective.get("dynamic"),
+        Some(Value::Bool(true)) | Some(Value::String(_))
+    ) && !matches!(
+        effective.get("dynamic").and_then(Value::as_str),
+        Some("strict" | "false")
+    );
+    let shapeless = !effective.contains_key("properties") && !dynamic;
     if base == Json
         && ty == "object"
         && shapeless
@@ -755,6 +762,12 @@ mod tests {
             (BaseType::Integer, json!({"type": "byte"}), "/type"),
             (BaseType::Point, json!({"type": "keyword"}), "/type"),
             (BaseType::Json, json!({"enabled": true}), "/enabled"),
+            (
+                BaseType::Json,
+                json!({"type": "object", "dynamic": "strict"}),
+                "/enabled",
+            ),
+            (BaseType::Json, json!({"type": "flattened"}), "/type"),
             (BaseType::Date, json!({"format": "epoch_millis"}), "/format"),
             (BaseType::DateTime, json!({"type": "date"}), "/type"),
         ] {
@@ -772,6 +785,7 @@ mod tests {
             (BaseType::Date, json!({"type": "date"})),
             (BaseType::Point, json!({"type": "geo_shape"})),
             (BaseType::Json, json!({"enabled": false})),
+            (BaseType::Json, json!({"type": "object", "dynamic": true})),
         ] {
             assert_eq!(check(base, over.clone()), Vec::new(), "{base:?} {over}");
         }
