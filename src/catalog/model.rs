@@ -121,6 +121,15 @@ impl Project {
         self.status.get(&number).is_some_and(|s| s.retired)
     }
 
+    /// The numbers of the retired versions, in order.
+    pub fn retired_numbers(&self) -> Vec<u32> {
+        self.versions
+            .iter()
+            .map(|v| v.number)
+            .filter(|n| self.is_retired(*n))
+            .collect()
+    }
+
     /// Versions that writes are projected into: frozen and not retired.
     pub fn live_versions(&self) -> impl Iterator<Item = &Arc<Version>> {
         self.versions.iter().filter(|v| !self.is_retired(v.number))

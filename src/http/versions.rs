@@ -318,12 +318,7 @@ pub async fn catalog(
         return Ok(HttpResponse::Ok()
             .json(json!({"project": project, "exists": false, "versions": [], "retired": []})));
     };
-    let retired: Vec<u32> = p
-        .versions
-        .iter()
-        .map(|v| v.number)
-        .filter(|n| p.is_retired(*n))
-        .collect();
+    let retired = p.retired_numbers();
     Ok(HttpResponse::Ok().json(json!({
         "project": p.name,
         "exists": true,

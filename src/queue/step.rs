@@ -220,12 +220,7 @@ async fn migrate(projector: &dyn Projector, snapshot: &Snapshot, task: &Task, nu
     let Some((project, version)) = project.and_then(|p| Some((p, p.version(number)?))) else {
         return applied(task);
     };
-    let retired: Vec<u32> = project
-        .versions
-        .iter()
-        .map(|v| v.number)
-        .filter(|n| project.is_retired(*n))
-        .collect();
+    let retired = project.retired_numbers();
     let result = projector.migrate(&task.project, version, &retired).await;
     let state = match &result {
         Ok(()) => MigrationState::Done,

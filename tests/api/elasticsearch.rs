@@ -505,6 +505,22 @@ async fn dropping_a_project_deletes_its_indexes_and_aliases_and_nothing_else() {
     es.clean_up(&prefix).await;
 }
 
+/// Freezes two versions of blueprint `note` in `project`: a title, then a title and a word count.
+async fn two_note_versions(app: &TestApp, project: &str) {
+    let note = |columns: Value| {
+        json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+            "columns": columns})
+    };
+    app.put_and_freeze(project, "note", &note(json!({"title": {"type": "string"}})))
+        .await;
+    app.put_and_freeze(
+        project,
+        "note",
+        &note(json!({"title": {"type": "string"}, "words": {"type": "integer"}})),
+    )
+    .await;
+}
+
 /// Deletes still reach a retired version's index, but an index an operator removed once its version
 /// was retired is never made again (an externally versioned delete would make Elasticsearch create
 /// it, with a dynamic mapping).
@@ -513,18 +529,7 @@ async fn a_retired_versions_index_takes_deletes_and_once_removed_is_not_made_aga
     let es = Es::new().await;
     let prefix = unique_prefix();
     let app = spawn_app_with_es(&es.url, &prefix).await;
-    let note = |columns: Value| {
-        json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
-            "columns": columns})
-    };
-    app.put_and_freeze("old", "note", &note(json!({"title": {"type": "string"}})))
-        .await;
-    app.put_and_freeze(
-        "old",
-        "note",
-        &note(json!({"title": {"type": "string"}, "words": {"type": "integer"}})),
-    )
-    .await;
+    two_note_versions(&app, "old").await;
     let (v1, v2) = (
         format!("{prefix}old-v1-note"),
         format!("{prefix}old-v2-note"),
@@ -570,18 +575,7 @@ async fn retiring_the_newest_version_moves_the_alias_back_to_the_newest_live_one
     let es = Es::new().await;
     let prefix = unique_prefix();
     let app = spawn_app_with_es(&es.url, &prefix).await;
-    let note = |columns: Value| {
-        json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
-            "columns": columns})
-    };
-    app.put_and_freeze("back", "note", &note(json!({"title": {"type": "string"}})))
-        .await;
-    app.put_and_freeze(
-        "back",
-        "note",
-        &note(json!({"title": {"type": "string"}, "words": {"type": "integer"}})),
-    )
-    .await;
+    two_note_versions(&app, "back").await;
     let (v1, v2, alias) = (
         format!("{prefix}back-v1-note"),
         format!("{prefix}back-v2-note"),
