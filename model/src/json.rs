@@ -337,7 +337,11 @@ pub fn may_have_changed(value: f64) -> bool {
 /// Whether serde reads the JSON number `token` as another number: a [`wide_integer`], or one that
 /// [`underflows`].
 pub fn changed_number(token: &str) -> bool {
-    wide_integer(token) || underflows(token)
+    // Most numbers are short and have no exponent: a whole number beyond 64 bits has 20 digits,
+    // and one closer to zero than a double written without an exponent over 300.
+    let exponent = || token.bytes().any(|b| b == b'e' || b == b'E');
+    (token.len() >= 19 && wide_integer(token))
+        || ((token.len() > 300 || exponent()) && underflows(token))
 }
 
 /// The refusal of a [`changed_number`] at `path`.
