@@ -791,6 +791,45 @@ mod tests {
         }
     }
 
+    /// Parameters Elasticsearch checks only when it makes the index are refused at once: the
+    /// index's creation would fail for good after the freeze, holding the project.
+    #[test]
+    fn an_override_that_would_fail_the_index_is_refused() {
+        for (base, over, path) in [
+            (
+                BaseType::String,
+                json!({"normalizer": "no_such"}),
+                "/normalizer",
+            ),
+            (
+                BaseType::Text,
+                json!({"similarity": "classic"}),
+                "/similarity",
+            ),
+            (BaseType::Integer, json!({"type": "scaled_float"}), "/type"),
+            (
+                BaseType::Text,
+                json!({"type": "search_as_you_type", "max_shingle_size": 10}),
+                "/max_shingle_size",
+            ),
+        ] {
+            let problems = check_override(ColumnType::One(base), over.as_object().unwrap());
+            assert_eq!(problems.len(), 1, "{over}: {problems:?}");
+            assert_eq!(problems[0].0, path, "{over}");
+        }
+        for (base, over) in [
+            (BaseType::String, json!({"normalizer": "lowercase"})),
+            (BaseType::Text, json!({"similarity": "boolean"})),
+            (
+                BaseType::Integer,
+                json!({"type": "scaled_float", "scaling_factor": 100}),
+            ),
+        ] {
+            let problems = check_override(ColumnType::One(base), over.as_object().unwrap());
+            assert_eq!(problems, Vec::new(), "{over}");
+        }
+    }
+
     #[test]
     fn a_mapping_with_added_defaults_still_counts_as_the_same() {
         let wanted = json!({"dynamic": "strict", "properties": {"a": {"type": "keyword", "ignore_above": 8191}}});

@@ -107,6 +107,14 @@ fn check_into(
         );
         return problems.push((format!("{at}/type"), message));
     };
+    if type_name == "scaled_float" && !mapping.contains_key("scaling_factor") {
+        problems.push((
+            format!("{at}/type"),
+            "a scaled_float field needs a scaling_factor: Elasticsearch refuses the index \
+             without one"
+                .into(),
+        ));
+    }
     for (key, value) in mapping {
         let path = format!("{at}/{}", pointer_segment(key));
         if key == "type" {
@@ -127,6 +135,28 @@ fn check_into(
             continue;
         };
         check_value(kind, value, &path, problems);
+        // Names an index has only with settings of its own (dstore defines none), and bounds
+        // Elasticsearch checks only when it makes the index: each would fail the index's creation
+        // for good, after the freeze.
+        let refused = match key.as_str() {
+            "normalizer" if value.as_str() != Some("lowercase") => {
+                Some("is not a normalizer every index has: the one built in is \"lowercase\"")
+            }
+            "similarity" if !matches!(value.as_str(), Some("BM25" | "boolean")) => {
+                Some("is not a similarity every index has: the built-in ones are \"BM25\" and \"boolean\"")
+            }
+            "max_shingle_size" if !value.as_u64().is_some_and(|n| (2..=4).contains(&n)) => {
+                Some("must be 2, 3 or 4")
+            }
+            _ => None,
+        };
+        if let Some(reason) = refused {
+            problems.push((
+                path,
+                format!("{} {reason}", crate::blueprint::value::excerpt(value)),
+            ));
+            continue;
+        }
         if key.ends_with("analyzer") {
             if let Some(name) = value.as_str().filter(|name| !ANALYZERS.contains(name)) {
                 problems.push((
