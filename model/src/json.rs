@@ -369,13 +369,13 @@ enum Stop {
     /// Arrays and objects nested deeper than the limit.
     Deep,
     /// A [`changed_number`] (looked for only when asked).
-    Wide(std::ops::Range<usize>),
+    Changed(std::ops::Range<usize>),
 }
 
 /// Follows the keys and indexes of `bytes`' arrays and objects, and stops, with the JSON pointer of
-/// where, at the first place they nest deeper than `limit` or, when `wide`, at the first
+/// where, at the first place they nest deeper than `limit` or, when `numbers`, at the first
 /// [`changed_number`]. Text that is not JSON is followed as far as it goes.
-fn pointed(bytes: &[u8], limit: usize, wide: bool) -> Option<(Stop, String)> {
+fn pointed(bytes: &[u8], limit: usize, numbers: bool) -> Option<(Stop, String)> {
     let mut stack: Vec<Place> = Vec::new();
     let mut last_string = (0, 0);
     let mut i = 0;
@@ -412,10 +412,10 @@ fn pointed(bytes: &[u8], limit: usize, wide: bool) -> Option<(Stop, String)> {
             b']' | b'}' => {
                 stack.pop();
             }
-            b'-' | b'0'..=b'9' if wide => {
+            b'-' | b'0'..=b'9' if numbers => {
                 let end = value_end(bytes, i).unwrap_or(bytes.len());
                 if std::str::from_utf8(&bytes[i..end]).is_ok_and(changed_number) {
-                    return Some((Stop::Wide(i..end), pointer(bytes, &stack)));
+                    return Some((Stop::Changed(i..end), pointer(bytes, &stack)));
                 }
                 i = end - 1;
             }
@@ -468,8 +468,8 @@ pub fn parse(bytes: &[u8]) -> Result<Value, FieldError> {
     parse_nested(bytes, MAX_DEPTH)
 }
 
-/// [`parse`] with another nesting limit: a value that becomes a member of an item (text turned
-/// into a `json` column's value) may nest one level less than a body.
+/// [`parse`] with another nesting limit: a value that becomes part of an item (text turned into a
+/// `json` column's value, or a `json[]` element) nests less deep than a body may.
 pub fn parse_nested(bytes: &[u8], limit: usize) -> Result<Value, FieldError> {
     if bytes.iter().all(u8::is_ascii_whitespace) {
         return Err(FieldError::new(
@@ -491,9 +491,9 @@ pub fn parse_nested(bytes: &[u8], limit: usize) -> Result<Value, FieldError> {
         Ok(value) if nests_deeper(&value, limit) => Err(pointed_depth(bytes, limit)
             .err()
             .unwrap_or_else(|| too_deep(String::new(), limit))),
-        // A float a whole number may have been rounded to: the text tells whether one was.
-        Ok(value) if seen.wide.get() => match pointed(bytes, limit, true) {
-            Some((Stop::Wide(token), path)) => Err(changed(path, &bytes[token])),
+        // A float a number serde changed may have become: the text tells whether one did.
+        Ok(value) if seen.changed.get() => match pointed(bytes, limit, true) {
+            Some((Stop::Changed(token), path)) => Err(changed(path, &bytes[token])),
             _ => Ok(value),
         },
         Ok(value) => Ok(value),
@@ -513,7 +513,7 @@ struct Seen {
     /// Where a repeated key was found (see [`Trail`]).
     repeated: Trail,
     /// Whether a float was read that a [`changed_number`] could have become.
-    wide: std::cell::Cell<bool>,
+    changed: std::cell::Cell<bool>,
 }
 
 /// Where a repeated key was found: the segments from it up to the top of the body, the repeated
@@ -564,7 +564,7 @@ impl<'de> Visitor<'de> for Unique<'_> {
 
     fn visit_f64<E>(self, value: f64) -> Result<Value, E> {
         if may_have_changed(value) {
-            self.0.wide.set(true);
+            self.0.changed.set(true);
         }
         Ok(serde_json::Number::from_f64(value).map_or(Value::Null, Value::Number))
     }

@@ -292,28 +292,19 @@ impl KeyStore {
             return Ok(Caller::Master);
         }
         let (id, secret) = split_key(token).ok_or(AuthError::Unknown)?;
-        let mut key = self.keys.read().expect("keys lock").get(id).cloned();
-        if key.is_none() {
-            // Perhaps made through another node a moment ago.
-            self.reload_for_miss(Instant::now()).await?;
-            key = self.keys.read().expect("keys lock").get(id).cloned();
-        }
-        let mut key = key.ok_or(AuthError::Unknown)?;
         let now = Utc::now();
-        if key.accepts(secret, now).is_none() {
-            // Perhaps rotated through another node a moment ago: read as for an unknown id.
-            self.reload_for_miss(Instant::now()).await?;
-            key = self
-                .keys
-                .read()
-                .expect("keys lock")
-                .get(id)
-                .cloned()
-                .ok_or(AuthError::Unknown)?;
-        }
-        let Some(kind) = key.accepts(secret, now) else {
-            return Err(AuthError::Unknown);
+        let accepted = || {
+            let key = self.keys.read().expect("keys lock").get(id).cloned()?;
+            Some((key.accepts(secret, now)?, key))
         };
+        let mut accepted_now = accepted();
+        if accepted_now.is_none() {
+            // An unknown id or another secret: perhaps made or rotated through another node a
+            // moment ago.
+            self.reload_for_miss(Instant::now()).await?;
+            accepted_now = accepted();
+        }
+        let (kind, key) = accepted_now.ok_or(AuthError::Unknown)?;
         if let Some(at) = key.expires_at.filter(|_| key.expired(now)) {
             return Err(AuthError::Expired(at));
         }

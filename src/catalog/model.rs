@@ -130,6 +130,32 @@ impl Project {
             .collect()
     }
 
+    /// For each blueprint of version `number` whose newest version holding it (by name) is retired,
+    /// the newest live version that holds it: where what points at a blueprint's newest version
+    /// (Elasticsearch's aliases) goes once `number` is retired.
+    pub fn newest_live_holders_of(&self, number: u32) -> std::collections::BTreeSet<u32> {
+        let blueprints = self
+            .version(number)
+            .into_iter()
+            .flat_map(|v| v.blueprints.keys());
+        blueprints
+            .filter_map(|name| {
+                let mut holders = self
+                    .versions
+                    .iter()
+                    .rev()
+                    .filter(|v| v.blueprints.contains_key(name));
+                let newest = holders.next()?.number;
+                if !self.is_retired(newest) {
+                    return None;
+                }
+                std::iter::once(newest)
+                    .chain(holders.map(|v| v.number))
+                    .find(|n| !self.is_retired(*n))
+            })
+            .collect()
+    }
+
     /// Versions that writes are projected into: frozen and not retired.
     pub fn live_versions(&self) -> impl Iterator<Item = &Arc<Version>> {
         self.versions.iter().filter(|v| !self.is_retired(v.number))

@@ -269,30 +269,11 @@ pub async fn retire(
     let elasticsearch = crate::projector::ProjectorKind::Elasticsearch.name();
     if state.registry.names().contains(&elasticsearch) {
         let snapshot = state.storage.snapshot();
-        let mut again = std::collections::BTreeSet::new();
-        if let Some(p) = snapshot.projects.get(&project) {
-            for name in p
-                .version(number)
-                .into_iter()
-                .flat_map(|v| v.blueprints.keys())
-            {
-                let holders = || {
-                    p.versions
-                        .iter()
-                        .filter(|v| v.blueprints.contains_key(name))
-                };
-                let newest = holders().map(|v| v.number).max();
-                let live = holders()
-                    .filter(|v| !p.is_retired(v.number))
-                    .map(|v| v.number)
-                    .max();
-                if let (Some(newest), Some(live)) = (newest, live) {
-                    if newest == number || p.is_retired(newest) {
-                        again.insert(live);
-                    }
-                }
-            }
-        }
+        let again = snapshot
+            .projects
+            .get(&project)
+            .map(|p| p.newest_live_holders_of(number))
+            .unwrap_or_default();
         for live in again {
             state
                 .storage
