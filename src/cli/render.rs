@@ -229,8 +229,9 @@ pub(super) fn render_report(report: &Value) -> String {
         out.push_str(&column_table(columns, true));
         let totals = |key: &str| {
             format!(
-                "{} losing a value, {} refused",
-                version[key]["items_losing_a_value"], version[key]["items_refused"]
+                "{} losing a value, {}",
+                version[key]["items_losing_a_value"],
+                refused(&version[key])
             )
         };
         let _ = writeln!(
@@ -251,11 +252,11 @@ pub(super) fn render_report(report: &Value) -> String {
         let _ = writeln!(
             out,
             "\nretired version {} still holds {} items; moved into the new version: {} losing a \
-             value, {} refused",
+             value, {}",
             retired["version"],
             retired["items"],
             counts["items_losing_a_value"],
-            counts["items_refused"]
+            refused(counts)
         );
     }
     if let Some(stores) = report["stores"].as_object() {
@@ -335,8 +336,8 @@ fn column_table(columns: &[Value], report: bool) -> String {
             direction["items_losing_a_value"].as_u64(),
             direction["items_refused"].as_u64(),
         ) {
-            (Some(lost), Some(refused)) if refused > 0 => {
-                format!("{verdict}: {lost} lose a value, {refused} refused")
+            (Some(lost), Some(n)) if n > 0 => {
+                format!("{verdict}: {lost} lose a value, {}", refused(direction))
             }
             (Some(lost), Some(_)) if verdict != "lossless" => {
                 format!("{verdict}: {lost} lose a value")
@@ -400,6 +401,17 @@ fn text(value: &Value) -> String {
     }
 }
 
+/// `N refused`, and how many of them as duplicates in a column made unique.
+fn refused(counts: &Value) -> String {
+    let refused = &counts["items_refused"];
+    match counts["items_refused_as_duplicates"].as_u64() {
+        Some(duplicates) if duplicates > 0 => {
+            format!("{refused} refused ({duplicates} as duplicates)")
+        }
+        _ => format!("{refused} refused"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -427,7 +439,8 @@ mod tests {
                     "old_clients_reading_new_writes": column("lossless", 0),
                     "new_clients_reading_old_writes": column("lossy", 1)}]}],
             "retired_versions": [{"version": 0, "items": 7, "changes": [],
-                "new_clients_reading_old_writes": {"items_losing_a_value": 2, "items_refused": 1}}],
+                "new_clients_reading_old_writes": {"items_losing_a_value": 2, "items_refused": 3,
+                    "items_refused_as_duplicates": 2}}],
             "stores": {"postgresql": {"statements": ["CREATE SCHEMA s"]}}});
         let out = render_report(&report);
         assert!(out.contains("refused without --force"), "{out}");
@@ -440,7 +453,7 @@ mod tests {
         assert!(!out.contains("lossless reason"), "{out}");
         assert!(out.contains("  CREATE SCHEMA s;"), "{out}");
         assert!(
-            out.contains("retired version 0 still holds 7 items; moved into the new version: 2 losing a value, 1 refused"),
+            out.contains("retired version 0 still holds 7 items; moved into the new version: 2 losing a value, 3 refused (2 as duplicates)"),
             "{out}"
         );
     }

@@ -96,15 +96,13 @@ async fn try_project(
         }
         Err(e) => return Err(WriteError::from(e).into()),
     }
-    let allowed = trial
-        .working
-        .compatibility
-        .allows(write::evolution::worst_verdict(&trial));
-    if trial.has_unfrozen_changes() && !allowed {
-        let report = write::evolution::report(state.storage.as_ref(), &trial).await?;
-        return Err(WriteError::Incompatible(Box::new(report)).into());
+    if !trial.has_unfrozen_changes() {
+        return Ok(());
     }
-    Ok(())
+    match write::evolution::judge(state.storage.as_ref(), &trial, false).await? {
+        Ok(_) => Ok(()),
+        Err(report) => Err(WriteError::Incompatible(report).into()),
+    }
 }
 
 /// DELETE /{project}/_project

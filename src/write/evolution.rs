@@ -10,19 +10,28 @@
 //! reading new writes" counts the stored items as new clients would write them again, read by
 //! clients of that version: an estimate of what the version's clients will miss.
 //!
+//! A column the new version makes unique (or that is unique and changes how values arrive in it)
+//! is counted too: every stored item is taken as the new version would receive it, and one whose
+//! value in that column another item already holds is one PostgreSQL's unique index would refuse
+//! (`items_refused_as_duplicates`, part of `items_refused`). Those make the column's verdict
+//! `breaking`, so such a freeze needs `?force=true` like any other that leaves items out; with no
+//! duplicates it goes through. The values are remembered as 64-bit keys (`blueprint::unique`), at
+//! most [`UNIQUE_VALUES_TRACKED`] of them, so the count's memory is bounded whatever the item count.
+//!
 //! Items written at a retired version are no live version's, yet the freeze's back-fill moves them
 //! from their own version into the new one like every other: `retired_versions` counts, per
 //! retired version, those that would arrive losing a value or be refused, so a freeze whose verdict
 //! (which only live clients decide) allows it still shows what it does to every stored item.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
 use serde::Serialize;
 
 use super::WriteError;
 use crate::blueprint::compat::{changed_columns, outcome, Assessment, ColumnPair, Verdict};
-use crate::blueprint::transform::transform;
-use crate::blueprint::{Blueprint, Blueprints, Change, Column, Ident, Uid};
+use crate::blueprint::transform::{forbidden_null, transform};
+use crate::blueprint::unique::unique_key;
+use crate::blueprint::{Blueprint, Blueprints, Change, Column, ColumnType, Ident, Uid};
 use crate::catalog::{Compatibility, Project};
 use crate::storage::Storage;
 
@@ -30,6 +39,10 @@ use crate::storage::Storage;
 const PAGE: usize = 1000;
 /// Columns counted between two yields to the HTTP worker's other requests (about 10 ms).
 const YIELD_COLUMNS: usize = 16_384;
+/// Values of columns made unique remembered while counting duplicates (8 bytes each, about 72 MiB
+/// at most); past it, a value is compared with those remembered but not remembered itself, and the
+/// count says it is a lower bound.
+pub const UNIQUE_VALUES_TRACKED: usize = 4_000_000;
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -37,7 +50,8 @@ pub struct Report {
     pub compatibility: Compatibility,
     /// The number the version would get.
     pub version: u32,
-    /// The worst verdict over every live version and direction.
+    /// The worst verdict over every live version and direction (`breaking` too when items of a
+    /// retired version would be refused as duplicates).
     pub verdict: Verdict,
     /// Whether `POST /{project}/_version` would freeze it without `?force=true`.
     pub allowed: bool,
@@ -80,6 +94,8 @@ pub struct VersionReport {
 pub struct Counts {
     pub items_losing_a_value: u64,
     pub items_refused: u64,
+    /// Of `items_refused`, those whose value in a column made unique another stored item holds.
+    pub items_refused_as_duplicates: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -98,6 +114,39 @@ pub struct Direction {
     pub assessment: Assessment,
     #[serde(flatten)]
     pub counts: Counts,
+}
+
+/// Whether the working copy may be frozen: `Ok(forced)`, whether it takes `force` (the version is
+/// then marked forced), or the report that refuses it without `force`. The verdicts decide first,
+/// without counting (with `force`, a freeze they refuse goes through uncounted); a column made
+/// unique is then counted on the stored items, as only they tell whether it refuses any.
+pub async fn judge(
+    storage: &dyn Storage,
+    p: &Project,
+    force: bool,
+) -> Result<Result<bool, Box<Report>>, WriteError> {
+    match (p.working.compatibility.allows(worst_verdict(p)), force) {
+        (false, true) => return Ok(Ok(true)),
+        (true, _) if !uniqueness_at_stake(p) => return Ok(Ok(false)),
+        _ => {}
+    }
+    let report = report(storage, p).await?;
+    Ok(match (report.allowed, force) {
+        (true, _) => Ok(false),
+        (false, true) => Ok(true),
+        (false, false) => Err(Box::new(report)),
+    })
+}
+
+/// Whether a column of the working copy becomes unique since the newest version (or is unique and
+/// changes how values arrive in it): then only the stored items tell whether the freeze refuses
+/// some. A column already unique as it is in the newest version refuses nothing more than it does.
+pub fn uniqueness_at_stake(p: &Project) -> bool {
+    p.latest().is_some_and(|latest| {
+        changed_columns(&latest.blueprints, &p.working.blueprints)
+            .iter()
+            .any(ColumnPair::uniqueness_at_stake)
+    })
 }
 
 /// Verdicts only, without counting items: what `compatibility = "lossless"` checks first.
@@ -124,6 +173,8 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         .map(|v| (v.number, changed_columns(&v.blueprints, new)))
         .collect();
     let mut tally = Tally::default();
+    let latest = p.latest().map(|v| changed_columns(&v.blueprints, new));
+    tally.stake(latest.as_deref().unwrap_or_default(), &pairs, &retired);
     let mut after = None;
     // The columns each item is counted for: an item of a wide blueprint costs as much as hundreds
     // of a narrow one's.
@@ -158,13 +209,29 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         let mut reports = Vec::new();
         let mut verdict = Verdict::Lossless;
         for (index, pair) in columns.iter().enumerate() {
-            let (to_old, to_new) = (pair.to_old(), pair.to_new());
-            verdict = verdict.max(to_old.verdict).max(to_new.verdict);
             let counted = tally
                 .columns
                 .get(&(*version, index))
                 .cloned()
                 .unwrap_or_default();
+            let (to_old, mut to_new) = (pair.to_old(), pair.to_new());
+            let duplicates = counted.1.items_refused_as_duplicates;
+            if duplicates > 0 {
+                let bound = match tally.capped {
+                    true => format!(
+                        " (at least: counted among the first {UNIQUE_VALUES_TRACKED} values)"
+                    ),
+                    false => String::new(),
+                };
+                to_new = Assessment {
+                    verdict: Verdict::Breaking,
+                    reason: format!(
+                        "{}; {duplicates} stored items hold a value another stored item holds in this column, which is unique in the new version{bound}: PostgreSQL's unique index refuses them there (dead letters)",
+                        to_new.reason
+                    ),
+                };
+            }
+            verdict = verdict.max(to_old.verdict).max(to_new.verdict);
             reports.push(ColumnReport {
                 blueprint: pair.blueprint.clone(),
                 column: pair
@@ -207,12 +274,7 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
             note,
         });
     }
-    let verdict = versions
-        .iter()
-        .map(|v| v.verdict)
-        .max()
-        .unwrap_or(Verdict::Lossless);
-    let retired_versions = retired
+    let retired_versions: Vec<RetiredReport> = retired
         .iter()
         .filter_map(|(version, _)| {
             let (items, counts) = tally.retired.remove(version)?;
@@ -225,6 +287,17 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
             })
         })
         .collect();
+    // Items of a retired version are no live client's, but one refused as a duplicate is left
+    // out of the new version like a live one.
+    let refused_retired = retired_versions
+        .iter()
+        .any(|r| r.new_clients_reading_old_writes.items_refused_as_duplicates > 0);
+    let verdict = versions
+        .iter()
+        .map(|v| v.verdict)
+        .chain(refused_retired.then_some(Verdict::Breaking))
+        .max()
+        .unwrap_or(Verdict::Lossless);
     Ok(Report {
         project: p.name.clone(),
         compatibility: p.working.compatibility,
@@ -246,6 +319,22 @@ struct Tally {
     versions: HashMap<u32, (Counts, Counts)>,
     /// Per retired version: items stored at it, and how the new version would receive them.
     retired: HashMap<u32, (u64, Counts)>,
+    /// The working copy's unique columns whose duplicates are counted.
+    stakes: Vec<Stake>,
+    /// The stake of each (version, column index) whose pair puts uniqueness at stake.
+    stake_of: HashMap<(u32, usize), usize>,
+    /// Values remembered over every stake, and whether [`UNIQUE_VALUES_TRACKED`] was reached.
+    tracked: usize,
+    capped: bool,
+}
+
+/// A unique column of the working copy that some version's items meet in a unique index for the
+/// first time, and the keys of the values seen in it so far.
+struct Stake {
+    blueprint: Ident,
+    column: Ident,
+    ty: ColumnType,
+    seen: HashSet<u64>,
 }
 
 fn blueprint_with(set: &Blueprints, uid: Uid) -> Option<&Blueprint> {
@@ -253,6 +342,70 @@ fn blueprint_with(set: &Blueprints, uid: Uid) -> Option<&Blueprint> {
 }
 
 impl Tally {
+    /// Finds the columns whose duplicates are counted, those that put uniqueness at stake against
+    /// the newest version (`uniqueness_at_stake`), and the pairs of every version (live or
+    /// retired) whose items meet that column's index for the first time.
+    fn stake(
+        &mut self,
+        newest: &[ColumnPair],
+        live: &[(u32, Vec<ColumnPair>)],
+        retired: &[(u32, Vec<ColumnPair>)],
+    ) {
+        for pair in newest.iter().filter(|pair| pair.uniqueness_at_stake()) {
+            let (name, column) = pair.new.expect("a column at stake is in the working copy");
+            self.stakes.push(Stake {
+                blueprint: pair.blueprint.clone(),
+                column: name.clone(),
+                ty: column.def.ty,
+                seen: HashSet::new(),
+            });
+        }
+        for (version, columns) in live.iter().chain(retired) {
+            for (index, pair) in columns.iter().enumerate() {
+                let Some((name, _)) = pair.new.filter(|_| pair.uniqueness_at_stake()) else {
+                    continue;
+                };
+                let stake = self
+                    .stakes
+                    .iter()
+                    .position(|s| &s.blueprint == pair.blueprint && &s.column == name);
+                if let Some(at) = stake {
+                    self.stake_of.insert((*version, index), at);
+                }
+            }
+        }
+    }
+
+    /// The stakes in which `item` (as the new version receives it) holds a value an item counted
+    /// before holds; remembers its values otherwise.
+    fn duplicated(
+        &mut self,
+        blueprint: &str,
+        item: &serde_json::Map<String, serde_json::Value>,
+    ) -> Vec<usize> {
+        let mut duplicated = Vec::new();
+        for (at, stake) in self.stakes.iter_mut().enumerate() {
+            if stake.blueprint.as_str() != blueprint {
+                continue;
+            }
+            let value = item
+                .get(stake.column.as_str())
+                .unwrap_or(&serde_json::Value::Null);
+            let Some(key) = unique_key(stake.ty, value) else {
+                continue;
+            };
+            if stake.seen.contains(&key) {
+                duplicated.push(at);
+            } else if self.tracked < UNIQUE_VALUES_TRACKED {
+                stake.seen.insert(key);
+                self.tracked += 1;
+            } else {
+                self.capped = true;
+            }
+        }
+        duplicated
+    }
+
     fn count(
         &mut self,
         p: &Project,
@@ -280,17 +433,35 @@ impl Tally {
         // The item as new clients would see it (and would write it again).
         let as_new = transform(&record.body, own, new_bp, 0);
         let new_name = new_name(new, uid);
+        // The unique columns in which an item counted before holds this one's value; an item
+        // the new version cannot hold (a null it allows none) takes no place in its indexes.
+        let duplicated = match self.stakes.is_empty() || forbidden_null(new_bp, &as_new).is_some() {
+            true => Vec::new(),
+            false => self.duplicated(new_name, &as_new),
+        };
+        // Whether column `index` of the item's own version's pairs refuses it as a duplicate.
+        let duplicate_at = |tally: &Tally, index: usize| {
+            tally
+                .stake_of
+                .get(&(record.version, index))
+                .is_some_and(|at| duplicated.contains(at))
+        };
         if let Some(columns) = retired_columns {
             // New clients reading the item stored at a retired version: the back-fill moves it.
-            let (mut lost, mut refused) = (false, false);
-            for pair in columns.iter().filter(|c| c.blueprint.as_str() == new_name) {
+            let (mut lost, mut refused, mut duplicate) = (false, false, false);
+            for (index, pair) in columns.iter().enumerate() {
+                if pair.blueprint.as_str() != new_name {
+                    continue;
+                }
                 let (lose, refuse) = crossing(&record.body, pair.old, pair.new);
                 lost |= lose;
                 refused |= refuse;
+                duplicate |= duplicate_at(self, index);
             }
             let counts = &mut self.retired.entry(record.version).or_default().1;
             counts.items_losing_a_value += u64::from(lost);
-            counts.items_refused += u64::from(refused);
+            counts.items_refused += u64::from(refused || duplicate);
+            counts.items_refused_as_duplicates += u64::from(duplicate);
         }
         for (version, columns) in pairs {
             if p.version(*version)
@@ -301,11 +472,13 @@ impl Tally {
             }
             let (mut forward_lost, mut forward_refused) = (false, false);
             let (mut backward_lost, mut backward_refused) = (false, false);
+            let mut backward_duplicate = false;
             let mine = record.version == *version;
             for (index, pair) in columns.iter().enumerate() {
                 if pair.blueprint.as_str() != new_name {
                     continue; // a column of another blueprint
                 }
+                let duplicate = mine && duplicate_at(self, index);
                 let entry = self.columns.entry((*version, index)).or_default();
                 // Old clients reading the item as new clients write it.
                 let (lose, refuse) = crossing(&as_new, pair.new, pair.old);
@@ -317,9 +490,11 @@ impl Tally {
                 if mine {
                     let (lose, refuse) = crossing(&record.body, pair.old, pair.new);
                     entry.1.items_losing_a_value += u64::from(lose);
-                    entry.1.items_refused += u64::from(refuse);
+                    entry.1.items_refused += u64::from(refuse || duplicate);
+                    entry.1.items_refused_as_duplicates += u64::from(duplicate);
                     backward_lost |= lose;
-                    backward_refused |= refuse;
+                    backward_refused |= refuse || duplicate;
+                    backward_duplicate |= duplicate;
                 }
             }
             let totals = self.versions.entry(*version).or_default();
@@ -327,6 +502,7 @@ impl Tally {
             totals.0.items_refused += u64::from(forward_refused);
             totals.1.items_losing_a_value += u64::from(backward_lost);
             totals.1.items_refused += u64::from(backward_refused);
+            totals.1.items_refused_as_duplicates += u64::from(backward_duplicate);
         }
     }
 }

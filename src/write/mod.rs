@@ -449,15 +449,13 @@ pub async fn freeze(
     // The stores whose failed migration is queued again: their failure is the one before.
     let mut retried = Vec::new();
     let (number, revision) = if p.has_unfrozen_changes() {
-        let allowed = p.working.compatibility.allows(evolution::worst_verdict(p));
-        if !allowed && !force {
-            let report = evolution::report(storage, p).await?;
-            return Err(WriteError::Incompatible(Box::new(report)));
-        }
+        let forced = evolution::judge(storage, p, force)
+            .await?
+            .map_err(WriteError::Incompatible)?;
         // The back-fill of the new version starts in the same storage command, which refuses the
         // freeze if the working copy changed since it was judged here.
         let judged = Some(p.working.blueprints.clone());
-        let (version, revision) = storage.freeze_judged(project, !allowed, judged).await?;
+        let (version, revision) = storage.freeze_judged(project, forced, judged).await?;
         (version.number, revision)
     } else {
         let latest = p.latest().ok_or_else(|| {

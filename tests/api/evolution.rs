@@ -380,14 +380,15 @@ async fn items_stored_at_a_retired_version_are_counted_as_the_new_version_would_
     assert_eq!(live.len(), 1, "{report}");
     assert_eq!(
         live[0]["new_clients_reading_old_writes"],
-        json!({"items_losing_a_value": 0, "items_refused": 0}),
+        json!({"items_losing_a_value": 0, "items_refused": 0, "items_refused_as_duplicates": 0}),
         "{report}"
     );
     // Version 1's four items: 1.5 and 7.25 lose their price, and with the missing one are refused.
     assert_eq!(
         report["retired_versions"],
         json!([{"version": 1, "items": 4, "changes": report["retired_versions"][0]["changes"],
-            "new_clients_reading_old_writes": {"items_losing_a_value": 2, "items_refused": 3}}]),
+            "new_clients_reading_old_writes":
+                {"items_losing_a_value": 2, "items_refused": 3, "items_refused_as_duplicates": 0}}]),
         "{report}"
     );
     assert!(
@@ -766,4 +767,145 @@ async fn left_out_of_the_new_version_in_every_store(cluster: bool) {
     }
     app.stop().await;
     es.clean_up(&prefix).await;
+}
+
+/// A column made unique is counted on the stored items: one whose value another item holds is one
+/// PostgreSQL's unique index refuses, so the freeze is breaking and takes `?force=true`, and a
+/// forced one leaves exactly the counted items out of the new version's table. Nulls never
+/// collide; floats collide as PostgreSQL's `REAL` holds them; a column already unique at the
+/// newest version is not counted again; with no duplicates the freeze goes through; a new unique
+/// column with a default gives every item the same value.
+#[tokio::test]
+async fn a_column_made_unique_over_duplicates_is_counted_and_takes_force() {
+    let db = TestDatabase::create().await;
+    let settings = db.settings();
+    let app = spawn_app_with(|s| s.postgresql = Some(settings)).await;
+    let coupon = |code: Value, rate: Value| {
+        json!({
+            "postgresql": {"table": "coupons"},
+            "elasticsearch": {"type": "coupon"},
+            "columns": {"code": code, "rate": rate}
+        })
+    };
+    let (string, float) = (json!({"type": "string"}), json!({"type": "float"}));
+    let unique = |ty: &str| json!({"type": ty, "unique": true});
+    app.put_and_freeze("deals", "coupon", &coupon(string.clone(), float.clone()))
+        .await;
+    let mut ids = Vec::new();
+    // 0.10000000149011612 is 0.1 as a 32-bit float.
+    let rows = [
+        (json!("A1"), json!(0.1)),
+        (json!("A1"), json!(0.2)),
+        (json!("B2"), json!(0.10000000149011612)),
+        (Value::Null, json!(0.3)),
+        (Value::Null, json!(0.4)),
+    ];
+    for (code, rate) in rows {
+        let id = Uuid::new_v4();
+        let put = app
+            .put(
+                &format!("/deals/coupon/{id}"),
+                &json!({"id": id, "project_version": 1, "code": code, "rate": rate}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+        ids.push(id);
+    }
+    let column = |report: &Value, version: usize, name: &str| {
+        report["live_versions"][version]["columns"]
+            .as_array()
+            .and_then(|columns| columns.iter().find(|c| c["column"] == name).cloned())
+            .unwrap_or_else(|| panic!("no {name} at {version} in {report}"))
+    };
+
+    // `code` made unique: the second A1 is refused, the two nulls are not.
+    app.put(
+        "/deals/coupon/_blueprint",
+        &coupon(unique("string"), float.clone()),
+    )
+    .await;
+    let dry = app.post("/deals/_version?dry_run=true", None).await.body;
+    assert_eq!(dry["verdict"], "breaking", "{dry}");
+    assert_eq!(dry["allowed"], false, "{dry}");
+    let code = &column(&dry, 0, "code")["new_clients_reading_old_writes"];
+    assert_eq!(code["verdict"], "breaking", "{dry}");
+    assert_eq!(code["items_refused"], 1, "{dry}");
+    assert_eq!(code["items_refused_as_duplicates"], 1, "{dry}");
+    assert!(
+        code["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("1 stored items hold a value")),
+        "{dry}"
+    );
+    let totals = &dry["live_versions"][0]["new_clients_reading_old_writes"];
+    assert_eq!(totals["items_refused_as_duplicates"], 1, "{dry}");
+    let refused = app.post("/deals/_version", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert_eq!(app.get("/deals/_version").await.body["project_version"], 1);
+    let forced = app.post("/deals/_version?force=true", None).await;
+    assert_eq!(forced.status, 200, "{}", forced.body);
+    let versions = app.get("/deals/_version").await.body;
+    assert_eq!(versions["versions"][1]["forced"], true, "{versions}");
+    // The back-fill brings four of the five items into PostgreSQL's version-2 table.
+    let mut sql = db.sql().await;
+    let mut rows = 0;
+    for _ in 0..300 {
+        let versions = app.get("/deals/_version").await.body;
+        rows = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM deals_v2.coupons")
+            .fetch_one(&mut sql)
+            .await
+            .unwrap_or_default();
+        if rows == 4 && versions["versions"][1]["backfill"]["finished"] == true {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(rows, 4);
+
+    // `rate` made unique too: `code`, unique as it is at version 2, is not counted again; 0.1
+    // and its 32-bit twin are one value.
+    app.put(
+        "/deals/coupon/_blueprint",
+        &coupon(unique("string"), unique("float")),
+    )
+    .await;
+    let dry = app.post("/deals/_version?dry_run=true", None).await.body;
+    assert_eq!(dry["verdict"], "breaking", "{dry}");
+    let rate = &column(&dry, 0, "rate")["new_clients_reading_old_writes"];
+    assert_eq!(rate["items_refused_as_duplicates"], 1, "{dry}");
+    let code = &column(&dry, 0, "code")["new_clients_reading_old_writes"];
+    assert_eq!(code["items_refused_as_duplicates"], 0, "{dry}");
+    assert_eq!(code["verdict"], "lossless", "{dry}");
+
+    // Without the twin, nothing collides: the freeze goes through unforced.
+    let deleted = app.delete(&format!("/deals/coupon/{}", ids[2])).await;
+    assert_eq!(deleted.status, 200, "{}", deleted.body);
+    let frozen = app.post("/deals/_version", None).await;
+    assert_eq!(frozen.status, 200, "{}", frozen.body);
+    assert_eq!(frozen.body["project_version"], 3, "{}", frozen.body);
+    assert_eq!(
+        app.get("/deals/_version").await.body["versions"][2]["forced"],
+        false
+    );
+
+    // A new unique column with a default: the four items would all hold it.
+    let mut batch = coupon(unique("string"), unique("float"));
+    batch["columns"]["batch"] = json!({"type": "string", "unique": true, "default": "x"});
+    app.put("/deals/coupon/_blueprint", &batch).await;
+    let refused = app.post("/deals/_version", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    let report = &refused.body["report"];
+    let newest = report["live_versions"]
+        .as_array()
+        .and_then(|live| live.iter().find(|v| v["version"] == 1).cloned())
+        .unwrap_or_else(|| panic!("no version 1 in {report}"));
+    let batch = newest["columns"]
+        .as_array()
+        .and_then(|columns| columns.iter().find(|c| c["column"] == "batch").cloned())
+        .unwrap_or_else(|| panic!("no batch column in {report}"));
+    assert_eq!(
+        batch["new_clients_reading_old_writes"]["items_refused_as_duplicates"], 3,
+        "{report}"
+    );
+    app.stop().await;
 }

@@ -247,6 +247,27 @@ impl ColumnPair<'_> {
         }
     }
 
+    /// Whether the new version's unique index of this column could meet two stored items holding
+    /// one value where the old version's indexes never did: the column is new and unique, becomes
+    /// unique, or is unique and changes how values arrive in it (type, conversion, default,
+    /// nullability or rules). Only then does the freeze report count the items it would refuse.
+    pub fn uniqueness_at_stake(&self) -> bool {
+        match (self.old, self.new) {
+            (_, None) => false,
+            (_, Some((_, new))) if !new.def.unique => false,
+            (None, Some(_)) => true,
+            (Some((_, old)), Some((_, new))) => {
+                let (old, new) = (&old.def, &new.def);
+                !old.unique
+                    || old.ty != new.ty
+                    || old.convert != new.convert
+                    || old.default != new.default
+                    || old.nullable != new.nullable
+                    || old.validation != new.validation
+            }
+        }
+    }
+
     /// What differs, in words: `type float → integer`, `renamed from title`, `added`.
     pub fn describe(&self) -> String {
         match (self.old, self.new) {
@@ -313,6 +334,39 @@ mod tests {
 
     fn def(ty: &str) -> ColumnDef {
         ColumnDef::of_type(ty.parse().unwrap())
+    }
+
+    /// Uniqueness is at stake when the new side is unique and the old side's index did not hold
+    /// the same values: not unique, absent, or arriving otherwise.
+    #[test]
+    fn uniqueness_is_at_stake_only_where_a_unique_index_meets_new_values() {
+        let name = Ident::parse("code").unwrap();
+        let column = |def: ColumnDef| Column { uid: 1, def };
+        let unique = |mut def: ColumnDef| {
+            def.unique = true;
+            def
+        };
+        let at_stake = |old: Option<ColumnDef>, new: Option<ColumnDef>| {
+            let (old, new) = (old.map(column), new.map(column));
+            ColumnPair {
+                blueprint: &name,
+                old: old.as_ref().map(|c| (&name, c)),
+                new: new.as_ref().map(|c| (&name, c)),
+            }
+            .uniqueness_at_stake()
+        };
+        let text = || def("string");
+        assert!(at_stake(Some(text()), Some(unique(text()))));
+        assert!(at_stake(None, Some(unique(text()))));
+        assert!(at_stake(Some(unique(def("float"))), Some(unique(text()))));
+        let mut defaulted = unique(text());
+        defaulted.default = Some(json!("x"));
+        assert!(at_stake(Some(unique(text())), Some(defaulted)));
+        let mut commented = unique(text());
+        commented.comment = Some("the coupon's code".into());
+        assert!(!at_stake(Some(unique(text())), Some(commented)));
+        assert!(!at_stake(Some(unique(text())), Some(text())));
+        assert!(!at_stake(Some(unique(text())), None));
     }
 
     #[test]

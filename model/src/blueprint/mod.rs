@@ -13,6 +13,7 @@ pub mod model;
 pub mod parse;
 pub mod transform;
 pub mod types;
+pub mod unique;
 pub mod value;
 
 use serde::Serialize;

@@ -1,0 +1,187 @@
+//! When PostgreSQL's unique index takes two values of a column as the same one: [`unique_key`]
+//! gives equal keys exactly for those (up to a 64-bit hash's collisions), so the freeze report can
+//! count the stored items a column made unique would refuse without asking a store.
+//!
+//! The rules are the column types' (docs/design.md §2): texts, uuids and dates compare as their
+//! canonical text, floats as PostgreSQL's `REAL` (32 bits: two doubles that round to one float are
+//! one value), datetimes to the microsecond whatever their offset, arrays element by element,
+//! `json` as `JSONB` (keys in any order, `1` and `1.0` equal) and geometries by their coordinates
+//! in order. A null never collides: a unique index holds any number of them.
+
+use std::hash::{DefaultHasher, Hasher};
+
+use serde_json::Value;
+
+use super::types::{BaseType, ColumnType};
+use super::value::parse_datetime;
+
+/// The key of `value` (canonical for `ty`, as `transform` gives it) in a unique index of a `ty`
+/// column; `None` for null.
+pub fn unique_key(ty: ColumnType, value: &Value) -> Option<u64> {
+    if value.is_null() {
+        return None;
+    }
+    let mut hasher = DefaultHasher::new();
+    match (ty, value) {
+        (ColumnType::Many(base), Value::Array(items)) if !base.is_geometry() => {
+            hasher.write_usize(items.len());
+            for item in items {
+                scalar(base, item, &mut hasher);
+            }
+        }
+        (ColumnType::One(base), _) => scalar(base, value, &mut hasher),
+        _ => json(value, &mut hasher),
+    }
+    Some(hasher.finish())
+}
+
+fn scalar(base: BaseType, value: &Value, hasher: &mut DefaultHasher) {
+    match (base, value) {
+        (BaseType::Float, Value::Number(n)) => {
+            let f = n.as_f64().unwrap_or_default() as f32;
+            // PostgreSQL's -0 equals 0.
+            hasher.write_u32(if f == 0.0 { 0 } else { f.to_bits() });
+        }
+        (BaseType::DateTime, Value::String(text)) => match parse_datetime(text) {
+            Ok(t) => {
+                // TIMESTAMPTZ keeps microseconds, rounded.
+                let micros = t.timestamp() as i128 * 1_000_000
+                    + (i128::from(t.timestamp_subsec_nanos()) + 500) / 1000;
+                hasher.write_i128(micros);
+            }
+            Err(_) => json(value, hasher),
+        },
+        _ => json(value, hasher),
+    }
+}
+
+/// `JSONB`'s equality: object keys in any order, numbers by value.
+fn json(value: &Value, hasher: &mut DefaultHasher) {
+    match value {
+        Value::Null => hasher.write_u8(0),
+        Value::Bool(b) => {
+            hasher.write_u8(1);
+            hasher.write_u8(u8::from(*b));
+        }
+        Value::Number(n) => {
+            let whole = n
+                .as_i64()
+                .map(i128::from)
+                .or_else(|| n.as_u64().map(i128::from))
+                .or_else(|| {
+                    n.as_f64()
+                        .filter(|f| f.fract() == 0.0 && f.abs() < 1e30)
+                        .map(|f| f as i128)
+                });
+            match whole {
+                Some(i) => {
+                    hasher.write_u8(2);
+                    hasher.write_i128(i);
+                }
+                None => {
+                    hasher.write_u8(3);
+                    hasher.write_u64(n.as_f64().unwrap_or_default().to_bits());
+                }
+            }
+        }
+        Value::String(s) => {
+            hasher.write_u8(4);
+            hasher.write_usize(s.len());
+            hasher.write(s.as_bytes());
+        }
+        Value::Array(items) => {
+            hasher.write_u8(5);
+            hasher.write_usize(items.len());
+            for item in items {
+                json(item, hasher);
+            }
+        }
+        Value::Object(map) => {
+            hasher.write_u8(6);
+            hasher.write_usize(map.len());
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort_unstable();
+            for key in keys {
+                hasher.write_usize(key.len());
+                hasher.write(key.as_bytes());
+                json(&map[key], hasher);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key(ty: &str, value: Value) -> Option<u64> {
+        unique_key(ty.parse().unwrap(), &value)
+    }
+
+    #[test]
+    fn values_postgresql_takes_as_one_have_one_key() {
+        let same = [
+            ("float", json!(1), json!(1.0)),
+            ("float", json!(0.1), json!(0.10000000149011612)),
+            ("float", json!(-0.0), json!(0)),
+            (
+                "datetime",
+                json!("2020-01-02 03:04:05"),
+                json!("2020-01-02T05:04:05+02:00"),
+            ),
+            (
+                "datetime",
+                json!("2020-01-02 03:04:05.5"),
+                json!("2020-01-02 03:04:05.500000"),
+            ),
+            (
+                "json",
+                json!({"a": 1, "b": [1.0, "x"]}),
+                json!({"b": [1, "x"], "a": 1.0}),
+            ),
+            ("integer[]", json!([1, 2]), json!([1, 2])),
+            (
+                "point",
+                json!({"type": "Point", "coordinates": [1, 2.5]}),
+                json!({"coordinates": [1.0, 2.5], "type": "Point"}),
+            ),
+        ];
+        for (ty, a, b) in same {
+            assert_eq!(key(ty, a.clone()), key(ty, b.clone()), "{ty}: {a} and {b}");
+        }
+    }
+
+    #[test]
+    fn values_postgresql_tells_apart_have_other_keys() {
+        let other = [
+            ("string", json!("a"), json!("A")),
+            ("string", json!("a"), json!("a ")),
+            ("float", json!(0.1), json!(0.2)),
+            ("integer[]", json!([1, 2]), json!([2, 1])),
+            ("integer[]", json!([1]), json!([1, 1])),
+            ("json", json!({"a": 1}), json!({"a": "1"})),
+            ("json", json!([]), json!({})),
+            (
+                "json",
+                json!(9007199254740993u64),
+                json!(9007199254740992u64),
+            ),
+            (
+                "datetime",
+                json!("2020-01-02 03:04:05"),
+                json!("2020-01-02 03:04:06"),
+            ),
+        ];
+        for (ty, a, b) in other {
+            assert_ne!(key(ty, a.clone()), key(ty, b.clone()), "{ty}: {a} and {b}");
+        }
+    }
+
+    #[test]
+    fn a_null_never_collides() {
+        assert_eq!(key("string", Value::Null), None);
+        assert!(key("json", json!(null)).is_none());
+        assert!(key("json", json!([null])).is_some());
+    }
+}
