@@ -10,13 +10,16 @@
 //! reading new writes" counts the stored items as new clients would write them again, read by
 //! clients of that version: an estimate of what the version's clients will miss.
 //!
-//! A column the new version makes unique (or that is unique and changes how values arrive in it)
-//! is counted too: every stored item is taken as the new version would receive it, and one whose
-//! value in that column another item already holds is one PostgreSQL's unique index would refuse
-//! (`items_refused_as_duplicates`, part of `items_refused`). Those make the column's verdict
-//! `breaking`, so such a freeze needs `?force=true` like any other that leaves items out; with no
-//! duplicates it goes through. The values are remembered as 64-bit keys (`blueprint::unique`), at
-//! most [`UNIQUE_VALUES_TRACKED`] of them, so the count's memory is bounded whatever the item count.
+//! A column the new version makes unique (or that is unique and changes how values arrive in it),
+//! compared with the newest live version, is counted too: every stored item is taken as the new
+//! version would receive it, in the order the back-fill reads them, and one whose value in that
+//! column an item taken before holds is one PostgreSQL's unique index would refuse
+//! (`items_refused_as_duplicates`, part of `items_refused`). An item a unique column the newest
+//! live version already has would refuse is not this freeze's doing: it is not counted and takes
+//! no value. Duplicates make the verdict `breaking`, so such a freeze needs `?force=true` like any
+//! other that leaves items out; with none it goes through. Values are remembered as 64-bit keys
+//! (`blueprint::unique`), at most [`UNIQUE_VALUES_TRACKED`] at once over every count running, so
+//! their memory is bounded whatever the item count; past it the count is a lower bound and says so.
 //!
 //! Items written at a retired version are no live version's, yet the freeze's back-fill moves them
 //! from their own version into the new one like every other: `retired_versions` counts, per
@@ -24,6 +27,7 @@
 //! (which only live clients decide) allows it still shows what it does to every stored item.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::Ordering;
 
 use serde::Serialize;
 
@@ -39,10 +43,14 @@ use crate::storage::Storage;
 const PAGE: usize = 1000;
 /// Columns counted between two yields to the HTTP worker's other requests (about 10 ms).
 const YIELD_COLUMNS: usize = 16_384;
-/// Values of columns made unique remembered while counting duplicates (8 bytes each, about 72 MiB
-/// at most); past it, a value is compared with those remembered but not remembered itself, and the
-/// count says it is a lower bound.
-pub const UNIQUE_VALUES_TRACKED: usize = 4_000_000;
+/// Values of unique columns remembered at once while counting duplicates, over every count the
+/// process runs (8 bytes each in a hash set: about 55 MiB at most, while one grows); past it, a
+/// value is compared with those remembered but not remembered itself, and the count says it is a
+/// lower bound.
+pub const UNIQUE_VALUES_TRACKED: usize = 2_000_000;
+
+/// Values remembered now by every running count (see [`UNIQUE_VALUES_TRACKED`]).
+static TRACKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -138,15 +146,23 @@ pub async fn judge(
     })
 }
 
-/// Whether a column of the working copy becomes unique since the newest version (or is unique and
-/// changes how values arrive in it): then only the stored items tell whether the freeze refuses
-/// some. A column already unique as it is in the newest version refuses nothing more than it does.
+/// Whether a column of the working copy becomes unique since the newest live version (or is
+/// unique and changes how values arrive in it): then only the stored items tell whether the freeze
+/// refuses some. A column already unique as it is there refuses nothing more than that version's
+/// index does (a retired version's index no longer sees writes, so it does not count).
 pub fn uniqueness_at_stake(p: &Project) -> bool {
-    p.latest().is_some_and(|latest| {
-        changed_columns(&latest.blueprints, &p.working.blueprints)
-            .iter()
-            .any(ColumnPair::uniqueness_at_stake)
-    })
+    changed_columns(newest_live(p), &p.working.blueprints)
+        .iter()
+        .any(ColumnPair::uniqueness_at_stake)
+}
+
+/// The blueprints of the newest live version (of the newest version when none is live).
+fn newest_live(p: &Project) -> &Blueprints {
+    static NONE: std::sync::OnceLock<Blueprints> = std::sync::OnceLock::new();
+    p.live_versions()
+        .last()
+        .or_else(|| p.latest())
+        .map_or_else(|| NONE.get_or_init(Blueprints::default), |v| &v.blueprints)
 }
 
 /// Verdicts only, without counting items: what `compatibility = "lossless"` checks first.
@@ -173,8 +189,7 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         .map(|v| (v.number, changed_columns(&v.blueprints, new)))
         .collect();
     let mut tally = Tally::default();
-    let latest = p.latest().map(|v| changed_columns(&v.blueprints, new));
-    tally.stake(latest.as_deref().unwrap_or_default(), &pairs, &retired);
+    tally.stake(new, &changed_columns(newest_live(p), new), &pairs, &retired);
     let mut after = None;
     // The columns each item is counted for: an item of a wide blueprint costs as much as hundreds
     // of a narrow one's.
@@ -216,13 +231,12 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
                 .unwrap_or_default();
             let (to_old, mut to_new) = (pair.to_old(), pair.to_new());
             let duplicates = counted.1.items_refused_as_duplicates;
+            let capped = tally.capped(*version, index);
+            let bound = match capped {
+                true => format!(" (at least: the count ran out of room for values, {UNIQUE_VALUES_TRACKED} at once, and compared the rest with those it kept)"),
+                false => String::new(),
+            };
             if duplicates > 0 {
-                let bound = match tally.capped {
-                    true => format!(
-                        " (at least: counted among the first {UNIQUE_VALUES_TRACKED} values)"
-                    ),
-                    false => String::new(),
-                };
                 to_new = Assessment {
                     verdict: Verdict::Breaking,
                     reason: format!(
@@ -230,6 +244,8 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
                         to_new.reason
                     ),
                 };
+            } else if capped {
+                to_new.reason = format!("{}; no duplicate found{bound}", to_new.reason);
             }
             verdict = verdict.max(to_old.verdict).max(to_new.verdict);
             reports.push(ColumnReport {
@@ -251,6 +267,11 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
             });
         }
         let totals = tally.versions.get(version).cloned().unwrap_or_default();
+        // Duplicates in a column this version's own pairs do not show (it holds the column as the
+        // working copy does, but its newer versions did not) still leave its items out.
+        if totals.1.items_refused_as_duplicates > 0 {
+            verdict = Verdict::Breaking;
+        }
         let forced_since = p
             .versions
             .iter()
@@ -319,22 +340,33 @@ struct Tally {
     versions: HashMap<u32, (Counts, Counts)>,
     /// Per retired version: items stored at it, and how the new version would receive them.
     retired: HashMap<u32, (u64, Counts)>,
-    /// The working copy's unique columns whose duplicates are counted.
-    stakes: Vec<Stake>,
-    /// The stake of each (version, column index) whose pair puts uniqueness at stake.
+    /// Every unique column of the working copy, when some is at stake (else none: nothing to
+    /// count).
+    uniques: Vec<Unique>,
+    /// The unique column at stake of each (version, column index) whose pair puts it at stake.
     stake_of: HashMap<(u32, usize), usize>,
-    /// Values remembered over every stake, and whether [`UNIQUE_VALUES_TRACKED`] was reached.
+    /// Values this count remembers (part of [`TRACKED`]).
     tracked: usize,
-    capped: bool,
 }
 
-/// A unique column of the working copy that some version's items meet in a unique index for the
-/// first time, and the keys of the values seen in it so far.
-struct Stake {
+impl Drop for Tally {
+    fn drop(&mut self) {
+        TRACKED.fetch_sub(self.tracked, Ordering::Relaxed);
+    }
+}
+
+/// A unique column of the working copy and the keys of the values the items taken so far hold
+/// in it.
+struct Unique {
     blueprint: Ident,
     column: Ident,
     ty: ColumnType,
+    /// Whether the freeze puts it at stake; else the newest live version's index already holds
+    /// it as the working copy does.
+    at_stake: bool,
     seen: HashSet<u64>,
+    /// Whether a value was not remembered for want of room.
+    capped: bool,
 }
 
 fn blueprint_with(set: &Blueprints, uid: Uid) -> Option<&Blueprint> {
@@ -342,68 +374,100 @@ fn blueprint_with(set: &Blueprints, uid: Uid) -> Option<&Blueprint> {
 }
 
 impl Tally {
-    /// Finds the columns whose duplicates are counted, those that put uniqueness at stake against
-    /// the newest version (`uniqueness_at_stake`), and the pairs of every version (live or
-    /// retired) whose items meet that column's index for the first time.
+    /// Finds the unique columns to count, when some put uniqueness at stake against the newest
+    /// live version (`newest`'s pairs), and the pairs of every version (live or retired) whose
+    /// items meet such a column's index for the first time.
     fn stake(
         &mut self,
+        new: &Blueprints,
         newest: &[ColumnPair],
         live: &[(u32, Vec<ColumnPair>)],
         retired: &[(u32, Vec<ColumnPair>)],
     ) {
-        for pair in newest.iter().filter(|pair| pair.uniqueness_at_stake()) {
-            let (name, column) = pair.new.expect("a column at stake is in the working copy");
-            self.stakes.push(Stake {
-                blueprint: pair.blueprint.clone(),
-                column: name.clone(),
-                ty: column.def.ty,
-                seen: HashSet::new(),
-            });
+        let at_stake = |blueprint: &Ident, column: &Ident| {
+            newest.iter().any(|pair| {
+                pair.uniqueness_at_stake()
+                    && pair.blueprint == blueprint
+                    && pair.new.is_some_and(|(name, _)| name == column)
+            })
+        };
+        if !newest.iter().any(ColumnPair::uniqueness_at_stake) {
+            return;
+        }
+        for (blueprint, bp) in new {
+            for (column, c) in bp.columns.iter().filter(|(_, c)| c.def.unique) {
+                self.uniques.push(Unique {
+                    blueprint: blueprint.clone(),
+                    column: column.clone(),
+                    ty: c.def.ty,
+                    at_stake: at_stake(blueprint, column),
+                    seen: HashSet::new(),
+                    capped: false,
+                });
+            }
         }
         for (version, columns) in live.iter().chain(retired) {
             for (index, pair) in columns.iter().enumerate() {
                 let Some((name, _)) = pair.new.filter(|_| pair.uniqueness_at_stake()) else {
                     continue;
                 };
-                let stake = self
-                    .stakes
-                    .iter()
-                    .position(|s| &s.blueprint == pair.blueprint && &s.column == name);
-                if let Some(at) = stake {
+                let unique = self.uniques.iter().position(|u| {
+                    u.at_stake && &u.blueprint == pair.blueprint && &u.column == name
+                });
+                if let Some(at) = unique {
                     self.stake_of.insert((*version, index), at);
                 }
             }
         }
     }
 
-    /// The stakes in which `item` (as the new version receives it) holds a value an item counted
-    /// before holds; remembers its values otherwise.
+    /// The unique columns at stake in which `item` (as the new version receives it) holds a value
+    /// an item taken before holds: none when a column not at stake refuses it already (the newest
+    /// live version's index refuses it too). An item refused takes no value; one taken has its
+    /// values remembered.
     fn duplicated(
         &mut self,
         blueprint: &str,
         item: &serde_json::Map<String, serde_json::Value>,
     ) -> Vec<usize> {
+        let mut keys = Vec::new();
         let mut duplicated = Vec::new();
-        for (at, stake) in self.stakes.iter_mut().enumerate() {
-            if stake.blueprint.as_str() != blueprint {
+        for (at, unique) in self.uniques.iter().enumerate() {
+            if unique.blueprint.as_str() != blueprint {
                 continue;
             }
             let value = item
-                .get(stake.column.as_str())
+                .get(unique.column.as_str())
                 .unwrap_or(&serde_json::Value::Null);
-            let Some(key) = unique_key(stake.ty, value) else {
+            let Some(key) = unique_key(unique.ty, value) else {
                 continue;
             };
-            if stake.seen.contains(&key) {
-                duplicated.push(at);
-            } else if self.tracked < UNIQUE_VALUES_TRACKED {
-                stake.seen.insert(key);
+            match (unique.seen.contains(&key), unique.at_stake) {
+                (true, false) => return Vec::new(),
+                (true, true) => duplicated.push(at),
+                (false, _) => keys.push((at, key)),
+            }
+        }
+        if !duplicated.is_empty() {
+            return duplicated;
+        }
+        for (at, key) in keys {
+            if TRACKED.fetch_add(1, Ordering::Relaxed) < UNIQUE_VALUES_TRACKED {
+                self.uniques[at].seen.insert(key);
                 self.tracked += 1;
             } else {
-                self.capped = true;
+                TRACKED.fetch_sub(1, Ordering::Relaxed);
+                self.uniques[at].capped = true;
             }
         }
         duplicated
+    }
+
+    /// Whether the unique column of the pair `index` of `version` ran out of room for values.
+    fn capped(&self, version: u32, index: usize) -> bool {
+        self.stake_of
+            .get(&(version, index))
+            .is_some_and(|&at| self.uniques[at].capped)
     }
 
     fn count(
@@ -435,7 +499,8 @@ impl Tally {
         let new_name = new_name(new, uid);
         // The unique columns in which an item counted before holds this one's value; an item
         // the new version cannot hold (a null it allows none) takes no place in its indexes.
-        let duplicated = match self.stakes.is_empty() || forbidden_null(new_bp, &as_new).is_some() {
+        let duplicated = match self.uniques.is_empty() || forbidden_null(new_bp, &as_new).is_some()
+        {
             true => Vec::new(),
             false => self.duplicated(new_name, &as_new),
         };
@@ -448,16 +513,13 @@ impl Tally {
         };
         if let Some(columns) = retired_columns {
             // New clients reading the item stored at a retired version: the back-fill moves it.
-            let (mut lost, mut refused, mut duplicate) = (false, false, false);
-            for (index, pair) in columns.iter().enumerate() {
-                if pair.blueprint.as_str() != new_name {
-                    continue;
-                }
+            let (mut lost, mut refused) = (false, false);
+            for pair in columns.iter().filter(|c| c.blueprint.as_str() == new_name) {
                 let (lose, refuse) = crossing(&record.body, pair.old, pair.new);
                 lost |= lose;
                 refused |= refuse;
-                duplicate |= duplicate_at(self, index);
             }
+            let duplicate = !duplicated.is_empty();
             let counts = &mut self.retired.entry(record.version).or_default().1;
             counts.items_losing_a_value += u64::from(lost);
             counts.items_refused += u64::from(refused || duplicate);
@@ -471,9 +533,10 @@ impl Tally {
                 continue;
             }
             let (mut forward_lost, mut forward_refused) = (false, false);
-            let (mut backward_lost, mut backward_refused) = (false, false);
-            let mut backward_duplicate = false;
             let mine = record.version == *version;
+            // Counted in the totals even where no pair of this version shows the column.
+            let backward_duplicate = mine && !duplicated.is_empty();
+            let (mut backward_lost, mut backward_refused) = (false, backward_duplicate);
             for (index, pair) in columns.iter().enumerate() {
                 if pair.blueprint.as_str() != new_name {
                     continue; // a column of another blueprint
@@ -493,8 +556,7 @@ impl Tally {
                     entry.1.items_refused += u64::from(refuse || duplicate);
                     entry.1.items_refused_as_duplicates += u64::from(duplicate);
                     backward_lost |= lose;
-                    backward_refused |= refuse || duplicate;
-                    backward_duplicate |= duplicate;
+                    backward_refused |= refuse;
                 }
             }
             let totals = self.versions.entry(*version).or_default();

@@ -792,16 +792,18 @@ async fn a_column_made_unique_over_duplicates_is_counted_and_takes_force() {
     app.put_and_freeze("deals", "coupon", &coupon(string.clone(), float.clone()))
         .await;
     let mut ids = Vec::new();
-    // 0.10000000149011612 is 0.1 as a 32-bit float.
+    // 0.30000001192092896 is 0.3 as a 32-bit float.
     let rows = [
         (json!("A1"), json!(0.1)),
         (json!("A1"), json!(0.2)),
-        (json!("B2"), json!(0.10000000149011612)),
+        (json!("B2"), json!(0.30000001192092896)),
         (Value::Null, json!(0.3)),
         (Value::Null, json!(0.4)),
     ];
-    for (code, rate) in rows {
-        let id = Uuid::new_v4();
+    // Ids in the order the count and the back-fill read them, so which of two equal values
+    // comes first is known.
+    for (n, (code, rate)) in rows.into_iter().enumerate() {
+        let id = Uuid::from_u128(0x0123_4567_89ab_4def_8000_0000_0000_0000 + n as u128);
         let put = app
             .put(
                 &format!("/deals/coupon/{id}"),
@@ -862,7 +864,7 @@ async fn a_column_made_unique_over_duplicates_is_counted_and_takes_force() {
     }
     assert_eq!(rows, 4);
 
-    // `rate` made unique too: `code`, unique as it is at version 2, is not counted again; 0.1
+    // `rate` made unique too: `code`, unique as it is at version 2, is not counted again; 0.3
     // and its 32-bit twin are one value.
     app.put(
         "/deals/coupon/_blueprint",
@@ -888,7 +890,8 @@ async fn a_column_made_unique_over_duplicates_is_counted_and_takes_force() {
         false
     );
 
-    // A new unique column with a default: the four items would all hold it.
+    // A new unique column with a default: of the four items, the second A1 is refused by `code`
+    // already and takes no place; the other three would all hold the default.
     let mut batch = coupon(unique("string"), unique("float"));
     batch["columns"]["batch"] = json!({"type": "string", "unique": true, "default": "x"});
     app.put("/deals/coupon/_blueprint", &batch).await;
@@ -904,8 +907,54 @@ async fn a_column_made_unique_over_duplicates_is_counted_and_takes_force() {
         .and_then(|columns| columns.iter().find(|c| c["column"] == "batch").cloned())
         .unwrap_or_else(|| panic!("no batch column in {report}"));
     assert_eq!(
-        batch["new_clients_reading_old_writes"]["items_refused_as_duplicates"], 3,
+        batch["new_clients_reading_old_writes"]["items_refused_as_duplicates"], 2,
         "{report}"
     );
+    app.stop().await;
+}
+
+/// Uniqueness is judged against the newest live version: a column unique at version 1, not at
+/// version 2 and unique again in the working copy is counted (version 2's index took both A1s),
+/// and the duplicates stored at version 1, whose own column never changed, make it breaking.
+/// Once version 2 is retired, version 1's index already refuses what the new one would: the
+/// freeze goes through.
+#[tokio::test]
+async fn a_column_unique_again_is_judged_against_the_newest_live_version() {
+    let app = spawn_app().await;
+    let coupon = |unique: bool| {
+        json!({
+            "postgresql": {"table": "coupons"},
+            "elasticsearch": {"type": "coupon"},
+            "columns": {"code": {"type": "string", "unique": unique}}
+        })
+    };
+    app.put_and_freeze("deals", "coupon", &coupon(true)).await;
+    for _ in 0..2 {
+        let id = Uuid::new_v4();
+        let put = app
+            .put(
+                &format!("/deals/coupon/{id}"),
+                &json!({"id": id, "project_version": 1, "code": "A1"}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    app.put("/deals/coupon/_blueprint", &coupon(false)).await;
+    assert_eq!(app.post("/deals/_version", None).await.status, 200);
+    app.put("/deals/coupon/_blueprint", &coupon(true)).await;
+    let refused = app.post("/deals/_version", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    let report = &refused.body["report"];
+    let first = &report["live_versions"][0];
+    assert_eq!(first["version"], 1, "{report}");
+    assert_eq!(first["verdict"], "breaking", "{report}");
+    assert_eq!(
+        first["new_clients_reading_old_writes"]["items_refused_as_duplicates"], 1,
+        "{report}"
+    );
+    let retired = app.post("/deals/_version/2/_retire", None).await;
+    assert_eq!(retired.status, 200, "{}", retired.body);
+    let frozen = app.post("/deals/_version", None).await;
+    assert_eq!(frozen.status, 200, "{}", frozen.body);
     app.stop().await;
 }
