@@ -79,6 +79,36 @@ fn geometry(value: &Value, hasher: &mut DefaultHasher) {
     }
 }
 
+/// A number as `JSONB`'s `numeric` holds it: the decimal its text says (a double is written as
+/// its shortest text, which is what PostgreSQL reads), so `1`, `1.0` and `1e0` are one value, and
+/// `1.2345678901234567e19` is `12345678901234567000`, not the double's exact value.
+fn decimal(text: &str, hasher: &mut DefaultHasher) {
+    let (negative, text) = match text.strip_prefix('-') {
+        Some(rest) => (true, rest),
+        None => (false, text),
+    };
+    let (mantissa, exponent) = match text.split_once(['e', 'E']) {
+        Some((m, e)) => (
+            m,
+            e.trim_start_matches('+').parse::<i64>().unwrap_or_default(),
+        ),
+        None => (text, 0),
+    };
+    let (whole, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    let digits = format!("{whole}{fraction}");
+    let significant = digits.trim_start_matches('0');
+    let trimmed = significant.trim_end_matches('0');
+    if trimmed.is_empty() {
+        hasher.write_u8(0); // zero, whatever its sign or scale
+        return;
+    }
+    // The value is 0.d1d2d3… × 10^point.
+    let point = exponent + whole.len() as i64 - (digits.len() - significant.len()) as i64;
+    hasher.write_u8(if negative { 1 } else { 2 });
+    hasher.write_i64(point);
+    hasher.write(trimmed.as_bytes());
+}
+
 /// `JSONB`'s equality: object keys in any order, numbers by value.
 fn json(value: &Value, hasher: &mut DefaultHasher) {
     match value {
@@ -88,25 +118,8 @@ fn json(value: &Value, hasher: &mut DefaultHasher) {
             hasher.write_u8(u8::from(*b));
         }
         Value::Number(n) => {
-            let whole = n
-                .as_i64()
-                .map(i128::from)
-                .or_else(|| n.as_u64().map(i128::from))
-                .or_else(|| {
-                    n.as_f64()
-                        .filter(|f| f.fract() == 0.0 && f.abs() < 1e30)
-                        .map(|f| f as i128)
-                });
-            match whole {
-                Some(i) => {
-                    hasher.write_u8(2);
-                    hasher.write_i128(i);
-                }
-                None => {
-                    hasher.write_u8(3);
-                    hasher.write_u64(n.as_f64().unwrap_or_default().to_bits());
-                }
-            }
+            hasher.write_u8(2);
+            decimal(&n.to_string(), hasher);
         }
         Value::String(s) => {
             hasher.write_u8(4);
@@ -166,6 +179,12 @@ mod tests {
             ),
             ("integer[]", json!([1, 2]), json!([1, 2])),
             (
+                "json",
+                json!(12345678901234567000u64),
+                json!(1.2345678901234567e19),
+            ),
+            ("json", json!([0.5, -0.0, 100]), json!([5e-1, 0, 1e2])),
+            (
                 "point",
                 json!({"type": "Point", "coordinates": [1, 2.5]}),
                 json!({"coordinates": [1.0, 2.5], "type": "Point"}),
@@ -196,6 +215,15 @@ mod tests {
                 json!(9007199254740993u64),
                 json!(9007199254740992u64),
             ),
+            (
+                "json",
+                json!(12345678901234567168u64),
+                json!(1.2345678901234567e19),
+            ),
+            ("json", json!(0.5), json!(5)),
+            ("json", json!(-1), json!(1)),
+            ("json", json!(0.012), json!(0.12)),
+            ("json", json!(120), json!(12)),
             (
                 "datetime",
                 json!("2020-01-02 03:04:05"),
