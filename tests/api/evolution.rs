@@ -958,3 +958,68 @@ async fn a_column_unique_again_is_judged_against_the_newest_live_version() {
     assert_eq!(frozen.status, 200, "{}", frozen.body);
     app.stop().await;
 }
+
+/// An indexed or unique text holds at most 2000 bytes: a column becoming one loses longer texts,
+/// which the verdict says and the report counts for the version that stored them (a read at the
+/// new version shows the null).
+#[tokio::test]
+async fn a_text_column_becoming_indexed_loses_the_texts_an_index_cannot_hold() {
+    let app = spawn_app().await;
+    let note = |column: Value| {
+        json!({
+            "postgresql": {"table": "notes"},
+            "elasticsearch": {"type": "note"},
+            "columns": {"body": column}
+        })
+    };
+    app.put_and_freeze("pad", "note", &note(json!({"type": "text"})))
+        .await;
+    let mut ids = Vec::new();
+    for body in ["x".repeat(2500), "short".into()] {
+        let id = Uuid::new_v4();
+        let put = app
+            .put(
+                &format!("/pad/note/{id}"),
+                &json!({"id": id, "project_version": 1, "body": body}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+        ids.push(id);
+    }
+    app.put(
+        "/pad/note/_blueprint",
+        &note(json!({"type": "text", "index": true})),
+    )
+    .await;
+    let dry = app.post("/pad/_version?dry_run=true", None).await.body;
+    assert_eq!(dry["verdict"], "lossy", "{dry}");
+    let body = dry["live_versions"][0]["columns"][0]["new_clients_reading_old_writes"].clone();
+    assert_eq!(body["verdict"], "lossy", "{dry}");
+    assert_eq!(body["items_losing_a_value"], 1, "{dry}");
+    assert!(
+        body["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("texts over 2000 bytes")),
+        "{dry}"
+    );
+    // A column whose texts are 500 characters at most loses nothing.
+    app.put(
+        "/pad/note/_blueprint",
+        &note(json!({"type": "text", "validation": {"max_length": 500}})),
+    )
+    .await;
+    let forced = app.post("/pad/_version?force=true", None).await;
+    assert_eq!(forced.status, 200, "{}", forced.body);
+    app.put(
+        "/pad/note/_blueprint",
+        &note(json!({"type": "text", "index": true, "validation": {"max_length": 500}})),
+    )
+    .await;
+    let dry = app.post("/pad/_version?dry_run=true", None).await.body;
+    let newest = dry["live_versions"]
+        .as_array()
+        .and_then(|live| live.iter().find(|v| v["version"] == 2).cloned())
+        .unwrap_or_else(|| panic!("no version 2 in {dry}"));
+    assert_eq!(newest["verdict"], "lossless", "{dry}");
+    app.stop().await;
+}

@@ -15,6 +15,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
+use super::check::MAX_INDEXED_TEXT_BYTES;
 use super::ident::Ident;
 use super::model::{Blueprints, Column, ColumnDef, Convert, Validation};
 use super::transform::convert;
@@ -203,6 +204,21 @@ fn rules(from: &ColumnDef, to: &ColumnDef) -> Option<String> {
     }
     if t.pattern.is_some() && (f.pattern != t.pattern || !same_kind) {
         return Some("texts that do not match the new pattern".into());
+    }
+    // An indexed or unique text holds at most MAX_INDEXED_TEXT_BYTES (`check_rules`): a column
+    // becoming one loses longer texts, unless its characters were few enough to fit already.
+    // Numbers, dates, uuids and booleans become short texts; JSON and geometries may not.
+    let indexed = |d: &ColumnDef| (d.index || d.unique) && d.ty.base().is_textual();
+    let long = match from.ty.base() {
+        base if base.is_textual() => f
+            .max_length
+            .is_none_or(|max| max.saturating_mul(4) > MAX_INDEXED_TEXT_BYTES as u64),
+        base => base == BaseType::Json || base.is_geometry(),
+    };
+    if indexed(to) && !indexed(from) && long {
+        return Some(format!(
+            "texts over {MAX_INDEXED_TEXT_BYTES} bytes, the most an indexed or unique column holds"
+        ));
     }
     if let Some(allowed) = &t.one_of {
         let kept = f.one_of.as_ref().filter(|_| same_kind).is_some_and(|old| {
