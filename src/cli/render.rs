@@ -401,14 +401,23 @@ fn text(value: &Value) -> String {
     }
 }
 
-/// `N refused`, and how many of them as duplicates in a column made unique.
+/// `N refused`, and how many of them as duplicates in a column made unique or for their row's
+/// size.
 fn refused(counts: &Value) -> String {
     let refused = &counts["items_refused"];
-    match counts["items_refused_as_duplicates"].as_u64() {
-        Some(duplicates) if duplicates > 0 => {
-            format!("{refused} refused ({duplicates} as duplicates)")
-        }
-        _ => format!("{refused} refused"),
+    let why: Vec<String> = [
+        ("items_refused_as_duplicates", "as duplicates"),
+        ("items_refused_for_row_size", "for their row's size"),
+    ]
+    .into_iter()
+    .filter_map(|(key, why)| {
+        let n = counts[key].as_u64().filter(|n| *n > 0)?;
+        Some(format!("{n} {why}"))
+    })
+    .collect();
+    match why.is_empty() {
+        true => format!("{refused} refused"),
+        false => format!("{refused} refused ({})", why.join(", ")),
     }
 }
 

@@ -21,6 +21,10 @@
 //! (`blueprint::unique`), at most [`UNIQUE_VALUES_TRACKED`] at once over every count running, so
 //! their memory is bounded whatever the item count; past it the count is a lower bound and says so.
 //!
+//! A wide blueprint whose rows can outgrow a PostgreSQL row (`row_past_limit`) is counted the same
+//! way when it changes: an item whose row in the new version would not fit is refused
+//! (`items_refused_for_row_size`), which makes its version's verdict `breaking`.
+//!
 //! Items written at a retired version are no live version's, yet the freeze's back-fill moves them
 //! from their own version into the new one like every other: `retired_versions` counts, per
 //! retired version, those that would arrive losing a value or be refused, so a freeze whose verdict
@@ -37,6 +41,7 @@ use crate::blueprint::transform::{forbidden_null, transform};
 use crate::blueprint::unique::unique_key;
 use crate::blueprint::{Blueprint, Blueprints, Change, Column, ColumnType, Ident, Uid};
 use crate::catalog::{Compatibility, Project};
+use crate::projector::postgres::{row_bytes, row_past_limit, MAX_ROW_BYTES};
 use crate::storage::Storage;
 
 /// Items read at once while counting.
@@ -104,6 +109,9 @@ pub struct Counts {
     pub items_refused: u64,
     /// Of `items_refused`, those whose value in a column made unique another stored item holds.
     pub items_refused_as_duplicates: u64,
+    /// Of `items_refused`, those whose PostgreSQL row in the new version would be larger than a
+    /// row may be (a wide blueprint whose columns grew, or took defaults).
+    pub items_refused_for_row_size: u64,
 }
 
 #[derive(Debug, Serialize)]
@@ -135,7 +143,7 @@ pub async fn judge(
 ) -> Result<Result<bool, Box<Report>>, WriteError> {
     match (p.working.compatibility.allows(worst_verdict(p)), force) {
         (false, true) => return Ok(Ok(true)),
-        (true, _) if !uniqueness_at_stake(p) => return Ok(Ok(false)),
+        (true, _) if !uniqueness_at_stake(p) && !row_size_at_stake(p) => return Ok(Ok(false)),
         _ => {}
     }
     let report = report(storage, p).await?;
@@ -154,6 +162,16 @@ pub fn uniqueness_at_stake(p: &Project) -> bool {
     changed_columns(newest_live(p), &p.working.blueprints)
         .iter()
         .any(ColumnPair::uniqueness_at_stake)
+}
+
+/// Whether a blueprint of the working copy whose rows can outgrow a PostgreSQL row
+/// (`row_past_limit`) changes since the newest live version: then only the stored items tell
+/// whether the new version's table refuses some.
+pub fn row_size_at_stake(p: &Project) -> bool {
+    let changed = changed_columns(newest_live(p), &p.working.blueprints);
+    p.working.blueprints.iter().any(|(name, bp)| {
+        row_bytes(bp) > MAX_ROW_BYTES && changed.iter().any(|pair| pair.blueprint == name)
+    })
 }
 
 /// The blueprints of the newest live version (of the newest version when none is live).
@@ -189,6 +207,11 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         .map(|v| (v.number, changed_columns(&v.blueprints, new)))
         .collect();
     let mut tally = Tally::default();
+    tally.wide = new
+        .values()
+        .filter(|bp| row_bytes(bp) > MAX_ROW_BYTES)
+        .map(|bp| bp.uid)
+        .collect();
     tally.stake(new, &changed_columns(newest_live(p), new), &pairs, &retired);
     let mut after = None;
     // The columns each item is counted for: an item of a wide blueprint costs as much as hundreds
@@ -268,8 +291,9 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         }
         let totals = tally.versions.get(version).cloned().unwrap_or_default();
         // Duplicates in a column this version's own pairs do not show (it holds the column as the
-        // working copy does, but its newer versions did not) still leave its items out.
-        if totals.1.items_refused_as_duplicates > 0 {
+        // working copy does, but its newer versions did not) still leave its items out, as rows
+        // too large do.
+        if totals.1.items_refused_as_duplicates + totals.1.items_refused_for_row_size > 0 {
             verdict = Verdict::Breaking;
         }
         let forced_since = p
@@ -308,11 +332,12 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
             })
         })
         .collect();
-    // Items of a retired version are no live client's, but one refused as a duplicate is left
-    // out of the new version like a live one.
-    let refused_retired = retired_versions
-        .iter()
-        .any(|r| r.new_clients_reading_old_writes.items_refused_as_duplicates > 0);
+    // Items of a retired version are no live client's, but one refused as a duplicate or for its
+    // row's size is left out of the new version like a live one.
+    let refused_retired = retired_versions.iter().any(|r| {
+        let counts = &r.new_clients_reading_old_writes;
+        counts.items_refused_as_duplicates + counts.items_refused_for_row_size > 0
+    });
     let verdict = versions
         .iter()
         .map(|v| v.verdict)
@@ -347,6 +372,8 @@ struct Tally {
     stake_of: HashMap<(u32, usize), usize>,
     /// Values this count remembers (part of [`TRACKED`]).
     tracked: usize,
+    /// The working copy's blueprints whose rows can outgrow a PostgreSQL row.
+    wide: HashSet<Uid>,
 }
 
 impl Drop for Tally {
@@ -497,10 +524,23 @@ impl Tally {
         // The item as new clients would see it (and would write it again).
         let as_new = transform(&record.body, own, new_bp, 0);
         let new_name = new_name(new, uid);
-        // The unique columns in which an item counted before holds this one's value; an item
-        // the new version cannot hold (a null it allows none) takes no place in its indexes.
-        let duplicated = match self.uniques.is_empty() || forbidden_null(new_bp, &as_new).is_some()
-        {
+        // An item with a null the new version allows none is in none of its stores; one whose
+        // row PostgreSQL cannot hold is not in its table.
+        let enters = forbidden_null(new_bp, &as_new).is_none();
+        let too_big = enters
+            && self.wide.contains(&uid)
+            && row_past_limit(
+                new_bp,
+                new_bp.columns.keys().map(|name| {
+                    as_new
+                        .get(name.as_str())
+                        .unwrap_or(&serde_json::Value::Null)
+                }),
+            )
+            .is_some();
+        // The unique columns in which an item counted before holds this one's value; an item not
+        // in the new version's table takes no place in its indexes.
+        let duplicated = match self.uniques.is_empty() || !enters || too_big {
             true => Vec::new(),
             false => self.duplicated(new_name, &as_new),
         };
@@ -522,8 +562,9 @@ impl Tally {
             let duplicate = !duplicated.is_empty();
             let counts = &mut self.retired.entry(record.version).or_default().1;
             counts.items_losing_a_value += u64::from(lost);
-            counts.items_refused += u64::from(refused || duplicate);
+            counts.items_refused += u64::from(refused || duplicate || too_big);
             counts.items_refused_as_duplicates += u64::from(duplicate);
+            counts.items_refused_for_row_size += u64::from(too_big);
         }
         for (version, columns) in pairs {
             if p.version(*version)
@@ -536,7 +577,9 @@ impl Tally {
             let mine = record.version == *version;
             // Counted in the totals even where no pair of this version shows the column.
             let backward_duplicate = mine && !duplicated.is_empty();
-            let (mut backward_lost, mut backward_refused) = (false, backward_duplicate);
+            let backward_too_big = mine && too_big;
+            let (mut backward_lost, mut backward_refused) =
+                (false, backward_duplicate || backward_too_big);
             for (index, pair) in columns.iter().enumerate() {
                 if pair.blueprint.as_str() != new_name {
                     continue; // a column of another blueprint
@@ -565,6 +608,7 @@ impl Tally {
             totals.1.items_losing_a_value += u64::from(backward_lost);
             totals.1.items_refused += u64::from(backward_refused);
             totals.1.items_refused_as_duplicates += u64::from(backward_duplicate);
+            totals.1.items_refused_for_row_size += u64::from(backward_too_big);
         }
     }
 }

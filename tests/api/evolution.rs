@@ -380,7 +380,8 @@ async fn items_stored_at_a_retired_version_are_counted_as_the_new_version_would_
     assert_eq!(live.len(), 1, "{report}");
     assert_eq!(
         live[0]["new_clients_reading_old_writes"],
-        json!({"items_losing_a_value": 0, "items_refused": 0, "items_refused_as_duplicates": 0}),
+        json!({"items_losing_a_value": 0, "items_refused": 0, "items_refused_as_duplicates": 0,
+                "items_refused_for_row_size": 0}),
         "{report}"
     );
     // Version 1's four items: 1.5 and 7.25 lose their price, and with the missing one are refused.
@@ -388,7 +389,8 @@ async fn items_stored_at_a_retired_version_are_counted_as_the_new_version_would_
         report["retired_versions"],
         json!([{"version": 1, "items": 4, "changes": report["retired_versions"][0]["changes"],
             "new_clients_reading_old_writes":
-                {"items_losing_a_value": 2, "items_refused": 3, "items_refused_as_duplicates": 0}}]),
+                {"items_losing_a_value": 2, "items_refused": 3, "items_refused_as_duplicates": 0,
+                "items_refused_for_row_size": 0}}]),
         "{report}"
     );
     assert!(
@@ -1030,5 +1032,44 @@ async fn a_text_column_becoming_indexed_loses_the_texts_an_index_cannot_hold() {
         .and_then(|live| live.iter().find(|v| v["version"] == 2).cloned())
         .unwrap_or_else(|| panic!("no version 2 in {dry}"));
     assert_eq!(newest["verdict"], "lossless", "{dry}");
+    app.stop().await;
+}
+
+/// A wide blueprint whose values grow (700 integers become texts) can make a row PostgreSQL
+/// refuses ("row is too big"): the report counts the items whose row would not fit, and the freeze
+/// is breaking; an item whose row still fits is not counted.
+#[tokio::test]
+async fn items_whose_row_would_outgrow_postgresql_are_counted_as_refused() {
+    let app = spawn_app().await;
+    let wide = |ty: &str| {
+        let columns: serde_json::Map<String, Value> = (0..700)
+            .map(|i| (format!("c{i}"), json!({"type": ty})))
+            .collect();
+        json!({
+            "postgresql": {"table": "wide"},
+            "elasticsearch": {"type": "wide"},
+            "columns": columns
+        })
+    };
+    app.put_and_freeze("sheet", "row", &wide("integer")).await;
+    for value in [i32::MIN, 1] {
+        let id = Uuid::new_v4();
+        let mut item: serde_json::Map<String, Value> =
+            (0..700).map(|i| (format!("c{i}"), json!(value))).collect();
+        item.insert("id".into(), json!(id));
+        item.insert("project_version".into(), json!(1));
+        let put = app
+            .put(&format!("/sheet/row/{id}"), &Value::Object(item))
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    app.put("/sheet/row/_blueprint", &wide("string")).await;
+    let refused = app.post("/sheet/_version", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    let report = &refused.body["report"];
+    assert_eq!(report["verdict"], "breaking", "{report}");
+    let totals = &report["live_versions"][0]["new_clients_reading_old_writes"];
+    assert_eq!(totals["items_refused_for_row_size"], 1, "{report}");
+    assert_eq!(totals["items_refused"], 1, "{report}");
     app.stop().await;
 }
