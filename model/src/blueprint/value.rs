@@ -242,6 +242,15 @@ pub fn parse_datetime(raw: &str) -> Result<DateTime<Utc>, String> {
         });
     if let Some(t) = parsed {
         check_year(t.year(), raw)?;
+        // chrono keeps a leap second as the second before it, PostgreSQL reads it as the second
+        // after it: the stores would disagree.
+        if t.nanosecond() >= 1_000_000_000 {
+            return Err(format!(
+                "{:?} is a leap second (:60), which the stores read as different times; send the \
+                 second after it",
+                excerpt_str(raw)
+            ));
+        }
         return Ok(t);
     }
     Err(format!(
@@ -448,6 +457,14 @@ mod tests {
             Ok(json!("2020-01-02 03:04:05.250000"))
         );
         assert!(one(BaseType::DateTime, json!("2020-13-02 03:04:05")).is_err());
+        for leap in [
+            "2016-12-31T23:59:60Z",
+            "2016-12-31 23:59:60",
+            "2016-12-31T23:59:60.5Z",
+        ] {
+            let refused = one(BaseType::DateTime, json!(leap)).unwrap_err();
+            assert!(refused.contains("leap second"), "{leap}: {refused}");
+        }
         assert!(one(BaseType::DateTime, json!("2021-02-29T00:00:00")).is_err());
         assert!(one(BaseType::DateTime, json!("2021-02-28 24:00:00")).is_err());
         assert!(one(BaseType::DateTime, json!("2021-02-28 2a:00:00")).is_err());
