@@ -168,6 +168,7 @@ impl From<StorageError> for ApiError {
             | StorageError::Backlog { .. }
             | StorageError::Unavailable(_)) => ApiError::Unavailable(e.to_string()),
             StorageError::Corrupt(cause) => ApiError::internal(cause),
+            StorageError::Cursor(m) => ApiError::bad_request("after", m),
         }
     }
 }

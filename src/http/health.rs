@@ -193,9 +193,11 @@ const MAX_DEAD_LETTERS: usize = 1000;
 pub struct DeadLetterParams {
     limit: Option<usize>,
     projector: Option<String>,
+    after: Option<String>,
 }
 
-/// GET /_dead_letters?projector=&limit=: the tasks a store refused for good, with the reason.
+/// GET /_dead_letters?projector=&limit=&after=: the tasks a store refused for good, with the
+/// reason, oldest first; `next`, when there may be more, is the `after` of the next page.
 pub async fn dead_letters(
     state: State,
     params: Query<DeadLetterParams>,
@@ -210,12 +212,13 @@ pub async fn dead_letters(
     if let Some(name) = &params.projector {
         known_projector(&state, name)?;
     }
-    let letters = state
+    let (letters, next) = state
         .storage
-        .dead_letters(params.projector.as_deref(), limit)
+        .dead_letters(params.projector.as_deref(), params.after.as_deref(), limit)
         .await?;
     Ok(HttpResponse::Ok().json(DeadLetters {
         dead_letters: &letters,
+        next,
     }))
 }
 
@@ -226,6 +229,8 @@ pub async fn dead_letters(
 #[derive(serde::Serialize)]
 struct DeadLetters<'a> {
     dead_letters: &'a [crate::journal::DeadLetter],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    next: Option<String>,
 }
 
 /// A 404 unless `name` is an enabled projector.

@@ -384,30 +384,39 @@ impl Journal {
     }
 
     /// Dead letters, oldest first; only those of `projector` when given.
+    /// At most `limit` dead letters (of `projector`) whose keys follow `after`, and the key of
+    /// the last one.
     pub fn dead_letters(
         &self,
         projector: Option<&str>,
+        after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<DeadLetter>, JournalError> {
-        Ok(self
-            .dead_entries(projector, limit)?
-            .into_iter()
-            .map(|(_, letter)| letter)
-            .collect())
+    ) -> Result<(Vec<DeadLetter>, Option<Vec<u8>>), JournalError> {
+        let entries = self.dead_entries(projector, after, limit)?;
+        let last = entries.last().map(|(key, _)| key.clone());
+        Ok((
+            entries.into_iter().map(|(_, letter)| letter).collect(),
+            last,
+        ))
     }
 
     fn dead_entries(
         &self,
         projector: Option<&str>,
+        after: Option<&[u8]>,
         limit: usize,
     ) -> Result<Vec<(Vec<u8>, DeadLetter)>, JournalError> {
         let prefix = projector.map(keys::projector_prefix).unwrap_or_default();
+        let start = after.filter(|a| *a > prefix.as_slice()).unwrap_or(&prefix);
         let mut out = Vec::new();
         for entry in self.db.iterator_cf(
             self.cf(CF_DEAD),
-            IteratorMode::From(&prefix, rocksdb::Direction::Forward),
+            IteratorMode::From(start, rocksdb::Direction::Forward),
         ) {
             let (key, value) = entry?;
+            if after.is_some_and(|a| *key == *a) {
+                continue;
+            }
             if !key.starts_with(&prefix) || out.len() >= limit {
                 break;
             }
@@ -421,7 +430,7 @@ impl Journal {
     /// Queues dead letters again (after the cause was fixed), behind every pending task; the
     /// revision guard keeps them from undoing anything newer. Answers how many were queued.
     pub async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, JournalError> {
-        let mut letters = self.dead_entries(projector, usize::MAX)?;
+        let mut letters = self.dead_entries(projector, None, usize::MAX)?;
         // A task that cannot be decoded stays a dead letter: no retry could apply it.
         letters.retain(|(_, letter)| letter.task.is_some());
         if letters.is_empty() {

@@ -356,9 +356,27 @@ impl Storage for EmbeddedStorage {
     async fn dead_letters(
         &self,
         projector: Option<&str>,
+        after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<DeadLetter>, StorageError> {
-        Ok(self.journal.dead_letters(projector, limit)?)
+    ) -> Result<(Vec<DeadLetter>, Option<String>), StorageError> {
+        // The cursor is the last letter's key, in hex.
+        let after = after
+            .map(|cursor| {
+                unhex(cursor).ok_or_else(|| {
+                    StorageError::Cursor(format!(
+                        "{:?} is not a cursor this node gave (the \"next\" of an earlier answer)",
+                        crate::blueprint::value::excerpt_str(cursor)
+                    ))
+                })
+            })
+            .transpose()?;
+        let (letters, last) = self
+            .journal
+            .dead_letters(projector, after.as_deref(), limit)?;
+        let next = last
+            .filter(|_| letters.len() == limit)
+            .map(|key| crate::auth::hex(&key));
+        Ok((letters, next))
     }
 
     async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, StorageError> {
@@ -490,6 +508,17 @@ impl Storage for EmbeddedStorage {
             table_readers_bytes: self.journal.table_readers_bytes(),
         }
     }
+}
+
+/// Lowercase or uppercase hex digits as bytes; `None` for anything else.
+fn unhex(text: &str) -> Option<Vec<u8>> {
+    if text.len() % 2 != 0 || !text.bytes().all(|b| b.is_ascii_hexdigit()) {
+        return None;
+    }
+    (0..text.len())
+        .step_by(2)
+        .map(|at| u8::from_str_radix(text.get(at..at + 2)?, 16).ok())
+        .collect()
 }
 
 #[cfg(test)]

@@ -79,6 +79,9 @@ pub enum StorageError {
     /// Something stored cannot be read: a bug or a damaged store.
     #[error("{0}")]
     Corrupt(String),
+    /// A paging cursor this backend never gave.
+    #[error("{0}")]
+    Cursor(String),
 }
 
 /// Whether a write into `project` goes on while `projector`, the projector furthest behind, has
@@ -367,11 +370,15 @@ pub trait Storage: Send + Sync {
     fn check_backlog(&self) -> Result<(), StorageError>;
 
     /// Dead letters, oldest first; those of `projector` only when given.
+    /// Dead letters in order, at most `limit` of them after `after` (a cursor this backend gave
+    /// as `next`: opaque to clients), and the cursor of the last one when there may be more.
+    /// A cursor that is not this backend's is `StorageError::Cursor`.
     async fn dead_letters(
         &self,
         projector: Option<&str>,
+        after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<DeadLetter>, StorageError>;
+    ) -> Result<(Vec<DeadLetter>, Option<String>), StorageError>;
 
     /// Queues dead letters again; answers how many.
     async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, StorageError>;

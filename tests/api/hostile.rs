@@ -1613,6 +1613,73 @@ async fn deleting_a_project_removes_its_dead_letters() {
     app.stop().await;
 }
 
+/// Dead letters are read a page at a time: `next` is the `after` of the page that follows, so a
+/// flood of refusals never hides the newest; a cursor the deployment did not give is a 400 naming
+/// `after`. Both backends.
+#[tokio::test]
+async fn dead_letters_are_read_a_page_at_a_time() {
+    dead_letters_in_pages(false).await;
+}
+
+#[tokio::test]
+async fn in_cluster_mode_dead_letters_are_read_a_page_at_a_time() {
+    dead_letters_in_pages(true).await;
+}
+
+async fn dead_letters_in_pages(cluster: bool) {
+    let db = crate::postgres::TestDatabase::create().await;
+    let url = db.settings().url;
+    let picky = Picky::default();
+    let app = spawn_app_with_projectors(
+        move |s| {
+            if cluster {
+                s.storage.backend = dstore::config::Backend::Postgresql;
+                s.storage.url = url;
+            }
+        },
+        vec![Arc::new(picky)],
+    )
+    .await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let mut boom = item();
+    boom["title"] = json!("boom");
+    for _ in 0..5 {
+        let put = app
+            .put(
+                &format!("/myblog/article/{}?wait=true", Uuid::new_v4()),
+                &boom,
+            )
+            .await;
+        assert_eq!(put.body["projected"], false, "{}", put.body);
+    }
+    let mut seen = Vec::new();
+    let mut path = "/_dead_letters?limit=2".to_string();
+    for _ in 0..4 {
+        let page = app.get(&path).await;
+        assert_eq!(page.status, 200, "{}", page.body);
+        let letters = page.body["dead_letters"].as_array().cloned().unwrap();
+        assert!(letters.len() <= 2, "{}", page.body);
+        seen.extend(letters.iter().map(|l| l["task"].clone()));
+        match page.body["next"].as_str() {
+            Some(next) => path = format!("/_dead_letters?limit=2&after={next}"),
+            None => break,
+        }
+    }
+    assert_eq!(seen.len(), 5, "{seen:?}");
+    let distinct: std::collections::HashSet<String> = seen.iter().map(Value::to_string).collect();
+    assert_eq!(distinct.len(), 5, "{seen:?}");
+    for cursor in ["zz", "x/y", "%00", "abc"] {
+        let refused = app.get(&format!("/_dead_letters?after={cursor}")).await;
+        assert_eq!(refused.status, 400, "{cursor}: {}", refused.body);
+        assert_eq!(
+            refused.body["errors"][0]["path"], "after",
+            "{}",
+            refused.body
+        );
+    }
+    app.stop().await;
+}
+
 /// A drop a store refused is a dead letter; once the name is made again, retrying it would remove
 /// the new project from the store, so it is not retried; dropping the name again removes it.
 #[tokio::test]

@@ -1147,18 +1147,49 @@ impl Storage for PgStorage {
     async fn dead_letters(
         &self,
         projector: Option<&str>,
+        after: Option<&str>,
         limit: usize,
-    ) -> Result<Vec<DeadLetter>, StorageError> {
-        let letters: Vec<sqlx::types::Json<DeadLetter>> = sqlx::query_scalar(
-            "SELECT letter FROM dead_letters WHERE $1::text IS NULL OR projector = $1 \
-             ORDER BY projector, project, revision LIMIT $2",
+    ) -> Result<(Vec<DeadLetter>, Option<String>), StorageError> {
+        // The cursor is the last letter's key: `projector/project/revision`.
+        let after = match after {
+            None => None,
+            Some(cursor) => Some(dead_letter_cursor(cursor).ok_or_else(|| {
+                StorageError::Cursor(format!(
+                    "{:?} is not a cursor this cluster gave (the \"next\" of an earlier answer)",
+                    crate::blueprint::value::excerpt_str(cursor)
+                ))
+            })?),
+        };
+        let paged = after.is_some();
+        let (after_projector, after_project, after_revision) = after.unwrap_or_default();
+        let rows = sqlx::query(
+            "SELECT projector, project, revision, letter FROM dead_letters \
+             WHERE ($1::text IS NULL OR projector = $1) \
+             AND ($2::bool IS FALSE OR (projector, project, revision) > ($3, $4, $5)) \
+             ORDER BY projector, project, revision LIMIT $6",
         )
         .bind(projector)
+        .bind(paged)
+        .bind(after_projector)
+        .bind(after_project)
+        .bind(after_revision)
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await
         .map_err(|e| unavailable("read dead letters", &e))?;
-        Ok(letters.into_iter().map(|l| l.0).collect())
+        let next = rows.last().filter(|_| rows.len() == limit).map(|row| {
+            let (projector, project, revision): (String, String, i64) = (
+                row.get("projector"),
+                row.get("project"),
+                row.get("revision"),
+            );
+            format!("{projector}/{project}/{revision}")
+        });
+        let letters = rows
+            .into_iter()
+            .map(|row| row.get::<sqlx::types::Json<DeadLetter>, _>("letter").0)
+            .collect();
+        Ok((letters, next))
     }
 
     async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, StorageError> {
@@ -1413,6 +1444,15 @@ impl Storage for PgStorage {
             Err(_) => Stats::default(),
         }
     }
+}
+
+/// A dead letters cursor, `projector/project/revision`, as `dead_letters` gives it.
+fn dead_letter_cursor(cursor: &str) -> Option<(String, String, i64)> {
+    let mut parts = cursor.splitn(3, '/');
+    let (projector, project, revision) = (parts.next()?, parts.next()?, parts.next()?);
+    let revision = revision.parse().ok()?;
+    (projector.len() <= 200 && project.len() <= 200)
+        .then(|| (projector.to_owned(), project.to_owned(), revision))
 }
 
 #[cfg(test)]
