@@ -294,6 +294,7 @@ mod tests {
         }];
         let text = serde_json::to_string(&DeadLetters {
             dead_letters: &letters,
+            next: None,
         })
         .expect("written as it is");
         let brackets = "[".repeat(200) + "1" + &"]".repeat(200);

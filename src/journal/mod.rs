@@ -1226,7 +1226,7 @@ mod tests {
             .map(|t| t.seq)
             .collect();
         assert_eq!(left, seqs[4..]);
-        let letters = journal.dead_letters(Some("store"), 10).unwrap();
+        let letters = journal.dead_letters(Some("store"), None, 10).unwrap().0;
         assert_eq!(letters.len(), 1);
         assert_eq!(letters[0].seq, seqs[2]);
         assert!(letters[0].task.is_some(), "the letter keeps its task");

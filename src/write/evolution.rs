@@ -41,7 +41,7 @@ use crate::blueprint::transform::{forbidden_null, transform};
 use crate::blueprint::unique::unique_key;
 use crate::blueprint::{Blueprint, Blueprints, Change, Column, ColumnType, Ident, Uid};
 use crate::catalog::{Compatibility, Project};
-use crate::projector::postgres::{row_bytes, row_past_limit, MAX_ROW_BYTES};
+use crate::projector::postgres::{row_bytes, row_bytes_at_least, MAX_ROW_BYTES};
 use crate::storage::Storage;
 
 /// Items read at once while counting.
@@ -64,7 +64,7 @@ pub struct Report {
     /// The number the version would get.
     pub version: u32,
     /// The worst verdict over every live version and direction (`breaking` too when items of a
-    /// retired version would be refused as duplicates).
+    /// retired version would be refused as duplicates or for their row's size).
     pub verdict: Verdict,
     /// Whether `POST /{project}/_version` would freeze it without `?force=true`.
     pub allowed: bool,
@@ -135,7 +135,8 @@ pub struct Direction {
 /// Whether the working copy may be frozen: `Ok(forced)`, whether it takes `force` (the version is
 /// then marked forced), or the report that refuses it without `force`. The verdicts decide first,
 /// without counting (with `force`, a freeze they refuse goes through uncounted); a column made
-/// unique is then counted on the stored items, as only they tell whether it refuses any.
+/// unique, or a wide blueprint changed, is then counted on the stored items, as only they tell
+/// whether the new version refuses any.
 pub async fn judge(
     storage: &dyn Storage,
     p: &Project,
@@ -168,10 +169,21 @@ pub fn uniqueness_at_stake(p: &Project) -> bool {
 /// (`row_past_limit`) changes since the newest live version: then only the stored items tell
 /// whether the new version's table refuses some.
 pub fn row_size_at_stake(p: &Project) -> bool {
+    !wide_and_changed(p).is_empty()
+}
+
+/// The working copy's blueprints whose rows can outgrow a PostgreSQL row and that changed since
+/// the newest live version (one unchanged refuses no more than that version's table does).
+fn wide_and_changed(p: &Project) -> HashSet<Uid> {
     let changed = changed_columns(newest_live(p), &p.working.blueprints);
-    p.working.blueprints.iter().any(|(name, bp)| {
-        row_bytes(bp) > MAX_ROW_BYTES && changed.iter().any(|pair| pair.blueprint == name)
-    })
+    p.working
+        .blueprints
+        .iter()
+        .filter(|(name, bp)| {
+            row_bytes(bp) > MAX_ROW_BYTES && changed.iter().any(|pair| pair.blueprint == *name)
+        })
+        .map(|(_, bp)| bp.uid)
+        .collect()
 }
 
 /// The blueprints of the newest live version (of the newest version when none is live).
@@ -207,11 +219,7 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         .map(|v| (v.number, changed_columns(&v.blueprints, new)))
         .collect();
     let mut tally = Tally::default();
-    tally.wide = new
-        .values()
-        .filter(|bp| row_bytes(bp) > MAX_ROW_BYTES)
-        .map(|bp| bp.uid)
-        .collect();
+    tally.wide = wide_and_changed(p);
     tally.stake(new, &changed_columns(newest_live(p), new), &pairs, &retired);
     let mut after = None;
     // The columns each item is counted for: an item of a wide blueprint costs as much as hundreds
@@ -421,7 +429,14 @@ impl Tally {
         if !newest.iter().any(ColumnPair::uniqueness_at_stake) {
             return;
         }
-        for (blueprint, bp) in new {
+        // Only the blueprints with a column at stake: another's values could never be a
+        // duplicate counted, and would only take room.
+        let staked = |blueprint: &Ident| {
+            newest
+                .iter()
+                .any(|pair| pair.uniqueness_at_stake() && pair.blueprint == blueprint)
+        };
+        for (blueprint, bp) in new.iter().filter(|(name, _)| staked(name)) {
             for (column, c) in bp.columns.iter().filter(|(_, c)| c.def.unique) {
                 self.uniques.push(Unique {
                     blueprint: blueprint.clone(),
@@ -527,17 +542,20 @@ impl Tally {
         // An item with a null the new version allows none is in none of its stores; one whose
         // row PostgreSQL cannot hold is not in its table.
         let enters = forbidden_null(new_bp, &as_new).is_none();
+        let row_too_big = |bp: &Blueprint, item: &serde_json::Map<String, serde_json::Value>| {
+            let values = bp
+                .columns
+                .keys()
+                .map(|name| item.get(name.as_str()).unwrap_or(&serde_json::Value::Null));
+            row_bytes_at_least(bp, values) > MAX_ROW_BYTES
+        };
+        // Not this freeze's doing when the newest live version's table refuses the row already.
         let too_big = enters
             && self.wide.contains(&uid)
-            && row_past_limit(
-                new_bp,
-                new_bp.columns.keys().map(|name| {
-                    as_new
-                        .get(name.as_str())
-                        .unwrap_or(&serde_json::Value::Null)
-                }),
-            )
-            .is_some();
+            && row_too_big(new_bp, &as_new)
+            && blueprint_with(newest_live(p), uid).is_none_or(|newest| {
+                !row_too_big(newest, &transform(&record.body, own, newest, 0))
+            });
         // The unique columns in which an item counted before holds this one's value; an item not
         // in the new version's table takes no place in its indexes.
         let duplicated = match self.uniques.is_empty() || !enters || too_big {

@@ -1071,5 +1071,20 @@ async fn items_whose_row_would_outgrow_postgresql_are_counted_as_refused() {
     let totals = &report["live_versions"][0]["new_clients_reading_old_writes"];
     assert_eq!(totals["items_refused_for_row_size"], 1, "{report}");
     assert_eq!(totals["items_refused"], 1, "{report}");
+    // Forced, then the blueprint changes again: the row version 2 refuses already is not the new
+    // freeze's doing, and a dry run and the freeze agree.
+    assert_eq!(
+        app.post("/sheet/_version?force=true", None).await.status,
+        200
+    );
+    // (Version 1's clients would lose the texts version 2 writes: retired, it no longer judges.)
+    app.post("/sheet/_version/1/_retire", None).await;
+    let mut more = wide("string");
+    more["columns"]["note"] = json!({"type": "string"});
+    app.put("/sheet/row/_blueprint", &more).await;
+    let dry = app.post("/sheet/_version?dry_run=true", None).await.body;
+    assert_eq!(dry["allowed"], true, "{dry}");
+    let frozen = app.post("/sheet/_version", None).await;
+    assert_eq!(frozen.status, 200, "{}", frozen.body);
     app.stop().await;
 }

@@ -18,7 +18,7 @@ mod read;
 mod values;
 mod write;
 
-pub use ddl::{relation_names, row_bytes, row_past_limit, MAX_ROW_BYTES};
+pub use ddl::{relation_names, row_bytes, row_bytes_at_least, row_past_limit, MAX_ROW_BYTES};
 
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicBool, Ordering};
