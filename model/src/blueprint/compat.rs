@@ -208,13 +208,16 @@ fn rules(from: &ColumnDef, to: &ColumnDef) -> Option<String> {
     // An indexed or unique text holds at most MAX_INDEXED_TEXT_BYTES (`check_rules`): a column
     // becoming one loses longer texts, unless its characters were few enough to fit already.
     // Numbers, dates, uuids and booleans become short texts; JSON and geometries may not.
+    // A `truncate` to a max_length that short cuts every text to fit.
     let indexed = |d: &ColumnDef| (d.index || d.unique) && d.ty.base().is_textual();
-    let long = match from.ty.base() {
-        base if base.is_textual() => f
-            .max_length
-            .is_none_or(|max| max.saturating_mul(4) > MAX_INDEXED_TEXT_BYTES as u64),
-        base => base == BaseType::Json || base.is_geometry(),
+    let fits = |max: Option<u64>| {
+        max.is_some_and(|max| max.saturating_mul(4) <= MAX_INDEXED_TEXT_BYTES as u64)
     };
+    let long = !(cut && fits(t.max_length))
+        && match from.ty.base() {
+            base if base.is_textual() => !fits(f.max_length),
+            base => base == BaseType::Json || base.is_geometry(),
+        };
     if indexed(to) && !indexed(from) && long {
         return Some(format!(
             "texts over {MAX_INDEXED_TEXT_BYTES} bytes, the most an indexed or unique column holds"
@@ -383,6 +386,25 @@ mod tests {
         assert!(!at_stake(Some(unique(text())), Some(commented)));
         assert!(!at_stake(Some(unique(text())), Some(text())));
         assert!(!at_stake(Some(unique(text())), None));
+    }
+
+    /// An indexed or unique text holds 2000 bytes: a text column becoming one is lossy, unless its
+    /// texts were 500 characters at most or are cut to that many.
+    #[test]
+    fn a_text_column_becoming_indexed_is_lossy_unless_its_texts_fit() {
+        let mut indexed = def("text");
+        indexed.index = true;
+        assert_eq!(assess(&def("text"), &indexed).verdict, Verdict::Lossy);
+        assert_eq!(assess(&def("integer"), &indexed).verdict, Verdict::Lossless);
+        let mut short = def("text");
+        short.validation.max_length = Some(500);
+        assert_eq!(assess(&short, &indexed).verdict, Verdict::Lossless);
+        let mut cut = indexed.clone();
+        cut.validation.max_length = Some(100);
+        cut.convert = Some(Convert::Truncate);
+        assert_eq!(assess(&def("text"), &cut).verdict, Verdict::Lossless);
+        cut.validation.max_length = Some(501);
+        assert_eq!(assess(&def("text"), &cut).verdict, Verdict::Lossy);
     }
 
     #[test]
