@@ -37,6 +37,9 @@ pub(super) fn count_tasks(db: &rocksdb::DB, projector: &str) -> Result<u64, Jour
     Ok(count)
 }
 
+/// Dead letters read and queued again at once by a retry.
+pub(super) const RETRY_PAGE: usize = 1000;
+
 impl Journal {
     /// Iterates a projector's pending tasks from its floor, oldest first.
     fn scan_tasks(
@@ -429,17 +432,33 @@ impl Journal {
 
     /// Queues dead letters again (after the cause was fixed), behind every pending task; the
     /// revision guard keeps them from undoing anything newer. Answers how many were queued.
+    ///
+    /// Read and queued [`RETRY_PAGE`] letters at a time, so a flood of them never sits in memory at
+    /// once; only those there when the call began (a task queued again that fails again has a
+    /// later seq), so a store that keeps refusing cannot keep the call going.
     pub async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, JournalError> {
-        let mut letters = self.dead_entries(projector, None, usize::MAX)?;
-        // A task that cannot be decoded stays a dead letter: no retry could apply it.
-        letters.retain(|(_, letter)| letter.task.is_some());
-        if letters.is_empty() {
-            return Ok(0);
+        let until = self.last_seq();
+        let (mut after, mut count) = (None::<Vec<u8>>, 0);
+        let mut names = std::collections::BTreeSet::new();
+        loop {
+            let mut letters = self.dead_entries(projector, after.as_deref(), RETRY_PAGE)?;
+            let full = letters.len() == RETRY_PAGE;
+            let Some((last, _)) = letters.last() else {
+                break;
+            };
+            after = Some(last.clone());
+            // A task that cannot be decoded stays a dead letter: no retry could apply it.
+            letters.retain(|(key, letter)| letter.task.is_some() && keys::task_seq(key) <= until);
+            names.extend(letters.iter().map(|(_, l)| l.projector.clone()));
+            if !letters.is_empty() {
+                count += self
+                    .send(|reply| Command::Requeue { letters, reply })
+                    .await?;
+            }
+            if !full {
+                break;
+            }
         }
-        let names: Vec<String> = letters.iter().map(|(_, l)| l.projector.clone()).collect();
-        let count = self
-            .send(|reply| Command::Requeue { letters, reply })
-            .await?;
         for name in names {
             if let Some(lane) = self.lanes.get(name.as_str()) {
                 lane.retry.notify_one();

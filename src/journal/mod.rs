@@ -1193,6 +1193,47 @@ mod tests {
         assert_eq!(journal.outbox("store", read[3].0, 1000).unwrap().len(), 3);
     }
 
+    /// A retry reads and queues the dead letters a page at a time, every one of them, and only
+    /// those there when it began: a task queued again and refused again waits for the next retry.
+    #[tokio::test]
+    async fn a_retry_queues_every_letter_a_page_at_a_time_and_only_those_there_before_it() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            ..
+        } = fixture(Durability::Buffered, vec!["store"]).await;
+        let migration = journal.pending("store", 10).unwrap();
+        journal
+            .ack("store", &[migration[0].seq], Vec::new())
+            .unwrap();
+        let n = 2 * lanes::RETRY_PAGE + 7;
+        for i in 0..n {
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("t{i}")).await;
+        }
+        let refuse_all = |journal: &Journal| {
+            let tasks = journal.pending("store", 10 * n).unwrap();
+            let letters: Vec<DeadLetter> = tasks
+                .iter()
+                .map(|t| {
+                    let raw = journal.pending_raw("store", t.seq).unwrap().unwrap();
+                    DeadLetter::from_raw("store", t.seq, &raw, "refused".into())
+                })
+                .collect();
+            let run = tasks[0].seq..=tasks[tasks.len() - 1].seq;
+            journal.ack_run("store", run, 0, letters).unwrap();
+            tasks.len()
+        };
+        assert_eq!(refuse_all(&journal), n);
+        assert_eq!(journal.retry_dead_letters(Some("store")).await.unwrap(), n);
+        assert_eq!(journal.pending("store", 10 * n).unwrap().len(), n);
+        assert!(journal.dead_letters(None, None, 10).unwrap().0.is_empty());
+        // Refused again: a second retry takes them all again, the first never looped on them.
+        assert_eq!(refuse_all(&journal), n);
+        assert_eq!(journal.retry_dead_letters(None).await.unwrap(), n);
+    }
+
     #[tokio::test]
     async fn a_settled_run_goes_with_one_range_deletion_and_moves_the_floor_past_it() {
         let Fixture {
