@@ -1193,6 +1193,14 @@ mod tests {
         assert_eq!(journal.outbox("store", read[3].0, 1000).unwrap().len(), 3);
     }
 
+    /// Acknowledges the fixture's first task, its migration, so the store's next tasks are items.
+    fn ack_migration(journal: &Journal) {
+        let migration = journal.pending("store", 10).unwrap();
+        journal
+            .ack("store", &[migration[0].seq], Vec::new())
+            .unwrap();
+    }
+
     /// A retry reads and queues the dead letters a page at a time, every one of them, and only
     /// those there when it began: a task queued again and refused again waits for the next retry.
     #[tokio::test]
@@ -1204,10 +1212,7 @@ mod tests {
             project,
             ..
         } = fixture(Durability::Buffered, vec!["store"]).await;
-        let migration = journal.pending("store", 10).unwrap();
-        journal
-            .ack("store", &[migration[0].seq], Vec::new())
-            .unwrap();
+        ack_migration(&journal);
         let n = 2 * lanes::RETRY_PAGE + 7;
         for i in 0..n {
             conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("t{i}")).await;
@@ -1243,10 +1248,7 @@ mod tests {
             project,
             ..
         } = fixture(Durability::Buffered, vec!["store"]).await;
-        let migration = journal.pending("store", 10).unwrap();
-        journal
-            .ack("store", &[migration[0].seq], Vec::new())
-            .unwrap();
+        ack_migration(&journal);
         for n in 0..6 {
             conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("t{n}")).await;
         }

@@ -419,30 +419,24 @@ impl Tally {
         live: &[(u32, Vec<ColumnPair>)],
         retired: &[(u32, Vec<ColumnPair>)],
     ) {
-        let at_stake = |blueprint: &Ident, column: &Ident| {
-            newest.iter().any(|pair| {
-                pair.uniqueness_at_stake()
-                    && pair.blueprint == blueprint
-                    && pair.new.is_some_and(|(name, _)| name == column)
-            })
-        };
-        if !newest.iter().any(ColumnPair::uniqueness_at_stake) {
-            return;
-        }
+        // (blueprint, column) of each column at stake.
+        let at_stake: Vec<(&Ident, &Ident)> = newest
+            .iter()
+            .filter(|pair| pair.uniqueness_at_stake())
+            .filter_map(|pair| pair.new.map(|(name, _)| (pair.blueprint, name)))
+            .collect();
         // Only the blueprints with a column at stake: another's values could never be a
         // duplicate counted, and would only take room.
-        let staked = |blueprint: &Ident| {
-            newest
-                .iter()
-                .any(|pair| pair.uniqueness_at_stake() && pair.blueprint == blueprint)
-        };
-        for (blueprint, bp) in new.iter().filter(|(name, _)| staked(name)) {
+        for (blueprint, bp) in new
+            .iter()
+            .filter(|(name, _)| at_stake.iter().any(|(b, _)| b == name))
+        {
             for (column, c) in bp.columns.iter().filter(|(_, c)| c.def.unique) {
                 self.uniques.push(Unique {
                     blueprint: blueprint.clone(),
                     column: column.clone(),
                     ty: c.def.ty,
-                    at_stake: at_stake(blueprint, column),
+                    at_stake: at_stake.contains(&(blueprint, column)),
                     seen: HashSet::new(),
                     capped: false,
                 });
@@ -631,7 +625,6 @@ impl Tally {
     }
 }
 
-/// The working copy's name of the blueprint with `uid`.
 /// An item's column moving from `from` (as stored in `body`) to `to`: whether its value is lost
 /// and whether the item is refused. A column `to` adds arrives null.
 fn crossing(
@@ -650,6 +643,7 @@ fn crossing(
     }
 }
 
+/// The working copy's name of the blueprint with `uid`.
 fn new_name(new: &Blueprints, uid: Uid) -> &str {
     new.iter()
         .find(|(_, bp)| bp.uid == uid)

@@ -1583,11 +1583,8 @@ async fn a_waiting_writer_that_times_out_still_hears_which_store_refused_its_wri
     app.stop().await;
 }
 
-#[tokio::test]
-async fn deleting_a_project_removes_its_dead_letters() {
-    let picky = Picky::default();
-    let app = spawn_app_with_projectors(|_| {}, vec![Arc::new(picky)]).await;
-    app.put_and_freeze("myblog", "article", &article()).await;
+/// Writes a new article `Picky` refuses (its title is "boom") and waits for the refusal.
+async fn put_refused(app: &TestApp) -> Answer {
     let mut boom = item();
     boom["title"] = json!("boom");
     let put = app
@@ -1597,6 +1594,15 @@ async fn deleting_a_project_removes_its_dead_letters() {
         )
         .await;
     assert_eq!(put.body["projected"], false, "{}", put.body);
+    put
+}
+
+#[tokio::test]
+async fn deleting_a_project_removes_its_dead_letters() {
+    let picky = Picky::default();
+    let app = spawn_app_with_projectors(|_| {}, vec![Arc::new(picky)]).await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let put = put_refused(&app).await;
     assert_eq!(put.body["refused"][0]["projector"], "picky", "{}", put.body);
     assert_eq!(
         app.get("/_dead_letters").await.body["dead_letters"]
@@ -1641,16 +1647,8 @@ async fn dead_letters_in_pages(cluster: bool) {
     )
     .await;
     app.put_and_freeze("myblog", "article", &article()).await;
-    let mut boom = item();
-    boom["title"] = json!("boom");
     for _ in 0..5 {
-        let put = app
-            .put(
-                &format!("/myblog/article/{}?wait=true", Uuid::new_v4()),
-                &boom,
-            )
-            .await;
-        assert_eq!(put.body["projected"], false, "{}", put.body);
+        put_refused(&app).await;
     }
     let mut seen = Vec::new();
     let mut path = "/_dead_letters?limit=2".to_string();
