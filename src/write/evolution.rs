@@ -103,9 +103,12 @@ pub struct VersionReport {
     pub note: Option<String>,
 }
 
+/// Items counted once each way: refused, or else losing a value (the two never overlap).
 #[derive(Clone, Debug, Default, Serialize)]
 pub struct Counts {
+    /// Items in the version with at least one value arriving as null.
     pub items_losing_a_value: u64,
+    /// Items not in the version (a null its column allows none), or not in its PostgreSQL table.
     pub items_refused: u64,
     /// Of `items_refused`, those whose value in a column made unique another stored item holds.
     pub items_refused_as_duplicates: u64,
@@ -573,8 +576,9 @@ impl Tally {
             }
             let duplicate = !duplicated.is_empty();
             let counts = &mut self.retired.entry(record.version).or_default().1;
-            counts.items_losing_a_value += u64::from(lost);
-            counts.items_refused += u64::from(refused || duplicate || too_big);
+            let refused = refused || duplicate || too_big;
+            counts.items_losing_a_value += u64::from(lost && !refused);
+            counts.items_refused += u64::from(refused);
             counts.items_refused_as_duplicates += u64::from(duplicate);
             counts.items_refused_for_row_size += u64::from(too_big);
         }
@@ -600,14 +604,14 @@ impl Tally {
                 let entry = self.columns.entry((*version, index)).or_default();
                 // Old clients reading the item as new clients write it.
                 let (lose, refuse) = crossing(&as_new, pair.new, pair.old);
-                entry.0.items_losing_a_value += u64::from(lose);
+                entry.0.items_losing_a_value += u64::from(lose && !refuse);
                 entry.0.items_refused += u64::from(refuse);
                 forward_lost |= lose;
                 forward_refused |= refuse;
                 // New clients reading the item stored at this version.
                 if mine {
                     let (lose, refuse) = crossing(&record.body, pair.old, pair.new);
-                    entry.1.items_losing_a_value += u64::from(lose);
+                    entry.1.items_losing_a_value += u64::from(lose && !(refuse || duplicate));
                     entry.1.items_refused += u64::from(refuse || duplicate);
                     entry.1.items_refused_as_duplicates += u64::from(duplicate);
                     backward_lost |= lose;
@@ -615,9 +619,11 @@ impl Tally {
                 }
             }
             let totals = self.versions.entry(*version).or_default();
-            totals.0.items_losing_a_value += u64::from(forward_lost);
+            // An item counts once each way: refused when it is not in the version (or not in
+            // its PostgreSQL table), else losing a value when one arrives as null.
+            totals.0.items_losing_a_value += u64::from(forward_lost && !forward_refused);
             totals.0.items_refused += u64::from(forward_refused);
-            totals.1.items_losing_a_value += u64::from(backward_lost);
+            totals.1.items_losing_a_value += u64::from(backward_lost && !backward_refused);
             totals.1.items_refused += u64::from(backward_refused);
             totals.1.items_refused_as_duplicates += u64::from(backward_duplicate);
             totals.1.items_refused_for_row_size += u64::from(backward_too_big);
