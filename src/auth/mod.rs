@@ -350,7 +350,7 @@ pub fn requirement(method: &actix_web::http::Method, path: &str) -> Requirement 
         ["_metrics"] => Requirement::Public("metrics", Operations),
         ["_openapi.json"] => Requirement::Public("docs", BlueprintsRead),
         // Dead letters hold whole items and the audit log every project's paths: a key scoped to
-        // some projects reads neither.
+        // some projects reads neither (but reads its projects' letters, below).
         ["_dead_letters"] | ["_dead_letters", "_retry"] | ["_audit"] => {
             Requirement::Everything(Operations)
         }
@@ -362,7 +362,9 @@ pub fn requirement(method: &actix_web::http::Method, path: &str) -> Requirement 
         ["_project"] if *method == Method::DELETE => Requirement::Everything(ProjectsDelete),
         // Checked per project in the body by the handler.
         ["_project"] => Requirement::Action(BlueprintsWrite, None),
-        [p, "_catalog"] => Requirement::Action(Operations, project(p)),
+        [p, "_catalog"] | [p, "_dead_letters"] | [p, "_dead_letters", "_retry"] => {
+            Requirement::Action(Operations, project(p))
+        }
         [p, "_project"] if *method == Method::DELETE => {
             Requirement::Action(ProjectsDelete, project(p))
         }
@@ -438,6 +440,12 @@ mod tests {
                 Requirement::Everything(KeysManage),
             ),
             (Method::GET, "/_audit", Requirement::Everything(Operations)),
+            (Method::GET, "/blog/_dead_letters", on_blog(Operations)),
+            (
+                Method::POST,
+                "/blog/_dead_letters/_retry",
+                on_blog(Operations),
+            ),
             (
                 Method::POST,
                 "/_dead_letters/_retry",

@@ -1,11 +1,13 @@
 //! Liveness, readiness per projector, and the dead letters.
 
-use actix_web::{HttpMessage, HttpResponse};
+use actix_web::{web, HttpMessage, HttpResponse};
 use serde_json::{json, Map};
 
 use super::error::ApiError;
 use super::query::Query;
 use super::State;
+use crate::blueprint::Ident;
+use crate::journal::LetterFilter;
 use crate::projector::Health;
 use crate::storage::{self, Refused, StorageError};
 
@@ -202,6 +204,26 @@ pub async fn dead_letters(
     state: State,
     params: Query<DeadLetterParams>,
 ) -> Result<HttpResponse, ApiError> {
+    list_dead_letters(&state, None, &params).await
+}
+
+/// GET /{project}/_dead_letters?projector=&limit=&after=: the project's dead letters only, for a
+/// key that reaches that project (the listing of every project's letters needs one that reaches
+/// them all). A page may hold fewer than `limit` letters and still have a `next`.
+pub async fn project_dead_letters(
+    state: State,
+    path: web::Path<String>,
+    params: Query<DeadLetterParams>,
+) -> Result<HttpResponse, ApiError> {
+    let project = known_project(&state, &path).await?;
+    list_dead_letters(&state, Some(&project), &params).await
+}
+
+async fn list_dead_letters(
+    state: &State,
+    project: Option<&Ident>,
+    params: &DeadLetterParams,
+) -> Result<HttpResponse, ApiError> {
     let limit = params.limit.unwrap_or(100);
     if !(1..=MAX_DEAD_LETTERS).contains(&limit) {
         return Err(ApiError::bad_request(
@@ -210,11 +232,15 @@ pub async fn dead_letters(
         ));
     }
     if let Some(name) = &params.projector {
-        known_projector(&state, name)?;
+        known_projector(state, name)?;
     }
+    let filter = LetterFilter {
+        projector: params.projector.as_deref(),
+        project: project.map(Ident::as_str),
+    };
     let (letters, next) = state
         .storage
-        .dead_letters(params.projector.as_deref(), params.after.as_deref(), limit)
+        .dead_letters(filter, params.after.as_deref(), limit)
         .await?;
     Ok(HttpResponse::Ok().json(DeadLetters {
         dead_letters: &letters,
@@ -256,14 +282,47 @@ pub async fn retry_dead_letters(
     state: State,
     params: Query<RetryParams>,
 ) -> Result<HttpResponse, ApiError> {
+    retry(&state, None, &params).await
+}
+
+/// POST /{project}/_dead_letters/_retry?projector=: queues the project's dead letters again.
+pub async fn retry_project_dead_letters(
+    state: State,
+    path: web::Path<String>,
+    params: Query<RetryParams>,
+) -> Result<HttpResponse, ApiError> {
+    let project = known_project(&state, &path).await?;
+    retry(&state, Some(&project), &params).await
+}
+
+async fn retry(
+    state: &State,
+    project: Option<&Ident>,
+    params: &RetryParams,
+) -> Result<HttpResponse, ApiError> {
     if let Some(name) = &params.projector {
-        known_projector(&state, name)?;
+        known_projector(state, name)?;
     }
-    let retried = state
-        .storage
-        .retry_dead_letters(params.projector.as_deref())
-        .await?;
+    let filter = LetterFilter {
+        projector: params.projector.as_deref(),
+        project: project.map(Ident::as_str),
+    };
+    let retried = state.storage.retry_dead_letters(filter).await?;
     Ok(HttpResponse::Ok().json(json!({"retried": retried})))
+}
+
+/// The project named in the path; a 404 unless it exists (its letters went with it when it was
+/// deleted).
+async fn known_project(state: &State, raw: &str) -> Result<Ident, ApiError> {
+    let project = super::ident("project", raw)?;
+    let snapshot = state.storage.fresh_snapshot(&project).await?;
+    if !snapshot.projects.contains_key(&project) {
+        return Err(ApiError::NotFound(format!(
+            "project {:?} does not exist",
+            project.as_str()
+        )));
+    }
+    Ok(project)
 }
 
 #[cfg(test)]

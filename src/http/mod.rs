@@ -186,6 +186,14 @@ fn routes(config: &mut web::ServiceConfig) {
             ],
         ))
         .service(resource(
+            "/{project}/_dead_letters",
+            [(Method::GET, web::to(health::project_dead_letters))],
+        ))
+        .service(resource(
+            "/{project}/_dead_letters/_retry",
+            [(Method::POST, web::to(health::retry_project_dead_letters))],
+        ))
+        .service(resource(
             "/{project}/_catalog",
             [(Method::GET, web::to(versions::catalog))],
         ))

@@ -386,7 +386,10 @@ mod tests {
             .import_keyspaces(&dir.path().join("keyspaces"))
             .unwrap();
         assert_eq!(
-            journal.retry_dead_letters(Some("rocksdb")).await.unwrap(),
+            journal
+                .retry_dead_letters(crate::journal::LetterFilter::projector("rocksdb"))
+                .await
+                .unwrap(),
             2
         );
         let keyspaces = journal.keyspaces().unwrap();

@@ -18,7 +18,7 @@ use serde::Deserialize;
 use super::task::Task;
 use super::writer::Command;
 use super::{
-    codec, decode, keys, DeadLetter, Journal, JournalError, KeyValue, Lane, Pending,
+    codec, decode, keys, DeadLetter, Journal, JournalError, KeyValue, Lane, LetterFilter, Pending,
     ProjectorProgress, BATCH_BYTES, CF_DEAD, CF_TASKS,
 };
 use crate::blueprint::Ident;
@@ -38,7 +38,25 @@ pub(super) fn count_tasks(db: &rocksdb::DB, projector: &str) -> Result<u64, Jour
 }
 
 /// Dead letters read and queued again at once by a retry.
-pub(super) const RETRY_PAGE: usize = 1000;
+pub(crate) const RETRY_PAGE: usize = 1000;
+
+/// Most dead letters one page of a project's letters looks at: a page may then hold fewer than
+/// its limit and still have a next one, but it never reads every other project's letters.
+const LOOKED_AT_PER_PAGE: usize = 10_000;
+
+/// Dead letters with their keys, and the key to read the next page after when there may be more.
+type DeadPage = (Vec<(Vec<u8>, DeadLetter)>, Option<Vec<u8>>);
+
+/// Of a dead letter, only its task's project (the rest, a whole item, is skipped unread).
+#[derive(Deserialize)]
+struct Whose {
+    task: Option<WhoseTask>,
+}
+
+#[derive(Deserialize)]
+struct WhoseTask {
+    project: String,
+}
 
 impl Journal {
     /// Iterates a projector's pending tasks from its floor, oldest first.
@@ -386,32 +404,33 @@ impl Journal {
                 ))
     }
 
-    /// Dead letters, oldest first; only those of `projector` when given.
-    /// At most `limit` dead letters (of `projector`) whose keys follow `after`, and the key of
-    /// the last one.
+    /// At most `limit` dead letters `filter` takes whose keys follow `after`, and, when there
+    /// may be more, the key to read the next page after.
     pub fn dead_letters(
         &self,
-        projector: Option<&str>,
+        filter: LetterFilter<'_>,
         after: Option<&[u8]>,
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, Option<Vec<u8>>), JournalError> {
-        let entries = self.dead_entries(projector, after, limit)?;
-        let last = entries.last().map(|(key, _)| key.clone());
+        let (entries, next) = self.dead_entries(filter, after, limit)?;
         Ok((
             entries.into_iter().map(|(_, letter)| letter).collect(),
-            last,
+            next,
         ))
     }
 
     fn dead_entries(
         &self,
-        projector: Option<&str>,
+        filter: LetterFilter<'_>,
         after: Option<&[u8]>,
         limit: usize,
-    ) -> Result<Vec<(Vec<u8>, DeadLetter)>, JournalError> {
-        let prefix = projector.map(keys::projector_prefix).unwrap_or_default();
+    ) -> Result<DeadPage, JournalError> {
+        let prefix = filter
+            .projector
+            .map(keys::projector_prefix)
+            .unwrap_or_default();
         let start = after.filter(|a| *a > prefix.as_slice()).unwrap_or(&prefix);
-        let mut out = Vec::new();
+        let (mut out, mut looked_at, mut last) = (Vec::new(), 0, None);
         for entry in self.db.iterator_cf(
             self.cf(CF_DEAD),
             IteratorMode::From(start, rocksdb::Direction::Forward),
@@ -420,14 +439,25 @@ impl Journal {
             if after.is_some_and(|a| *key == *a) {
                 continue;
             }
-            if !key.starts_with(&prefix) || out.len() >= limit {
+            if !key.starts_with(&prefix) {
                 break;
+            }
+            if out.len() >= limit || looked_at >= LOOKED_AT_PER_PAGE {
+                return Ok((out, last)); // there is at least one more
+            }
+            looked_at += 1;
+            last = Some(key.to_vec());
+            if let Some(project) = filter.project {
+                let whose: Whose = decode(&value)?;
+                if whose.task.is_none_or(|task| task.project != project) {
+                    continue;
+                }
             }
             let mut letter: DeadLetter = decode(&value)?;
             letter.seq = keys::task_seq(&key);
             out.push((key.to_vec(), letter));
         }
-        Ok(out)
+        Ok((out, None))
     }
 
     /// Queues dead letters again (after the cause was fixed), behind every pending task; the
@@ -436,17 +466,15 @@ impl Journal {
     /// Read and queued [`RETRY_PAGE`] letters at a time, so a flood of them never sits in memory at
     /// once; only those there when the call began (a task queued again that fails again has a
     /// later seq), so a store that keeps refusing cannot keep the call going.
-    pub async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, JournalError> {
+    pub async fn retry_dead_letters(
+        &self,
+        filter: LetterFilter<'_>,
+    ) -> Result<usize, JournalError> {
         let until = self.last_seq();
         let (mut after, mut count) = (None::<Vec<u8>>, 0);
         let mut names = std::collections::BTreeSet::new();
         loop {
-            let mut letters = self.dead_entries(projector, after.as_deref(), RETRY_PAGE)?;
-            let full = letters.len() == RETRY_PAGE;
-            let Some((last, _)) = letters.last() else {
-                break;
-            };
-            after = Some(last.clone());
+            let (mut letters, next) = self.dead_entries(filter, after.as_deref(), RETRY_PAGE)?;
             // A task that cannot be decoded stays a dead letter: no retry could apply it.
             letters.retain(|(key, letter)| letter.task.is_some() && keys::task_seq(key) <= until);
             names.extend(letters.iter().map(|(_, l)| l.projector.clone()));
@@ -455,8 +483,9 @@ impl Journal {
                     .send(|reply| Command::Requeue { letters, reply })
                     .await?;
             }
-            if !full {
-                break;
+            match next {
+                Some(next) => after = Some(next),
+                None => break,
             }
         }
         for name in names {

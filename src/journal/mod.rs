@@ -41,6 +41,7 @@ use crate::catalog::{Catalog, CatalogError, Version};
 use crate::projector::ProjectorKind;
 pub use codec::decode_task;
 use lanes::count_tasks;
+pub(crate) use lanes::RETRY_PAGE;
 use rewrite::{index_changes, move_deleted};
 use task::{Task, TaskOp, VersionDoc};
 pub use writer::Command;
@@ -282,6 +283,24 @@ pub struct DeadLetter {
     pub task: Option<Task>,
     pub reason: String,
     pub at: String,
+}
+
+/// Which dead letters a listing or a retry takes: every one, or those of one projector, of one
+/// project, or both. A letter whose task cannot be decoded belongs to no project.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct LetterFilter<'a> {
+    pub projector: Option<&'a str>,
+    pub project: Option<&'a str>,
+}
+
+impl<'a> LetterFilter<'a> {
+    /// The letters of `projector` only.
+    pub fn projector(projector: &'a str) -> Self {
+        LetterFilter {
+            projector: Some(projector),
+            project: None,
+        }
+    }
 }
 
 impl DeadLetter {
@@ -1231,12 +1250,28 @@ mod tests {
             tasks.len()
         };
         assert_eq!(refuse_all(&journal), n);
-        assert_eq!(journal.retry_dead_letters(Some("store")).await.unwrap(), n);
+        assert_eq!(
+            journal
+                .retry_dead_letters(LetterFilter::projector("store"))
+                .await
+                .unwrap(),
+            n
+        );
         assert_eq!(journal.pending("store", 10 * n).unwrap().len(), n);
-        assert!(journal.dead_letters(None, None, 10).unwrap().0.is_empty());
+        assert!(journal
+            .dead_letters(LetterFilter::default(), None, 10)
+            .unwrap()
+            .0
+            .is_empty());
         // Refused again: a second retry takes them all again, the first never looped on them.
         assert_eq!(refuse_all(&journal), n);
-        assert_eq!(journal.retry_dead_letters(None).await.unwrap(), n);
+        assert_eq!(
+            journal
+                .retry_dead_letters(LetterFilter::default())
+                .await
+                .unwrap(),
+            n
+        );
     }
 
     #[tokio::test]
@@ -1269,7 +1304,10 @@ mod tests {
             .map(|t| t.seq)
             .collect();
         assert_eq!(left, seqs[4..]);
-        let letters = journal.dead_letters(Some("store"), None, 10).unwrap().0;
+        let letters = journal
+            .dead_letters(LetterFilter::projector("store"), None, 10)
+            .unwrap()
+            .0;
         assert_eq!(letters.len(), 1);
         assert_eq!(letters[0].seq, seqs[2]);
         assert!(letters[0].task.is_some(), "the letter keeps its task");

@@ -23,7 +23,7 @@ use crate::blueprint::{BlueprintInput, Blueprints, Change, Ident};
 use crate::catalog::{Catalog, Compatibility, MigrationState, Snapshot, Version};
 use crate::feed::ChangesPage;
 use crate::journal::backfill::BackfillState;
-use crate::journal::{DeadLetter, Entry, ItemRecord, Journal, ProjectorProgress};
+use crate::journal::{DeadLetter, Entry, ItemRecord, Journal, LetterFilter, ProjectorProgress};
 
 pub struct EmbeddedStorage {
     catalog: Arc<Catalog>,
@@ -355,7 +355,7 @@ impl Storage for EmbeddedStorage {
 
     async fn dead_letters(
         &self,
-        projector: Option<&str>,
+        filter: LetterFilter<'_>,
         after: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, Option<String>), StorageError> {
@@ -370,17 +370,12 @@ impl Storage for EmbeddedStorage {
                 })
             })
             .transpose()?;
-        let (letters, last) = self
-            .journal
-            .dead_letters(projector, after.as_deref(), limit)?;
-        let next = last
-            .filter(|_| letters.len() == limit)
-            .map(|key| crate::auth::hex(&key));
-        Ok((letters, next))
+        let (letters, next) = self.journal.dead_letters(filter, after.as_deref(), limit)?;
+        Ok((letters, next.map(|key| crate::auth::hex(&key))))
     }
 
-    async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, StorageError> {
-        Ok(self.journal.retry_dead_letters(projector).await?)
+    async fn retry_dead_letters(&self, filter: LetterFilter<'_>) -> Result<usize, StorageError> {
+        Ok(self.journal.retry_dead_letters(filter).await?)
     }
 
     fn reachable(&self) -> Result<(), String> {

@@ -41,7 +41,9 @@ use crate::blueprint::{BlueprintInput, Blueprints, Change, FieldError, Ident};
 use crate::catalog::{CatalogError, Compatibility, MigrationState, Project, Snapshot, Version};
 use crate::feed::ChangesPage;
 use crate::journal::backfill::BackfillState;
-use crate::journal::{DeadLetter, Entry, ItemRecord, JournalError, ProjectorProgress};
+use crate::journal::{
+    DeadLetter, Entry, ItemRecord, JournalError, LetterFilter, ProjectorProgress,
+};
 use usage::Usage;
 
 /// What [`Storage::replace_key`] did.
@@ -369,19 +371,20 @@ pub trait Storage: Send + Sync {
     /// Whether writes are accepted now (refused while a projector is too far behind).
     fn check_backlog(&self) -> Result<(), StorageError>;
 
-    /// Dead letters, oldest first; those of `projector` only when given.
-    /// Dead letters in order, at most `limit` of them after `after` (a cursor this backend gave
-    /// as `next`: opaque to clients), and the cursor of the last one when there may be more.
+    /// Dead letters `filter` takes, in order, at most `limit` of them after `after` (a cursor this
+    /// backend gave as `next`: opaque to clients), and the cursor to go on from when there may be
+    /// more (a page of one project's letters may hold fewer than `limit` and still have a next).
     /// A cursor that is not this backend's is `StorageError::Cursor`.
     async fn dead_letters(
         &self,
-        projector: Option<&str>,
+        filter: LetterFilter<'_>,
         after: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, Option<String>), StorageError>;
 
-    /// Queues dead letters again; answers how many.
-    async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, StorageError>;
+    /// Queues the dead letters `filter` takes again, those there when the call began; answers how
+    /// many.
+    async fn retry_dead_letters(&self, filter: LetterFilter<'_>) -> Result<usize, StorageError>;
 
     async fn stats(&self) -> Stats;
 

@@ -172,6 +172,14 @@ fn routes(id: Uuid) -> Vec<Route> {
         route(Method::GET, "/p/_version", None, "blueprints.read", true),
         route(Method::POST, "/p/_version", None, "blueprints.write", true),
         route(Method::GET, "/p/_catalog", None, "operations", true),
+        route(Method::GET, "/p/_dead_letters", None, "operations", true),
+        route(
+            Method::POST,
+            "/p/_dead_letters/_retry",
+            None,
+            "operations",
+            true,
+        ),
         route(Method::GET, "/p/_project", None, "blueprints.read", true),
         route(
             Method::PUT,

@@ -1585,11 +1585,15 @@ async fn a_waiting_writer_that_times_out_still_hears_which_store_refused_its_wri
 
 /// Writes a new article `Picky` refuses (its title is "boom") and waits for the refusal.
 async fn put_refused(app: &TestApp) -> Answer {
+    put_refused_in(app, "myblog").await
+}
+
+async fn put_refused_in(app: &TestApp, project: &str) -> Answer {
     let mut boom = item();
     boom["title"] = json!("boom");
     let put = app
         .put(
-            &format!("/myblog/article/{}?wait=true", Uuid::new_v4()),
+            &format!("/{project}/article/{}?wait=true", Uuid::new_v4()),
             &boom,
         )
         .await;
@@ -1675,6 +1679,88 @@ async fn dead_letters_in_pages(cluster: bool) {
             refused.body
         );
     }
+    app.stop().await;
+}
+
+/// `/{project}/_dead_letters` lists and retries one project's letters only, a page at a time,
+/// for a key that reaches that project; a project that does not exist is a 404. Both backends.
+#[tokio::test]
+async fn a_projects_dead_letters_are_listed_and_retried_apart() {
+    projects_dead_letters(false).await;
+}
+
+#[tokio::test]
+async fn in_cluster_mode_a_projects_dead_letters_are_listed_and_retried_apart() {
+    projects_dead_letters(true).await;
+}
+
+async fn projects_dead_letters(cluster: bool) {
+    let db = crate::postgres::TestDatabase::create().await;
+    let url = db.settings().url;
+    let app = spawn_app_with_projectors(
+        move |s| {
+            if cluster {
+                s.storage.backend = dstore::config::Backend::Postgresql;
+                s.storage.url = url;
+            }
+        },
+        vec![Arc::new(Picky::default())],
+    )
+    .await;
+    for project in ["myblog", "other"] {
+        app.put_and_freeze(project, "article", &article()).await;
+    }
+    // Interleaved, so a page of one project's letters skips the other's.
+    for project in ["myblog", "other", "myblog", "other", "myblog"] {
+        put_refused_in(&app, project).await;
+    }
+    let listed = |project: &'static str| {
+        let app = &app;
+        async move {
+            let mut path = format!("/{project}/_dead_letters?limit=2");
+            let mut seen = Vec::new();
+            for _ in 0..5 {
+                let page = app.get(&path).await;
+                assert_eq!(page.status, 200, "{}", page.body);
+                seen.extend(page.body["dead_letters"].as_array().cloned().unwrap());
+                match page.body["next"].as_str() {
+                    Some(next) => path = format!("/{project}/_dead_letters?limit=2&after={next}"),
+                    None => return seen,
+                }
+            }
+            panic!("more pages than letters: {seen:?}");
+        }
+    };
+    let mine = listed("myblog").await;
+    assert_eq!(mine.len(), 3, "{mine:?}");
+    assert!(
+        mine.iter().all(|l| l["task"]["project"] == "myblog"),
+        "{mine:?}"
+    );
+    let theirs = listed("other").await;
+    assert_eq!(theirs.len(), 2, "{theirs:?}");
+    assert!(
+        theirs.iter().all(|l| l["task"]["project"] == "other"),
+        "{theirs:?}"
+    );
+    let unknown = app.get("/nope/_dead_letters").await;
+    assert_eq!(unknown.status, 404, "{}", unknown.body);
+    let bad = app.get("/No%20pe/_dead_letters").await;
+    assert_eq!(bad.status, 400, "{}", bad.body);
+    assert_eq!(
+        app.post("/nope/_dead_letters/_retry", None).await.status,
+        404
+    );
+    // A retry of one project's letters queues those alone (refused again, they come back).
+    let retried = app.post("/other/_dead_letters/_retry", None).await;
+    assert_eq!(retried.status, 200, "{}", retried.body);
+    assert_eq!(retried.body["retried"], 2, "{}", retried.body);
+    let still: Vec<Value> = listed("myblog").await;
+    assert_eq!(
+        still.iter().map(|l| l["seq"].clone()).collect::<Vec<_>>(),
+        mine.iter().map(|l| l["seq"].clone()).collect::<Vec<_>>(),
+        "myblog's letters were not touched"
+    );
     app.stop().await;
 }
 

@@ -36,6 +36,8 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/{project}/_settings"),
     ("put", "/{project}/_settings"),
     ("get", "/{project}/_catalog"),
+    ("get", "/{project}/_dead_letters"),
+    ("post", "/{project}/_dead_letters/_retry"),
     ("get", "/{project}/_project"),
     ("put", "/{project}/_project"),
     ("delete", "/{project}/_project"),

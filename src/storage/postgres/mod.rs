@@ -47,7 +47,7 @@ use crate::feed::ChangesPage;
 use crate::journal::backfill::BackfillState;
 use crate::journal::codec;
 use crate::journal::task::TaskOp;
-use crate::journal::{DeadLetter, Entry, ItemRecord, ProjectorProgress};
+use crate::journal::{DeadLetter, Entry, ItemRecord, LetterFilter, ProjectorProgress, RETRY_PAGE};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -621,6 +621,67 @@ impl PgStorage {
         Ok(())
     }
 
+    /// Queues one dead letter again, in its own transaction, and forgets it; answers false, leaving
+    /// it kept, when no retry can apply it (its task cannot be decoded, its project is gone).
+    async fn retry_one(
+        &self,
+        name: &str,
+        project: &str,
+        revision: i64,
+        letter: DeadLetter,
+    ) -> Result<bool, StorageError> {
+        let (Some(task), Ok(project_name)) = (letter.task, Ident::parse(project)) else {
+            return Ok(false);
+        };
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| unavailable("begin a retry", &e))?;
+        // An item's or a migration's letter needs its project; a drop's needs it dropped still
+        // (made again, the name is another project's, which the drop would remove).
+        let locked = if matches!(task.op, TaskOp::DropProject) {
+            catalog::lock_dropped(&mut tx, &project_name).await?
+        } else {
+            catalog::lock_project(&mut tx, &project_name, None)
+                .await
+                .is_ok()
+        };
+        if !locked {
+            return Ok(false);
+        }
+        let next = Self::next_revisions(&mut tx, &project_name, 1).await?;
+        let item_revision = match &task.op {
+            TaskOp::Upsert { revision, .. } | TaskOp::Delete { revision, .. } => *revision,
+            TaskOp::Migrate { .. } | TaskOp::DropProject => next,
+        };
+        let body = codec::task_body(&task.project, &task.op);
+        let queue = |e: sqlx::Error| unavailable("queue a dead letter again", &e);
+        sqlx::query(
+            "INSERT INTO journal (project, revision, task, projectors) VALUES ($1, $2, $3, $4)",
+        )
+        .bind(project)
+        .bind(next as i64)
+        .bind(codec::task_value(next, item_revision, &body))
+        .bind(vec![name.to_string()])
+        .execute(&mut *tx)
+        .await
+        .map_err(queue)?;
+        sqlx::query(
+            "DELETE FROM dead_letters WHERE projector = $1 AND project = $2 AND revision = $3",
+        )
+        .bind(name)
+        .bind(project)
+        .bind(revision)
+        .execute(&mut *tx)
+        .await
+        .map_err(queue)?;
+        tx.commit()
+            .await
+            .map_err(|e| unavailable("commit a retry", &e))?;
+        Ok(true)
+    }
+
     /// Hands out `n` revisions of a locked project; answers the last.
     async fn next_revisions(
         tx: &mut sqlx::PgConnection,
@@ -1146,7 +1207,7 @@ impl Storage for PgStorage {
 
     async fn dead_letters(
         &self,
-        projector: Option<&str>,
+        filter: LetterFilter<'_>,
         after: Option<&str>,
         limit: usize,
     ) -> Result<(Vec<DeadLetter>, Option<String>), StorageError> {
@@ -1164,16 +1225,17 @@ impl Storage for PgStorage {
         let (after_projector, after_project, after_revision) = after.unwrap_or_default();
         let rows = sqlx::query(
             "SELECT projector, project, revision, letter FROM dead_letters \
-             WHERE ($1::text IS NULL OR projector = $1) \
+             WHERE ($1::text IS NULL OR projector = $1) AND ($7::text IS NULL OR project = $7) \
              AND ($2::bool IS FALSE OR (projector, project, revision) > ($3, $4, $5)) \
              ORDER BY projector, project, revision LIMIT $6",
         )
-        .bind(projector)
+        .bind(filter.projector)
         .bind(paged)
         .bind(after_projector)
         .bind(after_project)
         .bind(after_revision)
         .bind(limit as i64)
+        .bind(filter.project)
         .fetch_all(&self.pool)
         .await
         .map_err(|e| unavailable("read dead letters", &e))?;
@@ -1192,70 +1254,61 @@ impl Storage for PgStorage {
         Ok((letters, next))
     }
 
-    async fn retry_dead_letters(&self, projector: Option<&str>) -> Result<usize, StorageError> {
-        let rows = sqlx::query(
-            "SELECT projector, project, revision, letter FROM dead_letters \
-             WHERE $1::text IS NULL OR projector = $1 ORDER BY project, revision",
+    /// Reads and queues [`RETRY_PAGE`] letters at a time, project by project, so a flood of them
+    /// never sits in memory at once; only those there when the call began (a letter queued again
+    /// takes a revision past every one its project had, so one refused again waits for the next
+    /// retry, and a store that keeps refusing cannot keep the call going).
+    async fn retry_dead_letters(&self, filter: LetterFilter<'_>) -> Result<usize, StorageError> {
+        let read = |e: sqlx::Error| unavailable("read dead letters", &e);
+        let projector = filter.projector;
+        // One row per project with letters: at most the projects kept, and the dropped ones.
+        let bounds: Vec<(String, i64)> = sqlx::query_as(
+            "SELECT project, max(revision) FROM dead_letters \
+             WHERE ($1::text IS NULL OR projector = $1) AND ($2::text IS NULL OR project = $2) \
+             GROUP BY project ORDER BY project",
         )
         .bind(projector)
+        .bind(filter.project)
         .fetch_all(&self.pool)
         .await
-        .map_err(|e| unavailable("read dead letters", &e))?;
+        .map_err(read)?;
         let mut count = 0;
-        for row in rows {
-            let name: String = row.get("projector");
-            let project: String = row.get("project");
-            let revision: i64 = row.get("revision");
-            let sqlx::types::Json(letter): sqlx::types::Json<DeadLetter> = row.get("letter");
-            let (Some(task), Ok(project_name)) = (letter.task, Ident::parse(&project)) else {
-                continue;
-            };
-            let mut tx = self
-                .pool
-                .begin()
+        for (project, until) in bounds {
+            let mut after: Option<(i64, String)> = None;
+            loop {
+                let (after_revision, after_projector) = after.clone().unwrap_or_default();
+                let rows = sqlx::query(
+                    "SELECT projector, revision, letter FROM dead_letters \
+                     WHERE project = $1 AND revision <= $2 \
+                     AND ($3::text IS NULL OR projector = $3) \
+                     AND ($4::bool IS FALSE OR (revision, projector) > ($5, $6)) \
+                     ORDER BY revision, projector LIMIT $7",
+                )
+                .bind(&project)
+                .bind(until)
+                .bind(projector)
+                .bind(after.is_some())
+                .bind(after_revision)
+                .bind(after_projector)
+                .bind(RETRY_PAGE as i64)
+                .fetch_all(&self.pool)
                 .await
-                .map_err(|e| unavailable("begin a retry", &e))?;
-            // An item's or a migration's letter needs its project; a drop's needs it dropped still
-            // (made again, the name is another project's, which the drop would remove).
-            let locked = if matches!(task.op, TaskOp::DropProject) {
-                catalog::lock_dropped(&mut tx, &project_name).await?
-            } else {
-                catalog::lock_project(&mut tx, &project_name, None)
-                    .await
-                    .is_ok()
-            };
-            if !locked {
-                continue;
+                .map_err(read)?;
+                let full = rows.len() == RETRY_PAGE;
+                for row in rows {
+                    let name: String = row.get("projector");
+                    let revision: i64 = row.get("revision");
+                    let sqlx::types::Json(letter): sqlx::types::Json<DeadLetter> =
+                        row.get("letter");
+                    if self.retry_one(&name, &project, revision, letter).await? {
+                        count += 1;
+                    }
+                    after = Some((revision, name));
+                }
+                if !full {
+                    break;
+                }
             }
-            let next = Self::next_revisions(&mut tx, &project_name, 1).await?;
-            let item_revision = match &task.op {
-                TaskOp::Upsert { revision, .. } | TaskOp::Delete { revision, .. } => *revision,
-                TaskOp::Migrate { .. } | TaskOp::DropProject => next,
-            };
-            let body = codec::task_body(&task.project, &task.op);
-            sqlx::query(
-                "INSERT INTO journal (project, revision, task, projectors) VALUES ($1, $2, $3, $4)",
-            )
-            .bind(&project)
-            .bind(next as i64)
-            .bind(codec::task_value(next, item_revision, &body))
-            .bind(vec![name.clone()])
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| unavailable("queue a dead letter again", &e))?;
-            sqlx::query(
-                "DELETE FROM dead_letters WHERE projector = $1 AND project = $2 AND revision = $3",
-            )
-            .bind(&name)
-            .bind(&project)
-            .bind(revision)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| unavailable("queue a dead letter again", &e))?;
-            tx.commit()
-                .await
-                .map_err(|e| unavailable("commit a retry", &e))?;
-            count += 1;
         }
         self.committed.notify_waiters();
         Ok(count)
@@ -1505,6 +1558,92 @@ mod tests {
             .expect("answered");
         assert!(frozen.is_ok(), "{frozen:?}");
         drop(stalled);
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A retry reads and queues the dead letters a page at a time, every one of them once, across
+    /// pages whose last letter shares its revision with another projector's.
+    #[tokio::test]
+    async fn a_retry_queues_every_letter_a_page_at_a_time() {
+        use crate::journal::{decode_task, DeadLetter, LetterFilter, RETRY_PAGE};
+        use crate::storage::conformance::{frozen, write};
+        let (storage, schema) = open_postgresql("retrier", vec![]).await;
+        let project = frozen(storage.as_ref()).await;
+        let revision = write(storage.as_ref(), &project, uuid::Uuid::new_v4(), "t").await;
+        let raw: Vec<u8> = sqlx::query_scalar("SELECT task FROM journal WHERE revision = $1")
+            .bind(revision as i64)
+            .fetch_one(storage.pool())
+            .await
+            .unwrap();
+        let letter = DeadLetter::from_raw("store", revision, &raw, "refused".into());
+        assert!(decode_task(&raw).is_ok() && letter.task.is_some());
+        // Letters of two projectors at the same revisions, below the project's last one.
+        let m = RETRY_PAGE + 7;
+        sqlx::query("UPDATE projects SET revision = revision + $1")
+            .bind(m as i64)
+            .execute(storage.pool())
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO dead_letters (projector, project, revision, letter) \
+             SELECT name, 'p', r, $1 FROM generate_series(1, $2) r, \
+             unnest(ARRAY['store', 'other']) name",
+        )
+        .bind(sqlx::types::Json(&letter))
+        .bind(m as i64)
+        .execute(storage.pool())
+        .await
+        .unwrap();
+        let queued = |projector: &'static str| {
+            let storage = storage.clone();
+            async move {
+                let n: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM journal WHERE projectors = ARRAY[$1]::text[]",
+                )
+                .bind(projector)
+                .fetch_one(storage.pool())
+                .await
+                .unwrap();
+                n as usize
+            }
+        };
+        assert_eq!(
+            storage
+                .retry_dead_letters(LetterFilter::projector("other"))
+                .await
+                .unwrap(),
+            m
+        );
+        assert_eq!((queued("other").await, queued("store").await), (m, 0));
+        let (left, _) = storage
+            .dead_letters(LetterFilter::default(), None, 10)
+            .await
+            .unwrap();
+        assert!(left.iter().all(|l| l.projector == "store"), "{left:?}");
+        assert_eq!(
+            storage
+                .retry_dead_letters(LetterFilter::default())
+                .await
+                .unwrap(),
+            m
+        );
+        assert_eq!((queued("other").await, queued("store").await), (m, m));
+        assert!(storage
+            .dead_letters(LetterFilter::default(), None, 10)
+            .await
+            .unwrap()
+            .0
+            .is_empty());
+        // Every one queued once, each at its own new revision.
+        let distinct: i64 = sqlx::query_scalar(
+            "SELECT count(DISTINCT revision) FROM journal \
+             WHERE projectors && ARRAY['store', 'other']",
+        )
+        .fetch_one(storage.pool())
+        .await
+        .unwrap();
+        assert_eq!(distinct as usize, 2 * m);
         drop(storage);
         drop_schema(&schema).await;
     }
