@@ -311,8 +311,9 @@ async fn retry(
     Ok(HttpResponse::Ok().json(json!({"retried": retried})))
 }
 
-/// The project named in the path; a 404 unless it exists (its letters went with it when it was
-/// deleted).
+/// The project named in the path; a 404 unless it exists. Deleting a project deletes its letters,
+/// but a store that refuses the deletion leaves one for it, listed by `GET /_dead_letters` (and
+/// here once the name is made again, where a retry leaves it: it would delete the new project).
 async fn known_project(state: &State, raw: &str) -> Result<Ident, ApiError> {
     let project = super::ident("project", raw)?;
     let snapshot = state.storage.fresh_snapshot(&project).await?;

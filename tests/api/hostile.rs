@@ -1670,7 +1670,19 @@ async fn dead_letters_in_pages(cluster: bool) {
     assert_eq!(seen.len(), 5, "{seen:?}");
     let distinct: std::collections::HashSet<String> = seen.iter().map(Value::to_string).collect();
     assert_eq!(distinct.len(), 5, "{seen:?}");
-    for cursor in ["zz", "x/y", "%00", "abc"] {
+    // A page that ends at the last letter says so.
+    let whole = app.get("/_dead_letters?limit=5").await;
+    assert_eq!(whole.body["dead_letters"].as_array().map(Vec::len), Some(5));
+    assert!(whole.body.get("next").is_none(), "{}", whole.body);
+    for cursor in [
+        "zz",
+        "x/y",
+        "%00",
+        "abc",
+        "%00/x/1",
+        "picky/%00/1",
+        "picky/No/1",
+    ] {
         let refused = app.get(&format!("/_dead_letters?after={cursor}")).await;
         assert_eq!(refused.status, 400, "{cursor}: {}", refused.body);
         assert_eq!(
@@ -1743,6 +1755,21 @@ async fn projects_dead_letters(cluster: bool) {
         theirs.iter().all(|l| l["task"]["project"] == "other"),
         "{theirs:?}"
     );
+    if cluster {
+        // A cursor names its project: another project's listing refuses it.
+        let first = app.get("/myblog/_dead_letters?limit=1").await;
+        let next = first.body["next"]
+            .as_str()
+            .expect("a next page")
+            .to_string();
+        let crossed = app.get(&format!("/other/_dead_letters?after={next}")).await;
+        assert_eq!(crossed.status, 400, "{}", crossed.body);
+        assert_eq!(
+            crossed.body["errors"][0]["path"], "after",
+            "{}",
+            crossed.body
+        );
+    }
     let unknown = app.get("/nope/_dead_letters").await;
     assert_eq!(unknown.status, 404, "{}", unknown.body);
     let bad = app.get("/No%20pe/_dead_letters").await;

@@ -622,7 +622,9 @@ impl PgStorage {
     }
 
     /// Queues one dead letter again, in its own transaction, and forgets it; answers false, leaving
-    /// it kept, when no retry can apply it (its task cannot be decoded, its project is gone).
+    /// it kept, when no retry can apply it (its task cannot be decoded, its project is gone or was
+    /// made again since), and when it is gone since it was read (another retry took it, or its
+    /// project was deleted with its letters).
     async fn retry_one(
         &self,
         name: &str,
@@ -638,16 +640,35 @@ impl PgStorage {
             .begin()
             .await
             .map_err(|e| unavailable("begin a retry", &e))?;
-        // An item's or a migration's letter needs its project; a drop's needs it dropped still
-        // (made again, the name is another project's, which the drop would remove).
+        // An item's or a migration's letter needs its project, the one it was written to (one
+        // made again since was born past it); a drop's needs it dropped still (made again, the
+        // name is another project's, which the drop would remove).
         let locked = if matches!(task.op, TaskOp::DropProject) {
             catalog::lock_dropped(&mut tx, &project_name).await?
         } else {
-            catalog::lock_project(&mut tx, &project_name, None)
-                .await
-                .is_ok()
+            match catalog::lock_project(&mut tx, &project_name, None).await {
+                Ok((project, _)) => project.working.born < revision as u64,
+                Err(StorageError::NotFound(_)) => false,
+                Err(error) => return Err(error),
+            }
         };
         if !locked {
+            return Ok(false);
+        }
+        // Under the project's lock: a letter another retry took, or a deletion removed, since
+        // it was read stays gone.
+        let queue = |e: sqlx::Error| unavailable("queue a dead letter again", &e);
+        let taken = sqlx::query(
+            "DELETE FROM dead_letters WHERE projector = $1 AND project = $2 AND revision = $3",
+        )
+        .bind(name)
+        .bind(project)
+        .bind(revision)
+        .execute(&mut *tx)
+        .await
+        .map_err(queue)?
+        .rows_affected();
+        if taken == 0 {
             return Ok(false);
         }
         let next = Self::next_revisions(&mut tx, &project_name, 1).await?;
@@ -656,7 +677,6 @@ impl PgStorage {
             TaskOp::Migrate { .. } | TaskOp::DropProject => next,
         };
         let body = codec::task_body(&task.project, &task.op);
-        let queue = |e: sqlx::Error| unavailable("queue a dead letter again", &e);
         sqlx::query(
             "INSERT INTO journal (project, revision, task, projectors) VALUES ($1, $2, $3, $4)",
         )
@@ -664,15 +684,6 @@ impl PgStorage {
         .bind(next as i64)
         .bind(codec::task_value(next, item_revision, &body))
         .bind(vec![name.to_string()])
-        .execute(&mut *tx)
-        .await
-        .map_err(queue)?;
-        sqlx::query(
-            "DELETE FROM dead_letters WHERE projector = $1 AND project = $2 AND revision = $3",
-        )
-        .bind(name)
-        .bind(project)
-        .bind(revision)
         .execute(&mut *tx)
         .await
         .map_err(queue)?;
@@ -1221,25 +1232,59 @@ impl Storage for PgStorage {
                 ))
             })?),
         };
-        let paged = after.is_some();
-        let (after_projector, after_project, after_revision) = after.unwrap_or_default();
-        let rows = sqlx::query(
-            "SELECT projector, project, revision, letter FROM dead_letters \
-             WHERE ($1::text IS NULL OR projector = $1) AND ($7::text IS NULL OR project = $7) \
-             AND ($2::bool IS FALSE OR (projector, project, revision) > ($3, $4, $5)) \
-             ORDER BY projector, project, revision LIMIT $6",
-        )
-        .bind(filter.projector)
-        .bind(paged)
-        .bind(after_projector)
-        .bind(after_project)
-        .bind(after_revision)
-        .bind(limit as i64)
-        .bind(filter.project)
-        .fetch_all(&self.pool)
-        .await
+        let rows = match filter.project {
+            // One project's, on `dead_letters_by_project`; a letter whose task cannot be decoded
+            // belongs to no project (as in embedded mode, where only the task names it).
+            Some(project) => {
+                let (after_projector, after_revision) = match after {
+                    Some((projector, of, revision)) if of == project => (projector, revision),
+                    Some(_) => {
+                        return Err(StorageError::Cursor(
+                            "the cursor is another project's listing's".into(),
+                        ))
+                    }
+                    None => (String::new(), i64::MIN),
+                };
+                sqlx::query(
+                    "SELECT projector, project, revision, letter FROM dead_letters \
+                     WHERE project = $1 AND (projector, revision) > ($2, $3) \
+                     AND ($4::text IS NULL OR projector = $4) \
+                     AND jsonb_typeof(letter->'task') = 'object' \
+                     ORDER BY projector, revision LIMIT $5",
+                )
+                .bind(project)
+                .bind(after_projector)
+                .bind(after_revision)
+                .bind(filter.projector)
+                .bind(limit as i64 + 1)
+                .fetch_all(&self.pool)
+                .await
+            }
+            None => {
+                let paged = after.is_some();
+                let (after_projector, after_project, after_revision) = after.unwrap_or_default();
+                sqlx::query(
+                    "SELECT projector, project, revision, letter FROM dead_letters \
+                     WHERE ($1::text IS NULL OR projector = $1) \
+                     AND ($2::bool IS FALSE OR (projector, project, revision) > ($3, $4, $5)) \
+                     ORDER BY projector, project, revision LIMIT $6",
+                )
+                .bind(filter.projector)
+                .bind(paged)
+                .bind(after_projector)
+                .bind(after_project)
+                .bind(after_revision)
+                .bind(limit as i64 + 1)
+                .fetch_all(&self.pool)
+                .await
+            }
+        }
         .map_err(|e| unavailable("read dead letters", &e))?;
-        let next = rows.last().filter(|_| rows.len() == limit).map(|row| {
+        // One row past the page says whether there is a next one.
+        let mut rows = rows;
+        let more = rows.len() > limit;
+        rows.truncate(limit);
+        let next = rows.last().filter(|_| more).map(|row| {
             let (projector, project, revision): (String, String, i64) = (
                 row.get("projector"),
                 row.get("project"),
@@ -1274,22 +1319,20 @@ impl Storage for PgStorage {
         .map_err(read)?;
         let mut count = 0;
         for (project, until) in bounds {
-            let mut after: Option<(i64, String)> = None;
+            // Keyset paging on `dead_letters_by_project`, from before the first projector name.
+            let mut after = (String::new(), i64::MIN);
             loop {
-                let (after_revision, after_projector) = after.clone().unwrap_or_default();
                 let rows = sqlx::query(
                     "SELECT projector, revision, letter FROM dead_letters \
-                     WHERE project = $1 AND revision <= $2 \
-                     AND ($3::text IS NULL OR projector = $3) \
-                     AND ($4::bool IS FALSE OR (revision, projector) > ($5, $6)) \
-                     ORDER BY revision, projector LIMIT $7",
+                     WHERE project = $1 AND (projector, revision) > ($4, $5) \
+                     AND revision <= $2 AND ($3::text IS NULL OR projector = $3) \
+                     ORDER BY projector, revision LIMIT $6",
                 )
                 .bind(&project)
                 .bind(until)
                 .bind(projector)
-                .bind(after.is_some())
-                .bind(after_revision)
-                .bind(after_projector)
+                .bind(&after.0)
+                .bind(after.1)
                 .bind(RETRY_PAGE as i64)
                 .fetch_all(&self.pool)
                 .await
@@ -1303,7 +1346,7 @@ impl Storage for PgStorage {
                     if self.retry_one(&name, &project, revision, letter).await? {
                         count += 1;
                     }
-                    after = Some((revision, name));
+                    after = (name, revision);
                 }
                 if !full {
                     break;
@@ -1499,12 +1542,19 @@ impl Storage for PgStorage {
     }
 }
 
-/// A dead letters cursor, `projector/project/revision`, as `dead_letters` gives it.
+/// A dead letters cursor, `projector/project/revision`, as `dead_letters` gives it (a projector's
+/// name, a project's name, a revision: nothing PostgreSQL could refuse to compare, such as a NUL).
 fn dead_letter_cursor(cursor: &str) -> Option<(String, String, i64)> {
     let mut parts = cursor.splitn(3, '/');
     let (projector, project, revision) = (parts.next()?, parts.next()?, parts.next()?);
     let revision = revision.parse().ok()?;
-    (projector.len() <= 200 && project.len() <= 200)
+    let projector_name = |name: &str| {
+        (1..=200).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'_' || b == b'-')
+    };
+    (projector_name(projector) && Ident::parse(project).is_ok())
         .then(|| (projector.to_owned(), project.to_owned(), revision))
 }
 
@@ -1608,13 +1658,12 @@ mod tests {
                 n as usize
             }
         };
-        assert_eq!(
-            storage
-                .retry_dead_letters(LetterFilter::projector("other"))
-                .await
-                .unwrap(),
-            m
+        // Two retries at once queue each letter once between them.
+        let (first, second) = tokio::join!(
+            storage.retry_dead_letters(LetterFilter::projector("other")),
+            storage.retry_dead_letters(LetterFilter::projector("other"))
         );
+        assert_eq!(first.unwrap() + second.unwrap(), m);
         assert_eq!((queued("other").await, queued("store").await), (m, 0));
         let (left, _) = storage
             .dead_letters(LetterFilter::default(), None, 10)
