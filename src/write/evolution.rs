@@ -16,7 +16,8 @@
 //! column an item taken before holds is one PostgreSQL's unique index would refuse
 //! (`items_refused_as_duplicates`, part of `items_refused`). An item a unique column the newest
 //! live version already has would refuse is not this freeze's doing: it is not counted and takes
-//! no value. Duplicates make the verdict `breaking`, so such a freeze needs `?force=true` like any
+//! no value. A unique column that does not change is counted when its blueprint lets in items that
+//! version's table never held (`admitting`), for the duplicates such an item is one of. Duplicates make the verdict `breaking`, so such a freeze needs `?force=true` like any
 //! other that leaves items out; with none it goes through. Values are remembered as 64-bit keys
 //! (`blueprint::unique`), at most [`UNIQUE_VALUES_TRACKED`] at once over every count running, so
 //! their memory is bounded whatever the item count; past it the count is a lower bound and says so.
@@ -159,13 +160,41 @@ pub async fn judge(
 }
 
 /// Whether a column of the working copy becomes unique since the newest live version (or is
-/// unique and changes how values arrive in it): then only the stored items tell whether the freeze
-/// refuses some. A column already unique as it is there refuses nothing more than that version's
-/// index does (a retired version's index no longer sees writes, so it does not count).
+/// unique and changes how values arrive in it), or a blueprint with a unique column lets in items
+/// that version's table never held (`admitting`): then only the stored items tell whether the
+/// freeze refuses some. A column already unique as it is there refuses nothing more than that
+/// version's index does (a retired version's index no longer sees writes, so it does not count).
 pub fn uniqueness_at_stake(p: &Project) -> bool {
     changed_columns(newest_live(p), &p.working.blueprints)
         .iter()
         .any(ColumnPair::uniqueness_at_stake)
+        || !admitting(p).is_empty()
+}
+
+/// The working copy's blueprints with a unique column that may let in items the newest live
+/// version's table never held: a column that refused nulls there (no default) changes or goes, or
+/// a blueprint whose rows could outgrow a PostgreSQL row there changes. Such an item's values never
+/// met that version's unique indexes, so a column unique in both can still refuse it, or refuse
+/// another item because of it.
+fn admitting(p: &Project) -> HashSet<Uid> {
+    let newest = newest_live(p);
+    let changed = changed_columns(newest, &p.working.blueprints);
+    let refused_nulls = |(_, c): (&Ident, &Column)| !c.def.nullable && c.def.default.is_none();
+    p.working
+        .blueprints
+        .iter()
+        .filter(|(_, bp)| bp.columns.values().any(|c| c.def.unique))
+        .filter(|(name, bp)| {
+            let mut mine = changed
+                .iter()
+                .filter(|pair| pair.blueprint == *name)
+                .peekable();
+            let wide =
+                blueprint_with(newest, bp.uid).is_some_and(|old| row_bytes(old) > MAX_ROW_BYTES);
+            (wide && mine.peek().is_some()) || mine.any(|pair| pair.old.is_some_and(refused_nulls))
+        })
+        .map(|(_, bp)| bp.uid)
+        .collect()
 }
 
 /// Whether a blueprint of the working copy whose rows can outgrow a PostgreSQL row
@@ -223,6 +252,7 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         .collect();
     let mut tally = Tally::default();
     tally.wide = wide_and_changed(p);
+    tally.admitting = admitting(p);
     tally.stake(new, &changed_columns(newest_live(p), new), &pairs, &retired);
     let mut after = None;
     // The columns each item is counted for: an item of a wide blueprint costs as much as hundreds
@@ -385,7 +415,17 @@ struct Tally {
     tracked: usize,
     /// The working copy's blueprints whose rows can outgrow a PostgreSQL row.
     wide: HashSet<Uid>,
+    /// The working copy's blueprints that may let in items the newest live version's table never
+    /// held (`admitting`).
+    admitting: HashSet<Uid>,
+    /// One item's crossings of one version's columns, kept between items for its room.
+    crossings: Vec<Crossing>,
 }
+
+/// A column (its index in a version's pairs) crossed by one item: (lost, refused) for old clients
+/// reading it as new clients write it, and for new clients reading it as stored at that version
+/// (only when it is).
+type Crossing = (usize, (bool, bool), Option<(bool, bool)>);
 
 impl Drop for Tally {
     fn drop(&mut self) {
@@ -399,12 +439,32 @@ struct Unique {
     blueprint: Ident,
     column: Ident,
     ty: ColumnType,
-    /// Whether the freeze puts it at stake; else the newest live version's index already holds
-    /// it as the working copy does.
-    at_stake: bool,
+    stake: Stake,
+    /// The keys of the values taken, each with its lowest bit saying whether the item holding it
+    /// is in the newest live version's table (`held`): one bit of 64 less to tell values apart,
+    /// and no more memory.
     seen: HashSet<u64>,
     /// Whether a value was not remembered for want of room.
     capped: bool,
+}
+
+/// What the freeze puts at stake in a unique column.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Stake {
+    /// Nothing: the newest live version's index holds it as the working copy does, and refuses
+    /// every item it would refuse.
+    Kept,
+    /// The freeze makes it unique, or changes how values arrive in it: every duplicate counts.
+    Changed,
+    /// Unchanged, but its blueprint lets in items the newest live version's table never held
+    /// (`admitting`): a duplicate counts when one of the two items is such an item.
+    Admitted,
+}
+
+/// A value's key as `Unique::seen` holds it: its lowest bit says whether the item holding it is
+/// in the newest live version's table.
+fn held(key: u64, in_newest: bool) -> u64 {
+    (key & !1) | u64::from(in_newest)
 }
 
 fn blueprint_with(set: &Blueprints, uid: Uid) -> Option<&Blueprint> {
@@ -430,16 +490,22 @@ impl Tally {
             .collect();
         // Only the blueprints with a column at stake: another's values could never be a
         // duplicate counted, and would only take room.
-        for (blueprint, bp) in new
-            .iter()
-            .filter(|(name, _)| at_stake.iter().any(|(b, _)| b == name))
-        {
+        for (blueprint, bp) in new.iter().filter(|(name, bp)| {
+            self.admitting.contains(&bp.uid) || at_stake.iter().any(|(b, _)| b == name)
+        }) {
             for (column, c) in bp.columns.iter().filter(|(_, c)| c.def.unique) {
+                let stake = if at_stake.contains(&(blueprint, column)) {
+                    Stake::Changed
+                } else if self.admitting.contains(&bp.uid) {
+                    Stake::Admitted
+                } else {
+                    Stake::Kept
+                };
                 self.uniques.push(Unique {
                     blueprint: blueprint.clone(),
                     column: column.clone(),
                     ty: c.def.ty,
-                    at_stake: at_stake.contains(&(blueprint, column)),
+                    stake,
                     seen: HashSet::new(),
                     capped: false,
                 });
@@ -451,7 +517,7 @@ impl Tally {
                     continue;
                 };
                 let unique = self.uniques.iter().position(|u| {
-                    u.at_stake && &u.blueprint == pair.blueprint && &u.column == name
+                    u.stake == Stake::Changed && &u.blueprint == pair.blueprint && &u.column == name
                 });
                 if let Some(at) = unique {
                     self.stake_of.insert((*version, index), at);
@@ -461,13 +527,15 @@ impl Tally {
     }
 
     /// The unique columns at stake in which `item` (as the new version receives it) holds a value
-    /// an item taken before holds: none when a column not at stake refuses it already (the newest
-    /// live version's index refuses it too). An item refused takes no value; one taken has its
-    /// values remembered.
+    /// an item taken before holds: none when the newest live version's index refuses it already
+    /// (a column not at stake holds its value, or a column at stake only for the items let in
+    /// does and both items are in that version's table, `in_newest`). An item refused takes no
+    /// value; one taken has its values remembered.
     fn duplicated(
         &mut self,
         blueprint: &str,
         item: &serde_json::Map<String, serde_json::Value>,
+        in_newest: bool,
     ) -> Vec<usize> {
         let mut keys = Vec::new();
         let mut duplicated = Vec::new();
@@ -481,10 +549,14 @@ impl Tally {
             let Some(key) = unique_key(unique.ty, value) else {
                 continue;
             };
-            match (unique.seen.contains(&key), unique.at_stake) {
-                (true, false) => return Vec::new(),
-                (true, true) => duplicated.push(at),
-                (false, _) => keys.push((at, key)),
+            let holder_in_newest = [true, false]
+                .into_iter()
+                .find(|&in_newest| unique.seen.contains(&held(key, in_newest)));
+            match (holder_in_newest, unique.stake) {
+                (Some(_), Stake::Kept) => return Vec::new(),
+                (Some(true), Stake::Admitted) if in_newest => return Vec::new(),
+                (Some(_), _) => duplicated.push(at),
+                (None, _) => keys.push((at, held(key, in_newest))),
             }
         }
         if !duplicated.is_empty() {
@@ -553,11 +625,22 @@ impl Tally {
             && blueprint_with(newest_live(p), uid).is_none_or(|newest| {
                 !row_too_big(newest, &transform(&record.body, own, newest, 0))
             });
+        // Whether the newest live version's table holds the item (asked only where the new
+        // version may let in items it does not).
+        let in_newest = || {
+            blueprint_with(newest_live(p), uid).is_some_and(|newest| {
+                let as_newest = transform(&record.body, own, newest, 0);
+                forbidden_null(newest, &as_newest).is_none() && !row_too_big(newest, &as_newest)
+            })
+        };
         // The unique columns in which an item counted before holds this one's value; an item not
         // in the new version's table takes no place in its indexes.
         let duplicated = match self.uniques.is_empty() || !enters || too_big {
             true => Vec::new(),
-            false => self.duplicated(new_name, &as_new),
+            false => {
+                let in_newest = !self.admitting.contains(&uid) || in_newest();
+                self.duplicated(new_name, &as_new, in_newest)
+            }
         };
         // Whether column `index` of the item's own version's pairs refuses it as a duplicate.
         let duplicate_at = |tally: &Tally, index: usize| {
@@ -589,35 +672,48 @@ impl Tally {
             {
                 continue;
             }
-            let (mut forward_lost, mut forward_refused) = (false, false);
             let mine = record.version == *version;
+            // Each column's crossing, each way (the second for the items stored at this version
+            // only), before any is counted: a column counts an item losing its value only when
+            // no column refuses the item.
+            let mut crossings = std::mem::take(&mut self.crossings);
+            crossings.clear();
+            crossings.extend(
+                columns
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, pair)| pair.blueprint.as_str() == new_name)
+                    .map(|(index, pair)| {
+                        (
+                            index,
+                            // Old clients reading the item as new clients write it.
+                            crossing(&as_new, pair.new, pair.old),
+                            // New clients reading the item stored at this version.
+                            mine.then(|| crossing(&record.body, pair.old, pair.new)),
+                        )
+                    }),
+            );
             // Counted in the totals even where no pair of this version shows the column.
             let backward_duplicate = mine && !duplicated.is_empty();
             let backward_too_big = mine && too_big;
-            let (mut backward_lost, mut backward_refused) =
-                (false, backward_duplicate || backward_too_big);
-            for (index, pair) in columns.iter().enumerate() {
-                if pair.blueprint.as_str() != new_name {
-                    continue; // a column of another blueprint
-                }
+            let forward_lost = crossings.iter().any(|(_, (lose, _), _)| *lose);
+            let forward_refused = crossings.iter().any(|(_, (_, refuse), _)| *refuse);
+            let backward_lost = crossings.iter().any(|(_, _, b)| b.is_some_and(|b| b.0));
+            let backward_refused = backward_duplicate
+                || backward_too_big
+                || crossings.iter().any(|(_, _, b)| b.is_some_and(|b| b.1));
+            for &(index, (lose, refuse), backward) in &crossings {
                 let duplicate = mine && duplicate_at(self, index);
                 let entry = self.columns.entry((*version, index)).or_default();
-                // Old clients reading the item as new clients write it.
-                let (lose, refuse) = crossing(&as_new, pair.new, pair.old);
-                entry.0.items_losing_a_value += u64::from(lose && !refuse);
+                entry.0.items_losing_a_value += u64::from(lose && !forward_refused);
                 entry.0.items_refused += u64::from(refuse);
-                forward_lost |= lose;
-                forward_refused |= refuse;
-                // New clients reading the item stored at this version.
-                if mine {
-                    let (lose, refuse) = crossing(&record.body, pair.old, pair.new);
-                    entry.1.items_losing_a_value += u64::from(lose && !(refuse || duplicate));
+                if let Some((lose, refuse)) = backward {
+                    entry.1.items_losing_a_value += u64::from(lose && !backward_refused);
                     entry.1.items_refused += u64::from(refuse || duplicate);
                     entry.1.items_refused_as_duplicates += u64::from(duplicate);
-                    backward_lost |= lose;
-                    backward_refused |= refuse;
                 }
             }
+            self.crossings = crossings;
             let totals = self.versions.entry(*version).or_default();
             // An item counts once each way: refused when it is not in the version (or not in
             // its PostgreSQL table), else losing a value when one arrives as null.

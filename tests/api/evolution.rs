@@ -349,6 +349,32 @@ async fn the_compatibility_setting_lets_lossy_freezes_through_but_not_breaking_o
     app.stop().await;
 }
 
+/// An item counts once each way, in the totals and in every column alike: one another column
+/// refuses (a required column added without a default) is refused, not losing its price.
+#[tokio::test]
+async fn an_item_refused_by_one_column_is_not_counted_losing_a_value_in_another() {
+    let app = spawn_app().await;
+    shop(&app).await;
+    let mut edited = product(json!({"type": "integer"}));
+    edited["columns"]["sku"] = json!({"type": "string", "nullable": false});
+    app.put("/shop/product/_blueprint", &edited).await;
+    let dry = app.post("/shop/_version?dry_run=true", None).await.body;
+    assert_eq!(
+        dry["live_versions"][0]["new_clients_reading_old_writes"],
+        json!({"items_losing_a_value": 0, "items_refused": 4, "items_refused_as_duplicates": 0,
+                "items_refused_for_row_size": 0}),
+        "{dry}"
+    );
+    let price = &price_column(&dry)["new_clients_reading_old_writes"];
+    assert_eq!(price["verdict"], "lossy", "{dry}");
+    assert_eq!(
+        (&price["items_losing_a_value"], &price["items_refused"]),
+        (&json!(0), &json!(0)),
+        "{dry}"
+    );
+    app.stop().await;
+}
+
 /// Items written at a retired version have no clients left, so they take no part in the verdict,
 /// but the freeze's back-fill moves them into the new version: the report counts them apart.
 #[tokio::test]
@@ -968,6 +994,78 @@ async fn a_column_unique_again_is_judged_against_the_newest_live_version() {
     assert_eq!(retired.status, 200, "{}", retired.body);
     let frozen = app.post("/deals/_version", None).await;
     assert_eq!(frozen.status, 200, "{}", frozen.body);
+    app.stop().await;
+}
+
+/// An item the newest live version left out (a null its column allowed none) and the working copy
+/// lets in never met that version's unique index: it is counted against a unique column even where
+/// that column does not change. Two items both in that version's table are not counted: its index
+/// refuses one of them already.
+#[tokio::test]
+async fn an_item_let_in_again_is_counted_against_an_unchanged_unique_column() {
+    let app = spawn_app().await;
+    let person = |unique: bool, age: Value| {
+        json!({
+            "postgresql": {"table": "people"},
+            "elasticsearch": {"type": "person"},
+            "columns": {
+                "code": {"type": "string", "unique": unique, "validation": {"max_length": 100}},
+                "age": age
+            }
+        })
+    };
+    app.put_and_freeze("crm", "person", &person(false, json!({"type": "integer"})))
+        .await;
+    // In the order the count reads them: A1 is in version 2's table, its twin is left out of it
+    // (no age); of the two C3s, version 2's index refuses the second already.
+    let rows = [
+        ("A1", json!(1)),
+        ("A1", Value::Null),
+        ("C3", json!(2)),
+        ("C3", json!(3)),
+    ];
+    for (n, (code, age)) in rows.into_iter().enumerate() {
+        let id = Uuid::from_u128(0x0123_4567_89ab_4def_8000_0000_0000_0000 + n as u128);
+        let put = app
+            .put(
+                &format!("/crm/person/{id}"),
+                &json!({"id": id, "project_version": 1, "code": code, "age": age}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    // Version 2: `code` unique and `age` required (forced: it leaves an item out, and a C3).
+    app.put(
+        "/crm/person/_blueprint",
+        &person(true, json!({"type": "integer", "nullable": false})),
+    )
+    .await;
+    let forced = app.post("/crm/_version?force=true", None).await;
+    assert_eq!(forced.status, 200, "{}", forced.body);
+    // The working copy gives `age` a default: the A1 without one comes in, beside the other A1.
+    app.put(
+        "/crm/person/_blueprint",
+        &person(
+            true,
+            json!({"type": "integer", "nullable": false, "default": 0}),
+        ),
+    )
+    .await;
+    let refused = app.post("/crm/_version", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    let report = &refused.body["report"];
+    assert_eq!(report["verdict"], "breaking", "{report}");
+    let first = report["live_versions"]
+        .as_array()
+        .and_then(|live| live.iter().find(|v| v["version"] == 1).cloned())
+        .unwrap_or_else(|| panic!("no version 1 in {report}"));
+    assert_eq!(first["verdict"], "breaking", "{report}");
+    assert_eq!(
+        first["new_clients_reading_old_writes"]["items_refused_as_duplicates"], 1,
+        "{report}"
+    );
+    let forced = app.post("/crm/_version?force=true", None).await;
+    assert_eq!(forced.status, 200, "{}", forced.body);
     app.stop().await;
 }
 
