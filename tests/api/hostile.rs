@@ -1791,28 +1791,57 @@ async fn projects_dead_letters(cluster: bool) {
     app.stop().await;
 }
 
-/// A drop a store refused is a dead letter; once the name is made again, retrying it would remove
-/// the new project from the store, so it is not retried; dropping the name again removes it.
+/// A drop a store refused is a dead letter, queued again by a retry while the name stays dropped;
+/// once the name is made again, retrying it would remove the new project from the store, so it is
+/// not retried; dropping the name again removes it. Both backends.
 #[tokio::test]
 async fn a_refused_drop_is_not_retried_into_a_project_made_again() {
+    refused_drop(false).await;
+}
+
+#[tokio::test]
+async fn in_cluster_mode_a_refused_drop_is_not_retried_into_a_project_made_again() {
+    refused_drop(true).await;
+}
+
+async fn refused_drop(cluster: bool) {
+    let db = crate::postgres::TestDatabase::create().await;
+    let url = db.settings().url;
     let picky = Picky::default();
-    let app = spawn_app_with_projectors(|_| {}, vec![Arc::new(picky.clone())]).await;
+    let app = spawn_app_with_projectors(
+        move |s| {
+            if cluster {
+                s.storage.backend = dstore::config::Backend::Postgresql;
+                s.storage.url = url;
+            }
+        },
+        vec![Arc::new(picky.clone())],
+    )
+    .await;
     app.put_and_freeze("myblog", "article", &article()).await;
     *picky.refuse_drops.lock().unwrap() = true;
     assert_eq!(app.delete("/myblog/_project").await.status, 200);
     let letters = || async { app.get("/_dead_letters").await.body["dead_letters"].clone() };
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while letters().await.as_array().is_none_or(Vec::is_empty) {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the refused drop became no dead letter"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let one_letter = || async {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while letters().await.as_array().is_none_or(Vec::is_empty) {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the refused drop became no dead letter"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    };
+    one_letter().await;
+    // Still dropped: the retry queues it, and the store refuses it again.
+    let retry = app.post("/_dead_letters/_retry", None).await;
+    assert_eq!(retry.body["retried"], 1, "{}", retry.body);
+    one_letter().await;
     *picky.refuse_drops.lock().unwrap() = false;
     app.put_and_freeze("myblog", "article", &article()).await;
     let retry = app.post("/_dead_letters/_retry", None).await;
     assert_eq!(retry.status, 200, "{}", retry.body);
+    assert_eq!(retry.body["retried"], 0, "{}", retry.body);
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(picky.dropped.load(Ordering::SeqCst), 0);
     assert_eq!(letters().await.as_array().map(Vec::len), Some(1));

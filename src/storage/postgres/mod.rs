@@ -621,18 +621,103 @@ impl PgStorage {
         Ok(())
     }
 
-    /// Queues one dead letter again, in its own transaction, and forgets it; answers false, leaving
-    /// it kept, when no retry can apply it (its task cannot be decoded, its project is gone or was
-    /// made again since), and when it is gone since it was read (another retry took it, or its
-    /// project was deleted with its letters).
-    async fn retry_one(
+    /// Queues again, in one transaction under `project`'s lock, the letters of `keys`
+    /// (projector, revision: none a drop's, every one's task decodable) still there, and forgets
+    /// them; answers how many. None when the project is gone; none written to an earlier project
+    /// of the name (one made again since was born past them); none another retry took, or a
+    /// deletion removed, since they were read.
+    async fn retry_letters(
+        &self,
+        project: &str,
+        keys: &[(String, i64)],
+    ) -> Result<usize, StorageError> {
+        let Ok(name) = Ident::parse(project) else {
+            return Ok(0);
+        };
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| unavailable("begin a retry", &e))?;
+        let born = match catalog::lock_project(&mut tx, &name, None).await {
+            Ok((p, _)) => p.working.born,
+            Err(StorageError::NotFound(_)) => return Ok(0),
+            Err(error) => return Err(error),
+        };
+        let queue = |e: sqlx::Error| unavailable("queue dead letters again", &e);
+        let (projectors, revisions): (Vec<&str>, Vec<i64>) =
+            keys.iter().map(|(p, r)| (p.as_str(), *r)).unzip();
+        let rows = sqlx::query(
+            "DELETE FROM dead_letters d USING unnest($2::text[], $3::bigint[]) AS k(projector, revision) \
+             WHERE d.project = $1 AND d.projector = k.projector AND d.revision = k.revision \
+             AND d.revision > $4 AND jsonb_typeof(d.letter->'task') = 'object' \
+             RETURNING d.projector, d.revision, d.letter",
+        )
+        .bind(project)
+        .bind(&projectors)
+        .bind(&revisions)
+        .bind(born as i64)
+        .fetch_all(&mut *tx)
+        .await
+        .map_err(queue)?;
+        let mut taken = Vec::with_capacity(rows.len());
+        for row in rows {
+            let letter: sqlx::types::Json<DeadLetter> = row.try_get("letter").map_err(queue)?;
+            let Some(task) = letter.0.task else {
+                continue; // none: the deletion takes letters with a task only
+            };
+            taken.push((
+                row.get::<String, _>("projector"),
+                row.get::<i64, _>("revision"),
+                task,
+            ));
+        }
+        if taken.is_empty() {
+            return Ok(0);
+        }
+        // Each projector's letters queued in the order they were refused.
+        taken.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+        let last = Self::next_revisions(&mut tx, &name, taken.len() as u64).await?;
+        let first = last + 1 - taken.len() as u64;
+        let (mut at, mut tasks, mut names) = (Vec::new(), Vec::new(), Vec::new());
+        for (n, (projector, _, task)) in taken.into_iter().enumerate() {
+            let next = first + n as u64;
+            let item_revision = match &task.op {
+                TaskOp::Upsert { revision, .. } | TaskOp::Delete { revision, .. } => *revision,
+                TaskOp::Migrate { .. } | TaskOp::DropProject => next,
+            };
+            let body = codec::task_body(&task.project, &task.op);
+            at.push(next as i64);
+            tasks.push(codec::task_value(next, item_revision, &body));
+            names.push(projector);
+        }
+        sqlx::query(
+            "INSERT INTO journal (project, revision, task, projectors) \
+             SELECT $1, r, t, ARRAY[p] FROM unnest($2::bigint[], $3::bytea[], $4::text[]) AS k(r, t, p)",
+        )
+        .bind(project)
+        .bind(&at)
+        .bind(&tasks)
+        .bind(&names)
+        .execute(&mut *tx)
+        .await
+        .map_err(queue)?;
+        tx.commit()
+            .await
+            .map_err(|e| unavailable("commit a retry", &e))?;
+        Ok(at.len())
+    }
+
+    /// Queues a refused drop of `project` again, in its own transaction, and forgets it; answers
+    /// false, leaving it kept, unless the project is dropped still (made again, the name is another
+    /// project's, which the drop would remove) and the letter is there still.
+    async fn retry_drop(
         &self,
         name: &str,
         project: &str,
         revision: i64,
-        letter: DeadLetter,
     ) -> Result<bool, StorageError> {
-        let (Some(task), Ok(project_name)) = (letter.task, Ident::parse(project)) else {
+        let Ok(project_name) = Ident::parse(project) else {
             return Ok(false);
         };
         let mut tx = self
@@ -640,23 +725,9 @@ impl PgStorage {
             .begin()
             .await
             .map_err(|e| unavailable("begin a retry", &e))?;
-        // An item's or a migration's letter needs its project, the one it was written to (one
-        // made again since was born past it); a drop's needs it dropped still (made again, the
-        // name is another project's, which the drop would remove).
-        let locked = if matches!(task.op, TaskOp::DropProject) {
-            catalog::lock_dropped(&mut tx, &project_name).await?
-        } else {
-            match catalog::lock_project(&mut tx, &project_name, None).await {
-                Ok((project, _)) => project.working.born < revision as u64,
-                Err(StorageError::NotFound(_)) => false,
-                Err(error) => return Err(error),
-            }
-        };
-        if !locked {
+        if !catalog::lock_dropped(&mut tx, &project_name).await? {
             return Ok(false);
         }
-        // Under the project's lock: a letter another retry took, or a deletion removed, since
-        // it was read stays gone.
         let queue = |e: sqlx::Error| unavailable("queue a dead letter again", &e);
         let taken = sqlx::query(
             "DELETE FROM dead_letters WHERE projector = $1 AND project = $2 AND revision = $3",
@@ -672,17 +743,13 @@ impl PgStorage {
             return Ok(false);
         }
         let next = Self::next_revisions(&mut tx, &project_name, 1).await?;
-        let item_revision = match &task.op {
-            TaskOp::Upsert { revision, .. } | TaskOp::Delete { revision, .. } => *revision,
-            TaskOp::Migrate { .. } | TaskOp::DropProject => next,
-        };
-        let body = codec::task_body(&task.project, &task.op);
+        let body = codec::task_body(&project_name, &TaskOp::DropProject);
         sqlx::query(
             "INSERT INTO journal (project, revision, task, projectors) VALUES ($1, $2, $3, $4)",
         )
         .bind(project)
         .bind(next as i64)
-        .bind(codec::task_value(next, item_revision, &body))
+        .bind(codec::task_value(next, next, &body))
         .bind(vec![name.to_string()])
         .execute(&mut *tx)
         .await
@@ -1299,8 +1366,8 @@ impl Storage for PgStorage {
         Ok((letters, next))
     }
 
-    /// Reads and queues [`RETRY_PAGE`] letters at a time, project by project, so a flood of them
-    /// never sits in memory at once; only those there when the call began (a letter queued again
+    /// Reads and queues [`RETRY_PAGE`] letters at a time, project by project, in one transaction
+    /// each (a refused drop in its own), so a flood of them never sits in memory at once; only those there when the call began (a letter queued again
     /// takes a revision past every one its project had, so one refused again waits for the next
     /// retry, and a store that keeps refusing cannot keep the call going).
     async fn retry_dead_letters(&self, filter: LetterFilter<'_>) -> Result<usize, StorageError> {
@@ -1322,8 +1389,13 @@ impl Storage for PgStorage {
             // Keyset paging on `dead_letters_by_project`, from before the first projector name.
             let mut after = (String::new(), i64::MIN);
             loop {
+                // Keys only: the letters themselves are read as they are deleted. A letter whose
+                // task cannot be decoded stays (no retry could apply it).
                 let rows = sqlx::query(
-                    "SELECT projector, revision, letter FROM dead_letters \
+                    "SELECT projector, revision, \
+                       jsonb_typeof(letter->'task') = 'object' AS decodable, \
+                       letter->'task'->>'op' IS NOT DISTINCT FROM 'drop_project' AS dropped \
+                     FROM dead_letters \
                      WHERE project = $1 AND (projector, revision) > ($4, $5) \
                      AND revision <= $2 AND ($3::text IS NULL OR projector = $3) \
                      ORDER BY projector, revision LIMIT $6",
@@ -1338,15 +1410,22 @@ impl Storage for PgStorage {
                 .await
                 .map_err(read)?;
                 let full = rows.len() == RETRY_PAGE;
+                let mut keys = Vec::with_capacity(rows.len());
                 for row in rows {
                     let name: String = row.get("projector");
                     let revision: i64 = row.get("revision");
-                    let sqlx::types::Json(letter): sqlx::types::Json<DeadLetter> =
-                        row.get("letter");
-                    if self.retry_one(&name, &project, revision, letter).await? {
-                        count += 1;
+                    after = (name.clone(), revision);
+                    if !row.get::<Option<bool>, _>("decodable").unwrap_or(false) {
+                        continue;
                     }
-                    after = (name, revision);
+                    if row.get::<bool, _>("dropped") {
+                        count += usize::from(self.retry_drop(&name, &project, revision).await?);
+                    } else {
+                        keys.push((name, revision));
+                    }
+                }
+                if !keys.is_empty() {
+                    count += self.retry_letters(&project, &keys).await?;
                 }
                 if !full {
                     break;
