@@ -11,16 +11,17 @@
 //! clients of that version: an estimate of what the version's clients will miss.
 //!
 //! A column the new version makes unique (or that is unique and changes how values arrive in it),
-//! compared with the newest live version, is counted too: every stored item is taken as the new
-//! version would receive it, in the order the back-fill reads them, and one whose value in that
-//! column an item taken before holds is one PostgreSQL's unique index would refuse
-//! (`items_refused_as_duplicates`, part of `items_refused`). An item a unique column the newest
-//! live version already has would refuse is not this freeze's doing: it is not counted and takes
-//! no value. A unique column that does not change is counted when its blueprint lets in items that
-//! version's table never held (`admitting`), for the duplicates such an item is one of. Duplicates make the verdict `breaking`, so such a freeze needs `?force=true` like any
-//! other that leaves items out; with none it goes through. Values are remembered as 64-bit keys
-//! (`blueprint::unique`), at most [`UNIQUE_VALUES_TRACKED`] at once over every count running, so
-//! their memory is bounded whatever the item count; past it the count is a lower bound and says so.
+//! compared with the newest live version, is counted too, and so are the unique columns of a
+//! blueprint that lets in items that version's table never held (`unique_at_stake`). Every stored
+//! item is taken as the new version would receive it, in the order the back-fill reads them, and
+//! one whose value in a unique column an item taken before holds is one PostgreSQL's unique index
+//! would refuse (`items_refused_as_duplicates`, part of `items_refused`). The same items are taken
+//! into the newest live version's unique indexes as its table holds them: an item those refuse
+//! already is not this freeze's doing, and is not counted. Duplicates make the verdict `breaking`,
+//! so such a freeze needs `?force=true` like any other that leaves items out; with none it goes
+//! through. Values are remembered as 64-bit keys (`blueprint::unique`), at most
+//! [`UNIQUE_VALUES_TRACKED`] at once over every count running, so their memory is bounded whatever
+//! the item count; past it the count is a lower bound and says so.
 //!
 //! A wide blueprint whose rows can outgrow a PostgreSQL row (`row_past_limit`) is counted the same
 //! way when it changes: an item whose row in the new version would not fit is refused
@@ -111,7 +112,8 @@ pub struct Counts {
     pub items_losing_a_value: u64,
     /// Items not in the version (a null its column allows none), or not in its PostgreSQL table.
     pub items_refused: u64,
-    /// Of `items_refused`, those whose value in a column made unique another stored item holds.
+    /// Of `items_refused`, those whose value in a unique column another stored item holds, which
+    /// the newest live version's index did not refuse already.
     pub items_refused_as_duplicates: u64,
     /// Of `items_refused`, those whose PostgreSQL row in the new version would be larger than a
     /// row may be (a wide blueprint whose columns grew, or took defaults).
@@ -138,9 +140,9 @@ pub struct Direction {
 
 /// Whether the working copy may be frozen: `Ok(forced)`, whether it takes `force` (the version is
 /// then marked forced), or the report that refuses it without `force`. The verdicts decide first,
-/// without counting (with `force`, a freeze they refuse goes through uncounted); a column made
-/// unique, or a wide blueprint changed, is then counted on the stored items, as only they tell
-/// whether the new version refuses any.
+/// without counting (with `force`, a freeze they refuse goes through uncounted); unique columns
+/// at stake (`uniqueness_at_stake`), or a wide blueprint changed, are then counted on the stored
+/// items, as only they tell whether the new version refuses any.
 pub async fn judge(
     storage: &dyn Storage,
     p: &Project,
@@ -161,25 +163,44 @@ pub async fn judge(
 
 /// Whether a column of the working copy becomes unique since the newest live version (or is
 /// unique and changes how values arrive in it), or a blueprint with a unique column lets in items
-/// that version's table never held (`admitting`): then only the stored items tell whether the
-/// freeze refuses some. A column already unique as it is there refuses nothing more than that
+/// that version's table never held (`unique_at_stake`): then only the stored items tell whether
+/// the freeze refuses some. A column already unique as it is there refuses nothing more than that
 /// version's index does (a retired version's index no longer sees writes, so it does not count).
 pub fn uniqueness_at_stake(p: &Project) -> bool {
-    changed_columns(newest_live(p), &p.working.blueprints)
-        .iter()
-        .any(ColumnPair::uniqueness_at_stake)
-        || !admitting(p).is_empty()
+    !unique_at_stake(p).is_empty()
 }
 
-/// The working copy's blueprints with a unique column that may let in items the newest live
-/// version's table never held: a column that refused nulls there (no default) changes or goes, or
-/// a blueprint whose rows could outgrow a PostgreSQL row there changes. Such an item's values never
-/// met that version's unique indexes, so a column unique in both can still refuse it, or refuse
-/// another item because of it.
-fn admitting(p: &Project) -> HashSet<Uid> {
+/// The working copy's blueprints whose unique indexes the stored items are counted against:
+/// - one with a column made unique since the newest live version, or unique and changing how
+///   values arrive in it (`ColumnPair::uniqueness_at_stake`);
+/// - one with a unique column that may let in items the newest live version's table never held,
+///   whose values never met its indexes: a column that refused nulls there (no default) goes,
+///   takes nulls or a default, or changes its type, conversion or rules; a column unique there
+///   goes or is unique no more (the items its index refused come in); a blueprint whose rows could
+///   outgrow a PostgreSQL row there changes; or the blueprint is not in that version at all while
+///   an older one holds items of it.
+fn unique_at_stake(p: &Project) -> HashSet<Uid> {
     let newest = newest_live(p);
     let changed = changed_columns(newest, &p.working.blueprints);
-    let refused_nulls = |(_, c): (&Ident, &Column)| !c.def.nullable && c.def.default.is_none();
+    let lets_in = |pair: &ColumnPair| {
+        let Some((_, old)) = pair.old else {
+            return false;
+        };
+        let (old, new) = (&old.def, pair.new.map(|(_, c)| &c.def));
+        let refused_nulls = !old.nullable && old.default.is_none();
+        match new {
+            None => refused_nulls || old.unique,
+            Some(new) => {
+                (refused_nulls
+                    && (new.nullable
+                        || new.default.is_some()
+                        || new.ty != old.ty
+                        || new.convert != old.convert
+                        || new.validation != old.validation))
+                    || (old.unique && !new.unique)
+            }
+        }
+    };
     p.working
         .blueprints
         .iter()
@@ -189,9 +210,13 @@ fn admitting(p: &Project) -> HashSet<Uid> {
                 .iter()
                 .filter(|pair| pair.blueprint == *name)
                 .peekable();
-            let wide =
-                blueprint_with(newest, bp.uid).is_some_and(|old| row_bytes(old) > MAX_ROW_BYTES);
-            (wide && mine.peek().is_some()) || mine.any(|pair| pair.old.is_some_and(refused_nulls))
+            match blueprint_with(newest, bp.uid) {
+                None => !p.holders(bp.uid).is_empty(),
+                Some(old) => {
+                    (row_bytes(old) > MAX_ROW_BYTES && mine.peek().is_some())
+                        || mine.any(|pair| pair.uniqueness_at_stake() || lets_in(pair))
+                }
+            }
         })
         .map(|(_, bp)| bp.uid)
         .collect()
@@ -252,8 +277,12 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         .collect();
     let mut tally = Tally::default();
     tally.wide = wide_and_changed(p);
-    tally.admitting = admitting(p);
-    tally.stake(new, &changed_columns(newest_live(p), new), &pairs, &retired);
+    tally.might_not_fit = new
+        .values()
+        .filter(|bp| row_bytes(bp) > MAX_ROW_BYTES)
+        .map(|bp| bp.uid)
+        .collect();
+    tally.stake(p, &pairs, &retired);
     let mut after = None;
     // The columns each item is counted for: an item of a wide blueprint costs as much as hundreds
     // of a narrow one's.
@@ -346,7 +375,7 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
             .filter(|_| verdict != Verdict::Lossless)
             .map(|forced| {
                 format!(
-                    "version {forced} was frozen with force while version {version} was live; its clients still write values the newer versions lose, so every freeze is judged against it again until it is retired (POST /{}/_version/{version}/_retire) or the freeze is forced",
+                    "version {forced} was frozen with force while version {version} was live; its clients still write values the newer versions lose or refuse, so every freeze is judged against it again until it is retired (POST /{}/_version/{version}/_retire) or the freeze is forced",
                     p.name
                 )
             });
@@ -406,18 +435,22 @@ struct Tally {
     versions: HashMap<u32, (Counts, Counts)>,
     /// Per retired version: items stored at it, and how the new version would receive them.
     retired: HashMap<u32, (u64, Counts)>,
-    /// Every unique column of the working copy, when some is at stake (else none: nothing to
-    /// count).
+    /// The unique columns of the working copy's blueprints counted (`unique_at_stake`), as the
+    /// back-fill would fill their indexes.
     uniques: Vec<Unique>,
-    /// The unique column at stake of each (version, column index) whose pair puts it at stake.
+    /// The unique columns of the same blueprints in the newest live version, as the items its
+    /// table holds filled them: what its indexes refuse already is not this freeze's doing.
+    newest_uniques: Vec<Unique>,
+    /// The blueprints counted (`unique_at_stake`).
+    counted: HashSet<Uid>,
+    /// The unique column counted of each (version, column index) of the pairs that show it.
     stake_of: HashMap<(u32, usize), usize>,
     /// Values this count remembers (part of [`TRACKED`]).
     tracked: usize,
     /// The working copy's blueprints whose rows can outgrow a PostgreSQL row.
     wide: HashSet<Uid>,
-    /// The working copy's blueprints that may let in items the newest live version's table never
-    /// held (`admitting`).
-    admitting: HashSet<Uid>,
+    /// The working copy's blueprints whose rows can outgrow a PostgreSQL row, changed or not.
+    might_not_fit: HashSet<Uid>,
     /// One item's crossings of one version's columns, kept between items for its room.
     crossings: Vec<Crossing>,
 }
@@ -433,38 +466,51 @@ impl Drop for Tally {
     }
 }
 
-/// A unique column of the working copy and the keys of the values the items taken so far hold
-/// in it.
+/// A unique column and the keys of the values the items its index took so far hold in it.
 struct Unique {
-    blueprint: Ident,
+    /// The working copy's blueprint.
+    uid: Uid,
     column: Ident,
     ty: ColumnType,
-    stake: Stake,
-    /// The keys of the values taken, each with its lowest bit saying whether the item holding it
-    /// is in the newest live version's table (`held`): one bit of 64 less to tell values apart,
-    /// and no more memory.
     seen: HashSet<u64>,
     /// Whether a value was not remembered for want of room.
     capped: bool,
 }
 
-/// What the freeze puts at stake in a unique column.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Stake {
-    /// Nothing: the newest live version's index holds it as the working copy does, and refuses
-    /// every item it would refuse.
-    Kept,
-    /// The freeze makes it unique, or changes how values arrive in it: every duplicate counts.
-    Changed,
-    /// Unchanged, but its blueprint lets in items the newest live version's table never held
-    /// (`admitting`): a duplicate counts when one of the two items is such an item.
-    Admitted,
-}
-
-/// A value's key as `Unique::seen` holds it: its lowest bit says whether the item holding it is
-/// in the newest live version's table.
-fn held(key: u64, in_newest: bool) -> u64 {
-    (key & !1) | u64::from(in_newest)
+/// The unique columns of `uniques` (of blueprint `uid`) in which `item` holds a value an item
+/// taken before holds. With none, the item is taken: its values are remembered (while there is
+/// room: `TRACKED`; past it the column is `capped`). An item refused takes no value.
+fn meet(
+    uniques: &mut [Unique],
+    tracked: &mut usize,
+    uid: Uid,
+    item: &serde_json::Map<String, serde_json::Value>,
+) -> Vec<usize> {
+    let mut keys = Vec::new();
+    let mut duplicated = Vec::new();
+    for (at, unique) in uniques.iter().enumerate().filter(|(_, u)| u.uid == uid) {
+        let value = item
+            .get(unique.column.as_str())
+            .unwrap_or(&serde_json::Value::Null);
+        match unique_key(unique.ty, value) {
+            Some(key) if unique.seen.contains(&key) => duplicated.push(at),
+            Some(key) => keys.push((at, key)),
+            None => {}
+        }
+    }
+    if !duplicated.is_empty() {
+        return duplicated;
+    }
+    for (at, key) in keys {
+        if TRACKED.fetch_add(1, Ordering::Relaxed) < UNIQUE_VALUES_TRACKED {
+            uniques[at].seen.insert(key);
+            *tracked += 1;
+        } else {
+            TRACKED.fetch_sub(1, Ordering::Relaxed);
+            uniques[at].capped = true;
+        }
+    }
+    duplicated
 }
 
 fn blueprint_with(set: &Blueprints, uid: Uid) -> Option<&Blueprint> {
@@ -472,53 +518,49 @@ fn blueprint_with(set: &Blueprints, uid: Uid) -> Option<&Blueprint> {
 }
 
 impl Tally {
-    /// Finds the unique columns to count, when some put uniqueness at stake against the newest
-    /// live version (`newest`'s pairs), and the pairs of every version (live or retired) whose
-    /// items meet such a column's index for the first time.
+    /// Finds the unique columns to count: every unique column of the blueprints counted, in the
+    /// working copy and in the newest live version, and the pairs of every version (live or
+    /// retired) that show one of the working copy's.
     fn stake(
         &mut self,
-        new: &Blueprints,
-        newest: &[ColumnPair],
+        p: &Project,
         live: &[(u32, Vec<ColumnPair>)],
         retired: &[(u32, Vec<ColumnPair>)],
     ) {
-        // (blueprint, column) of each column at stake.
-        let at_stake: Vec<(&Ident, &Ident)> = newest
-            .iter()
-            .filter(|pair| pair.uniqueness_at_stake())
-            .filter_map(|pair| pair.new.map(|(name, _)| (pair.blueprint, name)))
-            .collect();
-        // Only the blueprints with a column at stake: another's values could never be a
-        // duplicate counted, and would only take room.
-        for (blueprint, bp) in new.iter().filter(|(name, bp)| {
-            self.admitting.contains(&bp.uid) || at_stake.iter().any(|(b, _)| b == name)
-        }) {
-            for (column, c) in bp.columns.iter().filter(|(_, c)| c.def.unique) {
-                let stake = if at_stake.contains(&(blueprint, column)) {
-                    Stake::Changed
-                } else if self.admitting.contains(&bp.uid) {
-                    Stake::Admitted
-                } else {
-                    Stake::Kept
-                };
-                self.uniques.push(Unique {
-                    blueprint: blueprint.clone(),
-                    column: column.clone(),
-                    ty: c.def.ty,
-                    stake,
-                    seen: HashSet::new(),
-                    capped: false,
-                });
-            }
+        self.counted = unique_at_stake(p);
+        let unique_columns = |set: &Blueprints, uid: Uid| -> Vec<Unique> {
+            blueprint_with(set, uid).map_or_else(Vec::new, |bp| {
+                bp.columns
+                    .iter()
+                    .filter(|(_, c)| c.def.unique)
+                    .map(|(column, c)| Unique {
+                        uid,
+                        column: column.clone(),
+                        ty: c.def.ty,
+                        seen: HashSet::new(),
+                        capped: false,
+                    })
+                    .collect()
+            })
+        };
+        for &uid in &self.counted {
+            self.uniques
+                .extend(unique_columns(&p.working.blueprints, uid));
+            self.newest_uniques
+                .extend(unique_columns(newest_live(p), uid));
         }
         for (version, columns) in live.iter().chain(retired) {
             for (index, pair) in columns.iter().enumerate() {
-                let Some((name, _)) = pair.new.filter(|_| pair.uniqueness_at_stake()) else {
+                let Some((name, _)) = pair.new else {
                     continue;
                 };
-                let unique = self.uniques.iter().position(|u| {
-                    u.stake == Stake::Changed && &u.blueprint == pair.blueprint && &u.column == name
-                });
+                let Some(uid) = p.working.blueprints.get(pair.blueprint).map(|bp| bp.uid) else {
+                    continue;
+                };
+                let unique = self
+                    .uniques
+                    .iter()
+                    .position(|u| u.uid == uid && &u.column == name);
                 if let Some(at) = unique {
                     self.stake_of.insert((*version, index), at);
                 }
@@ -526,52 +568,34 @@ impl Tally {
         }
     }
 
-    /// The unique columns at stake in which `item` (as the new version receives it) holds a value
-    /// an item taken before holds: none when the newest live version's index refuses it already
-    /// (a column not at stake holds its value, or a column at stake only for the items let in
-    /// does and both items are in that version's table, `in_newest`). An item refused takes no
-    /// value; one taken has its values remembered.
+    /// The working copy's unique columns in which an item holds a value an item taken before
+    /// holds, as the back-fill meets it (`as_new`: none when the new version's table does not
+    /// hold it): none when the newest live version's indexes refuse it already (`as_newest`,
+    /// met in the same order: none when that version's table does not hold it), as that is not
+    /// this freeze's doing.
     fn duplicated(
         &mut self,
-        blueprint: &str,
-        item: &serde_json::Map<String, serde_json::Value>,
-        in_newest: bool,
+        uid: Uid,
+        as_new: Option<&serde_json::Map<String, serde_json::Value>>,
+        as_newest: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Vec<usize> {
-        let mut keys = Vec::new();
-        let mut duplicated = Vec::new();
-        for (at, unique) in self.uniques.iter().enumerate() {
-            if unique.blueprint.as_str() != blueprint {
-                continue;
-            }
-            let value = item
-                .get(unique.column.as_str())
-                .unwrap_or(&serde_json::Value::Null);
-            let Some(key) = unique_key(unique.ty, value) else {
-                continue;
-            };
-            let holder_in_newest = [true, false]
-                .into_iter()
-                .find(|&in_newest| unique.seen.contains(&held(key, in_newest)));
-            match (holder_in_newest, unique.stake) {
-                (Some(_), Stake::Kept) => return Vec::new(),
-                (Some(true), Stake::Admitted) if in_newest => return Vec::new(),
-                (Some(_), _) => duplicated.push(at),
-                (None, _) => keys.push((at, held(key, in_newest))),
+        let refused_before = as_newest.is_some_and(|item| {
+            !meet(&mut self.newest_uniques, &mut self.tracked, uid, item).is_empty()
+        });
+        // The count is a lower bound only once the newest version's values ran out of room too.
+        if self.newest_uniques.iter().any(|u| u.uid == uid && u.capped) {
+            for unique in self.uniques.iter_mut().filter(|u| u.uid == uid) {
+                unique.capped = true;
             }
         }
-        if !duplicated.is_empty() {
-            return duplicated;
+        let Some(item) = as_new else {
+            return Vec::new();
+        };
+        let duplicated = meet(&mut self.uniques, &mut self.tracked, uid, item);
+        match refused_before {
+            true => Vec::new(),
+            false => duplicated,
         }
-        for (at, key) in keys {
-            if TRACKED.fetch_add(1, Ordering::Relaxed) < UNIQUE_VALUES_TRACKED {
-                self.uniques[at].seen.insert(key);
-                self.tracked += 1;
-            } else {
-                TRACKED.fetch_sub(1, Ordering::Relaxed);
-                self.uniques[at].capped = true;
-            }
-        }
-        duplicated
     }
 
     /// Whether the unique column of the pair `index` of `version` ran out of room for values.
@@ -625,21 +649,20 @@ impl Tally {
             && blueprint_with(newest_live(p), uid).is_none_or(|newest| {
                 !row_too_big(newest, &transform(&record.body, own, newest, 0))
             });
-        // Whether the newest live version's table holds the item (asked only where the new
-        // version may let in items it does not).
-        let in_newest = || {
-            blueprint_with(newest_live(p), uid).is_some_and(|newest| {
-                let as_newest = transform(&record.body, own, newest, 0);
-                forbidden_null(newest, &as_newest).is_none() && !row_too_big(newest, &as_newest)
-            })
-        };
-        // The unique columns in which an item counted before holds this one's value; an item not
-        // in the new version's table takes no place in its indexes.
-        let duplicated = match self.uniques.is_empty() || !enters || too_big {
-            true => Vec::new(),
-            false => {
-                let in_newest = !self.admitting.contains(&uid) || in_newest();
-                self.duplicated(new_name, &as_new, in_newest)
+        // The unique columns in which an item counted before holds this one's value, as the
+        // back-fill meets the items. One not in a version's table takes no place in its indexes.
+        let duplicated = match self.counted.contains(&uid) {
+            false => Vec::new(),
+            true => {
+                let fits =
+                    enters && !(self.might_not_fit.contains(&uid) && row_too_big(new_bp, &as_new));
+                let as_newest = blueprint_with(newest_live(p), uid)
+                    .map(|newest| (newest, transform(&record.body, own, newest, 0)))
+                    .filter(|(newest, item)| {
+                        forbidden_null(newest, item).is_none() && !row_too_big(newest, item)
+                    })
+                    .map(|(_, item)| item);
+                self.duplicated(uid, fits.then_some(&as_new), as_newest.as_ref())
             }
         };
         // Whether column `index` of the item's own version's pairs refuses it as a duplicate.

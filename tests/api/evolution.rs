@@ -1016,11 +1016,12 @@ async fn an_item_let_in_again_is_counted_against_an_unchanged_unique_column() {
     };
     app.put_and_freeze("crm", "person", &person(false, json!({"type": "integer"})))
         .await;
-    // In the order the count reads them: A1 is in version 2's table, its twin is left out of it
-    // (no age); of the two C3s, version 2's index refuses the second already.
+    // In the order the count reads them: an A1 left out of version 2's table (no age), then two
+    // in it, of which version 2's index refuses the second already; of the two C3s, likewise.
     let rows = [
-        ("A1", json!(1)),
         ("A1", Value::Null),
+        ("A1", json!(1)),
+        ("A1", json!(2)),
         ("C3", json!(2)),
         ("C3", json!(3)),
     ];
@@ -1060,12 +1061,112 @@ async fn an_item_let_in_again_is_counted_against_an_unchanged_unique_column() {
         .and_then(|live| live.iter().find(|v| v["version"] == 1).cloned())
         .unwrap_or_else(|| panic!("no version 1 in {report}"));
     assert_eq!(first["verdict"], "breaking", "{report}");
+    // The A1 let in takes the value first: the A1 in version 2's table is refused, newly; the
+    // third was refused already.
     assert_eq!(
         first["new_clients_reading_old_writes"]["items_refused_as_duplicates"], 1,
         "{report}"
     );
+    // Version 1's own pair shows `code` made unique: the duplicate is its column's.
+    let code = first["columns"]
+        .as_array()
+        .and_then(|columns| columns.iter().find(|c| c["column"] == "code").cloned())
+        .unwrap_or_else(|| panic!("no code column in {report}"));
+    assert_eq!(
+        code["new_clients_reading_old_writes"]["items_refused_as_duplicates"], 1,
+        "{report}"
+    );
+    assert_eq!(
+        code["new_clients_reading_old_writes"]["verdict"],
+        "breaking"
+    );
     let forced = app.post("/crm/_version?force=true", None).await;
     assert_eq!(forced.status, 200, "{}", forced.body);
+    app.stop().await;
+}
+
+/// A unique column that stops being unique lets in the items its index refused: their values in
+/// another unique column, unchanged, never met its index, so an item they take a value from is
+/// refused newly, and counted.
+#[tokio::test]
+async fn items_a_unique_column_let_in_are_counted_against_the_other_unique_columns() {
+    let app = spawn_app().await;
+    let member = |badge_unique: bool| {
+        json!({
+            "postgresql": {"table": "members"},
+            "elasticsearch": {"type": "member"},
+            "columns": {
+                "badge": {"type": "integer", "unique": badge_unique},
+                "email": {"type": "string", "unique": true, "validation": {"max_length": 100}}
+            }
+        })
+    };
+    app.put_and_freeze("club", "member", &member(true)).await;
+    // Version 1's indexes refuse the second item (its badge); the third is in.
+    let rows = [(1, "a"), (1, "b"), (2, "b")];
+    for (n, (badge, email)) in rows.into_iter().enumerate() {
+        let id = Uuid::from_u128(0x0123_4567_89ab_4def_8000_0000_0000_0000 + n as u128);
+        let put = app
+            .put(
+                &format!("/club/member/{id}"),
+                &json!({"id": id, "project_version": 1, "badge": badge, "email": email}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    // Badges unique no more: the second item comes in with "b", and the third is refused.
+    app.put("/club/member/_blueprint", &member(false)).await;
+    let refused = app.post("/club/_version", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    let report = &refused.body["report"];
+    assert_eq!(
+        report["live_versions"][0]["new_clients_reading_old_writes"]["items_refused_as_duplicates"],
+        1,
+        "{report}"
+    );
+    app.stop().await;
+}
+
+/// A blueprint the newest live version does not have (the version that had it is retired) is
+/// counted on the items an older version holds: its unique column never had an index.
+#[tokio::test]
+async fn a_blueprint_the_newest_live_version_lacks_is_counted_on_the_items_it_holds() {
+    let app = spawn_app().await;
+    let coupon = |unique: bool| {
+        json!({
+            "postgresql": {"table": "coupons"},
+            "elasticsearch": {"type": "coupon"},
+            "columns": {"code": {"type": "string", "unique": unique, "validation": {"max_length": 100}}}
+        })
+    };
+    app.put_and_freeze("deals", "article", &crate::helpers::article())
+        .await;
+    assert_eq!(
+        app.put_and_freeze("deals", "coupon", &coupon(false)).await,
+        2
+    );
+    for _ in 0..2 {
+        let id = Uuid::new_v4();
+        let put = app
+            .put(
+                &format!("/deals/coupon/{id}"),
+                &json!({"id": id, "project_version": 2, "code": "A1"}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    let retired = app.post("/deals/_version/2/_retire", None).await;
+    assert_eq!(retired.status, 200, "{}", retired.body);
+    app.put("/deals/coupon/_blueprint", &coupon(true)).await;
+    let refused = app.post("/deals/_version", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    let report = &refused.body["report"];
+    assert_eq!(
+        report["retired_versions"][0]["new_clients_reading_old_writes"]
+            ["items_refused_as_duplicates"],
+        1,
+        "{report}"
+    );
     app.stop().await;
 }
 
@@ -1136,14 +1237,21 @@ async fn a_text_column_becoming_indexed_loses_the_texts_an_index_cannot_hold() {
 
 /// A wide blueprint whose values grow (700 integers become texts) can make a row PostgreSQL
 /// refuses ("row is too big"): the report counts the items whose row would not fit, and the freeze
-/// is breaking; an item whose row still fits is not counted.
+/// is breaking; an item whose row still fits is not counted. An item whose row fits no version
+/// takes no place in a unique index.
 #[tokio::test]
 async fn items_whose_row_would_outgrow_postgresql_are_counted_as_refused() {
     let app = spawn_app().await;
     let wide = |ty: &str| {
-        let columns: serde_json::Map<String, Value> = (0..700)
+        let mut columns: serde_json::Map<String, Value> = (0..700)
             .map(|i| (format!("c{i}"), json!({"type": ty})))
             .collect();
+        // Both items hold one code: unique from version 2 on, where one of them does not fit.
+        let unique = ty == "string";
+        columns.insert(
+            "code".into(),
+            json!({"type": "string", "unique": unique, "validation": {"max_length": 100}}),
+        );
         json!({
             "postgresql": {"table": "wide"},
             "elasticsearch": {"type": "wide"},
@@ -1157,6 +1265,7 @@ async fn items_whose_row_would_outgrow_postgresql_are_counted_as_refused() {
             (0..700).map(|i| (format!("c{i}"), json!(value))).collect();
         item.insert("id".into(), json!(id));
         item.insert("project_version".into(), json!(1));
+        item.insert("code".into(), json!("A1"));
         let put = app
             .put(&format!("/sheet/row/{id}"), &Value::Object(item))
             .await;
@@ -1170,8 +1279,10 @@ async fn items_whose_row_would_outgrow_postgresql_are_counted_as_refused() {
     let totals = &report["live_versions"][0]["new_clients_reading_old_writes"];
     assert_eq!(totals["items_refused_for_row_size"], 1, "{report}");
     assert_eq!(totals["items_refused"], 1, "{report}");
+    assert_eq!(totals["items_refused_as_duplicates"], 0, "{report}");
     // Forced, then the blueprint changes again: the row version 2 refuses already is not the new
-    // freeze's doing, and a dry run and the freeze agree.
+    // freeze's doing, nor does it take its code from the other item; a dry run and the freeze
+    // agree.
     assert_eq!(
         app.post("/sheet/_version?force=true", None).await.status,
         200
