@@ -178,7 +178,7 @@ pub fn uniqueness_at_stake(p: &Project) -> bool {
 ///   takes nulls or a default, or changes its type, conversion or rules; a column unique there
 ///   goes or is unique no more (the items its index refused come in); a blueprint whose rows could
 ///   outgrow a PostgreSQL row there changes; or the blueprint is not in that version at all while
-///   an older one holds items of it.
+///   another version holds it (a newer one, retired: uids are never reused).
 fn unique_at_stake(p: &Project) -> HashSet<Uid> {
     let newest = newest_live(p);
     let changed = changed_columns(newest, &p.working.blueprints);
@@ -196,7 +196,8 @@ fn unique_at_stake(p: &Project) -> HashSet<Uid> {
                         || new.default.is_some()
                         || new.ty != old.ty
                         || new.convert != old.convert
-                        || new.validation != old.validation))
+                        || new.validation != old.validation
+                        || new.index != old.index))
                     || (old.unique && !new.unique)
             }
         }
@@ -278,6 +279,11 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
     let mut tally = Tally::default();
     tally.wide = wide_and_changed(p);
     tally.might_not_fit = new
+        .values()
+        .filter(|bp| row_bytes(bp) > MAX_ROW_BYTES)
+        .map(|bp| bp.uid)
+        .collect();
+    tally.newest_might_not_fit = newest_live(p)
         .values()
         .filter(|bp| row_bytes(bp) > MAX_ROW_BYTES)
         .map(|bp| bp.uid)
@@ -443,14 +449,22 @@ struct Tally {
     newest_uniques: Vec<Unique>,
     /// The blueprints counted (`unique_at_stake`).
     counted: HashSet<Uid>,
+    /// The blueprints counted whose values in the newest live version's indexes ran out of room.
+    newest_capped: HashSet<Uid>,
     /// The unique column counted of each (version, column index) of the pairs that show it.
     stake_of: HashMap<(u32, usize), usize>,
     /// Values this count remembers (part of [`TRACKED`]).
     tracked: usize,
-    /// The working copy's blueprints whose rows can outgrow a PostgreSQL row.
+    /// The working copy's blueprints whose rows can outgrow a PostgreSQL row and that changed
+    /// since the newest live version (`wide_and_changed`).
     wide: HashSet<Uid>,
     /// The working copy's blueprints whose rows can outgrow a PostgreSQL row, changed or not.
     might_not_fit: HashSet<Uid>,
+    /// The blueprints (by the working copy's uid) whose rows in the newest live version can
+    /// outgrow a PostgreSQL row.
+    newest_might_not_fit: HashSet<Uid>,
+    /// The blueprints counted that have a unique column in the newest live version.
+    newest_has_uniques: HashSet<Uid>,
     /// One item's crossings of one version's columns, kept between items for its room.
     crossings: Vec<Crossing>,
 }
@@ -546,8 +560,11 @@ impl Tally {
         for &uid in &self.counted {
             self.uniques
                 .extend(unique_columns(&p.working.blueprints, uid));
-            self.newest_uniques
-                .extend(unique_columns(newest_live(p), uid));
+            let newest = unique_columns(newest_live(p), uid);
+            if !newest.is_empty() {
+                self.newest_has_uniques.insert(uid);
+            }
+            self.newest_uniques.extend(newest);
         }
         for (version, columns) in live.iter().chain(retired) {
             for (index, pair) in columns.iter().enumerate() {
@@ -579,11 +596,16 @@ impl Tally {
         as_new: Option<&serde_json::Map<String, serde_json::Value>>,
         as_newest: Option<&serde_json::Map<String, serde_json::Value>>,
     ) -> Vec<usize> {
-        let refused_before = as_newest.is_some_and(|item| {
-            !meet(&mut self.newest_uniques, &mut self.tracked, uid, item).is_empty()
-        });
-        // The count is a lower bound only once the newest version's values ran out of room too.
-        if self.newest_uniques.iter().any(|u| u.uid == uid && u.capped) {
+        // Once the newest version's indexes ran out of room, they could miss a refusal of
+        // theirs: every later item counts as refused there, so the count stays a lower bound.
+        let refused_before = self.newest_capped.contains(&uid)
+            || as_newest.is_some_and(|item| {
+                !meet(&mut self.newest_uniques, &mut self.tracked, uid, item).is_empty()
+            });
+        if !self.newest_capped.contains(&uid)
+            && self.newest_uniques.iter().any(|u| u.uid == uid && u.capped)
+        {
+            self.newest_capped.insert(uid);
             for unique in self.uniques.iter_mut().filter(|u| u.uid == uid) {
                 unique.capped = true;
             }
@@ -642,27 +664,32 @@ impl Tally {
                 .map(|name| item.get(name.as_str()).unwrap_or(&serde_json::Value::Null));
             row_bytes_at_least(bp, values) > MAX_ROW_BYTES
         };
+        let fits = enters && !(self.might_not_fit.contains(&uid) && row_too_big(new_bp, &as_new));
+        // The item as the newest live version holds it, when something below asks.
+        let counted = self.counted.contains(&uid) && self.newest_has_uniques.contains(&uid);
+        let newest = blueprint_with(newest_live(p), uid);
+        let as_newest = newest
+            .filter(|_| counted || (!fits && enters && self.wide.contains(&uid)))
+            .map(|newest| transform(&record.body, own, newest, 0));
+        let newest_fits = |item: &serde_json::Map<String, serde_json::Value>| {
+            newest.is_some_and(|newest| {
+                !(self.newest_might_not_fit.contains(&uid) && row_too_big(newest, item))
+            })
+        };
         // Not this freeze's doing when the newest live version's table refuses the row already.
-        let too_big = enters
+        let too_big = !fits
+            && enters
             && self.wide.contains(&uid)
-            && row_too_big(new_bp, &as_new)
-            && blueprint_with(newest_live(p), uid).is_none_or(|newest| {
-                !row_too_big(newest, &transform(&record.body, own, newest, 0))
-            });
+            && as_newest.as_ref().is_none_or(newest_fits);
         // The unique columns in which an item counted before holds this one's value, as the
         // back-fill meets the items. One not in a version's table takes no place in its indexes.
         let duplicated = match self.counted.contains(&uid) {
             false => Vec::new(),
             true => {
-                let fits =
-                    enters && !(self.might_not_fit.contains(&uid) && row_too_big(new_bp, &as_new));
-                let as_newest = blueprint_with(newest_live(p), uid)
-                    .map(|newest| (newest, transform(&record.body, own, newest, 0)))
-                    .filter(|(newest, item)| {
-                        forbidden_null(newest, item).is_none() && !row_too_big(newest, item)
-                    })
-                    .map(|(_, item)| item);
-                self.duplicated(uid, fits.then_some(&as_new), as_newest.as_ref())
+                let in_newest = as_newest.as_ref().filter(|item| {
+                    newest.is_some_and(|n| forbidden_null(n, item).is_none()) && newest_fits(item)
+                });
+                self.duplicated(uid, fits.then_some(&as_new), in_newest)
             }
         };
         // Whether column `index` of the item's own version's pairs refuses it as a duplicate.

@@ -1077,11 +1077,56 @@ async fn an_item_let_in_again_is_counted_against_an_unchanged_unique_column() {
         "{report}"
     );
     assert_eq!(
-        code["new_clients_reading_old_writes"]["verdict"],
-        "breaking"
+        code["new_clients_reading_old_writes"]["verdict"], "breaking",
+        "{report}"
     );
     let forced = app.post("/crm/_version?force=true", None).await;
     assert_eq!(forced.status, 200, "{}", forced.body);
+    app.stop().await;
+}
+
+/// A required text that is indexed no more lets in the items whose long text the index could not
+/// hold (they were left out, with a null): their unique values are counted too.
+#[tokio::test]
+async fn items_an_index_left_out_are_counted_against_the_unique_columns_once_let_in() {
+    let app = spawn_app().await;
+    let person = |indexed: bool, unique: bool| {
+        json!({
+            "postgresql": {"table": "people"},
+            "elasticsearch": {"type": "person"},
+            "columns": {
+                "bio": {"type": "text", "nullable": false, "index": indexed},
+                "email": {"type": "string", "unique": unique, "validation": {"max_length": 100}}
+            }
+        })
+    };
+    app.put_and_freeze("crm", "person", &person(false, false))
+        .await;
+    // The long bio, read first, is left out of version 2's table; the short one is in.
+    for (n, bio) in ["x".repeat(2500), "short".into()].into_iter().enumerate() {
+        let id = Uuid::from_u128(0x0123_4567_89ab_4def_8000_0000_0000_0000 + n as u128);
+        let put = app
+            .put(
+                &format!("/crm/person/{id}"),
+                &json!({"id": id, "project_version": 1, "bio": bio, "email": "e"}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    app.put("/crm/person/_blueprint", &person(true, true)).await;
+    let forced = app.post("/crm/_version?force=true", None).await;
+    assert_eq!(forced.status, 200, "{}", forced.body);
+    app.put("/crm/person/_blueprint", &person(false, true))
+        .await;
+    let dry = app.post("/crm/_version?dry_run=true", None).await.body;
+    let first = dry["live_versions"]
+        .as_array()
+        .and_then(|live| live.iter().find(|v| v["version"] == 1).cloned())
+        .unwrap_or_else(|| panic!("no version 1 in {dry}"));
+    assert_eq!(
+        first["new_clients_reading_old_writes"]["items_refused_as_duplicates"], 1,
+        "{dry}"
+    );
     app.stop().await;
 }
 
@@ -1259,8 +1304,9 @@ async fn items_whose_row_would_outgrow_postgresql_are_counted_as_refused() {
         })
     };
     app.put_and_freeze("sheet", "row", &wide("integer")).await;
-    for value in [i32::MIN, 1] {
-        let id = Uuid::new_v4();
+    // The item whose row will not fit is read first.
+    for (n, value) in [i32::MIN, 1].into_iter().enumerate() {
+        let id = Uuid::from_u128(0x0123_4567_89ab_4def_8000_0000_0000_0000 + n as u128);
         let mut item: serde_json::Map<String, Value> =
             (0..700).map(|i| (format!("c{i}"), json!(value))).collect();
         item.insert("id".into(), json!(id));
