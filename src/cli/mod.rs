@@ -322,14 +322,17 @@ async fn print_changes(
     }
 }
 
-/// `dstore changes --follow`: the NDJSON stream, printed line by line; a dropped connection is
-/// opened again from the last revision printed, so nothing is missed or printed twice.
+/// `dstore changes --follow`: the feed read as server-sent events, each change printed as an NDJSON
+/// line; a dropped connection is opened again from the last event id, so nothing is missed or
+/// printed twice. The id moves with heartbeats too (past changes a `--blueprint` filter hid) and
+/// carries the horizon while a read from 0 is below it, so a reconnect goes on where a revision
+/// alone would be refused as compacted.
 async fn follow_changes(
     client: &Client,
     project: &str,
     mut query: Vec<(&str, String)>,
 ) -> Result<(), CliError> {
-    query.push(("feed", "ndjson".into()));
+    query.push(("feed", "sse".into()));
     let mut attempt = 0u32;
     loop {
         let pairs: Vec<(&str, &str)> = query.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -345,6 +348,7 @@ async fn follow_changes(
         };
         attempt = 0;
         let mut pending: Vec<u8> = Vec::new();
+        let mut gone = false;
         loop {
             let chunk = match response.chunk().await {
                 Ok(Some(chunk)) => chunk,
@@ -354,22 +358,31 @@ async fn follow_changes(
             while let Some(end) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=end).collect();
                 let line = String::from_utf8_lossy(&line);
-                let line = line.trim();
-                if line.is_empty() {
-                    continue; // a heartbeat
+                let line = line.trim_end_matches(['\r', '\n']);
+                if let Some(id) = line.strip_prefix("id:") {
+                    // `revision`, or `revision/horizon` below the horizon.
+                    let id = id.trim();
+                    let (since, horizon) = id.split_once('/').unwrap_or((id, ""));
+                    query.retain(|(k, _)| *k != "since" && *k != "horizon");
+                    query.push(("since", since.to_string()));
+                    if !horizon.is_empty() {
+                        query.push(("horizon", horizon.to_string()));
+                    }
+                } else if line == "event: gone" {
+                    gone = true;
+                } else if let Some(data) = line.strip_prefix("data:") {
+                    let data = data.trim_start();
+                    let change: Value = serde_json::from_str(data).map_err(|_| {
+                        CliError::Transport(format!("the feed sent data that is not JSON: {data}"))
+                    })?;
+                    if gone || change["status"].is_string() {
+                        let status = change["status"].as_str().unwrap_or("the feed ended");
+                        return Err(CliError::Refused(status.to_string()));
+                    }
+                    println!("{data}");
+                    let _ = std::io::stdout().flush();
                 }
-                let change: Value = serde_json::from_str(line).map_err(|_| {
-                    CliError::Transport(format!("the feed sent a line that is not JSON: {line}"))
-                })?;
-                if let Some(status) = change["status"].as_str() {
-                    return Err(CliError::Refused(status.to_string()));
-                }
-                println!("{line}");
-                let _ = std::io::stdout().flush();
-                if let Some(revision) = change["revision"].as_u64() {
-                    query.retain(|(k, _)| *k != "since");
-                    query.push(("since", revision.to_string()));
-                }
+                // Anything else: a heartbeat's comment, `retry:`, the blank line ending an event.
             }
         }
         // The server ended the stream (it stopped, or the connection dropped): go on from there.

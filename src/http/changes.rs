@@ -132,10 +132,19 @@ impl Params {
             Some("now") => None,
             raw => Some(number::<u64>("since", raw, "a revision or now")?.unwrap_or(0)),
         };
-        // An SSE client resuming after a dropped connection says where it was.
+        let mut horizon = number::<u64>("horizon", query.horizon.as_deref(), "a revision")?;
+        // An SSE client resuming after a dropped connection says where it was (`event_id`).
         if let Some(last) = request.headers().get("last-event-id") {
             let text = last.to_str().unwrap_or("?");
-            since = number::<u64>("Last-Event-ID", Some(text), "a revision")?;
+            let (revision, under) = match text.split_once('/') {
+                Some((revision, under)) => (revision, Some(under)),
+                None => (text, None),
+            };
+            let what = "a revision, or a revision and a horizon as `id:` gave them";
+            since = number::<u64>("Last-Event-ID", Some(revision), what)?;
+            if under.is_some() {
+                horizon = number::<u64>("Last-Event-ID", under, what)?;
+            }
         }
         let version = query
             .version
@@ -226,7 +235,7 @@ impl Params {
             feed,
             timeout,
             heartbeat: Duration::from_secs(heartbeat),
-            horizon: number::<u64>("horizon", query.horizon.as_deref(), "a revision")?,
+            horizon,
         })
     }
 }
@@ -465,6 +474,17 @@ struct Answer<'a> {
     version: u32,
 }
 
+/// An SSE event id: the revision, and below the horizon the horizon too (`revision/horizon`), as a
+/// read from 0 goes on there only with the horizon it began under (`feed::check_horizon`): a
+/// client that reconnects in the middle of such a read sends it back as `Last-Event-ID` and
+/// resumes, where the revision alone would be refused as compacted.
+fn event_id(revision: u64, horizon: u64) -> String {
+    match revision != 0 && revision < horizon {
+        true => format!("{revision}/{horizon}"),
+        false => revision.to_string(),
+    }
+}
+
 /// The entries of a page as they are sent: one JSON answer, or a stream's frames.
 fn encode(entries: &[FeedEntry], place: Place, format: Format, version: u32) -> Bytes {
     let mut out = Vec::new();
@@ -487,7 +507,12 @@ fn encode(entries: &[FeedEntry], place: Place, format: Format, version: u32) -> 
         Format::Sse => {
             use std::io::Write;
             for entry in entries {
-                write!(out, "id: {}\ndata: ", entry.revision).expect("a Vec takes writes");
+                write!(
+                    out,
+                    "id: {}\ndata: ",
+                    event_id(entry.revision, place.horizon)
+                )
+                .expect("a Vec takes writes");
                 serde_json::to_writer(&mut out, entry).expect("entries serialize");
                 out.extend_from_slice(b"\n\n");
             }
@@ -568,7 +593,10 @@ pub async fn changes(
                 // data is no event): a follower that started from `since=now` and reconnects
                 // before any change resumes from there, not from a later `now`.
                 out: VecDeque::from([Bytes::from(if params.feed == Feed::Sse {
-                    format!("retry: 2000\nid: {since}\n\n")
+                    format!(
+                        "retry: 2000\nid: {}\n\n",
+                        event_id(since, first.place.horizon)
+                    )
                 } else {
                     String::new()
                 })]),
@@ -759,7 +787,10 @@ impl Stream {
                     // Everything up to `since` was sent or filtered out: in SSE the heartbeat
                     // moves the last event id there, so a reconnect skips what the filter hid.
                     self.out.push_back(if self.format == Format::Sse {
-                        Bytes::from(format!("id: {}\n: heartbeat\n\n", self.since))
+                        Bytes::from(format!(
+                            "id: {}\n: heartbeat\n\n",
+                            event_id(self.since, self.horizon.unwrap_or(0))
+                        ))
                     } else {
                         Bytes::from_static(b"\n")
                     });

@@ -85,7 +85,12 @@ async fn next_changes(events: &mut (impl Stream<Item = Event> + Unpin), n: usize
             .expect("the stream goes on");
         assert_eq!(event.event, "message", "{event:?}");
         let change: Value = serde_json::from_str(&event.data).expect("JSON data");
-        assert_eq!(event.id, change["revision"].to_string());
+        // The revision, and below the horizon the horizon too.
+        let revision = change["revision"].to_string();
+        assert!(
+            event.id == revision || event.id.starts_with(&format!("{revision}/")),
+            "{event:?}"
+        );
         out.push(change);
     }
     out
@@ -862,6 +867,35 @@ async fn compacted_deletes_answer_410_and_since_0_gives_the_latest_state() {
     let after = put(&app, Uuid::new_v4(), "after").await;
     let followed = next_changes(&mut events, 1).await;
     assert_eq!(followed[0]["revision"], after);
+    // Below the horizon, an event's id carries it: a client that reconnects there with that
+    // Last-Event-ID goes on, where the revision alone is a 410.
+    let raw = app
+        .client
+        .get(format!("{}/p/_changes?feed=sse&since=0", app.address))
+        .send()
+        .await
+        .unwrap();
+    let mut bytes = raw.bytes_stream();
+    let id = format!("{before}/{horizon}");
+    sse_text_until(&mut bytes, &format!("id: {id}\n")).await;
+    let resumed = app
+        .client
+        .get(format!("{}/p/_changes?feed=sse&timeout=1", app.address))
+        .header("last-event-id", &id)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resumed.status(), 200);
+    let text = resumed.text().await.unwrap();
+    assert!(text.contains(&format!("id: {after}\n")), "{text}");
+    let malformed = app
+        .client
+        .get(format!("{}/p/_changes?feed=sse", app.address))
+        .header("last-event-id", format!("{before}/x"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(malformed.status(), 400);
     app.stop().await;
 }
 
