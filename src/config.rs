@@ -299,6 +299,9 @@ pub struct ChangesSettings {
     /// How often old deletes are purged, in seconds.
     pub compact_interval_secs: u64,
     /// Followers streaming at once (SSE, NDJSON, long polls) on this node; more are answered 503.
+    /// It bounds their memory: an idle follower holds about 17 KiB, but one whose client stopped
+    /// reading holds its last page (up to 256 KiB and one change, however large), so the default
+    /// keeps a thousand such followers near 1.3 GiB, within the systemd unit's memory limit.
     pub max_followers: usize,
     /// Seconds between heartbeats of an idle stream, one of [`HEARTBEAT_SECS`].
     pub heartbeat_secs: u64,
@@ -309,7 +312,7 @@ impl Default for ChangesSettings {
         ChangesSettings {
             tombstone_retention_secs: 7 * 86_400,
             compact_interval_secs: 600,
-            max_followers: 10_000,
+            max_followers: 1_000,
             heartbeat_secs: 15,
         }
     }
