@@ -35,14 +35,24 @@ async fn shop(app: &TestApp) -> Vec<Uuid> {
     ids
 }
 
-fn price_column(report: &Value) -> &Value {
-    let columns = report["live_versions"][0]["columns"]
+fn price_column(report: &Value) -> Value {
+    column(&report["live_versions"][0], "price")
+}
+
+/// Live version `number`'s part of a freeze report.
+fn live_version(report: &Value, number: u32) -> Value {
+    report["live_versions"]
         .as_array()
-        .expect("columns");
-    columns
-        .iter()
-        .find(|c| c["column"] == "price")
-        .unwrap_or_else(|| panic!("no price column in {report}"))
+        .and_then(|live| live.iter().find(|v| v["version"] == number).cloned())
+        .unwrap_or_else(|| panic!("no live version {number} in {report}"))
+}
+
+/// Column `name` of a live version's part of a freeze report.
+fn column(version: &Value, name: &str) -> Value {
+    version["columns"]
+        .as_array()
+        .and_then(|columns| columns.iter().find(|c| c["column"] == name).cloned())
+        .unwrap_or_else(|| panic!("no column {name} in {version}"))
 }
 
 #[tokio::test]
@@ -306,12 +316,7 @@ async fn the_compatibility_setting_lets_lossy_freezes_through_but_not_breaking_o
     .await;
     let dry = app.post("/shop/_version?dry_run=true", None).await;
     assert_eq!(dry.body["verdict"], "breaking", "{}", dry.body);
-    let breaking = dry.body["live_versions"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|v| v["version"] == 1)
-        .expect("version 1 is live");
+    let breaking = live_version(&dry.body, 1);
     // The item without a price and the two whose price has no integer are refused.
     assert_eq!(
         breaking["new_clients_reading_old_writes"]["items_refused"], 3,
@@ -851,13 +856,6 @@ async fn a_column_made_unique_over_duplicates_is_counted_and_takes_force() {
         assert_eq!(put.status, 200, "{}", put.body);
         ids.push(id);
     }
-    let column = |report: &Value, version: usize, name: &str| {
-        report["live_versions"][version]["columns"]
-            .as_array()
-            .and_then(|columns| columns.iter().find(|c| c["column"] == name).cloned())
-            .unwrap_or_else(|| panic!("no {name} at {version} in {report}"))
-    };
-
     // `code` made unique: the second A1 is refused, the two nulls are not.
     app.put(
         "/deals/coupon/_blueprint",
@@ -867,7 +865,7 @@ async fn a_column_made_unique_over_duplicates_is_counted_and_takes_force() {
     let dry = app.post("/deals/_version?dry_run=true", None).await.body;
     assert_eq!(dry["verdict"], "breaking", "{dry}");
     assert_eq!(dry["allowed"], false, "{dry}");
-    let code = &column(&dry, 0, "code")["new_clients_reading_old_writes"];
+    let code = &column(&dry["live_versions"][0], "code")["new_clients_reading_old_writes"];
     assert_eq!(code["verdict"], "breaking", "{dry}");
     assert_eq!(code["items_refused"], 1, "{dry}");
     assert_eq!(code["items_refused_as_duplicates"], 1, "{dry}");
@@ -911,9 +909,9 @@ async fn a_column_made_unique_over_duplicates_is_counted_and_takes_force() {
     .await;
     let dry = app.post("/deals/_version?dry_run=true", None).await.body;
     assert_eq!(dry["verdict"], "breaking", "{dry}");
-    let rate = &column(&dry, 0, "rate")["new_clients_reading_old_writes"];
+    let rate = &column(&dry["live_versions"][0], "rate")["new_clients_reading_old_writes"];
     assert_eq!(rate["items_refused_as_duplicates"], 1, "{dry}");
-    let code = &column(&dry, 0, "code")["new_clients_reading_old_writes"];
+    let code = &column(&dry["live_versions"][0], "code")["new_clients_reading_old_writes"];
     assert_eq!(code["items_refused_as_duplicates"], 0, "{dry}");
     assert_eq!(code["verdict"], "lossless", "{dry}");
 
@@ -936,14 +934,7 @@ async fn a_column_made_unique_over_duplicates_is_counted_and_takes_force() {
     let refused = app.post("/deals/_version", None).await;
     assert_eq!(refused.status, 409, "{}", refused.body);
     let report = &refused.body["report"];
-    let newest = report["live_versions"]
-        .as_array()
-        .and_then(|live| live.iter().find(|v| v["version"] == 1).cloned())
-        .unwrap_or_else(|| panic!("no version 1 in {report}"));
-    let batch = newest["columns"]
-        .as_array()
-        .and_then(|columns| columns.iter().find(|c| c["column"] == "batch").cloned())
-        .unwrap_or_else(|| panic!("no batch column in {report}"));
+    let batch = column(&live_version(report, 1), "batch");
     assert_eq!(
         batch["new_clients_reading_old_writes"]["items_refused_as_duplicates"], 2,
         "{report}"
@@ -1056,10 +1047,7 @@ async fn an_item_let_in_again_is_counted_against_an_unchanged_unique_column() {
     assert_eq!(refused.status, 409, "{}", refused.body);
     let report = &refused.body["report"];
     assert_eq!(report["verdict"], "breaking", "{report}");
-    let first = report["live_versions"]
-        .as_array()
-        .and_then(|live| live.iter().find(|v| v["version"] == 1).cloned())
-        .unwrap_or_else(|| panic!("no version 1 in {report}"));
+    let first = live_version(report, 1);
     assert_eq!(first["verdict"], "breaking", "{report}");
     // The A1 let in takes the value first: the A1 in version 2's table is refused, newly; the
     // third was refused already.
@@ -1068,10 +1056,7 @@ async fn an_item_let_in_again_is_counted_against_an_unchanged_unique_column() {
         "{report}"
     );
     // Version 1's own pair shows `code` made unique: the duplicate is its column's.
-    let code = first["columns"]
-        .as_array()
-        .and_then(|columns| columns.iter().find(|c| c["column"] == "code").cloned())
-        .unwrap_or_else(|| panic!("no code column in {report}"));
+    let code = column(&first, "code");
     assert_eq!(
         code["new_clients_reading_old_writes"]["items_refused_as_duplicates"], 1,
         "{report}"
@@ -1119,10 +1104,7 @@ async fn items_an_index_left_out_are_counted_against_the_unique_columns_once_let
     app.put("/crm/person/_blueprint", &person(false, true))
         .await;
     let dry = app.post("/crm/_version?dry_run=true", None).await.body;
-    let first = dry["live_versions"]
-        .as_array()
-        .and_then(|live| live.iter().find(|v| v["version"] == 1).cloned())
-        .unwrap_or_else(|| panic!("no version 1 in {dry}"));
+    let first = live_version(&dry, 1);
     assert_eq!(
         first["new_clients_reading_old_writes"]["items_refused_as_duplicates"], 1,
         "{dry}"
@@ -1272,10 +1254,7 @@ async fn a_text_column_becoming_indexed_loses_the_texts_an_index_cannot_hold() {
     )
     .await;
     let dry = app.post("/pad/_version?dry_run=true", None).await.body;
-    let newest = dry["live_versions"]
-        .as_array()
-        .and_then(|live| live.iter().find(|v| v["version"] == 2).cloned())
-        .unwrap_or_else(|| panic!("no version 2 in {dry}"));
+    let newest = live_version(&dry, 2);
     assert_eq!(newest["verdict"], "lossless", "{dry}");
     app.stop().await;
 }
