@@ -38,7 +38,6 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 
 use super::WriteError;
-use crate::blueprint::check::{index_entry_fits, index_entry_limited};
 use crate::blueprint::compat::{changed_columns, outcome, Assessment, ColumnPair, Verdict};
 use crate::blueprint::transform::{forbidden_null, transform};
 use crate::blueprint::unique::unique_key;
@@ -117,8 +116,7 @@ pub struct Counts {
     /// the newest live version's index did not refuse already.
     pub items_refused_as_duplicates: u64,
     /// Of `items_refused`, those whose PostgreSQL row in the new version would be larger than a
-    /// row may be (a wide blueprint whose columns grew, or took defaults), or whose value in a
-    /// unique JSON, array or geometry column (an indexed `json[]`) larger than an index entry.
+    /// row may be (a wide blueprint whose columns grew, or took defaults).
     pub items_refused_for_row_size: u64,
 }
 
@@ -226,14 +224,10 @@ fn unique_at_stake(p: &Project) -> HashSet<Uid> {
 }
 
 /// Whether a blueprint of the working copy whose rows can outgrow a PostgreSQL row
-/// (`row_past_limit`) changes since the newest live version, or a column whose index entries
-/// PostgreSQL holds to a size (`index_entry_limited`) does: then only the stored items tell
+/// (`row_past_limit`) changes since the newest live version: then only the stored items tell
 /// whether the new version's table refuses some.
 pub fn row_size_at_stake(p: &Project) -> bool {
     !wide_and_changed(p).is_empty()
-        || changed_columns(newest_live(p), &p.working.blueprints)
-            .iter()
-            .any(|pair| pair.new.is_some_and(|(_, c)| index_entry_limited(&c.def)))
 }
 
 /// The working copy's blueprints whose rows can outgrow a PostgreSQL row and that changed since
@@ -289,14 +283,6 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         .filter(|bp| row_bytes(bp) > MAX_ROW_BYTES)
         .map(|bp| bp.uid)
         .collect();
-    let limited = |set: &Blueprints| -> HashSet<Uid> {
-        set.values()
-            .filter(|bp| bp.columns.values().any(|c| index_entry_limited(&c.def)))
-            .map(|bp| bp.uid)
-            .collect()
-    };
-    tally.entry_limited = limited(new);
-    tally.newest_entry_limited = limited(newest_live(p));
     tally.newest_might_not_fit = newest_live(p)
         .values()
         .filter(|bp| row_bytes(bp) > MAX_ROW_BYTES)
@@ -479,10 +465,6 @@ struct Tally {
     newest_might_not_fit: HashSet<Uid>,
     /// The blueprints counted that have a unique column in the newest live version.
     newest_has_uniques: HashSet<Uid>,
-    /// The working copy's blueprints with a column whose index entries PostgreSQL holds to a size
-    /// (`index_entry_limited`), and (by the working copy's uid) the newest live version's.
-    entry_limited: HashSet<Uid>,
-    newest_entry_limited: HashSet<Uid>,
     /// One item's crossings of one version's columns, kept between items for its room.
     crossings: Vec<Crossing>,
 }
@@ -682,34 +664,23 @@ impl Tally {
                 .map(|name| item.get(name.as_str()).unwrap_or(&serde_json::Value::Null));
             row_bytes_at_least(bp, values) > MAX_ROW_BYTES
         };
-        // An index entry PostgreSQL cannot hold (a unique JSON value, array or geometry over 2000
-        // bytes) keeps the row out of the table as a row too large does.
-        let entries_fit = |bp: &Blueprint, item: &serde_json::Map<String, serde_json::Value>| {
-            bp.columns
-                .iter()
-                .filter(|(_, c)| index_entry_limited(&c.def))
-                .all(|(name, c)| {
-                    item.get(name.as_str())
-                        .is_none_or(|value| index_entry_fits(&c.def, value))
-                })
-        };
-        let fits = enters
-            && !(self.might_not_fit.contains(&uid) && row_too_big(new_bp, &as_new))
-            && (!self.entry_limited.contains(&uid) || entries_fit(new_bp, &as_new));
+        let fits = enters && !(self.might_not_fit.contains(&uid) && row_too_big(new_bp, &as_new));
         // The item as the newest live version holds it, when something below asks.
         let counted = self.counted.contains(&uid) && self.newest_has_uniques.contains(&uid);
         let newest = blueprint_with(newest_live(p), uid);
         let as_newest = newest
-            .filter(|_| counted || (enters && !fits))
+            .filter(|_| counted || (!fits && enters && self.wide.contains(&uid)))
             .map(|newest| transform(&record.body, own, newest, 0));
         let newest_fits = |item: &serde_json::Map<String, serde_json::Value>| {
             newest.is_some_and(|newest| {
                 !(self.newest_might_not_fit.contains(&uid) && row_too_big(newest, item))
-                    && (!self.newest_entry_limited.contains(&uid) || entries_fit(newest, item))
             })
         };
         // Not this freeze's doing when the newest live version's table refuses the row already.
-        let too_big = enters && !fits && as_newest.as_ref().is_none_or(newest_fits);
+        let too_big = !fits
+            && enters
+            && self.wide.contains(&uid)
+            && as_newest.as_ref().is_none_or(newest_fits);
         // The unique columns in which an item counted before holds this one's value, as the
         // back-fill meets the items. One not in a version's table takes no place in its indexes.
         let duplicated = match self.counted.contains(&uid) {

@@ -1197,41 +1197,6 @@ async fn a_blueprint_the_newest_live_version_lacks_is_counted_on_the_items_it_ho
     app.stop().await;
 }
 
-/// A unique JSON column holds values of at most 2000 bytes, which writes check but a value an
-/// earlier version stored reaches unchecked: a column made unique counts the items whose value its
-/// index could not hold as refused, and the freeze is breaking.
-#[tokio::test]
-async fn a_json_column_made_unique_counts_the_values_its_index_cannot_hold() {
-    let app = spawn_app().await;
-    let doc = |unique: bool| {
-        json!({
-            "postgresql": {"table": "docs"},
-            "elasticsearch": {"type": "doc"},
-            "columns": {"body": {"type": "json", "unique": unique}}
-        })
-    };
-    app.put_and_freeze("pad", "doc", &doc(false)).await;
-    for body in [json!({"text": "x".repeat(3000)}), json!({"text": "short"})] {
-        let id = Uuid::new_v4();
-        let put = app
-            .put(
-                &format!("/pad/doc/{id}"),
-                &json!({"id": id, "project_version": 1, "body": body}),
-            )
-            .await;
-        assert_eq!(put.status, 200, "{}", put.body);
-    }
-    app.put("/pad/doc/_blueprint", &doc(true)).await;
-    let refused = app.post("/pad/_version", None).await;
-    assert_eq!(refused.status, 409, "{}", refused.body);
-    let report = &refused.body["report"];
-    let totals = &live_version(report, 1)["new_clients_reading_old_writes"];
-    assert_eq!(totals["items_refused_for_row_size"], 1, "{report}");
-    assert_eq!(totals["items_refused"], 1, "{report}");
-    assert_eq!(report["verdict"], "breaking", "{report}");
-    app.stop().await;
-}
-
 /// An indexed or unique text holds at most 2000 bytes: a column becoming one loses longer texts,
 /// which the verdict says and the report counts for the version that stored them (a read at the
 /// new version shows the null).

@@ -40,23 +40,6 @@ pub fn check_column_value(def: &ColumnDef, value: &Value) -> Result<Value, Strin
     Ok(canonical)
 }
 
-/// Whether a column's values meet [`check_index_entry`]'s limit: a unique array, JSON value or
-/// geometry, or an indexed `json[]`.
-pub fn index_entry_limited(def: &ColumnDef) -> bool {
-    let whole = match def.ty {
-        ColumnType::One(base) => base == BaseType::Json || base.is_geometry(),
-        ColumnType::Many(_) => true,
-    };
-    (def.unique && whole) || (def.index && def.ty == ColumnType::Many(BaseType::Json))
-}
-
-/// Whether PostgreSQL's index of the column could hold a value (canonical, as stored): a write
-/// checks it (`check_item`), but a value an earlier version stored reaches a version that indexes
-/// it unchecked, and PostgreSQL refuses that row there alone.
-pub fn index_entry_fits(def: &ColumnDef, value: &Value) -> bool {
-    value.is_null() || check_index_entry(def, value).is_ok()
-}
-
 /// Refuses a value PostgreSQL could not put in the index of a `unique` or `index` column (what
 /// [`check_rules`] does not check already): a unique array, JSON value or geometry is one B-tree
 /// index row, and each element of an indexed `json[]` a GIN index entry, both held to
