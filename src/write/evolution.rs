@@ -598,10 +598,11 @@ impl Tally {
     ) -> Vec<usize> {
         // Once the newest version's indexes ran out of room, they could miss a refusal of
         // theirs: every later item counts as refused there, so the count stays a lower bound.
-        let refused_before = self.newest_capped.contains(&uid)
-            || as_newest.is_some_and(|item| {
-                !meet(&mut self.newest_uniques, &mut self.tracked, uid, item).is_empty()
-            });
+        // (An item not in its table is refused by none of its indexes, capped or not.)
+        let capped = self.newest_capped.contains(&uid);
+        let refused_before = as_newest.is_some_and(|item| {
+            capped || !meet(&mut self.newest_uniques, &mut self.tracked, uid, item).is_empty()
+        });
         if !self.newest_capped.contains(&uid)
             && self.newest_uniques.iter().any(|u| u.uid == uid && u.capped)
         {
