@@ -178,7 +178,9 @@ pub fn uniqueness_at_stake(p: &Project) -> bool {
 ///   takes nulls or a default, or changes its type, conversion or rules; a column unique there
 ///   goes or is unique no more (the items its index refused come in); a blueprint whose rows could
 ///   outgrow a PostgreSQL row there changes; or the blueprint is not in that version at all while
-///   another version holds it (a newer one, retired: uids are never reused).
+///   another version holds it (a newer one, retired: uids are never reused);
+/// - one with two unique columns or more whose new version leaves items out (a null where a
+///   column allows none): their values no longer hold another item back.
 fn unique_at_stake(p: &Project) -> HashSet<Uid> {
     let newest = newest_live(p);
     let changed = changed_columns(newest, &p.working.blueprints);
@@ -211,11 +213,24 @@ fn unique_at_stake(p: &Project) -> HashSet<Uid> {
                 .iter()
                 .filter(|pair| pair.blueprint == *name)
                 .peekable();
+            // With two unique columns, an item the new version leaves out (a null where it allows
+            // none) frees its values for an item the newest version's index refused, whose other
+            // values then take another item's place.
+            let uniques = bp.columns.values().filter(|c| c.def.unique).count();
+            let leaves_out = |pair: &ColumnPair| {
+                uniques >= 2
+                    && pair
+                        .new
+                        .is_some_and(|(_, c)| !c.def.nullable && c.def.default.is_none())
+                    && pair.to_new().verdict == Verdict::Breaking
+            };
             match blueprint_with(newest, bp.uid) {
                 None => !p.holders(bp.uid).is_empty(),
                 Some(old) => {
                     (row_bytes(old) > MAX_ROW_BYTES && mine.peek().is_some())
-                        || mine.any(|pair| pair.uniqueness_at_stake() || lets_in(pair))
+                        || mine.any(|pair| {
+                            pair.uniqueness_at_stake() || lets_in(pair) || leaves_out(pair)
+                        })
                 }
             }
         })

@@ -1112,6 +1112,49 @@ async fn items_an_index_left_out_are_counted_against_the_unique_columns_once_let
     app.stop().await;
 }
 
+/// An item the new version leaves out (a column made required) frees its unique values: an item
+/// the newest version's index refused for one of them comes in, and its other value takes the
+/// place of an item that was in, which is counted.
+#[tokio::test]
+async fn an_item_left_out_frees_values_that_refuse_another_item_newly() {
+    let app = spawn_app().await;
+    let pair = |required: bool| {
+        json!({
+            "postgresql": {"table": "pairs"},
+            "elasticsearch": {"type": "pair"},
+            "columns": {
+                "a": {"type": "integer", "unique": true},
+                "b": {"type": "integer", "unique": true},
+                "c": {"type": "integer", "nullable": !required}
+            }
+        })
+    };
+    app.put_and_freeze("duo", "pair", &pair(false)).await;
+    // Version 1's indexes take the first and the third; the second is refused (its `a`).
+    let rows = [
+        (json!(1), json!(1), Value::Null),
+        (json!(1), json!(2), json!(5)),
+        (Value::Null, json!(2), json!(6)),
+    ];
+    for (n, (a, b, c)) in rows.into_iter().enumerate() {
+        let id = Uuid::from_u128(0x0123_4567_89ab_4def_8000_0000_0000_0000 + n as u128);
+        let put = app
+            .put(
+                &format!("/duo/pair/{id}"),
+                &json!({"id": id, "project_version": 1, "a": a, "b": b, "c": c}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    // `c` required: the first is left out, the second comes in and refuses the third (its `b`).
+    app.put("/duo/pair/_blueprint", &pair(true)).await;
+    let dry = app.post("/duo/_version?dry_run=true", None).await.body;
+    let totals = &live_version(&dry, 1)["new_clients_reading_old_writes"];
+    assert_eq!(totals["items_refused_as_duplicates"], 1, "{dry}");
+    assert_eq!(totals["items_refused"], 2, "{dry}");
+    app.stop().await;
+}
+
 /// A unique column that stops being unique lets in the items its index refused: their values in
 /// another unique column, unchanged, never met its index, so an item they take a value from is
 /// refused newly, and counted.
