@@ -231,13 +231,7 @@ async fn list_dead_letters(
             format!("limit={limit} is not between 1 and {MAX_DEAD_LETTERS}"),
         ));
     }
-    if let Some(name) = &params.projector {
-        known_projector(state, name)?;
-    }
-    let filter = LetterFilter {
-        projector: params.projector.as_deref(),
-        project: project.map(Ident::as_str),
-    };
+    let filter = letter_filter(state, project, params.projector.as_deref())?;
     let (letters, next) = state
         .storage
         .dead_letters(filter, params.after.as_deref(), limit)
@@ -257,6 +251,22 @@ struct DeadLetters<'a> {
     dead_letters: &'a [crate::journal::DeadLetter],
     #[serde(skip_serializing_if = "Option::is_none")]
     next: Option<String>,
+}
+
+/// The letters of `project` and `projector` (every one's when not given); a 404 unless the
+/// projector is enabled.
+fn letter_filter<'a>(
+    state: &State,
+    project: Option<&'a Ident>,
+    projector: Option<&'a str>,
+) -> Result<LetterFilter<'a>, ApiError> {
+    if let Some(name) = projector {
+        known_projector(state, name)?;
+    }
+    Ok(LetterFilter {
+        projector,
+        project: project.map(Ident::as_str),
+    })
 }
 
 /// A 404 unless `name` is an enabled projector.
@@ -300,13 +310,7 @@ async fn retry(
     project: Option<&Ident>,
     params: &RetryParams,
 ) -> Result<HttpResponse, ApiError> {
-    if let Some(name) = &params.projector {
-        known_projector(state, name)?;
-    }
-    let filter = LetterFilter {
-        projector: params.projector.as_deref(),
-        project: project.map(Ident::as_str),
-    };
+    let filter = letter_filter(state, project, params.projector.as_deref())?;
     let retried = state.storage.retry_dead_letters(filter).await?;
     Ok(HttpResponse::Ok().json(json!({"retried": retried})))
 }

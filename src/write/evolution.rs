@@ -227,7 +227,7 @@ fn unique_at_stake(p: &Project) -> HashSet<Uid> {
             match blueprint_with(newest, bp.uid) {
                 None => !p.holders(bp.uid).is_empty(),
                 Some(old) => {
-                    (row_bytes(old) > MAX_ROW_BYTES && mine.peek().is_some())
+                    (might_outgrow_row(old) && mine.peek().is_some())
                         || mine.any(|pair| {
                             pair.uniqueness_at_stake() || lets_in(pair) || leaves_out(pair)
                         })
@@ -253,9 +253,22 @@ fn wide_and_changed(p: &Project) -> HashSet<Uid> {
         .blueprints
         .iter()
         .filter(|(name, bp)| {
-            row_bytes(bp) > MAX_ROW_BYTES && changed.iter().any(|pair| pair.blueprint == *name)
+            might_outgrow_row(bp) && changed.iter().any(|pair| pair.blueprint == *name)
         })
         .map(|(_, bp)| bp.uid)
+        .collect()
+}
+
+/// Whether a blueprint's rows can outgrow a PostgreSQL row (`row_past_limit`).
+fn might_outgrow_row(bp: &Blueprint) -> bool {
+    row_bytes(bp) > MAX_ROW_BYTES
+}
+
+/// The blueprints of `set` whose rows can outgrow a PostgreSQL row.
+fn might_outgrow(set: &Blueprints) -> HashSet<Uid> {
+    set.values()
+        .filter(|bp| might_outgrow_row(bp))
+        .map(|bp| bp.uid)
         .collect()
 }
 
@@ -293,16 +306,8 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         .collect();
     let mut tally = Tally::default();
     tally.wide = wide_and_changed(p);
-    tally.might_not_fit = new
-        .values()
-        .filter(|bp| row_bytes(bp) > MAX_ROW_BYTES)
-        .map(|bp| bp.uid)
-        .collect();
-    tally.newest_might_not_fit = newest_live(p)
-        .values()
-        .filter(|bp| row_bytes(bp) > MAX_ROW_BYTES)
-        .map(|bp| bp.uid)
-        .collect();
+    tally.might_not_fit = might_outgrow(new);
+    tally.newest_might_not_fit = might_outgrow(newest_live(p));
     tally.stake(p, &pairs, &retired);
     let mut after = None;
     // The columns each item is counted for: an item of a wide blueprint costs as much as hundreds
@@ -464,8 +469,6 @@ struct Tally {
     newest_uniques: Vec<Unique>,
     /// The blueprints counted (`unique_at_stake`).
     counted: HashSet<Uid>,
-    /// The blueprints counted whose values in the newest live version's indexes ran out of room.
-    newest_capped: HashSet<Uid>,
     /// The unique column counted of each (version, column index) of the pairs that show it.
     stake_of: HashMap<(u32, usize), usize>,
     /// Values this count remembers (part of [`TRACKED`]).
@@ -478,8 +481,6 @@ struct Tally {
     /// The blueprints (by the working copy's uid) whose rows in the newest live version can
     /// outgrow a PostgreSQL row.
     newest_might_not_fit: HashSet<Uid>,
-    /// The blueprints counted that have a unique column in the newest live version.
-    newest_has_uniques: HashSet<Uid>,
     /// One item's crossings of one version's columns, kept between items for its room.
     crossings: Vec<Crossing>,
 }
@@ -575,11 +576,8 @@ impl Tally {
         for &uid in &self.counted {
             self.uniques
                 .extend(unique_columns(&p.working.blueprints, uid));
-            let newest = unique_columns(newest_live(p), uid);
-            if !newest.is_empty() {
-                self.newest_has_uniques.insert(uid);
-            }
-            self.newest_uniques.extend(newest);
+            self.newest_uniques
+                .extend(unique_columns(newest_live(p), uid));
         }
         for (version, columns) in live.iter().chain(retired) {
             for (index, pair) in columns.iter().enumerate() {
@@ -614,14 +612,17 @@ impl Tally {
         // Once the newest version's indexes ran out of room, they could miss a refusal of
         // theirs: every later item counts as refused there, so the count stays a lower bound.
         // (An item not in its table is refused by none of its indexes, capped or not.)
-        let capped = self.newest_capped.contains(&uid);
+        let newest_capped = |tally: &Self| {
+            tally
+                .newest_uniques
+                .iter()
+                .any(|u| u.uid == uid && u.capped)
+        };
+        let capped = newest_capped(self);
         let refused_before = as_newest.is_some_and(|item| {
             capped || !meet(&mut self.newest_uniques, &mut self.tracked, uid, item).is_empty()
         });
-        if !self.newest_capped.contains(&uid)
-            && self.newest_uniques.iter().any(|u| u.uid == uid && u.capped)
-        {
-            self.newest_capped.insert(uid);
+        if newest_capped(self) {
             for unique in self.uniques.iter_mut().filter(|u| u.uid == uid) {
                 unique.capped = true;
             }
@@ -682,7 +683,8 @@ impl Tally {
         };
         let fits = enters && !(self.might_not_fit.contains(&uid) && row_too_big(new_bp, &as_new));
         // The item as the newest live version holds it, when something below asks.
-        let counted = self.counted.contains(&uid) && self.newest_has_uniques.contains(&uid);
+        let counted =
+            self.counted.contains(&uid) && self.newest_uniques.iter().any(|u| u.uid == uid);
         let newest = blueprint_with(newest_live(p), uid);
         let as_newest = newest
             .filter(|_| counted || (!fits && enters && self.wide.contains(&uid)))

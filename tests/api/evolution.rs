@@ -39,6 +39,26 @@ fn price_column(report: &Value) -> Value {
     column(&report["live_versions"][0], "price")
 }
 
+/// Writes `items` (their columns) at version 1 under `path` (`/project/blueprint`), with ids in
+/// the order the count and the back-fill read them, so which of two equal values comes first is
+/// known; answers the ids.
+async fn put_in_order(
+    app: &TestApp,
+    path: &str,
+    items: impl IntoIterator<Item = Value>,
+) -> Vec<Uuid> {
+    let mut ids = Vec::new();
+    for (n, mut item) in items.into_iter().enumerate() {
+        let id = Uuid::from_u128(0x0123_4567_89ab_4def_8000_0000_0000_0000 + n as u128);
+        item["id"] = json!(id);
+        item["project_version"] = json!(1);
+        let put = app.put(&format!("{path}/{id}"), &item).await;
+        assert_eq!(put.status, 200, "{}", put.body);
+        ids.push(id);
+    }
+    ids
+}
+
 /// Live version `number`'s part of a freeze report.
 fn live_version(report: &Value, number: u32) -> Value {
     report["live_versions"]
@@ -834,7 +854,6 @@ async fn a_column_made_unique_over_duplicates_is_counted_and_takes_force() {
     };
     app.put_and_freeze("deals", "coupon", &coupon(string.clone(), float.clone()))
         .await;
-    let mut ids = Vec::new();
     // 0.30000001192092896 is 0.3 as a 32-bit float.
     let rows = [
         (json!("A1"), json!(0.1)),
@@ -843,19 +862,12 @@ async fn a_column_made_unique_over_duplicates_is_counted_and_takes_force() {
         (Value::Null, json!(0.3)),
         (Value::Null, json!(0.4)),
     ];
-    // Ids in the order the count and the back-fill read them, so which of two equal values
-    // comes first is known.
-    for (n, (code, rate)) in rows.into_iter().enumerate() {
-        let id = Uuid::from_u128(0x0123_4567_89ab_4def_8000_0000_0000_0000 + n as u128);
-        let put = app
-            .put(
-                &format!("/deals/coupon/{id}"),
-                &json!({"id": id, "project_version": 1, "code": code, "rate": rate}),
-            )
-            .await;
-        assert_eq!(put.status, 200, "{}", put.body);
-        ids.push(id);
-    }
+    let ids = put_in_order(
+        &app,
+        "/deals/coupon",
+        rows.map(|(code, rate)| json!({"code": code, "rate": rate})),
+    )
+    .await;
     // `code` made unique: the second A1 is refused, the two nulls are not.
     app.put(
         "/deals/coupon/_blueprint",
@@ -1016,16 +1028,12 @@ async fn an_item_let_in_again_is_counted_against_an_unchanged_unique_column() {
         ("C3", json!(2)),
         ("C3", json!(3)),
     ];
-    for (n, (code, age)) in rows.into_iter().enumerate() {
-        let id = Uuid::from_u128(0x0123_4567_89ab_4def_8000_0000_0000_0000 + n as u128);
-        let put = app
-            .put(
-                &format!("/crm/person/{id}"),
-                &json!({"id": id, "project_version": 1, "code": code, "age": age}),
-            )
-            .await;
-        assert_eq!(put.status, 200, "{}", put.body);
-    }
+    put_in_order(
+        &app,
+        "/crm/person",
+        rows.map(|(code, age)| json!({"code": code, "age": age})),
+    )
+    .await;
     // Version 2: `code` unique and `age` required (forced: it leaves an item out, and a C3).
     app.put(
         "/crm/person/_blueprint",
@@ -1088,16 +1096,13 @@ async fn items_an_index_left_out_are_counted_against_the_unique_columns_once_let
     app.put_and_freeze("crm", "person", &person(false, false))
         .await;
     // The long bio, read first, is left out of version 2's table; the short one is in.
-    for (n, bio) in ["x".repeat(2500), "short".into()].into_iter().enumerate() {
-        let id = Uuid::from_u128(0x0123_4567_89ab_4def_8000_0000_0000_0000 + n as u128);
-        let put = app
-            .put(
-                &format!("/crm/person/{id}"),
-                &json!({"id": id, "project_version": 1, "bio": bio, "email": "e"}),
-            )
-            .await;
-        assert_eq!(put.status, 200, "{}", put.body);
-    }
+    let bios = ["x".repeat(2500), "short".into()];
+    put_in_order(
+        &app,
+        "/crm/person",
+        bios.map(|bio| json!({"bio": bio, "email": "e"})),
+    )
+    .await;
     app.put("/crm/person/_blueprint", &person(true, true)).await;
     let forced = app.post("/crm/_version?force=true", None).await;
     assert_eq!(forced.status, 200, "{}", forced.body);
@@ -1136,16 +1141,12 @@ async fn an_item_left_out_frees_values_that_refuse_another_item_newly() {
         (json!(1), json!(2), json!(5)),
         (Value::Null, json!(2), json!(6)),
     ];
-    for (n, (a, b, c)) in rows.into_iter().enumerate() {
-        let id = Uuid::from_u128(0x0123_4567_89ab_4def_8000_0000_0000_0000 + n as u128);
-        let put = app
-            .put(
-                &format!("/duo/pair/{id}"),
-                &json!({"id": id, "project_version": 1, "a": a, "b": b, "c": c}),
-            )
-            .await;
-        assert_eq!(put.status, 200, "{}", put.body);
-    }
+    put_in_order(
+        &app,
+        "/duo/pair",
+        rows.map(|(a, b, c)| json!({"a": a, "b": b, "c": c})),
+    )
+    .await;
     // `c` required: the first is left out, the second comes in and refuses the third (its `b`).
     app.put("/duo/pair/_blueprint", &pair(true)).await;
     let dry = app.post("/duo/_version?dry_run=true", None).await.body;
@@ -1174,16 +1175,12 @@ async fn items_a_unique_column_let_in_are_counted_against_the_other_unique_colum
     app.put_and_freeze("club", "member", &member(true)).await;
     // Version 1's indexes refuse the second item (its badge); the third is in.
     let rows = [(1, "a"), (1, "b"), (2, "b")];
-    for (n, (badge, email)) in rows.into_iter().enumerate() {
-        let id = Uuid::from_u128(0x0123_4567_89ab_4def_8000_0000_0000_0000 + n as u128);
-        let put = app
-            .put(
-                &format!("/club/member/{id}"),
-                &json!({"id": id, "project_version": 1, "badge": badge, "email": email}),
-            )
-            .await;
-        assert_eq!(put.status, 200, "{}", put.body);
-    }
+    put_in_order(
+        &app,
+        "/club/member",
+        rows.map(|(badge, email)| json!({"badge": badge, "email": email})),
+    )
+    .await;
     // Badges unique no more: the second item comes in with "b", and the third is refused.
     app.put("/club/member/_blueprint", &member(false)).await;
     let refused = app.post("/club/_version", None).await;
@@ -1327,18 +1324,13 @@ async fn items_whose_row_would_outgrow_postgresql_are_counted_as_refused() {
     };
     app.put_and_freeze("sheet", "row", &wide("integer")).await;
     // The item whose row will not fit is read first.
-    for (n, value) in [i32::MIN, 1].into_iter().enumerate() {
-        let id = Uuid::from_u128(0x0123_4567_89ab_4def_8000_0000_0000_0000 + n as u128);
+    let rows = [i32::MIN, 1].map(|value| {
         let mut item: serde_json::Map<String, Value> =
             (0..700).map(|i| (format!("c{i}"), json!(value))).collect();
-        item.insert("id".into(), json!(id));
-        item.insert("project_version".into(), json!(1));
         item.insert("code".into(), json!("A1"));
-        let put = app
-            .put(&format!("/sheet/row/{id}"), &Value::Object(item))
-            .await;
-        assert_eq!(put.status, 200, "{}", put.body);
-    }
+        Value::Object(item)
+    });
+    put_in_order(&app, "/sheet/row", rows).await;
     app.put("/sheet/row/_blueprint", &wide("string")).await;
     let refused = app.post("/sheet/_version", None).await;
     assert_eq!(refused.status, 409, "{}", refused.body);

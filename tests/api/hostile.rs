@@ -1583,6 +1583,24 @@ async fn a_waiting_writer_that_times_out_still_hears_which_store_refused_its_wri
     app.stop().await;
 }
 
+/// An app whose one extra projector is `picky`, embedded or in cluster mode (its storage in a
+/// database of its own, which lives as long as the answer's second part).
+async fn spawn_picky(cluster: bool, picky: Picky) -> (TestApp, crate::postgres::TestDatabase) {
+    let db = crate::postgres::TestDatabase::create().await;
+    let url = db.settings().url;
+    let app = spawn_app_with_projectors(
+        move |s| {
+            if cluster {
+                s.storage.backend = dstore::config::Backend::Postgresql;
+                s.storage.url = url;
+            }
+        },
+        vec![Arc::new(picky)],
+    )
+    .await;
+    (app, db)
+}
+
 /// Writes a new article `Picky` refuses (its title is "boom") and waits for the refusal.
 async fn put_refused(app: &TestApp) -> Answer {
     put_refused_in(app, "myblog").await
@@ -1637,19 +1655,7 @@ async fn in_cluster_mode_dead_letters_are_read_a_page_at_a_time() {
 }
 
 async fn dead_letters_in_pages(cluster: bool) {
-    let db = crate::postgres::TestDatabase::create().await;
-    let url = db.settings().url;
-    let picky = Picky::default();
-    let app = spawn_app_with_projectors(
-        move |s| {
-            if cluster {
-                s.storage.backend = dstore::config::Backend::Postgresql;
-                s.storage.url = url;
-            }
-        },
-        vec![Arc::new(picky)],
-    )
-    .await;
+    let (app, _db) = spawn_picky(cluster, Picky::default()).await;
     app.put_and_freeze("myblog", "article", &article()).await;
     for _ in 0..5 {
         put_refused(&app).await;
@@ -1707,18 +1713,7 @@ async fn in_cluster_mode_a_projects_dead_letters_are_listed_and_retried_apart() 
 }
 
 async fn projects_dead_letters(cluster: bool) {
-    let db = crate::postgres::TestDatabase::create().await;
-    let url = db.settings().url;
-    let app = spawn_app_with_projectors(
-        move |s| {
-            if cluster {
-                s.storage.backend = dstore::config::Backend::Postgresql;
-                s.storage.url = url;
-            }
-        },
-        vec![Arc::new(Picky::default())],
-    )
-    .await;
+    let (app, _db) = spawn_picky(cluster, Picky::default()).await;
     for project in ["myblog", "other"] {
         app.put_and_freeze(project, "article", &article()).await;
     }
@@ -1805,19 +1800,8 @@ async fn in_cluster_mode_a_refused_drop_is_not_retried_into_a_project_made_again
 }
 
 async fn refused_drop(cluster: bool) {
-    let db = crate::postgres::TestDatabase::create().await;
-    let url = db.settings().url;
     let picky = Picky::default();
-    let app = spawn_app_with_projectors(
-        move |s| {
-            if cluster {
-                s.storage.backend = dstore::config::Backend::Postgresql;
-                s.storage.url = url;
-            }
-        },
-        vec![Arc::new(picky.clone())],
-    )
-    .await;
+    let (app, _db) = spawn_picky(cluster, picky.clone()).await;
     app.put_and_freeze("myblog", "article", &article()).await;
     *picky.refuse_drops.lock().unwrap() = true;
     assert_eq!(app.delete("/myblog/_project").await.status, 200);

@@ -622,14 +622,17 @@ impl PgStorage {
     }
 
     /// Queues again, in one transaction under `project`'s lock, the letters of `keys`
-    /// (projector, revision: none a drop's, every one's task decodable) still there, and forgets
-    /// them; answers how many. None when the project is gone; none written to an earlier project
-    /// of the name (one made again since was born past them); none another retry took, or a
-    /// deletion removed, since they were read.
+    /// (projector, revision: every one's task decodable; refused drops of the project when
+    /// `drops`, none otherwise) still there, and forgets them; answers how many. An item's or a
+    /// migration's letter needs its project, the one it was written to (one made again since was
+    /// born past it); a drop's needs it dropped still (made again, the name is another project's,
+    /// which the drop would remove). None another retry took, or a deletion removed, since they
+    /// were read.
     async fn retry_letters(
         &self,
         project: &str,
         keys: &[(String, i64)],
+        drops: bool,
     ) -> Result<usize, StorageError> {
         let Ok(name) = Ident::parse(project) else {
             return Ok(0);
@@ -639,10 +642,14 @@ impl PgStorage {
             .begin()
             .await
             .map_err(|e| unavailable("begin a retry", &e))?;
-        let born = match catalog::lock_project(&mut tx, &name, None).await {
-            Ok((p, _)) => p.working.born,
-            Err(StorageError::NotFound(_)) => return Ok(0),
-            Err(error) => return Err(error),
+        let born = match drops {
+            true if catalog::lock_dropped(&mut tx, &name).await? => 0,
+            true => return Ok(0),
+            false => match catalog::lock_project(&mut tx, &name, None).await {
+                Ok((p, _)) => p.working.born,
+                Err(StorageError::NotFound(_)) => return Ok(0),
+                Err(error) => return Err(error),
+            },
         };
         let queue = |e: sqlx::Error| unavailable("queue dead letters again", &e);
         let (projectors, revisions): (Vec<&str>, Vec<i64>) =
@@ -706,58 +713,6 @@ impl PgStorage {
             .await
             .map_err(|e| unavailable("commit a retry", &e))?;
         Ok(at.len())
-    }
-
-    /// Queues a refused drop of `project` again, in its own transaction, and forgets it; answers
-    /// false, leaving it kept, unless the project is dropped still (made again, the name is another
-    /// project's, which the drop would remove) and the letter is there still.
-    async fn retry_drop(
-        &self,
-        name: &str,
-        project: &str,
-        revision: i64,
-    ) -> Result<bool, StorageError> {
-        let Ok(project_name) = Ident::parse(project) else {
-            return Ok(false);
-        };
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| unavailable("begin a retry", &e))?;
-        if !catalog::lock_dropped(&mut tx, &project_name).await? {
-            return Ok(false);
-        }
-        let queue = |e: sqlx::Error| unavailable("queue a dead letter again", &e);
-        let taken = sqlx::query(
-            "DELETE FROM dead_letters WHERE projector = $1 AND project = $2 AND revision = $3",
-        )
-        .bind(name)
-        .bind(project)
-        .bind(revision)
-        .execute(&mut *tx)
-        .await
-        .map_err(queue)?
-        .rows_affected();
-        if taken == 0 {
-            return Ok(false);
-        }
-        let next = Self::next_revisions(&mut tx, &project_name, 1).await?;
-        let body = codec::task_body(&project_name, &TaskOp::DropProject);
-        sqlx::query(
-            "INSERT INTO journal (project, revision, task, projectors) VALUES ($1, $2, $3, $4)",
-        )
-        .bind(project)
-        .bind(next as i64)
-        .bind(codec::task_value(next, next, &body))
-        .bind(vec![name.to_string()])
-        .execute(&mut *tx)
-        .await
-        .map_err(queue)?;
-        tx.commit()
-            .await
-            .map_err(|e| unavailable("commit a retry", &e))?;
-        Ok(true)
     }
 
     /// Hands out `n` revisions of a locked project; answers the last.
@@ -1367,9 +1322,10 @@ impl Storage for PgStorage {
     }
 
     /// Reads and queues [`RETRY_PAGE`] letters at a time, project by project, in one transaction
-    /// each (a refused drop in its own), so a flood of them never sits in memory at once; only those there when the call began (a letter queued again
-    /// takes a revision past every one its project had, so one refused again waits for the next
-    /// retry, and a store that keeps refusing cannot keep the call going).
+    /// each (refused drops in another), so a flood of them never sits in memory at once; only
+    /// those there when the call began (a letter queued again takes a revision past every one its
+    /// project had, so one refused again waits for the next retry, and a store that keeps refusing
+    /// cannot keep the call going).
     async fn retry_dead_letters(&self, filter: LetterFilter<'_>) -> Result<usize, StorageError> {
         let read = |e: sqlx::Error| unavailable("read dead letters", &e);
         let projector = filter.projector;
@@ -1410,7 +1366,8 @@ impl Storage for PgStorage {
                 .await
                 .map_err(read)?;
                 let full = rows.len() == RETRY_PAGE;
-                let mut keys = Vec::with_capacity(rows.len());
+                // (Refused drops apart: they need the project dropped still.)
+                let (mut drops, mut others) = (Vec::new(), Vec::with_capacity(rows.len()));
                 for row in rows {
                     let name: String = row.get("projector");
                     let revision: i64 = row.get("revision");
@@ -1418,14 +1375,15 @@ impl Storage for PgStorage {
                     if !row.get::<Option<bool>, _>("decodable").unwrap_or(false) {
                         continue;
                     }
-                    if row.get::<bool, _>("dropped") {
-                        count += usize::from(self.retry_drop(&name, &project, revision).await?);
-                    } else {
-                        keys.push((name, revision));
+                    match row.get::<bool, _>("dropped") {
+                        true => drops.push((name, revision)),
+                        false => others.push((name, revision)),
                     }
                 }
-                if !keys.is_empty() {
-                    count += self.retry_letters(&project, &keys).await?;
+                for (keys, dropped) in [(drops, true), (others, false)] {
+                    if !keys.is_empty() {
+                        count += self.retry_letters(&project, &keys, dropped).await?;
+                    }
                 }
                 if !full {
                     break;
