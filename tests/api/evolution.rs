@@ -8,11 +8,11 @@ use crate::helpers::{spawn_app, spawn_app_with, TestApp};
 use crate::postgres::TestDatabase;
 
 fn product(price: Value) -> Value {
-    json!({
-        "postgresql": {"table": "products"},
-        "elasticsearch": {"type": "product"},
-        "columns": {"name": {"type": "string"}, "price": price}
-    })
+    blueprint(
+        "products",
+        "product",
+        json!({"name": {"type": "string"}, "price": price}),
+    )
 }
 
 /// A shop frozen at version 1 (price a float) with items priced 1.5, 2.0, 7.25 and none; returns
@@ -57,6 +57,11 @@ async fn put_in_order(
         ids.push(id);
     }
     ids
+}
+
+/// A blueprint of `columns`, in PostgreSQL table `table` and Elasticsearch type `ty`.
+fn blueprint(table: &str, ty: &str, columns: Value) -> Value {
+    json!({"postgresql": {"table": table}, "elasticsearch": {"type": ty}, "columns": columns})
 }
 
 /// Live version `number`'s part of a freeze report.
@@ -835,11 +840,7 @@ async fn a_column_made_unique_over_duplicates_is_counted_and_takes_force() {
     let settings = db.settings();
     let app = spawn_app_with(|s| s.postgresql = Some(settings)).await;
     let coupon = |code: Value, rate: Value| {
-        json!({
-            "postgresql": {"table": "coupons"},
-            "elasticsearch": {"type": "coupon"},
-            "columns": {"code": code, "rate": rate}
-        })
+        blueprint("coupons", "coupon", json!({"code": code, "rate": rate}))
     };
     // Codes of 100 characters at most: a unique text column holds 2000 bytes, so making one
     // unique loses nothing.
@@ -963,11 +964,11 @@ async fn a_column_made_unique_over_duplicates_is_counted_and_takes_force() {
 async fn a_column_unique_again_is_judged_against_the_newest_live_version() {
     let app = spawn_app().await;
     let coupon = |unique: bool| {
-        json!({
-            "postgresql": {"table": "coupons"},
-            "elasticsearch": {"type": "coupon"},
-            "columns": {"code": {"type": "string", "unique": unique, "validation": {"max_length": 100}}}
-        })
+        blueprint(
+            "coupons",
+            "coupon",
+            json!({"code": {"type": "string", "unique": unique, "validation": {"max_length": 100}}}),
+        )
     };
     app.put_and_freeze("deals", "coupon", &coupon(true)).await;
     for _ in 0..2 {
@@ -1008,14 +1009,14 @@ async fn a_column_unique_again_is_judged_against_the_newest_live_version() {
 async fn an_item_let_in_again_is_counted_against_an_unchanged_unique_column() {
     let app = spawn_app().await;
     let person = |unique: bool, age: Value| {
-        json!({
-            "postgresql": {"table": "people"},
-            "elasticsearch": {"type": "person"},
-            "columns": {
+        blueprint(
+            "people",
+            "person",
+            json!({
                 "code": {"type": "string", "unique": unique, "validation": {"max_length": 100}},
                 "age": age
-            }
-        })
+            }),
+        )
     };
     app.put_and_freeze("crm", "person", &person(false, json!({"type": "integer"})))
         .await;
@@ -1084,14 +1085,14 @@ async fn an_item_let_in_again_is_counted_against_an_unchanged_unique_column() {
 async fn items_an_index_left_out_are_counted_against_the_unique_columns_once_let_in() {
     let app = spawn_app().await;
     let person = |indexed: bool, unique: bool| {
-        json!({
-            "postgresql": {"table": "people"},
-            "elasticsearch": {"type": "person"},
-            "columns": {
+        blueprint(
+            "people",
+            "person",
+            json!({
                 "bio": {"type": "text", "nullable": false, "index": indexed},
                 "email": {"type": "string", "unique": unique, "validation": {"max_length": 100}}
-            }
-        })
+            }),
+        )
     };
     app.put_and_freeze("crm", "person", &person(false, false))
         .await;
@@ -1124,15 +1125,15 @@ async fn items_an_index_left_out_are_counted_against_the_unique_columns_once_let
 async fn an_item_left_out_frees_values_that_refuse_another_item_newly() {
     let app = spawn_app().await;
     let pair = |required: bool| {
-        json!({
-            "postgresql": {"table": "pairs"},
-            "elasticsearch": {"type": "pair"},
-            "columns": {
+        blueprint(
+            "pairs",
+            "pair",
+            json!({
                 "a": {"type": "integer", "unique": true},
                 "b": {"type": "integer", "unique": true},
                 "c": {"type": "integer", "nullable": !required}
-            }
-        })
+            }),
+        )
     };
     app.put_and_freeze("duo", "pair", &pair(false)).await;
     // Version 1's indexes take the first and the third; the second is refused (its `a`).
@@ -1163,14 +1164,14 @@ async fn an_item_left_out_frees_values_that_refuse_another_item_newly() {
 async fn items_a_unique_column_let_in_are_counted_against_the_other_unique_columns() {
     let app = spawn_app().await;
     let member = |badge_unique: bool| {
-        json!({
-            "postgresql": {"table": "members"},
-            "elasticsearch": {"type": "member"},
-            "columns": {
+        blueprint(
+            "members",
+            "member",
+            json!({
                 "badge": {"type": "integer", "unique": badge_unique},
                 "email": {"type": "string", "unique": true, "validation": {"max_length": 100}}
-            }
-        })
+            }),
+        )
     };
     app.put_and_freeze("club", "member", &member(true)).await;
     // Version 1's indexes refuse the second item (its badge); the third is in.
@@ -1200,11 +1201,11 @@ async fn items_a_unique_column_let_in_are_counted_against_the_other_unique_colum
 async fn a_blueprint_the_newest_live_version_lacks_is_counted_on_the_items_it_holds() {
     let app = spawn_app().await;
     let coupon = |unique: bool| {
-        json!({
-            "postgresql": {"table": "coupons"},
-            "elasticsearch": {"type": "coupon"},
-            "columns": {"code": {"type": "string", "unique": unique, "validation": {"max_length": 100}}}
-        })
+        blueprint(
+            "coupons",
+            "coupon",
+            json!({"code": {"type": "string", "unique": unique, "validation": {"max_length": 100}}}),
+        )
     };
     app.put_and_freeze("deals", "article", &crate::helpers::article())
         .await;
@@ -1243,13 +1244,7 @@ async fn a_blueprint_the_newest_live_version_lacks_is_counted_on_the_items_it_ho
 #[tokio::test]
 async fn a_text_column_becoming_indexed_loses_the_texts_an_index_cannot_hold() {
     let app = spawn_app().await;
-    let note = |column: Value| {
-        json!({
-            "postgresql": {"table": "notes"},
-            "elasticsearch": {"type": "note"},
-            "columns": {"body": column}
-        })
-    };
+    let note = |column: Value| blueprint("notes", "note", json!({"body": column}));
     app.put_and_freeze("pad", "note", &note(json!({"type": "text"})))
         .await;
     let mut ids = Vec::new();
