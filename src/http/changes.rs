@@ -133,7 +133,7 @@ impl Params {
             raw => Some(number::<u64>("since", raw, "a revision or now")?.unwrap_or(0)),
         };
         let mut horizon = number::<u64>("horizon", query.horizon.as_deref(), "a revision")?;
-        // An SSE client resuming after a dropped connection says where it was (`event_id`).
+        // An SSE client resuming after a dropped connection says where it was (`EventId`).
         if let Some(last) = request.headers().get("last-event-id") {
             let text = last.to_str().unwrap_or("?");
             let (revision, under) = match text.split_once('/') {
@@ -474,14 +474,20 @@ struct Answer<'a> {
     version: u32,
 }
 
-/// An SSE event id: the revision, and below the horizon the horizon too (`revision/horizon`), as a
-/// read from 0 goes on there only with the horizon it began under (`feed::check_horizon`): a
-/// client that reconnects in the middle of such a read sends it back as `Last-Event-ID` and
-/// resumes, where the revision alone would be refused as compacted.
-fn event_id(revision: u64, horizon: u64) -> String {
-    match revision != 0 && revision < horizon {
-        true => format!("{revision}/{horizon}"),
-        false => revision.to_string(),
+/// An SSE event id (revision, horizon): the revision, and below the horizon the horizon too
+/// (`revision/horizon`), as a read from 0 goes on there only with the horizon it began under
+/// (`feed::check_horizon`): a client that reconnects in the middle of such a read sends it back
+/// as `Last-Event-ID` and resumes, where the revision alone would be refused as compacted.
+/// Written straight into a page's frames, with no string of its own per event.
+struct EventId(u64, u64);
+
+impl std::fmt::Display for EventId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let EventId(revision, horizon) = *self;
+        match revision != 0 && revision < horizon {
+            true => write!(f, "{revision}/{horizon}"),
+            false => write!(f, "{revision}"),
+        }
     }
 }
 
@@ -510,7 +516,7 @@ fn encode(entries: &[FeedEntry], place: Place, format: Format, version: u32) -> 
                 write!(
                     out,
                     "id: {}\ndata: ",
-                    event_id(entry.revision, place.horizon)
+                    EventId(entry.revision, place.horizon)
                 )
                 .expect("a Vec takes writes");
                 serde_json::to_writer(&mut out, entry).expect("entries serialize");
@@ -595,7 +601,7 @@ pub async fn changes(
                 out: VecDeque::from([Bytes::from(if params.feed == Feed::Sse {
                     format!(
                         "retry: 2000\nid: {}\n\n",
-                        event_id(since, first.place.horizon)
+                        EventId(since, first.place.horizon)
                     )
                 } else {
                     String::new()
@@ -789,7 +795,7 @@ impl Stream {
                     self.out.push_back(if self.format == Format::Sse {
                         Bytes::from(format!(
                             "id: {}\n: heartbeat\n\n",
-                            event_id(self.since, self.horizon.unwrap_or(0))
+                            EventId(self.since, self.horizon.unwrap_or(0))
                         ))
                     } else {
                         Bytes::from_static(b"\n")
