@@ -266,6 +266,11 @@ pub struct AuthSettings {
     /// Routes open without a key besides `/_health`: any of `ready`, `metrics`, `docs`
     /// (`DSTORE_AUTH_PUBLIC=ready,metrics`).
     pub public: Vec<String>,
+    /// The names a request's `Host` may carry (without the port, any case); empty: any
+    /// (`DSTORE_ALLOWED_HOSTS=localhost,dstore`). Others get 403: a web page whose own name a DNS
+    /// rebinding points at dstore's address sends that name, and with authentication off
+    /// nothing else would stop it.
+    pub allowed_hosts: Vec<String>,
     /// How long the audit log keeps entries, in days.
     pub audit_retention_days: u32,
     /// How long a rotated key's old secret stays valid, in seconds (a rotation may say otherwise).
@@ -279,6 +284,7 @@ impl Default for AuthSettings {
             master_key_file: None,
             disabled: false,
             public: Vec::new(),
+            allowed_hosts: Vec::new(),
             audit_retention_days: 90,
             rotation_grace_secs: 86_400,
         }
@@ -630,6 +636,13 @@ impl Settings {
         }
         if let Some(v) = first(&["DSTORE_AUTH_PUBLIC"]) {
             self.auth.public = v.1.split(',').map(|p| p.trim().to_string()).collect();
+        }
+        if let Some(v) = first(&["DSTORE_ALLOWED_HOSTS"]) {
+            self.auth.allowed_hosts =
+                v.1.split(',')
+                    .map(|h| h.trim().to_string())
+                    .filter(|h| !h.is_empty())
+                    .collect();
         }
         if let Some(v) = first(&["DSTORE_LOG", "RUST_LOG"]) {
             self.log.level = v.1;

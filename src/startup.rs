@@ -599,6 +599,15 @@ fn master_keys(settings: &Settings) -> Result<Option<Vec<Secret>>, StartupError>
             short + 1
         )));
     }
+    if auth.disabled && !keys.is_empty() {
+        // Which one was meant cannot be told: an operator who added a master key to a
+        // configuration that turned authentication off believes the routes are closed.
+        return Err(StartupError::Auth(
+            "auth.disabled is set and so is a master key: with authentication off the master key \
+             would close nothing; remove one of the two"
+                .into(),
+        ));
+    }
     if auth.disabled {
         return Ok(None);
     }
@@ -626,6 +635,13 @@ fn say_open(settings: &Settings) {
         tracing::warn!(
             "authentication is off (auth.disabled): every route is open to whoever reaches dstore"
         );
+        if settings.auth.allowed_hosts.is_empty() {
+            tracing::warn!(
+                "auth.allowed_hosts is empty: a web page whose name a DNS rebinding points at this \
+                 address can read and change everything from its visitor's browser; list the \
+                 names clients use in DSTORE_ALLOWED_HOSTS"
+            );
+        }
     } else {
         tracing::warn!(
             host = settings.server.host.as_str(),

@@ -9,10 +9,11 @@
 //! entries they would have added are counted, in one entry written once the log takes entries
 //! again, since a log that cannot be written must not stop every request that changes something.
 //!
-//! A request refused before a key was accepted (no valid key, or a cross-site write) costs its
-//! sender nothing, so such refusals are recorded one by one only up to
+//! A refused request (no valid key, a key without the action or the project, a cross-site write)
+//! costs its sender nothing, so refusals are recorded one by one only up to
 //! [`UNVOUCHED_PER_SECOND`] a second; past it, one entry per second counts the rest. A client
-//! without a key can then add at most a few kilobytes a second to the log, however fast it sends.
+//! without a key, or with one that may only read, can then add at most a few kilobytes a second to
+//! the log, however fast it sends.
 //!
 //! The embedded storage keeps each entry in a compact binary form ([`AuditEntry::encode`]): a tag
 //! byte that a JSON object never starts with, the time and status as integers, then each text
@@ -44,6 +45,83 @@ pub const UNVOUCHED_PER_SECOND: u32 = 10;
 /// and end in `…`. Refused requests are recorded too, so a client without a key must not be able
 /// to fill the disk, or `/_audit`'s pages, with long paths.
 pub const MAX_PATH_BYTES: usize = 512;
+
+/// A request's path as an entry keeps it: a segment holding a secret (an API key pasted whole,
+/// `DELETE /_keys/dstore_<id>_<secret>`, however it is spelled: percent-escaped, in capitals,
+/// without its prefix) keeps everything but the secret, since the log is read by others than the
+/// key's holder; then [`clip`]ped. A secret is 64 hex digits: a segment read with its escapes
+/// decoded loses every run of at least [`SECRET_RUN`] of them.
+pub fn path_of(path: &str) -> String {
+    let mut kept = String::with_capacity(path.len());
+    for (n, segment) in path.split('/').enumerate() {
+        if n > 0 {
+            kept.push('/');
+        }
+        match hex_runs_cut(&percent_decoded(segment)) {
+            Some(cut) => kept.push_str(&cut),
+            None => kept.push_str(segment),
+        }
+    }
+    clip(&kept)
+}
+
+/// Hex digits in a row from which a path's segment is taken to hold a secret: a key's secret has
+/// 64, an item's id (a UUID) at most 32 in a row.
+const SECRET_RUN: usize = 40;
+
+/// `text` with its `%XX` escapes decoded (others kept as they are), as lossy UTF-8.
+fn percent_decoded(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text.contains('%') {
+        return text.into();
+    }
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escaped = bytes
+            .get(i + 1..i + 3)
+            .filter(|_| bytes[i] == b'%')
+            .and_then(|hex| u8::from_str_radix(std::str::from_utf8(hex).ok()?, 16).ok());
+        match escaped {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned().into()
+}
+
+/// `text` with every run of at least [`SECRET_RUN`] hex digits replaced by `…`; `None` when it
+/// has none.
+fn hex_runs_cut(text: &str) -> Option<String> {
+    let mut out = String::new();
+    let mut run = 0;
+    let mut cut = false;
+    for (at, c) in text.char_indices() {
+        if c.is_ascii_hexdigit() {
+            run += 1;
+            continue;
+        }
+        cut |= push_run(&mut out, &text[at - run..at]);
+        run = 0;
+        out.push(c);
+    }
+    cut |= push_run(&mut out, &text[text.len() - run..]);
+    cut.then_some(out)
+}
+
+/// Pushes a run of hex digits, or `…` in its place when it is long enough to be a secret; answers
+/// which.
+fn push_run(out: &mut String, run: &str) -> bool {
+    let secret = run.len() >= SECRET_RUN;
+    out.push_str(if secret { "…" } else { run });
+    secret
+}
 
 /// At most [`MAX_PATH_BYTES`] of `text`, cut at a character boundary.
 pub fn clip(text: &str) -> String {
@@ -262,16 +340,17 @@ impl Unvouched {
             },
         );
         let last = closed.last?;
+        // Counted requests may come from many clients and keys: the entry is no one's.
         Some(AuditEntry {
             at: last.at,
-            key_id: last.key_id,
-            key_name: last.key_name,
+            key_id: "-".into(),
+            key_name: "refused or without a key".into(),
             action: "-".into(),
             project: None,
             method: "-".into(),
             path: format!(
-                "{} more requests without a valid key were refused in this second (the last: {} {}); they are counted, not recorded one by one",
-                closed.unrecorded, last.method, last.path
+                "{} more requests without a valid key, or refused, in this second (the last: {} {} by {}); they are counted, not recorded one by one",
+                closed.unrecorded, last.method, last.path, last.key_id
             ),
             status: last.status,
             created: None,
@@ -463,6 +542,52 @@ mod tests {
             cut.len()
         );
         assert!(cut.ends_with('…') && long.starts_with(cut.trim_end_matches('…')));
+    }
+
+    /// A key pasted whole into a path, however it is spelled, keeps everything but its secret;
+    /// other paths stay as sent.
+    #[test]
+    fn a_whole_key_in_a_path_keeps_its_id_alone() {
+        let secret = "ab".repeat(32);
+        for (path, kept) in [
+            (
+                format!("/_keys/dstore_0123456789abcdef_{secret}/_rotate"),
+                "/_keys/dstore_0123456789abcdef_…/_rotate",
+            ),
+            (
+                format!("/_keys/dstore%5F0123456789abcdef%5F{secret}"),
+                "/_keys/dstore_0123456789abcdef_…",
+            ),
+            (
+                format!(
+                    "/_keys/DSTORE_0123456789ABCDEF_{}%00",
+                    secret.to_uppercase()
+                ),
+                "/_keys/DSTORE_0123456789ABCDEF_…\0",
+            ),
+            (
+                format!("/_keys/0123456789abcdef_{secret}%20"),
+                "/_keys/0123456789abcdef_… ",
+            ),
+            (
+                format!("/p/a/{}%61{}", &secret[..30], &secret[30..]),
+                "/p/a/…",
+            ),
+        ] {
+            let said = path_of(&path);
+            assert_eq!(said, kept, "{path}");
+            assert!(!said.to_lowercase().contains(&secret[..40]), "{said}");
+        }
+        for plain in [
+            "/_keys/0123456789abcdef",
+            "/p/dstore_thing/x",
+            "/dstore_1_2",
+            "/p/article/0b8f6a3e-5f5e-4a51-9d39-6a2c8e0f1b2c",
+            "/p/article/0b8f6a3e5f5e4a519d396a2c8e0f1b2c",
+            "/p/a%2Fb",
+        ] {
+            assert_eq!(path_of(plain), plain);
+        }
     }
 
     /// Past the limit in a second, refusals are counted in one entry, written once the second is

@@ -52,6 +52,15 @@ pub enum AuthError {
     Storage(#[from] StorageError),
 }
 
+/// No key has the id `id`: named in the answer when it has the form of an id, never otherwise
+/// (a key pasted whole in its place would show its secret).
+fn not_found(id: &str) -> KeyError {
+    KeyError::NotFound(match super::is_key_id(id) {
+        true => format!("{id:?}"),
+        false => "with this id (an id is 16 hex digits, the part of a key after `dstore_`)".into(),
+    })
+}
+
 /// Why a key change is refused.
 #[derive(Debug, thiserror::Error)]
 pub enum KeyError {
@@ -351,7 +360,7 @@ impl KeyStore {
     }
 
     pub async fn get(&self, id: &str) -> Result<ApiKey, KeyError> {
-        let not_found = || KeyError::NotFound(crate::blueprint::value::excerpt_str(id));
+        let not_found = || not_found(id);
         if let Some(key) = self.keys.read().expect("keys lock").get(id) {
             return Ok(key.clone());
         }
@@ -401,8 +410,32 @@ impl KeyStore {
         }
     }
 
+    /// The caller as stored now, to judge what it may do to keys: this node's copy of a key may be
+    /// a couple of seconds old, from before another node narrowed it, and what a key makes in
+    /// that time lasts. A key revoked, expired or no longer allowed to manage keys meanwhile is
+    /// refused.
+    async fn as_stored(&self, by: &Caller) -> Result<Caller, KeyError> {
+        let Caller::Key(key, kind) = by else {
+            return Ok(by.clone());
+        };
+        let gone = || {
+            KeyError::Forbidden(format!(
+                "key {} was revoked, expired or lost keys.manage a moment ago",
+                key.id
+            ))
+        };
+        let stored = self.storage.key(&key.id).await?.ok_or_else(gone)?;
+        let now = Utc::now();
+        if stored.expires_at.is_some_and(|at| at <= now) || !stored.allows(Action::KeysManage, None)
+        {
+            return Err(gone());
+        }
+        Ok(Caller::Key(Box::new(stored), *kind))
+    }
+
     /// Makes a key; answers it with its secret, the only time the secret is ever shown.
     pub async fn create(&self, by: &Caller, input: KeyInput) -> Result<(ApiKey, String), KeyError> {
+        let by = &self.as_stored(by).await?;
         let mut errors = Vec::new();
         let name = input.name.clone().unwrap_or_default();
         if name.is_empty() {
@@ -470,7 +503,7 @@ impl KeyStore {
     /// Forgets a key found revoked; answers the error saying so.
     fn forget(&self, id: &str) -> KeyError {
         self.edit(Edit::Remove(id.to_owned()));
-        KeyError::NotFound(crate::blueprint::value::excerpt_str(id))
+        not_found(id)
     }
 
     /// Changes a key as stored now by `change`, and keeps it in this node's copy; made again
@@ -504,6 +537,7 @@ impl KeyStore {
 
     /// Changes a key's name, description, actions, projects or expiry.
     pub async fn update(&self, by: &Caller, id: &str, input: KeyInput) -> Result<ApiKey, KeyError> {
+        let by = &self.as_stored(by).await?;
         let (key, ()) = self
             .change(id, |key| {
                 Self::may_touch(by, key, "change")?;
@@ -528,6 +562,7 @@ impl KeyStore {
         id: &str,
         grace: Duration,
     ) -> Result<(ApiKey, String), KeyError> {
+        let by = &self.as_stored(by).await?;
         let secret = random_hex(32);
         let (key, ()) = self
             .change(id, |key| {
@@ -542,9 +577,12 @@ impl KeyStore {
         Ok((key.clone(), format!("dstore_{}_{secret}", key.id)))
     }
 
-    /// Revokes a key at once.
+    /// Revokes a key at once. Whether `by` may is judged on the key as stored now: this node's
+    /// copy may be a couple of seconds old, from before another node gave the key an action `by`
+    /// does not hold.
     pub async fn delete(&self, by: &Caller, id: &str) -> Result<ApiKey, KeyError> {
-        let key = self.get(id).await?;
+        let by = &self.as_stored(by).await?;
+        let key = self.fresh(id).await?;
         Self::may_touch(by, &key, "revoke")?;
         self.storage.delete_key(id).await?;
         self.edit(Edit::Remove(id.to_owned()));
@@ -555,21 +593,50 @@ impl KeyStore {
 /// Applies what a client said to a key, collecting every problem.
 fn apply(key: &mut ApiKey, input: KeyInput, errors: &mut Vec<FieldError>) {
     let excerpt = crate::blueprint::value::excerpt_str;
-    // A free text of at most `max` characters, without NUL.
-    let mut text = |field: &str, value: String, max: usize, into: &mut String| {
-        if value.chars().count() > max || value.contains('\0') {
+    // A free text of at most `max` characters, without a control character (a line break or a
+    // tab in a description aside) or one that reorders the text around it: a key's name is shown
+    // in `dstore keys list` and the audit log, where an escape sequence would rewrite the
+    // terminal of whoever reads them, and a bidirectional override would disguise the name.
+    let mut text = |field: &str, value: String, max: usize, lines: bool, into: &mut String| {
+        let odd = |c: char| {
+            (c.is_control() && !(lines && matches!(c, '\n' | '\r' | '\t')))
+                || matches!(
+                    c,
+                    '\u{061c}'
+                        | '\u{180e}'
+                        | '\u{200b}'..='\u{200f}'
+                        | '\u{2028}'..='\u{202e}'
+                        | '\u{2060}'..='\u{206f}'
+                        | '\u{feff}'
+                )
+        };
+        if value.chars().count() > max || value.chars().any(odd) {
             errors.push(FieldError::new(
                 field,
-                format!("must be at most {max} characters, without NUL"),
+                format!(
+                    "must be at most {max} characters, without control characters{}, invisible \
+                     ones or direction marks",
+                    if lines {
+                        " (but line breaks and tabs)"
+                    } else {
+                        ""
+                    }
+                ),
             ));
         }
         *into = value;
     };
     if let Some(name) = input.name {
-        text("/name", name, 200, &mut key.name);
+        text("/name", name, 200, false, &mut key.name);
     }
     if let Some(description) = input.description {
-        text("/description", description, 1000, &mut key.description);
+        text(
+            "/description",
+            description,
+            1000,
+            true,
+            &mut key.description,
+        );
     }
     if let Some(actions) = input.actions {
         if actions.is_empty() {

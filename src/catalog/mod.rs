@@ -323,6 +323,22 @@ impl Catalog {
         Ok(out)
     }
 
+    /// How many records have keys in `from .. to`, read one at a time: the memory does not grow
+    /// with their number.
+    pub fn count_records(&self, from: &[u8], to: &[u8]) -> Result<u64, CatalogError> {
+        let mut options = rocksdb::ReadOptions::default();
+        options.set_iterate_upper_bound(to.to_vec());
+        let mut iterator = self.db.raw_iterator_opt(options);
+        iterator.seek(from);
+        let mut count = 0;
+        while iterator.valid() {
+            count += 1;
+            iterator.next();
+        }
+        iterator.status()?;
+        Ok(count)
+    }
+
     /// Removes the records with keys in `from .. to` (synced).
     pub fn delete_records(&self, from: &[u8], to: &[u8]) -> Result<(), CatalogError> {
         let mut batch = WriteBatch::default();

@@ -53,15 +53,8 @@ fn method_text(method: &Method) -> crate::auth::audit::Text {
 /// its own that a DNS rebinding points at 127.0.0.1, and which its requests then carry: neither
 /// the cross-site check (the page and dstore share that name) nor a key would stop it.
 fn names_this_machine(request: &ServiceRequest) -> bool {
-    let Some(host) = request.headers().get(header::HOST) else {
+    let Some(name) = host_name(request) else {
         return true;
-    };
-    let Ok(host) = host.to_str() else {
-        return false;
-    };
-    let name = match host.strip_prefix('[') {
-        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
-        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
     };
     // A header's text is visible ASCII: any byte ends a character. Nothing is allocated.
     let under_localhost = name.len() > ".localhost".len()
@@ -71,6 +64,27 @@ fn names_this_machine(request: &ServiceRequest) -> bool {
         || name
             .parse::<std::net::IpAddr>()
             .is_ok_and(|ip| ip.is_loopback())
+}
+
+/// The name a request's `Host` carries, without the port (an IPv6 address without its brackets);
+/// `None` without `Host`, `Some("")` when it is not text.
+fn host_name(request: &ServiceRequest) -> Option<&str> {
+    let host = request.headers().get(header::HOST)?;
+    let Ok(host) = host.to_str() else {
+        return Some("");
+    };
+    Some(match host.strip_prefix('[') {
+        Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
+        None => host.rsplit_once(':').map_or(host, |(name, _)| name),
+    })
+}
+
+/// Whether `auth.allowed_hosts`, when it lists names, holds the one the request's `Host` carries
+/// (a request without `Host` names nothing else).
+fn names_an_allowed_host(request: &ServiceRequest, allowed: &[String]) -> bool {
+    allowed.is_empty()
+        || host_name(request)
+            .is_none_or(|name| allowed.iter().any(|a| a.eq_ignore_ascii_case(name)))
 }
 
 fn changes_something(method: &Method) -> bool {
@@ -134,7 +148,7 @@ pub async fn authenticate(
         return next.call(request).await.map(|r| r.map_into_left_body());
     };
     let method = request.method().clone();
-    let path = audit::clip(request.path());
+    let path = audit::path_of(request.path());
     let (checked, response, vouched) = match check(&state, &request).await {
         Ok(checked) => {
             // `caller` answers `Open` for a request that carries none: only a key or the master
@@ -150,8 +164,9 @@ pub async fn authenticate(
         }
         Err((checked, refused)) => {
             let response = request.error_response(refused).map_into_right_body();
-            let vouched = matches!(checked.caller, Caller::Master | Caller::Key(..));
-            (checked, response, vouched)
+            // A refusal changes nothing, whoever sent it: a key allowed only to read must not be
+            // able to fill the disk with the log of its refused writes.
+            (checked, response, false)
         }
     };
     // Every request that changes something, refused ones too, with who sent it.
@@ -209,6 +224,14 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
         action,
         project,
     };
+    if !names_an_allowed_host(request, &state.settings.auth.allowed_hosts) {
+        let refused = ApiError::Forbidden(
+            "this request names a host that auth.allowed_hosts (DSTORE_ALLOWED_HOSTS) does not \
+             list"
+                .into(),
+        );
+        return Err((checked, refused));
+    }
     // Open because no master key was set (not `auth.disabled`): only for this machine's names.
     if state.keys.is_none() && !state.settings.auth.disabled && !names_this_machine(request) {
         let refused = ApiError::Forbidden(

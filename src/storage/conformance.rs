@@ -77,6 +77,16 @@ pub(crate) async fn open_postgresql_in(
 const MAX_PROJECTS: usize = 20;
 
 async fn embedded() -> Fixture {
+    let (storage, dir) = embedded_storage();
+    Fixture {
+        storage,
+        _dir: Some(dir),
+        schema: None,
+    }
+}
+
+/// An embedded storage in a temporary directory, which must outlive it.
+pub(crate) fn embedded_storage() -> (Arc<EmbeddedStorage>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let catalog = Arc::new(
         Catalog::open(&dir.path().join("catalog"))
@@ -95,10 +105,22 @@ async fn embedded() -> Fixture {
         },
     )
     .expect("the journal opens");
-    Fixture {
-        storage: EmbeddedStorage::open(journal),
-        _dir: Some(dir),
-        schema: None,
+    (EmbeddedStorage::open(journal), dir)
+}
+
+/// An API key named `id`, allowed nothing.
+pub(crate) fn test_key(id: &str) -> crate::auth::ApiKey {
+    crate::auth::ApiKey {
+        id: id.into(),
+        name: "k".into(),
+        description: String::new(),
+        actions: Vec::new(),
+        projects: Vec::new(),
+        expires_at: None,
+        created_at: chrono::Utc::now(),
+        last_used_at: None,
+        hash: "0".repeat(64),
+        previous: None,
     }
 }
 
@@ -419,16 +441,8 @@ async fn a_new_project_past_the_most_is_refused_and_existing_ones_go_on(storage:
 /// Key creations racing each other never pass the most keys together: exactly that many are made.
 async fn racing_key_creations_never_pass_the_most(storage: Arc<dyn Storage>) {
     let key = |i: usize| crate::auth::ApiKey {
-        id: format!("k{i:04}"),
-        name: "k".into(),
-        description: String::new(),
-        actions: Vec::new(),
-        projects: Vec::new(),
-        expires_at: None,
-        created_at: chrono::Utc::now(),
-        last_used_at: None,
         hash: format!("{i:064}"),
-        previous: None,
+        ..test_key(&format!("k{i:04}"))
     };
     let racing: Vec<_> = (0..24)
         .map(|i| {

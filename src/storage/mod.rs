@@ -397,7 +397,10 @@ pub trait Storage: Send + Sync {
     /// fails).
     fn write_failure(&self) -> Option<String>;
 
-    /// Every API key (digests only, never secrets).
+    /// Every API key (digests only, never secrets). A key whose record cannot be read (written by
+    /// a newer dstore with an action this one does not know, or damaged) is left out and logged:
+    /// it stops working (refused as unknown) while every other key's changes, revocations among
+    /// them, still reach this node.
     async fn keys(&self) -> Result<Vec<ApiKey>, StorageError>;
 
     /// Creates an API key unless `most` keys exist already; answers false, writing nothing, then.
@@ -460,3 +463,13 @@ pub trait Storage: Send + Sync {
 
 /// The storage of a running service.
 pub type SharedStorage = Arc<dyn Storage>;
+
+/// A key read by [`Storage::keys`], or `None`, logged, when its record (named by `record`) cannot
+/// be read.
+fn readable_key(record: &[u8], read: Result<ApiKey, StorageError>) -> Option<ApiKey> {
+    read.map_err(|error| {
+        let record = String::from_utf8_lossy(record);
+        tracing::error!(%record, %error, "an API key cannot be read; it is refused until it is written again");
+    })
+    .ok()
+}

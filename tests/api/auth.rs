@@ -615,6 +615,58 @@ async fn keys_are_shown_once_listed_without_secrets_rotated_with_a_grace_and_sco
     app.stop().await;
 }
 
+/// A key's name and description are shown in terminals (`dstore keys list`) and the audit log: an
+/// escape sequence or a bidirectional override is refused, naming the field; a description may
+/// hold lines.
+#[tokio::test]
+async fn a_key_name_with_a_control_character_or_an_override_is_refused() {
+    let app = secured().await;
+    for (body, field) in [
+        (
+            json!({"name": "a\u{1b}]0;owned\u{7}", "actions": ["items.read"], "projects": ["*"]}),
+            "/name",
+        ),
+        (
+            json!({"name": "admin\u{202e}txt", "actions": ["items.read"], "projects": ["*"]}),
+            "/name",
+        ),
+        (
+            json!({"name": "two\nlines", "actions": ["items.read"], "projects": ["*"]}),
+            "/name",
+        ),
+        (
+            json!({"name": "a\u{2028}b\u{200f}\u{feff}", "actions": ["items.read"], "projects": ["*"]}),
+            "/name",
+        ),
+        (
+            json!({"name": "n", "description": "\u{9b}31m", "actions": ["items.read"], "projects": ["*"]}),
+            "/description",
+        ),
+    ] {
+        let (status, refused) = call(
+            &app,
+            Method::POST,
+            "/_keys",
+            Some(MASTER),
+            Some(&body.to_string()),
+        )
+        .await;
+        assert_eq!(status, 422, "{body}: {refused}");
+        assert_eq!(refused["errors"][0]["path"], field, "{refused}");
+    }
+    let body = json!({"name": "n", "description": "line one\r\n\tline two", "actions": ["items.read"], "projects": ["*"]});
+    let (status, made) = call(
+        &app,
+        Method::POST,
+        "/_keys",
+        Some(MASTER),
+        Some(&body.to_string()),
+    )
+    .await;
+    assert_eq!(status, 201, "{made}");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn every_change_is_audited_with_its_key_and_refused_ones_too() {
     let app = secured().await;
@@ -995,9 +1047,11 @@ async fn refusals_without_a_key_are_recorded_a_few_a_second_and_the_rest_counted
         let (status, _) = call(&app, Method::PUT, &path, None, Some("{}")).await;
         assert_eq!(status, 401);
     }
+    let blueprint = article().to_string();
     for _ in 0..3 {
-        let (status, _) = call(&app, Method::DELETE, "/flood/_project", Some(&ops), None).await;
-        assert_ne!(status, 401);
+        let path = "/flood/article/_blueprint";
+        let (status, _) = call(&app, Method::PUT, path, Some(&ops), Some(&blueprint)).await;
+        assert_eq!(status, 200);
     }
     // Every refusal is either recorded or counted, once its second is over.
     let alone = |entry: &Value| {
@@ -1005,6 +1059,31 @@ async fn refusals_without_a_key_are_recorded_a_few_a_second_and_the_rest_counted
         path.starts_with("/flood/article/_blueprint") && entry["status"] == 401
     };
     accounted(&app, (&ops, &ops_id), (sent, 3), alone, |_| {}).await;
+    app.stop().await;
+}
+
+/// A key refused the action it asks for changes nothing either: its refusals are recorded a few a
+/// second and the rest counted, so a key that may only read cannot fill the disk with the log.
+#[tokio::test]
+async fn refusals_of_a_key_are_recorded_a_few_a_second_and_the_rest_counted() {
+    let app = secured().await;
+    let (ops, ops_id) = key(&app, &["operations", "blueprints.write"], &["*"], None).await;
+    let (reader, _) = key(&app, &["items.read"], &["*"], None).await;
+    let sent = 100;
+    for i in 0..sent {
+        let path = format!("/flood/article/_blueprint?n={i}");
+        let (status, _) = call(&app, Method::PUT, &path, Some(&reader), Some("{}")).await;
+        assert_eq!(status, 403);
+    }
+    let blueprint = article().to_string();
+    let path = "/flood/article/_blueprint";
+    let (status, _) = call(&app, Method::PUT, path, Some(&ops), Some(&blueprint)).await;
+    assert_eq!(status, 200);
+    let alone = |entry: &Value| {
+        let path = entry["path"].as_str().unwrap();
+        path.starts_with("/flood/article/_blueprint") && entry["status"] == 403
+    };
+    accounted(&app, (&ops, &ops_id), (sent, 1), alone, |_| {}).await;
     app.stop().await;
 }
 
@@ -1068,6 +1147,45 @@ async fn without_a_master_key_only_requests_naming_this_machine_are_served() {
         "dstore.localhost",
     ] {
         let answer = send(format!("{host}:{port}")).await.unwrap();
+        assert_eq!(answer.status().as_u16(), 200, "{host}");
+    }
+    app.stop().await;
+}
+
+/// With authentication off, `auth.allowed_hosts` is what stops a page whose name a DNS rebinding
+/// points at dstore: a request naming another host is refused, whatever it asks; listed names (any
+/// case, any port) and requests without `Host` are served.
+#[tokio::test]
+async fn with_authentication_off_only_allowed_hosts_are_served() {
+    let app = crate::helpers::spawn_app_with(|s| {
+        s.auth.disabled = true;
+        s.auth.allowed_hosts = vec!["localhost".into(), "dstore".into()];
+    })
+    .await;
+    let port = app.address.rsplit(':').next().unwrap().to_string();
+    let send = |host: String| {
+        app.client
+            .delete(format!("{}/_project", app.address))
+            .header("Host", host.clone())
+            .header("Origin", format!("http://{host}"))
+            .header("Sec-Fetch-Site", "same-origin")
+            .send()
+    };
+    for host in ["evil.example", "dstore.evil.example", "127.0.0.1"] {
+        let answer = send(format!("{host}:{port}")).await.unwrap();
+        assert_eq!(answer.status().as_u16(), 403, "{host}");
+        let body: Value = answer.json().await.unwrap();
+        assert!(
+            body["status"].as_str().unwrap().contains("allowed_hosts"),
+            "{body}"
+        );
+    }
+    for host in [
+        "localhost".to_string(),
+        format!("DSTORE:{port}"),
+        format!("localhost:{port}"),
+    ] {
+        let answer = send(host.clone()).await.unwrap();
         assert_eq!(answer.status().as_u16(), 200, "{host}");
     }
     app.stop().await;
@@ -1263,6 +1381,17 @@ async fn dstore_refuses_to_start_with_a_short_master_key_or_open_on_a_public_add
     .await
     .is_ok());
     assert!(start(|s| s.server.host = "127.0.0.1".into()).await.is_ok());
+    // Authentication off beside a master key: the key would close nothing.
+    let both = start(|s| {
+        s.auth.disabled = true;
+        s.auth.master_keys = vec![MASTER.into()];
+    })
+    .await;
+    let error = both.unwrap_err();
+    assert!(
+        error.contains("auth.disabled") && error.contains("master key"),
+        "{error}"
+    );
     // A master key file holding no key is refused, not read as "no master key" (open routes).
     fn blank_key_file() -> std::path::PathBuf {
         std::env::temp_dir().join(format!("dstore-blank-master-key-{}", std::process::id()))

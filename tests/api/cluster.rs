@@ -503,6 +503,95 @@ async fn while_the_storage_is_away_writes_answer_503_and_resume_by_themselves_lo
     cluster.clean_up().await;
 }
 
+/// A manager may revoke only keys holding no action it lacks: judged on the key as stored, not on
+/// a node's copy from before another node widened it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_widened_through_one_node_is_judged_widened_by_another() {
+    const MASTER: &str = "a-cluster-master-key-0123456789";
+    let cluster = Cluster::new().await;
+    let nodes = cluster
+        .bare_nodes("widened", 2, &[("DSTORE_MASTER_KEY", MASTER.into())])
+        .await;
+    let client = reqwest::Client::new();
+    let make = |body: &'static str| {
+        let request = client
+            .post(nodes[0].url("/_keys"))
+            .bearer_auth(MASTER)
+            .body(body);
+        async move {
+            let made: Value = request.send().await.unwrap().json().await.unwrap();
+            made
+        }
+    };
+    let manager =
+        make(r#"{"name": "m", "actions": ["keys.manage", "items.read"], "projects": ["*"]}"#).await;
+    let target = make(r#"{"name": "t", "actions": ["items.read"], "projects": ["*"]}"#).await;
+    let (manager, id) = (
+        manager["key"].as_str().unwrap(),
+        target["id"].as_str().unwrap(),
+    );
+    // The second node reads both keys.
+    let seen = client
+        .get(nodes[1].url(&format!("/_keys/{id}")))
+        .bearer_auth(manager)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(seen.status(), 200);
+    let widened = client
+        .patch(nodes[0].url(&format!("/_keys/{id}")))
+        .bearer_auth(MASTER)
+        .body(r#"{"actions": ["items.read", "projects.delete"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(widened.status(), 200);
+    let revoked = client
+        .delete(nodes[1].url(&format!("/_keys/{id}")))
+        .bearer_auth(manager)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 403, "{}", revoked.text().await.unwrap());
+
+    // A manager narrowed through one node makes no key with what it lost through the other.
+    let narrowed = make(
+        r#"{"name": "n", "actions": ["keys.manage", "items.read", "items.write"], "projects": ["*"]}"#,
+    )
+    .await;
+    let (narrowed, narrowed_id) = (
+        narrowed["key"].as_str().unwrap(),
+        narrowed["id"].as_str().unwrap(),
+    );
+    let seen = client
+        .get(nodes[1].url(&format!("/_keys/{narrowed_id}")))
+        .bearer_auth(narrowed)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(seen.status(), 200);
+    let narrowing = client
+        .patch(nodes[0].url(&format!("/_keys/{narrowed_id}")))
+        .bearer_auth(MASTER)
+        .body(r#"{"actions": ["keys.manage", "items.read"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(narrowing.status(), 200);
+    let minted = client
+        .post(nodes[1].url("/_keys"))
+        .bearer_auth(narrowed)
+        .body(r#"{"name": "x", "actions": ["items.write"], "projects": ["*"]}"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(minted.status(), 403, "{}", minted.text().await.unwrap());
+    for node in nodes {
+        node.stop().await;
+    }
+    cluster.clean_up().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn keys_and_the_audit_log_are_shared_by_every_node() {
     const MASTER: &str = "a-cluster-master-key-0123456789";
