@@ -212,7 +212,8 @@ async fn backfill(
                 chunk.push((blueprint, id, record.revision, task.bytes));
             }
         }
-        if !commit_chunk(node, project, version, key, &state, chunk).await? {
+        let born = p.working.born;
+        if !commit_chunk(node, project, version, (key, born), &state, chunk).await? {
             tracing::info!(%project, version, "back-fill stopped: the version was retired or removed");
             return Ok(());
         }
@@ -221,12 +222,14 @@ async fn backfill(
     Ok(())
 }
 
-/// Journals one chunk and the state after it; false when the version is gone or retired.
+/// Journals one chunk and the state after it; false when the version is gone or retired, when the
+/// project was made again since the chunk's tasks were made from the catalog of the one `born`
+/// then (another version of the same number), or when this node lost the back-fill's lease.
 async fn commit_chunk(
     node: &PgStorage,
     project: &Ident,
     version: u32,
-    key: &str,
+    (key, born): (&str, u64),
     state: &BackfillState,
     chunk: Vec<(String, Uuid, u64, Vec<u8>)>,
 ) -> Result<bool, StorageError> {
@@ -238,6 +241,10 @@ async fn commit_chunk(
     let Ok((p, _)) = catalog::lock_project(&mut tx, project, None).await else {
         return Ok(false);
     };
+    if p.working.born != born {
+        // The back-fill of the project made again, if any, is its own to run.
+        return Ok(false);
+    }
     if p.version(version).is_none() || p.is_retired(version) {
         drop(tx);
         finish(node, project, version, key, state, true).await?;
@@ -289,7 +296,12 @@ async fn commit_chunk(
         .await
         .map_err(|e| unavailable("journal a back-fill chunk", &e))?;
     }
-    save_state(&mut tx, node, project, version, key, state).await?;
+    if !save_state(&mut tx, node, project, version, key, state).await? {
+        // The lease lapsed (this node stalled) and another node goes on with the back-fill:
+        // nothing of this chunk is journaled twice.
+        tracing::info!(%project, version, "back-fill left to the node that took its lease");
+        return Ok(false);
+    }
     tx.commit()
         .await
         .map_err(|e| unavailable("commit a back-fill chunk", &e))?;
@@ -297,6 +309,7 @@ async fn commit_chunk(
     Ok(true)
 }
 
+/// Saves the state of a back-fill this node holds the lease of; false when it does not.
 async fn save_state(
     conn: &mut PgConnection,
     node: &PgStorage,
@@ -304,8 +317,8 @@ async fn save_state(
     version: u32,
     key: &str,
     state: &BackfillState,
-) -> Result<(), StorageError> {
-    sqlx::query(
+) -> Result<bool, StorageError> {
+    let saved = sqlx::query(
         "UPDATE backfills SET state = $4, finished = $5, lease_until = now() + make_interval(secs => $7) \
          WHERE project = $1 AND version = $2 AND projectors = $3 AND lease_owner = $6",
     )
@@ -319,7 +332,7 @@ async fn save_state(
     .execute(&mut *conn)
     .await
     .map_err(|e| unavailable("save a back-fill's state", &e))?;
-    Ok(())
+    Ok(saved.rows_affected() == 1)
 }
 
 /// Marks a back-fill finished (its version is gone or retired, or it is done).

@@ -331,6 +331,9 @@ pub async fn listen(storage: Weak<PgStorage>) {
             tracing::warn!(%error, "cannot reload the catalog");
         }
         drop(node);
+        // A notification whose project could not be read again: the whole catalog is read at the
+        // next quiet moment, until a read succeeds, so a change is never missed for good.
+        let mut missed = false;
         loop {
             let notification =
                 tokio::time::timeout(Duration::from_secs(5), listener.try_recv()).await;
@@ -339,17 +342,22 @@ pub async fn listen(storage: Weak<PgStorage>) {
             };
             match notification {
                 // Quiet: check the node is still wanted, and listen on.
-                Err(_) => continue,
+                Err(_) => {
+                    if missed {
+                        missed = node.refresh_catalog_quietly().await.is_err();
+                    }
+                }
                 Ok(Ok(Some(notification))) => {
                     if let Ok(project) = Ident::parse(notification.payload()) {
                         if let Err(error) = node.reload(&project).await {
-                            tracing::warn!(%project, %error, "cannot reload a project's catalog");
+                            tracing::warn!(%project, %error, "cannot reload a project's catalog; reading the whole catalog again at the next quiet moment");
+                            missed = true;
                         }
                     }
                 }
                 // The connection was lost and re-established: anything may have been missed.
                 Ok(Ok(None)) => {
-                    let _ = node.refresh_catalog_quietly().await;
+                    missed = node.refresh_catalog_quietly().await.is_err();
                 }
                 Ok(Err(error)) => {
                     tracing::warn!(%error, "catalog listener lost its connection");

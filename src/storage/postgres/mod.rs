@@ -309,6 +309,21 @@ async fn warn_of_namesakes(pool: &PgPool, node: &str) {
     }
 }
 
+/// Runs the migrations on a connection of its own, without the lock timeout: they run under an
+/// advisory lock of the database, which another node starting at the same time (or a deployment
+/// in another schema of the database) holds for as long as its own take, an index built over a
+/// large journal among them; a node waits for it, rather than failing to start after
+/// [`LOCK_TIMEOUT`].
+async fn migrate(options: PgConnectOptions) -> Result<(), StorageError> {
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .acquire_timeout(Duration::from_secs(5))
+        .connect_lazy_with(options.options([("lock_timeout", "0")]));
+    let ran = MIGRATOR.run(&pool).await;
+    pool.close().await;
+    ran.map_err(|e| StorageError::Unavailable(format!("postgresql storage: migrations: {e}")))
+}
+
 impl PgStorage {
     /// Connects, creates the schema and runs the migrations, loads the catalog and starts the
     /// node's background work (the write batcher, the catalog listener, the cursor watch, the
@@ -365,9 +380,7 @@ impl PgStorage {
                 .await
                 .map_err(|e| unavailable("create the storage schema", &e))?;
         }
-        MIGRATOR.run(&pool).await.map_err(|e| {
-            StorageError::Unavailable(format!("postgresql storage: migrations: {e}"))
-        })?;
+        migrate(options.clone()).await?;
         let journal_id: String =
             sqlx::query_scalar("SELECT value FROM meta WHERE key = 'journal_id'")
                 .fetch_one(&pool)
@@ -1095,6 +1108,20 @@ impl Storage for PgStorage {
     }
 
     async fn purge_tombstones(&self, before: DateTime<Utc>) -> Result<u64, StorageError> {
+        let failed = |e: sqlx::Error| unavailable("compact the change feed", &e);
+        let mut tx = self.pool.begin().await.map_err(failed)?;
+        // The projects' rows first, in name order, as a batch of writes takes them before it
+        // removes the tombstones of items written again: taken the other way round, each would
+        // wait for the other until PostgreSQL ended one, and a batch of writes failed with it.
+        sqlx::query(
+            "SELECT 1 FROM projects WHERE name IN \
+             (SELECT DISTINCT project FROM tombstones WHERE deleted_at < $1) \
+             ORDER BY name FOR UPDATE",
+        )
+        .bind(before)
+        .execute(&mut *tx)
+        .await
+        .map_err(failed)?;
         let purged: i64 = sqlx::query_scalar(
             "WITH gone AS (DELETE FROM tombstones WHERE deleted_at < $1 RETURNING project, revision), \
              moved AS (UPDATE projects p SET horizon = greatest(p.horizon, g.top) \
@@ -1103,9 +1130,10 @@ impl Storage for PgStorage {
              SELECT count(*) FROM gone",
         )
         .bind(before)
-        .fetch_one(&self.pool)
+        .fetch_one(&mut *tx)
         .await
-        .map_err(|e| unavailable("compact the change feed", &e))?;
+        .map_err(failed)?;
+        tx.commit().await.map_err(failed)?;
         Ok(purged as u64)
     }
 
@@ -1403,11 +1431,17 @@ impl Storage for PgStorage {
     }
 
     async fn keys(&self) -> Result<Vec<ApiKey>, StorageError> {
-        let rows = sqlx::query("SELECT record, last_used_at FROM api_keys")
+        let rows = sqlx::query("SELECT id, record, last_used_at FROM api_keys")
             .fetch_all(&self.pool)
             .await
             .map_err(|e| unavailable("read the API keys", &e))?;
-        rows.iter().map(key_of).collect()
+        Ok(rows
+            .iter()
+            .filter_map(|row| {
+                let id: String = row.try_get("id").unwrap_or_default();
+                super::readable_key(id.as_bytes(), key_of(row))
+            })
+            .collect())
     }
 
     async fn put_key(&self, key: &ApiKey, most: usize) -> Result<bool, StorageError> {
@@ -1524,12 +1558,26 @@ impl Storage for PgStorage {
     }
 
     async fn prune_audit(&self, before: DateTime<Utc>) -> Result<u64, StorageError> {
-        Ok(sqlx::query("DELETE FROM audit WHERE at < $1")
+        // In pages: a retention shortened by days may leave millions of entries to remove, which
+        // one statement would hold in one transaction, and its locks, for as long.
+        const PAGE: i64 = 10_000;
+        let mut removed = 0;
+        loop {
+            let page = sqlx::query(
+                "DELETE FROM audit WHERE id IN \
+                 (SELECT id FROM audit WHERE at < $1 ORDER BY at LIMIT $2)",
+            )
             .bind(before)
+            .bind(PAGE)
             .execute(&self.pool)
             .await
             .map_err(|e| unavailable("prune the audit log", &e))?
-            .rows_affected())
+            .rows_affected();
+            removed += page;
+            if page < PAGE as u64 {
+                return Ok(removed);
+            }
+        }
     }
 
     async fn version_usage(&self, project: &Ident, version: u32) -> Result<Usage, StorageError> {
@@ -1603,6 +1651,83 @@ mod tests {
 
     use crate::storage::conformance::{drop_schema, open_postgresql, put_article};
     use crate::storage::{Storage, StorageError};
+
+    /// A key whose record this dstore cannot read (an action it does not know) is left out; the
+    /// others still read, so their revocations still reach every node.
+    #[tokio::test]
+    async fn an_unreadable_key_is_left_out_and_the_others_read() {
+        let (storage, schema) = open_postgresql("keys", vec![]).await;
+        let key = crate::storage::conformance::test_key("0123456789abcdef");
+        assert!(storage.put_key(&key, 10).await.unwrap());
+        sqlx::query(
+            "INSERT INTO api_keys (id, record) VALUES ('fedcba9876543210', \
+             '{\"id\": \"fedcba9876543210\", \"actions\": [\"items.fly\"]}')",
+        )
+        .execute(storage.pool())
+        .await
+        .unwrap();
+        let keys = storage.keys().await.unwrap();
+        let ids: Vec<&str> = keys.iter().map(|k| k.id.as_str()).collect();
+        assert_eq!(ids, ["0123456789abcdef"]);
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A node starting while another runs the migrations (under sqlx's advisory lock of the
+    /// database) waits for them, however long they take, rather than failing after the lock
+    /// timeout.
+    #[tokio::test]
+    async fn a_node_starting_during_another_s_migrations_waits_for_them() {
+        let (storage, schema) = open_postgresql("first", vec![]).await;
+        // sqlx's lock id: 0x3d32ad9e times the CRC-32 (IEEE) of the database's name.
+        fn crc32(bytes: &[u8]) -> u32 {
+            let mut crc = !0u32;
+            for &byte in bytes {
+                crc ^= u32::from(byte);
+                for _ in 0..8 {
+                    crc = if crc & 1 == 1 {
+                        (crc >> 1) ^ 0xedb8_8320
+                    } else {
+                        crc >> 1
+                    };
+                }
+            }
+            !crc
+        }
+        let mut holder = storage.pool().acquire().await.unwrap().detach();
+        let database: String = sqlx::query_scalar("SELECT current_database()")
+            .fetch_one(&mut holder)
+            .await
+            .unwrap();
+        let lock = 0x3d32_ad9e * i64::from(crc32(database.as_bytes()));
+        sqlx::query("SELECT pg_advisory_lock($1)")
+            .bind(lock)
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let second = tokio::spawn({
+            let schema = schema.clone();
+            async move {
+                crate::storage::conformance::open_postgresql_in(&schema, "second", vec![]).await
+            }
+        });
+        // Past the lock timeout (10 s), the second node still waits.
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        assert!(!second.is_finished(), "the node gave up waiting");
+        sqlx::query("SELECT pg_advisory_unlock($1)")
+            .bind(lock)
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        let second = tokio::time::timeout(Duration::from_secs(20), second)
+            .await
+            .expect("opened once the migrations are done")
+            .expect("opened");
+        drop(second);
+        drop(holder);
+        drop(storage);
+        drop_schema(&schema).await;
+    }
 
     /// A storage that cannot be reached says why, not only that a pool timed out.
     #[tokio::test]

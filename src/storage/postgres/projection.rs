@@ -192,8 +192,19 @@ async fn work(
         let step = if tasks.is_empty() {
             Step::default()
         } else {
-            let snapshot = snapshot_for(storage, &tasks).await?;
-            step::apply(projector, &snapshot, &tasks).await
+            let snapshot = snapshot_for(storage, project, &tasks).await?;
+            let Some(step) = leased(
+                storage,
+                name,
+                project,
+                step::apply(projector, &snapshot, &tasks),
+            )
+            .await?
+            else {
+                tracing::info!(projector = name, %project, "lease lost to another node while applying; leaving the project to it");
+                return Ok(());
+            };
+            step
         };
         if let Some(m) = &step.migration {
             if let Err(error) = storage
@@ -225,6 +236,31 @@ async fn work(
         if let Some(error) = step.retry {
             hold(storage, name, project, &error.message).await?;
             return Ok(());
+        }
+    }
+}
+
+/// Runs `applying` while renewing the lease of the cursor every third of a lease, so a batch that
+/// takes longer than a lease (a large migration, a slow store) is not taken over by another node in
+/// the middle, which would apply the same tasks, and the drop among them, twice and out of order.
+/// Answers `None`, having given up `applying` where it was, when the lease is lost all the same
+/// (this node stalled, or cut off from the database past a lease): what it applied is applied
+/// again by the node that took the lease, as after a crash.
+async fn leased<T>(
+    storage: &PgStorage,
+    projector: &str,
+    project: &Ident,
+    applying: impl std::future::Future<Output = T>,
+) -> Result<Option<T>, StorageError> {
+    tokio::pin!(applying);
+    loop {
+        tokio::select! {
+            done = &mut applying => return Ok(Some(done)),
+            _ = tokio::time::sleep(LEASE / 3) => {
+                if renew(storage, projector, project).await?.is_none() {
+                    return Ok(None);
+                }
+            }
         }
     }
 }
@@ -275,11 +311,23 @@ async fn read(
     Ok((tasks, last, poison))
 }
 
-/// A catalog that holds every version the tasks name: another node may have frozen it a moment ago.
+/// A catalog that holds `project` as its tasks were written: every version they name (another
+/// node may have frozen it a moment ago), of the same project (one made again under its name since
+/// this node read it is another, whose version 1 is not the old one's: this node may have missed
+/// the notification, or not have read it yet). The project's birth is read after the tasks, so a
+/// project made again later has none of them.
 async fn snapshot_for(
     storage: &PgStorage,
+    project: &Ident,
     tasks: &[Task],
 ) -> Result<Arc<crate::catalog::Snapshot>, StorageError> {
+    let born: Option<i64> = sqlx::query_scalar(
+        "SELECT COALESCE((working->>'born')::bigint, 0) FROM projects WHERE name = $1 AND live",
+    )
+    .bind(project.as_str())
+    .fetch_optional(storage.pool())
+    .await
+    .map_err(|e| unavailable("read a project's birth", &e))?;
     let knows = |snapshot: &crate::catalog::Snapshot| {
         tasks.iter().all(|task| {
             let Some(p) = snapshot.projects.get(&task.project) else {
@@ -296,10 +344,17 @@ async fn snapshot_for(
         })
     };
     let snapshot = storage.snapshot();
-    if knows(&snapshot) {
+    // A dropped project's tasks are its own up to the drop: the catalog read has it, or not.
+    let same = born.is_none_or(|born| {
+        snapshot
+            .projects
+            .get(project)
+            .is_some_and(|p| p.working.born == born as u64)
+    });
+    if same && knows(&snapshot) {
         return Ok(snapshot);
     }
-    storage.refresh_catalog().await?;
+    storage.reload(project).await?;
     Ok(storage.snapshot())
 }
 
@@ -501,6 +556,80 @@ mod tests {
         drop_schema(&schema).await;
     }
 
+    /// A batch that takes longer than a lease keeps its lease: another node does not take the
+    /// cursor in the middle and apply the same tasks again.
+    #[tokio::test]
+    async fn a_batch_longer_than_a_lease_keeps_its_lease() {
+        use crate::storage::conformance::open_postgresql_in;
+
+        /// Takes longer than a lease to migrate.
+        struct Slow(Counting);
+        #[async_trait]
+        impl Projector for Slow {
+            fn name(&self) -> &'static str {
+                "counting"
+            }
+            async fn migrate(
+                &self,
+                project: &Ident,
+                version: &Version,
+                live: &[u32],
+            ) -> Result<(), ProjectorError> {
+                tokio::time::sleep(LEASE + LEASE / 5).await;
+                self.0.migrate(project, version, live).await
+            }
+            async fn apply(
+                &self,
+                snapshot: &Snapshot,
+                tasks: &[Task],
+            ) -> Result<Vec<Outcome>, ProjectorError> {
+                self.0.apply(snapshot, tasks).await
+            }
+            async fn drop_project(&self, project: &Ident) -> Result<(), ProjectorError> {
+                self.0.drop_project(project).await
+            }
+            async fn read(
+                &self,
+                project: &Ident,
+                version: u32,
+                blueprint: &Ident,
+                id: &Uuid,
+            ) -> Result<Option<Value>, ProjectorError> {
+                self.0.read(project, version, blueprint, id).await
+            }
+            async fn health(&self) -> Health {
+                self.0.health().await
+            }
+        }
+
+        let (first, schema) = open_postgresql("slow", vec!["counting"]).await;
+        let project = frozen(first.as_ref()).await;
+        write(first.as_ref(), &project, Uuid::new_v4(), "t").await;
+        let second = open_postgresql_in(&schema, "other", vec!["counting"]).await;
+        let claimed = claim(&first, "counting").await.unwrap();
+        let lease = Lease {
+            renewed: tokio::time::Instant::now(),
+            cursor: claimed[0].1,
+        };
+        let slow = Slow(Counting::default());
+        let (worked, taken) = tokio::join!(work(&first, &slow, &project, lease, 100), async {
+            tokio::time::sleep(LEASE + LEASE / 10).await;
+            claim(&second, "counting").await.unwrap()
+        });
+        worked.unwrap();
+        assert!(
+            taken.is_empty(),
+            "taken in the middle of a batch: {taken:?}"
+        );
+        assert_eq!(
+            slow.0 .0.load(Ordering::SeqCst),
+            2,
+            "the migration and the write"
+        );
+        drop((first, second));
+        drop_schema(&schema).await;
+    }
+
     /// Two processes started with one node name (a copied `DSTORE_NODE`) are two lease owners:
     /// a cursor one holds is not claimed by the other, and a clean stop of one gives back its
     /// leases only.
@@ -561,6 +690,37 @@ mod tests {
             "the same failure moved the epoch again"
         );
 
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A node whose catalog still holds a project since dropped and made again (it missed the
+    /// notification, or has not read it yet) applies the new project's tasks with the new
+    /// project's catalog, not the old one's version 1.
+    #[tokio::test]
+    async fn tasks_of_a_project_made_again_are_applied_with_its_own_catalog() {
+        let (storage, schema) = open_postgresql("reborn", Vec::new()).await;
+        let project = frozen(storage.as_ref()).await;
+        let old = storage.snapshot();
+        let old_stamps = storage.catalog.read().unwrap().stamps.clone();
+        assert_eq!(old.projects[&project].working.born, 0);
+        storage.drop_project(&project).await.unwrap();
+        frozen(storage.as_ref()).await;
+        let revision = write(storage.as_ref(), &project, Uuid::new_v4(), "new").await;
+        let born = storage.snapshot().projects[&project].working.born;
+        assert!(born > 0 && born < revision);
+        // The notification of the drop and of the new freeze missed.
+        *storage.catalog.write().unwrap() = super::super::CatalogCache {
+            snapshot: old,
+            stamps: old_stamps,
+        };
+        let tasks = [Task {
+            seq: revision,
+            project: project.clone(),
+            op: TaskOp::Migrate { version: 1 },
+        }];
+        let snapshot = snapshot_for(&storage, &project, &tasks).await.unwrap();
+        assert_eq!(snapshot.projects[&project].working.born, born);
         drop(storage);
         drop_schema(&schema).await;
     }
