@@ -169,22 +169,51 @@ pub fn delete_blueprint(
     Ok(record_edit(p, next, writes))
 }
 
+/// What a freeze's compatibility was judged on: the working copy, against the versions there were
+/// and under the project's compatibility setting. Another request changing any of them between the
+/// judgment and the freeze (an edit, a freeze, the setting) would have the freeze go through
+/// unjudged.
+#[derive(Clone, Debug)]
+pub struct Judged {
+    blueprints: Blueprints,
+    versions: usize,
+    compatibility: Compatibility,
+}
+
+impl Judged {
+    /// The project as a freeze's judgment reads it.
+    pub fn of(p: &Project) -> Judged {
+        Judged {
+            blueprints: p.working.blueprints.clone(),
+            versions: p.versions.len(),
+            compatibility: p.working.compatibility,
+        }
+    }
+
+    fn holds(&self, p: &Project) -> bool {
+        self.blueprints == p.working.blueprints
+            && self.versions == p.versions.len()
+            && self.compatibility == p.working.compatibility
+    }
+}
+
 /// Freezes the working copy as the next version. `projectors` start with a pending migration,
-/// `done` with a finished one. `judged`, the blueprints whose compatibility the caller judged,
-/// refuses the freeze when the working copy is no longer those (an edit made in between would be
-/// frozen unjudged).
+/// `done` with a finished one. `judged`, what the caller judged the freeze's compatibility on,
+/// refuses the freeze when the project is no longer so (an edit, a freeze or a change of the
+/// compatibility setting made in between would have it frozen unjudged).
 pub fn freeze(
     p: &mut Project,
     projectors: &[&str],
     done: &[&str],
     forced: bool,
-    judged: Option<&Blueprints>,
+    judged: Option<&Judged>,
     writes: &mut Vec<Write>,
 ) -> Result<Arc<Version>, CatalogError> {
-    if judged.is_some_and(|judged| *judged != p.working.blueprints) {
+    if judged.is_some_and(|judged| !judged.holds(p)) {
         return Err(CatalogError::Conflict(
-            "the working copy changed while this freeze was being checked (another request \
-             edited it): send the freeze again, and it is checked against the new working copy"
+            "the project changed while this freeze was being checked (another request edited \
+             it, froze it or changed its compatibility setting): send the freeze again, and it is \
+             checked against the project as it is now"
                 .into(),
         ));
     }

@@ -19,7 +19,7 @@ use thiserror::Error;
 pub use edit::Write;
 pub use model::{Compatibility, MigrationState, Project, Version, VersionStatus, WorkingCopy};
 
-use crate::blueprint::{BlueprintInput, Blueprints, Change, FieldError, Ident};
+use crate::blueprint::{BlueprintInput, Change, FieldError, Ident};
 
 #[derive(Debug, Error)]
 pub enum CatalogError {
@@ -245,7 +245,7 @@ impl Catalog {
         projectors: &[&str],
         done: &[&str],
         forced: bool,
-        judged: Option<&Blueprints>,
+        judged: Option<&edit::Judged>,
     ) -> Result<Arc<Version>, CatalogError> {
         self.update(project, false, |p, writes| {
             edit::freeze(p, projectors, done, forced, judged, writes)

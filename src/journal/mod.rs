@@ -799,7 +799,7 @@ impl Journal {
         &self,
         project: Ident,
         forced: bool,
-        judged: Option<crate::blueprint::Blueprints>,
+        judged: Option<crate::catalog::edit::Judged>,
     ) -> Result<(Arc<Version>, u64), JournalError> {
         // A freeze back-fills its version: as much new data as the project holds.
         self.disk.check()?;

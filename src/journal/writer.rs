@@ -66,8 +66,8 @@ pub enum Command {
     Freeze {
         project: Ident,
         forced: bool,
-        /// The blueprints the freeze was judged on (see `edit::freeze`).
-        judged: Option<crate::blueprint::Blueprints>,
+        /// What the freeze was judged on (see `edit::freeze`).
+        judged: Option<crate::catalog::edit::Judged>,
         reply: Reply<(Arc<Version>, u64)>,
     },
     Migrate {

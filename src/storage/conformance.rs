@@ -13,7 +13,8 @@ use super::embedded::EmbeddedStorage;
 use super::postgres::{PgStorage, PgStorageSettings};
 use super::{Storage, StorageError};
 use crate::blueprint::{parse_blueprint, Ident};
-use crate::catalog::{Catalog, MigrationState};
+use crate::catalog::edit::Judged;
+use crate::catalog::{Catalog, Compatibility, MigrationState};
 use crate::config::ProjectionSettings;
 use crate::journal::{Durability, Entry, Journal, JournalSettings};
 use crate::write::{prepare_delete, prepare_upsert};
@@ -721,10 +722,8 @@ async fn scanning_pages_through_every_item_of_the_project_once(storage: Arc<dyn 
 async fn a_freeze_judged_on_an_older_working_copy_is_refused(storage: Arc<dyn Storage>) {
     let project = frozen(storage.as_ref()).await;
     put_article(storage.as_ref(), &project, Some("views")).await;
-    let judged = storage.snapshot().projects[&project]
-        .working
-        .blueprints
-        .clone();
+    let judged = Judged::of(&storage.snapshot().projects[&project]);
+    let stale = judged.clone();
     put_article(storage.as_ref(), &project, Some("likes")).await;
     let refused = storage.freeze_judged(&project, false, Some(judged)).await;
     assert!(
@@ -733,12 +732,31 @@ async fn a_freeze_judged_on_an_older_working_copy_is_refused(storage: Arc<dyn St
     );
     let snapshot = storage.fresh_snapshot(&project).await.expect("a snapshot");
     assert_eq!(snapshot.projects[&project].versions.len(), 1);
-    let judged = snapshot.projects[&project].working.blueprints.clone();
+    let judged = Judged::of(&snapshot.projects[&project]);
     let (version, _) = storage
         .freeze_judged(&project, false, Some(judged))
         .await
         .expect("version 2");
     assert_eq!(version.number, 2);
+    // Judged against version 1: after version 2, the same working copy again is not judged.
+    put_article(storage.as_ref(), &project, Some("views")).await;
+    let refused = storage.freeze_judged(&project, false, Some(stale)).await;
+    assert!(
+        matches!(refused, Err(StorageError::Conflict(_))),
+        "{refused:?}"
+    );
+    // Nor after the compatibility setting changed.
+    let snapshot = storage.fresh_snapshot(&project).await.expect("a snapshot");
+    let judged = Judged::of(&snapshot.projects[&project]);
+    storage
+        .set_compatibility(&project, Compatibility::LossyAllowed)
+        .await
+        .expect("the setting");
+    let refused = storage.freeze_judged(&project, false, Some(judged)).await;
+    assert!(
+        matches!(refused, Err(StorageError::Conflict(_))),
+        "{refused:?}"
+    );
 }
 
 async fn the_compatibility_setting_forced_freezes_and_version_usage_are_kept(

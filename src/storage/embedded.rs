@@ -19,7 +19,7 @@ use super::usage::{Usage, UsageMeter, UsageRow};
 use super::{KeyReplaced, Refusal, Stats, Storage, StorageError};
 use crate::auth::audit::AuditEntry;
 use crate::auth::ApiKey;
-use crate::blueprint::{BlueprintInput, Blueprints, Change, Ident};
+use crate::blueprint::{BlueprintInput, Change, Ident};
 use crate::catalog::{Catalog, Compatibility, MigrationState, Snapshot, Version};
 use crate::feed::ChangesPage;
 use crate::journal::backfill::BackfillState;
@@ -229,7 +229,7 @@ impl Storage for EmbeddedStorage {
         &self,
         project: &Ident,
         forced: bool,
-        judged: Option<Blueprints>,
+        judged: Option<crate::catalog::edit::Judged>,
     ) -> Result<(Arc<Version>, u64), StorageError> {
         Ok(self.journal.freeze(project.clone(), forced, judged).await?)
     }

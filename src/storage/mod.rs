@@ -37,7 +37,7 @@ use uuid::Uuid;
 
 use crate::auth::audit::AuditEntry;
 use crate::auth::ApiKey;
-use crate::blueprint::{BlueprintInput, Blueprints, Change, FieldError, Ident};
+use crate::blueprint::{BlueprintInput, Change, FieldError, Ident};
 use crate::catalog::{CatalogError, Compatibility, MigrationState, Project, Snapshot, Version};
 use crate::feed::ChangesPage;
 use crate::journal::backfill::BackfillState;
@@ -293,13 +293,13 @@ pub trait Storage: Send + Sync {
     }
 
     /// Like [`Storage::freeze`], refused (a conflict, nothing frozen) when the working copy is not
-    /// `judged`, the blueprints the caller judged the freeze on: under the project's lock, so an
-    /// edit racing the freeze is never frozen unjudged.
+    /// `judged`, what the caller judged the freeze on, is checked under the project's lock, so an
+    /// edit, a freeze or a setting racing the freeze never has it go through unjudged.
     async fn freeze_judged(
         &self,
         project: &Ident,
         forced: bool,
-        judged: Option<Blueprints>,
+        judged: Option<crate::catalog::edit::Judged>,
     ) -> Result<(Arc<Version>, u64), StorageError>;
 
     /// Sets a project's compatibility setting.

@@ -453,8 +453,8 @@ pub async fn freeze(
             .await?
             .map_err(WriteError::Incompatible)?;
         // The back-fill of the new version starts in the same storage command, which refuses the
-        // freeze if the working copy changed since it was judged here.
-        let judged = Some(p.working.blueprints.clone());
+        // freeze if the project changed since it was judged here.
+        let judged = Some(crate::catalog::edit::Judged::of(p));
         let (version, revision) = storage.freeze_judged(project, forced, judged).await?;
         (version.number, revision)
     } else {

@@ -601,8 +601,12 @@ impl PgStorage {
             .await
             .map_err(|e| unavailable("commit a catalog edit", &e))?;
         self.publish_one(project, stamp, Some(p));
+        // The edit is committed: a failure to make the cursors of a new project must not answer it
+        // as failed. Each node's watch makes missing cursors within a minute.
         if create {
-            self.ensure_cursors(Some(project)).await?;
+            if let Err(error) = self.ensure_cursors(Some(project)).await {
+                tracing::warn!(%project, %error, "cannot create projector cursors; the watch makes them later");
+            }
         }
         Ok(result)
     }
@@ -941,7 +945,7 @@ impl Storage for PgStorage {
         &self,
         project: &Ident,
         forced: bool,
-        judged: Option<crate::blueprint::Blueprints>,
+        judged: Option<crate::catalog::edit::Judged>,
     ) -> Result<(Arc<Version>, u64), StorageError> {
         let mut tx = self
             .pool
