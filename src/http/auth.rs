@@ -66,13 +66,19 @@ fn names_this_machine(request: &ServiceRequest) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-/// The name a request's `Host` carries, without the port (an IPv6 address without its brackets);
-/// `None` without `Host`, `Some("")` when it is not text.
+/// The name a request's `Host` carries, without the port (an IPv6 address without its brackets):
+/// the authority of a target in absolute form (`GET http://name/…`), which HTTP says overrides the
+/// header, or else the header; `None` without either, `Some("")` when it is not text.
 fn host_name(request: &ServiceRequest) -> Option<&str> {
-    let host = request.headers().get(header::HOST)?;
-    let Ok(host) = host.to_str() else {
-        return Some("");
+    let host = match request.uri().authority() {
+        Some(authority) => authority.as_str(),
+        None => match request.headers().get(header::HOST)?.to_str() {
+            Ok(host) => host,
+            Err(_) => return Some(""),
+        },
     };
+    // An authority may carry user information (`user@host`): the name follows it.
+    let host = host.rsplit_once('@').map_or(host, |(_, host)| host);
     Some(match host.strip_prefix('[') {
         Some(bracketed) => bracketed.split(']').next().unwrap_or_default(),
         None => host.rsplit_once(':').map_or(host, |(name, _)| name),

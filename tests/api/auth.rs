@@ -1149,6 +1149,25 @@ async fn without_a_master_key_only_requests_naming_this_machine_are_served() {
         let answer = send(format!("{host}:{port}")).await.unwrap();
         assert_eq!(answer.status().as_u16(), 200, "{host}");
     }
+    // A target in absolute form names its host, whatever the header says (HTTP's rule).
+    for (target, expected) in [
+        ("http://evil.example/_version", "403"),
+        ("http://localhost/_version", "200"),
+    ] {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut stream = tokio::net::TcpStream::connect(app.address.trim_start_matches("http://"))
+            .await
+            .unwrap();
+        let request =
+            format!("GET {target} HTTP/1.1\r\nHost: localhost:{port}\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).await.unwrap();
+        assert!(
+            answer.starts_with(&format!("HTTP/1.1 {expected}")),
+            "{target}: {answer}"
+        );
+    }
     app.stop().await;
 }
 
