@@ -52,6 +52,20 @@ pub const MAX_PATH_BYTES: usize = 512;
 /// key's holder; then [`clip`]ped. A secret is 64 hex digits: a segment read with its escapes
 /// decoded loses every run of at least [`SECRET_RUN`] of them.
 pub fn path_of(path: &str) -> String {
+    // Decoding only shortens: a run of hex digits that long, decoded, was at least as long a run
+    // of hex digits and `%` as sent. Most paths have none, and are kept without a look further.
+    let mut run = 0;
+    let candidate = path.bytes().any(|b| {
+        run = if b.is_ascii_hexdigit() || b == b'%' {
+            run + 1
+        } else {
+            0
+        };
+        run >= SECRET_RUN
+    });
+    if !candidate {
+        return clip(path);
+    }
     let mut kept = String::with_capacity(path.len());
     for (n, segment) in path.split('/').enumerate() {
         if n > 0 {

@@ -154,7 +154,8 @@ pub async fn authenticate(
         return next.call(request).await.map(|r| r.map_into_left_body());
     };
     let method = request.method().clone();
-    let path = audit::path_of(request.path());
+    // Only what changes something is recorded.
+    let path = changes_something(&method).then(|| audit::path_of(request.path()));
     let (checked, response, vouched) = match check(&state, &request).await {
         Ok(checked) => {
             // `caller` answers `Open` for a request that carries none: only a key or the master
@@ -176,7 +177,7 @@ pub async fn authenticate(
         }
     };
     // Every request that changes something, refused ones too, with who sent it.
-    if changes_something(&method) {
+    if let Some(path) = path {
         let (key_id, key_name) = checked.caller.describe();
         let entry = AuditEntry {
             at: Utc::now(),
