@@ -199,7 +199,7 @@ async fn work(
                 project,
                 step::apply(projector, &snapshot, &tasks),
             )
-            .await?
+            .await
             else {
                 tracing::info!(projector = name, %project, "lease lost to another node while applying; leaving the project to it");
                 return Ok(());
@@ -243,7 +243,7 @@ async fn work(
 /// Runs `applying` while renewing the lease of the cursor every third of a lease, so a batch that
 /// takes longer than a lease (a large migration, a slow store) is not taken over by another node in
 /// the middle, which would apply the same tasks, and the drop among them, twice and out of order.
-/// Answers `None`, having given up `applying` where it was, when the lease is lost all the same
+/// Answers `None`, having given up `applying` where it was, when the lease is found lost all the same
 /// (this node stalled, or cut off from the database past a lease): what it applied is applied
 /// again by the node that took the lease, as after a crash.
 async fn leased<T>(
@@ -251,14 +251,18 @@ async fn leased<T>(
     projector: &str,
     project: &Ident,
     applying: impl std::future::Future<Output = T>,
-) -> Result<Option<T>, StorageError> {
+) -> Option<T> {
     tokio::pin!(applying);
     loop {
         tokio::select! {
-            done = &mut applying => return Ok(Some(done)),
+            done = &mut applying => return Some(done),
             _ = tokio::time::sleep(LEASE / 3) => {
-                if renew(storage, projector, project).await?.is_none() {
-                    return Ok(None);
+                match renew(storage, projector, project).await {
+                    Ok(Some(_)) => {}
+                    Ok(None) => return None,
+                    // The database away for a moment: the lease may hold still; the next renewal,
+                    // or the settling after the batch, tells.
+                    Err(error) => tracing::warn!(projector, %project, %error, "cannot renew a lease while applying; trying again"),
                 }
             }
         }
