@@ -34,12 +34,25 @@ pub fn options(settings: &PostgresSettings) -> Result<PgConnectOptions, PgError>
         }
     };
     // Timestamps are written with an explicit offset; UTC here makes reads independent of the
-    // server's configured time zone too.
+    // server's configured time zone too. A transaction left idle (its process stopped or cut off
+    // in the middle of a batch) is ended by the server, so the locks it holds on a version's
+    // tables do not stall the node that took the batch over, nor a drop, until it comes back.
     Ok(options
         .application_name("dstore")
-        .options([("TimeZone", "UTC")])
+        .options([
+            ("TimeZone", "UTC"),
+            (
+                "idle_in_transaction_session_timeout",
+                IDLE_IN_TRANSACTION_TIMEOUT,
+            ),
+        ])
         .disable_statement_logging())
 }
+
+/// How long the server lets a projector's transaction sit idle before it ends its session: far
+/// longer than dstore ever pauses between the statements of a batch, which it sends one after
+/// another.
+const IDLE_IN_TRANSACTION_TIMEOUT: &str = "30s";
 
 pub fn lazy_pool(options: &PgConnectOptions, max_connections: u32) -> PgPool {
     PgPoolOptions::new()
@@ -143,4 +156,34 @@ pub async fn create_database(options: &PgConnectOptions) -> Result<(), String> {
         };
     }
     Err(last)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A projector's connections carry the idle-transaction timeout: a stopped process's
+    /// transaction does not hold its locks until it comes back.
+    #[tokio::test]
+    async fn a_projector_s_idle_transaction_is_ended_by_the_server() {
+        let url = std::env::var("DSTORE_TEST_POSTGRES_URL")
+            .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+        let settings = PostgresSettings {
+            url: Some(format!("{}/postgres", url.trim_end_matches('/')).into()),
+            ..PostgresSettings::default()
+        };
+        let pool = lazy_pool(&options(&settings).unwrap(), 1);
+        let timeout: String = sqlx::query_scalar("SHOW idle_in_transaction_session_timeout")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        assert_eq!(timeout, "30s");
+        assert_eq!(
+            sqlx::query_scalar::<_, String>("SHOW TimeZone")
+                .fetch_one(&pool)
+                .await
+                .unwrap(),
+            "UTC"
+        );
+    }
 }

@@ -169,6 +169,40 @@ pub async fn lock_project(
     name: &Ident,
     create: Option<usize>,
 ) -> Result<(Project, u64), StorageError> {
+    // A drop committed between the insertion's look and the lock below leaves the project missing
+    // with room to spare: it is made again, once. Only a missing project with no room left is
+    // refused as one too many.
+    for attempt in 0..2 {
+        let loaded = create_and_lock(tx, name, create).await?;
+        if let Some(project) = loaded.project {
+            return Ok((project, loaded.stamp));
+        }
+        let Some(max_projects) = create else {
+            break;
+        };
+        let live: i64 = sqlx::query_scalar("SELECT count(*) FROM projects WHERE live")
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(|e| unavailable("count projects", &e))?;
+        if attempt == 1 || usize::try_from(live).unwrap_or(usize::MAX) >= max_projects {
+            return Err(StorageError::Conflict(edit::too_many_projects(
+                name,
+                max_projects,
+            )));
+        }
+    }
+    Err(StorageError::NotFound(format!(
+        "project {name:?} does not exist"
+    )))
+}
+
+/// [`lock_project`]'s one attempt: with `create`, inserts the project or revives a dropped one
+/// when there is room; then reads it under its row lock.
+async fn create_and_lock(
+    tx: &mut PgConnection,
+    name: &Ident,
+    create: Option<usize>,
+) -> Result<Loaded, StorageError> {
     if let Some(max_projects) = create {
         // Projects are counted only for a name not live; past the most, nothing is inserted or
         // revived: the project stays missing. Two nodes making projects at once may each pass the
@@ -189,12 +223,7 @@ pub async fn lock_project(
         .await
         .map_err(|e| unavailable("create a project", &e))?;
     }
-    let loaded = read_project(tx, name, true).await?;
-    let project = loaded.project.ok_or_else(|| match create {
-        Some(max) => StorageError::Conflict(edit::too_many_projects(name, max)),
-        None => StorageError::NotFound(format!("project {name:?} does not exist")),
-    })?;
-    Ok((project, loaded.stamp))
+    read_project(tx, name, true).await
 }
 
 /// Locks a dropped project's row (its revisions' counter) for the transaction; answers false when

@@ -1733,6 +1733,39 @@ mod tests {
         drop_schema(&schema).await;
     }
 
+    /// A project made again while a drop of it commits is made (or, the drop coming last, not
+    /// there): never refused as one project too many in a deployment with room to spare.
+    #[tokio::test]
+    async fn a_project_made_while_it_is_dropped_is_never_one_too_many() {
+        let (storage, schema) = open_postgresql("redrop", vec![]).await;
+        let project = crate::blueprint::Ident::parse("p").unwrap();
+        let article = || {
+            crate::blueprint::parse_blueprint(
+                &serde_json::json!({"postgresql": {"table": "articles"},
+                    "elasticsearch": {"type": "article"},
+                    "columns": {"title": {"type": "string"}}}),
+                "",
+            )
+            .unwrap()
+        };
+        let name = crate::blueprint::Ident::parse("article").unwrap();
+        for _ in 0..40 {
+            storage
+                .put_blueprint(&project, &name, article())
+                .await
+                .unwrap();
+            let (_, made) = tokio::join!(
+                storage.drop_project(&project),
+                storage.put_blueprint(&project, &name, article())
+            );
+            if let Err(StorageError::Conflict(refused)) = made {
+                panic!("{refused}");
+            }
+        }
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
     /// A storage that cannot be reached says why, not only that a pool timed out.
     #[tokio::test]
     async fn an_unreachable_storage_says_why() {
