@@ -621,48 +621,23 @@ async fn keys_are_shown_once_listed_without_secrets_rotated_with_a_grace_and_sco
 #[tokio::test]
 async fn a_key_name_with_a_control_character_or_an_override_is_refused() {
     let app = secured().await;
+    let key = |name: &str, description: &str| {
+        json!({"name": name, "description": description, "actions": ["items.read"], "projects": ["*"]})
+            .to_string()
+    };
     for (body, field) in [
-        (
-            json!({"name": "a\u{1b}]0;owned\u{7}", "actions": ["items.read"], "projects": ["*"]}),
-            "/name",
-        ),
-        (
-            json!({"name": "admin\u{202e}txt", "actions": ["items.read"], "projects": ["*"]}),
-            "/name",
-        ),
-        (
-            json!({"name": "two\nlines", "actions": ["items.read"], "projects": ["*"]}),
-            "/name",
-        ),
-        (
-            json!({"name": "a\u{2028}b\u{200f}\u{feff}", "actions": ["items.read"], "projects": ["*"]}),
-            "/name",
-        ),
-        (
-            json!({"name": "n", "description": "\u{9b}31m", "actions": ["items.read"], "projects": ["*"]}),
-            "/description",
-        ),
+        (key("a\u{1b}]0;owned\u{7}", ""), "/name"),
+        (key("admin\u{202e}txt", ""), "/name"),
+        (key("two\nlines", ""), "/name"),
+        (key("a\u{2028}b\u{200f}\u{feff}", ""), "/name"),
+        (key("n", "\u{9b}31m"), "/description"),
     ] {
-        let (status, refused) = call(
-            &app,
-            Method::POST,
-            "/_keys",
-            Some(MASTER),
-            Some(&body.to_string()),
-        )
-        .await;
+        let (status, refused) = call(&app, Method::POST, "/_keys", Some(MASTER), Some(&body)).await;
         assert_eq!(status, 422, "{body}: {refused}");
         assert_eq!(refused["errors"][0]["path"], field, "{refused}");
     }
-    let body = json!({"name": "n", "description": "line one\r\n\tline two", "actions": ["items.read"], "projects": ["*"]});
-    let (status, made) = call(
-        &app,
-        Method::POST,
-        "/_keys",
-        Some(MASTER),
-        Some(&body.to_string()),
-    )
-    .await;
+    let body = key("n", "line one\r\n\tline two");
+    let (status, made) = call(&app, Method::POST, "/_keys", Some(MASTER), Some(&body)).await;
     assert_eq!(status, 201, "{made}");
     app.stop().await;
 }

@@ -169,31 +169,24 @@ pub async fn lock_project(
     name: &Ident,
     create: Option<usize>,
 ) -> Result<(Project, u64), StorageError> {
-    // A drop committed between the insertion's look and the lock below leaves the project missing
-    // with room to spare: it is made again, once. Only a missing project with no room left is
-    // refused as one too many.
-    for attempt in 0..2 {
-        let loaded = create_and_lock(tx, name, create).await?;
-        if let Some(project) = loaded.project {
-            return Ok((project, loaded.stamp));
-        }
-        let Some(max_projects) = create else {
-            break;
-        };
+    // A drop committed between the insertion's look and the lock leaves the project missing with
+    // room to spare: it is made again, once. Only a missing project with no room left is one too
+    // many.
+    let mut loaded = create_and_lock(tx, name, create).await?;
+    if let (None, Some(max_projects)) = (&loaded.project, create) {
         let live: i64 = sqlx::query_scalar("SELECT count(*) FROM projects WHERE live")
             .fetch_one(&mut *tx)
             .await
             .map_err(|e| unavailable("count projects", &e))?;
-        if attempt == 1 || usize::try_from(live).unwrap_or(usize::MAX) >= max_projects {
-            return Err(StorageError::Conflict(edit::too_many_projects(
-                name,
-                max_projects,
-            )));
+        if usize::try_from(live).is_ok_and(|live| live < max_projects) {
+            loaded = create_and_lock(tx, name, create).await?;
         }
     }
-    Err(StorageError::NotFound(format!(
-        "project {name:?} does not exist"
-    )))
+    let project = loaded.project.ok_or_else(|| match create {
+        Some(max) => StorageError::Conflict(edit::too_many_projects(name, max)),
+        None => StorageError::NotFound(format!("project {name:?} does not exist")),
+    })?;
+    Ok((project, loaded.stamp))
 }
 
 /// [`lock_project`]'s one attempt: with `create`, inserts the project or revives a dropped one

@@ -180,8 +180,12 @@ async fn work(
             // Every way on from here settles (which renews again) or returns.
             cursor = cursor.max(revision);
         }
-        let (tasks, mut last_read, poison) =
-            read(storage, name, project, cursor, batch_size).await?;
+        let Read {
+            tasks,
+            last: mut last_read,
+            poison,
+            born,
+        } = read(storage, name, project, cursor, batch_size).await?;
         if tasks.is_empty() && poison.is_empty() {
             if last_read > cursor {
                 // Only rows meant for other projectors: nothing to apply.
@@ -192,7 +196,7 @@ async fn work(
         let step = if tasks.is_empty() {
             Step::default()
         } else {
-            let snapshot = snapshot_for(storage, project, &tasks).await?;
+            let snapshot = snapshot_for(storage, project, born, &tasks).await?;
             let Some(step) = leased(
                 storage,
                 name,
@@ -269,18 +273,32 @@ async fn leased<T>(
     }
 }
 
-/// The next rows of the journal after `cursor`: the tasks for this projector, the last revision read,
-/// and dead letters for tasks that cannot be decoded.
+/// The next rows of the journal after a cursor, as [`read`] answers them.
+struct Read {
+    /// The tasks for this projector.
+    tasks: Vec<Task>,
+    /// The last revision read.
+    last: u64,
+    /// Dead letters for tasks that cannot be decoded.
+    poison: Vec<DeadLetter>,
+    /// The revision the project was born at (see `WorkingCopy::born`), read in the same statement
+    /// as the rows; `None` when it is dropped or no row was read.
+    born: Option<u64>,
+}
+
+/// The next rows of the journal after `cursor`.
 async fn read(
     storage: &PgStorage,
     projector: &str,
     project: &Ident,
     cursor: u64,
     limit: usize,
-) -> Result<(Vec<Task>, u64, Vec<DeadLetter>), StorageError> {
+) -> Result<Read, StorageError> {
     let rows = sqlx::query(
-        "SELECT revision, task, projectors FROM journal \
-         WHERE project = $1 AND revision > $2 ORDER BY revision LIMIT $3",
+        "SELECT revision, task, projectors, \
+           (SELECT COALESCE((working->>'born')::bigint, 0) FROM projects \
+            WHERE name = $1 AND live) AS born \
+         FROM journal WHERE project = $1 AND revision > $2 ORDER BY revision LIMIT $3",
     )
     .bind(project.as_str())
     .bind(cursor as i64)
@@ -291,6 +309,10 @@ async fn read(
     let mut tasks = Vec::with_capacity(rows.len());
     let mut poison = Vec::new();
     let mut last = cursor;
+    let born = rows
+        .first()
+        .and_then(|row| row.get::<Option<i64>, _>("born"))
+        .map(|born| born as u64);
     for row in rows {
         let revision = row.get::<i64, _>("revision") as u64;
         last = revision;
@@ -312,26 +334,25 @@ async fn read(
             }
         }
     }
-    Ok((tasks, last, poison))
+    Ok(Read {
+        tasks,
+        last,
+        poison,
+        born,
+    })
 }
 
 /// A catalog that holds `project` as its tasks were written: every version they name (another
 /// node may have frozen it a moment ago), of the same project (one made again under its name since
 /// this node read it is another, whose version 1 is not the old one's: this node may have missed
-/// the notification, or not have read it yet). The project's birth is read after the tasks, so a
-/// project made again later has none of them.
+/// the notification, or not have read it yet). `born`, the project's birth, was read in the same
+/// statement as the tasks, so a project made again later has none of them.
 async fn snapshot_for(
     storage: &PgStorage,
     project: &Ident,
+    born: Option<u64>,
     tasks: &[Task],
 ) -> Result<Arc<crate::catalog::Snapshot>, StorageError> {
-    let born: Option<i64> = sqlx::query_scalar(
-        "SELECT COALESCE((working->>'born')::bigint, 0) FROM projects WHERE name = $1 AND live",
-    )
-    .bind(project.as_str())
-    .fetch_optional(storage.pool())
-    .await
-    .map_err(|e| unavailable("read a project's birth", &e))?;
     let knows = |snapshot: &crate::catalog::Snapshot| {
         tasks.iter().all(|task| {
             let Some(p) = snapshot.projects.get(&task.project) else {
@@ -353,7 +374,7 @@ async fn snapshot_for(
         snapshot
             .projects
             .get(project)
-            .is_some_and(|p| p.working.born == born as u64)
+            .is_some_and(|p| p.working.born == born)
     });
     if same && knows(&snapshot) {
         return Ok(snapshot);
@@ -452,9 +473,9 @@ mod tests {
     use crate::storage::conformance::{drop_schema, frozen, open_postgresql, write};
 
     /// Counts every task, migration and drop it is given; with `fail_migrations`, refuses every
-    /// migration.
+    /// migration; each migration takes the time given (none by default).
     #[derive(Default)]
-    struct Counting(AtomicUsize, bool);
+    struct Counting(AtomicUsize, bool, Duration);
 
     #[async_trait]
     impl Projector for Counting {
@@ -462,6 +483,7 @@ mod tests {
             "counting"
         }
         async fn migrate(&self, _: &Ident, _: &Version, _: &[u32]) -> Result<(), ProjectorError> {
+            tokio::time::sleep(self.2).await;
             if self.1 {
                 return Err(ProjectorError::permanent("the store refuses this schema"));
             }
@@ -566,46 +588,6 @@ mod tests {
     async fn a_batch_longer_than_a_lease_keeps_its_lease() {
         use crate::storage::conformance::open_postgresql_in;
 
-        /// Takes longer than a lease to migrate.
-        struct Slow(Counting);
-        #[async_trait]
-        impl Projector for Slow {
-            fn name(&self) -> &'static str {
-                "counting"
-            }
-            async fn migrate(
-                &self,
-                project: &Ident,
-                version: &Version,
-                live: &[u32],
-            ) -> Result<(), ProjectorError> {
-                tokio::time::sleep(LEASE + LEASE / 5).await;
-                self.0.migrate(project, version, live).await
-            }
-            async fn apply(
-                &self,
-                snapshot: &Snapshot,
-                tasks: &[Task],
-            ) -> Result<Vec<Outcome>, ProjectorError> {
-                self.0.apply(snapshot, tasks).await
-            }
-            async fn drop_project(&self, project: &Ident) -> Result<(), ProjectorError> {
-                self.0.drop_project(project).await
-            }
-            async fn read(
-                &self,
-                project: &Ident,
-                version: u32,
-                blueprint: &Ident,
-                id: &Uuid,
-            ) -> Result<Option<Value>, ProjectorError> {
-                self.0.read(project, version, blueprint, id).await
-            }
-            async fn health(&self) -> Health {
-                self.0.health().await
-            }
-        }
-
         let (first, schema) = open_postgresql("slow", vec!["counting"]).await;
         let project = frozen(first.as_ref()).await;
         write(first.as_ref(), &project, Uuid::new_v4(), "t").await;
@@ -615,7 +597,8 @@ mod tests {
             renewed: tokio::time::Instant::now(),
             cursor: claimed[0].1,
         };
-        let slow = Slow(Counting::default());
+        // Takes longer than a lease to migrate.
+        let slow = Counting(AtomicUsize::new(0), false, LEASE + LEASE / 5);
         let (worked, taken) = tokio::join!(work(&first, &slow, &project, lease, 100), async {
             tokio::time::sleep(LEASE + LEASE / 10).await;
             claim(&second, "counting").await.unwrap()
@@ -626,7 +609,7 @@ mod tests {
             "taken in the middle of a batch: {taken:?}"
         );
         assert_eq!(
-            slow.0 .0.load(Ordering::SeqCst),
+            slow.0.load(Ordering::SeqCst),
             2,
             "the migration and the write"
         );
@@ -673,7 +656,7 @@ mod tests {
                 renewed: tokio::time::Instant::now(),
                 cursor: claimed[0].1,
             };
-            let failing = Counting(AtomicUsize::new(0), true);
+            let failing = Counting(AtomicUsize::new(0), true, Duration::ZERO);
             work(&storage, &failing, &project, lease, 100)
                 .await
                 .unwrap();
@@ -723,7 +706,10 @@ mod tests {
             project: project.clone(),
             op: TaskOp::Migrate { version: 1 },
         }];
-        let snapshot = snapshot_for(&storage, &project, &tasks).await.unwrap();
+        let read = read(&storage, "counting", &project, 0, 100).await.unwrap();
+        let snapshot = snapshot_for(&storage, &project, read.born, &tasks)
+            .await
+            .unwrap();
         assert_eq!(snapshot.projects[&project].working.born, born);
         drop(storage);
         drop_schema(&schema).await;
