@@ -230,6 +230,9 @@ pub struct StorageSettings {
     pub min_free_disk_mb: u64,
     /// Most projects the deployment holds (`DSTORE_MAX_PROJECTS`); making one more is a 409.
     pub max_projects: usize,
+    /// With `backend = "postgresql"`: how long a batch of writes may wait for the storage's answer
+    /// before its writes answer 503 (`DSTORE_COMMIT_TIMEOUT_SECS`; at least 1).
+    pub commit_timeout_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -442,6 +445,7 @@ impl Default for StorageSettings {
             durability: Durability::Sync,
             min_free_disk_mb: 1024,
             max_projects: crate::catalog::edit::MAX_PROJECTS,
+            commit_timeout_secs: 30,
         }
     }
 }
@@ -591,6 +595,9 @@ impl Settings {
         }
         if let Some(v) = first(&["DSTORE_MAX_PROJECTS"]) {
             self.storage.max_projects = parsed(v)?;
+        }
+        if let Some(v) = first(&["DSTORE_COMMIT_TIMEOUT_SECS"]) {
+            self.storage.commit_timeout_secs = parsed(v)?;
         }
         if let Some((name, value)) = first(&["DSTORE_DURABILITY"]) {
             self.storage.durability = match value.as_str() {

@@ -490,6 +490,11 @@ async fn open_cluster_storage(
             "storage.backend = \"postgresql\" needs storage.url (DSTORE_STORAGE_URL)".into(),
         )
     })?;
+    if settings.storage.commit_timeout_secs == 0 {
+        return Err(StartupError::Unconfigured(
+            "storage.commit_timeout_secs (DSTORE_COMMIT_TIMEOUT_SECS) must be at least 1".into(),
+        ));
+    }
     wait_for_storage(&url).await;
     PgStorage::open(PgStorageSettings {
         url,
@@ -498,6 +503,7 @@ async fn open_cluster_storage(
         projectors,
         projection: settings.projection.clone(),
         max_projects: settings.storage.max_projects,
+        commit_timeout: Duration::from_secs(settings.storage.commit_timeout_secs),
     })
     .await
     .map_err(StartupError::Storage)

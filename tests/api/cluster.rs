@@ -768,3 +768,90 @@ async fn a_follower_on_one_node_sees_the_writes_of_every_node_in_revision_order(
     drop(nodes);
     cluster.clean_up().await;
 }
+
+/// A storage that stops answering without closing its connections (a partition, a host gone)
+/// costs a node's writes `storage.commit_timeout_secs`, not the quarter of an hour the kernel
+/// retransmits for: they answer 503 saying their outcome is unknown, and once the storage answers
+/// again the node writes again without being restarted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn writes_to_a_storage_that_stops_answering_answer_503_in_time_and_resume_after() {
+    let mut cluster = Cluster::new().await;
+    let direct: sqlx::postgres::PgConnectOptions = cluster.storage_url.parse().unwrap();
+    let proxy = Proxy::start(&format!("{}:{}", direct.get_host(), direct.get_port())).await;
+    cluster.storage_url = format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        proxy.port, cluster.storage.name
+    );
+    let nodes = cluster
+        .bare_nodes("stall", 1, &[("DSTORE_COMMIT_TIMEOUT_SECS", "2".into())])
+        .await;
+    let node = &nodes[0];
+    let (status, _) = send(
+        reqwest::Method::PUT,
+        node.url("/p/thing/_blueprint"),
+        Some(thing()),
+    )
+    .await;
+    assert_eq!(status, 200);
+    let (status, _) = send(reqwest::Method::POST, node.url("/p/_version"), None).await;
+    assert_eq!(status, 200);
+    let put = |id: Uuid| {
+        let url = node.url(&format!("/p/thing/{id}"));
+        async move {
+            let response = reqwest::Client::new()
+                .put(url)
+                .timeout(Duration::from_secs(60))
+                .body(json!({"project_version": 1, "title": "t", "n": 1}).to_string())
+                .send()
+                .await
+                .expect("an answer well before the kernel gives the connection up");
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let before = Uuid::new_v4();
+    let (status, body) = put(before).await;
+    assert_eq!(status, 200, "{body}");
+
+    proxy.stall();
+    let stalled: Vec<(u16, Value)> =
+        futures::future::join_all((0..4).map(|_| put(Uuid::new_v4()))).await;
+    for (status, body) in &stalled {
+        assert_eq!(*status, 503, "{body}");
+        assert!(
+            body.to_string().contains("commit_timeout_secs"),
+            "the answer names the limit: {body}"
+        );
+    }
+
+    proxy.restore();
+    let after = Uuid::new_v4();
+    let started = Instant::now();
+    loop {
+        let (status, body) = put(after).await;
+        if status == 200 {
+            break;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "writes resume once the storage answers: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    for id in [before, after] {
+        let (status, body) = send(
+            reqwest::Method::GET,
+            node.url(&format!("/p/thing/{id}")),
+            None,
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+    drop(nodes);
+    drop(proxy);
+    cluster.clean_up().await;
+}

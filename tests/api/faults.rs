@@ -24,10 +24,12 @@ use crate::helpers::{spawn_app_with, TestApp};
 use crate::postgres::TestDatabase;
 use crate::rabbitmq::TestBroker;
 
-/// A TCP proxy to `upstream` that can be cut and restored.
+/// A TCP proxy to `upstream` that can be cut and restored, or stalled: a stalled proxy keeps every
+/// connection open and forwards nothing either way, as a network partition does.
 pub struct Proxy {
     pub port: u16,
     cut: Arc<AtomicBool>,
+    stalled: tokio::sync::watch::Sender<bool>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accepting: JoinHandle<()>,
 }
@@ -37,19 +39,32 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
         let port = listener.local_addr().expect("an address").port();
         let cut = Arc::new(AtomicBool::new(false));
+        let (stalled, _) = tokio::sync::watch::channel(false);
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let upstream = upstream.to_string();
         let accepting = tokio::spawn({
-            let (cut, connections) = (cut.clone(), connections.clone());
+            let (cut, connections, stalled) = (cut.clone(), connections.clone(), stalled.clone());
             async move {
                 while let Ok((mut client, _)) = listener.accept().await {
                     if cut.load(Ordering::SeqCst) {
                         continue; // dropped: closed at once, like a port nobody serves
                     }
                     let upstream = upstream.clone();
+                    let mut stall = stalled.subscribe();
                     let forward = tokio::spawn(async move {
+                        if *stall.borrow_and_update() {
+                            // Held open, never answered: the host cannot be reached.
+                            return std::future::pending::<()>().await;
+                        }
                         if let Ok(mut server) = TcpStream::connect(&upstream).await {
-                            let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
+                            let stalled = tokio::select! {
+                                _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
+                                _ = stall.wait_for(|stalled| *stalled) => true,
+                            };
+                            if stalled {
+                                // Both ends stay open and nothing crosses any more.
+                                std::future::pending::<()>().await
+                            }
                         }
                     });
                     connections.lock().unwrap().push(forward);
@@ -59,6 +74,7 @@ impl Proxy {
         Proxy {
             port,
             cut,
+            stalled,
             connections,
             accepting,
         }
@@ -72,7 +88,20 @@ impl Proxy {
         }
     }
 
+    /// Stops forwarding on every connection, open or new, keeping them open, until
+    /// [`Proxy::restore`].
+    pub fn stall(&self) {
+        self.stalled.send_replace(true);
+    }
+
+    /// Forwards again. Connections stalled meanwhile are closed, as a partition that heals finds
+    /// them: the server ended its sessions while they were cut off.
     pub fn restore(&self) {
+        if self.stalled.send_replace(false) {
+            for connection in self.connections.lock().unwrap().drain(..) {
+                connection.abort();
+            }
+        }
         self.cut.store(false, Ordering::SeqCst);
     }
 }

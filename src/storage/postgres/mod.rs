@@ -65,6 +65,8 @@ pub struct PgStorageSettings {
     pub projection: ProjectionSettings,
     /// Most projects the deployment holds (`storage.max_projects`).
     pub max_projects: usize,
+    /// How long a batch of writes may wait for the storage (`storage.commit_timeout_secs`).
+    pub commit_timeout: Duration,
 }
 
 /// This node's copy of the catalog, and the stamp of each project in it (dropped ones too).
@@ -83,6 +85,10 @@ struct NodeProgress {
 
 pub struct PgStorage {
     pool: PgPool,
+    /// How the write batcher connects: it keeps a connection of its own, so item writes never
+    /// wait behind reads (a page of the change feed, a scan) for one of [`PgStorage::pool`]'s,
+    /// and a batch costs no round trip to check a pooled connection.
+    writer_options: PgConnectOptions,
     settings: PgStorageSettings,
     /// The `NOTIFY` channel of catalog changes.
     channel: String,
@@ -229,6 +235,35 @@ fn storable_audit(entry: &AuditEntry) -> std::borrow::Cow<'_, AuditEntry> {
         status: entry.status,
         created: entry.created.as_deref().map(clean),
     })
+}
+
+/// Decodes a run of the change feed's rows, in revision order, until their items take `room`
+/// bytes decoded (the row that reaches it included, as a page always holds one change); answers
+/// the changes and the bytes they take.
+fn decode_run(
+    rows: Vec<(u64, Ident, Uuid, Option<Vec<u8>>)>,
+    room: usize,
+) -> Result<(Vec<crate::feed::Change>, usize), StorageError> {
+    let mut changes = Vec::with_capacity(rows.len());
+    let mut bytes = 0;
+    for (revision, blueprint, id, record) in rows {
+        if bytes >= room {
+            break;
+        }
+        let record = record
+            .map(|stored| codec::decode_record(&stored))
+            .transpose()?;
+        bytes += record
+            .as_ref()
+            .map_or(0, |record| crate::feed::decoded_size(&record.body));
+        changes.push(crate::feed::Change {
+            revision,
+            blueprint,
+            id,
+            record,
+        });
+    }
+    Ok((changes, bytes))
 }
 
 /// How long a statement waits for a lock (PostgreSQL's `lock_timeout`): a table an operator or
@@ -397,6 +432,7 @@ impl PgStorage {
         let storage = Arc::new(PgStorage {
             channel: format!("{}_catalog", settings.schema),
             pool,
+            writer_options: options.clone(),
             catalog: RwLock::new(CatalogCache::default()),
             writes,
             committed: Notify::new(),
@@ -1054,33 +1090,50 @@ impl Storage for PgStorage {
         .bind(since.min(i64::MAX as u64) as i64)
         .bind(limit.min(i64::MAX as usize) as i64)
         .fetch(&self.pool);
+        // Rows are decoded in runs of about `DECODE_RUN` stored bytes, a long run off the HTTP
+        // worker (`aside`), as the embedded backend decodes its pages: a page of 8 MiB of items
+        // takes tens of milliseconds to decode.
+        const DECODE_RUN: usize = 256 * 1024;
         let mut changes = Vec::new();
         let mut bytes = 0;
-        while bytes < max_bytes {
-            let Some(row) = rows
+        let mut run: Vec<(u64, Ident, Uuid, Option<Vec<u8>>)> = Vec::new();
+        let mut run_bytes = 0;
+        let mut ended = false;
+        while bytes < max_bytes && !ended {
+            match rows
                 .try_next()
                 .await
                 .map_err(|e| unavailable("read the change feed", &e))?
-            else {
-                break;
-            };
-            let blueprint: String = row.get("blueprint");
-            let Ok(blueprint) = Ident::parse(&blueprint) else {
-                continue;
-            };
-            let record: Option<Vec<u8>> = row.get("record");
-            let record = record
-                .map(|bytes| codec::decode_record(&bytes))
-                .transpose()?;
-            bytes += record
-                .as_ref()
-                .map_or(0, |record| crate::feed::decoded_size(&record.body));
-            changes.push(crate::feed::Change {
-                revision: row.get::<i64, _>("revision") as u64,
-                blueprint,
-                id: row.get("id"),
-                record,
-            });
+            {
+                None => ended = true,
+                Some(row) => {
+                    let blueprint: String = row.get("blueprint");
+                    let Ok(blueprint) = Ident::parse(&blueprint) else {
+                        continue;
+                    };
+                    let record: Option<Vec<u8>> = row.get("record");
+                    run_bytes += record.as_ref().map_or(0, Vec::len);
+                    run.push((
+                        row.get::<i64, _>("revision") as u64,
+                        blueprint,
+                        row.get("id"),
+                        record,
+                    ));
+                    if run_bytes < DECODE_RUN {
+                        continue;
+                    }
+                }
+            }
+            let taken = std::mem::take(&mut run);
+            let room = max_bytes - bytes;
+            let (decoded, used) = crate::aside::sized(run_bytes, move || decode_run(taken, room))
+                .await
+                .map_err(|e| {
+                    StorageError::Unavailable(format!("decoding the change feed: {e}"))
+                })??;
+            run_bytes = 0;
+            bytes += used;
+            changes.extend(decoded);
         }
         drop(rows);
         // Read after the changes: a purge in between only makes the horizon stricter.
@@ -1776,6 +1829,7 @@ mod tests {
             projectors: vec![],
             projection: crate::config::ProjectionSettings::default(),
             max_projects: 10,
+            commit_timeout: Duration::from_secs(30),
         };
         let Err(error) = super::PgStorage::open(settings).await else {
             panic!("opened a storage nobody serves");

@@ -6,6 +6,15 @@
 //! [`StorageError::Stale`] and adds nothing. Journal rows and the items' latest state are written
 //! with one statement each. If the transaction fails, every command of the batch gets the error;
 //! none is half-written.
+//!
+//! The batcher keeps a connection of its own from batch to batch, so writes never wait behind reads
+//! for one and a batch pays no round trip to check it (only one idle for a while is checked). A
+//! batch gets `storage.commit_timeout_secs` from connecting, when it must, to its commit's answer. A
+//! storage that stops answering (a partition, a host gone with its TCP connections half-open)
+//! would otherwise hold every write of the node for as long as the kernel retransmits, about a
+//! quarter of an hour; past the limit the batch's writes answer 503 saying their outcome is
+//! unknown (the commit may have reached the storage), and the connection is dropped: the next batch
+//! connects again.
 
 use std::collections::BTreeMap;
 use std::sync::Weak;
@@ -29,6 +38,7 @@ pub struct WriteCommand {
 }
 
 pub async fn run(storage: Weak<PgStorage>, mut queue: mpsc::Receiver<WriteCommand>) {
+    let mut connection = Kept::default();
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -40,8 +50,47 @@ pub async fn run(storage: Weak<PgStorage>, mut queue: mpsc::Receiver<WriteComman
         let Some(node) = storage.upgrade() else {
             return;
         };
-        commit(&node, batch).await;
+        commit(&node, &mut connection, batch).await;
         node.committed.notify_waiters();
+    }
+}
+
+/// How long the batcher's connection may sit unused before a batch checks it first: a connection
+/// idle that long may have been closed on the way (a firewall, a proxy), and a batch that found
+/// out by failing would answer 503 for nothing.
+const CHECK_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The batcher's connection, kept from batch to batch (none after a failure), and when it was
+/// last used.
+#[derive(Default)]
+struct Kept {
+    connection: Option<sqlx::PgConnection>,
+    used: Option<tokio::time::Instant>,
+}
+
+impl Kept {
+    /// The connection, made again when there is none, and checked after [`CHECK_AFTER_IDLE`].
+    async fn get(&mut self, node: &PgStorage) -> Result<&mut sqlx::PgConnection, StorageError> {
+        use sqlx::Connection;
+        let idle = self
+            .used
+            .is_some_and(|used| used.elapsed() >= CHECK_AFTER_IDLE);
+        if let (true, Some(connection)) = (idle, self.connection.as_mut()) {
+            if connection.ping().await.is_err() {
+                self.connection = None;
+            }
+        }
+        if self.connection.is_none() {
+            let made = sqlx::PgConnection::connect_with(&node.writer_options)
+                .await
+                .map_err(|e| unavailable("connect for a batch of writes", &e))?;
+            self.connection = Some(made);
+        }
+        self.used = Some(tokio::time::Instant::now());
+        Ok(self
+            .connection
+            .as_mut()
+            .expect("a connection was just made"))
     }
 }
 
@@ -65,8 +114,24 @@ enum ItemChange {
     },
 }
 
-async fn commit(node: &PgStorage, mut batch: Vec<WriteCommand>) {
-    match stage(node, &mut batch).await {
+async fn commit(node: &PgStorage, kept: &mut Kept, mut batch: Vec<WriteCommand>) {
+    let limit = node.settings.commit_timeout;
+    let staged = tokio::time::timeout(limit, async {
+        let connection = kept.get(node).await?;
+        stage(node, connection, &mut batch).await
+    })
+    .await;
+    let staged = match staged {
+        Ok(staged) => staged,
+        // Cut off while connecting (nothing was written) or in the transaction (its commit may
+        // have reached the storage).
+        Err(_) => Err(late(limit, kept.connection.is_some())),
+    };
+    if staged.is_err() {
+        // Dropped, not closed: a connection that stopped answering would not answer a goodbye.
+        kept.connection = None;
+    }
+    match staged {
         Ok(answers) => {
             for (command, answer) in batch.into_iter().zip(answers) {
                 let _ = command.reply.send(answer);
@@ -87,6 +152,7 @@ async fn commit(node: &PgStorage, mut batch: Vec<WriteCommand>) {
 /// in the batch's order. The entries are taken out of the commands.
 async fn stage(
     node: &PgStorage,
+    connection: &mut sqlx::PgConnection,
     batch: &mut [WriteCommand],
 ) -> Result<Vec<Result<Vec<u64>, StorageError>>, StorageError> {
     // Commands of one project and epoch share one counter update.
@@ -99,9 +165,7 @@ async fn stage(
     }
     let mut answers: Vec<Result<Vec<u64>, StorageError>> =
         batch.iter().map(|_| Ok(Vec::new())).collect();
-    let mut tx = node
-        .pool()
-        .begin()
+    let mut tx = sqlx::Connection::begin(connection)
         .await
         .map_err(|e| unavailable("begin a batch", &e))?;
     let mut rows: Vec<Row> = Vec::new();
@@ -150,6 +214,21 @@ async fn stage(
         }
     }
     Ok(answers)
+}
+
+/// Why a batch that took too long answers 503: without a connection nothing was written; with
+/// one, its commit may have reached the storage.
+fn late(waited: std::time::Duration, begun: bool) -> StorageError {
+    let outcome = if begun {
+        "whether it was written is unknown (sending it again is safe)"
+    } else {
+        "nothing was written"
+    };
+    StorageError::Unavailable(format!(
+        "postgresql storage: no answer from the storage in {} s (storage.commit_timeout_secs); \
+         {outcome}",
+        waited.as_secs()
+    ))
 }
 
 fn row(project: &str, revision: u64, entry: Entry) -> Row {
