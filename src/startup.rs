@@ -61,6 +61,9 @@ pub enum StartupError {
     Unconfigured(String),
     #[error("{0}")]
     Auth(String),
+    /// A worker's consumer ended while it should have run.
+    #[error("{0}")]
+    Stopped(String),
     #[error("cannot open the storage (storage.url / DSTORE_STORAGE_URL): {0}")]
     Storage(#[source] crate::storage::StorageError),
     #[error("cannot listen on {address} (server.host, server.port / PORT): {source}")]
@@ -855,14 +858,28 @@ pub async fn run_worker(
     let view = Arc::new(CatalogView::remote(server, api_key));
     let (shutdown, stop) = watch::channel(false);
     tracing::info!(projector = name, queue = %broker.queue(name), server, "dstore worker is consuming");
-    let consumer = tokio::spawn(rabbitmq::consumer::run(
+    let mut consumer = tokio::spawn(rabbitmq::consumer::run(
         broker,
         projector,
         view,
         settings.projection.batch_for(name),
         stop,
     ));
-    stop_signal().await;
+    // The consumer runs until told to stop; one that ends by itself (a panic) would leave a
+    // process that takes no task, which a supervisor would never start again: exit with an error.
+    tokio::select! {
+        _ = stop_signal() => {}
+        ended = &mut consumer => {
+            let why = match ended {
+                Err(e) if e.is_panic() => "it panicked (see above)".to_string(),
+                _ => "it ended by itself".to_string(),
+            };
+            return Err(StartupError::Stopped(format!(
+                "the {name} worker's consumer stopped: {why}; exiting so that a supervisor starts \
+                 it again"
+            )));
+        }
+    }
     let _ = shutdown.send(true);
     let _ = consumer.await;
     tracing::info!(projector = name, "dstore worker stopped");

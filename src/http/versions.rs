@@ -296,8 +296,10 @@ pub async fn catalog(
     let project = ident("project", &path)?;
     let snapshot = state.storage.fresh_snapshot(&project).await?;
     let Some(p) = snapshot.projects.get(&project) else {
-        return Ok(HttpResponse::Ok()
-            .json(json!({"project": project, "exists": false, "versions": [], "retired": []})));
+        return Ok(
+            HttpResponse::Ok().json(json!({"project": project, "exists": false,
+            "versions": [], "retired": [], "deployment": state.storage.deployment()})),
+        );
     };
     let retired = p.retired_numbers();
     Ok(HttpResponse::Ok().json(json!({
@@ -306,6 +308,7 @@ pub async fn catalog(
         "versions": p.versions,
         "retired": retired,
         "born": p.working.born,
+        "deployment": state.storage.deployment(),
     })))
 }
 

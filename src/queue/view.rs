@@ -5,7 +5,12 @@
 //! project is forgotten (its name, and its version numbers, can come back with other blueprints),
 //! and so is everything when the consumer reconnects, since another worker may have applied a drop
 //! meanwhile. The copy must never answer "no such version" for a version the server has: a fetch
-//! that fails is a transient error, and only the server's `"exists": false` means the project is gone.
+//! that fails is a transient error, and only the server's `"exists": false` means the project is gone,
+//! and only from the server whose journal the tasks come from: a worker pointed at another dstore
+//! (staging, a server started again on an empty data directory) would take every task of a project
+//! that server lacks for one of a dropped project and report it applied, and the journal would let
+//! it go. Such a server's answers are transient errors, which the worker logs until it is pointed
+//! at the right one.
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -42,6 +47,9 @@ struct ProjectCatalog {
     /// See `WorkingCopy::born`; absent from servers before it.
     #[serde(default)]
     born: u64,
+    /// The server's journal id (`deployment`); absent from servers before it.
+    #[serde(default)]
+    deployment: Option<String>,
 }
 
 impl CatalogView {
@@ -58,11 +66,16 @@ impl CatalogView {
         })
     }
 
-    /// A snapshot holding every version `tasks` name, unless the server no longer has its project.
-    pub async fn snapshot_for(&self, tasks: &[Task]) -> Result<Arc<Snapshot>, ProjectorError> {
+    /// A snapshot holding every version `tasks` (from the journal `journal`) name, unless the
+    /// server no longer has its project.
+    pub async fn snapshot_for(
+        &self,
+        tasks: &[Task],
+        journal: &str,
+    ) -> Result<Arc<Snapshot>, ProjectorError> {
         match self {
             CatalogView::Local(catalog) => Ok(catalog.snapshot()),
-            CatalogView::Remote(remote) => remote.snapshot_for(tasks).await,
+            CatalogView::Remote(remote) => remote.snapshot_for(tasks, journal).await,
         }
     }
 
@@ -95,7 +108,11 @@ impl RemoteCatalog {
         *copy = Arc::new(next);
     }
 
-    async fn snapshot_for(&self, tasks: &[Task]) -> Result<Arc<Snapshot>, ProjectorError> {
+    async fn snapshot_for(
+        &self,
+        tasks: &[Task],
+        journal: &str,
+    ) -> Result<Arc<Snapshot>, ProjectorError> {
         let current = self.current();
         // A project is read again when a task names a version this copy lacks, and for every
         // migration: a migration that failed is tried again from here, and the version may have
@@ -114,7 +131,7 @@ impl RemoteCatalog {
             .map(|task| &task.project)
             .collect();
         for project in missing {
-            let fetched = self.fetch(project).await?;
+            let fetched = self.fetch(project, journal).await?;
             self.update(|s| match fetched {
                 Some(p) => {
                     s.projects.insert(project.clone(), Arc::new(p));
@@ -127,8 +144,13 @@ impl RemoteCatalog {
         Ok(self.current())
     }
 
-    /// The server's frozen versions of a project; `None` when the server does not know it.
-    async fn fetch(&self, project: &Ident) -> Result<Option<Project>, ProjectorError> {
+    /// The server's frozen versions of a project; `None` when the server, the one whose journal
+    /// is `journal`, does not know it.
+    async fn fetch(
+        &self,
+        project: &Ident,
+        journal: &str,
+    ) -> Result<Option<Project>, ProjectorError> {
         let url = format!("{}/{project}/_catalog", self.server);
         let failed = |e: &dyn std::fmt::Display| {
             ProjectorError::transient(format!(
@@ -141,10 +163,27 @@ impl RemoteCatalog {
             request = request.bearer_auth(key.expose());
         }
         let response = request.send().await.map_err(|e| failed(&e))?;
-        if response.status() != 200 {
-            return Err(failed(&format!("it answered {}", response.status())));
+        let status = response.status();
+        if status != 200 {
+            let error = failed(&format!("it answered {status}"));
+            // Refused for this project (a key limited to other projects, say): only its tasks
+            // wait, held as after a failed migration, and the other projects' go on.
+            let own = status.is_client_error() && status != 408 && status != 429;
+            return Err(match own {
+                true => ProjectorError::scoped(error.message),
+                false => error,
+            });
         }
-        let body: ProjectCatalog = response.json().await.map_err(|e| failed(&e))?;
+        let body: ProjectCatalog = response
+            .json()
+            .await
+            .map_err(|e| ProjectorError::scoped(failed(&e).message))?;
+        if let Some(deployment) = body.deployment.as_deref().filter(|d| *d != journal) {
+            return Err(failed(&format!(
+                "it is the dstore of journal {deployment:?}, and these tasks come from journal \
+                 {journal:?}: point the worker at the server that sent them"
+            )));
+        }
         if !body.exists {
             return Ok(None);
         }

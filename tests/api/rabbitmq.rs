@@ -14,7 +14,7 @@ use lapin::options::{
 };
 use lapin::types::FieldTable;
 use lapin::{BasicProperties, Channel, Connection, ConnectionProperties};
-use serde_json::json;
+use serde_json::{json, Value};
 use tokio::sync::{RwLock, RwLockReadGuard};
 use uuid::Uuid;
 
@@ -451,6 +451,115 @@ async fn a_stray_message_does_not_decide_a_fresh_workers_deployment() {
     db.drop().await;
 }
 
+/// A worker pointed at another dstore (a staging server, one started again on an empty data
+/// directory) learns nothing of the tasks' projects there: it must not take them for projects
+/// since dropped and report them applied, which would let the journal drop them.
+#[tokio::test]
+async fn a_worker_pointed_at_another_server_applies_and_reports_nothing() {
+    let broker = TestBroker::new().await;
+    let db = TestDatabase::create().await;
+    let (app, env) = frozen_while_the_worker_ran(&broker, &db).await;
+    for n in 0..5 {
+        let put = app
+            .put(
+                &format!("/p/thing/{}", Uuid::new_v4()),
+                &json!({"project_version": 1, "n": n}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    let elsewhere = crate::helpers::spawn_app().await;
+    let mut worker = start_worker("postgresql", &elsewhere.address, &env);
+    broker.expect_consumers("postgresql", 1).await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let ready = app.get("/_health/ready").await.body;
+    assert_eq!(
+        ready["projectors"]["postgresql"]["progress"]["pending"], 5,
+        "{ready}"
+    );
+    terminate(&mut worker);
+
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    expect_count(&db, "SELECT count(*) FROM p_v1.things", 5).await;
+    expect_nothing_pending(&app, "postgresql").await;
+    terminate(&mut worker);
+    elsewhere.stop().await;
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
+
+/// A worker whose key may read the catalog of some projects only: the others' tasks wait, held,
+/// and the projects it may read go on, rather than every project waiting behind one it cannot.
+#[tokio::test]
+async fn a_project_whose_catalog_the_worker_may_not_read_holds_only_itself() {
+    const MASTER: &str = "a-worker-test-master-key-0123456789";
+    let broker = TestBroker::new().await;
+    let db = TestDatabase::create().await;
+    let queue = QueueSettings {
+        external: vec!["postgresql".into()],
+        ..broker.settings()
+    };
+    let pg = db.settings();
+    let mut app = spawn_app_with(|s| {
+        s.queue = Some(queue);
+        s.postgresql = Some(pg);
+        s.projection.wait_timeout_secs = 2;
+        s.auth.master_keys = vec![MASTER.into()];
+    })
+    .await;
+    let mint = |actions: Value, projects: Value| {
+        let url = format!("{}/_keys", app.address);
+        async move {
+            let made: Value = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(MASTER)
+                .body(json!({"name": "t", "actions": actions, "projects": projects}).to_string())
+                .send()
+                .await
+                .unwrap()
+                .json()
+                .await
+                .unwrap();
+            made["key"].as_str().expect("a key").to_string()
+        }
+    };
+    let admin = mint(json!(["*"]), json!(["*"])).await;
+    let blog_only = mint(json!(["operations"]), json!(["blog"])).await;
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        format!("Bearer {admin}").parse().unwrap(),
+    );
+    app.client = reqwest::Client::builder()
+        .default_headers(headers)
+        .build()
+        .unwrap();
+    let mut env = postgresql_worker_env(&broker, &db);
+    env.push(("DSTORE_API_KEY", blog_only));
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    let thing = faults::thing();
+    // Shop's migration comes first in the queue, and the worker may not read shop's catalog.
+    assert_eq!(app.put("/shop/thing/_blueprint", &thing).await.status, 200);
+    let frozen = app.post("/shop/_version", None).await;
+    assert_eq!(frozen.status, 503, "{}", frozen.body);
+    assert_eq!(app.put("/blog/thing/_blueprint", &thing).await.status, 200);
+    freeze_until_migrated(&app, "blog").await;
+    let put = app
+        .put(
+            &format!("/blog/thing/{}?wait=true", Uuid::new_v4()),
+            &json!({"project_version": 1, "n": 1}),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    assert_eq!(put.body["projected"], true, "{}", put.body);
+    expect_count(&db, "SELECT count(*) FROM blog_v1.things", 1).await;
+    terminate(&mut worker);
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
+
 /// Tasks lost inside a broker whose queue stays (a purge, a length or TTL policy) would stay
 /// pending for ever: the relay finds the projector's oldest task pending while its queue is empty
 /// and publishes its pending tasks again.
@@ -568,8 +677,10 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
         .execute(&mut sql)
         .await
         .unwrap();
+    // The relay looks for lost tasks after 1 s: a held project's are not lost.
     let queue = QueueSettings {
         external: vec!["postgresql".into()],
+        republish_after_secs: 1,
         ..broker.settings()
     };
     let pg = db.settings();
@@ -601,6 +712,10 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
     // and the registry names it.
     broker.expect_messages("postgresql.parked.bad", 21).await;
     broker.expect_messages("postgresql.parked", 1).await;
+    // They stay pending on purpose: the relay, which checks every 5 s, does not publish them
+    // again as if the broker had lost them, to be parked once more.
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    assert_eq!(broker.messages("postgresql.parked.bad").await, 21);
     assert_eq!(app.put("/good/thing/_blueprint", &thing).await.status, 200);
     freeze_until_migrated(&app, "good").await;
     let item = json!({"project_version": 1, "n": 1});

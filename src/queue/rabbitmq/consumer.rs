@@ -478,7 +478,7 @@ impl Consumer<'_> {
         }
         let mut attempt = 0;
         while !tasks.is_empty() {
-            let step = self.step(&tasks).await;
+            let step = self.step(&tasks, journal).await;
             let settled = step.settled();
             tracing::debug!(projector = name, settled, "step applied");
             self.report(session.reports, journal, &step).await?;
@@ -530,12 +530,26 @@ impl Consumer<'_> {
     }
 
     /// One step over the front of `tasks`, with the catalog they need.
-    async fn step(&self, tasks: &[Task]) -> Step {
+    async fn step(&self, tasks: &[Task], journal: &str) -> Step {
         if matches!(tasks[0].op, TaskOp::DropProject) {
             self.view.forget(&tasks[0].project);
         }
-        match self.view.snapshot_for(tasks).await {
+        match self.view.snapshot_for(tasks, journal).await {
             Ok(snapshot) => step::apply(self.projector, &snapshot, tasks).await,
+            // One project's catalog cannot be read: the first project's tasks are tried alone,
+            // and if they fail so, that project is held while the others go on.
+            Err(error) if error.scoped => {
+                let first = &tasks[0].project;
+                let own = tasks.iter().take_while(|t| &t.project == first).count();
+                if own < tasks.len() {
+                    return Box::pin(self.step(&tasks[..own], journal)).await;
+                }
+                Step {
+                    retry: Some(error),
+                    held: Some(first.clone()),
+                    ..Step::default()
+                }
+            }
             Err(error) => Step {
                 retry: Some(error),
                 ..Step::default()

@@ -18,8 +18,9 @@
 //! for ever. While idle, the relay also watches each projector's oldest pending task: when it has
 //! stayed the oldest for `queue.republish_after_secs` while the queue holds no message ready, every
 //! pending task of the projector is published again (applying a task twice is harmless), and the
-//! wait doubles while that goes on, up to an hour (a project held after a failed migration keeps
-//! its tasks pending on purpose, in its parking queue).
+//! wait doubles while that goes on, up to an hour. Not while the oldest task's project has a
+//! parking queue: a project held after a failed migration keeps its tasks pending on purpose
+//! there (tasks of other projects lost meanwhile are found once it is released).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,7 +32,7 @@ use lapin::{Channel, Connection};
 use tokio::sync::watch;
 
 use super::{confirmed, persistent, Broker, LinkError, JOURNAL_HEADER};
-use crate::journal::{Journal, JournalError, RawTask};
+use crate::journal::{codec, Journal, JournalError, RawTask};
 
 const LINK: &str = "relay";
 
@@ -110,18 +111,7 @@ impl Relay<'_> {
             .await?;
         self.broker.set_link(LINK, true, None);
 
-        let view = self.journal.outbox_view();
-        while self
-            .publish_round(&channel, &mut cursors, |p, after| {
-                view.read(p, after, self.batch_size)
-            })
-            .await?
-            > 0
-        {}
-        for cursor in cursors.values_mut() {
-            *cursor = (*cursor).max(view.until);
-        }
-        drop(view);
+        self.publish_tails(&channel, &mut cursors).await?;
 
         let mut checked = tokio::time::Instant::now();
         loop {
@@ -144,14 +134,19 @@ impl Relay<'_> {
             // the session starts over, and the new one publishes every pending task again.
             if checked.elapsed() >= QUEUE_CHECK {
                 checked = tokio::time::Instant::now();
+                let mut lost = false;
                 for projector in self.projectors {
                     let Some(depth) = self.broker.queue_depth(&connection, projector).await? else {
                         let queue = self.broker.queue(projector);
                         return Err(LinkError::Other(format!("queue {queue} vanished")));
                     };
-                    if let Some(from) = self.lost(projector, depth)? {
+                    if let Some(from) = self.lost(&connection, projector, depth).await? {
                         cursors.insert(projector, from);
+                        lost = true;
                     }
+                }
+                if lost {
+                    self.publish_tails(&channel, &mut cursors).await?;
                 }
             }
             tokio::select! {
@@ -161,38 +156,86 @@ impl Relay<'_> {
         }
     }
 
+    /// Publishes every pending task above each cursor from one consistent view of the journal, so
+    /// that what goes out again is a whole tail of each queue (see `journal::outbox`); tasks
+    /// committed after the view was taken were never published and follow as usual.
+    async fn publish_tails(
+        &self,
+        channel: &Channel,
+        cursors: &mut Cursors,
+    ) -> Result<(), LinkError> {
+        let view = self.journal.outbox_view();
+        while self
+            .publish_round(channel, cursors, |p, after| {
+                view.read(p, after, self.batch_size)
+            })
+            .await?
+            > 0
+        {}
+        for cursor in cursors.values_mut() {
+            *cursor = (*cursor).max(view.until);
+        }
+        Ok(())
+    }
+
     /// Where to publish `projector`'s pending tasks again from, when its oldest pending task has
     /// stayed the oldest for its wait while its queue held no message (`depth`): the broker lost
-    /// the tasks, or the consumers' reports of them.
-    fn lost(&self, projector: &'static str, depth: u32) -> Result<Option<u64>, LinkError> {
+    /// the tasks, or the consumers' reports of them. Not when that task's project has a parking
+    /// queue: a held project's tasks wait there on purpose, and publishing them again would only
+    /// add the project's whole backlog to its parking queue once more at every wait.
+    async fn lost(
+        &self,
+        connection: &Connection,
+        projector: &'static str,
+        depth: u32,
+    ) -> Result<Option<u64>, LinkError> {
         let oldest = self.journal.outbox(projector, 0, 1).map_err(journal)?;
-        let mut stalls = self.stalls.lock().expect("stalls lock");
-        let Some(&(oldest, _)) = oldest.first() else {
-            stalls.remove(projector);
-            return Ok(None);
-        };
         let now = tokio::time::Instant::now();
-        let fresh = Stall {
-            oldest,
-            since: now,
-            wait: Duration::from_secs(self.broker.settings.republish_after_secs),
+        let pending_for = {
+            let mut stalls = self.stalls.lock().expect("stalls lock");
+            let Some(&(oldest, _)) = oldest.first() else {
+                stalls.remove(projector);
+                return Ok(None);
+            };
+            let fresh = Stall {
+                oldest,
+                since: now,
+                wait: Duration::from_secs(self.broker.settings.republish_after_secs),
+            };
+            let stall = stalls.entry(projector).or_insert(fresh);
+            if stall.oldest != oldest {
+                *stall = fresh;
+                return Ok(None);
+            }
+            if depth > 0 || now.duration_since(stall.since) < stall.wait {
+                return Ok(None);
+            }
+            now.duration_since(stall.since)
         };
-        let stall = stalls.entry(projector).or_insert(fresh);
-        if stall.oldest != oldest {
-            *stall = fresh;
+        let (oldest, value) = &oldest[0];
+        let held = match codec::decode_own_task(value) {
+            Ok(task) => {
+                self.broker
+                    .parked_exists(connection, projector, &task.project)
+                    .await?
+            }
+            Err(_) => false,
+        };
+        let mut stalls = self.stalls.lock().expect("stalls lock");
+        let Some(stall) = stalls.get_mut(projector) else {
             return Ok(None);
-        }
-        if depth > 0 || now.duration_since(stall.since) < stall.wait {
+        };
+        stall.since = now;
+        if held {
             return Ok(None);
         }
         tracing::warn!(
             projector,
             oldest,
-            pending_for_secs = now.duration_since(stall.since).as_secs(),
+            pending_for_secs = pending_for.as_secs(),
             "the projector's oldest task stays pending while its queue is empty: the broker lost \
              tasks or their reports; publishing its pending tasks again"
         );
-        stall.since = now;
         stall.wait = (stall.wait * 2).min(MOST_REPUBLISH_WAIT);
         Ok(Some(oldest - 1))
     }
