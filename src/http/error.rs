@@ -58,6 +58,24 @@ impl ApiError {
         ApiError::Internal(cause.to_string())
     }
 
+    /// The same error, its message rewritten by `say` (a 500's, which the client does not see,
+    /// as it was).
+    pub fn reworded(self, say: impl FnOnce(&str) -> String) -> ApiError {
+        match self {
+            ApiError::BadRequest(m, e) => ApiError::BadRequest(say(&m), e),
+            ApiError::Unauthorized(m) => ApiError::Unauthorized(say(&m)),
+            ApiError::Forbidden(m) => ApiError::Forbidden(say(&m)),
+            ApiError::NotFound(m) => ApiError::NotFound(say(&m)),
+            ApiError::Conflict(m) => ApiError::Conflict(say(&m)),
+            ApiError::ConflictWith(m, report) => ApiError::ConflictWith(say(&m), report),
+            ApiError::Gone(m, horizon) => ApiError::Gone(say(&m), horizon),
+            ApiError::Oversized(m) => ApiError::Oversized(say(&m)),
+            ApiError::Invalid(m, e) => ApiError::Invalid(say(&m), e),
+            ApiError::Unavailable(m) => ApiError::Unavailable(say(&m)),
+            other => other,
+        }
+    }
+
     /// What the client is told of the error: a 500 hides its cause, which is logged here.
     pub fn shown(&self) -> String {
         match self {

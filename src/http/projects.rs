@@ -193,14 +193,43 @@ pub async fn put_all(
             crate::blueprint::cap_errors(errors),
         ));
     }
+    // Each project is changed and frozen in turn: one that fails then (a store's migration, the
+    // storage away) leaves those before it done, and its answer says which, and that sending the
+    // request again finishes it (a project already as asked changes nothing).
     let mut out = Map::new();
-    for (project, blueprints, at) in named {
-        out.insert(
-            project.to_string(),
-            put_and_freeze(&state, &project, blueprints, &at).await?,
-        );
+    let names: Vec<String> = named.iter().map(|(p, _, _)| p.to_string()).collect();
+    for (index, (project, blueprints, at)) in named.into_iter().enumerate() {
+        match put_and_freeze(&state, &project, blueprints, &at).await {
+            Ok(answer) => {
+                out.insert(project.to_string(), answer);
+            }
+            Err(error) if names.len() > 1 => {
+                let (done, after) = (listed(&names[..index]), listed(&names[index + 1..]));
+                return Err(error.reworded(|message| {
+                    format!(
+                        "project {project}: {message}; projects changed before it: {done}; not \
+                         changed: {after}; send the request again to finish (a project already \
+                         as asked is not changed again)"
+                    )
+                }));
+            }
+            Err(error) => return Err(error),
+        }
     }
     Ok(HttpResponse::Ok().json(out))
+}
+
+/// Project names for a message: the first 20, and how many more.
+fn listed(names: &[String]) -> String {
+    const SHOWN: usize = 20;
+    if names.is_empty() {
+        return "none".into();
+    }
+    let mut list = names[..names.len().min(SHOWN)].join(", ");
+    if names.len() > SHOWN {
+        list.push_str(&format!(" and {} more", names.len() - SHOWN));
+    }
+    list
 }
 
 /// DELETE /_project

@@ -1411,6 +1411,38 @@ async fn a_schema_dstore_did_not_make_holds_back_its_project_only_and_is_never_w
     db.drop().await;
 }
 
+/// `PUT /_project` changes and freezes its projects one after the other: when one fails then (its
+/// migration refused here), the answer names it, the projects changed before it and those left
+/// as they were, and says that sending the request again finishes it.
+#[tokio::test]
+async fn a_multi_project_put_that_fails_half_way_says_what_it_changed() {
+    let (db, app) = with_foreign_schema(
+        "CREATE SCHEMA bbb_v1; COMMENT ON SCHEMA bbb_v1 IS 'the billing team''s'",
+        10,
+    )
+    .await;
+    let blueprint = crate::helpers::article();
+    let body = json!({"aaa": {"article": blueprint}, "bbb": {"article": blueprint},
+        "ccc": {"article": blueprint}});
+    let answer = app.put("/_project", &body).await;
+    assert_eq!(answer.status, 503, "{}", answer.body);
+    let status = answer.body["status"].as_str().unwrap();
+    assert!(
+        status.starts_with("project bbb: ")
+            && status.contains("changed before it: aaa;")
+            && status.contains("not changed: ccc;")
+            && status.contains("send the request again"),
+        "{status}"
+    );
+    let projects = app.get("/_project").await.body;
+    assert!(
+        projects.get("aaa").is_some() && projects.get("ccc").is_none(),
+        "{projects}"
+    );
+    app.stop().await;
+    db.drop().await;
+}
+
 #[tokio::test]
 async fn a_deployment_never_writes_into_nor_drops_another_deployments_schemas() {
     let dir = tempfile::tempdir().unwrap();
