@@ -283,7 +283,17 @@ async fn item_put(
     Ok(())
 }
 
-/// `dstore changes` without --follow: every page until the feed has nothing more.
+/// Asks every later page in the version the first answer came in, when no `--version` was given:
+/// without one the server answers in the newest live version as of each request, so a freeze
+/// while the feed is read would change the shape of what is printed half-way.
+fn pin_version(query: &mut Vec<(&str, String)>, version: Option<u64>) {
+    if let Some(version) = version.filter(|_| !query.iter().any(|(k, _)| *k == "version")) {
+        query.push(("version", version.to_string()));
+    }
+}
+
+/// `dstore changes` without --follow: every page until the feed has nothing more, all in one
+/// version (see [`pin_version`]).
 async fn print_changes(
     client: &Client,
     project: &str,
@@ -295,6 +305,7 @@ async fn print_changes(
             .call(Method::GET, &[project, "_changes"], &pairs, None)
             .await?
             .1;
+        pin_version(&mut query, page["version"].as_u64());
         let results = page["results"].as_array().cloned().unwrap_or_default();
         let mut out = std::io::stdout().lock();
         for change in &results {
@@ -326,7 +337,8 @@ async fn print_changes(
 /// line; a dropped connection is opened again from the last event id, so nothing is missed or
 /// printed twice. The id moves with heartbeats too (past changes a `--blueprint` filter hid) and
 /// carries the horizon while a read from 0 is below it, so a reconnect goes on where a revision
-/// alone would be refused as compacted.
+/// alone would be refused as compacted. A reconnect asks for the version the first connection
+/// was answered in (see [`pin_version`]).
 async fn follow_changes(
     client: &Client,
     project: &str,
@@ -347,6 +359,11 @@ async fn follow_changes(
             Err(error) => return Err(error),
         };
         attempt = 0;
+        let version = response
+            .headers()
+            .get("x-dstore-version")
+            .and_then(|v| v.to_str().ok()?.parse().ok());
+        pin_version(&mut query, version);
         let mut pending: Vec<u8> = Vec::new();
         let mut gone = false;
         loop {
@@ -619,5 +636,21 @@ mod tests {
         );
         let unknown = note(StatusCode::OK, serde_json::json!({"projected": false}));
         assert!(unknown.contains("not known"), "{unknown}");
+    }
+
+    #[test]
+    fn the_feed_is_read_on_in_the_version_of_its_first_answer_unless_one_was_asked() {
+        let mut query = vec![("since", "0".to_string())];
+        super::pin_version(&mut query, None);
+        assert_eq!(query.len(), 1, "an answer without a version pins nothing");
+        super::pin_version(&mut query, Some(1));
+        super::pin_version(&mut query, Some(2));
+        assert_eq!(
+            query,
+            vec![("since", "0".to_string()), ("version", "1".to_string())]
+        );
+        let mut asked = vec![("version", "3".to_string())];
+        super::pin_version(&mut asked, Some(4));
+        assert_eq!(asked, vec![("version", "3".to_string())]);
     }
 }

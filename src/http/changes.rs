@@ -24,11 +24,16 @@
 //!   until it answers (and which actix does not cancel when the client goes), looks at its
 //!   connection's socket every second ([`PeerSocket`]). Otherwise clients that open long polls
 //!   and hang up at once would hold every place for the longest time-out.
+//! - A stream whose client reads nothing (actix no longer polls it: its connection waits to write)
+//!   for [`STALLED_HEARTBEATS`] heartbeats, and at least [`STALLED_FLOOR`], has its connection shut
+//!   down, looked for at most once a second as followers arrive ([`Followers::sweep`]): a client
+//!   that opens streams and never reads would otherwise hold their places, and the page each
+//!   holds, for as long as its host acknowledges TCP. The client resumes from its last event id.
 //! - A stream or long poll opened with an API key checks the key again as it runs (at most once a
 //!   second, and before each page): a key revoked, expired or narrowed meanwhile ends it.
 
-use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -318,15 +323,57 @@ impl PeerSocket {
     }
 }
 
+/// A stream whose client has read nothing for this many heartbeats loses its connection.
+const STALLED_HEARTBEATS: u32 = 3;
+/// ... and for at least this long.
+const STALLED_FLOOR: Duration = Duration::from_secs(10);
+
 /// The followers a node serves: how many (`changes.max_followers`), and the sockets of its streams.
 #[derive(Default)]
 pub struct Followers {
     count: AtomicUsize,
     /// The sockets of the streams: a connection serves one stream at a time, and a stream ends
     /// before its connection closes the socket, so a socket names one stream.
-    streams: Mutex<HashSet<std::os::fd::RawFd>>,
+    streams: Mutex<HashMap<std::os::fd::RawFd, Arc<Watched>>>,
+    /// When [`Followers::sweep`] last looked, in milliseconds since [`epoch`].
+    swept: AtomicU64,
     /// The pages followers reading the same place about now share.
     pages: pages::Pages,
+}
+
+/// When a stream last handed a frame to its connection, and how long it may wait to be polled
+/// again.
+struct Watched {
+    /// Milliseconds since [`epoch`]; [`Watched::POLLED`] while the stream is being polled (it
+    /// waits for a change, a heartbeat or the storage, not for its client).
+    handed: AtomicU64,
+    stalled_after: Duration,
+    /// The socket's inode: a descriptor number reused for another socket is not this one.
+    inode: Option<u64>,
+}
+
+/// The instant the followers' clocks count from.
+fn epoch() -> std::time::Instant {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    *EPOCH.get_or_init(std::time::Instant::now)
+}
+
+impl Watched {
+    const POLLED: u64 = u64::MAX;
+}
+
+fn millis_now() -> u64 {
+    epoch().elapsed().as_millis() as u64
+}
+
+/// The inode of the socket `fd` names.
+fn inode(fd: std::os::fd::RawFd) -> Option<u64> {
+    let mut stat = std::mem::MaybeUninit::<libc::stat>::uninit();
+    // SAFETY: fstat writes a whole `stat` into the buffer when it answers 0, and touches nothing
+    // else; a descriptor that is not open answers -1.
+    let done = unsafe { libc::fstat(fd, stat.as_mut_ptr()) };
+    // SAFETY: initialized by fstat, which answered 0.
+    (done == 0).then(|| unsafe { stat.assume_init() }.st_ino)
 }
 
 impl Followers {
@@ -336,7 +383,7 @@ impl Followers {
     /// stops and the streams that are read had a moment to end by themselves.
     pub fn cut_streams(&self) {
         let streams = self.streams();
-        for socket in streams.iter() {
+        for socket in streams.keys() {
             // SAFETY: a socket is listed while its stream lives, and the stream lives in its
             // connection, which owns the socket. The stream may outlive the connection's socket
             // for a moment as the connection is dropped; then the number may be reused, but only
@@ -346,8 +393,41 @@ impl Followers {
         }
     }
 
-    fn streams(&self) -> std::sync::MutexGuard<'_, HashSet<std::os::fd::RawFd>> {
+    fn streams(&self) -> std::sync::MutexGuard<'_, HashMap<std::os::fd::RawFd, Arc<Watched>>> {
         self.streams.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Shuts down the connections of streams whose clients stopped reading (see the module
+    /// docs); at most once a second.
+    fn sweep(&self) {
+        let now = millis_now();
+        let last = self.swept.load(Ordering::Relaxed);
+        if now.saturating_sub(last) < 1000
+            || self
+                .swept
+                .compare_exchange(last, now, Ordering::AcqRel, Ordering::Relaxed)
+                .is_err()
+        {
+            return;
+        }
+        let streams = self.streams();
+        for (socket, watched) in streams.iter() {
+            let idle = now.saturating_sub(watched.handed.load(Ordering::Relaxed));
+            if u128::from(idle) < watched.stalled_after.as_millis() {
+                continue;
+            }
+            if watched.inode.is_none() || inode(*socket) != watched.inode {
+                continue;
+            }
+            tracing::info!(
+                idle_secs = idle / 1000,
+                "a change feed stream whose client reads nothing loses its connection"
+            );
+            // SAFETY: the socket is listed while its stream lives (removed under this lock as
+            // the stream's place is given back), and its inode says it is still the stream's
+            // socket, not a number reused by another. `shutdown` touches no memory.
+            unsafe { libc::shutdown(*socket, libc::SHUT_RDWR) };
+        }
     }
 }
 
@@ -355,12 +435,13 @@ impl Followers {
 /// socket for [`Followers::cut_streams`].
 struct Slot {
     followers: Arc<Followers>,
-    stream: Option<std::os::fd::RawFd>,
+    stream: Option<(std::os::fd::RawFd, Arc<Watched>)>,
 }
 
 impl Slot {
     fn take(state: &State) -> Result<Slot, ApiError> {
         let followers = &state.followers;
+        followers.sweep();
         let count = followers.count.fetch_add(1, Ordering::AcqRel);
         if count >= state.settings.changes.max_followers {
             followers.count.fetch_sub(1, Ordering::AcqRel);
@@ -375,30 +456,93 @@ impl Slot {
         })
     }
 
-    /// Lists the socket of the stream this place is for.
-    fn streaming(mut self, peer: Option<PeerSocket>) -> Slot {
+    /// Lists the socket of the stream this place is for, which sends a heartbeat this often.
+    fn streaming(mut self, peer: Option<PeerSocket>, heartbeat: Duration) -> Slot {
         if let Some(PeerSocket(socket)) = peer {
-            self.followers.streams().insert(socket);
-            self.stream = Some(socket);
+            let watched = Arc::new(Watched {
+                handed: AtomicU64::new(Watched::POLLED),
+                stalled_after: (heartbeat * STALLED_HEARTBEATS).max(STALLED_FLOOR),
+                inode: inode(socket),
+            });
+            self.followers.streams().insert(socket, watched.clone());
+            self.stream = Some((socket, watched));
         }
         self
+    }
+
+    /// Notes that the stream is being polled (`handed`: false), or that it handed a frame to its
+    /// connection, which polls it again once the client took it in.
+    fn note(&self, handed: bool) {
+        if let Some((_, watched)) = &self.stream {
+            let at = if handed {
+                millis_now()
+            } else {
+                Watched::POLLED
+            };
+            watched.handed.store(at, Ordering::Relaxed);
+        }
     }
 }
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some(socket) = self.stream {
-            self.followers.streams().remove(&socket);
+        if let Some((socket, _)) = &self.stream {
+            self.followers.streams().remove(socket);
         }
         self.followers.count.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
 /// A page as one JSON answer.
-fn answer(page: &Encoded) -> HttpResponse {
-    HttpResponse::Ok()
+/// A page as one JSON answer. Until it is sent, its bytes count against the memory requests may
+/// hold (`server.max_inflight_bytes`): clients that ask for large pages and never read them are
+/// answered 503 once they hold that much, instead of growing the process.
+fn answer(state: &State, page: &Encoded) -> Result<HttpResponse, ApiError> {
+    let share = state.in_flight.share();
+    share
+        .grow(page.body.len())
+        .map_err(|refused| match refused {
+            crate::budget::Refused::Busy { .. } => ApiError::from(refused),
+            crate::budget::Refused::Alone { limit, .. } => ApiError::Oversized(format!(
+            "this page would hold {} bytes until it is sent, more than the {limit} all requests \
+             may hold together (server.max_inflight_bytes): ask for fewer changes (limit)",
+            page.body.len()
+        )),
+        })?;
+    Ok(HttpResponse::Ok()
         .content_type(header::ContentType::json())
-        .body(page.body.clone())
+        .body(Held {
+            rest: page.body.clone(),
+            _share: share,
+        }))
+}
+
+/// An answer's bytes and the share of `server.max_inflight_bytes` they hold, handed to the
+/// connection a slice at a time (the slices share the page's memory), so the connection's write
+/// buffer never holds a second copy of a large page.
+struct Held {
+    rest: Bytes,
+    _share: crate::budget::Share,
+}
+
+impl actix_web::body::MessageBody for Held {
+    type Error = std::convert::Infallible;
+
+    fn size(&self) -> actix_web::body::BodySize {
+        actix_web::body::BodySize::Sized(self.rest.len() as u64)
+    }
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<Bytes, Self::Error>>> {
+        const SLICE: usize = 64 * 1024;
+        if self.rest.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let take = self.rest.len().min(SLICE);
+        std::task::Poll::Ready(Some(Ok(self.rest.split_to(take))))
+    }
 }
 
 /// What a follower reads its pages as.
@@ -564,7 +708,7 @@ pub async fn changes(
     match params.feed {
         Feed::Normal => {
             let page = reader.page(since, params.horizon, head).await?;
-            Ok(answer(&page))
+            answer(&state, &page)
         }
         Feed::Longpoll => {
             let _slot = Slot::take(&state)?;
@@ -575,10 +719,11 @@ pub async fn changes(
                 peer,
             };
             let page = long_poll(&reader, since, params.horizon, waiting, recheck.as_mut()).await?;
-            Ok(answer(&page))
+            answer(&state, &page)
         }
         Feed::Sse | Feed::Ndjson => {
-            let slot = Slot::take(&state)?.streaming(request.conn_data::<PeerSocket>().copied());
+            let slot = Slot::take(&state)?
+                .streaming(request.conn_data::<PeerSocket>().copied(), params.heartbeat);
             // Read once before answering, so a compacted `since` is a 410, not a stream that ends.
             let first = Reader {
                 limits: (1, PAGE_BYTES),
@@ -610,7 +755,7 @@ pub async fn changes(
                 follower,
                 recheck,
                 state: state.clone(),
-                _slot: slot,
+                slot,
             };
             let content_type = if params.feed == Feed::Sse {
                 "text/event-stream"
@@ -709,7 +854,7 @@ struct Stream {
     /// Encoded frames of the page being sent.
     out: VecDeque<Bytes>,
     done: bool,
-    _slot: Slot,
+    slot: Slot,
 }
 
 impl Stream {
@@ -731,11 +876,13 @@ impl Stream {
     }
 
     async fn next(mut self) -> Option<(Result<Bytes, actix_web::Error>, Stream)> {
+        self.slot.note(false);
         loop {
             if let Some(frame) = self.out.pop_front() {
                 if frame.is_empty() {
                     continue;
                 }
+                self.slot.note(true);
                 return Some((Ok(frame), self));
             }
             let expired = self.deadline.is_some_and(|at| Instant::now() >= at);

@@ -960,6 +960,84 @@ async fn a_dropped_project_ends_its_followers_and_its_history() {
     app.stop().await;
 }
 
+/// A page waiting to be sent counts against `server.max_inflight_bytes`: clients that ask for
+/// large pages and never read them are answered 503 once they hold that much, instead of growing
+/// the process; a page taken in gives its share back.
+#[tokio::test]
+async fn pages_nobody_reads_hold_the_request_memory_budget() {
+    let app = spawn_app_with(|s| s.server.max_inflight_bytes = 16_000_000).await;
+    project(&app).await;
+    // A page of about 8.5 MB (a page ends after 8 MiB of items): more than the sockets' buffers
+    // take, less than the budget, and two of them more.
+    let title = "x".repeat(300_000);
+    for _ in 0..30 {
+        put(&app, Uuid::new_v4(), &title).await;
+    }
+    let stuck = unread(&app, "/p/_changes?since=0").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = app.get("/p/_changes?since=0").await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    assert!(
+        refused.body.to_string().contains("max_inflight_bytes"),
+        "{}",
+        refused.body
+    );
+    // A small page still fits.
+    assert_eq!(app.get("/p/_changes?since=0&limit=1").await.status, 200);
+    drop(stuck);
+    let started = Instant::now();
+    loop {
+        let answer = app.get("/p/_changes?since=0").await;
+        if answer.status == 200 {
+            assert!(answer.body["results"].as_array().unwrap().len() >= 27);
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "{}",
+            answer.body
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}
+
+/// A client that opens streams and never reads them (its host still acknowledging TCP) does not
+/// keep their places, and the pages they hold, for ever: a stream not polled for three heartbeats
+/// (at least 10 s) has its connection shut down, and the next follower gets a place.
+#[tokio::test]
+async fn streams_whose_clients_read_nothing_give_their_places_back() {
+    let app = spawn_app_with(|s| s.changes.max_followers = 2).await;
+    project(&app).await;
+    // More than the sockets' buffers hold, so the server's writes stop.
+    let title = "x".repeat(900_000);
+    for _ in 0..24 {
+        put(&app, Uuid::new_v4(), &title).await;
+    }
+    let stuck = [
+        unread(&app, "/p/_changes?feed=sse&since=0&heartbeat=1").await,
+        unread(&app, "/p/_changes?feed=ndjson&since=0&heartbeat=1").await,
+    ];
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let taken = app.get("/p/_changes?feed=longpoll&timeout=1").await;
+    assert_eq!(taken.status, 503, "both places are taken: {}", taken.body);
+    let started = Instant::now();
+    loop {
+        let answer = app.get("/p/_changes?feed=longpoll&timeout=1").await;
+        if answer.status == 200 {
+            break;
+        }
+        assert_eq!(answer.status, 503, "{}", answer.body);
+        assert!(
+            started.elapsed() < Duration::from_secs(40),
+            "clients that read nothing still hold every place"
+        );
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    drop(stuck);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn past_max_followers_a_node_answers_503_and_a_leaving_follower_frees_its_place() {
     let app = spawn_app_with(|s| s.changes.max_followers = 1).await;
