@@ -60,7 +60,7 @@ struct WhoseTask {
 
 impl Journal {
     /// Iterates a projector's pending tasks from its floor, oldest first.
-    fn scan_tasks(
+    pub(super) fn scan_tasks(
         &self,
         projector: &str,
     ) -> impl Iterator<Item = Result<KeyValue, rocksdb::Error>> + '_ {

@@ -77,6 +77,12 @@ impl Journal {
         )
     }
 
+    /// A projector's oldest pending task, found from its lane's floor rather than from the first
+    /// seq: what lies below the floor is only the deleted entries of tasks long applied.
+    pub fn oldest_pending(&self, projector: &str) -> Result<Option<RawTask>, JournalError> {
+        Ok(collect(self.scan_tasks(projector), 1)?.pop())
+    }
+
     /// The last seq a broker confirmed for a projector: tasks up to it have left the outbox.
     pub fn published(&self, projector: &str) -> Result<u64, JournalError> {
         Ok(self

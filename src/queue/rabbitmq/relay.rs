@@ -189,14 +189,13 @@ impl Relay<'_> {
         projector: &'static str,
         depth: u32,
     ) -> Result<Option<u64>, LinkError> {
-        let oldest = self.journal.outbox(projector, 0, 1).map_err(journal)?;
+        let Some((oldest, value)) = self.journal.oldest_pending(projector).map_err(journal)? else {
+            self.stalls.lock().expect("stalls lock").remove(projector);
+            return Ok(None);
+        };
         let now = tokio::time::Instant::now();
         let pending_for = {
             let mut stalls = self.stalls.lock().expect("stalls lock");
-            let Some(&(oldest, _)) = oldest.first() else {
-                stalls.remove(projector);
-                return Ok(None);
-            };
             let fresh = Stall {
                 oldest,
                 since: now,
@@ -212,8 +211,7 @@ impl Relay<'_> {
             }
             now.duration_since(stall.since)
         };
-        let (oldest, value) = &oldest[0];
-        let held = match codec::decode_own_task(value) {
+        let held = match codec::decode_own_task(&value) {
             Ok(task) => {
                 self.broker
                     .parked_exists(connection, projector, &task.project)
