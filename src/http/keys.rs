@@ -59,6 +59,13 @@ fn input(body: &serde_json::Value) -> Result<KeyInput, ApiError> {
             };
             refused(format!("/{}", excerpt(name)), message)
         }
+        // Not an object: serde would name the type it reads a key into.
+        None if !body.is_object() => refused(
+            "".into(),
+            "must be an object of a key's fields (name, description, actions, projects, \
+             expires_at)"
+                .into(),
+        ),
         None => refused("".into(), excerpt(&error.to_string())),
     })
 }

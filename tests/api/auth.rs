@@ -639,6 +639,22 @@ async fn a_key_name_with_a_control_character_or_an_override_is_refused() {
     let body = key("n", "line one\r\n\tline two");
     let (status, made) = call(&app, Method::POST, "/_keys", Some(MASTER), Some(&body)).await;
     assert_eq!(status, 201, "{made}");
+    // A body that is no object is refused as such, without the name of a type inside dstore.
+    let id = made["id"].as_str().unwrap().to_string();
+    for body in ["null", "[]", "7", "\"name\""] {
+        for (method, path) in [
+            (Method::POST, "/_keys".to_string()),
+            (Method::PATCH, format!("/_keys/{id}")),
+        ] {
+            let (status, refused) = call(&app, method, &path, Some(MASTER), Some(body)).await;
+            assert_eq!(status, 422, "{body}: {refused}");
+            let message = refused["errors"][0]["message"].as_str().unwrap();
+            assert!(
+                message.starts_with("must be an object") && !message.contains("KeyInput"),
+                "{body}: {refused}"
+            );
+        }
+    }
     app.stop().await;
 }
 
