@@ -855,3 +855,72 @@ async fn writes_to_a_storage_that_stops_answering_answer_503_in_time_and_resume_
     drop(proxy);
     cluster.clean_up().await;
 }
+
+/// A node whose connection listening for catalog changes was cut off without a word (the network
+/// healed after PostgreSQL had ended the session, and the node sends nothing on it) would never
+/// hear of another node's change again: it finds the storage's catalog ahead of its own while
+/// quiet, and listens again. Seen here by a stream of a version retired through another node,
+/// which ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_listening_connection_was_cut_off_silently_still_hears_of_changes() {
+    use eventsource_stream::Eventsource;
+    use futures::StreamExt;
+
+    let mut cluster = Cluster::new().await;
+    let direct_url = cluster.storage_url.clone();
+    let direct: sqlx::postgres::PgConnectOptions = direct_url.parse().unwrap();
+    let proxy = Proxy::start(&format!("{}:{}", direct.get_host(), direct.get_port())).await;
+    cluster.storage_url = format!(
+        "postgres://postgres@127.0.0.1:{}/{}",
+        proxy.port, cluster.storage.name
+    );
+    let a = cluster
+        .bare_nodes("cutoff", 1, &[("DSTORE_COMMIT_TIMEOUT_SECS", "2".into())])
+        .await;
+    cluster.storage_url = direct_url;
+    let b = cluster.bare_nodes("direct", 1, &[]).await;
+    let (a, b) = (&a[0], &b[0]);
+    let mut blueprint = thing();
+    for _ in 0..2 {
+        let (status, body) = send(
+            reqwest::Method::PUT,
+            a.url("/p/thing/_blueprint"),
+            Some(blueprint.clone()),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+        let (status, body) = send(reqwest::Method::POST, a.url("/p/_version"), None).await;
+        assert_eq!(status, 200, "{body}");
+        blueprint["columns"]["extra"] = json!({"type": "string"});
+    }
+    let response = reqwest::Client::new()
+        .get(a.url("/p/_changes?version=1&heartbeat=1"))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut events = Box::pin(response.bytes_stream().eventsource());
+
+    proxy.strand();
+    let (status, body) = send(reqwest::Method::POST, b.url("/p/_version/1/_retire"), None).await;
+    assert_eq!(status, 200, "{body}");
+    let started = Instant::now();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(60), events.next())
+            .await
+            .expect("the stream goes on or ends")
+            .expect("an event before the stream ends")
+            .unwrap();
+        if event.event == "gone" {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "node a never heard that version 1 was retired"
+        );
+    }
+    drop(events);
+    drop(proxy);
+    cluster.clean_up().await;
+}

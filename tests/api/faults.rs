@@ -25,11 +25,15 @@ use crate::postgres::TestDatabase;
 use crate::rabbitmq::TestBroker;
 
 /// A TCP proxy to `upstream` that can be cut and restored, or stalled: a stalled proxy keeps every
-/// connection open and forwards nothing either way, as a network partition does.
+/// connection open and forwards nothing either way, as a network partition does. Connections can
+/// also be stranded: those open stall for good while new ones are forwarded, as after a partition
+/// that healed once the server had ended their sessions, which their client never hears of.
 pub struct Proxy {
     pub port: u16,
     cut: Arc<AtomicBool>,
-    stalled: tokio::sync::watch::Sender<bool>,
+    /// Whether every connection is stalled, and below which number connections are stranded.
+    stalled: tokio::sync::watch::Sender<(bool, u64)>,
+    accepted: Arc<std::sync::atomic::AtomicU64>,
     connections: Arc<Mutex<Vec<JoinHandle<()>>>>,
     accepting: JoinHandle<()>,
 }
@@ -39,27 +43,35 @@ impl Proxy {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("a free port");
         let port = listener.local_addr().expect("an address").port();
         let cut = Arc::new(AtomicBool::new(false));
-        let (stalled, _) = tokio::sync::watch::channel(false);
+        let (stalled, _) = tokio::sync::watch::channel((false, 0));
+        let accepted = Arc::new(std::sync::atomic::AtomicU64::new(0));
         let connections: Arc<Mutex<Vec<JoinHandle<()>>>> = Arc::default();
         let upstream = upstream.to_string();
         let accepting = tokio::spawn({
-            let (cut, connections, stalled) = (cut.clone(), connections.clone(), stalled.clone());
+            let (cut, connections, stalled, accepted) = (
+                cut.clone(),
+                connections.clone(),
+                stalled.clone(),
+                accepted.clone(),
+            );
             async move {
                 while let Ok((mut client, _)) = listener.accept().await {
                     if cut.load(Ordering::SeqCst) {
                         continue; // dropped: closed at once, like a port nobody serves
                     }
+                    let number = accepted.fetch_add(1, Ordering::SeqCst);
+                    let stuck = move |(all, below): &(bool, u64)| *all || number < *below;
                     let upstream = upstream.clone();
                     let mut stall = stalled.subscribe();
                     let forward = tokio::spawn(async move {
-                        if *stall.borrow_and_update() {
+                        if stuck(&stall.borrow_and_update()) {
                             // Held open, never answered: the host cannot be reached.
                             return std::future::pending::<()>().await;
                         }
                         if let Ok(mut server) = TcpStream::connect(&upstream).await {
                             let stalled = tokio::select! {
                                 _ = tokio::io::copy_bidirectional(&mut client, &mut server) => false,
-                                _ = stall.wait_for(|stalled| *stalled) => true,
+                                _ = stall.wait_for(stuck) => true,
                             };
                             if stalled {
                                 // Both ends stay open and nothing crosses any more.
@@ -75,6 +87,7 @@ impl Proxy {
             port,
             cut,
             stalled,
+            accepted,
             connections,
             accepting,
         }
@@ -91,13 +104,23 @@ impl Proxy {
     /// Stops forwarding on every connection, open or new, keeping them open, until
     /// [`Proxy::restore`].
     pub fn stall(&self) {
-        self.stalled.send_replace(true);
+        self.stalled.send_modify(|(all, _)| *all = true);
+    }
+
+    /// Stops forwarding on the connections open now, for good, keeping them open; later ones are
+    /// forwarded.
+    pub fn strand(&self) {
+        let below = self.accepted.load(Ordering::SeqCst);
+        self.stalled.send_modify(|(_, stranded)| *stranded = below);
     }
 
     /// Forwards again. Connections stalled meanwhile are closed, as a partition that heals finds
     /// them: the server ended its sessions while they were cut off.
     pub fn restore(&self) {
-        if self.stalled.send_replace(false) {
+        let mut was = false;
+        self.stalled
+            .send_modify(|(all, _)| was = std::mem::replace(all, false));
+        if was {
             for connection in self.connections.lock().unwrap().drain(..) {
                 connection.abort();
             }

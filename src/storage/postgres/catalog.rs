@@ -326,6 +326,13 @@ pub async fn forget(tx: &mut PgConnection, name: &Ident) -> Result<u64, StorageE
 
 /// Keeps the node's catalog fresh: reloads a project when another node notifies a change, and the
 /// whole catalog after every reconnection (notifications may have been missed meanwhile).
+///
+/// A listening connection that the network cut off without a word (a partition that healed after
+/// the server had ended the session) never hears of a change again: it sends nothing, so nothing
+/// tells it. While quiet, the listener compares the sum of every project's stamp with the node's;
+/// a storage ahead of the node twice in a row with the same sum (no notification came for it in
+/// between) means notifications no longer arrive: the listener connects again, which reads the
+/// whole catalog.
 pub async fn listen(storage: Weak<PgStorage>) {
     let mut attempt = 0;
     loop {
@@ -356,6 +363,8 @@ pub async fn listen(storage: Weak<PgStorage>) {
         // A notification whose project could not be read again: the whole catalog is read at the
         // next quiet moment, until a read succeeds, so a change is never missed for good.
         let mut missed = false;
+        // The storage's sum of stamps last seen ahead of the node's.
+        let mut ahead: Option<i64> = None;
         loop {
             let notification =
                 tokio::time::timeout(Duration::from_secs(5), listener.try_recv()).await;
@@ -368,6 +377,15 @@ pub async fn listen(storage: Weak<PgStorage>) {
                     if missed {
                         missed = node.refresh_catalog_quietly().await.is_err();
                     }
+                    let now = node.catalog_ahead().await;
+                    if now.is_some() && now == ahead {
+                        tracing::warn!(
+                            "the catalog changed in the storage and no notification came: \
+                             listening again on a new connection"
+                        );
+                        break;
+                    }
+                    ahead = now;
                 }
                 Ok(Ok(Some(notification))) => {
                     if let Ok(project) = Ident::parse(notification.payload()) {
@@ -391,6 +409,24 @@ pub async fn listen(storage: Weak<PgStorage>) {
 }
 
 impl PgStorage {
+    /// The sum of every project's stamp in the storage, when it is more than this node's (it has
+    /// not seen some change); `None` when it is not, or cannot be read.
+    async fn catalog_ahead(&self) -> Option<i64> {
+        let stored: i64 =
+            sqlx::query_scalar("SELECT coalesce(sum(changes), 0)::bigint FROM projects")
+                .fetch_one(self.pool())
+                .await
+                .ok()?;
+        let known: u64 = self
+            .catalog
+            .read()
+            .expect("catalog lock")
+            .stamps
+            .values()
+            .sum();
+        (stored > known as i64).then_some(stored)
+    }
+
     async fn refresh_catalog_quietly(&self) -> Result<(), StorageError> {
         use crate::storage::Storage;
         self.refresh_catalog().await
