@@ -196,6 +196,10 @@ pub struct ServerSettings {
     /// only their bodies held, so the memory of their items does not grow with the clients'
     /// connections. 0 means twice the HTTP workers.
     pub max_concurrent_bulk: usize,
+    /// Values of unique columns every freeze's duplicate count together may remember
+    /// (`DSTORE_MAX_COUNTED_UNIQUE_VALUES`; 8 bytes each, in hash sets): past it a count is only a
+    /// lower bound, and a column it could not count to the end takes `force`.
+    pub max_counted_unique_values: usize,
 }
 
 /// Where the catalog and the journal live.
@@ -429,6 +433,7 @@ impl Default for ServerSettings {
             max_inflight_bytes: 512 << 20,
             body_timeout_secs: 30,
             max_concurrent_bulk: 0,
+            max_counted_unique_values: crate::write::evolution::UNIQUE_VALUES_TRACKED,
         }
     }
 }
@@ -589,6 +594,9 @@ impl Settings {
         }
         if let Some(v) = first(&["DSTORE_NODE"]) {
             self.storage.node = Some(v.1);
+        }
+        if let Some(v) = first(&["DSTORE_MAX_COUNTED_UNIQUE_VALUES"]) {
+            self.server.max_counted_unique_values = parsed(v)?;
         }
         if let Some(v) = first(&["DSTORE_MIN_FREE_DISK_MB"]) {
             self.storage.min_free_disk_mb = parsed(v)?;

@@ -228,6 +228,7 @@ impl Application {
             Duration::from_secs(settings.changes.tombstone_retention_secs),
             Duration::from_secs(settings.changes.compact_interval_secs.max(1)),
         ));
+        crate::write::evolution::set_unique_room(settings.server.max_counted_unique_values);
         let (closing, closing_receiver) = watch::channel(false);
         let followers = Arc::new(Followers::default());
         let state = web::Data::new(AppState {

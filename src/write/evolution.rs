@@ -51,13 +51,24 @@ const PAGE: usize = 1000;
 /// Columns counted between two yields to the HTTP worker's other requests (about 10 ms).
 const YIELD_COLUMNS: usize = 16_384;
 /// Values of unique columns remembered at once while counting duplicates, over every count the
-/// process runs (8 bytes each in a hash set: about 55 MiB at most, while one grows); past it, a
-/// value is compared with those remembered but not remembered itself, and the count says it is a
-/// lower bound.
+/// process runs, by default (`server.max_counted_unique_values`; 8 bytes each in a hash set: about
+/// 55 MiB at most, while one grows); past it, a value is compared with those remembered but not
+/// remembered itself, and the count is only a lower bound: a column counted so is judged
+/// `breaking` (the freeze takes `force`), since duplicates may remain that it could not see.
 pub const UNIQUE_VALUES_TRACKED: usize = 2_000_000;
+
+/// The room every running count shares (see [`UNIQUE_VALUES_TRACKED`]).
+static ROOM: std::sync::atomic::AtomicUsize =
+    std::sync::atomic::AtomicUsize::new(UNIQUE_VALUES_TRACKED);
 
 /// Values remembered now by every running count (see [`UNIQUE_VALUES_TRACKED`]).
 static TRACKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// Sets how many values every running duplicate count may remember together
+/// (`server.max_counted_unique_values`).
+pub fn set_unique_room(values: usize) {
+    ROOM.store(values, Ordering::Relaxed);
+}
 
 #[derive(Debug, Serialize)]
 pub struct Report {
@@ -351,8 +362,9 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
             let (to_old, mut to_new) = (pair.to_old(), pair.to_new());
             let duplicates = counted.1.items_refused_as_duplicates;
             let capped = tally.capped(*version, index);
+            let room = ROOM.load(Ordering::Relaxed);
             let bound = match capped {
-                true => format!(" (at least: the count ran out of room for values, {UNIQUE_VALUES_TRACKED} at once, and compared the rest with those it kept)"),
+                true => format!(" (at least: the count ran out of room for values, {room} at once over every count (server.max_counted_unique_values), and compared the rest with those it kept)"),
                 false => String::new(),
             };
             if duplicates > 0 {
@@ -364,7 +376,14 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
                     ),
                 };
             } else if capped {
-                to_new.reason = format!("{}; no duplicate found{bound}", to_new.reason);
+                // Not every value was compared with every other: duplicates may remain.
+                to_new = Assessment {
+                    verdict: Verdict::Breaking,
+                    reason: format!(
+                        "{}; no duplicate found{bound}, but values it could not keep were never compared with one another, so stored items may still hold a value another holds, which PostgreSQL's unique index would refuse there: freeze with force=true once they are known to be unique, or when fewer freezes are counted at once",
+                        to_new.reason
+                    ),
+                };
             }
             verdict = verdict.max(to_old.verdict).max(to_new.verdict);
             reports.push(ColumnReport {
@@ -532,7 +551,7 @@ fn meet(
         return duplicated;
     }
     for (at, key) in keys {
-        if TRACKED.fetch_add(1, Ordering::Relaxed) < UNIQUE_VALUES_TRACKED {
+        if TRACKED.fetch_add(1, Ordering::Relaxed) < ROOM.load(Ordering::Relaxed) {
             uniques[at].seen.insert(key);
             *tracked += 1;
         } else {

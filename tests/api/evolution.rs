@@ -1353,3 +1353,80 @@ async fn items_whose_row_would_outgrow_postgresql_are_counted_as_refused() {
     assert_eq!(frozen.status, 200, "{}", frozen.body);
     app.stop().await;
 }
+
+/// A duplicate count that ran out of room for values (`server.max_counted_unique_values`, shared
+/// by every count the node runs) could not compare every value with every other: the column is
+/// judged breaking and the freeze takes force, rather than going through on a count that could
+/// not see the duplicates past its room.
+#[tokio::test]
+async fn a_duplicate_count_out_of_room_takes_force_rather_than_letting_duplicates_through() {
+    let db = TestDatabase::create().await;
+    let dir = tempfile::tempdir().unwrap();
+    let port = crate::process::free_port();
+    let server = crate::process::Server::start_with(
+        dir.path(),
+        port,
+        &[
+            ("DSTORE_MAX_COUNTED_UNIQUE_VALUES", "3".into()),
+            (
+                "DATABASE_URL",
+                db.settings().url.unwrap().expose().to_string(),
+            ),
+        ],
+    )
+    .await;
+    let client = reqwest::Client::new();
+    let call = |method: reqwest::Method, path: &str, body: Option<Value>| {
+        let request = client.request(method, server.url(path));
+        async move {
+            let request = match body {
+                Some(body) => request.body(body.to_string()),
+                None => request,
+            };
+            let response = request.send().await.unwrap();
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let code = |unique: bool| {
+        blueprint(
+            "coupons",
+            "coupon",
+            json!({"code": {"type": "string", "unique": unique, "validation": {"max_length": 100}}}),
+        )
+    };
+    let put = reqwest::Method::PUT;
+    let (status, body) = call(put.clone(), "/deals/coupon/_blueprint", Some(code(false))).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = call(reqwest::Method::POST, "/deals/_version", None).await;
+    assert_eq!(status, 200, "{body}");
+    // Items are counted in the order of their ids: three values are remembered, and the two
+    // "D"s come after them and are never compared with each other.
+    for (n, value) in ["A", "B", "C", "D", "D"].into_iter().enumerate() {
+        let path = format!("/deals/coupon/00000000-0000-4000-8000-00000000000{n}");
+        let item = json!({"project_version": 1, "code": value});
+        let (status, body) = call(put.clone(), &path, Some(item)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let (status, body) = call(put.clone(), "/deals/coupon/_blueprint", Some(code(true))).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, refused) = call(reqwest::Method::POST, "/deals/_version", None).await;
+    assert_eq!(status, 409, "{refused}");
+    let report = &refused["report"];
+    assert_eq!(report["verdict"], "breaking", "{report}");
+    let column = &live_version(report, 1)["columns"][0];
+    let reason = column["new_clients_reading_old_writes"]["reason"]
+        .as_str()
+        .unwrap();
+    assert!(
+        reason.contains("server.max_counted_unique_values") && reason.contains("force=true"),
+        "{reason}"
+    );
+    let (status, body) = call(reqwest::Method::POST, "/deals/_version?force=true", None).await;
+    assert_eq!(status, 200, "{body}");
+    drop(server);
+    db.drop().await;
+}
