@@ -81,14 +81,21 @@ pub fn apply_edit(
     let empty = IndexMap::new();
     let existing = current.map_or(&empty, |bp| &bp.columns);
     // The current column each body entry stands for: its key, or — when the rename was already
-    // applied by an earlier, identical request — its target.
+    // applied by an earlier, identical request — its target, unless another entry is keyed by
+    // that name (`{"a": {"column_id": "b"}, "new": {"column_id": "a"}}` renames `a` and adds a
+    // column under its old name; the second entry does not stand for `a` too).
+    let keyed = |name: &Ident| input.columns.iter().any(|c| &c.name == name);
     let sources: Vec<Option<&Ident>> = input
         .columns
         .iter()
         .map(|c| {
             existing
                 .get_key_value(&c.name)
-                .or_else(|| existing.get_key_value(c.target()))
+                .or_else(|| {
+                    (!keyed(c.target()))
+                        .then(|| existing.get_key_value(c.target()))
+                        .flatten()
+                })
                 .map(|(k, _)| k)
         })
         .collect();
@@ -99,6 +106,27 @@ pub fn apply_edit(
         .filter_map(|(c, source)| source.filter(|s| *s != c.target()))
         .collect();
     let mut errors = Vec::new();
+    // Two entries standing for one stored column would give two columns its uid, and with it its
+    // values in every version.
+    for (index, (column, source)) in input.columns.iter().zip(&sources).enumerate() {
+        let Some(source) = source else { continue };
+        if let Some(first) = input.columns[..index]
+            .iter()
+            .zip(&sources)
+            .find(|(_, other)| *other == &Some(*source))
+        {
+            errors.push(FieldError::new(
+                format!("{base}/columns/{}", column.name),
+                format!(
+                    "{:?} and {:?} both stand for the stored column {:?} (by name or by \
+                     column_id): a stored column is kept or renamed by one entry only",
+                    first.0.name.as_str(),
+                    column.name.as_str(),
+                    source.as_str()
+                ),
+            ));
+        }
+    }
     for (column, source) in input.columns.iter().zip(&sources) {
         let stored = source.and_then(|s| existing.get(s)).map(|c| &c.def);
         let at = format!("{base}/columns/{}", column.name);
@@ -386,5 +414,46 @@ mod tests {
         let mut stored = apply_edit(None, body(json!(null)), &mut uid, "").unwrap();
         stored.columns[0].def.default = Some(large.clone());
         apply_edit(Some(&stored), body(large), &mut uid, "").expect("kept");
+    }
+
+    /// Renaming a column and adding a new one under its old name keeps the stored column's uid
+    /// (and values) with the renamed one only; the new one gets a uid of its own.
+    #[test]
+    fn a_column_renamed_and_a_new_one_under_its_old_name_do_not_share_a_uid() {
+        let mut uid = 0;
+        let stored = apply_edit(
+            None,
+            blueprint(json!({"a": {"type": "string"}})),
+            &mut uid,
+            "",
+        )
+        .unwrap();
+        let old = stored.columns["a"].uid;
+        for body in [
+            json!({"a": {"type": "string", "column_id": "b"},
+                   "a_new": {"type": "integer", "column_id": "a"}}),
+            json!({"a_new": {"type": "integer", "column_id": "a"},
+                   "a": {"type": "string", "column_id": "b"}}),
+        ] {
+            let edited = apply_edit(Some(&stored), blueprint(body), &mut uid, "").unwrap();
+            assert_eq!(edited.columns["b"].uid, old);
+            assert_ne!(edited.columns["a"].uid, old);
+        }
+        // A rename already applied, sent again, still keeps the uid.
+        let renamed = apply_edit(
+            Some(&stored),
+            blueprint(json!({"a": {"type": "string", "column_id": "b"}})),
+            &mut uid,
+            "",
+        )
+        .unwrap();
+        let again = apply_edit(
+            Some(&renamed),
+            blueprint(json!({"a": {"type": "string", "column_id": "b"}})),
+            &mut uid,
+            "",
+        )
+        .unwrap();
+        assert_eq!(again.columns["b"].uid, old);
     }
 }
