@@ -266,8 +266,13 @@ pub async fn bulk(
         };
         owned.push(OwnedOp::of(raw, op, stored_uid));
     }
-    let owned: Arc<[OwnedOp]> = owned.into();
-    let mut outcomes = Vec::with_capacity(owned.len());
+    let body = BulkBody {
+        raw: raw.clone(),
+        ops: owned.into(),
+        max_item_bytes,
+        details: Arc::new(Details::for_body(raw.len())),
+    };
+    let mut outcomes = Vec::with_capacity(body.ops.len());
     // Once a part is journaled, the request goes on whatever others hold: a later part that holds
     // more than the request was admitted with (a version frozen meanwhile adds a document to each
     // item) goes on within the share it has, over its count by those documents, rather than
@@ -277,9 +282,9 @@ pub async fn bulk(
         other => other,
     };
     let mut journaled = false;
-    for part in parts(&owned, part_bytes(documents)) {
+    for part in parts(&body.ops, part_bytes(documents)) {
         let hold: Hold<'_> = if journaled { &later } else { hold };
-        match bulk_part(storage, project, raw, &owned, part, max_item_bytes, hold).await {
+        match bulk_part(storage, project, &body, part, hold).await {
             Ok(done) => {
                 journaled |= done.iter().any(Result::is_ok);
                 outcomes.extend(done);
@@ -324,32 +329,46 @@ fn parts(ops: &[OwnedOp], most: usize) -> Vec<Range<usize>> {
     parts
 }
 
-/// Journals the operations `part` of `ops` together: one outcome for each.
+/// A `_bulk` body as its parts are prepared on other threads: its text, its operations, the
+/// largest item and the error details its answer may still keep.
+#[derive(Clone)]
+struct BulkBody {
+    raw: Bytes,
+    ops: Arc<[OwnedOp]>,
+    max_item_bytes: usize,
+    details: Arc<Details>,
+}
+
+/// Journals the operations `part` of the body together: one outcome for each.
 async fn bulk_part(
     storage: &dyn Storage,
     project: &Ident,
-    raw: &Bytes,
-    ops: &Arc<[OwnedOp]>,
+    body: &BulkBody,
     part: Range<usize>,
-    max_item_bytes: usize,
     hold: Hold<'_>,
 ) -> Result<Vec<BulkOutcome>, WriteError> {
     let (revisions, outcomes) = journal(storage, project, hold, |snapshot| {
-        let (raw, ops, part, project) = (raw.clone(), ops.clone(), part.clone(), project.clone());
+        let (body, part, project) = (body.clone(), part.clone(), project.clone());
         aside(move || {
+            let BulkBody {
+                raw,
+                ops,
+                max_item_bytes,
+                details,
+            } = &body;
             let ops = &ops[part];
             let mut entries = Vec::with_capacity(ops.len());
             // Each operation's entry (its index, and the versions its item is not in), or why not.
             let mut outcomes = Vec::with_capacity(ops.len());
             for op in ops {
                 outcomes.push(
-                    match op.prepare(&snapshot, &project, &raw, max_item_bytes) {
+                    match op.prepare(&snapshot, &project, raw, *max_item_bytes) {
                         Ok(entry) => {
                             let absent = entry.absent_versions().into_boxed_slice();
                             entries.push(entry);
                             Ok((entries.len() - 1, absent))
                         }
-                        Err((status, errors)) => Err((status, cap_errors(errors))),
+                        Err((status, errors)) => Err((status, details.keep(cap_errors(errors)))),
                     },
                 );
             }
@@ -369,6 +388,46 @@ async fn bulk_part(
             })
         })
         .collect())
+}
+
+/// The bytes of error details a `_bulk` answer keeps, over all its operations: about half its
+/// body's length, and 64 KiB at least. An operation's errors can be far longer than its lines (a
+/// column unknown to a wide blueprint lists the columns it has), so a small body of refused items
+/// would otherwise be answered with hundreds of MB, held in memory no budget counts. Past it, a
+/// refused operation says so with one short error; the first ones show why.
+struct Details {
+    left: std::sync::atomic::AtomicUsize,
+}
+
+/// The one error of a refused operation whose details the answer left out.
+const DETAILS_LEFT_OUT: &str = "refused; its errors are left out: an answer keeps about half its \
+                                body's length of error details, and the operations before show \
+                                why theirs were refused";
+
+impl Details {
+    fn for_body(body_bytes: usize) -> Details {
+        Details {
+            left: std::sync::atomic::AtomicUsize::new((body_bytes / 2).max(64 * 1024)),
+        }
+    }
+
+    /// `errors`, or one short error once the answer holds its share of details.
+    fn keep(&self, errors: Vec<FieldError>) -> Vec<FieldError> {
+        let bytes: usize = errors
+            .iter()
+            .map(|e| e.path.len() + e.message.len() + 32)
+            .sum();
+        let kept = self
+            .left
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |left| {
+                left.checked_sub(bytes)
+            })
+            .is_ok();
+        match kept {
+            true => errors,
+            false => vec![FieldError::new("", DETAILS_LEFT_OUT)],
+        }
+    }
 }
 
 /// A bulk operation as its preparation on another thread holds it: the item line as a range of

@@ -185,6 +185,56 @@ async fn tens_of_thousands_of_unknown_keys_get_a_small_error_body() {
     app.stop().await;
 }
 
+/// A small `_bulk` body of items refused by a wide blueprint (each error lists the columns it has,
+/// kilobytes for a line of a few dozen bytes) is answered in about the body's size, not dozens of
+/// times it: the answer keeps about half the body's length of error details, and the operations
+/// past it say their errors were left out.
+#[tokio::test]
+async fn a_bulk_of_refused_items_is_answered_in_about_its_own_size() {
+    let app = spawn_app().await;
+    let columns: serde_json::Map<String, Value> = (0..300)
+        .map(|i| {
+            (
+                format!("column_with_a_long_name_to_list_{i:03}"),
+                json!({"type": "integer"}),
+            )
+        })
+        .collect();
+    let wide = json!({"postgresql": {"table": "wide"}, "elasticsearch": {"type": "wide"},
+        "columns": columns});
+    app.put_and_freeze("w", "wide", &wide).await;
+    let mut body = String::new();
+    for _ in 0..5000 {
+        body.push_str(&format!(
+            "{{\"put\":{{\"blueprint\":\"wide\",\"id\":\"{}\"}}}}\n{{\"project_version\":1,\"zz\":0}}\n",
+            Uuid::new_v4()
+        ));
+    }
+    let response = app
+        .client
+        .post(format!("{}/w/_bulk", app.address))
+        .body(body.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let text = response.text().await.unwrap();
+    assert!(
+        text.len() < 4 * body.len(),
+        "a {} byte body was answered with {} bytes",
+        body.len(),
+        text.len()
+    );
+    let answer: Value = serde_json::from_str(&text).unwrap();
+    let items = answer["items"].as_array().unwrap();
+    assert_eq!(items.len(), 5000);
+    let errors = |n: usize| items[n]["put"]["errors"].to_string();
+    assert!(errors(0).contains("unknown column"), "{}", errors(0));
+    assert!(errors(4999).contains("left out"), "{}", errors(4999));
+    assert!(items.iter().all(|item| item["put"]["status"] == 422));
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_very_long_item_id_is_refused_with_an_excerpt_of_it() {
     let app = blog().await;
