@@ -23,6 +23,12 @@ pub const MAX_BLUEPRINTS: usize = 200;
 /// leave most of it to the rest.
 pub const MAX_INDEXES: usize = 2000;
 
+/// Most bytes a project's blueprints take as JSON. Every node keeps every version of every project
+/// in memory, each with its own copy of its blueprints, and reads them all at start: 200 blueprints
+/// of 900 columns with long comments took 2 GB and more at each freeze, and a restart past a
+/// 4 GB memory limit. Far more than any real schema needs (about 50,000 plain columns).
+pub const MAX_BLUEPRINTS_BYTES: usize = 4 << 20;
+
 /// Most live (frozen, not retired) versions a project has: every item write is transformed,
 /// stored and projected once per live version that holds its blueprint.
 pub const MAX_LIVE_VERSIONS: usize = 32;
@@ -76,6 +82,24 @@ fn check_count(before: usize, next: usize) -> Result<(), CatalogError> {
     )]))
 }
 
+/// Refuses an edit that grows a project's blueprints past [`MAX_BLUEPRINTS_BYTES`]; one that keeps
+/// or shrinks those of a project made before the limit goes on.
+fn check_bytes(before: &Blueprints, next: &Blueprints) -> Result<(), CatalogError> {
+    let size = |blueprints: &Blueprints| serde_json::to_vec(blueprints).map_or(0, |v| v.len());
+    let will = size(next);
+    if will <= MAX_BLUEPRINTS_BYTES || will <= size(before) {
+        return Ok(());
+    }
+    Err(CatalogError::Invalid(vec![FieldError::new(
+        "",
+        format!(
+            "a project's blueprints take at most {MAX_BLUEPRINTS_BYTES} bytes as JSON (every node \
+             keeps every version of them in memory); this edit would make {will}: split the \
+             project, or shorten comments, patterns and enums"
+        ),
+    )]))
+}
+
 /// The `index` or `unique` columns of `blueprints`.
 fn indexes(blueprints: &Blueprints) -> usize {
     blueprints
@@ -116,6 +140,7 @@ pub fn put_blueprint(
     next.insert(name.clone(), edited);
     check_count(p.working.blueprints.len(), next.len())?;
     check_indexes(&p.working.blueprints, &next)?;
+    check_bytes(&p.working.blueprints, &next)?;
     check_unique_names(&next, Some(name))?;
     check_rows(&next, Some(name))?;
     Ok(record_edit(p, next, writes))
@@ -149,6 +174,7 @@ pub fn put_blueprints(
         return Err(CatalogError::Invalid(errors));
     }
     check_indexes(&p.working.blueprints, &next)?;
+    check_bytes(&p.working.blueprints, &next)?;
     check_unique_names(&next, None)?;
     check_rows(&next, None)?;
     Ok(record_edit(p, next, writes))

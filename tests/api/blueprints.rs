@@ -473,3 +473,44 @@ async fn malformed_query_strings_and_paths_get_json_errors() {
     }
     app.stop().await;
 }
+
+/// Every node keeps every version of every project in memory: a project's blueprints take at most
+/// 4 MiB as JSON. An edit past it is refused naming the limit; one that does not grow them goes on.
+#[tokio::test]
+async fn a_project_whose_blueprints_would_pass_4_mib_is_refused() {
+    let app = spawn_app().await;
+    let comment = "c".repeat(1000);
+    let columns: serde_json::Map<String, serde_json::Value> = (0..800)
+        .map(|i| {
+            (
+                format!("c{i}"),
+                json!({"type": "string", "comment": comment}),
+            )
+        })
+        .collect();
+    let body = |table: &str| {
+        json!({"postgresql": {"table": table}, "elasticsearch": {"type": table},
+            "columns": columns})
+    };
+    let mut refused = None;
+    for n in 0..8 {
+        let put = app
+            .put(&format!("/big/b{n}/_blueprint"), &body(&format!("t{n}")))
+            .await;
+        if put.status != 200 {
+            refused = Some((n, put));
+            break;
+        }
+    }
+    let (n, put) = refused.expect("refused before 8 blueprints of 800 KB");
+    assert!(n >= 4, "refused at blueprint {n}");
+    assert_eq!(put.status, 422, "{}", put.body);
+    assert!(
+        put.messages().contains("at most 4194304 bytes"),
+        "{}",
+        put.body
+    );
+    // Not grown: the same blueprint again goes on.
+    assert_eq!(app.put("/big/b0/_blueprint", &body("t0")).await.status, 200);
+    app.stop().await;
+}
