@@ -630,6 +630,11 @@ impl BulkAnswer {
                     out.extend_from_slice(b",\"not_in_versions\":");
                     serde_json::to_writer(&mut out, &put.absent).expect("numbers serialize");
                 }
+                match put.found {
+                    Some(true) => out.extend_from_slice(b",\"found\":true"),
+                    Some(false) => out.extend_from_slice(b",\"found\":false"),
+                    None => {}
+                }
             }
             match &item.errors {
                 Some(Errors::Own(errors)) => {
@@ -704,6 +709,7 @@ mod tests {
             written: revision.map(|(revision, absent)| write::Put {
                 revision,
                 absent: absent.into(),
+                found: None,
             }),
             errors,
         };

@@ -133,6 +133,7 @@ where
         Put {
             revision: revisions[0],
             absent: absent.into_boxed_slice(),
+            found: None,
         }
     };
     // An item's check can cost time quadratic in its size (polygons): a large one is prepared
@@ -180,6 +181,8 @@ pub struct Put {
     /// The live versions the item is not in: they allow no null where it has none (after a
     /// forced breaking freeze; docs/evolution.md).
     pub absent: Box<[u32]>,
+    /// For a delete: whether the item was there.
+    pub found: Option<bool>,
 }
 
 /// Runs `prepare` off the HTTP worker (see `crate::aside`).
@@ -378,12 +381,15 @@ async fn bulk_part(
     .await?;
     Ok(outcomes
         .into_iter()
-        .map(|outcome| {
+        .zip(&body.ops[part])
+        .map(|(outcome, op)| {
             outcome.map(|(index, absent)| {
                 count_left_out(&absent);
                 Put {
                     revision: revisions[index],
                     absent,
+                    // As a DELETE answers it: whether the item was there.
+                    found: (op.action == Action::Delete).then_some(op.stored_uid.is_some()),
                 }
             })
         })

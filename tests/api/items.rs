@@ -272,6 +272,17 @@ async fn bulk_answers_per_line_and_journals_the_valid_ones() {
             .count(&"myblog".parse_ident(), 1, &"article".parse_ident()),
         2
     );
+    // A delete says whether the item was there, as DELETE answers it; other actions do not.
+    let items = answer.body["items"].as_array().unwrap();
+    assert_eq!(items[3]["delete"]["found"], false, "{}", answer.body);
+    assert!(items[0]["put"].get("found").is_none(), "{}", answer.body);
+    let delete = json!({"delete": {"blueprint": "article", "id": ID}}).to_string();
+    let deleted = app.send(Method::POST, "/myblog/_bulk", Some(delete)).await;
+    assert_eq!(
+        deleted.body["items"][0]["delete"]["found"], true,
+        "{}",
+        deleted.body
+    );
 
     let broken = app
         .send(Method::POST, "/myblog/_bulk", Some("{\"put\": \n".into()))
