@@ -982,7 +982,21 @@ async fn a_column_unique_again_is_judged_against_the_newest_live_version() {
         assert_eq!(put.status, 200, "{}", put.body);
     }
     app.put("/deals/coupon/_blueprint", &coupon(false)).await;
-    assert_eq!(app.post("/deals/_version", None).await.status, 200);
+    // Unique no more while version 1, unique, is live: its index would refuse what new clients
+    // write with a value another item holds.
+    let refused = app.post("/deals/_version", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    let column = &live_version(&refused.body["report"], 1)["columns"][0];
+    let reason = &column["old_clients_reading_new_writes"]["reason"];
+    assert!(
+        reason
+            .as_str()
+            .unwrap()
+            .contains("unique in the old version"),
+        "{column}"
+    );
+    let forced = app.post("/deals/_version?force=true", None).await;
+    assert_eq!(forced.status, 200, "{}", forced.body);
     app.put("/deals/coupon/_blueprint", &coupon(true)).await;
     let refused = app.post("/deals/_version", None).await;
     assert_eq!(refused.status, 409, "{}", refused.body);

@@ -257,9 +257,23 @@ impl ColumnPair<'_> {
         }
     }
 
-    /// Items of the new version read by clients of the old one.
+    /// Items of the new version read by clients of the old one. A column unique in the old version
+    /// and not in the new one lets new clients write a value another item holds, which the old
+    /// version's unique index (PostgreSQL) refuses: those items are not in its store.
     pub fn to_old(&self) -> Assessment {
         match (self.old, self.new) {
+            (Some((_, old)), Some((_, new))) if old.def.unique && !new.def.unique => {
+                let assessed = assess(&new.def, &old.def);
+                Assessment::new(
+                    Verdict::Breaking,
+                    format!(
+                        "{}; the column is unique in the old version and not in the new one: an \
+                         item new clients write with a value another item holds is refused by the \
+                         old version's unique index (PostgreSQL; dead letters)",
+                        assessed.reason
+                    ),
+                )
+            }
             (Some((_, old)), Some((_, new))) => assess(&new.def, &old.def),
             (Some((_, old)), None) => assess_absent(&old.def),
             (None, _) => Assessment::new(Verdict::Lossless, "the old version has no such column"),
