@@ -377,15 +377,18 @@ pub async fn listen(storage: Weak<PgStorage>) {
                     if missed {
                         missed = node.refresh_catalog_quietly().await.is_err();
                     }
-                    let now = node.catalog_ahead().await;
-                    if now.is_some() && now == ahead {
-                        tracing::warn!(
-                            "the catalog changed in the storage and no notification came: \
-                             listening again on a new connection"
-                        );
-                        break;
+                    // A check that could not be made (a pooled connection cut off too) says
+                    // nothing either way: the last one that could stands.
+                    if let Ok(now) = node.catalog_ahead().await {
+                        if now.is_some() && now == ahead {
+                            tracing::warn!(
+                                "the catalog changed in the storage and no notification came: \
+                                 listening again on a new connection"
+                            );
+                            break;
+                        }
+                        ahead = now;
                     }
-                    ahead = now;
                 }
                 Ok(Ok(Some(notification))) => {
                     if let Ok(project) = Ident::parse(notification.payload()) {
@@ -410,13 +413,12 @@ pub async fn listen(storage: Weak<PgStorage>) {
 
 impl PgStorage {
     /// The sum of every project's stamp in the storage, when it is more than this node's (it has
-    /// not seen some change); `None` when it is not, or cannot be read.
-    async fn catalog_ahead(&self) -> Option<i64> {
+    /// not seen some change); `None` when it is not; an error when it cannot be read.
+    async fn catalog_ahead(&self) -> Result<Option<i64>, sqlx::Error> {
         let stored: i64 =
             sqlx::query_scalar("SELECT coalesce(sum(changes), 0)::bigint FROM projects")
                 .fetch_one(self.pool())
-                .await
-                .ok()?;
+                .await?;
         let known: u64 = self
             .catalog
             .read()
@@ -424,7 +426,7 @@ impl PgStorage {
             .stamps
             .values()
             .sum();
-        (stored > known as i64).then_some(stored)
+        Ok((stored > known as i64).then_some(stored))
     }
 
     async fn refresh_catalog_quietly(&self) -> Result<(), StorageError> {
