@@ -237,6 +237,10 @@ pub struct StorageSettings {
     /// With `backend = "postgresql"`: how long a batch of writes may wait for the storage's answer
     /// before its writes answer 503 (`DSTORE_COMMIT_TIMEOUT_SECS`; at least 1).
     pub commit_timeout_secs: u64,
+    /// With `backend = "postgresql"`: how long a node waits for any other answer from the storage
+    /// (a read, each row of a page, a catalog edit, a projector's step) before it gives the
+    /// connection up and answers 503 (`DSTORE_QUERY_TIMEOUT_SECS`; at least 1).
+    pub query_timeout_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -451,6 +455,7 @@ impl Default for StorageSettings {
             min_free_disk_mb: 1024,
             max_projects: crate::catalog::edit::MAX_PROJECTS,
             commit_timeout_secs: 30,
+            query_timeout_secs: 30,
         }
     }
 }
@@ -606,6 +611,9 @@ impl Settings {
         }
         if let Some(v) = first(&["DSTORE_COMMIT_TIMEOUT_SECS"]) {
             self.storage.commit_timeout_secs = parsed(v)?;
+        }
+        if let Some(v) = first(&["DSTORE_QUERY_TIMEOUT_SECS"]) {
+            self.storage.query_timeout_secs = parsed(v)?;
         }
         if let Some((name, value)) = first(&["DSTORE_DURABILITY"]) {
             self.storage.durability = match value.as_str() {

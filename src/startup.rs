@@ -499,6 +499,11 @@ async fn open_cluster_storage(
             "storage.commit_timeout_secs (DSTORE_COMMIT_TIMEOUT_SECS) must be at least 1".into(),
         ));
     }
+    if settings.storage.query_timeout_secs == 0 {
+        return Err(StartupError::Unconfigured(
+            "storage.query_timeout_secs (DSTORE_QUERY_TIMEOUT_SECS) must be at least 1".into(),
+        ));
+    }
     wait_for_storage(&url).await;
     PgStorage::open(PgStorageSettings {
         url,
@@ -508,6 +513,7 @@ async fn open_cluster_storage(
         projection: settings.projection.clone(),
         max_projects: settings.storage.max_projects,
         commit_timeout: Duration::from_secs(settings.storage.commit_timeout_secs),
+        query_timeout: Duration::from_secs(settings.storage.query_timeout_secs),
     })
     .await
     .map_err(StartupError::Storage)

@@ -70,6 +70,7 @@ pub(crate) async fn open_postgresql_in(
         projection: ProjectionSettings::default(),
         max_projects: MAX_PROJECTS,
         commit_timeout: std::time::Duration::from_secs(30),
+        query_timeout: std::time::Duration::from_secs(30),
     })
     .await
     .expect("the postgresql storage opens")

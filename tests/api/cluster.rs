@@ -852,18 +852,113 @@ async fn writes_to_a_storage_that_stops_answering_answer_503_in_time_and_resume_
     cluster.clean_up().await;
 }
 
+/// A storage that stops answering on the connections a node holds (a partition, a frozen server, a
+/// hung proxy that still acknowledges) costs a read `storage.query_timeout_secs`, not as long as the
+/// kernel keeps the connection (here, for ever): reads in flight when it happens answer 503 naming
+/// the limit, their connections are given up, and the node reads on new ones without a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_from_a_storage_that_stops_answering_answer_in_time_and_resume_on_new_connections() {
+    use sqlx::Connection;
+
+    let mut cluster = Cluster::new().await;
+    let direct_url = cluster.storage_url.clone();
+    let proxy = cluster.behind_proxy().await;
+    let nodes = cluster
+        .bare_nodes("strand", 1, &[("DSTORE_QUERY_TIMEOUT_SECS", "2".into())])
+        .await;
+    let node = &nodes[0];
+    for (method, path, body) in [
+        (reqwest::Method::PUT, "/p/thing/_blueprint", Some(thing())),
+        (reqwest::Method::POST, "/p/_version", None),
+    ] {
+        let (status, body) = send(method, node.url(path), body).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let id = Uuid::new_v4();
+    let (status, body) = send(
+        reqwest::Method::PUT,
+        node.url(&format!("/p/thing/{id}")),
+        Some(json!({"project_version": 1, "title": "t", "n": 1})),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let read = |path: String| {
+        let url = node.url(&path);
+        async move {
+            let response = reqwest::Client::new()
+                .get(url)
+                .timeout(Duration::from_secs(60))
+                .send()
+                .await
+                .expect("an answer well before the kernel gives the connection up");
+            let status = response.status().as_u16();
+            (
+                status,
+                response.json::<Value>().await.unwrap_or(Value::Null),
+            )
+        }
+    };
+    let paths = [
+        format!("/p/thing/{id}"),
+        "/p/_changes?version=1".to_string(),
+    ];
+
+    // The reads wait on a lock the test holds, so they are in flight when their connections are
+    // cut off; the storage answers them once the lock goes, into connections that forward nothing.
+    let mut holder = sqlx::PgConnection::connect(&direct_url).await.unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("LOCK TABLE dstore.items IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let reads = tokio::spawn(futures::future::join_all(
+        (0..6).map(|i| read(paths[i % 2].clone())),
+    ));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    proxy.strand();
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let cut = reads.await.unwrap();
+    assert!(
+        started.elapsed() < Duration::from_secs(20),
+        "reads answer within the limit, not as long as the connections are kept: {:?}",
+        started.elapsed()
+    );
+    for (status, body) in &cut {
+        assert_eq!(*status, 503, "{body}");
+        assert!(
+            body.to_string().contains("query_timeout_secs"),
+            "the answer names the limit: {body}"
+        );
+    }
+
+    let started = Instant::now();
+    let mut answered = 0;
+    while answered < 20 {
+        let (status, body) = read(paths[answered % 2].clone()).await;
+        if status == 200 {
+            answered += 1;
+            continue;
+        }
+        answered = 0;
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "reads go on over new connections: {body}"
+        );
+    }
+    drop(nodes);
+    drop(proxy);
+    cluster.clean_up().await;
+}
+
 /// A node whose connection listening for catalog changes was cut off without a word (the network
 /// healed after PostgreSQL had ended the session, and the node sends nothing on it) would never
 /// hear of another node's change again: it finds the storage's catalog ahead of its own while
 /// quiet, and listens again. Seen here by a stream of a version retired through another node,
-/// which ends.
-///
-/// Ignored by the test command: a read of the stream's that the cut catches mid-query waits as long
-/// as the kernel keeps its connection (only writes are bounded in time), which this proxy never
-/// ends, so the test fails about one run in two. Run it with `--ignored`; it passes whenever the
-/// cut misses the stream's reads, and never without the quiet check.
+/// which ends. A read of the stream's that the cut catches mid-query gives up after
+/// `storage.query_timeout_secs` and is made again on another connection.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "flaky until reads are bounded in time: a read the cut catches mid-query hangs"]
 async fn a_node_whose_listening_connection_was_cut_off_silently_still_hears_of_changes() {
     use eventsource_stream::Eventsource;
     use futures::StreamExt;
@@ -872,7 +967,14 @@ async fn a_node_whose_listening_connection_was_cut_off_silently_still_hears_of_c
     let direct_url = cluster.storage_url.clone();
     let proxy = cluster.behind_proxy().await;
     let a = cluster
-        .bare_nodes("cutoff", 1, &[("DSTORE_COMMIT_TIMEOUT_SECS", "2".into())])
+        .bare_nodes(
+            "cutoff",
+            1,
+            &[
+                ("DSTORE_COMMIT_TIMEOUT_SECS", "2".into()),
+                ("DSTORE_QUERY_TIMEOUT_SECS", "2".into()),
+            ],
+        )
         .await;
     cluster.storage_url = direct_url;
     let b = cluster.bare_nodes("direct", 1, &[]).await;

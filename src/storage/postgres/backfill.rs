@@ -13,7 +13,7 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{catalog, unavailable, PgStorage};
+use super::{catalog, unavailable, within, PgStorage};
 use crate::blueprint::Ident;
 use crate::journal::backfill::{item_task, BackfillState};
 use crate::journal::codec;
@@ -233,80 +233,83 @@ async fn commit_chunk(
     state: &BackfillState,
     chunk: Vec<(String, Uuid, u64, Vec<u8>)>,
 ) -> Result<bool, StorageError> {
-    let mut tx = node
-        .pool()
-        .begin()
-        .await
-        .map_err(|e| unavailable("begin a back-fill chunk", &e))?;
-    let Ok((p, _)) = catalog::lock_project(&mut tx, project, None).await else {
-        return Ok(false);
-    };
-    if p.working.born != born {
-        // The back-fill of the project made again, if any, is its own to run.
-        return Ok(false);
-    }
-    if p.version(version).is_none() || p.is_retired(version) {
-        drop(tx);
-        finish(node, project, version, key, state, true).await?;
-        return Ok(false);
-    }
-    // Items written or deleted since the chunk was read need nothing: the write carried the version.
-    let blueprints: Vec<&str> = chunk.iter().map(|c| c.0.as_str()).collect();
-    let ids: Vec<Uuid> = chunk.iter().map(|c| c.1).collect();
-    let current: Vec<(String, Uuid, i64)> = sqlx::query_as(
-        "SELECT i.blueprint, i.id, i.revision FROM items i \
-         JOIN unnest($2::text[], $3::uuid[]) AS c(blueprint, id) \
-           ON i.blueprint = c.blueprint AND i.id = c.id \
-         WHERE i.project = $1",
-    )
-    .bind(project.as_str())
-    .bind(&blueprints)
-    .bind(&ids)
-    .fetch_all(&mut *tx)
-    .await
-    .map_err(|e| unavailable("check back-filled items", &e))?;
-    let unchanged: Vec<&(String, Uuid, u64, Vec<u8>)> = chunk
-        .iter()
-        .filter(|(b, id, revision, _)| {
-            current
-                .iter()
-                .any(|(cb, cid, cr)| cb == b && cid == id && *cr as u64 == *revision)
-        })
-        .collect();
-    if !unchanged.is_empty() {
-        let last = PgStorage::next_revisions(&mut tx, project, unchanged.len() as u64).await?;
-        let first = last - unchanged.len() as u64 + 1;
-        let revisions: Vec<i64> = (first..=last).map(|r| r as i64).collect();
-        let tasks: Vec<Vec<u8>> = unchanged
-            .iter()
-            .zip(first..)
-            .map(|((_, _, item_revision, task), journal)| {
-                codec::task_value(journal, *item_revision, task)
-            })
-            .collect();
-        sqlx::query(
-            "INSERT INTO journal (project, revision, task, projectors) \
-             SELECT $1, r, t, $4 FROM unnest($2::bigint[], $3::bytea[]) AS x(r, t)",
+    within(node.pool().limit(), async move {
+        let mut tx = node
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| unavailable("begin a back-fill chunk", &e))?;
+        let Ok((p, _)) = catalog::lock_project(&mut tx, project, None).await else {
+            return Ok(false);
+        };
+        if p.working.born != born {
+            // The back-fill of the project made again, if any, is its own to run.
+            return Ok(false);
+        }
+        if p.version(version).is_none() || p.is_retired(version) {
+            drop(tx);
+            finish(node, project, version, key, state, true).await?;
+            return Ok(false);
+        }
+        // Items written or deleted since the chunk was read need nothing: the write carried the version.
+        let blueprints: Vec<&str> = chunk.iter().map(|c| c.0.as_str()).collect();
+        let ids: Vec<Uuid> = chunk.iter().map(|c| c.1).collect();
+        let current: Vec<(String, Uuid, i64)> = sqlx::query_as(
+            "SELECT i.blueprint, i.id, i.revision FROM items i \
+             JOIN unnest($2::text[], $3::uuid[]) AS c(blueprint, id) \
+               ON i.blueprint = c.blueprint AND i.id = c.id \
+             WHERE i.project = $1",
         )
         .bind(project.as_str())
-        .bind(&revisions)
-        .bind(&tasks)
-        .bind(state.projectors.as_deref())
-        .execute(&mut *tx)
+        .bind(&blueprints)
+        .bind(&ids)
+        .fetch_all(&mut *tx)
         .await
-        .map_err(|e| unavailable("journal a back-fill chunk", &e))?;
-    }
-    if !save_state(&mut tx, node, project, version, key, state).await? {
-        // The lease lapsed (this node stalled) and another node goes on with the back-fill:
-        // nothing of this chunk is journaled twice.
-        tracing::info!(%project, version, "back-fill left to the node that took its lease");
-        return Ok(false);
-    }
-    tx.commit()
-        .await
-        .map_err(|e| unavailable("commit a back-fill chunk", &e))?;
-    node.committed.notify_waiters();
-    Ok(true)
+        .map_err(|e| unavailable("check back-filled items", &e))?;
+        let unchanged: Vec<&(String, Uuid, u64, Vec<u8>)> = chunk
+            .iter()
+            .filter(|(b, id, revision, _)| {
+                current
+                    .iter()
+                    .any(|(cb, cid, cr)| cb == b && cid == id && *cr as u64 == *revision)
+            })
+            .collect();
+        if !unchanged.is_empty() {
+            let last = PgStorage::next_revisions(&mut tx, project, unchanged.len() as u64).await?;
+            let first = last - unchanged.len() as u64 + 1;
+            let revisions: Vec<i64> = (first..=last).map(|r| r as i64).collect();
+            let tasks: Vec<Vec<u8>> = unchanged
+                .iter()
+                .zip(first..)
+                .map(|((_, _, item_revision, task), journal)| {
+                    codec::task_value(journal, *item_revision, task)
+                })
+                .collect();
+            sqlx::query(
+                "INSERT INTO journal (project, revision, task, projectors) \
+                 SELECT $1, r, t, $4 FROM unnest($2::bigint[], $3::bytea[]) AS x(r, t)",
+            )
+            .bind(project.as_str())
+            .bind(&revisions)
+            .bind(&tasks)
+            .bind(state.projectors.as_deref())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| unavailable("journal a back-fill chunk", &e))?;
+        }
+        if !save_state(&mut tx, node, project, version, key, state).await? {
+            // The lease lapsed (this node stalled) and another node goes on with the back-fill:
+            // nothing of this chunk is journaled twice.
+            tracing::info!(%project, version, "back-fill left to the node that took its lease");
+            return Ok(false);
+        }
+        tx.commit()
+            .await
+            .map_err(|e| unavailable("commit a back-fill chunk", &e))?;
+        node.committed.notify_waiters();
+        Ok(true)
+    })
+    .await
 }
 
 /// Saves the state of a back-fill this node holds the lease of; false when it does not.
@@ -344,16 +347,19 @@ async fn finish(
     state: &BackfillState,
     stopped: bool,
 ) -> Result<(), StorageError> {
-    let mut state = state.clone();
-    state.finished = true;
-    let mut conn = node
-        .pool()
-        .acquire()
-        .await
-        .map_err(|e| unavailable("finish a back-fill", &e))?;
-    save_state(&mut conn, node, project, version, key, &state).await?;
-    if stopped {
-        tracing::info!(%project, version, "back-fill stopped: the version was retired or removed");
-    }
-    Ok(())
+    within(node.pool().limit(), async move {
+        let mut state = state.clone();
+        state.finished = true;
+        let mut conn = node
+            .pool()
+            .acquire()
+            .await
+            .map_err(|e| unavailable("finish a back-fill", &e))?;
+        save_state(&mut conn, node, project, version, key, &state).await?;
+        if stopped {
+            tracing::info!(%project, version, "back-fill stopped: the version was retired or removed");
+        }
+        Ok(())
+    })
+    .await
 }

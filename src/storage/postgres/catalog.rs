@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use sqlx::postgres::{PgListener, PgPool};
+use sqlx::postgres::PgListener;
 use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 
@@ -39,7 +39,7 @@ fn working_copy(row: &sqlx::postgres::PgRow) -> Result<WorkingCopy, StorageError
 }
 
 /// Every project the database knows, dropped ones included (so a node forgets them).
-pub async fn load_all(pool: &PgPool) -> Result<Vec<Loaded>, StorageError> {
+pub async fn load_all(pool: &super::Bounded) -> Result<Vec<Loaded>, StorageError> {
     let mut projects: BTreeMap<Ident, Loaded> = BTreeMap::new();
     let rows = sqlx::query("SELECT name, epoch, changes, live, working FROM projects")
         .fetch_all(pool)
@@ -340,7 +340,7 @@ pub async fn listen(storage: Weak<PgStorage>) {
             return;
         };
         let listener = async {
-            let mut listener = PgListener::connect_with(node.pool()).await?;
+            let mut listener = PgListener::connect_with(node.pool().pool()).await?;
             listener.listen(&node.channel).await?;
             Ok::<_, sqlx::Error>(listener)
         }

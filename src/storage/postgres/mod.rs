@@ -18,6 +18,7 @@
 //! (leased cursors), `backfill` (leased back-fills), `watch` (cursor polling for waits and health).
 
 mod backfill;
+pub mod bounded;
 mod catalog;
 pub mod projection;
 mod watch;
@@ -30,7 +31,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use chrono::{DateTime, Utc};
 use futures::TryStreamExt;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
 use sqlx::{Executor, Row};
 use tokio::sync::{mpsc, Notify};
 use uuid::Uuid;
@@ -47,7 +48,10 @@ use crate::feed::ChangesPage;
 use crate::journal::backfill::BackfillState;
 use crate::journal::codec;
 use crate::journal::task::TaskOp;
-use crate::journal::{DeadLetter, Entry, ItemRecord, LetterFilter, ProjectorProgress, RETRY_PAGE};
+use crate::journal::{
+    DeadLetter, Entry, ItemRecord, LetterFilter, ProjectorProgress, PURGE_BATCH, RETRY_PAGE,
+};
+use bounded::{within, Bounded};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -67,6 +71,8 @@ pub struct PgStorageSettings {
     pub max_projects: usize,
     /// How long a batch of writes may wait for the storage (`storage.commit_timeout_secs`).
     pub commit_timeout: Duration,
+    /// How long any other exchange with the storage may wait (`storage.query_timeout_secs`).
+    pub query_timeout: Duration,
 }
 
 /// This node's copy of the catalog, and the stamp of each project in it (dropped ones too).
@@ -84,7 +90,8 @@ struct NodeProgress {
 }
 
 pub struct PgStorage {
-    pool: PgPool,
+    /// Every statement through it is bounded by `storage.query_timeout_secs` (`bounded`).
+    pool: Bounded,
     /// How the write batcher connects: it keeps a connection of its own, so item writes never
     /// wait behind reads (a page of the change feed, a scan) for one of [`PgStorage::pool`]'s,
     /// and a batch costs no round trip to check a pooled connection.
@@ -323,7 +330,7 @@ fn unavailable(what: &str, error: &sqlx::Error) -> StorageError {
 /// giving them back (they lapse within [`LEASE`], a back-fill's within 30 s), or one still
 /// running with the same name, which works beside this one (leases name the process too) but
 /// makes logs ambiguous.
-async fn warn_of_namesakes(pool: &PgPool, node: &str) {
+async fn warn_of_namesakes(pool: &Bounded, node: &str) {
     let held: Result<i64, _> = sqlx::query_scalar(
         "SELECT (SELECT count(*) FROM cursors WHERE lease_until > now() \
                    AND starts_with(lease_owner, $1 || '/')) \
@@ -385,10 +392,7 @@ impl PgStorage {
             .into_iter()
             .chain(KEEPALIVES),
         );
-        let pool = PgPoolOptions::new()
-            .max_connections(10)
-            .acquire_timeout(Duration::from_secs(5))
-            .connect_lazy_with(options.clone());
+        let pool = Bounded::connect_lazy(options.clone(), 10, settings.query_timeout);
         // Nodes starting together on a fresh database may all create it: the same statement made
         // by two sessions at once can fail on the name's unique index in one of them, which then
         // finds the schema there.
@@ -456,7 +460,7 @@ impl PgStorage {
         Ok(storage)
     }
 
-    pub fn pool(&self) -> &PgPool {
+    pub fn pool(&self) -> &Bounded {
         &self.pool
     }
 
@@ -558,51 +562,54 @@ impl PgStorage {
         project: &Ident,
         projectors: &[String],
     ) -> Result<(), StorageError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| unavailable("begin creating projector cursors", &e))?;
-        let row: Option<(i64, bool)> =
-            sqlx::query_as("SELECT revision, live FROM projects WHERE name = $1 FOR UPDATE")
-                .bind(project.as_str())
-                .fetch_optional(&mut *tx)
+        within(self.pool.limit(), async move {
+            let mut tx = self
+                .pool
+                .begin()
                 .await
-                .map_err(|e| unavailable("create projector cursors", &e))?;
-        let Some((revision, live)) = row else {
-            return Ok(());
-        };
-        let added: Vec<String> = sqlx::query_scalar(
-            "INSERT INTO cursors (projector, project, revision) \
-             SELECT x, $2, $3 FROM unnest($1::text[]) AS x ON CONFLICT DO NOTHING \
-             RETURNING projector",
-        )
-        .bind(projectors)
-        .bind(project.as_str())
-        .bind(revision)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(|e| unavailable("create projector cursors", &e))?;
-        let mut versions = Vec::new();
-        if live && revision > 0 && !added.is_empty() {
-            if let Some(p) = catalog::load_project(&mut tx, project).await?.project {
-                versions.extend(p.live_versions().map(|v| v.number));
-            }
-        }
-        for version in &versions {
-            let at = Self::next_revisions(&mut tx, project, 1).await?;
-            let migrate = TaskOp::Migrate { version: *version };
-            Self::append_task(&mut tx, project, at, &migrate, Some(&added)).await?;
-            backfill::record_again(&mut tx, project, *version, &added).await?;
-        }
-        tx.commit()
+                .map_err(|e| unavailable("begin creating projector cursors", &e))?;
+            let row: Option<(i64, bool)> =
+                sqlx::query_as("SELECT revision, live FROM projects WHERE name = $1 FOR UPDATE")
+                    .bind(project.as_str())
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(|e| unavailable("create projector cursors", &e))?;
+            let Some((revision, live)) = row else {
+                return Ok(());
+            };
+            let added: Vec<String> = sqlx::query_scalar(
+                "INSERT INTO cursors (projector, project, revision) \
+                 SELECT x, $2, $3 FROM unnest($1::text[]) AS x ON CONFLICT DO NOTHING \
+                 RETURNING projector",
+            )
+            .bind(projectors)
+            .bind(project.as_str())
+            .bind(revision)
+            .fetch_all(&mut *tx)
             .await
-            .map_err(|e| unavailable("commit projector cursors", &e))?;
-        if !versions.is_empty() {
-            tracing::info!(%project, projectors = ?added, ?versions, "a store added later is back-filled with every live version");
-            self.committed.notify_waiters();
-        }
-        Ok(())
+            .map_err(|e| unavailable("create projector cursors", &e))?;
+            let mut versions = Vec::new();
+            if live && revision > 0 && !added.is_empty() {
+                if let Some(p) = catalog::load_project(&mut tx, project).await?.project {
+                    versions.extend(p.live_versions().map(|v| v.number));
+                }
+            }
+            for version in &versions {
+                let at = Self::next_revisions(&mut tx, project, 1).await?;
+                let migrate = TaskOp::Migrate { version: *version };
+                Self::append_task(&mut tx, project, at, &migrate, Some(&added)).await?;
+                backfill::record_again(&mut tx, project, *version, &added).await?;
+            }
+            tx.commit()
+                .await
+                .map_err(|e| unavailable("commit projector cursors", &e))?;
+            if !versions.is_empty() {
+                tracing::info!(%project, projectors = ?added, ?versions, "a store added later is back-filled with every live version");
+                self.committed.notify_waiters();
+            }
+            Ok(())
+        })
+        .await
     }
 
     /// Runs a catalog edit under the project's row lock and publishes the new state.
@@ -616,26 +623,30 @@ impl PgStorage {
             ) -> Result<T, crate::catalog::CatalogError>
             + Send,
     ) -> Result<T, StorageError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| unavailable("begin a catalog edit", &e))?;
-        let (mut p, stamp) = catalog::lock_project(
-            &mut tx,
-            project,
-            create.then_some(self.settings.max_projects),
-        )
+        let (result, stamp, p) = within(self.pool.limit(), async move {
+            let mut tx = self
+                .pool
+                .begin()
+                .await
+                .map_err(|e| unavailable("begin a catalog edit", &e))?;
+            let (mut p, stamp) = catalog::lock_project(
+                &mut tx,
+                project,
+                create.then_some(self.settings.max_projects),
+            )
+            .await?;
+            let mut writes = Vec::new();
+            let result = apply(&mut p, &mut writes)?;
+            let stamp = catalog::persist(&mut tx, &mut p, stamp, &writes).await?;
+            if !writes.is_empty() {
+                self.notify(&mut tx, project).await?;
+            }
+            tx.commit()
+                .await
+                .map_err(|e| unavailable("commit a catalog edit", &e))?;
+            Ok::<_, StorageError>((result, stamp, p))
+        })
         .await?;
-        let mut writes = Vec::new();
-        let result = apply(&mut p, &mut writes)?;
-        let stamp = catalog::persist(&mut tx, &mut p, stamp, &writes).await?;
-        if !writes.is_empty() {
-            self.notify(&mut tx, project).await?;
-        }
-        tx.commit()
-            .await
-            .map_err(|e| unavailable("commit a catalog edit", &e))?;
         self.publish_one(project, stamp, Some(p));
         // The edit is committed: a failure to make the cursors of a new project must not answer it
         // as failed. Each node's watch makes missing cursors within a minute.
@@ -645,6 +656,61 @@ impl PgStorage {
             }
         }
         Ok(result)
+    }
+
+    /// Removes at most [`PURGE_BATCH`] tombstones made before `before`, oldest revisions of each
+    /// project first, in one transaction (so a long backlog of deletes is purged in steps that each
+    /// hold their projects' rows briefly); answers how many it found and how many went (one
+    /// replaced since by a new delete of its item is younger, and stays).
+    async fn purge_tombstone_batch(
+        &self,
+        before: DateTime<Utc>,
+    ) -> Result<(usize, u64), StorageError> {
+        let failed = |e: sqlx::Error| unavailable("compact the change feed", &e);
+        within(self.pool.limit(), async move {
+            let batch: Vec<(String, i64)> = sqlx::query_as(
+                "SELECT project, revision FROM tombstones WHERE deleted_at < $1 \
+                 ORDER BY project, revision LIMIT $2",
+            )
+            .bind(before)
+            .bind(PURGE_BATCH as i64)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(failed)?;
+            if batch.is_empty() {
+                return Ok((0, 0));
+            }
+            let (projects, revisions): (Vec<String>, Vec<i64>) = batch.iter().cloned().unzip();
+            let mut tx = self.pool.begin().await.map_err(failed)?;
+            // The projects' rows first, in name order, as a batch of writes takes them before it
+            // removes the tombstones of items written again: taken the other way round, each would
+            // wait for the other until PostgreSQL ended one, and a batch of writes failed with it.
+            sqlx::query("SELECT 1 FROM projects WHERE name = ANY($1) ORDER BY name FOR UPDATE")
+                .bind(&projects)
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+            let purged: i64 = sqlx::query_scalar(
+                "WITH gone AS (DELETE FROM tombstones t \
+                               USING unnest($1::text[], $2::bigint[]) AS b(project, revision) \
+                               WHERE t.project = b.project AND t.revision = b.revision \
+                                 AND t.deleted_at < $3 \
+                               RETURNING t.project, t.revision), \
+                 moved AS (UPDATE projects p SET horizon = greatest(p.horizon, g.top) \
+                           FROM (SELECT project, max(revision) AS top FROM gone GROUP BY project) g \
+                           WHERE p.name = g.project RETURNING 1) \
+                 SELECT count(*) FROM gone",
+            )
+            .bind(&projects)
+            .bind(&revisions)
+            .bind(before)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(failed)?;
+            tx.commit().await.map_err(failed)?;
+            Ok((batch.len(), purged as u64))
+        })
+        .await
     }
 
     /// Tells the other nodes the project's catalog changed (delivered at commit).
@@ -664,14 +730,17 @@ impl PgStorage {
 
     /// Reads one project again from the database into this node's catalog.
     async fn reload(&self, project: &Ident) -> Result<(), StorageError> {
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| unavailable("read the catalog", &e))?;
-        let loaded = catalog::load_project(&mut conn, project).await?;
-        self.publish(vec![loaded]);
-        Ok(())
+        within(self.pool.limit(), async move {
+            let mut conn = self
+                .pool
+                .acquire()
+                .await
+                .map_err(|e| unavailable("read the catalog", &e))?;
+            let loaded = catalog::load_project(&mut conn, project).await?;
+            self.publish(vec![loaded]);
+            Ok(())
+        })
+        .await
     }
 
     /// Queues again, in one transaction under `project`'s lock, the letters of `keys`
@@ -687,85 +756,88 @@ impl PgStorage {
         keys: &[(String, i64)],
         drops: bool,
     ) -> Result<usize, StorageError> {
-        let Ok(name) = Ident::parse(project) else {
-            return Ok(0);
-        };
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| unavailable("begin a retry", &e))?;
-        let born = match drops {
-            true if catalog::lock_dropped(&mut tx, &name).await? => 0,
-            true => return Ok(0),
-            false => match catalog::lock_project(&mut tx, &name, None).await {
-                Ok((p, _)) => p.working.born,
-                Err(StorageError::NotFound(_)) => return Ok(0),
-                Err(error) => return Err(error),
-            },
-        };
-        let queue = |e: sqlx::Error| unavailable("queue dead letters again", &e);
-        let (projectors, revisions): (Vec<&str>, Vec<i64>) =
-            keys.iter().map(|(p, r)| (p.as_str(), *r)).unzip();
-        let rows = sqlx::query(
-            "DELETE FROM dead_letters d USING unnest($2::text[], $3::bigint[]) AS k(projector, revision) \
-             WHERE d.project = $1 AND d.projector = k.projector AND d.revision = k.revision \
-             AND d.revision > $4 AND jsonb_typeof(d.letter->'task') = 'object' \
-             RETURNING d.projector, d.revision, d.letter",
-        )
-        .bind(project)
-        .bind(&projectors)
-        .bind(&revisions)
-        .bind(born as i64)
-        .fetch_all(&mut *tx)
-        .await
-        .map_err(queue)?;
-        let mut taken = Vec::with_capacity(rows.len());
-        for row in rows {
-            let letter: sqlx::types::Json<DeadLetter> = row.try_get("letter").map_err(queue)?;
-            let Some(task) = letter.0.task else {
-                continue; // none: the deletion takes letters with a task only
+        within(self.pool.limit(), async move {
+            let Ok(name) = Ident::parse(project) else {
+                return Ok(0);
             };
-            taken.push((
-                row.get::<String, _>("projector"),
-                row.get::<i64, _>("revision"),
-                task,
-            ));
-        }
-        if taken.is_empty() {
-            return Ok(0);
-        }
-        // Each projector's letters queued in the order they were refused.
-        taken.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
-        let last = Self::next_revisions(&mut tx, &name, taken.len() as u64).await?;
-        let first = last + 1 - taken.len() as u64;
-        let (mut at, mut tasks, mut names) = (Vec::new(), Vec::new(), Vec::new());
-        for (n, (projector, _, task)) in taken.into_iter().enumerate() {
-            let next = first + n as u64;
-            let item_revision = match &task.op {
-                TaskOp::Upsert { revision, .. } | TaskOp::Delete { revision, .. } => *revision,
-                TaskOp::Migrate { .. } | TaskOp::DropProject => next,
+            let mut tx = self
+                .pool
+                .begin()
+                .await
+                .map_err(|e| unavailable("begin a retry", &e))?;
+            let born = match drops {
+                true if catalog::lock_dropped(&mut tx, &name).await? => 0,
+                true => return Ok(0),
+                false => match catalog::lock_project(&mut tx, &name, None).await {
+                    Ok((p, _)) => p.working.born,
+                    Err(StorageError::NotFound(_)) => return Ok(0),
+                    Err(error) => return Err(error),
+                },
             };
-            let body = codec::task_body(&task.project, &task.op);
-            at.push(next as i64);
-            tasks.push(codec::task_value(next, item_revision, &body));
-            names.push(projector);
-        }
-        sqlx::query(
-            "INSERT INTO journal (project, revision, task, projectors) \
-             SELECT $1, r, t, ARRAY[p] FROM unnest($2::bigint[], $3::bytea[], $4::text[]) AS k(r, t, p)",
-        )
-        .bind(project)
-        .bind(&at)
-        .bind(&tasks)
-        .bind(&names)
-        .execute(&mut *tx)
-        .await
-        .map_err(queue)?;
-        tx.commit()
+            let queue = |e: sqlx::Error| unavailable("queue dead letters again", &e);
+            let (projectors, revisions): (Vec<&str>, Vec<i64>) =
+                keys.iter().map(|(p, r)| (p.as_str(), *r)).unzip();
+            let rows = sqlx::query(
+                "DELETE FROM dead_letters d USING unnest($2::text[], $3::bigint[]) AS k(projector, revision) \
+                 WHERE d.project = $1 AND d.projector = k.projector AND d.revision = k.revision \
+                 AND d.revision > $4 AND jsonb_typeof(d.letter->'task') = 'object' \
+                 RETURNING d.projector, d.revision, d.letter",
+            )
+            .bind(project)
+            .bind(&projectors)
+            .bind(&revisions)
+            .bind(born as i64)
+            .fetch_all(&mut *tx)
             .await
-            .map_err(|e| unavailable("commit a retry", &e))?;
-        Ok(at.len())
+            .map_err(queue)?;
+            let mut taken = Vec::with_capacity(rows.len());
+            for row in rows {
+                let letter: sqlx::types::Json<DeadLetter> = row.try_get("letter").map_err(queue)?;
+                let Some(task) = letter.0.task else {
+                    continue; // none: the deletion takes letters with a task only
+                };
+                taken.push((
+                    row.get::<String, _>("projector"),
+                    row.get::<i64, _>("revision"),
+                    task,
+                ));
+            }
+            if taken.is_empty() {
+                return Ok(0);
+            }
+            // Each projector's letters queued in the order they were refused.
+            taken.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
+            let last = Self::next_revisions(&mut tx, &name, taken.len() as u64).await?;
+            let first = last + 1 - taken.len() as u64;
+            let (mut at, mut tasks, mut names) = (Vec::new(), Vec::new(), Vec::new());
+            for (n, (projector, _, task)) in taken.into_iter().enumerate() {
+                let next = first + n as u64;
+                let item_revision = match &task.op {
+                    TaskOp::Upsert { revision, .. } | TaskOp::Delete { revision, .. } => *revision,
+                    TaskOp::Migrate { .. } | TaskOp::DropProject => next,
+                };
+                let body = codec::task_body(&task.project, &task.op);
+                at.push(next as i64);
+                tasks.push(codec::task_value(next, item_revision, &body));
+                names.push(projector);
+            }
+            sqlx::query(
+                "INSERT INTO journal (project, revision, task, projectors) \
+                 SELECT $1, r, t, ARRAY[p] FROM unnest($2::bigint[], $3::bytea[], $4::text[]) AS k(r, t, p)",
+            )
+            .bind(project)
+            .bind(&at)
+            .bind(&tasks)
+            .bind(&names)
+            .execute(&mut *tx)
+            .await
+            .map_err(queue)?;
+            tx.commit()
+                .await
+                .map_err(|e| unavailable("commit a retry", &e))?;
+            Ok(at.len())
+        })
+        .await
     }
 
     /// Hands out `n` revisions of a locked project; answers the last.
@@ -983,39 +1055,42 @@ impl Storage for PgStorage {
         forced: bool,
         judged: Option<crate::catalog::edit::Judged>,
     ) -> Result<(Arc<Version>, u64), StorageError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| unavailable("begin a freeze", &e))?;
-        let (mut p, stamp) = catalog::lock_project(&mut tx, project, None).await?;
-        let mut writes = Vec::new();
-        let projectors = self.settings.projectors.clone();
-        let version = edit::freeze(
-            &mut p,
-            &projectors,
-            &[],
-            forced,
-            judged.as_ref(),
-            &mut writes,
-        )?;
-        let stamp = catalog::persist(&mut tx, &mut p, stamp, &writes).await?;
-        let revision = Self::next_revisions(&mut tx, project, 1).await?;
-        let migrate = TaskOp::Migrate {
-            version: version.number,
-        };
-        Self::append_task(&mut tx, project, revision, &migrate, None).await?;
-        // The back-fill is recorded in the same transaction as the version.
-        if version.number > 1 {
-            backfill::record(&mut tx, project, version.number, None).await?;
-        }
-        self.notify(&mut tx, project).await?;
-        tx.commit()
-            .await
-            .map_err(|e| unavailable("commit a freeze", &e))?;
-        self.publish_one(project, stamp, Some(p));
-        self.committed.notify_waiters();
-        Ok((version, revision))
+        within(self.pool.limit(), async move {
+            let mut tx = self
+                .pool
+                .begin()
+                .await
+                .map_err(|e| unavailable("begin a freeze", &e))?;
+            let (mut p, stamp) = catalog::lock_project(&mut tx, project, None).await?;
+            let mut writes = Vec::new();
+            let projectors = self.settings.projectors.clone();
+            let version = edit::freeze(
+                &mut p,
+                &projectors,
+                &[],
+                forced,
+                judged.as_ref(),
+                &mut writes,
+            )?;
+            let stamp = catalog::persist(&mut tx, &mut p, stamp, &writes).await?;
+            let revision = Self::next_revisions(&mut tx, project, 1).await?;
+            let migrate = TaskOp::Migrate {
+                version: version.number,
+            };
+            Self::append_task(&mut tx, project, revision, &migrate, None).await?;
+            // The back-fill is recorded in the same transaction as the version.
+            if version.number > 1 {
+                backfill::record(&mut tx, project, version.number, None).await?;
+            }
+            self.notify(&mut tx, project).await?;
+            tx.commit()
+                .await
+                .map_err(|e| unavailable("commit a freeze", &e))?;
+            self.publish_one(project, stamp, Some(p));
+            self.committed.notify_waiters();
+            Ok((version, revision))
+        })
+        .await
     }
 
     async fn remigrate(
@@ -1024,47 +1099,53 @@ impl Storage for PgStorage {
         version: u32,
         projectors: Vec<String>,
     ) -> Result<u64, StorageError> {
-        let mut tx = self
-            .pool
-            .begin()
+        within(self.pool.limit(), async move {
+            let mut tx = self
+                .pool
+                .begin()
+                .await
+                .map_err(|e| unavailable("begin a migration", &e))?;
+            catalog::lock_project(&mut tx, project, None).await?;
+            let revision = Self::next_revisions(&mut tx, project, 1).await?;
+            Self::append_task(
+                &mut tx,
+                project,
+                revision,
+                &TaskOp::Migrate { version },
+                Some(&projectors),
+            )
+            .await?;
+            // A held project is tried again at once.
+            sqlx::query(
+                "UPDATE cursors SET held_until = NULL WHERE project = $1 AND projector = ANY($2)",
+            )
+            .bind(project.as_str())
+            .bind(&projectors)
+            .execute(&mut *tx)
             .await
-            .map_err(|e| unavailable("begin a migration", &e))?;
-        catalog::lock_project(&mut tx, project, None).await?;
-        let revision = Self::next_revisions(&mut tx, project, 1).await?;
-        Self::append_task(
-            &mut tx,
-            project,
-            revision,
-            &TaskOp::Migrate { version },
-            Some(&projectors),
-        )
-        .await?;
-        // A held project is tried again at once.
-        sqlx::query(
-            "UPDATE cursors SET held_until = NULL WHERE project = $1 AND projector = ANY($2)",
-        )
-        .bind(project.as_str())
-        .bind(&projectors)
-        .execute(&mut *tx)
+            .map_err(|e| unavailable("release held cursors", &e))?;
+            tx.commit()
+                .await
+                .map_err(|e| unavailable("commit a migration", &e))?;
+            self.committed.notify_waiters();
+            Ok(revision)
+        })
         .await
-        .map_err(|e| unavailable("release held cursors", &e))?;
-        tx.commit()
-            .await
-            .map_err(|e| unavailable("commit a migration", &e))?;
-        self.committed.notify_waiters();
-        Ok(revision)
     }
 
     async fn ensure_backfill(&self, project: &Ident, version: u32) -> Result<bool, StorageError> {
-        if version < 2 {
-            return Ok(false);
-        }
-        let mut conn = self
-            .pool
-            .acquire()
-            .await
-            .map_err(|e| unavailable("start a back-fill", &e))?;
-        backfill::record(&mut conn, project, version, None).await
+        within(self.pool.limit(), async move {
+            if version < 2 {
+                return Ok(false);
+            }
+            let mut conn = self
+                .pool
+                .acquire()
+                .await
+                .map_err(|e| unavailable("start a back-fill", &e))?;
+            backfill::record(&mut conn, project, version, None).await
+        })
+        .await
     }
 
     async fn changes(
@@ -1165,66 +1246,50 @@ impl Storage for PgStorage {
     }
 
     async fn purge_tombstones(&self, before: DateTime<Utc>) -> Result<u64, StorageError> {
-        let failed = |e: sqlx::Error| unavailable("compact the change feed", &e);
-        let mut tx = self.pool.begin().await.map_err(failed)?;
-        // The projects' rows first, in name order, as a batch of writes takes them before it
-        // removes the tombstones of items written again: taken the other way round, each would
-        // wait for the other until PostgreSQL ended one, and a batch of writes failed with it.
-        sqlx::query(
-            "SELECT 1 FROM projects WHERE name IN \
-             (SELECT DISTINCT project FROM tombstones WHERE deleted_at < $1) \
-             ORDER BY name FOR UPDATE",
-        )
-        .bind(before)
-        .execute(&mut *tx)
-        .await
-        .map_err(failed)?;
-        let purged: i64 = sqlx::query_scalar(
-            "WITH gone AS (DELETE FROM tombstones WHERE deleted_at < $1 RETURNING project, revision), \
-             moved AS (UPDATE projects p SET horizon = greatest(p.horizon, g.top) \
-                       FROM (SELECT project, max(revision) AS top FROM gone GROUP BY project) g \
-                       WHERE p.name = g.project RETURNING 1) \
-             SELECT count(*) FROM gone",
-        )
-        .bind(before)
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(failed)?;
-        tx.commit().await.map_err(failed)?;
-        Ok(purged as u64)
+        let mut total = 0;
+        loop {
+            let (seen, purged) = self.purge_tombstone_batch(before).await?;
+            total += purged;
+            if seen < PURGE_BATCH {
+                return Ok(total);
+            }
+        }
     }
 
     async fn drop_project(&self, project: &Ident) -> Result<u64, StorageError> {
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| unavailable("begin a drop", &e))?;
-        catalog::lock_project(&mut tx, project, None).await?;
-        let revision = Self::next_revisions(&mut tx, project, 1).await?;
-        Self::append_task(&mut tx, project, revision, &TaskOp::DropProject, None).await?;
-        let stamp = catalog::forget(&mut tx, project).await?;
-        // The feed forgets the project's history: followers from before the drop start over.
-        sqlx::query("UPDATE projects SET horizon = $2 WHERE name = $1")
-            .bind(project.as_str())
-            .bind(revision as i64)
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| unavailable("drop a project", &e))?;
-        sqlx::query("DELETE FROM version_usage WHERE project = $1")
-            .bind(project.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| unavailable("drop a project's version use", &e))?;
-        self.notify(&mut tx, project).await?;
-        tx.commit()
-            .await
-            .map_err(|e| unavailable("commit a drop", &e))?;
-        self.usage.forget(project);
-        self.signal.publish(project, revision);
-        self.publish_one(project, stamp, None);
-        self.committed.notify_waiters();
-        Ok(revision)
+        within(self.pool.limit(), async move {
+            let mut tx = self
+                .pool
+                .begin()
+                .await
+                .map_err(|e| unavailable("begin a drop", &e))?;
+            catalog::lock_project(&mut tx, project, None).await?;
+            let revision = Self::next_revisions(&mut tx, project, 1).await?;
+            Self::append_task(&mut tx, project, revision, &TaskOp::DropProject, None).await?;
+            let stamp = catalog::forget(&mut tx, project).await?;
+            // The feed forgets the project's history: followers from before the drop start over.
+            sqlx::query("UPDATE projects SET horizon = $2 WHERE name = $1")
+                .bind(project.as_str())
+                .bind(revision as i64)
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| unavailable("drop a project", &e))?;
+            sqlx::query("DELETE FROM version_usage WHERE project = $1")
+                .bind(project.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| unavailable("drop a project's version use", &e))?;
+            self.notify(&mut tx, project).await?;
+            tx.commit()
+                .await
+                .map_err(|e| unavailable("commit a drop", &e))?;
+            self.usage.forget(project);
+            self.signal.publish(project, revision);
+            self.publish_one(project, stamp, None);
+            self.committed.notify_waiters();
+            Ok(revision)
+        })
+        .await
     }
 
     async fn item(
@@ -1502,29 +1567,32 @@ impl Storage for PgStorage {
     }
 
     async fn put_key(&self, key: &ApiKey, most: usize) -> Result<bool, StorageError> {
-        let failed = |e: sqlx::Error| unavailable("write an API key", &e);
-        let mut tx = self.pool.begin().await.map_err(failed)?;
-        // Creations wait for each other (this lock mode conflicts with itself, and with no read),
-        // so two never both see room for one more key.
-        sqlx::query("LOCK TABLE api_keys IN SHARE ROW EXCLUSIVE MODE")
-            .execute(&mut *tx)
-            .await
-            .map_err(failed)?;
-        let count: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys")
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(failed)?;
-        if usize::try_from(count).unwrap_or(usize::MAX) >= most {
-            return Ok(false);
-        }
-        sqlx::query("INSERT INTO api_keys (id, record) VALUES ($1, $2)")
-            .bind(&key.id)
-            .bind(sqlx::types::Json(key))
-            .execute(&mut *tx)
-            .await
-            .map_err(failed)?;
-        tx.commit().await.map_err(failed)?;
-        Ok(true)
+        within(self.pool.limit(), async move {
+            let failed = |e: sqlx::Error| unavailable("write an API key", &e);
+            let mut tx = self.pool.begin().await.map_err(failed)?;
+            // Creations wait for each other (this lock mode conflicts with itself, and with no read),
+            // so two never both see room for one more key.
+            sqlx::query("LOCK TABLE api_keys IN SHARE ROW EXCLUSIVE MODE")
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+            let count: i64 = sqlx::query_scalar("SELECT count(*) FROM api_keys")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(failed)?;
+            if usize::try_from(count).unwrap_or(usize::MAX) >= most {
+                return Ok(false);
+            }
+            sqlx::query("INSERT INTO api_keys (id, record) VALUES ($1, $2)")
+                .bind(&key.id)
+                .bind(sqlx::types::Json(key))
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+            tx.commit().await.map_err(failed)?;
+            Ok(true)
+        })
+        .await
     }
 
     async fn key(&self, id: &str) -> Result<Option<ApiKey>, StorageError> {
@@ -1537,27 +1605,31 @@ impl Storage for PgStorage {
     }
 
     async fn replace_key(&self, key: &ApiKey, was: &ApiKey) -> Result<KeyReplaced, StorageError> {
-        let failed = |e: sqlx::Error| unavailable("write an API key", &e);
-        let mut tx = self.pool.begin().await.map_err(failed)?;
-        let row = sqlx::query("SELECT record, last_used_at FROM api_keys WHERE id = $1 FOR UPDATE")
-            .bind(&key.id)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(failed)?;
-        let Some(row) = row else {
-            return Ok(KeyReplaced::Revoked);
-        };
-        if !key_of(&row)?.same_apart_from_use(was) {
-            return Ok(KeyReplaced::Changed);
-        }
-        sqlx::query("UPDATE api_keys SET record = $2 WHERE id = $1")
-            .bind(&key.id)
-            .bind(sqlx::types::Json(key))
-            .execute(&mut *tx)
-            .await
-            .map_err(failed)?;
-        tx.commit().await.map_err(failed)?;
-        Ok(KeyReplaced::Done)
+        within(self.pool.limit(), async move {
+            let failed = |e: sqlx::Error| unavailable("write an API key", &e);
+            let mut tx = self.pool.begin().await.map_err(failed)?;
+            let row =
+                sqlx::query("SELECT record, last_used_at FROM api_keys WHERE id = $1 FOR UPDATE")
+                    .bind(&key.id)
+                    .fetch_optional(&mut *tx)
+                    .await
+                    .map_err(failed)?;
+            let Some(row) = row else {
+                return Ok(KeyReplaced::Revoked);
+            };
+            if !key_of(&row)?.same_apart_from_use(was) {
+                return Ok(KeyReplaced::Changed);
+            }
+            sqlx::query("UPDATE api_keys SET record = $2 WHERE id = $1")
+                .bind(&key.id)
+                .bind(sqlx::types::Json(key))
+                .execute(&mut *tx)
+                .await
+                .map_err(failed)?;
+            tx.commit().await.map_err(failed)?;
+            Ok(KeyReplaced::Done)
+        })
+        .await
     }
 
     async fn touch_key(&self, id: &str, at: DateTime<Utc>) -> Result<(), StorageError> {
@@ -1830,6 +1902,7 @@ mod tests {
             projection: crate::config::ProjectionSettings::default(),
             max_projects: 10,
             commit_timeout: Duration::from_secs(30),
+            query_timeout: Duration::from_secs(30),
         };
         let Err(error) = super::PgStorage::open(settings).await else {
             panic!("opened a storage nobody serves");

@@ -17,7 +17,7 @@ use std::time::Duration;
 use sqlx::Row;
 use tokio::sync::watch;
 
-use super::{unavailable, PgStorage, LEASE};
+use super::{unavailable, within, PgStorage, LEASE};
 use crate::blueprint::Ident;
 use crate::journal::task::{Task, TaskOp};
 use crate::journal::{decode_task, DeadLetter};
@@ -392,48 +392,51 @@ async fn settle(
     revision: u64,
     dead: Vec<DeadLetter>,
 ) -> Result<bool, StorageError> {
-    let mut tx = storage
-        .pool()
-        .begin()
-        .await
-        .map_err(|e| unavailable("settle tasks", &e))?;
-    let moved = sqlx::query(
-        "UPDATE cursors SET revision = greatest(revision, $3), last_error = NULL, attempts = 0, \
-             held_until = NULL, lease_until = now() + make_interval(secs => $5) \
-         WHERE projector = $1 AND project = $2 AND lease_owner = $4",
-    )
-    .bind(projector)
-    .bind(project.as_str())
-    .bind(revision as i64)
-    .bind(storage.lease_owner())
-    .bind(LEASE.as_secs_f64())
-    .execute(&mut *tx)
-    .await
-    .map_err(|e| unavailable("move a cursor", &e))?
-    .rows_affected()
-        == 1;
-    if !moved {
-        tracing::info!(projector, %project, "lease lost to another node; leaving the project to it");
-        return Ok(false);
-    }
-    for letter in &dead {
-        sqlx::query(
-            "INSERT INTO dead_letters (projector, project, revision, letter) VALUES ($1, $2, $3, $4) \
-             ON CONFLICT DO NOTHING",
+    within(storage.pool().limit(), async move {
+        let mut tx = storage
+            .pool()
+            .begin()
+            .await
+            .map_err(|e| unavailable("settle tasks", &e))?;
+        let moved = sqlx::query(
+            "UPDATE cursors SET revision = greatest(revision, $3), last_error = NULL, attempts = 0, \
+                 held_until = NULL, lease_until = now() + make_interval(secs => $5) \
+             WHERE projector = $1 AND project = $2 AND lease_owner = $4",
         )
         .bind(projector)
         .bind(project.as_str())
-        .bind(letter.seq as i64)
-        .bind(sqlx::types::Json(letter))
+        .bind(revision as i64)
+        .bind(storage.lease_owner())
+        .bind(LEASE.as_secs_f64())
         .execute(&mut *tx)
         .await
-        .map_err(|e| unavailable("keep a dead letter", &e))?;
-    }
-    tx.commit()
-        .await
-        .map_err(|e| unavailable("settle tasks", &e))?;
-    storage.watch.note(projector, project, revision);
-    Ok(true)
+        .map_err(|e| unavailable("move a cursor", &e))?
+        .rows_affected()
+            == 1;
+        if !moved {
+            tracing::info!(projector, %project, "lease lost to another node; leaving the project to it");
+            return Ok(false);
+        }
+        for letter in &dead {
+            sqlx::query(
+                "INSERT INTO dead_letters (projector, project, revision, letter) VALUES ($1, $2, $3, $4) \
+                 ON CONFLICT DO NOTHING",
+            )
+            .bind(projector)
+            .bind(project.as_str())
+            .bind(letter.seq as i64)
+            .bind(sqlx::types::Json(letter))
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| unavailable("keep a dead letter", &e))?;
+        }
+        tx.commit()
+            .await
+            .map_err(|e| unavailable("settle tasks", &e))?;
+        storage.watch.note(projector, project, revision);
+        Ok(true)
+    })
+    .await
 }
 
 /// Holds a project back after a failed step, for longer each time, and gives up the lease.

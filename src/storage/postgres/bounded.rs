@@ -1,0 +1,188 @@
+//! Every exchange a node has with the storage through its pool, bounded in time.
+//!
+//! A storage that stops answering without closing its connections (a partition, a frozen server, a
+//! proxy or balancer in between that hangs) would otherwise hold a query, and whatever waits on it
+//! (a request, a change feed stream, a projector), for as long as the kernel keeps the connection:
+//! about a quarter of an hour while it retransmits, for ever when something on the way
+//! acknowledges for the server. Invariants:
+//! - a statement sent through [`Bounded`] gets its answer within `storage.query_timeout_secs`, and
+//!   each row of a stream within as long after the one before; a transaction (`within` around it)
+//!   gets as long for the whole of it. Past the limit the call fails with [`TimedOut`], which
+//!   callers answer as 503;
+//! - a connection given up on is never used again: the pool checks each connection it gets back
+//!   within the same limit (a statement dropped half-way leaves its answer to be read first) and
+//!   closes it when the check gets no answer, so a node's pool never fills with connections that
+//!   wait for ever;
+//! - a connection idle for a while is checked before it is handed out; one used a moment ago is
+//!   not, since the check on its return is that recent.
+//!
+//! The write batcher keeps its own connection and its own limit (`storage.commit_timeout_secs`,
+//! `writer`); the catalog listener has its quiet check (`catalog`).
+
+use std::future::Future;
+use std::time::Duration;
+
+use futures::future::BoxFuture;
+use futures::stream::BoxStream;
+use futures::StreamExt;
+use sqlx::pool::PoolConnection;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgQueryResult, PgRow};
+use sqlx::{Connection, Either, Execute, Executor, Postgres, Transaction};
+
+use crate::storage::StorageError;
+
+/// How long a pooled connection may have been idle and still be handed out unchecked.
+const FRESH: Duration = Duration::from_secs(1);
+
+/// Longest wait for a connection of the pool (all of them busy, or a new one to be made).
+const MAX_ACQUIRE: Duration = Duration::from_secs(5);
+
+/// No answer from the storage within the limit.
+#[derive(Clone, Copy, Debug)]
+pub struct TimedOut(pub Duration);
+
+impl From<TimedOut> for sqlx::Error {
+    fn from(TimedOut(limit): TimedOut) -> Self {
+        sqlx::Error::Io(std::io::Error::new(
+            std::io::ErrorKind::TimedOut,
+            format!(
+                "no answer in {} s (storage.query_timeout_secs)",
+                limit.as_secs()
+            ),
+        ))
+    }
+}
+
+impl From<TimedOut> for StorageError {
+    fn from(TimedOut(limit): TimedOut) -> Self {
+        StorageError::Unavailable(format!(
+            "postgresql storage: no answer from the storage in {} s \
+             (storage.query_timeout_secs); a change it was asked for may or may not have been made",
+            limit.as_secs()
+        ))
+    }
+}
+
+/// Runs `work` (a transaction, a few statements on one connection) within `limit`.
+pub async fn within<T, E: From<TimedOut>>(
+    limit: Duration,
+    work: impl Future<Output = Result<T, E>>,
+) -> Result<T, E> {
+    match tokio::time::timeout(limit, work).await {
+        Ok(done) => done,
+        Err(_) => Err(TimedOut(limit).into()),
+    }
+}
+
+/// A node's pool, whose statements are each bounded by `limit`.
+#[derive(Clone, Debug)]
+pub struct Bounded {
+    pool: PgPool,
+    limit: Duration,
+}
+
+impl Bounded {
+    /// A lazily connecting pool of `size` connections made with `options`.
+    pub fn connect_lazy(options: PgConnectOptions, size: u32, limit: Duration) -> Bounded {
+        let acquire = limit.min(MAX_ACQUIRE);
+        // An idle connection that does not answer is given up in half the time a read may wait
+        // for one, leaving the other half to connect anew.
+        let check = acquire / 2;
+        let pool = PgPoolOptions::new()
+            .max_connections(size)
+            .acquire_timeout(acquire)
+            .test_before_acquire(false)
+            .before_acquire(move |conn, meta| {
+                Box::pin(async move {
+                    if meta.idle_for < FRESH {
+                        return Ok(true);
+                    }
+                    within(check, conn.ping()).await.map(|()| true)
+                })
+            })
+            .after_release(move |conn, _| {
+                Box::pin(async move { within(limit, conn.ping()).await.map(|()| true) })
+            })
+            .connect_lazy_with(options);
+        Bounded { pool, limit }
+    }
+
+    pub fn limit(&self) -> Duration {
+        self.limit
+    }
+
+    /// The pool itself, for what must not be bounded (closing it).
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// A connection of the pool, for statements run on it (bound them with [`within`]).
+    pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
+        self.pool.acquire().await
+    }
+
+    /// A transaction on a connection of the pool (bound it with [`within`]).
+    pub async fn begin(&self) -> Result<Transaction<'static, Postgres>, sqlx::Error> {
+        within(self.limit, self.pool.begin()).await
+    }
+}
+
+impl<'p> Executor<'p> for &'_ Bounded {
+    type Database = Postgres;
+
+    fn fetch_many<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxStream<'e, Result<Either<PgQueryResult, PgRow>, sqlx::Error>>
+    where
+        'p: 'e,
+        E: 'q + Execute<'q, Postgres>,
+    {
+        let limit = self.limit;
+        let rows = (&self.pool).fetch_many(query);
+        futures::stream::unfold(Some(rows), move |rows| async move {
+            let mut rows = rows?;
+            match tokio::time::timeout(limit, rows.next()).await {
+                Ok(Some(row)) => Some((row, Some(rows))),
+                Ok(None) => None,
+                Err(_) => Some((Err(TimedOut(limit).into()), None)),
+            }
+        })
+        .boxed()
+    }
+
+    fn fetch_optional<'e, 'q: 'e, E>(
+        self,
+        query: E,
+    ) -> BoxFuture<'e, Result<Option<PgRow>, sqlx::Error>>
+    where
+        'p: 'e,
+        E: 'q + Execute<'q, Postgres>,
+    {
+        Box::pin(within(self.limit, (&self.pool).fetch_optional(query)))
+    }
+
+    fn prepare_with<'e>(
+        self,
+        sql: sqlx::SqlStr,
+        parameters: &'e [sqlx::postgres::PgTypeInfo],
+    ) -> BoxFuture<'e, Result<sqlx::postgres::PgStatement, sqlx::Error>>
+    where
+        'p: 'e,
+    {
+        Box::pin(within(
+            self.limit,
+            (&self.pool).prepare_with(sql, parameters),
+        ))
+    }
+
+    fn describe<'e>(
+        self,
+        sql: sqlx::SqlStr,
+    ) -> BoxFuture<'e, Result<sqlx::Describe<Postgres>, sqlx::Error>>
+    where
+        'p: 'e,
+    {
+        Box::pin(within(self.limit, (&self.pool).describe(sql)))
+    }
+}
