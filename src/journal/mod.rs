@@ -1274,6 +1274,66 @@ mod tests {
         );
     }
 
+    /// A letter whose item was written again or deleted since is settled by that newer change,
+    /// whose own task the store got: a retry removes it without sending it, so it never brings a
+    /// deleted item back (nor an older state over a newer one) in a store that forgot the delete.
+    #[tokio::test]
+    async fn a_retry_sends_no_letter_a_newer_change_of_its_item_settled() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Buffered, vec!["store"]).await;
+        ack_migration(&journal);
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        for id in &ids {
+            conformance::write(storage.as_ref(), &project, *id, "first").await;
+        }
+        let tasks = journal.pending("store", 10).unwrap();
+        let letters: Vec<DeadLetter> = tasks
+            .iter()
+            .map(|t| {
+                let raw = journal.pending_raw("store", t.seq).unwrap().unwrap();
+                DeadLetter::from_raw("store", t.seq, &raw, "refused".into())
+            })
+            .collect();
+        let run = tasks[0].seq..=tasks[2].seq;
+        journal.ack_run("store", run, 0, letters).unwrap();
+        // The first item written again, the second deleted; the stores take both.
+        conformance::write(storage.as_ref(), &project, ids[0], "second").await;
+        let snapshot = storage.snapshot();
+        let uid = snapshot.projects[&project].version(1).unwrap().blueprints[&article].uid;
+        let delete = prepare_delete(&snapshot, &project, &article, ids[1], Some(uid)).unwrap();
+        let epoch = snapshot.projects[&project].epoch;
+        storage.write(&project, epoch, vec![delete]).await.unwrap();
+        let newer: Vec<u64> = journal
+            .pending("store", 10)
+            .unwrap()
+            .iter()
+            .map(|t| t.seq)
+            .collect();
+        journal.ack("store", &newer, Vec::new()).unwrap();
+
+        let retried = journal
+            .retry_dead_letters(LetterFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(retried, 3, "every letter is settled");
+        let queued = journal.pending("store", 10).unwrap();
+        assert_eq!(queued.len(), 1, "{queued:?}");
+        assert!(
+            matches!(&queued[0].op, TaskOp::Upsert { id, .. } if *id == ids[2]),
+            "only the letter of the item nothing changed since: {queued:?}"
+        );
+        assert!(journal
+            .dead_letters(LetterFilter::default(), None, 10)
+            .unwrap()
+            .0
+            .is_empty());
+    }
+
     #[tokio::test]
     async fn a_settled_run_goes_with_one_range_deletion_and_moves_the_floor_past_it() {
         let Fixture {

@@ -1002,6 +1002,10 @@ fn stage_command(stage: &mut Stage, command: Command) {
                     continue;
                 }
                 count += 1;
+                if superseded(stage, task) {
+                    stage.batch.delete_cf(dead, key);
+                    continue;
+                }
                 let revision = match &task.op {
                     TaskOp::Upsert { revision, .. } | TaskOp::Delete { revision, .. } => {
                         Some(*revision)
@@ -1278,6 +1282,44 @@ fn stage_change(
 
 /// Applies a dead letter of the local keyspaces in the batch, unless the journal accepted a newer
 /// change of the item since (in this batch too), or the keyspace holds one.
+/// Whether a write's dead letter is settled by a newer change of its item (written again, or
+/// deleted), which reached or reaches the store with a task of its own. Queued again it would
+/// bring back what that change replaced wherever the store no longer remembers it: Elasticsearch
+/// forgets a delete's version after `index.gc_deletes`, and a deleted row leaves nothing in
+/// PostgreSQL to compare with. So it goes, counted as retried, without being sent. An item that
+/// cannot be read is taken as not superseded: the letter is sent, as before.
+fn superseded(stage: &Stage, task: &super::task::Task) -> bool {
+    let (blueprint, id, revision, upsert) = match &task.op {
+        TaskOp::Upsert {
+            blueprint,
+            id,
+            revision,
+            ..
+        } => (blueprint, id, *revision, true),
+        TaskOp::Delete {
+            blueprint,
+            id,
+            revision,
+            ..
+        } => (blueprint, id, *revision, false),
+        TaskOp::Migrate { .. } | TaskOp::DropProject => return false,
+    };
+    let key = keys::item(&task.project, blueprint, id);
+    let latest = match stage.staged.get(&key) {
+        Some(staged) => *staged,
+        None => match stage.read_previous(&key) {
+            Ok(previous) => previous,
+            Err(_) => return false,
+        },
+    };
+    match latest {
+        Previous::Put { revision: r, .. } => r > revision,
+        // Deleted after an upsert, its marker perhaps purged since: the upsert is older.
+        Previous::Delete(r) => upsert || r > revision,
+        Previous::None => upsert,
+    }
+}
+
 fn requeue_into_keyspaces(stage: &mut Stage, task: &super::task::Task) {
     match &task.op {
         TaskOp::Migrate { version } => {

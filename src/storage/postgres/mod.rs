@@ -326,6 +326,64 @@ fn unavailable(what: &str, error: &sqlx::Error) -> StorageError {
     StorageError::Unavailable(format!("postgresql storage: cannot {what}: {error}"))
 }
 
+/// The revision each item of `letters`' item writes has now in `project` (none: deleted).
+async fn latest_revisions(
+    tx: &mut sqlx::PgConnection,
+    project: &str,
+    letters: &[(String, i64, crate::journal::task::Task)],
+) -> Result<HashMap<(String, Uuid), u64>, sqlx::Error> {
+    let (blueprints, ids): (Vec<&str>, Vec<Uuid>) = letters
+        .iter()
+        .filter_map(|(_, _, task)| match &task.op {
+            TaskOp::Upsert { blueprint, id, .. } | TaskOp::Delete { blueprint, id, .. } => {
+                Some((blueprint.as_str(), *id))
+            }
+            TaskOp::Migrate { .. } | TaskOp::DropProject => None,
+        })
+        .unzip();
+    if ids.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(String, Uuid, i64)> = sqlx::query_as(
+        "SELECT i.blueprint, i.id, i.revision FROM items i, \
+         unnest($2::text[], $3::uuid[]) AS k(blueprint, id) \
+         WHERE i.project = $1 AND i.blueprint = k.blueprint AND i.id = k.id",
+    )
+    .bind(project)
+    .bind(&blueprints)
+    .bind(&ids)
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows
+        .into_iter()
+        .map(|(blueprint, id, revision)| ((blueprint, id), revision as u64))
+        .collect())
+}
+
+/// Whether an item write's letter is settled by a newer change of its item: written again since,
+/// or (an upsert's) deleted since; `latest` has the items there now.
+fn superseded(latest: &HashMap<(String, Uuid), u64>, task: &crate::journal::task::Task) -> bool {
+    let (blueprint, id, revision, upsert) = match &task.op {
+        TaskOp::Upsert {
+            blueprint,
+            id,
+            revision,
+            ..
+        } => (blueprint, id, *revision, true),
+        TaskOp::Delete {
+            blueprint,
+            id,
+            revision,
+            ..
+        } => (blueprint, id, *revision, false),
+        TaskOp::Migrate { .. } | TaskOp::DropProject => return false,
+    };
+    match latest.get(&(blueprint.to_string(), *id)) {
+        Some(now) => *now > revision,
+        None => upsert,
+    }
+}
+
 /// Warns when another process with this node's name holds live leases: one that stopped without
 /// giving them back (they lapse within [`LEASE`], a back-fill's within 30 s), or one still
 /// running with the same name, which works beside this one (leases name the process too) but
@@ -802,8 +860,21 @@ impl PgStorage {
                     task,
                 ));
             }
+            // Letters of items written again or deleted since are settled by that newer change, which
+            // the store got with a task of its own: sent again they would bring back what it
+            // replaced where the store forgot it (a delete's version in Elasticsearch, a deleted
+            // row). They go, counted, without being sent.
+            let settled = {
+                let latest = latest_revisions(&mut tx, project, &taken).await.map_err(queue)?;
+                let before = taken.len();
+                taken.retain(|(_, _, task)| !superseded(&latest, task));
+                before - taken.len()
+            };
             if taken.is_empty() {
-                return Ok(0);
+                tx.commit()
+                    .await
+                    .map_err(|e| unavailable("commit a retry", &e))?;
+                return Ok(settled);
             }
             // Each projector's letters queued in the order they were refused.
             taken.sort_by(|a, b| (&a.0, a.1).cmp(&(&b.0, b.1)));
@@ -835,7 +906,7 @@ impl PgStorage {
             tx.commit()
                 .await
                 .map_err(|e| unavailable("commit a retry", &e))?;
-            Ok(at.len())
+            Ok(at.len() + settled)
         })
         .await
     }
@@ -1781,6 +1852,8 @@ mod tests {
     use crate::storage::conformance::{drop_schema, open_postgresql, put_article};
     use crate::storage::{Storage, StorageError};
 
+    use super::{Ident, TaskOp, Uuid};
+
     /// A key whose record this dstore cannot read (an action it does not know) is left out; the
     /// others still read, so their revocations still reach every node.
     #[tokio::test]
@@ -2019,6 +2092,68 @@ mod tests {
         .await
         .unwrap();
         assert_eq!(distinct as usize, 2 * m);
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A letter whose item was written again or deleted since is settled by that newer change: a
+    /// retry removes it without queuing it, so it never brings a deleted item back into a store.
+    #[tokio::test]
+    async fn a_retry_queues_no_letter_a_newer_change_of_its_item_settled() {
+        use crate::journal::{DeadLetter, LetterFilter};
+        use crate::storage::conformance::{frozen, write};
+        let (storage, schema) = open_postgresql("settled", vec![]).await;
+        let project = frozen(storage.as_ref()).await;
+        let ids: Vec<Uuid> = (0..3).map(|_| Uuid::new_v4()).collect();
+        for id in &ids {
+            let revision = write(storage.as_ref(), &project, *id, "first").await;
+            let raw: Vec<u8> = sqlx::query_scalar("SELECT task FROM journal WHERE revision = $1")
+                .bind(revision as i64)
+                .fetch_one(storage.pool())
+                .await
+                .unwrap();
+            let letter = DeadLetter::from_raw("store", revision, &raw, "refused".into());
+            sqlx::query(
+                "INSERT INTO dead_letters (projector, project, revision, letter) \
+                 VALUES ('store', 'p', $1, $2)",
+            )
+            .bind(revision as i64)
+            .bind(sqlx::types::Json(&letter))
+            .execute(storage.pool())
+            .await
+            .unwrap();
+        }
+        write(storage.as_ref(), &project, ids[0], "second").await;
+        let snapshot = storage.snapshot();
+        let article = Ident::parse("article").unwrap();
+        let uid = snapshot.projects[&project].version(1).unwrap().blueprints[&article].uid;
+        let delete =
+            crate::write::prepare_delete(&snapshot, &project, &article, ids[1], Some(uid)).unwrap();
+        let epoch = snapshot.projects[&project].epoch;
+        storage.write(&project, epoch, vec![delete]).await.unwrap();
+
+        let retried = storage
+            .retry_dead_letters(LetterFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(retried, 3, "every letter is settled");
+        let queued: Vec<Vec<u8>> =
+            sqlx::query_scalar("SELECT task FROM journal WHERE projectors = ARRAY['store']")
+                .fetch_all(storage.pool())
+                .await
+                .unwrap();
+        assert_eq!(queued.len(), 1);
+        let task = crate::journal::decode_task(&queued[0]).unwrap();
+        assert!(
+            matches!(&task.op, TaskOp::Upsert { id, .. } if *id == ids[2]),
+            "only the letter of the item nothing changed since: {task:?}"
+        );
+        assert!(storage
+            .dead_letters(LetterFilter::default(), None, 10)
+            .await
+            .unwrap()
+            .0
+            .is_empty());
         drop(storage);
         drop_schema(&schema).await;
     }
