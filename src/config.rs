@@ -527,14 +527,48 @@ impl StorageSettings {
     }
 }
 
+/// The process environment's `name`: `None` when unset, an error naming it when its value is not
+/// UTF-8 (its value is not shown: it may be a secret).
+pub fn env_var(name: &str) -> Result<Option<String>, ConfigError> {
+    match std::env::var(name) {
+        Ok(value) => Ok(Some(value)),
+        Err(std::env::VarError::NotPresent) => Ok(None),
+        Err(std::env::VarError::NotUnicode(_)) => Err(ConfigError::Env {
+            name: name.into(),
+            value: "(not shown)".into(),
+            reason: "it is not UTF-8; dstore reads settings as UTF-8".into(),
+        }),
+    }
+}
+
 impl Settings {
     /// Reads the file (if any), then the process environment.
     pub fn load(file: Option<&Path>) -> Result<Settings, ConfigError> {
+        Settings::load_with(file, env_var)
+    }
+
+    /// [`Settings::load`], reading each variable through `read`.
+    fn load_with(
+        file: Option<&Path>,
+        read: impl Fn(&str) -> Result<Option<String>, ConfigError>,
+    ) -> Result<Settings, ConfigError> {
         let mut settings = match file {
             Some(path) => Settings::from_file(path)?,
             None => Settings::default(),
         };
-        settings.apply_env(|name| std::env::var(name).ok())?;
+        let unreadable = std::cell::RefCell::new(None);
+        let applied = settings.apply_env(|name| {
+            read(name).unwrap_or_else(|error| {
+                unreadable.borrow_mut().get_or_insert(error);
+                None
+            })
+        });
+        // A variable that cannot be read is never taken as unset: a data directory or a master key
+        // set in another encoding would otherwise leave dstore serving an empty journal, or open.
+        if let Some(error) = unreadable.into_inner() {
+            return Err(error);
+        }
+        applied?;
         Ok(settings)
     }
 
@@ -772,6 +806,47 @@ mod tests {
         let mut settings = Settings::default();
         settings.apply_env(|name| env.get(name).cloned())?;
         Ok(settings)
+    }
+
+    /// A variable dstore reads whose value is not UTF-8 stops it, naming the variable and not
+    /// showing the value: taken as unset, a data directory would be the default (an empty
+    /// journal) and a master key none (every route open).
+    #[test]
+    fn a_variable_that_is_not_utf8_is_an_error_naming_it_not_unset() {
+        for name in [
+            "DSTORE_DATA_DIR",
+            "LEVEL_PATH",
+            "DSTORE_MASTER_KEY",
+            "DSTORE_PORT",
+        ] {
+            let read = |n: &str| match n == name {
+                true => Err(ConfigError::Env {
+                    name: n.into(),
+                    value: "(not shown)".into(),
+                    reason: "it is not UTF-8".into(),
+                }),
+                false => Ok(None),
+            };
+            let error = Settings::load_with(None, read).expect_err(name);
+            assert!(error.to_string().contains(name), "{error}");
+        }
+        let set = Settings::load_with(None, |n| Ok((n == "DSTORE_DATA_DIR").then(|| "d".into())));
+        assert_eq!(set.unwrap().storage.data_dir, PathBuf::from("d"));
+    }
+
+    #[test]
+    fn a_process_variable_that_is_not_utf8_reads_as_an_error() {
+        use std::os::unix::ffi::OsStrExt;
+        let name = "DSTORE_TEST_CONFIG_NOT_UTF8";
+        std::env::set_var(name, std::ffi::OsStr::from_bytes(b"caf\xe9"));
+        let error = env_var(name).expect_err("not UTF-8");
+        std::env::remove_var(name);
+        assert!(error.to_string().contains(name), "{error}");
+        assert!(
+            !error.to_string().contains("caf"),
+            "the value is not shown: {error}"
+        );
+        assert_eq!(env_var(name).unwrap(), None);
     }
 
     #[test]

@@ -727,6 +727,27 @@ fn validate_durations(settings: &Settings) -> Result<(), StartupError> {
             heartbeats.end()
         )));
     }
+    const DAY_SECS: u64 = 86_400;
+    for (name, value) in [
+        (
+            "projection.wait_timeout_secs",
+            settings.projection.wait_timeout_secs,
+        ),
+        (
+            "storage.commit_timeout_secs",
+            settings.storage.commit_timeout_secs,
+        ),
+        (
+            "storage.query_timeout_secs",
+            settings.storage.query_timeout_secs,
+        ),
+    ] {
+        if value > DAY_SECS {
+            return Err(StartupError::Setting(format!(
+                "{name} = {value}: at most {DAY_SECS} (a day)"
+            )));
+        }
+    }
     if settings.auth.audit_retention_days > 36_500 {
         return Err(StartupError::Setting(format!(
             "auth.audit_retention_days = {}: at most 36500 (a hundred years)",
@@ -861,7 +882,9 @@ pub async fn run_worker(
         );
     }
     let broker = Arc::new(Broker::new(queue));
-    let api_key = std::env::var("DSTORE_API_KEY").ok().map(Secret::from);
+    let api_key = crate::config::env_var("DSTORE_API_KEY")
+        .map_err(|e| StartupError::Unconfigured(e.to_string()))?
+        .map(Secret::from);
     let view = Arc::new(CatalogView::remote(server, api_key));
     let (shutdown, stop) = watch::channel(false);
     tracing::info!(projector = name, queue = %broker.queue(name), server, "dstore worker is consuming");
@@ -1009,5 +1032,38 @@ async fn broker_answers(queue: &QueueSettings) -> Result<String, String> {
             Ok(format!("{shown} accepts the login"))
         }
         Err(e) => Err(format!("{shown}: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A wait or time limit past a day is a typo, not a plan: it stops dstore naming the setting,
+    /// rather than overflowing a deadline when a request first waits that long.
+    #[test]
+    fn waits_and_time_limits_past_a_day_are_refused_naming_the_setting() {
+        type Set = fn(&mut Settings, u64);
+        let cases: [(&str, Set); 3] = [
+            ("projection.wait_timeout_secs", |s, v| {
+                s.projection.wait_timeout_secs = v
+            }),
+            ("storage.commit_timeout_secs", |s, v| {
+                s.storage.commit_timeout_secs = v
+            }),
+            ("storage.query_timeout_secs", |s, v| {
+                s.storage.query_timeout_secs = v
+            }),
+        ];
+        for (name, set) in cases {
+            let mut settings = Settings::default();
+            set(&mut settings, 86_400);
+            assert!(validate_durations(&settings).is_ok(), "{name}");
+            for value in [86_401, u64::MAX] {
+                set(&mut settings, value);
+                let error = validate_durations(&settings).expect_err(name);
+                assert!(error.to_string().contains(name), "{error}");
+            }
+        }
     }
 }

@@ -129,6 +129,9 @@ pub enum JournalError {
     },
     #[error("journal record is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
+    /// A record the journal cannot go on without is not what this version writes.
+    #[error("the journal's {0}; the data directory is damaged: restore it from a backup")]
+    Damaged(String),
     #[error("the journal's disk has {free_mb} MiB free, less than storage.min_free_disk_mb ({min_mb} MiB): item writes, blueprint edits and freezes are refused until space is freed; {going_on}")]
     DiskLow {
         free_mb: u64,
@@ -496,13 +499,19 @@ impl Journal {
             ColumnFamilyDescriptor::new(name, cf)
         });
         let db = Arc::new(DB::open_cf_descriptors(&options, path, families)?);
-        let last_seq = match db.get_cf(db.cf_handle(CF_META).expect("meta cf"), keys::LAST_SEQ)? {
-            Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().unwrap_or_default()),
+        let meta = db.cf_handle(CF_META).expect("meta cf");
+        // Taken as 0, a damaged counter would number new tasks over pending ones, and give new
+        // writes revisions below those the stores hold, which they would then ignore.
+        let last_seq = match db.get_cf(meta, keys::LAST_SEQ)? {
+            Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
+                JournalError::Damaged(format!("sequence counter is {} bytes, not 8", bytes.len()))
+            })?),
             None => 0,
         };
-        let meta = db.cf_handle(CF_META).expect("meta cf");
         let layout = match db.get_cf(meta, keys::LAYOUT)? {
-            Some(bytes) => u32::from_be_bytes(bytes.as_slice().try_into().unwrap_or_default()),
+            Some(bytes) => u32::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
+                JournalError::Damaged(format!("layout mark is {} bytes, not 4", bytes.len()))
+            })?),
             // A journal that never wrote anything starts with today's layout.
             None if last_seq == 0 => {
                 db.put_cf(meta, keys::LAYOUT, LAYOUT.to_be_bytes())?;
@@ -1133,6 +1142,46 @@ mod tests {
         let journal = open(_dir.path(), Durability::Buffered, vec!["store"], 3);
         assert_eq!(journal.progress("store").pending, 2);
         journal.close().await;
+    }
+
+    /// A damaged sequence counter stops the journal, naming it, rather than reading as 0: new
+    /// tasks would be numbered over pending ones and new writes get revisions the stores ignore.
+    #[tokio::test]
+    async fn a_damaged_sequence_counter_stops_the_journal_rather_than_starting_it_at_zero() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec!["store"]).await;
+        write_new(&storage, &project, &article).await.unwrap();
+        journal.close().await;
+        drop((journal, storage));
+        {
+            let db =
+                DB::open_cf(&Options::default(), _dir.path().join("journal"), FAMILIES).unwrap();
+            db.put_cf(db.cf_handle(CF_META).unwrap(), keys::LAST_SEQ, [0u8, 7, 1])
+                .unwrap();
+        }
+        let catalog = Arc::new(Catalog::open(&_dir.path().join("catalog")).unwrap());
+        let settings = JournalSettings {
+            durability: Durability::Sync,
+            max_pending: u64::MAX,
+            keyspaces: true,
+            min_free_bytes: 0,
+        };
+        let opened = Journal::open(
+            &_dir.path().join("journal"),
+            catalog,
+            vec!["store"],
+            settings,
+        );
+        let Err(error) = opened else {
+            panic!("a journal with a damaged counter opened");
+        };
+        assert!(matches!(error, JournalError::Damaged(_)), "{error}");
+        assert!(error.to_string().contains("sequence counter"), "{error}");
     }
 
     #[tokio::test]

@@ -185,6 +185,7 @@ impl From<JournalError> for StorageError {
             | JournalError::DiskFull { .. }
             | JournalError::DiskTooSmallFor { .. }) => StorageError::Unavailable(e.to_string()),
             e @ (JournalError::Corrupt(_)
+            | JournalError::Damaged(_)
             | JournalError::Thread(_)
             | JournalError::Leftover { .. }) => StorageError::Corrupt(e.to_string()),
         }
