@@ -915,6 +915,41 @@ async fn a_bulk_refused_whole_is_sent_in_halves_and_only_what_fails_alone_fails(
     }
 }
 
+/// A `_bulk` refused whole with a status that refuses the request, not a document (a proxy that
+/// does not route the path, 404; one that does not take the method or the body's type, 405, 415)
+/// keeps every task for a retry: dead-lettering them would lose every write until it is fixed.
+#[tokio::test]
+async fn a_bulk_refused_whole_for_its_path_or_method_keeps_every_task_for_a_retry() {
+    fn refusing(status: u16, method: &str, path: &str) -> (u16, Value) {
+        match (method, path) {
+            ("HEAD", _) => (200, Value::Null),
+            ("POST", p) if p.starts_with("/_bulk") => (status, json!({"error": "no route"})),
+            _ => (500, json!({"error": "unexpected"})),
+        }
+    }
+    type Answer = fn(&str, &str, &str) -> (u16, Value);
+    let answers: [(u16, Answer); 3] = [
+        (404, |m, p, _| refusing(404, m, p)),
+        (405, |m, p, _| refusing(405, m, p)),
+        (415, |m, p, _| refusing(415, m, p)),
+    ];
+    for (status, answer) in answers {
+        let url = fake::elasticsearch(answer).await;
+        let (_dir, catalog, projector) = direct(&url, "");
+        let project = ident("fake");
+        let tasks: Vec<_> = (1..=3).map(|r| upsert(&project, r)).collect();
+        match projector.apply(&catalog.snapshot(), &tasks).await {
+            Err(error) => assert_eq!(error.kind, ErrorKind::Transient, "{status}: {error}"),
+            Ok(outcomes) => {
+                for outcome in outcomes {
+                    let error = outcome.expect_err("nothing was written");
+                    assert_eq!(error.kind, ErrorKind::Transient, "{status}: {error}");
+                }
+            }
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_store_answering_503_keeps_every_task_for_a_retry_and_reports_unhealthy() {
     let url = fake::elasticsearch(|_, _, _| {

@@ -86,7 +86,16 @@ impl ElasticsearchProjector {
                     pending.extend([second, first]);
                 }
                 Err(error) => {
-                    let error = ProjectorError::from(error);
+                    let error = match error {
+                        // Refused whole with another status (a path a proxy in front does not
+                        // route, 404; a method or a content type it does not take, 405, 415): it
+                        // refuses dstore, not a document, and would refuse every later batch as
+                        // well, so they wait for it to be fixed rather than being dead-lettered.
+                        EsError::Refused { .. } if !splits(&error) => {
+                            ProjectorError::transient(error.to_string())
+                        }
+                        error => ProjectorError::from(error),
+                    };
                     for p in chunk {
                         merge(&mut outcomes[p.task], error.clone());
                     }
