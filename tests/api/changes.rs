@@ -8,7 +8,7 @@ use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
 use uuid::Uuid;
 
-use crate::helpers::{spawn_app, spawn_app_with, TestApp};
+use crate::helpers::{spawn_app, spawn_app_with, Answer, TestApp};
 
 /// The note blueprint, its text column named `column`.
 fn note(column: &str) -> Value {
@@ -273,21 +273,32 @@ async fn a_long_poll_whose_client_left_gives_its_place_back() {
     let taken = app.get("/p/_changes?feed=longpoll&timeout=1").await;
     assert_eq!(taken.status, 503, "the one place is taken: {}", taken.body);
     drop(socket);
-    let left = Instant::now();
+    a_place_within(&app, Duration::from_secs(10)).await;
+    app.stop().await;
+}
+
+/// Asks `path` until it answers 200 (refused with 503 meanwhile), for at most `limit`.
+async fn served_within(app: &TestApp, path: &str, limit: Duration) -> Answer {
+    let started = Instant::now();
     loop {
-        let answer = app.get("/p/_changes?feed=longpoll&timeout=1").await;
+        let answer = app.get(path).await;
         if answer.status == 200 {
-            break;
+            return answer;
         }
         assert_eq!(answer.status, 503, "{}", answer.body);
         assert!(
-            left.elapsed() < Duration::from_secs(10),
-            "the place is still held {:?} after the client left",
-            left.elapsed()
+            started.elapsed() < limit,
+            "{path} still refused after {:?}: {}",
+            started.elapsed(),
+            answer.body
         );
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    app.stop().await;
+}
+
+/// Waits until a follower gets a place (a long poll is served), for at most `limit`.
+async fn a_place_within(app: &TestApp, limit: Duration) {
+    served_within(app, "/p/_changes?feed=longpoll&timeout=1", limit).await;
 }
 
 /// Reads an SSE connection's raw text until it holds `needle`; answers all of it.
@@ -985,20 +996,8 @@ async fn pages_nobody_reads_hold_the_request_memory_budget() {
     // A small page still fits.
     assert_eq!(app.get("/p/_changes?since=0&limit=1").await.status, 200);
     drop(stuck);
-    let started = Instant::now();
-    loop {
-        let answer = app.get("/p/_changes?since=0").await;
-        if answer.status == 200 {
-            assert!(answer.body["results"].as_array().unwrap().len() >= 27);
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "{}",
-            answer.body
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let answer = served_within(&app, "/p/_changes?since=0", Duration::from_secs(10)).await;
+    assert!(answer.body["results"].as_array().unwrap().len() >= 27);
     app.stop().await;
 }
 
@@ -1021,19 +1020,8 @@ async fn streams_whose_clients_read_nothing_give_their_places_back() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let taken = app.get("/p/_changes?feed=longpoll&timeout=1").await;
     assert_eq!(taken.status, 503, "both places are taken: {}", taken.body);
-    let started = Instant::now();
-    loop {
-        let answer = app.get("/p/_changes?feed=longpoll&timeout=1").await;
-        if answer.status == 200 {
-            break;
-        }
-        assert_eq!(answer.status, 503, "{}", answer.body);
-        assert!(
-            started.elapsed() < Duration::from_secs(40),
-            "clients that read nothing still hold every place"
-        );
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
+    // Clients that read nothing do not hold every place.
+    a_place_within(&app, Duration::from_secs(40)).await;
     drop(stuck);
     app.stop().await;
 }
@@ -1060,20 +1048,7 @@ async fn past_max_followers_a_node_answers_503_and_a_leaving_follower_frees_its_
     // A plain page is not a follower: it is always served.
     assert_eq!(app.get("/p/_changes").await.status, 200);
     drop(first);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let answer = reqwest::get(format!(
-            "{}/p/_changes?feed=longpoll&timeout=1",
-            app.address
-        ))
-        .await
-        .unwrap();
-        if answer.status() == 200 {
-            break;
-        }
-        assert!(Instant::now() < deadline, "the place was never freed");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    a_place_within(&app, Duration::from_secs(10)).await;
     app.stop().await;
 }
 

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use dstore::blueprint::Ident;
-use dstore::config::QueueSettings;
+use dstore::config::{QueueSettings, Settings};
 use dstore::projector::rocksdb::RocksProjector;
 use lapin::options::{
     BasicConsumeOptions, BasicPublishOptions, ExchangeDeleteOptions, QueueDeclareOptions,
@@ -320,25 +320,31 @@ fn postgresql_worker_env(broker: &TestBroker, db: &TestDatabase) -> Vec<(&'stati
 }
 
 /// A server whose postgresql projector runs in `dstore worker` processes (`external`, unless
-/// `configure` names others), and the environment such a worker starts with.
+/// `configure` names others), and the environment such a worker starts with. `configure` changes
+/// the server's settings last (its queue's through [`queue_of`]).
 async fn with_postgresql_worker(
     broker: &TestBroker,
     db: &TestDatabase,
-    configure: impl FnOnce(&mut QueueSettings),
+    configure: impl FnOnce(&mut Settings),
 ) -> (TestApp, Vec<(&'static str, String)>) {
-    let mut queue = QueueSettings {
+    let queue = QueueSettings {
         external: vec!["postgresql".into()],
         ..broker.settings()
     };
-    configure(&mut queue);
     let pg = db.settings();
     let app = spawn_app_with(|s| {
         s.queue = Some(queue);
         s.postgresql = Some(pg);
         s.projection.wait_timeout_secs = 30;
+        configure(s);
     })
     .await;
     (app, postgresql_worker_env(broker, db))
+}
+
+/// The queue settings of a server [`with_postgresql_worker`] configures.
+fn queue_of(settings: &mut Settings) -> &mut QueueSettings {
+    settings.queue.as_mut().expect("a server with a queue")
 }
 
 /// Project `p` frozen at version 1 through a PostgreSQL worker, which is stopped again; pending
@@ -348,7 +354,7 @@ async fn frozen_while_the_worker_ran(
     db: &TestDatabase,
 ) -> (TestApp, Vec<(&'static str, String)>) {
     let (app, env) =
-        with_postgresql_worker(broker, db, |queue| queue.republish_after_secs = 1).await;
+        with_postgresql_worker(broker, db, |s| queue_of(s).republish_after_secs = 1).await;
     let mut worker = start_worker("postgresql", &app.address, &env);
     assert_eq!(app.put_and_freeze("p", "thing", &faults::thing()).await, 1);
     terminate(&mut worker);
@@ -367,8 +373,8 @@ async fn count_rows(db: &TestDatabase) -> i64 {
 async fn a_worker_process_applies_postgresql_while_serve_only_relays_its_tasks() {
     let broker = TestBroker::new().await;
     let db = TestDatabase::create().await;
-    let (app, env) = with_postgresql_worker(&broker, &db, |queue| {
-        queue.external = vec!["postgres".into()];
+    let (app, env) = with_postgresql_worker(&broker, &db, |s| {
+        queue_of(s).external = vec!["postgres".into()];
     })
     .await;
     let mut worker = start_worker("postgres", &app.address, &env);
@@ -496,14 +502,7 @@ async fn a_project_whose_catalog_the_worker_may_not_read_holds_only_itself() {
     const MASTER: &str = "a-worker-test-master-key-0123456789";
     let broker = TestBroker::new().await;
     let db = TestDatabase::create().await;
-    let queue = QueueSettings {
-        external: vec!["postgresql".into()],
-        ..broker.settings()
-    };
-    let pg = db.settings();
-    let mut app = spawn_app_with(|s| {
-        s.queue = Some(queue);
-        s.postgresql = Some(pg);
+    let (mut app, mut env) = with_postgresql_worker(&broker, &db, |s| {
         s.projection.wait_timeout_secs = 2;
         s.auth.master_keys = vec![MASTER.into()];
     })
@@ -535,7 +534,6 @@ async fn a_project_whose_catalog_the_worker_may_not_read_holds_only_itself() {
         .default_headers(headers)
         .build()
         .unwrap();
-    let mut env = postgresql_worker_env(&broker, &db);
     env.push(("DSTORE_API_KEY", blog_only));
     let mut worker = start_worker("postgresql", &app.address, &env);
     let thing = faults::thing();
@@ -678,19 +676,11 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
         .await
         .unwrap();
     // The relay looks for lost tasks after 1 s: a held project's are not lost.
-    let queue = QueueSettings {
-        external: vec!["postgresql".into()],
-        republish_after_secs: 1,
-        ..broker.settings()
-    };
-    let pg = db.settings();
-    let app = spawn_app_with(|s| {
-        s.queue = Some(queue);
-        s.postgresql = Some(pg);
+    let (app, mut env) = with_postgresql_worker(&broker, &db, |s| {
+        queue_of(s).republish_after_secs = 1;
         s.projection.wait_timeout_secs = 2;
     })
     .await;
-    let mut env = postgresql_worker_env(&broker, &db);
     env.push(("DSTORE_QUEUE_PREFETCH", "4".into()));
     let mut worker = start_worker("postgresql", &app.address, &env);
     let thing = faults::thing();
