@@ -950,6 +950,41 @@ async fn a_bulk_refused_whole_for_its_path_or_method_keeps_every_task_for_a_retr
     }
 }
 
+/// An index closed or blocked for writes (an operator, a restore) refuses each action with an
+/// error of the index's, not of the document's: its project's tasks wait, the project held, and
+/// none is dead-lettered.
+#[tokio::test]
+async fn writes_into_a_closed_or_blocked_index_wait_with_their_project_held() {
+    type Answer = fn(&str, &str, &str) -> (u16, Value);
+    fn refusing(status: u16, kind: &str, method: &str, path: &str) -> (u16, Value) {
+        match (method, path) {
+            ("HEAD", _) => (200, Value::Null),
+            ("POST", p) if p.starts_with("/_bulk") => {
+                let error = json!({"type": kind, "reason": "closed"});
+                let item = json!({"index": {"status": status, "error": error}});
+                (200, json!({"errors": true, "items": [item]}))
+            }
+            _ => (500, json!({"error": "unexpected"})),
+        }
+    }
+    let answers: [Answer; 2] = [
+        |m, p, _| refusing(400, "index_closed_exception", m, p),
+        |m, p, _| refusing(403, "cluster_block_exception", m, p),
+    ];
+    for answer in answers {
+        let url = fake::elasticsearch(answer).await;
+        let (_dir, catalog, projector) = direct(&url, "");
+        let project = ident("fake");
+        let outcomes = projector
+            .apply(&catalog.snapshot(), &[upsert(&project, 1)])
+            .await
+            .expect("judged task by task");
+        let error = outcomes[0].as_ref().expect_err("not written");
+        assert_eq!(error.kind, ErrorKind::Transient, "{error}");
+        assert!(error.scoped, "only its project waits: {error}");
+    }
+}
+
 #[tokio::test]
 async fn a_store_answering_503_keeps_every_task_for_a_retry_and_reports_unhealthy() {
     let url = fake::elasticsearch(|_, _, _| {

@@ -207,7 +207,15 @@ impl ElasticsearchProjector {
                 }
                 let message =
                     format!("elasticsearch refused to {verb} {index}/{id} ({status} {kind})");
-                if is_transient_status(status) || kind == "index_not_found_exception" {
+                // The index closed, or blocked for writes, by an operator or a restore: the
+                // project's own index, so its project waits and the others go on; dead-lettered,
+                // its writes would be lost for a state that ends.
+                if matches!(
+                    kind.as_str(),
+                    "index_closed_exception" | "cluster_block_exception"
+                ) {
+                    Err(ProjectorError::scoped(format!("{message}: {reason}")))
+                } else if is_transient_status(status) || kind == "index_not_found_exception" {
                     Err(ProjectorError::transient(format!("{message}: {reason}")))
                 } else {
                     // Its reason may quote the field's value ("Preview of field's value: …").
@@ -250,9 +258,11 @@ fn splits(error: &EsError) -> bool {
     )
 }
 
-/// Splits the actions into bulk requests of bounded size, never splitting a task's actions apart
-/// (a request refused whole is sent again in halves, which may: a task then gets each half's
-/// outcome).
+/// Splits the actions into bulk requests of at most [`MAX_BULK_BYTES`] (but for one action larger
+/// alone), cutting inside a task's actions too: an item written into many live versions, each copy
+/// large, made one request past what Elasticsearch takes at once (refused whole with a 429, alike
+/// at every retry, stopping every project's writes). A task gets the outcome of each request its
+/// actions went in.
 fn chunks<'p, 'a>(planned: &'p [Planned<'a>]) -> Vec<&'p [Planned<'a>]> {
     let mut out = Vec::new();
     let (mut start, mut bytes) = (0, 0);
@@ -261,8 +271,7 @@ fn chunks<'p, 'a>(planned: &'p [Planned<'a>]) -> Vec<&'p [Planned<'a>]> {
             BulkAction::Index { doc, .. } => approximate_size(doc),
             BulkAction::Delete { .. } => 100,
         };
-        let new_task = i > start && planned[i - 1].task != p.task;
-        if new_task && bytes + size > MAX_BULK_BYTES {
+        if i > start && bytes + size > MAX_BULK_BYTES {
             out.push(&planned[start..i]);
             (start, bytes) = (i, 0);
         }
@@ -292,13 +301,14 @@ mod tests {
     }
 
     #[test]
-    fn large_batches_are_split_between_tasks() {
+    fn large_batches_are_split_into_bounded_requests_even_inside_a_task() {
         let doc: Doc =
             serde_json::from_str(&format!("{{\"x\":\"{}\"}}", "y".repeat(3 << 20))).unwrap();
-        let planned: Vec<Planned> = (0..5)
+        // Five tasks of two copies, then one item written into seven live versions.
+        let planned: Vec<Planned> = (0..6)
             .flat_map(|task| {
                 let doc = &doc;
-                (0..2).map(move |_| Planned {
+                (0..if task < 5 { 2 } else { 7 }).map(move |_| Planned {
                     task,
                     action: BulkAction::Index {
                         index: "i".into(),
@@ -309,9 +319,19 @@ mod tests {
                 })
             })
             .collect();
-        let sizes: Vec<usize> = chunks(&planned).iter().map(|c| c.len()).collect();
-        assert_eq!(sizes.iter().sum::<usize>(), 10);
-        assert!(sizes.iter().all(|s| s % 2 == 0 && *s > 0), "{sizes:?}");
-        assert!(sizes.len() > 1, "{sizes:?}");
+        let sent = chunks(&planned);
+        let sizes: Vec<usize> = sent.iter().map(|c| c.len()).collect();
+        assert_eq!(sizes.iter().sum::<usize>(), 17);
+        for chunk in &sent {
+            let bytes: usize = chunk
+                .iter()
+                .map(|p| match &p.action {
+                    BulkAction::Index { doc, .. } => approximate_size(doc),
+                    BulkAction::Delete { .. } => 100,
+                })
+                .sum();
+            assert!(bytes <= MAX_BULK_BYTES, "{sizes:?}");
+        }
+        assert!(sizes.len() >= 6, "{sizes:?}");
     }
 }
