@@ -56,7 +56,10 @@ impl Journal {
             self.db.write(clear)?;
             let mut entries = old.entries().peekable();
             while entries.peek().is_some() {
-                let chunk: Vec<_> = entries.by_ref().take(CHUNK).collect();
+                let chunk = entries
+                    .by_ref()
+                    .take(CHUNK)
+                    .collect::<Result<Vec<_>, _>>()?;
                 let mut batch = WriteBatch::default();
                 into.merge(&chunk, &mut batch)?;
                 self.db.write(batch)?;
@@ -128,7 +131,10 @@ impl Journal {
         if let Some(to) = to {
             let mut entries = from.entries().peekable();
             while entries.peek().is_some() {
-                let chunk: Vec<_> = entries.by_ref().take(CHUNK).collect();
+                let chunk = entries
+                    .by_ref()
+                    .take(CHUNK)
+                    .collect::<Result<Vec<_>, _>>()?;
                 let mut batch = WriteBatch::default();
                 to.merge(&chunk, &mut batch)?;
                 to.write_now(batch)?;

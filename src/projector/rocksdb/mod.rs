@@ -317,19 +317,23 @@ type Write<'a> = (Vec<u8>, u64, Option<&'a Doc>);
 
 impl RocksProjector {
     /// Every stored (key, value), in key order, each document in the value itself (a reference to
-    /// the journal's record resolved).
-    pub(crate) fn entries(&self) -> impl Iterator<Item = Stored> + '_ {
+    /// the journal's record resolved). A read that fails is given, never taken for the end: what
+    /// moves the entries deletes their source after.
+    pub(crate) fn entries(&self) -> impl Iterator<Item = Result<Stored, rocksdb::Error>> + '_ {
         // Entries are moved at start, before the journal takes writes: the records stay put.
         self.db
             .iterator_cf(self.cf(), rocksdb::IteratorMode::Start)
-            .map_while(Result::ok)
-            .filter_map(|(key, stored)| {
+            .filter_map(|entry| {
+                let (key, stored) = match entry {
+                    Ok(entry) => entry,
+                    Err(error) => return Some(Err(error)),
+                };
                 if stored.get(8) != Some(&RECORD) {
-                    return Some((key, stored));
+                    return Some(Ok((key, stored)));
                 }
                 let doc = self.record(None, &key, stored_revision(&stored))?;
                 let value = value(stored_revision(&stored), Some(&doc)).into_boxed_slice();
-                Some((key, value))
+                Some(Ok((key, value)))
             })
     }
 
@@ -400,5 +404,51 @@ impl RocksProjector {
             }
         }
         Ok(batch)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A keyspace database damaged on disk gives its read error to what moves its entries (and
+    /// removes their source after), never a silent end that would move a part of them.
+    #[test]
+    fn a_damaged_table_gives_its_read_error_rather_than_ending_the_entries() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("keyspaces");
+        let (project, blueprint) = (Ident::parse("p").unwrap(), Ident::parse("b").unwrap());
+        {
+            let own = RocksProjector::open(&path).unwrap();
+            let doc = format!("{{\"title\":\"{}\"}}", "x".repeat(200));
+            for _ in 0..2000 {
+                let key = key(&project, 1, &blueprint, &Uuid::new_v4());
+                let stored = value(1, Some(doc.as_bytes()));
+                own.db.put_cf(own.cf(), key, stored).unwrap();
+            }
+            // Not read before it is damaged: the process's block cache would answer from memory.
+            own.db.flush_cf(own.cf()).unwrap();
+        }
+        let tables: Vec<_> = std::fs::read_dir(&path)
+            .unwrap()
+            .map(|entry| entry.unwrap().path())
+            .filter(|file| file.extension() == Some("sst".as_ref()))
+            .collect();
+        assert!(!tables.is_empty());
+        for table in &tables {
+            let mut bytes = std::fs::read(table).unwrap();
+            let at = bytes.len() / 3;
+            for byte in &mut bytes[at..at + 64] {
+                *byte ^= 0xff;
+            }
+            std::fs::write(table, bytes).unwrap();
+        }
+        let own = RocksProjector::open(&path).unwrap();
+        let read: Vec<_> = own.entries().collect();
+        assert!(
+            read.iter().any(Result::is_err),
+            "{} entries read, none failed",
+            read.len()
+        );
     }
 }
