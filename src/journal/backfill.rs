@@ -16,13 +16,23 @@ use crate::blueprint::transform::into_version;
 use crate::blueprint::Ident;
 use crate::catalog::{MigrationState, Project, Version};
 
+/// Most items one chunk of a back-fill reads.
 const CHUNK: usize = 512;
 
+/// Most bytes of stored records one chunk reads, however few items that is: large items make
+/// short chunks, so a chunk holds megabytes, not 512 items of a megabyte each.
+const CHUNK_BYTES: usize = 8 << 20;
+
+/// Back-fills that read and write at once; the others wait for a place.
+pub(super) const AT_ONCE: usize = 2;
+
 /// The next items of a back-fill, and where the walk stands after them.
-struct Chunk {
-    items: Vec<BackfillItem>,
-    looked_at: u64,
-    cursor: Option<Vec<u8>>,
+pub(super) struct Chunk {
+    pub(super) items: Vec<BackfillItem>,
+    pub(super) looked_at: u64,
+    pub(super) cursor: Option<Vec<u8>>,
+    /// The walk passed the project's last item.
+    pub(super) ended: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
@@ -211,6 +221,11 @@ impl Journal {
         }
         let journal = self.clone();
         let task = self.runtime.spawn(async move {
+            // Waiting for a place holds nothing but this task; the state is journaled, so a close
+            // meanwhile leaves it to the next start.
+            let Ok(_place) = journal.backfill_slots.clone().acquire_owned().await else {
+                return;
+            };
             let mut state = state;
             if state.cursor.is_none() && state.done == 0 {
                 let (counter, name) = (journal.clone(), project.clone());
@@ -258,13 +273,14 @@ impl Journal {
                 items,
                 looked_at,
                 cursor,
+                ended,
             } = self.backfill_chunk(project, version, state.cursor.as_deref())?;
             // The state after this chunk, kept only once the chunk is journaled.
             let mut next = state.clone();
             next.done += looked_at;
             // Items written during the back-fill are read by it too: the total grows with them.
             next.total = next.total.max(next.done);
-            next.finished = looked_at < CHUNK as u64;
+            next.finished = ended;
             if cursor.is_some() {
                 next.cursor = cursor;
             }
@@ -306,7 +322,7 @@ impl Journal {
     }
 
     /// Reads and transforms the next chunk after `cursor`.
-    fn backfill_chunk(
+    pub(super) fn backfill_chunk(
         &self,
         project: &Ident,
         version: u32,
@@ -323,6 +339,7 @@ impl Journal {
                 items: Vec::new(),
                 looked_at: 0,
                 cursor: None,
+                ended: true,
             });
         };
         let p = snapshot.project(project)?;
@@ -333,19 +350,33 @@ impl Journal {
             IteratorMode::From(cursor.unwrap_or(&start), Direction::Forward),
         );
         let mut items = Vec::new();
-        let mut looked_at = 0;
+        let (mut looked_at, mut bytes) = (0, 0);
         let mut last = None;
+        let mut ended = true;
         for entry in iter {
             let (key, value) = entry?;
-            if key.as_ref() >= end.as_slice() || looked_at >= CHUNK as u64 {
+            if key.as_ref() >= end.as_slice() {
+                break;
+            }
+            if looked_at >= CHUNK as u64 || bytes >= CHUNK_BYTES {
+                ended = false;
                 break;
             }
             if Some(key.as_ref()) == cursor {
                 continue;
             }
             looked_at += 1;
-            let record: ItemRecord = super::codec::decode_record(&value)?;
+            bytes += value.len();
             last = Some(key.to_vec());
+            // A record this version cannot read is left out, said once; stopping at it would stop
+            // the back-fill there at every start, and the version would never get the items after.
+            let record: ItemRecord = match super::codec::decode_record(&value) {
+                Ok(record) => record,
+                Err(error) => {
+                    tracing::error!(%project, version, %error, "back-fill leaves out an item record it cannot read");
+                    continue;
+                }
+            };
             let id = key[key.len() - 16..]
                 .try_into()
                 .map(uuid::Uuid::from_bytes)
@@ -364,6 +395,7 @@ impl Journal {
             items,
             looked_at,
             cursor: last,
+            ended,
         })
     }
 }

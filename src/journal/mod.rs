@@ -408,6 +408,10 @@ pub struct Journal {
     /// Set by [`Journal::close`]: background work stops at its next step.
     closing: std::sync::atomic::AtomicBool,
     background: Mutex<Vec<tokio::task::JoinHandle<()>>>,
+    /// Back-fills that may read at once (`backfill::AT_ONCE`); the others wait their turn, so a
+    /// start resuming hundreds of them (or a store added to every live version) holds a few
+    /// chunks in memory, not one per back-fill.
+    backfill_slots: Arc<tokio::sync::Semaphore>,
     /// The last write that failed, and when, while none has succeeded since (see
     /// [`Journal::write_failure`]).
     write_failure: Mutex<Option<(std::time::Instant, String)>>,
@@ -557,6 +561,7 @@ impl Journal {
             writer: Mutex::new(None),
             closing: std::sync::atomic::AtomicBool::new(false),
             background: Mutex::new(Vec::new()),
+            backfill_slots: Arc::new(tokio::sync::Semaphore::new(backfill::AT_ONCE)),
             write_failure: Mutex::new(None),
             keyspace_writes: AtomicU64::new(0),
             #[cfg(test)]
@@ -1182,6 +1187,48 @@ mod tests {
         };
         assert!(matches!(error, JournalError::Damaged(_)), "{error}");
         assert!(error.to_string().contains("sequence counter"), "{error}");
+    }
+
+    /// A chunk of a back-fill ends after a few megabytes of records, however few items: 512
+    /// items of a megabyte each were half a gigabyte in memory, per back-fill.
+    #[tokio::test]
+    async fn a_back_fill_chunk_ends_after_a_few_megabytes_and_the_walk_reads_every_item() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Buffered, vec![]).await;
+        let title = "x".repeat(900_000);
+        for _ in 0..20 {
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &title).await;
+        }
+        journal
+            .backfills_held
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        add_views(&storage, &project, &article).await;
+        storage.freeze(&project, false).await.unwrap();
+        let (mut cursor, mut read, mut chunks) = (None, 0, 0);
+        loop {
+            let chunk = journal
+                .backfill_chunk(&project, 2, cursor.as_deref())
+                .unwrap();
+            assert!(chunk.looked_at <= 10, "{} items", chunk.looked_at);
+            assert_eq!(chunk.items.len() as u64, chunk.looked_at);
+            read += chunk.looked_at;
+            chunks += 1;
+            if chunk.ended {
+                break;
+            }
+            cursor = chunk.cursor;
+        }
+        assert_eq!(read, 20);
+        assert!(chunks >= 2, "{chunks} chunks");
+        journal
+            .backfills_held
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        journal.close().await;
     }
 
     #[tokio::test]

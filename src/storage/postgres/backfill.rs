@@ -21,6 +21,10 @@ use crate::storage::{Storage, StorageError};
 
 /// Items per chunk.
 const CHUNK: i64 = 512;
+
+/// Most bytes of item records one chunk reads (past its first item).
+const CHUNK_BYTES: i64 = 8 << 20;
+
 /// How long a back-fill lease lasts without a chunk.
 const LEASE_SECS: f64 = 30.0;
 
@@ -173,20 +177,28 @@ async fn backfill(
     tracing::info!(%project, version, total = state.total, "back-fill started");
     while !state.finished {
         let after = state.cursor.as_deref().and_then(parse_cursor);
+        // At most CHUNK items, and past the first none that would take the chunk over
+        // CHUNK_BYTES of records: large items make short chunks.
         let rows = sqlx::query(
-            "SELECT blueprint, id, revision, record FROM items WHERE project = $1 \
-             AND ($2::text IS NULL OR (blueprint, id) > ($2, $3)) \
-             ORDER BY blueprint, id LIMIT $4",
+            "WITH r AS (SELECT blueprint, id, revision, record, \
+                          sum(length(record)) OVER (ORDER BY blueprint, id) - length(record) AS before \
+                        FROM items WHERE project = $1 \
+                        AND ($2::text IS NULL OR (blueprint, id) > ($2, $3)) \
+                        ORDER BY blueprint, id LIMIT $4) \
+             SELECT blueprint, id, revision, record, (SELECT count(*) FROM r) AS fetched \
+             FROM r WHERE before < $5 ORDER BY blueprint, id",
         )
         .bind(project.as_str())
         .bind(after.as_ref().map(|(b, _)| b.as_str()))
         .bind(after.as_ref().map(|(_, id)| *id).unwrap_or_default())
         .bind(CHUNK)
+        .bind(CHUNK_BYTES)
         .fetch_all(node.pool())
         .await
         .map_err(|e| unavailable("read items to back-fill", &e))?;
+        let fetched: i64 = rows.first().map_or(0, |row| row.get("fetched"));
         state.done += rows.len() as u64;
-        state.finished = (rows.len() as i64) < CHUNK;
+        state.finished = fetched < CHUNK && rows.len() as i64 == fetched;
         let mut snapshot = node.snapshot();
         if snapshot
             .projects
@@ -207,7 +219,15 @@ async fn backfill(
         for row in &rows {
             let (blueprint, id): (String, Uuid) = (row.get("blueprint"), row.get("id"));
             state.cursor = Some(cursor_of(&blueprint, &id));
-            let record = codec::decode_record(&row.get::<Vec<u8>, _>("record"))?;
+            // A record this version cannot read is left out, said once; stopping at it would stop
+            // the back-fill there for good, and the version would never get the items after.
+            let record = match codec::decode_record(&row.get::<Vec<u8>, _>("record")) {
+                Ok(record) => record,
+                Err(error) => {
+                    tracing::error!(%project, version, %error, "back-fill leaves out an item record it cannot read");
+                    continue;
+                }
+            };
             if let Some((_, task)) = item_task(p, target, id, &record) {
                 chunk.push((blueprint, id, record.revision, task.bytes));
             }
