@@ -154,6 +154,39 @@ fn holds(base: BaseType, effective: &Map<String, Value>) -> Option<(String, Stri
             ),
         ));
     }
+    // Elasticsearch refuses a document that sends a value for a scripted field, and dstore sends
+    // every column.
+    if effective.contains_key("script") {
+        return Some((
+            "/script".into(),
+            "a field computed by a script refuses every document that sends it a value, and \
+             dstore sends every column"
+                .into(),
+        ));
+    }
+    // A multi-field indexes the same value again: its type must take every value too.
+    if let Some(fields) = effective.get("fields").and_then(Value::as_object) {
+        for (name, sub) in fields {
+            let Some(sub_ty) = sub.get("type").and_then(Value::as_str) else {
+                continue;
+            };
+            if !takes.contains(&sub_ty) {
+                return Some((
+                    format!(
+                        "/fields/{}/type",
+                        name.replace('~', "~0").replace('/', "~1")
+                    ),
+                    format!(
+                        "an Elasticsearch {sub_ty} field cannot take every {} value dstore sends \
+                         (it would refuse those items for ever); a {} column takes {}",
+                        base.name(),
+                        base.name(),
+                        takes.join(", ")
+                    ),
+                ));
+            }
+        }
+    }
     // Keys a value may hold: named by properties, or taken as they come (`dynamic` true or
     // `runtime`; `strict`, the index's, refuses every key not named).
     let dynamic = matches!(
@@ -163,7 +196,20 @@ fn holds(base: BaseType, effective: &Map<String, Value>) -> Option<(String, Stri
         effective.get("dynamic").and_then(Value::as_str),
         Some("strict" | "false")
     );
-    let shapeless = !effective.contains_key("properties") && !dynamic;
+    let named = effective
+        .get("properties")
+        .and_then(Value::as_object)
+        .is_some_and(|properties| !properties.is_empty());
+    let shapeless = !named && !dynamic;
+    if base == Json && ty == "nested" && shapeless {
+        return Some((
+            "/properties".into(),
+            "a json column mapped as nested must name its properties, or let keys come as they \
+             are (\"dynamic\": true or \"runtime\"): the index's mapping is strict, and every \
+             key a value holds would be refused"
+                .into(),
+        ));
+    }
     if base == Json
         && ty == "object"
         && shapeless
@@ -593,7 +639,7 @@ mod tests {
         for i in 0..51 {
             many.insert(
                 format!("j{i}"),
-                json!({"type": "json", "elasticsearch": {"type": "nested"}}),
+                json!({"type": "json", "elasticsearch": {"type": "nested", "dynamic": true}}),
             );
         }
         assert_eq!(paths(Value::Object(many)), ["/columns"]);
@@ -770,6 +816,22 @@ mod tests {
             (BaseType::Json, json!({"type": "flattened"}), "/type"),
             (BaseType::Date, json!({"format": "epoch_millis"}), "/format"),
             (BaseType::DateTime, json!({"type": "date"}), "/type"),
+            (BaseType::Json, json!({"type": "nested"}), "/properties"),
+            (
+                BaseType::Json,
+                json!({"type": "object", "properties": {}}),
+                "/enabled",
+            ),
+            (
+                BaseType::String,
+                json!({"fields": {"n": {"type": "integer"}}}),
+                "/fields/n/type",
+            ),
+            (
+                BaseType::Integer,
+                json!({"script": {"source": "emit(1)"}}),
+                "/script",
+            ),
         ] {
             let problems = check(base, over.clone());
             assert_eq!(problems.len(), 1, "{base:?} {over}: {problems:?}");
@@ -786,6 +848,11 @@ mod tests {
             (BaseType::Point, json!({"type": "geo_shape"})),
             (BaseType::Json, json!({"enabled": false})),
             (BaseType::Json, json!({"type": "object", "dynamic": true})),
+            (BaseType::Json, json!({"type": "nested", "dynamic": true})),
+            (
+                BaseType::String,
+                json!({"fields": {"raw": {"type": "keyword", "ignore_above": 256}}}),
+            ),
         ] {
             assert_eq!(check(base, over.clone()), Vec::new(), "{base:?} {over}");
         }
