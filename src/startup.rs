@@ -682,6 +682,17 @@ fn enabled(kind: ProjectorKind, settings: &Settings) -> bool {
 /// them too): the settings below, the master keys, cluster mode's URL and the queue's settings.
 pub fn check_settings(settings: &Settings) -> Result<(), StartupError> {
     validate_durations(settings)?;
+    if let Err(reason) = crate::telemetry::check_level(&settings.log.level) {
+        return Err(StartupError::Setting(format!(
+            "log.level (DSTORE_LOG) = {:?} is not a level or filter such as \"info\" or \
+             \"dstore=debug,info\": {reason}",
+            settings.log.level
+        )));
+    }
+    if settings.storage.backend == Backend::Postgresql {
+        crate::storage::postgres::check_schema(&settings.storage.schema)
+            .map_err(|e| StartupError::Setting(e.to_string()))?;
+    }
     master_keys(settings)?;
     if settings.storage.backend == Backend::Postgresql && settings.storage.url.is_none() {
         return Err(StartupError::Unconfigured(
@@ -1038,6 +1049,24 @@ async fn broker_answers(queue: &QueueSettings) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A misspelt log level or a storage schema PostgreSQL would read as another name stops
+    /// dstore before anything starts (the schema before it waits for the storage), naming it.
+    #[test]
+    fn a_bad_log_level_or_storage_schema_is_refused_naming_the_setting() {
+        let mut settings = Settings::default();
+        assert!(check_settings(&settings).is_ok());
+        settings.log.level = "dstore=verbose".into();
+        let error = check_settings(&settings).expect_err("a bad level");
+        assert!(error.to_string().contains("log.level"), "{error}");
+        settings.log.level = "dstore=debug,info".into();
+        assert!(check_settings(&settings).is_ok());
+        settings.storage.backend = Backend::Postgresql;
+        settings.storage.url = Some("postgres://h/db".to_string().into());
+        settings.storage.schema = "Dstore".into();
+        let error = check_settings(&settings).expect_err("a bad schema");
+        assert!(error.to_string().contains("storage.schema"), "{error}");
+    }
 
     /// A wait or time limit past a day is a typo, not a plan: it stops dstore naming the setting,
     /// rather than overflowing a deadline when a request first waits that long.

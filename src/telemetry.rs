@@ -64,6 +64,14 @@ impl Visit for NoQueue {
 /// line. Its returns are logged at error level only, whatever the configured level.
 const QUIET: &str = "lapin::returned_messages=error";
 
+/// Whether `level` is a `tracing` filter; the error says why not. Checked before dstore starts
+/// (`startup::check_settings`), so a misspelt level stops it rather than logging at `info`.
+pub fn check_level(level: &str) -> Result<(), String> {
+    EnvFilter::try_new(level)
+        .map(drop)
+        .map_err(|e| e.to_string())
+}
+
 /// The configured level (a `tracing` filter; `info` when it does not parse), with [`QUIET`].
 fn filter(level: &str) -> EnvFilter {
     EnvFilter::try_new(format!("{level},{QUIET}"))

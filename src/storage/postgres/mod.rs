@@ -301,7 +301,7 @@ const MAX_SCHEMA_BYTES: usize = 63 - "_catalog".len();
 /// Refuses a `storage.schema` that PostgreSQL would read as another name: the connections' search
 /// path takes it as written, where PostgreSQL folds capitals to lower case and a comma separates
 /// two schemas, and the notification channel adds `_catalog` to it.
-fn check_schema(schema: &str) -> Result<(), StorageError> {
+pub(crate) fn check_schema(schema: &str) -> Result<(), StorageError> {
     let valid = schema
         .bytes()
         .next()
