@@ -129,6 +129,13 @@ pub enum JournalError {
     },
     #[error("journal record is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
+    /// The catalog opened is not the one this journal was written with.
+    #[error(
+        "{0}: storage.catalog_dir (DSTORE_CATALOG_DIR, PROJECT_FILE_PATH) and storage.data_dir \
+         (DSTORE_DATA_DIR, LEVEL_PATH) must name the places they named before; a catalog beside \
+         another journal would show one deployment's items in another's projects"
+    )]
+    Unpaired(String),
     /// A record the journal cannot go on without is not what this version writes.
     #[error("the journal's {0}; the data directory is damaged: restore it from a backup")]
     Damaged(String),
@@ -528,6 +535,7 @@ impl Journal {
         crate::rocks::partition_old_tables(&db, &FAMILIES, CF_META)?;
         let last_seq = Arc::new(AtomicU64::new(last_seq));
         let id = outbox::journal_id(&db)?;
+        pair_with_catalog(&catalog, &id, last_seq.load(Ordering::Relaxed) > 0)?;
         let (commands, receiver) = std::sync::mpsc::sync_channel(4096);
         let lanes = projectors
             .iter()
@@ -969,6 +977,29 @@ impl Journal {
     }
 }
 
+/// The catalog's record of the journal it goes with.
+const CATALOG_PAIR: &[u8] = b"journal/id";
+
+/// Makes sure `catalog` goes with the journal `id` (which `written` says holds writes): it names
+/// this journal, or names none yet and is not empty beside a journal that was written to (a
+/// catalog directory pointed somewhere new: the journal's items would surface in projects made
+/// again), and then it is made to name this journal.
+fn pair_with_catalog(catalog: &Catalog, id: &str, written: bool) -> Result<(), JournalError> {
+    match catalog.record(CATALOG_PAIR)? {
+        Some(paired) if paired == id.as_bytes() => Ok(()),
+        Some(paired) => Err(JournalError::Unpaired(format!(
+            "the catalog was written with journal {}, not with this one ({id})",
+            String::from_utf8_lossy(&paired)
+        ))),
+        None if written && catalog.records(b"", b"\xff", 1)?.is_empty() => {
+            Err(JournalError::Unpaired(format!(
+                "the catalog is empty, and the journal ({id}) holds writes"
+            )))
+        }
+        None => Ok(catalog.put_records(&[(CATALOG_PAIR.to_vec(), id.as_bytes().to_vec())], true)?),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -1147,6 +1178,62 @@ mod tests {
         let journal = open(_dir.path(), Durability::Buffered, vec!["store"], 3);
         assert_eq!(journal.progress("store").pending, 2);
         journal.close().await;
+    }
+
+    /// A journal opened beside an empty catalog, or beside another journal's, is refused naming
+    /// both settings: a catalog directory pointed somewhere new would show its old items in
+    /// projects made again under the same names.
+    #[tokio::test]
+    async fn a_journal_opened_beside_another_catalog_is_refused() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec!["store"]).await;
+        write_new(&storage, &project, &article).await.unwrap();
+        journal.close().await;
+        drop((journal, storage));
+        let settings = || JournalSettings {
+            durability: Durability::Sync,
+            max_pending: u64::MAX,
+            keyspaces: true,
+            min_free_bytes: 0,
+        };
+        let other = tempfile::tempdir().unwrap();
+        // A closed journal's background tasks may hold its catalog for a moment longer.
+        let catalog = || async {
+            for _ in 0..100 {
+                if let Ok(catalog) = Catalog::open(&other.path().join("catalog")) {
+                    return Arc::new(catalog);
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            panic!("the catalog does not open");
+        };
+        // An empty catalog, then one another journal was written with.
+        for attempt in 0..2 {
+            if attempt == 1 {
+                let journal = Journal::open(
+                    &other.path().join("journal"),
+                    catalog().await,
+                    vec![],
+                    settings(),
+                );
+                journal.unwrap().close().await;
+            }
+            let catalog = catalog().await;
+            let opened = Journal::open(&_dir.path().join("journal"), catalog, vec![], settings());
+            let Err(error) = opened else {
+                panic!("a journal opened beside another catalog ({attempt})");
+            };
+            assert!(matches!(error, JournalError::Unpaired(_)), "{error}");
+            assert!(error.to_string().contains("storage.catalog_dir"), "{error}");
+        }
+        // Its own catalog still opens it.
+        let reopened = open(_dir.path(), Durability::Sync, vec!["store"], u64::MAX);
+        reopened.close().await;
     }
 
     /// A damaged sequence counter stops the journal, naming it, rather than reading as 0: new

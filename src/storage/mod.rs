@@ -186,6 +186,7 @@ impl From<JournalError> for StorageError {
             | JournalError::DiskTooSmallFor { .. }) => StorageError::Unavailable(e.to_string()),
             e @ (JournalError::Corrupt(_)
             | JournalError::Damaged(_)
+            | JournalError::Unpaired(_)
             | JournalError::Thread(_)
             | JournalError::Leftover { .. }) => StorageError::Corrupt(e.to_string()),
         }
