@@ -47,6 +47,15 @@ impl Journal {
             .then(|| RocksProjector::open(path))
             .transpose()?;
         let tasks = self.import_pending(old.as_ref().unwrap_or(&into))?;
+        // What an earlier move left when its removal was cut short goes first: the rename below
+        // cannot replace it.
+        let leftover = moved_aside(path);
+        if leftover.is_dir() {
+            std::fs::remove_dir_all(&leftover).map_err(|source| JournalError::Leftover {
+                path: leftover.clone(),
+                source,
+            })?;
+        }
         let mut keys_moved = 0;
         if let Some(old) = old {
             // The old database is the whole truth: what the journal kept from an earlier time
@@ -79,13 +88,6 @@ impl Journal {
                     path: path.to_path_buf(),
                     source,
                 })?;
-        }
-        let leftover = moved_aside(path);
-        if leftover.is_dir() {
-            std::fs::remove_dir_all(&leftover).map_err(|source| JournalError::Leftover {
-                path: leftover.clone(),
-                source,
-            })?;
         }
         if keys_moved > 0 || tasks > 0 {
             tracing::info!(
@@ -341,6 +343,23 @@ mod tests {
         let left = RocksProjector::in_journal(journal.db.clone());
         assert!(left.get(&p, 1, &article, &d).is_none());
         assert_eq!(journal.release_keyspaces(Some(&own)).unwrap(), 0);
+        journal.close().await;
+    }
+
+    /// What a move cut short while it removed the old database left aside does not stop the
+    /// next move (of keyspaces a broker-fed time made again) at every start.
+    #[tokio::test]
+    async fn a_move_goes_on_past_what_an_earlier_one_left_aside() {
+        let dir = tempfile::tempdir().unwrap();
+        let aside = dir.path().join("keyspaces.moved");
+        std::fs::create_dir_all(aside.join("half")).unwrap();
+        std::fs::write(aside.join("half").join("000001.sst"), b"left").unwrap();
+        drop(RocksProjector::open(&dir.path().join("keyspaces")).unwrap());
+        let journal = open(dir.path(), true);
+        journal
+            .import_keyspaces(&dir.path().join("keyspaces"))
+            .expect("the move goes on");
+        assert!(!aside.exists() && !dir.path().join("keyspaces").exists());
         journal.close().await;
     }
 
