@@ -226,6 +226,9 @@ impl Journal {
             let Ok(_place) = journal.backfill_slots.clone().acquire_owned().await else {
                 return;
             };
+            if journal.is_closing() {
+                return;
+            }
             let mut state = state;
             if state.cursor.is_none() && state.done == 0 {
                 let (counter, name) = (journal.clone(), project.clone());

@@ -615,6 +615,8 @@ impl Journal {
     /// handle on its own thread while the process exits, which RocksDB does not survive.
     pub async fn close(&self) {
         self.closing.store(true, Ordering::Release);
+        // Back-fills waiting for a place end at once, their state journaled for the next start.
+        self.backfill_slots.close();
         let tasks = std::mem::take(&mut *self.background.lock().expect("background lock"));
         for task in tasks {
             let _ = task.await;

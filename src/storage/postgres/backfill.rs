@@ -94,10 +94,15 @@ pub async fn run(storage: Weak<PgStorage>) {
         };
         let worked = match claim(&node).await {
             Ok(Some((project, version, key, state))) => {
-                if let Err(error) = backfill(&node, &project, version, &key, state).await {
-                    tracing::warn!(%project, version, %error, "back-fill interrupted; it resumes");
+                match backfill(&node, &project, version, &key, state).await {
+                    Ok(()) => true,
+                    Err(error) => {
+                        // Claimed again after a pause, not at once: a storage that keeps failing
+                        // it is not asked in a loop.
+                        tracing::warn!(%project, version, %error, "back-fill interrupted; it resumes");
+                        false
+                    }
                 }
-                true
             }
             Ok(None) => false,
             Err(error) => {
@@ -167,12 +172,19 @@ async fn backfill(
     mut state: BackfillState,
 ) -> Result<(), StorageError> {
     if state.cursor.is_none() && state.done == 0 {
-        let total: i64 = sqlx::query_scalar("SELECT count(*) FROM items WHERE project = $1")
-            .bind(project.as_str())
-            .fetch_one(node.pool())
-            .await
-            .map_err(|e| unavailable("count items", &e))?;
-        state.total = total as u64;
+        // The total is for progress reports only: a count that takes longer than
+        // storage.query_timeout_secs (a very large project) leaves it to grow with the walk.
+        let total: Result<i64, _> =
+            sqlx::query_scalar("SELECT count(*) FROM items WHERE project = $1")
+                .bind(project.as_str())
+                .fetch_one(node.pool())
+                .await;
+        match total {
+            Ok(total) => state.total = total as u64,
+            Err(error) => {
+                tracing::warn!(%project, version, %error, "cannot count the items to back-fill; going on without a total");
+            }
+        }
     }
     tracing::info!(%project, version, total = state.total, "back-fill started");
     while !state.finished {
@@ -198,6 +210,7 @@ async fn backfill(
         .map_err(|e| unavailable("read items to back-fill", &e))?;
         let fetched: i64 = rows.first().map_or(0, |row| row.get("fetched"));
         state.done += rows.len() as u64;
+        state.total = state.total.max(state.done);
         state.finished = fetched < CHUNK && rows.len() as i64 == fetched;
         let mut snapshot = node.snapshot();
         if snapshot

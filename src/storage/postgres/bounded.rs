@@ -11,8 +11,8 @@
 //!   callers answer as 503;
 //! - a connection given up on is never used again: the pool checks each connection it gets back
 //!   within the same limit (a statement dropped half-way leaves its answer to be read first) and
-//!   closes it when the check gets no answer, so a node's pool never fills with connections that
-//!   wait for ever;
+//!   closes it when the check gets no answer, or finds it inside a transaction, so a node's pool
+//!   never fills with connections that wait for ever nor hands out one whose writes never commit;
 //! - a connection idle for a while is checked before it is handed out; one used a moment ago is
 //!   not, since the check on its return is that recent.
 //!
@@ -27,12 +27,17 @@ use futures::stream::BoxStream;
 use futures::StreamExt;
 use sqlx::pool::PoolConnection;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgQueryResult, PgRow};
-use sqlx::{Connection, Either, Execute, Executor, Postgres, Transaction};
+use sqlx::{Connection, Either, Execute, Executor, Postgres, Row, Transaction};
 
 use crate::storage::StorageError;
 
 /// How long a pooled connection may have been idle and still be handed out unchecked.
 const FRESH: Duration = Duration::from_secs(1);
+
+/// True on a connection outside a transaction: a statement that is the first of its transaction
+/// starts when the transaction does. Sent as a simple query (one message): in the extended
+/// protocol each message after the first starts the statement again, later than its transaction.
+const OUTSIDE: &str = "SELECT now() = statement_timestamp()";
 
 /// Longest wait for a connection of the pool (all of them busy, or a new one to be made).
 const MAX_ACQUIRE: Duration = Duration::from_secs(5);
@@ -101,7 +106,14 @@ impl Bounded {
                 })
             })
             .after_release(move |conn, _| {
-                Box::pin(async move { within(limit, conn.ping()).await.map(|()| true) })
+                Box::pin(async move {
+                    // An answer says the connection is alive; `true` that the statement ran as
+                    // the first of its own transaction. A transaction left open (a `BEGIN` cut
+                    // short before sqlx counted it) began earlier: the connection is closed, not
+                    // pooled, where the next statements would never commit.
+                    let row = within(limit, sqlx::raw_sql(OUTSIDE).fetch_one(&mut *conn)).await?;
+                    row.try_get::<bool, _>(0)
+                })
             })
             .connect_lazy_with(options);
         Bounded { pool, limit }

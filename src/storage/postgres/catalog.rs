@@ -13,7 +13,7 @@ use sqlx::postgres::PgListener;
 use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 
-use super::{unavailable, PgStorage};
+use super::{unavailable, within, PgStorage};
 use crate::blueprint::Ident;
 use crate::catalog::edit::{self, Write};
 use crate::catalog::{Project, Version, VersionStatus, WorkingCopy};
@@ -339,11 +339,17 @@ pub async fn listen(storage: Weak<PgStorage>) {
         let Some(node) = storage.upgrade() else {
             return;
         };
-        let listener = async {
-            let mut listener = PgListener::connect_with(node.pool().pool()).await?;
+        // The listener's connection is of a pool of its own: a listener given up on a connection
+        // cut off leaves its `UNLISTEN` waiting there, never holding a place of the node's pool.
+        let own = sqlx::postgres::PgPoolOptions::new()
+            .max_connections(1)
+            .acquire_timeout(node.pool().limit())
+            .connect_lazy_with(node.writer_options.clone());
+        let listener = within(node.pool().limit(), async {
+            let mut listener = PgListener::connect_with(&own).await?;
             listener.listen(&node.channel).await?;
             Ok::<_, sqlx::Error>(listener)
-        }
+        })
         .await;
         let mut listener = match listener {
             Ok(listener) => listener,

@@ -717,27 +717,34 @@ impl PgStorage {
     }
 
     /// Removes at most [`PURGE_BATCH`] tombstones made before `before`, oldest revisions of each
-    /// project first, in one transaction (so a long backlog of deletes is purged in steps that each
-    /// hold their projects' rows briefly); answers how many it found and how many went (one
-    /// replaced since by a new delete of its item is younger, and stays).
+    /// project first, after `after` (the last one an earlier batch of this purge looked at), in one
+    /// transaction: a long backlog of deletes is purged in steps that each hold their projects'
+    /// rows briefly, none looking again at what the others passed. Answers the last tombstone it
+    /// looked at when the batch was full (more may follow), and how many went (one replaced since
+    /// by a new delete of its item is younger, and stays).
     async fn purge_tombstone_batch(
         &self,
         before: DateTime<Utc>,
-    ) -> Result<(usize, u64), StorageError> {
+        after: Option<(String, i64)>,
+    ) -> Result<(Option<(String, i64)>, u64), StorageError> {
         let failed = |e: sqlx::Error| unavailable("compact the change feed", &e);
         within(self.pool.limit(), async move {
             let batch: Vec<(String, i64)> = sqlx::query_as(
                 "SELECT project, revision FROM tombstones WHERE deleted_at < $1 \
+                 AND ($3::text IS NULL OR (project, revision) > ($3, $4)) \
                  ORDER BY project, revision LIMIT $2",
             )
             .bind(before)
             .bind(PURGE_BATCH as i64)
+            .bind(after.as_ref().map(|(project, _)| project.as_str()))
+            .bind(after.as_ref().map_or(0, |(_, revision)| *revision))
             .fetch_all(&self.pool)
             .await
             .map_err(failed)?;
             if batch.is_empty() {
-                return Ok((0, 0));
+                return Ok((None, 0));
             }
+            let last = (batch.len() == PURGE_BATCH).then(|| batch[batch.len() - 1].clone());
             let (projects, revisions): (Vec<String>, Vec<i64>) = batch.iter().cloned().unzip();
             let mut tx = self.pool.begin().await.map_err(failed)?;
             // The projects' rows first, in name order, as a batch of writes takes them before it
@@ -766,7 +773,7 @@ impl PgStorage {
             .await
             .map_err(failed)?;
             tx.commit().await.map_err(failed)?;
-            Ok((batch.len(), purged as u64))
+            Ok((last, purged as u64))
         })
         .await
     }
@@ -1317,50 +1324,51 @@ impl Storage for PgStorage {
     }
 
     async fn purge_tombstones(&self, before: DateTime<Utc>) -> Result<u64, StorageError> {
-        let mut total = 0;
+        let (mut total, mut after) = (0, None);
         loop {
-            let (seen, purged) = self.purge_tombstone_batch(before).await?;
+            let (last, purged) = self.purge_tombstone_batch(before, after.take()).await?;
             total += purged;
-            if seen < PURGE_BATCH {
-                return Ok(total);
+            match last {
+                Some(last) => after = Some(last),
+                None => return Ok(total),
             }
         }
     }
 
     async fn drop_project(&self, project: &Ident) -> Result<u64, StorageError> {
-        within(self.pool.limit(), async move {
-            let mut tx = self
-                .pool
-                .begin()
-                .await
-                .map_err(|e| unavailable("begin a drop", &e))?;
-            catalog::lock_project(&mut tx, project, None).await?;
-            let revision = Self::next_revisions(&mut tx, project, 1).await?;
-            Self::append_task(&mut tx, project, revision, &TaskOp::DropProject, None).await?;
-            let stamp = catalog::forget(&mut tx, project).await?;
-            // The feed forgets the project's history: followers from before the drop start over.
-            sqlx::query("UPDATE projects SET horizon = $2 WHERE name = $1")
-                .bind(project.as_str())
-                .bind(revision as i64)
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| unavailable("drop a project", &e))?;
-            sqlx::query("DELETE FROM version_usage WHERE project = $1")
-                .bind(project.as_str())
-                .execute(&mut *tx)
-                .await
-                .map_err(|e| unavailable("drop a project's version use", &e))?;
-            self.notify(&mut tx, project).await?;
-            tx.commit()
-                .await
-                .map_err(|e| unavailable("commit a drop", &e))?;
-            self.usage.forget(project);
-            self.signal.publish(project, revision);
-            self.publish_one(project, stamp, None);
-            self.committed.notify_waiters();
-            Ok(revision)
-        })
-        .await
+        // Not bounded by storage.query_timeout_secs: a large project's rows go in this one
+        // transaction (`catalog::forget`), which may take longer; cut short, it would be undone and
+        // made again, as long, at every retry. A client that gives up drops it with its request.
+        let mut tx = self
+            .pool
+            .begin()
+            .await
+            .map_err(|e| unavailable("begin a drop", &e))?;
+        catalog::lock_project(&mut tx, project, None).await?;
+        let revision = Self::next_revisions(&mut tx, project, 1).await?;
+        Self::append_task(&mut tx, project, revision, &TaskOp::DropProject, None).await?;
+        let stamp = catalog::forget(&mut tx, project).await?;
+        // The feed forgets the project's history: followers from before the drop start over.
+        sqlx::query("UPDATE projects SET horizon = $2 WHERE name = $1")
+            .bind(project.as_str())
+            .bind(revision as i64)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| unavailable("drop a project", &e))?;
+        sqlx::query("DELETE FROM version_usage WHERE project = $1")
+            .bind(project.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| unavailable("drop a project's version use", &e))?;
+        self.notify(&mut tx, project).await?;
+        tx.commit()
+            .await
+            .map_err(|e| unavailable("commit a drop", &e))?;
+        self.usage.forget(project);
+        self.signal.publish(project, revision);
+        self.publish_one(project, stamp, None);
+        self.committed.notify_waiters();
+        Ok(revision)
     }
 
     async fn item(
@@ -1852,6 +1860,8 @@ mod tests {
     use crate::storage::conformance::{drop_schema, open_postgresql, put_article};
     use crate::storage::{Storage, StorageError};
 
+    use sqlx::Row;
+
     use super::{Ident, TaskOp, Uuid};
 
     /// A key whose record this dstore cannot read (an action it does not know) is left out; the
@@ -2007,6 +2017,57 @@ mod tests {
             .expect("answered");
         assert!(frozen.is_ok(), "{frozen:?}");
         drop(stalled);
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A connection given back to the pool inside a transaction (a `BEGIN` cut short by a time
+    /// limit before sqlx counted it) is closed, never handed out again: statements on it would
+    /// never commit.
+    #[tokio::test]
+    async fn a_connection_given_back_inside_a_transaction_is_not_pooled_again() {
+        let (storage, schema) = open_postgresql("leftopen", vec![]).await;
+        let outside = "SELECT now() = statement_timestamp()";
+        let mut conn = storage.pool().acquire().await.unwrap();
+        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap();
+        sqlx::query("BEGIN").execute(&mut *conn).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        let open: bool = sqlx::raw_sql(outside)
+            .fetch_one(&mut *conn)
+            .await
+            .unwrap()
+            .get(0);
+        assert!(!open, "the check sees the open transaction");
+        drop(conn);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for _ in 0..3 {
+            let mut conn = storage.pool().acquire().await.unwrap();
+            // A simple query, as the pool's own check: see `bounded`.
+            let row = sqlx::raw_sql("SELECT pg_backend_pid(), now() = statement_timestamp()")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            let (now_pid, outside): (i32, bool) = (row.get(0), row.get(1));
+            assert!(outside, "a connection handed out is outside a transaction");
+            assert_ne!(
+                now_pid, pid,
+                "the connection left inside a transaction was closed"
+            );
+        }
+        // The others are pooled again, not made anew for every statement.
+        let mut seen = std::collections::HashSet::new();
+        for _ in 0..20 {
+            let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(storage.pool())
+                .await
+                .unwrap();
+            seen.insert(pid);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(seen.len() <= 10, "{} connections for 20 statements", seen.len());
         drop(storage);
         drop_schema(&schema).await;
     }
