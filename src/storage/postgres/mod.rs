@@ -2067,7 +2067,11 @@ mod tests {
             seen.insert(pid);
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        assert!(seen.len() <= 10, "{} connections for 20 statements", seen.len());
+        assert!(
+            seen.len() <= 10,
+            "{} connections for 20 statements",
+            seen.len()
+        );
         drop(storage);
         drop_schema(&schema).await;
     }

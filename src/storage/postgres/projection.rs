@@ -417,18 +417,24 @@ async fn settle(
             tracing::info!(projector, %project, "lease lost to another node; leaving the project to it");
             return Ok(false);
         }
-        for letter in &dead {
+        // In one statement: a batch may refuse thousands of tasks, one round trip each of
+        // which took longer than the limit the whole settling has.
+        if !dead.is_empty() {
+            let revisions: Vec<i64> = dead.iter().map(|letter| letter.seq as i64).collect();
+            let letters: Vec<sqlx::types::Json<&DeadLetter>> =
+                dead.iter().map(sqlx::types::Json).collect();
             sqlx::query(
-                "INSERT INTO dead_letters (projector, project, revision, letter) VALUES ($1, $2, $3, $4) \
+                "INSERT INTO dead_letters (projector, project, revision, letter) \
+                 SELECT $1, $2, r, l FROM unnest($3::bigint[], $4::jsonb[]) AS k(r, l) \
                  ON CONFLICT DO NOTHING",
             )
             .bind(projector)
             .bind(project.as_str())
-            .bind(letter.seq as i64)
-            .bind(sqlx::types::Json(letter))
+            .bind(&revisions)
+            .bind(&letters)
             .execute(&mut *tx)
             .await
-            .map_err(|e| unavailable("keep a dead letter", &e))?;
+            .map_err(|e| unavailable("keep dead letters", &e))?;
         }
         tx.commit()
             .await
