@@ -1098,13 +1098,23 @@ mod tests {
                 Err(e) => panic!("the catalog does not open: {e}"),
             }
         };
-        let settings = JournalSettings {
+        Journal::open(
+            &dir.join("journal"),
+            catalog,
+            projectors,
+            settings(durability, max_pending),
+        )
+        .unwrap()
+    }
+
+    /// The tests' journal settings: keyspaces kept, no disk limit.
+    fn settings(durability: Durability, max_pending: u64) -> JournalSettings {
+        JournalSettings {
             durability,
             max_pending,
             keyspaces: true,
             min_free_bytes: 0,
-        };
-        Journal::open(&dir.join("journal"), catalog, projectors, settings).unwrap()
+        }
     }
 
     #[tokio::test]
@@ -1197,12 +1207,7 @@ mod tests {
         write_new(&storage, &project, &article).await.unwrap();
         journal.close().await;
         drop((journal, storage));
-        let settings = || JournalSettings {
-            durability: Durability::Sync,
-            max_pending: u64::MAX,
-            keyspaces: true,
-            min_free_bytes: 0,
-        };
+        let settings = || settings(Durability::Sync, u64::MAX);
         let other = tempfile::tempdir().unwrap();
         // A closed journal's background tasks may hold its catalog for a moment longer.
         let catalog = || async {
@@ -1259,12 +1264,7 @@ mod tests {
                 .unwrap();
         }
         let catalog = Arc::new(Catalog::open(&_dir.path().join("catalog")).unwrap());
-        let settings = JournalSettings {
-            durability: Durability::Sync,
-            max_pending: u64::MAX,
-            keyspaces: true,
-            min_free_bytes: 0,
-        };
+        let settings = settings(Durability::Sync, u64::MAX);
         let opened = Journal::open(
             &_dir.path().join("journal"),
             catalog,

@@ -43,6 +43,34 @@ pub enum TaskOp {
     DropProject,
 }
 
+impl TaskOp {
+    /// The item an upsert or a delete writes: its blueprint and id.
+    pub fn item(&self) -> Option<(&Ident, &Uuid)> {
+        match self {
+            TaskOp::Upsert { blueprint, id, .. } | TaskOp::Delete { blueprint, id, .. } => {
+                Some((blueprint, id))
+            }
+            TaskOp::Migrate { .. } | TaskOp::DropProject => None,
+        }
+    }
+
+    /// Whether this item write, refused by a store, is settled by its item's state now (`now`:
+    /// the item's revision, `None` when it is not there): written again since, the newer write
+    /// reached the store with a task of its own; deleted since, an upsert would bring it back. A
+    /// delete of an item not there is sent again, harmless (a store keeps the newer of two).
+    pub fn superseded_by(&self, now: Option<u64>) -> bool {
+        let (revision, upsert) = match self {
+            TaskOp::Upsert { revision, .. } => (*revision, true),
+            TaskOp::Delete { revision, .. } => (*revision, false),
+            TaskOp::Migrate { .. } | TaskOp::DropProject => return false,
+        };
+        match now {
+            Some(now) => now > revision,
+            None => upsert,
+        }
+    }
+}
+
 /// An item as one version sees it. The document stays the JSON text the write path serialized: the
 /// keyspace projector and Elasticsearch store it as it is, and only what must look inside a document
 /// (PostgreSQL's columns) reads it.

@@ -1289,20 +1289,8 @@ fn stage_change(
 /// PostgreSQL to compare with. So it goes, counted as retried, without being sent. An item that
 /// cannot be read is taken as not superseded: the letter is sent, as before.
 fn superseded(stage: &Stage, task: &super::task::Task) -> bool {
-    let (blueprint, id, revision, upsert) = match &task.op {
-        TaskOp::Upsert {
-            blueprint,
-            id,
-            revision,
-            ..
-        } => (blueprint, id, *revision, true),
-        TaskOp::Delete {
-            blueprint,
-            id,
-            revision,
-            ..
-        } => (blueprint, id, *revision, false),
-        TaskOp::Migrate { .. } | TaskOp::DropProject => return false,
+    let Some((blueprint, id)) = task.op.item() else {
+        return false;
     };
     let key = keys::item(&task.project, blueprint, id);
     let latest = match stage.staged.get(&key) {
@@ -1312,12 +1300,12 @@ fn superseded(stage: &Stage, task: &super::task::Task) -> bool {
             Err(_) => return false,
         },
     };
-    match latest {
-        Previous::Put { revision: r, .. } => r > revision,
-        // Deleted after an upsert, its marker perhaps purged since: the upsert is older.
-        Previous::Delete(r) => upsert || r > revision,
-        Previous::None => upsert,
-    }
+    // Deleted (its marker perhaps purged since) is not there.
+    let now = match latest {
+        Previous::Put { revision, .. } => Some(revision),
+        Previous::Delete(_) | Previous::None => None,
+    };
+    task.op.superseded_by(now)
 }
 
 fn requeue_into_keyspaces(stage: &mut Stage, task: &super::task::Task) {

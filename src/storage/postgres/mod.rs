@@ -334,12 +334,8 @@ async fn latest_revisions(
 ) -> Result<HashMap<(String, Uuid), u64>, sqlx::Error> {
     let (blueprints, ids): (Vec<&str>, Vec<Uuid>) = letters
         .iter()
-        .filter_map(|(_, _, task)| match &task.op {
-            TaskOp::Upsert { blueprint, id, .. } | TaskOp::Delete { blueprint, id, .. } => {
-                Some((blueprint.as_str(), *id))
-            }
-            TaskOp::Migrate { .. } | TaskOp::DropProject => None,
-        })
+        .filter_map(|(_, _, task)| task.op.item())
+        .map(|(blueprint, id)| (blueprint.as_str(), *id))
         .unzip();
     if ids.is_empty() {
         return Ok(HashMap::new());
@@ -360,28 +356,13 @@ async fn latest_revisions(
         .collect())
 }
 
-/// Whether an item write's letter is settled by a newer change of its item: written again since,
-/// or (an upsert's) deleted since; `latest` has the items there now.
+/// Whether an item write's letter is settled by a newer change of its item
+/// ([`TaskOp::superseded_by`]); `latest` has the items there now.
 fn superseded(latest: &HashMap<(String, Uuid), u64>, task: &crate::journal::task::Task) -> bool {
-    let (blueprint, id, revision, upsert) = match &task.op {
-        TaskOp::Upsert {
-            blueprint,
-            id,
-            revision,
-            ..
-        } => (blueprint, id, *revision, true),
-        TaskOp::Delete {
-            blueprint,
-            id,
-            revision,
-            ..
-        } => (blueprint, id, *revision, false),
-        TaskOp::Migrate { .. } | TaskOp::DropProject => return false,
-    };
-    match latest.get(&(blueprint.to_string(), *id)) {
-        Some(now) => *now > revision,
-        None => upsert,
-    }
+    task.op.item().is_some_and(|(blueprint, id)| {
+        let now = latest.get(&(blueprint.to_string(), *id)).copied();
+        task.op.superseded_by(now)
+    })
 }
 
 /// Warns when another process with this node's name holds live leases: one that stopped without
