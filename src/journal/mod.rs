@@ -1192,11 +1192,8 @@ mod tests {
         journal.close().await;
     }
 
-    /// A journal opened beside an empty catalog, or beside another journal's, is refused naming
-    /// both settings: a catalog directory pointed somewhere new would show its old items in
-    /// projects made again under the same names.
-    #[tokio::test]
-    async fn a_journal_opened_beside_another_catalog_is_refused() {
+    /// The directory of a journal (and its catalog) that one item was written to, closed.
+    async fn written_and_closed() -> tempfile::TempDir {
         let Fixture {
             _dir,
             journal,
@@ -1207,6 +1204,15 @@ mod tests {
         write_new(&storage, &project, &article).await.unwrap();
         journal.close().await;
         drop((journal, storage));
+        _dir
+    }
+
+    /// A journal opened beside an empty catalog, or beside another journal's, is refused naming
+    /// both settings: a catalog directory pointed somewhere new would show its old items in
+    /// projects made again under the same names.
+    #[tokio::test]
+    async fn a_journal_opened_beside_another_catalog_is_refused() {
+        let _dir = written_and_closed().await;
         let settings = || settings(Durability::Sync, u64::MAX);
         let other = tempfile::tempdir().unwrap();
         // A closed journal's background tasks may hold its catalog for a moment longer.
@@ -1247,16 +1253,7 @@ mod tests {
     /// tasks would be numbered over pending ones and new writes get revisions the stores ignore.
     #[tokio::test]
     async fn a_damaged_sequence_counter_stops_the_journal_rather_than_starting_it_at_zero() {
-        let Fixture {
-            _dir,
-            journal,
-            storage,
-            project,
-            article,
-        } = fixture(Durability::Sync, vec!["store"]).await;
-        write_new(&storage, &project, &article).await.unwrap();
-        journal.close().await;
-        drop((journal, storage));
+        let _dir = written_and_closed().await;
         {
             let db =
                 DB::open_cf(&Options::default(), _dir.path().join("journal"), FAMILIES).unwrap();
