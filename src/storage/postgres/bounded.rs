@@ -14,7 +14,9 @@
 //!   closes it when the check gets no answer, or finds it inside a transaction, so a node's pool
 //!   never fills with connections that wait for ever nor hands out one whose writes never commit;
 //! - a connection idle for a while is checked before it is handed out; one used a moment ago is
-//!   not, since the check on its return is that recent.
+//!   not, since the check on its return is that recent;
+//! - the server ends a statement a little after the node gave up on it (`statement_timeout`); what
+//!   may rightly take longer (a project's drop) lifts it for its own transaction.
 //!
 //! The write batcher keeps its own connection and its own limit (`storage.commit_timeout_secs`,
 //! `writer`); the catalog listener has its quiet check (`catalog`).
@@ -38,6 +40,9 @@ const FRESH: Duration = Duration::from_secs(1);
 /// starts when the transaction does. Sent as a simple query (one message): in the extended
 /// protocol each message after the first starts the statement again, later than its transaction.
 const OUTSIDE: &str = "SELECT now() = statement_timestamp()";
+
+/// How much longer than the node the server lets a statement run (`statement_timeout`).
+const SERVER_GRACE: Duration = Duration::from_secs(5);
 
 /// Longest wait for a connection of the pool (all of them busy, or a new one to be made).
 const MAX_ACQUIRE: Duration = Duration::from_secs(5);
@@ -89,6 +94,10 @@ pub struct Bounded {
 impl Bounded {
     /// A lazily connecting pool of `size` connections made with `options`.
     pub fn connect_lazy(options: PgConnectOptions, size: u32, limit: Duration) -> Bounded {
+        // A statement the node gave up on is ended by the server too, a little after, rather
+        // than holding its locks and its work until it finishes.
+        let ended = (limit + SERVER_GRACE).as_millis();
+        let options = options.options([("statement_timeout", format!("{ended}ms"))]);
         let acquire = limit.min(MAX_ACQUIRE);
         // An idle connection that does not answer is given up in half the time a read may wait
         // for one, leaving the other half to connect anew.

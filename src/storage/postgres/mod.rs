@@ -1325,6 +1325,10 @@ impl Storage for PgStorage {
             .begin()
             .await
             .map_err(|e| unavailable("begin a drop", &e))?;
+        sqlx::query("SET LOCAL statement_timeout = 0")
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| unavailable("begin a drop", &e))?;
         catalog::lock_project(&mut tx, project, None).await?;
         let revision = Self::next_revisions(&mut tx, project, 1).await?;
         Self::append_task(&mut tx, project, revision, &TaskOp::DropProject, None).await?;
@@ -2038,6 +2042,12 @@ mod tests {
                 "the connection left inside a transaction was closed"
             );
         }
+        // The server ends a statement a little after the node gave up on it.
+        let ended: String = sqlx::query_scalar("SHOW statement_timeout")
+            .fetch_one(storage.pool())
+            .await
+            .unwrap();
+        assert_eq!(ended, "35s");
         // The others are pooled again, not made anew for every statement.
         let mut seen = std::collections::HashSet::new();
         for _ in 0..20 {
