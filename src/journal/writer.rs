@@ -200,15 +200,6 @@ enum Previous {
     Delete(u64),
 }
 
-impl Previous {
-    fn revision(self) -> u64 {
-        match self {
-            Previous::None => 0,
-            Previous::Put { revision, .. } | Previous::Delete(revision) => revision,
-        }
-    }
-}
-
 /// An item's previous change as [`Stage::look_up`] read it, with its record's body when the write
 /// leaves the version the item was last written for.
 #[derive(Clone)]
@@ -300,9 +291,15 @@ impl<'a> Stage<'a> {
         if let Some(looked_up) = looked_up {
             return looked_up;
         }
-        // Only a dead letter queued again into the keyspaces gets here, whose keyspace revision
-        // still guards what it writes.
         self.read_previous(key).unwrap_or(Previous::None)
+    }
+
+    /// The item's latest change: from this batch, else read from the journal.
+    fn latest(&self, key: &[u8]) -> Result<Previous, rocksdb::Error> {
+        match self.staged.get(key) {
+            Some(staged) => Ok(*staged),
+            None => self.read_previous(key),
+        }
     }
 
     /// The previous change of an item this batch has not changed, read from the journal.
@@ -1280,8 +1277,6 @@ fn stage_change(
     }
 }
 
-/// Applies a dead letter of the local keyspaces in the batch, unless the journal accepted a newer
-/// change of the item since (in this batch too), or the keyspace holds one.
 /// Whether a write's dead letter is settled by a newer change of its item (written again, or
 /// deleted), which reached or reaches the store with a task of its own. Queued again it would
 /// bring back what that change replaced wherever the store no longer remembers it: Elasticsearch
@@ -1292,13 +1287,8 @@ fn superseded(stage: &Stage, task: &super::task::Task) -> bool {
     let Some((blueprint, id)) = task.op.item() else {
         return false;
     };
-    let key = keys::item(&task.project, blueprint, id);
-    let latest = match stage.staged.get(&key) {
-        Some(staged) => *staged,
-        None => match stage.read_previous(&key) {
-            Ok(previous) => previous,
-            Err(_) => return false,
-        },
+    let Ok(latest) = stage.latest(&keys::item(&task.project, blueprint, id)) else {
+        return false;
     };
     // Deleted (its marker perhaps purged since) is not there.
     let now = match latest {
@@ -1308,6 +1298,8 @@ fn superseded(stage: &Stage, task: &super::task::Task) -> bool {
     task.op.superseded_by(now)
 }
 
+/// Applies a dead letter of the local keyspaces in the batch (one [`superseded`] let through),
+/// unless the keyspace holds a newer change.
 fn requeue_into_keyspaces(stage: &mut Stage, task: &super::task::Task) {
     match &task.op {
         TaskOp::Migrate { version } => {
@@ -1323,15 +1315,12 @@ fn requeue_into_keyspaces(stage: &mut Stage, task: &super::task::Task) {
     }
     let cf = stage.cf(keyspace::CF_KEYSPACES);
     for write in task.version_writes() {
-        let latest = stage
-            .previous(&keys::item(&task.project, write.blueprint, &write.id), None)
-            .revision();
         let key = keyspace::key(&task.project, write.version, write.blueprint, &write.id);
         let stored = match stage.writer.db.get_pinned_cf(cf, &key) {
             Ok(value) => value.and_then(|v| codec::record_revision(&v)).unwrap_or(0),
             Err(_) => continue,
         };
-        if write.revision < latest || write.revision <= stored {
+        if write.revision <= stored {
             continue;
         }
         let doc = write.doc.map(|d| d.get().as_bytes());

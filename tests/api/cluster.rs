@@ -96,12 +96,19 @@ impl Cluster {
     }
 }
 
+/// The status and JSON body of the node's answer, which comes within a minute: well before the
+/// kernel gives up a connection to a storage that stopped answering.
 async fn send(method: reqwest::Method, url: String, body: Option<Value>) -> (u16, Value) {
-    let mut request = reqwest::Client::new().request(method, url);
+    let mut request = reqwest::Client::new()
+        .request(method, url)
+        .timeout(Duration::from_secs(60));
     if let Some(body) = body {
         request = request.body(body.to_string());
     }
-    let response = request.send().await.expect("the node answers");
+    let response = request
+        .send()
+        .await
+        .expect("the node answers within a minute");
     let status = response.status().as_u16();
     (status, response.json().await.unwrap_or(Value::Null))
 }
@@ -792,21 +799,12 @@ async fn writes_to_a_storage_that_stops_answering_answer_503_in_time_and_resume_
     let (status, _) = send(reqwest::Method::POST, node.url("/p/_version"), None).await;
     assert_eq!(status, 200);
     let put = |id: Uuid| {
-        let url = node.url(&format!("/p/thing/{id}"));
-        async move {
-            let response = reqwest::Client::new()
-                .put(url)
-                .timeout(Duration::from_secs(60))
-                .body(json!({"project_version": 1, "title": "t", "n": 1}).to_string())
-                .send()
-                .await
-                .expect("an answer well before the kernel gives the connection up");
-            let status = response.status().as_u16();
-            (
-                status,
-                response.json::<Value>().await.unwrap_or(Value::Null),
-            )
-        }
+        let body = json!({"project_version": 1, "title": "t", "n": 1});
+        send(
+            reqwest::Method::PUT,
+            node.url(&format!("/p/thing/{id}")),
+            Some(body),
+        )
     };
     let before = Uuid::new_v4();
     let (status, body) = put(before).await;
@@ -882,22 +880,7 @@ async fn reads_from_a_storage_that_stops_answering_answer_in_time_and_resume_on_
     )
     .await;
     assert_eq!(status, 200, "{body}");
-    let read = |path: String| {
-        let url = node.url(&path);
-        async move {
-            let response = reqwest::Client::new()
-                .get(url)
-                .timeout(Duration::from_secs(60))
-                .send()
-                .await
-                .expect("an answer well before the kernel gives the connection up");
-            let status = response.status().as_u16();
-            (
-                status,
-                response.json::<Value>().await.unwrap_or(Value::Null),
-            )
-        }
-    };
+    let read = |path: String| send(reqwest::Method::GET, node.url(&path), None);
     let paths = [
         format!("/p/thing/{id}"),
         "/p/_changes?version=1".to_string(),

@@ -132,11 +132,6 @@ impl Bounded {
         self.limit
     }
 
-    /// The pool itself, for what must not be bounded (closing it).
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
     /// A connection of the pool, for statements run on it (bound them with [`within`]).
     pub async fn acquire(&self) -> Result<PoolConnection<Postgres>, sqlx::Error> {
         self.pool.acquire().await
