@@ -33,6 +33,16 @@ pub enum CatalogError {
     Storage(#[from] rocksdb::Error),
     #[error("catalog record is corrupt: {0}")]
     Corrupt(#[from] serde_json::Error),
+    /// A record read at start that this build cannot decode: dstore does not start rather than
+    /// serve without a project's versions (its items could not be read or projected).
+    #[error(
+        "catalog record {key:?} is unreadable ({error}): a newer dstore wrote it, or the disk \
+         damaged it; run the newer dstore, or restore the catalog directory from a backup"
+    )]
+    Unreadable {
+        key: String,
+        error: serde_json::Error,
+    },
 }
 
 /// A record kept beside the catalog proper: its key and value.
@@ -431,13 +441,17 @@ fn load(db: &DB) -> Result<Snapshot, CatalogError> {
         let project = projects
             .entry(name.clone())
             .or_insert_with(|| Project::new(name));
+        let unreadable = |error| CatalogError::Unreadable {
+            key: key.to_string(),
+            error,
+        };
         match kind {
-            "project" => project.working = serde_json::from_slice(&value)?,
-            "version" => project
-                .versions
-                .push(Arc::new(serde_json::from_slice(&value)?)),
+            "project" => project.working = serde_json::from_slice(&value).map_err(unreadable)?,
+            "version" => project.versions.push(Arc::new(
+                serde_json::from_slice(&value).map_err(unreadable)?,
+            )),
             "status" => {
-                let status: VersionStatus = serde_json::from_slice(&value)?;
+                let status: VersionStatus = serde_json::from_slice(&value).map_err(unreadable)?;
                 let number = parts.next().and_then(|n| n.parse().ok()).unwrap_or(0);
                 project.status.insert(number, status);
             }
@@ -455,7 +469,34 @@ fn load(db: &DB) -> Result<Snapshot, CatalogError> {
 
 #[cfg(test)]
 mod tests {
-    use super::Catalog;
+    use super::{Catalog, CatalogError};
+
+    /// A record this build cannot decode (written by a newer dstore, or damaged) stops the start
+    /// naming the record and what to do, rather than an anonymous JSON error.
+    #[test]
+    fn an_unreadable_record_is_named_at_start() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
+        catalog
+            .put_records(
+                &[(
+                    b"version/shop/0000000002".to_vec(),
+                    b"{\"number\":".to_vec(),
+                )],
+                true,
+            )
+            .unwrap();
+        drop(catalog);
+        let error = Catalog::open(dir.path())
+            .err()
+            .expect("an unreadable version");
+        assert!(matches!(error, CatalogError::Unreadable { .. }), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains("version/shop/0000000002") && message.contains("newer dstore"),
+            "{message}"
+        );
+    }
 
     #[test]
     fn the_catalog_memtable_is_one_of_the_process_budget() {

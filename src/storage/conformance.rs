@@ -62,6 +62,24 @@ pub(crate) async fn open_postgresql_in(
     node: &str,
     projectors: Vec<&'static str>,
 ) -> Arc<PgStorage> {
+    opening_postgresql_in(schema, node, projectors)
+        .await
+        .expect("the postgresql storage opens")
+}
+
+/// [`open_postgresql_in`] with no projectors, answering the error of a storage that does not open.
+pub(crate) async fn try_open_postgresql_in(
+    schema: &str,
+    node: &str,
+) -> Result<Arc<PgStorage>, StorageError> {
+    opening_postgresql_in(schema, node, vec![]).await
+}
+
+async fn opening_postgresql_in(
+    schema: &str,
+    node: &str,
+    projectors: Vec<&'static str>,
+) -> Result<Arc<PgStorage>, StorageError> {
     PgStorage::open(PgStorageSettings {
         url: test_database().await.into(),
         schema: schema.into(),
@@ -73,7 +91,6 @@ pub(crate) async fn open_postgresql_in(
         query_timeout: std::time::Duration::from_secs(30),
     })
     .await
-    .expect("the postgresql storage opens")
 }
 
 /// Most projects the storages under test hold: few, so that the limit is reached in a test.

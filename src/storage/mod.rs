@@ -160,6 +160,7 @@ impl From<CatalogError> for StorageError {
             CatalogError::Corrupt(e) => {
                 StorageError::Corrupt(format!("corrupt catalog record: {e}"))
             }
+            e @ CatalogError::Unreadable { .. } => StorageError::Corrupt(e.to_string()),
         }
     }
 }

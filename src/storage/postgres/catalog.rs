@@ -19,8 +19,13 @@ use crate::catalog::edit::{self, Write};
 use crate::catalog::{Project, Version, VersionStatus, WorkingCopy};
 use crate::storage::StorageError;
 
-fn corrupt(what: &str, error: impl std::fmt::Display) -> StorageError {
-    StorageError::Corrupt(format!("postgresql storage: {what} is unreadable: {error}"))
+/// A catalog row this build cannot decode, named: a node does not start (or serve the project)
+/// rather than go on without a project's versions.
+fn corrupt(what: String, error: impl std::fmt::Display) -> StorageError {
+    StorageError::Corrupt(format!(
+        "postgresql storage: {what} is unreadable ({error}): a newer dstore wrote it; run the \
+         newer dstore on every node"
+    ))
 }
 
 /// A project as a node reads it: `stamp` counts its catalog changes, and `project` is `None` when
@@ -31,10 +36,10 @@ pub struct Loaded {
     pub project: Option<Project>,
 }
 
-fn working_copy(row: &sqlx::postgres::PgRow) -> Result<WorkingCopy, StorageError> {
+fn working_copy(row: &sqlx::postgres::PgRow, name: &Ident) -> Result<WorkingCopy, StorageError> {
     let Json(working): Json<WorkingCopy> = row
         .try_get("working")
-        .map_err(|e| corrupt("a working copy", e))?;
+        .map_err(|e| corrupt(format!("the working copy of project {name:?}"), e))?;
     Ok(working)
 }
 
@@ -52,7 +57,7 @@ pub async fn load_all(pool: &super::Bounded) -> Result<Vec<Loaded>, StorageError
         let project = if row.get::<bool, _>("live") {
             let mut project = Project::new(name.clone());
             project.epoch = row.get::<i64, _>("epoch") as u64;
-            project.working = working_copy(&row)?;
+            project.working = working_copy(&row, &name)?;
             Some(project)
         } else {
             None
@@ -67,14 +72,17 @@ pub async fn load_all(pool: &super::Bounded) -> Result<Vec<Loaded>, StorageError
             },
         );
     }
-    let versions = sqlx::query("SELECT project, body FROM versions ORDER BY project, number")
-        .fetch_all(pool)
-        .await
-        .map_err(|e| unavailable("read the catalog", &e))?;
+    let versions =
+        sqlx::query("SELECT project, number, body FROM versions ORDER BY project, number")
+            .fetch_all(pool)
+            .await
+            .map_err(|e| unavailable("read the catalog", &e))?;
     for row in versions {
         let name: String = row.get("project");
-        let Json(version): Json<Version> =
-            row.try_get("body").map_err(|e| corrupt("a version", e))?;
+        let Json(version): Json<Version> = row.try_get("body").map_err(|e| {
+            let number: i32 = row.get("number");
+            corrupt(format!("version {number} of project {name:?}"), e)
+        })?;
         if let Some(p) = projects
             .get_mut(name.as_str())
             .and_then(|l| l.project.as_mut())
@@ -88,9 +96,13 @@ pub async fn load_all(pool: &super::Bounded) -> Result<Vec<Loaded>, StorageError
         .map_err(|e| unavailable("read the catalog", &e))?;
     for row in statuses {
         let name: String = row.get("project");
-        let Json(status): Json<VersionStatus> = row
-            .try_get("status")
-            .map_err(|e| corrupt("a version status", e))?;
+        let Json(status): Json<VersionStatus> = row.try_get("status").map_err(|e| {
+            let number: i32 = row.get("number");
+            corrupt(
+                format!("the status of version {number} of project {name:?}"),
+                e,
+            )
+        })?;
         if let Some(p) = projects
             .get_mut(name.as_str())
             .and_then(|l| l.project.as_mut())
@@ -131,23 +143,35 @@ async fn read_project(
     }
     let mut project = Project::new(name.clone());
     project.epoch = row.get::<i64, _>("epoch") as u64;
-    project.working = working_copy(&row)?;
-    let versions: Vec<Json<Version>> =
-        sqlx::query_scalar("SELECT body FROM versions WHERE project = $1 ORDER BY number")
+    project.working = working_copy(&row, name)?;
+    // Rows, not decoded values: a body this build cannot decode is named as such, not taken for
+    // a storage that does not answer.
+    let versions =
+        sqlx::query("SELECT number, body FROM versions WHERE project = $1 ORDER BY number")
             .bind(name.as_str())
             .fetch_all(&mut *conn)
             .await
             .map_err(|e| unavailable("read a project's versions", &e))?;
-    project.versions = versions.into_iter().map(|v| Arc::new(v.0)).collect();
+    for row in versions {
+        let Json(version): Json<Version> = row.try_get("body").map_err(|e| {
+            let number: i32 = row.get("number");
+            corrupt(format!("version {number} of project {name:?}"), e)
+        })?;
+        project.versions.push(Arc::new(version));
+    }
     let statuses = sqlx::query("SELECT number, status FROM version_status WHERE project = $1")
         .bind(name.as_str())
         .fetch_all(&mut *conn)
         .await
         .map_err(|e| unavailable("read a project's versions", &e))?;
     for row in statuses {
-        let Json(status): Json<VersionStatus> = row
-            .try_get("status")
-            .map_err(|e| corrupt("a version status", e))?;
+        let number: i32 = row.get("number");
+        let Json(status): Json<VersionStatus> = row.try_get("status").map_err(|e| {
+            corrupt(
+                format!("the status of version {number} of project {name:?}"),
+                e,
+            )
+        })?;
         project
             .status
             .insert(row.get::<i32, _>("number") as u32, status);

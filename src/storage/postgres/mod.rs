@@ -1870,6 +1870,31 @@ mod tests {
         drop_schema(&schema).await;
     }
 
+    /// A version this build cannot decode (a newer dstore froze it) stops a node's start naming
+    /// the project and the version, not as an anonymous error or a storage that does not answer.
+    #[tokio::test]
+    async fn an_unreadable_version_is_named_when_a_node_starts() {
+        let (storage, schema) = open_postgresql("first", vec![]).await;
+        let project = Ident::parse("shop").unwrap();
+        put_article(storage.as_ref(), &project, None).await;
+        storage.freeze(&project, false).await.expect("version 1");
+        sqlx::query("UPDATE versions SET body = body || '{\"changes\": 7}'")
+            .execute(storage.pool())
+            .await
+            .unwrap();
+        drop(storage);
+        let error = crate::storage::conformance::try_open_postgresql_in(&schema, "second")
+            .await
+            .err()
+            .expect("an unreadable version");
+        let message = error.to_string();
+        assert!(
+            message.contains("version 1 of project \"shop\"") && message.contains("newer dstore"),
+            "{message}"
+        );
+        drop_schema(&schema).await;
+    }
+
     /// A node starting while another runs the migrations (under sqlx's advisory lock of the
     /// database) waits for them, however long they take, rather than failing after the lock
     /// timeout.
