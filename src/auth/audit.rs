@@ -10,10 +10,13 @@
 //! again, since a log that cannot be written must not stop every request that changes something.
 //!
 //! A refused request (no valid key, a key without the action or the project, a cross-site write)
-//! costs its sender nothing, so refusals are recorded one by one only up to
-//! [`UNVOUCHED_PER_SECOND`] a second; past it, one entry per second counts the rest. A client
-//! without a key, or with one that may only read, can then add at most a few kilobytes a second to
-//! the log, however fast it sends.
+//! costs its sender nothing, so refusals, and requests to routes that only read (a `POST` to
+//! `_changes` answered 404 or 405), are recorded one by one only up to [`UNVOUCHED_PER_SECOND`] a
+//! second; past it, one entry per second counts the rest. A client without a key, or with one
+//! that may only read, can then add at most a few kilobytes a second to the log, however fast it
+//! sends. With the embedded backend the log is not written while the journal's disk is nearly
+//! full (`journal::disk`): its entries wait in the queue, then are counted, so the room the
+//! journal keeps to restart is not used up by the log of refused writes.
 //!
 //! The embedded storage keeps each entry in a compact binary form ([`AuditEntry::encode`]): a tag
 //! byte that a JSON object never starts with, the time and status as integers, then each text
@@ -46,24 +49,18 @@ pub const UNVOUCHED_PER_SECOND: u32 = 10;
 /// to fill the disk, or `/_audit`'s pages, with long paths.
 pub const MAX_PATH_BYTES: usize = 512;
 
+/// Most bytes of the path, or the project, of an entry recorded within [`UNVOUCHED_PER_SECOND`]:
+/// those a client without a key chooses are kept shorter (about 300 bytes an entry, a few
+/// kilobytes a second at most).
+const UNVOUCHED_PATH_BYTES: usize = 128;
+
 /// A request's path as an entry keeps it: a segment holding a secret (an API key pasted whole,
 /// `DELETE /_keys/dstore_<id>_<secret>`, however it is spelled: percent-escaped, in capitals,
 /// without its prefix) keeps everything but the secret, since the log is read by others than the
 /// key's holder; then [`clip`]ped. A secret is 64 hex digits: a segment read with its escapes
 /// decoded loses every run of at least [`SECRET_RUN`] of them.
 pub fn path_of(path: &str) -> String {
-    // Decoding only shortens: a run of hex digits that long, decoded, was at least as long a run
-    // of hex digits and `%` as sent. Most paths have none, and are kept without a look further.
-    let mut run = 0;
-    let candidate = path.bytes().any(|b| {
-        run = if b.is_ascii_hexdigit() || b == b'%' {
-            run + 1
-        } else {
-            0
-        };
-        run >= SECRET_RUN
-    });
-    if !candidate {
+    if !may_hold_a_secret(path) {
         return clip(path);
     }
     let mut kept = String::with_capacity(path.len());
@@ -77,6 +74,35 @@ pub fn path_of(path: &str) -> String {
         }
     }
     clip(&kept)
+}
+
+/// Whether a path as sent may hold a secret. Decoding only shortens: a run of hex digits that
+/// long, decoded, was at least as long a run of hex digits and `%` as sent. Most paths have none,
+/// and are kept without a look further.
+fn may_hold_a_secret(path: &str) -> bool {
+    let mut run = 0;
+    path.bytes().any(|b| {
+        run = if b.is_ascii_hexdigit() || b == b'%' {
+            run + 1
+        } else {
+            0
+        };
+        run >= SECRET_RUN
+    })
+}
+
+/// A request's path as the process log shows it: as sent, or, when it may hold a secret, as
+/// the audit log keeps it ([`path_of`]); formatted only when a log line is written.
+pub struct Logged<'a>(pub &'a str);
+
+impl std::fmt::Display for Logged<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if may_hold_a_secret(self.0) {
+            f.write_str(&path_of(self.0))
+        } else {
+            f.write_str(self.0)
+        }
+    }
 }
 
 /// Hex digits in a row from which a path's segment is taken to hold a secret: a key's secret has
@@ -137,16 +163,52 @@ fn push_run(out: &mut String, run: &str) -> bool {
     secret
 }
 
-/// At most [`MAX_PATH_BYTES`] of `text`, cut at a character boundary.
+/// At most [`MAX_PATH_BYTES`] of `text`, cut at a character boundary, with the characters a
+/// reader's terminal or viewer would act on instead of showing ([`hidden`]) written as `\u{…}`:
+/// a path is read with its escapes decoded, so a client without a key could otherwise put an
+/// escape sequence or a right-to-left override into the log.
 pub fn clip(text: &str) -> String {
-    if text.len() <= MAX_PATH_BYTES {
-        return text.to_string();
+    let (cut, clipped) = match text.len() <= MAX_PATH_BYTES {
+        true => (text, false),
+        false => {
+            let mut at = MAX_PATH_BYTES;
+            while !text.is_char_boundary(at) {
+                at -= 1;
+            }
+            (&text[..at], true)
+        }
+    };
+    let mut kept = String::with_capacity(cut.len() + 3);
+    for c in cut.chars() {
+        if hidden(c) {
+            kept.push_str(&c.escape_unicode().to_string());
+        } else {
+            kept.push(c);
+        }
     }
-    let mut cut = MAX_PATH_BYTES;
-    while !text.is_char_boundary(cut) {
-        cut -= 1;
+    if clipped {
+        kept.push('…');
     }
-    format!("{}…", &text[..cut])
+    kept
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, ending in `…` when it was cut.
+fn shortened(text: String, max: usize) -> String {
+    if text.len() <= max {
+        return text;
+    }
+    let mut at = max;
+    while !text.is_char_boundary(at) {
+        at -= 1;
+    }
+    format!("{}…", &text[..at])
+}
+
+/// Control characters (C0, DEL, C1) and the invisible ones that reorder or hide text (bidi
+/// controls, zero-width characters, the byte order mark).
+fn hidden(c: char) -> bool {
+    c.is_control()
+        || matches!(c, '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2060}'..='\u{2069}' | '\u{feff}' | '\u{061c}')
 }
 
 /// A text of an entry that is most often one of a few fixed ones (`-`, `open`, `items.write`,
@@ -301,7 +363,9 @@ impl AuditLog {
 
     /// Records a request refused before any key was accepted, within [`UNVOUCHED_PER_SECOND`];
     /// past it, the refusal is only counted.
-    pub async fn record_unvouched(&self, entry: AuditEntry) {
+    pub async fn record_unvouched(&self, mut entry: AuditEntry) {
+        entry.path = shortened(entry.path, UNVOUCHED_PATH_BYTES);
+        entry.project = entry.project.map(|p| shortened(p, UNVOUCHED_PATH_BYTES));
         let (count, record) = {
             let mut window = self.unvouched.lock().unwrap_or_else(|e| e.into_inner());
             let count = window.close_before(entry.at.timestamp());
@@ -363,7 +427,7 @@ impl Unvouched {
             project: None,
             method: "-".into(),
             path: format!(
-                "{} more requests without a valid key, or refused, in this second (the last: {} {} by {}); they are counted, not recorded one by one",
+                "{} more requests without a valid key, refused, or to routes that only read, in this second (the last: {} {} by {}); they are counted, not recorded one by one",
                 closed.unrecorded, last.method, last.path, last.key_id
             ),
             status: last.status,
@@ -577,7 +641,7 @@ mod tests {
                     "/_keys/DSTORE_0123456789ABCDEF_{}%00",
                     secret.to_uppercase()
                 ),
-                "/_keys/DSTORE_0123456789ABCDEF_…\0",
+                "/_keys/DSTORE_0123456789ABCDEF_…\\u{0}",
             ),
             (
                 format!("/_keys/0123456789abcdef_{secret}%20"),
@@ -604,6 +668,31 @@ mod tests {
         }
     }
 
+    /// Characters a terminal acts on, or that reorder text, are kept escaped: a client without a
+    /// key chooses the project and path of its refusals' entries.
+    #[test]
+    fn control_and_bidi_characters_are_kept_escaped() {
+        assert_eq!(
+            clip("\u{1b}]0;pwned\u{7}\u{202e}golb\u{9b}"),
+            "\\u{1b}]0;pwned\\u{7}\\u{202e}golb\\u{9b}"
+        );
+        assert_eq!(clip("blog/é/日本"), "blog/é/日本");
+    }
+
+    /// The process log shows a path as sent, but a key pasted whole into it loses its secret there
+    /// too.
+    #[test]
+    fn the_process_log_shows_a_path_without_a_pasted_secret() {
+        let secret = "ab".repeat(32);
+        let path = format!("/_keys/dstore_0123456789abcdef_{secret}");
+        assert_eq!(
+            Logged(&path).to_string(),
+            "/_keys/dstore_0123456789abcdef_…"
+        );
+        let plain = "/p/article/0b8f6a3e5f5e4a519d396a2c8e0f1b2c?x=%41";
+        assert_eq!(Logged(plain).to_string(), plain);
+    }
+
     /// Past the limit in a second, refusals are counted in one entry, written once the second is
     /// over; the next second records one by one again.
     #[test]
@@ -628,6 +717,25 @@ mod tests {
         assert_eq!((count.status, count.at.timestamp()), (401, 100));
         assert!(window.admits(&refused(101)), "a new second records again");
         assert!(window.close_before(102).is_none(), "nothing unrecorded");
+    }
+
+    /// What a client without a key chooses (the path, the project it names) is kept shorter.
+    #[tokio::test]
+    async fn refusals_keep_a_shorter_path_and_project() {
+        let (sender, mut queue) = mpsc::channel(2);
+        let log = AuditLog::feeding(sender);
+        let long = "é".repeat(300);
+        let refused = AuditEntry {
+            path: format!("/{long}"),
+            project: Some(long.clone()),
+            ..entry(None)
+        };
+        log.record_unvouched(refused).await;
+        let kept = queue.recv().await.unwrap();
+        for text in [kept.path, kept.project.unwrap()] {
+            assert!(text.len() <= UNVOUCHED_PATH_BYTES + 3, "{text}");
+            assert!(text.ends_with('…'), "{text}");
+        }
     }
 
     #[test]

@@ -31,8 +31,16 @@ const MISS_INTERVAL: Duration = Duration::from_millis(250);
 /// How often a key's last use is written.
 const USE_RESOLUTION: Duration = Duration::from_secs(60);
 /// Most project patterns one key names: every request of the key is checked against them, and
-/// every node keeps every key in memory.
-pub const MAX_PROJECT_PATTERNS: usize = 1000;
+/// every node keeps every key in memory and reads them all every [`REFRESH`] (10,000 keys of 1000
+/// patterns were a gigabyte on each node). A key made with more before keeps them.
+pub const MAX_PROJECT_PATTERNS: usize = 100;
+/// How long a node goes on accepting API keys without a successful read of the stored ones: past
+/// it, a key revoked through another node could be accepted here for ever, so API keys answer 503
+/// until a read succeeds (the master keys, which are not stored, still work).
+const KEYS_STALE: Duration = Duration::from_secs(30);
+/// Most changes a node keeps of its copy of the keys (they are kept [`EDITS_KEPT`]): past it the
+/// oldest go, and a read of the stored keys started before them is made again.
+const MAX_EDITS_KEPT: usize = 10_000;
 /// How many times a key change is made again from the stored key when other changes keep coming
 /// first.
 const CHANGE_TRIES: usize = 8;
@@ -186,6 +194,8 @@ pub struct KeyStore {
     last_miss: tokio::sync::Mutex<Option<Instant>>,
     /// How many reads of the keys were made for unknown key ids (a metric).
     miss_reads: std::sync::atomic::AtomicU64,
+    /// When the last read of the stored keys that was installed started ([`KEYS_STALE`]).
+    read_at: Mutex<Instant>,
 }
 
 impl KeyStore {
@@ -205,6 +215,7 @@ impl KeyStore {
             used: Mutex::new(HashMap::new()),
             last_miss: tokio::sync::Mutex::new(None),
             miss_reads: std::sync::atomic::AtomicU64::new(0),
+            read_at: Mutex::new(Instant::now()),
         });
         store.reload().await?;
         tokio::spawn(refresh(Arc::downgrade(&store)));
@@ -216,9 +227,12 @@ impl KeyStore {
     /// that the read took longer than this node keeps its edits).
     async fn reload(&self) -> Result<(), StorageError> {
         for _ in 0..3 {
+            let started = Instant::now();
             let start = self.begin_read();
             let keys = self.storage.keys().await?;
             if self.install(keys, start) {
+                let mut read_at = self.read_at.lock().expect("read_at lock");
+                *read_at = (*read_at).max(started);
                 break;
             }
         }
@@ -270,6 +284,27 @@ impl KeyStore {
         let seq = edits.next;
         edits.next += 1;
         edits.log.push_back((seq, Instant::now(), edit));
+        if edits.log.len() > MAX_EDITS_KEPT {
+            if let Some((seq, _, _)) = edits.log.pop_front() {
+                edits.forgotten = seq + 1;
+            }
+        }
+    }
+
+    /// Refuses API keys while the stored ones have not been read for [`KEYS_STALE`] at `now`: a
+    /// revocation made through another node would not be seen here.
+    fn check_fresh(&self, now: Instant) -> Result<(), AuthError> {
+        let read_at = *self.read_at.lock().expect("read_at lock");
+        let age = now.saturating_duration_since(read_at);
+        if age <= KEYS_STALE {
+            return Ok(());
+        }
+        Err(AuthError::Storage(StorageError::Unavailable(format!(
+            "the API keys could not be read for {} s: API keys are refused until they are, since \
+             one revoked through another node would still be accepted here (the storage fails: \
+             see the log)",
+            age.as_secs()
+        ))))
     }
 
     /// Reads the keys again for an id that was unknown at `arrived`, unless a read that started
@@ -301,10 +336,13 @@ impl KeyStore {
             return Ok(Caller::Master);
         }
         let (id, secret) = split_key(token).ok_or(AuthError::Unknown)?;
+        self.check_fresh(Instant::now())?;
         let now = Utc::now();
+        // The key is copied only once its secret is accepted.
         let accepted = || {
-            let key = self.keys.read().expect("keys lock").get(id).cloned()?;
-            Some((key.accepts(secret, now)?, key))
+            let keys = self.keys.read().expect("keys lock");
+            let key = keys.get(id)?;
+            Some((key.accepts(secret, now)?, key.clone()))
         };
         let mut accepted_now = accepted();
         if accepted_now.is_none() {
@@ -412,8 +450,9 @@ impl KeyStore {
 
     /// The caller as stored now, to judge what it may do to keys: this node's copy of a key may be
     /// a couple of seconds old, from before another node narrowed it, and what a key makes in
-    /// that time lasts. A key revoked, expired or no longer allowed to manage keys meanwhile is
-    /// refused.
+    /// that time lasts. A key revoked, expired, no longer allowed to manage keys or no longer
+    /// reaching every project meanwhile is refused, and so is a secret a rotation replaced
+    /// meanwhile (a leaked one is rotated away precisely so that it manages nothing).
     async fn as_stored(&self, by: &Caller) -> Result<Caller, KeyError> {
         let Caller::Key(key, kind) = by else {
             return Ok(by.clone());
@@ -426,9 +465,17 @@ impl KeyStore {
         };
         let stored = self.storage.key(&key.id).await?.ok_or_else(gone)?;
         let now = Utc::now();
-        if stored.expires_at.is_some_and(|at| at <= now) || !stored.allows(Action::KeysManage, None)
+        if stored.expires_at.is_some_and(|at| at <= now)
+            || !stored.allows(Action::KeysManage, None)
+            || !stored.reaches_all()
         {
             return Err(gone());
+        }
+        if *kind == SecretKind::Current && stored.hash != key.hash {
+            return Err(KeyError::Forbidden(format!(
+                "key {} was rotated a moment ago: its previous secret manages no keys",
+                key.id
+            )));
         }
         Ok(Caller::Key(Box::new(stored), *kind))
     }
@@ -500,9 +547,12 @@ impl KeyStore {
         stored.ok_or_else(|| self.forget(id))
     }
 
-    /// Forgets a key found revoked; answers the error saying so.
+    /// Forgets a key found revoked; answers the error saying so. Only a key this node's copy
+    /// holds is noted as a change: any id may be asked for, and the changes are kept a while.
     fn forget(&self, id: &str) -> KeyError {
-        self.edit(Edit::Remove(id.to_owned()));
+        if self.keys.read().expect("keys lock").contains_key(id) {
+            self.edit(Edit::Remove(id.to_owned()));
+        }
         not_found(id)
     }
 
@@ -772,6 +822,101 @@ mod tests {
         assert!(store.authenticate(Some(&token)).await.is_err());
         store.reload().await.unwrap();
         assert!(store.list().is_empty());
+    }
+
+    fn manager() -> KeyInput {
+        KeyInput {
+            name: Some("m".into()),
+            actions: Some(vec!["keys.manage".into(), "items.read".into()]),
+            projects: Some(vec!["*".into()]),
+            ..KeyInput::default()
+        }
+    }
+
+    /// What another node did to a managing key a moment ago holds on this one, whose copy is
+    /// older: a secret rotated away (it leaked) manages nothing, nor does a key narrowed to some
+    /// projects.
+    #[tokio::test]
+    async fn a_key_rotated_or_narrowed_elsewhere_manages_no_keys_here() {
+        let (storage, _dir) = crate::storage::conformance::open_embedded().await;
+        let store = KeyStore::open(storage.clone(), Vec::new()).await.unwrap();
+        let elsewhere = KeyStore::open(storage.clone(), Vec::new()).await.unwrap();
+        for narrowed in [false, true] {
+            let (key, token) = store.create(&Caller::Master, manager()).await.unwrap();
+            let caller = store.authenticate(Some(&token)).await.unwrap();
+            assert!(store.create(&caller, reader()).await.is_ok());
+            if narrowed {
+                let narrow = KeyInput {
+                    projects: Some(vec!["alpha".into()]),
+                    ..KeyInput::default()
+                };
+                elsewhere
+                    .update(&Caller::Master, &key.id, narrow)
+                    .await
+                    .unwrap();
+            } else {
+                elsewhere
+                    .rotate(&Caller::Master, &key.id, Duration::from_secs(3600))
+                    .await
+                    .unwrap();
+            }
+            // This node's copy still holds the key as it was.
+            let caller = store.authenticate(Some(&token)).await.unwrap();
+            let refused = store.create(&caller, reader()).await.err();
+            assert!(
+                matches!(refused, Some(KeyError::Forbidden(_))),
+                "narrowed: {narrowed}: {refused:?}"
+            );
+        }
+    }
+
+    /// A node that cannot read the stored keys for long refuses API keys (503), rather than
+    /// accept one revoked through another node for as long as that lasts; the master keys work.
+    #[tokio::test]
+    async fn api_keys_are_refused_while_the_stored_ones_cannot_be_read() {
+        let (storage, _dir) = crate::storage::conformance::open_embedded().await;
+        let master = "m".repeat(16);
+        let store = KeyStore::open(storage.clone(), vec![master.clone().into()])
+            .await
+            .unwrap();
+        let (_, token) = store.create(&Caller::Master, reader()).await.unwrap();
+        assert!(store.authenticate(Some(&token)).await.is_ok());
+        assert!(store.check_fresh(Instant::now()).is_ok());
+        let later = Instant::now() + KEYS_STALE + Duration::from_secs(5);
+        let refused = store.check_fresh(later).expect_err("stale keys");
+        assert!(
+            matches!(&refused, AuthError::Storage(StorageError::Unavailable(m)) if m.contains("could not be read")),
+            "{refused}"
+        );
+        *store.read_at.lock().unwrap() = Instant::now() - KEYS_STALE - Duration::from_secs(5);
+        assert!(matches!(
+            store.authenticate(Some(&token)).await,
+            Err(AuthError::Storage(_))
+        ));
+        assert!(matches!(
+            store.authenticate(Some(&master)).await,
+            Ok(Caller::Master)
+        ));
+        store.reload().await.unwrap();
+        assert!(store.authenticate(Some(&token)).await.is_ok());
+    }
+
+    /// Asking for keys that do not exist, however many and however long their ids, keeps nothing
+    /// in this node's list of changes; the list is bounded however many real changes it has.
+    #[tokio::test]
+    async fn unknown_ids_leave_nothing_behind_and_the_changes_kept_are_bounded() {
+        let (storage, _dir) = crate::storage::conformance::open_embedded().await;
+        let store = KeyStore::open(storage.clone(), Vec::new()).await.unwrap();
+        for id in ["0123456789abcdef".to_string(), "x".repeat(64 << 10)] {
+            assert!(store.delete(&Caller::Master, &id).await.is_err());
+        }
+        assert!(store.edits.lock().unwrap().log.is_empty());
+        for n in 0..MAX_EDITS_KEPT + 10 {
+            store.edit(Edit::Remove(format!("{n:016x}")));
+        }
+        let edits = store.edits.lock().unwrap();
+        assert_eq!(edits.log.len(), MAX_EDITS_KEPT);
+        assert_eq!(edits.forgotten, 10);
     }
 
     fn reader() -> KeyInput {

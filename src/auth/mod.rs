@@ -73,6 +73,13 @@ impl Action {
     pub fn parse(name: &str) -> Option<Action> {
         Action::ALL.into_iter().find(|a| a.name() == name)
     }
+
+    /// Whether a route needing this action may change something. A request on a route that only
+    /// reads (a `POST /{project}/_changes`, which the router answers 404 or 405) changes nothing
+    /// even when it passes: the audit log records it as it records a refusal.
+    pub fn may_change(self) -> bool {
+        !matches!(self, Action::BlueprintsRead | Action::ItemsRead)
+    }
 }
 
 /// Which projects a key reaches: names, `prefix*` patterns, or `*`.

@@ -163,9 +163,12 @@ pub async fn authenticate(
             if !matches!(checked.caller, Caller::Open) {
                 request.extensions_mut().insert(checked.caller.clone());
             }
-            // With authentication on, a caller without a key (an open route) vouches for nothing.
-            let vouched =
-                state.keys.is_none() || matches!(checked.caller, Caller::Master | Caller::Key(..));
+            // With authentication on, a caller without a key (an open route) vouches for nothing,
+            // nor does a key on a route that only reads: a key that may only read must not be
+            // able to fill the disk with the log of requests the router answers 404 or 405.
+            let vouched = state.keys.is_none()
+                || (matches!(checked.caller, Caller::Master | Caller::Key(..))
+                    && checked.action.is_some_and(Action::may_change));
             let response = next.call(request).await?.map_into_left_body();
             (checked, response, vouched)
         }

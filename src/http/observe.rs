@@ -233,7 +233,7 @@ pub async fn observe(
     let started = Instant::now();
     let id = request_id(&request);
     let metrics = request.app_data::<web::Data<RequestMetrics>>().cloned();
-    let span = tracing::info_span!("request", id = %id, method = %request.method(), path = %request.path());
+    let span = tracing::info_span!("request", id = %id, method = %request.method(), path = %crate::auth::audit::Logged(request.path()));
     let mut response = next.call(request).instrument(span.clone()).await?;
     let elapsed = started.elapsed().as_secs_f64();
     let status = response.status().as_u16();

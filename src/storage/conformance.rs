@@ -107,6 +107,14 @@ async fn embedded() -> Fixture {
 
 /// An embedded storage in a temporary directory, which must outlive it.
 pub(crate) fn embedded_storage() -> (Arc<EmbeddedStorage>, tempfile::TempDir) {
+    embedded_storage_keeping(0)
+}
+
+/// [`embedded_storage`] keeping `min_free_bytes` free on the journal's disk (more than any disk
+/// holds: a nearly full disk).
+pub(crate) fn embedded_storage_keeping(
+    min_free_bytes: u64,
+) -> (Arc<EmbeddedStorage>, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("a temporary directory");
     let catalog = Arc::new(
         Catalog::open(&dir.path().join("catalog"))
@@ -121,7 +129,7 @@ pub(crate) fn embedded_storage() -> (Arc<EmbeddedStorage>, tempfile::TempDir) {
             durability: Durability::Buffered,
             max_pending: u64::MAX,
             keyspaces: false,
-            min_free_bytes: 0,
+            min_free_bytes,
         },
     )
     .expect("the journal opens");

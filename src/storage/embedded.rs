@@ -447,6 +447,9 @@ impl Storage for EmbeddedStorage {
     }
 
     async fn append_audit(&self, entries: &[AuditEntry]) -> Result<(), StorageError> {
+        // The log of writes refused for want of room must not use up the room the journal keeps
+        // to restart: the writer keeps the entries and tries again (`auth::audit`).
+        self.journal.check_disk()?;
         let records: Vec<(Vec<u8>, Vec<u8>)> = entries
             .iter()
             .map(|entry| {
@@ -528,7 +531,35 @@ fn unhex(text: &str) -> Option<Vec<u8>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::storage::conformance::{embedded_storage, test_key};
+    use crate::storage::conformance::{embedded_storage, embedded_storage_keeping, test_key};
+
+    /// While the journal's disk is nearly full the audit log is not written: the room the journal
+    /// keeps to restart is not used up by the log of the writes it refuses.
+    #[tokio::test]
+    async fn the_audit_log_is_not_written_on_a_nearly_full_disk() {
+        let entry = AuditEntry {
+            at: Utc::now(),
+            key_id: "-".into(),
+            key_name: "-".into(),
+            action: "-".into(),
+            project: None,
+            method: "PUT".into(),
+            path: "/p/article/x".into(),
+            status: 503,
+            created: None,
+        };
+        let (storage, _dir) = embedded_storage_keeping(u64::MAX);
+        let error = storage
+            .append_audit(std::slice::from_ref(&entry))
+            .await
+            .expect_err("a nearly full disk");
+        assert!(error.to_string().contains("min_free_disk_mb"), "{error}");
+        let since = DateTime::from_timestamp(0, 0).unwrap();
+        assert!(storage.audit(since, 10).await.unwrap().is_empty());
+        let (roomy, _dir) = embedded_storage();
+        roomy.append_audit(&[entry]).await.unwrap();
+        assert_eq!(roomy.audit(since, 10).await.unwrap().len(), 1);
+    }
 
     /// A key whose record this dstore cannot read (an action it does not know) is left out; the
     /// others still read, so their revocations still reach every node.
