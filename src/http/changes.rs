@@ -5,7 +5,9 @@
 //! - A stream reads its next page (at most [`STREAM_PAGE`] changes, ending after [`STREAM_BYTES`])
 //!   only once the previous one was handed to the connection: actix polls a body stream only when
 //!   it can write, so a slow follower holds one small page, never a backlog, however fast the
-//!   project is written and however large its items.
+//!   project is written and however large its items. A page that shows the follower nothing (a
+//!   filter hid its changes) is handed over as a heartbeat's frame saying how far it read, so this
+//!   holds for a follower whose filter hides a long history too.
 //! - An idle follower is a parked future waiting on its project's signal (or its heartbeat): no task,
 //!   no buffer, no query.
 //! - Streams resume from the revision a follower saw last (`since`, or SSE's `Last-Event-ID`), and
@@ -20,7 +22,8 @@
 //!   read see the stop; a moment later the connections of those still open (their clients stopped
 //!   reading, so they are not polled) are shut down ([`Followers::cut_streams`]).
 //! - A follower's place (`changes.max_followers`) is given back soon after its client left: a
-//!   stream finds out at its next heartbeat, whose write fails; a long poll, which writes nothing
+//!   stream finds out at its next frame or heartbeat (one at least every heartbeat, however many
+//!   wake-ups showed it nothing), whose write fails; a long poll, which writes nothing
 //!   until it answers (and which actix does not cancel when the client goes), looks at its
 //!   connection's socket every second ([`PeerSocket`]). Otherwise clients that open long polls
 //!   and hang up at once would hold every place for the longest time-out.
@@ -75,6 +78,12 @@ const MAX_TIMEOUT_SECS: u64 = 3600;
 const MAX_BLUEPRINTS: usize = 100;
 /// How long a stream waits before reading again after the storage failed.
 const RETRY: Duration = Duration::from_secs(1);
+/// How often a long poll reads again without a wake-up.
+const LONG_POLL_REREAD: Duration = Duration::from_secs(5);
+/// Reads in a row a stream lets fail before it ends with a 503 (`event: gone`): the client
+/// reconnects from its last event id, rather than hear nothing for as long as a storage is away
+/// or a record cannot be read.
+const STREAM_FAILURES: u32 = 30;
 
 #[derive(Clone, Copy, Debug, PartialEq)]
 enum Feed {
@@ -736,6 +745,7 @@ pub async fn changes(
                 closing: state.closing.clone(),
                 deadline: params.timeout.map(|t| Instant::now() + t),
                 heartbeat: params.heartbeat,
+                next_heartbeat: Instant::now() + params.heartbeat,
                 since,
                 horizon: Some(first.place.horizon),
                 head,
@@ -755,6 +765,7 @@ pub async fn changes(
                 follower,
                 recheck,
                 state: state.clone(),
+                failures: 0,
                 slot,
             };
             let content_type = if params.feed == Feed::Sse {
@@ -808,6 +819,10 @@ async fn long_poll(
     let mut wake = state.storage.follow(&reader.follower.project);
     let mut closing = state.closing.clone();
     let (mut since, mut horizon) = (since, horizon);
+    // One look-out for the client for the whole poll: made again at each wake-up, it never
+    // looked while wake-ups came more often than it waits before its first look.
+    let gone = PeerSocket::gone(waiting.peer);
+    tokio::pin!(gone);
     loop {
         if let Some(recheck) = recheck.as_deref_mut() {
             recheck.check().await?;
@@ -820,17 +835,23 @@ async fn long_poll(
         }
         if page.place.last_revision > since {
             // Every change of the page was one the follower does not see (another blueprint's):
-            // read on at once, letting other requests run between pages.
+            // read on at once, letting other requests run between pages, unless nobody waits.
             since = page.place.last_revision;
             tokio::task::yield_now().await;
+            if futures::FutureExt::now_or_never(gone.as_mut()).is_some() {
+                return Ok(page);
+            }
             continue;
         }
         tokio::select! {
             woken = wake.changed() => if woken.is_err() { return Ok(page) },
+            // Read again now and then without a wake-up: in cluster mode other nodes' writes
+            // wake followers through a poll that may fail for a while.
+            _ = tokio::time::sleep(LONG_POLL_REREAD) => {}
             _ = tokio::time::sleep_until(waiting.deadline) => {}
             _ = closing.changed() => {}
             // Nobody reads the answer: end, giving the follower's place back.
-            () = PeerSocket::gone(waiting.peer) => return Ok(page),
+            () = gone.as_mut() => return Ok(page),
         }
     }
 }
@@ -850,10 +871,15 @@ struct Stream {
     wake: watch::Receiver<u64>,
     closing: watch::Receiver<bool>,
     heartbeat: Duration,
+    /// When the next heartbeat is due: a heartbeat after the last frame handed out, however many
+    /// wake-ups showed nothing since.
+    next_heartbeat: Instant,
     deadline: Option<Instant>,
     /// Encoded frames of the page being sent.
     out: VecDeque<Bytes>,
     done: bool,
+    /// Reads that failed in a row ([`STREAM_FAILURES`]).
+    failures: u32,
     slot: Slot,
 }
 
@@ -875,6 +901,19 @@ impl Stream {
         self.done = true;
     }
 
+    /// What a stream sends when it has nothing to show: in SSE, the revision it read up to as
+    /// the last event id (a reconnect then skips what a filter hid); in NDJSON an empty line.
+    fn progress(&self) -> Bytes {
+        if self.format == Format::Sse {
+            Bytes::from(format!(
+                "id: {}\n: heartbeat\n\n",
+                EventId(self.since, self.horizon.unwrap_or(0))
+            ))
+        } else {
+            Bytes::from_static(b"\n")
+        }
+    }
+
     async fn next(mut self) -> Option<(Result<Bytes, actix_web::Error>, Stream)> {
         self.slot.note(false);
         loop {
@@ -883,6 +922,7 @@ impl Stream {
                     continue;
                 }
                 self.slot.note(true);
+                self.next_heartbeat = Instant::now() + self.heartbeat;
                 return Some((Ok(frame), self));
             }
             let expired = self.deadline.is_some_and(|at| Instant::now() >= at);
@@ -904,22 +944,42 @@ impl Stream {
             };
             match reader.page(self.since, self.horizon, seen).await {
                 Ok(page) => {
+                    self.failures = 0;
                     let moved = page.place.last_revision > self.since;
                     self.since = page.place.last_revision;
                     self.horizon = Some(page.place.horizon);
+                    if moved && page.shown == 0 {
+                        // A page the follower saw none of (another blueprint's changes) still
+                        // hands the connection a frame saying how far it read: the next page is
+                        // read only once the connection took it, a client that left is noticed
+                        // when it is written, and a reconnect skips what was read.
+                        let progress = self.progress();
+                        self.out.push_back(progress);
+                        continue;
+                    }
                     self.out.push_back(page.body.clone());
                     if moved {
-                        // A page the follower saw none of would otherwise read the next at once,
-                        // and a long history without yielding: let other requests run between.
-                        if page.shown == 0 {
-                            tokio::task::yield_now().await;
-                        }
                         continue;
                     }
                 }
                 Err(FeedError::Storage(error)) => {
+                    self.failures += 1;
+                    if self.failures >= STREAM_FAILURES {
+                        tracing::warn!(%error, "the change feed cannot be read; a stream ends");
+                        let why = format!(
+                            "the change feed cannot be read ({error}); reconnect from the last \
+                             event id"
+                        );
+                        self.end(503, &why, None);
+                        continue;
+                    }
                     tracing::debug!(%error, "the change feed cannot be read; retrying");
                     tokio::time::sleep(RETRY).await;
+                    // Still a heartbeat when one is due: a client that left is noticed meanwhile.
+                    if Instant::now() >= self.next_heartbeat {
+                        let progress = self.progress();
+                        self.out.push_back(progress);
+                    }
                     continue;
                 }
                 Err(error) => {
@@ -936,17 +996,11 @@ impl Stream {
             let deadline = self.deadline;
             tokio::select! {
                 woken = self.wake.changed() => self.done = woken.is_err(),
-                _ = tokio::time::sleep(self.heartbeat) => {
+                _ = tokio::time::sleep_until(self.next_heartbeat) => {
                     // Everything up to `since` was sent or filtered out: in SSE the heartbeat
                     // moves the last event id there, so a reconnect skips what the filter hid.
-                    self.out.push_back(if self.format == Format::Sse {
-                        Bytes::from(format!(
-                            "id: {}\n: heartbeat\n\n",
-                            EventId(self.since, self.horizon.unwrap_or(0))
-                        ))
-                    } else {
-                        Bytes::from_static(b"\n")
-                    });
+                    let progress = self.progress();
+                    self.out.push_back(progress);
                 }
                 _ = async {
                     match deadline {

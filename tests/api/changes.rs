@@ -366,6 +366,75 @@ async fn an_sse_stream_names_where_it_reads_from_before_any_change() {
     app.stop().await;
 }
 
+/// A stream whose filter hides a busy project's changes still tells its client how far it read,
+/// at once and at least every heartbeat, and gives its place back soon after the client left: the
+/// wake-ups of changes it does not show never silence it (each one started its heartbeat's wait
+/// over, and a client that left was never written to, so never noticed).
+#[tokio::test]
+async fn a_filtered_stream_of_a_busy_project_sends_heartbeats_and_notices_its_client_left() {
+    let app = spawn_app_with(|s| s.changes.max_followers = 1).await;
+    project(&app).await;
+    let tag = json!({"postgresql": {"table": "tags"}, "elasticsearch": {"type": "tag"},
+        "columns": {"name": {"type": "string"}}});
+    app.put_and_freeze("p", "tag", &tag).await;
+    // Notes written every 100 ms, for as long as the test runs.
+    let writer = {
+        let (client, address) = (app.client.clone(), app.address.clone());
+        tokio::spawn(async move {
+            loop {
+                let id = Uuid::new_v4();
+                let _ = client
+                    .put(format!("{address}/p/note/{id}"))
+                    .json(&json!({"project_version": 2, "title": "not followed"}))
+                    .send()
+                    .await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let response = app
+        .client
+        .get(format!(
+            "{}/p/_changes?feed=sse&since=now&heartbeat=1&blueprint=tag",
+            app.address
+        ))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), 200);
+    let mut bytes = response.bytes_stream();
+    sse_text_until(&mut bytes, "\n\n").await;
+    let hidden = put(&app, Uuid::new_v4(), "not followed either").await;
+    // The id moves past the hidden change although notes keep waking the stream.
+    let mut text = String::new();
+    let started = Instant::now();
+    loop {
+        text.push_str(&sse_text_until(&mut bytes, ": heartbeat\n\n").await);
+        let past = text
+            .lines()
+            .filter_map(|line| line.strip_prefix("id: "))
+            .filter_map(|id| id.split('/').next()?.parse::<u64>().ok())
+            .any(|id| id >= hidden);
+        if past {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(5), "{text}");
+    }
+    assert!(!text.contains("data:"), "{text}");
+    // The client leaves while notes keep coming: its place is free within a few heartbeats.
+    drop(bytes);
+    a_place_within(&app, Duration::from_secs(5)).await;
+    // So is a filtered long poll's, whose look at its client the wake-ups never put off.
+    let socket = unread(&app, "/p/_changes?feed=longpoll&timeout=120&blueprint=tag").await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let taken = app.get("/p/_changes?feed=longpoll&timeout=1").await;
+    assert_eq!(taken.status, 503, "the one place is taken: {}", taken.body);
+    drop(socket);
+    a_place_within(&app, Duration::from_secs(5)).await;
+    writer.abort();
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn hostile_parameters_get_a_400_naming_the_parameter() {
     let app = spawn_app().await;

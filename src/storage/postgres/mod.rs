@@ -119,8 +119,13 @@ pub struct PgStorage {
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
 
 /// Wakes followers of projects that other nodes wrote to: one query per poll for every followed
-/// project, only while someone follows.
+/// project, only while someone follows. Failing for [`FOLLOW_WARN_AFTER`] polls in a row is
+/// logged as a warning (followers then see other nodes' writes only when they read again on
+/// their own: a stream at its heartbeat, a long poll every few seconds).
 async fn poll_followed(storage: std::sync::Weak<PgStorage>) {
+    /// About five seconds of polls.
+    const FOLLOW_WARN_AFTER: u32 = 20;
+    let mut failed = 0u32;
     loop {
         tokio::time::sleep(FOLLOW_POLL).await;
         let Some(node) = storage.upgrade() else {
@@ -138,13 +143,28 @@ async fn poll_followed(storage: std::sync::Weak<PgStorage>) {
                 .await;
         match rows {
             Ok(rows) => {
+                if failed >= FOLLOW_WARN_AFTER {
+                    tracing::info!("looking for changes of followed projects works again");
+                }
+                failed = 0;
                 for (name, revision) in rows {
                     if let Ok(project) = Ident::parse(&name) {
                         node.signal.publish(&project, revision as u64);
                     }
                 }
             }
-            Err(error) => tracing::debug!(%error, "cannot look for changes of followed projects"),
+            Err(error) => {
+                failed = failed.saturating_add(1);
+                if failed == FOLLOW_WARN_AFTER {
+                    tracing::warn!(
+                        %error,
+                        "cannot look for changes of followed projects: followers see other \
+                         nodes' writes late"
+                    );
+                } else {
+                    tracing::debug!(%error, "cannot look for changes of followed projects");
+                }
+            }
         }
     }
 }
@@ -1216,9 +1236,13 @@ impl Storage for PgStorage {
     ) -> Result<ChangesPage, StorageError> {
         // Items and tombstones in one statement, so one snapshot: revisions of a project commit
         // in order, so a change below one seen here is never committed later.
-        // Rows are read as they come, so a page that reaches `max_bytes` holds no more.
+        // Rows are read as they come, so a page that reaches `max_bytes` holds no more. The
+        // project's horizon is read in the same snapshot: one read after could be a drop's, newer
+        // than the page's items, and a follower resyncing from `since=0` would go on past the
+        // drop under it, keeping the dropped project's items, never told to start over.
         let mut rows = sqlx::query(
-            "SELECT revision, blueprint, id, record FROM ( \
+            "SELECT revision, blueprint, id, record, \
+                    (SELECT horizon FROM projects WHERE name = $1) AS horizon FROM ( \
                (SELECT revision, blueprint, id, record FROM items \
                  WHERE project = $1 AND revision > $2 ORDER BY revision LIMIT $3) \
                UNION ALL \
@@ -1239,6 +1263,7 @@ impl Storage for PgStorage {
         let mut run: Vec<(u64, Ident, Uuid, Option<Vec<u8>>)> = Vec::new();
         let mut run_bytes = 0;
         let mut ended = false;
+        let mut horizon: Option<i64> = None;
         while bytes < max_bytes && !ended {
             match rows
                 .try_next()
@@ -1247,6 +1272,9 @@ impl Storage for PgStorage {
             {
                 None => ended = true,
                 Some(row) => {
+                    if horizon.is_none() {
+                        horizon = row.get("horizon");
+                    }
                     let blueprint: String = row.get("blueprint");
                     let Ok(blueprint) = Ident::parse(&blueprint) else {
                         continue;
@@ -1276,13 +1304,14 @@ impl Storage for PgStorage {
             changes.extend(decoded);
         }
         drop(rows);
-        // Read after the changes: a purge in between only makes the horizon stricter.
-        let horizon: Option<i64> =
-            sqlx::query_scalar("SELECT horizon FROM projects WHERE name = $1")
+        // A page without changes gives nothing the horizon could be newer than.
+        if horizon.is_none() {
+            horizon = sqlx::query_scalar("SELECT horizon FROM projects WHERE name = $1")
                 .bind(project.as_str())
                 .fetch_optional(&self.pool)
                 .await
                 .map_err(|e| unavailable("read the change feed", &e))?;
+        }
         Ok(ChangesPage {
             changes,
             horizon: horizon.unwrap_or(0) as u64,
