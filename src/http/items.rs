@@ -194,6 +194,8 @@ async fn upsert(
         &|documents| holding.documents(documents),
     )
     .await?;
+    // The journal has the write: a wait for the stores holds none of the request memory.
+    drop(holding);
     let written = Written {
         absent: &put.absent,
         ..success(&id, put.revision)
@@ -493,6 +495,9 @@ pub async fn bulk(
         .iter()
         .filter_map(|item| item.written.as_ref().map(|put| put.revision))
         .collect();
+    // The journal has the items: a wait for the stores holds neither the body nor its memory.
+    drop(holding);
+    drop(raw);
     let (status, projection) = projection(
         &state,
         &params,

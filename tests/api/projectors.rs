@@ -483,3 +483,49 @@ async fn a_backlog_is_applied_once_in_order_in_batches_bounded_by_count_and_byte
     );
     app.stop().await;
 }
+
+/// A write that waits for its stores (`wait=true`) gives back the request memory it held once the
+/// journal has it: clients waiting on a store that is down cannot make every other write on the
+/// node answer 503 (`server.max_inflight_bytes`).
+#[tokio::test]
+async fn a_write_waiting_for_its_stores_holds_no_request_memory() {
+    let broken = Broken {
+        fixed: Arc::new(AtomicBool::new(true)),
+        ..Broken::default()
+    };
+    let app = spawn_app_with_projectors(
+        |s| s.server.max_inflight_bytes = 64 * 1024,
+        vec![Arc::new(broken.clone())],
+    )
+    .await;
+    let note = serde_json::json!({"postgresql": {"table": "notes"},
+        "elasticsearch": {"type": "note"}, "columns": {"body": {"type": "text"}}});
+    app.put_and_freeze("p", "note", &note).await;
+    broken.down.store(true, Ordering::SeqCst);
+    // A body of 1600 bytes takes most of the budget while it arrives (61.9 of 64 KiB), a
+    // few KiB once parsed.
+    let item = serde_json::json!({"project_version": 1, "body": "x".repeat(1600)});
+    let waiting = {
+        let request = app
+            .client
+            .put(format!(
+                "{}/p/note/{}?wait=true&timeout=5",
+                app.address,
+                Uuid::new_v4()
+            ))
+            .json(&item);
+        tokio::spawn(request.send())
+    };
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    if waiting.is_finished() {
+        let answer = waiting.await.unwrap().unwrap();
+        panic!("{} {}", answer.status(), answer.text().await.unwrap());
+    }
+    for _ in 0..3 {
+        let meanwhile = app.put(&format!("/p/note/{}", Uuid::new_v4()), &item).await;
+        assert_eq!(meanwhile.status, 200, "{}", meanwhile.body);
+    }
+    let waited = waiting.await.unwrap().unwrap();
+    assert_eq!(waited.status(), 202);
+    app.stop().await;
+}
