@@ -54,6 +54,15 @@ pub fn decode_record(value: &[u8]) -> Result<ItemRecord, JournalError> {
     })
 }
 
+/// The blueprint uid an item record was stored with, from its header alone: what a delete needs,
+/// without decoding the item.
+pub fn record_blueprint_uid(value: &[u8]) -> Result<u64, JournalError> {
+    let uid = value
+        .get(12..RECORD_HEADER)
+        .ok_or_else(|| corrupt("an item record"))?;
+    Ok(uid.iter().fold(0u64, |n, b| (n << 8) | u64::from(*b)))
+}
+
 /// [`decode_record`], off the HTTP worker for a long record (`crate::aside`): decoding a record of
 /// a MiB takes tens of milliseconds, which must not stall the requests that worker shares.
 pub async fn decode_record_aside(value: Vec<u8>) -> Result<ItemRecord, JournalError> {

@@ -29,6 +29,19 @@ impl Journal {
         }
     }
 
+    /// The blueprint uid an item was stored with, if it exists, without decoding the item.
+    pub fn item_blueprint_uid(
+        &self,
+        project: &Ident,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<u64>, JournalError> {
+        self.db
+            .get_pinned_cf(self.cf(CF_ITEMS), keys::item(project, blueprint, id))?
+            .map(|bytes| codec::record_blueprint_uid(&bytes))
+            .transpose()
+    }
+
     /// Up to `limit` items of a project after the key `after`, with the key to continue from
     /// (`None` at the end of the project).
     #[allow(clippy::type_complexity)]

@@ -362,6 +362,13 @@ async fn an_item_reads_back_its_latest_state_and_a_delete_removes_it(storage: Ar
         (record.revision, &record.body["title"]),
         (revision, &json!("second"))
     );
+    // The uid a delete needs reads from the record's header alone.
+    let uid = storage
+        .item_blueprint_uid(&project, &ident("article"), &id)
+        .await
+        .expect("readable");
+    assert_eq!(uid, Some(record.blueprint_uid));
+    assert_ne!(record.blueprint_uid, 0);
     let snapshot = storage.snapshot();
     let delete = prepare_delete(
         &snapshot,
@@ -380,6 +387,13 @@ async fn an_item_reads_back_its_latest_state_and_a_delete_removes_it(storage: Ar
         .await
         .expect("readable")
         .is_none());
+    assert_eq!(
+        storage
+            .item_blueprint_uid(&project, &ident("article"), &id)
+            .await
+            .expect("readable"),
+        None
+    );
 }
 
 async fn a_freeze_records_its_back_fill_and_ensuring_one_adds_no_second(storage: Arc<dyn Storage>) {

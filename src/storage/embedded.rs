@@ -316,6 +316,15 @@ impl Storage for EmbeddedStorage {
         Ok(self.journal.item(project, blueprint, id).await?)
     }
 
+    async fn item_blueprint_uid(
+        &self,
+        project: &Ident,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<u64>, StorageError> {
+        Ok(self.journal.item_blueprint_uid(project, blueprint, id)?)
+    }
+
     async fn backfill_state(
         &self,
         project: &Ident,

@@ -344,6 +344,15 @@ pub trait Storage: Send + Sync {
         id: &Uuid,
     ) -> Result<Option<ItemRecord>, StorageError>;
 
+    /// The blueprint uid an item was stored with, if it exists, without reading the item whole:
+    /// a `_bulk` delete needs only that.
+    async fn item_blueprint_uid(
+        &self,
+        project: &Ident,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<u64>, StorageError>;
+
     async fn backfill_state(
         &self,
         project: &Ident,

@@ -12,6 +12,7 @@
 pub mod evolution;
 mod prepare;
 
+use std::collections::HashMap;
 use std::future::{ready, Future};
 use std::ops::{Deref, Range};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -257,14 +258,22 @@ pub async fn bulk(
         .live_versions()
         .count();
     // The versions a delete reaches depend on the blueprint uid the item was stored with, read
-    // once; only the uid is kept, so a body of many deletes holds no item bodies.
+    // from the record's header alone and once per item, however often the body names it: a body
+    // of many deletes holds no item bodies, nor decodes any.
     let mut owned = Vec::with_capacity(ops.len());
+    let mut uids: HashMap<(Ident, Uuid), Option<u64>> = HashMap::new();
     for op in ops {
         let stored_uid = match (op.action, &op.blueprint, op.id, &op.error) {
-            (Action::Delete, Some(blueprint), Some(id), None) => storage
-                .item(project, blueprint, &id)
-                .await?
-                .map(|record| record.blueprint_uid),
+            (Action::Delete, Some(blueprint), Some(id), None) => {
+                match uids.get(&(blueprint.clone(), id)) {
+                    Some(uid) => *uid,
+                    None => {
+                        let uid = storage.item_blueprint_uid(project, blueprint, &id).await?;
+                        uids.insert((blueprint.clone(), id), uid);
+                        uid
+                    }
+                }
+            }
             _ => None,
         };
         owned.push(OwnedOp::of(raw, op, stored_uid));

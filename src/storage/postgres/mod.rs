@@ -1406,6 +1406,28 @@ impl Storage for PgStorage {
         }
     }
 
+    async fn item_blueprint_uid(
+        &self,
+        project: &Ident,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<u64>, StorageError> {
+        // The record's header only: its bytes 13 to 20 (from 1) hold the uid.
+        let header: Option<Vec<u8>> = sqlx::query_scalar(
+            "SELECT substring(record from 1 for 20) FROM items \
+             WHERE project = $1 AND blueprint = $2 AND id = $3",
+        )
+        .bind(project.as_str())
+        .bind(blueprint.as_str())
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| unavailable("read an item", &e))?;
+        Ok(header
+            .map(|header| codec::record_blueprint_uid(&header))
+            .transpose()?)
+    }
+
     async fn backfill_state(
         &self,
         project: &Ident,
