@@ -88,7 +88,15 @@ pub fn prepare_upsert(
         Some(v) => v
             .as_u64()
             .and_then(|n| u32::try_from(n).ok())
-            .ok_or_else(|| invalid("/project_version", format!("{v} is not a version number")))?,
+            .ok_or_else(|| {
+                invalid(
+                    "/project_version",
+                    format!(
+                        "{} is not a version number",
+                        crate::blueprint::value::excerpt(v)
+                    ),
+                )
+            })?,
     };
     let version = p.version(number).ok_or_else(|| {
         invalid(

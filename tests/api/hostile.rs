@@ -258,6 +258,25 @@ async fn a_very_long_item_id_is_refused_with_an_excerpt_of_it() {
     app.stop().await;
 }
 
+/// A `project_version` that is no version number, however long, is named with an excerpt of it.
+#[tokio::test]
+async fn a_long_project_version_is_refused_with_an_excerpt_of_it() {
+    let app = blog().await;
+    let mut body = item();
+    body["project_version"] = json!("9".repeat(100_000));
+    let answer = app
+        .put(&format!("/myblog/article/{}", uuid::Uuid::new_v4()), &body)
+        .await;
+    assert_eq!(answer.status, 422, "{}", answer.body);
+    assert_eq!(answer.paths(), ["/project_version"]);
+    assert!(
+        answer.body.to_string().len() < 2_048,
+        "{} bytes",
+        answer.body.to_string().len()
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_bulk_item_far_larger_than_an_item_may_be_fails_alone_with_413() {
     let app = blog().await;

@@ -220,7 +220,8 @@ async fn stage(
 /// one, its commit may have reached the storage.
 fn late(waited: std::time::Duration, begun: bool) -> StorageError {
     let outcome = if begun {
-        "whether it was written is unknown (sending it again is safe)"
+        "whether it was written is unknown: sending it again is safe for a PUT to an id or a \
+         delete, while a create or a POST sent again may make a second item (read it first)"
     } else {
         "nothing was written"
     };
