@@ -8,7 +8,7 @@
 use serde_json::{Map, Value};
 use uuid::Uuid;
 
-use crate::blueprint::check::check_item;
+use crate::blueprint::check::{check_index_entry, check_item};
 use crate::blueprint::transform::into_version;
 use crate::blueprint::{Blueprint, FieldError, Ident, Uid};
 use crate::catalog::{Project, Snapshot};
@@ -45,6 +45,32 @@ fn check_row<'a>(
         "",
         format!("{which} takes at least {least} bytes in a PostgreSQL row, more than the {MAX_ROW_BYTES} a row may: leave more of its columns null"),
     ))
+}
+
+/// Refuses a write whose value another live version would index past PostgreSQL's limit (a
+/// column that version makes unique or indexes where the written one does not): refused now,
+/// naming the column, rather than a dead letter in that version's store.
+fn check_index_entries(
+    bp: &Blueprint,
+    seen: &Map<String, Value>,
+    version: u32,
+) -> Result<(), WriteError> {
+    let errors: Vec<FieldError> = bp
+        .columns
+        .iter()
+        .filter_map(|(name, column)| {
+            let value = seen.get(name.as_str()).filter(|v| !v.is_null())?;
+            let reason = check_index_entry(&column.def, value).err()?;
+            Some(FieldError::new(
+                format!("/{name}"),
+                format!("as version {version} sees it: {reason}"),
+            ))
+        })
+        .collect();
+    match errors.is_empty() {
+        true => Ok(()),
+        false => Err(WriteError::Invalid(errors)),
+    }
 }
 
 /// The newest version's definition of a blueprint, for requests that name no version.
@@ -141,6 +167,7 @@ pub fn prepare_upsert(
                     target.columns.keys().map(|c| &seen[c.as_str()]),
                     Some(w),
                 )?;
+                check_index_entries(target, &seen, w)?;
                 docs.push(VersionDoc::new(w, &seen));
             }
             None => {}

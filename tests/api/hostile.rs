@@ -258,6 +258,38 @@ async fn a_very_long_item_id_is_refused_with_an_excerpt_of_it() {
     app.stop().await;
 }
 
+/// A value an older version takes that a newer live version would index past PostgreSQL's limit
+/// (a column it made unique) is refused at the write, naming the column and that version, not
+/// left to become a dead letter in that version's store.
+#[tokio::test]
+async fn a_value_another_live_version_cannot_index_is_refused_naming_it() {
+    let app = crate::helpers::spawn_app().await;
+    let note = |doc: Value| {
+        json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+            "columns": {"doc": doc}})
+    };
+    app.put_and_freeze("p", "note", &note(json!({"type": "json"})))
+        .await;
+    app.put_and_freeze("p", "note", &note(json!({"type": "json", "unique": true})))
+        .await;
+    let write = |doc: Value| {
+        let app = &app;
+        async move {
+            app.put(
+                &format!("/p/note/{}", uuid::Uuid::new_v4()),
+                &json!({"project_version": 1, "doc": doc}),
+            )
+            .await
+        }
+    };
+    assert_eq!(write(json!("short")).await.status, 200);
+    let refused = write(json!("x".repeat(3000))).await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert_eq!(refused.paths(), ["/doc"]);
+    assert!(refused.messages().contains("version 2"), "{}", refused.body);
+    app.stop().await;
+}
+
 /// A `project_version` that is no version number, however long, is named with an excerpt of it.
 #[tokio::test]
 async fn a_long_project_version_is_refused_with_an_excerpt_of_it() {

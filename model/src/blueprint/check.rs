@@ -47,7 +47,7 @@ pub fn check_column_value(def: &ColumnDef, value: &Value) -> Result<Value, Strin
 /// value past about 512 bytes first, which only values that repeat themselves gain from). An
 /// indexed `json` column's GIN index hashes long keys and strings; an indexed geometry's holds its
 /// bounding box.
-fn check_index_entry(def: &ColumnDef, value: &Value) -> Result<(), String> {
+pub fn check_index_entry(def: &ColumnDef, value: &Value) -> Result<(), String> {
     let whole = match def.ty {
         ColumnType::One(base) => base == BaseType::Json || base.is_geometry(),
         ColumnType::Many(_) => true,
