@@ -135,8 +135,12 @@ pub fn put_blueprint(
 ) -> Result<Vec<Change>, CatalogError> {
     check_new_name(p)?;
     let mut next = p.working.blueprints.clone();
-    let edited = apply_edit(next.get(name), input, &mut p.working.last_uid, "")
-        .map_err(CatalogError::Invalid)?;
+    let current = next.get(name);
+    let mut edited =
+        apply_edit(current, input, &mut p.working.last_uid, "").map_err(CatalogError::Invalid)?;
+    if current.is_none() {
+        keep_frozen_uid(p, name, &mut edited);
+    }
     next.insert(name.clone(), edited);
     check_count(p.working.blueprints.len(), next.len())?;
     check_indexes(&p.working.blueprints, &next)?;
@@ -158,13 +162,17 @@ pub fn put_blueprints(
     let mut errors = Vec::new();
     for (name, input) in inputs {
         let base = format!("/{name}");
+        let made = !p.working.blueprints.contains_key(&name);
         match apply_edit(
             p.working.blueprints.get(&name),
             input,
             &mut p.working.last_uid,
             &base,
         ) {
-            Ok(bp) => {
+            Ok(mut bp) => {
+                if made {
+                    keep_frozen_uid(p, &name, &mut bp);
+                }
                 next.insert(name, bp);
             }
             Err(mut e) => errors.append(&mut e),
@@ -178,6 +186,21 @@ pub fn put_blueprints(
     check_unique_names(&next, None)?;
     check_rows(&next, None)?;
     Ok(record_edit(p, next, writes))
+}
+
+/// A blueprint made under a name that a frozen version gives a blueprint (removed from the working
+/// copy, then made again) keeps that blueprint's uid, with new columns: items are kept by name, and
+/// two blueprints under one name in live versions would share them, a write or a delete through
+/// one leaving the other's copies in its versions' stores for good.
+fn keep_frozen_uid(p: &Project, name: &Ident, made: &mut crate::blueprint::Blueprint) {
+    if let Some(uid) = p
+        .versions
+        .iter()
+        .rev()
+        .find_map(|v| v.blueprints.get(name).map(|bp| bp.uid))
+    {
+        made.uid = uid;
+    }
 }
 
 pub fn delete_blueprint(

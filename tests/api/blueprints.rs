@@ -1,5 +1,5 @@
 use reqwest::Method;
-use serde_json::json;
+use serde_json::{json, Value};
 
 use crate::helpers::{article, article_normal, spawn_app, spawn_app_with};
 
@@ -512,5 +512,44 @@ async fn a_project_whose_blueprints_would_pass_4_mib_is_refused() {
     );
     // Not grown: the same blueprint again goes on.
     assert_eq!(app.put("/big/b0/_blueprint", &body("t0")).await.status, 200);
+    app.stop().await;
+}
+
+/// A blueprint removed and made again under its name is the same blueprint to the versions still
+/// live, with new columns: a write through the new version reaches the old one too (before, the
+/// two shared the item's key under two uids, and the old version's stores kept a copy no write or
+/// delete reached).
+#[tokio::test]
+async fn a_blueprint_made_again_under_its_name_keeps_its_items_in_every_live_version() {
+    let app = spawn_app().await;
+    let note = |column: &str| {
+        json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+            "columns": {column: {"type": "string"}}})
+    };
+    app.put_and_freeze("p", "note", &note("title")).await;
+    assert_eq!(app.delete("/p/note/_blueprint").await.status, 200);
+    assert_eq!(
+        app.put("/p/note/_blueprint", &note("heading")).await.status,
+        200
+    );
+    let frozen = app.post("/p/_version?force=true", None).await;
+    assert_eq!(frozen.status, 200, "{}", frozen.body);
+    let id = uuid::Uuid::new_v4();
+    let put = app
+        .put(
+            &format!("/p/note/{id}"),
+            &json!({"project_version": 2, "heading": "new"}),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    // Version 1 sees the item, without the columns it does not have.
+    let old = app.get(&format!("/p/note/{id}?version=1")).await;
+    assert_eq!(old.status, 200, "{}", old.body);
+    assert_eq!(old.body["title"], Value::Null, "{}", old.body);
+    assert_eq!(app.delete(&format!("/p/note/{id}")).await.status, 200);
+    assert_eq!(
+        app.get(&format!("/p/note/{id}?version=1")).await.status,
+        404
+    );
     app.stop().await;
 }
