@@ -138,8 +138,11 @@ where
         }
     };
     // An item's check can cost time quadratic in its size (polygons): a large one is prepared
-    // off the HTTP worker (`crate::aside`).
-    if length <= crate::aside::LARGE_BYTES {
+    // off the HTTP worker (`crate::aside`), and one of a blueprint with lines or polygons from a
+    // few KiB on (three polygons at their bounds in 64 KiB took 50 ms of the worker).
+    let inline = length <= crate::aside::LARGE_BYTES
+        && (length <= SHAPES_INLINE_BYTES || !has_shapes(storage, project, blueprint));
+    if inline {
         let written = journal(storage, project, hold, |snapshot| {
             let entry = prepare_upsert(&snapshot, project, blueprint, id, &*body);
             ready(entry.map(|entry| {
@@ -161,6 +164,26 @@ where
     })
     .await?;
     Ok(put(written))
+}
+
+/// The longest item of a blueprint with lines or polygons checked on the HTTP worker: a polygon
+/// this long takes well under a millisecond to check.
+const SHAPES_INLINE_BYTES: usize = 4 * 1024;
+
+/// Whether a live version gives `blueprint` a line or polygon column, whose check costs the square
+/// of its size.
+fn has_shapes(storage: &dyn Storage, project: &Ident, blueprint: &Ident) -> bool {
+    use crate::blueprint::BaseType;
+    let snapshot = storage.snapshot();
+    let Some(p) = snapshot.projects.get(project) else {
+        return false;
+    };
+    let shaped = p
+        .live_versions()
+        .filter_map(|v| v.blueprints.get(blueprint))
+        .flat_map(|bp| bp.columns.values())
+        .any(|c| matches!(c.def.ty.base(), BaseType::LineString | BaseType::Polygon));
+    shaped
 }
 
 /// Item writes since start that left their item out of a live version, one per version: it allows
