@@ -262,23 +262,31 @@ pub fn check_item<'a, 'b>(
     };
     item.push(("links", links));
 
+    // The first unknown keys are named one by one, the rest counted, so the list of known
+    // columns, said once, and the errors of the known ones stay within the answer's errors.
+    const UNKNOWN_LISTED: usize = 20;
     let mut unknown = 0;
     for key in body.keys() {
         let known = ITEM_KEYS.contains(&key) || blueprint.has_column(key);
         if !known {
             unknown += 1;
-            errors.push(FieldError::new(
-                format!("/{}", pointer_segment(&excerpt_str(key))),
-                "unknown column",
-            ));
+            if unknown <= UNKNOWN_LISTED {
+                errors.push(FieldError::new(
+                    format!("/{}", pointer_segment(&excerpt_str(key))),
+                    "unknown column",
+                ));
+            }
         }
     }
     if unknown > 0 {
-        // The list of known columns is said once, not once per unknown key.
+        let listed = match unknown > UNKNOWN_LISTED {
+            true => format!(" (the first {UNKNOWN_LISTED} named)"),
+            false => String::new(),
+        };
         errors.push(FieldError::new(
             "",
             format!(
-                "{unknown} unknown column(s); version {version} of this blueprint has {}",
+                "{unknown} unknown column(s){listed}; version {version} of this blueprint has {}",
                 column_list(blueprint)
             ),
         ));
