@@ -511,7 +511,10 @@ async fn count_unrecorded(
     }
 }
 
-async fn write(storage: SharedStorage, mut receiver: mpsc::Receiver<AuditEntry>) {
+/// Writes the queued entries in batches, the last ones too when the service stops. While a batch
+/// cannot be written (a nearly full disk) it holds the storage only when it tries again, so it does
+/// not keep a stopped service's storage open.
+async fn write(mut storage: SharedStorage, mut receiver: mpsc::Receiver<AuditEntry>) {
     while let Some(first) = receiver.recv().await {
         let mut batch = vec![first];
         if receiver.len() < BATCH {
@@ -529,7 +532,13 @@ async fn write(storage: SharedStorage, mut receiver: mpsc::Receiver<AuditEntry>)
         let mut attempt = 0;
         while let Err(error) = storage.append_audit(&batch).await {
             tracing::warn!(%error, entries = batch.len(), "cannot write the audit log; retrying");
+            let waiting = Arc::downgrade(&storage);
+            drop(storage);
             tokio::time::sleep(crate::projector::backoff(attempt)).await;
+            storage = match waiting.upgrade() {
+                Some(storage) => storage,
+                None => return,
+            };
             attempt += 1;
         }
     }
