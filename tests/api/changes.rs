@@ -301,6 +301,25 @@ async fn a_place_within(app: &TestApp, limit: Duration) {
     served_within(app, "/p/_changes?feed=longpoll&timeout=1", limit).await;
 }
 
+/// Blueprint `tag` (a name) frozen beside `note`, as version 2.
+async fn with_tags(app: &TestApp) {
+    let tag = json!({"postgresql": {"table": "tags"}, "elasticsearch": {"type": "tag"},
+        "columns": {"name": {"type": "string"}}});
+    app.put_and_freeze("p", "tag", &tag).await;
+}
+
+/// An SSE stream of `tag`'s changes from now on, with a heartbeat every second.
+async fn tags_followed(app: &TestApp) -> reqwest::Response {
+    app.client
+        .get(format!(
+            "{}/p/_changes?feed=sse&since=now&heartbeat=1&blueprint=tag",
+            app.address
+        ))
+        .send()
+        .await
+        .unwrap()
+}
+
 /// Reads an SSE connection's raw text until it holds `needle`; answers all of it.
 async fn sse_text_until(
     bytes: &mut (impl Stream<Item = reqwest::Result<bytes::Bytes>> + Unpin),
@@ -346,18 +365,8 @@ async fn an_sse_stream_names_where_it_reads_from_before_any_change() {
     assert_eq!(next_changes(&mut events, 1).await[0]["revision"], missed);
 
     // Filtered to another blueprint, the heartbeat moves the id past the hidden change.
-    let tag = json!({"postgresql": {"table": "tags"}, "elasticsearch": {"type": "tag"},
-        "columns": {"name": {"type": "string"}}});
-    app.put_and_freeze("p", "tag", &tag).await;
-    let response = app
-        .client
-        .get(format!(
-            "{}/p/_changes?feed=sse&since=now&heartbeat=1&blueprint=tag",
-            app.address
-        ))
-        .send()
-        .await
-        .unwrap();
+    with_tags(&app).await;
+    let response = tags_followed(&app).await;
     let mut bytes = response.bytes_stream();
     sse_text_until(&mut bytes, "\n\n").await;
     let hidden = put(&app, Uuid::new_v4(), "not followed").await;
@@ -374,9 +383,7 @@ async fn an_sse_stream_names_where_it_reads_from_before_any_change() {
 async fn a_filtered_stream_of_a_busy_project_sends_heartbeats_and_notices_its_client_left() {
     let app = spawn_app_with(|s| s.changes.max_followers = 1).await;
     project(&app).await;
-    let tag = json!({"postgresql": {"table": "tags"}, "elasticsearch": {"type": "tag"},
-        "columns": {"name": {"type": "string"}}});
-    app.put_and_freeze("p", "tag", &tag).await;
+    with_tags(&app).await;
     // Notes written every 100 ms, for as long as the test runs.
     let writer = {
         let (client, address) = (app.client.clone(), app.address.clone());
@@ -392,15 +399,7 @@ async fn a_filtered_stream_of_a_busy_project_sends_heartbeats_and_notices_its_cl
             }
         })
     };
-    let response = app
-        .client
-        .get(format!(
-            "{}/p/_changes?feed=sse&since=now&heartbeat=1&blueprint=tag",
-            app.address
-        ))
-        .send()
-        .await
-        .unwrap();
+    let response = tags_followed(&app).await;
     assert_eq!(response.status(), 200);
     let mut bytes = response.bytes_stream();
     sse_text_until(&mut bytes, "\n\n").await;
@@ -521,9 +520,7 @@ async fn a_long_poll_answers_at_the_next_change_or_when_its_timeout_passes() {
 async fn a_filtered_long_poll_reads_past_other_blueprints_changes() {
     let app = spawn_app().await;
     project(&app).await;
-    let tag = json!({"postgresql": {"table": "tags"}, "elasticsearch": {"type": "tag"},
-        "columns": {"name": {"type": "string"}}});
-    app.put_and_freeze("p", "tag", &tag).await;
+    with_tags(&app).await;
     for _ in 0..3 {
         put(&app, Uuid::new_v4(), "not followed").await;
     }
