@@ -399,6 +399,15 @@ pub struct QueueSettings {
     /// on, up to an hour.
     #[serde(default = "default_republish_after")]
     pub republish_after_secs: u64,
+    /// The largest message the broker takes, in bytes (RabbitMQ's `max_message_size`: 128 MiB
+    /// up to 3.13, 16 MiB from 4.0). A task larger than this, or than a limit the broker names
+    /// when it refuses one, becomes a dead letter instead of stopping every projector's queue.
+    #[serde(default = "default_max_message_bytes")]
+    pub max_message_bytes: usize,
+}
+
+fn default_max_message_bytes() -> usize {
+    128 << 20
 }
 
 fn default_republish_after() -> u64 {
@@ -421,6 +430,7 @@ impl QueueSettings {
             external: Vec::new(),
             prefetch: default_prefetch(),
             republish_after_secs: default_republish_after(),
+            max_message_bytes: default_max_message_bytes(),
         }
     }
 }

@@ -586,6 +586,45 @@ async fn tasks_purged_from_their_queue_are_published_again() {
     db.drop().await;
 }
 
+/// A task larger than the broker takes (`queue.max_message_bytes`) becomes a dead letter saying
+/// why, instead of being refused by the broker again and again while every later task of the
+/// projector, of every project, waits behind it: the writes after it reach the store.
+#[tokio::test]
+async fn a_task_larger_than_the_broker_takes_is_a_dead_letter_and_the_rest_flow() {
+    let broker = TestBroker::new().await;
+    let mut queue = broker.settings();
+    queue.max_message_bytes = 64 * 1024;
+    let app = spawn_app_with(|s| s.queue = Some(queue)).await;
+    let note = json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+        "columns": {"body": {"type": "text"}}});
+    assert_eq!(app.put_and_freeze("p", "note", &note).await, 1);
+    let big = app
+        .put(
+            &format!("/p/note/{}", Uuid::new_v4()),
+            &json!({"project_version": 1, "body": "x".repeat(100_000)}),
+        )
+        .await;
+    assert_eq!(big.status, 200, "{}", big.body);
+    let small = Uuid::new_v4();
+    app.put_projected(
+        &format!("/p/note/{small}?wait=true"),
+        &json!({"project_version": 1, "body": "small"}),
+    )
+    .await;
+    let keyspace = app.rocksdb.clone().unwrap();
+    assert!(keyspace
+        .get(&ident("p"), 1, &ident("note"), &small)
+        .is_some());
+    let letters = app.get("/_dead_letters").await.body;
+    let letters = letters["dead_letters"].as_array().expect("dead letters");
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let reason = letters[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("queue.max_message_bytes"), "{reason}");
+    assert_eq!(letters[0]["seq"], big.body["revision"], "{letters:?}");
+    app.stop().await;
+    broker.clean_up().await;
+}
+
 /// A message naming a pending task that is not that task (forged by whoever can publish to the
 /// broker, or damaged) does not make the task a dead letter: the server's own copy of the task
 /// reads, so it stays pending, and the real task is applied once it comes (here published again,

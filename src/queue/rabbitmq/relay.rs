@@ -23,6 +23,7 @@
 //! there (tasks of other projects lost meanwhile are found once it is released).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -32,7 +33,7 @@ use lapin::{Channel, Connection};
 use tokio::sync::watch;
 
 use super::{confirmed, persistent, Broker, LinkError, JOURNAL_HEADER};
-use crate::journal::{codec, Journal, JournalError, RawTask};
+use crate::journal::{codec, DeadLetter, Journal, JournalError, RawTask};
 
 const LINK: &str = "relay";
 
@@ -65,6 +66,7 @@ pub async fn run(
         projectors: &projectors,
         batch_size,
         stalls: Mutex::default(),
+        max_message: AtomicUsize::new(broker.settings.max_message_bytes),
     };
     let session = |connection| relay.session(connection, shutdown.clone());
     broker.keep_linked(LINK, shutdown.clone(), session).await;
@@ -77,6 +79,9 @@ struct Relay<'a> {
     batch_size: usize,
     /// Kept across sessions, so that a link that drops often does not hide lost tasks.
     stalls: Mutex<HashMap<&'static str, Stall>>,
+    /// The largest task the broker takes: `queue.max_message_bytes`, or less once the broker
+    /// refused a task naming its own limit.
+    max_message: AtomicUsize,
 }
 
 /// Per projector, the last seq the broker confirmed in this session.
@@ -253,6 +258,7 @@ impl Relay<'_> {
             let Some(last) = tasks.last().map(|(seq, _)| *seq) else {
                 continue;
             };
+            let tasks = self.bury_oversized(projector, tasks)?;
             let mut confirms = Vec::with_capacity(tasks.len());
             for (seq, value) in &tasks {
                 confirms.push(
@@ -267,10 +273,13 @@ impl Relay<'_> {
                             value,
                             self.properties(*seq),
                         )
-                        .await?,
+                        .await
+                        .map_err(|error| self.learn_limit(error.into()))?,
                 );
             }
-            futures::future::try_join_all(confirms.into_iter().map(confirmed)).await?;
+            futures::future::try_join_all(confirms.into_iter().map(confirmed))
+                .await
+                .map_err(|error| self.learn_limit(error))?;
             *cursor = last;
             self.journal
                 .mark_published(projector, last)
@@ -290,6 +299,87 @@ impl Relay<'_> {
     }
 }
 
+impl Relay<'_> {
+    /// Makes the tasks larger than the broker takes dead letters saying so, and answers the others:
+    /// the broker would refuse such a task every time, and every later task of the projector, of
+    /// every project, would wait behind it for ever. `POST /_dead_letters/_retry` queues them
+    /// again once the broker takes them.
+    fn bury_oversized(
+        &self,
+        projector: &str,
+        tasks: Vec<RawTask>,
+    ) -> Result<Vec<RawTask>, LinkError> {
+        let most = self.max_message.load(Ordering::Relaxed);
+        if tasks.iter().all(|(_, value)| value.len() <= most) {
+            return Ok(tasks);
+        }
+        let (kept, oversized): (Vec<RawTask>, Vec<RawTask>) = tasks
+            .into_iter()
+            .partition(|(_, value)| value.len() <= most);
+        let dead: Vec<DeadLetter> = oversized
+            .iter()
+            .map(|(seq, value)| {
+                let reason = format!(
+                    "the broker takes messages of at most {most} bytes (RabbitMQ's \
+                     max_message_size, queue.max_message_bytes) and this task is {} bytes (its \
+                     item as every live version sees it): raise both, or retire versions, then \
+                     retry it",
+                    value.len()
+                );
+                DeadLetter::from_raw(projector, *seq, value, reason)
+            })
+            .collect();
+        tracing::warn!(
+            projector,
+            tasks = dead.len(),
+            most,
+            "tasks larger than the broker takes are kept as dead letters"
+        );
+        self.journal.ack(projector, &[], dead).map_err(journal)?;
+        Ok(kept)
+    }
+
+    /// Notes the limit a broker names when it refuses a message for its size, so the next session
+    /// keeps such tasks out; answers the error.
+    fn learn_limit(&self, error: LinkError) -> LinkError {
+        if let Some(most) = refused_size(&error.to_string()) {
+            let was = self.max_message.fetch_min(most, Ordering::Relaxed);
+            if most < was {
+                tracing::warn!(
+                    most,
+                    "the broker refuses messages over {most} bytes (max_message_size); larger \
+                     tasks become dead letters"
+                );
+            }
+        }
+        error
+    }
+}
+
+/// The limit in a broker's refusal of a message for its size (RabbitMQ: "message size N is larger
+/// than configured max size M").
+fn refused_size(error: &str) -> Option<usize> {
+    let (_, after) = error.split_once("larger than configured max size ")?;
+    let digits: String = after.chars().take_while(char::is_ascii_digit).collect();
+    digits.parse().ok()
+}
+
 fn journal(error: JournalError) -> LinkError {
     LinkError::Other(format!("journal: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::refused_size;
+
+    /// RabbitMQ names its limit when it refuses a message for its size; other errors name none.
+    #[test]
+    fn the_limit_a_broker_names_is_read_from_its_refusal() {
+        let refusal = "rabbitmq: protocol error: AMQP soft error: PRECONDITION-FAILED: \
+                       PRECONDITION_FAILED - message size 20971520 is larger than configured max \
+                       size 16777216";
+        assert_eq!(refused_size(refusal), Some(16_777_216));
+        assert_eq!(refused_size("rabbitmq: connection reset by peer"), None);
+        assert_eq!(refused_size("larger than configured max size "), None);
+    }
 }
