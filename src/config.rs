@@ -798,6 +798,9 @@ impl Settings {
             if let Some(v) = first(&["DSTORE_QUEUE_PREFETCH"]) {
                 queue.prefetch = parsed(v)?;
             }
+            if let Some(v) = first(&["DSTORE_QUEUE_MAX_MESSAGE_BYTES"]) {
+                queue.max_message_bytes = parsed(v)?;
+            }
         }
         Ok(())
     }
