@@ -184,7 +184,8 @@ impl From<StorageError> for ApiError {
             StorageError::Invalid(errors) => ApiError::Invalid("invalid blueprint".into(), errors),
             e @ (StorageError::Stale
             | StorageError::Backlog { .. }
-            | StorageError::Unavailable(_)) => ApiError::Unavailable(e.to_string()),
+            | StorageError::Unavailable(_)
+            | StorageError::Uncertain(_)) => ApiError::Unavailable(e.to_string()),
             StorageError::Corrupt(cause) => ApiError::internal(cause),
             StorageError::Cursor(m) => ApiError::bad_request("after", m),
         }

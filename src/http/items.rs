@@ -462,6 +462,9 @@ pub async fn bulk(
     // that `stopped` says why, once: the reason repeated for each of up to 100,000 operations
     // would take more memory than the body.
     let stopped = bulked.stopped.map(|error| outcome_of(too_large(error)));
+    // The operations of a part the storage may have written come first among those without an
+    // outcome: theirs is unknown.
+    let mut uncertain = bulked.uncertain;
     let outcomes = bulked
         .outcomes
         .into_iter()
@@ -479,7 +482,14 @@ pub async fn bulk(
                 Some(Err((status, errors))) => (status, None, Some(Errors::Own(errors))),
                 None => {
                     let status = stopped.as_ref().map_or(500, |(status, _)| *status);
-                    (status, None, Some(Errors::NotWritten))
+                    let errors = match uncertain {
+                        0 => Errors::NotWritten,
+                        _ => {
+                            uncertain -= 1;
+                            Errors::Unknown
+                        }
+                    };
+                    (status, None, Some(errors))
                 }
             };
             BulkResult {
@@ -579,11 +589,16 @@ enum Errors {
     Own(Vec<FieldError>),
     /// The journal refused its part or one before it: the answer's `stopped` says why.
     NotWritten,
+    /// Its part may have been written: the storage did not say in time.
+    Unknown,
 }
 
 /// The errors of an operation that was not written (see [`Errors::NotWritten`]): short, since up
 /// to 100,000 operations may carry them.
 const NOT_WRITTEN: &[u8] = br#"[{"path":"","message":"not written; see \"stopped\""}]"#;
+
+/// The errors of an operation whose part the storage may have written (see [`Errors::Unknown`]).
+const OUTCOME_UNKNOWN: &[u8] = br#"[{"path":"","message":"perhaps written: the storage did not say in time (see \"stopped\"); read the item before sending a create again"}]"#;
 
 /// `{"put": {"id": …, "status": 200, "revision": R}}` (and `not_in_versions`, as a PUT answers
 /// it), or with `errors` instead of `revision`.
@@ -649,6 +664,10 @@ impl BulkAnswer {
                 Some(Errors::NotWritten) => {
                     out.extend_from_slice(b",\"errors\":");
                     out.extend_from_slice(NOT_WRITTEN);
+                }
+                Some(Errors::Unknown) => {
+                    out.extend_from_slice(b",\"errors\":");
+                    out.extend_from_slice(OUTCOME_UNKNOWN);
                 }
                 None => {}
             }
@@ -735,6 +754,7 @@ mod tests {
                     None,
                     Some(Errors::Own(refused.clone())),
                 ),
+                result("create", None, 503, None, Some(Errors::Unknown)),
                 result("put", Some(id), 503, None, Some(Errors::NotWritten)),
             ],
             stopped: Some((503, vec![FieldError::new("", "the disk is \"full\"")])),
@@ -750,6 +770,8 @@ mod tests {
                     {"put": {"id": id, "status": 200, "revision": u64::MAX}},
                     {"create": {"id": id, "status": 201, "revision": 7, "not_in_versions": [2, 3]}},
                     {"delete": {"id": null, "status": 400, "errors": refused}},
+                    {"create": {"id": null, "status": 503, "errors": [{"path": "", "message":
+                        "perhaps written: the storage did not say in time (see \"stopped\"); read the item before sending a create again"}]}},
                     {"put": {"id": id, "status": 503, "errors": [{"path": "", "message":
                         "not written; see \"stopped\""}]}},
                 ],

@@ -78,6 +78,10 @@ pub enum StorageError {
     /// The store cannot take the request now (down, shutting down); retrying later can succeed.
     #[error("{0}")]
     Unavailable(String),
+    /// The store took too long to say whether it wrote what it was sent: it may have. Sending it
+    /// again is safe only where writing twice is (a PUT to an id, a delete).
+    #[error("{0}")]
+    Uncertain(String),
     /// Something stored cannot be read: a bug or a damaged store.
     #[error("{0}")]
     Corrupt(String),

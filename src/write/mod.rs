@@ -253,6 +253,10 @@ pub const PART_OPERATIONS: usize = 10_000;
 pub struct Bulked {
     pub outcomes: Vec<BulkOutcome>,
     pub stopped: Option<WriteError>,
+    /// How many operations after `outcomes` were in the part `stopped` ended, when the storage
+    /// may have written it ([`StorageError::Uncertain`]): their outcome is unknown, not "not
+    /// written".
+    pub uncertain: usize,
 }
 
 /// Journals the valid operations of a `_bulk` body, in parts of at most [`part_bytes`] of item
@@ -319,6 +323,7 @@ pub async fn bulk(
     let mut journaled = false;
     for part in parts(&body.ops, part_bytes(documents)) {
         let hold: Hold<'_> = if journaled { &later } else { hold };
+        let size = part.len();
         match bulk_part(storage, project, &body, part, hold).await {
             Ok(done) => {
                 journaled |= done.iter().any(Result::is_ok);
@@ -326,16 +331,22 @@ pub async fn bulk(
             }
             Err(error) if !journaled => return Err(error),
             Err(error) => {
+                let uncertain = match &error {
+                    WriteError::Storage(StorageError::Uncertain(_)) => size,
+                    _ => 0,
+                };
                 return Ok(Bulked {
                     outcomes,
                     stopped: Some(error),
-                })
+                    uncertain,
+                });
             }
         }
     }
     Ok(Bulked {
         outcomes,
         stopped: None,
+        uncertain: 0,
     })
 }
 

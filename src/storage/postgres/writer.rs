@@ -219,17 +219,22 @@ async fn stage(
 /// Why a batch that took too long answers 503: without a connection nothing was written; with
 /// one, its commit may have reached the storage.
 fn late(waited: std::time::Duration, begun: bool) -> StorageError {
-    let outcome = if begun {
-        "whether it was written is unknown: sending it again is safe for a PUT to an id or a \
-         delete, while a create or a POST sent again may make a second item (read it first)"
-    } else {
-        "nothing was written"
+    let said = |outcome: &str| {
+        format!(
+            "postgresql storage: no answer from the storage in {} s \
+             (storage.commit_timeout_secs); {outcome}",
+            waited.as_secs()
+        )
     };
-    StorageError::Unavailable(format!(
-        "postgresql storage: no answer from the storage in {} s (storage.commit_timeout_secs); \
-         {outcome}",
-        waited.as_secs()
-    ))
+    if begun {
+        StorageError::Uncertain(said(
+            "whether it was written is unknown: sending it again is safe for a PUT to an id or \
+             a delete, while a create or a POST sent again may make a second item (read it \
+             first)",
+        ))
+    } else {
+        StorageError::Unavailable(said("nothing was written"))
+    }
 }
 
 fn row(project: &str, revision: u64, entry: Entry) -> Row {
