@@ -837,6 +837,15 @@ mod tests {
         }
     }
 
+    /// Narrows key `id` to project `alpha` through `store`.
+    async fn narrow_to_alpha(store: &KeyStore, id: &str) {
+        let narrow = KeyInput {
+            projects: Some(vec!["alpha".into()]),
+            ..KeyInput::default()
+        };
+        store.update(&Caller::Master, id, narrow).await.unwrap();
+    }
+
     fn manager() -> KeyInput {
         everywhere(&["keys.manage", "items.read"])
     }
@@ -854,14 +863,7 @@ mod tests {
             let caller = store.authenticate(Some(&token)).await.unwrap();
             assert!(store.create(&caller, reader()).await.is_ok());
             if narrowed {
-                let narrow = KeyInput {
-                    projects: Some(vec!["alpha".into()]),
-                    ..KeyInput::default()
-                };
-                elsewhere
-                    .update(&Caller::Master, &key.id, narrow)
-                    .await
-                    .unwrap();
+                narrow_to_alpha(&elsewhere, &key.id).await;
             } else {
                 elsewhere
                     .rotate(&Caller::Master, &key.id, Duration::from_secs(3600))
@@ -990,14 +992,7 @@ mod tests {
             .update(&Caller::Master, &key.id, describe)
             .await
             .unwrap();
-        let narrow = KeyInput {
-            projects: Some(vec!["alpha".into()]),
-            ..KeyInput::default()
-        };
-        elsewhere
-            .update(&Caller::Master, &key.id, narrow)
-            .await
-            .unwrap();
+        narrow_to_alpha(&elsewhere, &key.id).await;
         let read = storage.keys().await.unwrap();
         assert!(store.install(read, start));
         let installed = store.list();
