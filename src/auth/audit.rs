@@ -168,40 +168,36 @@ fn push_run(out: &mut String, run: &str) -> bool {
 /// a path is read with its escapes decoded, so a client without a key could otherwise put an
 /// escape sequence or a right-to-left override into the log.
 pub fn clip(text: &str) -> String {
-    let (cut, clipped) = match text.len() <= MAX_PATH_BYTES {
-        true => (text, false),
-        false => {
-            let mut at = MAX_PATH_BYTES;
-            while !text.is_char_boundary(at) {
-                at -= 1;
-            }
-            (&text[..at], true)
-        }
-    };
+    let cut = cut(text, MAX_PATH_BYTES);
     let mut kept = String::with_capacity(cut.len() + 3);
     for c in cut.chars() {
         if hidden(c) {
-            kept.push_str(&c.escape_unicode().to_string());
+            kept.extend(c.escape_unicode());
         } else {
             kept.push(c);
         }
     }
-    if clipped {
+    if cut.len() < text.len() {
         kept.push('…');
     }
     kept
 }
 
-/// `text` cut to at most `max` bytes at a character boundary, ending in `…` when it was cut.
-fn shortened(text: String, max: usize) -> String {
-    if text.len() <= max {
-        return text;
-    }
-    let mut at = max;
+/// The start of `text` of at most `max` bytes, ending at a character boundary.
+fn cut(text: &str, max: usize) -> &str {
+    let mut at = max.min(text.len());
     while !text.is_char_boundary(at) {
         at -= 1;
     }
-    format!("{}…", &text[..at])
+    &text[..at]
+}
+
+/// `text` cut to at most `max` bytes at a character boundary, ending in `…` when it was cut.
+fn shortened(text: String, max: usize) -> String {
+    match cut(&text, max) {
+        whole if whole.len() == text.len() => text,
+        start => format!("{start}…"),
+    }
 }
 
 /// Control characters (C0, DEL, C1) and the invisible ones that reorder or hide text (bidi

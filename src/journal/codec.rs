@@ -40,11 +40,7 @@ pub fn decode_record(value: &[u8]) -> Result<ItemRecord, JournalError> {
     if value.len() < RECORD_HEADER {
         return Err(corrupt("an item record"));
     }
-    let number = |range: std::ops::Range<usize>| {
-        value[range]
-            .iter()
-            .fold(0u64, |n, b| (n << 8) | u64::from(*b))
-    };
+    let number = |range: std::ops::Range<usize>| big_endian(&value[range]);
     Ok(ItemRecord {
         revision: number(0..8),
         version: number(8..12) as u32,
@@ -60,7 +56,12 @@ pub fn record_blueprint_uid(value: &[u8]) -> Result<u64, JournalError> {
     let uid = value
         .get(12..RECORD_HEADER)
         .ok_or_else(|| corrupt("an item record"))?;
-    Ok(uid.iter().fold(0u64, |n, b| (n << 8) | u64::from(*b)))
+    Ok(big_endian(uid))
+}
+
+/// A header field: a big-endian number of at most 8 bytes.
+fn big_endian(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0u64, |n, b| (n << 8) | u64::from(*b))
 }
 
 /// [`decode_record`], off the HTTP worker for a long record (`crate::aside`): decoding a record of

@@ -115,6 +115,28 @@ pub struct PgStorage {
     pub(super) signal: ChangeSignal,
 }
 
+impl PgStorage {
+    /// `what` (the record, or a part of it: an expression of dstore's own, never a client's) of
+    /// an item as stored, if it exists.
+    async fn stored_item(
+        &self,
+        what: &'static str,
+        project: &Ident,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
+            "SELECT {what} FROM items WHERE project = $1 AND blueprint = $2 AND id = $3"
+        )))
+        .bind(project.as_str())
+        .bind(blueprint.as_str())
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await
+        .map_err(|e| unavailable("read an item", &e))
+    }
+}
+
 /// How often a node looks for other nodes' commits to the projects its followers follow.
 const FOLLOW_POLL: Duration = Duration::from_millis(250);
 
@@ -1391,16 +1413,7 @@ impl Storage for PgStorage {
         blueprint: &Ident,
         id: &Uuid,
     ) -> Result<Option<ItemRecord>, StorageError> {
-        let record: Option<Vec<u8>> = sqlx::query_scalar(
-            "SELECT record FROM items WHERE project = $1 AND blueprint = $2 AND id = $3",
-        )
-        .bind(project.as_str())
-        .bind(blueprint.as_str())
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| unavailable("read an item", &e))?;
-        match record {
+        match self.stored_item("record", project, blueprint, id).await? {
             Some(bytes) => Ok(Some(codec::decode_record_aside(bytes).await?)),
             None => Ok(None),
         }
@@ -1413,16 +1426,9 @@ impl Storage for PgStorage {
         id: &Uuid,
     ) -> Result<Option<u64>, StorageError> {
         // The record's header only: its bytes 13 to 20 (from 1) hold the uid.
-        let header: Option<Vec<u8>> = sqlx::query_scalar(
-            "SELECT substring(record from 1 for 20) FROM items \
-             WHERE project = $1 AND blueprint = $2 AND id = $3",
-        )
-        .bind(project.as_str())
-        .bind(blueprint.as_str())
-        .bind(id)
-        .fetch_optional(&self.pool)
-        .await
-        .map_err(|e| unavailable("read an item", &e))?;
+        let header = self
+            .stored_item("substring(record from 1 for 20)", project, blueprint, id)
+            .await?;
         Ok(header
             .map(|header| codec::record_blueprint_uid(&header))
             .transpose()?)
