@@ -392,12 +392,14 @@ impl Followers {
     /// stops and the streams that are read had a moment to end by themselves.
     pub fn cut_streams(&self) {
         let streams = self.streams();
-        for socket in streams.keys() {
-            // SAFETY: a socket is listed while its stream lives, and the stream lives in its
-            // connection, which owns the socket. The stream may outlive the connection's socket
-            // for a moment as the connection is dropped; then the number may be reused, but only
-            // as the server stops, when every connection is ending anyway. `shutdown` touches no
-            // memory.
+        for (socket, watched) in streams.iter() {
+            // A number reused for a socket that is not the stream's (another server of the same
+            // process) is left alone.
+            if watched.inode.is_none() || inode(*socket) != watched.inode {
+                continue;
+            }
+            // SAFETY: a socket is listed while its stream lives, and its inode says it is still
+            // the stream's socket, not a number reused by another. `shutdown` touches no memory.
             unsafe { libc::shutdown(*socket, libc::SHUT_RDWR) };
         }
     }
@@ -697,6 +699,9 @@ pub async fn changes(
     )?;
     let version = follower.version;
     let mut recheck = Recheck::of(&state, &request, Action::ItemsRead, project.as_str());
+    // A follower that waits subscribes before it reads the head: a commit between the two would
+    // otherwise wake nobody, and a page shared from before it could be taken as current.
+    let wake = (params.feed != Feed::Normal).then(|| state.storage.follow(&project));
     let head = state.storage.revision(&project).await?;
     let since = match params.since {
         Some(since) if since > head => return Err(ahead(since, head)),
@@ -723,6 +728,7 @@ pub async fn changes(
             let _slot = Slot::take(&state)?;
             let peer = request.conn_data::<PeerSocket>().copied();
             let waiting = Waiting {
+                wake: wake.expect("a long poll follows"),
                 head,
                 deadline: Instant::now() + params.timeout.unwrap_or_default(),
                 peer,
@@ -741,7 +747,7 @@ pub async fn changes(
             .page(since, params.horizon, head)
             .await?;
             let stream = Stream {
-                wake: state.storage.follow(&project),
+                wake: wake.expect("a stream follows"),
                 closing: state.closing.clone(),
                 deadline: params.timeout.map(|t| Instant::now() + t),
                 heartbeat: params.heartbeat,
@@ -800,6 +806,8 @@ fn ahead(since: u64, head: u64) -> ApiError {
 
 /// How a long poll waits.
 struct Waiting {
+    /// The project's wake-ups, subscribed to before `head` was read.
+    wake: watch::Receiver<u64>,
     /// The project's last revision when the poll came.
     head: u64,
     deadline: Instant,
@@ -816,7 +824,7 @@ async fn long_poll(
     mut recheck: Option<&mut Recheck>,
 ) -> Result<Arc<Encoded>, ApiError> {
     let state = reader.state;
-    let mut wake = state.storage.follow(&reader.follower.project);
+    let mut wake = waiting.wake;
     let mut closing = state.closing.clone();
     let (mut since, mut horizon) = (since, horizon);
     // One look-out for the client for the whole poll: made again at each wake-up, it never

@@ -685,16 +685,18 @@ impl Writer {
                     start(journal);
                 }
             }
-            for answer in answers {
-                answer(result.as_ref().err());
-            }
-            if let Some(journal) = journal {
+            // Followers and projectors are woken before the writers hear back: a client that
+            // writes again at once does not overtake the wake-up of its last write.
+            if let Some(journal) = &journal {
                 if result.is_ok() {
                     for (project, revision) in &touched {
                         journal.signal.publish(project, *revision);
                     }
                 }
                 journal.wake_all();
+            }
+            for answer in answers {
+                answer(result.as_ref().err());
             }
             if stopping {
                 return;
