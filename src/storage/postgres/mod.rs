@@ -1116,38 +1116,39 @@ impl Storage for PgStorage {
         limit: usize,
     ) -> Result<(Vec<(Ident, ItemRecord)>, Option<Vec<u8>>), StorageError> {
         let after = after.as_deref().and_then(backfill::parse_cursor);
-        let mut rows = sqlx::query(
-            "SELECT blueprint, id, record FROM items WHERE project = $1 \
-             AND ($2::text IS NULL OR (blueprint, id) > ($2, $3)) ORDER BY blueprint, id LIMIT $4",
+        // At most `limit` items, and past the first none that would take the page over
+        // SCAN_BYTES of records: the server sends no more than the page holds (a cut made here
+        // would still have every record of the page sent, and read off the connection).
+        let rows = sqlx::query(
+            "WITH r AS (SELECT blueprint, id, record, \
+                          sum(length(record)) OVER (ORDER BY blueprint, id) - length(record) AS before \
+                        FROM items WHERE project = $1 \
+                        AND ($2::text IS NULL OR (blueprint, id) > ($2, $3)) \
+                        ORDER BY blueprint, id LIMIT $4) \
+             SELECT blueprint, id, record, (SELECT count(*) FROM r) AS fetched \
+             FROM r WHERE before < $5 ORDER BY blueprint, id",
         )
         .bind(project.as_str())
         .bind(after.as_ref().map(|(b, _)| b.as_str()))
         .bind(after.as_ref().map(|(_, id)| *id).unwrap_or_default())
         .bind(limit as i64)
-        .fetch(&self.pool);
-        let (mut items, mut read, mut bytes) = (Vec::new(), 0, 0);
-        let mut cursor = None;
-        while let Some(row) = rows
-            .try_next()
-            .await
-            .map_err(|e| unavailable("read items", &e))?
-        {
+        .bind(crate::storage::SCAN_BYTES as i64)
+        .fetch_all(&self.pool)
+        .await
+        .map_err(|e| unavailable("read items", &e))?;
+        let fetched: i64 = rows.first().map_or(0, |row| row.get("fetched"));
+        let (mut items, mut cursor) = (Vec::with_capacity(rows.len()), None);
+        for row in &rows {
             let (blueprint, id): (String, Uuid) = (row.get("blueprint"), row.get("id"));
-            let stored = row.get::<Vec<u8>, _>("record");
-            bytes += stored.len();
-            read += 1;
-            let record = codec::decode_record(&stored)?;
+            let record = codec::decode_record(row.get::<&[u8], _>("record"))?;
             cursor = Some(backfill::cursor_of(&blueprint, &id));
             if let Ok(blueprint) = Ident::parse(&blueprint) {
                 items.push((blueprint, record));
             }
-            if bytes >= crate::storage::SCAN_BYTES {
-                // The rest of the page is left unread: the next page starts after this item.
-                return Ok((items, cursor));
-            }
         }
-        let next = if read < limit { None } else { cursor };
-        Ok((items, next))
+        // The last page: fewer rows than asked for, none of them cut for their size.
+        let last = fetched < limit as i64 && rows.len() as i64 == fetched;
+        Ok((items, if last { None } else { cursor }))
     }
 
     async fn freeze_judged(
