@@ -33,6 +33,20 @@ pub const MAX_BLUEPRINTS_BYTES: usize = 4 << 20;
 /// stored and projected once per live version that holds its blueprint.
 pub const MAX_LIVE_VERSIONS: usize = 32;
 
+/// Refuses a freeze of a project that has [`MAX_LIVE_VERSIONS`] live versions already (checked
+/// again before a freeze counts its items, which could take long only to be refused).
+pub fn room_for_a_version(p: &Project) -> Result<(), CatalogError> {
+    let live = p.live_versions().count();
+    if live >= MAX_LIVE_VERSIONS {
+        return Err(CatalogError::Conflict(format!(
+            "project {:?} has {live} live versions, the most it may: every write is stored and projected once per live version; retire the versions no client writes at any more (GET /{}/_version/{{n}} shows a version's use) before freezing another",
+            p.name.as_str(),
+            p.name.as_str()
+        )));
+    }
+    Ok(())
+}
+
 /// Most projects a deployment holds unless `storage.max_projects` says otherwise: every edit of the
 /// catalog copies the list of projects, every node keeps each in memory, and each live version of
 /// each is a PostgreSQL schema and Elasticsearch indexes. An existing project is always edited;
@@ -272,14 +286,7 @@ pub fn freeze(
             None => "the working copy has no blueprints to freeze".into(),
         }));
     }
-    let live = p.live_versions().count();
-    if live >= MAX_LIVE_VERSIONS {
-        return Err(CatalogError::Conflict(format!(
-            "project {:?} has {live} live versions, the most it may: every write is stored and projected once per live version; retire the versions no client writes at any more (GET /{}/_version/{{n}} shows a version's use) before freezing another",
-            p.name.as_str(),
-            p.name.as_str()
-        )));
-    }
+    room_for_a_version(p)?;
     let empty = Blueprints::new();
     let previous = p.latest().map_or(&empty, |v| &v.blueprints);
     let number = p.versions.len() as u32 + 1;

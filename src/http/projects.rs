@@ -66,6 +66,12 @@ pub async fn put(
 ) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
     let body = body::json(&state, &request, payload).await?;
+    // A change the freeze would refuse is answered before the working copy takes it: a 409 that
+    // left the blueprints in place would have the next forced freeze take them unseen. (The
+    // blueprints' own errors are answered as the put finds them.)
+    let snapshot = state.storage.fresh_snapshot(&project).await?;
+    let inputs = parse_blueprint_set(&body, "", super::blueprints::working(&snapshot, &project))?;
+    try_project(&state, &snapshot, &project, inputs, "", &mut Vec::new()).await?;
     Ok(HttpResponse::Ok().json(put_and_freeze(&state, &project, &body, "").await?))
 }
 

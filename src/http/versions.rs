@@ -33,6 +33,14 @@ pub async fn freeze(
     params: Query<FreezeParams>,
 ) -> Result<HttpResponse, ApiError> {
     let project = ident("project", &path)?;
+    if params.dry_run && params.force {
+        // The report is the same whether the freeze would be forced or not: `allowed` says
+        // whether it takes force.
+        return Err(ApiError::bad_request(
+            "force",
+            "force freezes; a dry run changes nothing, and its report's allowed says whether the              freeze takes force",
+        ));
+    }
     if params.dry_run {
         let report = write::freeze_report(state.storage.as_ref(), &project).await?;
         let mut body = serde_json::to_value(&report).expect("reports serialize");

@@ -86,6 +86,19 @@ pub struct Report {
     pub live_versions: Vec<VersionReport>,
     /// Retired versions that still hold stored items, in order.
     pub retired_versions: Vec<RetiredReport>,
+    /// Unique columns whose duplicate count ran out of room for values and that no live
+    /// version's column report shows (a blueprint only retired versions hold, or a column that
+    /// did not change): each makes the verdict `breaking`, as a column report's would.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub incomplete_counts: Vec<IncompleteCount>,
+}
+
+/// A unique column whose duplicate count could not compare every value with every other.
+#[derive(Debug, Serialize)]
+pub struct IncompleteCount {
+    pub blueprint: Ident,
+    pub column: Ident,
+    pub reason: String,
 }
 
 /// The items stored at one retired version, as the new version would receive them.
@@ -94,21 +107,48 @@ pub struct RetiredReport {
     pub version: u32,
     /// Items stored at this version.
     pub items: u64,
-    /// What changes from this version to the working copy.
+    /// What changes from this version to the working copy (the first [`MAX_LISTED`]).
     pub changes: Vec<Change>,
+    /// Changes past [`MAX_LISTED`], counted.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub changes_omitted: usize,
     pub new_clients_reading_old_writes: Counts,
+}
+
+/// Most changes, and most column reports, one version's part of a report lists: a project may
+/// change some hundred thousand columns against each of its live versions, and a report of every
+/// one would take gigabytes. The verdicts and counts still cover every column.
+pub const MAX_LISTED: usize = 1000;
+
+fn is_zero(n: &usize) -> bool {
+    *n == 0
+}
+
+/// The first [`MAX_LISTED`] of `changes`, and how many more there were.
+fn listed(mut changes: Vec<Change>) -> (Vec<Change>, usize) {
+    let omitted = changes.len().saturating_sub(MAX_LISTED);
+    changes.truncate(MAX_LISTED);
+    (changes, omitted)
 }
 
 #[derive(Debug, Serialize)]
 pub struct VersionReport {
     pub version: u32,
-    /// What changes from this version to the working copy.
+    /// What changes from this version to the working copy (the first [`MAX_LISTED`]).
     pub changes: Vec<Change>,
+    /// Changes past [`MAX_LISTED`], counted.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub changes_omitted: usize,
     pub verdict: Verdict,
     /// Items (of every blueprint) that would lose at least one value, each way.
     pub old_clients_reading_new_writes: Counts,
     pub new_clients_reading_old_writes: Counts,
+    /// The changed columns, each judged each way: past [`MAX_LISTED`] changed columns, only those
+    /// that are not lossless both ways, and at most [`MAX_LISTED`] of them.
     pub columns: Vec<ColumnReport>,
+    /// Changed columns not listed in `columns`, counted.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub columns_omitted: usize,
     /// When this version is not lossless and a later one was frozen with force while it was live:
     /// why the loss that freeze accepted is judged again (its clients still write what the newer
     /// versions lose), and what ends it.
@@ -151,24 +191,26 @@ pub struct Direction {
 
 /// Whether the working copy may be frozen: `Ok(forced)`, whether it takes `force` (the version is
 /// then marked forced), or the report that refuses it without `force`. The verdicts decide first,
-/// without counting (with `force`, a freeze they refuse goes through uncounted); unique columns
-/// at stake (`uniqueness_at_stake`), or a wide blueprint changed, are then counted on the stored
-/// items, as only they tell whether the new version refuses any.
+/// without counting; unique columns at stake (`uniqueness_at_stake`), or a wide blueprint changed,
+/// are then counted on the stored items, as only they tell whether the new version refuses any.
+/// With `force` nothing is counted (a count of millions of items could outlast the request): the
+/// freeze goes through, marked forced when the verdicts refuse it or a count could have.
 pub async fn judge(
     storage: &dyn Storage,
     p: &Project,
     force: bool,
 ) -> Result<Result<bool, Box<Report>>, WriteError> {
-    match (p.working.compatibility.allows(worst_verdict(p)), force) {
-        (false, true) => return Ok(Ok(true)),
-        (true, _) if !uniqueness_at_stake(p) && !row_size_at_stake(p) => return Ok(Ok(false)),
+    let allowed = p.working.compatibility.allows(worst_verdict(p));
+    let at_stake = uniqueness_at_stake(p) || row_size_at_stake(p);
+    match (allowed, force) {
+        (_, true) => return Ok(Ok(!allowed || at_stake)),
+        (true, false) if !at_stake => return Ok(Ok(false)),
         _ => {}
     }
     let report = report(storage, p).await?;
-    Ok(match (report.allowed, force) {
-        (true, _) => Ok(false),
-        (false, true) => Ok(true),
-        (false, false) => Err(Box::new(report)),
+    Ok(match report.allowed {
+        true => Ok(false),
+        false => Err(Box::new(report)),
     })
 }
 
@@ -349,9 +391,12 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         }
     }
     let mut versions = Vec::new();
+    // The unique columns a live version's column report already judges for a count out of room.
+    let mut judged = HashSet::new();
     for (version, columns) in &pairs {
         let source = p.version(*version).expect("a live version exists");
         let mut reports = Vec::new();
+        let mut columns_omitted = 0;
         let mut verdict = Verdict::Lossless;
         for (index, pair) in columns.iter().enumerate() {
             let counted = tally
@@ -362,6 +407,9 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
             let (to_old, mut to_new) = (pair.to_old(), pair.to_new());
             let duplicates = counted.1.items_refused_as_duplicates;
             let capped = tally.capped(*version, index);
+            if capped {
+                judged.extend(tally.stake_of.get(&(*version, index)).copied());
+            }
             let room = ROOM.load(Ordering::Relaxed);
             let bound = match capped {
                 true => format!(" (at least: the count ran out of room for values, {room} at once over every count (server.max_counted_unique_values), and compared the rest with those it kept)"),
@@ -386,6 +434,12 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
                 };
             }
             verdict = verdict.max(to_old.verdict).max(to_new.verdict);
+            let lossless =
+                to_old.verdict == Verdict::Lossless && to_new.verdict == Verdict::Lossless;
+            if reports.len() >= MAX_LISTED || (lossless && columns.len() > MAX_LISTED) {
+                columns_omitted += 1;
+                continue;
+            }
             reports.push(ColumnReport {
                 blueprint: pair.blueprint.clone(),
                 column: pair
@@ -424,13 +478,16 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
                     p.name
                 )
             });
+        let (changes, changes_omitted) = listed(crate::blueprint::diff(&source.blueprints, new));
         versions.push(VersionReport {
             version: *version,
-            changes: crate::blueprint::diff(&source.blueprints, new),
+            changes,
+            changes_omitted,
             verdict,
             old_clients_reading_new_writes: totals.0,
             new_clients_reading_old_writes: totals.1,
             columns: reports,
+            columns_omitted,
             note,
         });
     }
@@ -439,10 +496,13 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         .filter_map(|(version, _)| {
             let (items, counts) = tally.retired.remove(version)?;
             let source = p.version(*version).expect("a retired version exists");
+            let (changes, changes_omitted) =
+                listed(crate::blueprint::diff(&source.blueprints, new));
             Some(RetiredReport {
                 version: *version,
                 items,
-                changes: crate::blueprint::diff(&source.blueprints, new),
+                changes,
+                changes_omitted,
                 new_clients_reading_old_writes: counts,
             })
         })
@@ -453,10 +513,32 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         let counts = &r.new_clients_reading_old_writes;
         counts.items_refused_as_duplicates + counts.items_refused_for_row_size > 0
     });
+    let room = ROOM.load(Ordering::Relaxed);
+    let incomplete_counts: Vec<IncompleteCount> = tally
+        .uniques
+        .iter()
+        .enumerate()
+        .filter(|(at, unique)| unique.capped && !judged.contains(at))
+        .filter_map(|(_, unique)| {
+            let (name, _) = p
+                .working
+                .blueprints
+                .iter()
+                .find(|(_, bp)| bp.uid == unique.uid)?;
+            Some(IncompleteCount {
+                blueprint: name.clone(),
+                column: unique.column.clone(),
+                reason: format!(
+                    "the duplicate count ran out of room for values ({room} at once over every count, server.max_counted_unique_values): values it could not keep were never compared with one another, so stored items may hold a value another holds, which PostgreSQL's unique index would refuse in the new version: freeze with force=true once they are known to be unique, or when fewer freezes are counted at once"
+                ),
+            })
+        })
+        .collect();
     let verdict = versions
         .iter()
         .map(|v| v.verdict)
         .chain(refused_retired.then_some(Verdict::Breaking))
+        .chain((!incomplete_counts.is_empty()).then_some(Verdict::Breaking))
         .max()
         .unwrap_or(Verdict::Lossless);
     Ok(Report {
@@ -468,6 +550,7 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         items: tally.items,
         live_versions: versions,
         retired_versions,
+        incomplete_counts,
     })
 }
 

@@ -557,6 +557,7 @@ pub async fn freeze(
     // The stores whose failed migration is queued again: their failure is the one before.
     let mut retried = Vec::new();
     let (number, revision) = if p.has_unfrozen_changes() {
+        crate::catalog::edit::room_for_a_version(p)?;
         let forced = evolution::judge(storage, p, force)
             .await?
             .map_err(WriteError::Incompatible)?;
@@ -731,6 +732,8 @@ pub async fn freeze_report(
             None => "the working copy has no blueprints to freeze".into(),
         }));
     }
+    // Refused as the freeze would be, whatever the report says.
+    crate::catalog::edit::room_for_a_version(p)?;
     evolution::report(storage, p).await
 }
 

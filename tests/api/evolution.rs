@@ -130,6 +130,12 @@ async fn a_dry_run_counts_the_items_that_would_lose_a_value_and_changes_nothing(
         "{report}"
     );
     assert!(report["stores"]["rocksdb"].is_object(), "{report}");
+    // A dry run is never forced: the combination is refused naming force.
+    let both = app
+        .post("/shop/_version?dry_run=true&force=true", None)
+        .await;
+    assert_eq!(both.status, 400, "{}", both.body);
+    assert_eq!(both.paths(), vec!["force"]);
 
     // Nothing changed: still one version, the edit still unfrozen.
     let versions = app.get("/shop/_version").await.body;
@@ -199,6 +205,71 @@ async fn a_forced_freeze_goes_through_and_is_marked_forced() {
     assert_eq!(retired.status, 200, "{}", retired.body);
     let frozen = app.post("/shop/_version", None).await;
     assert_eq!(frozen.status, 200, "{}", frozen.body);
+    app.stop().await;
+}
+
+/// A report lists at most 1000 changes and 1000 columns of a version, the lossy ones first, and
+/// counts the rest: its verdict still covers every column.
+#[tokio::test]
+async fn a_report_of_thousands_of_changed_columns_lists_a_bounded_part() {
+    let app = spawn_app().await;
+    let wide = |table: &str, ty: &str, comment: &str| {
+        let columns: serde_json::Map<String, Value> = (0..501)
+            .map(|n| {
+                let column = json!({"type": "string", "comment": comment});
+                (format!("c{n}"), column)
+            })
+            .collect();
+        blueprint(table, ty, Value::Object(columns))
+    };
+    app.put_and_freeze("wide", "a", &wide("as", "a", "one"))
+        .await;
+    app.put_and_freeze("wide", "b", &wide("bs", "b", "one"))
+        .await;
+    // Every column's comment changes (lossless); one column of b becomes an integer (lossy).
+    let put = app.put("/wide/a/_blueprint", &wide("as", "a", "two")).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let mut b = wide("bs", "b", "two");
+    b["columns"]["c500"]["type"] = json!("integer");
+    let put = app.put("/wide/b/_blueprint", &b).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let dry = app.post("/wide/_version?dry_run=true", None).await;
+    assert_eq!(dry.status, 200, "{}", dry.body);
+    let live = live_version(&dry.body, 2);
+    assert_ne!(live["verdict"], "lossless", "{live}");
+    let columns = live["columns"].as_array().unwrap();
+    assert_eq!(columns.len(), 1, "only the lossy column is listed");
+    assert_eq!(columns[0]["column"], "c500");
+    assert_eq!(live["columns_omitted"], 1001);
+    assert_eq!(live["changes"].as_array().unwrap().len(), 1000);
+    assert!(
+        live["changes_omitted"].as_u64().unwrap() > 0,
+        "{}",
+        live["changes_omitted"]
+    );
+    app.stop().await;
+}
+
+/// A change put through `_project` that the freeze refuses leaves the working copy as it was:
+/// nothing half-applied for a later forced freeze to take unseen.
+#[tokio::test]
+async fn a_project_put_the_freeze_refuses_changes_nothing() {
+    let app = spawn_app().await;
+    shop(&app).await;
+    let before = app.get("/shop/_project").await.body;
+    let lossy = json!({"product": product(json!({"type": "integer"}))});
+    let one = app.put("/shop/_project", &lossy).await;
+    assert_eq!(one.status, 409, "{}", one.body);
+    assert_eq!(one.body["report"]["verdict"], "lossy", "{}", one.body);
+    let all = app.put("/_project", &json!({"shop": lossy})).await;
+    assert_eq!(all.status, 409, "{}", all.body);
+    assert_eq!(app.get("/shop/_project").await.body, before);
+    let versions = app.get("/shop/_version").await.body;
+    assert_eq!(versions["unfrozen_changes"], json!([]), "{versions}");
+    // A forced freeze now has nothing to take.
+    let forced = app.post("/shop/_version?force=true", None).await;
+    assert_ne!(forced.status, 200, "{}", forced.body);
+    assert_eq!(app.get("/shop/_version").await.body["project_version"], 1);
     app.stop().await;
 }
 
@@ -1440,6 +1511,50 @@ async fn a_duplicate_count_out_of_room_takes_force_rather_than_letting_duplicate
         "{reason}"
     );
     let (status, body) = call(reqwest::Method::POST, "/deals/_version?force=true", None).await;
+    assert_eq!(status, 200, "{body}");
+
+    // The same duplicates in a blueprint only a retired version holds: no live version's column
+    // report shows the column, and the count out of room still makes the freeze take force.
+    let article = blueprint(
+        "articles",
+        "article",
+        json!({"title": {"type": "string", "validation": {"max_length": 100}}}),
+    );
+    let (status, body) = call(put.clone(), "/promo/article/_blueprint", Some(article)).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        call(reqwest::Method::POST, "/promo/_version", None).await.0,
+        200
+    );
+    let (status, body) = call(put.clone(), "/promo/coupon/_blueprint", Some(code(false))).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        call(reqwest::Method::POST, "/promo/_version", None).await.0,
+        200
+    );
+    for (n, value) in ["A", "B", "C", "D", "D"].into_iter().enumerate() {
+        let path = format!("/promo/coupon/00000000-0000-4000-8000-00000000000{n}");
+        let item = json!({"project_version": 2, "code": value});
+        let (status, body) = call(put.clone(), &path, Some(item)).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    let retire = call(reqwest::Method::POST, "/promo/_version/2/_retire", None).await;
+    assert_eq!(retire.0, 200, "{}", retire.1);
+    let (status, body) = call(put.clone(), "/promo/coupon/_blueprint", Some(code(true))).await;
+    assert_eq!(status, 200, "{body}");
+    let (status, refused) = call(reqwest::Method::POST, "/promo/_version", None).await;
+    assert_eq!(status, 409, "{refused}");
+    let report = &refused["report"];
+    assert_eq!(report["verdict"], "breaking", "{report}");
+    let incomplete = &report["incomplete_counts"];
+    assert_eq!(incomplete[0]["blueprint"], "coupon", "{report}");
+    assert_eq!(incomplete[0]["column"], "code", "{report}");
+    let reason = incomplete[0]["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("server.max_counted_unique_values") && reason.contains("force=true"),
+        "{reason}"
+    );
+    let (status, body) = call(reqwest::Method::POST, "/promo/_version?force=true", None).await;
     assert_eq!(status, 200, "{body}");
     drop(server);
     db.drop().await;

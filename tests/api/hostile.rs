@@ -2130,6 +2130,13 @@ async fn live_versions_defaults_and_recorded_edits_are_bounded() {
         message.contains("32 live versions") && message.contains("retire"),
         "{message}"
     );
+    // A dry run is refused as the freeze is, rather than a report saying it is allowed.
+    let dry = app.post("/lv/_version?dry_run=true", None).await;
+    assert_eq!(dry.status, 409, "{}", dry.body);
+    assert!(dry.body["status"]
+        .as_str()
+        .unwrap()
+        .contains("32 live versions"));
     let retired = app.post("/lv/_version/1/_retire", None).await;
     assert_eq!(retired.status, 200, "{}", retired.body);
     assert_eq!(app.post("/lv/_version", None).await.status, 200);
