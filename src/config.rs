@@ -360,6 +360,11 @@ pub struct PostgresSettings {
     /// under `_bulk` but took that CPU from accepting writes, and the end-to-end rate stayed the
     /// same (docs/performance.md). Worth raising when PostgreSQL has cores of its own.
     pub parallel_transactions: u32,
+    /// How long a projector's statement waits for a lock on a table (PostgreSQL's
+    /// `lock_timeout`): an operator's `ALTER TABLE` or a long dump holding one version's table
+    /// then holds back only that table's project (docs/internals.md), not every project's
+    /// projection for as long as the lock is held. 1 to 3600.
+    pub lock_timeout_secs: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -514,6 +519,7 @@ impl Default for PostgresSettings {
             url: None,
             max_connections: 8,
             parallel_transactions: 1,
+            lock_timeout_secs: 10,
         }
     }
 }

@@ -759,6 +759,14 @@ fn validate_durations(settings: &Settings) -> Result<(), StartupError> {
             )));
         }
     }
+    if let Some(postgresql) = &settings.postgresql {
+        if !(1..=3600).contains(&postgresql.lock_timeout_secs) {
+            return Err(StartupError::Setting(format!(
+                "postgresql.lock_timeout_secs = {}: between 1 and 3600",
+                postgresql.lock_timeout_secs
+            )));
+        }
+    }
     if settings.auth.audit_retention_days > 36_500 {
         return Err(StartupError::Setting(format!(
             "auth.audit_retention_days = {}: at most 36500 (a hundred years)",

@@ -1265,6 +1265,59 @@ async fn a_batch_dropped_at_any_point_leaves_the_connections_usable() {
     db.drop().await;
 }
 
+/// A lock someone else holds on one project's table (an operator's `ALTER TABLE`, a long dump)
+/// holds back only that project once `lock_timeout_secs` passed: the other projects' writes
+/// arrive meanwhile, and its own once the lock is let go.
+#[tokio::test]
+async fn a_table_locked_by_someone_else_holds_back_only_its_project() {
+    let db = TestDatabase::create().await;
+    let settings = PostgresSettings {
+        lock_timeout_secs: 1,
+        ..db.settings()
+    };
+    let app = spawn_app_with(|s| {
+        s.postgresql = Some(settings);
+        s.projection.wait_timeout_secs = 30;
+    })
+    .await;
+    let blueprint = crate::helpers::article();
+    for project in ["locked", "free"] {
+        app.put_and_freeze(project, "article", &blueprint).await;
+    }
+    let item = json!({"project_version": 1, "title": "t", "date_created": "2020-01-02 03:04:05"});
+    let mut holder = db.sql().await;
+    let mut lock = holder.begin().await.unwrap();
+    sqlx::raw_sql("LOCK TABLE locked_v1.articles IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    let put = app
+        .put(&format!("/locked/article/{}", Uuid::new_v4()), &item)
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    for _ in 0..2 {
+        app.put_projected(
+            &format!("/free/article/{}?wait=true", Uuid::new_v4()),
+            &item,
+        )
+        .await;
+    }
+    lock.rollback().await.unwrap();
+    eventually("the locked project's write arrives", || {
+        let url = format!("{}/{}", server_url(), db.name);
+        async move {
+            let count: i64 = sqlx::query_scalar("SELECT count(*) FROM locked_v1.articles")
+                .fetch_one(&mut connect(&url).await)
+                .await
+                .unwrap();
+            count == 1
+        }
+    })
+    .await;
+    app.stop().await;
+    db.drop().await;
+}
+
 #[tokio::test]
 async fn dropping_a_project_drops_all_its_schemas_and_no_other() {
     let db = TestDatabase::create().await;

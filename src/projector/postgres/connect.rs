@@ -37,6 +37,11 @@ pub fn options(settings: &PostgresSettings) -> Result<PgConnectOptions, PgError>
     // server's configured time zone too. A transaction left idle (its process stopped or cut off
     // in the middle of a batch) is ended by the server, so the locks it holds on a version's
     // tables do not stall the node that took the batch over, nor a drop, until it comes back.
+    // A lock held by someone else is waited for `lock_timeout_secs`, then the statement fails
+    // (55P03) and only its project is held; a statement that runs far longer than any batch
+    // takes is ended (57014) the same way. Literals in DDL (`ident::literal`) double quotes and
+    // take backslashes as they are, which only `standard_conforming_strings` makes true.
+    let lock_timeout = format!("{}s", settings.lock_timeout_secs);
     Ok(options
         .application_name("dstore")
         .options([
@@ -45,9 +50,15 @@ pub fn options(settings: &PostgresSettings) -> Result<PgConnectOptions, PgError>
                 "idle_in_transaction_session_timeout",
                 IDLE_IN_TRANSACTION_TIMEOUT,
             ),
+            ("lock_timeout", lock_timeout.as_str()),
+            ("statement_timeout", STATEMENT_TIMEOUT),
+            ("standard_conforming_strings", "on"),
         ])
         .disable_statement_logging())
 }
+
+/// The longest a projector's statement runs: a batch's statements take seconds at most.
+const STATEMENT_TIMEOUT: &str = "10min";
 
 /// How long the server lets a projector's transaction sit idle before it ends its session: far
 /// longer than dstore ever pauses between the statements of a batch, which it sends one after
