@@ -1265,6 +1265,79 @@ async fn a_batch_dropped_at_any_point_leaves_the_connections_usable() {
     db.drop().await;
 }
 
+/// A unique value let go of and taken again within one batch goes to the item that takes it, as
+/// one write after another would: a delete frees it, and an item that changes its value later in
+/// the batch than another takes it (the batch keeps each item's last write) frees it too.
+#[tokio::test]
+async fn a_unique_value_let_go_of_and_taken_in_one_batch_is_taken() {
+    let db = TestDatabase::create().await;
+    let app = app_with(&db).await;
+    let user = json!({"postgresql": {"table": "users"}, "elasticsearch": {"type": "user"},
+        "columns": {"email": {"type": "string", "unique": true, "validation": {"max_length": 100}},
+                    "name": {"type": "string"}}});
+    app.put_and_freeze("crm", "user", &user).await;
+    let (a, b, c, d) = (
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+        Uuid::new_v4(),
+    );
+    let lines = |ops: &[(&str, Uuid, Value)]| {
+        let mut body = String::new();
+        for (op, id, item) in ops {
+            body.push_str(&format!(
+                "{}\n",
+                json!({*op: {"blueprint": "user", "id": id}})
+            ));
+            if *op == "put" {
+                body.push_str(&format!("{item}\n"));
+            }
+        }
+        body
+    };
+    let user =
+        |email: &str, name: &str| json!({"project_version": 1, "email": email, "name": name});
+    let first = lines(&[
+        ("put", b, user("x@example.com", "b")),
+        ("put", d, user("y@example.com", "d")),
+    ]);
+    let bulk = app
+        .send(reqwest::Method::POST, "/crm/_bulk?wait=true", Some(first))
+        .await;
+    assert_eq!(bulk.body["projected"], true, "{}", bulk.body);
+    // b is deleted, then a takes its value; d moves to another value, c takes d's, then d is
+    // written again (its last write comes after c's).
+    let second = lines(&[
+        ("delete", b, Value::Null),
+        ("put", a, user("x@example.com", "a")),
+        ("put", d, user("z@example.com", "d")),
+        ("put", c, user("y@example.com", "c")),
+        ("put", d, user("z@example.com", "d again")),
+    ]);
+    let bulk = app
+        .send(reqwest::Method::POST, "/crm/_bulk?wait=true", Some(second))
+        .await;
+    assert_eq!(bulk.status, 200, "{}", bulk.body);
+    assert_eq!(bulk.body["projected"], true, "{}", bulk.body);
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, email FROM crm_v1.users ORDER BY email")
+            .fetch_all(&mut db.sql().await)
+            .await
+            .unwrap();
+    assert_eq!(
+        rows,
+        vec![
+            (a, "x@example.com".to_string()),
+            (c, "y@example.com".to_string()),
+            (d, "z@example.com".to_string())
+        ]
+    );
+    let letters = app.get("/_dead_letters").await;
+    assert_eq!(letters.body["dead_letters"], json!([]), "{}", letters.body);
+    app.stop().await;
+    db.drop().await;
+}
+
 /// A lock someone else holds on one project's table (an operator's `ALTER TABLE`, a long dump)
 /// holds back only that project once `lock_timeout_secs` passed: the other projects' writes
 /// arrive meanwhile, and its own once the lock is let go.

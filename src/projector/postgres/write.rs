@@ -16,7 +16,9 @@
 //! every row takes the upsert, in task order, so the outcome is always the upsert's; the table is
 //! then not tried again for [`COPY_PAUSE`] batches, so a load of updates rarely pays for a failed
 //! attempt. A table with a unique column never takes `COPY`: its rows must meet in task order (the
-//! earlier write gets a contested value). The tombstone look-up and the `COPY` are two statements;
+//! earlier write gets a contested value). Deletes go first, freeing the unique values their items
+//! held, and a row refused for a value another row of the batch lets go of later (an item's last
+//! write comes after the row that takes its old value) is tried again once the rest are in. The tombstone look-up and the `COPY` are two statements;
 //! a tombstone committed between them by another transaction would be missed, which cannot happen
 //! while one writer applies a projector's tasks and lanes split the ids (see `plan::split`).
 
@@ -333,6 +335,9 @@ pub struct Abort {
     pub error: sqlx::Error,
 }
 
+/// PostgreSQL's SQLSTATE for a value a unique index holds already.
+const UNIQUE_VIOLATION: &str = "23505";
+
 /// Writes one group inside the caller's transaction, recording refused rows in `outcomes`.
 pub async fn apply_group(
     conn: &mut PgConnection,
@@ -344,27 +349,8 @@ pub async fn apply_group(
     let place = format!("{}.{table}", group.schema);
     let abort = |what: &str| aborted(what, &place);
     let name_error = |e: NameError| named(e, &place);
-    let upserts =
-        if group.upserts.len() >= COPY_MIN_ROWS && may_share(group) && pauses.try_copy(&place) {
-            copy_new_rows(conn, group, &place, pauses).await?
-        } else {
-            group.upserts.iter().collect()
-        };
-    if !upserts.is_empty() {
-        let sql = upsert_sql(&group.schema, group.blueprint).map_err(name_error)?;
-        let batch =
-            upsert_query(&sql, group.blueprint, &upserts).map_err(abort("encode rows for"))?;
-        if let Err(error) = guarded(conn, batch).await.map_err(abort("upsert into"))? {
-            tracing::warn!(table = %place, error = %brief(&error), "postgresql refused rows; applying them one by one");
-            for upsert in upserts {
-                let one = upsert_query(&sql, group.blueprint, &[upsert])
-                    .map_err(abort("encode a row for"))?;
-                if let Err(error) = guarded(conn, one).await.map_err(abort("upsert into"))? {
-                    refuse(outcomes, upsert.task, &place, upsert.id, &error);
-                }
-            }
-        }
-    }
+    // Deletes first: the plan keeps one operation per item, so they touch no row an upsert
+    // writes, and a unique value a deleted item held is free for the item that takes it next.
     if !group.deletes.is_empty() {
         let sql = delete_sql(&group.schema, group.blueprint).map_err(name_error)?;
         let all: Vec<&Delete> = group.deletes.iter().collect();
@@ -379,6 +365,41 @@ pub async fn apply_group(
                     .map_err(abort("delete from"))?
                 {
                     refuse(outcomes, delete.task, &place, delete.id, &error);
+                }
+            }
+        }
+    }
+    let upserts =
+        if group.upserts.len() >= COPY_MIN_ROWS && may_share(group) && pauses.try_copy(&place) {
+            copy_new_rows(conn, group, &place, pauses).await?
+        } else {
+            group.upserts.iter().collect()
+        };
+    if !upserts.is_empty() {
+        let sql = upsert_sql(&group.schema, group.blueprint).map_err(name_error)?;
+        let batch =
+            upsert_query(&sql, group.blueprint, &upserts).map_err(abort("encode rows for"))?;
+        if let Err(error) = guarded(conn, batch).await.map_err(abort("upsert into"))? {
+            tracing::warn!(table = %place, error = %brief(&error), "postgresql refused rows; applying them one by one");
+            // A row that meets a unique value another row of the batch lets go of later (an item
+            // that changes its value after this one took it, as the plan keeps each item's last
+            // write) is tried again once the others are in.
+            let mut again = Vec::new();
+            for upsert in upserts {
+                let one = upsert_query(&sql, group.blueprint, &[upsert])
+                    .map_err(abort("encode a row for"))?;
+                if let Err(error) = guarded(conn, one).await.map_err(abort("upsert into"))? {
+                    match sqlstate(&error).as_deref() {
+                        Some(UNIQUE_VIOLATION) => again.push(upsert),
+                        _ => refuse(outcomes, upsert.task, &place, upsert.id, &error),
+                    }
+                }
+            }
+            for upsert in again {
+                let one = upsert_query(&sql, group.blueprint, &[upsert])
+                    .map_err(abort("encode a row for"))?;
+                if let Err(error) = guarded(conn, one).await.map_err(abort("upsert into"))? {
+                    refuse(outcomes, upsert.task, &place, upsert.id, &error);
                 }
             }
         }
