@@ -12,8 +12,9 @@
 //! While a full batch is applied, the next one is read and decoded, so the store does not wait for
 //! the journal between batches; it is used only if the whole batch settled and nothing was held.
 //! A held project's backlog is passed over in scans of bounded length, one after the other without
-//! waiting, and passed over once per failed retry at most: when a hold ends the scan goes back to the
-//! oldest task, and if the project is held again before anything settles, back to where it stood.
+//! waiting, and passed over once per failed retry at most: when a hold ends (even while others go on)
+//! the scan goes back to the oldest task, so none of that project's later tasks goes before its
+//! backlog, and if the project is held again before anything settles, back to where it stood.
 
 use std::ops::RangeInclusive;
 use std::sync::Arc;
@@ -60,7 +61,9 @@ pub async fn run(
                 _ = shutdown.changed() => {}
             }
         }
-        if !holds.any() {
+        // Back to the oldest task when nothing is held, or when a hold ended while others go on:
+        // the project's backlog lies below the scan, and its later tasks must not go first.
+        if holds.take_ended() || !holds.any() {
             rewind(&mut scan_from, &mut resume, &holds);
         }
         // Only when the whole previous batch settled and nothing is held: then every task before
@@ -106,7 +109,7 @@ pub async fn run(
                 }
                 _ = shutdown.changed() => {}
             }
-            if holds.next_try().is_none_or(|d| d.is_zero()) {
+            if holds.take_ended() || holds.next_try().is_none_or(|d| d.is_zero()) {
                 rewind(&mut scan_from, &mut resume, &holds);
             }
             continue;

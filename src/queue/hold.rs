@@ -25,6 +25,8 @@ pub struct Holds {
 struct Hold {
     until: Instant,
     attempt: u32,
+    /// Whether the end of this hold was noticed ([`Holds::take_ended`]).
+    noticed: bool,
 }
 
 impl Holds {
@@ -33,9 +35,26 @@ impl Holds {
         let hold = self.held.entry(project.clone()).or_insert(Hold {
             until: Instant::now(),
             attempt: 0,
+            noticed: false,
         });
         hold.until = Instant::now() + backoff(hold.attempt);
         hold.attempt += 1;
+        hold.noticed = false;
+    }
+
+    /// Whether a hold ended since this was last asked: its project's backlog lies below where a
+    /// scan that passed over it stands, and must be read from the oldest task again before any
+    /// later task of that project (other projects may still be held).
+    pub fn take_ended(&mut self) -> bool {
+        let now = Instant::now();
+        let mut ended = false;
+        for hold in self.held.values_mut() {
+            if hold.until <= now && !hold.noticed {
+                hold.noticed = true;
+                ended = true;
+            }
+        }
+        ended
     }
 
     /// Whether `project`'s tasks must wait now.
@@ -124,5 +143,23 @@ mod tests {
         assert!(!holds.is_held(&a));
         holds.release(&a);
         assert!(!holds.any());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_end_of_each_hold_is_noticed_once_while_others_are_held() {
+        let (a, b) = (Ident::parse("a").unwrap(), Ident::parse("b").unwrap());
+        let mut holds = Holds::default();
+        for _ in 0..4 {
+            holds.hold(&b);
+        }
+        holds.hold(&a);
+        assert!(!holds.take_ended());
+        tokio::time::advance(holds.wait(&a)).await;
+        assert!(holds.any(), "b is still held");
+        assert!(holds.take_ended(), "a's hold ended");
+        assert!(!holds.take_ended(), "noticed once");
+        holds.hold(&a);
+        tokio::time::advance(holds.wait(&a)).await;
+        assert!(holds.take_ended(), "a's next hold ended too");
     }
 }

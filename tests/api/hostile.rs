@@ -967,7 +967,7 @@ struct Recorder {
     down: Arc<Mutex<bool>>,
     /// A project whose tasks make a whole batch fail with an error that may be its own (a table
     /// locked, a permission taken away), as a PostgreSQL transaction would.
-    refused: Arc<Mutex<Option<String>>>,
+    refused: Arc<Mutex<Vec<String>>>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -1009,7 +1009,7 @@ impl Projector for Recorder {
         let refused = self.refused.lock().unwrap().clone();
         if tasks
             .iter()
-            .any(|t| Some(t.project.as_str()) == refused.as_deref())
+            .any(|t| refused.iter().any(|p| p == t.project.as_str()))
         {
             return Err(ProjectorError::scoped(
                 "permission denied for table notes [sqlstate 42501]",
@@ -1048,10 +1048,6 @@ impl Projector for Recorder {
     }
 }
 
-/// A project dropped and made again, under another shape, while a store was down: once the store
-/// is back, the earlier project's writes are passed over (they were applied with the new catalog:
-/// an old shape written into the new tables, or a failure for ever), its drop is applied, then
-/// the new project's migration and writes.
 /// A store refusing one project's tasks for a cause that may be that project's own (a permission
 /// taken from its table, a lock held on it, a trigger refusing) holds back only that project: the
 /// others' writes, in the same batches, go on; once the cause is gone, its tasks follow.
@@ -1068,7 +1064,7 @@ async fn a_refusal_of_one_projects_table_holds_back_only_that_project() {
     for project in ["locked", "free"] {
         app.put_and_freeze(project, "note", &note).await;
     }
-    *recorder.refused.lock().unwrap() = Some("locked".into());
+    *recorder.refused.lock().unwrap() = vec!["locked".into()];
     let item = |title: &str| json!({"project_version": 1, "title": title});
     for n in 0..3 {
         let put = app
@@ -1090,7 +1086,7 @@ async fn a_refusal_of_one_projects_table_holds_back_only_that_project() {
         .unwrap()
         .iter()
         .any(|e| e.contains("held")));
-    *recorder.refused.lock().unwrap() = None;
+    recorder.refused.lock().unwrap().clear();
     let deadline = Instant::now() + Duration::from_secs(30);
     while !recorder
         .log
@@ -1107,6 +1103,70 @@ async fn a_refusal_of_one_projects_table_holds_back_only_that_project() {
     app.stop().await;
 }
 
+/// Two projects held, the second for a shorter time: once its hold ends while the first's goes
+/// on, its backlog goes before its later writes, as the order of its writes says.
+#[tokio::test]
+async fn a_project_whose_hold_ends_while_another_is_held_keeps_its_order() {
+    let recorder = Recorder::default();
+    let app = spawn_app_with_projectors(
+        |s| s.projection.wait_timeout_secs = 5,
+        vec![Arc::new(recorder.clone())],
+    )
+    .await;
+    let note = json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+        "columns": {"title": {"type": "string"}}});
+    for project in ["slow", "quick"] {
+        app.put_and_freeze(project, "note", &note).await;
+    }
+    let put = |project: &str, title: &str| {
+        let (path, item) = (
+            format!("/{project}/note/{}", Uuid::new_v4()),
+            json!({"project_version": 1, "title": title}),
+        );
+        let app = &app;
+        async move {
+            let put = app.put(&path, &item).await;
+            assert_eq!(put.status, 200, "{}", put.body);
+        }
+    };
+    *recorder.refused.lock().unwrap() = vec!["slow".into(), "quick".into()];
+    put("slow", "slow 1").await;
+    // The slow project fails again and again: its hold grows to seconds.
+    tokio::time::sleep(Duration::from_millis(3500)).await;
+    put("quick", "quick 1").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    *recorder.refused.lock().unwrap() = vec!["slow".into()];
+    put("quick", "quick 2").await;
+    // Where in everything the store was sent (a batch's writes in one entry, in order).
+    let position = |title: &str| recorder.log.lock().unwrap().join("\n").find(title);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while position("quick 1").is_none() || position("quick 2").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "the quick project's writes never went through"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(
+        position("quick 1") < position("quick 2"),
+        "the later write went first: {:?}",
+        recorder.log.lock().unwrap()
+    );
+    recorder.refused.lock().unwrap().clear();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while position("slow 1").is_none() {
+        assert!(Instant::now() < deadline, "the slow project never went on");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let letters = app.get("/_dead_letters").await;
+    assert_eq!(letters.body["dead_letters"], json!([]), "{}", letters.body);
+    app.stop().await;
+}
+
+/// A project dropped and made again, under another shape, while a store was down: once the store
+/// is back, the earlier project's writes are passed over (they were applied with the new catalog:
+/// an old shape written into the new tables, or a failure for ever), its drop is applied, then
+/// the new project's migration and writes.
 #[tokio::test]
 async fn a_project_made_again_while_a_store_lagged_gets_none_of_the_earlier_ones_writes() {
     let recorder = Recorder::default();
