@@ -320,19 +320,17 @@ impl Projector for PostgresProjector {
             .filter(|(schema, comment)| self.owns(schema, comment.as_deref(), project))
             .map(|(schema, _)| schema)
             .collect();
-        let mut tx = self
-            .pool
-            .begin()
-            .await
-            .map_err(|e| self.failed(&what, &e))?;
+        // One schema at a time, each in a transaction of its own: dropping every table of a
+        // project with many versions in one would take a lock per table, index and type at once,
+        // past what PostgreSQL's lock table holds (53200), and the drop would fail every time.
+        // A drop cut off half-way is finished when it is tried again.
         for schema in &schemas {
             let statement = format!("DROP SCHEMA IF EXISTS {} CASCADE", quote(schema)?);
             sqlx::raw_sql(AssertSqlSafe(statement))
-                .execute(&mut *tx)
+                .execute(&self.pool)
                 .await
                 .map_err(|e| self.failed(&what, &e))?;
         }
-        tx.commit().await.map_err(|e| self.failed(&what, &e))?;
         self.forget_migrations(Some(&pattern));
         Ok(())
     }
