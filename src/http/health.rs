@@ -153,7 +153,12 @@ async fn report(state: &State) -> Readiness {
                     projector,
                     pending,
                     limit,
-                } => storage::refused(&state.storage.snapshot(), projector, *pending, *limit),
+                } => storage::refused(
+                    &state.storage.snapshot(),
+                    projector,
+                    (*pending, *limit),
+                    &state.storage.held_by(projector),
+                ),
                 _ => Refused::Everyone,
             };
             if refused == Refused::Nobody {

@@ -285,6 +285,23 @@ impl Journal {
         Ok(())
     }
 
+    /// Records the projects `projector`'s dispatcher holds back now (see `Lane::held`).
+    pub fn note_held(&self, projector: &str, held: Vec<Ident>) {
+        if let Some(lane) = self.lanes.get(projector) {
+            let mut known = lane.held.lock().unwrap_or_else(|p| p.into_inner());
+            if *known != held {
+                *known = held;
+            }
+        }
+    }
+
+    /// The projects `projector`'s dispatcher holds back now.
+    pub fn held_by(&self, projector: &str) -> Vec<Ident> {
+        self.lanes.get(projector).map_or_else(Vec::new, |lane| {
+            lane.held.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        })
+    }
+
     pub fn note_error(&self, projector: &str, error: Option<String>) {
         if let Some(lane) = self.lanes.get(projector) {
             lane.progress.lock().expect("progress lock").last_error = error;

@@ -390,6 +390,10 @@ struct Lane {
     /// Held while an acknowledgement counts what it settles and writes it, so two reports of the
     /// same task (a redelivery) never both count it as still pending.
     settling: Mutex<()>,
+    /// The projects this projector's dispatcher holds back (`queue::hold`): a failed migration's,
+    /// and those whose tasks the store refused for a cause that may be their own, which the
+    /// catalog does not show. Back-pressure refuses their writes first.
+    held: Mutex<Vec<Ident>>,
 }
 
 pub struct Journal {
@@ -549,6 +553,7 @@ impl Journal {
                     retry: Notify::new(),
                     progress: Mutex::new(ProjectorProgress::default()),
                     settling: Mutex::new(()),
+                    held: Mutex::new(Vec::new()),
                 };
                 Ok((*name, lane))
             })
@@ -778,8 +783,8 @@ impl Journal {
                 &self.catalog.snapshot(),
                 project,
                 &projector,
-                pending,
-                limit,
+                (pending, limit),
+                &self.held_by(&projector),
             ) =>
             {
                 Ok(())
@@ -1369,6 +1374,55 @@ mod tests {
                 Err(StorageError::Backlog { pending: 12, .. })
             ),
             "past the tenth more, every write is refused"
+        );
+        journal.close().await;
+    }
+
+    /// A project the dispatcher holds for a refusal that may be its own (a table locked, a
+    /// permission taken away), which the catalog does not show, is refused first too.
+    #[tokio::test]
+    async fn past_the_limit_a_project_held_for_its_own_refusal_is_refused_first() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            ..
+        } = limited(Durability::Buffered, vec!["store"], 10).await;
+        let other = Ident::parse("q").unwrap();
+        conformance::put_article(storage.as_ref(), &other, None).await;
+        storage.freeze(&other, false).await.unwrap();
+        journal.note_held("store", vec![project.clone()]);
+        for n in 0..9 {
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("{n}")).await;
+        }
+        assert_eq!(journal.progress("store").pending, 11);
+        let write = |project: Ident| {
+            let storage = storage.clone();
+            async move {
+                let snapshot = storage.snapshot();
+                let body = json!({"project_version": 1, "title": "t"});
+                let article = Ident::parse("article").unwrap();
+                let entry =
+                    prepare_upsert(&snapshot, &project, &article, Uuid::new_v4(), &body).unwrap();
+                let epoch = snapshot.projects[&project].epoch;
+                storage.write(&project, epoch, vec![entry]).await
+            }
+        };
+        assert!(
+            matches!(
+                write(project.clone()).await,
+                Err(StorageError::Backlog { pending: 11, .. })
+            ),
+            "the held project is refused past the limit"
+        );
+        write(other.clone())
+            .await
+            .expect("another project keeps a tenth more");
+        let snapshot = storage.snapshot();
+        assert_eq!(
+            crate::storage::refused(&snapshot, "store", (11, 10), &storage.held_by("store")),
+            crate::storage::Refused::HeldProjects
         );
         journal.close().await;
     }

@@ -133,6 +133,7 @@ pub async fn run(
         let settled = step.settled();
         let held = step.held.clone();
         holds.went_through(&tasks[..settled], held.as_ref());
+        journal.note_held(name, holds.known());
         let run = (whole && settled > 0).then(|| tasks[0].seq..=tasks[settled - 1].seq);
         let error = match record(&journal, name, step, run) {
             Err(error) => Some(error),
@@ -146,6 +147,7 @@ pub async fn run(
                     Some(format!("project {project} is held back: {error}")),
                 );
                 holds.hold(&project);
+                journal.note_held(name, holds.known());
                 // Held again before anything settled: the scan need not pass over the backlogs
                 // below where it stood once more.
                 if let Some((at, known)) = resume.take() {

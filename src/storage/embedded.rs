@@ -362,6 +362,10 @@ impl Storage for EmbeddedStorage {
         Ok(self.journal.check_backlog()?)
     }
 
+    fn held_by(&self, projector: &str) -> Vec<Ident> {
+        self.journal.held_by(projector)
+    }
+
     async fn dead_letters(
         &self,
         filter: LetterFilter<'_>,

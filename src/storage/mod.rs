@@ -96,20 +96,23 @@ pub enum StorageError {
 /// can be applied until the migration is fixed. The others keep a tenth of the limit more for
 /// their own tasks in flight, so a held project alone never stops them; past that, every write is
 /// refused.
+/// `held`: the projects the projector holds back for other causes (a refusal of their tasks that
+/// may be their own), which count as held too.
 pub fn admits(
     snapshot: &Snapshot,
     project: &Ident,
     projector: &str,
-    pending: u64,
-    limit: u64,
+    (pending, limit): (u64, u64),
+    held: &[Ident],
 ) -> bool {
     if pending <= limit {
         return true;
     }
-    let held = snapshot
-        .projects
-        .get(project)
-        .is_some_and(|p| holds(p, projector));
+    let held = held.contains(project)
+        || snapshot
+            .projects
+            .get(project)
+            .is_some_and(|p| holds(p, projector));
     !held && pending <= headroom(limit)
 }
 
@@ -124,12 +127,17 @@ pub enum Refused {
 
 /// Whose writes are refused while `projector`, the projector furthest behind, has `pending` tasks
 /// waiting against `limit`: within the headroom, nobody's when it holds no project.
-pub fn refused(snapshot: &Snapshot, projector: &str, pending: u64, limit: u64) -> Refused {
+pub fn refused(
+    snapshot: &Snapshot,
+    projector: &str,
+    (pending, limit): (u64, u64),
+    held: &[Ident],
+) -> Refused {
     if pending <= limit {
         Refused::Nobody
     } else if pending > headroom(limit) {
         Refused::Everyone
-    } else if snapshot.projects.values().any(|p| holds(p, projector)) {
+    } else if !held.is_empty() || snapshot.projects.values().any(|p| holds(p, projector)) {
         Refused::HeldProjects
     } else {
         Refused::Nobody
@@ -386,6 +394,12 @@ pub trait Storage: Send + Sync {
 
     /// Whether writes are accepted now (refused while a projector is too far behind).
     fn check_backlog(&self) -> Result<(), StorageError>;
+
+    /// The projects `projector` holds back for a cause the catalog does not show (a refusal of
+    /// their tasks that may be their own), which back-pressure refuses first (see [`admits`]).
+    fn held_by(&self, _projector: &str) -> Vec<Ident> {
+        Vec::new()
+    }
 
     /// Dead letters `filter` takes, in order, at most `limit` of them after `after` (a cursor this
     /// backend gave as `next`: opaque to clients), and the cursor to go on from when there may be

@@ -1103,6 +1103,66 @@ async fn a_refusal_of_one_projects_table_holds_back_only_that_project() {
     app.stop().await;
 }
 
+/// Past the backlog limit, a project held for a refusal that may be its own (which the catalog
+/// does not show, unlike a failed migration) has its writes refused first: the others keep their
+/// headroom instead of its writes taking it.
+#[tokio::test]
+async fn past_the_backlog_limit_a_project_held_for_its_own_refusal_is_refused_first() {
+    let recorder = Recorder::default();
+    let app = spawn_app_with_projectors(
+        |s| {
+            s.projection.max_pending_tasks = 20;
+            s.projection.wait_timeout_secs = 5;
+        },
+        vec![Arc::new(recorder.clone())],
+    )
+    .await;
+    let note = json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+        "columns": {"title": {"type": "string"}}});
+    for project in ["locked", "free"] {
+        app.put_and_freeze(project, "note", &note).await;
+    }
+    *recorder.refused.lock().unwrap() = vec!["locked".into()];
+    let item = json!({"project_version": 1, "title": "t"});
+    let mut accepted = 0;
+    let refused = loop {
+        let put = app
+            .put(&format!("/locked/note/{}", Uuid::new_v4()), &item)
+            .await;
+        if put.status != 200 {
+            break put;
+        }
+        accepted += 1;
+        // Refused once its own tasks are past the limit, not at the tenth more the others keep.
+        assert!(accepted <= 21, "the held project was not refused first");
+    };
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    for _ in 0..2 {
+        let put = app
+            .put(&format!("/free/note/{}?wait=true", Uuid::new_v4()), &item)
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+        assert_eq!(put.body["projected"], true, "{}", put.body);
+    }
+    let ready = app.get("/_health/ready").await.body;
+    assert_eq!(ready["writes"]["held_projects_only"], true, "{ready}");
+    recorder.refused.lock().unwrap().clear();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while app
+        .put(&format!("/locked/note/{}", Uuid::new_v4()), &item)
+        .await
+        .status
+        != 200
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the held project never wrote again"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    app.stop().await;
+}
+
 /// Two projects held, the second for a shorter time: once its hold ends while the first's goes
 /// on, its backlog goes before its later writes, as the order of its writes says.
 #[tokio::test]

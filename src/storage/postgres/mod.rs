@@ -1076,8 +1076,13 @@ impl Storage for PgStorage {
                 projector,
                 pending,
                 limit,
-            }) if crate::storage::admits(&self.snapshot(), project, &projector, pending, limit) => {
-            }
+            }) if crate::storage::admits(
+                &self.snapshot(),
+                project,
+                &projector,
+                (pending, limit),
+                &[],
+            ) => {}
             other => other?,
         }
         let versions = UsageMeter::versions(&entries);
