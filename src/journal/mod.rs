@@ -1324,64 +1324,29 @@ mod tests {
 
     #[tokio::test]
     async fn past_the_limit_a_held_projects_writes_are_refused_first_and_the_others_go_on() {
-        let Fixture {
-            _dir,
-            journal,
-            storage,
-            project,
-            ..
-        } = limited(Durability::Buffered, vec!["store"], 10).await;
-        let other = Ident::parse("q").unwrap();
-        conformance::put_article(storage.as_ref(), &other, None).await;
-        storage.freeze(&other, false).await.unwrap();
-        // `p`'s migration failed on the store: it is held, its tasks wait.
-        let failed = MigrationState::Failed {
-            error: "not dstore's schema".into(),
-        };
-        journal
-            .catalog
-            .set_migration(&project, 1, "store", failed)
-            .unwrap();
-        for n in 0..9 {
-            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("{n}")).await;
-        }
-        assert_eq!(journal.progress("store").pending, 11);
-        let write = |project: Ident| {
-            let storage = storage.clone();
-            async move {
-                let snapshot = storage.snapshot();
-                let body = json!({"project_version": 1, "title": "t"});
-                let article = Ident::parse("article").unwrap();
-                let entry =
-                    prepare_upsert(&snapshot, &project, &article, Uuid::new_v4(), &body).unwrap();
-                let epoch = snapshot.projects[&project].epoch;
-                storage.write(&project, epoch, vec![entry]).await
-            }
-        };
-        assert!(
-            matches!(
-                write(project.clone()).await,
-                Err(StorageError::Backlog { pending: 11, .. })
-            ),
-            "the held project is refused past the limit"
-        );
-        write(other.clone())
-            .await
-            .expect("another project keeps a tenth more");
-        assert!(
-            matches!(
-                write(other.clone()).await,
-                Err(StorageError::Backlog { pending: 12, .. })
-            ),
-            "past the tenth more, every write is refused"
-        );
-        journal.close().await;
+        held_first(|journal, project| {
+            // `p`'s migration failed on the store: it is held, its tasks wait.
+            let failed = MigrationState::Failed {
+                error: "not dstore's schema".into(),
+            };
+            journal
+                .catalog
+                .set_migration(project, 1, "store", failed)
+                .unwrap();
+        })
+        .await;
     }
 
     /// A project the dispatcher holds for a refusal that may be its own (a table locked, a
     /// permission taken away), which the catalog does not show, is refused first too.
     #[tokio::test]
     async fn past_the_limit_a_project_held_for_its_own_refusal_is_refused_first() {
+        held_first(|journal, project| journal.note_held("store", vec![project.clone()])).await;
+    }
+
+    /// Holds `p` by `hold`, fills the store's backlog to its limit with `p`'s tasks, and checks
+    /// that `p`'s writes are refused while another project keeps a tenth more.
+    async fn held_first(hold: impl FnOnce(&Journal, &Ident)) {
         let Fixture {
             _dir,
             journal,
@@ -1392,7 +1357,7 @@ mod tests {
         let other = Ident::parse("q").unwrap();
         conformance::put_article(storage.as_ref(), &other, None).await;
         storage.freeze(&other, false).await.unwrap();
-        journal.note_held("store", vec![project.clone()]);
+        hold(&journal, &project);
         for n in 0..9 {
             conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("{n}")).await;
         }
@@ -1420,9 +1385,17 @@ mod tests {
             .await
             .expect("another project keeps a tenth more");
         let snapshot = storage.snapshot();
+        let held = storage.held_by("store");
         assert_eq!(
-            crate::storage::refused(&snapshot, "store", (11, 10), &storage.held_by("store")),
+            crate::storage::refused(&snapshot, "store", (11, 10), &held),
             crate::storage::Refused::HeldProjects
+        );
+        assert!(
+            matches!(
+                write(other.clone()).await,
+                Err(StorageError::Backlog { pending: 12, .. })
+            ),
+            "past the tenth more, every write is refused"
         );
         journal.close().await;
     }

@@ -1053,17 +1053,7 @@ impl Projector for Recorder {
 /// others' writes, in the same batches, go on; once the cause is gone, its tasks follow.
 #[tokio::test]
 async fn a_refusal_of_one_projects_table_holds_back_only_that_project() {
-    let recorder = Recorder::default();
-    let app = spawn_app_with_projectors(
-        |s| s.projection.wait_timeout_secs = 5,
-        vec![Arc::new(recorder.clone())],
-    )
-    .await;
-    let note = json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
-        "columns": {"title": {"type": "string"}}});
-    for project in ["locked", "free"] {
-        app.put_and_freeze(project, "note", &note).await;
-    }
+    let (recorder, app) = recording(|_| {}, &["locked", "free"]).await;
     *recorder.refused.lock().unwrap() = vec!["locked".into()];
     let item = |title: &str| json!({"project_version": 1, "title": title});
     for n in 0..3 {
@@ -1108,20 +1098,8 @@ async fn a_refusal_of_one_projects_table_holds_back_only_that_project() {
 /// headroom instead of its writes taking it.
 #[tokio::test]
 async fn past_the_backlog_limit_a_project_held_for_its_own_refusal_is_refused_first() {
-    let recorder = Recorder::default();
-    let app = spawn_app_with_projectors(
-        |s| {
-            s.projection.max_pending_tasks = 20;
-            s.projection.wait_timeout_secs = 5;
-        },
-        vec![Arc::new(recorder.clone())],
-    )
-    .await;
-    let note = json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
-        "columns": {"title": {"type": "string"}}});
-    for project in ["locked", "free"] {
-        app.put_and_freeze(project, "note", &note).await;
-    }
+    let (recorder, app) =
+        recording(|s| s.projection.max_pending_tasks = 20, &["locked", "free"]).await;
     *recorder.refused.lock().unwrap() = vec!["locked".into()];
     let item = json!({"project_version": 1, "title": "t"});
     let mut accepted = 0;
@@ -1167,17 +1145,7 @@ async fn past_the_backlog_limit_a_project_held_for_its_own_refusal_is_refused_fi
 /// on, its backlog goes before its later writes, as the order of its writes says.
 #[tokio::test]
 async fn a_project_whose_hold_ends_while_another_is_held_keeps_its_order() {
-    let recorder = Recorder::default();
-    let app = spawn_app_with_projectors(
-        |s| s.projection.wait_timeout_secs = 5,
-        vec![Arc::new(recorder.clone())],
-    )
-    .await;
-    let note = json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
-        "columns": {"title": {"type": "string"}}});
-    for project in ["slow", "quick"] {
-        app.put_and_freeze(project, "note", &note).await;
-    }
+    let (recorder, app) = recording(|_| {}, &["slow", "quick"]).await;
     let put = |project: &str, title: &str| {
         let (path, item) = (
             format!("/{project}/note/{}", Uuid::new_v4()),
@@ -1221,6 +1189,29 @@ async fn a_project_whose_hold_ends_while_another_is_held_keeps_its_order() {
     let letters = app.get("/_dead_letters").await;
     assert_eq!(letters.body["dead_letters"], json!([]), "{}", letters.body);
     app.stop().await;
+}
+
+/// An app whose one projector is a [`Recorder`] (projection waits at most 5 s), with `projects`
+/// each holding blueprint `note` (a title) frozen at version 1.
+async fn recording(
+    configure: impl FnOnce(&mut dstore::config::Settings),
+    projects: &[&str],
+) -> (Recorder, TestApp) {
+    let recorder = Recorder::default();
+    let app = spawn_app_with_projectors(
+        |s| {
+            s.projection.wait_timeout_secs = 5;
+            configure(s);
+        },
+        vec![Arc::new(recorder.clone())],
+    )
+    .await;
+    let note = json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+        "columns": {"title": {"type": "string"}}});
+    for project in projects {
+        app.put_and_freeze(project, "note", &note).await;
+    }
+    (recorder, app)
 }
 
 /// A project dropped and made again, under another shape, while a store was down: once the store
