@@ -233,13 +233,15 @@ pub fn delete_blueprint(
 }
 
 /// What a freeze's compatibility was judged on: the working copy, against the versions there were
-/// and under the project's compatibility setting. Another request changing any of them between the
-/// judgment and the freeze (an edit, a freeze, the setting) would have the freeze go through
-/// unjudged.
+/// (and which of them were live) and under the project's compatibility setting. Another request
+/// changing any of them between the judgment and the freeze (an edit, a freeze, a retirement, the
+/// setting) would have the freeze go through unjudged: a retirement moves the newest live version
+/// whose unique indexes the duplicate count took as refusing already.
 #[derive(Clone, Debug)]
 pub struct Judged {
     blueprints: Blueprints,
     versions: usize,
+    retired: Vec<u32>,
     compatibility: Compatibility,
 }
 
@@ -249,6 +251,7 @@ impl Judged {
         Judged {
             blueprints: p.working.blueprints.clone(),
             versions: p.versions.len(),
+            retired: retired(p),
             compatibility: p.working.compatibility,
         }
     }
@@ -256,8 +259,18 @@ impl Judged {
     fn holds(&self, p: &Project) -> bool {
         self.blueprints == p.working.blueprints
             && self.versions == p.versions.len()
+            && self.retired == retired(p)
             && self.compatibility == p.working.compatibility
     }
+}
+
+/// The numbers of `p`'s retired versions, in order.
+fn retired(p: &Project) -> Vec<u32> {
+    p.versions
+        .iter()
+        .map(|v| v.number)
+        .filter(|&number| p.is_retired(number))
+        .collect()
 }
 
 /// Freezes the working copy as the next version. `projectors` start with a pending migration,
@@ -275,8 +288,8 @@ pub fn freeze(
     if judged.is_some_and(|judged| !judged.holds(p)) {
         return Err(CatalogError::Conflict(
             "the project changed while this freeze was being checked (another request edited \
-             it, froze it or changed its compatibility setting): send the freeze again, and it is \
-             checked against the project as it is now"
+             it, froze it, retired a version or changed its compatibility setting): send the \
+             freeze again, and it is checked against the project as it is now"
                 .into(),
         ));
     }

@@ -798,6 +798,18 @@ async fn a_freeze_judged_on_an_older_working_copy_is_refused(storage: Arc<dyn St
         matches!(refused, Err(StorageError::Conflict(_))),
         "{refused:?}"
     );
+    // Nor after a version was retired: the newest live version the count took moved.
+    let snapshot = storage.fresh_snapshot(&project).await.expect("a snapshot");
+    let judged = Judged::of(&snapshot.projects[&project]);
+    storage
+        .retire(&project, 2)
+        .await
+        .expect("version 2 retired");
+    let refused = storage.freeze_judged(&project, false, Some(judged)).await;
+    assert!(
+        matches!(refused, Err(StorageError::Conflict(_))),
+        "{refused:?}"
+    );
 }
 
 async fn the_compatibility_setting_forced_freezes_and_version_usage_are_kept(
