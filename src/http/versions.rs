@@ -38,7 +38,8 @@ pub async fn freeze(
         // whether it takes force.
         return Err(ApiError::bad_request(
             "force",
-            "force freezes; a dry run changes nothing, and its report's allowed says whether the              freeze takes force",
+            "force freezes; a dry run changes nothing, and its report's allowed says whether the \
+             freeze takes force",
         ));
     }
     if params.dry_run {

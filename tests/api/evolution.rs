@@ -136,6 +136,11 @@ async fn a_dry_run_counts_the_items_that_would_lose_a_value_and_changes_nothing(
         .await;
     assert_eq!(both.status, 400, "{}", both.body);
     assert_eq!(both.paths(), vec!["force"]);
+    assert!(
+        !both.body["status"].as_str().unwrap().contains("  "),
+        "{}",
+        both.body
+    );
 
     // Nothing changed: still one version, the edit still unfrozen.
     let versions = app.get("/shop/_version").await.body;
