@@ -179,12 +179,17 @@ impl Application {
                 let background = registry
                     .iter()
                     .map(|projector| {
-                        tokio::spawn(crate::storage::postgres::projection::run(
-                            pg.clone(),
-                            projector.clone(),
-                            settings.projection.batch_for(projector.name()),
-                            stop.clone(),
-                        ))
+                        let (pg, projector, stop_loop) =
+                            (pg.clone(), projector.clone(), stop.clone());
+                        let batch = settings.projection.batch_for(projector.name());
+                        supervised("projection", stop.clone(), move || {
+                            crate::storage::postgres::projection::run(
+                                pg.clone(),
+                                projector.clone(),
+                                batch,
+                                stop_loop.clone(),
+                            )
+                        })
                     })
                     .collect();
                 (pg, None, background)
@@ -447,41 +452,76 @@ fn embedded_projection(
             .iter()
             .filter(|p| lanes.contains(&p.name()))
             .map(|p| {
-                tokio::spawn(dispatcher::run(
-                    journal.clone(),
-                    p.clone(),
-                    settings.projection.batch_for(p.name()),
-                    stop.clone(),
-                ))
+                let (journal, p, stop_loop) = (journal.clone(), p.clone(), stop.clone());
+                let batch = settings.projection.batch_for(p.name());
+                supervised("dispatcher", stop.clone(), move || {
+                    dispatcher::run(journal.clone(), p.clone(), batch, stop_loop.clone())
+                })
             })
             .collect();
     };
+    let names = registry.names();
     let mut tasks = vec![
-        tokio::spawn(rabbitmq::relay::run(
-            journal.clone(),
-            broker.clone(),
-            registry.names(),
-            batch,
-            stop.clone(),
-        )),
-        tokio::spawn(rabbitmq::reports::collect(
-            journal.clone(),
-            broker.clone(),
-            stop.clone(),
-        )),
+        supervised("relay", stop.clone(), {
+            let (journal, broker, stop) = (journal.clone(), broker.clone(), stop.clone());
+            move || {
+                rabbitmq::relay::run(
+                    journal.clone(),
+                    broker.clone(),
+                    names.clone(),
+                    batch,
+                    stop.clone(),
+                )
+            }
+        }),
+        supervised("reports", stop.clone(), {
+            let (journal, broker, stop) = (journal.clone(), broker.clone(), stop.clone());
+            move || rabbitmq::reports::collect(journal.clone(), broker.clone(), stop.clone())
+        }),
     ];
     let view = Arc::new(CatalogView::Local(journal.catalog().clone()));
     let external: Vec<&str> = external.iter().map(|k| k.name()).collect();
     for projector in registry.iter().filter(|p| !external.contains(&p.name())) {
-        tasks.push(tokio::spawn(rabbitmq::consumer::run(
+        let (broker, projector, view, stop_loop) = (
             broker.clone(),
             projector.clone(),
             view.clone(),
-            settings.projection.batch_for(projector.name()),
             stop.clone(),
-        )));
+        );
+        let batch = settings.projection.batch_for(projector.name());
+        tasks.push(supervised("consumer", stop.clone(), move || {
+            rabbitmq::consumer::run(
+                broker.clone(),
+                projector.clone(),
+                view.clone(),
+                batch,
+                stop_loop.clone(),
+            )
+        }));
     }
     tasks
+}
+
+/// Runs the loop `run` makes until it returns (it returns once the service stops). A loop that
+/// panics (a bug in one round) is logged and started again a second later, from what is durable:
+/// the journal's pending tasks, the broker's queues. Otherwise projection would stop for good,
+/// without a word, while writes are still accepted.
+fn supervised<F, Fut>(what: &'static str, stop: watch::Receiver<bool>, run: F) -> JoinHandle<()>
+where
+    F: Fn() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()> + Send + 'static,
+{
+    tokio::spawn(async move {
+        loop {
+            match tokio::spawn(run()).await {
+                Err(error) if error.is_panic() && !*stop.borrow() => {
+                    tracing::error!(task = what, "a background loop panicked; starting it again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                _ => return,
+            }
+        }
+    })
 }
 
 /// Cluster mode: the catalog and the journal in PostgreSQL, shared with the other nodes.
@@ -1057,6 +1097,30 @@ async fn broker_answers(queue: &QueueSettings) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A background loop that panics is started again; one that returns, or panics while the
+    /// service stops, is not.
+    #[tokio::test]
+    async fn a_background_loop_that_panics_is_started_again() {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        let (stop, stopped) = watch::channel(false);
+        let runs = Arc::new(AtomicU32::new(0));
+        let counted = runs.clone();
+        let task = supervised("test", stopped, move || {
+            let run = counted.fetch_add(1, Ordering::SeqCst);
+            async move {
+                if run == 0 {
+                    panic!("a bug in one round");
+                }
+            }
+        });
+        tokio::time::timeout(Duration::from_secs(10), task)
+            .await
+            .expect("the loop ends once a run returns")
+            .unwrap();
+        assert_eq!(runs.load(Ordering::SeqCst), 2);
+        drop(stop);
+    }
 
     /// A misspelt log level or a storage schema PostgreSQL would read as another name stops
     /// dstore before anything starts (the schema before it waits for the storage), naming it.
