@@ -288,10 +288,7 @@ impl Journal {
     /// Records the projects `projector`'s dispatcher holds back now (see `Lane::held`).
     pub fn note_held(&self, projector: &str, held: Vec<Ident>) {
         if let Some(lane) = self.lanes.get(projector) {
-            let mut known = lane.held.lock().unwrap_or_else(|p| p.into_inner());
-            if *known != held {
-                *known = held;
-            }
+            *lane.held.lock().unwrap_or_else(|p| p.into_inner()) = held;
         }
     }
 

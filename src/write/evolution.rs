@@ -115,6 +115,9 @@ pub struct RetiredReport {
     pub new_clients_reading_old_writes: Counts,
 }
 
+/// Why a unique column whose count ran out of room takes `force`, and what to do.
+const UNCOMPARED: &str = "values it could not keep were never compared with one another, so stored items may still hold a value another holds, which PostgreSQL's unique index would refuse in the new version: freeze with force=true once they are known to be unique, or when fewer freezes are counted at once";
+
 /// Most changes, and most column reports, one version's part of a report lists: a project may
 /// change some hundred thousand columns against each of its live versions, and a report of every
 /// one would take gigabytes. The verdicts and counts still cover every column.
@@ -428,7 +431,7 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
                 to_new = Assessment {
                     verdict: Verdict::Breaking,
                     reason: format!(
-                        "{}; no duplicate found{bound}, but values it could not keep were never compared with one another, so stored items may still hold a value another holds, which PostgreSQL's unique index would refuse there: freeze with force=true once they are known to be unique, or when fewer freezes are counted at once",
+                        "{}; no duplicate found{bound}, but {UNCOMPARED}",
                         to_new.reason
                     ),
                 };
@@ -529,7 +532,7 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
                 blueprint: name.clone(),
                 column: unique.column.clone(),
                 reason: format!(
-                    "the duplicate count ran out of room for values ({room} at once over every count, server.max_counted_unique_values): values it could not keep were never compared with one another, so stored items may hold a value another holds, which PostgreSQL's unique index would refuse in the new version: freeze with force=true once they are known to be unique, or when fewer freezes are counted at once"
+                    "the duplicate count ran out of room for values ({room} at once over every count, server.max_counted_unique_values), and {UNCOMPARED}"
                 ),
             })
         })

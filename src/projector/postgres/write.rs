@@ -18,9 +18,10 @@
 //! attempt. A table with a unique column never takes `COPY`: its rows must meet in task order (the
 //! earlier write gets a contested value). Deletes go first, freeing the unique values their items
 //! held, and a row refused for a value another row of the batch lets go of later (an item's last
-//! write comes after the row that takes its old value) is tried again once the rest are in. The tombstone look-up and the `COPY` are two statements;
-//! a tombstone committed between them by another transaction would be missed, which cannot happen
-//! while one writer applies a projector's tasks and lanes split the ids (see `plan::split`).
+//! write comes after the row that takes its old value) is tried again once the rest are in. The
+//! tombstone look-up and the `COPY` are two statements; a tombstone committed between them by
+//! another transaction would be missed, which cannot happen while one writer applies a
+//! projector's tasks and lanes split the ids (see `plan::split`).
 
 use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
@@ -383,24 +384,22 @@ pub async fn apply_group(
             tracing::warn!(table = %place, error = %brief(&error), "postgresql refused rows; applying them one by one");
             // A row that meets a unique value another row of the batch lets go of later (an item
             // that changes its value after this one took it, as the plan keeps each item's last
-            // write) is tried again once the others are in.
-            let mut again = Vec::new();
-            for upsert in upserts {
-                let one = upsert_query(&sql, group.blueprint, &[upsert])
-                    .map_err(abort("encode a row for"))?;
-                if let Err(error) = guarded(conn, one).await.map_err(abort("upsert into"))? {
-                    match sqlstate(&error).as_deref() {
-                        Some(UNIQUE_VIOLATION) => again.push(upsert),
-                        _ => refuse(outcomes, upsert.task, &place, upsert.id, &error),
+            // write) is tried again, once, after the others.
+            let mut rows = upserts;
+            for last in [false, true] {
+                let mut again = Vec::new();
+                for upsert in rows {
+                    let one = upsert_query(&sql, group.blueprint, &[upsert])
+                        .map_err(abort("encode a row for"))?;
+                    if let Err(error) = guarded(conn, one).await.map_err(abort("upsert into"))? {
+                        if !last && sqlstate(&error).as_deref() == Some(UNIQUE_VIOLATION) {
+                            again.push(upsert);
+                        } else {
+                            refuse(outcomes, upsert.task, &place, upsert.id, &error);
+                        }
                     }
                 }
-            }
-            for upsert in again {
-                let one = upsert_query(&sql, group.blueprint, &[upsert])
-                    .map_err(abort("encode a row for"))?;
-                if let Err(error) = guarded(conn, one).await.map_err(abort("upsert into"))? {
-                    refuse(outcomes, upsert.task, &place, upsert.id, &error);
-                }
+                rows = again;
             }
         }
     }
