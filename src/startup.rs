@@ -179,15 +179,14 @@ impl Application {
                 let background = registry
                     .iter()
                     .map(|projector| {
-                        let (pg, projector, stop_loop) =
-                            (pg.clone(), projector.clone(), stop.clone());
+                        let (pg, projector) = (pg.clone(), projector.clone());
                         let batch = settings.projection.batch_for(projector.name());
-                        supervised("projection", stop.clone(), move || {
+                        supervised("projection", stop.clone(), move |stop| {
                             crate::storage::postgres::projection::run(
                                 pg.clone(),
                                 projector.clone(),
                                 batch,
-                                stop_loop.clone(),
+                                stop,
                             )
                         })
                     })
@@ -452,10 +451,10 @@ fn embedded_projection(
             .iter()
             .filter(|p| lanes.contains(&p.name()))
             .map(|p| {
-                let (journal, p, stop_loop) = (journal.clone(), p.clone(), stop.clone());
+                let (journal, p) = (journal.clone(), p.clone());
                 let batch = settings.projection.batch_for(p.name());
-                supervised("dispatcher", stop.clone(), move || {
-                    dispatcher::run(journal.clone(), p.clone(), batch, stop_loop.clone())
+                supervised("dispatcher", stop.clone(), move |stop| {
+                    dispatcher::run(journal.clone(), p.clone(), batch, stop)
                 })
             })
             .collect();
@@ -463,57 +462,40 @@ fn embedded_projection(
     let names = registry.names();
     let mut tasks = vec![
         supervised("relay", stop.clone(), {
-            let (journal, broker, stop) = (journal.clone(), broker.clone(), stop.clone());
-            move || {
-                rabbitmq::relay::run(
-                    journal.clone(),
-                    broker.clone(),
-                    names.clone(),
-                    batch,
-                    stop.clone(),
-                )
+            let (journal, broker) = (journal.clone(), broker.clone());
+            move |stop| {
+                rabbitmq::relay::run(journal.clone(), broker.clone(), names.clone(), batch, stop)
             }
         }),
         supervised("reports", stop.clone(), {
-            let (journal, broker, stop) = (journal.clone(), broker.clone(), stop.clone());
-            move || rabbitmq::reports::collect(journal.clone(), broker.clone(), stop.clone())
+            let (journal, broker) = (journal.clone(), broker.clone());
+            move |stop| rabbitmq::reports::collect(journal.clone(), broker.clone(), stop)
         }),
     ];
     let view = Arc::new(CatalogView::Local(journal.catalog().clone()));
     let external: Vec<&str> = external.iter().map(|k| k.name()).collect();
     for projector in registry.iter().filter(|p| !external.contains(&p.name())) {
-        let (broker, projector, view, stop_loop) = (
-            broker.clone(),
-            projector.clone(),
-            view.clone(),
-            stop.clone(),
-        );
+        let (broker, projector, view) = (broker.clone(), projector.clone(), view.clone());
         let batch = settings.projection.batch_for(projector.name());
-        tasks.push(supervised("consumer", stop.clone(), move || {
-            rabbitmq::consumer::run(
-                broker.clone(),
-                projector.clone(),
-                view.clone(),
-                batch,
-                stop_loop.clone(),
-            )
+        tasks.push(supervised("consumer", stop.clone(), move |stop| {
+            rabbitmq::consumer::run(broker.clone(), projector.clone(), view.clone(), batch, stop)
         }));
     }
     tasks
 }
 
-/// Runs the loop `run` makes until it returns (it returns once the service stops). A loop that
-/// panics (a bug in one round) is logged and started again a second later, from what is durable:
-/// the journal's pending tasks, the broker's queues. Otherwise projection would stop for good,
-/// without a word, while writes are still accepted.
+/// Runs the loop `run` makes, handing it `stop`, until it returns (it returns once the service
+/// stops). A loop that panics (a bug in one round) is logged and started again a second later,
+/// from what is durable: the journal's pending tasks, the broker's queues. Otherwise projection
+/// would stop for good, without a word, while writes are still accepted.
 fn supervised<F, Fut>(what: &'static str, stop: watch::Receiver<bool>, run: F) -> JoinHandle<()>
 where
-    F: Fn() -> Fut + Send + 'static,
+    F: Fn(watch::Receiver<bool>) -> Fut + Send + 'static,
     Fut: std::future::Future<Output = ()> + Send + 'static,
 {
     tokio::spawn(async move {
         loop {
-            match tokio::spawn(run()).await {
+            match tokio::spawn(run(stop.clone())).await {
                 Err(error) if error.is_panic() && !*stop.borrow() => {
                     tracing::error!(task = what, "a background loop panicked; starting it again");
                     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -1098,15 +1080,14 @@ async fn broker_answers(queue: &QueueSettings) -> Result<String, String> {
 mod tests {
     use super::*;
 
-    /// A background loop that panics is started again; one that returns, or panics while the
-    /// service stops, is not.
+    /// A background loop that panics is started again; one that returns is not.
     #[tokio::test]
     async fn a_background_loop_that_panics_is_started_again() {
         use std::sync::atomic::{AtomicU32, Ordering};
         let (stop, stopped) = watch::channel(false);
         let runs = Arc::new(AtomicU32::new(0));
         let counted = runs.clone();
-        let task = supervised("test", stopped, move || {
+        let task = supervised("test", stopped, move |_| {
             let run = counted.fetch_add(1, Ordering::SeqCst);
             async move {
                 if run == 0 {
