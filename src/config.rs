@@ -546,7 +546,15 @@ impl StorageSettings {
 /// The process environment's `name`: `None` when unset, an error naming it when its value is not
 /// UTF-8 (its value is not shown: it may be a secret).
 pub fn env_var(name: &str) -> Result<Option<String>, ConfigError> {
-    match std::env::var(name) {
+    env_value(name, std::env::var(name))
+}
+
+/// What [`env_var`] answers for `read`, the variable `name` as the process environment holds it.
+fn env_value(
+    name: &str,
+    read: Result<String, std::env::VarError>,
+) -> Result<Option<String>, ConfigError> {
+    match read {
         Ok(value) => Ok(Some(value)),
         Err(std::env::VarError::NotPresent) => Ok(None),
         Err(std::env::VarError::NotUnicode(_)) => Err(ConfigError::Env {
@@ -855,11 +863,13 @@ mod tests {
 
     #[test]
     fn a_process_variable_that_is_not_utf8_reads_as_an_error() {
-        use std::os::unix::ffi::OsStrExt;
+        // Not through the process's environment: setting a variable while the test binary's other
+        // threads read theirs is a data race in the C library.
+        use std::os::unix::ffi::OsStringExt;
         let name = "DSTORE_TEST_CONFIG_NOT_UTF8";
-        std::env::set_var(name, std::ffi::OsStr::from_bytes(b"caf\xe9"));
-        let error = env_var(name).expect_err("not UTF-8");
-        std::env::remove_var(name);
+        let value = std::ffi::OsString::from_vec(b"caf\xe9".to_vec());
+        let error =
+            env_value(name, Err(std::env::VarError::NotUnicode(value))).expect_err("not UTF-8");
         assert!(error.to_string().contains(name), "{error}");
         assert!(
             !error.to_string().contains("caf"),

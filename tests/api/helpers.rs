@@ -194,7 +194,19 @@ impl TestApp {
             .put(&format!("/{project}/{blueprint}/_blueprint"), body)
             .await;
         assert_eq!(put.status, 200, "{}", put.body);
-        let frozen = self.post(&format!("/{project}/_version"), None).await;
+        // A test may make the wait for projection short; on a loaded machine the migration can
+        // outlast it, and the freeze asked again answers once it is done.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        let frozen = loop {
+            let frozen = self.post(&format!("/{project}/_version"), None).await;
+            let pending = frozen.status == 503
+                && frozen.body["status"]
+                    .as_str()
+                    .is_some_and(|s| s.contains("still pending"));
+            if !pending || std::time::Instant::now() > deadline {
+                break frozen;
+            }
+        };
         assert_eq!(frozen.status, 200, "{}", frozen.body);
         frozen.body["project_version"]
             .as_u64()

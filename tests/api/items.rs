@@ -309,7 +309,7 @@ async fn freezing_a_new_version_backfills_existing_items_and_retired_versions_ta
     assert_eq!(app.put_and_freeze("myblog", "article", &v2).await, 2);
 
     let mut finished = Value::Null;
-    for _ in 0..100 {
+    for _ in 0..300 {
         finished = app.get("/myblog/_version").await.body["versions"][1]["backfill"].clone();
         if finished["finished"] == true {
             break;
@@ -368,7 +368,7 @@ async fn deleting_a_project_removes_its_items_from_the_journal_and_the_keyspaces
     app.put_and_freeze("myblog", "article", &article()).await;
     assert_eq!(app.get(&format!("/myblog/article/{ID}")).await.status, 404);
     let (project, blueprint) = ("myblog".parse_ident(), "article".parse_ident());
-    for _ in 0..50 {
+    for _ in 0..300 {
         if app.rocksdb.as_ref().unwrap().count(&project, 1, &blueprint) == 0 {
             app.stop().await;
             return;
@@ -483,7 +483,7 @@ async fn keyspaces_the_journal_did_not_keep_are_rebuilt_from_its_items() {
     let app = crate::helpers::spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
     let keyspaces = app.rocksdb.clone().unwrap();
     let mut rebuilt = 0;
-    for _ in 0..200 {
+    for _ in 0..1200 {
         rebuilt = keyspaces.count(&project, 1, &blueprint);
         if rebuilt == 2 {
             break;

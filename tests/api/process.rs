@@ -126,8 +126,10 @@ fn check_config_refuses_the_settings_serve_refuses() {
     }
 }
 
-#[test]
-fn check_config_reports_each_store_and_fails_when_one_does_not_answer() {
+#[tokio::test]
+async fn check_config_reports_each_store_and_fails_when_one_does_not_answer() {
+    // Not while a test restarts the broker.
+    let _broker = crate::rabbitmq::BROKER.read().await;
     let dir = tempfile::tempdir().unwrap();
     let output = Command::new(env!("CARGO_BIN_EXE_dstore"))
         .arg("check-config")

@@ -164,7 +164,7 @@ async fn a_freeze_asked_again_waits_for_its_queued_migration_and_queues_no_other
 async fn a_failed_migration_is_reported_and_the_freeze_can_be_retried_to_completion() {
     let fixed = Arc::new(AtomicBool::new(false));
     let app = spawn_app_with_projectors(
-        |s| s.projection.wait_timeout_secs = 2,
+        |s| s.projection.wait_timeout_secs = 10,
         vec![Arc::new(Broken {
             fixed: fixed.clone(),
             ..Broken::default()

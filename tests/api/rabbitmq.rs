@@ -23,7 +23,7 @@ use crate::helpers::{article, spawn_app_with, TestApp};
 use crate::postgres::TestDatabase;
 
 /// Tests share the broker; the one that restarts it takes this for writing.
-static BROKER: RwLock<()> = RwLock::const_new(());
+pub static BROKER: RwLock<()> = RwLock::const_new(());
 
 pub fn broker_url() -> String {
     std::env::var("DSTORE_TEST_RABBITMQ_URL")

@@ -666,18 +666,26 @@ mod tests {
                 cursor: claimed[0].1,
             };
             let failing = Counting(AtomicUsize::new(0), true, Duration::ZERO);
+            // The hold is counted from the failure, which comes after this (however long the
+            // machine takes in between).
+            let (before,): (f64,) = sqlx::query_as("SELECT extract(epoch FROM now())::float8")
+                .fetch_one(storage.pool())
+                .await
+                .unwrap();
             work(&storage, &failing, &project, lease, 100)
                 .await
                 .unwrap();
-            let (attempts, held_for): (i32, f64) = sqlx::query_as(
-                "SELECT attempts, extract(epoch FROM held_until - now())::float8 FROM cursors \
+            let (attempts, held_until): (i32, f64) = sqlx::query_as(
+                "SELECT attempts, extract(epoch FROM held_until)::float8 FROM cursors \
                  WHERE projector = 'counting'",
             )
             .fetch_one(storage.pool())
             .await
             .unwrap();
             assert_eq!(attempts, attempt, "the backoff grows with each failure");
-            assert!(held_for > 0.1 * f64::from(attempt - 1), "{held_for}");
+            let held_for = held_until - before;
+            let backoff = 0.1 * 2f64.powi(attempt - 1);
+            assert!(held_for >= backoff - 0.001, "{held_for} s, not {backoff} s");
             storage.refresh_catalog().await.unwrap();
             epochs.push(storage.snapshot().projects[&project].epoch);
         }
