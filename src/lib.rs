@@ -16,5 +16,6 @@ pub mod queue;
 pub mod rocks;
 pub mod startup;
 pub mod storage;
+pub mod supervise;
 pub mod telemetry;
 pub mod write;

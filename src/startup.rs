@@ -28,6 +28,7 @@ use crate::queue::view::CatalogView;
 use crate::storage::embedded::EmbeddedStorage;
 use crate::storage::postgres::{PgStorage, PgStorageSettings};
 use crate::storage::SharedStorage;
+use crate::supervise::supervised;
 
 #[derive(Debug, Error)]
 pub enum StartupError {
@@ -181,14 +182,18 @@ impl Application {
                     .map(|projector| {
                         let (pg, projector) = (pg.clone(), projector.clone());
                         let batch = settings.projection.batch_for(projector.name());
-                        supervised("projection", stop.clone(), move |stop| {
-                            crate::storage::postgres::projection::run(
-                                pg.clone(),
-                                projector.clone(),
-                                batch,
-                                stop,
-                            )
-                        })
+                        supervised(
+                            format!("projection {}", projector.name()),
+                            stop.clone(),
+                            move |stop| {
+                                crate::storage::postgres::projection::run(
+                                    pg.clone(),
+                                    projector.clone(),
+                                    batch,
+                                    stop,
+                                )
+                            },
+                        )
                     })
                     .collect();
                 (pg, None, background)
@@ -453,21 +458,23 @@ fn embedded_projection(
             .map(|p| {
                 let (journal, p) = (journal.clone(), p.clone());
                 let batch = settings.projection.batch_for(p.name());
-                supervised("dispatcher", stop.clone(), move |stop| {
-                    dispatcher::run(journal.clone(), p.clone(), batch, stop)
-                })
+                supervised(
+                    format!("dispatcher {}", p.name()),
+                    stop.clone(),
+                    move |stop| dispatcher::run(journal.clone(), p.clone(), batch, stop),
+                )
             })
             .collect();
     };
     let names = registry.names();
     let mut tasks = vec![
-        supervised("relay", stop.clone(), {
+        supervised("relay".into(), stop.clone(), {
             let (journal, broker) = (journal.clone(), broker.clone());
             move |stop| {
                 rabbitmq::relay::run(journal.clone(), broker.clone(), names.clone(), batch, stop)
             }
         }),
-        supervised("reports", stop.clone(), {
+        supervised("reports".into(), stop.clone(), {
             let (journal, broker) = (journal.clone(), broker.clone());
             move |stop| rabbitmq::reports::collect(journal.clone(), broker.clone(), stop)
         }),
@@ -477,33 +484,21 @@ fn embedded_projection(
     for projector in registry.iter().filter(|p| !external.contains(&p.name())) {
         let (broker, projector, view) = (broker.clone(), projector.clone(), view.clone());
         let batch = settings.projection.batch_for(projector.name());
-        tasks.push(supervised("consumer", stop.clone(), move |stop| {
-            rabbitmq::consumer::run(broker.clone(), projector.clone(), view.clone(), batch, stop)
-        }));
+        tasks.push(supervised(
+            format!("consumer {}", projector.name()),
+            stop.clone(),
+            move |stop| {
+                rabbitmq::consumer::run(
+                    broker.clone(),
+                    projector.clone(),
+                    view.clone(),
+                    batch,
+                    stop,
+                )
+            },
+        ));
     }
     tasks
-}
-
-/// Runs the loop `run` makes, handing it `stop`, until it returns (it returns once the service
-/// stops). A loop that panics (a bug in one round) is logged and started again a second later,
-/// from what is durable: the journal's pending tasks, the broker's queues. Otherwise projection
-/// would stop for good, without a word, while writes are still accepted.
-fn supervised<F, Fut>(what: &'static str, stop: watch::Receiver<bool>, run: F) -> JoinHandle<()>
-where
-    F: Fn(watch::Receiver<bool>) -> Fut + Send + 'static,
-    Fut: std::future::Future<Output = ()> + Send + 'static,
-{
-    tokio::spawn(async move {
-        loop {
-            match tokio::spawn(run(stop.clone())).await {
-                Err(error) if error.is_panic() && !*stop.borrow() => {
-                    tracing::error!(task = what, "a background loop panicked; starting it again");
-                    tokio::time::sleep(Duration::from_secs(1)).await;
-                }
-                _ => return,
-            }
-        }
-    })
 }
 
 /// Cluster mode: the catalog and the journal in PostgreSQL, shared with the other nodes.
@@ -969,13 +964,23 @@ async fn run_cluster_worker(settings: Settings, kind: ProjectorKind) -> Result<(
         node = storage.node(),
         "dstore worker is projecting"
     );
-    let running = tokio::spawn(crate::storage::postgres::projection::run(
-        storage,
-        projector,
-        settings.projection.batch_for(kind.name()),
-        stop,
-    ));
-    stop_signal().await;
+    let batch = settings.projection.batch_for(kind.name());
+    let mut running = supervised(format!("projection {}", kind.name()), stop, move |stop| {
+        crate::storage::postgres::projection::run(storage.clone(), projector.clone(), batch, stop)
+    });
+    // The projection runs until told to stop (started again after a panic); one that ends by
+    // itself would leave a process that projects nothing, which a supervisor would never start
+    // again: exit with an error.
+    tokio::select! {
+        _ = stop_signal() => {}
+        _ = &mut running => {
+            return Err(StartupError::Stopped(format!(
+                "the {} worker's projection ended by itself; exiting so that a supervisor starts \
+                 it again",
+                kind.name()
+            )));
+        }
+    }
     let _ = shutdown.send(true);
     let _ = running.await;
     tracing::info!(projector = kind.name(), "dstore worker stopped");
@@ -1079,29 +1084,6 @@ async fn broker_answers(queue: &QueueSettings) -> Result<String, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    /// A background loop that panics is started again; one that returns is not.
-    #[tokio::test]
-    async fn a_background_loop_that_panics_is_started_again() {
-        use std::sync::atomic::{AtomicU32, Ordering};
-        let (stop, stopped) = watch::channel(false);
-        let runs = Arc::new(AtomicU32::new(0));
-        let counted = runs.clone();
-        let task = supervised("test", stopped, move |_| {
-            let run = counted.fetch_add(1, Ordering::SeqCst);
-            async move {
-                if run == 0 {
-                    panic!("a bug in one round");
-                }
-            }
-        });
-        tokio::time::timeout(Duration::from_secs(10), task)
-            .await
-            .expect("the loop ends once a run returns")
-            .unwrap();
-        assert_eq!(runs.load(Ordering::SeqCst), 2);
-        drop(stop);
-    }
 
     /// A misspelt log level or a storage schema PostgreSQL would read as another name stops
     /// dstore before anything starts (the schema before it waits for the storage), naming it.

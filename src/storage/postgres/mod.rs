@@ -51,6 +51,7 @@ use crate::journal::task::TaskOp;
 use crate::journal::{
     DeadLetter, Entry, ItemRecord, LetterFilter, ProjectorProgress, PURGE_BATCH, RETRY_PAGE,
 };
+use crate::supervise::supervised_until_gone;
 use bounded::{within, Bounded};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -531,12 +532,32 @@ impl PgStorage {
         });
         storage.publish(loaded);
         storage.ensure_cursors(None).await?;
-        tokio::spawn(writer::run(Arc::downgrade(&storage), queue));
-        tokio::spawn(catalog::listen(Arc::downgrade(&storage)));
-        tokio::spawn(watch::run(Arc::downgrade(&storage)));
-        tokio::spawn(backfill::run(Arc::downgrade(&storage)));
-        tokio::spawn(flush_usage(Arc::downgrade(&storage)));
-        tokio::spawn(poll_followed(Arc::downgrade(&storage)));
+        // The node's loops hold it weakly and end with it; one that panics starts again.
+        let node = Arc::downgrade(&storage);
+        let queue = Arc::new(tokio::sync::Mutex::new(queue));
+        supervised_until_gone("cluster writer".into(), {
+            let node = node.clone();
+            move || writer::run(node.clone(), queue.clone())
+        });
+        supervised_until_gone("cluster catalog listener".into(), {
+            let node = node.clone();
+            move || catalog::listen(node.clone())
+        });
+        supervised_until_gone("cluster cursor watch".into(), {
+            let node = node.clone();
+            move || watch::run(node.clone())
+        });
+        supervised_until_gone("cluster back-fill".into(), {
+            let node = node.clone();
+            move || backfill::run(node.clone())
+        });
+        supervised_until_gone("cluster usage".into(), {
+            let node = node.clone();
+            move || flush_usage(node.clone())
+        });
+        supervised_until_gone("cluster feed poll".into(), move || {
+            poll_followed(node.clone())
+        });
         tracing::info!(node = %storage.settings.node, schema = %storage.settings.schema, "postgresql storage ready");
         Ok(storage)
     }

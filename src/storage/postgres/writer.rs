@@ -17,9 +17,9 @@
 //! connects again.
 
 use std::collections::BTreeMap;
-use std::sync::Weak;
+use std::sync::{Arc, Weak};
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
 use super::{unavailable, PgStorage};
@@ -37,7 +37,10 @@ pub struct WriteCommand {
     pub reply: oneshot::Sender<Result<Vec<u64>, StorageError>>,
 }
 
-pub async fn run(storage: Weak<PgStorage>, mut queue: mpsc::Receiver<WriteCommand>) {
+pub async fn run(storage: Weak<PgStorage>, queue: Arc<Mutex<mpsc::Receiver<WriteCommand>>>) {
+    // Held for the loop's life; a run started again after a panic takes it over (the writes of
+    // the batch that panicked were answered with an error when their reply senders dropped).
+    let mut queue = queue.lock().await;
     let mut connection = Kept::default();
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
