@@ -114,10 +114,24 @@ pub async fn run(
             }
             continue;
         }
+        // A project whose hold ended is tried alone (`Holds::was_held`): its leading run of tasks,
+        // still a run of the pending tasks, so `whole` holds for it.
+        let mut tasks = tasks;
+        if holds.was_held(&tasks[0].project) {
+            let own = tasks
+                .iter()
+                .take_while(|t| t.project == tasks[0].project)
+                .count();
+            if own < tasks.len() {
+                tasks.truncate(own);
+                short = false;
+            }
+        }
         // While the store applies this batch, the next one is read and decoded (only when no
         // project is held: a held project's tasks must be left out, and holds may change).
         let next_from = tasks.last().map_or(0, |t| t.seq + 1);
         let snapshot = journal.catalog().snapshot();
+        let began = tokio::time::Instant::now();
         let (step, next) = if holds.any() || tasks.len() < batch_size {
             let step = step::apply(projector.as_ref(), &snapshot, &tasks).await;
             (step, None)
@@ -146,7 +160,7 @@ pub async fn run(
                     name,
                     Some(format!("project {project} is held back: {error}")),
                 );
-                holds.hold(&project);
+                holds.hold(&project, began.elapsed());
                 journal.note_held(name, holds.known());
                 // Held again before anything settled: the scan need not pass over the backlogs
                 // below where it stood once more.

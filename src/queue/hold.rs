@@ -4,8 +4,16 @@
 //! A projector applies a project's tasks in order, and no write may reach a version before its
 //! migration; so when a migration fails, that project's tasks must wait. Other projects' tasks do not
 //! depend on it: both transports keep the held project's tasks in order and go on with the rest (the
-//! dispatcher leaves them in the journal; a RabbitMQ consumer parks them in a queue of their own). Each held project is tried again after its own capped backoff (or at once, when a
-//! client asks for a retry); a success releases it.
+//! dispatcher leaves them in the journal; a RabbitMQ consumer parks them in a queue of their own).
+//! Each held project is tried again after its own capped backoff (or at once, when a client asks
+//! for a retry); a success releases it.
+//!
+//! A try that fails can be slow: a table locked by someone else is a `lock_timeout` (10 s by
+//! default), and the other projects wait for it, since a projector applies one batch at a time.
+//! So a project is held for at least [`COST_FACTOR`] times as long as its failed try took (up to
+//! [`MAX_HOLD`]): its tries take at most about a fifth of the projector's time, whatever they cost.
+//! And a project whose hold ended is tried alone, its own tasks only ([`Holds::was_held`]), so a try
+//! that fails again costs one wait, not one for the batch and one more for the project alone.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -15,6 +23,12 @@ use tokio::time::Instant;
 use crate::blueprint::Ident;
 use crate::journal::task::Task;
 use crate::projector::backoff;
+
+/// A project is held at least this many times as long as its failed try took.
+pub const COST_FACTOR: u32 = 4;
+
+/// The longest a project is held for what its tries cost (its backoff alone stays under 10 s).
+pub const MAX_HOLD: Duration = Duration::from_secs(3600);
 
 #[derive(Debug, Default)]
 pub struct Holds {
@@ -30,14 +44,16 @@ struct Hold {
 }
 
 impl Holds {
-    /// Holds `project` back after a failure: for longer each time it fails again.
-    pub fn hold(&mut self, project: &Ident) {
+    /// Holds `project` back after a failure: for longer each time it fails again, and at least
+    /// [`COST_FACTOR`] times `cost`, how long the failed try took (see the module's documentation).
+    pub fn hold(&mut self, project: &Ident, cost: Duration) {
         let hold = self.held.entry(project.clone()).or_insert(Hold {
             until: Instant::now(),
             attempt: 0,
             noticed: false,
         });
-        hold.until = Instant::now() + backoff(hold.attempt);
+        let for_cost = cost.saturating_mul(COST_FACTOR).min(MAX_HOLD);
+        hold.until = Instant::now() + backoff(hold.attempt).max(for_cost);
         hold.attempt += 1;
         hold.noticed = false;
     }
@@ -55,6 +71,12 @@ impl Holds {
             }
         }
         ended
+    }
+
+    /// Whether `project` was held and not released since: once its hold ended, its tasks are tried
+    /// alone, so a try that fails again holds back no other project's.
+    pub fn was_held(&self, project: &Ident) -> bool {
+        self.held.contains_key(project)
     }
 
     /// Whether `project`'s tasks must wait now.
@@ -132,12 +154,12 @@ mod tests {
     async fn a_held_project_waits_its_backoff_and_others_do_not() {
         let (a, b) = (Ident::parse("a").unwrap(), Ident::parse("b").unwrap());
         let mut holds = Holds::default();
-        holds.hold(&a);
+        holds.hold(&a, Duration::ZERO);
         assert!(holds.is_held(&a) && !holds.is_held(&b) && holds.any());
         let first = holds.next_try().unwrap();
         tokio::time::advance(first).await;
         assert!(!holds.is_held(&a));
-        holds.hold(&a);
+        holds.hold(&a, Duration::ZERO);
         assert!(holds.next_try().unwrap() > first, "the backoff grows");
         holds.expire_all();
         assert!(!holds.is_held(&a));
@@ -145,20 +167,40 @@ mod tests {
         assert!(!holds.any());
     }
 
+    /// A try that took long holds its project for several times as long, so its tries take a
+    /// bounded share of the projector's time; past an hour, an hour.
+    #[tokio::test(start_paused = true)]
+    async fn a_costly_failed_try_holds_its_project_several_times_as_long() {
+        let a = Ident::parse("a").unwrap();
+        let mut holds = Holds::default();
+        holds.hold(&a, Duration::from_secs(10));
+        assert_eq!(holds.wait(&a), Duration::from_secs(10) * COST_FACTOR);
+        assert!(holds.was_held(&a));
+        holds.hold(&a, Duration::from_secs(100_000));
+        assert_eq!(holds.wait(&a), MAX_HOLD);
+        holds.hold(&a, Duration::ZERO);
+        assert!(
+            holds.wait(&a) <= Duration::from_secs(10),
+            "the backoff alone"
+        );
+        holds.release(&a);
+        assert!(!holds.was_held(&a));
+    }
+
     #[tokio::test(start_paused = true)]
     async fn the_end_of_each_hold_is_noticed_once_while_others_are_held() {
         let (a, b) = (Ident::parse("a").unwrap(), Ident::parse("b").unwrap());
         let mut holds = Holds::default();
         for _ in 0..4 {
-            holds.hold(&b);
+            holds.hold(&b, Duration::ZERO);
         }
-        holds.hold(&a);
+        holds.hold(&a, Duration::ZERO);
         assert!(!holds.take_ended());
         tokio::time::advance(holds.wait(&a)).await;
         assert!(holds.any(), "b is still held");
         assert!(holds.take_ended(), "a's hold ended");
         assert!(!holds.take_ended(), "noticed once");
-        holds.hold(&a);
+        holds.hold(&a, Duration::ZERO);
         tokio::time::advance(holds.wait(&a)).await;
         assert!(holds.take_ended(), "a's next hold ended too");
     }

@@ -7,7 +7,8 @@
 //! dead-letters another's tasks; a run refused for a cause that may be one project's own
 //! (`ProjectorError::scoped`) is tried with its first project's tasks alone, and if they fail so,
 //! that project is held (`Step::held`) while the others go on. Tasks of an earlier project of the
-//! same name, dropped and made again while they waited, are passed over, its drop excepted. The
+//! same name, dropped and made again while they waited, are passed over, its drop excepted — unless
+//! the new project's migration went through already, which makes the drop one delivered again. The
 //! step touches nothing but the projector: the caller acknowledges what it applied, keeps the dead
 //! letters, records the migration and retries the rest, each in its own way (the in-process
 //! dispatcher in the journal, a RabbitMQ consumer by acks and a progress report).
@@ -128,6 +129,7 @@ async fn apply_front(projector: &dyn Projector, snapshot: &Snapshot, tasks: &[Ta
     }
     match &first.op {
         TaskOp::Migrate { version } => migrate(projector, snapshot, first, *version).await,
+        TaskOp::DropProject if delivered_again(snapshot, first, projector.name()) => applied(first),
         TaskOp::DropProject => match projector.drop_project(&first.project).await {
             Ok(()) => applied(first),
             Err(e) if e.kind == ErrorKind::Transient => retry(e),
@@ -208,6 +210,19 @@ fn is_earlier(snapshot: &Snapshot, task: &Task) -> bool {
             .projects
             .get(&task.project)
             .is_some_and(|p| task.seq <= p.working.born)
+}
+
+/// Whether `task`, a drop, removes an earlier project of its name that was made again, and the
+/// new project's migration already went through in this projector: tasks are applied in order,
+/// so the drop went before that migration, and this is the drop delivered again (a broker
+/// re-sends a task whose report was lost). Applied once more, it would remove the new project.
+fn delivered_again(snapshot: &Snapshot, task: &Task, projector: &str) -> bool {
+    snapshot.projects.get(&task.project).is_some_and(|p| {
+        task.seq <= p.working.born
+            && p.status
+                .values()
+                .any(|s| s.migrations.get(projector) == Some(&MigrationState::Done))
+    })
 }
 
 /// Runs a migration. A version that no longer exists or was retired needs none; a failure is retried
@@ -303,6 +318,103 @@ mod tests {
         fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
             event.record(&mut Fields(self.0.clone()));
         }
+    }
+
+    /// Counts the drops it is given.
+    #[derive(Default)]
+    struct Drops(std::sync::atomic::AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl Projector for Drops {
+        fn name(&self) -> &'static str {
+            "drops"
+        }
+        async fn migrate(
+            &self,
+            _: &Ident,
+            _: &crate::catalog::Version,
+            _: &[u32],
+        ) -> Result<(), ProjectorError> {
+            Ok(())
+        }
+        async fn apply(
+            &self,
+            _: &Snapshot,
+            tasks: &[Task],
+        ) -> Result<Vec<crate::projector::Outcome>, ProjectorError> {
+            Ok(tasks.iter().map(|_| Ok(())).collect())
+        }
+        async fn drop_project(&self, _: &Ident) -> Result<(), ProjectorError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(())
+        }
+        async fn read(
+            &self,
+            _: &Ident,
+            _: u32,
+            _: &Ident,
+            _: &uuid::Uuid,
+        ) -> Result<Option<serde_json::Value>, ProjectorError> {
+            Ok(None)
+        }
+        async fn health(&self) -> crate::projector::Health {
+            crate::projector::Health {
+                reachable: true,
+                detail: "test double".into(),
+            }
+        }
+    }
+
+    /// The drop of an earlier project of the name (at seq 7), with the project made again after
+    /// it: applied while the new project's migration waits behind it; delivered again once that
+    /// migration went through, it changes nothing (it would remove the new project).
+    #[tokio::test]
+    async fn a_drop_delivered_again_after_the_project_was_made_again_removes_nothing() {
+        let name = Ident::parse("shop").unwrap();
+        let snapshot = |state: MigrationState| {
+            let mut p = crate::catalog::Project::new(name.clone());
+            p.working.born = 7;
+            p.status.insert(
+                1,
+                crate::catalog::VersionStatus {
+                    retired: false,
+                    migrations: [("drops".to_string(), state)].into(),
+                },
+            );
+            Snapshot {
+                epoch: 1,
+                projects: [(name.clone(), Arc::new(p))].into(),
+            }
+        };
+        let drop = Task {
+            seq: 7,
+            project: name.clone(),
+            op: TaskOp::DropProject,
+        };
+        let drops = Drops::default();
+        let count = || drops.0.load(std::sync::atomic::Ordering::SeqCst);
+        let step = apply(
+            &drops,
+            &snapshot(MigrationState::Pending),
+            std::slice::from_ref(&drop),
+        )
+        .await;
+        assert_eq!((step.applied, count()), (vec![7], 1), "the first delivery");
+        let step = apply(
+            &drops,
+            &snapshot(MigrationState::Done),
+            std::slice::from_ref(&drop),
+        )
+        .await;
+        assert_eq!((step.applied, count()), (vec![7], 1), "delivered again");
+        // A drop of the project as it is now is applied whatever its migrations did.
+        let now = Task { seq: 9, ..drop };
+        let step = apply(&drops, &snapshot(MigrationState::Done), &[now]).await;
+        assert_eq!(
+            (step.applied, count()),
+            (vec![9], 2),
+            "a drop of the new project"
+        );
     }
 
     /// A store's words that may quote the item's values (PostgreSQL's DETAIL) are in the dead

@@ -968,6 +968,10 @@ struct Recorder {
     /// A project whose tasks make a whole batch fail with an error that may be its own (a table
     /// locked, a permission taken away), as a PostgreSQL transaction would.
     refused: Arc<Mutex<Vec<String>>>,
+    /// Batches refused for holding a refused project's tasks, and of them, those that held
+    /// another project's tasks too.
+    refusals: Arc<AtomicUsize>,
+    mixed_refusals: Arc<AtomicUsize>,
     log: Arc<Mutex<Vec<String>>>,
 }
 
@@ -1007,10 +1011,12 @@ impl Projector for Recorder {
         tasks: &[Task],
     ) -> Result<Vec<Outcome>, ProjectorError> {
         let refused = self.refused.lock().unwrap().clone();
-        if tasks
-            .iter()
-            .any(|t| refused.iter().any(|p| p == t.project.as_str()))
-        {
+        let is_refused = |t: &Task| refused.iter().any(|p| p == t.project.as_str());
+        if tasks.iter().any(is_refused) {
+            self.refusals.fetch_add(1, Ordering::SeqCst);
+            if !tasks.iter().all(is_refused) {
+                self.mixed_refusals.fetch_add(1, Ordering::SeqCst);
+            }
             return Err(ProjectorError::scoped(
                 "permission denied for table notes [sqlstate 42501]",
             ));
@@ -1090,6 +1096,41 @@ async fn a_refusal_of_one_projects_table_holds_back_only_that_project() {
     }
     let letters = app.get("/_dead_letters").await;
     assert_eq!(letters.body["dead_letters"], json!([]), "{}", letters.body);
+    app.stop().await;
+}
+
+/// A project held for a refusal that may be its own is tried again alone once its hold ends: a
+/// try that fails again (a lock waited for) holds back no other project's tasks, which go on
+/// between its tries.
+#[tokio::test]
+async fn a_held_project_is_tried_again_alone() {
+    let (recorder, app) = recording(|_| {}, &["locked", "free"]).await;
+    *recorder.refused.lock().unwrap() = vec!["locked".into()];
+    let item = |title: &str| json!({"project_version": 1, "title": title});
+    let put = app
+        .put(&format!("/locked/note/{}", Uuid::new_v4()), &item("held"))
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    // Its tries come after holds of 0.1, 0.2, 0.4 and 0.8 s; the other project writes all along,
+    // so its tasks are pending whenever a hold ends.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while recorder.refusals.load(Ordering::SeqCst) < 5 {
+        assert!(
+            Instant::now() < deadline,
+            "the held project was not tried again"
+        );
+        let put = app
+            .put(&format!("/free/note/{}", Uuid::new_v4()), &item("free"))
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // Only a first batch, before the project was held, may have held both projects' tasks.
+    let mixed = recorder.mixed_refusals.load(Ordering::SeqCst);
+    assert!(
+        mixed <= 1,
+        "{mixed} refused batches held the other project's tasks too"
+    );
     app.stop().await;
 }
 
@@ -1664,18 +1705,29 @@ async fn costly_items_do_not_stall_the_requests_that_share_their_worker() {
     };
 
     let line = item(20);
-    let mut body = String::new();
-    for _ in 0..40 {
-        body.push_str(&json!({"put": {"blueprint": "area", "id": Uuid::new_v4()}}).to_string());
-        body.push('\n');
-        body.push_str(&line);
-        body.push('\n');
+    // On a shared 2-core machine another process may take a core for a while: the best of three
+    // rounds is judged (a worker stalled by the items stalls every round).
+    let mut rounds = Vec::new();
+    for _ in 0..3 {
+        let mut body = String::new();
+        for _ in 0..40 {
+            body.push_str(&json!({"put": {"blueprint": "area", "id": Uuid::new_v4()}}).to_string());
+            body.push('\n');
+            body.push_str(&line);
+            body.push('\n');
+        }
+        let (statuses, took, longest) =
+            probed(vec![(Method::POST, "/geo/_bulk".into(), body)]).await;
+        assert_eq!(statuses, [200]);
+        rounds.push((took, longest));
+        if longest < took / 4 {
+            break;
+        }
     }
-    let (statuses, took, longest) = probed(vec![(Method::POST, "/geo/_bulk".into(), body)]).await;
-    assert_eq!(statuses, [200]);
     assert!(
-        longest < took / 4,
-        "a request sent during a _bulk of {took:?} waited {longest:?}"
+        rounds.iter().any(|(took, longest)| *longest < *took / 4),
+        "a request sent during a _bulk waited a quarter of its time or more, each round \
+         (took, longest): {rounds:?}"
     );
 
     // PUTs of items of more than 64 KiB, several at once.
@@ -1694,8 +1746,7 @@ async fn costly_items_do_not_stall_the_requests_that_share_their_worker() {
             )
         })
         .collect();
-    // On a shared 2-core machine another process may take a core for a while: the best of three
-    // rounds is judged (a worker stalled by the items stalls every round).
+    // The best of three rounds again.
     let mut rounds = Vec::new();
     for _ in 0..3 {
         let (statuses, took, longest) = probed(puts.clone()).await;
@@ -1806,7 +1857,7 @@ async fn a_waiting_writer_that_times_out_still_hears_which_store_refused_its_wri
     boom["title"] = json!("boom");
     let put = app
         .put(
-            &format!("/myblog/article/{}?wait=true&timeout=1", Uuid::new_v4()),
+            &format!("/myblog/article/{}?wait=true&timeout=5", Uuid::new_v4()),
             &boom,
         )
         .await;
@@ -2021,6 +2072,44 @@ async fn projects_dead_letters(cluster: bool) {
     app.stop().await;
 }
 
+/// A dropped project's dead letters go with it (they hold its items); another project's stay.
+#[tokio::test]
+async fn a_dropped_projects_dead_letters_go_with_it_and_no_others() {
+    let app = spawn_app_with_projectors(|_| {}, vec![Arc::new(Picky::default())]).await;
+    let mut poison = item();
+    poison["title"] = json!("poison");
+    for project in ["gone", "kept"] {
+        app.put_and_freeze(project, "article", &article()).await;
+        for _ in 0..3 {
+            let put = app
+                .put(
+                    &format!("/{project}/article/{}?wait=true", Uuid::new_v4()),
+                    &poison,
+                )
+                .await;
+            assert_eq!(put.body["refused"][0]["projector"], "picky", "{}", put.body);
+        }
+    }
+    let projects = || async {
+        let letters = app.get("/_dead_letters").await.body["dead_letters"].clone();
+        let mut projects: Vec<String> = letters
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["task"]["project"].as_str().unwrap().to_string())
+            .collect();
+        projects.sort();
+        projects
+    };
+    assert_eq!(
+        projects().await,
+        ["gone", "gone", "gone", "kept", "kept", "kept"]
+    );
+    assert_eq!(app.delete("/gone/_project").await.status, 200);
+    assert_eq!(projects().await, ["kept", "kept", "kept"]);
+    app.stop().await;
+}
+
 /// A drop a store refused is a dead letter, queued again by a retry while the name stays dropped;
 /// once the name is made again, retrying it would remove the new project from the store, so it is
 /// not retried; dropping the name again removes it. Both backends.
@@ -2131,7 +2220,7 @@ async fn a_retried_freeze_starts_a_back_fill_that_a_crash_left_unrecorded() {
     let keyspaces = app.rocksdb.clone().unwrap();
     let blueprint = Ident::parse("article").unwrap();
     let mut found = None;
-    for _ in 0..100 {
+    for _ in 0..600 {
         found = keyspaces.get(&project, 2, &blueprint, &id);
         if found.is_some() {
             break;
@@ -2307,11 +2396,12 @@ async fn a_held_projects_large_backlog_does_not_stop_the_others() {
         assert_eq!(bulk.body["errors"], false);
     }
     // Over several ends of the hold (its retries come every few seconds by now), each sending the
-    // scan back to the oldest task.
+    // scan back to the oldest task. (The wait is generous for a loaded machine: what is checked is
+    // that the others are not stopped.)
     for _ in 0..8 {
         let put = app
             .put(
-                &format!("/good/article/{}?wait=true&timeout=2", Uuid::new_v4()),
+                &format!("/good/article/{}?wait=true&timeout=10", Uuid::new_v4()),
                 &item(),
             )
             .await;

@@ -393,7 +393,7 @@ impl Consumer<'_> {
             .await;
         if let Err(error) = deleted {
             tracing::warn!(%project, %error, "a parking queue is not deleted; it is read again later");
-            parking.holds.hold(project);
+            parking.holds.hold(project, Duration::ZERO);
             return Ok(());
         }
         let _ = channel.close(200, "deleted".into()).await;
@@ -478,6 +478,7 @@ impl Consumer<'_> {
         }
         let mut attempt = 0;
         while !tasks.is_empty() {
+            let began = tokio::time::Instant::now();
             let step = self.step(&tasks, journal).await;
             let settled = step.settled();
             tracing::debug!(projector = name, settled, "step applied");
@@ -496,7 +497,7 @@ impl Consumer<'_> {
             if let Some(project) = failed {
                 // Only this project waits: its tasks are parked, in order, and the rest go on.
                 tracing::warn!(projector = name, %project, error = ?step.retry, "the project's tasks were refused; they are parked, the others go on");
-                parking.holds.hold(&project);
+                parking.holds.hold(&project, began.elapsed());
                 let (mut kept_tasks, mut kept) = (Vec::new(), Vec::new());
                 for (task, delivery) in tasks.drain(..).zip(held.drain(..)) {
                     if task.project != project {
