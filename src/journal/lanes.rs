@@ -58,6 +58,12 @@ struct WhoseTask {
     project: String,
 }
 
+/// The project of a dead letter's task (none when the task could not be decoded).
+pub(super) fn dead_letter_project(letter: &[u8]) -> Option<String> {
+    let whose: Whose = serde_json::from_slice(letter).ok()?;
+    whose.task.map(|task| task.project)
+}
+
 impl Journal {
     /// Iterates a projector's pending tasks from its floor, oldest first.
     pub(super) fn scan_tasks(

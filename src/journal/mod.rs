@@ -901,12 +901,40 @@ impl Journal {
 
     /// Forgets a project in the catalog and the journal and queues its removal from every store.
     pub async fn drop_project(&self, project: Ident) -> Result<u64, JournalError> {
+        let dead = self.dead_letters_of(&project).await?;
         self.send(|reply| Command::DropProject {
             project,
             again: false,
+            dead,
             reply,
         })
         .await
+    }
+
+    /// The keys of `project`'s dead letters, which its drop removes: they hold whole items, and
+    /// retrying them into a project made again later would bring old items back. Every dead letter
+    /// of the journal is looked at, so it is done on a blocking thread, not on the journal's
+    /// writer (whose every write would wait for it). A letter a projector records after the look
+    /// (of a task it took before the drop) stays, as it would have after a look on the writer.
+    async fn dead_letters_of(&self, project: &Ident) -> Result<Vec<Vec<u8>>, JournalError> {
+        let (db, project) = (self.db.clone(), project.clone());
+        let scan = tokio::task::spawn_blocking(move || {
+            let dead = db.cf_handle(CF_DEAD).expect("dead cf");
+            let mut keys = Vec::new();
+            for entry in db.iterator_cf(dead, rocksdb::IteratorMode::Start) {
+                let (key, value) = entry?;
+                if lanes::dead_letter_project(&value).is_some_and(|p| p == project.as_str()) {
+                    keys.push(key.into_vec());
+                }
+            }
+            Ok::<_, JournalError>(keys)
+        });
+        match scan.await {
+            Ok(keys) => keys,
+            Err(e) if e.is_panic() => std::panic::resume_unwind(e.into_panic()),
+            // Its runtime is shutting down.
+            Err(_) => Err(JournalError::Closed),
+        }
     }
 
     /// Finishes the drops the catalog made and the journal did not write (a crash between the
@@ -919,9 +947,11 @@ impl Journal {
                 continue;
             }
             tracing::warn!(%project, "finishing the drop of a project a crash interrupted");
+            let dead = self.dead_letters_of(&project).await?;
             self.send(|reply| Command::DropProject {
                 project,
                 again: true,
+                dead,
                 reply,
             })
             .await?;
@@ -1757,7 +1787,7 @@ mod tests {
         journal.backfills_held.store(true, Ordering::Relaxed);
         storage.freeze(&project, false).await.unwrap();
         let wait = std::time::Duration::from_secs(1);
-        let again = crate::write::freeze(storage.as_ref(), &project, wait, false).await;
+        let again = crate::write::freeze(storage.as_ref(), &project, wait, false, None).await;
         let Err(crate::write::WriteError::Conflict(said)) = again else {
             panic!("{again:?}");
         };
@@ -1768,7 +1798,7 @@ mod tests {
         // Retired, the version's back-fill stops where it is: said so, never "goes on".
         storage.retire(&project, 2).await.unwrap();
         journal.backfills_held.store(false, Ordering::Relaxed);
-        let again = crate::write::freeze(storage.as_ref(), &project, wait, false).await;
+        let again = crate::write::freeze(storage.as_ref(), &project, wait, false, None).await;
         let Err(crate::write::WriteError::Conflict(said)) = again else {
             panic!("{again:?}");
         };
@@ -1861,12 +1891,18 @@ mod tests {
             .await;
         assert!(one.is_err(), "{one:?}");
         assert_eq!(journal.last_seq(), before, "nothing was journaled");
-        // A new item has no previous change to read (the table's filter, in memory, says so):
-        // its write goes on, and so do the others once the journal reads again.
-        storage
-            .write(&project, epoch, vec![upsert(&Uuid::new_v4(), "new")])
-            .await
-            .unwrap();
+        // A new item has no previous change to read (the table's filter, in memory, says so): its
+        // write goes on, and so do the others once the journal reads again. The filter answers
+        // "may hold it" for about one new id in a hundred, and such a write is refused like the
+        // one above: of twenty new items written one by one, nearly all go through.
+        let mut written = 0;
+        for _ in 0..20 {
+            let new = vec![upsert(&Uuid::new_v4(), "new")];
+            if storage.write(&project, epoch, new).await.is_ok() {
+                written += 1;
+            }
+        }
+        assert!(written >= 15, "{written} of 20 new items were written");
         journal.disk_reads_fail.store(false, Ordering::Relaxed);
         storage
             .write(&project, epoch, vec![upsert(&ids[0], "again")])
@@ -2095,7 +2131,7 @@ mod tests {
             .unwrap();
         storage.freeze(&project, false).await.unwrap();
         // The back-fill of version 2 (one chunk) is done once it wrote every item.
-        for _ in 0..500 {
+        for _ in 0..3000 {
             if keyspaces.count(&project, 2, &article) == 4 {
                 break;
             }

@@ -96,6 +96,8 @@ pub enum Command {
         project: Ident,
         /// Finishing a drop the catalog has made already (a start after a crash in between).
         again: bool,
+        /// The keys of the project's dead letters, found before the command was sent.
+        dead: Vec<Vec<u8>>,
         reply: Reply<u64>,
     },
     Backfill {
@@ -861,6 +863,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
         Command::DropProject {
             project,
             again,
+            dead: letters,
             reply,
         } => {
             let forgotten = if again {
@@ -872,22 +875,10 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 let _ = reply.send(Err(e.into()));
                 return;
             }
-            // Its dead letters hold whole items: retrying them into a project made again later
-            // would bring old items back.
+            // Its dead letters (see `Journal::dead_letters_of`).
             let dead = stage.cf(super::CF_DEAD);
-            for (key, value) in stage
-                .writer
-                .db
-                .iterator_cf(dead, rocksdb::IteratorMode::Start)
-                .map_while(Result::ok)
-            {
-                let owned = serde_json::from_slice::<super::DeadLetter>(&value)
-                    .ok()
-                    .and_then(|letter| letter.task)
-                    .is_some_and(|task| task.project == project);
-                if owned {
-                    stage.batch.delete_cf(dead, key);
-                }
+            for key in letters {
+                stage.batch.delete_cf(dead, key);
             }
             let items = stage.cf(CF_ITEMS);
             stage.batch.delete_range_cf(
