@@ -256,7 +256,8 @@ impl Judged {
         }
     }
 
-    fn holds(&self, p: &Project) -> bool {
+    /// Whether `p` is still as it was judged.
+    pub fn holds(&self, p: &Project) -> bool {
         self.blueprints == p.working.blueprints
             && self.versions == p.versions.len()
             && self.retired == retired(p)

@@ -10,6 +10,7 @@ use super::{body, ident, State};
 use crate::auth::Action;
 use crate::blueprint::model::blueprints_to_public;
 use crate::blueprint::{FieldError, Ident};
+use crate::catalog::edit::Judged;
 use crate::catalog::Project;
 use crate::write::{self, WriteError};
 
@@ -38,6 +39,7 @@ async fn put_and_freeze(
     project: &Ident,
     body: &Value,
     base: &str,
+    allowed: Option<&Judged>,
 ) -> Result<Value, ApiError> {
     let inputs = {
         let snapshot = state.storage.snapshot();
@@ -47,12 +49,19 @@ async fn put_and_freeze(
     let snapshot = state.storage.snapshot();
     let p = snapshot.project(project)?;
     let changed = p.has_unfrozen_changes();
-    let number =
-        match write::freeze(state.storage.as_ref(), project, state.wait_timeout(), false).await {
-            Ok(number) => number,
-            Err(WriteError::Conflict(_)) => p.latest().map_or(0, |v| v.number),
-            Err(e) => return Err(e.into()),
-        };
+    let number = match write::freeze(
+        state.storage.as_ref(),
+        project,
+        state.wait_timeout(),
+        false,
+        allowed,
+    )
+    .await
+    {
+        Ok(number) => number,
+        Err(WriteError::Conflict(_)) => p.latest().map_or(0, |v| v.number),
+        Err(e) => return Err(e.into()),
+    };
     Ok(json!({"project_version": number, "changed": changed}))
 }
 
@@ -71,14 +80,17 @@ pub async fn put(
     // blueprints' own errors are answered as the put finds them.)
     let snapshot = state.storage.fresh_snapshot(&project).await?;
     let inputs = parse_blueprint_set(&body, "", super::blueprints::working(&snapshot, &project))?;
-    try_project(&state, &snapshot, &project, inputs, "", &mut Vec::new()).await?;
-    Ok(HttpResponse::Ok().json(put_and_freeze(&state, &project, &body, "").await?))
+    let allowed = try_project(&state, &snapshot, &project, inputs, "", &mut Vec::new()).await?;
+    let answer = put_and_freeze(&state, &project, &body, "", allowed.as_ref()).await?;
+    Ok(HttpResponse::Ok().json(answer))
 }
 
 /// Tries `inputs` on a copy of the project as `snapshot` holds it, changing nothing: the
 /// blueprints' own checks and the names they take (their problems go to `errors`, under `at`),
 /// then whether the change may be frozen (an incompatible one is the answer at once, with its
-/// report). `PUT /_project` changes no project unless every project passes.
+/// report). `PUT /_project` changes no project unless every project passes. Answers the change
+/// as it was judged when the freeze lets it through, so the freeze need not count it again while
+/// the project stays as judged.
 async fn try_project(
     state: &State,
     snapshot: &crate::catalog::Snapshot,
@@ -86,7 +98,7 @@ async fn try_project(
     inputs: Vec<(Ident, crate::blueprint::BlueprintInput)>,
     at: &str,
     errors: &mut Vec<FieldError>,
-) -> Result<(), ApiError> {
+) -> Result<Option<Judged>, ApiError> {
     let mut trial = match snapshot.projects.get(project) {
         Some(p) => (**p).clone(),
         None => Project::new(project.clone()),
@@ -98,15 +110,15 @@ async fn try_project(
                 e.path = format!("{at}{}", e.path);
                 e
             }));
-            return Ok(());
+            return Ok(None);
         }
         Err(e) => return Err(WriteError::from(e).into()),
     }
     if !trial.has_unfrozen_changes() {
-        return Ok(());
+        return Ok(None);
     }
     match write::evolution::judge(state.storage.as_ref(), &trial, false).await? {
-        Ok(_) => Ok(()),
+        Ok(_) => Ok(Some(Judged::of(&trial))),
         Err(report) => Err(WriteError::Incompatible(report).into()),
     }
 }
@@ -185,8 +197,9 @@ pub async fn put_all(
                 super::blueprints::working(&snapshot, &project),
             ) {
                 Ok(inputs) => {
-                    try_project(&state, &snapshot, &project, inputs, &at, &mut errors).await?;
-                    named.push((project, blueprints, at));
+                    let allowed =
+                        try_project(&state, &snapshot, &project, inputs, &at, &mut errors).await?;
+                    named.push((project, blueprints, at, allowed));
                 }
                 Err(ApiError::Invalid(_, mut e)) => errors.append(&mut e),
                 Err(e) => return Err(e),
@@ -203,9 +216,9 @@ pub async fn put_all(
     // storage away) leaves those before it done, and its answer says which, and that sending the
     // request again finishes it (a project already as asked changes nothing).
     let mut out = Map::new();
-    let names: Vec<String> = named.iter().map(|(p, _, _)| p.to_string()).collect();
-    for (index, (project, blueprints, at)) in named.into_iter().enumerate() {
-        match put_and_freeze(&state, &project, blueprints, &at).await {
+    let names: Vec<String> = named.iter().map(|(p, ..)| p.to_string()).collect();
+    for (index, (project, blueprints, at, allowed)) in named.into_iter().enumerate() {
+        match put_and_freeze(&state, &project, blueprints, &at, allowed.as_ref()).await {
             Ok(answer) => {
                 out.insert(project.to_string(), answer);
             }

@@ -53,6 +53,7 @@ pub async fn freeze(
         &project,
         state.wait_timeout(),
         params.force,
+        None,
     )
     .await?;
     Ok(HttpResponse::Ok().json(json!({"project_version": number})))

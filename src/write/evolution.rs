@@ -31,6 +31,12 @@
 //! from their own version into the new one like every other: `retired_versions` counts, per
 //! retired version, those that would arrive losing a value or be refused, so a freeze whose verdict
 //! (which only live clients decide) allows it still shows what it does to every stored item.
+//!
+//! Counts run on the HTTP workers, yielding to their other requests every few milliseconds. At
+//! most one per core runs at once over every project ([`count_places`]); further ones wait their
+//! turn in the order they came, so reports asked for by one project again and again take no more
+//! of the CPU, and no more of the values' room, than that, and another project's freeze still
+//! gets its turn.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -44,7 +50,7 @@ use crate::blueprint::unique::unique_key;
 use crate::blueprint::{Blueprint, Blueprints, Change, Column, ColumnType, Ident, Uid};
 use crate::catalog::{Compatibility, Project};
 use crate::projector::postgres::{row_bytes, row_bytes_at_least, MAX_ROW_BYTES};
-use crate::storage::Storage;
+use crate::storage::{Storage, StorageError};
 
 /// Items read at once while counting.
 const PAGE: usize = 1000;
@@ -63,6 +69,16 @@ static ROOM: std::sync::atomic::AtomicUsize =
 
 /// Values remembered now by every running count (see [`UNIQUE_VALUES_TRACKED`]).
 static TRACKED: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+/// The places counts take while they run: one per core (see the module's documentation).
+/// Tokio's semaphore is fair, so a count that waits is served before any that came after it.
+fn count_places() -> &'static tokio::sync::Semaphore {
+    static PLACES: std::sync::OnceLock<tokio::sync::Semaphore> = std::sync::OnceLock::new();
+    PLACES.get_or_init(|| {
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        tokio::sync::Semaphore::new(cores)
+    })
+}
 
 /// Sets how many values every running duplicate count may remember together
 /// (`server.max_counted_unique_values`).
@@ -348,6 +364,11 @@ pub fn worst_verdict(p: &Project) -> Verdict {
 
 /// The working copy's report against every live version, counted on the stored items.
 pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteError> {
+    // The semaphore is never closed; the error exists only in its type.
+    let _place = count_places()
+        .acquire()
+        .await
+        .map_err(|e| StorageError::Unavailable(e.to_string()))?;
     let new = &p.working.blueprints;
     let live: Vec<_> = p.live_versions().cloned().collect();
     let pairs: Vec<(u32, Vec<ColumnPair>)> = live
@@ -923,4 +944,34 @@ fn new_name(new: &Blueprints, uid: Uid) -> &str {
     new.iter()
         .find(|(_, bp)| bp.uid == uid)
         .map_or("", |(name, _)| name.as_str())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use uuid::Uuid;
+
+    use super::{count_places, report};
+    use crate::storage::conformance::{frozen, open_embedded, put_article, write};
+
+    /// While every place is taken, a count waits its turn; it runs once a place is free.
+    #[tokio::test]
+    async fn a_count_waits_while_every_place_is_taken() {
+        let (storage, _dir) = open_embedded().await;
+        let project = frozen(storage.as_ref()).await;
+        write(storage.as_ref(), &project, Uuid::new_v4(), "one").await;
+        put_article(storage.as_ref(), &project, Some("pages")).await;
+        let snapshot = storage.snapshot();
+        let p = snapshot.project(&project).unwrap();
+        let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
+        let every = count_places().acquire_many(cores as u32).await.unwrap();
+        let mut counting = std::pin::pin!(report(storage.as_ref(), p));
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut counting).await;
+        assert!(early.is_err(), "a count ran without a place");
+        drop(every);
+        let counted = counting.await.unwrap();
+        assert_eq!(counted.items, 1);
+        assert_eq!(counted.live_versions[0].columns.len(), 1, "{counted:?}");
+    }
 }

@@ -27,6 +27,7 @@ pub use prepare::{prepare_delete, prepare_upsert, read_at};
 
 use crate::blueprint::{cap_errors, FieldError, Ident, Uid};
 use crate::bulk::{Action, Operation};
+use crate::catalog::edit::Judged;
 use crate::catalog::{MigrationState, Project, Snapshot};
 use crate::journal::Entry;
 use crate::storage::{Storage, StorageError};
@@ -545,12 +546,15 @@ impl OwnedOp {
 
 /// Freezes the working copy (or finishes what an interrupted freeze of the newest version left:
 /// its back-fill, its migrations), then waits up to `wait` for every store's migration. Answers the
-/// version number.
+/// version number. `allowed`: a judgment that let the working copy through without `force` just
+/// before (`PUT /{project}/_project` judges its change before storing it); while the project is
+/// still as it was judged, it is not counted again.
 pub async fn freeze(
     storage: &dyn Storage,
     project: &Ident,
     wait: Duration,
     force: bool,
+    allowed: Option<&Judged>,
 ) -> Result<u32, WriteError> {
     let snapshot = storage.fresh_snapshot(project).await?;
     let p = snapshot.project(project)?;
@@ -558,12 +562,15 @@ pub async fn freeze(
     let mut retried = Vec::new();
     let (number, revision) = if p.has_unfrozen_changes() {
         crate::catalog::edit::room_for_a_version(p)?;
-        let forced = evolution::judge(storage, p, force)
-            .await?
-            .map_err(WriteError::Incompatible)?;
+        let forced = match allowed.filter(|judged| judged.holds(p)) {
+            Some(_) => false,
+            None => evolution::judge(storage, p, force)
+                .await?
+                .map_err(WriteError::Incompatible)?,
+        };
         // The back-fill of the new version starts in the same storage command, which refuses the
         // freeze if the project changed since it was judged here.
-        let judged = Some(crate::catalog::edit::Judged::of(p));
+        let judged = Some(Judged::of(p));
         let (version, revision) = storage.freeze_judged(project, forced, judged).await?;
         (version.number, revision)
     } else {
