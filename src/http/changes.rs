@@ -497,8 +497,13 @@ impl Slot {
 
 impl Drop for Slot {
     fn drop(&mut self) {
-        if let Some((socket, _)) = &self.stream {
-            self.followers.streams().remove(socket);
+        if let Some((socket, watched)) = &self.stream {
+            // A stream can outlive its socket for a moment, and a new stream on a socket of the
+            // same number may have listed itself since: only this stream's entry goes.
+            let mut streams = self.followers.streams();
+            if streams.get(socket).is_some_and(|w| Arc::ptr_eq(w, watched)) {
+                streams.remove(socket);
+            }
         }
         self.followers.count.fetch_sub(1, Ordering::AcqRel);
     }
@@ -1019,5 +1024,40 @@ impl Stream {
                 _ = self.closing.changed() => self.done = true,
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::{Followers, PeerSocket, Slot};
+
+    /// A stream that ends after a new stream on a socket of the same number listed itself leaves
+    /// the new stream's entry (which sweeps and stops still need), and gives back its own place.
+    #[test]
+    fn a_stream_ending_late_leaves_the_entry_of_the_next_stream_on_its_socket() {
+        let followers = Arc::new(Followers::default());
+        let slot = || {
+            followers.count.fetch_add(1, Ordering::AcqRel);
+            Slot {
+                followers: followers.clone(),
+                stream: None,
+            }
+        };
+        let heartbeat = Duration::from_secs(15);
+        let old = slot().streaming(Some(PeerSocket(7)), heartbeat);
+        let new = slot().streaming(Some(PeerSocket(7)), heartbeat);
+        drop(old);
+        assert_eq!(followers.count.load(Ordering::Acquire), 1);
+        assert!(
+            followers.streams().contains_key(&7),
+            "the new stream is listed"
+        );
+        drop(new);
+        assert!(followers.streams().is_empty());
+        assert_eq!(followers.count.load(Ordering::Acquire), 0);
     }
 }
