@@ -294,37 +294,34 @@ async fn a_long_poll_whose_client_left_gives_its_place_back() {
 
 /// Asks `path` until it answers 200 (refused with 503 meanwhile), for at most `limit`.
 async fn served_within(app: &TestApp, path: &str, limit: Duration) -> Answer {
-    let started = Instant::now();
-    loop {
-        let answer = app.get(path).await;
-        if answer.status == 200 {
-            return answer;
-        }
-        assert_eq!(answer.status, 503, "{}", answer.body);
-        assert!(
-            started.elapsed() < limit,
-            "{path} still refused after {:?}: {}",
-            started.elapsed(),
-            answer.body
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    answered_within(app, path, (200, 503), limit).await
 }
 
 /// Asks `path` until it is refused with 503 (served while the request that takes what it needs is
 /// not in place yet), for at most `limit`; answers the refusal.
 async fn refused_within(app: &TestApp, path: &str, limit: Duration) -> Answer {
+    answered_within(app, path, (503, 200), limit).await
+}
+
+/// Asks `path` until it answers `wanted`, answering `meanwhile` until then, for at most `limit`.
+async fn answered_within(
+    app: &TestApp,
+    path: &str,
+    (wanted, meanwhile): (u16, u16),
+    limit: Duration,
+) -> Answer {
     let started = Instant::now();
     loop {
         let answer = app.get(path).await;
-        if answer.status == 503 {
+        if answer.status == wanted {
             return answer;
         }
-        assert_eq!(answer.status, 200, "{}", answer.body);
+        assert_eq!(answer.status, meanwhile, "{}", answer.body);
         assert!(
             started.elapsed() < limit,
-            "{path} still served after {:?}",
-            started.elapsed()
+            "{path} still answers {meanwhile} after {:?}: {}",
+            started.elapsed(),
+            answer.body
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
