@@ -394,6 +394,10 @@ struct Lane {
     /// and those whose tasks the store refused for a cause that may be their own, which the
     /// catalog does not show. Back-pressure refuses their writes first.
     held: Mutex<Vec<Ident>>,
+    /// How many dead letters the projector has, once counted (`Journal::progress`): raised as
+    /// acknowledgements record new ones, forgotten when a drop or a retry removes some, so the
+    /// letters are counted again only then, not at every readiness report or metrics scrape.
+    dead_letters: Mutex<Option<u64>>,
 }
 
 pub struct Journal {
@@ -438,6 +442,9 @@ pub struct Journal {
     /// While set, back-fills wait before each chunk (a test's way to act before one runs).
     #[cfg(test)]
     backfills_held: std::sync::atomic::AtomicBool,
+    /// How many times dead letters were counted by reading them.
+    #[cfg(test)]
+    dead_letter_counts: AtomicU64,
 }
 
 impl Drop for Journal {
@@ -554,6 +561,7 @@ impl Journal {
                     progress: Mutex::new(ProjectorProgress::default()),
                     settling: Mutex::new(()),
                     held: Mutex::new(Vec::new()),
+                    dead_letters: Mutex::new(None),
                 };
                 Ok((*name, lane))
             })
@@ -583,6 +591,8 @@ impl Journal {
             disk_writes_fail: Arc::default(),
             #[cfg(test)]
             backfills_held: std::sync::atomic::AtomicBool::new(false),
+            #[cfg(test)]
+            dead_letter_counts: AtomicU64::new(0),
         });
         for name in &projectors {
             journal.refresh_progress(name)?;
@@ -899,16 +909,33 @@ impl Journal {
         }
     }
 
+    /// Whether a client asked `projector` to retry since this was last asked, without waiting
+    /// (see [`Journal::wait_for_retry`]): a dispatcher busy with other projects' tasks still ends
+    /// its holds at once.
+    pub fn retry_asked(&self, projector: &str) -> bool {
+        use futures::FutureExt;
+        self.lanes
+            .get(projector)
+            .is_some_and(|lane| lane.retry.notified().now_or_never().is_some())
+    }
+
     /// Forgets a project in the catalog and the journal and queues its removal from every store.
     pub async fn drop_project(&self, project: Ident) -> Result<u64, JournalError> {
-        let dead = self.dead_letters_of(&project).await?;
-        self.send(|reply| Command::DropProject {
-            project,
-            again: false,
-            dead,
-            reply,
-        })
-        .await
+        // A project that does not exist is a 404 from the catalog, with nothing to look for.
+        let dead = match self.catalog.snapshot().projects.contains_key(&project) {
+            true => self.dead_letters_of(&project).await?,
+            false => Vec::new(),
+        };
+        let dropped = self
+            .send(|reply| Command::DropProject {
+                project,
+                again: false,
+                dead,
+                reply,
+            })
+            .await;
+        self.forget_dead_letter_counts();
+        dropped
     }
 
     /// The keys of `project`'s dead letters, which its drop removes: they hold whole items, and
@@ -955,6 +982,7 @@ impl Journal {
                 reply,
             })
             .await?;
+            self.forget_dead_letter_counts();
         }
         Ok(())
     }
@@ -1150,6 +1178,85 @@ mod tests {
             keyspaces: true,
             min_free_bytes: 0,
         }
+    }
+
+    /// Dead letters are counted once, then kept up to date as reports record more (a report
+    /// delivered twice records none more): readiness reports and metrics scrapes do not read
+    /// them all each time. A retry (or a drop) has them counted again.
+    #[tokio::test]
+    async fn dead_letters_are_counted_once_and_kept_up_to_date() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            ..
+        } = fixture(Durability::Buffered, vec!["store"]).await;
+        for n in 0..3 {
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("t{n}")).await;
+        }
+        let tasks = journal.pending("store", 100).unwrap();
+        let letter = |seq| {
+            let raw = journal.pending_raw("store", seq).unwrap().unwrap();
+            DeadLetter::from_raw("store", seq, &raw, "refused".into())
+        };
+        let counts = || journal.dead_letter_counts.load(Ordering::Relaxed);
+        assert_eq!(journal.progress("store").dead_letters, 0);
+        let counted = counts();
+        let first = letter(tasks[1].seq);
+        journal.ack("store", &[], vec![first.clone()]).unwrap();
+        journal.ack("store", &[], vec![first]).unwrap();
+        journal
+            .ack("store", &[], vec![letter(tasks[2].seq)])
+            .unwrap();
+        assert_eq!(journal.progress("store").dead_letters, 2);
+        assert_eq!(journal.progress("store").dead_letters, 2);
+        assert_eq!(counts(), counted, "not read again");
+        journal
+            .retry_dead_letters(LetterFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(journal.progress("store").dead_letters, 0);
+        assert_eq!(counts(), counted + 1, "read again after the retry");
+        journal.close().await;
+    }
+
+    /// A letter of a dropped project recorded after its drop looked for them (a projector that
+    /// refused the task while the drop was on its way) is not retried into a project made again
+    /// under the name: it goes.
+    #[tokio::test]
+    async fn a_letter_of_a_dropped_project_is_not_retried_into_the_one_made_again() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            ..
+        } = fixture(Durability::Buffered, vec!["store"]).await;
+        conformance::write(storage.as_ref(), &project, Uuid::new_v4(), "old").await;
+        let task = journal.pending("store", 100).unwrap().pop().unwrap();
+        let raw = journal.pending_raw("store", task.seq).unwrap().unwrap();
+        storage.drop_project(&project).await.unwrap();
+        let letter = DeadLetter::from_raw("store", task.seq, &raw, "refused".into());
+        journal.ack("store", &[], vec![letter]).unwrap();
+        assert_eq!(conformance::frozen(storage.as_ref()).await, project);
+        let retried = journal
+            .retry_dead_letters(LetterFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(retried, 0);
+        let (letters, _) = journal
+            .dead_letters(LetterFilter::default(), None, 100)
+            .unwrap();
+        assert!(letters.is_empty(), "{letters:?}");
+        let pending = journal.pending("store", 100).unwrap();
+        assert!(
+            pending
+                .iter()
+                .all(|t| !matches!(t.op, TaskOp::Upsert { .. })),
+            "{pending:?}"
+        );
+        journal.close().await;
     }
 
     #[tokio::test]

@@ -981,14 +981,17 @@ fn stage_command(stage: &mut Stage, command: Command) {
                     && matches!(stage.writer.db.get_pinned_cf(dead, &key), Ok(Some(_)));
                 // A drop's letter is an earlier project's once the name is made again: retried,
                 // it would remove the new project from the store. It stays, for an operator.
-                let made_again = matches!(task.op, TaskOp::DropProject)
-                    && stage
-                        .writer
-                        .catalog
-                        .snapshot()
-                        .projects
-                        .contains_key(&task.project);
+                let snapshot = stage.writer.catalog.snapshot();
+                let now = snapshot.projects.get(&task.project);
+                let made_again = matches!(task.op, TaskOp::DropProject) && now.is_some();
                 if !present || made_again {
+                    continue;
+                }
+                // Any other letter of an earlier project of the name (one its drop did not find:
+                // recorded while the drop was on its way) would bring its item into the new
+                // project under a new seq: it goes, as the drop would have taken it.
+                if now.is_some_and(|p| letter.seq <= p.working.born) {
+                    stage.batch.delete_cf(dead, key);
                     continue;
                 }
                 count += 1;

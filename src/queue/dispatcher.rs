@@ -10,7 +10,9 @@
 //! deletion: every pending task between its first and last seq was in it, since tasks only ever get
 //! higher seqs than the ones already written.
 //! While a full batch is applied, the next one is read and decoded, so the store does not wait for
-//! the journal between batches; it is used only if the whole batch settled and nothing was held.
+//! the journal between batches; it is used only if the whole batch settled and no project was held,
+//! or ended a hold it has not gone through since. Each scan decides which projects are held at one
+//! instant, and a client's retry ends every hold at the next batch.
 //! A held project's backlog is passed over in scans of bounded length, one after the other without
 //! waiting, and passed over once per failed retry at most: when a hold ends (even while others go on)
 //! the scan goes back to the oldest task, so none of that project's later tasks goes before its
@@ -61,16 +63,23 @@ pub async fn run(
                 _ = shutdown.changed() => {}
             }
         }
+        // A client asked to retry: every hold ends now, even while other projects' tasks keep
+        // the dispatcher from waiting for it.
+        if journal.retry_asked(name) {
+            holds.expire_all();
+        }
         // Back to the oldest task when nothing is held, or when a hold ended while others go on:
         // the project's backlog lies below the scan, and its later tasks must not go first.
         if holds.take_ended() || !holds.any() {
             rewind(&mut scan_from, &mut resume, &holds);
         }
-        // Only when the whole previous batch settled and nothing is held: then every task before
-        // the prefetched ones is settled, and new tasks only get higher seqs.
-        let read = match prefetched.take().filter(|_| !holds.any()) {
+        // Only when the whole previous batch settled and no project is held or was held since it
+        // was read: then every task before the prefetched ones is settled, and new tasks only get
+        // higher seqs. (A hold that ended meanwhile leaves its project's backlog below them.)
+        let now = tokio::time::Instant::now();
+        let read = match prefetched.take().filter(|_| holds.none_known()) {
             Some(pending) => Ok(pending),
-            None => journal.pending_from(name, scan_from, batch_size, |p| holds.is_held(p)),
+            None => journal.pending_from(name, scan_from, batch_size, |p| holds.is_held_at(p, now)),
         };
         let pending = match read {
             Ok(pending) => pending,
@@ -128,11 +137,11 @@ pub async fn run(
             }
         }
         // While the store applies this batch, the next one is read and decoded (only when no
-        // project is held: a held project's tasks must be left out, and holds may change).
+        // project is held or was held since: a held project's tasks must be left out, and holds
+        // may change).
         let next_from = tasks.last().map_or(0, |t| t.seq + 1);
         let snapshot = journal.catalog().snapshot();
-        let began = tokio::time::Instant::now();
-        let (step, next) = if holds.any() || tasks.len() < batch_size {
+        let (step, next) = if !holds.none_known() || tasks.len() < batch_size {
             let step = step::apply(projector.as_ref(), &snapshot, &tasks).await;
             (step, None)
         } else {
@@ -145,7 +154,7 @@ pub async fn run(
             (step, read.ok().and_then(Result::ok))
         };
         let settled = step.settled();
-        let held = step.held.clone();
+        let (held, held_cost) = (step.held.clone(), step.held_cost);
         holds.went_through(&tasks[..settled], held.as_ref());
         journal.note_held(name, holds.known());
         let run = (whole && settled > 0).then(|| tasks[0].seq..=tasks[settled - 1].seq);
@@ -160,7 +169,7 @@ pub async fn run(
                     name,
                     Some(format!("project {project} is held back: {error}")),
                 );
-                holds.hold(&project, began.elapsed());
+                holds.hold(&project, held_cost);
                 journal.note_held(name, holds.known());
                 // Held again before anything settled: the scan need not pass over the backlogs
                 // below where it stood once more.

@@ -5,15 +5,17 @@
 //! migration; so when a migration fails, that project's tasks must wait. Other projects' tasks do not
 //! depend on it: both transports keep the held project's tasks in order and go on with the rest (the
 //! dispatcher leaves them in the journal; a RabbitMQ consumer parks them in a queue of their own).
-//! Each held project is tried again after its own capped backoff (or at once, when a client asks
-//! for a retry); a success releases it.
+//! Each held project is tried again after its own capped backoff (without a broker, at once when
+//! a client asks for a retry); a success releases it.
 //!
 //! A try that fails can be slow: a table locked by someone else is a `lock_timeout` (10 s by
 //! default), and the other projects wait for it, since a projector applies one batch at a time.
-//! So a project is held for at least [`COST_FACTOR`] times as long as its failed try took (up to
-//! [`MAX_HOLD`]): its tries take at most about a fifth of the projector's time, whatever they cost.
-//! And a project whose hold ended is tried alone, its own tasks only ([`Holds::was_held`]), so a try
-//! that fails again costs one wait, not one for the batch and one more for the project alone.
+//! So a project whose own tasks were refused so is held for at least [`COST_FACTOR`] times as long
+//! as that refusal took (`Step::held_cost`, up to [`MAX_HOLD`]): its tries take at most about a
+//! fifth of the projector's time. And a project whose hold ended is tried alone, its own tasks only
+//! ([`Holds::was_held`]), so a try that fails again costs one wait, not one for the batch and one
+//! more for the project alone. A client's retry still ends a dispatcher's holds at its next batch,
+//! however busy it is; a RabbitMQ consumer's end by themselves, after at most [`MAX_HOLD`].
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -28,7 +30,7 @@ use crate::projector::backoff;
 pub const COST_FACTOR: u32 = 4;
 
 /// The longest a project is held for what its tries cost (its backoff alone stays under 10 s).
-pub const MAX_HOLD: Duration = Duration::from_secs(3600);
+pub const MAX_HOLD: Duration = Duration::from_secs(300);
 
 #[derive(Debug, Default)]
 pub struct Holds {
@@ -81,9 +83,19 @@ impl Holds {
 
     /// Whether `project`'s tasks must wait now.
     pub fn is_held(&self, project: &Ident) -> bool {
-        self.held
-            .get(project)
-            .is_some_and(|hold| hold.until > Instant::now())
+        self.is_held_at(project, Instant::now())
+    }
+
+    /// Whether `project`'s tasks must wait at `now`: one scan asks at one instant, so a hold that
+    /// ends while it reads never lets a project's later tasks in after its earlier ones were
+    /// passed over.
+    pub fn is_held_at(&self, project: &Ident, now: Instant) -> bool {
+        self.held.get(project).is_some_and(|hold| hold.until > now)
+    }
+
+    /// Whether no project is held, or was held and not released since.
+    pub fn none_known(&self) -> bool {
+        self.held.is_empty()
     }
 
     /// Forgets `project` after its tasks went through again.
@@ -168,7 +180,7 @@ mod tests {
     }
 
     /// A try that took long holds its project for several times as long, so its tries take a
-    /// bounded share of the projector's time; past an hour, an hour.
+    /// bounded share of the projector's time, up to [`MAX_HOLD`]; a client's retry ends it.
     #[tokio::test(start_paused = true)]
     async fn a_costly_failed_try_holds_its_project_several_times_as_long() {
         let a = Ident::parse("a").unwrap();
@@ -178,6 +190,8 @@ mod tests {
         assert!(holds.was_held(&a));
         holds.hold(&a, Duration::from_secs(100_000));
         assert_eq!(holds.wait(&a), MAX_HOLD);
+        holds.expire_all();
+        assert!(!holds.is_held(&a), "a client's retry ends it");
         holds.hold(&a, Duration::ZERO);
         assert!(
             holds.wait(&a) <= Duration::from_secs(10),

@@ -41,6 +41,10 @@ pub struct Step {
     /// tasks for a cause that may be its own (see `ProjectorError::scoped`); only it waits, and the
     /// others go on.
     pub held: Option<Ident>,
+    /// How long the store took to refuse the held project's own tasks, alone, for a cause that
+    /// may be their own (a lock waited for): the hold lasts several times as long (`queue::hold`).
+    /// Zero for any other failure.
+    pub held_cost: std::time::Duration,
 }
 
 /// The outcome of one projector's migration of one version.
@@ -149,6 +153,7 @@ async fn apply_front(projector: &dyn Projector, snapshot: &Snapshot, tasks: &[Ta
 }
 
 async fn apply_items(projector: &dyn Projector, snapshot: &Snapshot, run: &[Task]) -> Step {
+    let began = tokio::time::Instant::now();
     let outcomes = match projector.apply(snapshot, run).await {
         Ok(outcomes) if outcomes.len() != run.len() => {
             return retry(ProjectorError::transient(format!(
@@ -170,6 +175,7 @@ async fn apply_items(projector: &dyn Projector, snapshot: &Snapshot, run: &[Task
             return Step {
                 retry: Some(e),
                 held: Some(first.clone()),
+                held_cost: began.elapsed(),
                 ..Step::default()
             };
         }

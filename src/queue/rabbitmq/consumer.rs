@@ -478,7 +478,6 @@ impl Consumer<'_> {
         }
         let mut attempt = 0;
         while !tasks.is_empty() {
-            let began = tokio::time::Instant::now();
             let step = self.step(&tasks, journal).await;
             let settled = step.settled();
             tracing::debug!(projector = name, settled, "step applied");
@@ -497,7 +496,7 @@ impl Consumer<'_> {
             if let Some(project) = failed {
                 // Only this project waits: its tasks are parked, in order, and the rest go on.
                 tracing::warn!(projector = name, %project, error = ?step.retry, "the project's tasks were refused; they are parked, the others go on");
-                parking.holds.hold(&project, began.elapsed());
+                parking.holds.hold(&project, step.held_cost);
                 let (mut kept_tasks, mut kept) = (Vec::new(), Vec::new());
                 for (task, delivery) in tasks.drain(..).zip(held.drain(..)) {
                     if task.project != project {
