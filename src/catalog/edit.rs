@@ -243,6 +243,8 @@ pub struct Judged {
     versions: usize,
     retired: Vec<u32>,
     compatibility: Compatibility,
+    /// The project of the name it was (one dropped and made again has another).
+    born: u64,
 }
 
 impl Judged {
@@ -253,6 +255,7 @@ impl Judged {
             versions: p.versions.len(),
             retired: retired(p),
             compatibility: p.working.compatibility,
+            born: p.working.born,
         }
     }
 
@@ -262,6 +265,7 @@ impl Judged {
             && self.versions == p.versions.len()
             && self.retired == retired(p)
             && self.compatibility == p.working.compatibility
+            && self.born == p.working.born
     }
 }
 

@@ -197,9 +197,8 @@ pub async fn put_all(
                 super::blueprints::working(&snapshot, &project),
             ) {
                 Ok(inputs) => {
-                    let allowed =
-                        try_project(&state, &snapshot, &project, inputs, &at, &mut errors).await?;
-                    named.push((project, blueprints, at, allowed));
+                    try_project(&state, &snapshot, &project, inputs, &at, &mut errors).await?;
+                    named.push((project, blueprints, at));
                 }
                 Err(ApiError::Invalid(_, mut e)) => errors.append(&mut e),
                 Err(e) => return Err(e),
@@ -216,9 +215,11 @@ pub async fn put_all(
     // storage away) leaves those before it done, and its answer says which, and that sending the
     // request again finishes it (a project already as asked changes nothing).
     let mut out = Map::new();
+    // Each freeze counts its project again: one judged before the freezes of those before it
+    // (each waiting for its stores) would miss the items written meanwhile.
     let names: Vec<String> = named.iter().map(|(p, ..)| p.to_string()).collect();
-    for (index, (project, blueprints, at, allowed)) in named.into_iter().enumerate() {
-        match put_and_freeze(&state, &project, blueprints, &at, allowed.as_ref()).await {
+    for (index, (project, blueprints, at)) in named.into_iter().enumerate() {
+        match put_and_freeze(&state, &project, blueprints, &at, None).await {
             Ok(answer) => {
                 out.insert(project.to_string(), answer);
             }

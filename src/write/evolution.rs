@@ -33,10 +33,10 @@
 //! (which only live clients decide) allows it still shows what it does to every stored item.
 //!
 //! Counts run on the HTTP workers, yielding to their other requests every few milliseconds. At
-//! most one per core runs at once over every project ([`count_places`]); further ones wait their
-//! turn in the order they came, so reports asked for by one project again and again take no more
-//! of the CPU, and no more of the values' room, than that, and another project's freeze still
-//! gets its turn.
+//! most one per core runs at once over every project ([`count_places`]), and one per project
+//! ([`project_turn`]); further ones wait their turn in the order they came. Reports asked for by
+//! one project again and again wait behind each other, taking one place at most, so the other
+//! projects' counts run beside them.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::Ordering;
@@ -78,6 +78,25 @@ fn count_places() -> &'static tokio::sync::Semaphore {
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
         tokio::sync::Semaphore::new(cores)
     })
+}
+
+/// The turn of `project`'s counts: one runs at a time per project (see the module's
+/// documentation). Kept while some count holds or awaits it.
+fn project_turn(project: &Ident) -> std::sync::Arc<tokio::sync::Mutex<()>> {
+    use std::sync::{Arc, Mutex, OnceLock, PoisonError, Weak};
+    type Turns = Mutex<HashMap<Ident, Weak<tokio::sync::Mutex<()>>>>;
+    static TURNS: OnceLock<Turns> = OnceLock::new();
+    let mut turns = TURNS
+        .get_or_init(Turns::default)
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    turns.retain(|_, turn| turn.strong_count() > 0);
+    if let Some(turn) = turns.get(project).and_then(Weak::upgrade) {
+        return turn;
+    }
+    let turn = Arc::new(tokio::sync::Mutex::new(()));
+    turns.insert(project.clone(), Arc::downgrade(&turn));
+    turn
 }
 
 /// Sets how many values every running duplicate count may remember together
@@ -364,6 +383,8 @@ pub fn worst_verdict(p: &Project) -> Verdict {
 
 /// The working copy's report against every live version, counted on the stored items.
 pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteError> {
+    let turn = project_turn(&p.name);
+    let _turn = turn.lock().await;
     // The semaphore is never closed; the error exists only in its type.
     let _place = count_places()
         .acquire()
@@ -952,7 +973,7 @@ mod tests {
 
     use uuid::Uuid;
 
-    use super::{count_places, report};
+    use super::{count_places, project_turn, report};
     use crate::storage::conformance::{frozen, open_embedded, put_article, write};
 
     /// While every place is taken, a count waits its turn; it runs once a place is free.
@@ -973,5 +994,37 @@ mod tests {
         let counted = counting.await.unwrap();
         assert_eq!(counted.items, 1);
         assert_eq!(counted.live_versions[0].columns.len(), 1, "{counted:?}");
+    }
+
+    /// A project's count waits while another of the same project runs; another project's does
+    /// not.
+    #[tokio::test]
+    async fn a_projects_counts_run_one_at_a_time() {
+        let (storage, _dir) = open_embedded().await;
+        let project = frozen(storage.as_ref()).await;
+        write(storage.as_ref(), &project, Uuid::new_v4(), "one").await;
+        put_article(storage.as_ref(), &project, Some("pages")).await;
+        let snapshot = storage.snapshot();
+        let p = snapshot.project(&project).unwrap();
+        let turn = project_turn(&project);
+        let running = turn.lock().await;
+        let mut counting = std::pin::pin!(report(storage.as_ref(), p));
+        let early = tokio::time::timeout(Duration::from_millis(300), &mut counting).await;
+        assert!(early.is_err(), "two counts of one project ran at once");
+        let other = crate::blueprint::Ident::parse("other").unwrap();
+        put_article(storage.as_ref(), &other, None).await;
+        storage.freeze(&other, false).await.unwrap();
+        put_article(storage.as_ref(), &other, Some("pages")).await;
+        let snapshot = storage.snapshot();
+        let counted = tokio::time::timeout(
+            Duration::from_secs(30),
+            report(storage.as_ref(), snapshot.project(&other).unwrap()),
+        )
+        .await
+        .expect("another project's count runs")
+        .unwrap();
+        assert_eq!(counted.project, other);
+        drop(running);
+        assert_eq!(counting.await.unwrap().items, 1);
     }
 }

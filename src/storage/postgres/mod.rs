@@ -1002,7 +1002,10 @@ impl PgStorage {
     }
 
     fn note_applied(&self, projector: &str, applied: usize, failed: usize) {
-        let mut progress = self.progress.lock().expect("progress lock");
+        let mut progress = self
+            .progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         let entry = progress.entry(projector.to_string()).or_default();
         entry.applied += applied as u64;
         entry.failed += failed as u64;
@@ -1117,9 +1120,15 @@ impl Storage for PgStorage {
             })
             .await
             .map_err(|_| StorageError::Unavailable("the storage is shutting down".into()))?;
-        let revisions = answer
-            .await
-            .map_err(|_| StorageError::Unavailable("the storage is shutting down".into()))??;
+        // The writer took the command and never answered: it stopped (a panic, then started
+        // again; or the node stopping), perhaps after its commit.
+        let revisions = answer.await.map_err(|_| {
+            StorageError::Uncertain(
+                "the node's writer stopped while this write was in its batch: it may have been \
+                 committed; read the item before sending a create again"
+                    .into(),
+            )
+        })??;
         self.usage.note(project, &versions);
         Ok(revisions)
     }
@@ -1517,7 +1526,12 @@ impl Storage for PgStorage {
 
     async fn progress(&self, projector: &str) -> ProjectorProgress {
         let mut progress = self.watch.progress(projector);
-        if let Some(node) = self.progress.lock().expect("progress lock").get(projector) {
+        if let Some(node) = self
+            .progress
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(projector)
+        {
             progress.applied = node.applied;
             progress.failed = node.failed;
         }

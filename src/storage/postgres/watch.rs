@@ -10,7 +10,7 @@
 //! every projector applied (see [`prune_journal`]).
 
 use std::collections::HashMap;
-use std::sync::{Mutex, Weak};
+use std::sync::{Mutex, PoisonError, Weak};
 use std::time::Duration;
 
 use sqlx::Row;
@@ -58,7 +58,7 @@ impl Default for CursorWatch {
 impl CursorWatch {
     /// Records what this node's own projector just applied, without waiting for the next poll.
     pub fn note(&self, projector: &str, project: &Ident, revision: u64) {
-        let mut state = self.state.lock().expect("watch lock");
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let cursor = state
             .cursors
             .entry((projector.to_string(), project.clone()))
@@ -69,7 +69,7 @@ impl CursorWatch {
     }
 
     fn reached(&self, projectors: &[&'static str], project: &Ident, revision: u64) -> Vec<String> {
-        let state = self.state.lock().expect("watch lock");
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         projectors
             .iter()
             .filter(|p| {
@@ -94,7 +94,7 @@ impl CursorWatch {
         *self
             .state
             .lock()
-            .expect("watch lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .waiting
             .entry(project.clone())
             .or_default() += 1;
@@ -104,7 +104,7 @@ impl CursorWatch {
             polled.wait_for(|_| self.reached(projectors, project, revision).is_empty()),
         )
         .await;
-        let mut state = self.state.lock().expect("watch lock");
+        let mut state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         if let Some(count) = state.waiting.get_mut(project) {
             *count -= 1;
             if *count == 0 {
@@ -124,7 +124,7 @@ impl CursorWatch {
 
     /// How far a projector got, as of the last poll.
     pub fn progress(&self, projector: &str) -> ProjectorProgress {
-        let state = self.state.lock().expect("watch lock");
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         let (pending, last_error, dead_letters) =
             state.backlog.get(projector).cloned().unwrap_or_default();
         ProjectorProgress {
@@ -137,12 +137,16 @@ impl CursorWatch {
 
     /// Why the storage could not be read at the last poll.
     pub fn storage_error(&self) -> Option<String> {
-        self.state.lock().expect("watch lock").storage_error.clone()
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .storage_error
+            .clone()
     }
 
     /// The projector furthest behind, with its backlog.
     pub fn most_behind(&self) -> Option<(String, u64)> {
-        let state = self.state.lock().expect("watch lock");
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         state
             .backlog
             .iter()
@@ -163,7 +167,7 @@ pub async fn run(storage: Weak<PgStorage>) {
             .watch
             .state
             .lock()
-            .expect("watch lock")
+            .unwrap_or_else(PoisonError::into_inner)
             .waiting
             .keys()
             .map(|p| p.to_string())
@@ -207,7 +211,11 @@ async fn poll_cursors(node: &PgStorage, projects: &[String]) {
     let Ok(rows) = rows else {
         return;
     };
-    let mut state = node.watch.state.lock().expect("watch lock");
+    let mut state = node
+        .watch
+        .state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     for row in rows {
         let (projector, project): (String, String) = (row.get("projector"), row.get("project"));
         if let Ok(project) = Ident::parse(&project) {
@@ -255,7 +263,11 @@ async fn poll_backlog(node: &PgStorage) {
     )
     .fetch_all(node.pool())
     .await;
-    let mut state = node.watch.state.lock().expect("watch lock");
+    let mut state = node
+        .watch
+        .state
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
     match rows {
         Ok(rows) => {
             state.storage_error = None;
