@@ -7,13 +7,21 @@
 //! otherwise. The result always passes the target column's own checks, so every projected item is
 //! valid at its version; `compat` says beforehand which changes can lose values.
 
+use std::collections::HashMap;
+
 use chrono::Datelike;
 use serde_json::{Map, Value};
 
 use super::check::check_column_value;
-use super::model::{Blueprint, ColumnDef, Convert};
+use super::ident::Ident;
+use super::model::{Blueprint, Column, ColumnDef, Convert, Uid};
 use super::types::{BaseType, ColumnType};
 use super::value::{canonicalize_scalar, parse_datetime};
+
+/// Past this many columns in the source, [`transform`] finds them by uid in an index it builds
+/// once, not one by one for each column of the target: a blueprint of 900 columns made 810,000
+/// comparisons per item and version, on every write. Below it, the linear look-up is quicker.
+const INDEXED_FROM: usize = 8;
 
 /// `item` (canonical, as checked against `from`) as a client of `to` (frozen as `to_version`) sees it.
 pub fn transform(
@@ -27,8 +35,21 @@ pub fn transform(
         out.insert(key.into(), item.get(key).cloned().unwrap_or(Value::Null));
     }
     out.insert("project_version".into(), Value::from(to_version));
+    let index: Option<HashMap<Uid, (&Ident, &Column)>> =
+        (from.columns.len() > INDEXED_FROM).then(|| {
+            let mut index = HashMap::with_capacity(from.columns.len());
+            for (name, column) in &from.columns {
+                // The first of a uid, as the linear look-up finds it.
+                index.entry(column.uid).or_insert((name, column));
+            }
+            index
+        });
+    let source = |uid: Uid| match &index {
+        Some(index) => index.get(&uid).copied(),
+        None => from.column_by_uid(uid),
+    };
     for (name, column) in &to.columns {
-        let value = match from.column_by_uid(column.uid) {
+        let value = match source(column.uid) {
             Some((old_name, old)) => match item.get(old_name.as_str()) {
                 None | Some(Value::Null) => Value::Null,
                 Some(value) => convert(&old.def, &column.def, value),
@@ -296,6 +317,50 @@ fn parse_leniently(to: BaseType, text: &str) -> Option<Value> {
 mod tests {
     use super::*;
     use serde_json::json;
+
+    /// A blueprint of `names`, the uid of each given, every column an integer.
+    fn wide(names: impl IntoIterator<Item = (String, Uid)>) -> Blueprint {
+        Blueprint {
+            uid: 1000,
+            table: Ident::parse("t").unwrap(),
+            es_type: Ident::parse("t").unwrap(),
+            columns: names
+                .into_iter()
+                .map(|(name, uid)| {
+                    let def = ColumnDef::of_type(ColumnType::One(BaseType::Integer));
+                    (Ident::parse(&name).unwrap(), Column { uid, def })
+                })
+                .collect(),
+        }
+    }
+
+    /// A wide blueprint's columns (found through the index) move by uid as a narrow one's do:
+    /// renamed and reordered columns keep their values, new ones are null, gone ones go.
+    #[test]
+    fn the_columns_of_a_wide_blueprint_move_by_uid() {
+        let from = wide((1..=900).map(|uid| (format!("c{uid}"), uid)));
+        let to = wide(
+            (1..=890)
+                .rev()
+                .map(|uid| (format!("r{uid}"), uid))
+                .chain((901..=910).map(|uid| (format!("n{uid}"), uid))),
+        );
+        let mut item = Map::new();
+        item.insert("id".into(), json!("x"));
+        for uid in 1..=900 {
+            item.insert(format!("c{uid}"), json!(uid));
+        }
+        let moved = transform(&item, &from, &to, 2);
+        assert_eq!(moved.len(), 900 + 3);
+        for uid in 1..=890 {
+            assert_eq!(moved[&format!("r{uid}")], json!(uid));
+        }
+        for uid in 901..=910 {
+            assert_eq!(moved[&format!("n{uid}")], Value::Null);
+        }
+        assert!(!moved.contains_key("c900"));
+        assert_eq!(moved["project_version"], json!(2));
+    }
 
     fn parsed(to: BaseType, text: &str) -> Option<Value> {
         convert_scalar(BaseType::String, to, &json!(text), Some(Convert::Parse))
