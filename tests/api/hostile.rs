@@ -1143,7 +1143,18 @@ async fn past_the_backlog_limit_a_project_held_for_its_own_refusal_is_refused_fi
         recording(|s| s.projection.max_pending_tasks = 20, &["locked", "free"]).await;
     *recorder.refused.lock().unwrap() = vec!["locked".into()];
     let item = json!({"project_version": 1, "title": "t"});
-    let mut accepted = 0;
+    // The dispatcher holds the project once the store refused its first write.
+    let put = app
+        .put(&format!("/locked/note/{}", Uuid::new_v4()), &item)
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while recorder.refusals.load(Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "the store was never asked");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let mut accepted = 1;
     let refused = loop {
         let put = app
             .put(&format!("/locked/note/{}", Uuid::new_v4()), &item)
