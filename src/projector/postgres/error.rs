@@ -45,17 +45,47 @@ pub fn sqlstate(error: &sqlx::Error) -> Option<String> {
 }
 
 pub fn classify(error: &sqlx::Error) -> Failure {
-    sqlstate(error).map_or(Failure::Transient, |code| classify_code(&code))
+    match sqlstate(error) {
+        None => Failure::Transient,
+        Some(code) if code == INTERNAL => {
+            internal(error.as_database_error().map_or("", |e| e.message()))
+        }
+        Some(code) => classify_code(&code),
+    }
+}
+
+/// PostgreSQL's internal error, which PostGIS raises too.
+const INTERNAL: &str = "XX000";
+
+/// What an internal error (XX000) means, by its message: PostGIS refusing a geometry it cannot
+/// take is the row's fault; anything else — the server's own (a tuple updated concurrently by
+/// another's DDL, a cache look-up that failed, a block it cannot read) — is retried, holding back
+/// only its project (see [`is_scoped`]), rather than dead-lettering rows for a server's trouble.
+fn internal(message: &str) -> Failure {
+    // Not "ring": "during" and "string" hold it.
+    const GEOMETRY: [&str; 7] = [
+        "geometr",
+        "lwgeom",
+        "geos",
+        "polygon",
+        "linestring",
+        "coordinate",
+        "postgis",
+    ];
+    let message = message.to_ascii_lowercase();
+    match GEOMETRY.iter().any(|word| message.contains(word)) {
+        true => Failure::Row,
+        false => Failure::Transient,
+    }
 }
 
 /// Classes 22 (data exception), 23 (integrity constraint) and 54 (row too large) are the row's
-/// fault; PostGIS reports invalid geometries as XX000. Classes 08, 40, 53, 57, 58 and everything
-/// else are retried.
+/// fault (an internal error, XX000, only when its message names a geometry: [`classify`]). Classes
+/// 08, 40, 53, 57, 58 and everything else are retried.
 pub fn classify_code(code: &str) -> Failure {
     match code {
         "3F000" | "42P01" => Failure::Missing,
         "3D000" => Failure::NoDatabase,
-        "XX000" => Failure::Row,
         _ => match code.get(..2) {
             Some("22" | "23" | "54") => Failure::Row,
             _ => Failure::Transient,
@@ -107,11 +137,13 @@ pub fn transient(what: &str, error: &sqlx::Error) -> ProjectorError {
 /// SQLSTATEs that may be about one table, not the server: insufficient privilege and other access
 /// rule violations (class 42, but a missing table, which a migration makes again), a lock not
 /// available or an object in use (55), a statement cancelled by its timeout (57014), and errors
-/// raised by triggers and the routines they call (P0, 38, 39, 2F). Connection loss, overload and
+/// raised by triggers and the routines they call (P0, 38, 39, 2F), and an internal error that
+/// names no geometry (XX000: a tuple another's DDL updated, say). Connection loss, overload and
 /// shutdown (08, 53, 57P0x) stall every project alike and are not scoped.
 fn is_scoped(code: &str) -> bool {
     code != "42P01"
         && (code == "57014"
+            || code == INTERNAL
             || matches!(code.get(..2), Some("42" | "55" | "P0" | "38" | "39" | "2F")))
 }
 
@@ -121,7 +153,7 @@ mod tests {
 
     #[test]
     fn data_and_constraint_errors_refuse_the_row_and_the_rest_is_retried() {
-        for code in ["22001", "22P02", "23505", "23502", "54000", "XX000"] {
+        for code in ["22001", "22P02", "23505", "23502", "54000"] {
             assert_eq!(classify_code(code), Failure::Row, "{code}");
         }
         for code in [
@@ -138,7 +170,7 @@ mod tests {
     #[test]
     fn refusals_that_may_be_one_tables_own_hold_only_its_project() {
         for code in [
-            "42501", "42703", "55P03", "55006", "57014", "P0001", "38000", "39P01",
+            "42501", "42703", "55P03", "55006", "57014", "P0001", "38000", "39P01", "XX000",
         ] {
             assert!(is_scoped(code), "{code}");
         }
@@ -146,6 +178,26 @@ mod tests {
             "08006", "40001", "40P01", "53100", "53300", "57P01", "58030", "42P01",
         ] {
             assert!(!is_scoped(code), "{code}");
+        }
+    }
+
+    /// PostGIS's refusal of a geometry is the row's; the server's own internal errors are retried.
+    #[test]
+    fn an_internal_error_is_the_rows_only_when_it_names_a_geometry() {
+        for message in [
+            "lwgeom_intersection: GEOS Error: TopologyException: Input geom 0 is invalid",
+            "geometry requires more points",
+            "Invalid polygon: ring is not closed",
+        ] {
+            assert_eq!(internal(message), Failure::Row, "{message}");
+        }
+        for message in [
+            "tuple concurrently updated",
+            "unexpected end of data during a string's conversion",
+            "cache lookup failed for type 16384",
+            "could not read block 7 in file \"base/5/16384\": read only 0 of 8192 bytes",
+        ] {
+            assert_eq!(internal(message), Failure::Transient, "{message}");
         }
     }
 
