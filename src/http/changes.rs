@@ -348,6 +348,8 @@ pub struct Followers {
     swept: AtomicU64,
     /// The pages followers reading the same place about now share.
     pages: pages::Pages,
+    /// The places each API key holds (see [`Slot::take`]).
+    by_key: Mutex<HashMap<String, usize>>,
 }
 
 /// When a stream last handed a frame to its connection, and how long it may wait to be polled
@@ -447,24 +449,53 @@ impl Followers {
 struct Slot {
     followers: Arc<Followers>,
     stream: Option<(std::os::fd::RawFd, Arc<Watched>)>,
+    /// The API key whose place this is, when a key asked.
+    key: Option<String>,
 }
 
+/// One API key holds at most this share of a node's places (`changes.max_followers` divided by
+/// it, at least one): a tenant that opens streams and leaves them cannot take every place from
+/// the others. Without keys (one tenant, or auth off) there is no such bound.
+const KEY_SHARE: usize = 4;
+
 impl Slot {
-    fn take(state: &State) -> Result<Slot, ApiError> {
+    fn take(state: &State, request: &HttpRequest) -> Result<Slot, ApiError> {
         let followers = &state.followers;
         followers.sweep();
+        let most = state.settings.changes.max_followers;
+        let key = match super::auth::caller(request) {
+            crate::auth::Caller::Key(key, _) => Some(key.id.clone()),
+            _ => None,
+        };
+        if let Some(id) = &key {
+            let most_per_key = (most / KEY_SHARE).max(1);
+            let mut by_key = followers.by_key.lock().unwrap_or_else(|e| e.into_inner());
+            let held = by_key.entry(id.clone()).or_default();
+            if *held >= most_per_key {
+                let held = *held;
+                return Err(ApiError::Unavailable(format!(
+                    "this key already holds {held} of this node's change feed followers, the most \
+                     one key may (a quarter of changes.max_followers); close some, or try again \
+                     later"
+                )));
+            }
+            *held += 1;
+        }
+        let slot = Slot {
+            followers: followers.clone(),
+            stream: None,
+            key,
+        };
         let count = followers.count.fetch_add(1, Ordering::AcqRel);
-        if count >= state.settings.changes.max_followers {
-            followers.count.fetch_sub(1, Ordering::AcqRel);
+        if count >= most {
+            // Given back by the slot's drop.
+            drop(slot);
             return Err(ApiError::Unavailable(format!(
                 "this node already serves {count} change feed followers (changes.max_followers); \
                  try again later or another node"
             )));
         }
-        Ok(Slot {
-            followers: followers.clone(),
-            stream: None,
-        })
+        Ok(slot)
     }
 
     /// Lists the socket of the stream this place is for, which sends a heartbeat this often.
@@ -506,6 +537,19 @@ impl Drop for Slot {
             }
         }
         self.followers.count.fetch_sub(1, Ordering::AcqRel);
+        if let Some(id) = &self.key {
+            let mut by_key = self
+                .followers
+                .by_key
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(held) = by_key.get_mut(id) {
+                *held = held.saturating_sub(1);
+                if *held == 0 {
+                    by_key.remove(id);
+                }
+            }
+        }
     }
 }
 
@@ -730,7 +774,7 @@ pub async fn changes(
             answer(&state, &page)
         }
         Feed::Longpoll => {
-            let _slot = Slot::take(&state)?;
+            let _slot = Slot::take(&state, &request)?;
             let peer = request.conn_data::<PeerSocket>().copied();
             let waiting = Waiting {
                 wake: wake.expect("a long poll follows"),
@@ -742,7 +786,7 @@ pub async fn changes(
             answer(&state, &page)
         }
         Feed::Sse | Feed::Ndjson => {
-            let slot = Slot::take(&state)?
+            let slot = Slot::take(&state, &request)?
                 .streaming(request.conn_data::<PeerSocket>().copied(), params.heartbeat);
             // Read once before answering, so a compacted `since` is a 410, not a stream that ends.
             let first = Reader {
@@ -1045,6 +1089,7 @@ mod tests {
             Slot {
                 followers: followers.clone(),
                 stream: None,
+                key: None,
             }
         };
         let heartbeat = Duration::from_secs(15);

@@ -1623,3 +1623,62 @@ async fn a_followed_change_feed_ends_when_its_key_is_revoked_or_narrowed() {
     assert_eq!(answer.status(), 401, "{:?}", answer.text().await);
     app.stop().await;
 }
+
+/// One API key holds at most a quarter of a node's change feed followers: a tenant that opens
+/// long polls and leaves them cannot take every place from another key's followers.
+#[tokio::test]
+async fn one_key_holds_at_most_a_quarter_of_the_followers() {
+    let app = spawn_app_with(|s| {
+        s.auth.master_keys = vec![MASTER.into()];
+        s.changes.max_followers = 4;
+    })
+    .await;
+    let (greedy, _) = key(&app, &["blueprints.write", "items.read"], &["*"], None).await;
+    let (other, _) = key(&app, &["items.read"], &["*"], None).await;
+    let blueprint = article().to_string();
+    let (status, body) = call(
+        &app,
+        Method::PUT,
+        "/p/article/_blueprint",
+        Some(&greedy),
+        Some(&blueprint),
+    )
+    .await;
+    assert_eq!(status, 200, "{body}");
+    let (status, body) = call(&app, Method::POST, "/p/_version", Some(&greedy), None).await;
+    assert_eq!(status, 200, "{body}");
+    let url = format!("{}/p/_changes?feed=longpoll&timeout=30", app.address);
+    let wait = || {
+        let (client, greedy, url) = (app.client.clone(), greedy.clone(), url.clone());
+        tokio::spawn(async move { client.get(url).bearer_auth(greedy).send().await })
+    };
+    // The key's long poll takes its one place; a probe that came first takes it for a moment and
+    // refuses the long poll, which is then sent again.
+    let probe = "/p/_changes?feed=longpoll&timeout=0";
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut waiting = wait();
+    let refused = loop {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        if waiting.is_finished() {
+            waiting = wait();
+            continue;
+        }
+        let (status, body) = call(&app, Method::GET, probe, Some(&greedy), None).await;
+        if status == 503 {
+            break body;
+        }
+        assert_eq!(status, 200, "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the key's long poll took no place"
+        );
+    };
+    assert!(
+        refused.to_string().contains("this key already holds 1"),
+        "{refused}"
+    );
+    let (status, body) = call(&app, Method::GET, probe, Some(&other), None).await;
+    assert_eq!(status, 200, "another key's follower gets a place: {body}");
+    waiting.abort();
+    app.stop().await;
+}
