@@ -251,13 +251,15 @@ impl Journal {
         }
         self.db.write(batch)?;
         if let Some(lane) = self.lanes.get(projector) {
-            if let Some(count) = lane
-                .dead_letters
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .as_mut()
-            {
-                *count += fresh;
+            if fresh > 0 {
+                let mut counted = lane
+                    .dead_letters
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                counted.generation += 1;
+                if let Some(count) = counted.count.as_mut() {
+                    *count += fresh;
+                }
             }
             let _ = lane
                 .pending
@@ -346,19 +348,23 @@ impl Journal {
     }
 
     /// How many dead letters `projector` has: counted once, then kept up to date as
-    /// acknowledgements record more (see `Lane::dead_letters`). Letters recorded while a count
-    /// after a drop or a retry runs may be missed by it, until the next drop or retry.
+    /// acknowledgements record more (see `Lane::dead_letters`). A count that letters were recorded
+    /// or removed during is answered but not kept: the next look counts again.
     fn dead_letter_count(&self, projector: &str) -> u64 {
         let lane = self.lanes.get(projector);
-        let known = |lane: &super::Lane| {
-            *lane
-                .dead_letters
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
+        let generation = match lane {
+            Some(lane) => {
+                let counted = lane
+                    .dead_letters
+                    .lock()
+                    .unwrap_or_else(PoisonError::into_inner);
+                if let Some(count) = counted.count {
+                    return count;
+                }
+                Some(counted.generation)
+            }
+            None => None,
         };
-        if let Some(count) = lane.and_then(known) {
-            return count;
-        }
         let prefix = keys::projector_prefix(projector);
         let counted = self
             .db
@@ -371,23 +377,28 @@ impl Journal {
             .count() as u64;
         #[cfg(test)]
         self.dead_letter_counts.fetch_add(1, Ordering::Relaxed);
-        if let Some(lane) = lane {
-            lane.dead_letters
+        if let (Some(lane), Some(generation)) = (lane, generation) {
+            let mut kept = lane
+                .dead_letters
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .get_or_insert(counted);
+                .unwrap_or_else(PoisonError::into_inner);
+            if kept.generation == generation {
+                kept.count = Some(counted);
+            }
         }
         counted
     }
 
     /// Has every projector's dead letters counted again at the next look: a drop or a retry
-    /// removed some (once its command was written).
+    /// removed some (the journal's writer calls it once their command is written).
     pub(super) fn forget_dead_letter_counts(&self) {
         for lane in self.lanes.values() {
-            *lane
+            let mut counted = lane
                 .dead_letters
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner) = None;
+                .unwrap_or_else(PoisonError::into_inner);
+            counted.count = None;
+            counted.generation += 1;
         }
     }
 
@@ -552,9 +563,9 @@ impl Journal {
             letters.retain(|(key, letter)| letter.task.is_some() && keys::task_seq(key) <= until);
             names.extend(letters.iter().map(|(_, l)| l.projector.clone()));
             if !letters.is_empty() {
-                let requeued = self.send(|reply| Command::Requeue { letters, reply }).await;
-                self.forget_dead_letter_counts();
-                count += requeued?;
+                count += self
+                    .send(|reply| Command::Requeue { letters, reply })
+                    .await?;
             }
             match next {
                 Some(next) => after = Some(next),

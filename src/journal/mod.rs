@@ -371,6 +371,15 @@ pub struct Pending {
     pub cut_short: bool,
 }
 
+/// A projector's dead letters as counted (see `Lane::dead_letters`).
+#[derive(Default)]
+struct DeadLetterCount {
+    count: Option<u64>,
+    /// Moves whenever letters are recorded or removed: a count read from the journal while it
+    /// moved may have missed some, and is not kept.
+    generation: u64,
+}
+
 struct Lane {
     /// No task of this projector below this seq is pending. Scans start here, so they never wade
     /// through the deletion markers of tasks already acknowledged (new tasks only get higher seqs).
@@ -397,7 +406,7 @@ struct Lane {
     /// How many dead letters the projector has, once counted (`Journal::progress`): raised as
     /// acknowledgements record new ones, forgotten when a drop or a retry removes some, so the
     /// letters are counted again only then, not at every readiness report or metrics scrape.
-    dead_letters: Mutex<Option<u64>>,
+    dead_letters: Mutex<DeadLetterCount>,
 }
 
 pub struct Journal {
@@ -561,7 +570,7 @@ impl Journal {
                     progress: Mutex::new(ProjectorProgress::default()),
                     settling: Mutex::new(()),
                     held: Mutex::new(Vec::new()),
-                    dead_letters: Mutex::new(None),
+                    dead_letters: Mutex::new(DeadLetterCount::default()),
                 };
                 Ok((*name, lane))
             })
@@ -926,16 +935,13 @@ impl Journal {
             true => self.dead_letters_of(&project).await?,
             false => Vec::new(),
         };
-        let dropped = self
-            .send(|reply| Command::DropProject {
-                project,
-                again: false,
-                dead,
-                reply,
-            })
-            .await;
-        self.forget_dead_letter_counts();
-        dropped
+        self.send(|reply| Command::DropProject {
+            project,
+            again: false,
+            dead,
+            reply,
+        })
+        .await
     }
 
     /// The keys of `project`'s dead letters, which its drop removes: they hold whole items, and
@@ -982,7 +988,6 @@ impl Journal {
                 reply,
             })
             .await?;
-            self.forget_dead_letter_counts();
         }
         Ok(())
     }

@@ -514,6 +514,14 @@ impl<'a> Stage<'a> {
         self.start_backfill_for(project, version, None);
     }
 
+    /// Has every projector's dead letters counted again once this batch is written (it removes
+    /// some: a drop, a retry). Done after the commit, whatever became of the request that asked.
+    fn forget_dead_letter_counts(&mut self) {
+        self.after.push(Box::new(|journal: &Arc<Journal>| {
+            journal.forget_dead_letter_counts()
+        }));
+    }
+
     /// Like [`Stage::start_backfill`], into `projectors` only when given (a rebuild of their stores).
     fn start_backfill_for(
         &mut self,
@@ -875,11 +883,12 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 let _ = reply.send(Err(e.into()));
                 return;
             }
-            // Its dead letters (see `Journal::dead_letters_of`).
+            // Its dead letters (see `Journal::dead_letters_of`), counted again once written.
             let dead = stage.cf(super::CF_DEAD);
             for key in letters {
                 stage.batch.delete_cf(dead, key);
             }
+            stage.forget_dead_letter_counts();
             let items = stage.cf(CF_ITEMS);
             stage.batch.delete_range_cf(
                 items,
@@ -970,6 +979,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
         }
         Command::Requeue { letters, reply } => {
             let mut count = 0;
+            stage.forget_dead_letter_counts();
             let dead = stage.cf(super::CF_DEAD);
             for (key, letter) in letters {
                 let Some(task) = &letter.task else {

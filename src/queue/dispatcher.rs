@@ -69,14 +69,15 @@ pub async fn run(
             holds.expire_all();
         }
         // Back to the oldest task when nothing is held, or when a hold ended while others go on:
-        // the project's backlog lies below the scan, and its later tasks must not go first.
-        if holds.take_ended() || !holds.any() {
+        // the project's backlog lies below the scan, and its later tasks must not go first. Held
+        // is decided at one instant, for the rewind and the scan alike.
+        let now = tokio::time::Instant::now();
+        if holds.take_ended(now) || !holds.any_at(now) {
             rewind(&mut scan_from, &mut resume, &holds);
         }
         // Only when the whole previous batch settled and no project is held or was held since it
         // was read: then every task before the prefetched ones is settled, and new tasks only get
         // higher seqs. (A hold that ended meanwhile leaves its project's backlog below them.)
-        let now = tokio::time::Instant::now();
         let read = match prefetched.take().filter(|_| holds.none_known()) {
             Some(pending) => Ok(pending),
             None => journal.pending_from(name, scan_from, batch_size, |p| holds.is_held_at(p, now)),
@@ -118,7 +119,9 @@ pub async fn run(
                 }
                 _ = shutdown.changed() => {}
             }
-            if holds.take_ended() || holds.next_try().is_none_or(|d| d.is_zero()) {
+            if holds.take_ended(tokio::time::Instant::now())
+                || holds.next_try().is_none_or(|d| d.is_zero())
+            {
                 rewind(&mut scan_from, &mut resume, &holds);
             }
             continue;

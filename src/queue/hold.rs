@@ -11,8 +11,10 @@
 //! A try that fails can be slow: a table locked by someone else is a `lock_timeout` (10 s by
 //! default), and the other projects wait for it, since a projector applies one batch at a time.
 //! So a project whose own tasks were refused so is held for at least [`COST_FACTOR`] times as long
-//! as that refusal took (`Step::held_cost`, up to [`MAX_HOLD`]): its tries take at most about a
-//! fifth of the projector's time. And a project whose hold ended is tried alone, its own tasks only
+//! as that refusal (or its failed migration) took (`Step::held_cost`, up to [`MAX_HOLD`]): tries of
+//! up to 75 s take at most about a fifth of the projector's time; longer ones (a statement cut at
+//! its 10-minute timeout) are tried every five minutes, so a project whose cause went away does not
+//! wait for long. And a project whose hold ended is tried alone, its own tasks only
 //! ([`Holds::was_held`]), so a try that fails again costs one wait, not one for the batch and one
 //! more for the project alone. A client's retry still ends a dispatcher's holds at its next batch,
 //! however busy it is; a RabbitMQ consumer's end by themselves, after at most [`MAX_HOLD`].
@@ -60,11 +62,10 @@ impl Holds {
         hold.noticed = false;
     }
 
-    /// Whether a hold ended since this was last asked: its project's backlog lies below where a
-    /// scan that passed over it stands, and must be read from the oldest task again before any
-    /// later task of that project (other projects may still be held).
-    pub fn take_ended(&mut self) -> bool {
-        let now = Instant::now();
+    /// Whether a hold ended by `now` since this was last asked: its project's backlog lies below
+    /// where a scan that passed over it stands, and must be read from the oldest task again before
+    /// any later task of that project (other projects may still be held).
+    pub fn take_ended(&mut self, now: Instant) -> bool {
         let mut ended = false;
         for hold in self.held.values_mut() {
             if hold.until <= now && !hold.noticed {
@@ -143,7 +144,11 @@ impl Holds {
 
     /// Whether some project is held now.
     pub fn any(&self) -> bool {
-        let now = Instant::now();
+        self.any_at(Instant::now())
+    }
+
+    /// Whether some project is held at `now`.
+    pub fn any_at(&self, now: Instant) -> bool {
         self.held.values().any(|hold| hold.until > now)
     }
 
@@ -209,13 +214,13 @@ mod tests {
             holds.hold(&b, Duration::ZERO);
         }
         holds.hold(&a, Duration::ZERO);
-        assert!(!holds.take_ended());
+        assert!(!holds.take_ended(Instant::now()));
         tokio::time::advance(holds.wait(&a)).await;
         assert!(holds.any(), "b is still held");
-        assert!(holds.take_ended(), "a's hold ended");
-        assert!(!holds.take_ended(), "noticed once");
+        assert!(holds.take_ended(Instant::now()), "a's hold ended");
+        assert!(!holds.take_ended(Instant::now()), "noticed once");
         holds.hold(&a, Duration::ZERO);
         tokio::time::advance(holds.wait(&a)).await;
-        assert!(holds.take_ended(), "a's next hold ended too");
+        assert!(holds.take_ended(Instant::now()), "a's next hold ended too");
     }
 }

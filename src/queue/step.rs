@@ -42,8 +42,8 @@ pub struct Step {
     /// others go on.
     pub held: Option<Ident>,
     /// How long the store took to refuse the held project's own tasks, alone, for a cause that
-    /// may be their own (a lock waited for): the hold lasts several times as long (`queue::hold`).
-    /// Zero for any other failure.
+    /// may be their own (a lock waited for), or to fail its migration: the hold lasts several
+    /// times as long (`queue::hold`). Zero for any other failure.
     pub held_cost: std::time::Duration,
 }
 
@@ -242,6 +242,7 @@ async fn migrate(projector: &dyn Projector, snapshot: &Snapshot, task: &Task, nu
         return applied(task);
     };
     let retired = project.retired_numbers();
+    let began = tokio::time::Instant::now();
     let result = projector.migrate(&task.project, version, &retired).await;
     let state = match &result {
         Ok(()) => MigrationState::Done,
@@ -253,6 +254,7 @@ async fn migrate(projector: &dyn Projector, snapshot: &Snapshot, task: &Task, nu
         Ok(()) => applied(task),
         Err(e) => Step {
             held: Some(task.project.clone()),
+            held_cost: began.elapsed(),
             ..retry(e)
         },
     };

@@ -20,8 +20,9 @@ use super::value::{canonicalize_scalar, parse_datetime};
 
 /// Past this many columns in the source, [`transform`] finds them by uid in an index it builds
 /// once, not one by one for each column of the target: a blueprint of 900 columns made 810,000
-/// comparisons per item and version, on every write. Below it, the linear look-up is quicker.
-const INDEXED_FROM: usize = 8;
+/// comparisons per item and version, on every write. Below it, the linear look-up (a thousand
+/// comparisons at most) costs less than building the index.
+const INDEXED_FROM: usize = 32;
 
 /// `item` (canonical, as checked against `from`) as a client of `to` (frozen as `to_version`) sees it.
 pub fn transform(

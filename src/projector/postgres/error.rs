@@ -63,14 +63,17 @@ const INTERNAL: &str = "XX000";
 /// only its project (see [`is_scoped`]), rather than dead-lettering rows for a server's trouble.
 fn internal(message: &str) -> Failure {
     // Not "ring": "during" and "string" hold it.
-    const GEOMETRY: [&str; 7] = [
+    const GEOMETRY: [&str; 10] = [
         "geometr",
         "lwgeom",
         "geos",
         "polygon",
         "linestring",
+        "linearring",
         "coordinate",
         "postgis",
+        "wkb",
+        "endian",
     ];
     let message = message.to_ascii_lowercase();
     match GEOMETRY.iter().any(|word| message.contains(word)) {
@@ -187,6 +190,8 @@ mod tests {
         for message in [
             "lwgeom_intersection: GEOS Error: TopologyException: Input geom 0 is invalid",
             "geometry requires more points",
+            "Invalid endian flag value encountered.",
+            "WKB structure does not match expected size!",
             "Invalid polygon: ring is not closed",
         ] {
             assert_eq!(internal(message), Failure::Row, "{message}");
