@@ -974,15 +974,23 @@ mod tests {
     use uuid::Uuid;
 
     use super::{count_places, project_turn, report};
+    use crate::blueprint::Ident;
     use crate::storage::conformance::{frozen, open_embedded, put_article, write};
+    use crate::storage::Storage;
+
+    /// Project `p` frozen with one item, its working copy adding a column: a freeze to count.
+    async fn changed(storage: &dyn Storage) -> Ident {
+        let project = frozen(storage).await;
+        write(storage, &project, Uuid::new_v4(), "one").await;
+        put_article(storage, &project, Some("pages")).await;
+        project
+    }
 
     /// While every place is taken, a count waits its turn; it runs once a place is free.
     #[tokio::test]
     async fn a_count_waits_while_every_place_is_taken() {
         let (storage, _dir) = open_embedded().await;
-        let project = frozen(storage.as_ref()).await;
-        write(storage.as_ref(), &project, Uuid::new_v4(), "one").await;
-        put_article(storage.as_ref(), &project, Some("pages")).await;
+        let project = changed(storage.as_ref()).await;
         let snapshot = storage.snapshot();
         let p = snapshot.project(&project).unwrap();
         let cores = std::thread::available_parallelism().map_or(2, |n| n.get());
@@ -1001,9 +1009,7 @@ mod tests {
     #[tokio::test]
     async fn a_projects_counts_run_one_at_a_time() {
         let (storage, _dir) = open_embedded().await;
-        let project = frozen(storage.as_ref()).await;
-        write(storage.as_ref(), &project, Uuid::new_v4(), "one").await;
-        put_article(storage.as_ref(), &project, Some("pages")).await;
+        let project = changed(storage.as_ref()).await;
         let snapshot = storage.snapshot();
         let p = snapshot.project(&project).unwrap();
         let turn = project_turn(&project);
