@@ -36,14 +36,9 @@ where
                 return;
             }
             let payload = error.into_panic();
-            let message = payload
-                .downcast_ref::<&str>()
-                .copied()
-                .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
-                .unwrap_or("(no message)");
             tracing::error!(
                 task = %what,
-                panic = message,
+                panic = panic_message(payload.as_ref()),
                 "a background loop panicked; starting it again"
             );
             tokio::select! {
@@ -53,6 +48,15 @@ where
             }
         }
     })
+}
+
+/// The message a panic carries (`panic!` with a literal or a formatted text), or "(no message)".
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> &str {
+    payload
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| payload.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("(no message)")
 }
 
 /// [`supervised`] for a loop that has no stop signal of its own: it returns once what it works for

@@ -223,6 +223,22 @@ impl Journal {
         Some(lane.settling.lock().unwrap_or_else(PoisonError::into_inner))
     }
 
+    /// How many of `dead` the projector has no letter for yet: a report delivered twice records
+    /// its letters again. Most acknowledgements record none, and read nothing here.
+    fn fresh_letters(&self, projector: &str, dead: &[DeadLetter]) -> Result<u64, JournalError> {
+        if dead.is_empty() {
+            return Ok(0);
+        }
+        let mut keys: Vec<Vec<u8>> = dead.iter().map(|l| keys::task(projector, l.seq)).collect();
+        keys.sort_unstable();
+        keys.dedup();
+        let mut fresh = 0;
+        for found in self.db.batched_multi_get_cf(self.cf(CF_DEAD), &keys, false) {
+            fresh += u64::from(found?.is_none());
+        }
+        Ok(fresh)
+    }
+
     /// Writes an acknowledgement (`batch` removes the tasks, `settled` of them still pending) with
     /// the dead letters, then moves the projector's progress.
     fn settle(
@@ -234,14 +250,7 @@ impl Journal {
         dead: Vec<DeadLetter>,
         run: Option<RangeInclusive<u64>>,
     ) -> Result<(), JournalError> {
-        // Letters the projector did not have: a report delivered twice records its letters again.
-        let mut keys: Vec<Vec<u8>> = dead.iter().map(|l| keys::task(projector, l.seq)).collect();
-        keys.sort_unstable();
-        keys.dedup();
-        let mut fresh = 0;
-        for found in self.db.batched_multi_get_cf(self.cf(CF_DEAD), &keys, false) {
-            fresh += u64::from(found?.is_none());
-        }
+        let fresh = self.fresh_letters(projector, &dead)?;
         for letter in &dead {
             batch.put_cf(
                 self.cf(CF_DEAD),

@@ -101,11 +101,7 @@ pub async fn apply(projector: &dyn Projector, snapshot: &Snapshot, tasks: &[Task
     {
         Ok(step) => step,
         Err(panic) => {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "no message".into());
+            let message = crate::supervise::panic_message(panic.as_ref());
             tracing::error!(projector = projector.name(), tasks = tasks.len(), %message, "projector panicked");
             if tasks.len() > 1 {
                 return Box::pin(apply(projector, snapshot, &tasks[..1])).await;
