@@ -108,9 +108,12 @@ impl UsageMeter {
         }
     }
 
-    /// The counts to write, emptied.
+    /// The counts to write, emptied, in (project, version, hour) order: nodes that upsert the
+    /// same rows at once lock them in one order, so they wait for each other rather than
+    /// deadlock.
     pub fn take(&self) -> Vec<UsageRow> {
-        self.pending
+        let mut rows: Vec<UsageRow> = self
+            .pending
             .lock()
             .expect("usage lock")
             .drain()
@@ -125,7 +128,26 @@ impl UsageMeter {
                         last_write_at: last,
                     })
             })
-            .collect()
+            .collect();
+        rows.sort_unstable_by(|a, b| {
+            (a.project.as_str(), a.version, a.hour).cmp(&(b.project.as_str(), b.version, b.hour))
+        });
+        rows
+    }
+
+    /// Counts `rows` [`UsageMeter::take`] gave again, their writing having failed: the next flush
+    /// writes them with what was counted meanwhile.
+    pub fn put_back(&self, rows: Vec<UsageRow>) {
+        let mut pending = self.pending.lock().expect("usage lock");
+        for row in rows {
+            let slot = pending
+                .entry(row.project)
+                .or_default()
+                .entry((row.version, row.hour))
+                .or_insert((0, row.last_write_at));
+            slot.0 += row.writes;
+            slot.1 = slot.1.max(row.last_write_at);
+        }
     }
 
     /// Drops the counts not written yet of a project that is being dropped.
@@ -173,6 +195,34 @@ mod tests {
         }
         assert_eq!(counted.into_iter().collect::<Vec<_>>(), [(1, 3), (2, 2)]);
         assert!(meter.take().is_empty(), "taken once");
+    }
+
+    /// Rows come in one order on every node (two nodes upserting the same rows in two orders
+    /// could deadlock), and rows whose writing failed are counted again with the next ones.
+    #[test]
+    fn rows_are_taken_in_order_and_put_back_when_their_writing_failed() {
+        let meter = UsageMeter::default();
+        let names = ["shop_1", "shop1", "blog", "zeta", "a"];
+        for name in names {
+            meter.note(&Ident::parse(name).unwrap(), &[3, 1, 2]);
+        }
+        let rows = meter.take();
+        let keys: Vec<(String, u32)> = rows
+            .iter()
+            .map(|r| (r.project.to_string(), r.version))
+            .collect();
+        let mut sorted = keys.clone();
+        sorted.sort();
+        assert_eq!(keys, sorted);
+        meter.put_back(rows);
+        meter.note(&Ident::parse("a").unwrap(), &[1]);
+        let again = meter.take();
+        assert_eq!(again.len(), names.len() * 3);
+        let a1 = again
+            .iter()
+            .find(|r| r.project.as_str() == "a" && r.version == 1)
+            .unwrap();
+        assert_eq!(a1.writes, 2);
     }
 
     #[test]

@@ -1036,3 +1036,200 @@ async fn a_node_whose_listening_connection_was_cut_off_silently_still_hears_of_c
     drop(proxy);
     cluster.clean_up().await;
 }
+
+/// A node whose connection breaks while its COMMIT is on the way cannot know whether the storage
+/// committed: its answer says the outcome is unknown, never "not written", for an item write, for
+/// the part of a `_bulk` in that commit, and for a catalog edit. Here the storage commits each
+/// time (it finishes the commit after its client went away), which "not written" would deny.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commit_whose_answer_is_lost_is_answered_as_unknown_not_as_unwritten() {
+    use sqlx::Connection;
+
+    let mut cluster = Cluster::new().await;
+    let direct_url = cluster.storage_url.clone();
+    let proxy = cluster.behind_proxy().await;
+    let nodes = cluster.bare_nodes("commit", 1, &[]).await;
+    let node = &nodes[0];
+    for (method, path, body) in [
+        (reqwest::Method::PUT, "/p/thing/_blueprint", Some(thing())),
+        (reqwest::Method::POST, "/p/_version", None),
+    ] {
+        let (status, body) = send(method, node.url(path), body).await;
+        assert_eq!(status, 200, "{body}");
+    }
+    // A commit that journals a revision past `slow_after.revision`, or that changes a project's
+    // row once `slow_after.projects`, waits two seconds in a deferred trigger: long enough to cut
+    // its connection while it is in the commit.
+    let mut sql = sqlx::PgConnection::connect(&direct_url).await.unwrap();
+    for statement in [
+        "CREATE TABLE dstore.slow_after (revision BIGINT, projects BOOLEAN)",
+        "INSERT INTO dstore.slow_after SELECT revision, FALSE FROM dstore.projects WHERE name = 'p'",
+        "CREATE FUNCTION dstore.slow_commit() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN \
+         IF (TG_TABLE_NAME = 'journal' AND NEW.revision > (SELECT revision FROM dstore.slow_after)) \
+         OR (TG_TABLE_NAME = 'projects' AND (SELECT projects FROM dstore.slow_after)) THEN \
+         PERFORM pg_sleep(2); END IF; RETURN NULL; END $$",
+        "CREATE CONSTRAINT TRIGGER slow AFTER INSERT ON dstore.journal DEFERRABLE INITIALLY \
+         DEFERRED FOR EACH ROW EXECUTE FUNCTION dstore.slow_commit()",
+        "CREATE CONSTRAINT TRIGGER slow AFTER UPDATE ON dstore.projects DEFERRABLE INITIALLY \
+         DEFERRED FOR EACH ROW EXECUTE FUNCTION dstore.slow_commit()",
+    ] {
+        sqlx::query(statement).execute(&mut sql).await.unwrap();
+    }
+    // Sends a request and cuts the node's connections to the storage once a commit waits.
+    let cut_in_commit = |method: reqwest::Method, path: String, body: String| {
+        let answer = tokio::spawn({
+            let url = node.url(&path);
+            async move {
+                let response = reqwest::Client::new()
+                    .request(method, url)
+                    .timeout(Duration::from_secs(90))
+                    .body(body)
+                    .send()
+                    .await
+                    .expect("the node answers");
+                let status = response.status().as_u16();
+                (
+                    status,
+                    response.json::<Value>().await.unwrap_or(Value::Null),
+                )
+            }
+        });
+        let proxy = &proxy;
+        let direct_url = direct_url.clone();
+        async move {
+            let mut watch = sqlx::PgConnection::connect(&direct_url).await.unwrap();
+            let started = Instant::now();
+            loop {
+                let committing: i64 = sqlx::query_scalar(
+                    "SELECT count(*) FROM pg_stat_activity \
+                     WHERE datname = current_database() AND wait_event = 'PgSleep'",
+                )
+                .fetch_one(&mut watch)
+                .await
+                .unwrap();
+                if committing > 0 {
+                    break;
+                }
+                assert!(
+                    started.elapsed() < Duration::from_secs(60),
+                    "{path} commits"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            proxy.cut();
+            let answer = answer.await.unwrap();
+            proxy.restore();
+            // The storage finishes the commit its client left.
+            while sqlx::query_scalar::<_, i64>(
+                "SELECT count(*) FROM pg_stat_activity \
+                 WHERE datname = current_database() AND wait_event = 'PgSleep'",
+            )
+            .fetch_one(&mut watch)
+            .await
+            .unwrap()
+                > 0
+            {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            // The pool's connections cut meanwhile are checked before they are handed out again
+            // once idle for a second.
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            answer
+        }
+    };
+    let unknown =
+        |(status, body): &(u16, Value)| *status == 503 && body.to_string().contains("is unknown");
+
+    let id = Uuid::new_v4();
+    let put = cut_in_commit(
+        reqwest::Method::PUT,
+        format!("/p/thing/{id}"),
+        json!({"project_version": 1, "title": "t", "n": 1}).to_string(),
+    )
+    .await;
+    assert!(unknown(&put), "{put:?}");
+
+    // A `_bulk` of one part more than a part holds: the first is committed, the second's commit
+    // is cut.
+    let top: i64 = sqlx::query_scalar("SELECT revision FROM dstore.projects WHERE name = 'p'")
+        .fetch_one(&mut sql)
+        .await
+        .unwrap();
+    let part = 10_000;
+    sqlx::query("UPDATE dstore.slow_after SET revision = $1")
+        .bind(top + part)
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    let ids: Vec<Uuid> = (0..=part).map(|_| Uuid::new_v4()).collect();
+    let mut lines = String::new();
+    for id in &ids {
+        lines.push_str(&format!(
+            "{{\"put\": {{\"blueprint\": \"thing\", \"id\": \"{id}\"}}}}\n\
+             {{\"project_version\": 1, \"n\": 2}}\n"
+        ));
+    }
+    let (status, bulk) = cut_in_commit(reqwest::Method::POST, "/p/_bulk".into(), lines).await;
+    assert_eq!(status, 200, "{bulk}");
+    let items = bulk["items"].as_array().expect("one outcome per operation");
+    assert_eq!(items.len(), ids.len());
+    assert_eq!(items[0]["put"]["status"], json!(200), "{}", items[0]);
+    let last = &items[part as usize]["put"];
+    assert!(
+        last["errors"].to_string().contains("perhaps written"),
+        "the operation in the cut commit may have been written: {last}"
+    );
+    assert!(
+        bulk["stopped"].to_string().contains("is unknown"),
+        "{}",
+        bulk["stopped"]
+    );
+
+    sqlx::query("UPDATE dstore.slow_after SET revision = 9223372036854775807, projects = TRUE")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    let mut edited = thing();
+    edited["columns"]["extra"] = json!({"type": "string"});
+    let edit = cut_in_commit(
+        reqwest::Method::PUT,
+        "/p/thing/_blueprint".into(),
+        edited.to_string(),
+    )
+    .await;
+    assert!(unknown(&edit), "{edit:?}");
+
+    sqlx::query("DROP FUNCTION dstore.slow_commit() CASCADE")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    // All three were committed.
+    let started = Instant::now();
+    loop {
+        let (item, _) = send(
+            reqwest::Method::GET,
+            node.url(&format!("/p/thing/{id}")),
+            None,
+        )
+        .await;
+        let (in_bulk, _) = send(
+            reqwest::Method::GET,
+            node.url(&format!("/p/thing/{}", ids[part as usize])),
+            None,
+        )
+        .await;
+        let (_, blueprint) =
+            send(reqwest::Method::GET, node.url("/p/thing/_blueprint"), None).await;
+        if item == 200 && in_bulk == 200 && blueprint.to_string().contains("extra") {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "{item} {in_bulk} {blueprint}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    drop(nodes);
+    drop(proxy);
+    cluster.clean_up().await;
+}

@@ -13,7 +13,7 @@ use sqlx::types::Json;
 use sqlx::{PgConnection, Row};
 use uuid::Uuid;
 
-use super::{catalog, unavailable, within, PgStorage};
+use super::{catalog, commit_failed, unavailable, within, PgStorage};
 use crate::blueprint::Ident;
 use crate::journal::backfill::{item_task, BackfillState};
 use crate::journal::codec;
@@ -272,8 +272,12 @@ async fn commit_chunk(
             .begin()
             .await
             .map_err(|e| unavailable("begin a back-fill chunk", &e))?;
-        let Ok((p, _)) = catalog::lock_project(&mut tx, project, None).await else {
-            return Ok(false);
+        // A project gone stops its back-fill; a storage that cannot lock it now (a lock wait
+        // past its limit, a lost connection) is a failure to try again after a pause.
+        let p = match catalog::lock_project(&mut tx, project, None).await {
+            Ok((p, _)) => p,
+            Err(StorageError::NotFound(_)) => return Ok(false),
+            Err(error) => return Err(error),
         };
         if p.working.born != born {
             // The back-fill of the project made again, if any, is its own to run.
@@ -338,7 +342,7 @@ async fn commit_chunk(
         }
         tx.commit()
             .await
-            .map_err(|e| unavailable("commit a back-fill chunk", &e))?;
+            .map_err(|e| commit_failed("a back-fill chunk", &e))?;
         node.committed.notify_waiters();
         Ok(true)
     })

@@ -84,6 +84,24 @@ pub async fn within<T, E: From<TimedOut>>(
     }
 }
 
+/// [`within`] for a transaction that writes and that a client waits on: past the limit its
+/// COMMIT may have been on its way or its answer lost, so its outcome is unknown
+/// ([`StorageError::Uncertain`]), not "not written".
+pub async fn within_write<T>(
+    limit: Duration,
+    work: impl Future<Output = Result<T, StorageError>>,
+) -> Result<T, StorageError> {
+    match tokio::time::timeout(limit, work).await {
+        Ok(done) => done,
+        Err(_) => Err(StorageError::Uncertain(format!(
+            "postgresql storage: no answer from the storage in {} s \
+             (storage.query_timeout_secs); whether the change was made is unknown: read it \
+             before asking again for what cannot be asked twice (a new key, a create)",
+            limit.as_secs()
+        ))),
+    }
+}
+
 /// A node's pool, whose statements are each bounded by `limit`.
 #[derive(Clone, Debug)]
 pub struct Bounded {

@@ -52,7 +52,7 @@ use crate::journal::{
     DeadLetter, Entry, ItemRecord, LetterFilter, ProjectorProgress, PURGE_BATCH, RETRY_PAGE,
 };
 use crate::supervise::supervised_until_gone;
-use bounded::{within, Bounded};
+use bounded::{within, within_write, Bounded};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -225,6 +225,11 @@ async fn flush_usage(storage: std::sync::Weak<PgStorage>) {
         .execute(node.pool())
         .await;
         let oldest = hours.iter().max().copied().unwrap_or_default() - super::usage::KEEP_HOURS;
+        if written.is_err() {
+            // Counted again with the next flush's, rather than lost with this one.
+            drop((projects, versions, hours, writes, last));
+            node.usage.put_back(rows);
+        }
         let written = match written {
             Ok(_) if oldest > pruned => {
                 let deleted = sqlx::query("DELETE FROM version_usage WHERE hour < $1")
@@ -367,6 +372,22 @@ pub(crate) fn check_schema(schema: &str) -> Result<(), StorageError> {
 /// A storage failure as callers act on it: the database is away or refused.
 fn unavailable(what: &str, error: &sqlx::Error) -> StorageError {
     StorageError::Unavailable(format!("postgresql storage: cannot {what}: {error}"))
+}
+
+/// A failed COMMIT as callers act on it. The server's error answer (a deferred check, a
+/// serialization failure, the server shutting down before it) means the transaction was rolled
+/// back: nothing was written. Any other failure (the connection broke or timed out while the
+/// COMMIT was on its way or its answer was) leaves the outcome unknown: the server may have
+/// committed, so the caller must not be told "not written".
+fn commit_failed(what: &str, error: &sqlx::Error) -> StorageError {
+    match error {
+        sqlx::Error::Database(_) => unavailable(what, error),
+        _ => StorageError::Uncertain(format!(
+            "postgresql storage: no answer to the commit of {what}: {error}; whether it was \
+             made is unknown: sending it again is safe for a PUT to an id or a delete, while a \
+             create or a POST sent again may make a second one (read it first)"
+        )),
+    }
 }
 
 /// The revision each item of `letters`' item writes has now in `project` (none: deleted).
@@ -704,7 +725,7 @@ impl PgStorage {
             }
             tx.commit()
                 .await
-                .map_err(|e| unavailable("commit projector cursors", &e))?;
+                .map_err(|e| commit_failed("projector cursors", &e))?;
             if !versions.is_empty() {
                 tracing::info!(%project, projectors = ?added, ?versions, "a store added later is back-filled with every live version");
                 self.committed.notify_waiters();
@@ -725,7 +746,7 @@ impl PgStorage {
             ) -> Result<T, crate::catalog::CatalogError>
             + Send,
     ) -> Result<T, StorageError> {
-        let (result, stamp, p) = within(self.pool.limit(), async move {
+        let (result, stamp, p) = within_write(self.pool.limit(), async move {
             let mut tx = self
                 .pool
                 .begin()
@@ -745,7 +766,7 @@ impl PgStorage {
             }
             tx.commit()
                 .await
-                .map_err(|e| unavailable("commit a catalog edit", &e))?;
+                .map_err(|e| commit_failed("a catalog edit", &e))?;
             Ok::<_, StorageError>((result, stamp, p))
         })
         .await?;
@@ -791,10 +812,12 @@ impl PgStorage {
             let last = (batch.len() == PURGE_BATCH).then(|| batch[batch.len() - 1].clone());
             let (projects, revisions): (Vec<String>, Vec<i64>) = batch.iter().cloned().unzip();
             let mut tx = self.pool.begin().await.map_err(failed)?;
-            // The projects' rows first, in name order, as a batch of writes takes them before it
-            // removes the tombstones of items written again: taken the other way round, each would
-            // wait for the other until PostgreSQL ended one, and a batch of writes failed with it.
-            sqlx::query("SELECT 1 FROM projects WHERE name = ANY($1) ORDER BY name FOR UPDATE")
+            // The projects' rows first, in the byte order of their names, as a batch of writes
+            // takes them (sorted as Rust strings; the column's collation may order `_` and digits
+            // otherwise) before it removes the tombstones of items written again: taken the other
+            // way round, each would wait for the other until PostgreSQL ended one, and a batch of
+            // writes failed with it.
+            sqlx::query("SELECT 1 FROM projects WHERE name = ANY($1) ORDER BY name COLLATE \"C\" FOR UPDATE")
                 .bind(&projects)
                 .execute(&mut *tx)
                 .await
@@ -816,7 +839,9 @@ impl PgStorage {
             .fetch_one(&mut *tx)
             .await
             .map_err(failed)?;
-            tx.commit().await.map_err(failed)?;
+            tx.commit()
+                .await
+                .map_err(|e| commit_failed("a tombstone purge", &e))?;
             Ok((last, purged as u64))
         })
         .await
@@ -865,7 +890,7 @@ impl PgStorage {
         keys: &[(String, i64)],
         drops: bool,
     ) -> Result<usize, StorageError> {
-        within(self.pool.limit(), async move {
+        within_write(self.pool.limit(), async move {
             let Ok(name) = Ident::parse(project) else {
                 return Ok(0);
             };
@@ -924,7 +949,7 @@ impl PgStorage {
             if taken.is_empty() {
                 tx.commit()
                     .await
-                    .map_err(|e| unavailable("commit a retry", &e))?;
+                    .map_err(|e| commit_failed("a retry", &e))?;
                 return Ok(settled);
             }
             // Each projector's letters queued in the order they were refused.
@@ -956,7 +981,7 @@ impl PgStorage {
             .map_err(queue)?;
             tx.commit()
                 .await
-                .map_err(|e| unavailable("commit a retry", &e))?;
+                .map_err(|e| commit_failed("a retry", &e))?;
             Ok(at.len() + settled)
         })
         .await
@@ -1192,7 +1217,7 @@ impl Storage for PgStorage {
         forced: bool,
         judged: Option<crate::catalog::edit::Judged>,
     ) -> Result<(Arc<Version>, u64), StorageError> {
-        within(self.pool.limit(), async move {
+        within_write(self.pool.limit(), async move {
             let mut tx = self
                 .pool
                 .begin()
@@ -1222,7 +1247,7 @@ impl Storage for PgStorage {
             self.notify(&mut tx, project).await?;
             tx.commit()
                 .await
-                .map_err(|e| unavailable("commit a freeze", &e))?;
+                .map_err(|e| commit_failed("a freeze", &e))?;
             self.publish_one(project, stamp, Some(p));
             self.committed.notify_waiters();
             Ok((version, revision))
@@ -1236,7 +1261,7 @@ impl Storage for PgStorage {
         version: u32,
         projectors: Vec<String>,
     ) -> Result<u64, StorageError> {
-        within(self.pool.limit(), async move {
+        within_write(self.pool.limit(), async move {
             let mut tx = self
                 .pool
                 .begin()
@@ -1263,7 +1288,7 @@ impl Storage for PgStorage {
             .map_err(|e| unavailable("release held cursors", &e))?;
             tx.commit()
                 .await
-                .map_err(|e| unavailable("commit a migration", &e))?;
+                .map_err(|e| commit_failed("a migration", &e))?;
             self.committed.notify_waiters();
             Ok(revision)
         })
@@ -1433,9 +1458,7 @@ impl Storage for PgStorage {
             .await
             .map_err(|e| unavailable("drop a project's version use", &e))?;
         self.notify(&mut tx, project).await?;
-        tx.commit()
-            .await
-            .map_err(|e| unavailable("commit a drop", &e))?;
+        tx.commit().await.map_err(|e| commit_failed("a drop", &e))?;
         self.usage.forget(project);
         self.signal.publish(project, revision);
         self.publish_one(project, stamp, None);
@@ -1729,7 +1752,7 @@ impl Storage for PgStorage {
     }
 
     async fn put_key(&self, key: &ApiKey, most: usize) -> Result<bool, StorageError> {
-        within(self.pool.limit(), async move {
+        within_write(self.pool.limit(), async move {
             let failed = |e: sqlx::Error| unavailable("write an API key", &e);
             let mut tx = self.pool.begin().await.map_err(failed)?;
             // Creations wait for each other (this lock mode conflicts with itself, and with no read),
@@ -1751,7 +1774,9 @@ impl Storage for PgStorage {
                 .execute(&mut *tx)
                 .await
                 .map_err(failed)?;
-            tx.commit().await.map_err(failed)?;
+            tx.commit()
+                .await
+                .map_err(|e| commit_failed("an API key", &e))?;
             Ok(true)
         })
         .await
@@ -1767,7 +1792,7 @@ impl Storage for PgStorage {
     }
 
     async fn replace_key(&self, key: &ApiKey, was: &ApiKey) -> Result<KeyReplaced, StorageError> {
-        within(self.pool.limit(), async move {
+        within_write(self.pool.limit(), async move {
             let failed = |e: sqlx::Error| unavailable("write an API key", &e);
             let mut tx = self.pool.begin().await.map_err(failed)?;
             let row =
@@ -1788,7 +1813,9 @@ impl Storage for PgStorage {
                 .execute(&mut *tx)
                 .await
                 .map_err(failed)?;
-            tx.commit().await.map_err(failed)?;
+            tx.commit()
+                .await
+                .map_err(|e| commit_failed("an API key", &e))?;
             Ok(KeyReplaced::Done)
         })
         .await
@@ -1809,7 +1836,7 @@ impl Storage for PgStorage {
             .bind(id)
             .execute(&self.pool)
             .await
-            .map_err(|e| unavailable("revoke an API key", &e))?
+            .map_err(|e| commit_failed("a key's revocation", &e))?
             .rows_affected();
         Ok(deleted > 0)
     }

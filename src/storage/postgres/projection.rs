@@ -17,7 +17,7 @@ use std::time::Duration;
 use sqlx::Row;
 use tokio::sync::watch;
 
-use super::{unavailable, within, PgStorage, LEASE};
+use super::{commit_failed, unavailable, within, PgStorage, LEASE};
 use crate::blueprint::Ident;
 use crate::journal::task::{Task, TaskOp};
 use crate::journal::{decode_task, DeadLetter};
@@ -397,7 +397,7 @@ async fn settle(
             .pool()
             .begin()
             .await
-            .map_err(|e| unavailable("settle tasks", &e))?;
+            .map_err(|e| commit_failed("settled tasks", &e))?;
         let moved = sqlx::query(
             "UPDATE cursors SET revision = greatest(revision, $3), last_error = NULL, attempts = 0, \
                  held_until = NULL, lease_until = now() + make_interval(secs => $5) \
@@ -438,7 +438,7 @@ async fn settle(
         }
         tx.commit()
             .await
-            .map_err(|e| unavailable("settle tasks", &e))?;
+            .map_err(|e| commit_failed("settled tasks", &e))?;
         storage.watch.note(projector, project, revision);
         Ok(true)
     })

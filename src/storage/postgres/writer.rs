@@ -22,7 +22,7 @@ use std::sync::{Arc, Weak};
 use tokio::sync::{mpsc, oneshot, Mutex};
 use uuid::Uuid;
 
-use super::{unavailable, PgStorage};
+use super::{commit_failed, unavailable, PgStorage};
 use crate::blueprint::Ident;
 use crate::journal::{codec, Entry};
 use crate::storage::StorageError;
@@ -143,9 +143,13 @@ async fn commit(node: &PgStorage, kept: &mut Kept, mut batch: Vec<WriteCommand>)
         Err(error) => {
             tracing::warn!(%error, "a batch of writes failed");
             for command in batch {
-                let _ = command
-                    .reply
-                    .send(Err(StorageError::Unavailable(error.to_string())));
+                // Each command of a batch whose commit may have been made may have been written:
+                // its caller must hear so (a `_bulk` reports its part "perhaps written").
+                let answer = match &error {
+                    StorageError::Uncertain(why) => StorageError::Uncertain(why.clone()),
+                    _ => StorageError::Unavailable(error.to_string()),
+                };
+                let _ = command.reply.send(Err(answer));
             }
         }
     }
@@ -205,7 +209,7 @@ async fn stage(
     write_rows(&mut tx, &rows).await?;
     tx.commit()
         .await
-        .map_err(|e| unavailable("commit a batch", &e))?;
+        .map_err(|e| commit_failed("a batch of writes", &e))?;
     let mut touched: BTreeMap<&str, i64> = BTreeMap::new();
     for row in &rows {
         let last = touched.entry(row.project.as_str()).or_default();
