@@ -4,11 +4,14 @@
 //! Each function either fails without touching the project or changes it and says which records
 //! changed; the backend persists exactly those, atomically, before anyone sees the new state.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use super::{CatalogError, Compatibility, MigrationState, Project, Version, VersionStatus};
-use crate::blueprint::{apply_edit, diff, BlueprintInput, Blueprints, Change, FieldError, Ident};
+use crate::blueprint::{
+    apply_edit, diff, BlueprintInput, Blueprints, Change, FieldError, Ident, Pattern,
+    MAX_PATTERNS_MEMORY,
+};
 
 /// Most blueprints a project holds: each is a table (with its indexes) in the one transaction of a
 /// PostgreSQL migration, and an Elasticsearch index for every live version, where a node holds
@@ -114,6 +117,49 @@ fn check_bytes(before: &Blueprints, next: &Blueprints) -> Result<(), CatalogErro
     )]))
 }
 
+/// Refuses an edit that brings in a pattern the working copy did not hold when the distinct
+/// patterns of the project's blueprints would then compile to more than [`MAX_PATTERNS_MEMORY`]
+/// (patterns shared by several columns count once, as the node holds them once); an edit that
+/// brings in none goes on, so a project that holds more already keeps them. `named`: the error's
+/// path starts with the blueprint's name (an edit of several).
+fn check_patterns(before: &Blueprints, next: &Blueprints, named: bool) -> Result<(), CatalogError> {
+    let held: HashSet<&str> = patterns(before).map(|(_, _, p)| p.as_str()).collect();
+    let Some((blueprint, column, _)) = patterns(next).find(|(_, _, p)| !held.contains(p.as_str()))
+    else {
+        return Ok(());
+    };
+    let mut seen = HashSet::new();
+    let total: usize = patterns(next)
+        .filter(|(_, _, p)| seen.insert(p.as_str()))
+        .map(|(_, _, p)| p.memory())
+        .sum();
+    if total <= MAX_PATTERNS_MEMORY {
+        return Ok(());
+    }
+    let base = if named {
+        format!("/{blueprint}")
+    } else {
+        String::new()
+    };
+    Err(CatalogError::Invalid(vec![FieldError::new(
+        format!("{base}/columns/{column}/validation/pattern"),
+        format!(
+            "the project's distinct patterns would compile to {total} bytes, more than the \
+             {MAX_PATTERNS_MEMORY} they may (\\w and \\d match all of Unicode and compile \
+             large; (?-u:\\w) and [0-9] match ASCII and cost little)"
+        ),
+    )]))
+}
+
+/// Each pattern of `blueprints`, with its blueprint and column.
+fn patterns(blueprints: &Blueprints) -> impl Iterator<Item = (&Ident, &Ident, &Pattern)> {
+    blueprints.iter().flat_map(|(name, bp)| {
+        bp.columns.iter().filter_map(move |(column, c)| {
+            c.def.validation.pattern.as_ref().map(|p| (name, column, p))
+        })
+    })
+}
+
 /// The `index` or `unique` columns of `blueprints`.
 fn indexes(blueprints: &Blueprints) -> usize {
     blueprints
@@ -159,6 +205,7 @@ pub fn put_blueprint(
     check_count(p.working.blueprints.len(), next.len())?;
     check_indexes(&p.working.blueprints, &next)?;
     check_bytes(&p.working.blueprints, &next)?;
+    check_patterns(&p.working.blueprints, &next, false)?;
     check_unique_names(&next, Some(name))?;
     check_rows(&next, Some(name))?;
     Ok(record_edit(p, next, writes))
@@ -197,6 +244,7 @@ pub fn put_blueprints(
     }
     check_indexes(&p.working.blueprints, &next)?;
     check_bytes(&p.working.blueprints, &next)?;
+    check_patterns(&p.working.blueprints, &next, true)?;
     check_unique_names(&next, None)?;
     check_rows(&next, None)?;
     Ok(record_edit(p, next, writes))
@@ -460,7 +508,10 @@ fn check_unique_names(blueprints: &Blueprints, edited: Option<&Ident>) -> Result
     let mut tables: BTreeMap<&Ident, &Ident> = BTreeMap::new();
     let mut types: BTreeMap<&Ident, &Ident> = BTreeMap::new();
     let mut relations: BTreeMap<String, (&Ident, String)> = BTreeMap::new();
-    for (name, bp) in blueprints {
+    // The edited blueprint comes last: a name it takes is another's, which the error names.
+    let others = blueprints.iter().filter(|(name, _)| Some(*name) != edited);
+    let last = edited.and_then(|name| blueprints.get_key_value(name));
+    for (name, bp) in others.chain(last) {
         let base = if edited.is_some() {
             String::new()
         } else {

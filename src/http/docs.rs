@@ -7,14 +7,14 @@ const OPENAPI: &str = include_str!("openapi.json");
 const PAGE: &str = include_str!("docs.html");
 
 /// GET /_openapi.json
-pub async fn openapi() -> HttpResponse {
+pub async fn openapi(_: super::query::NoQuery) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("application/json")
         .body(OPENAPI)
 }
 
 /// GET /_docs
-pub async fn page() -> HttpResponse {
+pub async fn page(_: super::query::NoQuery) -> HttpResponse {
     HttpResponse::Ok()
         .content_type("text/html; charset=utf-8")
         .body(PAGE)

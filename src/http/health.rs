@@ -12,7 +12,7 @@ use crate::projector::Health;
 use crate::storage::{self, Refused, StorageError};
 
 /// GET /_health: the process answers.
-pub async fn live() -> HttpResponse {
+pub async fn live(_: super::query::NoQuery) -> HttpResponse {
     HttpResponse::Ok().json(json!({"status": "ok"}))
 }
 

@@ -7,7 +7,11 @@ use actix_web::{web, HttpResponse};
 use super::observe::RequestMetrics;
 use super::State;
 
-pub async fn metrics(state: State, requests: web::Data<RequestMetrics>) -> HttpResponse {
+pub async fn metrics(
+    _: super::query::NoQuery,
+    state: State,
+    requests: web::Data<RequestMetrics>,
+) -> HttpResponse {
     let mut out = String::with_capacity(4096);
     requests.render(&mut out);
     let stats = state.storage.stats().await;

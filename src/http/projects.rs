@@ -117,6 +117,7 @@ async fn try_project(
     if !trial.has_unfrozen_changes() {
         return Ok(None);
     }
+    crate::catalog::edit::room_for_a_version(&trial).map_err(WriteError::from)?;
     match write::evolution::judge(state.storage.as_ref(), &trial, false).await? {
         Ok(_) => Ok(Some(Judged::of(&trial))),
         Err(report) => Err(WriteError::Incompatible(report).into()),
@@ -181,8 +182,25 @@ pub async fn put_all(
     let mut named = Vec::new();
     state.storage.refresh_catalog().await?;
     let snapshot = state.storage.snapshot();
+    // The projects it makes must all fit: one refused after those before it were made and frozen
+    // would leave the request half done.
+    let made = projects
+        .keys()
+        .filter(|name| Ident::parse(name).is_ok_and(|p| !snapshot.projects.contains_key(&p)))
+        .count();
+    let most = state.settings.storage.max_projects;
+    if made > most.saturating_sub(snapshot.projects.len()) {
+        return Err(ApiError::Conflict(format!(
+            "the request makes {made} new projects; this deployment holds {} of the {most} it \
+             holds at most (storage.max_projects): no project was changed",
+            snapshot.projects.len()
+        )));
+    }
     for (name, blueprints) in projects {
-        let at = format!("/{}", crate::blueprint::parse::pointer_segment(name));
+        let at = format!(
+            "/{}",
+            crate::blueprint::parse::pointer_segment(&crate::blueprint::value::excerpt_str(name))
+        );
         match Ident::parse(name) {
             Err(reason) => errors.push(FieldError::new(
                 &at,

@@ -350,6 +350,16 @@ async fn a_blueprint_cannot_take_a_name_another_blueprints_index_has_in_postgres
         .put("/p/x/_blueprint", &blueprint("a_b", "x", "d"))
         .await;
     assert_eq!(fine.status, 200, "{}", fine.body);
+    // A blueprint whose name sorts before the one it clashes with is told the other's name.
+    let early = app
+        .put("/p/b/_blueprint", &blueprint("a_b", "b", "e"))
+        .await;
+    assert_eq!(early.status, 422, "{}", early.body);
+    assert!(
+        early.messages().contains("blueprint \"x\""),
+        "{}",
+        early.body
+    );
     assert_eq!(app.post("/p/_version", None).await.status, 200);
     app.stop().await;
 }

@@ -1662,6 +1662,11 @@ async fn blueprint_limits_and_parameters_a_route_does_not_take_are_refused_by_na
     let diff = app.get("/rx/_diff?from=0&to=1").await;
     assert_eq!(diff.status, 400, "{}", diff.body);
     assert_eq!(diff.paths(), ["from"]);
+    for route in ["/_health", "/_metrics", "/_docs", "/_openapi.json"] {
+        let odd = app.get(&format!("{route}?bogus=1")).await;
+        assert_eq!(odd.status, 400, "{route}: {}", odd.body);
+        assert_eq!(odd.paths(), ["bogus"], "{route}");
+    }
     app.stop().await;
 }
 
@@ -2332,6 +2337,29 @@ async fn live_versions_defaults_and_recorded_edits_are_bounded() {
             n as u64
         );
     }
+    // A put-and-freeze of the whole project is refused before it changes the working copy, alone
+    // and among others (whose changes are not made either).
+    let whole = app
+        .put("/lv/_project", &json!({"article": with_comment(33)}))
+        .await;
+    assert_eq!(whole.status, 409, "{}", whole.body);
+    let all = json!({"fresh": {"article": article()}, "lv": {"article": with_comment(33)}});
+    let whole = app.put("/_project", &all).await;
+    assert_eq!(whole.status, 409, "{}", whole.body);
+    assert!(
+        whole.body["status"]
+            .to_string()
+            .contains("32 live versions"),
+        "{}",
+        whole.body
+    );
+    let kept = app.get("/lv/article/_blueprint").await;
+    assert_eq!(
+        kept.body["columns"]["title"]["comment"], "edit 32",
+        "{}",
+        kept.body
+    );
+    assert_eq!(app.get("/fresh/_project").await.status, 404);
     let put = app.put("/lv/article/_blueprint", &with_comment(33)).await;
     assert_eq!(put.status, 200, "{}", put.body);
     let refused = app.post("/lv/_version", None).await;
@@ -2559,6 +2587,108 @@ async fn an_item_too_wide_for_another_versions_row_is_refused_naming_it() {
     let taken = app
         .put(&format!("/wide/wide/{}", Uuid::new_v4()), &uuids_item(150))
         .await;
+    assert_eq!(taken.status, 200, "{}", taken.body);
+    app.stop().await;
+}
+
+/// Patterns cost memory by what they compile to, not by their length: `\w{16}` is seven bytes
+/// and about a mebibyte compiled. A small blueprint of hundreds of them is refused at the first
+/// past the budget, and so is a blueprint that takes the project's patterns past it, naming the
+/// pattern; the same patterns in another blueprint cost nothing more, and the patterns stored
+/// still check items after a restart.
+#[tokio::test]
+async fn patterns_are_bounded_by_what_they_compile_to_and_shared_ones_count_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let app = spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+    let blueprint = |name: &str, tag: &str, count: usize| {
+        let columns: serde_json::Map<String, Value> = (0..count)
+            .map(|i| {
+                let column = json!({"type": "string",
+                    "validation": {"pattern": format!(r"^\w{{16}}{tag}{i}$")}});
+                (format!("c{i}"), column)
+            })
+            .collect();
+        json!({"postgresql": {"table": name}, "elasticsearch": {"type": name}, "columns": columns})
+    };
+    let hostile = blueprint("many", "m", 900);
+    assert!(hostile.to_string().len() < 80_000);
+    let refused = app.put("/rx/many/_blueprint", &hostile).await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    let paths = refused.paths();
+    assert_eq!(paths.len(), 1, "{}", refused.body);
+    assert!(
+        paths[0].starts_with("/columns/c") && paths[0].ends_with("/validation/pattern"),
+        "{paths:?}"
+    );
+    assert!(
+        refused.messages().contains("compiles to"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(app.get("/rx/many/_blueprint").await.status, 404);
+
+    // Ten such patterns fit; ten more in another blueprint take the project past the budget.
+    let first = app.put("/rx/a/_blueprint", &blueprint("a", "a", 10)).await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let more = app.put("/rx/b/_blueprint", &blueprint("b", "b", 10)).await;
+    assert_eq!(more.status, 422, "{}", more.body);
+    assert_eq!(
+        more.paths(),
+        ["/columns/c0/validation/pattern"],
+        "{}",
+        more.body
+    );
+    assert!(
+        more.messages().contains("distinct patterns"),
+        "{}",
+        more.body
+    );
+    // The same ten again, in another blueprint, count once.
+    let same = app.put("/rx/c/_blueprint", &blueprint("c", "a", 10)).await;
+    assert_eq!(same.status, 200, "{}", same.body);
+    assert_eq!(app.post("/rx/_version", None).await.status, 200);
+    app.stop().await;
+
+    let again = spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+    let item = |value: &str| json!({"project_version": 1, "c3": value});
+    let matching = again
+        .put(
+            &format!("/rx/c/{}", Uuid::new_v4()),
+            &item("abcdefghijklmnopa3"),
+        )
+        .await;
+    assert_eq!(matching.status, 200, "{}", matching.body);
+    let missing = again
+        .put(&format!("/rx/a/{}", Uuid::new_v4()), &item("short"))
+        .await;
+    assert_eq!(missing.status, 422, "{}", missing.body);
+    assert_eq!(missing.paths(), ["/c3"], "{}", missing.body);
+    again.stop().await;
+}
+
+/// `PUT /_project` that makes more projects than `storage.max_projects` leaves room for is
+/// refused whole: no project of it is made, rather than those before the one refused.
+#[tokio::test]
+async fn put_all_projects_past_the_most_projects_makes_none() {
+    let app = spawn_app_with(|s| s.storage.max_projects = 2).await;
+    assert_eq!(
+        app.put("/one/article/_blueprint", &article()).await.status,
+        200
+    );
+    let both = json!({"one": {"article": article()}, "two": {"article": article()},
+        "three": {"article": article()}});
+    let refused = app.put("/_project", &both).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(
+        refused.body["status"].to_string().contains("max_projects"),
+        "{}",
+        refused.body
+    );
+    assert_eq!(app.get("/two/_project").await.status, 404);
+    assert_eq!(app.get("/one/_version").await.body["versions"], json!([]));
+    let fits = json!({"one": {"article": article()}, "two": {"article": article()}});
+    let taken = app.put("/_project", &fits).await;
     assert_eq!(taken.status, 200, "{}", taken.body);
     app.stop().await;
 }

@@ -161,7 +161,7 @@ fn check_rules(def: &ColumnDef, value: &Value) -> Result<(), String> {
                     s.len()
                 ));
             }
-            if let Some(pattern) = rules.pattern.as_ref().filter(|p| !p.0.is_match(s)) {
+            if let Some(pattern) = rules.pattern.as_ref().filter(|p| !p.is_match(s)) {
                 return Err(format!(
                     "does not match the pattern {:?}",
                     super::value::excerpt_str(pattern.as_str())

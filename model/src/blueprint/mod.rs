@@ -20,8 +20,8 @@ use serde::Serialize;
 
 pub use diff::{apply_edit, diff, Change};
 pub use ident::Ident;
-pub use model::{Blueprint, Blueprints, Column, ColumnDef, Convert, Uid};
-pub use parse::{parse_blueprint, BlueprintInput};
+pub use model::{Blueprint, Blueprints, Column, ColumnDef, Convert, Pattern, Uid};
+pub use parse::{parse_blueprint, BlueprintInput, MAX_PATTERNS_MEMORY};
 pub use types::{BaseType, ColumnType};
 
 /// One problem with a client's input: where (a JSON pointer) and why.

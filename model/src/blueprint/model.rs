@@ -7,7 +7,6 @@
 use std::collections::BTreeMap;
 
 use indexmap::IndexMap;
-use regex::Regex;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use serde_json::{json, Map, Value};
 
@@ -108,22 +107,126 @@ pub struct Validation {
     pub one_of: Option<Vec<Value>>,
 }
 
-/// A compiled `pattern`, compared and stored by its source text.
+/// The most a pattern's automata may take ([`regex_automata::meta::Config::nfa_size_limit`], as
+/// `regex::RegexBuilder::size_limit` sets it): a stored pattern compiled under it stays valid.
+const PATTERN_NFA_LIMIT: usize = 1 << 20;
+
+/// The most each thread's lazy DFA cache of one pattern may grow to: past it the cache is cleared
+/// or the match falls back to a slower engine, with memory bounded either way.
+const PATTERN_CACHE_CAPACITY: usize = 1 << 20;
+
+/// A `pattern`, compared and stored by its source text, and compiled once per node for each source
+/// text, when first needed: the working copy, every version and every project that hold the same
+/// pattern share one compiled regex, and a version's patterns that nothing checks against (a
+/// retired version's, a catalog just read at start or from another node) are not compiled at all.
+/// A client's new pattern is compiled as its blueprint is parsed ([`Pattern::compile`]), so it is
+/// refused there if invalid and its memory is known ([`Pattern::memory`]).
 #[derive(Clone, Debug)]
-pub struct Pattern(pub Regex);
+pub struct Pattern(std::sync::Arc<Shared>);
+
+#[derive(Debug)]
+struct Shared {
+    source: Box<str>,
+    compiled: std::sync::OnceLock<Result<regex_automata::meta::Regex, String>>,
+}
+
+/// The patterns this process holds, by source text; entries whose patterns are all gone are swept
+/// as the map grows.
+fn interned(
+) -> &'static std::sync::Mutex<std::collections::HashMap<Box<str>, std::sync::Weak<Shared>>> {
+    static INTERNED: std::sync::OnceLock<
+        std::sync::Mutex<std::collections::HashMap<Box<str>, std::sync::Weak<Shared>>>,
+    > = std::sync::OnceLock::new();
+    INTERNED.get_or_init(Default::default)
+}
+
+/// `source` compiled as `regex::Regex::new` would, with the limits above.
+fn build(source: &str) -> Result<regex_automata::meta::Regex, String> {
+    use regex_automata::meta;
+    let config = meta::Config::new()
+        .nfa_size_limit(Some(PATTERN_NFA_LIMIT))
+        .hybrid_cache_capacity(PATTERN_CACHE_CAPACITY)
+        .match_kind(regex_automata::MatchKind::LeftmostFirst)
+        .utf8_empty(true);
+    meta::Builder::new()
+        .configure(config)
+        .syntax(regex_automata::util::syntax::Config::new().utf8(true))
+        .build(source)
+        .map_err(|error| {
+            // The regex crate's own words for what is wrong (a syntax error pointed at, a size
+            // limit named), which the meta engine's error does not give.
+            let said = regex::RegexBuilder::new(source)
+                .size_limit(PATTERN_NFA_LIMIT)
+                .build()
+                .err()
+                .map_or_else(|| error.to_string(), |e| e.to_string());
+            format!("is not a valid regular expression: {said}")
+        })
+}
 
 impl Pattern {
-    /// Compiles `source`, bounding the compiled size so a hostile pattern cannot exhaust memory.
+    /// The pattern of `source`, shared with one this process holds already, else new and not
+    /// compiled yet.
+    fn shared(source: &str) -> Pattern {
+        let mut map = interned().lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(held) = map.get(source).and_then(std::sync::Weak::upgrade) {
+            return Pattern(held);
+        }
+        let pattern = std::sync::Arc::new(Shared {
+            source: source.into(),
+            compiled: std::sync::OnceLock::new(),
+        });
+        if map.len() >= 64 && map.len().is_power_of_two() {
+            map.retain(|_, held| held.strong_count() > 0);
+        }
+        map.insert(source.into(), std::sync::Arc::downgrade(&pattern));
+        Pattern(pattern)
+    }
+
+    /// Compiles `source` now (unless this process holds it compiled already), answering why it is
+    /// not a valid pattern, and whether compiling it took memory this process did not hold
+    /// before. The compiled size is bounded so a hostile pattern cannot exhaust memory.
+    pub fn compile_counted(source: &str) -> Result<(Pattern, bool), String> {
+        let pattern = Pattern::shared(source);
+        let mut fresh = false;
+        let compiled = pattern.0.compiled.get_or_init(|| {
+            fresh = true;
+            build(source)
+        });
+        match compiled {
+            Ok(_) => Ok((pattern, fresh)),
+            Err(reason) => Err(reason.clone()),
+        }
+    }
+
+    /// [`Pattern::compile_counted`], without the count.
     pub fn compile(source: &str) -> Result<Pattern, String> {
-        regex::RegexBuilder::new(source)
-            .size_limit(1 << 20)
-            .build()
-            .map(Pattern)
-            .map_err(|e| format!("is not a valid regular expression: {e}"))
+        Pattern::compile_counted(source).map(|(pattern, _)| pattern)
+    }
+
+    fn compiled(&self) -> Result<&regex_automata::meta::Regex, &str> {
+        self.0
+            .compiled
+            .get_or_init(|| build(&self.0.source))
+            .as_ref()
+            .map_err(String::as_str)
+    }
+
+    /// Whether `text` matches. A stored pattern this build cannot compile (a later library with
+    /// lower limits) matches nothing, so what it guards is refused rather than let through.
+    pub fn is_match(&self, text: &str) -> bool {
+        self.compiled().is_ok_and(|regex| regex.is_match(text))
+    }
+
+    /// The heap memory of the compiled pattern (compiling it when it is not yet), shared by every
+    /// holder of the same source text; each thread that matches against it adds a cache of at
+    /// most [`PATTERN_CACHE_CAPACITY`].
+    pub fn memory(&self) -> usize {
+        self.compiled().map_or(0, |regex| regex.memory_usage())
     }
 
     pub fn as_str(&self) -> &str {
-        self.0.as_str()
+        &self.0.source
     }
 }
 
@@ -140,9 +243,11 @@ impl Serialize for Pattern {
 }
 
 impl<'de> Deserialize<'de> for Pattern {
+    /// A stored pattern was checked when its blueprint was put: it is compiled when first used,
+    /// not as the catalog is read.
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        let source = String::deserialize(deserializer)?;
-        Pattern::compile(&source).map_err(serde::de::Error::custom)
+        let source = std::borrow::Cow::<str>::deserialize(deserializer)?;
+        Ok(Pattern::shared(&source))
     }
 }
 
@@ -292,4 +397,86 @@ pub fn blueprints_to_public(blueprints: &Blueprints) -> Value {
             .map(|(name, bp)| (name.to_string(), bp.to_public()))
             .collect(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::blueprint::parse::{parse_blueprint, MAX_PATTERNS_MEMORY};
+
+    /// Every holder of one source text shares one compiled pattern: a catalog read again (each
+    /// version, each node's reload) compiles nothing, and compiles only what is matched against.
+    #[test]
+    fn one_source_is_compiled_once_and_a_stored_one_only_when_used() {
+        let source = r"^shared-[a-z]{3}\d$";
+        let (first, fresh) = Pattern::compile_counted(source).unwrap();
+        assert!(fresh);
+        let (again, fresh) = Pattern::compile_counted(source).unwrap();
+        assert!(!fresh, "compiled once");
+        assert!(std::sync::Arc::ptr_eq(&first.0, &again.0));
+        let read: Pattern = serde_json::from_value(json!(source)).unwrap();
+        assert!(
+            std::sync::Arc::ptr_eq(&first.0, &read.0),
+            "a read pattern shares it"
+        );
+        assert!(read.is_match("shared-abc1") && !read.is_match("shared-abc"));
+
+        let stored = r"^stored-only-[a-z]+$";
+        let read: Pattern = serde_json::from_value(json!(stored)).unwrap();
+        assert!(
+            read.0.compiled.get().is_none(),
+            "not compiled as it is read"
+        );
+        assert!(read.is_match("stored-only-x"));
+        assert!(read.0.compiled.get().is_some());
+        // Gone with its last holder: a later compile is fresh again.
+        drop(read);
+        assert!(Pattern::compile_counted(stored).unwrap().1);
+    }
+
+    /// A stored pattern this build cannot compile does not stop the catalog from being read; it
+    /// matches nothing.
+    #[test]
+    fn a_stored_pattern_that_does_not_compile_is_read_and_matches_nothing() {
+        let read: Pattern = serde_json::from_value(json!("(unclosed")).unwrap();
+        assert!(!read.is_match("(unclosed"));
+        assert_eq!(read.memory(), 0);
+        let refused = Pattern::compile("(unclosed").unwrap_err();
+        assert!(refused.contains("unclosed group"), "{refused}");
+    }
+
+    /// Short patterns of Unicode classes compile to about a mebibyte each: a small blueprint of
+    /// many of them is refused at the first past the budget, naming it, and no more of them are
+    /// compiled.
+    #[test]
+    fn a_blueprint_whose_new_patterns_compile_too_large_is_refused_at_the_pattern() {
+        let columns: Map<String, Value> = (0..900)
+            .map(|i| {
+                let column = json!({"type": "string",
+                    "validation": {"pattern": format!(r"\w{{16}}budget{i}")}});
+                (format!("c{i}"), column)
+            })
+            .collect();
+        let body = json!({"postgresql": {"table": "t"}, "elasticsearch": {"type": "t"},
+            "columns": columns});
+        assert!(body.to_string().len() < 80_000, "a small body");
+        let errors = parse_blueprint(&body, "").unwrap_err();
+        assert_eq!(errors.len(), 1, "{errors:?}");
+        let at: usize = errors[0].path["/columns/c".len()..]
+            .trim_end_matches("/validation/pattern")
+            .parse()
+            .unwrap();
+        let each = Pattern::compile(r"\w{16}budget0").unwrap().memory();
+        assert!(each > 100_000, "{each}");
+        assert!(
+            (MAX_PATTERNS_MEMORY / each).abs_diff(at) <= 1,
+            "{each}: {errors:?}"
+        );
+        assert!(errors[0].message.contains("compiles to"), "{errors:?}");
+        let held = interned().lock().unwrap();
+        assert!(
+            !held.contains_key(format!(r"\w{{16}}budget{}", at + 1).as_str()),
+            "nothing past the budget was compiled"
+        );
+    }
 }

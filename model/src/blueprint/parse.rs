@@ -24,6 +24,13 @@ pub const MAX_COMMENT_CHARS: usize = 1024;
 /// of every item costs stays small (checked by `apply_edit`, which lets a stored one stay).
 pub const MAX_PATTERN_BYTES: usize = 1024;
 
+/// The most memory the distinct patterns of a project's blueprints may compile to, and the new
+/// patterns of one blueprint put (checked as it is parsed, and by the catalog's edit for the whole
+/// project, which lets a project that holds more already keep them). A short pattern of Unicode
+/// classes (`\w{16}`) compiles to about a mebibyte: without it, a small body could make the node
+/// hold gigabytes.
+pub const MAX_PATTERNS_MEMORY: usize = 16 << 20;
+
 /// Most values a new `enum` lists: every item's value is looked for among them (checked by
 /// `apply_edit`, which lets a stored one stay).
 pub const MAX_ENUM_VALUES: usize = 1000;
@@ -84,6 +91,8 @@ fn find_nul(value: &Value, at: String) -> Option<String> {
 struct Errors<'a> {
     base: &'a str,
     list: Vec<FieldError>,
+    /// The memory of the patterns compiled for this blueprint that the process did not hold.
+    fresh_patterns: usize,
 }
 
 impl Errors<'_> {
@@ -107,6 +116,7 @@ pub fn parse_blueprint(body: &Value, base: &str) -> Result<BlueprintInput, Vec<F
     let mut errors = Errors {
         base,
         list: Vec::new(),
+        fresh_patterns: 0,
     };
     // The catalog is stored as JSON in PostgreSQL in cluster mode, and PostgreSQL's text cannot
     // hold NUL: anywhere in a blueprint (a pattern, an Elasticsearch option, a key), it is refused.
@@ -427,8 +437,28 @@ fn parse_validation(errors: &mut Errors, path: &str, ty: ColumnType, value: &Val
                 None => errors.push(&at, "must be a whole number of characters, zero or more"),
             },
             "pattern" if textual => match value {
-                Value::String(source) => match Pattern::compile(source) {
-                    Ok(pattern) => out.pattern = Some(pattern),
+                // Past the budget, no more new patterns are compiled: the request is refused, and
+                // what it would hold must not be built first.
+                Value::String(_) if errors.fresh_patterns > MAX_PATTERNS_MEMORY => {}
+                Value::String(source) => match Pattern::compile_counted(source) {
+                    Ok((pattern, fresh)) => {
+                        if fresh {
+                            errors.fresh_patterns += pattern.memory();
+                        }
+                        if errors.fresh_patterns > MAX_PATTERNS_MEMORY {
+                            errors.push(
+                                &at,
+                                format!(
+                                "compiles to {} bytes, which takes this blueprint's new patterns \
+                                 past the {MAX_PATTERNS_MEMORY} bytes a project's patterns may \
+                                 compile to (\\w and \\d match all of Unicode and compile large; \
+                                 (?-u:\\w) and [0-9] match ASCII and cost little)",
+                                pattern.memory()
+                            ),
+                            );
+                        }
+                        out.pattern = Some(pattern);
+                    }
                     Err(reason) => errors.push(&at, format!("{:?} {reason}", excerpt_str(source))),
                 },
                 _ => errors.push(&at, "must be a regular expression in a string"),
