@@ -311,6 +311,7 @@ pub async fn bulk(
         ops: owned.into(),
         max_item_bytes,
         details: Arc::new(Details::for_body(raw.len())),
+        written: Arc::default(),
     };
     let mut outcomes = Vec::with_capacity(body.ops.len());
     // Once a part is journaled, the request goes on whatever others hold: a later part that holds
@@ -384,7 +385,15 @@ struct BulkBody {
     ops: Arc<[OwnedOp]>,
     max_item_bytes: usize,
     details: Arc<Details>,
+    /// The items the journaled parts wrote (the blueprint uid they were written with) or deleted
+    /// (none): a later operation on one of them finds it as the body left it, as it would if sent
+    /// alone after (a delete of an item put earlier in the body is found, and reaches the
+    /// versions it was written to; a second delete of one is not found).
+    written: Arc<std::sync::Mutex<Written>>,
 }
+
+/// Items a `_bulk` body wrote (the blueprint uid each was written with) or deleted (none).
+type Written = HashMap<(Ident, Uuid), Option<Uid>>;
 
 /// Journals the operations `part` of the body together: one outcome for each.
 async fn bulk_part(
@@ -402,38 +411,66 @@ async fn bulk_part(
                 ops,
                 max_item_bytes,
                 details,
+                written,
             } = &body;
             let ops = &ops[part];
             let mut entries = Vec::with_capacity(ops.len());
-            // Each operation's entry (its index, and the versions its item is not in), or why not.
+            // Each operation's entry (its index, the versions its item is not in, and for a
+            // delete whether the item was there), or why not.
             let mut outcomes = Vec::with_capacity(ops.len());
+            // What this part's operations write, over what the parts before wrote: kept apart, as
+            // the part may be prepared again (the project's versions moved) or not journaled.
+            let before = written.lock().unwrap_or_else(|e| e.into_inner());
+            let mut now = Written::new();
             for op in ops {
+                let key = op.blueprint.clone().zip(op.id);
+                let stored = match &key {
+                    Some(key) => match now.get(key).or_else(|| before.get(key)) {
+                        Some(left) => *left,
+                        None => op.stored_uid,
+                    },
+                    None => op.stored_uid,
+                };
                 outcomes.push(
-                    match op.prepare(&snapshot, &project, raw, *max_item_bytes) {
+                    match op.prepare(&snapshot, &project, raw, *max_item_bytes, stored) {
                         Ok(entry) => {
                             let absent = entry.absent_versions().into_boxed_slice();
+                            let found = match &entry {
+                                Entry::Upsert { blueprint_uid, .. } => {
+                                    key.map(|key| now.insert(key, Some(*blueprint_uid)));
+                                    None
+                                }
+                                Entry::Delete { .. } => {
+                                    key.map(|key| now.insert(key, None));
+                                    Some(stored.is_some())
+                                }
+                            };
                             entries.push(entry);
-                            Ok((entries.len() - 1, absent))
+                            Ok((entries.len() - 1, absent, found))
                         }
                         Err((status, errors)) => Err((status, details.keep(cap_errors(errors)))),
                     },
                 );
             }
-            Ok((entries, outcomes))
+            Ok((entries, (outcomes, now)))
         })
     })
     .await?;
+    let (outcomes, now) = outcomes;
+    body.written
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .extend(now);
     Ok(outcomes
         .into_iter()
-        .zip(&body.ops[part])
-        .map(|(outcome, op)| {
-            outcome.map(|(index, absent)| {
+        .map(|outcome| {
+            outcome.map(|(index, absent, found)| {
                 count_left_out(&absent);
                 Put {
                     revision: revisions[index],
                     absent,
                     // As a DELETE answers it: whether the item was there.
-                    found: (op.action == Action::Delete).then_some(op.stored_uid.is_some()),
+                    found,
                 }
             })
         })
@@ -512,12 +549,14 @@ impl OwnedOp {
     }
 
     /// Prepares the operation: its item is parsed here and dropped once encoded.
+    /// `stored_uid`: the blueprint uid of the item a delete reaches, as the body left it.
     fn prepare(
         &self,
         snapshot: &Snapshot,
         project: &Ident,
         raw: &[u8],
         max_item_bytes: usize,
+        stored_uid: Option<Uid>,
     ) -> Result<Entry, (u16, Vec<FieldError>)> {
         if let Some(error) = &self.error {
             return Err(error.clone());
@@ -529,7 +568,7 @@ impl OwnedOp {
             ));
         };
         let result = match self.action {
-            Action::Delete => prepare_delete(snapshot, project, blueprint, id, self.stored_uid),
+            Action::Delete => prepare_delete(snapshot, project, blueprint, id, stored_uid),
             Action::Put | Action::Create => {
                 let line = self.item.clone().map_or(&[][..], |range| &raw[range]);
                 let item = crate::bulk::parse_item(line, max_item_bytes)?;

@@ -292,6 +292,54 @@ async fn bulk_answers_per_line_and_journals_the_valid_ones() {
     app.stop().await;
 }
 
+/// A `_bulk` finds each item as the operations before it in the body left it, as requests sent
+/// one after another would: a delete of an item put earlier in the body (in its part or in one
+/// before) is found and deletes it, a second delete of it is not found, and a put refused leaves
+/// nothing to delete.
+#[tokio::test]
+async fn bulk_deletes_find_items_as_the_body_left_them() {
+    let app = blog().await;
+    let (a, b, c) = (Uuid::new_v4(), Uuid::new_v4(), Uuid::new_v4());
+    let line = |action: &str, id: Uuid| json!({action: {"blueprint": "article", "id": id}});
+    let item =
+        || json!({"project_version": 1, "title": "t", "date_created": "2020-01-02 03:04:05"});
+    let mut lines = vec![
+        line("put", a),
+        item(),
+        line("delete", a),
+        line("delete", a),
+        line("put", b),
+        json!({"project_version": 1, "title": 5, "date_created": "2020-01-02 03:04:05"}),
+        line("delete", b),
+        line("put", c),
+        item(),
+    ];
+    // Past one part of operations: the last delete is in the second part.
+    for _ in 0..10_000 {
+        lines.push(line("put", Uuid::new_v4()));
+        lines.push(item());
+    }
+    lines.push(line("delete", c));
+    let body = lines
+        .iter()
+        .map(Value::to_string)
+        .collect::<Vec<_>>()
+        .join("\n");
+    let answer = app.send(Method::POST, "/myblog/_bulk", Some(body)).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let items = answer.body["items"].as_array().unwrap();
+    let found: Vec<&Value> = [1, 2, 4]
+        .into_iter()
+        .chain([items.len() - 1])
+        .map(|i| &items[i]["delete"]["found"])
+        .collect();
+    assert_eq!(found, [true, false, false, true], "{:?}", &items[..5]);
+    for id in [a, b, c] {
+        assert_eq!(app.get(&format!("/myblog/article/{id}")).await.status, 404);
+    }
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn freezing_a_new_version_backfills_existing_items_and_retired_versions_take_no_writes() {
     let app = blog().await;
