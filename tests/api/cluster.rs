@@ -1233,3 +1233,65 @@ async fn a_commit_whose_answer_is_lost_is_answered_as_unknown_not_as_unwritten()
     drop(proxy);
     cluster.clean_up().await;
 }
+
+/// A project whose row another transaction holds (its drop deleting every item, an operator's
+/// lock) holds its own writes only: they answer 503 after the writer's short lock wait, saying
+/// nothing was written, while the writes to other projects in the same batches go through; once
+/// the row is free, the project's writes go through again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_project_whose_row_is_held_elsewhere_holds_only_its_own_writes() {
+    use sqlx::Connection;
+
+    let cluster = Cluster::new().await;
+    let nodes = cluster.bare_nodes("held", 1, &[]).await;
+    let node = &nodes[0];
+    for project in ["p", "q"] {
+        for (method, path, body) in [
+            (reqwest::Method::PUT, "thing/_blueprint", Some(thing())),
+            (reqwest::Method::POST, "_version", None),
+        ] {
+            let (status, body) = send(method, node.url(&format!("/{project}/{path}")), body).await;
+            assert_eq!(status, 200, "{body}");
+        }
+    }
+    let put = |project: &'static str| {
+        let url = node.url(&format!("/{project}/thing/{}", Uuid::new_v4()));
+        send(
+            reqwest::Method::PUT,
+            url,
+            Some(json!({"project_version": 1, "title": "t", "n": 1})),
+        )
+    };
+    let mut holder = sqlx::PgConnection::connect(&cluster.storage_url)
+        .await
+        .unwrap();
+    sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+    sqlx::query("SELECT 1 FROM dstore.projects WHERE name = 'p' FOR UPDATE")
+        .execute(&mut holder)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let (held, others) = tokio::join!(
+        put("p"),
+        futures::future::join_all((0..20).map(|_| put("q")))
+    );
+    assert_eq!(held.0, 503, "{}", held.1);
+    assert!(
+        held.1.to_string().contains("held by another change"),
+        "{}",
+        held.1
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(9),
+        "the writer's own lock wait, not the storage's: {:?}",
+        started.elapsed()
+    );
+    for (status, body) in &others {
+        assert_eq!(*status, 200, "{body}");
+    }
+    sqlx::query("COMMIT").execute(&mut holder).await.unwrap();
+    let (status, body) = put("p").await;
+    assert_eq!(status, 200, "{body}");
+    drop(nodes);
+    cluster.clean_up().await;
+}

@@ -326,6 +326,13 @@ fn decode_run(
 /// waiting as long as the lock is held.
 const LOCK_TIMEOUT: &str = "10s";
 
+/// How long a node's batch of writes waits for a project's row (each batch takes the rows of the
+/// projects it writes to): past it the writes to that project answer 503 and the batch goes on
+/// without them, so a long transaction on one project (its drop deleting every item) holds the
+/// node's writes to the others for at most this long, not [`LOCK_TIMEOUT`] at every batch. Far
+/// longer than a catalog change or a back-fill's chunk holds a row.
+const WRITER_LOCK_TIMEOUT: &str = "2s";
+
 /// How long a node's session may sit inside a transaction without sending anything before
 /// PostgreSQL ends it (`idle_in_transaction_session_timeout`), releasing its locks. A node's own
 /// transactions send their statements back to back; one that stops (its process stopped, its host
@@ -539,7 +546,9 @@ impl PgStorage {
         let storage = Arc::new(PgStorage {
             channel: format!("{}_catalog", settings.schema),
             pool,
-            writer_options: options.clone(),
+            writer_options: options
+                .clone()
+                .options([("lock_timeout", WRITER_LOCK_TIMEOUT)]),
             catalog: RwLock::new(CatalogCache::default()),
             writes,
             committed: Notify::new(),

@@ -5,7 +5,10 @@
 //! deadlock), `WHERE epoch = $e`: a command prepared against another epoch gets
 //! [`StorageError::Stale`] and adds nothing. Journal rows and the items' latest state are written
 //! with one statement each. If the transaction fails, every command of the batch gets the error;
-//! none is half-written.
+//! none is half-written. One exception: a project whose row another transaction holds past the
+//! writer's lock wait (a drop deleting its items) has its commands answered 503, and the batch
+//! goes again at once without them, so one project's long change does not fail or hold the
+//! others' writes.
 //!
 //! The batcher keeps a connection of its own from batch to batch, so writes never wait behind reads
 //! for one and a batch pays no round trip to check it (only one idle for a while is checked). A
@@ -117,11 +120,52 @@ enum ItemChange {
     },
 }
 
+/// Why [`stage`] did not write its batch.
+enum Unstaged {
+    /// Another transaction held `project`'s row past the writer's lock wait
+    /// (`WRITER_LOCK_TIMEOUT`), or PostgreSQL ended the batch to break a deadlock over it: nothing
+    /// was written, and the batch can go again without that project's commands.
+    Held {
+        project: String,
+        why: String,
+    },
+    Failed(StorageError),
+}
+
+impl From<StorageError> for Unstaged {
+    fn from(error: StorageError) -> Self {
+        Unstaged::Failed(error)
+    }
+}
+
 async fn commit(node: &PgStorage, kept: &mut Kept, mut batch: Vec<WriteCommand>) {
     let limit = node.settings.commit_timeout;
     let staged = tokio::time::timeout(limit, async {
-        let connection = kept.get(node).await?;
-        stage(node, connection, &mut batch).await
+        loop {
+            let connection = kept.get(node).await?;
+            match stage(node, connection, &mut batch).await {
+                Ok(answers) => return Ok(answers),
+                Err(Unstaged::Failed(error)) => return Err(error),
+                // One project's long transaction (a drop deleting its items) holds its writes
+                // only: the others go again at once, rather than wait or fail with them.
+                Err(Unstaged::Held { project, why }) => {
+                    let (held, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut batch)
+                        .into_iter()
+                        .partition(|command| command.project.as_str() == project);
+                    batch = rest;
+                    for command in held {
+                        let _ = command.reply.send(Err(StorageError::Unavailable(format!(
+                            "postgresql storage: project {project:?} is held by another change \
+                             (a project's drop, a long catalog change): {why}; nothing was \
+                             written, try again"
+                        ))));
+                    }
+                    if batch.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                }
+            }
+        }
     })
     .await;
     let staged = match staged {
@@ -156,12 +200,14 @@ async fn commit(node: &PgStorage, kept: &mut Kept, mut batch: Vec<WriteCommand>)
 }
 
 /// Writes the batch in one transaction; answers each command's revisions (or why it was refused),
-/// in the batch's order. The entries are taken out of the commands.
+/// in the batch's order. The entries are taken out of the commands once every project's revisions
+/// are handed out, so a batch refused for one project's row ([`Unstaged::Held`]) can go again
+/// without it.
 async fn stage(
     node: &PgStorage,
     connection: &mut sqlx::PgConnection,
     batch: &mut [WriteCommand],
-) -> Result<Vec<Result<Vec<u64>, StorageError>>, StorageError> {
+) -> Result<Vec<Result<Vec<u64>, StorageError>>, Unstaged> {
     // Commands of one project and epoch share one counter update.
     let mut groups: BTreeMap<(String, u64), Vec<usize>> = BTreeMap::new();
     for (index, command) in batch.iter().enumerate() {
@@ -175,10 +221,10 @@ async fn stage(
     let mut tx = sqlx::Connection::begin(connection)
         .await
         .map_err(|e| unavailable("begin a batch", &e))?;
-    let mut rows: Vec<Row> = Vec::new();
+    let mut handed = Vec::with_capacity(groups.len());
     for ((project, epoch), indexes) in groups {
         let count: u64 = indexes.iter().map(|i| batch[*i].entries.len() as u64).sum();
-        let last: Option<i64> = sqlx::query_scalar(
+        let last: Option<i64> = match sqlx::query_scalar(
             "UPDATE projects SET revision = revision + $3 \
              WHERE name = $1 AND epoch = $2 AND live RETURNING revision",
         )
@@ -187,14 +233,25 @@ async fn stage(
         .bind(count as i64)
         .fetch_optional(&mut *tx)
         .await
-        .map_err(|e| unavailable("hand out revisions", &e))?;
+        {
+            Ok(last) => last,
+            Err(error) if held_elsewhere(&error) => {
+                let why = error.to_string();
+                return Err(Unstaged::Held { project, why });
+            }
+            Err(error) => return Err(unavailable("hand out revisions", &error).into()),
+        };
         let Some(last) = last else {
             for index in indexes {
                 answers[index] = Err(StorageError::Stale);
             }
             continue;
         };
-        let mut revision = last as u64 - count;
+        handed.push((project, indexes, last as u64 - count));
+    }
+    let mut rows: Vec<Row> = Vec::new();
+    for (project, indexes, first) in handed {
+        let mut revision = first;
         for index in indexes {
             let entries = std::mem::take(&mut batch[index].entries);
             let mut revisions = Vec::with_capacity(entries.len());
@@ -221,6 +278,15 @@ async fn stage(
         }
     }
     Ok(answers)
+}
+
+/// Whether `error` is PostgreSQL's refusal of a row another transaction holds: a lock wait past
+/// `lock_timeout` (55P03) or the end of a deadlock (40P01).
+fn held_elsewhere(error: &sqlx::Error) -> bool {
+    error
+        .as_database_error()
+        .and_then(|e| e.code())
+        .is_some_and(|code| code == "55P03" || code == "40P01")
 }
 
 /// Why a batch that took too long answers 503: without a connection nothing was written; with
