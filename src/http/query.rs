@@ -76,10 +76,45 @@ pub fn read<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
             };
             Err(ApiError::bad_request(&name, message))
         }
-        None => Err(ApiError::bad_request(
-            "",
-            format!("invalid query string: {error}"),
-        )),
+        None => {
+            // A parameter the route needs and the query leaves out, or one it repeats, where no
+            // single pair is at fault, is named by serde alone.
+            let message = error.to_string();
+            let named = |prefix: &str| {
+                message
+                    .strip_prefix(prefix)
+                    .and_then(|rest| rest.strip_suffix('`'))
+                    .map(crate::blueprint::value::excerpt_str)
+            };
+            if let Some(name) = named("missing field `") {
+                Err(ApiError::bad_request(
+                    &name,
+                    format!("{name} is required on this route"),
+                ))
+            } else if let Some(name) = named("duplicate field `") {
+                Err(ApiError::bad_request(
+                    &name,
+                    format!("{name} is given more than once"),
+                ))
+            } else if let (Some(takes), Some((name, _))) = (
+                unknown(&message),
+                message
+                    .strip_prefix("unknown field `")
+                    .and_then(|rest| rest.split_once('`')),
+            ) {
+                // A query too long to try pair by pair.
+                let name = crate::blueprint::value::excerpt_str(name);
+                Err(ApiError::bad_request(
+                    &name,
+                    format!("{name} is not a parameter of this route; {takes}"),
+                ))
+            } else {
+                Err(ApiError::bad_request(
+                    "",
+                    format!("invalid query string: {message}"),
+                ))
+            }
+        }
     }
 }
 
@@ -141,6 +176,41 @@ mod tests {
             assert_eq!(errors[0].path, name, "{query}: {message}");
             assert!(message.starts_with(&format!("{name}=")), "{message}");
         }
+    }
+
+    /// A parameter the route needs and the query leaves out is named.
+    #[test]
+    fn a_missing_parameter_is_named() {
+        #[derive(Debug, Deserialize)]
+        #[allow(dead_code)]
+        struct Needs {
+            from: u32,
+            to: u32,
+        }
+        for query in ["from=1", "from=1&from=2", ""] {
+            let Err(ApiError::BadRequest(message, errors)) = read::<Needs>(query) else {
+                panic!("a 400 for {query:?}");
+            };
+            let expected = if query.is_empty() { "from" } else { "to" };
+            if query == "from=1&from=2" {
+                // A repeated parameter is the fault named first.
+                assert_eq!(errors[0].path, "from", "{message}");
+            } else {
+                assert_eq!(errors[0].path, expected, "{query:?}: {message}");
+                assert_eq!(message, format!("{expected} is required on this route"));
+            }
+        }
+    }
+
+    /// A query string too long to try pair by pair still names a parameter the route does not
+    /// take.
+    #[test]
+    fn an_unknown_parameter_in_a_long_query_is_named() {
+        let query: Vec<String> = (0..40).map(|i| format!("p{i}=1")).collect();
+        let Err(ApiError::BadRequest(message, errors)) = read::<NoParams>(&query.join("&")) else {
+            panic!("a 400");
+        };
+        assert_eq!(errors[0].path, "p0", "{message}");
     }
 
     /// A parameter a route does not take is named, with those it takes.

@@ -1662,6 +1662,9 @@ async fn blueprint_limits_and_parameters_a_route_does_not_take_are_refused_by_na
     let diff = app.get("/rx/_diff?from=0&to=1").await;
     assert_eq!(diff.status, 400, "{}", diff.body);
     assert_eq!(diff.paths(), ["from"]);
+    let half = app.get("/rx/_diff?from=1").await;
+    assert_eq!(half.status, 400, "{}", half.body);
+    assert_eq!(half.paths(), ["to"], "{}", half.body);
     for route in ["/_health", "/_metrics", "/_docs", "/_openapi.json"] {
         let odd = app.get(&format!("{route}?bogus=1")).await;
         assert_eq!(odd.status, 400, "{route}: {}", odd.body);
