@@ -296,6 +296,11 @@ pub async fn bulk(
                 match uids.get(&(blueprint.clone(), id)) {
                     Some(uid) => *uid,
                     None => {
+                        // The embedded storage reads on the calling thread: a body of many
+                        // deletes lets the HTTP worker's other requests go between its reads.
+                        if uids.len() % 256 == 255 {
+                            tokio::task::yield_now().await;
+                        }
                         let uid = storage.item_blueprint_uid(project, blueprint, &id).await?;
                         uids.insert((blueprint.clone(), id), uid);
                         uid
