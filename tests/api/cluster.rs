@@ -115,6 +115,17 @@ async fn send(method: reqwest::Method, url: String, body: Option<Value>) -> (u16
     (status, response.json().await.unwrap_or(Value::Null))
 }
 
+/// Puts the blueprint `thing` into `project` through `node` and freezes it as version 1.
+async fn put_thing_and_freeze(node: &Server, project: &str) {
+    for (method, path, body) in [
+        (reqwest::Method::PUT, "thing/_blueprint", Some(thing())),
+        (reqwest::Method::POST, "_version", None),
+    ] {
+        let (status, body) = send(method, node.url(&format!("/{project}/{path}")), body).await;
+        assert_eq!(status, 200, "{body}");
+    }
+}
+
 /// What a store holds of `p/thing` at `version`, by id: `n`.
 async fn postgres_items(db: &TestDatabase, version: u32) -> HashMap<Uuid, i64> {
     let mut sql = db.sql().await;
@@ -895,13 +906,7 @@ async fn reads_from_a_storage_that_stops_answering_answer_in_time_and_resume_on_
         .bare_nodes("strand", 1, &[("DSTORE_QUERY_TIMEOUT_SECS", "2".into())])
         .await;
     let node = &nodes[0];
-    for (method, path, body) in [
-        (reqwest::Method::PUT, "/p/thing/_blueprint", Some(thing())),
-        (reqwest::Method::POST, "/p/_version", None),
-    ] {
-        let (status, body) = send(method, node.url(path), body).await;
-        assert_eq!(status, 200, "{body}");
-    }
+    put_thing_and_freeze(node, "p").await;
     let id = Uuid::new_v4();
     let (status, body) = send(
         reqwest::Method::PUT,
@@ -1050,13 +1055,7 @@ async fn a_commit_whose_answer_is_lost_is_answered_as_unknown_not_as_unwritten()
     let proxy = cluster.behind_proxy().await;
     let nodes = cluster.bare_nodes("commit", 1, &[]).await;
     let node = &nodes[0];
-    for (method, path, body) in [
-        (reqwest::Method::PUT, "/p/thing/_blueprint", Some(thing())),
-        (reqwest::Method::POST, "/p/_version", None),
-    ] {
-        let (status, body) = send(method, node.url(path), body).await;
-        assert_eq!(status, 200, "{body}");
-    }
+    put_thing_and_freeze(node, "p").await;
     // A commit that journals a revision past `slow_after.revision`, or that changes a project's
     // row once `slow_after.projects`, waits two seconds in a deferred trigger: long enough to cut
     // its connection while it is in the commit.
@@ -1246,13 +1245,7 @@ async fn a_project_whose_row_is_held_elsewhere_holds_only_its_own_writes() {
     let nodes = cluster.bare_nodes("held", 1, &[]).await;
     let node = &nodes[0];
     for project in ["p", "q"] {
-        for (method, path, body) in [
-            (reqwest::Method::PUT, "thing/_blueprint", Some(thing())),
-            (reqwest::Method::POST, "_version", None),
-        ] {
-            let (status, body) = send(method, node.url(&format!("/{project}/{path}")), body).await;
-            assert_eq!(status, 200, "{body}");
-        }
+        put_thing_and_freeze(node, project).await;
     }
     let put = |project: &'static str| {
         let url = node.url(&format!("/{project}/thing/{}", Uuid::new_v4()));
