@@ -38,8 +38,11 @@ pub enum ApiError {
     Oversized(String),
     /// 422: well-formed, but not a valid blueprint or item.
     Invalid(String, Vec<FieldError>),
-    /// 503: a store the request needs cannot take it now.
+    /// 503: a store the request needs cannot take it now; nothing was changed.
     Unavailable(String),
+    /// 503: the storage may have made the change (its answer never came): the body says
+    /// `"outcome": "unknown"`, so a client can tell it from a 503 that changed nothing.
+    Uncertain(String),
     /// 500: our fault; the cause is logged, not shown.
     Internal(String),
 }
@@ -72,6 +75,7 @@ impl ApiError {
             ApiError::Oversized(m) => ApiError::Oversized(say(&m)),
             ApiError::Invalid(m, e) => ApiError::Invalid(say(&m), e),
             ApiError::Unavailable(m) => ApiError::Unavailable(say(&m)),
+            ApiError::Uncertain(m) => ApiError::Uncertain(say(&m)),
             other => other,
         }
     }
@@ -100,6 +104,7 @@ impl std::fmt::Display for ApiError {
             | ApiError::Gone(m, _)
             | ApiError::Invalid(m, _)
             | ApiError::Unavailable(m)
+            | ApiError::Uncertain(m)
             | ApiError::Oversized(m)
             | ApiError::Internal(m) => f.write_str(m),
             ApiError::MethodNotAllowed(allow) => {
@@ -129,7 +134,7 @@ impl ResponseError for ApiError {
             ApiError::TooLarge(_) | ApiError::Oversized(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Invalid(..) => StatusCode::UNPROCESSABLE_ENTITY,
-            ApiError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::Unavailable(_) | ApiError::Uncertain(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -158,10 +163,16 @@ impl ResponseError for ApiError {
                 .json(json!({"status": status, "errors": [], "report": report}));
         }
         let mut response = HttpResponse::build(self.status_code());
-        if let ApiError::Unavailable(reason) = self {
+        if let ApiError::Unavailable(reason) | ApiError::Uncertain(reason) = self {
             response
                 .extensions_mut()
                 .insert(super::observe::Refusal(reason.clone()));
+            // What a 503 asks of a client: try again, shortly.
+            response.insert_header((actix_web::http::header::RETRY_AFTER, "1"));
+        }
+        if let ApiError::Uncertain(_) = self {
+            return response
+                .json(json!({"status": status, "errors": errors, "outcome": "unknown"}));
         }
         match self {
             ApiError::Unauthorized(_) => {
@@ -184,8 +195,8 @@ impl From<StorageError> for ApiError {
             StorageError::Invalid(errors) => ApiError::Invalid("invalid blueprint".into(), errors),
             e @ (StorageError::Stale
             | StorageError::Backlog { .. }
-            | StorageError::Unavailable(_)
-            | StorageError::Uncertain(_)) => ApiError::Unavailable(e.to_string()),
+            | StorageError::Unavailable(_)) => ApiError::Unavailable(e.to_string()),
+            StorageError::Uncertain(m) => ApiError::Uncertain(m),
             StorageError::Corrupt(cause) => ApiError::internal(cause),
             StorageError::Cursor(m) => ApiError::bad_request("after", m),
         }
@@ -234,6 +245,39 @@ impl From<crate::auth::keys::KeyError> for ApiError {
             e @ KeyError::NotFound(_) => ApiError::NotFound(e.to_string()),
             KeyError::Forbidden(message) => ApiError::Forbidden(message),
             KeyError::Storage(e) => e.into(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every 503 asks to try again shortly; only one whose change the storage may have made says
+    /// its outcome is unknown, so a client can tell the two apart without reading the message.
+    #[actix_web::test]
+    async fn a_503_says_when_its_outcome_is_unknown_and_when_to_try_again() {
+        for (error, outcome) in [
+            (
+                ApiError::from(StorageError::Uncertain("no answer".into())),
+                Some("unknown"),
+            ),
+            (
+                ApiError::from(StorageError::Unavailable("away".into())),
+                None,
+            ),
+        ] {
+            let response = error.error_response();
+            assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(
+                response.headers().get(actix_web::http::header::RETRY_AFTER),
+                Some(&actix_web::http::header::HeaderValue::from_static("1"))
+            );
+            let body = actix_web::body::to_bytes(response.into_body())
+                .await
+                .unwrap();
+            let body: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            assert_eq!(body["outcome"].as_str(), outcome, "{body}");
         }
     }
 }

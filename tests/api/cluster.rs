@@ -1136,8 +1136,9 @@ async fn a_commit_whose_answer_is_lost_is_answered_as_unknown_not_as_unwritten()
             answer
         }
     };
-    let unknown =
-        |(status, body): &(u16, Value)| *status == 503 && body.to_string().contains("is unknown");
+    let unknown = |(status, body): &(u16, Value)| {
+        *status == 503 && body["outcome"] == "unknown" && body.to_string().contains("is unknown")
+    };
 
     let id = Uuid::new_v4();
     let put = cut_in_commit(
