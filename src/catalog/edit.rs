@@ -117,19 +117,27 @@ fn check_bytes(before: &Blueprints, next: &Blueprints) -> Result<(), CatalogErro
     )]))
 }
 
-/// Refuses an edit that brings in a pattern the working copy did not hold when the distinct
-/// patterns of the project's blueprints would then compile to more than [`MAX_PATTERNS_MEMORY`]
-/// (patterns shared by several columns count once, as the node holds them once); an edit that
-/// brings in none goes on, so a project that holds more already keeps them. `named`: the error's
-/// path starts with the blueprint's name (an edit of several).
-fn check_patterns(before: &Blueprints, next: &Blueprints, named: bool) -> Result<(), CatalogError> {
-    let held: HashSet<&str> = patterns(before).map(|(_, _, p)| p.as_str()).collect();
+/// Refuses an edit that brings in a pattern the project did not hold when the distinct patterns
+/// of its blueprints, in the working copy and its live versions (those items are checked
+/// against), would then compile to more than [`MAX_PATTERNS_MEMORY`] (patterns shared by several
+/// columns or versions count once, as the node holds them once); an edit that brings in none goes
+/// on, so a project that holds more already keeps them. `named`: the error's path starts with the
+/// blueprint's name (an edit of several).
+fn check_patterns(p: &Project, next: &Blueprints, named: bool) -> Result<(), CatalogError> {
+    let live: Vec<&Blueprints> = p.live_versions().map(|v| &v.blueprints).collect();
+    let held: HashSet<&str> = std::iter::once(&p.working.blueprints)
+        .chain(live.iter().copied())
+        .flat_map(patterns)
+        .map(|(_, _, p)| p.as_str())
+        .collect();
     let Some((blueprint, column, _)) = patterns(next).find(|(_, _, p)| !held.contains(p.as_str()))
     else {
         return Ok(());
     };
     let mut seen = HashSet::new();
-    let total: usize = patterns(next)
+    let total: usize = std::iter::once(next)
+        .chain(live.iter().copied())
+        .flat_map(patterns)
         .filter(|(_, _, p)| seen.insert(p.as_str()))
         .map(|(_, _, p)| p.memory())
         .sum();
@@ -144,9 +152,10 @@ fn check_patterns(before: &Blueprints, next: &Blueprints, named: bool) -> Result
     Err(CatalogError::Invalid(vec![FieldError::new(
         format!("{base}/columns/{column}/validation/pattern"),
         format!(
-            "the project's distinct patterns would compile to {total} bytes, more than the \
-             {MAX_PATTERNS_MEMORY} they may (\\w and \\d match all of Unicode and compile \
-             large; (?-u:\\w) and [0-9] match ASCII and cost little)"
+            "the project's distinct patterns, in its working copy and its live versions, would \
+             compile to {total} bytes, more than the {MAX_PATTERNS_MEMORY} they may (retire the \
+             versions no client writes at any more; \\w and \\d match all of Unicode and \
+             compile large, (?-u:\\w) and [0-9] match ASCII and cost little)"
         ),
     )]))
 }
@@ -205,7 +214,7 @@ pub fn put_blueprint(
     check_count(p.working.blueprints.len(), next.len())?;
     check_indexes(&p.working.blueprints, &next)?;
     check_bytes(&p.working.blueprints, &next)?;
-    check_patterns(&p.working.blueprints, &next, false)?;
+    check_patterns(p, &next, false)?;
     check_unique_names(&next, Some(name))?;
     check_rows(&next, Some(name))?;
     Ok(record_edit(p, next, writes))
@@ -244,7 +253,7 @@ pub fn put_blueprints(
     }
     check_indexes(&p.working.blueprints, &next)?;
     check_bytes(&p.working.blueprints, &next)?;
-    check_patterns(&p.working.blueprints, &next, true)?;
+    check_patterns(p, &next, true)?;
     check_unique_names(&next, None)?;
     check_rows(&next, None)?;
     Ok(record_edit(p, next, writes))

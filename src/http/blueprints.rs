@@ -126,7 +126,7 @@ pub async fn put_all(
     let project = ident("project", &path)?;
     let body = body::json(&state, &request, payload).await?;
     let snapshot = state.storage.snapshot();
-    let inputs = parse_blueprint_set(&body, "", working(&snapshot, &project))?;
+    let inputs = parse_blueprint_set(&body, "", working(&snapshot, &project), &mut 0)?;
     let changes = state.storage.put_blueprints(&project, inputs).await?;
     Ok(HttpResponse::Ok().json(json!({"success": true, "changes": changes})))
 }
@@ -145,10 +145,15 @@ pub fn working<'a>(
 /// Parses `{"article": {…}, "comment": {…}}`; every error path starts with `base/<blueprint>`.
 /// `current`: the project's blueprints now, whose unchanged overrides are not checked again
 /// (`elasticsearch::check_overrides`).
+///
+/// `patterns`: the memory of the new patterns the request compiled so far (see
+/// [`crate::blueprint::parse::parse_blueprint_within`]), shared by every set one request parses. A
+/// set of more blueprints than a project may hold is refused before any is parsed.
 pub fn parse_blueprint_set(
     body: &Value,
     base: &str,
     current: Option<&crate::blueprint::Blueprints>,
+    patterns: &mut usize,
 ) -> Result<Vec<(Ident, crate::blueprint::BlueprintInput)>, ApiError> {
     let Value::Object(set) = body else {
         return Err(ApiError::Invalid(
@@ -159,6 +164,19 @@ pub fn parse_blueprint_set(
             )],
         ));
     };
+    let most = crate::catalog::edit::MAX_BLUEPRINTS;
+    if set.len() > most && set.len() > current.map_or(0, |c| c.len()) {
+        return Err(ApiError::Invalid(
+            "invalid blueprints".into(),
+            vec![crate::blueprint::FieldError::new(
+                base,
+                format!(
+                    "a project holds at most {most} blueprints; this request names {}",
+                    set.len()
+                ),
+            )],
+        ));
+    }
     let mut errors = Vec::new();
     let mut inputs = Vec::new();
     for (name, definition) in set {
@@ -168,14 +186,16 @@ pub fn parse_blueprint_set(
                 &at,
                 format!("blueprint name {:?} {reason}", excerpt_str(name)),
             )),
-            Ok(name) => match parse_blueprint(definition, &at) {
-                Ok(input) => {
-                    let now = current.and_then(|b| b.get(&name));
-                    errors.append(&mut elasticsearch::check_overrides(&input, &at, now));
-                    inputs.push((name, input));
+            Ok(name) => {
+                match crate::blueprint::parse::parse_blueprint_within(definition, &at, patterns) {
+                    Ok(input) => {
+                        let now = current.and_then(|b| b.get(&name));
+                        errors.append(&mut elasticsearch::check_overrides(&input, &at, now));
+                        inputs.push((name, input));
+                    }
+                    Err(mut e) => errors.append(&mut e),
                 }
-                Err(mut e) => errors.append(&mut e),
-            },
+            }
         }
     }
     if errors.is_empty() {

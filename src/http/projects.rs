@@ -43,7 +43,12 @@ async fn put_and_freeze(
 ) -> Result<Value, ApiError> {
     let inputs = {
         let snapshot = state.storage.snapshot();
-        parse_blueprint_set(body, base, super::blueprints::working(&snapshot, project))?
+        parse_blueprint_set(
+            body,
+            base,
+            super::blueprints::working(&snapshot, project),
+            &mut 0,
+        )?
     };
     state.storage.put_blueprints(project, inputs).await?;
     let snapshot = state.storage.snapshot();
@@ -79,7 +84,12 @@ pub async fn put(
     // left the blueprints in place would have the next forced freeze take them unseen. (The
     // blueprints' own errors are answered as the put finds them.)
     let snapshot = state.storage.fresh_snapshot(&project).await?;
-    let inputs = parse_blueprint_set(&body, "", super::blueprints::working(&snapshot, &project))?;
+    let inputs = parse_blueprint_set(
+        &body,
+        "",
+        super::blueprints::working(&snapshot, &project),
+        &mut 0,
+    )?;
     let allowed = try_project(&state, &snapshot, &project, inputs, "", &mut Vec::new()).await?;
     let answer = put_and_freeze(&state, &project, &body, "", allowed.as_ref()).await?;
     Ok(HttpResponse::Ok().json(answer))
@@ -196,6 +206,8 @@ pub async fn put_all(
             snapshot.projects.len()
         )));
     }
+    // The new patterns of every project of the request count against one budget.
+    let mut patterns = 0;
     for (name, blueprints) in projects {
         let at = format!(
             "/{}",
@@ -213,6 +225,7 @@ pub async fn put_all(
                 blueprints,
                 &at,
                 super::blueprints::working(&snapshot, &project),
+                &mut patterns,
             ) {
                 Ok(inputs) => {
                     try_project(&state, &snapshot, &project, inputs, &at, &mut errors).await?;

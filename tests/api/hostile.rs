@@ -2651,6 +2651,31 @@ async fn patterns_are_bounded_by_what_they_compile_to_and_shared_ones_count_once
     let same = app.put("/rx/c/_blueprint", &blueprint("c", "a", 10)).await;
     assert_eq!(same.status, 200, "{}", same.body);
     assert_eq!(app.post("/rx/_version", None).await.status, 200);
+    // The live version's patterns count too: a working copy of ten new ones beside it is past
+    // the budget.
+    let replaced = app
+        .put("/rx/_blueprint", &json!({"a": blueprint("a", "z", 10)}))
+        .await;
+    assert_eq!(replaced.status, 422, "{}", replaced.body);
+    assert!(
+        replaced.messages().contains("live versions"),
+        "{}",
+        replaced.body
+    );
+    // One request's blueprints share one budget as they are compiled.
+    let two = json!({"a": blueprint("a", "x", 10), "c": blueprint("c", "y", 10)});
+    let refused = app.put("/rx/_blueprint", &two).await;
+    assert_eq!(refused.status, 422, "{}", refused.body);
+    assert!(
+        refused.paths()[0].starts_with("/c/columns/c"),
+        "{}",
+        refused.body
+    );
+    assert!(
+        refused.messages().contains("compiles to"),
+        "{}",
+        refused.body
+    );
     app.stop().await;
 
     let again = spawn_app_with(|s| s.storage.data_dir = path.clone()).await;

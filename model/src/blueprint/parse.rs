@@ -113,11 +113,28 @@ impl Errors<'_> {
 
 /// Parses the public form of one blueprint; `base` prefixes every error path.
 pub fn parse_blueprint(body: &Value, base: &str) -> Result<BlueprintInput, Vec<FieldError>> {
+    parse_blueprint_within(body, base, &mut 0)
+}
+
+/// [`parse_blueprint`] for one blueprint of a request of several: `fresh_patterns` is the memory
+/// of the new patterns compiled for the request so far, which this one adds to, so the request's
+/// patterns together are held to [`MAX_PATTERNS_MEMORY`] as they are compiled.
+pub fn parse_blueprint_within(
+    body: &Value,
+    base: &str,
+    fresh_patterns: &mut usize,
+) -> Result<BlueprintInput, Vec<FieldError>> {
     let mut errors = Errors {
         base,
         list: Vec::new(),
-        fresh_patterns: 0,
+        fresh_patterns: *fresh_patterns,
     };
+    let parsed = parse_with(body, &mut errors);
+    *fresh_patterns = errors.fresh_patterns;
+    parsed
+}
+
+fn parse_with(body: &Value, errors: &mut Errors) -> Result<BlueprintInput, Vec<FieldError>> {
     // The catalog is stored as JSON in PostgreSQL in cluster mode, and PostgreSQL's text cannot
     // hold NUL: anywhere in a blueprint (a pattern, an Elasticsearch option, a key), it is refused.
     if let Some(at) = find_nul(body, String::new()) {
@@ -125,15 +142,15 @@ pub fn parse_blueprint(body: &Value, base: &str) -> Result<BlueprintInput, Vec<F
             &at,
             "contains the NUL character (\\u0000), which PostgreSQL cannot store",
         );
-        return Err(errors.list);
+        return Err(std::mem::take(&mut errors.list));
     }
     let Value::Object(top) = body else {
         errors.push("", "a blueprint must be a JSON object");
-        return Err(errors.list);
+        return Err(std::mem::take(&mut errors.list));
     };
     errors.unknown_keys("", top, &["postgresql", "elasticsearch", "columns"]);
-    let table = named_section(&mut errors, top, "postgresql", "table");
-    let es_type = named_section(&mut errors, top, "elasticsearch", "type");
+    let table = named_section(errors, top, "postgresql", "table");
+    let es_type = named_section(errors, top, "elasticsearch", "type");
     let columns = match top.get("columns") {
         None => Vec::new(),
         Some(Value::Object(columns)) if columns.len() > MAX_COLUMNS => {
@@ -148,21 +165,21 @@ pub fn parse_blueprint(body: &Value, base: &str) -> Result<BlueprintInput, Vec<F
         }
         Some(Value::Object(columns)) => columns
             .iter()
-            .filter_map(|(name, column)| parse_column(&mut errors, name, column))
+            .filter_map(|(name, column)| parse_column(errors, name, column))
             .collect(),
         Some(_) => {
             errors.push("/columns", "must be an object of column definitions");
             Vec::new()
         }
     };
-    check_column_names(&mut errors, &columns);
+    check_column_names(errors, &columns);
     match (table, es_type) {
         (Some(table), Some(es_type)) if errors.list.is_empty() => Ok(BlueprintInput {
             table,
             es_type,
             columns,
         }),
-        _ => Err(errors.list),
+        _ => Err(std::mem::take(&mut errors.list)),
     }
 }
 
@@ -449,7 +466,7 @@ fn parse_validation(errors: &mut Errors, path: &str, ty: ColumnType, value: &Val
                             errors.push(
                                 &at,
                                 format!(
-                                "compiles to {} bytes, which takes this blueprint's new patterns \
+                                "compiles to {} bytes, which takes the new patterns of this request \
                                  past the {MAX_PATTERNS_MEMORY} bytes a project's patterns may \
                                  compile to (\\w and \\d match all of Unicode and compile large; \
                                  (?-u:\\w) and [0-9] match ASCII and cost little)",

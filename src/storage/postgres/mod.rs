@@ -329,9 +329,11 @@ const LOCK_TIMEOUT: &str = "10s";
 /// How long a node's batch of writes waits for a project's row (each batch takes the rows of the
 /// projects it writes to): past it the writes to that project answer 503 and the batch goes on
 /// without them, so a long transaction on one project (its drop deleting every item) holds the
-/// node's writes to the others for at most this long, not [`LOCK_TIMEOUT`] at every batch. Far
-/// longer than a catalog change or a back-fill's chunk holds a row.
-const WRITER_LOCK_TIMEOUT: &str = "2s";
+/// node's writes to the others for at most this long, not [`LOCK_TIMEOUT`] at every batch. Longer
+/// than [`IDLE_IN_TRANSACTION_TIMEOUT`], so a write waiting behind a stalled node's batch is still
+/// taken once PostgreSQL ends that session, and far longer than another node's batch, a catalog
+/// change or a back-fill's chunk holds a row.
+const WRITER_LOCK_TIMEOUT: &str = "6s";
 
 /// How long a node's session may sit inside a transaction without sending anything before
 /// PostgreSQL ends it (`idle_in_transaction_session_timeout`), releasing its locks. A node's own

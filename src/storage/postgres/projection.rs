@@ -397,7 +397,7 @@ async fn settle(
             .pool()
             .begin()
             .await
-            .map_err(|e| commit_failed("settled tasks", &e))?;
+            .map_err(|e| unavailable("begin settling tasks", &e))?;
         let moved = sqlx::query(
             "UPDATE cursors SET revision = greatest(revision, $3), last_error = NULL, attempts = 0, \
                  held_until = NULL, lease_until = now() + make_interval(secs => $5) \

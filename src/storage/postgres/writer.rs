@@ -155,9 +155,9 @@ async fn commit(node: &PgStorage, kept: &mut Kept, mut batch: Vec<WriteCommand>)
                     batch = rest;
                     for command in held {
                         let _ = command.reply.send(Err(StorageError::Unavailable(format!(
-                            "postgresql storage: project {project:?} is held by another change \
-                             (a project's drop, a long catalog change): {why}; nothing was \
-                             written, try again"
+                            "postgresql storage: project {project:?} is held by another \
+                             transaction (a project's drop, a long catalog change, a stalled \
+                             node): {why}; nothing was written, try again"
                         ))));
                     }
                     if batch.is_empty() {
