@@ -385,12 +385,16 @@ fn unavailable(what: &str, error: &sqlx::Error) -> StorageError {
 
 /// A failed COMMIT as callers act on it. The server's error answer (a deferred check, a
 /// serialization failure, the server shutting down before it) means the transaction was rolled
-/// back: nothing was written. Any other failure (the connection broke or timed out while the
+/// back, and a statement for which the pool had no connection was never sent: nothing was
+/// written. Any other failure (the connection broke or timed out while the
 /// COMMIT was on its way or its answer was) leaves the outcome unknown: the server may have
 /// committed, so the caller must not be told "not written".
 fn commit_failed(what: &str, error: &sqlx::Error) -> StorageError {
     match error {
-        sqlx::Error::Database(_) => unavailable(what, error),
+        // Refused by the server, or never sent (no connection to send it on).
+        sqlx::Error::Database(_) | sqlx::Error::PoolTimedOut | sqlx::Error::PoolClosed => {
+            unavailable(what, error)
+        }
         _ => StorageError::Uncertain(format!(
             "postgresql storage: no answer to the commit of {what}: {error}; whether it was \
              made is unknown: sending it again is safe for a PUT to an id or a delete, while a \
@@ -1984,6 +1988,38 @@ mod tests {
     use sqlx::Row;
 
     use super::{Ident, TaskOp, Uuid};
+
+    /// A COMMIT the server refused, or never sent for want of a connection, wrote nothing; one
+    /// whose connection broke on the way may have been made.
+    #[tokio::test]
+    async fn a_commit_s_failure_is_uncertain_only_when_it_may_have_reached_the_server() {
+        let (storage, schema) = open_postgresql("commit", vec![]).await;
+        let mut tx = storage.pool().begin().await.unwrap();
+        for statement in [
+            "CREATE TEMP TABLE t (x INT UNIQUE DEFERRABLE INITIALLY DEFERRED)",
+            "INSERT INTO t VALUES (1), (1)",
+        ] {
+            sqlx::query(statement).execute(&mut *tx).await.unwrap();
+        }
+        let refused = tx.commit().await.unwrap_err();
+        assert!(matches!(
+            super::commit_failed("a test", &refused),
+            StorageError::Unavailable(_)
+        ));
+        for never_sent in [sqlx::Error::PoolTimedOut, sqlx::Error::PoolClosed] {
+            assert!(matches!(
+                super::commit_failed("a test", &never_sent),
+                StorageError::Unavailable(_)
+            ));
+        }
+        let broken = sqlx::Error::Io(std::io::Error::from(std::io::ErrorKind::UnexpectedEof));
+        assert!(matches!(
+            super::commit_failed("a test", &broken),
+            StorageError::Uncertain(_)
+        ));
+        drop(storage);
+        drop_schema(&schema).await;
+    }
 
     /// A key whose record this dstore cannot read (an action it does not know) is left out; the
     /// others still read, so their revocations still reach every node.
