@@ -226,8 +226,13 @@ async fn flush_usage(storage: std::sync::Weak<PgStorage>) {
         .await;
         let oldest = hours.iter().max().copied().unwrap_or_default() - super::usage::KEEP_HOURS;
         if written.is_err() {
-            // Counted again with the next flush's, rather than lost with this one.
+            // Counted again with the next flush's, rather than lost with this one; those of a
+            // project dropped meanwhile go with it (a project made again under its name starts
+            // from none).
             drop((projects, versions, hours, writes, last));
+            let catalog = node.snapshot();
+            let mut rows = rows;
+            rows.retain(|row| catalog.projects.contains_key(&row.project));
             node.usage.put_back(rows);
         }
         let written = match written {
