@@ -464,7 +464,7 @@ pub async fn bulk(
     let stopped = bulked.stopped.map(|error| outcome_of(too_large(error)));
     // The operations of a part the storage may have written come first among those without an
     // outcome: theirs is unknown.
-    let mut uncertain = bulked.uncertain;
+    let mut uncertain = bulked.uncertain.into_iter();
     let outcomes = bulked
         .outcomes
         .into_iter()
@@ -482,14 +482,12 @@ pub async fn bulk(
                 Some(Err((status, errors))) => (status, None, Some(Errors::Own(errors))),
                 None => {
                     let status = stopped.as_ref().map_or(500, |(status, _)| *status);
-                    let errors = match uncertain {
-                        0 => Errors::NotWritten,
-                        _ => {
-                            uncertain -= 1;
-                            Errors::Unknown
-                        }
-                    };
-                    (status, None, Some(errors))
+                    match uncertain.next() {
+                        // Refused alone in a part the storage may have written: never sent.
+                        Some(Some((status, errors))) => (status, None, Some(Errors::Own(errors))),
+                        Some(None) => (status, None, Some(Errors::Unknown)),
+                        None => (status, None, Some(Errors::NotWritten)),
+                    }
                 }
             };
             BulkResult {

@@ -254,11 +254,15 @@ pub const PART_OPERATIONS: usize = 10_000;
 pub struct Bulked {
     pub outcomes: Vec<BulkOutcome>,
     pub stopped: Option<WriteError>,
-    /// How many operations after `outcomes` were in the part `stopped` ended, when the storage
-    /// may have written it ([`StorageError::Uncertain`]): their outcome is unknown, not "not
-    /// written".
-    pub uncertain: usize,
+    /// The operations after `outcomes` that were in the part `stopped` ended, when the storage
+    /// may have written it ([`StorageError::Uncertain`]), in order: `None` for one that was sent
+    /// (its outcome is unknown, not "not written"), its own refusal for one refused alone as the
+    /// part was prepared (never sent).
+    pub uncertain: Vec<Option<(u16, Vec<FieldError>)>>,
 }
+
+/// The operations of a part refused alone as it was prepared: (index in the part, why).
+type Refused = Vec<(usize, (u16, Vec<FieldError>))>;
 
 /// Journals the valid operations of a `_bulk` body, in parts of at most [`part_bytes`] of item
 /// lines; answers one outcome per operation. Each item is parsed, checked and encoded alone
@@ -336,11 +340,17 @@ pub async fn bulk(
                 journaled |= done.iter().any(Result::is_ok);
                 outcomes.extend(done);
             }
-            Err(error) if !journaled => return Err(error),
-            Err(error) => {
+            Err((error, _)) if !journaled => return Err(error),
+            Err((error, refused)) => {
                 let uncertain = match &error {
-                    WriteError::Storage(StorageError::Uncertain(_)) => size,
-                    _ => 0,
+                    WriteError::Storage(StorageError::Uncertain(_)) => {
+                        let mut uncertain = vec![None; size];
+                        for (index, why) in refused {
+                            uncertain[index] = Some(why);
+                        }
+                        uncertain
+                    }
+                    _ => Vec::new(),
                 };
                 return Ok(Bulked {
                     outcomes,
@@ -353,7 +363,7 @@ pub async fn bulk(
     Ok(Bulked {
         outcomes,
         stopped: None,
-        uncertain: 0,
+        uncertain: Vec::new(),
     })
 }
 
@@ -400,16 +410,19 @@ struct BulkBody {
 /// Items a `_bulk` body wrote (the blueprint uid each was written with) or deleted (none).
 type Written = HashMap<(Ident, Uuid), Option<Uid>>;
 
-/// Journals the operations `part` of the body together: one outcome for each.
+/// Journals the operations `part` of the body together: one outcome for each. When the journal
+/// refuses the part, answers why with the operations refused alone as it was last prepared.
 async fn bulk_part(
     storage: &dyn Storage,
     project: &Ident,
     body: &BulkBody,
     part: Range<usize>,
     hold: Hold<'_>,
-) -> Result<Vec<BulkOutcome>, WriteError> {
-    let (revisions, outcomes) = journal(storage, project, hold, |snapshot| {
+) -> Result<Vec<BulkOutcome>, (WriteError, Refused)> {
+    let refused: Arc<std::sync::Mutex<Refused>> = Arc::default();
+    let prepared = journal(storage, project, hold, |snapshot| {
         let (body, part, project) = (body.clone(), part.clone(), project.clone());
+        let refused = refused.clone();
         aside(move || {
             let BulkBody {
                 raw,
@@ -457,10 +470,22 @@ async fn bulk_part(
                     },
                 );
             }
+            let mut last = refused.lock().unwrap_or_else(|e| e.into_inner());
+            last.clear();
+            for (index, outcome) in outcomes.iter().enumerate() {
+                if let Err(why) = outcome {
+                    last.push((index, why.clone()));
+                }
+            }
+            drop(last);
             Ok((entries, (outcomes, now)))
         })
     })
-    .await?;
+    .await;
+    let (revisions, outcomes) = prepared.map_err(|error| {
+        let refused = std::mem::take(&mut *refused.lock().unwrap_or_else(|e| e.into_inner()));
+        (error, refused)
+    })?;
     let (outcomes, now) = outcomes;
     body.written
         .lock()

@@ -1163,7 +1163,15 @@ async fn a_commit_whose_answer_is_lost_is_answered_as_unknown_not_as_unwritten()
         .unwrap();
     let ids: Vec<Uuid> = (0..=part).map(|_| Uuid::new_v4()).collect();
     let mut lines = String::new();
-    for id in &ids {
+    for (n, id) in ids.iter().enumerate() {
+        if n == part as usize {
+            // Refused alone as its part is prepared: never sent, whatever became of the part.
+            lines.push_str(&format!(
+                "{{\"put\": {{\"blueprint\": \"thing\", \"id\": \"{}\"}}}}\n\
+                 {{\"project_version\": 1, \"n\": \"two\"}}\n",
+                Uuid::new_v4()
+            ));
+        }
         lines.push_str(&format!(
             "{{\"put\": {{\"blueprint\": \"thing\", \"id\": \"{id}\"}}}}\n\
              {{\"project_version\": 1, \"n\": 2}}\n"
@@ -1172,9 +1180,11 @@ async fn a_commit_whose_answer_is_lost_is_answered_as_unknown_not_as_unwritten()
     let (status, bulk) = cut_in_commit(reqwest::Method::POST, "/p/_bulk".into(), lines).await;
     assert_eq!(status, 200, "{bulk}");
     let items = bulk["items"].as_array().expect("one outcome per operation");
-    assert_eq!(items.len(), ids.len());
+    assert_eq!(items.len(), ids.len() + 1);
     assert_eq!(items[0]["put"]["status"], json!(200), "{}", items[0]);
-    let last = &items[part as usize]["put"];
+    let refused = &items[part as usize]["put"];
+    assert_eq!(refused["status"], json!(422), "{refused}");
+    let last = &items[part as usize + 1]["put"];
     assert!(
         last["errors"].to_string().contains("perhaps written"),
         "the operation in the cut commit may have been written: {last}"
