@@ -8,6 +8,7 @@ use std::collections::{BTreeMap, HashSet};
 use std::sync::Arc;
 
 use super::{CatalogError, Compatibility, MigrationState, Project, Version, VersionStatus};
+use crate::blueprint::parse::PATTERN_COST;
 use crate::blueprint::{
     apply_edit, diff, BlueprintInput, Blueprints, Change, FieldError, Ident, Pattern,
     MAX_PATTERNS_MEMORY,
@@ -154,8 +155,7 @@ fn check_patterns(p: &Project, next: &Blueprints, named: bool) -> Result<(), Cat
         format!(
             "the project's distinct patterns, in its working copy and its live versions, would \
              compile to {total} bytes, more than the {MAX_PATTERNS_MEMORY} they may (retire the \
-             versions no client writes at any more; \\w and \\d match all of Unicode and \
-             compile large, (?-u:\\w) and [0-9] match ASCII and cost little)"
+             versions no client writes at any more; {PATTERN_COST})"
         ),
     )]))
 }

@@ -31,6 +31,10 @@ pub const MAX_PATTERN_BYTES: usize = 1024;
 /// hold gigabytes.
 pub const MAX_PATTERNS_MEMORY: usize = 16 << 20;
 
+/// What makes a pattern cost much, as a refusal past [`MAX_PATTERNS_MEMORY`] says it.
+pub const PATTERN_COST: &str = "\\w and \\d match all of Unicode and compile large; (?-u:\\w) and \
+                                [0-9] match ASCII and cost little";
+
 /// Most values a new `enum` lists: every item's value is looked for among them (checked by
 /// `apply_edit`, which lets a stored one stay).
 pub const MAX_ENUM_VALUES: usize = 1000;
@@ -468,8 +472,7 @@ fn parse_validation(errors: &mut Errors, path: &str, ty: ColumnType, value: &Val
                                 format!(
                                 "compiles to {} bytes, which takes the new patterns of this request \
                                  past the {MAX_PATTERNS_MEMORY} bytes a project's patterns may \
-                                 compile to (\\w and \\d match all of Unicode and compile large; \
-                                 (?-u:\\w) and [0-9] match ASCII and cost little)",
+                                 compile to ({PATTERN_COST})",
                                 pattern.memory()
                             ),
                             );

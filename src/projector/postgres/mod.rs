@@ -33,7 +33,7 @@ use sqlx::types::Json;
 use sqlx::AssertSqlSafe;
 use uuid::Uuid;
 
-pub use error::PgError;
+pub use error::{sqlstate, PgError};
 
 use super::{Deployment, Health, Outcome, Projector, ProjectorError, ProjectorKind};
 use crate::blueprint::Ident;

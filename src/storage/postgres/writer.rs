@@ -283,9 +283,7 @@ async fn stage(
 /// Whether `error` is PostgreSQL's refusal of a row another transaction holds: a lock wait past
 /// `lock_timeout` (55P03) or the end of a deadlock (40P01).
 fn held_elsewhere(error: &sqlx::Error) -> bool {
-    error
-        .as_database_error()
-        .and_then(|e| e.code())
+    crate::projector::postgres::sqlstate(error)
         .is_some_and(|code| code == "55P03" || code == "40P01")
 }
 
