@@ -338,7 +338,9 @@ async fn print_changes(
 /// printed twice. The id moves with heartbeats too (past changes a `--blueprint` filter hid) and
 /// carries the horizon while a read from 0 is below it, so a reconnect goes on where a revision
 /// alone would be refused as compacted. A reconnect asks for the version the first connection
-/// was answered in (see [`pin_version`]).
+/// was answered in (see [`pin_version`]). A 503, as an answer or as the reason a stream ended
+/// (the server busy, its storage away for a moment), is waited out like a dropped connection;
+/// any other refusal ends the command.
 async fn follow_changes(
     client: &Client,
     project: &str,
@@ -356,6 +358,16 @@ async fn follow_changes(
                 tokio::time::sleep(Duration::from_secs(u64::from(attempt.min(10)))).await;
                 continue;
             }
+            Err(CliError::Server { status, body }) if status == StatusCode::SERVICE_UNAVAILABLE => {
+                attempt += 1;
+                let why = serde_json::from_str::<Value>(&body)
+                    .ok()
+                    .and_then(|b| b["status"].as_str().map(str::to_string))
+                    .unwrap_or(body);
+                eprintln!("dstore: 503 {}; trying again", client::terminal_safe(&why));
+                tokio::time::sleep(Duration::from_secs(u64::from(attempt.min(10)))).await;
+                continue;
+            }
             Err(error) => return Err(error),
         };
         attempt = 0;
@@ -364,9 +376,9 @@ async fn follow_changes(
             .get("x-dstore-version")
             .and_then(|v| v.to_str().ok()?.parse().ok());
         pin_version(&mut query, version);
+        let mut events = SseEvents::default();
         let mut pending: Vec<u8> = Vec::new();
-        let mut gone = false;
-        loop {
+        'stream: loop {
             let chunk = match response.chunk().await {
                 Ok(Some(chunk)) => chunk,
                 Ok(None) | Err(_) => break,
@@ -375,35 +387,88 @@ async fn follow_changes(
             while let Some(end) = pending.iter().position(|b| *b == b'\n') {
                 let line: Vec<u8> = pending.drain(..=end).collect();
                 let line = String::from_utf8_lossy(&line);
-                let line = line.trim_end_matches(['\r', '\n']);
-                if let Some(id) = line.strip_prefix("id:") {
-                    // `revision`, or `revision/horizon` below the horizon.
-                    let id = id.trim();
-                    let (since, horizon) = id.split_once('/').unwrap_or((id, ""));
-                    query.retain(|(k, _)| *k != "since" && *k != "horizon");
-                    query.push(("since", since.to_string()));
-                    if !horizon.is_empty() {
-                        query.push(("horizon", horizon.to_string()));
-                    }
-                } else if line == "event: gone" {
-                    gone = true;
-                } else if let Some(data) = line.strip_prefix("data:") {
-                    let data = data.trim_start();
+                let Some(event) = events.line(line.trim_end_matches(['\r', '\n'])) else {
+                    continue;
+                };
+                if let Some(data) = &event.data {
                     let change: Value = serde_json::from_str(data).map_err(|_| {
                         CliError::Transport(format!("the feed sent data that is not JSON: {data}"))
                     })?;
-                    if gone || change["status"].is_string() {
+                    if event.kind == "gone" || change["status"].is_string() {
                         let status = change["status"].as_str().unwrap_or("the feed ended");
+                        if change["code"] == 503 {
+                            eprintln!("dstore: {}; trying again", client::terminal_safe(status));
+                            break 'stream;
+                        }
                         return Err(CliError::Refused(status.to_string()));
                     }
                     println!("{data}");
                     let _ = std::io::stdout().flush();
                 }
-                // Anything else: a heartbeat's comment, `retry:`, the blank line ending an event.
+                // Only an event received whole moves the point a reconnect goes on from.
+                if let Some(id) = event.id {
+                    // `revision`, or `revision/horizon` below the horizon.
+                    let (since, horizon) = id.split_once('/').unwrap_or((&id, ""));
+                    query.retain(|(k, _)| *k != "since" && *k != "horizon");
+                    query.push(("since", since.to_string()));
+                    if !horizon.is_empty() {
+                        query.push(("horizon", horizon.to_string()));
+                    }
+                }
             }
         }
-        // The server ended the stream (it stopped, or the connection dropped): go on from there.
+        // The stream ended (the server stopped, cut it, or the connection dropped): what came of
+        // an event not ended by its blank line is dropped and read again from the last whole one.
         tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}
+
+/// The events of a server-sent event stream, read line by line as the format says: an event's
+/// fields gather until the blank line that ends it, and only then is it handed out, so an event
+/// cut short by a dropped connection is never shown, nor its id taken as read.
+#[derive(Debug, Default)]
+struct SseEvents {
+    id: Option<String>,
+    kind: String,
+    data: Option<String>,
+}
+
+/// An event of [`SseEvents`]: its id if it had one (a heartbeat has only that), its `event:`
+/// name (empty for a change) and its data.
+#[derive(Debug, PartialEq)]
+struct SseEvent {
+    id: Option<String>,
+    kind: String,
+    data: Option<String>,
+}
+
+impl SseEvents {
+    /// Takes one line (its end of line removed); the blank line ending an event hands it out.
+    fn line(&mut self, line: &str) -> Option<SseEvent> {
+        if line.is_empty() {
+            let event = SseEvent {
+                id: self.id.take(),
+                kind: std::mem::take(&mut self.kind),
+                data: self.data.take(),
+            };
+            return (event.id.is_some() || event.data.is_some()).then_some(event);
+        }
+        let (field, value) = line.split_once(':').unwrap_or((line, ""));
+        let value = value.strip_prefix(' ').unwrap_or(value);
+        match field {
+            "id" => self.id = Some(value.trim().to_string()),
+            "event" => self.kind = value.to_string(),
+            "data" => match &mut self.data {
+                Some(data) => {
+                    data.push('\n');
+                    data.push_str(value);
+                }
+                None => self.data = Some(value.to_string()),
+            },
+            // A comment (a heartbeat's `: heartbeat`), `retry:`, a field the format ignores.
+            _ => {}
+        }
+        None
     }
 }
 
@@ -652,5 +717,46 @@ mod tests {
         let mut asked = vec![("version", "3".to_string())];
         super::pin_version(&mut asked, Some(4));
         assert_eq!(asked, vec![("version", "3".to_string())]);
+    }
+
+    /// Only the blank line ending an event hands it out: an event cut short is never shown, and
+    /// its id is never taken as the point to go on from. A heartbeat's id alone moves it.
+    #[test]
+    fn an_event_counts_only_once_its_blank_line_arrived() {
+        let mut events = SseEvents::default();
+        let mut out = Vec::new();
+        for line in "id: 41\ndata: {\"revision\":41}\n\nid: 42\n: heartbeat\n\nretry: 5\nid: 43/7\ndata: {\"revi"
+            .split('\n')
+        {
+            out.extend(events.line(line));
+        }
+        assert_eq!(
+            out,
+            [
+                SseEvent {
+                    id: Some("41".into()),
+                    kind: String::new(),
+                    data: Some("{\"revision\":41}".into())
+                },
+                SseEvent {
+                    id: Some("42".into()),
+                    kind: String::new(),
+                    data: None
+                },
+            ]
+        );
+        let mut gone = SseEvents::default();
+        for line in ["event: gone", "data:{\"code\":503}", "data: x"] {
+            assert_eq!(gone.line(line), None);
+        }
+        assert_eq!(
+            gone.line(""),
+            Some(SseEvent {
+                id: None,
+                kind: "gone".into(),
+                data: Some("{\"code\":503}\nx".into())
+            })
+        );
+        assert_eq!(gone.line(""), None, "an empty event is nothing");
     }
 }

@@ -513,3 +513,67 @@ async fn cli_refuses_names_a_url_drops_and_endless_input() {
         stderr(&endless)
     );
 }
+
+/// `changes --follow` against a server that refuses with 503 first, then cuts a stream in the
+/// middle of an event, then ends the next stream with a 503 `gone`: the command waits each 503
+/// out, prints only the event it received whole, reconnects from that event's id (never from the
+/// cut one's), and ends only on a refusal that is not a 503.
+#[tokio::test]
+async fn cli_follow_goes_on_from_the_last_whole_event_and_waits_out_503s() {
+    use std::io::{BufRead, BufReader};
+    use std::net::TcpListener;
+
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = format!("http://{}", listener.local_addr().unwrap());
+    let stream_head = "HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\nx-dstore-version: 1\r\nconnection: close\r\n\r\n";
+    let answers = [
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: 1\r\nconnection: close\r\n\r\n{\"status\":\"busy\",\"errors\":[],\"code\":503}"
+            .to_string(),
+        format!("{stream_head}id: 41\ndata: {{\"revision\":41}}\n\nid: 42\ndata: {{\"revi"),
+        format!("{stream_head}event: gone\ndata: {{\"status\":\"storage away\",\"code\":503}}\n\n"),
+        format!("{stream_head}event: gone\ndata: {{\"status\":\"compacted\",\"code\":410}}\n\n"),
+    ];
+    let asked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let heard = asked.clone();
+    std::thread::spawn(move || {
+        for answer in answers {
+            let (mut socket, _) = listener.accept().unwrap();
+            let mut request_line = String::new();
+            let mut reader = BufReader::new(socket.try_clone().unwrap());
+            reader.read_line(&mut request_line).unwrap();
+            loop {
+                let mut header = String::new();
+                reader.read_line(&mut header).unwrap();
+                if header.trim().is_empty() {
+                    break;
+                }
+            }
+            heard.lock().unwrap().push(request_line.trim().to_string());
+            socket.write_all(answer.as_bytes()).unwrap();
+        }
+    });
+    let output = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        dstore_at(&address, &["changes", "p", "--follow"], None),
+    )
+    .await
+    .expect("the command ends on the 410");
+    let asked = asked.lock().unwrap().clone();
+    assert_eq!(asked.len(), 4, "{asked:?}\n{}", stderr(&output));
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
+    assert_eq!(
+        stdout(&output),
+        "{\"revision\":41}\n",
+        "{}",
+        stderr(&output)
+    );
+    assert!(stderr(&output).contains("compacted"), "{}", stderr(&output));
+    assert!(!asked[1].contains("since=4"), "{asked:?}");
+    for reconnect in &asked[2..] {
+        assert!(
+            reconnect.contains("since=41&") || reconnect.ends_with("since=41 HTTP/1.1"),
+            "{asked:?}"
+        );
+        assert!(reconnect.contains("version=1"), "{asked:?}");
+    }
+}
