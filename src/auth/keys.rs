@@ -1,13 +1,15 @@
 //! API keys: made, changed, rotated and revoked through the storage (so every node of a cluster
 //! sees them), and checked against a cache each node keeps.
 //!
-//! The cache is read again every couple of seconds and whenever a key id is unknown or its secret
-//! does not match, so a key revoked through another node takes effect within that time, and one
-//! made or rotated there at once (and at once on the node that made the change). A read is
-//! installed with the changes this node made while it ran made again on it, so a node busy
-//! changing keys still installs what others changed. Reads for unknown ids are shared and at most [`MISS_INTERVAL`] apart: a client
-//! sending made-up key ids makes at most a few reads of the keys a second, however fast it sends. `last_used_at` is written at most once a minute per key and node: a key's use never
-//! costs a write per request.
+//! The cache is read again every couple of seconds and whenever the storage holds a key the cache
+//! does not (its id is unknown here, or its secret does not match but the stored one's does), so a
+//! key revoked through another node takes effect within that time, and one made or rotated there
+//! at once (and at once on the node that made the change). A read is installed with the changes
+//! this node made while it ran made again on it, so a node busy changing keys still installs what
+//! others changed. A token the cache does not accept costs one read of that one key; a read of all
+//! of them follows only when the storage accepts it, shared and at most [`MISS_INTERVAL`] apart, so
+//! made-up tokens cost what any request costs, however many keys there are. `last_used_at` is
+//! written at most once a minute per key and node: a key's use never costs a write per request.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -327,6 +329,21 @@ impl KeyStore {
         self.reload().await
     }
 
+    /// Whether the storage holds key `id` (accepting `secret`, when one is given) as this node's
+    /// copy does not yet: only then is reading every key worth it. A token made up by someone
+    /// without a key costs one read of one key, however many keys there are.
+    async fn stored_unread(
+        &self,
+        id: &str,
+        secret: Option<&str>,
+        now: DateTime<Utc>,
+    ) -> Result<bool, StorageError> {
+        let Some(stored) = self.storage.key(id).await? else {
+            return Ok(false);
+        };
+        Ok(secret.is_none_or(|secret| stored.accepts(secret, now).is_some()))
+    }
+
     /// How many reads of the keys unknown key ids have caused.
     pub fn miss_reads(&self) -> u64 {
         self.miss_reads.load(std::sync::atomic::Ordering::Relaxed)
@@ -348,9 +365,8 @@ impl KeyStore {
             Some((key.accepts(secret, now)?, key.clone()))
         };
         let mut accepted_now = accepted();
-        if accepted_now.is_none() {
-            // An unknown id or another secret: perhaps made or rotated through another node a
-            // moment ago.
+        if accepted_now.is_none() && self.stored_unread(id, Some(secret), now).await? {
+            // A key made or rotated through another node a moment ago.
             self.reload_for_miss(Instant::now()).await?;
             accepted_now = accepted();
         }
@@ -406,7 +422,7 @@ impl KeyStore {
             return Ok(key.clone());
         }
         // Perhaps made through another node a moment ago; a read shared as for unknown tokens.
-        if !super::is_key_id(id) {
+        if !super::is_key_id(id) || !self.stored_unread(id, None, Utc::now()).await? {
             return Err(not_found());
         }
         self.reload_for_miss(Instant::now()).await?;
@@ -948,6 +964,45 @@ mod tests {
 
     fn reader() -> KeyInput {
         everywhere(&["items.read"])
+    }
+
+    /// A made-up token, or a real id with a made-up secret, costs a read of one key, never a read
+    /// of all of them; a key made or rotated through another node is still accepted at once.
+    #[tokio::test]
+    async fn made_up_tokens_read_one_key_and_new_ones_from_elsewhere_are_read_at_once() {
+        let (storage, _dir) = crate::storage::conformance::open_embedded().await;
+        let store = KeyStore::open(storage.clone(), Vec::new()).await.unwrap();
+        let elsewhere = KeyStore::open(storage.clone(), Vec::new()).await.unwrap();
+        let (known, _) = store.create(&Caller::Master, reader()).await.unwrap();
+        let wrong_secret = format!("dstore_{}_{}", known.id, "0".repeat(64));
+        for token in [
+            format!("dstore_0123456789abcdef_{}", "1".repeat(64)),
+            wrong_secret,
+        ] {
+            for _ in 0..3 {
+                assert!(matches!(
+                    store.authenticate(Some(&token)).await,
+                    Err(AuthError::Unknown)
+                ));
+            }
+        }
+        assert!(matches!(
+            store.get("0123456789abcdef").await,
+            Err(KeyError::NotFound(_))
+        ));
+        assert_eq!(store.miss_reads(), 0, "no read of every key");
+
+        let (made, token) = elsewhere.create(&Caller::Master, reader()).await.unwrap();
+        assert!(store.authenticate(Some(&token)).await.is_ok());
+        assert_eq!(store.miss_reads(), 1);
+        let (_, rotated) = elsewhere
+            .rotate(&Caller::Master, &made.id, Duration::from_secs(3600))
+            .await
+            .unwrap();
+        assert!(store.authenticate(Some(&rotated)).await.is_ok());
+        assert_eq!(store.miss_reads(), 2);
+        let (other, _) = elsewhere.create(&Caller::Master, reader()).await.unwrap();
+        assert_eq!(store.get(&other.id).await.unwrap().id, other.id);
     }
 
     /// However busy a node is changing keys, a read of the stored keys is installed, with this

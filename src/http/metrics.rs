@@ -125,7 +125,7 @@ pub async fn metrics(
     if let Some(keys) = &state.keys {
         gauge(
             "dstore_auth_unknown_key_reads_total",
-            "Reads of the API keys made because a request named an unknown key id (shared, at most four a second).",
+            "Reads of all the API keys made because a request named a key this node had not read yet, one made or rotated through another node (shared, at most four a second); an id the storage does not hold costs a read of that one key.",
             "counter",
             vec![(String::new(), keys.miss_reads())],
         );
