@@ -37,8 +37,21 @@ pub const MAX_BLUEPRINTS_BYTES: usize = 4 << 20;
 /// stored and projected once per live version that holds its blueprint.
 pub const MAX_LIVE_VERSIONS: usize = 32;
 
-/// Refuses a freeze of a project that has [`MAX_LIVE_VERSIONS`] live versions already (checked
-/// again before a freeze counts its items, which could take long only to be refused).
+/// Most versions a project is frozen into, retired ones included: each is kept, read at every
+/// start and reached by every delete of an item of its blueprints. A version a day for almost
+/// three years; a loop of freezes and retirements stops here.
+pub const MAX_VERSIONS: usize = 1000;
+
+/// Most bytes the blueprints of all of a project's versions take as JSON, the one a freeze would
+/// add included: every node keeps every version in memory, each with its own copy of its
+/// blueprints, and reads them all at start, so freezing and retiring near [`MAX_BLUEPRINTS_BYTES`]
+/// blueprints in a loop would otherwise grow what a restart reads by 4 MiB each time, until it no
+/// longer fits. Sixteen versions of the largest blueprints, thousands of ordinary ones.
+pub const MAX_VERSIONS_BYTES: usize = 16 * MAX_BLUEPRINTS_BYTES;
+
+/// Refuses a freeze of a project that has [`MAX_LIVE_VERSIONS`] live versions already, or whose
+/// versions would pass [`MAX_VERSIONS`] or [`MAX_VERSIONS_BYTES`] (checked again before a freeze
+/// counts its items, which could take long only to be refused).
 pub fn room_for_a_version(p: &Project) -> Result<(), CatalogError> {
     let live = p.live_versions().count();
     if live >= MAX_LIVE_VERSIONS {
@@ -47,6 +60,29 @@ pub fn room_for_a_version(p: &Project) -> Result<(), CatalogError> {
             p.name.as_str(),
             p.name.as_str()
         )));
+    }
+    let frozen = p.versions.len();
+    if frozen >= MAX_VERSIONS {
+        return Err(CatalogError::Conflict(format!(
+            "project {:?} was frozen {frozen} times, the most a project may be (retired versions \
+             count: each is kept and reached by deletes); keep evolving the schema in a new \
+             project",
+            p.name.as_str()
+        )));
+    }
+    let size = |blueprints: &Blueprints| serde_json::to_vec(blueprints).map_or(0, |v| v.len());
+    let mut bytes = size(&p.working.blueprints);
+    for version in &p.versions {
+        bytes += size(&version.blueprints);
+        if bytes > MAX_VERSIONS_BYTES {
+            return Err(CatalogError::Conflict(format!(
+                "the blueprints of project {:?}'s {frozen} versions and of this freeze would take \
+                 more than {MAX_VERSIONS_BYTES} bytes as JSON, the most a project's versions may \
+                 (every node keeps them all in memory, retired ones included); shorten comments, \
+                 patterns and enums, or keep evolving the schema in a new project",
+                p.name.as_str()
+            )));
+        }
     }
     Ok(())
 }
@@ -566,5 +602,92 @@ fn check_unique_names(blueprints: &Blueprints, edited: Option<&Ident>) -> Result
         Ok(())
     } else {
         Err(CatalogError::Invalid(errors))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    /// A blueprint `name` of `columns`, its table and type named after it.
+    fn blueprint(name: &str, columns: serde_json::Value) -> serde_json::Value {
+        json!({"postgresql": {"table": name}, "elasticsearch": {"type": name}, "columns": columns})
+    }
+
+    /// Freezes `p`'s working copy with `title`'s comment set to `comment`, then retires it.
+    fn freeze_and_retire(p: &mut Project, comment: &str) -> Result<(), CatalogError> {
+        let body = blueprint(
+            "article",
+            json!({"title": {"type": "string", "comment": comment}}),
+        );
+        let input = crate::blueprint::parse_blueprint(&body, "").unwrap();
+        let article = Ident::parse("article").unwrap();
+        put_blueprint(p, &article, input, &mut Vec::new())?;
+        let version = freeze(p, &[], &[], false, None, &mut Vec::new())?;
+        retire(p, version.number, &mut Vec::new())
+    }
+
+    /// Freezing and retiring in a loop keeps no more than [`MAX_VERSIONS`] versions; a refused
+    /// freeze changes nothing.
+    #[test]
+    fn versions_are_bounded_in_number_retired_ones_included() {
+        let mut p = Project::new(Ident::parse("loop").unwrap());
+        for n in 0..MAX_VERSIONS {
+            freeze_and_retire(&mut p, &n.to_string()).unwrap();
+        }
+        let refused = freeze_and_retire(&mut p, "one more").unwrap_err();
+        assert!(matches!(refused, CatalogError::Conflict(_)), "{refused}");
+        assert!(
+            refused.to_string().contains("frozen 1000 times"),
+            "{refused}"
+        );
+        assert_eq!(p.versions.len(), MAX_VERSIONS);
+    }
+
+    /// Versions of large blueprints stop at [`MAX_VERSIONS_BYTES`] however many are retired.
+    #[test]
+    fn versions_are_bounded_in_bytes_retired_ones_included() {
+        let mut p = Project::new(Ident::parse("big").unwrap());
+        let mut columns = serde_json::Map::new();
+        for c in 0..800 {
+            columns.insert(
+                format!("c{c}"),
+                json!({"type": "string", "comment": "x".repeat(1000)}),
+            );
+        }
+        // Four blueprints of about 1 MB each: 4 MB a version.
+        for name in ["a", "b", "c", "d"] {
+            let body = blueprint(name, json!(columns));
+            let input = crate::blueprint::parse_blueprint(&body, "").unwrap();
+            put_blueprint(&mut p, &Ident::parse(name).unwrap(), input, &mut Vec::new()).unwrap();
+        }
+        let mut frozen = 0;
+        let refused = loop {
+            if frozen > 0 {
+                edit_small(&mut p, frozen);
+            }
+            match freeze(&mut p, &[], &[], false, None, &mut Vec::new()) {
+                Ok(version) => retire(&mut p, version.number, &mut Vec::new()).unwrap(),
+                Err(refused) => break refused,
+            }
+            frozen += 1;
+            assert!(frozen < 100, "never refused");
+        };
+        assert!(refused.to_string().contains("bytes as JSON"), "{refused}");
+        // The sixteenth or so would pass 64 MiB with the working copy.
+        assert!((14..=18).contains(&frozen), "{frozen}");
+        assert_eq!(p.versions.len(), frozen);
+    }
+
+    /// Changes a small blueprint of `p`, so the working copy differs from the last version.
+    fn edit_small(p: &mut Project, n: usize) {
+        let body = blueprint(
+            "e",
+            json!({"title": {"type": "string", "comment": n.to_string()}}),
+        );
+        let input = crate::blueprint::parse_blueprint(&body, "").unwrap();
+        put_blueprint(p, &Ident::parse("e").unwrap(), input, &mut Vec::new()).unwrap();
     }
 }
