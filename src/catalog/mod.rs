@@ -11,7 +11,7 @@ mod model;
 
 use std::collections::BTreeMap;
 use std::path::Path;
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex, PoisonError, RwLock};
 
 use rocksdb::{WriteBatch, WriteOptions, DB};
 use thiserror::Error;
@@ -63,6 +63,9 @@ impl Snapshot {
     }
 }
 
+/// Its locks guard no state an edit can tear: an edit works on a copy and is installed whole once
+/// written, so an edit that panicked left the catalog as it was, and the locks are taken again
+/// past it (the journal writer thread, which freezes and drops, would otherwise end with them).
 pub struct Catalog {
     db: DB,
     snapshot: RwLock<Arc<Snapshot>>,
@@ -120,7 +123,10 @@ impl Catalog {
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
-        self.snapshot.read().expect("catalog lock poisoned").clone()
+        self.snapshot
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
     }
 
     /// Runs `edit` on a copy of one project and persists what it returns, atomically.
@@ -130,7 +136,7 @@ impl Catalog {
         create: bool,
         edit: impl FnOnce(&mut Project, &mut Vec<Write>) -> Result<T, CatalogError>,
     ) -> Result<T, CatalogError> {
-        let _guard = self.writer.lock().expect("catalog writer poisoned");
+        let _guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self.snapshot();
         let mut writes = Vec::new();
         let mut project = match current.projects.get(name) {
@@ -192,7 +198,10 @@ impl Catalog {
             project.epoch = next.epoch;
         }
         next.projects.insert(name.clone(), Arc::new(project));
-        *self.snapshot.write().expect("catalog lock poisoned") = Arc::new(next);
+        *self
+            .snapshot
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
         Ok(result)
     }
 
@@ -361,7 +370,7 @@ impl Catalog {
     /// store comes after, so a crash in between leaves the mark, and the next start finishes the
     /// drop ([`Catalog::pending_drops`]). The journal clears the mark once its batch is written.
     pub fn delete_project(&self, name: &Ident) -> Result<(), CatalogError> {
-        let _guard = self.writer.lock().expect("catalog writer poisoned");
+        let _guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self.snapshot();
         current.project(name)?;
         let mut batch = WriteBatch::default();
@@ -376,7 +385,10 @@ impl Catalog {
         let mut next = Snapshot::clone(&current);
         next.epoch += 1;
         next.projects.remove(name);
-        *self.snapshot.write().expect("catalog lock poisoned") = Arc::new(next);
+        *self
+            .snapshot
+            .write()
+            .unwrap_or_else(PoisonError::into_inner) = Arc::new(next);
         Ok(())
     }
 }
@@ -403,7 +415,7 @@ impl Catalog {
     /// Clears the mark of a drop the journal has written.
     /// `at`: the revision the journal wrote the drop at, when it did.
     pub fn drop_done(&self, name: &Ident, at: Option<u64>) -> Result<(), CatalogError> {
-        let _guard = self.writer.lock().expect("catalog writer poisoned");
+        let _guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let mut batch = WriteBatch::default();
         batch.delete(drop_key(name));
         if let Some(at) = at {
@@ -496,6 +508,25 @@ mod tests {
             message.contains("version/shop/0000000002") && message.contains("newer dstore"),
             "{message}"
         );
+    }
+
+    /// An edit that panics leaves the catalog as it was and the next edits go on.
+    #[test]
+    fn an_edit_that_panicked_stops_no_later_edit() {
+        let dir = tempfile::tempdir().unwrap();
+        let catalog = Catalog::open(dir.path()).unwrap();
+        let shop = crate::blueprint::Ident::parse("shop").unwrap();
+        let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            catalog.update(&shop, true, |_, _| -> Result<(), CatalogError> {
+                panic!("an edit's bug")
+            })
+        }));
+        assert!(panicked.is_err());
+        assert!(catalog.snapshot().projects.is_empty());
+        catalog
+            .update(&shop, true, |_, _| Ok::<_, CatalogError>(()))
+            .unwrap();
+        assert!(catalog.snapshot().projects.contains_key(&shop));
     }
 
     #[test]
