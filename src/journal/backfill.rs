@@ -69,7 +69,8 @@ impl Journal {
             .db
             .get_cf(self.cf(CF_META), keys::backfill(project, version))?
         {
-            Some(bytes) => Ok(Some(decode(&bytes)?)),
+            // One that does not decode starts over at the next start ([`Journal::resume_backfills`]).
+            Some(bytes) => Ok(Some(decode(&bytes).unwrap_or_default())),
             None => Ok(None),
         }
     }
@@ -194,11 +195,22 @@ impl Journal {
             if !key.starts_with(prefix) {
                 break;
             }
-            let state: BackfillState = decode(&value)?;
             let key = String::from_utf8_lossy(&key).into_owned();
             let mut parts = key.split('/').skip(1);
             let project = parts.next().and_then(|p| Ident::parse(p).ok());
             let version = parts.next().and_then(|v| v.parse().ok());
+            // A state that does not decode (damaged, or written by a newer dstore) is where a
+            // back-fill had got to, which can always be found again: it starts over, for the
+            // projectors its key names, rather than stop dstore from starting.
+            let state: BackfillState = decode(&value).unwrap_or_else(|error| {
+                tracing::error!(key, %error, "a back-fill's state does not decode; it starts over");
+                BackfillState {
+                    projectors: parts
+                        .next()
+                        .map(|only| only.split(',').map(String::from).collect()),
+                    ..BackfillState::default()
+                }
+            });
             if let (Some(project), Some(version), false) = (project, version, state.finished) {
                 self.spawn_backfill(project, version, state);
             }

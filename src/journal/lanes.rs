@@ -541,12 +541,24 @@ impl Journal {
             looked_at += 1;
             last = Some(key.to_vec());
             if let Some(project) = filter.project {
-                let whose: Whose = decode(&value)?;
-                if whose.task.is_none_or(|task| task.project != project) {
+                if dead_letter_project(&value).is_none_or(|whose| whose != project) {
                     continue;
                 }
             }
-            let mut letter: DeadLetter = decode(&value)?;
+            // A letter that does not decode (damaged, or written by a newer dstore) is listed as
+            // one whose task cannot be: it belongs to no project and no retry takes it, and it
+            // never stops the listing or the retries of the others.
+            let mut letter: DeadLetter = decode(&value).unwrap_or_else(|error| DeadLetter {
+                projector: key
+                    .split(|b| *b == 0)
+                    .next()
+                    .map(|name| String::from_utf8_lossy(name).into_owned())
+                    .unwrap_or_default(),
+                seq: 0,
+                task: None,
+                reason: format!("this dead letter is not readable: {error}"),
+                at: String::new(),
+            });
             letter.seq = keys::task_seq(&key);
             out.push((key.to_vec(), letter));
         }

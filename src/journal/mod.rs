@@ -1226,6 +1226,55 @@ mod tests {
         journal.close().await;
     }
 
+    /// A dead letter that does not decode (damaged, or written by a newer dstore) is listed as
+    /// unreadable and belongs to no project: the listing and the retries of the others go on.
+    #[tokio::test]
+    async fn an_unreadable_dead_letter_stops_no_listing_or_retry_of_the_others() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            ..
+        } = fixture(Durability::Buffered, vec!["store"]).await;
+        for n in 0..2 {
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("t{n}")).await;
+        }
+        let tasks = journal.pending("store", 100).unwrap();
+        let letters: Vec<DeadLetter> = tasks[tasks.len() - 2..]
+            .iter()
+            .map(|task| {
+                let raw = journal.pending_raw("store", task.seq).unwrap().unwrap();
+                DeadLetter::from_raw("store", task.seq, &raw, "refused".into())
+            })
+            .collect();
+        journal.ack("store", &[], letters).unwrap();
+        journal
+            .db
+            .put_cf(
+                journal.cf(CF_DEAD),
+                keys::task("store", 1),
+                b"{\"projector\": 7",
+            )
+            .unwrap();
+        let (all, _) = journal
+            .dead_letters(LetterFilter::default(), None, 100)
+            .unwrap();
+        assert_eq!(all.len(), 3, "{all:?}");
+        assert!(
+            all[0].task.is_none() && all[0].reason.contains("not readable"),
+            "{all:?}"
+        );
+        assert_eq!(all[0].projector, "store");
+        let own = LetterFilter {
+            project: Some(project.as_str()),
+            ..LetterFilter::default()
+        };
+        assert_eq!(journal.dead_letters(own, None, 100).unwrap().0.len(), 2);
+        assert_eq!(journal.retry_dead_letters(own).await.unwrap(), 2);
+        journal.close().await;
+    }
+
     /// A letter of a dropped project recorded after its drop looked for them (a projector that
     /// refused the task while the drop was on its way) is not retried into a project made again
     /// under the name: it goes.

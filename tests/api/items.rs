@@ -493,6 +493,66 @@ async fn a_backfill_interrupted_by_a_restart_resumes_and_finishes() {
     assert_eq!(count, total as usize);
 }
 
+/// A back-fill state that no longer decodes (damaged, or written by a newer dstore) stops nothing:
+/// dstore starts, and the back-fill starts over and finishes.
+#[tokio::test]
+async fn a_backfill_state_that_does_not_decode_starts_over_instead_of_stopping_the_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().to_path_buf();
+    let total = 50;
+    {
+        let app = crate::helpers::spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+        app.put_and_freeze("myblog", "article", &article()).await;
+        for i in 0..total {
+            let mut item = seed_item();
+            item.as_object_mut().unwrap().remove("id");
+            let put = app
+                .put(
+                    &format!("/myblog/article/{}", Uuid::from_u128(i + 1)),
+                    &item,
+                )
+                .await;
+            assert!(put.status == 200 || put.status == 201, "{}", put.body);
+        }
+        let mut v2 = article();
+        v2["columns"]["views"] = json!({"type": "integer"});
+        app.put_and_freeze("myblog", "article", &v2).await;
+        app.stop().await;
+    }
+    {
+        let journal = path.join("journal");
+        let families = rocksdb::DB::list_cf(&rocksdb::Options::default(), &journal).unwrap();
+        let db = rocksdb::DB::open_cf(&rocksdb::Options::default(), &journal, families).unwrap();
+        let meta = db.cf_handle("meta").unwrap();
+        db.put_cf(
+            meta,
+            b"backfill/myblog/0000000002",
+            b"{\"total\": \"damaged",
+        )
+        .unwrap();
+    }
+    let app = crate::helpers::spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
+    let mut backfill = Value::Null;
+    for _ in 0..200 {
+        backfill = app.get("/myblog/_version").await.body["versions"][1]["backfill"].clone();
+        if backfill["finished"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        backfill,
+        json!({"total": total, "done": total, "finished": true})
+    );
+    let count =
+        app.rocksdb
+            .as_ref()
+            .unwrap()
+            .count(&"myblog".parse_ident(), 2, &"article".parse_ident());
+    assert_eq!(count, total as usize);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn keyspaces_the_journal_did_not_keep_are_rebuilt_from_its_items() {
     let dir = tempfile::tempdir().unwrap();
