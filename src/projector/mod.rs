@@ -95,6 +95,10 @@ pub struct ProjectorError {
     /// `Key (email)=(…) already exists`; Elasticsearch's reason): the dead letter keeps it, behind
     /// the API's keys, and logs do not, which carry `message` only.
     pub detail: Option<String>,
+    /// Scoped, and the store could tell whose write it refused (the project of the table a
+    /// statement failed on): that project waits at once, instead of the batch's projects being
+    /// tried one by one to find it.
+    pub project: Option<Ident>,
 }
 
 impl ProjectorError {
@@ -104,6 +108,15 @@ impl ProjectorError {
             message: message.into(),
             scoped: false,
             detail: None,
+            project: None,
+        }
+    }
+
+    /// The error, scoped to `project` when it is ([`ProjectorError::project`]).
+    pub fn of_project(self, project: &Ident) -> ProjectorError {
+        ProjectorError {
+            project: self.scoped.then(|| project.clone()),
+            ..self
         }
     }
 

@@ -5,8 +5,10 @@
 //! version before its migration and none of a deleted project survives its drop; item tasks go
 //! together. A run refused as a whole is tried one task at a time, so one project's refusal never
 //! dead-letters another's tasks; a run refused for a cause that may be one project's own
-//! (`ProjectorError::scoped`) is tried with its first project's tasks alone, and if they fail so,
-//! that project is held (`Step::held`) while the others go on. Tasks of an earlier project of the
+//! (`ProjectorError::scoped`) holds the project the store named (`ProjectorError::project`) at
+//! once; when it named none, the run is tried with its first project's tasks alone, and if they
+//! fail so, that project is held (`Step::held`) while the others go on. A drop refused for such a
+//! cause holds its project too. Tasks of an earlier project of the
 //! same name, dropped and made again while they waited, are passed over, its drop excepted — unless
 //! the new project's migration went through already, which makes the drop one delivered again. The
 //! step touches nothing but the projector: the caller acknowledges what it applied, keeps the dead
@@ -130,11 +132,21 @@ async fn apply_front(projector: &dyn Projector, snapshot: &Snapshot, tasks: &[Ta
     match &first.op {
         TaskOp::Migrate { version } => migrate(projector, snapshot, first, *version).await,
         TaskOp::DropProject if delivered_again(snapshot, first, projector.name()) => applied(first),
-        TaskOp::DropProject => match projector.drop_project(&first.project).await {
-            Ok(()) => applied(first),
-            Err(e) if e.kind == ErrorKind::Transient => retry(e),
-            Err(e) => dead(projector, first, &e),
-        },
+        TaskOp::DropProject => {
+            let began = tokio::time::Instant::now();
+            match projector.drop_project(&first.project).await {
+                Ok(()) => applied(first),
+                // Perhaps the project's own cause (a lock on one of its tables): only it waits, and
+                // a project made again under the name, whose tasks come later, waits behind it.
+                Err(e) if e.kind == ErrorKind::Transient && e.scoped => Step {
+                    held: Some(first.project.clone()),
+                    held_cost: began.elapsed(),
+                    ..retry(e)
+                },
+                Err(e) if e.kind == ErrorKind::Transient => retry(e),
+                Err(e) => dead(projector, first, &e),
+            }
+        }
         TaskOp::Upsert { .. } | TaskOp::Delete { .. } => {
             let run = tasks
                 .iter()
@@ -162,6 +174,19 @@ async fn apply_items(projector: &dyn Projector, snapshot: &Snapshot, run: &[Task
         Ok(outcomes) => outcomes,
         // Perhaps one project's cause: the first project's tasks are tried alone, and if they fail
         // so alone, that project is held while the others go on.
+        // The store named the project whose write it refused: it alone waits, at once.
+        Err(e)
+            if e.project
+                .as_ref()
+                .is_some_and(|p| run.iter().any(|t| &t.project == p)) =>
+        {
+            return Step {
+                held: e.project.clone(),
+                retry: Some(e),
+                held_cost: began.elapsed(),
+                ..Step::default()
+            };
+        }
         Err(e) if e.scoped => {
             let first = &run[0].project;
             let own = run.iter().take_while(|t| &t.project == first).count();
@@ -348,7 +373,10 @@ mod tests {
         ) -> Result<Vec<crate::projector::Outcome>, ProjectorError> {
             Ok(tasks.iter().map(|_| Ok(())).collect())
         }
-        async fn drop_project(&self, _: &Ident) -> Result<(), ProjectorError> {
+        async fn drop_project(&self, project: &Ident) -> Result<(), ProjectorError> {
+            if project.as_str() == "locked" {
+                return Err(ProjectorError::scoped("lock timeout on locked_v1.article"));
+            }
             self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
             Ok(())
         }
@@ -419,6 +447,96 @@ mod tests {
             (vec![9], 2),
             "a drop of the new project"
         );
+    }
+
+    /// A drop that fails for a cause that may be its project's own (a lock on one of its tables)
+    /// holds that project only: the others' tasks go on, and it is tried again.
+    #[tokio::test]
+    async fn a_drop_failing_for_its_own_project_holds_only_that_project() {
+        let drop = Task {
+            seq: 3,
+            project: Ident::parse("locked").unwrap(),
+            op: TaskOp::DropProject,
+        };
+        let step = apply(&Drops::default(), &Snapshot::default(), &[drop]).await;
+        assert!(step.applied.is_empty());
+        assert!(step.retry.is_some());
+        assert_eq!(step.held.as_ref().map(Ident::as_str), Some("locked"));
+    }
+
+    /// Refuses every run holding a task of project `c`, naming it, as PostgreSQL's projector does
+    /// for a lock held on one of its tables; counts the runs it was given.
+    #[derive(Default)]
+    struct LockedC(std::sync::atomic::AtomicUsize);
+
+    #[async_trait::async_trait]
+    impl Projector for LockedC {
+        fn name(&self) -> &'static str {
+            "locked"
+        }
+        async fn migrate(
+            &self,
+            _: &Ident,
+            _: &crate::catalog::Version,
+            _: &[u32],
+        ) -> Result<(), ProjectorError> {
+            Ok(())
+        }
+        async fn apply(
+            &self,
+            _: &Snapshot,
+            tasks: &[Task],
+        ) -> Result<Vec<crate::projector::Outcome>, ProjectorError> {
+            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            match tasks.iter().find(|t| t.project.as_str() == "c") {
+                Some(task) => Err(ProjectorError::scoped("lock timeout on c_v1.article")
+                    .of_project(&task.project)),
+                None => Ok(tasks.iter().map(|_| Ok(())).collect()),
+            }
+        }
+        async fn drop_project(&self, _: &Ident) -> Result<(), ProjectorError> {
+            Ok(())
+        }
+        async fn read(
+            &self,
+            _: &Ident,
+            _: u32,
+            _: &Ident,
+            _: &uuid::Uuid,
+        ) -> Result<Option<serde_json::Value>, ProjectorError> {
+            Ok(None)
+        }
+        async fn health(&self) -> crate::projector::Health {
+            crate::projector::Health {
+                reachable: true,
+                detail: "test double".into(),
+            }
+        }
+    }
+
+    /// A run refused for a cause the store names the project of holds that project at once,
+    /// however many projects' tasks come before it.
+    #[tokio::test]
+    async fn a_refusal_naming_its_project_holds_it_at_once() {
+        let tasks: Vec<Task> = ["a", "b", "d", "e", "c", "f"]
+            .iter()
+            .enumerate()
+            .map(|(n, project)| Task {
+                seq: n as u64 + 1,
+                project: Ident::parse(project).unwrap(),
+                op: TaskOp::Delete {
+                    blueprint: Ident::parse("article").unwrap(),
+                    id: uuid::Uuid::new_v4(),
+                    revision: n as u64 + 1,
+                    versions: vec![1],
+                },
+            })
+            .collect();
+        let projector = LockedC::default();
+        let step = apply(&projector, &Snapshot::default(), &tasks).await;
+        assert_eq!(step.held.as_ref().map(Ident::as_str), Some("c"));
+        assert!(step.applied.is_empty() && step.retry.is_some());
+        assert_eq!(projector.0.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     /// A store's words that may quote the item's values (PostgreSQL's DETAIL) are in the dead

@@ -985,6 +985,35 @@ async fn writes_into_a_closed_or_blocked_index_wait_with_their_project_held() {
     }
 }
 
+/// A drop whose index deletion Elasticsearch refuses for what the cluster is doing (a snapshot in
+/// progress answers 400) is tried again with its project held, never dead-lettered: that would leave
+/// the indexes to a project made again under the name.
+#[tokio::test]
+async fn a_drop_refused_while_a_snapshot_runs_waits_with_its_project_held() {
+    let url = fake::elasticsearch(|method, path, _| match (method, path) {
+        ("GET", p) if p.contains("_mapping") => (
+            200,
+            json!({"fake_v1_thing": {"mappings": {"_meta": {"dstore":
+                {"project": "fake", "version": 1, "blueprint": "thing"}}}}}),
+        ),
+        ("DELETE", _) => {
+            let error = json!({"type": "snapshot_in_progress_exception",
+                "reason": "Cannot delete indices that are being snapshotted. Try again after snapshot finishes"});
+            (400, json!({"error": error, "status": 400}))
+        }
+        _ => (500, json!({"error": "unexpected"})),
+    })
+    .await;
+    let (_dir, _catalog, projector) = direct(&url, "");
+    let error = projector
+        .drop_project(&ident("fake"))
+        .await
+        .expect_err("the indexes are still there");
+    assert_eq!(error.kind, ErrorKind::Transient, "{error}");
+    assert!(error.scoped, "only its project waits: {error}");
+    assert!(error.message.contains("snapshot_in_progress"), "{error}");
+}
+
 #[tokio::test]
 async fn a_store_answering_503_keeps_every_task_for_a_retry_and_reports_unhealthy() {
     let url = fake::elasticsearch(|_, _, _| {

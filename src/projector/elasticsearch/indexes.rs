@@ -10,6 +10,7 @@
 
 use serde_json::{json, Value};
 
+use super::client::EsError;
 use super::{mapping, ElasticsearchProjector};
 use crate::blueprint::{Blueprint, Ident};
 use crate::catalog::Version;
@@ -201,7 +202,16 @@ impl ElasticsearchProjector {
             .collect();
         tracing::info!(%project, indexes = ours.len(), "deleting the indexes of a dropped project");
         for chunk in ours.chunks(DELETE_CHUNK) {
-            self.client.delete_indexes(chunk).await?;
+            // Indexes of its own refused deletion are refused for what the cluster is doing (a
+            // snapshot in progress, a block), never for good: dead-lettered, the drop would leave
+            // them to a project made again under the name. Its project waits, and only it.
+            self.client
+                .delete_indexes(chunk)
+                .await
+                .map_err(|error| match error {
+                    EsError::Refused { .. } => ProjectorError::scoped(error.to_string()),
+                    other => ProjectorError::from(other),
+                })?;
         }
         self.forget(&ours);
         Ok(())

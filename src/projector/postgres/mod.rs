@@ -196,9 +196,9 @@ impl PostgresProjector {
     async fn write(
         &self,
         groups: &[plan::Group<'_>],
-        tasks: usize,
+        tasks: &[Task],
     ) -> Result<Vec<Outcome>, ProjectorError> {
-        let mut outcomes: Vec<Outcome> = (0..tasks).map(|_| Ok(())).collect();
+        let mut outcomes: Vec<Outcome> = (0..tasks.len()).map(|_| Ok(())).collect();
         let mut writing = Writing {
             conn: self
                 .pool
@@ -213,7 +213,13 @@ impl PostgresProjector {
         for group in groups {
             write::apply_group(&mut tx, group, &self.copy_pauses, &mut outcomes)
                 .await
-                .map_err(|abort| self.failed(&abort.what, &abort.error))?;
+                .map_err(|abort| {
+                    let error = self.failed(&abort.what, &abort.error);
+                    match group.first_task() {
+                        Some(task) => error.of_project(&tasks[task].project),
+                        None => error,
+                    }
+                })?;
         }
         tx.commit()
             .await
@@ -284,8 +290,7 @@ impl Projector for PostgresProjector {
         }
         let lanes = plan::split(groups, self.lanes, LANE_MIN_ROWS);
         let written =
-            futures::future::join_all(lanes.iter().map(|groups| self.write(groups, tasks.len())))
-                .await;
+            futures::future::join_all(lanes.iter().map(|groups| self.write(groups, tasks))).await;
         for lane in written {
             for (outcome, refused) in outcomes.iter_mut().zip(lane?) {
                 if outcome.is_ok() {

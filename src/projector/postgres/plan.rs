@@ -123,6 +123,12 @@ pub struct Group<'a> {
 }
 
 impl<'a> Group<'a> {
+    /// The index of a task the group writes (all of a group's tasks are of its table's project).
+    pub fn first_task(&self) -> Option<usize> {
+        let upsert = self.upserts.first().map(|u| u.task);
+        upsert.or_else(|| self.deletes.first().map(|d| d.task))
+    }
+
     fn new(schema: String, blueprint: &'a Blueprint) -> Group<'a> {
         Group {
             schema,
