@@ -60,6 +60,9 @@ pub struct ChangesPage {
     /// What the changes' items take decoded ([`decoded_size`]), which is what presenting and
     /// encoding them costs.
     pub bytes: usize,
+    /// The page ended before the last change committed for a reason `bytes` does not show (the
+    /// storage left out changes past the page's bytes as it stores them): it is full.
+    pub cut: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -94,6 +97,12 @@ pub enum FeedError {
     Gone(String),
     #[error(transparent)]
     Storage(#[from] StorageError),
+    /// The page read would pass the memory requests may hold (`server.max_inflight_bytes`).
+    #[error("{refused}")]
+    Budget {
+        refused: crate::budget::Refused,
+        bytes: usize,
+    },
 }
 
 /// What a follower reads: one project, as clients of one version see it, perhaps only some
@@ -193,21 +202,26 @@ impl Follower {
     ///
     /// The page may start below the horizon: whether the reader may have it is
     /// [`check_horizon`]'s to say, for the horizon each reader of the page was given.
+    ///
+    /// `held` is told the bytes of the changes read before they wait to be presented, and may
+    /// refuse to hold them (the request memory budget): a page waiting its turn is counted.
     pub async fn page<T: Send + 'static>(
         &self,
         storage: &dyn Storage,
         since: u64,
         (limit, max_bytes): (usize, usize),
+        held: impl FnOnce(usize) -> Result<(), FeedError>,
         finish: impl FnOnce(&[FeedEntry], Place) -> T + Send + 'static,
     ) -> Result<Page<T>, FeedError> {
         let page = storage
             .changes(&self.project, since, limit, max_bytes)
             .await?;
+        held(page.bytes)?;
         let place = Place {
             last_revision: page.changes.last().map_or(since, |c| c.revision),
             horizon: page.horizon,
         };
-        let full = page.changes.len() >= limit || page.bytes >= max_bytes;
+        let full = page.changes.len() >= limit || page.bytes >= max_bytes || page.cut;
         let mut snapshot = storage.snapshot();
         // A change made at a version this node does not know yet: read the catalog again, once.
         let unknown = |s: &Snapshot| {
@@ -332,5 +346,58 @@ pub async fn compact(storage: Weak<dyn Storage>, retention: Duration, interval: 
         }
         drop(node);
         tokio::time::sleep(interval).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::Ordering;
+    use std::sync::Arc;
+
+    use uuid::Uuid;
+
+    use super::*;
+    use crate::storage::conformance;
+
+    /// A page the request memory budget cannot hold is refused as soon as it is read: it is never
+    /// presented nor encoded while it waits its turn.
+    #[tokio::test]
+    async fn a_page_the_budget_refuses_is_never_presented() {
+        let (storage, _dir) = conformance::open_embedded().await;
+        let project = conformance::frozen(storage.as_ref()).await;
+        for n in 0..3 {
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("t{n}")).await;
+        }
+        let follower = Follower::new(&storage.snapshot(), &project, None, None).unwrap();
+        let refuse = |bytes: usize| {
+            Err(FeedError::Budget {
+                refused: crate::budget::Refused::Busy { limit: 1 },
+                bytes,
+            })
+        };
+        let presented = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = presented.clone();
+        let finish = move |_: &[FeedEntry], _| seen.store(true, Ordering::SeqCst);
+        let refused = follower
+            .page(storage.as_ref(), 0, (100, 1 << 20), refuse, finish)
+            .await;
+        assert!(matches!(refused, Err(FeedError::Budget { bytes, .. }) if bytes > 0));
+        assert!(!presented.load(Ordering::SeqCst));
+        let mut held = 0;
+        let page = follower
+            .page(
+                storage.as_ref(),
+                0,
+                (100, 1 << 20),
+                |bytes| {
+                    held = bytes;
+                    Ok(())
+                },
+                |entries: &[FeedEntry], _| entries.len(),
+            )
+            .await
+            .unwrap();
+        assert_eq!(page.body, 3);
+        assert!(held > 0);
     }
 }

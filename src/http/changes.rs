@@ -272,7 +272,20 @@ impl From<FeedError> for ApiError {
             FeedError::Compacted { horizon } => ApiError::Gone(error.to_string(), horizon),
             FeedError::Gone(m) => ApiError::NotFound(m),
             FeedError::Storage(e) => e.into(),
+            FeedError::Budget { refused, bytes } => page_refused(refused, bytes),
         }
+    }
+}
+
+/// The answer to a page the request memory budget cannot hold: 503 while other requests hold
+/// it, 413 for a page larger than all of it.
+fn page_refused(refused: crate::budget::Refused, bytes: usize) -> ApiError {
+    match refused {
+        crate::budget::Refused::Busy { .. } => ApiError::from(refused),
+        crate::budget::Refused::Alone { limit, .. } => ApiError::Oversized(format!(
+            "this page would hold {bytes} bytes until it is sent, more than the {limit} all \
+             requests may hold together (server.max_inflight_bytes): ask for fewer changes (limit)"
+        )),
     }
 }
 
@@ -557,18 +570,10 @@ impl Drop for Slot {
 /// A page as one JSON answer. Until it is sent, its bytes count against the memory requests may
 /// hold (`server.max_inflight_bytes`): clients that ask for large pages and never read them are
 /// answered 503 once they hold that much, instead of growing the process.
-fn answer(state: &State, page: &Encoded) -> Result<HttpResponse, ApiError> {
-    let share = state.in_flight.share();
+fn answer(page: &Encoded, share: Arc<crate::budget::Share>) -> Result<HttpResponse, ApiError> {
     share
-        .grow(page.body.len())
-        .map_err(|refused| match refused {
-            crate::budget::Refused::Busy { .. } => ApiError::from(refused),
-            crate::budget::Refused::Alone { limit, .. } => ApiError::Oversized(format!(
-            "this page would hold {} bytes until it is sent, more than the {limit} all requests \
-             may hold together (server.max_inflight_bytes): ask for fewer changes (limit)",
-            page.body.len()
-        )),
-        })?;
+        .resize(page.body.len())
+        .map_err(|refused| page_refused(refused, page.body.len()))?;
     Ok(HttpResponse::Ok()
         .content_type(header::ContentType::json())
         .body(Held {
@@ -582,7 +587,7 @@ fn answer(state: &State, page: &Encoded) -> Result<HttpResponse, ApiError> {
 /// buffer never holds a second copy of a large page.
 struct Held {
     rest: Bytes,
-    _share: crate::budget::Share,
+    _share: Arc<crate::budget::Share>,
 }
 
 impl actix_web::body::MessageBody for Held {
@@ -611,6 +616,9 @@ struct Reader<'a> {
     follower: &'a Follower,
     limits: (usize, usize),
     format: Format,
+    /// The share of the request memory budget the changes this reader reads are counted in,
+    /// from the moment they are read until the answer made of them is sent.
+    held: Option<Arc<crate::budget::Share>>,
 }
 
 impl Reader<'_> {
@@ -627,10 +635,19 @@ impl Reader<'_> {
         let (storage, follower) = (&self.state.storage, self.follower);
         let read = || {
             let (storage, follower) = (storage.clone(), follower.clone());
+            let held = self.held.clone();
             async move {
                 let finish =
                     move |entries: &[FeedEntry], place| encode(entries, place, format, version);
-                follower.page(storage.as_ref(), since, limits, finish).await
+                let hold = |bytes: usize| match &held {
+                    Some(share) => share
+                        .resize(bytes)
+                        .map_err(|refused| FeedError::Budget { refused, bytes }),
+                    None => Ok(()),
+                };
+                follower
+                    .page(storage.as_ref(), since, limits, hold, finish)
+                    .await
             }
         };
         let epoch = storage
@@ -767,11 +784,15 @@ pub async fn changes(
         follower: &follower,
         limits: (params.limit, PAGE_BYTES),
         format,
+        // A plain or long-poll answer holds its page until sent; requests for it take no
+        // follower's place, so what they read is counted from the read on (a stream's pages
+        // are small, one at a time per place).
+        held: (format == Format::Answer).then(|| Arc::new(state.in_flight.share())),
     };
     match params.feed {
         Feed::Normal => {
             let page = reader.page(since, params.horizon, head).await?;
-            answer(&state, &page)
+            answer(&page, reader.held.expect("an answer is held"))
         }
         Feed::Longpoll => {
             let _slot = Slot::take(&state, &request)?;
@@ -783,7 +804,7 @@ pub async fn changes(
                 peer,
             };
             let page = long_poll(&reader, since, params.horizon, waiting, recheck.as_mut()).await?;
-            answer(&state, &page)
+            answer(&page, reader.held.clone().expect("an answer is held"))
         }
         Feed::Sse | Feed::Ndjson => {
             let slot = Slot::take(&state, &request)?
@@ -791,6 +812,7 @@ pub async fn changes(
             // Read once before answering, so a compacted `since` is a 410, not a stream that ends.
             let first = Reader {
                 limits: (1, PAGE_BYTES),
+                held: None,
                 ..reader
             }
             .page(since, params.horizon, head)
@@ -998,6 +1020,7 @@ impl Stream {
                 follower: &self.follower,
                 limits: (STREAM_PAGE, STREAM_BYTES),
                 format: self.format,
+                held: None,
             };
             match reader.page(self.since, self.horizon, seen).await {
                 Ok(page) => {

@@ -145,6 +145,7 @@ impl Journal {
             changes,
             horizon,
             bytes,
+            cut: false,
         })
     }
 

@@ -300,6 +300,29 @@ fn storable_audit(entry: &AuditEntry) -> std::borrow::Cow<'_, AuditEntry> {
 /// Decodes a run of the change feed's rows, in revision order, until their items take `room`
 /// bytes decoded (the row that reaches it included, as a page always holds one change); answers
 /// the changes and the bytes they take.
+/// A page of a project's changes after `$2`: items and tombstones in one statement, so one
+/// snapshot, at most `$3` of them, and none past the first whose stored records before it take
+/// `$4` bytes or more (`octet_length` reads a stored value's size without reading the value), so
+/// a page of large items sends only what it can hold, not `$3` items to be thrown away. Each row
+/// carries the project's horizon, read in the same snapshot, and how many changes the statement
+/// looked at and kept: fewer kept says the page was cut by its bytes.
+const CHANGES_PAGE: &str = "\
+    SELECT revision, blueprint, id, record, horizon, looked_at, count(*) OVER () AS kept FROM ( \
+      SELECT c.*, \
+             (SELECT horizon FROM projects WHERE name = $1) AS horizon, \
+             coalesce(sum(octet_length(record)) OVER (ORDER BY revision \
+               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before, \
+             count(*) OVER () AS looked_at \
+      FROM ( \
+        (SELECT revision, blueprint, id, record FROM items \
+          WHERE project = $1 AND revision > $2 ORDER BY revision LIMIT $3) \
+        UNION ALL \
+        (SELECT revision, blueprint, id, NULL::bytea FROM tombstones \
+          WHERE project = $1 AND revision > $2 ORDER BY revision LIMIT $3) \
+        ORDER BY revision LIMIT $3 \
+      ) c \
+    ) s WHERE before < $4 ORDER BY revision";
+
 fn decode_run(
     rows: Vec<(u64, Ident, Uuid, Option<Vec<u8>>)>,
     room: usize,
@@ -1343,20 +1366,12 @@ impl Storage for PgStorage {
         // project's horizon is read in the same snapshot: one read after could be a drop's, newer
         // than the page's items, and a follower resyncing from `since=0` would go on past the
         // drop under it, keeping the dropped project's items, never told to start over.
-        let mut rows = sqlx::query(
-            "SELECT revision, blueprint, id, record, \
-                    (SELECT horizon FROM projects WHERE name = $1) AS horizon FROM ( \
-               (SELECT revision, blueprint, id, record FROM items \
-                 WHERE project = $1 AND revision > $2 ORDER BY revision LIMIT $3) \
-               UNION ALL \
-               (SELECT revision, blueprint, id, NULL::bytea FROM tombstones \
-                 WHERE project = $1 AND revision > $2 ORDER BY revision LIMIT $3) \
-             ) c ORDER BY revision LIMIT $3",
-        )
-        .bind(project.as_str())
-        .bind(since.min(i64::MAX as u64) as i64)
-        .bind(limit.min(i64::MAX as usize) as i64)
-        .fetch(&self.pool);
+        let mut rows = sqlx::query(CHANGES_PAGE)
+            .bind(project.as_str())
+            .bind(since.min(i64::MAX as u64) as i64)
+            .bind(limit.min(i64::MAX as usize) as i64)
+            .bind(max_bytes.min(i64::MAX as usize) as i64)
+            .fetch(&self.pool);
         // Rows are decoded in runs of about `DECODE_RUN` stored bytes, a long run off the HTTP
         // worker (`aside`), as the embedded backend decodes its pages: a page of 8 MiB of items
         // takes tens of milliseconds to decode.
@@ -1367,6 +1382,8 @@ impl Storage for PgStorage {
         let mut run_bytes = 0;
         let mut ended = false;
         let mut horizon: Option<i64> = None;
+        // Whether the statement left out changes past `max_bytes` of stored records.
+        let mut cut = false;
         while bytes < max_bytes && !ended {
             match rows
                 .try_next()
@@ -1377,6 +1394,7 @@ impl Storage for PgStorage {
                 Some(row) => {
                     if horizon.is_none() {
                         horizon = row.get("horizon");
+                        cut = row.get::<i64, _>("kept") < row.get::<i64, _>("looked_at");
                     }
                     let blueprint: String = row.get("blueprint");
                     let Ok(blueprint) = Ident::parse(&blueprint) else {
@@ -1419,6 +1437,9 @@ impl Storage for PgStorage {
             changes,
             horizon: horizon.unwrap_or(0) as u64,
             bytes,
+            // Stored bytes are not what a change takes decoded: a page the statement cut may be
+            // short of `max_bytes` decoded, and still end before the last change.
+            cut: cut && ended,
         })
     }
 
@@ -2022,6 +2043,43 @@ mod tests {
             super::commit_failed("a test", &broken),
             StorageError::Uncertain(_)
         ));
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A page of large items sends only the changes it can hold, not its limit's worth to be
+    /// thrown away, and says when it was cut short so that it is not taken for the last page.
+    #[tokio::test]
+    async fn a_feed_page_reads_only_as_many_large_items_as_it_holds() {
+        let (storage, schema) = open_postgresql("feed", vec![]).await;
+        let project = crate::storage::conformance::frozen(storage.as_ref()).await;
+        let title = "x".repeat(100_000);
+        for _ in 0..20 {
+            crate::storage::conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &title)
+                .await;
+        }
+        let sent = sqlx::query(super::CHANGES_PAGE)
+            .bind(project.as_str())
+            .bind(0i64)
+            .bind(100i64)
+            .bind(256i64 * 1024)
+            .fetch_all(storage.pool())
+            .await
+            .unwrap();
+        assert_eq!(
+            sent.len(),
+            3,
+            "what 256 KiB holds, and the one that passes it"
+        );
+        assert_eq!(sent[0].get::<i64, _>("looked_at"), 20);
+        assert_eq!(sent[0].get::<i64, _>("kept"), 3);
+        let page = storage.changes(&project, 0, 100, 256 * 1024).await.unwrap();
+        assert_eq!(page.changes.len(), 3);
+        let all = storage.changes(&project, 0, 100, 8 << 20).await.unwrap();
+        assert_eq!((all.changes.len(), all.cut), (20, false));
+        let after = all.changes[19].revision;
+        let none = storage.changes(&project, after, 100, 1024).await.unwrap();
+        assert!(none.changes.is_empty() && !none.cut);
         drop(storage);
         drop_schema(&schema).await;
     }
