@@ -105,6 +105,10 @@ pub fn published(projector: &str) -> Vec<u8> {
 
 pub const LAST_SEQ: &[u8] = b"last_seq";
 
+/// Under buffered durability, the highest seq the writer may hand out before it writes this mark
+/// again, synced (see `Writer::reserve`): the journal opens at least there.
+pub const SEQ_RESERVED: &[u8] = b"seq_reserved";
+
 /// The projectors the journal fed at its last start, as a JSON list (see
 /// `Journal::catch_up_added`).
 pub const PROJECTORS_FED: &[u8] = b"projectors_fed";

@@ -533,12 +533,22 @@ impl Journal {
         let meta = db.cf_handle(CF_META).expect("meta cf");
         // Taken as 0, a damaged counter would number new tasks over pending ones, and give new
         // writes revisions below those the stores hold, which they would then ignore.
-        let last_seq = match db.get_cf(meta, keys::LAST_SEQ)? {
-            Some(bytes) => u64::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
-                JournalError::Damaged(format!("sequence counter is {} bytes, not 8", bytes.len()))
-            })?),
-            None => 0,
+        let counter = |key: &[u8]| -> Result<u64, JournalError> {
+            match db.get_cf(meta, key)? {
+                Some(bytes) => Ok(u64::from_be_bytes(bytes.as_slice().try_into().map_err(
+                    |_| {
+                        JournalError::Damaged(format!(
+                            "sequence counter is {} bytes, not 8",
+                            bytes.len()
+                        ))
+                    },
+                )?)),
+                None => Ok(0),
+            }
         };
+        // Under buffered durability a machine's crash loses the last batches, whose tasks the
+        // stores may have taken: the journal goes on past every seq it could have handed out.
+        let last_seq = counter(keys::LAST_SEQ)?.max(counter(keys::SEQ_RESERVED)?);
         let layout = match db.get_cf(meta, keys::LAYOUT)? {
             Some(bytes) => u32::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
                 JournalError::Damaged(format!("layout mark is {} bytes, not 4", bytes.len()))
@@ -1443,6 +1453,57 @@ mod tests {
         // Its own catalog still opens it.
         let reopened = open(_dir.path(), Durability::Sync, vec!["store"], u64::MAX);
         reopened.close().await;
+    }
+
+    /// Under buffered durability the writer syncs a mark ahead of every revision it hands out,
+    /// and the journal opens past it: after a crash of the machine lost its last batches (which
+    /// the stores may have taken), a later write is never numbered below one they hold. A clean
+    /// stop leaves no gap.
+    #[tokio::test]
+    async fn after_a_lost_tail_revisions_go_on_past_every_one_handed_out() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            ..
+        } = fixture(Durability::Buffered, vec!["store"]).await;
+        let mut last = 0;
+        for n in 0..3 {
+            last = conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("{n}"))
+                .await;
+        }
+        let mark = |db: &DB| {
+            let bytes = db.get_cf(db.cf_handle(CF_META).unwrap(), keys::SEQ_RESERVED);
+            u64::from_be_bytes(bytes.unwrap().unwrap().try_into().unwrap())
+        };
+        assert!(
+            mark(&journal.db) > last,
+            "the mark is ahead of what was handed out"
+        );
+        journal.close().await;
+        drop((journal, storage));
+        let journal = open(_dir.path(), Durability::Buffered, vec!["store"], u64::MAX);
+        let storage = EmbeddedStorage::open(journal.clone());
+        let next = conformance::write(storage.as_ref(), &project, Uuid::new_v4(), "clean").await;
+        assert_eq!(next, last + 1, "a clean stop leaves no gap");
+        journal.close().await;
+        drop((journal, storage));
+        // What a crash leaves: the mark synced, the last batches (and their counter) lost.
+        {
+            let db =
+                DB::open_cf(&Options::default(), _dir.path().join("journal"), FAMILIES).unwrap();
+            let meta = db.cf_handle(CF_META).unwrap();
+            db.put_cf(meta, keys::SEQ_RESERVED, (next + 500).to_be_bytes())
+                .unwrap();
+            db.put_cf(meta, keys::LAST_SEQ, (last - 1).to_be_bytes())
+                .unwrap();
+        }
+        let journal = open(_dir.path(), Durability::Buffered, vec!["store"], u64::MAX);
+        let storage = EmbeddedStorage::open(journal.clone());
+        let after = conformance::write(storage.as_ref(), &project, Uuid::new_v4(), "after").await;
+        assert!(after > next + 500, "{after}");
+        journal.close().await;
     }
 
     /// A damaged sequence counter stops the journal, naming it, rather than reading as 0: new

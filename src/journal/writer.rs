@@ -117,6 +117,10 @@ pub enum Command {
     Shutdown,
 }
 
+/// How many seqs one synced [`keys::SEQ_RESERVED`] mark reserves (`Writer::reserve`): a crash
+/// of the machine under buffered durability skips at most this many revisions.
+const SEQ_RESERVE: u64 = 1 << 20;
+
 pub struct Writer {
     db: Arc<DB>,
     catalog: Arc<Catalog>,
@@ -607,14 +611,40 @@ impl Writer {
         self.markers.load(Ordering::Relaxed)
     }
 
+    /// Under buffered durability, writes [`keys::SEQ_RESERVED`] = `up_to`, synced (which syncs
+    /// every batch before it too), before a batch hands out a seq past the last such mark: the
+    /// batches after it may be lost with the machine, and the stores may have taken their tasks
+    /// already, so the journal, opened at least at the mark, never numbers a later write below
+    /// one they hold (they would ignore it as older). One synced write per [`SEQ_RESERVE`] seqs.
+    fn reserve(&self, up_to: u64) -> Result<(), rocksdb::Error> {
+        if self.durability == Durability::Sync {
+            return Ok(());
+        }
+        let mut synced = WriteOptions::default();
+        synced.set_sync(true);
+        let meta = self.db.cf_handle(CF_META).expect("meta cf");
+        let mut batch = WriteBatch::default();
+        batch.put_cf(meta, keys::SEQ_RESERVED, up_to.to_be_bytes());
+        self.commit(batch, &synced)
+    }
+
     pub fn run(self, commands: Receiver<Command>, journal: Weak<Journal>) {
         let mut options = WriteOptions::default();
         options.set_sync(self.durability == Durability::Sync);
         // The size of the last batch: the next one starts with room for as much, so a large batch
         // is not built by growing and copying its buffer step by step.
         let mut room = 0;
+        // The journal opened past every seq reserved before.
+        let mut reserved = self.last_seq.load(Ordering::Acquire);
+        // A clean stop reserves no more than was handed out: the next start goes on from there.
+        let stop = |writer: &Writer| {
+            if let Err(error) = writer.reserve(writer.last_seq.load(Ordering::Acquire)) {
+                tracing::warn!(%error, "cannot sync the journal's sequence mark at shutdown");
+            }
+        };
         while let Ok(first) = commands.recv() {
             if matches!(first, Command::Shutdown) {
+                stop(&self);
                 return;
             }
             let mut stage = Stage {
@@ -666,7 +696,13 @@ impl Writer {
             for (pending, queued) in self.pending.iter().zip(&queued) {
                 pending.fetch_add(*queued, Ordering::AcqRel);
             }
-            let result = self.commit(batch, &options);
+            let result = match seq > reserved {
+                true => self.reserve(seq.saturating_add(SEQ_RESERVE)).map(|()| {
+                    reserved = seq.saturating_add(SEQ_RESERVE);
+                }),
+                false => Ok(()),
+            }
+            .and_then(|()| self.commit(batch, &options));
             if result.is_err() {
                 for (pending, queued) in self.pending.iter().zip(&queued) {
                     pending.fetch_sub(*queued, Ordering::AcqRel);
@@ -709,6 +745,7 @@ impl Writer {
                 answer(result.as_ref().err());
             }
             if stopping {
+                stop(&self);
                 return;
             }
         }
