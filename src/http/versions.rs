@@ -294,8 +294,9 @@ pub async fn retire(
     Ok(HttpResponse::Ok().json(json!({"project_version": number, "retired": true})))
 }
 
-/// GET /{project}/_catalog: the frozen versions exactly as stored, internal uids included, and the
-/// retired ones. `dstore worker` processes read the catalog through it. A project that does not exist
+/// GET /{project}/_catalog: the frozen versions exactly as stored, internal uids included, the
+/// retired ones, and each version's status (retired, and each store's migration: a worker tells a
+/// drop delivered again by it). `dstore worker` processes read the catalog through it. A project that does not exist
 /// answers 200 with `"exists": false`, so a worker can tell it from a wrong address (a 404 of
 /// something else) and never skips tasks on the word of a server that is not dstore.
 pub async fn catalog(
@@ -317,6 +318,7 @@ pub async fn catalog(
         "exists": true,
         "versions": p.versions,
         "retired": retired,
+        "status": p.status,
         "born": p.working.born,
         "deployment": state.storage.deployment(),
     })))

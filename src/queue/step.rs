@@ -449,6 +449,52 @@ mod tests {
         );
     }
 
+    /// A `dstore worker` reads a drop's project from the server before applying it: a drop
+    /// delivered again (its report lost) after the project was made again and migrated here
+    /// removes nothing, as in the server's own process.
+    #[tokio::test]
+    async fn a_worker_tells_a_drop_delivered_again_by_the_servers_catalog() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let server = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move {
+            while let Ok((mut socket, _)) = listener.accept().await {
+                let mut request = [0u8; 4096];
+                let _ = socket.read(&mut request).await;
+                let body = serde_json::json!({
+                    "project": "shop", "exists": true, "born": 7, "deployment": "j",
+                    "versions": [{"number": 1, "blueprints": {}, "changes": [], "edits": [],
+                        "frozen_at": "2026-12-07T00:00:00Z"}],
+                    "retired": [],
+                    "status": {"1": {"retired": false,
+                        "migrations": {"drops": {"state": "done"}}}},
+                })
+                .to_string();
+                let answer = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+                     connection: close\r\n\r\n{body}",
+                    body.len()
+                );
+                let _ = socket.write_all(answer.as_bytes()).await;
+            }
+        });
+        let view = crate::queue::view::CatalogView::remote(&server, None);
+        let drop = Task {
+            seq: 7,
+            project: Ident::parse("shop").unwrap(),
+            op: TaskOp::DropProject,
+        };
+        view.forget(&drop.project);
+        let snapshot = view
+            .snapshot_for(std::slice::from_ref(&drop), "j")
+            .await
+            .unwrap();
+        let drops = Drops::default();
+        let step = apply(&drops, &snapshot, std::slice::from_ref(&drop)).await;
+        assert_eq!(step.applied, vec![7]);
+        assert_eq!(drops.0.load(std::sync::atomic::Ordering::SeqCst), 0);
+    }
+
     /// A drop that fails for a cause that may be its project's own (a lock on one of its tables)
     /// holds that project only: the others' tasks go on, and it is tried again.
     #[tokio::test]

@@ -44,6 +44,9 @@ struct ProjectCatalog {
     exists: bool,
     versions: Vec<Arc<Version>>,
     retired: Vec<u32>,
+    /// Each version's status, migrations included; absent from servers before it.
+    #[serde(default)]
+    status: std::collections::BTreeMap<u32, VersionStatus>,
     /// See `WorkingCopy::born`; absent from servers before it.
     #[serde(default)]
     born: u64,
@@ -117,10 +120,12 @@ impl RemoteCatalog {
         // A project is read again when a task names a version this copy lacks, and for every
         // migration: a migration that failed is tried again from here, and the version may have
         // been retired (or the project dropped) since, which ends the wait; migrations are rare.
+        // So for every drop: a project made again under the name, whose migration went through
+        // here, tells a drop delivered again (after its report was lost) from one to apply.
         let missing: BTreeSet<&Ident> = tasks
             .iter()
             .filter(|task| {
-                matches!(task.op, TaskOp::Migrate { .. })
+                matches!(task.op, TaskOp::Migrate { .. } | TaskOp::DropProject)
                     || named_versions(task).any(|number| {
                         current
                             .projects
@@ -189,14 +194,9 @@ impl RemoteCatalog {
         }
         let mut p = Project::new(project.clone());
         p.working.born = body.born;
+        p.status = body.status;
         for number in body.retired {
-            p.status.insert(
-                number,
-                VersionStatus {
-                    retired: true,
-                    ..VersionStatus::default()
-                },
-            );
+            p.status.entry(number).or_default().retired = true;
         }
         p.versions = body.versions;
         let dense = p
