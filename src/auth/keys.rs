@@ -62,6 +62,17 @@ pub enum AuthError {
     Storage(#[from] StorageError),
 }
 
+/// Keys that could not be read for a request: the storage's words (a database user, a host, a
+/// file's path) are logged, not answered to a caller who has proved nothing yet.
+fn unreadable(error: StorageError) -> AuthError {
+    tracing::warn!(%error, "cannot read the API keys for a request");
+    AuthError::Storage(StorageError::Unavailable(
+        "the API keys cannot be read now (the storage fails: see the server's log); try again \
+         shortly"
+            .into(),
+    ))
+}
+
 /// No key has the id `id`: named in the answer when it has the form of an id, never otherwise
 /// (a key pasted whole in its place would show its secret).
 fn not_found(id: &str) -> KeyError {
@@ -365,9 +376,16 @@ impl KeyStore {
             Some((key.accepts(secret, now)?, key.clone()))
         };
         let mut accepted_now = accepted();
-        if accepted_now.is_none() && self.stored_unread(id, Some(secret), now).await? {
+        if accepted_now.is_none()
+            && self
+                .stored_unread(id, Some(secret), now)
+                .await
+                .map_err(unreadable)?
+        {
             // A key made or rotated through another node a moment ago.
-            self.reload_for_miss(Instant::now()).await?;
+            self.reload_for_miss(Instant::now())
+                .await
+                .map_err(unreadable)?;
             accepted_now = accepted();
         }
         let (kind, key) = accepted_now.ok_or(AuthError::Unknown)?;

@@ -269,7 +269,10 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
     }
     checked.caller = match keys.authenticate(bearer(request).as_deref()).await {
         Ok(caller) => caller,
-        Err(AuthError::Storage(e)) => return Err((checked, ApiError::from(e))),
+        Err(AuthError::Storage(e)) => {
+            checked.caller = Caller::Refused;
+            return Err((checked, ApiError::from(e)));
+        }
         Err(e) => {
             checked.caller = Caller::Refused;
             return Err((checked, ApiError::Unauthorized(e.to_string())));

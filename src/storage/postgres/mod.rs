@@ -2084,6 +2084,33 @@ mod tests {
         drop_schema(&schema).await;
     }
 
+    /// Keys the storage cannot read refuse the request with 503 in words of dstore's own: the
+    /// storage's (a table, a schema, a database user) go to the log, not to a caller who has
+    /// proved nothing.
+    #[tokio::test]
+    async fn unreadable_keys_refuse_without_the_storages_words() {
+        let (storage, schema) = open_postgresql("unreadable", vec![]).await;
+        let shared: std::sync::Arc<dyn Storage> = storage.clone();
+        let keys = crate::auth::keys::KeyStore::open(shared, Vec::new())
+            .await
+            .unwrap();
+        sqlx::query(sqlx::AssertSqlSafe(format!(
+            "ALTER TABLE \"{schema}\".api_keys RENAME TO hidden_keys"
+        )))
+        .execute(storage.pool())
+        .await
+        .unwrap();
+        let token = format!("dstore_0123456789abcdef_{}", "1".repeat(64));
+        let refused = keys.authenticate(Some(&token)).await.unwrap_err();
+        let message = refused.to_string();
+        assert!(message.contains("cannot be read now"), "{message}");
+        for hidden in ["api_keys", "relation", schema.as_str()] {
+            assert!(!message.contains(hidden), "{message}");
+        }
+        drop((keys, storage));
+        drop_schema(&schema).await;
+    }
+
     /// A key whose record this dstore cannot read (an action it does not know) is left out; the
     /// others still read, so their revocations still reach every node.
     #[tokio::test]
