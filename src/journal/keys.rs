@@ -105,6 +105,12 @@ pub fn published(projector: &str) -> Vec<u8> {
 
 pub const LAST_SEQ: &[u8] = b"last_seq";
 
+/// In the meta family: the seq of a projector's dead letter of an item (`item_key`, [`item`]),
+/// so a newer letter of the item replaces it (see `Journal::settle`).
+pub fn letter_of_item(projector: &str, item_key: &[u8]) -> Vec<u8> {
+    name_then(b"dead_item/", projector, 0, item_key)
+}
+
 /// Under buffered durability, the highest seq the writer may hand out before it writes this mark
 /// again, synced (see `Writer::reserve`): the journal opens at least there.
 pub const SEQ_RESERVED: &[u8] = b"seq_reserved";

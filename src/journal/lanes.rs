@@ -7,6 +7,7 @@
 //! which the projector has settled every task; `acks` moves on every acknowledgement, so a waiter
 //! can see its own task settled while an older one of a held project keeps `applied` back.
 
+use std::collections::{HashMap, HashSet};
 use std::ops::RangeInclusive;
 use std::sync::atomic::Ordering;
 use std::sync::{MutexGuard, PoisonError};
@@ -19,7 +20,7 @@ use super::task::Task;
 use super::writer::Command;
 use super::{
     codec, decode, keys, DeadLetter, Journal, JournalError, KeyValue, Lane, LetterFilter, Pending,
-    ProjectorProgress, BATCH_BYTES, CF_DEAD, CF_TASKS,
+    ProjectorProgress, BATCH_BYTES, CF_DEAD, CF_META, CF_TASKS,
 };
 use crate::blueprint::Ident;
 
@@ -239,6 +240,53 @@ impl Journal {
         Ok(fresh)
     }
 
+    /// Removes, in `batch`, the projector's earlier dead letters of the items `dead` holds letters
+    /// of, and notes the new ones as their items' letters; answers how many it removed, and the
+    /// seqs of `dead` that an item's newer letter replaces already (not to be written). A letter
+    /// is one item's write refused, and only the newest can matter: a retry of an older one is
+    /// passed over as superseded. Kept one per write, a client rewriting one item the store
+    /// refuses (a `unique` value another item holds) grew the letters without bound, up to a
+    /// full disk that refuses every project's writes.
+    fn replace_letters(
+        &self,
+        projector: &str,
+        dead: &[DeadLetter],
+        batch: &mut WriteBatch,
+    ) -> Result<(u64, HashSet<u64>), JournalError> {
+        let (mut replaced, mut older) = (0, HashSet::new());
+        let mut newest: HashMap<Vec<u8>, u64> = HashMap::new();
+        for letter in dead {
+            let Some(task) = &letter.task else { continue };
+            let Some((blueprint, id)) = task.op.item() else {
+                continue;
+            };
+            let item = keys::item(&task.project, blueprint, id);
+            let seq = newest
+                .entry(keys::letter_of_item(projector, &item))
+                .or_default();
+            older.insert(letter.seq.min(*seq));
+            *seq = (*seq).max(letter.seq);
+        }
+        older.remove(&0);
+        for (index, seq) in newest {
+            if let Some(bytes) = self.db.get_cf(self.cf(CF_META), &index)? {
+                let earlier = u64::from_be_bytes(bytes.as_slice().try_into().unwrap_or_default());
+                if earlier > seq {
+                    // A report delivered late: the item's letter is newer already.
+                    older.insert(seq);
+                    continue;
+                }
+                let key = keys::task(projector, earlier);
+                if earlier < seq && self.db.get_pinned_cf(self.cf(CF_DEAD), &key)?.is_some() {
+                    batch.delete_cf(self.cf(CF_DEAD), key);
+                    replaced += 1;
+                }
+            }
+            batch.put_cf(self.cf(CF_META), index, seq.to_be_bytes());
+        }
+        Ok((replaced, older))
+    }
+
     /// Writes an acknowledgement (`batch` removes the tasks, `settled` of them still pending) with
     /// the dead letters, then moves the projector's progress.
     fn settle(
@@ -250,6 +298,12 @@ impl Journal {
         dead: Vec<DeadLetter>,
         run: Option<RangeInclusive<u64>>,
     ) -> Result<(), JournalError> {
+        let failed = dead.len() as u64;
+        let (replaced, older) = self.replace_letters(projector, &dead, &mut batch)?;
+        let dead: Vec<DeadLetter> = dead
+            .into_iter()
+            .filter(|letter| !older.contains(&letter.seq))
+            .collect();
         let fresh = self.fresh_letters(projector, &dead)?;
         for letter in &dead {
             batch.put_cf(
@@ -259,6 +313,7 @@ impl Journal {
             );
         }
         self.db.write(batch)?;
+        let fresh = fresh.saturating_sub(replaced);
         if let Some(lane) = self.lanes.get(projector) {
             if fresh > 0 {
                 let mut counted = lane
@@ -285,7 +340,7 @@ impl Journal {
             }
             let mut progress = lane.progress.lock().expect("progress lock");
             progress.applied += applied as u64;
-            progress.failed += dead.len() as u64;
+            progress.failed += failed;
         }
         let refreshed = self.refresh_progress(projector);
         if let Some(lane) = self.lanes.get(projector) {

@@ -1236,6 +1236,70 @@ mod tests {
         journal.close().await;
     }
 
+    /// A projector keeps one dead letter per item, its newest: a client rewriting an item the
+    /// store keeps refusing does not grow the letters, whether the refusals come one report at
+    /// a time, several in one, or late.
+    #[tokio::test]
+    async fn an_items_newer_dead_letter_replaces_its_older_one() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            ..
+        } = fixture(Durability::Buffered, vec!["store"]).await;
+        let (same, other) = (Uuid::new_v4(), Uuid::new_v4());
+        for n in 0..6 {
+            conformance::write(storage.as_ref(), &project, same, &format!("t{n}")).await;
+        }
+        conformance::write(storage.as_ref(), &project, other, "other").await;
+        let tasks: Vec<Task> = journal
+            .pending("store", 100)
+            .unwrap()
+            .into_iter()
+            .filter(|t| matches!(t.op, TaskOp::Upsert { .. }))
+            .collect();
+        assert_eq!(tasks.len(), 7);
+        let letters: Vec<DeadLetter> = tasks
+            .iter()
+            .map(|task| {
+                let raw = journal.pending_raw("store", task.seq).unwrap().unwrap();
+                DeadLetter::from_raw("store", task.seq, &raw, "refused".into())
+            })
+            .collect();
+        let letter = |n: usize| letters[n].clone();
+        // One at a time, then two in one report, then one delivered late.
+        for n in 0..3 {
+            journal.ack("store", &[], vec![letter(n)]).unwrap();
+        }
+        let report = vec![letter(4), letter(3), letter(6)];
+        journal.ack("store", &[], report).unwrap();
+        journal.ack("store", &[], vec![letter(5)]).unwrap();
+        journal.ack("store", &[], vec![letter(2)]).unwrap();
+        let (letters, _) = journal
+            .dead_letters(LetterFilter::default(), None, 100)
+            .unwrap();
+        let seqs: Vec<u64> = letters.iter().map(|l| l.seq).collect();
+        assert_eq!(seqs, vec![tasks[5].seq, tasks[6].seq], "{letters:?}");
+        assert_eq!(journal.progress("store").dead_letters, 2);
+        assert_eq!(
+            journal
+                .retry_dead_letters(LetterFilter::default())
+                .await
+                .unwrap(),
+            2
+        );
+        let meta = journal.cf(CF_META);
+        let indexed = journal
+            .db
+            .prefix_iterator_cf(meta, b"dead_item/")
+            .filter_map(Result::ok)
+            .filter(|(key, _)| key.starts_with(b"dead_item/"))
+            .count();
+        assert_eq!(indexed, 0, "the retried letters' items have none");
+        journal.close().await;
+    }
+
     /// A dead letter that does not decode (damaged, or written by a newer dstore) is listed as
     /// unreadable and belongs to no project: the listing and the retries of the others go on.
     #[tokio::test]

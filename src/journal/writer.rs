@@ -1059,6 +1059,17 @@ fn stage_command(stage: &mut Stage, command: Command) {
                     stage.task(revision, &body, [letter.projector.as_str()]);
                 }
                 stage.batch.delete_cf(dead, key);
+                // The item has no letter of this projector any more (see `Journal::settle`).
+                if let Some((blueprint, id)) = task.op.item() {
+                    let item = keys::item(&task.project, blueprint, id);
+                    let index = keys::letter_of_item(&letter.projector, &item);
+                    let meta = stage.cf(CF_META);
+                    if let Ok(Some(seq)) = stage.writer.db.get_pinned_cf(meta, &index) {
+                        if *seq == letter.seq.to_be_bytes() {
+                            stage.batch.delete_cf(meta, index);
+                        }
+                    }
+                }
             }
             stage.answers.push(answer(reply, count));
         }
