@@ -257,6 +257,7 @@ impl Application {
             followers: followers.clone(),
             closing: closing_receiver,
             readiness: tokio::sync::Mutex::new(None),
+            metrics_text: tokio::sync::Mutex::new(None),
             settings,
         });
         let requests = web::Data::new(http::observe::RequestMetrics::default());

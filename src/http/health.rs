@@ -63,12 +63,13 @@ pub async fn ready(
         .get::<super::auth::StatusOnly>()
         .is_some();
     let Readiness {
-        body,
+        mut body,
         serving,
         all_ready,
-    } = if status_only {
-        // Anyone may ask this: one report at a time, at most one a second, so asking as fast as
-        // one can never puts more load on the stores (and their pools) than that.
+    } = if status_only || state.anonymous(&request) {
+        // Anyone may ask this (its status, or all of it where `auth.public` names `ready`): one
+        // report at a time, at most one a second, so asking as fast as one can never puts more
+        // load on the stores (and their pools) than that.
         let mut last = state.readiness.lock().await;
         match last
             .as_ref()
@@ -77,10 +78,6 @@ pub async fn ready(
             Some((_, readiness)) => readiness.clone(),
             None => {
                 let readiness = report(&state).await;
-                let readiness = Readiness {
-                    body: json!({"status": readiness.body["status"]}),
-                    ..readiness
-                };
                 *last = Some((std::time::Instant::now(), readiness.clone()));
                 readiness
             }
@@ -88,6 +85,9 @@ pub async fn ready(
     } else {
         report(&state).await
     };
+    if status_only {
+        body = json!({"status": body["status"]});
+    }
     if !serving || (params.strict && !all_ready) {
         return HttpResponse::ServiceUnavailable().json(body);
     }

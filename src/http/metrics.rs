@@ -11,7 +11,33 @@ pub async fn metrics(
     _: super::query::NoQuery,
     state: State,
     requests: web::Data<RequestMetrics>,
+    request: actix_web::HttpRequest,
 ) -> HttpResponse {
+    let text = if state.anonymous(&request) {
+        // Open to anyone (`auth.public` names `metrics`): one text at a time, at most one a
+        // second, since making one reads every project's back-fills from the storage.
+        let mut last = state.metrics_text.lock().await;
+        match last.as_ref().filter(|(at, _)| at.elapsed() < SHARED_FOR) {
+            Some((_, text)) => text.clone(),
+            None => {
+                let text = render(&state, &requests).await;
+                *last = Some((std::time::Instant::now(), text.clone()));
+                text
+            }
+        }
+    } else {
+        render(&state, &requests).await
+    };
+    HttpResponse::Ok()
+        .content_type("text/plain; version=0.0.4")
+        .body(text)
+}
+
+/// How long a metrics text made for a request without a key answers others without one.
+const SHARED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The metrics as Prometheus text.
+async fn render(state: &State, requests: &RequestMetrics) -> String {
     let mut out = String::with_capacity(4096);
     requests.render(&mut out);
     let stats = state.storage.stats().await;
@@ -144,7 +170,5 @@ pub async fn metrics(
             ),
         ],
     );
-    HttpResponse::Ok()
-        .content_type("text/plain; version=0.0.4")
-        .body(out)
+    out
 }

@@ -58,6 +58,21 @@ pub struct AppState {
     pub closing: tokio::sync::watch::Receiver<bool>,
     /// The last readiness report made for a request without a key, and when.
     pub(crate) readiness: tokio::sync::Mutex<Option<(std::time::Instant, health::Readiness)>>,
+    /// The last metrics text made for a request without a key (`auth.public` names `metrics`),
+    /// and when.
+    pub(crate) metrics_text: tokio::sync::Mutex<Option<(std::time::Instant, String)>>,
+}
+
+impl AppState {
+    /// Whether the request is anonymous while authentication is on: it reached a route
+    /// `auth.public` opens, or readiness's status, and its cost is shared with every other such
+    /// request (one report a second), since anyone may send as many as they like.
+    pub(crate) fn anonymous(&self, request: &actix_web::HttpRequest) -> bool {
+        self.keys.is_some()
+            && !request
+                .headers()
+                .contains_key(actix_web::http::header::AUTHORIZATION)
+    }
 }
 
 impl AppState {

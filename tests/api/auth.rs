@@ -1397,6 +1397,41 @@ async fn public_routes_open_what_auth_public_lists() {
     app.stop().await;
 }
 
+/// Readiness and metrics that `auth.public` opens cost the stores one report a second, however
+/// many anonymous requests ask: they share it. A request with a key gets its own.
+#[tokio::test]
+async fn public_readiness_and_metrics_share_one_report_a_second() {
+    let app = spawn_app_with(|s| {
+        s.auth.master_keys = vec![MASTER.into()];
+        s.auth.public = vec!["ready".into(), "metrics".into()];
+    })
+    .await;
+    let text = |key: Option<&'static str>| {
+        let app = &app;
+        async move {
+            let mut request = app.client.get(format!("{}/_metrics", app.address));
+            if let Some(key) = key {
+                request = request.bearer_auth(key);
+            }
+            let response = request.send().await.unwrap();
+            assert_eq!(response.status(), 200);
+            response.text().await.unwrap()
+        }
+    };
+    // The requests counted so far are in the text: a text made again would count the first.
+    let first = text(None).await;
+    let second = text(None).await;
+    assert_eq!(first, second, "one text a second for anonymous requests");
+    let keyed = text(Some(MASTER)).await;
+    assert_ne!(keyed, first, "a request with a key gets its own");
+    let ready = call(&app, Method::GET, "/_health/ready", None, None).await;
+    assert_eq!(ready.0, 200);
+    assert!(ready.1["projectors"].is_object(), "{}", ready.1);
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_ne!(text(None).await, first, "made again after a second");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn dstore_refuses_to_start_with_a_short_master_key_or_open_on_a_public_address() {
     let start = crate::helpers::build_with;
