@@ -855,6 +855,10 @@ pub async fn changes(
                 .insert_header((header::CACHE_CONTROL, "no-cache"))
                 .insert_header(("x-accel-buffering", "no"))
                 .insert_header(("x-dstore-version", version.to_string()))
+                // Where the stream reads from (`since=now` resolved) and under which horizon: an
+                // NDJSON follower has no event id, and reconnects from here before any change.
+                .insert_header(("x-dstore-since", since.to_string()))
+                .insert_header(("x-dstore-horizon", first.place.horizon.to_string()))
                 .streaming(futures::stream::unfold(stream, Stream::next)))
         }
     }

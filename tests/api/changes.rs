@@ -1296,3 +1296,39 @@ async fn followers_reading_together_get_every_change_and_a_writer_reads_its_writ
     }
     app.stop().await;
 }
+
+/// An NDJSON stream says where it reads from (`since=now` resolved) in its headers: a follower
+/// whose stream drops before any change reconnects from there and misses nothing written
+/// meanwhile.
+#[tokio::test]
+async fn a_ndjson_stream_from_now_says_where_it_reads_from() {
+    let app = spawn_app().await;
+    project(&app).await;
+    let head = put(&app, Uuid::new_v4(), "before").await;
+    let open = |since: String| {
+        let app = &app;
+        async move {
+            app.client
+                .get(format!(
+                    "{}/p/_changes?feed=ndjson&version=1&since={since}",
+                    app.address
+                ))
+                .send()
+                .await
+                .unwrap()
+        }
+    };
+    let first = open("now".into()).await;
+    assert_eq!(first.status(), 200);
+    let since = first.headers()["x-dstore-since"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    assert_eq!(since, head.to_string());
+    assert!(first.headers().contains_key("x-dstore-horizon"));
+    drop(first);
+    let missed = put(&app, Uuid::new_v4(), "while away").await;
+    let again = open(since).await;
+    assert_eq!(ndjson_revisions(again, 1).await, vec![missed]);
+    app.stop().await;
+}
