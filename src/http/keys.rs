@@ -92,7 +92,7 @@ pub async fn create(
     let (key, secret) = store(&state)?.create(&by, input(&body)?).await?;
     let mut answer = key.to_public();
     answer["key"] = json!(secret);
-    let mut response = HttpResponse::Created().json(answer);
+    let mut response = HttpResponse::Created().insert_header(NO_STORE).json(answer);
     response
         .extensions_mut()
         .insert(super::auth::Created(key.id.clone()));
@@ -167,8 +167,12 @@ pub async fn rotate(
         .await?;
     let mut answer = key.to_public();
     answer["key"] = json!(secret);
-    Ok(HttpResponse::Ok().json(answer))
+    Ok(HttpResponse::Ok().insert_header(NO_STORE).json(answer))
 }
+
+/// On an answer that carries a new secret: no cache on the way (a proxy, a browser's) keeps it.
+const NO_STORE: (actix_web::http::header::HeaderName, &str) =
+    (actix_web::http::header::CACHE_CONTROL, "no-store");
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -503,6 +503,37 @@ async fn a_secret_replaced_by_a_rotation_works_through_its_grace_but_manages_no_
     app.stop().await;
 }
 
+/// The two answers that carry a new secret (a key made, a key rotated) tell every cache on the
+/// way not to keep them.
+#[tokio::test]
+async fn answers_carrying_a_secret_are_never_stored_by_caches() {
+    let app = secured().await;
+    let made = app
+        .client
+        .post(format!("{}/_keys", app.address))
+        .bearer_auth(MASTER)
+        .json(&json!({"name": "k", "actions": ["items.read"], "projects": ["*"]}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(made.status(), 201);
+    assert_eq!(made.headers()["cache-control"], "no-store");
+    let id = made.json::<Value>().await.unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rotated = app
+        .client
+        .post(format!("{}/_keys/{id}/_rotate", app.address))
+        .bearer_auth(MASTER)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(rotated.status(), 200);
+    assert_eq!(rotated.headers()["cache-control"], "no-store");
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn keys_are_shown_once_listed_without_secrets_rotated_with_a_grace_and_scoped_listings() {
     let app = secured().await;
