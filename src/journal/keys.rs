@@ -105,6 +105,15 @@ pub fn published(projector: &str) -> Vec<u8> {
 
 pub const LAST_SEQ: &[u8] = b"last_seq";
 
+/// In the meta family: the number of the last version of `project` frozen through this journal
+/// (see `Journal::check_catalog_not_behind`).
+pub fn frozen(project: &Ident) -> Vec<u8> {
+    format!("frozen/{project}").into_bytes()
+}
+
+/// Every [`frozen`] mark starts with this.
+pub const FROZEN_PREFIX: &[u8] = b"frozen/";
+
 /// In the meta family: the seq of a projector's dead letter of an item (`item_key`, [`item`]),
 /// so a newer letter of the item replaces it (see `Journal::settle`).
 pub fn letter_of_item(projector: &str, item_key: &[u8]) -> Vec<u8> {

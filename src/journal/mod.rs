@@ -566,6 +566,7 @@ impl Journal {
         let last_seq = Arc::new(AtomicU64::new(last_seq));
         let id = outbox::journal_id(&db)?;
         pair_with_catalog(&catalog, &id, last_seq.load(Ordering::Relaxed) > 0)?;
+        catalog_not_behind(&db, &catalog)?;
         let (commands, receiver) = std::sync::mpsc::sync_channel(4096);
         let lanes = projectors
             .iter()
@@ -1080,6 +1081,47 @@ fn pair_with_catalog(catalog: &Catalog, id: &str, written: bool) -> Result<(), J
     }
 }
 
+/// Refuses a catalog older than the journal: one that lacks a version the journal froze (its
+/// `frozen/` marks), or a project it froze and did not drop. Restored from another backup than the
+/// journal's, or copied file by file while dstore ran, such a catalog would have the tasks of the
+/// versions it lacks acknowledged unwritten, and number the next freeze and its columns as those
+/// versions were, so that the journal's records of them are read with other blueprints. A catalog
+/// ahead of the journal is normal (a freeze writes the catalog first; the next start completes it).
+fn catalog_not_behind(db: &DB, catalog: &Catalog) -> Result<(), JournalError> {
+    let meta = db.cf_handle(CF_META).expect("meta cf");
+    let snapshot = catalog.snapshot();
+    let dropping = catalog.pending_drops()?;
+    let marks = db.iterator_cf(
+        meta,
+        rocksdb::IteratorMode::From(keys::FROZEN_PREFIX, rocksdb::Direction::Forward),
+    );
+    for entry in marks {
+        let (key, value) = entry?;
+        let Some(name) = key.strip_prefix(keys::FROZEN_PREFIX) else {
+            break;
+        };
+        let (Ok(name), Ok(number)) = (
+            Ident::parse(&String::from_utf8_lossy(name)),
+            <[u8; 4]>::try_from(value.as_ref()).map(u32::from_be_bytes),
+        ) else {
+            continue;
+        };
+        let has = snapshot.projects.get(&name).map_or(0, |p| p.versions.len());
+        if (has as u64) < u64::from(number) && !dropping.contains(&name) {
+            return Err(JournalError::Unpaired(format!(
+                "the journal froze project {name:?} at version {number}, and the catalog holds {}: \
+                 the catalog is older than the journal (restored from another backup, or copied \
+                 while dstore ran); restore the catalog and the journal from the same backup",
+                match has {
+                    0 => "no such project".to_string(),
+                    n => format!("its versions up to {n} only"),
+                }
+            )));
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use serde_json::json;
@@ -1568,6 +1610,62 @@ mod tests {
         let after = conformance::write(storage.as_ref(), &project, Uuid::new_v4(), "after").await;
         assert!(after > next + 500, "{after}");
         journal.close().await;
+    }
+
+    /// A catalog restored from an older backup than the journal (it lacks a version the journal
+    /// froze) stops the journal, naming the project, rather than have that version's tasks
+    /// acknowledged unwritten and the next freeze numbered as it was.
+    #[tokio::test]
+    async fn a_catalog_older_than_the_journal_stops_it() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec!["store"]).await;
+        journal.close().await;
+        drop((journal, storage));
+        let (catalog, old) = (_dir.path().join("catalog"), _dir.path().join("old"));
+        let copy = |from: &Path, to: &Path| {
+            let _ = std::fs::remove_dir_all(to);
+            std::fs::create_dir_all(to).unwrap();
+            for file in std::fs::read_dir(from).unwrap() {
+                let file = file.unwrap();
+                std::fs::copy(file.path(), to.join(file.file_name())).unwrap();
+            }
+        };
+        copy(&catalog, &old);
+        let journal = open(_dir.path(), Durability::Sync, vec!["store"], u64::MAX);
+        let storage = EmbeddedStorage::open(journal.clone());
+        let blueprint = json!({"postgresql": {"table": "articles"},
+            "elasticsearch": {"type": "article"},
+            "columns": {"title": {"type": "string"}, "n": {"type": "integer"}}});
+        storage
+            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
+            .await
+            .unwrap();
+        storage.freeze(&project, false).await.unwrap();
+        journal.close().await;
+        drop((journal, storage));
+        copy(&old, &catalog);
+        let restored = Arc::new(Catalog::open(&catalog).unwrap());
+        let opened = Journal::open(
+            &_dir.path().join("journal"),
+            restored,
+            vec!["store"],
+            settings(Durability::Sync, u64::MAX),
+        );
+        let Err(error) = opened else {
+            panic!("a journal opened beside an older catalog");
+        };
+        assert!(matches!(error, JournalError::Unpaired(_)), "{error}");
+        let message = error.to_string();
+        assert!(
+            message.contains("froze project \"p\" at version 2")
+                && message.contains("up to 1 only"),
+            "{message}"
+        );
     }
 
     /// A damaged sequence counter stops the journal, naming it, rather than reading as 0: new

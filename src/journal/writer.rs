@@ -811,6 +811,10 @@ fn stage_command(stage: &mut Stage, command: Command) {
                         version: version.number,
                     };
                     let seq = stage.task(None, &codec::task_body(&project, &migrate), projectors);
+                    let meta = stage.cf(CF_META);
+                    stage
+                        .batch
+                        .put_cf(meta, keys::frozen(&project), version.number.to_be_bytes());
                     // The back-fill starts in the same batch as the migration: a crash or a lost
                     // answer can never leave the version without the items written before it.
                     if version.number > 1 {
@@ -935,6 +939,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
             let meta = stage.cf(CF_META);
             let (from, to) = keys::backfill_range(&project);
             stage.batch.delete_range_cf(meta, from, to);
+            stage.batch.delete_cf(meta, keys::frozen(&project));
             // The feed forgets the project's history: followers from before the drop start over.
             let changes = stage.cf(CF_CHANGES);
             stage.batch.delete_range_cf(
