@@ -464,7 +464,12 @@ impl KeyStore {
                     by.id
                 )))
             }
-            Caller::Open | Caller::Refused | Caller::Master => return Ok(()),
+            Caller::Refused => {
+                return Err(KeyError::Forbidden(format!(
+                    "a request whose key was refused may not {verb} keys"
+                )))
+            }
+            Caller::Open | Caller::Master => return Ok(()),
         };
         if let Some(until) = by.expires_at {
             if key.expires_at.is_none_or(|expires| expires > until) {
@@ -982,6 +987,19 @@ mod tests {
 
     fn reader() -> KeyInput {
         everywhere(&["items.read"])
+    }
+
+    /// A caller whose key was refused may change no key, whatever reaches the store.
+    #[tokio::test]
+    async fn a_refused_caller_touches_no_key() {
+        let (storage, _dir) = crate::storage::conformance::open_embedded().await;
+        let store = KeyStore::open(storage, Vec::new()).await.unwrap();
+        let refused = store.create(&Caller::Refused, reader()).await;
+        assert!(
+            matches!(refused, Err(KeyError::Forbidden(_))),
+            "{refused:?}"
+        );
+        assert!(store.list().is_empty());
     }
 
     /// A made-up token, or a real id with a made-up secret, costs a read of one key, never a read

@@ -19,13 +19,17 @@ use crate::auth::audit::{self, AuditEntry};
 use crate::auth::keys::AuthError;
 use crate::auth::{requirement, Action, Caller, Requirement, SecretKind};
 
-/// The caller of a request (every handler's request went through [`authenticate`]).
+/// The caller of a request (every handler's request went through [`authenticate`], which keeps
+/// every caller but an open one). With authentication on, a request that kept none is refused
+/// rather than open: should a route and its requirement ever disagree, it may do nothing.
 pub fn caller(request: &HttpRequest) -> Caller {
-    request
-        .extensions()
-        .get::<Caller>()
-        .cloned()
-        .unwrap_or(Caller::Open)
+    if let Some(caller) = request.extensions().get::<Caller>() {
+        return caller.clone();
+    }
+    match request.app_data::<State>() {
+        Some(state) if state.keys.is_some() => Caller::Refused,
+        _ => Caller::Open,
+    }
 }
 
 /// The most of a method's name the audit log keeps: a client may send one of any length.
