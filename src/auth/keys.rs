@@ -422,16 +422,38 @@ impl KeyStore {
         }
     }
 
+    #[cfg(test)]
     pub fn list(&self) -> Vec<ApiKey> {
-        let mut keys: Vec<ApiKey> = self
-            .keys
-            .read()
-            .expect("keys lock")
-            .values()
-            .cloned()
+        self.list_page(None, usize::MAX)
+            .map(|(keys, _)| keys)
+            .unwrap_or_default()
+    }
+
+    /// At most `limit` keys, oldest first, after the key `after` (the last of the page before);
+    /// with the id of the last one when more follow. Only the page is copied, however many keys
+    /// there are. `None` when `after` names no key (revoked since it was handed out).
+    pub fn list_page(
+        &self,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Option<(Vec<ApiKey>, Option<String>)> {
+        let keys = self.keys.read().expect("keys lock");
+        let mut sorted: Vec<&ApiKey> = keys.values().collect();
+        sorted.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
+        let start = match after {
+            None => 0,
+            Some(id) => sorted.iter().position(|k| k.id == id)? + 1,
+        };
+        let page: Vec<ApiKey> = sorted
+            .iter()
+            .skip(start)
+            .take(limit)
+            .map(|k| (*k).clone())
             .collect();
-        keys.sort_by(|a, b| a.created_at.cmp(&b.created_at).then(a.id.cmp(&b.id)));
-        keys
+        let next = (start + page.len() < sorted.len())
+            .then(|| page.last().map(|k| k.id.clone()))
+            .flatten();
+        Some((page, next))
     }
 
     pub async fn get(&self, id: &str) -> Result<ApiKey, KeyError> {
@@ -987,6 +1009,36 @@ mod tests {
 
     fn reader() -> KeyInput {
         everywhere(&["items.read"])
+    }
+
+    /// Keys are listed a page at a time, oldest first, each page after the last key of the one
+    /// before; a page after a key revoked since is refused.
+    #[tokio::test]
+    async fn keys_are_listed_a_page_at_a_time() {
+        let (storage, _dir) = crate::storage::conformance::open_embedded().await;
+        let store = KeyStore::open(storage, Vec::new()).await.unwrap();
+        let mut made = Vec::new();
+        for _ in 0..5 {
+            made.push(store.create(&Caller::Master, reader()).await.unwrap().0.id);
+        }
+        let (mut listed, mut after) = (Vec::new(), None);
+        loop {
+            let (page, next) = store.list_page(after.as_deref(), 2).unwrap();
+            assert!(page.len() <= 2);
+            listed.extend(page.into_iter().map(|k| k.id));
+            match next {
+                Some(next) => after = Some(next),
+                None => break,
+            }
+        }
+        let mut oldest_first = made.clone();
+        let all = store.list();
+        oldest_first.sort_by_key(|id| all.iter().position(|k| &k.id == id));
+        assert_eq!(listed, oldest_first);
+        let (_, next) = store.list_page(None, 5).unwrap();
+        assert_eq!(next, None, "no next page after the last key");
+        store.delete(&Caller::Master, &made[0]).await.unwrap();
+        assert!(store.list_page(Some(&made[0]), 2).is_none());
     }
 
     /// A caller whose key was refused may change no key, whatever reaches the store.

@@ -55,7 +55,20 @@ pub(super) async fn run(client: &Client, command: KeysCommand) -> Result<(), Cli
             });
         }
         KeysCommand::List => {
-            let body = client.call(Method::GET, &["_keys"], &[], None).await?.1;
+            // Every page, each after the last key of the one before.
+            let mut body = client.call(Method::GET, &["_keys"], &[], None).await?.1;
+            while let Some(next) = body["next"].as_str().map(str::to_string) {
+                let query = [("after", next.as_str())];
+                let page = client.call(Method::GET, &["_keys"], &query, None).await?.1;
+                let more = page["keys"].as_array().cloned().unwrap_or_default();
+                if let Some(keys) = body["keys"].as_array_mut() {
+                    keys.extend(more);
+                }
+                body["next"] = page["next"].clone();
+            }
+            if let Some(body) = body.as_object_mut() {
+                body.remove("next");
+            }
             client.summary(&body, || {
                 let keys = body["keys"].as_array().cloned().unwrap_or_default();
                 if keys.is_empty() {

@@ -70,14 +70,44 @@ fn input(body: &serde_json::Value) -> Result<KeyInput, ApiError> {
     })
 }
 
-/// GET /_keys
-pub async fn list(_: NoQuery, state: State) -> Result<HttpResponse, ApiError> {
-    let keys: Vec<_> = store(&state)?
-        .list()
-        .iter()
-        .map(|k| k.to_public())
-        .collect();
-    Ok(HttpResponse::Ok().json(json!({ "keys": keys })))
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListParams {
+    /// Most keys answered (default and most: [`KEYS_PAGE`]).
+    limit: Option<usize>,
+    /// The id of the last key of the page before (its `next`).
+    after: Option<String>,
+}
+
+/// Most keys one `GET /_keys` answers: each may take about 12 KB, and a deployment may hold
+/// 10,000.
+const KEYS_PAGE: usize = 1000;
+
+/// GET /_keys?limit=&after=: the keys, oldest first, a page at a time; `next` is the `after` of
+/// the next page, when there is one.
+pub async fn list(state: State, params: Query<ListParams>) -> Result<HttpResponse, ApiError> {
+    let limit = params.limit.unwrap_or(KEYS_PAGE);
+    if limit == 0 || limit > KEYS_PAGE {
+        return Err(ApiError::bad_request(
+            "limit",
+            format!("limit={limit} is not between 1 and {KEYS_PAGE}"),
+        ));
+    }
+    let Some((keys, next)) = store(&state)?.list_page(params.after.as_deref(), limit) else {
+        return Err(ApiError::bad_request(
+            "after",
+            format!(
+                "after={:?} names no key (revoked since?): list again from the first page",
+                crate::blueprint::value::excerpt_str(params.after.as_deref().unwrap_or_default())
+            ),
+        ));
+    };
+    let keys: Vec<_> = keys.iter().map(|k| k.to_public()).collect();
+    let mut answer = json!({ "keys": keys });
+    if let Some(next) = next {
+        answer["next"] = json!(next);
+    }
+    Ok(HttpResponse::Ok().json(answer))
 }
 
 /// POST /_keys: answers the key with its secret, shown this once.

@@ -503,6 +503,85 @@ async fn a_secret_replaced_by_a_rotation_works_through_its_grace_but_manages_no_
     app.stop().await;
 }
 
+/// `GET /_keys` answers at most 1000 keys a page, oldest first, with the next page's `after`;
+/// `dstore keys list` follows the pages to the end.
+#[tokio::test]
+async fn keys_are_listed_a_page_at_a_time_and_the_cli_reads_every_page() {
+    let app = secured().await;
+    for chunk in 0..21 {
+        let made = (0..50).map(|n| {
+            let app = &app;
+            async move {
+                let name = json!({"name": format!("k{chunk}-{n}"), "actions": ["items.read"],
+                    "projects": ["*"]});
+                call(
+                    app,
+                    Method::POST,
+                    "/_keys",
+                    Some(MASTER),
+                    Some(&name.to_string()),
+                )
+                .await
+            }
+        });
+        for (status, body) in futures::future::join_all(made).await {
+            assert_eq!(status, 201, "{body}");
+        }
+    }
+    let (status, first) = call(&app, Method::GET, "/_keys", Some(MASTER), None).await;
+    assert_eq!(status, 200);
+    assert_eq!(first["keys"].as_array().unwrap().len(), 1000);
+    let next = first["next"].as_str().expect("a next page").to_string();
+    let (status, last) = call(
+        &app,
+        Method::GET,
+        &format!("/_keys?after={next}"),
+        Some(MASTER),
+        None,
+    )
+    .await;
+    assert_eq!(status, 200);
+    assert_eq!(last["keys"].as_array().unwrap().len(), 50);
+    assert!(last.get("next").is_none(), "{}", last["next"]);
+    for (query, field) in [
+        ("limit=0", "limit"),
+        ("limit=1001", "limit"),
+        ("after=0123456789abcdef", "after"),
+    ] {
+        let (status, body) = call(
+            &app,
+            Method::GET,
+            &format!("/_keys?{query}"),
+            Some(MASTER),
+            None,
+        )
+        .await;
+        assert_eq!(status, 400, "{query}: {body}");
+        assert!(body.to_string().contains(field), "{query}: {body}");
+    }
+    let (address, key) = (app.address.clone(), MASTER.to_string());
+    let listed = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(env!("CARGO_BIN_EXE_dstore"))
+            .args(["keys", "list", "--json"])
+            .env("DSTORE_SERVER", address)
+            .env("DSTORE_API_KEY", key)
+            .env_remove("DSTORE_CONFIG")
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    assert!(
+        listed.status.success(),
+        "{}",
+        String::from_utf8_lossy(&listed.stderr)
+    );
+    let body: Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(body["keys"].as_array().unwrap().len(), 1050);
+    assert!(body.get("next").is_none());
+    app.stop().await;
+}
+
 /// The two answers that carry a new secret (a key made, a key rotated) tell every cache on the
 /// way not to keep them.
 #[tokio::test]
