@@ -349,9 +349,14 @@ mod tests {
         }
     }
 
-    /// Counts the drops it is given.
+    /// Counts the drops it applies and the runs it is given. What a store refuses for a cause
+    /// that may be one project's own: a drop of project `locked`, and every run holding a task
+    /// of project `c` (naming it, as PostgreSQL's projector does for a lock on one of its tables).
     #[derive(Default)]
-    struct Drops(std::sync::atomic::AtomicUsize);
+    struct Drops(
+        std::sync::atomic::AtomicUsize,
+        std::sync::atomic::AtomicUsize,
+    );
 
     #[async_trait::async_trait]
     impl Projector for Drops {
@@ -371,7 +376,12 @@ mod tests {
             _: &Snapshot,
             tasks: &[Task],
         ) -> Result<Vec<crate::projector::Outcome>, ProjectorError> {
-            Ok(tasks.iter().map(|_| Ok(())).collect())
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            match tasks.iter().find(|t| t.project.as_str() == "c") {
+                Some(task) => Err(ProjectorError::scoped("lock timeout on c_v1.article")
+                    .of_project(&task.project)),
+                None => Ok(tasks.iter().map(|_| Ok(())).collect()),
+            }
         }
         async fn drop_project(&self, project: &Ident) -> Result<(), ProjectorError> {
             if project.as_str() == "locked" {
@@ -510,56 +520,6 @@ mod tests {
         assert_eq!(step.held.as_ref().map(Ident::as_str), Some("locked"));
     }
 
-    /// Refuses every run holding a task of project `c`, naming it, as PostgreSQL's projector does
-    /// for a lock held on one of its tables; counts the runs it was given.
-    #[derive(Default)]
-    struct LockedC(std::sync::atomic::AtomicUsize);
-
-    #[async_trait::async_trait]
-    impl Projector for LockedC {
-        fn name(&self) -> &'static str {
-            "locked"
-        }
-        async fn migrate(
-            &self,
-            _: &Ident,
-            _: &crate::catalog::Version,
-            _: &[u32],
-        ) -> Result<(), ProjectorError> {
-            Ok(())
-        }
-        async fn apply(
-            &self,
-            _: &Snapshot,
-            tasks: &[Task],
-        ) -> Result<Vec<crate::projector::Outcome>, ProjectorError> {
-            self.0.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            match tasks.iter().find(|t| t.project.as_str() == "c") {
-                Some(task) => Err(ProjectorError::scoped("lock timeout on c_v1.article")
-                    .of_project(&task.project)),
-                None => Ok(tasks.iter().map(|_| Ok(())).collect()),
-            }
-        }
-        async fn drop_project(&self, _: &Ident) -> Result<(), ProjectorError> {
-            Ok(())
-        }
-        async fn read(
-            &self,
-            _: &Ident,
-            _: u32,
-            _: &Ident,
-            _: &uuid::Uuid,
-        ) -> Result<Option<serde_json::Value>, ProjectorError> {
-            Ok(None)
-        }
-        async fn health(&self) -> crate::projector::Health {
-            crate::projector::Health {
-                reachable: true,
-                detail: "test double".into(),
-            }
-        }
-    }
-
     /// A run refused for a cause the store names the project of holds that project at once,
     /// however many projects' tasks come before it.
     #[tokio::test]
@@ -578,11 +538,11 @@ mod tests {
                 },
             })
             .collect();
-        let projector = LockedC::default();
+        let projector = Drops::default();
         let step = apply(&projector, &Snapshot::default(), &tasks).await;
         assert_eq!(step.held.as_ref().map(Ident::as_str), Some("c"));
         assert!(step.applied.is_empty() && step.retry.is_some());
-        assert_eq!(projector.0.load(std::sync::atomic::Ordering::SeqCst), 1);
+        assert_eq!(projector.1.load(std::sync::atomic::Ordering::SeqCst), 1);
     }
 
     /// A store's words that may quote the item's values (PostgreSQL's DETAIL) are in the dead

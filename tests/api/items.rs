@@ -436,6 +436,20 @@ impl ParseIdent for &str {
     }
 }
 
+/// `myblog`'s version 2 back-fill as `GET /myblog/_version` shows it, once finished (or after
+/// 20 s).
+async fn backfill_of_version_2(app: &crate::helpers::TestApp) -> Value {
+    let mut backfill = Value::Null;
+    for _ in 0..200 {
+        backfill = app.get("/myblog/_version").await.body["versions"][1]["backfill"].clone();
+        if backfill["finished"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    backfill
+}
+
 #[tokio::test]
 async fn a_backfill_interrupted_by_a_restart_resumes_and_finishes() {
     let dir = tempfile::tempdir().unwrap();
@@ -461,16 +475,8 @@ async fn a_backfill_interrupted_by_a_restart_resumes_and_finishes() {
         app.stop().await;
     }
     let app = crate::helpers::spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
-    let mut backfill = Value::Null;
-    for _ in 0..200 {
-        backfill = app.get("/myblog/_version").await.body["versions"][1]["backfill"].clone();
-        if backfill["finished"] == true {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert_eq!(
-        backfill,
+        backfill_of_version_2(&app).await,
         json!({"total": total, "done": total, "finished": true})
     );
     let mut last = seed_item();
@@ -532,16 +538,8 @@ async fn a_backfill_state_that_does_not_decode_starts_over_instead_of_stopping_t
         .unwrap();
     }
     let app = crate::helpers::spawn_app_with(|s| s.storage.data_dir = path.clone()).await;
-    let mut backfill = Value::Null;
-    for _ in 0..200 {
-        backfill = app.get("/myblog/_version").await.body["versions"][1]["backfill"].clone();
-        if backfill["finished"] == true {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
     assert_eq!(
-        backfill,
+        backfill_of_version_2(&app).await,
         json!({"total": total, "done": total, "finished": true})
     );
     let count =
