@@ -256,8 +256,8 @@ impl Application {
             audit,
             followers: followers.clone(),
             closing: closing_receiver,
-            readiness: tokio::sync::Mutex::new(None),
-            metrics_text: tokio::sync::Mutex::new(None),
+            readiness: Default::default(),
+            metrics_text: Default::default(),
             settings,
         });
         let requests = web::Data::new(http::observe::RequestMetrics::default());

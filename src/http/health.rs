@@ -67,21 +67,8 @@ pub async fn ready(
         serving,
         all_ready,
     } = if status_only || state.anonymous(&request) {
-        // Anyone may ask this (its status, or all of it where `auth.public` names `ready`): one
-        // report at a time, at most one a second, so asking as fast as one can never puts more
-        // load on the stores (and their pools) than that.
-        let mut last = state.readiness.lock().await;
-        match last
-            .as_ref()
-            .filter(|(at, _)| at.elapsed() < STATUS_ONLY_REUSE)
-        {
-            Some((_, readiness)) => readiness.clone(),
-            None => {
-                let readiness = report(&state).await;
-                *last = Some((std::time::Instant::now(), readiness.clone()));
-                readiness
-            }
-        }
+        // Anyone may ask this (its status, or all of it where `auth.public` names `ready`).
+        state.readiness.get(report(&state)).await
     } else {
         report(&state).await
     };
@@ -93,9 +80,6 @@ pub async fn ready(
     }
     HttpResponse::Ok().json(body)
 }
-
-/// How long a readiness report asked without a key answers others asked without one.
-const STATUS_ONLY_REUSE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A readiness report: its body, whether this node serves, and whether all is ready.
 #[derive(Clone)]

@@ -13,18 +13,10 @@ pub async fn metrics(
     requests: web::Data<RequestMetrics>,
     request: actix_web::HttpRequest,
 ) -> HttpResponse {
+    // Open to anyone (`auth.public` names `metrics`): making the text reads every project's
+    // back-fills from the storage, so such requests share one.
     let text = if state.anonymous(&request) {
-        // Open to anyone (`auth.public` names `metrics`): one text at a time, at most one a
-        // second, since making one reads every project's back-fills from the storage.
-        let mut last = state.metrics_text.lock().await;
-        match last.as_ref().filter(|(at, _)| at.elapsed() < SHARED_FOR) {
-            Some((_, text)) => text.clone(),
-            None => {
-                let text = render(&state, &requests).await;
-                *last = Some((std::time::Instant::now(), text.clone()));
-                text
-            }
-        }
+        state.metrics_text.get(render(&state, &requests)).await
     } else {
         render(&state, &requests).await
     };
@@ -32,9 +24,6 @@ pub async fn metrics(
         .content_type("text/plain; version=0.0.4")
         .body(text)
 }
-
-/// How long a metrics text made for a request without a key answers others without one.
-const SHARED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// The metrics as Prometheus text.
 async fn render(state: &State, requests: &RequestMetrics) -> String {

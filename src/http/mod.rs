@@ -56,11 +56,37 @@ pub struct AppState {
     /// Turns true when the server stops: change feed streams end, so a graceful stop does not wait
     /// for followers that never hang up.
     pub closing: tokio::sync::watch::Receiver<bool>,
-    /// The last readiness report made for a request without a key, and when.
-    pub(crate) readiness: tokio::sync::Mutex<Option<(std::time::Instant, health::Readiness)>>,
-    /// The last metrics text made for a request without a key (`auth.public` names `metrics`),
-    /// and when.
-    pub(crate) metrics_text: tokio::sync::Mutex<Option<(std::time::Instant, String)>>,
+    /// The readiness report requests without a key share.
+    pub(crate) readiness: Shared<health::Readiness>,
+    /// The metrics text requests without a key share (`auth.public` names `metrics`).
+    pub(crate) metrics_text: Shared<String>,
+}
+
+/// An answer costly to make (it asks every store, or reads every project) that requests anyone
+/// may send as fast as they like share: one is made at a time, and each serves for a second, so
+/// such requests never put more load on the stores (and their pools) than that.
+pub(crate) struct Shared<T>(tokio::sync::Mutex<Option<(std::time::Instant, T)>>);
+
+impl<T> Default for Shared<T> {
+    fn default() -> Self {
+        Shared(tokio::sync::Mutex::new(None))
+    }
+}
+
+impl<T: Clone> Shared<T> {
+    /// How long one answer serves.
+    const FOR: Duration = Duration::from_secs(1);
+
+    /// The answer made less than a second ago, or one `make` makes now.
+    pub(crate) async fn get(&self, make: impl std::future::Future<Output = T>) -> T {
+        let mut last = self.0.lock().await;
+        if let Some((_, made)) = last.as_ref().filter(|(at, _)| at.elapsed() < Self::FOR) {
+            return made.clone();
+        }
+        let made = make.await;
+        *last = Some((std::time::Instant::now(), made.clone()));
+        made
+    }
 }
 
 impl AppState {
