@@ -350,25 +350,26 @@ async fn follow_changes(
     let mut attempt = 0u32;
     loop {
         let pairs: Vec<(&str, &str)> = query.iter().map(|(k, v)| (*k, v.as_str())).collect();
-        let mut response = match client.open(&[project, "_changes"], &pairs).await {
-            Ok(response) => response,
-            Err(CliError::Transport(message)) => {
-                attempt += 1;
-                eprintln!("dstore: {}; trying again", client::terminal_safe(&message));
-                tokio::time::sleep(Duration::from_secs(u64::from(attempt.min(10)))).await;
-                continue;
-            }
+        let waited_out = match client.open(&[project, "_changes"], &pairs).await {
+            Ok(response) => Ok(response),
+            Err(CliError::Transport(message)) => Err(message),
             Err(CliError::Server { status, body }) if status == StatusCode::SERVICE_UNAVAILABLE => {
-                attempt += 1;
                 let why = serde_json::from_str::<Value>(&body)
                     .ok()
                     .and_then(|b| b["status"].as_str().map(str::to_string))
                     .unwrap_or(body);
-                eprintln!("dstore: 503 {}; trying again", client::terminal_safe(&why));
+                Err(format!("503 {why}"))
+            }
+            Err(error) => return Err(error),
+        };
+        let mut response = match waited_out {
+            Ok(response) => response,
+            Err(why) => {
+                attempt += 1;
+                eprintln!("dstore: {}; trying again", client::terminal_safe(&why));
                 tokio::time::sleep(Duration::from_secs(u64::from(attempt.min(10)))).await;
                 continue;
             }
-            Err(error) => return Err(error),
         };
         attempt = 0;
         let version = response
