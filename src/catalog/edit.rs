@@ -70,10 +70,9 @@ pub fn room_for_a_version(p: &Project) -> Result<(), CatalogError> {
             p.name.as_str()
         )));
     }
-    let size = |blueprints: &Blueprints| serde_json::to_vec(blueprints).map_or(0, |v| v.len());
-    let mut bytes = size(&p.working.blueprints);
+    let mut bytes = json_bytes(&p.working.blueprints);
     for version in &p.versions {
-        bytes += size(&version.blueprints);
+        bytes += json_bytes(&version.blueprints);
         if bytes > MAX_VERSIONS_BYTES {
             return Err(CatalogError::Conflict(format!(
                 "the blueprints of project {:?}'s {frozen} versions and of this freeze would take \
@@ -136,12 +135,16 @@ fn check_count(before: usize, next: usize) -> Result<(), CatalogError> {
     )]))
 }
 
+/// What blueprints take as JSON, the measure of [`MAX_BLUEPRINTS_BYTES`] and [`MAX_VERSIONS_BYTES`].
+fn json_bytes(blueprints: &Blueprints) -> usize {
+    serde_json::to_vec(blueprints).map_or(0, |v| v.len())
+}
+
 /// Refuses an edit that grows a project's blueprints past [`MAX_BLUEPRINTS_BYTES`]; one that keeps
 /// or shrinks those of a project made before the limit goes on.
 fn check_bytes(before: &Blueprints, next: &Blueprints) -> Result<(), CatalogError> {
-    let size = |blueprints: &Blueprints| serde_json::to_vec(blueprints).map_or(0, |v| v.len());
-    let will = size(next);
-    if will <= MAX_BLUEPRINTS_BYTES || will <= size(before) {
+    let will = json_bytes(next);
+    if will <= MAX_BLUEPRINTS_BYTES || will <= json_bytes(before) {
         return Ok(());
     }
     Err(CatalogError::Invalid(vec![FieldError::new(
