@@ -2,6 +2,7 @@
 
 use uuid::Uuid;
 
+use super::task::Task;
 use crate::blueprint::Ident;
 
 /// `project \0 blueprint \0 id(16)` in the `items` column family.
@@ -114,10 +115,12 @@ pub fn frozen(project: &Ident) -> Vec<u8> {
 /// Every [`frozen`] mark starts with this.
 pub const FROZEN_PREFIX: &[u8] = b"frozen/";
 
-/// In the meta family: the seq of a projector's dead letter of an item (`item_key`, [`item`]),
-/// so a newer letter of the item replaces it (see `Journal::settle`).
-pub fn letter_of_item(projector: &str, item_key: &[u8]) -> Vec<u8> {
-    name_then(b"dead_item/", projector, 0, item_key)
+/// In the meta family: the seq of a projector's dead letter of the item `task` writes, so a newer
+/// letter of the item replaces it (see `Journal::settle`); `None` for a task of no item.
+pub fn letter_of_item(projector: &str, task: &Task) -> Option<Vec<u8>> {
+    let (blueprint, id) = task.op.item()?;
+    let item = item(&task.project, blueprint, id);
+    Some(name_then(b"dead_item/", projector, 0, &item))
 }
 
 /// Under buffered durability, the highest seq the writer may hand out before it writes this mark

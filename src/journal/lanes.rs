@@ -7,6 +7,7 @@
 //! which the projector has settled every task; `acks` moves on every acknowledgement, so a waiter
 //! can see its own task settled while an older one of a held project keeps `applied` back.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::ops::RangeInclusive;
 use std::sync::atomic::Ordering;
@@ -256,18 +257,24 @@ impl Journal {
         let (mut replaced, mut older) = (0, HashSet::new());
         let mut newest: HashMap<Vec<u8>, u64> = HashMap::new();
         for letter in dead {
-            let Some(task) = &letter.task else { continue };
-            let Some((blueprint, id)) = task.op.item() else {
+            let Some(index) = letter
+                .task
+                .as_ref()
+                .and_then(|task| keys::letter_of_item(projector, task))
+            else {
                 continue;
             };
-            let item = keys::item(&task.project, blueprint, id);
-            let seq = newest
-                .entry(keys::letter_of_item(projector, &item))
-                .or_default();
-            older.insert(letter.seq.min(*seq));
-            *seq = (*seq).max(letter.seq);
+            match newest.entry(index) {
+                Entry::Vacant(entry) => {
+                    entry.insert(letter.seq);
+                }
+                // Two letters of one item in one report: the older is not written.
+                Entry::Occupied(mut entry) => {
+                    older.insert(letter.seq.min(*entry.get()));
+                    entry.insert(letter.seq.max(*entry.get()));
+                }
+            }
         }
-        older.remove(&0);
         for (index, seq) in newest {
             if let Some(bytes) = self.db.get_cf(self.cf(CF_META), &index)? {
                 let earlier = u64::from_be_bytes(bytes.as_slice().try_into().unwrap_or_default());

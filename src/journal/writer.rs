@@ -1065,9 +1065,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 }
                 stage.batch.delete_cf(dead, key);
                 // The item has no letter of this projector any more (see `Journal::settle`).
-                if let Some((blueprint, id)) = task.op.item() {
-                    let item = keys::item(&task.project, blueprint, id);
-                    let index = keys::letter_of_item(&letter.projector, &item);
+                if let Some(index) = keys::letter_of_item(&letter.projector, task) {
                     let meta = stage.cf(CF_META);
                     if let Ok(Some(seq)) = stage.writer.db.get_pinned_cf(meta, &index) {
                         if *seq == letter.seq.to_be_bytes() {
