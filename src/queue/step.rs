@@ -494,7 +494,6 @@ mod tests {
             project: Ident::parse("shop").unwrap(),
             op: TaskOp::DropProject,
         };
-        view.forget(&drop.project);
         let snapshot = view
             .snapshot_for(std::slice::from_ref(&drop), "j")
             .await

@@ -82,15 +82,6 @@ impl CatalogView {
         }
     }
 
-    /// Forgets what the copy holds of a project, once it is dropped.
-    pub fn forget(&self, project: &Ident) {
-        if let CatalogView::Remote(remote) = self {
-            remote.update(|s| {
-                s.projects.remove(project);
-            });
-        }
-    }
-
     /// Forgets everything the copy holds.
     pub fn clear(&self) {
         if let CatalogView::Remote(remote) = self {

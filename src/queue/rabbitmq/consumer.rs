@@ -43,7 +43,7 @@ use tokio::sync::watch;
 use super::reports::{Refusal, Report};
 use super::{confirmed, persistent, Broker, LinkError, JOURNAL_HEADER, PROBE_HEADER};
 use crate::blueprint::Ident;
-use crate::journal::task::{Task, TaskOp};
+use crate::journal::task::Task;
 use crate::journal::{decode_task, DeadLetter};
 use crate::projector::{backoff, Projector};
 use crate::queue::hold::Holds;
@@ -531,9 +531,7 @@ impl Consumer<'_> {
 
     /// One step over the front of `tasks`, with the catalog they need.
     async fn step(&self, tasks: &[Task], journal: &str) -> Step {
-        if matches!(tasks[0].op, TaskOp::DropProject) {
-            self.view.forget(&tasks[0].project);
-        }
+        // A drop's project is read again with its tasks (`CatalogView::snapshot_for`).
         match self.view.snapshot_for(tasks, journal).await {
             Ok(snapshot) => step::apply(self.projector, &snapshot, tasks).await,
             // One project's catalog cannot be read: the first project's tasks are tried alone,
