@@ -117,6 +117,9 @@ pub enum JournalError {
     },
     #[error("journal is shutting down")]
     Closed,
+    /// Staging a batch panicked (logged): nothing of the batch was written; the journal goes on.
+    #[error("a fault in dstore stopped the journal from writing this request (logged); nothing of it was written")]
+    Fault,
     #[error("the versions of the project changed while the write was prepared")]
     Stale,
     #[error("{0}")]
@@ -448,6 +451,9 @@ pub struct Journal {
     /// Shared with the writer (see `Writer::disk_writes_fail`).
     #[cfg(test)]
     disk_writes_fail: Arc<std::sync::atomic::AtomicBool>,
+    /// Shared with the writer (see `Writer::stage_panics`).
+    #[cfg(test)]
+    stage_panics: Arc<std::sync::atomic::AtomicBool>,
     /// While set, back-fills wait before each chunk (a test's way to act before one runs).
     #[cfg(test)]
     backfills_held: std::sync::atomic::AtomicBool,
@@ -610,6 +616,8 @@ impl Journal {
             #[cfg(test)]
             disk_writes_fail: Arc::default(),
             #[cfg(test)]
+            stage_panics: Arc::default(),
+            #[cfg(test)]
             backfills_held: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             dead_letter_counts: AtomicU64::new(0),
@@ -635,6 +643,7 @@ impl Journal {
             let mut worker = worker;
             worker.disk_reads_fail = journal.disk_reads_fail.clone();
             worker.disk_writes_fail = journal.disk_writes_fail.clone();
+            worker.stage_panics = journal.stage_panics.clone();
             worker
         };
         let thread = std::thread::Builder::new()
@@ -725,7 +734,11 @@ impl Journal {
                 return Err(JournalError::Closed)
             }
         }
-        answer.await.map_err(|_| JournalError::Closed)?
+        // The writer drops the reply of a command whose staging panicked; else only at its end.
+        answer.await.map_err(|_| match self.is_closing() {
+            true => JournalError::Closed,
+            false => JournalError::Fault,
+        })?
     }
 
     /// Journals item writes transformed against catalog `epoch`; answers their revisions.
@@ -793,10 +806,10 @@ impl Journal {
     }
 
     /// Records how a group's write ended (the writer, after each).
-    fn note_write(&self, error: Option<&rocksdb::Error>) {
+    fn note_write(&self, error: Option<String>) {
         let mut failure = self.write_failure.lock().unwrap_or_else(|p| p.into_inner());
         match error {
-            Some(error) => *failure = Some((std::time::Instant::now(), error.to_string())),
+            Some(error) => *failure = Some((std::time::Instant::now(), error)),
             None if failure.is_some() => *failure = None,
             None => {}
         }
@@ -2243,6 +2256,36 @@ mod tests {
         journal.disk_writes_fail.store(false, Ordering::Relaxed);
         write_new(&storage, &project, &article).await.unwrap();
         assert_eq!(storage.write_failure(), None, "a write succeeded since");
+        journal.close().await;
+    }
+
+    /// A fault while a batch is staged fails that batch's requests, writes none of it, and the
+    /// writer goes on: before, the writer's thread ended and every later write failed until a
+    /// restart.
+    #[tokio::test]
+    async fn a_batch_whose_staging_panics_is_dropped_whole_and_the_journal_goes_on() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec![]).await;
+        write_new(&storage, &project, &article).await.unwrap();
+        let before = journal.last_seq();
+        journal.stage_panics.store(true, Ordering::Relaxed);
+        let failed = write_new(&storage, &project, &article).await;
+        let Err(StorageError::Corrupt(said)) = failed else {
+            panic!("{failed:?}");
+        };
+        assert!(said.contains("nothing of it was written"), "{said}");
+        assert_eq!(journal.last_seq(), before, "nothing was journaled");
+        let written = write_new(&storage, &project, &article).await.unwrap();
+        assert_eq!(
+            written,
+            vec![before + 1],
+            "the next write goes on from there"
+        );
         journal.close().await;
     }
 

@@ -145,18 +145,55 @@ pub struct Writer {
     /// Set by tests: batch writes fail, as on a full disk.
     #[cfg(test)]
     pub(super) disk_writes_fail: Arc<AtomicBool>,
+    /// Set by tests: staging the next item write panics, as a fault in dstore would.
+    #[cfg(test)]
+    pub(super) stage_panics: Arc<AtomicBool>,
 }
 
 /// An answer to send once the batch is written.
-type Answer = Box<dyn FnOnce(Option<&rocksdb::Error>) + Send>;
+type Answer = Box<dyn FnOnce(Option<&Unwritten>) + Send>;
 
 fn answer<T: Send + 'static>(reply: Reply<T>, value: T) -> Answer {
     Box::new(move |failure| {
         let _ = reply.send(match failure {
             None => Ok(value),
-            Some(e) => Err(JournalError::Storage(e.clone())),
+            Some(Unwritten::Storage(e)) => Err(JournalError::Storage(e.clone())),
+            Some(Unwritten::Fault) => Err(JournalError::Fault),
         });
     })
+}
+
+/// Why a batch was not written.
+#[derive(Debug)]
+enum Unwritten {
+    /// RocksDB refused it (a full disk, an I/O error).
+    Storage(rocksdb::Error),
+    /// Staging one of its commands panicked: a fault in dstore, logged. The batch is dropped
+    /// whole, so nothing half-staged is ever written, and the writer goes on with the next.
+    Fault,
+}
+
+impl std::fmt::Display for Unwritten {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Unwritten::Storage(e) => write!(f, "{e}"),
+            Unwritten::Fault => write!(f, "{}", JournalError::Fault),
+        }
+    }
+}
+
+/// Stages `command`; false when staging it panicked, which leaves `stage` unfit to be written.
+fn stage_caught(stage: &mut Stage, command: Command) -> bool {
+    match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        stage_command(stage, command)
+    })) {
+        Ok(()) => true,
+        Err(panic) => {
+            let message = crate::supervise::panic_message(panic.as_ref());
+            tracing::error!(%message, commands = stage.answers.len() + 1, "staging a journal command panicked; its batch is dropped");
+            false
+        }
+    }
 }
 
 /// The batch being built, with the next sequence numbers.
@@ -578,6 +615,8 @@ impl Writer {
             disk_reads_fail: Arc::default(),
             #[cfg(test)]
             disk_writes_fail: Arc::default(),
+            #[cfg(test)]
+            stage_panics: Arc::default(),
         }
     }
 
@@ -664,15 +703,15 @@ impl Writer {
                     .map(|name| self.db.cf_handle(name).expect("column family exists")),
                 writer: &self,
             };
-            stage_command(&mut stage, first);
+            let mut staged = stage_caught(&mut stage, first);
             let mut stopping = false;
-            while stage.answers.len() < 4096 {
+            while staged && stage.answers.len() < 4096 {
                 match commands.try_recv() {
                     Ok(Command::Shutdown) => {
                         stopping = true;
                         break;
                     }
-                    Ok(command) => stage_command(&mut stage, command),
+                    Ok(command) => staged = stage_caught(&mut stage, command),
                     Err(_) => break,
                 }
             }
@@ -696,13 +735,15 @@ impl Writer {
             for (pending, queued) in self.pending.iter().zip(&queued) {
                 pending.fetch_add(*queued, Ordering::AcqRel);
             }
-            let result = match seq > reserved {
-                true => self.reserve(seq.saturating_add(SEQ_RESERVE)).map(|()| {
-                    reserved = seq.saturating_add(SEQ_RESERVE);
-                }),
-                false => Ok(()),
+            let result = match (staged, seq > reserved) {
+                (false, _) => Err(Unwritten::Fault),
+                (true, true) => self
+                    .reserve(seq.saturating_add(SEQ_RESERVE))
+                    .map_err(Unwritten::Storage)
+                    .map(|()| reserved = seq.saturating_add(SEQ_RESERVE)),
+                (true, false) => Ok(()),
             }
-            .and_then(|()| self.commit(batch, &options));
+            .and_then(|()| self.commit(batch, &options).map_err(Unwritten::Storage));
             if result.is_err() {
                 for (pending, queued) in self.pending.iter().zip(&queued) {
                     pending.fetch_sub(*queued, Ordering::AcqRel);
@@ -721,7 +762,7 @@ impl Writer {
             }
             let journal = journal.upgrade();
             if let Some(journal) = &journal {
-                journal.note_write(result.as_ref().err());
+                journal.note_write(result.as_ref().err().map(ToString::to_string));
                 if result.is_ok() {
                     journal.keyspace_writes.fetch_add(kept, Ordering::Relaxed);
                 }
@@ -760,6 +801,10 @@ fn stage_command(stage: &mut Stage, command: Command) {
             entries,
             reply,
         } => {
+            #[cfg(test)]
+            if stage.writer.stage_panics.swap(false, Ordering::Relaxed) {
+                panic!("a fault staging a write");
+            }
             let current = stage.writer.catalog.snapshot();
             if current.projects.get(&project).map(|p| p.epoch) != Some(epoch) {
                 let _ = reply.send(Err(JournalError::Stale));

@@ -200,6 +200,7 @@ impl From<JournalError> for StorageError {
             e @ (JournalError::Corrupt(_)
             | JournalError::Damaged(_)
             | JournalError::Unpaired(_)
+            | JournalError::Fault
             | JournalError::Thread(_)
             | JournalError::Leftover { .. }) => StorageError::Corrupt(e.to_string()),
         }
