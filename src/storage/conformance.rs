@@ -35,6 +35,11 @@ impl Fixture {
     }
 }
 
+/// A connection of its own to the test database, with none of a node's time limits.
+pub(crate) async fn plain_connection() -> sqlx::PgConnection {
+    connect(&test_database().await).await
+}
+
 /// Removes a schema [`open_postgresql`] made.
 pub(crate) async fn drop_schema(schema: &str) {
     let mut conn = connect(&test_database().await).await;

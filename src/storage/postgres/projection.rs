@@ -75,7 +75,11 @@ pub async fn run(
             if let Err(error) =
                 work(&storage, projector.as_ref(), &project, lease, batch_size).await
             {
-                tracing::warn!(projector = name, %project, %error, "projection failed; the project is retried later");
+                // Held back with its backoff, the lease given up: a project whose batches fail
+                // to settle is not read and applied again at once, again and again.
+                if let Err(held) = hold(&storage, name, &project, &error.to_string()).await {
+                    tracing::warn!(projector = name, %project, %error, %held, "projection failed; the project is retried later");
+                }
             }
         }
     }
@@ -173,12 +177,14 @@ async fn work(
     } = lease;
     loop {
         if renewed.elapsed() > LEASE / 2 {
+            let sent = tokio::time::Instant::now();
             let Some(revision) = renew(storage, name, project).await? else {
                 tracing::info!(projector = name, %project, "lease lost to another node; leaving the project to it");
                 return Ok(());
             };
             // Every way on from here settles (which renews again) or returns.
             cursor = cursor.max(revision);
+            renewed = sent;
         }
         let Read {
             tasks,
@@ -201,6 +207,7 @@ async fn work(
                 storage,
                 name,
                 project,
+                renewed,
                 step::apply(projector, &snapshot, &tasks),
             )
             .await
@@ -250,23 +257,49 @@ async fn work(
 /// Answers `None`, having given up `applying` where it was, when the lease is found lost all the same
 /// (this node stalled, or cut off from the database past a lease): what it applied is applied
 /// again by the node that took the lease, as after a crash.
+/// `renewed`: when the lease was last made or renewed. Renewals run beside `applying`; a node that
+/// has not renewed for three quarters of a lease (the database away, or too slow to answer) gives
+/// the batch up before the lease can lapse, so it never goes on applying (a drop, a migration)
+/// after another node may have taken the cursor.
 async fn leased<T>(
     storage: &PgStorage,
     projector: &str,
     project: &Ident,
+    renewed: tokio::time::Instant,
     applying: impl std::future::Future<Output = T>,
 ) -> Option<T> {
     tokio::pin!(applying);
+    let mut held = renewed;
+    let give_up = LEASE - LEASE / 4;
+    let mut next = held + LEASE / 3;
     loop {
+        let renewal = async {
+            tokio::time::sleep_until(next).await;
+            // The lease runs from when the server takes the renewal: from no earlier than this.
+            let sent = tokio::time::Instant::now();
+            let renewed = tokio::time::timeout(LEASE / 4, renew(storage, projector, project)).await;
+            (sent, renewed)
+        };
         tokio::select! {
             done = &mut applying => return Some(done),
-            _ = tokio::time::sleep(LEASE / 3) => {
-                match renew(storage, projector, project).await {
-                    Ok(Some(_)) => {}
-                    Ok(None) => return None,
-                    // The database away for a moment: the lease may hold still; the next renewal,
-                    // or the settling after the batch, tells.
-                    Err(error) => tracing::warn!(projector, %project, %error, "cannot renew a lease while applying; trying again"),
+            _ = tokio::time::sleep_until(held + give_up) => {
+                tracing::warn!(projector, %project, "cannot renew a lease while applying; giving the batch up before the lease lapses");
+                return None;
+            }
+            (sent, renewed) = renewal => match renewed {
+                Ok(Ok(Some(_))) => {
+                    held = sent;
+                    next = held + LEASE / 3;
+                }
+                Ok(Ok(None)) => return None,
+                // The database away for a moment: the lease holds until `give_up`.
+                Ok(Err(error)) => {
+                    tracing::warn!(projector, %project, %error, "cannot renew a lease while applying; trying again");
+                    next = tokio::time::Instant::now() + LEASE / 20;
+                }
+                Err(_) => {
+                    tracing::warn!(projector, %project, "a lease's renewal took too long; trying again");
+                    next = tokio::time::Instant::now();
                 }
             }
         }
@@ -294,15 +327,23 @@ async fn read(
     cursor: u64,
     limit: usize,
 ) -> Result<Read, StorageError> {
+    // Cut at `BATCH_BYTES` of stored tasks (past the first), as the embedded journal cuts its
+    // batches: a batch of large items would be gigabytes read at once, on every node that took
+    // the cursor over in turn.
     let rows = sqlx::query(
-        "SELECT revision, task, projectors, \
-           (SELECT COALESCE((working->>'born')::bigint, 0) FROM projects \
-            WHERE name = $1 AND live) AS born \
-         FROM journal WHERE project = $1 AND revision > $2 ORDER BY revision LIMIT $3",
+        "SELECT revision, task, projectors, born FROM ( \
+           SELECT revision, task, projectors, \
+             (SELECT COALESCE((working->>'born')::bigint, 0) FROM projects \
+              WHERE name = $1 AND live) AS born, \
+             coalesce(sum(octet_length(task)) OVER (ORDER BY revision \
+               ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before \
+           FROM journal WHERE project = $1 AND revision > $2 ORDER BY revision LIMIT $3 \
+         ) j WHERE before < $4 ORDER BY revision",
     )
     .bind(project.as_str())
     .bind(cursor as i64)
     .bind(limit as i64)
+    .bind(crate::journal::BATCH_BYTES as i64)
     .fetch_all(storage.pool())
     .await
     .map_err(|e| unavailable("read the journal", &e))?;
@@ -587,6 +628,83 @@ mod tests {
             "the migration and the write"
         );
 
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A batch of the journal is cut at `BATCH_BYTES` of tasks, not read whole: a project of large
+    /// items was read 5000 tasks at once, gigabytes, on every node that took its cursor in turn.
+    #[tokio::test]
+    async fn a_batch_of_large_items_is_read_in_parts_of_bounded_bytes() {
+        let (storage, schema) = open_postgresql("large", vec!["counting"]).await;
+        let project = frozen(storage.as_ref()).await;
+        let title = "x".repeat(600 << 10);
+        for _ in 0..20 {
+            write(storage.as_ref(), &project, Uuid::new_v4(), &title).await;
+        }
+        let claimed = claim(&storage, "counting").await.unwrap();
+        let cursor = claimed[0].1;
+        let first = read(&storage, "counting", &project, cursor, 5000)
+            .await
+            .unwrap();
+        // The migration and about 8 MiB of items: not all 20 of them.
+        assert!(
+            (2..20).contains(&first.tasks.len()),
+            "{} tasks read at once",
+            first.tasks.len()
+        );
+        assert_eq!(first.last, first.tasks.last().unwrap().seq);
+        let counting = Counting::default();
+        let lease = Lease {
+            renewed: tokio::time::Instant::now(),
+            cursor,
+        };
+        work(&storage, &counting, &project, lease, 5000)
+            .await
+            .unwrap();
+        assert_eq!(
+            counting.0.load(Ordering::SeqCst),
+            21,
+            "the migration and every write, in parts"
+        );
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A node that cannot renew its lease while it applies a batch (cut off from the database, or
+    /// the cursors table locked) gives the batch up before the lease can lapse: before, it went on
+    /// applying, a drop among them, while another node may have taken the cursor.
+    #[tokio::test]
+    async fn a_node_that_cannot_renew_its_lease_gives_the_batch_up_before_it_lapses() {
+        let (storage, schema) = open_postgresql("fenced", vec!["counting"]).await;
+        let project = frozen(storage.as_ref()).await;
+        claim(&storage, "counting").await.unwrap();
+        let renewed = tokio::time::Instant::now();
+        // Every renewal waits behind this lock, as on a database that does not answer.
+        let mut locker = crate::storage::conformance::plain_connection().await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN; LOCK TABLE \"{schema}\".cursors IN ACCESS EXCLUSIVE MODE"
+        )))
+        .execute(&mut locker)
+        .await
+        .unwrap();
+        let given_up = tokio::time::timeout(
+            LEASE,
+            leased(
+                &storage,
+                "counting",
+                &project,
+                renewed,
+                std::future::pending::<()>(),
+            ),
+        )
+        .await;
+        assert_eq!(given_up, Ok(None), "still applying past the lease");
+        assert!(renewed.elapsed() >= LEASE - LEASE / 4);
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut locker)
+            .await
+            .unwrap();
         drop(storage);
         drop_schema(&schema).await;
     }
