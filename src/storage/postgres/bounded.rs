@@ -73,6 +73,38 @@ impl From<TimedOut> for StorageError {
     }
 }
 
+/// Whether `error` says the connection was lost before the statement could run: it broke, or
+/// the server ended the session (a restart, a failover, `pg_terminate_backend`). Not dstore's
+/// own time limit ([`TimedOut`]), after which the statement may still be running.
+pub fn connection_lost(error: &sqlx::Error) -> bool {
+    match error {
+        sqlx::Error::Io(e) => e.kind() != std::io::ErrorKind::TimedOut,
+        sqlx::Error::Protocol(_) => true,
+        sqlx::Error::Database(e) => e.code().is_some_and(|code| {
+            code.starts_with("08") || matches!(&*code, "57P01" | "57P02" | "57P03")
+        }),
+        _ => false,
+    }
+}
+
+/// Runs `read`, read-only statements, once more when the connection it took was found lost: a
+/// server restarted or failed over a moment ago ended every pooled session, and the pool checks
+/// the connections it hands out for a while after one was found so ([`Bounded`]). Never for
+/// what writes: a statement whose answer was lost may have been made.
+pub async fn read_twice<T, F, Fut>(read: F) -> Result<T, sqlx::Error>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Result<T, sqlx::Error>>,
+{
+    match read().await {
+        Err(error) if connection_lost(&error) => {
+            tracing::info!(%error, "a pooled connection was lost; reading again");
+            read().await
+        }
+        done => done,
+    }
+}
+
 /// Runs `work` (a transaction, a few statements on one connection) within `limit`.
 pub async fn within<T, E: From<TimedOut>>(
     limit: Duration,
@@ -107,6 +139,34 @@ pub async fn within_write<T>(
 pub struct Bounded {
     pool: PgPool,
     limit: Duration,
+    /// When a connection was last found lost (see [`Lost`]).
+    lost: Lost,
+}
+
+/// When one of the pool's connections was last found lost: for [`CHECK_AFTER_LOSS`] after, the
+/// pool checks every connection before handing it out, fresh ones too, since whatever ended one
+/// (a restart, a failover) ended the others.
+#[derive(Clone, Debug, Default)]
+struct Lost(std::sync::Arc<std::sync::Mutex<Option<std::time::Instant>>>);
+
+/// How long after a connection was found lost the pool checks each one it hands out.
+const CHECK_AFTER_LOSS: Duration = Duration::from_secs(2);
+
+impl Lost {
+    fn note<T>(&self, result: &Result<T, sqlx::Error>) {
+        if let Err(error) = result {
+            if connection_lost(error) {
+                *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(std::time::Instant::now());
+            }
+        }
+    }
+
+    fn recent(&self) -> bool {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some_and(|at| at.elapsed() < CHECK_AFTER_LOSS)
+    }
 }
 
 impl Bounded {
@@ -120,13 +180,16 @@ impl Bounded {
         // An idle connection that does not answer is given up in half the time a read may wait
         // for one, leaving the other half to connect anew.
         let check = acquire / 2;
+        let lost = Lost::default();
+        let recently = lost.clone();
         let pool = PgPoolOptions::new()
             .max_connections(size)
             .acquire_timeout(acquire)
             .test_before_acquire(false)
             .before_acquire(move |conn, meta| {
+                let recently = recently.recent();
                 Box::pin(async move {
-                    if meta.idle_for < FRESH {
+                    if meta.idle_for < FRESH && !recently {
                         return Ok(true);
                     }
                     within(check, conn.ping()).await.map(|()| true)
@@ -143,7 +206,7 @@ impl Bounded {
                 })
             })
             .connect_lazy_with(options);
-        Bounded { pool, limit }
+        Bounded { pool, limit, lost }
     }
 
     pub fn limit(&self) -> Duration {
@@ -173,13 +236,20 @@ impl<'p> Executor<'p> for &'_ Bounded {
         E: 'q + Execute<'q, Postgres>,
     {
         let limit = self.limit;
+        let lost = self.lost.clone();
         let rows = (&self.pool).fetch_many(query);
-        futures::stream::unfold(Some(rows), move |rows| async move {
-            let mut rows = rows?;
-            match tokio::time::timeout(limit, rows.next()).await {
-                Ok(Some(row)) => Some((row, Some(rows))),
-                Ok(None) => None,
-                Err(_) => Some((Err(TimedOut(limit).into()), None)),
+        futures::stream::unfold(Some(rows), move |rows| {
+            let lost = lost.clone();
+            async move {
+                let mut rows = rows?;
+                match tokio::time::timeout(limit, rows.next()).await {
+                    Ok(Some(row)) => {
+                        lost.note(&row);
+                        Some((row, Some(rows)))
+                    }
+                    Ok(None) => None,
+                    Err(_) => Some((Err(TimedOut(limit).into()), None)),
+                }
             }
         })
         .boxed()
@@ -193,7 +263,13 @@ impl<'p> Executor<'p> for &'_ Bounded {
         'p: 'e,
         E: 'q + Execute<'q, Postgres>,
     {
-        Box::pin(within(self.limit, (&self.pool).fetch_optional(query)))
+        let (limit, lost) = (self.limit, self.lost.clone());
+        let fetched = (&self.pool).fetch_optional(query);
+        Box::pin(async move {
+            let row = within(limit, fetched).await;
+            lost.note(&row);
+            row
+        })
     }
 
     fn prepare_with<'e>(

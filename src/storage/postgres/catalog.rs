@@ -46,10 +46,11 @@ fn working_copy(row: &sqlx::postgres::PgRow, name: &Ident) -> Result<WorkingCopy
 /// Every project the database knows, dropped ones included (so a node forgets them).
 pub async fn load_all(pool: &super::Bounded) -> Result<Vec<Loaded>, StorageError> {
     let mut projects: BTreeMap<Ident, Loaded> = BTreeMap::new();
-    let rows = sqlx::query("SELECT name, epoch, changes, live, working FROM projects")
-        .fetch_all(pool)
-        .await
-        .map_err(|e| unavailable("read the catalog", &e))?;
+    let rows = super::bounded::read_twice(|| {
+        sqlx::query("SELECT name, epoch, changes, live, working FROM projects").fetch_all(pool)
+    })
+    .await
+    .map_err(|e| unavailable("read the catalog", &e))?;
     for row in rows {
         let Ok(name) = Ident::parse(&row.get::<String, _>("name")) else {
             continue;
@@ -368,7 +369,11 @@ pub async fn listen(storage: Weak<PgStorage>) {
         let own = sqlx::postgres::PgPoolOptions::new()
             .max_connections(1)
             .acquire_timeout(node.pool().limit())
-            .connect_lazy_with(node.writer_options.clone());
+            .connect_lazy_with(
+                node.writer_options
+                    .clone()
+                    .application_name(&format!("dstore listener {}", node.lease_owner())),
+            );
         let listener = within(node.pool().limit(), async {
             let mut listener = PgListener::connect_with(&own).await?;
             listener.listen(&node.channel).await?;

@@ -126,13 +126,15 @@ impl PgStorage {
         blueprint: &Ident,
         id: &Uuid,
     ) -> Result<Option<Vec<u8>>, StorageError> {
-        sqlx::query_scalar(sqlx::AssertSqlSafe(format!(
-            "SELECT {what} FROM items WHERE project = $1 AND blueprint = $2 AND id = $3"
-        )))
-        .bind(project.as_str())
-        .bind(blueprint.as_str())
-        .bind(id)
-        .fetch_optional(&self.pool)
+        let sql =
+            format!("SELECT {what} FROM items WHERE project = $1 AND blueprint = $2 AND id = $3");
+        bounded::read_twice(|| {
+            sqlx::query_scalar(sqlx::AssertSqlSafe(sql.clone()))
+                .bind(project.as_str())
+                .bind(blueprint.as_str())
+                .bind(id)
+                .fetch_optional(&self.pool)
+        })
         .await
         .map_err(|e| unavailable("read an item", &e))
     }
@@ -523,19 +525,28 @@ impl PgStorage {
             .expose()
             .parse()
             .map_err(|e| StorageError::Unavailable(format!("storage.url is invalid: {e}")))?;
-        let options = base.clone().application_name("dstore").options(
-            [
-                ("search_path", settings.schema.as_str()),
-                ("TimeZone", "UTC"),
-                ("lock_timeout", LOCK_TIMEOUT),
-                (
-                    "idle_in_transaction_session_timeout",
-                    IDLE_IN_TRANSACTION_TIMEOUT,
-                ),
-            ]
-            .into_iter()
-            .chain(KEEPALIVES),
+        let lease_owner = format!(
+            "{}/{}",
+            settings.node,
+            &Uuid::new_v4().simple().to_string()[..8]
         );
+        // Named after the node, so an operator (or a test) can tell its sessions.
+        let options = base
+            .clone()
+            .application_name(&format!("dstore {lease_owner}"))
+            .options(
+                [
+                    ("search_path", settings.schema.as_str()),
+                    ("TimeZone", "UTC"),
+                    ("lock_timeout", LOCK_TIMEOUT),
+                    (
+                        "idle_in_transaction_session_timeout",
+                        IDLE_IN_TRANSACTION_TIMEOUT,
+                    ),
+                ]
+                .into_iter()
+                .chain(KEEPALIVES),
+            );
         let pool = Bounded::connect_lazy(options.clone(), 10, settings.query_timeout);
         // Nodes starting together on a fresh database may all create it: the same statement made
         // by two sessions at once can fail on the name's unique index in one of them, which then
@@ -569,19 +580,16 @@ impl PgStorage {
                 .fetch_one(&pool)
                 .await
                 .map_err(|e| unavailable("read the journal id", &e))?;
-        let lease_owner = format!(
-            "{}/{}",
-            settings.node,
-            &Uuid::new_v4().simple().to_string()[..8]
-        );
         warn_of_namesakes(&pool, &settings.node).await;
         let loaded = catalog::load_all(&pool).await?;
         let (writes, queue) = mpsc::channel(4096);
         let storage = Arc::new(PgStorage {
             channel: format!("{}_catalog", settings.schema),
             pool,
+            // Named after the node, so an operator (or a test) can tell its batcher's session.
             writer_options: options
                 .clone()
+                .application_name(&format!("dstore writer {lease_owner}"))
                 .options([("lock_timeout", WRITER_LOCK_TIMEOUT)]),
             catalog: RwLock::new(CatalogCache::default()),
             writes,
@@ -595,7 +603,12 @@ impl PgStorage {
             settings,
         });
         storage.publish(loaded);
-        storage.ensure_cursors(None).await?;
+        // A project's row held past the lock wait (its drop on another node) must not stop the
+        // start: the watch makes the missing cursors within a minute, and a cursor made late
+        // starts at that moment's revision with a back-fill of every item, so nothing is missed.
+        if let Err(error) = storage.ensure_cursors(None).await {
+            tracing::warn!(%error, "cannot give every project a cursor of each projector yet; the node goes on and tries again");
+        }
         // The node's loops hold it weakly and end with it; one that panics starts again.
         let node = Arc::downgrade(&storage);
         let queue = Arc::new(tokio::sync::Mutex::new(queue));
@@ -711,12 +724,17 @@ impl PgStorage {
         .fetch_all(&self.pool)
         .await
         .map_err(|e| unavailable("find missing projector cursors", &e))?;
+        // One project that cannot have its cursors now (its row held) leaves the others theirs.
+        let mut failed = Ok(());
         for (name, projectors) in missing {
             if let Ok(name) = Ident::parse(&name) {
-                self.add_cursors(&name, &projectors).await?;
+                if let Err(error) = self.add_cursors(&name, &projectors).await {
+                    tracing::warn!(project = %name, %error, "cannot add a project's cursors now");
+                    failed = failed.and(Err(error));
+                }
             }
         }
-        Ok(())
+        failed
     }
 
     /// Gives `projectors` a cursor for `project` at its current revision, under its row lock: a
@@ -1179,15 +1197,30 @@ impl Storage for PgStorage {
         }
         let versions = UsageMeter::versions(&entries);
         let (reply, answer) = tokio::sync::oneshot::channel();
-        self.writes
-            .send(writer::WriteCommand {
-                project: project.clone(),
-                epoch,
-                entries,
-                reply,
-            })
-            .await
-            .map_err(|_| StorageError::Unavailable("the storage is shutting down".into()))?;
+        let command = writer::WriteCommand {
+            project: project.clone(),
+            epoch,
+            entries,
+            reply,
+            queued: tokio::time::Instant::now(),
+        };
+        // A queue that stays full (the storage stalled) answers as a stalled batch does.
+        let limit = self.settings.commit_timeout;
+        match tokio::time::timeout(limit, self.writes.send(command)).await {
+            Ok(Ok(())) => {}
+            Ok(Err(_)) => {
+                return Err(StorageError::Unavailable(
+                    "the storage is shutting down".into(),
+                ))
+            }
+            Err(_) => {
+                return Err(StorageError::Unavailable(format!(
+                    "postgresql storage: the node's queue of writes stayed full for {} s \
+                     (storage.commit_timeout_secs); nothing was written, try again",
+                    limit.as_secs()
+                )))
+            }
+        }
         // The writer took the command and never answered: it stopped (a panic, then started
         // again; or the node stopping), perhaps after its commit.
         let revisions = answer.await.map_err(|_| {
@@ -1444,12 +1477,13 @@ impl Storage for PgStorage {
     }
 
     async fn revision(&self, project: &Ident) -> Result<u64, StorageError> {
-        let revision: Option<i64> =
+        let revision: Option<i64> = bounded::read_twice(|| {
             sqlx::query_scalar("SELECT revision FROM projects WHERE name = $1")
                 .bind(project.as_str())
                 .fetch_optional(&self.pool)
-                .await
-                .map_err(|e| unavailable("read the project's revision", &e))?;
+        })
+        .await
+        .map_err(|e| unavailable("read the project's revision", &e))?;
         Ok(revision.unwrap_or(0) as u64)
     }
 
@@ -2213,6 +2247,40 @@ mod tests {
         drop_schema(&schema).await;
     }
 
+    /// A node started with a projector more, while one project's row is held elsewhere (its drop
+    /// on another node), starts: that project gets its cursor once the row is free. Before, the
+    /// start failed after the lock wait, and again at every try while the row was held.
+    #[tokio::test]
+    async fn a_node_starts_while_a_project_s_row_is_held_and_adds_its_cursor_later() {
+        let (storage, schema) = open_postgresql("held", vec!["a"]).await;
+        let project = crate::storage::conformance::frozen(storage.as_ref()).await;
+        let mut holder = crate::storage::conformance::plain_connection().await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN; SELECT 1 FROM \"{schema}\".projects WHERE name = 'p' FOR UPDATE"
+        )))
+        .execute(&mut holder)
+        .await
+        .unwrap();
+        let second = tokio::time::timeout(
+            Duration::from_secs(30),
+            crate::storage::conformance::open_postgresql_in(&schema, "second", vec!["a", "b"]),
+        )
+        .await
+        .expect("the node started");
+        sqlx::raw_sql("COMMIT").execute(&mut holder).await.unwrap();
+        second.ensure_cursors(None).await.unwrap();
+        let cursors: Vec<String> = sqlx::query_scalar(
+            "SELECT projector FROM cursors WHERE project = $1 ORDER BY projector",
+        )
+        .bind(project.as_str())
+        .fetch_all(second.pool())
+        .await
+        .unwrap();
+        assert_eq!(cursors, ["a", "b"]);
+        drop((storage, second));
+        drop_schema(&schema).await;
+    }
+
     /// A project made again while a drop of it commits is made (or, the drop coming last, not
     /// there): never refused as one project too many in a deployment with room to spare.
     #[tokio::test]
@@ -2267,6 +2335,55 @@ mod tests {
             said.contains("storage.url") && said.to_lowercase().contains("refused"),
             "{said}"
         );
+    }
+
+    /// A write batch whose kept connection the server ended since the last batch (a restart, a
+    /// failover, `pg_terminate_backend`) goes again on a new connection: nothing of it was sent
+    /// but its `BEGIN`. Before, every write of that batch answered 503.
+    #[tokio::test]
+    async fn a_write_after_the_writers_session_was_ended_goes_on_a_new_one() {
+        let (storage, schema) = open_postgresql("broken", vec![]).await;
+        let project = crate::storage::conformance::frozen(storage.as_ref()).await;
+        crate::storage::conformance::write(storage.as_ref(), &project, Uuid::new_v4(), "a").await;
+        let name = format!("dstore writer {}", storage.lease_owner());
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(&name)
+        .fetch_all(storage.pool())
+        .await
+        .unwrap();
+        assert_eq!(ended, vec![true], "the writer's session is ended");
+        crate::storage::conformance::write(storage.as_ref(), &project, Uuid::new_v4(), "b").await;
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A read whose pooled connection the server ended a moment ago (a restart, a failover) is
+    /// read again on a checked one: before, it answered 503 once for each such connection.
+    #[tokio::test]
+    async fn a_read_after_the_pools_sessions_were_ended_is_read_again() {
+        let (storage, schema) = open_postgresql("lostread", vec![]).await;
+        let project = crate::storage::conformance::frozen(storage.as_ref()).await;
+        let written =
+            crate::storage::conformance::write(storage.as_ref(), &project, Uuid::new_v4(), "a")
+                .await;
+        assert_eq!(storage.revision(&project).await.unwrap(), written);
+        let name = format!("dstore {}", storage.lease_owner());
+        let mut admin = crate::storage::conformance::plain_connection().await;
+        let ended: Vec<bool> = sqlx::query_scalar(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+        )
+        .bind(&name)
+        .fetch_all(&mut admin)
+        .await
+        .unwrap();
+        assert!(!ended.is_empty(), "the pool's sessions are ended");
+        // Let the server finish ending them.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        assert_eq!(storage.revision(&project).await.unwrap(), written);
+        drop(storage);
+        drop_schema(&schema).await;
     }
 
     /// A node stopped inside a transaction (its process frozen, its host cut off) holds its

@@ -38,6 +38,29 @@ pub struct WriteCommand {
     pub epoch: u64,
     pub entries: Vec<Entry>,
     pub reply: oneshot::Sender<Result<Vec<u64>, StorageError>>,
+    /// When the command was queued.
+    pub queued: tokio::time::Instant,
+}
+
+/// Answers and leaves out the commands of `batch` that must not be written any more: those whose
+/// caller is gone (its client gave up), and those that waited in the queue longer than `limit`
+/// (`storage.commit_timeout_secs`), which answer 503 "nothing was written". A write that waited
+/// out a long stall of the storage is never committed once its client has been told, or may have
+/// concluded, that it failed: the client may have sent it again through another node since, and
+/// a newer write after it, which this late commit would overwrite.
+fn expire(batch: &mut Vec<WriteCommand>, limit: std::time::Duration) {
+    batch.retain(|command| !command.reply.is_closed());
+    let (late, live): (Vec<_>, Vec<_>) = std::mem::take(batch)
+        .into_iter()
+        .partition(|command| command.queued.elapsed() > limit);
+    *batch = live;
+    for command in late {
+        let _ = command.reply.send(Err(StorageError::Unavailable(format!(
+            "postgresql storage: this write waited more than {} s (storage.commit_timeout_secs) \
+             for the node's writer; nothing was written, try again",
+            limit.as_secs()
+        ))));
+    }
 }
 
 pub async fn run(storage: Weak<PgStorage>, queue: Arc<Mutex<mpsc::Receiver<WriteCommand>>>) {
@@ -129,6 +152,9 @@ enum Unstaged {
         project: String,
         why: String,
     },
+    /// The kept connection was found broken before anything of the batch was sent but its
+    /// `BEGIN` (a server restarted, a session ended): the batch can go again on a new one.
+    Broken(StorageError),
     Failed(StorageError),
 }
 
@@ -140,12 +166,23 @@ impl From<StorageError> for Unstaged {
 
 async fn commit(node: &PgStorage, kept: &mut Kept, mut batch: Vec<WriteCommand>) {
     let limit = node.settings.commit_timeout;
+    expire(&mut batch, limit);
+    if batch.is_empty() {
+        return;
+    }
+    let mut reconnected = false;
     let staged = tokio::time::timeout(limit, async {
         loop {
             let connection = kept.get(node).await?;
             match stage(node, connection, &mut batch).await {
                 Ok(answers) => return Ok(answers),
                 Err(Unstaged::Failed(error)) => return Err(error),
+                Err(Unstaged::Broken(error)) if reconnected => return Err(error),
+                Err(Unstaged::Broken(error)) => {
+                    tracing::info!(%error, "the writer's connection broke; the batch goes again on a new one");
+                    kept.connection = None;
+                    reconnected = true;
+                }
                 // One project's long transaction (a drop deleting its items) holds its writes
                 // only: the others go again at once, rather than wait or fail with them.
                 Err(Unstaged::Held { project, why }) => {
@@ -153,6 +190,7 @@ async fn commit(node: &PgStorage, kept: &mut Kept, mut batch: Vec<WriteCommand>)
                         .into_iter()
                         .partition(|command| command.project.as_str() == project);
                     batch = rest;
+                    expire(&mut batch, limit);
                     for command in held {
                         let _ = command.reply.send(Err(StorageError::Unavailable(format!(
                             "postgresql storage: project {project:?} is held by another \
@@ -218,9 +256,13 @@ async fn stage(
     }
     let mut answers: Vec<Result<Vec<u64>, StorageError>> =
         batch.iter().map(|_| Ok(Vec::new())).collect();
-    let mut tx = sqlx::Connection::begin(connection)
-        .await
-        .map_err(|e| unavailable("begin a batch", &e))?;
+    let mut tx = match sqlx::Connection::begin(connection).await {
+        Ok(tx) => tx,
+        Err(e) if super::bounded::connection_lost(&e) => {
+            return Err(Unstaged::Broken(unavailable("begin a batch", &e)))
+        }
+        Err(e) => return Err(unavailable("begin a batch", &e).into()),
+    };
     let mut handed = Vec::with_capacity(groups.len());
     for ((project, epoch), indexes) in groups {
         let count: u64 = indexes.iter().map(|i| batch[*i].entries.len() as u64).sum();
@@ -463,5 +505,49 @@ impl<'a> Columns<'a> {
         if let Some(record) = record {
             self.records.push(record);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use tokio::time::Instant;
+
+    use super::*;
+
+    /// A write whose caller gave up, or that waited in the queue past the commit limit, is left
+    /// out of the batch: never committed after its client may have sent it again elsewhere.
+    #[tokio::test]
+    async fn a_write_whose_caller_is_gone_or_that_waited_too_long_is_not_written() {
+        let limit = Duration::from_secs(30);
+        let command = |queued| {
+            let (reply, answer) = oneshot::channel();
+            let project = Ident::parse("p").unwrap();
+            let command = WriteCommand {
+                project,
+                epoch: 1,
+                entries: Vec::new(),
+                reply,
+                queued,
+            };
+            (command, answer)
+        };
+        let (gone, caller) = command(Instant::now());
+        drop(caller);
+        let (late, late_answer) = command(Instant::now().checked_sub(2 * limit).unwrap());
+        let (fresh, mut fresh_answer) = command(Instant::now());
+        let mut batch = vec![gone, late, fresh];
+        expire(&mut batch, limit);
+        assert_eq!(batch.len(), 1, "only the fresh write is left");
+        let said = late_answer.await.unwrap();
+        assert!(
+            matches!(&said, Err(StorageError::Unavailable(m)) if m.contains("nothing was written")),
+            "{said:?}"
+        );
+        assert!(
+            fresh_answer.try_recv().is_err(),
+            "the fresh write waits for its batch"
+        );
     }
 }
