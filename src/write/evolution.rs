@@ -510,6 +510,15 @@ pub async fn report(storage: &dyn Storage, p: &Project) -> Result<Report, WriteE
         if totals.1.items_refused_as_duplicates + totals.1.items_refused_for_row_size > 0 {
             verdict = Verdict::Breaking;
         }
+        // What was counted on the stored items is never contradicted by the verdict: a column
+        // whose definitions looked lossless still lost or refused these.
+        for counts in [&totals.0, &totals.1] {
+            if counts.items_refused > 0 {
+                verdict = Verdict::Breaking;
+            } else if counts.items_losing_a_value > 0 {
+                verdict = verdict.max(Verdict::Lossy);
+            }
+        }
         let forced_since = p
             .versions
             .iter()

@@ -179,7 +179,9 @@ fn within_integers(rules: &Validation) -> Result<(), ()> {
 /// What the target's rules refuse that the source's allow: `Some(what)` or `None`.
 fn rules(from: &ColumnDef, to: &ColumnDef) -> Option<String> {
     let (f, t) = (&from.validation, &to.validation);
-    let same_kind = from.ty.base() == to.ty.base();
+    // `string` and `text` hold the same values: one's rules speak for the other's.
+    let (a, b) = (from.ty.base(), to.ty.base());
+    let same_kind = a == b || (a.is_textual() && b.is_textual());
     let tighter_min = |a: Option<f64>, b: Option<f64>| b.is_some_and(|b| a.is_none_or(|a| a < b));
     let tighter_max = |a: Option<f64>, b: Option<f64>| b.is_some_and(|b| a.is_none_or(|a| a > b));
     if tighter_min(f.min.filter(|_| same_kind), t.min) {
@@ -199,8 +201,19 @@ fn rules(from: &ColumnDef, to: &ColumnDef) -> Option<String> {
         return Some("texts shorter than the new min_length".into());
     }
     let cut = to.convert.or(from.convert) == Some(Convert::Truncate);
-    if !cut && tighter_max(as_f(f.max_length).filter(|_| same_kind), as_f(t.max_length)) {
-        return Some("texts longer than the new max_length".into());
+    if tighter_max(as_f(f.max_length).filter(|_| same_kind), as_f(t.max_length)) {
+        if !cut {
+            return Some("texts longer than the new max_length".into());
+        }
+        // A text cut to fit is checked again: one that no longer matches the pattern, or is no
+        // value of the enum, arrives as null.
+        if t.pattern.is_some() || t.one_of.is_some() {
+            return Some(
+                "texts longer than the new max_length, which cut to fit may no longer match its \
+                 pattern or enum"
+                    .into(),
+            );
+        }
     }
     if t.pattern.is_some() && (f.pattern != t.pattern || !same_kind) {
         return Some("texts that do not match the new pattern".into());
@@ -235,6 +248,35 @@ fn rules(from: &ColumnDef, to: &ColumnDef) -> Option<String> {
         if !kept {
             return Some("values outside the new enum".into());
         }
+    }
+    None
+}
+
+/// Whether values of column `from` may arrive in column `to` holding one value where they held
+/// several: `Some(how)`. A conversion that cuts, rounds or falls back to the default does, once it
+/// has values to convert (the type or the rules differ); so does a text read as a number, a
+/// boolean or a date (`01` and `1`), a whole number kept as a float, and a null that takes the
+/// default of a column that allows none.
+fn merges(from: &ColumnDef, to: &ColumnDef) -> Option<&'static str> {
+    let how = to.convert.or(from.convert);
+    let converts = from.ty != to.ty || from.validation != to.validation;
+    if converts
+        && matches!(
+            how,
+            Some(Convert::Truncate | Convert::Round | Convert::Default)
+        )
+    {
+        return Some("its values are cut, rounded or replaced by the default on the way");
+    }
+    let (a, b) = (from.ty.base(), to.ty.base());
+    if a.is_textual() && !b.is_textual() {
+        return Some("texts are read as other values on the way");
+    }
+    if a == BaseType::Integer && b == BaseType::Float {
+        return Some("whole numbers become floats on the way");
+    }
+    if from.nullable && !to.nullable && to.default.is_some() {
+        return Some("nulls take its default on the way");
     }
     None
 }
@@ -274,7 +316,31 @@ impl ColumnPair<'_> {
                     ),
                 )
             }
+            (Some((_, old)), Some((_, new))) if old.def.unique => {
+                let assessed = assess(&new.def, &old.def);
+                match merges(&new.def, &old.def) {
+                    Some(how) => Assessment::new(
+                        Verdict::Breaking,
+                        format!(
+                            "{}; the column is unique in the old version, and {how}: items new \
+                             clients write with distinct values may arrive there holding one, \
+                             which the old version's unique index (PostgreSQL) refuses (dead \
+                             letters)",
+                            assessed.reason
+                        ),
+                    ),
+                    None => assessed,
+                }
+            }
             (Some((_, old)), Some((_, new))) => assess(&new.def, &old.def),
+            (Some((_, old)), None) if old.def.unique && old.def.default.is_some() => {
+                Assessment::new(
+                    Verdict::Breaking,
+                    "the column is unique in the old version and the new one has none: every \
+                     item new clients write arrives there holding its default, which the old \
+                     version's unique index (PostgreSQL) refuses for all but one (dead letters)",
+                )
+            }
             (Some((_, old)), None) => assess_absent(&old.def),
             (None, _) => Assessment::new(Verdict::Lossless, "the old version has no such column"),
         }
@@ -402,6 +468,51 @@ mod tests {
         assert!(!at_stake(Some(unique(text())), None));
     }
 
+    /// A column unique in the old version that new clients' values reach through a conversion
+    /// merging several into one is breaking for old clients: its unique index refuses the second.
+    #[test]
+    fn old_clients_unique_index_meeting_merged_values_is_breaking() {
+        let name = Ident::parse("code").unwrap();
+        let column = |def: ColumnDef| Column { uid: 1, def };
+        let unique = |mut def: ColumnDef| {
+            def.unique = true;
+            def
+        };
+        let to_old = |old: ColumnDef, new: Option<ColumnDef>| {
+            let (old, new) = (column(old), new.map(column));
+            ColumnPair {
+                blueprint: &name,
+                old: Some((&name, &old)),
+                new: new.as_ref().map(|c| (&name, c)),
+            }
+            .to_old()
+            .verdict
+        };
+        let mut short = unique(def("string"));
+        short.validation.max_length = Some(8);
+        let mut wider = unique(def("string"));
+        wider.validation.max_length = Some(16);
+        wider.convert = Some(Convert::Truncate);
+        assert_eq!(to_old(short.clone(), Some(wider)), Verdict::Breaking);
+        // Without the cut, longer codes arrive as null, which a unique index takes any number of.
+        let mut uncut = unique(def("string"));
+        uncut.validation.max_length = Some(16);
+        assert_eq!(to_old(short.clone(), Some(uncut)), Verdict::Lossy);
+        assert_eq!(
+            to_old(unique(def("integer")), Some(unique(def("string")))),
+            Verdict::Breaking,
+            "01 and 1"
+        );
+        assert_eq!(
+            to_old(unique(def("string")), Some(unique(def("integer")))),
+            Verdict::Lossless
+        );
+        let mut defaulted = short.clone();
+        defaulted.default = Some(json!("none"));
+        assert_eq!(to_old(defaulted, None), Verdict::Breaking);
+        assert_eq!(to_old(short.clone(), Some(short)), Verdict::Lossless);
+    }
+
     /// An indexed or unique text holds 2000 bytes: a text column becoming one is lossy, unless its
     /// texts were 500 characters at most or are cut to that many.
     #[test]
@@ -419,6 +530,36 @@ mod tests {
         assert_eq!(assess(&def("text"), &cut).verdict, Verdict::Lossless);
         cut.validation.max_length = Some(501);
         assert_eq!(assess(&def("text"), &cut).verdict, Verdict::Lossy);
+    }
+
+    /// A text cut to a new max_length is checked against the column's pattern and enum again, and
+    /// arrives as null where it fails them: not lossless, though the rules themselves are unchanged.
+    #[test]
+    fn a_cut_to_a_new_max_length_is_lossless_only_without_a_pattern_or_enum() {
+        let mut email = def("string");
+        email.validation.pattern =
+            Some(crate::blueprint::Pattern::compile("^[^@]+@[^@]+[.][a-z]+$").unwrap());
+        let mut cut = email.clone();
+        cut.validation.max_length = Some(16);
+        cut.convert = Some(Convert::Truncate);
+        assert_eq!(assess(&email, &cut).verdict, Verdict::Lossy);
+        let mut plain = def("string");
+        plain.validation.max_length = Some(16);
+        plain.convert = Some(Convert::Truncate);
+        assert_eq!(assess(&def("string"), &plain).verdict, Verdict::Lossless);
+    }
+
+    /// `string` and `text` hold the same values: the same rules on both lose nothing.
+    #[test]
+    fn string_and_text_with_the_same_rules_lose_nothing() {
+        let mut string = def("string");
+        string.validation.max_length = Some(100);
+        let mut text = def("text");
+        text.validation.max_length = Some(100);
+        assert_eq!(assess(&string, &text).verdict, Verdict::Lossless);
+        assert_eq!(assess(&text, &string).verdict, Verdict::Lossless);
+        text.validation.max_length = Some(50);
+        assert_eq!(assess(&string, &text).verdict, Verdict::Lossy);
     }
 
     #[test]

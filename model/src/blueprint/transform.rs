@@ -241,11 +241,11 @@ fn from_text(to: BaseType, text: &str) -> Option<Value> {
         // A text that is JSON, as a client could write it in the column, is read as it; others
         // stay strings: what is not JSON, and what dstore refuses in a body (nested deeper than
         // an element of an item's `json[]` member may be, a key named twice, a whole number
-        // beyond 64 bits), which would be read as another value or could not be written back. So
-        // does `null`, which would arrive as no value.
+        // beyond 64 bits, a NUL a json column refuses), which would be read as another value or
+        // could not be written back. So does `null`, which would arrive as no value.
         Json => match crate::json::parse_nested(text.as_bytes(), crate::json::MAX_DEPTH - 2) {
-            Ok(Value::Null) | Err(_) => Value::String(text.into()),
-            Ok(value) => value,
+            Ok(value) if !value.is_null() && canonicalize_scalar(Json, &value).is_ok() => value,
+            Ok(_) | Err(_) => Value::String(text.into()),
         },
         Point | LineString | Polygon => crate::json::parse(text.as_bytes()).ok()?,
         Uuid | Date | DateTime | String | Text => Value::String(text.into()),
@@ -424,6 +424,8 @@ mod tests {
             "123456789012345678901234567890".into(),
             "[1,".into(),
             "null".into(),
+            r#""a\u0000""#.into(),
+            r#"{"k":"\u0000"}"#.into(),
         ] {
             assert_eq!(json(&text), json!(text), "{text}");
         }
