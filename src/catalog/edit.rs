@@ -478,6 +478,22 @@ pub fn retire(p: &mut Project, number: u32, writes: &mut Vec<Write>) -> Result<(
     }
     status.retired = true;
     writes.push(Write::Status(number));
+    // Its patterns are let go compiled: a project that freezes and retires version after version
+    // of new patterns would otherwise hold every one of them compiled, past the budget
+    // `check_patterns` keeps for what is live.
+    if let Some(version) = p.versions.iter_mut().find(|v| v.number == number) {
+        let mut kept = Version::clone(version);
+        for column in kept
+            .blueprints
+            .values_mut()
+            .flat_map(|blueprint| blueprint.columns.values_mut())
+        {
+            if let Some(pattern) = &mut column.def.validation.pattern {
+                *pattern = pattern.dormant();
+            }
+        }
+        *version = Arc::new(kept);
+    }
     Ok(())
 }
 
@@ -630,6 +646,43 @@ mod tests {
         put_blueprint(p, &article, input, &mut Vec::new())?;
         let version = freeze(p, &[], &[], false, None, &mut Vec::new())?;
         retire(p, version.number, &mut Vec::new())
+    }
+
+    /// A retired version holds its patterns uncompiled: freezing and retiring new patterns in a
+    /// loop held every one of them compiled, outside the budget of what is live.
+    #[test]
+    fn a_retired_version_lets_its_compiled_patterns_go() {
+        let mut p = Project::new(Ident::parse("patterns").unwrap());
+        let article = Ident::parse("article").unwrap();
+        let source = "^[a-z]{3}-retired-[0-9]{4}$";
+        let body = blueprint(
+            "article",
+            json!({"code": {"type": "string", "validation": {"pattern": source}}}),
+        );
+        let input = crate::blueprint::parse_blueprint(&body, "").unwrap();
+        put_blueprint(&mut p, &article, input, &mut Vec::new()).unwrap();
+        let version = freeze(&mut p, &[], &[], false, None, &mut Vec::new()).unwrap();
+        let pattern = |p: &Project| {
+            p.versions[0].blueprints[&article].columns["code"]
+                .def
+                .validation
+                .pattern
+                .clone()
+                .unwrap()
+        };
+        assert!(pattern(&p).is_compiled(), "compiled as it was put");
+        // The working copy moves on to another pattern; the version is retired.
+        let body = blueprint("article", json!({"code": {"type": "string"}}));
+        let input = crate::blueprint::parse_blueprint(&body, "").unwrap();
+        put_blueprint(&mut p, &article, input, &mut Vec::new()).unwrap();
+        retire(&mut p, version.number, &mut Vec::new()).unwrap();
+        let kept = pattern(&p);
+        assert!(!kept.is_compiled());
+        assert_eq!(kept.as_str(), source);
+        assert!(
+            kept.is_match("abc-retired-1234"),
+            "still a working pattern when used"
+        );
     }
 
     /// Freezing and retiring in a loop keeps no more than [`MAX_VERSIONS`] versions; a refused

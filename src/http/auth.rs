@@ -221,10 +221,12 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
         needed,
         Requirement::Everything(_) | Requirement::Public(_, Action::Operations)
     );
+    let mut public = false;
     let (action, project) = match needed {
         Requirement::Open => (None, None),
         Requirement::Public(name, action) => {
             if state.settings.auth.public.iter().any(|p| p == name) {
+                public = true;
                 (None, None)
             } else {
                 (Some(action), None)
@@ -261,6 +263,14 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
             "a cross-site request from a browser cannot change anything here".into(),
         );
         return Err((checked, refused));
+    }
+    // A route `auth.public` opens takes a valid key for what it is (its caller gets its own
+    // report, not the one anonymous requests share); a token that is no key is ignored, as
+    // though none were sent: the route is open to anyone.
+    if let (true, Some(keys), Some(token)) = (public, &state.keys, bearer(request)) {
+        if let Ok(caller) = keys.authenticate(Some(&token)).await {
+            checked.caller = caller;
+        }
     }
     let (Some(keys), Some(action)) = (&state.keys, action) else {
         return Ok(checked);

@@ -92,12 +92,14 @@ impl<T: Clone> Shared<T> {
 impl AppState {
     /// Whether the request is anonymous while authentication is on: it reached a route
     /// `auth.public` opens, or readiness's status, and its cost is shared with every other such
-    /// request (one report a second), since anyone may send as many as they like.
+    /// request (one report a second), since anyone may send as many as they like. Decided by the
+    /// caller authenticated, not by the header: a made-up `Authorization` is no key.
     pub(crate) fn anonymous(&self, request: &actix_web::HttpRequest) -> bool {
         self.keys.is_some()
-            && !request
-                .headers()
-                .contains_key(actix_web::http::header::AUTHORIZATION)
+            && !matches!(
+                auth::caller(request),
+                crate::auth::Caller::Master | crate::auth::Caller::Key(..)
+            )
     }
 }
 

@@ -1532,6 +1532,12 @@ async fn public_readiness_and_metrics_share_one_report_a_second() {
     let first = text(None).await;
     let second = text(None).await;
     assert_eq!(first, second, "one text a second for anonymous requests");
+    // A made-up token is no key: it shares the anonymous report, never makes one of its own.
+    assert_eq!(
+        text(Some("made-up")).await,
+        first,
+        "a token that is no key shares"
+    );
     let keyed = text(Some(MASTER)).await;
     assert_ne!(keyed, first, "a request with a key gets its own");
     let ready = call(&app, Method::GET, "/_health/ready", None, None).await;

@@ -473,6 +473,23 @@ async fn defaults_that_alone_overflow_a_postgresql_row_are_refused_with_422() {
     app.stop().await;
 }
 
+/// A unique array's default is held to the index's bound, as a client's own value is: every item
+/// that leaves the column out would take it, and PostgreSQL would refuse each of them for good.
+#[tokio::test]
+async fn a_default_too_large_for_its_unique_index_is_refused_naming_it() {
+    let app = spawn_app().await;
+    let mut body = article();
+    let (a, b) = ("a".repeat(1990), "b".repeat(1990));
+    body["columns"]["codes"] = json!({"type": "string[]", "unique": true, "default": [a, b]});
+    let answer = app.put("/myblog/article/_blueprint", &body).await;
+    assert_eq!(answer.status, 422, "{}", answer.body);
+    assert_eq!(answer.paths(), ["/columns/codes/default"]);
+    body["columns"]["codes"] = json!({"type": "string[]", "unique": true, "default": ["a", "b"]});
+    let answer = app.put("/myblog/article/_blueprint", &body).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn malformed_query_strings_and_paths_get_json_errors() {
     let app = spawn_app().await;

@@ -228,6 +228,22 @@ impl Pattern {
     pub fn as_str(&self) -> &str {
         &self.0.source
     }
+
+    /// The same pattern, not compiled and shared with no other holder: what a retired version
+    /// keeps, so the memory its compiled form takes is given back once nothing live holds it
+    /// (a retired version is matched against no more, as after a restart, where patterns are
+    /// compiled when first used).
+    pub fn dormant(&self) -> Pattern {
+        Pattern(std::sync::Arc::new(Shared {
+            source: self.0.source.clone(),
+            compiled: std::sync::OnceLock::new(),
+        }))
+    }
+
+    /// Whether this pattern's compiled form is held.
+    pub fn is_compiled(&self) -> bool {
+        self.0.compiled.get().is_some()
+    }
 }
 
 impl PartialEq for Pattern {

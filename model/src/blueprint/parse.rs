@@ -6,7 +6,7 @@
 use indexmap::IndexMap;
 use serde_json::{Map, Value};
 
-use super::check::check_column_value;
+use super::check::{check_column_value, check_index_entry};
 use super::ident::Ident;
 use super::model::{ColumnDef, Convert, Pattern, Validation};
 use super::types::{BaseType, ColumnType};
@@ -388,7 +388,10 @@ fn parse_default(
         }
         return None;
     }
+    // Held to what a client's own value is held to, the index's bound too: every item that
+    // leaves the column out takes the default, and PostgreSQL would refuse each of them for good.
     check_column_value(def, default)
+        .and_then(|value| check_index_entry(def, &value).map(|()| value))
         .map_err(|reason| errors.push(path, reason))
         .ok()
 }
