@@ -225,13 +225,13 @@ async fn create_and_lock(
         // Projects are counted only for a name not live; past the most, nothing is inserted or
         // revived: the project stays missing. Two nodes making projects at once may each pass the
         // count: the limit is kept within a few.
-        let empty = Json(WorkingCopy::default());
+        let empty = as_text(&WorkingCopy::default());
         sqlx::query(
             "INSERT INTO projects (name, working) \
-             SELECT $1, $2 WHERE NOT EXISTS (SELECT 1 FROM projects WHERE name = $1 AND live) \
+             SELECT $1, $2::json WHERE NOT EXISTS (SELECT 1 FROM projects WHERE name = $1 AND live) \
                AND (SELECT count(*) FROM projects WHERE live) < $3 \
              ON CONFLICT (name) DO UPDATE SET live = TRUE, \
-               working = jsonb_set($2::jsonb, '{born}', to_jsonb(projects.revision)) \
+               working = jsonb_set($2::jsonb, '{born}', to_jsonb(projects.revision))::json \
              WHERE NOT projects.live",
         )
         .bind(name.as_str())
@@ -271,21 +271,21 @@ pub async fn persist(
     for write in writes {
         let result = match write {
             Write::WorkingCopy => {
-                sqlx::query("UPDATE projects SET working = $2 WHERE name = $1")
+                sqlx::query("UPDATE projects SET working = $2::json WHERE name = $1")
                     .bind(name)
-                    .bind(Json(&project.working))
+                    .bind(as_text(&project.working))
                     .execute(&mut *tx)
                     .await
             }
             Write::Version(n) => {
                 let version = project.version(*n).expect("written version exists");
                 sqlx::query(
-                    "INSERT INTO versions (project, number, body) VALUES ($1, $2, $3) \
+                    "INSERT INTO versions (project, number, body) VALUES ($1, $2, $3::json) \
                      ON CONFLICT (project, number) DO UPDATE SET body = EXCLUDED.body",
                 )
                 .bind(name)
                 .bind(*n as i32)
-                .bind(Json(version.as_ref()))
+                .bind(as_text(version.as_ref()))
                 .execute(&mut *tx)
                 .await
             }
@@ -317,16 +317,24 @@ pub async fn persist(
     Ok(changes as u64)
 }
 
+/// A working copy or a version as the JSON text stored (a `JSON` column, not `JSONB`, so that a
+/// blueprint's columns keep their order); sent as text, never as a `JSONB` parameter, which would
+/// reorder them on the way.
+fn as_text<T: serde::Serialize + ?Sized>(record: &T) -> String {
+    serde_json::to_string(record).expect("a catalog record has string keys only")
+}
+
 /// Forgets a dropped project: its catalog, items, back-fills and dead letters; answers its new
 /// stamp. The row stays (not live), so the project's revisions and epochs keep growing if it is
 /// made again; its journal stays until every projector has applied the drop.
 pub async fn forget(tx: &mut PgConnection, name: &Ident) -> Result<u64, StorageError> {
     let stamp: i64 = sqlx::query_scalar(
-        "UPDATE projects SET live = FALSE, epoch = epoch + 1, changes = changes + 1, working = $2 \
+        "UPDATE projects SET live = FALSE, epoch = epoch + 1, changes = changes + 1, \
+           working = $2::json \
          WHERE name = $1 RETURNING changes",
     )
     .bind(name.as_str())
-    .bind(Json(WorkingCopy::default()))
+    .bind(as_text(&WorkingCopy::default()))
     .fetch_one(&mut *tx)
     .await
     .map_err(|e| unavailable("drop a project", &e))?;

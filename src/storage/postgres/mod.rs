@@ -2174,7 +2174,7 @@ mod tests {
         let project = Ident::parse("shop").unwrap();
         put_article(storage.as_ref(), &project, None).await;
         storage.freeze(&project, false).await.expect("version 1");
-        sqlx::query("UPDATE versions SET body = body || '{\"changes\": 7}'")
+        sqlx::query("UPDATE versions SET body = (body::jsonb || '{\"changes\": 7}')::json")
             .execute(storage.pool())
             .await
             .unwrap();
@@ -2188,6 +2188,43 @@ mod tests {
             message.contains("version 1 of project \"shop\"") && message.contains("newer dstore"),
             "{message}"
         );
+        drop_schema(&schema).await;
+    }
+
+    /// A blueprint's columns keep the order its client gave them on every node and after a
+    /// restart, in the working copy and in a frozen version: `JSONB` gave them an order of its own
+    /// (shorter names first).
+    #[tokio::test]
+    async fn blueprint_columns_keep_their_order_on_another_node() {
+        let (storage, schema) = open_postgresql("order", vec![]).await;
+        let project = Ident::parse("shop").unwrap();
+        let article = Ident::parse("article").unwrap();
+        let names = ["zeta", "a", "middle", "b2"];
+        let columns: serde_json::Map<String, serde_json::Value> = names
+            .iter()
+            .map(|name| (name.to_string(), serde_json::json!({"type": "string"})))
+            .collect();
+        let body = serde_json::json!({"postgresql": {"table": "article"},
+            "elasticsearch": {"type": "article"}, "columns": columns});
+        let input = crate::blueprint::parse_blueprint(&body, "").unwrap();
+        storage
+            .put_blueprint(&project, &article, input)
+            .await
+            .unwrap();
+        storage.freeze(&project, false).await.unwrap();
+        let other = crate::storage::conformance::open_postgresql_in(&schema, "other", vec![]).await;
+        let snapshot = other.snapshot();
+        let p = snapshot.project(&project).unwrap();
+        let order = |blueprints: &crate::blueprint::Blueprints| -> Vec<String> {
+            blueprints[&article]
+                .columns
+                .keys()
+                .map(|c| c.to_string())
+                .collect()
+        };
+        assert_eq!(order(&p.working.blueprints), names);
+        assert_eq!(order(&p.versions[0].blueprints), names);
+        drop((storage, other));
         drop_schema(&schema).await;
     }
 
