@@ -81,7 +81,7 @@ pub fn assess(from: &ColumnDef, to: &ColumnDef) -> Assessment {
     // Values that do not convert take the default instead of null.
     let loss = loss.filter(|_| !(how == Some(Convert::Default) && to.default.is_some()));
     let nulls_refused = !to.nullable && to.default.is_none() && (from.nullable || loss.is_some());
-    match loss {
+    let assessed = match loss {
         _ if nulls_refused => Assessment::new(
             Verdict::Breaking,
             match &loss {
@@ -101,7 +101,43 @@ pub fn assess(from: &ColumnDef, to: &ColumnDef) -> Assessment {
                 None => "every value arrives".into(),
             },
         ),
+    };
+    match outgrows_index(from, to) {
+        Some(reason) if assessed.verdict != Verdict::Breaking => Assessment::new(
+            Verdict::Breaking,
+            format!(
+                "{reason}: PostgreSQL's index refuses those items, which are not in the version's \
+                 table (dead letters)"
+            ),
+        ),
+        _ => assessed,
     }
+}
+
+/// Whether `to` holds its values in index entries of at most [`MAX_INDEXED_TEXT_BYTES`] that
+/// `from` did not bound: a unique JSON value, line, polygon or array is one entry whole, an
+/// indexed `json[]`'s elements one each (`check::check_index_entry`, which a client's own value
+/// meets on its way in; a value already stored never did). A point is small enough always.
+fn outgrows_index(from: &ColumnDef, to: &ColumnDef) -> Option<String> {
+    let whole = |d: &ColumnDef| {
+        d.unique
+            && match d.ty {
+                ColumnType::One(base) => {
+                    base == BaseType::Json || (base.is_geometry() && base != BaseType::Point)
+                }
+                ColumnType::Many(_) => true,
+            }
+    };
+    let elements = |d: &ColumnDef| d.index && d.ty == ColumnType::Many(BaseType::Json);
+    if whole(to) && !whole(from) {
+        return Some(format!(
+            "values over {MAX_INDEXED_TEXT_BYTES} bytes, the most a unique {} holds in its index",
+            to.ty
+        ));
+    }
+    (elements(to) && !elements(from) && !whole(from)).then(|| {
+        format!("elements over {MAX_INDEXED_TEXT_BYTES} bytes, the most an indexed json[] holds in its index")
+    })
 }
 
 /// Items moving to a version whose column the source version does not have.
@@ -466,6 +502,37 @@ mod tests {
         assert!(!at_stake(Some(unique(text())), Some(commented)));
         assert!(!at_stake(Some(unique(text())), Some(text())));
         assert!(!at_stake(Some(unique(text())), None));
+    }
+
+    /// A JSON value, polygon or array made unique is one index entry of at most 2000 bytes, and an
+    /// indexed json[]'s elements one each: stored values were never held to it, so PostgreSQL may
+    /// refuse their items in the new version.
+    #[test]
+    fn a_whole_value_made_unique_or_a_json_array_made_indexed_is_breaking() {
+        let unique = |ty: &str| {
+            let mut d = def(ty);
+            d.unique = true;
+            d
+        };
+        for ty in ["json", "polygon", "string[]", "point[]"] {
+            assert_eq!(
+                assess(&def(ty), &unique(ty)).verdict,
+                Verdict::Breaking,
+                "{ty}"
+            );
+            assert_eq!(assess(&unique(ty), &unique(ty)).verdict, Verdict::Lossless);
+        }
+        assert_eq!(
+            assess(&def("point"), &unique("point")).verdict,
+            Verdict::Lossless
+        );
+        let mut indexed = def("json[]");
+        indexed.index = true;
+        assert_eq!(assess(&def("json[]"), &indexed).verdict, Verdict::Breaking);
+        assert_eq!(
+            assess(&unique("json[]"), &indexed).verdict,
+            Verdict::Lossless
+        );
     }
 
     /// A column unique in the old version that new clients' values reach through a conversion
