@@ -236,7 +236,12 @@ pub(crate) async fn frozen(storage: &dyn Storage) -> Ident {
     project
 }
 
-fn upsert(storage: &dyn Storage, project: &Ident, id: Uuid, title: &str) -> (u64, Entry) {
+pub(crate) fn upsert(
+    storage: &dyn Storage,
+    project: &Ident,
+    id: Uuid,
+    title: &str,
+) -> (u64, Entry) {
     let snapshot = storage.snapshot();
     let body = json!({"project_version": 1, "title": title});
     let entry =

@@ -2191,6 +2191,54 @@ mod tests {
         drop_schema(&schema).await;
     }
 
+    /// A project whose row is held (its drop running elsewhere) costs a batch the writer's whole
+    /// lock wait once: later batches wait for its row briefly, so the writes to other projects
+    /// batched with its own are not held 6 s each time.
+    #[tokio::test]
+    async fn a_held_project_costs_the_others_its_lock_wait_once() {
+        use crate::storage::conformance::{frozen, plain_connection, upsert};
+        let (storage, schema) = open_postgresql("heldonce", vec![]).await;
+        let p = frozen(storage.as_ref()).await;
+        let q = Ident::parse("q").unwrap();
+        put_article(storage.as_ref(), &q, None).await;
+        storage.freeze(&q, false).await.unwrap();
+        let mut holder = plain_connection().await;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN; SELECT 1 FROM \"{schema}\".projects WHERE name = 'p' FOR UPDATE"
+        )))
+        .execute(&mut holder)
+        .await
+        .unwrap();
+        let write = |project: Ident| {
+            let storage = storage.clone();
+            async move {
+                let (epoch, entry) = upsert(storage.as_ref(), &project, Uuid::new_v4(), "t");
+                storage.write(&project, epoch, vec![entry]).await
+            }
+        };
+        let refused = write(p.clone()).await;
+        assert!(
+            matches!(&refused, Err(StorageError::Unavailable(m)) if m.contains("held")),
+            "{refused:?}"
+        );
+        let started = Instant::now();
+        let (to_p, to_q) = tokio::join!(write(p.clone()), write(q.clone()));
+        assert!(to_p.is_err(), "{to_p:?}");
+        to_q.unwrap();
+        assert!(
+            started.elapsed() < Duration::from_secs(3),
+            "waited {:?} for a held project's row again",
+            started.elapsed()
+        );
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        write(p).await.unwrap();
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
     /// A blueprint's columns keep the order its client gave them on every node and after a
     /// restart, in the working copy and in a frozen version: `JSONB` gave them an order of its own
     /// (shorter names first).

@@ -68,6 +68,7 @@ pub async fn run(storage: Weak<PgStorage>, queue: Arc<Mutex<mpsc::Receiver<Write
     // the batch that panicked were answered with an error when their reply senders dropped).
     let mut queue = queue.lock().await;
     let mut connection = Kept::default();
+    let mut held = Held::default();
     while let Some(first) = queue.recv().await {
         let mut batch = vec![first];
         while batch.len() < MAX_BATCH {
@@ -79,7 +80,7 @@ pub async fn run(storage: Weak<PgStorage>, queue: Arc<Mutex<mpsc::Receiver<Write
         let Some(node) = storage.upgrade() else {
             return;
         };
-        commit(&node, &mut connection, batch).await;
+        commit(&node, &mut connection, &mut held, batch).await;
         node.committed.notify_waiters();
     }
 }
@@ -164,7 +165,34 @@ impl From<StorageError> for Unstaged {
     }
 }
 
-async fn commit(node: &PgStorage, kept: &mut Kept, mut batch: Vec<WriteCommand>) {
+/// How long a project whose row was found held is waited for only [`HELD_WAIT`] by later
+/// batches.
+const RECENTLY_HELD: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// How long a batch waits for the row of a project found held within [`RECENTLY_HELD`].
+const HELD_WAIT: &str = "100ms";
+
+/// Projects whose rows a batch found held by another transaction (a drop deleting its items for
+/// minutes), and when: while their clients keep sending writes, every batch holding one would
+/// otherwise wait the whole lock wait (`WRITER_LOCK_TIMEOUT`) for it, and hold the rows of the
+/// projects before it in name order as long, which other nodes' batches wait for in turn.
+#[derive(Default)]
+struct Held(std::collections::HashMap<String, tokio::time::Instant>);
+
+impl Held {
+    fn recently(&self, project: &str) -> bool {
+        self.0
+            .get(project)
+            .is_some_and(|at| at.elapsed() < RECENTLY_HELD)
+    }
+
+    fn note(&mut self, project: String) {
+        self.0.retain(|_, at| at.elapsed() < RECENTLY_HELD);
+        self.0.insert(project, tokio::time::Instant::now());
+    }
+}
+
+async fn commit(node: &PgStorage, kept: &mut Kept, held: &mut Held, mut batch: Vec<WriteCommand>) {
     let limit = node.settings.commit_timeout;
     expire(&mut batch, limit);
     if batch.is_empty() {
@@ -174,7 +202,7 @@ async fn commit(node: &PgStorage, kept: &mut Kept, mut batch: Vec<WriteCommand>)
     let staged = tokio::time::timeout(limit, async {
         loop {
             let connection = kept.get(node).await?;
-            match stage(node, connection, &mut batch).await {
+            match stage(node, connection, held, &mut batch).await {
                 Ok(answers) => return Ok(answers),
                 Err(Unstaged::Failed(error)) => return Err(error),
                 Err(Unstaged::Broken(error)) if reconnected => return Err(error),
@@ -186,12 +214,13 @@ async fn commit(node: &PgStorage, kept: &mut Kept, mut batch: Vec<WriteCommand>)
                 // One project's long transaction (a drop deleting its items) holds its writes
                 // only: the others go again at once, rather than wait or fail with them.
                 Err(Unstaged::Held { project, why }) => {
-                    let (held, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut batch)
+                    let (refused, rest): (Vec<_>, Vec<_>) = std::mem::take(&mut batch)
                         .into_iter()
                         .partition(|command| command.project.as_str() == project);
                     batch = rest;
                     expire(&mut batch, limit);
-                    for command in held {
+                    held.note(project.clone());
+                    for command in refused {
                         let _ = command.reply.send(Err(StorageError::Unavailable(format!(
                             "postgresql storage: project {project:?} is held by another \
                              transaction (a project's drop, a long catalog change, a stalled \
@@ -244,6 +273,7 @@ async fn commit(node: &PgStorage, kept: &mut Kept, mut batch: Vec<WriteCommand>)
 async fn stage(
     node: &PgStorage,
     connection: &mut sqlx::PgConnection,
+    held: &Held,
     batch: &mut [WriteCommand],
 ) -> Result<Vec<Result<Vec<u64>, StorageError>>, Unstaged> {
     // Commands of one project and epoch share one counter update.
@@ -266,7 +296,16 @@ async fn stage(
     let mut handed = Vec::with_capacity(groups.len());
     for ((project, epoch), indexes) in groups {
         let count: u64 = indexes.iter().map(|i| batch[*i].entries.len() as u64).sum();
-        let last: Option<i64> = match sqlx::query_scalar(
+        // Rows are still taken in name order (no deadlock between nodes), only waited for less.
+        let quick = held.recently(&project);
+        let wait = |timeout: &str| format!("SET LOCAL lock_timeout = '{timeout}'");
+        if quick {
+            sqlx::query(sqlx::AssertSqlSafe(wait(HELD_WAIT)))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| unavailable("shorten the lock wait", &e))?;
+        }
+        let updated = sqlx::query_scalar(
             "UPDATE projects SET revision = revision + $3 \
              WHERE name = $1 AND epoch = $2 AND live RETURNING revision",
         )
@@ -274,8 +313,14 @@ async fn stage(
         .bind(epoch as i64)
         .bind(count as i64)
         .fetch_optional(&mut *tx)
-        .await
-        {
+        .await;
+        if quick && updated.is_ok() {
+            sqlx::query(sqlx::AssertSqlSafe(wait(super::WRITER_LOCK_TIMEOUT)))
+                .execute(&mut *tx)
+                .await
+                .map_err(|e| unavailable("restore the lock wait", &e))?;
+        }
+        let last: Option<i64> = match updated {
             Ok(last) => last,
             Err(error) if held_elsewhere(&error) => {
                 let why = error.to_string();
