@@ -114,7 +114,14 @@ pub struct PgStorage {
     usage: UsageMeter,
     /// Wakes this node's change feed followers.
     pub(super) signal: ChangeSignal,
+    /// Places for drops running at once on this node (see [`DROPS_AT_ONCE`]).
+    drops: tokio::sync::Semaphore,
 }
+
+/// Project drops one node runs at once, each on a connection of its own: a drop's transaction
+/// may take minutes (every item of a large project goes in it), and drops holding the pool's
+/// connections would leave none to the node's reads, catalog, keys and projection.
+const DROPS_AT_ONCE: usize = 2;
 
 impl PgStorage {
     /// `what` (the record, or a part of it: an expression of dstore's own, never a client's) of
@@ -600,6 +607,7 @@ impl PgStorage {
             lease_owner,
             usage: UsageMeter::default(),
             signal: ChangeSignal::default(),
+            drops: tokio::sync::Semaphore::new(DROPS_AT_ONCE),
             settings,
         });
         storage.publish(loaded);
@@ -1507,9 +1515,28 @@ impl Storage for PgStorage {
         // Not bounded by storage.query_timeout_secs: a large project's rows go in this one
         // transaction (`catalog::forget`), which may take longer; cut short, it would be undone and
         // made again, as long, at every retry. A client that gives up drops it with its request.
-        let mut tx = self
-            .pool
-            .begin()
+        let limit = self.pool.limit();
+        let _place = tokio::time::timeout(limit, self.drops.acquire())
+            .await
+            .map_err(|_| {
+                StorageError::Unavailable(format!(
+                    "{DROPS_AT_ONCE} project drops are running on this node and none ended in {} s \
+                     (storage.query_timeout_secs); nothing was dropped, try again",
+                    limit.as_secs()
+                ))
+            })?
+            .map_err(|_| StorageError::Unavailable("the storage is shutting down".into()))?;
+        let options = self
+            .writer_options
+            .clone()
+            .application_name(&format!("dstore drop {}", self.lease_owner));
+        let mut connection = within(
+            limit,
+            <sqlx::PgConnection as sqlx::Connection>::connect_with(&options),
+        )
+        .await
+        .map_err(|e| unavailable("connect for a drop", &e))?;
+        let mut tx = within(limit, sqlx::Connection::begin(&mut connection))
             .await
             .map_err(|e| unavailable("begin a drop", &e))?;
         sqlx::query("SET LOCAL statement_timeout = 0")
@@ -2188,6 +2215,44 @@ mod tests {
             message.contains("version 1 of project \"shop\"") && message.contains("newer dstore"),
             "{message}"
         );
+        drop_schema(&schema).await;
+    }
+
+    /// Drops run on connections of their own, two at once: drops waiting on a lock (or deleting a
+    /// large project's items for minutes) leave the pool's connections to reads. Before, ten
+    /// drops held all ten, and every read of the node failed after the pool's wait.
+    #[tokio::test]
+    async fn drops_in_flight_leave_the_pool_to_reads() {
+        use crate::storage::conformance::{frozen, plain_connection};
+        let (storage, schema) = open_postgresql("drops", vec![]).await;
+        let p = frozen(storage.as_ref()).await;
+        crate::storage::conformance::write(storage.as_ref(), &p, Uuid::new_v4(), "t").await;
+        let mut holder = plain_connection().await;
+        // Every drop's delete of the items waits behind this lock.
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN; LOCK TABLE \"{schema}\".items IN SHARE MODE"
+        )))
+        .execute(&mut holder)
+        .await
+        .unwrap();
+        let drops: Vec<_> = (0..10)
+            .map(|_| {
+                let storage = storage.clone();
+                let p = p.clone();
+                tokio::spawn(async move { storage.drop_project(&p).await })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let read = tokio::time::timeout(Duration::from_secs(3), storage.revision(&p)).await;
+        assert!(matches!(read, Ok(Ok(_))), "{read:?}");
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        for drop in drops {
+            drop.abort();
+        }
+        drop(storage);
         drop_schema(&schema).await;
     }
 
