@@ -116,6 +116,9 @@ pub struct PgStorage {
     pub(super) signal: ChangeSignal,
     /// Places for drops running at once on this node (see [`DROPS_AT_ONCE`]).
     drops: tokio::sync::Semaphore,
+    /// Projects read again from the storage (for tests).
+    #[cfg(test)]
+    reloads: std::sync::atomic::AtomicU64,
 }
 
 /// Project drops one node runs at once, each on a connection of its own: a drop's transaction
@@ -608,6 +611,8 @@ impl PgStorage {
             usage: UsageMeter::default(),
             signal: ChangeSignal::default(),
             drops: tokio::sync::Semaphore::new(DROPS_AT_ONCE),
+            #[cfg(test)]
+            reloads: Default::default(),
             settings,
         });
         storage.publish(loaded);
@@ -699,6 +704,34 @@ impl PgStorage {
         for name in &changed {
             self.signal.nudge(name);
         }
+    }
+
+    /// Reads again the projects (every one, or `project`) whose stamp moved since this node read
+    /// them: one small read of the stamps, then only what changed. Reading every version of
+    /// every project at each catalog-wide request (and every version of a project at each
+    /// request that needs it fresh) cost the storage as much as the catalog is large.
+    async fn refresh(&self, project: Option<&Ident>) -> Result<(), StorageError> {
+        let stamps: Vec<(String, i64)> = bounded::read_twice(|| {
+            sqlx::query_as("SELECT name, changes FROM projects WHERE $1::text IS NULL OR name = $1")
+                .bind(project.map(Ident::as_str))
+                .fetch_all(&self.pool)
+        })
+        .await
+        .map_err(|e| unavailable("read the catalog's stamps", &e))?;
+        let moved: Vec<Ident> = {
+            let cache = self.catalog.read().expect("catalog lock");
+            stamps
+                .into_iter()
+                .filter_map(|(name, changes)| {
+                    let name = Ident::parse(&name).ok()?;
+                    (cache.stamps.get(&name) != Some(&(changes as u64))).then_some(name)
+                })
+                .collect()
+        };
+        for name in moved {
+            self.reload(&name).await?;
+        }
+        Ok(())
     }
 
     fn publish_one(&self, name: &Ident, stamp: u64, project: Option<crate::catalog::Project>) {
@@ -933,6 +966,9 @@ impl PgStorage {
 
     /// Reads one project again from the database into this node's catalog.
     async fn reload(&self, project: &Ident) -> Result<(), StorageError> {
+        #[cfg(test)]
+        self.reloads
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         within(self.pool.limit(), async move {
             let mut conn = self
                 .pool
@@ -1121,13 +1157,11 @@ impl Storage for PgStorage {
     }
 
     async fn refresh_catalog(&self) -> Result<(), StorageError> {
-        let loaded = catalog::load_all(&self.pool).await?;
-        self.publish(loaded);
-        Ok(())
+        self.refresh(None).await
     }
 
     async fn fresh_snapshot(&self, project: &Ident) -> Result<Arc<Snapshot>, StorageError> {
-        self.reload(project).await?;
+        self.refresh(Some(project)).await?;
         Ok(self.snapshot())
     }
 
@@ -2215,6 +2249,35 @@ mod tests {
             message.contains("version 1 of project \"shop\"") && message.contains("newer dstore"),
             "{message}"
         );
+        drop_schema(&schema).await;
+    }
+
+    /// A catalog-wide read, or a project's fresh snapshot, reads again only the projects whose
+    /// stamp moved: before, each read every version of every project.
+    #[tokio::test]
+    async fn catalog_reads_read_again_only_what_changed() {
+        use std::sync::atomic::Ordering;
+        let (first, schema) = open_postgresql("stamps", vec![]).await;
+        let project = crate::storage::conformance::frozen(first.as_ref()).await;
+        let second =
+            crate::storage::conformance::open_postgresql_in(&schema, "second", vec![]).await;
+        let before = second.reloads.load(Ordering::Relaxed);
+        for _ in 0..10 {
+            second.refresh_catalog().await.unwrap();
+            second.fresh_snapshot(&project).await.unwrap();
+        }
+        assert_eq!(
+            second.reloads.load(Ordering::Relaxed),
+            before,
+            "nothing changed"
+        );
+        put_article(first.as_ref(), &project, Some("views")).await;
+        let snapshot = second.fresh_snapshot(&project).await.unwrap();
+        assert!(snapshot.projects[&project].working.blueprints["article"]
+            .columns
+            .contains_key("views"));
+        assert!(second.reloads.load(Ordering::Relaxed) > before);
+        drop((first, second));
         drop_schema(&schema).await;
     }
 
