@@ -15,7 +15,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use actix_web::{web, HttpRequest};
+use actix_web::{web, HttpRequest, HttpResponse};
 use futures::StreamExt;
 use serde_json::Value;
 
@@ -258,4 +258,66 @@ async fn read_parsed<T>(
         length: read.bytes.len(),
         holding,
     })
+}
+
+/// An answer's bytes and the share of `server.max_inflight_bytes` they hold until sent, handed to
+/// the connection a slice at a time (the slices share the answer's memory), so the connection's
+/// write buffer never holds a second copy of a large answer.
+pub struct Held {
+    rest: web::Bytes,
+    _share: Arc<crate::budget::Share>,
+}
+
+impl Held {
+    pub fn new(rest: web::Bytes, share: Arc<crate::budget::Share>) -> Held {
+        Held {
+            rest,
+            _share: share,
+        }
+    }
+}
+
+impl actix_web::body::MessageBody for Held {
+    type Error = std::convert::Infallible;
+
+    fn size(&self) -> actix_web::body::BodySize {
+        actix_web::body::BodySize::Sized(self.rest.len() as u64)
+    }
+
+    fn poll_next(
+        mut self: std::pin::Pin<&mut Self>,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<web::Bytes, Self::Error>>> {
+        const SLICE: usize = 64 * 1024;
+        if self.rest.is_empty() {
+            return std::task::Poll::Ready(None);
+        }
+        let take = self.rest.len().min(SLICE);
+        std::task::Poll::Ready(Some(Ok(self.rest.split_to(take))))
+    }
+}
+
+/// `value` as a JSON answer whose bytes count against `server.max_inflight_bytes` until they are
+/// sent (the catalog's answers, which grow with every project and version): clients that ask
+/// for large answers and never read them are answered 503 once they hold that much, instead of
+/// growing the process. `what` names the answer in a refusal.
+pub fn held_json<T: serde::Serialize + ?Sized>(
+    state: &AppState,
+    what: &str,
+    value: &T,
+) -> Result<HttpResponse, ApiError> {
+    let body = serde_json::to_vec(value)
+        .map_err(|e| ApiError::Internal(format!("cannot encode {what}: {e}")))?;
+    let share: Arc<Share> = Arc::new(state.in_flight.share());
+    share.grow(body.len()).map_err(|refused| match refused {
+        Refused::Busy { .. } => ApiError::from(refused),
+        Refused::Alone { limit, .. } => ApiError::Oversized(format!(
+            "{what} would hold {} bytes until it is sent, more than the {limit} all requests may \
+             hold together (server.max_inflight_bytes)",
+            body.len()
+        )),
+    })?;
+    Ok(HttpResponse::Ok()
+        .content_type(actix_web::http::header::ContentType::json())
+        .body(Held::new(body.into(), share)))
 }

@@ -576,38 +576,7 @@ fn answer(page: &Encoded, share: Arc<crate::budget::Share>) -> Result<HttpRespon
         .map_err(|refused| page_refused(refused, page.body.len()))?;
     Ok(HttpResponse::Ok()
         .content_type(header::ContentType::json())
-        .body(Held {
-            rest: page.body.clone(),
-            _share: share,
-        }))
-}
-
-/// An answer's bytes and the share of `server.max_inflight_bytes` they hold, handed to the
-/// connection a slice at a time (the slices share the page's memory), so the connection's write
-/// buffer never holds a second copy of a large page.
-struct Held {
-    rest: Bytes,
-    _share: Arc<crate::budget::Share>,
-}
-
-impl actix_web::body::MessageBody for Held {
-    type Error = std::convert::Infallible;
-
-    fn size(&self) -> actix_web::body::BodySize {
-        actix_web::body::BodySize::Sized(self.rest.len() as u64)
-    }
-
-    fn poll_next(
-        mut self: std::pin::Pin<&mut Self>,
-        _: &mut std::task::Context<'_>,
-    ) -> std::task::Poll<Option<Result<Bytes, Self::Error>>> {
-        const SLICE: usize = 64 * 1024;
-        if self.rest.is_empty() {
-            return std::task::Poll::Ready(None);
-        }
-        let take = self.rest.len().min(SLICE);
-        std::task::Poll::Ready(Some(Ok(self.rest.split_to(take))))
-    }
+        .body(super::body::Held::new(page.body.clone(), share)))
 }
 
 /// What a follower reads its pages as.

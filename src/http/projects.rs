@@ -160,7 +160,7 @@ pub async fn get_all(
         .filter(|(n, _)| caller.allows(Action::BlueprintsRead, Some(n.as_str())))
         .map(|(n, p)| (n.to_string(), describe(p)))
         .collect();
-    Ok(HttpResponse::Ok().json(out))
+    body::held_json(&state, "the projects' blueprints", &out)
 }
 
 /// PUT /_project: `{"myblog": {"article": {…}}, …}`; every project is checked before any is changed.

@@ -261,7 +261,7 @@ pub async fn all(_: NoQuery, state: State, request: HttpRequest) -> Result<HttpR
     {
         out.insert(name.to_string(), describe(&state, p).await?);
     }
-    Ok(HttpResponse::Ok().json(out))
+    super::body::held_json(&state, "the projects' versions", &out)
 }
 
 /// POST /{project}/_version/{version}/_retire
@@ -312,16 +312,28 @@ pub async fn catalog(
             "versions": [], "retired": [], "deployment": state.storage.deployment()})),
         );
     };
-    let retired = p.retired_numbers();
-    Ok(HttpResponse::Ok().json(json!({
-        "project": p.name,
-        "exists": true,
-        "versions": p.versions,
-        "retired": retired,
-        "status": p.status,
-        "born": p.working.born,
-        "deployment": state.storage.deployment(),
-    })))
+    // Encoded from the catalog itself, never built as a JSON tree first: a project's versions
+    // take up to 64 MiB as JSON.
+    #[derive(serde::Serialize)]
+    struct Catalog<'a> {
+        project: &'a Ident,
+        exists: bool,
+        versions: &'a [std::sync::Arc<Version>],
+        retired: Vec<u32>,
+        status: &'a std::collections::BTreeMap<u32, crate::catalog::VersionStatus>,
+        born: u64,
+        deployment: String,
+    }
+    let answer = Catalog {
+        project: &p.name,
+        exists: true,
+        versions: &p.versions,
+        retired: p.retired_numbers(),
+        status: &p.status,
+        born: p.working.born,
+        deployment: state.storage.deployment().to_string(),
+    };
+    super::body::held_json(&state, "the project's catalog", &answer)
 }
 
 /// A version's back-fill as `GET /{project}/_version` shows it: a retired version's stopped where

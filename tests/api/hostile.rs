@@ -638,6 +638,34 @@ async fn nul_characters_that_postgresql_cannot_store_are_refused_where_they_are(
     app.stop().await;
 }
 
+/// The catalog's answers grow with every project and version: their bytes count against the
+/// memory requests may hold until they are sent, so one larger than all of it is refused naming
+/// the setting, rather than built and held for a client that may never read it.
+#[tokio::test]
+async fn catalog_answers_larger_than_the_request_memory_are_refused_naming_it() {
+    let app = spawn_app_with(|s| s.server.max_inflight_bytes = 64 * 1024).await;
+    let comment = "c".repeat(1000);
+    for n in 0..80 {
+        let name = format!("b{n}");
+        let body = json!({"postgresql": {"table": name}, "elasticsearch": {"type": name},
+            "columns": {"title": {"type": "string", "comment": comment}}});
+        let put = app.put(&format!("/myblog/{name}/_blueprint"), &body).await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    let frozen = app.post("/myblog/_version", None).await;
+    assert_eq!(frozen.status, 200, "{}", frozen.body);
+    for path in ["/_project", "/myblog/_catalog"] {
+        let answer = app.get(path).await;
+        assert_eq!(answer.status, 413, "{path}: {}", answer.body);
+        let said = answer.body["status"].as_str().unwrap();
+        assert!(said.contains("server.max_inflight_bytes"), "{path}: {said}");
+    }
+    // What fits is answered as before.
+    let one = app.get("/myblog/b0/_blueprint").await;
+    assert_eq!(one.status, 200, "{}", one.body);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn a_body_that_never_arrives_is_answered_408_and_too_many_body_bytes_503() {
     let app = spawn_app_with(|s| {
