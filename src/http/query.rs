@@ -42,6 +42,9 @@ impl<T: DeserializeOwned> FromRequest for Query<T> {
     }
 }
 
+/// Pairs of a query string tried alone to find the one at fault.
+const MAX_ALONE: usize = 256;
+
 /// `T` from a query string, or a 400 naming the parameter whose value it cannot read.
 pub fn read<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
     let error = match serde_urlencoded::from_str::<T>(query) {
@@ -108,6 +111,23 @@ pub fn read<T: DeserializeOwned>(query: &str) -> Result<T, ApiError> {
                     &name,
                     format!("{name} is not a parameter of this route; {takes}"),
                 ))
+            } else if let Some((name, value, error)) =
+                pairs.iter().take(MAX_ALONE).find_map(|pair| {
+                    // Each pair alone: one whose value is refused whatever else is sent (a value
+                    // repeated, or a query too long to try without each pair) is named.
+                    let error = serde_urlencoded::from_str::<T>(pair).err()?.to_string();
+                    let (name, value) = pair.split_once('=').unwrap_or((pair, ""));
+                    (!error.starts_with("missing field `")).then_some((name, value, error))
+                })
+            {
+                let name = crate::blueprint::value::excerpt_str(&decoded(name));
+                Err(ApiError::bad_request(
+                    &name,
+                    format!(
+                        "{name}={:?} is not valid: {error}",
+                        crate::blueprint::value::excerpt_str(&decoded(value))
+                    ),
+                ))
             } else {
                 Err(ApiError::bad_request(
                     "",
@@ -159,6 +179,10 @@ mod tests {
     /// `web::Query` reads it.
     #[test]
     fn the_parameter_at_fault_is_named() {
+        let long = std::iter::once("limit=abc".to_string())
+            .chain((0..40).map(|_| "dry_run=true".to_string()))
+            .collect::<Vec<_>>()
+            .join("&");
         let params: Params = read("limit=5&dry_run=true&name=a%20b").unwrap();
         assert_eq!(
             (params.limit, params.dry_run, params.name.as_deref()),
@@ -169,6 +193,9 @@ mod tests {
             ("name=x&dry_run=yes", "dry_run"),
             ("limit=99999999999&name=x", "limit"),
             ("l%69mit=-1", "limit"),
+            // Repeated, neither copy alone is at fault; past 32 pairs none is tried without.
+            ("limit=abc&limit=abc", "limit"),
+            (&long, "limit"),
         ] {
             let ApiError::BadRequest(message, errors) = read::<Params>(query).unwrap_err() else {
                 panic!("a 400 for {query}");
