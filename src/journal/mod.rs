@@ -120,6 +120,10 @@ pub enum JournalError {
     /// Staging a batch panicked (logged): nothing of the batch was written; the journal goes on.
     #[error("a fault in dstore stopped the journal from writing this request (logged); nothing of it was written")]
     Fault,
+    /// The writer dropped the request's answer (a fault, logged): whether it was written is
+    /// unknown.
+    #[error("a fault in dstore (logged) left this request unanswered by the journal: whether it was written is unknown; read it before sending again what cannot be sent twice")]
+    Unanswered,
     #[error("the versions of the project changed while the write was prepared")]
     Stale,
     #[error("{0}")]
@@ -734,10 +738,11 @@ impl Journal {
                 return Err(JournalError::Closed)
             }
         }
-        // The writer drops the reply of a command whose staging panicked; else only at its end.
+        // Dropped unanswered: the journal is closing, or its writer met a fault (logged) while
+        // staging this command (nothing of it written) or after writing its batch.
         answer.await.map_err(|_| match self.is_closing() {
             true => JournalError::Closed,
-            false => JournalError::Fault,
+            false => JournalError::Unanswered,
         })?
     }
 
@@ -2275,10 +2280,11 @@ mod tests {
         let before = journal.last_seq();
         journal.stage_panics.store(true, Ordering::Relaxed);
         let failed = write_new(&storage, &project, &article).await;
-        let Err(StorageError::Corrupt(said)) = failed else {
+        // Its own answer was dropped with the command: never told "not written", though it was not.
+        let Err(StorageError::Uncertain(said)) = failed else {
             panic!("{failed:?}");
         };
-        assert!(said.contains("nothing of it was written"), "{said}");
+        assert!(said.contains("unknown"), "{said}");
         assert_eq!(journal.last_seq(), before, "nothing was journaled");
         let written = write_new(&storage, &project, &article).await.unwrap();
         assert_eq!(

@@ -182,6 +182,20 @@ impl std::fmt::Display for Unwritten {
     }
 }
 
+/// Whether staging `command` changes the catalog at once (a freeze, a migration marked done, a
+/// drop, a rebuild): such a command is staged in a batch of its own and never under
+/// [`stage_caught`], so a fault in another command can never drop the journal's part of a
+/// catalog change already made, nor answer it as though nothing were.
+fn changes_catalog(command: &Command) -> bool {
+    matches!(
+        command,
+        Command::Freeze { .. }
+            | Command::Migrate { .. }
+            | Command::Rebuild { .. }
+            | Command::DropProject { .. }
+    )
+}
+
 /// Stages `command`; false when staging it panicked, which leaves `stage` unfit to be written.
 fn stage_caught(stage: &mut Stage, command: Command) -> bool {
     match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
@@ -681,7 +695,16 @@ impl Writer {
                 tracing::warn!(%error, "cannot sync the journal's sequence mark at shutdown");
             }
         };
-        while let Ok(first) = commands.recv() {
+        // A command that changes the catalog as it is staged, held for a batch of its own.
+        let mut next: Option<Command> = None;
+        loop {
+            let first = match next.take() {
+                Some(command) => command,
+                None => match commands.recv() {
+                    Ok(command) => command,
+                    Err(_) => return,
+                },
+            };
             if matches!(first, Command::Shutdown) {
                 stop(&self);
                 return;
@@ -703,12 +726,24 @@ impl Writer {
                     .map(|name| self.db.cf_handle(name).expect("column family exists")),
                 writer: &self,
             };
-            let mut staged = stage_caught(&mut stage, first);
+            let alone = changes_catalog(&first);
+            let mut staged = match alone {
+                // A fault there is not caught: the catalog may be ahead of the batch.
+                true => {
+                    stage_command(&mut stage, first);
+                    true
+                }
+                false => stage_caught(&mut stage, first),
+            };
             let mut stopping = false;
-            while staged && stage.answers.len() < 4096 {
+            while !alone && staged && stage.answers.len() < 4096 {
                 match commands.try_recv() {
                     Ok(Command::Shutdown) => {
                         stopping = true;
+                        break;
+                    }
+                    Ok(command) if changes_catalog(&command) => {
+                        next = Some(command);
                         break;
                     }
                     Ok(command) => staged = stage_caught(&mut stage, command),

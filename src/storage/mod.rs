@@ -180,6 +180,7 @@ impl From<CatalogError> for StorageError {
 impl From<JournalError> for StorageError {
     fn from(error: JournalError) -> Self {
         match error {
+            e @ JournalError::Unanswered => StorageError::Uncertain(e.to_string()),
             JournalError::Catalog(e) => e.into(),
             JournalError::Stale => StorageError::Stale,
             JournalError::Backlog {

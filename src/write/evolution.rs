@@ -239,7 +239,7 @@ pub async fn judge(
     force: bool,
 ) -> Result<Result<bool, Box<Report>>, WriteError> {
     let allowed = p.working.compatibility.allows(worst_verdict(p));
-    let at_stake = uniqueness_at_stake(p) || row_size_at_stake(p);
+    let at_stake = uniqueness_at_stake(p) || row_size_at_stake(p) || index_size_at_stake(p);
     match (allowed, force) {
         (_, true) => return Ok(Ok(!allowed || at_stake)),
         (true, false) if !at_stake => return Ok(Ok(false)),
@@ -332,6 +332,20 @@ fn unique_at_stake(p: &Project) -> HashSet<Uid> {
 /// Whether a blueprint of the working copy whose rows can outgrow a PostgreSQL row
 /// (`row_past_limit`) changes since the newest live version: then only the stored items tell
 /// whether the new version's table refuses some.
+/// Whether a column of the working copy holds its values in index entries the newest live
+/// version's did not bound (`compat::outgrows_index`: a JSON value or array made unique): only the
+/// stored values tell whether some are too large, and their items refused.
+pub fn index_size_at_stake(p: &Project) -> bool {
+    changed_columns(newest_live(p), &p.working.blueprints)
+        .iter()
+        .any(|pair| match (pair.old, pair.new) {
+            (Some((_, old)), Some((_, new))) => {
+                crate::blueprint::compat::outgrows_index(&old.def, &new.def).is_some()
+            }
+            _ => false,
+        })
+}
+
 pub fn row_size_at_stake(p: &Project) -> bool {
     !wide_and_changed(p).is_empty()
 }

@@ -457,6 +457,49 @@ async fn the_compatibility_setting_lets_lossy_freezes_through_but_not_breaking_o
 
 /// An item counts once each way, in the totals and in every column alike: one another column
 /// refuses (a required column added without a default) is refused, not losing its price.
+/// A JSON column made unique holds each value in one index entry of at most 2000 bytes, which
+/// the values stored before were never held to: the freeze counts them on the stored items, is
+/// refused while one is larger (its item would not be in the new version's table), and goes
+/// through when none is.
+#[tokio::test]
+async fn a_json_column_made_unique_is_refused_only_while_a_stored_value_outgrows_its_index() {
+    let app = spawn_app().await;
+    let note = |unique: bool| {
+        json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+            "columns": {"doc": {"type": "json", "unique": unique}}})
+    };
+    app.put_and_freeze("p", "note", &note(false)).await;
+    let (small, big) = (Uuid::new_v4(), Uuid::new_v4());
+    for (id, doc) in [
+        (small, json!({"k": 1})),
+        (big, json!({"k": "x".repeat(3000)})),
+    ] {
+        let put = app
+            .put(
+                &format!("/p/note/{id}"),
+                &json!({"project_version": 1, "doc": doc}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    let answer = app.put("/p/note/_blueprint", &note(true)).await;
+    assert_eq!(answer.status, 200, "{}", answer.body);
+    let refused = app.post("/p/_version", None).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    let version = live_version(&refused.body["report"], 1);
+    assert_eq!(version["verdict"], "breaking", "{}", refused.body);
+    assert_eq!(
+        version["new_clients_reading_old_writes"]["items_refused"], 1,
+        "{}",
+        refused.body
+    );
+    let gone = app.delete(&format!("/p/note/{big}")).await;
+    assert_eq!(gone.status, 200, "{}", gone.body);
+    let frozen = app.post("/p/_version", None).await;
+    assert_eq!(frozen.status, 200, "{}", frozen.body);
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn an_item_refused_by_one_column_is_not_counted_losing_a_value_in_another() {
     let app = spawn_app().await;

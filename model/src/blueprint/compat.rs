@@ -15,7 +15,7 @@
 use serde::Serialize;
 use serde_json::Value;
 
-use super::check::MAX_INDEXED_TEXT_BYTES;
+use super::check::{check_index_entry, MAX_INDEXED_TEXT_BYTES};
 use super::ident::Ident;
 use super::model::{Blueprints, Column, ColumnDef, Convert, Validation};
 use super::transform::convert;
@@ -47,11 +47,17 @@ impl Assessment {
 
 /// Moving a stored value from `from` to `to`, converted once: whether it is [`lost`] and whether
 /// the item is [`refused`].
+/// A value that arrives too large for `to`'s index entry ([`outgrows_index`]) refuses its item
+/// too: PostgreSQL's index refuses its row, so it is not in the version's table.
 pub fn outcome(value: &Value, from: &ColumnDef, to: &ColumnDef) -> (bool, bool) {
-    let arrives_null = value.is_null() || convert(from, to, value).is_null();
+    let converted = convert(from, to, value);
+    let arrives_null = value.is_null() || converted.is_null();
+    let outgrows = !arrives_null
+        && outgrows_index(from, to).is_some()
+        && check_index_entry(to, &converted).is_err();
     (
         !value.is_null() && arrives_null,
-        arrives_null && !to.nullable && to.default.is_none(),
+        (arrives_null && !to.nullable && to.default.is_none()) || outgrows,
     )
 }
 
@@ -81,7 +87,7 @@ pub fn assess(from: &ColumnDef, to: &ColumnDef) -> Assessment {
     // Values that do not convert take the default instead of null.
     let loss = loss.filter(|_| !(how == Some(Convert::Default) && to.default.is_some()));
     let nulls_refused = !to.nullable && to.default.is_none() && (from.nullable || loss.is_some());
-    let assessed = match loss {
+    match loss {
         _ if nulls_refused => Assessment::new(
             Verdict::Breaking,
             match &loss {
@@ -101,24 +107,16 @@ pub fn assess(from: &ColumnDef, to: &ColumnDef) -> Assessment {
                 None => "every value arrives".into(),
             },
         ),
-    };
-    match outgrows_index(from, to) {
-        Some(reason) if assessed.verdict != Verdict::Breaking => Assessment::new(
-            Verdict::Breaking,
-            format!(
-                "{reason}: PostgreSQL's index refuses those items, which are not in the version's \
-                 table (dead letters)"
-            ),
-        ),
-        _ => assessed,
     }
 }
 
 /// Whether `to` holds its values in index entries of at most [`MAX_INDEXED_TEXT_BYTES`] that
 /// `from` did not bound: a unique JSON value, line, polygon or array is one entry whole, an
 /// indexed `json[]`'s elements one each (`check::check_index_entry`, which a client's own value
-/// meets on its way in; a value already stored never did). A point is small enough always.
-fn outgrows_index(from: &ColumnDef, to: &ColumnDef) -> Option<String> {
+/// meets on its way in; a value already stored never did). A point is small enough always. The
+/// definitions alone do not say whether a stored value is that large: a freeze counts them on
+/// the stored items ([`outcome`]).
+pub fn outgrows_index(from: &ColumnDef, to: &ColumnDef) -> Option<String> {
     let whole = |d: &ColumnDef| {
         d.unique
             && match d.ty {
@@ -295,16 +293,27 @@ fn rules(from: &ColumnDef, to: &ColumnDef) -> Option<String> {
 /// default of a column that allows none.
 fn merges(from: &ColumnDef, to: &ColumnDef) -> Option<&'static str> {
     let how = to.convert.or(from.convert);
-    let converts = from.ty != to.ty || from.validation != to.validation;
-    if converts
-        && matches!(
-            how,
-            Some(Convert::Truncate | Convert::Round | Convert::Default)
-        )
-    {
+    let (a, b) = (from.ty.base(), to.ty.base());
+    // Each conversion only where it has values to change: a whole number or a day cut from a
+    // float or a datetime, a text cut to a shorter max_length, a value with no form taking the
+    // default.
+    let narrows = matches!(
+        (a, b),
+        (BaseType::Float, BaseType::Integer) | (BaseType::DateTime, BaseType::Date)
+    );
+    let shortens = b.is_textual()
+        && to.validation.max_length.is_some_and(|max| {
+            !a.is_textual() || from.validation.max_length.is_none_or(|f| f > max)
+        });
+    let converted = match how {
+        Some(Convert::Truncate) => narrows || shortens,
+        Some(Convert::Round) => narrows,
+        Some(Convert::Default) => types(from, to, how).is_err() || rules(from, to).is_some(),
+        _ => false,
+    };
+    if converted {
         return Some("its values are cut, rounded or replaced by the default on the way");
     }
-    let (a, b) = (from.ty.base(), to.ty.base());
     if a.is_textual() && !b.is_textual() {
         return Some("texts are read as other values on the way");
     }
@@ -505,34 +514,43 @@ mod tests {
     }
 
     /// A JSON value, polygon or array made unique is one index entry of at most 2000 bytes, and an
-    /// indexed json[]'s elements one each: stored values were never held to it, so PostgreSQL may
-    /// refuse their items in the new version.
+    /// indexed json[]'s elements one each: stored values were never held to it, so a stored value
+    /// larger refuses its item in the new version (PostgreSQL's index would); a smaller one
+    /// arrives.
     #[test]
-    fn a_whole_value_made_unique_or_a_json_array_made_indexed_is_breaking() {
+    fn a_whole_value_made_unique_or_a_json_array_made_indexed_refuses_what_outgrows_it() {
         let unique = |ty: &str| {
             let mut d = def(ty);
             d.unique = true;
             d
         };
-        for ty in ["json", "polygon", "string[]", "point[]"] {
-            assert_eq!(
-                assess(&def(ty), &unique(ty)).verdict,
-                Verdict::Breaking,
-                "{ty}"
-            );
-            assert_eq!(assess(&unique(ty), &unique(ty)).verdict, Verdict::Lossless);
-        }
+        let big = json!({"k": "x".repeat(3000)});
+        assert_eq!(outcome(&big, &def("json"), &unique("json")), (false, true));
         assert_eq!(
-            assess(&def("point"), &unique("point")).verdict,
-            Verdict::Lossless
+            outcome(&json!({"k": 1}), &def("json"), &unique("json")),
+            (false, false)
         );
+        assert_eq!(
+            outcome(&big, &unique("json"), &unique("json")),
+            (false, false)
+        );
+        let many = json!(["y".repeat(1500), "z".repeat(1500)]);
+        assert_eq!(
+            outcome(&many, &def("string[]"), &unique("string[]")),
+            (false, true)
+        );
+        for ty in ["json", "polygon", "string[]", "point[]"] {
+            assert!(outgrows_index(&def(ty), &unique(ty)).is_some(), "{ty}");
+            assert!(outgrows_index(&unique(ty), &unique(ty)).is_none(), "{ty}");
+        }
+        assert!(outgrows_index(&def("point"), &unique("point")).is_none());
         let mut indexed = def("json[]");
         indexed.index = true;
-        assert_eq!(assess(&def("json[]"), &indexed).verdict, Verdict::Breaking);
         assert_eq!(
-            assess(&unique("json[]"), &indexed).verdict,
-            Verdict::Lossless
+            outcome(&json!([big]), &def("json[]"), &indexed),
+            (false, true)
         );
+        assert!(outgrows_index(&unique("json[]"), &indexed).is_none());
     }
 
     /// A column unique in the old version that new clients' values reach through a conversion
@@ -574,6 +592,11 @@ mod tests {
             to_old(unique(def("string")), Some(unique(def("integer")))),
             Verdict::Lossless
         );
+        // A cut that has nothing to cut: the new column's texts fit the old one's length.
+        let mut narrower = unique(def("string"));
+        narrower.validation.max_length = Some(4);
+        narrower.convert = Some(Convert::Truncate);
+        assert_eq!(to_old(short.clone(), Some(narrower)), Verdict::Lossless);
         let mut defaulted = short.clone();
         defaulted.default = Some(json!("none"));
         assert_eq!(to_old(defaulted, None), Verdict::Breaking);

@@ -230,8 +230,9 @@ async fn create_and_lock(
             "INSERT INTO projects (name, working) \
              SELECT $1, $2::json WHERE NOT EXISTS (SELECT 1 FROM projects WHERE name = $1 AND live) \
                AND (SELECT count(*) FROM projects WHERE live) < $3 \
-             ON CONFLICT (name) DO UPDATE SET live = TRUE, \
-               working = jsonb_set($2::jsonb, '{born}', to_jsonb(projects.revision))::json \
+             ON CONFLICT (name) DO UPDATE SET live = TRUE, changes = projects.changes + 1, \
+               working = jsonb_set($2::jsonb, '{born}', to_jsonb(projects.revision))::json, \
+               born = projects.revision \
              WHERE NOT projects.live",
         )
         .bind(name.as_str())
@@ -271,9 +272,10 @@ pub async fn persist(
     for write in writes {
         let result = match write {
             Write::WorkingCopy => {
-                sqlx::query("UPDATE projects SET working = $2::json WHERE name = $1")
+                sqlx::query("UPDATE projects SET working = $2::json, born = $3 WHERE name = $1")
                     .bind(name)
                     .bind(as_text(&project.working))
+                    .bind(project.working.born as i64)
                     .execute(&mut *tx)
                     .await
             }

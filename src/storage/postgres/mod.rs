@@ -2560,7 +2560,7 @@ mod tests {
         crate::storage::conformance::write(storage.as_ref(), &project, Uuid::new_v4(), "a").await;
         let name = format!("dstore writer {}", storage.lease_owner());
         let ended: Vec<bool> = sqlx::query_scalar(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = $1",
         )
         .bind(&name)
         .fetch_all(storage.pool())
@@ -2585,15 +2585,13 @@ mod tests {
         let name = format!("dstore {}", storage.lease_owner());
         let mut admin = crate::storage::conformance::plain_connection().await;
         let ended: Vec<bool> = sqlx::query_scalar(
-            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE application_name = $1",
+            "SELECT pg_terminate_backend(pid, 5000) FROM pg_stat_activity WHERE application_name = $1",
         )
         .bind(&name)
         .fetch_all(&mut admin)
         .await
         .unwrap();
         assert!(!ended.is_empty(), "the pool's sessions are ended");
-        // Let the server finish ending them.
-        tokio::time::sleep(Duration::from_millis(100)).await;
         assert_eq!(storage.revision(&project).await.unwrap(), written);
         drop(storage);
         drop_schema(&schema).await;

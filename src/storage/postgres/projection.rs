@@ -203,6 +203,17 @@ async fn work(
             Step::default()
         } else {
             let snapshot = snapshot_for(storage, project, born, &tasks).await?;
+            // The reads may have taken a while (a large batch, a project's versions read again):
+            // a lease past half its term is renewed first, so the batch starts on a fresh one
+            // rather than being given up before a renewal is even tried.
+            if renewed.elapsed() > LEASE / 2 {
+                let sent = tokio::time::Instant::now();
+                if renew(storage, name, project).await?.is_none() {
+                    tracing::info!(projector = name, %project, "lease lost to another node; leaving the project to it");
+                    return Ok(());
+                }
+                renewed = sent;
+            }
             let Some(step) = leased(
                 storage,
                 name,
@@ -333,8 +344,7 @@ async fn read(
     let rows = sqlx::query(
         "SELECT revision, task, projectors, born FROM ( \
            SELECT revision, task, projectors, \
-             (SELECT COALESCE((working->>'born')::bigint, 0) FROM projects \
-              WHERE name = $1 AND live) AS born, \
+             (SELECT born FROM projects WHERE name = $1 AND live) AS born, \
              coalesce(sum(octet_length(task)) OVER (ORDER BY revision \
                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before \
            FROM journal WHERE project = $1 AND revision > $2 ORDER BY revision LIMIT $3 \

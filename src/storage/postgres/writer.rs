@@ -186,9 +186,15 @@ impl Held {
             .is_some_and(|at| at.elapsed() < RECENTLY_HELD)
     }
 
+    /// Notes `project` found held, unless it was within the window already: a short wait that
+    /// failed (ordinary contention with another node's batch) never stretches the window, so
+    /// the next batch after it waits the whole lock wait again and finds whether the row is
+    /// still held.
     fn note(&mut self, project: String) {
         self.0.retain(|_, at| at.elapsed() < RECENTLY_HELD);
-        self.0.insert(project, tokio::time::Instant::now());
+        self.0
+            .entry(project)
+            .or_insert_with(tokio::time::Instant::now);
     }
 }
 
