@@ -2252,6 +2252,29 @@ mod tests {
         drop_schema(&schema).await;
     }
 
+    /// A dropped project made again by an edit that changes nothing else (a project put with no
+    /// blueprints) is seen by another node's fresh read: reviving it moves its stamp.
+    #[tokio::test]
+    async fn a_project_made_again_empty_is_seen_by_another_node() {
+        let (first, schema) = open_postgresql("revive", vec![]).await;
+        let project = crate::storage::conformance::frozen(first.as_ref()).await;
+        first.drop_project(&project).await.unwrap();
+        let second =
+            crate::storage::conformance::open_postgresql_in(&schema, "second", vec![]).await;
+        assert!(!second
+            .fresh_snapshot(&project)
+            .await
+            .unwrap()
+            .projects
+            .contains_key(&project));
+        first.put_blueprints(&project, Vec::new()).await.unwrap();
+        assert!(first.snapshot().projects.contains_key(&project));
+        let seen = second.fresh_snapshot(&project).await.unwrap();
+        assert!(seen.projects.contains_key(&project), "made again elsewhere");
+        drop((first, second));
+        drop_schema(&schema).await;
+    }
+
     /// A catalog-wide read, or a project's fresh snapshot, reads again only the projects whose
     /// stamp moved: before, each read every version of every project.
     #[tokio::test]
