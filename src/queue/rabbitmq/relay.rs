@@ -261,21 +261,35 @@ impl Relay<'_> {
             let tasks = self.bury_oversized(projector, tasks)?;
             let mut confirms = Vec::with_capacity(tasks.len());
             for (seq, value) in &tasks {
-                confirms.push(
-                    channel
-                        .basic_publish(
-                            self.broker.exchange().as_str().into(),
-                            (*projector).into(),
-                            BasicPublishOptions {
-                                mandatory: true,
-                                ..BasicPublishOptions::default()
-                            },
-                            value,
-                            self.properties(*seq),
-                        )
-                        .await
-                        .map_err(|error| self.learn_limit(error.into()))?,
-                );
+                let published = channel
+                    .basic_publish(
+                        self.broker.exchange().as_str().into(),
+                        (*projector).into(),
+                        BasicPublishOptions {
+                            mandatory: true,
+                            ..BasicPublishOptions::default()
+                        },
+                        value,
+                        self.properties(*seq),
+                    )
+                    .await;
+                match published {
+                    Ok(confirm) => confirms.push(confirm),
+                    Err(error) => {
+                        // The broker closes the channel on a message over its size: the next
+                        // publish of the batch fails without the size, which only the earlier
+                        // publish's confirmation names. Read them (they end at once on a closed
+                        // channel) so the limit is learned and the next session goes past it.
+                        let earlier =
+                            futures::future::join_all(confirms.into_iter().map(confirmed));
+                        if let Ok(answers) = tokio::time::timeout(LEARN_WAIT, earlier).await {
+                            for refused in answers.into_iter().filter_map(Result::err) {
+                                self.learn_limit(refused);
+                            }
+                        }
+                        return Err(self.learn_limit(error.into()));
+                    }
+                }
             }
             futures::future::try_join_all(confirms.into_iter().map(confirmed))
                 .await
@@ -341,6 +355,8 @@ impl Relay<'_> {
 
     /// Notes the limit a broker names when it refuses a message for its size, so the next session
     /// keeps such tasks out; answers the error.
+    /// Notes the broker's size limit when `error` is its refusal of a message for its size
+    /// ([`refused_size`]); answers the error.
     fn learn_limit(&self, error: LinkError) -> LinkError {
         if let Some(most) = refused_size(&error.to_string()) {
             let was = self.max_message.fetch_min(most, Ordering::Relaxed);
@@ -355,6 +371,10 @@ impl Relay<'_> {
         error
     }
 }
+
+/// How long a failed batch waits for its earlier publishes' confirmations, to learn from them
+/// the broker's size limit.
+const LEARN_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// The limit in a broker's refusal of a message for its size (RabbitMQ: "message size N is larger
 /// than configured max size M").
