@@ -480,16 +480,17 @@ mod tests {
         ColumnDef::of_type(ty.parse().unwrap())
     }
 
+    fn unique(mut def: ColumnDef) -> ColumnDef {
+        def.unique = true;
+        def
+    }
+
     /// Uniqueness is at stake when the new side is unique and the old side's index did not hold
     /// the same values: not unique, absent, or arriving otherwise.
     #[test]
     fn uniqueness_is_at_stake_only_where_a_unique_index_meets_new_values() {
         let name = Ident::parse("code").unwrap();
         let column = |def: ColumnDef| Column { uid: 1, def };
-        let unique = |mut def: ColumnDef| {
-            def.unique = true;
-            def
-        };
         let at_stake = |old: Option<ColumnDef>, new: Option<ColumnDef>| {
             let (old, new) = (old.map(column), new.map(column));
             ColumnPair {
@@ -519,11 +520,7 @@ mod tests {
     /// arrives.
     #[test]
     fn a_whole_value_made_unique_or_a_json_array_made_indexed_refuses_what_outgrows_it() {
-        let unique = |ty: &str| {
-            let mut d = def(ty);
-            d.unique = true;
-            d
-        };
+        let unique = |ty: &str| unique(def(ty));
         let big = json!({"k": "x".repeat(3000)});
         assert_eq!(outcome(&big, &def("json"), &unique("json")), (false, true));
         assert_eq!(
@@ -559,10 +556,6 @@ mod tests {
     fn old_clients_unique_index_meeting_merged_values_is_breaking() {
         let name = Ident::parse("code").unwrap();
         let column = |def: ColumnDef| Column { uid: 1, def };
-        let unique = |mut def: ColumnDef| {
-            def.unique = true;
-            def
-        };
         let to_old = |old: ColumnDef, new: Option<ColumnDef>| {
             let (old, new) = (column(old), new.map(column));
             ColumnPair {
