@@ -40,6 +40,17 @@ pub(crate) async fn plain_connection() -> sqlx::PgConnection {
     connect(&test_database().await).await
 }
 
+/// A connection of its own that has begun a transaction and run `statement` in it (a lock taken
+/// as another node or an operator would hold it), until the caller ends it or drops it.
+pub(crate) async fn holding(statement: &str) -> sqlx::PgConnection {
+    let mut holder = plain_connection().await;
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("BEGIN; {statement}")))
+        .execute(&mut holder)
+        .await
+        .expect("the lock is taken");
+    holder
+}
+
 /// Removes a schema [`open_postgresql`] made.
 pub(crate) async fn drop_schema(schema: &str) {
     let mut conn = connect(&test_database().await).await;

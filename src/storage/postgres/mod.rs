@@ -2309,18 +2309,12 @@ mod tests {
     /// drops held all ten, and every read of the node failed after the pool's wait.
     #[tokio::test]
     async fn drops_in_flight_leave_the_pool_to_reads() {
-        use crate::storage::conformance::{frozen, plain_connection};
+        use crate::storage::conformance::{frozen, holding};
         let (storage, schema) = open_postgresql("drops", vec![]).await;
         let p = frozen(storage.as_ref()).await;
         crate::storage::conformance::write(storage.as_ref(), &p, Uuid::new_v4(), "t").await;
-        let mut holder = plain_connection().await;
         // Every drop's delete of the items waits behind this lock.
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "BEGIN; LOCK TABLE \"{schema}\".items IN SHARE MODE"
-        )))
-        .execute(&mut holder)
-        .await
-        .unwrap();
+        let mut holder = holding(&format!("LOCK TABLE \"{schema}\".items IN SHARE MODE")).await;
         let drops: Vec<_> = (0..10)
             .map(|_| {
                 let storage = storage.clone();
@@ -2347,19 +2341,16 @@ mod tests {
     /// batched with its own are not held 6 s each time.
     #[tokio::test]
     async fn a_held_project_costs_the_others_its_lock_wait_once() {
-        use crate::storage::conformance::{frozen, plain_connection, upsert};
+        use crate::storage::conformance::{frozen, upsert};
         let (storage, schema) = open_postgresql("heldonce", vec![]).await;
         let p = frozen(storage.as_ref()).await;
         let q = Ident::parse("q").unwrap();
         put_article(storage.as_ref(), &q, None).await;
         storage.freeze(&q, false).await.unwrap();
-        let mut holder = plain_connection().await;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "BEGIN; SELECT 1 FROM \"{schema}\".projects WHERE name = 'p' FOR UPDATE"
-        )))
-        .execute(&mut holder)
-        .await
-        .unwrap();
+        let mut holder = crate::storage::conformance::holding(&format!(
+            "SELECT 1 FROM \"{schema}\".projects WHERE name = 'p' FOR UPDATE"
+        ))
+        .await;
         let write = |project: Ident| {
             let storage = storage.clone();
             async move {
@@ -2490,13 +2481,10 @@ mod tests {
     async fn a_node_starts_while_a_project_s_row_is_held_and_adds_its_cursor_later() {
         let (storage, schema) = open_postgresql("held", vec!["a"]).await;
         let project = crate::storage::conformance::frozen(storage.as_ref()).await;
-        let mut holder = crate::storage::conformance::plain_connection().await;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "BEGIN; SELECT 1 FROM \"{schema}\".projects WHERE name = 'p' FOR UPDATE"
-        )))
-        .execute(&mut holder)
-        .await
-        .unwrap();
+        let mut holder = crate::storage::conformance::holding(&format!(
+            "SELECT 1 FROM \"{schema}\".projects WHERE name = 'p' FOR UPDATE"
+        ))
+        .await;
         let second = tokio::time::timeout(
             Duration::from_secs(30),
             crate::storage::conformance::open_postgresql_in(&schema, "second", vec!["a", "b"]),

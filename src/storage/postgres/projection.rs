@@ -141,6 +141,30 @@ struct Lease {
     cursor: u64,
 }
 
+impl Lease {
+    /// Renews the lease when it is older than half its term, so what comes next starts on a
+    /// fresh one; answers false when it was lost to another node. Every way on from a renewal
+    /// settles (which renews again) or returns.
+    async fn keep(
+        &mut self,
+        storage: &PgStorage,
+        projector: &str,
+        project: &Ident,
+    ) -> Result<bool, StorageError> {
+        if self.renewed.elapsed() <= LEASE / 2 {
+            return Ok(true);
+        }
+        let sent = tokio::time::Instant::now();
+        let Some(revision) = renew(storage, projector, project).await? else {
+            tracing::info!(projector, %project, "lease lost to another node; leaving the project to it");
+            return Ok(false);
+        };
+        self.cursor = self.cursor.max(revision);
+        self.renewed = sent;
+        Ok(true)
+    }
+}
+
 /// Renews this node's lease of a cursor; answers the cursor's revision, `None` when the lease
 /// was lost to another node.
 async fn renew(
@@ -167,25 +191,15 @@ async fn work(
     storage: &PgStorage,
     projector: &dyn Projector,
     project: &Ident,
-    lease: Lease,
+    mut lease: Lease,
     batch_size: usize,
 ) -> Result<(), StorageError> {
     let name = projector.name();
-    let Lease {
-        mut renewed,
-        mut cursor,
-    } = lease;
     loop {
-        if renewed.elapsed() > LEASE / 2 {
-            let sent = tokio::time::Instant::now();
-            let Some(revision) = renew(storage, name, project).await? else {
-                tracing::info!(projector = name, %project, "lease lost to another node; leaving the project to it");
-                return Ok(());
-            };
-            // Every way on from here settles (which renews again) or returns.
-            cursor = cursor.max(revision);
-            renewed = sent;
+        if !lease.keep(storage, name, project).await? {
+            return Ok(());
         }
+        let cursor = lease.cursor;
         let Read {
             tasks,
             last: mut last_read,
@@ -204,21 +218,16 @@ async fn work(
         } else {
             let snapshot = snapshot_for(storage, project, born, &tasks).await?;
             // The reads may have taken a while (a large batch, a project's versions read again):
-            // a lease past half its term is renewed first, so the batch starts on a fresh one
-            // rather than being given up before a renewal is even tried.
-            if renewed.elapsed() > LEASE / 2 {
-                let sent = tokio::time::Instant::now();
-                if renew(storage, name, project).await?.is_none() {
-                    tracing::info!(projector = name, %project, "lease lost to another node; leaving the project to it");
-                    return Ok(());
-                }
-                renewed = sent;
+            // the batch starts on a fresh lease rather than being given up before a renewal is
+            // even tried.
+            if !lease.keep(storage, name, project).await? {
+                return Ok(());
             }
             let Some(step) = leased(
                 storage,
                 name,
                 project,
-                renewed,
+                lease.renewed,
                 step::apply(projector, &snapshot, &tasks),
             )
             .await
@@ -252,9 +261,9 @@ async fn work(
         {
             return Ok(());
         }
-        renewed = tokio::time::Instant::now();
+        lease.renewed = tokio::time::Instant::now();
         storage.note_applied(name, applied, failed);
-        cursor = last_read;
+        lease.cursor = last_read;
         if let Some(error) = step.retry {
             hold(storage, name, project, &error.message).await?;
             return Ok(());
@@ -691,13 +700,10 @@ mod tests {
         claim(&storage, "counting").await.unwrap();
         let renewed = tokio::time::Instant::now();
         // Every renewal waits behind this lock, as on a database that does not answer.
-        let mut locker = crate::storage::conformance::plain_connection().await;
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
-            "BEGIN; LOCK TABLE \"{schema}\".cursors IN ACCESS EXCLUSIVE MODE"
-        )))
-        .execute(&mut locker)
-        .await
-        .unwrap();
+        let mut locker = crate::storage::conformance::holding(&format!(
+            "LOCK TABLE \"{schema}\".cursors IN ACCESS EXCLUSIVE MODE"
+        ))
+        .await;
         let given_up = tokio::time::timeout(
             LEASE,
             leased(
