@@ -106,17 +106,17 @@ pub fn too_many_projects(name: &Ident, max: usize) -> String {
 pub const MAX_EDITS: usize = 100;
 
 /// Refuses to make a project PostgreSQL could never hold: its schemas are named after it
-/// (`{project}_v{n}`), and PostgreSQL reserves schema names starting with `pg_`. A project made
-/// before this rule is still edited.
+/// (`{project}_v{n}`), and PostgreSQL reserves schema names starting with `pg_`, which `pg` and
+/// every name starting with `pg_` make. A project made before this rule is still edited.
 fn check_new_name(p: &Project) -> Result<(), CatalogError> {
     let new = p.versions.is_empty() && p.working.blueprints.is_empty();
-    if new && p.name.as_str().starts_with("pg_") {
+    let name = p.name.as_str();
+    if new && (name == "pg" || name.starts_with("pg_")) {
         return Err(CatalogError::Invalid(vec![FieldError::new(
             "",
             format!(
-                "project name {:?} starts with pg_, which PostgreSQL keeps for its own schemas: \
-                 the project's tables could never be made",
-                p.name.as_str()
+                "project name {name:?} makes schema names that start with pg_ ({name}_v1), which \
+                 PostgreSQL keeps for its own schemas: the project's tables could never be made"
             ),
         )]));
     }

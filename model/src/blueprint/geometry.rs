@@ -177,12 +177,32 @@ fn line_string(value: &Value, min: usize, what: &str) -> Result<geo::LineString<
             items.len()
         ));
     }
-    items
+    let line = items
         .iter()
         .enumerate()
         .map(|(i, p)| position(p).map_err(|e| format!("position {i}: {e}")))
         .collect::<Result<Vec<_>, _>>()
-        .map(geo::LineString::new)
+        .map(geo::LineString::new)?;
+    one_dimension(items, dimension(&items[0]))?;
+    Ok(line)
+}
+
+/// How many numbers a checked position has: 2, or 3 with an altitude.
+fn dimension(position: &Value) -> usize {
+    position.as_array().map_or(0, Vec::len)
+}
+
+/// Refuses positions of one geometry that do not all have an altitude, or all none, as
+/// `dimension` of its first: Elasticsearch refuses such a geometry, which PostGIS would store.
+fn one_dimension(positions: &[Value], first: usize) -> Result<(), String> {
+    match positions.iter().position(|p| dimension(p) != first) {
+        Some(i) => Err(format!(
+            "position {i} has {} numbers where the geometry's first has {first}: a geometry's \
+             positions all have an altitude or none do",
+            dimension(&positions[i])
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The most positions a polygon may have, all its rings together. Checking a polygon compares
@@ -213,9 +233,15 @@ fn polygon(value: &Value) -> Result<(), String> {
         ));
     }
     let mut lines = Vec::with_capacity(rings.len());
+    let mut first = None;
     for (i, ring) in rings.iter().enumerate() {
         let line = line_string(ring, 4, "a linear ring").map_err(|e| format!("ring {i}: {e}"))?;
-        if line.0.first() != line.0.last() {
+        let positions = ring.as_array().map_or(&[][..], Vec::as_slice);
+        let first = *first.get_or_insert(dimension(&positions[0]));
+        one_dimension(positions, first).map_err(|e| format!("ring {i}: {e}"))?;
+        // Whole positions, altitude included (numbers were made floats, so `[0, 0]` closes a
+        // ring opened with `[0.0, 0]`): Elasticsearch refuses a ring whose ends differ in it.
+        if positions.first() != positions.last() {
             return Err(format!(
                 "ring {i} is not closed: its first and last positions differ"
             ));
@@ -490,6 +516,34 @@ mod tests {
         assert!(many(BaseType::Point, &bad_member)
             .unwrap_err()
             .contains("member 1"));
+    }
+
+    /// Elasticsearch refuses a geometry mixing positions with and without an altitude, and a ring
+    /// whose ends differ in altitude alone; PostGIS drops the altitude and takes both.
+    #[test]
+    fn a_geometry_s_positions_share_one_dimension_and_rings_close_in_it() {
+        let line = |coordinates: Value| {
+            single(
+                BaseType::LineString,
+                &json!({"type": "LineString", "coordinates": coordinates}),
+            )
+        };
+        let polygon = |coordinates: Value| {
+            single(
+                BaseType::Polygon,
+                &json!({"type": "Polygon", "coordinates": coordinates}),
+            )
+        };
+        let error = line(json!([[0, 0], [1, 1, 10]])).unwrap_err();
+        assert!(error.contains("position 1 has 3 numbers"), "{error}");
+        assert!(line(json!([[0, 0, 5], [1, 1, 10]])).is_ok());
+        let error = polygon(json!([[[0, 0, 1], [1, 0, 1], [1, 1, 1], [0, 0, 2]]])).unwrap_err();
+        assert!(error.contains("not closed"), "{error}");
+        assert!(polygon(json!([[[0, 0, 1], [1, 0, 1], [1, 1, 1], [0.0, 0, 1.0]]])).is_ok());
+        let shell = json!([[0, 0], [10, 0], [10, 10], [0, 10], [0, 0]]);
+        let hole = json!([[1, 1, 0], [2, 1, 0], [2, 2, 0], [1, 1, 0]]);
+        let error = polygon(json!([shell, hole])).unwrap_err();
+        assert!(error.starts_with("ring 1: position 0 has 3"), "{error}");
     }
 
     #[test]

@@ -51,9 +51,10 @@ impl FieldType {
     }
 }
 
-/// Legacy `geo_shape` prefix-tree parameters: Elasticsearch 8 refuses them although the schema of
-/// `geo_shape` still lists `strategy`.
+/// Legacy `geo_shape` prefix-tree parameters, and index-time `boost`: Elasticsearch 8 refuses them
+/// in a new index although the schemas still list `strategy` and `boost`.
 pub const REFUSED: &[&str] = &[
+    "boost",
     "tree",
     "precision",
     "tree_levels",
@@ -135,6 +136,10 @@ fn check_into(
             continue;
         };
         check_value(kind, value, &path, problems);
+        if key == "meta" {
+            check_meta(type_name, value, &path, problems);
+            continue;
+        }
         // Names an index has only with settings of its own (dstore defines none), and bounds
         // Elasticsearch checks only when it makes the index: each would fail the index's creation
         // for good, after the freeze.
@@ -229,6 +234,45 @@ pub const ANALYZERS: &[&str] = &[
     "ukrainian",
 ];
 
+/// Elasticsearch's rules for a field's `meta`, which it checks only when it makes the index: at
+/// most 5 entries, keys of at most 20 characters, string values of at most 50 (counted as Java
+/// counts, in UTF-16 units), and none on an `object` or `nested` field.
+fn check_meta(type_name: &str, value: &Value, path: &str, problems: &mut Vec<(String, String)>) {
+    let Value::Object(entries) = value else {
+        return; // `check_value` named it
+    };
+    if matches!(type_name, "object" | "nested") {
+        return problems.push((
+            path.to_owned(),
+            format!("Elasticsearch takes no meta on an {type_name} field"),
+        ));
+    }
+    if entries.len() > 5 {
+        problems.push((
+            path.to_owned(),
+            format!(
+                "has {} entries; Elasticsearch takes at most 5",
+                entries.len()
+            ),
+        ));
+    }
+    let units = |s: &str| s.encode_utf16().count();
+    for (key, entry) in entries {
+        let at = format!("{path}/{}", pointer_segment(key));
+        if units(key) > 20 {
+            problems.push((
+                at,
+                "Elasticsearch takes meta keys of at most 20 characters".into(),
+            ));
+        } else if entry.as_str().is_none_or(|s| units(s) > 50) {
+            problems.push((
+                at,
+                "Elasticsearch takes meta values that are strings of at most 50 characters".into(),
+            ));
+        }
+    }
+}
+
 fn check_value(kind: Kind, value: &Value, path: &str, problems: &mut Vec<(String, String)>) {
     let fits = match (kind, value) {
         (Kind::Any, _) => true,
@@ -292,25 +336,25 @@ mod table {
     use super::*;
     pub(super) const CORE_PROPERTY_BASE: &[Param] = &[("copy_to", Any), ("store", Bool)];
     pub(super) const DOC_VALUES_PROPERTY_BASE: &[Param] = &[("doc_values", Any)];
-    pub(super) const NUMBER_PROPERTY_BASE: &[Param] = &[("boost", Number), ("coerce", Bool), ("ignore_malformed", Bool), ("index", Bool), ("on_script_error", OneOf(&["fail", "continue"])), ("script", Object), ("time_series_dimension", Bool), ("time_series_metric", OneOf(&["gauge", "counter", "summary", "histogram", "position"]))];
+    pub(super) const NUMBER_PROPERTY_BASE: &[Param] = &[("coerce", Bool), ("ignore_malformed", Bool), ("index", Bool), ("on_script_error", OneOf(&["fail", "continue"])), ("script", Object), ("time_series_dimension", Bool), ("time_series_metric", OneOf(&["gauge", "counter", "summary", "histogram", "position"]))];
     pub(super) const PROPERTY_BASE: &[Param] = &[("dynamic", OneOf(&["strict", "runtime", "true", "false"])), ("fields", Properties), ("ignore_above", Number), ("meta", Object), ("properties", Properties), ("synthetic_source_keep", OneOf(&["none", "arrays", "all"]))];
-    pub(super) const RANGE_PROPERTY_BASE: &[Param] = &[("boost", Number), ("coerce", Bool), ("index", Bool)];
+    pub(super) const RANGE_PROPERTY_BASE: &[Param] = &[("coerce", Bool), ("index", Bool)];
     pub(super) const FIELD_TYPES: &[FieldType] = &[
         FieldType { name: "aggregate_metric_double", bases: &[PROPERTY_BASE], own: &[("default_metric", Str), ("ignore_malformed", Bool), ("metrics", Array), ("time_series_metric", OneOf(&["gauge", "counter", "summary", "histogram", "position"]))] },
         FieldType { name: "alias", bases: &[PROPERTY_BASE], own: &[("path", Str)] },
         FieldType { name: "binary", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[] },
-        FieldType { name: "boolean", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("boost", Number), ("fielddata", Object), ("ignore_malformed", Bool), ("index", Bool), ("null_value", Bool), ("on_script_error", OneOf(&["fail", "continue"])), ("script", Object), ("time_series_dimension", Bool)] },
+        FieldType { name: "boolean", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("fielddata", Object), ("ignore_malformed", Bool), ("index", Bool), ("null_value", Bool), ("on_script_error", OneOf(&["fail", "continue"])), ("script", Object), ("time_series_dimension", Bool)] },
         FieldType { name: "byte", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE, NUMBER_PROPERTY_BASE], own: &[("null_value", Number)] },
         FieldType { name: "completion", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("analyzer", Str), ("contexts", Array), ("max_input_length", Number), ("preserve_position_increments", Bool), ("preserve_separators", Bool), ("search_analyzer", Str)] },
         FieldType { name: "constant_keyword", bases: &[PROPERTY_BASE], own: &[("value", Object)] },
         FieldType { name: "counted_keyword", bases: &[PROPERTY_BASE], own: &[("index", Bool)] },
-        FieldType { name: "date", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("boost", Number), ("fielddata", Object), ("format", Str), ("ignore_malformed", Bool), ("index", Bool), ("locale", Str), ("null_value", Any), ("on_script_error", OneOf(&["fail", "continue"])), ("precision_step", Number), ("script", Object)] },
-        FieldType { name: "date_nanos", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("boost", Number), ("format", Str), ("ignore_malformed", Bool), ("index", Bool), ("null_value", Any), ("on_script_error", OneOf(&["fail", "continue"])), ("precision_step", Number), ("script", Object)] },
+        FieldType { name: "date", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("fielddata", Object), ("format", Str), ("ignore_malformed", Bool), ("index", Bool), ("locale", Str), ("null_value", Any), ("on_script_error", OneOf(&["fail", "continue"])), ("precision_step", Number), ("script", Object)] },
+        FieldType { name: "date_nanos", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("format", Str), ("ignore_malformed", Bool), ("index", Bool), ("null_value", Any), ("on_script_error", OneOf(&["fail", "continue"])), ("precision_step", Number), ("script", Object)] },
         FieldType { name: "date_range", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE, RANGE_PROPERTY_BASE], own: &[("format", Str)] },
         FieldType { name: "dense_vector", bases: &[PROPERTY_BASE], own: &[("dims", Number), ("element_type", OneOf(&["bit", "byte", "float"])), ("index", Bool), ("index_options", Object), ("similarity", OneOf(&["cosine", "dot_product", "l2_norm", "max_inner_product"]))] },
         FieldType { name: "double", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE, NUMBER_PROPERTY_BASE], own: &[("null_value", Number)] },
         FieldType { name: "double_range", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE, RANGE_PROPERTY_BASE], own: &[] },
-        FieldType { name: "flattened", bases: &[PROPERTY_BASE], own: &[("boost", Number), ("depth_limit", Number), ("doc_values", Bool), ("eager_global_ordinals", Bool), ("index", Bool), ("index_options", OneOf(&["docs", "freqs", "positions", "offsets"])), ("null_value", Str), ("preserve_leaf_arrays", OneOf(&["lossy", "exact"])), ("similarity", Str), ("split_queries_on_whitespace", Bool), ("time_series_dimensions", Array)] },
+        FieldType { name: "flattened", bases: &[PROPERTY_BASE], own: &[("depth_limit", Number), ("doc_values", Bool), ("eager_global_ordinals", Bool), ("index", Bool), ("index_options", OneOf(&["docs", "freqs", "positions", "offsets"])), ("null_value", Str), ("preserve_leaf_arrays", OneOf(&["lossy", "exact"])), ("similarity", Str), ("split_queries_on_whitespace", Bool), ("time_series_dimensions", Array)] },
         FieldType { name: "float", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE, NUMBER_PROPERTY_BASE], own: &[("null_value", Number)] },
         FieldType { name: "float_range", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE, RANGE_PROPERTY_BASE], own: &[] },
         FieldType { name: "geo_point", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("ignore_malformed", Bool), ("ignore_z_value", Bool), ("index", Bool), ("null_value", Any), ("on_script_error", OneOf(&["fail", "continue"])), ("script", Object), ("time_series_metric", OneOf(&["gauge", "counter", "position"]))] },
@@ -320,10 +364,10 @@ mod table {
         FieldType { name: "icu_collation_keyword", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("alternate", OneOf(&["shifted", "non-ignorable"])), ("case_first", OneOf(&["lower", "upper"])), ("case_level", Bool), ("country", Str), ("decomposition", OneOf(&["no", "identical"])), ("hiragana_quaternary_mode", Bool), ("index", Bool), ("index_options", OneOf(&["docs", "freqs", "positions", "offsets"])), ("language", Str), ("norms", Bool), ("null_value", Str), ("numeric", Bool), ("rules", Str), ("strength", OneOf(&["primary", "secondary", "tertiary", "quaternary", "identical"])), ("variable_top", Str), ("variant", Str)] },
         FieldType { name: "integer", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE, NUMBER_PROPERTY_BASE], own: &[("null_value", Number)] },
         FieldType { name: "integer_range", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE, RANGE_PROPERTY_BASE], own: &[] },
-        FieldType { name: "ip", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("boost", Number), ("ignore_malformed", Bool), ("index", Bool), ("null_value", Str), ("on_script_error", OneOf(&["fail", "continue"])), ("script", Object), ("time_series_dimension", Bool)] },
+        FieldType { name: "ip", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("ignore_malformed", Bool), ("index", Bool), ("null_value", Str), ("on_script_error", OneOf(&["fail", "continue"])), ("script", Object), ("time_series_dimension", Bool)] },
         FieldType { name: "ip_range", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE, RANGE_PROPERTY_BASE], own: &[] },
         FieldType { name: "join", bases: &[PROPERTY_BASE], own: &[("eager_global_ordinals", Bool), ("relations", Object)] },
-        FieldType { name: "keyword", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("boost", Number), ("eager_global_ordinals", Bool), ("index", Bool), ("index_options", OneOf(&["docs", "freqs", "positions", "offsets"])), ("normalizer", Str), ("norms", Bool), ("null_value", Str), ("on_script_error", OneOf(&["fail", "continue"])), ("script", Object), ("similarity", Any), ("split_queries_on_whitespace", Bool), ("time_series_dimension", Bool)] },
+        FieldType { name: "keyword", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("eager_global_ordinals", Bool), ("index", Bool), ("index_options", OneOf(&["docs", "freqs", "positions", "offsets"])), ("normalizer", Str), ("norms", Bool), ("null_value", Str), ("on_script_error", OneOf(&["fail", "continue"])), ("script", Object), ("similarity", Any), ("split_queries_on_whitespace", Bool), ("time_series_dimension", Bool)] },
         FieldType { name: "long", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE, NUMBER_PROPERTY_BASE], own: &[("null_value", Number)] },
         FieldType { name: "long_range", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE, RANGE_PROPERTY_BASE], own: &[] },
         FieldType { name: "match_only_text", bases: &[], own: &[("copy_to", Any), ("fields", Properties), ("meta", Object)] },
@@ -342,8 +386,8 @@ mod table {
         FieldType { name: "shape", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("coerce", Bool), ("ignore_malformed", Bool), ("ignore_z_value", Bool), ("orientation", OneOf(&["right", "RIGHT", "counterclockwise", "ccw", "left", "LEFT", "clockwise", "cw"]))] },
         FieldType { name: "short", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE, NUMBER_PROPERTY_BASE], own: &[("null_value", Number)] },
         FieldType { name: "sparse_vector", bases: &[PROPERTY_BASE], own: &[("index_options", Object), ("store", Bool)] },
-        FieldType { name: "text", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE], own: &[("analyzer", Str), ("boost", Number), ("eager_global_ordinals", Bool), ("fielddata", Bool), ("fielddata_frequency_filter", Object), ("index", Bool), ("index_options", OneOf(&["docs", "freqs", "positions", "offsets"])), ("index_phrases", Bool), ("index_prefixes", Any), ("norms", Bool), ("position_increment_gap", Number), ("search_analyzer", Str), ("search_quote_analyzer", Str), ("similarity", Any), ("term_vector", OneOf(&["no", "yes", "with_offsets", "with_positions", "with_positions_offsets", "with_positions_offsets_payloads", "with_positions_payloads"]))] },
-        FieldType { name: "token_count", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("analyzer", Str), ("boost", Number), ("enable_position_increments", Bool), ("index", Bool), ("null_value", Number)] },
+        FieldType { name: "text", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE], own: &[("analyzer", Str), ("eager_global_ordinals", Bool), ("fielddata", Bool), ("fielddata_frequency_filter", Object), ("index", Bool), ("index_options", OneOf(&["docs", "freqs", "positions", "offsets"])), ("index_phrases", Bool), ("index_prefixes", Any), ("norms", Bool), ("position_increment_gap", Number), ("search_analyzer", Str), ("search_quote_analyzer", Str), ("similarity", Any), ("term_vector", OneOf(&["no", "yes", "with_offsets", "with_positions", "with_positions_offsets", "with_positions_offsets_payloads", "with_positions_payloads"]))] },
+        FieldType { name: "token_count", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("analyzer", Str), ("enable_position_increments", Bool), ("index", Bool), ("null_value", Number)] },
         FieldType { name: "unsigned_long", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE, NUMBER_PROPERTY_BASE], own: &[("null_value", Number)] },
         FieldType { name: "version", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[] },
         FieldType { name: "wildcard", bases: &[PROPERTY_BASE, CORE_PROPERTY_BASE, DOC_VALUES_PROPERTY_BASE], own: &[("null_value", Str)] },
@@ -496,6 +540,43 @@ mod tests {
         assert_eq!(
             problems(json!({"type": "object", "properties": {"a": {"enabled": "no"}}})),
             ["/properties/a/enabled"]
+        );
+        assert_eq!(problems(json!({"boost": 2})), ["/boost"]);
+        assert_eq!(problems(json!({"type": "text", "boost": 1.5})), ["/boost"]);
+    }
+
+    /// Elasticsearch checks a field's `meta` only when it makes the index, which would fail for
+    /// good after the freeze.
+    #[test]
+    fn meta_is_held_to_elasticsearch_s_limits() {
+        let problems = |mapping: Value| {
+            let mut found: Vec<String> =
+                check_property(mapping.as_object().expect("object"), Some("keyword"))
+                    .into_iter()
+                    .map(|(p, _)| p)
+                    .collect();
+            found.sort();
+            found
+        };
+        let fine = json!({"meta": {"unit": "ms", "metric_type": "gauge", "k": "é".repeat(50)}});
+        assert!(problems(fine).is_empty());
+        assert_eq!(problems(json!({"meta": {"unit": 5}})), ["/meta/unit"]);
+        assert_eq!(
+            problems(json!({"meta": {"k": "x".repeat(51), "a".repeat(21): "v", "ok": "v"}})),
+            ["/meta/aaaaaaaaaaaaaaaaaaaaa", "/meta/k"]
+        );
+        assert_eq!(
+            problems(json!({"meta": {"a": "1", "b": "2", "c": "3", "d": "4", "e": "5", "f": "6"}})),
+            ["/meta"]
+        );
+        // An astral character is two units to Java.
+        assert_eq!(
+            problems(json!({"meta": {"k": "😀".repeat(26)}})),
+            ["/meta/k"]
+        );
+        assert_eq!(
+            problems(json!({"type": "object", "meta": {"unit": "ms"}})),
+            ["/meta"]
         );
     }
 
