@@ -56,6 +56,11 @@ impl InFlight {
         })
     }
 
+    /// The most all shares may hold together.
+    pub fn limit(&self) -> usize {
+        self.limit
+    }
+
     /// Bytes held now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)

@@ -225,10 +225,15 @@ async fn list_dead_letters(
         .storage
         .dead_letters(filter, params.after.as_deref(), limit)
         .await?;
-    Ok(HttpResponse::Ok().json(DeadLetters {
-        dead_letters: &letters,
-        next,
-    }))
+    // Counted against the in-flight budget until sent, as a page of the change feed is.
+    super::body::held_json(
+        state,
+        "the page of dead letters",
+        &DeadLetters {
+            dead_letters: &letters,
+            next,
+        },
+    )
 }
 
 /// The answer of `GET /_dead_letters`, written as it is: a task's documents are JSON text, copied

@@ -29,6 +29,7 @@ struct WriteParams {
 pub const MAX_WAIT_SECS: u64 = 3600;
 
 fn write_params(request: &HttpRequest) -> Result<WriteParams, ApiError> {
+    refuse_preconditions(request)?;
     let params = super::query::read::<WriteParams>(request.query_string())?;
     if let Some(timeout) = params.timeout.filter(|t| *t > MAX_WAIT_SECS) {
         return Err(ApiError::bad_request(
@@ -37,6 +38,33 @@ fn write_params(request: &HttpRequest) -> Result<WriteParams, ApiError> {
         ));
     }
     Ok(params)
+}
+
+/// Refuses a write that carries a precondition (RFC 9110 §13): a server must evaluate one before
+/// it performs the method or not perform it, and dstore has no entity tags to evaluate it with.
+/// Written anyway, a client guarding its update with `If-Match` would overwrite a newer write
+/// without a word.
+fn refuse_preconditions(request: &HttpRequest) -> Result<(), ApiError> {
+    use actix_web::http::header;
+    let headers = request.headers();
+    let named = [
+        header::IF_MATCH,
+        header::IF_NONE_MATCH,
+        header::IF_UNMODIFIED_SINCE,
+        header::IF_MODIFIED_SINCE,
+    ]
+    .into_iter()
+    .find(|name| headers.contains_key(name));
+    match named {
+        Some(name) => Err(ApiError::bad_request(
+            name.as_str(),
+            format!(
+                "dstore does not evaluate the precondition {name}: item writes take no entity \
+                 tags, so nothing was written; send the write without it"
+            ),
+        )),
+        None => Ok(()),
+    }
 }
 
 /// The answers' content type, as a ready header value: `ContentType::json()` writes its media type
@@ -345,51 +373,70 @@ async fn read(
         snapshot = state.storage.fresh_snapshot(&project).await?;
     }
     snapshot.project(&project)?;
-    let record = state
+    let stored = state
         .storage
-        .item(&project, &blueprint, &id)
+        .item_bytes(&project, &blueprint, &id)
         .await?
         .ok_or_else(|| {
             ApiError::NotFound(format!("item {id} does not exist in {project}/{blueprint}"))
         })?;
-    let revision = record.revision;
-    let record = std::sync::Arc::new(record);
-    let rendered = match render(&snapshot, &project, &blueprint, &record, version).await {
+    // The decoded item and its answer are counted until the answer is sent, as a write's body is
+    // (`body::JSON_FACTOR` a stored byte at most, for the decoded tree): concurrent reads of large
+    // items wait for memory as their writes did, instead of growing the process. A read never
+    // takes more than the whole budget, so an item too large to be read beside others is still
+    // read alone.
+    let share = std::sync::Arc::new(state.in_flight.share());
+    share.grow(
+        stored
+            .len()
+            .saturating_mul(body::JSON_FACTOR)
+            .min(state.in_flight.limit()),
+    )?;
+    let stored = std::sync::Arc::new(stored);
+    let (revision, rendered) = match render(&snapshot, &project, &blueprint, &stored, version).await
+    {
         Ok(rendered) => rendered,
         // The item may be of a version this node does not know yet.
         Err(_) => {
             let fresh = state.storage.fresh_snapshot(&project).await?;
-            render(&fresh, &project, &blueprint, &record, version).await?
+            render(&fresh, &project, &blueprint, &stored, version).await?
         }
     };
+    drop(stored);
+    share.resize(rendered.len())?;
     Ok(HttpResponse::Ok()
         .insert_header(("x-dstore-revision", revision.to_string()))
         .content_type("application/json")
-        .body(rendered))
+        .body(body::Held::new(rendered.into(), share)))
 }
 
-/// The JSON of an item as a client of `version` sees it ([`read_at`]); a large item is transformed
-/// and serialized off the HTTP worker (`crate::aside`), as its write was prepared.
+/// The revision of a stored item and its JSON as a client of `version` sees it ([`read_at`]);
+/// a large item is decoded, transformed and serialized off the HTTP worker (`crate::aside`) in
+/// one step, so no decoded item waits there for a place.
 async fn render(
     snapshot: &std::sync::Arc<crate::catalog::Snapshot>,
     project: &Ident,
     blueprint: &Ident,
-    record: &std::sync::Arc<crate::journal::ItemRecord>,
+    stored: &std::sync::Arc<Vec<u8>>,
     version: Option<u32>,
-) -> Result<Vec<u8>, ApiError> {
+) -> Result<(u64, Vec<u8>), ApiError> {
     let run = {
-        let (snapshot, project, blueprint, record) = (
+        let (snapshot, project, blueprint, stored) = (
             snapshot.clone(),
             project.clone(),
             blueprint.clone(),
-            record.clone(),
+            stored.clone(),
         );
-        move || -> Result<Vec<u8>, ApiError> {
+        move || -> Result<(u64, Vec<u8>), ApiError> {
+            let record = crate::journal::codec::decode_record(&stored)
+                .map_err(crate::storage::StorageError::from)?;
             let doc = read_at(&snapshot, &project, &blueprint, &record, version)?;
-            serde_json::to_vec(&doc).map_err(|e| ApiError::Internal(e.to_string()))
+            let rendered =
+                serde_json::to_vec(&doc).map_err(|e| ApiError::Internal(e.to_string()))?;
+            Ok((record.revision, rendered))
         }
     };
-    crate::aside::sized(record.stored_bytes, run)
+    crate::aside::sized(stored.len(), run)
         .await
         .map_err(|e| ApiError::Internal(format!("reading the item: {e}")))?
 }

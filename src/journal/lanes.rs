@@ -42,6 +42,11 @@ pub(super) fn count_tasks(db: &rocksdb::DB, projector: &str) -> Result<u64, Jour
 /// Dead letters read and queued again at once by a retry.
 pub(crate) const RETRY_PAGE: usize = 1000;
 
+/// Where a page of dead letters ends, in bytes of letters, however many it may hold (one at
+/// least): a letter holds its item for every live version, and a thousand large ones would not fit
+/// in memory.
+pub(crate) const LETTER_PAGE_BYTES: usize = BATCH_BYTES;
+
 /// Most dead letters one page of a project's letters looks at: a page may then hold fewer than
 /// its limit and still have a next one, but it never reads every other project's letters.
 const LOOKED_AT_PER_PAGE: usize = 10_000;
@@ -244,10 +249,12 @@ impl Journal {
     /// Removes, in `batch`, the projector's earlier dead letters of the items `dead` holds letters
     /// of, and notes the new ones as their items' letters; answers how many it removed, and the
     /// seqs of `dead` that an item's newer letter replaces already (not to be written). A letter
-    /// is one item's write refused, and only the newest can matter: a retry of an older one is
-    /// passed over as superseded. Kept one per write, a client rewriting one item the store
+    /// is one item's write refused, and only the newest revision can matter: a retry of an older
+    /// one is passed over as superseded. Kept one per write, a client rewriting one item the store
     /// refuses (a `unique` value another item holds) grew the letters without bound, up to a
-    /// full disk that refuses every project's writes.
+    /// full disk that refuses every project's writes. Letters of one revision are all kept: a
+    /// back-fill or a rebuild writes an item again at its revision, one task per version, each
+    /// carrying its own versions' documents, and a retry must send each.
     fn replace_letters(
         &self,
         projector: &str,
@@ -255,41 +262,74 @@ impl Journal {
         batch: &mut WriteBatch,
     ) -> Result<(u64, HashSet<u64>), JournalError> {
         let (mut replaced, mut older) = (0, HashSet::new());
-        let mut newest: HashMap<Vec<u8>, u64> = HashMap::new();
+        // Per item: the newest revision among its letters, and their seqs.
+        let mut newest: HashMap<Vec<u8>, (u64, Vec<u64>)> = HashMap::new();
         for letter in dead {
-            let Some(index) = letter
-                .task
-                .as_ref()
-                .and_then(|task| keys::letter_of_item(projector, task))
-            else {
+            let Some((index, revision)) = letter.task.as_ref().and_then(|task| {
+                Some((keys::letter_of_item(projector, task)?, task.op.revision()?))
+            }) else {
                 continue;
             };
             match newest.entry(index) {
                 Entry::Vacant(entry) => {
-                    entry.insert(letter.seq);
+                    entry.insert((revision, vec![letter.seq]));
                 }
-                // Two letters of one item in one report: the older is not written.
+                // Two letters of one item in one report: an older revision's is not written.
                 Entry::Occupied(mut entry) => {
-                    older.insert(letter.seq.min(*entry.get()));
-                    entry.insert(letter.seq.max(*entry.get()));
+                    let (kept, seqs) = entry.get_mut();
+                    match revision.cmp(kept) {
+                        std::cmp::Ordering::Greater => {
+                            older.extend(seqs.drain(..));
+                            *kept = revision;
+                            seqs.push(letter.seq);
+                        }
+                        std::cmp::Ordering::Equal => seqs.push(letter.seq),
+                        std::cmp::Ordering::Less => {
+                            older.insert(letter.seq);
+                        }
+                    }
                 }
             }
         }
-        for (index, seq) in newest {
+        for (index, (revision, seqs)) in newest {
+            let mut top = seqs.iter().copied().max().unwrap_or_default();
             if let Some(bytes) = self.db.get_cf(self.cf(CF_META), &index)? {
-                let earlier = u64::from_be_bytes(bytes.as_slice().try_into().unwrap_or_default());
-                if earlier > seq {
-                    // A report delivered late: the item's letter is newer already.
-                    older.insert(seq);
-                    continue;
-                }
+                let earlier = u64::from_be_bytes(
+                    bytes
+                        .get(..8)
+                        .and_then(|b| b.try_into().ok())
+                        .unwrap_or_default(),
+                );
                 let key = keys::task(projector, earlier);
-                if earlier < seq && self.db.get_pinned_cf(self.cf(CF_DEAD), &key)?.is_some() {
-                    batch.delete_cf(self.cf(CF_DEAD), key);
-                    replaced += 1;
+                let earlier_revision = match bytes.get(8..16) {
+                    Some(stored) => stored.try_into().ok().map(u64::from_be_bytes),
+                    // Noted before letters named their revision: the letter's own task says it.
+                    None => self
+                        .db
+                        .get_pinned_cf(self.cf(CF_DEAD), &key)?
+                        .and_then(|letter| serde_json::from_slice::<DeadLetter>(&letter).ok())
+                        .and_then(|letter| letter.task?.op.revision()),
+                };
+                match earlier_revision.map(|earlier| earlier.cmp(&revision)) {
+                    // A report delivered late: the item's letter is newer already.
+                    Some(std::cmp::Ordering::Greater) => {
+                        older.extend(seqs);
+                        continue;
+                    }
+                    Some(std::cmp::Ordering::Equal) => top = top.max(earlier),
+                    _ => {
+                        if earlier != top
+                            && self.db.get_pinned_cf(self.cf(CF_DEAD), &key)?.is_some()
+                        {
+                            batch.delete_cf(self.cf(CF_DEAD), key);
+                            replaced += 1;
+                        }
+                    }
                 }
             }
-            batch.put_cf(self.cf(CF_META), index, seq.to_be_bytes());
+            let mut value = top.to_be_bytes().to_vec();
+            value.extend_from_slice(&revision.to_be_bytes());
+            batch.put_cf(self.cf(CF_META), index, value);
         }
         Ok((replaced, older))
     }
@@ -585,7 +625,7 @@ impl Journal {
             .map(keys::projector_prefix)
             .unwrap_or_default();
         let start = after.filter(|a| *a > prefix.as_slice()).unwrap_or(&prefix);
-        let (mut out, mut looked_at, mut last) = (Vec::new(), 0, None);
+        let (mut out, mut looked_at, mut last, mut bytes) = (Vec::new(), 0, None, 0);
         for entry in self.db.iterator_cf(
             self.cf(CF_DEAD),
             IteratorMode::From(start, rocksdb::Direction::Forward),
@@ -597,7 +637,7 @@ impl Journal {
             if !key.starts_with(&prefix) {
                 break;
             }
-            if out.len() >= limit || looked_at >= LOOKED_AT_PER_PAGE {
+            if out.len() >= limit || looked_at >= LOOKED_AT_PER_PAGE || bytes >= LETTER_PAGE_BYTES {
                 return Ok((out, last)); // there is at least one more
             }
             looked_at += 1;
@@ -622,6 +662,7 @@ impl Journal {
                 at: String::new(),
             });
             letter.seq = keys::task_seq(&key);
+            bytes += value.len();
             out.push((key.to_vec(), letter));
         }
         Ok((out, None))

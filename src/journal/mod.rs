@@ -41,7 +41,7 @@ use crate::catalog::{Catalog, CatalogError, Version};
 use crate::projector::ProjectorKind;
 pub use codec::decode_task;
 use lanes::count_tasks;
-pub(crate) use lanes::RETRY_PAGE;
+pub(crate) use lanes::{LETTER_PAGE_BYTES, RETRY_PAGE};
 use rewrite::{index_changes, move_deleted};
 use task::{Task, TaskOp, VersionDoc};
 pub use writer::Command;
@@ -458,6 +458,9 @@ pub struct Journal {
     /// Shared with the writer (see `Writer::stage_panics`).
     #[cfg(test)]
     stage_panics: Arc<std::sync::atomic::AtomicBool>,
+    /// Shared with the writer (see `Writer::unsynced_drops`).
+    #[cfg(test)]
+    unsynced_drops: Arc<AtomicU64>,
     /// While set, back-fills wait before each chunk (a test's way to act before one runs).
     #[cfg(test)]
     backfills_held: std::sync::atomic::AtomicBool,
@@ -622,6 +625,8 @@ impl Journal {
             #[cfg(test)]
             stage_panics: Arc::default(),
             #[cfg(test)]
+            unsynced_drops: Arc::default(),
+            #[cfg(test)]
             backfills_held: std::sync::atomic::AtomicBool::new(false),
             #[cfg(test)]
             dead_letter_counts: AtomicU64::new(0),
@@ -648,6 +653,7 @@ impl Journal {
             worker.disk_reads_fail = journal.disk_reads_fail.clone();
             worker.disk_writes_fail = journal.disk_writes_fail.clone();
             worker.stage_panics = journal.stage_panics.clone();
+            worker.unsynced_drops = journal.unsynced_drops.clone();
             worker
         };
         let thread = std::thread::Builder::new()
@@ -1360,6 +1366,96 @@ mod tests {
         journal.close().await;
     }
 
+    /// Under buffered durability a drop's batch is still synced before its catalog mark is
+    /// cleared: lost with the machine, it would leave a journal holding the project the catalog
+    /// forgot, which a start refuses, and drop tasks nothing would queue again.
+    #[tokio::test]
+    async fn a_drop_is_synced_before_its_mark_is_cleared_under_buffered_durability() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            ..
+        } = fixture(Durability::Buffered, vec!["store"]).await;
+        conformance::write(storage.as_ref(), &project, Uuid::new_v4(), "x").await;
+        storage.drop_project(&project).await.unwrap();
+        assert_eq!(journal.unsynced_drops.load(Ordering::Relaxed), 0);
+        journal.close().await;
+    }
+
+    /// A back-fill or a rebuild writes an item again at its revision, one task per version: when
+    /// the store refuses several of them, each letter is kept, whether they come in one report or
+    /// one at a time, and a retry sends every version again, not only the last letter's.
+    #[tokio::test]
+    async fn letters_of_one_revision_for_other_versions_are_all_kept_and_retried() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            ..
+        } = fixture(Durability::Buffered, vec!["store"]).await;
+        let (one, two) = (Uuid::new_v4(), Uuid::new_v4());
+        conformance::write(storage.as_ref(), &project, one, "one").await;
+        conformance::write(storage.as_ref(), &project, two, "two").await;
+        // Two more writes, whose seqs the letters a back-fill's tasks would leave take.
+        for spare in ["three", "four"] {
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), spare).await;
+        }
+        let tasks = journal.pending("store", 100).unwrap();
+        let last = tasks.iter().map(|t| t.seq).max().unwrap();
+        // Each item's write, and the same revision's task for version 2 a back-fill would queue.
+        let letters = |id: Uuid, seq: u64| {
+            let task = tasks
+                .iter()
+                .find(|t| t.op.item().map(|(_, i)| *i) == Some(id));
+            let task = task.expect("the item's write");
+            let raw = journal.pending_raw("store", task.seq).unwrap().unwrap();
+            let first = DeadLetter::from_raw("store", task.seq, &raw, "refused".into());
+            let mut again = first.clone();
+            again.seq = seq;
+            if let Some(TaskOp::Upsert { docs, .. }) = again.task.as_mut().map(|t| &mut t.op) {
+                docs.iter_mut().for_each(|doc| doc.version = 2);
+            }
+            (first, again)
+        };
+        let (a, b) = letters(one, last - 1);
+        journal.ack("store", &[], vec![a]).unwrap();
+        journal.ack("store", &[], vec![b]).unwrap();
+        let (c, d) = letters(two, last);
+        journal.ack("store", &[], vec![d, c]).unwrap();
+        let (listed, _) = journal
+            .dead_letters(LetterFilter::default(), None, 100)
+            .unwrap();
+        assert_eq!(listed.len(), 4, "{listed:?}");
+        assert_eq!(journal.progress("store").dead_letters, 4);
+        assert_eq!(
+            journal
+                .retry_dead_letters(LetterFilter::default())
+                .await
+                .unwrap(),
+            4
+        );
+        let mut sent: Vec<(Uuid, u32)> = journal
+            .pending("store", 100)
+            .unwrap()
+            .into_iter()
+            .filter(|t| t.seq > last)
+            .flat_map(|t| match t.op {
+                TaskOp::Upsert { id, docs, .. } => {
+                    docs.into_iter().map(|d| (id, d.version)).collect()
+                }
+                _ => Vec::new(),
+            })
+            .collect();
+        sent.sort();
+        let mut expected = vec![(one, 1), (one, 2), (two, 1), (two, 2)];
+        expected.sort();
+        assert_eq!(sent, expected);
+        journal.close().await;
+    }
+
     /// A dead letter that does not decode (damaged, or written by a newer dstore) is listed as
     /// unreadable and belongs to no project: the listing and the retries of the others go on.
     #[tokio::test]
@@ -1851,6 +1947,61 @@ mod tests {
         let read = journal.outbox("store", 0, 1000).unwrap();
         assert_eq!(read.len(), 4);
         assert_eq!(journal.outbox("store", read[3].0, 1000).unwrap().len(), 3);
+    }
+
+    /// A page of dead letters ends after `LETTER_PAGE_BYTES` of letters, however many it may
+    /// hold: a letter holds its item, and a thousand large ones listed at once were gigabytes.
+    /// Paging goes on to every one, and a retry queues every one.
+    #[tokio::test]
+    async fn a_page_of_dead_letters_ends_after_a_page_of_bytes() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            ..
+        } = fixture(Durability::Buffered, vec!["store"]).await;
+        ack_migration(&journal);
+        let title = "x".repeat(LETTER_PAGE_BYTES / 3 + 1);
+        for _ in 0..5 {
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &title).await;
+        }
+        // A read of pending tasks ends after a batch of bytes too.
+        let (mut letters, mut from) = (Vec::new(), 0);
+        loop {
+            let pending = journal.pending_from("store", from, 100, |_| false).unwrap();
+            let Some(last) = pending.tasks.last() else {
+                break;
+            };
+            from = last.seq + 1;
+            letters.extend(pending.tasks.iter().map(|t| {
+                let raw = journal.pending_raw("store", t.seq).unwrap().unwrap();
+                DeadLetter::from_raw("store", t.seq, &raw, "refused".into())
+            }));
+        }
+        assert_eq!(letters.len(), 5);
+        journal.ack("store", &[], letters).unwrap();
+        let (first, next) = journal
+            .dead_letters(LetterFilter::default(), None, 1000)
+            .unwrap();
+        assert_eq!(
+            first.len(),
+            3,
+            "the page ends with the letter that passes the bytes"
+        );
+        let (rest, end) = journal
+            .dead_letters(LetterFilter::default(), next.as_deref(), 1000)
+            .unwrap();
+        assert_eq!(rest.len(), 2);
+        assert!(end.is_none());
+        assert_eq!(
+            journal
+                .retry_dead_letters(LetterFilter::default())
+                .await
+                .unwrap(),
+            5
+        );
+        journal.close().await;
     }
 
     /// Acknowledges the fixture's first task, its migration, so the store's next tasks are items.

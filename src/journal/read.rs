@@ -20,13 +20,22 @@ impl Journal {
         blueprint: &Ident,
         id: &Uuid,
     ) -> Result<Option<ItemRecord>, JournalError> {
-        match self
-            .db
-            .get_cf(self.cf(CF_ITEMS), keys::item(project, blueprint, id))?
-        {
+        match self.item_bytes(project, blueprint, id)? {
             Some(bytes) => Ok(Some(codec::decode_record_aside(bytes).await?)),
             None => Ok(None),
         }
+    }
+
+    /// An item's record as stored (`codec::record_value`), not decoded.
+    pub fn item_bytes(
+        &self,
+        project: &Ident,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<Vec<u8>>, JournalError> {
+        Ok(self
+            .db
+            .get_cf(self.cf(CF_ITEMS), keys::item(project, blueprint, id))?)
     }
 
     /// The blueprint uid an item was stored with, if it exists, without decoding the item.

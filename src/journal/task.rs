@@ -54,6 +54,14 @@ impl TaskOp {
         }
     }
 
+    /// The revision of the item write a task carries; `None` for a task of no item.
+    pub fn revision(&self) -> Option<u64> {
+        match self {
+            TaskOp::Upsert { revision, .. } | TaskOp::Delete { revision, .. } => Some(*revision),
+            TaskOp::Migrate { .. } | TaskOp::DropProject => None,
+        }
+    }
+
     /// Whether this item write, refused by a store, is settled by its item's state now (`now`:
     /// the item's revision, `None` when it is not there): written again since, the newer write
     /// reached the store with a task of its own; deleted since, an upsert would bring it back. A

@@ -148,6 +148,10 @@ pub struct Writer {
     /// Set by tests: staging the next item write panics, as a fault in dstore would.
     #[cfg(test)]
     pub(super) stage_panics: Arc<AtomicBool>,
+    /// Read by tests: drops whose batch was written unsynced before their catalog mark was
+    /// cleared.
+    #[cfg(test)]
+    pub(super) unsynced_drops: Arc<AtomicU64>,
 }
 
 /// An answer to send once the batch is written.
@@ -631,6 +635,8 @@ impl Writer {
             disk_writes_fail: Arc::default(),
             #[cfg(test)]
             stage_panics: Arc::default(),
+            #[cfg(test)]
+            unsynced_drops: Arc::default(),
         }
     }
 
@@ -684,6 +690,12 @@ impl Writer {
     pub fn run(self, commands: Receiver<Command>, journal: Weak<Journal>) {
         let mut options = WriteOptions::default();
         options.set_sync(self.durability == Durability::Sync);
+        // A drop's batch is synced whatever the durability: its catalog mark is cleared, synced,
+        // once it is written, and a journal that lost the batch with the machine would still hold
+        // the project the catalog forgot (a start refuses such a pair) and its drop tasks, which
+        // nothing would queue again.
+        let mut synced = WriteOptions::default();
+        synced.set_sync(true);
         // The size of the last batch: the next one starts with room for as much, so a large batch
         // is not built by growing and copying its buffer step by step.
         let mut room = 0;
@@ -778,7 +790,15 @@ impl Writer {
                     .map(|()| reserved = seq.saturating_add(SEQ_RESERVE)),
                 (true, false) => Ok(()),
             }
-            .and_then(|()| self.commit(batch, &options).map_err(Unwritten::Storage));
+            .and_then(|()| {
+                let sync = self.durability == Durability::Sync || !dropped.is_empty();
+                #[cfg(test)]
+                if !sync && !dropped.is_empty() {
+                    self.unsynced_drops.fetch_add(1, Ordering::Relaxed);
+                }
+                let options = if sync { &synced } else { &options };
+                self.commit(batch, options).map_err(Unwritten::Storage)
+            });
             if result.is_err() {
                 for (pending, queued) in self.pending.iter().zip(&queued) {
                     pending.fetch_sub(*queued, Ordering::AcqRel);
@@ -1131,12 +1151,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
                     stage.batch.delete_cf(dead, key);
                     continue;
                 }
-                let revision = match &task.op {
-                    TaskOp::Upsert { revision, .. } | TaskOp::Delete { revision, .. } => {
-                        Some(*revision)
-                    }
-                    TaskOp::Migrate { .. } | TaskOp::DropProject => None,
-                };
+                let revision = task.op.revision();
                 if stage.is_inline(&letter.projector) {
                     requeue_into_keyspaces(stage, task);
                 } else {
@@ -1147,8 +1162,8 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 // The item has no letter of this projector any more (see `Journal::settle`).
                 if let Some(index) = keys::letter_of_item(&letter.projector, task) {
                     let meta = stage.cf(CF_META);
-                    if let Ok(Some(seq)) = stage.writer.db.get_pinned_cf(meta, &index) {
-                        if *seq == letter.seq.to_be_bytes() {
+                    if let Ok(Some(noted)) = stage.writer.db.get_pinned_cf(meta, &index) {
+                        if noted.get(..8) == Some(&letter.seq.to_be_bytes()[..]) {
                             stage.batch.delete_cf(meta, index);
                         }
                     }

@@ -307,13 +307,13 @@ impl Storage for EmbeddedStorage {
         Ok(revision)
     }
 
-    async fn item(
+    async fn item_bytes(
         &self,
         project: &Ident,
         blueprint: &Ident,
         id: &Uuid,
-    ) -> Result<Option<ItemRecord>, StorageError> {
-        Ok(self.journal.item(project, blueprint, id).await?)
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        Ok(self.journal.item_bytes(project, blueprint, id)?)
     }
 
     async fn item_blueprint_uid(

@@ -350,13 +350,29 @@ pub trait Storage: Send + Sync {
     /// Forgets a project and queues its removal from every store; answers the drop's revision.
     async fn drop_project(&self, project: &Ident) -> Result<u64, StorageError>;
 
-    /// The latest acknowledged state of an item.
+    /// The latest acknowledged state of an item, as stored (`journal::codec::record_value`): a
+    /// reader decodes it where its memory is counted.
+    async fn item_bytes(
+        &self,
+        project: &Ident,
+        blueprint: &Ident,
+        id: &Uuid,
+    ) -> Result<Option<Vec<u8>>, StorageError>;
+
+    /// The latest acknowledged state of an item, decoded.
     async fn item(
         &self,
         project: &Ident,
         blueprint: &Ident,
         id: &Uuid,
-    ) -> Result<Option<ItemRecord>, StorageError>;
+    ) -> Result<Option<ItemRecord>, StorageError> {
+        match self.item_bytes(project, blueprint, id).await? {
+            Some(bytes) => Ok(Some(
+                crate::journal::codec::decode_record_aside(bytes).await?,
+            )),
+            None => Ok(None),
+        }
+    }
 
     /// The blueprint uid an item was stored with, if it exists, without reading the item whole:
     /// a `_bulk` delete needs only that.

@@ -227,14 +227,14 @@ pub async fn delete_item(
     blueprint: &Ident,
     id: Uuid,
 ) -> Result<(u64, bool), WriteError> {
-    let existing = storage.item(project, blueprint, &id).await?;
+    // The record's header alone: a delete never decodes the item it removes.
+    let stored_uid = storage.item_blueprint_uid(project, blueprint, &id).await?;
     let (revisions, ()) = journal(storage, project, &hold_nothing, |snapshot| {
-        let stored_uid = existing.as_ref().map(|record| record.blueprint_uid);
         let entry = prepare_delete(&snapshot, project, blueprint, id, stored_uid);
         ready(entry.map(|entry| (vec![entry], ())))
     })
     .await?;
-    Ok((revisions[0], existing.is_some()))
+    Ok((revisions[0], stored_uid.is_some()))
 }
 
 /// How much of a `_bulk` body is journaled at once: item lines of at most this many bytes times

@@ -736,6 +736,97 @@ async fn a_body_that_never_arrives_is_answered_408_and_too_many_body_bytes_503()
     app.stop().await;
 }
 
+/// A write carrying a precondition is refused whole, naming the header: dstore has no entity
+/// tags to evaluate it with, and a client guarding its update with `If-Match` must not overwrite
+/// a newer write without a word.
+#[tokio::test]
+async fn a_write_with_a_precondition_is_refused_naming_the_header_and_writes_nothing() {
+    let app = blog().await;
+    let path = format!("/myblog/article/{}", Uuid::new_v4());
+    let bulk = format!(
+        "{{\"put\":{{\"blueprint\":\"article\",\"id\":\"{}\"}}}}\n{}\n",
+        Uuid::new_v4(),
+        item()
+    );
+    for (method, target, header, body) in [
+        (Method::PUT, path.as_str(), "If-Match", item().to_string()),
+        (
+            Method::PUT,
+            path.as_str(),
+            "If-None-Match",
+            item().to_string(),
+        ),
+        (
+            Method::DELETE,
+            path.as_str(),
+            "If-Unmodified-Since",
+            String::new(),
+        ),
+        (Method::POST, "/myblog/_bulk", "If-Match", bulk),
+    ] {
+        let answer = app
+            .client
+            .request(method.clone(), format!("{}{target}", app.address))
+            .header(header, "\"3\"")
+            .body(body)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 400, "{method} {target} {header}");
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(
+            body["errors"][0]["path"],
+            header.to_ascii_lowercase(),
+            "{body}"
+        );
+    }
+    assert_eq!(app.get(&path).await.status, 404);
+    let put = app.put(&path, &item()).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    app.stop().await;
+}
+
+/// Reading an item holds its decoded form and its answer against the in-flight budget until the
+/// answer is sent, as its write held its body: concurrent reads of a large item cannot grow the
+/// process past `server.max_inflight_bytes`.
+#[tokio::test]
+async fn reading_an_item_holds_the_request_memory_it_needs() {
+    let app = spawn_app_with(|s| s.server.max_inflight_bytes = 64 * 1024).await;
+    app.put_and_freeze("myblog", "article", &article()).await;
+    let address = app.address.trim_start_matches("http://").to_string();
+    let path = format!("/myblog/article/{}", Uuid::new_v4());
+    let item = json!({"project_version": 1, "title": "x".repeat(1000),
+        "date_created": "2026-01-01T00:00:00Z"});
+    let put = app.put(&path, &item).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    // 1200 body bytes sent and stalled hold 43,200 of the 64 KiB; the item's 36 bytes a stored
+    // byte (about 37,000) do not fit beside them.
+    let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "PUT /myblog/article/_blueprint HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4000\r\n\r\n{}",
+        " ".repeat(1200)
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let busy = app.get(&path).await;
+    assert_eq!(busy.status, 503, "{}", busy.body);
+    assert!(
+        busy.body["status"]
+            .as_str()
+            .unwrap()
+            .contains("max_inflight_bytes"),
+        "{}",
+        busy.body
+    );
+    drop(stalled);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let read = app.get(&path).await;
+    assert_eq!(read.status, 200, "{}", read.body);
+    assert_eq!(read.body["title"], item["title"]);
+    assert_eq!(read.body["title"], item["title"]);
+    app.stop().await;
+}
+
 /// The in-flight budget counts what a request holds across its waits: a body's parsed form as it
 /// is (a number array holds far more than its text, a string about its length), and a write's
 /// documents, one per live version, until the journal has them. What alone needs more than the
@@ -1167,11 +1258,26 @@ async fn a_held_project_is_tried_again_alone() {
 /// headroom instead of its writes taking it.
 #[tokio::test]
 async fn past_the_backlog_limit_a_project_held_for_its_own_refusal_is_refused_first() {
-    let (recorder, app) =
-        recording(|s| s.projection.max_pending_tasks = 20, &["locked", "free"]).await;
+    a_held_project_is_refused_first(|_| {}).await;
+}
+
+/// [`past_the_backlog_limit_a_project_held_for_its_own_refusal_is_refused_first`] on a server
+/// `configure` changes (one whose projectors take their tasks through a broker).
+pub(crate) async fn a_held_project_is_refused_first(
+    configure: impl FnOnce(&mut dstore::config::Settings),
+) {
+    let (recorder, app) = recording(
+        |s| {
+            s.projection.max_pending_tasks = 20;
+            configure(s);
+        },
+        &["locked", "free"],
+    )
+    .await;
     *recorder.refused.lock().unwrap() = vec!["locked".into()];
     let item = json!({"project_version": 1, "title": "t"});
-    // The dispatcher holds the project once the store refused its first write.
+    // The projector holds the project once the store refused its first write, and the server
+    // learns it (through the broker, from the consumer's report).
     let put = app
         .put(&format!("/locked/note/{}", Uuid::new_v4()), &item)
         .await;
@@ -1181,7 +1287,7 @@ async fn past_the_backlog_limit_a_project_held_for_its_own_refusal_is_refused_fi
         assert!(Instant::now() < deadline, "the store was never asked");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
     let mut accepted = 1;
     let refused = loop {
         let put = app

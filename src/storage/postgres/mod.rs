@@ -49,7 +49,8 @@ use crate::journal::backfill::BackfillState;
 use crate::journal::codec;
 use crate::journal::task::TaskOp;
 use crate::journal::{
-    DeadLetter, Entry, ItemRecord, LetterFilter, ProjectorProgress, PURGE_BATCH, RETRY_PAGE,
+    DeadLetter, Entry, ItemRecord, LetterFilter, ProjectorProgress, LETTER_PAGE_BYTES, PURGE_BATCH,
+    RETRY_PAGE,
 };
 use crate::supervise::supervised_until_gone;
 use bounded::{within, within_write, Bounded};
@@ -1602,16 +1603,13 @@ impl Storage for PgStorage {
         Ok(revision)
     }
 
-    async fn item(
+    async fn item_bytes(
         &self,
         project: &Ident,
         blueprint: &Ident,
         id: &Uuid,
-    ) -> Result<Option<ItemRecord>, StorageError> {
-        match self.stored_item("record", project, blueprint, id).await? {
-            Some(bytes) => Ok(Some(codec::decode_record_aside(bytes).await?)),
-            None => Ok(None),
-        }
+    ) -> Result<Option<Vec<u8>>, StorageError> {
+        self.stored_item("record", project, blueprint, id).await
     }
 
     async fn item_blueprint_uid(
@@ -1725,7 +1723,7 @@ impl Storage for PgStorage {
                 ))
             })?),
         };
-        let rows = match filter.project {
+        let query = match filter.project {
             // One project's, on `dead_letters_by_project`; a letter whose task cannot be decoded
             // belongs to no project (as in embedded mode, where only the task names it).
             Some(project) => {
@@ -1750,8 +1748,6 @@ impl Storage for PgStorage {
                 .bind(after_revision)
                 .bind(filter.projector)
                 .bind(limit as i64 + 1)
-                .fetch_all(&self.pool)
-                .await
             }
             None => {
                 let paged = after.is_some();
@@ -1768,15 +1764,30 @@ impl Storage for PgStorage {
                 .bind(after_project)
                 .bind(after_revision)
                 .bind(limit as i64 + 1)
-                .fetch_all(&self.pool)
-                .await
             }
+        };
+        // One row past the page says whether there is a next one. A page also ends after
+        // `LETTER_PAGE_BYTES` of letters (one at least): a letter holds its item for every live
+        // version, and a thousand large ones would not fit in memory.
+        let (mut rows, mut bytes, mut more) = (Vec::new(), 0, false);
+        let mut stream = query.fetch(&self.pool);
+        while let Some(row) = stream
+            .try_next()
+            .await
+            .map_err(|e| unavailable("read dead letters", &e))?
+        {
+            if rows.len() >= limit || bytes >= LETTER_PAGE_BYTES {
+                more = true;
+                break;
+            }
+            bytes += row
+                .try_get_raw("letter")
+                .ok()
+                .and_then(|value| value.as_bytes().ok())
+                .map_or(0, <[u8]>::len);
+            rows.push(row);
         }
-        .map_err(|e| unavailable("read dead letters", &e))?;
-        // One row past the page says whether there is a next one.
-        let mut rows = rows;
-        let more = rows.len() > limit;
-        rows.truncate(limit);
+        drop(stream);
         let next = rows.last().filter(|_| more).map(|row| {
             let (projector, project, revision): (String, String, i64) = (
                 row.get("projector"),
