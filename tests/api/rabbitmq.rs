@@ -806,6 +806,58 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
     db.drop().await;
 }
 
+/// A consumer's report says which projects it holds back, so that past the backlog limit the
+/// server refuses a held project's writes first, as without a broker, instead of letting its
+/// backlog take the headroom every other project's writes need.
+#[tokio::test]
+async fn past_the_backlog_limit_a_project_a_consumer_holds_is_refused_first() {
+    let broker = TestBroker::new().await;
+    let queue = broker.settings();
+    crate::hostile::a_held_project_is_refused_first(|s| s.queue = Some(queue)).await;
+    broker.clean_up().await;
+}
+
+/// A held project's tasks wait in its parking queue on purpose, pending: the relay looks past
+/// them for lost tasks, so another project's task the broker lost meanwhile is published again,
+/// and the held project's backlog is not parked a second time.
+#[tokio::test]
+async fn a_held_project_does_not_keep_another_projects_lost_tasks_pending() {
+    let broker = TestBroker::new().await;
+    let db = TestDatabase::create().await;
+    let mut sql = db.sql().await;
+    sqlx::raw_sql("CREATE SCHEMA bad_v1; COMMENT ON SCHEMA bad_v1 IS 'the billing team''s'")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    let (app, env) =
+        with_postgresql_worker(&broker, &db, |s| queue_of(s).republish_after_secs = 1).await;
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    let thing = faults::thing();
+    assert_eq!(app.put("/bad/thing/_blueprint", &thing).await.status, 200);
+    let frozen = app.post("/bad/_version", None).await;
+    assert_eq!(frozen.status, 503, "{}", frozen.body);
+    broker.expect_messages("postgresql.parked.bad", 1).await;
+    assert_eq!(app.put("/good/thing/_blueprint", &thing).await.status, 200);
+    freeze_until_migrated(&app, "good").await;
+    terminate(&mut worker);
+    let put = app
+        .put(
+            &format!("/good/thing/{}", Uuid::new_v4()),
+            &json!({"project_version": 1, "n": 1}),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    broker.expect_messages_in("postgresql", 1..=2).await;
+    broker.purge("postgresql").await;
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    expect_count(&db, "SELECT count(*) FROM good_v1.things", 1).await;
+    assert_eq!(broker.messages("postgresql.parked.bad").await, 1);
+    terminate(&mut worker);
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
+
 #[tokio::test]
 async fn a_rocksdb_worker_keeps_the_keyspaces_in_its_own_directory() {
     let broker = TestBroker::new().await;

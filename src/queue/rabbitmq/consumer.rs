@@ -455,7 +455,9 @@ impl Consumer<'_> {
                             dead: vec![dead],
                             ..Step::default()
                         };
-                        self.report(session.reports, journal, &step).await?;
+                        let holding = parking.holding(None);
+                        self.report(session.reports, journal, &step, holding)
+                            .await?;
                     }
                     settle(&delivery, false).await?;
                 }
@@ -481,7 +483,9 @@ impl Consumer<'_> {
             let step = self.step(&tasks, journal).await;
             let settled = step.settled();
             tracing::debug!(projector = name, settled, "step applied");
-            self.report(session.reports, journal, &step).await?;
+            let holding = parking.holding(step.held.as_ref());
+            self.report(session.reports, journal, &step, holding)
+                .await?;
             for (task, delivery) in tasks.iter().zip(&held).take(settled) {
                 let refused = step.dead.iter().any(|d| d.seq == task.seq);
                 settle(delivery, !refused).await?;
@@ -556,7 +560,13 @@ impl Consumer<'_> {
     }
 
     /// Sends the step's report to the server and waits for the broker to take it.
-    async fn report(&self, channel: &Channel, journal: &str, step: &Step) -> Result<(), LinkError> {
+    async fn report(
+        &self,
+        channel: &Channel,
+        journal: &str,
+        step: &Step,
+        held: Vec<Ident>,
+    ) -> Result<(), LinkError> {
         let report = Report {
             projector: self.projector.name().to_string(),
             journal: journal.to_string(),
@@ -572,6 +582,7 @@ impl Consumer<'_> {
                 .collect(),
             migration: step.migration.clone(),
             error: step.retry.as_ref().map(|e| e.message.clone()),
+            held: Some(held),
         };
         let body = serde_json::to_vec(&report)
             .map_err(|e| LinkError::Other(format!("cannot encode a report: {e}")))?;
@@ -659,6 +670,17 @@ impl Parking {
             return Ok(true);
         }
         Ok(false)
+    }
+
+    /// The projects held back once a step that holds `now` is settled: those held, those with a
+    /// parking queue, and `now`.
+    fn holding(&self, now: Option<&Ident>) -> Vec<Ident> {
+        let mut held: Vec<Ident> = self.holds.known();
+        held.extend(self.parked.keys().cloned());
+        held.extend(now.cloned());
+        held.sort();
+        held.dedup();
+        held
     }
 
     /// The parked project to try next and how long until its hold ends; of those due, the one

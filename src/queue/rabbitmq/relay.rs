@@ -18,11 +18,13 @@
 //! for ever. While idle, the relay also watches each projector's oldest pending task: when it has
 //! stayed the oldest for `queue.republish_after_secs` while the queue holds no message ready, every
 //! pending task of the projector is published again (applying a task twice is harmless), and the
-//! wait doubles while that goes on, up to an hour. Not while the oldest task's project has a
-//! parking queue: a project held after a failed migration keeps its tasks pending on purpose
-//! there (tasks of other projects lost meanwhile are found once it is released).
+//! wait doubles while that goes on, up to an hour. The projects with a parking queue are left out
+//! of both: a held project keeps its tasks pending on purpose there, so the oldest task watched is
+//! the oldest of another project, and what is published again leaves out the held projects' tasks
+//! already published (they are in their parking queues), so a held project never stops the others'
+//! lost tasks from being found, and its backlog is never parked twice.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -33,6 +35,7 @@ use lapin::{Channel, Connection};
 use tokio::sync::watch;
 
 use super::{confirmed, persistent, Broker, LinkError, JOURNAL_HEADER};
+use crate::blueprint::Ident;
 use crate::journal::{codec, DeadLetter, Journal, JournalError, RawTask};
 
 const LINK: &str = "relay";
@@ -43,14 +46,22 @@ const QUEUE_CHECK: Duration = Duration::from_secs(5);
 /// The longest wait between two publishings again of a projector's pending tasks.
 const MOST_REPUBLISH_WAIT: Duration = Duration::from_secs(3600);
 
-/// A projector's oldest pending task, since when it has been the oldest, and how long it may stay
-/// so while its queue is empty before its tasks are published again.
-#[derive(Clone, Copy)]
+/// A projector's oldest pending task outside the projects found parked, since when it has been
+/// the oldest, and how long it may stay so while its queue is empty before its tasks are published
+/// again.
+#[derive(Clone)]
 struct Stall {
     oldest: u64,
     since: tokio::time::Instant,
     wait: Duration,
+    /// The projects of the projector found with a parking queue at the last look: their tasks are
+    /// passed over to find `oldest`, and left out when tasks are published again.
+    parked: HashSet<Ident>,
 }
+
+/// Per projector, the projects whose tasks a publishing again leaves out, up to which seq: those
+/// the broker confirmed before, which are in their parking queues.
+type Skip = HashMap<&'static str, (HashSet<Ident>, u64)>;
 
 /// Runs until `shutdown` turns true.
 pub async fn run(
@@ -116,12 +127,13 @@ impl Relay<'_> {
             .await?;
         self.broker.set_link(LINK, true, None);
 
-        self.publish_tails(&channel, &mut cursors).await?;
+        self.publish_tails(&channel, &mut cursors, &Skip::new())
+            .await?;
 
         let mut checked = tokio::time::Instant::now();
         loop {
             let published = self
-                .publish_round(&channel, &mut cursors, |p, after| {
+                .publish_round(&channel, &mut cursors, &Skip::new(), |p, after| {
                     self.journal.outbox(p, after, self.batch_size)
                 })
                 .await?;
@@ -139,19 +151,19 @@ impl Relay<'_> {
             // the session starts over, and the new one publishes every pending task again.
             if checked.elapsed() >= QUEUE_CHECK {
                 checked = tokio::time::Instant::now();
-                let mut lost = false;
+                let mut skip = Skip::new();
                 for projector in self.projectors {
                     let Some(depth) = self.broker.queue_depth(&connection, projector).await? else {
                         let queue = self.broker.queue(projector);
                         return Err(LinkError::Other(format!("queue {queue} vanished")));
                     };
-                    if let Some(from) = self.lost(&connection, projector, depth).await? {
-                        cursors.insert(projector, from);
-                        lost = true;
+                    if let Some((from, parked)) = self.lost(&connection, projector, depth).await? {
+                        let confirmed = cursors.insert(projector, from).unwrap_or(0);
+                        skip.insert(projector, (parked, confirmed));
                     }
                 }
-                if lost {
-                    self.publish_tails(&channel, &mut cursors).await?;
+                if !skip.is_empty() {
+                    self.publish_tails(&channel, &mut cursors, &skip).await?;
                 }
             }
             tokio::select! {
@@ -168,10 +180,11 @@ impl Relay<'_> {
         &self,
         channel: &Channel,
         cursors: &mut Cursors,
+        skip: &Skip,
     ) -> Result<(), LinkError> {
         let view = self.journal.outbox_view();
         while self
-            .publish_round(channel, cursors, |p, after| {
+            .publish_round(channel, cursors, skip, |p, after| {
                 view.read(p, after, self.batch_size)
             })
             .await?
@@ -183,18 +196,23 @@ impl Relay<'_> {
         Ok(())
     }
 
-    /// Where to publish `projector`'s pending tasks again from, when its oldest pending task has
-    /// stayed the oldest for its wait while its queue held no message (`depth`): the broker lost
-    /// the tasks, or the consumers' reports of them. Not when that task's project has a parking
-    /// queue: a held project's tasks wait there on purpose, and publishing them again would only
-    /// add the project's whole backlog to its parking queue once more at every wait.
+    /// Where to publish `projector`'s pending tasks again from, and the projects to leave out,
+    /// when its oldest pending task outside the parked projects has stayed the oldest for its
+    /// wait while its queue held no message (`depth`): the broker lost the tasks, or the
+    /// consumers' reports of them. The projects with a parking queue are looked up once a wait:
+    /// a held project's tasks wait there on purpose, and publishing them again would only add
+    /// its whole backlog to its parking queue once more at every wait.
     async fn lost(
         &self,
         connection: &Connection,
         projector: &'static str,
         depth: u32,
-    ) -> Result<Option<u64>, LinkError> {
-        let Some((oldest, value)) = self.journal.oldest_pending(projector).map_err(journal)? else {
+    ) -> Result<Option<(u64, HashSet<Ident>)>, LinkError> {
+        let (known, scan_from) = match self.stalls.lock().expect("stalls lock").get(projector) {
+            Some(stall) => (stall.parked.clone(), stall.oldest),
+            None => Default::default(),
+        };
+        let Some((oldest, project)) = self.oldest_outside(projector, &known, scan_from)? else {
             self.stalls.lock().expect("stalls lock").remove(projector);
             return Ok(None);
         };
@@ -205,8 +223,9 @@ impl Relay<'_> {
                 oldest,
                 since: now,
                 wait: Duration::from_secs(self.broker.settings.republish_after_secs),
+                parked: known.clone(),
             };
-            let stall = stalls.entry(projector).or_insert(fresh);
+            let stall = stalls.entry(projector).or_insert_with(|| fresh.clone());
             if stall.oldest != oldest {
                 *stall = fresh;
                 return Ok(None);
@@ -216,39 +235,72 @@ impl Relay<'_> {
             }
             now.duration_since(stall.since)
         };
-        let held = match codec::decode_own_task(&value) {
-            Ok(task) => {
-                self.broker
-                    .parked_exists(connection, projector, &task.project)
-                    .await?
+        // Which projects are parked now: those found before, and the oldest task's.
+        let mut parked = HashSet::new();
+        for candidate in known.iter().chain(std::iter::once(&project)) {
+            if self
+                .broker
+                .parked_exists(connection, projector, candidate)
+                .await?
+            {
+                parked.insert(candidate.clone());
             }
-            Err(_) => false,
-        };
+        }
         let mut stalls = self.stalls.lock().expect("stalls lock");
         let Some(stall) = stalls.get_mut(projector) else {
             return Ok(None);
         };
         stall.since = now;
-        if held {
+        let released = known.iter().any(|p| !parked.contains(p));
+        stall.parked = parked.clone();
+        if parked.contains(&project) || released {
+            // The oldest task outside the parked projects is another now: the next look finds it
+            // (from the first task again, when a project was released).
+            stall.oldest = if released { 0 } else { oldest };
             return Ok(None);
         }
         tracing::warn!(
             projector,
             oldest,
             pending_for_secs = pending_for.as_secs(),
+            parked = parked.len(),
             "the projector's oldest task stays pending while its queue is empty: the broker lost \
              tasks or their reports; publishing its pending tasks again"
         );
         stall.wait = (stall.wait * 2).min(MOST_REPUBLISH_WAIT);
-        Ok(Some(oldest - 1))
+        Ok(Some((oldest - 1, parked)))
     }
 
-    /// Publishes one batch per projector from `read`, awaits every confirmation, then moves and
-    /// stores the cursors. Answers how many tasks went out.
+    /// The seq and project of `projector`'s oldest pending task of a project not in `parked`, at
+    /// `from` or after: every task before `from` is of a project in `parked`.
+    fn oldest_outside(
+        &self,
+        projector: &str,
+        parked: &HashSet<Ident>,
+        mut from: u64,
+    ) -> Result<Option<(u64, Ident)>, LinkError> {
+        loop {
+            let pending = self
+                .journal
+                .pending_from(projector, from, 1, |p| parked.contains(p))
+                .map_err(journal)?;
+            if let Some(task) = pending.tasks.into_iter().next() {
+                return Ok(Some((task.seq, task.project)));
+            }
+            if !pending.cut_short {
+                return Ok(None);
+            }
+            from = pending.last_seen + 1;
+        }
+    }
+
+    /// Publishes one batch per projector from `read`, but for the tasks `skip` leaves out, awaits
+    /// every confirmation, then moves and stores the cursors. Answers how many tasks were read.
     async fn publish_round(
         &self,
         channel: &Channel,
         cursors: &mut Cursors,
+        skip: &Skip,
         read: impl Fn(&str, u64) -> Result<Vec<RawTask>, JournalError>,
     ) -> Result<usize, LinkError> {
         let mut published = 0;
@@ -257,6 +309,18 @@ impl Relay<'_> {
             let tasks = read(projector, *cursor).map_err(journal)?;
             let Some(last) = tasks.last().map(|(seq, _)| *seq) else {
                 continue;
+            };
+            let taken = tasks.len();
+            let tasks = match skip.get(projector) {
+                Some((parked, until)) => tasks
+                    .into_iter()
+                    .filter(|(seq, value)| {
+                        *seq > *until
+                            || !codec::decode_own_task(value)
+                                .is_ok_and(|task| parked.contains(&task.project))
+                    })
+                    .collect(),
+                None => tasks,
             };
             let tasks = self.bury_oversized(projector, tasks)?;
             let mut confirms = Vec::with_capacity(tasks.len());
@@ -298,7 +362,7 @@ impl Relay<'_> {
             self.journal
                 .mark_published(projector, last)
                 .map_err(journal)?;
-            published += tasks.len();
+            published += taken;
         }
         Ok(published)
     }

@@ -33,6 +33,11 @@ pub struct Report {
     pub migration: Option<MigrationRecord>,
     /// The error the consumer is retrying after, or `None` once it is working again.
     pub error: Option<String>,
+    /// The projects the consumer holds back now (their tasks parked), which the server's
+    /// back-pressure refuses first (see `storage::admits`); `None` from a consumer that does not
+    /// say.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub held: Option<Vec<crate::blueprint::Ident>>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -135,5 +140,8 @@ fn record(journal: &Journal, report: &Report) -> Result<(), LinkError> {
     )
     .map_err(failed)?;
     journal.note_error(name, report.error.clone());
+    if let Some(held) = &report.held {
+        journal.note_held(name, held.clone());
+    }
     Ok(())
 }
