@@ -1156,16 +1156,100 @@ async fn restarting_rabbitmq_under_load_loses_no_write() {
     db.drop().await;
 }
 
+/// A disk alarm on the test broker, raised by a free-disk limit no disk meets, until dropped
+/// (the limit it had is set again).
+struct DiskAlarm {
+    limit: String,
+}
+
+impl DiskAlarm {
+    async fn raise() -> DiskAlarm {
+        let limit = Command::new("rabbitmqctl")
+            .args(["eval", "rabbit_disk_monitor:get_disk_free_limit()."])
+            .output()
+            .expect("rabbitmqctl eval");
+        let limit = String::from_utf8_lossy(&limit.stdout).trim().to_string();
+        assert!(limit.parse::<u64>().is_ok(), "the broker's limit: {limit}");
+        let alarm = DiskAlarm { limit };
+        rabbitmqctl_with(&["set_disk_free_limit", "1000000000000000"]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while alarm_is_off() {
+            assert!(Instant::now() < deadline, "the broker raised no disk alarm");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+        alarm
+    }
+}
+
+impl Drop for DiskAlarm {
+    fn drop(&mut self) {
+        rabbitmqctl_with(&["set_disk_free_limit", &self.limit]);
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !alarm_is_off() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+}
+
+fn alarm_is_off() -> bool {
+    Command::new("rabbitmq-diagnostics")
+        .args(["-q", "check_local_alarms"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .expect("rabbitmq-diagnostics")
+        .success()
+}
+
+/// Under a memory or disk alarm the broker stops reading every connection that publishes: a
+/// consumer that published its reports on the connection its deliveries came on could then
+/// acknowledge nothing, and a backlog that raised the alarm would never drain. It publishes on a
+/// connection of its own and keeps its reports while that one is blocked: the queue drains, and
+/// the reports reach the server once the alarm is over.
+#[tokio::test]
+async fn a_disk_alarm_does_not_stop_a_worker_draining_its_queue() {
+    let _alone = BROKER.write().await;
+    let broker = TestBroker::exclusive(None).await;
+    let db = TestDatabase::create().await;
+    let (app, mut env) = frozen_while_the_worker_ran(&broker, &db).await;
+    for n in 0..40 {
+        let put = app
+            .put(
+                &format!("/p/thing/{}", Uuid::new_v4()),
+                &json!({"project_version": 1, "n": n}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    broker.expect_messages_in("postgresql", 40..=41).await;
+    let alarm = DiskAlarm::raise().await;
+    // A window of four: the queue drains only if the worker acknowledges under the alarm.
+    env.push(("DSTORE_QUEUE_PREFETCH", "4".into()));
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    expect_count(&db, "SELECT count(*) FROM p_v1.things", 40).await;
+    broker.expect_messages("postgresql", 0).await;
+    drop(alarm);
+    expect_nothing_pending(&app, "postgresql").await;
+    terminate(&mut worker);
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
+
 /// Runs `rabbitmqctl` (the test machine's broker is local; `scripts/test.sh` runs as root).
 fn rabbitmqctl(command: &str) {
+    rabbitmqctl_with(&[command]);
+}
+
+fn rabbitmqctl_with(args: &[&str]) {
     let status = Command::new("rabbitmqctl")
-        .arg(command)
+        .args(args)
         .stdout(Stdio::null())
         .status()
         .unwrap_or_else(|e| {
-            panic!("rabbitmqctl {command}: {e}; the restart test needs the broker's rabbitmqctl")
+            panic!("rabbitmqctl {args:?}: {e}; the broker tests need the broker's rabbitmqctl")
         });
-    assert!(status.success(), "rabbitmqctl {command} failed");
+    assert!(status.success(), "rabbitmqctl {args:?} failed");
 }
 
 /// A task message as the relay publishes it: `seq | revision | task JSON`.

@@ -23,6 +23,17 @@
 //! else from its first delivery, which only the active one gets. Until then a consumer sends its
 //! queue a probe every few seconds (dropped by whoever receives it), so the active one learns it
 //! is even when no task comes.
+//!
+//! A consumer publishes (its reports, parked copies, registry entries and probes) on a connection
+//! of its own, never on the one its deliveries come on: under a memory or disk alarm RabbitMQ
+//! stops reading a connection that publishes, acknowledgements included, and a backlog that
+//! raised the alarm could then never drain. While that publishing connection is blocked, a step's
+//! report is kept and its deliveries are acknowledged all the same (up to [`MOST_UNSENT`] tasks'
+//! worth), and the kept reports are sent once it is unblocked; a session that ends first loses
+//! them, and its tasks, still pending in the journal, are published again by the relay and
+//! applied again, which is harmless. Parking waits for its copy's confirmation before it
+//! acknowledges the delivery, so a held project's deliveries wait in the window while an alarm
+//! lasts, and the other projects' go on.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -94,11 +105,35 @@ impl Consumer<'_> {
             .basic_qos(self.broker.settings.prefetch, BasicQosOptions::default())
             .await?;
         channel.tx_select().await?;
-        let reports = connection.create_channel().await?;
-        self.broker.declare_reports(&reports).await?;
-        reports
-            .confirm_select(ConfirmSelectOptions::default())
+        let publisher = self
+            .broker
+            .connect(&format!("{} publisher", self.link))
             .await?;
+        let publisher_lost = super::lost(publisher.events_listener());
+        let out = publisher.create_channel().await?;
+        self.broker.declare_reports(&out).await?;
+        out.confirm_select(ConfirmSelectOptions::default()).await?;
+        let session = Session {
+            connection: &connection,
+            channel: &channel,
+            publisher: &publisher,
+            out: &out,
+            unsent: std::sync::Mutex::default(),
+        };
+        tokio::select! {
+            result = self.consume(&session, &mut shutdown) => result,
+            error = publisher_lost => Err(error),
+        }
+    }
+
+    /// Consumes the session's queue until `shutdown`.
+    async fn consume(
+        &self,
+        session: &Session<'_>,
+        shutdown: &mut watch::Receiver<bool>,
+    ) -> Result<(), LinkError> {
+        let name = self.projector.name();
+        let channel = session.channel;
         let tag = format!("dstore-{name}-{}", std::process::id());
         let queue = self.broker.queue(name);
         let mut deliveries = channel
@@ -113,32 +148,34 @@ impl Consumer<'_> {
         self.view.clear();
         self.broker.set_link(self.link, true, None);
         let mut parking = Parking::default();
-        let session = Session {
-            connection: &connection,
-            channel: &channel,
-            reports: &reports,
-        };
         loop {
+            self.send_unsent(session).await?;
             if !parking.known {
-                if self.only_consumer(&session, &queue).await? {
-                    self.take_over(&session, &mut parking).await?;
+                if self.only_consumer(session, &queue).await? {
+                    self.take_over(session, &mut parking).await?;
                 } else {
                     // Only the active consumer receives it: it then takes over.
-                    self.probe(&session, &queue).await?;
+                    self.probe(session, &queue).await?;
                 }
             }
             // Without a project due, wake to ask again whether this consumer became the active one.
             let due = parking.next_due();
             let wait = due.as_ref().map_or(ACTIVE_CHECK, |(_, wait)| *wait);
+            // Kept reports are sent as soon as the publishing connection is unblocked.
+            let unsent = session.holds_unsent();
             let first = tokio::select! {
-                next = deliveries.next() => Some(next),
-                _ = tokio::time::sleep(wait), if due.is_some() || !parking.known => None,
+                next = deliveries.next() => Some(Some(next)),
+                _ = tokio::time::sleep(wait), if due.is_some() || !parking.known => Some(None),
+                _ = tokio::time::sleep(UNSENT_CHECK), if unsent => None,
                 _ = shutdown.changed() => return Ok(()),
+            };
+            let Some(first) = first else {
+                continue; // to send the kept reports
             };
             let Some(first) = first else {
                 let Some((project, _)) = due else { continue };
                 if !self
-                    .retry(&session, &project, &mut parking, &mut shutdown)
+                    .retry(session, &project, &mut parking, shutdown)
                     .await?
                 {
                     return Ok(());
@@ -146,7 +183,7 @@ impl Consumer<'_> {
                 continue;
             };
             if !parking.known {
-                self.take_over(&session, &mut parking).await?;
+                self.take_over(session, &mut parking).await?;
             }
             // A batch ends after 8 MiB of tasks, as the journal's do: each holds an item for every
             // live version, and the store gets the batch in one statement.
@@ -173,12 +210,12 @@ impl Consumer<'_> {
             for (journal, run) in by_journal(batch) {
                 let settled = self
                     .settle_batch(
-                        &session,
+                        session,
                         &journal,
                         run,
                         Source::Queue,
                         &mut parking,
-                        &mut shutdown,
+                        shutdown,
                     )
                     .await?;
                 if !settled {
@@ -232,8 +269,9 @@ impl Consumer<'_> {
     async fn probe(&self, session: &Session<'_>, queue: &str) -> Result<(), LinkError> {
         let mut headers = FieldTable::default();
         headers.insert(PROBE_HEADER.into(), AMQPValue::Boolean(true));
+        // Unconfirmed: a probe lost (or held by an alarm) is sent again a few seconds later.
         session
-            .channel
+            .out
             .basic_publish(
                 "".into(),
                 queue.into(),
@@ -242,7 +280,6 @@ impl Consumer<'_> {
                 lapin::BasicProperties::default().with_headers(headers),
             )
             .await?;
-        session.channel.tx_commit().await?;
         Ok(())
     }
 
@@ -456,8 +493,7 @@ impl Consumer<'_> {
                             ..Step::default()
                         };
                         let holding = parking.holding(None);
-                        self.report(session.reports, journal, &step, holding)
-                            .await?;
+                        self.report(session, journal, &step, holding).await?;
                     }
                     settle(&delivery, false).await?;
                 }
@@ -484,8 +520,7 @@ impl Consumer<'_> {
             let settled = step.settled();
             tracing::debug!(projector = name, settled, "step applied");
             let holding = parking.holding(step.held.as_ref());
-            self.report(session.reports, journal, &step, holding)
-                .await?;
+            self.report(session, journal, &step, holding).await?;
             for (task, delivery) in tasks.iter().zip(&held).take(settled) {
                 let refused = step.dead.iter().any(|d| d.seq == task.seq);
                 settle(delivery, !refused).await?;
@@ -562,7 +597,7 @@ impl Consumer<'_> {
     /// Sends the step's report to the server and waits for the broker to take it.
     async fn report(
         &self,
-        channel: &Channel,
+        session: &Session<'_>,
         journal: &str,
         step: &Step,
         held: Vec<Ident>,
@@ -584,31 +619,126 @@ impl Consumer<'_> {
             error: step.retry.as_ref().map(|e| e.message.clone()),
             held: Some(held),
         };
-        let body = serde_json::to_vec(&report)
-            .map_err(|e| LinkError::Other(format!("cannot encode a report: {e}")))?;
-        let id = format!("{}-{}", report.projector, step.applied.last().unwrap_or(&0));
-        let confirm = channel
-            .basic_publish(
-                "".into(),
-                self.broker.reports_queue().as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &body,
-                persistent(id),
-            )
-            .await?;
-        confirmed(confirm).await
+        session.keep(report);
+        self.send_unsent(session).await?;
+        // Past what may be kept, the deliveries wait for the alarm to end.
+        while session.unsent_tasks() > MOST_UNSENT {
+            tokio::time::sleep(UNSENT_CHECK).await;
+            self.send_unsent(session).await?;
+        }
+        Ok(())
+    }
+
+    /// Sends the kept reports, in order, unless the publishing connection is blocked; one the
+    /// connection is blocked while it waits for is kept to be sent again (recording a report
+    /// twice is harmless).
+    async fn send_unsent(&self, session: &Session<'_>) -> Result<(), LinkError> {
+        loop {
+            if session.publisher.status().blocked() {
+                return Ok(());
+            }
+            let Some(report) = session.first_unsent() else {
+                return Ok(());
+            };
+            let body = serde_json::to_vec(&report)
+                .map_err(|e| LinkError::Other(format!("cannot encode a report: {e}")))?;
+            let id = format!(
+                "{}-{}",
+                report.projector,
+                report.applied.last().unwrap_or(&0)
+            );
+            let confirm = session
+                .out
+                .basic_publish(
+                    "".into(),
+                    self.broker.reports_queue().as_str().into(),
+                    BasicPublishOptions {
+                        mandatory: true,
+                        ..BasicPublishOptions::default()
+                    },
+                    &body,
+                    persistent(id),
+                )
+                .await?;
+            tokio::select! {
+                answer = confirmed(confirm) => answer?,
+                () = blocked(session.publisher) => return Ok(()),
+            }
+            session.sent_first();
+        }
     }
 }
 
-/// The consumer's connection and its two channels: deliveries (transactional) and reports (with
-/// confirms).
+/// Most tasks whose reports a consumer keeps while its publishing connection is blocked: past
+/// them, its deliveries wait (a report holds 8 bytes a task, so about 8 MiB).
+const MOST_UNSENT: usize = 1_000_000;
+
+/// How often kept reports are tried again while the publishing connection is blocked.
+const UNSENT_CHECK: Duration = Duration::from_millis(500);
+
+/// Resolves once `connection` is blocked by a resource alarm.
+async fn blocked(connection: &Connection) {
+    while !connection.status().blocked() {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// The consumer's connection and its channel of deliveries (transactional), its publishing
+/// connection and channel (with confirms), and the reports not sent yet, oldest first.
 struct Session<'a> {
     connection: &'a Connection,
     channel: &'a Channel,
-    reports: &'a Channel,
+    publisher: &'a Connection,
+    out: &'a Channel,
+    unsent: std::sync::Mutex<std::collections::VecDeque<Report>>,
+}
+
+impl Session<'_> {
+    /// Keeps `report` to be sent after the others kept, merged into the last when neither
+    /// records a migration.
+    fn keep(&self, report: Report) {
+        let mut unsent = self.unsent.lock().unwrap_or_else(|p| p.into_inner());
+        match unsent.back_mut() {
+            Some(last)
+                if last.journal == report.journal
+                    && (last.migration.is_none() || report.migration.is_none()) =>
+            {
+                last.applied.extend(report.applied);
+                last.refused.extend(report.refused);
+                last.migration = last.migration.take().or(report.migration);
+                last.error = report.error;
+                last.held = report.held;
+            }
+            _ => unsent.push_back(report),
+        }
+    }
+
+    fn first_unsent(&self) -> Option<Report> {
+        let unsent = self.unsent.lock().unwrap_or_else(|p| p.into_inner());
+        unsent.front().cloned()
+    }
+
+    fn sent_first(&self) {
+        let mut unsent = self.unsent.lock().unwrap_or_else(|p| p.into_inner());
+        unsent.pop_front();
+    }
+
+    fn holds_unsent(&self) -> bool {
+        !self
+            .unsent
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_empty()
+    }
+
+    /// The tasks the kept reports speak for.
+    fn unsent_tasks(&self) -> usize {
+        let unsent = self.unsent.lock().unwrap_or_else(|p| p.into_inner());
+        unsent
+            .iter()
+            .map(|r| r.applied.len() + r.refused.len())
+            .sum()
+    }
 }
 
 /// Where a delivery came from.
@@ -711,8 +841,8 @@ impl Parking {
             .await?;
         if !self.registered.contains(project) {
             let registry = broker.parked_queue(projector);
-            session
-                .channel
+            let entry = session
+                .out
                 .basic_publish(
                     "".into(),
                     registry.as_str().into(),
@@ -721,20 +851,48 @@ impl Parking {
                     persistent(format!("parked-{project}")),
                 )
                 .await?;
+            confirmed_unless_blocked(session.publisher, entry).await?;
             self.registered.insert(project.clone());
         }
         self.parked.entry(project.clone()).or_insert(None);
-        session
-            .channel
+        // The copy is confirmed before the delivery is acknowledged: a crash between the two
+        // parks the task twice, which is harmless (applying a task twice is).
+        let copy = session
+            .out
             .basic_publish(
                 "".into(),
                 queue.as_str().into(),
-                BasicPublishOptions::default(),
+                BasicPublishOptions {
+                    mandatory: true,
+                    ..BasicPublishOptions::default()
+                },
                 &delivery.data,
                 delivery.properties.clone(),
             )
             .await?;
+        confirmed_unless_blocked(session.publisher, copy).await?;
         settle(delivery, true).await
+    }
+}
+
+/// [`confirmed`], but waiting as long as `publisher` is blocked by a resource alarm: the broker
+/// confirms once the alarm is over.
+async fn confirmed_unless_blocked(
+    publisher: &Connection,
+    confirm: lapin::PublisherConfirm,
+) -> Result<(), LinkError> {
+    let mut confirm = std::pin::pin!(confirm);
+    loop {
+        let answer = tokio::time::timeout(Duration::from_secs(60), confirm.as_mut()).await;
+        match answer {
+            Ok(answer) => return super::read_confirmation(answer?),
+            Err(_) if publisher.status().blocked() => continue,
+            Err(_) => {
+                return Err(LinkError::Other(
+                    "the broker confirmed nothing within 60 s".into(),
+                ))
+            }
+        }
     }
 }
 

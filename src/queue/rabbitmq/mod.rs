@@ -415,6 +415,12 @@ async fn confirmed(confirm: lapin::PublisherConfirm) -> Result<(), LinkError> {
                     .into(),
             )
         })??;
+    read_confirmation(confirmation)
+}
+
+/// A broker's confirmation of a publish as an outcome: a nack or a returned (unroutable) message
+/// is an error.
+fn read_confirmation(confirmation: lapin::Confirmation) -> Result<(), LinkError> {
     match confirmation {
         lapin::Confirmation::Ack(None) => Ok(()),
         lapin::Confirmation::Ack(Some(returned)) => Err(LinkError::Other(format!(
