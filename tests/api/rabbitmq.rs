@@ -806,6 +806,61 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
     db.drop().await;
 }
 
+/// A parking queue deleted from outside drops no later copy silently: the copy is published
+/// `mandatory` and comes back unroutable, the session starts over, and the task is delivered
+/// again: parked in the queue made again, or (once the new session found the project's parking
+/// queue empty and let it go) tried and kept as a dead letter with the store's reason.
+#[tokio::test]
+async fn a_parking_queue_deleted_from_outside_drops_no_later_task() {
+    let broker = TestBroker::new().await;
+    let db = TestDatabase::create().await;
+    let mut sql = db.sql().await;
+    sqlx::raw_sql("CREATE SCHEMA bad_v1; COMMENT ON SCHEMA bad_v1 IS 'the billing team''s'")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    let (app, env) = with_postgresql_worker(&broker, &db, |_| {}).await;
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    assert_eq!(
+        app.put("/bad/thing/_blueprint", &faults::thing())
+            .await
+            .status,
+        200
+    );
+    let frozen = app.post("/bad/_version", None).await;
+    assert_eq!(frozen.status, 503, "{}", frozen.body);
+    broker.expect_messages("postgresql.parked.bad", 1).await;
+    let channel = connect().await.create_channel().await.unwrap();
+    let parked = format!("{}.postgresql.parked.bad", broker.namespace);
+    channel
+        .queue_delete(parked.as_str().into(), QueueDeleteOptions::default())
+        .await
+        .unwrap();
+    let id = Uuid::new_v4();
+    let put = app
+        .put(
+            &format!("/bad/thing/{id}"),
+            &json!({"project_version": 1, "n": 1}),
+        )
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let letters = app.get("/bad/_dead_letters").await.body.to_string();
+        if letters.contains(&id.to_string())
+            || broker.queued("postgresql.parked.bad").await.unwrap_or(0) > 0
+        {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the task's copy was dropped");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    terminate(&mut worker);
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
+
 /// A consumer's report says which projects it holds back, so that past the backlog limit the
 /// server refuses a held project's writes first, as without a broker, instead of letting its
 /// backlog take the headroom every other project's writes need.

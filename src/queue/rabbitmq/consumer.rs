@@ -299,6 +299,7 @@ impl Consumer<'_> {
                 .declare_parked(session.channel, name, &project)
                 .await?;
             parking.checked.insert(project.clone());
+            parking.declared.insert(project.clone());
             parking.registered.insert(project.clone());
             parking.parked.entry(project).or_insert(None);
         }
@@ -437,6 +438,7 @@ impl Consumer<'_> {
         self.registry(session, Some(project)).await?;
         parking.parked.remove(project);
         parking.registered.remove(project);
+        parking.declared.remove(project);
         tracing::info!(projector = self.projector.name(), %project, "the project's parked tasks are applied; its deliveries flow again");
         Ok(())
     }
@@ -776,6 +778,8 @@ struct Parking {
     registered: HashSet<Ident>,
     /// Whether this session is the active consumer and read the registry.
     known: bool,
+    /// Projects whose parking queue this session declared.
+    declared: HashSet<Ident>,
 }
 
 impl Parking {
@@ -835,10 +839,13 @@ impl Parking {
         delivery: &Delivery,
     ) -> Result<(), LinkError> {
         let queue = broker.project_parked_queue(projector, project);
-        // Declared before every copy: a queue deleted from outside would drop it silently.
-        broker
-            .declare_parked(session.channel, projector, project)
-            .await?;
+        // Declared once a session; a queue deleted from outside since returns the copy, which is
+        // published `mandatory`: the session ends, and the next one declares it again.
+        if self.declared.insert(project.clone()) {
+            broker
+                .declare_parked(session.channel, projector, project)
+                .await?;
+        }
         if !self.registered.contains(project) {
             let registry = broker.parked_queue(projector);
             let entry = session

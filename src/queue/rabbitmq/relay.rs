@@ -141,11 +141,17 @@ impl Relay<'_> {
                 if *shutdown.borrow() {
                     return Ok(());
                 }
-                continue;
-            }
-            // Idle: let every lane see what its consumers reported (nothing else refreshes them).
-            for projector in self.projectors {
-                let _ = self.journal.refresh_progress(projector);
+                // Under sustained writes the checks below still run every few seconds: a purge
+                // under load is found as when idle.
+                if checked.elapsed() < QUEUE_CHECK {
+                    continue;
+                }
+            } else {
+                // Idle: let every lane see what its consumers reported (nothing else refreshes
+                // them).
+                for projector in self.projectors {
+                    let _ = self.journal.refresh_progress(projector);
+                }
             }
             // A queue deleted while nothing is published would go unnoticed until the next task:
             // the session starts over, and the new one publishes every pending task again.
@@ -165,6 +171,9 @@ impl Relay<'_> {
                 if !skip.is_empty() {
                     self.publish_tails(&channel, &mut cursors, &skip).await?;
                 }
+            }
+            if published > 0 {
+                continue;
             }
             tokio::select! {
                 _ = self.journal.wait_for_commit(Duration::from_millis(500)) => {}
