@@ -47,6 +47,11 @@ pub struct BackfillState {
     /// The projectors it feeds, when not every one: a rebuild of their stores.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub projectors: Option<Vec<String>>,
+    /// The `born` of the project it was started for (`WorkingCopy::born`): a back-fill of a
+    /// project since dropped never writes into the one made again under the name, whose own
+    /// back-fill of the same version keeps the same key. `None` in a state recorded before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub born: Option<u64>,
 }
 
 impl BackfillState {

@@ -1384,6 +1384,57 @@ mod tests {
         journal.close().await;
     }
 
+    /// A back-fill of a project since dropped (one waiting for a place while the project was
+    /// dropped, made again and frozen as far) writes nothing into the project made again: its
+    /// state would take the key of the new project's own back-fill of that version, whose items
+    /// below the old cursor would then never get the version after a restart.
+    #[tokio::test]
+    async fn a_back_fill_of_a_dropped_project_writes_nothing_into_the_one_made_again() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Buffered, vec!["store"]).await;
+        add_views(&storage, &project, &article).await;
+        storage.freeze(&project, false).await.unwrap();
+        let old = journal.backfill_state(&project, 2).unwrap().unwrap();
+        assert_eq!(old.born, Some(0));
+        storage.drop_project(&project).await.unwrap();
+        assert_eq!(conformance::frozen(storage.as_ref()).await, project);
+        add_views(&storage, &project, &article).await;
+        storage.freeze(&project, false).await.unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        let new = loop {
+            let state = journal.backfill_state(&project, 2).unwrap().unwrap();
+            if state.finished {
+                break state;
+            }
+            assert!(std::time::Instant::now() < deadline, "{state:?}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert_ne!(new.born, Some(0));
+        let late = backfill::BackfillState {
+            cursor: Some(b"far".to_vec()),
+            done: 1000,
+            ..old
+        };
+        let written = journal
+            .send(|reply| Command::Backfill {
+                project: project.clone(),
+                version: 2,
+                items: Vec::new(),
+                state: late,
+                reply,
+            })
+            .await
+            .unwrap();
+        assert!(!written, "not the project it was started for");
+        assert_eq!(journal.backfill_state(&project, 2).unwrap().unwrap(), new);
+        journal.close().await;
+    }
+
     /// A back-fill or a rebuild writes an item again at its revision, one task per version: when
     /// the store refuses several of them, each letter is kept, whether they come in one report or
     /// one at a time, and a retry sends every version again, not only the last letter's.

@@ -588,8 +588,16 @@ impl<'a> Stage<'a> {
         version: u32,
         projectors: Option<Vec<String>>,
     ) {
+        let born = self
+            .writer
+            .catalog
+            .snapshot()
+            .projects
+            .get(project)
+            .map(|p| p.working.born);
         let state = BackfillState {
             projectors,
+            born,
             ..BackfillState::default()
         };
         let meta = self.cf(CF_META);
@@ -1179,10 +1187,12 @@ fn stage_command(stage: &mut Stage, command: Command) {
             reply,
         } => {
             let snapshot = stage.writer.catalog.snapshot();
-            let live = snapshot
-                .projects
-                .get(&project)
-                .is_some_and(|p| p.version(version).is_some() && !p.is_retired(version));
+            // The project it was started for: one made again since under the name has its own.
+            let live = snapshot.projects.get(&project).is_some_and(|p| {
+                p.version(version).is_some()
+                    && !p.is_retired(version)
+                    && state.born.is_none_or(|born| born == p.working.born)
+            });
             if !live {
                 let _ = reply.send(Ok(false));
                 return;
