@@ -403,7 +403,7 @@ async fn read(
         }
     };
     drop(stored);
-    share.resize(rendered.len())?;
+    share.resize(rendered.len().min(state.in_flight.limit()))?;
     Ok(HttpResponse::Ok()
         .insert_header(("x-dstore-revision", revision.to_string()))
         .content_type("application/json")

@@ -292,43 +292,54 @@ impl Journal {
             }
         }
         for (index, (revision, seqs)) in newest {
-            let mut top = seqs.iter().copied().max().unwrap_or_default();
+            // The letters the index names: the newest first, then the others of its revision.
+            let mut kept: Vec<u64> = seqs;
             if let Some(bytes) = self.db.get_cf(self.cf(CF_META), &index)? {
-                let earlier = u64::from_be_bytes(
+                let seq_at = |at: usize| {
                     bytes
-                        .get(..8)
+                        .get(at..at + 8)
                         .and_then(|b| b.try_into().ok())
-                        .unwrap_or_default(),
-                );
-                let key = keys::task(projector, earlier);
-                let earlier_revision = match bytes.get(8..16) {
-                    Some(stored) => stored.try_into().ok().map(u64::from_be_bytes),
+                        .map(u64::from_be_bytes)
+                };
+                let earlier = seq_at(0).unwrap_or_default();
+                let mut named = vec![earlier];
+                named.extend((16..bytes.len()).step_by(8).filter_map(seq_at));
+                let earlier_revision = match seq_at(8) {
+                    Some(revision) => Some(revision),
                     // Noted before letters named their revision: the letter's own task says it.
                     None => self
                         .db
-                        .get_pinned_cf(self.cf(CF_DEAD), &key)?
+                        .get_pinned_cf(self.cf(CF_DEAD), keys::task(projector, earlier))?
                         .and_then(|letter| serde_json::from_slice::<DeadLetter>(&letter).ok())
                         .and_then(|letter| letter.task?.op.revision()),
                 };
                 match earlier_revision.map(|earlier| earlier.cmp(&revision)) {
-                    // A report delivered late: the item's letter is newer already.
+                    // A report delivered late: the item's letters are newer already.
                     Some(std::cmp::Ordering::Greater) => {
-                        older.extend(seqs);
+                        older.extend(kept);
                         continue;
                     }
-                    Some(std::cmp::Ordering::Equal) => top = top.max(earlier),
+                    Some(std::cmp::Ordering::Equal) => kept.extend(named),
                     _ => {
-                        if earlier != top
-                            && self.db.get_pinned_cf(self.cf(CF_DEAD), &key)?.is_some()
-                        {
-                            batch.delete_cf(self.cf(CF_DEAD), key);
-                            replaced += 1;
+                        for seq in named.into_iter().filter(|seq| !kept.contains(seq)) {
+                            let key = keys::task(projector, seq);
+                            if self.db.get_pinned_cf(self.cf(CF_DEAD), &key)?.is_some() {
+                                batch.delete_cf(self.cf(CF_DEAD), key);
+                                replaced += 1;
+                            }
                         }
                     }
                 }
             }
-            let mut value = top.to_be_bytes().to_vec();
+            kept.sort_unstable_by(|a, b| b.cmp(a));
+            kept.dedup();
+            // The newest seq first (a retry of it removes the index), the revision, the others.
+            let mut value = Vec::with_capacity(8 * (kept.len() + 1));
+            value.extend_from_slice(&kept[0].to_be_bytes());
             value.extend_from_slice(&revision.to_be_bytes());
+            for seq in &kept[1..] {
+                value.extend_from_slice(&seq.to_be_bytes());
+            }
             batch.put_cf(self.cf(CF_META), index, value);
         }
         Ok((replaced, older))
@@ -360,16 +371,16 @@ impl Journal {
             );
         }
         self.db.write(batch)?;
-        let fresh = fresh.saturating_sub(replaced);
         if let Some(lane) = self.lanes.get(projector) {
-            if fresh > 0 {
+            // A newer letter may replace several of an older revision.
+            if fresh != replaced {
                 let mut counted = lane
                     .dead_letters
                     .lock()
                     .unwrap_or_else(PoisonError::into_inner);
                 counted.generation += 1;
                 if let Some(count) = counted.count.as_mut() {
-                    *count += fresh;
+                    *count = (*count + fresh).saturating_sub(replaced);
                 }
             }
             let _ = lane

@@ -1291,6 +1291,69 @@ async fn a_disk_alarm_does_not_stop_a_worker_draining_its_queue() {
     db.drop().await;
 }
 
+/// Parking publishes: under an alarm a held project's deliveries are set aside, unacknowledged
+/// and in order, and parked once the alarm is over, while the other projects' are applied.
+#[tokio::test]
+async fn under_a_disk_alarm_a_held_project_waits_and_the_others_drain() {
+    let _alone = BROKER.write().await;
+    let broker = TestBroker::exclusive(None).await;
+    let db = TestDatabase::create().await;
+    let mut sql = db.sql().await;
+    sqlx::raw_sql("CREATE SCHEMA bad_v1; COMMENT ON SCHEMA bad_v1 IS 'the billing team''s'")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    let (app, env) = with_postgresql_worker(&broker, &db, |_| {}).await;
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    let thing = faults::thing();
+    assert_eq!(app.put("/bad/thing/_blueprint", &thing).await.status, 200);
+    let frozen = app.post("/bad/_version", None).await;
+    assert_eq!(frozen.status, 503, "{}", frozen.body);
+    broker.expect_messages("postgresql.parked.bad", 1).await;
+    assert_eq!(app.put("/good/thing/_blueprint", &thing).await.status, 200);
+    freeze_until_migrated(&app, "good").await;
+    terminate(&mut worker);
+    let item = json!({"project_version": 1, "n": 1});
+    let put = app
+        .put(&format!("/bad/thing/{}", Uuid::new_v4()), &item)
+        .await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    for _ in 0..20 {
+        let put = app
+            .put(&format!("/good/thing/{}", Uuid::new_v4()), &item)
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    broker.expect_messages_in("postgresql", 21..=22).await;
+    let alarm = DiskAlarm::raise().await;
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    expect_count(&db, "SELECT count(*) FROM good_v1.things", 20).await;
+    drop(alarm);
+    // The first copy may have been taken as the alarm blocked the connection, and parked again
+    // after it: twice is harmless.
+    broker
+        .expect_messages_in("postgresql.parked.bad", 2..=3)
+        .await;
+    expect_nothing_pending_but(&app, "postgresql", 2).await;
+    terminate(&mut worker);
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
+
+/// Waits up to 30 s until `projector` has `left` tasks pending.
+async fn expect_nothing_pending_but(app: &TestApp, projector: &str, left: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = app.get("/_health/ready").await.body;
+        if ready["projectors"][projector]["progress"]["pending"] == left {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{ready}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Runs `rabbitmqctl` (the test machine's broker is local; `scripts/test.sh` runs as root).
 fn rabbitmqctl(command: &str) {
     rabbitmqctl_with(&[command]);

@@ -28,12 +28,13 @@
 //! of its own, never on the one its deliveries come on: under a memory or disk alarm RabbitMQ
 //! stops reading a connection that publishes, acknowledgements included, and a backlog that
 //! raised the alarm could then never drain. While that publishing connection is blocked, a step's
-//! report is kept and its deliveries are acknowledged all the same (up to [`MOST_UNSENT`] tasks'
-//! worth), and the kept reports are sent once it is unblocked; a session that ends first loses
-//! them, and its tasks, still pending in the journal, are published again by the relay and
+//! report is kept and its deliveries are acknowledged all the same (up to [`MOST_UNSENT`] bytes
+//! of reports), and the kept reports are sent once it is unblocked; a session that ends first
+//! loses them, and its tasks, still pending in the journal, are published again by the relay and
 //! applied again, which is harmless. Parking waits for its copy's confirmation before it
-//! acknowledges the delivery, so a held project's deliveries wait in the window while an alarm
-//! lasts, and the other projects' go on.
+//! acknowledges the delivery: while an alarm lasts, a held project's deliveries are set aside,
+//! unacknowledged and in order, and parked once it is over; the other projects' go on as long as
+//! the window has room beside them.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -150,6 +151,9 @@ impl Consumer<'_> {
         let mut parking = Parking::default();
         loop {
             self.send_unsent(session).await?;
+            if parking.park_aside(session, self.broker, name).await? > 0 {
+                session.channel.tx_commit().await?;
+            }
             if !parking.known {
                 if self.only_consumer(session, &queue).await? {
                     self.take_over(session, &mut parking).await?;
@@ -162,7 +166,7 @@ impl Consumer<'_> {
             let due = parking.next_due();
             let wait = due.as_ref().map_or(ACTIVE_CHECK, |(_, wait)| *wait);
             // Kept reports are sent as soon as the publishing connection is unblocked.
-            let unsent = session.holds_unsent();
+            let unsent = session.holds_unsent() || !parking.aside.is_empty();
             let first = tokio::select! {
                 next = deliveries.next() => Some(Some(next)),
                 _ = tokio::time::sleep(wait), if due.is_some() || !parking.known => Some(None),
@@ -269,17 +273,22 @@ impl Consumer<'_> {
     async fn probe(&self, session: &Session<'_>, queue: &str) -> Result<(), LinkError> {
         let mut headers = FieldTable::default();
         headers.insert(PROBE_HEADER.into(), AMQPValue::Boolean(true));
-        // Unconfirmed: a probe lost (or held by an alarm) is sent again a few seconds later.
-        session
-            .out
-            .basic_publish(
-                "".into(),
-                queue.into(),
-                BasicPublishOptions::default(),
-                b"",
-                lapin::BasicProperties::default().with_headers(headers),
-            )
-            .await?;
+        // Unconfirmed, and not sent while an alarm blocks the publishing connection (the publish
+        // would wait for its end): a probe lost is sent again a few seconds later.
+        if session.publisher.status().blocked() {
+            return Ok(());
+        }
+        let publish = session.out.basic_publish(
+            "".into(),
+            queue.into(),
+            BasicPublishOptions::default(),
+            b"",
+            lapin::BasicProperties::default().with_headers(headers),
+        );
+        tokio::select! {
+            published = publish => drop(published?),
+            () = blocked(session.publisher) => {}
+        }
         Ok(())
     }
 
@@ -472,7 +481,7 @@ impl Consumer<'_> {
             match task {
                 Ok(task) if parks => {
                     parking
-                        .park(session, self.broker, name, &task.project, &delivery)
+                        .park(session, self.broker, name, &task.project, delivery)
                         .await?;
                 }
                 Ok(task) => {
@@ -548,7 +557,7 @@ impl Consumer<'_> {
                         requeue(&delivery).await?;
                     } else {
                         parking
-                            .park(session, self.broker, name, &task.project, &delivery)
+                            .park(session, self.broker, name, &task.project, delivery)
                             .await?;
                     }
                 }
@@ -624,7 +633,7 @@ impl Consumer<'_> {
         session.keep(report);
         self.send_unsent(session).await?;
         // Past what may be kept, the deliveries wait for the alarm to end.
-        while session.unsent_tasks() > MOST_UNSENT {
+        while session.unsent_bytes() > MOST_UNSENT {
             tokio::time::sleep(UNSENT_CHECK).await;
             self.send_unsent(session).await?;
         }
@@ -635,13 +644,7 @@ impl Consumer<'_> {
     /// connection is blocked while it waits for is kept to be sent again (recording a report
     /// twice is harmless).
     async fn send_unsent(&self, session: &Session<'_>) -> Result<(), LinkError> {
-        loop {
-            if session.publisher.status().blocked() {
-                return Ok(());
-            }
-            let Some(report) = session.first_unsent() else {
-                return Ok(());
-            };
+        while let Some(report) = session.first_unsent() {
             let body = serde_json::to_vec(&report)
                 .map_err(|e| LinkError::Other(format!("cannot encode a report: {e}")))?;
             let id = format!(
@@ -649,31 +652,23 @@ impl Consumer<'_> {
                 report.projector,
                 report.applied.last().unwrap_or(&0)
             );
-            let confirm = session
-                .out
-                .basic_publish(
-                    "".into(),
-                    self.broker.reports_queue().as_str().into(),
-                    BasicPublishOptions {
-                        mandatory: true,
-                        ..BasicPublishOptions::default()
-                    },
-                    &body,
-                    persistent(id),
-                )
-                .await?;
-            tokio::select! {
-                answer = confirmed(confirm) => answer?,
-                () = blocked(session.publisher) => return Ok(()),
+            let queue = self.broker.reports_queue();
+            if !publish_unless_blocked(session, &queue, true, &body, persistent(id)).await? {
+                return Ok(());
             }
             session.sent_first();
         }
+        Ok(())
     }
 }
 
-/// Most tasks whose reports a consumer keeps while its publishing connection is blocked: past
-/// them, its deliveries wait (a report holds 8 bytes a task, so about 8 MiB).
-const MOST_UNSENT: usize = 1_000_000;
+/// Most bytes of reports a consumer keeps while its publishing connection is blocked (about a
+/// million tasks applied): past them, its deliveries wait.
+const MOST_UNSENT: usize = 16 << 20;
+
+/// Most bytes of one report kept: kept reports are merged up to it, so that none grows past what
+/// a broker takes in one message (RabbitMQ 4: 16 MiB).
+const MOST_MERGED: usize = 1 << 20;
 
 /// How often kept reports are tried again while the publishing connection is blocked.
 const UNSENT_CHECK: Duration = Duration::from_millis(500);
@@ -703,7 +698,8 @@ impl Session<'_> {
         match unsent.back_mut() {
             Some(last)
                 if last.journal == report.journal
-                    && (last.migration.is_none() || report.migration.is_none()) =>
+                    && (last.migration.is_none() || report.migration.is_none())
+                    && weight(last) + weight(&report) <= MOST_MERGED =>
             {
                 last.applied.extend(report.applied);
                 last.refused.extend(report.refused);
@@ -733,14 +729,22 @@ impl Session<'_> {
             .is_empty()
     }
 
-    /// The tasks the kept reports speak for.
-    fn unsent_tasks(&self) -> usize {
+    /// About the bytes the kept reports hold.
+    fn unsent_bytes(&self) -> usize {
         let unsent = self.unsent.lock().unwrap_or_else(|p| p.into_inner());
-        unsent
-            .iter()
-            .map(|r| r.applied.len() + r.refused.len())
-            .sum()
+        unsent.iter().map(weight).sum()
     }
+}
+
+/// About the bytes of a report, kept or encoded: a seq applied is at most 21 bytes of JSON, a
+/// refusal its reason and time.
+fn weight(report: &Report) -> usize {
+    let refused: usize = report
+        .refused
+        .iter()
+        .map(|r| r.reason.len() + r.at.len() + 48)
+        .sum();
+    report.applied.len() * 21 + refused + 256
 }
 
 /// Where a delivery came from.
@@ -780,6 +784,9 @@ struct Parking {
     known: bool,
     /// Projects whose parking queue this session declared.
     declared: HashSet<Ident>,
+    /// Deliveries to park, in order, set aside unacknowledged while the publishing connection is
+    /// blocked.
+    aside: std::collections::VecDeque<(Ident, Delivery)>,
 }
 
 impl Parking {
@@ -827,79 +834,96 @@ impl Parking {
             .map(|(project, wait, _)| (project.clone(), wait))
     }
 
-    /// Publishes a copy of `delivery` at the end of `project`'s parking queue and acknowledges it:
-    /// both take effect at the channel's next commit. The first task of a project parked makes its
-    /// queue and its registry entry.
+    /// Publishes a copy of `delivery` at the end of `project`'s parking queue and acknowledges it
+    /// (at the channel's next commit), after the deliveries set aside before it. The first task of
+    /// a project parked makes its queue and its registry entry. While the publishing connection is
+    /// blocked by a resource alarm, the delivery is set aside, unacknowledged, in order.
     async fn park(
         &mut self,
         session: &Session<'_>,
         broker: &Broker,
         projector: &str,
         project: &Ident,
-        delivery: &Delivery,
+        delivery: Delivery,
     ) -> Result<(), LinkError> {
-        let queue = broker.project_parked_queue(projector, project);
-        // Declared once a session; a queue deleted from outside since returns the copy, which is
-        // published `mandatory`: the session ends, and the next one declares it again.
-        if self.declared.insert(project.clone()) {
-            broker
-                .declare_parked(session.channel, projector, project)
-                .await?;
-        }
-        if !self.registered.contains(project) {
-            let registry = broker.parked_queue(projector);
-            let entry = session
-                .out
-                .basic_publish(
-                    "".into(),
-                    registry.as_str().into(),
-                    BasicPublishOptions::default(),
-                    project.as_str().as_bytes(),
-                    persistent(format!("parked-{project}")),
-                )
-                .await?;
-            confirmed_unless_blocked(session.publisher, entry).await?;
-            self.registered.insert(project.clone());
-        }
         self.parked.entry(project.clone()).or_insert(None);
-        // The copy is confirmed before the delivery is acknowledged: a crash between the two
-        // parks the task twice, which is harmless (applying a task twice is).
-        let copy = session
-            .out
-            .basic_publish(
-                "".into(),
-                queue.as_str().into(),
-                BasicPublishOptions {
-                    mandatory: true,
-                    ..BasicPublishOptions::default()
-                },
-                &delivery.data,
-                delivery.properties.clone(),
-            )
-            .await?;
-        confirmed_unless_blocked(session.publisher, copy).await?;
-        settle(delivery, true).await
+        self.aside.push_back((project.clone(), delivery));
+        self.park_aside(session, broker, projector).await.map(drop)
+    }
+
+    /// Parks the deliveries set aside, in order, until the publishing connection is blocked;
+    /// answers how many it acknowledged (to be committed).
+    async fn park_aside(
+        &mut self,
+        session: &Session<'_>,
+        broker: &Broker,
+        projector: &str,
+    ) -> Result<usize, LinkError> {
+        let mut parked = 0;
+        while let Some((project, delivery)) = self.aside.front() {
+            let queue = broker.project_parked_queue(projector, project);
+            // Declared once a session; a queue deleted from outside since returns the copy,
+            // which is published `mandatory`: the session ends, and the next one declares it.
+            if self.declared.insert(project.clone()) {
+                broker
+                    .declare_parked(session.channel, projector, project)
+                    .await?;
+            }
+            if !self.registered.contains(project) {
+                let registry = broker.parked_queue(projector);
+                let entry = project.as_str().as_bytes();
+                let properties = persistent(format!("parked-{project}"));
+                if !publish_unless_blocked(session, &registry, false, entry, properties).await? {
+                    return Ok(parked);
+                }
+                self.registered.insert(project.clone());
+            }
+            // The copy is confirmed before the delivery is acknowledged: a crash (or an alarm)
+            // between the two parks the task twice, which is harmless (applying it twice is).
+            let properties = delivery.properties.clone();
+            if !publish_unless_blocked(session, &queue, true, &delivery.data, properties).await? {
+                return Ok(parked);
+            }
+            settle(delivery, true).await?;
+            self.aside.pop_front();
+            parked += 1;
+        }
+        Ok(parked)
     }
 }
 
-/// [`confirmed`], but waiting as long as `publisher` is blocked by a resource alarm: the broker
-/// confirms once the alarm is over.
-async fn confirmed_unless_blocked(
-    publisher: &Connection,
-    confirm: lapin::PublisherConfirm,
-) -> Result<(), LinkError> {
-    let mut confirm = std::pin::pin!(confirm);
-    loop {
-        let answer = tokio::time::timeout(Duration::from_secs(60), confirm.as_mut()).await;
-        match answer {
-            Ok(answer) => return super::read_confirmation(answer?),
-            Err(_) if publisher.status().blocked() => continue,
-            Err(_) => {
-                return Err(LinkError::Other(
-                    "the broker confirmed nothing within 60 s".into(),
-                ))
-            }
-        }
+/// Publishes on the session's publishing channel and waits for the broker's confirmation; false,
+/// with nothing known of the message, when the publishing connection is or becomes blocked by a
+/// resource alarm first (lapin writes nothing on a blocked connection).
+async fn publish_unless_blocked(
+    session: &Session<'_>,
+    queue: &str,
+    mandatory: bool,
+    body: &[u8],
+    properties: lapin::BasicProperties,
+) -> Result<bool, LinkError> {
+    if session.publisher.status().blocked() {
+        return Ok(false);
+    }
+    let published = async {
+        let confirm = session
+            .out
+            .basic_publish(
+                "".into(),
+                queue.into(),
+                BasicPublishOptions {
+                    mandatory,
+                    ..BasicPublishOptions::default()
+                },
+                body,
+                properties,
+            )
+            .await?;
+        confirmed(confirm).await
+    };
+    tokio::select! {
+        answer = published => answer.map(|()| true),
+        () = blocked(session.publisher) => Ok(false),
     }
 }
 

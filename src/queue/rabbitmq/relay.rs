@@ -239,6 +239,13 @@ impl Relay<'_> {
                 *stall = fresh;
                 return Ok(None);
             }
+            // While a resource alarm blocks the relay's own publishes, consumers keep their
+            // reports (see `consumer`): the oldest task stays pending though applied, and its
+            // wait starts over once the alarm is past.
+            if connection.status().blocked() {
+                stall.since = now;
+                return Ok(None);
+            }
             if depth > 0 || now.duration_since(stall.since) < stall.wait {
                 return Ok(None);
             }
