@@ -19,7 +19,11 @@ pub(super) fn journal_id(db: &DB) -> Result<String, JournalError> {
         return Ok(String::from_utf8_lossy(&id).into_owned());
     }
     let id = uuid::Uuid::new_v4().to_string();
-    db.put_cf(meta, JOURNAL_ID, id.as_bytes())?;
+    // Synced: the catalog records the id (synced) as its journal's, and a journal that lost it
+    // with the machine would make another, which no start could pair with the catalog again.
+    let mut synced = rocksdb::WriteOptions::default();
+    synced.set_sync(true);
+    db.put_cf_opt(meta, JOURNAL_ID, id.as_bytes(), &synced)?;
     Ok(id)
 }
 
