@@ -221,11 +221,17 @@ impl Relay<'_> {
             Some(stall) => (stall.parked.clone(), stall.oldest),
             None => Default::default(),
         };
-        let Some((oldest, project)) = self.oldest_outside(projector, &known, scan_from)? else {
-            self.stalls.lock().expect("stalls lock").remove(projector);
+        let now = tokio::time::Instant::now();
+        let (found, scanned) = self.oldest_outside(projector, &known, scan_from)?;
+        let Some((oldest, project)) = found else {
+            if known.is_empty() {
+                self.stalls.lock().expect("stalls lock").remove(projector);
+            } else {
+                self.only_parked(connection, projector, known, scanned, now)
+                    .await?;
+            }
             return Ok(None);
         };
-        let now = tokio::time::Instant::now();
         let pending_for = {
             let mut stalls = self.stalls.lock().expect("stalls lock");
             let fresh = Stall {
@@ -287,26 +293,79 @@ impl Relay<'_> {
         Ok(Some((oldest - 1, parked)))
     }
 
+    /// When every pending task of `projector` is of a project found parked (`known`): the next
+    /// look starts where this one's scan ended (`scanned`), not at a held backlog's first task,
+    /// and once a wait the projects are asked again whether they are still parked (one released
+    /// has its tasks looked at again, from the first).
+    async fn only_parked(
+        &self,
+        connection: &Connection,
+        projector: &'static str,
+        known: HashSet<Ident>,
+        scanned: u64,
+        now: tokio::time::Instant,
+    ) -> Result<(), LinkError> {
+        let due = {
+            let mut stalls = self.stalls.lock().expect("stalls lock");
+            let stall = stalls.entry(projector).or_insert_with(|| Stall {
+                oldest: scanned,
+                since: now,
+                wait: Duration::from_secs(self.broker.settings.republish_after_secs),
+                parked: known.clone(),
+            });
+            stall.oldest = scanned;
+            let due = now.duration_since(stall.since) >= stall.wait;
+            if due {
+                stall.since = now;
+            }
+            due
+        };
+        if !due {
+            return Ok(());
+        }
+        let mut parked = HashSet::new();
+        for project in &known {
+            if self
+                .broker
+                .parked_exists(connection, projector, project)
+                .await?
+            {
+                parked.insert(project.clone());
+            }
+        }
+        if parked.len() < known.len() {
+            let mut stalls = self.stalls.lock().expect("stalls lock");
+            if let Some(stall) = stalls.get_mut(projector) {
+                stall.oldest = 0;
+                stall.parked = parked;
+            }
+        }
+        Ok(())
+    }
+
     /// The seq and project of `projector`'s oldest pending task of a project not in `parked`, at
-    /// `from` or after: every task before `from` is of a project in `parked`.
+    /// `from` or after (every task before `from` is of a project in `parked`), and the seq the
+    /// scan ended before.
     fn oldest_outside(
         &self,
         projector: &str,
         parked: &HashSet<Ident>,
         mut from: u64,
-    ) -> Result<Option<(u64, Ident)>, LinkError> {
+    ) -> Result<(Option<(u64, Ident)>, u64), LinkError> {
         loop {
             let pending = self
                 .journal
                 .pending_from(projector, from, 1, |p| parked.contains(p))
                 .map_err(journal)?;
             if let Some(task) = pending.tasks.into_iter().next() {
-                return Ok(Some((task.seq, task.project)));
+                return Ok((Some((task.seq, task.project)), task.seq));
+            }
+            if pending.first_seen.is_some() {
+                from = from.max(pending.last_seen + 1);
             }
             if !pending.cut_short {
-                return Ok(None);
+                return Ok((None, from));
             }
-            from = pending.last_seen + 1;
         }
     }
 
