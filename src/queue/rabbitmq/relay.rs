@@ -51,7 +51,10 @@ const MOST_REPUBLISH_WAIT: Duration = Duration::from_secs(3600);
 /// again.
 #[derive(Clone)]
 struct Stall {
+    /// 0 when every pending task is of a project in `parked`.
     oldest: u64,
+    /// Where the next look starts: every pending task before it is of a project in `parked`.
+    scan_from: u64,
     since: tokio::time::Instant,
     wait: Duration,
     /// The projects of the projector found with a parking queue at the last look: their tasks are
@@ -218,7 +221,7 @@ impl Relay<'_> {
         depth: u32,
     ) -> Result<Option<(u64, HashSet<Ident>)>, LinkError> {
         let (known, scan_from) = match self.stalls.lock().expect("stalls lock").get(projector) {
-            Some(stall) => (stall.parked.clone(), stall.oldest),
+            Some(stall) => (stall.parked.clone(), stall.scan_from),
             None => Default::default(),
         };
         let now = tokio::time::Instant::now();
@@ -236,6 +239,7 @@ impl Relay<'_> {
             let mut stalls = self.stalls.lock().expect("stalls lock");
             let fresh = Stall {
                 oldest,
+                scan_from: oldest,
                 since: now,
                 wait: Duration::from_secs(self.broker.settings.republish_after_secs),
                 parked: known.clone(),
@@ -278,7 +282,7 @@ impl Relay<'_> {
         if parked.contains(&project) || released {
             // The oldest task outside the parked projects is another now: the next look finds it
             // (from the first task again, when a project was released).
-            stall.oldest = if released { 0 } else { oldest };
+            stall.scan_from = if released { 0 } else { oldest };
             return Ok(None);
         }
         tracing::warn!(
@@ -308,12 +312,14 @@ impl Relay<'_> {
         let due = {
             let mut stalls = self.stalls.lock().expect("stalls lock");
             let stall = stalls.entry(projector).or_insert_with(|| Stall {
-                oldest: scanned,
+                oldest: 0,
+                scan_from: scanned,
                 since: now,
                 wait: Duration::from_secs(self.broker.settings.republish_after_secs),
                 parked: known.clone(),
             });
-            stall.oldest = scanned;
+            stall.oldest = 0;
+            stall.scan_from = scanned;
             let due = now.duration_since(stall.since) >= stall.wait;
             if due {
                 stall.since = now;
@@ -336,7 +342,7 @@ impl Relay<'_> {
         if parked.len() < known.len() {
             let mut stalls = self.stalls.lock().expect("stalls lock");
             if let Some(stall) = stalls.get_mut(projector) {
-                stall.oldest = 0;
+                stall.scan_from = 0;
                 stall.parked = parked;
             }
         }
