@@ -806,6 +806,28 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
     db.drop().await;
 }
 
+/// A server with a PostgreSQL worker (`configure` changes the server's settings) whose project
+/// `bad` is held: its schema `bad_v1` is someone else's, so its migration fails and is parked.
+async fn with_bad_parked(
+    broker: &TestBroker,
+    db: &TestDatabase,
+    configure: impl FnOnce(&mut Settings),
+) -> (TestApp, Vec<(&'static str, String)>, Child) {
+    let mut sql = db.sql().await;
+    sqlx::raw_sql("CREATE SCHEMA bad_v1; COMMENT ON SCHEMA bad_v1 IS 'the billing team''s'")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    let (app, env) = with_postgresql_worker(broker, db, configure).await;
+    let worker = start_worker("postgresql", &app.address, &env);
+    let thing = faults::thing();
+    assert_eq!(app.put("/bad/thing/_blueprint", &thing).await.status, 200);
+    let frozen = app.post("/bad/_version", None).await;
+    assert_eq!(frozen.status, 503, "{}", frozen.body);
+    broker.expect_messages("postgresql.parked.bad", 1).await;
+    (app, env, worker)
+}
+
 /// A parking queue deleted from outside drops no later copy silently: the copy is published
 /// `mandatory` and comes back unroutable, the session starts over, and the task is delivered
 /// again: parked in the queue made again, or (once the new session found the project's parking
@@ -814,22 +836,7 @@ async fn a_held_projects_tasks_are_parked_out_of_the_window_and_follow_in_order_
 async fn a_parking_queue_deleted_from_outside_drops_no_later_task() {
     let broker = TestBroker::new().await;
     let db = TestDatabase::create().await;
-    let mut sql = db.sql().await;
-    sqlx::raw_sql("CREATE SCHEMA bad_v1; COMMENT ON SCHEMA bad_v1 IS 'the billing team''s'")
-        .execute(&mut sql)
-        .await
-        .unwrap();
-    let (app, env) = with_postgresql_worker(&broker, &db, |_| {}).await;
-    let mut worker = start_worker("postgresql", &app.address, &env);
-    assert_eq!(
-        app.put("/bad/thing/_blueprint", &faults::thing())
-            .await
-            .status,
-        200
-    );
-    let frozen = app.post("/bad/_version", None).await;
-    assert_eq!(frozen.status, 503, "{}", frozen.body);
-    broker.expect_messages("postgresql.parked.bad", 1).await;
+    let (app, _, mut worker) = with_bad_parked(&broker, &db, |_| {}).await;
     let channel = connect().await.create_channel().await.unwrap();
     let parked = format!("{}.postgresql.parked.bad", broker.namespace);
     channel
@@ -879,19 +886,9 @@ async fn past_the_backlog_limit_a_project_a_consumer_holds_is_refused_first() {
 async fn a_held_project_does_not_keep_another_projects_lost_tasks_pending() {
     let broker = TestBroker::new().await;
     let db = TestDatabase::create().await;
-    let mut sql = db.sql().await;
-    sqlx::raw_sql("CREATE SCHEMA bad_v1; COMMENT ON SCHEMA bad_v1 IS 'the billing team''s'")
-        .execute(&mut sql)
-        .await
-        .unwrap();
-    let (app, env) =
-        with_postgresql_worker(&broker, &db, |s| queue_of(s).republish_after_secs = 1).await;
-    let mut worker = start_worker("postgresql", &app.address, &env);
+    let (app, env, mut worker) =
+        with_bad_parked(&broker, &db, |s| queue_of(s).republish_after_secs = 1).await;
     let thing = faults::thing();
-    assert_eq!(app.put("/bad/thing/_blueprint", &thing).await.status, 200);
-    let frozen = app.post("/bad/_version", None).await;
-    assert_eq!(frozen.status, 503, "{}", frozen.body);
-    broker.expect_messages("postgresql.parked.bad", 1).await;
     assert_eq!(app.put("/good/thing/_blueprint", &thing).await.status, 200);
     freeze_until_migrated(&app, "good").await;
     terminate(&mut worker);
@@ -1298,18 +1295,8 @@ async fn under_a_disk_alarm_a_held_project_waits_and_the_others_drain() {
     let _alone = BROKER.write().await;
     let broker = TestBroker::exclusive(None).await;
     let db = TestDatabase::create().await;
-    let mut sql = db.sql().await;
-    sqlx::raw_sql("CREATE SCHEMA bad_v1; COMMENT ON SCHEMA bad_v1 IS 'the billing team''s'")
-        .execute(&mut sql)
-        .await
-        .unwrap();
-    let (app, env) = with_postgresql_worker(&broker, &db, |_| {}).await;
-    let mut worker = start_worker("postgresql", &app.address, &env);
+    let (app, env, mut worker) = with_bad_parked(&broker, &db, |_| {}).await;
     let thing = faults::thing();
-    assert_eq!(app.put("/bad/thing/_blueprint", &thing).await.status, 200);
-    let frozen = app.post("/bad/_version", None).await;
-    assert_eq!(frozen.status, 503, "{}", frozen.body);
-    broker.expect_messages("postgresql.parked.bad", 1).await;
     assert_eq!(app.put("/good/thing/_blueprint", &thing).await.status, 200);
     freeze_until_migrated(&app, "good").await;
     terminate(&mut worker);

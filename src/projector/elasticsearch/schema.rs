@@ -511,17 +511,19 @@ mod tests {
         assert!(differences.is_empty(), "{}", differences.join("\n"));
     }
 
+    /// The paths of what `check_property` finds in `mapping` (of a keyword column), sorted.
+    fn problems(mapping: Value) -> Vec<String> {
+        let mut found: Vec<String> =
+            check_property(mapping.as_object().expect("object"), Some("keyword"))
+                .into_iter()
+                .map(|(p, _)| p)
+                .collect();
+        found.sort();
+        found
+    }
+
     #[test]
     fn legacy_and_unknown_parameters_are_named_by_their_path() {
-        let problems = |mapping: Value| {
-            let mut found: Vec<String> =
-                check_property(mapping.as_object().expect("object"), Some("keyword"))
-                    .into_iter()
-                    .map(|(p, _)| p)
-                    .collect();
-            found.sort();
-            found
-        };
         assert_eq!(
             problems(json!({"type": "geo_shape", "tree": "quadtree", "precision": "1m"})),
             ["/precision", "/tree"]
@@ -549,15 +551,6 @@ mod tests {
     /// good after the freeze.
     #[test]
     fn meta_is_held_to_elasticsearch_s_limits() {
-        let problems = |mapping: Value| {
-            let mut found: Vec<String> =
-                check_property(mapping.as_object().expect("object"), Some("keyword"))
-                    .into_iter()
-                    .map(|(p, _)| p)
-                    .collect();
-            found.sort();
-            found
-        };
         let fine = json!({"meta": {"unit": "ms", "metric_type": "gauge", "k": "é".repeat(50)}});
         assert!(problems(fine).is_empty());
         assert_eq!(problems(json!({"meta": {"unit": 5}})), ["/meta/unit"]);
