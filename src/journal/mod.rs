@@ -1384,6 +1384,49 @@ mod tests {
         journal.close().await;
     }
 
+    /// A purge whose read of a project's horizon fails purges nothing and answers the error:
+    /// taken for 0, the horizon could be set below one already there, and followers under it would
+    /// be served pages missing the deletes purged.
+    #[tokio::test]
+    async fn a_purge_whose_horizon_cannot_be_read_purges_nothing() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            ..
+        } = fixture(Durability::Sync, vec![]).await;
+        let (first, second) = (Uuid::new_v4(), Uuid::new_v4());
+        for id in [first, second] {
+            conformance::write(storage.as_ref(), &project, id, "t").await;
+        }
+        conformance::delete(storage.as_ref(), &project, first).await;
+        let later = || (chrono::Utc::now().timestamp_millis() + 5000) as u64;
+        assert_eq!(journal.purge_tombstones(later()).await.unwrap(), 1);
+        let horizon = journal
+            .changes(&project, 0, 10, usize::MAX)
+            .unwrap()
+            .horizon;
+        assert!(horizon > 0);
+        conformance::delete(storage.as_ref(), &project, second).await;
+        // The horizon is in a table file now, none of its blocks read yet.
+        journal.db.flush_cf(journal.cf(CF_META)).unwrap();
+        journal.disk_reads_fail.store(true, Ordering::Relaxed);
+        assert!(journal.purge_tombstones(later()).await.is_err());
+        journal.disk_reads_fail.store(false, Ordering::Relaxed);
+        let page = journal.changes(&project, 0, 10, usize::MAX).unwrap();
+        assert_eq!(page.horizon, horizon, "nothing purged");
+        assert_eq!(journal.purge_tombstones(later()).await.unwrap(), 1);
+        assert!(
+            journal
+                .changes(&project, 0, 10, usize::MAX)
+                .unwrap()
+                .horizon
+                > horizon
+        );
+        journal.close().await;
+    }
+
     /// A back-fill of a project since dropped (one waiting for a place while the project was
     /// dropped, made again and frozen as far) writes nothing into the project made again: its
     /// state would take the key of the new project's own back-fill of that version, whose items

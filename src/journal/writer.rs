@@ -484,22 +484,31 @@ impl<'a> Stage<'a> {
     /// Moves a project's horizon up to `revision` (never down).
     fn raise_horizon(&mut self, project: &Ident, revision: u64) {
         let meta = self.cf(CF_META);
-        let current = match self.horizons.get(project) {
-            Some(h) => *h,
-            None => self
-                .writer
-                .db
-                .get_pinned_cf(meta, keys::horizon(project))
-                .ok()
-                .flatten()
-                .and_then(|v| codec::record_revision(&v))
-                .unwrap_or(0),
-        };
+        // Read by `load_horizon` before a purge stages anything; a drop's horizon is its own
+        // seq, past any there was.
+        let current = self.load_horizon(project).unwrap_or(0);
         if revision > current {
             self.horizons.insert(project.clone(), revision);
             self.batch
                 .put_cf(meta, keys::horizon(project), revision.to_be_bytes());
         }
+    }
+
+    /// A project's horizon, read once a batch. A read that fails is an error, never 0: a purge
+    /// that took it for 0 could set the horizon below one already there, and followers under it
+    /// would be served pages missing the deletes purged.
+    fn load_horizon(&mut self, project: &Ident) -> Result<u64, rocksdb::Error> {
+        if let Some(horizon) = self.horizons.get(project) {
+            return Ok(*horizon);
+        }
+        let meta = self.cf(CF_META);
+        let stored =
+            self.writer
+                .db
+                .get_pinned_cf_opt(meta, keys::horizon(project), &self.writer.reads())?;
+        let horizon = stored.and_then(|v| codec::record_revision(&v)).unwrap_or(0);
+        self.horizons.insert(project.clone(), horizon);
+        Ok(horizon)
     }
 
     fn all_projectors(&self) -> impl Iterator<Item = &'static str> + 'a {
@@ -1105,6 +1114,16 @@ fn stage_command(stage: &mut Stage, command: Command) {
                 }
             }
             drop(tombstones);
+            // The horizons the purge moves are read before anything is staged: a purge whose
+            // read fails purges nothing.
+            for key in &purged {
+                if let Some((project, _)) = keys::split_tombstone(key) {
+                    if let Err(e) = stage.load_horizon(&project) {
+                        let _ = reply.send(Err(e.into()));
+                        return;
+                    }
+                }
+            }
             for key in &purged {
                 stage.batch.delete_cf(changes, key);
                 let Some((project, revision)) = keys::split_tombstone(key) else {

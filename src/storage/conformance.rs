@@ -888,7 +888,7 @@ async fn the_compatibility_setting_forced_freezes_and_version_usage_are_kept(
     assert!(fresh.last_write_at.is_none());
 }
 
-async fn delete(storage: &dyn Storage, project: &Ident, id: Uuid) -> u64 {
+pub(crate) async fn delete(storage: &dyn Storage, project: &Ident, id: Uuid) -> u64 {
     let record = storage
         .item(project, &ident("article"), &id)
         .await
