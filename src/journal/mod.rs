@@ -1277,10 +1277,7 @@ mod tests {
             conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("t{n}")).await;
         }
         let tasks = journal.pending("store", 100).unwrap();
-        let letter = |seq| {
-            let raw = journal.pending_raw("store", seq).unwrap().unwrap();
-            DeadLetter::from_raw("store", seq, &raw, "refused".into())
-        };
+        let letter = |seq| refused(&journal, seq);
         let counts = || journal.dead_letter_counts.load(Ordering::Relaxed);
         assert_eq!(journal.progress("store").dead_letters, 0);
         let counted = counts();
@@ -1328,10 +1325,7 @@ mod tests {
         assert_eq!(tasks.len(), 7);
         let letters: Vec<DeadLetter> = tasks
             .iter()
-            .map(|task| {
-                let raw = journal.pending_raw("store", task.seq).unwrap().unwrap();
-                DeadLetter::from_raw("store", task.seq, &raw, "refused".into())
-            })
+            .map(|task| refused(&journal, task.seq))
             .collect();
         let letter = |n: usize| letters[n].clone();
         // One at a time, then two in one report, then one delivered late.
@@ -1505,8 +1499,7 @@ mod tests {
                 .iter()
                 .find(|t| t.op.item().map(|(_, i)| *i) == Some(id));
             let task = task.expect("the item's write");
-            let raw = journal.pending_raw("store", task.seq).unwrap().unwrap();
-            let first = DeadLetter::from_raw("store", task.seq, &raw, "refused".into());
+            let first = refused(&journal, task.seq);
             let mut again = first.clone();
             again.seq = seq;
             if let Some(TaskOp::Upsert { docs, .. }) = again.task.as_mut().map(|t| &mut t.op) {
@@ -1532,8 +1525,7 @@ mod tests {
             .into_iter()
             .find(|t| t.seq > last)
             .expect("the newer write");
-        let raw = journal.pending_raw("store", newer.seq).unwrap().unwrap();
-        let letter = DeadLetter::from_raw("store", newer.seq, &raw, "refused".into());
+        let letter = refused(&journal, newer.seq);
         journal.ack("store", &[], vec![letter]).unwrap();
         let (listed, _) = journal
             .dead_letters(LetterFilter::default(), None, 100)
@@ -1584,10 +1576,7 @@ mod tests {
         let tasks = journal.pending("store", 100).unwrap();
         let letters: Vec<DeadLetter> = tasks[tasks.len() - 2..]
             .iter()
-            .map(|task| {
-                let raw = journal.pending_raw("store", task.seq).unwrap().unwrap();
-                DeadLetter::from_raw("store", task.seq, &raw, "refused".into())
-            })
+            .map(|task| refused(&journal, task.seq))
             .collect();
         journal.ack("store", &[], letters).unwrap();
         journal
@@ -2085,10 +2074,7 @@ mod tests {
                 break;
             };
             from = last.seq + 1;
-            letters.extend(pending.tasks.iter().map(|t| {
-                let raw = journal.pending_raw("store", t.seq).unwrap().unwrap();
-                DeadLetter::from_raw("store", t.seq, &raw, "refused".into())
-            }));
+            letters.extend(pending.tasks.iter().map(|t| refused(&journal, t.seq)));
         }
         assert_eq!(letters.len(), 5);
         journal.ack("store", &[], letters).unwrap();
@@ -2113,6 +2099,12 @@ mod tests {
             5
         );
         journal.close().await;
+    }
+
+    /// The dead letter of the store's pending task `seq`, refused.
+    fn refused(journal: &Journal, seq: u64) -> DeadLetter {
+        let raw = journal.pending_raw("store", seq).unwrap().unwrap();
+        DeadLetter::from_raw("store", seq, &raw, "refused".into())
     }
 
     /// Acknowledges the fixture's first task, its migration, so the store's next tasks are items.
@@ -2141,13 +2133,7 @@ mod tests {
         }
         let refuse_all = |journal: &Journal| {
             let tasks = journal.pending("store", 10 * n).unwrap();
-            let letters: Vec<DeadLetter> = tasks
-                .iter()
-                .map(|t| {
-                    let raw = journal.pending_raw("store", t.seq).unwrap().unwrap();
-                    DeadLetter::from_raw("store", t.seq, &raw, "refused".into())
-                })
-                .collect();
+            let letters: Vec<DeadLetter> = tasks.iter().map(|t| refused(journal, t.seq)).collect();
             let run = tasks[0].seq..=tasks[tasks.len() - 1].seq;
             journal.ack_run("store", run, 0, letters).unwrap();
             tasks.len()
@@ -2195,13 +2181,7 @@ mod tests {
             conformance::write(storage.as_ref(), &project, *id, "first").await;
         }
         let tasks = journal.pending("store", 10).unwrap();
-        let letters: Vec<DeadLetter> = tasks
-            .iter()
-            .map(|t| {
-                let raw = journal.pending_raw("store", t.seq).unwrap().unwrap();
-                DeadLetter::from_raw("store", t.seq, &raw, "refused".into())
-            })
-            .collect();
+        let letters: Vec<DeadLetter> = tasks.iter().map(|t| refused(&journal, t.seq)).collect();
         let run = tasks[0].seq..=tasks[2].seq;
         journal.ack_run("store", run, 0, letters).unwrap();
         // The first item written again, the second deleted; the stores take both.
@@ -2255,8 +2235,7 @@ mod tests {
         assert_eq!(seqs.len(), 6);
 
         // The first four settled: three applied, the third refused.
-        let raw = journal.pending_raw("store", seqs[2]).unwrap().unwrap();
-        let letter = DeadLetter::from_raw("store", seqs[2], &raw, "refused".into());
+        let letter = refused(&journal, seqs[2]);
         journal
             .ack_run("store", seqs[0]..=seqs[3], 3, vec![letter])
             .unwrap();

@@ -705,13 +705,7 @@ async fn a_body_that_never_arrives_is_answered_408_and_too_many_body_bytes_503()
 
     // A JSON body counts 36 times its length while it arrives: 1200 bytes sent and stalled hold
     // 43,200 of the 64 KiB, so a body of 700 bytes more waits for none of it and is answered 503.
-    let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let head = format!(
-        "PUT /myblog/article/_blueprint HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4000\r\n\r\n{}",
-        " ".repeat(1200)
-    );
-    stalled.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stalled = stalled_body(&address, 1200).await;
     let filler = json!({"filler": "x".repeat(700)});
     let busy = app.put("/myblog/article/_blueprint", &filler).await;
     assert_eq!(busy.status, 503, "{}", busy.body);
@@ -786,6 +780,19 @@ async fn a_write_with_a_precondition_is_refused_naming_the_header_and_writes_not
     app.stop().await;
 }
 
+/// A connection that sent `bytes` of a 4000-byte blueprint body and stalls: it holds 36 times
+/// that much of the in-flight budget while it lasts.
+async fn stalled_body(address: &str, bytes: usize) -> tokio::net::TcpStream {
+    let mut stalled = tokio::net::TcpStream::connect(address).await.unwrap();
+    let head = format!(
+        "PUT /myblog/article/_blueprint HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4000\r\n\r\n{}",
+        " ".repeat(bytes)
+    );
+    stalled.write_all(head.as_bytes()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stalled
+}
+
 /// Reading an item holds its decoded form and its answer against the in-flight budget until the
 /// answer is sent, as its write held its body: concurrent reads of a large item cannot grow the
 /// process past `server.max_inflight_bytes`.
@@ -801,13 +808,7 @@ async fn reading_an_item_holds_the_request_memory_it_needs() {
     assert_eq!(put.status, 200, "{}", put.body);
     // 1200 body bytes sent and stalled hold 43,200 of the 64 KiB; the item's 36 bytes a stored
     // byte (about 37,000) do not fit beside them.
-    let mut stalled = tokio::net::TcpStream::connect(&address).await.unwrap();
-    let head = format!(
-        "PUT /myblog/article/_blueprint HTTP/1.1\r\nHost: localhost\r\nContent-Length: 4000\r\n\r\n{}",
-        " ".repeat(1200)
-    );
-    stalled.write_all(head.as_bytes()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    let stalled = stalled_body(&address, 1200).await;
     let busy = app.get(&path).await;
     assert_eq!(busy.status, 503, "{}", busy.body);
     assert!(

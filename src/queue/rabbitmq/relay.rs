@@ -262,16 +262,8 @@ impl Relay<'_> {
             now.duration_since(stall.since)
         };
         // Which projects are parked now: those found before, and the oldest task's.
-        let mut parked = HashSet::new();
-        for candidate in known.iter().chain(std::iter::once(&project)) {
-            if self
-                .broker
-                .parked_exists(connection, projector, candidate)
-                .await?
-            {
-                parked.insert(candidate.clone());
-            }
-        }
+        let candidates: Vec<Ident> = known.iter().chain([&project]).cloned().collect();
+        let parked = self.parked_now(connection, projector, &candidates).await?;
         let mut stalls = self.stalls.lock().expect("stalls lock");
         let Some(stall) = stalls.get_mut(projector) else {
             return Ok(None);
@@ -329,16 +321,8 @@ impl Relay<'_> {
         if !due {
             return Ok(());
         }
-        let mut parked = HashSet::new();
-        for project in &known {
-            if self
-                .broker
-                .parked_exists(connection, projector, project)
-                .await?
-            {
-                parked.insert(project.clone());
-            }
-        }
+        let known: Vec<Ident> = known.into_iter().collect();
+        let parked = self.parked_now(connection, projector, &known).await?;
         if parked.len() < known.len() {
             let mut stalls = self.stalls.lock().expect("stalls lock");
             if let Some(stall) = stalls.get_mut(projector) {
@@ -347,6 +331,26 @@ impl Relay<'_> {
             }
         }
         Ok(())
+    }
+
+    /// Those of `projects` that have a parking queue of `projector` now.
+    async fn parked_now(
+        &self,
+        connection: &Connection,
+        projector: &str,
+        projects: &[Ident],
+    ) -> Result<HashSet<Ident>, LinkError> {
+        let mut parked = HashSet::new();
+        for project in projects {
+            if self
+                .broker
+                .parked_exists(connection, projector, project)
+                .await?
+            {
+                parked.insert(project.clone());
+            }
+        }
+        Ok(parked)
     }
 
     /// The seq and project of `projector`'s oldest pending task of a project not in `parked`, at
