@@ -592,6 +592,19 @@ fn node_name(settings: &Settings) -> String {
     })
 }
 
+/// The fewest different characters a master key holds (see [`master_keys`]).
+const MIN_DISTINCT_KEY_CHARACTERS: usize = 6;
+
+/// Whether `key` has fewer than [`MIN_DISTINCT_KEY_CHARACTERS`] different bytes, or is one
+/// shorter text repeated (its last repetition may be cut short).
+fn guessable(key: &[u8]) -> bool {
+    let mut seen = [false; 256];
+    key.iter().for_each(|b| seen[usize::from(*b)] = true);
+    let distinct = seen.iter().filter(|s| **s).count();
+    let repeated = (1..=key.len() / 2).any(|period| key[period..] == key[..key.len() - period]);
+    distinct < MIN_DISTINCT_KEY_CHARACTERS || repeated
+}
+
 /// The master keys, or `None` when requests need no key: authentication turned off explicitly, or
 /// no master key and a loopback address ([`say_open`] says so at start). Refuses a key shorter than 16 bytes or
 /// with a character other than visible ASCII, and serving without a key on an address other
@@ -631,6 +644,17 @@ fn master_keys(settings: &Settings) -> Result<Option<Vec<Secret>>, StartupError>
         return Err(StartupError::Auth(format!(
             "master key {} is shorter than 16 bytes; use a long random one (e.g. `openssl rand -hex 32`)",
             short + 1
+        )));
+    }
+    // Long but made of a few characters or of one repeated (`aaaaaaaaaaaaaaaa`,
+    // `passwordpassword`), a key is a guess away. A random key is neither: 16 random hex digits
+    // have fewer than 6 different ones about once in 30,000 draws.
+    if let Some(plain) = keys.iter().position(|k| guessable(k.expose().as_bytes())) {
+        return Err(StartupError::Auth(format!(
+            "master key {} repeats itself or has fewer than {MIN_DISTINCT_KEY_CHARACTERS} \
+             distinct characters, so it is easily guessed; use a long random one (e.g. `openssl \
+             rand -hex 32`)",
+            plain + 1
         )));
     }
     if auth.disabled && !keys.is_empty() {

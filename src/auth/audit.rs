@@ -357,6 +357,17 @@ impl AuditLog {
             .count(entry);
     }
 
+    /// Queues an entry without waiting (from where nothing can wait: a dropped request's
+    /// entry, `http::auth`); counted instead when the queue is full.
+    pub fn record_now(&self, entry: AuditEntry) {
+        if let Err(mpsc::error::TrySendError::Full(entry)) = self.sender.try_send(entry) {
+            self.lost
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .count(entry);
+        }
+    }
+
     /// Records a request refused before any key was accepted, within [`UNVOUCHED_PER_SECOND`];
     /// past it, the refusal is only counted.
     pub async fn record_unvouched(&self, mut entry: AuditEntry) {

@@ -149,6 +149,28 @@ struct Checked {
 /// in the response's extensions for the audit log.
 pub struct Created(pub String);
 
+/// The status an audit entry records when its request was dropped before the handler answered
+/// (nginx's "client closed request"): the change may have been made.
+pub const CLIENT_LEFT: u16 = 499;
+
+/// The audit entry of a request its handler is running. actix drops a request's future when its
+/// client resets the connection (and a stop drops those still running), and by then the change
+/// may be made: a write is journaled before it waits for the stores (`?wait=true`), `_bulk` is
+/// journaled in parts, `DELETE /_project` drops one project at a time. Dropped with its entry
+/// still in it, the entry is recorded with [`CLIENT_LEFT`].
+struct Unanswered {
+    audit: crate::auth::audit::AuditLog,
+    entry: Option<AuditEntry>,
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(entry) = self.entry.take() {
+            self.audit.record_now(entry);
+        }
+    }
+}
+
 /// The middleware.
 pub async fn authenticate(
     request: ServiceRequest,
@@ -158,49 +180,59 @@ pub async fn authenticate(
         return next.call(request).await.map(|r| r.map_into_left_body());
     };
     let method = request.method().clone();
-    // Only what changes something is recorded.
-    let path = changes_something(&method).then(|| audit::path_of(request.path()));
-    let (checked, response, vouched) = match check(&state, &request).await {
-        Ok(checked) => {
-            // `caller` answers `Open` for a request that carries none: only a key or the master
-            // key is worth a place in the request's extensions (a map allocated on first insert).
-            if !matches!(checked.caller, Caller::Open) {
-                request.extensions_mut().insert(checked.caller.clone());
-            }
-            // With authentication on, a caller without a key (an open route) vouches for nothing,
-            // nor does a key on a route that only reads: a key that may only read must not be
-            // able to fill the disk with the log of requests the router answers 404 or 405.
-            let vouched = state.keys.is_none()
-                || (matches!(checked.caller, Caller::Master | Caller::Key(..))
-                    && checked.action.is_some_and(Action::may_change));
-            let response = next.call(request).await?.map_into_left_body();
-            (checked, response, vouched)
-        }
-        Err((checked, refused)) => {
-            let response = request.error_response(refused).map_into_right_body();
-            // A refusal changes nothing, whoever sent it: a key allowed only to read must not be
-            // able to fill the disk with the log of its refused writes.
-            (checked, response, false)
-        }
+    let (checked, refused) = match check(&state, &request).await {
+        Ok(checked) => (checked, None),
+        Err((checked, refused)) => (checked, Some(refused)),
     };
-    // Every request that changes something, refused ones too, with who sent it.
-    if let Some(path) = path {
+    // With authentication on, a caller without a key (an open route) vouches for nothing, nor
+    // does a key on a route that only reads: a key that may only read must not be able to fill
+    // the disk with the log of requests the router answers 404 or 405. A refusal changes
+    // nothing, whoever sent it: a key allowed only to read must not be able to fill the disk
+    // with the log of its refused writes.
+    let vouched = refused.is_none()
+        && (state.keys.is_none()
+            || (matches!(checked.caller, Caller::Master | Caller::Key(..))
+                && checked.action.is_some_and(Action::may_change)));
+    // Every request that changes something, refused ones too, with who sent it; made before the
+    // handler runs (see `Unanswered`), its status set once it answers.
+    let mut entry = changes_something(&method).then(|| {
         let (key_id, key_name) = checked.caller.describe();
-        let entry = AuditEntry {
+        AuditEntry {
             at: Utc::now(),
             key_id,
             key_name,
             action: checked.action.map_or("-", Action::name).into(),
             project: checked.project.as_deref().map(audit::clip),
             method: method_text(&method),
-            path,
-            status: response.status().as_u16(),
-            created: response
-                .response()
-                .extensions()
-                .get::<Created>()
-                .map(|created| created.0.clone()),
-        };
+            path: audit::path_of(request.path()),
+            status: CLIENT_LEFT,
+            created: None,
+        }
+    });
+    let response = match refused {
+        Some(refused) => request.error_response(refused).map_into_right_body(),
+        None => {
+            // `caller` answers `Open` for a request that carries none: only a key or the master
+            // key is worth a place in the request's extensions (a map allocated on first insert).
+            if !matches!(checked.caller, Caller::Open) {
+                request.extensions_mut().insert(checked.caller.clone());
+            }
+            let mut unanswered = Unanswered {
+                audit: state.audit.clone(),
+                entry: if vouched { entry.take() } else { None },
+            };
+            let called = next.call(request).await;
+            entry = entry.or_else(|| unanswered.entry.take());
+            called?.map_into_left_body()
+        }
+    };
+    if let Some(mut entry) = entry {
+        entry.status = response.status().as_u16();
+        entry.created = response
+            .response()
+            .extensions()
+            .get::<Created>()
+            .map(|created| created.0.clone());
         if vouched {
             state.audit.record(entry).await;
         } else {

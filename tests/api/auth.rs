@@ -1088,6 +1088,82 @@ async fn a_key_manager_grants_no_more_than_it_holds() {
     app.stop().await;
 }
 
+/// A write is journaled before it waits for the stores: a client that leaves while it waits
+/// (its connection reset) leaves an entry all the same, with status 499, since what it asked was
+/// done. Before, the entry was made only once the handler answered, and was lost with it.
+#[tokio::test]
+async fn a_write_whose_client_left_before_the_answer_is_audited() {
+    use std::sync::atomic::Ordering;
+    use tokio::io::AsyncWriteExt;
+    let stalled = crate::projectors::Broken::default();
+    stalled.fixed.store(true, Ordering::SeqCst);
+    stalled.down.store(true, Ordering::SeqCst);
+    let app = crate::helpers::spawn_app_with_projectors(
+        |s| s.auth.master_keys = vec![MASTER.into()],
+        vec![std::sync::Arc::new(stalled.clone())],
+    )
+    .await;
+    let (admin, _) = key(&app, &["*"], &["*"], None).await;
+    let blueprint = article().to_string();
+    let path = "/blog/article/_blueprint";
+    let (status, _) = call(&app, Method::PUT, path, Some(&admin), Some(&blueprint)).await;
+    assert_eq!(status, 200);
+    let (status, answer) = call(&app, Method::POST, "/blog/_version", Some(&admin), None).await;
+    assert_eq!(status, 200, "{answer}");
+    let (writer, writer_id) = key(&app, &["items.write"], &["blog"], None).await;
+    let (ops, _) = key(&app, &["operations"], &["*"], None).await;
+    let id = Uuid::new_v4();
+    let item = json!({"project_version": 1, "title": "left", "date_created": "2020-01-02"});
+    let body = item.to_string();
+    let address = app.address.trim_start_matches("http://");
+    let stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.set_zero_linger().unwrap();
+    let mut stream = stream;
+    let request = format!(
+        "PUT /blog/article/{id}?wait=true&timeout=600 HTTP/1.1\r\nHost: {address}\r\n\
+         Authorization: Bearer {writer}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await.unwrap();
+    let item_path = format!("/blog/article/{id}");
+    let mut written = false;
+    for _ in 0..100 {
+        if call(&app, Method::GET, &item_path, Some(&admin), None)
+            .await
+            .0
+            == 200
+        {
+            written = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(written, "the write was not journaled");
+    // Reset, not closed: the server reads the reset while the write waits for the stores.
+    drop(stream);
+    let mut found = Value::Null;
+    for _ in 0..100 {
+        let (_, answer) = call(&app, Method::GET, "/_audit?limit=1000", Some(&ops), None).await;
+        found = answer["entries"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|e| e["path"] == item_path.as_str())
+            .cloned()
+            .unwrap_or(Value::Null);
+        if !found.is_null() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(found["status"], 499, "{found}");
+    assert_eq!(found["key_id"], writer_id.as_str(), "{found}");
+    assert_eq!(found["method"], "PUT", "{found}");
+    stalled.down.store(false, Ordering::SeqCst);
+    app.stop().await;
+}
+
 /// Reads the audit log (with `ops`, a key for `operations`) until it accounts for the `sent`
 /// requests without a key a test made (recorded one by one: the entries `alone` picks; or counted
 /// in a summary of requests without a valid key) and for `keyed` entries of `ops`' own, and that
@@ -1553,6 +1629,8 @@ async fn dstore_refuses_to_start_with_a_short_master_key_or_open_on_a_public_add
     let start = crate::helpers::build_with;
     let short = start(|s| s.auth.master_keys = vec!["short".into()]).await;
     assert!(short.unwrap_err().contains("16 bytes"));
+    let plain = start(|s| s.auth.master_keys = vec!["aaaaaaaaaaaaaaaaaaaaaaaa".into()]).await;
+    assert!(plain.unwrap_err().contains("distinct characters"));
     let open = start(|s| s.server.host = "0.0.0.0".into()).await;
     let error = open.unwrap_err();
     assert!(

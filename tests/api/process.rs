@@ -94,6 +94,11 @@ fn check_config_refuses_the_settings_serve_refuses() {
         ("DSTORE_MASTER_KEY", "short", "16 bytes"),
         (
             "DSTORE_MASTER_KEY",
+            "passwordpassword",
+            "distinct characters",
+        ),
+        (
+            "DSTORE_MASTER_KEY",
             "long enough but with spaces",
             "visible ASCII",
         ),
