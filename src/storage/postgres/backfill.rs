@@ -28,6 +28,35 @@ const CHUNK_BYTES: i64 = 8 << 20;
 /// How long a back-fill lease lasts without a chunk.
 const LEASE_SECS: f64 = 30.0;
 
+/// The longest a back-fill counts its items before its first chunk. The count runs under the
+/// lease taken when it was claimed, which only a chunk renews: one that outlasted the lease (a
+/// very large project) let another runner take the back-fill and count again, and so on, with
+/// no chunk ever written.
+const COUNT_TIMEOUT: Duration = Duration::from_secs(10);
+const _: () = assert!(COUNT_TIMEOUT.as_secs_f64() * 2.0 < LEASE_SECS);
+
+/// How many items `project` has, counted for at most `limit`. The total is for progress
+/// reports only: past the limit, it grows with the walk instead.
+async fn count_items(
+    node: &PgStorage,
+    project: &Ident,
+    limit: Duration,
+) -> Result<u64, StorageError> {
+    let failed = |e: sqlx::Error| unavailable("count the items to back-fill", &e);
+    let mut tx = node.pool().begin().await.map_err(failed)?;
+    let timeout = format!("SET LOCAL statement_timeout = {}", limit.as_millis().max(1));
+    sqlx::query(sqlx::AssertSqlSafe(timeout))
+        .execute(&mut *tx)
+        .await
+        .map_err(failed)?;
+    let total: i64 = sqlx::query_scalar("SELECT count(*) FROM items WHERE project = $1")
+        .bind(project.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(failed)?;
+    Ok(total as u64)
+}
+
 /// Records a new back-fill of `version` (into `projectors` only, when given) unless one exists;
 /// answers whether it recorded one.
 pub async fn record(
@@ -36,27 +65,18 @@ pub async fn record(
     version: u32,
     projectors: Option<Vec<String>>,
 ) -> Result<bool, StorageError> {
-    let key = projectors
-        .as_deref()
-        .map(|p| p.join(","))
-        .unwrap_or_default();
-    let state = BackfillState {
-        projectors,
-        ..BackfillState::default()
-    };
-    let inserted = sqlx::query(
-        "INSERT INTO backfills (project, version, projectors, state) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(project.as_str())
-    .bind(version as i32)
-    .bind(key)
-    .bind(Json(&state))
-    .execute(&mut *conn)
-    .await
-    .map_err(|e| unavailable("record a back-fill", &e))?
-    .rows_affected();
-    Ok(inserted == 1)
+    insert(conn, project, version, projectors, false).await
+}
+
+/// Records the back-fill of a version just frozen, starting over one recorded before under its
+/// key: that one can only be of a project of the same name since dropped (a version is frozen
+/// once), and left finished it would have the new version never back-filled.
+pub async fn record_new_version(
+    conn: &mut PgConnection,
+    project: &Ident,
+    version: u32,
+) -> Result<(), StorageError> {
+    insert(conn, project, version, None, true).await.map(drop)
 }
 
 /// Records a back-fill of `version` into `projectors` alone (a store added later), starting over
@@ -67,23 +87,47 @@ pub async fn record_again(
     version: u32,
     projectors: &[String],
 ) -> Result<(), StorageError> {
+    insert(conn, project, version, Some(projectors.to_vec()), true)
+        .await
+        .map(drop)
+}
+
+/// Records a back-fill; over one recorded under the same key only when `over`. Answers whether
+/// it recorded one.
+async fn insert(
+    conn: &mut PgConnection,
+    project: &Ident,
+    version: u32,
+    projectors: Option<Vec<String>>,
+    over: bool,
+) -> Result<bool, StorageError> {
+    let key = projectors
+        .as_deref()
+        .map(|p| p.join(","))
+        .unwrap_or_default();
     let state = BackfillState {
-        projectors: Some(projectors.to_vec()),
+        projectors,
         ..BackfillState::default()
     };
-    sqlx::query(
+    let conflict = if over {
+        "ON CONFLICT (project, version, projectors) DO UPDATE SET state = EXCLUDED.state, \
+             finished = FALSE, lease_owner = NULL, lease_until = NULL"
+    } else {
+        "ON CONFLICT DO NOTHING"
+    };
+    let inserted = sqlx::query(sqlx::AssertSqlSafe(format!(
         "INSERT INTO backfills (project, version, projectors, state) VALUES ($1, $2, $3, $4) \
-         ON CONFLICT (project, version, projectors) DO UPDATE SET state = EXCLUDED.state, \
-             finished = FALSE, lease_owner = NULL, lease_until = NULL",
-    )
+         {conflict}"
+    )))
     .bind(project.as_str())
     .bind(version as i32)
-    .bind(projectors.join(","))
+    .bind(key)
     .bind(Json(&state))
     .execute(&mut *conn)
     .await
-    .map_err(|e| unavailable("record a back-fill", &e))?;
-    Ok(())
+    .map_err(|e| unavailable("record a back-fill", &e))?
+    .rows_affected();
+    Ok(inserted == 1)
 }
 
 /// Runs back-fills while the storage lives, one at a time on this node.
@@ -172,15 +216,8 @@ async fn backfill(
     mut state: BackfillState,
 ) -> Result<(), StorageError> {
     if state.cursor.is_none() && state.done == 0 {
-        // The total is for progress reports only: a count that takes longer than
-        // storage.query_timeout_secs (a very large project) leaves it to grow with the walk.
-        let total: Result<i64, _> =
-            sqlx::query_scalar("SELECT count(*) FROM items WHERE project = $1")
-                .bind(project.as_str())
-                .fetch_one(node.pool())
-                .await;
-        match total {
-            Ok(total) => state.total = total as u64,
+        match count_items(node, project, COUNT_TIMEOUT).await {
+            Ok(total) => state.total = total,
             Err(error) => {
                 tracing::warn!(%project, version, %error, "cannot count the items to back-fill; going on without a total");
             }
@@ -247,7 +284,7 @@ async fn backfill(
         }
         let born = p.working.born;
         if !commit_chunk(node, project, version, (key, born), &state, chunk).await? {
-            tracing::info!(%project, version, "back-fill stopped: the version was retired or removed");
+            tracing::info!(%project, version, "back-fill stopped: the version was retired or removed, or another node took the back-fill over");
             return Ok(());
         }
     }
@@ -394,9 +431,42 @@ async fn finish(
             .map_err(|e| unavailable("finish a back-fill", &e))?;
         save_state(&mut conn, node, project, version, key, &state).await?;
         if stopped {
-            tracing::info!(%project, version, "back-fill stopped: the version was retired or removed");
+            tracing::info!(%project, version, "back-fill stopped: the version was retired or removed, or another node took the back-fill over");
         }
         Ok(())
     })
     .await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::storage::conformance::{drop_schema, frozen, holding, open_postgresql, write};
+
+    /// The count of a back-fill's items gives up at its limit (`COUNT_TIMEOUT`, well within the
+    /// back-fill's lease): a count kept waiting, or of a very large project, let the lease lapse
+    /// before the first chunk, and another runner counted again, for good.
+    #[tokio::test]
+    async fn counting_a_back_fills_items_gives_up_at_its_limit() {
+        let (storage, schema) = open_postgresql("counted", vec![]).await;
+        let project = frozen(storage.as_ref()).await;
+        write(storage.as_ref(), &project, Uuid::new_v4(), "t").await;
+        let counted = count_items(&storage, &project, Duration::from_secs(10)).await;
+        assert_eq!(counted.unwrap(), 1);
+        let locker = holding(&format!(
+            "LOCK TABLE \"{schema}\".items IN ACCESS EXCLUSIVE MODE"
+        ))
+        .await;
+        let started = std::time::Instant::now();
+        let counted = count_items(&storage, &project, Duration::from_millis(300)).await;
+        assert!(counted.is_err(), "{counted:?}");
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "counted for {:?}",
+            started.elapsed()
+        );
+        drop(locker);
+        drop(storage);
+        drop_schema(&schema).await;
+    }
 }

@@ -120,7 +120,15 @@ pub struct PgStorage {
     /// Projects read again from the storage (for tests).
     #[cfg(test)]
     reloads: std::sync::atomic::AtomicU64,
+    /// Parts of dead letters a retry read and queued (for tests).
+    #[cfg(test)]
+    retry_parts: std::sync::atomic::AtomicU64,
 }
+
+/// Most bytes of dead letters, as stored, one part of a retry reads and queues at once (one
+/// letter at least). Stored large letters are compressed, so the part takes up to a few times
+/// this in memory, `LETTER_PAGE_BYTES` or so.
+const RETRY_PART_BYTES: usize = LETTER_PAGE_BYTES / 4;
 
 /// Project drops one node runs at once, each on a connection of its own: a drop's transaction
 /// may take minutes (every item of a large project goes in it), and drops holding the pool's
@@ -614,6 +622,8 @@ impl PgStorage {
             drops: tokio::sync::Semaphore::new(DROPS_AT_ONCE),
             #[cfg(test)]
             reloads: Default::default(),
+            #[cfg(test)]
+            retry_parts: Default::default(),
             settings,
         });
         storage.publish(loaded);
@@ -1361,7 +1371,7 @@ impl Storage for PgStorage {
             Self::append_task(&mut tx, project, revision, &migrate, None).await?;
             // The back-fill is recorded in the same transaction as the version.
             if version.number > 1 {
-                backfill::record(&mut tx, project, version.number, None).await?;
+                backfill::record_new_version(&mut tx, project, version.number).await?;
             }
             self.notify(&mut tx, project).await?;
             tx.commit()
@@ -1419,12 +1429,27 @@ impl Storage for PgStorage {
             if version < 2 {
                 return Ok(false);
             }
-            let mut conn = self
+            // Under the project's row, which a drop takes too: a back-fill recorded for a
+            // project dropped meanwhile would stay, finished, under the key of the same version
+            // of a project made again under the name.
+            let mut tx = self
                 .pool
-                .acquire()
+                .begin()
                 .await
                 .map_err(|e| unavailable("start a back-fill", &e))?;
-            backfill::record(&mut conn, project, version, None).await
+            let live = match catalog::lock_project(&mut tx, project, None).await {
+                Ok((p, _)) => p.live_versions().any(|v| v.number == version),
+                Err(StorageError::NotFound(_)) => false,
+                Err(error) => return Err(error),
+            };
+            if !live {
+                return Ok(false);
+            }
+            let recorded = backfill::record(&mut tx, project, version, None).await?;
+            tx.commit()
+                .await
+                .map_err(|e| commit_failed("a back-fill's record", &e))?;
+            Ok(recorded)
         })
         .await
     }
@@ -1830,7 +1855,7 @@ impl Storage for PgStorage {
                 // Keys only: the letters themselves are read as they are deleted. A letter whose
                 // task cannot be decoded stays (no retry could apply it).
                 let rows = sqlx::query(
-                    "SELECT projector, revision, \
+                    "SELECT projector, revision, pg_column_size(letter) AS stored, \
                        jsonb_typeof(letter->'task') = 'object' AS decodable, \
                        letter->'task'->>'op' IS NOT DISTINCT FROM 'drop_project' AS dropped \
                      FROM dead_letters \
@@ -1848,24 +1873,36 @@ impl Storage for PgStorage {
                 .await
                 .map_err(read)?;
                 let full = rows.len() == RETRY_PAGE;
-                // (Refused drops apart: they need the project dropped still.)
-                let (mut drops, mut others) = (Vec::new(), Vec::with_capacity(rows.len()));
-                for row in rows {
+                // (Refused drops apart: they need the project dropped still.) The letters are
+                // read whole as they are deleted, so they go in parts of at most
+                // `RETRY_PART_BYTES` as stored (one at least): a letter holds its item for every
+                // live version, and a thousand large ones at once would not fit in memory.
+                let (mut drops, mut others, mut stored) = (Vec::new(), Vec::new(), 0);
+                let last = rows.len().saturating_sub(1);
+                for (index, row) in rows.into_iter().enumerate() {
                     let name: String = row.get("projector");
                     let revision: i64 = row.get("revision");
                     after = (name.clone(), revision);
-                    if !row.get::<Option<bool>, _>("decodable").unwrap_or(false) {
+                    if row.get::<Option<bool>, _>("decodable").unwrap_or(false) {
+                        stored += row.get::<Option<i32>, _>("stored").unwrap_or(0).max(0) as usize;
+                        match row.get::<bool, _>("dropped") {
+                            true => drops.push((name, revision)),
+                            false => others.push((name, revision)),
+                        }
+                    }
+                    if stored < RETRY_PART_BYTES && index < last {
                         continue;
                     }
-                    match row.get::<bool, _>("dropped") {
-                        true => drops.push((name, revision)),
-                        false => others.push((name, revision)),
+                    for (keys, dropped) in [(&mut drops, true), (&mut others, false)] {
+                        if !keys.is_empty() {
+                            count += self.retry_letters(&project, keys, dropped).await?;
+                            #[cfg(test)]
+                            self.retry_parts
+                                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                            keys.clear();
+                        }
                     }
-                }
-                for (keys, dropped) in [(drops, true), (others, false)] {
-                    if !keys.is_empty() {
-                        count += self.retry_letters(&project, &keys, dropped).await?;
-                    }
+                    stored = 0;
                 }
                 if !full {
                     break;
@@ -2392,6 +2429,104 @@ mod tests {
         drop_schema(&schema).await;
     }
 
+    /// A write whose client left while its batch waited for the project's row (another node's
+    /// transaction, a stalled link) is not committed once the row is free: its client may have
+    /// sent it again through another node since, and a newer write after it, which this late
+    /// commit would overwrite. Before, only a client gone before the batch began counted.
+    #[tokio::test]
+    async fn a_write_whose_client_left_while_it_waited_is_not_committed() {
+        use crate::storage::conformance::{frozen, upsert};
+        let (storage, schema) = open_postgresql("left", vec![]).await;
+        let p = frozen(storage.as_ref()).await;
+        let mut holder = crate::storage::conformance::holding(&format!(
+            "SELECT 1 FROM \"{schema}\".projects WHERE name = 'p' FOR UPDATE"
+        ))
+        .await;
+        let article = Ident::parse("article").unwrap();
+        let (left, stayed) = (Uuid::new_v4(), Uuid::new_v4());
+        let write = |id: Uuid| {
+            let storage = storage.clone();
+            let project = p.clone();
+            tokio::spawn(async move {
+                let (epoch, entry) = upsert(storage.as_ref(), &project, id, "t");
+                storage.write(&project, epoch, vec![entry]).await
+            })
+        };
+        // The leaving write's batch waits for the row first; the other one waits behind it.
+        let leaving = write(left);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let staying = write(stayed);
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        leaving.abort();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        sqlx::raw_sql("ROLLBACK")
+            .execute(&mut holder)
+            .await
+            .unwrap();
+        staying.await.unwrap().unwrap();
+        assert!(storage
+            .item_bytes(&p, &article, &stayed)
+            .await
+            .unwrap()
+            .is_some());
+        assert!(
+            storage
+                .item_bytes(&p, &article, &left)
+                .await
+                .unwrap()
+                .is_none(),
+            "committed after its client left"
+        );
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A back-fill asked for (a freeze sent again) of a project dropped meanwhile records
+    /// nothing, and a version frozen again under the same number, in a project made again under
+    /// the name, is back-filled whatever an earlier one left: a finished back-fill of the dropped
+    /// project stood in for it, and the new version never got the items written before it.
+    #[tokio::test]
+    async fn a_back_fill_of_a_dropped_project_does_not_stand_in_for_the_one_made_again() {
+        use crate::storage::conformance::{frozen, write};
+        let (storage, schema) = open_postgresql("again", vec![]).await;
+        let p = frozen(storage.as_ref()).await;
+        put_article(storage.as_ref(), &p, Some("views")).await;
+        storage.freeze(&p, false).await.unwrap();
+        storage.drop_project(&p).await.unwrap();
+        assert!(!storage.ensure_backfill(&p, 2).await.unwrap());
+        // What a back-fill recorded in a race with the drop would leave: a finished row.
+        sqlx::query(
+            "INSERT INTO backfills (project, version, projectors, state, finished) \
+             VALUES ('p', 2, '', '{\"total\": 0, \"done\": 0, \"cursor\": null, \"finished\": true}', TRUE) \
+             ON CONFLICT (project, version, projectors) DO UPDATE SET finished = TRUE, \
+                 state = EXCLUDED.state",
+        )
+        .execute(storage.pool())
+        .await
+        .unwrap();
+
+        let p = frozen(storage.as_ref()).await;
+        for _ in 0..3 {
+            write(storage.as_ref(), &p, Uuid::new_v4(), "t").await;
+        }
+        put_article(storage.as_ref(), &p, Some("views")).await;
+        storage.freeze(&p, false).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let state = storage.backfill_state(&p, 2).await.unwrap();
+            if state.as_ref().is_some_and(|s| s.finished && s.done == 3) {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "version 2 never back-filled: {state:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
     /// A blueprint's columns keep the order its client gave them on every node and after a
     /// restart, in the working copy and in a frozen version: `JSONB` gave them an order of its own
     /// (shorter names first).
@@ -2700,6 +2835,54 @@ mod tests {
             "{} connections for 20 statements",
             seen.len()
         );
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A retry of large dead letters reads them in parts of bounded bytes: a page of a thousand
+    /// letters of large items was read whole, in one statement, gigabytes at once.
+    #[tokio::test]
+    async fn a_retry_of_large_letters_reads_them_in_parts() {
+        use crate::journal::{DeadLetter, LetterFilter};
+        use crate::storage::conformance::{frozen, write};
+        let (storage, schema) = open_postgresql("largeletters", vec![]).await;
+        let project = frozen(storage.as_ref()).await;
+        // 600 KiB of random hex digits, which compression barely shortens.
+        let title: String = (0..19_200)
+            .map(|_| uuid::Uuid::new_v4().simple().to_string())
+            .collect();
+        let revision = write(storage.as_ref(), &project, uuid::Uuid::new_v4(), &title).await;
+        let raw: Vec<u8> = sqlx::query_scalar("SELECT task FROM journal WHERE revision = $1")
+            .bind(revision as i64)
+            .fetch_one(storage.pool())
+            .await
+            .unwrap();
+        let letter = DeadLetter::from_raw("store", revision, &raw, "refused".into());
+        let letters = 20;
+        sqlx::query("UPDATE projects SET revision = revision + $1")
+            .bind(letters)
+            .execute(storage.pool())
+            .await
+            .unwrap();
+        sqlx::query(
+            "INSERT INTO dead_letters (projector, project, revision, letter) \
+             SELECT 'store', 'p', r, $1 FROM generate_series(1, $2) r",
+        )
+        .bind(sqlx::types::Json(&letter))
+        .bind(letters)
+        .execute(storage.pool())
+        .await
+        .unwrap();
+        let retried = storage
+            .retry_dead_letters(LetterFilter::default())
+            .await
+            .unwrap();
+        assert_eq!(retried, letters as usize);
+        let parts = storage
+            .retry_parts
+            .load(std::sync::atomic::Ordering::Relaxed);
+        // About 12 MiB of letters: several parts, none of the whole page.
+        assert!(parts >= 3, "{parts} parts");
         drop(storage);
         drop_schema(&schema).await;
     }

@@ -29,6 +29,10 @@ use crate::storage::{Storage, StorageError};
 const CLAIM: i64 = 8;
 /// How often an idle projector looks for work other nodes committed.
 const IDLE_POLL: Duration = Duration::from_millis(100);
+/// How long a node works through one project's tasks before it turns to the other projects it
+/// claimed (and claims again, the projects no node leases first): a project that always has
+/// more tasks never keeps a node's projector to itself. It keeps its lease meanwhile.
+const TURN: Duration = Duration::from_secs(1);
 
 /// Runs one projector on this node until `shutdown` turns true.
 pub async fn run(
@@ -185,8 +189,8 @@ async fn renew(
     Ok(revision.map(|r| r as u64))
 }
 
-/// Applies the next tasks of one project after the leased cursor, until it is caught up, the
-/// lease is lost or a step fails.
+/// Applies the next tasks of one project after the leased cursor, until it is caught up, its
+/// [`TURN`] is over, the lease is lost or a step fails.
 async fn work(
     storage: &PgStorage,
     projector: &dyn Projector,
@@ -195,7 +199,11 @@ async fn work(
     batch_size: usize,
 ) -> Result<(), StorageError> {
     let name = projector.name();
+    let turn = tokio::time::Instant::now() + TURN;
     loop {
+        if tokio::time::Instant::now() >= turn {
+            return Ok(());
+        }
         if !lease.keep(storage, name, project).await? {
             return Ok(());
         }
@@ -256,12 +264,15 @@ async fn work(
         // Settling resets the hold's backoff: a step that is to be retried and settled nothing
         // leaves it, so a project failing the same way is tried ever less often (up to 10 s).
         let progressed = last_read > cursor || !dead.is_empty();
+        // The server dates the renewed lease from the start of the settling transaction: so does
+        // this node, or it would count on the lease for longer than the server grants it.
+        let sent = tokio::time::Instant::now();
         if (progressed || step.retry.is_none())
             && !settle(storage, name, project, last_read, dead).await?
         {
             return Ok(());
         }
-        lease.renewed = tokio::time::Instant::now();
+        lease.renewed = sent;
         storage.note_applied(name, applied, failed);
         lease.cursor = last_read;
         if let Some(error) = step.retry {
@@ -539,12 +550,15 @@ mod tests {
     use super::*;
     use crate::catalog::{Snapshot, Version};
     use crate::projector::{Health, Outcome, ProjectorError};
-    use crate::storage::conformance::{drop_schema, frozen, open_postgresql, write};
+    use crate::storage::conformance::{
+        drop_schema, frozen, open_postgresql, put_article, upsert, write,
+    };
 
     /// Counts every task, migration and drop it is given; with `fail_migrations`, refuses every
-    /// migration; each migration takes the time given (none by default).
+    /// migration; each migration takes the first time given, each batch the second (none by
+    /// default).
     #[derive(Default)]
-    struct Counting(AtomicUsize, bool, Duration);
+    struct Counting(AtomicUsize, bool, Duration, Duration);
 
     #[async_trait]
     impl Projector for Counting {
@@ -564,6 +578,7 @@ mod tests {
             _: &Snapshot,
             tasks: &[Task],
         ) -> Result<Vec<Outcome>, ProjectorError> {
+            tokio::time::sleep(self.3).await;
             self.0.fetch_add(tasks.len(), Ordering::SeqCst);
             Ok(tasks.iter().map(|_| Ok(())).collect())
         }
@@ -647,6 +662,68 @@ mod tests {
             "the migration and the write"
         );
 
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A project that always has more tasks does not keep a node's projector to itself: after
+    /// its turn (`TURN`) the node goes on to the other projects it claimed, so a project with one
+    /// write is projected while another's backlog is worked through. Before, `work` returned only
+    /// once its project was caught up, and a project written to steadily kept the others waiting.
+    #[tokio::test]
+    async fn a_busy_project_leaves_the_others_their_turn() {
+        let (storage, schema) = open_postgresql("turns", vec!["counting"]).await;
+        let busy = frozen(storage.as_ref()).await;
+        let (epoch, _) = upsert(storage.as_ref(), &busy, Uuid::new_v4(), "t");
+        let entries = (0..200)
+            .map(|n| upsert(storage.as_ref(), &busy, Uuid::new_v4(), &format!("t{n}")).1)
+            .collect();
+        let busy_last = *storage
+            .write(&busy, epoch, entries)
+            .await
+            .unwrap()
+            .last()
+            .unwrap();
+        let quiet = Ident::parse("q").unwrap();
+        put_article(storage.as_ref(), &quiet, None).await;
+        storage.freeze(&quiet, false).await.unwrap();
+        let quiet_last = write(storage.as_ref(), &quiet, Uuid::new_v4(), "t").await;
+
+        // A batch of one task at a time, 20 ms each: the busy project's 200 take 4 s at least.
+        let slow = Arc::new(Counting(
+            AtomicUsize::new(0),
+            false,
+            Duration::ZERO,
+            Duration::from_millis(20),
+        ));
+        let (stop, shutdown) = watch::channel(false);
+        let running = tokio::spawn(run(storage.clone(), slow, 1, shutdown));
+        let cursor = |project: &'static str| {
+            let storage = storage.clone();
+            async move {
+                sqlx::query_scalar::<_, i64>(
+                    "SELECT revision FROM cursors WHERE projector = 'counting' AND project = $1",
+                )
+                .bind(project)
+                .fetch_one(storage.pool())
+                .await
+                .unwrap() as u64
+            }
+        };
+        let started = std::time::Instant::now();
+        while cursor("q").await < quiet_last {
+            assert!(
+                started.elapsed() < Duration::from_secs(3),
+                "the quiet project waited behind the busy one"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(
+            cursor("p").await < busy_last,
+            "the busy project was not busy"
+        );
+        stop.send(true).unwrap();
+        running.await.unwrap();
         drop(storage);
         drop_schema(&schema).await;
     }
@@ -741,7 +818,12 @@ mod tests {
             cursor: claimed[0].1,
         };
         // Takes longer than a lease to migrate.
-        let slow = Counting(AtomicUsize::new(0), false, LEASE + LEASE / 5);
+        let slow = Counting(
+            AtomicUsize::new(0),
+            false,
+            LEASE + LEASE / 5,
+            Duration::ZERO,
+        );
         let (worked, taken) = tokio::join!(work(&first, &slow, &project, lease, 100), async {
             tokio::time::sleep(LEASE + LEASE / 10).await;
             claim(&second, "counting").await.unwrap()
@@ -751,11 +833,8 @@ mod tests {
             taken.is_empty(),
             "taken in the middle of a batch: {taken:?}"
         );
-        assert_eq!(
-            slow.0.load(Ordering::SeqCst),
-            2,
-            "the migration and the write"
-        );
+        // The migration took longer than a turn: the write waits for the project's next one.
+        assert_eq!(slow.0.load(Ordering::SeqCst), 1, "the migration");
         drop((first, second));
         drop_schema(&schema).await;
     }
@@ -799,7 +878,7 @@ mod tests {
                 renewed: tokio::time::Instant::now(),
                 cursor: claimed[0].1,
             };
-            let failing = Counting(AtomicUsize::new(0), true, Duration::ZERO);
+            let failing = Counting(AtomicUsize::new(0), true, Duration::ZERO, Duration::ZERO);
             // The hold is counted from the failure, which comes after this (however long the
             // machine takes in between).
             let (before,): (f64,) = sqlx::query_as("SELECT extract(epoch FROM now())::float8")

@@ -156,6 +156,9 @@ enum Unstaged {
     /// The kept connection was found broken before anything of the batch was sent but its
     /// `BEGIN` (a server restarted, a session ended): the batch can go again on a new one.
     Broken(StorageError),
+    /// A caller left, or its write outlasted `storage.commit_timeout_secs`, while the batch
+    /// waited for its projects' rows: nothing was written, and the batch goes again without it.
+    Left,
     Failed(StorageError),
 }
 
@@ -208,14 +211,24 @@ async fn commit(node: &PgStorage, kept: &mut Kept, held: &mut Held, mut batch: V
     let staged = tokio::time::timeout(limit, async {
         loop {
             let connection = kept.get(node).await?;
-            match stage(node, connection, held, &mut batch).await {
+            match stage(node, connection, held, &mut batch, limit).await {
                 Ok(answers) => return Ok(answers),
                 Err(Unstaged::Failed(error)) => return Err(error),
+                Err(Unstaged::Left) => {
+                    expire(&mut batch, limit);
+                    if batch.is_empty() {
+                        return Ok(Vec::new());
+                    }
+                }
                 Err(Unstaged::Broken(error)) if reconnected => return Err(error),
                 Err(Unstaged::Broken(error)) => {
                     tracing::info!(%error, "the writer's connection broke; the batch goes again on a new one");
                     kept.connection = None;
                     reconnected = true;
+                    expire(&mut batch, limit);
+                    if batch.is_empty() {
+                        return Ok(Vec::new());
+                    }
                 }
                 // One project's long transaction (a drop deleting its items) holds its writes
                 // only: the others go again at once, rather than wait or fail with them.
@@ -281,6 +294,7 @@ async fn stage(
     connection: &mut sqlx::PgConnection,
     held: &Held,
     batch: &mut [WriteCommand],
+    limit: std::time::Duration,
 ) -> Result<Vec<Result<Vec<u64>, StorageError>>, Unstaged> {
     // Commands of one project and epoch share one counter update.
     let mut groups: BTreeMap<(String, u64), Vec<usize>> = BTreeMap::new();
@@ -341,6 +355,16 @@ async fn stage(
             continue;
         };
         handed.push((project, indexes, last as u64 - count));
+    }
+    // The rows were waited for (another node's batch, a stalled link): a write whose caller left
+    // meanwhile, or that is past its time, is not written (see `expire`). Past this point, a
+    // stall leaves the session idle in its transaction, which the server ends after a few
+    // seconds (`idle_in_transaction_session_timeout`), writing nothing.
+    if batch
+        .iter()
+        .any(|command| command.reply.is_closed() || command.queued.elapsed() > limit)
+    {
+        return Err(Unstaged::Left);
     }
     let mut rows: Vec<Row> = Vec::new();
     for (project, indexes, first) in handed {
