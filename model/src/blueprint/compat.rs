@@ -317,6 +317,11 @@ fn merges(from: &ColumnDef, to: &ColumnDef) -> Option<&'static str> {
     if a.is_textual() && !b.is_textual() {
         return Some("texts are read as other values on the way");
     }
+    // `"5"` and `5`, `"true"` and `true`, two spellings of one uuid or instant: JSON keeps them
+    // apart, a column of another type holds them as one value.
+    if a == BaseType::Json && b != BaseType::Json {
+        return Some("JSON values of different kinds are read as one value on the way");
+    }
     if a == BaseType::Integer && b == BaseType::Float {
         return Some("whole numbers become floats on the way");
     }
@@ -581,6 +586,13 @@ mod tests {
             Verdict::Breaking,
             "01 and 1"
         );
+        for old in ["string", "uuid", "datetime", "float"] {
+            assert_eq!(
+                to_old(unique(def(old)), Some(unique(def("json")))),
+                Verdict::Breaking,
+                "\"5\" and 5 into {old}"
+            );
+        }
         assert_eq!(
             to_old(unique(def("string")), Some(unique(def("integer")))),
             Verdict::Lossless

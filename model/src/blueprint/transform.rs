@@ -254,7 +254,7 @@ fn from_text(to: BaseType, text: &str) -> Option<Value> {
 }
 
 /// The number a text starts with, when a space or a sign follows it (see [`parse_leniently`]).
-fn leading_number(text: &str) -> Option<f64> {
+fn leading_number(text: &str) -> Option<(f64, &str)> {
     let end = text
         .char_indices()
         .take_while(|(i, c)| {
@@ -266,7 +266,25 @@ fn leading_number(text: &str) -> Option<f64> {
     if next.is_some_and(|c| c.is_alphanumeric() || matches!(c, '_' | ',' | '.')) {
         return None;
     }
-    text[..end].parse().ok()
+    Some((text[..end].parse().ok()?, &text[..end]))
+}
+
+/// Whether the decimal number `token` (as Rust reads it: digits, a point, an exponent) is a whole
+/// number, read from its digits: `"4.9999999999999999"` is not, though the nearest double to it
+/// is 5.
+fn whole(token: &str) -> bool {
+    let (mantissa, exponent) = match token.find(['e', 'E']) {
+        Some(at) => (&token[..at], token[at + 1..].parse::<i64>().unwrap_or(0)),
+        None => (token, 0),
+    };
+    let mantissa = mantissa.trim_start_matches(['-', '+']);
+    let (int, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    // The digits past the point once the exponent moved it.
+    let point = int.len() as i64 + exponent.clamp(-(1 << 20), 1 << 20);
+    int.bytes()
+        .chain(fraction.bytes())
+        .enumerate()
+        .all(|(at, digit)| (at as i64) < point || digit == b'0')
 }
 
 /// `convert: parse`, for a text that does not read strictly: a number in full in any notation
@@ -280,15 +298,15 @@ fn parse_leniently(to: BaseType, text: &str) -> Option<Value> {
     let text = text.trim();
     let value = match to {
         Integer | Float => {
-            let number = match text.parse::<f64>() {
-                Ok(number) => number,
+            let (number, token) = match text.parse::<f64>() {
+                Ok(number) => (number, text),
                 Err(_) => leading_number(text)?,
             };
             if !number.is_finite() {
                 return None;
             }
             if to == Integer {
-                if number.fract() != 0.0 {
+                if number.fract() != 0.0 || !whole(token) {
                     return None;
                 }
                 Value::from(number as i64)
@@ -389,6 +407,11 @@ mod tests {
             ("inf", None, None),
             ("", None, None),
             ("kg 12", None, None),
+            // Not a whole number, though the nearest double is one.
+            ("4.9999999999999999", None, Some(json!(5.0))),
+            ("0.99999999999999999 m", None, Some(json!(1.0))),
+            ("1200e-2", Some(json!(12)), Some(json!(12.0))),
+            ("5.000", Some(json!(5)), Some(json!(5.0))),
         ] {
             assert_eq!(parsed(Integer, text), integer, "{text:?} as an integer");
             assert_eq!(parsed(Float, text), float, "{text:?} as a float");
