@@ -193,7 +193,11 @@ impl Catalog {
         }
         self.commit(batch)?;
         let mut next = Snapshot::clone(&current);
-        if epoch_moves {
+        // A project made (again) takes an epoch no project had: every project read at start has
+        // epoch 0, so one dropped and made again under its name would otherwise have the
+        // epoch of the one before, and a write prepared against that one be staged into it.
+        let made = !current.projects.contains_key(name);
+        if epoch_moves || made {
             next.epoch += 1;
             project.epoch = next.epoch;
         }

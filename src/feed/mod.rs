@@ -9,7 +9,8 @@
 //! the highest purged revision is the project's *horizon* (a dropped project's horizon is its drop).
 //! A follower whose `since` is below the horizon may have missed a delete, so it is refused
 //! ([`FeedError::Compacted`]) and told to read again from `since=0`, which gives the latest state of
-//! every item.
+//! every item. A read from `since=0` goes on below the horizon with the pass it is handed
+//! ([`pass`]): every delete compacted at or below it was made before the read began.
 //!
 //! [`signal`] wakes followers when their project commits; HTTP formats live in `http::changes`.
 
@@ -57,6 +58,9 @@ pub fn decoded_size(body: &serde_json::Map<String, serde_json::Value>) -> usize 
 pub struct ChangesPage {
     pub changes: Vec<Change>,
     pub horizon: u64,
+    /// The project's last revision committed when the page was read: every change up to it was
+    /// committed before the read (see [`pass`]).
+    pub head: u64,
     /// What the changes' items take decoded ([`decoded_size`]), which is what presenting and
     /// encoding them costs.
     pub bytes: usize,
@@ -121,9 +125,10 @@ pub struct Place {
     /// The revision to read after next: the last change looked at (shown or filtered out), or the
     /// `since` the page was read from when there was none.
     pub last_revision: u64,
-    /// The project's horizon when the page was read: passed back with `last_revision`, it lets a
-    /// reader go on below the horizon as long as nothing more was compacted (see [`check_horizon`]).
+    /// The project's horizon when the page was read.
     pub horizon: u64,
+    /// What the reader is handed to pass back as `horizon` with `last_revision` (see [`pass`]).
+    pub pass: u64,
 }
 
 /// A page of the feed, made into `T` (its encoding), and where the next one starts.
@@ -208,7 +213,7 @@ impl Follower {
     pub async fn page<T: Send + 'static>(
         &self,
         storage: &dyn Storage,
-        since: u64,
+        (since, passed): (u64, Option<u64>),
         (limit, max_bytes): (usize, usize),
         held: impl FnOnce(usize) -> Result<(), FeedError>,
         finish: impl FnOnce(&[FeedEntry], Place) -> T + Send + 'static,
@@ -220,6 +225,7 @@ impl Follower {
         let place = Place {
             last_revision: page.changes.last().map_or(since, |c| c.revision),
             horizon: page.horizon,
+            pass: pass(since, passed, page.horizon, page.head),
         };
         let full = page.changes.len() >= limit || page.bytes >= max_bytes || page.cut;
         let mut snapshot = storage.snapshot();
@@ -318,13 +324,39 @@ impl Follower {
     }
 }
 
+/// What a reader of the page after `since` is handed to pass back as `horizon`, given the one it
+/// passed (`passed`) and the page's `horizon` and `head`.
+///
+/// A compacted delete a reader never reached could have removed an item it holds, unless the
+/// item was deleted before the reader began: a reader from 0 never read an item whose delete was
+/// committed before its first page, since that page and every later one read the delete instead.
+/// Only deletes are compacted, and the horizon is the highest compacted one, so a reader that
+/// began when the project's last revision was `b` may go on while the horizon is at most `b`,
+/// however often compaction moved it meanwhile. Its pass is that `b`: the head of its first
+/// page (and at least the horizon then), handed on from page to page while it is above the
+/// reader's place; past it the pass says no more than `since` does, and the horizon is handed out.
+/// (A pass held only while the horizon stayed put ended every read from 0 of a project that took
+/// longer than the compaction interval while deletes kept coming.)
+pub fn pass(since: u64, passed: Option<u64>, horizon: u64, head: u64) -> u64 {
+    match (since, useful(since, passed)) {
+        (0, _) => horizon.max(head),
+        (_, Some(pass)) => pass.max(horizon),
+        (_, None) => horizon,
+    }
+}
+
+/// The pass a reader at `since` holds that says more than `since` does: none past it (see
+/// [`pass`]), and none from 0, where the page gives it.
+pub fn useful(since: u64, passed: Option<u64>) -> Option<u64> {
+    passed.filter(|pass| since != 0 && *pass > since)
+}
+
 /// Refuses a page read from a `since` below the horizon it was read under (`place`): the reader
-/// may have missed a compacted delete. Unless it starts from 0 or `since` was handed out under the
-/// horizon the project still has (`horizon`, that of the page that gave it): a reader that started
-/// from 0 holds only what it was given since, and while nothing more is compacted no delete of it
-/// can have gone, so a scan from 0 goes on page after page below a horizon set before it began.
-pub fn check_horizon(since: u64, horizon: Option<u64>, place: Place) -> Result<(), FeedError> {
-    if since != 0 && since < place.horizon && horizon != Some(place.horizon) {
+/// may have missed a compacted delete. Unless it starts from 0, or the pass it was handed
+/// (`passed`, see [`pass`]) is at least the horizon: every delete compacted was then committed
+/// before the reader began.
+pub fn check_horizon(since: u64, passed: Option<u64>, place: Place) -> Result<(), FeedError> {
+    if since != 0 && since < place.horizon && passed.is_none_or(|pass| place.horizon > pass) {
         return Err(FeedError::Compacted {
             horizon: place.horizon,
         });
@@ -379,7 +411,7 @@ mod tests {
         let seen = presented.clone();
         let finish = move |_: &[FeedEntry], _| seen.store(true, Ordering::SeqCst);
         let refused = follower
-            .page(storage.as_ref(), 0, (100, 1 << 20), refuse, finish)
+            .page(storage.as_ref(), (0, None), (100, 1 << 20), refuse, finish)
             .await;
         assert!(matches!(refused, Err(FeedError::Budget { bytes, .. }) if bytes > 0));
         assert!(!presented.load(Ordering::SeqCst));
@@ -387,7 +419,7 @@ mod tests {
         let page = follower
             .page(
                 storage.as_ref(),
-                0,
+                (0, None),
                 (100, 1 << 20),
                 |bytes| {
                     held = bytes;

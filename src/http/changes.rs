@@ -109,7 +109,7 @@ struct Query {
 struct Params {
     /// `None`: `since=now`, only changes from here on.
     since: Option<u64>,
-    /// The horizon of the page that gave `since` (see `Follower::page`).
+    /// The pass of the page that gave `since` (see `feed::pass`), sent as `horizon`.
     horizon: Option<u64>,
     version: Option<u32>,
     blueprints: Option<Vec<Ident>>,
@@ -602,6 +602,8 @@ impl Reader<'_> {
     ) -> Result<Arc<Encoded>, FeedError> {
         let (format, version, limits) = (self.format, self.follower.version, self.limits);
         let (storage, follower) = (&self.state.storage, self.follower);
+        // Only a pass that says more than `since` is part of the page (see `feed::pass`).
+        let passed = crate::feed::useful(since, horizon);
         let read = || {
             let (storage, follower) = (storage.clone(), follower.clone());
             let held = self.held.clone();
@@ -615,7 +617,7 @@ impl Reader<'_> {
                     None => Ok(()),
                 };
                 follower
-                    .page(storage.as_ref(), since, limits, hold, finish)
+                    .page(storage.as_ref(), (since, passed), limits, hold, finish)
                     .await
             }
         };
@@ -630,6 +632,7 @@ impl Reader<'_> {
                     follower: self.follower.clone(),
                     epoch,
                     since,
+                    pass: passed,
                     limits: self.limits,
                     format,
                 };
@@ -637,11 +640,9 @@ impl Reader<'_> {
                 let page = pages
                     .read(key, seen, format != Format::Answer, read)
                     .await?;
-                // A shared page holds the horizon it was read under, up to a second old: a
-                // compaction since may have moved it past what this reader holds, and the page
-                // would refuse a `since` a read of its own allows, or hand back an older horizon.
-                let older = horizon.is_some_and(|h| page.place.horizon < h);
-                if older || crate::feed::check_horizon(since, horizon, page.place).is_err() {
+                // A shared page holds the horizon it was read under, up to a second old: one
+                // that refuses `since` is read again, as a read of this reader's own would be.
+                if crate::feed::check_horizon(since, passed, page.place).is_err() {
                     Arc::new(read().await?)
                 } else {
                     page
@@ -650,7 +651,7 @@ impl Reader<'_> {
             // The project went away: the read says how.
             None => Arc::new(read().await?),
         };
-        crate::feed::check_horizon(since, horizon, page.place)?;
+        crate::feed::check_horizon(since, passed, page.place)?;
         Ok(page)
     }
 }
@@ -664,18 +665,19 @@ struct Answer<'a> {
     version: u32,
 }
 
-/// An SSE event id (revision, horizon): the revision, and below the horizon the horizon too
-/// (`revision/horizon`), as a read from 0 goes on there only with the horizon it began under
-/// (`feed::check_horizon`): a client that reconnects in the middle of such a read sends it back
-/// as `Last-Event-ID` and resumes, where the revision alone would be refused as compacted.
+/// An SSE event id (revision, horizon, pass): the revision, and below the project's horizon the
+/// pass too (`revision/pass`), as a read from 0 goes on below the horizon only with the pass it
+/// was handed (`feed::pass`): a client that reconnects in the middle of such a read sends it back
+/// as `Last-Event-ID` and resumes, where the revision alone would be refused as compacted. Past
+/// the horizon (all of a project never compacted) the id is the revision alone.
 /// Written straight into a page's frames, with no string of its own per event.
-struct EventId(u64, u64);
+struct EventId(u64, u64, u64);
 
 impl std::fmt::Display for EventId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let EventId(revision, horizon) = *self;
+        let EventId(revision, horizon, pass) = *self;
         match revision != 0 && revision < horizon {
-            true => write!(f, "{revision}/{horizon}"),
+            true => write!(f, "{revision}/{pass}"),
             false => write!(f, "{revision}"),
         }
     }
@@ -689,7 +691,7 @@ fn encode(entries: &[FeedEntry], place: Place, format: Format, version: u32) -> 
             let answer = Answer {
                 results: entries,
                 last_revision: place.last_revision,
-                horizon: place.horizon,
+                horizon: place.pass,
                 version,
             };
             serde_json::to_writer(&mut out, &answer).expect("entries serialize");
@@ -706,7 +708,7 @@ fn encode(entries: &[FeedEntry], place: Place, format: Format, version: u32) -> 
                 write!(
                     out,
                     "id: {}\ndata: ",
-                    EventId(entry.revision, place.horizon)
+                    EventId(entry.revision, place.horizon, place.pass)
                 )
                 .expect("a Vec takes writes");
                 serde_json::to_writer(&mut out, entry).expect("entries serialize");
@@ -793,7 +795,8 @@ pub async fn changes(
                 heartbeat: params.heartbeat,
                 next_heartbeat: Instant::now() + params.heartbeat,
                 since,
-                horizon: Some(first.place.horizon),
+                horizon: Some(first.place.pass),
+                below: first.place.horizon,
                 head,
                 format,
                 // SSE starts with the revision it reads from as the last event id (an id without
@@ -802,7 +805,7 @@ pub async fn changes(
                 out: VecDeque::from([Bytes::from(if params.feed == Feed::Sse {
                     format!(
                         "retry: 2000\nid: {}\n\n",
-                        EventId(since, first.place.horizon)
+                        EventId(since, first.place.horizon, first.place.pass)
                     )
                 } else {
                     String::new()
@@ -827,7 +830,7 @@ pub async fn changes(
                 // Where the stream reads from (`since=now` resolved) and under which horizon: an
                 // NDJSON follower has no event id, and reconnects from here before any change.
                 .insert_header(("x-dstore-since", since.to_string()))
-                .insert_header(("x-dstore-horizon", first.place.horizon.to_string()))
+                .insert_header(("x-dstore-horizon", first.place.pass.to_string()))
                 .streaming(futures::stream::unfold(stream, Stream::next)))
         }
     }
@@ -881,7 +884,7 @@ async fn long_poll(
         }
         let seen = (*wake.borrow_and_update()).max(waiting.head);
         let page = reader.page(since, horizon, seen).await?;
-        horizon = Some(page.place.horizon);
+        horizon = Some(page.place.pass);
         if page.shown > 0 || Instant::now() >= waiting.deadline || *closing.borrow() {
             return Ok(page);
         }
@@ -915,8 +918,10 @@ struct Stream {
     /// The key the stream was opened with, checked again as it runs.
     recheck: Option<Recheck>,
     since: u64,
-    /// The horizon `since` was handed out under.
+    /// The pass `since` was handed out with (`feed::pass`).
     horizon: Option<u64>,
+    /// The project's horizon at the last page.
+    below: u64,
     /// The project's last revision when the stream began: every read sees at least that far.
     head: u64,
     format: Format,
@@ -959,7 +964,7 @@ impl Stream {
         if self.format == Format::Sse {
             Bytes::from(format!(
                 "id: {}\n: heartbeat\n\n",
-                EventId(self.since, self.horizon.unwrap_or(0))
+                EventId(self.since, self.below, self.horizon.unwrap_or(0))
             ))
         } else {
             Bytes::from_static(b"\n")
@@ -1000,7 +1005,8 @@ impl Stream {
                     self.failures = 0;
                     let moved = page.place.last_revision > self.since;
                     self.since = page.place.last_revision;
-                    self.horizon = Some(page.place.horizon);
+                    self.horizon = Some(page.place.pass);
+                    self.below = page.place.horizon;
                     if moved && page.shown == 0 {
                         // A page the follower saw none of (another blueprint's changes) still
                         // hands the connection a frame saying how far it read: the next page is

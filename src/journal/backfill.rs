@@ -5,7 +5,8 @@
 //! always wins in every store. Each chunk and the cursor after it are committed in one batch, so a
 //! restart resumes exactly where it stopped. Progress is readable at any time.
 
-use std::sync::Arc;
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
 
 use rocksdb::{Direction, IteratorMode};
 use serde::{Deserialize, Serialize};
@@ -25,6 +26,25 @@ const CHUNK_BYTES: usize = 8 << 20;
 
 /// Back-fills that read and write at once; the others wait for a place.
 pub(super) const AT_ONCE: usize = 2;
+
+/// The back-fills running or waiting for a place: where each one's state is kept, with the
+/// `born` of the project it is for.
+pub(super) type Running = Arc<Mutex<HashSet<(Vec<u8>, Option<u64>)>>>;
+
+/// A back-fill's place in [`Running`], given up when its task ends, however it ends.
+struct Runs {
+    running: Running,
+    id: (Vec<u8>, Option<u64>),
+}
+
+impl Drop for Runs {
+    fn drop(&mut self) {
+        self.running
+            .lock()
+            .expect("back-fills lock")
+            .remove(&self.id);
+    }
+}
 
 /// The next items of a back-fill, and where the walk stands after them.
 pub(super) struct Chunk {
@@ -236,8 +256,26 @@ impl Journal {
         if self.is_closing() {
             return;
         }
+        let id = (state.key(&project, version), state.born);
+        if !self
+            .backfills_running
+            .lock()
+            .expect("back-fills lock")
+            .insert(id.clone())
+        {
+            tracing::debug!(%project, version, "the back-fill runs already");
+            return;
+        }
+        let runs = Runs {
+            running: self.backfills_running.clone(),
+            id,
+        };
+        #[cfg(test)]
+        self.backfills_spawned
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let journal = self.clone();
         let task = self.runtime.spawn(async move {
+            let _runs = runs;
             // Waiting for a place holds nothing but this task; the state is journaled, so a close
             // meanwhile leaves it to the next start.
             let Ok(_place) = journal.backfill_slots.clone().acquire_owned().await else {

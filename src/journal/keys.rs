@@ -127,6 +127,15 @@ pub fn letter_of_item(projector: &str, task: &Task) -> Option<Vec<u8>> {
 /// again, synced (see `Writer::reserve`): the journal opens at least there.
 pub const SEQ_RESERVED: &[u8] = b"seq_reserved";
 
+/// Where a start found revisions handed out whose batches were not found written (a machine's
+/// crash under buffered durability): `lost/<from, 20 digits>` = the last such revision (8 bytes,
+/// big-endian), those after `from` up to it lost (see `Journal::lost`).
+pub fn lost(from: u64) -> Vec<u8> {
+    format!("lost/{from:020}").into_bytes()
+}
+
+pub const LOST_PREFIX: &[u8] = b"lost/";
+
 /// The projectors the journal fed at its last start, as a JSON list (see
 /// `Journal::catch_up_added`).
 pub const PROJECTORS_FED: &[u8] = b"projectors_fed";

@@ -421,6 +421,11 @@ pub struct Journal {
     catalog: Arc<Catalog>,
     commands: std::sync::mpsc::SyncSender<Command>,
     last_seq: Arc<AtomicU64>,
+    /// The revisions, after `.0` up to `.1`, that a start found handed out and not written: a
+    /// machine's crash under buffered durability lost their batches after the change feed had
+    /// shown them. A follower that read up to one of them holds changes that never were, and is
+    /// told to read again from 0 (see `Journal::changes`). The newest [`LOST_KEPT`] crashes.
+    lost: Vec<(u64, u64)>,
     /// Made once, when the journal is created: tells its tasks from those of another journal.
     id: String,
     /// The store layout of what the projectors made so far (see [`LAYOUT`]).
@@ -443,6 +448,10 @@ pub struct Journal {
     /// start resuming hundreds of them (or a store added to every live version) holds a few
     /// chunks in memory, not one per back-fill.
     backfill_slots: Arc<tokio::sync::Semaphore>,
+    /// The back-fills running or waiting for a place, by where their state is kept and the
+    /// project's `born`: a state found again (`resume_backfills` after `keep_keyspaces` wrote
+    /// it at the same start) starts no second walk over the same items.
+    backfills_running: backfill::Running,
     /// The last write that failed, and when, while none has succeeded since (see
     /// [`Journal::write_failure`]).
     write_failure: Mutex<Option<(std::time::Instant, String)>>,
@@ -464,9 +473,49 @@ pub struct Journal {
     /// While set, back-fills wait before each chunk (a test's way to act before one runs).
     #[cfg(test)]
     backfills_held: std::sync::atomic::AtomicBool,
+    /// How many back-fills were started (not counting one found running already).
+    #[cfg(test)]
+    backfills_spawned: AtomicU64,
     /// How many times dead letters were counted by reading them.
     #[cfg(test)]
     dead_letter_counts: AtomicU64,
+}
+
+/// How many crashes' lost revisions a journal remembers (see `Journal::lost`).
+const LOST_KEPT: usize = 64;
+
+/// The lost revisions recorded in `db`, after recording those a crash left now: handed out up to
+/// `reserved`, written up to `written` (see `Journal::lost`).
+fn lost_revisions(db: &DB, written: u64, reserved: u64) -> Result<Vec<(u64, u64)>, JournalError> {
+    let meta = db.cf_handle(CF_META).expect("meta cf");
+    if reserved > written {
+        let mut synced = rocksdb::WriteOptions::default();
+        synced.set_sync(true);
+        let mut batch = rocksdb::WriteBatch::default();
+        batch.put_cf(meta, keys::lost(written), reserved.to_be_bytes());
+        db.write_opt(batch, &synced)?;
+    }
+    let mut lost = Vec::new();
+    for entry in db.prefix_iterator_cf(meta, keys::LOST_PREFIX) {
+        let (key, value) = entry?;
+        if !key.starts_with(keys::LOST_PREFIX) {
+            break;
+        }
+        let from = std::str::from_utf8(&key[keys::LOST_PREFIX.len()..])
+            .ok()
+            .and_then(|from| from.parse().ok());
+        let to = <[u8; 8]>::try_from(value.as_ref())
+            .ok()
+            .map(u64::from_be_bytes);
+        if let (Some(from), Some(to)) = (from, to) {
+            lost.push((from, to));
+        }
+    }
+    while lost.len() > LOST_KEPT {
+        let (from, _) = lost.remove(0);
+        db.delete_cf(meta, keys::lost(from))?;
+    }
+    Ok(lost)
 }
 
 impl Drop for Journal {
@@ -561,7 +610,9 @@ impl Journal {
         };
         // Under buffered durability a machine's crash loses the last batches, whose tasks the
         // stores may have taken: the journal goes on past every seq it could have handed out.
-        let last_seq = counter(keys::LAST_SEQ)?.max(counter(keys::SEQ_RESERVED)?);
+        let (written, reserved) = (counter(keys::LAST_SEQ)?, counter(keys::SEQ_RESERVED)?);
+        let last_seq = written.max(reserved);
+        let lost = lost_revisions(&db, written, reserved)?;
         let layout = match db.get_cf(meta, keys::LAYOUT)? {
             Some(bytes) => u32::from_be_bytes(bytes.as_slice().try_into().map_err(|_| {
                 JournalError::Damaged(format!("layout mark is {} bytes, not 4", bytes.len()))
@@ -604,6 +655,7 @@ impl Journal {
             catalog: catalog.clone(),
             commands,
             last_seq: last_seq.clone(),
+            lost,
             id,
             layout: AtomicU32::new(layout),
             lanes,
@@ -616,6 +668,9 @@ impl Journal {
             closing: std::sync::atomic::AtomicBool::new(false),
             background: Mutex::new(Vec::new()),
             backfill_slots: Arc::new(tokio::sync::Semaphore::new(backfill::AT_ONCE)),
+            backfills_running: backfill::Running::default(),
+            #[cfg(test)]
+            backfills_spawned: AtomicU64::new(0),
             write_failure: Mutex::new(None),
             keyspace_writes: AtomicU64::new(0),
             #[cfg(test)]
@@ -1643,6 +1698,37 @@ mod tests {
         journal.close().await;
     }
 
+    /// A write prepared against a project that is dropped and made again under its name before
+    /// the write is staged is refused as stale and prepared again, never staged into the new
+    /// project: every project read at start had epoch 0, and so had one made since, so after a
+    /// restart the old project's write passed for one of the new.
+    #[tokio::test]
+    async fn a_write_prepared_before_a_drop_never_lands_in_the_project_made_again() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Buffered, vec![]).await;
+        journal.close().await;
+        drop((journal, storage));
+        let journal = open(_dir.path(), Durability::Buffered, vec![], u64::MAX);
+        let storage = EmbeddedStorage::open(journal.clone());
+        let id = Uuid::new_v4();
+        let (epoch, entry) = conformance::upsert(storage.as_ref(), &project, id, "old");
+        storage.drop_project(&project).await.unwrap();
+        conformance::put_article(storage.as_ref(), &project, None).await;
+        let written = storage.write(&project, epoch, vec![entry]).await;
+        assert!(matches!(written, Err(StorageError::Stale)), "{written:?}");
+        assert!(storage
+            .item_bytes(&project, &article, &id)
+            .await
+            .unwrap()
+            .is_none());
+        journal.close().await;
+    }
+
     #[tokio::test]
     async fn back_pressure_counts_the_tasks_that_wait_not_how_far_an_old_one_holds_progress() {
         let Fixture {
@@ -1823,6 +1909,28 @@ mod tests {
         let storage = EmbeddedStorage::open(journal.clone());
         let after = conformance::write(storage.as_ref(), &project, Uuid::new_v4(), "after").await;
         assert!(after > next + 500, "{after}");
+        // A follower that read up to a lost revision holds a change that never was: it is told
+        // to read again from 0, after this start and the next. One that read up to the last
+        // written revision goes on.
+        let check = |journal: &Journal| {
+            let place = |since| {
+                let page = journal.changes(&project, since, 100, usize::MAX).unwrap();
+                crate::feed::Place {
+                    last_revision: since,
+                    horizon: page.horizon,
+                    pass: page.horizon,
+                }
+            };
+            assert!(crate::feed::check_horizon(last, None, place(last)).is_err());
+            assert!(crate::feed::check_horizon(next, None, place(next)).is_err());
+            assert!(crate::feed::check_horizon(last - 1, None, place(last - 1)).is_ok());
+            assert!(crate::feed::check_horizon(after, None, place(after)).is_ok());
+        };
+        check(&journal);
+        journal.close().await;
+        drop((journal, storage));
+        let journal = open(_dir.path(), Durability::Buffered, vec!["store"], u64::MAX);
+        check(&journal);
         journal.close().await;
     }
 
@@ -2370,6 +2478,52 @@ mod tests {
             indexed, last,
             "the feed's index holds each item's last change only"
         );
+    }
+
+    /// A start that rebuilds the local keyspaces walks each version's items once: the rebuild
+    /// `keep_keyspaces` started is not started a second time by `resume_backfills` finding its
+    /// recorded state, and once it ends its state may start again.
+    #[tokio::test]
+    async fn a_keyspace_rebuild_runs_once_at_a_start() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Buffered, vec![]).await;
+        for _ in 0..3 {
+            write_new(&storage, &project, &article).await.unwrap();
+        }
+        let spawned = || journal.backfills_spawned.load(Ordering::Relaxed);
+        let before = spawned();
+        journal.backfills_held.store(true, Ordering::Relaxed);
+        journal.keep_keyspaces().await.unwrap();
+        journal.resume_backfills().unwrap();
+        assert_eq!(spawned(), before + 1, "one walk over version 1's items");
+        journal.backfills_held.store(false, Ordering::Relaxed);
+        let key = backfill::BackfillState {
+            projectors: Some(vec![ProjectorKind::Rocksdb.name().to_string()]),
+            ..backfill::BackfillState::default()
+        }
+        .key(&project, 1);
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        loop {
+            let state = journal.db.get_cf(journal.cf(CF_META), &key).unwrap();
+            let state: Option<backfill::BackfillState> = state.map(|bytes| decode(&bytes).unwrap());
+            if state.as_ref().is_some_and(|s| s.finished)
+                && journal.backfills_running.lock().unwrap().is_empty()
+            {
+                assert_eq!(state.unwrap().done, 3);
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the rebuild never ended: {state:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        journal.close().await;
     }
 
     #[tokio::test]

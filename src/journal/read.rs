@@ -108,6 +108,17 @@ impl Journal {
             .get_cf(self.cf(CF_META), keys::horizon(project))?
             .and_then(|v| codec::record_revision(&v))
             .unwrap_or(0);
+        // A `since` among the revisions a crash lost: the follower holds changes that never
+        // were, which only a read from 0 replaces. The page answers a horizon past them, so
+        // it is refused as compacted.
+        let horizon = match self
+            .lost
+            .iter()
+            .find(|(from, to)| since > *from && since <= *to)
+        {
+            Some((_, to)) => horizon.max(to.saturating_add(1)),
+            None => horizon,
+        };
         let mut options = rocksdb::ReadOptions::default();
         options.set_iterate_upper_bound(keys::project_end(project));
         let start = keys::change(project, since.saturating_add(1));
@@ -153,6 +164,7 @@ impl Journal {
         Ok(crate::feed::ChangesPage {
             changes,
             horizon,
+            head: published,
             bytes,
             cut: false,
         })

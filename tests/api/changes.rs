@@ -879,8 +879,9 @@ async fn a_shared_page_read_before_a_compaction_does_not_refuse_a_reader_holding
         let mut limit = 2;
         let h1 = loop {
             limit += 1;
+            // Past 0, a reader without a pass is handed the project's horizon (refused or not).
             let now = app
-                .get(&format!("/p/_changes?since=0&limit={limit}"))
+                .get(&format!("/p/_changes?since=1&limit={limit}"))
                 .await
                 .body;
             let h = now["horizon"].as_u64().unwrap();
@@ -996,8 +997,8 @@ async fn compacted_deletes_answer_410_and_since_0_gives_the_latest_state() {
     let after = put(&app, Uuid::new_v4(), "after").await;
     let followed = next_changes(&mut events, 1).await;
     assert_eq!(followed[0]["revision"], after);
-    // Below the horizon, an event's id carries it: a client that reconnects there with that
-    // Last-Event-ID goes on, where the revision alone is a 410.
+    // Below its pass (the last revision when it began), an event's id carries it: a client that
+    // reconnects there with that Last-Event-ID goes on, where the revision alone is a 410.
     let raw = app
         .client
         .get(format!("{}/p/_changes?feed=sse&since=0", app.address))
@@ -1005,8 +1006,20 @@ async fn compacted_deletes_answer_410_and_since_0_gives_the_latest_state() {
         .await
         .unwrap();
     let mut bytes = raw.bytes_stream();
-    let id = format!("{before}/{horizon}");
-    sse_text_until(&mut bytes, &format!("id: {id}\n")).await;
+    // The pass: the last revision when the read began (its first page may be another
+    // follower's of a moment ago).
+    let text = sse_text_until(&mut bytes, &format!("id: {before}/")).await;
+    let pass = text[text.find(&format!("id: {before}/")).unwrap()..]
+        .lines()
+        .next()
+        .unwrap()
+        .rsplit('/')
+        .next()
+        .unwrap()
+        .parse::<u64>()
+        .unwrap();
+    assert!(pass >= horizon, "{text}");
+    let id = format!("{before}/{pass}");
     let resumed = app
         .client
         .get(format!("{}/p/_changes?feed=sse&timeout=1", app.address))
@@ -1025,6 +1038,76 @@ async fn compacted_deletes_answer_410_and_since_0_gives_the_latest_state() {
         .await
         .unwrap();
     assert_eq!(malformed.status(), 400);
+    app.stop().await;
+}
+
+/// The project's horizon, as a reader past 0 without a pass is handed it (refused or not).
+async fn project_horizon(app: &TestApp) -> u64 {
+    app.get("/p/_changes?since=1&limit=1").await.body["horizon"]
+        .as_u64()
+        .unwrap()
+}
+
+/// A read from 0 goes on below the horizon however often compaction moves it meanwhile, as long
+/// as every delete compacted was made before the read began: it never gave those items. Before,
+/// any compaction during the read refused its next page, and a project whose read from 0 took
+/// longer than the compaction interval while deletes kept coming could never be read whole. A
+/// delete made after the read began is still a 410 once compacted.
+#[tokio::test]
+async fn a_read_from_0_goes_on_while_older_deletes_are_compacted() {
+    let app = spawn_app_with(|s| {
+        s.changes.tombstone_retention_secs = 2;
+        s.changes.compact_interval_secs = 1;
+    })
+    .await;
+    project(&app).await;
+    for i in 0..3 {
+        put(&app, Uuid::new_v4(), &format!("kept {i}")).await;
+    }
+    let old = Uuid::new_v4();
+    put(&app, old, "old").await;
+    let old_delete = delete(&app, old).await;
+    // The read begins, a change a page.
+    let first = app.get("/p/_changes?since=0&limit=1").await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    let pass = first.body["horizon"].as_u64().unwrap();
+    let last = first.body["last_revision"].as_u64().unwrap();
+    assert!(pass >= old_delete, "{}", first.body);
+    let young = Uuid::new_v4();
+    put(&app, young, "young").await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while project_horizon(&app).await < old_delete {
+        assert!(
+            Instant::now() < deadline,
+            "the old delete was never compacted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let next = app
+        .get(&format!("/p/_changes?since={last}&limit=1&horizon={pass}"))
+        .await;
+    assert_eq!(next.status, 200, "{}", next.body);
+    assert_eq!(next.body["horizon"].as_u64(), Some(pass), "{}", next.body);
+    assert_eq!(
+        app.get(&format!("/p/_changes?since={last}&limit=1"))
+            .await
+            .status,
+        410,
+        "without its pass"
+    );
+    // A delete made after the read began: once compacted, the read may have given its item.
+    let young_delete = delete(&app, young).await;
+    while project_horizon(&app).await < young_delete {
+        assert!(
+            Instant::now() < deadline,
+            "the young delete was never compacted"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let refused = app
+        .get(&format!("/p/_changes?since={last}&limit=1&horizon={pass}"))
+        .await;
+    assert_eq!(refused.status, 410, "{}", refused.body);
     app.stop().await;
 }
 

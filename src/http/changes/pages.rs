@@ -7,7 +7,7 @@
 //! Invariants:
 //! - A page is shared only between readers of the same project incarnation (its epoch, which no
 //!   other project of the catalog ever had, and which moves when a version is frozen or retired),
-//!   version, blueprints, `since`, limits and encoding, and for at most [`KEPT`] after its read
+//!   version, blueprints, `since`, pass (`feed::pass`), limits and encoding, and for at most [`KEPT`] after its read
 //!   began. Errors are never shared: each reader meets them on its own read.
 //! - A reader is given a page only when a read of its own could have answered the same: the page
 //!   is full (it ended at its limit; read again later it holds the same changes, or newer states
@@ -15,9 +15,9 @@
 //!   the reader goes on reading at once after it (a stream, when the page moved). Otherwise the
 //!   reader reads again and shares that read. So a follower never waits for a wake-up while a
 //!   change it was woken for is unread, and a client that wrote and then reads the feed finds its
-//!   write. A page read under an older horizon than its reader holds (a compaction came within
-//!   its second) is read again by that reader (`http::changes`), so no `since` a read of its own
-//!   allows is refused.
+//!   write. A page that refuses its reader's `since` as compacted is read again by that reader
+//!   (`http::changes`): a compaction may have come within its second, and a read of its own
+//!   answers the same or says so.
 //! - A shared read runs as a task of its own: a stream is polled only when its client reads, so a
 //!   read that went on only while its first reader is polled would hold up every other reader of
 //!   the page for as long as that client stops reading.
@@ -66,6 +66,9 @@ pub struct Key {
     /// The project's epoch when the reader came (see the module docs).
     pub epoch: u64,
     pub since: u64,
+    /// The pass the reader holds, when it says more than `since` (`feed::useful`): it is in the
+    /// page (its `horizon`, its SSE ids).
+    pub pass: Option<u64>,
     pub limits: (usize, usize),
     pub format: Format,
 }
@@ -298,6 +301,7 @@ mod tests {
             },
             epoch: 1,
             since,
+            pass: None,
             limits: (100, 1 << 20),
             format: Format::Ndjson,
         }
@@ -311,6 +315,7 @@ mod tests {
             place: Place {
                 last_revision: last,
                 horizon: 0,
+                pass: 0,
             },
             full,
         }

@@ -328,9 +328,10 @@ fn storable_audit(entry: &AuditEntry) -> std::borrow::Cow<'_, AuditEntry> {
 /// carries the project's horizon, read in the same snapshot, and how many changes the statement
 /// looked at and kept: fewer kept says the page was cut by its bytes.
 const CHANGES_PAGE: &str = "\
-    SELECT revision, blueprint, id, record, horizon, looked_at, count(*) OVER () AS kept FROM ( \
+    SELECT revision, blueprint, id, record, horizon, head, looked_at, count(*) OVER () AS kept FROM ( \
       SELECT c.*, \
              (SELECT horizon FROM projects WHERE name = $1) AS horizon, \
+             (SELECT revision FROM projects WHERE name = $1) AS head, \
              coalesce(sum(octet_length(record)) OVER (ORDER BY revision \
                ROWS BETWEEN UNBOUNDED PRECEDING AND 1 PRECEDING), 0) AS before, \
              count(*) OVER () AS looked_at \
@@ -1483,6 +1484,7 @@ impl Storage for PgStorage {
         let mut run_bytes = 0;
         let mut ended = false;
         let mut horizon: Option<i64> = None;
+        let mut head: Option<i64> = None;
         // Whether the statement left out changes past `max_bytes` of stored records.
         let mut cut = false;
         while bytes < max_bytes && !ended {
@@ -1495,6 +1497,7 @@ impl Storage for PgStorage {
                 Some(row) => {
                     if horizon.is_none() {
                         horizon = row.get("horizon");
+                        head = row.get("head");
                         cut = row.get::<i64, _>("kept") < row.get::<i64, _>("looked_at");
                     }
                     let blueprint: String = row.get("blueprint");
@@ -1528,15 +1531,18 @@ impl Storage for PgStorage {
         drop(rows);
         // A page without changes gives nothing the horizon could be newer than.
         if horizon.is_none() {
-            horizon = sqlx::query_scalar("SELECT horizon FROM projects WHERE name = $1")
-                .bind(project.as_str())
-                .fetch_optional(&self.pool)
-                .await
-                .map_err(|e| unavailable("read the change feed", &e))?;
+            let read: Option<(i64, i64)> =
+                sqlx::query_as("SELECT horizon, revision FROM projects WHERE name = $1")
+                    .bind(project.as_str())
+                    .fetch_optional(&self.pool)
+                    .await
+                    .map_err(|e| unavailable("read the change feed", &e))?;
+            (horizon, head) = (read.map(|r| r.0), read.map(|r| r.1));
         }
         Ok(ChangesPage {
             changes,
             horizon: horizon.unwrap_or(0) as u64,
+            head: head.unwrap_or(0) as u64,
             bytes,
             // Stored bytes are not what a change takes decoded: a page the statement cut may be
             // short of `max_bytes` decoded, and still end before the last change.
