@@ -862,6 +862,10 @@ struct Waiting {
     peer: Option<PeerSocket>,
 }
 
+/// The most pages of changes a long poll's follower does not see that it reads on through before
+/// it answers (see `long_poll`).
+const HIDDEN_PAGES: usize = 16;
+
 /// Waits until there is a change after `since`, or the timeout passes; answers the page.
 async fn long_poll(
     reader: &Reader<'_>,
@@ -874,6 +878,7 @@ async fn long_poll(
     let mut wake = waiting.wake;
     let mut closing = state.closing.clone();
     let (mut since, mut horizon) = (since, horizon);
+    let mut hidden_pages = 0;
     // One look-out for the client for the whole poll: made again at each wake-up, it never
     // looked while wake-ups came more often than it waits before its first look.
     let gone = PeerSocket::gone(waiting.peer);
@@ -890,7 +895,15 @@ async fn long_poll(
         }
         if page.place.last_revision > since {
             // Every change of the page was one the follower does not see (another blueprint's):
-            // read on at once, letting other requests run between pages, unless nobody waits.
+            // read on at once, letting other requests run between pages, unless nobody waits,
+            // for at most `HIDDEN_PAGES`; then the empty page answers, its `last_revision` moved
+            // (the client reads on from there): a small `limit` behind a long history the filter
+            // hides would take a blocking thread for a page per change, back to back, up to the
+            // poll's timeout.
+            hidden_pages += 1;
+            if hidden_pages >= HIDDEN_PAGES {
+                return Ok(page);
+            }
             since = page.place.last_revision;
             tokio::task::yield_now().await;
             if futures::FutureExt::now_or_never(gone.as_mut()).is_some() {

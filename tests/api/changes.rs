@@ -588,6 +588,32 @@ async fn a_filtered_long_poll_reads_past_other_blueprints_changes() {
     app.stop().await;
 }
 
+/// A filtered long poll reads on through a bounded stretch of changes it does not see, then
+/// answers an empty page whose `last_revision` moved, from where its client reads on: with
+/// `limit=1` behind a long history of another blueprint's changes, it took a blocking thread for
+/// a page per change, back to back, for as long as its timeout.
+#[tokio::test]
+async fn a_filtered_long_poll_answers_after_a_bounded_stretch_of_hidden_changes() {
+    let app = spawn_app().await;
+    project(&app).await;
+    with_tags(&app).await;
+    let mut hidden = Vec::new();
+    for _ in 0..40 {
+        hidden.push(put(&app, Uuid::new_v4(), "not followed").await);
+    }
+    let page = app
+        .get("/p/_changes?feed=longpoll&blueprint=tag&limit=1&since=0&timeout=5")
+        .await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    assert_eq!(revisions(&page.body), Vec::<u64>::new(), "{}", page.body);
+    let last = page.body["last_revision"].as_u64().unwrap();
+    assert!(
+        hidden[..30].contains(&last),
+        "read on to {last} of {hidden:?}"
+    );
+    app.stop().await;
+}
+
 #[tokio::test]
 async fn sse_followers_get_every_change_once_and_resume_from_last_event_id() {
     let app = spawn_app().await;

@@ -81,7 +81,9 @@ pub async fn run(
             {
                 // Held back with its backoff, the lease given up: a project whose batches fail
                 // to settle is not read and applied again at once, again and again.
-                if let Err(held) = hold(&storage, name, &project, &error.to_string()).await {
+                // A failure of the storage, not of the project's store: its backoff alone.
+                let failed = error.to_string();
+                if let Err(held) = hold(&storage, name, &project, (&failed, Duration::ZERO)).await {
                     tracing::warn!(projector = name, %project, %error, %held, "projection failed; the project is retried later");
                 }
             }
@@ -276,7 +278,7 @@ async fn work(
         storage.note_applied(name, applied, failed);
         lease.cursor = last_read;
         if let Some(error) = step.retry {
-            hold(storage, name, project, &error.message).await?;
+            hold(storage, name, project, (&error.message, step.held_cost)).await?;
             return Ok(());
         }
     }
@@ -521,18 +523,26 @@ async fn hold(
     storage: &PgStorage,
     projector: &str,
     project: &Ident,
-    error: &str,
+    (error, cost): (&str, Duration),
 ) -> Result<(), StorageError> {
     tracing::warn!(projector, %project, %error, "projection failed; the project waits, the others go on");
+    // Its backoff, or as `queue::hold` holds a project for every transport, at least
+    // `COST_FACTOR` times as long as the failed try took (up to `MAX_HOLD`): a migration that
+    // waits out a lock each time would otherwise take most of the node's projector time.
+    let for_cost = cost
+        .saturating_mul(crate::queue::hold::COST_FACTOR)
+        .min(crate::queue::hold::MAX_HOLD);
     sqlx::query(
         "UPDATE cursors SET attempts = attempts + 1, last_error = $4, lease_owner = NULL, \
-             held_until = now() + make_interval(secs => least(0.1 * power(2, least(attempts, 7)), 10.0)) \
+             held_until = now() + make_interval(secs => greatest( \
+                 least(0.1 * power(2, least(attempts, 7)), 10.0), $5)) \
          WHERE projector = $1 AND project = $2 AND lease_owner = $3",
     )
     .bind(projector)
     .bind(project.as_str())
     .bind(storage.lease_owner())
     .bind(error)
+    .bind(for_cost.as_secs_f64())
     .execute(storage.pool())
     .await
     .map_err(|e| unavailable("hold a project back", &e))?;
@@ -907,6 +917,38 @@ mod tests {
             "the same failure moved the epoch again"
         );
 
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A project whose failed try was slow (a migration waiting out a lock) is held for at least
+    /// `COST_FACTOR` times as long as the try took, as every other transport holds it: held 10 s
+    /// at most, a try of 10 s took half of a node's projector time from the other projects.
+    #[tokio::test]
+    async fn a_slow_failure_is_held_for_several_times_what_it_cost() {
+        let (storage, schema) = open_postgresql("costly", vec!["counting"]).await;
+        let project = frozen(storage.as_ref()).await;
+        let claimed = claim(&storage, "counting").await.unwrap();
+        let lease = Lease {
+            renewed: tokio::time::Instant::now(),
+            cursor: claimed[0].1,
+        };
+        let slow = Counting(
+            AtomicUsize::new(0),
+            true,
+            Duration::from_secs(3),
+            Duration::ZERO,
+        );
+        work(&storage, &slow, &project, lease, 100).await.unwrap();
+        let (held_for,): (f64,) = sqlx::query_as(
+            "SELECT extract(epoch FROM held_until - now())::float8 FROM cursors \
+             WHERE projector = 'counting'",
+        )
+        .fetch_one(storage.pool())
+        .await
+        .unwrap();
+        // Four times the 3 s try, less the moments since.
+        assert!(held_for > 10.0, "held {held_for} s");
         drop(storage);
         drop_schema(&schema).await;
     }
