@@ -165,7 +165,8 @@ struct Unanswered {
 
 impl Drop for Unanswered {
     fn drop(&mut self) {
-        if let Some(entry) = self.entry.take() {
+        if let Some(mut entry) = self.entry.take() {
+            entry.at = Utc::now();
             self.audit.record_now(entry);
         }
     }
@@ -217,16 +218,28 @@ pub async fn authenticate(
             if !matches!(checked.caller, Caller::Open) {
                 request.extensions_mut().insert(checked.caller.clone());
             }
-            let mut unanswered = Unanswered {
-                audit: state.audit.clone(),
-                entry: if vouched { entry.take() } else { None },
+            // Only an entry recorded in any case needs the guard (a clone of the log's handle).
+            let mut unanswered = match (vouched, entry.take()) {
+                (true, Some(made)) => Some(Unanswered {
+                    audit: state.audit.clone(),
+                    entry: Some(made),
+                }),
+                (_, made) => {
+                    entry = made;
+                    None
+                }
             };
             let called = next.call(request).await;
-            entry = entry.or_else(|| unanswered.entry.take());
+            if let Some(unanswered) = unanswered.as_mut() {
+                entry = unanswered.entry.take();
+            }
             called?.map_into_left_body()
         }
     };
     if let Some(mut entry) = entry {
+        // Stamped as it is recorded: a reader that follows the log from a few seconds before
+        // the last entry it saw finds a long request's entry (see the README).
+        entry.at = Utc::now();
         entry.status = response.status().as_u16();
         entry.created = response
             .response()

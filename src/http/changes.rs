@@ -602,8 +602,10 @@ impl Reader<'_> {
     ) -> Result<Arc<Encoded>, FeedError> {
         let (format, version, limits) = (self.format, self.follower.version, self.limits);
         let (storage, follower) = (&self.state.storage, self.follower);
-        // Only a pass that says more than `since` is part of the page (see `feed::pass`).
-        let passed = crate::feed::useful(since, horizon);
+        // Only a pass that says more than `since` is part of the page (see `feed::pass`), and
+        // none past the last revision the reader knows of, which no page handed out: a made-up
+        // one would pass every compaction.
+        let passed = crate::feed::useful(since, horizon).filter(|pass| *pass <= seen);
         let read = || {
             let (storage, follower) = (storage.clone(), follower.clone());
             let held = self.held.clone();
@@ -665,18 +667,18 @@ struct Answer<'a> {
     version: u32,
 }
 
-/// An SSE event id (revision, horizon, pass): the revision, and below the project's horizon the
-/// pass too (`revision/pass`), as a read from 0 goes on below the horizon only with the pass it
-/// was handed (`feed::pass`): a client that reconnects in the middle of such a read sends it back
-/// as `Last-Event-ID` and resumes, where the revision alone would be refused as compacted. Past
-/// the horizon (all of a project never compacted) the id is the revision alone.
+/// An SSE event id (revision, pass): the revision, and below the pass the pass too
+/// (`revision/pass`), as a read from 0 goes on below the horizon only with the pass it was handed
+/// (`feed::pass`): a client that reconnects in the middle of such a read sends it back as
+/// `Last-Event-ID` and resumes, where the revision alone would be refused once a compaction
+/// moved the horizon past it. Past the pass the id is the revision alone.
 /// Written straight into a page's frames, with no string of its own per event.
-struct EventId(u64, u64, u64);
+struct EventId(u64, u64);
 
 impl std::fmt::Display for EventId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let EventId(revision, horizon, pass) = *self;
-        match revision != 0 && revision < horizon {
+        let EventId(revision, pass) = *self;
+        match revision != 0 && revision < pass {
             true => write!(f, "{revision}/{pass}"),
             false => write!(f, "{revision}"),
         }
@@ -705,12 +707,8 @@ fn encode(entries: &[FeedEntry], place: Place, format: Format, version: u32) -> 
         Format::Sse => {
             use std::io::Write;
             for entry in entries {
-                write!(
-                    out,
-                    "id: {}\ndata: ",
-                    EventId(entry.revision, place.horizon, place.pass)
-                )
-                .expect("a Vec takes writes");
+                write!(out, "id: {}\ndata: ", EventId(entry.revision, place.pass))
+                    .expect("a Vec takes writes");
                 serde_json::to_writer(&mut out, entry).expect("entries serialize");
                 out.extend_from_slice(b"\n\n");
             }
@@ -796,17 +794,13 @@ pub async fn changes(
                 next_heartbeat: Instant::now() + params.heartbeat,
                 since,
                 horizon: Some(first.place.pass),
-                below: first.place.horizon,
                 head,
                 format,
                 // SSE starts with the revision it reads from as the last event id (an id without
                 // data is no event): a follower that started from `since=now` and reconnects
                 // before any change resumes from there, not from a later `now`.
                 out: VecDeque::from([Bytes::from(if params.feed == Feed::Sse {
-                    format!(
-                        "retry: 2000\nid: {}\n\n",
-                        EventId(since, first.place.horizon, first.place.pass)
-                    )
+                    format!("retry: 2000\nid: {}\n\n", EventId(since, first.place.pass))
                 } else {
                     String::new()
                 })]),
@@ -933,8 +927,6 @@ struct Stream {
     since: u64,
     /// The pass `since` was handed out with (`feed::pass`).
     horizon: Option<u64>,
-    /// The project's horizon at the last page.
-    below: u64,
     /// The project's last revision when the stream began: every read sees at least that far.
     head: u64,
     format: Format,
@@ -977,7 +969,7 @@ impl Stream {
         if self.format == Format::Sse {
             Bytes::from(format!(
                 "id: {}\n: heartbeat\n\n",
-                EventId(self.since, self.below, self.horizon.unwrap_or(0))
+                EventId(self.since, self.horizon.unwrap_or(0))
             ))
         } else {
             Bytes::from_static(b"\n")
@@ -1019,7 +1011,6 @@ impl Stream {
                     let moved = page.place.last_revision > self.since;
                     self.since = page.place.last_revision;
                     self.horizon = Some(page.place.pass);
-                    self.below = page.place.horizon;
                     if moved && page.shown == 0 {
                         // A page the follower saw none of (another blueprint's changes) still
                         // hands the connection a frame saying how far it read: the next page is

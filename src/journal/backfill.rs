@@ -5,7 +5,8 @@
 //! always wins in every store. Each chunk and the cursor after it are committed in one batch, so a
 //! restart resumes exactly where it stopped. Progress is readable at any time.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use rocksdb::{Direction, IteratorMode};
@@ -28,21 +29,42 @@ const CHUNK_BYTES: usize = 8 << 20;
 pub(super) const AT_ONCE: usize = 2;
 
 /// The back-fills running or waiting for a place: where each one's state is kept, with the
-/// `born` of the project it is for.
-pub(super) type Running = Arc<Mutex<HashSet<(Vec<u8>, Option<u64>)>>>;
+/// `born` of the project it is for, and the generation of the walk that runs it.
+pub(super) type Running = Arc<Mutex<HashMap<(Vec<u8>, Option<u64>), u64>>>;
+
+/// The generation of the next walk started.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+
+/// How a back-fill is started.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Start {
+    /// From the state a previous run left: nothing to do while a walk of it runs already.
+    Resumed,
+    /// Started (over) by a journaled command: a walk of the same state that runs stops at its
+    /// next chunk, and this one goes on from the state the command wrote.
+    Fresh,
+}
 
 /// A back-fill's place in [`Running`], given up when its task ends, however it ends.
 struct Runs {
     running: Running,
     id: (Vec<u8>, Option<u64>),
+    generation: u64,
+}
+
+impl Runs {
+    /// Whether no walk started later took this one's place.
+    fn current(&self) -> bool {
+        self.running.lock().expect("back-fills lock").get(&self.id) == Some(&self.generation)
+    }
 }
 
 impl Drop for Runs {
     fn drop(&mut self) {
-        self.running
-            .lock()
-            .expect("back-fills lock")
-            .remove(&self.id);
+        let mut running = self.running.lock().expect("back-fills lock");
+        if running.get(&self.id) == Some(&self.generation) {
+            running.remove(&self.id);
+        }
     }
 }
 
@@ -237,7 +259,7 @@ impl Journal {
                 }
             });
             if let (Some(project), Some(version), false) = (project, version, state.finished) {
-                self.spawn_backfill(project, version, state);
+                self.spawn_backfill(project, version, state, Start::Resumed);
             }
         }
         Ok(())
@@ -250,6 +272,7 @@ impl Journal {
         project: Ident,
         version: u32,
         state: BackfillState,
+        start: Start,
     ) {
         // Started after `close` took the background tasks, it would hold the journal past it; the
         // back-fill's state is journaled, so it resumes at the next start.
@@ -257,25 +280,25 @@ impl Journal {
             return;
         }
         let id = (state.key(&project, version), state.born);
-        if !self
-            .backfills_running
-            .lock()
-            .expect("back-fills lock")
-            .insert(id.clone())
-        {
-            tracing::debug!(%project, version, "the back-fill runs already");
-            return;
-        }
+        let generation = {
+            let mut running = self.backfills_running.lock().expect("back-fills lock");
+            if start == Start::Resumed && running.contains_key(&id) {
+                tracing::debug!(%project, version, "the back-fill runs already");
+                return;
+            }
+            let generation = GENERATION.fetch_add(1, Ordering::Relaxed);
+            running.insert(id.clone(), generation);
+            generation
+        };
         let runs = Runs {
             running: self.backfills_running.clone(),
             id,
+            generation,
         };
         #[cfg(test)]
-        self.backfills_spawned
-            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.backfills_spawned.fetch_add(1, Ordering::Relaxed);
         let journal = self.clone();
         let task = self.runtime.spawn(async move {
-            let _runs = runs;
             // Waiting for a place holds nothing but this task; the state is journaled, so a close
             // meanwhile leaves it to the next start.
             let Ok(_place) = journal.backfill_slots.clone().acquire_owned().await else {
@@ -291,7 +314,7 @@ impl Journal {
                     .await
                     .unwrap_or(0);
             }
-            if let Err(error) = journal.run_backfill(&project, version, state).await {
+            if let Err(error) = journal.run_backfill(&project, version, state, &runs).await {
                 tracing::error!(%project, version, %error, "back-fill stopped; it resumes at the next start");
             }
         });
@@ -305,10 +328,15 @@ impl Journal {
         project: &Ident,
         version: u32,
         mut state: BackfillState,
+        runs: &Runs,
     ) -> Result<(), JournalError> {
         tracing::info!(%project, version, total = state.total, "back-fill started");
         let mut failures = 0;
         while !state.finished {
+            if !runs.current() {
+                tracing::info!(%project, version, "back-fill started over; this walk stops");
+                return Ok(());
+            }
             if self.is_closing() {
                 tracing::info!(%project, version, done = state.done, "back-fill paused until the next start");
                 return Ok(());

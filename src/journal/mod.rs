@@ -421,7 +421,7 @@ pub struct Journal {
     catalog: Arc<Catalog>,
     commands: std::sync::mpsc::SyncSender<Command>,
     last_seq: Arc<AtomicU64>,
-    /// The revisions, after `.0` up to `.1`, that a start found handed out and not written: a
+    /// The revisions, after `.0` and before `.1`, that a start found handed out and not written: a
     /// machine's crash under buffered durability lost their batches after the change feed had
     /// shown them. A follower that read up to one of them holds changes that never were, and is
     /// told to read again from 0 (see `Journal::changes`). The newest [`LOST_KEPT`] crashes.
@@ -1925,6 +1925,9 @@ mod tests {
             assert!(crate::feed::check_horizon(next, None, place(next)).is_err());
             assert!(crate::feed::check_horizon(last - 1, None, place(last - 1)).is_ok());
             assert!(crate::feed::check_horizon(after, None, place(after)).is_ok());
+            // The mark the journal opened at, where `since=now` stood before any write.
+            let mark = next + 500;
+            assert!(crate::feed::check_horizon(mark, None, place(mark)).is_ok());
         };
         check(&journal);
         journal.close().await;
@@ -2482,7 +2485,7 @@ mod tests {
 
     /// A start that rebuilds the local keyspaces walks each version's items once: the rebuild
     /// `keep_keyspaces` started is not started a second time by `resume_backfills` finding its
-    /// recorded state, and once it ends its state may start again.
+    /// recorded state. A command that starts it over replaces the walk that runs.
     #[tokio::test]
     async fn a_keyspace_rebuild_runs_once_at_a_start() {
         let Fixture {
@@ -2501,12 +2504,23 @@ mod tests {
         journal.keep_keyspaces().await.unwrap();
         journal.resume_backfills().unwrap();
         assert_eq!(spawned(), before + 1, "one walk over version 1's items");
-        journal.backfills_held.store(false, Ordering::Relaxed);
+        // Started over by a command (a store added, a layout rebuilt), it takes the running
+        // walk's place: the walk stops at its next chunk, the new one goes on to the end.
         let key = backfill::BackfillState {
             projectors: Some(vec![ProjectorKind::Rocksdb.name().to_string()]),
             ..backfill::BackfillState::default()
         }
         .key(&project, 1);
+        let recorded = journal
+            .db
+            .get_cf(journal.cf(CF_META), &key)
+            .unwrap()
+            .unwrap();
+        let state: backfill::BackfillState = decode(&recorded).unwrap();
+        journal.spawn_backfill(project.clone(), 1, state, backfill::Start::Fresh);
+        assert_eq!(spawned(), before + 2, "a walk started over");
+        assert_eq!(journal.backfills_running.lock().unwrap().len(), 1);
+        journal.backfills_held.store(false, Ordering::Relaxed);
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         loop {
             let state = journal.db.get_cf(journal.cf(CF_META), &key).unwrap();

@@ -110,13 +110,14 @@ impl Journal {
             .unwrap_or(0);
         // A `since` among the revisions a crash lost: the follower holds changes that never
         // were, which only a read from 0 replaces. The page answers a horizon past them, so
-        // it is refused as compacted.
+        // it is refused as compacted. The mark itself was never handed out (the first
+        // revision handed out is past it): it is where `since=now` stands after the start.
         let horizon = match self
             .lost
             .iter()
-            .find(|(from, to)| since > *from && since <= *to)
+            .find(|(from, to)| since > *from && since < *to)
         {
-            Some((_, to)) => horizon.max(to.saturating_add(1)),
+            Some((_, to)) => horizon.max(*to),
             None => horizon,
         };
         let mut options = rocksdb::ReadOptions::default();

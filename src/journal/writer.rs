@@ -617,7 +617,7 @@ impl<'a> Stage<'a> {
         );
         let project = project.clone();
         self.after.push(Box::new(move |journal: &Arc<Journal>| {
-            journal.spawn_backfill(project, version, state);
+            journal.spawn_backfill(project, version, state, super::backfill::Start::Fresh);
         }));
     }
 }

@@ -1016,6 +1016,11 @@ async fn compacted_deletes_answer_410_and_since_0_gives_the_latest_state() {
         .get(&format!("/p/_changes?since={last}&horizon={}", horizon - 1))
         .await;
     assert_eq!(stale.status, 410, "{}", stale.body);
+    // Nor is one past the project's last revision, which no page handed out.
+    let made_up = app
+        .get(&format!("/p/_changes?since={last}&horizon={}", u64::MAX))
+        .await;
+    assert_eq!(made_up.status, 410, "{}", made_up.body);
     // A stream from 0 reads on past the horizon by itself, and goes on following.
     let mut events = sse(&app.address, "since=0&heartbeat=1", None).await;
     let scanned = next_changes(&mut events, 1).await;
