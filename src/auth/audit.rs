@@ -12,9 +12,10 @@
 //! A refused request (no valid key, a key without the action or the project, a cross-site write)
 //! costs its sender nothing, so refusals, and requests to routes that only read (a `POST` to
 //! `_changes` answered 404 or 405), are recorded one by one only up to [`UNVOUCHED_PER_SECOND`] a
-//! second; past it, one entry per second counts the rest. A client without a key, or with one
-//! that may only read, can then add at most a few kilobytes a second to the log, however fast it
-//! sends. With the embedded backend the log is not written while the journal's disk is nearly
+//! second; past it, one entry per second counts the rest. Requests that carried a valid key have
+//! a window of their own: a flood without a key never hides what a key was refused. A client
+//! without a key, or with one that may only read, can then add at most a few kilobytes a second
+//! to the log, however fast it sends. With the embedded backend the log is not written while the journal's disk is nearly
 //! full (`journal::disk`): its entries wait in the queue, then are counted, so the room the
 //! journal keeps to restart is not used up by the log of refused writes.
 //!
@@ -304,7 +305,8 @@ impl AuditEntry {
 #[derive(Clone)]
 pub struct AuditLog {
     sender: mpsc::Sender<AuditEntry>,
-    unvouched: Arc<Mutex<Unvouched>>,
+    /// The windows of requests without a valid key (`0`) and with one (`1`).
+    unvouched: Arc<[Mutex<Unvouched>; 2]>,
     lost: Arc<Mutex<Lost>>,
 }
 
@@ -319,7 +321,7 @@ impl AuditLog {
 
     /// The log that queues into `sender`, with its task that counts what is not recorded.
     fn feeding(sender: mpsc::Sender<AuditEntry>) -> AuditLog {
-        let unvouched = Arc::new(Mutex::new(Unvouched::default()));
+        let unvouched = Arc::new([Mutex::default(), Mutex::default()]);
         let lost = Arc::new(Mutex::new(Lost::default()));
         tokio::spawn(count_unrecorded(
             sender.downgrade(),
@@ -374,7 +376,11 @@ impl AuditLog {
         entry.path = shortened(entry.path, UNVOUCHED_PATH_BYTES);
         entry.project = entry.project.map(|p| shortened(p, UNVOUCHED_PATH_BYTES));
         let (count, record) = {
-            let mut window = self.unvouched.lock().unwrap_or_else(|e| e.into_inner());
+            // A known key's id, or `-`: without a valid key.
+            let keyed = usize::from(&*entry.key_id != "-");
+            let mut window = self.unvouched[keyed]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
             let count = window.close_before(entry.at.timestamp());
             let record = window.admits(&entry);
             (count, record)
@@ -489,7 +495,7 @@ impl Lost {
 /// refusal comes to close it, and the count of lost entries once the queue takes entries again.
 async fn count_unrecorded(
     sender: mpsc::WeakSender<AuditEntry>,
-    window: Arc<Mutex<Unvouched>>,
+    windows: Arc<[Mutex<Unvouched>; 2]>,
     lost: Arc<Mutex<Lost>>,
 ) {
     loop {
@@ -498,12 +504,14 @@ async fn count_unrecorded(
             return;
         };
         let now = Utc::now().timestamp();
-        let count = window
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .close_before(now);
-        if let Some(count) = count {
-            let _ = sender.send(count).await;
+        for window in windows.iter() {
+            let count = window
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .close_before(now);
+            if let Some(count) = count {
+                let _ = sender.send(count).await;
+            }
         }
         let mut lost = lost.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(entry) = lost.entry() {
@@ -733,6 +741,41 @@ mod tests {
         assert_eq!((count.status, count.at.timestamp()), (401, 100));
         assert!(window.admits(&refused(101)), "a new second records again");
         assert!(window.close_before(102).is_none(), "nothing unrecorded");
+    }
+
+    /// Requests that carried a valid key have a window of their own: a flood without a key does
+    /// not leave a key's refusal only counted (it drowned in the same ten a second).
+    #[tokio::test]
+    async fn a_flood_without_a_key_does_not_hide_a_keys_refusal() {
+        let (sender, mut queue) = mpsc::channel(100);
+        let log = AuditLog::feeding(sender);
+        let at = Utc::now();
+        for _ in 0..UNVOUCHED_PER_SECOND + 5 {
+            let anonymous = AuditEntry {
+                at,
+                key_id: "-".into(),
+                status: 401,
+                ..entry(None)
+            };
+            log.record_unvouched(anonymous).await;
+        }
+        let keyed = AuditEntry {
+            at,
+            status: 403,
+            ..entry(Some("bench"))
+        };
+        log.record_unvouched(keyed).await;
+        let mut recorded = Vec::new();
+        while let Ok(entry) = queue.try_recv() {
+            // (A count of an earlier second, should the clock have turned meanwhile.)
+            if !entry.path.contains("more requests") {
+                recorded.push(entry);
+            }
+        }
+        assert_eq!(recorded.len(), UNVOUCHED_PER_SECOND as usize + 1);
+        assert!(recorded
+            .iter()
+            .any(|e| e.key_id == "k_1" && e.status == 403));
     }
 
     /// What a client without a key chooses (the path, the project it names) is kept shorter.
