@@ -31,8 +31,9 @@ const CLAIM: i64 = 8;
 const IDLE_POLL: Duration = Duration::from_millis(100);
 /// How long a node works through one project's tasks before it turns to the other projects it
 /// claimed (and claims again, the projects no node leases first): a project that always has
-/// more tasks never keeps a node's projector to itself. Its lease is given back, so an idle node
-/// takes it on meanwhile.
+/// more tasks never keeps a node's projector to itself. It keeps its lease meanwhile: given back
+/// each second, a project written to steadily would move between nodes every second, each
+/// taking it up from the cursor.
 const TURN: Duration = Duration::from_secs(1);
 
 /// Runs one projector on this node until `shutdown` turns true.
@@ -205,17 +206,6 @@ async fn work(
     let turn = tokio::time::Instant::now() + TURN;
     loop {
         if tokio::time::Instant::now() >= turn {
-            // Given back: an idle node takes the project on while this one turns to the others.
-            sqlx::query(
-                "UPDATE cursors SET lease_owner = NULL \
-                 WHERE projector = $1 AND project = $2 AND lease_owner = $3",
-            )
-            .bind(name)
-            .bind(project.as_str())
-            .bind(storage.lease_owner())
-            .execute(storage.pool())
-            .await
-            .map_err(|e| unavailable("give a lease back", &e))?;
             return Ok(());
         }
         if !lease.keep(storage, name, project).await? {
