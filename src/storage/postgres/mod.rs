@@ -1689,7 +1689,7 @@ impl Storage for PgStorage {
         revisions: &[u64],
     ) -> Result<Vec<Refusal>, StorageError> {
         let revisions: Vec<i64> = revisions.iter().map(|r| *r as i64).collect();
-        let projectors: Vec<&str> = self.settings.projectors.clone();
+        let projectors = self.watch.projectors(self);
         // Every key column named, so the look-ups use the primary key however many letters wait.
         let rows = sqlx::query(
             "SELECT projector, revision, letter->>'reason' AS reason FROM dead_letters \
@@ -2530,6 +2530,42 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A write waits for a projector only another process runs (a `dstore worker` beside nodes
+    /// without its settings), known from its cursors: it answered as soon as the node's own
+    /// projectors had the write.
+    #[tokio::test]
+    async fn a_write_waits_for_a_projector_only_another_process_runs() {
+        use crate::storage::conformance::{frozen, open_postgresql_in, write};
+        let (node, schema) = open_postgresql("serving", vec!["counting"]).await;
+        let worker = open_postgresql_in(&schema, "worker", vec!["other"]).await;
+        let project = frozen(node.as_ref()).await;
+        worker.ensure_cursors(None).await.unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !node.watch.projectors(&node).contains(&"other".to_string()) {
+            assert!(Instant::now() < deadline, "the worker's cursors never seen");
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let revision = write(node.as_ref(), &project, Uuid::new_v4(), "t").await;
+        let reach = |projector: &'static str| {
+            sqlx::query("UPDATE cursors SET revision = $1 WHERE projector = $2")
+                .bind(revision as i64)
+                .bind(projector)
+                .execute(node.pool())
+        };
+        reach("counting").await.unwrap();
+        let waited = node
+            .wait_projected(&project, revision, Duration::from_secs(2))
+            .await;
+        assert_eq!(waited, Err(vec!["other".to_string()]));
+        reach("other").await.unwrap();
+        let waited = node
+            .wait_projected(&project, revision, Duration::from_secs(10))
+            .await;
+        assert_eq!(waited, Ok(()));
+        drop((node, worker));
         drop_schema(&schema).await;
     }
 

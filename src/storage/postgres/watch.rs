@@ -68,7 +68,7 @@ impl CursorWatch {
         self.polled.send_modify(|n| *n += 1);
     }
 
-    fn reached(&self, projectors: &[&'static str], project: &Ident, revision: u64) -> Vec<String> {
+    fn reached(&self, projectors: &[String], project: &Ident, revision: u64) -> Vec<String> {
         let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         projectors
             .iter()
@@ -78,8 +78,25 @@ impl CursorWatch {
                     .get(&(p.to_string(), project.clone()))
                     .is_none_or(|at| *at < revision)
             })
-            .map(|p| p.to_string())
+            .cloned()
             .collect()
+    }
+
+    /// Every projector a write waits for: this node's, and those only other processes run (a
+    /// `dstore worker` beside nodes that do not run its projector), known from their cursors
+    /// at the last poll.
+    pub fn projectors(&self, storage: &PgStorage) -> Vec<String> {
+        let state = self.state.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut all: Vec<String> = storage
+            .settings
+            .projectors
+            .iter()
+            .map(|p| p.to_string())
+            .chain(state.backlog.keys().cloned())
+            .collect();
+        all.sort();
+        all.dedup();
+        all
     }
 
     /// Waits until every projector applied `revision` of `project`, or names those still behind.
@@ -90,7 +107,7 @@ impl CursorWatch {
         revision: u64,
         timeout: Duration,
     ) -> Result<(), Vec<String>> {
-        let projectors = &storage.settings.projectors;
+        let projectors = &self.projectors(storage);
         *self
             .state
             .lock()
