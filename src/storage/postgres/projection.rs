@@ -1002,7 +1002,14 @@ mod tests {
         .execute(storage.pool())
         .await
         .unwrap();
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(10);
+        // Counted every ten seconds, not at every poll of the backlog (each second).
+        let counted = storage.watch.letter_counts();
+        tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+        assert!(
+            storage.watch.letter_counts() <= counted + 1,
+            "counted at every poll"
+        );
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
             let progress = storage.progress("counting").await;
             if progress.dead_letters == 2 {

@@ -2,8 +2,8 @@
 //! for back-pressure.
 //!
 //! One task per node polls the cursors of the projects someone waits on (every few milliseconds, and
-//! only while someone waits) and every projector's backlog (every second), whichever node applies the
-//! tasks. Waiters share its results instead of querying on their own, so a thousand waiting requests
+//! only while someone waits) and every projector's backlog (every second; the dead letters kept
+//! every ten), whichever node applies the tasks. Waiters share its results instead of querying on their own, so a thousand waiting requests
 //! cost one query per poll.
 //!
 //! The same task gives projectors new to a project their cursors, and trims the journal of what
@@ -24,6 +24,10 @@ use crate::journal::ProjectorProgress;
 const WAIT_POLL: Duration = Duration::from_millis(10);
 /// How often backlogs are read.
 const BACKLOG_POLL: Duration = Duration::from_secs(1);
+/// How often the dead letters kept are counted with them: every node counts up to a million per
+/// projector, which each second would be millions of index entries read a second for a figure
+/// health and metrics show.
+const LETTERS_POLL: Duration = Duration::from_secs(10);
 /// How often the journal is trimmed.
 const PRUNE_EVERY: Duration = Duration::from_secs(60);
 /// Journal rows removed per statement, so a trim never holds a long transaction.
@@ -39,6 +43,9 @@ struct State {
     backlog: HashMap<String, (u64, Option<String>, u64)>,
     /// Why the last poll could not read the storage, if it could not.
     storage_error: Option<String>,
+    /// How many times dead letters were counted (for tests).
+    #[cfg(test)]
+    letter_counts: u64,
 }
 
 pub struct CursorWatch {
@@ -175,6 +182,7 @@ impl CursorWatch {
 /// Polls while the storage lives.
 pub async fn run(storage: Weak<PgStorage>) {
     let mut last_backlog = tokio::time::Instant::now() - BACKLOG_POLL;
+    let mut last_letters = tokio::time::Instant::now() - LETTERS_POLL;
     let mut last_prune = tokio::time::Instant::now();
     loop {
         let Some(node) = storage.upgrade() else {
@@ -193,7 +201,10 @@ pub async fn run(storage: Weak<PgStorage>) {
             poll_cursors(&node, &waiting).await;
         }
         if last_backlog.elapsed() >= BACKLOG_POLL {
-            poll_backlog(&node).await;
+            let letters = last_letters.elapsed() >= LETTERS_POLL;
+            if poll_backlog(&node, letters).await && letters {
+                last_letters = tokio::time::Instant::now();
+            }
             last_backlog = tokio::time::Instant::now();
         }
         if last_prune.elapsed() >= PRUNE_EVERY {
@@ -268,16 +279,19 @@ pub(super) async fn prune_journal(node: &PgStorage) -> Result<u64, sqlx::Error> 
     }
 }
 
-async fn poll_backlog(node: &PgStorage) {
+/// Reads every projector's backlog, and with `letters` the dead letters it keeps (otherwise the
+/// last count stands); answers whether the storage answered.
+async fn poll_backlog(node: &PgStorage, letters: bool) -> bool {
     let rows = sqlx::query(
         "SELECT c.projector, \
                 coalesce(sum(greatest(p.revision - c.revision, 0)), 0)::bigint AS pending, \
                 max(CASE WHEN c.last_error IS NULL THEN NULL \
                          ELSE 'project ' || c.project || ': ' || c.last_error END) AS last_error, \
-                (SELECT count(*) FROM (SELECT 1 FROM dead_letters d \
-                     WHERE d.projector = c.projector LIMIT 1000000) kept) AS dead_letters \
+                CASE WHEN $1 THEN (SELECT count(*) FROM (SELECT 1 FROM dead_letters d \
+                     WHERE d.projector = c.projector LIMIT 1000000) kept) END AS dead_letters \
          FROM cursors c JOIN projects p ON p.name = c.project GROUP BY c.projector",
     )
+    .bind(letters)
     .fetch_all(node.pool())
     .await;
     let mut state = node
@@ -288,19 +302,30 @@ async fn poll_backlog(node: &PgStorage) {
     match rows {
         Ok(rows) => {
             state.storage_error = None;
-            state.backlog = rows
+            #[cfg(test)]
+            if letters {
+                state.letter_counts += 1;
+            }
+            let backlog = rows
                 .into_iter()
                 .map(|row| {
+                    let projector = row.get::<String, _>("projector");
+                    let kept = match row.get::<Option<i64>, _>("dead_letters") {
+                        Some(kept) => kept as u64,
+                        None => state.backlog.get(&projector).map_or(0, |b| b.2),
+                    };
                     (
-                        row.get::<String, _>("projector"),
+                        projector,
                         (
                             row.get::<i64, _>("pending") as u64,
                             row.get::<Option<String>, _>("last_error"),
-                            row.get::<i64, _>("dead_letters") as u64,
+                            kept,
                         ),
                     )
                 })
                 .collect();
+            state.backlog = backlog;
+            true
         }
         Err(error) => {
             let message = format!("postgresql storage unreachable: {error}");
@@ -309,6 +334,18 @@ async fn poll_backlog(node: &PgStorage) {
                 let entry = state.backlog.entry(projector.to_string()).or_default();
                 entry.1 = Some(message.clone());
             }
+            false
         }
+    }
+}
+
+#[cfg(test)]
+impl CursorWatch {
+    /// How many times this node counted the dead letters kept.
+    pub fn letter_counts(&self) -> u64 {
+        self.state
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .letter_counts
     }
 }
