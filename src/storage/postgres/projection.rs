@@ -85,7 +85,7 @@ pub async fn run(
                 // to settle is not read and applied again at once, again and again.
                 // A failure of the storage, not of the project's store: its backoff alone.
                 let failed = error.to_string();
-                if let Err(held) = hold(&storage, name, &project, (&failed, Duration::ZERO)).await {
+                if let Err(held) = hold(&storage, name, &project, &failed, Duration::ZERO).await {
                     tracing::warn!(projector = name, %project, %error, %held, "projection failed; the project is retried later");
                 }
             }
@@ -280,7 +280,7 @@ async fn work(
         storage.note_applied(name, applied, failed);
         lease.cursor = last_read;
         if let Some(error) = step.retry {
-            hold(storage, name, project, (&error.message, step.held_cost)).await?;
+            hold(storage, name, project, &error.message, step.held_cost).await?;
             return Ok(());
         }
     }
@@ -525,7 +525,8 @@ async fn hold(
     storage: &PgStorage,
     projector: &str,
     project: &Ident,
-    (error, cost): (&str, Duration),
+    error: &str,
+    cost: Duration,
 ) -> Result<(), StorageError> {
     tracing::warn!(projector, %project, %error, "projection failed; the project waits, the others go on");
     // Its backoff, or as `queue::hold` holds a project for every transport, at least
