@@ -219,16 +219,10 @@ pub async fn authenticate(
                 request.extensions_mut().insert(checked.caller.clone());
             }
             // Only an entry recorded in any case needs the guard (a clone of the log's handle).
-            let mut unanswered = match (vouched, entry.take()) {
-                (true, Some(made)) => Some(Unanswered {
-                    audit: state.audit.clone(),
-                    entry: Some(made),
-                }),
-                (_, made) => {
-                    entry = made;
-                    None
-                }
-            };
+            let mut unanswered = (vouched && entry.is_some()).then(|| Unanswered {
+                audit: state.audit.clone(),
+                entry: entry.take(),
+            });
             let called = next.call(request).await;
             if let Some(unanswered) = unanswered.as_mut() {
                 entry = unanswered.entry.take();
