@@ -42,11 +42,11 @@ pub const MAX_LIVE_VERSIONS: usize = 32;
 /// three years; a loop of freezes and retirements stops here.
 pub const MAX_VERSIONS: usize = 1000;
 
-/// Most bytes the blueprints of all of a project's versions take as JSON, the one a freeze would
-/// add included: every node keeps every version in memory, each with its own copy of its
-/// blueprints, and reads them all at start, so freezing and retiring near [`MAX_BLUEPRINTS_BYTES`]
-/// blueprints in a loop would otherwise grow what a restart reads by 4 MiB each time, until it no
-/// longer fits. Sixteen versions of the largest blueprints, thousands of ordinary ones.
+/// Most bytes all of a project's versions take as JSON (their blueprints, with the changes and
+/// edits each recorded), the one a freeze would add included: every node keeps every version in
+/// memory and reads them all at start, so freezing and retiring near [`MAX_BLUEPRINTS_BYTES`]
+/// blueprints in a loop would otherwise grow what a restart reads by 4 MiB or more each time,
+/// until it no longer fits. A few versions of the largest blueprints, thousands of ordinary ones.
 pub const MAX_VERSIONS_BYTES: usize = 16 * MAX_BLUEPRINTS_BYTES;
 
 /// Refuses a freeze of a project that has [`MAX_LIVE_VERSIONS`] live versions already, or whose
@@ -70,15 +70,22 @@ pub fn room_for_a_version(p: &Project) -> Result<(), CatalogError> {
             p.name.as_str()
         )));
     }
-    let mut bytes = json_bytes(&p.working.blueprints);
+    let empty = Blueprints::new();
+    let previous = p.latest().map_or(&empty, |v| &v.blueprints);
+    let mut bytes = json_bytes(&p.working.blueprints)
+        + json_bytes(&diff(previous, &p.working.blueprints))
+        + json_bytes(&p.working.edits);
     for version in &p.versions {
-        bytes += json_bytes(&version.blueprints);
+        bytes += json_bytes(&version.blueprints)
+            + json_bytes(&version.changes)
+            + json_bytes(&version.edits);
         if bytes > MAX_VERSIONS_BYTES {
             return Err(CatalogError::Conflict(format!(
-                "the blueprints of project {:?}'s {frozen} versions and of this freeze would take \
-                 more than {MAX_VERSIONS_BYTES} bytes as JSON, the most a project's versions may \
-                 (every node keeps them all in memory, retired ones included); shorten comments, \
-                 patterns and enums, or keep evolving the schema in a new project",
+                "project {:?}'s {frozen} versions and this freeze (their blueprints, with the \
+                 changes each records) would take more than {MAX_VERSIONS_BYTES} bytes as JSON, \
+                 the most a project's versions may (every node keeps them all in memory, retired \
+                 ones included); shorten comments, patterns and enums, or keep evolving the \
+                 schema in a new project",
                 p.name.as_str()
             )));
         }
@@ -104,6 +111,12 @@ pub fn too_many_projects(name: &Ident, max: usize) -> String {
 /// since the last frozen version, so editing a blueprint back and forth cannot grow the project's
 /// record (rewritten whole by every edit) without bound.
 pub const MAX_EDITS: usize = 100;
+
+/// Most bytes, as JSON, of the changes the working copy records one by one (see [`MAX_EDITS`]): a
+/// change that makes or removes a blueprint holds its whole definition, so a hundred of them
+/// could be a hundred times [`MAX_BLUEPRINTS_BYTES`]. The net change that replaces them takes at
+/// most the blueprints before and after it.
+pub const MAX_EDITS_BYTES: usize = MAX_BLUEPRINTS_BYTES;
 
 /// Refuses to make a project PostgreSQL could never hold: its schemas are named after it
 /// (`{project}_v{n}`), and PostgreSQL reserves schema names starting with `pg_`, which `pg` and
@@ -135,9 +148,21 @@ fn check_count(before: usize, next: usize) -> Result<(), CatalogError> {
     )]))
 }
 
-/// What blueprints take as JSON, the measure of [`MAX_BLUEPRINTS_BYTES`] and [`MAX_VERSIONS_BYTES`].
-fn json_bytes(blueprints: &Blueprints) -> usize {
-    serde_json::to_vec(blueprints).map_or(0, |v| v.len())
+/// What blueprints (or changes) take as JSON, the measure of [`MAX_BLUEPRINTS_BYTES`],
+/// [`MAX_EDITS_BYTES`] and [`MAX_VERSIONS_BYTES`]; counted as written, nothing kept.
+fn json_bytes(value: &impl serde::Serialize) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, value).map_or(0, |()| count.0)
 }
 
 /// Refuses an edit that grows a project's blueprints past [`MAX_BLUEPRINTS_BYTES`]; one that keeps
@@ -518,7 +543,9 @@ impl Write {
 fn record_edit(p: &mut Project, next: Blueprints, writes: &mut Vec<Write>) -> Vec<Change> {
     let changes = diff(&p.working.blueprints, &next);
     if !changes.is_empty() {
-        if p.working.edits.len() + changes.len() > MAX_EDITS {
+        if p.working.edits.len() + changes.len() > MAX_EDITS
+            || json_bytes(&p.working.edits) + json_bytes(&changes) > MAX_EDITS_BYTES
+        {
             let empty = Blueprints::new();
             let frozen = p.latest().map_or(&empty, |v| &v.blueprints);
             p.working.edits = diff(frozen, &next);
@@ -702,10 +729,8 @@ mod tests {
         assert_eq!(p.versions.len(), MAX_VERSIONS);
     }
 
-    /// Versions of large blueprints stop at [`MAX_VERSIONS_BYTES`] however many are retired.
-    #[test]
-    fn versions_are_bounded_in_bytes_retired_ones_included() {
-        let mut p = Project::new(Ident::parse("big").unwrap());
+    /// A blueprint `name` of about 800 KB as JSON: 800 columns with long comments.
+    fn large(name: &str) -> BlueprintInput {
         let mut columns = serde_json::Map::new();
         for c in 0..800 {
             columns.insert(
@@ -713,11 +738,23 @@ mod tests {
                 json!({"type": "string", "comment": "x".repeat(1000)}),
             );
         }
-        // Four blueprints of about 1 MB each: 4 MB a version.
+        crate::blueprint::parse_blueprint(&blueprint(name, json!(columns)), "").unwrap()
+    }
+
+    /// Versions of large blueprints stop at [`MAX_VERSIONS_BYTES`] however many are retired.
+    #[test]
+    fn versions_are_bounded_in_bytes_retired_ones_included() {
+        let mut p = Project::new(Ident::parse("big").unwrap());
+        // Four blueprints of about 1 MB each: 4 MB a version (12 MB the first, which records
+        // them made, in its changes and in its edits).
         for name in ["a", "b", "c", "d"] {
-            let body = blueprint(name, json!(columns));
-            let input = crate::blueprint::parse_blueprint(&body, "").unwrap();
-            put_blueprint(&mut p, &Ident::parse(name).unwrap(), input, &mut Vec::new()).unwrap();
+            put_blueprint(
+                &mut p,
+                &Ident::parse(name).unwrap(),
+                large(name),
+                &mut Vec::new(),
+            )
+            .unwrap();
         }
         let mut frozen = 0;
         let refused = loop {
@@ -732,9 +769,30 @@ mod tests {
             assert!(frozen < 100, "never refused");
         };
         assert!(refused.to_string().contains("bytes as JSON"), "{refused}");
-        // The sixteenth or so would pass 64 MiB with the working copy.
-        assert!((14..=18).contains(&frozen), "{frozen}");
+        // The thirteenth or so would pass 64 MiB with the working copy.
+        assert!((11..=14).contains(&frozen), "{frozen}");
         assert_eq!(p.versions.len(), frozen);
+    }
+
+    /// Making and removing a large blueprint over and over keeps at most [`MAX_EDITS_BYTES`] of
+    /// edits, in the working copy and in the version frozen from it: each such edit records the
+    /// whole definition, and a hundred of them, about 80 MB, were kept and rewritten by every
+    /// edit.
+    #[test]
+    fn edits_are_bounded_in_bytes() {
+        let mut p = Project::new(Ident::parse("cycles").unwrap());
+        let a = Ident::parse("a").unwrap();
+        for _ in 0..30 {
+            put_blueprint(&mut p, &a, large("a"), &mut Vec::new()).unwrap();
+            delete_blueprint(&mut p, &a, &mut Vec::new()).unwrap();
+        }
+        let kept = json_bytes(&p.working.edits);
+        assert!(kept <= MAX_EDITS_BYTES, "{kept} bytes of edits");
+        edit_small(&mut p, 1);
+        let version = freeze(&mut p, &[], &[], false, None, &mut Vec::new()).unwrap();
+        let kept = json_bytes(&version.edits);
+        assert!(kept <= MAX_EDITS_BYTES, "{kept} bytes of edits");
+        assert!(!version.edits.is_empty());
     }
 
     /// Changes a small blueprint of `p`, so the working copy differs from the last version.
