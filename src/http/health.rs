@@ -104,9 +104,11 @@ async fn report(state: &State) -> Readiness {
         } else {
             "ready"
         };
+        let held = state.storage.held_by(name).len();
         projectors.insert(
             name.into(),
-            json!({"status": status, "health": health, "progress": progress}),
+            json!({"status": status, "health": health, "progress": progress,
+                   "held_projects": held}),
         );
     }
     let links = state.broker.as_ref().map(|b| b.links()).unwrap_or_default();

@@ -99,8 +99,9 @@ impl Holds {
         self.held.is_empty()
     }
 
-    /// Forgets `project` after its tasks went through again.
-    fn release(&mut self, project: &Ident) {
+    /// Forgets `project` after its tasks went through again (or its parked tasks were all
+    /// applied).
+    pub fn release(&mut self, project: &Ident) {
         self.held.remove(project);
     }
 

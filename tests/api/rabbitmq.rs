@@ -1328,6 +1328,66 @@ async fn under_a_disk_alarm_a_held_project_waits_and_the_others_drain() {
     db.drop().await;
 }
 
+/// A held project whose parking queue empties while an alarm keeps its later deliveries set aside
+/// is not let go: they are parked once the alarm is over and applied in order. Let go, its next
+/// delivery was applied at once and those set aside were parked in a queue the session never
+/// read again.
+#[tokio::test]
+async fn under_a_disk_alarm_a_project_with_deliveries_set_aside_stays_parked() {
+    let _alone = BROKER.write().await;
+    let broker = TestBroker::exclusive(None).await;
+    let db = TestDatabase::create().await;
+    let (app, env, mut worker) = with_bad_parked(&broker, &db, |_| {}).await;
+    expect_held(&app, "postgresql", 1).await;
+    terminate(&mut worker);
+    let item = json!({"project_version": 1, "n": 1});
+    let first = app
+        .put(&format!("/bad/thing/{}", Uuid::new_v4()), &item)
+        .await;
+    assert_eq!(first.status, 200, "{}", first.body);
+    broker.expect_messages_in("postgresql", 1..=2).await;
+    // The project still fails its migration: its write is set aside, unparked, as it comes.
+    let alarm = DiskAlarm::raise().await;
+    let mut worker = start_worker("postgresql", &app.address, &env);
+    broker.expect_messages_in("postgresql", 0..=0).await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // What failed the migration goes: the parked migration then succeeds and empties the queue.
+    let mut sql = db.sql().await;
+    sqlx::raw_sql("DROP SCHEMA bad_v1")
+        .execute(&mut sql)
+        .await
+        .unwrap();
+    expect_count(&db, "SELECT count(*) FROM bad_v1.things", 0).await;
+    // Time for the session to find the parking queue empty.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let second = app
+        .put(&format!("/bad/thing/{}", Uuid::new_v4()), &item)
+        .await;
+    assert_eq!(second.status, 200, "{}", second.body);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    drop(alarm);
+    expect_count(&db, "SELECT count(*) FROM bad_v1.things", 2).await;
+    expect_nothing_pending(&app, "postgresql").await;
+    expect_held(&app, "postgresql", 0).await;
+    terminate(&mut worker);
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
+
+/// Waits up to 30 s until the server counts `held` projects held back by `projector`.
+async fn expect_held(app: &TestApp, projector: &str, held: u64) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let ready = app.get("/_health/ready").await.body;
+        if ready["projectors"][projector]["held_projects"] == held {
+            return;
+        }
+        assert!(Instant::now() < deadline, "{ready}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
 /// Waits up to 30 s until `projector` has `left` tasks pending.
 async fn expect_nothing_pending_but(app: &TestApp, projector: &str, left: u64) {
     let deadline = Instant::now() + Duration::from_secs(30);

@@ -357,6 +357,11 @@ impl Consumer<'_> {
                 }
             }
             if batch.is_empty() {
+                // Its deliveries set aside (an alarm blocks their parking) come after what the
+                // queue held: let go now, the project's next delivery would overtake them.
+                if parking.sets_aside(project) {
+                    return Ok(true);
+                }
                 return self.unpark(session, project, parking).await.map(|()| true);
             }
             for (journal, run) in by_journal(batch) {
@@ -448,6 +453,16 @@ impl Consumer<'_> {
         parking.parked.remove(project);
         parking.registered.remove(project);
         parking.declared.remove(project);
+        parking.holds.release(project);
+        // The server replaces its list of the projects held back only with a report: without
+        // one, the last (made before this) would name the project until the next step. A session
+        // that has settled no task yet does not know which server's journal to tell, and the
+        // list stays as it is until its first step.
+        if let Some(journal) = parking.journal.clone() {
+            let holding = parking.holding(None);
+            self.report(session, &journal, &Step::default(), holding)
+                .await?;
+        }
         tracing::info!(projector = self.projector.name(), %project, "the project's parked tasks are applied; its deliveries flow again");
         Ok(())
     }
@@ -524,6 +539,9 @@ impl Consumer<'_> {
                  broker and queue names?): this worker works for the first one it saw, and stores \
                  what the others send as that one's"
             );
+        }
+        if !tasks.is_empty() && parking.journal.as_deref() != Some(journal) {
+            parking.journal = Some(journal.to_string());
         }
         let mut attempt = 0;
         while !tasks.is_empty() {
@@ -784,6 +802,8 @@ struct Parking {
     known: bool,
     /// Projects whose parking queue this session declared.
     declared: HashSet<Ident>,
+    /// The journal of the tasks this session last settled, whose server its reports go to.
+    journal: Option<String>,
     /// Deliveries to park, in order, set aside unacknowledged while the publishing connection is
     /// blocked.
     aside: std::collections::VecDeque<(Ident, Delivery)>,
@@ -825,13 +845,27 @@ impl Parking {
     }
 
     /// The parked project to try next and how long until its hold ends; of those due, the one
-    /// tried longest ago.
+    /// tried longest ago. A project with deliveries set aside is tried at most every
+    /// [`UNSENT_CHECK`]: its parking queue may be empty until they are parked (and is not let go
+    /// meanwhile, see `retry`).
     fn next_due(&self) -> Option<(Ident, Duration)> {
         self.parked
             .iter()
-            .map(|(project, tried)| (project, self.holds.wait(project), *tried))
+            .map(|(project, tried)| {
+                let mut wait = self.holds.wait(project);
+                if self.sets_aside(project) {
+                    let since = tried.map_or(UNSENT_CHECK, |at| at.elapsed());
+                    wait = wait.max(UNSENT_CHECK.saturating_sub(since));
+                }
+                (project, wait, *tried)
+            })
             .min_by_key(|(_, wait, tried)| (*wait, *tried))
             .map(|(project, wait, _)| (project.clone(), wait))
+    }
+
+    /// Whether deliveries of `project` are set aside, waiting to be parked.
+    fn sets_aside(&self, project: &Ident) -> bool {
+        self.aside.iter().any(|(aside, _)| aside == project)
     }
 
     /// Publishes a copy of `delivery` at the end of `project`'s parking queue and acknowledges it
