@@ -204,6 +204,45 @@ mod tests {
         )
     }
 
+    /// A number whose digits are not whole but whose nearest double is (4.9999999999999999 reads
+    /// as 5) is refused by both readers, naming its member: an `integer` column took it as the
+    /// whole number. Whole numbers in any notation are numbers as before.
+    #[test]
+    fn a_fraction_a_double_rounds_to_a_whole_number_is_refused() {
+        for (body, path) in [
+            (&br#"{"n":4.9999999999999999}"#[..], "/n"),
+            (br#"{"title":"x","n":1.0000000000000001}"#, "/n"),
+            (br#"{"n":2147483647.00000001}"#, "/n"),
+            (br#"{"a":[1, 4.9999999999999999e0]}"#, "/a/1"),
+            (br#"{"n":123456789012345678.5}"#, "/n"),
+        ] {
+            let (general, flat) = both(body);
+            for error in [general.unwrap_err(), flat.unwrap_err()] {
+                assert_eq!(error.path, path, "{}", String::from_utf8_lossy(body));
+                assert!(error.message.contains("not a whole number"), "{error:?}");
+            }
+        }
+        for body in [
+            &br#"{"n":5.0}"#[..],
+            br#"{"n":5e0}"#,
+            br#"{"n":50e-1}"#,
+            br#"{"n":1200e-2}"#,
+            br#"{"n":-0.0}"#,
+            br#"{"n":0.1}"#,
+            br#"{"n":4.999999999999999}"#,
+            br#"{"n":1.5e300}"#,
+            br#"{"a":[2.5, 1e3, 18446744073709551616.0]}"#,
+        ] {
+            let (general, flat) = both(body);
+            assert_eq!(
+                general.unwrap(),
+                flat.unwrap(),
+                "{}",
+                String::from_utf8_lossy(body)
+            );
+        }
+    }
+
     #[test]
     fn a_flat_object_is_read_member_by_member_and_anything_else_as_before() {
         let flat =

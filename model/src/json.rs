@@ -327,21 +327,49 @@ pub fn underflows(token: &str) -> bool {
     mantissa.bytes().any(|b| (b'1'..=b'9').contains(&b)) && token.parse::<f64>() == Ok(0.0)
 }
 
-/// Whether serde may have read a [`changed_number`] as `value`: it reads a whole number no 64-bit
-/// integer holds as a float (at least 2^63 away from zero), as it reads `1e19`, and a number too
-/// close to zero for a double as 0, as it reads `0.0`; only the text tells them apart.
-pub fn may_have_changed(value: f64) -> bool {
-    value == 0.0 || (value.abs() >= 9.2e18 && value.fract() == 0.0)
+/// Whether the decimal number `token` (as Rust reads it: digits, a point, an exponent) is a whole
+/// number, read from its digits: `"4.9999999999999999"` is not, though the nearest double to it
+/// is 5.
+pub fn whole_decimal(token: &str) -> bool {
+    let (mantissa, exponent) = match token.find(['e', 'E']) {
+        Some(at) => (&token[..at], token[at + 1..].parse::<i64>().unwrap_or(0)),
+        None => (token, 0),
+    };
+    let mantissa = mantissa.trim_start_matches(['-', '+']);
+    let (int, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
+    // The digits past the point once the exponent moved it.
+    let point = int.len() as i64 + exponent.clamp(-(1 << 20), 1 << 20);
+    int.bytes()
+        .chain(fraction.bytes())
+        .enumerate()
+        .all(|(at, digit)| (at as i64) < point || digit == b'0')
 }
 
-/// Whether serde reads the JSON number `token` as another number: a [`wide_integer`], or one that
-/// [`underflows`].
+/// Whether `token`, a JSON number with a fraction or an exponent, is not a whole number though
+/// serde reads it as one: `4.9999999999999999` has more digits than a double holds, and reads as
+/// 5, which an `integer` column would then take as sent.
+pub fn rounded_whole(token: &str) -> bool {
+    token.parse::<f64>().is_ok_and(|f| f.fract() == 0.0) && !whole_decimal(token)
+}
+
+/// Whether serde may have read a [`changed_number`] as `value`: it reads a whole number no 64-bit
+/// integer holds as a float (at least 2^63 away from zero), as it reads `1e19`; a number too
+/// close to zero for a double as 0, as it reads `0.0`; and a [`rounded_whole`] as the whole number
+/// it is nearest, as it reads `5.0`: only the text tells them apart.
+pub fn may_have_changed(value: f64) -> bool {
+    value.fract() == 0.0
+}
+
+/// Whether serde reads the JSON number `token` as another number: a [`wide_integer`], one that
+/// [`underflows`], or a [`rounded_whole`].
 pub fn changed_number(token: &str) -> bool {
     // Most numbers are short and have no exponent: a whole number beyond 64 bits has 20 digits,
     // and one closer to zero than a double written without an exponent over 300.
     let exponent = || token.bytes().any(|b| b == b'e' || b == b'E');
+    let fraction = || token.bytes().any(|b| b == b'.');
     (token.len() >= 19 && wide_integer(token))
         || ((token.len() > 300 || exponent()) && underflows(token))
+        || ((fraction() || exponent()) && rounded_whole(token))
 }
 
 /// The refusal of a [`changed_number`] at `path`.
@@ -352,6 +380,12 @@ fn changed(path: String, token: &[u8]) -> FieldError {
         format!(
             "{shown} is closer to zero than any double, which dstore would keep as 0; send it as \
              a string"
+        )
+    } else if !wide_integer(&text) {
+        format!(
+            "{shown} is not a whole number, but has more digits than a double holds, which \
+             dstore would keep as the whole number nearest to it; send at most 15 significant \
+             digits, or send it as a string"
         )
     } else {
         format!(
@@ -433,16 +467,28 @@ fn too_deep(path: String, limit: usize) -> FieldError {
     )
 }
 
-/// The JSON pointer of the place the scan stands at.
+/// Most bytes of a key, as written, that a pointer shows: enough for
+/// [`EXCERPT_CHARS`](crate::blueprint::value::EXCERPT_CHARS) characters however they are written
+/// (`\u0001` takes six bytes).
+const KEY_SHOWN_BYTES: usize = 6 * crate::blueprint::value::EXCERPT_CHARS;
+
+/// The JSON pointer of the place the scan stands at: each key as written, cut after a few dozen
+/// characters, and the pointer cut after a few hundred bytes, so that a refusal never repeats a
+/// large input (a key of a megabyte made an answer of megabytes).
 fn pointer(bytes: &[u8], stack: &[Place]) -> String {
     let mut out = String::new();
     for place in stack {
         match place {
             Place::Object(Some((from, to))) => {
+                let key = &bytes[*from..*to];
+                let shown = &key[..key.len().min(KEY_SHOWN_BYTES)];
+                let mut segment =
+                    crate::blueprint::value::excerpt_str(&String::from_utf8_lossy(shown));
+                if shown.len() < key.len() && !segment.ends_with('…') {
+                    segment.push('…');
+                }
                 out.push('/');
-                out.push_str(&pointer_segment(&String::from_utf8_lossy(
-                    &bytes[*from..*to],
-                )));
+                out.push_str(&pointer_segment(&segment));
             }
             Place::Object(None) => {}
             Place::Array(index) => {
@@ -867,7 +913,7 @@ mod tests {
     #[test]
     fn parsed_values_are_what_serde_builds() {
         let body = br#"{"s":"\u00e9\n","i":-9223372036854775808,"u":18446744073709551615,
-            "f":1.5e300,"big":1e30,"e":1E19,"fraction":10000000000000000000.5,"n":null,"t":true,
+            "f":1.5e300,"big":1e30,"e":1E19,"fraction":10000000000000000000.0,"n":null,"t":true,
             "a":[[],{}]}"#;
         assert_eq!(
             parse(body).unwrap(),
@@ -921,6 +967,35 @@ mod tests {
             "99999999999999999999999",
         ] {
             assert!(wide_integer(wide), "{wide}");
+        }
+    }
+
+    /// A refusal's pointer shows a long key cut: a key of a megabyte, in a body too deep, not JSON
+    /// or holding a number serde would change, was repeated whole in the answer.
+    #[test]
+    fn a_pointer_shows_long_keys_cut() {
+        for key in [
+            "\x01".repeat(1_000_000),
+            "\\u0001".repeat(150_000),
+            "/".repeat(1_000_000),
+            "é".repeat(400_000),
+        ] {
+            let deep = format!("{{\"{key}\": {}{}}}", "[".repeat(70), "]".repeat(70));
+            let wide = format!("{{\"{key}\": {{\"n\": 123456789012345678901234567890}}}}");
+            for body in [deep, wide] {
+                let error = parse(body.as_bytes()).unwrap_err();
+                assert!(
+                    error.path.len() < 1000,
+                    "a path of {} bytes",
+                    error.path.len()
+                );
+                // (A body that is not JSON is refused before its numbers are looked at.)
+                assert!(
+                    error.path.contains('…') || error.path.is_empty(),
+                    "{}",
+                    error.path
+                );
+            }
         }
     }
 

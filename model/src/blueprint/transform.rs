@@ -269,24 +269,6 @@ fn leading_number(text: &str) -> Option<(f64, &str)> {
     Some((text[..end].parse().ok()?, &text[..end]))
 }
 
-/// Whether the decimal number `token` (as Rust reads it: digits, a point, an exponent) is a whole
-/// number, read from its digits: `"4.9999999999999999"` is not, though the nearest double to it
-/// is 5.
-fn whole(token: &str) -> bool {
-    let (mantissa, exponent) = match token.find(['e', 'E']) {
-        Some(at) => (&token[..at], token[at + 1..].parse::<i64>().unwrap_or(0)),
-        None => (token, 0),
-    };
-    let mantissa = mantissa.trim_start_matches(['-', '+']);
-    let (int, fraction) = mantissa.split_once('.').unwrap_or((mantissa, ""));
-    // The digits past the point once the exponent moved it.
-    let point = int.len() as i64 + exponent.clamp(-(1 << 20), 1 << 20);
-    int.bytes()
-        .chain(fraction.bytes())
-        .enumerate()
-        .all(|(at, digit)| (at as i64) < point || digit == b'0')
-}
-
 /// `convert: parse`, for a text that does not read strictly: a number in full in any notation
 /// Rust reads (`"1e3"` for an integer column), else the number at the start of a text followed by a
 /// space or a sign (`" 12 kg"`, `"5%"`); yes/no words; dates written with `/` or `.`. A number is
@@ -306,7 +288,7 @@ fn parse_leniently(to: BaseType, text: &str) -> Option<Value> {
                 return None;
             }
             if to == Integer {
-                if number.fract() != 0.0 || !whole(token) {
+                if number.fract() != 0.0 || !crate::json::whole_decimal(token) {
                     return None;
                 }
                 Value::from(number as i64)
