@@ -29,15 +29,24 @@ pub const ITEM_KEYS: [&str; 3] = ["id", "project_version", "links"];
 /// Checks one non-null value against a column's type and validation rules; returns its canonical form.
 pub fn check_column_value(def: &ColumnDef, value: &Value) -> Result<Value, String> {
     let canonical = canonicalize(def.ty, value)?;
-    match (&def.ty, &canonical) {
+    check_canonical(def, &canonical)?;
+    Ok(canonical)
+}
+
+/// Checks a value already canonical for `def`'s type (one stored in a column of that type)
+/// against `def`'s rules, each element of an array: all a column of the same type may refuse of
+/// it, without canonicalizing it again (a polygon's validity is checked in time that grows with
+/// the square of its points).
+pub fn check_canonical(def: &ColumnDef, canonical: &Value) -> Result<(), String> {
+    match (&def.ty, canonical) {
         (ColumnType::Many(_), Value::Array(items)) => {
             for (i, item) in items.iter().enumerate() {
                 check_rules(def, item).map_err(|e| format!("element {i}: {e}"))?;
             }
+            Ok(())
         }
-        _ => check_rules(def, &canonical)?,
+        _ => check_rules(def, canonical),
     }
-    Ok(canonical)
 }
 
 /// Refuses a value PostgreSQL could not put in the index of a `unique` or `index` column (what
