@@ -78,19 +78,40 @@ pub fn parse_item(raw: &[u8], max_item_bytes: usize) -> Result<Document, (u16, V
             )],
         ));
     }
+    if blank(raw) {
+        return Err((
+            400,
+            vec![FieldError::new(
+                "",
+                "the item line is empty: put and create take their item on the line right after \
+                 their action line",
+            )],
+        ));
+    }
     Document::parse(raw).map_err(|e| (400, vec![e]))
+}
+
+/// Whether a line holds nothing but whitespace.
+fn blank(line: &[u8]) -> bool {
+    line.iter().all(u8::is_ascii_whitespace)
 }
 
 /// Reads every operation of a bulk body; an unreadable action line refuses the whole body, naming
 /// its line (`/line/N`), and so does a body without any operation (as Elasticsearch's `_bulk`
-/// does: it is a client's mistake, not a batch of nothing).
+/// does: it is a client's mistake, not a batch of nothing). Blank lines between operations are
+/// passed over; an item is the line right after its action line, blank or not (a blank one fails
+/// its operation alone): skipping it would take the next operation's action line for the item,
+/// and leave that operation out of the answer, every later answer one place off.
 pub fn parse(raw: &[u8]) -> Result<Vec<Operation<'_>>, FieldError> {
     let mut lines = lines(raw)
         .enumerate()
         .map(|(i, line)| (i + 1, line))
-        .filter(|(_, line)| !line.iter().all(u8::is_ascii_whitespace));
+        .peekable();
     let mut ops = Vec::new();
     while let Some((number, line)) = lines.next() {
+        if blank(line) {
+            continue;
+        }
         let at = || format!("/line/{number}");
         if ops.len() == MAX_OPERATIONS {
             return Err(FieldError::new(
@@ -103,8 +124,9 @@ pub fn parse(raw: &[u8]) -> Result<Vec<Operation<'_>>, FieldError> {
         let item = match action {
             Action::Delete => None,
             Action::Put | Action::Create => match lines.next() {
-                Some((_, item)) => Some(item),
-                None => {
+                // A body's last line, blank, is only what follows its last newline.
+                Some((_, item)) if !(blank(item) && lines.peek().is_none()) => Some(item),
+                _ => {
                     return Err(FieldError::new(
                         at(),
                         format!("the {} action has no item line after it", action.name()),
@@ -421,6 +443,30 @@ mod tests {
         assert_eq!(ops[0].item, Some(&b"{\"x\": 1}"[..]));
         assert_eq!(ops[1].action, Action::Delete);
         assert!(ops[2].id.is_some() && ops[2].error.is_none());
+    }
+
+    /// A blank line where an item belongs fails that operation alone: the next line is an action
+    /// line again, and every operation is answered in its place.
+    #[test]
+    fn a_blank_item_line_fails_its_operation_alone() {
+        let body = format!(
+            "{{\"put\":{{\"blueprint\":\"a\",\"id\":\"{ID}\"}}}}\n\r\n{{\"delete\":{{\"blueprint\":\"a\",\"id\":\"{ID}\"}}}}\n\n{{\"create\":{{\"blueprint\":\"a\"}}}}\n{{}}\n"
+        );
+        let ops = parse(body.as_bytes()).unwrap();
+        assert_eq!(ops.len(), 3);
+        assert_eq!(ops[0].action, Action::Put);
+        let (status, errors) = ops[0].parse_item(1000).unwrap_err();
+        assert_eq!(status, 400);
+        assert!(
+            errors[0].message.contains("item line is empty"),
+            "{errors:?}"
+        );
+        assert_eq!(ops[1].action, Action::Delete);
+        assert_eq!(ops[2].action, Action::Create);
+        assert!(ops[2].parse_item(1000).is_ok());
+        // An action with nothing after it but the body's last newline has no item line.
+        let error = parse(b"{\"create\": {\"blueprint\": \"a\"}}\n").unwrap_err();
+        assert!(error.message.contains("no item line"), "{error:?}");
     }
 
     #[test]
