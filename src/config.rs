@@ -286,6 +286,10 @@ pub struct AuthSettings {
     pub audit_retention_days: u32,
     /// How long a rotated key's old secret stays valid, in seconds (a rotation may say otherwise).
     pub rotation_grace_secs: u64,
+    /// Tokens that are no key one client address may send a minute (a minute's worth at once);
+    /// past them it is answered 429 until its guesses refill, unless its token is a valid API key
+    /// this node knows (`DSTORE_FAILED_LOGINS_PER_MINUTE`; 0: no limit).
+    pub failed_logins_per_minute: u32,
 }
 
 impl Default for AuthSettings {
@@ -298,6 +302,7 @@ impl Default for AuthSettings {
             allowed_hosts: Vec::new(),
             audit_retention_days: 90,
             rotation_grace_secs: 86_400,
+            failed_logins_per_minute: 60,
         }
     }
 }
@@ -716,7 +721,14 @@ impl Settings {
             self.auth.disabled = parsed(v)?;
         }
         if let Some(v) = first(&["DSTORE_AUTH_PUBLIC"]) {
-            self.auth.public = v.1.split(',').map(|p| p.trim().to_string()).collect();
+            self.auth.public =
+                v.1.split(',')
+                    .map(|p| p.trim().to_string())
+                    .filter(|p| !p.is_empty())
+                    .collect();
+        }
+        if let Some(v) = first(&["DSTORE_FAILED_LOGINS_PER_MINUTE"]) {
+            self.auth.failed_logins_per_minute = parsed(v)?;
         }
         if let Some(v) = first(&["DSTORE_ALLOWED_HOSTS"]) {
             self.auth.allowed_hosts =

@@ -253,6 +253,9 @@ impl Application {
                 .min(tokio::sync::Semaphore::MAX_PERMITS),
             )),
             keys,
+            failed_logins: crate::auth::limit::FailedLogins::new(
+                settings.auth.failed_logins_per_minute,
+            ),
             audit,
             followers: followers.clone(),
             closing: closing_receiver,

@@ -12,6 +12,7 @@
 
 pub mod audit;
 pub mod keys;
+pub mod limit;
 
 use chrono::{DateTime, Utc};
 use serde::{Deserialize, Serialize};

@@ -249,6 +249,48 @@ pub async fn authenticate(
     Ok(response)
 }
 
+/// Who `token` belongs to, with the failed logins of the request's address limited (see
+/// `auth::limit`): a token that is no key costs the address a guess, and an address with none
+/// left is answered 429 unless its token is a valid API key this node knows. A missing token
+/// guesses nothing, and an expired key's secret was right: neither costs one.
+async fn caller_of(
+    state: &State,
+    keys: &crate::auth::keys::KeyStore,
+    request: &ServiceRequest,
+    token: Option<&str>,
+) -> Result<Caller, ApiError> {
+    use crate::auth::limit::Peer;
+    let peer = request.peer_addr().map(|address| Peer::of(address.ip()));
+    let now = std::time::Instant::now();
+    let limited = match (peer, token) {
+        (Some(peer), Some(token)) => state.failed_logins.wait(peer, now).map(|w| (w, token)),
+        _ => None,
+    };
+    if let Some((wait, token)) = limited {
+        return keys.authenticate_cached(token).ok_or_else(|| {
+            state.failed_logins.note_refused();
+            let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+            ApiError::TooManyRequests(
+                format!(
+                    "too many requests from this address sent a token that is no key (more \
+                     than auth.failed_logins_per_minute = {}): try again in {seconds} s",
+                    state.settings.auth.failed_logins_per_minute
+                ),
+                seconds,
+            )
+        });
+    }
+    keys.authenticate(token).await.map_err(|error| match error {
+        AuthError::Storage(e) => ApiError::from(e),
+        e => {
+            if let (AuthError::Unknown, Some(peer)) = (&e, peer) {
+                state.failed_logins.failed(peer, now);
+            }
+            ApiError::Unauthorized(e.to_string())
+        }
+    })
+}
+
 /// Who sent the request and whether they may: the refusal (401 or 403) otherwise.
 async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Checked, ApiError)> {
     let method = request.method();
@@ -307,7 +349,7 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
     // report, not the one anonymous requests share); a token that is no key is ignored, as
     // though none were sent: the route is open to anyone.
     if let (true, Some(keys), Some(token)) = (public, &state.keys, bearer(request)) {
-        if let Ok(caller) = keys.authenticate(Some(&token)).await {
+        if let Ok(caller) = caller_of(state, keys, request, Some(&token)).await {
             checked.caller = caller;
         }
     }
@@ -320,15 +362,11 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
         request.extensions_mut().insert(StatusOnly);
         return Ok(checked);
     }
-    checked.caller = match keys.authenticate(bearer(request).as_deref()).await {
+    checked.caller = match caller_of(state, keys, request, bearer(request).as_deref()).await {
         Ok(caller) => caller,
-        Err(AuthError::Storage(e)) => {
+        Err(refused) => {
             checked.caller = Caller::Refused;
-            return Err((checked, ApiError::from(e)));
-        }
-        Err(e) => {
-            checked.caller = Caller::Refused;
-            return Err((checked, ApiError::Unauthorized(e.to_string())));
+            return Err((checked, refused));
         }
     };
     let allowed = if everything {

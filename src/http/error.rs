@@ -38,6 +38,9 @@ pub enum ApiError {
     Oversized(String),
     /// 422: well-formed, but not a valid blueprint or item.
     Invalid(String, Vec<FieldError>),
+    /// 429: the client's address sent too many tokens that are no key; it may try again after
+    /// this many seconds (the `Retry-After` header).
+    TooManyRequests(String, u64),
     /// 503: a store the request needs cannot take it now; nothing was changed.
     Unavailable(String),
     /// 503: the storage may have made the change (its answer never came): the body says
@@ -103,6 +106,7 @@ impl std::fmt::Display for ApiError {
             | ApiError::ConflictWith(m, _)
             | ApiError::Gone(m, _)
             | ApiError::Invalid(m, _)
+            | ApiError::TooManyRequests(m, _)
             | ApiError::Unavailable(m)
             | ApiError::Uncertain(m)
             | ApiError::Oversized(m)
@@ -134,6 +138,7 @@ impl ResponseError for ApiError {
             ApiError::TooLarge(_) | ApiError::Oversized(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
             ApiError::Invalid(..) => StatusCode::UNPROCESSABLE_ENTITY,
+            ApiError::TooManyRequests(..) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::Uncertain(_) => StatusCode::SERVICE_UNAVAILABLE,
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -180,6 +185,9 @@ impl ResponseError for ApiError {
             }
             ApiError::MethodNotAllowed(allow) => {
                 response.insert_header((actix_web::http::header::ALLOW, allow.as_str()));
+            }
+            ApiError::TooManyRequests(_, after) => {
+                response.insert_header((actix_web::http::header::RETRY_AFTER, after.to_string()));
             }
             _ => {}
         }

@@ -144,6 +144,12 @@ async fn render(state: &State, requests: &RequestMetrics) -> String {
             "counter",
             vec![(String::new(), keys.miss_reads())],
         );
+        gauge(
+            "dstore_auth_failed_logins_limited_total",
+            "Requests answered 429 because their address sent more tokens that are no key than auth.failed_logins_per_minute allows.",
+            "counter",
+            vec![(String::new(), state.failed_logins.limited())],
+        );
     }
     let (memtables, cache) = crate::rocks::usage();
     gauge(

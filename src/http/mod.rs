@@ -50,6 +50,8 @@ pub struct AppState {
     pub bulk_places: Arc<tokio::sync::Semaphore>,
     /// The API keys, when requests need one (none while authentication is off).
     pub keys: Option<Arc<crate::auth::keys::KeyStore>>,
+    /// The failed logins of each client address (`auth.failed_logins_per_minute`).
+    pub failed_logins: crate::auth::limit::FailedLogins,
     pub audit: crate::auth::audit::AuditLog,
     /// The change feed's followers now (`changes.max_followers`).
     pub followers: Arc<changes::Followers>,

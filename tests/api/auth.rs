@@ -1480,7 +1480,13 @@ async fn a_percent_encoded_verb_needs_the_action_of_the_route_it_reaches() {
 /// a read of its one key, never a read of every key.
 #[tokio::test]
 async fn unknown_key_ids_read_one_key_each_and_never_all_of_them() {
-    let app = secured().await;
+    // More made-up tokens than one address may send a minute: their cost is measured here, their
+    // limit below.
+    let app = spawn_app_with(|s| {
+        s.auth.master_keys = vec![MASTER.into()];
+        s.auth.failed_logins_per_minute = 0;
+    })
+    .await;
     let started = std::time::Instant::now();
     let sends = (0..300).map(|i| {
         let token = format!("dstore_{i:016x}_{}", "ab".repeat(32));
@@ -1516,6 +1522,87 @@ async fn unknown_key_ids_read_one_key_each_and_never_all_of_them() {
     let (made, _) = key(&app, &["blueprints.read"], &["*"], None).await;
     assert_eq!(
         call(&app, Method::GET, "/_version", Some(&made), None)
+            .await
+            .0,
+        200
+    );
+    app.stop().await;
+}
+
+/// One address sends tokens that are no key: past a minute's worth it is answered 429 with
+/// `Retry-After`, for a made-up key and for the right master key alike (a right guess looks like
+/// a wrong one), while a valid API key the node knows still works from it; a missing token costs
+/// nothing; the 429s are counted.
+#[tokio::test]
+async fn failed_logins_from_one_address_are_limited_but_known_keys_are_not() {
+    let app = spawn_app_with(|s| {
+        s.auth.master_keys = vec![MASTER.into()];
+        s.auth.failed_logins_per_minute = 20;
+    })
+    .await;
+    let (operator, _) = key(&app, &["operations", "blueprints.read"], &["*"], None).await;
+    for _ in 0..50 {
+        assert_eq!(
+            call(&app, Method::GET, "/_version", None, None).await.0,
+            401
+        );
+    }
+    let wrong = format!("dstore_{:016x}_{}", 7, "ab".repeat(32));
+    for n in 0..20 {
+        let (status, body) = call(&app, Method::GET, "/_version", Some(&wrong), None).await;
+        assert_eq!(status, 401, "guess {n}: {body}");
+    }
+    for token in [wrong.as_str(), "a-guess-at-the-master-key-0000", MASTER] {
+        let response = app
+            .client
+            .get(format!("{}/_keys", app.address))
+            .bearer_auth(token)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(response.status().as_u16(), 429, "{token}");
+        let after: u64 = response.headers()["retry-after"]
+            .to_str()
+            .unwrap()
+            .parse()
+            .unwrap();
+        assert!((1..=3).contains(&after), "{after}");
+        let body: Value = response.json().await.unwrap();
+        assert!(
+            body["status"]
+                .as_str()
+                .unwrap()
+                .contains("failed_logins_per_minute"),
+            "{body}"
+        );
+    }
+    assert_eq!(
+        call(&app, Method::GET, "/_version", Some(&operator), None)
+            .await
+            .0,
+        200
+    );
+    let metrics = app
+        .client
+        .get(format!("{}/_metrics", app.address))
+        .bearer_auth(&operator)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let limited: f64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("dstore_auth_failed_logins_limited_total "))
+        .expect("the counter is exported")
+        .parse()
+        .unwrap();
+    assert_eq!(limited, 3.0);
+    // Three seconds give back a guess a second: the master key works again.
+    tokio::time::sleep(std::time::Duration::from_secs(3)).await;
+    assert_eq!(
+        call(&app, Method::GET, "/_keys", Some(MASTER), None)
             .await
             .0,
         200

@@ -1,0 +1,215 @@
+//! Failed logins, limited per client address: a token that is no key (`AuthError::Unknown`) costs
+//! its address one of `auth.failed_logins_per_minute` guesses, refilled evenly over a minute, a
+//! minute's worth at most. An address with none left is answered 429 with `Retry-After` for
+//! every token this node's copy of the keys does not accept, without comparing it to the master
+//! keys or reading the storage: guessing a master key an operator chose, or making the storage
+//! read one made-up key id after another (cluster mode), goes no faster than the limit, and a
+//! right guess looks like a wrong one while it lasts. A valid API key this node knows is never
+//! limited, so clients behind the same address (a proxy's, a NAT's) keep working; a success gives
+//! no guesses back.
+//!
+//! IPv6 addresses count by their /64, which one client usually holds whole. The table keeps at
+//! most [`MAX_PEERS`] addresses: past it, those whose guesses refilled are forgotten (they hold
+//! nothing; looked for at most once a second), and while none has, new addresses share one count.
+//! Each node counts its own.
+
+use std::collections::HashMap;
+use std::net::IpAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+/// Most addresses counted at once (a few MiB of memory).
+pub const MAX_PEERS: usize = 65_536;
+
+/// Where failed logins come from: an IPv4 address, or an IPv6 address's /64.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Peer(u128);
+
+impl Peer {
+    pub fn of(ip: IpAddr) -> Peer {
+        match ip {
+            IpAddr::V4(v4) => Peer(u128::from(u32::from(v4))),
+            IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => Peer(u128::from(u32::from(v4))),
+                None => Peer(u128::from(v6) & !u128::from(u64::MAX)),
+            },
+        }
+    }
+
+    /// The count new addresses share while the table is full of addresses still limited.
+    const OVERFLOW: Peer = Peer(u128::MAX);
+}
+
+/// The failed logins of every address (see the module's documentation).
+pub struct FailedLogins {
+    /// Guesses an address has a minute; 0: not limited.
+    per_minute: u32,
+    peers: Mutex<Table>,
+    /// Requests answered 429, for the metrics.
+    limited: AtomicU64,
+}
+
+#[derive(Default)]
+struct Table {
+    peers: HashMap<Peer, Guesses>,
+    /// When addresses whose guesses refilled were last looked for.
+    swept: Option<Instant>,
+}
+
+/// How often a full table is looked through for addresses to forget.
+const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The guesses an address has left, as of `at`.
+#[derive(Clone, Copy)]
+struct Guesses {
+    left: f64,
+    at: Instant,
+}
+
+impl FailedLogins {
+    pub fn new(per_minute: u32) -> FailedLogins {
+        FailedLogins {
+            per_minute,
+            peers: Mutex::new(Table::default()),
+            limited: AtomicU64::new(0),
+        }
+    }
+
+    /// How long `peer` must wait for its next guess, if it has none left at `now`.
+    pub fn wait(&self, peer: Peer, now: Instant) -> Option<Duration> {
+        if self.per_minute == 0 {
+            return None;
+        }
+        let table = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let peers = &table.peers;
+        let peer = match peers.contains_key(&peer) {
+            true => peer,
+            false if peers.len() >= MAX_PEERS => Peer::OVERFLOW,
+            false => return None,
+        };
+        let left = self.refilled(*peers.get(&peer)?, now);
+        if left >= 1.0 {
+            return None;
+        }
+        Some(Duration::from_secs_f64((1.0 - left) / self.per_second()))
+    }
+
+    /// Notes a failed login of `peer` at `now`.
+    pub fn failed(&self, peer: Peer, now: Instant) {
+        if self.per_minute == 0 {
+            return;
+        }
+        let mut table = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let full = f64::from(self.per_minute);
+        let Table { peers, swept } = &mut *table;
+        if !peers.contains_key(&peer)
+            && peers.len() >= MAX_PEERS
+            && swept.is_none_or(|at| now.saturating_duration_since(at) >= SWEEP_EVERY)
+        {
+            // Those whose guesses refilled hold nothing worth keeping.
+            peers.retain(|_, guesses| self.refilled(*guesses, now) < full);
+            *swept = Some(now);
+        }
+        let peer = match peers.contains_key(&peer) || peers.len() < MAX_PEERS {
+            true => peer,
+            false => Peer::OVERFLOW,
+        };
+        let guesses = peers.entry(peer).or_insert(Guesses {
+            left: full,
+            at: now,
+        });
+        *guesses = Guesses {
+            left: (self.refilled(*guesses, now) - 1.0).max(0.0),
+            at: now,
+        };
+    }
+
+    /// Counts a request answered 429.
+    pub fn note_refused(&self) {
+        self.limited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// How many requests were answered 429 since the start.
+    pub fn limited(&self) -> u64 {
+        self.limited.load(Ordering::Relaxed)
+    }
+
+    fn per_second(&self) -> f64 {
+        f64::from(self.per_minute) / 60.0
+    }
+
+    /// The guesses left at `now`: what was left, plus what a minute's even refill gave since, a
+    /// minute's worth at most.
+    fn refilled(&self, guesses: Guesses, now: Instant) -> f64 {
+        let since = now.saturating_duration_since(guesses.at).as_secs_f64();
+        (guesses.left + since * self.per_second()).min(f64::from(self.per_minute))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn peer(text: &str) -> Peer {
+        Peer::of(text.parse().unwrap())
+    }
+
+    /// An address has a minute's worth of guesses, then waits for each as it refills; another
+    /// address is not limited by it.
+    #[test]
+    fn an_address_waits_once_its_guesses_are_used_up() {
+        let limit = FailedLogins::new(60);
+        let (at, other) = (peer("192.0.2.1"), peer("192.0.2.2"));
+        let now = Instant::now();
+        for _ in 0..60 {
+            assert_eq!(limit.wait(at, now), None);
+            limit.failed(at, now);
+        }
+        let wait = limit.wait(at, now).expect("limited");
+        assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1));
+        assert_eq!(limit.wait(other, now), None);
+        // One guess a second comes back.
+        let later = now + Duration::from_secs(1);
+        assert_eq!(limit.wait(at, later), None);
+        limit.failed(at, later);
+        assert!(limit.wait(at, later).is_some());
+        // No limit at all with 0.
+        let off = FailedLogins::new(0);
+        for _ in 0..1000 {
+            off.failed(at, now);
+        }
+        assert_eq!(off.wait(at, now), None);
+    }
+
+    /// IPv6 addresses count by their /64; an IPv4 address mapped into IPv6 is that address.
+    #[test]
+    fn ipv6_addresses_count_by_their_64() {
+        assert_eq!(peer("2001:db8:1:2::1"), peer("2001:db8:1:2:ffff::9"));
+        assert_ne!(peer("2001:db8:1:2::1"), peer("2001:db8:1:3::1"));
+        assert_eq!(peer("::ffff:192.0.2.1"), peer("192.0.2.1"));
+    }
+
+    /// The table never holds more than [`MAX_PEERS`] addresses: those refilled are forgotten, and
+    /// while every one is still limited, new addresses share one count.
+    #[test]
+    fn the_addresses_counted_are_bounded() {
+        let limit = FailedLogins::new(1);
+        let now = Instant::now();
+        let address = |n: u32| Peer::of(IpAddr::V4(n.into()));
+        for n in 0..MAX_PEERS as u32 {
+            limit.failed(address(n), now);
+        }
+        // Full of limited addresses: a new one shares the overflow's count.
+        let new = address(MAX_PEERS as u32);
+        assert_eq!(limit.wait(new, now), None);
+        limit.failed(new, now);
+        assert!(limit.wait(address(MAX_PEERS as u32 + 1), now).is_some());
+        assert!(limit.peers.lock().unwrap().peers.len() <= MAX_PEERS + 1);
+        // A minute on, every address refilled: they are forgotten to make room.
+        let later = now + Duration::from_secs(61);
+        limit.failed(new, later);
+        assert_eq!(limit.peers.lock().unwrap().peers.len(), 1);
+        assert!(limit.wait(new, later).is_some());
+    }
+}
