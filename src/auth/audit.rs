@@ -60,8 +60,12 @@ const UNVOUCHED_PATH_BYTES: usize = 128;
 /// without its prefix) keeps everything but the secret, since the log is read by others than the
 /// key's holder; then [`clip`]ped. A secret is 64 hex digits: a segment read with its escapes
 /// decoded loses every run of at least [`SECRET_RUN`] of them.
+///
+/// Under `/_keys/`, a segment where a key id belongs that is not one is kept as `…`: a master key
+/// (of any characters an operator chose) pasted there would be kept whole otherwise.
 pub fn path_of(path: &str) -> String {
-    if !may_hold_a_secret(path) {
+    let not_an_id = not_a_key_id_at(path);
+    if !may_hold_a_secret(path) && not_an_id.is_none() {
         return clip(path);
     }
     let mut kept = String::with_capacity(path.len());
@@ -71,10 +75,24 @@ pub fn path_of(path: &str) -> String {
         }
         match hex_runs_cut(&percent_decoded(segment)) {
             Some(cut) => kept.push_str(&cut),
+            None if Some(n) == not_an_id => kept.push('…'),
             None => kept.push_str(segment),
         }
     }
     clip(&kept)
+}
+
+/// Where in `path` (the index of its segment split at `/`) a key id belongs and something else
+/// is, under `/_keys/` however it is escaped.
+fn not_a_key_id_at(path: &str) -> Option<usize> {
+    let mut segments = path.split('/');
+    let (Some(""), Some(keys), Some(id)) = (segments.next(), segments.next(), segments.next())
+    else {
+        return None;
+    };
+    let named = percent_decoded(id);
+    (percent_decoded(keys) == "_keys" && !named.is_empty() && !super::is_key_id(&named))
+        .then_some(2)
 }
 
 /// Whether a path as sent may hold a secret. Decoding only shortens: a run of hex digits that
@@ -98,7 +116,7 @@ pub struct Logged<'a>(pub &'a str);
 
 impl std::fmt::Display for Logged<'_> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        if may_hold_a_secret(self.0) {
+        if may_hold_a_secret(self.0) || not_a_key_id_at(self.0).is_some() {
             f.write_str(&path_of(self.0))
         } else {
             f.write_str(self.0)
@@ -674,6 +692,12 @@ mod tests {
             (
                 format!("/p/a/{}%61{}", &secret[..30], &secret[30..]),
                 "/p/a/…",
+            ),
+            // A master key an operator chose, where a key id belongs.
+            ("/_keys/Password1234567!x".to_string(), "/_keys/…"),
+            (
+                "/%5Fkeys/Password%211234567x/_rotate".to_string(),
+                "/%5Fkeys/…/_rotate",
             ),
         ] {
             let said = path_of(&path);

@@ -313,7 +313,14 @@ impl Caller {
             Caller::Open => ("-".into(), "open".into()),
             Caller::Refused => ("-".into(), "no valid key".into()),
             Caller::Master => ("master".into(), "master key".into()),
-            Caller::Key(key, _) => (key.id.clone().into(), key.name.clone().into()),
+            Caller::Key(key, SecretKind::Current) => {
+                (key.id.clone().into(), key.name.clone().into())
+            }
+            // Who still uses a secret a rotation replaced (a leaked one, say) shows in the log.
+            Caller::Key(key, SecretKind::Previous) => (
+                key.id.clone().into(),
+                format!("{} (its replaced secret)", key.name).into(),
+            ),
         }
     }
 }
