@@ -739,6 +739,7 @@ pub fn check_settings(settings: &Settings) -> Result<(), StartupError> {
             .map_err(|e| StartupError::Setting(e.to_string()))?;
     }
     master_keys(settings)?;
+    check_names(settings)?;
     if settings.storage.backend == Backend::Postgresql && settings.storage.url.is_none() {
         return Err(StartupError::Unconfigured(
             "storage.backend = \"postgresql\" needs storage.url (DSTORE_STORAGE_URL)".into(),
@@ -746,6 +747,36 @@ pub fn check_settings(settings: &Settings) -> Result<(), StartupError> {
     }
     if let Some(queue) = &settings.queue {
         validate_queue(queue)?;
+    }
+    Ok(())
+}
+
+/// `auth.public` names routes and `auth.allowed_hosts` host names: a name that is neither (a
+/// typo, a host with its port) would open or allow nothing, without a word, so it stops the start.
+fn check_names(settings: &Settings) -> Result<(), StartupError> {
+    const PUBLIC: [&str; 3] = ["ready", "metrics", "docs"];
+    if let Some(name) = settings
+        .auth
+        .public
+        .iter()
+        .find(|name| !PUBLIC.contains(&name.as_str()))
+    {
+        return Err(StartupError::Setting(format!(
+            "auth.public (DSTORE_AUTH_PUBLIC) names {name:?}, which is none of the routes it may \
+             open: ready, metrics, docs"
+        )));
+    }
+    // An IPv6 address has at least two colons; a name with one carries a port, which a request's
+    // `Host` is compared without.
+    if let Some(host) =
+        settings.auth.allowed_hosts.iter().find(|host| {
+            host.is_empty() || host.matches(':').count() == 1 || host.contains(['/', '['])
+        })
+    {
+        return Err(StartupError::Setting(format!(
+            "auth.allowed_hosts (DSTORE_ALLOWED_HOSTS) lists {host:?}, which is not a host name \
+             or address as a request's Host carries it without its port (dstore, 10.0.0.5, ::1)"
+        )));
     }
     Ok(())
 }
@@ -1129,6 +1160,25 @@ mod tests {
         settings.storage.schema = "Dstore".into();
         let error = check_settings(&settings).expect_err("a bad schema");
         assert!(error.to_string().contains("storage.schema"), "{error}");
+    }
+
+    /// A route `auth.public` cannot open, or a host in `auth.allowed_hosts` with its port, would
+    /// open or allow nothing without a word: it stops the start, naming the setting.
+    #[test]
+    fn a_public_route_or_allowed_host_that_matches_nothing_is_refused() {
+        let mut settings = Settings::default();
+        settings.auth.public = vec!["ready".into(), "metrics".into(), "docs".into()];
+        settings.auth.allowed_hosts = vec!["dstore".into(), "10.0.0.5".into(), "::1".into()];
+        assert!(check_settings(&settings).is_ok());
+        settings.auth.public.push("readiness".into());
+        let error = check_settings(&settings).expect_err("a typo");
+        assert!(error.to_string().contains("auth.public"), "{error}");
+        settings.auth.public.pop();
+        for host in ["dstore:2020", "[::1]", ""] {
+            settings.auth.allowed_hosts = vec![host.into()];
+            let error = check_settings(&settings).expect_err(host);
+            assert!(error.to_string().contains("auth.allowed_hosts"), "{error}");
+        }
     }
 
     /// A wait or time limit past a day is a typo, not a plan: it stops dstore naming the setting,
