@@ -416,6 +416,12 @@ impl Catalog {
         Ok(out)
     }
 
+    /// Whether a drop of `name` is marked pending: made in the catalog, its journal batch not
+    /// written yet.
+    pub fn is_dropping(&self, name: &Ident) -> Result<bool, CatalogError> {
+        Ok(self.db.get(drop_key(name))?.is_some())
+    }
+
     /// Clears the mark of a drop the journal has written.
     /// `at`: the revision the journal wrote the drop at, when it did.
     pub fn drop_done(&self, name: &Ident, at: Option<u64>) -> Result<(), CatalogError> {

@@ -1019,15 +1019,20 @@ impl Journal {
     }
 
     /// Forgets a project in the catalog and the journal and queues its removal from every store.
+    /// A drop the catalog made whose journal batch failed (an I/O error; the client was answered
+    /// 503) is finished when asked again, as the next start would finish it: until then the name
+    /// could not be made again.
     pub async fn drop_project(&self, project: Ident) -> Result<u64, JournalError> {
+        let exists = self.catalog.snapshot().projects.contains_key(&project);
+        let again = !exists && self.catalog.is_dropping(&project)?;
         // A project that does not exist is a 404 from the catalog, with nothing to look for.
-        let dead = match self.catalog.snapshot().projects.contains_key(&project) {
+        let dead = match exists || again {
             true => self.dead_letters_of(&project).await?,
             false => Vec::new(),
         };
         self.send(|reply| Command::DropProject {
             project,
-            again: false,
+            again,
             dead,
             reply,
         })
@@ -3101,6 +3106,49 @@ mod tests {
         conformance::put_article(storage.as_ref(), &project, None).await;
         storage.drop_project(&project).await.unwrap();
         assert!(journal.catalog.pending_drops().unwrap().is_empty());
+        conformance::put_article(storage.as_ref(), &project, None).await;
+        journal.close().await;
+    }
+
+    /// A drop whose journal batch fails (its client answered 503) has forgotten the project in
+    /// the catalog: asked again, it is finished, as the next start would (items gone, the drop
+    /// queued, the mark cleared, the name free), where it answered 404 and kept the name from
+    /// being made again until a restart. Asked once more, it is a 404.
+    #[tokio::test]
+    async fn a_drop_whose_journal_batch_fails_is_finished_when_asked_again() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec!["store"]).await;
+        let id = Uuid::new_v4();
+        conformance::write(storage.as_ref(), &project, id, "dropped").await;
+        journal.disk_writes_fail.store(true, Ordering::Relaxed);
+        assert!(storage.drop_project(&project).await.is_err());
+        journal.disk_writes_fail.store(false, Ordering::Relaxed);
+        assert!(!storage.snapshot().projects.contains_key(&project));
+        assert_eq!(
+            journal.catalog.pending_drops().unwrap(),
+            vec![project.clone()]
+        );
+        storage.drop_project(&project).await.unwrap();
+        assert!(journal.catalog.pending_drops().unwrap().is_empty());
+        assert!(journal
+            .item(&project, &article, &id)
+            .await
+            .unwrap()
+            .is_none());
+        let queued = journal.pending("store", 100).unwrap();
+        assert!(
+            queued
+                .iter()
+                .any(|t| matches!(t.op, TaskOp::DropProject) && t.project == project),
+            "{queued:?}"
+        );
+        let gone = storage.drop_project(&project).await.unwrap_err();
+        assert!(matches!(gone, StorageError::NotFound(_)), "{gone:?}");
         conformance::put_article(storage.as_ref(), &project, None).await;
         journal.close().await;
     }

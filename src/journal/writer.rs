@@ -1032,10 +1032,20 @@ fn stage_command(stage: &mut Stage, command: Command) {
             dead: letters,
             reply,
         } => {
+            let catalog = &stage.writer.catalog;
             let forgotten = if again {
-                Ok(())
+                // Still pending when its turn came (another request may have finished it since,
+                // and the name been made again): else there is nothing to finish.
+                match catalog.is_dropping(&project) {
+                    Ok(true) if !catalog.snapshot().projects.contains_key(&project) => Ok(()),
+                    Ok(_) => Err(crate::catalog::CatalogError::NotFound(format!(
+                        "project {:?} does not exist",
+                        project.as_str()
+                    ))),
+                    Err(e) => Err(e),
+                }
             } else {
-                stage.writer.catalog.delete_project(&project)
+                catalog.delete_project(&project)
             };
             if let Err(e) = forgotten {
                 let _ = reply.send(Err(e.into()));
