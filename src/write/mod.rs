@@ -92,8 +92,10 @@ where
     for attempt in 0..MAX_ATTEMPTS {
         let epoch = snapshot.projects.get(project).map_or(0, |p| p.epoch);
         let (entries, extra) = match prepare(snapshot.clone()).await {
-            // This node may not know yet a project or version made through another node.
-            Err(WriteError::NotFound(_) | WriteError::Invalid(_)) if attempt == 0 => {
+            // This node may not know yet a project or version made through another node. Any
+            // other refusal is the item's own: checking it again would find the same, at the
+            // cost of a second check (and, in cluster mode, a read of the catalog) per refusal.
+            Err(e) if attempt == 0 && may_be_stale(&e) => {
                 snapshot = storage.fresh_snapshot(project).await?;
                 continue;
             }
@@ -114,6 +116,16 @@ where
         }
     }
     Err(WriteError::Contended)
+}
+
+/// Whether a refusal could come from a snapshot older than the catalog: a project, blueprint or
+/// version it does not hold yet (`/project_version` names the version).
+fn may_be_stale(error: &WriteError) -> bool {
+    match error {
+        WriteError::NotFound(_) => true,
+        WriteError::Invalid(errors) => errors.iter().any(|e| e.path == "/project_version"),
+        _ => false,
+    }
 }
 
 /// Upserts an item whose body was `length` bytes: answers its revision. Its prepared documents
@@ -901,6 +913,24 @@ mod tests {
 
     fn busy(_: usize) -> Result<(), Refused> {
         Err(Refused::Busy { limit: 1 })
+    }
+
+    /// An item refused for its own values is checked once; a refusal a newer catalog could lift
+    /// (a version this node may not know yet) is checked again against it.
+    #[tokio::test]
+    async fn only_a_refusal_a_newer_catalog_could_lift_is_prepared_again() {
+        let (storage, _dir) = open_embedded().await;
+        let project = frozen(storage.as_ref()).await;
+        for (path, tries) in [("/title", 1), ("/project_version", 2)] {
+            let calls = AtomicUsize::new(0);
+            let refused = journal::<(), _>(storage.as_ref(), &project, &hold_nothing, |_| {
+                calls.fetch_add(1, Ordering::SeqCst);
+                async { Err(WriteError::Invalid(vec![FieldError::new(path, "refused")])) }
+            })
+            .await;
+            assert!(matches!(refused, Err(WriteError::Invalid(_))));
+            assert_eq!(calls.load(Ordering::SeqCst), tries, "{path}");
+        }
     }
 
     /// Once a part is journaled, a budget others filled meanwhile does not stop the rest half
