@@ -241,6 +241,23 @@ mod tests {
                 String::from_utf8_lossy(body)
             );
         }
+        // A double printed the shortest way reads back as that double, by both readers (serde's
+        // quicker float reading took 0.9999999999999999 for 1, which an integer column took).
+        for text in [
+            "0.9999999999999999",
+            "0.30000000000000004",
+            "2.2250738585072014e-308",
+            "1.7976931348623157e308",
+            "9007199254740.993",
+            "123456.78901234567",
+        ] {
+            let body = format!(r#"{{"n":{text}}}"#);
+            let (general, flat) = both(body.as_bytes());
+            let expected = text.parse::<f64>().unwrap();
+            for read in [general.unwrap().unwrap(), flat.unwrap().unwrap()] {
+                assert_eq!(read[0].1.as_f64(), Some(expected), "{text}");
+            }
+        }
     }
 
     #[test]
