@@ -1,12 +1,13 @@
-//! Failed logins, limited per client address: a token that is no key (`AuthError::Unknown`) costs
-//! its address one of `auth.failed_logins_per_minute` guesses, refilled evenly over a minute, a
-//! minute's worth at most. An address with none left is answered 429 with `Retry-After` for
-//! every token this node's copy of the keys does not accept, without comparing it to the master
-//! keys or reading the storage: guessing a master key an operator chose, or making the storage
-//! read one made-up key id after another (cluster mode), goes no faster than the limit, and a
-//! right guess looks like a wrong one while it lasts. A valid API key this node knows is never
-//! limited, so clients behind the same address (a proxy's, a NAT's) keep working; a success gives
-//! no guesses back.
+//! Failed logins, limited per client address: a token this node's copy of the keys does not
+//! accept as a valid API key (a master key, a made-up key, one made through another node a
+//! moment ago) takes one of its address's `auth.failed_logins_per_minute` guesses before it is
+//! checked, given back unless it turns out to be no key (`AuthError::Unknown`); guesses refill
+//! evenly over a minute, a minute's worth at most. An address with none left is answered 429
+//! with `Retry-After` for every such token, without comparing it to the master keys or reading
+//! the storage: guessing a master key an operator chose, or making the storage read one made-up
+//! key id after another (cluster mode), goes no faster than the limit, requests sent at once
+//! included, and a right guess looks like a wrong one while it lasts. A valid API key this node
+//! knows is never limited, so clients behind the same address (a proxy's, a NAT's) keep working.
 //!
 //! IPv6 addresses count by their /64, which one client usually holds whole. The table keeps at
 //! most [`MAX_PEERS`] addresses: past it, those whose guesses refilled are forgotten (they hold
@@ -76,29 +77,12 @@ impl FailedLogins {
         }
     }
 
-    /// How long `peer` must wait for its next guess, if it has none left at `now`.
-    pub fn wait(&self, peer: Peer, now: Instant) -> Option<Duration> {
+    /// Takes one of `peer`'s guesses at `now`, before its token is checked (so that requests
+    /// checked at once cannot all pass on the same guess); how long it must wait for one when it
+    /// has none left.
+    pub fn take(&self, peer: Peer, now: Instant) -> Option<Duration> {
         if self.per_minute == 0 {
             return None;
-        }
-        let table = self.peers.lock().unwrap_or_else(|p| p.into_inner());
-        let peers = &table.peers;
-        let peer = match peers.contains_key(&peer) {
-            true => peer,
-            false if peers.len() >= MAX_PEERS => Peer::OVERFLOW,
-            false => return None,
-        };
-        let left = self.refilled(*peers.get(&peer)?, now);
-        if left >= 1.0 {
-            return None;
-        }
-        Some(Duration::from_secs_f64((1.0 - left) / self.per_second()))
-    }
-
-    /// Notes a failed login of `peer` at `now`.
-    pub fn failed(&self, peer: Peer, now: Instant) {
-        if self.per_minute == 0 {
-            return;
         }
         let mut table = self.peers.lock().unwrap_or_else(|p| p.into_inner());
         let full = f64::from(self.per_minute);
@@ -119,10 +103,36 @@ impl FailedLogins {
             left: full,
             at: now,
         });
+        let left = self.refilled(*guesses, now);
+        if left < 1.0 {
+            return Some(Duration::from_secs_f64((1.0 - left) / self.per_second()));
+        }
         *guesses = Guesses {
-            left: (self.refilled(*guesses, now) - 1.0).max(0.0),
+            left: left - 1.0,
             at: now,
         };
+        None
+    }
+
+    /// Gives `peer` back the guess [`FailedLogins::take`] took, its token being a key after all
+    /// (or not checked: its storage could not be read).
+    pub fn give_back(&self, peer: Peer, now: Instant) {
+        if self.per_minute == 0 {
+            return;
+        }
+        let mut table = self.peers.lock().unwrap_or_else(|p| p.into_inner());
+        let full = f64::from(self.per_minute);
+        let peers = &mut table.peers;
+        let peer = match peers.contains_key(&peer) {
+            true => peer,
+            false => Peer::OVERFLOW,
+        };
+        if let Some(guesses) = peers.get_mut(&peer) {
+            *guesses = Guesses {
+                left: (self.refilled(*guesses, now) + 1.0).min(full),
+                at: now,
+            };
+        }
     }
 
     /// Counts a request answered 429.
@@ -155,31 +165,30 @@ mod tests {
         Peer::of(text.parse().unwrap())
     }
 
-    /// An address has a minute's worth of guesses, then waits for each as it refills; another
-    /// address is not limited by it.
+    /// An address has a minute's worth of guesses, then waits for each as it refills; a guess
+    /// given back (its token was a key) is there again; another address is not limited by it.
     #[test]
     fn an_address_waits_once_its_guesses_are_used_up() {
         let limit = FailedLogins::new(60);
         let (at, other) = (peer("192.0.2.1"), peer("192.0.2.2"));
         let now = Instant::now();
         for _ in 0..60 {
-            assert_eq!(limit.wait(at, now), None);
-            limit.failed(at, now);
+            assert_eq!(limit.take(at, now), None);
         }
-        let wait = limit.wait(at, now).expect("limited");
+        let wait = limit.take(at, now).expect("limited");
         assert!(wait > Duration::from_millis(900) && wait <= Duration::from_secs(1));
-        assert_eq!(limit.wait(other, now), None);
+        assert_eq!(limit.take(other, now), None);
         // One guess a second comes back.
         let later = now + Duration::from_secs(1);
-        assert_eq!(limit.wait(at, later), None);
-        limit.failed(at, later);
-        assert!(limit.wait(at, later).is_some());
+        assert_eq!(limit.take(at, later), None);
+        assert!(limit.take(at, later).is_some());
+        limit.give_back(at, later);
+        assert_eq!(limit.take(at, later), None);
         // No limit at all with 0.
         let off = FailedLogins::new(0);
         for _ in 0..1000 {
-            off.failed(at, now);
+            assert_eq!(off.take(at, now), None);
         }
-        assert_eq!(off.wait(at, now), None);
     }
 
     /// IPv6 addresses count by their /64; an IPv4 address mapped into IPv6 is that address.
@@ -198,18 +207,17 @@ mod tests {
         let now = Instant::now();
         let address = |n: u32| Peer::of(IpAddr::V4(n.into()));
         for n in 0..MAX_PEERS as u32 {
-            limit.failed(address(n), now);
+            assert_eq!(limit.take(address(n), now), None);
         }
-        // Full of limited addresses: a new one shares the overflow's count.
-        let new = address(MAX_PEERS as u32);
-        assert_eq!(limit.wait(new, now), None);
-        limit.failed(new, now);
-        assert!(limit.wait(address(MAX_PEERS as u32 + 1), now).is_some());
+        // Full of limited addresses: a new one takes the overflow's guess, and the next waits.
+        assert_eq!(limit.take(address(MAX_PEERS as u32), now), None);
+        assert!(limit.take(address(MAX_PEERS as u32 + 1), now).is_some());
         assert!(limit.peers.lock().unwrap().peers.len() <= MAX_PEERS + 1);
         // A minute on, every address refilled: they are forgotten to make room.
         let later = now + Duration::from_secs(61);
-        limit.failed(new, later);
+        let new = address(MAX_PEERS as u32 + 2);
+        assert_eq!(limit.take(new, later), None);
         assert_eq!(limit.peers.lock().unwrap().peers.len(), 1);
-        assert!(limit.wait(new, later).is_some());
+        assert!(limit.take(new, later).is_some());
     }
 }

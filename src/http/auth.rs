@@ -250,9 +250,9 @@ pub async fn authenticate(
 }
 
 /// Who `token` belongs to, with the failed logins of the request's address limited (see
-/// `auth::limit`): a token that is no key costs the address a guess, and an address with none
-/// left is answered 429 unless its token is a valid API key this node knows. A missing token
-/// guesses nothing, and an expired key's secret was right: neither costs one.
+/// `auth::limit`): a valid API key this node knows is never limited; any other token takes one
+/// of the address's guesses before it is checked, given back unless it is no key, and an address
+/// with none left is answered 429. A missing token guesses nothing.
 async fn caller_of(
     state: &State,
     keys: &crate::auth::keys::KeyStore,
@@ -260,35 +260,34 @@ async fn caller_of(
     token: Option<&str>,
 ) -> Result<Caller, ApiError> {
     use crate::auth::limit::Peer;
+    let refused = |error| match error {
+        AuthError::Storage(e) => ApiError::from(e),
+        e => ApiError::Unauthorized(e.to_string()),
+    };
+    let Some(token) = token else {
+        return keys.authenticate(None).await.map_err(refused);
+    };
+    if let Some(caller) = keys.authenticate_cached(token) {
+        return Ok(caller);
+    }
     let peer = request.peer_addr().map(|address| Peer::of(address.ip()));
     let now = std::time::Instant::now();
-    let limited = match (peer, token) {
-        (Some(peer), Some(token)) => state.failed_logins.wait(peer, now).map(|w| (w, token)),
-        _ => None,
-    };
-    if let Some((wait, token)) = limited {
-        return keys.authenticate_cached(token).ok_or_else(|| {
-            state.failed_logins.note_refused();
-            let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-            ApiError::TooManyRequests(
-                format!(
-                    "too many requests from this address sent a token that is no key (more \
-                     than auth.failed_logins_per_minute = {}): try again in {seconds} s",
-                    state.settings.auth.failed_logins_per_minute
-                ),
-                seconds,
-            )
-        });
+    if let Some(wait) = peer.and_then(|peer| state.failed_logins.take(peer, now)) {
+        let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+        return Err(ApiError::TooManyRequests(
+            format!(
+                "too many requests from this address sent a token that is no key (more than \
+                 auth.failed_logins_per_minute = {}): try again in {seconds} s",
+                state.settings.auth.failed_logins_per_minute
+            ),
+            seconds,
+        ));
     }
-    keys.authenticate(token).await.map_err(|error| match error {
-        AuthError::Storage(e) => ApiError::from(e),
-        e => {
-            if let (AuthError::Unknown, Some(peer)) = (&e, peer) {
-                state.failed_logins.failed(peer, now);
-            }
-            ApiError::Unauthorized(e.to_string())
-        }
-    })
+    let caller = keys.authenticate(Some(token)).await;
+    if let (false, Some(peer)) = (matches!(caller, Err(AuthError::Unknown)), peer) {
+        state.failed_logins.give_back(peer, now);
+    }
+    caller.map_err(refused)
 }
 
 /// Who sent the request and whether they may: the refusal (401 or 403) otherwise.
@@ -365,6 +364,9 @@ async fn check(state: &State, request: &ServiceRequest) -> Result<Checked, (Chec
     checked.caller = match caller_of(state, keys, request, bearer(request).as_deref()).await {
         Ok(caller) => caller,
         Err(refused) => {
+            if matches!(refused, ApiError::TooManyRequests(..)) {
+                state.failed_logins.note_refused();
+            }
             checked.caller = Caller::Refused;
             return Err((checked, refused));
         }

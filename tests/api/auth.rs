@@ -1495,6 +1495,27 @@ async fn a_percent_encoded_verb_needs_the_action_of_the_route_it_reaches() {
     app.stop().await;
 }
 
+/// The value of the unlabelled metric `name`, read with `key`.
+async fn counter(app: &TestApp, key: &str, name: &str) -> f64 {
+    let metrics = app
+        .client
+        .get(format!("{}/_metrics", app.address))
+        .bearer_auth(key)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let prefix = format!("{name} ");
+    metrics
+        .lines()
+        .find_map(|l| l.strip_prefix(prefix.as_str()))
+        .expect("the counter is exported")
+        .parse()
+        .unwrap()
+}
+
 /// Made-up key ids in well-formed tokens are refused, and however many arrive at once, each costs
 /// a read of its one key, never a read of every key.
 #[tokio::test]
@@ -1520,22 +1541,7 @@ async fn unknown_key_ids_read_one_key_each_and_never_all_of_them() {
     assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
     let elapsed = started.elapsed().as_secs_f64();
     let (operator, _) = key(&app, &["operations"], &["*"], None).await;
-    let metrics = app
-        .client
-        .get(format!("{}/_metrics", app.address))
-        .bearer_auth(operator)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let reads: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("dstore_auth_unknown_key_reads_total "))
-        .expect("the counter is exported")
-        .parse()
-        .unwrap();
+    let reads = counter(&app, &operator, "dstore_auth_unknown_key_reads_total").await;
     assert_eq!(reads, 0.0, "{reads} reads of every key in {elapsed:.2} s");
     // A key made now is known at once.
     let (made, _) = key(&app, &["blueprints.read"], &["*"], None).await;
@@ -1601,23 +1607,30 @@ async fn failed_logins_from_one_address_are_limited_but_known_keys_are_not() {
             .0,
         200
     );
-    let metrics = app
-        .client
-        .get(format!("{}/_metrics", app.address))
-        .bearer_auth(&operator)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let limited: f64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("dstore_auth_failed_logins_limited_total "))
-        .expect("the counter is exported")
-        .parse()
-        .unwrap();
+    let limited = counter(&app, &operator, "dstore_auth_failed_logins_limited_total").await;
     assert_eq!(limited, 3.0);
+    // Guesses sent at once share none: each takes its own before it is checked.
+    let burst = spawn_app_with(|s| {
+        s.auth.master_keys = vec![MASTER.into()];
+        s.auth.failed_logins_per_minute = 10;
+    })
+    .await;
+    let guesses = (0..40).map(|i| {
+        let token = format!("dstore_{i:016x}_{}", "cd".repeat(32));
+        let burst = &burst;
+        async move {
+            call(burst, Method::GET, "/_version", Some(&token), None)
+                .await
+                .0
+        }
+    });
+    let statuses = futures::future::join_all(guesses).await;
+    let checked = statuses.iter().filter(|s| **s == 401).count();
+    assert!(
+        checked <= 11 && statuses.iter().all(|s| *s == 401 || *s == 429),
+        "{statuses:?}"
+    );
+    burst.stop().await;
     // Three seconds give back a guess a second: the master key works again.
     tokio::time::sleep(std::time::Duration::from_secs(3)).await;
     assert_eq!(
