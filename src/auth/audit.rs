@@ -61,8 +61,9 @@ const UNVOUCHED_PATH_BYTES: usize = 128;
 /// key's holder; then [`clip`]ped. A secret is 64 hex digits: a segment read with its escapes
 /// decoded loses every run of at least [`SECRET_RUN`] of them.
 ///
-/// Under `/_keys/`, a segment where a key id belongs that is not one is kept as `…`: a master key
-/// (of any characters an operator chose) pasted there would be kept whole otherwise.
+/// Under `/_keys/`, a segment where a key id belongs that is not one is kept as `…`, with the rest
+/// of the path: a master key (of any characters an operator chose, `/` among them) pasted there
+/// would be kept whole otherwise.
 pub fn path_of(path: &str) -> String {
     let not_an_id = not_a_key_id_at(path);
     if !may_hold_a_secret(path) && not_an_id.is_none() {
@@ -75,7 +76,11 @@ pub fn path_of(path: &str) -> String {
         }
         match hex_runs_cut(&percent_decoded(segment)) {
             Some(cut) => kept.push_str(&cut),
-            None if Some(n) == not_an_id => kept.push('…'),
+            // The rest of the path too: a key may hold `/`.
+            None if Some(n) == not_an_id => {
+                kept.push('…');
+                break;
+            }
             None => kept.push_str(segment),
         }
     }
@@ -696,8 +701,8 @@ mod tests {
             // A master key an operator chose, where a key id belongs.
             ("/_keys/Password1234567!x".to_string(), "/_keys/…"),
             (
-                "/%5Fkeys/Password%211234567x/_rotate".to_string(),
-                "/%5Fkeys/…/_rotate",
+                "/%5Fkeys/Pass/word%211234567x/_rotate".to_string(),
+                "/%5Fkeys/…",
             ),
         ] {
             let said = path_of(&path);
