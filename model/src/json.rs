@@ -367,9 +367,10 @@ pub fn changed_number(token: &str) -> bool {
     // and one closer to zero than a double written without an exponent over 300.
     let exponent = || token.bytes().any(|b| b == b'e' || b == b'E');
     let fraction = || token.bytes().any(|b| b == b'.');
+    // A fraction a double rounds to a whole number has at least 17 significant digits.
     (token.len() >= 19 && wide_integer(token))
         || ((token.len() > 300 || exponent()) && underflows(token))
-        || ((fraction() || exponent()) && rounded_whole(token))
+        || (token.len() >= 17 && (fraction() || exponent()) && rounded_whole(token))
 }
 
 /// The refusal of a [`changed_number`] at `path`.
@@ -669,8 +670,9 @@ fn repeated_key(trail: Vec<String>) -> FieldError {
     let mut path = String::new();
     for segment in trail.iter().rev() {
         path.push('/');
-        let segment: String = segment.chars().take(200).collect();
-        path.push_str(&pointer_segment(&segment));
+        path.push_str(&pointer_segment(&crate::blueprint::value::excerpt_str(
+            segment,
+        )));
         if path.len() > 400 {
             path.push_str("/…");
             break;
