@@ -3083,24 +3083,7 @@ mod tests {
         ));
 
         journal.finish_drops().await.unwrap();
-        assert!(journal
-            .item(&project, &article, &id)
-            .await
-            .unwrap()
-            .is_none());
-        assert!(journal
-            .changes(&project, 0, 10, crate::feed::PAGE_BYTES)
-            .unwrap()
-            .changes
-            .is_empty());
-        let queued = journal.pending("store", 100).unwrap();
-        assert!(
-            queued
-                .iter()
-                .any(|t| matches!(t.op, TaskOp::DropProject) && t.project == project),
-            "{queued:?}"
-        );
-        assert!(journal.catalog.pending_drops().unwrap().is_empty());
+        expect_dropped(&journal, &project, &article, id).await;
 
         // A drop written whole leaves no mark, and the name can be made again.
         conformance::put_article(storage.as_ref(), &project, None).await;
@@ -3108,6 +3091,25 @@ mod tests {
         assert!(journal.catalog.pending_drops().unwrap().is_empty());
         conformance::put_article(storage.as_ref(), &project, None).await;
         journal.close().await;
+    }
+
+    /// What a finished drop leaves: the item `id` and the project's feed gone, the drop queued
+    /// for the store, no mark.
+    async fn expect_dropped(journal: &Journal, project: &Ident, article: &Ident, id: Uuid) {
+        assert!(journal.item(project, article, &id).await.unwrap().is_none());
+        assert!(journal
+            .changes(project, 0, 10, crate::feed::PAGE_BYTES)
+            .unwrap()
+            .changes
+            .is_empty());
+        let queued = journal.pending("store", 100).unwrap();
+        assert!(
+            queued
+                .iter()
+                .any(|t| matches!(t.op, TaskOp::DropProject) && &t.project == project),
+            "{queued:?}"
+        );
+        assert!(journal.catalog.pending_drops().unwrap().is_empty());
     }
 
     /// A drop whose journal batch fails (its client answered 503) has forgotten the project in
@@ -3134,19 +3136,7 @@ mod tests {
             vec![project.clone()]
         );
         storage.drop_project(&project).await.unwrap();
-        assert!(journal.catalog.pending_drops().unwrap().is_empty());
-        assert!(journal
-            .item(&project, &article, &id)
-            .await
-            .unwrap()
-            .is_none());
-        let queued = journal.pending("store", 100).unwrap();
-        assert!(
-            queued
-                .iter()
-                .any(|t| matches!(t.op, TaskOp::DropProject) && t.project == project),
-            "{queued:?}"
-        );
+        expect_dropped(&journal, &project, &article, id).await;
         let gone = storage.drop_project(&project).await.unwrap_err();
         assert!(matches!(gone, StorageError::NotFound(_)), "{gone:?}");
         conformance::put_article(storage.as_ref(), &project, None).await;
