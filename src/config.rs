@@ -290,6 +290,10 @@ pub struct AuthSettings {
     /// past them it is answered 429 until its guesses refill, unless its token is a valid API key
     /// this node knows (`DSTORE_FAILED_LOGINS_PER_MINUTE`; 0: no limit).
     pub failed_logins_per_minute: u32,
+    /// The proxies (addresses, or networks as `10.0.0.0/8`) whose `X-Forwarded-For` says who a
+    /// request came from (`DSTORE_TRUSTED_PROXIES=10.0.0.0/8,::1`); empty: none, and a request
+    /// comes from the address that connected. Failed logins are counted by that client address.
+    pub trusted_proxies: Vec<String>,
 }
 
 impl Default for AuthSettings {
@@ -303,6 +307,7 @@ impl Default for AuthSettings {
             audit_retention_days: 90,
             rotation_grace_secs: 86_400,
             failed_logins_per_minute: 60,
+            trusted_proxies: Vec::new(),
         }
     }
 }
@@ -729,6 +734,13 @@ impl Settings {
         }
         if let Some(v) = first(&["DSTORE_FAILED_LOGINS_PER_MINUTE"]) {
             self.auth.failed_logins_per_minute = parsed(v)?;
+        }
+        if let Some(v) = first(&["DSTORE_TRUSTED_PROXIES"]) {
+            self.auth.trusted_proxies =
+                v.1.split(',')
+                    .map(|p| p.trim().to_string())
+                    .filter(|p| !p.is_empty())
+                    .collect();
         }
         if let Some(v) = first(&["DSTORE_ALLOWED_HOSTS"]) {
             self.auth.allowed_hosts =

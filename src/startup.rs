@@ -256,6 +256,7 @@ impl Application {
             failed_logins: crate::auth::limit::FailedLogins::new(
                 settings.auth.failed_logins_per_minute,
             ),
+            trusted_proxies: trusted_proxies(&settings)?,
             audit,
             followers: followers.clone(),
             closing: closing_receiver,
@@ -751,8 +752,9 @@ pub fn check_settings(settings: &Settings) -> Result<(), StartupError> {
     Ok(())
 }
 
-/// `auth.public` names routes and `auth.allowed_hosts` host names: a name that is neither (a
-/// typo, a host with its port) would open or allow nothing, without a word, so it stops the start.
+/// `auth.public` names routes, `auth.allowed_hosts` host names and `auth.trusted_proxies`
+/// addresses: a name that is not (a typo, a host with its port) would open, allow or trust
+/// nothing, without a word, so it stops the start.
 fn check_names(settings: &Settings) -> Result<(), StartupError> {
     const PUBLIC: [&str; 3] = ["ready", "metrics", "docs"];
     if let Some(name) = settings
@@ -778,7 +780,20 @@ fn check_names(settings: &Settings) -> Result<(), StartupError> {
              or address as a request's Host carries it without its port (dstore, 10.0.0.5, ::1)"
         )));
     }
+    trusted_proxies(settings)?;
     Ok(())
+}
+
+/// `auth.trusted_proxies`, each an address or a network.
+fn trusted_proxies(
+    settings: &Settings,
+) -> Result<crate::auth::limit::TrustedProxies, StartupError> {
+    crate::auth::limit::TrustedProxies::parse(&settings.auth.trusted_proxies).map_err(|entry| {
+        StartupError::Setting(format!(
+            "auth.trusted_proxies (DSTORE_TRUSTED_PROXIES) lists {entry:?}, which is neither an \
+             address nor a network (10.0.0.5, 10.0.0.0/8, fd00::/8)"
+        ))
+    })
 }
 
 /// Retention and heartbeat settings are subtracted from the clock or offered to every follower:
@@ -1162,8 +1177,9 @@ mod tests {
         assert!(error.to_string().contains("storage.schema"), "{error}");
     }
 
-    /// A route `auth.public` cannot open, or a host in `auth.allowed_hosts` with its port, would
-    /// open or allow nothing without a word: it stops the start, naming the setting.
+    /// A route `auth.public` cannot open, a host in `auth.allowed_hosts` with its port, or a
+    /// trusted proxy that is no address, would open, allow or trust nothing without a word: it
+    /// stops the start, naming the setting.
     #[test]
     fn a_public_route_or_allowed_host_that_matches_nothing_is_refused() {
         let mut settings = Settings::default();
@@ -1178,6 +1194,17 @@ mod tests {
             settings.auth.allowed_hosts = vec![host.into()];
             let error = check_settings(&settings).expect_err(host);
             assert!(error.to_string().contains("auth.allowed_hosts"), "{error}");
+        }
+        settings.auth.allowed_hosts.clear();
+        settings.auth.trusted_proxies = vec!["10.0.0.0/8".into(), "::1".into()];
+        assert!(check_settings(&settings).is_ok());
+        for proxy in ["haproxy", "10.0.0.0/40", "10.0.0.5:80"] {
+            settings.auth.trusted_proxies = vec![proxy.into()];
+            let error = check_settings(&settings).expect_err(proxy);
+            assert!(
+                error.to_string().contains("auth.trusted_proxies"),
+                "{error}"
+            );
         }
     }
 

@@ -13,6 +13,12 @@
 //! most [`MAX_PEERS`] addresses: past it, those whose guesses refilled are forgotten (they hold
 //! nothing; looked for at most once a second), and while none has, new addresses share one count.
 //! Each node counts its own.
+//!
+//! The client address is the one that connected, unless that is one of `auth.trusted_proxies`:
+//! then it is the last address in `X-Forwarded-For` that is not a trusted proxy (each proxy adds
+//! the address it was connected from at the end, so only the entries past the last untrusted one
+//! were written by a proxy; a client writes whatever it likes before them). An entry that does
+//! not read as an address stops the walk at the proxy that wrote it, whose address counts.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -40,6 +46,71 @@ impl Peer {
 
     /// The count new addresses share while the table is full of addresses still limited.
     const OVERFLOW: Peer = Peer(u128::MAX);
+}
+
+/// The proxies whose `X-Forwarded-For` is believed (see the module's documentation).
+#[derive(Clone, Debug, Default)]
+pub struct TrustedProxies(Vec<ipnet::IpNet>);
+
+impl TrustedProxies {
+    /// Reads `auth.trusted_proxies`: each an address or a network (`10.0.0.0/8`, `fd00::/8`);
+    /// the entry that is neither otherwise.
+    pub fn parse(entries: &[String]) -> Result<TrustedProxies, String> {
+        entries
+            .iter()
+            .map(|entry| {
+                let text = entry.trim();
+                text.parse::<ipnet::IpNet>()
+                    .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map_err(|_| entry.clone())
+            })
+            .collect::<Result<_, _>>()
+            .map(TrustedProxies)
+    }
+
+    fn trusts(&self, address: IpAddr) -> bool {
+        self.0.iter().any(|network| network.contains(&address))
+    }
+
+    /// Who sent a request that `connected` from, with these `X-Forwarded-For` values in the
+    /// order they came.
+    pub fn client<'a>(
+        &self,
+        connected: IpAddr,
+        forwarded_for: impl DoubleEndedIterator<Item = &'a str>,
+    ) -> IpAddr {
+        let mut client = connected.to_canonical();
+        if !self.trusts(client) {
+            return client;
+        }
+        let entries = forwarded_for.rev().flat_map(|value| value.rsplit(','));
+        for entry in entries {
+            match forwarded_address(entry.trim()) {
+                Some(address) => {
+                    client = address;
+                    if !self.trusts(address) {
+                        break;
+                    }
+                }
+                None => break,
+            }
+        }
+        client
+    }
+}
+
+/// An `X-Forwarded-For` entry's address: `192.0.2.1`, `2001:db8::1`, or either with a port
+/// (`192.0.2.1:4711`, `[2001:db8::1]:4711`) or in brackets.
+fn forwarded_address(entry: &str) -> Option<IpAddr> {
+    let address = entry
+        .parse::<IpAddr>()
+        .ok()
+        .or_else(|| entry.parse::<std::net::SocketAddr>().ok().map(|s| s.ip()))
+        .or_else(|| {
+            let inner = entry.strip_prefix('[')?.strip_suffix(']')?;
+            inner.parse::<std::net::Ipv6Addr>().ok().map(IpAddr::V6)
+        })?;
+    Some(address.to_canonical())
 }
 
 /// The failed logins of every address (see the module's documentation).
@@ -197,6 +268,64 @@ mod tests {
         assert_eq!(peer("2001:db8:1:2::1"), peer("2001:db8:1:2:ffff::9"));
         assert_ne!(peer("2001:db8:1:2::1"), peer("2001:db8:1:3::1"));
         assert_eq!(peer("::ffff:192.0.2.1"), peer("192.0.2.1"));
+    }
+
+    /// Behind a trusted proxy, the client is the last address its `X-Forwarded-For` lists that
+    /// is no trusted proxy; whatever the client wrote before that is not believed, and an
+    /// untrusted peer's header is not read at all.
+    #[test]
+    fn a_trusted_proxy_says_who_the_client_is() {
+        let proxies = TrustedProxies::parse(&["10.0.0.0/8".into(), "2001:db8::1".into()]).unwrap();
+        let ip = |text: &str| text.parse::<IpAddr>().unwrap();
+        let client = |connected: &str, headers: &[&str]| {
+            proxies.client(ip(connected), headers.iter().copied())
+        };
+        // Not a proxy: its header is the client's own word.
+        assert_eq!(client("192.0.2.9", &["198.51.100.1"]), ip("192.0.2.9"));
+        // A proxy: the address it saw, past any the client made up.
+        assert_eq!(client("10.0.0.2", &["198.51.100.1"]), ip("198.51.100.1"));
+        assert_eq!(
+            client("10.0.0.2", &["1.1.1.1, 198.51.100.1"]),
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            client("10.0.0.2", &["1.1.1.1", "198.51.100.1"]),
+            ip("198.51.100.1")
+        );
+        // Two proxies in a row; one mapped into IPv6; entries with ports and brackets.
+        assert_eq!(
+            client("10.0.0.2", &["1.1.1.1, 198.51.100.1, 10.0.0.7"]),
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            client("::ffff:10.0.0.2", &["198.51.100.1:4711"]),
+            ip("198.51.100.1")
+        );
+        assert_eq!(
+            client("2001:db8::1", &["[2001:db8:5::1]:80"]),
+            ip("2001:db8:5::1")
+        );
+        assert_eq!(
+            client("2001:db8::1", &["[2001:db8:5::2]"]),
+            ip("2001:db8:5::2")
+        );
+        // No header, or one that does not read: the proxy that sent it.
+        assert_eq!(client("10.0.0.2", &[]), ip("10.0.0.2"));
+        assert_eq!(client("10.0.0.2", &["1.1.1.1, unknown"]), ip("10.0.0.2"));
+        assert_eq!(
+            client("10.0.0.2", &["1.1.1.1, unknown, 10.0.0.7"]),
+            ip("10.0.0.7")
+        );
+        assert_eq!(client("10.0.0.2", &["\0, , "]), ip("10.0.0.2"));
+        // Only proxies: the first of them.
+        assert_eq!(client("10.0.0.2", &["10.0.0.5, 10.0.0.6"]), ip("10.0.0.5"));
+        // Entries that are no address or network are named.
+        assert_eq!(
+            TrustedProxies::parse(&["10.0.0.0/8".into(), "proxy".into()]).unwrap_err(),
+            "proxy"
+        );
+        assert!(TrustedProxies::parse(&["10.0.0.0/33".into()]).is_err());
+        assert!(TrustedProxies::parse(&[]).unwrap().0.is_empty());
     }
 
     /// The table never holds more than [`MAX_PEERS`] addresses: those refilled are forgotten, and

@@ -270,7 +270,18 @@ async fn caller_of(
     if let Some(caller) = keys.authenticate_cached(token) {
         return Ok(caller);
     }
-    let peer = request.peer_addr().map(|address| Peer::of(address.ip()));
+    let peer = request.peer_addr().map(|address| {
+        let forwarded_for = request
+            .headers()
+            .get_all("x-forwarded-for")
+            .filter_map(|value| value.to_str().ok())
+            .collect::<Vec<_>>();
+        Peer::of(
+            state
+                .trusted_proxies
+                .client(address.ip(), forwarded_for.into_iter()),
+        )
+    });
     let now = std::time::Instant::now();
     if let Some(wait) = peer.and_then(|peer| state.failed_logins.take(peer, now)) {
         let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;

@@ -52,6 +52,8 @@ pub struct AppState {
     pub keys: Option<Arc<crate::auth::keys::KeyStore>>,
     /// The failed logins of each client address (`auth.failed_logins_per_minute`).
     pub failed_logins: crate::auth::limit::FailedLogins,
+    /// The proxies whose `X-Forwarded-For` names the client (`auth.trusted_proxies`).
+    pub trusted_proxies: crate::auth::limit::TrustedProxies,
     pub audit: crate::auth::audit::AuditLog,
     /// The change feed's followers now (`changes.max_followers`).
     pub followers: Arc<changes::Followers>,

@@ -1642,6 +1642,46 @@ async fn failed_logins_from_one_address_are_limited_but_known_keys_are_not() {
     app.stop().await;
 }
 
+/// Behind a trusted proxy (here the loopback address the test connects from), failed logins are
+/// counted by the client `X-Forwarded-For` names: one client using up its guesses leaves the
+/// master key working for another, and what a client writes before the proxy's entry is not
+/// believed. Without the proxy trusted, the header is not read: every client is the proxy.
+#[tokio::test]
+async fn behind_a_trusted_proxy_failed_logins_are_counted_per_client() {
+    let guess = |app: &TestApp, forwarded_for: &str, token: &str| {
+        app.client
+            .get(format!("{}/_keys", app.address))
+            .bearer_auth(token)
+            .header("X-Forwarded-For", forwarded_for)
+            .send()
+    };
+    let wrong = format!("dstore_{:016x}_{}", 9, "ef".repeat(32));
+    for trusted in [true, false] {
+        let app = spawn_app_with(|s| {
+            s.auth.master_keys = vec![MASTER.into()];
+            s.auth.failed_logins_per_minute = 5;
+            if trusted {
+                s.auth.trusted_proxies = vec!["127.0.0.0/8".into(), "::1".into()];
+            }
+        })
+        .await;
+        for _ in 0..5 {
+            let response = guess(&app, "192.0.2.66", &wrong).await.unwrap();
+            assert_eq!(response.status().as_u16(), 401);
+        }
+        // The same client, whatever it makes up before the proxy's entry.
+        let again = guess(&app, "198.51.100.7, 192.0.2.66", &wrong)
+            .await
+            .unwrap();
+        assert_eq!(again.status().as_u16(), 429, "trusted: {trusted}");
+        // Another client.
+        let other = guess(&app, "192.0.2.77", MASTER).await.unwrap();
+        let expected = if trusted { 200 } else { 429 };
+        assert_eq!(other.status().as_u16(), expected, "trusted: {trusted}");
+        app.stop().await;
+    }
+}
+
 #[tokio::test]
 async fn a_cross_site_form_post_is_refused_with_or_without_authentication() {
     for app in [secured().await, crate::helpers::spawn_app().await] {
