@@ -245,24 +245,33 @@ impl Follower {
         let follower = self.clone();
         let (changes, bytes) = (page.changes, page.bytes);
         crate::aside::sized(bytes, move || {
-            let entries = follower.present_all(&snapshot, changes)?;
+            let (entries, cut) = follower.present_all(&snapshot, changes, max_bytes)?;
+            let place = Place {
+                last_revision: cut.unwrap_or(place.last_revision),
+                ..place
+            };
             Ok(Page {
                 body: finish(&entries, place),
                 shown: entries.len(),
                 place,
-                full,
+                full: full || cut.is_some(),
             })
         })
         .await
         .map_err(StorageError::Unavailable)?
     }
 
-    /// The changes of a page as the follower sees them, or why it can follow no more.
+    /// The changes of a page as the follower sees them, or why it can follow no more; with the
+    /// revision the page was cut after, when the items presented reached `max_bytes` (decoded)
+    /// before its last change. The storage bounds a page by its items as stored, at the versions
+    /// they were written at; another version can make each many times larger (a column it added
+    /// takes its default in every item), so what is presented is bounded again.
     fn present_all(
         &self,
         snapshot: &Snapshot,
         changes: Vec<Change>,
-    ) -> Result<Vec<FeedEntry>, FeedError> {
+        max_bytes: usize,
+    ) -> Result<(Vec<FeedEntry>, Option<u64>), FeedError> {
         let p = snapshot.projects.get(&self.project).ok_or_else(|| {
             FeedError::Gone(format!("project {:?} was dropped", self.project.as_str()))
         })?;
@@ -275,10 +284,19 @@ impl Follower {
                 self.version
             )));
         }
-        Ok(changes
-            .into_iter()
-            .filter_map(|change| self.present(p, target, change))
-            .collect())
+        let (mut entries, mut bytes) = (Vec::new(), 0);
+        let mut changes = changes.into_iter().peekable();
+        while let Some(change) = changes.next() {
+            let revision = change.revision;
+            if let Some(entry) = self.present(p, target, change) {
+                bytes += entry.item.as_ref().map_or(0, decoded_size);
+                entries.push(entry);
+            }
+            if bytes >= max_bytes && changes.peek().is_some() {
+                return Ok((entries, Some(revision)));
+            }
+        }
+        Ok((entries, None))
     }
 
     /// One change as clients of the followed version see it; `None` when they do not see it (a

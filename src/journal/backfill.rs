@@ -468,6 +468,9 @@ impl Journal {
                 .map(uuid::Uuid::from_bytes)
                 .unwrap_or_default();
             if let Some((blueprint, task)) = item_task(p, &target, id, &record) {
+                // The version's copy can be many times the record (a column it added takes its
+                // default in every item): the chunk counts both.
+                bytes += task.bytes.len();
                 items.push(BackfillItem {
                     key: key.to_vec(),
                     revision: record.revision,

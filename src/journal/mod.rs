@@ -2066,6 +2066,58 @@ mod tests {
         journal.close().await;
     }
 
+    /// A chunk counts the copies it makes, not only the records it reads: a version that adds
+    /// columns with long defaults makes each small item a copy of about 200 KB there, and 512 of
+    /// them were a hundred megabytes in memory, per back-fill.
+    #[tokio::test]
+    async fn a_back_fill_chunk_counts_the_copies_a_version_makes_of_small_items() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Buffered, vec![]).await;
+        for n in 0..100 {
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("t{n}")).await;
+        }
+        journal
+            .backfills_held
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut columns = serde_json::Map::new();
+        columns.insert("title".into(), json!({"type": "string"}));
+        for c in 0..50 {
+            columns.insert(
+                format!("c{c}"),
+                json!({"type": "string", "default": "d".repeat(4000)}),
+            );
+        }
+        let blueprint = json!({"postgresql": {"table": "articles"},
+            "elasticsearch": {"type": "article"}, "columns": columns});
+        storage
+            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
+            .await
+            .unwrap();
+        storage.freeze(&project, false).await.unwrap();
+        let (mut cursor, mut read) = (None, 0);
+        loop {
+            let chunk = journal
+                .backfill_chunk(&project, 2, cursor.as_deref())
+                .unwrap();
+            assert!(chunk.looked_at <= 50, "{} items", chunk.looked_at);
+            read += chunk.looked_at;
+            if chunk.ended {
+                break;
+            }
+            cursor = chunk.cursor;
+        }
+        assert_eq!(read, 100);
+        journal
+            .backfills_held
+            .store(false, std::sync::atomic::Ordering::Relaxed);
+        journal.close().await;
+    }
+
     #[tokio::test]
     async fn past_the_limit_a_held_projects_writes_are_refused_first_and_the_others_go_on() {
         held_first(|journal, project| {

@@ -295,12 +295,10 @@ pub async fn bulk(
     max_item_bytes: usize,
     hold: Hold<'_>,
 ) -> Result<Bulked, WriteError> {
-    let documents = 1 + storage
-        .fresh_snapshot(project)
-        .await?
-        .project(project)?
-        .live_versions()
-        .count();
+    let snapshot = storage.fresh_snapshot(project).await?;
+    let p = snapshot.project(project)?;
+    let documents = 1 + p.live_versions().count();
+    let overheads = copy_overheads(p);
     // The versions a delete reaches depend on the blueprint uid the item was stored with, read
     // from the record's header alone and once per item, however often the body names it: a body
     // of many deletes holds no item bodies, nor decodes any.
@@ -344,7 +342,14 @@ pub async fn bulk(
         other => other,
     };
     let mut journaled = false;
-    for part in parts(&body.ops, part_bytes(documents)) {
+    let overhead = |op: &OwnedOp| {
+        let blueprint = op.blueprint.as_ref().filter(|_| op.item.is_some());
+        blueprint
+            .and_then(|b| overheads.get(b))
+            .copied()
+            .unwrap_or(0)
+    };
+    for part in parts(&body.ops, part_bytes(documents), overhead) {
         let hold: Hold<'_> = if journaled { &later } else { hold };
         let size = part.len();
         match bulk_part(storage, project, &body, part, hold).await {
@@ -385,13 +390,37 @@ pub fn part_bytes(documents: usize) -> usize {
     PART_BYTES / documents.max(1)
 }
 
+/// For each blueprint name of the project's live versions, the most bytes the copies of an item
+/// written with it take beyond the item's own values
+/// ([`crate::blueprint::Blueprint::copy_overhead`], summed over the live versions; the largest
+/// where versions give the name to different blueprints).
+fn copy_overheads(p: &Project) -> HashMap<Ident, usize> {
+    let mut by_uid: HashMap<Uid, usize> = HashMap::new();
+    for version in p.live_versions() {
+        for blueprint in version.blueprints.values() {
+            *by_uid.entry(blueprint.uid).or_default() += blueprint.copy_overhead();
+        }
+    }
+    let mut by_name: HashMap<Ident, usize> = HashMap::new();
+    for version in p.live_versions() {
+        for (name, blueprint) in &version.blueprints {
+            let overhead = by_uid.get(&blueprint.uid).copied().unwrap_or(0);
+            let most = by_name.entry(name.clone()).or_default();
+            *most = (*most).max(overhead);
+        }
+    }
+    by_name
+}
+
 /// The ranges of `ops` journaled together: consecutive, each of at most [`PART_OPERATIONS`]
-/// operations and `most` bytes of item lines (or one operation, whatever its size).
-fn parts(ops: &[OwnedOp], most: usize) -> Vec<Range<usize>> {
+/// operations and `most` bytes of item lines and the `overhead` of their copies (or one
+/// operation, whatever its size): the copies a version makes of small items can be many times
+/// their lines (a column it added takes its default in each).
+fn parts(ops: &[OwnedOp], most: usize, overhead: impl Fn(&OwnedOp) -> usize) -> Vec<Range<usize>> {
     let mut parts = Vec::new();
     let (mut start, mut bytes) = (0, 0);
     for (n, op) in ops.iter().enumerate() {
-        let size = op.item.as_ref().map_or(0, Range::len);
+        let size = op.item.as_ref().map_or(0, Range::len) + overhead(op);
         if n > start && (n - start == PART_OPERATIONS || bytes + size > most) {
             parts.push(start..n);
             (start, bytes) = (n, 0);
@@ -900,15 +929,22 @@ mod tests {
         // 64 items of 1 MiB: 4 MiB of them a part with one live version, 1 MiB with seven.
         let ops: Vec<OwnedOp> = (0..64).map(|_| op(1 << 20)).collect();
         assert_eq!(part_bytes(2), 4 << 20);
-        assert_eq!(parts(&ops, part_bytes(2)).len(), 16);
-        assert_eq!(parts(&ops, part_bytes(8)).len(), 64);
+        let none = |_: &OwnedOp| 0;
+        assert_eq!(parts(&ops, part_bytes(2), none).len(), 16);
+        assert_eq!(parts(&ops, part_bytes(8), none).len(), 64);
         // An item larger than a part is a part of its own; deletes count only their number.
-        assert_eq!(parts(&[op(9 << 20), op(1)], part_bytes(2)), [0..1, 1..2]);
+        assert_eq!(
+            parts(&[op(9 << 20), op(1)], part_bytes(2), none),
+            [0..1, 1..2]
+        );
         let deletes: Vec<OwnedOp> = (0..PART_OPERATIONS + 1).map(|_| op(0)).collect();
         assert_eq!(
-            parts(&deletes, part_bytes(2)),
+            parts(&deletes, part_bytes(2), none),
             [0..PART_OPERATIONS, PART_OPERATIONS..PART_OPERATIONS + 1]
         );
+        // Small items whose copies take about 1 MiB each: four a part.
+        let small: Vec<OwnedOp> = (0..64).map(|_| op(10)).collect();
+        assert_eq!(parts(&small, part_bytes(2), |_| (1 << 20) - 10).len(), 16);
     }
 
     fn busy(_: usize) -> Result<(), Refused> {

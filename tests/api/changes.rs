@@ -1232,6 +1232,59 @@ async fn pages_nobody_reads_hold_the_request_memory_budget() {
     app.stop().await;
 }
 
+/// A page is bounded by its items as the followed version presents them, not as they are stored:
+/// a version that adds columns with long defaults makes every item written before it far larger
+/// there, and a page of them ends after 8 MiB (and one item) of them, its `last_revision` the
+/// last change it holds; the next pages give the rest, each item once.
+#[tokio::test]
+async fn a_page_is_bounded_by_its_items_as_the_followed_version_presents_them() {
+    let app = spawn_app().await;
+    project(&app).await;
+    let mut written = Vec::new();
+    for n in 0..60 {
+        written.push(put(&app, Uuid::new_v4(), &format!("t{n}")).await);
+    }
+    // Each item at version 2: about 200 KB, against a few bytes stored.
+    let mut wide = note("title");
+    for c in 0..50 {
+        wide["columns"][format!("c{c}")] = json!({"type": "string", "default": "d".repeat(4000)});
+    }
+    assert_eq!(app.put_and_freeze("p", "note", &wide).await, 2);
+    let path = "/p/_changes?since=0&version=2&limit=10000";
+    let text = app
+        .client
+        .get(format!("{}{path}", app.address))
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    assert!(text.len() < 9 << 20, "a page of {} bytes", text.len());
+    let page: Value = serde_json::from_slice(&text).unwrap();
+    let shown = revisions(&page);
+    assert!(shown.len() > 30 && shown.len() < 60, "{}", shown.len());
+    assert_eq!(page["last_revision"].as_u64(), shown.last().copied());
+    assert_eq!(
+        page["results"][0]["item"]["c49"].as_str().map(str::len),
+        Some(4000)
+    );
+    // The rest follows, each item once.
+    let mut seen = shown;
+    let mut since = page["last_revision"].as_u64().unwrap();
+    while seen.len() < written.len() {
+        let next = app
+            .get(&format!("/p/_changes?since={since}&version=2&limit=10000"))
+            .await;
+        let more = revisions(&next.body);
+        assert!(!more.is_empty(), "{}", next.body["last_revision"]);
+        seen.extend(more);
+        since = next.body["last_revision"].as_u64().unwrap();
+    }
+    assert_eq!(seen, written);
+    app.stop().await;
+}
+
 /// A client that opens streams and never reads them (its host still acknowledging TCP) does not
 /// keep their places, and the pages they hold, for ever: a stream not polled for three heartbeats
 /// (at least 10 s) has its connection shut down, and the next follower gets a place.

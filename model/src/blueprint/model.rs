@@ -377,6 +377,25 @@ impl ColumnDef {
 }
 
 impl Blueprint {
+    /// The most bytes of JSON text a copy of an item at this blueprint takes beyond the item's
+    /// own values: each column's name, and its default (or null) where the item has no value.
+    /// A copy made for another version is bounded by the item and this; a version that adds
+    /// columns with long defaults makes a copy of a small item many times its size.
+    pub fn copy_overhead(&self) -> usize {
+        self.columns
+            .iter()
+            .map(|(name, column)| {
+                let default = column
+                    .def
+                    .default
+                    .as_ref()
+                    .and_then(|value| serde_json::to_vec(value).ok())
+                    .map_or(4, |text| text.len());
+                name.as_str().len() + default + 4
+            })
+            .sum()
+    }
+
     /// Whether the blueprint has a column `name`: compared in order when there are few, as
     /// [`crate::json::field`] does, hashed otherwise.
     pub fn has_column(&self, name: &str) -> bool {

@@ -246,9 +246,7 @@ async fn backfill(
         .await
         .map_err(|e| unavailable("read items to back-fill", &e))?;
         let fetched: i64 = rows.first().map_or(0, |row| row.get("fetched"));
-        state.done += rows.len() as u64;
-        state.total = state.total.max(state.done);
-        state.finished = fetched < CHUNK && rows.len() as i64 == fetched;
+        let last_chunk = fetched < CHUNK && rows.len() as i64 == fetched;
         let mut snapshot = node.snapshot();
         if snapshot
             .projects
@@ -266,7 +264,14 @@ async fn backfill(
             return finish(node, project, version, key, &state, true).await;
         };
         let mut chunk = Vec::with_capacity(rows.len());
+        // The version's copies can be many times the records (a column it added takes its
+        // default in every item): past CHUNK_BYTES of them, the chunk ends.
+        let (mut taken, mut copies) = (0, 0);
         for row in &rows {
+            if copies >= CHUNK_BYTES as usize {
+                break;
+            }
+            taken += 1;
             let (blueprint, id): (String, Uuid) = (row.get("blueprint"), row.get("id"));
             state.cursor = Some(cursor_of(&blueprint, &id));
             // A record this version cannot read is left out, said once; stopping at it would stop
@@ -279,9 +284,13 @@ async fn backfill(
                 }
             };
             if let Some((_, task)) = item_task(p, target, id, &record) {
+                copies += task.bytes.len();
                 chunk.push((blueprint, id, record.revision, task.bytes));
             }
         }
+        state.done += taken as u64;
+        state.total = state.total.max(state.done);
+        state.finished = last_chunk && taken == rows.len();
         let born = p.working.born;
         if !commit_chunk(node, project, version, (key, born), &state, chunk).await? {
             tracing::info!(%project, version, "back-fill stopped: the version was retired or removed, or another node took the back-fill over");
