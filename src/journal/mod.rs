@@ -1892,6 +1892,13 @@ mod tests {
             mark(&journal.db) > last,
             "the mark is ahead of what was handed out"
         );
+        // Tests reserve four seqs at a time: writes one by one reach the mark, and each is
+        // handed out below the one synced before it, never at it.
+        for n in 0..12 {
+            last = conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("{n}"))
+                .await;
+            assert!(mark(&journal.db) > last, "{last} at the mark");
+        }
         journal.close().await;
         drop((journal, storage));
         let journal = open(_dir.path(), Durability::Buffered, vec!["store"], u64::MAX);
