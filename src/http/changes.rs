@@ -9,7 +9,8 @@
 //!   filter hid its changes) is handed over as a heartbeat's frame saying how far it read, so this
 //!   holds for a follower whose filter hides a long history too.
 //! - An idle follower is a parked future waiting on its project's signal (or its heartbeat): no task,
-//!   no buffer, no query.
+//!   no buffer; without a signal it reads again only every [`LONG_POLL_REREAD`] (a long poll) or
+//!   after each heartbeat (a stream).
 //! - Streams resume from the revision a follower saw last (`since`, or SSE's `Last-Event-ID`), and
 //!   within one stream revisions only grow, so a change is never sent twice.
 //! - A page's read (embedded storage), and its transform and encoding when its items are large

@@ -78,6 +78,30 @@ async fn the_openapi_document_covers_every_route_and_the_error_body() {
     let missing = app.get("/a/b/c/d/e").await;
     assert_eq!(missing.status, 404);
     assert!(missing.body["status"].is_string() && missing.body["errors"].is_array());
+    // A change feed page has the members the document names, every one it requires: a client
+    // made from the document keeps the `horizon` a read from 0 sends back.
+    app.put_and_freeze("p", "article", &crate::helpers::article())
+        .await;
+    let page = app.get("/p/_changes?since=0").await;
+    assert_eq!(page.status, 200, "{}", page.body);
+    let schema = &doc.body["components"]["schemas"]["ChangesPage"];
+    let members: Vec<&String> = page.body.as_object().unwrap().keys().collect();
+    let mut documented: Vec<&String> = schema["properties"].as_object().unwrap().keys().collect();
+    let mut required: Vec<&str> = schema["required"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    documented.sort();
+    required.sort();
+    let mut sorted = members.clone();
+    sorted.sort();
+    assert_eq!(sorted, documented);
+    assert_eq!(
+        sorted.iter().map(|m| m.as_str()).collect::<Vec<_>>(),
+        required
+    );
     app.stop().await;
 }
 
