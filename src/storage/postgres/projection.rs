@@ -46,7 +46,7 @@ pub async fn run(
     let name = projector.name();
     let mut attempt = 0;
     while !*shutdown.borrow() {
-        let claimed = match claim(&storage, name).await {
+        let claimed = match claim_leases(&storage, name).await {
             Ok(claimed) => {
                 attempt = 0;
                 claimed
@@ -69,15 +69,10 @@ pub async fn run(
             }
             continue;
         }
-        let claimed_at = tokio::time::Instant::now();
-        for (project, cursor) in claimed {
+        for (project, lease) in claimed {
             if *shutdown.borrow() {
                 break;
             }
-            let lease = Lease {
-                renewed: claimed_at,
-                cursor,
-            };
             if let Err(error) =
                 work(&storage, projector.as_ref(), &project, lease, batch_size).await
             {
@@ -92,6 +87,28 @@ pub async fn run(
         }
     }
     release(&storage, name).await;
+}
+
+/// Claims cursors with work for `projector`; answers each project and its lease, counted from
+/// before the claim was sent. The server dates a lease from the statement's start: counted from
+/// the answer, a claim that waited for a lock (up to `lock_timeout`) would have this node apply a
+/// batch past the lease's end, while another node may take the cursor.
+async fn claim_leases(
+    storage: &PgStorage,
+    projector: &str,
+) -> Result<Vec<(Ident, Lease)>, StorageError> {
+    let sent = tokio::time::Instant::now();
+    let claimed = claim(storage, projector).await?;
+    Ok(claimed
+        .into_iter()
+        .map(|(project, cursor)| {
+            let lease = Lease {
+                renewed: sent,
+                cursor,
+            };
+            (project, lease)
+        })
+        .collect())
 }
 
 /// Claims cursors with work for `projector`; answers each project and its cursor.
@@ -1149,6 +1166,37 @@ mod tests {
             .unwrap();
         assert_eq!(backfills, 1);
         drop((first, third));
+        drop_schema(&schema).await;
+    }
+
+    /// A lease counts from before its claim was sent, as the server dates it: a claim that waited
+    /// for a lock held elsewhere does not leave this node believing its lease runs longer than
+    /// it does.
+    #[tokio::test]
+    async fn a_claimed_lease_counts_from_before_the_claim_waited() {
+        use sqlx::Connection;
+        let (storage, schema) = open_postgresql("claimwait", vec!["counting"]).await;
+        let project = frozen(storage.as_ref()).await;
+        write(storage.as_ref(), &project, Uuid::new_v4(), "t").await;
+        let url = storage.settings.url.expose().to_string();
+        let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
+        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "LOCK TABLE \"{schema}\".projects IN ACCESS EXCLUSIVE MODE"
+        )))
+        .execute(&mut holder)
+        .await
+        .unwrap();
+        let release = async move {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+        };
+        let (claimed, ()) = tokio::join!(claim_leases(&storage, "counting"), release);
+        let claimed = claimed.unwrap();
+        assert_eq!(claimed.len(), 1);
+        let held = claimed[0].1.renewed.elapsed();
+        assert!(held >= Duration::from_millis(1900), "{held:?}");
+        drop(storage);
         drop_schema(&schema).await;
     }
 }
