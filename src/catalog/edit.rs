@@ -458,13 +458,20 @@ pub fn freeze(
     Ok(p.versions[number as usize - 1].clone())
 }
 
+/// Records how `projector`'s migration of version `number` went. `task`, the seq of the
+/// `Migrate` task it ran for: at or below the project's `born`, it migrated an earlier project of
+/// the name, dropped since, and says nothing of this one (recorded, it would mark a version
+/// migrated that was not, and have the earlier project's drop taken for one delivered again).
 pub fn set_migration(
     p: &mut Project,
     number: u32,
     projector: &str,
-    state: MigrationState,
+    (state, task): (MigrationState, Option<u64>),
     writes: &mut Vec<Write>,
 ) -> Result<(), CatalogError> {
+    if task.is_some_and(|seq| seq <= p.working.born) {
+        return Ok(());
+    }
     let status = p
         .status
         .get_mut(&number)

@@ -285,15 +285,16 @@ impl Catalog {
         })
     }
 
+    /// Records how a projector's migration went (see [`edit::set_migration`]).
     pub fn set_migration(
         &self,
         project: &Ident,
         number: u32,
         projector: &str,
-        state: MigrationState,
+        (state, task): (MigrationState, Option<u64>),
     ) -> Result<(), CatalogError> {
         self.update(project, false, |p, writes| {
-            edit::set_migration(p, number, projector, state, writes)
+            edit::set_migration(p, number, projector, (state, task), writes)
         })
     }
 

@@ -185,7 +185,7 @@ impl Journal {
                             &task.project,
                             *version,
                             name,
-                            MigrationState::Done,
+                            (MigrationState::Done, Some(task.seq)),
                         );
                         // The project or version may be gone since.
                         if let Err(error) = marked {

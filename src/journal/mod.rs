@@ -2134,7 +2134,7 @@ mod tests {
             };
             journal
                 .catalog
-                .set_migration(project, 1, "store", failed)
+                .set_migration(project, 1, "store", (failed, None))
                 .unwrap();
         })
         .await;

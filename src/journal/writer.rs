@@ -959,7 +959,7 @@ fn stage_command(stage: &mut Stage, command: Command) {
                     &project,
                     version,
                     &name,
-                    MigrationState::Done,
+                    (MigrationState::Done, None),
                 );
                 if let Err(e) = marked {
                     let _ = reply.send(Err(e.into()));
@@ -1499,7 +1499,8 @@ fn requeue_into_keyspaces(stage: &mut Stage, task: &super::task::Task) {
             let name = ProjectorKind::Rocksdb.name();
             let catalog = &stage.writer.catalog;
             // The version may be gone since; then there is nothing to mark.
-            let _ = catalog.set_migration(&task.project, *version, name, MigrationState::Done);
+            let done = (MigrationState::Done, Some(task.seq));
+            let _ = catalog.set_migration(&task.project, *version, name, done);
             return;
         }
         // The project was dropped, its keyspaces with it; it may exist again by now.

@@ -55,6 +55,10 @@ pub struct MigrationRecord {
     pub project: Ident,
     pub version: u32,
     pub state: MigrationState,
+    /// The seq of the `Migrate` task: a migration of an earlier project of the name, dropped
+    /// since, is not recorded on the one made again (none from a worker that did not say).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task: Option<u64>,
 }
 
 impl Step {
@@ -77,11 +81,12 @@ pub fn record(
     run: Option<RangeInclusive<u64>>,
 ) -> Result<(), JournalError> {
     if let Some(m) = migration {
-        if let Err(e) =
-            journal
-                .catalog()
-                .set_migration(&m.project, m.version, projector, m.state.clone())
-        {
+        if let Err(e) = journal.catalog().set_migration(
+            &m.project,
+            m.version,
+            projector,
+            (m.state.clone(), m.task),
+        ) {
             tracing::warn!(projector, error = %e, "cannot record migration state");
         }
     }
@@ -283,6 +288,7 @@ async fn migrate(projector: &dyn Projector, snapshot: &Snapshot, task: &Task, nu
         project: task.project.clone(),
         version: number,
         state,
+        task: Some(task.seq),
     });
     step
 }

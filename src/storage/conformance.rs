@@ -431,7 +431,7 @@ async fn migration_states_are_recorded_per_projector(storage: Arc<dyn Storage>) 
     let pending = &storage.snapshot().projects[&project].status[&1].migrations["rocksdb"];
     assert_eq!(pending, &MigrationState::Pending);
     storage
-        .set_migration(&project, 1, "rocksdb", MigrationState::Done)
+        .set_migration(&project, 1, "rocksdb", MigrationState::Done, None)
         .await
         .expect("recorded");
     let snapshot = storage.snapshot();
@@ -439,6 +439,27 @@ async fn migration_states_are_recorded_per_projector(storage: Arc<dyn Storage>) 
         snapshot.projects[&project].status[&1].migrations["rocksdb"],
         MigrationState::Done
     );
+    // A migration of the project dropped since, ending after it was made again (its version 1
+    // pending), is not recorded on the new one; the new one's own is.
+    let earlier = storage.snapshot().projects[&project].working.born + 1;
+    storage.drop_project(&project).await.expect("dropped");
+    let again = frozen(storage.as_ref()).await;
+    let born = storage.snapshot().projects[&again].working.born;
+    assert!(earlier <= born);
+    for (task, expected) in [
+        (earlier, MigrationState::Pending),
+        (born + 1, MigrationState::Done),
+    ] {
+        storage
+            .set_migration(&again, 1, "rocksdb", MigrationState::Done, Some(task))
+            .await
+            .expect("answered");
+        let snapshot = storage.snapshot();
+        assert_eq!(
+            snapshot.projects[&again].status[&1].migrations["rocksdb"], expected,
+            "task {task}, born {born}"
+        );
+    }
 }
 
 async fn a_dropped_project_is_forgotten_and_can_be_made_again(storage: Arc<dyn Storage>) {

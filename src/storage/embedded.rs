@@ -207,10 +207,11 @@ impl Storage for EmbeddedStorage {
         version: u32,
         projector: &str,
         state: MigrationState,
+        task: Option<u64>,
     ) -> Result<(), StorageError> {
         Ok(self
             .catalog
-            .set_migration(project, version, projector, state)?)
+            .set_migration(project, version, projector, (state, task))?)
     }
 
     async fn write(

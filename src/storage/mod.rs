@@ -280,13 +280,15 @@ pub trait Storage: Send + Sync {
     /// Stops projecting into a version; writes against it are refused from now on.
     async fn retire(&self, project: &Ident, version: u32) -> Result<(), StorageError>;
 
-    /// Records how a projector's migration of a version went.
+    /// Records how a projector's migration of a version went, for the `Migrate` task `task` when
+    /// known: one of an earlier project of the name, dropped since, is not recorded.
     async fn set_migration(
         &self,
         project: &Ident,
         version: u32,
         projector: &str,
         state: MigrationState,
+        task: Option<u64>,
     ) -> Result<(), StorageError>;
 
     /// Journals item writes prepared against the project's `epoch`; answers their revisions, in

@@ -1222,9 +1222,10 @@ impl Storage for PgStorage {
         version: u32,
         projector: &str,
         state: MigrationState,
+        task: Option<u64>,
     ) -> Result<(), StorageError> {
         self.edit(project, false, |p, writes| {
-            edit::set_migration(p, version, projector, state, writes)
+            edit::set_migration(p, version, projector, (state, task), writes)
         })
         .await
     }

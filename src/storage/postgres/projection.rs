@@ -268,7 +268,7 @@ async fn work(
         };
         if let Some(m) = &step.migration {
             if let Err(error) = storage
-                .set_migration(&m.project, m.version, name, m.state.clone())
+                .set_migration(&m.project, m.version, name, m.state.clone(), m.task)
                 .await
             {
                 tracing::warn!(projector = name, %project, %error, "cannot record a migration's state");
