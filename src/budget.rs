@@ -10,6 +10,12 @@
 //! never be taken). What a thread builds and drops within one step without waiting (a parse's
 //! growing arrays, an item's checked and transformed copies) is not counted: its total is bounded
 //! by the threads doing such steps (the HTTP workers, and one blocking thread per core).
+//!
+//! Answers waiting to be sent (an item read, a change feed page) hold their bytes until the client
+//! takes them, which a client that never reads can put off for as long as its connection stays
+//! open. Together they hold at most three quarters of the budget ([`InFlight::answer_share`]):
+//! clients that ask for answers and leave them unread are refused (503) before writes are, and
+//! writes always have a quarter of the budget.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -19,6 +25,8 @@ use std::sync::Arc;
 pub struct InFlight {
     used: AtomicUsize,
     limit: usize,
+    /// The part of `used` that answer shares hold.
+    answers: AtomicUsize,
 }
 
 /// Why a share could not grow.
@@ -26,6 +34,9 @@ pub struct InFlight {
 pub enum Refused {
     /// Other requests hold too much now; the request may be sent again shortly.
     Busy { limit: usize },
+    /// Answers waiting to be sent hold all they may ([`InFlight::answers_limit`]); the request
+    /// may be sent again shortly.
+    Answers { limit: usize },
     /// The request alone would hold `needed` bytes, more than the whole budget.
     Alone { needed: usize, limit: usize },
 }
@@ -37,6 +48,11 @@ impl std::fmt::Display for Refused {
                 f,
                 "the server already holds the {limit} bytes of request memory it may \
                  (server.max_inflight_bytes); try again shortly"
+            ),
+            Refused::Answers { limit } => write!(
+                f,
+                "answers not yet taken by their clients already hold the {limit} bytes of request \
+                 memory they may (three quarters of server.max_inflight_bytes); try again shortly"
             ),
             Refused::Alone { needed, limit } => write!(
                 f,
@@ -53,6 +69,7 @@ impl InFlight {
         Arc::new(InFlight {
             used: AtomicUsize::new(0),
             limit,
+            answers: AtomicUsize::new(0),
         })
     }
 
@@ -61,16 +78,21 @@ impl InFlight {
         self.limit
     }
 
+    /// The most answers waiting to be sent may hold together: three quarters of the limit.
+    pub fn answers_limit(&self) -> usize {
+        self.limit - self.limit / 4
+    }
+
     /// Bytes held now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
     }
 
-    /// Takes `n` more bytes, or none if that would pass the limit.
-    fn take(&self, n: usize) -> bool {
-        self.used
+    /// Takes `n` more bytes of `counter`, or none if that would pass `limit`.
+    fn take(counter: &AtomicUsize, n: usize, limit: usize) -> bool {
+        counter
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(n).filter(|total| *total <= self.limit)
+                used.checked_add(n).filter(|total| *total <= limit)
             })
             .is_ok()
     }
@@ -80,7 +102,25 @@ impl InFlight {
         Share {
             budget: self.clone(),
             bytes: AtomicUsize::new(0),
+            answer: false,
         }
+    }
+
+    /// An empty share for an answer waiting to be sent, within [`InFlight::answers_limit`].
+    pub fn answer_share(self: &Arc<Self>) -> Share {
+        Share {
+            budget: self.clone(),
+            bytes: AtomicUsize::new(0),
+            answer: true,
+        }
+    }
+
+    /// Gives back `n` bytes a share held.
+    fn give_back(&self, n: usize, answer: bool) {
+        if answer {
+            self.answers.fetch_sub(n, Ordering::AcqRel);
+        }
+        self.used.fetch_sub(n, Ordering::AcqRel);
     }
 }
 
@@ -90,6 +130,8 @@ impl InFlight {
 pub struct Share {
     budget: Arc<InFlight>,
     bytes: AtomicUsize,
+    /// An answer's share, held within [`InFlight::answers_limit`].
+    answer: bool,
 }
 
 impl Share {
@@ -100,20 +142,33 @@ impl Share {
 
     /// Holds `n` bytes more.
     pub fn grow(&self, n: usize) -> Result<(), Refused> {
+        let budget = &self.budget;
         let needed = self.bytes().saturating_add(n);
-        if needed > self.budget.limit {
-            return Err(Refused::Alone {
-                needed,
-                limit: self.budget.limit,
-            });
+        let limit = self.limit();
+        if needed > limit {
+            return Err(Refused::Alone { needed, limit });
         }
-        if !self.budget.take(n) {
+        if self.answer && !InFlight::take(&budget.answers, n, limit) {
+            return Err(Refused::Answers { limit });
+        }
+        if !InFlight::take(&budget.used, n, budget.limit) {
+            if self.answer {
+                budget.answers.fetch_sub(n, Ordering::AcqRel);
+            }
             return Err(Refused::Busy {
-                limit: self.budget.limit,
+                limit: budget.limit,
             });
         }
         self.bytes.fetch_add(n, Ordering::AcqRel);
         Ok(())
+    }
+
+    /// The most this share may hold.
+    pub fn limit(&self) -> usize {
+        match self.answer {
+            true => self.budget.answers_limit(),
+            false => self.budget.limit,
+        }
     }
 
     /// Holds exactly `total` bytes: grows, or gives back what is no longer needed.
@@ -123,16 +178,14 @@ impl Share {
             return self.grow(total - held);
         }
         self.bytes.fetch_sub(held - total, Ordering::AcqRel);
-        self.budget.used.fetch_sub(held - total, Ordering::AcqRel);
+        self.budget.give_back(held - total, self.answer);
         Ok(())
     }
 }
 
 impl Drop for Share {
     fn drop(&mut self) {
-        self.budget
-            .used
-            .fetch_sub(*self.bytes.get_mut(), Ordering::AcqRel);
+        self.budget.give_back(*self.bytes.get_mut(), self.answer);
     }
 }
 
@@ -163,5 +216,34 @@ mod tests {
         assert_eq!(budget.used(), 80);
         drop(second);
         assert_eq!(budget.used(), 0);
+    }
+
+    /// Answers waiting to be sent hold at most three quarters of the budget: writes always
+    /// have the rest.
+    #[test]
+    fn answers_leave_writes_a_quarter_of_the_budget() {
+        let budget = InFlight::new(100);
+        let answers = [budget.answer_share(), budget.answer_share()];
+        answers[0].grow(50).unwrap();
+        assert_eq!(answers[1].grow(30), Err(Refused::Answers { limit: 75 }));
+        assert_eq!(
+            answers[1].grow(76),
+            Err(Refused::Alone {
+                needed: 76,
+                limit: 75
+            })
+        );
+        answers[1].grow(25).unwrap();
+        let write = budget.share();
+        write.grow(25).unwrap();
+        assert_eq!(budget.used(), 100);
+        // A write holding the rest leaves answers what they hold, no more.
+        answers[0].resize(40).unwrap();
+        write.grow(5).unwrap();
+        assert_eq!(answers[0].grow(6), Err(Refused::Busy { limit: 100 }));
+        assert_eq!(budget.answers.load(Ordering::Relaxed), 65);
+        drop(answers);
+        assert_eq!(budget.used(), 30);
+        assert_eq!(budget.answers.load(Ordering::Relaxed), 0);
     }
 }

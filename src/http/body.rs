@@ -297,8 +297,8 @@ impl actix_web::body::MessageBody for Held {
     }
 }
 
-/// `value` as a JSON answer whose bytes count against `server.max_inflight_bytes` until they are
-/// sent (the catalog's answers, which grow with every project and version): clients that ask
+/// `value` as a JSON answer whose bytes count against `server.max_inflight_bytes` (an answer's
+/// share of it, see `crate::budget`) until they are sent (the catalog's answers, which grow with every project and version): clients that ask
 /// for large answers and never read them are answered 503 once they hold that much, instead of
 /// growing the process. `what` names the answer in a refusal.
 pub fn held_json<T: serde::Serialize + ?Sized>(
@@ -308,12 +308,12 @@ pub fn held_json<T: serde::Serialize + ?Sized>(
 ) -> Result<HttpResponse, ApiError> {
     let body = serde_json::to_vec(value)
         .map_err(|e| ApiError::Internal(format!("cannot encode {what}: {e}")))?;
-    let share: Arc<Share> = Arc::new(state.in_flight.share());
+    let share: Arc<Share> = Arc::new(state.in_flight.answer_share());
     share.grow(body.len()).map_err(|refused| match refused {
-        Refused::Busy { .. } => ApiError::from(refused),
+        Refused::Busy { .. } | Refused::Answers { .. } => ApiError::from(refused),
         Refused::Alone { limit, .. } => ApiError::Oversized(format!(
-            "{what} would hold {} bytes until it is sent, more than the {limit} all requests may \
-             hold together (server.max_inflight_bytes)",
+            "{what} would hold {} bytes until it is sent, more than the {limit} answers may \
+             hold together (three quarters of server.max_inflight_bytes)",
             body.len()
         )),
     })?;

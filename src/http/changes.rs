@@ -282,10 +282,13 @@ impl From<FeedError> for ApiError {
 /// it, 413 for a page larger than all of it.
 fn page_refused(refused: crate::budget::Refused, bytes: usize) -> ApiError {
     match refused {
-        crate::budget::Refused::Busy { .. } => ApiError::from(refused),
+        crate::budget::Refused::Busy { .. } | crate::budget::Refused::Answers { .. } => {
+            ApiError::from(refused)
+        }
         crate::budget::Refused::Alone { limit, .. } => ApiError::Oversized(format!(
-            "this page would hold {bytes} bytes until it is sent, more than the {limit} all \
-             requests may hold together (server.max_inflight_bytes): ask for fewer changes (limit)"
+            "this page would hold {bytes} bytes until it is sent, more than the {limit} answers \
+             may hold together (three quarters of server.max_inflight_bytes): ask for fewer \
+             changes (limit)"
         )),
     }
 }
@@ -757,7 +760,7 @@ pub async fn changes(
         // A plain or long-poll answer holds its page until sent; requests for it take no
         // follower's place, so what they read is counted from the read on (a stream's pages
         // are small, one at a time per place).
-        held: (format == Format::Answer).then(|| Arc::new(state.in_flight.share())),
+        held: (format == Format::Answer).then(|| Arc::new(state.in_flight.answer_share())),
     };
     match params.feed {
         Feed::Normal => {

@@ -220,7 +220,9 @@ impl From<CatalogError> for ApiError {
 impl From<crate::budget::Refused> for ApiError {
     fn from(refused: crate::budget::Refused) -> Self {
         match refused {
-            crate::budget::Refused::Busy { .. } => ApiError::Unavailable(refused.to_string()),
+            crate::budget::Refused::Busy { .. } | crate::budget::Refused::Answers { .. } => {
+                ApiError::Unavailable(refused.to_string())
+            }
             crate::budget::Refused::Alone { .. } => ApiError::Oversized(refused.to_string()),
         }
     }

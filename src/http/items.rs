@@ -383,14 +383,14 @@ async fn read(
     // The decoded item and its answer are counted until the answer is sent, as a write's body is
     // (`body::JSON_FACTOR` a stored byte at most, for the decoded tree): concurrent reads of large
     // items wait for memory as their writes did, instead of growing the process. A read never
-    // takes more than the whole budget, so an item too large to be read beside others is still
-    // read alone.
-    let share = std::sync::Arc::new(state.in_flight.share());
+    // takes more than answers may hold (three quarters of the budget, see `crate::budget`), so
+    // an item too large to be read beside others is still read alone.
+    let share = std::sync::Arc::new(state.in_flight.answer_share());
     share.grow(
         stored
             .len()
             .saturating_mul(body::JSON_FACTOR)
-            .min(state.in_flight.limit()),
+            .min(share.limit()),
     )?;
     let stored = std::sync::Arc::new(stored);
     let (revision, rendered) = match render(&snapshot, &project, &blueprint, &stored, version).await
@@ -403,7 +403,7 @@ async fn read(
         }
     };
     drop(stored);
-    share.resize(rendered.len().min(state.in_flight.limit()))?;
+    share.resize(rendered.len().min(share.limit()))?;
     Ok(HttpResponse::Ok()
         .insert_header(("x-dstore-revision", revision.to_string()))
         .content_type("application/json")

@@ -1232,6 +1232,32 @@ async fn pages_nobody_reads_hold_the_request_memory_budget() {
     app.stop().await;
 }
 
+/// Answers nobody reads hold at most three quarters of `server.max_inflight_bytes`: a client
+/// that asks for pages and never reads them is refused before writes are, and a write still gets
+/// the memory its body needs.
+#[tokio::test]
+async fn pages_nobody_reads_leave_writes_a_quarter_of_the_request_memory_budget() {
+    let app = spawn_app_with(|s| s.server.max_inflight_bytes = 40_000_000).await;
+    project(&app).await;
+    // Pages of about 8.5 MB, more than the sockets' buffers take: four would hold 34 MB.
+    let title = "x".repeat(300_000);
+    for _ in 0..30 {
+        put(&app, Uuid::new_v4(), &title).await;
+    }
+    let mut stuck = Vec::new();
+    for _ in 0..4 {
+        stuck.push(unread(&app, "/p/_changes?since=0").await);
+        tokio::time::sleep(Duration::from_millis(300)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let refused = app.get("/p/_changes?since=0").await;
+    assert_eq!(refused.status, 503, "{}", refused.body);
+    // A write whose body holds about 7 MB while it is handled still fits.
+    put(&app, Uuid::new_v4(), &"y".repeat(200_000)).await;
+    drop(stuck);
+    app.stop().await;
+}
+
 /// A page is bounded by its items as the followed version presents them, not as they are stored:
 /// a version that adds columns with long defaults makes every item written before it far larger
 /// there, and a page of them ends after 8 MiB (and one item) of them, its `last_revision` the
