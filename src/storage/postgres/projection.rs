@@ -332,12 +332,16 @@ async fn leased<T>(
             let renewed = tokio::time::timeout(LEASE / 4, renew(storage, projector, project)).await;
             (sent, renewed)
         };
+        // The give-up first: a node that stalled past it (a paused process) gives the batch up
+        // before `applying` is polled again, rather than send its next statement (a drop) to a
+        // store another node may have moved on since.
         tokio::select! {
-            done = &mut applying => return Some(done),
+            biased;
             _ = tokio::time::sleep_until(held + give_up) => {
                 tracing::warn!(projector, %project, "cannot renew a lease while applying; giving the batch up before the lease lapses");
                 return None;
             }
+            done = &mut applying => return Some(done),
             (sent, renewed) = renewal => match renewed {
                 Ok(Ok(Some(_))) => {
                     held = sent;
@@ -828,6 +832,30 @@ mod tests {
             .execute(&mut locker)
             .await
             .unwrap();
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A node that stalled past the give-up (a paused process) gives the batch up before it
+    /// applies any more of it, even when the batch could go on at once: its next statement could
+    /// be a drop sent after another node moved on.
+    #[tokio::test]
+    async fn a_node_that_stalled_past_its_lease_applies_no_more_of_the_batch() {
+        let (storage, schema) = open_postgresql("stalled", vec!["counting"]).await;
+        let project = frozen(storage.as_ref()).await;
+        claim(&storage, "counting").await.unwrap();
+        let stalled = tokio::time::Instant::now()
+            .checked_sub(LEASE)
+            .expect("the clock is past one lease");
+        for _ in 0..20 {
+            let applied = AtomicUsize::new(0);
+            let given_up = leased(&storage, "counting", &project, stalled, async {
+                applied.fetch_add(1, Ordering::SeqCst);
+            })
+            .await;
+            assert_eq!(given_up, None);
+            assert_eq!(applied.load(Ordering::SeqCst), 0);
+        }
         drop(storage);
         drop_schema(&schema).await;
     }
