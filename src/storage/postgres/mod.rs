@@ -94,6 +94,11 @@ struct NodeProgress {
 pub struct PgStorage {
     /// Every statement through it is bounded by `storage.query_timeout_secs` (`bounded`).
     pool: Bounded,
+    /// A few connections of their own for the projection's leases (claims, renewals, settles):
+    /// renewals waiting behind reads that hold every connection of [`PgStorage::pool`] (pages of
+    /// the change feed) had each node give up every batch longer than a few seconds, again and
+    /// again, while reads were heavy.
+    leases: Bounded,
     /// How the write batcher connects: it keeps a connection of its own, so item writes never
     /// wait behind reads (a page of the change feed, a scan) for one of [`PgStorage::pool`]'s,
     /// and a batch costs no round trip to check a pooled connection.
@@ -371,6 +376,10 @@ fn decode_run(
     Ok((changes, bytes))
 }
 
+/// The connections of a node's projection leases: each projector claims, renews and settles one
+/// at a time.
+const LEASE_CONNECTIONS: u32 = 4;
+
 /// How long a statement waits for a lock (PostgreSQL's `lock_timeout`): a table an operator or
 /// another program holds locked makes requests answer 503 after it, instead of every request
 /// waiting as long as the lock is held.
@@ -568,6 +577,13 @@ impl PgStorage {
                 .chain(KEEPALIVES),
             );
         let pool = Bounded::connect_lazy(options.clone(), 10, settings.query_timeout);
+        let leases = Bounded::connect_lazy(
+            options
+                .clone()
+                .application_name(&format!("dstore leases {lease_owner}")),
+            LEASE_CONNECTIONS,
+            settings.query_timeout,
+        );
         // Nodes starting together on a fresh database may all create it: the same statement made
         // by two sessions at once can fail on the name's unique index in one of them, which then
         // finds the schema there.
@@ -606,6 +622,7 @@ impl PgStorage {
         let storage = Arc::new(PgStorage {
             channel: format!("{}_catalog", settings.schema),
             pool,
+            leases,
             // Named after the node, so an operator (or a test) can tell its batcher's session.
             writer_options: options
                 .clone()
@@ -666,6 +683,11 @@ impl PgStorage {
 
     pub fn pool(&self) -> &Bounded {
         &self.pool
+    }
+
+    /// The connections of the projection's leases (see [`PgStorage::leases`]'s field).
+    pub fn leases(&self) -> &Bounded {
+        &self.leases
     }
 
     pub fn node(&self) -> &str {

@@ -129,7 +129,7 @@ async fn claim(storage: &PgStorage, projector: &str) -> Result<Vec<(Ident, u64)>
     .bind(storage.lease_owner())
     .bind(CLAIM)
     .bind(LEASE.as_secs_f64())
-    .fetch_all(storage.pool())
+    .fetch_all(storage.leases())
     .await
     .map_err(|e| unavailable("claim cursors", &e))?;
     Ok(rows
@@ -204,7 +204,7 @@ async fn renew(
     .bind(project.as_str())
     .bind(storage.lease_owner())
     .bind(LEASE.as_secs_f64())
-    .fetch_optional(storage.pool())
+    .fetch_optional(storage.leases())
     .await
     .map_err(|e| unavailable("renew a lease", &e))?;
     Ok(revision.map(|r| r as u64))
@@ -488,9 +488,9 @@ async fn settle(
     revision: u64,
     dead: Vec<DeadLetter>,
 ) -> Result<bool, StorageError> {
-    within(storage.pool().limit(), async move {
+    within(storage.leases().limit(), async move {
         let mut tx = storage
-            .pool()
+            .leases()
             .begin()
             .await
             .map_err(|e| unavailable("begin settling tasks", &e))?;
@@ -567,7 +567,7 @@ async fn hold(
     .bind(storage.lease_owner())
     .bind(error)
     .bind(for_cost.as_secs_f64())
-    .execute(storage.pool())
+    .execute(storage.leases())
     .await
     .map_err(|e| unavailable("hold a project back", &e))?;
     Ok(())
@@ -832,6 +832,35 @@ mod tests {
             .execute(&mut locker)
             .await
             .unwrap();
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// Reads holding every connection of the node's pool (pages of the change feed) do not stop
+    /// its leases: renewals have connections of their own, so a batch longer than a lease is
+    /// not given up while reads are heavy.
+    #[tokio::test]
+    async fn reads_holding_the_pool_do_not_stop_a_lease_being_renewed() {
+        let (storage, schema) = open_postgresql("leasepool", vec!["counting"]).await;
+        let project = frozen(storage.as_ref()).await;
+        claim(&storage, "counting").await.unwrap();
+        let renewed = tokio::time::Instant::now();
+        let reads = futures::future::join_all((0..10).map(|_| async {
+            sqlx::query("SELECT pg_sleep(10)")
+                .execute(storage.pool())
+                .await
+                .unwrap();
+        }));
+        let applying = async {
+            // The reads take every connection first.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            leased(&storage, "counting", &project, renewed, async {
+                tokio::time::sleep(LEASE - LEASE / 5).await;
+            })
+            .await
+        };
+        let (applied, _) = tokio::join!(applying, reads);
+        assert_eq!(applied, Some(()), "the batch was given up");
         drop(storage);
         drop_schema(&schema).await;
     }
