@@ -2073,6 +2073,34 @@ mod tests {
         journal.close().await;
     }
 
+    /// A change entry whose item moved on since is passed over and counts nothing toward the
+    /// page's bytes: a page of such entries alone would be full and never move.
+    #[tokio::test]
+    async fn a_change_whose_item_moved_on_counts_nothing_toward_its_page() {
+        let Fixture {
+            _dir,
+            journal,
+            storage,
+            project,
+            article,
+        } = fixture(Durability::Sync, vec![]).await;
+        let (id, title) = (Uuid::new_v4(), "x".repeat(300_000));
+        let first = conformance::write(storage.as_ref(), &project, id, &title).await;
+        let second = conformance::write(storage.as_ref(), &project, id, &title).await;
+        // The entry of the first write, as if left behind.
+        let entry = codec::change_value(false, 0, &id, &article);
+        journal
+            .db
+            .put_cf(journal.cf(CF_CHANGES), keys::change(&project, first), entry)
+            .unwrap();
+        let stale = journal.changes(&project, first - 1, 100, 1 << 20).unwrap();
+        let kept = journal.changes(&project, first, 100, 1 << 20).unwrap();
+        assert_eq!(stale.changes.len(), 1);
+        assert_eq!(stale.changes[0].revision, second);
+        assert_eq!(stale.bytes, kept.bytes);
+        journal.close().await;
+    }
+
     /// A chunk counts the copies it makes, not only the records it reads: a version that adds
     /// columns with long defaults makes each small item a copy of about 200 KB there, and 512 of
     /// them were a hundred megabytes in memory, per back-fill.

@@ -146,12 +146,14 @@ impl Journal {
                     .get_cf(self.cf(CF_ITEMS), keys::item(project, &blueprint, &id))?
                     .map(|v| codec::decode_record(&v))
                     .transpose()?;
-                bytes += item
-                    .as_ref()
-                    .map_or(0, |record| crate::feed::decoded_size(&record.body));
-                // The index and the items are written in one batch and read from one snapshot.
+                // The index and the items are written in one batch and read from one snapshot;
+                // an entry whose item moved on is passed over, and counts nothing (a page of
+                // such entries alone would be full and never move).
                 match item {
-                    Some(record) if record.revision == revision => Some(record),
+                    Some(record) if record.revision == revision => {
+                        bytes += crate::feed::decoded_size(&record.body);
+                        Some(record)
+                    }
                     _ => continue,
                 }
             };
