@@ -972,6 +972,51 @@ async fn reads_from_a_storage_that_stops_answering_answer_in_time_and_resume_on_
     cluster.clean_up().await;
 }
 
+/// A write after the batcher's kept connection sat idle past its check, on a connection the
+/// network stopped forwarding on (a proxy or firewall that dropped it without a word), goes on a
+/// new connection: the check gives up within seconds. Before, it waited for an answer until the
+/// write's time limit, and the write was answered as perhaps written though nothing was sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_after_the_writers_idle_connection_went_dead_goes_on_a_new_one() {
+    let mut cluster = Cluster::new().await;
+    let proxy = cluster.behind_proxy().await;
+    let nodes = cluster
+        .bare_nodes(
+            "idle",
+            1,
+            &[
+                ("DSTORE_COMMIT_TIMEOUT_SECS", "10".into()),
+                ("DSTORE_QUERY_TIMEOUT_SECS", "2".into()),
+            ],
+        )
+        .await;
+    let node = &nodes[0];
+    put_thing_and_freeze(node, "p").await;
+    let put = |n: u64| {
+        send(
+            reqwest::Method::PUT,
+            node.url(&format!("/p/thing/{}", Uuid::new_v4())),
+            Some(json!({"project_version": 1, "title": "t", "n": n})),
+        )
+    };
+    let (status, body) = put(1).await;
+    assert_eq!(status, 200, "{body}");
+    proxy.strand();
+    // Past the batcher's idle check (30 s).
+    tokio::time::sleep(Duration::from_secs(31)).await;
+    let started = Instant::now();
+    let (status, body) = put(2).await;
+    assert_eq!(status, 200, "{body}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "{:?}",
+        started.elapsed()
+    );
+    drop(nodes);
+    drop(proxy);
+    cluster.clean_up().await;
+}
+
 /// A node whose connection listening for catalog changes was cut off without a word (the network
 /// healed after PostgreSQL had ended the session, and the node sends nothing on it) would never
 /// hear of another node's change again: it finds the storage's catalog ahead of its own while

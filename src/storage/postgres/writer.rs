@@ -90,6 +90,10 @@ pub async fn run(storage: Weak<PgStorage>, queue: Arc<Mutex<mpsc::Receiver<Write
 /// out by failing would answer 503 for nothing.
 const CHECK_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(30);
 
+/// How long that check waits for an answer: a connection the network stopped forwarding on
+/// answers never, and the batch goes on a new one instead.
+const PING_LIMIT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// The batcher's connection, kept from batch to batch (none after a failure), and when it was
 /// last used.
 #[derive(Default)]
@@ -105,9 +109,12 @@ impl Kept {
         let idle = self
             .used
             .is_some_and(|used| used.elapsed() >= CHECK_AFTER_IDLE);
-        if let (true, Some(connection)) = (idle, self.connection.as_mut()) {
-            if connection.ping().await.is_err() {
-                self.connection = None;
+        // Taken out while it is checked: a batch cut off by its time limit meanwhile sent
+        // nothing of its own, and says so (`late`), rather than that its outcome is unknown.
+        if let (true, Some(mut connection)) = (idle, self.connection.take()) {
+            let answered = tokio::time::timeout(PING_LIMIT, connection.ping()).await;
+            if matches!(answered, Ok(Ok(()))) {
+                self.connection = Some(connection);
             }
         }
         if self.connection.is_none() {
