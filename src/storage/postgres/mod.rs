@@ -882,6 +882,13 @@ impl PgStorage {
             ) -> Result<T, crate::catalog::CatalogError>
             + Send,
     ) -> Result<T, StorageError> {
+        let known = self
+            .catalog
+            .read()
+            .expect("catalog lock")
+            .stamps
+            .get(project)
+            .copied();
         let (result, stamp, p) = within_write(self.pool.limit(), async move {
             let mut tx = self
                 .pool
@@ -897,7 +904,9 @@ impl PgStorage {
             let mut writes = Vec::new();
             let result = apply(&mut p, &mut writes)?;
             let stamp = catalog::persist(&mut tx, &mut p, stamp, &writes).await?;
-            if !writes.is_empty() {
+            // A project made again with nothing in it writes nothing but moves the stamp: the
+            // other nodes are told of it too.
+            if !writes.is_empty() || known != Some(stamp) {
                 self.notify(&mut tx, project).await?;
             }
             tx.commit()
@@ -2346,6 +2355,15 @@ mod tests {
             .contains_key(&project));
         first.put_blueprints(&project, Vec::new()).await.unwrap();
         assert!(first.snapshot().projects.contains_key(&project));
+        // Told at once: its plain snapshot has it within a second.
+        let started = std::time::Instant::now();
+        while !second.snapshot().projects.contains_key(&project) {
+            assert!(
+                started.elapsed() < Duration::from_secs(2),
+                "not told it was made again"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         let seen = second.fresh_snapshot(&project).await.unwrap();
         assert!(seen.projects.contains_key(&project), "made again elsewhere");
         drop((first, second));
