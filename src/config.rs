@@ -290,9 +290,10 @@ pub struct AuthSettings {
     /// past them it is answered 429 until its guesses refill, unless its token is a valid API key
     /// this node knows (`DSTORE_FAILED_LOGINS_PER_MINUTE`; 0: no limit).
     pub failed_logins_per_minute: u32,
-    /// The proxies (addresses, or networks as `10.0.0.0/8`) whose `X-Forwarded-For` says who a
-    /// request came from (`DSTORE_TRUSTED_PROXIES=10.0.0.0/8,::1`); empty: none, and a request
-    /// comes from the address that connected. Failed logins are counted by that client address.
+    /// The proxies (addresses, or networks as `10.0.0.0/24`, every address of which is trusted)
+    /// whose `X-Forwarded-For` says who a request came from (`DSTORE_TRUSTED_PROXIES=10.0.0.5,::1`);
+    /// empty: none, and a request comes from the address that connected. Failed logins are
+    /// counted by that client address.
     pub trusted_proxies: Vec<String>,
 }
 

@@ -18,7 +18,9 @@
 //! then it is the last address in `X-Forwarded-For` that is not a trusted proxy (each proxy adds
 //! the address it was connected from at the end, so only the entries past the last untrusted one
 //! were written by a proxy; a client writes whatever it likes before them). An entry that does
-//! not read as an address stops the walk at the proxy that wrote it, whose address counts.
+//! not read as an address (or a header value that is not text) stops the walk at the proxy that
+//! wrote it, whose address counts. A trusted network trusts every address in it: list the
+//! proxies' own addresses, not the networks their clients come from.
 
 use std::collections::HashMap;
 use std::net::IpAddr;
@@ -62,6 +64,7 @@ impl TrustedProxies {
                 let text = entry.trim();
                 text.parse::<ipnet::IpNet>()
                     .or_else(|_| text.parse::<IpAddr>().map(ipnet::IpNet::from))
+                    .map(canonical)
                     .map_err(|_| entry.clone())
             })
             .collect::<Result<_, _>>()
@@ -96,6 +99,20 @@ impl TrustedProxies {
             }
         }
         client
+    }
+}
+
+/// An IPv4 network written mapped into IPv6 (`::ffff:10.0.0.2`) as the IPv4 one it is, as
+/// the addresses it is compared with are.
+fn canonical(network: ipnet::IpNet) -> ipnet::IpNet {
+    match network {
+        ipnet::IpNet::V6(v6) if v6.prefix_len() >= 96 => match v6.addr().to_ipv4_mapped() {
+            Some(v4) => ipnet::Ipv4Net::new(v4, v6.prefix_len() - 96)
+                .map(ipnet::IpNet::V4)
+                .unwrap_or(network),
+            None => network,
+        },
+        network => network,
     }
 }
 
@@ -319,6 +336,12 @@ mod tests {
         assert_eq!(client("10.0.0.2", &["\0, , "]), ip("10.0.0.2"));
         // Only proxies: the first of them.
         assert_eq!(client("10.0.0.2", &["10.0.0.5, 10.0.0.6"]), ip("10.0.0.5"));
+        // A proxy listed mapped into IPv6 is the IPv4 one.
+        let mapped = TrustedProxies::parse(&["::ffff:10.0.0.2".into()]).unwrap();
+        assert_eq!(
+            mapped.client(ip("10.0.0.2"), ["198.51.100.1"].into_iter()),
+            ip("198.51.100.1")
+        );
         // Entries that are no address or network are named.
         assert_eq!(
             TrustedProxies::parse(&["10.0.0.0/8".into(), "proxy".into()]).unwrap_err(),

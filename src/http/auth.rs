@@ -274,7 +274,8 @@ async fn caller_of(
         let forwarded_for = request
             .headers()
             .get_all("x-forwarded-for")
-            .filter_map(|value| value.to_str().ok())
+            // A value that is not text reads as no address: the walk stops there.
+            .map(|value| value.to_str().unwrap_or("?"))
             .collect::<Vec<_>>();
         Peer::of(
             state

@@ -1678,6 +1678,21 @@ async fn behind_a_trusted_proxy_failed_logins_are_counted_per_client() {
         let other = guess(&app, "192.0.2.77", MASTER).await.unwrap();
         let expected = if trusted { 200 } else { 429 };
         assert_eq!(other.status().as_u16(), expected, "trusted: {trusted}");
+        // A header value that is not text, after the one the client made up: the walk stops at
+        // it, and the request counts for the proxy that sent it, not for the made-up client.
+        let unreadable = app
+            .client
+            .get(format!("{}/_keys", app.address))
+            .bearer_auth(MASTER)
+            .header("X-Forwarded-For", "192.0.2.66")
+            .header(
+                "X-Forwarded-For",
+                reqwest::header::HeaderValue::from_bytes(b"\x80, 198.51.100.9").unwrap(),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(unreadable.status().as_u16(), expected, "trusted: {trusted}");
         app.stop().await;
     }
 }
