@@ -221,7 +221,8 @@ impl Follower {
         let page = storage
             .changes(&self.project, since, limit, max_bytes)
             .await?;
-        held(page.bytes)?;
+        let presented = self.presented_bytes(&storage.snapshot(), &page, max_bytes);
+        held(presented)?;
         let place = Place {
             last_revision: page.changes.last().map_or(since, |c| c.revision),
             horizon: page.horizon,
@@ -243,8 +244,8 @@ impl Follower {
             snapshot = storage.fresh_snapshot(&self.project).await?;
         }
         let follower = self.clone();
-        let (changes, bytes) = (page.changes, page.bytes);
-        crate::aside::sized(bytes, move || {
+        let changes = page.changes;
+        crate::aside::sized(presented, move || {
             let (entries, cut) = follower.present_all(&snapshot, changes, max_bytes)?;
             let place = Place {
                 last_revision: cut.unwrap_or(place.last_revision),
@@ -259,6 +260,32 @@ impl Follower {
         })
         .await
         .map_err(StorageError::Unavailable)?
+    }
+
+    /// About the most a page's items take as the follower's version shows them: as stored, and
+    /// for each change written at another version the most a copy adds to an item of that
+    /// version (`Blueprint::copy_overhead`), within what [`Follower::present_all`] keeps of a
+    /// page (`max_bytes` and one item). What the page is counted at against the request memory
+    /// budget, and whether presenting it leaves the HTTP worker.
+    fn presented_bytes(&self, snapshot: &Snapshot, page: &ChangesPage, max_bytes: usize) -> usize {
+        let copied = page
+            .changes
+            .iter()
+            .filter(|c| c.record.as_ref().is_some_and(|r| r.version != self.version))
+            .count();
+        if copied == 0 {
+            return page.bytes;
+        }
+        let overhead = snapshot
+            .projects
+            .get(&self.project)
+            .and_then(|p| p.version(self.version))
+            .and_then(|v| v.blueprints.values().map(|bp| bp.copy_overhead()).max())
+            .unwrap_or(0);
+        let most = max_bytes.max(page.bytes).saturating_add(overhead);
+        page.bytes
+            .saturating_add(copied.saturating_mul(overhead))
+            .min(most)
     }
 
     /// The changes of a page as the follower sees them, or why it can follow no more; with the
@@ -449,5 +476,62 @@ mod tests {
             .unwrap();
         assert_eq!(page.body, 3);
         assert!(held > 0);
+    }
+
+    /// A page of items written before a version that adds columns with long defaults is counted
+    /// at about what they take as that version shows them, not as stored, within a page's bytes
+    /// and one item: the budget holds it, and presenting it leaves the HTTP worker.
+    #[tokio::test]
+    async fn a_page_is_counted_as_the_followed_version_shows_its_items() {
+        let (storage, _dir) = conformance::open_embedded().await;
+        let project = conformance::frozen(storage.as_ref()).await;
+        for n in 0..3 {
+            conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("t{n}")).await;
+        }
+        let mut columns = serde_json::Map::new();
+        columns.insert("title".into(), serde_json::json!({"type": "string"}));
+        for c in 0..10 {
+            let default = "d".repeat(4000);
+            columns.insert(
+                format!("c{c}"),
+                serde_json::json!({"type": "string", "default": default}),
+            );
+        }
+        let wide = serde_json::json!({"postgresql": {"table": "articles"},
+            "elasticsearch": {"type": "article"}, "columns": columns});
+        let article = Ident::parse("article").unwrap();
+        let input = crate::blueprint::parse_blueprint(&wide, "").unwrap();
+        storage
+            .put_blueprint(&project, &article, input)
+            .await
+            .unwrap();
+        storage.freeze(&project, false).await.unwrap();
+        let read = |version: u32| {
+            let follower = Follower::new(&storage.snapshot(), &project, Some(version), None);
+            let follower = follower.unwrap();
+            let storage = storage.clone();
+            async move {
+                let mut held = 0;
+                let page = follower
+                    .page(
+                        storage.as_ref(),
+                        (0, None),
+                        (100, 1 << 20),
+                        |bytes| {
+                            held = bytes;
+                            Ok(())
+                        },
+                        |entries: &[FeedEntry], _| entries.len(),
+                    )
+                    .await
+                    .unwrap();
+                (page.body, held)
+            }
+        };
+        let (shown, stored) = read(1).await;
+        assert_eq!(shown, 3);
+        let (shown, copied) = read(2).await;
+        assert_eq!(shown, 3);
+        assert!(copied >= stored + 3 * 40_000, "{copied} against {stored}");
     }
 }
