@@ -2370,6 +2370,25 @@ mod tests {
         drop_schema(&schema).await;
     }
 
+    /// The cursors of a few projects, read every few milliseconds while a write waits for its
+    /// projection, are found through an index on their project (the primary key leads with the
+    /// projector).
+    #[tokio::test]
+    async fn the_cursors_of_a_project_have_an_index() {
+        let (storage, schema) = open_postgresql("cursorindex", vec![]).await;
+        let indexed: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_indexes WHERE schemaname = $1 AND tablename = 'cursors' \
+             AND indexdef LIKE '%(project)'",
+        )
+        .bind(&schema)
+        .fetch_one(storage.pool())
+        .await
+        .unwrap();
+        assert_eq!(indexed, 1);
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
     /// A catalog-wide read, or a project's fresh snapshot, reads again only the projects whose
     /// stamp moved: before, each read every version of every project.
     #[tokio::test]
