@@ -465,6 +465,37 @@ mod tests {
         );
     }
 
+    /// A migration's record names the task it ran for, so that the catalog passes over one of
+    /// an earlier project of the name (see `catalog::edit::set_migration`).
+    #[tokio::test]
+    async fn a_migrations_record_names_its_task() {
+        let name = Ident::parse("shop").unwrap();
+        let mut p = crate::catalog::Project::new(name.clone());
+        p.versions.push(Arc::new(crate::catalog::Version {
+            number: 1,
+            blueprints: Default::default(),
+            changes: Vec::new(),
+            edits: Vec::new(),
+            frozen_at: String::new(),
+            forced: false,
+        }));
+        p.status.insert(1, crate::catalog::VersionStatus::default());
+        let snapshot = Snapshot {
+            epoch: 1,
+            projects: [(name.clone(), Arc::new(p))].into(),
+        };
+        let task = Task {
+            seq: 11,
+            project: name,
+            op: TaskOp::Migrate { version: 1 },
+        };
+        let step = apply(&Drops::default(), &snapshot, &[task]).await;
+        assert_eq!(step.applied, vec![11]);
+        let record = step.migration.expect("a record");
+        assert_eq!((record.version, record.task), (1, Some(11)));
+        assert_eq!(record.state, MigrationState::Done);
+    }
+
     /// A `dstore worker` reads a drop's project from the server before applying it: a drop
     /// delivered again (its report lost) after the project was made again and migrated here
     /// removes nothing, as in the server's own process.
