@@ -188,7 +188,8 @@ pub struct ServerSettings {
     /// HTTP worker threads; 0 means one per core.
     pub workers: usize,
     /// Memory all requests together may hold for their bodies, in bytes; past it a request is
-    /// answered 503 instead of growing the process (see `http::body`).
+    /// answered 503 instead of growing the process (see `http::body`). Answers waiting to be
+    /// sent hold at most three quarters of it (see `budget`).
     pub max_inflight_bytes: usize,
     /// How long a client may take to send a request body, in seconds (then 408).
     pub body_timeout_secs: u64,
