@@ -460,10 +460,17 @@ mod tests {
             .await;
         assert!(matches!(refused, Err(FeedError::Budget { bytes, .. }) if bytes > 0));
         assert!(!presented.load(Ordering::SeqCst));
+        let (shown, held) = shown_and_held(storage.as_ref(), &follower).await;
+        assert_eq!(shown, 3);
+        assert!(held > 0);
+    }
+
+    /// How many changes the first page shows `follower`, and the bytes it was counted at.
+    async fn shown_and_held(storage: &dyn Storage, follower: &Follower) -> (usize, usize) {
         let mut held = 0;
         let page = follower
             .page(
-                storage.as_ref(),
+                storage,
                 (0, None),
                 (100, 1 << 20),
                 |bytes| {
@@ -474,8 +481,7 @@ mod tests {
             )
             .await
             .unwrap();
-        assert_eq!(page.body, 3);
-        assert!(held > 0);
+        (page.body, held)
     }
 
     /// A page of items written before a version that adds columns with long defaults is counted
@@ -488,45 +494,12 @@ mod tests {
         for n in 0..3 {
             conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("t{n}")).await;
         }
-        let mut columns = serde_json::Map::new();
-        columns.insert("title".into(), serde_json::json!({"type": "string"}));
-        for c in 0..10 {
-            let default = "d".repeat(4000);
-            columns.insert(
-                format!("c{c}"),
-                serde_json::json!({"type": "string", "default": default}),
-            );
-        }
-        let wide = serde_json::json!({"postgresql": {"table": "articles"},
-            "elasticsearch": {"type": "article"}, "columns": columns});
-        let article = Ident::parse("article").unwrap();
-        let input = crate::blueprint::parse_blueprint(&wide, "").unwrap();
-        storage
-            .put_blueprint(&project, &article, input)
-            .await
-            .unwrap();
+        conformance::put_wide_article(storage.as_ref(), &project, 10).await;
         storage.freeze(&project, false).await.unwrap();
         let read = |version: u32| {
             let follower = Follower::new(&storage.snapshot(), &project, Some(version), None);
-            let follower = follower.unwrap();
             let storage = storage.clone();
-            async move {
-                let mut held = 0;
-                let page = follower
-                    .page(
-                        storage.as_ref(),
-                        (0, None),
-                        (100, 1 << 20),
-                        |bytes| {
-                            held = bytes;
-                            Ok(())
-                        },
-                        |entries: &[FeedEntry], _| entries.len(),
-                    )
-                    .await
-                    .unwrap();
-                (page.body, held)
-            }
+            async move { shown_and_held(storage.as_ref(), &follower.unwrap()).await }
         };
         let (shown, stored) = read(1).await;
         assert_eq!(shown, 3);

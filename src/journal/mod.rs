@@ -2111,7 +2111,7 @@ mod tests {
             journal,
             storage,
             project,
-            article,
+            ..
         } = fixture(Durability::Buffered, vec![]).await;
         for n in 0..100 {
             conformance::write(storage.as_ref(), &project, Uuid::new_v4(), &format!("t{n}")).await;
@@ -2119,20 +2119,7 @@ mod tests {
         journal
             .backfills_held
             .store(true, std::sync::atomic::Ordering::Relaxed);
-        let mut columns = serde_json::Map::new();
-        columns.insert("title".into(), json!({"type": "string"}));
-        for c in 0..50 {
-            columns.insert(
-                format!("c{c}"),
-                json!({"type": "string", "default": "d".repeat(4000)}),
-            );
-        }
-        let blueprint = json!({"postgresql": {"table": "articles"},
-            "elasticsearch": {"type": "article"}, "columns": columns});
-        storage
-            .put_blueprint(&project, &article, parse_blueprint(&blueprint, "").unwrap())
-            .await
-            .unwrap();
+        conformance::put_wide_article(storage.as_ref(), &project, 50).await;
         storage.freeze(&project, false).await.unwrap();
         let (mut cursor, mut read) = (None, 0);
         loop {

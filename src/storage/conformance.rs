@@ -239,6 +239,24 @@ pub(crate) async fn put_article(storage: &dyn Storage, project: &Ident, extra: O
         .expect("the blueprint is stored");
 }
 
+/// Puts blueprint `article` with a `title` and `columns` text columns more, each with a default of
+/// 4,000 characters: the version frozen from it makes every copy of an item written before it
+/// about `columns` times 4 KB.
+pub(crate) async fn put_wide_article(storage: &dyn Storage, project: &Ident, columns: usize) {
+    let mut body = json!({
+        "postgresql": {"table": "articles"}, "elasticsearch": {"type": "article"},
+        "columns": {"title": {"type": "string"}}
+    });
+    for c in 0..columns {
+        body["columns"][format!("c{c}")] = json!({"type": "string", "default": "d".repeat(4000)});
+    }
+    let input = parse_blueprint(&body, "").expect("a valid blueprint");
+    storage
+        .put_blueprint(project, &ident("article"), input)
+        .await
+        .expect("the blueprint is stored");
+}
+
 /// A project `p` with blueprint `article` (a `title`) frozen at version 1.
 pub(crate) async fn frozen(storage: &dyn Storage) -> Ident {
     let project = ident("p");
