@@ -17,7 +17,7 @@
 //! clients that ask for answers and leave them unread are refused (503) before writes are, and
 //! writes always have a quarter of the budget.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 /// The bytes held by all requests' shares, and the most they may hold.
@@ -27,6 +27,9 @@ pub struct InFlight {
     limit: usize,
     /// The part of `used` that answer shares hold.
     answers: AtomicUsize,
+    /// Shares refused since the start: for others holding the budget, and for answers holding
+    /// their part of it.
+    refused: [AtomicU64; 2],
 }
 
 /// Why a share could not grow.
@@ -70,6 +73,7 @@ impl InFlight {
             used: AtomicUsize::new(0),
             limit,
             answers: AtomicUsize::new(0),
+            refused: Default::default(),
         })
     }
 
@@ -86,6 +90,20 @@ impl InFlight {
     /// Bytes held now.
     pub fn used(&self) -> usize {
         self.used.load(Ordering::Relaxed)
+    }
+
+    /// Bytes answers waiting to be sent hold now.
+    pub fn answers(&self) -> usize {
+        self.answers.load(Ordering::Relaxed)
+    }
+
+    /// Shares refused since the start (503): (others held the budget, answers held their part).
+    pub fn refused(&self) -> (u64, u64) {
+        let [busy, answers] = &self.refused;
+        (
+            busy.load(Ordering::Relaxed),
+            answers.load(Ordering::Relaxed),
+        )
     }
 
     /// Takes `n` more bytes of `counter`, or none if that would pass `limit`.
@@ -149,12 +167,14 @@ impl Share {
             return Err(Refused::Alone { needed, limit });
         }
         if self.answer && !InFlight::take(&budget.answers, n, limit) {
+            budget.refused[1].fetch_add(1, Ordering::Relaxed);
             return Err(Refused::Answers { limit });
         }
         if !InFlight::take(&budget.used, n, budget.limit) {
             if self.answer {
                 budget.answers.fetch_sub(n, Ordering::AcqRel);
             }
+            budget.refused[0].fetch_add(1, Ordering::Relaxed);
             return Err(Refused::Busy {
                 limit: budget.limit,
             });
@@ -241,9 +261,10 @@ mod tests {
         answers[0].resize(40).unwrap();
         write.grow(5).unwrap();
         assert_eq!(answers[0].grow(6), Err(Refused::Busy { limit: 100 }));
-        assert_eq!(budget.answers.load(Ordering::Relaxed), 65);
+        assert_eq!(budget.answers(), 65);
+        assert_eq!(budget.refused(), (1, 1));
         drop(answers);
         assert_eq!(budget.used(), 30);
-        assert_eq!(budget.answers.load(Ordering::Relaxed), 0);
+        assert_eq!(budget.answers(), 0);
     }
 }

@@ -151,6 +151,26 @@ async fn render(state: &State, requests: &RequestMetrics) -> String {
             vec![(String::new(), state.failed_logins.limited())],
         );
     }
+    let budget = &state.in_flight;
+    gauge(
+        "dstore_request_memory_bytes",
+        "Request memory held now (server.max_inflight_bytes): by every request, and the part answers not yet taken by their clients hold (at most three quarters).",
+        "gauge",
+        vec![
+            ("{held_by=\"all\"}".into(), budget.used() as u64),
+            ("{held_by=\"answers\"}".into(), budget.answers() as u64),
+        ],
+    );
+    let (busy, answers) = budget.refused();
+    gauge(
+        "dstore_request_memory_refused_total",
+        "Requests answered 503 for request memory: the budget was held, or answers not yet taken by their clients held their three quarters of it.",
+        "counter",
+        vec![
+            ("{held_by=\"all\"}".into(), busy),
+            ("{held_by=\"answers\"}".into(), answers),
+        ],
+    );
     let (memtables, cache) = crate::rocks::usage();
     gauge(
         "dstore_rocksdb_memory_bytes",
