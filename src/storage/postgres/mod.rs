@@ -2831,6 +2831,36 @@ mod tests {
         drop_schema(&schema).await;
     }
 
+    /// The write batcher keeps its connection from batch to batch: a batch that made a new one
+    /// each time wrote at a third of the rate.
+    #[tokio::test]
+    async fn the_writer_keeps_its_connection_from_batch_to_batch() {
+        let (storage, schema) = open_postgresql("keptwriter", vec![]).await;
+        let project = crate::storage::conformance::frozen(storage.as_ref()).await;
+        let name = format!("dstore writer {}", storage.lease_owner());
+        let mut sessions = Vec::new();
+        for n in 0..3 {
+            crate::storage::conformance::write(
+                storage.as_ref(),
+                &project,
+                Uuid::new_v4(),
+                &format!("{n}"),
+            )
+            .await;
+            let pids: Vec<i32> =
+                sqlx::query_scalar("SELECT pid FROM pg_stat_activity WHERE application_name = $1")
+                    .bind(&name)
+                    .fetch_all(storage.pool())
+                    .await
+                    .unwrap();
+            sessions.push(pids);
+        }
+        assert_eq!(sessions[0].len(), 1, "{sessions:?}");
+        assert!(sessions.iter().all(|s| *s == sessions[0]), "{sessions:?}");
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
     /// A read whose pooled connection the server ended a moment ago (a restart, a failover) is
     /// read again on a checked one: before, it answered 503 once for each such connection.
     #[tokio::test]

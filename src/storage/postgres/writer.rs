@@ -111,10 +111,12 @@ impl Kept {
             .is_some_and(|used| used.elapsed() >= CHECK_AFTER_IDLE);
         // Taken out while it is checked: a batch cut off by its time limit meanwhile sent
         // nothing of its own, and says so (`late`), rather than that its outcome is unknown.
-        if let (true, Some(mut connection)) = (idle, self.connection.take()) {
-            let answered = tokio::time::timeout(PING_LIMIT, connection.ping()).await;
-            if matches!(answered, Ok(Ok(()))) {
-                self.connection = Some(connection);
+        if idle {
+            if let Some(mut connection) = self.connection.take() {
+                let answered = tokio::time::timeout(PING_LIMIT, connection.ping()).await;
+                if matches!(answered, Ok(Ok(()))) {
+                    self.connection = Some(connection);
+                }
             }
         }
         if self.connection.is_none() {
