@@ -636,6 +636,14 @@ impl Settings {
                 reason: e.to_string(),
             })
         }
+        /// A comma-separated list, each entry trimmed, empty ones left out.
+        fn listed(value: &str) -> Vec<String> {
+            value
+                .split(',')
+                .map(|entry| entry.trim().to_string())
+                .filter(|entry| !entry.is_empty())
+                .collect()
+        }
         if let Some(v) = first(&["DSTORE_HOST"]) {
             self.server.host = v.1;
         }
@@ -728,28 +736,16 @@ impl Settings {
             self.auth.disabled = parsed(v)?;
         }
         if let Some(v) = first(&["DSTORE_AUTH_PUBLIC"]) {
-            self.auth.public =
-                v.1.split(',')
-                    .map(|p| p.trim().to_string())
-                    .filter(|p| !p.is_empty())
-                    .collect();
+            self.auth.public = listed(&v.1);
         }
         if let Some(v) = first(&["DSTORE_FAILED_LOGINS_PER_MINUTE"]) {
             self.auth.failed_logins_per_minute = parsed(v)?;
         }
         if let Some(v) = first(&["DSTORE_TRUSTED_PROXIES"]) {
-            self.auth.trusted_proxies =
-                v.1.split(',')
-                    .map(|p| p.trim().to_string())
-                    .filter(|p| !p.is_empty())
-                    .collect();
+            self.auth.trusted_proxies = listed(&v.1);
         }
         if let Some(v) = first(&["DSTORE_ALLOWED_HOSTS"]) {
-            self.auth.allowed_hosts =
-                v.1.split(',')
-                    .map(|h| h.trim().to_string())
-                    .filter(|h| !h.is_empty())
-                    .collect();
+            self.auth.allowed_hosts = listed(&v.1);
         }
         if let Some(v) = first(&["DSTORE_LOG", "RUST_LOG"]) {
             self.log.level = v.1;

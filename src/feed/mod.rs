@@ -221,7 +221,8 @@ impl Follower {
         let page = storage
             .changes(&self.project, since, limit, max_bytes)
             .await?;
-        let presented = self.presented_bytes(&storage.snapshot(), &page, max_bytes);
+        let mut snapshot = storage.snapshot();
+        let presented = self.presented_bytes(&snapshot, &page, max_bytes);
         held(presented)?;
         let place = Place {
             last_revision: page.changes.last().map_or(since, |c| c.revision),
@@ -229,7 +230,6 @@ impl Follower {
             pass: pass(since, passed, page.horizon, page.head),
         };
         let full = page.changes.len() >= limit || page.bytes >= max_bytes || page.cut;
-        let mut snapshot = storage.snapshot();
         // A change made at a version this node does not know yet: read the catalog again, once.
         let unknown = |s: &Snapshot| {
             page.changes.iter().any(|c| {

@@ -1495,27 +1495,6 @@ async fn a_percent_encoded_verb_needs_the_action_of_the_route_it_reaches() {
     app.stop().await;
 }
 
-/// The value of the unlabelled metric `name`, read with `key`.
-async fn counter(app: &TestApp, key: &str, name: &str) -> f64 {
-    let metrics = app
-        .client
-        .get(format!("{}/_metrics", app.address))
-        .bearer_auth(key)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let prefix = format!("{name} ");
-    metrics
-        .lines()
-        .find_map(|l| l.strip_prefix(prefix.as_str()))
-        .expect("the counter is exported")
-        .parse()
-        .unwrap()
-}
-
 /// Made-up key ids in well-formed tokens are refused, and however many arrive at once, each costs
 /// a read of its one key, never a read of every key.
 #[tokio::test]
@@ -1541,7 +1520,9 @@ async fn unknown_key_ids_read_one_key_each_and_never_all_of_them() {
     assert!(statuses.iter().all(|s| *s == 401), "{statuses:?}");
     let elapsed = started.elapsed().as_secs_f64();
     let (operator, _) = key(&app, &["operations"], &["*"], None).await;
-    let reads = counter(&app, &operator, "dstore_auth_unknown_key_reads_total").await;
+    let reads = app
+        .metric(Some(&operator), "dstore_auth_unknown_key_reads_total")
+        .await;
     assert_eq!(reads, 0.0, "{reads} reads of every key in {elapsed:.2} s");
     // A key made now is known at once.
     let (made, _) = key(&app, &["blueprints.read"], &["*"], None).await;
@@ -1607,7 +1588,9 @@ async fn failed_logins_from_one_address_are_limited_but_known_keys_are_not() {
             .0,
         200
     );
-    let limited = counter(&app, &operator, "dstore_auth_failed_logins_limited_total").await;
+    let limited = app
+        .metric(Some(&operator), "dstore_auth_failed_logins_limited_total")
+        .await;
     assert_eq!(limited, 3.0);
     // Guesses sent at once share none: each takes its own before it is checked.
     let burst = spawn_app_with(|s| {

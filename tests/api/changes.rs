@@ -1255,20 +1255,13 @@ async fn pages_nobody_reads_leave_writes_a_quarter_of_the_request_memory_budget(
     // A write whose body holds about 7 MB while it is handled still fits.
     put(&app, Uuid::new_v4(), &"y".repeat(200_000)).await;
     // The refusals are counted apart from the budget's.
-    let metrics = app
-        .client
-        .get(format!("{}/_metrics", app.address))
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let answers = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("dstore_request_memory_refused_total{held_by=\"answers\"} "))
-        .expect("counted");
-    assert!(answers.parse::<u64>().unwrap() >= 1, "{answers}");
+    let answers = app
+        .metric(
+            None,
+            "dstore_request_memory_refused_total{held_by=\"answers\"}",
+        )
+        .await;
+    assert!(answers >= 1.0, "{answers}");
     drop(stuck);
     app.stop().await;
 }

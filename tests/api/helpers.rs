@@ -128,14 +128,35 @@ impl Answer {
 impl TestApp {
     /// The text of `GET /_metrics`.
     pub async fn metrics(&self) -> String {
-        self.client
-            .get(format!("{}/_metrics", self.address))
+        self.metrics_read_with(None).await
+    }
+
+    /// The text of `GET /_metrics`, asked with `key` when given.
+    async fn metrics_read_with(&self, key: Option<&str>) -> String {
+        let mut request = self.client.get(format!("{}/_metrics", self.address));
+        if let Some(key) = key {
+            request = request.bearer_auth(key);
+        }
+        request
             .send()
             .await
             .expect("metrics answered")
             .text()
             .await
             .expect("a metrics text")
+    }
+
+    /// The value of the metric series `series` (its name, and its labels if it has any), read
+    /// with `key` when given.
+    pub async fn metric(&self, key: Option<&str>, series: &str) -> f64 {
+        let prefix = format!("{series} ");
+        self.metrics_read_with(key)
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()).map(str::to_string))
+            .expect("the series is exported")
+            .parse()
+            .unwrap()
     }
 
     /// Stops the service and waits until it has released its stores.

@@ -1231,22 +1231,19 @@ mod tests {
     /// it does.
     #[tokio::test]
     async fn a_claimed_lease_counts_from_before_the_claim_waited() {
-        use sqlx::Connection;
         let (storage, schema) = open_postgresql("claimwait", vec!["counting"]).await;
         let project = frozen(storage.as_ref()).await;
         write(storage.as_ref(), &project, Uuid::new_v4(), "t").await;
-        let url = storage.settings.url.expose().to_string();
-        let mut holder = sqlx::PgConnection::connect(&url).await.unwrap();
-        sqlx::query("BEGIN").execute(&mut holder).await.unwrap();
-        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+        let mut holder = crate::storage::conformance::holding(&format!(
             "LOCK TABLE \"{schema}\".projects IN ACCESS EXCLUSIVE MODE"
-        )))
-        .execute(&mut holder)
-        .await
-        .unwrap();
+        ))
+        .await;
         let release = async move {
             tokio::time::sleep(Duration::from_secs(2)).await;
-            sqlx::query("ROLLBACK").execute(&mut holder).await.unwrap();
+            sqlx::raw_sql("ROLLBACK")
+                .execute(&mut holder)
+                .await
+                .unwrap();
         };
         let (claimed, ()) = tokio::join!(claim_leases(&storage, "counting"), release);
         let claimed = claimed.unwrap();
