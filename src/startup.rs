@@ -471,23 +471,27 @@ fn embedded_projection(
             })
             .collect();
     };
-    let names = registry.names();
-    let mut tasks = vec![
-        supervised("relay".into(), stop.clone(), {
+    // A relay per projector, each on a connection of its own: trouble with one projector's
+    // queue (a policy refusing its publishes, its node down) holds back that projector only.
+    let mut tasks: Vec<_> = registry
+        .names()
+        .into_iter()
+        .map(|name| {
             let (journal, broker) = (journal.clone(), broker.clone());
-            move |stop| {
-                rabbitmq::relay::run(journal.clone(), broker.clone(), names.clone(), batch, stop)
-            }
-        }),
-        supervised("reports".into(), stop.clone(), {
-            let (journal, broker) = (journal.clone(), broker.clone());
-            move |stop| rabbitmq::reports::collect(journal.clone(), broker.clone(), stop)
-        }),
-    ];
+            supervised(format!("relay {name}"), stop.clone(), move |stop| {
+                rabbitmq::relay::run(journal.clone(), broker.clone(), name, batch, stop)
+            })
+        })
+        .collect();
+    tasks.extend([supervised("reports".into(), stop.clone(), {
+        let (journal, broker) = (journal.clone(), broker.clone());
+        move |stop| rabbitmq::reports::collect(journal.clone(), broker.clone(), stop)
+    })]);
     let view = Arc::new(CatalogView::Local(journal.catalog().clone()));
     let external: Vec<&str> = external.iter().map(|k| k.name()).collect();
     for projector in registry.iter().filter(|p| !external.contains(&p.name())) {
         let (broker, projector, view) = (broker.clone(), projector.clone(), view.clone());
+        let deployment = journal.id().to_string();
         let batch = settings.projection.batch_for(projector.name());
         tasks.push(supervised(
             format!("consumer {}", projector.name()),
@@ -498,6 +502,7 @@ fn embedded_projection(
                     projector.clone(),
                     view.clone(),
                     batch,
+                    Some(deployment.clone()),
                     stop,
                 )
             },
@@ -1003,6 +1008,7 @@ pub async fn run_worker(
         projector,
         view,
         settings.projection.batch_for(name),
+        None,
         stop,
     ));
     // The consumer runs until told to stop; one that ends by itself (a panic) would leave a

@@ -217,7 +217,7 @@ fn cut(text: &str, max: usize) -> &str {
 }
 
 /// `text` cut to at most `max` bytes at a character boundary, ending in `…` when it was cut.
-fn shortened(text: String, max: usize) -> String {
+pub fn shortened(text: String, max: usize) -> String {
     match cut(&text, max) {
         whole if whole.len() == text.len() => text,
         start => format!("{start}…"),

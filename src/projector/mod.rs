@@ -82,6 +82,11 @@ pub enum ErrorKind {
     Permanent,
 }
 
+/// The most bytes of a refusal's reason a dead letter keeps: a store's message and its detail
+/// (PostgreSQL quotes up to 64 bytes of each column of a failing row) are far shorter, save for
+/// tables of hundreds of columns.
+pub const MAX_REASON_BYTES: usize = 8 << 10;
+
 #[derive(Clone, Debug, Error)]
 #[error("{message}")]
 pub struct ProjectorError {
@@ -126,11 +131,14 @@ impl ProjectorError {
     }
 
     /// The whole reason, as a dead letter records it: the message, then the detail.
+    /// At most [`MAX_REASON_BYTES`]: a dead letter keeps it, and a worker's report carries it
+    /// for each task refused.
     pub fn reason(&self) -> String {
-        match &self.detail {
+        let reason = match &self.detail {
             Some(detail) => format!("{}: {detail}", self.message),
             None => self.message.clone(),
-        }
+        };
+        crate::auth::audit::shortened(reason, MAX_REASON_BYTES)
     }
 
     /// A transient error whose cause may be one project's own (see [`ProjectorError::scoped`]).
@@ -310,4 +318,27 @@ impl Registry {
 /// Capped exponential backoff for transient failures.
 pub fn backoff(attempt: u32) -> Duration {
     Duration::from_millis(100u64.saturating_mul(1 << attempt.min(7))).min(Duration::from_secs(10))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_reason_keeps_at_most_its_limit_cut_at_a_character_boundary() {
+        let error = ProjectorError::permanent("duplicate key value").with_detail(Some(format!(
+            "Failing row contains ({})",
+            "é".repeat(20_000)
+        )));
+        let reason = error.reason();
+        assert!(
+            reason.len() <= MAX_REASON_BYTES + '…'.len_utf8(),
+            "{}",
+            reason.len()
+        );
+        assert!(reason.starts_with("duplicate key value: Failing row contains (éé"));
+        assert!(reason.ends_with('…'));
+        let short = ProjectorError::permanent("refused").with_detail(Some("why".into()));
+        assert_eq!(short.reason(), "refused: why");
+    }
 }

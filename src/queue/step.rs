@@ -22,7 +22,7 @@ use futures::FutureExt;
 use serde::{Deserialize, Serialize};
 
 use crate::blueprint::Ident;
-use crate::catalog::{MigrationState, Snapshot};
+use crate::catalog::{CatalogError, MigrationState, Snapshot};
 use crate::journal::task::{Task, TaskOp};
 use crate::journal::{DeadLetter, Journal, JournalError};
 use crate::projector::{ErrorKind, Projector, ProjectorError};
@@ -81,13 +81,22 @@ pub fn record(
     run: Option<RangeInclusive<u64>>,
 ) -> Result<(), JournalError> {
     if let Some(m) = migration {
-        if let Err(e) = journal.catalog().set_migration(
+        match journal.catalog().set_migration(
             &m.project,
             m.version,
             projector,
             (m.state.clone(), m.task),
         ) {
-            tracing::warn!(projector, error = %e, "cannot record migration state");
+            Ok(()) => {}
+            // The project or its version went meanwhile: nothing to record.
+            Err(CatalogError::NotFound(why)) => {
+                tracing::debug!(projector, %why, "a migration's state of a version gone");
+            }
+            // Nothing of the step is recorded, so it is recorded again (its report delivered
+            // again, its tasks still pending): a migration done but not recorded would leave
+            // the version's status saying it waits, and a drop of the project delivered again
+            // later could not be told from one to apply.
+            Err(e) => return Err(e.into()),
         }
     }
     match run {

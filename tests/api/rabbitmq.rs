@@ -247,7 +247,7 @@ async fn through_rabbitmq_writes_migrations_and_deletes_reach_the_store_over_dur
     let ready = app.get("/_health/ready").await.body;
     assert_eq!(ready["status"], "ready", "{ready}");
     assert_eq!(ready["queue"]["transport"], "rabbitmq", "{ready}");
-    for link in ["relay", "reports", "consumer rocksdb"] {
+    for link in ["relay rocksdb", "reports", "consumer rocksdb"] {
         assert_eq!(ready["queue"]["links"][link]["connected"], true, "{ready}");
     }
     assert_eq!(ready["projectors"]["rocksdb"]["progress"]["pending"], 0);
@@ -1147,7 +1147,7 @@ async fn while_the_broker_is_unreachable_writes_are_accepted_and_all_arrive_once
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let ready = app.get("/_health/ready").await.body;
-        if ready["queue"]["links"]["relay"]["connected"] == false {
+        if ready["queue"]["links"]["relay rocksdb"]["connected"] == false {
             assert_eq!(ready["status"], "degraded", "{ready}");
             break;
         }
@@ -1476,6 +1476,7 @@ async fn redelivered_stale_and_unreadable_messages_never_duplicate_or_undo_newer
 
     // Copies of old writes arrive again, as after a redelivery or a relay that lost its cursor,
     // and a message that is no task at all.
+    let journal = app.journal.as_ref().unwrap().id().to_string();
     let connection = connect().await;
     let channel = connection.create_channel().await.unwrap();
     let stale = |id: Uuid, n: i64| {
@@ -1485,10 +1486,10 @@ async fn redelivered_stale_and_unreadable_messages_never_duplicate_or_undo_newer
     };
     for projector in ["rocksdb", "postgresql"] {
         let message = task_message(u64::MAX - 1, old_revision, stale(kept, 1));
-        publish(&channel, &broker, projector, &message).await;
-        publish(&channel, &broker, projector, &message).await;
+        broker.publish_as(&journal, projector, &message).await;
+        broker.publish_as(&journal, projector, &message).await;
         let message = task_message(u64::MAX - 2, old_revision, stale(deleted, 7));
-        publish(&channel, &broker, projector, &message).await;
+        broker.publish_as(&journal, projector, &message).await;
         publish(&channel, &broker, projector, b"not a task").await;
     }
     faults::wait_until_projected(&app).await;
@@ -1517,6 +1518,193 @@ async fn redelivered_stale_and_unreadable_messages_never_duplicate_or_undo_newer
     app.stop().await;
     broker.clean_up().await;
     db.drop().await;
+}
+
+/// A task only this deployment's relay could have published is applied: one naming no journal
+/// (published by hand) or another deployment's (two sharing a broker and `queue.namespace`) goes
+/// to the dead-letter queue unapplied, so a forged drop empties no store and another journal's
+/// writes never land in this one's, and the tasks behind them go on.
+#[tokio::test]
+async fn tasks_of_no_journal_or_another_are_dead_lettered_unapplied() {
+    let broker = TestBroker::new().await;
+    let db = TestDatabase::create().await;
+    let (queue, pg) = (broker.settings(), db.settings());
+    let app = spawn_app_with(|s| {
+        s.queue = Some(queue);
+        s.postgresql = Some(pg);
+    })
+    .await;
+    app.put_and_freeze("p", "thing", &faults::thing()).await;
+    let kept = Uuid::new_v4();
+    app.put_projected(
+        &format!("/p/thing/{kept}?wait=true"),
+        &json!({"project_version": 1, "n": 1}),
+    )
+    .await;
+
+    let connection = connect().await;
+    let channel = connection.create_channel().await.unwrap();
+    let drop = task_message(
+        u64::MAX - 5,
+        u64::MAX - 5,
+        json!({"seq": 0, "project": "p", "op": "drop_project"}),
+    );
+    let stranger = Uuid::new_v4();
+    let upsert = task_message(
+        u64::MAX - 4,
+        u64::MAX - 4,
+        json!({"seq": 0, "project": "p", "op": {"upsert": {"blueprint": "thing", "id": stranger,
+            "revision": u64::MAX - 4, "docs": [{"version": 1, "doc": {"id": stranger,
+            "project_version": 1, "links": [], "n": 9, "title": null}}]}}}),
+    );
+    for projector in ["rocksdb", "postgresql"] {
+        publish(&channel, &broker, projector, &drop).await;
+        broker
+            .publish_as("another-journal", projector, &upsert)
+            .await;
+        broker.publish_as("another-journal", projector, &drop).await;
+    }
+    faults::wait_until_projected(&app).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while broker.messages("postgresql.dead").await < 3 || broker.messages("rocksdb.dead").await < 3
+    {
+        assert!(
+            Instant::now() < deadline,
+            "the foreign tasks were not dead-lettered"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    let keyspace = app.rocksdb.clone().unwrap();
+    let (p, thing) = (ident("p"), ident("thing"));
+    assert_eq!(keyspace.get(&p, 1, &thing, &kept).unwrap()["n"], 1);
+    assert!(keyspace.get(&p, 1, &thing, &stranger).is_none());
+    let rows = faults::postgres_items(&db).await;
+    assert_eq!(rows.get(&kept), Some(&1), "{rows:?}");
+    assert_eq!(rows.get(&stranger), None, "{rows:?}");
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
+
+/// A projector's queue that refuses every publish (a length policy that rejects them) holds back
+/// that projector only: the others' tasks are relayed and applied meanwhile, and the refused
+/// projector's follow once the policy goes.
+#[tokio::test]
+async fn a_queue_refusing_publishes_holds_back_its_projector_only() {
+    let broker = TestBroker::new().await;
+    let db = TestDatabase::create().await;
+    let policy = format!("{}_refuse", broker.namespace);
+    rabbitmqctl_with(&[
+        "set_policy",
+        &policy,
+        &format!("^{}\\.rocksdb$", broker.namespace),
+        r#"{"max-length":0,"overflow":"reject-publish"}"#,
+        "--apply-to",
+        "queues",
+    ]);
+    let (queue, pg) = (broker.settings(), db.settings());
+    let app = spawn_app_with(|s| {
+        s.queue = Some(queue);
+        s.postgresql = Some(pg);
+    })
+    .await;
+    let put = app.put("/p/thing/_blueprint", &faults::thing()).await;
+    assert_eq!(put.status, 200, "{}", put.body);
+    // The keyspaces' migration cannot reach them: frozen, with their migration pending.
+    let frozen = app.post("/p/_version", None).await;
+    assert!(
+        frozen.status == 200
+            || frozen.body["status"]
+                .as_str()
+                .is_some_and(|s| s.contains("rocksdb: still pending")),
+        "{}",
+        frozen.body
+    );
+    let ids: Vec<Uuid> = (0..5).map(|_| Uuid::new_v4()).collect();
+    for (n, id) in ids.iter().enumerate() {
+        let put = app
+            .put(
+                &format!("/p/thing/{id}"),
+                &json!({"project_version": 1, "n": n}),
+            )
+            .await;
+        assert_eq!(put.status, 200, "{}", put.body);
+    }
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let applied = sqlx::query_scalar::<_, i64>("SELECT count(*) FROM p_v1.things")
+            .fetch_one(&mut db.sql().await)
+            .await
+            .unwrap_or(0);
+        if applied == 5 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "PostgreSQL got {applied} of 5 items while the keyspaces' queue refused its publishes"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let keyspace = app.rocksdb.clone().unwrap();
+    let (p, thing) = (ident("p"), ident("thing"));
+    assert!(keyspace.get(&p, 1, &thing, &ids[0]).is_none());
+
+    rabbitmqctl_with(&["clear_policy", &policy]);
+    faults::wait_until_projected(&app).await;
+    for id in &ids {
+        assert!(keyspace.get(&p, 1, &thing, id).is_some());
+    }
+    app.stop().await;
+    broker.clean_up().await;
+    db.drop().await;
+}
+
+/// Every queue dstore declares is classic, on a vhost whose default is quorum queues too: a
+/// projector's queue relies on a returned delivery going back to its place, where RabbitMQ 4's
+/// quorum queues put it at the back and dead-letter it after 20 returns.
+#[tokio::test]
+async fn every_queue_is_classic_whatever_the_vhost_defaults_to() {
+    let broker = TestBroker::new().await;
+    let vhost = broker.namespace.clone();
+    rabbitmqctl_with(&["add_vhost", &vhost, "--default-queue-type", "quorum"]);
+    rabbitmqctl_with(&["set_permissions", "-p", &vhost, "guest", ".*", ".*", ".*"]);
+    let url = broker_url();
+    let base = url.rsplit_once('/').map_or(url.as_str(), |(base, _)| base);
+    let queue = QueueSettings {
+        namespace: broker.namespace.clone(),
+        ..QueueSettings::new(format!("{base}/{vhost}"))
+    };
+    let app = spawn_app_with(move |s| s.queue = Some(queue)).await;
+    app.put_and_freeze("p", "thing", &faults::thing()).await;
+    app.put_projected(
+        &format!("/p/thing/{}?wait=true", Uuid::new_v4()),
+        &json!({"project_version": 1, "n": 1}),
+    )
+    .await;
+    let listed = Command::new("rabbitmqctl")
+        .args(["list_queues", "-q", "-p", &vhost, "name", "type"])
+        .output()
+        .expect("rabbitmqctl");
+    let listed = String::from_utf8_lossy(&listed.stdout).to_string();
+    let queues: Vec<(&str, &str)> = listed
+        .lines()
+        .filter_map(|line| line.split_once('\t'))
+        .filter(|(name, _)| name.starts_with(&broker.namespace))
+        .collect();
+    for queue in ["rocksdb", "rocksdb.dead", "rocksdb.parked", "reports"] {
+        let name = format!("{}.{queue}", broker.namespace);
+        assert!(
+            queues.iter().any(|(n, _)| *n == name),
+            "{name} was declared: {listed}"
+        );
+    }
+    assert!(
+        queues.iter().all(|(_, kind)| kind.trim() == "classic"),
+        "{listed}"
+    );
+    app.stop().await;
+    rabbitmqctl_with(&["delete_vhost", &vhost]);
 }
 
 #[tokio::test]

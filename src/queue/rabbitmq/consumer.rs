@@ -4,7 +4,8 @@
 //! Prefetch bounds what a consumer holds. A transient failure keeps the unsettled deliveries and
 //! retries them with capped backoff, so a store that is down holds its own queue only; the broker
 //! keeps the rest. A task the store refused for good is reported as a dead letter and rejected into
-//! the projector's dead-letter queue; a message that is not a task goes there too. Runs in
+//! the projector's dead-letter queue; a message that is not a task goes there too, and so does a
+//! task that names no journal or another than the consumer's deployment, unapplied and unreported. Runs in
 //! `dstore serve` and in `dstore worker`, with the catalog of the process or a copy of the server's.
 //!
 //! A project whose migration failed is held ([`Holds`]) and its tasks are parked: moved, in order,
@@ -57,7 +58,7 @@ use super::{confirmed, persistent, Broker, LinkError, JOURNAL_HEADER, PROBE_HEAD
 use crate::blueprint::Ident;
 use crate::journal::task::Task;
 use crate::journal::{decode_task, DeadLetter};
-use crate::projector::{backoff, Projector};
+use crate::projector::{backoff, Deployment, Projector};
 use crate::queue::hold::Holds;
 use crate::queue::step::{self, Step};
 use crate::queue::view::CatalogView;
@@ -68,6 +69,7 @@ pub async fn run(
     projector: Arc<dyn Projector>,
     view: Arc<CatalogView>,
     batch_size: usize,
+    deployment: Option<String>,
     shutdown: watch::Receiver<bool>,
 ) {
     let link = format!("consumer {}", projector.name());
@@ -77,7 +79,11 @@ pub async fn run(
         view: &view,
         batch_size: batch_size.max(1),
         link: &link,
+        deployment: Deployment::default(),
     };
+    if let Some(deployment) = deployment {
+        consumer.deployment.set(&deployment);
+    }
     let session = |connection| consumer.session(connection, shutdown.clone());
     broker.keep_linked(&link, shutdown.clone(), session).await;
 }
@@ -88,9 +94,22 @@ struct Consumer<'a> {
     view: &'a CatalogView,
     batch_size: usize,
     link: &'a str,
+    /// The journal whose tasks this consumer applies: a server's own from the start; a worker's
+    /// from the first task it can read, so a stray message naming another cannot decide it.
+    deployment: Deployment,
 }
 
 impl Consumer<'_> {
+    /// Whether tasks from `journal` are this consumer's to apply (and to report): a relay names
+    /// its journal on every task it publishes (`JOURNAL_HEADER`), so a task naming none was
+    /// published by hand, and one naming another journal by another deployment sharing the
+    /// broker. Applied, either would write into this deployment's stores what its journal never
+    /// held (a forged drop would empty them), and its report would settle nothing here or,
+    /// reaching the other deployment's collector, settle tasks its stores never got.
+    fn works_for(&self, journal: &str) -> bool {
+        !journal.is_empty() && self.deployment.set(journal) && self.projector.work_for(journal)
+    }
+
     async fn session(
         &self,
         connection: Connection,
@@ -483,8 +502,15 @@ impl Consumer<'_> {
         let count = batch.len();
         let mut tasks = Vec::with_capacity(count);
         let mut held = Vec::with_capacity(count);
+        // Whether the run's journal is this consumer's deployment, decided at its first task.
+        let mut ours = None;
+        let mut foreign = Vec::new();
         for delivery in batch {
             let task = decode_task(&delivery.data);
+            if task.is_ok() && !*ours.get_or_insert_with(|| self.works_for(journal)) {
+                foreign.push(delivery);
+                continue;
+            }
             let parks = match &task {
                 Ok(task) if from == Source::Queue => {
                     parking
@@ -525,20 +551,23 @@ impl Consumer<'_> {
                 }
             }
         }
+        if !foreign.is_empty() {
+            tracing::error!(
+                projector = name,
+                journal,
+                ours = self.deployment.get(),
+                tasks = foreign.len(),
+                "tasks that do not come from this deployment's journal (published by hand, or by \
+                 another deployment sharing the broker and queue.namespace: give each its own) go \
+                 to the dead-letter queue unapplied and unreported"
+            );
+            for delivery in &foreign {
+                settle(delivery, false).await?;
+            }
+        }
         if tasks.len() < count {
             // Something was parked or refused: commit it before applying the rest.
             session.channel.tx_commit().await?;
-        }
-        // A worker learns its deployment from the first task it takes (a server knew it already):
-        // a task it could read, so that a stray message naming some other journal cannot decide it.
-        if !tasks.is_empty() && !self.projector.work_for(journal) {
-            tracing::warn!(
-                projector = name,
-                journal,
-                "tasks of another deployment's journal on this queue (two deployments sharing a \
-                 broker and queue names?): this worker works for the first one it saw, and stores \
-                 what the others send as that one's"
-            );
         }
         if !tasks.is_empty() && parking.journal.as_deref() != Some(journal) {
             parking.journal = Some(journal.to_string());
@@ -710,9 +739,15 @@ struct Session<'a> {
 
 impl Session<'_> {
     /// Keeps `report` to be sent after the others kept, merged into the last when neither
-    /// records a migration.
+    /// records a migration; one heavier than [`MOST_MERGED`] is kept in parts ([`split`]).
     fn keep(&self, report: Report) {
         let mut unsent = self.unsent.lock().unwrap_or_else(|p| p.into_inner());
+        for report in split(report) {
+            Self::keep_part(&mut unsent, report);
+        }
+    }
+
+    fn keep_part(unsent: &mut std::collections::VecDeque<Report>, report: Report) {
         match unsent.back_mut() {
             Some(last)
                 if last.journal == report.journal
@@ -754,15 +789,65 @@ impl Session<'_> {
     }
 }
 
+/// `report` in parts of at most [`MOST_MERGED`] bytes each (a part of one refusal heavier than
+/// that, alone), in its order: a step of thousands of refusals, each with its store's words,
+/// would otherwise be a message the broker refuses (RabbitMQ 4 takes at most 16 MiB), and the
+/// step would be applied and refused again for ever. Recording a report is per task, so its parts
+/// record what it would; the migration goes with the first, and each says what the whole does
+/// of the consumer's error and its held projects.
+fn split(report: Report) -> Vec<Report> {
+    if weight(&report) <= MOST_MERGED {
+        return vec![report];
+    }
+    let Report {
+        projector,
+        journal,
+        applied,
+        refused,
+        migration,
+        error,
+        held,
+    } = report;
+    let part = |applied: Vec<u64>, refused: Vec<Refusal>| Report {
+        projector: projector.clone(),
+        journal: journal.clone(),
+        applied,
+        refused,
+        migration: None,
+        error: error.clone(),
+        held: held.clone(),
+    };
+    let mut parts: Vec<Report> = applied
+        .chunks((MOST_MERGED - 256) / 21)
+        .map(|seqs| part(seqs.to_vec(), Vec::new()))
+        .collect();
+    let mut refusals = Vec::new();
+    let mut bytes = 0;
+    for refusal in refused {
+        let more = refusal_weight(&refusal);
+        if !refusals.is_empty() && 256 + bytes + more > MOST_MERGED {
+            parts.push(part(Vec::new(), std::mem::take(&mut refusals)));
+            bytes = 0;
+        }
+        bytes += more;
+        refusals.push(refusal);
+    }
+    if !refusals.is_empty() || parts.is_empty() {
+        parts.push(part(Vec::new(), refusals));
+    }
+    parts[0].migration = migration;
+    parts
+}
+
 /// About the bytes of a report, kept or encoded: a seq applied is at most 21 bytes of JSON, a
 /// refusal its reason and time.
 fn weight(report: &Report) -> usize {
-    let refused: usize = report
-        .refused
-        .iter()
-        .map(|r| r.reason.len() + r.at.len() + 48)
-        .sum();
+    let refused: usize = report.refused.iter().map(refusal_weight).sum();
     report.applied.len() * 21 + refused + 256
+}
+
+fn refusal_weight(refusal: &Refusal) -> usize {
+    refusal.reason.len() + refusal.at.len() + 48
 }
 
 /// Where a delivery came from.
@@ -1047,5 +1132,66 @@ fn settled(sent: bool) -> Result<(), LinkError> {
         Err(LinkError::Other(
             "the channel closed before a delivery was settled".into(),
         ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::queue::step::MigrationRecord;
+
+    fn report(
+        applied: std::ops::Range<u64>,
+        refused: std::ops::Range<u64>,
+        reason: usize,
+    ) -> Report {
+        Report {
+            projector: "postgresql".into(),
+            journal: "journal".into(),
+            applied: applied.collect(),
+            refused: refused
+                .map(|seq| Refusal {
+                    seq,
+                    reason: "é".repeat(reason / 2),
+                    at: "2026-12-07T00:00:00.000Z".into(),
+                })
+                .collect(),
+            migration: Some(MigrationRecord {
+                project: Ident::parse("p").unwrap(),
+                version: 2,
+                state: crate::catalog::MigrationState::Done,
+                task: Some(7),
+            }),
+            error: Some("the store is down".into()),
+            held: Some(vec![Ident::parse("q").unwrap()]),
+        }
+    }
+
+    #[test]
+    fn a_report_heavier_than_a_message_is_kept_in_parts_that_record_the_same() {
+        let whole = report(0..120_000, 200_000..205_000, 1000);
+        let parts = split(whole.clone());
+        assert!(parts.len() > 5, "{} parts", parts.len());
+        for part in &parts {
+            let bytes = serde_json::to_vec(part).unwrap().len();
+            assert!(bytes <= MOST_MERGED, "a part of {bytes} bytes");
+            assert_eq!(part.error, whole.error);
+            assert_eq!(part.held, whole.held);
+        }
+        let applied: Vec<u64> = parts.iter().flat_map(|p| p.applied.clone()).collect();
+        assert_eq!(applied, whole.applied);
+        let refused: Vec<u64> = parts
+            .iter()
+            .flat_map(|p| p.refused.iter().map(|r| r.seq))
+            .collect();
+        assert_eq!(refused, (200_000..205_000).collect::<Vec<_>>());
+        assert!(parts[0].migration.is_some());
+        assert!(parts[1..].iter().all(|p| p.migration.is_none()));
+
+        let light = report(0..10, 10..12, 100);
+        assert_eq!(split(light.clone()).len(), 1);
+        // One refusal past the limit alone is a part of its own.
+        let heavy = report(0..1, 1..3, 2 * MOST_MERGED);
+        assert_eq!(split(heavy).len(), 3);
     }
 }

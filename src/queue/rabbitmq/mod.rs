@@ -190,7 +190,9 @@ impl Broker {
                 )
                 .await?;
         }
-        let mut dead_args = FieldTable::default();
+        // Every queue is classic (see `classic`): a projector's queue keeps its order as its
+        // parking queues do, and a vhost that defaults to quorum queues changes none of them.
+        let mut dead_args = classic();
         dead_args.insert("x-max-length".into(), AMQPValue::LongInt(100_000));
         declare_bound(
             channel,
@@ -200,7 +202,7 @@ impl Broker {
             projector,
         )
         .await?;
-        let mut args = FieldTable::default();
+        let mut args = classic();
         args.insert("x-single-active-consumer".into(), AMQPValue::Boolean(true));
         args.insert(
             "x-dead-letter-exchange".into(),
@@ -256,7 +258,7 @@ impl Broker {
             .queue_declare(
                 self.reports_queue().as_str().into(),
                 QueueDeclareOptions::durable(),
-                FieldTable::default(),
+                classic(),
             )
             .await?;
         Ok(())
@@ -310,8 +312,10 @@ impl Broker {
 }
 
 /// Arguments of a classic queue: a message returned unacknowledged goes back to its place, so a
-/// parking queue keeps its order, and nothing is dropped after some number of returns (a vhost
-/// may default to quorum queues, which do neither).
+/// projector's queue and a parking queue keep their order, and nothing is dropped after some
+/// number of returns (a vhost may default to quorum queues, which do neither: RabbitMQ 4 puts a
+/// returned message at the back and dead-letters it after 20 returns). The journal holds every
+/// task until it is applied, so a queue needs no replicas of its own.
 fn classic() -> FieldTable {
     let mut args = FieldTable::default();
     args.insert(

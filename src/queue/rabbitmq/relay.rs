@@ -38,8 +38,6 @@ use super::{confirmed, persistent, Broker, LinkError, JOURNAL_HEADER};
 use crate::blueprint::Ident;
 use crate::journal::{codec, DeadLetter, Journal, JournalError, RawTask};
 
-const LINK: &str = "relay";
-
 /// How often an idle relay checks that every projector's queue is still there.
 const QUEUE_CHECK: Duration = Duration::from_secs(5);
 
@@ -66,30 +64,37 @@ struct Stall {
 /// the broker confirmed before, which are in their parking queues.
 type Skip = HashMap<&'static str, (HashSet<Ident>, u64)>;
 
-/// Runs until `shutdown` turns true.
+/// Relays `projector`'s tasks until `shutdown` turns true. Each projector has a relay of its
+/// own, on a connection of its own (`relay {projector}` in `/_health/ready`'s links): a queue
+/// whose publishes fail (a policy refusing them, its node down, confirmations that do not come)
+/// ends only its relay's sessions, and the other projectors' tasks go on.
 pub async fn run(
     journal: Arc<Journal>,
     broker: Arc<Broker>,
-    projectors: Vec<&'static str>,
+    projector: &'static str,
     batch_size: usize,
     shutdown: watch::Receiver<bool>,
 ) {
+    let link = format!("relay {projector}");
     let relay = Relay {
         journal: &journal,
         broker: &broker,
-        projectors: &projectors,
+        projectors: &[projector],
+        link: &link,
         batch_size,
         stalls: Mutex::default(),
         max_message: AtomicUsize::new(broker.settings.max_message_bytes),
     };
     let session = |connection| relay.session(connection, shutdown.clone());
-    broker.keep_linked(LINK, shutdown.clone(), session).await;
+    broker.keep_linked(&link, shutdown.clone(), session).await;
 }
 
 struct Relay<'a> {
     journal: &'a Journal,
     broker: &'a Broker,
+    /// The one projector relayed (a session's steps are written for any number).
     projectors: &'a [&'static str],
+    link: &'a str,
     batch_size: usize,
     /// Kept across sessions, so that a link that drops often does not hide lost tasks.
     stalls: Mutex<HashMap<&'static str, Stall>>,
@@ -128,7 +133,7 @@ impl Relay<'_> {
         channel
             .confirm_select(ConfirmSelectOptions::default())
             .await?;
-        self.broker.set_link(LINK, true, None);
+        self.broker.set_link(self.link, true, None);
 
         self.publish_tails(&channel, &mut cursors, &Skip::new())
             .await?;
