@@ -235,6 +235,9 @@ pub struct StorageSettings {
     pub min_free_disk_mb: u64,
     /// Most projects the deployment holds (`DSTORE_MAX_PROJECTS`); making one more is a 409.
     pub max_projects: usize,
+    /// Most bytes, as JSON, of every project's blueprints and versions together
+    /// (`DSTORE_MAX_CATALOG_BYTES`); an edit that grows the catalog past it is a 409.
+    pub max_catalog_bytes: usize,
     /// With `backend = "postgresql"`: how long a batch of writes may wait for the storage's answer
     /// before its writes answer 503 (`DSTORE_COMMIT_TIMEOUT_SECS`; at least 1).
     pub commit_timeout_secs: u64,
@@ -481,6 +484,7 @@ impl Default for StorageSettings {
             durability: Durability::Sync,
             min_free_disk_mb: 1024,
             max_projects: crate::catalog::edit::MAX_PROJECTS,
+            max_catalog_bytes: crate::catalog::edit::MAX_CATALOG_BYTES,
             commit_timeout_secs: 30,
             query_timeout_secs: 30,
         }
@@ -686,6 +690,9 @@ impl Settings {
         }
         if let Some(v) = first(&["DSTORE_MAX_PROJECTS"]) {
             self.storage.max_projects = parsed(v)?;
+        }
+        if let Some(v) = first(&["DSTORE_MAX_CATALOG_BYTES"]) {
+            self.storage.max_catalog_bytes = parsed(v)?;
         }
         if let Some(v) = first(&["DSTORE_COMMIT_TIMEOUT_SECS"]) {
             self.storage.commit_timeout_secs = parsed(v)?;

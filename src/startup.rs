@@ -415,7 +415,8 @@ async fn open_journal(
                 path: catalog_dir,
                 source,
             })?
-            .with_max_projects(settings.storage.max_projects),
+            .with_max_projects(settings.storage.max_projects)
+            .with_max_bytes(settings.storage.max_catalog_bytes),
     );
     let journal_dir = data_dir.join("journal");
     let failed = |source| StartupError::Journal {
@@ -539,6 +540,7 @@ async fn open_cluster_storage(
         projectors,
         projection: settings.projection.clone(),
         max_projects: settings.storage.max_projects,
+        max_catalog_bytes: settings.storage.max_catalog_bytes,
         commit_timeout: Duration::from_secs(settings.storage.commit_timeout_secs),
         query_timeout: Duration::from_secs(settings.storage.query_timeout_secs),
     })

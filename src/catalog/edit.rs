@@ -99,6 +99,40 @@ pub fn room_for_a_version(p: &Project) -> Result<(), CatalogError> {
 /// only a new one is refused.
 pub const MAX_PROJECTS: usize = 10_000;
 
+/// Most bytes, as JSON, the whole catalog takes unless `storage.max_catalog_bytes` says
+/// otherwise: every node keeps every project's blueprints and versions in memory (about four
+/// times what they take as JSON) and reads them all at start, so a catalog grown past what a
+/// node's memory holds would stop it from starting at all. The per-project limits
+/// ([`MAX_BLUEPRINTS_BYTES`], [`MAX_VERSIONS_BYTES`]) times [`MAX_PROJECTS`] are far past it.
+pub const MAX_CATALOG_BYTES: usize = 256 << 20;
+
+/// What a project takes in the catalog as JSON: its working copy and its versions.
+pub fn project_bytes(p: &Project) -> usize {
+    json_bytes(&p.working) + p.versions.iter().map(|v| v.json_bytes()).sum::<usize>()
+}
+
+/// Refuses an edit that grows project `name` from `before` to `after` bytes ([`project_bytes`])
+/// while the other projects take `others`, past `max` (`storage.max_catalog_bytes`). An edit
+/// that does not grow the project is always made, so a catalog past the limit (one made before
+/// it, or a limit lowered since) can still be trimmed.
+pub fn room_in_catalog(
+    name: &Ident,
+    others: usize,
+    (before, after): (usize, usize),
+    max: usize,
+) -> Result<(), CatalogError> {
+    let total = others.saturating_add(after);
+    if after <= before || total <= max {
+        return Ok(());
+    }
+    Err(CatalogError::Conflict(format!(
+        "this edit of project {name:?} would grow the deployment's catalog to {total} bytes as \
+         JSON, more than the {max} it may hold (storage.max_catalog_bytes): every node keeps \
+         every project's blueprints and versions in memory and reads them all at start; drop \
+         projects no one uses, or shorten comments, patterns and enums"
+    )))
+}
+
 /// The refusal of a new project once the deployment holds `max` (`storage.max_projects`).
 pub fn too_many_projects(name: &Ident, max: usize) -> String {
     format!(
@@ -150,7 +184,7 @@ fn check_count(before: usize, next: usize) -> Result<(), CatalogError> {
 
 /// What blueprints (or changes) take as JSON, the measure of [`MAX_BLUEPRINTS_BYTES`],
 /// [`MAX_EDITS_BYTES`] and [`MAX_VERSIONS_BYTES`]; counted as written, nothing kept.
-fn json_bytes(value: &impl serde::Serialize) -> usize {
+pub fn json_bytes(value: &impl serde::Serialize) -> usize {
     struct Count(usize);
     impl std::io::Write for Count {
         fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
@@ -436,6 +470,7 @@ pub fn freeze(
         edits: std::mem::take(&mut p.working.edits),
         frozen_at: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
         forced,
+        size: Default::default(),
     };
     let status = VersionStatus {
         retired: false,

@@ -72,6 +72,10 @@ pub struct Catalog {
     writer: Mutex<()>,
     /// Most projects it holds (`storage.max_projects`): a new one past it is refused.
     max_projects: usize,
+    /// Most bytes its projects take as JSON (`storage.max_catalog_bytes`, see
+    /// [`edit::room_in_catalog`]), and what they take now (changed under `writer`).
+    max_bytes: usize,
+    bytes: std::sync::atomic::AtomicUsize,
 }
 
 fn project_key(name: &Ident) -> String {
@@ -108,11 +112,18 @@ impl Catalog {
         options.create_if_missing(true);
         let db = DB::open(&options, path)?;
         let snapshot = load(&db)?;
+        let bytes: usize = snapshot
+            .projects
+            .values()
+            .map(|p| edit::project_bytes(p))
+            .sum();
         Ok(Catalog {
             db,
             snapshot: RwLock::new(Arc::new(snapshot)),
             writer: Mutex::new(()),
             max_projects: edit::MAX_PROJECTS,
+            max_bytes: edit::MAX_CATALOG_BYTES,
+            bytes: bytes.into(),
         })
     }
 
@@ -120,6 +131,17 @@ impl Catalog {
     pub fn with_max_projects(mut self, max: usize) -> Catalog {
         self.max_projects = max;
         self
+    }
+
+    /// The catalog holding at most `max` bytes as JSON (`storage.max_catalog_bytes`).
+    pub fn with_max_bytes(mut self, max: usize) -> Catalog {
+        self.max_bytes = max;
+        self
+    }
+
+    /// What its projects take as JSON ([`edit::project_bytes`]).
+    pub fn bytes(&self) -> usize {
+        self.bytes.load(std::sync::atomic::Ordering::Acquire)
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -171,7 +193,17 @@ impl Catalog {
                 )))
             }
         };
+        let before = current
+            .projects
+            .get(name)
+            .map_or(0, |p| edit::project_bytes(p));
         let result = edit(&mut project, &mut writes)?;
+        let after = match writes.is_empty() {
+            true => before,
+            false => edit::project_bytes(&project),
+        };
+        let others = self.bytes().saturating_sub(before);
+        edit::room_in_catalog(name, others, (before, after), self.max_bytes)?;
         let mut batch = WriteBatch::default();
         let epoch_moves = writes.iter().any(|w| w.moves_epoch());
         for write in &writes {
@@ -202,6 +234,8 @@ impl Catalog {
             project.epoch = next.epoch;
         }
         next.projects.insert(name.clone(), Arc::new(project));
+        self.bytes
+            .store(others + after, std::sync::atomic::Ordering::Release);
         *self
             .snapshot
             .write()
@@ -377,7 +411,7 @@ impl Catalog {
     pub fn delete_project(&self, name: &Ident) -> Result<(), CatalogError> {
         let _guard = self.writer.lock().unwrap_or_else(PoisonError::into_inner);
         let current = self.snapshot();
-        current.project(name)?;
+        let gone = edit::project_bytes(current.project(name)?);
         let mut batch = WriteBatch::default();
         batch.put(drop_key(name), b"");
         batch.delete(project_key(name));
@@ -390,6 +424,8 @@ impl Catalog {
         let mut next = Snapshot::clone(&current);
         next.epoch += 1;
         next.projects.remove(name);
+        self.bytes
+            .fetch_sub(gone, std::sync::atomic::Ordering::AcqRel);
         *self
             .snapshot
             .write()

@@ -66,6 +66,16 @@ pub struct Version {
     /// Frozen with `?force=true` although the compatibility report found values it loses.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub forced: bool,
+    /// What it takes as JSON, once measured (`Version::json_bytes`): a version never changes.
+    #[serde(skip)]
+    pub size: std::sync::OnceLock<usize>,
+}
+
+impl Version {
+    /// What the version takes as JSON, the measure of `storage.max_catalog_bytes`.
+    pub fn json_bytes(&self) -> usize {
+        *self.size.get_or_init(|| super::edit::json_bytes(self))
+    }
 }
 
 /// What happened to a version after it was frozen. Stored under `status/{name}/{number}`.

@@ -74,6 +74,7 @@ fn store_previews(
         edits: Vec::new(),
         frozen_at: String::new(),
         forced: false,
+        size: Default::default(),
     };
     Ok(Value::Object(
         state

@@ -487,6 +487,7 @@ mod tests {
             edits: Vec::new(),
             frozen_at: String::new(),
             forced: false,
+            size: Default::default(),
         }));
         p.status.insert(1, crate::catalog::VersionStatus::default());
         let snapshot = Snapshot {

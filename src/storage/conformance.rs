@@ -103,6 +103,7 @@ async fn opening_postgresql_in(
         projectors,
         projection: ProjectionSettings::default(),
         max_projects: MAX_PROJECTS,
+        max_catalog_bytes: MAX_CATALOG_BYTES,
         commit_timeout: std::time::Duration::from_secs(30),
         query_timeout: std::time::Duration::from_secs(30),
     })
@@ -111,6 +112,10 @@ async fn opening_postgresql_in(
 
 /// Most projects the storages under test hold: few, so that the limit is reached in a test.
 const MAX_PROJECTS: usize = 20;
+
+/// Most bytes of catalog the storages under test hold: little, so that the limit is reached in a
+/// test (every other test's catalog stays far below it).
+const MAX_CATALOG_BYTES: usize = 4 << 20;
 
 async fn embedded() -> Fixture {
     let (storage, dir) = embedded_storage();
@@ -135,7 +140,8 @@ pub(crate) fn embedded_storage_keeping(
     let catalog = Arc::new(
         Catalog::open(&dir.path().join("catalog"))
             .expect("the catalog opens")
-            .with_max_projects(MAX_PROJECTS),
+            .with_max_projects(MAX_PROJECTS)
+            .with_max_bytes(MAX_CATALOG_BYTES),
     );
     let journal = Journal::open(
         &dir.path().join("journal"),
@@ -538,6 +544,53 @@ async fn a_new_project_past_the_most_is_refused_and_existing_ones_go_on(storage:
         .await
         .unwrap_err();
     assert!(matches!(refused, StorageError::Conflict(_)), "{refused:?}");
+}
+
+/// The whole catalog is bounded in bytes (`storage.max_catalog_bytes`), not only each project: an
+/// edit or a freeze that would grow it past the most is refused with nothing written, while edits
+/// that do not grow it go on and a drop makes room.
+async fn an_edit_growing_the_catalog_past_its_most_is_refused_and_others_go_on(
+    storage: Arc<dyn Storage>,
+) {
+    // About 1.6 MB each as JSON: the blueprint, and the change that made it.
+    put_wide_article(storage.as_ref(), &ident("a"), 200).await;
+    put_wide_article(storage.as_ref(), &ident("b"), 200).await;
+    let wide = |columns: usize| {
+        let mut body = json!({"postgresql": {"table": "articles"},
+            "elasticsearch": {"type": "article"}, "columns": {"title": {"type": "string"}}});
+        for c in 0..columns {
+            body["columns"][format!("c{c}")] =
+                json!({"type": "string", "default": "d".repeat(4000)});
+        }
+        parse_blueprint(&body, "").unwrap()
+    };
+    let refused = storage
+        .put_blueprint(&ident("c"), &ident("article"), wide(200))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&refused, StorageError::Conflict(m) if m.contains("storage.max_catalog_bytes")),
+        "{refused:?}"
+    );
+    assert!(!storage.snapshot().projects.contains_key(&ident("c")));
+    // A freeze adds a version as large as the blueprints: refused too, nothing frozen.
+    let refused = storage.freeze(&ident("b"), false).await.unwrap_err();
+    assert!(
+        matches!(&refused, StorageError::Conflict(m) if m.contains("storage.max_catalog_bytes")),
+        "{refused:?}"
+    );
+    assert!(storage.snapshot().projects[&ident("b")].versions.is_empty());
+    // An edit that does not grow its project goes on; a drop makes room.
+    put_wide_article(storage.as_ref(), &ident("b"), 10).await;
+    storage.drop_project(&ident("a")).await.unwrap();
+    storage
+        .put_blueprint(&ident("c"), &ident("article"), wide(200))
+        .await
+        .expect("room after the drop");
+    storage
+        .freeze(&ident("b"), false)
+        .await
+        .expect("a small freeze");
 }
 
 /// Key creations racing each other never pass the most keys together: exactly that many are made.
@@ -1197,6 +1250,7 @@ macro_rules! every_behaviour {
             edits_to_an_unknown_project_are_not_found,
             audit_entries_with_a_nul_are_stored_with_the_rest_of_their_batch,
             a_new_project_past_the_most_is_refused_and_existing_ones_go_on,
+            an_edit_growing_the_catalog_past_its_most_is_refused_and_others_go_on,
             an_invalid_edit_changes_nothing,
             scanning_pages_through_every_item_of_the_project_once,
             the_compatibility_setting_forced_freezes_and_version_usage_are_kept,

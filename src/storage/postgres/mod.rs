@@ -71,6 +71,9 @@ pub struct PgStorageSettings {
     pub projection: ProjectionSettings,
     /// Most projects the deployment holds (`storage.max_projects`).
     pub max_projects: usize,
+    /// Most bytes of the catalog as JSON (`storage.max_catalog_bytes`), counted on this node's
+    /// copy of it (two nodes growing it at once may each pass: it is kept within an edit or two).
+    pub max_catalog_bytes: usize,
     /// How long a batch of writes may wait for the storage (`storage.commit_timeout_secs`).
     pub commit_timeout: Duration,
     /// How long any other exchange with the storage may wait (`storage.query_timeout_secs`).
@@ -82,6 +85,8 @@ pub struct PgStorageSettings {
 struct CatalogCache {
     snapshot: Arc<Snapshot>,
     stamps: HashMap<Ident, u64>,
+    /// What each project of `snapshot` takes as JSON (`edit::project_bytes`).
+    bytes: HashMap<Ident, usize>,
 }
 
 /// Counters of this node, for health and metrics.
@@ -724,9 +729,11 @@ impl PgStorage {
             cache.stamps.insert(name.clone(), stamp);
             match project {
                 Some(p) => {
+                    cache.bytes.insert(name.clone(), edit::project_bytes(&p));
                     next.projects.insert(name, Arc::new(p));
                 }
                 None => {
+                    cache.bytes.remove(&name);
                     next.projects.remove(&name);
                 }
             }
@@ -766,6 +773,32 @@ impl PgStorage {
             self.reload(&name).await?;
         }
         Ok(())
+    }
+
+    /// Refuses an edit that grew `p` from `before` bytes past `storage.max_catalog_bytes`
+    /// ([`edit::room_in_catalog`]), the other projects counted as this node holds them.
+    fn room_in_catalog(
+        &self,
+        p: &crate::catalog::Project,
+        before: usize,
+        writes: &[edit::Write],
+    ) -> Result<(), StorageError> {
+        if writes.is_empty() {
+            return Ok(());
+        }
+        let others: usize = {
+            let cache = self.catalog.read().expect("catalog lock");
+            let all: usize = cache.bytes.values().sum();
+            all - cache.bytes.get(&p.name).copied().unwrap_or(0).min(all)
+        };
+        let after = edit::project_bytes(p);
+        edit::room_in_catalog(
+            &p.name,
+            others,
+            (before, after),
+            self.settings.max_catalog_bytes,
+        )
+        .map_err(StorageError::from)
     }
 
     fn publish_one(&self, name: &Ident, stamp: u64, project: Option<crate::catalog::Project>) {
@@ -902,7 +935,9 @@ impl PgStorage {
             )
             .await?;
             let mut writes = Vec::new();
+            let before = edit::project_bytes(&p);
             let result = apply(&mut p, &mut writes)?;
+            self.room_in_catalog(&p, before, &writes)?;
             let stamp = catalog::persist(&mut tx, &mut p, stamp, &writes).await?;
             // A project made again with nothing in it writes nothing but moves the stamp: the
             // other nodes are told of it too.
@@ -1388,6 +1423,7 @@ impl Storage for PgStorage {
             let (mut p, stamp) = catalog::lock_project(&mut tx, project, None).await?;
             let mut writes = Vec::new();
             let projectors = self.settings.projectors.clone();
+            let before = edit::project_bytes(&p);
             let version = edit::freeze(
                 &mut p,
                 &projectors,
@@ -1396,6 +1432,7 @@ impl Storage for PgStorage {
                 judged.as_ref(),
                 &mut writes,
             )?;
+            self.room_in_catalog(&p, before, &writes)?;
             let stamp = catalog::persist(&mut tx, &mut p, stamp, &writes).await?;
             let revision = Self::next_revisions(&mut tx, project, 1).await?;
             let migrate = TaskOp::Migrate {
@@ -2796,6 +2833,7 @@ mod tests {
             projectors: vec![],
             projection: crate::config::ProjectionSettings::default(),
             max_projects: 10,
+            max_catalog_bytes: crate::catalog::edit::MAX_CATALOG_BYTES,
             commit_timeout: Duration::from_secs(30),
             query_timeout: Duration::from_secs(30),
         };

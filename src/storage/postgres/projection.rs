@@ -1049,6 +1049,7 @@ mod tests {
         *storage.catalog.write().unwrap() = super::super::CatalogCache {
             snapshot: old,
             stamps: old_stamps,
+            bytes: Default::default(),
         };
         let tasks = [Task {
             seq: revision,
