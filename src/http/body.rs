@@ -306,18 +306,43 @@ pub fn held_json<T: serde::Serialize + ?Sized>(
     what: &str,
     value: &T,
 ) -> Result<HttpResponse, ApiError> {
+    held_json_in(answer_share(state, what, 0)?, what, value)
+}
+
+/// An answer's share of the budget holding `estimate` bytes before the answer is made: an
+/// answer made from the whole catalog takes several times its JSON while it is made, so a
+/// request for one too large is refused (413 alone, 503 beside others) before any of it is made,
+/// and requests for large ones at once wait their turn instead of each making its own.
+pub fn answer_share(state: &AppState, what: &str, estimate: usize) -> Result<Arc<Share>, ApiError> {
+    let share: Arc<Share> = Arc::new(state.in_flight.answer_share());
+    share
+        .grow(estimate)
+        .map_err(|refused| answer_refused(what, estimate, refused))?;
+    Ok(share)
+}
+
+/// `value` as a JSON answer held in `share` ([`answer_share`]), resized to the answer's bytes.
+pub fn held_json_in<T: serde::Serialize + ?Sized>(
+    share: Arc<Share>,
+    what: &str,
+    value: &T,
+) -> Result<HttpResponse, ApiError> {
     let body = serde_json::to_vec(value)
         .map_err(|e| ApiError::Internal(format!("cannot encode {what}: {e}")))?;
-    let share: Arc<Share> = Arc::new(state.in_flight.answer_share());
-    share.grow(body.len()).map_err(|refused| match refused {
-        Refused::Busy { .. } | Refused::Answers { .. } => ApiError::from(refused),
-        Refused::Alone { limit, .. } => ApiError::Oversized(format!(
-            "{what} would hold {} bytes until it is sent, more than the {limit} answers may \
-             hold together (three quarters of server.max_inflight_bytes)",
-            body.len()
-        )),
-    })?;
+    share
+        .resize(body.len())
+        .map_err(|refused| answer_refused(what, body.len(), refused))?;
     Ok(HttpResponse::Ok()
         .content_type(actix_web::http::header::ContentType::json())
         .body(Held::new(body.into(), share)))
+}
+
+fn answer_refused(what: &str, bytes: usize, refused: Refused) -> ApiError {
+    match refused {
+        Refused::Busy { .. } | Refused::Answers { .. } => ApiError::from(refused),
+        Refused::Alone { limit, .. } => ApiError::Oversized(format!(
+            "{what} would hold {bytes} bytes until it is sent, more than the {limit} answers may \
+             hold together (three quarters of server.max_inflight_bytes)"
+        )),
+    }
 }

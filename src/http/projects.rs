@@ -154,13 +154,23 @@ pub async fn get_all(
     state.storage.refresh_catalog().await?;
     let snapshot = state.storage.snapshot();
     let caller = super::auth::caller(&request);
-    let out: Map<String, Value> = snapshot
-        .projects
-        .iter()
-        .filter(|(n, _)| caller.allows(Action::BlueprintsRead, Some(n.as_str())))
+    let readable = || {
+        snapshot
+            .projects
+            .iter()
+            .filter(|(n, _)| caller.allows(Action::BlueprintsRead, Some(n.as_str())))
+    };
+    // Held from before the answer is made (see `body::answer_share`): about what the
+    // blueprints take as JSON, counted without being written anywhere.
+    let estimate = readable()
+        .map(|(_, p)| crate::catalog::edit::json_bytes(&p.working.blueprints))
+        .sum();
+    let what = "the projects' blueprints";
+    let share = body::answer_share(&state, what, estimate)?;
+    let out: Map<String, Value> = readable()
         .map(|(n, p)| (n.to_string(), describe(p)))
         .collect();
-    body::held_json(&state, "the projects' blueprints", &out)
+    body::held_json_in(share, what, &out)
 }
 
 /// PUT /_project: `{"myblog": {"article": {…}}, …}`; every project is checked before any is changed.

@@ -12,6 +12,7 @@ use serde::Deserialize;
 use crate::auth::Action;
 use crate::blueprint::compat::changed_columns;
 use crate::blueprint::Ident;
+use crate::catalog::edit::json_bytes;
 use crate::catalog::{Compatibility, Project, Version};
 use crate::write;
 
@@ -254,15 +255,27 @@ pub async fn all(_: NoQuery, state: State, request: HttpRequest) -> Result<HttpR
     state.storage.refresh_catalog().await?;
     let snapshot = state.storage.snapshot();
     let caller = super::auth::caller(&request);
+    let readable = || {
+        snapshot
+            .projects
+            .iter()
+            .filter(|(name, _)| caller.allows(Action::BlueprintsRead, Some(name.as_str())))
+    };
+    // Held from before the answer is made (see `body::answer_share`): about what the changes it
+    // lists take as JSON, counted without being written anywhere.
+    let estimate = readable()
+        .map(|(_, p)| {
+            let changes = p.versions.iter().map(|v| json_bytes(&v.changes));
+            changes.sum::<usize>() + json_bytes(&p.working.edits)
+        })
+        .sum();
+    let what = "the projects' versions";
+    let share = super::body::answer_share(&state, what, estimate)?;
     let mut out = Map::new();
-    for (name, p) in snapshot
-        .projects
-        .iter()
-        .filter(|(name, _)| caller.allows(Action::BlueprintsRead, Some(name.as_str())))
-    {
+    for (name, p) in readable() {
         out.insert(name.to_string(), describe(&state, p).await?);
     }
-    super::body::held_json(&state, "the projects' versions", &out)
+    super::body::held_json_in(share, what, &out)
 }
 
 /// POST /{project}/_version/{version}/_retire
