@@ -597,6 +597,15 @@ impl KeyStore {
             previous: None,
         };
         apply(&mut key, input, &mut errors);
+        // A key made expired could never be used (a later expiry only shortens a key's life,
+        // `update`): a date typed wrong, which its maker would learn only from 401s.
+        if key.expires_at.is_some_and(|at| at <= key.created_at) {
+            errors.push(FieldError::new(
+                "/expires_at",
+                "is not in the future: the key would never work; use null for a key that never \
+                 expires",
+            ));
+        }
         if !errors.is_empty() {
             return Err(KeyError::Invalid(errors));
         }

@@ -130,8 +130,14 @@ fn bearer(request: &ServiceRequest) -> Option<String> {
     bearer_of(request.headers())
 }
 
+/// The bearer token of the request's one `Authorization` header: none when it has several, which a
+/// proxy in front could read otherwise than dstore (the last where dstore would take the first).
 fn bearer_of(headers: &header::HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let mut values = headers.get_all(header::AUTHORIZATION);
+    let value = values.next()?.to_str().ok()?;
+    if values.next().is_some() {
+        return None;
+    }
     let (scheme, token) = value.split_once(' ')?;
     scheme
         .eq_ignore_ascii_case("bearer")

@@ -160,7 +160,14 @@ fn routes(config: &mut web::ServiceConfig) {
                 }))
                 .default_service(web::to(items::plain)),
         )
-        .service(resource("/_health", [(Method::GET, web::to(health::live))]))
+        // HEAD too (answered without a body), as load balancers and uptime checks may send.
+        .service(resource(
+            "/_health",
+            [
+                (Method::GET, web::to(health::live)),
+                (Method::HEAD, web::to(health::live)),
+            ],
+        ))
         .service(resource(
             "/_metrics",
             [(Method::GET, web::to(metrics::metrics))],
@@ -172,7 +179,10 @@ fn routes(config: &mut web::ServiceConfig) {
         .service(resource("/_docs", [(Method::GET, web::to(docs::page))]))
         .service(resource(
             "/_health/ready",
-            [(Method::GET, web::to(health::ready))],
+            [
+                (Method::GET, web::to(health::ready)),
+                (Method::HEAD, web::to(health::ready)),
+            ],
         ))
         .service(resource(
             "/_dead_letters",

@@ -585,7 +585,7 @@ async fn a_method_a_path_does_not_take_answers_405_naming_those_it_takes() {
     let item = "/myblog/article/5f0c0c9e-1b2a-4c3d-8e4f-000000000001";
     let encoded = "/my%62log/article/5f0c0c9e-1b2a-4c3d-8e4f-000000000001";
     for (method, path, allow) in [
-        (Method::DELETE, "/_health", "GET"),
+        (Method::DELETE, "/_health", "GET, HEAD"),
         (Method::PUT, "/_keys/abc", "GET, PATCH, DELETE"),
         (Method::GET, "/myblog/_bulk", "POST"),
         (Method::POST, "/myblog/_project", "GET, PUT, DELETE"),

@@ -292,3 +292,21 @@ async fn a_nearly_full_disk_refuses_item_writes_blueprint_edits_and_freezes_but_
     assert_eq!(roomy.get(&format!("/p/article/{gone}")).await.status, 404);
     roomy.stop().await;
 }
+
+/// Load balancers and uptime checks may send HEAD: the health routes answer it as GET, without a
+/// body.
+#[tokio::test]
+async fn health_answers_head_as_get_without_a_body() {
+    let app = spawn_app().await;
+    for path in ["/_health", "/_health/ready"] {
+        let answer = app
+            .client
+            .head(format!("{}{path}", app.address))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 200, "{path}");
+        assert!(answer.bytes().await.unwrap().is_empty(), "{path}");
+    }
+    app.stop().await;
+}
