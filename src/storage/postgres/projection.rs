@@ -267,6 +267,13 @@ async fn work(
             step
         };
         if let Some(m) = &step.migration {
+            // Recorded only by the lease's holder: a node that lost it while migrating (paused
+            // past its term) would otherwise write its outcome over the new holder's, a stale
+            // failure over a success.
+            if renew(storage, name, project).await?.is_none() {
+                tracing::info!(projector = name, %project, "lease lost to another node while migrating; leaving the project to it");
+                return Ok(());
+            }
             if let Err(error) = storage
                 .set_migration(&m.project, m.version, name, m.state.clone(), m.task)
                 .await
@@ -582,7 +589,7 @@ mod tests {
     use uuid::Uuid;
 
     use super::*;
-    use crate::catalog::{Snapshot, Version};
+    use crate::catalog::{MigrationState, Snapshot, Version};
     use crate::projector::{Health, Outcome, ProjectorError};
     use crate::storage::conformance::{
         drop_schema, frozen, open_postgresql, put_article, upsert, write,
@@ -696,6 +703,59 @@ mod tests {
             "the migration and the write"
         );
 
+        drop(storage);
+        drop_schema(&schema).await;
+    }
+
+    /// A node that lost its lease while migrating does not record its outcome: the node that took
+    /// the lease recorded the migration done meanwhile, and a stale failure must not replace it.
+    #[tokio::test]
+    async fn a_migration_outcome_is_not_recorded_by_a_node_that_lost_its_lease() {
+        let (storage, schema) = open_postgresql("stale_migration", vec!["counting"]).await;
+        let project = frozen(storage.as_ref()).await;
+        let claimed = claim(&storage, "counting").await.unwrap();
+        let (_, cursor) = claimed[0].clone();
+        // Its migration fails, half a second in; meanwhile another node takes the lease and
+        // records the migration done.
+        let failing = Counting(
+            AtomicUsize::new(0),
+            true,
+            Duration::from_millis(500),
+            Duration::ZERO,
+        );
+        let other = {
+            let (storage, project) = (storage.clone(), project.clone());
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                sqlx::query(
+                    "UPDATE cursors SET lease_owner = 'other', \
+                         lease_until = now() + interval '10 seconds' \
+                     WHERE projector = 'counting' AND project = 'p'",
+                )
+                .execute(storage.pool())
+                .await
+                .unwrap();
+                storage
+                    .set_migration(&project, 1, "counting", MigrationState::Done, None)
+                    .await
+                    .unwrap();
+            })
+        };
+        let lease = Lease {
+            renewed: tokio::time::Instant::now(),
+            cursor,
+        };
+        work(&storage, &failing, &project, lease, 100)
+            .await
+            .unwrap();
+        other.await.unwrap();
+        let snapshot = storage.fresh_snapshot(&project).await.unwrap();
+        assert_eq!(
+            snapshot.projects[&project].status[&1]
+                .migrations
+                .get("counting"),
+            Some(&MigrationState::Done)
+        );
         drop(storage);
         drop_schema(&schema).await;
     }
