@@ -129,7 +129,8 @@ pub fn room_in_catalog(
         "this edit of project {name:?} would grow the deployment's catalog to {total} bytes as \
          JSON, more than the {max} it may hold (storage.max_catalog_bytes): every node keeps \
          every project's blueprints and versions in memory and reads them all at start; drop \
-         projects no one uses, or shorten comments, patterns and enums"
+         projects no one uses (an edit records what it changed, so only a drop gives room back), \
+         or raise the setting where the nodes' memory allows"
     )))
 }
 

@@ -173,13 +173,37 @@ async fn read_within(
     if declared.is_some_and(|length| length > limit) {
         return Err(ApiError::TooLarge(limit));
     }
+    // A compressed body would be read as malformed JSON, and one in a coding named but not used
+    // read as if the name meant nothing: either is refused for what it is.
+    if let Some(coding) = request
+        .headers()
+        .get(actix_web::http::header::CONTENT_ENCODING)
+    {
+        let coding = String::from_utf8_lossy(coding.as_bytes());
+        if !coding.trim().eq_ignore_ascii_case("identity") {
+            let shown: String = coding.chars().take(64).collect();
+            return Err(ApiError::UnsupportedEncoding(format!(
+                "the body's Content-Encoding {shown:?} is not read: send it uncompressed, without \
+                 the header (or as identity)"
+            )));
+        }
+    }
     // The budget is taken as bytes arrive, not for what a client announces: a connection that
     // announces a large body and stalls holds only what it sent.
     let share = state.in_flight.share();
     let mut body = web::BytesMut::with_capacity(declared.unwrap_or(0).min(PREALLOCATED));
     while let Some(chunk) = payload.next().await {
-        let chunk = chunk
-            .map_err(|e| ApiError::bad_request("", format!("cannot read the request body: {e}")))?;
+        let chunk = chunk.map_err(|e| {
+            let why = match e {
+                actix_web::error::PayloadError::Incomplete(_) => {
+                    "the request body ended before it was complete (its chunked framing is \
+                     invalid, or the client stopped sending)"
+                        .to_string()
+                }
+                other => format!("cannot read the request body: {other}"),
+            };
+            ApiError::bad_request("", why)
+        })?;
         let length = body.len() + chunk.len();
         if length > limit {
             return Err(ApiError::TooLarge(limit));

@@ -36,6 +36,8 @@ pub enum ApiError {
     TooLarge(usize),
     /// 413: handling the request would hold more memory than every request together may.
     Oversized(String),
+    /// 415: the body is sent in a coding dstore does not read (`Content-Encoding`).
+    UnsupportedEncoding(String),
     /// 422: well-formed, but not a valid blueprint or item.
     Invalid(String, Vec<FieldError>),
     /// 429: the client's address sent too many tokens that are no key; it may try again after
@@ -110,6 +112,7 @@ impl std::fmt::Display for ApiError {
             | ApiError::Unavailable(m)
             | ApiError::Uncertain(m)
             | ApiError::Oversized(m)
+            | ApiError::UnsupportedEncoding(m)
             | ApiError::Internal(m) => f.write_str(m),
             ApiError::MethodNotAllowed(allow) => {
                 write!(f, "method not allowed; this path takes {allow}")
@@ -137,6 +140,7 @@ impl ResponseError for ApiError {
             ApiError::Gone(..) => StatusCode::GONE,
             ApiError::TooLarge(_) | ApiError::Oversized(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::RequestTimeout(_) => StatusCode::REQUEST_TIMEOUT,
+            ApiError::UnsupportedEncoding(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             ApiError::Invalid(..) => StatusCode::UNPROCESSABLE_ENTITY,
             ApiError::TooManyRequests(..) => StatusCode::TOO_MANY_REQUESTS,
             ApiError::Unavailable(_) | ApiError::Uncertain(_) => StatusCode::SERVICE_UNAVAILABLE,
@@ -153,6 +157,10 @@ impl ResponseError for ApiError {
             ApiError::TooLarge(_) | ApiError::Oversized(_) | ApiError::RequestTimeout(_) => (
                 self.to_string(),
                 vec![FieldError::new("", self.to_string())],
+            ),
+            ApiError::UnsupportedEncoding(_) => (
+                self.to_string(),
+                vec![FieldError::new("Content-Encoding", self.to_string())],
             ),
             _ => (self.to_string(), Vec::new()),
         };

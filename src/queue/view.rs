@@ -36,6 +36,10 @@ pub struct RemoteCatalog {
     /// Sent as `Authorization: Bearer` (an `operations` key: `DSTORE_API_KEY`).
     api_key: Option<Secret>,
     copy: Mutex<Arc<Snapshot>>,
+    /// The server's journal id (`deployment`), from the last catalog it answered: tasks of
+    /// another journal have their projects read again, which refuses them, even when the copy
+    /// holds what they need.
+    deployment: Mutex<Option<String>>,
 }
 
 /// The body of `GET /{project}/_catalog`.
@@ -66,6 +70,7 @@ impl CatalogView {
                 .build()
                 .unwrap_or_default(),
             copy: Mutex::default(),
+            deployment: Mutex::default(),
         })
     }
 
@@ -107,6 +112,10 @@ impl RemoteCatalog {
         tasks: &[Task],
         journal: &str,
     ) -> Result<Arc<Snapshot>, ProjectorError> {
+        // Tasks of another journal than the server's last answer named: their projects are read
+        // again, which refuses them unless the server is now that journal's (made again).
+        let known = self.deployment.lock().expect("deployment lock").clone();
+        let stale = known.is_some_and(|d| d != journal);
         let current = self.current();
         // A project is read again when a task names a version this copy lacks, and for every
         // migration: a migration that failed is tried again from here, and the version may have
@@ -116,7 +125,8 @@ impl RemoteCatalog {
         let missing: BTreeSet<&Ident> = tasks
             .iter()
             .filter(|task| {
-                matches!(task.op, TaskOp::Migrate { .. } | TaskOp::DropProject)
+                stale
+                    || matches!(task.op, TaskOp::Migrate { .. } | TaskOp::DropProject)
                     || named_versions(task).any(|number| {
                         current
                             .projects
@@ -138,6 +148,16 @@ impl RemoteCatalog {
             });
         }
         Ok(self.current())
+    }
+
+    /// The refusal of tasks of `journal` by a server whose journal is `deployment`: they wait.
+    fn foreign(&self, deployment: &str, journal: &str) -> ProjectorError {
+        ProjectorError::transient(format!(
+            "the dstore server at {} (--server / DSTORE_SERVER) is the dstore of journal \
+             {deployment:?}, and these tasks come from journal {journal:?}: point the worker at the \
+             server that sent them",
+            self.server
+        ))
     }
 
     /// The server's frozen versions of a project; `None` when the server, the one whose journal
@@ -174,11 +194,11 @@ impl RemoteCatalog {
             .json()
             .await
             .map_err(|e| ProjectorError::scoped(failed(&e).message))?;
-        if let Some(deployment) = body.deployment.as_deref().filter(|d| *d != journal) {
-            return Err(failed(&format!(
-                "it is the dstore of journal {deployment:?}, and these tasks come from journal \
-                 {journal:?}: point the worker at the server that sent them"
-            )));
+        if let Some(deployment) = &body.deployment {
+            *self.deployment.lock().expect("deployment lock") = Some(deployment.clone());
+            if deployment != journal {
+                return Err(self.foreign(deployment, journal));
+            }
         }
         if !body.exists {
             return Ok(None);

@@ -2885,3 +2885,47 @@ async fn a_bulk_of_small_items_counts_the_copies_a_wide_version_makes_of_them() 
     assert_eq!(read.body["c24"].as_str().map(str::len), Some(4000));
     app.stop().await;
 }
+
+/// A body in a coding dstore does not read is refused as such (415 naming `Content-Encoding`),
+/// neither read as malformed JSON when compressed nor as plain JSON when the coding is named and
+/// not used; `identity` is plain. A chunked body whose framing breaks is answered saying so.
+#[tokio::test]
+async fn a_body_in_a_coding_not_read_is_415_and_broken_chunks_say_so() {
+    let app = spawn_app().await;
+    let path = "/myblog/article/_blueprint";
+    for coding in ["gzip", "x-foo", "gzip, identity"] {
+        let answer = app
+            .client
+            .put(format!("{}{path}", app.address))
+            .header("content-encoding", coding)
+            .body(article().to_string())
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(answer.status(), 415, "{coding}");
+        let body: Value = answer.json().await.unwrap();
+        assert_eq!(body["errors"][0]["path"], "Content-Encoding", "{body}");
+    }
+    let plain = app
+        .client
+        .put(format!("{}{path}", app.address))
+        .header("content-encoding", "Identity")
+        .body(article().to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(plain.status(), 200);
+
+    let address = app.address.trim_start_matches("http://").to_string();
+    let mut socket = tokio::net::TcpStream::connect(&address).await.unwrap();
+    let head = format!(
+        "PUT {path} HTTP/1.1\r\nHost: localhost\r\nTransfer-Encoding: chunked\r\n\r\nZZZ\r\n{{}}\r\n"
+    );
+    socket.write_all(head.as_bytes()).await.unwrap();
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(10), socket.read_to_end(&mut answer)).await;
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("chunked framing"), "{answer}");
+    app.stop().await;
+}

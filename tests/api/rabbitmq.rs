@@ -1662,7 +1662,9 @@ async fn a_queue_refusing_publishes_holds_back_its_projector_only() {
 
 /// Every queue dstore declares is classic, on a vhost whose default is quorum queues too: a
 /// projector's queue relies on a returned delivery going back to its place, where RabbitMQ 4's
-/// quorum queues put it at the back and dead-letter it after 20 returns.
+/// quorum queues put it at the back and dead-letter it after 20 returns. A queue that exists is
+/// taken as it is (one an earlier dstore made quorum there), not declared again with arguments it
+/// would refuse for ever.
 #[tokio::test]
 async fn every_queue_is_classic_whatever_the_vhost_defaults_to() {
     let broker = TestBroker::new().await;
@@ -1675,6 +1677,23 @@ async fn every_queue_is_classic_whatever_the_vhost_defaults_to() {
         namespace: broker.namespace.clone(),
         ..QueueSettings::new(format!("{base}/{vhost}"))
     };
+    let reports = format!("{}.reports", broker.namespace);
+    {
+        let url = format!("{base}/{vhost}");
+        let earlier = Connection::connect(&url, ConnectionProperties::default())
+            .await
+            .unwrap();
+        let channel = earlier.create_channel().await.unwrap();
+        channel
+            .queue_declare(
+                reports.as_str().into(),
+                QueueDeclareOptions::durable(),
+                FieldTable::default(),
+            )
+            .await
+            .unwrap();
+        earlier.close(200, "done".into()).await.unwrap();
+    }
     let app = spawn_app_with(move |s| s.queue = Some(queue)).await;
     app.put_and_freeze("p", "thing", &faults::thing()).await;
     app.put_projected(
@@ -1699,10 +1718,14 @@ async fn every_queue_is_classic_whatever_the_vhost_defaults_to() {
             "{name} was declared: {listed}"
         );
     }
-    assert!(
-        queues.iter().all(|(_, kind)| kind.trim() == "classic"),
-        "{listed}"
-    );
+    for (name, kind) in &queues {
+        let expected = if *name == reports {
+            "quorum"
+        } else {
+            "classic"
+        };
+        assert_eq!(kind.trim(), expected, "{name}: {listed}");
+    }
     app.stop().await;
     rabbitmqctl_with(&["delete_vhost", &vhost]);
 }

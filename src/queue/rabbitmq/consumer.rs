@@ -58,7 +58,7 @@ use super::{confirmed, persistent, Broker, LinkError, JOURNAL_HEADER, PROBE_HEAD
 use crate::blueprint::Ident;
 use crate::journal::task::Task;
 use crate::journal::{decode_task, DeadLetter};
-use crate::projector::{backoff, Deployment, Projector};
+use crate::projector::{backoff, Projector};
 use crate::queue::hold::Holds;
 use crate::queue::step::{self, Step};
 use crate::queue::view::CatalogView;
@@ -79,11 +79,8 @@ pub async fn run(
         view: &view,
         batch_size: batch_size.max(1),
         link: &link,
-        deployment: Deployment::default(),
+        deployment,
     };
-    if let Some(deployment) = deployment {
-        consumer.deployment.set(&deployment);
-    }
     let session = |connection| consumer.session(connection, shutdown.clone());
     broker.keep_linked(&link, shutdown.clone(), session).await;
 }
@@ -94,9 +91,9 @@ struct Consumer<'a> {
     view: &'a CatalogView,
     batch_size: usize,
     link: &'a str,
-    /// The journal whose tasks this consumer applies: a server's own from the start; a worker's
-    /// from the first task it can read, so a stray message naming another cannot decide it.
-    deployment: Deployment,
+    /// The journal whose tasks this consumer applies: a server's own; none for a worker, whose
+    /// server's catalog refuses another journal's tasks (`CatalogView`), which then wait.
+    deployment: Option<String>,
 }
 
 impl Consumer<'_> {
@@ -106,8 +103,43 @@ impl Consumer<'_> {
     /// broker. Applied, either would write into this deployment's stores what its journal never
     /// held (a forged drop would empty them), and its report would settle nothing here or,
     /// reaching the other deployment's collector, settle tasks its stores never got.
+    /// A worker cannot tell a task of another deployment from its own pointed at the wrong
+    /// server: its server's catalog refuses the task's journal, and the task waits, saying so,
+    /// until the worker is pointed at the server that sent it.
     fn works_for(&self, journal: &str) -> bool {
-        !journal.is_empty() && self.deployment.set(journal) && self.projector.work_for(journal)
+        if journal.is_empty() {
+            return false;
+        }
+        match &self.deployment {
+            Some(ours) => ours == journal,
+            None => {
+                // A worker's projector learns its deployment from the first task it applies.
+                self.projector.work_for(journal);
+                true
+            }
+        }
+    }
+
+    /// Rejects deliveries of tasks `journal` names, not this deployment's (see [`Self::works_for`]),
+    /// into the dead-letter queue, unapplied and unreported.
+    async fn refuse_foreign(
+        &self,
+        journal: &str,
+        deliveries: &[Delivery],
+    ) -> Result<(), LinkError> {
+        tracing::error!(
+            projector = self.projector.name(),
+            journal,
+            ours = self.deployment.as_deref(),
+            tasks = deliveries.len(),
+            "tasks that do not come from this deployment's journal (published by hand, or by \
+             another deployment sharing the broker and queue.namespace: give each its own) go \
+             to the dead-letter queue unapplied and unreported"
+        );
+        for delivery in deliveries {
+            settle(delivery, false).await?;
+        }
+        Ok(())
     }
 
     async fn session(
@@ -131,7 +163,7 @@ impl Consumer<'_> {
             .await?;
         let publisher_lost = super::lost(publisher.events_listener());
         let out = publisher.create_channel().await?;
-        self.broker.declare_reports(&out).await?;
+        self.broker.declare_reports(&publisher, &out).await?;
         out.confirm_select(ConfirmSelectOptions::default()).await?;
         let session = Session {
             connection: &connection,
@@ -552,18 +584,7 @@ impl Consumer<'_> {
             }
         }
         if !foreign.is_empty() {
-            tracing::error!(
-                projector = name,
-                journal,
-                ours = self.deployment.get(),
-                tasks = foreign.len(),
-                "tasks that do not come from this deployment's journal (published by hand, or by \
-                 another deployment sharing the broker and queue.namespace: give each its own) go \
-                 to the dead-letter queue unapplied and unreported"
-            );
-            for delivery in &foreign {
-                settle(delivery, false).await?;
-            }
+            self.refuse_foreign(journal, &foreign).await?;
         }
         if tasks.len() < count {
             // Something was parked or refused: commit it before applying the rest.

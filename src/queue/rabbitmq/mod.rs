@@ -174,7 +174,12 @@ impl Broker {
     /// data) must be found missing by the relay, which then publishes every pending task again. A
     /// consumer that declared it afresh would hide the loss, so consumers wait for it instead
     /// ([`Broker::queue_exists`]) and declare only the parking registry ([`Broker::declare_parking`]).
-    async fn declare_projector(&self, channel: &Channel, projector: &str) -> Result<(), LinkError> {
+    async fn declare_projector(
+        &self,
+        connection: &Connection,
+        channel: &Channel,
+        projector: &str,
+    ) -> Result<(), LinkError> {
         let durable = ExchangeDeclareOptions {
             durable: true,
             ..ExchangeDeclareOptions::default()
@@ -195,6 +200,7 @@ impl Broker {
         let mut dead_args = classic();
         dead_args.insert("x-max-length".into(), AMQPValue::LongInt(100_000));
         declare_bound(
+            connection,
             channel,
             &self.dead_queue(projector),
             dead_args,
@@ -208,7 +214,15 @@ impl Broker {
             "x-dead-letter-exchange".into(),
             AMQPValue::LongString(dead_exchange.as_str().into()),
         );
-        declare_bound(channel, &self.queue(projector), args, &exchange, projector).await?;
+        declare_bound(
+            connection,
+            channel,
+            &self.queue(projector),
+            args,
+            &exchange,
+            projector,
+        )
+        .await?;
         self.declare_parking(channel, projector).await
     }
 
@@ -253,7 +267,14 @@ impl Broker {
         exists(connection, &self.project_parked_queue(projector, project)).await
     }
 
-    async fn declare_reports(&self, channel: &Channel) -> Result<(), LinkError> {
+    async fn declare_reports(
+        &self,
+        connection: &Connection,
+        channel: &Channel,
+    ) -> Result<(), LinkError> {
+        if exists(connection, &self.reports_queue()).await? {
+            return Ok(());
+        }
         channel
             .queue_declare(
                 self.reports_queue().as_str().into(),
@@ -360,17 +381,23 @@ fn is_no_queue(error: &lapin::Error) -> bool {
             && e.get_message().as_str().contains("no queue"))
 }
 
-/// Declares a durable queue with `args` and binds it to `exchange` under `key`.
+/// Declares a durable queue with `args`, unless the broker has it already, and binds it to
+/// `exchange` under `key`. A queue that exists is taken as it is: one made before its arguments
+/// changed (a quorum queue a vhost's default made, before every queue was declared classic) would
+/// refuse the new ones for ever, and with them every session that declares it.
 async fn declare_bound(
+    connection: &Connection,
     channel: &Channel,
     queue: &str,
     args: FieldTable,
     exchange: &str,
     key: &str,
 ) -> Result<(), LinkError> {
-    channel
-        .queue_declare(queue.into(), QueueDeclareOptions::durable(), args)
-        .await?;
+    if !exists(connection, queue).await? {
+        channel
+            .queue_declare(queue.into(), QueueDeclareOptions::durable(), args)
+            .await?;
+    }
     channel
         .queue_bind(
             queue.into(),

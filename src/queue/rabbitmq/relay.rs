@@ -128,7 +128,9 @@ impl Relay<'_> {
         }
         let channel = connection.create_channel().await?;
         for projector in self.projectors {
-            self.broker.declare_projector(&channel, projector).await?;
+            self.broker
+                .declare_projector(&connection, &channel, projector)
+                .await?;
         }
         channel
             .confirm_select(ConfirmSelectOptions::default())

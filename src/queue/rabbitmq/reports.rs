@@ -59,7 +59,7 @@ async fn session(
     broker: &Broker,
 ) -> Result<(), LinkError> {
     let channel = connection.create_channel().await?;
-    broker.declare_reports(&channel).await?;
+    broker.declare_reports(&connection, &channel).await?;
     channel.basic_qos(200, BasicQosOptions::default()).await?;
     let mut reports = channel
         .basic_consume(

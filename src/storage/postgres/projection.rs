@@ -274,11 +274,16 @@ async fn work(
                 tracing::info!(projector = name, %project, "lease lost to another node while migrating; leaving the project to it");
                 return Ok(());
             }
-            if let Err(error) = storage
+            // Not recorded, nothing of the step is settled: it is applied again (a migration is
+            // idempotent) and recorded then, rather than leave the version's status saying it
+            // waits for a migration done.
+            match storage
                 .set_migration(&m.project, m.version, name, m.state.clone(), m.task)
                 .await
             {
-                tracing::warn!(projector = name, %project, %error, "cannot record a migration's state");
+                // The project or its version went meanwhile: nothing to record.
+                Ok(()) | Err(StorageError::NotFound(_)) => {}
+                Err(error) => return Err(error),
             }
         }
         let settled = step.settled();
