@@ -111,6 +111,16 @@ pub fn project_bytes(p: &Project) -> usize {
     json_bytes(&p.working) + p.versions.iter().map(|v| v.json_bytes()).sum::<usize>()
 }
 
+/// About what [`project_bytes`] would be once `p`'s working copy is frozen: the new version
+/// holds its blueprints and the change from the latest version (its edits move into it).
+pub fn frozen_bytes(p: &Project) -> usize {
+    let empty = Blueprints::new();
+    let previous = p.latest().map_or(&empty, |v| &v.blueprints);
+    project_bytes(p)
+        + json_bytes(&p.working.blueprints)
+        + json_bytes(&diff(previous, &p.working.blueprints))
+}
+
 /// Refuses an edit that grows project `name` from `before` to `after` bytes ([`project_bytes`])
 /// while the other projects take `others`, past `max` (`storage.max_catalog_bytes`). An edit
 /// that does not grow the project is always made, so a catalog past the limit (one made before

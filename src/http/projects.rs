@@ -90,7 +90,16 @@ pub async fn put(
         super::blueprints::working(&snapshot, &project),
         &mut 0,
     )?;
-    let allowed = try_project(&state, &snapshot, &project, inputs, "", &mut Vec::new()).await?;
+    let allowed = try_project(
+        &state,
+        &snapshot,
+        &project,
+        inputs,
+        "",
+        &mut Vec::new(),
+        &mut 0,
+    )
+    .await?;
     let answer = put_and_freeze(&state, &project, &body, "", allowed.as_ref()).await?;
     Ok(HttpResponse::Ok().json(answer))
 }
@@ -108,6 +117,7 @@ async fn try_project(
     inputs: Vec<(Ident, crate::blueprint::BlueprintInput)>,
     at: &str,
     errors: &mut Vec<FieldError>,
+    grown: &mut usize,
 ) -> Result<Option<Judged>, ApiError> {
     let mut trial = match snapshot.projects.get(project) {
         Some(p) => (**p).clone(),
@@ -128,6 +138,21 @@ async fn try_project(
         return Ok(None);
     }
     crate::catalog::edit::room_for_a_version(&trial).map_err(WriteError::from)?;
+    // The catalog's room (`storage.max_catalog_bytes`) for the change and its freeze, beside
+    // what the request's projects before this one grow it by: refused now, no project is
+    // changed, where the freeze refused after the blueprints were put would leave them half done.
+    {
+        use crate::catalog::edit;
+        let before = snapshot
+            .projects
+            .get(project)
+            .map_or(0, |p| edit::project_bytes(p));
+        let after = edit::frozen_bytes(&trial);
+        let others = (state.storage.catalog_bytes() + *grown).saturating_sub(before);
+        let most = state.settings.storage.max_catalog_bytes;
+        edit::room_in_catalog(project, others, (before, after), most).map_err(WriteError::from)?;
+        *grown += after.saturating_sub(before);
+    }
     match write::evolution::judge(state.storage.as_ref(), &trial, false).await? {
         Ok(_) => Ok(Some(Judged::of(&trial))),
         Err(report) => Err(WriteError::Incompatible(report).into()),
@@ -216,8 +241,9 @@ pub async fn put_all(
             snapshot.projects.len()
         )));
     }
-    // The new patterns of every project of the request count against one budget.
-    let mut patterns = 0;
+    // The new patterns of every project of the request count against one budget, and what they
+    // grow the catalog by against its room.
+    let (mut patterns, mut grown) = (0, 0);
     for (name, blueprints) in projects {
         let at = format!(
             "/{}",
@@ -238,7 +264,16 @@ pub async fn put_all(
                 &mut patterns,
             ) {
                 Ok(inputs) => {
-                    try_project(&state, &snapshot, &project, inputs, &at, &mut errors).await?;
+                    try_project(
+                        &state,
+                        &snapshot,
+                        &project,
+                        inputs,
+                        &at,
+                        &mut errors,
+                        &mut grown,
+                    )
+                    .await?;
                     named.push((project, blueprints, at));
                 }
                 Err(ApiError::Invalid(_, mut e)) => errors.append(&mut e),

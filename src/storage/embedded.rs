@@ -158,6 +158,10 @@ impl Storage for EmbeddedStorage {
         self.catalog.snapshot()
     }
 
+    fn catalog_bytes(&self) -> usize {
+        self.catalog.bytes()
+    }
+
     async fn refresh_catalog(&self) -> Result<(), StorageError> {
         // This process is the only writer: its copy is always current.
         Ok(())

@@ -248,6 +248,10 @@ pub trait Storage: Send + Sync {
     /// The catalog as this node knows it: never older than this node's own edits.
     fn snapshot(&self) -> Arc<Snapshot>;
 
+    /// What every project of [`Storage::snapshot`] takes as JSON (`edit::project_bytes`), the
+    /// measure of `storage.max_catalog_bytes`.
+    fn catalog_bytes(&self) -> usize;
+
     /// Reads the catalog again from where it is kept (a write found this node's copy stale).
     async fn refresh_catalog(&self) -> Result<(), StorageError>;
 

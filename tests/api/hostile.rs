@@ -2929,3 +2929,34 @@ async fn a_body_in_a_coding_not_read_is_415_and_broken_chunks_say_so() {
     assert!(answer.contains("chunked framing"), "{answer}");
     app.stop().await;
 }
+
+/// `PUT /_project` whose projects, frozen, would grow the catalog past `storage.max_catalog_bytes`
+/// is refused before any project is changed: the first project put and frozen, and the second's
+/// blueprints put before its freeze was refused, would leave the request half done.
+#[tokio::test]
+async fn put_project_past_the_catalogs_room_changes_no_project() {
+    let app = spawn_app_with(|s| s.storage.max_catalog_bytes = 2_500_000).await;
+    let mut wide = json!({"postgresql": {"table": "notes"}, "elasticsearch": {"type": "note"},
+        "columns": {"title": {"type": "string"}}});
+    for c in 0..100 {
+        wide["columns"][format!("c{c}")] = json!({"type": "string", "default": "d".repeat(4000)});
+    }
+    let body = json!({"a": {"note": wide}, "b": {"note": wide}});
+    let refused = app.put("/_project", &body).await;
+    assert_eq!(refused.status, 409, "{}", refused.body);
+    assert!(
+        refused.body["status"]
+            .to_string()
+            .contains("storage.max_catalog_bytes"),
+        "{}",
+        refused.body
+    );
+    for project in ["a", "b"] {
+        let read = app.get(&format!("/{project}/_project")).await;
+        assert_eq!(read.status, 404, "{project}: {}", read.body);
+    }
+    // One of them fits.
+    let one = app.put("/a/_project", &json!({"note": wide})).await;
+    assert_eq!(one.status, 200, "{}", one.body);
+    app.stop().await;
+}

@@ -1234,6 +1234,15 @@ impl Storage for PgStorage {
         self.catalog.read().expect("catalog lock").snapshot.clone()
     }
 
+    fn catalog_bytes(&self) -> usize {
+        self.catalog
+            .read()
+            .expect("catalog lock")
+            .bytes
+            .values()
+            .sum()
+    }
+
     async fn refresh_catalog(&self) -> Result<(), StorageError> {
         self.refresh(None).await
     }
