@@ -70,6 +70,21 @@ async fn render(state: &State, requests: &RequestMetrics) -> String {
         "gauge",
         vec![(String::new(), bytes)],
     );
+    gauge(
+        "dstore_catalog_bytes",
+        "Bytes every project's blueprints and versions take as JSON (this node's copy); edits that would grow it past dstore_catalog_max_bytes are refused.",
+        "gauge",
+        vec![(String::new(), state.storage.catalog_bytes() as u64)],
+    );
+    gauge(
+        "dstore_catalog_max_bytes",
+        "The most bytes the catalog may take as JSON (storage.max_catalog_bytes).",
+        "gauge",
+        vec![(
+            String::new(),
+            state.settings.storage.max_catalog_bytes as u64,
+        )],
+    );
     let per = |f: &dyn Fn(&crate::journal::ProjectorProgress) -> u64| {
         projectors
             .iter()

@@ -2955,8 +2955,15 @@ async fn put_project_past_the_catalogs_room_changes_no_project() {
         let read = app.get(&format!("/{project}/_project")).await;
         assert_eq!(read.status, 404, "{project}: {}", read.body);
     }
-    // One of them fits.
+    assert_eq!(app.metric(None, "dstore_catalog_bytes").await, 0.0);
+    // One of them fits, and /_metrics shows what the catalog takes beside its most.
     let one = app.put("/a/_project", &json!({"note": wide})).await;
     assert_eq!(one.status, 200, "{}", one.body);
+    let bytes = app.metric(None, "dstore_catalog_bytes").await;
+    assert!(bytes > 1_000_000.0 && bytes < 2_500_000.0, "{bytes}");
+    assert_eq!(
+        app.metric(None, "dstore_catalog_max_bytes").await,
+        2_500_000.0
+    );
     app.stop().await;
 }
