@@ -245,10 +245,8 @@ pub(crate) async fn put_article(storage: &dyn Storage, project: &Ident, extra: O
         .expect("the blueprint is stored");
 }
 
-/// Puts blueprint `article` with a `title` and `columns` text columns more, each with a default of
-/// 4,000 characters: the version frozen from it makes every copy of an item written before it
-/// about `columns` times 4 KB.
-pub(crate) async fn put_wide_article(storage: &dyn Storage, project: &Ident, columns: usize) {
+/// The article blueprint with `columns` more columns, each with a default of 4000 bytes.
+pub(crate) fn wide_article(columns: usize) -> crate::blueprint::BlueprintInput {
     let mut body = json!({
         "postgresql": {"table": "articles"}, "elasticsearch": {"type": "article"},
         "columns": {"title": {"type": "string"}}
@@ -256,7 +254,14 @@ pub(crate) async fn put_wide_article(storage: &dyn Storage, project: &Ident, col
     for c in 0..columns {
         body["columns"][format!("c{c}")] = json!({"type": "string", "default": "d".repeat(4000)});
     }
-    let input = parse_blueprint(&body, "").expect("a valid blueprint");
+    parse_blueprint(&body, "").expect("a valid blueprint")
+}
+
+/// Puts blueprint `article` with a `title` and `columns` text columns more, each with a default of
+/// 4,000 characters: the version frozen from it makes every copy of an item written before it
+/// about `columns` times 4 KB.
+pub(crate) async fn put_wide_article(storage: &dyn Storage, project: &Ident, columns: usize) {
+    let input = wide_article(columns);
     storage
         .put_blueprint(project, &ident("article"), input)
         .await
@@ -555,17 +560,8 @@ async fn an_edit_growing_the_catalog_past_its_most_is_refused_and_others_go_on(
     // About 1.6 MB each as JSON: the blueprint, and the change that made it.
     put_wide_article(storage.as_ref(), &ident("a"), 200).await;
     put_wide_article(storage.as_ref(), &ident("b"), 200).await;
-    let wide = |columns: usize| {
-        let mut body = json!({"postgresql": {"table": "articles"},
-            "elasticsearch": {"type": "article"}, "columns": {"title": {"type": "string"}}});
-        for c in 0..columns {
-            body["columns"][format!("c{c}")] =
-                json!({"type": "string", "default": "d".repeat(4000)});
-        }
-        parse_blueprint(&body, "").unwrap()
-    };
     let refused = storage
-        .put_blueprint(&ident("c"), &ident("article"), wide(200))
+        .put_blueprint(&ident("c"), &ident("article"), wide_article(200))
         .await
         .unwrap_err();
     assert!(
@@ -584,7 +580,7 @@ async fn an_edit_growing_the_catalog_past_its_most_is_refused_and_others_go_on(
     put_wide_article(storage.as_ref(), &ident("b"), 10).await;
     storage.drop_project(&ident("a")).await.unwrap();
     storage
-        .put_blueprint(&ident("c"), &ident("article"), wide(200))
+        .put_blueprint(&ident("c"), &ident("article"), wide_article(200))
         .await
         .expect("room after the drop");
     storage

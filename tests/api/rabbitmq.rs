@@ -1421,6 +1421,16 @@ fn rabbitmqctl_with(args: &[&str]) {
     assert!(status.success(), "rabbitmqctl {args:?} failed");
 }
 
+/// A server projecting into `db` through `broker`.
+async fn with_broker_and_postgresql(broker: &TestBroker, db: &TestDatabase) -> TestApp {
+    let (queue, pg) = (broker.settings(), db.settings());
+    spawn_app_with(|s| {
+        s.queue = Some(queue);
+        s.postgresql = Some(pg);
+    })
+    .await
+}
+
 /// A task message as the relay publishes it: `seq | revision | task JSON`.
 fn task_message(seq: u64, revision: u64, task: serde_json::Value) -> Vec<u8> {
     let mut message = seq.to_be_bytes().to_vec();
@@ -1448,12 +1458,7 @@ async fn publish(channel: &Channel, broker: &TestBroker, projector: &str, body: 
 async fn redelivered_stale_and_unreadable_messages_never_duplicate_or_undo_newer_data() {
     let broker = TestBroker::new().await;
     let db = TestDatabase::create().await;
-    let (queue, pg) = (broker.settings(), db.settings());
-    let app = spawn_app_with(|s| {
-        s.queue = Some(queue);
-        s.postgresql = Some(pg);
-    })
-    .await;
+    let app = with_broker_and_postgresql(&broker, &db).await;
     app.put_and_freeze("p", "thing", &faults::thing()).await;
     let (kept, deleted) = (Uuid::new_v4(), Uuid::new_v4());
     let first = app
@@ -1532,12 +1537,7 @@ async fn redelivered_stale_and_unreadable_messages_never_duplicate_or_undo_newer
 async fn tasks_of_no_journal_or_another_are_dead_lettered_unapplied() {
     let broker = TestBroker::new().await;
     let db = TestDatabase::create().await;
-    let (queue, pg) = (broker.settings(), db.settings());
-    let app = spawn_app_with(|s| {
-        s.queue = Some(queue);
-        s.postgresql = Some(pg);
-    })
-    .await;
+    let app = with_broker_and_postgresql(&broker, &db).await;
     app.put_and_freeze("p", "thing", &faults::thing()).await;
     let kept = Uuid::new_v4();
     app.put_projected(
@@ -1607,12 +1607,7 @@ async fn a_queue_refusing_publishes_holds_back_its_projector_only() {
         "--apply-to",
         "queues",
     ]);
-    let (queue, pg) = (broker.settings(), db.settings());
-    let app = spawn_app_with(|s| {
-        s.queue = Some(queue);
-        s.postgresql = Some(pg);
-    })
-    .await;
+    let app = with_broker_and_postgresql(&broker, &db).await;
     let put = app.put("/p/thing/_blueprint", &faults::thing()).await;
     assert_eq!(put.status, 200, "{}", put.body);
     // The keyspaces' migration cannot reach them: frozen, with their migration pending.

@@ -789,7 +789,7 @@ impl PgStorage {
         let others: usize = {
             let cache = self.catalog.read().expect("catalog lock");
             let all: usize = cache.bytes.values().sum();
-            all - cache.bytes.get(&p.name).copied().unwrap_or(0).min(all)
+            all.saturating_sub(cache.bytes.get(&p.name).copied().unwrap_or(0))
         };
         let after = edit::project_bytes(p);
         edit::room_in_catalog(
